@@ -1,0 +1,25 @@
+"""The CrossFormer network, its registered variants, weights loading and counting."""
+
+from .crossformer import MIN_INPUT_SIZE, CrossFormer
+from .flops import analytic_macs, count_params, traced_macs
+from .grouping import GroupLayout, group_layout
+from .variants import VARIANTS, Variant, create_crossformer
+from .weights import CheckpointError, convert_to_safetensors, extract_state_dict, load_checkpoint, read_checkpoint
+
+__all__ = [
+    "CrossFormer",
+    "MIN_INPUT_SIZE",
+    "VARIANTS",
+    "Variant",
+    "create_crossformer",
+    "GroupLayout",
+    "group_layout",
+    "CheckpointError",
+    "load_checkpoint",
+    "read_checkpoint",
+    "extract_state_dict",
+    "convert_to_safetensors",
+    "count_params",
+    "analytic_macs",
+    "traced_macs",
+]

@@ -1,0 +1,562 @@
+"""CrossFormer and CrossFormer++ (one definition for classification and dense tasks).
+
+Papers: "CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale Attention"
+(ICLR 2022) and "CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale
+Attention" (TPAMI 2023). The contract is ``shared/spec/crossformer.md``; state-dict keys
+follow the official release so its checkpoints load unchanged.
+
+Inside the network a feature map is kept channels-last, ``(B, H, W, C)``, so LayerNorms,
+linear layers and the grouping all work on the last dimension without copies; the
+convolutions (embeddings, activation cooling) see the same memory as an NCHW view.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import checkpoint as grad_checkpoint
+from timm.models._features import feature_take_indices
+
+from .grouping import (
+    LONG_DISTANCE_CHOICES,
+    GroupLayout,
+    LongDistance,
+    group_layout,
+    merge_groups,
+    pad_to_layout,
+    padding_key_mask,
+    partition_groups,
+)
+
+__all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
+
+# Added to attention scores of padded keys. Finite, as officially, so that a group made
+# only of padding stays finite (its outputs are cropped away).
+PADDING_SCORE = -1e6
+# Smallest input side: the stage-3 map must keep at least one token.
+MIN_INPUT_SIZE = 32
+
+
+def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * num_stages
+    value = tuple(int(v) for v in value)
+    if len(value) != num_stages:
+        raise ValueError(f"{name} needs one value per stage ({num_stages}), got {value}")
+    return value
+
+
+def cross_scale_branch_dims(out_dim: int, num_kernels: int) -> list[int]:
+    """Output channels per kernel of a cross-scale embedding, smallest kernel first.
+
+    Branch ``i < n-1`` gets ``D // 2**(i+1)``, the last gets ``D // 2**(n-1)``
+    (e.g. D=64 with 4 kernels: 32, 16, 8, 8).
+    """
+    dims = [out_dim // 2 ** (i + 1) for i in range(num_kernels - 1)]
+    return dims + [out_dim // 2 ** (num_kernels - 1)]
+
+
+def _cross_scale_convs(
+    in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int
+) -> nn.ModuleList:
+    """Parallel convolutions of one stride; padding ``(k - s) // 2`` gives equal outputs."""
+    dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
+    return nn.ModuleList(
+        nn.Conv2d(in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2)
+        for k, dim in zip(sorted(kernel_sizes), dims)
+    )
+
+
+def _run_cross_scale(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """NCHW input -> channels-last ``(B, H', W', sum of branch dims)`` output."""
+    return torch.cat([conv(x).permute(0, 2, 3, 1) for conv in convs], dim=-1)
+
+
+class PatchEmbed(nn.Module):
+    """Cross-scale patch embedding: ``(B, in_chans, H, W)`` -> ``(B, H/4, W/4, embed_dim)``."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        kernel_sizes: Sequence[int] = (4, 8, 16, 32),
+        stride: int = 4,
+    ) -> None:
+        super().__init__()
+        self.projs = _cross_scale_convs(in_chans, embed_dim, kernel_sizes, stride)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_run_cross_scale(self.projs, x))
+
+
+class PatchMerging(nn.Module):
+    """Cross-scale merge: LayerNorm, then kernels (2, 4) at stride 2.
+
+    ``(B, H, W, C)`` -> ``(B, floor(H/2), floor(W/2), out_dim)``.
+    """
+
+    def __init__(self, dim: int, out_dim: int, kernel_sizes: Sequence[int] = (2, 4)) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reductions = _cross_scale_convs(dim, out_dim, kernel_sizes, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _run_cross_scale(self.reductions, self.norm(x).permute(0, 3, 1, 2))
+
+
+def relative_offsets(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
+    """Every offset ``(dy, dx)`` in a ``Gh x Gw`` group: float ``((2Gh-1)(2Gw-1), 2)``, dy outer."""
+    dy = torch.arange(1 - group_h, group_h, device=device)
+    dx = torch.arange(1 - group_w, group_w, device=device)
+    return torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2).float()
+
+
+def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
+    """Row of :func:`relative_offsets` for each (query, key) pair: long ``(N, N)``."""
+    ys = torch.arange(group_h, device=device).repeat_interleave(group_w)
+    xs = torch.arange(group_w, device=device).repeat(group_h)
+    dy = ys[:, None] - ys[None, :] + group_h - 1
+    dx = xs[:, None] - xs[None, :] + group_w - 1
+    return dy * (2 * group_w - 1) + dx
+
+
+class DynamicPositionBias(nn.Module):
+    """Dynamic position bias: an MLP from a relative offset ``(dy, dx)`` to one bias per head.
+
+    ``(M, 2)`` offsets -> ``(M, num_heads)``. Width ``hidden_dim`` is ``C // 16`` officially.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.pos_proj = nn.Linear(2, hidden_dim)
+        self.pos1 = self._layer(hidden_dim, hidden_dim)
+        self.pos2 = self._layer(hidden_dim, hidden_dim)
+        self.pos3 = self._layer(hidden_dim, num_heads)
+
+    @staticmethod
+    def _layer(in_dim: int, out_dim: int) -> nn.Sequential:
+        return nn.Sequential(nn.LayerNorm(in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
+
+
+class GroupAttention(nn.Module):
+    """Multi-head self-attention inside token groups, with dynamic position bias.
+
+    Takes the whole normalised map and does the grouping itself, so that the linear
+    layers only ever see real tokens: qkv runs before padding and proj after cropping.
+    Padded keys get a large negative score, so padding never changes real outputs.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"channels ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        # Use F.scaled_dot_product_attention (one fused kernel) instead of explicit softmax.
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.pos = DynamicPositionBias(dim // 16, num_heads)
+        # Eval-time cache: (Gh, Gw) -> (weights fingerprint, (heads, N, N) bias).
+        self._bias_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+
+    def train(self, mode: bool = True) -> "GroupAttention":
+        self._bias_cache.clear()
+        return super().train(mode)
+
+    def _weights_fingerprint(self) -> tuple:
+        # Storage address and in-place version change whenever the weights do
+        # (optimizer steps, load_state_dict, .to()).
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.pos.parameters())
+
+    def _can_cache(self) -> bool:
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
+
+    def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
+        """Bias of every (query, key) pair of a ``Gh x Gw`` group: ``(heads, N, N)``."""
+        use_cache = self._can_cache()
+        if use_cache:
+            fingerprint = self._weights_fingerprint()
+            hit = self._bias_cache.get((group_h, group_w))
+            if hit is not None and hit[0] == fingerprint:
+                return hit[1]
+        device = self.pos.pos_proj.weight.device
+        table = self.pos(relative_offsets(group_h, group_w, device).to(self.pos.pos_proj.weight.dtype))
+        index = relative_position_index(group_h, group_w, device)
+        bias = table[index.view(-1)].view(index.shape[0], index.shape[1], -1).permute(2, 0, 1)
+        bias = bias.contiguous()
+        if use_cache:
+            self._bias_cache[(group_h, group_w)] = (fingerprint, bias)
+        return bias
+
+    def forward(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """``(B, H, W, C)`` normalised map -> ``(B, H, W, C)`` attention output."""
+        batch, height, width, channels = x.shape
+        qkv = partition_groups(pad_to_layout(self.qkv(x), layout), layout)
+        groups, tokens = qkv.shape[0], qkv.shape[1]
+        num_groups = groups // batch
+        # (B*nG, N, 3C) -> 3 x (B, nG, heads, N, head_dim)
+        qkv = qkv.view(batch, num_groups, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+        bias = self.position_bias(layout.group_h, layout.group_w)
+        is_pad = padding_key_mask(height, width, layout, x.device)
+        if is_pad is not None:
+            # (heads, N, N) + (nG, 1, 1, N) -> (nG, heads, N, N)
+            pad_scores = is_pad.to(bias.dtype).mul(PADDING_SCORE)[:, None, None, :]
+            bias = bias + pad_scores
+        bias = bias.to(q.dtype)
+
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+        # (B, nG, heads, N, d) -> (B*nG, N, C)
+        out = out.permute(0, 1, 3, 2, 4).reshape(groups, tokens, channels)
+        out = merge_groups(out, layout, batch)[:, :height, :width]
+        return self.proj_drop(self.proj(out))
+
+
+class CrossFormerBlock(nn.Module):
+    """Pre-norm transformer block on ``(B, H, W, C)``: group attention, MLP, optional ACL."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        group_size: int,
+        interval: int,
+        long_distance_groups: bool,
+        long_distance: LongDistance,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        activation_cooling: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.interval = interval
+        self.long_distance_groups = long_distance_groups
+        self.long_distance = long_distance
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GroupAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        # Activation cooling layer (CrossFormer++): depthwise 3x3 conv + LayerNorm, no
+        # residual. Attribute names are the official checkpoint keys.
+        self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if activation_cooling else None
+        self.ex_ln = nn.LayerNorm(dim) if activation_cooling else None
+
+    def layout(self, height: int, width: int) -> GroupLayout:
+        """The grouping this block applies to an ``height x width`` map."""
+        return group_layout(
+            height, width, self.group_size, self.interval, self.long_distance_groups, self.long_distance
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.layout(x.shape[1], x.shape[2])
+        x = x + self.drop_path(self.attn(self.norm1(x), layout))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.ex_conv is not None:
+            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x
+
+
+class CrossFormerStage(nn.Module):
+    """Blocks at one resolution, alternating SDA (even j) and LDA (odd j).
+
+    The stage owns the cross-scale merge that follows it (official keys
+    ``layers.s.downsample``), but :meth:`forward` returns the map *before* the merge,
+    which is what dense tasks take; the model applies ``downsample`` itself.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        group_size: int,
+        interval: int,
+        long_distance: LongDistance,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+        use_acl: bool,
+        merge_kernel_sizes: Sequence[int] | None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(
+            *[
+                CrossFormerBlock(
+                    dim,
+                    num_heads,
+                    group_size,
+                    interval,
+                    long_distance_groups=j % 2 == 1,
+                    long_distance=long_distance,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=drop_path[j],
+                    activation_cooling=use_acl and (j + 1) % 3 == 0 and j < depth - 1,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                )
+                for j in range(depth)
+            ]
+        )
+        self.downsample = (
+            PatchMerging(dim, 2 * dim, merge_kernel_sizes) if merge_kernel_sizes is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)`` (before the merge)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = grad_checkpoint(block, x)
+            return x
+        return self.blocks(x)
+
+
+class CrossFormer(nn.Module):
+    """CrossFormer / CrossFormer++ backbone and classifier, for any input size >= 32.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs (0 for no head).
+        global_pool: ``"avg"`` (mean over tokens) or ``""`` (no pooling).
+        embed_dim: Channels of stage 0; stage s has ``embed_dim * 2**s``.
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        group_size: SDA/LDA group size, one per stage (or one for all).
+        interval: LDA sampling interval, one per stage (or one for all).
+        use_acl: Add activation cooling layers (CrossFormer++).
+        long_distance: LDA semantics: ``"fixed_interval"`` (CrossFormer) or
+            ``"fixed_group"`` (CrossFormer++). Also selects the small-map rule.
+        mlp_ratio: MLP hidden width over channels.
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after attention projection and in the MLP.
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic depth, rising linearly over all blocks to this rate.
+        patch_kernel_sizes: Kernels of the cross-scale patch embedding (stride 4).
+        merge_kernel_sizes: Kernels of each cross-scale merge (stride 2).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 64,
+        depths: Sequence[int] = (1, 1, 8, 6),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        group_size: int | Sequence[int] = 7,
+        interval: int | Sequence[int] = (8, 4, 2, 1),
+        use_acl: bool = False,
+        long_distance: LongDistance = "fixed_interval",
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        patch_kernel_sizes: Sequence[int] = (4, 8, 16, 32),
+        merge_kernel_sizes: Sequence[int] = (2, 4),
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if long_distance not in LONG_DISTANCE_CHOICES:
+            raise ValueError(f"long_distance must be one of {LONG_DISTANCE_CHOICES}, got {long_distance!r}")
+        num_stages = len(depths)
+        num_heads = _per_stage(num_heads, num_stages, "num_heads")
+        group_size = _per_stage(group_size, num_stages, "group_size")
+        interval = _per_stage(interval, num_stages, "interval")
+
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.long_distance = long_distance
+        dims = [embed_dim * 2**s for s in range(num_stages)]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel_sizes)
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages = []
+        self.feature_info = []
+        for s in range(num_stages):
+            first = sum(depths[:s])
+            stages.append(
+                CrossFormerStage(
+                    dims[s],
+                    depths[s],
+                    num_heads[s],
+                    group_size[s],
+                    interval[s],
+                    long_distance,
+                    mlp_ratio,
+                    rates[first : first + depths[s]],
+                    use_acl,
+                    merge_kernel_sizes if s < num_stages - 1 else None,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dims[s], reduction=4 * 2**s, module=f"layers.{s}"))
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # timm model interface -------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"CrossFormer expects images shaped (batch, {self.in_chans}, height, width), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
+                f"got {x.shape[2]}x{x.shape[3]}: resize or pad the input"
+            )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs before each merge, as NCHW maps at strides 4, 8, 16, 32.
+
+        Args:
+            x: ``(B, in_chans, H, W)`` images, ``H, W >= 32``.
+            indices: Last n stages if int, all if None, else these stage indices.
+            norm: Apply the final norm to the last stage's map (if taken).
+            stop_early: Stop after the last stage needed.
+            output_fmt: ``"NCHW"`` or ``"NHWC"``.
+            intermediates_only: Return only the list of maps.
+
+        Returns:
+            The maps, or ``(final (B, h, w, C3) features, maps)``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        last = len(self.layers) - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feature = self.norm(x) if norm and i == last else x
+                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+            if stage.downsample is not None and not (intermediates_only and i == max_index):
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop stages (and the head/norm) not needed to produce the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        # The last kept stage's merge is never used once later stages are gone.
+        self.layers[-1].downsample = None
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` -> normalised ``(B, H/32, W/32, C3)``."""
+        self._check_input(x)
+        x = self.patch_embed(x)
+        for stage in self.layers:
+            x = stage(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``(B, h, w, C3)`` -> logits ``(B, num_classes)`` (or pooled features)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
