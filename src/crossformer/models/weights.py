@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import UserInputError
+
 __all__ = [
     "CheckpointError",
     "read_checkpoint",
@@ -31,7 +33,7 @@ _RECOMPUTABLE_SUFFIXES = (".attn.biases", ".attn.relative_position_index")
 _WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 

@@ -1,0 +1,7 @@
+"""``python -m crossformer ...`` (also what ``torchrun -m crossformer train`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

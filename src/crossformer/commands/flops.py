@@ -1,0 +1,61 @@
+"""``crossformer flops``: parameters and MACs in the papers' convention."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_img_size_argument, add_model_argument, img_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_img_size_argument(parser)
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000)")
+    parser.add_argument(
+        "--traced", action="store_true",
+        help="also count the MACs that actually execute (padding included) by running the model",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    import crossformer  # noqa: F401  (registers the variants)
+    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
+    from crossformer.models.crossformer import MIN_INPUT_SIZE
+    from crossformer.errors import UserInputError
+
+    height, width = img_size(args)
+    if min(height, width) < MIN_INPUT_SIZE:
+        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
+    if args.model not in timm.list_models():
+        raise UserInputError(f"unknown model {args.model!r}; try one of {', '.join(VARIANTS)}")
+    with torch.device("meta") if not args.traced else torch.device("cpu"):
+        model = timm.create_model(args.model, num_classes=args.num_classes)
+    if not isinstance(model, CrossFormer):
+        raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
+    result = {
+        "model": args.model,
+        "img_size": [height, width],
+        "params": count_params(model),
+        "macs": analytic_macs(model, height, width),
+    }
+    if args.traced:
+        result["traced_macs"] = traced_macs(model, height, width)
+    variant = VARIANTS.get(args.model)
+    if variant is not None and args.num_classes == 1000:
+        result.update(paper_params_m=variant.paper_params_m, paper_gflops=variant.paper_gflops)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model       {args.model} at {height}x{width}")
+    print(f"params      {result['params']:,} ({result['params'] / 1e6:.1f}M)")
+    print(f"MACs        {result['macs']:,} ({result['macs'] / 1e9:.3f}G, official analytic counter)")
+    if args.traced:
+        print(f"traced MACs {result['traced_macs']:,} ({result['traced_macs'] / 1e9:.3f}G, executed incl. padding)")
+    if "paper_gflops" in result:
+        print(f"paper       {result['paper_params_m']}M params / {result['paper_gflops']}G FLOPs")
+    return 0
