@@ -18,6 +18,10 @@ from .errors import UserInputError
 COMMANDS: dict[str, str] = {
     "flops": "parameters and multiply-accumulates in the papers' convention",
     "convert": "convert any readable checkpoint to safetensors weights",
+    "train": "train a classifier on an image folder (torchrun for many GPUs)",
+    "evaluate": "top-1 / top-5 accuracy and loss of a checkpoint on an image folder",
+    "predict": "top-k labels with scores for images",
+    "demo": "train, evaluate and predict on the built-in digits in a few minutes",
 }
 
 

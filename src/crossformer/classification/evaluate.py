@@ -1,0 +1,114 @@
+"""Top-1 / top-5 accuracy and loss on a labelled split, on one process or many."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import DataError, ImageBatch, ImageFolderDataset, ShardedSampler, build_eval_transform, build_loader
+from ..engine import DistContext, Precision, RunLogger, resolve_precision, setup_distributed, teardown_distributed
+from .model import load_classifier
+
+__all__ = ["evaluate_batches", "evaluate", "raise_or_count_unreadable"]
+
+
+def raise_or_count_unreadable(failures: list[str], skip_corrupt: bool) -> int:
+    """The number of unreadable images in a batch; an error naming the first unless skipping."""
+    if failures and not skip_corrupt:
+        raise DataError(f"cannot read image {failures[0]}; fix or delete it, or pass --skip-corrupt to skip such files")
+    return len(failures)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[ImageBatch],
+    ctx: DistContext,
+    precision: Precision,
+    skip_corrupt: bool = False,
+    logger: RunLogger | None = None,
+    total: int = 0,
+) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (percent) over every rank's batches.
+
+    Sums are reduced over ranks, so with an unpadded sampler each image counts exactly once.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = count = skipped = 0.0
+    progress = logger.progress(total, "eval") if logger is not None else None
+    for images, targets, failures in batches:
+        skipped += raise_or_count_unreadable(failures, skip_corrupt)
+        if not len(targets):
+            continue
+        images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hits = top == targets[:, None]
+        correct1 += float(hits[:, 0].sum())
+        correct5 += float(hits.any(dim=1).sum())
+        count += len(targets)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    model.train(was_training)
+    loss_sum, correct1, correct5, count, skipped = ctx.all_reduce_sum([loss_sum, correct1, correct5, count, skipped])
+    if count == 0:
+        raise DataError("no readable images to evaluate")
+    return {
+        "loss": loss_sum / count,
+        "acc1": 100.0 * correct1 / count,
+        "acc5": 100.0 * correct5 / count,
+        "images": int(count),
+        "skipped": int(skipped),
+    }
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    model: str | None = None,
+    split: str = "val",
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    use_ema: bool = False,
+    amp: str = "auto",
+    device: str = "auto",
+    skip_corrupt: bool = False,
+) -> dict[str, float]:
+    """Evaluate a checkpoint on ``DATA/<split>`` (bicubic resize to size/crop_pct, centre crop).
+
+    Our checkpoints know their model and classes; the authors' files need ``model`` and
+    take their class order from the sorted folder names (the ImageNet convention).
+    Works under ``torchrun`` too: images are split over ranks and the sums reduced.
+    """
+    ctx = setup_distributed(device)
+    try:
+        loaded = load_classifier(checkpoint, model, img_size=img_size, use_ema=use_ema, device=ctx.device)
+        transform = build_eval_transform(
+            loaded.img_size, crop_pct or loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std
+        )
+        dataset = ImageFolderDataset(data, split, classes=loaded.class_names, transform=transform)
+        if len(dataset.classes) != loaded.num_classes:
+            raise DataError(
+                f"{dataset.split_dir} has {len(dataset.classes)} classes but the checkpoint's head has "
+                f"{loaded.num_classes}; evaluate on the data set the model was trained for"
+            )
+        sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
+        loader = build_loader(dataset, batch_size, sampler, num_workers, seed=0, drop_last=False,
+                              pin_memory=ctx.device.type == "cuda")
+        metrics = evaluate_batches(loaded.model, loader, ctx, resolve_precision(amp, ctx.device), skip_corrupt,
+                                   RunLogger(None, enabled=ctx.is_main), total=len(loader))
+        return {"model": loaded.name, "img_size": loaded.img_size, **metrics}
+    finally:
+        teardown_distributed(ctx)

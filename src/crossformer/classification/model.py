@@ -1,0 +1,90 @@
+"""Building classifiers by name, and rebuilding them from checkpoints for inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserInputError
+
+__all__ = ["create_classifier", "LoadedClassifier", "load_classifier"]
+
+
+def create_classifier(
+    name: str, num_classes: int, drop_path: float | None = None, model_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """``timm.create_model(name, num_classes=..., drop_path_rate=..., **model_kwargs)``."""
+    import timm
+
+    import crossformer  # noqa: F401  (registers the variants with timm)
+
+    if name not in timm.list_models():
+        raise UserInputError(f"unknown model {name!r}: use crossformer_tiny ... crossformer_pp_huge or a timm model name")
+    kwargs = dict(model_kwargs or {})
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    try:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserInputError(f"cannot build {name} with {kwargs}: {err}") from None
+
+
+@dataclass
+class LoadedClassifier:
+    """A model ready for inference and how its inputs must be prepared."""
+
+    model: nn.Module
+    name: str
+    num_classes: int
+    class_names: list[str] | None  # None for files that do not record them (official releases)
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_classifier(
+    checkpoint: str | Path,
+    model_name: str | None = None,
+    img_size: int | None = None,
+    use_ema: bool = False,
+    device: torch.device | str = "cpu",
+) -> LoadedClassifier:
+    """Rebuild the model a checkpoint holds, in eval mode on ``device``.
+
+    Our training checkpoints name their model, settings and classes. Other files (the
+    authors' releases, bare state dicts, safetensors) need ``model_name``; the class count
+    is read off their head.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ..models.weights import extract_state_dict, load_checkpoint, read_checkpoint
+
+    state = read_checkpoint(checkpoint)
+    name = model_name or state.get("model_name")
+    if not name:
+        raise UserInputError(f"{checkpoint} does not name its model: pass --model NAME (e.g. crossformer_small)")
+    weights = extract_state_dict(state, use_ema=use_ema)
+    head = weights.get("head.weight")
+    if head is None:
+        raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
+    model_kwargs = state.get("model_kwargs", {}) if name == state.get("model_name") else {}
+    model = create_classifier(name, num_classes=head.shape[0], model_kwargs=model_kwargs)
+    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    model.to(device).eval()
+    return LoadedClassifier(
+        model=model,
+        name=name,
+        num_classes=int(head.shape[0]),
+        class_names=list(state["class_names"]) if "class_names" in state else None,
+        img_size=int(img_size or state.get("img_size", 224)),
+        crop_pct=float(state.get("crop_pct", 0.875)),
+        interpolation=str(state.get("interpolation", "bicubic")),
+        mean=tuple(state.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(state.get("std", IMAGENET_DEFAULT_STD)),
+    )

@@ -1,0 +1,76 @@
+"""Top-k labels for image files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..data import DataError, build_eval_transform, list_images, open_image
+from ..data.folder import is_image_file
+from ..engine import resolve_device
+from .model import load_classifier
+
+__all__ = ["Prediction", "predict", "expand_image_paths"]
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]  # best first
+    scores: list[float]  # softmax probabilities, same order
+
+
+def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders as the images inside them (recursively, sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise DataError(f"no images in folder {path}")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"no such image or folder: {path}")
+    return found
+
+
+@torch.no_grad()
+def predict(
+    paths: Sequence[str | Path],
+    checkpoint: str | Path,
+    model: str | None = None,
+    topk: int = 5,
+    class_names: Sequence[str] | None = None,
+    img_size: int | None = None,
+    batch_size: int = 32,
+    use_ema: bool = False,
+    device: str = "auto",
+) -> list[Prediction]:
+    """Classify images with a checkpoint; labels are its class names (or ``class_names``,
+    or the class index as text for files that record none)."""
+    loaded = load_classifier(checkpoint, model, img_size=img_size, use_ema=use_ema, device=resolve_device(device))
+    names = list(class_names) if class_names is not None else loaded.class_names
+    if names is not None and len(names) != loaded.num_classes:
+        raise DataError(f"{len(names)} class names given for a model with {loaded.num_classes} classes")
+    names = names or [str(i) for i in range(loaded.num_classes)]
+    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std)
+    files = expand_image_paths(paths)
+    device_ = next(loaded.model.parameters()).device
+    k = max(1, min(topk, loaded.num_classes))
+    results: list[Prediction] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        for path in chunk:
+            if not is_image_file(path):
+                raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
+        batch = torch.stack([transform(open_image(p)) for p in chunk]).to(device_)
+        probs = loaded.model(batch).float().softmax(dim=1)
+        scores, indices = probs.topk(k, dim=1)
+        for path, row_scores, row_indices in zip(chunk, scores.tolist(), indices.tolist()):
+            results.append(Prediction(str(path), [names[i] for i in row_indices], row_scores))
+    return results

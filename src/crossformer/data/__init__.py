@@ -1,0 +1,15 @@
+"""Image-folder data sets, transforms, samplers and loaders, and the built-in digits set."""
+
+from .digits import prepare_digits
+from .folder import IMG_EXTENSIONS, DataError, ImageFolderDataset, find_split, list_images, open_image
+from .loader import ImageBatch, build_loader, collate_images
+from .sampler import ShardedSampler
+from .transforms import build_eval_transform, build_train_transform
+
+__all__ = [
+    "prepare_digits",
+    "IMG_EXTENSIONS", "DataError", "ImageFolderDataset", "find_split", "list_images", "open_image",
+    "ImageBatch", "build_loader", "collate_images",
+    "ShardedSampler",
+    "build_eval_transform", "build_train_transform",
+]

@@ -1,0 +1,126 @@
+"""ImageNet-layout image folders: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``.
+
+Classes come from ``train`` (sorted folder names, as torchvision's ``ImageFolder``); every
+other split must hold exactly those classes, so a label can never silently mean another
+class. Problems are :class:`DataError` with one line naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..errors import UserInputError
+
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+# The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
+# What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
+UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class DataError(UserInputError):
+    """A data set that is missing, malformed, or holds an unreadable image."""
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    names = SPLIT_NAMES.get(split, (split,))
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; expected {root}/{names[0]}/<class>/<image>")
+
+
+def is_image_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
+    return found
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image (grayscale, palette and alpha images converted); DataError if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except UNREADABLE_ERRORS as err:
+        raise DataError(f"cannot read image {path}: {err}; fix or delete it (training: --skip-corrupt skips such files)") from None
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+class ImageFolderDataset(Dataset):
+    """``(image, class index)`` pairs of one split.
+
+    ``__getitem__`` returns ``(transformed image, target, None)``, or ``(None, target, reason)``
+    for an unreadable file, so that the caller (in the main process, not a loader worker)
+    decides whether that is an error or a skip; see :func:`crossformer.data.collate_images`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        classes: Sequence[str] | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
+        self.split_dir = find_split(root, split)
+        found = _class_folders(self.split_dir)
+        if not found:
+            loose = [p.name for p in self.split_dir.iterdir() if is_image_file(p)][:1]
+            hint = f" (found {loose[0]} directly in it: put images in class subfolders)" if loose else ""
+            raise DataError(f"{self.split_dir} has no class folders{hint}; expected {self.split_dir}/<class>/<image>")
+        self.classes = list(classes) if classes is not None else found
+        if classes is not None:
+            missing = [c for c in self.classes if c not in found]
+            if missing:
+                raise DataError(f"{self.split_dir} lacks class folder {missing[0]!r} ({len(missing)} of "
+                                f"{len(self.classes)} classes missing); every split needs the training classes")
+            extra = [c for c in found if c not in self.classes]
+            if extra:
+                raise DataError(f"{self.split_dir / extra[0]} is not a training class; remove it or add it to train/")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for name in self.classes:
+            images = list_images(self.split_dir / name)
+            if not images:
+                raise DataError(f"class folder {self.split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            self.samples.extend((str(p), self.class_to_idx[name]) for p in images)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except UNREADABLE_ERRORS as err:
+            return None, target, f"{path}: {err}"
+        return (self.transform(image) if self.transform else image), target, None

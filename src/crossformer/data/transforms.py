@@ -1,0 +1,62 @@
+"""Train and evaluation transforms, built by ``timm.data.create_transform``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+__all__ = ["build_train_transform", "build_eval_transform"]
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def build_train_transform(
+    img_size: int,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float = 0.4,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> Transform:
+    """The authors' recipe: random resized crop, flip, RandAugment, colour jitter, erasing.
+
+    Output: float tensor ``(3, img_size, img_size)``, normalised.
+    """
+    return create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
+        color_jitter=color_jitter,
+        auto_augment=auto_augment or None,
+        interpolation=interpolation,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def build_eval_transform(
+    img_size: int,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> Transform:
+    """Resize the short side to ``img_size / crop_pct``, centre-crop ``img_size`` (224/256 at 224).
+
+    Output: float tensor ``(3, img_size, img_size)``, normalised.
+    """
+    return create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=tuple(mean), std=tuple(std)
+    )

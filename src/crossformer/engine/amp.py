@@ -1,0 +1,70 @@
+"""Mixed precision: autocast dtype per device, the fp16 grad scaler, and the optimizer step."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..errors import UserInputError
+
+__all__ = ["Precision", "resolve_precision", "AMP_CHOICES"]
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+@dataclass
+class Precision:
+    """How forward passes run and how the backward/step is scaled."""
+
+    device_type: str
+    dtype: torch.dtype | None  # None: full float32
+    scaler: torch.amp.GradScaler | None  # fp16 only: keeps small gradients from flushing to zero
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter], clip_grad: float | None
+    ) -> float | None:
+        """Unscale, clip the global gradient norm, step, update the scale, zero the grads.
+
+        Returns the gradient norm before clipping (when clipping).
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        norm = None
+        if clip_grad:
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip_grad))
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; float32 on the CPU."""
+    if amp not in AMP_CHOICES:
+        raise UserInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            amp = "none"
+        else:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise UserInputError("amp=fp16 needs a GPU; on the CPU use amp=bf16 or amp=none")
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    return Precision(device.type, dtype, scaler)

@@ -1,0 +1,58 @@
+"""Training checkpoints: written atomically, read without unpickling code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+``torch.load(path, weights_only=True)`` reads it and :func:`crossformer.load_checkpoint`
+finds the weights under ``model`` (and ``model_ema``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.weights import CheckpointError
+
+__all__ = ["save_atomic", "load_training_state", "LAST", "BEST"]
+
+LAST = "last.pth"
+BEST = "best.pth"
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and replace
+    the target with one ``os.replace`` (atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_atomic` (weights-only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means "not our training checkpoint"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot resume from {path}: not a crossformer training checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or "optimizer" not in state or "global_step" not in state:
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds weights only; pass it as --pretrained to start from it"
+        )
+    return state

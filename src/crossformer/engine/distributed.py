@@ -1,0 +1,101 @@
+"""Process-group set-up for ``torchrun`` (or a single process), and the few collectives we use.
+
+``torchrun`` exports ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; when they are present we
+join the default process group (NCCL on GPUs, gloo on the CPU). Without them everything
+runs as rank 0 of 1 and the collectives below are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserInputError
+
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device"]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device; under torchrun ``cuda`` means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device("cpu")
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this call created the process group, so it destroys it
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and logs."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over ranks (float64, so counts stay exact)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (so all ranks take the same branch)."""
+        return self.all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank, in rank order (picklable objects only)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @property
+    def _collective_device(self) -> torch.device:
+        # NCCL reduces only CUDA tensors; gloo only CPU ones.
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Join the ``torchrun`` process group if there is one; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(rank, local_rank, world_size, resolved, owns_group)
+
+
+def teardown_distributed(ctx: DistContext) -> None:
+    """Leave the process group if :func:`setup_distributed` joined it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()

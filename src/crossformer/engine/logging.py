@@ -1,0 +1,90 @@
+"""What a run tells people: log lines, progress bars, TensorBoard scalars, ``metrics.jsonl``.
+
+Only the main process (rank 0) prints or writes; the others get a logger that does nothing,
+so callers never branch on the rank themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLogger", "Progress"]
+
+
+class Progress:
+    """A progress bar on a terminal; a plain line every ``every`` steps otherwise."""
+
+    def __init__(self, logger: "RunLogger", total: int, desc: str, initial: int = 0, every: int = 50) -> None:
+        self.logger, self.total, self.desc, self.every = logger, total, desc, max(every, 1)
+        self.count = initial
+        self.start = time.perf_counter()
+        self.bar = None
+        if logger.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+
+    def update(self, **values: float) -> None:
+        self.count += 1
+        shown = {k: f"{v:.4g}" for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        elif self.logger.enabled and (self.count % self.every == 0 or self.count == self.total):
+            rate = self.count / max(time.perf_counter() - self.start, 1e-9)
+            fields = " ".join(f"{k} {v}" for k, v in shown.items())
+            self.logger.info(f"{self.desc} [{self.count}/{self.total}] {fields} ({rate:.2f} it/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunLogger:
+    """Logs of one run under ``output_dir``: ``log.txt``, ``metrics.jsonl``, ``tensorboard/``."""
+
+    def __init__(self, output_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._writer = None
+        if not enabled or self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra: crossformer[logging]
+                self.info("tensorboard is not installed: scalars go to metrics.jsonl only")
+            else:
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        if self.output_dir is not None:
+            with open(self.output_dir / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def scalars(self, step: int, values: dict[str, float], **fields: Any) -> None:
+        """One ``metrics.jsonl`` record ``{step, **fields, **values}`` and a TensorBoard point each."""
+        if not self.enabled or self.output_dir is None:
+            return
+        record = {"step": step, **fields, **{k: float(v) for k, v in values.items()}}
+        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def progress(self, total: int, desc: str, initial: int = 0, every: int = 50) -> Progress:
+        return Progress(self, total, desc, initial, every)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

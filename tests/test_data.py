@@ -1,0 +1,137 @@
+"""Image folders, their errors, the sharded sampler, transforms and the built-in digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification_fixtures import make_image_folder
+from crossformer.data import (
+    DataError,
+    ImageFolderDataset,
+    ShardedSampler,
+    build_eval_transform,
+    build_loader,
+    build_train_transform,
+    prepare_digits,
+)
+from crossformer.errors import UserInputError
+
+
+def test_classes_come_from_train_and_validation_is_an_alias(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 2, "validation": 1})
+    train = ImageFolderDataset(tmp_path, "train")
+    val = ImageFolderDataset(tmp_path, "val", classes=train.classes)
+    assert train.classes == ["cat", "dog", "eel"]
+    assert len(train) == 6 and len(val) == 3
+    assert val.split_dir.name == "validation"
+    # every label is the index of the folder the file sits in
+    for path, target in val.samples:
+        assert Path(path).parent.name == train.classes[target]
+
+
+def test_any_common_format_and_grayscale_become_rgb(tmp_path: Path) -> None:
+    from PIL import Image
+
+    make_image_folder(tmp_path, {"train": 1})
+    Image.new("L", (40, 40), 7).save(tmp_path / "train" / "cat" / "gray.jpg")
+    Image.new("RGBA", (40, 40)).save(tmp_path / "train" / "dog" / "alpha.webp")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path, "train", transform=build_eval_transform(32))
+    assert len(dataset) == 5
+    shapes = {tuple(dataset[i][0].shape) for i in range(len(dataset))}
+    assert shapes == {(3, 32, 32)}
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"val": 1}, "has no train/ folder"),
+        ({"train": 0, "val": 1}, "holds no images"),
+    ],
+)
+def test_missing_or_empty_split_names_the_folder(tmp_path: Path, layout: dict, message: str) -> None:
+    make_image_folder(tmp_path, layout)
+    with pytest.raises(DataError, match=message) as err:
+        ImageFolderDataset(tmp_path, "train")
+    assert "\n" not in str(err.value) and isinstance(err.value, UserInputError)
+
+
+def test_split_without_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        ImageFolderDataset(tmp_path, "train")
+
+
+def test_val_must_hold_exactly_the_training_classes(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1})
+    make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="lacks class folder 'eel'"):
+        ImageFolderDataset(tmp_path, "val", classes=["cat", "dog", "eel"])
+    make_image_folder(tmp_path, {"val": 1}, classes=("eel", "fox"))
+    with pytest.raises(DataError, match="fox is not a training class"):
+        ImageFolderDataset(tmp_path, "val", classes=["cat", "dog", "eel"])
+
+
+def test_unreadable_image_is_reported_not_raised_in_workers(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 2})
+    broken = tmp_path / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    dataset = ImageFolderDataset(tmp_path, "train", transform=build_eval_transform(32))
+    loader = build_loader(dataset, 7, ShardedSampler(len(dataset), shuffle=False, pad=False), 1, seed=0, drop_last=False)
+    images, targets, failures = next(iter(loader))
+    assert images.shape == (6, 3, 32, 32) and len(targets) == 6
+    assert len(failures) == 1 and str(broken) in failures[0]
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
+    shards = [ShardedSampler(10, rank, 3, shuffle=True, seed=1) for rank in range(3)]
+    for s in shards:
+        s.set_epoch(4)
+    seen = [list(s) for s in shards]
+    assert all(len(x) == 4 == len(s) for x, s in zip(seen, shards))  # padded to 12
+    assert set(sum(seen, [])) == set(range(10))
+    # unpadded (evaluation): every index exactly once
+    unpadded = [list(ShardedSampler(10, r, 3, shuffle=False, pad=False)) for r in range(3)]
+    assert sorted(sum(unpadded, [])) == list(range(10))
+    # a new epoch is a new order, the same epoch is the same order
+    again = ShardedSampler(10, 0, 3, shuffle=True, seed=1)
+    again.set_epoch(4)
+    assert list(again) == seen[0]
+    again.set_epoch(5)
+    assert list(again) != seen[0]
+
+
+def test_sampler_resumes_mid_epoch() -> None:
+    sampler = ShardedSampler(20, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start=8)
+    assert list(sampler) == full[8:] and len(sampler) == 12
+
+
+def test_train_transform_is_random_and_eval_is_not(tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 255, (48, 64, 3), dtype=torch.uint8).numpy())
+    train_tf, eval_tf = build_train_transform(32), build_eval_transform(32)
+    assert train_tf(image).shape == eval_tf(image).shape == (3, 32, 32)
+    assert not torch.equal(train_tf(image), train_tf(image))
+    assert torch.equal(eval_tf(image), eval_tf(image))
+
+
+@pytest.mark.slow
+def test_digits_are_written_once_as_an_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("CROSSFORMER_CACHE", str(tmp_path))
+    root = prepare_digits()
+    assert root == tmp_path / "digits"
+    train, val = ImageFolderDataset(root, "train"), ImageFolderDataset(root, "val", classes=[str(i) for i in range(10)])
+    assert train.classes == [str(i) for i in range(10)]
+    assert len(train) + len(val) == 1797 and 340 < len(val) < 370
+    assert not {Path(p).name for p, _ in train.samples} & {Path(p).name for p, _ in val.samples}
+    stamp = (root / train.samples[0][0]).stat().st_mtime_ns
+    assert prepare_digits() == root
+    assert (root / train.samples[0][0]).stat().st_mtime_ns == stamp  # not rewritten
