@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from timm.models._features import FeatureGetterNet
 
 from ..errors import UserInputError
 
@@ -99,6 +100,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
         except pickle.UnpicklingError as err:
             raise CheckpointError(f"cannot read {path}: {err}") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({err})") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({err})") from None
     if not isinstance(obj, Mapping):
@@ -137,15 +140,16 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The CrossFormer inside a timm features wrapper / DDP / compiled module."""
+    """The network inside compiled / DDP / timm ``features_only`` wrappers, and whether
+    it was wrapped for features (so its head and final norm were pruned)."""
     features_only = False
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "forward_intermediates") and not hasattr(model, "patch_embed"):
+        if isinstance(model, FeatureGetterNet):
             model, features_only = model.model, True
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
         else:
             return model, features_only
 
@@ -185,7 +189,12 @@ def load_checkpoint(
     elif "head.weight" not in expected:  # built with num_classes=0: no head to fill
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     head_keys = [k for k in ("head.weight", "head.bias") if k in state and k in expected]
-    if any(state[k].shape != expected[k].shape for k in head_keys):
+    other_classes = (
+        len(head_keys) == 2
+        and state["head.weight"].shape[1:] == expected["head.weight"].shape[1:]
+        and state["head.weight"].shape[0] != expected["head.weight"].shape[0]
+    )
+    if other_classes:
         warnings.warn(
             f"{path}: classifier head {tuple(state['head.weight'].shape)} does not fit the model's "
             f"{tuple(expected['head.weight'].shape)}; the head keeps its fresh initialisation",

@@ -1,0 +1,62 @@
+"""Dense-task backbones: timm features_only, segmentation_models_pytorch, torchvision FPN."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+
+import crossformer  # noqa: F401
+
+TINY = dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4))
+
+
+@pytest.mark.parametrize("name", ["crossformer_tiny", "crossformer_pp_small"])
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (70, 45)])
+def test_features_only_strides_and_channels(name: str, size: tuple[int, int]) -> None:
+    model = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), **TINY).eval()
+    assert model.feature_info.channels() == [16, 32, 64, 128]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, *size))
+    h, w = size[0] // 4, size[1] // 4
+    for i, feature in enumerate(maps):
+        assert feature.shape == (2, 16 * 2**i, h, w)
+        h, w = h // 2, w // 2
+
+
+def test_features_equal_classifier_stage_outputs() -> None:
+    classifier = timm.create_model("crossformer_tiny", **TINY).eval()
+    features = timm.create_model("crossformer_tiny", features_only=True, out_indices=(1, 3), **TINY).eval()
+    features.model.load_state_dict(classifier.state_dict(), strict=False)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        taken = classifier.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(features(x), taken, strict=True))
+        final, maps = classifier.forward_intermediates(x)
+        assert len(maps) == 4
+        assert torch.allclose(classifier.forward_head(final), classifier(x))
+
+
+def test_segmentation_models_pytorch_unet() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.Unet("tu-crossformer_tiny", encoder_weights=None, classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_torchvision_feature_pyramid_network() -> None:
+    from torchvision.ops import FeaturePyramidNetwork
+
+    backbone = timm.create_model("crossformer_pp_small", features_only=True, **TINY).eval()
+    fpn = FeaturePyramidNetwork(backbone.feature_info.channels(), out_channels=32).eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 128, 96))
+        pyramid = fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+    assert [tuple(p.shape) for p in pyramid.values()] == [
+        (1, 32, 32, 24), (1, 32, 16, 12), (1, 32, 8, 6), (1, 32, 4, 3)
+    ]

@@ -1,0 +1,78 @@
+"""Training behaviour: gradients everywhere, drop path, gradient checkpointing, compile."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import crossformer  # noqa: F401
+from crossformer.models import CrossFormer
+
+# Stage maps at 72x88: 18x22, 9x11, 4x5, 2x2 -> padding and LDA in the first stages.
+TINY_V1 = dict(embed_dim=16, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4), group_size=(4, 4, 3, 3),
+               interval=(4, 2, 1, 1), num_classes=5)
+
+
+@pytest.mark.parametrize("long_distance, use_acl", [("fixed_interval", False), ("fixed_group", True)])
+def test_every_parameter_gets_a_gradient(long_distance: str, use_acl: bool) -> None:
+    # embed_dim 64: the DPB width C // 16 must exceed 1, else its LayerNorm is constant.
+    depths = (4, 2, 2, 1) if use_acl else TINY_V1["depths"]
+    model = CrossFormer(**{**TINY_V1, "depths": depths, "embed_dim": 64}, long_distance=long_distance,
+                        use_acl=use_acl)
+    model(torch.randn(2, 3, 72, 88)).logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        # The DPB's last bias shifts every score of a head equally: softmax ignores it.
+        if not name.endswith("pos.pos3.2.bias"):
+            assert param.grad.abs().sum() > 0, name
+    if use_acl:
+        assert model.layers[0].blocks[2].ex_conv is not None
+
+
+def test_drop_path_is_active_in_training_only() -> None:
+    model = CrossFormer(**TINY_V1, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(2, 3, 72, 88)
+    plain = CrossFormer(**TINY_V1, drop_path_rate=0.0)
+    checkpointed = CrossFormer(**TINY_V1, drop_path_rate=0.0)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing()
+    assert all(stage.grad_checkpointing for stage in checkpointed.layers)
+    for model in (plain, checkpointed):
+        model(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_timm_grad_checkpointing_api() -> None:
+    model = timm.create_model("crossformer_pp_small", embed_dim=16, depths=(1, 1, 2, 1),
+                              num_heads=(1, 2, 2, 4), num_classes=3)
+    model.set_grad_checkpointing(True)
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert model.patch_embed.projs[0].weight.grad is not None
+
+
+@pytest.mark.slow
+def test_torch_compile_captures_one_graph_and_matches_eager() -> None:
+    # fullgraph=True fails on any graph break; the aot_eager backend checks capture and
+    # autograd tracing without the minutes Inductor's C++ code generation takes on CPU.
+    model = CrossFormer(**TINY_V1, drop_path_rate=0.0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 72, 88)
+    compiled(x).sum().backward()
+    expected = model.patch_embed.projs[0].weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    assert torch.allclose(model.patch_embed.projs[0].weight.grad, expected, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)

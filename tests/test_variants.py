@@ -1,0 +1,120 @@
+"""The 8 official variants: registry, parameter counts, state-dict keys and shapes, MACs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import timm
+import torch
+
+import crossformer
+from crossformer.models import VARIANTS, analytic_macs, count_params
+
+# Spec section 7, copied by hand: name -> (params, official GMACs at 224).
+SPEC_TABLE = {
+    "crossformer_tiny": (27_776_794, 2.858),
+    "crossformer_small": (30_657_394, 4.910),
+    "crossformer_base": (51_971_554, 9.165),
+    "crossformer_large": (91_971_184, 16.116),
+    "crossformer_pp_small": (23_325_340, 4.389),
+    "crossformer_pp_base": (51_994_594, 9.504),
+    "crossformer_pp_large": (92_001_904, 16.567),
+    "crossformer_pp_huge": (95_962_944, 21.586),
+}
+RECOMPUTABLE = (".attn.biases", ".attn.relative_position_index")
+
+
+def _meta_model(name: str, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def test_all_variants_registered() -> None:
+    assert sorted(timm.list_models("crossformer*")) == sorted(SPEC_TABLE)
+    assert set(VARIANTS) == set(SPEC_TABLE)
+
+
+@pytest.fixture(scope="module")
+def official(reference_dir):
+    return json.loads((reference_dir / "official_variants.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_TABLE))
+def test_params_keys_shapes_and_macs(name: str, official: dict) -> None:
+    model = _meta_model(name)
+    params, gmacs = SPEC_TABLE[name]
+    assert count_params(model) == params == official[name]["params"]
+
+    expected = {}
+    for entry in official[name]["state_dict"]:
+        key, _, shape = entry.partition(" ")
+        if not key.endswith(RECOMPUTABLE):
+            expected[key] = tuple(int(d) for d in shape.split("x")) if shape else ()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected
+
+    macs = analytic_macs(model, 224, 224)
+    assert macs == official[name]["macs_224"]
+    assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_pretrained_cfg() -> None:
+    model = _meta_model("crossformer_small", num_classes=10, drop_path_rate=0.1)
+    cfg = model.pretrained_cfg
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["classifier"] == "head"
+    assert cfg["first_conv"][0] == "patch_embed.projs.0"
+    assert model.head.out_features == 10
+    # stochastic depth rises linearly to the given rate over all blocks
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    assert blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert isinstance(blocks[0].drop_path, torch.nn.Identity)
+
+
+def test_custom_sizes_through_timm() -> None:
+    model = timm.create_model(
+        "crossformer_pp_small", embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), num_classes=10
+    )
+    assert model.num_features == 256
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 10)
+    # CrossFormer++ defaults: fixed-group LDA, ACL, progressive group sizes
+    assert model.long_distance == "fixed_group"
+    assert [s.blocks[0].group_size for s in model.layers] == [4, 4, 14, 7]
+    assert model.layers[2].blocks[2].ex_conv is not None and model.layers[2].blocks[3].ex_conv is None
+    assert timm.create_model("crossformer_tiny", pretrained=False).long_distance == "fixed_interval"
+
+
+def test_acl_placement_follows_spec() -> None:
+    model = _meta_model("crossformer_pp_huge")
+    for stage, depth in zip(model.layers, (6, 6, 18, 2)):
+        with_acl = [j for j, b in enumerate(stage.blocks) if b.ex_conv is not None]
+        assert with_acl == [j for j in range(depth) if (j + 1) % 3 == 0 and j < depth - 1]
+
+
+def test_flops_command_json(capsys) -> None:
+    from crossformer.cli import main
+
+    assert main(["flops", "--model", "crossformer_pp_small", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"] == SPEC_TABLE["crossformer_pp_small"][0]
+    assert result["macs"] == 4_388_547_456
+
+
+def test_flops_command_other_size_and_bad_input(capsys) -> None:
+    from crossformer.cli import main
+
+    assert main(["flops", "--model", "crossformer_tiny", "--img-size", "256", "320", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["img_size"] == [256, 320] and result["macs"] > 2_858_292_352
+    assert main(["flops", "--model", "crossformer_tiny", "--img-size", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at least 32" in err
+    assert main(["flops", "--model", "crossformer_nope"]) == 2
+    assert re.search(r"unknown model", capsys.readouterr().err)
+
+
+def test_package_exports() -> None:
+    assert callable(crossformer.load_checkpoint) and crossformer.CrossFormer is not None
