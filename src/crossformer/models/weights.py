@@ -94,14 +94,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
         return dict(load_file(str(path), device="cpu"))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
         try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # e.g. the official files' yacs config
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"cannot read {path}: {err}") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({err})") from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({err})") from None
     if not isinstance(obj, Mapping):
