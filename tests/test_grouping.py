@@ -1,0 +1,42 @@
+"""Spec section 5 rules for choosing groups, checked on the layout itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from crossformer.models import GroupLayout, group_layout
+
+
+@pytest.mark.parametrize(
+    "size, group, interval, lda, semantics, expected",
+    [
+        # SDA: pad to multiples of G
+        ((56, 56), 7, 8, False, "fixed_interval", GroupLayout(7, 7, 1, 56, 56)),
+        ((25, 15), 7, 8, False, "fixed_interval", GroupLayout(7, 7, 1, 28, 21)),
+        # CrossFormer LDA: pad to multiples of I, groups of (Hp/I) x (Wp/I), not square
+        ((56, 56), 7, 8, True, "fixed_interval", GroupLayout(7, 7, 8, 56, 56)),
+        ((25, 15), 4, 4, True, "fixed_interval", GroupLayout(7, 4, 4, 28, 16)),
+        # CrossFormer++ LDA: pad to multiples of G*I, square groups
+        ((56, 56), 4, 4, True, "fixed_group", GroupLayout(4, 4, 4, 64, 64)),
+        ((25, 15), 4, 2, True, "fixed_group", GroupLayout(4, 4, 2, 32, 16)),
+        # small maps (min side <= G): one SDA group size, min side (v1) or max side (++)
+        ((7, 7), 7, 1, False, "fixed_interval", GroupLayout(7, 7, 1, 7, 7)),
+        ((14, 14), 14, 1, True, "fixed_group", GroupLayout(14, 14, 1, 14, 14)),
+        ((7, 10), 7, 2, True, "fixed_interval", GroupLayout(7, 7, 1, 7, 14)),
+        ((7, 10), 7, 2, True, "fixed_group", GroupLayout(10, 10, 1, 10, 10)),
+        ((1, 3), 7, 1, False, "fixed_interval", GroupLayout(1, 1, 1, 1, 3)),
+        ((1, 3), 7, 1, False, "fixed_group", GroupLayout(3, 3, 1, 3, 3)),
+    ],
+)
+def test_layout_rules(size, group, interval, lda, semantics, expected) -> None:
+    layout = group_layout(*size, group, interval, lda, semantics)
+    assert tuple(layout) == tuple(expected)
+    assert layout.num_groups * layout.tokens_per_group == layout.padded_h * layout.padded_w
+
+
+@pytest.mark.parametrize("semantics", ["fixed_interval", "fixed_group"])
+def test_official_224_maps_need_no_padding_in_v1_settings(semantics: str) -> None:
+    # v1 settings at 224: every stage map is a multiple of G*I, so both semantics coincide.
+    for size, interval in ((56, 8), (28, 4), (14, 2)):
+        layout = group_layout(size, size, 7, interval, True, semantics)
+        assert tuple(layout) == (7, 7, interval, size, size)
