@@ -13,7 +13,7 @@ from .config import TrainConfig, bundled_configs, resolve_config
 from .evaluate import evaluate
 from .model import LoadedClassifier, create_classifier, load_classifier
 from .predict import Prediction, predict
-from .train import train
+from .trainer import train
 
 __all__ = [
     "TrainConfig", "bundled_configs", "resolve_config",

@@ -12,7 +12,7 @@ from ..engine import BEST
 from .config import resolve_config
 from .evaluate import evaluate
 from .predict import predict
-from .train import train
+from .trainer import train
 
 __all__ = ["run_demo", "DEMO_TARGET_ACC1"]
 

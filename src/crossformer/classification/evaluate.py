@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -85,6 +86,7 @@ def evaluate(
     amp: str = "auto",
     device: str = "auto",
     skip_corrupt: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Evaluate a checkpoint on ``DATA/<split>`` (bicubic resize to size/crop_pct, centre crop).
 
@@ -94,7 +96,7 @@ def evaluate(
     """
     ctx = setup_distributed(device)
     try:
-        loaded = load_classifier(checkpoint, model, img_size=img_size, use_ema=use_ema, device=ctx.device)
+        loaded = load_classifier(checkpoint, model, img_size, use_ema, ctx.device, model_kwargs)
         transform = build_eval_transform(
             loaded.img_size, crop_pct or loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std
         )
@@ -107,8 +109,10 @@ def evaluate(
         sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         loader = build_loader(dataset, batch_size, sampler, num_workers, seed=0, drop_last=False,
                               pin_memory=ctx.device.type == "cuda")
+        # A progress bar on a terminal; no plain progress lines, so stdout holds the result alone.
+        bar = RunLogger(None, enabled=ctx.is_main) if sys.stderr.isatty() else None
         metrics = evaluate_batches(loaded.model, loader, ctx, resolve_precision(amp, ctx.device), skip_corrupt,
-                                   RunLogger(None, enabled=ctx.is_main), total=len(loader))
+                                   bar, total=len(loader))
         return {"model": loaded.name, "img_size": loaded.img_size, **metrics}
     finally:
         teardown_distributed(ctx)

@@ -54,12 +54,13 @@ def load_classifier(
     img_size: int | None = None,
     use_ema: bool = False,
     device: torch.device | str = "cpu",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedClassifier:
     """Rebuild the model a checkpoint holds, in eval mode on ``device``.
 
     Our training checkpoints name their model, settings and classes. Other files (the
     authors' releases, bare state dicts, safetensors) need ``model_name``; the class count
-    is read off their head.
+    is read off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -73,8 +74,8 @@ def load_classifier(
     head = weights.get("head.weight")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
-    model_kwargs = state.get("model_kwargs", {}) if name == state.get("model_name") else {}
-    model = create_classifier(name, num_classes=head.shape[0], model_kwargs=model_kwargs)
+    recorded = state.get("model_kwargs", {}) if name == state.get("model_name") else {}
+    model = create_classifier(name, num_classes=head.shape[0], model_kwargs={**recorded, **(model_kwargs or {})})
     load_checkpoint(model, checkpoint, use_ema=use_ema)
     model.to(device).eval()
     return LoadedClassifier(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -50,10 +50,11 @@ def predict(
     batch_size: int = 32,
     use_ema: bool = False,
     device: str = "auto",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> list[Prediction]:
     """Classify images with a checkpoint; labels are its class names (or ``class_names``,
     or the class index as text for files that record none)."""
-    loaded = load_classifier(checkpoint, model, img_size=img_size, use_ema=use_ema, device=resolve_device(device))
+    loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
     names = list(class_names) if class_names is not None else loaded.class_names
     if names is not None and len(names) != loaded.num_classes:
         raise DataError(f"{len(names)} class names given for a model with {loaded.num_classes} classes")

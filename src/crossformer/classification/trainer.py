@@ -245,6 +245,8 @@ class _Run:
         progress = self.log.progress(self.batches_per_epoch, f"epoch {self.epoch}", self.batches_done, c.log_every)
         for images, targets, failures in self.train_loader:
             self.meters[2] += raise_or_count_unreadable(failures, c.skip_corrupt)
+            if failures and self.mixup is not None and len(targets) % 2:
+                images, targets = images[:-1], targets[:-1]  # timm's Mixup mixes pairs: keep it even
             if not len(targets) and ctx.distributed:
                 raise DataError("a whole batch was unreadable; remove the broken files (ranks must stay in step)")
             self.batches_done += 1

@@ -6,12 +6,14 @@ import argparse
 import json
 
 from .common import add_model_argument
+from .model_args import add_model_arg_argument, model_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="ours (.pth/.safetensors) or the authors' release")
     parser.add_argument("--data", required=True, metavar="PATH", help="folder with val/<class>/* (or validation/)")
     add_model_argument(parser, required=False)
+    add_model_arg_argument(parser)
     parser.add_argument("--split", default="val", help="split folder to evaluate (default val)")
     parser.add_argument("--img-size", type=int, metavar="N", help="default: the checkpoint's (224 for official files)")
     parser.add_argument("--crop-pct", type=float, metavar="F", help="centre-crop ratio (default 0.875: resize 256, crop 224)")
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.checkpoint, args.data, model=args.model, split=args.split, img_size=args.img_size,
         crop_pct=args.crop_pct, batch_size=args.batch_size, num_workers=args.num_workers, use_ema=args.ema,
-        amp=args.amp, device=args.device, skip_corrupt=args.skip_corrupt,
+        amp=args.amp, device=args.device, skip_corrupt=args.skip_corrupt, model_kwargs=model_args(args),
     )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports the reduced metrics
         return 0

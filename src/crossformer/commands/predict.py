@@ -6,12 +6,14 @@ import argparse
 import json
 
 from .common import add_model_argument
+from .model_args import add_model_arg_argument, model_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     parser.add_argument("--checkpoint", required=True, metavar="FILE")
     add_model_argument(parser, required=False)
+    add_model_arg_argument(parser)
     parser.add_argument("--topk", type=int, default=5, metavar="K")
     parser.add_argument("--class-names", metavar="FILE", help="one label per line (for files that record none)")
     parser.add_argument("--img-size", type=int, metavar="N")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
     results = predict(args.images, args.checkpoint, model=args.model, topk=args.topk, class_names=names,
-                      img_size=args.img_size, batch_size=args.batch_size, use_ema=args.ema, device=args.device)
+                      img_size=args.img_size, batch_size=args.batch_size, use_ema=args.ema, device=args.device, model_kwargs=model_args(args))
     for result in results:
         if args.json:
             print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))

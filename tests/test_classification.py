@@ -1,0 +1,194 @@
+"""Training, exact resume after SIGKILL, the NaN guard, evaluation and prediction (tiny model, tiny data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification_fixtures import TINY_MODEL, make_image_folder, tiny_config
+from crossformer.classification import evaluate, load_classifier, predict, train
+from crossformer.classification import trainer as train_module
+from crossformer.data import DataError
+from crossformer.engine import NonFiniteLossError, load_training_state
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Training sets the thread count and (deterministic runs) deterministic kernels: undo both."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One tiny 2-epoch run with the full recipe and EMA; shared by the read-only tests below."""
+    output = tmp_path_factory.mktemp("run")
+    metrics = train(tiny_config(data, output, model_ema=True, model_ema_decay=0.5))
+    return output, metrics
+
+
+def test_training_writes_checkpoints_and_logs(trained: tuple[Path, dict]) -> None:
+    output, metrics = trained
+    assert metrics["epoch"] == 2 and metrics["global_step"] == 12  # 24 images / batch 4, 2 epochs
+    assert {"val/acc1", "val/acc5", "val/loss", "train/loss", "val_ema/acc1"} <= set(metrics)
+    state = load_training_state(output / "last.pth")  # loads with weights_only=True
+    assert state["epoch"] == 2 and state["batches_done"] == 0 and state["class_names"] == ["cat", "dog", "eel"]
+    assert state["model_name"] == "crossformer_tiny" and state["model_kwargs"] == TINY_MODEL
+    assert {"model", "model_ema", "optimizer", "rank_state", "config"} <= set(state)
+    assert (output / "best.pth").is_file()
+    assert not [p for p in output.iterdir() if ".tmp" in p.name]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "val/acc1" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1] and epochs[-1]["val/acc1"] == metrics["val/acc1"]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert len(lrs) == 12 and max(lrs) > lrs[-1]  # per-step cosine schedule after warm-up
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert "epoch 1/2" in (output / "log.txt").read_text()
+
+
+def test_evaluate_reproduces_the_training_metrics(trained: tuple[Path, dict], data: Path) -> None:
+    output, metrics = trained
+    result = evaluate(output / "last.pth", data, device="cpu", num_workers=0)
+    assert result["images"] == 9
+    assert result["acc1"] == pytest.approx(metrics["val/acc1"])
+    assert result["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    ema = evaluate(output / "last.pth", data, device="cpu", num_workers=0, use_ema=True)
+    assert ema["loss"] == pytest.approx(metrics["val_ema/loss"], rel=1e-5)
+
+
+def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="lacks class folder 'eel'"):
+        evaluate(trained[0] / "best.pth", other, device="cpu", num_workers=0)
+
+
+def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> None:
+    results = predict([data / "val" / "dog", data / "val" / "cat" / "0.png"], trained[0] / "best.pth", topk=2, device="cpu")
+    assert [Path(r.path).name for r in results] == ["0.png", "1.png", "2.png", "0.png"]
+    assert all(len(r.labels) == 2 and set(r.labels) <= {"cat", "dog", "eel"} for r in results)
+    assert all(r.scores[0] >= r.scores[1] and 0 < sum(r.scores) <= 1 + 1e-6 for r in results)
+    loaded = load_classifier(trained[0] / "best.pth")
+    assert loaded.class_names == ["cat", "dog", "eel"] and loaded.img_size == 32
+    with pytest.raises(DataError, match="no such image"):
+        predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
+
+
+def test_unreadable_training_image_stops_or_is_skipped(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data")
+    broken = data / "train" / "dog" / "9.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+        train(tiny_config(data, tmp_path / "a", epochs=1))
+    metrics = train(tiny_config(data, tmp_path / "b", epochs=1, skip_corrupt=True))
+    assert metrics["train/unreadable_images"] == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path, monkeypatch) -> None:
+    real = train_module._criterion
+
+    def poisoned(config, num_classes):
+        mixup, loss = real(config, num_classes)
+        calls = iter(range(10**6))
+
+        def loss_going_nan(logits, targets):
+            value = loss(logits, targets)
+            return value * float("nan") if next(calls) == 5 else value  # the 6th step diverges
+
+        return mixup, loss_going_nan
+
+    monkeypatch.setattr(train_module, "_criterion", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 0 step 5;.*last good checkpoint is .*last.pth"):
+        train(tiny_config(data, tmp_path, save_every_steps=2))
+    state = load_training_state(tmp_path / "last.pth")
+    assert state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from classification_fixtures import tiny_config
+from crossformer.classification import train
+def kill(step):
+    if step == 9:  # mid-epoch 1; the last checkpoint (step 8) is one update behind
+        os.kill(os.getpid(), signal.SIGKILL)
+train(tiny_config({data!r}, {output!r}, **{settings!r}), on_step_end=kill)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_unkilled_run(data: Path, tmp_path: Path) -> None:
+    settings = dict(deterministic=True, save_every_steps=4, epochs=3, model_ema=True, model_ema_decay=0.9)
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    script = textwrap.dedent(_KILLED_RUN).format(
+        tests=str(Path(__file__).parent), data=str(data), output=str(killed_dir), settings=settings
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    interrupted = load_training_state(killed_dir / "last.pth")
+    assert (interrupted["epoch"], interrupted["batches_done"], interrupted["global_step"]) == (1, 2, 8)
+
+    resumed = train(tiny_config(data, killed_dir, resume="auto", **settings))
+    clean = train(tiny_config(data, clean_dir, **settings))
+    assert resumed == clean  # every metric, bit for bit
+    a, b = load_training_state(killed_dir / "last.pth"), load_training_state(clean_dir / "last.pth")
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+
+
+def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(data: Path, tmp_path: Path) -> None:
+    first = train(tiny_config(data, tmp_path, epochs=1, resume="auto"))
+    assert first["global_step"] == 6
+    again = train(tiny_config(data, tmp_path, epochs=1, resume="auto"))
+    assert again["global_step"] == 6 and again["epoch"] == 1
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference checkpoints ship beside the repo in ../shared")
+def test_evaluate_an_official_checkpoint_with_bicubic_resize_and_centre_crop(tmp_path: Path) -> None:
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from crossformer.models import load_checkpoint
+
+    classes = [f"n{i:08d}" for i in range(10)]
+    data = make_image_folder(tmp_path, {"val": 1}, classes=tuple(classes), size=260)
+    Image.new("RGB", (300, 260), (10, 200, 30)).save(data / "val" / classes[3] / "wide.png")
+    reference = dict(embed_dim=32, depths=[2, 2, 4, 2], num_heads=[1, 2, 4, 8])
+    result = evaluate(REFERENCE / "v1_cls.pth", data, model="crossformer_tiny", model_kwargs=reference,
+                      device="cpu", num_workers=0)
+    assert result["images"] == 11
+
+    # The same by hand: resize the short side to 224/0.875 = 256 (bicubic), centre-crop 224.
+    import timm
+
+    model = load_checkpoint(timm.create_model("crossformer_tiny", num_classes=10, **reference), REFERENCE / "v1_cls.pth").eval()
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    images, targets = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((data / "val" / name).iterdir()):
+            images.append(tf(Image.open(path).convert("RGB")))
+            targets.append(index)
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets)).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    with pytest.raises(Exception, match="--model"):
+        evaluate(REFERENCE / "v1_cls.pth", data, device="cpu", num_workers=0)

@@ -1,0 +1,115 @@
+"""The train / evaluate / predict commands, their one-line errors, and torchrun over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification_fixtures import make_image_folder
+from crossformer.cli import main
+from crossformer.engine import load_training_state
+
+TINY_ARGS = [
+    "--model", "crossformer_tiny", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
+    "model_kwargs.embed_dim=16", "model_kwargs.depths=[1,1,1,1]", "model_kwargs.num_heads=[1,2,4,8]",
+    "model_kwargs.group_size=[4,4,2,1]", "model_kwargs.interval=[2,2,1,1]", "warmup_epochs=0", "cpu_threads=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+
+
+def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(output), "--epochs", "1", *TINY_ARGS]) == 0
+    assert "epoch 0/1" in capsys.readouterr().out
+    state = load_training_state(output / "last.pth")
+    assert state["global_step"] == 12 and state["config"]["model_kwargs"]["embed_dim"] == 16
+
+    assert main(["evaluate", "--checkpoint", str(output / "best.pth"), "--data", str(data), "--device", "cpu",
+                 "--num-workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 9 and result["acc1"] == pytest.approx(state["metrics"]["val/acc1"])
+
+    assert main(["predict", str(data / "val" / "eel"), "--checkpoint", str(output / "best.pth"), "--topk", "2",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(data / "val" / "eel")) for line in lines)
+
+
+def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:
+    out = ["--output", str(tmp_path / "x")]
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "nowhere"), *out, *TINY_ARGS], "data folder not found")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "epoch=3"], "unknown setting 'epoch'")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--model", "resnet9000"], "unknown model")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--config", "nope"], "bundled: crossformer_base")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--batch-size", "64"], "fewer than one batch")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--img-size", "16"], "at least 32")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--resume", str(tmp_path / "none.pth")],
+                    "checkpoint not found")
+    _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth")],
+                    "checkpoint not found")
+
+
+def test_bundled_configs_hold_the_authors_recipe() -> None:
+    from crossformer.classification import bundled_configs, resolve_config
+    from crossformer.models import VARIANTS
+
+    assert set(VARIANTS) <= set(bundled_configs())
+    for name, variant in VARIANTS.items():
+        config = resolve_config(model=name)  # the model's own config is the default
+        assert config.drop_path == variant.arch["drop_path_rate"]
+        assert (config.epochs, config.warmup_epochs, config.batch_size, config.img_size) == (300, 20, 128, 224)
+        assert (config.base_lr, config.warmup_lr, config.min_lr, config.weight_decay) == (5e-4, 5e-7, 5e-6, 0.05)
+        assert (config.mixup, config.cutmix, config.label_smoothing, config.clip_grad) == (0.8, 1.0, 0.1, 5.0)
+        assert (config.auto_augment, config.re_prob, config.interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, "bicubic")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
+    output = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",
+         "train", "--data", str(data), "--output", str(output), "--epochs", "2", *TINY_ARGS],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs
+    state = load_training_state(output / "last.pth")
+    # both ranks trained, each on its half: 24 images / (2 ranks x batch 2) = 6 updates per epoch
+    assert state["world_size"] == 2 and state["global_step"] == 12
+    assert [rank["meters"][1] for rank in state["rank_state"]] == [0.0, 0.0]  # reset at the epoch's end
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val/acc1" in r] == [0, 1]  # one writer
+    assert sorted(p.name for p in output.iterdir() if p.suffix == ".pth") == ["best.pth", "last.pth"]
+    # rank states differ (each rank draws its own augmentations) and metrics were reduced over ranks:
+    assert not torch.equal(state["rank_state"][0]["rng"]["torch"], state["rank_state"][1]["rng"]["torch"])
+    assert main(["evaluate", "--checkpoint", str(output / "last.pth"), "--data", str(data), "--device", "cpu",
+                 "--num-workers", "0"]) == 0
+    from crossformer.classification import evaluate
+
+    single = evaluate(output / "last.pth", data, device="cpu", num_workers=0)
+    assert single["acc1"] == pytest.approx(state["metrics"]["val/acc1"])
+    assert single["loss"] == pytest.approx(state["metrics"]["val/loss"], rel=1e-5)

@@ -1,0 +1,155 @@
+"""The task-independent engine: checkpoints, RNG capture, schedule, optimizer, AMP, guard, config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from crossformer.engine import (
+    DistContext,
+    NonFiniteLossError,
+    RunLogger,
+    apply_overrides,
+    build_optimizer,
+    build_scheduler,
+    capture_rng_state,
+    check_finite_loss,
+    load_training_state,
+    resolve_precision,
+    restore_rng_state,
+    save_atomic,
+    scale_learning_rates,
+)
+from crossformer.engine.config import parse_overrides
+from crossformer.errors import UserInputError
+from crossformer.models import CheckpointError
+
+
+def test_save_atomic_replaces_whole_files_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ckpt" / "last.pth"
+    save_atomic({"global_step": 1, "optimizer": {}, "w": torch.ones(3)}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+    def crash(*args, **kwargs):  # a crash while writing (disk full, killed) ...
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_atomic({"global_step": 2}, path)
+    # ... leaves the previous checkpoint intact and no temporary file behind
+    assert load_training_state(path)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pth"]
+
+
+def test_load_training_state_explains_weights_only_files(tmp_path: Path) -> None:
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match="--pretrained"):
+        load_training_state(tmp_path / "weights.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a crossformer training checkpoint"):
+        load_training_state(tmp_path / "junk.pth")
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    save_atomic({"rng": capture_rng_state()}, tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_learning_rates_scale_with_the_global_batch() -> None:
+    rates = scale_learning_rates(5e-4, 5e-7, 5e-6, global_batch=8 * 128)  # the authors' 8 GPUs x 128
+    assert rates.lr == pytest.approx(1e-3) and rates.warmup_lr == pytest.approx(1e-6) and rates.min_lr == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_with_warmup_per_step() -> None:
+    model = nn.Linear(2, 2)
+    rates = scale_learning_rates(5e-4, 5e-7, 5e-6, global_batch=512)
+    optimizer = build_optimizer(model, rates.lr, 0.05)
+    scheduler = build_scheduler(optimizer, rates, total_steps=100, warmup_steps=10)
+    lrs = []
+    for step in range(101):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(5e-7)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warm-up
+    assert max(lrs) <= 5e-4 and lrs[10] > 4.5e-4
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decays
+    assert lrs[100] == pytest.approx(5e-6)
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv2d(1, 1, 3))
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decay == {id(model[0].weight), id(model[2].weight)}
+    assert no_decay == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)}
+
+
+def test_precision_choices_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype is None
+    bf16 = resolve_precision("bf16", cpu)
+    with bf16.autocast():
+        assert nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+    with pytest.raises(UserInputError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+
+
+def test_precision_step_clips_and_zeroes() -> None:
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    precision = resolve_precision("none", torch.device("cpu"))
+    precision.backward(model(torch.full((1, 3), 100.0)).sum())
+    norm = precision.step(optimizer, model.parameters(), clip_grad=5.0)
+    assert norm > 5.0 and all(p.grad is None for p in model.parameters())
+
+
+def test_guard_stops_on_non_finite_loss() -> None:
+    check_finite_loss(1.5, DistContext(), epoch=0, step=3, last_checkpoint=None)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2 step 7.*last good checkpoint is x.pth"):
+        check_finite_loss(float("nan"), DistContext(), epoch=2, step=7, last_checkpoint="x.pth")
+
+
+def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path) -> None:
+    RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})
+    assert not (tmp_path / "other").exists()
+    logger = RunLogger(tmp_path / "main")
+    logger.info("hello")
+    logger.scalars(5, {"val/acc1": 50.0}, epoch=1)
+    logger.close()
+    assert json.loads((tmp_path / "main" / "metrics.jsonl").read_text()) == {"step": 5, "epoch": 1, "val/acc1": 50.0}
+    assert "hello" in (tmp_path / "main" / "log.txt").read_text()
+    if pytest.importorskip("tensorboard"):
+        assert list((tmp_path / "main" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    lr: float = 0.1
+    epochs: int = 3
+    flag: bool = False
+    name: str = "x"
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def test_overrides_are_typed_and_typos_rejected() -> None:
+    values = parse_overrides(["lr=5e-4", "epochs=7", "flag=true", "kwargs.depths=[1,1,2,1]"])
+    result = apply_overrides(_Settings(), values)
+    assert result == _Settings(lr=5e-4, epochs=7, flag=True, kwargs={"depths": [1, 1, 2, 1]})
+    with pytest.raises(UserInputError, match="unknown setting 'epoch'"):
+        apply_overrides(_Settings(), {"epoch": 3})
+    with pytest.raises(UserInputError, match="epochs must be an integer"):
+        apply_overrides(_Settings(), {"epochs": "many"})
+    with pytest.raises(UserInputError, match="expected KEY=VALUE"):
+        parse_overrides(["epochs"])
