@@ -153,6 +153,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unkilled_run(data: Path, tmp_p
         assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
 
 
+def test_gradient_accumulation_and_bf16_on_cpu(data: Path, tmp_path: Path) -> None:
+    metrics = train(tiny_config(data, tmp_path, epochs=1, accum_steps=2, amp="bf16"))
+    assert metrics["global_step"] == 3  # 6 batches, one update per 2
+    assert "global batch 8, lr 7.81e-06" in (tmp_path / "log.txt").read_text()  # 5e-4 x 8 / 512
+    assert all(v.dtype == torch.float32 for v in load_training_state(tmp_path / "last.pth")["model"].values())
+
+
 def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(data: Path, tmp_path: Path) -> None:
     first = train(tiny_config(data, tmp_path, epochs=1, resume="auto"))
     assert first["global_step"] == 6

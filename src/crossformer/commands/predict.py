@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from .common import add_model_argument
 from .model_args import add_model_arg_argument, model_args
@@ -39,10 +41,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
     results = predict(args.images, args.checkpoint, model=args.model, topk=args.topk, class_names=names,
                       img_size=args.img_size, batch_size=args.batch_size, use_ema=args.ema, device=args.device, model_kwargs=model_args(args))
-    for result in results:
-        if args.json:
-            print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
-        else:
-            shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
-            print(f"{result.path}: {shown}")
+    try:
+        for result in results:
+            if args.json:
+                print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
+            else:
+                shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
+                print(f"{result.path}: {shown}")
+            sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

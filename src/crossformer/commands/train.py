@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, required=False)
     parser.add_argument("--data", metavar="PATH", help="folder with train/<class>/* and val/<class>/* (default: built-in digits)")
     parser.add_argument("--output", metavar="DIR", help="checkpoints and logs go here (default output/train)")
-    parser.add_argument("--config", metavar="FILE", help="YAML settings, or a bundled name (default: the model's own, e.g. crossformer_small)")
+    parser.add_argument("--config", metavar="FILE", help="YAML settings, or a bundled name (default: the model's own, e.g. crossformer_small; with no --model: digits)")
     parser.add_argument("--epochs", type=int, metavar="N")
     parser.add_argument("--batch-size", type=int, metavar="N", help="images per process (global batch = N x processes x accum_steps)")
     parser.add_argument("--img-size", type=int, metavar="N")
@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.overrides)
     overrides.update({name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None})
-    config = resolve_config(args.config, args.model, overrides)
+    # Nothing named at all: the small digits configuration on the built-in data set.
+    config_name = args.config or (None if args.model else "digits")
+    config = resolve_config(config_name, args.model, overrides)
     try:
         metrics = train(config)
     except NonFiniteLossError as err:
