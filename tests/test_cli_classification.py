@@ -72,6 +72,23 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
                     "checkpoint not found")
 
 
+def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossformer.classification import demo, trainer
+
+    # the built-in data set's writer is tested in test_data.py; here a tiny folder stands in for it
+    monkeypatch.setattr(trainer, "prepare_digits", lambda: data)
+    monkeypatch.setattr(demo, "prepare_digits", lambda: data)
+    assert main(["train", "--output", str(tmp_path / "t"), "--epochs", "1", "--batch-size", "4"]) == 0
+    state = load_training_state(tmp_path / "t" / "last.pth")
+    assert state["config"]["model_kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
+    capsys.readouterr()
+    assert main(["demo", "--output", str(tmp_path / "demo"), "epochs=1", "batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate " in out and out.count("predict ") == 1 and "(true cat)" in out  # every 71st of 9 images
+    assert "demo: held-out top-1" in out and "wall time" in out
+
+
 def test_bundled_configs_hold_the_authors_recipe() -> None:
     from crossformer.classification import bundled_configs, resolve_config
     from crossformer.models import VARIANTS

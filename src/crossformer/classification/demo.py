@@ -35,10 +35,11 @@ def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | Non
     metrics = evaluate(final, root, batch_size=config.batch_size, num_workers=0, device=config.device)
     print(f"evaluate {final}: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
           f"loss {metrics['loss']:.4f} on {metrics['images']} held-out images")
-    samples = ImageFolderDataset(root, "val").samples[::71][:5]  # a few held-out images of several classes
+    held_out = ImageFolderDataset(root, "val")
+    samples = held_out.samples[::71][:5]  # a few held-out images of several classes
     for (path, target), result in zip(samples, predict([p for p, _ in samples], final, topk=3, device=config.device)):
         shown = ", ".join(f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores))
-        print(f"predict {path}: {shown}  (true {target})")
+        print(f"predict {path}: {shown}  (true {held_out.classes[target]})")
     elapsed = time.perf_counter() - start
     verdict = "reached" if metrics["acc1"] >= DEMO_TARGET_ACC1 else "did NOT reach"
     print(f"demo: held-out top-1 {metrics['acc1']:.2f}% ({verdict} the {DEMO_TARGET_ACC1:.0f}% target) "

@@ -92,6 +92,7 @@ class _Run:
         self.global_step = 0  # optimizer updates so far
         self.best_acc1 = -1.0
         self.meters = [0.0, 0.0, 0.0]  # this rank's epoch loss sum, images, unreadable images
+        self.last_loss = float("nan")
         self.last_checkpoint: str | None = None
         self._maybe_resume()
 
@@ -253,6 +254,7 @@ class _Run:
             update = self.batches_done % c.accum_steps == 0 or self.batches_done == self.batches_per_epoch
             if len(targets):
                 loss_value = self._forward_backward(images, targets, sync=update)
+                self.last_loss = loss_value
                 self.meters[0] += loss_value * len(targets)
                 self.meters[1] += len(targets)
                 progress.update(loss=loss_value, lr=self.optimizer.param_groups[0]["lr"])
@@ -284,8 +286,9 @@ class _Run:
         self.scheduler.step_update(self.global_step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        if self.global_step % c.log_every == 0:
-            self.log.scalars(self.global_step, {"train/lr": self.optimizer.param_groups[0]["lr"]}, epoch=self.epoch)
+        if self.global_step % c.log_every == 0:  # this rank's loss: a reduction every step would cost a sync
+            values = {"train/lr": self.optimizer.param_groups[0]["lr"], "train/step_loss": self.last_loss}
+            self.log.scalars(self.global_step, values, epoch=self.epoch)
         if c.save_every_steps and self.global_step % c.save_every_steps == 0 and self.batches_done < self.batches_per_epoch:
             self._save({})
         if self.on_step_end is not None:
