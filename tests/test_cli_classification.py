@@ -109,7 +109,8 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",
-         "train", "--data", str(data), "--output", str(output), "--epochs", "2", *TINY_ARGS],
+         "train", "--data", str(data), "--output", str(output), "--epochs", "2", *TINY_ARGS,
+         "model_ema=true", "model_ema_decay=0.9"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -130,3 +131,6 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     single = evaluate(output / "last.pth", data, device="cpu", num_workers=0)
     assert single["acc1"] == pytest.approx(state["metrics"]["val/acc1"])
     assert single["loss"] == pytest.approx(state["metrics"]["val/loss"], rel=1e-5)
+    # every rank averaged the same weights, so the reduced EMA metrics are rank 0's EMA's
+    ema = evaluate(output / "last.pth", data, device="cpu", num_workers=0, use_ema=True)
+    assert ema["loss"] == pytest.approx(state["metrics"]["val_ema/loss"], rel=1e-5)

@@ -102,7 +102,7 @@ class _Run:
         c, ctx = self.config, self.ctx
         if c.data is None:
             if ctx.is_main:
-                root = prepare_digits()
+                prepare_digits()
             ctx.barrier()  # the others wait for rank 0 to write the folder once
             root = prepare_digits()
         else:
@@ -142,12 +142,13 @@ class _Run:
         if c.pretrained:
             load_checkpoint(model, c.pretrained)
         self.model = model.to(ctx.device)
-        self.ema = ModelEmaV3(self.model, decay=c.model_ema_decay) if c.model_ema else None
         self.ddp: nn.Module = self.model
-        if ctx.distributed:
+        if ctx.distributed:  # DDP also copies rank 0's initial weights to every rank
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
             )
+        # After DDP, so that every rank's average starts from the same (rank 0's) weights.
+        self.ema = ModelEmaV3(self.model, decay=c.model_ema_decay) if c.model_ema else None
         global_batch = c.batch_size * ctx.world_size * c.accum_steps
         self.rates = scale_learning_rates(c.base_lr, c.warmup_lr, c.min_lr, global_batch, c.lr_batch_reference)
         self.optimizer = build_optimizer(self.model, self.rates.lr, c.weight_decay)
