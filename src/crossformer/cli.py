@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "top-1 / top-5 accuracy and loss of a checkpoint on an image folder",
     "predict": "top-k labels with scores for images",
     "demo": "train, evaluate and predict on the built-in digits in a few minutes",
+    "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
 }
 
 

@@ -118,8 +118,9 @@ def relative_offsets(group_h: int, group_w: int, device: torch.device) -> torch.
 
 def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
     """Row of :func:`relative_offsets` for each (query, key) pair: long ``(N, N)``."""
-    ys = torch.arange(group_h, device=device).repeat_interleave(group_w)
-    xs = torch.arange(group_w, device=device).repeat(group_h)
+    # expand, not repeat_interleave: the ONNX exporter mistranslates SymInt repeats
+    ys = torch.arange(group_h, device=device)[:, None].expand(group_h, group_w).reshape(-1)
+    xs = torch.arange(group_w, device=device)[None, :].expand(group_h, group_w).reshape(-1)
     dy = ys[:, None] - ys[None, :] + group_h - 1
     dx = xs[:, None] - xs[None, :] + group_w - 1
     return dy * (2 * group_w - 1) + dx
@@ -233,7 +234,7 @@ class GroupAttention(nn.Module):
             out = attn @ v
         # (B, nG, heads, N, d) -> (B*nG, N, C)
         out = out.permute(0, 1, 3, 2, 4).reshape(groups, tokens, channels)
-        out = merge_groups(out, layout, batch)[:, :height, :width]
+        out = merge_groups(out, layout, batch, height, width)
         return self.proj_drop(self.proj(out))
 
 

@@ -1,0 +1,189 @@
+"""Export: ONNX with dynamic height/width (onnxruntime vs PyTorch at several sizes, for both
+LDA semantics), TorchScript, safetensors, and the command's error messages.
+
+ONNX exports are slow (tens of seconds each), so each semantics is exported once per
+module, on tiny models that still contain every size-dependent decision.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import crossformer
+from crossformer.cli import main
+from crossformer.export import (
+    SizeRange,
+    compare_onnx,
+    dynamic_size_range,
+    export_onnx,
+    export_safetensors,
+    export_torchscript,
+)
+from crossformer.models import CrossFormer
+
+from spec_reference import reference_forward
+
+# v1: stage 2 has SDA (G=7, padded at most sizes) and LDA with the size-dependent group shape
+# (ceil(h/2) x ceil(w/2)); stage 3 is under the small-map rule (G' = min(h, w), non-square
+# sizes give several tiles). Sizes 128..255 keep that pattern.
+V1_TINY = dict(embed_dim=16, depths=(0, 0, 2, 1), num_heads=(1, 1, 2, 2), group_size=(7, 7, 7, 7),
+               interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval", num_classes=10)
+# CrossFormer++: stage 1 has SDA and fixed-group LDA (G=4, I=2: span 8); stages 2 and 3 are
+# under the small-map rule (G' = max(h, w)) below 240 pixels.
+PP_TINY = dict(embed_dim=16, depths=(0, 2, 1, 1), num_heads=(1, 1, 2, 2), group_size=(4, 4, 14, 7),
+               interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
+PP_CFG = dict(PP_TINY, num_classes=0)
+
+
+def _ort_session(path):
+    ort = pytest.importorskip("onnxruntime")
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def v1_onnx(tmp_path_factory):
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = CrossFormer(**V1_TINY).eval()
+    path = tmp_path_factory.mktemp("onnx") / "v1.onnx"
+    valid = export_onnx(model, path, (224, 224))
+    return model, path, valid
+
+
+@pytest.fixture(scope="module")
+def pp_features_onnx(tmp_path_factory):
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = timm.create_model("crossformer_pp_small", features_only=True, **PP_TINY).eval()
+    path = tmp_path_factory.mktemp("onnx") / "pp_features.onnx"
+    valid = export_onnx(model, path, (224, 224))
+    return model, path, valid
+
+
+def test_size_ranges_follow_the_small_map_thresholds():
+    v1 = CrossFormer(**V1_TINY)
+    assert dynamic_size_range(v1, 224, 224) == SizeRange(128, 255, 128, 255)
+    assert dynamic_size_range(v1, 384, 384) == SizeRange(256, None, 256, None)
+    # non-square: the small-map stage bounds only the short side
+    assert dynamic_size_range(v1, 224, 320) == SizeRange(128, 255, 128, None)
+    official_pp = timm.create_model("crossformer_pp_small", features_only=True, embed_dim=16, num_heads=1)
+    assert dynamic_size_range(official_pp, 224, 224) == SizeRange(40, 239, 40, 239)
+    assert dynamic_size_range(timm.create_model("crossformer_tiny"), 96, 96) == SizeRange(64, 127, 64, 127)
+
+
+def test_onnx_v1_matches_pytorch_at_three_sizes(v1_onnx):
+    model, path, valid = v1_onnx
+    assert valid == SizeRange(128, 255, 128, 255)
+    errors = compare_onnx(model, path, [(224, 224), (160, 200), (255, 129)], batch=2)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_onnx_v1_matches_the_spec_transcription(v1_onnx):
+    model, path, _ = v1_onnx
+    x = torch.randn(1, 3, 131, 250)
+    logits, _ = reference_forward(model.state_dict(), V1_TINY, x)
+    got = _ort_session(path).run(None, {"images": x.numpy()})[0]
+    assert np.abs(got - logits.numpy()).max() <= 1e-4
+
+
+def test_onnx_outside_the_range_gives_nan_not_numbers(v1_onnx):
+    _, path, _ = v1_onnx
+    session = _ort_session(path)
+    for size in [(96, 96), (256, 300), (300, 200)]:
+        out = session.run(None, {"images": np.zeros((1, 3, *size), np.float32)})[0]
+        assert np.isnan(out).all(), size
+
+
+def test_onnx_pp_features_match_pytorch_at_three_sizes(pp_features_onnx):
+    model, path, valid = pp_features_onnx
+    assert valid == SizeRange(40, 239, 40, 239)
+    session = _ort_session(path)
+    assert [o.name for o in session.get_outputs()] == [f"features_{i}" for i in range(4)]
+    errors = compare_onnx(model, path, [(224, 224), (97, 45), (64, 200)], batch=2)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_onnx_pp_features_match_the_spec_transcription(pp_features_onnx):
+    model, path, _ = pp_features_onnx
+    x = torch.randn(1, 3, 150, 77)
+    state = dict(model.model.state_dict())  # the features model has no final norm and head
+    state.update({"norm.weight": torch.ones(128), "norm.bias": torch.zeros(128),
+                  "head.weight": torch.zeros(1, 128), "head.bias": torch.zeros(1)})
+    _, features = reference_forward(state, PP_CFG, x)
+    got = _ort_session(path).run(None, {"images": x.numpy()})
+    for g, f in zip(got, features):
+        assert g.shape == tuple(f.shape)
+        assert np.abs(g - f.numpy()).max() <= 1e-4
+
+
+def test_torchscript_equals_eager_and_refuses_other_sizes(tmp_path):
+    model = CrossFormer(**dict(PP_TINY, depths=(1, 1, 4, 1), num_classes=5)).eval()
+    path = export_torchscript(model, tmp_path / "pp.pt", (96, 80))
+    loaded = torch.jit.load(str(path))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 96, 80)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
+    with pytest.raises(Exception, match="traced for"):
+        loaded(torch.randn(1, 3, 96, 96))
+
+
+def test_safetensors_round_trip(tmp_path):
+    model = CrossFormer(**V1_TINY).eval()
+    x = torch.randn(1, 3, 100, 70)
+    # from a model
+    path = export_safetensors(model, tmp_path / "m.safetensors")
+    again = crossformer.load_checkpoint(CrossFormer(**V1_TINY).eval(), path)
+    # from a training-style checkpoint file
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    path2 = export_safetensors(tmp_path / "ckpt.pth", tmp_path / "c.safetensors")
+    again2 = crossformer.load_checkpoint(CrossFormer(**V1_TINY).eval(), path2)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+        assert torch.equal(again2(x), model(x))
+
+
+def _cli_error(capsys, *argv):
+    code = main(["export", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "out.onnx")
+    assert "unknown model" in _cli_error(capsys, "--model", "resnet9000", "--format", "onnx", "-o", out)
+    assert "at least 32" in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx",
+                                       "--img-size", "16", "-o", out)
+    assert "not found" in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "torchscript",
+                                     "--checkpoint", str(tmp_path / "missing.pth"), "-o", out)
+    # a checkpoint of another variant
+    small = CrossFormer(**V1_TINY)
+    torch.save({"model": small.state_dict()}, tmp_path / "small.pth")
+    err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "safetensors",
+                     "--checkpoint", str(tmp_path / "small.pth"), "-o", out)
+    assert "does not fit" in err
+    # onnx / onnxscript missing
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx", "-o", out)
+    assert "pip install 'crossformer[export]'" in err
+
+
+def test_cli_safetensors(tmp_path, capsys):
+    model = timm.create_model("crossformer_tiny", num_classes=7).eval()
+    torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "tiny.pth")
+    out = tmp_path / "tiny.safetensors"
+    assert main(["export", "--model", "crossformer_tiny", "--format", "safetensors",
+                 "--checkpoint", str(tmp_path / "tiny.pth"), "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    # the head size came from the checkpoint; the file loads back and gives equal outputs
+    loaded = crossformer.load_checkpoint(timm.create_model("crossformer_tiny", num_classes=7).eval(), out)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
