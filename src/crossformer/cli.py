@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "predict": "top-k labels with scores for images",
     "demo": "train, evaluate and predict on the built-in digits in a few minutes",
     "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
+    "benchmark": "images/s and peak memory, side by side with a peer model",
 }
 
 

@@ -12,12 +12,13 @@ convolutions (embeddings, activation cooling) see the same memory as an NCHW vie
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
@@ -26,11 +27,12 @@ from .grouping import (
     GroupLayout,
     LongDistance,
     group_layout,
-    merge_groups,
+    merge_heads,
     pad_to_layout,
     padding_key_mask,
-    partition_groups,
+    partition_heads,
 )
+from .layers import GeluMlp, linear
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
 
@@ -126,6 +128,22 @@ def relative_position_index(group_h: int, group_w: int, device: torch.device) ->
     return dy * (2 * group_w - 1) + dx
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # usable in autograd even if first built in inference mode
+        return relative_offsets(group_h, group_w, device), relative_position_index(group_h, group_w, device).view(-1)
+
+
+def _offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`relative_offsets` and the flat :func:`relative_position_index`, cached per shape.
+
+    They hold no parameters, so one copy per (Gh, Gw, device) serves training too.
+    """
+    if torch.compiler.is_compiling():  # sizes may be symbolic; the graph builds them itself
+        return relative_offsets(group_h, group_w, device), relative_position_index(group_h, group_w, device).view(-1)
+    return _cached_offset_tables(group_h, group_w, device)
+
+
 class DynamicPositionBias(nn.Module):
     """Dynamic position bias: an MLP from a relative offset ``(dy, dx)`` to one bias per head.
 
@@ -162,7 +180,8 @@ class GroupAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        # Use F.scaled_dot_product_attention (one fused kernel) instead of explicit softmax.
+        # F.scaled_dot_product_attention instead of an explicit softmax where that is faster
+        # (see forward); False always takes the explicit path.
         self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -197,45 +216,52 @@ class GroupAttention(nn.Module):
             hit = self._bias_cache.get((group_h, group_w))
             if hit is not None and hit[0] == fingerprint:
                 return hit[1]
-        device = self.pos.pos_proj.weight.device
-        table = self.pos(relative_offsets(group_h, group_w, device).to(self.pos.pos_proj.weight.dtype))
-        index = relative_position_index(group_h, group_w, device)
-        bias = table[index.view(-1)].view(index.shape[0], index.shape[1], -1).permute(2, 0, 1)
-        bias = bias.contiguous()
+        weight = self.pos.pos_proj.weight
+        offsets, index = _offset_tables(group_h, group_w, weight.device)
+        # (M, heads) table -> (heads, N * N), gathered straight into the layout used.
+        table = self.pos(offsets.to(weight.dtype))
+        bias = table.t().index_select(1, index).view(-1, group_h * group_w, group_h * group_w)
         if use_cache:
             self._bias_cache[(group_h, group_w)] = (fingerprint, bias)
         return bias
 
+    def attention_mask(self, layout: GroupLayout, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Position bias plus padding scores as one float mask ``(1, M, N, N)``.
+
+        ``M = heads`` (shared by all groups) when nothing is padded, else ``nG * heads``
+        (groups differ in their padded keys). A 4-d mask broadcast over the batch keeps
+        CPU SDPA on its fused kernel.
+        """
+        bias = self.position_bias(layout.group_h, layout.group_w)
+        is_pad = padding_key_mask(height, width, layout, bias.device)
+        if is_pad is not None:
+            # (heads, N, N) + (nG, 1, 1, N) -> (nG * heads, N, N)
+            pad_scores = is_pad.to(bias.dtype).mul(PADDING_SCORE)[:, None, None, :]
+            bias = (bias + pad_scores).flatten(0, 1)
+        return bias.to(dtype).unsqueeze(0)
+
     def forward(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """``(B, H, W, C)`` normalised map -> ``(B, H, W, C)`` attention output."""
-        batch, height, width, channels = x.shape
-        qkv = partition_groups(pad_to_layout(self.qkv(x), layout), layout)
-        groups, tokens = qkv.shape[0], qkv.shape[1]
-        num_groups = groups // batch
-        # (B*nG, N, 3C) -> 3 x (B, nG, heads, N, head_dim)
-        qkv = qkv.view(batch, num_groups, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
-
-        bias = self.position_bias(layout.group_h, layout.group_w)
-        is_pad = padding_key_mask(height, width, layout, x.device)
-        if is_pad is not None:
-            # (heads, N, N) + (nG, 1, 1, N) -> (nG, heads, N, N)
-            pad_scores = is_pad.to(bias.dtype).mul(PADDING_SCORE)[:, None, None, :]
-            bias = bias + pad_scores
-        bias = bias.to(q.dtype)
-
-        if self.fused_attn:
+        batch, height, width, _ = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        # (3, B, nG, heads, N, d): q, k, v grouped and split into heads by one copy.
+        qkv = partition_heads(pad_to_layout(linear(x, self.qkv), layout), layout, 3, heads)
+        num_groups, tokens = qkv.shape[2], qkv.shape[4]
+        mask = self.attention_mask(layout, height, width, qkv.dtype)
+        # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
+        q, k, v = qkv.reshape(3, -1, mask.shape[1], tokens, head_dim).unbind(0)
+        # CPU SDPA takes a fused kernel only when the mask needs no gradient; otherwise it
+        # falls back to a slower unfused path than the explicit one below.
+        if self.fused_attn and not (mask.requires_grad and q.device.type == "cpu"):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
             )
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            attn = (q * self.scale) @ k.transpose(-2, -1) + mask
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v
-        # (B, nG, heads, N, d) -> (B*nG, N, C)
-        out = out.permute(0, 1, 3, 2, 4).reshape(groups, tokens, channels)
-        out = merge_groups(out, layout, batch, height, width)
-        return self.proj_drop(self.proj(out))
+        out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
+        return self.proj_drop(linear(out, self.proj))
 
 
 class CrossFormerBlock(nn.Module):
@@ -264,7 +290,7 @@ class CrossFormerBlock(nn.Module):
         self.attn = GroupAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         # Activation cooling layer (CrossFormer++): depthwise 3x3 conv + LayerNorm, no
         # residual. Attribute names are the official checkpoint keys.
         self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if activation_cooling else None

@@ -1,0 +1,71 @@
+"""A/B: the model code of a git revision against the working tree, same weights, in turn.
+
+    python benchmarks/ab.py --rev HEAD --model crossformer_tiny --modes infer train --rounds 7
+
+The revision's ``models/crossformer.py`` and ``models/grouping.py`` are loaded as a
+separate package; both models get the same state dict. Prints the median per-round
+speed ratio (working tree / revision) and its spread, per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import crossformer  # noqa: F401  (registers the variants)
+from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, format_summary, run_benchmark, summarise
+from crossformer.models import VARIANTS, CrossFormer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_revision(rev: str) -> type:
+    """The ``CrossFormer`` class as it was at ``rev``."""
+    pkg = Path(tempfile.mkdtemp()) / "crossformer_at_rev"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("crossformer.py", "grouping.py"):
+        src = subprocess.run(["git", "show", f"{rev}:src/crossformer/models/{name}"], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+        (pkg / name).write_text(src)
+    sys.path.insert(0, str(pkg.parent))
+    return importlib.import_module("crossformer_at_rev.crossformer").CrossFormer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rev", default="HEAD")
+    parser.add_argument("--model", default="crossformer_tiny")
+    parser.add_argument("--modes", nargs="+", default=["infer"], choices=["infer", "train"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=224)
+    args = parser.parse_args()
+    arch = VARIANTS[args.model].arch
+    old_cls = load_revision(args.rev)
+
+    def new() -> CrossFormer:
+        torch.manual_seed(0)
+        return CrossFormer(**arch)
+
+    def old() -> CrossFormer:
+        model = old_cls(**arch)
+        model.load_state_dict(new().state_dict())
+        return model
+
+    config = BenchConfig(modes=tuple(args.modes), rounds=args.rounds, memory=False,
+                         batch_size={m: args.batch_size or DEFAULT_BATCH[m] for m in args.modes},
+                         img_size=(args.img_size, args.img_size))
+    results = run_benchmark({"worktree": new, args.rev: old}, config,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_summary(summarise(results, config, compare=args.rev)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Throughput and peak-memory benchmarks, side by side with a peer model.
+
+The protocol (issue #3): the models run in turn in one process for several rounds, each
+round timing every model once (so a slow moment of a shared machine hits all of them),
+warm-up excluded; a model's figure is the median over rounds and a ratio is the median
+of the per-round ratios, reported with its spread (min, max).
+
+Peak memory is the growth over what the loaded model, its input (and, for training, its
+optimizer state after warm-up) already hold, during one steady-state step:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` (tensor memory) after resetting the peak.
+- CPU: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset through
+  ``/proc/self/clear_refs`` right after returning freed heap to the system with
+  ``malloc_trim``. It counts every byte the step touches (tensors, allocator slack,
+  library workspaces), not only tensors. ``None`` where the OS does not offer these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "BenchConfig",
+    "ModeResult",
+    "ModelResult",
+    "build_model",
+    "make_step",
+    "run_benchmark",
+    "summarise",
+    "device_name",
+]
+
+MODES = ("infer", "train")
+# The issue's protocol: inference at batch 32, a training step at batch 16.
+DEFAULT_BATCH = {"infer": 32, "train": 16}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure; every model of a run shares it."""
+
+    modes: tuple[str, ...] = ("infer",)
+    batch_size: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BATCH))
+    img_size: tuple[int, int] = (224, 224)
+    device: str = "cpu"
+    amp: str | None = None  # None or "bf16"
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    num_classes: int = 1000
+    rounds: int = 7
+    warmup: int = 2
+    steps: int = 1  # timed steps per model per round
+    memory: bool = True
+
+
+@dataclass
+class ModeResult:
+    """One model in one mode: images/s per round, their median and spread, peak memory."""
+
+    batch_size: int
+    images_per_s: list[float]
+    peak_mem_mb: float | None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.images_per_s)
+
+
+@dataclass
+class ModelResult:
+    name: str
+    params: int
+    modes: dict[str, ModeResult]
+
+
+def device_name(device: str) -> str:
+    """The processor or accelerator a figure was measured on, in words."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def build_model(name: str, config: BenchConfig) -> nn.Module:
+    """A registered model with random weights, placed and configured for the benchmark."""
+    import timm
+
+    import crossformer  # noqa: F401  (registers the variants)
+
+    return _place(timm.create_model(name, num_classes=config.num_classes), config)
+
+
+def _place(model: nn.Module, config: BenchConfig) -> nn.Module:
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model = model.to(config.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _autocast(config: BenchConfig):
+    if config.amp is None:
+        return torch.autocast(torch.device(config.device).type, enabled=False)
+    if config.amp != "bf16":
+        raise ValueError(f"amp must be None or 'bf16', got {config.amp!r}")
+    return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
+
+
+def make_step(model: nn.Module, mode: str, config: BenchConfig) -> Callable[[], None]:
+    """One inference batch or one AdamW training step on random data, as a callable."""
+    batch = config.batch_size[mode]
+    images = torch.randn(batch, 3, *config.img_size, device=config.device)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(model) if config.compile else model
+
+    if mode == "infer":
+        def infer() -> None:
+            if model.training:  # switching modes drops the eval-time caches
+                model.eval()
+            with torch.inference_mode(), _autocast(config):
+                forward(images)
+
+        return infer
+
+    labels = torch.randint(0, max(config.num_classes, 1), (batch,), device=config.device)
+    # One fused kernel for all parameters (CPU and CUDA), as a training loop should use.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def train() -> None:
+        if not model.training:
+            model.train()
+        with _autocast(config):
+            loss = nn.functional.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], None], steps: int, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+_LIBC: ctypes.CDLL | None | bool = False  # False: not looked up yet
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    if _LIBC is False:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = None
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(step: Callable[[], None], device: str) -> float | None:
+    """Peak memory one call of ``step`` adds to what is already held (see module doc)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return None
+    base = _status_kb("VmRSS")
+    step()
+    peak = _status_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return (peak - base) / 1024
+
+
+def run_benchmark(
+    models: Sequence[str] | Mapping[str, Callable[[], nn.Module]],
+    config: BenchConfig,
+    log: Callable[[str], None] | None = None,
+) -> list[ModelResult]:
+    """Measure every model in every mode, interleaving models within each round.
+
+    ``models``: registered names, or names mapped to factories of unplaced models.
+    """
+    torch.manual_seed(0)
+    if isinstance(models, Mapping):
+        models = {name: _place(factory(), config) for name, factory in models.items()}
+    else:
+        models = {name: build_model(name, config) for name in models}
+    names = list(models)
+    steps = {(name, mode): make_step(models[name], mode, config) for name in names for mode in config.modes}
+    for key, step in steps.items():
+        for _ in range(config.warmup):
+            step()
+        if log:
+            log(f"warmed up {key[0]} ({key[1]})")
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for r in range(config.rounds):
+        for key, step in steps.items():
+            seconds = _timed(step, config.steps, config.device)
+            times[key].append(config.batch_size[key[1]] * config.steps / seconds)
+        if log:
+            log(f"round {r + 1}/{config.rounds}: " + ", ".join(
+                f"{n}/{m} {v[-1]:.1f} img/s" for (n, m), v in times.items()))
+    peaks = {key: peak_memory_mb(step, config.device) if config.memory else None for key, step in steps.items()}
+    return [
+        ModelResult(
+            name=name,
+            params=sum(p.numel() for p in models[name].parameters()),
+            modes={
+                mode: ModeResult(config.batch_size[mode], times[(name, mode)], peaks[(name, mode)])
+                for mode in config.modes
+            },
+        )
+        for name in names
+    ]
+
+
+def _spread(values: Sequence[float]) -> list[float]:
+    return [min(values), max(values)]
+
+
+def summarise(results: list[ModelResult], config: BenchConfig, compare: str | None = None) -> dict:
+    """A JSON-ready summary; with ``compare``, each model's median per-round ratio to it.
+
+    Keys ``infer_ratio`` / ``train_ratio`` (first model against ``compare``) are present
+    for the modes measured.
+    """
+    by_name = {r.name: r for r in results}
+    out: dict = {
+        "device": device_name(config.device),
+        "torch": torch.__version__,
+        "config": asdict(config),
+        "models": {},
+    }
+    for res in results:
+        entry: dict = {"params": res.params}
+        for mode, m in res.modes.items():
+            entry[mode] = {
+                "batch_size": m.batch_size,
+                "images_per_s": m.median,
+                "images_per_s_spread": _spread(m.images_per_s),
+                "images_per_s_rounds": m.images_per_s,
+                "peak_mem_mb": m.peak_mem_mb,
+            }
+            if compare is not None and res.name != compare:
+                peer = by_name[compare].modes[mode].images_per_s
+                ratios = [a / b for a, b in zip(m.images_per_s, peer)]
+                entry[mode]["ratio"] = statistics.median(ratios)
+                entry[mode]["ratio_spread"] = _spread(ratios)
+        out["models"][res.name] = entry
+    first = results[0]
+    out["model"] = first.name
+    for mode in first.modes:
+        out[f"{mode}_images_per_s"] = first.modes[mode].median
+        out[f"{mode}_peak_mem_mb"] = first.modes[mode].peak_mem_mb
+        if compare is not None and first.name != compare:
+            out["compare"] = compare
+            out[f"{mode}_ratio"] = out["models"][first.name][mode]["ratio"]
+            out[f"{mode}_ratio_spread"] = out["models"][first.name][mode]["ratio_spread"]
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for :func:`summarise`'s output."""
+    cfg = summary["config"]
+    extras = [f"amp {cfg['amp']}" if cfg["amp"] else "fp32"]
+    extras += [name for name in ("channels_last", "compile", "grad_checkpointing") if cfg[name]]
+    lines = [
+        f"device      {summary['device']}, torch {summary['torch']}",
+        f"input       {cfg['img_size'][0]}x{cfg['img_size'][1]}, {', '.join(extras)}, "
+        f"{cfg['rounds']} rounds x {cfg['steps']} step(s), {cfg['warmup']} warm-up",
+    ]
+    for name, entry in summary["models"].items():
+        for mode in cfg["modes"]:
+            m = entry[mode]
+            lo, hi = m["images_per_s_spread"]
+            mem = "n/a" if m["peak_mem_mb"] is None else f"{m['peak_mem_mb']:.0f} MB"
+            line = (f"{name:<36} {mode:<5} batch {m['batch_size']:<4} {m['images_per_s']:8.1f} img/s "
+                    f"[{lo:.1f}, {hi:.1f}]  peak +{mem}")
+            if "ratio" in m:
+                rlo, rhi = m["ratio_spread"]
+                line += f"  ratio {m['ratio']:.2f}x [{rlo:.2f}, {rhi:.2f}]"
+            lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""``crossformer benchmark``: images/s and peak memory, optionally side by side with a peer.
+
+Examples::
+
+    crossformer benchmark --model crossformer_tiny                       # inference, batch 32
+    crossformer benchmark --model crossformer_tiny --train --batch-size 16
+    crossformer benchmark --model crossformer_tiny --compare swin_tiny_patch4_window7_224 --json
+    crossformer benchmark --model crossformer_base --device cuda --amp bf16 --batch-size 128
+
+With ``--compare`` both inference and a training step are measured (unless ``--mode``
+says otherwise) and the median per-round ratios are printed (JSON ``infer_ratio``,
+``train_ratio``). Warm-up steps are excluded; see :mod:`crossformer.benchmark` for how
+peak memory is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_img_size_argument, add_model_argument, img_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_img_size_argument(parser)
+    parser.add_argument("--compare", metavar="NAME", default=None,
+                        help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224)")
+    parser.add_argument("--mode", choices=("infer", "train", "both"), default=None,
+                        help="what to time (default: infer, or both with --compare)")
+    parser.add_argument("--train", action="store_const", const="train", dest="mode",
+                        help="time an AdamW training step (same as --mode train)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="batch size (default 32 for inference, 16 for training)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last images and conv weights")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="checkpoint blocks in training")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; figures are medians (default 7)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per model per round (default 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    import crossformer  # noqa: F401  (registers the variants)
+    from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, format_summary, run_benchmark, summarise
+    from crossformer.errors import UserInputError
+    from crossformer.models.crossformer import MIN_INPUT_SIZE
+
+    height, width = img_size(args)
+    if min(height, width) < MIN_INPUT_SIZE:
+        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
+    names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
+    known = set(timm.list_models())
+    for name in names:
+        if name not in known:
+            raise UserInputError(f"unknown model {name!r}; try one of {', '.join(crossformer.VARIANTS)}")
+    for flag in ("rounds", "steps"):
+        if getattr(args, flag) < 1:
+            raise UserInputError(f"--{flag} must be at least 1")
+    if args.warmup < 0:
+        raise UserInputError("--warmup must be at least 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserInputError("--batch-size must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available")
+    mode = args.mode or ("both" if args.compare else "infer")
+    modes = ("infer", "train") if mode == "both" else (mode,)
+    batch = {m: args.batch_size or DEFAULT_BATCH[m] for m in modes}
+
+    config = BenchConfig(
+        modes=modes,
+        batch_size=batch,
+        img_size=(height, width),
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        num_classes=args.num_classes,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        steps=args.steps,
+        memory=not args.no_memory,
+    )
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    summary = summarise(run_benchmark(names, config, log=log), config, compare=args.compare)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(format_summary(summary))
+    for m in modes:
+        if f"{m}_ratio" in summary:
+            lo, hi = summary[f"{m}_ratio_spread"]
+            print(f"{m}_ratio  {summary[f'{m}_ratio']:.2f}x {args.model} / {args.compare} "
+                  f"(median of {args.rounds} rounds, range {lo:.2f}-{hi:.2f})")
+    return 0
