@@ -234,45 +234,6 @@ def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -
     return x[:, :height, :width]
 
 
-def partition_heads(x: torch.Tensor, layout: GroupLayout, parts: int, num_heads: int) -> torch.Tensor:
-    """Group and split heads in one copy: ``(B, Hp, Wp, parts*heads*d)`` -> ``(parts, B, nG, heads, N, d)``.
-
-    Groups and tokens as :func:`partition_groups`; the channels split as ``(parts, heads, d)``
-    (``parts = 3`` for a fused qkv projection), so each part comes out contiguous.
-    """
-    batch, height, width, channels = x.shape
-    head_dim = channels // (parts * num_heads)
-    gh, gw, step = layout.group_h, layout.group_w, layout.interval
-    if torch.compiler.is_exporting():
-        x = partition_groups(x, layout).view(batch, -1, gh * gw, parts, num_heads, head_dim)
-        return x.permute(3, 0, 1, 4, 2, 5)
-    regions_h, regions_w = height // (gh * step), width // (gw * step)
-    x = x.view(batch, regions_h, gh, step, regions_w, gw, step, parts, num_heads, head_dim)
-    # -> (parts, B, ry, rx, iy, ix, heads, gy, gx, d)
-    x = x.permute(7, 0, 1, 4, 3, 6, 8, 2, 5, 9)
-    return x.reshape(parts, batch, -1, num_heads, gh * gw, head_dim)
-
-
-def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`partition_heads` for one part, with the padding cropped.
-
-    ``(B, nG, heads, N, d)`` -> ``(B, height, width, heads * d)`` in one copy (a view of it
-    when cropped).
-    """
-    batch, num_groups, num_heads, tokens, head_dim = x.shape
-    if torch.compiler.is_exporting():
-        x = x.transpose(2, 3).reshape(batch * num_groups, tokens, num_heads * head_dim)
-        return merge_groups(x, layout, batch, height, width)
-    gh, gw, step = layout.group_h, layout.group_w, layout.interval
-    regions_h = layout.padded_h // (gh * step)
-    regions_w = layout.padded_w // (gw * step)
-    x = x.view(batch, regions_h, regions_w, step, step, num_heads, gh, gw, head_dim)
-    # (B, ry, rx, iy, ix, heads, gy, gx, d) -> (B, ry, gy, iy, rx, gx, ix, heads, d)
-    x = x.permute(0, 1, 6, 3, 2, 7, 4, 5, 8)
-    x = x.reshape(batch, layout.padded_h, layout.padded_w, num_heads * head_dim)
-    return x[:, :height, :width]
-
-
 def padding_key_mask(
     height: int, width: int, layout: GroupLayout, device: torch.device
 ) -> torch.Tensor | None:
