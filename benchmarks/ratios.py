@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     args = parser.parse_args()
     config = BenchConfig(
         modes=tuple(args.modes),
@@ -38,7 +40,8 @@ def main() -> None:
         channels_last=args.channels_last,
         compile=args.compile,
         rounds=args.rounds,
-        memory=False,
+        steps=args.steps,
+        memory=args.memory,
     )
     names = [*args.models, args.compare]
     results = run_benchmark(names, config, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -103,7 +103,10 @@ def build_model(name: str, config: BenchConfig) -> nn.Module:
 
     import crossformer  # noqa: F401  (registers the variants)
 
-    return _place(timm.create_model(name, num_classes=config.num_classes), config)
+    kwargs = {}
+    if name not in crossformer.VARIANTS and tuple(config.img_size) != (224, 224):
+        kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (e.g. Swin) need it
+    return _place(timm.create_model(name, num_classes=config.num_classes, **kwargs), config)
 
 
 def _place(model: nn.Module, config: BenchConfig) -> nn.Module:
