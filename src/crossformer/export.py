@@ -142,11 +142,9 @@ def dynamic_size_range(model: nn.Module, height: int, width: int) -> SizeRange:
 
 
 def _check_size(model: nn.Module, height: int, width: int) -> None:
+    _crossformer(model)
     if min(height, width) < MIN_INPUT_SIZE:
         raise UserInputError(f"the example size must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, got {height}x{width}")
-    in_chans = _crossformer(model).in_chans
-    if in_chans <= 0:
-        raise UserInputError("model has no input channels")
 
 
 def _example(model: nn.Module, height: int, width: int, batch: int) -> torch.Tensor:
@@ -236,7 +234,8 @@ def export_onnx(
             four NCHW stage maps ``features_0..3``; otherwise one output ``logits``).
         path: The ``.onnx`` file to write (one file, weights included).
         img_size: ``(height, width)`` of the example input used for tracing.
-        dynamic: Symbolic height/width (and batch). ``False`` fixes the example size.
+        dynamic: Symbolic height and width. ``False`` fixes them to the example size
+            (the batch stays symbolic either way).
         opset: ONNX opset (default 18).
 
     Returns:
@@ -255,21 +254,16 @@ def export_onnx(
     names = _output_names(model, features)
     guarded = _SizeGuard(model, valid)
     example = _example(model, height, width, batch=2)  # batch 2: a batch of 1 would be specialised
+    dims = {0: Dim("batch", min=1, max=1 << 16)}
     if dynamic:
-        dims = {
-            0: Dim("batch", min=1, max=1 << 16),
-            2: Dim("height", min=valid.min_height, max=valid.max_height or (1 << 16)),
-            3: Dim("width", min=valid.min_width, max=valid.max_width or (1 << 16)),
-        }
-        dynamic_shapes: dict[str, Any] | None = {"x": dims}
-    else:
-        dynamic_shapes = None
+        dims[2] = Dim("height", min=valid.min_height, max=valid.max_height or (1 << 16))
+        dims[3] = Dim("width", min=valid.min_width, max=valid.max_width or (1 << 16))
     with _export_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Size-oblivious reasoning: no guards that a symbolic size is (not) 0 or 1.
         with shape_config.patch(backed_size_oblivious=True):
             try:
-                program = torch.export.export(guarded, (example,), dynamic_shapes=dynamic_shapes)
+                program = torch.export.export(guarded, (example,), dynamic_shapes={"x": dims})
             except Exception as err:  # a guard outside the declared range, or an untraceable op
                 raise RuntimeError(f"torch.export failed for {height}x{width} over {valid}: {err}") from err
             onnx_program = torch.onnx.export(
