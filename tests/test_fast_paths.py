@@ -1,0 +1,200 @@
+"""The fast paths compute what the plain path computes, in eval and in training.
+
+The plain path is tests/spec_reference.py (pads before qkv, recomputes the position bias on
+every call, explicit softmax) and the model itself with its fast paths switched off
+(``fused_attn = False``; grad enabled, which takes ``F.linear`` and skips the bias cache).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crossformer.cli import main as cli_main
+from crossformer.models import CrossFormer
+from crossformer.models.crossformer import GroupAttention
+from spec_reference import reference_forward
+
+TOL = 1e-4
+# Tiny models: both LDA semantics, every block kind (SDA, LDA, small-map, ACL).
+CONFIGS = {
+    "v1": dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), group_size=(7, 7, 7, 7),
+               interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval"),
+    "pp": dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), group_size=(4, 4, 14, 7),
+               interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group"),
+}
+# Square multiples of 32, non-multiples, non-square; several pad every stage.
+SIZES = [(64, 64), (70, 94), (120, 40)]
+
+
+def _model(tag: str, **overrides) -> CrossFormer:
+    """A tiny model with every parameter moved off its init (so biases and norms matter)."""
+    model = CrossFormer(**{**CONFIGS[tag], "num_classes": 10, "drop_path_rate": 0.0, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _spec_cfg(tag: str) -> dict:
+    keys = ("depths", "num_heads", "group_size", "interval", "use_acl", "long_distance")
+    return {k: CONFIGS[tag][k] for k in keys}
+
+
+def _set_fused(model: CrossFormer, fused: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, GroupAttention):
+            m.fused_attn = fused
+
+
+def _grads(model: CrossFormer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names, params = zip(*model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+def test_eval_matches_plain_paths(tag: str, size: tuple[int, int]) -> None:
+    model = _model(tag).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ref, _ = reference_forward(model.state_dict(), _spec_cfg(tag), x)
+        fast = model(x)  # SDPA, oneDNN linears (CPU), position bias computed and cached
+        cached = model(x)  # position bias from the cache
+        _set_fused(model, False)
+        explicit = model(x)  # explicit softmax
+    with torch.inference_mode():
+        _set_fused(model, True)
+        inference = model(x)
+    autograd = model(x).detach()  # grad enabled: F.linear, no cache, explicit softmax on CPU
+    for out in (fast, cached, explicit, inference, autograd):
+        assert (out - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+@pytest.mark.parametrize("size", [(64, 64), (70, 94)], ids=["64x64", "70x94"])
+def test_training_gradients_match_plain_paths(tag: str, size: tuple[int, int]) -> None:
+    model = _model(tag).train()
+    x = torch.randn(2, 3, *size)
+    target = torch.tensor([1, 7])
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    fast_logits = model(x)
+    fast = _grads(model, loss_of(fast_logits))
+    # The reference runs on the model's own parameters, so autograd reaches them.
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    ref_logits, _ = reference_forward(state, _spec_cfg(tag), x)
+    ref = _grads(model, loss_of(ref_logits))
+    _set_fused(model, False)
+    plain = _grads(model, loss_of(model(x)))
+    model.set_grad_checkpointing(True)
+    _set_fused(model, True)
+    checkpointed = _grads(model, loss_of(model(x)))
+
+    assert (fast_logits - ref_logits).abs().max().item() <= TOL
+    assert _max_diff(fast, ref) <= TOL
+    assert _max_diff(plain, ref) <= TOL
+    assert _max_diff(checkpointed, ref) <= TOL
+
+
+def _bias_cache_sizes(model: CrossFormer) -> list[int]:
+    return [len(m._bias_cache) for m in model.modules() if isinstance(m, GroupAttention)]
+
+
+def test_position_bias_cache_lifecycle() -> None:
+    model = _model("pp").eval()
+    x = torch.randn(2, 3, 70, 94)
+    with torch.no_grad():
+        first = model(x)
+    assert all(n >= 1 for n in _bias_cache_sizes(model)), "eval forward must fill the cache"
+
+    # The cache is really used: a second call runs no position-bias MLP.
+    calls = []
+    hooks = [m.pos.register_forward_hook(lambda *a: calls.append(1))
+             for m in model.modules() if isinstance(m, GroupAttention)]
+    with torch.no_grad():
+        assert torch.equal(model(x), first)
+    assert not calls
+    for h in hooks:
+        h.remove()
+
+    # An optimizer step changes the weights: the stale entries are not used.
+    model.train()
+    assert sum(_bias_cache_sizes(model)) == 0, "train() must clear the cache"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        model(x)  # fills the cache with the new weights
+        stepped = model(x)
+        expected, _ = reference_forward(model.state_dict(), _spec_cfg("pp"), x)
+    assert (stepped - expected).abs().max().item() <= TOL
+    assert (stepped - first).abs().max().item() > 1e-3
+
+    # In-place edits and load_state_dict without a mode switch also invalidate it.
+    other = _model("pp").eval()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = model(x)
+        expected = other(x)
+    assert (loaded - expected).abs().max().item() <= TOL
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GroupAttention):
+                m.pos.pos_proj.bias.add_(0.5)
+        edited = model(x)
+        expected, _ = reference_forward(model.state_dict(), _spec_cfg("pp"), x)
+    assert (edited - expected).abs().max().item() <= TOL
+
+
+def test_no_cache_while_gradients_flow() -> None:
+    model = _model("v1").eval()
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert sum(_bias_cache_sizes(model)) == 0
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".pos." in n)
+
+
+def test_compiled_model_matches_eager() -> None:
+    model = CrossFormer(embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 1, 2, 2), group_size=(4, 4, 14, 7),
+                        interval=(4, 2, 1, 1), use_acl=False, long_distance="fixed_group", num_classes=3).eval()
+    x = torch.randn(2, 3, 70, 94)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(x)
+        assert (compiled(x) - eager).abs().max().item() <= TOL
+        assert (compiled(x) - eager).abs().max().item() <= TOL  # second call (cache path)
+
+
+def test_benchmark_command_json(capsys) -> None:
+    code = cli_main([
+        "benchmark", "--model", "crossformer_tiny", "--compare", "crossformer_pp_small", "--img-size", "32",
+        "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--num-classes", "10", "--json",
+    ])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("infer_ratio", "train_ratio", "infer_images_per_s", "train_images_per_s", "infer_peak_mem_mb"):
+        assert key in out
+    assert out["infer_ratio"] > 0 and out["train_ratio"] > 0
+
+
+def test_onednn_linear_matches_plain() -> None:
+    from crossformer.models.layers import GeluMlp, linear
+
+    layer = torch.nn.Linear(32, 96)
+    mlp = GeluMlp(32, 128).eval()
+    x = torch.randn(2, 9, 11, 32)[:, :7, :5]  # non-contiguous, as after a crop
+    plain = torch.nn.functional.gelu(layer(x)).detach()
+    plain_mlp = mlp(x).detach()
+    with torch.no_grad():
+        assert (linear(x, layer, gelu=True) - plain).abs().max().item() <= 1e-5
+        assert (mlp(x) - plain_mlp).abs().max().item() <= 1e-5
