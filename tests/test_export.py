@@ -1,8 +1,9 @@
 """Export: ONNX with dynamic height/width (onnxruntime vs PyTorch at several sizes, for both
 LDA semantics), TorchScript, safetensors, and the command's error messages.
 
-ONNX exports are slow (tens of seconds each), so each semantics is exported once per
-module, on tiny models that still contain every size-dependent decision.
+ONNX exports are slow (about 30 s of CPU each, mostly torch.export's symbolic shape work),
+so each semantics is exported once per module, on tiny models (3 blocks) that still
+contain every size-dependent decision.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def test_size_ranges_follow_the_small_map_thresholds():
         assert dynamic_size_range(official_pp, size, size) == SizeRange(*expected, *expected)
 
 
+@pytest.mark.slow
 def test_onnx_v1_matches_pytorch_at_three_sizes(v1_onnx):
     model, path, valid = v1_onnx
     assert valid == SizeRange(128, 255, 128, 255)
@@ -89,6 +91,7 @@ def test_onnx_v1_matches_pytorch_at_three_sizes(v1_onnx):
     assert max(errors.values()) <= 1e-4, errors
 
 
+@pytest.mark.slow
 def test_onnx_v1_matches_the_spec_transcription(v1_onnx):
     model, path, _ = v1_onnx
     x = torch.randn(1, 3, 131, 250)
@@ -97,6 +100,7 @@ def test_onnx_v1_matches_the_spec_transcription(v1_onnx):
     assert np.abs(got - logits.numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_outside_the_range_gives_nan_not_numbers(v1_onnx):
     _, path, _ = v1_onnx
     session = _ort_session(path)
@@ -105,6 +109,7 @@ def test_onnx_outside_the_range_gives_nan_not_numbers(v1_onnx):
         assert np.isnan(out).all(), size
 
 
+@pytest.mark.slow
 def test_onnx_pp_features_match_pytorch_at_three_sizes(pp_features_onnx):
     model, path, valid = pp_features_onnx
     assert valid == SizeRange(40, 255, 40, 255)
@@ -114,6 +119,7 @@ def test_onnx_pp_features_match_pytorch_at_three_sizes(pp_features_onnx):
     assert max(errors.values()) <= 1e-4, errors
 
 
+@pytest.mark.slow
 def test_onnx_pp_features_match_the_spec_transcription(pp_features_onnx):
     model, path, _ = pp_features_onnx
     x = torch.randn(1, 3, 150, 77)
