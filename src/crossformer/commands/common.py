@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..errors import UserInputError
 
@@ -27,3 +28,17 @@ def img_size(args: argparse.Namespace, default: int = 224) -> tuple[int, int]:
     if len(size) not in (1, 2):
         raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, size))}")
     return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+
+
+def add_model_arg_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="a model constructor setting for files that do not record theirs, e.g. embed_dim=32 (repeatable)",
+    )
+
+
+def model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-arg`` values as keyword arguments (values read as YAML: 32, [2,2,4,2])."""
+    from ..engine.config import parse_overrides
+
+    return parse_overrides(args.model_arg)

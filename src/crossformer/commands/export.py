@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_img_size_argument, add_model_argument, img_size
+from .common import add_img_size_argument, add_model_arg_argument, add_model_argument, img_size, model_args
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_OPSET = 18
@@ -12,6 +12,7 @@ MIN_OPSET = 18
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_model_arg_argument(parser)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
     parser.add_argument(
         "--checkpoint", metavar="FILE",
@@ -90,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
         if num_classes is None:
             found = _checkpoint_classes(args.checkpoint, args.ema) if args.checkpoint else 1000
             num_classes = 0 if found is None else found
-        model = timm.create_model(args.model, num_classes=num_classes, features_only=args.features)
+        settings = model_args(args)
+        try:
+            model = timm.create_model(args.model, num_classes=num_classes, features_only=args.features, **settings)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"cannot build {args.model} with {settings}: {err}") from None
         if args.checkpoint:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

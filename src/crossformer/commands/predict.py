@@ -7,8 +7,7 @@ import json
 import os
 import sys
 
-from .common import add_model_argument
-from .model_args import add_model_arg_argument, model_args
+from .common import add_model_arg_argument, add_model_argument, model_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
