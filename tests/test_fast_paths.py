@@ -177,7 +177,7 @@ def test_compiled_model_matches_eager() -> None:
 
 def test_benchmark_command_json(capsys) -> None:
     code = cli_main([
-        "benchmark", "--model", "crossformer_tiny", "--compare", "crossformer_pp_small", "--img-size", "32",
+        "benchmark", "--model", "crossformer_tiny", "--compare", "test_vit", "--img-size", "32",
         "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--num-classes", "10", "--json",
     ])
     assert code == 0

@@ -128,10 +128,14 @@ def relative_position_index(group_h: int, group_w: int, device: torch.device) ->
     return dy * (2 * group_w - 1) + dx
 
 
+def _build_offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return relative_offsets(group_h, group_w, device), relative_position_index(group_h, group_w, device).view(-1)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False):  # usable in autograd even if first built in inference mode
-        return relative_offsets(group_h, group_w, device), relative_position_index(group_h, group_w, device).view(-1)
+        return _build_offset_tables(group_h, group_w, device)
 
 
 def _offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +143,8 @@ def _offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[to
 
     They hold no parameters, so one copy per (Gh, Gw, device) serves training too.
     """
-    if torch.compiler.is_compiling():  # sizes may be symbolic; the graph builds them itself
-        return relative_offsets(group_h, group_w, device), relative_position_index(group_h, group_w, device).view(-1)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # sizes may be symbolic
+        return _build_offset_tables(group_h, group_w, device)
     return _cached_offset_tables(group_h, group_w, device)
 
 
