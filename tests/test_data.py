@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,20 @@ def test_digits_are_written_once_as_an_image_folder(tmp_path: Path, monkeypatch:
     stamp = (root / train.samples[0][0]).stat().st_mtime_ns
     assert prepare_digits() == root
     assert (root / train.samples[0][0]).stat().st_mtime_ns == stamp  # not rewritten
+
+
+def test_randaugment_posterize_at_zero_bits_gives_black_not_an_error() -> None:
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from crossformer.data import build_train_transform
+
+    image = Image.new("RGB", (40, 40), (200, 120, 40))
+    black = auto_augment.NAME_TO_OP["PosterizeIncreasing"](image, 0)
+    assert black.size == image.size and black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    # the authors' recipe end to end: strong magnitudes do reach 0 bits
+    transform = build_train_transform(32)
+    torch.manual_seed(0)
+    random.seed(0)
+    for _ in range(300):
+        assert transform(image).shape == (3, 32, 32)

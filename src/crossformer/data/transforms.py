@@ -6,11 +6,25 @@ from typing import Callable
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 
 __all__ = ["build_train_transform", "build_eval_transform"]
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.Image:
+    """timm's posterize, also at 0 bits: RandAugment's ``inc1`` levels reach 0, which
+    Pillow >= 13 rejects; older Pillow (the authors' runs) gave a black image."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+# RandAugment ops are looked up in this table when a transform is built.
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def build_train_transform(
