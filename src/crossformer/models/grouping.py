@@ -169,30 +169,16 @@ def partition_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     return x.reshape(-1, gh * gw, channels)
 
 
-def merge_groups(
-    x: torch.Tensor, layout: GroupLayout, batch: int, height: int | None = None, width: int | None = None
-) -> torch.Tensor:
-    """Inverse of :func:`partition_groups`: ``(B * nG, Gh * Gw, C)`` -> ``(B, Hp, Wp, C)``.
+def _ungroup_real_tokens(x: torch.Tensor, layout: GroupLayout, batch: int, height: int, width: int) -> torch.Tensor:
+    """Export path of :func:`merge_heads`: ``(B * nG, Gh * Gw, C)`` -> ``(B, height, width, C)``.
 
-    With ``height`` and ``width``, crop the padding: ``(B, height, width, C)``.
+    A gather of the real tokens: a crop of the padded map would be a strided view whose
+    contiguity depends on the (symbolic) size.
     """
     channels = x.shape[-1]
-    gh, gw, step = layout.group_h, layout.group_w, layout.interval
-    if torch.compiler.is_exporting() and height is not None and width is not None:
-        # Gather the real tokens straight back (a crop of the padded map would be a strided
-        # view whose contiguity depends on the size).
-        x = x.reshape(batch, x.shape[0] * x.shape[1] // batch, channels)
-        x = x.index_select(1, _group_order(layout, height, width, x.device))
-        return x.reshape(batch, height, width, channels)
-    regions_h = layout.padded_h // (gh * step)
-    regions_w = layout.padded_w // (gw * step)
-    x = x.view(batch, regions_h, regions_w, step, step, gh, gw, channels)
-    # (B, ry, rx, iy, ix, gy, gx, C) -> (B, ry, gy, iy, rx, gx, ix, C)
-    x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)
-    x = x.reshape(batch, layout.padded_h, layout.padded_w, channels)
-    if height is not None and width is not None:
-        x = x[:, :height, :width]
-    return x
+    x = x.reshape(batch, x.shape[0] * x.shape[1] // batch, channels)
+    x = x.index_select(1, _group_order(layout, height, width, x.device))
+    return x.reshape(batch, height, width, channels)
 
 
 def partition_heads(x: torch.Tensor, layout: GroupLayout, parts: int, num_heads: int) -> torch.Tensor:
@@ -223,7 +209,7 @@ def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -
     batch, num_groups, num_heads, tokens, head_dim = x.shape
     if torch.compiler.is_exporting():
         x = x.transpose(2, 3).reshape(batch * num_groups, tokens, num_heads * head_dim)
-        return merge_groups(x, layout, batch, height, width)
+        return _ungroup_real_tokens(x, layout, batch, height, width)
     gh, gw, step = layout.group_h, layout.group_w, layout.interval
     regions_h = layout.padded_h // (gh * step)
     regions_w = layout.padded_w // (gw * step)
