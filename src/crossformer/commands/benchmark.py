@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from .common import add_img_size_argument, add_model_argument, img_size
+from .common import add_img_size_argument, add_model_argument, img_size, require_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,22 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
     import torch
 
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, format_summary, run_benchmark, summarise
     from crossformer.errors import UserInputError
-    from crossformer.models.crossformer import MIN_INPUT_SIZE
 
     height, width = img_size(args)
-    if min(height, width) < MIN_INPUT_SIZE:
-        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
     names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
-    known = set(timm.list_models())
     for name in names:
-        if name not in known:
-            raise UserInputError(f"unknown model {name!r}; try one of {', '.join(crossformer.VARIANTS)}")
+        require_model(name)
     for flag in ("rounds", "steps"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1")

@@ -23,11 +23,27 @@ def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None =
 
 
 def img_size(args: argparse.Namespace, default: int = 224) -> tuple[int, int]:
-    """``--img-size`` as ``(height, width)``."""
+    """``--img-size`` as ``(height, width)``, at least the model's minimum input size."""
+    from ..models.crossformer import MIN_INPUT_SIZE
+
     size = args.img_size or [default]
     if len(size) not in (1, 2):
         raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, size))}")
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    height, width = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    if min(height, width) < MIN_INPUT_SIZE:
+        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
+    return height, width
+
+
+def require_model(name: str, variants_only: bool = False) -> None:
+    """Fail with one line unless ``name`` is a registered variant (or, by default, any timm model)."""
+    import timm
+
+    from ..models import VARIANTS
+
+    known = VARIANTS if variants_only else timm.list_models()
+    if name not in known:
+        raise UserInputError(f"unknown model {name!r}; try one of {', '.join(VARIANTS)}")
 
 
 def add_model_arg_argument(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_img_size_argument, add_model_arg_argument, add_model_argument, img_size, model_args
+from .common import (
+    add_img_size_argument,
+    add_model_arg_argument,
+    add_model_argument,
+    img_size,
+    model_args,
+    require_model,
+)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_OPSET = 18
@@ -70,14 +77,10 @@ def run(args: argparse.Namespace) -> int:
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer import export as exporting
     from crossformer.errors import UserInputError
-    from crossformer.models import VARIANTS, CheckpointError, load_checkpoint
-    from crossformer.models.crossformer import MIN_INPUT_SIZE
+    from crossformer.models import CheckpointError, load_checkpoint
 
-    if args.model not in VARIANTS:
-        raise UserInputError(f"unknown model {args.model!r}; choose one of {', '.join(VARIANTS)}")
+    require_model(args.model, variants_only=True)
     height, width = img_size(args)
-    if min(height, width) < MIN_INPUT_SIZE:
-        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
     if args.num_classes is not None and args.num_classes < 0:
         raise UserInputError(f"--num-classes must be 0 or more, got {args.num_classes}")
     if args.format == "onnx":

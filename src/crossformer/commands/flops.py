@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_img_size_argument, add_model_argument, img_size
+from .common import add_img_size_argument, add_model_argument, img_size, require_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,14 +25,10 @@ def run(args: argparse.Namespace) -> int:
 
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
-    from crossformer.models.crossformer import MIN_INPUT_SIZE
     from crossformer.errors import UserInputError
 
     height, width = img_size(args)
-    if min(height, width) < MIN_INPUT_SIZE:
-        raise UserInputError(f"--img-size must be at least {MIN_INPUT_SIZE}, got {height}x{width}")
-    if args.model not in timm.list_models():
-        raise UserInputError(f"unknown model {args.model!r}; try one of {', '.join(VARIANTS)}")
+    require_model(args.model)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         model = timm.create_model(args.model, num_classes=args.num_classes)
     if not isinstance(model, CrossFormer):
