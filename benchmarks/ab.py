@@ -2,8 +2,8 @@
 
     python benchmarks/ab.py --rev HEAD --model crossformer_tiny --modes infer train --rounds 7
 
-The revision's ``models/crossformer.py`` and ``models/grouping.py`` are loaded as a
-separate package; both models get the same state dict. Prints the median per-round
+The revision's network modules (``models/crossformer.py`` and the modules it imports) are
+loaded as a separate package; both models get the same state dict. Prints the median per-round
 speed ratio (working tree / revision) and its spread, per mode.
 """
 
@@ -30,10 +30,11 @@ def load_revision(rev: str) -> type:
     pkg = Path(tempfile.mkdtemp()) / "crossformer_at_rev"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name in ("crossformer.py", "grouping.py"):
-        src = subprocess.run(["git", "show", f"{rev}:src/crossformer/models/{name}"], cwd=ROOT,
-                             check=True, capture_output=True, text=True).stdout
-        (pkg / name).write_text(src)
+    for name in ("crossformer.py", "grouping.py", "layers.py", "attention.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:src/crossformer/models/{name}"], cwd=ROOT,
+                               capture_output=True, text=True, check=False)
+        if shown.returncode == 0:  # modules added later are absent at older revisions
+            (pkg / name).write_text(shown.stdout)
     sys.path.insert(0, str(pkg.parent))
     return importlib.import_module("crossformer_at_rev.crossformer").CrossFormer
 

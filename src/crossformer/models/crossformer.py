@@ -32,6 +32,7 @@ from .grouping import (
     padding_key_mask,
     partition_heads,
 )
+from .attention import biased_attention
 from .layers import GeluMlp, linear
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
@@ -184,11 +185,11 @@ class GroupAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        # F.scaled_dot_product_attention instead of an explicit softmax where that is faster
-        # (see forward); False always takes the explicit path.
+        # Fused attention kernels where they are exact and faster (see models/attention.py);
+        # False always takes the explicit softmax (a reference for tests).
         self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3)
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop = attn_drop  # dropout rate on the attention weights, in training
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos = DynamicPositionBias(dim // 16, num_heads)
@@ -254,16 +255,8 @@ class GroupAttention(nn.Module):
         mask = self.attention_mask(layout, height, width, qkv.dtype)
         # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
         q, k, v = qkv.reshape(3, -1, mask.shape[1], tokens, head_dim).unbind(0)
-        # CPU SDPA takes a fused kernel only when the mask needs no gradient; otherwise it
-        # falls back to a slower unfused path than the explicit one below.
-        if self.fused_attn and not (mask.requires_grad and q.device.type == "cpu"):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            out = attn @ v
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
         return self.proj_drop(linear(out, self.proj))
 

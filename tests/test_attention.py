@@ -1,0 +1,73 @@
+"""``biased_attention``: every path equals the explicit softmax, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossformer.models import attention
+from crossformer.models.attention import biased_attention
+
+TOL = 1e-5
+
+
+def _inputs(batch: int, groups: int, tokens: int, head_dim: int, padded: bool, contiguous: bool):
+    gen = torch.Generator().manual_seed(0)
+    if contiguous:
+        q, k, v = (torch.randn(batch, groups, tokens, head_dim, generator=gen) for _ in range(3))
+    else:  # (B, N, M, d) memory seen as (B, M, N, d), as the model's grouping can produce
+        q, k, v = (torch.randn(batch, tokens, groups, head_dim, generator=gen).transpose(1, 2) for _ in range(3))
+    mask = torch.randn(1, groups, tokens, tokens, generator=gen) * 0.5
+    if padded:  # the last third of the keys are padding in half the groups
+        mask[:, : groups // 2, :, -(tokens // 3) :] = -1e6
+    return [t.requires_grad_() for t in (q, k, v, mask)]
+
+
+def _value_and_grads(inputs, grad_out, **kwargs):
+    out = biased_attention(*inputs, scale=inputs[0].shape[-1] ** -0.5, **kwargs)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("padded", [False, True], ids=["bias", "bias+padding"])
+@pytest.mark.parametrize("shape", [(5, 4, 49, 8), (3, 2, 16, 32)], ids=["N49", "N16"])
+def test_cpu_training_path_matches_explicit(monkeypatch, shape, padded, contiguous) -> None:
+    # A small chunk size, so that backward runs several chunks, the last one partial.
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 2 * shape[1] * shape[2] ** 2)
+    inputs = _inputs(*shape, padded=padded, contiguous=contiguous)
+    grad_out = torch.randn(inputs[0].shape)
+    out, grads = _value_and_grads(inputs, grad_out)
+    assert out.grad_fn is not None and "BiasedAttentionCPU" in type(out.grad_fn).__name__
+    ref_out, ref_grads = _value_and_grads(inputs, grad_out, fused=False)
+    assert (out - ref_out).abs().max().item() <= TOL
+    for name, got, want in zip(("q", "k", "v", "mask"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        assert (got - want).abs().max().item() <= TOL, name
+
+
+def test_cpu_training_path_saves_no_score_matrix() -> None:
+    """Backward recomputes the (B, M, N, N) probabilities; forward keeps none of them."""
+    batch, groups, tokens, head_dim = 4, 2, 49, 8
+    inputs = _inputs(batch, groups, tokens, head_dim, padded=True, contiguous=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = biased_attention(*inputs, scale=head_dim**-0.5)
+    out.sum().backward()
+    assert saved and all(shape[0] != batch or shape[-2:] != (tokens, tokens) for shape in saved), saved
+    assert all(t.grad is not None for t in inputs)
+
+
+def test_paths_chosen() -> None:
+    inputs = _inputs(2, 2, 16, 8, padded=True, contiguous=True)
+    scale = 8**-0.5
+    # A mask without gradient: PyTorch's fused kernel, equal to the explicit formula.
+    frozen = [t.detach() for t in inputs]
+    fused = biased_attention(*frozen, scale=scale)
+    assert (fused - biased_attention(*frozen, scale=scale, fused=False)).abs().max().item() <= TOL
+    # Attention dropout in training: the explicit formula (dropout needs the weights).
+    torch.manual_seed(0)
+    dropped = biased_attention(*inputs, scale=scale, dropout_p=0.5)
+    assert "BiasedAttentionCPU" not in type(dropped.grad_fn).__name__
+    # Another dtype: the explicit formula, in that dtype.
+    doubled = [t.detach().double().requires_grad_() for t in inputs]
+    assert biased_attention(*doubled, scale=scale).dtype == torch.float64
