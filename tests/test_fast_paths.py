@@ -14,6 +14,7 @@ import torch
 
 from crossformer.cli import main as cli_main
 from crossformer.models import CrossFormer
+from crossformer.models import crossformer as crossformer_module
 from crossformer.models.crossformer import GroupAttention
 from spec_reference import reference_forward
 
@@ -104,6 +105,37 @@ def test_training_gradients_match_plain_paths(tag: str, size: tuple[int, int]) -
     assert _max_diff(fast, ref) <= TOL
     assert _max_diff(plain, ref) <= TOL
     assert _max_diff(checkpointed, ref) <= TOL
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
+    """CPU inference runs stages a few images at a time; each image's output is unchanged."""
+    model = _model(tag).eval()
+    x = torch.randn(5, 3, 70, 94)
+    stage_batches = []
+    hooks = [stage.blocks[0].register_forward_pre_hook(lambda m, a: stage_batches.append(a[0].shape[0]))
+             for stage in model.layers]
+    with torch.inference_mode():
+        whole = model(x)
+        assert stage_batches == [5] * 4, "tiny tensors: no chunking"
+        stage_batches.clear()
+        # stage 0 of this model: 17x23 tokens x 128 hidden x 4 bytes = 200 KB per image
+        monkeypatch.setattr(crossformer_module, "INFERENCE_CHUNK_BYTES", 2 * 17 * 23 * 128 * 4)
+        chunked = model(x)
+        features = model.forward_intermediates(x, intermediates_only=True)
+    assert stage_batches[:3] == [2, 2, 1], stage_batches
+    assert (chunked - whole).abs().max().item() <= 1e-5
+    # the chunks are put back in order: each image's features match it alone
+    with torch.inference_mode():
+        alone = model.forward_intermediates(x[3:4], intermediates_only=True)
+    for got, want in zip(features, alone):
+        assert (got[3:4] - want).abs().max().item() <= 1e-5
+    # with gradients (training, export) a stage always sees the whole batch
+    stage_batches.clear()
+    model(x)
+    assert stage_batches == [5] * 4
+    for h in hooks:
+        h.remove()
 
 
 def _bias_cache_sizes(model: CrossFormer) -> list[int]:

@@ -261,6 +261,29 @@ class GroupAttention(nn.Module):
         return self.proj_drop(linear(out, self.proj))
 
 
+# CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
+# hidden activations) would exceed this many bytes. Every image's result is the same, but
+# the temporaries stay small enough for the C allocator to reuse them: tensors of tens of
+# MB are mapped fresh from the OS on every call and page-faulted in (a third of
+# crossformer_pp_small's first-stage time at batch 32), and small ones stay in cache.
+INFERENCE_CHUNK_BYTES = 16 << 20
+
+
+def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
+    """How many images of ``x`` ``(B, H, W, C)`` a stage runs at once (``B``: all)."""
+    batch = x.shape[0]
+    if (
+        torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    ):
+        return batch
+    per_image = x.shape[1] * x.shape[2] * hidden_channels * x.element_size()
+    return max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
+
+
 class CrossFormerBlock(nn.Module):
     """Pre-norm transformer block on ``(B, H, W, C)``: group attention, MLP, optional ACL."""
 
@@ -361,6 +384,9 @@ class CrossFormerStage(nn.Module):
             for block in self.blocks:
                 x = grad_checkpoint(block, x)
             return x
+        images = _images_per_chunk(x, self.blocks[0].mlp.fc1.out_features)
+        if images < x.shape[0]:
+            return torch.cat([self.blocks(part) for part in x.split(images)])
         return self.blocks(x)
 
 
