@@ -230,3 +230,23 @@ def test_onednn_linear_matches_plain() -> None:
     with torch.no_grad():
         assert (linear(x, layer, gelu=True) - plain).abs().max().item() <= 1e-5
         assert (mlp(x) - plain_mlp).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kernel, size", [(32, (224, 224)), (16, (70, 94)), (32, (33, 47)), (16, (61, 32))])
+def test_large_kernel_conv_gradients_match_conv2d(kernel: int, size: tuple[int, int]) -> None:
+    """The space-to-depth weight gradient equals oneDNN's, at sizes that do not divide by 4."""
+    from crossformer.models.layers import LargeKernelConv2d
+
+    torch.manual_seed(0)
+    conv = LargeKernelConv2d(3, 8, kernel, stride=4, padding=(kernel - 4) // 2)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    out = conv(x)
+    assert "LargeKernelConv" in type(out.grad_fn).__name__
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad_out)
+    plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=4, padding=(kernel - 4) // 2)
+    want = torch.autograd.grad(plain, (x, conv.weight, conv.bias), grad_out)
+    assert torch.equal(out, plain)
+    for g, w in zip(got, want):
+        # sums of ~6000 products of unit normals, in another order
+        assert (g - w).abs().max().item() <= 1e-5 * max(1.0, w.abs().max().item())

@@ -33,7 +33,7 @@ from .grouping import (
     partition_heads,
 )
 from .attention import biased_attention
-from .layers import GeluMlp, linear
+from .layers import GeluMlp, LargeKernelConv2d, linear
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
 
@@ -69,7 +69,9 @@ def _cross_scale_convs(
     """Parallel convolutions of one stride; padding ``(k - s) // 2`` gives equal outputs."""
     dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
     return nn.ModuleList(
-        nn.Conv2d(in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2)
+        (LargeKernelConv2d if k >= 4 * stride and k % stride == 0 else nn.Conv2d)(
+            in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2
+        )
         for k, dim in zip(sorted(kernel_sizes), dims)
     )
 
