@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
@@ -265,9 +264,9 @@ class GroupAttention(nn.Module):
 
 # CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
 # hidden activations) would exceed this many bytes. Every image's result is the same, but
-# the temporaries stay small enough for the C allocator to reuse them: tensors of tens of
-# MB are mapped fresh from the OS on every call and page-faulted in (a third of
-# crossformer_pp_small's first-stage time at batch 32), and small ones stay in cache.
+# the temporaries stay small enough for the C allocator to reuse them, where tensors of
+# tens of MB are mapped fresh from the OS on every call and page-faulted in: +20%
+# images/s for crossformer_pp_small at batch 32 (benchmarks/RESULTS.md, row 12).
 INFERENCE_CHUNK_BYTES = 16 << 20
 
 
@@ -358,6 +357,7 @@ class CrossFormerStage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.mlp_hidden = int(dim * mlp_ratio)  # widest per-token activation, for inference chunking
         self.blocks = nn.Sequential(
             *[
                 CrossFormerBlock(
@@ -386,8 +386,8 @@ class CrossFormerStage(nn.Module):
             for block in self.blocks:
                 x = grad_checkpoint(block, x)
             return x
-        images = _images_per_chunk(x, self.blocks[0].mlp.fc1.out_features)
-        if images < x.shape[0]:
+        images = _images_per_chunk(x, self.mlp_hidden)
+        if images < x.shape[0] and len(self.blocks):
             return torch.cat([self.blocks(part) for part in x.split(images)])
         return self.blocks(x)
 
