@@ -71,3 +71,12 @@ def test_paths_chosen() -> None:
     # Another dtype: the explicit formula, in that dtype.
     doubled = [t.detach().double().requires_grad_() for t in inputs]
     assert biased_attention(*doubled, scale=scale).dtype == torch.float64
+
+
+def test_double_backward_is_refused() -> None:
+    """Gradients of gradients are not supported by the CPU training path: an error, not a wrong value."""
+    inputs = _inputs(2, 2, 16, 8, padded=False, contiguous=True)
+    out = biased_attention(*inputs, scale=8**-0.5)
+    grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[0].sum().backward()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["biased_attention"]
 
@@ -49,6 +50,7 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, mask, out, lse = ctx.saved_tensors
         scale = ctx.scale

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from timm.layers import Mlp
 
 __all__ = ["GeluMlp", "LargeKernelConv2d", "linear", "onednn_inference"]
@@ -89,6 +90,7 @@ class _LargeKernelConvCPU(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
+    @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.conv
