@@ -76,3 +76,27 @@ def test_torch_compile_captures_one_graph_and_matches_eager() -> None:
     model.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_residual_drop_path_equals_timm_drop_path() -> None:
+    """Same images dropped (same generator calls), same scaling, same gradients."""
+    from timm.layers import DropPath
+
+    from crossformer.models.layers import ResidualDropPath
+
+    x = torch.randn(64, 5, 6, 8, requires_grad=True)
+    branch = torch.randn(64, 5, 6, 8, requires_grad=True)
+    fused, reference = ResidualDropPath(0.3), DropPath(0.3)
+    torch.manual_seed(1)
+    out = fused(x, branch)
+    grads = torch.autograd.grad(out.square().sum(), (x, branch))
+    torch.manual_seed(1)
+    ref = x + reference(branch)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, branch))
+    dropped = (out - x).flatten(1).abs().sum(1) == 0
+    assert 0 < dropped.sum() < 64, "some images dropped, not all"
+    assert (out - ref).abs().max().item() <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max().item() <= 1e-5
+    fused.eval()
+    assert torch.equal(fused(x, branch), x + branch)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
@@ -32,7 +32,7 @@ from .grouping import (
     partition_heads,
 )
 from .attention import biased_attention
-from .layers import GeluMlp, LargeKernelConv2d, linear
+from .layers import GeluMlp, LargeKernelConv2d, ResidualDropPath, linear
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
 
@@ -309,7 +309,7 @@ class CrossFormerBlock(nn.Module):
         self.long_distance = long_distance
         self.norm1 = nn.LayerNorm(dim)
         self.attn = GroupAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = ResidualDropPath(drop_path)  # applied to both residual branches
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         # Activation cooling layer (CrossFormer++): depthwise 3x3 conv + LayerNorm, no
@@ -325,8 +325,8 @@ class CrossFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.layout(x.shape[1], x.shape[2])
-        x = x + self.drop_path(self.attn(self.norm1(x), layout))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path(x, self.attn(self.norm1(x), layout))
+        x = self.drop_path(x, self.mlp(self.norm2(x)))
         if self.ex_conv is not None:
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return x

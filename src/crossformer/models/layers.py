@@ -1,12 +1,16 @@
-"""Linear layers with a faster CPU inference path.
+"""Building blocks with faster CPU paths; each computes what the plain PyTorch layer does.
 
-On CPU, when no gradient is needed, oneDNN's linear with a fused epilogue
-(``torch.ops.mkldnn._linear_pointwise``) computes ``x @ W.T + b`` (and the exact GELU after
-it) in one call. Measured on a 2-core Xeon at the model's shapes it is 10-40% faster
-than ``F.linear`` (MKL ``addmm``, which first copies the bias into the output) and saves
-the separate GELU pass; results agree to float rounding (see benchmarks/RESULTS.md).
-Everywhere else (autograd, autocast, CUDA, tracing, compiling, exporting) the plain
-PyTorch ops run.
+- :func:`linear` / :class:`GeluMlp`: in CPU inference, oneDNN's linear with a fused
+  epilogue (``torch.ops.mkldnn._linear_pointwise``) computes ``x @ W.T + b`` (and the exact
+  GELU after it) in one call. At the model's shapes on a 2-core Xeon that was 10-40%
+  faster than ``F.linear`` (MKL ``addmm`` first copies the bias into the output), and it
+  saves the separate GELU pass. Autograd, autocast, CUDA, tracing, compiling and exporting
+  keep ``F.linear``.
+- :class:`LargeKernelConv2d`: the cross-scale embedding's 16x16 and 32x32 kernels, whose
+  CPU weight gradient is computed by space-to-depth.
+- :class:`ResidualDropPath`: residual add and stochastic depth in one pass.
+
+Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import Mlp
 
-__all__ = ["GeluMlp", "LargeKernelConv2d", "linear", "onednn_inference"]
+__all__ = ["GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "linear", "onednn_inference"]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -133,3 +137,30 @@ class LargeKernelConv2d(nn.Conv2d):
         ):
             return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return super().forward(x)
+
+
+class ResidualDropPath(nn.Module):
+    """``x + drop_path(branch)``: a residual connection with stochastic depth, in one pass.
+
+    In training each image's branch is kept with probability ``1 - drop_prob`` and scaled by
+    ``1 / (1 - drop_prob)``, drawn exactly as timm's ``DropPath`` draws it (same generator
+    calls), then added by one ``addcmul`` instead of a multiply and an add: one full-size
+    temporary less per residual.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x``, ``branch``: ``(B, ...)`` of one shape -> ``(B, ...)``."""
+        if not self.training or self.drop_prob == 0.0:
+            return x + branch
+        keep_prob = 1.0 - self.drop_prob
+        keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep_prob)
+        if keep_prob > 0.0:
+            keep.div_(keep_prob)
+        return torch.addcmul(x, branch, keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
