@@ -250,3 +250,31 @@ def test_large_kernel_conv_gradients_match_conv2d(kernel: int, size: tuple[int, 
     for g, w in zip(got, want):
         # sums of ~6000 products of unit normals, in another order
         assert (g - w).abs().max().item() <= 1e-5 * max(1.0, w.abs().max().item())
+
+
+def test_packed_weights_follow_the_weights() -> None:
+    """Inference reuses oneDNN-packed weights, repacks after any change, frees them in training."""
+    from crossformer.models import layers
+
+    if layers._REORDER_LINEAR_WEIGHT is None:
+        pytest.skip("this PyTorch build has no oneDNN weight packing")
+    mlp = layers.GeluMlp(32, 128).eval()
+    x = torch.randn(3, 5, 7, 32)
+    with torch.inference_mode():
+        first = mlp(x)
+        packed = layers._PACKED_WEIGHTS[mlp.fc1.weight][1]
+        assert torch.equal(mlp(x), first)
+        assert layers._PACKED_WEIGHTS[mlp.fc1.weight][1] is packed, "packed once, then reused"
+    with torch.no_grad():
+        plain = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))  # nn.Linear itself: the plain path
+    assert (first - plain).abs().max().item() <= 1e-5
+    # an in-place change (optimizer step, load_state_dict) is seen
+    with torch.no_grad():
+        mlp.fc1.weight.mul_(2.0)
+    with torch.inference_mode():
+        changed = mlp(x)
+        assert layers._PACKED_WEIGHTS[mlp.fc1.weight][1] is not packed
+    expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))).detach()
+    assert (changed - expected).abs().max().item() <= 1e-5
+    mlp.train()
+    assert mlp.fc1.weight not in layers._PACKED_WEIGHTS and mlp.fc2.weight not in layers._PACKED_WEIGHTS

@@ -21,6 +21,7 @@ from timm.layers import trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
+from .attention import biased_attention
 from .grouping import (
     LONG_DISTANCE_CHOICES,
     GroupLayout,
@@ -31,8 +32,14 @@ from .grouping import (
     padding_key_mask,
     partition_heads,
 )
-from .attention import biased_attention
-from .layers import GeluMlp, LargeKernelConv2d, ResidualDropPath, linear
+from .layers import (
+    GeluMlp,
+    LargeKernelConv2d,
+    ResidualDropPath,
+    linear,
+    release_packed,
+    weights_fingerprint,
+)
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
 
@@ -199,12 +206,9 @@ class GroupAttention(nn.Module):
 
     def train(self, mode: bool = True) -> "GroupAttention":
         self._bias_cache.clear()
+        if mode:
+            release_packed(self.qkv, self.proj)
         return super().train(mode)
-
-    def _weights_fingerprint(self) -> tuple:
-        # Storage address and in-place version change whenever the weights do
-        # (optimizer steps, load_state_dict, .to()).
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.pos.parameters())
 
     def _can_cache(self) -> bool:
         return (
@@ -218,7 +222,7 @@ class GroupAttention(nn.Module):
         """Bias of every (query, key) pair of a ``Gh x Gw`` group: ``(heads, N, N)``."""
         use_cache = self._can_cache()
         if use_cache:
-            fingerprint = self._weights_fingerprint()
+            fingerprint = weights_fingerprint(self.pos.parameters())
             hit = self._bias_cache.get((group_h, group_w))
             if hit is not None and hit[0] == fingerprint:
                 return hit[1]
