@@ -3,8 +3,10 @@
     python benchmarks/ratios.py --models crossformer_tiny crossformer_pp_small \
         --compare swin_tiny_patch4_window7_224 --rounds 9
 
-Same measurement as ``crossformer benchmark --compare`` (crossformer.benchmark), but
-several models share the peer's rounds, which halves the time of a full comparison.
+Same measurement and options as ``crossformer benchmark --compare`` (its flags apply;
+``--model`` adds one more model), but several models share the peer's rounds, which halves
+the time of a full comparison. The peer defaults to swin_tiny, peak memory is off unless
+``--memory``, and the JSON summary always goes to stdout.
 """
 
 from __future__ import annotations
@@ -13,37 +15,26 @@ import argparse
 import json
 import sys
 
-from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, format_summary, run_benchmark, summarise
+import crossformer  # noqa: F401  (registers the variants)
+from crossformer.benchmark import format_summary, run_benchmark, summarise
+from crossformer.commands.benchmark import add_arguments, build_config
+from crossformer.commands.common import require_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", required=True)
-    parser.add_argument("--compare", default="swin_tiny_patch4_window7_224")
-    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default=None)
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, model_required=False)
+    parser.add_argument("--models", nargs="+", default=[], help="the models measured against --compare")
+    parser.add_argument("--memory", action="store_false", dest="no_memory", help="also measure peak memory")
+    parser.set_defaults(compare="swin_tiny_patch4_window7_224", no_memory=True)
     args = parser.parse_args()
-    config = BenchConfig(
-        modes=tuple(args.modes),
-        batch_size={m: args.batch_size or DEFAULT_BATCH[m] for m in args.modes},
-        img_size=(args.img_size, args.img_size),
-        device=args.device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        rounds=args.rounds,
-        steps=args.steps,
-        memory=args.memory,
-    )
-    names = [*args.models, args.compare]
+    models = [args.model, *args.models] if args.model else args.models
+    if not models:
+        parser.error("name the models to measure: --models NAME [NAME ...]")
+    names = [*models, args.compare]
+    for name in names:
+        require_model(name)
+    config = build_config(args)
     results = run_benchmark(names, config, log=lambda m: print(m, file=sys.stderr, flush=True))
     summary = summarise(results, config, compare=args.compare)
     print(format_summary(summary), file=sys.stderr)

@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from .common import add_img_size_argument, add_model_argument, img_size, require_model
 
+if TYPE_CHECKING:
+    from crossformer.benchmark import BenchConfig
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
+
+def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    add_model_argument(parser, required=model_required)
     add_img_size_argument(parser)
     parser.add_argument("--compare", metavar="NAME", default=None,
                         help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224)")
@@ -46,17 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def run(args: argparse.Namespace) -> int:
+def build_config(args: argparse.Namespace) -> "BenchConfig":
+    """The measurement these arguments ask for; one-line errors for impossible values."""
     import torch
 
-    import crossformer  # noqa: F401  (registers the variants)
-    from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, format_summary, run_benchmark, summarise
+    from crossformer.benchmark import DEFAULT_BATCH, BenchConfig
     from crossformer.errors import UserInputError
 
     height, width = img_size(args)
-    names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
-    for name in names:
-        require_model(name)
     for flag in ("rounds", "steps"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1")
@@ -68,11 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--device cuda: no CUDA device is available")
     mode = args.mode or ("both" if args.compare else "infer")
     modes = ("infer", "train") if mode == "both" else (mode,)
-    batch = {m: args.batch_size or DEFAULT_BATCH[m] for m in modes}
-
-    config = BenchConfig(
+    return BenchConfig(
         modes=modes,
-        batch_size=batch,
+        batch_size={m: args.batch_size or DEFAULT_BATCH[m] for m in modes},
         img_size=(height, width),
         device=args.device,
         amp=args.amp,
@@ -85,13 +84,23 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         memory=not args.no_memory,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import crossformer  # noqa: F401  (registers the variants)
+    from crossformer.benchmark import format_summary, run_benchmark, summarise
+
+    names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
+    for name in names:
+        require_model(name)
+    config = build_config(args)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     summary = summarise(run_benchmark(names, config, log=log), config, compare=args.compare)
     if args.json:
         print(json.dumps(summary))
         return 0
     print(format_summary(summary))
-    for m in modes:
+    for m in config.modes:
         if f"{m}_ratio" in summary:
             lo, hi = summary[f"{m}_ratio_spread"]
             print(f"{m}_ratio  {summary[f'{m}_ratio']:.2f}x {args.model} / {args.compare} "

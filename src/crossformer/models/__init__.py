@@ -4,7 +4,13 @@ from .crossformer import MIN_INPUT_SIZE, CrossFormer
 from .flops import analytic_macs, count_params, traced_macs
 from .grouping import GroupLayout, group_layout
 from .variants import VARIANTS, Variant, create_crossformer
-from .weights import CheckpointError, convert_to_safetensors, extract_state_dict, load_checkpoint, read_checkpoint
+from .weights import (
+    CheckpointError,
+    convert_to_safetensors,
+    extract_state_dict,
+    load_checkpoint,
+    read_checkpoint,
+)
 
 __all__ = [
     "CrossFormer",

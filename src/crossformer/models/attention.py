@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .layers import capturing_graph
+
 __all__ = ["biased_attention"]
 
 # Elements of one backward chunk's (c, M, N, N) tensors: 1M floats = 4 MB, small enough
@@ -73,7 +75,7 @@ class _BiasedAttentionCPU(torch.autograd.Function):
             probs = flat(mask[0] - lse[part].unsqueeze(-1))
             probs.baddbmm_(qs, ks.transpose(1, 2), alpha=scale).exp_()
             # dS = P * (dO v^T - D)
-            grad_scores = torch.baddbmm(flat(neg_delta[part].expand(-1, -1, -1, tokens)), dos, vs.transpose(1, 2))
+            grad_scores = torch.baddbmm(flat(neg_delta[part]), dos, vs.transpose(1, 2))  # -D broadcast
             grad_scores.mul_(probs)
             grad_mask += grad_scores.view(-1, groups, tokens, tokens).sum(0)
             torch.bmm(probs.transpose(1, 2), dos, out=flat(grad_v[part]))
@@ -113,9 +115,7 @@ def biased_attention(
     if (
         dropout_p == 0.0
         and q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not capturing_graph()
     ):
         return _BiasedAttentionCPU.apply(q, k, v, mask, scale)
     return _explicit(q, k, v, mask, scale, dropout_p)

@@ -36,6 +36,7 @@ from .layers import (
     GeluMlp,
     LargeKernelConv2d,
     ResidualDropPath,
+    capturing_graph,
     linear,
     release_packed,
     weights_fingerprint,
@@ -75,7 +76,7 @@ def _cross_scale_convs(
     """Parallel convolutions of one stride; padding ``(k - s) // 2`` gives equal outputs."""
     dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
     return nn.ModuleList(
-        (LargeKernelConv2d if k >= 4 * stride and k % stride == 0 else nn.Conv2d)(
+        (LargeKernelConv2d if LargeKernelConv2d.suits(k, stride) else nn.Conv2d)(
             in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2
         )
         for k, dim in zip(sorted(kernel_sizes), dims)
@@ -152,7 +153,7 @@ def _offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[to
 
     They hold no parameters, so one copy per (Gh, Gw, device) serves training too.
     """
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # sizes may be symbolic
+    if capturing_graph():  # sizes may be symbolic, and a recorded graph holds no cached tensor
         return _build_offset_tables(group_h, group_w, device)
     return _cached_offset_tables(group_h, group_w, device)
 
@@ -214,8 +215,7 @@ class GroupAttention(nn.Module):
         return (
             not self.training
             and not torch.is_grad_enabled()
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
+            and not capturing_graph()
         )
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
@@ -280,9 +280,7 @@ def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
     if (
         torch.is_grad_enabled()
         or x.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or capturing_graph()
     ):
         return batch
     per_image = x.shape[1] * x.shape[2] * hidden_channels * x.element_size()

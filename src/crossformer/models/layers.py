@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "linear", "onednn_inference", "weights_fingerprint"
+    "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "linear", "onednn_inference",
+    "weights_fingerprint",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -35,6 +36,15 @@ _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", Non
 _PACK_ROWS_HINT = 4096
 # weight -> (fingerprint, the weight reordered into oneDNN's blocked layout)
 _PACKED_WEIGHTS = WeakIdKeyDictionary()
+
+
+def capturing_graph() -> bool:
+    """Whether ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` is recording the model.
+
+    The eager-only fast paths and caches of this package step aside then: a recorded graph
+    must hold plain, traceable ops and no tensors cached from an earlier call.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -50,7 +60,10 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 
     Saves oneDNN the reorder it otherwise does on every call (5-8% of a linear layer at
     the model's shapes), at the cost of a second copy of the weights while in inference.
+    Builds without the reorder op get ``weight`` itself.
     """
+    if _REORDER_LINEAR_WEIGHT is None:
+        return weight
     fingerprint = weights_fingerprint((weight,))
     hit = _PACKED_WEIGHTS.get(weight)
     if hit is not None and hit[0] == fingerprint:
@@ -75,17 +88,14 @@ def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
         # float32 only: measured there, and oneDNN's bf16 kernels need CPU support
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not capturing_graph()
     )
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, followed by the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
     if onednn_inference(x, layer.weight):
-        weight = _packed(layer.weight) if _REORDER_LINEAR_WEIGHT is not None else layer.weight
-        return _LINEAR_POINTWISE(x, weight, layer.bias, "gelu" if gelu else "none", [], "none")
+        return _LINEAR_POINTWISE(x, _packed(layer.weight), layer.bias, "gelu" if gelu else "none", [], "none")
     x = layer(x)
     return F.gelu(x) if gelu else x
 
@@ -165,8 +175,13 @@ class LargeKernelConv2d(nn.Conv2d):
     GMAC/s: 131 ms for the 32x32 kernel at batch 16, against 31 ms this way (14 ms forward).
     """
 
+    @staticmethod
+    def suits(kernel_size: int, stride: int) -> bool:
+        """Whether this layer applies: the kernel is a multiple of the stride, at least 4x."""
+        return kernel_size % stride == 0 and kernel_size >= 4 * stride
+
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int, stride: int, padding: int) -> None:
-        if kernel_size % stride or kernel_size < 4 * stride:
+        if not self.suits(kernel_size, stride):
             raise ValueError(f"kernel {kernel_size} must be a multiple of stride {stride}, at least 4x")
         super().__init__(in_chans, out_chans, kernel_size, stride=stride, padding=padding)
 
@@ -177,9 +192,7 @@ class LargeKernelConv2d(nn.Conv2d):
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()
+            and not capturing_graph()
         ):
             return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return super().forward(x)
