@@ -9,6 +9,7 @@ from .weights import (
     convert_to_safetensors,
     extract_state_dict,
     load_checkpoint,
+    load_state,
     read_checkpoint,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "group_layout",
     "CheckpointError",
     "load_checkpoint",
+    "load_state",
     "read_checkpoint",
     "extract_state_dict",
     "convert_to_safetensors",

@@ -24,6 +24,7 @@ from ..errors import UserInputError
 __all__ = [
     "CheckpointError",
     "read_checkpoint",
+    "load_state",
     "extract_state_dict",
     "load_checkpoint",
     "convert_to_safetensors",
@@ -177,9 +178,26 @@ def load_checkpoint(
       and so is the head for a model built with ``num_classes=0``.
     - Any other missing or unexpected key, or a shape mismatch, raises
       :class:`CheckpointError` listing them.
+    - A model that knows its own checkpoint layouts (the detectors and segmentors, which
+      read mmdet / mmseg files) has a ``load_checkpoint_state(checkpoint, source, use_ema)``
+      method; it is handed the file's contents instead.
     """
-    state = extract_state_dict(read_checkpoint(path), use_ema=use_ema)
+    return load_state(model, read_checkpoint(path), str(path), use_ema=use_ema)
+
+
+def load_state(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    source: str = "checkpoint",
+    use_ema: bool = False,
+) -> nn.Module:
+    """:func:`load_checkpoint` for a checkpoint already read (``source`` names it in errors)."""
     target, features_only = _unwrap(model)
+    if hasattr(target, "load_checkpoint_state"):
+        target.load_checkpoint_state(checkpoint, source, use_ema)
+        return model
+    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    path = source
     expected = target.state_dict()
 
     if features_only:
