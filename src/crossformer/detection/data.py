@@ -1,0 +1,314 @@
+"""COCO-format detection data: annotations through pycocotools, images as the detectors take them.
+
+Works on the COCO layout (``ROOT/annotations/instances_{train,val}2017.json`` beside
+``ROOT/{train,val}2017/``) and on any COCO-format JSON plus an image folder. Follows
+mmdetection 2.x's ``CocoDataset`` where it makes a choice:
+
+- category ids are sorted and mapped to contiguous labels ``0..C-1`` (and back for results);
+- crowd annotations (``iscrowd=1``) are never training targets (mmdet keeps them as
+  ``gt_bboxes_ignore``, which its detectors' configs do not collect); COCOeval reads them
+  from the annotation file itself;
+- an annotation whose box has no area (``w < 1``, ``h < 1`` or ``area <= 0``) or lies wholly
+  outside its image is dropped; a box partly outside is clipped to the image; both are counted
+  and reported once through ``log``;
+- training (``filter_empty_gt``) skips images without annotations and images smaller than
+  32 pixels; evaluation keeps every image.
+
+Things mmdet passes over silently but that mean the data is wrong are one-line
+:class:`~crossformer.data.DataError` s: a file that is not COCO JSON, a category id missing
+from ``categories``, an image file that does not exist, an image whose size differs from the
+annotation file's. Unreadable images are reported per sample (``DetectionSample.failure``) so
+the main process decides between an error and a counted skip (``--skip-corrupt``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from ..data import DataError
+from ..data.folder import UNREADABLE_ERRORS
+
+__all__ = [
+    "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "read_image", "load_coco_json", "decode_segmentation",
+]
+
+COCO_SPLITS = {"train": "train2017", "val": "val2017"}
+# mmdet's CocoDataset._filter_imgs(min_size=32) in training.
+MIN_TRAIN_IMAGE_SIZE = 32
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale / palette /
+    alpha converted. FileNotFoundError and the PIL decoding errors pass through (callers name
+    the file in their own message)."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+@dataclass
+class DetectionSample:
+    """One image and its targets, carried through the transforms.
+
+    ``image``: float32 (3, h, w), RGB in 0..255 until normalised. ``boxes``: float32 (N, 4) xyxy
+    in the current image's pixels; ``labels``: int64 (N,) in 0..C-1; ``masks``: uint8 (N, h, w)
+    or None when masks are not loaded. ``scale_factor``: (w / W0, h / H0) of the resizes so far.
+    ``failure``: "path: reason" for an unreadable image (then ``image`` is None).
+    """
+
+    image: torch.Tensor | None
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+    image_id: int
+    file_name: str
+    ori_shape: tuple[int, int]
+    scale_factor: tuple[float, float] = (1.0, 1.0)
+    flip: bool = False
+    failure: str | None = None
+
+    @property
+    def img_shape(self) -> tuple[int, int]:
+        assert self.image is not None
+        return int(self.image.shape[1]), int(self.image.shape[2])
+
+
+def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` of ``split`` (train / val) in the COCO layout under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    folder = COCO_SPLITS.get(split, split)
+    ann_file = root / "annotations" / f"instances_{folder}.json"
+    image_dir = root / folder
+    if not ann_file.is_file():
+        raise DataError(f"{root} has no annotations/{ann_file.name}; expected the COCO layout "
+                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders")
+    if not image_dir.is_dir():
+        raise DataError(f"{root} has no {folder}/ image folder beside {ann_file}")
+    return ann_file, image_dir
+
+
+def load_coco_json(path: str | Path) -> dict[str, Any]:
+    """A COCO instances file as a dict, checked for the keys and fields detection needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not JSON ({err}); expected a COCO instances file") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise DataError(f"{path} is not a COCO instances file: it needs lists 'images', 'annotations' and 'categories'")
+    for kind, keys in (("images", ("id", "file_name", "width", "height")), ("categories", ("id", "name")),
+                       ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for entry in data[kind]:
+            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                raise DataError(f"{path}: an entry of '{kind}' lacks {missing[0]!r} ({str(entry)[:80]}); not COCO format")
+    return data
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A polygon list, uncompressed RLE or compressed RLE -> uint8 (height, width) bitmap."""
+    if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
+@dataclass
+class _Record:
+    """One image's parsed annotations (original pixels)."""
+
+    image_id: int
+    path: Path
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray  # (N, 4) xyxy, clipped to the image
+    labels: np.ndarray  # (N,)
+    segmentations: list[Any] = field(default_factory=list)
+    has_annotations: bool = False  # any annotation at all, crowd included (mmdet's filter_empty_gt)
+
+
+class CocoDetection(Dataset):
+    """Images with their boxes, labels and masks from a COCO-format file.
+
+    ``train=True`` applies mmdet's training filter (images with annotations, at least 32 px);
+    ``with_masks=False`` skips mask decoding (box-only detectors, evaluation). ``transform``
+    maps a :class:`DetectionSample` to a :class:`DetectionSample` (see
+    :mod:`crossformer.detection.transforms`). ``log`` receives the one-line report of dropped
+    and clipped boxes.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        train: bool = False,
+        with_masks: bool = True,
+        transform: Callable[[DetectionSample], DetectionSample] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise DataError(f"image folder not found: {self.image_dir}")
+        data = load_coco_json(self.ann_file)
+        self.train, self.with_masks, self.transform = train, with_masks, transform
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids: list[int] = [int(c["id"]) for c in categories]
+        self.class_names: list[str] = [str(c["name"]) for c in categories]
+        self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids)}
+        self.records, dropped, clipped = self._parse(data)
+        if train:
+            self.records = [r for r in self.records if r.has_annotations
+                            and min(r.height, r.width) >= MIN_TRAIN_IMAGE_SIZE]
+        if (dropped or clipped) and log is not None:
+            log(f"{self.ann_file.name}: dropped {dropped} boxes with no area or outside their image, "
+                f"clipped {clipped} boxes to their image (as mmdetection)")
+        self.dropped_boxes, self.clipped_boxes = dropped, clipped
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+    def label_to_cat_id(self, labels: Sequence[int] | torch.Tensor) -> list[int]:
+        """Contiguous labels 0..C-1 -> the file's category ids."""
+        return [self.cat_ids[int(i)] for i in labels]
+
+    def _parse(self, data: dict[str, Any]) -> tuple[list[_Record], int, int]:
+        images = {int(img["id"]): img for img in data["images"]}
+        per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+        for ann in data["annotations"]:
+            image = images.get(int(ann["image_id"]))
+            if image is None:
+                raise DataError(f"{self.ann_file}: annotation {ann['id']} refers to image id {ann['image_id']}, "
+                                f"which is not in 'images'")
+            if int(ann["category_id"]) not in self.cat_id_to_label:
+                raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has category id "
+                                f"{ann['category_id']}, which is not in 'categories' (ids {self.cat_ids})")
+            per_image[int(ann["image_id"])].append(ann)
+        records, dropped, clipped = [], 0, 0
+        for image_id, image in images.items():
+            path = self.image_dir / image["file_name"]
+            if not path.is_file():
+                raise DataError(f"image {image['file_name']} (id {image_id}) of {self.ann_file.name} not found at {path}")
+            height, width = int(image["height"]), int(image["width"])
+            boxes, labels, segmentations = [], [], []
+            for ann in per_image[image_id]:
+                if ann.get("iscrowd", 0) or ann.get("ignore", False):
+                    continue
+                x, y, w, h = map(float, ann["bbox"])
+                x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+                if (x2 - x1) * (y2 - y1) <= 0 or w < 1 or h < 1 or float(ann.get("area", w * h)) <= 0:
+                    dropped += 1
+                    continue
+                clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
+                boxes.append((x1, y1, x2, y2))
+                labels.append(self.cat_id_to_label[int(ann["category_id"])])
+                if self.with_masks:
+                    if "segmentation" not in ann:
+                        raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has no "
+                                        f"'segmentation'; a mask model needs one per object")
+                    segmentations.append(ann["segmentation"])
+            records.append(_Record(image_id, path, str(image["file_name"]), height, width,
+                                   np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
+                                   segmentations, has_annotations=bool(per_image[image_id])))
+        return records, dropped, clipped
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        record = self.records[index]
+        sample = DetectionSample(
+            image=None, boxes=torch.from_numpy(record.boxes.copy()), labels=torch.from_numpy(record.labels.copy()),
+            masks=None, image_id=record.image_id, file_name=record.file_name, ori_shape=(record.height, record.width),
+        )
+        try:
+            image = read_image(record.path)
+        except (FileNotFoundError, *UNREADABLE_ERRORS) as err:
+            sample.failure = f"{record.path}: {err}"
+            return sample
+        if (image.height, image.width) != (record.height, record.width):
+            sample.failure = (f"{record.path}: its size {image.width}x{image.height} (after EXIF orientation) differs "
+                              f"from the annotation file's {record.width}x{record.height}")
+            return sample
+        sample.image = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
+        if self.with_masks:
+            masks = [decode_segmentation(s, record.height, record.width) for s in record.segmentations]
+            sample.masks = (torch.from_numpy(np.stack(masks)) if masks
+                            else torch.zeros(0, record.height, record.width, dtype=torch.uint8))
+        return self.transform(sample) if self.transform is not None else sample
+
+
+@dataclass
+class DetectionBatch:
+    """What the detectors take: ``detector(images, metas, targets)`` (training) or
+    ``detector(images, metas)`` (inference).
+
+    ``images``: float32 (B, 3, Hp, Wp), normalised, zero-padded bottom/right to a multiple of
+    ``size_divisor``. ``metas``: per image ``img_shape`` (h, w) after resize before padding,
+    ``ori_shape`` (H0, W0), ``scale_factor`` (w / W0, h / H0), ``image_id``, ``file_name``,
+    ``flip``. ``targets``: per image ``boxes`` float32 (N, 4) xyxy in resized pixels,
+    ``labels`` int64 (N,) in 0..C-1, and ``masks`` uint8 (N, Hp, Wp) when loaded.
+    ``failures``: "path: reason" of the samples left out as unreadable.
+    """
+
+    images: torch.Tensor
+    metas: list[dict[str, Any]]
+    targets: list[dict[str, torch.Tensor]]
+    failures: list[str]
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def to(self, device: torch.device | str) -> "DetectionBatch":
+        """The same batch with images and targets on ``device``."""
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in self.targets]
+        return DetectionBatch(self.images.to(device, non_blocking=True), self.metas, targets, self.failures)
+
+
+def collate_detection(samples: Sequence[DetectionSample], size_divisor: int = 32) -> DetectionBatch:
+    """Pad the readable samples to the batch's largest image rounded up to ``size_divisor``.
+
+    Unreadable samples are listed in ``failures`` instead of raising in a loader worker, so
+    the main process decides (see ``raise_or_count_unreadable``).
+    """
+    good = [s for s in samples if s.failure is None]
+    failures = [s.failure for s in samples if s.failure is not None]
+    if not good:
+        return DetectionBatch(torch.empty(0, 3, 0, 0), [], [], failures)
+    pad_h = -(-max(s.img_shape[0] for s in good) // size_divisor) * size_divisor
+    pad_w = -(-max(s.img_shape[1] for s in good) // size_divisor) * size_divisor
+    images = good[0].image.new_zeros(len(good), 3, pad_h, pad_w)
+    metas, targets = [], []
+    for i, s in enumerate(good):
+        h, w = s.img_shape
+        images[i, :, :h, :w] = s.image
+        metas.append({"img_shape": (h, w), "ori_shape": s.ori_shape, "scale_factor": s.scale_factor,
+                      "image_id": s.image_id, "file_name": s.file_name, "flip": s.flip})
+        target = {"boxes": s.boxes.float(), "labels": s.labels.long()}
+        if s.masks is not None:
+            masks = s.masks.new_zeros(len(s.masks), pad_h, pad_w)
+            masks[:, :h, :w] = s.masks
+            target["masks"] = masks
+        targets.append(target)
+    return DetectionBatch(images, metas, targets, failures)
