@@ -1,0 +1,155 @@
+"""COCO box and mask AP of a detector over a COCO-format set, on one process or many.
+
+Each rank runs the detector on its share of the images and converts the detections to COCO
+results (boxes xywh in original pixels, the file's category ids, masks as RLE); rank 0
+gathers them, writes the results JSON and runs pycocotools' ``COCOeval`` once per IoU type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from ..classification.evaluate import raise_or_count_unreadable
+from ..data import DataError, ShardedSampler
+from ..engine import DistContext, Precision, RunLogger
+from .data import CocoDetection, collate_detection
+
+__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "evaluate_detector"]
+
+# COCOeval.stats in order: AP at IoU .50:.95, .50, .75, by area; AR at 1, 10, 100 detections, by area.
+COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
+
+
+def metric_names(iou_type: str) -> list[str]:
+    """``bbox_mAP``, ``bbox_mAP_50``, ... (``iou_type`` "bbox" or "segm")."""
+    return [f"{iou_type}_{name}" for name in COCO_METRICS]
+
+
+def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
+                       cat_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Detector outputs (per image ``boxes`` (K, 4) xyxy original pixels, ``scores``, ``labels``
+    0..C-1, optional ``masks`` bool (K, H0, W0)) -> COCO result records."""
+    records = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
+        scores = output["scores"].detach().float().cpu().numpy()
+        labels = output["labels"].detach().cpu().numpy()
+        rles = None
+        if "masks" in output and len(boxes):
+            masks = output["masks"].detach().cpu().numpy().astype(np.uint8)  # (K, H0, W0)
+            rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        for k in range(len(boxes)):
+            x1, y1, x2, y2 = boxes[k].tolist()
+            record = {"image_id": int(image_id), "category_id": int(cat_ids[int(labels[k])]),
+                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[k])}
+            if rles is not None:
+                record["segmentation"] = {"size": list(rles[k]["size"]), "counts": rles[k]["counts"].decode("ascii")}
+            records.append(record)
+    return records
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]], iou_types: Sequence[str],
+                  image_ids: Sequence[int] | None = None, log: Any = None) -> dict[str, float]:
+    """The 12 COCOeval numbers per IoU type, named by :func:`metric_names`.
+
+    With no detections at all every number is 0 (pycocotools cannot load an empty result list).
+    ``log`` (a callable) receives COCOeval's printed summary.
+    """
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        if not results:
+            metrics.update({name: 0.0 for name in metric_names(iou_type)})
+            continue
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            coco_dt = coco_gt.loadRes(results)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = list(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        if log is not None:
+            log(f"{iou_type}:\n" + "\n".join(line for line in printed.getvalue().splitlines() if "Average" in line))
+        metrics.update(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
+    return metrics
+
+
+def _load_gt(ann_file: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its loading times
+        return COCO(str(ann_file))
+
+
+@torch.no_grad()
+def evaluate_detector(
+    detector: nn.Module,
+    dataset: CocoDetection,
+    ctx: DistContext | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    results_file: str | Path | None = None,
+    skip_corrupt: bool = False,
+    logger: RunLogger | None = None,
+    precision: Precision | None = None,
+) -> dict[str, float]:
+    """Box AP (and mask AP when the detector returns masks) of ``detector`` on ``dataset``.
+
+    ``dataset`` should use the test transform (:func:`build_test_transform`) and can skip its
+    own masks (``with_masks=False``): COCOeval reads the ground truth from the annotation file.
+    Returns the metrics (same dict on every rank) plus ``images`` (evaluated) and ``skipped``
+    (unreadable, with ``skip_corrupt``); rank 0 writes ``results_file`` (COCO results JSON).
+    Images skipped as unreadable are left out of the evaluation rather than counted as misses.
+    """
+    ctx = ctx or DistContext()
+    was_training = detector.training
+    detector.eval()
+    sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_detection, pin_memory=ctx.device.type == "cuda")
+    progress = logger.progress(len(loader), "eval") if logger is not None else None
+    results: list[dict[str, Any]] = []
+    evaluated: list[int] = []
+    skipped, with_masks = 0, False
+    for batch in loader:
+        skipped += raise_or_count_unreadable(batch.failures, skip_corrupt)
+        if len(batch):
+            images = batch.images.to(ctx.device, non_blocking=True)
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                outputs = detector(images, batch.metas)
+            image_ids = [m["image_id"] for m in batch.metas]
+            with_masks = with_masks or any("masks" in o for o in outputs)
+            results.extend(detections_to_coco(outputs, image_ids, dataset.cat_ids))
+            evaluated.extend(image_ids)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    detector.train(was_training)
+    gathered = ctx.gather_objects((results, evaluated, skipped, with_masks))
+    metrics: dict[str, float] | None = None
+    if ctx.is_main:
+        results = [r for part in gathered for r in part[0]]
+        evaluated = sorted(i for part in gathered for i in part[1])
+        if not evaluated:
+            raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
+        if results_file is not None:
+            Path(results_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(results_file, "w", encoding="utf-8") as f:
+                json.dump(results, f)
+        iou_types = ["bbox", "segm"] if any(part[3] for part in gathered) else ["bbox"]
+        log = logger.info if logger is not None else None
+        metrics = coco_evaluate(_load_gt(dataset.ann_file), results, iou_types, evaluated, log)
+        metrics.update(images=len(evaluated), skipped=sum(part[2] for part in gathered))
+    return ctx.gather_objects(metrics)[0]

@@ -1,0 +1,121 @@
+"""Detections for image files: a PNG per image with boxes, class names, scores and mask overlays,
+and one JSON of every detection in COCO result format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from ..classification.predict import expand_image_paths
+from ..data import DataError
+from ..data.draw import draw_boxes, overlay_masks, palette
+from ..data.folder import UNREADABLE_ERRORS, is_image_file
+from ..engine import RunLogger
+from .data import DetectionSample, collate_detection, read_image
+from .evaluate import detections_to_coco
+from .transforms import build_test_transform
+
+__all__ = ["PredictOutput", "predict_detections", "render_detections"]
+
+
+@dataclass
+class PredictOutput:
+    """What :func:`predict_detections` wrote."""
+
+    json_path: Path  # every detection, COCO result records plus "file_name"
+    images: list[Path] = field(default_factory=list)  # one PNG per readable input
+    detections: int = 0  # records in the JSON
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of unreadable inputs
+
+
+def render_detections(image: Image.Image, output: dict[str, torch.Tensor], class_names: Sequence[str],
+                      score_threshold: float) -> Image.Image:
+    """``image`` with the detections scoring at least ``score_threshold``: masks blended in,
+    boxes outlined, captions "name score"; one colour per class."""
+    keep = output["scores"] >= score_threshold
+    labels = output["labels"][keep].tolist()
+    colours = palette(len(class_names))
+    per_object = [colours[i] for i in labels]
+    if "masks" in output:
+        image = overlay_masks(image, output["masks"][keep].cpu().numpy(), per_object)
+    captions = [f"{class_names[i]} {s:.2f}" for i, s in zip(labels, output["scores"][keep].tolist())]
+    return draw_boxes(image, output["boxes"][keep].cpu().numpy(), captions, per_object)
+
+
+@torch.no_grad()
+def predict_detections(
+    detector: nn.Module,
+    paths: Sequence[str | Path],
+    output_dir: str | Path,
+    class_names: Sequence[str],
+    cat_ids: Sequence[int] | None = None,
+    transform: Callable[[DetectionSample], DetectionSample] | None = None,
+    score_threshold: float = 0.3,
+    skip_corrupt: bool = False,
+    logger: RunLogger | None = None,
+) -> PredictOutput:
+    """Run ``detector`` on image files and folders (recursively), one image at a time.
+
+    Images are read with their EXIF orientation and converted to RGB; ``transform`` defaults to
+    the test pipeline (shorter side 800, longer <= 1333). Writes ``OUTPUT_DIR/<stem>.png`` (boxes
+    of score >= ``score_threshold``) and ``OUTPUT_DIR/detections.json`` (every detection; image
+    ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C).
+    Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
+    counted and skipped.
+    """
+    files = expand_image_paths(paths)
+    for path in files:
+        if not is_image_file(path):
+            raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    transform = transform or build_test_transform()
+    cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
+    device = next(detector.parameters(), torch.empty(0)).device
+    was_training = detector.training
+    detector.eval()
+    result = PredictOutput(output_dir / "detections.json")
+    records: list[dict[str, Any]] = []
+    progress = logger.progress(len(files), "predict") if logger is not None else None
+    used_names: set[str] = set()
+    for image_id, path in enumerate(files, start=1):
+        try:
+            image = read_image(path)
+        except UNREADABLE_ERRORS as err:
+            if not skip_corrupt:
+                raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt") from None
+            result.skipped.append(f"{path}: {err}")
+            if logger is not None:
+                logger.info(f"skipped unreadable image {path}: {err}")
+            continue
+        sample = DetectionSample(
+            image=torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()),
+            boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), masks=None,
+            image_id=image_id, file_name=str(path), ori_shape=(image.height, image.width),
+        )
+        batch = collate_detection([transform(sample)])
+        output = {k: v.cpu() for k, v in detector(batch.images.to(device), batch.metas)[0].items()}
+        records.extend({**r, "file_name": str(path)} for r in detections_to_coco([output], [image_id], cat_ids))
+        name = path.stem if path.stem not in used_names else f"{path.stem}_{image_id}"
+        used_names.add(name)
+        png = output_dir / f"{name}.png"
+        render_detections(image, output, class_names, score_threshold).save(png)
+        result.images.append(png)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    detector.train(was_training)
+    with open(result.json_path, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    result.detections = len(records)
+    if result.skipped and logger is not None:
+        logger.info(f"skipped {len(result.skipped)} unreadable image(s)")
+    return result
