@@ -126,7 +126,7 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         rle = segmentation
-    return mask_utils.decode(rle)
+    return mask_utils.decode([rle])[..., 0]  # a list: pycocotools' single-RLE path warns under numpy 2
 
 
 @dataclass

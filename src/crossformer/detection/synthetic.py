@@ -64,7 +64,7 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float, aspe
 
 
 def _rasterise(polygon: list[float], height: int, width: int) -> np.ndarray:
-    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))).astype(bool)
+    return mask_utils.decode(mask_utils.frPyObjects([polygon], height, width))[..., 0].astype(bool)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

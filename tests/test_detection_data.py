@@ -1,0 +1,260 @@
+"""COCO-format detection data: parsing, the mmdet pipeline, collate, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crossformer.classification.evaluate import raise_or_count_unreadable
+from crossformer.data import DataError
+from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection, read_image
+from crossformer.detection.synthetic import SHAPE_CATEGORIES
+from crossformer.detection.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCrop, RandomFlip, Resize, build_test_transform, build_train_transform,
+    rescale_size,
+)
+from detection_fixtures import make_small_coco
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return make_small_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _json(root: Path, split: str) -> dict:
+    return json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+
+
+def _bbox_of(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_synthetic_set_is_coco_with_crowds_empties_and_occlusion(coco_root):
+    for split in ("train", "val"):
+        data = _json(coco_root, split)
+        assert [c["id"] for c in data["categories"]] == [1, 3, 6, 9]
+        ids_with_ann = {a["image_id"] for a in data["annotations"]}
+        assert any(img["id"] not in ids_with_ann for img in data["images"])  # an empty image per split
+        assert any(a["iscrowd"] for a in data["annotations"])
+        assert all(isinstance(a["segmentation"], dict) for a in data["annotations"] if a["iscrowd"])
+    anns = _json(coco_root, "train")["annotations"] + _json(coco_root, "val")["annotations"]
+    polygons = [a for a in anns if isinstance(a["segmentation"], list)]
+    occluded = [a for a in anns if not a["iscrowd"] and isinstance(a["segmentation"], dict)]
+    assert polygons and occluded  # unoccluded objects are polygons, partly hidden ones RLE of the visible part
+
+
+def test_category_mapping_round_trip_and_labels(coco_root):
+    ds = CocoDetection(*coco_paths(coco_root, "val"))
+    assert ds.cat_ids == [1, 3, 6, 9] and ds.class_names == [c["name"] for c in SHAPE_CATEGORIES]
+    assert ds.label_to_cat_id(range(4)) == [1, 3, 6, 9]
+    assert [ds.cat_id_to_label[c] for c in ds.label_to_cat_id([3, 0, 2])] == [3, 0, 2]
+    data = _json(coco_root, "val")
+    for i, image_id in enumerate(ds.image_ids):
+        anns = [a for a in data["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
+        sample = ds[i]
+        # crowd regions are not targets: exactly the non-crowd annotations, in file order
+        assert ds.label_to_cat_id(sample.labels) == [a["category_id"] for a in anns]
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        assert torch.allclose(sample.boxes, expected)
+        assert sample.masks.shape == (len(anns), *sample.ori_shape) and sample.masks.dtype == torch.uint8
+        for mask, ann in zip(sample.masks, anns):
+            assert int(mask.sum()) == ann["area"]  # the visible area the file records
+
+
+def test_empty_images_kept_for_evaluation_and_skipped_in_training(coco_root):
+    data = _json(coco_root, "train")
+    with_ann = {a["image_id"] for a in data["annotations"]}
+    evaluation = CocoDetection(*coco_paths(coco_root, "train"), with_masks=False)
+    training = CocoDetection(*coco_paths(coco_root, "train"), train=True)
+    assert len(evaluation) == len(data["images"])
+    assert set(training.image_ids) == with_ann and len(training) < len(evaluation)
+    empty = evaluation[evaluation.image_ids.index(next(i["id"] for i in data["images"] if i["id"] not in with_ann))]
+    assert empty.boxes.shape == (0, 4) and empty.labels.shape == (0,) and empty.masks is None
+
+
+@pytest.mark.parametrize("size, scale, expected", [
+    # factor = min(1333 / long, 800 / short); each side int(side * factor + 0.5), as mmcv
+    ((640, 480), (1333, 800), (1067, 800)),  # 800/480 = 1.6667: 640 * 1.6667 = 1066.67 -> 1067
+    ((1280, 720), (1333, 800), (1333, 750)),  # 1333/1280 = 1.04141: 720 * 1.04141 = 749.81 -> 750
+    ((427, 640), (1333, 800), (800, 1199)),  # 800/427 = 1.87354: 640 * 1.87354 = 1199.06 -> 1199
+    ((2000, 100), (1333, 800), (1333, 67)),  # 1333/2000 = 0.6665: 100 * 0.6665 = 66.65 -> 67
+    ((300, 200), (512, 320), (480, 320)),  # 320/200 = 1.6: 300 * 1.6 = 480
+])
+def test_rescale_size_matches_mmcv(size, scale, expected):
+    assert rescale_size(*size, scale) == expected
+
+
+def _sample(h: int, w: int, boxes: list[list[float]]) -> DetectionSample:
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
+    for m, (x1, y1, x2, y2) in zip(masks, boxes):
+        m[int(y1) : int(y2), int(x1) : int(x2)] = 1
+    image = torch.arange(3 * h * w, dtype=torch.float32).reshape(3, h, w) % 256
+    return DetectionSample(image, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.arange(len(boxes)), masks, 7, "x.jpg", (h, w))
+
+
+def test_resize_scale_factor_boxes_and_masks():
+    sample = Resize([(1333, 800)])(_sample(480, 640, [[64, 48, 320, 240], [600, 0, 700, 480]]))
+    assert sample.img_shape == (800, 1067) and sample.masks.shape == (2, 800, 1067)
+    assert sample.scale_factor == pytest.approx((1067 / 640, 800 / 480))
+    fx, fy = 1067 / 640, 800 / 480
+    # scaled by (w/W0, h/H0), then clipped to the new image (the second box sticks out at x=700)
+    assert torch.allclose(sample.boxes, torch.tensor([[64 * fx, 48 * fy, 320 * fx, 240 * fy], [600 * fx, 0, 1067, 800]]))
+    assert _bbox_of(sample.masks[0]) == (107, 80, 534, 400)  # nearest: ceil(64*fx)=107 ... ceil(320*fx)=534
+
+
+def test_flip_mirrors_image_boxes_and_masks():
+    torch.manual_seed(0)
+    before = _sample(40, 60, [[5, 10, 20, 30]])
+    image, masks = before.image.clone(), before.masks.clone()
+    after = RandomFlip(1.0)(before)
+    assert after.flip and torch.equal(after.image, image.flip(-1)) and torch.equal(after.masks, masks.flip(-1))
+    assert after.boxes.tolist() == [[40.0, 10.0, 55.0, 30.0]]  # x1' = 60 - 20, x2' = 60 - 5
+    assert _bbox_of(after.masks[0]) == (40, 10, 55, 30)
+    assert RandomFlip(0.0)(_sample(40, 60, [[5, 10, 20, 30]])).boxes.tolist() == [[5.0, 10.0, 20.0, 30.0]]
+
+
+def test_flip_on_the_real_pipeline_keeps_masks_inside_boxes(coco_root):
+    torch.manual_seed(3)
+    ds = CocoDetection(*coco_paths(coco_root, "train"), train=True,
+                       transform=build_train_transform("3x", 256, 160, (128, 160), (96, 128), (64, 128)))
+    flips = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        flips += s.flip
+        h, w = s.img_shape
+        assert max(h, w) <= 256 and s.masks.shape[1:] == (h, w) and len(s.boxes) == len(s.labels) == len(s.masks)
+        for box, mask in zip(s.boxes, s.masks):
+            if mask.any():  # mask pixels lie inside their (clipped) box, up to nearest-neighbour rounding:
+                # < 1 px per resize, the first one's scaled by the second's factor (<= 1.7 here)
+                x1, y1, x2, y2 = _bbox_of(mask)
+                assert x1 >= box[0] - 3 and y1 >= box[1] - 3 and x2 <= box[2] + 3 and y2 <= box[3] + 3
+    assert 0 < flips < len(ds)
+
+
+def test_random_crop_shifts_clips_and_drops():
+    torch.manual_seed(0)
+    s = _sample(40, 40, [[0, 0, 10, 10], [5, 5, 35, 35], [30, 30, 40, 40]])
+    s.image[0] = torch.arange(1600.0).view(40, 40)  # pixel value = 40 * y + x: the crop's offset shows
+    s = RandomCrop((20, 20))(s)
+    assert s.img_shape == (20, 20)
+    # an independent check: shift every box by the crop's offset, clip, keep the non-empty ones
+    top, left = divmod(int(s.image[0, 0, 0]), 40)
+    shifted = torch.tensor([[0, 0, 10, 10], [5, 5, 35, 35], [30, 30, 40, 40]], dtype=torch.float32)
+    shifted = shifted - torch.tensor([left, top, left, top])
+    shifted = shifted.clamp(min=0, max=20)
+    keep = (shifted[:, 2] > shifted[:, 0]) & (shifted[:, 3] > shifted[:, 1])
+    assert torch.equal(s.boxes, shifted[keep]) and s.masks.shape == (int(keep.sum()), 20, 20)
+    assert torch.equal(s.labels, torch.arange(3)[keep])
+
+
+def test_normalise_and_collate_padding():
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    a, b = _sample(50, 70, [[1, 2, 30, 40]]), _sample(65, 33, [])
+    a.image[:] = mean.view(3, 1, 1)
+    a, b = Normalize()(a), Normalize()(b)
+    assert a.image.abs().max() < 1e-5
+    batch = collate_detection([a, b])
+    assert batch.images.shape == (2, 3, 96, 96)  # max(50, 65) -> 96, max(70, 33) -> 96
+    assert torch.equal(batch.images[1, :, :65, :33], b.image)
+    assert batch.images[1, :, 65:].abs().sum() == 0 and batch.images[1, :, :, 33:].abs().sum() == 0
+    assert [m["img_shape"] for m in batch.metas] == [(50, 70), (65, 33)]
+    assert batch.targets[0]["masks"].shape == (1, 96, 96) and batch.targets[0]["masks"][:, 50:].sum() == 0
+    assert batch.targets[1]["boxes"].shape == (0, 4) and batch.targets[1]["labels"].dtype == torch.int64
+    assert set(batch.metas[0]) == {"img_shape", "ori_shape", "scale_factor", "image_id", "file_name", "flip"}
+
+
+def test_test_transform_sizes(coco_root):
+    ds = CocoDetection(*coco_paths(coco_root, "val"), with_masks=False, transform=build_test_transform())
+    s = ds[0]
+    h0, w0 = s.ori_shape
+    assert s.img_shape == rescale_size(w0, h0, (1333, 800))[::-1] and not s.flip
+    assert s.scale_factor == pytest.approx((s.img_shape[1] / w0, s.img_shape[0] / h0))
+
+
+# ---- bad data -----------------------------------------------------------------------------------
+
+def _write_coco(root: Path, annotations: list[dict], images: list[dict] | None = None, size=(40, 30)) -> Path:
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(root / "img" / "a.jpg")
+    images = images or [{"id": 1, "file_name": "a.jpg", "width": size[0], "height": size[1]}]
+    path = root / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 5, "name": "thing"}]}))
+    return path
+
+
+def _ann(ann_id: int, bbox, category_id: int = 5, **extra) -> dict:
+    return {"id": ann_id, "image_id": 1, "category_id": category_id, "bbox": bbox, "area": 1.0,
+            "segmentation": [[0, 0, 4, 0, 4, 4]], "iscrowd": 0, **extra}
+
+
+def test_not_coco_json_errors(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad\.json is not JSON"):
+        CocoDetection(tmp_path / "bad.json", tmp_path / "img")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="not a COCO instances file"):
+        CocoDetection(tmp_path / "list.json", tmp_path / "img")
+    with pytest.raises(DataError, match="has no annotations/instances_val2017.json"):
+        coco_paths(tmp_path, "val")
+
+
+def test_unknown_category_and_missing_image_name_the_file(tmp_path):
+    path = _write_coco(tmp_path, [_ann(17, [1, 1, 5, 5], category_id=3)])
+    with pytest.raises(DataError, match=r"annotation 17 of image a\.jpg has category id 3, which is not in 'categories'"):
+        CocoDetection(path, tmp_path / "img")
+    path = _write_coco(tmp_path, [], images=[{"id": 4, "file_name": "gone.jpg", "width": 40, "height": 30}])
+    with pytest.raises(DataError, match=r"image gone\.jpg \(id 4\) .* not found"):
+        CocoDetection(path, tmp_path / "img")
+
+
+def test_boxes_without_area_dropped_and_outside_clipped_with_a_count(tmp_path):
+    path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8]), _ann(2, [5, 5, 0, 9]), _ann(3, [50, 5, 10, 10]),
+                                  _ann(4, [30, 20, 20, 20]), _ann(5, [1, 1, 5, 5], area=0)])
+    lines: list[str] = []
+    ds = CocoDetection(path, tmp_path / "img", log=lines.append)
+    assert (ds.dropped_boxes, ds.clipped_boxes) == (3, 1)
+    assert lines == ["ann.json: dropped 3 boxes with no area or outside their image, clipped 1 boxes to their image "
+                     "(as mmdetection)"]
+    assert ds[0].boxes.tolist() == [[2, 3, 12, 11], [30, 20, 40, 30]]
+
+
+def test_unreadable_image_is_a_failure_the_main_process_raises_or_counts(tmp_path):
+    path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8])])
+    (tmp_path / "img" / "a.jpg").write_bytes(b"not an image")
+    sample = CocoDetection(path, tmp_path / "img")[0]
+    assert sample.image is None and "a.jpg" in sample.failure
+    batch = collate_detection([sample])
+    assert len(batch) == 0 and batch.failures == [sample.failure]
+    with pytest.raises(DataError, match=r"cannot read image .*a\.jpg"):
+        raise_or_count_unreadable(batch.failures, skip_corrupt=False)
+    assert raise_or_count_unreadable(batch.failures, skip_corrupt=True) == 1
+
+
+def test_exif_orientation_grayscale_and_rgba(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display turned 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    upright = read_image(tmp_path / "r.jpg")
+    assert upright.size == (20, 40) and np.asarray(upright)[:10].mean() > 200 and np.asarray(upright)[-10:].mean() < 50
+    Image.new("L", (8, 6), 77).save(tmp_path / "g.png")
+    Image.new("RGBA", (8, 6), (10, 20, 30, 0)).save(tmp_path / "a.png")
+    assert np.asarray(read_image(tmp_path / "g.png")).shape == (6, 8, 3)
+    assert np.asarray(read_image(tmp_path / "a.png"))[0, 0].tolist() == [10, 20, 30]
+    # the annotation file describes the upright image: 20 wide, 40 high
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": 20, "height": 40}],
+                                "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    assert CocoDetection(path, tmp_path)[0].image.shape == (3, 40, 20)
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": 40, "height": 20}],
+                                "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    assert "differs from the annotation file's 40x20" in CocoDetection(path, tmp_path)[0].failure
