@@ -1,0 +1,187 @@
+"""Detection evaluation through pycocotools and prediction output, with ground-truth "detectors"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from crossformer.data import DataError
+from crossformer.detection.data import CocoDetection, coco_paths
+from crossformer.detection.evaluate import detections_to_coco, evaluate_detector, metric_names
+from crossformer.detection.predict import predict_detections
+from crossformer.detection.transforms import build_test_transform
+from crossformer.engine import DistContext
+from detection_fixtures import GroundTruthDetector, make_small_coco
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return make_small_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _val_set(root: Path) -> CocoDetection:
+    return CocoDetection(*coco_paths(root, "val"), with_masks=False, transform=build_test_transform(256, 160))
+
+
+def test_ground_truth_detector_scores_ap_one(coco_root, tmp_path):
+    results_file = tmp_path / "results.json"
+    metrics = evaluate_detector(GroundTruthDetector(coco_root), _val_set(coco_root), batch_size=2,
+                                results_file=results_file)
+    assert set(metric_names("bbox")) | set(metric_names("segm")) <= set(metrics)
+    for name in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_AR_100", "segm_mAP", "segm_mAP_75", "segm_AR_100"):
+        assert metrics[name] == pytest.approx(1.0), name
+    assert metrics["images"] == len(_val_set(coco_root)) and metrics["skipped"] == 0
+    results = json.loads(results_file.read_text())
+    gt = COCO(str(coco_paths(coco_root, "val")[0]))
+    assert len(results) == sum(1 for a in gt.anns.values() if not a["iscrowd"])
+    assert {r["category_id"] for r in results} <= {1, 3, 6, 9}  # labels mapped back to the file's ids
+    gt.loadRes(results)  # a valid COCO results file
+
+
+def test_box_only_detector_gets_box_metrics_only_and_misses_lower_recall(coco_root):
+    metrics = evaluate_detector(GroundTruthDetector(coco_root, with_masks=False, drop_every=2), _val_set(coco_root))
+    assert not any(k.startswith("segm_") for k in metrics)
+    assert 0.2 < metrics["bbox_AR_100"] < 0.8 and metrics["bbox_mAP"] < 1.0
+
+
+class FixedDetections(nn.Module):
+    """Returns the same detections for every image (original pixels)."""
+
+    def __init__(self, boxes: list[list[float]], scores: list[float], labels: list[int]) -> None:
+        super().__init__()
+        self.out = {"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+
+    def forward(self, images: torch.Tensor, metas: list[dict]) -> list[dict[str, torch.Tensor]]:
+        return [dict(self.out) for _ in metas]
+
+
+def test_hand_checked_case(tmp_path):
+    # One 100x100 image, category id 7: G1 box (10, 10, 30, 30) xywh and G2 (60, 60, 30, 30), both of
+    # area 900 < 32^2, i.e. "small"; a crowd region (0, 70, 40, 30).
+    # Detection D1 (10, 10, 30, 18.6) xywh, score 0.9: IoU with G1 = 558 / 900 = 0.62, so it matches G1
+    # at the IoU thresholds 0.50, 0.55, 0.60 and nothing at 0.65 .. 0.95.
+    # Detection D2 (5, 75, 10, 10), score 0.95, lies inside the crowd region (crowd IoU = overlap / its
+    # own area = 1): matched to the crowd, so ignored, neither true nor false positive.
+    # At a matching threshold: recall 1/2 with precision 1; the 101-point interpolated precision is 1
+    # at recall 0, 0.01, .., 0.50 (51 points) and 0 above -> AP = 51/101 = 0.504950; elsewhere AP = 0.
+    # mAP = 3/10 * 51/101 = 0.151485; mAP_50 = 0.504950; mAP_75 = 0; all GT small: mAP_s = mAP,
+    # mAP_m = mAP_l = -1 (no ground truth there). AR_k = mean recall over thresholds = 3/10 * 1/2 = 0.15
+    # for k = 10, 100; AR_s = 0.15. AR_1 = 0: COCOeval keeps the top-k detections by score *before*
+    # matching, and the top one is D2, which the crowd then swallows.
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 100), (128, 128, 128)).save(tmp_path / "img" / "one.png")
+    square = lambda x, y, s: [[x, y, x + s, y, x + s, y + s, x, y + s]]  # noqa: E731
+    crowd = np.zeros((100, 100), dtype=np.uint8)
+    crowd[70:100, 0:40] = 1
+    rle = mask_utils.encode(np.asfortranarray(crowd))
+    anns = [
+        {"id": 1, "image_id": 3, "category_id": 7, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0,
+         "segmentation": square(10, 10, 30)},
+        {"id": 2, "image_id": 3, "category_id": 7, "bbox": [60, 60, 30, 30], "area": 900, "iscrowd": 0,
+         "segmentation": square(60, 60, 30)},
+        {"id": 3, "image_id": 3, "category_id": 7, "bbox": [0, 70, 40, 30], "area": 1200, "iscrowd": 1,
+         "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()}},
+    ]
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "one.png", "width": 100, "height": 100}], "annotations": anns,
+        "categories": [{"id": 7, "name": "square"}]}))
+    dataset = CocoDetection(tmp_path / "ann.json", tmp_path / "img", with_masks=False, transform=build_test_transform())
+    detector = FixedDetections([[10, 10, 40, 28.6], [5, 75, 15, 85]], [0.9, 0.95], [0, 0])
+    m = evaluate_detector(detector, dataset)
+    expected = {"bbox_mAP": 0.3 * 51 / 101, "bbox_mAP_50": 51 / 101, "bbox_mAP_75": 0.0,
+                "bbox_mAP_s": 0.3 * 51 / 101, "bbox_mAP_m": -1.0, "bbox_mAP_l": -1.0,
+                "bbox_AR_1": 0.0, "bbox_AR_10": 0.15, "bbox_AR_100": 0.15,
+                "bbox_AR_s": 0.15, "bbox_AR_m": -1.0, "bbox_AR_l": -1.0}
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_detections_to_coco_maps_labels_boxes_and_masks():
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    out = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 8.0, 6.0]]), "scores": torch.tensor([0.8, 0.1]),
+           "labels": torch.tensor([2, 0]), "masks": masks}
+    records = detections_to_coco([out], [42], cat_ids=[1, 3, 6, 9])
+    assert [(r["image_id"], r["category_id"], r["bbox"]) for r in records] == [
+        (42, 6, [2.0, 1.0, 3.0, 2.0]), (42, 1, [0.0, 0.0, 8.0, 6.0])]
+    assert records[0]["score"] == pytest.approx(0.8)
+    assert np.array_equal(mask_utils.decode(records[0]["segmentation"]), masks[0].numpy().astype(np.uint8))
+
+
+def test_results_are_gathered_over_ranks_and_evaluated_once(coco_root, monkeypatch):
+    # Two "ranks" in one process: rank 1's share is computed first, then handed to rank 0's gather.
+    dataset = _val_set(coco_root)
+    detector = GroundTruthDetector(coco_root)
+    shares = {}
+
+    class FakeRank(DistContext):
+        def gather_objects(self, obj):
+            if self.rank == 1:
+                shares.setdefault("rank1", obj)
+                return [None, obj]
+            return [obj, shares["rank1"]] if obj is not None and not isinstance(obj, dict) else [obj, None]
+
+    assert evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2)) is None  # only rank 0 evaluates
+    metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2))
+    assert metrics["images"] == len(dataset) and metrics["bbox_mAP"] == pytest.approx(1.0)
+
+
+# ---- prediction output ------------------------------------------------------------------------------
+
+class BoxInTheMiddle(nn.Module):
+    """Ground-truth style: one object, a mask of the middle quarter of every image and its box."""
+
+    def forward(self, images: torch.Tensor, metas: list[dict]) -> list[dict[str, torch.Tensor]]:
+        outs = []
+        for meta in metas:
+            h, w = meta["ori_shape"]
+            masks = torch.zeros(1, h, w, dtype=torch.bool)
+            masks[0, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
+            box = torch.tensor([[w // 4, h // 4, 3 * w // 4, 3 * h // 4]], dtype=torch.float32)
+            outs.append({"boxes": box, "scores": torch.tensor([0.87]), "labels": torch.tensor([1]), "masks": masks})
+        return outs
+
+
+def _photo_like(path: Path, width: int, height: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 200 / width, yy * 200 / height, 100 + 40 * np.sin(xx / 7.0)], -1) + rng.normal(0, 10, (height, width, 3))
+    pixels = pixels.clip(0, 255).astype(np.uint8)
+    pixels[height // 3 : height // 2, width // 3 : width // 2] = (220, 30, 30)  # a red shape
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_predict_writes_pngs_and_coco_results(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = _photo_like(folder / "street.png", 300, 180)
+    Image.fromarray(pixels).convert("L").save(folder / "gray.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
+        predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out0", ["a", "b"])
+    out = predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out", ["cat", "dog"], cat_ids=[5, 9],
+                             transform=build_test_transform(256, 160), skip_corrupt=True)
+    assert [p.name for p in out.images] == ["gray.png", "street.png"] and len(out.skipped) == 1
+    assert "broken.jpg" in out.skipped[0]
+    drawn = np.asarray(Image.open(tmp_path / "out" / "street.png").convert("RGB"))
+    assert drawn.shape == pixels.shape
+    inside = (slice(90 - 20, 90 + 20), slice(150 - 30, 150 + 30))
+    assert np.abs(drawn[inside].astype(int) - pixels[inside]).mean() > 10  # the mask overlay
+    assert np.array_equal(drawn[:30, :60], pixels[:30, :60])  # far from the box and its caption: untouched
+    assert (np.abs(drawn[45, 75:225].astype(int) - pixels[45, 75:225]).sum(-1) > 0).all()  # the box's top edge
+    records = json.loads(out.json_path.read_text())
+    assert len(records) == out.detections == 2
+    for r in records:
+        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation", "file_name"}
+        assert r["category_id"] == 9 and r["score"] == pytest.approx(0.87)
+    street = next(r for r in records if r["file_name"].endswith("street.png"))
+    assert street["bbox"] == [75.0, 45.0, 150.0, 90.0]
+    assert mask_utils.decode(street["segmentation"]).sum() == 150 * 90
