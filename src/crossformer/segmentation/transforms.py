@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserInputError
+
 __all__ = [
     "IGNORE_INDEX", "MMSEG_MEAN", "MMSEG_STD", "TrainPipelineConfig", "SegTrainTransform",
     "rescale_size", "resize_image", "resize_label", "resize_to_multiple", "sample_train_scale",
@@ -249,8 +251,6 @@ class TrainPipelineConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
         """From a config mapping (lists become tuples); unknown keys are a one-line error."""
-        from ..errors import UserInputError
-
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
