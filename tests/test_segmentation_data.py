@@ -16,7 +16,7 @@ from crossformer.segmentation.data import (
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
     MMSEG_MEAN, MMSEG_STD, SegTrainTransform, TrainPipelineConfig, photometric_distortion, random_crop_box,
-    rescale_size, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
+    hsv_to_rgb_u8, rescale_size, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
 )
 
 
@@ -159,6 +159,10 @@ def test_photometric_distortion_hsv_and_ranges():
     for (r, g, b), (h, s, v) in zip(pixels[0] / 255.0, hsv[0]):
         ch, cs, cv = colorsys.rgb_to_hsv(r, g, b)
         assert abs(int(h) - round(ch * 180) % 180) <= 1 and abs(int(s) - cs * 255) <= 0.51 and v == round(cv * 255)
+    back = hsv_to_rgb_u8(hsv)
+    for (h, s, v), rgb in zip(hsv[0], back[0]):
+        expected = [round(x * 255) for x in colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)]
+        assert np.abs(rgb.astype(int) - expected).max() <= 1
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     outs = [photometric_distortion(image, generator=torch.Generator().manual_seed(s)) for s in range(6)]
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)

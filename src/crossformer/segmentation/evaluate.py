@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..data import DataError, ShardedSampler
 from ..engine import DistContext, RunLogger
 from .data import SegmentationDataset, check_batch, collate_segmentation
-from .inference import InferenceConfig, Segmentor, segment
+from .inference import InferenceConfig, segment
 from .transforms import IGNORE_INDEX
 
 __all__ = ["IoUAccumulator", "SegMetrics", "evaluate_segmentor"]

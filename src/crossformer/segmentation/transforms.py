@@ -78,7 +78,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     width, height = size
     if image.shape[:2] == (height, width):
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().contiguous()
     out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
@@ -150,20 +150,19 @@ def rgb_to_hsv_u8(image: np.ndarray) -> np.ndarray:
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
-    """OpenCV's 8-bit HSV -> RGB (the inverse of :func:`rgb_to_hsv_u8`)."""
-    h = hsv[..., 0].astype(np.float32) / 30.0 % 6.0
+    """OpenCV's 8-bit HSV -> RGB (the inverse of :func:`rgb_to_hsv_u8`).
+
+    Per channel ``n`` (R 5, G 3, B 1): ``v - v * s * clip(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + h / 60deg) mod 6``, the closed form of OpenCV's per-sector table.
+    """
+    h = hsv[..., 0].astype(np.float32) / 30.0
     s = hsv[..., 1].astype(np.float32) / 255.0
     v = hsv[..., 2].astype(np.float32) / 255.0
-    sector = np.floor(h).astype(np.int64)
-    frac = h - sector
-    p, q, t = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
-    # (r, g, b) per 60-degree sector.
-    table = np.stack([
-        np.stack([v, t, p], -1), np.stack([q, v, p], -1), np.stack([p, v, t], -1),
-        np.stack([p, q, v], -1), np.stack([t, p, v], -1), np.stack([v, p, q], -1),
-    ], axis=0)
-    rgb = np.take_along_axis(table, sector[None, ..., None].repeat(3, -1), axis=0)[0]
-    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + h) % 6.0
+        channels.append(v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+    return np.clip(np.round(np.stack(channels, -1) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _scale_shift(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
