@@ -256,6 +256,8 @@ def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
     invalid = [s.error for s in samples if s.error is not None and s.fatal]
     if not good:
         return SegBatch(torch.empty(0, 3, 0, 0), torch.empty(0, 0, 0, dtype=torch.long), [], unreadable, invalid)
+    if len({tuple(s.image.shape) for s in good}) > 1:
+        raise ValueError("samples of different sizes cannot be batched: untransformed data sets need batch size 1")
     return SegBatch(
         torch.stack([s.image for s in good]), torch.stack([s.label for s in good]), [s.meta for s in good], unreadable, invalid
     )
