@@ -185,10 +185,10 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     from ..engine.registry import task_module
 
     module = task_module(task)
-    handler = module.COMMANDS.get(verb)
-    if handler is None:
-        raise UserInputError(f"the {task} task has no {verb} command")
     add_config_argument(parser)
+    handler = module.COMMANDS.get(verb)
+    if handler is None:  # said when the command runs: building the parser must not fail for other verbs
+        return
     handler.add_arguments(parser)
     add_config_arguments(parser, module.CONFIG, handler.config_keys)
 
@@ -200,4 +200,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
 
     values = {**parse_overrides(overrides), **config_values(args)}
     resolved = resolve_config(args.config, values, use_default=False)
-    return resolved.module.COMMANDS[verb].run(args, resolved.config, resolved.given)
+    handler = resolved.module.COMMANDS.get(verb)
+    if handler is None:
+        raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+    return handler.run(args, resolved.config, resolved.given)

@@ -245,7 +245,7 @@ class Trainer:
             if evaluate:
                 metrics, is_best = self._report()
                 self._save(metrics, best=is_best)
-            elif position % run.checkpoint_every == 0:
+            elif run.checkpoint_every and position % run.checkpoint_every == 0:
                 self._save({})
             elif run.save_every_steps and self.global_step % run.save_every_steps == 0:
                 self._save({})
