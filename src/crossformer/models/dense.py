@@ -25,6 +25,7 @@ class DenseBackbone(FeatureGetterNet):
         # The classifier head is never used: build without it.
         super().__init__(timm.create_model(name, num_classes=0, **settings), out_indices=tuple(out_indices))
         self.name = name
+        self.settings = dict(settings, out_indices=tuple(out_indices))  # rebuilds a twin (e.g. on meta)
 
     @property
     def channels(self) -> tuple[int, ...]:
