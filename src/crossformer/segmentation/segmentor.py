@@ -84,9 +84,12 @@ class Segmentor(nn.Module):
             maps = run_fpn_neck(self.neck, maps)
         return self.decode_head(maps)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         """``(B, 3, H, W)`` -> decode-head logits ``(B, num_classes, H/4, W/4)`` (sizes as the
-        backbone's stride-4 map), what mmseg's ``decode_head.forward`` returns."""
+        backbone's stride-4 map), what mmseg's ``decode_head.forward`` returns. With ``labels``:
+        :meth:`losses` instead (so that training through a DDP wrapper calls ``forward``)."""
+        if labels is not None:
+            return self.losses(images, labels)
         return self.decode(self.backbone(images))
 
     def predict_logits(self, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -132,6 +135,8 @@ def build_segmentor(
     num_classes: int = 150,
     backbone_kwargs: dict[str, Any] | None = None,
     pretrained_backbone: str | None = None,
+    channels: int | None = None,
+    aux_channels: int | None = None,
 ) -> Segmentor:
     """A Semantic FPN (``"fpn"``) or UPerNet (``"upernet"``) segmentor as the authors built it.
 
@@ -143,6 +148,9 @@ def build_segmentor(
         backbone_kwargs: Backbone settings over the authors' segmentation settings
             (``group_size``, ``interval``, ``embed_dim``, ``depths``, ``drop_path_rate``...).
         pretrained_backbone: An ImageNet checkpoint (official or ours) for the backbone.
+        channels: Width of the decode head (None: the authors' 128 for Semantic FPN, whose
+            neck stays 256 wide, and 512 for UPerNet); smaller for small demos.
+        aux_channels: Width of UPerNet's auxiliary head (None: the authors' 256).
 
     Semantic FPN: FPN neck (256 channels, 4 outputs) + FPNHead (128 channels).
     UPerNet: UPerHead (pool scales 1,2,3,6, 512 channels) + auxiliary FCNHead on the stride-16
@@ -159,11 +167,11 @@ def build_segmentor(
         raise UserInputError(f"backbone {backbone!r} must return 4 maps, it returns {len(net.channels)}")
     if pretrained_backbone is not None:
         load_checkpoint(net, pretrained_backbone)
-    channels = net.channels
+    maps = net.channels
     if kind == "fpn":
-        neck = fpn_neck(channels, 256)
-        head = FPNHead([256] * len(channels), net.strides, 128, num_classes)
+        neck = fpn_neck(maps, 256)
+        head = FPNHead([256] * len(maps), net.strides, channels or 128, num_classes)
         return Segmentor(kind, net, head, neck=neck)
-    head = UPerHead(channels, 512, num_classes)
-    aux = FCNHead(channels[2], 256, num_classes)
+    head = UPerHead(maps, channels or 512, num_classes)
+    aux = FCNHead(maps[2], aux_channels or 256, num_classes)
     return Segmentor(kind, net, head, auxiliary_head=aux, aux_index=2, aux_weight=0.4)
