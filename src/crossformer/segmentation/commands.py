@@ -1,0 +1,311 @@
+"""The segmentation task's command-line verbs beyond ``train`` (registry ``COMMANDS``).
+
+- ``evaluate --config FILE --checkpoint FILE --data ADE_ROOT [--multi-scale] [--flip]
+  [--mode whole|slide]``: mIoU, mAcc, aAcc and the per-class table (``--json``: one JSON
+  object; ``--output FILE``: the JSON written too); torchrun splits the images.
+- ``predict IMAGE_OR_DIR... --config FILE --checkpoint FILE --output DIR``: an overlay and a
+  label-map PNG per image.
+- ``flops --config FILE [--img-size H W] [--json]``: parameters and MACs (512x2048 by default)
+  beside the authors' table.
+- ``benchmark --config FILE``: inference images/s at 512x512 and 512x2048, side by side with
+  segmentation_models_pytorch's UPerNet on a timm ``swin_tiny_patch4_window7_224`` encoder.
+
+The segmentor is the config's ``model`` section; the checkpoint is ours (``crossformer train``)
+or the authors' mmseg release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..engine.registry import VerbHandler
+from ..errors import UserInputError
+from .config import SegmentationConfig
+
+__all__ = ["COMMANDS", "AUTHORS_TABLE", "load_segmentor"]
+
+# The authors' ADE20K tables (segmentation/README.md; CrossFormer++ parameter counts from the
+# paper): (kind, backbone) -> params (M), GFLOPs at 512x2048, single-scale and multi-scale mIoU.
+AUTHORS_TABLE: dict[tuple[str, str], dict[str, float]] = {
+    ("fpn", "crossformer_small"): dict(params_m=34.3, gflops=209.8, miou=46.4),
+    ("fpn", "crossformer_base"): dict(params_m=55.6, gflops=320.1, miou=48.0),
+    ("fpn", "crossformer_large"): dict(params_m=95.4, gflops=482.7, miou=49.1),
+    ("fpn", "crossformer_pp_small"): dict(params_m=27.1),
+    ("fpn", "crossformer_pp_base"): dict(params_m=55.6),
+    ("upernet", "crossformer_small"): dict(params_m=62.3, gflops=979.5, miou=47.6, ms_miou=48.4),
+    ("upernet", "crossformer_base"): dict(params_m=83.6, gflops=1089.7, miou=49.7, ms_miou=50.6),
+    ("upernet", "crossformer_large"): dict(params_m=125.5, gflops=1257.8, miou=50.4, ms_miou=51.4),
+    ("upernet", "crossformer_pp_small"): dict(params_m=53.1),
+    ("upernet", "crossformer_pp_base"): dict(params_m=83.7),
+}
+PEER_ENCODER = "swin_tiny_patch4_window7_224"
+BENCH_SIZES = ((512, 512), (512, 2048))
+# what inference reads of a segmentation config
+_DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label", "data.skip_corrupt")
+_RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
+_EVALUATE_KEYS = ("model", *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
+_PREDICT_KEYS = ("model", "data.skip_corrupt", "test", *_RUN_KEYS)
+
+
+def _set_threads(config: SegmentationConfig) -> None:
+    """``run.cpu_threads`` as in training (one thread is much faster on a busy CPU)."""
+    import torch
+
+    if config.run.cpu_threads:
+        torch.set_num_threads(config.run.cpu_threads)
+
+
+def _describe(segmentor: dict[str, Any]) -> str:
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(segmentor.get("backbone_kwargs", {}).items()) if k != "drop_path_rate")
+    return f"{segmentor.get('kind')} {segmentor.get('backbone')}" + (f" ({kwargs})" if kwargs else "")
+
+
+def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
+    """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
+    contents. A checkpoint of another segmentor is a one-line error naming the file."""
+    from ..models.weights import CheckpointError, load_state, read_checkpoint
+    from .task import build_model, model_extras
+
+    checkpoint = read_checkpoint(path)
+    model = dataclasses.replace(config.model, pretrained=None)  # the checkpoint has every weight
+    num_classes = model.num_classes
+    saved = checkpoint.get("segmentor")
+    if isinstance(saved, dict):  # ours: the model settings it was trained with
+        num_classes = num_classes or int(saved["num_classes"])
+        mine = model_extras(model, [""] * num_classes, [], False)["segmentor"]
+        if any(saved.get(k) != mine[k] for k in ("kind", "backbone", "backbone_kwargs", "channels", "aux_channels")):
+            raise UserInputError(
+                f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
+                "pass the config it was trained with"
+            )
+    if num_classes is None:  # an mmseg file and a config without a class count: the file's
+        weight = checkpoint.get("state_dict", {}).get("decode_head.conv_seg.weight")
+        if weight is None:
+            raise UserInputError(f"{path} holds no decode_head.conv_seg weights: not a segmentation checkpoint")
+        num_classes = int(weight.shape[0])
+    segmentor = build_model(model, num_classes)
+    try:
+        load_state(segmentor, checkpoint, str(path), use_ema=use_ema)
+    except CheckpointError as err:
+        first, *listing = str(err).splitlines()
+        if not listing:
+            raise
+        # The key listing helps nobody on a command line: say what it means, on one line.
+        raise CheckpointError(
+            f"{first.rstrip(':')} ({len(listing)} kinds of key or shape differences): it holds another "
+            f"segmentor than the config's {model.kind} {model.backbone}; pass the config that matches it"
+        ) from None
+    return segmentor, checkpoint
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="ours (crossformer train) or the authors' mmseg file")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
+
+
+def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
+    from ..engine import RunLogger, resolve_precision
+    from ..engine.distributed import setup_distributed, teardown_distributed
+    from .evaluate import evaluate_segmentor
+    from .task import build_datasets
+
+    _, dataset = build_datasets(config.data, train=False)
+    _set_threads(config)
+    ctx = setup_distributed(config.run.device)
+    try:
+        segmentor, _ = load_segmentor(config, args.checkpoint, args.ema)
+        segmentor.to(ctx.device)
+        logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
+        metrics = evaluate_segmentor(
+            segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
+            config.data.skip_corrupt, logger if sys.stderr.isatty() else None, config.run.num_workers,
+        )
+    finally:
+        teardown_distributed(ctx)
+    if not ctx.is_main:  # under torchrun, rank 0 reports the reduced metrics
+        return 0
+    result = {"checkpoint": str(args.checkpoint), "data": str(dataset.image_dir), **metrics.to_dict()}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(metrics.table())
+        skipped = f", {metrics.skipped} unreadable skipped" if metrics.skipped else ""
+        print(f"{args.checkpoint} on {dataset.image_dir} ({_settings(metrics.settings)}{skipped})")
+    return 0
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    scales = "multi-scale" if len(settings.get("ratios", [1.0])) > 1 else "single scale"
+    return f"{settings.get('mode')}, {scales}{', flip' if settings.get('flip') else ''}"
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE")
+    parser.add_argument("--output", default="output/predict", metavar="DIR", help="where the PNGs go (default output/predict)")
+    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+
+
+def _labels_of(checkpoint: dict[str, Any], num_classes: int) -> tuple[list[str], Any, bool]:
+    """Class names, palette and reduce-zero-label of a checkpoint (ADE20K's for 150 classes
+    without names, numbered classes otherwise)."""
+    from .checkpoint import read_segmentation_meta
+    from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+
+    meta = read_segmentation_meta(checkpoint)
+    names, palette = meta["classes"], meta["palette"]
+    if names is None and num_classes == len(ADE20K_CLASSES):
+        names, palette = ADE20K_CLASSES, ADE20K_PALETTE
+    if names is None or len(names) != num_classes:
+        names, palette = [f"class {i}" for i in range(num_classes)], None
+    stored = checkpoint.get("meta", {}).get("reduce_zero_label") if isinstance(checkpoint.get("meta"), dict) else None
+    reduce = bool(stored) if stored is not None else tuple(n.strip() for n in names) == ADE20K_CLASSES
+    return list(names), palette, reduce
+
+
+def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
+    import os
+
+    from ..engine import resolve_precision
+    from ..engine.distributed import resolve_device
+    from .predict import predict_images
+
+    if not 0 <= args.opacity <= 1:
+        raise UserInputError(f"--opacity must be in [0, 1], got {args.opacity}")
+    device = resolve_device(config.run.device)
+    _set_threads(config)
+    segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
+    segmentor.to(device)
+    names, palette, reduce = _labels_of(checkpoint, segmentor.num_classes)
+    log = (lambda msg: print(msg, file=sys.stderr))
+    results, skipped = predict_images(
+        segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
+        config.data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
+    )
+    try:
+        for result in results:
+            if args.json:
+                print(json.dumps(dataclasses.asdict(result)))
+            else:
+                print(f"{result.path}: {result.overlay}, {result.label_map} ({', '.join(result.classes) or 'no class'})")
+            sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+# ---------------------------------------------------------------------------- flops, benchmark
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """benchmark and flops keep their own flags; the config supplies the model."""
+
+
+def _sizes(args: argparse.Namespace, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    from ..commands.common import img_size
+
+    return (img_size(args),) if args.img_size_given else default
+
+
+def _model_classes(config: SegmentationConfig) -> int:
+    return config.model.num_classes or 150
+
+
+def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
+    import torch
+
+    from .flops import segmentor_flops
+    from .task import build_model
+
+    (height, width), = _sizes(args, ((512, 2048),))
+    model = dataclasses.replace(config.model, pretrained=None)
+    with torch.device("meta"):
+        segmentor = build_model(model, _model_classes(config))
+    counts = segmentor_flops(segmentor, height, width)
+    result = {"kind": model.kind, "backbone": model.backbone, "img_size": [height, width],
+              "num_classes": segmentor.num_classes, **counts}
+    authors = AUTHORS_TABLE.get((model.kind, model.backbone)) if _authors_settings(config) else None
+    if authors and (height, width) == (512, 2048) and segmentor.num_classes == 150:
+        result.update({f"authors_{k}": v for k, v in authors.items()})
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model       {model.kind} {model.backbone} at {height}x{width}, {segmentor.num_classes} classes")
+    print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M, auxiliary head included)")
+    print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G: backbone {counts['backbone_macs'] / 1e9:.1f}G "
+          f"as executed + heads {counts['head_macs'] / 1e9:.1f}G, the authors' convention)")
+    print(f"backbone    {counts['backbone_macs_analytic'] / 1e9:.1f}G by the classification analytic formula")
+    if "authors_params_m" in result:
+        flops = f" / {result['authors_gflops']}G FLOPs" if "authors_gflops" in result else ""
+        print(f"authors     {result['authors_params_m']}M params{flops}")
+    return 0
+
+
+def _authors_settings(config: SegmentationConfig) -> bool:
+    """Whether the backbone settings only restate the authors' grouping (a bundled row)."""
+    return set(config.model.backbone_kwargs) <= {"group_size", "interval"}
+
+
+def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
+    import segmentation_models_pytorch as smp
+
+    from ..benchmark import format_summary, run_benchmark, summarise
+    from ..commands.benchmark import build_config
+    from .task import build_model
+
+    if args.mode == "train":
+        raise UserInputError("benchmark --config <segmentation>: measures inference; training speed is in `crossformer train`'s log")
+    args.mode = "infer"
+    model = dataclasses.replace(config.model, pretrained=None)
+    classes = _model_classes(config)
+    ours = f"{model.kind}_{model.backbone}"
+    encoder = args.compare or PEER_ENCODER
+    peer = f"smp_upernet_{encoder}"
+    args.compare = None  # summarise() compares by our names below
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    summaries = []
+    for height, width in _sizes(args, BENCH_SIZES):
+        args.img_size = [height, width]
+        bench = build_config(args)
+        bench.num_classes = classes
+        if args.batch_size is None:
+            bench.batch_size = {"infer": 1}
+        factories = {
+            ours: lambda: build_model(model, classes).eval(),
+            peer: lambda size=(height, width): smp.UPerNet(
+                encoder_name=f"tu-{encoder}", encoder_weights=None, classes=classes, img_size=size
+            ).eval(),
+        }
+        summaries.append(summarise(run_benchmark(factories, bench, log=log), bench, compare=peer))
+    if args.json:
+        print(json.dumps({"model": ours, "compare": peer, "sizes": summaries}))
+        return 0
+    for summary in summaries:
+        print(format_summary(summary))
+        print(f"infer_ratio  {summary['infer_ratio']:.2f}x {ours} / {peer}")
+    return 0
+
+
+COMMANDS: dict[str, VerbHandler] = {
+    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _EVALUATE_KEYS),
+    "predict": VerbHandler(_predict_arguments, _predict, _PREDICT_KEYS),
+    "flops": VerbHandler(_no_arguments, _flops, ()),
+    "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
+}

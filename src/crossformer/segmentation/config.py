@@ -1,0 +1,162 @@
+"""The segmentation configuration: the engine's sections plus model, data and test settings.
+
+Defaults are the authors' UPerNet recipe on ADE20K (mmseg 0.29, 8 GPUs x 2 images): 160k
+iterations, AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01 (none on norms), linear
+warm-up over 1500 iterations from 1e-6, poly decay (power 1.0) to 0, evaluation and a
+checkpoint every 16k iterations. The bundled ``configs/segmentation/{fpn,upernet}_*.yaml``
+name every row of the authors' tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from ..errors import UserInputError
+from .inference import InferenceConfig
+from .transforms import TrainPipelineConfig
+
+__all__ = ["SegModelConfig", "SegDataConfig", "SegTestConfig", "SegmentationConfig"]
+
+
+def _positive_pair(key: str, value: tuple[int, int] | tuple[float, float]) -> None:
+    if min(value) <= 0:
+        raise UserInputError(f"{key} must be two positive numbers, got {list(value)}")
+
+
+@dataclass(frozen=True)
+class SegModelConfig:
+    """A segmentor: its kind, its CrossFormer backbone and settings, the class count."""
+
+    kind: Literal["fpn", "upernet"] = "upernet"  # Semantic FPN or UPerNet (+ auxiliary FCN head)
+    backbone: str = "crossformer_small"  # any CrossFormer / CrossFormer++ variant (a timm name)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. group_size, interval, embed_dim, depths
+    drop_path: float | None = None  # stochastic depth of the backbone (None: the variant's, as the authors)
+    num_classes: int | None = 150  # None: the data set's class count
+    channels: int | None = None  # decode-head width (None: the authors' 128 FPN / 512 UPerNet)
+    aux_channels: int | None = None  # UPerNet auxiliary-head width (None: the authors' 256)
+    pretrained: str | None = None  # an ImageNet checkpoint (official or ours) for the backbone
+
+    def validate(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UserInputError(f"model.num_classes must be at least 1, got {self.num_classes}")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        for name in ("channels", "aux_channels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The backbone settings handed to :func:`.build_segmentor` (drop path included)."""
+        kwargs = dict(self.backbone_kwargs)
+        if self.drop_path is not None:
+            kwargs["drop_path_rate"] = self.drop_path
+        return kwargs
+
+
+@dataclass(frozen=True)
+class SegDataConfig:
+    """Where the images and label maps are, and the training pipeline's sizes.
+
+    Either ``root`` (the ADE20K layout: ``images/{training,validation}``,
+    ``annotations/{training,validation}``; 150 classes or ``classes.txt``; reduce-zero-label),
+    or the four folders ``train_images`` / ``train_labels`` / ``val_images`` / ``val_labels``
+    with a ``classes`` file (label values are class indices, 255 = ignore, unless
+    ``reduce_zero_label``). The training transform's settings are the ``pipeline`` section.
+    """
+
+    shorthand: ClassVar[str] = "root"
+
+    root: str | None = None
+    train_images: str | None = None
+    train_labels: str | None = None
+    val_images: str | None = None
+    val_labels: str | None = None
+    classes: str | None = None  # a text file, one class name per line (folder layout)
+    reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
+    skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
+
+    @property
+    def folders(self) -> tuple[str | None, ...]:
+        return (self.train_images, self.train_labels, self.val_images, self.val_labels, self.classes)
+
+    @property
+    def given(self) -> bool:
+        return self.root is not None or any(f is not None for f in self.folders)
+
+    def validate(self) -> None:
+        if self.root is not None and any(f is not None for f in self.folders):
+            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
+        if self.root is None and any(f is not None for f in self.folders) and None in self.folders:
+            raise UserInputError(
+                "data: the folder layout needs all of data.train_images, data.train_labels, data.val_images, "
+                "data.val_labels and data.classes"
+            )
+
+
+def _validate_pipeline(p: TrainPipelineConfig) -> None:
+    """The training transform's settings (``pipeline`` section) are possible."""
+    _positive_pair("pipeline.scale", p.scale)
+    _positive_pair("pipeline.ratio_range", p.ratio_range)
+    _positive_pair("pipeline.crop_size", p.crop_size)
+    if p.ratio_range[0] > p.ratio_range[1]:
+        raise UserInputError(f"pipeline.ratio_range must be [low, high], got {list(p.ratio_range)}")
+    if not 0 < p.cat_max_ratio <= 1:
+        raise UserInputError(f"pipeline.cat_max_ratio must be in (0, 1], got {p.cat_max_ratio}")
+    if not 0 <= p.flip_prob <= 1:
+        raise UserInputError(f"pipeline.flip_prob must be in [0, 1], got {p.flip_prob}")
+
+
+@dataclass(frozen=True)
+class SegTestConfig:
+    """Inference for evaluation and prediction: single scale ``whole`` by default, as the
+    authors' tables; ``multi_scale`` uses the ratios 0.5-1.75; ``slide`` uses windows of
+    ``slide_crop`` every ``slide_stride`` pixels."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    multi_scale: bool = False
+    flip: bool = False
+    scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the single test scale
+    slide_crop: tuple[int, int] = (512, 512)
+    slide_stride: tuple[int, int] = (341, 341)
+
+    def validate(self) -> None:
+        _positive_pair("test.scale", self.scale)
+        _positive_pair("test.slide_crop", self.slide_crop)
+        _positive_pair("test.slide_stride", self.slide_stride)
+
+    def inference(self, multi_scale: bool | None = None, flip: bool | None = None) -> InferenceConfig:
+        """The :class:`.inference.InferenceConfig` these settings describe (``multi_scale`` and
+        ``flip`` replace the section's when given)."""
+        return InferenceConfig.build(
+            self.mode, self.multi_scale if multi_scale is None else multi_scale, self.flip if flip is None else flip,
+            scale=tuple(self.scale), crop_size=tuple(self.slide_crop), stride=tuple(self.slide_stride),
+        )
+
+
+@dataclass(frozen=True)
+class SegmentationConfig(EngineConfig):
+    """Everything a segmentation run depends on. Batch sizes are per process (the authors:
+    2 per GPU on 8 GPUs, 16 images per step)."""
+
+    task: str = "segmentation"
+    run: RunConfig = field(
+        default_factory=lambda: RunConfig(iterations=160_000, eval_every=16_000, checkpoint_every=16_000, batch_size=2,
+                                          num_workers=4)
+    )
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=6e-5, weight_decay=0.01, no_decay_keys=("norm",), scale_lr=False)
+    )
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(name="poly", power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6)
+    )
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    pipeline: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)  # the authors' ADE20K pipeline
+    test: SegTestConfig = field(default_factory=SegTestConfig)
+
+    def validate(self) -> "SegmentationConfig":
+        super().validate()
+        _validate_pipeline(self.pipeline)
+        return self

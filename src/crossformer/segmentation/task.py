@@ -1,0 +1,168 @@
+"""Semantic segmentation as an engine task: ADE20K (or image/label folders), the authors'
+mmseg training pipeline, Semantic FPN / UPerNet, mIoU (registry entry ``segmentation``).
+
+The run is iteration-based (the data loops over epochs as needed); the engine sums the
+segmentor's losses (``loss_decode`` and, for UPerNet, the weighted ``loss_aux``), evaluates
+single-scale mIoU on the validation split and keeps ``best.pth`` by it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..data import DataError, ShardedSampler, build_loader
+from ..engine import DistContext, Task, resolve_precision
+from ..engine import train as train_task
+from ..errors import UserInputError
+from .config import SegDataConfig, SegmentationConfig, SegModelConfig
+from .data import SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation
+from .evaluate import SegMetrics, evaluate_segmentor
+from .segmentor import Segmentor, build_segmentor
+from .transforms import SegTrainTransform
+
+__all__ = [
+    "SegmentationTask", "build_datasets", "build_model", "model_extras", "train", "CONFIG", "TASK", "COMMANDS",
+]
+
+
+def build_datasets(data: SegDataConfig, train_transform: Any = None, train: bool = True) -> tuple[SegmentationDataset | None, SegmentationDataset]:
+    """``(training set with train_transform, validation set untransformed)`` of ``data``;
+    the training set is None unless ``train``. One-line errors for missing folders."""
+    if not data.given:
+        raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
+    if data.root is not None:
+        val = ade20k_dataset(data.root, "validation")
+        return (ade20k_dataset(data.root, "training", train_transform) if train else None), val
+    classes = Path(data.classes)
+    val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
+    if not train:
+        return None, val
+    return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform), val
+
+
+def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
+    """The segmentor ``model`` describes, for ``num_classes`` (or ``model.num_classes``);
+    the backbone starts from ``model.pretrained`` when given."""
+    classes = num_classes or model.num_classes
+    if classes is None:
+        raise UserInputError("model.num_classes is not set and no data set gives it: pass model.num_classes=N")
+    return build_segmentor(
+        model.kind, model.backbone, classes, model.build_kwargs(), model.pretrained, model.channels, model.aux_channels,
+    )
+
+
+def model_extras(
+    model: SegModelConfig, classes: list[str], palette: list[tuple[int, ...]], reduce_zero_label: bool
+) -> dict[str, Any]:
+    """What our checkpoints carry to rebuild and label the segmentor (plain values): the model
+    settings under ``segmentor`` and, as mmseg files do, ``meta`` with the classes and palette
+    (and whether label maps count classes from 1, as ADE20K's)."""
+    return {
+        "segmentor": {
+            "kind": model.kind, "backbone": model.backbone, "backbone_kwargs": model.build_kwargs(),
+            "num_classes": len(classes), "channels": model.channels, "aux_channels": model.aux_channels,
+        },
+        "meta": {"classes": list(classes), "palette": [list(c) for c in palette], "reduce_zero_label": reduce_zero_label},
+    }
+
+
+class SegmentationTask(Task):
+    """A segmentor trained on ``data`` with the authors' pipeline; best checkpoint by mIoU."""
+
+    primary_metric = "mIoU"
+
+    def __init__(self, config: SegmentationConfig, ctx: DistContext) -> None:
+        super().__init__(config, ctx)
+        c = config
+        self.train_set, self.val_set = build_datasets(c.data, SegTrainTransform(c.pipeline))
+        if c.model.num_classes is not None and c.model.num_classes != self.train_set.num_classes:
+            raise UserInputError(
+                f"model.num_classes is {c.model.num_classes} but {self.train_set.image_dir} has "
+                f"{self.train_set.num_classes} classes; set model.num_classes={self.train_set.num_classes} (or null)"
+            )
+        if self.val_set.classes != self.train_set.classes:
+            raise DataError(f"{self.val_set.image_dir} lists other classes than {self.train_set.image_dir}")
+        batch = c.run.batch_size
+        if len(self.train_set) // ctx.world_size < batch:
+            raise DataError(
+                f"{self.train_set.image_dir} has {len(self.train_set)} images: fewer than one batch of {batch} "
+                "per process; lower --batch-size"
+            )
+        self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
+        self.train_loader = build_loader(
+            self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
+            pin_memory=ctx.device.type == "cuda", collate_fn=collate_segmentation,
+        )
+        model = build_model(c.model, self.train_set.num_classes)
+        if ctx.distributed and ctx.device.type == "cuda":  # the authors' SyncBN: statistics over all GPUs
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(ctx.device)
+        self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
+        self.inference = c.test.inference()
+
+    # the Task interface ---------------------------------------------------------------
+
+    def batch_counts(self, batch: SegBatch) -> dict[str, float]:
+        unreadable = check_batch(batch, self.config.data.skip_corrupt)
+        return {"samples": float(len(batch.images)), "unreadable_images": float(unreadable)}
+
+    def to_device(self, batch: SegBatch) -> SegBatch:
+        device = self.ctx.device
+        return batch._replace(images=batch.images.to(device, non_blocking=True), labels=batch.labels.to(device, non_blocking=True))
+
+    def losses(self, model: nn.Module, batch: SegBatch) -> dict[str, torch.Tensor]:
+        return model(batch.images, batch.labels)  # {"loss_decode", "loss_aux" (UPerNet, weighted)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics = self.evaluate_metrics(model)
+        return {"mIoU": metrics.miou, "mAcc": metrics.macc, "aAcc": metrics.aacc}
+
+    def evaluate_metrics(self, model: nn.Module) -> SegMetrics:
+        """The full metrics (per class too) of ``model`` on the validation split, over all ranks."""
+        return evaluate_segmentor(
+            model, self.val_set, self.inference, self.ctx, self.precision.autocast, self.config.data.skip_corrupt,
+        )
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        t = self.train_set
+        return model_extras(self.config.model, t.classes, t.palette, t.reduce_zero_label)
+
+    def check_resume(self, state: dict[str, Any], path: str) -> None:
+        mine = self.checkpoint_extras()
+        theirs = state.get("segmentor", {})
+        for key in ("kind", "backbone", "backbone_kwargs", "num_classes", "channels", "aux_channels"):
+            if theirs.get(key) != mine["segmentor"][key]:
+                raise UserInputError(
+                    f"{path} was trained with model {key} {theirs.get(key)!r}, not {mine['segmentor'][key]!r}; "
+                    "resume with the same config"
+                )
+        if list(state.get("meta", {}).get("classes", [])) != mine["meta"]["classes"]:
+            raise UserInputError(f"{path} was trained on other classes than {self.train_set.image_dir}; use the same data")
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        m = self.config.model
+        return (f"{m.kind} {m.backbone}: {params:.2f}M params, {self.train_set.num_classes} classes, "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+
+
+def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``config`` and return the last report's metrics (``val/mIoU`` ...), ``best_mIoU``,
+    ``epoch`` and ``global_step``. See :func:`crossformer.engine.train` (torchrun, checkpoints)."""
+    return train_task(SegmentationTask, config, on_step_end)
+
+
+CONFIG = SegmentationConfig
+TASK = SegmentationTask
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
+        from .commands import COMMANDS
+
+        return COMMANDS
+    raise AttributeError(name)
