@@ -11,7 +11,7 @@ from typing import Any
 
 from ..engine import LAST
 
-__all__ = ["make_data", "run_demo", "DEMO_CONFIG", "DEMO_TARGET_MIOU"]
+__all__ = ["make_data", "write_ade", "run_demo", "DEMO_CONFIG", "DEMO_TARGET_MIOU", "DEMO_IMAGES"]
 
 DEMO_CONFIG = "upernet_demo"
 DEMO_TARGET_MIOU = 0.5
@@ -24,6 +24,15 @@ def make_data(root: str | Path, images: int = DEMO_IMAGES, seed: int = 0) -> Pat
     from .synthetic import make_ade_dataset
 
     return make_ade_dataset(root, images=images, seed=seed)
+
+
+def write_ade(root: Path, images: int, seed: int) -> str:
+    """``crossformer make-data ade DIR``: :func:`make_data`, and one line saying what was written."""
+    ade = make_data(root, images, seed)
+    train = len(list((ade / "images" / "training").glob("*.jpg")))
+    val = len(list((ade / "images" / "validation").glob("*.jpg")))
+    return (f"wrote an ADE20K-layout set to {ade}: {train} training / {val} validation images, "
+            f"7 classes in classes.txt, label 0 = unlabelled (images/, annotations/)")
 
 
 def run_demo(output: str | Path = "output/demo-segmentation", overrides: dict[str, Any] | None = None) -> dict[str, float]:
@@ -63,7 +72,7 @@ def run_demo(output: str | Path = "output/demo-segmentation", overrides: dict[st
         results[name] = metrics.miou
         print(f"evaluate {final} ({name}): mIoU {100 * metrics.miou:.2f}  mAcc {100 * metrics.macc:.2f}  "
               f"aAcc {100 * metrics.aacc:.2f} on {metrics.images} held-out images")
-    print(metrics.table())
+    print(f"per class (multi-scale + flip):\n{metrics.table()}")
     images = [path for path, _ in held_out.samples[:4]]
     predictions, _ = predict_images(segmentor, images, output / "predict", held_out.classes, held_out.palette,
                                     config.test.inference(), reduce_zero_label=True)
@@ -75,4 +84,5 @@ def run_demo(output: str | Path = "output/demo-segmentation", overrides: dict[st
     print(f"demo: held-out mIoU {100 * miou:.2f} single scale, {100 * results['multi-scale + flip']:.2f} multi-scale + flip "
           f"({verdict} the {100 * DEMO_TARGET_MIOU:.0f} target) after {train_seconds:.0f}s of training, "
           f"{elapsed:.0f}s wall time in all")
-    return {"mIoU": miou, "mIoU_ms_flip": results["multi-scale + flip"], "train_seconds": train_seconds, "seconds": elapsed}
+    return {"mIoU": miou, "mIoU_ms_flip": results["multi-scale + flip"], "train_seconds": train_seconds,
+            "seconds": elapsed, "output": str(output)}

@@ -1,0 +1,192 @@
+"""Segmentation training on the engine: the bundled recipes, a training step of each segmentor
+through the Task (auxiliary loss included), exact resume after SIGKILL, torchrun over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossformer.engine import DistContext, load_training_state
+from crossformer.engine.config import build_config
+from crossformer.engine.registry import bundled_configs, resolve_config
+from crossformer.engine.seeding import seed_everything
+from crossformer.errors import UserInputError
+from crossformer.segmentation.config import SegmentationConfig
+from crossformer.segmentation.task import SegmentationTask, build_model, train
+from crossformer.segmentation.transforms import TrainPipelineConfig
+from segmentation_fixtures import make_tiny_ade, tiny_config
+
+TESTS = Path(__file__).resolve().parent
+ROWS = {"small": 0.2, "base": 0.3, "large": 0.5, "pp_small": 0.2, "pp_base": 0.3}  # the authors' drop path
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_ade(tmp_path_factory.mktemp("ade"))
+
+
+def _config(output: Path, root: Path, kind: str = "upernet", **values) -> SegmentationConfig:
+    layers = tiny_config(kind, data={"root": str(root)}, run={"output": str(output)})
+    return build_config(SegmentationConfig, (layers, "tiny"), (values, "test"))
+
+
+def test_every_bundled_config_is_a_row_of_the_authors_tables() -> None:
+    rows = {name: path for name, path in bundled_configs("segmentation").items() if name != "upernet_demo"}
+    assert sorted(rows) == sorted(f"{k}_crossformer_{v}" for k in ("fpn", "upernet") for v in ROWS)
+    for name in rows:
+        config = resolve_config(name).config
+        kind, _, variant = name.partition("_crossformer_")
+        m, run, opt, sched = config.model, config.run, config.optimizer, config.schedule
+        assert isinstance(config, SegmentationConfig) and (m.kind, m.backbone) == (kind, f"crossformer_{variant}")
+        assert m.num_classes == 150 and m.drop_path == ROWS[variant] and m.pretrained is None
+        assert (m.channels, m.aux_channels) == (None, None)  # the authors' head widths
+        large_fpn = name == "fpn_crossformer_large"  # its own grouping in the authors' config
+        assert m.backbone_kwargs == ({"group_size": [14, 14, 7, 7], "interval": [16, 8, 2, 1]} if large_fpn
+                                     else {"group_size": [7, 7, 7, 7], "interval": [8, 4, 2, 1]})
+        assert config.pipeline == TrainPipelineConfig()  # (2048, 512) x 0.5-2.0, 512 crops, 0.75, flip, photometric
+        assert (config.test.mode, config.test.multi_scale, config.test.flip) == ("whole", False, False)
+        assert (run.batch_size, opt.scale_lr, opt.betas, sched.name, sched.min_lr) == (2, False, (0.9, 0.999), "poly", 0.0)
+        if kind == "fpn":
+            assert (run.iterations, run.eval_every, run.checkpoint_every) == (80_000, 8_000, 8_000)
+            assert (opt.lr, opt.weight_decay, opt.no_decay_keys, sched.power, sched.warmup_iters) == (1e-4, 1e-4, (), 0.9, 0)
+        else:
+            assert (run.iterations, run.eval_every, run.checkpoint_every) == (160_000, 16_000, 16_000)
+            assert (opt.lr, opt.weight_decay, opt.no_decay_keys) == (6e-5, 0.01, ("norm",))
+            assert (sched.power, sched.warmup_iters, sched.warmup_ratio) == (1.0, 1500, 1e-6)
+        with torch.device("meta"):  # the settings reach the segmentor
+            segmentor = build_model(config.model)
+        settings = segmentor.backbone.settings
+        assert segmentor.kind == kind and segmentor.num_classes == 150 and segmentor.backbone.name == m.backbone
+        assert (list(settings["group_size"]), list(settings["interval"])) == (m.backbone_kwargs["group_size"],
+                                                                            m.backbone_kwargs["interval"])
+        assert settings["drop_path_rate"] == ROWS[variant]
+
+
+def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="pipeline.ratio_range must be"):
+        resolve_config("upernet_crossformer_small", {"pipeline.ratio_range": [2.0, 0.5]})
+    with pytest.raises(UserInputError, match="data.root .* or the image/label folders, not both"):
+        resolve_config("upernet_crossformer_small", {"data.root": "x", "data.classes": "y"})
+    with pytest.raises(UserInputError, match="model.num_classes is 150 but .* has 7 classes; set model.num_classes=7"):
+        SegmentationTask(_config(tmp_path, ade, **{"model.num_classes": 150}), DistContext())
+
+
+@pytest.mark.parametrize("kind", ["fpn", "upernet"])
+def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path, tmp_path: Path) -> None:
+    task = SegmentationTask(_config(tmp_path, ade, kind), DistContext())
+    batch = task.to_device(next(iter(task.train_loader)))
+    assert task.batch_counts(batch) == {"samples": 2.0, "unreadable_images": 0.0}
+    assert batch.images.shape == (2, 3, 32, 32) and batch.labels.shape == (2, 32, 32)
+    model = task.model.train()
+    torch.manual_seed(1)  # the heads' dropout draws the same masks in both computations
+    losses = task.losses(model, batch)
+    assert sorted(losses) == (["loss_aux", "loss_decode"] if kind == "upernet" else ["loss_decode"])
+
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:  # mmseg 0.29: summed over valid pixels / all pixels
+        logits = F.interpolate(logits, size=batch.labels.shape[1:], mode="bilinear", align_corners=False)
+        per_pixel = F.cross_entropy(logits, batch.labels, ignore_index=255, reduction="none")
+        return per_pixel.sum() / batch.labels.numel()
+
+    torch.manual_seed(1)
+    maps = model.backbone(batch.images)
+    assert torch.allclose(losses["loss_decode"], cross_entropy(model.decode(maps)), rtol=1e-5)
+    if kind == "upernet":
+        aux = 0.4 * cross_entropy(model.auxiliary_head(maps[2]))
+        assert torch.allclose(losses["loss_aux"], aux, rtol=1e-5)
+    # one engine update: both heads (and the backbone) learn from the summed losses
+    config = _config(tmp_path / "run", ade, kind, **{"run.iterations": 1, "run.eval_every": 1})
+    seed_everything(config.run.seed)  # as the trainer does before building the task: the same initial weights
+    before = SegmentationTask(config, DistContext()).model.state_dict()
+    metrics = train(config)
+    after = load_training_state(tmp_path / "run" / "last.pth")["model"]
+    changed = {k.split(".")[0] for k in before if k.endswith("weight") and not torch.equal(before[k], after[k])}
+    assert changed == ({"backbone", "decode_head", "auxiliary_head"} if kind == "upernet" else {"backbone", "neck", "decode_head"})
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0 and metrics["global_step"] == 1
+    expected = {"train/loss", "train/loss_decode", "train/loss_aux"} if kind == "upernet" else {"train/loss"}
+    assert expected <= set(metrics)
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_segmentation_train import _config
+from crossformer.segmentation.task import train
+from pathlib import Path
+def kill(step):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(_config(Path({output!r}), Path({root!r}), **{settings!r}), on_step_end=kill)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_unkilled_run(ade: Path, tmp_path: Path) -> None:
+    # 10 training images, batch 2: 5 batches per epoch. Checkpoints every 2 updates; killed
+    # after update 5, so the resume starts from update 4, mid-epoch (epoch 0, batch 4).
+    settings = {"run.iterations": 7, "run.eval_every": 7, "run.save_every_steps": 2, "run.deterministic": True}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), root=str(ade),
+                                                  settings=settings, kill_at=5)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = load_training_state(killed / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 4, 4)
+
+    resumed = train(_config(killed, ade, **settings, **{"run.resume": "auto"}))
+    unkilled = train(_config(clean, ade, **settings))
+    assert resumed == unkilled  # mIoU, mAcc, aAcc and the training losses, bit for bit
+    assert 0 < unkilled["val/mIoU"] < 1
+    a, b = load_training_state(killed / "last.pth"), load_training_state(clean / "last.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    for index, moments in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][index][k], v) for k, v in moments.items())
+
+
+def test_resume_refuses_another_segmentor(ade: Path, tmp_path: Path) -> None:
+    train(_config(tmp_path, ade, **{"run.iterations": 1, "run.eval_every": 1}))
+    with pytest.raises(UserInputError, match="was trained with model kind 'upernet', not 'fpn'"):
+        train(_config(tmp_path, ade, "fpn", **{"run.iterations": 2, "run.resume": "auto"}))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_over_gloo(ade: Path, tmp_path: Path) -> None:
+    from crossformer.cli import main
+    from segmentation_fixtures import write_config
+
+    config = write_config(tmp_path / "tiny.yaml", data={"root": str(ade)}, run={"iterations": 3, "eval_every": 3})
+    output = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",
+         "train", "--config", str(config), "--output", str(output)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs
+    state = load_training_state(output / "last.pth")
+    # 10 images / (2 ranks x batch 2) = 2 updates per epoch; each rank draws its own crops
+    assert state["world_size"] == 2 and state["global_step"] == 3 and state["epoch"] == 1
+    assert not torch.equal(state["rank_state"][0]["rng"]["torch"], state["rank_state"][1]["rng"]["torch"])
+    # the validation images were split over the ranks and the areas summed: one process agrees
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--config", str(config), "--checkpoint", str(output / "last.pth"), "--json",
+                 "--output", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["images"] == 2
+    assert single["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
+    assert single["aAcc"] == pytest.approx(state["metrics"]["val/aAcc"], abs=1e-12)
