@@ -1,0 +1,141 @@
+"""The segmentation command line on a tiny config: train, evaluate (table, JSON, multi-scale +
+flip, slide), predict, flops, benchmark, make-data, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crossformer.cli import main
+from crossformer.engine import load_training_state
+from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, write_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny UPerNet trained for 2 iterations on a tiny synthetic set."""
+    root = tmp_path_factory.mktemp("segcli")
+    ade = make_tiny_ade(root / "data")
+    config = write_config(root / "tiny.yaml")
+    assert main(["train", "--config", str(config), "--data", str(ade), "--output", str(root / "run")]) == 0
+    return {"root": root, "data": ade, "config": config, "checkpoint": root / "run" / "last.pth"}
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], *expected: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(text in err for text in expected), err
+
+
+def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys) -> None:
+    state = load_training_state(run["checkpoint"])
+    capsys.readouterr()
+    base = ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data", str(run["data"])]
+    assert main([*base, "--output", str(run["root"] / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["Class", "IoU", "Acc"] and "mIoU" in out and "(whole, single scale)" in out
+    result = json.loads((run["root"] / "eval.json").read_text())
+    assert sorted(result["per_class"]) == sorted(["sky", "grass", "wall", "water", "building", "person", "car"])
+    assert result["images"] == 2 and result["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
+
+    assert main([*base, "--multi-scale", "--flip", "--json"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["settings"]["ratios"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and flipped["settings"]["flip"] is True
+    assert main([*base, "--mode", "slide", "--slide-crop", "32", "32", "--slide-stride", "16", "16", "--json"]) == 0
+    slide = json.loads(capsys.readouterr().out)
+    assert slide["settings"]["mode"] == "slide" and slide["settings"]["crop_size"] == [32, 32]
+    for other in (flipped, slide):  # other inference, other numbers, same images
+        assert other["images"] == 2 and 0 <= other["mIoU"] <= 1 and other["mIoU"] != result["mIoU"]
+
+
+def test_predict_writes_an_overlay_and_a_label_map(run: dict[str, Path], capsys) -> None:
+    images = run["data"] / "ADEChallengeData2016" / "images" / "validation"
+    output = run["root"] / "pred"
+    assert main(["predict", str(images), "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
+                 "--output", str(output), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        image = Image.open(line["path"])
+        labels = np.asarray(Image.open(line["label_map"]))
+        assert Image.open(line["overlay"]).size[1] >= image.size[1] and labels.shape == image.size[::-1]
+        # ADE20K's convention (reduce-zero-label data): class i is written as i + 1
+        assert 1 <= labels.min() and labels.max() <= 7
+
+
+def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> None:
+    capsys.readouterr()
+    assert main(["flops", "--config", "upernet_crossformer_small", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["img_size"] == [512, 2048] and row["params"] == 62_308_022 and row["authors_params_m"] == 62.3
+    assert abs(row["macs"] / 1e9 - row["authors_gflops"]) / row["authors_gflops"] < 0.05
+    assert main(["flops", "--config", str(run["config"]), "--img-size", "64", "96", "--json"]) == 0
+    tiny = json.loads(capsys.readouterr().out)
+    assert tiny["img_size"] == [64, 96] and "authors_params_m" not in tiny and tiny["macs"] > 0
+
+    assert main(["benchmark", "--config", str(run["config"]), "--img-size", "64", "64", "--rounds", "1", "--warmup", "0",
+                 "--no-memory", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["compare"] == "smp_upernet_swin_tiny_patch4_window7_224"
+    (size,) = bench["sizes"]
+    assert size["config"]["img_size"] == [64, 64] and set(size["models"]) == {bench["model"], bench["compare"]}
+    assert size["infer_images_per_s"] > 0 and size["infer_ratio"] > 0
+
+
+def test_make_data_writes_the_ade_layout(tmp_path: Path, capsys) -> None:
+    from crossformer.segmentation.data import ade20k_dataset
+    from crossformer.segmentation.demo import write_ade
+
+    line = write_ade(tmp_path, 6, 0)
+    assert "5 training / 1 validation images" in line
+    train = ade20k_dataset(tmp_path, "training")
+    assert train.classes == ["sky", "grass", "wall", "water", "building", "person", "car"] and len(train) == 5
+    image, label = train.load(0)
+    assert image.shape[:2] == label.shape and 255 in label and label[label != 255].max() < 7  # unlabelled -> 255
+
+
+def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(run["data"], broken)
+    val = broken / "ADEChallengeData2016"
+    labels = sorted((val / "annotations" / "validation").glob("*.png"))
+    base = ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data", str(broken)]
+
+    values = np.asarray(Image.open(labels[0])).copy()
+    values[0, 0] = 9  # 7 classes: stored values 0..7 and 255
+    Image.fromarray(values).save(labels[0])
+    _one_line_error(capsys, base, f"label map {labels[0]} holds value 9, out of range for 7 classes")
+
+    Image.fromarray(values[:-4]).save(labels[0])  # four rows short
+    _one_line_error(capsys, base, f"label map {labels[0]} is", "they must match")
+
+    labels[0].unlink()
+    _one_line_error(capsys, base, "has no annotation: expected", str(labels[0]))
+
+    # a checkpoint of another segmentor: ours, and one whose weights do not fit the config
+    fpn = write_config(tmp_path / "fpn.yaml", "fpn")
+    _one_line_error(capsys, ["evaluate", "--config", str(fpn), "--checkpoint", str(run["checkpoint"]), "--data",
+                             str(run["data"])], str(run["checkpoint"]), "holds a upernet crossformer_small")
+    foreign = tmp_path / "foreign.pth"
+    state = load_training_state(run["checkpoint"])
+    torch.save({"state_dict": {k.replace("backbone.model.", "backbone."): v for k, v in state["model"].items()
+                               if not k.startswith("auxiliary_head.")}}, foreign)  # an mmseg-layout file
+    wider = write_config(tmp_path / "wider.yaml", model={"backbone_kwargs": {**TINY_BACKBONE, "embed_dim": 24}})
+    _one_line_error(capsys, ["evaluate", "--config", str(wider), "--checkpoint", str(foreign), "--data", str(run["data"])],
+                    str(foreign), "another segmentor than the config's upernet crossformer_small")
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
+                             "data.root=null"], "no data given: pass --data")
