@@ -14,14 +14,7 @@ from PIL import Image
 
 from crossformer.cli import main
 from crossformer.engine import load_training_state
-from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, write_config
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, restore_threads, write_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")

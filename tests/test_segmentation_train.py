@@ -22,17 +22,10 @@ from crossformer.errors import UserInputError
 from crossformer.segmentation.config import SegmentationConfig
 from crossformer.segmentation.task import SegmentationTask, build_model, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
-from segmentation_fixtures import make_tiny_ade, tiny_config
+from segmentation_fixtures import make_tiny_ade, restore_threads, tiny_config  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
 ROWS = {"small": 0.2, "base": 0.3, "large": 0.5, "pp_small": 0.2, "pp_base": 0.3}  # the authors' drop path
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
