@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["AnchorGenerator"]
+__all__ = ["AnchorGenerator", "octave_scales"]
 
 
 class AnchorGenerator(nn.Module):

@@ -28,6 +28,7 @@ from .roi_heads import (
     detections_from_scores,
     mask_loss,
     positive_rois,
+    Sampled,
     rcnn_losses,
     sample_rois,
 )
@@ -58,6 +59,7 @@ class CascadeRoIHead(nn.Module):
         self.bbox_head = nn.ModuleList(BBoxHead(num_classes, num_convs=4, num_fcs=1) for _ in STAGE_STDS)
         self.coders = [DeltaXYWHCoder(stds) for stds in STAGE_STDS]
         self.assigners = [MaxIoUAssigner(iou, iou, iou, match_low_quality=False) for iou in STAGE_IOUS]
+        self.num_samples = 512  # rois sampled per image and stage in training
         if with_mask:
             self.mask_roi_extractor = RoIExtractor(14)
             self.mask_head = nn.ModuleList(MaskHead(num_classes) for _ in STAGE_STDS)
@@ -132,12 +134,12 @@ class CascadeRoIHead(nn.Module):
         proposals = [p.detach() for p in proposals]
         for stage, weight in enumerate(STAGE_LOSS_WEIGHTS):
             samples = [
-                sample_rois(p, t["boxes"], t["labels"], self.assigners[stage], self.num_classes)
+                sample_rois(p, t["boxes"], t["labels"], self.assigners[stage], self.num_classes, self.num_samples)
                 for p, t in zip(proposals, targets)
             ]
             rois = boxes_to_rois([s.boxes for s in samples])
             logits, deltas = self.forward_stage(stage, features, rois)
-            stage_losses = rcnn_losses(self.bbox_head[stage], self.coders[stage], rois, samples, gt_boxes,
+            stage_losses = rcnn_losses(self.coders[stage], rois, samples, gt_boxes,
                                        logits, deltas, decoded_giou=True)
             if self.with_mask:
                 mask_logits = self.mask_head[stage](self.mask_roi_extractor(features, positive_rois(samples)))
@@ -147,7 +149,7 @@ class CascadeRoIHead(nn.Module):
                 proposals = self._refine_training(stage, samples, logits.detach(), deltas.detach(), img_shapes)
         return losses
 
-    def _refine_training(self, stage: int, samples, logits: torch.Tensor, deltas: torch.Tensor,
+    def _refine_training(self, stage: int, samples: Sequence[Sampled], logits: torch.Tensor, deltas: torch.Tensor,
                          img_shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """mmdet's ``refine_bboxes``: each sampled roi moved by the deltas of its assigned
         class (its best class if background); gt boxes that were sampled as positives are

@@ -113,7 +113,11 @@ class TwoStageDetector(Detector):
         self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor], metas: Sequence[Meta]
     ) -> list[dict[str, torch.Tensor]]:
         """RoI head on given proposals (resized-image pixels) -> final detections."""
-        results = self.roi_head.predict(features[:4], proposals, _img_shapes(metas), self.rcnn_settings)
+        return self.finalize(self.roi_head.predict(features[:4], proposals, _img_shapes(metas), self.rcnn_settings), metas)
+
+    def finalize(self, results: Sequence[dict[str, torch.Tensor]], metas: Sequence[Meta]) -> list[dict[str, torch.Tensor]]:
+        """RoI-head results in resized-image pixels (with ``mask_probs``) -> boxes in original
+        pixels and binary masks pasted into the original image."""
         out = []
         for r, meta in zip(results, metas):
             r = _rescale(r, meta)

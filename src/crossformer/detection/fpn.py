@@ -60,6 +60,10 @@ class FPN(nn.Module):
             for i in range(num_outs - len(used)):
                 fpn_convs.append(_Conv(in_channels[-1] if i == 0 else out_channels, out_channels, 3, stride=2))
         self.fpn_convs = nn.ModuleList(fpn_convs)
+        for m in self.modules():  # mmdet's FPN init: Xavier (uniform), zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Backbone maps (strides 4..32) -> ``num_outs`` maps of ``out_channels``."""

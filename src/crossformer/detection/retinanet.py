@@ -9,6 +9,7 @@ is torchvision's ``sigmoid_focal_loss``, which is mmdet's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +57,11 @@ class RetinaHead(nn.Module):
         self.reg_convs = nn.ModuleList(_Conv(in_channels) for _ in range(stacked_convs))
         self.retina_cls = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
         self.retina_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        for m in self.modules():  # mmdet's init: N(0, 0.01), classifier bias for prior 0.01
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.retina_cls.bias, -math.log((1 - 0.01) / 0.01))
         self.coder = DeltaXYWHCoder()
         self.assigner = MaxIoUAssigner(0.5, 0.4, 0.0, match_low_quality=True)
 

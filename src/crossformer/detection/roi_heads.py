@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, generalized_box_iou_loss, roi_align
 
 from .assign import MaxIoUAssigner, sample
 from .box_coding import DeltaXYWHCoder
@@ -79,6 +79,13 @@ class RoIExtractor(nn.Module):
         return out
 
 
+def _kaiming(conv: nn.Module) -> None:
+    """mmcv's ``ConvModule`` init (and FCNMaskHead's): Kaiming normal, fan out, zero bias."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class _ConvBN(nn.Module):
     """3x3 conv (no bias) + BN + ReLU, named as mmcv's ``ConvModule``."""
 
@@ -86,6 +93,7 @@ class _ConvBN(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(channels)
+        _kaiming(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))
@@ -116,6 +124,15 @@ class BBoxHead(nn.Module):
         self.shared_fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
         self.fc_reg = nn.Linear(dims[-1], 4 * num_classes)
+        # mmdet's init: Xavier (uniform) fcs, N(0, 0.01) classifier, N(0, 0.001) regressor;
+        # the convs keep mmcv's ConvModule init (Kaiming, as PyTorch's default family).
+        for fc in self.shared_fcs:
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, C, 7, 7)`` -> logits ``(K, num_classes + 1)``, deltas ``(K, 4 * num_classes)``."""
@@ -135,6 +152,8 @@ class MaskHead(nn.Module):
         self.convs = nn.ModuleList(_NamedConv(channels) for _ in range(num_convs))
         self.upsample = nn.ConvTranspose2d(channels, channels, 2, stride=2)
         self.conv_logits = nn.Conv2d(channels, num_classes, 1)
+        _kaiming(self.upsample)
+        _kaiming(self.conv_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(K, C, 14, 14)`` -> ``(K, num_classes, 28, 28)`` logits."""
@@ -144,9 +163,12 @@ class MaskHead(nn.Module):
 
 
 class _NamedConv(nn.Module):
+    """A 3x3 conv named as mmcv's ``ConvModule`` (the ReLU is applied by the caller)."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        _kaiming(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -241,7 +263,6 @@ def sample_rois(
 
 
 def rcnn_losses(
-    head: BBoxHead,
     coder: DeltaXYWHCoder,
     rois: torch.Tensor,
     samples: Sequence[Sampled],
@@ -266,8 +287,6 @@ def rcnn_losses(
     pred = deltas.reshape(deltas.shape[0], -1, 4)[pos_rows, pos_labels]
     priors = rois[pos_rows, 1:]
     if decoded_giou:
-        from torchvision.ops import generalized_box_iou_loss
-
         boxes = coder.decode(priors, pred)
         loss_bbox = 10.0 * generalized_box_iou_loss(boxes, targets, reduction="sum") / max(labels.numel(), 1)
     else:
@@ -304,6 +323,7 @@ class StandardRoIHead(nn.Module):
         self.bbox_head = BBoxHead(num_classes)
         self.coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
         self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=True)
+        self.num_samples = 512  # rois sampled per image in training, at most a quarter positive
         if with_mask:
             self.mask_roi_extractor = RoIExtractor(14)
             self.mask_head = MaskHead(num_classes)
@@ -353,13 +373,13 @@ class StandardRoIHead(nn.Module):
         targets: Sequence[dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         samples = [
-            sample_rois(p.detach(), t["boxes"], t["labels"], self.assigner, self.num_classes)
+            sample_rois(p.detach(), t["boxes"], t["labels"], self.assigner, self.num_classes, self.num_samples)
             for p, t in zip(proposals, targets)
         ]
         rois = boxes_to_rois([s.boxes for s in samples])
         logits, deltas = self.forward_boxes(features, rois)
         gt_boxes = [t["boxes"] for t in targets]
-        losses = rcnn_losses(self.bbox_head, self.coder, rois, samples, gt_boxes, logits, deltas, decoded_giou=False)
+        losses = rcnn_losses(self.coder, rois, samples, gt_boxes, logits, deltas, decoded_giou=False)
         if self.with_mask:
             pos = positive_rois(samples)
             logits = self.mask_head(self.mask_roi_extractor(features, pos))

@@ -72,10 +72,14 @@ class RPNHead(nn.Module):
         self.rpn_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(in_channels, num_anchors, 1)
         self.rpn_reg = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):  # mmdet's init: N(0, 0.01)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
         self.coder = DeltaXYWHCoder()
         self.assigner = MaxIoUAssigner(0.7, 0.3, 0.3, match_low_quality=True)
         self.bbox_loss = bbox_loss
         self.allowed_border = allowed_border
+        self.num_samples = 256  # anchors sampled per image in training, at most half positive
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """FPN levels -> objectness logits ``(B, A, h, w)`` and deltas ``(B, 4A, h, w)`` per level."""
@@ -138,7 +142,7 @@ class RPNHead(nn.Module):
         for i, (gt, img_shape) in enumerate(zip(gt_boxes, img_shapes)):
             valid = inside_image(all_anchors, img_shape, self.allowed_border).nonzero().squeeze(1)
             assigned = self.assigner.assign(all_anchors[valid], gt)
-            pos, neg = sample(assigned, 256, 0.5)
+            pos, neg = sample(assigned, self.num_samples, 0.5)
             pos_idx, neg_idx = valid[pos], valid[neg]
             logits = torch.cat([flat_scores[i, pos_idx], flat_scores[i, neg_idx]])
             target = torch.cat([torch.ones_like(pos_idx), torch.zeros_like(neg_idx)]).to(logits.dtype)
