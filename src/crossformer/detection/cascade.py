@@ -52,17 +52,19 @@ class CascadeRoIHead(nn.Module):
     """Three box heads and three mask heads (mmdet's ``CascadeRoIHead`` layout:
     ``bbox_head.{0,1,2}``, ``mask_head.{0,1,2}``)."""
 
-    def __init__(self, num_classes: int, with_mask: bool = True) -> None:
+    def __init__(self, num_classes: int, with_mask: bool = True, channels: int = 256, fc_channels: int = 1024) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.bbox_roi_extractor = RoIExtractor(7)
-        self.bbox_head = nn.ModuleList(BBoxHead(num_classes, num_convs=4, num_fcs=1) for _ in STAGE_STDS)
+        self.bbox_head = nn.ModuleList(
+            BBoxHead(num_classes, num_convs=4, num_fcs=1, in_channels=channels, fc_channels=fc_channels) for _ in STAGE_STDS
+        )
         self.coders = [DeltaXYWHCoder(stds) for stds in STAGE_STDS]
         self.assigners = [MaxIoUAssigner(iou, iou, iou, match_low_quality=False) for iou in STAGE_IOUS]
         self.num_samples = 512  # rois sampled per image and stage in training
         if with_mask:
             self.mask_roi_extractor = RoIExtractor(14)
-            self.mask_head = nn.ModuleList(MaskHead(num_classes) for _ in STAGE_STDS)
+            self.mask_head = nn.ModuleList(MaskHead(num_classes, channels) for _ in STAGE_STDS)
         self.with_mask = with_mask
 
     def forward_stage(self, stage: int, features: Sequence[torch.Tensor], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

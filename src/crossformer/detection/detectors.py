@@ -92,14 +92,15 @@ class TwoStageDetector(Detector):
 
     has_masks = True
 
-    def __init__(self, kind: str, backbone: nn.Module, num_classes: int) -> None:
-        neck = FPN(backbone.feature_info.channels(), 256, num_outs=5)
+    def __init__(self, kind: str, backbone: nn.Module, num_classes: int, channels: int = 256, fc_channels: int = 1024) -> None:
+        neck = FPN(backbone.feature_info.channels(), channels, num_outs=5)
         super().__init__(backbone, neck, num_classes)
         self.kind = kind
         cascade = kind == "cascade_mask_rcnn"
         # The Swin cascade configs train the RPN with smooth L1 and inside-image anchors only.
-        self.rpn_head = RPNHead(256, bbox_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1)
-        self.roi_head = CascadeRoIHead(num_classes) if cascade else StandardRoIHead(num_classes)
+        self.rpn_head = RPNHead(channels, bbox_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1)
+        head = CascadeRoIHead if cascade else StandardRoIHead
+        self.roi_head = head(num_classes, channels=channels, fc_channels=fc_channels)
         self.test_proposals = ProposalSettings(1000, 1000, 0.7)
         self.train_proposals = ProposalSettings(2000, 2000 if cascade else 1000, 0.7)
         self.rcnn_settings = RCNNSettings()
@@ -149,10 +150,10 @@ class RetinaNet(Detector):
     kind = "retinanet"
     has_masks = False
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
-        neck = FPN(backbone.feature_info.channels(), 256, num_outs=5, start_level=1, extra_convs_on_input=True)
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 256) -> None:
+        neck = FPN(backbone.feature_info.channels(), channels, num_outs=5, start_level=1, extra_convs_on_input=True)
         super().__init__(backbone, neck, num_classes)
-        self.bbox_head = RetinaHead(num_classes)
+        self.bbox_head = RetinaHead(num_classes, channels)
         self.test_settings = RetinaSettings()
 
     def predict(self, features, metas):
@@ -172,6 +173,8 @@ def build_detector(
     num_classes: int = 80,
     backbone_kwargs: dict[str, Any] | None = None,
     pretrained_backbone: str | None = None,
+    channels: int = 256,
+    fc_channels: int = 1024,
 ) -> Detector:
     """A detector of ``kind`` (one of :data:`DETECTOR_KINDS`) on a CrossFormer backbone.
 
@@ -182,6 +185,9 @@ def build_detector(
         backbone_kwargs: Architecture overrides (``group_size``, ``interval``,
             ``drop_path_rate``, or ``embed_dim`` / ``depths`` / ``num_heads`` for tiny models).
         pretrained_backbone: An ImageNet checkpoint (official or ours) for the backbone only.
+        channels: Width of the FPN and of every head's convolutions (the authors': 256).
+        fc_channels: Width of the R-CNN box heads' fully connected layers (the authors': 1024).
+            Smaller widths make detectors small enough to train on a CPU (the demo).
     """
     if kind not in DETECTOR_KINDS:
         raise UserInputError(f"unknown detector {kind!r}: choose one of {', '.join(DETECTOR_KINDS)}")
@@ -193,5 +199,5 @@ def build_detector(
 
         load_checkpoint(body, pretrained_backbone)
     if kind == "retinanet":
-        return RetinaNet(body, num_classes)
-    return TwoStageDetector(kind, body, num_classes)
+        return RetinaNet(body, num_classes, channels)
+    return TwoStageDetector(kind, body, num_classes, channels, fc_channels)

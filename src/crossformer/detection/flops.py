@@ -81,8 +81,9 @@ def detector_flops(detector: nn.Module, height: int = 800, width: int = 1280) ->
         return {"params": params, "macs": macs + count_layer_macs(copy.deepcopy(detector.bbox_head).to(meta), levels)}
     macs += count_layer_macs(copy.deepcopy(detector.rpn_head).to(meta), levels)
     roi_head = detector.roi_head
-    box_rois = torch.empty(RCNN_PROPOSALS, 256, 7, 7, device=meta)
-    mask_rois = torch.empty(MASK_PROPOSALS, 256, 14, 14, device=meta)
+    width = levels[0].shape[1]  # the FPN's channels
+    box_rois = torch.empty(RCNN_PROPOSALS, width, 7, 7, device=meta)
+    mask_rois = torch.empty(MASK_PROPOSALS, width, 14, 14, device=meta)
     box_heads = roi_head.bbox_head if isinstance(roi_head, CascadeRoIHead) else [roi_head.bbox_head]
     mask_heads = roi_head.mask_head if isinstance(roi_head, CascadeRoIHead) else [roi_head.mask_head]
     for head in box_heads:

@@ -316,17 +316,17 @@ def positive_rois(samples: Sequence[Sampled]) -> torch.Tensor:
 class StandardRoIHead(nn.Module):
     """Box and mask heads of Mask R-CNN (mmdet's ``StandardRoIHead``)."""
 
-    def __init__(self, num_classes: int, with_mask: bool = True) -> None:
+    def __init__(self, num_classes: int, with_mask: bool = True, channels: int = 256, fc_channels: int = 1024) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.bbox_roi_extractor = RoIExtractor(7)
-        self.bbox_head = BBoxHead(num_classes)
+        self.bbox_head = BBoxHead(num_classes, in_channels=channels, fc_channels=fc_channels)
         self.coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
         self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=True)
         self.num_samples = 512  # rois sampled per image in training, at most a quarter positive
         if with_mask:
             self.mask_roi_extractor = RoIExtractor(14)
-            self.mask_head = MaskHead(num_classes)
+            self.mask_head = MaskHead(num_classes, channels)
         self.with_mask = with_mask
 
     def forward_boxes(self, features: Sequence[torch.Tensor], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
