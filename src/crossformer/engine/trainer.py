@@ -306,9 +306,9 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     with ``best_<primary metric>``, ``epoch`` and ``global_step``.
 
     Under ``torchrun`` each process calls this and they train together. ``on_step_end(global_step)``
-    is called after every optimizer update (and the checkpoints due then).
+    is called after every optimizer update (and the checkpoints due then). ``config`` is
+    validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
     """
-    config = config.validate()
     ctx = setup_distributed(config.run.device)
     try:
         return Trainer(task_cls, config, ctx, on_step_end).run()
