@@ -270,6 +270,8 @@ class Trainer:
         if self.ema is not None:
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
         primary = self.task.primary_metric
+        if f"val/{primary}" not in metrics:
+            raise KeyError(f"{type(self.task).__name__}.evaluate() returned no {primary!r} (its primary_metric)")
         score = metrics[f"val/{primary}"]
         is_best = score > self.best if self.task.higher_is_better else score < self.best
         if is_best:
