@@ -48,7 +48,7 @@ class RunConfig:
     epochs: int = 0
     iterations: int = 0
     eval_every: int = 1  # evaluate (and pick best.pth) every N epochs / iterations, and at the end
-    checkpoint_every: int = 1  # write last.pth every N epochs / iterations, and at the end
+    checkpoint_every: int = 0  # also write last.pth every N epochs / iterations (0: at evaluations and the end)
     save_every_steps: int = 0  # also write last.pth every N optimizer updates (0: off)
     batch_size: int = 128  # per process; global batch = batch_size x processes x accum_steps
     num_workers: int = 8
@@ -85,8 +85,9 @@ class RunConfig:
                 f"run: set exactly one of run.epochs and run.iterations (got epochs={self.epochs}, "
                 f"iterations={self.iterations})"
             )
-        _at_least(self, 1, "eval_every", "checkpoint_every", "batch_size", "accum_steps", "log_every")
-        _at_least(self, 0, "epochs", "iterations", "save_every_steps", "num_workers", "cpu_threads", "clip_grad")
+        _at_least(self, 1, "eval_every", "batch_size", "accum_steps", "log_every")
+        _at_least(self, 0, "epochs", "iterations", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
+                  "clip_grad")
         if not 0 <= self.model_ema_decay < 1:
             raise UserInputError(f"run.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
 
