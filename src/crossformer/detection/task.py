@@ -10,6 +10,7 @@ and, for the mask models, 12 mask numbers (``segm_mAP`` ...). best.pth is kept b
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -96,10 +97,13 @@ class DetectionTask(Task):
         return model(batch.images, batch.metas, batch.targets)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """COCOeval's box (and mask) numbers and ``eval_seconds``, the evaluation's wall time."""
         c = self.config
+        start = time.perf_counter()
         metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.batch_size, c.run.num_workers,
                                     skip_corrupt=c.data.skip_corrupt, precision=self.precision)
-        return {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
+        scores = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
+        return {**scores, "eval_seconds": time.perf_counter() - start}
 
     def checkpoint_extras(self) -> dict[str, Any]:
         m = self.config.model
