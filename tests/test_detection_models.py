@@ -87,8 +87,8 @@ def test_flops_at_1280x800_against_the_authors():
     flops = {kind: detector_flops(d, 800, 1280) for kind, d in detectors.items()}
     for kind, figure in authors.items():
         assert flops[kind]["params"] == count_params(detectors[kind])
-        # Within 11% (see docs/detection.md for the ~30G the authors count beyond conv/linear).
-        assert abs(flops[kind]["macs"] - figure) <= 0.11 * figure, (kind, flops[kind]["macs"] / 1e9)
+        # Ours: 280.2G, 299.2G, 777.5G (docs/detection.md says where the last 1% comes from).
+        assert abs(flops[kind]["macs"] - figure) <= 0.015 * figure, (kind, flops[kind]["macs"] / 1e9)
     # The cascade adds, per extra stage, a 4conv1fc box head on 1000 rois and a mask head on 100,
     # and its first stage replaces the 2fc head: by hand.
     conv = 49 * (256 * 9 * 256)
