@@ -39,8 +39,8 @@ class DeltaXYWHCoder:
     ) -> torch.Tensor:
         """Priors ``(N, 4)`` and deltas ``(N, 4k)`` -> boxes ``(N, 4k)``, clipped to
         ``max_shape = (h, w)`` when given."""
-        num = deltas.shape[0]
-        deltas = deltas.reshape(num, -1, 4) * deltas.new_tensor(self.stds)
+        num, width = deltas.shape
+        deltas = deltas.reshape(num, width // 4, 4) * deltas.new_tensor(self.stds)
         priors = priors[:, None, :]
         pxy = (priors[..., :2] + priors[..., 2:]) * 0.5
         pwh = priors[..., 2:] - priors[..., :2]
@@ -54,4 +54,4 @@ class DeltaXYWHCoder:
                 [boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h), boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)],
                 dim=-1,
             )
-        return boxes.reshape(num, -1)
+        return boxes.reshape(num, width)

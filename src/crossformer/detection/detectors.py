@@ -159,8 +159,8 @@ class RetinaNet(Detector):
     def predict(self, features, metas):
         scores, deltas = self.bbox_head(features)
         anchors = self.bbox_head.anchors(features)
-        results = self.bbox_head.predict(scores, deltas, anchors, _img_shapes(metas), self.test_settings)
-        return [_rescale(r, m) for r, m in zip(results, metas)]
+        scale_factors = [m["scale_factor"] for m in metas]
+        return self.bbox_head.predict(scores, deltas, anchors, _img_shapes(metas), self.test_settings, scale_factors)
 
     def losses(self, features, metas, targets):
         scores, deltas = self.bbox_head(features)

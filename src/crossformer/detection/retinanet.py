@@ -87,8 +87,10 @@ class RetinaHead(nn.Module):
         anchors: Sequence[torch.Tensor],
         img_shapes: Sequence[tuple[int, int]],
         settings: RetinaSettings,
+        scale_factors: Sequence[tuple[float, float]] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """Per image ``boxes (N, 4)`` in resized-image pixels, ``scores``, ``labels``."""
+        """Per image ``boxes (N, 4)``, ``scores``, ``labels``; boxes in resized-image pixels,
+        or divided by ``scale_factors[i] = (w_scale, h_scale)`` before the NMS, as mmdet."""
         results = []
         for i, img_shape in enumerate(img_shapes):
             kept_scores, kept_labels, kept_deltas, kept_anchors = [], [], [], []
@@ -104,6 +106,9 @@ class RetinaHead(nn.Module):
                 kept_anchors.append(a[chosen[:, 0]])
             s, labels = torch.cat(kept_scores), torch.cat(kept_labels)
             boxes = self.coder.decode(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=img_shape)
+            if scale_factors is not None:
+                w_scale, h_scale = (float(f) for f in scale_factors[i])
+                boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, s, labels = boxes[valid], s[valid], labels[valid]
             keep = batched_nms(boxes, s, labels, settings.iou)[: settings.max_per_img]

@@ -32,6 +32,11 @@ __all__ = [
     "detections_from_scores",
     "paste_masks",
     "mask_targets",
+    "Sampled",
+    "sample_rois",
+    "rcnn_losses",
+    "mask_loss",
+    "positive_rois",
 ]
 
 
@@ -310,6 +315,7 @@ def mask_loss(
 
 
 def positive_rois(samples: Sequence[Sampled]) -> torch.Tensor:
+    """``(num_pos, 5)`` rois of every image's positives (the mask heads' training input)."""
     return boxes_to_rois([s.boxes[: s.num_pos] for s in samples])
 
 
