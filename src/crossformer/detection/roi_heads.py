@@ -226,7 +226,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: in
 
 
 def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, size: int = 28) -> torch.Tensor:
-    """mmdet's mask targets: each ``(N, Hp, Wp)`` gt mask cropped to its box by RoIAlign
+    """mmdet's mask targets: the i-th of ``(N, Hp, Wp)`` gt masks cropped to the i-th box by RoIAlign
     (aligned, adaptive sampling) at ``size x size``, then ``>= 0.5``."""
     if boxes.numel() == 0:
         return boxes.new_zeros(0, size, size)
@@ -304,7 +304,7 @@ def mask_loss(
 ) -> torch.Tensor:
     """Mean BCE of each positive's label channel against its 28x28 cropped gt mask."""
     targets = torch.cat(
-        [mask_targets(m, s.boxes[: s.num_pos], mask_logits.shape[-1]) if s.num_pos else
+        [mask_targets(m[s.gt_index], s.boxes[: s.num_pos], mask_logits.shape[-1]) if s.num_pos else
          mask_logits.new_zeros(0, *mask_logits.shape[-2:]) for s, m in zip(samples, gt_masks)]
     )
     labels = torch.cat([s.labels[: s.num_pos] for s in samples])
