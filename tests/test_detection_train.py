@@ -110,7 +110,7 @@ def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) ->
     task = DetectionTask(config, DistContext())
     batch = next(iter(task.train_loader))
     assert task.batch_counts(batch) == {"samples": 2.0, "unreadable_images": 0.0}
-    assert len(task.train_loader) == 4  # 9 train images, the empty one skipped, batches of 2
+    assert len(task.train_loader) == 4  # 9 train images in batches of 2, the last one dropped
     extras = task.checkpoint_extras()
     task.check_resume(extras, "x.pth")
     with pytest.raises(UserInputError, match="is a retinanet on crossformer_tiny, not a mask_rcnn"):
@@ -177,8 +177,8 @@ def test_torchrun_two_processes_over_gloo(coco: Path, tmp_path: Path) -> None:
                            str(script)], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     state = load_training_state(tmp_path / "ddp" / "last.pth")
-    # 8 training images over 2 ranks at 1 per batch: 4 updates
-    assert state["world_size"] == 2 and state["global_step"] == 4 and len(state["rank_state"]) == 2
+    # 9 training images over 2 ranks (padded to 10) at 1 per batch: 5 updates
+    assert state["world_size"] == 2 and state["global_step"] == 5 and len(state["rank_state"]) == 2
     # evaluation was split over the ranks and gathered: the same as one process on all 3 images
     torch.set_num_threads(1)
     task = DetectionTask(resolve_config(str(config)).config, DistContext())
