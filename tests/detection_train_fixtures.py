@@ -40,7 +40,7 @@ def tiny_settings(kind: str, data: Path, output: Path, **run: Any) -> dict[str, 
                 "tensorboard": False, "output": str(output), **run},
         "optimizer": {"lr": 1e-3},
         "schedule": {"warmup_iters": 2},
-        "test": {"batch_size": 2},
+        "test": {"eval_batch_size": 2},
     }
 
 

@@ -118,7 +118,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         results = Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json")
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         metrics = evaluate_detector(
-            loaded.detector, dataset, ctx, config.test.batch_size, config.run.num_workers, results_file=results,
+            loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),
         )
     finally:

@@ -111,12 +111,12 @@ class DetectionDataConfig:
 
 @dataclass(frozen=True)
 class DetectionTestConfig:
-    batch_size: int = 1  # images per process in evaluation (mmdet: 1)
+    eval_batch_size: int = 1  # images per process in evaluation (mmdet: 1)
     score_threshold: float = 0.3  # predict: draw detections scoring at least this
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UserInputError(f"test.batch_size must be at least 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise UserInputError(f"test.eval_batch_size must be at least 1, got {self.eval_batch_size}")
         if not 0 <= self.score_threshold <= 1:
             raise UserInputError(f"test.score_threshold must be in [0, 1], got {self.score_threshold}")
 

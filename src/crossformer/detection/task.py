@@ -100,7 +100,7 @@ class DetectionTask(Task):
         """COCOeval's box (and mask) numbers and ``eval_seconds``, the evaluation's wall time."""
         c = self.config
         start = time.perf_counter()
-        metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.batch_size, c.run.num_workers,
+        metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.eval_batch_size, c.run.num_workers,
                                     skip_corrupt=c.data.skip_corrupt, precision=self.precision)
         scores = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
         return {**scores, "eval_seconds": time.perf_counter() - start}
