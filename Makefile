@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m crossformer demo
+	$(PY) -m crossformer demo --task all
 
 test: $(STAMP)
 	$(PY) -m pytest -q

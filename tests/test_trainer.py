@@ -147,7 +147,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from engine_fixtures import FakeTask, fake_config
 from crossformer.engine import train
-train(FakeTask, fake_config({output!r}, epochs=2, model_ema=True, model_ema_decay=0.5))
+train(FakeTask, fake_config({output!r}, epochs=2, accum_steps=2, model_ema=True, model_ema_decay=0.5))
 """
 
 
@@ -161,8 +161,9 @@ def test_torchrun_two_processes_over_gloo(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs
     state = load_training_state(tmp_path / "ddp" / "last.pth")
-    # 24 samples / (2 ranks x batch 4) = 3 updates per epoch
-    assert state["world_size"] == 2 and state["global_step"] == 6 and len(state["rank_state"]) == 2
+    # 24 samples / (2 ranks x batch 4) = 3 micro-batches per epoch; accumulating 2 (DDP no_sync on the
+    # first), the third updates alone at the epoch's end: 2 updates per epoch
+    assert state["world_size"] == 2 and state["global_step"] == 4 and len(state["rank_state"]) == 2
     assert not torch.equal(state["rank_state"][0]["rng"]["torch"], state["rank_state"][1]["rng"]["torch"])
     # validation was split over the ranks and reduced: the same as one process on all 8 samples
     from crossformer.engine import DistContext

@@ -24,7 +24,8 @@ COMMANDS: dict[str, str] = {
     "flops": "parameters and multiply-accumulates in the papers' convention",
     "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
     "convert": "convert any readable checkpoint to safetensors weights",
-    "demo": "train, evaluate and predict on the built-in digits in a few minutes",
+    "demo": "train, evaluate and predict on built-in data in a few minutes (--task classification|detection|all)",
+    "make-data": "write a synthetic data set in a standard layout (coco: detection)",
 }
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops")
@@ -39,7 +40,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"crossformer.commands.{name}")
+        module = importlib.import_module(f"crossformer.commands.{name.replace('-', '_')}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task)

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     add_model_argument(parser, required=model_required)
     add_img_size_argument(parser)
-    parser.add_argument("--compare", metavar="NAME", default=None,
-                        help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224)")
+    parser.add_argument("--compare", metavar="NAME", nargs="?", const="auto", default=None,
+                        help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224); "
+                        "alone with a detection --config: torchvision's maskrcnn_resnet50_fpn")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default=None,
                         help="what to time (default: infer, or both with --compare)")
     parser.add_argument("--train", action="store_const", const="train", dest="mode",

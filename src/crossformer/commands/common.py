@@ -83,6 +83,7 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
     for _, name in leaves.values():
         counts[name] = counts.get(name, 0) + 1
     hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
     flags: dict[str, tuple[str, str, Any]] = {}
     for key, (section, name) in leaves.items():
         if keys is not None and section not in keys and key not in keys:
@@ -91,16 +92,31 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
         hint = typing.get_type_hints(section_cls)[name]
         if typing.get_origin(hint) is dict or hint is dict:
             continue
-        default = next(f for f in dataclasses.fields(section_cls) if f.name == name)
-        shown = default.default if default.default is not dataclasses.MISSING else "see config"
+        default = getattr(getattr(defaults, section), name)
+        if isinstance(default, tuple):
+            default = " ".join(map(str, default)) or "none"
         if getattr(section_cls, "shorthand", None) == name:
             flag = f"--{section}"
         elif counts[name] == 1:
             flag = f"--{name.replace('_', '-')}"
         else:
             flag = f"--{section}-{name.replace('_', '-')}"
-        flags[flag] = (key, f"{key} (class default {shown})", hint)
+        comment = _field_comments(section_cls).get(name)
+        flags[flag] = (key, f"{key}{': ' + comment if comment else ''} (default {default})", hint)
     return flags
+
+
+def _field_comments(section_cls: type) -> dict[str, str]:
+    """The comment after each field of a section's source (``name: int = 1  # what it is``)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(section_cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE)
+    return {name: comment.strip().replace("%", "%%") for name, comment in found}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None) -> None:
@@ -109,15 +125,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
     from types import UnionType
 
     for flag, (key, help_text, hint) in config_flags(config_cls, keys).items():
-        kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text)
+        metavar = key.rsplit(".", 1)[1].upper()
+        kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
         base = options[0]
         if len(options) == 2 and int in options and any(typing.get_origin(o) is tuple for o in options):
             kwargs.update(type=int, nargs="+", metavar="N", help=f"{help_text}: N or H W")
         elif base is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
+            kwargs.pop("metavar")
         elif typing.get_origin(base) is typing.Literal:
             kwargs.update(choices=typing.get_args(base))
+            kwargs.pop("metavar")
         elif typing.get_origin(base) is tuple:
             args = typing.get_args(base)
             item = args[0] if args else str

@@ -270,6 +270,8 @@ class Trainer:
         if self.ema is not None:
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
         primary = self.task.primary_metric
+        if f"val/{primary}" not in metrics:
+            raise KeyError(f"{type(self.task).__name__}.evaluate() returned no {primary!r} (its primary_metric)")
         score = metrics[f"val/{primary}"]
         is_best = score > self.best if self.task.higher_is_better else score < self.best
         if is_best:
@@ -306,9 +308,9 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     with ``best_<primary metric>``, ``epoch`` and ``global_step``.
 
     Under ``torchrun`` each process calls this and they train together. ``on_step_end(global_step)``
-    is called after every optimizer update (and the checkpoints due then).
+    is called after every optimizer update (and the checkpoints due then). ``config`` is
+    validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
     """
-    config = config.validate()
     ctx = setup_distributed(config.run.device)
     try:
         return Trainer(task_cls, config, ctx, on_step_end).run()

@@ -1,0 +1,58 @@
+"""``crossformer make-data KIND DIR``: write a synthetic data set in a standard layout.
+
+Each kind is one entry of :data:`MAKERS`: ``coco`` (detection: COCO-format JSON and JPEG
+images of shapes with exact masks). A task adds its own kind with one entry: a one-line
+description, a default image count and a function ``(dir, images, seed) -> summary line``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Maker:
+    help: str
+    default_images: int
+    write: Callable[[Path, int, int], str]  # (dir, images, seed) -> what was written, one line
+
+
+def _coco(root: Path, images: int, seed: int) -> str:
+    from crossformer.detection.synthetic import make_coco_dataset
+
+    made = make_coco_dataset(root, images=images, seed=seed)
+    return (f"wrote a COCO-format set to {root}: {made.train_images} train / {made.val_images} val images, "
+            f"{made.objects} objects, {made.crowds} crowd regions, {made.empty_images} images without objects "
+            f"(annotations/instances_{{train,val}}2017.json, train2017/, val2017/)")
+
+
+MAKERS: dict[str, Maker] = {
+    "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, _coco),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    kinds = "; ".join(f"{name}: {maker.help}" for name, maker in MAKERS.items())
+    parser.add_argument("kind", choices=sorted(MAKERS), metavar="KIND", help=f"what to write ({kinds})")
+    parser.add_argument("dir", metavar="DIR", help="the folder to write (created; existing files of the set are replaced)")
+    parser.add_argument("--images", type=int, default=None, metavar="N",
+                        help="images in all, a quarter of them held out for validation (default: "
+                        + ", ".join(f"{n} {m.default_images}" for n, m in MAKERS.items()) + ")")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed writes the same set")
+
+
+def run(args: argparse.Namespace) -> int:
+    from crossformer.errors import UserInputError
+
+    maker = MAKERS[args.kind]
+    images = maker.default_images if args.images is None else args.images
+    if images < 2:
+        raise UserInputError(f"--images must be at least 2 (one per split), got {images}")
+    root = Path(args.dir)
+    if root.exists() and not root.is_dir():
+        raise UserInputError(f"{root} exists and is not a folder")
+    print(maker.write(root, images, args.seed))
+    return 0

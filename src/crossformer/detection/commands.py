@@ -1,0 +1,278 @@
+"""The detection task's command-line verbs beyond ``train`` (registry ``COMMANDS``).
+
+The config (``--config``) describes the detector; the checkpoint must hold that detector:
+ours (a training checkpoint, which records its classes) or the authors' mmdetection files
+(``meta.CLASSES``). ``evaluate`` prints COCOeval's 12 box (and 12 mask) numbers and writes
+the results JSON; ``predict`` writes a PNG per image and one JSON; ``flops`` counts the
+assembled detector at 1280x800; ``benchmark`` times inference at 1333x800, optionally beside
+torchvision's ``maskrcnn_resnet50_fpn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..engine.registry import VerbHandler
+from ..errors import UserInputError
+from .config import DetectionConfig
+
+__all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
+
+# what inference reads of a detection config
+_INFERENCE_KEYS = ("model", "data", "test", "run.num_workers", "run.amp", "run.device")
+FLOPS_SIZE = (800, 1280)  # the authors' FLOPs input, (H, W)
+BENCHMARK_SIZE = (800, 1333)  # mmdet's test scale, (H, W)
+TORCHVISION_PEER = "maskrcnn_resnet50_fpn"
+
+
+def _one_line(message: str, limit: int = 600) -> str:
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class LoadedDetector:
+    """A detector with its weights and what the checkpoint says about its classes."""
+
+    def __init__(self, detector: nn.Module, class_names: list[str] | None, cat_ids: list[int] | None) -> None:
+        self.detector, self.class_names, self.cat_ids = detector, class_names, cat_ids
+
+
+def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionConfig) -> tuple[int, list[str] | None, list[int] | None]:
+    """``(num_classes, class names, category ids)`` a checkpoint records, checked against the config."""
+    model = config.model
+    if "detector" in state:  # a crossformer training checkpoint
+        if state["detector"] != model.kind or state.get("backbone") != model.backbone:
+            raise UserInputError(f"{path} holds a {state['detector']} on {state.get('backbone')}, but the config describes "
+                                 f"a {model.kind} on {model.backbone}: pass the config it was trained with")
+        names, cat_ids = list(state["class_names"]), list(state["cat_ids"])
+    else:  # the authors' mmdet files name their classes in meta
+        meta = state.get("meta")
+        classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+        names = list(classes) if classes else None
+        cat_ids = None
+    count = len(names) if names else model.num_classes
+    if count is None:
+        raise UserInputError(f"{path} does not record its classes: pass model.num_classes=N")
+    if model.num_classes is not None and model.num_classes != count:
+        raise UserInputError(f"{path} is a detector of {count} classes but the config says model.num_classes="
+                             f"{model.num_classes}: pass model.num_classes={count} (or the config it was trained with)")
+    return count, names, cat_ids
+
+
+def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch.device, use_ema: bool = False) -> LoadedDetector:
+    """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
+    mode on ``device``; one-line errors for a file that does not fit."""
+    from ..models import CheckpointError, load_state, read_checkpoint
+    from .task import build_configured_detector
+
+    try:
+        state = read_checkpoint(checkpoint)
+        num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
+        detector = build_configured_detector(config.model, num_classes, pretrained=False)
+        load_state(detector, state, str(checkpoint), use_ema=use_ema)
+    except CheckpointError as err:
+        raise UserInputError(_one_line(str(err))) from None
+    return LoadedDetector(detector.to(device).eval(), names, cat_ids)
+
+
+def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="a crossformer training checkpoint or the authors' mmdetection file")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _checkpoint_arguments(parser)
+    parser.add_argument("--results", metavar="FILE", default=None,
+                        help="where to write the COCO results JSON (default: beside the checkpoint, <name>.results.json)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics")
+
+
+def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    from ..data import DataError
+    from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
+    from .config import data_paths
+    from .data import CocoDetection
+    from .evaluate import COCO_METRICS, evaluate_detector
+
+    ann_file, image_dir = data_paths(config.data, "val")
+    dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform())
+    ctx = setup_distributed(config.run.device)
+    try:
+        loaded = load_detector(config, args.checkpoint, ctx.device, args.ema)
+        if loaded.detector.num_classes != dataset.num_classes:
+            raise DataError(f"{ann_file} has {dataset.num_classes} categories; {args.checkpoint} detects "
+                            f"{loaded.detector.num_classes} classes")
+        if loaded.class_names is not None and list(loaded.class_names) != dataset.class_names:
+            raise DataError(f"{ann_file} names other categories than {args.checkpoint} was trained on "
+                            f"({', '.join(dataset.class_names[:5])}... vs {', '.join(loaded.class_names[:5])}...)")
+        results = Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json")
+        logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
+        metrics = evaluate_detector(
+            loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
+            skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),
+        )
+    finally:
+        teardown_distributed(ctx)
+    if not ctx.is_main:
+        return 0
+    if args.json:
+        print(json.dumps({**metrics, "results_file": str(results)}))
+        return 0
+    types = [t for t in ("bbox", "segm") if f"{t}_mAP" in metrics]
+    print(f"{'metric':<8}" + "".join(f"{t:>8}" for t in types))
+    for name in COCO_METRICS:
+        print(f"{name:<8}" + "".join(f"{metrics[f'{t}_{name}']:8.3f}" for t in types))
+    skipped = f", {metrics['skipped']} unreadable skipped" if metrics.get("skipped") else ""
+    print(f"{int(metrics['images'])} images{skipped}; results written to {results}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    _checkpoint_arguments(parser)
+    parser.add_argument("--output", default="output/predict", metavar="DIR",
+                        help="where the PNGs and detections.json go (default output/predict)")
+
+
+def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    from ..engine import RunLogger, resolve_device
+    from .predict import predict_detections
+
+    loaded = load_detector(config, args.checkpoint, resolve_device(config.run.device), args.ema)
+    names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]
+    result = predict_detections(
+        loaded.detector, args.images, args.output, names, loaded.cat_ids, config.data.test_transform(),
+        config.test.score_threshold, config.data.skip_corrupt, RunLogger(None, tensorboard=False),
+    )
+    skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
+    print(f"wrote {len(result.images)} image(s) with detections scoring >= {config.test.score_threshold} to "
+          f"{args.output} and all {result.detections} detections to {result.json_path}{skipped}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- flops and benchmark
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """flops and benchmark keep their own flags; the config supplies the detector."""
+
+
+def _size(args: argparse.Namespace, default: tuple[int, int]) -> tuple[int, int]:
+    if not getattr(args, "img_size_given", False):
+        return default
+    size = args.img_size
+    if len(size) not in (1, 2):
+        raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, size))}")
+    height, width = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    if min(height, width) < 32:
+        raise UserInputError(f"--img-size must be at least 32, got {height}x{width}")
+    return height, width
+
+
+def _config_classes(config: DetectionConfig) -> int:
+    return config.model.num_classes or 80
+
+
+def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    from .flops import detector_flops
+    from .task import build_configured_detector
+
+    height, width = _size(args, FLOPS_SIZE)
+    if height % 32 or width % 32:
+        raise UserInputError(f"--img-size: detectors count padded inputs; give multiples of 32, got {height}x{width}")
+    with torch.device("meta"):
+        detector = build_configured_detector(config.model, _config_classes(config), pretrained=False)
+    counts = detector_flops(detector, height, width)
+    result = {"model": f"{config.model.kind}_{config.model.backbone}", "detector": config.model.kind,
+              "backbone": config.model.backbone, "img_size": [height, width], **counts}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"detector    {config.model.kind} on {config.model.backbone} at {height}x{width}")
+    print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M)")
+    print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G, the authors' convention)")
+    return 0
+
+
+class _ImagesOnly(nn.Module):
+    """A detector called as ``model(images)`` on a fixed batch layout (the benchmark's steps)."""
+
+    def __init__(self, detector: nn.Module, height: int, width: int, batch: int) -> None:
+        super().__init__()
+        self.detector = detector
+        self.metas = [{"img_shape": (height, width), "ori_shape": (height, width), "scale_factor": (1.0, 1.0)}] * batch
+
+    def forward(self, images: torch.Tensor) -> Any:
+        pad_h, pad_w = -images.shape[2] % 32, -images.shape[3] % 32  # as the data pipeline pads
+        return self.detector(nn.functional.pad(images, (0, pad_w, 0, pad_h)), self.metas[: images.shape[0]])
+
+
+class _TorchvisionImages(nn.Module):
+    """torchvision's detector (which resizes and pads itself) called as ``model(images)``."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.detector(list(images))
+
+
+def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    import sys
+
+    import torchvision
+
+    from ..benchmark import BenchConfig, format_summary, run_benchmark, summarise
+    from .task import build_configured_detector
+
+    if args.mode not in (None, "infer"):
+        raise UserInputError("the detection benchmark times inference; training speed is logged by crossformer train")
+    if args.compare not in (None, "auto", TORCHVISION_PEER):
+        raise UserInputError(f"detection compares with torchvision's {TORCHVISION_PEER} only (--compare), got {args.compare!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available")
+    height, width = _size(args, BENCHMARK_SIZE)
+    batch = args.batch_size or 1
+    if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserInputError("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")
+    name = f"{config.model.kind}_{config.model.backbone}"
+    num_classes = _config_classes(config)
+    models = {name: lambda: _ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
+    if args.compare is not None:
+        models[TORCHVISION_PEER] = lambda: _TorchvisionImages(
+            torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+        )
+    bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
+                        amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory)
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    peer = TORCHVISION_PEER if args.compare is not None else None
+    summary = summarise(run_benchmark(models, bench, log=log), bench, compare=peer)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(format_summary(summary))
+    if peer is not None:
+        lo, hi = summary["infer_ratio_spread"]
+        print(f"infer_ratio  {summary['infer_ratio']:.2f}x {name} / {peer} (median of {args.rounds} rounds, range {lo:.2f}-{hi:.2f})")
+    return 0
+
+
+COMMANDS: dict[str, VerbHandler] = {
+    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
+    "predict": VerbHandler(_predict_arguments, _predict, ("model", "data", "test", "run.device")),
+    "flops": VerbHandler(_no_arguments, _flops, ()),
+    "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
+}

@@ -1,0 +1,151 @@
+"""The detection configuration: the engine's sections plus model, data and test settings.
+
+Defaults are the authors' COCO 1x recipe as they ran it on mmdetection (8 GPUs x 2 images):
+12 epochs, AdamW lr 1e-4 and weight decay 1e-4 (none on norms and biases), the rate x0.1
+after epochs 8 and 11, a linear warm-up over 500 iterations from 0.001, no gradient
+clipping, drop path 0.2, no linear lr scaling, evaluation every epoch, best by box AP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from ..errors import UserInputError
+from .detectors import DETECTOR_KINDS
+from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
+
+__all__ = ["DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths"]
+
+DetectorKind = Literal["retinanet", "mask_rcnn", "cascade_mask_rcnn"]
+
+
+@dataclass(frozen=True)
+class DetectionModelConfig:
+    """The detector: its kind, its CrossFormer backbone and the head sizes.
+
+    ``backbone_kwargs`` override the backbone's architecture on top of the authors' detection
+    grouping (group size 7, intervals 8, 4, 2, 1 in every stage, CrossFormer++ included),
+    e.g. ``embed_dim`` / ``depths`` / ``num_heads`` for small demo models.
+    """
+
+    shorthand: ClassVar[str] = "kind"
+
+    kind: DetectorKind = "mask_rcnn"
+    backbone: str = "crossformer_small"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = 80  # None: the training data's category count
+    drop_path: float = 0.2
+    pretrained: str | None = None  # an ImageNet checkpoint for the backbone (the authors' or ours)
+    channels: int = 256  # FPN and head convolutions (the authors' 256)
+    fc_channels: int = 1024  # R-CNN box head fully connected layers (the authors' 1024)
+    rpn_samples: int = 256  # anchors sampled per image to train the RPN
+    rcnn_samples: int = 512  # proposals sampled per image to train each R-CNN stage
+
+    def validate(self) -> None:
+        from ..models import VARIANTS
+
+        if self.backbone not in VARIANTS:
+            raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
+        if not 0 <= self.drop_path < 1:
+            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise UserInputError(f"model.pretrained: backbone checkpoint not found: {self.pretrained}")
+
+    def backbone_settings(self) -> dict[str, Any]:
+        """``backbone_kwargs`` with the drop path rate."""
+        return {"drop_path_rate": self.drop_path, **self.backbone_kwargs}
+
+
+@dataclass(frozen=True)
+class DetectionDataConfig:
+    """COCO-format data and the authors' pipelines (see :mod:`crossformer.detection.transforms`).
+
+    ``root`` is the COCO layout (``annotations/instances_{train,val}2017.json``, ``train2017/``,
+    ``val2017/``); ``train_ann`` / ``train_images`` / ``val_ann`` / ``val_images`` name any
+    COCO-format files and folders instead (each overrides its part of ``root``).
+    """
+
+    shorthand: ClassVar[str] = "root"
+
+    root: str | None = None
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    recipe: Literal["1x", "3x"] = "1x"  # 3x: multi-scale training with the Swin random crop
+    max_size: int = DEFAULT_SCALE[0]  # longer side at most (train and test)
+    min_size: int = DEFAULT_SCALE[1]  # shorter side (1x training and test)
+    multiscale_min_sizes: tuple[int, ...] = MULTISCALE_SHORT  # 3x: shorter sides to draw from
+    crop_min_sizes: tuple[int, ...] = CROP_SHORT  # 3x: shorter side before the random crop
+    crop_size_range: tuple[int, int] = CROP_RANGE  # 3x: crop height / width range
+    skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
+
+    def validate(self) -> None:
+        sizes = (self.max_size, self.min_size, *self.multiscale_min_sizes, *self.crop_min_sizes, *self.crop_size_range)
+        if min(sizes) < 32:
+            raise UserInputError(f"data: image sizes must be at least 32 pixels, got {min(sizes)}")
+        if self.crop_size_range[0] > self.crop_size_range[1]:
+            raise UserInputError(f"data.crop_size_range must be (low, high), got {list(self.crop_size_range)}")
+        if not self.multiscale_min_sizes or not self.crop_min_sizes:
+            raise UserInputError("data.multiscale_min_sizes and data.crop_min_sizes need at least one size")
+
+    def train_transform(self):
+        from .transforms import build_train_transform
+
+        return build_train_transform(self.recipe, self.max_size, self.min_size, self.multiscale_min_sizes,
+                                     self.crop_min_sizes, self.crop_size_range)
+
+    def test_transform(self):
+        from .transforms import build_test_transform
+
+        return build_test_transform(self.max_size, self.min_size)
+
+
+@dataclass(frozen=True)
+class DetectionTestConfig:
+    eval_batch_size: int = 1  # images per process in evaluation (mmdet: 1)
+    score_threshold: float = 0.3  # predict: draw detections scoring at least this
+
+    def validate(self) -> None:
+        if self.eval_batch_size < 1:
+            raise UserInputError(f"test.eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        if not 0 <= self.score_threshold <= 1:
+            raise UserInputError(f"test.score_threshold must be in [0, 1], got {self.score_threshold}")
+
+
+@dataclass(frozen=True)
+class DetectionConfig(EngineConfig):
+    """Everything a detection run depends on. Batch sizes are per process."""
+
+    task: str = "detection"
+    run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, scale_lr=False))
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(name="step", milestones=(8, 11), gamma=0.1, warmup_iters=500, warmup_ratio=0.001)
+    )
+    model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
+    data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
+    test: DetectionTestConfig = field(default_factory=DetectionTestConfig)
+
+
+def data_paths(data: DetectionDataConfig, split: Literal["train", "val"]) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` of ``split``: the explicit paths, else the COCO layout
+    under ``data.root``; a one-line error naming what is missing."""
+    from ..data import DataError
+    from .data import coco_paths
+
+    ann, images = (data.train_ann, data.train_images) if split == "train" else (data.val_ann, data.val_images)
+    if ann is not None and images is not None:
+        return Path(ann), Path(images)
+    if data.root is None:
+        raise DataError(f"no {split} data given: pass --data COCO_ROOT, or data.{split}_ann and data.{split}_images")
+    default_ann, default_images = coco_paths(data.root, split)
+    return Path(ann or default_ann), Path(images or default_images)

@@ -1,0 +1,151 @@
+"""Object detection and instance segmentation as an engine task: COCO-format data, the
+authors' mmdetection pipelines, box (and mask) AP through pycocotools (registry entry
+``detection``).
+
+The trainer sums the detector's losses (mmdet's names: ``loss_rpn_cls``, ``loss_rpn_bbox``,
+``loss_cls``, ``loss_bbox``, ``loss_mask``; ``s0.``/``s1.``/``s2.`` per cascade stage) and
+logs each as ``train/<name>``; evaluation reports COCOeval's 12 box numbers (``bbox_mAP`` ...)
+and, for the mask models, 12 mask numbers (``segm_mAP`` ...). best.pth is kept by box AP.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..data import DataError, ShardedSampler, build_loader, raise_or_count_unreadable
+from ..engine import DistContext, Task, resolve_precision
+from ..engine import train as train_task
+from ..errors import UserInputError
+from .config import DetectionConfig, DetectionModelConfig, data_paths
+from .data import CocoDetection, DetectionBatch, collate_detection
+from .detectors import Detector, build_detector
+from .evaluate import evaluate_detector
+
+__all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK", "COMMANDS"]
+
+
+def build_configured_detector(model: DetectionModelConfig, num_classes: int, pretrained: bool = True) -> Detector:
+    """The detector ``model`` describes, with ``num_classes`` classes; the ImageNet backbone
+    checkpoint ``model.pretrained`` is loaded when ``pretrained``."""
+    detector = build_detector(
+        model.kind, model.backbone, num_classes, model.backbone_settings(),
+        model.pretrained if pretrained else None, model.channels, model.fc_channels,
+    )
+    if model.kind == "retinanet":
+        return detector
+    detector.rpn_head.num_samples = model.rpn_samples
+    detector.roi_head.num_samples = model.rcnn_samples
+    return detector
+
+
+def resolve_num_classes(model: DetectionModelConfig, data_classes: int, source: str) -> int:
+    """The class count: the data's, which ``model.num_classes`` (when set) must equal."""
+    if model.num_classes is not None and model.num_classes != data_classes:
+        raise UserInputError(
+            f"{source} has {data_classes} categories but model.num_classes is {model.num_classes}: "
+            f"pass model.num_classes={data_classes} (or null to take the data's)"
+        )
+    return data_classes
+
+
+class DetectionTask(Task):
+    """A detector trained on COCO-format data; best checkpoint by box AP."""
+
+    primary_metric = "bbox_mAP"
+
+    def __init__(self, config: DetectionConfig, ctx: DistContext) -> None:
+        super().__init__(config, ctx)
+        c = config
+        log = print if ctx.is_main else None
+        with_masks = c.model.kind != "retinanet"
+        train_ann, train_images = data_paths(c.data, "train")
+        val_ann, val_images = data_paths(c.data, "val")
+        self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
+                                       transform=c.data.train_transform(), log=log)
+        # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
+        self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform())
+        if self.val_set.cat_ids != self.train_set.cat_ids:
+            raise DataError(f"{val_ann} and {train_ann} list different categories; both splits need the same ones")
+        self.class_names = self.train_set.class_names
+        num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
+        batch = c.run.batch_size
+        if len(self.train_set) // ctx.world_size < batch:
+            raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
+                            f"batch of {batch} per process; lower --batch-size")
+        self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
+        self.train_loader = build_loader(
+            self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
+            pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection,
+        )
+        self.model = build_configured_detector(c.model, num_classes).to(ctx.device)
+        self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
+
+    # the Task interface ---------------------------------------------------------------
+
+    def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
+        unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)
+        return {"samples": float(len(batch)), "unreadable_images": float(unreadable)}
+
+    def to_device(self, batch: DetectionBatch) -> DetectionBatch:
+        return batch.to(self.ctx.device)
+
+    def losses(self, model: nn.Module, batch: DetectionBatch) -> dict[str, torch.Tensor]:
+        return model(batch.images, batch.metas, batch.targets)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """COCOeval's box (and mask) numbers and ``eval_seconds``, the evaluation's wall time."""
+        c = self.config
+        start = time.perf_counter()
+        metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.eval_batch_size, c.run.num_workers,
+                                    skip_corrupt=c.data.skip_corrupt, precision=self.precision)
+        scores = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
+        return {**scores, "eval_seconds": time.perf_counter() - start}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        m = self.config.model
+        return {
+            "detector": m.kind,
+            "backbone": m.backbone,
+            "backbone_kwargs": m.backbone_settings(),
+            "num_classes": self.model.num_classes,
+            "class_names": list(self.class_names),
+            "cat_ids": list(self.train_set.cat_ids),
+            "channels": m.channels,
+            "fc_channels": m.fc_channels,
+        }
+
+    def check_resume(self, state: dict[str, Any], path: str) -> None:
+        m = self.config.model
+        if (state.get("detector"), state.get("backbone")) != (m.kind, m.backbone):
+            raise UserInputError(f"{path} is a {state.get('detector')} on {state.get('backbone')}, not a {m.kind} on "
+                                 f"{m.backbone}; use the config it was trained with")
+        if list(state.get("class_names", [])) != list(self.class_names):
+            raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file}; use the same data")
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        m = self.config.model
+        return (f"{m.kind} on {m.backbone}: {params:.2f}M params, {self.model.num_classes} classes, "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+
+
+def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``config.model`` and return the last report's metrics (``val/bbox_mAP`` ...),
+    ``best_bbox_mAP``, ``epoch`` and ``global_step``. See :func:`crossformer.engine.train`."""
+    return train_task(DetectionTask, config, on_step_end)
+
+
+CONFIG = DetectionConfig
+TASK = DetectionTask
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
+        from .commands import COMMANDS
+
+        return COMMANDS
+    raise AttributeError(name)

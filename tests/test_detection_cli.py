@@ -1,0 +1,154 @@
+"""The detection command line: make-data, train, evaluate, predict, flops, benchmark and the
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from crossformer.cli import main
+from crossformer.detection.data import CocoDetection, coco_paths
+from crossformer.detection.evaluate import COCO_METRICS
+from crossformer.detection.task import build_configured_detector
+from crossformer.engine import load_training_state
+from crossformer.engine.registry import resolve_config
+from crossformer.models import count_params
+from detection_train_fixtures import make_tiny_coco, write_tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Mask R-CNN trained one epoch through ``crossformer train``."""
+    root = tmp_path_factory.mktemp("cli")
+    coco = make_tiny_coco(root / "coco")
+    config = write_tiny_config(root / "tiny.yaml", "mask_rcnn", coco, root / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--config", str(config), "--epochs", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "coco": coco, "config": config, "checkpoint": root / "run" / "last.pth"}
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_make_data_writes_a_coco_set_a_user_could_have(tmp_path: Path, capsys) -> None:
+    assert main(["make-data", "coco", str(tmp_path / "set"), "--images", "8", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "6 train / 2 val images" in out
+    train = CocoDetection(*coco_paths(tmp_path / "set", "train"))
+    assert len(train) == 6 and train.class_names == ["circle", "rectangle", "triangle", "star"]
+    assert main(["make-data", "coco", str(tmp_path / "x"), "--images", "1"]) == 2
+    assert "--images must be at least 2" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: Path, capsys) -> None:
+    results = tmp_path / "results.json"
+    args = ["evaluate", "--config", str(trained["config"]), "--checkpoint", str(trained["checkpoint"]),
+            "--data", str(trained["coco"]), "--results", str(results)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in COCO_METRICS}
+    assert list(rows) == list(COCO_METRICS) and all(len(v) == 2 for v in rows.values())  # bbox and segm columns
+    assert "3 images; results written to" in out
+    records = json.loads(results.read_text())
+    assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r) for r in records)
+    assert {r["category_id"] for r in records} <= {1, 3, 6, 9}  # the file's own category ids
+    # --json: the same numbers as the checkpoint's own evaluation at the end of training
+    assert main([*args, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    state = load_training_state(trained["checkpoint"])
+    for key in ("bbox_mAP", "bbox_AR_100", "segm_mAP", "segm_mAP_50"):
+        assert metrics[key] == pytest.approx(state["metrics"][f"val/{key}"], abs=1e-9)
+
+
+def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, capsys) -> None:
+    val = trained["coco"] / "val2017"
+    photo = tmp_path / "gray.png"  # grayscale, another size: converted and resized
+    Image.new("L", (90, 70), 128).save(photo)
+    out = tmp_path / "pred"
+    assert main(["predict", str(val), str(photo), "--config", str(trained["config"]), "--checkpoint",
+                 str(trained["checkpoint"]), "--output", str(out), "--score-threshold", "0"]) == 0
+    assert "wrote 4 image(s)" in capsys.readouterr().out
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 4 and "gray.png" in pngs
+    assert Image.open(out / "gray.png").size == (90, 70)
+    records = json.loads((out / "detections.json").read_text())
+    assert {r["file_name"] for r in records} <= {str(p) for p in [*val.glob("*.jpg"), photo]}
+    assert all(len(r["bbox"]) == 4 and "segmentation" in r for r in records)
+
+
+@pytest.mark.slow
+def test_flops_json_counts_the_assembled_detector(capsys) -> None:
+    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["img_size"] == [800, 1280] and result["detector"] == "retinanet"
+    with torch.device("meta"):
+        detector = build_configured_detector(resolve_config("retinanet_crossformer_small_1x").config.model, 80, False)
+    assert result["params"] == count_params(detector)
+    assert 0.89 * 282e9 <= result["macs"] <= 1.11 * 282e9  # the authors' 282G
+    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "640", "640", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] < result["macs"]
+    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "100", "100"]) == 2
+    assert "multiples of 32" in _error(capsys)
+
+
+def test_benchmark_times_the_detector(trained, capsys) -> None:
+    args = ["benchmark", "--config", str(trained["config"]), "--img-size", "64", "96", "--rounds", "1", "--warmup", "0",
+            "--no-memory", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["infer_images_per_s"] > 0 and summary["config"]["img_size"] == [64, 96]
+    assert main([*args[:-1], "--compare", "swin_tiny_patch4_window7_224"]) == 2
+    assert "maskrcnn_resnet50_fpn only" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_bad_input_gets_one_line_errors(trained, tmp_path: Path, capsys) -> None:
+    config, checkpoint = str(trained["config"]), str(trained["checkpoint"])
+    predict = ["predict", "--config", config, "--checkpoint", checkpoint, "--output", str(tmp_path / "p")]
+    assert main([*predict[:1], str(tmp_path / "missing.jpg"), *predict[1:]]) == 2
+    assert "no such image or folder" in _error(capsys)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    assert main([*predict[:1], str(broken), *predict[1:]]) == 2
+    err = _error(capsys)
+    assert "cannot read image" in err and "--skip-corrupt" in err
+
+    not_coco = tmp_path / "list.json"
+    not_coco.write_text(json.dumps([1, 2, 3]))
+    evaluate = ["evaluate", "--config", config, "--checkpoint", checkpoint]
+    assert main([*evaluate, f"data.val_ann={not_coco}", f"data.val_images={trained['coco'] / 'val2017'}"]) == 2
+    assert "is not a COCO instances file" in _error(capsys)
+
+    retina = write_tiny_config(tmp_path / "retina.yaml", "retinanet", trained["coco"], tmp_path / "r")
+    assert main(["evaluate", "--config", str(retina), "--checkpoint", checkpoint, "--data", str(trained["coco"])]) == 2
+    assert "holds a mask_rcnn on crossformer_tiny, but the config describes a retinanet" in _error(capsys)
+    assert main([*evaluate, "--data", str(trained["coco"]), "model.num_classes=5"]) == 2
+    assert "is a detector of 4 classes but the config says model.num_classes=5" in _error(capsys)
+    # an mmdet-style file (no recorded classes) of another class count: the loader's list, on one line
+    state = load_training_state(checkpoint)
+    mmdet = {"state_dict": state["model"], "meta": {"CLASSES": ["a", "b", "c", "d", "e"]}}
+    torch.save(mmdet, tmp_path / "mmdet.pth")
+    assert main([*evaluate[:3], "--checkpoint", str(tmp_path / "mmdet.pth"), "--data", str(trained["coco"])]) == 2
+    assert "does not fit this mask_rcnn" in _error(capsys)
+    assert main([*evaluate[:3], "--checkpoint", str(tmp_path / "nothing.pth"), "--data", str(trained["coco"])]) == 2
+    assert "checkpoint not found" in _error(capsys)

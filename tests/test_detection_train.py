@@ -1,0 +1,188 @@
+"""Detection training through the engine: the bundled recipes, a training run of each detector
+kind on a tiny model, exact resume after SIGKILL, and two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossformer.detection import DETECTOR_KINDS
+from crossformer.detection.task import DetectionTask, build_configured_detector, train
+from crossformer.engine import DistContext, load_training_state
+from crossformer.engine.registry import bundled_configs, resolve_config
+from crossformer.errors import UserInputError
+from detection_train_fixtures import make_tiny_coco, tiny_config, write_tiny_config
+
+TESTS = Path(__file__).resolve().parent
+EXPECTED_LOSSES = {
+    "retinanet": {"loss_cls", "loss_bbox"},
+    "mask_rcnn": {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"},
+    "cascade_mask_rcnn": {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{i}.{n}" for i in range(3) for n in ("loss_cls", "loss_bbox", "loss_mask")},
+}
+# The rows of the authors' tables: (kind, recipe) -> backbones.
+AUTHORS_ROWS = {
+    ("retinanet", "1x"): {"crossformer_small", "crossformer_base", "crossformer_pp_small", "crossformer_pp_base"},
+    ("mask_rcnn", "1x"): {"crossformer_small", "crossformer_base", "crossformer_pp_small", "crossformer_pp_base"},
+    ("mask_rcnn", "3x"): {"crossformer_small", "crossformer_base", "crossformer_pp_small", "crossformer_pp_base"},
+    ("cascade_mask_rcnn", "3x"): {"crossformer_small"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return make_tiny_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+# the recipes ------------------------------------------------------------------------
+
+
+def test_every_row_of_the_authors_tables_has_a_config_with_its_recipe() -> None:
+    configs = {name: path for name, path in bundled_configs("detection").items() if not name.endswith("_demo")}
+    found: dict[tuple[str, str], set[str]] = {}
+    for name in configs:
+        c = resolve_config(name).config
+        recipe = name.rsplit("_", 1)[1]
+        assert name == f"{c.model.kind}_{c.model.backbone}_{recipe}" and c.data.recipe == recipe
+        found.setdefault((c.model.kind, recipe), set()).add(c.model.backbone)
+        epochs, milestones = (12, (8, 11)) if recipe == "1x" else (36, (27, 33))
+        assert (c.run.epochs, c.schedule.name, c.schedule.milestones, c.schedule.gamma) == (epochs, "step", milestones, 0.1)
+        assert (c.schedule.warmup_iters, c.schedule.warmup_ratio, c.run.clip_grad) == (500, 0.001, 0.0)
+        assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.scale_lr) == (1e-4, 1e-4, False)
+        assert (c.run.batch_size, c.run.eval_every, c.run.amp) == (2, 1, "auto")
+        assert (c.model.num_classes, c.model.drop_path, c.data.max_size, c.data.min_size) == (80, 0.2, 1333, 800)
+    assert found == AUTHORS_ROWS
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_crossformer_pp_base_3x", "cascade_mask_rcnn_crossformer_small_3x"])
+def test_a_config_builds_its_detector_with_the_detection_grouping(name: str) -> None:
+    # detmodels' tests check every kind x backbone's parameter count; here: config -> detector
+    c = resolve_config(name).config
+    with torch.device("meta"):
+        detector = build_configured_detector(c.model, 80, pretrained=False)
+    assert detector.kind == c.model.kind and detector.num_classes == 80
+    blocks = [m for m in detector.backbone.modules() if type(m).__name__ == "CrossFormerBlock"]
+    assert {b.group_size for b in blocks} == {7}
+    assert sorted({b.interval for b in blocks}) == [1, 2, 4, 8]  # one interval per stage, CrossFormer++ too
+    drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
+    assert max(drop) == pytest.approx(0.2)
+
+
+# training through the Task ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DETECTOR_KINDS)
+def test_training_each_detector_logs_every_loss_term_and_evaluates(kind: str, coco: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "c.yaml", kind, coco, tmp_path / "run", epochs=0, iterations=2, eval_every=2)
+    metrics = train(config)
+    assert {k[len("train/"):] for k in metrics if k.startswith("train/loss_") or k.startswith("train/s")} == EXPECTED_LOSSES[kind]
+    assert metrics["train/loss"] == pytest.approx(sum(metrics[f"train/{k}"] for k in EXPECTED_LOSSES[kind]), rel=1e-5)
+    iou_types = ("bbox",) if kind == "retinanet" else ("bbox", "segm")
+    for iou_type in iou_types:
+        assert 0 <= metrics[f"val/{iou_type}_mAP"] <= 1 and f"val/{iou_type}_AR_l" in metrics
+    assert ("val/segm_mAP" in metrics) == (kind != "retinanet")
+    state = load_training_state(tmp_path / "run" / "last.pth")
+    assert state["global_step"] == 2 and state["detector"] == kind and state["cat_ids"] == [1, 3, 6, 9]
+    assert state["class_names"] == ["circle", "rectangle", "triangle", "star"] and state["num_classes"] == 4
+
+
+def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "run")
+    task = DetectionTask(config, DistContext())
+    batch = next(iter(task.train_loader))
+    assert task.batch_counts(batch) == {"samples": 2.0, "unreadable_images": 0.0}
+    assert len(task.train_loader) == 4  # 9 train images in batches of 2, the last one dropped
+    extras = task.checkpoint_extras()
+    task.check_resume(extras, "x.pth")
+    with pytest.raises(UserInputError, match="is a retinanet on crossformer_tiny, not a mask_rcnn"):
+        task.check_resume({**extras, "detector": "retinanet"}, "x.pth")
+    with pytest.raises(UserInputError, match="has 4 categories but model.num_classes is 80"):
+        DetectionTask(replace(config, model=replace(config.model, num_classes=80)), DistContext())
+
+
+# resume and processes -----------------------------------------------------------------
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from crossformer.engine.registry import resolve_config
+from crossformer.detection.task import train
+def kill(step):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(resolve_config({config!r}, {{"resume": {resume!r}}}).config, on_step_end=kill)
+"""
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith("eval_seconds")}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_an_unkilled_run(coco: Path, tmp_path: Path) -> None:
+    # 4 updates per epoch, 2 epochs; a checkpoint every 3 updates; killed at update 5 (epoch 1, batch 1)
+    settings = dict(epochs=2, save_every_steps=3, deterministic=True, eval_every=2)
+    killed_config = write_tiny_config(tmp_path / "killed.yaml", "mask_rcnn", coco, tmp_path / "killed", **settings)
+    clean_config = write_tiny_config(tmp_path / "clean.yaml", "mask_rcnn", coco, tmp_path / "clean", **settings)
+    script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), config=str(killed_config), resume=None, kill_at=5)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = load_training_state(tmp_path / "killed" / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 3, 3)
+
+    torch.set_num_threads(1)
+    resumed = train(resolve_config(str(killed_config), {"resume": "auto"}).config)
+    unkilled = train(resolve_config(str(clean_config)).config)
+    assert _without_timing(resumed) == _without_timing(unkilled)  # box and mask AP, every loss term, bit for bit
+    a, b = load_training_state(tmp_path / "killed" / "last.pth"), load_training_state(tmp_path / "clean" / "last.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    tail = [_without_timing(r) for r in _records(tmp_path / "clean") if r["step"] > 3]
+    assert [_without_timing(r) for r in _records(tmp_path / "killed") if r["step"] > 3][-len(tail):] == tail
+
+
+_DDP_RUN = """
+import sys
+from crossformer.engine.registry import resolve_config
+from crossformer.detection.task import train
+train(resolve_config({config!r}).config)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_over_gloo(coco: Path, tmp_path: Path) -> None:
+    config = write_tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "ddp", batch_size=1)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(_DDP_RUN).format(config=str(config)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    state = load_training_state(tmp_path / "ddp" / "last.pth")
+    # 9 training images over 2 ranks (padded to 10) at 1 per batch: 5 updates
+    assert state["world_size"] == 2 and state["global_step"] == 5 and len(state["rank_state"]) == 2
+    # evaluation was split over the ranks and gathered: the same as one process on all 3 images
+    torch.set_num_threads(1)
+    task = DetectionTask(resolve_config(str(config)).config, DistContext())
+    task.model.load_state_dict(state["model"])
+    alone = task.evaluate(task.model)
+    for key in ("bbox_mAP", "bbox_AR_100", "segm_mAP"):
+        assert state["metrics"][f"val/{key}"] == pytest.approx(alone[key], abs=1e-9)
