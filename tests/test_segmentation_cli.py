@@ -91,10 +91,9 @@ def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> No
 
 def test_make_data_writes_the_ade_layout(tmp_path: Path, capsys) -> None:
     from crossformer.segmentation.data import ade20k_dataset
-    from crossformer.segmentation.demo import write_ade
 
-    line = write_ade(tmp_path, 6, 0)
-    assert "5 training / 1 validation images" in line
+    assert main(["make-data", "ade", str(tmp_path), "--images", "6"]) == 0
+    assert "5 training / 1 validation images" in capsys.readouterr().out
     train = ade20k_dataset(tmp_path, "training")
     assert train.classes == ["sky", "grass", "wall", "water", "building", "person", "car"] and len(train) == 5
     image, label = train.load(0)

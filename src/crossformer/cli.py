@@ -24,8 +24,8 @@ COMMANDS: dict[str, str] = {
     "flops": "parameters and multiply-accumulates in the papers' convention",
     "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
     "convert": "convert any readable checkpoint to safetensors weights",
-    "demo": "train, evaluate and predict on built-in data in a few minutes (--task classification|detection|all)",
-    "make-data": "write a synthetic data set in a standard layout (coco: detection)",
+    "demo": "train, evaluate and predict on built-in data in a few minutes (--task classification|detection|segmentation|all)",
+    "make-data": "write a synthetic data set in a standard layout (coco: detection, ade: segmentation)",
 }
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops")

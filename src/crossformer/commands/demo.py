@@ -1,7 +1,8 @@
 """``crossformer demo``: train, evaluate and predict on built-in data in a few minutes on 2 CPU cores.
 
 ``--task`` picks the demo (classification: the digits; detection: synthetic shapes with
-masks); ``--task all`` runs each in turn and prints one summary table. A task adds its demo
+masks; segmentation: synthetic ADE20K-layout scenes); ``--task all`` runs each in turn and
+prints one summary table. A task adds its demo
 with one entry in :data:`DEMOS`: the module whose ``run_demo(output, overrides)`` returns
 its figures (numbers by name, ``seconds``, optionally ``output``).
 """
@@ -15,6 +16,7 @@ import importlib
 DEMOS: dict[str, tuple[str, str]] = {
     "classification": ("crossformer.classification.demo", "output/demo"),
     "detection": ("crossformer.detection.demo", "output/demo-detection"),
+    "segmentation": ("crossformer.segmentation.demo", "output/demo-segmentation"),
 }
 
 

@@ -1,7 +1,7 @@
 """``crossformer make-data KIND DIR``: write a synthetic data set in a standard layout.
 
 Each kind is one entry of :data:`MAKERS`: ``coco`` (detection: COCO-format JSON and JPEG
-images of shapes with exact masks). A task adds its own kind with one entry: a one-line
+images of shapes with exact masks), ``ade`` (segmentation: the ADE20K layout). A task adds its own kind with one entry: a one-line
 description, a default image count and a function ``(dir, images, seed) -> summary line``.
 """
 
@@ -29,8 +29,15 @@ def _coco(root: Path, images: int, seed: int) -> str:
             f"(annotations/instances_{{train,val}}2017.json, train2017/, val2017/)")
 
 
+def _ade(root: Path, images: int, seed: int) -> str:
+    from crossformer.segmentation.demo import write_ade
+
+    return write_ade(root, images, seed)
+
+
 MAKERS: dict[str, Maker] = {
     "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, _coco),
+    "ade": Maker("segmentation: textured scenes of 7 classes with unlabelled pixels, ADE20K layout", 200, _ade),
 }
 
 
