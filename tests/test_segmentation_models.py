@@ -130,6 +130,9 @@ def test_losses_and_training_step(kind: str) -> None:
     assert losses["loss_decode"].item() == pytest.approx(-(picked * valid).sum().item() / labels.numel(), rel=1e-5)
     assert ("loss_aux" in losses) == (kind == "upernet")
 
+    with pytest.raises(crossformer.errors.UserInputError, match=r"outside 0\.\.3 and 255 \(ignore\), e\.g\. 7"):
+        segmentor.losses(images, torch.where(labels == 2, 7, labels))
+
     segmentor.train()
     losses = segmentor.losses(images, labels)
     total = sum(losses.values())

@@ -7,9 +7,9 @@ authors' checkpoints load by name. The neck is torchvision's ``FeaturePyramidNet
 computes exactly mmseg's FPN (lateral 1x1 conv with bias, nearest top-down resize to the
 lower level's size, 3x3 output conv); its names are mapped in ``checkpoint.py``.
 
-Initialisation follows mmcv: convs of conv-BN-ReLU units and the FPN neck convs are
-Kaiming-normal (fan out, ReLU) with zero bias, BN weight 1 / bias 0, the classifier
-``conv_seg`` normal with std 0.01.
+Initialisation follows mmcv / mmseg: convs of conv-BN-ReLU units Kaiming-normal (fan out,
+ReLU), BN weight 1 / bias 0, the classifier ``conv_seg`` normal with std 0.01, the FPN neck
+convs Xavier-uniform (its ``init_cfg``); all biases zero.
 """
 
 from __future__ import annotations
@@ -23,12 +23,6 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 
 __all__ = ["ConvModule", "SegmentationHead", "FPNHead", "UPerHead", "FCNHead", "fpn_neck", "run_fpn_neck"]
-
-
-def _kaiming(conv: nn.Conv2d) -> None:
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -45,7 +39,7 @@ class ConvModule(nn.Sequential):
             bn=nn.BatchNorm2d(out_channels),
             activate=nn.ReLU(inplace=True),
         ))
-        _kaiming(self.conv)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
 
 def fpn_neck(in_channels: Sequence[int], out_channels: int = 256) -> FeaturePyramidNetwork:
@@ -53,7 +47,8 @@ def fpn_neck(in_channels: Sequence[int], out_channels: int = 256) -> FeaturePyra
     neck = FeaturePyramidNetwork(list(in_channels), out_channels)
     for module in neck.modules():
         if isinstance(module, nn.Conv2d):
-            _kaiming(module)
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
     return neck
 
 

@@ -108,6 +108,12 @@ class Segmentor(nn.Module):
                 f"labels must be shaped (batch, height, width) with batch {images.shape[0]}, "
                 f"got {tuple(labels.shape)}"
             )
+        outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))
+        if outside.any():  # on GPU this would be a device-side assert, far from the cause
+            raise UserInputError(
+                f"labels hold values outside 0..{self.num_classes - 1} and {IGNORE_INDEX} (ignore), "
+                f"e.g. {labels[outside][0].item()}: check the dataset's class count"
+            )
         maps = self.backbone(images)
         out = {"loss_decode": self._cross_entropy(self.decode(maps), labels)}
         if self.auxiliary_head is not None:
