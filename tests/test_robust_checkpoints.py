@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import crossformer
-from crossformer.cli import main
 from crossformer.models import CheckpointError, CrossFormer
 
+from cli_errors import one_error_line
 from classification_fixtures import TINY_MODEL, make_image_folder
 
 TINY = dict(TINY_MODEL, num_classes=3)
@@ -97,16 +97,6 @@ def test_readable_files_still_read(tmp_path):
             assert torch.equal(loaded(x), expected), name
 
 
-def _one_error_line(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
-
-
 def _commands(path: Path, tmp_path: Path, data: Path) -> dict[str, list[str]]:
     out = tmp_path / "out"
     return {
@@ -129,7 +119,7 @@ def test_every_command_gives_one_line(tmp_path, capsys, name):
     data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
     path, expected = _make(tmp_path, name)
     for command, argv in _commands(path, tmp_path, data).items():
-        line = _one_error_line(capsys, argv)
+        line = one_error_line(capsys, argv)
         assert line.startswith(f"crossformer {argv[0]}: error: "), (command, line)
         assert str(path) in line and expected in line, (command, line)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from crossformer.cli import main
 from crossformer.models import CrossFormer, recorded_model
 
+from cli_errors import one_error_line
 from classification_fixtures import TINY_MODEL
 
 TINY = dict(TINY_MODEL, num_classes=3)
@@ -28,15 +29,6 @@ def trained(tmp_path) -> tuple[Path, CrossFormer]:
     torch.save({"model": model.state_dict(), "model_name": "crossformer_tiny", "model_kwargs": TINY_MODEL,
                 "class_names": ["cat", "dog", "eel"], "img_size": 32, "epoch": 2}, path)
     return path, model
-
-
-def _error_line(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    return lines[0]
 
 
 def test_torchscript_from_our_checkpoint_needs_no_model_args(tmp_path, capsys, trained):
@@ -66,14 +58,14 @@ def test_options_override_or_refuse(tmp_path, capsys, trained):
     path, _ = trained
     out = str(tmp_path / "x.pt")
     # --model-arg overrides the recorded settings (and then the weights do not fit)
-    line = _error_line(capsys, ["export", "--checkpoint", str(path), "--format", "torchscript",
+    line = one_error_line(capsys, ["export", "--checkpoint", str(path), "--format", "torchscript",
                                 "--model-arg", "embed_dim=32", "-o", out])
     assert "does not fit this model" in line
     # a file that names no model, and no --model
     torch.save(CrossFormer(**TINY).state_dict(), tmp_path / "bare.pth")
-    line = _error_line(capsys, ["export", "--checkpoint", str(tmp_path / "bare.pth"), "--format", "torchscript", "-o", out])
+    line = one_error_line(capsys, ["export", "--checkpoint", str(tmp_path / "bare.pth"), "--format", "torchscript", "-o", out])
     assert "--model is needed: " in line and "bare.pth does not name its model" in line
-    line = _error_line(capsys, ["export", "--format", "torchscript", "-o", out])
+    line = one_error_line(capsys, ["export", "--format", "torchscript", "-o", out])
     assert "--model is needed: no --checkpoint to read it from" in line
     assert not Path(out).exists()
 

@@ -17,6 +17,7 @@ from crossformer.atomic import OutputError, write_atomic
 from crossformer.cli import main
 from crossformer.models import CrossFormer
 
+from cli_errors import one_error_line
 from classification_fixtures import TINY_MODEL
 
 TINY = dict(TINY_MODEL, num_classes=3)
@@ -146,15 +147,6 @@ def test_file_modes(tmp_path):
 # --- through the commands -------------------------------------------------------------
 
 
-def _one_error_line(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    return lines[0]
-
-
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
     path = tmp_path / "ckpt.pth"
@@ -185,7 +177,7 @@ def test_commands_on_a_full_disk_keep_the_previous_file(tmp_path, capsys, monkey
         else ["export", "--checkpoint", str(checkpoint), "--format", command, "-o", str(target)]
     )
     _disk_full(monkeypatch)
-    line = _one_error_line(capsys, argv)
+    line = one_error_line(capsys, argv)
     assert line.endswith(f"cannot write {target}: no space left on the device; the previous file was kept"), line
     assert target.read_bytes() == PREVIOUS
     _only(out, "model.bin")
@@ -201,7 +193,7 @@ def test_commands_refuse_a_folder_or_a_path_under_a_file(tmp_path, capsys, check
             ["convert", str(checkpoint), str(target)] if command == "convert"
             else ["export", "--checkpoint", str(checkpoint), "--format", command, "-o", str(target)]
         )
-        line = _one_error_line(capsys, argv)
+        line = one_error_line(capsys, argv)
         assert f"cannot write {target}" in line and message in line, line
     _only(out, "plain_file")
     assert (out / "plain_file").read_bytes() == PREVIOUS
