@@ -123,3 +123,11 @@ def test_every_command_gives_one_line(tmp_path, capsys, name):
         assert line.startswith(f"crossformer {argv[0]}: error: "), (command, line)
         assert str(path) in line and expected in line, (command, line)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_each_kind_through_the_cli(tmp_path, capsys, name):
+    path, expected = _make(tmp_path, name)
+    line = one_error_line(capsys, ["convert", str(path), str(tmp_path / "w.safetensors")])
+    assert str(path) in line and expected in line, line
+    assert not (tmp_path / "w.safetensors").exists()
