@@ -207,3 +207,5 @@ def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):
     assert written.keys() == {k for k in state if not k.endswith((".attn.biases", ".attn.relative_position_index"))}
     assert all(torch.equal(v, state[k]) for k, v in written.items())
     _only(tmp_path, "ckpt.pth", "w.safetensors")
+    # issue 16 item 12: safetensors' own writer creates 0600 files; ours are like any new file
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~atomic._UMASK
