@@ -1,0 +1,102 @@
+"""Loading the authors' mmdetection checkpoints, our own, and ImageNet backbones.
+
+mmdet's key layout is kept in our modules (``neck.``, ``rpn_head.``, ``roi_head.``,
+``bbox_head.``; background is the last classifier row in both), so the only renaming is
+the backbone: mmdet's ``backbone.X`` is our ``backbone.model.X`` (timm's features
+wrapper). The backbone part goes through :func:`crossformer.models.load_state`, which
+knows the official CrossFormer layouts and what a features-only model prunes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..models import CheckpointError, load_state
+
+__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours"]
+
+HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
+_OUR_BACKBONE = "backbone.model."
+
+
+def _weights(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str, Any]:
+    """The tensor dict of a checkpoint: ``model`` (ours), ``state_dict`` (mmdet), or itself."""
+    if use_ema:
+        for key in ("model_ema", "state_dict_ema"):
+            if isinstance(checkpoint.get(key), Mapping):
+                return checkpoint[key]
+        raise CheckpointError("checkpoint holds no EMA weights (no 'model_ema' entry)")
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
+def mmdet_to_ours(key: str) -> str:
+    """An mmdet (or our own) checkpoint key -> our state-dict key."""
+    key = key.removeprefix("module.")
+    if key.startswith("backbone.") and not key.startswith(_OUR_BACKBONE):
+        return _OUR_BACKBONE + key[len("backbone."):]
+    return key
+
+
+def _kind_of(keys: list[str]) -> str:
+    if any(k.startswith("bbox_head.retina_cls") for k in keys):
+        return "retinanet"
+    if any(k.startswith("roi_head.bbox_head.2.") for k in keys):
+        return "cascade_mask_rcnn"
+    if any(k.startswith("roi_head.") for k in keys):
+        return "mask_rcnn"
+    return "unknown"
+
+
+def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: str) -> None:
+    meta = checkpoint.get("meta")
+    classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    if classes is not None and len(classes) != detector.num_classes:
+        raise CheckpointError(
+            f"{source} is a detector of {len(classes)} classes; this one has {detector.num_classes}: "
+            f"build it with num_classes={len(classes)}"
+        )
+
+
+def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
+    """Fill ``detector`` from a checkpoint dict; raise :class:`CheckpointError` listing
+    every key that cannot be placed (or is missing) otherwise."""
+    weights = {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema).items() if isinstance(v, torch.Tensor)}
+    head_keys = [k for k in weights if k.startswith(HEAD_PREFIXES)]
+    if not head_keys:  # an ImageNet classification checkpoint: the backbone alone
+        load_state(detector.backbone, checkpoint, source, use_ema=use_ema)
+        return
+    kind = _kind_of(head_keys)
+    if kind != detector.kind:
+        raise CheckpointError(f"{source} holds a {kind} detector, not a {detector.kind}: use a {kind} config")
+    _check_classes(detector, checkpoint, source)
+
+    expected = detector.state_dict()
+    backbone = {k[len(_OUR_BACKBONE):]: v for k, v in weights.items() if k.startswith(_OUR_BACKBONE)}
+    heads = {k: v for k, v in weights.items() if not k.startswith(_OUR_BACKBONE)}
+    expected_heads = {k: v for k, v in expected.items() if not k.startswith(_OUR_BACKBONE)}
+    missing = sorted(set(expected_heads) - set(heads))
+    unexpected = sorted(set(heads) - set(expected_heads))
+    if not backbone:
+        missing.insert(0, "backbone.* (all backbone weights)")
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected_heads[k].shape)}"
+        for k, v in heads.items()
+        if k in expected_heads and v.shape != expected_heads[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit this {detector.kind} (check the backbone variant and num_classes):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+    load_state(detector.backbone, backbone, source)
+    with torch.no_grad():
+        for key, value in heads.items():
+            expected_heads[key].copy_(value.contiguous())

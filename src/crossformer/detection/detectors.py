@@ -1,0 +1,197 @@
+"""The three detectors and ``build_detector``.
+
+Inputs and outputs (all detectors)::
+
+    images: (B, 3, Hp, Wp) normalised, zero-padded bottom/right to a multiple of 32
+    metas:  per image {"img_shape": (h, w), "ori_shape": (H0, W0), "scale_factor": (w/W0, h/H0)}
+    train:  detector(images, metas, targets) -> dict of weighted losses (mmdet's names)
+    eval:   detector(images, metas) -> per image {"boxes" (K, 4) xyxy in original pixels,
+            "scores" (K,), "labels" (K,) int64, and "masks" (K, H0, W0) bool for mask models}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+from .backbone import build_backbone
+from .cascade import CascadeRoIHead
+from .fpn import FPN
+from .retinanet import RetinaHead, RetinaSettings
+from .roi_heads import RCNNSettings, StandardRoIHead, paste_masks
+from .rpn import ProposalSettings, RPNHead
+
+__all__ = ["Detector", "TwoStageDetector", "RetinaNet", "build_detector", "DETECTOR_KINDS"]
+
+DETECTOR_KINDS = ("retinanet", "mask_rcnn", "cascade_mask_rcnn")
+
+Meta = Mapping[str, Any]
+
+
+def _img_shapes(metas: Sequence[Meta]) -> list[tuple[int, int]]:
+    return [(int(m["img_shape"][0]), int(m["img_shape"][1])) for m in metas]
+
+
+def _rescale(result: dict[str, torch.Tensor], meta: Meta) -> dict[str, torch.Tensor]:
+    """Boxes from resized-image to original-image pixels (mmdet's ``rescale=True``)."""
+    w_scale, h_scale = (float(s) for s in meta["scale_factor"])
+    scale = result["boxes"].new_tensor([w_scale, h_scale, w_scale, h_scale])
+    return {**result, "boxes": result["boxes"] / scale}
+
+
+class Detector(nn.Module):
+    """Backbone + FPN; subclasses add the heads."""
+
+    kind: str
+    has_masks: bool
+
+    def __init__(self, backbone: nn.Module, neck: FPN, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.num_classes = num_classes
+
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images -> FPN levels."""
+        return self.neck(self.backbone(images))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        metas: Sequence[Meta],
+        targets: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserInputError(f"{self.kind} expects images shaped (B, 3, H, W), got {tuple(images.shape)}")
+        if len(metas) != images.shape[0]:
+            raise UserInputError(f"{len(metas)} image metas for a batch of {images.shape[0]} images")
+        if self.training:
+            if targets is None:
+                raise UserInputError(f"{self.kind} in training mode needs targets; call .eval() to predict")
+            return self.losses(self.extract(images), metas, targets)
+        return self.predict(self.extract(images), metas)
+
+    def losses(self, features, metas, targets) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, features, metas) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
+        """Called by :func:`crossformer.load_checkpoint`: mmdet files, ours, or ImageNet ones."""
+        from .checkpoint import load_detector_state
+
+        load_detector_state(self, checkpoint, source, use_ema)
+
+
+class TwoStageDetector(Detector):
+    """Mask R-CNN (``StandardRoIHead``) or Cascade Mask R-CNN (``CascadeRoIHead``)."""
+
+    has_masks = True
+
+    def __init__(self, kind: str, backbone: nn.Module, num_classes: int) -> None:
+        neck = FPN(backbone.feature_info.channels(), 256, num_outs=5)
+        super().__init__(backbone, neck, num_classes)
+        self.kind = kind
+        cascade = kind == "cascade_mask_rcnn"
+        # The Swin cascade configs train the RPN with smooth L1 and inside-image anchors only.
+        self.rpn_head = RPNHead(256, bbox_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1)
+        self.roi_head = CascadeRoIHead(num_classes) if cascade else StandardRoIHead(num_classes)
+        self.test_proposals = ProposalSettings(1000, 1000, 0.7)
+        self.train_proposals = ProposalSettings(2000, 2000 if cascade else 1000, 0.7)
+        self.rcnn_settings = RCNNSettings()
+
+    def proposals(self, features: Sequence[torch.Tensor], metas: Sequence[Meta], settings: ProposalSettings):
+        scores, deltas = self.rpn_head(features)
+        anchors = self.rpn_head.anchors(features)
+        return scores, deltas, anchors, self.rpn_head.proposals(scores, deltas, anchors, _img_shapes(metas), settings)
+
+    def predict_from_proposals(
+        self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor], metas: Sequence[Meta]
+    ) -> list[dict[str, torch.Tensor]]:
+        """RoI head on given proposals (resized-image pixels) -> final detections."""
+        return self.finalize(self.roi_head.predict(features[:4], proposals, _img_shapes(metas), self.rcnn_settings), metas)
+
+    def finalize(self, results: Sequence[dict[str, torch.Tensor]], metas: Sequence[Meta]) -> list[dict[str, torch.Tensor]]:
+        """RoI-head results in resized-image pixels (with ``mask_probs``) -> boxes in original
+        pixels and binary masks pasted into the original image."""
+        out = []
+        for r, meta in zip(results, metas):
+            r = _rescale(r, meta)
+            h0, w0 = (int(s) for s in meta["ori_shape"][:2])
+            probs = r.pop("mask_probs")
+            r["masks"] = paste_masks(probs, r["boxes"], h0, w0, self.rcnn_settings.mask_thr)
+            out.append(r)
+        return out
+
+    def predict(self, features, metas):
+        *_, proposals = self.proposals(features, metas, self.test_proposals)
+        return self.predict_from_proposals(features, [p[0] for p in proposals], metas)
+
+    def losses(self, features, metas, targets):
+        scores, deltas, anchors, proposals = self.proposals(features, metas, self.train_proposals)
+        gt_boxes = [t["boxes"] for t in targets]
+        losses = self.rpn_head.loss(scores, deltas, anchors, gt_boxes, _img_shapes(metas))
+        boxes = [p[0] for p in proposals]
+        if isinstance(self.roi_head, CascadeRoIHead):
+            losses.update(self.roi_head.loss(features[:4], boxes, targets, _img_shapes(metas)))
+        else:
+            losses.update(self.roi_head.loss(features[:4], boxes, targets))
+        return losses
+
+
+class RetinaNet(Detector):
+    """RetinaNet: FPN on the stride-8/16/32 maps with P6 from C5 and P7 from P6."""
+
+    kind = "retinanet"
+    has_masks = False
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        neck = FPN(backbone.feature_info.channels(), 256, num_outs=5, start_level=1, extra_convs_on_input=True)
+        super().__init__(backbone, neck, num_classes)
+        self.bbox_head = RetinaHead(num_classes)
+        self.test_settings = RetinaSettings()
+
+    def predict(self, features, metas):
+        scores, deltas = self.bbox_head(features)
+        anchors = self.bbox_head.anchors(features)
+        scale_factors = [m["scale_factor"] for m in metas]
+        return self.bbox_head.predict(scores, deltas, anchors, _img_shapes(metas), self.test_settings, scale_factors)
+
+    def losses(self, features, metas, targets):
+        scores, deltas = self.bbox_head(features)
+        return self.bbox_head.loss(scores, deltas, self.bbox_head.anchors(features), targets)
+
+
+def build_detector(
+    kind: str,
+    backbone: str = "crossformer_small",
+    num_classes: int = 80,
+    backbone_kwargs: dict[str, Any] | None = None,
+    pretrained_backbone: str | None = None,
+) -> Detector:
+    """A detector of ``kind`` (one of :data:`DETECTOR_KINDS`) on a CrossFormer backbone.
+
+    Args:
+        kind: ``"retinanet"``, ``"mask_rcnn"`` or ``"cascade_mask_rcnn"``.
+        backbone: A registered CrossFormer variant name.
+        num_classes: Object classes (no background).
+        backbone_kwargs: Architecture overrides (``group_size``, ``interval``,
+            ``drop_path_rate``, or ``embed_dim`` / ``depths`` / ``num_heads`` for tiny models).
+        pretrained_backbone: An ImageNet checkpoint (official or ours) for the backbone only.
+    """
+    if kind not in DETECTOR_KINDS:
+        raise UserInputError(f"unknown detector {kind!r}: choose one of {', '.join(DETECTOR_KINDS)}")
+    if num_classes < 1:
+        raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
+    body = build_backbone(backbone, **(backbone_kwargs or {}))
+    if pretrained_backbone is not None:
+        from ..models import load_checkpoint
+
+        load_checkpoint(body, pretrained_backbone)
+    if kind == "retinanet":
+        return RetinaNet(body, num_classes)
+    return TwoStageDetector(kind, body, num_classes)

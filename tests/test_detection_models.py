@@ -1,0 +1,340 @@
+"""Detector construction, sizes, training losses, stage logic and the checkpoint port."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+import crossformer
+from crossformer.detection import DETECTOR_KINDS, build_detector, detector_flops
+from crossformer.detection.assign import MaxIoUAssigner
+from crossformer.detection.box_coding import WH_RATIO_CLIP, DeltaXYWHCoder
+from crossformer.detection.cascade import STAGE_STDS, regress_by_class
+from crossformer.detection.flops import count_layer_macs
+from crossformer.detection.roi_heads import mask_targets, paste_masks
+from crossformer.detection.rpn import ProposalSettings
+from crossformer.errors import UserInputError
+from crossformer.models import CheckpointError, count_params
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add contention (20x slower on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+H, W = 64, 96
+
+
+def _tiny(kind: str, num_classes: int = 5):
+    detector = build_detector(kind, num_classes=num_classes, backbone_kwargs=TINY)
+    if kind != "retinanet":  # few proposals and samples keep the CPU test fast
+        detector.train_proposals = ProposalSettings(200, 12, 0.7)
+        detector.test_proposals = ProposalSettings(200, 8, 0.7)
+        detector.roi_head.num_samples = 12
+    return detector
+
+
+def _batch():
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([1, 3]), torch.zeros(0, dtype=torch.long)]
+    targets = []
+    for b, lab in zip(boxes, labels):
+        masks = torch.zeros(len(b), H, W, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(b.long().tolist()):
+            masks[i, y1:y2, x1:x2] = 1
+        targets.append(dict(boxes=b, labels=lab, masks=masks))
+    metas = [dict(img_shape=(H, W), ori_shape=(H, W), scale_factor=(1.0, 1.0)),
+             dict(img_shape=(48, 80), ori_shape=(24, 20), scale_factor=(4.0, 2.0))]
+    return torch.randn(2, 3, H, W), metas, targets
+
+
+# Sizes ------------------------------------------------------------------------------
+
+# The authors' table (80 classes); RetinaNet ++S is ours (their 40.8M repeats the S row).
+PARAMS_M = [
+    ("retinanet", "crossformer_small", 40.8), ("retinanet", "crossformer_base", 62.1),
+    ("retinanet", "crossformer_pp_small", 33.0), ("retinanet", "crossformer_pp_base", 62.2),
+    ("mask_rcnn", "crossformer_small", 50.2), ("mask_rcnn", "crossformer_base", 71.5),
+    ("mask_rcnn", "crossformer_pp_small", 43.0), ("mask_rcnn", "crossformer_pp_base", 71.5),
+    ("cascade_mask_rcnn", "crossformer_small", 88.0),
+]
+
+
+@pytest.mark.parametrize("kind,backbone,millions", PARAMS_M)
+def test_parameter_counts_match_the_authors_table(kind, backbone, millions):
+    with torch.device("meta"):
+        detector = build_detector(kind, backbone)
+    assert abs(count_params(detector) / 1e6 - millions) <= 0.005 * millions
+
+
+def test_small_parameter_counts_are_exact():
+    # CrossFormer-S features (29,886,858) plus mmdet's heads as counted by mmdet itself.
+    with torch.device("meta"):
+        counts = {kind: count_params(build_detector(kind)) for kind in DETECTOR_KINDS}
+    assert counts == {"retinanet": 29_886_858 + 10_938_100, "mask_rcnn": 29_886_858 + 20_273_904,
+                      "cascade_mask_rcnn": 29_886_858 + 58_109_106}
+
+
+def test_layer_macs_by_hand():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    expected = (4 * 4 * 8 * (3 * 9) + 4 * 4 * 8) + (4 * 4 * 8 * 4 * 4 + 8 * 8 * 4) + 5 * 256
+    assert count_layer_macs(net, torch.zeros(1, 3, 4, 4)) == expected
+
+
+def test_flops_at_1280x800_against_the_authors():
+    authors = {"retinanet": 282e9, "mask_rcnn": 301e9, "cascade_mask_rcnn": 769.7e9}
+    with torch.device("meta"):
+        detectors = {kind: build_detector(kind) for kind in DETECTOR_KINDS}
+    flops = {kind: detector_flops(d, 800, 1280) for kind, d in detectors.items()}
+    for kind, figure in authors.items():
+        assert flops[kind]["params"] == count_params(detectors[kind])
+        # Ours: 280.2G, 299.2G, 777.5G (docs/detection.md says where the last 1% comes from).
+        assert abs(flops[kind]["macs"] - figure) <= 0.015 * figure, (kind, flops[kind]["macs"] / 1e9)
+    # The cascade adds, per extra stage, a 4conv1fc box head on 1000 rois and a mask head on 100,
+    # and its first stage replaces the 2fc head: by hand.
+    conv = 49 * (256 * 9 * 256)
+    box4 = 1000 * (4 * conv + 12544 * 1024 + 1024 * 81 + 1024 * 320)
+    box2 = 1000 * (12544 * 1024 + 1024 * 1024 + 1024 * 81 + 1024 * 320)
+    mask = 100 * (196 * 4 * (256 * 9 * 256 + 256) + 196 * 256 * 4 * 256 + 784 * 256 + 784 * (256 * 80 + 80))
+    assert flops["cascade_mask_rcnn"]["macs"] - flops["mask_rcnn"]["macs"] == 3 * box4 - box2 + 2 * mask
+
+
+# Building blocks ----------------------------------------------------------------------
+
+def test_coder_round_trip_and_clamp():
+    coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
+    priors = torch.tensor([[10.0, 10.0, 30.0, 50.0]])
+    boxes = torch.tensor([[12.0, 5.0, 40.0, 45.0]])
+    assert torch.allclose(coder.decode(priors, coder.encode(priors, boxes)), boxes, atol=1e-4)
+    huge = coder.decode(priors, torch.tensor([[0.0, 0.0, 100.0, -100.0]]))
+    w, h = huge[0, 2] - huge[0, 0], huge[0, 3] - huge[0, 1]
+    assert math.isclose(w.item(), 20 * math.exp(0.2 * 100 if 0.2 * 100 < WH_RATIO_CLIP else WH_RATIO_CLIP), rel_tol=1e-5)
+    assert math.isclose(h.item(), 40 * math.exp(-WH_RATIO_CLIP), rel_tol=1e-5)
+    clipped = coder.decode(priors, torch.tensor([[0.0, 0.0, 5.0, 5.0]]), max_shape=(40, 35))
+    assert clipped.min() >= 0 and clipped[0, 2] <= 35 and clipped[0, 3] <= 40
+
+
+def test_assigner_by_hand():
+    """RPN rule: >= 0.7 positive, < 0.3 negative, between ignored; each gt also takes the
+    priors that overlap it best (if >= 0.3), even when they prefer another gt."""
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]])
+    priors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],   # IoU 1 with gt 0
+        [0.0, 0.0, 10.0, 20.0],   # IoU 0.5 with gt 0 (its best): between -> but gt 0's best is prior 0
+        [40.0, 40.0, 50.0, 50.0],  # no overlap: negative
+        [20.0, 0.0, 30.0, 16.0],  # IoU 0.625 with gt 1, gt 1's best: positive by low-quality rule
+        [0.0, 0.0, 10.0, 40.0],   # IoU 0.25 with gt 0: negative
+    ])
+    assigned = MaxIoUAssigner(0.7, 0.3, 0.3).assign(priors, gt)
+    assert assigned.tolist() == [0, -2, -1, 1, -1]
+    # Without the low-quality rule prior 3 is ignored; with min_pos_iou above its IoU too.
+    assert MaxIoUAssigner(0.7, 0.3, 0.3, match_low_quality=False).assign(priors, gt).tolist() == [0, -2, -1, -2, -1]
+    assert MaxIoUAssigner(0.7, 0.3, 0.7).assign(priors, gt).tolist() == [0, -2, -1, -2, -1]
+    assert MaxIoUAssigner(0.7, 0.3, 0.3).assign(priors, torch.zeros(0, 4)).tolist() == [-1] * 5
+
+
+def test_rpn_loss_on_a_hand_made_case():
+    detector = _tiny("mask_rcnn")
+    rpn = detector.rpn_head
+    levels = [torch.zeros(1, 256, H // s, W // s) for s in (4, 8, 16, 32, 64)]
+    anchors = rpn.anchors(levels)
+    gt = anchors[0][[500]].clone()  # a gt exactly on one stride-4 anchor
+    scores = [torch.zeros(1, 3, *f.shape[-2:]) for f in levels]
+    deltas = [torch.zeros(1, 12, *f.shape[-2:]) for f in levels]
+    losses = rpn.loss(scores, deltas, anchors, [gt], [(H, W)])
+    # All logits 0: BCE is log 2 for each of the 256 sampled anchors. Positives: IoU >= 0.7
+    # (the exact anchor among them); with zero predicted deltas the L1 is the sum of their
+    # target deltas |dx| + |dy| + |log(gw/aw)| + |log(gh/ah)|, over 256.
+    assert math.isclose(losses["loss_rpn_cls"].item(), math.log(2), rel_tol=1e-6)
+    flat = torch.cat(anchors)
+    iou = box_iou(gt, flat)[0]
+    positives = flat[iou >= 0.7]
+    assert 1 <= positives.shape[0] < 128
+    (gx1, gy1, gx2, gy2), total = gt[0].tolist(), 0.0
+    for x1, y1, x2, y2 in positives.tolist():
+        aw, ah = x2 - x1, y2 - y1
+        total += abs((gx1 + gx2 - x1 - x2) / 2 / aw) + abs((gy1 + gy2 - y1 - y2) / 2 / ah)
+        total += abs(math.log((gx2 - gx1) / aw)) + abs(math.log((gy2 - gy1) / ah))
+    assert math.isclose(losses["loss_rpn_bbox"].item(), total / 256, rel_tol=1e-5)
+
+
+def test_paste_masks_by_hand():
+    probs = torch.ones(1, 28, 28)
+    masks = paste_masks(probs, torch.tensor([[2.0, 3.0, 10.0, 7.0]]), 12, 14, 0.5)
+    expected = torch.zeros(12, 14, dtype=torch.bool)
+    expected[3:7, 2:10] = True
+    assert torch.equal(masks[0], expected)
+    gt = expected[None].repeat(2, 1, 1).to(torch.uint8)
+    targets = mask_targets(gt, torch.tensor([[3.0, 4.0, 9.0, 6.0], [11.0, 0.0, 14.0, 12.0]]))
+    assert targets.shape == (2, 28, 28) and bool(targets[0].all()) and not bool(targets[1].any())
+
+
+# Cascade stage logic -----------------------------------------------------------------
+
+def test_regress_by_class_uses_the_deltas_of_the_label():
+    coder = DeltaXYWHCoder(STAGE_STDS[1])
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    deltas = torch.zeros(1, 12)
+    deltas[0, 4:8] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # class 1 moves right by 0.05 * 20
+    moved = regress_by_class(coder, boxes, deltas, torch.tensor([1]), (100, 100))
+    assert torch.allclose(moved, torch.tensor([[11.0, 10.0, 31.0, 30.0]]))
+    assert torch.equal(regress_by_class(coder, boxes, deltas, torch.tensor([0]), (100, 100)), boxes)
+
+
+@torch.no_grad()
+def test_cascade_refines_rois_between_stages_and_averages_scores():
+    detector = _tiny("cascade_mask_rcnn", num_classes=3).eval()
+    head = detector.roi_head
+    features = [torch.randn(1, 256, H // s, W // s) for s in (4, 8, 16, 32)]
+    proposals = [torch.tensor([[5.0, 5.0, 40.0, 40.0], [20.0, 10.0, 90.0, 60.0], [0.0, 0.0, 16.0, 16.0]])]
+    rois, logits, deltas = head.refine_stages(features, proposals, [(H, W)])
+    for stage in range(2):
+        expected = regress_by_class(head.coders[stage], rois[stage][:, 1:], deltas[stage],
+                                    logits[stage][:, :-1].argmax(dim=1), (H, W))
+        assert torch.equal(rois[stage + 1][:, 1:], expected)
+        assert not torch.equal(rois[stage + 1], rois[stage])
+    head_settings = detector.rcnn_settings.__class__(score_thr=0.0, iou=1.0, max_per_img=1000)
+    result = head.predict(features, proposals, [(H, W)], head_settings)[0]
+    probs = torch.stack(logits).mean(dim=0).softmax(dim=-1)[:, :-1]
+    assert torch.allclose(result["scores"].sort().values, probs.flatten().sort().values, atol=1e-6)
+    last = head.coders[2].decode(rois[2][:, 1:], deltas[2], max_shape=(H, W)).reshape(3, 3, 4)
+    for box, label in zip(result["boxes"], result["labels"]):
+        assert (last[:, label] - box).abs().sum(dim=1).min() < 1e-4
+    assert result["mask_probs"].shape == (result["boxes"].shape[0], 28, 28)
+
+
+def test_cascade_training_drops_gt_positives_before_the_next_stage():
+    head = _tiny("cascade_mask_rcnn").roi_head
+    from crossformer.detection.roi_heads import sample_rois
+
+    gt = torch.tensor([[4.0, 6.0, 40.0, 50.0]])
+    proposals = torch.tensor([[4.0, 6.0, 40.0, 51.0], [50.0, 40.0, 90.0, 60.0]])
+    s = sample_rois(proposals, gt, torch.tensor([2]), head.assigners[0], head.num_classes, 16)
+    assert s.num_pos == 2 and s.pos_is_gt.tolist().count(True) == 1 and s.labels.tolist().count(5) == 1
+    logits = torch.zeros(3, 6)
+    logits[:, 4] = 1.0  # background rois are refined with their best class (4)
+    refined = head._refine_training(0, [s], logits, torch.zeros(3, 4 * 5), [(H, W)])
+    assert refined[0].shape == (2, 4)  # the gt copy is gone; the proposal and the negative stay
+
+
+# Training and inference ----------------------------------------------------------------
+
+EXPECTED_LOSSES = {
+    "retinanet": {"loss_cls", "loss_bbox"},
+    "mask_rcnn": {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"},
+    "cascade_mask_rcnn": {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{i}.{n}" for i in range(3) for n in ("loss_cls", "loss_bbox", "loss_mask")},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DETECTOR_KINDS)
+def test_one_training_step_and_inference(kind):
+    detector = _tiny(kind).train()
+    images, metas, targets = _batch()
+    losses = detector(images, metas, targets)
+    assert set(losses) == EXPECTED_LOSSES[kind]
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    assert all(v > 0 for k, v in losses.items() if "cls" in k or "mask" in k)
+    sum(losses.values()).backward()
+    heads = {n: p for n, p in detector.named_parameters() if not n.startswith("backbone.")}
+    dead = [n for n, p in heads.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    if kind == "cascade_mask_rcnn":
+        # Its RPN trains only anchors inside the image (allowed_border 0): none of the
+        # stride-16+ anchors (128 px and up) fit in 64x96, and the tiny rois all pool from
+        # P2/P3, so P4/P5's output convs get no gradient here, as in mmdet.
+        dead = [n for n in dead if not n.startswith(("neck.fpn_convs.2.", "neck.fpn_convs.3."))]
+    assert dead == []
+    for stage in range(4):  # the backbone learns at every stage
+        grads = [p.grad for n, p in detector.named_parameters() if n.startswith(f"backbone.model.layers.{stage}.")]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    detector.eval()
+    with torch.no_grad():
+        results = detector(images, metas)
+    assert len(results) == 2
+    for result, meta in zip(results, metas):
+        assert result["labels"].dtype == torch.int64 and result["scores"].shape == result["labels"].shape
+        assert all(0 <= label < 5 for label in result["labels"].tolist())
+        h0, w0 = meta["ori_shape"]
+        # boxes are in original pixels: clipped to the resized image, then divided by the scale
+        assert max(result["boxes"][:, 2].tolist(), default=0) <= meta["img_shape"][1] / meta["scale_factor"][0] + 1e-4
+        assert max(result["boxes"][:, 3].tolist(), default=0) <= meta["img_shape"][0] / meta["scale_factor"][1] + 1e-4
+        if detector.has_masks:
+            assert result["masks"].dtype == torch.bool and result["masks"].shape[1:] == (h0, w0)
+        else:
+            assert "masks" not in result
+
+
+def test_bad_input_is_one_line_errors():
+    with pytest.raises(UserInputError, match="unknown detector"):
+        build_detector("yolo")
+    with pytest.raises(UserInputError, match="unknown backbone"):
+        build_detector("mask_rcnn", "resnet50")
+    detector = _tiny("retinanet").train()
+    images, metas, _ = _batch()
+    with pytest.raises(UserInputError, match="needs targets"):
+        detector(images, metas)
+    with pytest.raises(UserInputError, match="metas"):
+        detector(images, metas[:1])
+
+
+# Checkpoints -------------------------------------------------------------------------
+
+def _mmdet_file(detector, path, classes=80):
+    state = {}
+    for key, value in detector.state_dict().items():
+        key = "backbone." + key[len("backbone.model."):] if key.startswith("backbone.model.") else key
+        state[key] = value.clone()
+    torch.save({"meta": {"mmdet_version": "2.26.0", "CLASSES": tuple(str(i) for i in range(classes))},
+                "state_dict": state}, path)
+    return state
+
+
+def test_mmdet_checkpoint_round_trip_and_refusals(tmp_path):
+    source = _tiny("mask_rcnn", num_classes=80)
+    for p in source.parameters():
+        nn.init.normal_(p)
+    _mmdet_file(source, tmp_path / "mmdet.pth")
+    target = _tiny("mask_rcnn", num_classes=80)
+    crossformer.load_checkpoint(target, tmp_path / "mmdet.pth")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    ours = tmp_path / "ours.pth"
+    torch.save({"model": target.state_dict(), "epoch": 3}, ours)
+    again = _tiny("mask_rcnn", num_classes=80)
+    crossformer.load_checkpoint(again, ours)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), again.state_dict().values()))
+
+    with pytest.raises(CheckpointError, match="80 classes"):
+        crossformer.load_checkpoint(_tiny("mask_rcnn", num_classes=5), tmp_path / "mmdet.pth")
+    with pytest.raises(CheckpointError, match="holds a mask_rcnn detector, not a cascade_mask_rcnn"):
+        crossformer.load_checkpoint(_tiny("cascade_mask_rcnn", num_classes=80), tmp_path / "mmdet.pth")
+    state = _mmdet_file(source, tmp_path / "extra.pth")
+    state["roi_head.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected: roi_head\.extra\.weight"):
+        crossformer.load_checkpoint(target, tmp_path / "extra.pth")
+
+
+def test_imagenet_checkpoint_loads_the_backbone_alone(tmp_path):
+    import timm
+
+    classifier = timm.create_model("crossformer_small", num_classes=10, group_size=7, interval=(8, 4, 2, 1), **TINY)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "cls.pth")
+    detector = build_detector("retinanet", num_classes=5, backbone_kwargs=TINY, pretrained_backbone=str(tmp_path / "cls.pth"))
+    ours = detector.backbone.model.state_dict()
+    for key, value in ours.items():
+        assert torch.equal(value, classifier.state_dict()[key]), key
+    neck_before = detector.neck.state_dict()["lateral_convs.0.conv.weight"].clone()
+    crossformer.load_checkpoint(detector, tmp_path / "cls.pth")
+    assert torch.equal(detector.neck.state_dict()["lateral_convs.0.conv.weight"], neck_before)
