@@ -34,7 +34,7 @@ def make_image_folder(
 def tiny_config(data: Path, output: Path, **overrides: Any) -> TrainConfig:
     """The authors' recipe (augmentation, mixup, schedule) on the tiny model, 2 epochs, batch 4."""
     settings: dict[str, Any] = dict(
-        data=str(data), output=str(output), model_kwargs=TINY_MODEL, img_size=32, batch_size=4, epochs=2,
+        data=str(data), output=str(output), **{"model.kwargs": TINY_MODEL}, img_size=32, batch_size=4, epochs=2,
         warmup_epochs=1, num_workers=0, amp="none", device="cpu", cpu_threads=1, log_every=1,
     )
     settings.update(overrides)

@@ -13,7 +13,7 @@ import torch
 
 from classification_fixtures import TINY_MODEL, make_image_folder, tiny_config
 from crossformer.classification import evaluate, load_classifier, predict, train
-from crossformer.classification import trainer as train_module
+from crossformer.classification import task as train_module
 from crossformer.data import DataError
 from crossformer.engine import NonFiniteLossError, load_training_state
 
@@ -102,8 +102,8 @@ def test_unreadable_training_image_stops_or_is_skipped(tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path, monkeypatch) -> None:
     real = train_module._criterion
 
-    def poisoned(config, num_classes):
-        mixup, loss = real(config, num_classes)
+    def poisoned(augment, num_classes):
+        mixup, loss = real(augment, num_classes)
         calls = iter(range(10**6))
 
         def loss_going_nan(logits, targets):

@@ -17,8 +17,8 @@ from crossformer.engine import load_training_state
 
 TINY_ARGS = [
     "--model", "crossformer_tiny", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
-    "model_kwargs.embed_dim=16", "model_kwargs.depths=[1,1,1,1]", "model_kwargs.num_heads=[1,2,4,8]",
-    "model_kwargs.group_size=[4,4,2,1]", "model_kwargs.interval=[2,2,1,1]", "warmup_epochs=0", "cpu_threads=1",
+    "model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1,1,1]", "model.kwargs.num_heads=[1,2,4,8]",
+    "model.kwargs.group_size=[4,4,2,1]", "model.kwargs.interval=[2,2,1,1]", "warmup_epochs=0", "cpu_threads=1",
 ]
 
 
@@ -45,7 +45,7 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
     assert main(["train", "--data", str(data), "--output", str(output), "--epochs", "1", *TINY_ARGS]) == 0
     assert "epoch 0/1" in capsys.readouterr().out
     state = load_training_state(output / "last.pth")
-    assert state["global_step"] == 12 and state["config"]["model_kwargs"]["embed_dim"] == 16
+    assert state["global_step"] == 12 and state["config"]["model"]["kwargs"]["embed_dim"] == 16
 
     assert main(["evaluate", "--checkpoint", str(output / "best.pth"), "--data", str(data), "--device", "cpu",
                  "--num-workers", "0", "--json"]) == 0
@@ -56,6 +56,25 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
                  "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(line.startswith(str(data / "val" / "eel")) for line in lines)
+
+    # --img-size takes N or H W everywhere; KEY=VALUE sets the same settings
+    assert main(["evaluate", "num_workers=0", "--checkpoint", str(output / "best.pth"), "--data", str(data),
+                 "--device", "cpu", "--img-size", "32", "48", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["img_size"] == [32, 48] and result["images"] == 9
+    assert main(["predict", str(data / "val" / "eel" / "0.png"), "device=cpu", "--checkpoint", str(output / "best.pth"),
+                 "--img-size", "48", "32", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["labels"]) == 3
+
+
+def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
+    assert main(["flops", "--config", "crossformer_small", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "crossformer_small" and result["img_size"] == [224, 224]
+    assert main(["flops", "--config", "crossformer_small", "--img-size", "256", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["img_size"] == [256, 256]
+    assert main(["train", "--config", "nope.yaml"]) == 2
+    assert "config file not found: nope.yaml" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:
@@ -74,14 +93,15 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
 
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from crossformer.classification import demo, trainer
+    from crossformer.classification import demo
+    from crossformer.classification import task as trainer
 
     # the built-in data set's writer is tested in test_data.py; here a tiny folder stands in for it
     monkeypatch.setattr(trainer, "prepare_digits", lambda: data)
     monkeypatch.setattr(demo, "prepare_digits", lambda: data)
     assert main(["train", "--output", str(tmp_path / "t"), "--epochs", "1", "--batch-size", "4"]) == 0
     state = load_training_state(tmp_path / "t" / "last.pth")
-    assert state["config"]["model_kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
+    assert state["config"]["model"]["kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
     capsys.readouterr()
     assert main(["demo", "--output", str(tmp_path / "demo"), "epochs=1", "batch_size=4"]) == 0
     out = capsys.readouterr().out
@@ -96,11 +116,15 @@ def test_bundled_configs_hold_the_authors_recipe() -> None:
     assert set(VARIANTS) <= set(bundled_configs())
     for name, variant in VARIANTS.items():
         config = resolve_config(model=name)  # the model's own config is the default
-        assert config.drop_path == variant.arch["drop_path_rate"]
-        assert (config.epochs, config.warmup_epochs, config.batch_size, config.img_size) == (300, 20, 128, 224)
-        assert (config.base_lr, config.warmup_lr, config.min_lr, config.weight_decay) == (5e-4, 5e-7, 5e-6, 0.05)
-        assert (config.mixup, config.cutmix, config.label_smoothing, config.clip_grad) == (0.8, 1.0, 0.1, 5.0)
-        assert (config.auto_augment, config.re_prob, config.interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, "bicubic")
+        assert config.task == "classification" and config.model.name == name
+        assert config.model.drop_path == variant.arch["drop_path_rate"]
+        run, optimizer, schedule, augment = config.run, config.optimizer, config.schedule, config.augment
+        assert (run.epochs, schedule.warmup_epochs, run.batch_size, config.data.img_size) == (300, 20, 128, 224)
+        # warm-up from 5e-7 = 5e-4 x 0.001, per 512 images like every rate
+        assert (optimizer.lr, schedule.warmup_ratio, schedule.min_lr, optimizer.weight_decay) == (5e-4, 1e-3, 5e-6, 0.05)
+        assert (schedule.name, optimizer.scale_lr, optimizer.lr_batch_reference) == ("cosine", True, 512)
+        assert (augment.mixup, augment.cutmix, augment.label_smoothing, run.clip_grad) == (0.8, 1.0, 0.1, 5.0)
+        assert (augment.auto_augment, augment.re_prob, config.data.interpolation) == ("rand-m9-mstd0.5-inc1", 0.25, "bicubic")
 
 
 @pytest.mark.slow
@@ -118,7 +142,7 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     state = load_training_state(output / "last.pth")
     # both ranks trained, each on its half: 24 images / (2 ranks x batch 2) = 6 updates per epoch
     assert state["world_size"] == 2 and state["global_step"] == 12
-    assert [rank["meters"][1] for rank in state["rank_state"]] == [0.0, 0.0]  # reset at the epoch's end
+    assert [rank["meters"] for rank in state["rank_state"]] == [{}, {}]  # reset at the epoch's report
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "val/acc1" in r] == [0, 1]  # one writer
     assert sorted(p.name for p in output.iterdir() if p.suffix == ".pth") == ["best.pth", "last.pth"]

@@ -18,14 +18,17 @@ from crossformer.engine import (
     RunLogger,
     apply_overrides,
     build_optimizer,
-    build_scheduler,
     capture_rng_state,
     check_finite_loss,
     load_training_state,
     resolve_precision,
     restore_rng_state,
+    LRSchedule,
+    ScheduleConfig,
+    build_schedule,
+    param_groups,
     save_atomic,
-    scale_learning_rates,
+    scale_lr,
 )
 from crossformer.engine.config import parse_overrides
 from crossformer.errors import UserInputError
@@ -67,24 +70,64 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> No
 
 
 def test_learning_rates_scale_with_the_global_batch() -> None:
-    rates = scale_learning_rates(5e-4, 5e-7, 5e-6, global_batch=8 * 128)  # the authors' 8 GPUs x 128
-    assert rates.lr == pytest.approx(1e-3) and rates.warmup_lr == pytest.approx(1e-6) and rates.min_lr == pytest.approx(1e-5)
+    assert scale_lr(5e-4, global_batch=8 * 128) == pytest.approx(1e-3)  # the authors' 8 GPUs x 128
+    assert scale_lr(5e-6, global_batch=64, reference_batch=512) == pytest.approx(6.25e-7)
 
 
-def test_cosine_schedule_with_warmup_per_step() -> None:
-    model = nn.Linear(2, 2)
-    rates = scale_learning_rates(5e-4, 5e-7, 5e-6, global_batch=512)
-    optimizer = build_optimizer(model, rates.lr, 0.05)
-    scheduler = build_scheduler(optimizer, rates, total_steps=100, warmup_steps=10)
-    lrs = []
-    for step in range(101):
-        scheduler.step_update(step)
-        lrs.append(optimizer.param_groups[0]["lr"])
-    assert lrs[0] == pytest.approx(5e-7)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warm-up
-    assert max(lrs) <= 5e-4 and lrs[10] > 4.5e-4
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decays
-    assert lrs[100] == pytest.approx(5e-6)
+def test_cosine_schedule_with_warmup_at_chosen_steps() -> None:
+    # the authors' shape: warm-up from 0.001 x peak over 10 updates, cosine to 0.01 x peak at 100
+    factor = LRSchedule("cosine", total=100, warmup=10, warmup_ratio=0.001, min_ratio=0.01).factor
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(5) == pytest.approx(0.5005)  # 1 - (1 - 5/10) x 0.999
+    assert factor(10) == pytest.approx(0.9757729756)  # 0.01 + 0.495 x (1 + cos(pi/10)) = 0.01 + 0.495 x 1.9510565163
+    assert factor(50) == pytest.approx(0.505)  # 0.01 + 0.495 x (1 + 0)
+    assert factor(100) == pytest.approx(0.01) and factor(150) == pytest.approx(0.01)
+
+
+def test_step_schedule_of_the_detection_recipe() -> None:
+    # x0.1 at epochs 8 and 11 (100 updates per epoch), 500 warm-up updates from 0.001
+    config = ScheduleConfig(name="step", milestones=(8, 11), gamma=0.1, warmup_iters=500, warmup_ratio=0.001)
+    schedule = build_schedule(config, lr=2e-4, min_lr=0.0, total_updates=1200, updates_per_epoch=100, by_iterations=False)
+    assert schedule.milestones == (800, 1100)
+    assert [schedule.factor(t) for t in (0, 250, 499)] == pytest.approx([0.001, 0.5005, 0.998002])  # 1 - (1 - 499/500) x 0.999
+    assert [schedule.factor(t) for t in (500, 799, 800, 1099, 1100, 1199)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    optimizer = build_optimizer(nn.Linear(2, 2), lr=2e-4, weight_decay=0.05)
+    assert schedule.apply(optimizer, 800) == pytest.approx(2e-5)
+    assert all(group["lr"] == pytest.approx(2e-5) for group in optimizer.param_groups)
+
+
+def test_poly_schedules_of_the_segmentation_recipes() -> None:
+    # power 1.0 over 160k updates with 1500 warm-up updates from 1e-6
+    warm = build_schedule(ScheduleConfig(name="poly", power=1.0, warmup_iters=1500, warmup_ratio=1e-6),
+                          lr=6e-5, min_lr=0.0, total_updates=160_000, updates_per_epoch=1000, by_iterations=True)
+    assert warm.factor(0) == pytest.approx(1e-6)
+    assert warm.factor(750) == pytest.approx(0.49765674765625)  # (1 - 750/160000) x (1 - 0.5 x (1 - 1e-6))
+    assert warm.factor(1500) == pytest.approx(0.990625)  # 1 - 1500/160000
+    assert warm.factor(80_000) == pytest.approx(0.5) and warm.factor(160_000) == 0.0
+    # power 0.9 to min_lr 1e-4 from 0.01 over 80k, no warm-up: 0.99 x 0.5^0.9 + 0.01 at the middle
+    plain = build_schedule(ScheduleConfig(name="poly", power=0.9), lr=0.01, min_lr=1e-4, total_updates=80_000,
+                           updates_per_epoch=1000, by_iterations=True)
+    assert plain.factor(0) == pytest.approx(1.0)
+    assert plain.factor(40_000) == pytest.approx(0.99 * 0.535886731268146 + 0.01)
+    assert plain.factor(80_000) == pytest.approx(0.01)
+
+
+def test_schedule_settings_are_checked() -> None:
+    with pytest.raises(UserInputError, match="schedule.name=step needs schedule.milestones"):
+        ScheduleConfig(name="step").validate()
+    with pytest.raises(UserInputError, match="at most one of schedule.warmup_epochs and schedule.warmup_iters"):
+        ScheduleConfig(warmup_epochs=1, warmup_iters=5).validate()
+    with pytest.raises(UserInputError, match="schedule.milestones must rise"):
+        ScheduleConfig(name="step", milestones=(11, 8)).validate()
+
+
+def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(4, 4))
+    model.add_module("norm_scale", nn.Linear(4, 4, bias=False))  # 2-d, but its name contains "norm"
+    groups = param_groups(model, 0.01, no_decay_keys=("norm",))
+    assert [len(g["params"]) for g in groups] == [2, 1] and [g["weight_decay"] for g in groups] == [0.0, 0.01]
+    assert groups[1]["params"][0] is model.proj.weight
 
 
 def test_no_weight_decay_on_norms_and_biases() -> None:

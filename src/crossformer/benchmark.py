@@ -28,6 +28,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .engine.amp import resolve_precision
+
 __all__ = [
     "BenchConfig",
     "ModeResult",
@@ -39,7 +41,6 @@ __all__ = [
     "device_name",
 ]
 
-MODES = ("infer", "train")
 # The issue's protocol: inference at batch 32, a training step at batch 16.
 DEFAULT_BATCH = {"infer": 32, "train": 16}
 
@@ -118,14 +119,6 @@ def _place(model: nn.Module, config: BenchConfig) -> nn.Module:
     return model
 
 
-def _autocast(config: BenchConfig):
-    if config.amp is None:
-        return torch.autocast(torch.device(config.device).type, enabled=False)
-    if config.amp != "bf16":
-        raise ValueError(f"amp must be None or 'bf16', got {config.amp!r}")
-    return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
-
-
 def make_step(model: nn.Module, mode: str, config: BenchConfig) -> Callable[[], None]:
     """One inference batch or one AdamW training step on random data, as a callable."""
     batch = config.batch_size[mode]
@@ -133,12 +126,13 @@ def make_step(model: nn.Module, mode: str, config: BenchConfig) -> Callable[[], 
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if config.compile else model
+    precision = resolve_precision(config.amp or "none", torch.device(config.device))
 
     if mode == "infer":
         def infer() -> None:
             if model.training:  # switching modes drops the eval-time caches
                 model.eval()
-            with torch.inference_mode(), _autocast(config):
+            with torch.inference_mode(), precision.autocast():
                 forward(images)
 
         return infer
@@ -150,7 +144,7 @@ def make_step(model: nn.Module, mode: str, config: BenchConfig) -> Callable[[], 
     def train() -> None:
         if not model.training:
             model.train()
-        with _autocast(config):
+        with precision.autocast():
             loss = nn.functional.cross_entropy(forward(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

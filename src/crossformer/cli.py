@@ -1,8 +1,9 @@
-"""The ``crossformer`` command line: one subcommand per job.
+"""The ``crossformer`` command line: one subcommand per job, for every task.
 
-Each subcommand lives in ``crossformer.commands.<name>`` and provides
-``add_arguments(parser)`` and ``run(args) -> int``; heavy imports happen inside ``run`` so
-that ``crossformer --help`` stays fast.
+Each subcommand lives in ``crossformer.commands.<name>`` and provides ``add_arguments(parser)``
+and ``run(args) -> int``; task-aware ones (``TASK_AWARE = True``) take the task too, so their
+flags come from that task's configuration: ``--config NAME_OR_FILE`` names it (classification
+by default). Heavy imports happen inside ``run`` so that ``crossformer --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,34 +17,68 @@ from .errors import UserInputError
 
 # name -> one-line help
 COMMANDS: dict[str, str] = {
-    "flops": "parameters and multiply-accumulates in the papers' convention",
-    "convert": "convert any readable checkpoint to safetensors weights",
-    "train": "train a classifier on an image folder (torchrun for many GPUs)",
-    "evaluate": "top-1 / top-5 accuracy and loss of a checkpoint on an image folder",
-    "predict": "top-k labels with scores for images",
-    "demo": "train, evaluate and predict on the built-in digits in a few minutes",
-    "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
+    "train": "train a model from a config (classification: also --model NAME; torchrun for many GPUs)",
+    "evaluate": "the metrics of a checkpoint on a data set",
+    "predict": "a checkpoint's predictions for images",
     "benchmark": "images/s and peak memory, side by side with a peer model",
+    "flops": "parameters and multiply-accumulates in the papers' convention",
+    "export": "a model as ONNX (dynamic height and width), TorchScript or safetensors",
+    "convert": "convert any readable checkpoint to safetensors weights",
+    "demo": "train, evaluate and predict on the built-in digits in a few minutes",
 }
+# commands with their own flags that also take --config (the task's handler fills in the rest)
+_CONFIG_DISPATCH = ("benchmark", "flops")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch."
-    )
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; the task-aware commands get the flags of the task ``--config`` in ``argv`` names."""
+    from .commands.common import add_config_argument, config_task
+
+    argv = list(argv)
+    task = config_task(argv)
+    parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"crossformer.commands.{name}")
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        if getattr(module, "TASK_AWARE", False):
+            module.add_arguments(command, task)
+        else:
+            module.add_arguments(command)
         command.set_defaults(_run=module.run)
+        if name in _CONFIG_DISPATCH:
+            add_config_argument(command)
+            if any(a == "--config" or a.startswith("--config=") for a in argv):
+                for action in command._actions:  # the config names the model
+                    if "--model" in action.option_strings:
+                        action.required = False
     return parser
 
 
+def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
+    """benchmark / flops with ``--config``: the task's handler for the verb."""
+    from .engine.registry import resolve_config
+
+    resolved = resolve_config(args.config, {}, use_default=False)
+    handler = resolved.module.COMMANDS.get(args.command)
+    if handler is None:
+        raise UserInputError(f"the {resolved.config.task} task has no {args.command} command")
+    args.img_size_given = any(a == "--img-size" or a.startswith("--img-size=") for a in argv)
+    return int(handler.run(args, resolved.config, resolved.given) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "crossformer")
+    try:
+        parser = build_parser(argv)
+    except UserInputError as err:
+        print(f"crossformer {command}: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
+        if args.command in _CONFIG_DISPATCH and args.config:
+            return _run_with_config(args, argv)
         return int(args._run(args) or 0)
     except UserInputError as err:
         print(f"crossformer {args.command}: error: {err}", file=sys.stderr)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["UserInputError"]
+__all__ = ["UserInputError", "CheckpointError"]
 
 
 class UserInputError(ValueError):
     """Bad input (file, image, size, option): the message says what and how to fix it."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint file that cannot be read or does not fit the model."""

@@ -1,34 +1,58 @@
-"""The classification training configuration: defaults are the authors' ImageNet recipe."""
+"""The classification configuration: the engine's sections plus model, data, augmentation and
+test settings. Defaults are the authors' ImageNet recipe."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-from ..engine.config import apply_overrides, load_yaml
+from ..engine.config import EngineConfig, RunConfig, ScheduleConfig
 from ..errors import UserInputError
 
-__all__ = ["TrainConfig", "bundled_configs", "resolve_config"]
+__all__ = [
+    "ModelConfig", "DataConfig", "AugmentConfig", "TestConfig", "ClassificationConfig", "TrainConfig",
+    "bundled_configs", "default_config", "resolve_config",
+]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on. Batch sizes are per process."""
+class ModelConfig:
+    shorthand: ClassVar[str] = "name"
 
-    # model
-    model: str = ""
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. embed_dim, depths (custom sizes)
+    name: str = ""  # crossformer_tiny ... crossformer_pp_huge, or any timm model
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor settings, e.g. embed_dim, depths
     drop_path: float | None = None  # None: the variant's rate (0.1 tiny ... 0.5 large)
-    pretrained: str | None = None  # weights to start from (head of another size is re-initialised)
-    # data
-    data: str | None = None  # ImageNet-layout folder; None: the built-in digits set
-    img_size: int = 224
-    batch_size: int = 128
-    num_workers: int = 8
-    skip_corrupt: bool = False
-    # augmentation (timm), test-time crop
+    pretrained: str | None = None  # weights to start from (a head of another size is re-initialised)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shorthand: ClassVar[str] = "root"
+
+    root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); None: built-in digits
+    img_size: int | tuple[int, int] = 224  # N (square) or (H, W)
+    interpolation: str = "bicubic"
+    skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        size = self.img_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def validate(self) -> None:
+        from ..models.crossformer import MIN_INPUT_SIZE
+
+        if min(self.size_hw) < MIN_INPUT_SIZE:
+            raise UserInputError(
+                f"data.img_size must be at least {MIN_INPUT_SIZE} (CrossFormer's smallest input), got {self.img_size}"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """timm's training augmentation, Mixup/CutMix and label smoothing."""
+
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.4
     re_prob: float = 0.25
@@ -36,74 +60,65 @@ class TrainConfig:
     re_count: int = 1
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
-    # optimisation; rates are per 512 images and scaled to the global batch
-    epochs: int = 300
-    warmup_epochs: int = 20
-    base_lr: float = 5e-4
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    lr_batch_reference: int = 512
-    weight_decay: float = 0.05
-    clip_grad: float = 5.0
-    accum_steps: int = 1
-    model_ema: bool = False
-    model_ema_decay: float = 0.9999
-    amp: str = "auto"  # auto | none | bf16 | fp16
-    # run
-    output: str = "output/train"
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    cpu_threads: int = 0  # torch threads per process on the CPU (0: torch's default)
-    resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file
-    save_every_steps: int = 0  # also checkpoint every N updates (0: once per epoch)
-    log_every: int = 50
-    tensorboard: bool = True
 
-    def validate(self) -> "TrainConfig":
-        if not self.model:
-            raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
-        for name in ("img_size", "batch_size", "epochs", "accum_steps", "lr_batch_reference"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_workers", "warmup_epochs", "save_every_steps"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.img_size < 32:
-            raise UserInputError(f"img_size must be at least 32 (CrossFormer's smallest input), got {self.img_size}")
+
+@dataclass(frozen=True)
+class TestConfig:
+    crop_pct: float = 0.875  # resize to img_size / crop_pct, centre-crop img_size
+
+    def validate(self) -> None:
         if not 0 < self.crop_pct <= 1:
-            raise UserInputError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        return self
+            raise UserInputError(f"test.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(EngineConfig):
+    """Everything a classification run depends on. Batch sizes are per process."""
+
+    task: str = "classification"
+    run: RunConfig = field(default_factory=lambda: RunConfig(epochs=300, batch_size=128, clip_grad=5.0))
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(name="cosine", warmup_epochs=20, warmup_ratio=1e-3, min_lr=5e-6)
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+TrainConfig = ClassificationConfig  # the name the Python API used before the engine had tasks
 
 
 def bundled_configs() -> dict[str, Path]:
-    """Configs shipped in ``crossformer/configs``: name -> file."""
-    folder = resources.files("crossformer") / "configs"
-    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+    """Classification configs shipped in ``crossformer/configs/classification``: name -> file."""
+    from ..engine.registry import bundled_configs as bundled
+
+    return bundled("classification")
+
+
+def default_config(values: Mapping[str, Any]) -> str | None:
+    """With no config named: the model's own bundled config when there is one (e.g.
+    ``crossformer_small``); with no model named either, the small ``digits`` one."""
+    model = values.get("model.name")
+    if model is None:
+        return "digits"
+    return model if model in bundled_configs() else None
 
 
 def resolve_config(
     config: str | None = None, model: str | None = None, overrides: Mapping[str, Any] | None = None
-) -> TrainConfig:
-    """Defaults, then a YAML file (a path or a bundled name; by default the model's own
-    bundled config when there is one), then ``overrides``; validated."""
-    result = TrainConfig()
-    bundled = bundled_configs()
-    if config is None and model in bundled:
-        config = model
-    if config is not None:
-        path = bundled[config] if config in bundled and not Path(config).is_file() else Path(config)
-        if not path.is_file() and path.suffix not in (".yaml", ".yml"):
-            raise UserInputError(f"no config file {config!r} and no bundled config of that name; bundled: {', '.join(sorted(bundled))}")
-        result = apply_overrides(result, load_yaml(path), source=str(path))
+) -> ClassificationConfig:
+    """Defaults, then a YAML file (a path or a bundled name; by default the model's own bundled
+    config, or ``digits`` with no model), then ``model`` and ``overrides``; validated."""
+    from ..engine.registry import resolve_config as resolve
+
+    values = dict(overrides or {})
     if model:
-        result = apply_overrides(result, {"model": model})
-    return apply_overrides(result, dict(overrides or {}), source="overrides").validate()
+        values["model.name"] = model
+    return resolve(config, values, task="classification").config

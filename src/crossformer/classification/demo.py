@@ -12,7 +12,7 @@ from ..engine import LAST
 from .config import resolve_config
 from .evaluate import evaluate
 from .predict import predict
-from .trainer import train
+from .task import train
 
 __all__ = ["run_demo", "DEMO_TARGET_ACC1"]
 
@@ -32,12 +32,12 @@ def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | Non
     train(config)
     # The final weights, not best.pth: choosing the best epoch on the held-out split would flatter it.
     final = output / LAST
-    metrics = evaluate(final, root, batch_size=config.batch_size, num_workers=0, device=config.device)
+    metrics = evaluate(final, root, batch_size=config.run.batch_size, num_workers=0, device=config.run.device)
     print(f"evaluate {final}: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
           f"loss {metrics['loss']:.4f} on {metrics['images']} held-out images")
     held_out = ImageFolderDataset(root, "val")
     samples = held_out.samples[::71][:5]  # a few held-out images of several classes
-    for (path, target), result in zip(samples, predict([p for p, _ in samples], final, topk=3, device=config.device)):
+    for (path, target), result in zip(samples, predict([p for p, _ in samples], final, topk=3, device=config.run.device)):
         shown = ", ".join(f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores))
         print(f"predict {path}: {shown}  (true {held_out.classes[target]})")
     elapsed = time.perf_counter() - start

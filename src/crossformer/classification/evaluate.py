@@ -10,18 +10,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import DataError, ImageBatch, ImageFolderDataset, ShardedSampler, build_eval_transform, build_loader
+from ..data import (
+    DataError,
+    ImageBatch,
+    ImageFolderDataset,
+    ShardedSampler,
+    build_eval_transform,
+    build_loader,
+    raise_or_count_unreadable,
+)
 from ..engine import DistContext, Precision, RunLogger, resolve_precision, setup_distributed, teardown_distributed
 from .model import load_classifier
 
-__all__ = ["evaluate_batches", "evaluate", "raise_or_count_unreadable"]
-
-
-def raise_or_count_unreadable(failures: list[str], skip_corrupt: bool) -> int:
-    """The number of unreadable images in a batch; an error naming the first unless skipping."""
-    if failures and not skip_corrupt:
-        raise DataError(f"cannot read image {failures[0]}; fix or delete it, or pass --skip-corrupt to skip such files")
-    return len(failures)
+__all__ = ["evaluate_batches", "evaluate"]
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def evaluate(
     data: str | Path,
     model: str | None = None,
     split: str = "val",
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     crop_pct: float | None = None,
     batch_size: int = 64,
     num_workers: int = 4,
@@ -97,9 +98,7 @@ def evaluate(
     ctx = setup_distributed(device)
     try:
         loaded = load_classifier(checkpoint, model, img_size, use_ema, ctx.device, model_kwargs)
-        transform = build_eval_transform(
-            loaded.img_size, crop_pct or loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std
-        )
+        transform = build_eval_transform(loaded.img_size, crop_pct or loaded.crop_pct, loaded.interpolation)
         dataset = ImageFolderDataset(data, split, classes=loaded.class_names, transform=transform)
         if len(dataset.classes) != loaded.num_classes:
             raise DataError(

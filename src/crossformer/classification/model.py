@@ -41,17 +41,15 @@ class LoadedClassifier:
     name: str
     num_classes: int
     class_names: list[str] | None  # None for files that do not record them (official releases)
-    img_size: int
+    img_size: int | tuple[int, int]  # N (square) or (H, W)
     crop_pct: float
     interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 def load_classifier(
     checkpoint: str | Path,
     model_name: str | None = None,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     use_ema: bool = False,
     device: torch.device | str = "cpu",
     model_kwargs: dict[str, Any] | None = None,
@@ -62,9 +60,7 @@ def load_classifier(
     authors' releases, bare state dicts, safetensors) need ``model_name``; the class count
     is read off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from ..models.weights import extract_state_dict, load_checkpoint, read_checkpoint, recorded_model
+    from ..models.weights import extract_state_dict, load_state, read_checkpoint, recorded_model
 
     state = read_checkpoint(checkpoint)
     name, recorded = recorded_model(state, model_name)
@@ -75,16 +71,21 @@ def load_classifier(
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
     model = create_classifier(name, num_classes=head.shape[0], model_kwargs={**recorded, **(model_kwargs or {})})
-    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
     model.to(device).eval()
     return LoadedClassifier(
         model=model,
         name=name,
         num_classes=int(head.shape[0]),
         class_names=list(state["class_names"]) if "class_names" in state else None,
-        img_size=int(img_size or state.get("img_size", 224)),
+        img_size=_size(img_size or state.get("img_size", 224)),
         crop_pct=float(state.get("crop_pct", 0.875)),
         interpolation=str(state.get("interpolation", "bicubic")),
-        mean=tuple(state.get("mean", IMAGENET_DEFAULT_MEAN)),
-        std=tuple(state.get("std", IMAGENET_DEFAULT_STD)),
     )
+
+
+def _size(size: Any) -> int | tuple[int, int]:
+    """A recorded or requested size: N, [N] or [H, W]."""
+    if isinstance(size, (list, tuple)):
+        return int(size[0]) if len(size) == 1 else (int(size[0]), int(size[1]))
+    return int(size)

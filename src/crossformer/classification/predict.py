@@ -46,7 +46,7 @@ def predict(
     model: str | None = None,
     topk: int = 5,
     class_names: Sequence[str] | None = None,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     batch_size: int = 32,
     use_ema: bool = False,
     device: str = "auto",
@@ -59,7 +59,7 @@ def predict(
     if names is not None and len(names) != loaded.num_classes:
         raise DataError(f"{len(names)} class names given for a model with {loaded.num_classes} classes")
     names = names or [str(i) for i in range(loaded.num_classes)]
-    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std)
+    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     files = expand_image_paths(paths)
     device_ = next(loaded.model.parameters()).device
     k = max(1, min(topk, loaded.num_classes))

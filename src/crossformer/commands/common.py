@@ -58,3 +58,168 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     from ..engine.config import parse_overrides
 
     return parse_overrides(args.model_arg)
+
+
+# ---------------------------------------------------------------------------- config flags
+
+_CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
+
+
+def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[str, tuple[str, str, Any]]:
+    """``--flag`` -> ``(section.field, help, type hint)`` for the fields of a sectioned configuration.
+
+    A field whose name no other section has gets ``--field-name``; others ``--section-field-name``.
+    A section's ``shorthand`` field is set by ``--section`` (``--model NAME``, ``--data PATH``).
+    Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
+    ``section.field``) limits the flags to those; ``None``: all.
+    """
+    import dataclasses
+    import typing
+
+    from ..engine.config import leaf_keys
+
+    leaves = leaf_keys(config_cls)
+    counts: dict[str, int] = {}
+    for _, name in leaves.values():
+        counts[name] = counts.get(name, 0) + 1
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    flags: dict[str, tuple[str, str, Any]] = {}
+    for key, (section, name) in leaves.items():
+        if keys is not None and section not in keys and key not in keys:
+            continue
+        section_cls = hints[section]
+        hint = typing.get_type_hints(section_cls)[name]
+        if typing.get_origin(hint) is dict or hint is dict:
+            continue
+        default = getattr(getattr(defaults, section), name)
+        if isinstance(default, tuple):
+            default = " ".join(map(str, default)) or "none"
+        if getattr(section_cls, "shorthand", None) == name:
+            flag = f"--{section}"
+        elif counts[name] == 1:
+            flag = f"--{name.replace('_', '-')}"
+        else:
+            flag = f"--{section}-{name.replace('_', '-')}"
+        comment = _field_comments(section_cls).get(name)
+        flags[flag] = (key, f"{key}{': ' + comment if comment else ''} (default {default})", hint)
+    return flags
+
+
+def _field_comments(section_cls: type) -> dict[str, str]:
+    """The comment after each field of a section's source (``name: int = 1  # what it is``)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(section_cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE)
+    return {name: comment.strip().replace("%", "%%") for name, comment in found}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None) -> None:
+    """Flags for the configuration's fields (see :func:`config_flags`); unset flags change nothing."""
+    import typing
+    from types import UnionType
+
+    for flag, (key, help_text, hint) in config_flags(config_cls, keys).items():
+        metavar = key.rsplit(".", 1)[1].upper()
+        kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
+        base = options[0]
+        if len(options) == 2 and int in options and any(typing.get_origin(o) is tuple for o in options):
+            kwargs.update(type=int, nargs="+", metavar="N", help=f"{help_text}: N or H W")
+        elif base is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+            kwargs.pop("metavar")
+        elif typing.get_origin(base) is typing.Literal:
+            kwargs.update(choices=typing.get_args(base))
+            kwargs.pop("metavar")
+        elif typing.get_origin(base) is tuple:
+            args = typing.get_args(base)
+            item = args[0] if args else str
+            kwargs.update(type=item if item in (int, float) else str,
+                          nargs="+" if len(args) != 2 or args[1] is Ellipsis else len(args))
+        elif base in (int, float):
+            kwargs.update(type=base)
+        parser.add_argument(flag, **kwargs)
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration settings given as flags: ``{"section.field": value}``."""
+    values: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(_CONFIG_DEST):
+            key = dest[len(_CONFIG_DEST):]
+            if isinstance(value, list) and key.endswith("img_size"):
+                if len(value) not in (1, 2):
+                    raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, value))}")
+                value = value[0] if len(value) == 1 else value
+            values[key] = value
+    return values
+
+
+def config_task(argv: list[str]) -> str:
+    """The task of the ``--config`` named in ``argv`` (read before the full parser exists,
+    since the flags depend on the task); the default task without one."""
+    from ..engine.config import load_yaml
+    from ..engine.registry import DEFAULT_TASK, TASKS, find_config
+
+    name = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+    if name is None:
+        return DEFAULT_TASK
+    path = find_config(name)
+    task = load_yaml(path).get("task") or (path.parent.name if path.parent.name in TASKS else DEFAULT_TASK)
+    if task not in TASKS:
+        raise UserInputError(f"{path}: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return task
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="NAME_OR_FILE",
+        help="YAML settings (its task: classification, detection or segmentation), or a bundled config's name",
+    )
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``KEY=VALUE`` items (not existing files) apart from the other positional arguments."""
+    import os
+    import re
+
+    pattern = re.compile(r"^[A-Za-z_][\w.]*=")
+    overrides = [i for i in items if pattern.match(i) and not os.path.exists(i)]
+    return [i for i in items if i not in overrides], overrides
+
+
+def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None:
+    """``--config``, the task's handler flags for ``verb`` and the configuration flags it reads."""
+    from ..engine.registry import task_module
+
+    module = task_module(task)
+    add_config_argument(parser)
+    handler = module.COMMANDS.get(verb)
+    if handler is None:  # said when the command runs: building the parser must not fail for other verbs
+        return
+    handler.add_arguments(parser)
+    add_config_arguments(parser, module.CONFIG, handler.config_keys)
+
+
+def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
+    """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
+    from ..engine.config import parse_overrides
+    from ..engine.registry import resolve_config
+
+    values = {**parse_overrides(overrides), **config_values(args)}
+    resolved = resolve_config(args.config, values, use_default=False)
+    handler = resolved.module.COMMANDS.get(verb)
+    if handler is None:
+        raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+    return handler.run(args, resolved.config, resolved.given)

@@ -1,23 +1,41 @@
 """Task-independent training machinery, shared by classification, detection and segmentation:
-distributed set-up, atomic checkpoints and resume, logging and progress, optimizer and
-schedule, mixed precision, seeding, and the non-finite-loss guard."""
+the training loop (:mod:`.trainer`) driving a :class:`Task`, layered configuration and the task
+registry, distributed set-up, atomic checkpoints and resume, logging and progress, optimizer
+and schedules, mixed precision, seeding, and the non-finite-loss guard."""
 
 from .amp import AMP_CHOICES, Precision, resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic
-from .config import apply_overrides, config_to_dict, load_yaml
+from .config import (
+    EngineConfig,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    load_yaml,
+    parse_overrides,
+)
 from .distributed import DistContext, resolve_device, setup_distributed, teardown_distributed
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import Progress, RunLogger
-from .optim import ScaledLR, build_optimizer, build_scheduler, scale_learning_rates
+from .optim import build_optimizer, param_groups, scale_lr
+from .schedule import LRSchedule, build_schedule, cosine_factor, linear_warmup, poly_factor, step_factor
 from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
+from .task import Task, move_to_device
+from .trainer import Trainer, train
 
 __all__ = [
     "AMP_CHOICES", "Precision", "resolve_precision",
     "BEST", "LAST", "load_training_state", "save_atomic",
-    "apply_overrides", "config_to_dict", "load_yaml",
+    "EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
+    "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides",
     "DistContext", "resolve_device", "setup_distributed", "teardown_distributed",
     "NonFiniteLossError", "check_finite_loss",
     "Progress", "RunLogger",
-    "ScaledLR", "build_optimizer", "build_scheduler", "scale_learning_rates",
+    "build_optimizer", "param_groups", "scale_lr",
+    "LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor",
     "capture_rng_state", "enable_determinism", "restore_rng_state", "seed_everything",
+    "Task", "move_to_device",
+    "Trainer", "train",
 ]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Literal, get_args
 
 import torch
 
 from ..errors import UserInputError
 
-__all__ = ["Precision", "resolve_precision", "AMP_CHOICES"]
+__all__ = ["Precision", "resolve_precision", "AmpMode", "AMP_CHOICES"]
 
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+AmpMode = Literal["auto", "none", "bf16", "fp16"]
+AMP_CHOICES: tuple[str, ...] = get_args(AmpMode)
 
 
 @dataclass
@@ -35,16 +36,16 @@ class Precision:
 
     def step(
         self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter], clip_grad: float | None
-    ) -> float | None:
-        """Unscale, clip the global gradient norm, step, update the scale, zero the grads.
-
-        Returns the gradient norm before clipping (when clipping).
-        """
+    ) -> float:
+        """Unscale, clip the global gradient norm to ``clip_grad`` (0/None: no clipping), step,
+        update the scale, zero the grads. Returns the gradient norm before clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        norm = None
+        parameters = [p for p in parameters if p.grad is not None]
         if clip_grad:
             norm = float(torch.nn.utils.clip_grad_norm_(parameters, clip_grad))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in parameters])) if parameters else 0.0
         if self.scaler is not None:
             self.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
             self.scaler.update()

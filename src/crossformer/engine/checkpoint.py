@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..models.weights import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["save_atomic", "load_training_state", "LAST", "BEST"]
 

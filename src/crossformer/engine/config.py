@@ -1,18 +1,183 @@
-"""Run configurations: dataclasses filled from YAML files and ``KEY=VALUE`` overrides."""
+"""Run configurations in layers: the engine's sections, the task's sections, YAML, overrides.
+
+A configuration is a frozen dataclass whose fields are *sections* (frozen dataclasses of
+settings). The engine owns three (:class:`RunConfig`, :class:`OptimizerConfig`,
+:class:`ScheduleConfig`, gathered in :class:`EngineConfig`); each task subclasses
+:class:`EngineConfig` and adds its own (model, data, augmentation, test settings).
+
+Values arrive from YAML files and ``KEY=VALUE`` overrides. A key is ``section.field``
+(``run.epochs``), or the bare field name when only one section has it (``epochs``); a
+further ``.key`` sets one entry of a mapping field (``model.kwargs.embed_dim``). A section
+that names a ``shorthand`` field also takes a bare value (``model: crossformer_tiny``).
+Every value is checked against the field's type annotation; errors are one line naming
+the key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Literal, Mapping, TypeVar
 
 import yaml
 
 from ..errors import UserInputError
+from .amp import AmpMode
 
-__all__ = ["load_yaml", "parse_overrides", "apply_overrides", "config_to_dict"]
+__all__ = [
+    "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
+    "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "leaf_keys", "resolve_key",
+    "build_config",
+]
 
 C = TypeVar("C")
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long to train and how the loop runs. Lengths count epochs *or* iterations
+    (optimizer updates): set exactly one of ``epochs`` and ``iterations``; ``eval_every`` and
+    ``checkpoint_every`` are in the same unit."""
+
+    epochs: int = 0
+    iterations: int = 0
+    eval_every: int = 1  # evaluate (and pick best.pth) every N epochs / iterations, and at the end
+    checkpoint_every: int = 0  # also write last.pth every N epochs / iterations (0: at evaluations and the end)
+    save_every_steps: int = 0  # also write last.pth every N optimizer updates (0: off)
+    batch_size: int = 128  # per process; global batch = batch_size x processes x accum_steps
+    num_workers: int = 8
+    accum_steps: int = 1  # micro-batches per optimizer update
+    clip_grad: float = 0.0  # clip the global gradient norm to this (0: no clipping, norm still logged)
+    amp: AmpMode = "auto"
+    model_ema: bool = False
+    model_ema_decay: float = 0.9999
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    cpu_threads: int = 0  # torch threads per process on the CPU (0: torch's default)
+    output: str = "output/train"
+    resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file
+    log_every: int = 50  # a train/lr, train/step_loss, train/grad_norm record every N updates
+    tensorboard: bool = True
+
+    @property
+    def by_iterations(self) -> bool:
+        return self.iterations > 0
+
+    @property
+    def length(self) -> int:
+        """The run's length in its own unit (epochs or iterations)."""
+        return self.iterations or self.epochs
+
+    @property
+    def unit(self) -> str:
+        return "iteration" if self.by_iterations else "epoch"
+
+    def validate(self) -> None:
+        if (self.epochs > 0) == (self.iterations > 0):
+            raise UserInputError(
+                f"run: set exactly one of run.epochs and run.iterations (got epochs={self.epochs}, "
+                f"iterations={self.iterations})"
+            )
+        _at_least(self, 1, "eval_every", "batch_size", "accum_steps", "log_every")
+        _at_least(self, 0, "epochs", "iterations", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
+                  "clip_grad")
+        if not 0 <= self.model_ema_decay < 1:
+            raise UserInputError(f"run.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW. No weight decay on 1-d parameters (norms, biases), on the model's
+    ``no_weight_decay()`` names, nor on any parameter whose name contains one of
+    ``no_decay_keys`` (mmseg's ``norm`` rule)."""
+
+    lr: float = 5e-4  # peak rate; per lr_batch_reference images when scale_lr
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay_keys: tuple[str, ...] = ()
+    scale_lr: bool = True  # linear scaling: lr, min_lr x global batch / lr_batch_reference
+    lr_batch_reference: int = 512
+
+    def validate(self) -> None:
+        _at_least(self, 0, "lr", "weight_decay", "eps")
+        _at_least(self, 1, "lr_batch_reference")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning rate per optimizer update, a pure function of the update count.
+
+    - ``cosine``: linear warm-up from ``warmup_ratio x lr`` to ``lr``, then cosine decay to ``min_lr``.
+    - ``step``: ``lr x gamma^k`` after the k-th of ``milestones`` (epochs or iterations, the run's
+      unit), times a linear warm-up factor rising from ``warmup_ratio`` to 1.
+    - ``poly``: ``(lr - min_lr) x (1 - t/T)^power + min_lr``, times the same warm-up factor.
+
+    The warm-up lasts ``warmup_epochs`` epochs or ``warmup_iters`` updates (at most one set).
+    """
+
+    shorthand: ClassVar[str] = "name"
+
+    name: Literal["cosine", "step", "poly"] = "cosine"
+    warmup_epochs: int = 0
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    min_lr: float = 0.0  # cosine and poly; scaled with lr
+    milestones: tuple[int, ...] = ()  # step
+    gamma: float = 0.1  # step
+    power: float = 0.9  # poly
+
+    def validate(self) -> None:
+        _at_least(self, 0, "warmup_epochs", "warmup_iters", "min_lr", "power")
+        if self.warmup_epochs and self.warmup_iters:
+            raise UserInputError("schedule: set at most one of schedule.warmup_epochs and schedule.warmup_iters")
+        if not 0 < self.warmup_ratio <= 1:
+            raise UserInputError(f"schedule.warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise UserInputError(f"schedule.milestones must rise from 1 or more, got {list(self.milestones)}")
+        if self.name == "step" and not self.milestones:
+            raise UserInputError("schedule.name=step needs schedule.milestones, e.g. [8, 11]")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's sections. A task's configuration subclasses this and adds its own
+    sections; ``task`` names the task (its registry key)."""
+
+    task: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self: C) -> C:
+        """Each section's ``validate()``, then cross-section rules (a task may extend this)."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+                section.validate()
+        if self.schedule.warmup_epochs and self.run.by_iterations:
+            raise UserInputError("schedule.warmup_epochs needs an epoch-based run; use schedule.warmup_iters")
+        return self
+
+
+def _at_least(section: Any, low: float, *names: str) -> None:
+    prefix = _SECTION_NAMES.get(type(section).__name__, "")
+    for name in names:
+        if getattr(section, name) < low:
+            raise UserInputError(f"{prefix}{name} must be at least {low}, got {getattr(section, name)}")
+
+
+_SECTION_NAMES = {"RunConfig": "run.", "OptimizerConfig": "optimizer.", "ScheduleConfig": "schedule."}
+
+
+# ---------------------------------------------------------------------------- reading values
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -32,7 +197,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["epochs=5", "model_kwargs.embed_dim=32"]`` -> ``{"epochs": 5, "model_kwargs.embed_dim": 32}``.
+    """``["run.epochs=5", "model.kwargs.embed_dim=32"]`` -> ``{"run.epochs": 5, "model.kwargs.embed_dim": 32}``.
 
     Values are read as YAML scalars/lists, so ``5`` is an int, ``5e-4`` a float and
     ``[1,1,2,1]`` a list.
@@ -58,63 +223,198 @@ def _number_or_text(text: str) -> Any:
         return text
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the kind of the field's default (None defaults take anything)."""
-    if isinstance(value, str) and isinstance(default, float):
-        value = _number_or_text(value)
-    if default is None or value is None:
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked (and lightly converted) against the annotation ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(key, value, option)
+            except UserInputError as err:
+                errors.append(str(err))
+        raise UserInputError(errors[-1] if len(options) == 1 else f"{key} must be {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserInputError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
-    if isinstance(default, bool):
+    if hint is Any:
+        return value
+    if hint is bool:
         if not isinstance(value, bool):
-            raise UserInputError(f"{name} must be true or false, got {value!r}")
-    elif isinstance(default, int):
+            raise UserInputError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserInputError(f"{name} must be an integer, got {value!r}")
-    elif isinstance(default, float):
+            raise UserInputError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _number_or_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserInputError(f"{name} must be a number, got {value!r}")
+            raise UserInputError(f"{key} must be a number, got {value!r}")
         return float(value)
-    elif isinstance(default, str):
+    if hint is str:
         if not isinstance(value, str):
-            raise UserInputError(f"{name} must be a string, got {value!r}")
-    elif isinstance(default, (tuple, list)):
+            raise UserInputError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
         if not isinstance(value, (tuple, list)):
-            raise UserInputError(f"{name} must be a list, got {value!r}")
-        return tuple(value)
-    elif isinstance(default, dict) and not isinstance(value, dict):
-        raise UserInputError(f"{name} must be a mapping, got {value!r}")
+            raise UserInputError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if args and len(value) != len(args):
+            raise UserInputError(f"{key} must be a list of {len(args)}, got {list(value)!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UserInputError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     return value
 
 
-def apply_overrides(config: C, values: Mapping[str, Any], source: str = "config") -> C:
-    """A copy of the dataclass ``config`` with ``values`` set; ``a.b`` sets key ``b`` of dict field ``a``.
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    parts = []
+    for arg in typing.get_args(hint):
+        if arg is type(None):
+            parts.append("null")
+        elif typing.get_origin(arg) is tuple:
+            parts.append(f"a list of {len(typing.get_args(arg))}")
+        else:
+            parts.append(names.get(arg, getattr(arg, "__name__", str(arg))))
+    return " or ".join(parts)
 
-    Unknown keys are an error naming the valid ones (a typo must not be ignored silently).
-    """
-    fields = {f.name: f for f in dataclasses.fields(config)}
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _is_sectioned(config: Any) -> bool:
+    return any(dataclasses.is_dataclass(getattr(config, f.name)) for f in dataclasses.fields(config))
+
+
+def leaf_keys(config_cls: type) -> dict[str, tuple[str, str]]:
+    """Every ``section.field`` of a sectioned configuration class -> ``(section, field)``."""
+    result: dict[str, tuple[str, str]] = {}
+    for section, cls in _hints(config_cls).items():
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                result[f"{section}.{f.name}"] = (section, f.name)
+    return result
+
+
+def resolve_key(config_cls: type, key: str, source: str = "config") -> tuple[str, str, str]:
+    """``key`` -> ``(section, field, rest)``; ``rest`` is a mapping entry (``kwargs.embed_dim``)."""
+    leaves = leaf_keys(config_cls)
+    parts = key.split(".")
+    sections = {s for s, _ in leaves.values()}
+    if parts[0] in sections:
+        if len(parts) == 1:
+            raise UserInputError(f"{source}: {key!r} is a section; set one of its keys, e.g. {key}.<name>")
+        full = f"{parts[0]}.{parts[1]}"
+        if full not in leaves:
+            valid = ", ".join(n for s, n in leaves.values() if s == parts[0])
+            raise UserInputError(f"{source}: unknown setting {full!r}; {parts[0]} has: {valid}")
+        return parts[0], parts[1], ".".join(parts[2:])
+    owners = [s for s, n in leaves.values() if n == parts[0]]
+    if len(owners) == 1:
+        return owners[0], parts[0], ".".join(parts[1:])
+    if len(owners) > 1:
+        raise UserInputError(f"{source}: {parts[0]!r} is in several sections; write {' or '.join(f'{o}.{parts[0]}' for o in owners)}")
+    raise UserInputError(f"{source}: unknown setting {parts[0]!r}; valid settings: {', '.join(sorted(leaves))}")
+
+
+# ---------------------------------------------------------------------------- applying values
+
+
+def _set_fields(obj: Any, values: Mapping[str, Any], prefix: str, source: str) -> Any:
+    """A copy of the flat dataclass ``obj`` with ``values`` (``field`` or ``field.entry``) set."""
+    hints = _hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
-        name, _, subkey = key.partition(".")
+        name, _, entry = key.partition(".")
         if name not in fields:
-            raise UserInputError(f"{source}: unknown setting {name!r}; valid settings: {', '.join(fields)}")
-        current = changes.get(name, getattr(config, name))
-        if subkey:
+            raise UserInputError(f"{source}: unknown setting {prefix + name!r}; valid settings: {', '.join(prefix + f for f in fields)}")
+        if entry:
+            current = changes.get(name, getattr(obj, name))
             if not isinstance(current, dict):
-                raise UserInputError(f"{source}: {name} is not a mapping, so {key!r} cannot be set")
-            changes[name] = {**current, subkey: value}
+                raise UserInputError(f"{source}: {prefix + name} is not a mapping, so {prefix + key!r} cannot be set")
+            changes[name] = _set_entry(dict(current), entry, value)
         else:
-            changes[name] = _coerce(f"{source}: {name}", value, getattr(config, name))
+            changes[name] = _coerce(f"{source}: {prefix + name}", value, hints[name])
+    return dataclasses.replace(obj, **changes)
+
+
+def _set_entry(mapping: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    mapping[head] = _set_entry(dict(mapping.get(head) or {}), rest, value) if rest else value
+    return mapping
+
+
+def apply_overrides(config: C, values: Mapping[str, Any], source: str = "config") -> C:
+    """A copy of ``config`` with ``values`` set (see the module docstring for the keys).
+
+    ``values`` may be nested like a YAML file (``{"run": {"epochs": 5}}``) or flat with
+    dotted keys (``{"run.epochs": 5, "epochs": 5}``). Unknown keys are an error naming the
+    valid ones (a typo must not be ignored silently). Configurations without sections
+    (plain dataclasses) take ``field`` and ``field.entry`` keys.
+    """
+    if not _is_sectioned(config):
+        return _set_fields(config, values, "", source)
+    hints = _hints(type(config))
+    per_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in hints and not dataclasses.is_dataclass(hints[key]):
+            top[key] = value  # a plain top-level field (``task``)
+            continue
+        if key in hints and isinstance(value, dict):  # a YAML section
+            for sub, v in value.items():
+                section, name, rest = resolve_key(type(config), f"{key}.{sub}", source)
+                per_section.setdefault(section, {})[".".join(filter(None, (name, rest)))] = v
+            continue
+        if key in hints:  # a bare value for a section: its shorthand field
+            shorthand = getattr(hints[key], "shorthand", None)
+            if shorthand is None:
+                raise UserInputError(f"{source}: {key} is a section and takes a mapping, got {value!r}")
+            per_section.setdefault(key, {})[shorthand] = value
+            continue
+        section, name, rest = resolve_key(type(config), key, source)
+        per_section.setdefault(section, {})[".".join(filter(None, (name, rest)))] = value
+    changes: dict[str, Any] = {
+        name: _coerce(f"{source}: {name}", value, hints[name]) for name, value in top.items()
+    }
+    for section, section_values in per_section.items():
+        changes[section] = _set_fields(getattr(config, section), section_values, f"{section}.", source)
     return dataclasses.replace(config, **changes)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass as plain YAML/JSON/weights-only-safe values (tuples become lists)."""
+    """A (sectioned) dataclass as plain YAML/JSON/weights-only-safe values (tuples become lists)."""
 
     def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {str(k): plain(v) for k, v in value.items()}
         return value
 
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return plain(config)
+
+
+def build_config(config_cls: type[C], *layers: tuple[Mapping[str, Any], str]) -> C:
+    """``config_cls()`` with each ``(values, source)`` layer applied in order, then validated."""
+    result = config_cls()
+    for values, source in layers:
+        result = apply_overrides(result, values, source=source)
+    return result.validate() if hasattr(result, "validate") else result

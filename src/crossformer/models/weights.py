@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureGetterNet
 
-from ..errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 
 __all__ = [
     "CheckpointError",
@@ -36,10 +36,6 @@ __all__ = [
 # Recomputable buffers the CrossFormer (v1) release stores in its state dicts.
 _RECOMPUTABLE_SUFFIXES = (".attn.biases", ".attn.relative_position_index")
 _WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-
-
-class CheckpointError(UserInputError):
-    """A checkpoint file that cannot be read or does not fit the model."""
 
 
 class _ConfigDict(dict):

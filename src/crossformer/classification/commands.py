@@ -1,0 +1,131 @@
+"""The classification task's command-line verbs beyond ``train`` (registry ``COMMANDS``).
+
+Settings come from the configuration keys given explicitly (flags, ``KEY=VALUE``, a
+``--config`` file); what none of them gives is taken from the checkpoint (its model, input
+size, crop, classes), as for the authors' files with ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..commands.common import add_model_arg_argument, model_args
+from ..engine.registry import VerbHandler
+from .config import ClassificationConfig
+
+__all__ = ["COMMANDS"]
+
+# what inference reads of a classification config
+_INFERENCE_KEYS = ("model.name", "data", "test", "run.batch_size", "run.num_workers", "run.amp", "run.device")
+
+
+def _kwargs(args: argparse.Namespace, config: ClassificationConfig) -> dict[str, Any]:
+    return {**config.model.kwargs, **model_args(args)}
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="ours (.pth/.safetensors) or the authors' release")
+    add_model_arg_argument(parser)
+    parser.add_argument("--split", default="val", help="split folder to evaluate (default val)")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
+    from ..errors import UserInputError
+    from .evaluate import evaluate
+
+    if config.data.root is None:
+        raise UserInputError("no data given: pass --data PATH (a folder with val/<class>/*)")
+    metrics = evaluate(
+        args.checkpoint, config.data.root, model=given.get("model.name"), split=args.split,
+        img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
+        batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers", 4), use_ema=args.ema,
+        amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,
+        model_kwargs=_kwargs(args, config),
+    )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports the reduced metrics
+        return 0
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        skipped = f", {metrics['skipped']} unreadable skipped" if metrics["skipped"] else ""
+        print(f"{metrics['model']} at {metrics['img_size']}: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
+              f"loss {metrics['loss']:.4f}  ({metrics['images']} images{skipped})")
+    return 0
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE")
+    add_model_arg_argument(parser)
+    parser.add_argument("--topk", type=int, default=5, metavar="K")
+    parser.add_argument("--class-names", metavar="FILE", help="one label per line (for files that record none)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+
+
+def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from ..errors import UserInputError
+    from .predict import predict
+
+    names = None
+    if args.class_names:
+        path = Path(args.class_names)
+        if not path.is_file():
+            raise UserInputError(f"class-names file not found: {path}")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.topk < 1:
+        raise UserInputError(f"--topk must be at least 1, got {args.topk}")
+    results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk, class_names=names,
+                      img_size=given.get("data.img_size"), batch_size=given.get("run.batch_size", 32),
+                      use_ema=args.ema, device=config.run.device, model_kwargs=_kwargs(args, config))
+    try:
+        for result in results:
+            if args.json:
+                print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
+            else:
+                shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
+                print(f"{result.path}: {shown}")
+            sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+COMMANDS: dict[str, VerbHandler] = {
+    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
+    "predict": VerbHandler(_predict_arguments, _predict, ("model.name", "data.img_size", "run.batch_size", "run.device")),
+}
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """benchmark and flops keep their own flags; the config supplies what they leave unset."""
+
+
+def _model_command(verb: str):
+    """Run ``crossformer <verb>`` on the config's model and input size (flags still win)."""
+
+    def run(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
+        import importlib
+
+        from ..errors import UserInputError
+
+        args.model = args.model or config.model.name
+        if not args.model:
+            raise UserInputError(f"{verb}: the config names no model; pass --model NAME")
+        if not args.img_size_given and "data.img_size" in given:
+            size = config.data.img_size
+            args.img_size = [size] if isinstance(size, int) else list(size)
+        return importlib.import_module(f"crossformer.commands.{verb}").run(args)
+
+    return run
+
+
+COMMANDS["benchmark"] = VerbHandler(_no_arguments, _model_command("benchmark"), ())
+COMMANDS["flops"] = VerbHandler(_no_arguments, _model_command("flops"), ())

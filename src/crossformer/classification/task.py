@@ -1,0 +1,171 @@
+"""Image classification as an engine task: ImageNet-layout folders, timm augmentation,
+Mixup/CutMix, top-1/top-5 accuracy (registry entry ``classification``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..data import (
+    DataError,
+    ImageBatch,
+    ImageFolderDataset,
+    ShardedSampler,
+    build_eval_transform,
+    build_loader,
+    build_train_transform,
+    prepare_digits,
+    raise_or_count_unreadable,
+)
+from ..engine import DistContext, Task, move_to_device, resolve_precision
+from ..engine import train as train_task
+from ..errors import UserInputError
+from .config import AugmentConfig, ClassificationConfig, default_config
+from .evaluate import evaluate_batches
+from .model import create_classifier
+
+__all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "COMMANDS", "default_config"]
+
+
+def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
+    """Mixup/CutMix (or None) and the matching loss: soft targets when mixing."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if config.mixup > 0 or config.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
+            label_smoothing=config.label_smoothing, num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if config.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=config.label_smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+class ClassificationTask(Task):
+    """A classifier on ``data.root`` (or the built-in digits); best checkpoint by top-1."""
+
+    primary_metric = "acc1"
+
+    def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
+        super().__init__(config, ctx)
+        if not config.model.name:
+            raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
+        self._build_data()
+        self._build_model()
+
+    def _build_data(self) -> None:
+        c, ctx = self.config, self.ctx
+        if c.data.root is None:
+            if ctx.is_main:
+                prepare_digits()
+            ctx.barrier()  # the others wait for rank 0 to write the folder once
+            root = prepare_digits()
+        else:
+            root = Path(c.data.root)
+        a, size = c.augment, c.data.img_size
+        train_tf = build_train_transform(
+            size, a.auto_augment, a.color_jitter, a.re_prob, a.re_mode, a.re_count, tuple(a.scale), a.hflip,
+            c.data.interpolation,
+        )
+        eval_tf = build_eval_transform(size, c.test.crop_pct, c.data.interpolation)
+        self.train_set = ImageFolderDataset(root, "train", transform=train_tf)
+        self.val_set = ImageFolderDataset(root, "val", classes=self.train_set.classes, transform=eval_tf)
+        self.classes = self.train_set.classes
+        batch = c.run.batch_size
+        if len(self.train_set) // ctx.world_size < batch:
+            raise DataError(
+                f"{self.train_set.split_dir} has {len(self.train_set)} images: fewer than one batch of "
+                f"{batch} per process; lower --batch-size"
+            )
+        self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
+        val_sampler = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
+        pin = ctx.device.type == "cuda"
+        workers, seed = c.run.num_workers, c.run.seed
+        self.train_loader = build_loader(self.train_set, batch, self.train_sampler, workers, seed, drop_last=True, pin_memory=pin)
+        self.val_loader = build_loader(self.val_set, batch, val_sampler, workers, seed, drop_last=False, pin_memory=pin)
+
+    def _build_model(self) -> None:
+        from ..models.weights import load_checkpoint
+
+        c = self.config
+        model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs)
+        if c.model.pretrained:
+            load_checkpoint(model, c.model.pretrained)
+        self.model = model.to(self.ctx.device)
+        self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
+        self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast
+
+    # the Task interface ---------------------------------------------------------------
+
+    def _trim(self, batch: ImageBatch) -> ImageBatch:
+        """timm's Mixup mixes pairs: drop one image of an odd batch left by unreadable files."""
+        images, targets, failures = batch
+        if failures and self.mixup is not None and len(targets) % 2:
+            return images[:-1], targets[:-1], failures
+        return batch
+
+    def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
+        images, targets, failures = self._trim(batch)
+        unreadable = raise_or_count_unreadable(failures, self.config.data.skip_corrupt)
+        return {"samples": float(len(targets)), "unreadable_images": float(unreadable)}
+
+    def to_device(self, batch: ImageBatch) -> ImageBatch:
+        return move_to_device(self._trim(batch), self.ctx.device)
+
+    def losses(self, model: nn.Module, batch: ImageBatch) -> dict[str, torch.Tensor]:
+        images, targets, _ = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return {"loss": self.criterion(model(images), targets)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics = evaluate_batches(model, self.val_loader, self.ctx, self.precision, self.config.data.skip_corrupt)
+        return {k: metrics[k] for k in ("loss", "acc1", "acc5")}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        c = self.config
+        size = c.data.img_size
+        return {
+            "model_name": c.model.name,
+            "model_kwargs": dict(c.model.kwargs),
+            "class_names": list(self.classes),
+            "img_size": size if isinstance(size, int) else list(size),
+            "crop_pct": c.test.crop_pct,
+            "interpolation": c.data.interpolation,
+        }
+
+    def check_resume(self, state: dict[str, Any], path: str) -> None:
+        name = self.config.model.name
+        if state.get("model_name") != name:
+            raise UserInputError(f"{path} was trained as {state.get('model_name')!r}, not {name!r}; pass the same --model")
+        if list(state.get("class_names", [])) != list(self.classes):
+            raise UserInputError(f"{path} was trained on other classes than {self.train_set.split_dir}; use the same data")
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (f"{self.config.model.name}: {params:.2f}M params, {len(self.classes)} classes, "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+
+
+def train(config: ClassificationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``config.model`` and return the last report's metrics (``val/acc1`` ...), ``best_acc1``,
+    ``epoch`` and ``global_step``. See :func:`crossformer.engine.train` (torchrun, checkpoints)."""
+    return train_task(ClassificationTask, config, on_step_end)
+
+
+CONFIG = ClassificationConfig
+TASK = ClassificationTask
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
+        from .commands import COMMANDS
+
+        return COMMANDS
+    raise AttributeError(name)

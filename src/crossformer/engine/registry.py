@@ -1,0 +1,153 @@
+"""Where each task's implementation lives, and resolving ``--config NAME_OR_FILE`` to a task.
+
+A task plugs in with one module and one entry in :data:`TASKS`. The module
+(``crossformer.<task>.task``) exposes:
+
+- ``CONFIG``: its configuration class (a subclass of :class:`~crossformer.engine.config.EngineConfig`
+  whose ``task`` default is the task's name);
+- ``TASK``: its :class:`~crossformer.engine.task.Task` class (``TASK(config, ctx)``);
+- ``COMMANDS``: ``{verb: VerbHandler}`` for the verbs beyond ``train`` it supports
+  (``evaluate``, ``predict``, ``benchmark``, ``flops``);
+- optionally ``default_config(values) -> str | None``: the bundled config to start from when
+  none is named (``values``: the settings given on the command line).
+
+Bundled configs live in ``crossformer/configs/<task>/<name>.yaml``; a file names its task
+with ``task:`` (bundled files may leave it to their folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+from ..errors import UserInputError
+from .config import EngineConfig, build_config, load_yaml, resolve_key
+
+__all__ = [
+    "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "bundled_configs", "find_config",
+    "resolve_config",
+]
+
+# task name -> module exposing CONFIG, TASK, COMMANDS
+TASKS: dict[str, str] = {
+    "classification": "crossformer.classification.task",
+    "detection": "crossformer.detection.task",
+    "segmentation": "crossformer.segmentation.task",
+}
+DEFAULT_TASK = "classification"  # configs and commands that name no task
+
+
+@dataclass(frozen=True)
+class VerbHandler:
+    """A task's implementation of one command-line verb.
+
+    ``add_arguments(parser)`` adds the verb's own flags (``--checkpoint``, ``--json``...);
+    the command adds flags for the configuration keys named by ``config_keys`` (sections
+    or ``section.field``; ``None``: all). ``run(args, config, given)`` does the job:
+    ``config`` is the resolved configuration, ``given`` the keys set explicitly (by the file
+    or the command line) as ``{"section.field": value}``.
+    """
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Any, dict[str, Any]], int]
+    config_keys: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: Any  # the task's configuration, validated
+    module: ModuleType  # the task's module (CONFIG, TASK, COMMANDS)
+    given: dict[str, Any]  # settings set by the file and the overrides, as section.field keys
+    path: Path | None  # the YAML file read, if any
+
+
+def task_module(name: str) -> ModuleType:
+    """The implementation module of task ``name``; a one-line error for unknown tasks."""
+    if name not in TASKS:
+        raise UserInputError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    try:
+        return importlib.import_module(TASKS[name])
+    except ModuleNotFoundError as err:
+        if err.name and TASKS[name].startswith(err.name):
+            raise UserInputError(f"task {name!r} is not available in this installation") from None
+        raise
+
+
+def bundled_configs(task: str | None = None) -> dict[str, Path]:
+    """Configs shipped in ``crossformer/configs/<task>/``: name -> file (every task's by default)."""
+    root = resources.files("crossformer") / "configs"
+    found: dict[str, Path] = {}
+    for folder in sorted(root.iterdir(), key=lambda p: p.name):
+        if folder.is_dir() and (task is None or folder.name == task):
+            for item in folder.iterdir():
+                if item.name.endswith(".yaml"):
+                    found[item.name[: -len(".yaml")]] = Path(str(item))
+    return found
+
+
+def find_config(name_or_path: str) -> Path:
+    """A YAML file by path, else a bundled config by name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_configs()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    if path.suffix in (".yaml", ".yml"):
+        raise UserInputError(f"config file not found: {path}")
+    raise UserInputError(f"no config file {name_or_path!r} and no bundled config of that name; bundled: {', '.join(sorted(bundled))}")
+
+
+def _flatten(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Nested or dotted settings as ``section.field[.entry]`` keys (resolving bare names)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "task":
+            continue
+        hints = typing.get_type_hints(config_cls)
+        if key in hints and isinstance(value, dict):
+            flat.update(_flatten(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source))
+            continue
+        if key in hints:
+            shorthand = getattr(hints[key], "shorthand", None)
+            if shorthand is None:
+                raise UserInputError(f"{source}: {key} is a section and takes a mapping, got {value!r}")
+            flat[f"{key}.{shorthand}"] = value
+            continue
+        section, name, rest = resolve_key(config_cls, key, source)
+        flat[".".join(filter(None, (section, name, rest)))] = value
+    return flat
+
+
+def resolve_config(
+    config: str | None = None, overrides: Mapping[str, Any] | None = None, task: str | None = None,
+    use_default: bool = True,
+) -> ResolvedConfig:
+    """Defaults, then a YAML file (a path or a bundled name), then ``overrides``; validated.
+
+    The task is the file's ``task:`` (or its bundled folder's name), else ``task``, else
+    :data:`DEFAULT_TASK`. With no file named, the task's ``default_config(overrides)`` may
+    name one (unless ``use_default`` is false: inference verbs take what the checkpoint says).
+    """
+    overrides = dict(overrides or {})
+    module = task_module(task or DEFAULT_TASK)
+    if config is None and use_default and hasattr(module, "default_config"):
+        config = module.default_config(_flatten(module.CONFIG, overrides, "overrides"))
+    path, values = None, {}
+    if config is not None:
+        path = find_config(config)
+        values = load_yaml(path)
+        named = values.get("task") or (path.parent.name if path.parent.name in TASKS else None) or task or DEFAULT_TASK
+        if task is not None and named != task:
+            raise UserInputError(f"{path} is a {named} config, not {task}")
+        module = task_module(named)
+    config_cls = module.CONFIG
+    given = {**_flatten(config_cls, values, str(path)), **_flatten(config_cls, overrides, "overrides")}
+    resolved = build_config(config_cls, (values, str(path)), (overrides, "overrides"))
+    return ResolvedConfig(resolved, module, given, path)

@@ -1,0 +1,97 @@
+"""The task interface the trainer drives (classification, detection, segmentation).
+
+A task is built once per process from its configuration and the process's
+:class:`~crossformer.engine.DistContext`; it owns the model, the data and the metric. The
+trainer (:mod:`crossformer.engine.trainer`) owns everything else: the loop, accumulation,
+mixed precision, the optimizer and schedule, EMA, checkpoints and resume, logging.
+
+Contract for the training loader: it iterates ``train_sampler`` (a
+:class:`~crossformer.data.ShardedSampler`) and has an explicit ``generator`` (built by
+:func:`~crossformer.data.build_loader`); the trainer sets both per epoch, which is what makes
+a resumed run draw exactly the samples and random numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from .distributed import DistContext
+
+__all__ = ["Task", "move_to_device"]
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors anywhere in nested lists, tuples and dicts moved to ``device`` (others kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+class Task(ABC):
+    """What one kind of training supplies to the engine's trainer.
+
+    Set in ``__init__``: ``model`` (on ``ctx.device``, not yet wrapped in DDP),
+    ``train_loader`` and ``train_sampler``. The class attributes name the task's primary
+    metric, a key of :meth:`evaluate`'s result: best.pth keeps the weights that scored best
+    by it (``higher_is_better``), and it is logged as ``val/<metric>``.
+    """
+
+    primary_metric: ClassVar[str]  # e.g. "acc1", "bbox_mAP", "mIoU"
+    higher_is_better: ClassVar[bool] = True
+
+    model: nn.Module
+    train_loader: DataLoader
+    train_sampler: Any  # crossformer.data.ShardedSampler
+
+    def __init__(self, config: Any, ctx: DistContext) -> None:
+        self.config, self.ctx = config, ctx
+
+    @abstractmethod
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Scalar losses of one training micro-batch (already on the device), by name.
+
+        ``model`` is what to call (the DDP wrapper when distributed); the trainer sums the
+        values, back-propagates the sum and logs each (``train/<name>``). Runs under autocast.
+        """
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` on the validation data, reduced over every rank (each rank
+        returns the same numbers). Keys are plain names (``acc1``, ``loss``, ``bbox_mAP``); the
+        trainer logs them as ``val/<key>`` (``val_ema/<key>`` for the EMA weights)."""
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What checkpoints must carry besides the training state, to be checked on resume and
+        used for inference (class names, model name and settings, input size...). Plain
+        values only (tensors, numbers, strings, lists, dicts): checkpoints load weights-only."""
+        return {}
+
+    def check_resume(self, state: dict[str, Any], path: str) -> None:
+        """Raise :class:`~crossformer.errors.UserInputError` when the checkpoint ``state`` (read
+        from ``path``) belongs to another model or data set than this task's."""
+
+    def to_device(self, batch: Any) -> Any:
+        """A training batch from the loader, moved to ``ctx.device`` (nested lists and dicts of
+        tensors by default: detection's images and target dicts)."""
+        return move_to_device(batch, self.ctx.device)
+
+    def batch_counts(self, batch: Any) -> dict[str, float]:
+        """Counts summed over a report interval and over ranks: ``samples`` (what the mean
+        losses are per; 0 skips the batch) and any others, logged as ``train/<name>`` when not
+        zero (e.g. ``unreadable_images``). Default: the length of the batch's first element."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return {"samples": float(len(first))}
+
+    def describe(self) -> str:
+        """One log line about the model and data (parameter count, sizes)."""
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return f"{type(self).__name__}: {params:.2f}M params, {len(self.train_sampler)} training samples per process"

@@ -1,0 +1,318 @@
+"""The training loop, once for every task: one process or many (``torchrun``, DDP).
+
+:func:`train` builds a :class:`~crossformer.engine.task.Task` and drives it: gradient
+accumulation (DDP ``no_sync`` on the micro-batches that do not update), mixed precision,
+gradient clipping (the norm is logged either way), the per-update schedule, EMA weights,
+evaluation and checkpoints every N epochs or N iterations, mid-run checkpoints every N
+updates, exact resume (mid-epoch included), the non-finite-loss guard, and metrics reduced
+over ranks. Rank 0 alone writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``,
+``log.txt`` and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserInputError
+from .amp import resolve_precision
+from .checkpoint import BEST, LAST, load_training_state, save_atomic
+from .config import EngineConfig, config_to_dict
+from .distributed import DistContext, setup_distributed, teardown_distributed
+from .guard import check_finite_loss
+from .logging import RunLogger
+from .optim import build_optimizer, scale_lr
+from .schedule import build_schedule
+from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
+from .task import Task
+
+__all__ = ["Trainer", "train", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "crossformer-train-v2"
+StepCallback = Callable[[int], None]
+
+
+class Trainer:
+    """State of one training run on one rank."""
+
+    def __init__(self, task_cls: type[Task], config: EngineConfig, ctx: DistContext,
+                 on_step_end: StepCallback | None = None) -> None:
+        self.config, self.ctx, self.on_step_end = config, ctx, on_step_end
+        run = self.run_config = config.run
+        self.output = Path(run.output)
+        self.log = RunLogger(self.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
+        if run.deterministic:
+            enable_determinism()
+        if run.cpu_threads and ctx.device.type == "cpu":
+            torch.set_num_threads(run.cpu_threads)
+        seed_everything(run.seed + ctx.rank)  # ranks draw different augmentations
+        self.task = task_cls(config, ctx)
+        self.batches_per_epoch = len(self.task.train_loader)
+        if self.batches_per_epoch < 1:
+            raise UserInputError(f"fewer than one batch of {run.batch_size} per process; lower --batch-size")
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / run.accum_steps)
+        self.total_updates = run.iterations or run.epochs * self.updates_per_epoch
+        self._build_optimisation()
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches of the current epoch already trained
+        self.global_step = 0  # optimizer updates so far
+        self.best = -math.inf if task_cls.higher_is_better else math.inf
+        self.meters: dict[str, float] = {}  # this rank's sums since the last report
+        self.last_loss = float("nan")
+        self.last_grad_norm = float("nan")
+        self.last_checkpoint: str | None = None
+        self._maybe_resume()
+        self.schedule.apply(self.optimizer, self.global_step)
+
+    # set-up ---------------------------------------------------------------------------
+
+    def _build_optimisation(self) -> None:
+        from timm.utils import ModelEmaV3
+
+        c, ctx, model = self.config, self.ctx, self.task.model
+        self.ddp: nn.Module = model
+        if ctx.distributed:  # DDP also copies rank 0's initial weights to every rank
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
+        # After DDP, so that every rank's average starts from the same (rank 0's) weights.
+        self.ema = ModelEmaV3(model, decay=c.run.model_ema_decay) if c.run.model_ema else None
+        self.global_batch = c.run.batch_size * ctx.world_size * c.run.accum_steps
+        lr, min_lr = c.optimizer.lr, c.schedule.min_lr
+        if c.optimizer.scale_lr:
+            lr = scale_lr(lr, self.global_batch, c.optimizer.lr_batch_reference)
+            min_lr = scale_lr(min_lr, self.global_batch, c.optimizer.lr_batch_reference)
+        self.optimizer = build_optimizer(
+            model, lr, c.optimizer.weight_decay, c.optimizer.betas, c.optimizer.eps, c.optimizer.no_decay_keys
+        )
+        self.schedule = build_schedule(
+            c.schedule, lr, min_lr, self.total_updates, self.updates_per_epoch, c.run.by_iterations
+        )
+        self.precision = resolve_precision(c.run.amp, ctx.device)
+        self.log.info(
+            f"{self.task.describe()}, {ctx.world_size} process(es) on {ctx.device.type}, {self.precision.name}, "
+            f"global batch {self.global_batch}, lr {lr:.3g}, {c.schedule.name} schedule over {self.total_updates} updates"
+        )
+
+    # checkpoints ----------------------------------------------------------------------
+
+    def _state(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """The full training state (rank 0), with every rank's RNG and meters gathered in."""
+        per_rank = self.ctx.gather_objects({"rng": capture_rng_state(), "meters": dict(self.meters)})
+        if not self.ctx.is_main:
+            return None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "task": self.config.task,
+            "model": self.task.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"global_step": self.global_step},  # the schedule is a function of the step
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "primary_metric": self.task.primary_metric,
+            "best_metric": self.best,
+            "metrics": dict(metrics),
+            "world_size": self.ctx.world_size,
+            "rank_state": per_rank,
+            "config": config_to_dict(self.config),
+            **self.task.checkpoint_extras(),
+        }
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        return state
+
+    def _save(self, metrics: dict[str, float], best: bool = False) -> None:
+        state = self._state(metrics)
+        if state is not None:
+            self.last_checkpoint = str(save_atomic(state, self.output / LAST))
+            if best:
+                save_atomic(state, self.output / BEST)
+        self.ctx.barrier()  # nobody runs ahead of a checkpoint that might be resumed
+
+    def _maybe_resume(self) -> None:
+        resume = self.run_config.resume
+        if not resume:
+            return
+        path = self.output / LAST if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            self.log.info(f"resume=auto: no {path} yet, starting from scratch")
+            return
+        state = load_training_state(path)
+        if state.get("task", self.config.task) != self.config.task:
+            raise UserInputError(f"{path} is a {state.get('task')} run, not {self.config.task}")
+        self.task.check_resume(state, str(path))
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and "model_ema" in state:
+            self.ema.module.load_state_dict(state["model_ema"])
+        if self.precision.scaler is not None and "scaler" in state:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
+        self.last_checkpoint = str(path)
+        if int(state.get("world_size", 1)) == self.ctx.world_size:
+            mine = state["rank_state"][self.ctx.rank]
+            restore_rng_state(mine["rng"])
+            self.meters = dict(mine["meters"])
+        else:  # another process count: the data order changes anyway, so restart the epoch
+            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch}")
+            self.batches_done, self.meters = 0, {}
+        self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
+
+    # the loop -------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        run = self.run_config
+        return self.global_step >= run.iterations if run.by_iterations else self.epoch >= run.epochs
+
+    def _train_epoch(self) -> None:
+        """Micro-batches from the current position to the end of the epoch (or of the run)."""
+        run, ctx, task = self.run_config, self.ctx, self.task
+        task.train_sampler.set_epoch(self.epoch, start=self.batches_done * run.batch_size)
+        task.train_loader.generator.manual_seed(run.seed * 100_003 + self.epoch)  # worker seeds per epoch
+        self.ddp.train()
+        total = self.batches_per_epoch
+        progress = self.log.progress(total, f"epoch {self.epoch}", self.batches_done, run.log_every)
+        for batch in task.train_loader:
+            counts = task.batch_counts(batch)
+            if not counts["samples"] and ctx.distributed:
+                raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
+            for name, value in counts.items():
+                self.meters[name] = self.meters.get(name, 0.0) + value
+            self.batches_done += 1
+            update = self.batches_done % run.accum_steps == 0 or self.batches_done == total
+            if counts["samples"]:
+                self._forward_backward(batch, counts["samples"], sync=update)
+                progress.update(loss=self.last_loss, lr=self.optimizer.param_groups[0]["lr"])
+            if update:
+                self._update()
+                epoch_ended = self.batches_done >= total
+                if epoch_ended:
+                    self.epoch, self.batches_done = self.epoch + 1, 0
+                self._after_update(epoch_ended)
+                if epoch_ended or self.finished:
+                    break
+        progress.close()
+
+    def _forward_backward(self, batch: Any, samples: float, sync: bool) -> None:
+        ctx = self.ctx
+        batch = self.task.to_device(batch)
+        # Accumulating: let DDP all-reduce gradients only on the micro-batch that updates.
+        no_sync = self.ddp.no_sync() if ctx.distributed and not sync else contextlib.nullcontext()
+        with no_sync:
+            with self.precision.autocast():
+                losses = self.task.losses(self.ddp, batch)
+                loss = sum(losses.values())
+            loss_value = float(loss.detach())
+            check_finite_loss(loss_value, ctx, self.epoch, self.global_step, self.last_checkpoint)
+            self.precision.backward(loss / self.run_config.accum_steps)
+        self.last_loss = loss_value
+        self.meters["loss"] = self.meters.get("loss", 0.0) + loss_value * samples
+        if len(losses) > 1:
+            for name, value in losses.items():
+                key = f"loss/{name}"
+                self.meters[key] = self.meters.get(key, 0.0) + float(value.detach()) * samples
+
+    def _update(self) -> None:
+        run = self.run_config
+        self.last_grad_norm = self.precision.step(self.optimizer, self.task.model.parameters(), run.clip_grad)
+        self.global_step += 1
+        self.schedule.apply(self.optimizer, self.global_step)
+        if self.ema is not None:
+            self.ema.update(self.task.model, step=self.global_step)
+        if self.global_step % run.log_every == 0:  # this rank's values: a reduction every step would cost a sync
+            values = {"train/lr": self.optimizer.param_groups[0]["lr"], "train/step_loss": self.last_loss,
+                      "train/grad_norm": self.last_grad_norm}
+            self.log.scalars(self.global_step, values, epoch=self.epoch)
+
+    def _after_update(self, epoch_ended: bool) -> None:
+        """Evaluation and checkpoints due after this update, then the step callback."""
+        run = self.run_config
+        if run.by_iterations or epoch_ended:
+            position = self.global_step if run.by_iterations else self.epoch
+            final = position >= run.length
+            evaluate = final or position % run.eval_every == 0
+            if evaluate:
+                metrics, is_best = self._report()
+                self._save(metrics, best=is_best)
+            elif run.checkpoint_every and position % run.checkpoint_every == 0:
+                self._save({})
+            elif run.save_every_steps and self.global_step % run.save_every_steps == 0:
+                self._save({})
+        elif run.save_every_steps and self.global_step % run.save_every_steps == 0:
+            self._save({})
+        if self.on_step_end is not None:
+            self.on_step_end(self.global_step)
+
+    def _report(self) -> tuple[dict[str, float], bool]:
+        """Train means since the last report and validation metrics, reduced over ranks; logged."""
+        keys = sorted(set().union(*self.ctx.gather_objects(sorted(self.meters))))
+        sums = dict(zip(keys, self.ctx.all_reduce_sum([self.meters.get(k, 0.0) for k in keys])))
+        samples = max(sums.pop("samples", 0.0), 1.0)
+        metrics = {"train/loss": sums.pop("loss", 0.0) / samples}
+        for key, value in sums.items():
+            if key.startswith("loss/"):
+                metrics[f"train/{key[5:]}"] = value / samples
+            elif value:
+                metrics[f"train/{key}"] = value
+        self.meters = {}
+        metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
+        if self.ema is not None:
+            metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
+        primary = self.task.primary_metric
+        if f"val/{primary}" not in metrics:
+            raise KeyError(f"{type(self.task).__name__}.evaluate() returned no {primary!r} (its primary_metric)")
+        score = metrics[f"val/{primary}"]
+        is_best = score > self.best if self.task.higher_is_better else score < self.best
+        if is_best:
+            self.best = score
+        metrics[f"val/best_{primary}"] = self.best
+        run = self.run_config
+        done = self.epoch - 1 if not run.by_iterations else self.global_step
+        fields = {"epoch": done} if not run.by_iterations else {"epoch": self.epoch}
+        self.log.scalars(self.global_step, metrics, **fields)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.log.info(f"{run.unit} {done}/{run.length}: {shown}")
+        self.last_metrics = metrics
+        return metrics, is_best
+
+    def run(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self.last_metrics: dict[str, float] = {}
+        already = self.finished
+        while not self.finished:
+            self._train_epoch()
+        primary = self.task.primary_metric
+        if already:
+            self.log.info(f"nothing to do: {self.last_checkpoint} already finished {self.run_config.length} "
+                          f"{self.run_config.unit}s")
+        else:
+            self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f} "
+                          f"(checkpoints in {self.output})")
+        self.log.close()
+        return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
+
+
+def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback | None = None) -> dict[str, float]:
+    """Train ``task_cls(config, ctx)`` and return the last report's metrics (``val/...``, ``train/...``)
+    with ``best_<primary metric>``, ``epoch`` and ``global_step``.
+
+    Under ``torchrun`` each process calls this and they train together. ``on_step_end(global_step)``
+    is called after every optimizer update (and the checkpoints due then). ``config`` is
+    validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
+    """
+    ctx = setup_distributed(config.run.device)
+    try:
+        return Trainer(task_cls, config, ctx, on_step_end).run()
+    finally:
+        teardown_distributed(ctx)

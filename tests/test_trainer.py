@@ -1,0 +1,174 @@
+"""The engine's training loop on a tiny fake task (no images): epoch and iteration runs, exact
+resume after SIGKILL, the NaN stop, best-checkpoint selection, the registry and derived flags,
+and two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossformer.engine import NonFiniteLossError, cosine_factor, load_training_state, train
+from engine_fixtures import FakeTask, fake_config
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_epoch_mode_evaluates_every_n_epochs_and_follows_the_schedule(tmp_path: Path) -> None:
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=4, eval_every=2))
+    assert (metrics["epoch"], metrics["global_step"]) == (4, 24)  # 24 samples / batch 4 = 6 updates per epoch
+    records = _records(tmp_path)
+    evals = [r for r in records if "val/score" in r]
+    assert [(r["epoch"], r["step"]) for r in evals] == [(1, 12), (3, 24)]
+    steps = [r for r in records if "train/lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    # the rate logged after update s is the one update s + 1 uses: peak x factor(s)
+    for r in steps:
+        assert r["train/lr"] == pytest.approx(0.05 * cosine_factor(r["step"], 24, 2, 0.001, 0.0), rel=1e-12)
+    assert all(r["train/grad_norm"] > 0 for r in steps)
+    assert evals[-1]["train/loss"] == pytest.approx(evals[-1]["train/mse"] + evals[-1]["train/l1"], rel=1e-6)  # float32 sum
+    assert evals[-1]["val/mse"] < evals[0]["val/mse"] < 30  # it learns (the untrained model: about 32)
+    state = load_training_state(tmp_path / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"], state["task"]) == (4, 0, 24, "fake")
+    assert state["fake_samples"] == 24 and state["config"]["run"]["epochs"] == 4
+
+
+def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=10, eval_every=4, accum_steps=2))
+    # 6 micro-batches per epoch, 2 per update: 3 updates per epoch; 10 updates end in epoch 3 after 2 batches
+    assert (metrics["epoch"], metrics["global_step"]) == (3, 10)
+    assert [r["step"] for r in _records(tmp_path) if "val/score" in r] == [4, 8, 10]
+    state = load_training_state(tmp_path / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (3, 2, 10)
+    assert "iteration 8/10" in (tmp_path / "log.txt").read_text()
+
+
+def test_best_checkpoint_follows_the_primary_metric(tmp_path: Path) -> None:
+    metrics = train(FakeTask, fake_config(tmp_path, **{"fake.scores": [0.3, 0.9, 0.5]}))
+    assert metrics["best_score"] == 0.9 and metrics["val/best_score"] == 0.9 and metrics["val/score"] == 0.5
+    best, last = load_training_state(tmp_path / "best.pth"), load_training_state(tmp_path / "last.pth")
+    assert (best["global_step"], best["best_metric"], best["metrics"]["val/score"]) == (12, 0.9, 0.9)
+    assert last["global_step"] == 18 and last["primary_metric"] == "score"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1 step 7;.*last good checkpoint is .*last.pth"):
+        train(FakeTask, fake_config(tmp_path, save_every_steps=3, **{"fake.nan_at_call": 7}))
+    state = load_training_state(tmp_path / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 0, 6)  # the end of epoch 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from engine_fixtures import FakeTask, fake_config
+from crossformer.engine import train
+def kill(step):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(FakeTask, fake_config({output!r}, **{settings!r}), on_step_end=kill)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["epochs", "iterations"])
+def test_sigkill_then_resume_equals_an_unkilled_run(mode: str, tmp_path: Path) -> None:
+    if mode == "epochs":  # killed at update 9 (epoch 1, batch 3); last saved at update 8 (epoch 1, batch 2)
+        settings = dict(epochs=3, save_every_steps=4, model_ema=True, model_ema_decay=0.9)
+        kill_at, saved = 9, (1, 2, 8)
+    else:  # 3 updates per epoch; killed at update 8, last saved at 7 (evaluation every 7: epoch 2, batch 2)
+        settings = dict(epochs=0, iterations=14, eval_every=7, accum_steps=2, model_ema=True, model_ema_decay=0.9,
+                        **{"schedule.name": "poly", "schedule.warmup_iters": 3})
+        kill_at, saved = 8, (2, 2, 7)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), settings=settings, kill_at=kill_at)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = load_training_state(killed / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == saved
+
+    resumed = train(FakeTask, fake_config(killed, resume="auto", **settings))
+    unkilled = train(FakeTask, fake_config(clean, **settings))
+    assert resumed == unkilled  # every metric, bit for bit
+    a, b = load_training_state(killed / "last.pth"), load_training_state(clean / "last.pth")
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+    for group_a, group_b in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
+        assert group_a["lr"] == group_b["lr"]  # the schedule
+    for index, moments in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][index][k], v) for k, v in moments.items())
+    # the resumed run's records after the checkpoint repeat the unkilled run's exactly
+    tail = [r for r in _records(killed) if r["step"] > saved[2]][-len([r for r in _records(clean) if r["step"] > saved[2]]):]
+    assert tail == [r for r in _records(clean) if r["step"] > saved[2]]
+
+
+def test_a_task_plugs_in_through_the_registry_and_gets_flags_from_its_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    from crossformer.cli import main
+    from crossformer.engine import registry
+
+    monkeypatch.setitem(registry.TASKS, "fake", "engine_fixtures")
+    config = tmp_path / "fake.yaml"
+    config.write_text("task: fake\nrun:\n  epochs: 2\n  batch_size: 6\nfake:\n  noise: 0.0\n")
+    resolved = registry.resolve_config(str(config), {"samples": 12})
+    assert type(resolved.config).__name__ == "FakeConfig" and resolved.config.run.batch_size == 6
+    assert resolved.given == {"run.epochs": 2, "run.batch_size": 6, "fake.noise": 0.0, "fake.samples": 12}
+    output = tmp_path / "run"
+    # --samples and --noise come from the fake task's own section; --epochs from the engine's
+    assert main(["train", "--config", str(config), "--output", str(output), "--samples", "12", "--epochs", "1",
+                 "--no-tensorboard", "optimizer.lr=0.01"]) == 0
+    state = load_training_state(output / "last.pth")
+    assert state["global_step"] == 2 and state["fake_samples"] == 12 and state["config"]["optimizer"]["lr"] == 0.01
+    assert main(["train", "--config", str(config), "--output", str(output), "epoch=3"]) == 2
+    assert "unknown setting 'epoch'" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--output", str(output), "--batch-size", "0"]) == 2
+    assert "run.batch_size must be at least 1, got 0" in capsys.readouterr().err
+
+
+_DDP_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from engine_fixtures import FakeTask, fake_config
+from crossformer.engine import train
+train(FakeTask, fake_config({output!r}, epochs=2, accum_steps=2, model_ema=True, model_ema_decay=0.5))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_over_gloo(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(_DDP_RUN).format(tests=str(TESTS), output=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs
+    state = load_training_state(tmp_path / "ddp" / "last.pth")
+    # 24 samples / (2 ranks x batch 4) = 3 micro-batches per epoch; accumulating 2 (DDP no_sync on the
+    # first), the third updates alone at the epoch's end: 2 updates per epoch
+    assert state["world_size"] == 2 and state["global_step"] == 4 and len(state["rank_state"]) == 2
+    assert not torch.equal(state["rank_state"][0]["rng"]["torch"], state["rank_state"][1]["rng"]["torch"])
+    # validation was split over the ranks and reduced: the same as one process on all 8 samples
+    from crossformer.engine import DistContext
+
+    task = FakeTask(fake_config(tmp_path / "x"), DistContext())
+    for key, weights in (("val/mse", "model"), ("val_ema/mse", "model_ema")):
+        task.model.load_state_dict(state[weights])
+        assert state["metrics"][key] == pytest.approx(task.evaluate(task.model)["mse"], rel=1e-6)
