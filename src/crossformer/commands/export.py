@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
         name, settings, num_classes = _model_settings(args, checkpoint)
-        height, width = img_size(args, default=int((checkpoint or {}).get("img_size", 224)))
+        height, width = img_size(args, default=(checkpoint or {}).get("img_size", 224))
         output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}")
         if checkpoint and checkpoint.get("model_kwargs") and name == checkpoint.get("model_name"):
             shown = ", ".join(f"{k}={v}" for k, v in settings.items())
