@@ -69,7 +69,7 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
     contents. A checkpoint of another segmentor is a one-line error naming the file."""
     from ..models.weights import CheckpointError, load_state, read_checkpoint
-    from .task import build_model, model_extras
+    from .task import SEGMENTOR_KEYS, build_model, segmentor_settings
 
     checkpoint = read_checkpoint(path)
     model = dataclasses.replace(config.model, pretrained=None)  # the checkpoint has every weight
@@ -77,8 +77,8 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     saved = checkpoint.get("segmentor")
     if isinstance(saved, dict):  # ours: the model settings it was trained with
         num_classes = num_classes or int(saved["num_classes"])
-        mine = model_extras(model, [""] * num_classes, [], False)["segmentor"]
-        if any(saved.get(k) != mine[k] for k in ("kind", "backbone", "backbone_kwargs", "channels", "aux_channels")):
+        mine = segmentor_settings(model, num_classes)
+        if any(saved.get(k) != mine[k] for k in SEGMENTOR_KEYS if k != "num_classes"):  # classes: said below
             raise UserInputError(
                 f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
                 "pass the config it was trained with"
@@ -119,7 +119,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
 
-    _, dataset = build_datasets(config.data, train=False)
+    _, dataset = build_datasets(config.data, training=False)
     _set_threads(config)
     ctx = setup_distributed(config.run.device)
     try:
@@ -264,7 +264,12 @@ def _authors_settings(config: SegmentationConfig) -> bool:
 
 
 def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
-    import segmentation_models_pytorch as smp
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        raise UserInputError(
+            "benchmark --config <segmentation config> runs smp's UPerNet beside ours: pip install segmentation-models-pytorch"
+        ) from None
 
     from ..benchmark import format_summary, run_benchmark, summarise
     from ..commands.benchmark import build_config

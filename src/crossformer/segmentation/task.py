@@ -25,21 +25,24 @@ from .segmentor import Segmentor, build_segmentor
 from .transforms import SegTrainTransform
 
 __all__ = [
-    "SegmentationTask", "build_datasets", "build_model", "model_extras", "train", "CONFIG", "TASK", "COMMANDS",
+    "SegmentationTask", "SEGMENTOR_KEYS", "build_datasets", "build_model", "segmentor_settings", "model_extras", "train",
+    "CONFIG", "TASK", "COMMANDS",
 ]
 
 
-def build_datasets(data: SegDataConfig, train_transform: Any = None, train: bool = True) -> tuple[SegmentationDataset | None, SegmentationDataset]:
+def build_datasets(
+    data: SegDataConfig, train_transform: Any = None, training: bool = True
+) -> tuple[SegmentationDataset | None, SegmentationDataset]:
     """``(training set with train_transform, validation set untransformed)`` of ``data``;
-    the training set is None unless ``train``. One-line errors for missing folders."""
+    the training set is None unless ``training``. One-line errors for missing folders."""
     if not data.given:
         raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
     if data.root is not None:
         val = ade20k_dataset(data.root, "validation")
-        return (ade20k_dataset(data.root, "training", train_transform) if train else None), val
+        return (ade20k_dataset(data.root, "training", train_transform) if training else None), val
     classes = Path(data.classes)
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
-    if not train:
+    if not training:
         return None, val
     return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform), val
 
@@ -55,6 +58,16 @@ def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmen
     )
 
 
+# the settings that decide a segmentor's weights (checked on resume and when loading ours)
+SEGMENTOR_KEYS = ("kind", "backbone", "backbone_kwargs", "num_classes", "channels", "aux_channels")
+
+
+def segmentor_settings(model: SegModelConfig, num_classes: int) -> dict[str, Any]:
+    """The segmentor's settings as plain values (``SEGMENTOR_KEYS``)."""
+    return {"kind": model.kind, "backbone": model.backbone, "backbone_kwargs": model.build_kwargs(),
+            "num_classes": num_classes, "channels": model.channels, "aux_channels": model.aux_channels}
+
+
 def model_extras(
     model: SegModelConfig, classes: list[str], palette: list[tuple[int, ...]], reduce_zero_label: bool
 ) -> dict[str, Any]:
@@ -62,10 +75,7 @@ def model_extras(
     settings under ``segmentor`` and, as mmseg files do, ``meta`` with the classes and palette
     (and whether label maps count classes from 1, as ADE20K's)."""
     return {
-        "segmentor": {
-            "kind": model.kind, "backbone": model.backbone, "backbone_kwargs": model.build_kwargs(),
-            "num_classes": len(classes), "channels": model.channels, "aux_channels": model.aux_channels,
-        },
+        "segmentor": segmentor_settings(model, len(classes)),
         "meta": {"classes": list(classes), "palette": [list(c) for c in palette], "reduce_zero_label": reduce_zero_label},
     }
 
@@ -139,7 +149,7 @@ class SegmentationTask(Task):
     def check_resume(self, state: dict[str, Any], path: str) -> None:
         mine = self.checkpoint_extras()
         theirs = state.get("segmentor", {})
-        for key in ("kind", "backbone", "backbone_kwargs", "num_classes", "channels", "aux_channels"):
+        for key in SEGMENTOR_KEYS:
             if theirs.get(key) != mine["segmentor"][key]:
                 raise UserInputError(
                     f"{path} was trained with model {key} {theirs.get(key)!r}, not {mine['segmentor'][key]!r}; "
