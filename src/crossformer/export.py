@@ -15,6 +15,9 @@ ONNX metadata (``crossformer.height_range``, ``crossformer.width_range``).
 TorchScript (:func:`export_torchscript`) is ``torch.jit.trace`` at one fixed size (any
 batch); a wrapper refuses other sizes with an error. safetensors
 (:func:`export_safetensors`) writes the weights only.
+
+Every file is written atomically (:func:`crossformer.atomic.write_atomic`): a failed
+export leaves the previous file as it was and no temporary file behind.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .atomic import check_output_path, write_atomic
 from .errors import UserInputError
 from .models.crossformer import MIN_INPUT_SIZE, CrossFormer
 
@@ -249,8 +253,7 @@ def export_onnx(
     import torch.fx.experimental._config as shape_config
     from torch.export import Dim
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)  # before the minutes the export takes
     names = _output_names(model, features)
     guarded = _SizeGuard(model, valid)
     example = _example(model, height, width, batch=2)  # batch 2: a batch of 1 would be specialised
@@ -287,9 +290,8 @@ def export_onnx(
     }
     for key, value in metadata.items():
         onnx_program.model.metadata_props[key] = value
-    tmp = path.with_name(path.name + ".tmp")
-    onnx_program.save(tmp, external_data=False)
-    tmp.replace(path)
+    proto = onnx_program.model_proto  # one file, weights included
+    write_atomic(path, lambda file: file.write(proto.SerializeToString()))
     return valid
 
 
@@ -351,36 +353,26 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: Sequence[in
     height, width = int(img_size[0]), int(img_size[-1])
     _check_size(model, height, width)
     in_chans = _crossformer(model).in_chans
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)
     example = _example(model, height, width, batch=1)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices: asked for
             traced = torch.jit.trace(model, example, check_trace=False)
             scripted = torch.jit.script(_FixedSize(traced, in_chans, height, width))
+            return write_atomic(path, lambda file: torch.jit.save(scripted, file))
     finally:
         model.train(was_training)
-    tmp = path.with_name(path.name + ".tmp")
-    scripted.save(str(tmp))
-    tmp.replace(path)
-    return path
 
 
 def export_safetensors(source: nn.Module | str | Path, path: str | Path) -> Path:
     """Write weights only: a checkpoint file's (via :func:`crossformer.convert_to_safetensors`)
     or a model's state dict. Read them back with :func:`crossformer.load_checkpoint`."""
-    from .models.weights import convert_to_safetensors
+    from .models.weights import convert_to_safetensors, save_safetensors
 
     if not isinstance(source, nn.Module):
         return convert_to_safetensors(source, path)
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in source.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-    return path
+    return save_safetensors(source.state_dict(), path)

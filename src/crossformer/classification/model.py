@@ -60,17 +60,16 @@ def load_classifier(
     authors' releases, bare state dicts, safetensors) need ``model_name``; the class count
     is read off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
-    from ..models.weights import extract_state_dict, load_state, read_checkpoint
+    from ..models.weights import extract_state_dict, load_state, read_checkpoint, recorded_model
 
     state = read_checkpoint(checkpoint)
-    name = model_name or state.get("model_name")
+    name, recorded = recorded_model(state, model_name)
     if not name:
         raise UserInputError(f"{checkpoint} does not name its model: pass --model NAME (e.g. crossformer_small)")
     weights = extract_state_dict(state, use_ema=use_ema)
     head = weights.get("head.weight")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
-    recorded = state.get("model_kwargs", {}) if name == state.get("model_name") else {}
     model = create_classifier(name, num_classes=head.shape[0], model_kwargs={**recorded, **(model_kwargs or {})})
     load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
     model.to(device).eval()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import UserInputError
 
@@ -22,11 +22,14 @@ def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None =
     )
 
 
-def img_size(args: argparse.Namespace, default: int = 224) -> tuple[int, int]:
-    """``--img-size`` as ``(height, width)``, at least the model's minimum input size."""
+def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tuple[int, int]:
+    """``--img-size`` as ``(height, width)``, at least the model's minimum input size.
+
+    ``default`` (N or [H, W], e.g. the size a checkpoint records) applies when the flag is absent.
+    """
     from ..models.crossformer import MIN_INPUT_SIZE
 
-    size = args.img_size or [default]
+    size = args.img_size or ([default] if isinstance(default, int) else list(default))
     if len(size) not in (1, 2):
         raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, size))}")
     height, width = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])

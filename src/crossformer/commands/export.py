@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (
-    add_img_size_argument,
-    add_model_arg_argument,
-    add_model_argument,
-    img_size,
-    model_args,
-    require_model,
-)
+from .common import add_model_arg_argument, add_model_argument, img_size, model_args, require_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_OPSET = 18
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
+    add_model_argument(parser, required=False)  # our training checkpoints name theirs
     add_model_arg_argument(parser)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
     parser.add_argument(
@@ -28,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
     parser.add_argument("--output", "-o", metavar="FILE", help="file to write (default: MODEL.onnx / .pt / .safetensors)")
-    add_img_size_argument(parser)
+    parser.add_argument(
+        "--img-size", type=int, nargs="+", metavar="N",
+        help="example size: N (square) or H W (default: the checkpoint's training size, else 224)",
+    )
     parser.add_argument(
         "--num-classes", type=int, default=None, metavar="N",
         help="classifier size (default: the checkpoint's head, else 1000; 0 for pooled features)",
@@ -53,20 +49,32 @@ def _one_line(message: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _checkpoint_classes(path: str, use_ema: bool) -> int | None:
-    """Classifier size recorded in a checkpoint (None: it has no head)."""
-    from crossformer.models import extract_state_dict, read_checkpoint
-
-    head = extract_state_dict(read_checkpoint(path), use_ema=use_ema).get("head.weight")
-    return None if head is None else int(head.shape[0])
-
-
 def _check_points(size_range, height: int, width: int) -> list[tuple[int, int]]:
     """The example size and the corners of the valid range (an open end: 1.5x the example)."""
     top_h = size_range.max_height or max(height * 3 // 2, size_range.min_height)
     top_w = size_range.max_width or max(width * 3 // 2, size_range.min_width)
     points = [(height, width), (size_range.min_height, top_w), (top_h, size_range.min_width)]
     return list(dict.fromkeys(points))
+
+
+def _model_settings(args: argparse.Namespace, checkpoint: dict | None) -> tuple[str, dict, int]:
+    """Model name, constructor settings and classifier size: the options', else the checkpoint's."""
+    from crossformer.errors import UserInputError
+    from crossformer.models import extract_state_dict, recorded_model
+
+    name, settings = recorded_model(checkpoint or {}, args.model)
+    if not name:
+        source = f"{args.checkpoint} does not name its model" if checkpoint else "no --checkpoint to read it from"
+        raise UserInputError(f"--model is needed: {source} (e.g. --model crossformer_small)")
+    require_model(name, variants_only=True)
+    settings.update(model_args(args))
+    num_classes = args.num_classes
+    if num_classes is None and checkpoint is None:
+        num_classes = 1000
+    elif num_classes is None:
+        head = extract_state_dict(checkpoint, use_ema=args.ema).get("head.weight")
+        num_classes = 0 if head is None else int(head.shape[0])
+    return name, settings, num_classes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,33 +84,33 @@ def run(args: argparse.Namespace) -> int:
 
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer import export as exporting
+    from crossformer.atomic import check_output_path
     from crossformer.errors import UserInputError
-    from crossformer.models import CheckpointError, load_checkpoint
+    from crossformer.models import CheckpointError, extract_state_dict, load_state, read_checkpoint, save_safetensors
 
-    require_model(args.model, variants_only=True)
-    height, width = img_size(args)
     if args.num_classes is not None and args.num_classes < 0:
         raise UserInputError(f"--num-classes must be 0 or more, got {args.num_classes}")
     if args.format == "onnx":
         if args.opset is not None and args.opset < MIN_OPSET:
             raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")
         exporting._require_onnx()
-    output = args.output or f"{args.model}{'_features' if args.features else ''}{FORMATS[args.format]}"
 
     try:
-        num_classes = args.num_classes
-        if num_classes is None:
-            found = _checkpoint_classes(args.checkpoint, args.ema) if args.checkpoint else 1000
-            num_classes = 0 if found is None else found
-        settings = model_args(args)
+        checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        name, settings, num_classes = _model_settings(args, checkpoint)
+        height, width = img_size(args, default=(checkpoint or {}).get("img_size", 224))
+        output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}")
+        if checkpoint and checkpoint.get("model_kwargs") and name == checkpoint.get("model_name"):
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            print(f"model {name} with the checkpoint's settings: {shown}")
         try:
-            model = timm.create_model(args.model, num_classes=num_classes, features_only=args.features, **settings)
+            model = timm.create_model(name, num_classes=num_classes, features_only=args.features, **settings)
         except (TypeError, ValueError) as err:
-            raise UserInputError(f"cannot build {args.model} with {settings}: {err}") from None
-        if args.checkpoint:
+            raise UserInputError(f"cannot build {name} with {settings}: {err}") from None
+        if checkpoint is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                load_checkpoint(model, args.checkpoint, use_ema=args.ema)
+                load_state(model, checkpoint, args.checkpoint, use_ema=args.ema)
             for warning in caught:
                 print(f"warning: {_one_line(str(warning.message))}")
     except CheckpointError as err:
@@ -110,9 +118,11 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
 
     if args.format == "safetensors":
-        plain = args.checkpoint and not args.features and args.num_classes is None
-        # An unchanged checkpoint is converted as it is; otherwise the model as built.
-        path = exporting.export_safetensors(args.checkpoint if plain else model, output)
+        if checkpoint is not None and not args.features and args.num_classes is None:
+            # An unchanged checkpoint is converted as it is; otherwise the model as built.
+            path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema), output)
+        else:
+            path = exporting.export_safetensors(model, output)
         print(f"wrote {path} (weights only; load with crossformer.load_checkpoint)")
         return 0
     if args.format == "torchscript":
@@ -120,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path} (traced at {height}x{width}; any batch size, that image size only)")
         return 0
 
-    print(f"exporting {args.model} to ONNX from a {height}x{width} example (this takes a while) ...")
+    print(f"exporting {name} to ONNX from a {height}x{width} example (this takes a while) ...")
     valid = exporting.export_onnx(model, output, (height, width), dynamic=not args.static, opset=args.opset)
     print(f"wrote {output}")
     print(f"valid input sizes: {valid} (outputs are NaN outside)")

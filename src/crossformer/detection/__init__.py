@@ -3,3 +3,5 @@ on CrossFormer backbones, faithful to mmdetection (see ``docs/detection.md``).""
 
 from .detectors import DETECTOR_KINDS, Detector, RetinaNet, TwoStageDetector, build_detector
 from .flops import detector_flops
+
+__all__ = ["build_detector", "DETECTOR_KINDS", "detector_flops", "Detector", "TwoStageDetector", "RetinaNet"]

@@ -11,6 +11,8 @@ from .weights import (
     load_checkpoint,
     load_state,
     read_checkpoint,
+    recorded_model,
+    save_safetensors,
 )
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "read_checkpoint",
     "extract_state_dict",
     "convert_to_safetensors",
+    "save_safetensors",
+    "recorded_model",
     "count_params",
     "analytic_macs",
     "traced_macs",

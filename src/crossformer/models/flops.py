@@ -5,11 +5,19 @@ attention is counted per group without padding, the activation cooling layer is 
 counted, and the final norm/pool term is ``C3 * h0 * w0 // 16``. :func:`analytic_macs`
 reproduces it exactly; :func:`traced_macs` counts what actually executes (padding
 included) with PyTorch's FLOP counter, for comparison.
+
+PyTorch's counter knows the generic matmul, convolution and attention ops only. In CPU
+inference the model runs two that it does not know: oneDNN's fused linear
+(``mkldnn._linear_pointwise``, every qkv / proj / MLP layer) and the CPU flash attention
+kernel. :data:`EXTRA_MAC_FORMULAS` counts them, so every path is counted, and the count
+does not depend on which one the forward pass takes.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+from math import prod
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -17,7 +25,7 @@ import torch.nn as nn
 from .crossformer import CrossFormer
 from .grouping import group_layout
 
-__all__ = ["count_params", "analytic_macs", "traced_macs"]
+__all__ = ["count_params", "analytic_macs", "traced_macs", "EXTRA_MAC_FORMULAS"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -76,18 +84,46 @@ def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> in
     return int(total)
 
 
+def _fused_linear_flops(x_shape: torch.Size, *args: Any, out_shape: torch.Size, **kwargs: Any) -> int:
+    """``(..., K) -> (..., N)``: ``2 * rows * K * N`` (the weight may be in a packed layout)."""
+    return 2 * prod(out_shape[:-1]) * x_shape[-1] * out_shape[-1]
+
+
+def _cpu_attention_flops(
+    q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Size, *args: Any, **kwargs: Any
+) -> int:
+    """``(B, heads, N, d)`` q, k, v: ``q @ k^T`` and ``attn @ v``, ``2 * B * heads * Nq * Nk * d`` each."""
+    batch_heads = prod(q_shape[:-2])
+    return 2 * batch_heads * q_shape[-2] * k_shape[-2] * (q_shape[-1] + v_shape[-1])
+
+
+# FLOP formulas (arguments' shapes -> FLOPs) for the ops PyTorch's counter does not know.
+EXTRA_MAC_FORMULAS: dict[Any, Callable[..., int]] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    EXTRA_MAC_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _fused_linear_flops
+
+
 @torch.no_grad()
 def traced_macs(model: nn.Module, height: int = 224, width: int = 224) -> int:
-    """MACs actually executed for one image (padding included), from PyTorch's counter."""
+    """MACs actually executed for one image (padding included), from PyTorch's counter.
+
+    Counts every matmul, convolution and attention product the eval forward pass runs,
+    whichever kernels it takes (:data:`EXTRA_MAC_FORMULAS`); element-wise work (norms,
+    softmax, GELU, the pooling) is not counted.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(model.parameters())
     x = torch.zeros(1, getattr(model, "in_chans", 3), height, width, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
-    model.train(was_training)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_MAC_FORMULAS)
+    try:
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops() // 2
 

@@ -8,6 +8,7 @@ to a plain dict), and refuse any other global by name. Nothing is ever fully unp
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from collections import OrderedDict
@@ -28,6 +29,8 @@ __all__ = [
     "extract_state_dict",
     "load_checkpoint",
     "convert_to_safetensors",
+    "save_safetensors",
+    "recorded_model",
 ]
 
 # Recomputable buffers the CrossFormer (v1) release stores in its state dicts.
@@ -81,26 +84,152 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ``.pth``/``.pt``/``.safetensors`` file without unpickling arbitrary code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
+_SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit
+_SNIFF_BYTES = 4096
 
+
+def _safetensors_header(head: bytes) -> int | None:
+    """The header length a safetensors file starting with ``head`` declares (None: not one)."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    length = int.from_bytes(head[:8], "little")
+    return length if 2 <= length <= _SAFETENSORS_MAX_HEADER else None
+
+
+def _describe_text(head: bytes) -> str | None:
+    """What a file starting with ``head`` is, if it is text (None: binary)."""
+    if b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return None
+        text = head[: err.start].decode("utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("version https://git-lfs"):
+        return "it is a Git LFS pointer: fetch the real file with git lfs pull"
+    if stripped[:15].lower().startswith(("<!doctype html", "<html")):
+        return "it is an HTML page: a failed download?"
+    first = stripped.splitlines()[0] if stripped else ""
+    first = first if len(first) <= 40 else first[:37] + "..."
+    return f"it is text, starting {first!r}"
+
+
+def _sniff(path: Path) -> tuple[str, str]:
+    """``(kind, description)`` of a file from its first bytes.
+
+    ``kind`` is ``"zip"``, ``"pickle"`` (the two ``torch.save`` formats), ``"safetensors"``,
+    or ``"other"``, whose description says what the file is instead.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if head.startswith(_ZIP_MAGIC):
+        return "zip", "a PyTorch checkpoint"
+    if head.startswith(_PICKLE_PROTOCOLS):
+        return "pickle", "a PyTorch checkpoint"
+    if _safetensors_header(head) is not None:
+        return "safetensors", "a safetensors file"
+    if not head:
+        return "other", "it is empty: 0 bytes"
+    text = _describe_text(head)
+    if text is not None:
+        return "other", text
+    return "other", f"unknown binary data, starting {head[:8].hex(' ')}"
+
+
+def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
+    what = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
+    return CheckpointError(f"{path} is not {what} ({description})")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _damaged(path: Path, description: str, err: BaseException | str) -> CheckpointError:
+    reason = err if isinstance(err, str) else _first_line(err)
+    return CheckpointError(f"{path} is a damaged or truncated {description.removeprefix('a ')} ({reason})")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = _safetensors_header(f.read(9)) or 0
+        header = f.read(length - 1)
+    if 8 + length > size:
+        raise _damaged(path, "a safetensors file", f"the file ends inside its header: {size} bytes")
+    try:
+        entries = json.loads(b"{" + header)
+        needed = 8 + length + max(
+            (int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"), default=0
+        )
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise _damaged(path, "a safetensors file", "its header is not valid") from None
+    if needed > size:
+        raise _damaged(path, "a safetensors file", f"the file ends early: {size} of {needed} bytes")
+    try:
         return dict(load_file(str(path), device="cpu"))
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: the file is bad
+        raise _damaged(path, "a safetensors file", err) from None
+
+
+def _read_torch(path: Path, kind: str, description: str) -> Any:
+    import zipfile
+
+    if kind == "zip":
+        if not zipfile.is_zipfile(path):
+            raise _damaged(path, description, "the zip archive ends early")
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise CheckpointError(f"{path} is not a PyTorch checkpoint (a zip archive without data.pkl)")
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # e.g. the official files' yacs config
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({err})") from None
+        if "refusing to unpickle" in str(err):
+            raise CheckpointError(f"cannot read {path}: {err}") from None
+        raise _damaged(path, description, err) from None
+    except EOFError:
+        raise _damaged(path, description, "the file ends early") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a bad file
+        if "magic number" in str(err):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (a pickle not written by torch.save)") from None
+        raise _damaged(path, description, err) from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (``torch.save`` or safetensors) without unpickling arbitrary code.
+
+    The format is told by the file's content, not its name. Anything that is not a readable
+    checkpoint (text, an HTML page, an empty, truncated or damaged file, a folder) raises
+    :class:`CheckpointError` naming the file and saying what it is instead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    kind, description = _sniff(path)
+    if kind == "other":
+        raise _not_a_checkpoint(path, description)
+    obj = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, kind, description)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"cannot read {path}: expected a dict, found {type(obj).__name__}")
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights")
     return _plain(obj)
 
 
@@ -234,14 +363,32 @@ def load_state(
     return model
 
 
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write tensors as a ``.safetensors`` file, atomically (:func:`crossformer.atomic.write_atomic`)."""
+    from safetensors.torch import save
+
+    from ..atomic import write_atomic
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return write_atomic(path, lambda file: file.write(save(tensors)))
+
+
 def convert_to_safetensors(src: str | Path, dst: str | Path, use_ema: bool = False) -> Path:
     """Write the model weights of any readable checkpoint as a ``.safetensors`` file."""
-    from safetensors.torch import save_file
+    from ..atomic import check_output_path
 
-    state = extract_state_dict(read_checkpoint(src), use_ema=use_ema)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(dst)
-    return dst
+    check_output_path(dst)
+    return save_safetensors(extract_state_dict(read_checkpoint(src), use_ema=use_ema), dst)
+
+
+def recorded_model(checkpoint: Mapping[str, Any], model_name: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The model name and constructor settings a checkpoint records, as ``(name, kwargs)``.
+
+    Our training checkpoints store ``model_name`` and ``model_kwargs``. ``model_name``, when
+    given, wins over the file's; the file's settings apply only to the model it names.
+    Other files (official releases, state dicts) give ``(model_name, {})``.
+    """
+    recorded_name = checkpoint.get("model_name")
+    name = model_name or recorded_name
+    settings = checkpoint.get("model_kwargs") if name == recorded_name else None
+    return name, dict(settings) if isinstance(settings, Mapping) else {}

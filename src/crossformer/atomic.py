@@ -1,0 +1,129 @@
+"""Writing output files atomically: readers see the previous file or the new one, never half.
+
+Every file the package writes (training checkpoints, exports, converted weights) goes
+through :func:`write_atomic`: the bytes go to a hidden temporary file in the target's
+folder, are flushed to disk, and replace the target with one ``os.replace`` (atomic on
+POSIX and Windows). Whatever fails (a full disk, a permission, an interrupt, the writer
+itself) the temporary file is removed and the previous file stays as it was. Failures
+of the destination itself become a one-line :class:`OutputError` that says so.
+
+The writer is a callback that writes to an open binary file, which ``torch.save``,
+``torch.jit.save``, safetensors (``f.write(safetensors.torch.save(state))``) and ONNX
+(``f.write(proto.SerializeToString())``) all do; Python's file object then reports a full
+disk as ``OSError(ENOSPC)`` (``torch.save`` to a path reports only "file write failed").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import UserInputError
+
+__all__ = ["OutputError", "check_output_path", "write_atomic"]
+
+# errno -> what it means for the file being written
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "the file is too large for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.EISDIR: "it is a folder",
+    errno.ENOTDIR: "a folder on its path is a file",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: setting it later could race with other threads
+
+
+class OutputError(UserInputError):
+    """An output file that cannot be written (the previous file, if any, is untouched)."""
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` a writer's exception was raised from (writers wrap them), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in _REASONS:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail early, with one line, if ``path`` cannot become a file; returns it as a ``Path``.
+
+    Checks what can be known before writing (call it before a long export): ``path`` is not
+    a folder, no folder on its way is a file, and the nearest existing folder is writable.
+    Missing folders are not created here.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: permission denied in {parent}")
+    return path
+
+
+def _fail_message(path: Path, reason: str, existed: bool) -> str:
+    kept = "the previous file was kept" if existed else "nothing was written"
+    return f"cannot write {path}: {reason}; {kept}"
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Create or replace the file ``path`` with what ``write(file)`` writes, atomically.
+
+    Args:
+        path: The file to write; missing parent folders are created.
+        write: Writes the content to the open binary file it is given, e.g.
+            ``lambda f: torch.save(state, f)``.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OutputError: ``path`` is a folder or under a file, or writing failed for a full
+            disk, a quota, permissions or a read-only file system. The message says that
+            the previous file was kept (or that nothing was written).
+        Anything else ``write`` raises, after the temporary file is removed.
+    """
+    path = check_output_path(path)
+    existed = path.is_file()
+    mode = stat.S_IMODE(path.stat().st_mode) if existed else 0o666 & ~_UMASK
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)  # the previous file's, else a new file's (not a private temp's 0600)
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder became unwritable; the error below matters more
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise OutputError(_fail_message(path, _REASONS[cause.errno], existed)) from None
+    return path

@@ -1,0 +1,44 @@
+"""Backbones for dense tasks: the four stage maps of a timm model, by name and settings."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import timm
+from timm.models._features import FeatureGetterNet
+
+__all__ = ["DenseBackbone", "build_dense_backbone"]
+
+
+class DenseBackbone(FeatureGetterNet):
+    """A timm ``features_only`` network (the same module tree and state-dict keys:
+    ``model.<classifier key>``) that also says what its maps are.
+
+    ``forward(images (B, 3, H, W))`` returns the NCHW stage maps, for CrossFormer the
+    outputs of stages 0..3 before each merge at strides 4, 8, 16, 32 with ``C0 * 2**s``
+    channels and no extra norm, as the authors' dense backbones return them.
+    ``crossformer.models.load_state`` loads ImageNet checkpoints into it (head and final
+    norm skipped).
+    """
+
+    def __init__(self, name: str, out_indices: Sequence[int] = (0, 1, 2, 3), **settings: Any) -> None:
+        # The classifier head is never used: build without it.
+        super().__init__(timm.create_model(name, num_classes=0, **settings), out_indices=tuple(out_indices))
+        self.name = name
+        self.settings = dict(settings, out_indices=tuple(out_indices))  # rebuilds a twin (e.g. on meta)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of each returned map."""
+        return tuple(self.feature_info.channels())
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Stride (reduction) of each returned map."""
+        return tuple(self.feature_info.reduction())
+
+
+def build_dense_backbone(name: str, **settings: Any) -> DenseBackbone:
+    """The four stage maps of timm model ``name`` built with ``settings`` (e.g. the
+    CrossFormer ``group_size``, ``interval``, ``drop_path_rate``; ``out_indices``)."""
+    return DenseBackbone(name, **settings)

@@ -1,0 +1,145 @@
+"""Segmentor weights from mmsegmentation checkpoints (the authors' releases) and from ours.
+
+An mmseg checkpoint is a dict with ``state_dict`` (``backbone.`` / ``neck.`` /
+``decode_head.`` / ``auxiliary_head.`` keys) and ``meta`` (``CLASSES``, ``PALETTE``; mmseg
+1.x: ``dataset_meta``). Our module names are mmseg's except for these prefixes, the one
+name table of the port:
+
+    mmseg                           ours
+    backbone.<k>                    backbone.model.<k>      (timm features_only wrapper)
+    neck.lateral_convs.<i>.conv.    neck.inner_blocks.<i>.0. (torchvision FeaturePyramidNetwork)
+    neck.fpn_convs.<i>.conv.        neck.layer_blocks.<i>.0.
+
+Our own checkpoints (``model`` / ``model_ema`` entries, or bare state dicts such as a
+``.safetensors`` conversion) use our names as they are. Files are read by
+:func:`crossformer.models.read_checkpoint`, which never unpickles arbitrary code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError
+
+if TYPE_CHECKING:
+    from .segmentor import Segmentor
+
+__all__ = ["MMSEG_KEY_MAP", "mmseg_to_ours", "load_segmentor_state", "read_segmentation_meta", "checkpoint_kind"]
+
+MMSEG_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"^backbone\.", "backbone.model."),
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.inner_blocks.\1.0."),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"neck.layer_blocks.\1.0."),
+)
+_COMPILED_MAP = tuple((re.compile(pattern), repl) for pattern, repl in MMSEG_KEY_MAP)
+_SHOWN = 20
+
+
+def mmseg_to_ours(key: str) -> str:
+    """Our name for an mmseg checkpoint key."""
+    for pattern, repl in _COMPILED_MAP:
+        new, count = pattern.subn(repl, key)
+        if count:
+            return new
+    return key
+
+
+def _weights(checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, in our names (mmseg names mapped, DDP prefix removed)."""
+    entries = ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict")
+    state: Mapping[str, Any] | None = next(
+        (checkpoint[k] for k in entries if isinstance(checkpoint.get(k), Mapping)), None
+    )
+    if state is None:
+        if use_ema:
+            raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry)")
+        state = checkpoint
+    tensors = {
+        key.removeprefix("module."): value
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and not key.endswith(_RECOMPUTABLE_SUFFIXES)
+    }
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors")
+    ours = any(key.startswith("backbone.model.") for key in tensors)
+    return tensors if ours else {mmseg_to_ours(key): value for key, value in tensors.items()}
+
+
+def checkpoint_kind(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``"fpn"`` / ``"upernet"`` for a state dict in our names, None if it has no decode head."""
+    if any(key.startswith("decode_head.psp_modules.") for key in state):
+        return "upernet"
+    if any(key.startswith("decode_head.scale_heads.") for key in state):
+        return "fpn"
+    return None
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN]) + (f", ... ({len(items)} in all)" if len(items) > _SHOWN else "")
+    return f"  {title}: {shown}"
+
+
+def load_segmentor_state(
+    segmentor: Segmentor, checkpoint: Mapping[str, Any], source: str, use_ema: bool = False
+) -> None:
+    """Load every tensor of ``checkpoint`` into ``segmentor``, or raise :class:`CheckpointError`
+    naming what does not fit (another segmentor kind, class count, or the keys)."""
+    from .segmentor import KIND_NAMES
+
+    state = _weights(checkpoint, source, use_ema)
+    kind = checkpoint_kind(state)
+    if kind is None:
+        if any(key.startswith(("patch_embed.", "layers.", "backbone.model.")) for key in state):
+            raise CheckpointError(
+                f"{source} is a backbone (ImageNet) checkpoint without segmentation heads: "
+                f"give it as the backbone's pretrained weights (pretrained_backbone) instead"
+            )
+        raise CheckpointError(f"{source} is not a segmentation checkpoint (no decode_head weights)")
+    if kind != segmentor.kind:
+        raise CheckpointError(
+            f"{source} holds a {KIND_NAMES[kind]} segmentor, this model is {KIND_NAMES[segmentor.kind]}: "
+            f"use a {kind}_* config"
+        )
+    classes = state.get("decode_head.conv_seg.weight")
+    if classes is not None and classes.shape[0] != segmentor.num_classes:
+        raise CheckpointError(
+            f"{source} predicts {classes.shape[0]} classes, this model {segmentor.num_classes}: "
+            f"build it with num_classes={classes.shape[0]}"
+        )
+    expected = segmentor.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit this segmentor (check the backbone variant and its settings):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                lines.append(_listing(title, items))
+        raise CheckpointError("\n".join(lines))
+    segmentor.load_state_dict(state)
+
+
+def read_segmentation_meta(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Class names and palette stored in a checkpoint dict, or None for each when absent.
+
+    Reads mmseg 0.x (``meta.CLASSES`` / ``meta.PALETTE``), mmseg 1.x
+    (``meta.dataset_meta.classes`` / ``palette``) and ours (``meta.classes`` / ``palette``).
+    Returns ``dict(classes=tuple[str, ...] | None, palette=tuple[(r, g, b), ...] | None)``.
+    """
+    meta = checkpoint.get("meta")
+    meta = meta if isinstance(meta, Mapping) else {}
+    nested = meta.get("dataset_meta")
+    nested = nested if isinstance(nested, Mapping) else {}
+    classes = meta.get("CLASSES", nested.get("classes", meta.get("classes")))
+    palette = meta.get("PALETTE", nested.get("palette", meta.get("palette")))
+    return dict(
+        classes=tuple(str(name) for name in classes) if classes is not None else None,
+        palette=tuple(tuple(int(v) for v in colour) for colour in palette) if palette is not None else None,
+    )

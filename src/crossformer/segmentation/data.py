@@ -1,0 +1,276 @@
+"""Semantic-segmentation data: image folders paired with PNG label maps.
+
+Two layouts:
+
+- ADE20K (``ADEChallengeData2016/images/{training,validation}/*.jpg`` with
+  ``annotations/{training,validation}/*.png``; the path given may be that folder or its
+  parent). Label value 0 means "unlabelled", so labels are *reduced* (mmseg's
+  ``reduce_zero_label``): 0 -> 255 (ignored), ``v`` -> ``v - 1``; 255 stays 255. The classes
+  are the 150 ADE20K classes, or those listed one per line in ``classes.txt`` beside
+  ``images/`` (how the synthetic set of :mod:`.synthetic` names its own classes).
+- Any image folder with a label folder holding ``<same relative path and stem>.png`` and a
+  class list (a text file, one name per line, or a list): values are class indices as they
+  are, 255 = ignore, no reduction.
+
+Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
+or 16-bit); they are never colour-converted. Images honour their EXIF orientation and are
+converted to RGB (grayscale, palette, alpha).
+
+Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
+its annotation (at construction), a label value out of range, image/label size mismatch, a
+colour label map. Unreadable images and label maps are reported, not raised, by
+``__getitem__`` (loader workers cannot print one-line errors); :func:`check_batch` raises
+them in the main process or, with ``skip_corrupt``, counts and names them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ..data import DataError, list_images
+from ..data.folder import UNREADABLE_ERRORS
+from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+from .draw import class_palette
+from .transforms import IGNORE_INDEX
+
+__all__ = [
+    "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset",
+    "find_ade_root", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
+    "collate_segmentation", "check_batch",
+]
+
+ADE_DIRNAME = "ADEChallengeData2016"
+# Our split names -> ADE20K's folder names.
+ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+CLASS_FILE = "classes.txt"
+LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB, EXIF orientation applied; DataError if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except UNREADABLE_ERRORS as err:
+        raise DataError(f"cannot read image {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A label map's stored values as ``(H, W)`` int64; DataError if unreadable or colour."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MODES:
+                raise DataError(
+                    f"label map {path} is a {img.mode} image; label maps must be single-channel PNGs "
+                    "(mode L or P) holding class indices, not colours"
+                )
+            return np.asarray(img).astype(np.int64)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"label map not found: {path}") from None
+    except UNREADABLE_ERRORS as err:
+        raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmseg's ``reduce_zero_label``: 0 -> 255, ``v`` -> ``v - 1``, 255 stays 255."""
+    out = label - 1
+    out[label == 0] = IGNORE_INDEX
+    out[label == IGNORE_INDEX] = IGNORE_INDEX
+    return out
+
+
+def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
+    """Class names from a list or a text file (one per line, blank lines ignored)."""
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        if not path.is_file():
+            raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = [str(c) for c in classes]
+    if not names:
+        raise DataError(f"the class list {classes} is empty")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"class {dup!r} is listed twice in the class list {classes if isinstance(classes, (str, Path)) else ''}".rstrip())
+    return names
+
+
+class SegSample(NamedTuple):
+    """One item: ``image`` (3, H, W) (uint8 untransformed, float32 transformed), ``label``
+    (H, W) int64 (reduced; 255 = ignore), ``meta`` (``path``, ``label_path``, ``ori_shape``
+    and what the transform drew). On a problem ``image``/``label`` are None and ``error`` says
+    what (naming the file); ``fatal`` errors (bad labels, sizes) are never skipped."""
+
+    image: torch.Tensor | None
+    label: torch.Tensor | None
+    meta: dict[str, Any]
+    error: str | None = None
+    fatal: bool = False
+
+
+class SegBatch(NamedTuple):
+    """``images`` (B, 3, H, W), ``labels`` (B, H, W) int64, ``metas``; ``unreadable`` lists
+    the unreadable files (skippable) and ``invalid`` the bad-data messages (always errors)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    metas: list[dict[str, Any]]
+    unreadable: list[str]
+    invalid: list[str]
+
+
+Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+
+
+class SegmentationDataset(Dataset):
+    """Image/label pairs of one folder pair.
+
+    ``transform(image (H, W, 3) uint8, label (H, W) uint8) -> (image, label, meta)`` (e.g.
+    :class:`.transforms.SegTrainTransform`); without one an item holds the image as a
+    ``(3, H, W)`` uint8 tensor and the label at the image's own size (evaluation resizes).
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        label_dir: str | Path,
+        classes: str | Path | Sequence[str],
+        reduce_zero_label: bool = False,
+        transform: Transform | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
+        for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
+            if not folder.is_dir():
+                raise DataError(f"{what} folder not found: {folder}")
+        self.classes = load_class_list(classes)
+        if len(self.classes) > IGNORE_INDEX:
+            raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
+        self.palette = [tuple(c) for c in palette] if palette is not None else class_palette(len(self.classes))
+        self.reduce_zero_label = reduce_zero_label
+        self.transform = transform
+        images = list_images(self.image_dir)
+        if not images:
+            raise DataError(f"no images in {self.image_dir}")
+        self.samples: list[tuple[str, str]] = []
+        for image in images:
+            label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
+            if not label.is_file():
+                raise DataError(f"image {image} has no annotation: expected {label}")
+            self.samples.append((str(image), str(label)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image (H, W, 3) uint8, label (H, W) uint8 reduced)``, checked; DataError otherwise."""
+        image_path, label_path = self.samples[index]
+        image, raw = read_image(image_path), read_label(label_path)
+        if raw.shape != image.shape[:2]:
+            raise DataError(
+                f"label map {label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
+                f"{image.shape[1]}x{image.shape[0]} (width x height); they must match"
+            )
+        highest = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+        bad = raw[(raw > highest) & (raw != IGNORE_INDEX) | (raw < 0)]
+        if bad.size:
+            valid = f"0 (unlabelled), 1-{highest}" if self.reduce_zero_label else f"0-{highest}"
+            raise DataError(
+                f"label map {label_path} holds value {int(bad.max())}, out of range for {self.num_classes} classes "
+                f"(valid: {valid}, 255 = ignore)"
+            )
+        label = reduce_zero_label(raw) if self.reduce_zero_label else raw
+        return image, label.astype(np.uint8)
+
+    def __getitem__(self, index: int) -> SegSample:
+        image_path, label_path = self.samples[index]
+        meta: dict[str, Any] = {"path": image_path, "label_path": label_path}
+        try:
+            image, label = self.load(index)
+        except DataError as err:
+            return SegSample(None, None, meta, str(err), fatal=not str(err).startswith("cannot read"))
+        meta["ori_shape"] = image.shape[:2]
+        if self.transform is None:
+            return SegSample(torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label).long(), meta)
+        tensor, target, drawn = self.transform(image, label)
+        meta.update(drawn)
+        return SegSample(tensor, target, meta)
+
+
+def find_ade_root(path: str | Path) -> Path:
+    """The ``ADEChallengeData2016`` folder: ``path`` itself or its child of that name
+    (any folder with ``images/`` and ``annotations/`` counts)."""
+    path = Path(path)
+    for candidate in (path, path / ADE_DIRNAME):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    if not path.exists():
+        raise DataError(f"data folder not found: {path}")
+    raise DataError(
+        f"{path} is not an ADE20K folder: expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png "
+        f"(or the same under {path}/{ADE_DIRNAME})"
+    )
+
+
+def ade20k_dataset(root: str | Path, split: str = "training", transform: Transform | None = None) -> SegmentationDataset:
+    """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
+
+    Classes: ``classes.txt`` beside ``images/`` if present (palette generated), otherwise the
+    150 ADE20K classes with mmseg's palette.
+    """
+    ade = find_ade_root(root)
+    if split not in ADE_SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
+    folder = ADE_SPLITS[split]
+    class_file = ade / CLASS_FILE
+    if class_file.is_file():
+        classes: Sequence[str] | Path = class_file
+        palette = None
+    else:
+        classes, palette = ADE20K_CLASSES, ADE20K_PALETTE
+    return SegmentationDataset(
+        ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
+        transform=transform, palette=palette,
+    )
+
+
+def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
+    """Stack the good samples (all of one size: transformed crops, or batch size 1); list the rest."""
+    good = [s for s in samples if s.error is None]
+    unreadable = [s.error for s in samples if s.error is not None and not s.fatal]
+    invalid = [s.error for s in samples if s.error is not None and s.fatal]
+    if not good:
+        return SegBatch(torch.empty(0, 3, 0, 0), torch.empty(0, 0, 0, dtype=torch.long), [], unreadable, invalid)
+    if len({tuple(s.image.shape) for s in good}) > 1:
+        raise ValueError("samples of different sizes cannot be batched: untransformed data sets need batch size 1")
+    return SegBatch(
+        torch.stack([s.image for s in good]), torch.stack([s.label for s in good]), [s.meta for s in good], unreadable, invalid
+    )
+
+
+def check_batch(batch: SegBatch, skip_corrupt: bool, log: Callable[[str], None] | None = None) -> int:
+    """Raise the batch's first bad-data error; raise on unreadable files unless ``skip_corrupt``,
+    in which case each is named through ``log`` and their number returned."""
+    if batch.invalid:
+        raise DataError(batch.invalid[0])
+    if batch.unreadable and not skip_corrupt:
+        raise DataError(batch.unreadable[0])
+    if log is not None:
+        for failure in batch.unreadable:
+            log(f"skipped: {failure.split('; fix or delete')[0]}")
+    return len(batch.unreadable)

@@ -1,0 +1,179 @@
+"""mIoU, mean accuracy and pixel accuracy over a whole split, as mmsegmentation computes them.
+
+Per class ``c``, over every evaluated pixel whose label is not ``ignore_index`` (predictions
+at ignored pixels do not count), four areas are summed over the whole split (and over
+``torchrun`` processes): intersection (pred = label = c), union (pred = c or label = c),
+prediction and label. Then, as mmseg's ``eval_metrics``:
+
+- IoU(c) = intersection / union, NaN when c is in neither prediction nor label;
+- Acc(c) = intersection / label area, NaN when c is absent from the labels (even if
+  predicted: such a class still counts in mIoU with IoU 0);
+- mIoU and mAcc are the means over the non-NaN classes; aAcc = sum intersection / sum label.
+
+Values are fractions in 0..1; the printed table shows percentages like mmseg's log.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import DataError, ShardedSampler
+from ..engine import DistContext, RunLogger
+from .data import SegmentationDataset, check_batch, collate_segmentation
+from .inference import InferenceConfig, segment
+from .transforms import IGNORE_INDEX
+
+__all__ = ["IoUAccumulator", "SegMetrics", "evaluate_segmentor"]
+
+
+class IoUAccumulator:
+    """Per-class intersection / union / prediction / label pixel counts (float64: exact)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.areas = torch.zeros(4, num_classes, dtype=torch.float64)  # intersect, union, pred, label
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """Add one prediction/label pair (same shape, class indices; ``label`` may hold ``ignore_index``)."""
+        if pred.shape != label.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
+        keep = label != self.ignore_index
+        pred, label = pred[keep].long(), label[keep].long()
+        n = self.num_classes
+        intersect = torch.bincount(pred[pred == label], minlength=n)[:n]
+        area_pred = torch.bincount(pred, minlength=n)[:n]
+        area_label = torch.bincount(label, minlength=n)[:n]
+        union = area_pred + area_label - intersect
+        self.areas += torch.stack([intersect, union, area_pred, area_label]).cpu().double()
+
+    def all_reduce(self, ctx: DistContext) -> None:
+        """Sum the counts over ``torchrun`` processes (every rank must call it)."""
+        summed = ctx.all_reduce_sum(self.areas.flatten().tolist())
+        self.areas = torch.tensor(summed, dtype=torch.float64).view(4, self.num_classes)
+
+    def compute(self, class_names: Sequence[str] | None = None, images: int = 0, skipped: int = 0) -> "SegMetrics":
+        intersect, union, _, area_label = self.areas.numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = intersect / union
+            acc = intersect / area_label
+        total_label = area_label.sum()
+        names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        return SegMetrics(
+            miou=_nanmean(iou), macc=_nanmean(acc),
+            aacc=float(intersect.sum() / total_label) if total_label else math.nan,
+            iou=iou.tolist(), acc=acc.tolist(), class_names=names, images=images, skipped=skipped,
+        )
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+@dataclass
+class SegMetrics:
+    """Results of one evaluation (fractions; per-class lists in class order, NaN as above)."""
+
+    miou: float
+    macc: float
+    aacc: float
+    iou: list[float]
+    acc: list[float]
+    class_names: list[str]
+    images: int = 0
+    skipped: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (NaN -> None): ``mIoU``, ``mAcc``, ``aAcc``, ``per_class`` {name: {IoU, Acc}}, counts."""
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {
+            "mIoU": clean(self.miou), "mAcc": clean(self.macc), "aAcc": clean(self.aacc),
+            "images": self.images, "skipped": self.skipped,
+            "per_class": {n: {"IoU": clean(i), "Acc": clean(a)} for n, i, a in zip(self.class_names, self.iou, self.acc)},
+            **({"settings": self.settings} if self.settings else {}),
+        }
+
+    def table(self) -> str:
+        """A per-class IoU / Acc table in percent (``nan`` for absent classes) and the summary line."""
+        width = max(len("Class"), *(len(n) for n in self.class_names))
+        lines = [f"{'Class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
+        for name, iou, acc in zip(self.class_names, self.iou, self.acc):
+            lines.append(f"{name:<{width}}  {_pct(iou):>6}  {_pct(acc):>6}")
+        lines.append("-" * (width + 16))
+        lines.append(f"mIoU {_pct(self.miou)}  mAcc {_pct(self.macc)}  aAcc {_pct(self.aacc)}  ({self.images} images)")
+        return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+@torch.no_grad()
+def evaluate_segmentor(
+    segmentor: torch.nn.Module,
+    dataset: SegmentationDataset,
+    inference: InferenceConfig | None = None,
+    ctx: DistContext | None = None,
+    autocast: Callable[[], Any] | None = None,
+    skip_corrupt: bool = False,
+    logger: RunLogger | None = None,
+    num_workers: int = 0,
+) -> SegMetrics:
+    """Evaluate ``segmentor`` on an untransformed ``dataset`` (one image at a time, at its own
+    size), each rank taking every ``world_size``-th image; counts summed over ranks.
+
+    ``autocast``: e.g. ``Precision.autocast``. ``logger``: progress bar and the names of
+    skipped unreadable images (rank 0 only). The model's train/eval mode is restored.
+    """
+    if dataset.transform is not None:
+        raise ValueError("evaluate_segmentor needs the dataset without a training transform")
+    if segmentor.num_classes != dataset.num_classes:
+        raise DataError(
+            f"{dataset.image_dir} has {dataset.num_classes} classes but the segmentor predicts {segmentor.num_classes}; "
+            "evaluate on the data set the model was trained for"
+        )
+    ctx = ctx or DistContext()
+    inference = inference or InferenceConfig()
+    device = next(segmentor.parameters()).device
+    sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers, collate_fn=collate_segmentation)
+    accumulator = IoUAccumulator(dataset.num_classes)
+    progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
+    log = logger.info if logger is not None else None
+    was_training = segmentor.training
+    segmentor.eval()
+    images = skipped = 0
+    try:
+        for batch in loader:
+            skipped += check_batch(batch, skip_corrupt, log)
+            for image, label in zip(batch.images, batch.labels):
+                pred = segment(segmentor, image.permute(1, 2, 0).numpy(), inference, device, autocast)
+                accumulator.update(pred, label.to(pred.device))
+                images += 1
+            if progress is not None:
+                progress.update()
+    finally:
+        if progress is not None:
+            progress.close()
+        segmentor.train(was_training)
+    accumulator.all_reduce(ctx)
+    images, skipped = (int(v) for v in ctx.all_reduce_sum([images, skipped]))
+    if images == 0:
+        raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
+    metrics = accumulator.compute(dataset.classes, images, skipped)
+    metrics.settings = {
+        "mode": inference.mode, "scale": list(inference.scale), "ratios": list(inference.ratios), "flip": inference.flip,
+        "size_divisor": inference.size_divisor,
+        **({"crop_size": list(inference.crop_size), "stride": list(inference.stride)} if inference.mode == "slide" else {}),
+    }
+    return metrics

@@ -1,0 +1,113 @@
+"""Segment image files and write, per image, a colour overlay and a label-map PNG.
+
+For ``photo.jpg`` the output folder gets:
+
+- ``photo_overlay.png``: the image with each predicted class painted in its colour (50%
+  opacity) and a legend of the classes present, largest area first;
+- ``photo_labels.png``: the predicted label map at the image's size, a single-channel 8-bit
+  PNG. Its values are the class indices (0..C-1) -- or, for data sets with reduce-zero-label
+  (ADE20K), class index + 1, so the file follows the data set's own annotation convention
+  (value 0, "unlabelled", never appears) and can be evaluated like a ground-truth map.
+
+Images honour EXIF orientation; grayscale, palette and alpha images are converted to RGB.
+Two inputs with the same name get ``_2``, ``_3``... suffixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..classification.predict import expand_image_paths
+from ..data import DataError
+from ..data.folder import is_image_file
+from .data import read_image
+from .draw import Color, class_palette, overlay_segmentation, present_classes
+from .inference import InferenceConfig, segment
+
+__all__ = ["SegPrediction", "predict_images", "write_label_map"]
+
+
+@dataclass
+class SegPrediction:
+    path: str  # the input image
+    overlay: str  # the written overlay PNG
+    label_map: str  # the written label-map PNG
+    classes: list[str]  # classes present, largest area first
+
+
+def write_label_map(label_map: np.ndarray, path: str | Path, reduce_zero_label: bool = False) -> None:
+    """Save class indices ``(H, W)`` as an 8-bit grayscale PNG (``+1`` when ``reduce_zero_label``)."""
+    values = label_map.astype(np.int64) + (1 if reduce_zero_label else 0)
+    if values.max(initial=0) > 255:
+        raise DataError(f"cannot write {path}: class values above 255 do not fit an 8-bit label map")
+    Image.fromarray(values.astype(np.uint8), mode="L").save(path)
+
+
+def _unique_stem(stem: str, taken: set[str]) -> str:
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name
+
+
+@torch.no_grad()
+def predict_images(
+    segmentor: torch.nn.Module,
+    paths: Sequence[str | Path],
+    output_dir: str | Path,
+    class_names: Sequence[str],
+    palette: Sequence[Color] | None = None,
+    inference: InferenceConfig | None = None,
+    reduce_zero_label: bool = False,
+    skip_corrupt: bool = False,
+    opacity: float = 0.5,
+    autocast: Callable[[], Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[SegPrediction], list[str]]:
+    """Segment image files and folders (searched recursively); returns the predictions and the
+    unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError)."""
+    if len(class_names) != segmentor.num_classes:
+        raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
+    palette = list(palette) if palette is not None else class_palette(len(class_names))
+    inference = inference or InferenceConfig()
+    files = expand_image_paths(paths)
+    for path in files:
+        if not is_image_file(path):
+            raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    device = next(segmentor.parameters()).device
+    was_training = segmentor.training
+    segmentor.eval()
+    results: list[SegPrediction] = []
+    skipped: list[str] = []
+    taken: set[str] = set()
+    try:
+        for path in files:
+            try:
+                image = read_image(path)
+            except DataError as err:
+                if not skip_corrupt or not str(err).startswith("cannot read"):
+                    raise
+                skipped.append(str(path))
+                if log is not None:
+                    log(f"skipped unreadable image {path}")
+                continue
+            label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
+            stem = _unique_stem(Path(path).stem, taken)
+            overlay_path, label_path = output / f"{stem}_overlay.png", output / f"{stem}_labels.png"
+            overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
+            write_label_map(label_map, label_path, reduce_zero_label)
+            present = [class_names[c] for c in present_classes(label_map, len(class_names))]
+            results.append(SegPrediction(str(path), str(overlay_path), str(label_path), present))
+    finally:
+        segmentor.train(was_training)
+    return results, skipped

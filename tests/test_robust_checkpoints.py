@@ -1,0 +1,133 @@
+"""Issue 16, item 5: an unreadable checkpoint is one ``CheckpointError`` line naming the file
+and what it is instead, from ``read_checkpoint`` and so from every command that reads one."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import crossformer
+from crossformer.models import CheckpointError, CrossFormer
+
+from cli_errors import one_error_line
+from classification_fixtures import TINY_MODEL, make_image_folder
+
+TINY = dict(TINY_MODEL, num_classes=3)
+
+
+def _half(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _truncated_zip(path: Path) -> Path:
+    torch.save({"model": CrossFormer(**TINY).state_dict()}, path)
+    return _half(path)
+
+
+def _truncated_legacy(path: Path) -> Path:
+    torch.save({"model": CrossFormer(**TINY).state_dict()}, path, _use_new_zipfile_serialization=False)
+    return _half(path)
+
+
+def _truncated_safetensors(path: Path) -> Path:
+    save_file({"weight": torch.randn(64, 64)}, str(path))
+    return _half(path)
+
+
+def _random_bytes(path: Path) -> Path:
+    path.write_bytes(b"\x13\x37" + random.Random(0).randbytes(4094))
+    return path
+
+
+# file name -> (how to make it, what the message must say)
+BAD_FILES = {
+    "notes.pth": (lambda p: p.write_text("hello world\nsecond line\n"), "is not a PyTorch checkpoint (it is text, starting 'hello world')"),
+    "noise.pth": (_random_bytes, "is not a PyTorch checkpoint (unknown binary data, starting 13 37"),
+    "empty.pth": (lambda p: p.write_bytes(b""), "is not a PyTorch checkpoint (it is empty: 0 bytes)"),
+    "cut.pth": (_truncated_zip, "is a damaged or truncated PyTorch checkpoint (the zip archive ends early)"),
+    "cut_legacy.pth": (_truncated_legacy, "is a damaged or truncated PyTorch checkpoint ("),
+    "cut.safetensors": (_truncated_safetensors, "is a damaged or truncated safetensors file (the file ends early"),
+    "noise.safetensors": (_random_bytes, "is not a safetensors file (unknown binary data"),
+    "notes.safetensors": (lambda p: p.write_text("{not json"), "is not a safetensors file (it is text"),
+    "page.pth": (lambda p: p.write_text("<!DOCTYPE html>\n<html>404</html>"), "it is an HTML page"),
+    "pointer.pth": (
+        lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n"),
+        "it is a Git LFS pointer: fetch the real file with git lfs pull",
+    ),
+    "folder.pth": (lambda p: p.mkdir(), "is a folder, not a checkpoint file"),
+}
+
+
+def _make(tmp_path: Path, name: str) -> tuple[Path, str]:
+    make, expected = BAD_FILES[name]
+    path = tmp_path / name
+    make(path)
+    return path, expected
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_load_checkpoint_names_the_file_and_what_it_is(tmp_path, name):
+    path, expected = _make(tmp_path, name)
+    with pytest.raises(CheckpointError) as caught:
+        crossformer.load_checkpoint(CrossFormer(**TINY), path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) or message.startswith(f"cannot read {path}"), message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_readable_files_still_read(tmp_path):
+    model = CrossFormer(**TINY).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "zip.pth")
+    torch.save(model.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    # the format is told by content: a safetensors file under a .pth name reads too
+    (tmp_path / "w.safetensors").rename(tmp_path / "renamed.pth")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for name in ("zip.pth", "legacy.pth", "renamed.pth"):
+            loaded = crossformer.load_checkpoint(CrossFormer(**TINY).eval(), tmp_path / name)
+            assert torch.equal(loaded(x), expected), name
+
+
+def _commands(path: Path, tmp_path: Path, data: Path) -> dict[str, list[str]]:
+    out = tmp_path / "out"
+    return {
+        "convert": ["convert", str(path), str(out / "w.safetensors")],
+        "export": ["export", "--model", "crossformer_tiny", "--checkpoint", str(path), "--format", "safetensors",
+                   "-o", str(out / "e.safetensors")],
+        "evaluate": ["evaluate", "--checkpoint", str(path), "--data", str(data), "--device", "cpu"],
+        "predict": ["predict", str(data / "val" / "cat"), "--checkpoint", str(path), "--device", "cpu"],
+        "train --pretrained": [
+            "train", "--data", str(data), "--output", str(out / "run"), "--epochs", "1", "--device", "cpu",
+            "--model", "crossformer_tiny", "--pretrained", str(path), "--batch-size", "4", "--img-size", "32",
+            "--num-workers", "0",
+            *[f"model.kwargs.{k}={v}" for k, v in TINY_MODEL.items()],
+        ],
+    }
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "cut.safetensors", "cut.pth"])
+def test_every_command_gives_one_line(tmp_path, capsys, name):
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    path, expected = _make(tmp_path, name)
+    for command, argv in _commands(path, tmp_path, data).items():
+        line = one_error_line(capsys, argv)
+        assert line.startswith(f"crossformer {argv[0]}: error: "), (command, line)
+        assert str(path) in line and expected in line, (command, line)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_each_kind_through_the_cli(tmp_path, capsys, name):
+    path, expected = _make(tmp_path, name)
+    line = one_error_line(capsys, ["convert", str(path), str(tmp_path / "w.safetensors")])
+    assert str(path) in line and expected in line, line
+    assert not (tmp_path / "w.safetensors").exists()

@@ -1,0 +1,211 @@
+"""Issue 16, item 8: output files are written atomically (``crossformer.atomic``): a failure
+leaves the previous file as it was and no temporary file, and says so in one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import crossformer.atomic as atomic
+from crossformer.atomic import OutputError, write_atomic
+from crossformer.cli import main
+from crossformer.models import CrossFormer
+
+from cli_errors import one_error_line
+from classification_fixtures import TINY_MODEL
+
+TINY = dict(TINY_MODEL, num_classes=3)
+PREVIOUS = b"the previous file\n"
+
+
+def _write_then_fail(error: BaseException):
+    """A writer that writes some bytes, then fails with ``error``."""
+
+    def write(file) -> None:
+        file.write(b"half of a new file")
+        raise error
+
+    return write
+
+
+def _only(folder: Path, *names: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+def test_writes_and_replaces(tmp_path):
+    path = write_atomic(tmp_path / "new" / "deeper" / "x.bin", lambda f: f.write(b"abc"))
+    assert path.read_bytes() == b"abc"
+    write_atomic(path, lambda f: torch.save({"w": torch.ones(2)}, f))
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    _only(path.parent, "x.bin")
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+        (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+        (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+    ],
+)
+def test_a_failed_write_keeps_the_previous_file_and_says_so(tmp_path, error, reason):
+    path = tmp_path / "model.pth"
+    path.write_bytes(PREVIOUS)
+    with pytest.raises(OutputError) as caught:
+        write_atomic(path, _write_then_fail(error))
+    assert str(caught.value) == f"cannot write {path}: {reason}; the previous file was kept"
+    assert path.read_bytes() == PREVIOUS
+    _only(tmp_path, "model.pth")
+    # without a previous file
+    with pytest.raises(OutputError, match="nothing was written"):
+        write_atomic(tmp_path / "other.pth", _write_then_fail(error))
+    _only(tmp_path, "model.pth")
+
+
+def test_a_disk_full_wrapped_by_the_writer_is_still_recognised(tmp_path):
+    def write(file) -> None:  # as torch.save does: a RuntimeError raised while handling the OSError
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    path = tmp_path / "ckpt.pth"
+    path.write_bytes(PREVIOUS)
+    with pytest.raises(OutputError, match="no space left on the device; the previous file was kept"):
+        write_atomic(path, write)
+    assert path.read_bytes() == PREVIOUS
+    _only(tmp_path, "ckpt.pth")
+
+
+def test_a_real_full_device_through_torch_save(tmp_path, monkeypatch):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    path = tmp_path / "ckpt.pth"
+    path.write_bytes(PREVIOUS)
+    real_open = open
+
+    def open_full(file, mode="r", *args, **kwargs):  # the temporary file lands on a full device
+        return real_open("/dev/full" if str(file).endswith(".tmp") else file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", open_full, raising=False)
+    with pytest.raises(OutputError, match="no space left on the device; the previous file was kept"):
+        write_atomic(path, lambda f: torch.save({"w": torch.zeros(1000, 1000)}, f))
+    assert path.read_bytes() == PREVIOUS
+
+
+@pytest.mark.parametrize("error", [ValueError("not writable data"), KeyboardInterrupt()])
+def test_other_failures_propagate_and_clean_up(tmp_path, error):
+    path = tmp_path / "x.bin"
+    path.write_bytes(PREVIOUS)
+    with pytest.raises(type(error)):
+        write_atomic(path, _write_then_fail(error))
+    assert path.read_bytes() == PREVIOUS
+    _only(tmp_path, "x.bin")
+
+
+def test_bad_destinations_are_one_line(tmp_path):
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_bytes(PREVIOUS)
+    with pytest.raises(OutputError, match="a_folder: it is a folder; give a file name"):
+        write_atomic(tmp_path / "a_folder", lambda f: f.write(b"x"))
+    with pytest.raises(OutputError, match="a_file is a file, not a folder"):
+        write_atomic(tmp_path / "a_file" / "deeper" / "x.bin", lambda f: f.write(b"x"))
+    assert (tmp_path / "a_file").read_bytes() == PREVIOUS
+    _only(tmp_path, "a_folder", "a_file")
+    _only(tmp_path / "a_folder")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions (root ignores them)")
+def test_an_unwritable_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="permission denied"):
+            write_atomic(folder / "x.bin", lambda f: f.write(b"x"))
+    finally:
+        folder.chmod(0o700)
+    _only(folder)
+
+
+def test_file_modes(tmp_path):
+    fresh = write_atomic(tmp_path / "fresh.bin", lambda f: f.write(b"x"))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~atomic._UMASK  # not a temporary file's 0600
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(PREVIOUS)
+    kept.chmod(0o640)
+    write_atomic(kept, lambda f: f.write(b"x"))
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
+# --- through the commands -------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": CrossFormer(**TINY).state_dict(), "model_name": "crossformer_tiny",
+                "model_kwargs": TINY_MODEL, "img_size": 32}, path)
+    return path
+
+
+def _disk_full(monkeypatch) -> None:
+    """Every write through the atomic writer fails half-way on a full disk."""
+    real = atomic.write_atomic
+
+    def full(path, write):
+        return real(path, _write_then_fail(OSError(errno.ENOSPC, "No space left on device")))
+
+    for module in ("crossformer.atomic", "crossformer.export"):  # the second imported it by name
+        monkeypatch.setattr(f"{module}.write_atomic", full)
+
+
+@pytest.mark.parametrize("command", ["convert", "safetensors", "torchscript"])
+def test_commands_on_a_full_disk_keep_the_previous_file(tmp_path, capsys, monkeypatch, checkpoint, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "model.bin"
+    target.write_bytes(PREVIOUS)
+    argv = (
+        ["convert", str(checkpoint), str(target)] if command == "convert"
+        else ["export", "--checkpoint", str(checkpoint), "--format", command, "-o", str(target)]
+    )
+    _disk_full(monkeypatch)
+    line = one_error_line(capsys, argv)
+    assert line.endswith(f"cannot write {target}: no space left on the device; the previous file was kept"), line
+    assert target.read_bytes() == PREVIOUS
+    _only(out, "model.bin")
+
+
+@pytest.mark.parametrize("command", ["convert", "safetensors", "torchscript", "onnx"])
+def test_commands_refuse_a_folder_or_a_path_under_a_file(tmp_path, capsys, checkpoint, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plain_file").write_bytes(PREVIOUS)
+    for target, message in ((out, "it is a folder"), (out / "plain_file" / "x.bin", "is a file, not a folder")):
+        argv = (
+            ["convert", str(checkpoint), str(target)] if command == "convert"
+            else ["export", "--checkpoint", str(checkpoint), "--format", command, "-o", str(target)]
+        )
+        line = one_error_line(capsys, argv)
+        assert f"cannot write {target}" in line and message in line, line
+    _only(out, "plain_file")
+    assert (out / "plain_file").read_bytes() == PREVIOUS
+
+
+def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):
+    target = tmp_path / "w.safetensors"
+    assert main(["convert", str(checkpoint), str(target)]) == 0
+    written = load_file(str(target))
+    state = torch.load(checkpoint)["model"]
+    assert written.keys() == {k for k in state if not k.endswith((".attn.biases", ".attn.relative_position_index"))}
+    assert all(torch.equal(v, state[k]) for k, v in written.items())
+    _only(tmp_path, "ckpt.pth", "w.safetensors")
+    # issue 16 item 12: safetensors' own writer creates 0600 files; ours are like any new file
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~atomic._UMASK

@@ -1,0 +1,227 @@
+"""Segmentation data: ADE20K layout, reduce-zero-label, the mmseg training pipeline, bad data."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crossformer.data import DataError
+from crossformer.segmentation.data import (
+    SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, read_label,
+)
+from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
+from crossformer.segmentation.transforms import (
+    MMSEG_MEAN, MMSEG_STD, SegTrainTransform, TrainPipelineConfig, photometric_distortion, random_crop_box,
+    hsv_to_rgb_u8, rescale_size, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    make_ade_dataset(root, images=10, seed=3, size=(64, 80))
+    return root
+
+
+def _save_pair(folder, name, image, label, mode="L"):
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "ann").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / "img" / f"{name}.jpg")
+    Image.fromarray(label, mode=mode).save(folder / "ann" / f"{name}.png")
+
+
+# ---------------------------------------------------------------- data sets
+
+def test_synthetic_layout_and_reduce_zero_label(synthetic):
+    ade = find_ade_root(synthetic)  # the parent is accepted
+    assert ade.name == "ADEChallengeData2016" and find_ade_root(ade) == ade
+    train, val = ade20k_dataset(synthetic, "train"), ade20k_dataset(synthetic, "validation")
+    assert (len(train), len(val)) == (8, 2)
+    assert train.classes == list(SYNTHETIC_CLASSES) and train.reduce_zero_label
+    seen = set()
+    for index in range(len(train)):
+        raw = np.asarray(Image.open(train.samples[index][1]))
+        _, label = train.load(index)
+        assert (label[raw == 0] == 255).all()
+        assert (label[raw > 0] == raw[raw > 0] - 1).all()
+        seen |= set(np.unique(raw).tolist())
+    assert 0 in seen and len(seen) >= 6  # unlabelled pixels and most classes occur
+
+
+def test_default_ade_classes_and_folder_pair(tmp_path):
+    ade = tmp_path / "ADEChallengeData2016"
+    _save_pair(tmp_path / "pair", "a", np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 2, np.uint8))
+    for kind in ("images", "annotations"):
+        (ade / kind).mkdir(parents=True)
+        (tmp_path / "pair" / ("img" if kind == "images" else "ann")).rename(ade / kind / "validation")
+    dataset = ade20k_dataset(ade, "val")
+    assert dataset.num_classes == 150 and dataset.classes[2] == "sky" and dataset.palette[0] == (120, 120, 120)
+    assert (dataset.load(0)[1] == 1).all()  # 2 -> class 1 (building)
+    # The same files as a plain folder pair with a class list file: no reduction.
+    (tmp_path / "names.txt").write_text("a\nb\nc\n")
+    plain = SegmentationDataset(ade / "images" / "validation", ade / "annotations" / "validation", tmp_path / "names.txt")
+    assert plain.classes == ["a", "b", "c"] and (plain.load(0)[1] == 2).all()
+
+
+# ---------------------------------------------------------------- the training pipeline
+
+def test_rescale_rounding_hand_computed():
+    # factor = min(2048/500, 512/375) = 1.36533..; 500 * f = 682.67 -> 683, 375 * f = 512.0 -> 512
+    assert rescale_size(500, 375, (2048, 512)) == (683, 512)
+    # factor = min(1024/1000, 256/300) = 0.85333..; 300 * f = 256.0 -> 256, 1000 * f = 853.33 -> 853
+    assert rescale_size(300, 1000, (1024, 256)) == (256, 853)
+    # half rounds up as mmcv's int(x + 0.5) (Python's round would give 2): factor 0.5, 5 * 0.5 = 2.5 -> 3
+    assert rescale_size(5, 2, (3, 1)) == (3, 1)
+    ratio = 0.5 + 1.5 * float(torch.rand((), generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    assert sample_train_scale((2048, 512), (0.5, 2.0), torch.Generator().manual_seed(7)) == (int(2048 * ratio), int(512 * ratio))
+    # the authors' AlignResize: the next multiples of 32 (a resize)
+    assert resize_to_multiple(np.zeros((512, 683, 3), np.uint8), 32).shape == (512, 704, 3)
+
+
+def test_crop_class_ratio_rule():
+    # Left 30 columns striped (classes 2/3), the rest class 1: 20x20 crops with x1 <= 24 pass.
+    label = np.ones((100, 100), np.uint8)
+    label[:, :30] = 2 + (np.arange(30) // 2) % 2
+
+    def passes(box):
+        values, counts = np.unique(label[box[0]:box[1], box[2]:box[3]], return_counts=True)
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    ruled = [passes(random_crop_box(label, (20, 20), 0.75, generator=torch.Generator().manual_seed(s))) for s in range(60)]
+    free = [passes(random_crop_box(label, (20, 20), 1.0, generator=torch.Generator().manual_seed(s))) for s in range(60)]
+    assert sum(ruled) >= 55 and sum(free) <= 30  # 25/81 of boxes pass by chance
+
+    # Ignored pixels do not count as a class: no crop can pass, so exactly 1 + 10 boxes are drawn.
+    half = np.full((100, 100), 255, np.uint8)
+    half[:, 50:] = 1
+    generator = torch.Generator().manual_seed(0)
+    random_crop_box(half, (20, 20), 0.75, generator=generator)
+    replay = torch.Generator().manual_seed(0)
+    for _ in range(11 * 2):
+        torch.randint(0, 81, (), generator=replay)
+    assert torch.equal(generator.get_state(), replay.get_state())
+
+
+def _colour_coded(height, width):
+    """An image whose colour encodes position and class (so image/label alignment is checkable)."""
+    label = ((np.arange(width)[None, :] // 7 + np.arange(height)[:, None] // 5) % 5).astype(np.uint8)
+    image = np.stack([label * 50, np.tile(np.arange(width) * 3 % 256, (height, 1)),
+                      np.repeat((np.arange(height) * 5 % 256)[:, None], width, 1)], -1).astype(np.uint8)
+    return image, label
+
+
+def _denormalize(tensor):
+    return (tensor * torch.tensor(MMSEG_STD).view(3, 1, 1) + torch.tensor(MMSEG_MEAN).view(3, 1, 1)).round().byte()
+
+
+def test_flip_moves_image_and_label_together():
+    image, label = _colour_coded(40, 60)
+    config = TrainPipelineConfig(scale=(60, 40), ratio_range=(1.0, 1.0), crop_size=(24, 32), cat_max_ratio=1.0, photometric=False)
+    transform = SegTrainTransform(config)
+    flips = set()
+    for seed in range(8):
+        out, target, meta = transform(image, label, torch.Generator().manual_seed(seed))
+        assert meta["scale"] == (60, 40)  # ratio 1: no resize
+        y1, y2, x1, x2 = meta["crop"]
+        expected_img, expected_lab = image[y1:y2, x1:x2], label[y1:y2, x1:x2]
+        if meta["flip"]:
+            expected_img, expected_lab = expected_img[:, ::-1], expected_lab[:, ::-1]
+        assert torch.equal(target, torch.from_numpy(expected_lab.copy()).long())
+        assert torch.equal(_denormalize(out), torch.from_numpy(expected_img.copy()).permute(2, 0, 1))
+        flips.add(meta["flip"])
+    assert flips == {True, False}
+
+
+def test_padding_values_and_batch(synthetic):
+    image, label = _colour_coded(20, 30)
+    config = TrainPipelineConfig(scale=(30, 20), ratio_range=(1.0, 1.0), crop_size=(32, 48), photometric=False)
+    out, target, _ = SegTrainTransform(config)(image, label, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 32, 48) and target.shape == (32, 48)
+    assert (out[:, 20:] == 0).all() and (out[:, :, 30:] == 0).all()  # 0 after normalisation
+    assert (target[20:] == 255).all() and (target[:, 30:] == 255).all()
+    assert (target[:20, :30] != 255).all()
+    dataset = ade20k_dataset(synthetic, "train", SegTrainTransform(TrainPipelineConfig(scale=(160, 64), crop_size=(48, 48))))
+    batch = collate_segmentation([dataset[i] for i in range(3)])
+    assert batch.images.shape == (3, 3, 48, 48) and batch.images.dtype == torch.float32
+    assert batch.labels.shape == (3, 48, 48) and batch.labels.dtype == torch.int64
+    assert set(batch.labels.unique().tolist()) <= set(range(7)) | {255}
+    assert [m["path"] for m in batch.metas] == [dataset.samples[i][0] for i in range(3)]
+
+
+def test_photometric_distortion_hsv_and_ranges():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (1, 50, 3), dtype=np.uint8)
+    hsv = rgb_to_hsv_u8(pixels)
+    for (r, g, b), (h, s, v) in zip(pixels[0] / 255.0, hsv[0]):
+        ch, cs, cv = colorsys.rgb_to_hsv(r, g, b)
+        assert abs(int(h) - round(ch * 180) % 180) <= 1 and abs(int(s) - cs * 255) <= 0.51 and v == round(cv * 255)
+    back = hsv_to_rgb_u8(hsv)
+    for (h, s, v), rgb in zip(hsv[0], back[0]):
+        expected = [round(x * 255) for x in colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)]
+        assert np.abs(rgb.astype(int) - expected).max() <= 1
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    outs = [photometric_distortion(image, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, image) for o in outs)
+
+
+# ---------------------------------------------------------------- bad data
+
+def test_bad_data_one_line_errors(tmp_path):
+    _save_pair(tmp_path, "ok", np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 3, np.uint8))
+    names = ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"holds value 3, out of range for 3 classes") as err:
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
+    assert "ok.png" in str(err.value) and "\n" not in str(err.value)
+    # 3 is valid with reduce-zero-label (values 1..3), 255 too
+    assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True).load(0)[1].max() == 2
+
+    _save_pair(tmp_path, "ok", np.zeros((8, 9, 3), np.uint8), np.full((8, 8), 1, np.uint8))
+    with pytest.raises(DataError, match=r"ok\.png is 8x8 but its image .*ok\.jpg is 9x8"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ann" / "ok.png")
+    with pytest.raises(DataError, match=r"ok\.png is a RGB image; label maps must be single-channel"):
+        read_label(tmp_path / "ann" / "ok.png")
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "lonely.jpg")
+    with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+
+
+def test_unreadable_images_skipped_and_named(tmp_path):
+    for name in ("a", "b"):
+        _save_pair(tmp_path, name, np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    (tmp_path / "img" / "b.jpg").write_bytes(b"not a jpeg")
+    dataset = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    batch = collate_segmentation([dataset[0], dataset[1]])
+    assert batch.images.shape == (1, 3, 8, 8) and len(batch.unreadable) == 1
+    with pytest.raises(DataError, match=r"cannot read image .*b\.jpg"):
+        check_batch(batch, skip_corrupt=False)
+    logged = []
+    assert check_batch(batch, skip_corrupt=True, log=logged.append) == 1
+    assert "b.jpg" in logged[0]
+    # Out-of-range labels are not skippable.
+    Image.fromarray(np.full((8, 8), 9, np.uint8), mode="L").save(tmp_path / "ann" / "a.png")
+    with pytest.raises(DataError, match="out of range"):
+        check_batch(collate_segmentation([dataset[0]]), skip_corrupt=True)
+
+
+def test_exif_orientation_and_palette_labels(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    stored = np.zeros((10, 20, 3), np.uint8)
+    stored[:, :5] = 255  # left quarter white in the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    Image.fromarray(stored).save(tmp_path / "img" / "r.jpg", exif=exif, quality=100)
+    label = Image.fromarray(np.ones((20, 10), np.uint8), mode="P")  # displayed size: 10 wide, 20 high
+    label.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    label.save(tmp_path / "ann" / "r.png")
+    image, lab = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)
+    assert image.shape == (20, 10, 3) and (lab == 1).all()  # palette indices, not colours
+    assert image[:5].mean() > 200 and image[6:].mean() < 50  # the white band is now on top

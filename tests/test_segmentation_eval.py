@@ -1,0 +1,209 @@
+"""Segmentation metrics, whole / slide / multi-scale + flip inference, and predict's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from crossformer.data import DataError
+from crossformer.engine import DistContext
+from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
+from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
+from crossformer.segmentation.inference import InferenceConfig, prepare_image, segment_probs, slide_logits
+from crossformer.segmentation.predict import predict_images
+from crossformer.segmentation.synthetic import make_ade_dataset
+
+
+class TinySegmentor(nn.Module):
+    """A stand-in following the segmentor interface: a 1x1 convolution at stride 4."""
+
+    align_corners = False
+
+    def __init__(self, num_classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        torch.manual_seed(seed)
+        self.classifier = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.avg_pool2d(images, 4, ceil_mode=True))
+
+    def predict_logits(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self(images), size=out_size, mode="bilinear", align_corners=False)
+
+
+class ConstantSegmentor(TinySegmentor):
+    """Predicts ``target`` everywhere."""
+
+    def __init__(self, num_classes: int, target: int) -> None:
+        super().__init__(num_classes)
+        self.target = target
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(images.shape[0], self.num_classes, -(-images.shape[2] // 4), -(-images.shape[3] // 4))
+        logits[:, self.target] = 1.0
+        return logits + 0 * self.classifier.weight.sum()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segeval")
+    make_ade_dataset(root, images=10, seed=1, size=(48, 64))
+    return root
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_miou_hand_computed():
+    acc = IoUAccumulator(4)
+    label = torch.tensor([[0, 0, 1, 255], [1, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 3], [1, 2, 0, 0]])  # class 3 only where ignored: absent from both
+    acc.update(pred, label)
+    m = acc.compute(["a", "b", "c", "d"], images=1)
+    # intersections 1, 2, 1, 0; unions 3, 3, 2, 0; label areas 2, 2, 2, 0
+    assert m.iou[:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2]) and math.isnan(m.iou[3])
+    assert m.acc[:3] == pytest.approx([1 / 2, 1, 1 / 2]) and math.isnan(m.acc[3])
+    assert m.miou == pytest.approx(0.5) and m.macc == pytest.approx(2 / 3) and m.aacc == pytest.approx(4 / 6)
+    # A second image: class 3 predicted but never labelled -> IoU 0 (counted), Acc NaN.
+    acc.update(torch.tensor([[3]]), torch.tensor([[0]]))
+    m = acc.compute(["a", "b", "c", "d"], images=2)
+    assert m.iou == pytest.approx([1 / 4, 2 / 3, 1 / 2, 0.0])
+    assert m.miou == pytest.approx((1 / 4 + 2 / 3 + 1 / 2 + 0) / 4)  # accumulated areas, not a mean per image
+    assert m.macc == pytest.approx((1 / 3 + 1 + 1 / 2) / 3) and math.isnan(m.acc[3])
+    assert m.aacc == pytest.approx(4 / 7)
+    as_json = json.loads(json.dumps(m.to_dict()))
+    assert as_json["per_class"]["d"] == {"IoU": 0.0, "Acc": None} and as_json["mIoU"] == pytest.approx(m.miou)
+    assert "nan" in m.table() and "mIoU 35.42" in m.table()
+
+
+def test_miou_with_reduce_zero_label():
+    raw = np.array([[0, 1, 2], [2, 255, 1]])  # ADE values: 0 = unlabelled
+    label = torch.from_numpy(reduce_zero_label(raw))  # [[255, 0, 1], [1, 255, 0]]
+    acc = IoUAccumulator(2)
+    acc.update(torch.tensor([[1, 0, 1], [0, 1, 0]]), label)
+    m = acc.compute()
+    # valid pixels: (0,1) l0 p0, (0,2) l1 p1, (1,0) l1 p0, (1,2) l0 p0
+    assert m.iou == pytest.approx([2 / 3, 1 / 2]) and m.acc == pytest.approx([1.0, 0.5]) and m.aacc == pytest.approx(3 / 4)
+
+
+def test_all_reduce_sums_over_ranks():
+    class TwoRanks(DistContext):  # as if another rank had counted the same pixels
+        def all_reduce_sum(self, values):
+            return [2 * v for v in values]
+
+    acc = IoUAccumulator(2)
+    acc.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    before = acc.compute()
+    acc.all_reduce(TwoRanks())
+    assert torch.equal(acc.areas[3], torch.tensor([4.0, 2.0], dtype=torch.float64))
+    assert acc.compute().miou == pytest.approx(before.miou)
+
+
+# ---------------------------------------------------------------- inference
+
+def test_slide_against_direct_windows():
+    model = TinySegmentor(3).eval()
+    images = torch.randn(1, 3, 40, 50)
+    got = slide_logits(model, images, crop_size=(24, 24), stride=(16, 16))
+    # rows: (40 - 24 + 15) // 16 + 1 = 2 -> y 0:24, 16:40; cols: (50 - 24 + 15) // 16 + 1 = 3 -> x 0:24, 16:40, 26:50
+    total, count = torch.zeros(1, 3, 40, 50), torch.zeros(40, 50)
+    for y1, y2 in ((0, 24), (16, 40)):
+        for x1, x2 in ((0, 24), (16, 40), (26, 50)):
+            crop = images[:, :, y1:y2, x1:x2]
+            total[:, :, y1:y2, x1:x2] += F.interpolate(model(crop), size=(24, 24 if x2 - x1 == 24 else x2 - x1),
+                                                       mode="bilinear", align_corners=False)
+            count[y1:y2, x1:x2] += 1
+    assert count.min() == 1 and count.max() == 4
+    torch.testing.assert_close(got, total / count, atol=1e-5, rtol=1e-5)
+    # an image smaller than the window is one pass at its own size
+    small = torch.randn(1, 3, 12, 16)
+    torch.testing.assert_close(slide_logits(model, small, (24, 24), (16, 16)), model.predict_logits(small, (12, 16)))
+
+
+def test_multi_scale_flip_against_direct_computation():
+    model = TinySegmentor(3).eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    config = InferenceConfig(scale=(128, 64), ratios=(0.5, 1.0), flip=True)
+    # r=1: factor min(128/80, 64/60) = 1.0667 -> 85x64 -> multiples of 32: 96x64; r=0.5: 43x32 -> 64x32
+    inputs = [prepare_image(image, (128, 64), config), prepare_image(image, (64, 32), config)]
+    assert [tuple(x.shape) for x in inputs] == [(1, 3, 64, 96), (1, 3, 32, 64)]
+    expected = torch.zeros(3, 60, 80)
+    with torch.no_grad():
+        for x in inputs:
+            for flip in (False, True):
+                logits = model(x.flip(-1) if flip else x)
+                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                logits = F.interpolate(logits, size=(60, 80), mode="bilinear", align_corners=False)
+                probs = logits.softmax(1)[0]
+                expected += probs.flip(-1) if flip else probs
+    got = segment_probs(model, image, config)
+    torch.testing.assert_close(got, expected / 4, atol=1e-5, rtol=1e-5)
+    # This model commutes with flipping (widths are multiples of 4), so flip-averaging changes nothing:
+    # a wrong flip-back would mirror half of the passes.
+    torch.testing.assert_close(got, segment_probs(model, image, InferenceConfig(scale=(128, 64), ratios=(0.5, 1.0))),
+                               atol=1e-5, rtol=1e-5)
+    assert InferenceConfig.build("slide", multi_scale=True, flip=True).ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    with pytest.raises(ValueError, match="inference mode must be one of whole, slide"):
+        InferenceConfig(mode="tiles")
+
+
+# ---------------------------------------------------------------- evaluation and prediction
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_constant_model_against_labels(synthetic, mode):
+    dataset = ade20k_dataset(synthetic, "val")
+    config = InferenceConfig(mode=mode, scale=(128, 48), crop_size=(32, 32), stride=(21, 21))
+    metrics = evaluate_segmentor(ConstantSegmentor(7, target=0), dataset, config)
+    labels = np.concatenate([dataset.load(i)[1].ravel() for i in range(len(dataset))])
+    labels = labels[labels != 255]
+    counts = np.bincount(labels, minlength=7)
+    assert metrics.images == len(dataset) == 2
+    assert metrics.iou[0] == pytest.approx(counts[0] / labels.size)  # everything predicted sky
+    for c in range(1, 7):
+        assert (metrics.iou[c] == 0.0) if counts[c] else math.isnan(metrics.iou[c])
+    assert metrics.aacc == pytest.approx(counts[0] / labels.size)
+    assert metrics.settings["mode"] == mode
+
+
+def test_evaluate_refuses_wrong_class_count(synthetic):
+    with pytest.raises(DataError, match="has 7 classes but the segmentor predicts 3"):
+        evaluate_segmentor(TinySegmentor(3), ade20k_dataset(synthetic, "val"))
+
+
+def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
+    dataset = ade20k_dataset(synthetic, "val")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.open(dataset.samples[0][0]).convert("L").save(inputs / "gray.png")
+    Image.open(dataset.samples[1][0]).convert("RGBA").save(inputs / "rgba.png")
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    model = ConstantSegmentor(7, target=3)
+    config = InferenceConfig(scale=(128, 48))
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
+        predict_images(model, [inputs], tmp_path / "out", dataset.classes, inference=config)
+    logged = []
+    results, skipped = predict_images(model, [inputs], tmp_path / "out", dataset.classes, dataset.palette, config,
+                                      reduce_zero_label=True, skip_corrupt=True, log=logged.append)
+    assert [r.path.rsplit("/", 1)[1] for r in results] == ["gray.png", "rgba.png"] and len(skipped) == 1
+    assert "broken.jpg" in logged[0]
+    for result in results:
+        size = Image.open(result.path).size
+        overlay, labels = Image.open(result.overlay), Image.open(result.label_map)
+        assert overlay.size == size and overlay.mode == "RGB" and labels.size == size and labels.mode == "L"
+        assert (np.asarray(labels) == 4).all()  # class 3 (water) written as 3 + 1
+        assert result.classes == ["water"]
+        # the legend box is drawn in the top-left corner; the rest is the 50% blend
+        painted = np.asarray(overlay).astype(int)
+        original = np.asarray(Image.open(result.path).convert("RGB")).astype(int)
+        water = np.array(dataset.palette[3])
+        expected = np.round(original * 0.5 + water * 0.5)
+        assert np.abs(painted[-5:, -5:] - expected[-5:, -5:]).max() <= 1
+        assert np.abs(painted[:8, :8] - expected[:8, :8]).max() > 10
