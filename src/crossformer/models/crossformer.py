@@ -17,8 +17,6 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 (:func:`group_layout`, :func:`check_input`) at run time: timm notrace module / functions.
 """
 
-from __future__ import annotations
-
 import functools
 from typing import Sequence
 
