@@ -228,7 +228,7 @@ def test_onednn_linear_matches_plain() -> None:
     plain = torch.nn.functional.gelu(layer(x)).detach()
     plain_mlp = mlp(x).detach()
     with torch.no_grad():
-        assert (linear(x, layer, gelu=True) - plain).abs().max().item() <= 1e-5
+        assert (linear(x, layer.weight, layer.bias, gelu=True) - plain).abs().max().item() <= 1e-5
         assert (mlp(x) - plain_mlp).abs().max().item() <= 1e-5
 
 

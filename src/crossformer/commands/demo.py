@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(results: dict[str, dict]) -> str:
-    lines = [f"{'demo':<16}{'reached':<44}{'time':>8}  output"]
+    lines = [f"{'demo':<16}{'result (held-out)':<44}{'time':>8}  output"]
     for task, result in results.items():
         figures = ", ".join(f"{k} {v:.3g}" for k, v in result.items()
                             if isinstance(v, float) and not k.endswith("seconds"))

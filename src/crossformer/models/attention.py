@@ -17,6 +17,8 @@ picks the fastest exact way to do it:
   so every ``N x N`` temporary stays small and is reused.
 - The explicit formula otherwise (attention dropout during training, other dtypes).
 
+TorchScript compiles only the SDPA and explicit paths (the autograd function is eager-only).
+
 A query whose keys are all masked (a group made only of padding) gets probabilities
 recomputed from a log-sum-exp near -1e6, which float32 holds only to ~0.06; its gradient
 is then approximate. The network crops such queries, so their output gradient is zero
@@ -85,7 +87,9 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_mask.unsqueeze(0), None
 
 
-def _explicit(q, k, v, mask, scale, dropout_p):
+def _explicit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout_p: float
+) -> torch.Tensor:
     attn = (q * scale) @ k.transpose(-2, -1) + mask
     attn = attn.softmax(dim=-1)
     if dropout_p:
@@ -112,10 +116,11 @@ def biased_attention(
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
     if not mask_grad or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    if (
-        dropout_p == 0.0
-        and q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32
-        and not capturing_graph()
-    ):
-        return _BiasedAttentionCPU.apply(q, k, v, mask, scale)
+    if not torch.jit.is_scripting():
+        if (
+            dropout_p == 0.0
+            and q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32
+            and not capturing_graph()
+        ):
+            return _BiasedAttentionCPU.apply(q, k, v, mask, scale)
     return _explicit(q, k, v, mask, scale, dropout_p)

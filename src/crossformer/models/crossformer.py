@@ -8,9 +8,14 @@ follow the official release so its checkpoints load unchanged.
 Inside the network a feature map is kept channels-last, ``(B, H, W, C)``, so LayerNorms,
 linear layers and the grouping all work on the last dimension without copies; the
 convolutions (embeddings, activation cooling) see the same memory as an NCHW view.
-"""
+``forward_features`` returns that layout too (``output_fmt = "NHWC"``, as timm's swin).
 
-from __future__ import annotations
+``torch.jit.script`` compiles the plain path (the eager fast paths and caches sit behind
+``if not torch.jit.is_scripting()``). FX symbolic tracing (timm's ``features_only=True,
+feature_cls="fx"``, torchvision's ``create_feature_extractor`` with timm's tracer settings)
+keeps :class:`GroupAttention` whole and calls the size-dependent functions
+(:func:`group_layout`, :func:`check_input`) at run time: timm notrace module / functions.
+"""
 
 import functools
 from typing import Sequence
@@ -19,13 +24,13 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
+from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from .attention import biased_attention
 from .grouping import (
     LONG_DISTANCE_CHOICES,
     GroupLayout,
-    LongDistance,
     group_layout,
     merge_heads,
     pad_to_layout,
@@ -42,7 +47,7 @@ from .layers import (
     weights_fingerprint,
 )
 
-__all__ = ["CrossFormer", "MIN_INPUT_SIZE"]
+__all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
 
 # Added to attention scores of padded keys. Finite, as officially, so that a group made
 # only of padding stays finite (its outputs are cropped away).
@@ -70,22 +75,27 @@ def cross_scale_branch_dims(out_dim: int, num_kernels: int) -> list[int]:
     return dims + [out_dim // 2 ** (num_kernels - 1)]
 
 
-def _cross_scale_convs(
-    in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int
-) -> nn.ModuleList:
-    """Parallel convolutions of one stride; padding ``(k - s) // 2`` gives equal outputs."""
-    dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
-    return nn.ModuleList(
-        (LargeKernelConv2d if LargeKernelConv2d.suits(k, stride) else nn.Conv2d)(
-            in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2
+class CrossScaleConvs(nn.ModuleList):
+    """Parallel convolutions of one stride, concatenated: NCHW ``(B, in_dim, H, W)`` ->
+    channels-last ``(B, H', W', out_dim)``. Padding ``(k - s) // 2`` gives equal outputs.
+
+    A ``ModuleList``, so that the kernels keep the official keys (``projs.0``, ...).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int) -> None:
+        dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
+        super().__init__(
+            (LargeKernelConv2d if LargeKernelConv2d.suits(k, stride) else nn.Conv2d)(
+                in_dim, dim, kernel_size=k, stride=stride, padding=(k - stride) // 2
+            )
+            for k, dim in zip(sorted(kernel_sizes), dims)
         )
-        for k, dim in zip(sorted(kernel_sizes), dims)
-    )
 
-
-def _run_cross_scale(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """NCHW input -> channels-last ``(B, H', W', sum of branch dims)`` output."""
-    return torch.cat([conv(x).permute(0, 2, 3, 1) for conv in convs], dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps: list[torch.Tensor] = []
+        for conv in self:
+            maps.append(conv(x).permute(0, 2, 3, 1))
+        return torch.cat(maps, dim=-1)
 
 
 class PatchEmbed(nn.Module):
@@ -99,11 +109,11 @@ class PatchEmbed(nn.Module):
         stride: int = 4,
     ) -> None:
         super().__init__()
-        self.projs = _cross_scale_convs(in_chans, embed_dim, kernel_sizes, stride)
+        self.projs = CrossScaleConvs(in_chans, embed_dim, kernel_sizes, stride)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_run_cross_scale(self.projs, x))
+        return self.norm(self.projs(x))
 
 
 class PatchMerging(nn.Module):
@@ -115,17 +125,17 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, kernel_sizes: Sequence[int] = (2, 4)) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.reductions = _cross_scale_convs(dim, out_dim, kernel_sizes, stride=2)
+        self.reductions = CrossScaleConvs(dim, out_dim, kernel_sizes, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _run_cross_scale(self.reductions, self.norm(x).permute(0, 3, 1, 2))
+        return self.reductions(self.norm(x).permute(0, 3, 1, 2))
 
 
 def relative_offsets(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
     """Every offset ``(dy, dx)`` in a ``Gh x Gw`` group: float ``((2Gh-1)(2Gw-1), 2)``, dy outer."""
     dy = torch.arange(1 - group_h, group_h, device=device)
     dx = torch.arange(1 - group_w, group_w, device=device)
-    return torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2).float()
+    return torch.stack(torch.meshgrid([dy, dx], indexing="ij"), dim=-1).reshape(-1, 2).float()
 
 
 def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
@@ -153,9 +163,11 @@ def _offset_tables(group_h: int, group_w: int, device: torch.device) -> tuple[to
 
     They hold no parameters, so one copy per (Gh, Gw, device) serves training too.
     """
-    if capturing_graph():  # sizes may be symbolic, and a recorded graph holds no cached tensor
-        return _build_offset_tables(group_h, group_w, device)
-    return _cached_offset_tables(group_h, group_w, device)
+    if not torch.jit.is_scripting():
+        # a recorded graph holds no cached tensor, and its sizes may be symbolic
+        if not capturing_graph():
+            return _cached_offset_tables(group_h, group_w, device)
+    return _build_offset_tables(group_h, group_w, device)
 
 
 class DynamicPositionBias(nn.Module):
@@ -179,6 +191,7 @@ class DynamicPositionBias(nn.Module):
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
 
 
+@register_notrace_module  # FX: groups by the map's size and dispatches on device / dtype
 class GroupAttention(nn.Module):
     """Multi-head self-attention inside token groups, with dynamic position bias.
 
@@ -186,6 +199,8 @@ class GroupAttention(nn.Module):
     layers only ever see real tokens: qkv runs before padding and proj after cropping.
     Padded keys get a large negative score, so padding never changes real outputs.
     """
+
+    __jit_ignored_attributes__ = ["_bias_cache"]  # eager-only, and TorchScript cannot type it
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -197,6 +212,7 @@ class GroupAttention(nn.Module):
         # Fused attention kernels where they are exact and faster (see models/attention.py);
         # False always takes the explicit softmax (a reference for tests).
         self.fused_attn = True
+        self.padding_score = PADDING_SCORE  # an attribute: TorchScript reads no float globals
         self.qkv = nn.Linear(dim, dim * 3)
         self.attn_drop = attn_drop  # dropout rate on the attention weights, in training
         self.proj = nn.Linear(dim, dim)
@@ -220,20 +236,26 @@ class GroupAttention(nn.Module):
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         """Bias of every (query, key) pair of a ``Gh x Gw`` group: ``(heads, N, N)``."""
-        use_cache = self._can_cache()
-        if use_cache:
-            fingerprint = weights_fingerprint(self.pos.parameters())
-            hit = self._bias_cache.get((group_h, group_w))
-            if hit is not None and hit[0] == fingerprint:
-                return hit[1]
+        if not torch.jit.is_scripting():
+            if self._can_cache():
+                return self._cached_position_bias(group_h, group_w)
+        return self._position_bias(group_h, group_w)
+
+    def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
+        fingerprint = weights_fingerprint(self.pos.parameters())
+        hit = self._bias_cache.get((group_h, group_w))
+        if hit is not None and hit[0] == fingerprint:
+            return hit[1]
+        bias = self._position_bias(group_h, group_w)
+        self._bias_cache[(group_h, group_w)] = (fingerprint, bias)
+        return bias
+
+    def _position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         weight = self.pos.pos_proj.weight
         offsets, index = _offset_tables(group_h, group_w, weight.device)
         # (M, heads) table -> (heads, N * N), gathered straight into the layout used.
         table = self.pos(offsets.to(weight.dtype))
-        bias = table.t().index_select(1, index).view(-1, group_h * group_w, group_h * group_w)
-        if use_cache:
-            self._bias_cache[(group_h, group_w)] = (fingerprint, bias)
-        return bias
+        return table.t().index_select(1, index).view(-1, group_h * group_w, group_h * group_w)
 
     def attention_mask(self, layout: GroupLayout, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """Position bias plus padding scores as one float mask ``(1, M, N, N)``.
@@ -246,7 +268,7 @@ class GroupAttention(nn.Module):
         is_pad = padding_key_mask(height, width, layout, bias.device)
         if is_pad is not None:
             # (heads, N, N) + (nG, 1, 1, N) -> (nG * heads, N, N)
-            pad_scores = is_pad.to(bias.dtype).mul(PADDING_SCORE)[:, None, None, :]
+            pad_scores = is_pad.to(bias.dtype).mul(self.padding_score)[:, None, None, :]
             bias = (bias + pad_scores).flatten(0, 1)
         return bias.to(dtype).unsqueeze(0)
 
@@ -255,7 +277,7 @@ class GroupAttention(nn.Module):
         batch, height, width, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         # (3, B, nG, heads, N, d): q, k, v grouped and split into heads by one copy.
-        qkv = partition_heads(pad_to_layout(linear(x, self.qkv), layout), layout, 3, heads)
+        qkv = partition_heads(pad_to_layout(linear(x, self.qkv.weight, self.qkv.bias), layout), layout, 3, heads)
         num_groups, tokens = qkv.shape[2], qkv.shape[4]
         mask = self.attention_mask(layout, height, width, qkv.dtype)
         # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
@@ -263,7 +285,7 @@ class GroupAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
-        return self.proj_drop(linear(out, self.proj))
+        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
 
 # CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
@@ -275,13 +297,9 @@ INFERENCE_CHUNK_BYTES = 16 << 20
 
 
 def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
-    """How many images of ``x`` ``(B, H, W, C)`` a stage runs at once (``B``: all)."""
+    """How many images of ``x`` ``(B, H, W, C)`` a stage runs at once in eager mode (``B``: all)."""
     batch = x.shape[0]
-    if (
-        torch.is_grad_enabled()
-        or x.device.type != "cpu"
-        or capturing_graph()
-    ):
+    if torch.is_grad_enabled() or x.device.type != "cpu":
         return batch
     per_image = x.shape[1] * x.shape[2] * hidden_channels * x.element_size()
     return max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
@@ -297,7 +315,7 @@ class CrossFormerBlock(nn.Module):
         group_size: int,
         interval: int,
         long_distance_groups: bool,
-        long_distance: LongDistance,
+        long_distance: str,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         activation_cooling: bool = False,
@@ -339,7 +357,9 @@ class CrossFormerStage(nn.Module):
 
     The stage owns the cross-scale merge that follows it (official keys
     ``layers.s.downsample``), but :meth:`forward` returns the map *before* the merge,
-    which is what dense tasks take; the model applies ``downsample`` itself.
+    which is what dense tasks take; the model applies ``downsample`` itself. That map
+    leaves through ``output`` (an identity), the point timm's hook and FX feature
+    extraction name: an FX node named ``layers.s`` would be the merge's output.
     """
 
     def __init__(
@@ -349,7 +369,7 @@ class CrossFormerStage(nn.Module):
         num_heads: int,
         group_size: int,
         interval: int,
-        long_distance: LongDistance,
+        long_distance: str,
         mlp_ratio: float,
         drop_path: Sequence[float],
         use_acl: bool,
@@ -378,20 +398,37 @@ class CrossFormerStage(nn.Module):
                 for j in range(depth)
             ]
         )
+        self.output = nn.Identity()
         self.downsample = (
             PatchMerging(dim, 2 * dim, merge_kernel_sizes) if merge_kernel_sizes is not None else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)`` (before the merge)."""
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = grad_checkpoint(block, x)
-            return x
-        images = _images_per_chunk(x, self.mlp_hidden)
-        if images < x.shape[0] and len(self.blocks):
-            return torch.cat([self.blocks(part) for part in x.split(images)])
-        return self.blocks(x)
+        if not torch.jit.is_scripting():
+            if self.grad_checkpointing:
+                for block in self.blocks:
+                    x = grad_checkpoint(block, x)
+                return self.output(x)
+            if not capturing_graph():  # a recorded graph keeps the batch whole
+                images = _images_per_chunk(x, self.mlp_hidden)
+                if images < x.shape[0] and len(self.blocks):
+                    return self.output(torch.cat([self.blocks(part) for part in x.split(images)]))
+        return self.output(self.blocks(x))
+
+
+@register_notrace_function  # FX: checks the actual input at run time
+def check_input(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a ``ValueError`` that says what to fix unless ``x`` is ``(B, in_chans, >=32, >=32)``."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"CrossFormer expects images shaped (batch, {in_chans}, height, width), got {tuple(x.shape)}"
+        )
+    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
+            f"got {x.shape[2]}x{x.shape[3]}: resize or pad the input"
+        )
 
 
 class CrossFormer(nn.Module):
@@ -429,7 +466,7 @@ class CrossFormer(nn.Module):
         group_size: int | Sequence[int] = 7,
         interval: int | Sequence[int] = (8, 4, 2, 1),
         use_acl: bool = False,
-        long_distance: LongDistance = "fixed_interval",
+        long_distance: str = "fixed_interval",
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -450,6 +487,7 @@ class CrossFormer(nn.Module):
 
         self.in_chans = in_chans
         self.num_classes = num_classes
+        self.output_fmt = "NHWC"  # of forward_features (timm reads it)
         self.global_pool = global_pool
         self.long_distance = long_distance
         dims = [embed_dim * 2**s for s in range(num_stages)]
@@ -477,7 +515,7 @@ class CrossFormer(nn.Module):
                     attn_drop=attn_drop_rate,
                 )
             )
-            self.feature_info.append(dict(num_chs=dims[s], reduction=4 * 2**s, module=f"layers.{s}"))
+            self.feature_info.append(dict(num_chs=dims[s], reduction=4 * 2**s, module=f"layers.{s}.output"))
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
@@ -528,18 +566,6 @@ class CrossFormer(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"CrossFormer expects images shaped (batch, {self.in_chans}, height, width), "
-                f"got {tuple(x.shape)}"
-            )
-        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
-            raise ValueError(
-                f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
-                f"got {x.shape[2]}x{x.shape[3]}: resize or pad the input"
-            )
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -564,7 +590,7 @@ class CrossFormer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         last = len(self.layers) - 1
@@ -597,7 +623,8 @@ class CrossFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` -> normalised ``(B, H/32, W/32, C3)``."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # TorchScript cannot format the message
+            check_input(x, self.in_chans)
         x = self.patch_embed(x)
         for stage in self.layers:
             x = stage(x)

@@ -15,6 +15,8 @@ Export (``torch.export``, used by ONNX export): the layout arithmetic is integer
 symbolic; and while ``torch.compiler.is_exporting()`` the grouping is done with index
 gathers instead of views and every block builds its padding mask, so that one graph
 serves many input sizes without shape proofs. Eager mode keeps the views and fast paths.
+
+TorchScript compiles these functions as they are (the export paths are never taken there).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.models import register_notrace_function
 
 LongDistance = Literal["fixed_interval", "fixed_group"]
 LONG_DISTANCE_CHOICES: tuple[str, ...] = ("fixed_interval", "fixed_group")
@@ -57,27 +60,31 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _min(a: int, b: int) -> int:
     # torch.sym_min keeps SymInts symbolic (export); plain min for ints and traced sizes.
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return torch.sym_min(a, b)
+    if not torch.jit.is_scripting():
+        if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+            return torch.sym_min(a, b)
     return min(a, b)
 
 
 def _max(a: int, b: int) -> int:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return torch.sym_max(a, b)
+    if not torch.jit.is_scripting():
+        if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+            return torch.sym_max(a, b)
     return max(a, b)
 
 
+@register_notrace_function  # FX: decided from the actual size, at run time
 def group_layout(
     height: int,
     width: int,
     group_size: int,
     interval: int,
     long_distance_groups: bool,
-    long_distance: LongDistance,
+    long_distance: str,
 ) -> GroupLayout:
     """Choose the grouping of one block for an actual ``height x width`` map.
 
+    ``long_distance`` is one of :data:`LONG_DISTANCE_CHOICES` (typed ``str`` for TorchScript).
     Decided per call from the real size (the official code fixed it at construction or
     mutated the block on the first small input). On maps whose short side is at most
     ``group_size`` the block falls back to one SDA group size ``G'``: ``min(H, W)`` for
@@ -107,7 +114,10 @@ def pad_to_layout(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to the layout's padded size."""
     pad_h = layout.padded_h - x.shape[1]
     pad_w = layout.padded_w - x.shape[2]
-    if torch.compiler.is_exporting() or pad_h or pad_w:
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    if pad_h != 0 or pad_w != 0:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
@@ -158,10 +168,11 @@ def partition_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """``(B, Hp, Wp, C)`` -> ``(B * num_groups, Gh * Gw, C)``, tokens row-major in each group."""
     batch, height, width, channels = x.shape
     gh, gw, step = layout.group_h, layout.group_w, layout.interval
-    if torch.compiler.is_exporting():  # a gather: the views below would need divisibility proofs
-        index = _group_positions(layout, x.device)
-        groups = x.reshape(batch, height * width, channels).index_select(1, index.reshape(-1))
-        return groups.reshape(batch * index.shape[0], gh * gw, channels)
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():  # a gather: the views below would need divisibility proofs
+            index = _group_positions(layout, x.device)
+            groups = x.reshape(batch, height * width, channels).index_select(1, index.reshape(-1))
+            return groups.reshape(batch * index.shape[0], gh * gw, channels)
     regions_h, regions_w = height // (gh * step), width // (gw * step)
     x = x.view(batch, regions_h, gh, step, regions_w, gw, step, channels)
     # -> (B, ry, rx, iy, ix, gy, gx, C)
@@ -190,9 +201,10 @@ def partition_heads(x: torch.Tensor, layout: GroupLayout, parts: int, num_heads:
     batch, height, width, channels = x.shape
     head_dim = channels // (parts * num_heads)
     gh, gw, step = layout.group_h, layout.group_w, layout.interval
-    if torch.compiler.is_exporting():
-        x = partition_groups(x, layout).view(batch, -1, gh * gw, parts, num_heads, head_dim)
-        return x.permute(3, 0, 1, 4, 2, 5)
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            x = partition_groups(x, layout).view(batch, -1, gh * gw, parts, num_heads, head_dim)
+            return x.permute(3, 0, 1, 4, 2, 5)
     regions_h, regions_w = height // (gh * step), width // (gw * step)
     x = x.view(batch, regions_h, gh, step, regions_w, gw, step, parts, num_heads, head_dim)
     # -> (parts, B, ry, rx, iy, ix, heads, gy, gx, d)
@@ -207,9 +219,10 @@ def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -
     when cropped).
     """
     batch, num_groups, num_heads, tokens, head_dim = x.shape
-    if torch.compiler.is_exporting():
-        x = x.transpose(2, 3).reshape(batch * num_groups, tokens, num_heads * head_dim)
-        return _ungroup_real_tokens(x, layout, batch, height, width)
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            x = x.transpose(2, 3).reshape(batch * num_groups, tokens, num_heads * head_dim)
+            return _ungroup_real_tokens(x, layout, batch, height, width)
     gh, gw, step = layout.group_h, layout.group_w, layout.interval
     regions_h = layout.padded_h // (gh * step)
     regions_w = layout.padded_w // (gw * step)
@@ -224,11 +237,12 @@ def padding_key_mask(
     height: int, width: int, layout: GroupLayout, device: torch.device
 ) -> torch.Tensor | None:
     """Which tokens of each group are padding: bool ``(num_groups, Gh * Gw)``, or None."""
-    if torch.compiler.is_exporting():  # always a mask: one graph serves padded and exact sizes
-        rows = torch.arange(layout.padded_h, device=device) >= height
-        cols = torch.arange(layout.padded_w, device=device) >= width
-        is_pad = (rows[:, None] | cols[None, :]).reshape(-1)
-        return is_pad[_group_positions(layout, device)]
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():  # always a mask: one graph serves padded and exact sizes
+            rows = torch.arange(layout.padded_h, device=device) >= height
+            cols = torch.arange(layout.padded_w, device=device) >= width
+            is_pad = (rows[:, None] | cols[None, :]).reshape(-1)
+            return is_pad[_group_positions(layout, device)]
     if layout.padded_h == height and layout.padded_w == width:
         return None
     is_pad = torch.ones(1, layout.padded_h, layout.padded_w, 1, dtype=torch.bool, device=device)

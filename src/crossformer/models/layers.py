@@ -4,11 +4,16 @@
   epilogue (``torch.ops.mkldnn._linear_pointwise``) computes ``x @ W.T + b`` (and the exact
   GELU after it) in one call. At the model's shapes on a 2-core Xeon that was 10-40%
   faster than ``F.linear`` (MKL ``addmm`` first copies the bias into the output), and it
-  saves the separate GELU pass. Autograd, autocast, CUDA, tracing, compiling and exporting
-  keep ``F.linear``.
+  saves the separate GELU pass. Autograd, autocast, CUDA, tracing, compiling, exporting
+  and TorchScript keep ``F.linear``.
 - :class:`LargeKernelConv2d`: the cross-scale embedding's 16x16 and 32x32 kernels, whose
   CPU weight gradient is computed by space-to-depth.
 - :class:`ResidualDropPath`: residual add and stochastic depth in one pass.
+
+The fast paths sit behind ``if not torch.jit.is_scripting()``, which TorchScript does not
+compile, so ``torch.jit.script`` sees only the plain layers. For FX, :class:`GeluMlp` and
+:class:`LargeKernelConv2d` are timm notrace (leaf) modules: their dispatch reads the
+input's device and dtype, which a symbolic trace cannot branch on.
 
 Measurements: benchmarks/RESULTS.md.
 """
@@ -21,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+from timm.models import register_notrace_module
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -39,12 +46,18 @@ _PACKED_WEIGHTS = WeakIdKeyDictionary()
 
 
 def capturing_graph() -> bool:
-    """Whether ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` is recording the model.
+    """Whether ``torch.jit.trace``, ``torch.fx`` symbolic tracing, ``torch.compile`` or
+    ``torch.export`` is recording the model.
 
     The eager-only fast paths and caches of this package step aside then: a recorded graph
     must hold plain, traceable ops and no tensors cached from an earlier call.
     """
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return (
+        torch.jit.is_tracing()
+        or is_fx_symbolic_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -92,14 +105,16 @@ def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, followed by the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
-    if onednn_inference(x, layer.weight):
-        return _LINEAR_POINTWISE(x, _packed(layer.weight), layer.bias, "gelu" if gelu else "none", [], "none")
-    x = layer(x)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
+    if not torch.jit.is_scripting():
+        if onednn_inference(x, weight):
+            return _LINEAR_POINTWISE(x, _packed(weight), bias, "gelu" if gelu else "none", [], "none")
+    x = F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
 
 
+@register_notrace_module  # FX: the fast-path dispatch depends on the input's device and dtype
 class GeluMlp(Mlp):
     """timm's ``Mlp`` with exact GELU (keys ``fc1``, ``fc2``); CPU inference fuses bias + GELU."""
 
@@ -112,9 +127,14 @@ class GeluMlp(Mlp):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not onednn_inference(x, self.fc1.weight):
-            return super().forward(x)
-        return linear(linear(x, self.fc1, gelu=True), self.fc2)
+        """``(..., in_features)`` -> ``(..., in_features)``."""
+        if not torch.jit.is_scripting():
+            if not self.training and onednn_inference(x, self.fc1.weight):
+                x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+                return linear(x, self.fc2.weight, self.fc2.bias)
+        # timm's Mlp.forward, spelt out: TorchScript cannot call super()
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.norm(x)))
 
 
 def _space_to_depth_weight_grad(
@@ -167,6 +187,7 @@ class _LargeKernelConvCPU(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+@register_notrace_module  # FX: the training path depends on the input's device and dtype
 class LargeKernelConv2d(nn.Conv2d):
     """A square ``nn.Conv2d`` whose kernel spans at least 4 strides (the cross-scale embedding's 16
     and 32); CPU training computes its weight gradient by :func:`_space_to_depth_weight_grad`.
@@ -186,16 +207,17 @@ class LargeKernelConv2d(nn.Conv2d):
         super().__init__(in_chans, out_chans, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_grad_enabled()
-            and self.weight.requires_grad
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not capturing_graph()
-        ):
-            return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
-        return super().forward(x)
+        if not torch.jit.is_scripting():
+            if (
+                torch.is_grad_enabled()
+                and self.weight.requires_grad
+                and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")
+                and not capturing_graph()
+            ):
+                return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return self._conv_forward(x, self.weight, self.bias)
 
 
 class ResidualDropPath(nn.Module):

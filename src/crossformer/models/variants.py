@@ -3,19 +3,24 @@
 ``import crossformer`` registers ``crossformer_{tiny,small,base,large}`` (CrossFormer) and
 ``crossformer_pp_{small,base,large,huge}`` (CrossFormer++). No weights are downloaded:
 pass an official or converted file with
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``; timm's
+builder then adapts the first convolutions to ``in_chans`` and drops a classifier of
+another ``num_classes``, as for any timm model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
+from timm.models._pretrained import PretrainedCfg
 
 from .crossformer import CrossFormer
+from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer"]
 
@@ -70,6 +75,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
+        # all four kernels of the cross-scale patch embedding see the image (in_chans adaptation)
         "first_conv": tuple(f"patch_embed.projs.{i}" for i in range(4)),
         "classifier": "head",
         "license": "mit",
@@ -83,52 +89,108 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})
 
 
-def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """Build a registered variant; ``kwargs`` override its architecture (timm style).
+def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
+    """``cfg`` with its ``file`` read safely into ``state_dict``, and described by it.
 
-    ``pretrained=True`` needs a local file in the pretrained config
-    (``pretrained_cfg_overlay=dict(file=PATH)``); it is read with
-    :func:`crossformer.load_checkpoint`, which accepts the official formats without
-    unpickling arbitrary objects.
+    timm would read the file with ``torch.load(weights_only=True)``, which refuses the
+    official files (their pickled yacs config); :func:`read_checkpoint` reads them without
+    unpickling arbitrary objects. Unless the overlay says otherwise, ``num_classes`` and
+    the input channels become those of the file, so that timm keeps a fitting classifier
+    and adapts the first convolutions from the right channel count.
     """
-    from .weights import load_checkpoint  # weights imports this module's registry
+    if cfg.state_dict is not None or not cfg.file:
+        return cfg
+    state = extract_state_dict(read_checkpoint(cfg.file))
+    described: dict[str, Any] = {"state_dict": state}
+    head = state.get("head.weight")
+    if "num_classes" not in overlay:
+        described["num_classes"] = head.shape[0] if head is not None else 0
+    first_conv = state.get(f"{cfg.first_conv[0]}.weight") if cfg.first_conv else None
+    if "input_size" not in overlay and first_conv is not None:
+        described["input_size"] = (first_conv.shape[1], *cfg.input_size[1:])
+    return dataclasses.replace(cfg, **described)
 
+
+def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """Build a registered variant with timm's builder; ``kwargs`` override its architecture.
+
+    ``pretrained=True`` needs weights in the pretrained config: a local file
+    (``pretrained_cfg_overlay=dict(file=PATH)``; official ``.pth``, crossformer training
+    checkpoints and ``.safetensors`` all work) or a ``state_dict``. They go through
+    :func:`checkpoint_filter_fn` and timm's ``num_classes`` / ``in_chans`` adaptation.
+    """
     arch = {**VARIANTS[variant].arch, **kwargs}
     out_indices = arch.pop("out_indices", (0, 1, 2, 3))
+    overlay = dict(arch.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
-        variant,
-        pretrained_cfg=arch.pop("pretrained_cfg", None),
-        pretrained_cfg_overlay=arch.pop("pretrained_cfg_overlay", None),
+        variant, pretrained_cfg=arch.pop("pretrained_cfg", None), pretrained_cfg_overlay=overlay
     )
-    weights_file = pretrained_cfg.file if pretrained else None
-    if pretrained and not weights_file:
-        raise RuntimeError(
-            f"no weights are bundled for {variant}: pass a local checkpoint with "
-            f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
-        )
+    if pretrained:
+        if pretrained_cfg.state_dict is None and not pretrained_cfg.file:
+            raise RuntimeError(
+                f"no weights are bundled for {variant}: pass a local checkpoint with "
+                f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
+            )
+        pretrained_cfg = _with_file_contents(pretrained_cfg, overlay)
     model = build_model_with_cfg(
         CrossFormer,
         variant,
-        pretrained=False,
+        pretrained=pretrained,
         pretrained_cfg=pretrained_cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **arch,
     )
-    if weights_file:
-        load_checkpoint(model, weights_file)
+    for module in model.modules():  # the config must not keep the weights alive
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
     return model
 
 
-def _register(name: str) -> None:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-        return create_crossformer(name, pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = name
-    entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{name}: see crossformer.models.variants.VARIANTS[{name!r}]."
-    globals()[name] = register_model(entrypoint)
+@register_model
+def crossformer_tiny(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-T: architecture and published figures in ``VARIANTS['crossformer_tiny']``."""
+    return create_crossformer("crossformer_tiny", pretrained=pretrained, **kwargs)
 
 
-for _name in VARIANTS:
-    _register(_name)
+@register_model
+def crossformer_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-S: architecture and published figures in ``VARIANTS['crossformer_small']``."""
+    return create_crossformer("crossformer_small", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-B: architecture and published figures in ``VARIANTS['crossformer_base']``."""
+    return create_crossformer("crossformer_base", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-L: architecture and published figures in ``VARIANTS['crossformer_large']``."""
+    return create_crossformer("crossformer_large", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_pp_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-S: architecture and published figures in ``VARIANTS['crossformer_pp_small']``."""
+    return create_crossformer("crossformer_pp_small", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_pp_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-B: architecture and published figures in ``VARIANTS['crossformer_pp_base']``."""
+    return create_crossformer("crossformer_pp_base", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_pp_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-L: architecture and published figures in ``VARIANTS['crossformer_pp_large']``."""
+    return create_crossformer("crossformer_pp_large", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def crossformer_pp_huge(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-H: architecture and published figures in ``VARIANTS['crossformer_pp_huge']``."""
+    return create_crossformer("crossformer_pp_huge", pretrained=pretrained, **kwargs)

@@ -14,7 +14,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from ..errors import CheckpointError, UserInputError
 
 __all__ = [
     "CheckpointError",
+    "checkpoint_filter_fn",
     "read_checkpoint",
     "load_state",
     "extract_state_dict",
@@ -261,6 +262,43 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     if not result:
         raise CheckpointError("checkpoint holds no tensors")
     return result
+
+
+def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: an official or crossformer checkpoint -> ``model``'s keys.
+
+    Unwraps training checkpoints (``model``/``state_dict``), strips wrapper prefixes and
+    drops the buffers v1 files store but the model recomputes (:func:`extract_state_dict`).
+    Keys that still do not fit raise :class:`CheckpointError`; the first convolutions and
+    the classifier named in ``model.pretrained_cfg`` may differ in shape, timm adapts them
+    (``in_chans``) or drops them (``num_classes``) after this filter.
+    """
+    state = extract_state_dict(checkpoint)
+    expected = model.state_dict()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    adapted = tuple(f"{name}." for key in ("first_conv", "classifier") for name in _names(cfg.get(key)))
+    classifier = tuple(f"{name}." for name in _names(cfg.get("classifier")))
+    missing = sorted(k for k in set(expected) - set(state) if not k.startswith(classifier))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith(classifier))
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape and not k.startswith(adapted)
+    ]
+    if missing or unexpected or mismatched:
+        problems = "; ".join(
+            f"{title}: {', '.join(items[:5])}" + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if items
+        )
+        raise CheckpointError(f"pretrained weights do not fit this model (check the variant and its settings): {problems}")
+    return state
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:

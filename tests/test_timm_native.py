@@ -1,0 +1,168 @@
+"""The model as a timm user meets it: TorchScript, FX, default config, timm's pretrained path.
+
+The checks of timm's own ``tests/test_models.py`` that apply to this model, on the small
+reference configurations (timm's suite itself runs on the full-size variants, outside the
+repository): scripted and FX-traced models against eager outputs, the default config's
+shapes and names, and ``pretrained=True`` with ``num_classes`` / ``in_chans`` adaptation
+against the shared official-format checkpoints.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+
+import pytest
+import timm
+import torch
+from timm.layers import get_channel_dim, get_spatial_dim
+from timm.models import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import crossformer
+from conftest import REFERENCE_CONFIGS
+from crossformer.models import VARIANTS, CheckpointError, variants
+
+# one CrossFormer and one CrossFormer++ entrypoint, built at the reference sizes
+ENTRYPOINTS = {"v1": "crossformer_tiny", "pp": "crossformer_pp_small"}
+SIZES = [(224, 224), (100, 60)]
+TRACER_KWARGS = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+
+
+def _arch(tag: str) -> dict:
+    """The reference architecture, without its class count (the checkpoint's business)."""
+    return {k: v for k, v in REFERENCE_CONFIGS[tag].items() if k != "num_classes"}
+
+
+def _model(tag: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(ENTRYPOINTS[tag], **{**_arch(tag), **kwargs})
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_one_register_model_function_per_variant(name: str) -> None:
+    entrypoint = getattr(variants, name)
+    assert entrypoint.__name__ == name
+    assert inspect.getsource(entrypoint).startswith(f"@register_model\ndef {name}(")
+    assert timm.models.model_entrypoint(name) is entrypoint
+    assert timm.get_pretrained_cfg_value(name, "first_conv") == tuple(f"patch_embed.projs.{i}" for i in range(4))
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_default_cfg_shapes(tag: str) -> None:
+    """timm's ``test_model_default_cfgs``: unpooled features match ``pool_size`` in ``output_fmt``."""
+    model = _model(tag).eval()
+    cfg = model.pretrained_cfg
+    spatial, channel = get_spatial_dim(model.output_fmt), get_channel_dim(model.output_fmt)
+    assert (spatial, channel) == ((1, 2), 3)  # NHWC, as the tensor below really is
+    x = torch.randn(1, *cfg["input_size"])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert features.shape == (1, 7, 7, model.num_features)
+        assert tuple(features.shape[d] for d in spatial) == cfg["pool_size"]
+        assert pooled.shape == (1, model.head_hidden_size)
+        torch.testing.assert_close(pooled, features.mean((1, 2)))
+        model.reset_classifier(0, "")
+        assert model(x).shape == features.shape
+    state = model.state_dict()
+    assert all(f"{name}.weight" in state for name in cfg["first_conv"])
+    assert f"{cfg['classifier']}.weight" in _model(tag).state_dict()
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_torchscript_matches_eager(tag: str) -> None:
+    model = _model(tag, num_classes=7).eval()
+    inputs = [torch.randn(1, 3, *size) for size in SIZES]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]  # eager first: its caches must not stop scripting
+    scripted = torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)  # fully compiled: nothing left to call back into Python
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    with torch.no_grad():
+        for x, logits in zip(inputs, expected):
+            torch.testing.assert_close(loaded(x), logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_fx_matches_eager(tag: str) -> None:
+    """torchvision's extractor with timm's tracer settings, and timm's ``feature_cls='fx'``."""
+    model = _model(tag, num_classes=7).eval()
+    stage_nodes = [info["module"] for info in model.feature_info]
+    traced = create_feature_extractor(model, return_nodes=[*stage_nodes, "head"], tracer_kwargs=TRACER_KWARGS)
+    weights = dict(state_dict=model.state_dict())  # timm's in-memory pretrained source
+    fx_features = _model(tag, features_only=True, feature_cls="fx", pretrained=True, pretrained_cfg_overlay=weights)
+    fx_features.eval()
+    with torch.no_grad():
+        for size in SIZES:
+            x = torch.randn(1, 3, *size)
+            out = traced(x)
+            assert torch.equal(out["head"], model(x))  # eager fast paths run inside the leaves
+            maps = model.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+            for node, expected in zip(stage_nodes, maps):
+                torch.testing.assert_close(out[node], expected, rtol=0, atol=1e-5)
+            for got, expected in zip(fx_features(x), maps):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_fx_backward_reaches_every_parameter() -> None:
+    """timm's ``test_model_backward_fx``, with stochastic depth on."""
+    model = _model("pp", num_classes=7, drop_path_rate=0.2).train()
+    traced = create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=TRACER_KWARGS)
+    traced(torch.randn(2, 3, 64, 96))["head"].mean().backward()
+    assert all(p.grad is not None for p in traced.parameters())
+    assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def _pretrained(tag: str, reference_dir, **kwargs) -> torch.nn.Module:
+    overlay = dict(file=str(reference_dir / f"{tag}_cls.pth"))
+    return _model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_pretrained_official_file(tag: str, reference_dir) -> None:
+    """The official-format file through timm's builder gives the official logits."""
+    model = _pretrained(tag, reference_dir)
+    assert model.num_classes == 10  # taken from the file, as its config describes it
+    assert "state_dict" not in model.pretrained_cfg  # the weights are not kept twice
+    reference = torch.load(reference_dir / f"{tag}_cls_io.pt")
+    with torch.no_grad():
+        assert (model(reference["x"]) - reference["logits"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_pretrained_adapts_classes_and_channels(tag: str, reference_dir) -> None:
+    full = _pretrained(tag, reference_dir)
+    gray = _pretrained(tag, reference_dir, num_classes=5, in_chans=1)
+    assert gray.head.weight.shape == (5, full.num_features)
+    for name in gray.pretrained_cfg["first_conv"]:
+        adapted, original = gray.get_submodule(name).weight, full.get_submodule(name).weight
+        assert adapted.shape[1] == 1
+        torch.testing.assert_close(adapted[:, 0], original.sum(1))
+    # summed first kernels: a gray image gives what the original gives on its 3-channel copy
+    image = torch.rand(1, 1, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            gray.forward_features(image), full.forward_features(image.expand(-1, 3, -1, -1)), rtol=0, atol=1e-5
+        )
+    features = _pretrained(tag, reference_dir, features_only=True)
+    assert "state_dict" not in features.pretrained_cfg
+    with torch.no_grad():
+        maps = full.forward_intermediates(image.expand(-1, 3, -1, -1), intermediates_only=True)
+        for got, expected in zip(features(image.expand(-1, 3, -1, -1)), maps):
+            torch.testing.assert_close(got, expected)
+
+
+def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
+    overlay = dict(file=str(reference_dir / "pp_cls.pth"))
+    with pytest.raises(CheckpointError, match="do not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):
+        _model("v1", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def test_pretrained_file_never_unpickles_code(tmp_path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": crossformer.models.CrossFormer(**REFERENCE_CONFIGS["v1"]).state_dict(), "hook": os.system}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        _model("v1", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
