@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .backbone import build_backbone
+from ..models import VARIANTS
+from ..models.dense import authors_dense_settings, build_dense_backbone
 from .cascade import CascadeRoIHead
 from .fpn import FPN
 from .retinanet import RetinaHead, RetinaSettings
@@ -193,7 +194,9 @@ def build_detector(
         raise UserInputError(f"unknown detector {kind!r}: choose one of {', '.join(DETECTOR_KINDS)}")
     if num_classes < 1:
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
-    body = build_backbone(backbone, **(backbone_kwargs or {}))
+    if backbone not in VARIANTS:
+        raise UserInputError(f"unknown backbone {backbone!r}: choose one of {', '.join(VARIANTS)}")
+    body = build_dense_backbone(backbone, **{**authors_dense_settings(backbone), **(backbone_kwargs or {})})
     if pretrained_backbone is not None:
         from ..models import load_checkpoint
 

@@ -7,7 +7,12 @@ from typing import Any, Sequence
 import timm
 from timm.models._features import FeatureGetterNet
 
-__all__ = ["DenseBackbone", "build_dense_backbone"]
+__all__ = ["DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
+
+# The authors' detection and segmentation configs use group size 7 and intervals 8, 4, 2, 1
+# in every stage for CrossFormer++ too (not its ImageNet 4,4,14,7 / 4,2,1,1); CrossFormer (v1)
+# variants have these values already.
+_DENSE_GROUPING = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
 
 
 class DenseBackbone(FeatureGetterNet):
@@ -36,6 +41,13 @@ class DenseBackbone(FeatureGetterNet):
     def strides(self) -> tuple[int, ...]:
         """Stride (reduction) of each returned map."""
         return tuple(self.feature_info.reduction())
+
+
+def authors_dense_settings(name: str) -> dict[str, Any]:
+    """The grouping the authors' dense configs give variant ``name`` (empty for other models)."""
+    from .variants import VARIANTS
+
+    return dict(_DENSE_GROUPING) if name in VARIANTS else {}
 
 
 def build_dense_backbone(name: str, **settings: Any) -> DenseBackbone:

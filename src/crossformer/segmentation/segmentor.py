@@ -15,28 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserInputError
-from ..models.dense import DenseBackbone, build_dense_backbone
-from ..models.variants import VARIANTS
+from ..models.dense import DenseBackbone, authors_dense_settings, build_dense_backbone
 from ..models.weights import load_checkpoint
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
 
-__all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "build_segmentor", "authors_backbone_settings"]
+__all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "build_segmentor"]
 
 SEGMENTOR_KINDS = ("fpn", "upernet")
 KIND_NAMES = {"fpn": "Semantic FPN", "upernet": "UPerNet"}
 IGNORE_INDEX = 255
-
-# The authors' CrossFormer++ segmentation configs use group size 7 and intervals 8,4,2,1 in
-# every stage (not the ImageNet settings 4,4,14,7 / 4,2,1,1); CrossFormer (v1) keeps its own.
-_PP_SEGMENTATION = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
-
-
-def authors_backbone_settings(backbone: str) -> dict[str, Any]:
-    """The grouping settings the authors' segmentation configs give ``backbone``."""
-    if backbone in VARIANTS and VARIANTS[backbone].arch["use_acl"]:
-        return dict(_PP_SEGMENTATION)
-    return {}
-
 
 class Segmentor(nn.Module):
     """Backbone -> optional neck -> decode head (+ auxiliary head, training only).
@@ -168,7 +155,7 @@ def build_segmentor(
         raise UserInputError(f"unknown backbone {backbone!r}: use a timm model name such as crossformer_small")
     if num_classes < 1:
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
-    net = build_dense_backbone(backbone, **{**authors_backbone_settings(backbone), **(backbone_kwargs or {})})
+    net = build_dense_backbone(backbone, **{**authors_dense_settings(backbone), **(backbone_kwargs or {})})
     if len(net.channels) != 4:
         raise UserInputError(f"backbone {backbone!r} must return 4 maps, it returns {len(net.channels)}")
     if pretrained_backbone is not None:
