@@ -12,7 +12,8 @@ from PIL import Image
 
 from crossformer.classification.evaluate import raise_or_count_unreadable
 from crossformer.data import DataError
-from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection, read_image
+from crossformer.data import read_rgb as read_image
+from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection
 from crossformer.detection.synthetic import SHAPE_CATEGORIES
 from crossformer.detection.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCrop, RandomFlip, Resize, build_test_transform, build_train_transform,

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import UserInputError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image"]
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
@@ -55,11 +55,18 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale, palette and
+    alpha images converted. ``FileNotFoundError`` and ``UNREADABLE_ERRORS`` pass through, for
+    callers that name the file in their own message or count it."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """An RGB image (grayscale, palette and alpha images converted); DataError if unreadable."""
+    """:func:`read_rgb`, with a one-line DataError for a missing or unreadable file."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return read_rgb(path)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except UNREADABLE_ERRORS as err:

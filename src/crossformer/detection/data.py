@@ -30,28 +30,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from ..data import DataError
+from ..data import DataError, read_rgb
 from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
-    "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "read_image", "load_coco_json", "decode_segmentation",
+    "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
 ]
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
 # mmdet's CocoDataset._filter_imgs(min_size=32) in training.
 MIN_TRAIN_IMAGE_SIZE = 32
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale / palette /
-    alpha converted. FileNotFoundError and the PIL decoding errors pass through (callers name
-    the file in their own message)."""
-    with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
 
 
 @dataclass
@@ -243,7 +234,7 @@ class CocoDetection(Dataset):
             masks=None, image_id=record.image_id, file_name=record.file_name, ori_shape=(record.height, record.width),
         )
         try:
-            image = read_image(record.path)
+            image = read_rgb(record.path)
         except (FileNotFoundError, *UNREADABLE_ERRORS) as err:
             sample.failure = f"{record.path}: {err}"
             return sample

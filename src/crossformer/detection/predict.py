@@ -14,11 +14,11 @@ import torch.nn as nn
 from PIL import Image
 
 from ..classification.predict import expand_image_paths
-from ..data import DataError
+from ..data import DataError, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import UNREADABLE_ERRORS, is_image_file
 from ..engine import RunLogger
-from .data import DetectionSample, collate_detection, read_image
+from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
 from .transforms import build_test_transform
 
@@ -87,7 +87,7 @@ def predict_detections(
     used_names: set[str] = set()
     for image_id, path in enumerate(files, start=1):
         try:
-            image = read_image(path)
+            image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
             if not skip_corrupt:
                 raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt") from None

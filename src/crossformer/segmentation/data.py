@@ -30,10 +30,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, list_images
+from ..data import DataError, list_images, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from .draw import class_palette
@@ -54,13 +54,7 @@ LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 
 def read_image(path: str | Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB, EXIF orientation applied; DataError if unreadable."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+    return np.asarray(open_image(path)).copy()
 
 
 def read_label(path: str | Path) -> np.ndarray:
