@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["palette", "text_colour", "overlay_masks", "draw_boxes", "draw_legend"]
+__all__ = ["Colour", "palette", "text_colour", "blend", "overlay_masks", "draw_boxes", "draw_legend"]
 
 Colour = tuple[int, int, int]
 
@@ -34,14 +34,25 @@ def text_colour(background: Colour) -> Colour:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
 
 
+def blend(image: np.ndarray, colors: np.ndarray, mask: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """``image * (1 - opacity) + colors * opacity`` where ``mask``; ``image`` elsewhere.
+
+    ``image``/``colors``: ``(H, W, 3)`` uint8; ``mask``: ``(H, W)`` bool. Returns uint8.
+    """
+    mixed = image.astype(np.float32) * (1.0 - opacity) + colors.astype(np.float32) * opacity
+    out = image.copy()
+    out[mask] = np.clip(np.round(mixed[mask]), 0, 255).astype(np.uint8)
+    return out
+
+
 def overlay_masks(image: Image.Image, masks: np.ndarray, colours: Sequence[Colour], alpha: float = 0.45) -> Image.Image:
     """Blend each boolean mask of ``masks`` (K, H, W) in its colour over ``image`` (H, W); later
     masks on top."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
     for mask, colour in zip(masks, colours):
-        mask = np.asarray(mask, dtype=bool)
-        pixels[mask] = (1 - alpha) * pixels[mask] + alpha * np.asarray(colour, dtype=np.float32)
-    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+        pixels = blend(pixels, np.broadcast_to(np.asarray(colour, dtype=np.uint8), pixels.shape),
+                       np.asarray(mask, dtype=bool), alpha)
+    return Image.fromarray(pixels)
 
 
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: Colour,
@@ -70,13 +81,30 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, captions: Sequence[str], c
     return image
 
 
-def draw_legend(image: Image.Image, names: Sequence[str], colours: Sequence[Colour]) -> Image.Image:
-    """A column of colour swatches with their names in the top-left corner."""
-    image = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    y = 2
-    for name, colour in zip(names, colours):
-        _caption(draw, (2, y), name, colour, font, image.size)
-        y += draw.textbbox((0, 0), name, font=font)[3] + 6
-    return image
+def draw_legend(image: Image.Image, entries: Sequence[tuple[str, Colour]], max_entries: int = 20) -> Image.Image:
+    """A copy of ``image`` with a legend box in the top-left corner: a swatch and name per entry.
+
+    The text size follows the image size (readable on small and large images); entries past
+    ``max_entries`` are summarised as "+N more".
+    """
+    out = image.convert("RGB").copy()
+    if not entries:
+        return out
+    shown = list(entries[:max_entries])
+    hidden = len(entries) - len(shown)
+    size = max(10, min(out.size) // 30)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(out, "RGBA")
+    labels = [name for name, _ in shown] + ([f"+{hidden} more"] if hidden else [])
+    line_h = size + 4
+    width = max(draw.textlength(text, font=font) for text in labels) + line_h + 10
+    draw.rectangle([0, 0, width, line_h * len(labels) + 6], fill=(0, 0, 0, 160))
+    for row, text in enumerate(labels):
+        top = 3 + row * line_h
+        if row < len(shown):
+            draw.rectangle([4, top + 1, 4 + line_h - 4, top + line_h - 3], fill=shown[row][1], outline=(255, 255, 255))
+        draw.text((line_h + 6, top), text, fill=(255, 255, 255), font=font)
+    return out

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from ..data import DataError, list_images, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-from .draw import class_palette
+from ..data.draw import palette as class_palette
 from .transforms import IGNORE_INDEX
 
 __all__ = [

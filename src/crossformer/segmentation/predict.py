@@ -27,7 +27,8 @@ from ..classification.predict import expand_image_paths
 from ..data import DataError
 from ..data.folder import is_image_file
 from .data import read_image
-from .draw import Color, class_palette, overlay_segmentation, present_classes
+from ..data.draw import Colour, palette as class_palette
+from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
 
 __all__ = ["SegPrediction", "predict_images", "write_label_map"]
@@ -64,7 +65,7 @@ def predict_images(
     paths: Sequence[str | Path],
     output_dir: str | Path,
     class_names: Sequence[str],
-    palette: Sequence[Color] | None = None,
+    palette: Sequence[Colour] | None = None,
     inference: InferenceConfig | None = None,
     reduce_zero_label: bool = False,
     skip_corrupt: bool = False,
