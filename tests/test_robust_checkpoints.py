@@ -109,7 +109,7 @@ def _commands(path: Path, tmp_path: Path, data: Path) -> dict[str, list[str]]:
             "train", "--data", str(data), "--output", str(out / "run"), "--epochs", "1", "--device", "cpu",
             "--model", "crossformer_tiny", "--pretrained", str(path), "--batch-size", "4", "--img-size", "32",
             "--num-workers", "0",
-            *[f"model_kwargs.{k}={v}" for k, v in TINY_MODEL.items()],
+            *[f"model.kwargs.{k}={v}" for k, v in TINY_MODEL.items()],
         ],
     }
 

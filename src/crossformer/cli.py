@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -36,7 +37,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     argv = list(argv)
     task = config_task(argv)
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"crossformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"crossformer.commands.{name}")
@@ -67,13 +71,19 @@ def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
     return int(handler.run(args, resolved.config, resolved.given) or 0)
 
 
+def _say(message: str) -> None:
+    """One line on stderr; under ``torchrun`` from rank 0 only (every rank stops with the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "crossformer")
     try:
         parser = build_parser(argv)
     except UserInputError as err:
-        print(f"crossformer {command}: error: {err}", file=sys.stderr)
+        _say(f"crossformer {command}: error: {err}")
         return 2
     args = parser.parse_args(argv)
     try:
@@ -81,10 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_with_config(args, argv)
         return int(args._run(args) or 0)
     except UserInputError as err:
-        print(f"crossformer {args.command}: error: {err}", file=sys.stderr)
+        _say(f"crossformer {args.command}: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print(f"crossformer {args.command}: interrupted", file=sys.stderr)
+        _say(f"crossformer {args.command}: interrupted")
         return 130
 
 
