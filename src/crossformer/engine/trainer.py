@@ -244,7 +244,7 @@ class Trainer:
                 if epoch_ended:
                     self.epoch, self.batches_done = self.epoch + 1, 0
                 self._after_update(epoch_ended)
-                if stop or self.stop_signal is not None and not ctx.distributed:
+                if (stop or self.stop_signal is not None and not ctx.distributed) and not self.finished:
                     progress.close()
                     self._stop()
                 if epoch_ended or self.finished:
