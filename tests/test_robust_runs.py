@@ -30,6 +30,7 @@ from crossformer.engine import (
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config
+from test_cli_classification import _restore_threads, data  # noqa: F401 (fixtures: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
 # A CrossFormer that trains an epoch of 24 images in about a second on one CPU thread.
@@ -38,18 +39,6 @@ TINY_OVERRIDES = ["model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1,1,1]", 
                   "cpu_threads=1"]
 FLAGS = ["--model", "crossformer_tiny", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
          "--no-tensorboard"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
