@@ -272,8 +272,8 @@ class Trainer:
         self._save({})
         name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a stop signal on another rank"
         message = (f"interrupted by {name} at epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}; "
-                   f"saved {self.last_checkpoint}: resume with --resume auto")
-        self.log.info(message)
+                   f"saved {self.output / LAST}: resume with --resume auto")
+        self.log.info(message, echo=False)  # the exception carries it (the train command prints it)
         raise RunInterrupted(message, str(self.output / LAST))
 
     def _forward_backward(self, batch: Any, samples: float, sync: bool) -> None:
