@@ -320,6 +320,19 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     assert str(folder / "a.png") + " is" not in err
 
 
+def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", {"val": 2})
+    bad = data / "val" / "eel" / "bad.png"
+    bad.write_bytes(b"garbage")
+    argv = ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--device", "cpu",
+            "--num-workers", "0"]
+    assert f"cannot read image {bad}:" in one_error_line(capsys, argv)
+    assert main([*argv, "--skip-corrupt"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"skipping unreadable image {bad}:") and err.count("\n") == 1
+    assert "(6 images, 1 unreadable skipped)" in out
+
+
 def test_progress_lines_come_every_few_seconds_when_not_on_a_terminal(tmp_path: Path, capsys) -> None:
     log = RunLogger(tmp_path)
     progress = Progress(log, total=100, desc="epoch 0", every=50, seconds=0.0)  # a line at every step

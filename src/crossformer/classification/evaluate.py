@@ -114,7 +114,8 @@ def evaluate(
 
     Our checkpoints know their model and classes; the authors' files need ``model`` and
     take their class order from the sorted folder names (the ImageNet convention).
-    ``num_workers`` None: the CPUs available. Works under ``torchrun`` too: images are split over ranks and the sums reduced.
+    ``num_workers`` None: the CPUs available. Works under ``torchrun`` too: images are split
+    over ranks and the sums reduced.
     """
     ctx = setup_distributed(device)
     try:

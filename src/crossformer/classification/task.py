@@ -122,7 +122,8 @@ class ClassificationTask(Task):
         sampler = ShardedSampler(len(self.val_set), self.ctx.rank, self.ctx.world_size, shuffle=False, pad=False)
         paths = [self.val_set.samples[i][0] for i in sampler]
         batch = 64
-        progress = self.log.progress(-(-len(paths) // batch), "checking val images", every=100) if len(paths) > 5000 else None
+        large = len(paths) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
+        progress = self.log.progress(-(-len(paths) // batch), "checking val images", every=100) if large else None
         bad = find_unreadable(paths, self.config.run.num_workers, batch, progress)
         if progress is not None:
             progress.close()

@@ -5,8 +5,9 @@ accumulation (DDP ``no_sync`` on the micro-batches that do not update), mixed pr
 gradient clipping (the norm is logged either way), the per-update schedule, EMA weights,
 evaluation and checkpoints every N epochs or N iterations, mid-run checkpoints every N
 updates, exact resume (mid-epoch included), the non-finite-loss guard, and metrics reduced
-over ranks. Rank 0 alone writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``,
-``log.txt`` and ``tensorboard/``.
+over ranks; a data check before training, a stop on SIGINT / SIGTERM with a checkpoint, and
+errors agreed across ranks so that every rank stops with the same one line. Rank 0 alone
+writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``, ``log.txt`` and ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ class Trainer:
             return self._report()
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
             self._save({})
-            raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.last_checkpoint}: "
+            raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.output / LAST}: "
                             f"fix the data and pass --resume auto)") from None
 
     def _report(self) -> tuple[dict[str, float], bool]:
@@ -386,7 +387,6 @@ class Trainer:
         self.log.close()
         return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
 
-
     @contextlib.contextmanager
     def _stop_signals(self):
         """While training, SIGINT / SIGTERM ask for a stop at the next update (checkpoint first);
@@ -417,6 +417,11 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     Under ``torchrun`` each process calls this and they train together. ``on_step_end(global_step)``
     is called after every optimizer update (and the checkpoints due then). ``config`` is
     validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
+
+    ``run.output`` must be new, empty or hold only logs, unless ``run.resume`` continues the run
+    there or ``run.overwrite`` replaces it (:func:`~crossformer.engine.output.claim_output`).
+    SIGINT / SIGTERM save a mid-epoch ``last.pth`` and raise :class:`RunInterrupted`. Errors and
+    interrupts are also written to ``log.txt``.
     """
     run = config.run
     ctx = setup_distributed(run.device)
