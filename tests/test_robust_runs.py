@@ -230,6 +230,38 @@ def test_a_signal_saves_mid_epoch_and_resume_equals_an_unkilled_run(tmp_path: Pa
         assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
 
 
+_DDP_SIGNAL = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from engine_fixtures import FakeTask, fake_config
+from crossformer.engine import RunInterrupted, train
+def on_step_end(step):
+    if step == 4 and os.environ["RANK"] == "1":  # one rank alone gets the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+try:
+    train(FakeTask, fake_config({output!r}, epochs=3), on_step_end=on_step_end)
+except RunInterrupted as err:
+    print("rank", os.environ["RANK"], err, flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_ranks_agree_on_a_stop(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SIGNAL.format(tests=str(TESTS), output=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    # 3 updates per epoch (24 samples, 2 ranks x batch 4); the ranks agree on the stop in the
+    # micro-batch after the signal, so both stop after update 5 (epoch 1, batch 2)
+    saved = f"saved {tmp_path / 'ddp' / 'last.pth'}"
+    assert f"rank 0 interrupted by a stop signal on another rank at epoch 1, batch 2, step 5; {saved}" in proc.stdout
+    assert f"rank 1 interrupted by SIGTERM at epoch 1, batch 2, step 5; {saved}" in proc.stdout, proc.stderr[-3000:]
+    state = load_training_state(tmp_path / "ddp" / "last.pth")
+    assert (state["world_size"], state["epoch"], state["batches_done"], state["global_step"]) == (2, 1, 2, 5)
+
+
 class _InterruptedTask(FakeTask):
     """Sends itself SIGINT in its 8th training step (update 8: epoch 1, batch 2)."""
 
