@@ -154,7 +154,7 @@ def test_a_failing_evaluation_keeps_the_epochs_training(tmp_path: Path) -> None:
 
 
 class _CheckedTask(FakeTask):
-    """Rank 1's share of the data has a bad file."""
+    """A bad file in the share of rank ``samples % 2`` (rank 0 with the default 24 samples, 1 with 25)."""
 
     def check_data(self) -> None:
         if self.ctx.rank == self.config.fake.samples % 2:
@@ -167,36 +167,41 @@ def test_the_data_check_runs_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "last.pth").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
-_DDP_CHECK = """
+_DDP_TRAIN = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_robust_runs import _CheckedTask
-from engine_fixtures import fake_config
+import test_robust_runs
 from crossformer.cli import main
 from crossformer.engine import registry
-import test_robust_runs
+test_robust_runs.TASK = test_robust_runs.{task}
 registry.TASKS["fake"] = "test_robust_runs"
 sys.exit(main(["train", "--config", {config!r}, "--output", {output!r}]))
 """
+# This module is the fake task's registry entry in the torchrun tests (TASK: set by the script).
 CONFIG = FakeConfig
-TASK = _CheckedTask
+TASK: type[Task] = FakeTask
 COMMANDS: dict = {}
+
+
+def _torchrun_train(tmp_path: Path, task: str, config: str) -> subprocess.CompletedProcess:
+    """``crossformer train`` of the fake task ``task`` (a class of this module) on 2 processes."""
+    (tmp_path / "fake.yaml").write_text(config)
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_TRAIN.format(tests=str(TESTS), task=task, config=str(tmp_path / "fake.yaml"),
+                                        output=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
 def test_under_torchrun_every_rank_stops_with_the_one_line(tmp_path: Path) -> None:
-    config = tmp_path / "fake.yaml"
-    config.write_text("task: fake\nrun:\n  epochs: 1\nfake:\n  samples: 25\n")  # odd: rank 1's share fails
-    script = tmp_path / "run.py"
-    script.write_text(_DDP_CHECK.format(tests=str(TESTS), config=str(config), output=str(tmp_path / "ddp")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode != 0
+    proc = _torchrun_train(tmp_path, "_CheckedTask", "task: fake\nrun:\n  epochs: 1\nfake:\n  samples: 25\n")
+    assert proc.returncode != 0  # 25 samples: rank 1's share fails
     lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
     assert lines == ["crossformer train: error: cannot read validation image rank1.png"], proc.stderr[-3000:]
     # no rank died inside a collective: no gloo errors, no Python traceback from a worker
-    assert "gloo" not in proc.stderr.lower() and 'File "' + str(script) not in proc.stderr, proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
 
 
 # -- 4. SIGINT / SIGTERM: a checkpoint, a resume command, then the same result ------------------
@@ -230,34 +235,25 @@ def test_a_signal_saves_mid_epoch_and_resume_equals_an_unkilled_run(tmp_path: Pa
         assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
 
 
-_DDP_SIGNAL = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-from engine_fixtures import FakeTask, fake_config
-from crossformer.engine import RunInterrupted, train
-def on_step_end(step):
-    if step == 4 and os.environ["RANK"] == "1":  # one rank alone gets the signal
-        os.kill(os.getpid(), signal.SIGTERM)
-try:
-    train(FakeTask, fake_config({output!r}, epochs=3), on_step_end=on_step_end)
-except RunInterrupted as err:
-    print("rank", os.environ["RANK"], err, flush=True)
-    sys.exit(130)
-"""
+class _SignalledTask(FakeTask):
+    """Rank 1 alone gets SIGTERM in its 4th training step (update 4: epoch 1, batch 1)."""
+
+    def losses(self, model, batch):
+        if self.calls == 3 and self.ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().losses(model, batch)
 
 
 @pytest.mark.slow
 def test_under_torchrun_the_ranks_agree_on_a_stop(tmp_path: Path) -> None:
-    script = tmp_path / "run.py"
-    script.write_text(_DDP_SIGNAL.format(tests=str(TESTS), output=str(tmp_path / "ddp")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    proc = _torchrun_train(tmp_path, "_SignalledTask", "task: fake\nrun:\n  epochs: 3\n")
     # 3 updates per epoch (24 samples, 2 ranks x batch 4); the ranks agree on the stop in the
-    # micro-batch after the signal, so both stop after update 5 (epoch 1, batch 2)
+    # micro-batch after the signal's, so both stop after update 5 (epoch 1, batch 2)
     saved = f"saved {tmp_path / 'ddp' / 'last.pth'}"
-    assert f"rank 0 interrupted by a stop signal on another rank at epoch 1, batch 2, step 5; {saved}" in proc.stdout
-    assert f"rank 1 interrupted by SIGTERM at epoch 1, batch 2, step 5; {saved}" in proc.stdout, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("crossformer train:", "resume with:"))]
+    assert lines == [f"crossformer train: interrupted by a stop signal on another rank at epoch 1, batch 2, step 5; "
+                     f"{saved}: resume with --resume auto", "resume with: torchrun ... -m crossformer --resume auto"], \
+        proc.stderr[-3000:]
     state = load_training_state(tmp_path / "ddp" / "last.pth")
     assert (state["world_size"], state["epoch"], state["batches_done"], state["global_step"]) == (2, 1, 2, 5)
 

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from typing import Sequence
 
 from .errors import UserInputError
@@ -27,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert any readable checkpoint to safetensors weights",
     "demo": "train, evaluate and predict on the built-in digits in a few minutes",
 }
+_RANK_0_GRACE_S = 3.0
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops")
 
@@ -77,7 +79,20 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _leave_after_rank_0(code: int) -> int:
+    """``code``; under ``torchrun`` a rank other than 0 stopping with an error first gives rank
+    0 a moment to print the shared message: torchrun ends every process once one exits with an
+    error, and the message must not be lost to that race (rank 0 prints right after the agreement)."""
+    if code and os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(_RANK_0_GRACE_S)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return _leave_after_rank_0(_main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "crossformer")
     try:
