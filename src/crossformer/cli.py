@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import time
 from typing import Sequence
 
 from .errors import UserInputError
@@ -27,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "demo": "train, evaluate and predict on built-in data in a few minutes (--task classification|detection|segmentation|all)",
     "make-data": "write a synthetic data set in a standard layout (coco: detection, ade: segmentation)",
 }
+_RANK_0_GRACE_S = 3.0
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops")
 
@@ -37,7 +40,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     argv = list(argv)
     task = config_task(argv)
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"crossformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"crossformer.commands.{name.replace('-', '_')}")
@@ -68,13 +74,32 @@ def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
     return int(handler.run(args, resolved.config, resolved.given) or 0)
 
 
+def _say(message: str) -> None:
+    """One line on stderr; under ``torchrun`` from rank 0 only (every rank stops with the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
+def _leave_after_rank_0(code: int) -> int:
+    """``code``; under ``torchrun`` a rank other than 0 stopping with an error first gives rank
+    0 a moment to print the shared message: torchrun ends every process once one exits with an
+    error, and the message must not be lost to that race (rank 0 prints right after the agreement)."""
+    if code and os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(_RANK_0_GRACE_S)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return _leave_after_rank_0(_main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "crossformer")
     try:
         parser = build_parser(argv)
     except UserInputError as err:
-        print(f"crossformer {command}: error: {err}", file=sys.stderr)
+        _say(f"crossformer {command}: error: {err}")
         return 2
     args = parser.parse_args(argv)
     try:
@@ -82,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_with_config(args, argv)
         return int(args._run(args) or 0)
     except UserInputError as err:
-        print(f"crossformer {args.command}: error: {err}", file=sys.stderr)
+        _say(f"crossformer {args.command}: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print(f"crossformer {args.command}: interrupted", file=sys.stderr)
+        _say(f"crossformer {args.command}: interrupted")
         return 130
 
 

@@ -44,7 +44,7 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
     metrics = evaluate(
         args.checkpoint, config.data.root, model=given.get("model.name"), split=args.split,
         img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
-        batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers", 4), use_ema=args.ema,
+        batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers"), use_ema=args.ema,
         amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,
         model_kwargs=_kwargs(args, config),
     )
@@ -60,12 +60,18 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="ours (.pth/.safetensors: model, size and class names come with it) or the authors' "
+                             "release (with --model)")
     add_model_arg_argument(parser)
-    parser.add_argument("--topk", type=int, default=5, metavar="K")
+    parser.add_argument("--topk", type=int, default=5, metavar="K", help="labels shown per image, best first (default 5)")
     parser.add_argument("--class-names", metavar="FILE", help="one label per line (for files that record none)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
+
+
+def _note(message: str) -> None:
+    print(f"crossformer predict: {message}", file=sys.stderr)
 
 
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
@@ -84,7 +90,8 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
     results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk, class_names=names,
                       img_size=given.get("data.img_size"), batch_size=given.get("run.batch_size", 32),
-                      use_ema=args.ema, device=config.run.device, model_kwargs=_kwargs(args, config))
+                      use_ema=args.ema, device=config.run.device, model_kwargs=_kwargs(args, config),
+                      skip_corrupt=config.data.skip_corrupt, on_note=_note)
     try:
         for result in results:
             if args.json:
@@ -100,7 +107,8 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
 
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
-    "predict": VerbHandler(_predict_arguments, _predict, ("model.name", "data.img_size", "run.batch_size", "run.device")),
+    "predict": VerbHandler(_predict_arguments, _predict,
+                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.device")),
 }
 
 

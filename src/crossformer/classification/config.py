@@ -25,6 +25,10 @@ class ModelConfig:
     drop_path: float | None = None  # None: the variant's rate (0.1 tiny ... 0.5 large)
     pretrained: str | None = None  # weights to start from (a head of another size is re-initialised)
 
+    def validate(self) -> None:
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ..data import ImageFolderDataset, prepare_digits
-from ..engine import LAST
+from ..engine import LAST, RUN_FILES
 from .config import resolve_config
 from .evaluate import evaluate
 from .predict import predict
@@ -21,14 +20,17 @@ DEMO_TARGET_ACC1 = 97.0
 
 def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Train with the bundled ``digits`` config from scratch in ``output``; print and return
-    the held-out top-1 accuracy and the wall time."""
+    the held-out top-1 accuracy and the wall time.
+
+    A demo always starts afresh: an earlier run in ``output`` is replaced (the trainer says
+    which files); a folder holding anything else is refused, as for ``crossformer train``.
+    """
     start = time.perf_counter()
     output = Path(output)
-    if (output / LAST).exists() or (output / "metrics.jsonl").exists():
-        shutil.rmtree(output)  # a demo always starts from scratch
+    earlier_run = output.is_dir() and any((output / name).exists() for name in RUN_FILES)
     root = prepare_digits()
     print(f"data: scikit-learn digits as 32x32 images in {root}")
-    config = resolve_config("digits", overrides={"output": str(output), **(overrides or {})})
+    config = resolve_config("digits", overrides={"output": str(output), "overwrite": earlier_run, **(overrides or {})})
     train(config)
     # The final weights, not best.pth: choosing the best epoch on the held-out split would flatter it.
     final = output / LAST
@@ -44,4 +46,7 @@ def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | Non
     verdict = "reached" if metrics["acc1"] >= DEMO_TARGET_ACC1 else "did NOT reach"
     print(f"demo: held-out top-1 {metrics['acc1']:.2f}% ({verdict} the {DEMO_TARGET_ACC1:.0f}% target) "
           f"in {elapsed:.0f}s wall time")
+    logs = ", ".join(f"{output / name}" for name in ("log.txt", "metrics.jsonl") if (output / name).exists())
+    board = f"; tensorboard --logdir {output / 'tensorboard'}" if (output / "tensorboard").is_dir() else ""
+    print(f"demo: checkpoints {output / LAST} and {output / 'best.pth'}; logs {logs}{board}")
     return {"acc1": metrics["acc1"], "seconds": elapsed}

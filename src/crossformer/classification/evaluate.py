@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,15 @@ from ..data import (
     build_loader,
     raise_or_count_unreadable,
 )
-from ..engine import DistContext, Precision, RunLogger, resolve_precision, setup_distributed, teardown_distributed
+from ..engine import (
+    DistContext,
+    Precision,
+    RunLogger,
+    default_workers,
+    resolve_precision,
+    setup_distributed,
+    teardown_distributed,
+)
 from .model import load_classifier
 
 __all__ = ["evaluate_batches", "evaluate"]
@@ -34,17 +42,25 @@ def evaluate_batches(
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
     total: int = 0,
+    on_skip: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) over every rank's batches.
 
     Sums are reduced over ranks, so with an unpadded sampler each image counts exactly once.
+    An unreadable image (unless ``skip_corrupt``; ``on_skip("path: reason")`` names each
+    skipped one) stops every rank with the same error, none left waiting in a reduction.
     """
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = skipped = 0.0
     progress = logger.progress(total, "eval") if logger is not None else None
+    error = None
     for images, targets, failures in batches:
-        skipped += raise_or_count_unreadable(failures, skip_corrupt)
+        try:
+            skipped += raise_or_count_unreadable(failures, skip_corrupt, on_skip)
+        except DataError as err:
+            error = err
+            break
         if not len(targets):
             continue
         images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
@@ -62,6 +78,7 @@ def evaluate_batches(
     if progress is not None:
         progress.close()
     model.train(was_training)
+    ctx.raise_together(error)
     loss_sum, correct1, correct5, count, skipped = ctx.all_reduce_sum([loss_sum, correct1, correct5, count, skipped])
     if count == 0:
         raise DataError("no readable images to evaluate")
@@ -74,6 +91,10 @@ def evaluate_batches(
     }
 
 
+def _say_skipped(failure: str) -> None:
+    print(f"skipping unreadable image {failure}", file=sys.stderr)
+
+
 def evaluate(
     checkpoint: str | Path,
     data: str | Path,
@@ -82,7 +103,7 @@ def evaluate(
     img_size: int | tuple[int, int] | None = None,
     crop_pct: float | None = None,
     batch_size: int = 64,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     use_ema: bool = False,
     amp: str = "auto",
     device: str = "auto",
@@ -93,7 +114,8 @@ def evaluate(
 
     Our checkpoints know their model and classes; the authors' files need ``model`` and
     take their class order from the sorted folder names (the ImageNet convention).
-    Works under ``torchrun`` too: images are split over ranks and the sums reduced.
+    ``num_workers`` None: the CPUs available. Works under ``torchrun`` too: images are split
+    over ranks and the sums reduced.
     """
     ctx = setup_distributed(device)
     try:
@@ -106,12 +128,13 @@ def evaluate(
                 f"{loaded.num_classes}; evaluate on the data set the model was trained for"
             )
         sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
-        loader = build_loader(dataset, batch_size, sampler, num_workers, seed=0, drop_last=False,
+        workers = default_workers() if num_workers is None else num_workers
+        loader = build_loader(dataset, batch_size, sampler, workers, seed=0, drop_last=False,
                               pin_memory=ctx.device.type == "cuda")
         # A progress bar on a terminal; no plain progress lines, so stdout holds the result alone.
         bar = RunLogger(None, enabled=ctx.is_main) if sys.stderr.isatty() else None
         metrics = evaluate_batches(loaded.model, loader, ctx, resolve_precision(amp, ctx.device), skip_corrupt,
-                                   bar, total=len(loader))
+                                   bar, total=len(loader), on_skip=_say_skipped if ctx.is_main else None)
         return {"model": loaded.name, "img_size": loaded.img_size, **metrics}
     finally:
         teardown_distributed(ctx)

@@ -9,15 +9,22 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 
 __all__ = ["create_classifier", "LoadedClassifier", "load_classifier"]
 
 
 def create_classifier(
-    name: str, num_classes: int, drop_path: float | None = None, model_kwargs: dict[str, Any] | None = None
+    name: str, num_classes: int, drop_path: float | None = None, model_kwargs: dict[str, Any] | None = None,
+    img_size: tuple[int, int] | None = None,
 ) -> nn.Module:
-    """``timm.create_model(name, num_classes=..., drop_path_rate=..., **model_kwargs)``."""
+    """``timm.create_model(name, num_classes=..., drop_path_rate=..., **model_kwargs)``.
+
+    With ``img_size`` (H, W), settings that build but do not fit together (channels that do
+    not split over the heads or the embedding's kernels, groups larger than the maps) are
+    found first by a forward pass on the meta device (no memory, no arithmetic): one line
+    naming the settings instead of a shape error in the first training step.
+    """
     import timm
 
     import crossformer  # noqa: F401  (registers the variants with timm)
@@ -27,10 +34,16 @@ def create_classifier(
     kwargs = dict(model_kwargs or {})
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
+    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "its default settings"
     try:
+        if img_size is not None:
+            with torch.device("meta"):
+                timm.create_model(name, num_classes=num_classes, **kwargs).eval()(torch.empty(1, 3, *img_size))
         return timm.create_model(name, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserInputError(f"cannot build {name} with {kwargs}: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        size = f" at {img_size[0]}x{img_size[1]}" if img_size is not None else ""
+        raise UserInputError(f"cannot build {name} with {settings}{size}: {reason}") from None
 
 
 @dataclass
@@ -66,7 +79,10 @@ def load_classifier(
     name, recorded = recorded_model(state, model_name)
     if not name:
         raise UserInputError(f"{checkpoint} does not name its model: pass --model NAME (e.g. crossformer_small)")
-    weights = extract_state_dict(state, use_ema=use_ema)
+    try:
+        weights = extract_state_dict(state, use_ema=use_ema)
+    except CheckpointError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from None
     head = weights.get("head.weight")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")

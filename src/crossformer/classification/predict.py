@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,9 +51,16 @@ def predict(
     use_ema: bool = False,
     device: str = "auto",
     model_kwargs: dict[str, Any] | None = None,
+    skip_corrupt: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
     """Classify images with a checkpoint; labels are its class names (or ``class_names``,
-    or the class index as text for files that record none)."""
+    or the class index as text for files that record none).
+
+    An unreadable file is an error naming it; with ``skip_corrupt`` it is left out of the
+    results and ``on_note`` names it. ``on_note`` also hears of images smaller than the
+    model's input, which are upscaled (their predictions are less reliable).
+    """
     loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
     names = list(class_names) if class_names is not None else loaded.class_names
     if names is not None and len(names) != loaded.num_classes:
@@ -63,15 +70,35 @@ def predict(
     files = expand_image_paths(paths)
     device_ = next(loaded.model.parameters()).device
     k = max(1, min(topk, loaded.num_classes))
+    height, width = (loaded.img_size, loaded.img_size) if isinstance(loaded.img_size, int) else loaded.img_size
+    note = on_note or (lambda message: None)
     results: list[Prediction] = []
+    skipped = 0
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        for path in chunk:
-            if not is_image_file(path):
-                raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
-        batch = torch.stack([transform(open_image(p)) for p in chunk]).to(device_)
+        chunk, images = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                if not is_image_file(path):
+                    raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
+                image = open_image(path)
+            except DataError as err:
+                if not skip_corrupt:
+                    raise
+                note(f"skipped: {err}")
+                skipped += 1
+                continue
+            if image.width < width or image.height < height:
+                note(f"{path} is {image.width}x{image.height}, smaller than the model's {width}x{height} input: "
+                     f"upscaled, so its prediction is less reliable")
+            chunk.append(path)
+            images.append(transform(image))
+        if not images:
+            continue
+        batch = torch.stack(images).to(device_)
         probs = loaded.model(batch).float().softmax(dim=1)
         scores, indices = probs.topk(k, dim=1)
         for path, row_scores, row_indices in zip(chunk, scores.tolist(), indices.tolist()):
             results.append(Prediction(str(path), [names[i] for i in row_indices], row_scores))
+    if skipped:
+        note(f"{skipped} of {len(files)} files skipped as unreadable")
     return results

@@ -17,6 +17,7 @@ from ..data import (
     build_eval_transform,
     build_loader,
     build_train_transform,
+    find_unreadable,
     prepare_digits,
     raise_or_count_unreadable,
 )
@@ -54,6 +55,7 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
+        self._named: set[str] = set()  # unreadable files already named in the log
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
         self._build_data()
@@ -77,6 +79,9 @@ class ClassificationTask(Task):
         self.train_set = ImageFolderDataset(root, "train", transform=train_tf)
         self.val_set = ImageFolderDataset(root, "val", classes=self.train_set.classes, transform=eval_tf)
         self.classes = self.train_set.classes
+        if len(self.classes) < 2:
+            raise DataError(f"{self.train_set.split_dir} has one class folder ({self.classes[0]}); a classifier "
+                            f"needs at least two")
         batch = c.run.batch_size
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(
@@ -94,7 +99,8 @@ class ClassificationTask(Task):
         from ..models.weights import load_checkpoint
 
         c = self.config
-        model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs)
+        model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs,
+                                  img_size=c.data.size_hw)
         if c.model.pretrained:
             load_checkpoint(model, c.model.pretrained)
         self.model = model.to(self.ctx.device)
@@ -110,9 +116,33 @@ class ClassificationTask(Task):
             return images[:-1], targets[:-1], failures
         return batch
 
+    def check_data(self) -> None:
+        """Every validation image's header (this rank's share), so that a bad file stops the run
+        now rather than after the first epoch; with ``skip_corrupt`` the bad ones are named."""
+        sampler = ShardedSampler(len(self.val_set), self.ctx.rank, self.ctx.world_size, shuffle=False, pad=False)
+        paths = [self.val_set.samples[i][0] for i in sampler]
+        batch = 64
+        large = len(paths) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
+        progress = self.log.progress(-(-len(paths) // batch), "checking val images", every=100) if large else None
+        bad = find_unreadable(paths, self.config.run.num_workers, batch, progress)
+        if progress is not None:
+            progress.close()
+        if bad and not self.config.data.skip_corrupt:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(f"cannot read validation image {bad[0]}{more}; fix or delete it, or pass --skip-corrupt "
+                            f"to skip such files")
+        for failure in bad:
+            self._skipped(failure)
+
+    def _skipped(self, failure: str) -> None:
+        """Name each unreadable file in the log once per run (they are counted every time)."""
+        if failure not in self._named:
+            self._named.add(failure)
+            self.log.info(f"skipping unreadable image {failure}")
+
     def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
         images, targets, failures = self._trim(batch)
-        unreadable = raise_or_count_unreadable(failures, self.config.data.skip_corrupt)
+        unreadable = raise_or_count_unreadable(failures, self.config.data.skip_corrupt, self._skipped)
         return {"samples": float(len(targets)), "unreadable_images": float(unreadable)}
 
     def to_device(self, batch: ImageBatch) -> ImageBatch:
@@ -125,7 +155,8 @@ class ClassificationTask(Task):
         return {"loss": self.criterion(model(images), targets)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        metrics = evaluate_batches(model, self.val_loader, self.ctx, self.precision, self.config.data.skip_corrupt)
+        metrics = evaluate_batches(model, self.val_loader, self.ctx, self.precision, self.config.data.skip_corrupt,
+                                   on_skip=self._skipped)
         return {k: metrics[k] for k in ("loss", "acc1", "acc5")}
 
     def checkpoint_extras(self) -> dict[str, Any]:

@@ -22,8 +22,28 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                         help="any setting, e.g. optimizer.lr=1e-3 model.kwargs.embed_dim=32 (bare names when unique: epochs=5)")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run ``argv`` started (its ``--resume``/``--overwrite`` dropped)."""
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith(("--resume=", "--overwrite", "--no-overwrite", "resume=", "overwrite=", "run.resume=",
+                                 "run.overwrite=")):
+            kept.append(arg)
+    return shlex.join(["crossformer", *kept, "--resume", "auto"])
+
+
 def run(args: argparse.Namespace) -> int:
-    from crossformer.engine import NonFiniteLossError, parse_overrides, train
+    import os
+    import sys
+
+    from crossformer.engine import NonFiniteLossError, RunInterrupted, parse_overrides, train
     from crossformer.engine.registry import resolve_config
 
     from .common import config_values
@@ -35,4 +55,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"crossformer train: stopped: {err}")
         return 1
+    except RunInterrupted as err:
+        if os.environ.get("RANK", "0") == "0":
+            launcher = "torchrun ... -m " if "RANK" in os.environ else ""
+            print(f"crossformer train: {err}\nresume with: {launcher}{resume_command(sys.argv[1:])}", file=sys.stderr)
+        return 130
     return 0 if metrics else 1

@@ -33,6 +33,8 @@ class DataError(UserInputError):
 def find_split(root: str | Path, split: str) -> Path:
     """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``)."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data {root} is a file, not a folder; give the folder that holds {split}/<class>/<image>")
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     names = SPLIT_NAMES.get(split, (split,))
@@ -70,7 +72,7 @@ def open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or delete it (training: --skip-corrupt skips such files)") from None
+        raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt to skip such files") from None
 
 
 def _class_folders(split_dir: Path) -> list[str]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .folder import DataError
+from .folder import UNREADABLE_ERRORS, DataError
 
-__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable"]
+__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable"]
 
 # (images (B, 3, H, W), targets (B,), unreadable files as "path: reason")
 ImageBatch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -24,11 +26,65 @@ def collate_images(samples: Sequence[tuple[torch.Tensor | None, int, str | None]
     return torch.stack([img for img, _ in good]), torch.tensor([t for _, t in good]), failures
 
 
-def raise_or_count_unreadable(failures: list[str], skip_corrupt: bool) -> int:
-    """The number of unreadable samples in a batch; an error naming the first unless skipping."""
+def raise_or_count_unreadable(
+    failures: list[str], skip_corrupt: bool, on_skip: Callable[[str], None] | None = None
+) -> int:
+    """The number of unreadable samples in a batch; an error naming the first unless skipping.
+
+    ``on_skip("path: reason")`` is called for each skipped sample (to name it in the log).
+    """
     if failures and not skip_corrupt:
         raise DataError(f"cannot read image {failures[0]}; fix or delete it, or pass --skip-corrupt to skip such files")
+    if on_skip is not None:
+        for failure in failures:
+            on_skip(failure)
     return len(failures)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT / SIGTERM to the main process, which stops the run cleanly
+    (a worker killed by Ctrl-C would make the next batch fail instead). They still exit with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Headers(Dataset):
+    """``None`` for a file whose image header reads, else ``"path: reason"``."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str | None:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:  # reads the header only, not the pixels
+                img.size
+        except FileNotFoundError:
+            return f"{path}: file not found"
+        except UNREADABLE_ERRORS as err:
+            return f"{path}: {err}"
+        return None
+
+
+def find_unreadable(
+    paths: Sequence[str], num_workers: int = 0, batch_size: int = 64, progress: Any = None
+) -> list[str]:
+    """``"path: reason"`` for each of ``paths`` whose image header cannot be read, in order.
+
+    A cheap check (a header, not a decode) run in ``num_workers`` loader processes;
+    ``progress.update()`` (a :class:`~crossformer.engine.Progress`) is called per batch of paths.
+    """
+    loader = DataLoader(_Headers(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+                        worker_init_fn=_ignore_stop_signals)
+    found: list[str] = []
+    for results in loader:
+        found.extend(r for r in results if r is not None)
+        if progress is not None:
+            progress.update()
+    return found
 
 
 def build_loader(
@@ -59,4 +115,5 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals,
     )

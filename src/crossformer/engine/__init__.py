@@ -16,26 +16,28 @@ from .config import (
     load_yaml,
     parse_overrides,
 )
-from .distributed import DistContext, resolve_device, setup_distributed, teardown_distributed
+from .distributed import DistContext, default_workers, resolve_device, setup_distributed, teardown_distributed
+from .output import RUN_FILES, claim_output
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import Progress, RunLogger
 from .optim import build_optimizer, param_groups, scale_lr
 from .schedule import LRSchedule, build_schedule, cosine_factor, linear_warmup, poly_factor, step_factor
 from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
 from .task import Task, move_to_device
-from .trainer import Trainer, train
+from .trainer import RunInterrupted, Trainer, train
 
 __all__ = [
     "AMP_CHOICES", "Precision", "resolve_precision",
     "BEST", "LAST", "load_training_state", "save_atomic",
     "EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
     "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides",
-    "DistContext", "resolve_device", "setup_distributed", "teardown_distributed",
+    "DistContext", "default_workers", "resolve_device", "setup_distributed", "teardown_distributed",
+    "RUN_FILES", "claim_output",
     "NonFiniteLossError", "check_finite_loss",
     "Progress", "RunLogger",
     "build_optimizer", "param_groups", "scale_lr",
     "LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor",
     "capture_rng_state", "enable_determinism", "restore_rng_state", "seed_everything",
     "Task", "move_to_device",
-    "Trainer", "train",
+    "RunInterrupted", "Trainer", "train",
 ]

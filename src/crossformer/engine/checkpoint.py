@@ -7,12 +7,12 @@ finds the weights under ``model`` (and ``model_ema``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_atomic
 from ..errors import CheckpointError
 
 __all__ = ["save_atomic", "load_training_state", "LAST", "BEST"]
@@ -22,23 +22,9 @@ BEST = "best.pth"
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` so that readers see the old file or the new one, never half.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and replace
-    the target with one ``os.replace`` (atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``state`` to ``path`` so that readers see the old file or the new one, never half
+    (:func:`crossformer.atomic.write_atomic`: a full disk keeps the previous file and says so)."""
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

@@ -26,11 +26,12 @@ import yaml
 
 from ..errors import UserInputError
 from .amp import AmpMode
+from .distributed import default_workers
 
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
-    "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "leaf_keys", "resolve_key",
-    "build_config",
+    "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "config_differences", "leaf_keys",
+    "resolve_key", "build_config",
 ]
 
 C = TypeVar("C")
@@ -45,24 +46,25 @@ class RunConfig:
     (optimizer updates): set exactly one of ``epochs`` and ``iterations``; ``eval_every`` and
     ``checkpoint_every`` are in the same unit."""
 
-    epochs: int = 0
-    iterations: int = 0
+    epochs: int = 0  # passes over the training data (or set iterations)
+    iterations: int = 0  # optimizer updates (or set epochs)
     eval_every: int = 1  # evaluate (and pick best.pth) every N epochs / iterations, and at the end
     checkpoint_every: int = 0  # also write last.pth every N epochs / iterations (0: at evaluations and the end)
     save_every_steps: int = 0  # also write last.pth every N optimizer updates (0: off)
     batch_size: int = 128  # per process; global batch = batch_size x processes x accum_steps
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_workers)  # loader processes (default: the CPUs available, at most 8)
     accum_steps: int = 1  # micro-batches per optimizer update
     clip_grad: float = 0.0  # clip the global gradient norm to this (0: no clipping, norm still logged)
     amp: AmpMode = "auto"
     model_ema: bool = False
     model_ema_decay: float = 0.9999
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order and augmentation (each rank adds its rank)
     deterministic: bool = False
     device: str = "auto"
     cpu_threads: int = 0  # torch threads per process on the CPU (0: torch's default)
-    output: str = "output/train"
+    output: str = "output/train"  # the run's folder: last.pth, best.pth, log.txt, metrics.jsonl, tensorboard/
     resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file
+    overwrite: bool = False  # replace an earlier run in output (its checkpoints and logs are deleted)
     log_every: int = 50  # a train/lr, train/step_loss, train/grad_norm record every N updates
     tensorboard: bool = True
 
@@ -209,7 +211,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             raise UserInputError(f"expected KEY=VALUE, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except yaml.YAMLError as err:
+            if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: say what is wrong with it
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise UserInputError(f"{key.strip()}={raw}: not a valid YAML list or mapping ({problem})") from None
             value = raw
         result[key.strip()] = _number_or_text(value) if isinstance(value, str) else value
     return result
@@ -410,6 +415,31 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """The settings in which two :func:`config_to_dict` results differ, as ``"key VALUE (was OLD)"``.
+
+    Keys under any of the ``ignore`` prefixes are left out (where a run writes, how many workers).
+    """
+    old, new = _flat(recorded), _flat(current)
+    ignored = tuple(ignore)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(ignored) or old.get(key) == new.get(key):
+            continue
+        changed.append(f"{key} {new.get(key, 'unset')} (was {old.get(key, 'unset')})")
+    return changed
 
 
 def build_config(config_cls: type[C], *layers: tuple[Mapping[str, Any], str]) -> C:

@@ -16,7 +16,23 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device"]
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers"]
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Data-loader processes per training process: this node's CPUs available to us, shared by
+    the node's processes (``torchrun`` sets ``LOCAL_WORLD_SIZE``), at most 8 and at least 1.
+
+    More workers than CPUs only adds switching (and PyTorch warns about it).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -66,6 +82,23 @@ class DistContext:
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (so all ranks take the same branch)."""
         return self.all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0
+
+    def raise_together(self, error: UserInputError | None) -> None:
+        """Raise on every rank when any rank has an ``error`` (the lowest rank's), else return.
+
+        A rank that stopped alone would leave the others waiting in their next collective, and
+        the message would drown in their timeouts; so every rank stops with the same one line.
+        Costs one small reduction (and a gather only when something failed).
+        """
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        if self.all_true(error is None):
+            return
+        found = [e for e in self.gather_objects(None if error is None else (type(error), str(error))) if e is not None]
+        cls, message = found[0]
+        raise cls(message)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order (picklable objects only)."""

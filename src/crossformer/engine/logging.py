@@ -16,12 +16,14 @@ __all__ = ["RunLogger", "Progress"]
 
 
 class Progress:
-    """A progress bar on a terminal; a plain line every ``every`` steps otherwise."""
+    """A progress bar on a terminal; otherwise a plain line every ``every`` steps, every
+    ``seconds`` seconds (so a slow run in a log file is never silent for long) and at the end."""
 
-    def __init__(self, logger: "RunLogger", total: int, desc: str, initial: int = 0, every: int = 50) -> None:
-        self.logger, self.total, self.desc, self.every = logger, total, desc, max(every, 1)
-        self.count = initial
-        self.start = time.perf_counter()
+    def __init__(self, logger: "RunLogger", total: int, desc: str, initial: int = 0, every: int = 50,
+                 seconds: float = 30.0) -> None:
+        self.logger, self.total, self.desc, self.every, self.seconds = logger, total, desc, max(every, 1), seconds
+        self.count = self.initial = initial
+        self.start = self.last_line = time.perf_counter()
         self.bar = None
         if logger.enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -34,8 +36,10 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        elif self.logger.enabled and (self.count % self.every == 0 or self.count == self.total):
-            rate = self.count / max(time.perf_counter() - self.start, 1e-9)
+        elif self.logger.enabled and (self.count % self.every == 0 or self.count == self.total
+                                      or time.perf_counter() - self.last_line >= self.seconds):
+            self.last_line = now = time.perf_counter()
+            rate = (self.count - self.initial) / max(now - self.start, 1e-9)
             fields = " ".join(f"{k} {v}" for k, v in shown.items())
             self.logger.info(f"{self.desc} [{self.count}/{self.total}] {fields} ({rate:.2f} it/s)")
 
@@ -62,10 +66,12 @@ class RunLogger:
             else:
                 self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, echo: bool = True) -> None:
+        """``message`` on stdout (unless not ``echo``: errors the caller prints itself) and in ``log.txt``."""
         if not self.enabled:
             return
-        print(message, flush=True)
+        if echo:
+            print(message, flush=True)
         if self.output_dir is not None:
             with open(self.output_dir / "log.txt", "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

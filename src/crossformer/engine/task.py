@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .distributed import DistContext
+from .logging import RunLogger
 
 __all__ = ["Task", "move_to_device"]
 
@@ -51,6 +52,8 @@ class Task(ABC):
     model: nn.Module
     train_loader: DataLoader
     train_sampler: Any  # crossformer.data.ShardedSampler
+    # The run's logger (rank 0 writes, the others do nothing); the trainer sets it after __init__.
+    log: RunLogger = RunLogger(None, enabled=False)
 
     def __init__(self, config: Any, ctx: DistContext) -> None:
         self.config, self.ctx = config, ctx
@@ -68,6 +71,16 @@ class Task(ABC):
         """Metrics of ``model`` on the validation data, reduced over every rank (each rank
         returns the same numbers). Keys are plain names (``acc1``, ``loss``, ``bbox_mAP``); the
         trainer logs them as ``val/<key>`` (``val_ema/<key>`` for the EMA weights)."""
+
+    def check_data(self) -> None:
+        """Raise :class:`~crossformer.errors.UserInputError` naming a file that training or
+        evaluation would fail on (e.g. an unreadable validation image), before any training.
+
+        Runs on every rank after ``__init__``: check this rank's share (``ctx.rank`` of
+        ``ctx.world_size``); the trainer stops every rank with the first error. Keep it cheap
+        (headers, not a full decode); ``self.log.progress`` shows progress on large sets.
+        Default: nothing to check.
+        """
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """What checkpoints must carry besides the training state, to be checked on resume and

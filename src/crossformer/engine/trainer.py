@@ -5,54 +5,73 @@ accumulation (DDP ``no_sync`` on the micro-batches that do not update), mixed pr
 gradient clipping (the norm is logged either way), the per-update schedule, EMA weights,
 evaluation and checkpoints every N epochs or N iterations, mid-run checkpoints every N
 updates, exact resume (mid-epoch included), the non-finite-loss guard, and metrics reduced
-over ranks. Rank 0 alone writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``,
-``log.txt`` and ``tensorboard/``.
+over ranks; a data check before training, a stop on SIGINT / SIGTERM with a checkpoint, and
+errors agreed across ranks so that every rank stops with the same one line. Rank 0 alone
+writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``, ``log.txt`` and ``tensorboard/``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from ..errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic
-from .config import EngineConfig, config_to_dict
+from .config import EngineConfig, config_differences, config_to_dict
 from .distributed import DistContext, setup_distributed, teardown_distributed
-from .guard import check_finite_loss
+from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger
+from .output import claim_output
 from .optim import build_optimizer, scale_lr
 from .schedule import build_schedule
 from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
 from .task import Task
 
-__all__ = ["Trainer", "train", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "train", "RunInterrupted", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "crossformer-train-v2"
 StepCallback = Callable[[int], None]
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Settings that say where and how a run goes, not what it trains: they may change on resume unremarked.
+_RUN_ONLY_SETTINGS = ("run.output", "run.resume", "run.overwrite", "run.num_workers", "run.log_every",
+                      "run.tensorboard", "run.device", "run.cpu_threads")
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after saving ``checkpoint`` (resume with ``resume=auto``)."""
+
+    def __init__(self, message: str, checkpoint: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 class Trainer:
     """State of one training run on one rank."""
 
     def __init__(self, task_cls: type[Task], config: EngineConfig, ctx: DistContext,
-                 on_step_end: StepCallback | None = None) -> None:
+                 on_step_end: StepCallback | None = None, log: RunLogger | None = None) -> None:
         self.config, self.ctx, self.on_step_end = config, ctx, on_step_end
         run = self.run_config = config.run
         self.output = Path(run.output)
-        self.log = RunLogger(self.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
+        self.log = log or RunLogger(self.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
         if run.deterministic:
             enable_determinism()
         if run.cpu_threads and ctx.device.type == "cpu":
             torch.set_num_threads(run.cpu_threads)
         seed_everything(run.seed + ctx.rank)  # ranks draw different augmentations
         self.task = task_cls(config, ctx)
+        self.task.log = self.log
+        self._check_data()
         self.batches_per_epoch = len(self.task.train_loader)
         if self.batches_per_epoch < 1:
             raise UserInputError(f"fewer than one batch of {run.batch_size} per process; lower --batch-size")
@@ -67,10 +86,21 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_grad_norm = float("nan")
         self.last_checkpoint: str | None = None
+        self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
+        self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
         self._maybe_resume()
         self.schedule.apply(self.optimizer, self.global_step)
 
     # set-up ---------------------------------------------------------------------------
+
+    def _check_data(self) -> None:
+        """The task's data check before any training; every rank stops if any rank's share fails."""
+        error = None
+        try:
+            self.task.check_data()
+        except UserInputError as err:
+            error = err
+        self.ctx.raise_together(error)
 
     def _build_optimisation(self) -> None:
         from timm.utils import ModelEmaV3
@@ -150,10 +180,20 @@ class Trainer:
         if state.get("task", self.config.task) != self.config.task:
             raise UserInputError(f"{path} is a {state.get('task')} run, not {self.config.task}")
         self.task.check_resume(state, str(path))
-        self.task.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and "model_ema" in state:
-            self.ema.module.load_state_dict(state["model_ema"])
+        changed = config_differences(state.get("config", {}), config_to_dict(self.config), ignore=_RUN_ONLY_SETTINGS)
+        try:
+            self.task.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and "model_ema" in state:
+                self.ema.module.load_state_dict(state["model_ema"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            what = "; ".join(changed) if changed else str(err).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with other settings ({what}); use its settings, "
+                f"or pass another --output (or --overwrite) to start afresh"
+            ) from None
+        if changed:
+            self.log.info(f"resuming {path} with changed settings: {'; '.join(changed)}")
         if self.precision.scaler is not None and "scaler" in state:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
@@ -184,9 +224,14 @@ class Trainer:
         total = self.batches_per_epoch
         progress = self.log.progress(total, f"epoch {self.epoch}", self.batches_done, run.log_every)
         for batch in task.train_loader:
-            counts = task.batch_counts(batch)
-            if not counts["samples"] and ctx.distributed:
-                raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
+            counts, error = None, None
+            try:
+                counts = task.batch_counts(batch)
+                if not counts["samples"] and ctx.distributed:
+                    raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
+            except UserInputError as err:
+                error = err
+            stop = self._agree(error)
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -200,9 +245,37 @@ class Trainer:
                 if epoch_ended:
                     self.epoch, self.batches_done = self.epoch + 1, 0
                 self._after_update(epoch_ended)
+                if (stop or self.stop_signal is not None and not ctx.distributed) and not self.finished:
+                    progress.close()
+                    self._stop()
                 if epoch_ended or self.finished:
                     break
         progress.close()
+
+    def _agree(self, error: UserInputError | None) -> bool:
+        """Raise ``error`` on every rank if any rank has one; whether any rank was asked to stop.
+
+        One small reduction per micro-batch when distributed (ranks must leave together: one
+        alone would leave the others waiting in DDP's gradient reduction); free otherwise.
+        """
+        ctx = self.ctx
+        if not ctx.distributed:
+            if error is not None:
+                raise error
+            return self.stop_signal is not None
+        failed, stopping = ctx.all_reduce_sum([float(error is not None), float(self.stop_signal is not None)])
+        if failed:
+            ctx.raise_together(error)
+        return stopping > 0
+
+    def _stop(self) -> None:
+        """After an update, on a stop signal: save the position (mid-epoch) and stop."""
+        self._save({})
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a stop signal on another rank"
+        message = (f"interrupted by {name} at epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}; "
+                   f"saved {self.output / LAST}: resume with --resume auto")
+        self.log.info(message, echo=False)  # the exception carries it (the train command prints it)
+        raise RunInterrupted(message, str(self.output / LAST))
 
     def _forward_backward(self, batch: Any, samples: float, sync: bool) -> None:
         ctx = self.ctx
@@ -243,7 +316,7 @@ class Trainer:
             final = position >= run.length
             evaluate = final or position % run.eval_every == 0
             if evaluate:
-                metrics, is_best = self._report()
+                metrics, is_best = self._evaluate_or_save()
                 self._save(metrics, best=is_best)
             elif run.checkpoint_every and position % run.checkpoint_every == 0:
                 self._save({})
@@ -253,6 +326,15 @@ class Trainer:
             self._save({})
         if self.on_step_end is not None:
             self.on_step_end(self.global_step)
+
+    def _evaluate_or_save(self) -> tuple[dict[str, float], bool]:
+        """:meth:`_report`; if evaluation fails on bad input, the training done is saved first."""
+        try:
+            return self._report()
+        except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
+            self._save({})
+            raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.output / LAST}: "
+                            f"fix the data and pass --resume auto)") from None
 
     def _report(self) -> tuple[dict[str, float], bool]:
         """Train means since the last report and validation metrics, reduced over ranks; logged."""
@@ -265,6 +347,7 @@ class Trainer:
                 metrics[f"train/{key[5:]}"] = value / samples
             elif value:
                 metrics[f"train/{key}"] = value
+                self.count_totals[key] = self.count_totals.get(key, 0.0) + value
         self.meters = {}
         metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
         if self.ema is not None:
@@ -290,17 +373,41 @@ class Trainer:
         start = time.perf_counter()
         self.last_metrics: dict[str, float] = {}
         already = self.finished
-        while not self.finished:
-            self._train_epoch()
+        with self._stop_signals():
+            while not self.finished:
+                self._train_epoch()
         primary = self.task.primary_metric
         if already:
             self.log.info(f"nothing to do: {self.last_checkpoint} already finished {self.run_config.length} "
                           f"{self.run_config.unit}s")
         else:
-            self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f} "
+            counted = "".join(f", {int(v)} {k.replace('_', ' ')}" for k, v in self.count_totals.items())
+            self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
                           f"(checkpoints in {self.output})")
         self.log.close()
         return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGINT / SIGTERM ask for a stop at the next update (checkpoint first);
+        a second one acts as usual (Ctrl-C twice: KeyboardInterrupt at once)."""
+        if threading.current_thread() is not threading.main_thread():  # handlers only in the main thread
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback | None = None) -> dict[str, float]:
@@ -310,9 +417,36 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     Under ``torchrun`` each process calls this and they train together. ``on_step_end(global_step)``
     is called after every optimizer update (and the checkpoints due then). ``config`` is
     validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
+
+    ``run.output`` must be new, empty or hold only logs, unless ``run.resume`` continues the run
+    there or ``run.overwrite`` replaces it (:func:`~crossformer.engine.output.claim_output`).
+    SIGINT / SIGTERM save a mid-epoch ``last.pth`` and raise :class:`RunInterrupted`. Errors and
+    interrupts are also written to ``log.txt``.
     """
-    ctx = setup_distributed(config.run.device)
+    run = config.run
+    ctx = setup_distributed(run.device)
     try:
-        return Trainer(task_cls, config, ctx, on_step_end).run()
+        error, removed = None, []
+        if ctx.is_main:
+            try:
+                removed = claim_output(run.output, run.resume, run.overwrite)
+            except UserInputError as err:
+                error = err
+        ctx.raise_together(error)  # before anyone writes into the folder
+        log = RunLogger(run.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
+        if removed:
+            log.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run.output}")
+        try:
+            return Trainer(task_cls, config, ctx, on_step_end, log=log).run()
+        except RunInterrupted:
+            raise  # logged already
+        except (UserInputError, NonFiniteLossError) as err:
+            log.info(f"error: {err}", echo=False)  # the caller prints it
+            raise
+        except BaseException as err:
+            log.info(f"stopped by {type(err).__name__}: {err}\n{traceback.format_exc()}".rstrip(), echo=False)
+            raise
+        finally:
+            log.close()
     finally:
         teardown_distributed(ctx)

@@ -241,14 +241,16 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     state dicts, with ``module.``/``backbone.`` prefixes as the dense-task releases have.
     """
     state = checkpoint
-    keys = ("model_ema", "state_dict_ema") if use_ema else ()
-    for key in (*keys, "model", "state_dict"):
+    # With use_ema, only EMA entries will do: falling back to the plain weights would report
+    # their accuracy as the EMA's.
+    for key in ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             state = checkpoint[key]
             break
     else:
         if use_ema:
-            raise CheckpointError("checkpoint holds no EMA weights (no 'model_ema' entry)")
+            raise CheckpointError("checkpoint holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
+                                  "drop --ema")
     result: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

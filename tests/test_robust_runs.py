@@ -1,0 +1,431 @@
+"""Issue 16, items 1-4, 6, 7, 11, 12: no lost runs, no tracebacks. Each item is fixed in the
+engine, the command line or the data layer, so every task (and its commands) inherits it; the
+engine's behaviour is tested on the tiny fake task, the classification commands on a tiny
+CrossFormer. Bad input: exit 2, one line, nothing overwritten, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from classification_fixtures import make_image_folder
+from cli_errors import one_error_line
+from crossformer.cli import main
+from crossformer.engine import (
+    RunInterrupted,
+    Task,
+    claim_output,
+    default_workers,
+    load_training_state,
+    train,
+)
+from crossformer.engine.logging import Progress, RunLogger
+from crossformer.errors import UserInputError
+from engine_fixtures import FakeConfig, FakeTask, fake_config
+from test_cli_classification import _restore_threads, data  # noqa: F401 (fixtures: a tiny image folder)
+
+TESTS = Path(__file__).resolve().parent
+# A CrossFormer that trains an epoch of 24 images in about a second on one CPU thread.
+TINY_OVERRIDES = ["model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1,1,1]", "model.kwargs.num_heads=[1,2,4,8]",
+                  "model.kwargs.group_size=[4,4,2,1]", "model.kwargs.interval=[2,2,1,1]", "warmup_epochs=0",
+                  "cpu_threads=1"]
+FLAGS = ["--model", "crossformer_tiny", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
+         "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run of the tiny model (embed_dim 16, no EMA)."""
+    output = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", "--data", str(data), "--output", str(output), "--epochs", "1", *FLAGS, *TINY_OVERRIDES]) == 0
+    return output
+
+
+def _train_argv(data: Path, output: Path, *extra: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    return ["train", "--data", str(data), "--output", str(output), "--epochs", "1", *FLAGS, *extra,
+            *TINY_OVERRIDES, *overrides]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- 1. an earlier run is never overwritten silently ----------------------------------------
+
+
+def test_a_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path: Path, monkeypatch, capsys) -> None:
+    from crossformer.engine import registry
+
+    monkeypatch.setitem(registry.TASKS, "fake", "engine_fixtures")
+    config = tmp_path / "fake.yaml"
+    config.write_text("task: fake\nrun:\n  epochs: 1\n")
+    output = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--output", str(output)]
+    assert main(argv) == 0
+    before = _snapshot(output)
+    line = one_error_line(capsys, argv)
+    assert f"output folder {output} already holds best.pth, last.pth, log.txt, metrics.jsonl:" in line
+    assert "--resume auto" in line and "--overwrite" in line
+    assert _snapshot(output) == before  # nothing touched, not even the log
+
+    assert main([*argv, "--overwrite", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"--overwrite: deleted the earlier run's last.pth, best.pth, metrics.jsonl, log.txt in {output}" in out
+    assert [r["epoch"] for r in _records(output) if "val/score" in r] == [0, 1]  # the new run's records alone
+    assert "--overwrite: deleted" in (output / "log.txt").read_text().splitlines()[0]
+    assert main([*argv, "--resume", "auto", "--epochs", "3"]) == 0  # continuing is allowed
+    assert load_training_state(output / "last.pth")["epoch"] == 3
+
+    # a file in the way; a folder of someone else's files; a folder of an attempt's logs only
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in one_error_line(capsys, [*argv[:3], "--output", str(tmp_path / "file")])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "already holds notes.txt" in one_error_line(capsys, [*argv[:3], "--output", str(tmp_path / "mine")])
+    assert claim_output(tmp_path / "mine", None, overwrite=True) == [] and (tmp_path / "mine" / "notes.txt").exists()
+    (tmp_path / "tried").mkdir()
+    (tmp_path / "tried" / "log.txt").write_text("an attempt that stopped on bad input\n")
+    assert claim_output(tmp_path / "tried", None, overwrite=False) == []
+
+
+# -- 2. the default output folder is what --help says ------------------------------------------
+
+
+def test_the_default_output_folder_is_the_one_help_names(capsys) -> None:
+    from crossformer.engine.registry import bundled_configs, resolve_config
+
+    assert resolve_config().config.run.output == "output/train"  # no config: the digits one
+    for name, path in bundled_configs().items():
+        assert "output:" not in path.read_text(), name  # no bundled config moves it (the demo passes its own)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default output/train)" in " ".join(capsys.readouterr().out.split())
+
+
+# -- 3. bad data is found before training; an evaluation failure keeps the training ------------
+
+
+def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "data"
+    make_image_folder(broken, {"train": 8, "val": 2})
+    bad = broken / "val" / "dog" / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    output = tmp_path / "run"
+    line = one_error_line(capsys, _train_argv(broken, output))
+    assert f"cannot read validation image {bad}:" in line and "--skip-corrupt" in line
+    assert not (output / "last.pth").exists() and not (output / "metrics.jsonl").exists()
+    assert f"error: cannot read validation image {bad}" in (output / "log.txt").read_text()  # and logged
+
+    # --skip-corrupt: the run goes on, names each file once in the log, counts them in the summary
+    (broken / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    (broken / "train" / "cat" / "extra.png").write_bytes((broken / "train" / "cat" / "0.png").read_bytes())  # 26: 13 batches
+    assert main(_train_argv(broken, output, "--skip-corrupt")) == 0
+    log = (output / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}:") == 1
+    assert log.count(f"skipping unreadable image {broken / 'train' / 'cat' / 'bad.jpg'}:") == 1
+    done = [line for line in log.splitlines() if " done in " in line][0]
+    assert ", 1 unreadable images" in done  # the training image, skipped once in its one epoch
+
+
+class _FailingEvaluation(FakeTask):
+    def evaluate(self, model):
+        raise UserInputError("cannot read image val/7.png")
+
+
+def test_a_failing_evaluation_keeps_the_epochs_training(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"cannot read image val/7.png \(evaluation failed; the training so far "
+                                             r"is saved in .*last.pth: fix the data and pass --resume auto\)"):
+        train(_FailingEvaluation, fake_config(tmp_path))
+    state = load_training_state(tmp_path / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 0, 6)
+    assert "error: cannot read image val/7.png" in (tmp_path / "log.txt").read_text()
+
+
+class _CheckedTask(FakeTask):
+    """A bad file in the share of rank ``samples % 2`` (rank 0 with the default 24 samples, 1 with 25)."""
+
+    def check_data(self) -> None:
+        if self.ctx.rank == self.config.fake.samples % 2:
+            raise UserInputError(f"cannot read validation image rank{self.ctx.rank}.png")
+
+
+def test_the_data_check_runs_before_training(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="rank0.png"):
+        train(_CheckedTask, fake_config(tmp_path))
+    assert not (tmp_path / "last.pth").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+_DDP_TRAIN = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_robust_runs
+from crossformer.cli import main
+from crossformer.engine import registry
+test_robust_runs.TASK = test_robust_runs.{task}
+registry.TASKS["fake"] = "test_robust_runs"
+sys.exit(main(["train", "--config", {config!r}, "--output", {output!r}]))
+"""
+# This module is the fake task's registry entry in the torchrun tests (TASK: set by the script).
+CONFIG = FakeConfig
+TASK: type[Task] = FakeTask
+COMMANDS: dict = {}
+
+
+def _torchrun_train(tmp_path: Path, task: str, config: str) -> subprocess.CompletedProcess:
+    """``crossformer train`` of the fake task ``task`` (a class of this module) on 2 processes."""
+    (tmp_path / "fake.yaml").write_text(config)
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_TRAIN.format(tests=str(TESTS), task=task, config=str(tmp_path / "fake.yaml"),
+                                        output=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_with_the_one_line(tmp_path: Path) -> None:
+    proc = _torchrun_train(tmp_path, "_CheckedTask", "task: fake\nrun:\n  epochs: 1\nfake:\n  samples: 25\n")
+    assert proc.returncode != 0  # 25 samples: rank 1's share fails
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
+    assert lines == ["crossformer train: error: cannot read validation image rank1.png"], proc.stderr[-3000:]
+    # no rank died inside a collective: no gloo errors, no Python traceback from a worker
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+
+
+# -- 4. SIGINT / SIGTERM: a checkpoint, a resume command, then the same result ------------------
+
+
+def _interrupt_at(step: int, signum: int = signal.SIGINT):
+    def on_step_end(global_step: int) -> None:
+        if global_step == step:
+            os.kill(os.getpid(), signum)
+
+    return on_step_end
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_mid_epoch_and_resume_equals_an_unkilled_run(tmp_path: Path, signum: int) -> None:
+    settings = dict(epochs=3, model_ema=True, model_ema_decay=0.9, accum_steps=2)  # 3 updates per epoch
+    stopped, clean = tmp_path / "stopped", tmp_path / "clean"
+    with pytest.raises(RunInterrupted, match=rf"interrupted by {signal.Signals(signum).name} at epoch 1, batch 2, "
+                                             r"step 4; saved .*last.pth: resume with --resume auto"):
+        train(FakeTask, fake_config(stopped, **settings), on_step_end=_interrupt_at(4, signum))
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
+    state = load_training_state(stopped / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 2, 4)
+    assert "interrupted by" in (stopped / "log.txt").read_text()
+
+    resumed = train(FakeTask, fake_config(stopped, resume="auto", **settings))
+    unkilled = train(FakeTask, fake_config(clean, **settings))
+    assert resumed == unkilled  # every metric, bit for bit
+    a, b = load_training_state(stopped / "last.pth"), load_training_state(clean / "last.pth")
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+
+
+class _SignalledTask(FakeTask):
+    """Rank 1 alone gets SIGTERM in its 4th training step (update 4: epoch 1, batch 1)."""
+
+    def losses(self, model, batch):
+        if self.calls == 3 and self.ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().losses(model, batch)
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_ranks_agree_on_a_stop(tmp_path: Path) -> None:
+    proc = _torchrun_train(tmp_path, "_SignalledTask", "task: fake\nrun:\n  epochs: 3\n")
+    # 3 updates per epoch (24 samples, 2 ranks x batch 4); the ranks agree on the stop in the
+    # micro-batch after the signal's, so both stop after update 5 (epoch 1, batch 2)
+    saved = f"saved {tmp_path / 'ddp' / 'last.pth'}"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("crossformer train:", "resume with:"))]
+    assert lines == [f"crossformer train: interrupted by a stop signal on another rank at epoch 1, batch 2, step 5; "
+                     f"{saved}: resume with --resume auto", "resume with: torchrun ... -m crossformer --resume auto"], \
+        proc.stderr[-3000:]
+    state = load_training_state(tmp_path / "ddp" / "last.pth")
+    assert (state["world_size"], state["epoch"], state["batches_done"], state["global_step"]) == (2, 1, 2, 5)
+
+
+class _InterruptedTask(FakeTask):
+    """Sends itself SIGINT in its 8th training step (update 8: epoch 1, batch 2)."""
+
+    def losses(self, model, batch):
+        if self.calls == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().losses(model, batch)
+
+
+def test_the_train_command_prints_how_to_resume(tmp_path: Path, monkeypatch, capsys) -> None:
+    import types
+
+    from crossformer.engine import registry
+
+    module = types.ModuleType("interrupted_task")
+    module.CONFIG, module.TASK, module.COMMANDS = FakeConfig, _InterruptedTask, {}
+    monkeypatch.setitem(sys.modules, "interrupted_task", module)
+    monkeypatch.setitem(registry.TASKS, "fake", "interrupted_task")
+    config = tmp_path / "fake.yaml"
+    config.write_text("task: fake\nrun:\n  epochs: 2\n")
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "run"), "--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["crossformer", *argv])
+    assert main(argv) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("crossformer train: interrupted by SIGINT at epoch 1, batch 2, step 8; saved ")
+    assert err[1] == f"resume with: crossformer train --config {config} --output {tmp_path / 'run'} --resume auto"
+    assert load_training_state(tmp_path / "run" / "last.pth")["global_step"] == 8
+
+
+# -- 6. resuming with other settings names them ----------------------------------------------
+
+
+def test_resume_with_other_settings_names_them(data: Path, trained: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "run"
+    output.mkdir()
+    checkpoint = (trained / "last.pth").read_bytes()
+    (output / "last.pth").write_bytes(checkpoint)
+    line = one_error_line(capsys, _train_argv(data, output, "--resume", "auto", overrides=("model.kwargs.embed_dim=32",)))
+    assert f"cannot resume from {output / 'last.pth'}: it was trained with other settings (" in line
+    assert "model.kwargs.embed_dim 32 (was 16)" in line and "run.output" not in line
+    assert (output / "last.pth").read_bytes() == checkpoint
+
+
+# -- 7. values are checked, with one line ------------------------------------------------------
+
+
+def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "run"
+    cases = {
+        "optimizer.lr must be at least 0, got -1.0": _train_argv(data, output, "--lr", "-1"),
+        "model.drop_path must be in [0, 1), got 1.5": _train_argv(data, output, overrides=("model.drop_path=1.5",)),
+        "test.crop_pct must be in (0, 1], got 5.0": _train_argv(data, output, overrides=("crop_pct=5",)),
+        "model.kwargs.depths=[1,1,2: not a valid YAML list or mapping": _train_argv(
+            data, output, overrides=("model.kwargs.depths=[1,1,2",)),
+        "cannot build crossformer_tiny with embed_dim=33": _train_argv(data, output, overrides=("model.kwargs.embed_dim=33",)),
+        "data.img_size must be at least 32": ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data),
+                                             "--img-size", "20"],
+        "run.batch_size must be at least 1, got 0": ["predict", str(data / "val"), "--checkpoint",
+                                                     str(trained / "last.pth"), "--batch-size", "0"],
+    }
+    for expected, argv in cases.items():
+        assert expected in one_error_line(capsys, argv), argv
+    line = one_error_line(capsys, ["predict", str(data / "val"), "--checkpoint", str(trained / "last.pth"),
+                                   "--img-size", "20"])
+    assert "data.img_size must be at least 32" in line
+    assert not (output / "last.pth").exists()
+
+
+# -- 11. visible: skipped files named, progress in log files, notes --------------------------
+
+
+def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (220, 40, 40)).save(folder / "a.png")
+    Image.new("RGB", (10, 10), (40, 200, 40)).save(folder / "b.png")
+    (folder / "c.png").write_bytes(b"garbage")
+    line = one_error_line(capsys, ["predict", str(folder / "a.png"), str(folder / "c.png"), "--checkpoint",
+                                   str(trained / "last.pth"), "--device", "cpu"])
+    assert f"cannot read image {folder / 'c.png'}" in line and "--skip-corrupt" in line
+    assert main(["predict", str(folder), "--checkpoint", str(trained / "last.pth"), "--device", "cpu",
+                 "--skip-corrupt"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(folder / "a.png"), str(folder / "b.png")]
+    assert f"crossformer predict: skipped: cannot read image {folder / 'c.png'}" in err
+    assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
+    assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err
+    assert str(folder / "a.png") + " is" not in err
+
+
+def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", {"val": 2})
+    bad = data / "val" / "eel" / "bad.png"
+    bad.write_bytes(b"garbage")
+    argv = ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--device", "cpu",
+            "--num-workers", "0"]
+    assert f"cannot read image {bad}:" in one_error_line(capsys, argv)
+    assert main([*argv, "--skip-corrupt"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"skipping unreadable image {bad}:") and err.count("\n") == 1
+    assert "(6 images, 1 unreadable skipped)" in out
+
+
+def test_progress_lines_come_every_few_seconds_when_not_on_a_terminal(tmp_path: Path, capsys) -> None:
+    log = RunLogger(tmp_path)
+    progress = Progress(log, total=100, desc="epoch 0", every=50, seconds=0.0)  # a line at every step
+    progress.update(loss=1.0)
+    progress.update(loss=0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["epoch 0 [1/100] loss 1", "epoch 0 [2/100] loss 0.5"]
+    quiet = Progress(log, total=100, desc="epoch 1", every=50, seconds=3600.0)
+    for _ in range(49):
+        quiet.update(loss=1.0)
+    assert capsys.readouterr().out == ""
+    quiet.update(loss=1.0)
+    assert capsys.readouterr().out.startswith("epoch 1 [50/100]")
+
+
+# -- 12. smaller ---------------------------------------------------------------------------------
+
+
+def test_smaller_items(data: Path, trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    # one class
+    one = make_image_folder(tmp_path / "one", {"train": 4, "val": 1}, classes=("cat",))
+    assert "has one class folder (cat); a classifier needs at least two" in one_error_line(
+        capsys, _train_argv(one, tmp_path / "o1"))
+    # --ema on a checkpoint without EMA weights
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--ema"])
+    assert f"{trained / 'last.pth'}: checkpoint holds no EMA weights" in line
+    # a file as --data
+    image = data / "val" / "cat" / "0.png"
+    assert f"data {image} is a file, not a folder" in one_error_line(capsys, _train_argv(image, tmp_path / "o2"))
+    # --version
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    import crossformer
+
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"crossformer {crossformer.__version__}"
+    # help texts
+    for argv, flags in ((["train", "--help"], ("--epochs", "--seed", "--overwrite")),
+                        (["predict", "x", "--help"], ("--topk", "--checkpoint", "--skip-corrupt"))):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        for flag in flags:
+            entry = text[text.index(f"  {flag}"):].split("\n  -")[0]
+            assert len(entry.split()) > 6, entry  # more than the flag, its metavar, key and default
+    # default loader workers: the CPUs available, shared by the node's processes, 1 to 8
+    cpus = len(os.sched_getaffinity(0))
+    assert default_workers() == max(1, min(8, cpus))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 2))
+    assert default_workers() == 1
+
+
+def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from crossformer.classification import demo
+    from crossformer.classification import task
+
+    monkeypatch.setattr(task, "prepare_digits", lambda: data)
+    monkeypatch.setattr(demo, "prepare_digits", lambda: data)
+    output = tmp_path / "demo"
+    argv = ["demo", "--output", str(output), "epochs=1", "batch_size=8", "num_workers=0", "tensorboard=false",
+            "model.kwargs.embed_dim=16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"demo: checkpoints {output / 'last.pth'} and {output / 'best.pth'}; logs {output / 'log.txt'}, " \
+           f"{output / 'metrics.jsonl'}" in out
+    assert main(argv) == 0  # a demo replaces its own earlier run, and says so
+    assert f"--overwrite: deleted the earlier run's last.pth, best.pth, metrics.jsonl, log.txt in {output}" in \
+        capsys.readouterr().out
+    assert [r["epoch"] for r in _records(output) if "val/acc1" in r] == [0]
