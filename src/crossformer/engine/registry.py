@@ -18,6 +18,7 @@ with ``task:`` (bundled files may leave it to their folder).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import typing
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ def find_config(name_or_path: str) -> Path:
         return bundled[name_or_path]
     if path.suffix in (".yaml", ".yml"):
         raise UserInputError(f"config file not found: {path}")
-    raise UserInputError(f"no config file {name_or_path!r} and no bundled config of that name; bundled: {', '.join(sorted(bundled))}")
+    close = difflib.get_close_matches(name_or_path, bundled, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    listing = "; ".join(f"{', '.join(sorted(bundled_configs(task)))} ({task})" for task in TASKS if bundled_configs(task))
+    raise UserInputError(f"no config file {name_or_path!r} and no bundled config of that name; {hint}bundled: {listing}")
 
 
 def _flatten(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
