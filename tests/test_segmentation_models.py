@@ -156,6 +156,12 @@ def test_our_checkpoints_round_trip_and_refusals(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(other(images), upernet(images))
     assert read_segmentation_meta(torch.load(path, weights_only=True)) == dict(classes=("a", "b", "c", "d"), palette=None)
+    # Converted to safetensors, the whole segmentor keeps its keys (backbone. beside the heads).
+    converted = crossformer.convert_to_safetensors(path, tmp_path / "ours.safetensors")
+    again = tiny_segmentor("upernet").eval()
+    crossformer.load_checkpoint(again, converted)
+    with torch.no_grad():
+        assert torch.equal(again(images), upernet(images))
 
     fpn = tiny_segmentor("fpn")
     with pytest.raises(CheckpointError, match=r"holds a UPerNet segmentor, this model is Semantic FPN"):

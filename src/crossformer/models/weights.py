@@ -36,7 +36,8 @@ __all__ = [
 
 # Recomputable buffers the CrossFormer (v1) release stores in its state dicts.
 _RECOMPUTABLE_SUFFIXES = (".attn.biases", ".attn.relative_position_index")
-_WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_BACKBONE_PREFIX = "backbone."
 
 
 class _ConfigDict(dict):
@@ -263,6 +264,10 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
         result[key] = value
     if not result:
         raise CheckpointError("checkpoint holds no tensors")
+    # A bare backbone file carries "backbone." on every key; a whole detector or segmentor
+    # (backbone. beside neck. and heads) keeps its keys as they are.
+    if all(key.startswith(_BACKBONE_PREFIX) for key in result):
+        result = {key[len(_BACKBONE_PREFIX):]: value for key, value in result.items()}
     return result
 
 
