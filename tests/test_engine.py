@@ -128,6 +128,11 @@ def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
     groups = param_groups(model, 0.01, no_decay_keys=("norm",))
     assert [len(g["params"]) for g in groups] == [2, 1] and [g["weight_decay"] for g in groups] == [0.0, 0.01]
     assert groups[1]["params"][0] is model.proj.weight
+    # mmseg's recipes decay biases too (decay_1d): only the named norm parameters are spared
+    model.add_module("norm", nn.LayerNorm(4))
+    spared, decayed = param_groups(model, 0.01, no_decay_keys=("norm",), decay_1d=True)
+    assert {id(p) for p in decayed["params"]} == {id(model.proj.weight), id(model.proj.bias)}
+    assert {id(p) for p in spared["params"]} == {id(model.norm_scale.weight), id(model.norm.weight), id(model.norm.bias)}
 
 
 def test_no_weight_decay_on_norms_and_biases() -> None:

@@ -96,8 +96,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW. No weight decay on 1-d parameters (norms, biases), on the model's
-    ``no_weight_decay()`` names, nor on any parameter whose name contains one of
+    """AdamW. No weight decay on 1-d parameters (norms, biases; unless ``decay_1d``), on the
+    model's ``no_weight_decay()`` names, nor on any parameter whose name contains one of
     ``no_decay_keys`` (mmseg's ``norm`` rule)."""
 
     lr: float = 5e-4  # peak rate; per lr_batch_reference images when scale_lr
@@ -105,6 +105,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     no_decay_keys: tuple[str, ...] = ()
+    decay_1d: bool = False  # decay biases and norms too, unless a key names them (mmseg's recipes)
     scale_lr: bool = True  # linear scaling: lr, min_lr x global batch / lr_batch_reference
     lr_batch_reference: int = 512
 

@@ -19,16 +19,19 @@ def scale_lr(lr: float, global_batch: int, reference_batch: int = 512) -> float:
     return lr * global_batch / reference_batch
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Two groups: decayed, and not decayed -- 1-d parameters (norms, biases, scales), the
-    model's ``no_weight_decay()`` names, and names containing any of ``no_decay_keys``
-    (mmseg's custom keys such as ``norm``: decay off for every norm layer's parameters)."""
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str] = (), decay_1d: bool = False
+) -> list[dict[str, Any]]:
+    """Two groups: decayed, and not decayed -- 1-d parameters (norms, biases, scales; unless
+    ``decay_1d``, as mmseg's recipes have it), the model's ``no_weight_decay()`` names, and names
+    containing any of ``no_decay_keys`` (mmseg's custom keys such as ``norm``: decay off for
+    every norm layer's parameters)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name in skip or any(key in name for key in no_decay_keys):
+        if (param.ndim <= 1 and not decay_1d) or name in skip or any(key in name for key in no_decay_keys):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -42,9 +45,10 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     no_decay_keys: Sequence[str] = (),
+    decay_1d: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; each group records its ``peak_lr`` for the schedule."""
-    groups = param_groups(model, weight_decay, no_decay_keys)
+    groups = param_groups(model, weight_decay, no_decay_keys, decay_1d)
     for group in groups:
         group["peak_lr"] = lr
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

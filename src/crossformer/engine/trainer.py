@@ -119,7 +119,8 @@ class Trainer:
             lr = scale_lr(lr, self.global_batch, c.optimizer.lr_batch_reference)
             min_lr = scale_lr(min_lr, self.global_batch, c.optimizer.lr_batch_reference)
         self.optimizer = build_optimizer(
-            model, lr, c.optimizer.weight_decay, c.optimizer.betas, c.optimizer.eps, c.optimizer.no_decay_keys
+            model, lr, c.optimizer.weight_decay, c.optimizer.betas, c.optimizer.eps, c.optimizer.no_decay_keys,
+            c.optimizer.decay_1d,
         )
         self.schedule = build_schedule(
             c.schedule, lr, min_lr, self.total_updates, self.updates_per_epoch, c.run.by_iterations

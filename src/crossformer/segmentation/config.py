@@ -146,7 +146,7 @@ class SegmentationConfig(EngineConfig):
                                           num_workers=4)
     )
     optimizer: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(lr=6e-5, weight_decay=0.01, no_decay_keys=("norm",), scale_lr=False)
+        default_factory=lambda: OptimizerConfig(lr=6e-5, weight_decay=0.01, no_decay_keys=("norm",), decay_1d=True, scale_lr=False)
     )
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(name="poly", power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6)
