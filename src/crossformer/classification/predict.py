@@ -8,12 +8,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..data import DataError, build_eval_transform, list_images, open_image
+from ..data import DataError, build_eval_transform, expand_image_paths, open_image
 from ..data.folder import is_image_file
 from ..engine import resolve_device
 from .model import load_classifier
 
-__all__ = ["Prediction", "predict", "expand_image_paths"]
+__all__ = ["Prediction", "predict"]
 
 
 @dataclass
@@ -21,22 +21,6 @@ class Prediction:
     path: str
     labels: list[str]  # best first
     scores: list[float]  # softmax probabilities, same order
-
-
-def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders as the images inside them (recursively, sorted)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            images = list_images(path)
-            if not images:
-                raise DataError(f"no images in folder {path}")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DataError(f"no such image or folder: {path}")
-    return found
 
 
 @torch.no_grad()

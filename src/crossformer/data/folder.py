@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserInputError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb"]
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
@@ -133,3 +133,19 @@ class ImageFolderDataset(Dataset):
         except UNREADABLE_ERRORS as err:
             return None, target, f"{path}: {err}"
         return (self.transform(image) if self.transform else image), target, None
+
+
+def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders as the images inside them (recursively, sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise DataError(f"no images in folder {path}")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"no such image or folder: {path}")
+    return found

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..classification.predict import expand_image_paths
-from ..data import DataError, read_rgb
+from ..data import DataError, expand_image_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import UNREADABLE_ERRORS, is_image_file
 from ..engine import RunLogger

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..classification.predict import expand_image_paths
-from ..data import DataError
+from ..data import DataError, expand_image_paths
+from ..data.draw import Colour, palette as class_palette
 from ..data.folder import is_image_file
 from .data import read_image
-from ..data.draw import Colour, palette as class_palette
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
 
