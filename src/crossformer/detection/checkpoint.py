@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models import CheckpointError, load_state
+from ..models.weights import check_keys
 
 __all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours"]
 
@@ -80,22 +81,8 @@ def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], sour
     backbone = {k[len(_OUR_BACKBONE):]: v for k, v in weights.items() if k.startswith(_OUR_BACKBONE)}
     heads = {k: v for k, v in weights.items() if not k.startswith(_OUR_BACKBONE)}
     expected_heads = {k: v for k, v in expected.items() if not k.startswith(_OUR_BACKBONE)}
-    missing = sorted(set(expected_heads) - set(heads))
-    unexpected = sorted(set(heads) - set(expected_heads))
-    if not backbone:
-        missing.insert(0, "backbone.* (all backbone weights)")
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected_heads[k].shape)}"
-        for k, v in heads.items()
-        if k in expected_heads and v.shape != expected_heads[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit this {detector.kind} (check the backbone variant and num_classes):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+    check_keys(heads, expected_heads, f"{source} does not fit this {detector.kind} (check the backbone variant and num_classes)",
+               missing_first=() if backbone else ("backbone.* (all backbone weights)",))
     load_state(detector.backbone, backbone, source)
     with torch.no_grad():
         for key, value in heads.items():

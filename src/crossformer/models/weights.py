@@ -27,6 +27,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "read_checkpoint",
     "load_state",
+    "check_keys",
     "extract_state_dict",
     "load_checkpoint",
     "convert_to_safetensors",
@@ -335,6 +336,30 @@ def _is_pruned_away(key: str, model: nn.Module) -> bool:
     return False
 
 
+def check_keys(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    heading: str,
+    missing_first: Sequence[str] = (),
+) -> None:
+    """Raise :class:`CheckpointError` under ``heading`` listing the keys of ``expected`` that
+    ``state`` lacks (after ``missing_first``), the keys it has in excess, and those of another shape."""
+    missing = [*missing_first, *sorted(set(expected) - set(state))]
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{heading}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -390,20 +415,7 @@ def load_state(
             del state[k]
         expected = {k: v for k, v in expected.items() if k not in head_keys}
 
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{path} does not fit this model (check the variant and its settings):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+    check_keys(state, expected, f"{path} does not fit this model (check the variant and its settings)")
     target.load_state_dict(state, strict=False)
     return model
 

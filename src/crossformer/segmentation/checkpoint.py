@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError
+from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -35,7 +35,6 @@ MMSEG_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"neck.layer_blocks.\1.0."),
 )
 _COMPILED_MAP = tuple((re.compile(pattern), repl) for pattern, repl in MMSEG_KEY_MAP)
-_SHOWN = 20
 
 
 def mmseg_to_ours(key: str) -> str:
@@ -77,11 +76,6 @@ def checkpoint_kind(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _listing(title: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOWN]) + (f", ... ({len(items)} in all)" if len(items) > _SHOWN else "")
-    return f"  {title}: {shown}"
-
-
 def load_segmentor_state(
     segmentor: Segmentor, checkpoint: Mapping[str, Any], source: str, use_ema: bool = False
 ) -> None:
@@ -110,19 +104,7 @@ def load_segmentor_state(
             f"build it with num_classes={classes.shape[0]}"
         )
     expected = segmentor.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-        for key, value in state.items()
-        if key in expected and value.shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit this segmentor (check the backbone variant and its settings):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(_listing(title, items))
-        raise CheckpointError("\n".join(lines))
+    check_keys(state, expected, f"{source} does not fit this segmentor (check the backbone variant and its settings)")
     segmentor.load_state_dict(state)
 
 
