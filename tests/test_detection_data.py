@@ -259,3 +259,24 @@ def test_exif_orientation_grayscale_and_rgba(tmp_path):
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": 40, "height": 20}],
                                 "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
     assert "differs from the annotation file's 40x20" in CocoDetection(path, tmp_path)[0].failure
+
+
+def test_demo_set_is_separate_class_coloured_and_crowd_free(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from crossformer.detection.synthetic import CLASS_COLOURS, make_coco_dataset
+
+    made = make_coco_dataset(tmp_path, images=12, seed=1, image_size=(64, 80), shapes_per_image=(2, 3),
+                             radius=(0.15, 0.25), separate=True, class_colours=True, crowds=False)
+    assert made.crowds == 0 and made.objects > 0
+    data = _json(tmp_path, "train")
+    colours = {c["id"]: CLASS_COLOURS[i] for i, c in enumerate(SHAPE_CATEGORIES)}
+    for entry in data["images"]:
+        anns = [a for a in data["annotations"] if a["image_id"] == entry["id"]]
+        assert all(a["iscrowd"] == 0 and isinstance(a["segmentation"], list) for a in anns)  # nothing covered
+        masks = [mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], entry["height"], entry["width"]))[..., 0]
+                 for a in anns]
+        assert sum(m.astype(int) for m in masks).max(initial=0) <= 1  # no two shapes share a pixel
+        pixels = np.asarray(Image.open(tmp_path / "train2017" / entry["file_name"]), dtype=np.float64)
+        for a, m in zip(anns, masks):  # painted in its category's colour (JPEG and noise: a loose bound)
+            assert np.abs(np.median(pixels[m.astype(bool)], axis=0) - colours[a["category_id"]]).max() < 25

@@ -31,6 +31,8 @@ __all__ = ["SHAPE_CATEGORIES", "SyntheticCoco", "make_coco_dataset"]
 SHAPE_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"},
                     {"id": 6, "name": "triangle"}, {"id": 9, "name": "star"})
 MIN_VISIBLE = 0.5  # every object keeps at least this fraction of its area visible
+# ``class_colours=True``: one saturated colour per category (in SHAPE_CATEGORIES' order).
+CLASS_COLOURS = np.array([(230, 40, 40), (40, 200, 40), (40, 80, 240), (240, 220, 30)], dtype=np.float64)
 EMPTY_EVERY = 10  # image k of a split (k % EMPTY_EVERY == EMPTY_EVERY - 1) has no objects
 CROWD_EVERY = 7  # image k (k % CROWD_EVERY == 3) has a crowd
 
@@ -93,6 +95,17 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rgb if rng.random() < 0.8 else 255 - rgb
 
 
+def _grow(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
+    """``mask`` dilated by ``pixels`` (a square structuring element)."""
+    grown = mask.copy()
+    for _ in range(pixels):
+        grown[1:] |= grown[:-1].copy()
+        grown[:-1] |= grown[1:].copy()
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+    return grown
+
+
 def _encode(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
@@ -104,8 +117,13 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray, 
             "area": float(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": iscrowd}
 
 
-def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, crowd: bool):
-    """An image and its objects: (image uint8, [(category id, full mask, visible mask, polygon or None)])."""
+def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, crowd: bool,
+                radius: tuple[float, float] = (0.1, 0.25), separate: bool = False, class_colours: bool = False):
+    """An image and its objects: (image uint8, [(category id, full mask, visible mask, polygon or None)]).
+
+    ``radius``: shape radii as fractions of the shorter side; ``separate``: shapes never touch
+    (each keeps all of its area); ``class_colours``: each category painted in its own colour.
+    """
     image = _background(rng, height, width)
     objects: list[list] = []  # [category id, full mask, visible mask, polygon | None (crowd)]
     if crowd:
@@ -125,18 +143,21 @@ def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, 
     for _ in range(shapes):
         for _attempt in range(20):
             kind = int(rng.integers(len(SHAPE_CATEGORIES)))
-            r = rng.uniform(0.1, 0.25) * min(height, width)
+            r = rng.uniform(*radius) * min(height, width)
             cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
             polygon = _shape_polygon(SHAPE_CATEGORIES[kind]["name"], cx, cy, r, rng.uniform(0, 2 * math.pi),
                                      rng.uniform(0.5, 1.0))
             full = _rasterise(polygon, height, width)
-            if all((o[2] & ~full).sum() >= MIN_VISIBLE * o[1].sum() for o in objects):
+            if separate and not any((o[1] & _grow(full)).any() for o in objects):
+                break
+            if not separate and all((o[2] & ~full).sum() >= MIN_VISIBLE * o[1].sum() for o in objects):
                 break
         else:
             continue  # no place where this shape hides too little of the others
         for o in objects:
             o[2] &= ~full
-        image[full] = _colour(rng) + rng.normal(0, 6, (int(full.sum()), 3))
+        colour = CLASS_COLOURS[kind] if class_colours else _colour(rng)
+        image[full] = colour + rng.normal(0, 6, (int(full.sum()), 3))
         objects.append([SHAPE_CATEGORIES[kind]["id"], full, full.copy(), polygon])
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
@@ -149,11 +170,18 @@ def make_coco_dataset(
     image_size: tuple[int, int] = (160, 320),
     shapes_per_image: tuple[int, int] = (1, 4),
     jpeg_quality: int = 92,
+    *,
+    radius: tuple[float, float] = (0.1, 0.25),
+    separate: bool = False,
+    class_colours: bool = False,
+    crowds: bool = True,
 ) -> SyntheticCoco:
     """Write ``images`` images (``val_fraction`` of them in val2017) under ``root``.
 
     Sides are drawn from ``image_size`` (min, max) pixels; each non-empty image gets
-    ``shapes_per_image`` (min, max) shapes with radii 10-25 % of its shorter side.
+    ``shapes_per_image`` (min, max) shapes with radii ``radius`` (fractions, default 10-25 %)
+    of its shorter side. An easier set (the demo's): ``separate=True`` (shapes never touch),
+    ``class_colours=True`` (one colour per category), ``crowds=False`` (no crowd regions).
     """
     if images < 2:
         raise ValueError("make_coco_dataset needs at least 2 images (one per split)")
@@ -170,7 +198,8 @@ def make_coco_dataset(
             width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
             empty = k % EMPTY_EVERY == EMPTY_EVERY - 1
             shapes = 0 if empty else int(rng.integers(shapes_per_image[0], shapes_per_image[1] + 1))
-            pixels, objects = _draw_image(rng, height, width, shapes, crowd=not empty and k % CROWD_EVERY == 3)
+            crowd = crowds and not empty and k % CROWD_EVERY == 3
+            pixels, objects = _draw_image(rng, height, width, shapes, crowd, radius, separate, class_colours)
             file_name = f"{image_id:012d}.jpg"
             Image.fromarray(pixels).save(root / split / file_name, quality=jpeg_quality)
             entries.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
