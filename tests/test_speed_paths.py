@@ -137,3 +137,82 @@ def test_model_training_gradients_match_plain_linears(monkeypatch, checkpointing
     for grads in (onednn, measured):
         for name, want in plain.items():
             assert (grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
+
+
+# bf16 autocast on the CPU ------------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not layers._BF16_GEMM, reason="this CPU has no oneDNN bf16 kernels")
+
+
+def _moved_off_init(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@needs_bf16
+def test_bf16_inference_linear_is_autocasts_product() -> None:
+    """Under bf16 autocast, the fused oneDNN path gives what autocast's F.linear + GELU gives."""
+    mlp = layers.GeluMlp(64, 256).eval()
+    x = torch.randn(4, 7, 5, 64)[:, :, :3]  # non-contiguous, as after a crop
+    with torch.inference_mode():
+        want32 = mlp.fc2(F.gelu(mlp.fc1(x)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers.onednn_inference_bf16(x, mlp.fc1.weight)
+            got = mlp(x)
+            packed = layers._PACKED_BF16_WEIGHTS[mlp.fc1.weight][1]
+            plain = mlp.fc2(F.gelu(mlp.fc1(x)))  # nn.Linear under autocast
+            assert torch.equal(mlp(x), got)
+            assert layers._PACKED_BF16_WEIGHTS[mlp.fc1.weight][1] is packed, "cast and packed once"
+    assert got.dtype == plain.dtype == torch.bfloat16
+    scale = want32.abs().max().item()
+    # bf16 keeps 8 bits: both paths are within a few bf16 steps of float32 and of each other
+    assert (got.float() - want32).abs().max().item() <= 2e-2 * scale
+    assert (got.float() - plain.float()).abs().max().item() <= 2e-2 * scale
+    mlp.train()
+    assert mlp.fc1.weight not in layers._PACKED_BF16_WEIGHTS
+
+
+def test_bf16_path_steps_aside() -> None:
+    layer = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not layers.onednn_inference_bf16(x, layer.weight)  # no autocast
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not layers.onednn_inference_bf16(x, layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.onednn_inference_bf16(x, layer.weight)  # gradients flow: autocast's path
+
+
+@needs_bf16
+def test_bf16_model_agrees_with_fp32() -> None:
+    """Logits under bf16 autocast stay close to float32's; every clear top-1 is the same."""
+    model = _moved_off_init(CrossFormer(**TINY)).eval()
+    x = torch.randn(32, 3, 64, 64)
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    err = (bf16 - fp32).abs().max(-1).values
+    assert err.max().item() <= 0.05 * fp32.abs().max().item()
+    top2 = fp32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err  # no bf16 error of this size can swap them
+    agree = bf16.argmax(-1) == fp32.argmax(-1)
+    assert agree[clear].all()
+    assert agree.float().mean().item() >= 0.9
+
+
+@needs_bf16
+def test_bf16_training_step_gradients_follow_fp32() -> None:
+    model = _moved_off_init(CrossFormer(**TINY)).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 3, 5, 9])
+    loss32 = F.cross_entropy(model(x), y)
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = F.cross_entropy(model(x), y)
+    grads16 = torch.autograd.grad(loss16, list(model.parameters()))
+    assert abs(loss16.item() - loss32.item()) <= 0.02 * loss32.item()
+    flat32 = torch.cat([g.flatten() for g in grads32])
+    flat16 = torch.cat([g.float().flatten() for g in grads16])
+    assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99

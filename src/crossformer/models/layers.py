@@ -31,7 +31,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "force_gemm_backend",
-    "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference", "weights_fingerprint",
+    "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
+    "onednn_inference_bf16", "weights_fingerprint",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -41,6 +42,10 @@ _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", Non
 _PACK_ROWS_HINT = 4096
 # weight -> (fingerprint, the weight reordered into oneDNN's blocked layout)
 _PACKED_WEIGHTS = WeakIdKeyDictionary()
+# weight -> (fingerprint, a bfloat16 copy, reordered): CPU inference under bf16 autocast
+_PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
+# oneDNN's bf16 kernels need the CPU's support (avx512_bf16, AMX); elsewhere autocast keeps its path
+_BF16_GEMM = _LINEAR_POINTWISE is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def capturing_graph() -> bool:
@@ -60,21 +65,23 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` reordered once for oneDNN, reordered again only when it changes.
+def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` (cast to ``dtype``) reordered once for oneDNN, again only when it changes.
 
     Saves oneDNN the reorder it otherwise does on every call (5-8% of a linear layer at
-    the model's shapes), at the cost of a second copy of the weights while in inference.
-    Builds without the reorder op get ``weight`` itself.
+    the model's shapes), and under bf16 autocast the weight's cast on every call, at the
+    cost of a second copy of the weights while in inference. Builds without the reorder op
+    get the (cast) weight itself.
     """
     if _REORDER_LINEAR_WEIGHT is None:
-        return weight
+        return weight.to(dtype)
+    cache = _PACKED_WEIGHTS if dtype == torch.float32 else _PACKED_BF16_WEIGHTS
     fingerprint = weights_fingerprint((weight,))
-    hit = _PACKED_WEIGHTS.get(weight)
+    hit = cache.get(weight)
     if hit is not None and hit[0] == fingerprint:
         return hit[1]
-    packed = _REORDER_LINEAR_WEIGHT(weight, _PACK_ROWS_HINT)
-    _PACKED_WEIGHTS[weight] = (fingerprint, packed)
+    packed = _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT)
+    cache[weight] = (fingerprint, packed)
     return packed
 
 
@@ -82,6 +89,7 @@ def release_packed(*layers: nn.Linear) -> None:
     """Drop the packed copies of these layers' weights (when leaving inference)."""
     for layer in layers:
         _PACKED_WEIGHTS.pop(layer.weight, None)
+        _PACKED_BF16_WEIGHTS.pop(layer.weight, None)
 
 
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -97,10 +105,31 @@ def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` may take oneDNN's fused bf16 kernel: CPU inference under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` on a CPU with bf16 instructions."""
+    return (
+        _BF16_GEMM
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not capturing_graph()
+    )
+
+
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, followed by the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
     if onednn_inference(x, layer.weight):
         return _LINEAR_POINTWISE(x, _packed(layer.weight), layer.bias, "gelu" if gelu else "none", [], "none")
+    if onednn_inference_bf16(x, layer.weight):
+        # what autocast computes (bf16 product, bf16 output), with the cast weight kept packed
+        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+        return _LINEAR_POINTWISE(
+            x.to(torch.bfloat16), _packed(layer.weight, torch.bfloat16), bias, "gelu" if gelu else "none", [], "none"
+        )
     if not torch.jit.is_scripting() and measured_gemm_training(x, layer.weight):
         x = _MeasuredLinear.apply(x, layer.weight, layer.bias)
     else:
@@ -120,7 +149,7 @@ GEMM_BACKENDS = ("mkl", "onednn")
 # oneDNN must beat MKL (today's path) by this fraction to be chosen: a noisy timing should
 # never make a machine slower than the plain path.
 _GEMM_MARGIN = 0.05
-_GEMM_TRIALS = 2
+_GEMM_TRIALS = 3
 # (product, dtype, threads, rows bucket, inner, outer) -> backend
 _GEMM_CHOICES: dict[tuple, str] = {}
 _FORCED_GEMM: list[str] = []
