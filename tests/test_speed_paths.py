@@ -216,3 +216,41 @@ def test_bf16_training_step_gradients_follow_fp32() -> None:
     flat32 = torch.cat([g.flatten() for g in grads32])
     flat16 = torch.cat([g.float().flatten() for g in grads16])
     assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99
+
+
+# crossformer benchmark --peak ----------------------------------------------------------------
+
+
+def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) -> None:
+    import json
+
+    from crossformer import benchmark
+    from crossformer.cli import main as cli_main
+
+    monkeypatch.setattr(benchmark, "PEAK_SQUARE", 96)
+    timed = benchmark.gemm_rates
+    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3: timed(shapes, rounds=1, min_seconds=0.0))
+    cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--img-size", "64", "--batch-size", "2",
+              "--rounds", "1", "--warmup", "0", "--no-memory", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    peak = out["peak"]
+    square, *model_rows = peak["gemm"]
+    assert (square["m"], square["k"], square["n"]) == (96, 96, 96)
+    expected_backends = {"fp32 mkl"} | ({"fp32 onednn packed"} if layers._REORDER_LINEAR_WEIGHT else set())
+    assert expected_backends <= set(square["gflops"]) and all(v > 0 for v in square["gflops"].values())
+    # crossformer_tiny at 64x64, batch 2: stage s has 2 * (16 / 2**s)**2 tokens of 64 * 2**s channels
+    assert [(r["shape"], r["m"], r["k"], r["n"]) for r in model_rows[:4]] == [
+        ("stage 0 qkv", 512, 64, 192), ("stage 0 proj", 512, 64, 64), ("stage 0 fc1", 512, 64, 256),
+        ("stage 0 fc2", 512, 256, 64)]
+    assert (model_rows[-1]["m"], model_rows[-1]["k"], model_rows[-1]["n"]) == (8, 2048, 512)
+    images_per_s = out["infer_images_per_s"]
+    assert peak["model_gflops"] == pytest.approx(2 * peak["model_macs_per_image"] * images_per_s / 1e9)
+    assert peak["model_fraction_of_best"] == pytest.approx(peak["model_gflops"] / max(
+        v for k, v in square["gflops"].items() if k.startswith("fp32")))
+
+
+def test_peak_needs_the_cpu(capsys) -> None:
+    from crossformer.cli import main as cli_main
+
+    assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
+    assert "--peak times CPU GEMM backends" in capsys.readouterr().err
