@@ -218,6 +218,25 @@ def test_bf16_training_step_gradients_follow_fp32() -> None:
     assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99
 
 
+def test_bf16_training_attention_takes_the_fused_path() -> None:
+    """bf16 q, k, v and learnt mask (autocast training): the fused CPU function, gradients as float32's."""
+    from crossformer.models.attention import biased_attention
+
+    shapes = [(2, 4, 49, 16)] * 3 + [(1, 4, 49, 49)]
+    leaves16 = [torch.randn(shape).bfloat16().requires_grad_() for shape in shapes]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves16]  # the same values in float32
+    out16 = biased_attention(*leaves16, scale=0.25)
+    assert "BiasedAttentionCPU" in type(out16.grad_fn).__name__ and out16.dtype == torch.bfloat16
+    out32 = biased_attention(*leaves32, scale=0.25, fused=False)
+    grad_out = torch.randn_like(out32)
+    got = torch.autograd.grad(out16, leaves16, grad_out.bfloat16())
+    want = torch.autograd.grad(out32, leaves32, grad_out)
+    assert (out16.float() - out32).abs().max().item() <= 2e-2 * out32.abs().max().item()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - w).abs().max().item() <= 2e-2 * w.abs().max().item()
+
+
 # crossformer benchmark --peak ----------------------------------------------------------------
 
 
