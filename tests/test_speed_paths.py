@@ -86,6 +86,22 @@ class _Linear(nn.Module):
         return linear(x, self.layer)
 
 
+@needs_onednn
+@pytest.mark.parametrize("onednn_times, chosen", [
+    ((1.0, 1.0, 1.0), "onednn"),  # faster in every pair
+    ((1.0, 2.5, 1.0), "mkl"),  # one pair lost (a moment of load): keep MKL, today's path
+    ((1.97, 1.97, 1.97), "mkl"),  # within the 5% margin
+])
+def test_backend_rule(monkeypatch, onednn_times, chosen) -> None:
+    """oneDNN only when it beats MKL (2.0 s here) by the margin in every timed pair."""
+    times = {"mkl": iter([2.0] * 3), "onednn": iter(onednn_times)}
+    monkeypatch.setattr(layers, "_timed_gemm", lambda backend, *args: next(times[backend]))
+    a, w = torch.randn(5, 3), torch.randn(4, 3)
+    out, backend = layers._choose_gemm("forward", a, w, None)
+    assert backend == chosen
+    assert (out - a @ w.t()).abs().max().item() <= 1e-6
+
+
 def test_measured_path_steps_aside() -> None:
     layer = nn.Linear(8, 4)
     x = torch.randn(3, 8)
