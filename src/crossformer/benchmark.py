@@ -39,6 +39,9 @@ __all__ = [
     "run_benchmark",
     "summarise",
     "device_name",
+    "gemm_rates",
+    "model_gemm_shapes",
+    "peak_report",
 ]
 
 # The issue's protocol: inference at batch 32, a training step at batch 16.
@@ -325,4 +328,125 @@ def format_summary(summary: dict) -> str:
                 rlo, rhi = m["ratio_spread"]
                 line += f"  ratio {m['ratio']:.2f}x [{rlo:.2f}, {rhi:.2f}]"
             lines.append(line)
+    return "\n".join(lines)
+
+
+# GEMM peak rates (``crossformer benchmark --peak``) -----------------------------------------
+
+# The large square product that stands for "what this machine can multiply".
+PEAK_SQUARE = 2048
+
+
+def _gemm_callables(rows: int, inner: int, outer: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """``(rows, inner) @ (inner, outer)`` on every CPU backend this build offers, by name."""
+    from crossformer.models import layers
+
+    torch.manual_seed(0)
+    a = torch.randn(rows, inner)
+    weight = torch.randn(outer, inner)  # nn.Linear layout: (out, in)
+    calls: dict[str, Callable[[], torch.Tensor]] = {"fp32 mkl": lambda: torch.mm(a, weight.t())}
+    lp, reorder = layers._LINEAR_POINTWISE, layers._REORDER_LINEAR_WEIGHT
+    if lp is None or reorder is None:
+        return calls
+    packed = reorder(weight, rows)
+    calls["fp32 onednn packed"] = lambda: lp(a, packed, None, "none", [], "none")
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        a16, w16 = a.bfloat16(), weight.bfloat16()
+        packed16 = reorder(w16, rows)
+        calls["bf16 onednn packed"] = lambda: lp(a16, packed16, None, "none", [], "none")
+        calls["bf16 mm (autocast)"] = lambda: torch.mm(a16, w16.t())
+    return calls
+
+
+def gemm_rates(shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min_seconds: float = 0.05) -> list[dict]:
+    """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N)``.
+
+    Backends alternate within each round (a slow moment of a shared machine hits all of
+    them); a round repeats a product until it has run ``min_seconds``; the figure is the
+    median over rounds.
+    """
+    out = []
+    for label, rows, inner, outer in shapes:
+        calls = _gemm_callables(rows, inner, outer)
+        repeats = {}
+        for name, call in calls.items():
+            call()  # warm-up: weight reorders, first-touch of the output
+            once = _timed(call, 1, "cpu")
+            repeats[name] = max(1, int(min_seconds / max(once, 1e-6)))
+        rates: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                seconds = _timed(call, repeats[name], "cpu")
+                rates[name].append(2 * rows * inner * outer * repeats[name] / seconds / 1e9)
+        out.append(dict(shape=label, m=rows, k=inner, n=outer,
+                        gflops={name: statistics.median(v) for name, v in rates.items()}))
+    return out
+
+
+def model_gemm_shapes(model: nn.Module, batch: int, height: int, width: int) -> list[tuple[str, int, int, int]]:
+    """The linear layers' ``(label, M, K, N)`` of a CrossFormer at this batch and size, one per stage and layer."""
+    from crossformer.models import CrossFormer
+
+    if not isinstance(model, CrossFormer):
+        return []
+    shapes = []
+    h, w = height // 4, width // 4  # after the stride-4 patch embedding (>= 32-pixel inputs)
+    for s, stage in enumerate(model.layers):
+        dim = stage.blocks[0].norm1.normalized_shape[0]
+        rows = batch * h * w
+        shapes += [(f"stage {s} qkv", rows, dim, 3 * dim), (f"stage {s} proj", rows, dim, dim),
+                   (f"stage {s} fc1", rows, dim, stage.mlp_hidden), (f"stage {s} fc2", rows, stage.mlp_hidden, dim)]
+        h, w = h // 2, w // 2
+    return shapes
+
+
+def model_macs(model: nn.Module, height: int, width: int) -> int:
+    """MACs of one image: the papers' analytic count for CrossFormer, PyTorch's counter otherwise."""
+    from crossformer.models import CrossFormer
+    from crossformer.models.flops import analytic_macs, traced_macs
+
+    if isinstance(model, CrossFormer):
+        return analytic_macs(model, height, width)
+    return traced_macs(model, height, width)
+
+
+def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int = 3) -> dict:
+    """GEMM rates of each backend (large square and the model's shapes) and the model's
+    inference GFLOP/s from ``summary`` (see :func:`summarise`), with its fraction of the
+    best fp32 rate at the large square and, under ``--amp bf16``, of the best bf16 rate."""
+    height, width = config.img_size
+    model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes))
+    batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
+    square = ("square", PEAK_SQUARE, PEAK_SQUARE, PEAK_SQUARE)
+    rates = gemm_rates([square] + model_gemm_shapes(model, batch, height, width), rounds=rounds)
+    report: dict = {"gemm": rates}
+    best = {
+        dtype: max((v for k, v in rates[0]["gflops"].items() if k.startswith(dtype)), default=None)
+        for dtype in ("fp32", "bf16")
+    }
+    report["best_square_gflops"] = best
+    infer = summary["models"][model_name].get("infer")
+    if infer is not None:
+        macs = model_macs(model, height, width)
+        gflops = 2 * macs * infer["images_per_s"] / 1e9
+        dtype = "bf16" if config.amp == "bf16" else "fp32"
+        report.update(model_macs_per_image=macs, model_gflops=gflops, model_dtype=dtype,
+                      model_fraction_of_best=gflops / best[dtype] if best[dtype] else None)
+    return report
+
+
+def format_peak(report: dict) -> str:
+    """Human-readable lines for :func:`peak_report`."""
+    names = list(report["gemm"][0]["gflops"])
+    lines = [f"{'GEMM GFLOP/s (M x K x N)':<34}" + "".join(f"{n:>20}" for n in names)]
+    for row in report["gemm"]:
+        label = f"{row['shape']} {row['m']}x{row['k']}x{row['n']}"
+        lines.append(f"{label:<34}" + "".join(f"{row['gflops'].get(n, float('nan')):20.1f}" for n in names))
+    if "model_gflops" in report:
+        fraction = report["model_fraction_of_best"]
+        lines.append(
+            f"model {report['model_dtype']} inference: {report['model_gflops']:.1f} GFLOP/s "
+            f"({2 * report['model_macs_per_image'] / 1e9:.2f} GFLOP per image)"
+            + (f", {100 * fraction:.0f}% of the best {report['model_dtype']} GEMM rate" if fraction else "")
+        )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ Examples::
     crossformer benchmark --model crossformer_tiny --train --batch-size 16
     crossformer benchmark --model crossformer_tiny --compare swin_tiny_patch4_window7_224 --json
     crossformer benchmark --model crossformer_base --device cuda --amp bf16 --batch-size 128
+    crossformer benchmark --model crossformer_tiny --peak     # GEMM rates per backend, model GFLOP/s
 
 With ``--compare`` both inference and a training step are measured (unless ``--mode``
 says otherwise) and the median per-round ratios are printed (JSON ``infer_ratio``,
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--peak", action="store_true",
+                        help="also time each GEMM backend (2048^3 and the model's linear shapes) and report "
+                             "the model's inference GFLOP/s as a fraction of the best rate (CPU)")
 
 
 def build_config(args: argparse.Namespace) -> "BenchConfig":
@@ -68,6 +72,8 @@ def build_config(args: argparse.Namespace) -> "BenchConfig":
         raise UserInputError("--batch-size must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA device is available")
+    if getattr(args, "peak", False) and args.device != "cpu":
+        raise UserInputError("--peak times CPU GEMM backends: use it with --device cpu")
     mode = args.mode or ("both" if args.compare else "infer")
     modes = ("infer", "train") if mode == "both" else (mode,)
     return BenchConfig(
@@ -97,10 +103,18 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     summary = summarise(run_benchmark(names, config, log=log), config, compare=args.compare)
+    if args.peak:
+        from crossformer.benchmark import peak_report
+
+        summary["peak"] = peak_report(args.model, config, summary)
     if args.json:
         print(json.dumps(summary))
         return 0
     print(format_summary(summary))
+    if args.peak:
+        from crossformer.benchmark import format_peak
+
+        print(format_peak(summary["peak"]))
     for m in config.modes:
         if f"{m}_ratio" in summary:
             lo, hi = summary[f"{m}_ratio_spread"]

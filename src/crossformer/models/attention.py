@@ -15,7 +15,8 @@ picks the fastest exact way to do it:
   with this function. It runs the fused kernel forwards, saves only its inputs, output
   and log-sum-exp, and in backward recomputes the probabilities a few images at a time,
   so every ``N x N`` temporary stays small and is reused.
-- The explicit formula otherwise (attention dropout during training, other dtypes).
+- The explicit formula otherwise (attention dropout during training, dtypes other than
+  float32 and bfloat16).
 
 TorchScript compiles only the SDPA and explicit paths (the autograd function is eager-only).
 
@@ -42,7 +43,10 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 class _BiasedAttentionCPU(torch.autograd.Function):
-    """``softmax(q k^T * scale + mask) v`` with gradients for q, k, v and the mask (CPU, fp32)."""
+    """``softmax(q k^T * scale + mask) v`` with gradients for q, k, v and the mask (CPU).
+
+    float32 or bfloat16 inputs (bf16 autocast); backward computes in float32 either way.
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -57,6 +61,8 @@ class _BiasedAttentionCPU(torch.autograd.Function):
     @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, mask, out, lse = ctx.saved_tensors
+        dtype = q.dtype
+        q, k, v, mask, out, grad_out = (t.float() for t in (q, k, v, mask, out, grad_out))  # no-ops in fp32
         scale = ctx.scale
         batch, groups, tokens, _ = q.shape
         grad_out = grad_out.contiguous()
@@ -84,7 +90,7 @@ class _BiasedAttentionCPU(torch.autograd.Function):
             dq, dk = flat(grad_q[part]), flat(grad_k[part])
             torch.baddbmm(dq, grad_scores, ks, beta=0, alpha=scale, out=dq)
             torch.baddbmm(dk, grad_scores.transpose(1, 2), qs, beta=0, alpha=scale, out=dk)
-        return grad_q, grad_k, grad_v, grad_mask.unsqueeze(0), None
+        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
 
 
 def _explicit(
@@ -119,7 +125,8 @@ def biased_attention(
     if not torch.jit.is_scripting():
         if (
             dropout_p == 0.0
-            and q.dtype == k.dtype == v.dtype == mask.dtype == torch.float32
+            and q.dtype == k.dtype == v.dtype == mask.dtype
+            and q.dtype in (torch.float32, torch.bfloat16)
             and not capturing_graph()
         ):
             return _BiasedAttentionCPU.apply(q, k, v, mask, scale)

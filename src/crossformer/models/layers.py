@@ -6,6 +6,9 @@
   faster than ``F.linear`` (MKL ``addmm`` first copies the bias into the output), and it
   saves the separate GELU pass. Autograd, autocast, CUDA, tracing, compiling, exporting
   and TorchScript keep ``F.linear``.
+- In CPU float32 training, :func:`linear` runs the forward product and both backward
+  products (input and weight gradient) each on MKL or oneDNN, whichever was measured
+  faster for that shape class in this process (:func:`measured_gemm`).
 - :class:`LargeKernelConv2d`: the cross-scale embedding's 16x16 and 32x32 kernels, whose
   CPU weight gradient is computed by space-to-depth.
 - :class:`ResidualDropPath`: residual add and stochastic depth in one pass.
@@ -20,7 +23,9 @@ Measurements: benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import time
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -32,8 +37,9 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "linear", "onednn_inference",
-    "weights_fingerprint",
+    "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "force_gemm_backend",
+    "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
+    "onednn_inference_bf16", "weights_fingerprint",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -43,6 +49,10 @@ _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", Non
 _PACK_ROWS_HINT = 4096
 # weight -> (fingerprint, the weight reordered into oneDNN's blocked layout)
 _PACKED_WEIGHTS = WeakIdKeyDictionary()
+# weight -> (fingerprint, a bfloat16 copy, reordered): CPU inference under bf16 autocast
+_PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
+# oneDNN's bf16 kernels need the CPU's support (avx512_bf16, AMX); elsewhere autocast keeps its path
+_BF16_GEMM = _LINEAR_POINTWISE is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def capturing_graph() -> bool:
@@ -68,21 +78,23 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` reordered once for oneDNN, reordered again only when it changes.
+def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` (cast to ``dtype``) reordered once for oneDNN, again only when it changes.
 
     Saves oneDNN the reorder it otherwise does on every call (5-8% of a linear layer at
-    the model's shapes), at the cost of a second copy of the weights while in inference.
-    Builds without the reorder op get ``weight`` itself.
+    the model's shapes), and under bf16 autocast the weight's cast on every call, at the
+    cost of a second copy of the weights while in inference. Builds without the reorder op
+    get the (cast) weight itself.
     """
     if _REORDER_LINEAR_WEIGHT is None:
-        return weight
+        return weight.to(dtype)
+    cache = _PACKED_WEIGHTS if dtype == torch.float32 else _PACKED_BF16_WEIGHTS
     fingerprint = weights_fingerprint((weight,))
-    hit = _PACKED_WEIGHTS.get(weight)
+    hit = cache.get(weight)
     if hit is not None and hit[0] == fingerprint:
         return hit[1]
-    packed = _REORDER_LINEAR_WEIGHT(weight, _PACK_ROWS_HINT)
-    _PACKED_WEIGHTS[weight] = (fingerprint, packed)
+    packed = _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT)
+    cache[weight] = (fingerprint, packed)
     return packed
 
 
@@ -90,6 +102,7 @@ def release_packed(*layers: nn.Linear) -> None:
     """Drop the packed copies of these layers' weights (when leaving inference)."""
     for layer in layers:
         _PACKED_WEIGHTS.pop(layer.weight, None)
+        _PACKED_BF16_WEIGHTS.pop(layer.weight, None)
 
 
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -105,18 +118,181 @@ def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` may take oneDNN's fused bf16 kernel: CPU inference under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` on a CPU with bf16 instructions."""
+    return (
+        _BF16_GEMM
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not capturing_graph()
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, then the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
     if not torch.jit.is_scripting():
         if onednn_inference(x, weight):
             return _LINEAR_POINTWISE(x, _packed(weight), bias, "gelu" if gelu else "none", [], "none")
+        if onednn_inference_bf16(x, weight):
+            # what autocast computes (bf16 product, bf16 output), with the cast weight kept packed
+            bias16 = None if bias is None else bias.to(torch.bfloat16)
+            return _LINEAR_POINTWISE(
+                x.to(torch.bfloat16), _packed(weight, torch.bfloat16), bias16, "gelu" if gelu else "none", [], "none"
+            )
+        if measured_gemm_training(x, weight):
+            x = _MeasuredLinear.apply(x, weight, bias)
+            return F.gelu(x) if gelu else x
     x = F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
 
 
+# Training GEMMs ---------------------------------------------------------------------------
+# A linear layer's training step is three products: the forward ``x W^T``, the input
+# gradient ``g W`` and the weight gradient ``g^T x``. PyTorch sends all three to MKL. On
+# some processors oneDNN runs them much faster (a 2-core AMD EPYC: 473 against 211
+# GFLOP/s), on others MKL wins some of them (a 2-core Xeon: oneDNN's forward is faster,
+# as it fuses the bias, but MKL's weight gradient is). So each product is timed once per
+# process on both, at its first call for each shape class, and runs on the faster one.
+
+GEMM_BACKENDS = ("mkl", "onednn")
+# oneDNN must beat MKL (today's path) by this fraction in every timed pair to be chosen: a
+# noisy timing should never make a machine slower than the plain path.
+_GEMM_MARGIN = 0.05
+_GEMM_TRIALS = 3
+# (product, dtype, threads, rows bucket, inner, outer) -> backend
+_GEMM_CHOICES: dict[tuple, str] = {}
+_FORCED_GEMM: list[str] = []
+
+
+def _gemm_mkl(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if product == "forward":  # x (M, K), weight (N, K) -> (M, N)
+        return F.linear(a, b, bias)
+    if product == "grad_input":  # grad (M, N), weight (N, K) -> (M, K)
+        return a.mm(b)
+    return a.t().mm(b)  # grad_weight: grad (M, N), x (M, K) -> (N, K)
+
+
+def _gemm_onednn(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # _linear_pointwise(A, B) is A @ B^T; oneDNN reads the transposed views in place.
+    if product == "forward":
+        return _LINEAR_POINTWISE(a, b, bias, "none", [], "none")
+    if product == "grad_input":
+        return _LINEAR_POINTWISE(a, b.t(), None, "none", [], "none")
+    return _LINEAR_POINTWISE(a.t(), b.t(), None, "none", [], "none")
+
+
+_GEMMS = {"mkl": _gemm_mkl, "onednn": _gemm_onednn}
+
+
+def _gemm_key(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """Shape class of a product: exact inner sizes, rows rounded to a power of two."""
+    return (product, a.dtype, torch.get_num_threads(), a.shape[0].bit_length(), a.shape[1], b.shape[0 if product == "forward" else 1])
+
+
+def _timed_gemm(backend: str, product: str, a, b, bias) -> float:
+    start = time.perf_counter()
+    _GEMMS[backend](product, a, b, bias)
+    return time.perf_counter() - start
+
+
+def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """Time both backends on this product: one warm-up call each, then back-to-back pairs.
+
+    oneDNN is chosen only if it wins every pair by the margin, so that a moment of load
+    on a shared machine (which slows one call of a pair) cannot pick it by chance.
+    """
+    out = _gemm_mkl(product, a, b, bias)
+    _gemm_onednn(product, a, b, bias)
+    wins = 0
+    for _ in range(_GEMM_TRIALS):
+        mkl = _timed_gemm("mkl", product, a, b, bias)
+        wins += _timed_gemm("onednn", product, a, b, bias) < mkl * (1 - _GEMM_MARGIN)
+    return out, "onednn" if wins == _GEMM_TRIALS else "mkl"
+
+
+def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One of a linear layer's training products on the backend measured fastest for its shape.
+
+    ``product``: ``"forward"`` (``a`` = x ``(M, K)``, ``b`` = weight ``(N, K)``: ``a b^T + bias``),
+    ``"grad_input"`` (``a`` = grad ``(M, N)``, ``b`` = weight: ``a b``) or ``"grad_weight"``
+    (``a`` = grad, ``b`` = x: ``a^T b``).
+    """
+    if _FORCED_GEMM:
+        return _GEMMS[_FORCED_GEMM[-1]](product, a, b, bias)
+    key = _gemm_key(product, a, b)
+    backend = _GEMM_CHOICES.get(key)
+    if backend is None:
+        out, _GEMM_CHOICES[key] = _choose_gemm(product, a, b, bias)
+        return out
+    return _GEMMS[backend](product, a, b, bias)
+
+
+def gemm_choices() -> dict[tuple, str]:
+    """The backend chosen per shape class so far in this process: ``(product, dtype, threads,
+    rows.bit_length(), inner, outer) -> "mkl" | "onednn"``."""
+    return dict(_GEMM_CHOICES)
+
+
+@contextlib.contextmanager
+def force_gemm_backend(backend: str) -> Iterator[None]:
+    """Run every :func:`measured_gemm` on ``backend`` (tests and benchmarks), nothing timed."""
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"backend must be one of {GEMM_BACKENDS}, got {backend!r}")
+    _FORCED_GEMM.append(backend)
+    try:
+        yield
+    finally:
+        _FORCED_GEMM.pop()
+
+
+def measured_gemm_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` runs through :class:`_MeasuredLinear` (CPU float32 autograd)."""
+    return (
+        _LINEAR_POINTWISE is not None
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not capturing_graph()
+    )
+
+
+class _MeasuredLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with all three products through :func:`measured_gemm`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape = x.shape
+        return measured_gemm("forward", rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        # create_graph=True (double backward): differentiable aten products, recorded by autograd
+        gemm = _gemm_mkl if torch.is_grad_enabled() else measured_gemm
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gemm("grad_input", grad, weight, None).view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = gemm("grad_weight", grad, rows, None)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
 @register_notrace_module  # FX: the fast-path dispatch depends on the input's device and dtype
 class GeluMlp(Mlp):
-    """timm's ``Mlp`` with exact GELU (keys ``fc1``, ``fc2``); CPU inference fuses bias + GELU."""
+    """timm's ``Mlp`` with exact GELU (keys ``fc1``, ``fc2``), both linears through :func:`linear`."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__(in_features, hidden_features, act_layer=nn.GELU, drop=drop)
@@ -129,9 +305,9 @@ class GeluMlp(Mlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., in_features)``."""
         if not torch.jit.is_scripting():
-            if not self.training and onednn_inference(x, self.fc1.weight):
-                x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
-                return linear(x, self.fc2.weight, self.fc2.bias)
+            # timm's Mlp.forward, with both linears through :func:`linear` (fast paths)
+            x = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
+            return self.drop2(linear(self.norm(x), self.fc2.weight, self.fc2.bias))
         # timm's Mlp.forward, spelt out: TorchScript cannot call super()
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(self.norm(x)))

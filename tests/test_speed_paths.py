@@ -1,0 +1,291 @@
+"""The CPU speed paths of issue 15 compute what the plain path computes.
+
+- Training linears (:func:`crossformer.models.layers.measured_gemm`): each of the three
+  products on MKL or oneDNN, whichever was measured faster, equal to ``F.linear`` and its
+  autograd gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crossformer.models import CrossFormer
+from crossformer.models import layers
+from crossformer.models.layers import (
+    GEMM_BACKENDS,
+    force_gemm_backend,
+    gemm_choices,
+    linear,
+    measured_gemm_training,
+)
+
+TOL = 1e-4
+needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None, reason="PyTorch built without oneDNN")
+TINY = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8), group_size=(7, 7, 7, 7),
+            interval=(8, 4, 2, 1), num_classes=10, drop_path_rate=0.0)
+
+
+def _linear_and_grads(x: torch.Tensor, layer: nn.Linear, gelu: bool, plain: bool):
+    x = x.detach().requires_grad_()
+    out = F.gelu(layer(x)) if plain and gelu else layer(x) if plain else linear(x, layer.weight, layer.bias, gelu=gelu)
+    grad_out = torch.linspace(-1, 1, out.numel()).view_as(out)
+    params = [x, layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    return out.detach(), torch.autograd.grad(out, params, grad_out)
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", (*GEMM_BACKENDS, "measured"))
+@pytest.mark.parametrize(
+    "shape, out_features, bias, gelu",
+    [((1, 7), 5, True, False), ((33, 65), 97, False, True), ((2, 5, 9, 64), 192, True, True),
+     ((3, 50, 256), 64, True, False)],
+)
+def test_measured_linear_matches_f_linear(backend, shape, out_features, bias, gelu) -> None:
+    layer = nn.Linear(shape[-1], out_features, bias=bias)
+    x = torch.randn(shape)
+    assert measured_gemm_training(x.requires_grad_(), layer.weight)
+    ref, ref_grads = _linear_and_grads(x, layer, gelu, plain=True)
+    if backend == "measured":
+        out, grads = _linear_and_grads(x, layer, gelu, plain=False)
+    else:
+        with force_gemm_backend(backend):
+            out, grads = _linear_and_grads(x, layer, gelu, plain=False)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= TOL
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
+
+
+@needs_onednn
+def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
+    layer = nn.Linear(48, 80)
+    x = torch.randn(300, 48, requires_grad=True)
+    linear(x, layer.weight, layer.bias).sum().backward()
+    products = {key[0] for key in gemm_choices() if key[3:] in ((300 .bit_length(), 48, 80), (300 .bit_length(), 80, 48))}
+    assert products == {"forward", "grad_input", "grad_weight"}
+    assert set(gemm_choices().values()) <= set(GEMM_BACKENDS)
+
+    def no_timing(*args):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    x = torch.randn(290, 48, requires_grad=True)  # same rows bucket: no new timing
+    linear(x, layer.weight, layer.bias).sum().backward()
+
+
+class _Linear(nn.Module):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.layer.weight, self.layer.bias)
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn_times, chosen", [
+    ((1.0, 1.0, 1.0), "onednn"),  # faster in every pair
+    ((1.0, 2.5, 1.0), "mkl"),  # one pair lost (a moment of load): keep MKL, today's path
+    ((1.97, 1.97, 1.97), "mkl"),  # within the 5% margin
+])
+def test_backend_rule(monkeypatch, onednn_times, chosen) -> None:
+    """oneDNN only when it beats MKL (2.0 s here) by the margin in every timed pair."""
+    times = {"mkl": iter([2.0] * 3), "onednn": iter(onednn_times)}
+    monkeypatch.setattr(layers, "_timed_gemm", lambda backend, *args: next(times[backend]))
+    a, w = torch.randn(5, 3), torch.randn(4, 3)
+    out, backend = layers._choose_gemm("forward", a, w, None)
+    assert backend == chosen
+    assert (out - a @ w.t()).abs().max().item() <= 1e-6
+
+
+def test_measured_path_steps_aside() -> None:
+    layer = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    assert measured_gemm_training(x, layer.weight)  # the weight needs a gradient
+    with torch.no_grad():
+        assert not measured_gemm_training(x, layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not measured_gemm_training(x, layer.weight)
+    assert not measured_gemm_training(x.double(), layer.weight.double())
+    assert not measured_gemm_training(x[:0], layer.weight)
+    # tracing records plain ops: the traced graph holds aten::linear, no Python function
+    traced = torch.jit.trace(_Linear(layer), (x,))
+    assert "linear" in str(traced.graph) and "PythonOp" not in str(traced.graph)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with force_gemm_backend("blas"):
+            pass
+
+
+@needs_onednn
+def test_double_backward_matches_f_linear() -> None:
+    """create_graph=True records the backward products, so a gradient penalty works."""
+    layer = nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    results = []
+    for out in (linear(x, layer.weight, layer.bias, gelu=True), F.gelu(layer(x))):
+        (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.pow(2).sum(), (x, layer.weight, layer.bias)))
+    for got, want in zip(*results):
+        assert (got - want).abs().max().item() <= TOL
+
+
+def _model_grads(model: CrossFormer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss = model(x).logsumexp(-1).sum()
+    names, params = zip(*model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("checkpointing", (False, True))
+def test_model_training_gradients_match_plain_linears(monkeypatch, checkpointing: bool) -> None:
+    model = CrossFormer(**TINY).train()
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 70, 94)
+    with force_gemm_backend("onednn"):
+        onednn = _model_grads(model, x)
+    measured = _model_grads(model, x)
+    monkeypatch.setattr(layers, "_LINEAR_POINTWISE", None)  # every linear through F.linear
+    plain = _model_grads(model, x)
+    for grads in (onednn, measured):
+        for name, want in plain.items():
+            assert (grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
+
+
+# bf16 autocast on the CPU ------------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not layers._BF16_GEMM, reason="this CPU has no oneDNN bf16 kernels")
+
+
+def _moved_off_init(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@needs_bf16
+def test_bf16_inference_linear_is_autocasts_product() -> None:
+    """Under bf16 autocast, the fused oneDNN path gives what autocast's F.linear + GELU gives."""
+    mlp = layers.GeluMlp(64, 256).eval()
+    x = torch.randn(4, 7, 5, 64)[:, :, :3]  # non-contiguous, as after a crop
+    with torch.inference_mode():
+        want32 = mlp.fc2(F.gelu(mlp.fc1(x)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers.onednn_inference_bf16(x, mlp.fc1.weight)
+            got = mlp(x)
+            packed = layers._PACKED_BF16_WEIGHTS[mlp.fc1.weight][1]
+            plain = mlp.fc2(F.gelu(mlp.fc1(x)))  # nn.Linear under autocast
+            assert torch.equal(mlp(x), got)
+            assert layers._PACKED_BF16_WEIGHTS[mlp.fc1.weight][1] is packed, "cast and packed once"
+    assert got.dtype == plain.dtype == torch.bfloat16
+    scale = want32.abs().max().item()
+    # bf16 keeps 8 bits: both paths are within a few bf16 steps of float32 and of each other
+    assert (got.float() - want32).abs().max().item() <= 2e-2 * scale
+    assert (got.float() - plain.float()).abs().max().item() <= 2e-2 * scale
+    mlp.train()
+    assert mlp.fc1.weight not in layers._PACKED_BF16_WEIGHTS
+
+
+def test_bf16_path_steps_aside() -> None:
+    layer = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not layers.onednn_inference_bf16(x, layer.weight)  # no autocast
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not layers.onednn_inference_bf16(x, layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.onednn_inference_bf16(x, layer.weight)  # gradients flow: autocast's path
+
+
+@needs_bf16
+def test_bf16_model_agrees_with_fp32() -> None:
+    """Logits under bf16 autocast stay close to float32's; every clear top-1 is the same."""
+    model = _moved_off_init(CrossFormer(**TINY)).eval()
+    x = torch.randn(32, 3, 64, 64)
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    err = (bf16 - fp32).abs().max(-1).values
+    assert err.max().item() <= 0.05 * fp32.abs().max().item()
+    top2 = fp32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err  # no bf16 error of this size can swap them
+    agree = bf16.argmax(-1) == fp32.argmax(-1)
+    assert agree[clear].all()
+    assert agree.float().mean().item() >= 0.9
+
+
+@needs_bf16
+def test_bf16_training_step_gradients_follow_fp32() -> None:
+    model = _moved_off_init(CrossFormer(**TINY)).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 3, 5, 9])
+    loss32 = F.cross_entropy(model(x), y)
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = F.cross_entropy(model(x), y)
+    grads16 = torch.autograd.grad(loss16, list(model.parameters()))
+    assert abs(loss16.item() - loss32.item()) <= 0.02 * loss32.item()
+    flat32 = torch.cat([g.flatten() for g in grads32])
+    flat16 = torch.cat([g.float().flatten() for g in grads16])
+    assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99
+
+
+def test_bf16_training_attention_takes_the_fused_path() -> None:
+    """bf16 q, k, v and learnt mask (autocast training): the fused CPU function, gradients as float32's."""
+    from crossformer.models.attention import biased_attention
+
+    shapes = [(2, 4, 49, 16)] * 3 + [(1, 4, 49, 49)]
+    leaves16 = [torch.randn(shape).bfloat16().requires_grad_() for shape in shapes]
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves16]  # the same values in float32
+    out16 = biased_attention(*leaves16, scale=0.25)
+    assert "BiasedAttentionCPU" in type(out16.grad_fn).__name__ and out16.dtype == torch.bfloat16
+    out32 = biased_attention(*leaves32, scale=0.25, fused=False)
+    grad_out = torch.randn_like(out32)
+    got = torch.autograd.grad(out16, leaves16, grad_out.bfloat16())
+    want = torch.autograd.grad(out32, leaves32, grad_out)
+    assert (out16.float() - out32).abs().max().item() <= 2e-2 * out32.abs().max().item()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - w).abs().max().item() <= 2e-2 * w.abs().max().item()
+
+
+# crossformer benchmark --peak ----------------------------------------------------------------
+
+
+def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) -> None:
+    import json
+
+    from crossformer import benchmark
+    from crossformer.cli import main as cli_main
+
+    monkeypatch.setattr(benchmark, "PEAK_SQUARE", 96)
+    timed = benchmark.gemm_rates
+    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3: timed(shapes, rounds=1, min_seconds=0.0))
+    cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--img-size", "64", "--batch-size", "2",
+              "--rounds", "1", "--warmup", "0", "--no-memory", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    peak = out["peak"]
+    square, *model_rows = peak["gemm"]
+    assert (square["m"], square["k"], square["n"]) == (96, 96, 96)
+    expected_backends = {"fp32 mkl"} | ({"fp32 onednn packed"} if layers._REORDER_LINEAR_WEIGHT else set())
+    assert expected_backends <= set(square["gflops"]) and all(v > 0 for v in square["gflops"].values())
+    # crossformer_tiny at 64x64, batch 2: stage s has 2 * (16 / 2**s)**2 tokens of 64 * 2**s channels
+    assert [(r["shape"], r["m"], r["k"], r["n"]) for r in model_rows[:4]] == [
+        ("stage 0 qkv", 512, 64, 192), ("stage 0 proj", 512, 64, 64), ("stage 0 fc1", 512, 64, 256),
+        ("stage 0 fc2", 512, 256, 64)]
+    assert (model_rows[-1]["m"], model_rows[-1]["k"], model_rows[-1]["n"]) == (8, 2048, 512)
+    images_per_s = out["infer_images_per_s"]
+    assert peak["model_gflops"] == pytest.approx(2 * peak["model_macs_per_image"] * images_per_s / 1e9)
+    assert peak["model_fraction_of_best"] == pytest.approx(peak["model_gflops"] / max(
+        v for k, v in square["gflops"].items() if k.startswith("fp32")))
+
+
+def test_peak_needs_the_cpu(capsys) -> None:
+    from crossformer.cli import main as cli_main
+
+    assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
+    assert "--peak times CPU GEMM backends" in capsys.readouterr().err
