@@ -65,6 +65,8 @@ def test_timm_grad_checkpointing_api() -> None:
 def test_torch_compile_captures_one_graph_and_matches_eager() -> None:
     # fullgraph=True fails on any graph break; the aot_eager backend checks capture and
     # autograd tracing without the minutes Inductor's C++ code generation takes on CPU.
+    # A fresh dynamo: guards and caches left by earlier compiled tests make it retrace for minutes.
+    torch._dynamo.reset()
     model = CrossFormer(**TINY_V1, drop_path_rate=0.0)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 72, 88)
