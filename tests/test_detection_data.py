@@ -261,22 +261,57 @@ def test_exif_orientation_grayscale_and_rgba(tmp_path):
     assert "differs from the annotation file's 40x20" in CocoDetection(path, tmp_path)[0].failure
 
 
-def test_demo_set_is_separate_class_coloured_and_crowd_free(tmp_path):
+def _object_hues(root: Path, split: str = "train") -> list[tuple[int, float]]:
+    """(category id, hue of the median colour of its visible pixels) for every non-crowd object."""
+    import colorsys
+
     from pycocotools import mask as mask_utils
 
-    from crossformer.detection.synthetic import CLASS_COLOURS, make_coco_dataset
+    data, hues = _json(root, split), []
+    for entry in data["images"]:
+        pixels = np.asarray(Image.open(root / f"{split}2017" / entry["file_name"]), dtype=np.float64)
+        for a in data["annotations"]:
+            if a["image_id"] != entry["id"] or a["iscrowd"] or a["area"] < 30:
+                continue
+            segmentation = a["segmentation"]
+            if isinstance(segmentation, list):
+                segmentation = mask_utils.merge(mask_utils.frPyObjects(segmentation, entry["height"], entry["width"]))
+            elif isinstance(segmentation["counts"], str):
+                segmentation = dict(segmentation, counts=segmentation["counts"].encode())
+            mask = mask_utils.decode(segmentation).astype(bool)
+            r, g, b = np.median(pixels[mask], axis=0) / 255
+            hues.append((a["category_id"], colorsys.rgb_to_hsv(r, g, b)[0]))
+    return hues
 
-    made = make_coco_dataset(tmp_path, images=12, seed=1, image_size=(64, 80), shapes_per_image=(2, 3),
-                             radius=(0.15, 0.25), separate=True, class_colours=True, crowds=False)
+
+def test_colours_follow_the_category_by_default_or_are_random(tmp_path):
+    from crossformer.detection.synthetic import CATEGORY_HUES, HUE_SPREAD, make_coco_dataset
+
+    make_coco_dataset(tmp_path / "by_category", images=16, seed=2)
+    hue_of = {c["id"]: CATEGORY_HUES[i] for i, c in enumerate(SHAPE_CATEGORIES)}
+    hues = _object_hues(tmp_path / "by_category")
+    assert len({c for c, _ in hues}) == 4
+    for category, hue in hues:  # around the category's hue (JPEG and pixel noise: a loose bound)
+        assert min(abs(hue - hue_of[category]), 1 - abs(hue - hue_of[category])) < HUE_SPREAD + 0.04
+
+    make_coco_dataset(tmp_path / "random", images=16, seed=2, colours="random")
+    far = [min(abs(h - hue_of[c]), 1 - abs(h - hue_of[c])) > HUE_SPREAD + 0.04 for c, h in _object_hues(tmp_path / "random")]
+    assert sum(far) > len(far) / 3
+    with pytest.raises(ValueError, match="colours must be"):
+        make_coco_dataset(tmp_path / "bad", images=4, colours="by_class")
+
+
+def test_separate_shapes_never_share_a_pixel(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from crossformer.detection.synthetic import make_coco_dataset
+
+    made = make_coco_dataset(tmp_path, images=12, seed=1, shapes_per_image=(2, 3), separate=True, crowds=False)
     assert made.crowds == 0 and made.objects > 0
     data = _json(tmp_path, "train")
-    colours = {c["id"]: CLASS_COLOURS[i] for i, c in enumerate(SHAPE_CATEGORIES)}
     for entry in data["images"]:
         anns = [a for a in data["annotations"] if a["image_id"] == entry["id"]]
         assert all(a["iscrowd"] == 0 and isinstance(a["segmentation"], list) for a in anns)  # nothing covered
         masks = [mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], entry["height"], entry["width"]))[..., 0]
                  for a in anns]
-        assert sum(m.astype(int) for m in masks).max(initial=0) <= 1  # no two shapes share a pixel
-        pixels = np.asarray(Image.open(tmp_path / "train2017" / entry["file_name"]), dtype=np.float64)
-        for a, m in zip(anns, masks):  # painted in its category's colour (JPEG and noise: a loose bound)
-            assert np.abs(np.median(pixels[m.astype(bool)], axis=0) - colours[a["category_id"]]).max() < 25
+        assert sum(m.astype(int) for m in masks).max(initial=0) <= 1

@@ -186,3 +186,36 @@ def test_torchrun_two_processes_over_gloo(coco: Path, tmp_path: Path) -> None:
     alone = task.evaluate(task.model)
     for key in ("bbox_mAP", "bbox_AR_100", "segm_mAP"):
         assert state["metrics"][f"val/{key}"] == pytest.approx(alone[key], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_detection_demo_writes_the_default_set_trains_evaluates_and_draws(tmp_path, monkeypatch, capsys):
+    from crossformer.cli import main
+    from crossformer.detection import demo
+
+    monkeypatch.setattr(demo, "DEMO_IMAGES", 24)  # the demo's recipe on a few images, for 4 updates
+    output = tmp_path / "demo"
+    assert main(["demo", "--task", "detection", "--output", str(output), "epochs=0", "iterations=4", "eval_every=4",
+                 "tensorboard=false"]) == 0
+    out = capsys.readouterr().out
+    assert "data: 18 train / 6 held-out synthetic images" in out and "crowd regions" in out
+    model = torch.load(output / "train" / "last.pth", map_location="cpu", weights_only=False)["config"]["model"]
+    assert (model["rcnn_samples"], model["rpn_train_pre_nms"], model["rpn_train_proposals"]) == (128, 1000, 500)
+    records = [json.loads(line) for line in open(output / "train" / "metrics.jsonl")]
+    assert "val/segm_mAP" in records[-1]
+    assert f"demo: held-out box AP {records[-1]['val/bbox_mAP']:.3f}, mask AP {records[-1]['val/segm_mAP']:.3f}" in out
+    assert len(list((output / "predictions").glob("*.png"))) == 6
+
+
+def test_training_proposal_counts_follow_the_config_or_the_authors():
+    base = resolve_config("mask_rcnn_crossformer_small_1x", task="detection").config.model
+    tiny = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    authors = build_configured_detector(replace(base, backbone_kwargs=tiny), 3).train_proposals
+    assert (authors.nms_pre, authors.max_per_img) == (2000, 1000)
+    cascade = build_configured_detector(replace(base, kind="cascade_mask_rcnn", backbone_kwargs=tiny), 3).train_proposals
+    assert (cascade.nms_pre, cascade.max_per_img) == (2000, 2000)
+    chosen = build_configured_detector(replace(base, backbone_kwargs=tiny, rpn_train_pre_nms=300, rpn_train_proposals=70), 3)
+    assert (chosen.train_proposals.nms_pre, chosen.train_proposals.max_per_img, chosen.train_proposals.iou) == (300, 70, 0.7)
+    assert (chosen.test_proposals.nms_pre, chosen.test_proposals.max_per_img) == (1000, 1000)  # testing as the authors
+    with pytest.raises(UserInputError, match="model.rpn_train_proposals must be at least 1"):
+        replace(base, rpn_train_proposals=0).validate()

@@ -43,6 +43,10 @@ class DetectionModelConfig:
     fc_channels: int = 1024  # R-CNN box head fully connected layers (the authors' 1024)
     rpn_samples: int = 256  # anchors sampled per image to train the RPN
     rcnn_samples: int = 512  # proposals sampled per image to train each R-CNN stage
+    # Training proposals (mmdet's train_cfg.rpn_proposal): the best anchors per level entering
+    # NMS, and the proposals kept per image; null: the authors' 2000 / 1000 (cascade 2000 / 2000).
+    rpn_train_pre_nms: int | None = None
+    rpn_train_proposals: int | None = None
 
     def validate(self) -> None:
         from ..models import VARIANTS
@@ -53,8 +57,8 @@ class DetectionModelConfig:
             raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
         if not 0 <= self.drop_path < 1:
             raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
-        for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples"):
-            if getattr(self, name) < 1:
+        for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.pretrained is not None and not Path(self.pretrained).is_file():
             raise UserInputError(f"model.pretrained: backbone checkpoint not found: {self.pretrained}")

@@ -1,4 +1,5 @@
-"""The detection demo: write the synthetic shapes set, train a small Mask R-CNN on it from
+"""The detection demo: write the synthetic shapes set (``crossformer make-data coco``'s, with
+its defaults: overlapping shapes, crowds, empty images), train a small Mask R-CNN on it from
 scratch (the bundled ``mask_rcnn_shapes_demo`` config), report box and mask AP on the held-out
 split, and draw the predictions for a few held-out images."""
 
@@ -10,15 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_demo", "DEMO_CONFIG", "DEMO_TARGETS", "DEMO_IMAGES", "DEMO_IMAGE_SIZE"]
+__all__ = ["run_demo", "DEMO_CONFIG", "DEMO_TARGETS", "DEMO_IMAGES"]
 
 DEMO_CONFIG = "mask_rcnn_shapes_demo"
 DEMO_TARGETS = {"box AP": 0.5, "mask AP": 0.4}  # COCO AP at IoU .50:.95 on the held-out split
 DEMO_IMAGES = 400  # 300 train / 100 held out
-DEMO_IMAGE_SIZE = (96, 128)  # sides drawn from this range (pixels)
-# An easy set a tiny detector learns in minutes: 1-3 large shapes that never touch, one colour
-# per class, no crowds; radii 15-30 % of the shorter side match the 32 / 64 px anchors.
-DEMO_SET = {"shapes_per_image": (1, 3), "radius": (0.15, 0.3), "separate": True, "class_colours": True, "crowds": False}
 PREDICTED_IMAGES = 6
 
 
@@ -39,9 +36,9 @@ def run_demo(output: str | Path = "output/demo-detection", overrides: dict[str, 
     output = Path(output)
     if output.exists():
         shutil.rmtree(output)  # a demo always starts from scratch
-    data = make_coco_dataset(output / "data", images=DEMO_IMAGES, seed=0, image_size=DEMO_IMAGE_SIZE, **DEMO_SET)
-    print(f"data: {data.train_images} train / {data.val_images} held-out synthetic images "
-          f"({DEMO_IMAGE_SIZE[0]}-{DEMO_IMAGE_SIZE[1]} px, {data.objects} objects) in {data.root}")
+    data = make_coco_dataset(output / "data", images=DEMO_IMAGES, seed=0)
+    print(f"data: {data.train_images} train / {data.val_images} held-out synthetic images ({data.objects} objects, "
+          f"{data.crowds} crowd regions, {data.empty_images} empty images) in {data.root}")
     config = resolve_config(DEMO_CONFIG, {"run.output": str(output / "train"), "data.root": str(data.root),
                                           **(overrides or {})}, task="detection").config
     train_start = time.perf_counter()

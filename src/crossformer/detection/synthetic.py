@@ -4,8 +4,16 @@
 ``annotations/instances_{train,val}2017.json`` and JPEG files in ``train2017/`` ``val2017/``.
 Each image holds a few shapes (circles, rectangles, triangles, stars: four categories with
 the non-contiguous ids 1, 3, 6, 9) in random sizes, colours and rotations on a textured
-background (noise, gradients, stripes); some images hold a crowd (a cluster of small shapes
-of one kind, one ``iscrowd=1`` RLE annotation), some hold nothing.
+background (noise, gradients, stripes), overlapping; some images hold a crowd (a cluster of
+small shapes of one kind, one ``iscrowd=1`` RLE annotation), some hold nothing.
+
+Colours (``colours="by_category"``, the default) vary from object to object in shade,
+saturation and hue around one hue per category (reds, greens, blues, yellows), as many
+real categories have typical colours; a minutes-long training on 2 CPU cores learns the
+categories from shape and colour together. ``colours="random"`` draws any saturated colour
+for any shape: the category is then in the shape alone, which a tiny detector trained from
+scratch learns several times more slowly (held-out box AP 0.07 against 0.43 after 5 epochs
+of the demo's recipe).
 
 Masks are the *visible* part of each object, as in COCO: shapes are painted in order, a later
 shape covers earlier ones, and each shape is painted exactly where pycocotools rasterises its
@@ -17,10 +25,12 @@ visible mask.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -31,8 +41,10 @@ __all__ = ["SHAPE_CATEGORIES", "SyntheticCoco", "make_coco_dataset"]
 SHAPE_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"},
                     {"id": 6, "name": "triangle"}, {"id": 9, "name": "star"})
 MIN_VISIBLE = 0.5  # every object keeps at least this fraction of its area visible
-# ``class_colours=True``: one saturated colour per category (in SHAPE_CATEGORIES' order).
-CLASS_COLOURS = np.array([(230, 40, 40), (40, 200, 40), (40, 80, 240), (240, 220, 30)], dtype=np.float64)
+# ``colours="by_category"``: each category's hue (HSV, in SHAPE_CATEGORIES' order: red, green,
+# blue, yellow), from which every object's hue strays by up to HUE_SPREAD.
+CATEGORY_HUES = (0.0, 0.33, 0.62, 0.15)
+HUE_SPREAD = 0.04
 EMPTY_EVERY = 10  # image k of a split (k % EMPTY_EVERY == EMPTY_EVERY - 1) has no objects
 CROWD_EVERY = 7  # image k (k % CROWD_EVERY == 3) has a crowd
 
@@ -95,6 +107,12 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rgb if rng.random() < 0.8 else 255 - rgb
 
 
+def _category_colour(rng: np.random.Generator, kind: int) -> np.ndarray:
+    """A colour near category ``kind``'s hue, in a random shade and saturation."""
+    hue = (CATEGORY_HUES[kind] + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
+
+
 def _grow(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
     """``mask`` dilated by ``pixels`` (a square structuring element)."""
     grown = mask.copy()
@@ -118,12 +136,13 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray, 
 
 
 def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, crowd: bool,
-                radius: tuple[float, float] = (0.1, 0.25), separate: bool = False, class_colours: bool = False):
+                radius: tuple[float, float], separate: bool, colours: str):
     """An image and its objects: (image uint8, [(category id, full mask, visible mask, polygon or None)]).
 
     ``radius``: shape radii as fractions of the shorter side; ``separate``: shapes never touch
-    (each keeps all of its area); ``class_colours``: each category painted in its own colour.
+    (each keeps all of its area); ``colours``: "by_category" or "random" (see the module).
     """
+    paint = (lambda kind: _category_colour(rng, kind)) if colours == "by_category" else (lambda kind: _colour(rng))
     image = _background(rng, height, width)
     objects: list[list] = []  # [category id, full mask, visible mask, polygon | None (crowd)]
     if crowd:
@@ -131,7 +150,7 @@ def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, 
         side = min(height, width)
         cx0, cy0 = rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height
         union = np.zeros((height, width), dtype=bool)
-        colour = _colour(rng)
+        colour = paint(kind)
         for _ in range(int(rng.integers(6, 12))):
             polygon = _shape_polygon(SHAPE_CATEGORIES[kind]["name"], cx0 + rng.normal(0, side * 0.08),
                                      cy0 + rng.normal(0, side * 0.08), rng.uniform(3, 6), rng.uniform(0, math.pi), 1.0)
@@ -156,8 +175,7 @@ def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, 
             continue  # no place where this shape hides too little of the others
         for o in objects:
             o[2] &= ~full
-        colour = CLASS_COLOURS[kind] if class_colours else _colour(rng)
-        image[full] = colour + rng.normal(0, 6, (int(full.sum()), 3))
+        image[full] = paint(kind) + rng.normal(0, 6, (int(full.sum()), 3))
         objects.append([SHAPE_CATEGORIES[kind]["id"], full, full.copy(), polygon])
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
@@ -167,22 +185,24 @@ def make_coco_dataset(
     images: int = 200,
     seed: int = 0,
     val_fraction: float = 0.25,
-    image_size: tuple[int, int] = (160, 320),
-    shapes_per_image: tuple[int, int] = (1, 4),
+    image_size: tuple[int, int] = (96, 128),
+    shapes_per_image: tuple[int, int] = (1, 3),
     jpeg_quality: int = 92,
     *,
-    radius: tuple[float, float] = (0.1, 0.25),
+    radius: tuple[float, float] = (0.15, 0.3),
     separate: bool = False,
-    class_colours: bool = False,
+    colours: Literal["by_category", "random"] = "by_category",
     crowds: bool = True,
 ) -> SyntheticCoco:
     """Write ``images`` images (``val_fraction`` of them in val2017) under ``root``.
 
     Sides are drawn from ``image_size`` (min, max) pixels; each non-empty image gets
-    ``shapes_per_image`` (min, max) shapes with radii ``radius`` (fractions, default 10-25 %)
-    of its shorter side. An easier set (the demo's): ``separate=True`` (shapes never touch),
-    ``class_colours=True`` (one colour per category), ``crowds=False`` (no crowd regions).
+    ``shapes_per_image`` (min, max) shapes with radii ``radius`` (fractions of its shorter
+    side), which may overlap (each keeps at least half of its area visible) unless
+    ``separate``; ``colours`` as the module says; ``crowds=False``: no crowd regions.
     """
+    if colours not in ("by_category", "random"):
+        raise ValueError(f"colours must be 'by_category' or 'random', got {colours!r}")
     if images < 2:
         raise ValueError("make_coco_dataset needs at least 2 images (one per split)")
     root = Path(root)
@@ -199,7 +219,7 @@ def make_coco_dataset(
             empty = k % EMPTY_EVERY == EMPTY_EVERY - 1
             shapes = 0 if empty else int(rng.integers(shapes_per_image[0], shapes_per_image[1] + 1))
             crowd = crowds and not empty and k % CROWD_EVERY == 3
-            pixels, objects = _draw_image(rng, height, width, shapes, crowd, radius, separate, class_colours)
+            pixels, objects = _draw_image(rng, height, width, shapes, crowd, radius, separate, colours)
             file_name = f"{image_id:012d}.jpg"
             Image.fromarray(pixels).save(root / split / file_name, quality=jpeg_quality)
             entries.append({"id": image_id, "file_name": file_name, "width": width, "height": height})

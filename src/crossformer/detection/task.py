@@ -10,6 +10,7 @@ and, for the mask models, 12 mask numbers (``segm_mAP`` ...). best.pth is kept b
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -39,6 +40,10 @@ def build_configured_detector(model: DetectionModelConfig, num_classes: int, pre
         return detector
     detector.rpn_head.num_samples = model.rpn_samples
     detector.roi_head.num_samples = model.rcnn_samples
+    proposals = detector.train_proposals
+    detector.train_proposals = dataclasses.replace(
+        proposals, nms_pre=model.rpn_train_pre_nms or proposals.nms_pre, max_per_img=model.rpn_train_proposals or proposals.max_per_img
+    )
     return detector
 
 
