@@ -200,3 +200,17 @@ def test_overrides_are_typed_and_typos_rejected() -> None:
         apply_overrides(_Settings(), {"epochs": "many"})
     with pytest.raises(UserInputError, match="expected KEY=VALUE"):
         parse_overrides(["epochs"])
+
+
+def test_cpu_threads_zero_restores_torchs_default():
+    from crossformer.engine import set_cpu_threads
+    from crossformer.engine.distributed import TORCH_DEFAULT_THREADS
+
+    before = torch.get_num_threads()
+    try:
+        set_cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        set_cpu_threads(0)  # a run after one that chose 1 thread (demo --task all) gets torch's default back
+        assert torch.get_num_threads() == TORCH_DEFAULT_THREADS
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from .config import (
     load_yaml,
     parse_overrides,
 )
-from .distributed import DistContext, default_workers, resolve_device, setup_distributed, teardown_distributed
+from .distributed import DistContext, default_workers, resolve_device, set_cpu_threads, setup_distributed, teardown_distributed
 from .output import RUN_FILES, claim_output
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import Progress, RunLogger
@@ -31,7 +31,7 @@ __all__ = [
     "BEST", "LAST", "load_training_state", "save_atomic",
     "EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
     "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides",
-    "DistContext", "default_workers", "resolve_device", "setup_distributed", "teardown_distributed",
+    "DistContext", "default_workers", "resolve_device", "set_cpu_threads", "setup_distributed", "teardown_distributed",
     "RUN_FILES", "claim_output",
     "NonFiniteLossError", "check_finite_loss",
     "Progress", "RunLogger",

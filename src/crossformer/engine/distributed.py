@@ -16,9 +16,17 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers"]
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads"]
 
 MAX_DEFAULT_WORKERS = 8
+# torch's own intra-op thread count, read before any run of this process changed it.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def set_cpu_threads(threads: int) -> None:
+    """``run.cpu_threads``: ``threads`` intra-op threads, or torch's default for 0 (restored,
+    so that a run after one that chose 1 thread, as ``demo --task all`` does, gets all cores)."""
+    torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
 
 
 def default_workers() -> int:

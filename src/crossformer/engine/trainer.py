@@ -28,7 +28,7 @@ from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic
 from .config import EngineConfig, config_differences, config_to_dict
-from .distributed import DistContext, setup_distributed, teardown_distributed
+from .distributed import DistContext, set_cpu_threads, setup_distributed, teardown_distributed
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger
 from .output import claim_output
@@ -66,8 +66,8 @@ class Trainer:
         self.log = log or RunLogger(self.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
         if run.deterministic:
             enable_determinism()
-        if run.cpu_threads and ctx.device.type == "cpu":
-            torch.set_num_threads(run.cpu_threads)
+        if ctx.device.type == "cpu":
+            set_cpu_threads(run.cpu_threads)
         seed_everything(run.seed + ctx.rank)  # ranks draw different augmentations
         self.task = task_cls(config, ctx)
         self.task.log = self.log

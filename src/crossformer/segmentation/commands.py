@@ -54,10 +54,9 @@ _PREDICT_KEYS = ("model", "data.skip_corrupt", "test", *_RUN_KEYS)
 
 def _set_threads(config: SegmentationConfig) -> None:
     """``run.cpu_threads`` as in training (one thread is much faster on a busy CPU)."""
-    import torch
+    from ..engine import set_cpu_threads
 
-    if config.run.cpu_threads:
-        torch.set_num_threads(config.run.cpu_threads)
+    set_cpu_threads(config.run.cpu_threads)
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
