@@ -1,6 +1,8 @@
 """A/B: the model code of a git revision against the working tree, same weights, in turn.
 
     python benchmarks/ab.py --rev HEAD --model crossformer_tiny --modes infer train --rounds 7
+    python benchmarks/ab.py --rev HEAD --model crossformer_small --img-size 800 1216 --batch-size 2 \
+        --detection-grouping                      # the dense size, group size 7, intervals 8, 4, 2, 1
 
 The revision's network modules (``models/crossformer.py`` and the modules it imports) are
 loaded as a separate package; both models get the same state dict. Prints the median per-round
@@ -46,9 +48,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["infer"], choices=["infer", "train"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="SIZE", help="H [W]")
+    parser.add_argument("--detection-grouping", action="store_true",
+                        help="the authors' detection grouping: group size 7, intervals 8, 4, 2, 1")
     args = parser.parse_args()
-    arch = VARIANTS[args.model].arch
+    arch = dict(VARIANTS[args.model].arch)
+    if args.detection_grouping:
+        arch.update(group_size=[7, 7, 7, 7], interval=[8, 4, 2, 1])
     old_cls = load_revision(args.rev)
 
     def new() -> CrossFormer:
@@ -62,7 +68,7 @@ def main() -> None:
 
     config = BenchConfig(modes=tuple(args.modes), rounds=args.rounds, memory=False,
                          batch_size={m: args.batch_size or DEFAULT_BATCH[m] for m in args.modes},
-                         img_size=(args.img_size, args.img_size))
+                         img_size=(args.img_size[0], args.img_size[-1]))
     results = run_benchmark({"worktree": new, args.rev: old}, config,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_summary(summarise(results, config, compare=args.rev)))
