@@ -289,3 +289,21 @@ def test_peak_needs_the_cpu(capsys) -> None:
 
     assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
     assert "--peak times CPU GEMM backends" in capsys.readouterr().err
+
+
+@needs_onednn
+def test_nothing_is_timed_under_a_flop_counter(monkeypatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def no_timing(*args):
+        raise AssertionError("timed under a dispatch mode")
+
+    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    layer = nn.Linear(40, 24)
+    x = torch.randn(3 * 1021, 40, requires_grad=True)  # a shape class no other test measures
+    counter = FlopCounterMode(display=False)
+    with counter:
+        linear(x, layer.weight, layer.bias).sum().backward()
+    # forward, input gradient and weight gradient, each counted once: 3 products of 2 * M * K * N
+    assert counter.get_total_flops() == 3 * 2 * 3 * 1021 * 40 * 24
+    assert not any(key[3:] == ((3 * 1021).bit_length(), 40, 24) for key in gemm_choices())

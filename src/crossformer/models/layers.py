@@ -34,6 +34,7 @@ from timm.layers import Mlp
 from timm.models import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
@@ -224,6 +225,10 @@ def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
     """
     if _FORCED_GEMM:
         return _GEMMS[_FORCED_GEMM[-1]](product, a, b, bias)
+    if _get_current_dispatch_mode() is not None:
+        # A mode sees every op (FLOP counters, profilers, fake tensors): time nothing under it,
+        # or the trial products would be counted as the model's.
+        return _gemm_mkl(product, a, b, bias)
     key = _gemm_key(product, a, b)
     backend = _GEMM_CHOICES.get(key)
     if backend is None:
