@@ -18,9 +18,11 @@ from crossformer.engine import (
     ScheduleConfig,
     Task,
     apply_overrides,
+    load_training_state,
+    train,
 )
 
-__all__ = ["FakeConfig", "FakeTask", "fake_config", "CONFIG", "TASK"]
+__all__ = ["FakeConfig", "FakeTask", "fake_config", "resume_and_compare", "CONFIG", "TASK"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,18 @@ class FakeTask(Task):
 
 def fake_config(output, **values: Any) -> FakeConfig:
     return apply_overrides(FakeConfig(), {"output": str(output), **values}).validate()
+
+
+def resume_and_compare(stopped, clean, **settings: Any) -> tuple[dict, dict]:
+    """Resume the run stopped in ``stopped``, run it unstopped in ``clean``, and check that both
+    end with the same metrics, weights and EMA weights; returns both final training states."""
+    resumed = train(FakeTask, fake_config(stopped, resume="auto", **settings))
+    unkilled = train(FakeTask, fake_config(clean, **settings))
+    assert resumed == unkilled  # every metric, bit for bit
+    a, b = load_training_state(stopped / "last.pth"), load_training_state(clean / "last.pth")
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+    return a, b
 
 
 CONFIG = FakeConfig

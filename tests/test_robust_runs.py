@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from classification_fixtures import make_image_folder
@@ -29,7 +28,7 @@ from crossformer.engine import (
 )
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
-from engine_fixtures import FakeConfig, FakeTask, fake_config
+from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
 from test_cli_classification import _restore_threads, data  # noqa: F401 (fixtures: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
@@ -227,12 +226,7 @@ def test_a_signal_saves_mid_epoch_and_resume_equals_an_unkilled_run(tmp_path: Pa
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 2, 4)
     assert "interrupted by" in (stopped / "log.txt").read_text()
 
-    resumed = train(FakeTask, fake_config(stopped, resume="auto", **settings))
-    unkilled = train(FakeTask, fake_config(clean, **settings))
-    assert resumed == unkilled  # every metric, bit for bit
-    a, b = load_training_state(stopped / "last.pth"), load_training_state(clean / "last.pth")
-    for key in ("model", "model_ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+    resume_and_compare(stopped, clean, **settings)
 
 
 class _SignalledTask(FakeTask):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from crossformer.engine import NonFiniteLossError, cosine_factor, load_training_state, train
-from engine_fixtures import FakeTask, fake_config
+from engine_fixtures import FakeTask, fake_config, resume_and_compare
 
 TESTS = Path(__file__).resolve().parent
 
@@ -105,12 +105,7 @@ def test_sigkill_then_resume_equals_an_unkilled_run(mode: str, tmp_path: Path) -
     state = load_training_state(killed / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == saved
 
-    resumed = train(FakeTask, fake_config(killed, resume="auto", **settings))
-    unkilled = train(FakeTask, fake_config(clean, **settings))
-    assert resumed == unkilled  # every metric, bit for bit
-    a, b = load_training_state(killed / "last.pth"), load_training_state(clean / "last.pth")
-    for key in ("model", "model_ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key])
+    a, b = resume_and_compare(killed, clean, **settings)
     for group_a, group_b in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
         assert group_a["lr"] == group_b["lr"]  # the schedule
     for index, moments in b["optimizer"]["state"].items():

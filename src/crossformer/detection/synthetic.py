@@ -167,9 +167,11 @@ def _draw_image(rng: np.random.Generator, height: int, width: int, shapes: int, 
             polygon = _shape_polygon(SHAPE_CATEGORIES[kind]["name"], cx, cy, r, rng.uniform(0, 2 * math.pi),
                                      rng.uniform(0.5, 1.0))
             full = _rasterise(polygon, height, width)
-            if separate and not any((o[1] & _grow(full)).any() for o in objects):
-                break
-            if not separate and all((o[2] & ~full).sum() >= MIN_VISIBLE * o[1].sum() for o in objects):
+            if separate:
+                grown = _grow(full)
+                if not any((o[1] & grown).any() for o in objects):
+                    break
+            elif all((o[2] & ~full).sum() >= MIN_VISIBLE * o[1].sum() for o in objects):
                 break
         else:
             continue  # no place where this shape hides too little of the others
