@@ -264,9 +264,9 @@ def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) 
 
     monkeypatch.setattr(benchmark, "PEAK_SQUARE", 96)
     timed = benchmark.gemm_rates
-    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3: timed(shapes, rounds=1, min_seconds=0.0))
+    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3, device="cpu": timed(shapes, rounds=1, min_seconds=0.0, device=device))
     cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--img-size", "64", "--batch-size", "2",
-              "--rounds", "1", "--warmup", "0", "--no-memory", "--json"])
+              "--mode", "both", "--rounds", "1", "--warmup", "1", "--no-memory", "--json"])
     out = json.loads(capsys.readouterr().out)
     peak = out["peak"]
     square, *model_rows = peak["gemm"]
@@ -278,17 +278,33 @@ def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) 
         ("stage 0 qkv", 512, 64, 192), ("stage 0 proj", 512, 64, 64), ("stage 0 fc1", 512, 64, 256),
         ("stage 0 fc2", 512, 256, 64)]
     assert (model_rows[-1]["m"], model_rows[-1]["k"], model_rows[-1]["n"]) == (8, 2048, 512)
+    best_fp32 = max(v for k, v in square["gflops"].items() if k.startswith("fp32"))
+    assert peak["best_square_gflops"]["fp32"] == best_fp32
     images_per_s = out["infer_images_per_s"]
     assert peak["model_gflops"] == pytest.approx(2 * peak["model_macs_per_image"] * images_per_s / 1e9)
-    assert peak["model_fraction_of_best"] == pytest.approx(peak["model_gflops"] / max(
-        v for k, v in square["gflops"].items() if k.startswith("fp32")))
+    assert peak["model_fraction_of_best"] == pytest.approx(peak["model_gflops"] / best_fp32)
+    # a training step is priced at 3 forward passes
+    train_per_s = out["train_images_per_s"]
+    assert peak["model_train_gflops"] == pytest.approx(3 * 2 * peak["model_macs_per_image"] * train_per_s / 1e9)
+    assert peak["model_train_fraction_of_best"] == pytest.approx(peak["model_train_gflops"] / best_fp32)
+    # the warm-up step's time is reported (with --compile it is the compilation)
+    for mode in ("infer", "train"):
+        assert out["models"]["crossformer_tiny"][mode]["first_step_s"] > 0
 
 
-def test_peak_needs_the_cpu(capsys) -> None:
+def test_peak_needs_the_cpu_or_cuda(capsys) -> None:
     from crossformer.cli import main as cli_main
 
     assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
-    assert "--peak times CPU GEMM backends" in capsys.readouterr().err
+    assert "--peak times the GEMMs of the CPU or a CUDA device, not 'cpu:1'" in capsys.readouterr().err
+
+
+def test_no_warmup_reports_no_first_step() -> None:
+    from crossformer.benchmark import BenchConfig, run_benchmark, summarise
+
+    config = BenchConfig(batch_size={"infer": 1}, img_size=(32, 32), rounds=1, warmup=0, memory=False)
+    summary = summarise(run_benchmark({"m": lambda: torch.nn.Conv2d(3, 4, 3)}, config), config)
+    assert summary["models"]["m"]["infer"]["first_step_s"] is None
 
 
 @needs_onednn

@@ -69,11 +69,13 @@ class BenchConfig:
 
 @dataclass
 class ModeResult:
-    """One model in one mode: images/s per round, their median and spread, peak memory."""
+    """One model in one mode: images/s per round, their median and spread, peak memory, and
+    how long the first (warm-up) step took: with ``compile`` that is the compilation."""
 
     batch_size: int
     images_per_s: list[float]
     peak_mem_mb: float | None
+    first_step_s: float | None = None
 
     @property
     def median(self) -> float:
@@ -235,11 +237,14 @@ def run_benchmark(
         models = {name: build_model(name, config) for name in models}
     names = list(models)
     steps = {(name, mode): make_step(models[name], mode, config) for name in names for mode in config.modes}
+    first_step: dict[tuple[str, str], float | None] = {}
     for key, step in steps.items():
-        for _ in range(config.warmup):
+        first_step[key] = _timed(step, 1, config.device) if config.warmup else None
+        for _ in range(config.warmup - 1):
             step()
         if log:
-            log(f"warmed up {key[0]} ({key[1]})")
+            said = "" if first_step[key] is None else f": first step {first_step[key]:.1f} s"
+            log(f"warmed up {key[0]} ({key[1]}){said}")
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for r in range(config.rounds):
         for key, step in steps.items():
@@ -254,7 +259,9 @@ def run_benchmark(
             name=name,
             params=sum(p.numel() for p in models[name].parameters()),
             modes={
-                mode: ModeResult(config.batch_size[mode], times[(name, mode)], peaks[(name, mode)])
+                mode: ModeResult(
+                    config.batch_size[mode], times[(name, mode)], peaks[(name, mode)], first_step[(name, mode)]
+                )
                 for mode in config.modes
             },
         )
@@ -288,6 +295,7 @@ def summarise(results: list[ModelResult], config: BenchConfig, compare: str | No
                 "images_per_s_spread": _spread(m.images_per_s),
                 "images_per_s_rounds": m.images_per_s,
                 "peak_mem_mb": m.peak_mem_mb,
+                "first_step_s": m.first_step_s,
             }
             if compare is not None and res.name != compare:
                 peer = by_name[compare].modes[mode].images_per_s
@@ -327,23 +335,35 @@ def format_summary(summary: dict) -> str:
             if "ratio" in m:
                 rlo, rhi = m["ratio_spread"]
                 line += f"  ratio {m['ratio']:.2f}x [{rlo:.2f}, {rhi:.2f}]"
+            if cfg["compile"] and m["first_step_s"] is not None:
+                line += f"  first step (compiling) {m['first_step_s']:.1f} s"
             lines.append(line)
     return "\n".join(lines)
 
 
 # GEMM peak rates (``crossformer benchmark --peak``) -----------------------------------------
 
-# The large square product that stands for "what this machine can multiply".
+# The large square product that stands for "what this machine can multiply": 2048 keeps a
+# 2-core CPU's product near 0.05 s; a GPU needs a larger one to reach its rate.
 PEAK_SQUARE = 2048
+PEAK_SQUARE_CUDA = 8192
 
 
-def _gemm_callables(rows: int, inner: int, outer: int) -> dict[str, Callable[[], torch.Tensor]]:
-    """``(rows, inner) @ (inner, outer)`` on every CPU backend this build offers, by name."""
+def _gemm_callables(rows: int, inner: int, outer: int, device: str = "cpu") -> dict[str, Callable[[], torch.Tensor]]:
+    """``(rows, inner) @ (inner, outer)`` on every backend this build offers on ``device``, by name.
+
+    CPU: MKL (``torch.mm``, what autograd runs) and oneDNN on packed weights, each in fp32
+    and, where the CPU has bf16 instructions, bf16. CUDA: ``torch.mm`` in fp32 (TF32 as
+    ``torch.backends.cuda.matmul.allow_tf32`` says) and bf16.
+    """
     from crossformer.models import layers
 
     torch.manual_seed(0)
-    a = torch.randn(rows, inner)
-    weight = torch.randn(outer, inner)  # nn.Linear layout: (out, in)
+    a = torch.randn(rows, inner, device=device)
+    weight = torch.randn(outer, inner, device=device)  # nn.Linear layout: (out, in)
+    if device != "cpu":
+        a16, w16 = a.bfloat16(), weight.bfloat16()
+        return {"fp32 mm": lambda: torch.mm(a, weight.t()), "bf16 mm (autocast)": lambda: torch.mm(a16, w16.t())}
     calls: dict[str, Callable[[], torch.Tensor]] = {"fp32 mkl": lambda: torch.mm(a, weight.t())}
     lp, reorder = layers._LINEAR_POINTWISE, layers._REORDER_LINEAR_WEIGHT
     if lp is None or reorder is None:
@@ -358,7 +378,9 @@ def _gemm_callables(rows: int, inner: int, outer: int) -> dict[str, Callable[[],
     return calls
 
 
-def gemm_rates(shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min_seconds: float = 0.05) -> list[dict]:
+def gemm_rates(
+    shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
+) -> list[dict]:
     """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N)``.
 
     Backends alternate within each round (a slow moment of a shared machine hits all of
@@ -367,16 +389,16 @@ def gemm_rates(shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min
     """
     out = []
     for label, rows, inner, outer in shapes:
-        calls = _gemm_callables(rows, inner, outer)
+        calls = _gemm_callables(rows, inner, outer, device)
         repeats = {}
         for name, call in calls.items():
-            call()  # warm-up: weight reorders, first-touch of the output
-            once = _timed(call, 1, "cpu")
+            call()  # warm-up: weight reorders, first-touch of the output, kernel selection
+            once = _timed(call, 1, device)
             repeats[name] = max(1, int(min_seconds / max(once, 1e-6)))
         rates: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
-                seconds = _timed(call, repeats[name], "cpu")
+                seconds = _timed(call, repeats[name], device)
                 rates[name].append(2 * rows * inner * outer * repeats[name] / seconds / 1e9)
         out.append(dict(shape=label, m=rows, k=inner, n=outer,
                         gflops={name: statistics.median(v) for name, v in rates.items()}))
@@ -410,28 +432,38 @@ def model_macs(model: nn.Module, height: int, width: int) -> int:
     return traced_macs(model, height, width)
 
 
+# A training step's FLOPs over its forward pass's: the forward product, then the input and
+# the weight gradient of every layer (the usual convention for model FLOP utilisation).
+TRAIN_FLOPS_FACTOR = 3
+
+
 def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int = 3) -> dict:
-    """GEMM rates of each backend (large square and the model's shapes) and the model's
-    inference GFLOP/s from ``summary`` (see :func:`summarise`), with its fraction of the
-    best fp32 rate at the large square and, under ``--amp bf16``, of the best bf16 rate."""
+    """GEMM rates of each backend (large square and the model's shapes) on the benchmark's
+    device, and the model's GFLOP/s from ``summary`` (see :func:`summarise`) as a fraction
+    of the best square rate of its precision (fp32, or bf16 under ``--amp bf16``): model
+    FLOP utilisation. Inference counts ``2 * MACs`` per image; a training step
+    ``TRAIN_FLOPS_FACTOR`` times that."""
     height, width = config.img_size
     model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes))
     batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
-    square = ("square", PEAK_SQUARE, PEAK_SQUARE, PEAK_SQUARE)
-    rates = gemm_rates([square] + model_gemm_shapes(model, batch, height, width), rounds=rounds)
+    side = PEAK_SQUARE if config.device == "cpu" else PEAK_SQUARE_CUDA
+    square = ("square", side, side, side)
+    rates = gemm_rates([square] + model_gemm_shapes(model, batch, height, width), rounds=rounds, device=config.device)
     report: dict = {"gemm": rates}
     best = {
         dtype: max((v for k, v in rates[0]["gflops"].items() if k.startswith(dtype)), default=None)
         for dtype in ("fp32", "bf16")
     }
     report["best_square_gflops"] = best
-    infer = summary["models"][model_name].get("infer")
-    if infer is not None:
-        macs = model_macs(model, height, width)
-        gflops = 2 * macs * infer["images_per_s"] / 1e9
-        dtype = "bf16" if config.amp == "bf16" else "fp32"
-        report.update(model_macs_per_image=macs, model_gflops=gflops, model_dtype=dtype,
-                      model_fraction_of_best=gflops / best[dtype] if best[dtype] else None)
+    dtype = "bf16" if config.amp == "bf16" else "fp32"
+    macs = model_macs(model, height, width)
+    report.update(model_macs_per_image=macs, model_dtype=dtype)
+    for mode, prefix, factor in (("infer", "model", 1), ("train", "model_train", TRAIN_FLOPS_FACTOR)):
+        measured = summary["models"][model_name].get(mode)
+        if measured is not None:
+            gflops = 2 * factor * macs * measured["images_per_s"] / 1e9
+            report[f"{prefix}_gflops"] = gflops
+            report[f"{prefix}_fraction_of_best"] = gflops / best[dtype] if best[dtype] else None
     return report
 
 
@@ -442,11 +474,13 @@ def format_peak(report: dict) -> str:
     for row in report["gemm"]:
         label = f"{row['shape']} {row['m']}x{row['k']}x{row['n']}"
         lines.append(f"{label:<34}" + "".join(f"{row['gflops'].get(n, float('nan')):20.1f}" for n in names))
-    if "model_gflops" in report:
-        fraction = report["model_fraction_of_best"]
-        lines.append(
-            f"model {report['model_dtype']} inference: {report['model_gflops']:.1f} GFLOP/s "
-            f"({2 * report['model_macs_per_image'] / 1e9:.2f} GFLOP per image)"
-            + (f", {100 * fraction:.0f}% of the best {report['model_dtype']} GEMM rate" if fraction else "")
-        )
+    dtype, per_image = report["model_dtype"], 2 * report["model_macs_per_image"] / 1e9
+    for prefix, what in (("model", f"inference ({per_image:.2f} GFLOP per image)"),
+                         ("model_train", f"training step ({TRAIN_FLOPS_FACTOR} x {per_image:.2f} GFLOP per image)")):
+        if f"{prefix}_gflops" in report:
+            fraction = report[f"{prefix}_fraction_of_best"]
+            lines.append(
+                f"model {dtype} {what}: {report[f'{prefix}_gflops']:.1f} GFLOP/s"
+                + (f", {100 * fraction:.0f}% of the best {dtype} GEMM rate" if fraction else "")
+            )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ Examples::
     crossformer benchmark --model crossformer_tiny --compare swin_tiny_patch4_window7_224 --json
     crossformer benchmark --model crossformer_base --device cuda --amp bf16 --batch-size 128
     crossformer benchmark --model crossformer_tiny --peak     # GEMM rates per backend, model GFLOP/s
+    crossformer benchmark --model crossformer_small --device cuda --amp bf16 --batch-size 128 --mode both --peak
 
 With ``--compare`` both inference and a training step are measured (unless ``--mode``
 says otherwise) and the median per-round ratios are printed (JSON ``infer_ratio``,
@@ -51,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--peak", action="store_true",
-                        help="also time each GEMM backend (2048^3 and the model's linear shapes) and report "
-                             "the model's inference GFLOP/s as a fraction of the best rate (CPU)")
+                        help="also time each GEMM backend (a large square and the model's linear shapes) and "
+                             "report the model's GFLOP/s as a fraction of the best rate (model FLOP utilisation)")
 
 
 def build_config(args: argparse.Namespace) -> "BenchConfig":
@@ -72,8 +73,8 @@ def build_config(args: argparse.Namespace) -> "BenchConfig":
         raise UserInputError("--batch-size must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA device is available")
-    if getattr(args, "peak", False) and args.device != "cpu":
-        raise UserInputError("--peak times CPU GEMM backends: use it with --device cpu")
+    if getattr(args, "peak", False) and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise UserInputError(f"--peak times the GEMMs of the CPU or a CUDA device, not {args.device!r}")
     mode = args.mode or ("both" if args.compare else "infer")
     modes = ("infer", "train") if mode == "both" else (mode,)
     return BenchConfig(

@@ -1,0 +1,71 @@
+"""Where one inference batch or training step of a model spends its time, op by op.
+
+    python benchmarks/profile_step.py --model crossformer_small --mode train --device cuda --amp bf16 --batch-size 128
+    python benchmarks/profile_step.py --model crossformer_tiny --mode infer     # CPU, fp32, batch 32
+
+The step is the benchmark's own (``crossformer.benchmark.make_step``: random images, AdamW
+for training), warmed up, then recorded by ``torch.profiler`` over ``--steps`` steps. Prints
+the ``--top`` ops by self time on the device (CUDA kernels' time on a GPU, CPU time on the
+CPU) with their share, and the step's wall time; ``--json`` writes the rows too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import crossformer  # noqa: F401  (registers the variants)
+from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, _timed, build_model, make_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="crossformer_tiny")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("bf16",), default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    batch = args.batch_size or DEFAULT_BATCH[args.mode]
+    config = BenchConfig(modes=(args.mode,), batch_size={args.mode: batch}, img_size=tuple(args.img_size),
+                         device=args.device, amp=args.amp, memory=False)
+    torch.manual_seed(0)
+    step = make_step(build_model(args.model, config), args.mode, config)
+    for _ in range(3):
+        step()
+    wall = min(_timed(step, 1, args.device) for _ in range(3))
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _timed(step, args.steps, args.device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: -getattr(e, key))[: args.top]
+    table = [dict(op=e.key, calls=e.count // args.steps, ms_per_step=getattr(e, key) / 1e3 / args.steps,
+                  share=getattr(e, key) / total) for e in rows]
+    where = "device" if cuda else "CPU"
+    print(f"{args.model} {args.mode} batch {batch} {args.img_size[0]}x{args.img_size[1]} "
+          f"{args.amp or 'fp32'} on {args.device}: {1e3 * wall:.1f} ms per step ({batch / wall:.1f} img/s); "
+          f"profiled {where} time {total / 1e3 / args.steps:.1f} ms per step")
+    print(f"{'self ' + where + ' ms/step':>18} {'share':>6} {'calls':>6}  op")
+    for row in table:
+        print(f"{row['ms_per_step']:18.2f} {100 * row['share']:5.1f}% {row['calls']:6d}  {row['op'][:100]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, mode=args.mode, batch=batch, device=args.device, amp=args.amp,
+                           step_ms=1e3 * wall, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), rows=table), f)
+
+
+if __name__ == "__main__":
+    main()
