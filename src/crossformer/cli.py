@@ -82,14 +82,10 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
 
 def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
     """benchmark / flops with ``--config``: the task's handler for the verb."""
-    from .engine.registry import resolve_config
+    from .commands.common import run_task_verb
 
-    resolved = resolve_config(args.config, {}, use_default=False)
-    handler = resolved.module.COMMANDS.get(args.command)
-    if handler is None:
-        raise UserInputError(f"the {resolved.config.task} task has no {args.command} command")
     args.img_size_given = any(a == "--img-size" or a.startswith("--img-size=") for a in argv)
-    return int(handler.run(args, resolved.config, resolved.given) or 0)
+    return int(run_task_verb(args, args.command, []) or 0)
 
 
 def _say(message: str) -> None:
