@@ -76,7 +76,6 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
     Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
     ``section.field``) limits the flags to those; ``None``: all.
     """
-    import dataclasses
     import typing
 
     from ..engine.config import leaf_keys

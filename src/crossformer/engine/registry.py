@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import EngineConfig, build_config, load_yaml, resolve_key
+from .config import build_config, load_yaml, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
