@@ -110,4 +110,3 @@ def resume_and_compare(stopped, clean, **settings: Any) -> tuple[dict, dict]:
 
 CONFIG = FakeConfig
 TASK = FakeTask
-COMMANDS: dict[str, Any] = {}

@@ -40,12 +40,15 @@ def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: st
     assert err.count("\n") == 1 and expected in err and "Traceback" not in err, err
 
 
-def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path, capsys) -> None:
+def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path, capsys,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     output = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--output", str(output), "--epochs", "1", *TINY_ARGS]) == 0
+    # KEY=VALUE settings may stand anywhere among the flags (here: after them, then again after more flags)
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output", str(output), "--epochs", "1", "log_every=3"]) == 0
     assert "epoch 0/1" in capsys.readouterr().out
     state = load_training_state(output / "last.pth")
     assert state["global_step"] == 12 and state["config"]["model"]["kwargs"]["embed_dim"] == 16
+    assert state["config"]["run"]["log_every"] == 3
 
     assert main(["evaluate", "--checkpoint", str(output / "best.pth"), "--data", str(data), "--device", "cpu",
                  "--num-workers", "0", "--json"]) == 0
@@ -66,6 +69,18 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
                  "--img-size", "48", "32", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["labels"]) == 3
 
+    # settings and images between and after the flags; an existing file named like a setting is an image
+    assert main(["evaluate", "num_workers=0", "--checkpoint", str(output / "best.pth"), "img_size=[32,48]", "--data",
+                 str(data), "--json", "device=cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["img_size"] == [32, 48]
+    monkeypatch.chdir(tmp_path)
+    Path("topk=1.png").write_bytes((data / "val" / "eel" / "1.png").read_bytes())
+    assert main(["predict", str(data / "val" / "eel" / "0.png"), "--checkpoint", str(output / "best.pth"), "device=cpu",
+                 "--topk", "2", "topk=1.png", "--json", "img_size=32"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in results] == [str(data / "val" / "eel" / "0.png"), "topk=1.png"]
+    assert all(len(r["labels"]) == 2 for r in results)
+
 
 def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
     assert main(["flops", "--config", "crossformer_small", "--json"]) == 0
@@ -81,6 +96,7 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
     out = ["--output", str(tmp_path / "x")]
     _one_line_error(capsys, ["train", "--data", str(tmp_path / "nowhere"), *out, *TINY_ARGS], "data folder not found")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "epoch=3"], "unknown setting 'epoch'")
+    _one_line_error(capsys, ["train", "--data", str(data), "epoch=3", *out, *TINY_ARGS], "unknown setting 'epoch'")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--model", "resnet9000"], "unknown model")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--config", "nope"], "bundled: crossformer_base")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--batch-size", "64"], "fewer than one batch")

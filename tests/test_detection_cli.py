@@ -85,8 +85,9 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     photo = tmp_path / "gray.png"  # grayscale, another size: converted and resized
     Image.new("L", (90, 70), 128).save(photo)
     out = tmp_path / "pred"
-    assert main(["predict", str(val), str(photo), "--config", str(trained["config"]), "--checkpoint",
-                 str(trained["checkpoint"]), "--output", str(out), "--score-threshold", "0"]) == 0
+    # images and KEY=VALUE settings may stand anywhere among the flags
+    assert main(["predict", str(val), "--config", str(trained["config"]), "test.score_threshold=0", "--checkpoint",
+                 str(trained["checkpoint"]), str(photo), "--output", str(out), "run.device=cpu"]) == 0
     assert "wrote 4 image(s)" in capsys.readouterr().out
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 4 and "gray.png" in pngs

@@ -10,7 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crossformer.cli import main
-from crossformer.models import CrossFormer, analytic_macs, traced_macs
+from crossformer.models import CrossFormer, analytic_macs, dense_backbone_macs, traced_macs
+from crossformer.models.dense import authors_dense_settings, build_dense_backbone
 from crossformer.models.flops import EXTRA_MAC_FORMULAS
 
 # The official group sizes and intervals at a small width: at 224 no stage pads.
@@ -43,6 +44,22 @@ def test_traced_counts_the_padding_the_analytic_formula_leaves_out():
     # 100: stage maps 25, 12, 6, 3; attention runs on groups padded to 7x7, which the analytic
     # count ignores (at 224, with no padding, the traced count is the smaller)
     assert traced_macs(model, 100, 100) > analytic_macs(model, 100, 100)
+
+
+@pytest.mark.parametrize("name", ["crossformer_small", "crossformer_pp_small"])
+def test_the_dense_tasks_backbone_count_is_the_executed_one_within_a_quarter_percent(name):
+    """Detection and segmentation price the backbone with one function: the formula on the real
+    groups, which is what executes but for norms (counted) and padding (not)."""
+    with torch.device("meta"):
+        backbone = build_dense_backbone(name, **authors_dense_settings(name))
+    for height, width in ((800, 1280), (512, 2048), (500, 700)):
+        macs = dense_backbone_macs(backbone, height, width)
+        assert abs(macs / traced_macs(backbone, height, width) - 1) < 0.0025, (height, width)
+        formula = dense_backbone_macs(backbone, height, width, real_groups=False)
+        if name == "crossformer_small":  # v1 long-distance groups of (h/I)x(w/I) tokens, not 7x7
+            assert formula < 0.95 * macs
+        else:  # CrossFormer++ groups are 7x7: only padding differs
+            assert 0.98 * macs < formula < macs
 
 
 @pytest.mark.slow

@@ -179,7 +179,6 @@ sys.exit(main(["train", "--config", {config!r}, "--output", {output!r}]))
 # This module is the fake task's registry entry in the torchrun tests (TASK: set by the script).
 CONFIG = FakeConfig
 TASK: type[Task] = FakeTask
-COMMANDS: dict = {}
 
 
 def _torchrun_train(tmp_path: Path, task: str, config: str) -> subprocess.CompletedProcess:
@@ -267,7 +266,7 @@ def test_the_train_command_prints_how_to_resume(tmp_path: Path, monkeypatch, cap
     from crossformer.engine import registry
 
     module = types.ModuleType("interrupted_task")
-    module.CONFIG, module.TASK, module.COMMANDS = FakeConfig, _InterruptedTask, {}
+    module.CONFIG, module.TASK = FakeConfig, _InterruptedTask
     monkeypatch.setitem(sys.modules, "interrupted_task", module)
     monkeypatch.setitem(registry.TASKS, "fake", "interrupted_task")
     config = tmp_path / "fake.yaml"

@@ -45,7 +45,7 @@ def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys)
     assert sorted(result["per_class"]) == sorted(["sky", "grass", "wall", "water", "building", "person", "car"])
     assert result["images"] == 2 and result["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
 
-    assert main([*base, "--multi-scale", "--flip", "--json"]) == 0
+    assert main([*base, "test.flip=true", "--multi-scale", "--json", "run.device=cpu"]) == 0  # settings among the flags
     flipped = json.loads(capsys.readouterr().out)
     assert flipped["settings"]["ratios"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and flipped["settings"]["flip"] is True
     assert main([*base, "--mode", "slide", "--slide-crop", "32", "32", "--slide-stride", "16", "16", "--json"]) == 0

@@ -135,6 +135,28 @@ def test_a_task_plugs_in_through_the_registry_and_gets_flags_from_its_config(tmp
     assert "unknown setting 'epoch'" in capsys.readouterr().err
     assert main(["train", "--config", str(config), "--output", str(output), "--batch-size", "0"]) == 2
     assert "run.batch_size must be at least 1, got 0" in capsys.readouterr().err
+    # a task without a commands module beside it has no verbs beyond train
+    assert registry.task_commands(registry.task_module("fake")) == {}
+    assert main(["evaluate", "--config", str(config)]) == 2
+    assert "the fake task has no evaluate command" in capsys.readouterr().err
+
+
+_VERBS_ON_DEMAND = """
+import sys
+from crossformer.engine.registry import TASKS, task_commands, task_module
+
+modules = [task_module(task) for task in TASKS]
+helpers = sorted(m for m in sys.modules if m.startswith("crossformer.commands") or m.endswith(".commands"))
+assert not helpers, helpers  # importing a task imports no command-line code
+for module in modules:
+    assert set(task_commands(module)) == {"evaluate", "predict", "benchmark", "flops"}, module.__name__
+    assert f"{module.__package__}.commands" in sys.modules
+"""
+
+
+def test_a_task_imports_its_verbs_only_when_they_are_asked_for() -> None:
+    proc = subprocess.run([sys.executable, "-c", _VERBS_ON_DEMAND], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 _DDP_RUN = """

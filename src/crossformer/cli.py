@@ -34,8 +34,9 @@ _RANK_0_GRACE_S = 3.0
 _CONFIG_DISPATCH = ("benchmark", "flops")
 
 
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The parser; the task-aware commands get the flags of the task ``--config`` in ``argv`` names."""
+def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and each command's own; the task-aware commands get the flags of the task
+    ``--config`` in ``argv`` names."""
     from .commands.common import add_config_argument, config_task
 
     argv = list(argv)
@@ -45,6 +46,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
     parser.add_argument("--version", action="version", version=f"crossformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"crossformer.commands.{name.replace('-', '_')}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
@@ -59,19 +61,31 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 for action in command._actions:  # the config names the model
                     if "--model" in action.option_strings:
                         action.required = False
-    return parser
+        commands[name] = command
+    return parser, commands
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed; a command's positional arguments (``KEY=VALUE`` settings, images) may stand
+    anywhere among its flags: argparse on its own takes only their first run and rejects the rest.
+
+    Raises :class:`~crossformer.errors.UserInputError` when the ``--config`` named cannot be read.
+    """
+    argv = list(argv)
+    parser, commands = build_parsers(argv)
+    if not argv or argv[0] not in commands:  # --help, --version, a missing or unknown command: argparse says so
+        return parser.parse_args(argv)
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
     """benchmark / flops with ``--config``: the task's handler for the verb."""
-    from .engine.registry import resolve_config
+    from .commands.common import run_task_verb
 
-    resolved = resolve_config(args.config, {}, use_default=False)
-    handler = resolved.module.COMMANDS.get(args.command)
-    if handler is None:
-        raise UserInputError(f"the {resolved.config.task} task has no {args.command} command")
     args.img_size_given = any(a == "--img-size" or a.startswith("--img-size=") for a in argv)
-    return int(handler.run(args, resolved.config, resolved.given) or 0)
+    return int(run_task_verb(args, args.command, []) or 0)
 
 
 def _say(message: str) -> None:
@@ -97,11 +111,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "crossformer")
     try:
-        parser = build_parser(argv)
+        args = parse_command_line(argv)
     except UserInputError as err:
         _say(f"crossformer {command}: error: {err}")
         return 2
-    args = parser.parse_args(argv)
     try:
         if args.command in _CONFIG_DISPATCH and args.config:
             return _run_with_config(args, argv)

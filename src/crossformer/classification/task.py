@@ -28,7 +28,7 @@ from .config import AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
 from .model import create_classifier
 
-__all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "COMMANDS", "default_config"]
+__all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "default_config"]
 
 
 def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
@@ -192,11 +192,3 @@ def train(config: ClassificationConfig, on_step_end: Callable[[int], None] | Non
 
 CONFIG = ClassificationConfig
 TASK = ClassificationTask
-
-
-def __getattr__(name: str) -> Any:
-    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
-        from .commands import COMMANDS
-
-        return COMMANDS
-    raise AttributeError(name)

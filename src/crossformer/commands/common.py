@@ -76,7 +76,6 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
     Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
     ``section.field``) limits the flags to those; ``None``: all.
     """
-    import dataclasses
     import typing
 
     from ..engine.config import leaf_keys
@@ -204,11 +203,11 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None:
     """``--config``, the task's handler flags for ``verb`` and the configuration flags it reads."""
-    from ..engine.registry import task_module
+    from ..engine.registry import task_commands, task_module
 
     module = task_module(task)
     add_config_argument(parser)
-    handler = module.COMMANDS.get(verb)
+    handler = task_commands(module).get(verb)
     if handler is None:  # said when the command runs: building the parser must not fail for other verbs
         return
     handler.add_arguments(parser)
@@ -218,11 +217,11 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine.config import parse_overrides
-    from ..engine.registry import resolve_config
+    from ..engine.registry import resolve_config, task_commands
 
     values = {**parse_overrides(overrides), **config_values(args)}
     resolved = resolve_config(args.config, values, use_default=False)
-    handler = resolved.module.COMMANDS.get(verb)
+    handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
     return handler.run(args, resolved.config, resolved.given)

@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig
 from ..errors import UserInputError
-from .detectors import DETECTOR_KINDS
 from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 
 __all__ = ["DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths"]

@@ -4,11 +4,10 @@ The authors report mmcv's ``get_model_complexity_info`` on mmdetection's ``forwa
 at 1280x800 plus what their backbone's own ``flops()`` says mmcv misses (the attention
 products): MACs of every conv (with its bias adds) and linear layer, the R-CNN box heads
 on 1000 proposals and the mask heads on the first 100 of them (every stage of the
-cascade). We count the same: the backbone by the official analytic formula
-(:func:`crossformer.models.analytic_macs`) with the attention products priced on the
-real groups (at 1280x800 the fixed-interval long-distance groups hold 1000 tokens, not
-the 49 the formula assumes at 224), the neck and heads by hooks on a meta-device copy (no
-memory, no compute).
+cascade). We count the same: the backbone by :func:`crossformer.models.dense_backbone_macs`
+(the official analytic formula with the attention products priced on the real groups: at
+1280x800 the fixed-interval long-distance groups hold 1000 tokens, not the 49 the formula
+assumes at 224), the neck and heads by hooks on a meta-device copy (no memory, no compute).
 
 CrossFormer-S at 1280x800: RetinaNet 280.2G (authors 282G), Mask R-CNN 299.2G (301G),
 Cascade Mask R-CNN 777.5G (769.7G): all within 1%. mmcv also counts norms, ReLUs,
@@ -24,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import analytic_macs, count_params, group_layout
-from ..models.weights import _unwrap
+from ..models import count_params, dense_backbone_macs
 
 __all__ = ["detector_flops", "count_layer_macs", "RCNN_PROPOSALS", "MASK_PROPOSALS"]
 
@@ -60,42 +58,12 @@ def count_layer_macs(module: nn.Module, *inputs: Any) -> int:
     return total
 
 
-def _group_attention_correction(model: nn.Module, height: int, width: int) -> int:
-    """MACs of the attention products on the real groups minus the formula's.
-
-    The official formula prices every group as ``G x G`` tokens, true at 224. At
-    detection sizes the long-distance groups of fixed intervals 8, 4, 2, 1 hold
-    ``(h / I) x (w / I)`` tokens (1000 at 1280x800), so ``q k^T`` and ``attn v`` cost
-    ``2 T^2 C`` per group on the padded map; the authors' ``backbone.flops()`` counts this.
-    """
-    h, w = height // 4, width // 4
-    correction = 0
-    for stage in model.layers:
-        for block in stage.blocks:
-            channels = block.norm1.normalized_shape[0]
-            layout = group_layout(h, w, block.group_size, block.interval, block.long_distance_groups, block.long_distance)
-            size = layout.group_h if min(h, w) <= block.group_size else block.group_size
-            actual = layout.num_groups * 2 * layout.tokens_per_group**2 * channels
-            correction += actual - 2 * h * w * size * size * channels
-        if stage.downsample is not None:
-            h, w = h // 2, w // 2
-    return correction
-
-
-def _backbone_macs(backbone: nn.Module, height: int, width: int) -> int:
-    model, _ = _unwrap(backbone)
-    macs = analytic_macs(model, height, width) + _group_attention_correction(model, height, width)
-    if isinstance(model.norm, nn.Identity):  # the formula counts a final norm the features model lacks
-        macs -= model.num_features * (height // 4) * (width // 4) // 16
-    return macs
-
-
 def detector_flops(detector: nn.Module, height: int = 800, width: int = 1280) -> dict[str, int]:
     """``{"params": ..., "macs": ...}`` of one ``height x width`` image (sides multiples of 32)."""
     from .cascade import CascadeRoIHead
 
     params = count_params(detector)
-    macs = _backbone_macs(detector.backbone, height, width)
+    macs = dense_backbone_macs(detector.backbone, height, width)
     channels = detector.backbone.feature_info.channels()
     sizes = [(height // 4 // 2**i, width // 4 // 2**i) for i in range(len(channels))]
     meta = torch.device("meta")

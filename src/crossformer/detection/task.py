@@ -26,7 +26,7 @@ from .data import CocoDetection, DetectionBatch, collate_detection
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector
 
-__all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK", "COMMANDS"]
+__all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK"]
 
 
 def build_configured_detector(model: DetectionModelConfig, num_classes: int, pretrained: bool = True) -> Detector:
@@ -146,11 +146,3 @@ def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = N
 
 CONFIG = DetectionConfig
 TASK = DetectionTask
-
-
-def __getattr__(name: str) -> Any:
-    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
-        from .commands import COMMANDS
-
-        return COMMANDS
-    raise AttributeError(name)

@@ -6,10 +6,13 @@ A task plugs in with one module and one entry in :data:`TASKS`. The module
 - ``CONFIG``: its configuration class (a subclass of :class:`~crossformer.engine.config.EngineConfig`
   whose ``task`` default is the task's name);
 - ``TASK``: its :class:`~crossformer.engine.task.Task` class (``TASK(config, ctx)``);
-- ``COMMANDS``: ``{verb: VerbHandler}`` for the verbs beyond ``train`` it supports
-  (``evaluate``, ``predict``, ``benchmark``, ``flops``);
 - optionally ``default_config(values) -> str | None``: the bundled config to start from when
   none is named (``values``: the settings given on the command line).
+
+The verbs beyond ``train`` it supports (``evaluate``, ``predict``, ``benchmark``, ``flops``)
+are the ``COMMANDS`` (``{verb: VerbHandler}``) of the ``commands`` module beside it
+(``crossformer.<task>.commands``), which :func:`task_commands` imports only when a verb needs
+them: importing a task does not import the command-line helpers.
 
 Bundled configs live in ``crossformer/configs/<task>/<name>.yaml``; a file names its task
 with ``task:`` (bundled files may leave it to their folder).
@@ -28,14 +31,14 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import EngineConfig, build_config, load_yaml, resolve_key
+from .config import build_config, load_yaml, resolve_key
 
 __all__ = [
-    "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "bundled_configs", "find_config",
-    "resolve_config",
+    "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
+    "find_config", "resolve_config",
 ]
 
-# task name -> module exposing CONFIG, TASK, COMMANDS
+# task name -> module exposing CONFIG, TASK
 TASKS: dict[str, str] = {
     "classification": "crossformer.classification.task",
     "detection": "crossformer.detection.task",
@@ -63,7 +66,7 @@ class VerbHandler:
 @dataclass(frozen=True)
 class ResolvedConfig:
     config: Any  # the task's configuration, validated
-    module: ModuleType  # the task's module (CONFIG, TASK, COMMANDS)
+    module: ModuleType  # the task's module (CONFIG, TASK)
     given: dict[str, Any]  # settings set by the file and the overrides, as section.field keys
     path: Path | None  # the YAML file read, if any
 
@@ -78,6 +81,21 @@ def task_module(name: str) -> ModuleType:
         if err.name and TASKS[name].startswith(err.name):
             raise UserInputError(f"task {name!r} is not available in this installation") from None
         raise
+
+
+def task_commands(module: ModuleType) -> Mapping[str, VerbHandler]:
+    """``{verb: VerbHandler}`` of the task implemented by ``module``: the ``COMMANDS`` of the
+    ``commands`` module in its package, imported now; none for a task without one."""
+    package = module.__name__.rpartition(".")[0]
+    if not package:
+        return {}
+    name = f"{package}.commands"
+    try:
+        return importlib.import_module(name).COMMANDS
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return {}
 
 
 def bundled_configs(task: str | None = None) -> dict[str, Path]:

@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, UserInputError

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureGetterNet
 
-from ..errors import CheckpointError, UserInputError
+from ..errors import CheckpointError
 
 __all__ = [
     "CheckpointError",

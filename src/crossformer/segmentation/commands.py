@@ -249,7 +249,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     print(f"model       {model.kind} {model.backbone} at {height}x{width}, {segmentor.num_classes} classes")
     print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M, auxiliary head included)")
     print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G: backbone {counts['backbone_macs'] / 1e9:.1f}G "
-          f"as executed + heads {counts['head_macs'] / 1e9:.1f}G, the authors' convention)")
+          f"on the real groups + heads {counts['head_macs'] / 1e9:.1f}G, the authors' convention)")
     print(f"backbone    {counts['backbone_macs_analytic'] / 1e9:.1f}G by the classification analytic formula")
     if "authors_params_m" in result:
         flops = f" / {result['authors_gflops']}G FLOPs" if "authors_gflops" in result else ""

@@ -5,19 +5,19 @@ The authors ran mmcv's ``get_model_complexity_info`` on the segmentor's ``forwar
 attention matmuls their dense backbone counts itself, over the groups it actually forms.
 We count:
 
-- the backbone as executed: PyTorch's FLOP counter on a twin built on the meta device
-  (nothing computed), so attention is counted over the real groups with their padding.
-  This matters for CrossFormer (v1) semantics, whose long-distance groups hold
-  ``(H/I) x (W/I)`` tokens (1024 in stage 0 at 512x2048, not G*G = 49) as in the authors'
-  v1 dense code and its FLOP counter. The classification analytic formula
-  (:func:`crossformer.models.analytic_macs`, groups of G*G, no padding) is reported beside
-  it as ``backbone_macs_analytic``; it lands 10-13% under the authors' Semantic FPN figures;
+- the backbone as the detection count does (:func:`crossformer.models.dense_backbone_macs`):
+  the official analytic formula with attention priced over the real groups, which matters
+  for CrossFormer (v1) semantics, whose long-distance groups hold ``(H/I) x (W/I)`` tokens
+  (1024 in stage 0 at 512x2048, not G*G = 49) as in the authors' v1 dense code and its FLOP
+  counter (within 0.25% of the MACs executed, padding included). The classification formula
+  alone (groups of G*G) is reported beside it as ``backbone_macs_analytic``; it lands 10-13%
+  under the authors' Semantic FPN figures;
 - the neck and decode head as mmcv's hooks do: convolutions ``k*k*C_in/groups*C_out`` per
   output pixel plus one add per output element for a bias, BatchNorm 2 per element,
   ReLU and adaptive average pooling 1 per element; bilinear resizes (``F.interpolate``,
   and mmseg's own ``Upsample``) are not counted, as mmcv does not see them.
 
-The heads run on meta tensors too, so any size is instant.
+The heads run on meta tensors and the backbone is priced by formula, so any size is instant.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from torch.func import functional_call
 
 from ..errors import UserInputError
 from ..models.crossformer import CrossFormer
-from ..models.dense import build_dense_backbone
-from ..models.flops import _conv_out, analytic_macs, count_params, traced_macs
+from ..models.flops import _conv_out, count_params, dense_backbone_macs
 from .segmentor import Segmentor
 
 __all__ = ["segmentor_flops", "head_macs"]
@@ -101,14 +100,10 @@ def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) 
     backbone = segmentor.backbone.model
     if not isinstance(backbone, CrossFormer):
         raise UserInputError(f"FLOPs are counted for CrossFormer backbones only, not {type(backbone).__name__}")
-    with torch.device("meta"):
-        twin = build_dense_backbone(segmentor.backbone.name, **segmentor.backbone.settings)
-    backbone_macs = traced_macs(twin, height, width)
+    backbone_macs = dense_backbone_macs(backbone, height, width)
     stem = backbone.patch_embed.projs[0]
     h = _conv_out(height, stem.kernel_size[0], stem.stride[0])
     w = _conv_out(width, stem.kernel_size[0], stem.stride[0])
-    # analytic_macs adds the classifier's final norm/pool; a dense backbone has neither.
-    analytic = analytic_macs(backbone, height, width) - backbone.num_features * h * w // 16
     shapes = []
     for channels in segmentor.backbone.channels:
         shapes.append((1, channels, h, w))
@@ -119,5 +114,5 @@ def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) 
         macs=backbone_macs + heads,
         backbone_macs=backbone_macs,
         head_macs=heads,
-        backbone_macs_analytic=analytic,
+        backbone_macs_analytic=dense_backbone_macs(backbone, height, width, real_groups=False),
     )

@@ -26,7 +26,7 @@ from .transforms import SegTrainTransform
 
 __all__ = [
     "SegmentationTask", "SEGMENTOR_KEYS", "build_datasets", "build_model", "segmentor_settings", "model_extras", "train",
-    "CONFIG", "TASK", "COMMANDS",
+    "CONFIG", "TASK",
 ]
 
 
@@ -173,11 +173,3 @@ def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None 
 
 CONFIG = SegmentationConfig
 TASK = SegmentationTask
-
-
-def __getattr__(name: str) -> Any:
-    if name == "COMMANDS":  # the verb handlers import the command-line helpers: only when asked for
-        from .commands import COMMANDS
-
-        return COMMANDS
-    raise AttributeError(name)
