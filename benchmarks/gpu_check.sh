@@ -20,7 +20,7 @@ timeout 100 "$PY" benchmarks/gpu_correctness.py --device "$DEVICE" --base-batch 
 
 # 2. bf16 inference at batch 128, all variants and both Swins interleaved in one process
 timeout 200 "$PY" benchmarks/ratios.py --models $VARIANTS swin_small_patch4_window7_224 \
-  --compare swin_tiny_patch4_window7_224 --modes infer --device "$DEVICE" --amp bf16 \
+  --compare swin_tiny_patch4_window7_224 --mode infer --device "$DEVICE" --amp bf16 \
   --batch-size "$BATCH" --img-size "$IMG" --rounds "$ROUNDS" --steps "$STEPS" --memory \
   > "$OUT/infer_bf16.json" 2> "$OUT/infer_bf16.log" || echo "infer failed: $?" >> "$OUT/infer_bf16.log"
 

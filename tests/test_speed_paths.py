@@ -287,9 +287,43 @@ def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) 
     train_per_s = out["train_images_per_s"]
     assert peak["model_train_gflops"] == pytest.approx(3 * 2 * peak["model_macs_per_image"] * train_per_s / 1e9)
     assert peak["model_train_fraction_of_best"] == pytest.approx(peak["model_train_gflops"] / best_fp32)
+    # the linear layers alone, at their shapes' measured rates, bound what the model can reach
+    depths, dims = (1, 1, 8, 6), (64, 128, 256, 512)
+    linear_flops = sum(depth * 2 * (16 // 2**s) ** 2 * 24 * dim**2 for s, (depth, dim) in enumerate(zip(depths, dims)))
+    assert peak["linear_gflop_per_batch"] == pytest.approx(linear_flops / 1e9)
+    assert peak["linear_seconds_per_batch"] == pytest.approx(sum(
+        flops / 1e9 / max(v for k, v in row["gflops"].items() if k.startswith("fp32"))
+        for flops, row in zip(_layer_flops(depths, dims, 2, 16), model_rows)))
+    assert peak["linear_bound_fraction_of_best"] == pytest.approx(
+        peak["model_gflop_per_batch"] / peak["linear_seconds_per_batch"] / best_fp32)
     # the warm-up step's time is reported (with --compile it is the compilation)
     for mode in ("infer", "train"):
         assert out["models"]["crossformer_tiny"][mode]["first_step_s"] > 0
+
+
+def _layer_flops(depths, dims, batch, side):
+    """FLOPs per batch of qkv, proj, fc1, fc2 in each stage (MLP ratio 4), in that order."""
+    return [depth * 2 * batch * (side // 2**s) ** 2 * dim * dim * factor
+            for s, (depth, dim) in enumerate(zip(depths, dims)) for factor in (3, 1, 4, 4)]
+
+
+def test_model_gemm_shapes_are_the_calls_cpu_inference_makes() -> None:
+    import timm
+
+    from crossformer.benchmark import model_gemm_shapes
+
+    with torch.device("meta"):
+        model = timm.create_model("crossformer_tiny")
+    # batch 32 at 224: a stage runs as many images as keep its MLP hidden tensor under 16 MB
+    # (stage 0: 3136 tokens x 256 x 4 bytes = 3.2 MB an image -> 5; stage 2: 0.8 MB -> 20; stage 3: all 32)
+    shapes = model_gemm_shapes(model, 32, 224, 224)
+    rows = {label: m for label, m, *_ in shapes}
+    assert rows["stage 0 qkv"] == 5 * 56 * 56 and rows["stage 1 fc1"] == 10 * 28 * 28
+    assert rows["stage 2 fc2"] == 20 * 14 * 14 and rows["stage 3 proj"] == 32 * 7 * 7
+    assert [flops for *_, flops in shapes] == _layer_flops((1, 1, 8, 6), (64, 128, 256, 512), 32, 56)
+    # a training step multiplies the whole batch at once
+    training = model_gemm_shapes(model, 32, 224, 224, inference=False)
+    assert [m for _, m, *_ in training] == [32 * (56 // 2**s) ** 2 for s in range(4) for _ in range(4)]
 
 
 def test_peak_needs_the_cpu_or_cuda(capsys) -> None:

@@ -381,14 +381,14 @@ def _gemm_callables(rows: int, inner: int, outer: int, device: str = "cpu") -> d
 def gemm_rates(
     shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
 ) -> list[dict]:
-    """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N)``.
+    """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N, ...)``.
 
     Backends alternate within each round (a slow moment of a shared machine hits all of
     them); a round repeats a product until it has run ``min_seconds``; the figure is the
     median over rounds.
     """
     out = []
-    for label, rows, inner, outer in shapes:
+    for label, rows, inner, outer, *_ in shapes:
         calls = _gemm_callables(rows, inner, outer, device)
         repeats = {}
         for name, call in calls.items():
@@ -405,9 +405,18 @@ def gemm_rates(
     return out
 
 
-def model_gemm_shapes(model: nn.Module, batch: int, height: int, width: int) -> list[tuple[str, int, int, int]]:
-    """The linear layers' ``(label, M, K, N)`` of a CrossFormer at this batch and size, one per stage and layer."""
+def model_gemm_shapes(
+    model: nn.Module, batch: int, height: int, width: int, inference: bool = True
+) -> list[tuple[str, int, int, int, int]]:
+    """The linear layers of a CrossFormer's blocks at this batch and size, one per stage and layer:
+    ``(label, M, K, N, FLOPs per batch)``.
+
+    ``M`` is the rows of one call: in CPU ``inference`` a stage runs a few images at a time
+    (:func:`crossformer.models.crossformer.images_per_chunk`), in training the whole batch.
+    The FLOPs count every call of that layer in all the stage's blocks for the whole batch.
+    """
     from crossformer.models import CrossFormer
+    from crossformer.models.crossformer import images_per_chunk
 
     if not isinstance(model, CrossFormer):
         return []
@@ -415,9 +424,10 @@ def model_gemm_shapes(model: nn.Module, batch: int, height: int, width: int) -> 
     h, w = height // 4, width // 4  # after the stride-4 patch embedding (>= 32-pixel inputs)
     for s, stage in enumerate(model.layers):
         dim = stage.blocks[0].norm1.normalized_shape[0]
-        rows = batch * h * w
-        shapes += [(f"stage {s} qkv", rows, dim, 3 * dim), (f"stage {s} proj", rows, dim, dim),
-                   (f"stage {s} fc1", rows, dim, stage.mlp_hidden), (f"stage {s} fc2", rows, stage.mlp_hidden, dim)]
+        rows = (images_per_chunk(batch, h, w, stage.mlp_hidden) if inference else batch) * h * w
+        layers = [("qkv", dim, 3 * dim), ("proj", dim, dim), ("fc1", dim, stage.mlp_hidden), ("fc2", stage.mlp_hidden, dim)]
+        shapes += [(f"stage {s} {name}", rows, inner, outer, 2 * batch * h * w * inner * outer * len(stage.blocks))
+                   for name, inner, outer in layers]
         h, w = h // 2, w // 2
     return shapes
 
@@ -448,16 +458,26 @@ def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int
     batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
     side = PEAK_SQUARE if config.device == "cpu" else PEAK_SQUARE_CUDA
     square = ("square", side, side, side)
-    rates = gemm_rates([square] + model_gemm_shapes(model, batch, height, width), rounds=rounds, device=config.device)
+    shapes = model_gemm_shapes(model, batch, height, width)
+    rates = gemm_rates([square] + shapes, rounds=rounds, device=config.device)
     report: dict = {"gemm": rates}
-    best = {
-        dtype: max((v for k, v in rates[0]["gflops"].items() if k.startswith(dtype)), default=None)
-        for dtype in ("fp32", "bf16")
-    }
-    report["best_square_gflops"] = best
+
+    def best_rate(row: dict, dtype: str) -> float | None:
+        return max((v for k, v in row["gflops"].items() if k.startswith(dtype)), default=None)
+
     dtype = "bf16" if config.amp == "bf16" else "fp32"
+    best = {d: best_rate(rates[0], d) for d in ("fp32", "bf16")}
+    report["best_square_gflops"] = best
     macs = model_macs(model, height, width)
     report.update(model_macs_per_image=macs, model_dtype=dtype)
+    if shapes and best[dtype]:
+        # What the linear layers alone cost at their own shapes' best measured rates: the model's
+        # time can be no shorter, whatever the rest (attention, convolutions, norms) costs.
+        linear_flops = sum(shape[-1] for shape in shapes)
+        linear_seconds = sum(shape[-1] / (best_rate(row, dtype) * 1e9) for shape, row in zip(shapes, rates[1:]))
+        ceiling = 2 * macs * batch / linear_seconds / 1e9
+        report.update(linear_gflop_per_batch=linear_flops / 1e9, model_gflop_per_batch=2 * macs * batch / 1e9,
+                      linear_seconds_per_batch=linear_seconds, linear_bound_fraction_of_best=ceiling / best[dtype])
     for mode, prefix, factor in (("infer", "model", 1), ("train", "model_train", TRAIN_FLOPS_FACTOR)):
         measured = summary["models"][model_name].get(mode)
         if measured is not None:
@@ -475,6 +495,13 @@ def format_peak(report: dict) -> str:
         label = f"{row['shape']} {row['m']}x{row['k']}x{row['n']}"
         lines.append(f"{label:<34}" + "".join(f"{row['gflops'].get(n, float('nan')):20.1f}" for n in names))
     dtype, per_image = report["model_dtype"], 2 * report["model_macs_per_image"] / 1e9
+    if "linear_bound_fraction_of_best" in report:
+        lines.append(
+            f"linear layers: {report['linear_gflop_per_batch']:.1f} of the model's {report['model_gflop_per_batch']:.1f} "
+            f"GFLOP per inference batch, {1e3 * report['linear_seconds_per_batch']:.0f} ms at their shapes' best rates "
+            f"above: with nothing else costing time the model would reach "
+            f"{100 * report['linear_bound_fraction_of_best']:.0f}% of the best {dtype} GEMM rate"
+        )
     for prefix, what in (("model", f"inference ({per_image:.2f} GFLOP per image)"),
                          ("model_train", f"training step ({TRAIN_FLOPS_FACTOR} x {per_image:.2f} GFLOP per image)")):
         if f"{prefix}_gflops" in report:

@@ -296,13 +296,19 @@ class GroupAttention(nn.Module):
 INFERENCE_CHUNK_BYTES = 16 << 20
 
 
+def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, element_size: int = 4) -> int:
+    """How many of ``batch`` images of a ``height x width`` map a stage runs at once in CPU
+    inference: as many as keep its ``hidden_channels``-wide MLP activations under
+    :data:`INFERENCE_CHUNK_BYTES`."""
+    per_image = height * width * hidden_channels * element_size
+    return max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
+
+
 def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
     """How many images of ``x`` ``(B, H, W, C)`` a stage runs at once in eager mode (``B``: all)."""
-    batch = x.shape[0]
     if torch.is_grad_enabled() or x.device.type != "cpu":
-        return batch
-    per_image = x.shape[1] * x.shape[2] * hidden_channels * x.element_size()
-    return max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
+        return x.shape[0]
+    return images_per_chunk(x.shape[0], x.shape[1], x.shape[2], hidden_channels, x.element_size())
 
 
 class CrossFormerBlock(nn.Module):
