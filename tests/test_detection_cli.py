@@ -112,6 +112,22 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert "multiples of 32" in _error(capsys)
 
 
+def test_flops_and_benchmark_take_settings_with_their_config(capsys) -> None:
+    # a KEY=VALUE setting changes the config named, before or after the flags
+    assert main(["flops", "model.backbone=crossformer_tiny", "--config", "retinanet_crossformer_small_1x", "--json"]) == 0
+    tiny = json.loads(capsys.readouterr().out)
+    assert tiny["backbone"] == "crossformer_tiny"
+    with torch.device("meta"):
+        config = resolve_config("retinanet_crossformer_small_1x", {"model.backbone": "crossformer_tiny"}).config
+        assert tiny["params"] == count_params(build_configured_detector(config.model, 80, False))
+    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--json", "model.bogus=1"]) == 2
+    assert "unknown setting 'model.bogus'" in _error(capsys)
+    # without a config there is nothing for a setting to change
+    for verb in ("flops", "benchmark"):
+        assert main([verb, "--model", "crossformer_tiny", "model.backbone=crossformer_base"]) == 2
+        assert "KEY=VALUE settings change a config: name one with --config" in _error(capsys)
+
+
 def test_benchmark_times_the_detector(trained, capsys) -> None:
     args = ["benchmark", "--config", str(trained["config"]), "--img-size", "64", "96", "--rounds", "1", "--warmup", "0",
             "--no-memory", "--json"]

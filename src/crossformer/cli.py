@@ -57,6 +57,8 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         command.set_defaults(_run=module.run)
         if name in _CONFIG_DISPATCH:
             add_config_argument(command)
+            command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                                 help="with --config: any setting of the config, e.g. model.backbone=crossformer_base")
             if any(a == "--config" or a.startswith("--config=") for a in argv):
                 for action in command._actions:  # the config names the model
                     if "--model" in action.option_strings:
@@ -85,7 +87,7 @@ def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
     from .commands.common import run_task_verb
 
     args.img_size_given = any(a == "--img-size" or a.startswith("--img-size=") for a in argv)
-    return int(run_task_verb(args, args.command, []) or 0)
+    return int(run_task_verb(args, args.command, args.overrides) or 0)
 
 
 def _say(message: str) -> None:
@@ -116,8 +118,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         _say(f"crossformer {command}: error: {err}")
         return 2
     try:
-        if args.command in _CONFIG_DISPATCH and args.config:
-            return _run_with_config(args, argv)
+        if args.command in _CONFIG_DISPATCH:
+            if args.config:
+                return _run_with_config(args, argv)
+            if args.overrides:
+                raise UserInputError(f"{' '.join(args.overrides)}: KEY=VALUE settings change a config: "
+                                     f"name one with --config, or use the flags alone")
         return int(args._run(args) or 0)
     except UserInputError as err:
         _say(f"crossformer {args.command}: error: {err}")
