@@ -174,3 +174,11 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     # every rank averaged the same weights, so the reduced EMA metrics are rank 0's EMA's
     ema = evaluate(output / "last.pth", data, device="cpu", num_workers=0, use_ema=True)
     assert ema["loss"] == pytest.approx(state["metrics"]["val_ema/loss"], rel=1e-5)
+
+
+def test_a_flag_wins_over_a_setting_of_the_same_field() -> None:
+    from crossformer.cli import parse_command_line
+    from crossformer.commands.common import command_line_settings
+
+    args = parse_command_line(["train", "run.epochs=7", "--config", "digits", "--epochs", "2", "optimizer.lr=0.01"])
+    assert command_line_settings(args, args.overrides) == {"run.epochs": 2, "optimizer.lr": 0.01}

@@ -163,6 +163,14 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def command_line_settings(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """``{"section.field": value}`` from the ``KEY=VALUE`` ``overrides`` and the flags given;
+    where both name a field, the flag wins."""
+    from ..engine.config import parse_overrides
+
+    return {**parse_overrides(overrides), **config_values(args)}
+
+
 def config_task(argv: list[str]) -> str:
     """The task of the ``--config`` named in ``argv`` (read before the full parser exists,
     since the flags depend on the task); the default task without one."""
@@ -216,11 +224,9 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
-    from ..engine.config import parse_overrides
     from ..engine.registry import resolve_config, task_commands
 
-    values = {**parse_overrides(overrides), **config_values(args)}
-    resolved = resolve_config(args.config, values, use_default=False)
+    resolved = resolve_config(args.config, command_line_settings(args, overrides), use_default=False)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")

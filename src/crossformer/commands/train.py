@@ -43,13 +43,12 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from crossformer.engine import NonFiniteLossError, RunInterrupted, parse_overrides, train
+    from crossformer.engine import NonFiniteLossError, RunInterrupted, train
     from crossformer.engine.registry import resolve_config
 
-    from .common import config_values
+    from .common import command_line_settings
 
-    overrides = {**parse_overrides(args.overrides), **config_values(args)}
-    resolved = resolve_config(args.config, overrides)
+    resolved = resolve_config(args.config, command_line_settings(args, args.overrides))
     try:
         metrics = train(resolved.module.TASK, resolved.config)
     except NonFiniteLossError as err:

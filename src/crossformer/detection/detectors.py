@@ -11,7 +11,7 @@ Inputs and outputs (all detectors)::
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from ..errors import UserInputError
 from ..models import VARIANTS
 from ..models.dense import authors_dense_settings, build_dense_backbone
 from .cascade import CascadeRoIHead
+from .config import DetectorKind
 from .fpn import FPN
 from .retinanet import RetinaHead, RetinaSettings
 from .roi_heads import RCNNSettings, StandardRoIHead, paste_masks
@@ -27,7 +28,7 @@ from .rpn import ProposalSettings, RPNHead
 
 __all__ = ["Detector", "TwoStageDetector", "RetinaNet", "build_detector", "DETECTOR_KINDS"]
 
-DETECTOR_KINDS = ("retinanet", "mask_rcnn", "cascade_mask_rcnn")
+DETECTOR_KINDS: tuple[str, ...] = get_args(DetectorKind)
 
 Meta = Mapping[str, Any]
 
