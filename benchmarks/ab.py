@@ -1,6 +1,7 @@
 """A/B: the model code of a git revision against the working tree, same weights, in turn.
 
     python benchmarks/ab.py --rev HEAD --model crossformer_tiny --modes infer train --rounds 7
+    python benchmarks/ab.py --rev HEAD --model crossformer_pp_small --modes train --amp bf16
     python benchmarks/ab.py --rev HEAD --model crossformer_small --img-size 800 1216 --batch-size 2 \
         --detection-grouping                      # the dense size, group size 7, intervals 8, 4, 2, 1
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["infer"], choices=["infer", "train"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
     parser.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="SIZE", help="H [W]")
     parser.add_argument("--detection-grouping", action="store_true",
                         help="the authors' detection grouping: group size 7, intervals 8, 4, 2, 1")
@@ -66,7 +68,7 @@ def main() -> None:
         model.load_state_dict(new().state_dict())
         return model
 
-    config = BenchConfig(modes=tuple(args.modes), rounds=args.rounds, memory=False,
+    config = BenchConfig(modes=tuple(args.modes), rounds=args.rounds, memory=False, amp=args.amp,
                          batch_size={m: args.batch_size or DEFAULT_BATCH[m] for m in args.modes},
                          img_size=(args.img_size[0], args.img_size[-1]))
     results = run_benchmark({"worktree": new, args.rev: old}, config,
