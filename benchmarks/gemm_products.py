@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     with torch.device("meta"):
         model = timm.create_model(args.model)
-    shapes = model_gemm_shapes(model, args.batch_size, args.img_size, args.img_size, inference=False)
+    shapes = model_gemm_shapes(model, args.batch_size, args.img_size, args.img_size, chunked=False)
     for label, rows, inner, outer, _ in shapes:
         x, weight, bias, grad = torch.randn(rows, inner), torch.randn(outer, inner), torch.randn(outer), torch.randn(rows, outer)
         for product, operands in (("forward", (x, weight, bias)), ("grad_input", (grad, weight, None)),

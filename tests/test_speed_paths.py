@@ -322,7 +322,7 @@ def test_model_gemm_shapes_are_the_calls_cpu_inference_makes() -> None:
     assert rows["stage 2 fc2"] == 20 * 14 * 14 and rows["stage 3 proj"] == 32 * 7 * 7
     assert [flops for *_, flops in shapes] == _layer_flops((1, 1, 8, 6), (64, 128, 256, 512), 32, 56)
     # a training step multiplies the whole batch at once
-    training = model_gemm_shapes(model, 32, 224, 224, inference=False)
+    training = model_gemm_shapes(model, 32, 224, 224, chunked=False)
     assert [m for _, m, *_ in training] == [32 * (56 // 2**s) ** 2 for s in range(4) for _ in range(4)]
 
 

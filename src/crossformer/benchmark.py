@@ -406,14 +406,14 @@ def gemm_rates(
 
 
 def model_gemm_shapes(
-    model: nn.Module, batch: int, height: int, width: int, inference: bool = True
+    model: nn.Module, batch: int, height: int, width: int, chunked: bool = True
 ) -> list[tuple[str, int, int, int, int]]:
     """The linear layers of a CrossFormer's blocks at this batch and size, one per stage and layer:
     ``(label, M, K, N, FLOPs per batch)``.
 
-    ``M`` is the rows of one call: in CPU ``inference`` a stage runs a few images at a time
-    (:func:`crossformer.models.crossformer.images_per_chunk`), in training the whole batch.
-    The FLOPs count every call of that layer in all the stage's blocks for the whole batch.
+    ``M`` is the rows of one call: ``chunked``, as CPU inference runs a stage, a few images at
+    a time (:func:`crossformer.models.crossformer.images_per_chunk`); otherwise (training, a
+    GPU) the whole batch. The FLOPs count every call of the layer in all the stage's blocks.
     """
     from crossformer.models import CrossFormer
     from crossformer.models.crossformer import images_per_chunk
@@ -424,7 +424,7 @@ def model_gemm_shapes(
     h, w = height // 4, width // 4  # after the stride-4 patch embedding (>= 32-pixel inputs)
     for s, stage in enumerate(model.layers):
         dim = stage.blocks[0].norm1.normalized_shape[0]
-        rows = (images_per_chunk(batch, h, w, stage.mlp_hidden) if inference else batch) * h * w
+        rows = (images_per_chunk(batch, h, w, stage.mlp_hidden) if chunked else batch) * h * w
         layers = [("qkv", dim, 3 * dim), ("proj", dim, dim), ("fc1", dim, stage.mlp_hidden), ("fc2", stage.mlp_hidden, dim)]
         shapes += [(f"stage {s} {name}", rows, inner, outer, 2 * batch * h * w * inner * outer * len(stage.blocks))
                    for name, inner, outer in layers]
@@ -458,7 +458,7 @@ def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int
     batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
     side = PEAK_SQUARE if config.device == "cpu" else PEAK_SQUARE_CUDA
     square = ("square", side, side, side)
-    shapes = model_gemm_shapes(model, batch, height, width)
+    shapes = model_gemm_shapes(model, batch, height, width, chunked=config.device == "cpu")
     rates = gemm_rates([square] + shapes, rounds=rounds, device=config.device)
     report: dict = {"gemm": rates}
 
