@@ -379,7 +379,7 @@ def _gemm_callables(rows: int, inner: int, outer: int, device: str = "cpu") -> d
 
 
 def gemm_rates(
-    shapes: Sequence[tuple[str, int, int, int]], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
+    shapes: Sequence[tuple], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
 ) -> list[dict]:
     """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N, ...)``.
 
