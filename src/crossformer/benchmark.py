@@ -473,11 +473,11 @@ def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int
     if shapes and best[dtype]:
         # What the linear layers alone cost at their own shapes' best measured rates: the model's
         # time can be no shorter, whatever the rest (attention, convolutions, norms) costs.
-        linear_flops = sum(shape[-1] for shape in shapes)
         linear_seconds = sum(shape[-1] / (best_rate(row, dtype) * 1e9) for shape, row in zip(shapes, rates[1:]))
-        ceiling = 2 * macs * batch / linear_seconds / 1e9
-        report.update(linear_gflop_per_batch=linear_flops / 1e9, model_gflop_per_batch=2 * macs * batch / 1e9,
-                      linear_seconds_per_batch=linear_seconds, linear_bound_fraction_of_best=ceiling / best[dtype])
+        model_gflop = 2 * macs * batch / 1e9
+        report.update(linear_gflop_per_batch=sum(shape[-1] for shape in shapes) / 1e9, model_gflop_per_batch=model_gflop,
+                      linear_seconds_per_batch=linear_seconds,
+                      linear_bound_fraction_of_best=model_gflop / linear_seconds / best[dtype])
     for mode, prefix, factor in (("infer", "model", 1), ("train", "model_train", TRAIN_FLOPS_FACTOR)):
         measured = summary["models"][model_name].get(mode)
         if measured is not None:
