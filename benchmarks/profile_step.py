@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import crossformer  # noqa: F401  (registers the variants)
-from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, _timed, build_model, make_step
+from crossformer.benchmark import DEFAULT_BATCH, BenchConfig, build_model, make_step, timed_steps
 
 
 def main() -> None:
@@ -42,12 +42,12 @@ def main() -> None:
     step = make_step(build_model(args.model, config), args.mode, config)
     for _ in range(3):
         step()
-    wall = min(_timed(step, 1, args.device) for _ in range(3))
+    wall = min(timed_steps(step, 1, args.device) for _ in range(3))
 
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        _timed(step, args.steps, args.device)
+        timed_steps(step, args.steps, args.device)
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) or 1.0

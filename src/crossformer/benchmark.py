@@ -36,6 +36,7 @@ __all__ = [
     "ModelResult",
     "build_model",
     "make_step",
+    "timed_steps",
     "run_benchmark",
     "summarise",
     "device_name",
@@ -163,7 +164,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step: Callable[[], None], steps: int, device: str) -> float:
+def timed_steps(step: Callable[[], None], steps: int, device: str) -> float:
+    """Seconds that ``steps`` calls of ``step`` take, the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -239,7 +241,7 @@ def run_benchmark(
     steps = {(name, mode): make_step(models[name], mode, config) for name in names for mode in config.modes}
     first_step: dict[tuple[str, str], float | None] = {}
     for key, step in steps.items():
-        first_step[key] = _timed(step, 1, config.device) if config.warmup else None
+        first_step[key] = timed_steps(step, 1, config.device) if config.warmup else None
         for _ in range(config.warmup - 1):
             step()
         if log:
@@ -248,7 +250,7 @@ def run_benchmark(
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for r in range(config.rounds):
         for key, step in steps.items():
-            seconds = _timed(step, config.steps, config.device)
+            seconds = timed_steps(step, config.steps, config.device)
             times[key].append(config.batch_size[key[1]] * config.steps / seconds)
         if log:
             log(f"round {r + 1}/{config.rounds}: " + ", ".join(
@@ -393,12 +395,12 @@ def gemm_rates(
         repeats = {}
         for name, call in calls.items():
             call()  # warm-up: weight reorders, first-touch of the output, kernel selection
-            once = _timed(call, 1, device)
+            once = timed_steps(call, 1, device)
             repeats[name] = max(1, int(min_seconds / max(once, 1e-6)))
         rates: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
-                seconds = _timed(call, repeats[name], device)
+                seconds = timed_steps(call, repeats[name], device)
                 rates[name].append(2 * rows * inner * outer * repeats[name] / seconds / 1e9)
         out.append(dict(shape=label, m=rows, k=inner, n=outer,
                         gflops={name: statistics.median(v) for name, v in rates.items()}))

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .crossformer import CrossFormer
 from .grouping import group_layout
-from .weights import _unwrap
+from .weights import unwrap_model
 
 __all__ = ["count_params", "analytic_macs", "dense_backbone_macs", "traced_macs", "EXTRA_MAC_FORMULAS"]
 
@@ -120,7 +120,7 @@ def dense_backbone_macs(backbone: nn.Module, height: int, width: int, real_group
     For the bundled backbones it is within 0.25% of the MACs executed (:func:`traced_macs`,
     which counts padding and not norms).
     """
-    model, _ = _unwrap(backbone)
+    model, _ = unwrap_model(backbone)
     macs = analytic_macs(model, height, width)
     if real_groups:
         macs += _real_group_correction(model, height, width)

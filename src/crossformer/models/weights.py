@@ -33,6 +33,7 @@ __all__ = [
     "convert_to_safetensors",
     "save_safetensors",
     "recorded_model",
+    "unwrap_model",
 ]
 
 # Recomputable buffers the CrossFormer (v1) release stores in its state dicts.
@@ -309,7 +310,7 @@ def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
     """The network inside compiled / DDP / timm ``features_only`` wrappers, and whether
     it was wrapped for features (so its head and final norm were pruned)."""
     features_only = False
@@ -387,7 +388,7 @@ def load_state(
     use_ema: bool = False,
 ) -> nn.Module:
     """:func:`load_checkpoint` for a checkpoint already read (``source`` names it in errors)."""
-    target, features_only = _unwrap(model)
+    target, features_only = unwrap_model(model)
     if hasattr(target, "load_checkpoint_state"):
         target.load_checkpoint_state(checkpoint, source, use_ema)
         return model
