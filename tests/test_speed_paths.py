@@ -87,18 +87,25 @@ class _Linear(nn.Module):
 
 
 @needs_onednn
-@pytest.mark.parametrize("onednn_times, chosen", [
-    ((1.0, 1.0, 1.0), "onednn"),  # faster in every pair
-    ((1.0, 2.5, 1.0), "mkl"),  # one pair lost (a moment of load): keep MKL, today's path
-    ((1.97, 1.97, 1.97), "mkl"),  # within the 5% margin
+@pytest.mark.parametrize("onednn_times, chosen, pairs", [
+    ((1.0, 1.0, 1.0), "onednn", 3),  # faster in every pair
+    ((1.0, 2.5, 1.0), "mkl", 2),  # one pair lost (a moment of load): keep MKL, today's path
+    ((1.97, 1.97, 1.97), "mkl", 1),  # within the 5% margin
 ])
-def test_backend_rule(monkeypatch, onednn_times, chosen) -> None:
-    """oneDNN only when it beats MKL (2.0 s here) by the margin in every timed pair."""
-    times = {"mkl": iter([2.0] * 3), "onednn": iter(onednn_times)}
-    monkeypatch.setattr(layers, "_timed_gemm", lambda backend, *args: next(times[backend]))
+def test_backend_rule(monkeypatch, onednn_times, chosen, pairs) -> None:
+    """oneDNN only when it beats MKL (2.0 s here) by the margin in every timed pair; the
+    first pair it loses ends the timing."""
+    timed = []
+
+    def fake_timing(backend, *args):
+        timed.append(backend)
+        return 2.0 if backend == "mkl" else onednn_times[len(timed) // 2 - 1]
+
+    monkeypatch.setattr(layers, "_timed_gemm", fake_timing)
     a, w = torch.randn(5, 3), torch.randn(4, 3)
     out, backend = layers._choose_gemm("forward", a, w, None)
     assert backend == chosen
+    assert timed == ["mkl", "onednn"] * pairs
     assert (out - a @ w.t()).abs().max().item() <= 1e-6
 
 
