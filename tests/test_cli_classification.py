@@ -92,6 +92,27 @@ def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
     assert "config file not found: nope.yaml" in capsys.readouterr().err
 
 
+def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys) -> None:
+    """The digits config's crossformer_tiny has its own widths and depths (model.kwargs)."""
+    import timm
+
+    from crossformer.models import count_params
+
+    kwargs = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), group_size=(4, 4, 2, 1), interval=(2, 2, 1, 1))
+    configured = count_params(timm.create_model("crossformer_tiny", **kwargs))
+    assert main(["flops", "--config", "digits", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"] == configured and result["img_size"] == [32, 32]
+    assert "paper_params_m" not in result  # the paper's figures are for the variant as published
+    assert main(["flops", "--config", "digits", "model.kwargs.embed_dim=16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] < configured
+    assert main(["flops", "--config", "digits", "--model", "crossformer_tiny", "--json"]) == 0  # the flag's model, as registered
+    assert json.loads(capsys.readouterr().out)["params"] == count_params(timm.create_model("crossformer_tiny"))
+    assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
+                 "--no-memory", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"]["crossformer_tiny"]["params"] == configured
+
+
 def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:
     out = ["--output", str(tmp_path / "x")]
     _one_line_error(capsys, ["train", "--data", str(tmp_path / "nowhere"), *out, *TINY_ARGS], "data folder not found")
@@ -182,3 +203,17 @@ def test_a_flag_wins_over_a_setting_of_the_same_field() -> None:
 
     args = parse_command_line(["train", "run.epochs=7", "--config", "digits", "--epochs", "2", "optimizer.lr=0.01"])
     assert command_line_settings(args, args.overrides) == {"run.epochs": 2, "optimizer.lr": 0.01}
+
+
+def test_settings_and_images_may_follow_a_list_of_numbers() -> None:
+    """argparse alone reads whatever follows ``--img-size H W`` as more sizes."""
+    from crossformer.cli import parse_command_line
+
+    args = parse_command_line(["train", "--config", "digits", "--img-size", "64", "48", "run.epochs=3", "--lr", "0.01"])
+    assert args.overrides == ["run.epochs=3"]
+    assert getattr(args, "config:data.img_size") == [64, 48]
+    args = parse_command_line(["predict", "--checkpoint", "c.pth", "--img-size", "64", "a.jpg", "--topk", "3",
+                               "b.jpg", "--img-size", "32", "48", "c.jpg"])
+    assert args.inputs == ["a.jpg", "b.jpg", "c.jpg"]  # in the order given
+    assert getattr(args, "config:data.img_size") == [32, 48]  # the last one wins, as in argparse
+    assert args.topk == 3

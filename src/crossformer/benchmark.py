@@ -23,7 +23,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,8 @@ class BenchConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     num_classes: int = 1000
+    # constructor settings per model name (a classification config's ``model.kwargs``)
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     rounds: int = 7
     warmup: int = 2
     steps: int = 1  # timed steps per model per round
@@ -110,7 +112,7 @@ def build_model(name: str, config: BenchConfig) -> nn.Module:
 
     import crossformer  # noqa: F401  (registers the variants)
 
-    kwargs = {}
+    kwargs = dict(config.model_kwargs.get(name, {}))
     if name not in crossformer.VARIANTS and tuple(config.img_size) != (224, 224):
         kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (e.g. Swin) need it
     return _place(timm.create_model(name, num_classes=config.num_classes, **kwargs), config)
@@ -456,7 +458,8 @@ def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int
     FLOP utilisation. Inference counts ``2 * MACs`` per image; a training step
     ``TRAIN_FLOPS_FACTOR`` times that."""
     height, width = config.img_size
-    model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes))
+    model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes,
+                                                 model_kwargs=config.model_kwargs))
     batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
     side = PEAK_SQUARE if config.device == "cpu" else PEAK_SQUARE_CUDA
     square = ("square", side, side, side)

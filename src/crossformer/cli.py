@@ -67,9 +67,51 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
     return parser, commands
 
 
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _number_lists_last(command: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``args`` with every flag that takes several numbers (``--img-size H W``) moved, with its
+    numbers, behind the rest, in order.
+
+    argparse gives such a flag every positional-looking token that follows it, so a ``KEY=VALUE``
+    setting or an image right after ``--img-size 224`` would be read as one more size. At the end
+    nothing follows them; the other arguments keep their order.
+    """
+    number_lists = {
+        option
+        for action in command._actions
+        if action.nargs in ("+", "*") and action.type in (int, float)
+        for option in action.option_strings
+    }
+    kept: list[str] = []
+    moved: list[str] = []
+    position = 0
+    while position < len(args):
+        token = args[position]
+        position += 1
+        if token == "--":  # everything after it is positional
+            kept.extend(args[position - 1:])
+            break
+        if token not in number_lists:
+            kept.append(token)
+            continue
+        moved.append(token)
+        while position < len(args) and _is_number(args[position]):
+            moved.append(args[position])
+            position += 1
+    return kept + moved
+
+
 def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     """``argv`` parsed; a command's positional arguments (``KEY=VALUE`` settings, images) may stand
-    anywhere among its flags: argparse on its own takes only their first run and rejects the rest.
+    anywhere among its flags, right after ``--img-size H W`` included: argparse on its own takes
+    only their first run, rejects the rest, and reads those after a list of numbers as numbers.
 
     Raises :class:`~crossformer.errors.UserInputError` when the ``--config`` named cannot be read.
     """
@@ -77,7 +119,8 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     parser, commands = build_parsers(argv)
     if not argv or argv[0] not in commands:  # --help, --version, a missing or unknown command: argparse says so
         return parser.parse_args(argv)
-    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    command = commands[argv[0]]
+    args = command.parse_intermixed_args(_number_lists_last(command, argv[1:]))
     args.command = argv[0]
     return args
 

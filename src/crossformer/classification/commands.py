@@ -124,7 +124,8 @@ def _model_command(verb: str):
 
         from ..errors import UserInputError
 
-        args.model = args.model or config.model.name
+        if not args.model:  # the config's model, as it configures it
+            args.model, args.model_kwargs = config.model.name, dict(config.model.kwargs)
         if not args.model:
             raise UserInputError(f"{verb}: the config names no model; pass --model NAME")
         if not args.img_size_given and "data.img_size" in given:

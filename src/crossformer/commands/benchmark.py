@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--peak", action="store_true",
                         help="also time each GEMM backend (a large square and the model's linear shapes) and "
                              "report the model's GFLOP/s as a fraction of the best rate (model FLOP utilisation)")
+    parser.set_defaults(model_kwargs={})  # --model's constructor settings: a classification --config's model.kwargs
 
 
 def build_config(args: argparse.Namespace) -> "BenchConfig":
@@ -87,6 +88,7 @@ def build_config(args: argparse.Namespace) -> "BenchConfig":
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
         num_classes=args.num_classes,
+        model_kwargs={args.model: dict(args.model_kwargs)} if args.model_kwargs else {},
         rounds=args.rounds,
         warmup=args.warmup,
         steps=args.steps,

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also count the MACs that actually execute (padding included) by running the model",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(model_kwargs={})  # --model's constructor settings: a classification --config's model.kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     height, width = img_size(args)
     require_model(args.model)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
-        model = timm.create_model(args.model, num_classes=args.num_classes)
+        model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {
@@ -42,12 +43,13 @@ def run(args: argparse.Namespace) -> int:
     if args.traced:
         result["traced_macs"] = traced_macs(model, height, width)
     variant = VARIANTS.get(args.model)
-    if variant is not None and args.num_classes == 1000:
+    if variant is not None and args.num_classes == 1000 and not args.model_kwargs:
         result.update(paper_params_m=variant.paper_params_m, paper_gflops=variant.paper_gflops)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model       {args.model} at {height}x{width}")
+    settings = "".join(f", {key}={value}" for key, value in args.model_kwargs.items())
+    print(f"model       {args.model}{settings} at {height}x{width}")
     print(f"params      {result['params']:,} ({result['params'] / 1e6:.1f}M)")
     print(f"MACs        {result['macs']:,} ({result['macs'] / 1e9:.3f}G, official analytic counter)")
     if args.traced:
