@@ -140,6 +140,13 @@ def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Pa
     state = load_training_state(tmp_path / "t" / "last.pth")
     assert state["config"]["model"]["kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
     capsys.readouterr()
+    # evaluate: --config digits names the built-in set, as in training; no config and no --data is an error
+    import crossformer.data.digits
+
+    monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)
+    assert main(["evaluate", "--config", "digits", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == len(list((data / "val").rglob("*.png")))
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "t" / "last.pth")], "or --config digits")
     assert main(["demo", "--output", str(tmp_path / "demo"), "epochs=1", "batch_size=4"]) == 0
     out = capsys.readouterr().out
     assert "evaluate " in out and out.count("predict ") == 1 and "(true cat)" in out  # every 71st of 9 images
