@@ -130,14 +130,15 @@ def _model_command(verb: str):
 
         from ..errors import UserInputError
 
+        settings: dict[str, Any] = {}
         if not args.model:  # the config's model, as it configures it
-            args.model, args.model_kwargs = config.model.name, dict(config.model.kwargs)
+            args.model, settings = config.model.name, dict(config.model.kwargs)
         if not args.model:
             raise UserInputError(f"{verb}: the config names no model; pass --model NAME")
         if not args.img_size_given and "data.img_size" in given:
             size = config.data.img_size
             args.img_size = [size] if isinstance(size, int) else list(size)
-        return importlib.import_module(f"crossformer.commands.{verb}").run(args)
+        return importlib.import_module(f"crossformer.commands.{verb}").run(args, settings)
 
     return run
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .common import add_img_size_argument, add_model_argument, img_size, require_model
 
@@ -54,11 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--peak", action="store_true",
                         help="also time each GEMM backend (a large square and the model's linear shapes) and "
                              "report the model's GFLOP/s as a fraction of the best rate (model FLOP utilisation)")
-    parser.set_defaults(model_kwargs={})  # --model's constructor settings: a classification --config's model.kwargs
 
 
-def build_config(args: argparse.Namespace) -> "BenchConfig":
-    """The measurement these arguments ask for; one-line errors for impossible values."""
+def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> "BenchConfig":
+    """The measurement these arguments ask for; one-line errors for impossible values.
+
+    ``model_kwargs``: constructor settings of ``--model`` (a classification config's ``model.kwargs``).
+    """
     import torch
 
     from crossformer.benchmark import DEFAULT_BATCH, BenchConfig
@@ -88,7 +90,7 @@ def build_config(args: argparse.Namespace) -> "BenchConfig":
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
         num_classes=args.num_classes,
-        model_kwargs={args.model: dict(args.model_kwargs)} if args.model_kwargs else {},
+        model_kwargs={args.model: dict(model_kwargs)} if model_kwargs else {},
         rounds=args.rounds,
         warmup=args.warmup,
         steps=args.steps,
@@ -96,14 +98,15 @@ def build_config(args: argparse.Namespace) -> "BenchConfig":
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
+    """``model_kwargs``: as :func:`build_config`."""
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer.benchmark import format_summary, run_benchmark, summarise
 
     names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
     for name in names:
         require_model(name)
-    config = build_config(args)
+    config = build_config(args, model_kwargs)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     summary = summarise(run_benchmark(names, config, log=log), config, compare=args.compare)
     if args.peak:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from .common import add_img_size_argument, add_model_argument, img_size, require_model
 
@@ -17,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also count the MACs that actually execute (padding included) by running the model",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(model_kwargs={})  # --model's constructor settings: a classification --config's model.kwargs
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
+    """``model_kwargs``: constructor settings of ``--model`` (a classification config's ``model.kwargs``)."""
     import timm
     import torch
 
@@ -28,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
     from crossformer.errors import UserInputError
 
+    settings = dict(model_kwargs or {})
     height, width = img_size(args)
     require_model(args.model)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
-        model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+        model = timm.create_model(args.model, num_classes=args.num_classes, **settings)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {
@@ -43,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.traced:
         result["traced_macs"] = traced_macs(model, height, width)
     variant = VARIANTS.get(args.model)
-    if variant is not None and args.num_classes == 1000 and not args.model_kwargs:
+    if variant is not None and args.num_classes == 1000 and not settings:
         result.update(paper_params_m=variant.paper_params_m, paper_gflops=variant.paper_gflops)
     if args.json:
         print(json.dumps(result))
         return 0
-    settings = "".join(f", {key}={value}" for key, value in args.model_kwargs.items())
-    print(f"model       {args.model}{settings} at {height}x{width}")
+    described = "".join(f", {key}={value}" for key, value in settings.items())
+    print(f"model       {args.model}{described} at {height}x{width}")
     print(f"params      {result['params']:,} ({result['params'] / 1e6:.1f}M)")
     print(f"MACs        {result['macs']:,} ({result['macs'] / 1e9:.3f}G, official analytic counter)")
     if args.traced:
