@@ -81,6 +81,22 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
     assert [r["path"] for r in results] == [str(data / "val" / "eel" / "0.png"), "topk=1.png"]
     assert all(len(r["labels"]) == 2 for r in results)
 
+    # Converted to safetensors, the weights keep the model's name, settings, classes and size:
+    # evaluate and predict read them as they read the checkpoint, with no --model or --model-arg.
+    weights = tmp_path / "tiny.safetensors"
+    assert main(["convert", str(output / "best.pth"), str(weights)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(weights), "--data", str(data), "--device", "cpu",
+                 "--num-workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["acc1"] == pytest.approx(state["metrics"]["val/acc1"]) and result["img_size"] == 32
+    predictions = []
+    for checkpoint in (output / "best.pth", weights):
+        assert main(["predict", str(data / "val" / "eel" / "0.png"), "--checkpoint", str(checkpoint), "--topk", "3",
+                     "--device", "cpu", "--json"]) == 0
+        predictions.append(json.loads(capsys.readouterr().out))
+    assert predictions[0] == predictions[1] and sorted(predictions[1]["labels"]) == ["cat", "dog", "eel"]
+
 
 def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
     assert main(["flops", "--config", "crossformer_small", "--json"]) == 0

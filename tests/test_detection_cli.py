@@ -16,7 +16,7 @@ from crossformer.detection.evaluate import COCO_METRICS
 from crossformer.detection.task import build_configured_detector
 from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
-from crossformer.models import count_params
+from crossformer.models import convert_to_safetensors, count_params
 from detection_train_fixtures import make_tiny_coco, write_tiny_config
 
 
@@ -78,6 +78,15 @@ def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: P
     state = load_training_state(trained["checkpoint"])
     for key in ("bbox_mAP", "bbox_AR_100", "segm_mAP", "segm_mAP_50"):
         assert metrics[key] == pytest.approx(state["metrics"][f"val/{key}"], abs=1e-9)
+    # converted to safetensors, the weights keep the detector's settings, classes and category ids
+    weights = convert_to_safetensors(trained["checkpoint"], tmp_path / "det.safetensors")
+    again = tmp_path / "again.json"
+    assert main(["evaluate", "--config", str(trained["config"]), "--checkpoint", str(weights), "--data",
+                 str(trained["coco"]), "--results", str(again), "--json"]) == 0
+    converted = json.loads(capsys.readouterr().out)
+    same = [k for k in metrics if k not in ("eval_seconds", "results_file")]
+    assert [converted[k] for k in same] == [metrics[k] for k in same]
+    assert json.loads(again.read_text()) == records
 
 
 def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@ record (name, settings, example size), as evaluate and predict do."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,56 @@ def test_recorded_model():
     assert recorded_model(ours, "crossformer_small") == ("crossformer_small", {})  # settings of another model
     assert recorded_model({"model": {}}, "crossformer_small") == ("crossformer_small", {})
     assert recorded_model({"model": {}}) == (None, {})
+
+
+def test_safetensors_carry_the_checkpoints_description(tmp_path, capsys, trained):
+    """A weights file records what the checkpoint said about its model (not the training
+    progress, nor the training config with its local paths); read back, it reads as the checkpoint."""
+    from safetensors import safe_open
+
+    from crossformer.classification.model import load_classifier
+    from crossformer.models import DESCRIPTION_KEY, convert_to_safetensors, read_checkpoint
+
+    path, model = trained
+    out = convert_to_safetensors(path, tmp_path / "w.safetensors")
+    with safe_open(str(out), "pt") as f:
+        recorded = json.loads(f.metadata()[DESCRIPTION_KEY])
+    assert recorded == {"model_name": "crossformer_tiny", "model_kwargs": TINY_MODEL,
+                        "class_names": ["cat", "dog", "eel"], "img_size": 32}  # no "epoch"
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.keys() == {"model", *recorded} and checkpoint["model"].keys() == model.state_dict().keys()
+    loaded = load_classifier(out)  # no model name: the file names it
+    assert loaded.class_names == ["cat", "dog", "eel"] and loaded.img_size == 32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+
+    # export from the options: the model as built is what the file names
+    fresh = tmp_path / "fresh.safetensors"
+    assert main(["export", "--model", "crossformer_tiny", "--format", "safetensors", "--num-classes", "5",
+                 "--model-arg", "embed_dim=16", "--model-arg", "depths=[1,1,1,1]", "-o", str(fresh)]) == 0
+    assert recorded_model(read_checkpoint(fresh)) == ("crossformer_tiny", {"embed_dim": 16, "depths": [1, 1, 1, 1]})
+    assert load_classifier(fresh).num_classes == 5
+    # a new head: the checkpoint's three class names no longer fit it, and are left out
+    resized = tmp_path / "resized.safetensors"
+    assert main(["export", "--checkpoint", str(path), "--format", "safetensors", "--num-classes", "4", "-o", str(resized)]) == 0
+    again = read_checkpoint(resized)
+    assert "class_names" not in again and again["img_size"] == 32 and again["model"]["head.weight"].shape[0] == 4
+
+
+def test_a_damaged_description_is_one_line(tmp_path, capsys, trained):
+    from safetensors.torch import save_file
+
+    from crossformer.models import DESCRIPTION_KEY
+
+    path, model = trained
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bad), metadata={DESCRIPTION_KEY: "{cut"})
+    line = one_error_line(capsys, ["export", "--checkpoint", str(bad), "--format", "torchscript", "-o", str(tmp_path / "x.pt")])
+    assert f"{bad} is a damaged or truncated safetensors file (its 'crossformer' metadata is not a JSON object)" in line
+    # other tools' metadata, and none at all: the tensors alone, as before
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(plain), metadata={"format": "pt"})
+    from crossformer.models import read_checkpoint
+
+    assert read_checkpoint(plain).keys() == model.state_dict().keys()

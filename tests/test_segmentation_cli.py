@@ -55,6 +55,32 @@ def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys)
         assert other["images"] == 2 and 0 <= other["mIoU"] <= 1 and other["mIoU"] != result["mIoU"]
 
 
+def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """Converted, the file keeps the segmentor's settings and classes; bare weights (no
+    description, a config without num_classes) take their class count from the decode head."""
+    from safetensors.torch import save_file
+
+    from crossformer.models import convert_to_safetensors
+
+    state = load_training_state(run["checkpoint"])
+    converted = convert_to_safetensors(run["checkpoint"], tmp_path / "seg.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(bare))
+    capsys.readouterr()
+    for path in (converted, bare):
+        assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(path), "--data", str(run["data"]),
+                     "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12), path
+    # the converted file names its classes; the bare one does not
+    named = {"sky", "grass", "wall", "water", "building", "person", "car"}
+    for path, names in ((converted, named), (bare, {f"class {i}" for i in range(7)})):
+        assert main(["predict", str(run["data"] / "ADEChallengeData2016" / "images" / "validation"), "--config",
+                     str(run["config"]), "--checkpoint", str(path), "--output", str(tmp_path / "pred"), "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(lines) == 2 and all(line["classes"] and set(line["classes"]) <= names for line in lines), lines
+
+
 def test_predict_writes_an_overlay_and_a_label_map(run: dict[str, Path], capsys) -> None:
     images = run["data"] / "ADEChallengeData2016" / "images" / "validation"
     output = run["root"] / "pred"

@@ -14,7 +14,8 @@ ONNX metadata (``crossformer.height_range``, ``crossformer.width_range``).
 
 TorchScript (:func:`export_torchscript`) is ``torch.jit.trace`` at one fixed size (any
 batch); a wrapper refuses other sizes with an error. safetensors
-(:func:`export_safetensors`) writes the weights only.
+(:func:`export_safetensors`) writes the weights, with the model's name, settings and
+classes as JSON in the file's metadata.
 
 Every file is written atomically (:func:`crossformer.atomic.write_atomic`): a failed
 export leaves the previous file as it was and no temporary file behind.
@@ -372,11 +373,15 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: Sequence[in
         model.train(was_training)
 
 
-def export_safetensors(source: nn.Module | str | Path, path: str | Path) -> Path:
-    """Write weights only: a checkpoint file's (via :func:`crossformer.convert_to_safetensors`)
-    or a model's state dict. Read them back with :func:`crossformer.load_checkpoint`."""
+def export_safetensors(
+    source: nn.Module | str | Path, path: str | Path, description: dict[str, Any] | None = None
+) -> Path:
+    """Write the weights of a checkpoint file (via :func:`crossformer.convert_to_safetensors`,
+    which keeps what the checkpoint says about its model) or of a model's state dict, with
+    ``description`` (e.g. ``{"model_name": ..., "model_kwargs": ...}``) in the file's metadata.
+    Read them back with :func:`crossformer.load_checkpoint`."""
     from .models.weights import convert_to_safetensors, save_safetensors
 
     if not isinstance(source, nn.Module):
         return convert_to_safetensors(source, path)
-    return save_safetensors(source.state_dict(), path)
+    return save_safetensors(source.state_dict(), path, description)

@@ -77,6 +77,18 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None) -> tuple[
     return name, settings, num_classes
 
 
+def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool) -> dict:
+    """What the safetensors file records about its model: the checkpoint's description, with
+    the model as built (name, settings), and class names only where they still fit the head."""
+    from crossformer.models import checkpoint_description
+
+    description = {**checkpoint_description(checkpoint or {}), "model_name": name, "model_kwargs": settings}
+    names = description.get("class_names")
+    if features or (isinstance(names, list) and len(names) != num_classes):
+        description.pop("class_names", None)
+    return description
+
+
 def run(args: argparse.Namespace) -> int:
     import warnings
 
@@ -118,12 +130,14 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
 
     if args.format == "safetensors":
+        description = _description(checkpoint, name, settings, num_classes, args.features)
         if checkpoint is not None and not args.features and args.num_classes is None:
             # An unchanged checkpoint is converted as it is; otherwise the model as built.
-            path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema), output)
+            path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema), output, description)
         else:
-            path = exporting.export_safetensors(model, output)
-        print(f"wrote {path} (weights only; load with crossformer.load_checkpoint)")
+            path = exporting.export_safetensors(model, output, description)
+        print(f"wrote {path} (weights, with the model's name and settings; load with crossformer.load_checkpoint, "
+              "or give it to predict / evaluate as --checkpoint)")
         return 0
     if args.format == "torchscript":
         path = exporting.export_torchscript(model, output, (height, width))

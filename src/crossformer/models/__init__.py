@@ -5,7 +5,9 @@ from .flops import analytic_macs, count_params, dense_backbone_macs, traced_macs
 from .grouping import GroupLayout, group_layout
 from .variants import VARIANTS, Variant, create_crossformer
 from .weights import (
+    DESCRIPTION_KEY,
     CheckpointError,
+    checkpoint_description,
     convert_to_safetensors,
     extract_state_dict,
     load_checkpoint,
@@ -30,6 +32,8 @@ __all__ = [
     "extract_state_dict",
     "convert_to_safetensors",
     "save_safetensors",
+    "checkpoint_description",
+    "DESCRIPTION_KEY",
     "recorded_model",
     "count_params",
     "analytic_macs",

@@ -32,6 +32,8 @@ __all__ = [
     "load_checkpoint",
     "convert_to_safetensors",
     "save_safetensors",
+    "checkpoint_description",
+    "DESCRIPTION_KEY",
     "recorded_model",
     "unwrap_model",
 ]
@@ -92,6 +94,20 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
 _SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit
 _SNIFF_BYTES = 4096
+
+# The ``__metadata__`` entry of our safetensors files that holds, as JSON, what the checkpoint
+# recorded besides its weights (:func:`checkpoint_description`), so that a weights file names
+# its model, settings, classes and input size as the checkpoint did.
+DESCRIPTION_KEY = "crossformer"
+# Checkpoint entries that are weights or training progress, not a description of the model.
+# "config" is left out too: a training config names local data paths.
+_NOT_DESCRIPTION = frozenset({
+    "model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scheduler", "lr_scheduler",
+    "scaler", "rank_state", "epoch", "batches_done", "global_step", "world_size", "best_metric",
+    "primary_metric", "max_accuracy", "amp", "config", "format",
+})
+# mmdet / mmseg ``meta`` also carries the whole config text and the training machine's set-up.
+_META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label")
 
 
 def _safetensors_header(head: bytes) -> int | None:
@@ -181,11 +197,23 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     if needed > size:
         raise _damaged(path, "a safetensors file", f"the file ends early: {size} of {needed} bytes")
     try:
-        return dict(load_file(str(path), device="cpu"))
+        tensors = dict(load_file(str(path), device="cpu"))
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - SafetensorError and friends: the file is bad
         raise _damaged(path, "a safetensors file", err) from None
+    metadata = entries.get("__metadata__")
+    text = metadata.get(DESCRIPTION_KEY) if isinstance(metadata, dict) else None
+    if text is None:  # weights only, as other tools write them
+        return tensors
+    try:
+        description = json.loads(text)
+    except (TypeError, ValueError):
+        description = None
+    if not isinstance(description, dict):
+        raise _damaged(path, "a safetensors file", f"its {DESCRIPTION_KEY!r} metadata is not a JSON object")
+    # Laid out as a training checkpoint: the weights under "model", the description beside them.
+    return {**description, "model": tensors}
 
 
 def _read_torch(path: Path, kind: str, description: str) -> Any:
@@ -421,22 +449,55 @@ def load_state(
     return model
 
 
-def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write tensors as a ``.safetensors`` file, atomically (:func:`crossformer.atomic.write_atomic`)."""
+def checkpoint_description(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its model besides the weights: every plain (JSON)
+    entry that is not training progress, e.g. ours: ``task``, ``model_name``, ``model_kwargs``,
+    ``class_names``, ``img_size``, ``metrics``; mmdet / mmseg files: ``meta``'s classes and palette.
+    The training ``config`` is left out (it names local paths)."""
+    description: dict[str, Any] = {}
+    for key, value in checkpoint.items():
+        if key in _NOT_DESCRIPTION:
+            continue
+        if key == "meta" and isinstance(value, Mapping):
+            value = {k: value[k] for k in _META_DESCRIPTION if k in value}
+            if not value:
+                continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):  # tensors, objects: not a plain description
+            continue
+        description[key] = value
+    return description
+
+
+def save_safetensors(
+    state: Mapping[str, torch.Tensor], path: str | Path, description: Mapping[str, Any] | None = None
+) -> Path:
+    """Write tensors as a ``.safetensors`` file, atomically (:func:`crossformer.atomic.write_atomic`).
+
+    ``description`` (plain values, e.g. :func:`checkpoint_description`) is stored as JSON in
+    the file's metadata under :data:`DESCRIPTION_KEY`; :func:`read_checkpoint` then returns
+    ``{"model": tensors, **description}``, as it would the checkpoint. Other readers
+    (``safetensors.torch.load_file``, timm) see the tensors alone.
+    """
     from safetensors.torch import save
 
     from ..atomic import write_atomic
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    return write_atomic(path, lambda file: file.write(save(tensors)))
+    metadata = {DESCRIPTION_KEY: json.dumps(dict(description), allow_nan=False)} if description else None
+    return write_atomic(path, lambda file: file.write(save(tensors, metadata=metadata)))
 
 
 def convert_to_safetensors(src: str | Path, dst: str | Path, use_ema: bool = False) -> Path:
-    """Write the model weights of any readable checkpoint as a ``.safetensors`` file."""
+    """Write the model weights of any readable checkpoint as a ``.safetensors`` file, with
+    what the checkpoint records about its model (:func:`checkpoint_description`) in its metadata."""
     from ..atomic import check_output_path
 
     check_output_path(dst)
-    return save_safetensors(extract_state_dict(read_checkpoint(src), use_ema=use_ema), dst)
+    checkpoint = read_checkpoint(src)
+    weights = extract_state_dict(checkpoint, use_ema=use_ema)
+    return save_safetensors(weights, dst, checkpoint_description(checkpoint))
 
 
 def recorded_model(checkpoint: Mapping[str, Any], model_name: str | None = None) -> tuple[str | None, dict[str, Any]]:

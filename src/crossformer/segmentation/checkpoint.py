@@ -27,7 +27,10 @@ from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys
 if TYPE_CHECKING:
     from .segmentor import Segmentor
 
-__all__ = ["MMSEG_KEY_MAP", "mmseg_to_ours", "load_segmentor_state", "read_segmentation_meta", "checkpoint_kind"]
+__all__ = [
+    "MMSEG_KEY_MAP", "mmseg_to_ours", "segmentor_weights", "load_segmentor_state", "read_segmentation_meta",
+    "checkpoint_kind",
+]
 
 MMSEG_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"^backbone\.", "backbone.model."),
@@ -46,7 +49,7 @@ def mmseg_to_ours(key: str) -> str:
     return key
 
 
-def _weights(checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> dict[str, torch.Tensor]:
+def segmentor_weights(checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, in our names (mmseg names mapped, DDP prefix removed)."""
     entries = ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict")
     state: Mapping[str, Any] | None = next(
@@ -83,7 +86,7 @@ def load_segmentor_state(
     naming what does not fit (another segmentor kind, class count, or the keys)."""
     from .segmentor import KIND_NAMES
 
-    state = _weights(checkpoint, source, use_ema)
+    state = segmentor_weights(checkpoint, source, use_ema)
     kind = checkpoint_kind(state)
     if kind is None:
         if any(key.startswith(("patch_embed.", "layers.", "backbone.model.")) for key in state):

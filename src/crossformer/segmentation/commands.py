@@ -68,6 +68,7 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
     contents. A checkpoint of another segmentor is a one-line error naming the file."""
     from ..models.weights import CheckpointError, load_state, read_checkpoint
+    from .checkpoint import segmentor_weights
     from .task import SEGMENTOR_KEYS, build_model, segmentor_settings
 
     checkpoint = read_checkpoint(path)
@@ -82,8 +83,8 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
                 f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
                 "pass the config it was trained with"
             )
-    if num_classes is None:  # an mmseg file and a config without a class count: the file's
-        weight = checkpoint.get("state_dict", {}).get("decode_head.conv_seg.weight")
+    if num_classes is None:  # an mmseg file or bare weights, and a config without a class count: the file's
+        weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
         if weight is None:
             raise UserInputError(f"{path} holds no decode_head.conv_seg weights: not a segmentation checkpoint")
         num_classes = int(weight.shape[0])
