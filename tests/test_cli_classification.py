@@ -127,6 +127,9 @@ def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys)
     assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
                  "--no-memory", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"]["crossformer_tiny"]["params"] == configured
+    assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
+                 "--no-memory"]) == 0  # the summary says which model it timed
+    assert "settings    crossformer_tiny: embed_dim=32, depths=[1, 1, 2, 1]," in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:
@@ -146,20 +149,17 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
 
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import crossformer.data.digits
     from crossformer.classification import demo
-    from crossformer.classification import task as trainer
 
     # the built-in data set's writer is tested in test_data.py; here a tiny folder stands in for it
-    monkeypatch.setattr(trainer, "prepare_digits", lambda: data)
+    monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)
     monkeypatch.setattr(demo, "prepare_digits", lambda: data)
     assert main(["train", "--output", str(tmp_path / "t"), "--epochs", "1", "--batch-size", "4"]) == 0
     state = load_training_state(tmp_path / "t" / "last.pth")
     assert state["config"]["model"]["kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
     capsys.readouterr()
     # evaluate: --config digits names the built-in set, as in training; no config and no --data is an error
-    import crossformer.data.digits
-
-    monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)
     assert main(["evaluate", "--config", "digits", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == len(list((data / "val").rglob("*.png")))
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "t" / "last.pth")], "or --config digits")
@@ -240,3 +240,13 @@ def test_settings_and_images_may_follow_a_list_of_numbers() -> None:
     assert args.inputs == ["a.jpg", "b.jpg", "c.jpg"]  # in the order given
     assert getattr(args, "config:data.img_size") == [32, 48]  # the last one wins, as in argparse
     assert args.topk == 3
+
+
+def test_a_shortened_flag_names_the_whole_one(capsys) -> None:
+    """argparse would take ``--img 64`` for ``--img-size 64``; the commands look for whole
+    flags (``--img-size`` given beside ``--config``), so a shortened one is refused by name."""
+    _one_line_error(capsys, ["flops", "--config", "digits", "--img", "64"], "--img: give the whole flag (--img-size)")
+    _one_line_error(capsys, ["benchmark", "--model", "crossformer_tiny", "--no"], "--no: give the whole flag (--no-memory)")
+    _one_line_error(capsys, ["evaluate", "--check=c.pth"], "--check: give the whole flag (--checkpoint)")
+    assert main(["flops", "--config", "digits", "--img-size=48", "--json"]) == 0  # whole flags, with "=" too
+    assert json.loads(capsys.readouterr().out)["img_size"] == [48, 48]

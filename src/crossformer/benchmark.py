@@ -329,6 +329,9 @@ def format_summary(summary: dict) -> str:
         f"input       {cfg['img_size'][0]}x{cfg['img_size'][1]}, {', '.join(extras)}, "
         f"{cfg['rounds']} rounds x {cfg['steps']} step(s), {cfg['warmup']} warm-up",
     ]
+    for name, kwargs in cfg.get("model_kwargs", {}).items():  # a config's model, not the registered variant
+        if kwargs:
+            lines.append(f"settings    {name}: {', '.join(f'{k}={v}' for k, v in kwargs.items())}")
     for name, entry in summary["models"].items():
         for mode in cfg["modes"]:
             m = entry[mode]

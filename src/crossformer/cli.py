@@ -49,7 +49,10 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
     commands: dict[str, argparse.ArgumentParser] = {}
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"crossformer.commands.{name.replace('-', '_')}")
-        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        # No abbreviated flags: the command line is read for whole flags before parsing (--config,
+        # --img-size), so "--img 256" would be taken as a size yet not seen as one given.
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
+                                 allow_abbrev=False)
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task)
         else:
@@ -108,6 +111,21 @@ def _number_lists_last(command: argparse.ArgumentParser, args: list[str]) -> lis
     return kept + moved
 
 
+def _refuse_abbreviations(command: argparse.ArgumentParser, args: list[str]) -> None:
+    """Raise :class:`~crossformer.errors.UserInputError` naming the whole flag for a shortened
+    one (``--img`` for ``--img-size``), which argparse would only call unrecognised."""
+    options = [option for action in command._actions for option in action.option_strings if option.startswith("--")]
+    for token in args:
+        if token == "--":
+            return
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag in options:
+            continue
+        matches = [option for option in options if option.startswith(flag)]
+        if matches:
+            raise UserInputError(f"{flag}: give the whole flag ({' or '.join(matches)})")
+
+
 def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     """``argv`` parsed; a command's positional arguments (``KEY=VALUE`` settings, images) may stand
     anywhere among its flags, right after ``--img-size H W`` included: argparse on its own takes
@@ -120,6 +138,7 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     if not argv or argv[0] not in commands:  # --help, --version, a missing or unknown command: argparse says so
         return parser.parse_args(argv)
     command = commands[argv[0]]
+    _refuse_abbreviations(command, argv[1:])
     args = command.parse_intermixed_args(_number_lists_last(command, argv[1:]))
     args.command = argv[0]
     return args

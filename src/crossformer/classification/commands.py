@@ -39,16 +39,11 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
     from ..errors import UserInputError
     from .evaluate import evaluate
 
-    root = config.data.root
-    if root is None:
-        if "data.root" not in given:
-            raise UserInputError("no data given: pass --data PATH (a folder with val/<class>/*), "
-                                 "or --config digits for the built-in digits set")
-        from ..data.digits import prepare_digits
-
-        root = prepare_digits()  # a config whose data.root is null names the built-in digits, as in training
+    if config.data.root is None and "data.root" not in given:
+        raise UserInputError("no data given: pass --data PATH (a folder with val/<class>/*), "
+                             "or --config digits for the built-in digits set")
     metrics = evaluate(
-        args.checkpoint, root, model=given.get("model.name"), split=args.split,
+        args.checkpoint, config.data.folder(), model=given.get("model.name"), split=args.split,
         img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
         batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers"), use_ema=args.ema,
         amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,

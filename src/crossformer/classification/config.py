@@ -44,6 +44,15 @@ class DataConfig:
         size = self.img_size
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
+    def folder(self) -> Path:
+        """``root``, or with none the built-in digits (written on first use, safely by any
+        number of processes at once)."""
+        if self.root is not None:
+            return Path(self.root)
+        from ..data.digits import prepare_digits
+
+        return prepare_digits()
+
     def validate(self) -> None:
         from ..models.crossformer import MIN_INPUT_SIZE
 

@@ -3,7 +3,6 @@ Mixup/CutMix, top-1/top-5 accuracy (registry entry ``classification``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,7 +17,6 @@ from ..data import (
     build_loader,
     build_train_transform,
     find_unreadable,
-    prepare_digits,
     raise_or_count_unreadable,
 )
 from ..engine import DistContext, Task, move_to_device, resolve_precision
@@ -63,13 +61,11 @@ class ClassificationTask(Task):
 
     def _build_data(self) -> None:
         c, ctx = self.config, self.ctx
-        if c.data.root is None:
+        if c.data.root is None:  # the built-in digits: written once, while the other ranks wait
             if ctx.is_main:
-                prepare_digits()
-            ctx.barrier()  # the others wait for rank 0 to write the folder once
-            root = prepare_digits()
-        else:
-            root = Path(c.data.root)
+                c.data.folder()
+            ctx.barrier()
+        root = c.data.folder()
         a, size = c.augment, c.data.img_size
         train_tf = build_train_transform(
             size, a.auto_augment, a.color_jitter, a.re_prob, a.re_mode, a.re_count, tuple(a.scale), a.hflip,
