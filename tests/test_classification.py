@@ -89,6 +89,36 @@ def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> No
         predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
 
 
+def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:
+    """The authors' releases record no class names; their 1000 outputs are ImageNet-1k's."""
+    from crossformer.classification.predict import imagenet_class_names
+    from crossformer.models import CrossFormer
+
+    names = imagenet_class_names()
+    assert len(set(names)) == 998 and names[:3] == ["tench", "goldfish", "great white shark"]  # "crane" and "maillot" twice
+    assert names[281] == "tabby" and names[999] == "toilet tissue"
+    image = data / "val" / "cat" / "0.png"
+    notes: list[str] = []
+    for classes in (1000, 7):
+        model = CrossFormer(**TINY_MODEL, num_classes=classes)
+        torch.save({"model": model.state_dict()}, tmp_path / f"bare{classes}.pth")
+        [result] = predict([image], tmp_path / f"bare{classes}.pth", model="crossformer_tiny", model_kwargs=TINY_MODEL,
+                           img_size=32, topk=3, device="cpu", on_note=notes.append)
+        model.eval()
+        with torch.no_grad():
+            expected = model(_eval_batch(image, 32)).topk(3).indices[0].tolist()  # the file's own numbering
+        assert result.labels == ([names[i] for i in expected] if classes == 1000 else [str(i) for i in expected])
+    assert [n for n in notes if "records no class names" in n] == [
+        f"{tmp_path / 'bare1000.pth'} records no class names: labels are ImageNet-1k's (--class-names FILE gives others)"
+    ]
+
+
+def _eval_batch(path: Path, size: int) -> torch.Tensor:
+    from crossformer.data import build_eval_transform, open_image
+
+    return build_eval_transform(size, 0.875, "bicubic")(open_image(path)).unsqueeze(0)
+
+
 def test_unreadable_training_image_stops_or_is_skipped(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data")
     broken = data / "train" / "dog" / "9.png"

@@ -13,7 +13,18 @@ from ..data.folder import is_image_file
 from ..engine import resolve_device
 from .model import load_classifier
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["Prediction", "predict", "imagenet_class_names"]
+
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's class names in index order: the first of each class's synonyms in timm's
+    table ("tench", "goldfish", ...), as the authors' released classifiers number them."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(IMAGENET_CLASSES)]
 
 
 @dataclass
@@ -38,8 +49,10 @@ def predict(
     skip_corrupt: bool = False,
     on_note: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
-    """Classify images with a checkpoint; labels are its class names (or ``class_names``,
-    or the class index as text for files that record none).
+    """Classify images with a checkpoint; labels are its class names (or ``class_names``).
+    A file that records none is taken, with 1000 classes, for an ImageNet-1k classifier (the
+    authors' releases: :func:`imagenet_class_names`, and ``on_note`` says so); otherwise the
+    class index is the label.
 
     An unreadable file is an error naming it; with ``skip_corrupt`` it is left out of the
     results and ``on_note`` names it. ``on_note`` also hears of images smaller than the
@@ -49,13 +62,16 @@ def predict(
     names = list(class_names) if class_names is not None else loaded.class_names
     if names is not None and len(names) != loaded.num_classes:
         raise DataError(f"{len(names)} class names given for a model with {loaded.num_classes} classes")
+    note = on_note or (lambda message: None)
+    if names is None and loaded.num_classes == IMAGENET_CLASSES:
+        names = imagenet_class_names()
+        note(f"{checkpoint} records no class names: labels are ImageNet-1k's (--class-names FILE gives others)")
     names = names or [str(i) for i in range(loaded.num_classes)]
     transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     files = expand_image_paths(paths)
     device_ = next(loaded.model.parameters()).device
     k = max(1, min(topk, loaded.num_classes))
     height, width = (loaded.img_size, loaded.img_size) if isinstance(loaded.img_size, int) else loaded.img_size
-    note = on_note or (lambda message: None)
     results: list[Prediction] = []
     skipped = 0
     for start in range(0, len(files), batch_size):
