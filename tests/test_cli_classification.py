@@ -150,11 +150,9 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import crossformer.data.digits
-    from crossformer.classification import demo
 
     # the built-in data set's writer is tested in test_data.py; here a tiny folder stands in for it
     monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)
-    monkeypatch.setattr(demo, "prepare_digits", lambda: data)
     assert main(["train", "--output", str(tmp_path / "t"), "--epochs", "1", "--batch-size", "4"]) == 0
     state = load_training_state(tmp_path / "t" / "last.pth")
     assert state["config"]["model"]["kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32

@@ -87,6 +87,13 @@ def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: P
     same = [k for k in metrics if k not in ("eval_seconds", "results_file")]
     assert [converted[k] for k in same] == [metrics[k] for k in same]
     assert json.loads(again.read_text()) == records
+    # without --config, our checkpoint's own training config applies (a converted file keeps none)
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), "--results", str(again), "--json"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert [recorded[k] for k in same] == [metrics[k] for k in same]
+    assert main(["evaluate", "--checkpoint", str(weights)]) == 2
+    assert f"{weights} holds a detection model but not the config it was trained with: pass that config with " \
+           "--config NAME_OR_FILE" in _error(capsys)
 
 
 def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, capsys) -> None:
@@ -104,6 +111,15 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     records = json.loads((out / "detections.json").read_text())
     assert {r["file_name"] for r in records} <= {str(p) for p in [*val.glob("*.jpg"), photo]}
     assert all(len(r["bbox"]) == 4 and "segmentation" in r for r in records)
+    # without --config: the config the checkpoint was trained with, settings still on top
+    again = tmp_path / "again"
+    assert main(["predict", str(photo), "--checkpoint", str(trained["checkpoint"]), "test.score_threshold=0",
+                 "--output", str(again)]) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    def without_id(rows: list[dict]) -> list[dict]:  # image ids number the images of one run
+        return [{k: v for k, v in r.items() if k != "image_id"} for r in rows if r["file_name"] == str(photo)]
+
+    assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
 
 
 @pytest.mark.slow

@@ -408,11 +408,9 @@ def test_smaller_items(data: Path, trained: Path, tmp_path: Path, capsys, monkey
 
 
 def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    from crossformer.classification import demo
-    from crossformer.classification import task
+    import crossformer.data.digits
 
-    monkeypatch.setattr(task, "prepare_digits", lambda: data)
-    monkeypatch.setattr(demo, "prepare_digits", lambda: data)
+    monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)  # as the demo's data
     output = tmp_path / "demo"
     argv = ["demo", "--output", str(output), "epochs=1", "batch_size=8", "num_workers=0", "tensorboard=false",
             "model.kwargs.embed_dim=16"]

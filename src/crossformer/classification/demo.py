@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data import ImageFolderDataset, prepare_digits
+from ..data import ImageFolderDataset
 from ..engine import LAST, RUN_FILES
 from .config import resolve_config
 from .evaluate import evaluate
@@ -28,9 +28,9 @@ def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | Non
     start = time.perf_counter()
     output = Path(output)
     earlier_run = output.is_dir() and any((output / name).exists() for name in RUN_FILES)
-    root = prepare_digits()
-    print(f"data: scikit-learn digits as 32x32 images in {root}")
     config = resolve_config("digits", overrides={"output": str(output), "overwrite": earlier_run, **(overrides or {})})
+    root = config.data.folder()
+    print(f"data: scikit-learn digits as 32x32 images in {root}")
     train(config)
     # The final weights, not best.pth: choosing the best epoch on the held-out split would flatter it.
     final = output / LAST

@@ -171,19 +171,33 @@ def command_line_settings(args: argparse.Namespace, overrides: list[str]) -> dic
     return {**parse_overrides(overrides), **config_values(args)}
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``argv``."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def config_task(argv: list[str]) -> str:
     """The task of the ``--config`` named in ``argv`` (read before the full parser exists,
-    since the flags depend on the task); the default task without one."""
+    since the flags depend on the task), else the task our ``--checkpoint`` records, else
+    the default task."""
     from ..engine.config import load_yaml
     from ..engine.registry import DEFAULT_TASK, TASKS, find_config
 
-    name = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
+    name = _flag_value(argv, "--config")
     if name is None:
+        checkpoint = _flag_value(argv, "--checkpoint")
+        if checkpoint is not None:
+            from ..models import peek_checkpoint
+
+            task = peek_checkpoint(checkpoint).get("task")
+            if task in TASKS:
+                return task
         return DEFAULT_TASK
     path = find_config(name)
     task = load_yaml(path).get("task") or (path.parent.name if path.parent.name in TASKS else DEFAULT_TASK)
@@ -222,11 +236,32 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     add_config_arguments(parser, module.CONFIG, handler.config_keys)
 
 
+def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The configuration a detection or segmentation checkpoint of ours was trained with, and
+    how errors name it; ``(None, None)`` for other files (a classification checkpoint
+    describes its model itself; the authors' files need ``--config``)."""
+    from ..engine.registry import DEFAULT_TASK
+    from ..models import peek_checkpoint
+
+    entries = peek_checkpoint(checkpoint)
+    task = entries.get("task")
+    if task in (None, DEFAULT_TASK):
+        return None, None
+    recorded = entries.get("config")
+    if not isinstance(recorded, dict):  # e.g. converted to safetensors, which leaves the config out
+        raise UserInputError(f"{checkpoint} holds a {task} model but not the config it was trained with: "
+                             "pass that config with --config NAME_OR_FILE")
+    return recorded, f"{checkpoint} (the config it was trained with)"
+
+
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine.registry import resolve_config, task_commands
 
-    resolved = resolve_config(args.config, command_line_settings(args, overrides), use_default=False)
+    config, source = args.config, None
+    if config is None and getattr(args, "checkpoint", None):
+        config, source = recorded_config(args.checkpoint)
+    resolved = resolve_config(config, command_line_settings(args, overrides), use_default=False, source=source)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")

@@ -148,10 +148,11 @@ def _flatten(config_cls: type, values: Mapping[str, Any], source: str) -> dict[s
 
 
 def resolve_config(
-    config: str | None = None, overrides: Mapping[str, Any] | None = None, task: str | None = None,
-    use_default: bool = True,
+    config: str | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
+    task: str | None = None, use_default: bool = True, source: str | None = None,
 ) -> ResolvedConfig:
-    """Defaults, then a YAML file (a path or a bundled name), then ``overrides``; validated.
+    """Defaults, then a YAML file (a path or a bundled name) or the settings a checkpoint
+    recorded (a mapping, named ``source`` in errors), then ``overrides``; validated.
 
     The task is the file's ``task:`` (or its bundled folder's name), else ``task``, else
     :data:`DEFAULT_TASK`. With no file named, the task's ``default_config(overrides)`` may
@@ -163,13 +164,17 @@ def resolve_config(
         config = module.default_config(_flatten(module.CONFIG, overrides, "overrides"))
     path, values = None, {}
     if config is not None:
-        path = find_config(config)
-        values = load_yaml(path)
-        named = values.get("task") or (path.parent.name if path.parent.name in TASKS else None) or task or DEFAULT_TASK
+        if isinstance(config, Mapping):
+            values, origin, folder = dict(config), source or "recorded settings", None
+        else:
+            path = find_config(config)
+            values, origin, folder = load_yaml(path), str(path), path.parent.name
+        named = values.get("task") or (folder if folder in TASKS else None) or task or DEFAULT_TASK
         if task is not None and named != task:
-            raise UserInputError(f"{path} is a {named} config, not {task}")
+            raise UserInputError(f"{origin} is a {named} config, not {task}")
         module = task_module(named)
+        source = origin
     config_cls = module.CONFIG
-    given = {**_flatten(config_cls, values, str(path)), **_flatten(config_cls, overrides, "overrides")}
-    resolved = build_config(config_cls, (values, str(path)), (overrides, "overrides"))
+    given = {**_flatten(config_cls, values, str(source)), **_flatten(config_cls, overrides, "overrides")}
+    resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
     return ResolvedConfig(resolved, module, given, path)

@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_filter_fn",
     "read_checkpoint",
+    "peek_checkpoint",
     "load_state",
     "check_keys",
     "extract_state_dict",
@@ -263,6 +264,43 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights")
     return _plain(obj)
+
+
+def peek_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The plain entries of a checkpoint file (everything but its tensors), read without
+    loading the weights: a ``torch.save`` zip file's structure with its tensors memory-mapped,
+    or a safetensors file's description (:data:`DESCRIPTION_KEY`). ``{}`` for anything else
+    (older formats, the authors' files, unreadable files: :func:`read_checkpoint` says why)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return {}
+        kind, _ = _sniff(path)
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                text = (f.metadata() or {}).get(DESCRIPTION_KEY)
+            description = json.loads(text) if text else {}
+            return description if isinstance(description, dict) else {}
+        if kind != "zip":
+            return {}
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a file that cannot be peeked at is read (and reported) in full later
+        return {}
+    if not isinstance(checkpoint, Mapping):
+        return {}
+    return {key: value for key, value in checkpoint.items() if not _holds_tensors(value)}
+
+
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v) for v in value)
+    return False
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
