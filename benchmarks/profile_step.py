@@ -7,11 +7,19 @@ The step is the benchmark's own (``crossformer.benchmark.make_step``: random ima
 for training), warmed up, then recorded by ``torch.profiler`` over ``--steps`` steps. Prints
 the ``--top`` ops by self time on the device (CUDA kernels' time on a GPU, CPU time on the
 CPU) with their share, and the step's wall time; ``--json`` writes the rows too.
+
+``--callers copy_,sum`` also splits those ops' self time by the ops that called them (up to
+three levels), e.g. which grouping or padding a copy belongs to. Input shapes would say more,
+but recording them (``record_shapes``) made a CPU training step twice as slow here, its
+elementwise ops most of all (benchmarks/RESULTS.md, row 54), so they are left out.
+
+    python benchmarks/profile_step.py --model crossformer_pp_small --mode train --steps 2 --callers copy_
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 
@@ -33,6 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--callers", metavar="OPS", default="",
+                        help="comma-separated op names (e.g. copy_,sum): their time by calling ops")
     args = parser.parse_args()
 
     batch = args.batch_size or DEFAULT_BATCH[args.mode]
@@ -61,10 +71,31 @@ def main() -> None:
     print(f"{'self ' + where + ' ms/step':>18} {'share':>6} {'calls':>6}  op")
     for row in table:
         print(f"{row['ms_per_step']:18.2f} {100 * row['share']:5.1f}% {row['calls']:6d}  {row['op'][:100]}")
+    if args.callers:
+        print_callers(prof, set(args.callers.split(",")), args.steps, args.top)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, mode=args.mode, batch=batch, device=args.device, amp=args.amp,
                            step_ms=1e3 * wall, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), rows=table), f)
+
+
+def print_callers(prof: profile, names: set[str], steps: int, top: int) -> None:
+    """Self CPU time of the ops named (``copy_`` matches ``aten::copy_``) per step, split by
+    their three nearest calling ops, largest first."""
+    split: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.name.split("::")[-1] not in names:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < 3:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        entry = split[(event.name, " < ".join(chain))]
+        entry[0] += event.self_cpu_time_total / 1e3 / steps
+        entry[1] += 1
+    print(f"\n{'self CPU ms/step':>18} {'calls':>6}  op < callers")
+    for (name, chain), (ms, calls) in sorted(split.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"{ms:18.2f} {calls // steps:6d}  {name} < {chain}")
 
 
 if __name__ == "__main__":
