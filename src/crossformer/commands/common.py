@@ -206,10 +206,11 @@ def config_task(argv: list[str]) -> str:
     return task
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser, default_help: str = "") -> None:
     parser.add_argument(
         "--config", metavar="NAME_OR_FILE",
-        help="YAML settings (its task: classification, detection or segmentation), or a bundled config's name",
+        help="YAML settings (its task: classification, detection or segmentation), or a bundled config's name"
+        + default_help,
     )
 
 
@@ -228,7 +229,8 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     from ..engine.registry import task_commands, task_module
 
     module = task_module(task)
-    add_config_argument(parser)
+    add_config_argument(parser, " (default with our --checkpoint: the task, and for detection and segmentation "
+                                "the config, it was trained with)")
     handler = task_commands(module).get(verb)
     if handler is None:  # said when the command runs: building the parser must not fail for other verbs
         return
