@@ -15,6 +15,7 @@ from classification_fixtures import TINY_MODEL, make_image_folder, tiny_config
 from crossformer.classification import evaluate, load_classifier, predict, train
 from crossformer.classification import task as train_module
 from crossformer.data import DataError
+from crossformer.errors import UserInputError
 from crossformer.engine import NonFiniteLossError, load_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,18 @@ def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_
     assert [n for n in notes if "records no class names" in n] == [
         f"{tmp_path / 'bare1000.pth'} records no class names: labels are ImageNet-1k's (--class-names FILE gives others)"
     ]
+    # a registered variant's weights need no model name: the authors' files are used as they are
+    import timm
+
+    official = timm.create_model("crossformer_tiny").eval()
+    torch.save({"model": official.state_dict(), "epoch": 299, "max_accuracy": 81.5}, tmp_path / "crossformer-t.pth")
+    [result] = predict([image], tmp_path / "crossformer-t.pth", topk=2, device="cpu")
+    with torch.no_grad():
+        expected = official(_eval_batch(image, 224)).topk(2).indices[0].tolist()
+    assert result.labels == [names[i] for i in expected]
+    with pytest.raises(UserInputError, match="bare7.pth does not name its model and fits no registered variant: "
+                                             r"pass --model NAME \(and --model-arg"):
+        predict([image], tmp_path / "bare7.pth", device="cpu")  # a size of its own
 
 
 def _eval_batch(path: Path, size: int) -> torch.Tensor:

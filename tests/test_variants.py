@@ -118,3 +118,30 @@ def test_flops_command_other_size_and_bad_input(capsys) -> None:
 
 def test_package_exports() -> None:
     assert callable(crossformer.load_checkpoint) and crossformer.CrossFormer is not None
+
+
+def test_a_variant_is_identified_by_its_weights() -> None:
+    """Files that do not name their model (the authors' releases, bare state dicts) are
+    recognised by every weight name and shape but the classifier's."""
+    from crossformer.models import identify_variant, recorded_model
+
+    for name in VARIANTS:
+        with torch.device("meta"):
+            state = timm.create_model(name, num_classes=7).state_dict()
+        assert identify_variant(state) == name
+        assert recorded_model({"model": state}) == (name, {})
+        assert recorded_model({"model": state}, "crossformer_base") == ("crossformer_base", {})  # --model wins
+    with torch.device("meta"):
+        state = timm.create_model("crossformer_small").state_dict()
+        other = timm.create_model("crossformer_small", embed_dim=48, num_heads=(3, 6, 12, 24)).state_dict()
+    del state["layers.2.blocks.5.mlp.fc2.bias"]
+    assert identify_variant(state) is None  # a weight missing
+    assert identify_variant(other) is None  # not a registered size
+
+
+def test_the_official_reference_files_are_no_registered_variant(reference_dir) -> None:
+    """The spec's reference files are official-format test models of their own size."""
+    from crossformer.models import extract_state_dict, identify_variant, read_checkpoint
+
+    for name in ("v1_cls.pth", "pp_cls.pth"):
+        assert identify_variant(extract_state_dict(read_checkpoint(reference_dir / name))) is None

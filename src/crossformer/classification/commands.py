@@ -63,7 +63,7 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="ours (.pth/.safetensors: model, size and class names come with it) or the authors' "
-                             "release (with --model)")
+                             "release (its variant is recognised by its weights)")
     add_model_arg_argument(parser)
     parser.add_argument("--topk", type=int, default=5, metavar="K", help="labels shown per image, best first (default 5)")
     parser.add_argument("--class-names", metavar="FILE", help="one label per line (for files that record none)")

@@ -69,16 +69,18 @@ def load_classifier(
 ) -> LoadedClassifier:
     """Rebuild the model a checkpoint holds, in eval mode on ``device``.
 
-    Our training checkpoints name their model, settings and classes. Other files (the
-    authors' releases, bare state dicts, safetensors) need ``model_name``; the class count
-    is read off their head; ``model_kwargs`` give the settings of a non-standard size.
+    Our training checkpoints (and their safetensors conversions) name their model, settings
+    and classes. Other files (the authors' releases, bare state dicts) are taken for the
+    registered variant their weights fit, else need ``model_name``; the class count is read
+    off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
     from ..models.weights import extract_state_dict, load_state, read_checkpoint, recorded_model
 
     state = read_checkpoint(checkpoint)
     name, recorded = recorded_model(state, model_name)
     if not name:
-        raise UserInputError(f"{checkpoint} does not name its model: pass --model NAME (e.g. crossformer_small)")
+        raise UserInputError(f"{checkpoint} does not name its model and fits no registered variant: "
+                             "pass --model NAME (and --model-arg KEY=VALUE for a non-standard size)")
     try:
         weights = extract_state_dict(state, use_ema=use_ema)
     except CheckpointError as err:

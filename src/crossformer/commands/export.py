@@ -64,7 +64,8 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None) -> tuple[
 
     name, settings = recorded_model(checkpoint or {}, args.model)
     if not name:
-        source = f"{args.checkpoint} does not name its model" if checkpoint else "no --checkpoint to read it from"
+        source = (f"{args.checkpoint} does not name its model and fits no registered variant" if checkpoint
+                  else "no --checkpoint to read it from")
         raise UserInputError(f"--model is needed: {source} (e.g. --model crossformer_small)")
     require_model(name, variants_only=True)
     settings.update(model_args(args))

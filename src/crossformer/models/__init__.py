@@ -3,7 +3,7 @@
 from .crossformer import MIN_INPUT_SIZE, CrossFormer
 from .flops import analytic_macs, count_params, dense_backbone_macs, traced_macs
 from .grouping import GroupLayout, group_layout
-from .variants import VARIANTS, Variant, create_crossformer
+from .variants import VARIANTS, Variant, create_crossformer, identify_variant
 from .weights import (
     DESCRIPTION_KEY,
     CheckpointError,
@@ -24,6 +24,7 @@ __all__ = [
     "VARIANTS",
     "Variant",
     "create_crossformer",
+    "identify_variant",
     "GroupLayout",
     "group_layout",
     "CheckpointError",

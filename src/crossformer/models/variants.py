@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
@@ -22,7 +23,7 @@ from timm.models._pretrained import PretrainedCfg
 from .crossformer import CrossFormer
 from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
-__all__ = ["Variant", "VARIANTS", "create_crossformer"]
+__all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant"]
 
 _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval")
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
@@ -62,6 +63,26 @@ VARIANTS: dict[str, Variant] = {
                                             drop_path_rate=0.5, **_PP), 95_962_944, 21.586, 96.0, 21.8, 84.9),
     ]
 }
+
+
+def identify_variant(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered variant whose weights ``state`` holds (every name and shape but the
+    classifier's, which may have any class count), or None. Lets files that do not name
+    their model (the authors' releases, bare state dicts) be used without ``--model``."""
+    norm = state.get("patch_embed.norm.weight")
+    if norm is None:
+        return None
+    depths = tuple(len({key.split(".")[3] for key in state if key.startswith(f"layers.{i}.blocks.")}) for i in range(4))
+    activation_cooling = any(".ex_conv." in key for key in state)
+    for name, variant in VARIANTS.items():
+        arch = variant.arch
+        if (arch["embed_dim"], tuple(arch["depths"]), arch["use_acl"]) != (norm.shape[0], depths, activation_cooling):
+            continue
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = CrossFormer(**arch, num_classes=0).state_dict()
+        given = {key: tuple(value.shape) for key, value in state.items() if not key.startswith("head.")}
+        return name if given == {key: tuple(value.shape) for key, value in expected.items()} else None
+    return None
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -543,9 +543,17 @@ def recorded_model(checkpoint: Mapping[str, Any], model_name: str | None = None)
 
     Our training checkpoints store ``model_name`` and ``model_kwargs``. ``model_name``, when
     given, wins over the file's; the file's settings apply only to the model it names.
-    Other files (official releases, state dicts) give ``(model_name, {})``.
+    Other files (official releases, state dicts) give ``(model_name, {})``, or without one
+    the registered variant their weights fit (:func:`~crossformer.models.variants.identify_variant`).
     """
     recorded_name = checkpoint.get("model_name")
     name = model_name or recorded_name
+    if name is None:
+        from .variants import identify_variant
+
+        try:
+            return identify_variant(extract_state_dict(checkpoint)), {}
+        except CheckpointError:  # no tensors: said when the weights are loaded
+            return None, {}
     settings = checkpoint.get("model_kwargs") if name == recorded_name else None
     return name, dict(settings) if isinstance(settings, Mapping) else {}
