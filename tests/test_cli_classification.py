@@ -132,6 +132,19 @@ def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys)
     assert "settings    crossformer_tiny: embed_dim=32, depths=[1, 1, 2, 1]," in capsys.readouterr().out
 
 
+def test_export_builds_the_model_as_the_config_configures_it(tmp_path: Path, capsys) -> None:
+    from crossformer.models import peek_checkpoint
+
+    weights = tmp_path / "digits.safetensors"
+    assert main(["export", "--config", "digits", "--format", "safetensors", "-o", str(weights)]) == 0
+    recorded = peek_checkpoint(weights)
+    assert recorded["model_name"] == "crossformer_tiny" and recorded["model_kwargs"]["depths"] == [1, 1, 2, 1]
+    assert main(["export", "--config", "digits", "--format", "torchscript", "-o", str(tmp_path / "d.pt")]) == 0
+    assert "traced at 32x32" in capsys.readouterr().out  # the config's size
+    assert main(["export", "--config", "mask_rcnn_crossformer_small_1x", "--format", "onnx"]) == 2
+    assert "the detection task has no export command yet" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:
     out = ["--output", str(tmp_path / "x")]
     _one_line_error(capsys, ["train", "--data", str(tmp_path / "nowhere"), *out, *TINY_ARGS], "data folder not found")

@@ -83,10 +83,11 @@ class SizeRange:
 
 
 def _crossformer(model: nn.Module) -> CrossFormer:
-    """The CrossFormer inside a model (itself, or a timm ``features_only`` wrapper)."""
+    """The CrossFormer inside a model (itself, a timm ``features_only`` wrapper, or a
+    segmentor's backbone)."""
     inner = model
     while not isinstance(inner, CrossFormer):
-        inner = getattr(inner, "model", None)
+        inner = getattr(inner, "model", None) or getattr(inner, "backbone", None)
         if not isinstance(inner, nn.Module):
             raise UserInputError(f"{type(model).__name__} is not a CrossFormer model: only CrossFormer exports")
     return inner
@@ -231,17 +232,21 @@ def export_onnx(
     *,
     dynamic: bool = True,
     opset: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> SizeRange:
     """Write ``model`` as an ONNX file with symbolic batch, height and width.
 
     Args:
         model: A CrossFormer, or a timm ``features_only`` CrossFormer (its outputs are the
-            four NCHW stage maps ``features_0..3``; otherwise one output ``logits``).
+            four NCHW stage maps ``features_0..3``; otherwise one output ``logits``), or
+            another module with one output ``logits`` around a CrossFormer ``backbone``
+            (a segmentor: export it with ``dynamic=False``).
         path: The ``.onnx`` file to write (one file, weights included).
         img_size: ``(height, width)`` of the example input used for tracing.
         dynamic: Symbolic height and width. ``False`` fixes them to the example size
             (the batch stays symbolic either way).
         opset: ONNX opset (default 18).
+        metadata: More ``metadata_props`` entries (e.g. the class names).
 
     Returns:
         The input sizes the file is exact for. Outside them every output is NaN.
@@ -249,7 +254,7 @@ def export_onnx(
     _require_onnx()
     height, width = int(img_size[0]), int(img_size[-1])
     _check_size(model, height, width)
-    features = not isinstance(model, CrossFormer)
+    features = not isinstance(model, CrossFormer) and hasattr(model, "feature_info")
     valid = dynamic_size_range(model, height, width) if dynamic else SizeRange(height, height, width, width)
     import torch.fx.experimental._config as shape_config
     from torch.export import Dim
@@ -288,6 +293,7 @@ def export_onnx(
         "crossformer.long_distance": core.long_distance,
         "crossformer.outputs": ",".join(names),
         "crossformer.note": "outputs are NaN for input sizes outside the ranges",
+        **(metadata or {}),
     }
     for key, value in metadata.items():
         onnx_program.model.metadata_props[key] = value

@@ -118,7 +118,8 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_command(verb: str):
-    """Run ``crossformer <verb>`` on the config's model and input size (flags still win)."""
+    """Run ``crossformer <verb>`` (benchmark, flops, export) on the config's model and input
+    size (flags still win)."""
 
     def run(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
         import importlib
@@ -140,3 +141,4 @@ def _model_command(verb: str):
 
 COMMANDS["benchmark"] = VerbHandler(_no_arguments, _model_command("benchmark"), ())
 COMMANDS["flops"] = VerbHandler(_no_arguments, _model_command("flops"), ())
+COMMANDS["export"] = VerbHandler(_no_arguments, _model_command("export"), ())

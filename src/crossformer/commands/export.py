@@ -1,10 +1,19 @@
-"""``crossformer export``: a model (and its checkpoint) as ONNX, TorchScript or safetensors."""
+"""``crossformer export``: a classifier or backbone, or (with a segmentation config or
+checkpoint) a segmentor, as ONNX, TorchScript or safetensors."""
 
 from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arg_argument, add_model_argument, img_size, model_args, require_model
+from .common import (
+    add_model_arg_argument,
+    add_model_argument,
+    img_size,
+    model_args,
+    recorded_config,
+    require_model,
+    run_task_verb,
+)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_OPSET = 18
@@ -57,8 +66,9 @@ def _check_points(size_range, height: int, width: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(points))
 
 
-def _model_settings(args: argparse.Namespace, checkpoint: dict | None) -> tuple[str, dict, int]:
-    """Model name, constructor settings and classifier size: the options', else the checkpoint's."""
+def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_settings: dict) -> tuple[str, dict, int]:
+    """Model name, constructor settings and classifier size: the options', else the
+    checkpoint's, else (settings) the config's."""
     from crossformer.errors import UserInputError
     from crossformer.models import extract_state_dict, recorded_model
 
@@ -68,7 +78,7 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None) -> tuple[
                   else "no --checkpoint to read it from")
         raise UserInputError(f"--model is needed: {source} (e.g. --model crossformer_small)")
     require_model(name, variants_only=True)
-    settings.update(model_args(args))
+    settings = {**config_settings, **settings, **model_args(args)}
     num_classes = args.num_classes
     if num_classes is None and checkpoint is None:
         num_classes = 1000
@@ -90,7 +100,53 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     return description
 
 
-def run(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace) -> None:
+    """One-line errors for options no export can use; the ONNX packages when they are needed."""
+    from crossformer import export as exporting
+    from crossformer.errors import UserInputError
+
+    if args.num_classes is not None and args.num_classes < 0:
+        raise UserInputError(f"--num-classes must be 0 or more, got {args.num_classes}")
+    if args.format == "onnx":
+        if args.opset is not None and args.opset < MIN_OPSET:
+            raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")
+        exporting._require_onnx()
+
+
+def write_traced(args: argparse.Namespace, model, output, name: str, height: int, width: int,
+                 dynamic: bool, metadata: dict[str, str] | None = None) -> int:
+    """Write ``model`` (in eval mode) as TorchScript or ONNX (then checked against
+    onnxruntime unless ``--no-check``), saying what was written; the exit status."""
+    from crossformer import export as exporting
+    from crossformer.errors import UserInputError
+
+    if args.format == "torchscript":
+        path = exporting.export_torchscript(model, output, (height, width))
+        print(f"wrote {path} (traced at {height}x{width}; any batch size, that image size only)")
+        return 0
+    print(f"exporting {name} to ONNX from a {height}x{width} example (this takes a while) ...")
+    valid = exporting.export_onnx(model, output, (height, width), dynamic=dynamic, opset=args.opset, metadata=metadata)
+    print(f"wrote {output}")
+    print(f"valid input sizes: {valid} (outputs are NaN outside)")
+    if args.no_check:
+        return 0
+    try:
+        errors = exporting.compare_onnx(model, output, _check_points(valid, height, width))
+    except UserInputError as err:
+        print(f"not checked: {err}")
+        return 0
+    report = ", ".join(f"{err:.1e} at {h}x{w}" for (h, w), err in errors.items())
+    print(f"max |onnxruntime - pytorch|: {report}")
+    if not all(err <= 1e-4 for err in errors.values()):
+        print("error: onnxruntime and PyTorch disagree by more than 1e-4")
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
+    """Export a classifier or backbone; ``model_kwargs``: constructor settings of ``--model``
+    (a classification config's ``model.kwargs``). A detection or segmentation checkpoint
+    of ours goes to its task's ``export`` (as ``--config`` does)."""
     import warnings
 
     import timm
@@ -101,16 +157,12 @@ def run(args: argparse.Namespace) -> int:
     from crossformer.errors import UserInputError
     from crossformer.models import CheckpointError, extract_state_dict, load_state, read_checkpoint, save_safetensors
 
-    if args.num_classes is not None and args.num_classes < 0:
-        raise UserInputError(f"--num-classes must be 0 or more, got {args.num_classes}")
-    if args.format == "onnx":
-        if args.opset is not None and args.opset < MIN_OPSET:
-            raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")
-        exporting._require_onnx()
-
+    if model_kwargs is None and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
+        return run_task_verb(args, "export", args.overrides)
+    check_options(args)
     try:
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        name, settings, num_classes = _model_settings(args, checkpoint)
+        name, settings, num_classes = _model_settings(args, checkpoint, model_kwargs or {})
         height, width = img_size(args, default=(checkpoint or {}).get("img_size", 224))
         output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}")
         if checkpoint and checkpoint.get("model_kwargs") and name == checkpoint.get("model_name"):
@@ -140,25 +192,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path} (weights, with the model's name and settings; load with crossformer.load_checkpoint, "
               "or give it to predict / evaluate as --checkpoint)")
         return 0
-    if args.format == "torchscript":
-        path = exporting.export_torchscript(model, output, (height, width))
-        print(f"wrote {path} (traced at {height}x{width}; any batch size, that image size only)")
-        return 0
-
-    print(f"exporting {name} to ONNX from a {height}x{width} example (this takes a while) ...")
-    valid = exporting.export_onnx(model, output, (height, width), dynamic=not args.static, opset=args.opset)
-    print(f"wrote {output}")
-    print(f"valid input sizes: {valid} (outputs are NaN outside)")
-    if args.no_check:
-        return 0
-    try:
-        errors = exporting.compare_onnx(model, output, _check_points(valid, height, width))
-    except UserInputError as err:
-        print(f"not checked: {err}")
-        return 0
-    report = ", ".join(f"{err:.1e} at {h}x{w}" for (h, w), err in errors.items())
-    print(f"max |onnxruntime - pytorch|: {report}")
-    if not all(err <= 1e-4 for err in errors.values()):
-        print("error: onnxruntime and PyTorch disagree by more than 1e-4")
-        return 1
-    return 0
+    return write_traced(args, model, output, name, height, width, dynamic=not args.static)

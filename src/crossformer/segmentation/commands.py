@@ -308,9 +308,47 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
+    """The segmentor at one input size (the config's crop size unless ``--img-size``), as
+    ONNX or TorchScript from normalised images to full-size logits, or its weights."""
+    from ..atomic import check_output_path
+    from ..commands.common import img_size
+    from ..commands.export import FORMATS, check_options, write_traced
+    from ..models import checkpoint_description, save_safetensors
+    from .segmentor import FullSizeLogits
+
+    for flag, value in (("--features", args.features), ("--num-classes", args.num_classes is not None),
+                        ("--model", args.model), ("--model-arg", args.model_arg)):
+        if value:
+            raise UserInputError(f"{flag} is for classifiers and backbones; a segmentor's config describes it")
+    if not args.checkpoint:
+        raise UserInputError("--checkpoint is needed: the segmentor's weights (ours or the authors' mmseg file)")
+    check_options(args)
+    segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
+    segmentor.eval()
+    name = f"{config.model.kind}_{config.model.backbone}"
+    output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+    if args.format == "safetensors":
+        path = save_safetensors(segmentor.state_dict(), output, checkpoint_description(checkpoint))
+        print(f"wrote {path} (weights, with the classes; evaluate / predict read it with --config)")
+        return 0
+    height, width = img_size(args, default=tuple(config.pipeline.crop_size))
+    names, _, _ = _labels_of(checkpoint, segmentor.num_classes)
+    pipeline = config.pipeline
+    metadata = {"crossformer.classes": json.dumps(names), "crossformer.input":
+                f"RGB, (x - mean) / std on 0-255 values: mean {tuple(pipeline.mean)}, std {tuple(pipeline.std)}"}
+    # one size: UPerNet's pyramid pooling (adaptive average pooling) is traced for it
+    return write_traced(args, FullSizeLogits(segmentor).eval(), output, name, height, width, dynamic=False,
+                        metadata=metadata)
+
+
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _EVALUATE_KEYS),
     "predict": VerbHandler(_predict_arguments, _predict, _PREDICT_KEYS),
     "flops": VerbHandler(_no_arguments, _flops, ()),
     "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
+    "export": VerbHandler(_no_arguments, _export, ()),
 }

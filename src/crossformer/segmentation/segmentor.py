@@ -19,7 +19,7 @@ from ..models.dense import DenseBackbone, authors_dense_settings, build_dense_ba
 from ..models.weights import load_checkpoint
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
 
-__all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "build_segmentor"]
+__all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "FullSizeLogits", "build_segmentor"]
 
 SEGMENTOR_KINDS = ("fpn", "upernet")
 KIND_NAMES = {"fpn": "Semantic FPN", "upernet": "UPerNet"}
@@ -168,3 +168,17 @@ def build_segmentor(
     head = UPerHead(maps, channels or 512, num_classes)
     aux = FCNHead(maps[2], aux_channels or 256, num_classes)
     return Segmentor(kind, net, head, auxiliary_head=aux, aux_index=2, aux_weight=0.4)
+
+
+class FullSizeLogits(nn.Module):
+    """A segmentor whose logits come resized to its input: ``(B, 3, H, W)`` ->
+    ``(B, num_classes, H, W)``, as :meth:`Segmentor.predict_logits` gives them. What an
+    exported file computes: one graph from normalised images to per-pixel class scores."""
+
+    def __init__(self, model: Segmentor) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_logits(images, images.shape[2:])
+
