@@ -1,5 +1,7 @@
-"""``crossformer export``: a classifier or backbone, or (with a segmentation config or
-checkpoint) a segmentor, as ONNX, TorchScript or safetensors."""
+"""``crossformer export``: a classifier, backbone or segmentor as ONNX, TorchScript or safetensors.
+
+Classifiers and backbones export with symbolic sizes; a segmentor (a segmentation
+``--config``, or our segmentation checkpoint) at one size."""
 
 from __future__ import annotations
 
