@@ -110,14 +110,16 @@ def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_
             expected = model(_eval_batch(image, 32)).topk(3).indices[0].tolist()  # the file's own numbering
         assert result.labels == ([names[i] for i in expected] if classes == 1000 else [str(i) for i in expected])
     assert [n for n in notes if "records no class names" in n] == [
-        f"{tmp_path / 'bare1000.pth'} records no class names: labels are ImageNet-1k's (--class-names FILE gives others)"
+        f"{tmp_path / 'bare1000.pth'} (crossformer_tiny) records no class names: labels are ImageNet-1k's "
+        "(--class-names FILE gives others)"
     ]
     # a registered variant's weights need no model name: the authors' files are used as they are
     import timm
 
     official = timm.create_model("crossformer_tiny").eval()
     torch.save({"model": official.state_dict(), "epoch": 299, "max_accuracy": 81.5}, tmp_path / "crossformer-t.pth")
-    [result] = predict([image], tmp_path / "crossformer-t.pth", topk=2, device="cpu")
+    [result] = predict([image], tmp_path / "crossformer-t.pth", topk=2, device="cpu", on_note=notes.append)
+    assert any(n.startswith(f"{tmp_path / 'crossformer-t.pth'} (crossformer_tiny) records no class names") for n in notes)
     with torch.no_grad():
         expected = official(_eval_batch(image, 224)).topk(2).indices[0].tolist()
     assert result.labels == [names[i] for i in expected]

@@ -65,7 +65,8 @@ def predict(
     note = on_note or (lambda message: None)
     if names is None and loaded.num_classes == IMAGENET_CLASSES:
         names = imagenet_class_names()
-        note(f"{checkpoint} records no class names: labels are ImageNet-1k's (--class-names FILE gives others)")
+        note(f"{checkpoint} ({loaded.name}) records no class names: labels are ImageNet-1k's "
+             "(--class-names FILE gives others)")
     names = names or [str(i) for i in range(loaded.num_classes)]
     transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     files = expand_image_paths(paths)
