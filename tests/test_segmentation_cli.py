@@ -84,9 +84,9 @@ def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tm
         assert len(lines) == 2 and all(line["classes"] and set(line["classes"]) <= names for line in lines), lines
 
 
-def test_export_writes_the_segmentor_at_one_size(run: dict[str, Path], tmp_path: Path, capsys) -> None:
-    """ONNX and TorchScript from normalised images to full-size logits, checked against
-    PyTorch (onnxruntime); the config comes from the checkpoint when not given."""
+def test_export_writes_the_segmentor_for_many_sizes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """ONNX (symbolic sizes) and TorchScript (one size) from normalised images to full-size
+    logits, checked against PyTorch; the config comes from the checkpoint when not given."""
     import onnx
     import onnxruntime as ort
 
@@ -95,26 +95,32 @@ def test_export_writes_the_segmentor_at_one_size(run: dict[str, Path], tmp_path:
 
     onnx_file = tmp_path / "seg.onnx"
     assert main(["export", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--format", "onnx",
-                 "--img-size", "48", "64", "-o", str(onnx_file)]) == 0
+                 "--img-size", "64", "96", "-o", str(onnx_file)]) == 0
     out = capsys.readouterr().out
-    assert "valid input sizes: height 48..48, width 64..64" in out and "max |onnxruntime - pytorch|: " in out
+    assert "valid input sizes: height >= 64, width >= 64" in out and "max |onnxruntime - pytorch|: " in out
     meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     assert json.loads(meta["crossformer.classes"]) == ["sky", "grass", "wall", "water", "building", "person", "car"]
     segmentor, _ = load_segmentor(resolve_config(str(run["config"])).config, run["checkpoint"])
-    images = torch.randn(3, 3, 48, 64)
-    [logits] = ort.InferenceSession(str(onnx_file)).run(None, {"images": images.numpy()})
-    with torch.no_grad():
-        expected = segmentor.eval().predict_logits(images, (48, 64))
-    assert logits.shape == (3, 7, 48, 64) and np.abs(logits - expected.numpy()).max() < 1e-4
+    session = ort.InferenceSession(str(onnx_file))
+    for size in ((64, 96), (131, 70)):  # the example's size and another; UPerNet's pooling bins follow
+        images = torch.randn(3, 3, *size)
+        [logits] = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            expected = segmentor.eval().predict_logits(images, size)
+        assert logits.shape == (3, 7, *size) and np.abs(logits - expected.numpy()).max() < 1e-4
     # TorchScript, with the config the checkpoint records; a segmentor takes no classifier options
     script = tmp_path / "seg.pt"
     assert main(["export", "--checkpoint", str(run["checkpoint"]), "--format", "torchscript", "--img-size", "48", "64",
                  "-o", str(script)]) == 0
+    images = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
-        assert torch.allclose(torch.jit.load(str(script))(images), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.load(str(script))(images), segmentor(images).new_tensor(0) +
+                              segmentor.predict_logits(images, (48, 64)), atol=1e-5)
     _one_line_error(capsys, ["export", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "--format", "onnx", "--features"], "--features is for classifiers and backbones")
     _one_line_error(capsys, ["export", "--config", str(run["config"]), "--format", "onnx"], "--checkpoint is needed")
+    _one_line_error(capsys, ["export", "--checkpoint", str(run["checkpoint"]), "--format", "onnx", "--img-size", "48",
+                             "-o", str(onnx_file)], "a 48x48 example is too small for this model's export: use at least 64x64")
 
 
 def test_predict_writes_an_overlay_and_a_label_map(run: dict[str, Path], capsys) -> None:

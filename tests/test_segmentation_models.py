@@ -203,3 +203,15 @@ def test_bad_arguments() -> None:
         build_segmentor("pspnet")
     with pytest.raises(crossformer.errors.UserInputError, match="unknown backbone 'crossformer_tiiny'"):
         build_segmentor("fpn", "crossformer_tiiny")
+
+
+def test_the_exportable_pyramid_pooling_equals_adaptive_average_pooling() -> None:
+    """While exporting, UPerNet's pooling is running sums read at bin edges (symbolic sizes);
+    it must give what ``adaptive_avg_pool2d`` gives, bins larger than the map included."""
+    from crossformer.segmentation.heads import _bin_means
+
+    for height, width in ((1, 1), (2, 3), (7, 10), (13, 17), (16, 64)):
+        x = torch.randn(2, 4, height, width)
+        for bins in (1, 2, 3, 6):
+            pooled = _bin_means(_bin_means(x, bins, -2), bins, -1)
+            assert torch.allclose(pooled, torch.nn.functional.adaptive_avg_pool2d(x, bins), atol=1e-6, rtol=0)

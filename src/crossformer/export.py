@@ -128,10 +128,15 @@ def dynamic_size_range(model: nn.Module, height: int, width: int) -> SizeRange:
 
     Every stage must take the same side of the small-map rule (``min(h, w) <= G``) as at
     the example. A stage above the threshold there bounds both sides from below; a stage at
-    or under it bounds the example's short side from above (both if it is square).
+    or under it bounds the example's short side from above (both if it is square). A model
+    with a ``smallest_map`` attribute (a segmentor's heads) needs its coarsest map at least
+    that many pixels on each side.
     """
     core = _crossformer(model)
     low = MIN_INPUT_SIZE
+    smallest = getattr(model, "smallest_map", 1)
+    if smallest > 1:
+        low = max(low, _first_input_where(core, len(core.layers) - 1, lambda n: n >= smallest))
     max_h: int | None = None
     max_w: int | None = None
     for s, (map_h, map_w) in enumerate(zip(_stage_sizes(core, height), _stage_sizes(core, width))):
@@ -240,7 +245,7 @@ def export_onnx(
         model: A CrossFormer, or a timm ``features_only`` CrossFormer (its outputs are the
             four NCHW stage maps ``features_0..3``; otherwise one output ``logits``), or
             another module with one output ``logits`` around a CrossFormer ``backbone``
-            (a segmentor: export it with ``dynamic=False``).
+            (:class:`crossformer.segmentation.FullSizeLogits`).
         path: The ``.onnx`` file to write (one file, weights included).
         img_size: ``(height, width)`` of the example input used for tracing.
         dynamic: Symbolic height and width. ``False`` fixes them to the example size
@@ -256,6 +261,9 @@ def export_onnx(
     _check_size(model, height, width)
     features = not isinstance(model, CrossFormer) and hasattr(model, "feature_info")
     valid = dynamic_size_range(model, height, width) if dynamic else SizeRange(height, height, width, width)
+    if not valid.contains(height, width):  # a segmentor's coarsest map of one pixel (``smallest_map``)
+        raise UserInputError(f"a {height}x{width} example is too small for this model's export: "
+                             f"use at least {valid.min_height}x{valid.min_width}")
     import torch.fx.experimental._config as shape_config
     from torch.export import Dim
 

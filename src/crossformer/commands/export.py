@@ -1,7 +1,7 @@
 """``crossformer export``: a classifier, backbone or segmentor as ONNX, TorchScript or safetensors.
 
-Classifiers and backbones export with symbolic sizes; a segmentor (a segmentation
-``--config``, or our segmentation checkpoint) at one size."""
+Classifiers, backbones and segmentors (a segmentation ``--config``, or our segmentation
+checkpoint) export to ONNX with symbolic batch, height and width."""
 
 from __future__ import annotations
 

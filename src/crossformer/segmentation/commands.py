@@ -312,8 +312,9 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
 
 
 def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
-    """The segmentor at one input size (the config's crop size unless ``--img-size``), as
-    ONNX or TorchScript from normalised images to full-size logits, or its weights."""
+    """The segmentor as ONNX (every size the example's graph serves, or with ``--static`` the
+    example's alone: the config's crop size unless ``--img-size``) or TorchScript (that size)
+    from normalised images to full-size logits, or its weights."""
     from ..atomic import check_output_path
     from ..commands.common import img_size
     from ..commands.export import FORMATS, check_options, write_traced
@@ -340,8 +341,7 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     pipeline = config.pipeline
     metadata = {"crossformer.classes": json.dumps(names), "crossformer.input":
                 f"RGB, (x - mean) / std on 0-255 values: mean {tuple(pipeline.mean)}, std {tuple(pipeline.std)}"}
-    # one size: UPerNet's pyramid pooling (adaptive average pooling) is traced for it
-    return write_traced(args, FullSizeLogits(segmentor).eval(), output, name, height, width, dynamic=False,
+    return write_traced(args, FullSizeLogits(segmentor).eval(), output, name, height, width, dynamic=not args.static,
                         metadata=metadata)
 
 

@@ -112,13 +112,42 @@ class FPNHead(SegmentationHead):
         return self.classify(out)
 
 
+def _bin_means(x: torch.Tensor, bins: int, dim: int) -> torch.Tensor:
+    """Means of ``x`` over ``bins`` adaptive-pooling bins along ``dim`` (``-1`` or ``-2``):
+    bin ``i`` covers ``[floor(i * n / bins), ceil((i + 1) * n / bins))`` of the ``n`` positions,
+    as :func:`torch.nn.functional.adaptive_avg_pool2d` does, from differences of a running sum."""
+    size = x.shape[dim]
+    index = torch.arange(bins, device=x.device)
+    starts = (index * size) // bins
+    ends = ((index + 1) * size + bins - 1) // bins
+    sums = F.pad(x.cumsum(dim), (0, 0, 1, 0) if dim == -2 else (1, 0))
+    total = sums.index_select(dim, ends) - sums.index_select(dim, starts)
+    counts = (ends - starts).to(x.dtype)
+    return total / (counts[:, None] if dim == -2 else counts)
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(bins)`` that exports for every input size: ``torch.export``
+    turns the built-in into slices for the example's size, so while exporting the bins'
+    means come from running sums at bin edges computed from the (symbolic) size."""
+
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.bins = bins
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            return F.adaptive_avg_pool2d(x, self.bins)
+        return _bin_means(_bin_means(x, self.bins, -2), self.bins, -1)
+
+
 class PyramidPooling(nn.ModuleList):
     """PSPNet's pooling module: for each scale, adaptive average pool -> 1x1 conv-BN-ReLU,
     resized back bilinearly. Returns the list of pooled maps (input not included)."""
 
     def __init__(self, scales: Sequence[int], in_channels: int, channels: int) -> None:
         super().__init__(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvModule(in_channels, channels, 1)) for scale in scales
+            nn.Sequential(AdaptiveAvgPool(scale), ConvModule(in_channels, channels, 1)) for scale in scales
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

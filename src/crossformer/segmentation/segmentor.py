@@ -175,6 +175,10 @@ class FullSizeLogits(nn.Module):
     ``(B, num_classes, H, W)``, as :meth:`Segmentor.predict_logits` gives them. What an
     exported file computes: one graph from normalised images to per-pixel class scores."""
 
+    # An export serves inputs whose coarsest (stride 32) map is at least 2 x 2: the heads'
+    # resizes and broadcasts trace differently for a map of one pixel.
+    smallest_map = 2
+
     def __init__(self, model: Segmentor) -> None:
         super().__init__()
         self.model = model
