@@ -9,7 +9,7 @@ A task plugs in with one module and one entry in :data:`TASKS`. The module
 - optionally ``default_config(values) -> str | None``: the bundled config to start from when
   none is named (``values``: the settings given on the command line).
 
-The verbs beyond ``train`` it supports (``evaluate``, ``predict``, ``benchmark``, ``flops``)
+The verbs beyond ``train`` it supports (``evaluate``, ``predict``, ``benchmark``, ``flops``, ``export``)
 are the ``COMMANDS`` (``{verb: VerbHandler}``) of the ``commands`` module beside it
 (``crossformer.<task>.commands``), which :func:`task_commands` imports only when a verb needs
 them: importing a task does not import the command-line helpers.
