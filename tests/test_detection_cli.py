@@ -87,12 +87,19 @@ def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: P
     same = [k for k in metrics if k not in ("eval_seconds", "results_file")]
     assert [converted[k] for k in same] == [metrics[k] for k in same]
     assert json.loads(again.read_text()) == records
-    # without --config, our checkpoint's own training config applies (a converted file keeps none)
-    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), "--results", str(again), "--json"]) == 0
-    recorded = json.loads(capsys.readouterr().out)
-    assert [recorded[k] for k in same] == [metrics[k] for k in same]
-    assert main(["evaluate", "--checkpoint", str(weights)]) == 2
-    assert f"{weights} holds a detection model but not the config it was trained with: pass that config with " \
+    # without --config, the training config our checkpoint records applies, and its conversion keeps it
+    for checkpoint in (trained["checkpoint"], weights):
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--results", str(again), "--json"]) == 0
+        recorded = json.loads(capsys.readouterr().out)
+        assert [recorded[k] for k in same] == [metrics[k] for k in same], checkpoint
+    # weights that describe a detector but not its config (written elsewhere): one line asking for it
+    from crossformer.models import read_checkpoint, save_safetensors
+
+    described = read_checkpoint(weights)
+    bare = save_safetensors(described.pop("model"), tmp_path / "no_config.safetensors",
+                            {k: v for k, v in described.items() if k != "config"})
+    assert main(["evaluate", "--checkpoint", str(bare)]) == 2
+    assert f"{bare} holds a detection model but not the config it was trained with: pass that config with " \
            "--config NAME_OR_FILE" in _error(capsys)
 
 

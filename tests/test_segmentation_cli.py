@@ -72,9 +72,10 @@ def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tm
                      "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12), path
-    # without --config, our checkpoint's own training config applies (--data still wins)
-    assert main(["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(run["data"]), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
+    # without --config, our checkpoint's own training config applies (--data still wins), also converted
+    for path in (run["checkpoint"], converted):
+        assert main(["evaluate", "--checkpoint", str(path), "--data", str(run["data"]), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
     # the converted file names its classes; the bare one does not
     named = {"sky", "grass", "wall", "water", "building", "person", "car"}
     for path, names in ((converted, named), (bare, {f"class {i}" for i in range(7)})):

@@ -250,7 +250,7 @@ def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]
     if task in (None, DEFAULT_TASK):
         return None, None
     recorded = entries.get("config")
-    if not isinstance(recorded, dict):  # e.g. converted to safetensors, which leaves the config out
+    if not isinstance(recorded, dict):  # e.g. weights written elsewhere with our description
         raise UserInputError(f"{checkpoint} holds a {task} model but not the config it was trained with: "
                              "pass that config with --config NAME_OR_FILE")
     return recorded, f"{checkpoint} (the config it was trained with)"

@@ -101,11 +101,10 @@ _SNIFF_BYTES = 4096
 # its model, settings, classes and input size as the checkpoint did.
 DESCRIPTION_KEY = "crossformer"
 # Checkpoint entries that are weights or training progress, not a description of the model.
-# "config" is left out too: a training config names local data paths.
 _NOT_DESCRIPTION = frozenset({
     "model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scheduler", "lr_scheduler",
     "scaler", "rank_state", "epoch", "batches_done", "global_step", "world_size", "best_metric",
-    "primary_metric", "max_accuracy", "amp", "config", "format",
+    "primary_metric", "max_accuracy", "amp", "format",
 })
 # mmdet / mmseg ``meta`` also carries the whole config text and the training machine's set-up.
 _META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label")
@@ -490,8 +489,9 @@ def load_state(
 def checkpoint_description(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records about its model besides the weights: every plain (JSON)
     entry that is not training progress, e.g. ours: ``task``, ``model_name``, ``model_kwargs``,
-    ``class_names``, ``img_size``, ``metrics``; mmdet / mmseg files: ``meta``'s classes and palette.
-    The training ``config`` is left out (it names local paths)."""
+    ``class_names``, ``img_size``, ``metrics`` and the training ``config`` (its data paths
+    included, as mmdet / mmseg files carry theirs: a detection or segmentation weights file
+    then runs without ``--config``); mmdet / mmseg files: ``meta``'s classes and palette."""
     description: dict[str, Any] = {}
     for key, value in checkpoint.items():
         if key in _NOT_DESCRIPTION:

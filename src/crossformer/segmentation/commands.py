@@ -334,7 +334,7 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
     if args.format == "safetensors":
         path = save_safetensors(segmentor.state_dict(), output, checkpoint_description(checkpoint))
-        print(f"wrote {path} (weights, with the classes; evaluate / predict read it with --config)")
+        print(f"wrote {path} (weights, with the classes and the config our checkpoints record)")
         return 0
     height, width = img_size(args, default=tuple(config.pipeline.crop_size))
     names, _, _ = _labels_of(checkpoint, segmentor.num_classes)
