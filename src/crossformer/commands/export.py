@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     from crossformer.errors import UserInputError
     from crossformer.models import CheckpointError, extract_state_dict, load_state, read_checkpoint, save_safetensors
 
-    if model_kwargs is None and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
+    if not args.config and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
         return run_task_verb(args, "export", args.overrides)
     check_options(args)
     try:

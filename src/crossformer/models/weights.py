@@ -8,6 +8,8 @@ to a plain dict), and refuse any other global by name. Nothing is ever fully unp
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import pickle
 import warnings
@@ -206,14 +208,20 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     text = metadata.get(DESCRIPTION_KEY) if isinstance(metadata, dict) else None
     if text is None:  # weights only, as other tools write them
         return tensors
-    try:
-        description = json.loads(text)
-    except (TypeError, ValueError):
-        description = None
-    if not isinstance(description, dict):
+    description = _decode_description(text)
+    if description is None:
         raise _damaged(path, "a safetensors file", f"its {DESCRIPTION_KEY!r} metadata is not a JSON object")
     # Laid out as a training checkpoint: the weights under "model", the description beside them.
     return {**description, "model": tensors}
+
+
+def _decode_description(text: str) -> dict[str, Any] | None:
+    """The description a safetensors file stores under :data:`DESCRIPTION_KEY` (None: not a JSON object)."""
+    try:
+        description = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return description if isinstance(description, dict) else None
 
 
 def _read_torch(path: Path, kind: str, description: str) -> Any:
@@ -269,19 +277,31 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     """The plain entries of a checkpoint file (everything but its tensors), read without
     loading the weights: a ``torch.save`` zip file's structure with its tensors memory-mapped,
     or a safetensors file's description (:data:`DESCRIPTION_KEY`). ``{}`` for anything else
-    (older formats, the authors' files, unreadable files: :func:`read_checkpoint` says why)."""
-    path = Path(path)
+    (older formats, the authors' files, unreadable files: :func:`read_checkpoint` says why).
+
+    A command line asks several times (its task while parsing, its config when it runs): the
+    file is read once per version (size and modification time), and each caller gets a copy.
+    """
     try:
-        if not path.is_file():
+        stat = Path(path).stat()
+    except OSError:
+        return {}
+    return copy.deepcopy(_peek(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _peek(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    """:func:`peek_checkpoint` for one version of a file (``size`` and ``mtime_ns`` key the cache)."""
+    try:
+        if not Path(path).is_file():
             return {}
-        kind, _ = _sniff(path)
+        kind, _ = _sniff(Path(path))
         if kind == "safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
+            with safe_open(path, "pt") as f:
                 text = (f.metadata() or {}).get(DESCRIPTION_KEY)
-            description = json.loads(text) if text else {}
-            return description if isinstance(description, dict) else {}
+            return (_decode_description(text) or {}) if text else {}
         if kind != "zip":
             return {}
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -329,7 +329,6 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
         raise UserInputError("--checkpoint is needed: the segmentor's weights (ours or the authors' mmseg file)")
     check_options(args)
     segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
-    segmentor.eval()
     name = f"{config.model.kind}_{config.model.backbone}"
     output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
     if args.format == "safetensors":
