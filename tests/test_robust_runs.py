@@ -113,6 +113,20 @@ def test_the_default_output_folder_is_the_one_help_names(capsys) -> None:
     assert "(default output/train)" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
+def test_every_config_flag_says_what_it_sets(task: str) -> None:
+    """Each flag's help names its key and says what it is; an unset text or path is not shown
+    as "(default None)" or "(default )"."""
+    from crossformer.commands.common import config_flags
+    from crossformer.engine.registry import task_module
+
+    flags = config_flags(task_module(task).CONFIG)
+    assert "--data" in flags and "--lr" in flags
+    for flag, (key, help_text, _) in flags.items():
+        assert help_text.startswith(f"{key}: ") and len(help_text) > len(key) + 10, (flag, help_text)
+        assert "(default None)" not in help_text and "(default )" not in help_text, (flag, help_text)
+
+
 # -- 3. bad data is found before training; an evaluation failure keeps the training ------------
 
 

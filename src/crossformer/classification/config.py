@@ -34,9 +34,9 @@ class ModelConfig:
 class DataConfig:
     shorthand: ClassVar[str] = "root"
 
-    root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); None: built-in digits
-    img_size: int | tuple[int, int] = 224  # N (square) or (H, W)
-    interpolation: str = "bicubic"
+    root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); unset: the built-in digits
+    img_size: int | tuple[int, int] = 224  # N (square) or H W
+    interpolation: str = "bicubic"  # resize filter, e.g. bicubic or bilinear
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 
     @property
@@ -66,19 +66,19 @@ class DataConfig:
 class AugmentConfig:
     """timm's training augmentation, Mixup/CutMix and label smoothing."""
 
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    re_prob: float = 0.25
-    re_mode: str = "pixel"
-    re_count: int = 1
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    label_smoothing: float = 0.1
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm policy (RandAugment); null: none
+    color_jitter: float = 0.4  # brightness/contrast/saturation jitter (timm applies it without auto_augment)
+    re_prob: float = 0.25  # random erasing probability
+    re_mode: str = "pixel"  # random erasing fill: pixel, rand or const
+    re_count: int = 1  # random erasing boxes per image
+    scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction range
+    hflip: float = 0.5  # horizontal flip probability
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mixup_mode: str = "batch"  # mix per batch, pair or elem
+    label_smoothing: float = 0.1  # target smoothing (with or without mixing)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,9 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
         else:
             flag = f"--{section}-{name.replace('_', '-')}"
         comment = _field_comments(section_cls).get(name)
-        flags[flag] = (key, f"{key}{': ' + comment if comment else ''} (default {default})", hint)
+        # an unset text or path says nothing as "(default None)"; the comment says what unset means
+        shown = "" if default is None or default == "" else f" (default {default})"
+        flags[flag] = (key, f"{key}{': ' + comment if comment else ''}{shown}", hint)
     return flags
 
 
@@ -132,7 +134,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
         base = options[0]
         if len(options) == 2 and int in options and any(typing.get_origin(o) is tuple for o in options):
-            kwargs.update(type=int, nargs="+", metavar="N", help=f"{help_text}: N or H W")
+            kwargs.update(type=int, nargs="+", metavar="N")
         elif base is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
             kwargs.pop("metavar")

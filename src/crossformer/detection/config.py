@@ -32,11 +32,11 @@ class DetectionModelConfig:
 
     shorthand: ClassVar[str] = "kind"
 
-    kind: DetectorKind = "mask_rcnn"
-    backbone: str = "crossformer_small"
+    kind: DetectorKind = "mask_rcnn"  # the detector
+    backbone: str = "crossformer_small"  # a CrossFormer variant
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = 80  # None: the training data's category count
-    drop_path: float = 0.2
+    drop_path: float = 0.2  # the backbone's stochastic depth rate
     pretrained: str | None = None  # an ImageNet checkpoint for the backbone (the authors' or ours)
     channels: int = 256  # FPN and head convolutions (the authors' 256)
     fc_channels: int = 1024  # R-CNN box head fully connected layers (the authors' 1024)
@@ -44,8 +44,8 @@ class DetectionModelConfig:
     rcnn_samples: int = 512  # proposals sampled per image to train each R-CNN stage
     # Training proposals (mmdet's train_cfg.rpn_proposal): the best anchors per level entering
     # NMS, and the proposals kept per image; null: the authors' 2000 / 1000 (cascade 2000 / 2000).
-    rpn_train_pre_nms: int | None = None
-    rpn_train_proposals: int | None = None
+    rpn_train_pre_nms: int | None = None  # training: best anchors per level entering NMS (null: 2000)
+    rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
         from ..models import VARIANTS
@@ -78,11 +78,11 @@ class DetectionDataConfig:
 
     shorthand: ClassVar[str] = "root"
 
-    root: str | None = None
-    train_ann: str | None = None
-    train_images: str | None = None
-    val_ann: str | None = None
-    val_images: str | None = None
+    root: str | None = None  # COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/
+    train_ann: str | None = None  # a COCO-format annotation file (instead of root's)
+    train_images: str | None = None  # its image folder
+    val_ann: str | None = None  # a COCO-format annotation file (instead of root's)
+    val_images: str | None = None  # its image folder
     recipe: Literal["1x", "3x"] = "1x"  # 3x: multi-scale training with the Swin random crop
     max_size: int = DEFAULT_SCALE[0]  # longer side at most (train and test)
     min_size: int = DEFAULT_SCALE[1]  # shorter side (1x training and test)

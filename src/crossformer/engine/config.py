@@ -52,21 +52,21 @@ class RunConfig:
     checkpoint_every: int = 0  # also write last.pth every N epochs / iterations (0: at evaluations and the end)
     save_every_steps: int = 0  # also write last.pth every N optimizer updates (0: off)
     batch_size: int = 128  # per process; global batch = batch_size x processes x accum_steps
-    num_workers: int = field(default_factory=default_workers)  # loader processes (default: the CPUs available, at most 8)
+    num_workers: int = field(default_factory=default_workers)  # loader processes (by default one per CPU available, at most 8)
     accum_steps: int = 1  # micro-batches per optimizer update
     clip_grad: float = 0.0  # clip the global gradient norm to this (0: no clipping, norm still logged)
-    amp: AmpMode = "auto"
-    model_ema: bool = False
-    model_ema_decay: float = 0.9999
+    amp: AmpMode = "auto"  # auto: bf16 (fp16 where unsupported) on a GPU, fp32 on the CPU
+    model_ema: bool = False  # keep an exponential moving average of the weights (evaluated beside them)
+    model_ema_decay: float = 0.9999  # the EMA's weight on its previous value, per update
     seed: int = 0  # seeds weights, data order and augmentation (each rank adds its rank)
-    deterministic: bool = False
-    device: str = "auto"
+    deterministic: bool = False  # bitwise-reproducible kernels (slower); exact resume on GPUs
+    device: str = "auto"  # auto (a GPU if there is one), cpu, cuda or cuda:N
     cpu_threads: int = 0  # torch threads per process on the CPU (0: torch's default)
     output: str = "output/train"  # the run's folder: last.pth, best.pth, log.txt, metrics.jsonl, tensorboard/
     resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file
     overwrite: bool = False  # replace an earlier run in output (its checkpoints and logs are deleted)
     log_every: int = 50  # a train/lr, train/step_loss, train/grad_norm record every N updates
-    tensorboard: bool = True
+    tensorboard: bool = True  # also write TensorBoard events under output/tensorboard
 
     @property
     def by_iterations(self) -> bool:
@@ -101,13 +101,13 @@ class OptimizerConfig:
     ``no_decay_keys`` (mmseg's ``norm`` rule)."""
 
     lr: float = 5e-4  # peak rate; per lr_batch_reference images when scale_lr
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    no_decay_keys: tuple[str, ...] = ()
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator term
+    no_decay_keys: tuple[str, ...] = ()  # no weight decay on parameters whose name contains one of these
     decay_1d: bool = False  # decay biases and norms too, unless a key names them (mmseg's recipes)
     scale_lr: bool = True  # linear scaling: lr, min_lr x global batch / lr_batch_reference
-    lr_batch_reference: int = 512
+    lr_batch_reference: int = 512  # the global batch that lr is given for (with scale_lr)
 
     def validate(self) -> None:
         _at_least(self, 0, "lr", "weight_decay", "eps")
@@ -128,14 +128,14 @@ class ScheduleConfig:
 
     shorthand: ClassVar[str] = "name"
 
-    name: Literal["cosine", "step", "poly"] = "cosine"
-    warmup_epochs: int = 0
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.001
-    min_lr: float = 0.0  # cosine and poly; scaled with lr
-    milestones: tuple[int, ...] = ()  # step
-    gamma: float = 0.1  # step
-    power: float = 0.9  # poly
+    name: Literal["cosine", "step", "poly"] = "cosine"  # the decay after the warm-up
+    warmup_epochs: int = 0  # linear warm-up over this many epochs (or warmup_iters)
+    warmup_iters: int = 0  # linear warm-up over this many updates (or warmup_epochs)
+    warmup_ratio: float = 0.001  # the warm-up starts at this fraction of lr
+    min_lr: float = 0.0  # cosine and poly: the final rate; scaled with lr
+    milestones: tuple[int, ...] = ()  # step: multiply the rate by gamma after each of these
+    gamma: float = 0.1  # step: the factor at each milestone
+    power: float = 0.9  # poly: the exponent of the decay
 
     def validate(self) -> None:
         _at_least(self, 0, "warmup_epochs", "warmup_iters", "min_lr", "power")

@@ -68,11 +68,11 @@ class SegDataConfig:
 
     shorthand: ClassVar[str] = "root"
 
-    root: str | None = None
-    train_images: str | None = None
-    train_labels: str | None = None
-    val_images: str | None = None
-    val_labels: str | None = None
+    root: str | None = None  # ADE20K layout: images/{training,validation}, annotations/{training,validation}
+    train_images: str | None = None  # folder layout: training images
+    train_labels: str | None = None  # folder layout: their label maps (same file stems, .png)
+    val_images: str | None = None  # folder layout: validation images
+    val_labels: str | None = None  # folder layout: their label maps
     classes: str | None = None  # a text file, one class name per line (folder layout)
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
@@ -114,12 +114,12 @@ class SegTestConfig:
     authors' tables; ``multi_scale`` uses the ratios 0.5-1.75; ``slide`` uses windows of
     ``slide_crop`` every ``slide_stride`` pixels."""
 
-    mode: Literal["whole", "slide"] = "whole"
-    multi_scale: bool = False
-    flip: bool = False
+    mode: Literal["whole", "slide"] = "whole"  # the whole image at once, or sliding windows
+    multi_scale: bool = False  # average over the ratios 0.5-1.75 of the test scale
+    flip: bool = False  # also average the horizontally flipped image
     scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the single test scale
-    slide_crop: tuple[int, int] = (512, 512)
-    slide_stride: tuple[int, int] = (341, 341)
+    slide_crop: tuple[int, int] = (512, 512)  # slide: window height, width
+    slide_stride: tuple[int, int] = (341, 341)  # slide: step between windows
 
     def validate(self) -> None:
         _positive_pair("test.scale", self.scale)

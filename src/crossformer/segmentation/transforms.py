@@ -237,15 +237,15 @@ class TrainPipelineConfig:
     ``scale`` is mmcv's ``(long, short)`` bound; ``crop_size`` is ``(h, w)``.
     """
 
-    scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    crop_size: tuple[int, int] = (512, 512)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric: bool = True
-    mean: tuple[float, float, float] = MMSEG_MEAN
-    std: tuple[float, float, float] = MMSEG_STD
-    ignore_index: int = IGNORE_INDEX
+    scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the image before the random ratio
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize: ratio of scale, drawn uniformly
+    crop_size: tuple[int, int] = (512, 512)  # random crop height, width
+    cat_max_ratio: float = 0.75  # redraw crops where one class covers this much (1: never)
+    flip_prob: float = 0.5  # horizontal flip probability
+    photometric: bool = True  # random brightness, contrast, saturation and hue
+    mean: tuple[float, float, float] = MMSEG_MEAN  # normalisation, 0-255 RGB
+    std: tuple[float, float, float] = MMSEG_STD  # normalisation, 0-255 RGB
+    ignore_index: int = IGNORE_INDEX  # label value that no loss or metric counts
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
