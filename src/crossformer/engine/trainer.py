@@ -128,7 +128,15 @@ class Trainer:
         self.log.info(
             f"{self.task.describe()}, {ctx.world_size} process(es) on {ctx.device.type}, {self.precision.name}, "
             f"global batch {self.global_batch}, lr {lr:.3g}, {c.schedule.name} schedule over {self.total_updates} updates"
+            + (f" after a {self.schedule.warmup}-update warm-up" if self.schedule.warmup else "")
         )
+        if self.schedule.warmup >= self.total_updates:
+            # e.g. a short trial run of a 300-epoch recipe whose warm-up alone is 20 epochs
+            self.log.info(
+                f"warning: the warm-up ({self.schedule.warmup} updates) is not shorter than the run "
+                f"({self.total_updates}), so the rate never reaches {lr:.3g}; shorten schedule.warmup_epochs "
+                "or schedule.warmup_iters"
+            )
 
     # checkpoints ----------------------------------------------------------------------
 
