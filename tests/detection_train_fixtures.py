@@ -6,9 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
+from crossformer.detection.data import CocoDetection, coco_paths, collate_detection
 from crossformer.detection.synthetic import make_coco_dataset
+from crossformer.detection.transforms import build_test_transform
 from crossformer.engine.registry import resolve_config
 
 # A 4-block CrossFormer with 16-channel heads on 64-pixel images.
@@ -51,3 +55,24 @@ def write_tiny_config(path: Path, kind: str, data: Path, output: Path, **run: An
 
 def tiny_config(path: Path, kind: str, data: Path, output: Path, **run: Any):
     return resolve_config(str(write_tiny_config(path, kind, data, output, **run))).config
+
+
+def resized_images(coco: Path, size: tuple[int, int]):
+    """The data set's images through the test pipeline at ``size`` = (short, long) bound:
+    (batch as the loader gives it, the unpadded image the graph takes)."""
+    dataset = CocoDetection(*coco_paths(coco, "val"), with_masks=False, transform=build_test_transform(size[1], size[0]))
+    for i in range(len(dataset)):
+        batch = collate_detection([dataset[i]])
+        h, w = batch.metas[0]["img_shape"][:2]
+        yield batch, batch.images[:, :, :h, :w].contiguous()
+
+
+def agree(got: list[np.ndarray], expected: tuple[torch.Tensor, ...]) -> None:
+    """Same detections in the same order: boxes within 1e-3 px, scores 1e-5, labels equal."""
+    assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
+    boxes, scores, labels, *masks = (torch.from_numpy(g) for g in got)
+    assert torch.allclose(boxes, expected[0], atol=1e-3, rtol=0)
+    assert torch.allclose(scores, expected[1], atol=1e-5, rtol=0)
+    assert torch.equal(labels, expected[2])
+    if masks:
+        assert torch.allclose(masks[0], expected[3], atol=1e-4, rtol=0)

@@ -142,7 +142,7 @@ def test_export_builds_the_model_as_the_config_configures_it(tmp_path: Path, cap
     assert main(["export", "--config", "digits", "--format", "torchscript", "-o", str(tmp_path / "d.pt")]) == 0
     assert "traced at 32x32" in capsys.readouterr().out  # the config's size
     assert main(["export", "--config", "mask_rcnn_crossformer_small_1x", "--format", "onnx"]) == 2
-    assert "the detection task has no export command yet" in capsys.readouterr().err
+    assert "--checkpoint is needed: the detector's weights" in capsys.readouterr().err  # the detection task's export
 
 
 def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> None:

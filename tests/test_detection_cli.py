@@ -17,7 +17,7 @@ from crossformer.detection.task import build_configured_detector
 from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
-from detection_train_fixtures import make_tiny_coco, write_tiny_config
+from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -201,3 +201,45 @@ def test_bad_input_gets_one_line_errors(trained, tmp_path: Path, capsys) -> None
     assert "does not fit this mask_rcnn" in _error(capsys)
     assert main([*evaluate[:3], "--checkpoint", str(tmp_path / "nothing.pth"), "--data", str(trained["coco"])]) == 2
     assert "checkpoint not found" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, capsys) -> None:
+    """The ONNX file's detections (onnxruntime) equal the graph's in PyTorch, which equal
+    what predict computes in the resized image's frame."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from crossformer.detection.export import DetectionGraph
+
+    path = tmp_path / "tiny.onnx"
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--format", "onnx", "--img-size", "128", "160",
+                 "-o", str(path)]) == 2
+    assert "use --img-size 225 225 or larger (the graph then serves every size from there up), or --static" in (
+        capsys.readouterr().err)
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--format", "onnx", "--img-size", "256", "320",
+                 "-o", str(path)]) == 0  # our checkpoint brings its config; the export checks itself
+    out = capsys.readouterr().out
+    assert "valid input sizes: height >= 225, width >= 225" in out and "detections compared on random images" in out
+    from crossformer.detection.commands import load_detector
+    from crossformer.engine.registry import resolve_config
+    from crossformer.models import peek_checkpoint
+
+    config = resolve_config(peek_checkpoint(trained["checkpoint"])["config"]).config
+    detector = load_detector(config, trained["checkpoint"], torch.device("cpu")).detector
+    graph = DetectionGraph(detector).eval()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    found = 0
+    for size in ((256, 320), (240, 400)):  # the example's scale and another shape in the range
+        for batch, image in resized_images(trained["coco"], size):
+            with torch.no_grad():
+                expected = graph(image)
+                predicted = detector(batch.images, batch.metas)[0]  # what predict computes
+            w_scale, h_scale = batch.metas[0]["scale_factor"]
+            assert torch.allclose(expected[0] / torch.tensor([w_scale, h_scale, w_scale, h_scale]), predicted["boxes"],
+                                  atol=1e-4)
+            assert torch.equal(expected[1], predicted["scores"]) and torch.equal(expected[2], predicted["labels"])
+            agree(session.run(None, {"images": image.numpy()}), expected)
+            found += expected[0].shape[0]
+    assert found > 20  # the comparison compared detections

@@ -24,7 +24,8 @@ COMMANDS: dict[str, str] = {
     "predict": "a checkpoint's predictions for images",
     "benchmark": "images/s and peak memory, side by side with a peer model",
     "flops": "parameters and multiply-accumulates in the papers' convention",
-    "export": "a classifier, backbone or segmentor as ONNX (dynamic height and width), TorchScript or safetensors",
+    "export": "a classifier, backbone, segmentor or detector as ONNX (dynamic height and width), TorchScript "
+              "or safetensors",
     "convert": "convert any readable checkpoint to safetensors weights",
     "demo": "train, evaluate and predict on built-in data in a few minutes (--task classification|detection|segmentation|all)",
     "make-data": "write a synthetic data set in a standard layout (coco: detection, ade: segmentation)",

@@ -210,7 +210,8 @@ class _SizeGuard(nn.Module):
         poison = torch.where(ok, 0.0, float("nan")).to(x.dtype)
         if isinstance(out, torch.Tensor):
             return out + poison
-        return tuple(o + poison for o in out)
+        # integer outputs (a detector's labels) cannot hold NaN; its boxes and scores carry it
+        return tuple(o + poison if o.is_floating_point() else o for o in out)
 
 
 def _require_onnx() -> None:
@@ -225,6 +226,9 @@ def _require_onnx() -> None:
 
 
 def _output_names(model: nn.Module, features: bool) -> list[str]:
+    names = getattr(model, "output_names", None)  # a wrapper that names its outputs (a detector's graph)
+    if names is not None:
+        return list(names)
     if not features:
         return ["logits"]
     return [f"features_{i}" for i in range(len(_crossformer(model).layers))]
@@ -238,6 +242,8 @@ def export_onnx(
     dynamic: bool = True,
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
+    size_range: SizeRange | None = None,
+    batch: int | None = None,
 ) -> SizeRange:
     """Write ``model`` as an ONNX file with symbolic batch, height and width.
 
@@ -252,6 +258,10 @@ def export_onnx(
             (the batch stays symbolic either way).
         opset: ONNX opset (default 18).
         metadata: More ``metadata_props`` entries (e.g. the class names).
+        size_range: The sizes the graph serves, when the model knows them better than
+            :func:`dynamic_size_range` (a detector that pads its input inside the graph).
+        batch: A fixed batch size (a detector's graph: one image); default symbolic.
+        A model with an ``output_names`` attribute names its outputs so.
 
     Returns:
         The input sizes the file is exact for. Outside them every output is NaN.
@@ -260,7 +270,10 @@ def export_onnx(
     height, width = int(img_size[0]), int(img_size[-1])
     _check_size(model, height, width)
     features = not isinstance(model, CrossFormer) and hasattr(model, "feature_info")
-    valid = dynamic_size_range(model, height, width) if dynamic else SizeRange(height, height, width, width)
+    if not dynamic:
+        valid = SizeRange(height, height, width, width)
+    else:
+        valid = size_range or dynamic_size_range(model, height, width)
     if not valid.contains(height, width):  # a segmentor's coarsest map of one pixel (``smallest_map``)
         raise UserInputError(f"a {height}x{width} example is too small for this model's export: "
                              f"use at least {valid.min_height}x{valid.min_width}")
@@ -270,8 +283,8 @@ def export_onnx(
     path = check_output_path(path)  # before the minutes the export takes
     names = _output_names(model, features)
     guarded = _SizeGuard(model, valid)
-    example = _example(model, height, width, batch=2)  # batch 2: a batch of 1 would be specialised
-    dims = {0: Dim("batch", min=1, max=1 << 16)}
+    example = _example(model, height, width, batch=batch or 2)  # batch 2: a batch of 1 would be specialised
+    dims = {} if batch else {0: Dim("batch", min=1, max=1 << 16)}
     if dynamic:
         dims[2] = Dim("height", min=valid.min_height, max=valid.max_height or (1 << 16))
         dims[3] = Dim("width", min=valid.min_width, max=valid.max_width or (1 << 16))
@@ -310,10 +323,25 @@ def export_onnx(
     return valid
 
 
+def _difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max difference, relative to the output's largest magnitude when that exceeds 1 (a
+    detector's boxes are in pixels, where float32 spacing is 1e-4 at 1000), else absolute;
+    infinite where the shapes differ (a different number of detections), 0 for two empty outputs."""
+    if got.shape != expected.shape:
+        return math.inf
+    if got.numel() == 0:
+        return 0.0
+    expected = expected.double()
+    return float((got.double() - expected).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
 def compare_onnx(
-    model: nn.Module, path: str | Path, sizes: Sequence[Sequence[int]], batch: int = 1
+    model: nn.Module, path: str | Path, sizes: Sequence[Sequence[int]], batch: int = 1,
+    counts: dict[tuple[int, int], int] | None = None,
 ) -> dict[tuple[int, int], float]:
-    """Max absolute difference between onnxruntime and PyTorch at each ``(height, width)``."""
+    """Max difference between onnxruntime and PyTorch at each ``(height, width)``: absolute,
+    or relative to an output's largest magnitude where that exceeds 1. ``counts``, when given,
+    receives the length of PyTorch's first output at each size (a detector's detections)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -335,9 +363,9 @@ def compare_onnx(
                 expected = model(x.to(next(model.parameters()).device))
             expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
             got = session.run(None, {input_name: x.cpu().numpy()})
-            errors[(height, width)] = max(
-                float((torch.from_numpy(g) - e.float().cpu()).abs().max()) for g, e in zip(got, expected)
-            )
+            if counts is not None:
+                counts[(height, width)] = int(expected[0].shape[0])
+            errors[(height, width)] = max(_difference(torch.from_numpy(g), e.cpu()) for g, e in zip(got, expected))
     finally:
         model.train(was_training)
     return errors

@@ -1,7 +1,10 @@
-"""``crossformer export``: a classifier, backbone or segmentor as ONNX, TorchScript or safetensors.
+"""``crossformer export``: a classifier, backbone, segmentor or detector as ONNX, TorchScript or
+safetensors.
 
 Classifiers, backbones and segmentors (a segmentation ``--config``, or our segmentation
-checkpoint) export to ONNX with symbolic batch, height and width."""
+checkpoint) export to ONNX with symbolic batch, height and width; detectors (a detection
+``--config`` or checkpoint) with one image of symbolic height and width, their task's
+``export`` building the graph."""
 
 from __future__ import annotations
 
@@ -102,6 +105,17 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     return description
 
 
+def refuse_classifier_options(args: argparse.Namespace, model: str) -> None:
+    """One-line error for the options that describe a classifier or backbone, given for a
+    ``model`` ("a segmentor", "a detector") that its config describes."""
+    from crossformer.errors import UserInputError
+
+    for flag, value in (("--features", args.features), ("--num-classes", args.num_classes is not None),
+                        ("--model", args.model), ("--model-arg", args.model_arg)):
+        if value:
+            raise UserInputError(f"{flag} is for classifiers and backbones; {model}'s config describes it")
+
+
 def check_options(args: argparse.Namespace) -> None:
     """One-line errors for options no export can use; the ONNX packages when they are needed."""
     from crossformer import export as exporting
@@ -116,9 +130,10 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def write_traced(args: argparse.Namespace, model, output, name: str, height: int, width: int,
-                 dynamic: bool, metadata: dict[str, str] | None = None) -> int:
+                 dynamic: bool, metadata: dict[str, str] | None = None, size_range=None, batch: int | None = None) -> int:
     """Write ``model`` (in eval mode) as TorchScript or ONNX (then checked against
-    onnxruntime unless ``--no-check``), saying what was written; the exit status."""
+    onnxruntime unless ``--no-check``), saying what was written; the exit status.
+    ``size_range`` and ``batch``: as :func:`crossformer.export.export_onnx` takes them."""
     from crossformer import export as exporting
     from crossformer.errors import UserInputError
 
@@ -127,18 +142,27 @@ def write_traced(args: argparse.Namespace, model, output, name: str, height: int
         print(f"wrote {path} (traced at {height}x{width}; any batch size, that image size only)")
         return 0
     print(f"exporting {name} to ONNX from a {height}x{width} example (this takes a while) ...")
-    valid = exporting.export_onnx(model, output, (height, width), dynamic=dynamic, opset=args.opset, metadata=metadata)
+    valid = exporting.export_onnx(model, output, (height, width), dynamic=dynamic, opset=args.opset, metadata=metadata,
+                                  size_range=size_range, batch=batch)
     print(f"wrote {output}")
     print(f"valid input sizes: {valid} (outputs are NaN outside)")
     if args.no_check:
         return 0
+    counted = getattr(model, "counted_outputs", None)  # e.g. "detections": variable-length outputs
+    counts: dict[tuple[int, int], int] | None = {} if counted else None
     try:
-        errors = exporting.compare_onnx(model, output, _check_points(valid, height, width))
+        errors = exporting.compare_onnx(model, output, _check_points(valid, height, width), batch=batch or 1,
+                                        counts=counts)
     except UserInputError as err:
         print(f"not checked: {err}")
         return 0
     report = ", ".join(f"{err:.1e} at {h}x{w}" for (h, w), err in errors.items())
-    print(f"max |onnxruntime - pytorch|: {report}")
+    print(f"max |onnxruntime - pytorch| (relative to outputs above 1): {report}")
+    if counts is not None:
+        found = ", ".join(f"{n} at {h}x{w}" for (h, w), n in counts.items())
+        empty = not any(counts.values())
+        print(f"{counted} compared on random images: {found}"
+              + ("; none found, so compare the file with PyTorch on your own images" if empty else ""))
     if not all(err <= 1e-4 for err in errors.values()):
         print("error: onnxruntime and PyTorch disagree by more than 1e-4")
         return 1

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..models.layers import capturing_graph
 from .assign import MaxIoUAssigner
 from .box_coding import DeltaXYWHCoder
 from .roi_heads import (
@@ -115,7 +116,7 @@ class CascadeRoIHead(nn.Module):
                    labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per image, the mean over the three mask heads of the label channel's sigmoid."""
         rois = boxes_to_rois(boxes)
-        if rois.numel() == 0:
+        if not capturing_graph() and rois.numel() == 0:
             return [b.new_zeros(0, 28, 28) for b in boxes]
         pooled = self.mask_roi_extractor(features, rois)
         label = torch.cat(labels)

@@ -37,10 +37,12 @@ def _one_line(message: str, limit: int = 600) -> str:
 
 
 class LoadedDetector:
-    """A detector with its weights and what the checkpoint says about its classes."""
+    """A detector with its weights, what the checkpoint says about its classes, and the
+    checkpoint as read."""
 
-    def __init__(self, detector: nn.Module, class_names: list[str] | None, cat_ids: list[int] | None) -> None:
-        self.detector, self.class_names, self.cat_ids = detector, class_names, cat_ids
+    def __init__(self, detector: nn.Module, class_names: list[str] | None, cat_ids: list[int] | None,
+                 checkpoint: Mapping[str, Any]) -> None:
+        self.detector, self.class_names, self.cat_ids, self.checkpoint = detector, class_names, cat_ids, checkpoint
 
 
 def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionConfig) -> tuple[int, list[str] | None, list[int] | None]:
@@ -78,7 +80,7 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
         load_state(detector, state, str(checkpoint), use_ema=use_ema)
     except CheckpointError as err:
         raise UserInputError(_one_line(str(err))) from None
-    return LoadedDetector(detector.to(device).eval(), names, cat_ids)
+    return LoadedDetector(detector.to(device).eval(), names, cat_ids, state)
 
 
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,9 +272,54 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    """The detector as ONNX, one image in and its detections out (:class:`.export.DetectionGraph`),
+    from an example of the config's test scale unless ``--img-size``; or its weights."""
+    from ..atomic import check_output_path
+    from ..commands.common import img_size
+    from ..commands.export import FORMATS, check_options, refuse_classifier_options, write_traced
+    from ..models import checkpoint_description, save_safetensors
+    from .export import DetectionGraph
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    refuse_classifier_options(args, "a detector")
+    if not args.checkpoint:
+        raise UserInputError("--checkpoint is needed: the detector's weights (ours or the authors' mmdet file)")
+    if args.format == "torchscript":
+        raise UserInputError("a detector exports to ONNX or safetensors: a traced TorchScript module would keep the "
+                             "example's number of detections")
+    check_options(args)
+    loaded = load_detector(config, args.checkpoint, torch.device("cpu"), args.ema)
+    name = f"{config.model.kind}_{config.model.backbone}"
+    output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+    if args.format == "safetensors":
+        path = save_safetensors(loaded.detector.state_dict(), output, checkpoint_description(loaded.checkpoint))
+        print(f"wrote {path} (weights, with the classes and the config our checkpoints record)")
+        return 0
+    height, width = img_size(args, default=(config.data.min_size, config.data.max_size))
+    graph = DetectionGraph(loaded.detector).eval()
+    names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]
+    metadata = {
+        "crossformer.classes": json.dumps(names),
+        "crossformer.input": f"one RGB image resized as the test pipeline does (unpadded), (x - mean) / std on "
+                             f"0-255 values: mean {IMAGENET_MEAN}, std {IMAGENET_STD}",
+        "crossformer.detections": "boxes xyxy in the input's pixels, best first; labels index crossformer.classes"
+                                  + ("; mask_probs: 28x28 per box, paste into the box, threshold 0.5"
+                                     if loaded.detector.has_masks else ""),
+    }
+    if loaded.cat_ids is not None:
+        metadata["crossformer.category_ids"] = json.dumps(loaded.cat_ids)
+    return write_traced(args, graph, output, name, height, width, dynamic=not args.static, metadata=metadata,
+                        size_range=graph.size_range(height, width), batch=1)
+
+
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
     "predict": VerbHandler(_predict_arguments, _predict, ("model", "data", "test", "run.device")),
     "flops": VerbHandler(_no_arguments, _flops, ()),
     "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
+    "export": VerbHandler(_no_arguments, _export, ()),
 }

@@ -34,7 +34,8 @@ Meta = Mapping[str, Any]
 
 
 def _img_shapes(metas: Sequence[Meta]) -> list[tuple[int, int]]:
-    return [(int(m["img_shape"][0]), int(m["img_shape"][1])) for m in metas]
+    # a recorded graph's sizes are symbolic: int() would fix them to the example's
+    return [tuple(s if isinstance(s, torch.SymInt) else int(s) for s in m["img_shape"][:2]) for m in metas]
 
 
 def _rescale(result: dict[str, torch.Tensor], meta: Meta) -> dict[str, torch.Tensor]:
@@ -82,6 +83,12 @@ class Detector(nn.Module):
     def predict(self, features, metas) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def detect(self, features, metas) -> list[dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        """Per image ``boxes`` (K, 4) in resized-image pixels, ``scores``, ``labels``, and for
+        mask models ``mask_probs`` (K, 28, 28) inside each box: :meth:`predict` before the
+        boxes are rescaled to the original image and the masks pasted into it."""
+        raise NotImplementedError
+
     def load_checkpoint_state(self, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
         """Called by :func:`crossformer.load_checkpoint`: mmdet files, ours, or ImageNet ones."""
         from .checkpoint import load_detector_state
@@ -112,12 +119,6 @@ class TwoStageDetector(Detector):
         anchors = self.rpn_head.anchors(features)
         return scores, deltas, anchors, self.rpn_head.proposals(scores, deltas, anchors, _img_shapes(metas), settings)
 
-    def predict_from_proposals(
-        self, features: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor], metas: Sequence[Meta]
-    ) -> list[dict[str, torch.Tensor]]:
-        """RoI head on given proposals (resized-image pixels) -> final detections."""
-        return self.finalize(self.roi_head.predict(features[:4], proposals, _img_shapes(metas), self.rcnn_settings), metas)
-
     def finalize(self, results: Sequence[dict[str, torch.Tensor]], metas: Sequence[Meta]) -> list[dict[str, torch.Tensor]]:
         """RoI-head results in resized-image pixels (with ``mask_probs``) -> boxes in original
         pixels and binary masks pasted into the original image."""
@@ -130,9 +131,12 @@ class TwoStageDetector(Detector):
             out.append(r)
         return out
 
-    def predict(self, features, metas):
+    def detect(self, features, metas):
         *_, proposals = self.proposals(features, metas, self.test_proposals)
-        return self.predict_from_proposals(features, [p[0] for p in proposals], metas)
+        return self.roi_head.predict(features[:4], [p[0] for p in proposals], _img_shapes(metas), self.rcnn_settings)
+
+    def predict(self, features, metas):
+        return self.finalize(self.detect(features, metas), metas)
 
     def losses(self, features, metas, targets):
         scores, deltas, anchors, proposals = self.proposals(features, metas, self.train_proposals)
@@ -158,11 +162,19 @@ class RetinaNet(Detector):
         self.bbox_head = RetinaHead(num_classes, channels)
         self.test_settings = RetinaSettings()
 
-    def predict(self, features, metas):
+    def _head(self, features, metas, rescale: bool):
         scores, deltas = self.bbox_head(features)
         anchors = self.bbox_head.anchors(features)
-        scale_factors = [m["scale_factor"] for m in metas]
+        scale_factors = [m["scale_factor"] for m in metas] if rescale else None
         return self.bbox_head.predict(scores, deltas, anchors, _img_shapes(metas), self.test_settings, scale_factors)
+
+    def predict(self, features, metas):
+        # mmdet rescales the boxes before its NMS (the overlaps change slightly where the
+        # two axes were resized by different factors)
+        return self._head(features, metas, rescale=True)
+
+    def detect(self, features, metas):
+        return self._head(features, metas, rescale=False)
 
     def losses(self, features, metas, targets):
         scores, deltas = self.bbox_head(features)

@@ -16,11 +16,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 from .anchors import AnchorGenerator, octave_scales
 from .assign import MaxIoUAssigner
 from .box_coding import DeltaXYWHCoder
+from .nms import class_aware_nms
 from .rpn import flatten_levels
 
 __all__ = ["RetinaHead", "RetinaSettings"]
@@ -93,26 +94,28 @@ class RetinaHead(nn.Module):
         or divided by ``scale_factors[i] = (w_scale, h_scale)`` before the NMS, as mmdet."""
         results = []
         for i, img_shape in enumerate(img_shapes):
-            kept_scores, kept_labels, kept_deltas, kept_anchors = [], [], [], []
+            kept_logits, kept_labels, kept_deltas, kept_anchors = [], [], [], []
             for s, d, a in zip(scores, deltas, anchors):
-                s = s[i].permute(1, 2, 0).reshape(-1, self.num_classes).sigmoid()
+                # thresholded on the sigmoid as mmdet, ranked by logit (the same order without
+                # the float32 sigmoid's ties at 1.0: see the RPN)
+                s = s[i].permute(1, 2, 0).reshape(-1, self.num_classes)
                 d = d[i].permute(1, 2, 0).reshape(-1, 4)
-                candidates = (s > settings.score_thr).nonzero()
+                candidates = (s.sigmoid() > settings.score_thr).nonzero()
                 top, order = s[candidates[:, 0], candidates[:, 1]].sort(descending=True)
                 chosen = candidates[order[: settings.nms_pre]]
-                kept_scores.append(top[: settings.nms_pre])
+                kept_logits.append(top[: settings.nms_pre])
                 kept_labels.append(chosen[:, 1])
                 kept_deltas.append(d[chosen[:, 0]])
                 kept_anchors.append(a[chosen[:, 0]])
-            s, labels = torch.cat(kept_scores), torch.cat(kept_labels)
+            s, labels = torch.cat(kept_logits), torch.cat(kept_labels)
             boxes = self.coder.decode(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=img_shape)
             if scale_factors is not None:
                 w_scale, h_scale = (float(f) for f in scale_factors[i])
                 boxes = boxes / boxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, s, labels = boxes[valid], s[valid], labels[valid]
-            keep = batched_nms(boxes, s, labels, settings.iou)[: settings.max_per_img]
-            results.append({"boxes": boxes[keep], "scores": s[keep], "labels": labels[keep]})
+            keep = class_aware_nms(boxes, s, labels, settings.iou)[: settings.max_per_img]
+            results.append({"boxes": boxes[keep], "scores": s[keep].sigmoid(), "labels": labels[keep]})
         return results
 
     def loss(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
+from ..models.layers import capturing_graph
 
 __all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS"]
 
@@ -91,7 +92,7 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, size: int, scale: floa
     Returns:
         ``(K, C, size, size)``.
     """
-    if (features.requires_grad and torch.is_grad_enabled() and features.device.type == "cpu"
+    if (not capturing_graph() and features.requires_grad and torch.is_grad_enabled() and features.device.type == "cpu"
             and features.shape[-2] * features.shape[-1] <= MATMUL_BACKWARD_PIXELS and rois.shape[0] > 0):
         return _RoIAlign.apply(features, rois, size, scale)
     return torchvision_roi_align(features, rois, size, scale, 0, aligned=True)

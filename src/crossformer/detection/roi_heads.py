@@ -18,10 +18,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from .assign import MaxIoUAssigner, sample
+from ..models.layers import capturing_graph
 from .box_coding import DeltaXYWHCoder
+from .nms import class_aware_nms
 from .roi_align import roi_align
 
 __all__ = [
@@ -81,7 +83,7 @@ class RoIExtractor(nn.Module):
         levels = self.levels(rois)
         for level, stride in enumerate(self.strides):
             index = (levels == level).nonzero().squeeze(1)
-            if index.numel():
+            if capturing_graph() or index.numel():  # a recorded graph has no count to test
                 out[index] = roi_align(features[level], rois[index], size, 1.0 / stride)
         return out
 
@@ -198,9 +200,9 @@ def detections_from_scores(
     labels = torch.arange(num_classes, device=probs.device).expand_as(scores)
     keep = scores > settings.score_thr
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    if boxes.numel() == 0:
+    if not capturing_graph() and boxes.numel() == 0:  # a shortcut; a recorded graph has no count to test
         return boxes, scores, labels
-    order = batched_nms(boxes, scores, labels, settings.iou)[: settings.max_per_img]
+    order = class_aware_nms(boxes, scores, labels, settings.iou)[: settings.max_per_img]
     return boxes[order], scores[order], labels[order]
 
 
@@ -345,7 +347,7 @@ class StandardRoIHead(nn.Module):
                    labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per image, the sigmoid of each detection's label channel, ``(N, 28, 28)``."""
         rois = boxes_to_rois(boxes)
-        if rois.numel() == 0:
+        if not capturing_graph() and rois.numel() == 0:
             return [b.new_zeros(0, 28, 28) for b in boxes]
         logits = self.mask_head(self.mask_roi_extractor(features, rois))
         label = torch.cat(labels)

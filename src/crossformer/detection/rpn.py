@@ -14,11 +14,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
+from ..models.layers import capturing_graph
 from .anchors import AnchorGenerator
 from .assign import MaxIoUAssigner, sample
 from .box_coding import DeltaXYWHCoder
+from .nms import class_aware_nms
 
 __all__ = ["RPNHead", "ProposalSettings", "flatten_levels", "inside_image"]
 
@@ -104,25 +105,30 @@ class RPNHead(nn.Module):
         """Per image ``(boxes (K, 4), sigmoid scores (K,))``, best first, in resized-image pixels."""
         results = []
         for i, img_shape in enumerate(img_shapes):
-            level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
+            level_logits, level_deltas, level_anchors, level_ids = [], [], [], []
             for level, (s, d, a) in enumerate(zip(scores, deltas, anchors)):
-                s = s[i].permute(1, 2, 0).reshape(-1).sigmoid()
+                # Anchors are ranked by logit, the sigmoid's order without its ties: float32
+                # sigmoids saturate at 1.0 and some runtimes flush the far tail to 0, where
+                # the sort would then pick among equal scores arbitrarily.
+                s = s[i].permute(1, 2, 0).reshape(-1)
                 d = d[i].permute(1, 2, 0).reshape(-1, 4)
-                if 0 < settings.nms_pre < s.shape[0]:
+                # a recorded graph's anchor count is symbolic: it always sorts, and the slice
+                # keeps every anchor of a level that has fewer (the NMS's result is the same)
+                if settings.nms_pre > 0 and (capturing_graph() or settings.nms_pre < s.shape[0]):
                     s, order = s.sort(descending=True)
                     s, order = s[: settings.nms_pre], order[: settings.nms_pre]
                     d, a = d[order], a[order]
-                level_scores.append(s)
+                level_logits.append(s)
                 level_deltas.append(d)
                 level_anchors.append(a)
                 level_ids.append(torch.full_like(s, level, dtype=torch.long))
-            s = torch.cat(level_scores)
+            s = torch.cat(level_logits)
             boxes = self.coder.decode(torch.cat(level_anchors), torch.cat(level_deltas), max_shape=img_shape)
             ids = torch.cat(level_ids)
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, s, ids = boxes[valid], s[valid], ids[valid]
-            keep = batched_nms(boxes, s, ids, settings.iou)[: settings.max_per_img]
-            results.append((boxes[keep], s[keep]))
+            keep = class_aware_nms(boxes, s, ids, settings.iou)[: settings.max_per_img]
+            results.append((boxes[keep], s[keep].sigmoid()))
         return results
 
     def loss(

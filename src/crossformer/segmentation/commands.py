@@ -317,14 +317,11 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     from normalised images to full-size logits, or its weights."""
     from ..atomic import check_output_path
     from ..commands.common import img_size
-    from ..commands.export import FORMATS, check_options, write_traced
+    from ..commands.export import FORMATS, check_options, refuse_classifier_options, write_traced
     from ..models import checkpoint_description, save_safetensors
     from .segmentor import FullSizeLogits
 
-    for flag, value in (("--features", args.features), ("--num-classes", args.num_classes is not None),
-                        ("--model", args.model), ("--model-arg", args.model_arg)):
-        if value:
-            raise UserInputError(f"{flag} is for classifiers and backbones; a segmentor's config describes it")
+    refuse_classifier_options(args, "a segmentor")
     if not args.checkpoint:
         raise UserInputError("--checkpoint is needed: the segmentor's weights (ours or the authors' mmseg file)")
     check_options(args)
