@@ -243,3 +243,17 @@ def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, ca
             agree(session.run(None, {"images": image.numpy()}), expected)
             found += expected[0].shape[0]
     assert found > 20  # the comparison compared detections
+
+
+def test_export_safetensors_keeps_the_detector_and_its_config(trained, tmp_path: Path) -> None:
+    from crossformer.detection.commands import load_detector
+    from crossformer.models import peek_checkpoint
+
+    weights = tmp_path / "tiny.safetensors"
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--format", "safetensors", "-o", str(weights)]) == 0
+    recorded = peek_checkpoint(weights)
+    assert recorded["detector"] == "mask_rcnn" and recorded["class_names"] == ["circle", "rectangle", "triangle", "star"]
+    config = resolve_config(recorded["config"]).config
+    a = load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.state_dict()
+    b = load_detector(config, weights, torch.device("cpu")).detector.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -159,10 +159,9 @@ from crossformer.engine.registry import TASKS, task_commands, task_module
 modules = [task_module(task) for task in TASKS]
 helpers = sorted(m for m in sys.modules if m.startswith("crossformer.commands") or m.endswith(".commands"))
 assert not helpers, helpers  # importing a task imports no command-line code
-verbs = {"evaluate", "predict", "benchmark", "flops"}
-exports = {"classification", "segmentation"}  # detectors do not export yet
+verbs = {"evaluate", "predict", "benchmark", "flops", "export"}
 for task, module in zip(TASKS, modules):
-    assert set(task_commands(module)) == verbs | ({"export"} if task in exports else set()), module.__name__
+    assert set(task_commands(module)) == verbs, module.__name__
     assert f"{module.__package__}.commands" in sys.modules
 """
 

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", metavar="FILE", help="file to write (default: MODEL.onnx / .pt / .safetensors)")
     parser.add_argument(
         "--img-size", type=int, nargs="+", metavar="N",
-        help="example size: N (square) or H W (default: the checkpoint's training size, else 224)",
+        help="example size: N (square) or H W (default: the checkpoint's training size, else 224; a segmentor's "
+        "crop size; a detector's test scale)",
     )
     parser.add_argument(
         "--num-classes", type=int, default=None, metavar="N",

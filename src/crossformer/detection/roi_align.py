@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
+
 from ..models.layers import capturing_graph
 
 __all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS"]

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from .assign import MaxIoUAssigner, sample
 from ..models.layers import capturing_graph
+from .assign import MaxIoUAssigner, sample
 from .box_coding import DeltaXYWHCoder
 from .nms import class_aware_nms
 from .roi_align import roi_align
@@ -200,8 +200,6 @@ def detections_from_scores(
     labels = torch.arange(num_classes, device=probs.device).expand_as(scores)
     keep = scores > settings.score_thr
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    if not capturing_graph() and boxes.numel() == 0:  # a shortcut; a recorded graph has no count to test
-        return boxes, scores, labels
     order = class_aware_nms(boxes, scores, labels, settings.iou)[: settings.max_per_img]
     return boxes[order], scores[order], labels[order]
 
