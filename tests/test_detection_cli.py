@@ -216,6 +216,9 @@ def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, ca
                  "-o", str(path)]) == 2
     assert "use --img-size 225 225 or larger (the graph then serves every size from there up), or --static" in (
         capsys.readouterr().err)
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--format", "onnx", "--img-size", "128", "160",
+                 "--static", "-o", str(tmp_path / "static.onnx")]) == 0
+    assert "valid input sizes: height 128..128, width 160..160" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--format", "onnx", "--img-size", "256", "320",
                  "-o", str(path)]) == 0  # our checkpoint brings its config; the export checks itself
     out = capsys.readouterr().out

@@ -312,8 +312,9 @@ def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, 
     }
     if loaded.cat_ids is not None:
         metadata["crossformer.category_ids"] = json.dumps(loaded.cat_ids)
+    size_range = None if args.static else graph.size_range(height, width)  # a one-line error below 225 pixels
     return write_traced(args, graph, output, name, height, width, dynamic=not args.static, metadata=metadata,
-                        size_range=graph.size_range(height, width), batch=1)
+                        size_range=size_range, batch=1)
 
 
 COMMANDS: dict[str, VerbHandler] = {
