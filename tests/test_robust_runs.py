@@ -113,6 +113,16 @@ def test_the_default_output_folder_is_the_one_help_names(capsys) -> None:
     assert "(default output/train)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_every_command_describes_itself_in_whole_sentences() -> None:
+    from crossformer.cli import COMMANDS, build_parsers
+
+    _, parsers = build_parsers()
+    assert set(parsers) == set(COMMANDS)
+    for name, parser in parsers.items():
+        assert parser.description.startswith(f"``crossformer {name}") and parser.description.endswith("."), (
+            name, parser.description)
+
+
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
 def test_every_config_flag_says_what_it_sets(task: str) -> None:
     """Each flag's help names its key and says what it is; an unset text or path is not shown

@@ -52,8 +52,8 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         module = importlib.import_module(f"crossformer.commands.{name.replace('-', '_')}")
         # No abbreviated flags: the command line is read for whole flags before parsing (--config,
         # --img-size), so "--img 256" would be taken as a size yet not seen as one given.
-        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
-                                 allow_abbrev=False)
+        summary = " ".join((module.__doc__ or help_text).strip().split("\n\n")[0].split())  # the first paragraph
+        command = sub.add_parser(name, help=help_text, description=summary, allow_abbrev=False)
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task)
         else:

@@ -1,5 +1,4 @@
-"""``crossformer export``: a classifier, backbone, segmentor or detector as ONNX, TorchScript or
-safetensors.
+"""``crossformer export``: a classifier, backbone, segmentor or detector as ONNX, TorchScript or safetensors.
 
 Classifiers, backbones and segmentors (a segmentation ``--config``, or our segmentation
 checkpoint) export to ONNX with symbolic batch, height and width; detectors (a detection
