@@ -8,6 +8,7 @@ checkpoint) export to ONNX with symbolic batch, height and width; detectors (a d
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .common import (
     add_model_arg_argument,
@@ -18,6 +19,9 @@ from .common import (
     require_model,
     run_task_verb,
 )
+
+if TYPE_CHECKING:
+    from crossformer.export import SizeRange
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_OPSET = 18
@@ -130,7 +134,8 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def write_traced(args: argparse.Namespace, model, output, name: str, height: int, width: int,
-                 dynamic: bool, metadata: dict[str, str] | None = None, size_range=None, batch: int | None = None) -> int:
+                 dynamic: bool, metadata: dict[str, str] | None = None, size_range: SizeRange | None = None,
+                 batch: int | None = None) -> int:
     """Write ``model`` (in eval mode) as TorchScript or ONNX (then checked against
     onnxruntime unless ``--no-check``), saying what was written; the exit status.
     ``size_range`` and ``batch``: as :func:`crossformer.export.export_onnx` takes them."""
@@ -164,7 +169,7 @@ def write_traced(args: argparse.Namespace, model, output, name: str, height: int
         print(f"{counted} compared on random images: {found}"
               + ("; none found, so compare the file with PyTorch on your own images" if empty else ""))
     if not all(err <= 1e-4 for err in errors.values()):
-        print("error: onnxruntime and PyTorch disagree by more than 1e-4")
+        print("error: onnxruntime and PyTorch disagree by more than 1e-4 (relative to outputs above 1)")
         return 1
     return 0
 
