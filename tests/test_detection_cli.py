@@ -246,6 +246,14 @@ def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, ca
             agree(session.run(None, {"images": image.numpy()}), expected)
             found += expected[0].shape[0]
     assert found > 20  # the comparison compared detections
+    # graph_input prepares a picture as the loader does (docs/export.md's example)
+    from crossformer.data import read_rgb
+    from crossformer.detection.export import graph_input
+
+    batch, image = next(resized_images(trained["coco"], (256, 320)))
+    picture = read_rgb(coco_paths(trained["coco"], "val")[1] / batch.metas[0]["file_name"])
+    images, factors = graph_input(picture, max_size=320, min_size=256)
+    assert torch.equal(images, image) and factors == tuple(batch.metas[0]["scale_factor"])
 
 
 def test_export_safetensors_keeps_the_detector_and_its_config(trained, tmp_path: Path) -> None:

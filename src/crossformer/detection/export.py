@@ -13,15 +13,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..errors import UserInputError
 from ..export import SizeRange, dynamic_size_range
 from .detectors import Detector
+from .predict import image_sample
+from .transforms import DEFAULT_SCALE, build_test_transform
 
-__all__ = ["DetectionGraph", "SIZE_DIVISOR"]
+__all__ = ["DetectionGraph", "SIZE_DIVISOR", "graph_input"]
 
 SIZE_DIVISOR = 32  # mmdet's test pipeline pads every image to a multiple of this
+
+
+def graph_input(image: Image.Image, max_size: int = DEFAULT_SCALE[0], min_size: int = DEFAULT_SCALE[1],
+                ) -> tuple[torch.Tensor, tuple[float, float]]:
+    """An RGB image as the graph (and its ONNX file) takes it: resized as the test pipeline
+    does (longer side at most ``max_size``, shorter ``min_size``: a config's ``data.max_size``
+    and ``data.min_size``) and normalised, ``(1, 3, H, W)``; and the ``(w, h)`` resize factors
+    (divide the boxes by them for the original image's pixels)."""
+    sample = build_test_transform(max_size, min_size)(image_sample(image.convert("RGB")))
+    return sample.image[None], tuple(float(f) for f in sample.scale_factor)
 
 
 def _round_up(size: int) -> int:

@@ -21,7 +21,16 @@ from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
 from .transforms import build_test_transform
 
-__all__ = ["PredictOutput", "predict_detections", "render_detections"]
+__all__ = ["PredictOutput", "predict_detections", "render_detections", "image_sample"]
+
+
+def image_sample(image: Image.Image, image_id: int = 0, file_name: str = "") -> DetectionSample:
+    """An RGB image as the transforms take it: float32 ``(3, H, W)`` on 0-255, no targets."""
+    return DetectionSample(
+        image=torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()),
+        boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), masks=None,
+        image_id=image_id, file_name=file_name, ori_shape=(image.height, image.width),
+    )
 
 
 @dataclass
@@ -94,12 +103,7 @@ def predict_detections(
             if logger is not None:
                 logger.info(f"skipped unreadable image {path}: {err}")
             continue
-        sample = DetectionSample(
-            image=torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()),
-            boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), masks=None,
-            image_id=image_id, file_name=str(path), ori_shape=(image.height, image.width),
-        )
-        batch = collate_detection([transform(sample)])
+        batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
         output = {k: v.cpu() for k, v in detector(batch.images.to(device), batch.metas)[0].items()}
         records.extend({**r, "file_name": str(path)} for r in detections_to_coco([output], [image_id], cat_ids))
         name = path.stem if path.stem not in used_names else f"{path.stem}_{image_id}"
