@@ -69,6 +69,18 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
                  "--img-size", "48", "32", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["labels"]) == 3
 
+    # --interpolation and --crop-pct replace what the checkpoint records, as --img-size does
+    import importlib
+
+    evaluating = importlib.import_module("crossformer.classification.evaluate")  # the package exports evaluate()
+    transforms = []
+    build = evaluating.build_eval_transform
+    monkeypatch.setattr(evaluating, "build_eval_transform", lambda *args: transforms.append(args) or build(*args))
+    assert main(["evaluate", "num_workers=0", "--checkpoint", str(output / "best.pth"), "--data", str(data),
+                 "--device", "cpu", "--interpolation", "nearest", "--crop-pct", "1.0", "--json"]) == 0
+    capsys.readouterr()
+    assert transforms == [(32, 1.0, "nearest")]
+
     # settings and images between and after the flags; an existing file named like a setting is an image
     assert main(["evaluate", "num_workers=0", "--checkpoint", str(output / "best.pth"), "img_size=[32,48]", "--data",
                  str(data), "--json", "device=cpu"]) == 0
@@ -154,6 +166,8 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--config", "nope"], "bundled: crossformer_base")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--batch-size", "64"], "fewer than one batch")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--img-size", "16"], "at least 32")
+    _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--interpolation", "cubic"],
+                    "data.interpolation must be one of bicubic, bilinear, nearest, box, hamming, lanczos, got 'cubic'")
     _one_line_error(capsys, ["train", "--data", str(data), *out, *TINY_ARGS, "--resume", str(tmp_path / "none.pth")],
                     "checkpoint not found")
     _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth")],

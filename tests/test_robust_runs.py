@@ -446,3 +446,17 @@ def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, t
     assert f"--overwrite: deleted the earlier run's last.pth, best.pth, metrics.jsonl, log.txt in {output}" in \
         capsys.readouterr().out
     assert [r["epoch"] for r in _records(output) if "val/acc1" in r] == [0]
+
+
+def test_inference_flags_show_the_defaults_the_verb_uses(capsys) -> None:
+    """evaluate and predict read size, crop and filter from the checkpoint and batch by 64 / 32
+    when not told: their help says so, not the training config's defaults."""
+    for verb, expected in (("evaluate", ("(default: 64)", "data.img_size: N (square) or H W (default: the checkpoint's)",
+                                         "crop img_size (default: the checkpoint's)",
+                                         "hamming or lanczos (default: the checkpoint's)")),
+                           ("predict", ("(default: 32)", "(default: the checkpoint's)"))):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(part in text for part in expected), (verb, text)
+        assert "(default 128)" not in text and "(default 224)" not in text

@@ -45,7 +45,7 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
     metrics = evaluate(
         args.checkpoint, config.data.folder(), model=given.get("model.name"), split=args.split,
         img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
-        batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers"), use_ema=args.ema,
+        interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers"), use_ema=args.ema,
         amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,
         model_kwargs=_kwargs(args, config),
     )
@@ -106,10 +106,14 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
     return 0
 
 
+_CHECKPOINTS = "the checkpoint's"  # our checkpoints record their size, crop and filter (else 224, 0.875, bicubic)
 COMMANDS: dict[str, VerbHandler] = {
-    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
+    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS, {
+        "run.batch_size": "64", "data.img_size": _CHECKPOINTS, "test.crop_pct": _CHECKPOINTS,
+        "data.interpolation": _CHECKPOINTS}),
     "predict": VerbHandler(_predict_arguments, _predict,
-                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.device")),
+                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.device"),
+                           {"run.batch_size": "32", "data.img_size": _CHECKPOINTS}),
 }
 
 

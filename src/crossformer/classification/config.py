@@ -16,6 +16,10 @@ __all__ = [
 ]
 
 
+# the resize filters of timm's training and evaluation transforms (torchvision's names)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     shorthand: ClassVar[str] = "name"
@@ -36,7 +40,7 @@ class DataConfig:
 
     root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); unset: the built-in digits
     img_size: int | tuple[int, int] = 224  # N (square) or H W
-    interpolation: str = "bicubic"  # resize filter, e.g. bicubic or bilinear
+    interpolation: str = "bicubic"  # resize filter: bicubic, bilinear, nearest, box, hamming or lanczos
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 
     @property
@@ -56,6 +60,9 @@ class DataConfig:
     def validate(self) -> None:
         from ..models.crossformer import MIN_INPUT_SIZE
 
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserInputError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                                 f"got {self.interpolation!r}")
         if min(self.size_hw) < MIN_INPUT_SIZE:
             raise UserInputError(
                 f"data.img_size must be at least {MIN_INPUT_SIZE} (CrossFormer's smallest input), got {self.img_size}"

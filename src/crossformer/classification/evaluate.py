@@ -102,6 +102,7 @@ def evaluate(
     split: str = "val",
     img_size: int | tuple[int, int] | None = None,
     crop_pct: float | None = None,
+    interpolation: str | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     use_ema: bool = False,
@@ -110,7 +111,8 @@ def evaluate(
     skip_corrupt: bool = False,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint on ``DATA/<split>`` (bicubic resize to size/crop_pct, centre crop).
+    """Evaluate a checkpoint on ``DATA/<split>`` (resize to size/crop_pct, centre crop). Size,
+    crop and resize filter: the arguments, else what the checkpoint records (bicubic, 0.875).
 
     Our checkpoints know their model and classes; the authors' files need ``model`` and
     take their class order from the sorted folder names (the ImageNet convention).
@@ -120,7 +122,8 @@ def evaluate(
     ctx = setup_distributed(device)
     try:
         loaded = load_classifier(checkpoint, model, img_size, use_ema, ctx.device, model_kwargs)
-        transform = build_eval_transform(loaded.img_size, crop_pct or loaded.crop_pct, loaded.interpolation)
+        transform = build_eval_transform(loaded.img_size, crop_pct or loaded.crop_pct,
+                                         interpolation or loaded.interpolation)
         dataset = ImageFolderDataset(data, split, classes=loaded.class_names, transform=transform)
         if len(dataset.classes) != loaded.num_classes:
             raise DataError(

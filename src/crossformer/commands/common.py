@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import UserInputError
 
@@ -68,13 +68,15 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
 
 
-def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[str, tuple[str, str, Any]]:
+def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
+                 shown_defaults: Mapping[str, str] | None = None) -> dict[str, tuple[str, str, Any]]:
     """``--flag`` -> ``(section.field, help, type hint)`` for the fields of a sectioned configuration.
 
     A field whose name no other section has gets ``--field-name``; others ``--section-field-name``.
     A section's ``shorthand`` field is set by ``--section`` (``--model NAME``, ``--data PATH``).
     Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
-    ``section.field``) limits the flags to those; ``None``: all.
+    ``section.field``) limits the flags to those; ``None``: all. ``shown_defaults`` replaces the
+    default a flag's help shows (a verb that reads a key's value elsewhere when it is not given).
     """
     import typing
 
@@ -106,6 +108,8 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None) -> dict[
         comment = _field_comments(section_cls).get(name)
         # an unset text or path says nothing as "(default None)"; the comment says what unset means
         shown = "" if default is None or default == "" else f" (default {default})"
+        if shown_defaults and key in shown_defaults:
+            shown = f" (default: {shown_defaults[key]})"
         flags[flag] = (key, f"{key}{': ' + comment if comment else ''}{shown}", hint)
     return flags
 
@@ -123,12 +127,13 @@ def _field_comments(section_cls: type) -> dict[str, str]:
     return {name: comment.strip().replace("%", "%%") for name, comment in found}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None,
+                         shown_defaults: Mapping[str, str] | None = None) -> None:
     """Flags for the configuration's fields (see :func:`config_flags`); unset flags change nothing."""
     import typing
     from types import UnionType
 
-    for flag, (key, help_text, hint) in config_flags(config_cls, keys).items():
+    for flag, (key, help_text, hint) in config_flags(config_cls, keys, shown_defaults).items():
         metavar = key.rsplit(".", 1)[1].upper()
         kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
@@ -237,7 +242,7 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     if handler is None:  # said when the command runs: building the parser must not fail for other verbs
         return
     handler.add_arguments(parser)
-    add_config_arguments(parser, module.CONFIG, handler.config_keys)
+    add_config_arguments(parser, module.CONFIG, handler.config_keys, handler.defaults)
 
 
 def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]:

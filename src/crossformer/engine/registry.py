@@ -24,7 +24,7 @@ import argparse
 import difflib
 import importlib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -61,6 +61,9 @@ class VerbHandler:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Any, dict[str, Any]], int]
     config_keys: tuple[str, ...] | None = None
+    # what the verb uses for a configuration key that is not given, where that is not the
+    # configuration's default (help text, e.g. {"data.img_size": "the checkpoint's"})
+    defaults: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
