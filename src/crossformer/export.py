@@ -255,7 +255,7 @@ def export_onnx(
         path: The ``.onnx`` file to write (one file, weights included).
         img_size: ``(height, width)`` of the example input used for tracing.
         dynamic: Symbolic height and width. ``False`` fixes them to the example size
-            (the batch stays symbolic either way).
+            (the batch stays symbolic either way unless ``batch`` fixes it).
         opset: ONNX opset (default 18).
         metadata: More ``metadata_props`` entries (e.g. the class names).
         size_range: The sizes the graph serves, when the model knows them better than

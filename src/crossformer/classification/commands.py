@@ -45,7 +45,8 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
     metrics = evaluate(
         args.checkpoint, config.data.folder(), model=given.get("model.name"), split=args.split,
         img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
-        interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 64), num_workers=given.get("run.num_workers"), use_ema=args.ema,
+        interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 64),
+        num_workers=given.get("run.num_workers"), use_ema=args.ema,
         amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,
         model_kwargs=_kwargs(args, config),
     )

@@ -242,7 +242,7 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     if handler is None:  # said when the command runs: building the parser must not fail for other verbs
         return
     handler.add_arguments(parser)
-    add_config_arguments(parser, module.CONFIG, handler.config_keys, handler.defaults)
+    add_config_arguments(parser, module.CONFIG, handler.config_keys, handler.shown_defaults)
 
 
 def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -8,7 +8,8 @@ checkpoint) export to ONNX with symbolic batch, height and width; detectors (a d
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .common import (
     add_model_arg_argument,
@@ -109,15 +110,36 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     return description
 
 
-def refuse_classifier_options(args: argparse.Namespace, model: str) -> None:
-    """One-line error for the options that describe a classifier or backbone, given for a
-    ``model`` ("a segmentor", "a detector") that its config describes."""
+def check_dense_options(args: argparse.Namespace, kind: str, authors_format: str) -> None:
+    """One-line errors for a segmentor's or detector's export (``kind``): the options that
+    describe a classifier or backbone (its config describes the model), and no ``--checkpoint``
+    (ours or the authors' ``authors_format`` file)."""
     from crossformer.errors import UserInputError
 
     for flag, value in (("--features", args.features), ("--num-classes", args.num_classes is not None),
                         ("--model", args.model), ("--model-arg", args.model_arg)):
         if value:
-            raise UserInputError(f"{flag} is for classifiers and backbones; {model}'s config describes it")
+            raise UserInputError(f"{flag} is for classifiers and backbones; a {kind}'s config describes it")
+    if not args.checkpoint:
+        raise UserInputError(f"--checkpoint is needed: the {kind}'s weights (ours or the authors' {authors_format} file)")
+
+
+def dense_output(args: argparse.Namespace, config: Any) -> tuple[str, Path]:
+    """A segmentor's or detector's name (``kind_backbone``) and the file its export writes."""
+    from crossformer.atomic import check_output_path
+
+    name = f"{config.model.kind}_{config.model.backbone}"
+    return name, check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+
+
+def write_dense_weights(model: Any, checkpoint: Mapping[str, Any], output: Path) -> int:
+    """``--format safetensors`` for a segmentor or detector: its weights, with what the
+    checkpoint records (classes, and for ours the config it was trained with)."""
+    from crossformer.models import checkpoint_description, save_safetensors
+
+    path = save_safetensors(model.state_dict(), output, checkpoint_description(checkpoint))
+    print(f"wrote {path} (weights, with the classes and the config our checkpoints record)")
+    return 0
 
 
 def check_options(args: argparse.Namespace) -> None:

@@ -278,27 +278,20 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
 def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     """The detector as ONNX, one image in and its detections out (:class:`.export.DetectionGraph`),
     from an example of the config's test scale unless ``--img-size``; or its weights."""
-    from ..atomic import check_output_path
     from ..commands.common import img_size
-    from ..commands.export import FORMATS, check_options, refuse_classifier_options, write_traced
-    from ..models import checkpoint_description, save_safetensors
+    from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
     from .export import DetectionGraph
     from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    refuse_classifier_options(args, "a detector")
-    if not args.checkpoint:
-        raise UserInputError("--checkpoint is needed: the detector's weights (ours or the authors' mmdet file)")
+    check_dense_options(args, "detector", "mmdet")
     if args.format == "torchscript":
         raise UserInputError("a detector exports to ONNX or safetensors: a traced TorchScript module would keep the "
                              "example's number of detections")
     check_options(args)
     loaded = load_detector(config, args.checkpoint, torch.device("cpu"), args.ema)
-    name = f"{config.model.kind}_{config.model.backbone}"
-    output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+    name, output = dense_output(args, config)
     if args.format == "safetensors":
-        path = save_safetensors(loaded.detector.state_dict(), output, checkpoint_description(loaded.checkpoint))
-        print(f"wrote {path} (weights, with the classes and the config our checkpoints record)")
-        return 0
+        return write_dense_weights(loaded.detector, loaded.checkpoint, output)
     height, width = img_size(args, default=(config.data.min_size, config.data.max_size))
     graph = DetectionGraph(loaded.detector).eval()
     names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]

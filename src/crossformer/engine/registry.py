@@ -63,7 +63,7 @@ class VerbHandler:
     config_keys: tuple[str, ...] | None = None
     # what the verb uses for a configuration key that is not given, where that is not the
     # configuration's default (help text, e.g. {"data.img_size": "the checkpoint's"})
-    defaults: Mapping[str, str] = field(default_factory=dict)
+    shown_defaults: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -315,23 +315,16 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     """The segmentor as ONNX (every size the example's graph serves, or with ``--static`` the
     example's alone: the config's crop size unless ``--img-size``) or TorchScript (that size)
     from normalised images to full-size logits, or its weights."""
-    from ..atomic import check_output_path
     from ..commands.common import img_size
-    from ..commands.export import FORMATS, check_options, refuse_classifier_options, write_traced
-    from ..models import checkpoint_description, save_safetensors
+    from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
     from .segmentor import FullSizeLogits
 
-    refuse_classifier_options(args, "a segmentor")
-    if not args.checkpoint:
-        raise UserInputError("--checkpoint is needed: the segmentor's weights (ours or the authors' mmseg file)")
+    check_dense_options(args, "segmentor", "mmseg")
     check_options(args)
     segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
-    name = f"{config.model.kind}_{config.model.backbone}"
-    output = check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+    name, output = dense_output(args, config)
     if args.format == "safetensors":
-        path = save_safetensors(segmentor.state_dict(), output, checkpoint_description(checkpoint))
-        print(f"wrote {path} (weights, with the classes and the config our checkpoints record)")
-        return 0
+        return write_dense_weights(segmentor, checkpoint, output)
     height, width = img_size(args, default=tuple(config.pipeline.crop_size))
     names, _, _ = _labels_of(checkpoint, segmentor.num_classes)
     pipeline = config.pipeline
