@@ -33,3 +33,11 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Training (``run.cpu_threads``) and some tests set torch's thread count: each test gives it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

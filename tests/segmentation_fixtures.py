@@ -6,22 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
 import yaml
 
 from crossformer.segmentation.synthetic import make_ade_dataset
 
 TINY_BACKBONE = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], group_size=[4, 4, 2, 1],
                      interval=[2, 2, 1, 1])
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """Training sets ``run.cpu_threads``: give the other tests their thread count back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_tiny_ade(root: Path, images: int = 12) -> Path:

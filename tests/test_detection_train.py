@@ -36,13 +36,6 @@ AUTHORS_ROWS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
     return make_tiny_coco(tmp_path_factory.mktemp("coco"))

@@ -29,7 +29,7 @@ from crossformer.engine import (
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
-from test_cli_classification import _restore_threads, data  # noqa: F401 (fixtures: a tiny image folder)
+from test_cli_classification import data  # noqa: F401 (fixture: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
 # A CrossFormer that trains an epoch of 24 images in about a second on one CPU thread.
@@ -460,3 +460,29 @@ def test_inference_flags_show_the_defaults_the_verb_uses(capsys) -> None:
         text = " ".join(capsys.readouterr().out.split())
         assert all(part in text for part in expected), (verb, text)
         assert "(default 128)" not in text and "(default 224)" not in text
+    # the batch size's help speaks of inference, not of the training's global batch
+    assert "run.batch_size: images per forward pass, per process (default: 32)" in text
+    assert "accum_steps" not in text
+
+
+@pytest.mark.parametrize("config,shown,hidden", [
+    ("digits", ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),
+     ("(default 300)",)),
+    ("mask_rcnn_shapes_demo", ("when scale_lr (default 0.002)",), ("when scale_lr (default 0.0001)",)),
+])
+def test_train_help_shows_the_named_config_files_values(capsys, config, shown, hidden) -> None:
+    """``train --config X --help`` shows X's settings as the defaults, not the config class's."""
+    with pytest.raises(SystemExit):
+        main(["train", "--config", config, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(part in text for part in shown), text
+    assert not any(part in text for part in hidden), text
+
+
+def test_help_with_an_unreadable_config_shows_the_class_defaults(capsys, tmp_path: Path) -> None:
+    """A file whose settings do not load still gives help (its error comes when the command runs)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: classification\nrun:\n  epochs: many\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(broken), "--help"])
+    assert "(default 300)" in " ".join(capsys.readouterr().out.split())

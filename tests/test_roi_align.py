@@ -1,4 +1,6 @@
-"""Our RoIAlign backward (matrix products) against torchvision's kernel."""
+"""Our RoIAlign (threaded forward, matrix-product backward) against torchvision's kernels."""
+
+import threading
 
 import pytest
 import torch
@@ -51,12 +53,56 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda f: roi_align(f, boxes, 3, 0.5), (features,))
 
 
-def test_large_maps_and_inference_use_torchvision(monkeypatch):
+def test_large_maps_use_torchvision_backward(monkeypatch):
     features, boxes = _case(5, 1, 2, 8, 8, 5, 1.0, 6.0)
-    assert _backward(roi_align(features, boxes, 2, 1.0)) == "ours"
+    features = features.detach().float().requires_grad_()
+    boxes = boxes.float()
+    expected = torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True)
+    grad_out = torch.randn_like(expected)
+    (want,) = torch.autograd.grad(expected, features, grad_out)
     monkeypatch.setattr(roi_align_module, "MATMUL_BACKWARD_PIXELS", 63)  # the map has 64
-    assert _backward(roi_align(features, boxes, 2, 1.0)) == "torchvision"
+    (got,) = torch.autograd.grad(roi_align(features, boxes, 2, 1.0), features, grad_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the kernel's own sums, bit for bit
+
+
+@pytest.fixture
+def two_threads():
+    torch.set_num_threads(2)  # conftest gives the count back
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_split_over_threads_equals_torchvision(monkeypatch, two_threads, channels_last):
+    features, boxes = _case(6, 2, 8, 20, 24, 3 * roi_align_module.THREADED_FORWARD_ROIS, 0.5, 30.0)
+    features = features.detach().float()
+    if channels_last:  # as the FPN's maps are
+        features = features.contiguous(memory_format=torch.channels_last)
+    boxes = boxes.float()
+    callers = []
+    kernel = roi_align_module._kernel
+
+    def recording_kernel(*args):
+        callers.append(threading.current_thread().name)
+        return kernel(*args)
+
+    monkeypatch.setattr(roi_align_module, "_kernel", recording_kernel)
+    expected = torchvision_roi_align(features, boxes, 7, 0.5, 0, aligned=True)
+    with torch.inference_mode():
+        inferred = roi_align(features, boxes, 7, 0.5)
+    assert inferred.grad_fn is None
+    torch.testing.assert_close(inferred, expected, rtol=0, atol=0)
+    assert len(callers) == 2 and any(name.startswith("roi_align") for name in callers)
+    trained = roi_align(features.requires_grad_(), boxes, 7, 0.5)
+    assert _backward(trained) == "ours"
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+
+
+def test_few_rois_stay_on_the_calling_thread(monkeypatch, two_threads):
+    features, boxes = _case(7, 1, 2, 8, 8, roi_align_module.THREADED_FORWARD_ROIS, 1.0, 6.0)
+    callers = []
+    kernel = roi_align_module._kernel
+    monkeypatch.setattr(roi_align_module, "_kernel",
+                        lambda *args: callers.append(threading.current_thread().name) or kernel(*args))
     with torch.no_grad():
         out = roi_align(features, boxes, 2, 1.0)
-    assert out.grad_fn is None
-    torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True))
+    torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True), rtol=0, atol=0)
+    assert callers == [threading.current_thread().name]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from crossformer.cli import main
 from crossformer.engine import load_training_state
-from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, restore_threads, write_config  # noqa: F401
+from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, write_config
 
 
 @pytest.fixture(scope="module")

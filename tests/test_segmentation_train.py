@@ -22,7 +22,7 @@ from crossformer.errors import UserInputError
 from crossformer.segmentation.config import SegmentationConfig
 from crossformer.segmentation.task import SegmentationTask, build_model, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
-from segmentation_fixtures import make_tiny_ade, restore_threads, tiny_config  # noqa: F401
+from segmentation_fixtures import make_tiny_ade, tiny_config
 
 TESTS = Path(__file__).resolve().parent
 ROWS = {"small": 0.2, "base": 0.3, "large": 0.5, "pp_small": 0.2, "pp_base": 0.3}  # the authors' drop path

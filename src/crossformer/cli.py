@@ -1,7 +1,8 @@
 """The ``crossformer`` command line: one subcommand per job, for every task.
 
 Each subcommand lives in ``crossformer.commands.<name>`` and provides ``add_arguments(parser)``
-and ``run(args) -> int``; task-aware ones (``TASK_AWARE = True``) take the task too, so their
+and ``run(args) -> int``; task-aware ones (``TASK_AWARE = True``) take the task too (and the
+``--config`` file's settings, for ``--help`` to show), so their
 flags come from that task's configuration: ``--config NAME_OR_FILE`` names it (classification
 by default). Heavy imports happen inside ``run`` so that ``crossformer --help`` stays fast.
 """
@@ -38,10 +39,11 @@ _CONFIG_DISPATCH = ("benchmark", "flops", "export")
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and each command's own; the task-aware commands get the flags of the task
     ``--config`` in ``argv`` names."""
-    from .commands.common import add_config_argument, config_task
+    from .commands.common import add_config_argument, config_task, help_config
 
     argv = list(argv)
     task = config_task(argv)
+    shown_config = help_config(argv, task)
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
@@ -55,7 +57,7 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         summary = " ".join((module.__doc__ or help_text).strip().split("\n\n")[0].split())  # the first paragraph
         command = sub.add_parser(name, help=help_text, description=summary, allow_abbrev=False)
         if getattr(module, "TASK_AWARE", False):
-            module.add_arguments(command, task)
+            module.add_arguments(command, task, shown_config)
         else:
             module.add_arguments(command)
         command.set_defaults(_run=module.run)

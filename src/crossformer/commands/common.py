@@ -69,14 +69,18 @@ _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from co
 
 
 def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
-                 shown_defaults: Mapping[str, str] | None = None) -> dict[str, tuple[str, str, Any]]:
+                 shown_defaults: Mapping[str, str] | None = None, shown_config: Any | None = None,
+                 comments: Mapping[str, str] | None = None) -> dict[str, tuple[str, str, Any]]:
     """``--flag`` -> ``(section.field, help, type hint)`` for the fields of a sectioned configuration.
 
     A field whose name no other section has gets ``--field-name``; others ``--section-field-name``.
     A section's ``shorthand`` field is set by ``--section`` (``--model NAME``, ``--data PATH``).
     Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
     ``section.field``) limits the flags to those; ``None``: all. ``shown_defaults`` replaces the
-    default a flag's help shows (a verb that reads a key's value elsewhere when it is not given).
+    default a flag's help shows (a verb that reads a key's value elsewhere when it is not given);
+    ``shown_config`` (a ``config_cls`` instance: the ``--config`` file's settings) supplies the
+    other defaults shown, else ``config_cls()``. ``comments`` replaces a key's help (the field's
+    comment in the source) where a verb uses it differently from training.
     """
     import typing
 
@@ -87,7 +91,7 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
     for _, name in leaves.values():
         counts[name] = counts.get(name, 0) + 1
     hints = typing.get_type_hints(config_cls)
-    defaults = config_cls()
+    defaults = shown_config if shown_config is not None else config_cls()
     flags: dict[str, tuple[str, str, Any]] = {}
     for key, (section, name) in leaves.items():
         if keys is not None and section not in keys and key not in keys:
@@ -105,7 +109,7 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
             flag = f"--{name.replace('_', '-')}"
         else:
             flag = f"--{section}-{name.replace('_', '-')}"
-        comment = _field_comments(section_cls).get(name)
+        comment = (comments or {}).get(key) or _field_comments(section_cls).get(name)
         # an unset text or path says nothing as "(default None)"; the comment says what unset means
         shown = "" if default is None or default == "" else f" (default {default})"
         if shown_defaults and key in shown_defaults:
@@ -128,12 +132,13 @@ def _field_comments(section_cls: type) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None,
-                         shown_defaults: Mapping[str, str] | None = None) -> None:
+                         shown_defaults: Mapping[str, str] | None = None, shown_config: Any | None = None,
+                         comments: Mapping[str, str] | None = None) -> None:
     """Flags for the configuration's fields (see :func:`config_flags`); unset flags change nothing."""
     import typing
     from types import UnionType
 
-    for flag, (key, help_text, hint) in config_flags(config_cls, keys, shown_defaults).items():
+    for flag, (key, help_text, hint) in config_flags(config_cls, keys, shown_defaults, shown_config, comments).items():
         metavar = key.rsplit(".", 1)[1].upper()
         kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
@@ -213,6 +218,26 @@ def config_task(argv: list[str]) -> str:
     return task
 
 
+def help_config(argv: list[str], task: str) -> Any | None:
+    """With ``--help`` and a ``--config`` in ``argv``: that file's settings over the task's
+    defaults (not validated: a file that needs a flag to be complete still shows), for the
+    help to show as the flags' defaults. ``None`` otherwise, or when the file cannot be read
+    as the task's config (the command itself then says what is wrong)."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return None
+    name = _flag_value(argv, "--config")
+    if name is None:
+        return None
+    from ..engine.config import apply_overrides, load_yaml
+    from ..engine.registry import find_config, task_module
+
+    try:
+        path = find_config(name)
+        return apply_overrides(task_module(task).CONFIG(), load_yaml(path), source=str(path))
+    except UserInputError:
+        return None
+
+
 def add_config_argument(parser: argparse.ArgumentParser, default_help: str = "") -> None:
     parser.add_argument(
         "--config", metavar="NAME_OR_FILE",
@@ -231,8 +256,13 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if i not in overrides], overrides
 
 
-def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None:
-    """``--config``, the task's handler flags for ``verb`` and the configuration flags it reads."""
+# the help of keys that evaluate and predict read otherwise than training does
+_INFERENCE_COMMENTS = {"run.batch_size": "images per forward pass, per process"}
+
+
+def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str, shown_config: Any | None = None) -> None:
+    """``--config``, the task's handler flags for ``verb`` and the configuration flags it reads
+    (their help showing ``shown_config``'s values, see :func:`help_config`)."""
     from ..engine.registry import task_commands, task_module
 
     module = task_module(task)
@@ -242,7 +272,8 @@ def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str) -> None
     if handler is None:  # said when the command runs: building the parser must not fail for other verbs
         return
     handler.add_arguments(parser)
-    add_config_arguments(parser, module.CONFIG, handler.config_keys, handler.shown_defaults)
+    add_config_arguments(parser, module.CONFIG, handler.config_keys, handler.shown_defaults, shown_config,
+                         _INFERENCE_COMMENTS)
 
 
 def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]:

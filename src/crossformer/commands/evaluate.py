@@ -7,6 +7,7 @@ reads (``--config`` decides the task; classification by default).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .common import add_task_verb, run_task_verb
 
@@ -14,8 +15,8 @@ TASK_AWARE = True
 VERB = "evaluate"
 
 
-def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    add_task_verb(parser, task, VERB)
+def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any | None = None) -> None:
+    add_task_verb(parser, task, VERB, shown_config)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting of the config")
 
 

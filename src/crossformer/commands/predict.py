@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .common import add_task_verb, run_task_verb, split_overrides
 
@@ -13,9 +14,9 @@ TASK_AWARE = True
 VERB = "predict"
 
 
-def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any | None = None) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (and KEY=VALUE settings)")
-    add_task_verb(parser, task, VERB)
+    add_task_verb(parser, task, VERB, shown_config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,17 +7,18 @@ The flags come from the task's configuration fields (``--config`` decides the ta
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .common import add_config_argument, add_config_arguments
 
 TASK_AWARE = True
 
 
-def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any | None = None) -> None:
     from crossformer.engine.registry import task_module
 
     add_config_argument(parser)
-    add_config_arguments(parser, task_module(task).CONFIG)
+    add_config_arguments(parser, task_module(task).CONFIG, shown_config=shown_config)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="any setting, e.g. optimizer.lr=1e-3 model.kwargs.embed_dim=32 (bare names when unique: epochs=5)")
 

@@ -131,9 +131,16 @@ class TwoStageDetector(Detector):
             out.append(r)
         return out
 
+    @staticmethod
+    def roi_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The RoI heads' four levels (strides 4-32), each made NCHW-contiguous once: the FPN's
+        maps are channels-last, and torchvision's RoIAlign kernel would copy the whole map again
+        at every call (box head, mask head, each cascade stage)."""
+        return [level.contiguous() for level in features[:4]]
+
     def detect(self, features, metas):
         *_, proposals = self.proposals(features, metas, self.test_proposals)
-        return self.roi_head.predict(features[:4], [p[0] for p in proposals], _img_shapes(metas), self.rcnn_settings)
+        return self.roi_head.predict(self.roi_levels(features), [p[0] for p in proposals], _img_shapes(metas), self.rcnn_settings)
 
     def predict(self, features, metas):
         return self.finalize(self.detect(features, metas), metas)
@@ -144,9 +151,9 @@ class TwoStageDetector(Detector):
         losses = self.rpn_head.loss(scores, deltas, anchors, gt_boxes, _img_shapes(metas))
         boxes = [p[0] for p in proposals]
         if isinstance(self.roi_head, CascadeRoIHead):
-            losses.update(self.roi_head.loss(features[:4], boxes, targets, _img_shapes(metas)))
+            losses.update(self.roi_head.loss(self.roi_levels(features), boxes, targets, _img_shapes(metas)))
         else:
-            losses.update(self.roi_head.loss(features[:4], boxes, targets))
+            losses.update(self.roi_head.loss(self.roi_levels(features), boxes, targets))
         return losses
 
 

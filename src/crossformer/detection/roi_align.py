@@ -1,4 +1,5 @@
-"""RoIAlign (``aligned=True``, adaptive sampling) with a CPU backward made of matrix products.
+"""RoIAlign (``aligned=True``, adaptive sampling) on the CPU: a backward made of matrix products
+and a forward on every thread.
 
 torchvision's CPU backward adds one float at a time, on one thread: a Mask R-CNN training step
 on the demo's small maps spent 30 % of its time there. Bilinear sampling on a regular grid is
@@ -7,19 +8,62 @@ so a roi's output is ``Wy @ map @ Wx^T`` per channel with ``(size, H)`` and ``(s
 weight matrices, and the gradient of the map is ``Wy^T @ grad @ Wx``: two matrix products per
 image. Their cost grows with the map's area, torchvision's with the rois' sample counts;
 the products are used for maps of at most :data:`MATMUL_BACKWARD_PIXELS` pixels (measured:
-benchmarks/RESULTS.md). The forward pass is always torchvision's.
+benchmarks/RESULTS.md), torchvision's backward kernel above.
+
+The forward pass is torchvision's kernel, which on the CPU also runs on one thread. It releases
+the GIL, so the rois are split over ``torch.get_num_threads()`` Python threads: each chunk's
+output is the kernel's own, so the values are unchanged.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
 
 from ..models.layers import capturing_graph
 
-__all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS"]
+__all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS", "THREADED_FORWARD_ROIS"]
 
 MATMUL_BACKWARD_PIXELS = 128 * 128
+# Fewer rois than this run on the calling thread: a chunk must outweigh a thread hand-off (~50 us).
+THREADED_FORWARD_ROIS = 16
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _workers(count: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``count`` threads, made on first use."""
+    with _pools_lock:
+        if count not in _pools:
+            _pools[count] = ThreadPoolExecutor(max_workers=count, thread_name_prefix="roi_align")
+        return _pools[count]
+
+
+# A forked child (a data-loader worker) inherits the pools but not their threads.
+os.register_at_fork(after_in_child=_pools.clear)
+
+
+def _kernel(features: torch.Tensor, rois: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+    """torchvision's forward kernel, outside autograd (grad mode is per thread)."""
+    with torch.no_grad():
+        return torch.ops.torchvision.roi_align(features, rois, scale, size, size, 0, True)
+
+
+def _forward(features: torch.Tensor, rois: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+    """``(K, C, size, size)`` from torchvision's kernel, the rois split over torch's CPU threads."""
+    threads = min(torch.get_num_threads(), rois.shape[0] // THREADED_FORWARD_ROIS)
+    if threads < 2:
+        return _kernel(features, rois, size, scale)
+    features = features.contiguous()  # once: the kernel would copy a channels-last map in every chunk
+    chunks = rois.tensor_split(threads)
+    pool = _workers(threads - 1)
+    pending = [pool.submit(_kernel, features, chunk, size, scale) for chunk in chunks[1:]]
+    return torch.cat([_kernel(features, chunks[0], size, scale)] + [job.result() for job in pending])
 
 
 def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
@@ -56,19 +100,24 @@ def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: 
 
 
 class _RoIAlign(torch.autograd.Function):
-    """torchvision's forward; the backward as matrix products (see the module)."""
+    """torchvision's forward on every CPU thread; the backward as matrix products on small maps
+    (see the module), torchvision's kernel on large ones."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, rois: torch.Tensor, size: int, scale: float) -> torch.Tensor:
         ctx.save_for_backward(rois)
         ctx.shape, ctx.size, ctx.scale = features.shape, size, scale
-        return torchvision_roi_align(features, rois, size, scale, 0, aligned=True)
+        return _forward(features, rois, size, scale)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (rois,) = ctx.saved_tensors
         n, channels, height, width = ctx.shape
         size = ctx.size
+        if height * width > MATMUL_BACKWARD_PIXELS:
+            grad = torch.ops.torchvision._roi_align_backward(
+                grad_out.contiguous(), rois, ctx.scale, size, size, n, channels, height, width, 0, True)
+            return grad, None, None, None
         boxes = rois[:, 1:].to(grad_out.dtype) * ctx.scale - 0.5  # aligned: pixel centres at integers
         rows = _axis_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], size, height)
         cols = _axis_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], size, width)
@@ -93,7 +142,8 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, size: int, scale: floa
     Returns:
         ``(K, C, size, size)``.
     """
-    if (not capturing_graph() and features.requires_grad and torch.is_grad_enabled() and features.device.type == "cpu"
-            and features.shape[-2] * features.shape[-1] <= MATMUL_BACKWARD_PIXELS and rois.shape[0] > 0):
+    if capturing_graph() or features.device.type != "cpu" or rois.shape[0] == 0:
+        return torchvision_roi_align(features, rois, size, scale, 0, aligned=True)
+    if features.requires_grad and torch.is_grad_enabled():
         return _RoIAlign.apply(features, rois, size, scale)
-    return torchvision_roi_align(features, rois, size, scale, 0, aligned=True)
+    return _forward(features, rois, size, scale)
