@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ SHARED = ROOT.parent / "shared"
 REFERENCE = SHARED / "reference"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for spec_reference
+
+# The commands run in this process (and in the tests' subprocesses) leave malloc as it is: keeping
+# freed memory is process-wide, and tests/test_memory.py checks it in processes of its own.
+os.environ["CROSSFORMER_KEEP_FREED_MEMORY"] = "0"
 
 # Per spec section 9: the settings the reference checkpoints were made with.
 REFERENCE_CONFIGS = {

@@ -68,6 +68,8 @@ class BenchConfig:
     warmup: int = 2
     steps: int = 1  # timed steps per model per round
     memory: bool = True
+    # the process's malloc keeps freed memory, as `crossformer train` sets it (engine/memory.py)
+    keep_freed_memory: bool = False
 
 
 @dataclass
@@ -324,6 +326,8 @@ def format_summary(summary: dict) -> str:
     cfg = summary["config"]
     extras = [f"amp {cfg['amp']}" if cfg["amp"] else "fp32"]
     extras += [name for name in ("channels_last", "compile", "grad_checkpointing") if cfg[name]]
+    if cfg.get("keep_freed_memory"):
+        extras.append("freed memory kept")
     lines = [
         f"device      {summary['device']}, torch {summary['torch']}",
         f"input       {cfg['img_size'][0]}x{cfg['img_size'][1]}, {', '.join(extras)}, "

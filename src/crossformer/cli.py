@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
 _RANK_0_GRACE_S = 3.0
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops", "export")
+# commands that run a model over data: their process keeps the memory malloc frees (engine/memory.py)
+_KEEP_FREED_MEMORY = ("train", "evaluate", "predict", "demo")
 
 
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -182,6 +184,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         _say(f"crossformer {command}: error: {err}")
         return 2
+    if args.command in _KEEP_FREED_MEMORY:
+        from .engine.memory import keep_freed_memory, wanted_by_environment
+
+        if wanted_by_environment():
+            keep_freed_memory()
     try:
         if args.command in _CONFIG_DISPATCH:
             if args.config:

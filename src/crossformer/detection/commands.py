@@ -238,6 +238,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     import torchvision
 
     from ..benchmark import BenchConfig, format_summary, run_benchmark, summarise
+    from ..commands.benchmark import keeps_freed_memory
     from .task import build_configured_detector
 
     if args.mode not in (None, "infer"):
@@ -258,7 +259,8 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
             torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
         )
     bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
-                        amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory)
+                        amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory,
+                        keep_freed_memory=keeps_freed_memory(args))
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     peer = TORCHVISION_PEER if args.compare is not None else None
     summary = summarise(run_benchmark(models, bench, log=log), bench, compare=peer)

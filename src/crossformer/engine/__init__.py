@@ -1,7 +1,8 @@
 """Task-independent training machinery, shared by classification, detection and segmentation:
 the training loop (:mod:`.trainer`) driving a :class:`Task`, layered configuration and the task
 registry, distributed set-up, atomic checkpoints and resume, logging and progress, optimizer
-and schedules, mixed precision, seeding, and the non-finite-loss guard."""
+and schedules, mixed precision, seeding, the non-finite-loss guard, and keeping freed memory
+in the process."""
 
 from .amp import AMP_CHOICES, Precision, resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic
@@ -19,6 +20,7 @@ from .config import (
 from .distributed import DistContext, default_workers, resolve_device, set_cpu_threads, setup_distributed, teardown_distributed
 from .output import RUN_FILES, claim_output
 from .guard import NonFiniteLossError, check_finite_loss
+from .memory import keep_freed_memory
 from .logging import Progress, RunLogger
 from .optim import build_optimizer, param_groups, scale_lr
 from .schedule import LRSchedule, build_schedule, cosine_factor, linear_warmup, poly_factor, step_factor
@@ -34,6 +36,7 @@ __all__ = [
     "DistContext", "default_workers", "resolve_device", "set_cpu_threads", "setup_distributed", "teardown_distributed",
     "RUN_FILES", "claim_output",
     "NonFiniteLossError", "check_finite_loss",
+    "keep_freed_memory",
     "Progress", "RunLogger",
     "build_optimizer", "param_groups", "scale_lr",
     "LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor",

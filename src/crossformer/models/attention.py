@@ -64,10 +64,16 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         dtype = q.dtype
         q, k, v, mask, out, grad_out = (t.float() for t in (q, k, v, mask, out, grad_out))  # no-ops in fp32
         scale = ctx.scale
-        batch, groups, tokens, _ = q.shape
         grad_out = grad_out.contiguous()
-        # D = rowsum(dO * O), the softmax backward's correction term: (B, M, N, 1)
-        neg_delta = (grad_out * out).sum(-1, keepdim=True).neg_()
+        batch, groups, tokens, head_dim = q.shape
+        neg_delta = (grad_out * out).sum(-1, keepdim=True).neg_()  # D = rowsum(dO * O): (B, M, N, 1)
+        # dO v^T - D: for long groups as one product, dO and v each given one more column (-D
+        # and 1): two (B, M, N, d + 1) copies instead of a pass broadcasting -D over every
+        # N x N block, which pays from N ~ 4 d (49-token groups: the copies cost more).
+        one_product = tokens >= 4 * head_dim
+        if one_product:
+            grad_out_delta = torch.cat([grad_out, neg_delta], dim=-1)
+            v_ones = torch.cat([v, torch.ones_like(neg_delta)], dim=-1)
         # contiguous, so that the per-chunk views below are written in place
         grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         grad_mask = torch.zeros(mask.shape[1:], dtype=mask.dtype, device=mask.device)
@@ -83,9 +89,13 @@ class _BiasedAttentionCPU(torch.autograd.Function):
             probs = flat(mask[0] - lse[part].unsqueeze(-1))
             probs.baddbmm_(qs, ks.transpose(1, 2), alpha=scale).exp_()
             # dS = P * (dO v^T - D)
-            grad_scores = torch.baddbmm(flat(neg_delta[part]), dos, vs.transpose(1, 2))  # -D broadcast
+            if one_product:
+                grad_scores = torch.bmm(flat(grad_out_delta[part]), flat(v_ones[part]).transpose(1, 2))
+            else:
+                grad_scores = torch.baddbmm(flat(neg_delta[part]), dos, vs.transpose(1, 2))
             grad_scores.mul_(probs)
-            grad_mask += grad_scores.view(-1, groups, tokens, tokens).sum(0)
+            rows = grad_scores.view(-1, groups, tokens, tokens)
+            grad_mask += rows[0] if rows.shape[0] == 1 else rows.sum(0)  # one image: no reduction pass
             torch.bmm(probs.transpose(1, 2), dos, out=flat(grad_v[part]))
             dq, dk = flat(grad_q[part]), flat(grad_k[part])
             torch.baddbmm(dq, grad_scores, ks, beta=0, alpha=scale, out=dq)

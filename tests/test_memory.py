@@ -1,0 +1,76 @@
+"""Keeping freed memory in the process (``crossformer.engine.memory``) and the commands that do it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from crossformer import cli
+from crossformer.engine import memory
+
+FAULTS = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from crossformer.engine.memory import keep_freed_memory
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+    def faults_of_one_step():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.ones(16 << 20)  # 64 MB: above glibc's largest mmap threshold
+        del x
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults_of_one_step()
+    print(kept, min(faults_of_one_step() for _ in range(3)))
+""")
+
+
+def _faults(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True).stdout
+    kept, faults = out.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_freed_tensor_is_reused_without_page_faults() -> None:
+    """By default every 64 MB tensor is mapped afresh (16K page faults); once freed memory is
+    kept, the second one reuses the first's pages."""
+    kept, default_faults = _faults("default")
+    assert kept == "False" and default_faults > 8000, default_faults
+    kept, kept_faults = _faults("keep")
+    assert kept == "True" and kept_faults < 100, kept_faults
+
+
+@pytest.mark.parametrize("argv,applies", [
+    (["evaluate", "--checkpoint", "missing.pth"], True),
+    (["predict", "image.png", "--checkpoint", "missing.pth"], True),
+    (["train", "--config", "missing.yaml"], False),  # a config that cannot be read stops the parse first
+    (["train", "--model", "crossformer_tiny", "--data", "missing-folder"], True),
+    (["flops", "--model", "not_a_model"], False),
+    (["benchmark", "--model", "not_a_model"], False),
+])
+def test_the_commands_that_run_models_over_data_keep_freed_memory(monkeypatch, tmp_path, argv, applies) -> None:
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(memory.ENV_SWITCH, "1")
+    assert cli.main(argv) != 0  # each stops on its missing input, after the setting
+    assert bool(calls) == applies
+    if applies and "--keep-freed-memory" not in argv:
+        calls.clear()
+        monkeypatch.setenv(memory.ENV_SWITCH, "0")
+        assert cli.main(argv) != 0
+        assert not calls
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_benchmark_keeps_freed_memory_when_asked_and_says_so(monkeypatch, capsys, flag) -> None:
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    argv = ["benchmark", "--model", "crossformer_tiny", "--img-size", "64", "--batch-size", "1", "--rounds", "1",
+            "--warmup", "0", "--no-memory"] + (["--keep-freed-memory"] if flag else [])
+    assert cli.main(argv) == 0
+    assert bool(calls) == flag
+    header = capsys.readouterr().out.splitlines()[1]
+    assert ("freed memory kept" in header) == flag, header
