@@ -465,15 +465,19 @@ def test_inference_flags_show_the_defaults_the_verb_uses(capsys) -> None:
     assert "accum_steps" not in text
 
 
-@pytest.mark.parametrize("config,shown,hidden", [
-    ("digits", ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),
+@pytest.mark.parametrize("argv,shown,hidden", [
+    (["--config", "digits"],
+     ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),
      ("(default 300)",)),
-    ("mask_rcnn_shapes_demo", ("when scale_lr (default 0.002)",), ("when scale_lr (default 0.0001)",)),
+    (["--config", "mask_rcnn_shapes_demo"], ("when scale_lr (default 0.002)",), ("when scale_lr (default 0.0001)",)),
+    ([], ("(default 15)",), ("(default 300)",)),  # no config, no model: train reads digits
+    (["--model", "crossformer_small"], ("(default 300)", "when scale_lr (default 0.0005)"), ("(default 15)",)),
 ])
-def test_train_help_shows_the_named_config_files_values(capsys, config, shown, hidden) -> None:
-    """``train --config X --help`` shows X's settings as the defaults, not the config class's."""
+def test_train_help_shows_the_values_of_the_config_it_would_read(capsys, argv, shown, hidden) -> None:
+    """``train [--config X | --model M] --help`` shows the settings of the file train would read
+    (X, M's bundled recipe, or digits) as the defaults, not the config class's."""
     with pytest.raises(SystemExit):
-        main(["train", "--config", config, "--help"])
+        main(["train", *argv, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(part in text for part in shown), text
     assert not any(part in text for part in hidden), text

@@ -219,18 +219,22 @@ def config_task(argv: list[str]) -> str:
 
 
 def help_config(argv: list[str], task: str) -> Any | None:
-    """With ``--help`` and a ``--config`` in ``argv``: that file's settings over the task's
-    defaults (not validated: a file that needs a flag to be complete still shows), for the
-    help to show as the flags' defaults. ``None`` otherwise, or when the file cannot be read
-    as the task's config (the command itself then says what is wrong)."""
+    """With ``--help``: the settings of the config file the command would read (``--config``,
+    or for ``train`` the task's default one, e.g. the ``--model``'s bundled recipe) over the
+    task's defaults, for the help to show as the flags' defaults. Not validated: a file that
+    needs a flag to be complete still shows. ``None`` without such a file, or when it cannot
+    be read as the task's config (the command itself then says what is wrong)."""
     if not any(arg in ("-h", "--help") for arg in argv):
-        return None
-    name = _flag_value(argv, "--config")
-    if name is None:
         return None
     from ..engine.config import apply_overrides, load_yaml
     from ..engine.registry import find_config, task_module
 
+    name = _flag_value(argv, "--config")
+    if name is None and argv and argv[0] == "train" and hasattr(task_module(task), "default_config"):
+        model = _flag_value(argv, "--model")
+        name = task_module(task).default_config({"model.name": model} if model else {})
+    if name is None:
+        return None
     try:
         path = find_config(name)
         return apply_overrides(task_module(task).CONFIG(), load_yaml(path), source=str(path))
