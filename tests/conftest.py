@@ -15,9 +15,9 @@ REFERENCE = SHARED / "reference"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for spec_reference
 
-# The commands run in this process (and in the tests' subprocesses) leave malloc as it is: keeping
-# freed memory is process-wide, and tests/test_memory.py checks it in processes of its own.
-os.environ["CROSSFORMER_KEEP_FREED_MEMORY"] = "0"
+# Keeping freed memory is process-wide and opt-in: a developer's setting must not reach the
+# commands run in this process (tests/test_memory.py checks the setting in processes of its own).
+os.environ.pop("CROSSFORMER_KEEP_FREED_MEMORY", None)
 
 # Per spec section 9: the settings the reference checkpoints were made with.
 REFERENCE_CONFIGS = {

@@ -208,7 +208,7 @@ def test_bundled_configs_hold_the_authors_recipe() -> None:
 @pytest.mark.slow
 def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     output = tmp_path / "ddp"
-    # the command as users run it: its processes keep freed memory (conftest turns that off elsewhere)
+    # with freed memory kept (opt-in), in the processes torchrun starts
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CROSSFORMER_KEEP_FREED_MEMORY": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",

@@ -50,16 +50,19 @@ def test_a_freed_tensor_is_reused_without_page_faults() -> None:
     (["flops", "--model", "not_a_model"], False),
     (["benchmark", "--model", "not_a_model"], False),
 ])
-def test_the_commands_that_run_models_over_data_keep_freed_memory(monkeypatch, tmp_path, argv, applies) -> None:
+def test_the_commands_that_run_models_over_data_keep_freed_memory_when_asked(monkeypatch, tmp_path, argv, applies) -> None:
     calls = []
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(memory.ENV_SWITCH, "1")
     assert cli.main(argv) != 0  # each stops on its missing input, after the setting
     assert bool(calls) == applies
-    if applies and "--keep-freed-memory" not in argv:
+    for off in (None, "0"):  # opt-in: unset or "0" leaves malloc as it is
         calls.clear()
-        monkeypatch.setenv(memory.ENV_SWITCH, "0")
+        if off is None:
+            monkeypatch.delenv(memory.ENV_SWITCH)
+        else:
+            monkeypatch.setenv(memory.ENV_SWITCH, off)
         assert cli.main(argv) != 0
         assert not calls
 

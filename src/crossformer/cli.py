@@ -34,7 +34,8 @@ COMMANDS: dict[str, str] = {
 _RANK_0_GRACE_S = 3.0
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops", "export")
-# commands that run a model over data: their process keeps the memory malloc frees (engine/memory.py)
+# commands that run a model over data: with CROSSFORMER_KEEP_FREED_MEMORY=1 their process keeps
+# the memory malloc frees (engine/memory.py)
 _KEEP_FREED_MEMORY = ("train", "evaluate", "predict", "demo")
 
 
