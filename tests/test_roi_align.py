@@ -70,14 +70,9 @@ def two_threads():
     torch.set_num_threads(2)  # conftest gives the count back
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_forward_split_over_threads_equals_torchvision(monkeypatch, two_threads, channels_last):
-    features, boxes = _case(6, 2, 8, 20, 24, 3 * roi_align_module.THREADED_FORWARD_ROIS, 0.5, 30.0)
-    features = features.detach().float()
-    if channels_last:  # as the FPN's maps are
-        features = features.contiguous(memory_format=torch.channels_last)
-    boxes = boxes.float()
-    callers = []
+def _record_kernel_threads(monkeypatch) -> list[str]:
+    """The names of the threads that run torchvision's forward kernel from now on."""
+    callers: list[str] = []
     kernel = roi_align_module._kernel
 
     def recording_kernel(*args):
@@ -85,6 +80,17 @@ def test_forward_split_over_threads_equals_torchvision(monkeypatch, two_threads,
         return kernel(*args)
 
     monkeypatch.setattr(roi_align_module, "_kernel", recording_kernel)
+    return callers
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_split_over_threads_equals_torchvision(monkeypatch, two_threads, channels_last):
+    features, boxes = _case(6, 2, 8, 20, 24, 3 * roi_align_module.THREADED_FORWARD_ROIS, 0.5, 30.0)
+    features = features.detach().float()
+    if channels_last:  # as the FPN's maps are
+        features = features.contiguous(memory_format=torch.channels_last)
+    boxes = boxes.float()
+    callers = _record_kernel_threads(monkeypatch)
     expected = torchvision_roi_align(features, boxes, 7, 0.5, 0, aligned=True)
     with torch.inference_mode():
         inferred = roi_align(features, boxes, 7, 0.5)
@@ -98,10 +104,7 @@ def test_forward_split_over_threads_equals_torchvision(monkeypatch, two_threads,
 
 def test_few_rois_stay_on_the_calling_thread(monkeypatch, two_threads):
     features, boxes = _case(7, 1, 2, 8, 8, roi_align_module.THREADED_FORWARD_ROIS, 1.0, 6.0)
-    callers = []
-    kernel = roi_align_module._kernel
-    monkeypatch.setattr(roi_align_module, "_kernel",
-                        lambda *args: callers.append(threading.current_thread().name) or kernel(*args))
+    callers = _record_kernel_threads(monkeypatch)
     with torch.no_grad():
         out = roi_align(features, boxes, 2, 1.0)
     torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True), rtol=0, atol=0)

@@ -68,7 +68,7 @@ class BenchConfig:
     warmup: int = 2
     steps: int = 1  # timed steps per model per round
     memory: bool = True
-    # the process's malloc keeps freed memory, as `crossformer train` sets it (engine/memory.py)
+    # the process's malloc keeps freed memory (engine/memory.py; the commands' opt-in)
     keep_freed_memory: bool = False
 
 

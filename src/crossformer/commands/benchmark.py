@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="run as crossformer train does: the process's malloc keeps the memory it frees, "
-                             "so large tensors are not page-faulted in again every step (engine/memory.py)")
+                        help="the process's malloc keeps the memory it frees, so large tensors are not "
+                             "page-faulted in again every step (as CROSSFORMER_KEEP_FREED_MEMORY=1 makes train do)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--peak", action="store_true",
                         help="also time each GEMM backend (a large square and the model's linear shapes) and "
@@ -63,7 +63,7 @@ def keeps_freed_memory(args: argparse.Namespace) -> bool:
     """Set ``--keep-freed-memory`` for this process; whether it is in effect."""
     from crossformer.engine.memory import keep_freed_memory
 
-    return bool(getattr(args, "keep_freed_memory", False)) and keep_freed_memory()
+    return args.keep_freed_memory and keep_freed_memory()
 
 
 def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> "BenchConfig":

@@ -229,15 +229,16 @@ def help_config(argv: list[str], task: str) -> Any | None:
     from ..engine.config import apply_overrides, load_yaml
     from ..engine.registry import find_config, task_module
 
+    module = task_module(task)
     name = _flag_value(argv, "--config")
-    if name is None and argv and argv[0] == "train" and hasattr(task_module(task), "default_config"):
+    if name is None and argv and argv[0] == "train" and hasattr(module, "default_config"):
         model = _flag_value(argv, "--model")
-        name = task_module(task).default_config({"model.name": model} if model else {})
+        name = module.default_config({"model.name": model} if model else {})
     if name is None:
         return None
     try:
         path = find_config(name)
-        return apply_overrides(task_module(task).CONFIG(), load_yaml(path), source=str(path))
+        return apply_overrides(module.CONFIG(), load_yaml(path), source=str(path))
     except UserInputError:
         return None
 
