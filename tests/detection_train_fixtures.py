@@ -67,13 +67,25 @@ def resized_images(coco: Path, size: tuple[int, int]):
         yield batch, batch.images[:, :, :h, :w].contiguous()
 
 
-def agree(got: list[np.ndarray], expected: tuple[torch.Tensor, ...]) -> None:
-    """Same detections in the same order: boxes within 1e-3 px + 1e-5 relative, scores 1e-5,
-    labels equal, mask probabilities 1e-4."""
-    assert [g.shape for g in got] == [tuple(e.shape) for e in expected]
+def agree(got: list[np.ndarray], expected: tuple[torch.Tensor, ...], differing: int = 2) -> None:
+    """The same detections: each expected one paired with a found one of its label whose box
+    is within 1e-3 px + 1e-5 relative and score within 1e-5, mask probabilities then within
+    1e-4; the order may differ where scores tie. Up to ``differing`` detections may have no
+    pair: the RPN keeps each level's best anchors by logit, logits differ by rounding (~1e-6)
+    between runtimes, and two anchors that swap at that cut-off can each yield a detection."""
+    assert len(got) == len(expected)
     boxes, scores, labels, *masks = (torch.from_numpy(g) for g in got)
-    assert torch.allclose(boxes, expected[0], atol=1e-3, rtol=1e-5)
-    assert torch.allclose(scores, expected[1], atol=1e-5, rtol=0)
-    assert torch.equal(labels, expected[2])
-    if masks:
-        assert torch.allclose(masks[0], expected[3], atol=1e-4, rtol=0)
+    assert [g.shape[1:] for g in got] == [e.shape[1:] for e in expected]
+    unused = list(range(boxes.shape[0]))
+    unpaired = 0
+    for i, (box, score, label) in enumerate(zip(*expected[:3])):
+        pair = next((j for j in unused if labels[j] == label and abs(float(scores[j] - score)) <= 1e-5
+                     and torch.allclose(boxes[j], box, atol=1e-3, rtol=1e-5)), None)
+        if pair is None:
+            unpaired += 1
+            continue
+        unused.remove(pair)
+        if masks:
+            assert torch.allclose(masks[0][pair], expected[3][i], atol=1e-4, rtol=0)
+    assert unpaired <= differing and len(unused) <= differing, (
+        f"{unpaired} of {expected[0].shape[0]} detections expected and {len(unused)} of {boxes.shape[0]} found differ")
