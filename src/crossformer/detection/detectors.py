@@ -23,6 +23,7 @@ from .cascade import CascadeRoIHead
 from .config import DetectorKind
 from .fpn import FPN
 from .retinanet import RetinaHead, RetinaSettings
+from .roi_align import nchw_contiguous
 from .roi_heads import RCNNSettings, StandardRoIHead, paste_masks
 from .rpn import ProposalSettings, RPNHead
 
@@ -136,7 +137,7 @@ class TwoStageDetector(Detector):
         """The RoI heads' four levels (strides 4-32), each made NCHW-contiguous once: the FPN's
         maps are channels-last, and torchvision's RoIAlign kernel would copy the whole map again
         at every call (box head, mask head, each cascade stage)."""
-        return [level.contiguous() for level in features[:4]]
+        return [nchw_contiguous(level) for level in features[:4]]
 
     def detect(self, features, metas):
         *_, proposals = self.proposals(features, metas, self.test_proposals)
