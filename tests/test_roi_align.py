@@ -110,25 +110,3 @@ def test_few_rois_stay_on_the_calling_thread(monkeypatch, two_threads):
     torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True), rtol=0, atol=0)
     assert callers == [threading.current_thread().name]
 
-
-@pytest.mark.parametrize("shape,expected_strips", [((2, 8, 67, 9), [3] * 22 + [1]), ((1, 3, 5, 400), [1] * 5)])
-def test_nchw_contiguous_copies_large_maps_in_strips(monkeypatch, shape, expected_strips):
-    """Large channels-last maps are copied a strip of rows at a time (the last strip short):
-    the values, the NCHW layout and the gradient are those of ``.contiguous()``."""
-    monkeypatch.setattr(roi_align_module, "STRIP_COPY_ELEMENTS", 1000)
-    monkeypatch.setattr(roi_align_module, "STRIP_ELEMENTS", 500)
-    strips = []
-    original = torch.Tensor.copy_
-    monkeypatch.setattr(torch.Tensor, "copy_", lambda out, x: strips.append(out.shape[2]) or original(out, x))
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    out = roi_align_module.nchw_contiguous(x)
-    assert out.is_contiguous() and torch.equal(out, x.detach())
-    assert strips == expected_strips
-    weight = torch.randn(shape)
-    (out * weight).sum().backward()
-    assert torch.equal(x.grad, weight)
-    strips.clear()
-    small = torch.randn(1, 3, 10, 10).contiguous(memory_format=torch.channels_last)
-    assert roi_align_module.nchw_contiguous(small).is_contiguous() and not strips  # one plain copy
-    plain = torch.randn(2, 8, 67, 9)
-    assert roi_align_module.nchw_contiguous(plain) is plain

@@ -19,11 +19,11 @@ from torch import nn
 from ..errors import UserInputError
 from ..models import VARIANTS
 from ..models.dense import authors_dense_settings, build_dense_backbone
+from ..models.layout import nchw_contiguous
 from .cascade import CascadeRoIHead
 from .config import DetectorKind
 from .fpn import FPN
 from .retinanet import RetinaHead, RetinaSettings
-from .roi_align import nchw_contiguous
 from .roi_heads import RCNNSettings, StandardRoIHead, paste_masks
 from .rpn import ProposalSettings, RPNHead
 

@@ -25,17 +25,13 @@ import torch
 from torchvision.ops import roi_align as torchvision_roi_align
 
 from ..models.layers import capturing_graph
+from ..models.layout import nchw_contiguous
 
-__all__ = ["roi_align", "nchw_contiguous", "MATMUL_BACKWARD_PIXELS", "THREADED_FORWARD_ROIS"]
+__all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS", "THREADED_FORWARD_ROIS"]
 
 MATMUL_BACKWARD_PIXELS = 128 * 128
 # Fewer rois than this run on the calling thread: a chunk must outweigh a thread hand-off (~50 us).
 THREADED_FORWARD_ROIS = 16
-# Channels-last maps of at least this many elements are made NCHW a strip of rows at a time,
-# each strip about STRIP_ELEMENTS (512 KB of float32): PyTorch's one-pass copy runs 2.5-6x
-# slower on such maps (benchmarks/RESULTS.md row 68), and smaller ones gain nothing.
-STRIP_COPY_ELEMENTS = 1 << 20
-STRIP_ELEMENTS = 1 << 17
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -69,30 +65,6 @@ def _forward(features: torch.Tensor, rois: torch.Tensor, size: int, scale: float
     pool = _workers(threads - 1)
     pending = [pool.submit(_kernel, features, chunk, size, scale) for chunk in chunks[1:]]
     return torch.cat([_kernel(features, chunks[0], size, scale)] + [job.result() for job in pending])
-
-
-class _StripCopy(torch.autograd.Function):
-    """``x.contiguous()`` for a 4-d CPU map, copied a strip of rows at a time."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rows = max(1, STRIP_ELEMENTS // (x.numel() // x.shape[2]))
-        for top in range(0, x.shape[2], rows):
-            out[:, :, top:top + rows].copy_(x[:, :, top:top + rows])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-        return grad_out  # a copy's gradient, whatever its layout
-
-
-def nchw_contiguous(features: torch.Tensor) -> torch.Tensor:
-    """``features.contiguous()`` (``(N, C, H, W)``), faster from a large channels-last CPU map."""
-    if (features.is_contiguous() or features.numel() < STRIP_COPY_ELEMENTS or features.device.type != "cpu"
-            or capturing_graph()):
-        return features.contiguous()
-    return _StripCopy.apply(features)
 
 
 def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:

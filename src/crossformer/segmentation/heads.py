@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 
+from ..models.layout import nchw_cat
+
 __all__ = ["ConvModule", "SegmentationHead", "FPNHead", "UPerHead", "FCNHead", "fpn_neck", "run_fpn_neck"]
 
 
@@ -187,7 +189,9 @@ class UPerHead(SegmentationHead):
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1], strict=True)]
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
-        fused = torch.cat([outs[0], *(resize(x, size) for x in outs[1:])], dim=1)
+        # NCHW, as the levels' layouts are mixed: fpn_bottleneck runs faster on it than on
+        # channels-last (benchmarks/RESULTS.md row 69)
+        fused = nchw_cat([outs[0], *(resize(x, size) for x in outs[1:])])
         return self.classify(self.fpn_bottleneck(fused))
 
 
