@@ -43,7 +43,7 @@ class _Conv(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv(x))
+        return F.relu(self.conv(x), inplace=True)
 
 
 class RetinaHead(nn.Module):

@@ -105,7 +105,7 @@ class _ConvBN(nn.Module):
         _kaiming(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 class BBoxHead(nn.Module):
@@ -149,7 +149,7 @@ class BBoxHead(nn.Module):
             x = conv(x)
         x = x.flatten(1)
         for fc in self.shared_fcs:
-            x = F.relu(fc(x))
+            x = F.relu(fc(x), inplace=True)
         return self.fc_cls(x), self.fc_reg(x)
 
 
@@ -170,8 +170,8 @@ class MaskHead(nn.Module):
         # fast (benchmarks/RESULTS.md row 67); a no-op when the input already is.
         x = x.contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.conv_logits(F.relu(self.upsample(x)))
+            x = F.relu(conv(x), inplace=True)
+        return self.conv_logits(F.relu(self.upsample(x), inplace=True))
 
 
 class _NamedConv(nn.Module):

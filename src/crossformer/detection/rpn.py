@@ -86,7 +86,7 @@ class RPNHead(nn.Module):
         """FPN levels -> objectness logits ``(B, A, h, w)`` and deltas ``(B, 4A, h, w)`` per level."""
         scores, deltas = [], []
         for x in features:
-            x = F.relu(self.rpn_conv(x))
+            x = F.relu(self.rpn_conv(x), inplace=True)
             scores.append(self.rpn_cls(x))
             deltas.append(self.rpn_reg(x))
         return scores, deltas
