@@ -15,7 +15,7 @@ from crossformer.detection.assign import MaxIoUAssigner
 from crossformer.detection.box_coding import WH_RATIO_CLIP, DeltaXYWHCoder
 from crossformer.detection.cascade import STAGE_STDS, regress_by_class
 from crossformer.detection.flops import count_layer_macs
-from crossformer.detection.roi_heads import mask_targets, paste_masks
+from crossformer.detection.roi_heads import MaskHead, mask_targets, paste_masks
 from crossformer.detection.rpn import ProposalSettings
 from crossformer.errors import UserInputError
 from crossformer.models import CheckpointError, count_params
@@ -165,6 +165,24 @@ def test_rpn_loss_on_a_hand_made_case():
         total += abs((gx1 + gx2 - x1 - x2) / 2 / aw) + abs((gy1 + gy2 - y1 - y2) / 2 / ah)
         total += abs(math.log((gx2 - gx1) / aw)) + abs(math.log((gy2 - gy1) / ah))
     assert math.isclose(losses["loss_rpn_bbox"].item(), total / 256, rel_tol=1e-5)
+
+
+def test_mask_head_runs_channels_last_on_cpu_with_nchw_values():
+    """The CPU layout choice (channels-last: faster deconv) changes no value beyond rounding."""
+    torch.manual_seed(0)
+    head = MaskHead(5, channels=16)
+    x = torch.randn(3, 16, 14, 14, requires_grad=True)
+    out = head(x)
+    assert out.shape == (3, 5, 28, 28) and out.is_contiguous(memory_format=torch.channels_last)
+    nchw = x
+    for conv in head.convs:
+        nchw = torch.relu(conv(nchw))
+    expected = head.conv_logits(torch.relu(head.upsample(nchw)))
+    assert expected.is_contiguous() and torch.allclose(out, expected, atol=1e-5)
+    weight = torch.randn(out.shape)
+    (grad,) = torch.autograd.grad((out * weight).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weight).sum(), x)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 def test_paste_masks_by_hand():

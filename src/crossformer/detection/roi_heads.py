@@ -165,10 +165,11 @@ class MaskHead(nn.Module):
         _kaiming(self.conv_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(K, C, 14, 14)`` -> ``(K, num_classes, 28, 28)`` logits (channels-last)."""
-        # oneDNN's convolutions run these shapes faster channels-last, the 2x deconv twice as
-        # fast (benchmarks/RESULTS.md row 67); a no-op when the input already is.
-        x = x.contiguous(memory_format=torch.channels_last)
+        """``(K, C, 14, 14)`` -> ``(K, num_classes, 28, 28)`` logits (channels-last on the CPU)."""
+        if x.device.type == "cpu":
+            # oneDNN runs these shapes faster channels-last, the 2x deconv twice as fast
+            # (benchmarks/RESULTS.md row 67); a no-op when the input already is.
+            x = x.contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
             x = F.relu(conv(x), inplace=True)
         return self.conv_logits(F.relu(self.upsample(x), inplace=True))
