@@ -109,4 +109,3 @@ def test_few_rois_stay_on_the_calling_thread(monkeypatch, two_threads):
         out = roi_align(features, boxes, 2, 1.0)
     torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True), rtol=0, atol=0)
     assert callers == [threading.current_thread().name]
-
