@@ -173,6 +173,8 @@ _FORCED_GEMM: list[str] = []
 def _gemm_mkl(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if product == "forward":  # x (M, K), weight (N, K) -> (M, N)
         return F.linear(a, b, bias)
+    if product == "batched":  # (B, M, K), (B, K, N) -> (B, M, N)
+        return torch.bmm(a, b)
     if product == "grad_input":  # grad (M, N), weight (N, K) -> (M, K)
         return a.mm(b)
     return a.t().mm(b)  # grad_weight: grad (M, N), x (M, K) -> (N, K)
@@ -182,6 +184,8 @@ def _gemm_onednn(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Ten
     # _linear_pointwise(A, B) is A @ B^T; oneDNN reads the transposed views in place.
     if product == "forward":
         return _LINEAR_POINTWISE(a, b, bias, "none", [], "none")
+    if product == "batched":
+        return torch.stack([_LINEAR_POINTWISE(a_k, b_k.t(), None, "none", [], "none") for a_k, b_k in zip(a, b)])
     if product == "grad_input":
         return _LINEAR_POINTWISE(a, b.t(), None, "none", [], "none")
     return _LINEAR_POINTWISE(a.t(), b.t(), None, "none", [], "none")
@@ -192,6 +196,8 @@ _GEMMS = {"mkl": _gemm_mkl, "onednn": _gemm_onednn}
 
 def _gemm_key(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple:
     """Shape class of a product: exact inner sizes, rows rounded to a power of two."""
+    if product == "batched":
+        return (product, a.dtype, torch.get_num_threads(), a.shape[0], a.shape[1].bit_length(), a.shape[2], b.shape[2])
     return (product, a.dtype, torch.get_num_threads(), a.shape[0].bit_length(), a.shape[1], b.shape[0 if product == "forward" else 1])
 
 
@@ -218,11 +224,14 @@ def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Ten
 
 
 def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One of a linear layer's training products on the backend measured fastest for its shape.
+    """A product on the backend measured fastest for its shape: a linear layer's training
+    products, and the batched products of :mod:`crossformer.models.winograd`.
 
     ``product``: ``"forward"`` (``a`` = x ``(M, K)``, ``b`` = weight ``(N, K)``: ``a b^T + bias``),
-    ``"grad_input"`` (``a`` = grad ``(M, N)``, ``b`` = weight: ``a b``) or ``"grad_weight"``
-    (``a`` = grad, ``b`` = x: ``a^T b``).
+    ``"grad_input"`` (``a`` = grad ``(M, N)``, ``b`` = weight: ``a b``), ``"grad_weight"``
+    (``a`` = grad, ``b`` = x: ``a^T b``) or ``"batched"`` (``a`` ``(B, M, K)``, ``b``
+    ``(B, K, N)``: ``a b`` per batch entry, no bias; MKL ``bmm`` against a oneDNN product
+    per entry).
     """
     if _FORCED_GEMM:
         return _GEMMS[_FORCED_GEMM[-1]](product, a, b, bias)
@@ -240,7 +249,8 @@ def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
 
 def gemm_choices() -> dict[tuple, str]:
     """The backend chosen per shape class so far in this process: ``(product, dtype, threads,
-    rows.bit_length(), inner, outer) -> "mkl" | "onednn"``."""
+    rows.bit_length(), inner, outer) -> "mkl" | "onednn"`` (``"batched"`` products: the batch
+    size follows ``threads``)."""
     return dict(_GEMM_CHOICES)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 
 from ..models.layout import nchw_cat
+from ..models.winograd import Conv3x3
 
 __all__ = ["ConvModule", "SegmentationHead", "FPNHead", "UPerHead", "FCNHead", "fpn_neck", "run_fpn_neck"]
 
@@ -33,11 +34,20 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class ConvModule(nn.Sequential):
-    """Conv (no bias) -> BatchNorm -> ReLU, named ``conv`` / ``bn`` as mmcv's ConvModule."""
+    """Conv (no bias) -> BatchNorm -> ReLU, named ``conv`` / ``bn`` as mmcv's ConvModule.
+
+    3x3 convs are :class:`~crossformer.models.winograd.Conv3x3`: wide ones run by Winograd in
+    CPU inference.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        conv = (
+            Conv3x3(in_channels, out_channels, bias=False)
+            if kernel_size == 3
+            else nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        )
         super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            conv=conv,
             bn=nn.BatchNorm2d(out_channels),
             activate=nn.ReLU(inplace=True),
         ))
@@ -189,9 +199,13 @@ class UPerHead(SegmentationHead):
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1], strict=True)]
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
-        # NCHW, as the levels' layouts are mixed: fpn_bottleneck runs faster on it than on
-        # channels-last (benchmarks/RESULTS.md row 69)
-        fused = nchw_cat([outs[0], *(resize(x, size) for x in outs[1:])])
+        levels = [outs[0], *(resize(x, size) for x in outs[1:])]
+        # Winograd reads channels-last, the level's layout then; oneDNN's direct kernel runs
+        # fpn_bottleneck faster from NCHW (benchmarks/RESULTS.md rows 69, 73)
+        if self.fpn_bottleneck.conv.uses_winograd(levels[0]):
+            fused = torch.cat(levels, dim=1)
+        else:
+            fused = nchw_cat(levels)
         return self.classify(self.fpn_bottleneck(fused))
 
 

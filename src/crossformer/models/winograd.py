@@ -1,0 +1,186 @@
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3), for wide layers in CPU inference.
+
+A 3x3, stride-1 convolution computes each 2x2 block of outputs from a 4x4 tile of input. In
+the Winograd domain (Lavin & Gray, 2016) that block costs 16 products per channel pair
+instead of 36: the tiles and the weights are transformed by small integer and half-integer
+matrices, multiplied position by position (16 GEMMs of ``tiles x C_in`` by
+``C_in x C_out``) and transformed back. The GEMMs do 2.25x fewer multiply-adds than the
+direct convolution; the transforms are adds and subtractions, memory-bound. For wide
+layers (UPerNet's 512- to 2816-channel convs) the saving outweighs the transforms: on a
+2-core Xeon UPerNet's ``fpn_bottleneck`` (2048 -> 512 channels at 128x128) ran 1.9x faster
+than oneDNN's direct convolution; at 256 channels in or out it gained little or lost, so
+:data:`MIN_IN_CHANNELS` and :data:`MIN_OUT_CHANNELS` keep those on the direct path
+(benchmarks/RESULTS.md, row 73).
+
+F(2x2, 3x3) is the Winograd variant that loses no accuracy: its transforms hold only 0, 1,
+-1 and 1/2, and its largest difference from a float64 convolution measured 3-7e-6, against
+1.1-1.6e-5 for oneDNN's direct kernel. Larger tiles (F(4x4, 3x3)) save more products but
+were 5-10x less accurate and no faster here.
+
+The tiles are processed a band at a time (about :func:`_band_rows` GEMM rows), so that the
+transformed tiles stay in cache; each GEMM runs on the backend measured faster for its
+shape class (:func:`crossformer.models.layers.measured_gemm`: one MKL ``bmm`` of all 16, or
+a oneDNN product each).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from timm.models import register_notrace_module
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .layers import capturing_graph, measured_gemm, weights_fingerprint
+
+__all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight"]
+
+MIN_IN_CHANNELS = 384
+MIN_OUT_CHANNELS = 256
+
+# G: the weight transform, U = G g G^T for each 3x3 kernel g
+_WEIGHT_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Of the 16 products, the one whose output transform coefficient is 1 for all four outputs
+# (the middle of A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] in both directions): adding the bias
+# there adds it to every output.
+_BIAS_PRODUCT = 5
+# weight -> (fingerprint, its Winograd transform)
+_TRANSFORMED_WEIGHTS = WeakIdKeyDictionary()
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``(C_out, C_in, 3, 3)`` -> ``(16, C_in, C_out)``: ``G g G^T`` per kernel, each of its
+    16 positions a ``C_in x C_out`` matrix. Computed in float64."""
+    g = torch.tensor(_WEIGHT_TRANSFORM, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ir,ocrs,js->ijco", g, weight.detach().double(), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def _transformed(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`winograd_weight`, computed once and again only when the weight changes."""
+    fingerprint = weights_fingerprint((weight,))
+    hit = _TRANSFORMED_WEIGHTS.get(weight)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    transformed = winograd_weight(weight)
+    _TRANSFORMED_WEIGHTS[weight] = (fingerprint, transformed)
+    return transformed
+
+
+def _input_transform(d: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[i] = (B^T d)[i]`` along one axis, ``B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]``."""
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[1], d[3], out=out[3])
+
+
+def _output_transform(m: Sequence[torch.Tensor], out: Sequence[torch.Tensor], scratch: torch.Tensor) -> None:
+    """``out[a] = (A^T m)[a]`` along one axis, ``A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]``."""
+    torch.add(m[1], m[2], out=scratch)
+    torch.add(scratch, m[0], out=out[0])
+    torch.sub(m[1], m[2], out=scratch)
+    torch.sub(scratch, m[3], out=out[1])
+
+
+def _band_rows(in_channels: int) -> int:
+    """GEMM rows per band: 128 (256 for narrow inputs, whose GEMMs are cheaper per tile).
+    Measured best among 32-256 on a 2-core Xeon at 256-2816 channels."""
+    return max(128, 65536 // in_channels)
+
+
+def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` given as
+    ``winograd_weight(weight)``.
+
+    Shapes: ``x`` ``(N, C_in, H, W)`` (any memory format; channels-last reads fastest),
+    ``transformed`` ``(16, C_in, C_out)`` -> ``(N, C_out, H, W)``, channels-last.
+    """
+    n, channels, height, width = x.shape
+    out_channels = transformed.shape[2]
+    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    # channels-last, zero-padded by one pixel, and to whole tiles at the bottom and right
+    padded = x.new_empty((n, 2 * tiles_h + 2, 2 * tiles_w + 2, channels))
+    padded[:, 0].zero_()
+    padded[:, height + 1:].zero_()
+    padded[:, :, 0].zero_()
+    padded[:, :, width + 1:].zero_()
+    padded[:, 1:height + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
+    out = x.new_empty((n, 2 * tiles_h, 2 * tiles_w, out_channels))
+
+    # A band: `images` whole images of small maps, or `tile_rows` rows of tiles of one image.
+    rows = _band_rows(channels)
+    if tiles_h * tiles_w >= rows:
+        images, tile_rows = 1, max(1, min(tiles_h, rows // tiles_w))
+    else:
+        images, tile_rows = max(1, min(n, rows // (tiles_h * tiles_w))), tiles_h
+    row_sums = x.new_empty((4, images, tile_rows, padded.shape[2], channels))
+    tiles = x.new_empty((16, images, tile_rows, tiles_w, channels))
+    half = x.new_empty((8, images, tile_rows, tiles_w, out_channels))
+    scratch = x.new_empty((images, tile_rows, tiles_w, out_channels))
+    for i0 in range(0, n, images):
+        b = min(n, i0 + images) - i0
+        for t0 in range(0, tiles_h, tile_rows):
+            t = min(tiles_h, t0 + tile_rows) - t0
+            src = padded[i0:i0 + b]
+            r, v, h, s = row_sums[:, :b, :t], tiles[:, :b, :t], half[:, :b, :t], scratch[:b, :t]
+            # B^T d B: first down the tiles' rows (input rows 2y + k), then across their columns
+            _input_transform([src[:, 2 * t0 + k: 2 * (t0 + t) + k: 2] for k in range(4)], r)
+            for i in range(4):
+                _input_transform([r[i][:, :, k::2][:, :, :tiles_w] for k in range(4)], v[4 * i: 4 * i + 4])
+            m = measured_gemm("batched", v.reshape(16, -1, channels), transformed)
+            if bias is not None:
+                m[_BIAS_PRODUCT] += bias
+            m = m.view(16, b, t, tiles_w, out_channels)
+            # A^T M A: across each row of products, then down, into the output's 2x2 blocks
+            for i in range(4):
+                _output_transform(m[4 * i: 4 * i + 4], h[2 * i: 2 * i + 2], s)
+            block = out[i0:i0 + b, 2 * t0: 2 * (t0 + t)].view(b, t, 2, tiles_w, 2, out_channels)
+            h = h.view(4, 2, b, t, tiles_w, out_channels)
+            for j in range(2):
+                _output_transform(h[:, j], [block[:, :, a, :, j] for a in range(2)], s)
+    if out.shape[1:3] != (height, width):  # odd sizes: the last tiles' extra row or column
+        out = out[:, :height, :width].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+@register_notrace_module  # FX: the dispatch reads the input's device and dtype
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` whose CPU float32 inference runs
+    by :func:`winograd_conv3x3` when it is wide (at least :data:`MIN_IN_CHANNELS` in and
+    :data:`MIN_OUT_CHANNELS` out); its output is channels-last then.
+
+    The transformed weight (16/9 the weight's size) is kept while in inference and dropped
+    by ``train()``. Autograd, autocast, other devices and dtypes, tracing, compiling,
+    exporting, TorchScript and dispatch modes (e.g. FLOP counters) get ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
+
+    def uses_winograd(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` computes this input by :func:`winograd_conv3x3`."""
+        return (
+            not capturing_graph()
+            and self.in_channels >= MIN_IN_CHANNELS
+            and self.out_channels >= MIN_OUT_CHANNELS
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and x.numel() > 0
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and _get_current_dispatch_mode() is None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.uses_winograd(x):
+            return winograd_conv3x3(x, _transformed(self.weight), self.bias)
+        return super().forward(x)
+
+    def train(self, mode: bool = True) -> "Conv3x3":
+        if mode:
+            _TRANSFORMED_WEIGHTS.pop(self.weight, None)
+        return super().train(mode)

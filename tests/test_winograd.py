@@ -1,0 +1,171 @@
+"""Winograd 3x3 convolutions (``crossformer.models.winograd``) compute what ``F.conv2d`` does.
+
+The layer thresholds are lowered in most tests (``narrow_ok``) so that small layers take
+the Winograd path and the tests stay fast; one test keeps the real ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from crossformer.models import layers, winograd
+from crossformer.models.layers import GEMM_BACKENDS, force_gemm_backend, gemm_choices
+from crossformer.models.winograd import Conv3x3, winograd_conv3x3, winograd_weight
+from crossformer.segmentation.heads import ConvModule, UPerHead
+
+needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None, reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture
+def narrow_ok(monkeypatch) -> None:
+    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+
+
+def _layer(in_channels: int, out_channels: int, bias: bool = True, seed: int = 0) -> Conv3x3:
+    torch.manual_seed(seed)
+    layer = Conv3x3(in_channels, out_channels, bias=bias).eval()
+    if bias:
+        nn.init.uniform_(layer.bias, -1, 1)
+    return layer
+
+
+def _float64_conv(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.double()
+    return F.conv2d(x.double(), layer.weight.double(), bias, padding=1).float()
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", (*GEMM_BACKENDS, "measured"))
+@pytest.mark.parametrize(
+    "shape, out_channels, bias, channels_last",
+    [
+        ((1, 16, 40, 52), 24, True, True),  # row bands of one image, the last band short
+        ((5, 16, 7, 9), 8, False, False),  # odd sizes; bands of whole images, the last short
+        ((2, 3, 1, 1), 4, True, False),  # one pixel: the whole tile is padding but one value
+        ((1, 600, 3, 130), 32, True, True),  # wide input: 128-row bands of a long, thin map
+    ],
+)
+def test_winograd_equals_the_direct_convolution(narrow_ok, backend, shape, out_channels, bias, channels_last) -> None:
+    layer = _layer(shape[1], out_channels, bias)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert layer.uses_winograd(x)
+        if backend == "measured":
+            y = layer(x)
+        else:
+            with force_gemm_backend(backend):
+                y = layer(x)
+        direct = F.conv2d(x, layer.weight, layer.bias, padding=1)
+    expected = _float64_conv(x, layer)
+    assert y.shape == expected.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # F(2x2, 3x3) is at least as accurate as the direct kernel (module docstring)
+    direct_error = (direct - expected).abs().max().item()
+    assert (y - expected).abs().max().item() <= max(2 * direct_error, 2e-6)
+    torch.testing.assert_close(y, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_real_thresholds_pick_the_wide_layers() -> None:
+    x = torch.randn(1, 384, 6, 5)
+    with torch.no_grad():
+        assert Conv3x3(384, 256).uses_winograd(x)
+        assert not Conv3x3(383, 256).uses_winograd(torch.randn(1, 383, 6, 5))
+        assert not Conv3x3(384, 255).uses_winograd(x)
+        wide = _layer(384, 256)
+        torch.testing.assert_close(wide(x), _float64_conv(x, wide), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_path_elsewhere(narrow_ok) -> None:
+    layer = _layer(8, 8)
+    x = torch.randn(2, 8, 6, 6)
+    assert not layer.uses_winograd(x)  # autograd: the plain layer's backward
+    with torch.no_grad():
+        assert not layer.uses_winograd(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not layer.uses_winograd(x)
+        assert not layer.uses_winograd(x[:0])
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+    # a FLOP counter sees the convolution, not Winograd's products
+    assert counter.get_total_flops() == 2 * 2 * 8 * 6 * 6 * 8 * 9
+    with torch.no_grad():
+        kinds = {node.kind() for node in torch.jit.trace(layer, x).graph.nodes()}
+    assert "aten::_convolution" in kinds and "aten::bmm" not in kinds
+    out = layer(x)
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, padding=1), atol=0, rtol=0)
+
+
+def test_transformed_weight_follows_the_weight(narrow_ok) -> None:
+    layer = _layer(6, 5)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        layer(x)
+        cached = winograd._TRANSFORMED_WEIGHTS[layer.weight][1]
+        layer.weight.mul_(-2)  # an optimizer step or load_state_dict changes it in place
+        y = layer(x)
+    torch.testing.assert_close(y, _float64_conv(x, layer), atol=1e-5, rtol=1e-5)
+    assert winograd._TRANSFORMED_WEIGHTS[layer.weight][1] is not cached
+    layer.train()
+    assert layer.weight not in winograd._TRANSFORMED_WEIGHTS
+
+
+def test_weight_transform_is_g_g_gt() -> None:
+    weight = torch.randn(3, 2, 3, 3)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    expected = g @ weight[1, 0] @ g.T  # output 1, input 0
+    torch.testing.assert_close(winograd_weight(weight)[:, 0, 1].view(4, 4), expected)
+
+
+def test_function_reads_any_memory_format(narrow_ok) -> None:
+    layer = _layer(4, 3)
+    x = torch.randn(2, 4, 9, 6)
+    with torch.no_grad():
+        transformed = winograd_weight(layer.weight)
+        a = winograd_conv3x3(x, transformed, layer.bias)
+        b = winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), transformed, layer.bias)
+        c = winograd_conv3x3(x.transpose(2, 3).contiguous().transpose(2, 3), transformed, layer.bias)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_conv_module_state_dict_is_mmcvs() -> None:
+    module = ConvModule(8, 4, 3)
+    assert isinstance(module.conv, Conv3x3)
+    assert set(module.state_dict()) == {
+        "conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"
+    }
+    assert type(ConvModule(8, 4, 1).conv) is nn.Conv2d
+
+
+def test_uper_head_logits_equal_the_direct_paths(monkeypatch) -> None:
+    torch.manual_seed(0)
+    head = UPerHead([16, 24, 32, 40], channels=24, num_classes=5).eval()
+    for module in head.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    maps = [torch.randn(2, c, 32 // 2**i, 40 // 2**i) for i, c in enumerate([16, 24, 32, 40])]
+    with torch.no_grad():
+        direct = head(maps)
+        monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 1)
+        monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+        assert head.fpn_bottleneck.conv.uses_winograd(maps[0])
+        fast = head(maps)
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_batched_products_equal_bmm() -> None:
+    a, b = torch.randn(16, 37, 24), torch.randn(16, 24, 11)
+    expected = torch.bmm(a.double(), b.double()).float()
+    for backend in GEMM_BACKENDS:
+        with force_gemm_backend(backend):
+            torch.testing.assert_close(layers.measured_gemm("batched", a, b), expected, atol=1e-5, rtol=1e-5)
+    layers.measured_gemm("batched", a, b)
+    assert ("batched", torch.float32, torch.get_num_threads(), 16, 37 .bit_length(), 24, 11) in gemm_choices()
