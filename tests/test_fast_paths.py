@@ -219,6 +219,12 @@ def test_benchmark_command_json(capsys) -> None:
     assert out["infer_ratio"] > 0 and out["train_ratio"] > 0
 
 
+def test_benchmark_summary_keeps_three_figures_of_slow_rates() -> None:
+    from crossformer.benchmark import _rate
+
+    assert [_rate(v) for v in (0.04234, 1.234, 37.21, 1234.56)] == ["0.0423", "1.23", "37.2", "1234.6"]
+
+
 def test_onednn_linear_matches_plain() -> None:
     from crossformer.models.layers import GeluMlp, linear
 

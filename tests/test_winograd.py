@@ -44,10 +44,10 @@ def _float64_conv(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
 @pytest.mark.parametrize(
     "shape, out_channels, bias, channels_last",
     [
-        ((1, 16, 40, 52), 24, True, True),  # row bands of one image, the last band short
-        ((5, 16, 7, 9), 8, False, False),  # odd sizes; bands of whole images, the last short
+        ((1, 512, 10, 60), 24, True, True),  # bands of 4 rows of 30 tiles, then one of 1 row
+        ((9, 512, 7, 9), 8, False, False),  # odd sizes; bands of 6 whole images, then of 3
+        ((1, 16, 40, 52), 24, True, True),  # narrow input: one band of 256+ rows
         ((2, 3, 1, 1), 4, True, False),  # one pixel: the whole tile is padding but one value
-        ((1, 600, 3, 130), 32, True, True),  # wide input: 128-row bands of a long, thin map
     ],
 )
 def test_winograd_equals_the_direct_convolution(narrow_ok, backend, shape, out_channels, bias, channels_last) -> None:
@@ -70,6 +70,13 @@ def test_winograd_equals_the_direct_convolution(narrow_ok, backend, shape, out_c
     direct_error = (direct - expected).abs().max().item()
     assert (y - expected).abs().max().item() <= max(2 * direct_error, 2e-6)
     torch.testing.assert_close(y, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_band_plans_of_the_value_tests() -> None:
+    assert winograd._band(1, 5, 30, 512) == (1, 4)
+    assert winograd._band(9, 4, 5, 512) == (6, 4)
+    assert winograd._band(1, 20, 26, 16) == (1, 20)
+    assert winograd._band(1, 64, 64, 2048) == (1, 2)
 
 
 def test_real_thresholds_pick_the_wide_layers() -> None:

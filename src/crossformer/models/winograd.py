@@ -17,7 +17,7 @@ F(2x2, 3x3) is the Winograd variant that loses no accuracy: its transforms hold 
 1.1-1.6e-5 for oneDNN's direct kernel. Larger tiles (F(4x4, 3x3)) save more products but
 were 5-10x less accurate and no faster here.
 
-The tiles are processed a band at a time (about :func:`_band_rows` GEMM rows), so that the
+The tiles are processed a band at a time (:func:`_band`: about 128 GEMM rows), so that the
 transformed tiles stay in cache; each GEMM runs on the backend measured faster for its
 shape class (:func:`crossformer.models.layers.measured_gemm`: one MKL ``bmm`` of all 16, or
 a oneDNN product each).
@@ -85,10 +85,14 @@ def _output_transform(m: Sequence[torch.Tensor], out: Sequence[torch.Tensor], sc
     torch.sub(scratch, m[3], out=out[1])
 
 
-def _band_rows(in_channels: int) -> int:
-    """GEMM rows per band: 128 (256 for narrow inputs, whose GEMMs are cheaper per tile).
-    Measured best among 32-256 on a 2-core Xeon at 256-2816 channels."""
-    return max(128, 65536 // in_channels)
+def _band(images: int, tiles_h: int, tiles_w: int, in_channels: int) -> tuple[int, int]:
+    """``(images, tile_rows)`` per band: whole images of small maps, or rows of tiles of one
+    image, for about 128 GEMM rows (256 for narrow inputs, whose GEMMs are cheaper per tile):
+    measured best among 32-256 rows on a 2-core Xeon at 256-2816 channels."""
+    rows = max(128, 65536 // in_channels)
+    if tiles_h * tiles_w >= rows:
+        return 1, max(1, min(tiles_h, rows // tiles_w))
+    return max(1, min(images, rows // (tiles_h * tiles_w))), tiles_h
 
 
 def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,12 +114,7 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Ten
     padded[:, 1:height + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
     out = x.new_empty((n, 2 * tiles_h, 2 * tiles_w, out_channels))
 
-    # A band: `images` whole images of small maps, or `tile_rows` rows of tiles of one image.
-    rows = _band_rows(channels)
-    if tiles_h * tiles_w >= rows:
-        images, tile_rows = 1, max(1, min(tiles_h, rows // tiles_w))
-    else:
-        images, tile_rows = max(1, min(n, rows // (tiles_h * tiles_w))), tiles_h
+    images, tile_rows = _band(n, tiles_h, tiles_w, channels)
     row_sums = x.new_empty((4, images, tile_rows, padded.shape[2], channels))
     tiles = x.new_empty((16, images, tile_rows, tiles_w, channels))
     half = x.new_empty((8, images, tile_rows, tiles_w, out_channels))
