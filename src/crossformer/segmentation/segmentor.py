@@ -18,6 +18,7 @@ from ..errors import UserInputError
 from ..models.dense import DenseBackbone, authors_dense_settings, build_dense_backbone
 from ..models.weights import load_checkpoint
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
+from .loss import resized_cross_entropy
 
 __all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "FullSizeLogits", "build_segmentor"]
 
@@ -110,8 +111,11 @@ class Segmentor(nn.Module):
 
     @staticmethod
     def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = resize(logits, labels.shape[1:])
-        total = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if logits.device.type == "cpu":  # no full-size maps (loss.py); measured on the CPU only
+            total = resized_cross_entropy(logits.float(), labels.long(), IGNORE_INDEX)
+        else:
+            logits = resize(logits, labels.shape[1:])
+            total = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
         return total / labels.numel()
 
     def load_checkpoint_state(self, checkpoint: Mapping[str, Any], source: str, use_ema: bool = False) -> None:
