@@ -144,6 +144,31 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     assert no_decay == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)}
 
 
+def test_optimizer_is_fused_adamw_with_the_loops_updates() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    twin = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    twin.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, 1e-2, 0.05)
+    assert optimizer.defaults["fused"]
+    plain = torch.optim.AdamW(param_groups(twin, 0.05), lr=1e-2, foreach=False)
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        for net, opt in ((model, optimizer), (twin, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # float64 parameters take the fused kernel too
+    double = nn.Linear(2, 2).double()
+    optimizer = build_optimizer(double, 1e-3, 0.05)
+    double(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+    before = double.weight.detach().clone()
+    optimizer.step()
+    assert optimizer.defaults["fused"] and not torch.equal(double.weight, before)
+
+
 def test_precision_choices_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).dtype is None
