@@ -92,7 +92,6 @@ def test_real_thresholds_pick_the_wide_layers() -> None:
 def test_plain_path_elsewhere(narrow_ok) -> None:
     layer = _layer(8, 8)
     x = torch.randn(2, 8, 6, 6)
-    assert not layer.uses_winograd(x)  # autograd: the plain layer's backward
     with torch.no_grad():
         assert not layer.uses_winograd(x.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -105,8 +104,59 @@ def test_plain_path_elsewhere(narrow_ok) -> None:
     with torch.no_grad():
         kinds = {node.kind() for node in torch.jit.trace(layer, x).graph.nodes()}
     assert "aten::_convolution" in kinds and "aten::bmm" not in kinds
-    out = layer(x)
-    torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, padding=1), atol=0, rtol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, padding=1), atol=0, rtol=0)
+
+
+def _conv_and_grads(layer: nn.Conv2d, x: torch.Tensor, plain: bool):
+    x = x.detach().requires_grad_(x.requires_grad)
+    out = F.conv2d(x, layer.weight, layer.bias, padding=1) if plain else layer(x)
+    grad_out = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    inputs = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+    return out.detach(), torch.autograd.grad(out, inputs, grad_out)
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", (*GEMM_BACKENDS, "measured"))
+@pytest.mark.parametrize(
+    "min_in, shape, out_channels, bias, input_grad",
+    [
+        (1, (1, 512, 10, 60), 24, True, True),  # both products by Winograd, in bands
+        (1, (3, 12, 7, 9), 16, False, True),  # odd sizes
+        (12, (2, 12, 8, 6), 5, True, True),  # input gradient 5 -> 12 channels: not wide, by oneDNN
+        (1, (2, 6, 9, 9), 7, True, False),  # an image as input: no input gradient
+    ],
+)
+def test_training_gradients_equal_the_direct_convolution(
+    monkeypatch, backend, min_in, shape, out_channels, bias, input_grad
+) -> None:
+    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", min_in)
+    monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+    layer = _layer(shape[1], out_channels, bias).train()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(input_grad)
+    assert layer.uses_winograd(x)
+    calls = []
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a, **k: calls.append(k) or winograd_conv3x3(*a, **k))
+    if backend == "measured":
+        out, grads = _conv_and_grads(layer, x, plain=False)
+    else:
+        with force_gemm_backend(backend):
+            out, grads = _conv_and_grads(layer, x, plain=False)
+    assert calls[0] == {} and [call.get("flipped") for call in calls[1:]] == ([True] if input_grad and min_in == 1 else [])
+    expected_out, expected_grads = _conv_and_grads(layer, x, plain=True)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(expected_grads) == 1 + bias + input_grad
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_training_path_refuses_double_backward(narrow_ok) -> None:
+    layer = _layer(4, 4)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    grad_x, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
 
 
 def test_transformed_weight_follows_the_weight(narrow_ok) -> None:
