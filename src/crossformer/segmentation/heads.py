@@ -36,8 +36,8 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 class ConvModule(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> ReLU, named ``conv`` / ``bn`` as mmcv's ConvModule.
 
-    3x3 convs are :class:`~crossformer.models.winograd.Conv3x3`: wide ones run by Winograd in
-    CPU inference.
+    3x3 convs are :class:`~crossformer.models.winograd.Conv3x3`: wide ones run by Winograd on
+    the CPU.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
