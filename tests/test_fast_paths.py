@@ -219,6 +219,28 @@ def test_benchmark_command_json(capsys) -> None:
     assert out["infer_ratio"] > 0 and out["train_ratio"] > 0
 
 
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_model_built_under_inference_mode(tag: str) -> None:
+    """Inference tensors keep no version counter: the weight caches step aside for them, and
+    an in-place change of a weight shows in the next output."""
+    torch.manual_seed(0)
+    reference = _model(tag).eval()
+    x = torch.randn(2, 3, 70, 94)
+    with torch.inference_mode():
+        model = CrossFormer(**{**CONFIGS[tag], "num_classes": 10, "drop_path_rate": 0.0}).eval()
+        model.load_state_dict(reference.state_dict())
+        assert model.head.weight.is_inference()
+        torch.testing.assert_close(model(x), reference(x), atol=TOL, rtol=0)
+        model.layers[0].blocks[0].attn.pos.pos_proj.weight.mul_(2)
+        model.layers[0].blocks[0].attn.qkv.weight.mul_(2)
+    with torch.no_grad():
+        reference.layers[0].blocks[0].attn.pos.pos_proj.weight.mul_(2)
+        reference.layers[0].blocks[0].attn.qkv.weight.mul_(2)
+        expected = reference(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=TOL, rtol=0)
+
+
 def test_benchmark_summary_keeps_three_figures_of_slow_rates() -> None:
     from crossformer.benchmark import _rate
 

@@ -173,6 +173,20 @@ def test_transformed_weight_follows_the_weight(narrow_ok) -> None:
     assert layer.weight not in winograd._TRANSFORMED_WEIGHTS
 
 
+def test_layer_built_under_inference_mode(narrow_ok) -> None:
+    reference = _layer(6, 5)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.inference_mode():
+        layer = Conv3x3(6, 5).eval()
+        layer.load_state_dict(reference.state_dict())
+        layer(x)
+        layer.weight.mul_(-2)  # no version counter: nothing was cached, so this shows
+        y = layer(x)
+    with torch.no_grad():
+        reference.weight.mul_(-2)
+    torch.testing.assert_close(y, _float64_conv(x, reference), atol=1e-5, rtol=1e-5)
+
+
 def test_weight_transform_is_g_g_gt() -> None:
     weight = torch.randn(3, 2, 3, 3)
     g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])

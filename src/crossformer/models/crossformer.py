@@ -243,6 +243,8 @@ class GroupAttention(nn.Module):
 
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         fingerprint = weights_fingerprint(self.pos.parameters())
+        if fingerprint is None:
+            return self._position_bias(group_h, group_w)
         hit = self._bias_cache.get((group_h, group_w))
         if hit is not None and hit[0] == fingerprint:
             return hit[1]

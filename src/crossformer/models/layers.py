@@ -71,11 +71,16 @@ def capturing_graph() -> bool:
     )
 
 
-def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple | None:
     """Changes whenever any of the tensors does: storage address, in-place version, dtype.
 
     Optimizer steps and ``load_state_dict`` bump the version, ``.to()`` moves the storage.
+    ``None`` when one is an inference tensor (a model built under ``torch.inference_mode()``):
+    those keep no version, so a cache could not see them change, and callers cache nothing.
     """
+    tensors = tuple(tensors)
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
@@ -91,6 +96,8 @@ def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
         return weight.to(dtype)
     cache = _PACKED_WEIGHTS if dtype == torch.float32 else _PACKED_BF16_WEIGHTS
     fingerprint = weights_fingerprint((weight,))
+    if fingerprint is None:
+        return _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT)
     hit = cache.get(weight)
     if hit is not None and hit[0] == fingerprint:
         return hit[1]

@@ -73,6 +73,8 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 def _transformed(weight: torch.Tensor) -> torch.Tensor:
     """:func:`winograd_weight`, computed once and again only when the weight changes."""
     fingerprint = weights_fingerprint((weight,))
+    if fingerprint is None:
+        return winograd_weight(weight)
     hit = _TRANSFORMED_WEIGHTS.get(weight)
     if hit is not None and hit[0] == fingerprint:
         return hit[1]
