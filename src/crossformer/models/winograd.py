@@ -231,8 +231,7 @@ class Conv3x3(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.uses_winograd(x):
-            needs_grad = x.requires_grad or any(p.requires_grad for p in self.parameters())
-            if torch.is_grad_enabled() and needs_grad:
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
                 return _WinogradConvCPU.apply(x, self.weight, self.bias)
             return winograd_conv3x3(x, _transformed(self.weight), self.bias)
         return super().forward(x)

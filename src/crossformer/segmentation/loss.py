@@ -56,15 +56,20 @@ def _bands(logits: torch.Tensor, height: int, width: int):
         yield slice(start, start + step), slice(first, last), band[:, first:last]
 
 
+def _resized_band(logits: torch.Tensor, in_rows: slice, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
+    """One band of the resized logits: ``(B, C, band rows, W)``."""
+    return rows @ logits[:, :, in_rows] @ cols_t
+
+
 class _ResizedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)  # float32 throughout, as the plain path's `.float()`
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         height, width = labels.shape[1:]
-        cols = bilinear_matrix(width, logits.shape[3], logits.device).t().contiguous()
+        cols_t = bilinear_matrix(width, logits.shape[3], logits.device).t()
         total = logits.new_zeros((), dtype=torch.float64)
         for out_rows, in_rows, weights in _bands(logits, height, width):
-            band = weights @ logits[:, :, in_rows] @ cols  # (B, C, rows, W)
+            band = _resized_band(logits, in_rows, weights, cols_t)
             total += F.cross_entropy(band, labels[:, out_rows], ignore_index=ignore_index, reduction="sum").double()
         ctx.save_for_backward(logits, labels)
         ctx.ignore_index = ignore_index
@@ -78,7 +83,7 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         cols = bilinear_matrix(width, logits.shape[3], logits.device)
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         for out_rows, in_rows, weights in _bands(logits, height, width):
-            band = weights @ logits[:, :, in_rows] @ cols.t()
+            band = _resized_band(logits, in_rows, weights, cols.t())
             target = labels[:, out_rows]
             valid = target != ctx.ignore_index
             # d(-log softmax(z)[y]) / dz = softmax(z) - onehot(y), zero where ignored
