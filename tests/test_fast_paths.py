@@ -138,6 +138,43 @@ def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
         h.remove()
 
 
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_group_order_residual_matches_map_order(monkeypatch, tag: str) -> None:
+    """Unpadded layouts add the attention's output in group order (``forward_groups``);
+    padded ones, export and FX take the map-order path. Both compute the same thing."""
+    model = _model(tag)
+    x = torch.randn(2, 3, 224, 224)  # v1: no stage pads; pp: its LDA blocks of stages 0-1 pad
+    target = torch.tensor([1, 7])
+    grouped_calls = []
+    forward_groups = GroupAttention.forward_groups
+
+    def counting(self, *args):
+        grouped_calls.append(self)
+        return forward_groups(self, *args)
+
+    monkeypatch.setattr(GroupAttention, "forward_groups", counting)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            evaluated = model.eval()(x)
+        logits = model.train()(x)
+        return evaluated, logits, _grads(model, torch.nn.functional.cross_entropy(logits, target))
+
+    grouped = run()
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    unpadded = sum(b.layout(56 >> s, 56 >> s)[3:] == (56 >> s, 56 >> s)
+                   for s, stage in enumerate(model.layers) for b in stage.blocks)
+    assert len(grouped_calls) == 2 * unpadded and 0 < unpadded <= len(blocks)
+    assert unpadded == len(blocks) if tag == "v1" else unpadded < len(blocks)
+    grouped_calls.clear()
+    monkeypatch.setattr(crossformer_module, "groups_tile_map", lambda x, layout: False)
+    in_map = run()
+    assert not grouped_calls
+    assert (grouped[0] - in_map[0]).abs().max().item() <= 1e-5
+    assert (grouped[1] - in_map[1]).abs().max().item() <= 1e-5
+    assert _max_diff(grouped[2], in_map[2]) <= TOL
+
+
 def _bias_cache_sizes(model: CrossFormer) -> list[int]:
     return [len(m._bias_cache) for m in model.modules() if isinstance(m, GroupAttention)]
 

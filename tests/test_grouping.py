@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from crossformer.models import GroupLayout, group_layout
+from crossformer.models.grouping import groups_tile_map, partition_groups, ungrouped_view
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,23 @@ def test_official_224_maps_need_no_padding_in_v1_settings(semantics: str) -> Non
     for size, interval in ((56, 8), (28, 4), (14, 2)):
         layout = group_layout(size, size, 7, interval, True, semantics)
         assert tuple(layout) == (7, 7, interval, size, size)
+
+
+@pytest.mark.parametrize(
+    "size, group, interval, lda, semantics",
+    [((56, 56), 7, 8, True, "fixed_interval"), ((28, 21), 7, 1, False, "fixed_interval"),
+     ((32, 16), 4, 2, True, "fixed_group"), ((14, 14), 7, 2, True, "fixed_interval"), ((3, 6), 7, 1, False, "fixed_interval")],
+)
+def test_group_order_views_pair_each_pixel_with_its_token(size, group, interval, lda, semantics) -> None:
+    layout = group_layout(*size, group, interval, lda, semantics)
+    x = torch.randn(2, *size, 6)
+    assert groups_tile_map(x, layout)
+    in_map, in_groups = ungrouped_view(x, partition_groups(x, layout), layout)
+    assert in_map.shape == in_groups.shape and in_map.data_ptr() == x.data_ptr()
+    assert torch.equal(in_map, in_groups)
+    assert torch.equal((in_map + 2 * in_groups).view(x.shape), 3 * x)  # written in map order
+
+
+def test_padded_layouts_keep_the_map_order_path() -> None:
+    layout = group_layout(25, 15, 7, 8, False, "fixed_interval")
+    assert not groups_tile_map(torch.zeros(1, 25, 15, 4), layout)

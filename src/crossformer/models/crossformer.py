@@ -32,10 +32,13 @@ from .grouping import (
     LONG_DISTANCE_CHOICES,
     GroupLayout,
     group_layout,
+    groups_tile_map,
     merge_heads,
     pad_to_layout,
     padding_key_mask,
+    partition_groups,
     partition_heads,
+    ungrouped_view,
 )
 from .layers import (
     GeluMlp,
@@ -289,6 +292,27 @@ class GroupAttention(nn.Module):
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
         return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
+    def forward_groups(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """:meth:`forward` for a layout that pads nothing, left in group order.
+
+        ``(B, H, W, C)`` normalised map -> ``(B * nG, N, C)`` attention output, tokens as
+        :func:`partition_groups` orders them. The map is grouped once, ``C`` channels wide,
+        before the qkv projection (instead of its ``3 C`` output after it), q, k and v reach
+        the attention as views of that projection's output, and nothing is ungrouped here:
+        the caller's residual add reads the result through :func:`ungrouped_view`.
+        """
+        heads, head_dim = self.num_heads, self.head_dim
+        tokens = partition_groups(x, layout)  # (B * nG, N, C), one copy
+        groups, size, channels = tokens.shape
+        qkv = linear(tokens, self.qkv.weight, self.qkv.bias).view(groups, size, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nG, heads, N, d) views
+        mask = self.attention_mask(layout, x.shape[1], x.shape[2], qkv.dtype)  # (1, heads, N, N)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
+        # SDPA writes (B * nG, N, heads, d) and returns it transposed: a view back
+        out = out.transpose(1, 2).reshape(groups, size, channels)
+        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+
 
 # CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
 # hidden activations) would exceed this many bytes. Every image's result is the same, but
@@ -353,7 +377,12 @@ class CrossFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.layout(x.shape[1], x.shape[2])
-        x = self.drop_path(x, self.attn(self.norm1(x), layout))
+        if not torch.jit.is_scripting() and groups_tile_map(x, layout):
+            # the attention's output added in group order: no copy back to map order
+            in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
+            x = self.drop_path(in_map, in_groups).view(x.shape)
+        else:
+            x = self.drop_path(x, self.attn(self.norm1(x), layout))
         x = self.drop_path(x, self.mlp(self.norm2(x)))
         if self.ex_conv is not None:
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))

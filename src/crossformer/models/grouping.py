@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.models import register_notrace_function
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 LongDistance = Literal["fixed_interval", "fixed_group"]
 LONG_DISTANCE_CHOICES: tuple[str, ...] = ("fixed_interval", "fixed_group")
@@ -178,6 +179,32 @@ def partition_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     # -> (B, ry, rx, iy, ix, gy, gx, C)
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)
     return x.reshape(-1, gh * gw, channels)
+
+
+def groups_tile_map(x: torch.Tensor, layout: GroupLayout) -> bool:
+    """Whether the eager in-group path applies to ``x`` ``(B, H, W, C)``: the layout pads
+    nothing (so the linear layers see no padded tokens either way) and no tracer or exporter
+    is recording (they take the map-order path, whose shapes need no group-order views)."""
+    if torch.compiler.is_exporting() or is_fx_symbolic_tracing():
+        return False
+    return layout.padded_h == x.shape[1] and layout.padded_w == x.shape[2]
+
+
+def ungrouped_view(x: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(B, H, W, C)`` and its group-ordered ``tokens`` ``(B * nG, Gh * Gw, C)`` as views
+    of one 8-d shape ``(B, ry, gy, iy, rx, gx, ix, C)``, index for index the same pixel.
+
+    An unpadded layout only. An elementwise op of the two (a residual add) then reads the
+    tokens in place of a copy back to map order, and writes in ``x``'s order (TensorIterator
+    follows its first operand's strides), so its result views back to ``(B, H, W, C)``.
+    """
+    batch, height, width, channels = x.shape
+    gh, gw, step = layout.group_h, layout.group_w, layout.interval
+    regions_h, regions_w = height // (gh * step), width // (gw * step)
+    in_map = x.view(batch, regions_h, gh, step, regions_w, gw, step, channels)
+    # tokens are (B, ry, rx, iy, ix, gy, gx, C) -> (B, ry, gy, iy, rx, gx, ix, C)
+    in_groups = tokens.view(batch, regions_h, regions_w, step, step, gh, gw, channels)
+    return in_map, in_groups.permute(0, 1, 5, 3, 2, 6, 4, 7)
 
 
 def _ungroup_real_tokens(x: torch.Tensor, layout: GroupLayout, batch: int, height: int, width: int) -> torch.Tensor:
