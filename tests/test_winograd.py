@@ -136,14 +136,17 @@ def test_training_gradients_equal_the_direct_convolution(
     layer = _layer(shape[1], out_channels, bias).train()
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(input_grad)
     assert layer.uses_winograd(x)
-    calls = []
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a, **k: calls.append(k) or winograd_conv3x3(*a, **k))
+    convs, weight_grads = [], []
+    conv_tiles, weight_grad_tiles = winograd._conv_tiles, winograd._weight_grad_tiles
+    monkeypatch.setattr(winograd, "_conv_tiles", lambda *a: convs.append(a[-1]) or conv_tiles(*a))
+    monkeypatch.setattr(winograd, "_weight_grad_tiles", lambda *a: weight_grads.append(1) or weight_grad_tiles(*a))
     if backend == "measured":
         out, grads = _conv_and_grads(layer, x, plain=False)
     else:
         with force_gemm_backend(backend):
             out, grads = _conv_and_grads(layer, x, plain=False)
-    assert calls[0] == {} and [call.get("flipped") for call in calls[1:]] == ([True] if input_grad and min_in == 1 else [])
+    # forward, then the input gradient (flipped kernels) where it is wide, and the weight gradient
+    assert convs == [False] + ([True] if input_grad and min_in == 1 else []) and weight_grads == [1]
     expected_out, expected_grads = _conv_and_grads(layer, x, plain=True)
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
     assert len(grads) == len(expected_grads) == 1 + bias + input_grad
@@ -240,3 +243,15 @@ def test_batched_products_equal_bmm() -> None:
             torch.testing.assert_close(layers.measured_gemm("batched", a, b), expected, atol=1e-5, rtol=1e-5)
     layers.measured_gemm("batched", a, b)
     assert ("batched", torch.float32, torch.get_num_threads(), 16, 37 .bit_length(), 24, 11) in gemm_choices()
+
+
+@pytest.mark.parametrize("band_rows", [7, 30, 256])
+@pytest.mark.parametrize("shape", [(2, 6, 9, 13), (3, 5, 4, 4)])
+def test_weight_gradient_sums_every_band(monkeypatch, band_rows, shape) -> None:
+    """The weight gradient sums its products over bands of tiles (rows of tiles of an image,
+    or several images) and over odd edges, and equals the direct weight gradient."""
+    monkeypatch.setattr(winograd, "_WEIGHT_GRAD_BAND_ROWS", band_rows)
+    x = torch.randn(shape, dtype=torch.float64)
+    grad_out = torch.randn(shape[0], 4, *shape[2:], dtype=torch.float64)
+    expected = torch.nn.grad.conv2d_weight(x, (4, shape[1], 3, 3), grad_out, padding=1)
+    torch.testing.assert_close(winograd.winograd_weight_grad(x, grad_out), expected, atol=1e-12, rtol=1e-12)

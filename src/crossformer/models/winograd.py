@@ -18,9 +18,9 @@ measured 1.5-2.1e-6, against 5.7-8.2e-6 for oneDNN's direct kernel. Larger tiles
 (F(4x4, 3x3)) save more products but were 5-10x less accurate than the direct kernel and no
 faster here (row 74).
 
-Training runs the forward and the input gradient this way (the input gradient is a 3x3
-convolution too, by the flipped kernels) and leaves the weight gradient to oneDNN; the weight
-is transformed once a step. A UPerNet-S training step ran 1.11x faster (row 78).
+Training runs the forward, the input gradient (a 3x3 convolution too, by the flipped kernels)
+and the weight gradient (the forward's adjoint: products of transformed tiles and transformed
+output gradients, summed over the tiles) this way; the weight is transformed once a step.
 
 The tiles are processed a band at a time (:func:`_band`: about 128 GEMM rows), so that the
 transformed tiles stay in cache; each GEMM runs on the backend measured faster for its
@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .layers import capturing_graph, measured_gemm, weights_fingerprint
 
-__all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight"]
+__all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight", "winograd_weight_grad"]
 
 MIN_IN_CHANNELS = 384
 MIN_OUT_CHANNELS = 256
@@ -54,6 +54,9 @@ _WEIGHT_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0
 _BIAS_PRODUCT = 5
 # Tile positions (4 i + j) with 0 and 3 swapped along each axis: a flipped kernel's transform
 _FLIPPED = tuple(4 * (3 - i if i in (0, 3) else i) + (3 - j if j in (0, 3) else j) for i in range(4) for j in range(4))
+# Tiles per band of the weight gradient, whose products sum over the tiles: fewer, longer
+# bands read and write the (16, C_in, C_out) sum less often.
+_WEIGHT_GRAD_BAND_ROWS = 256
 # weight -> (fingerprint, its Winograd transform)
 _TRANSFORMED_WEIGHTS = WeakIdKeyDictionary()
 
@@ -99,14 +102,44 @@ def _output_transform(m: Sequence[torch.Tensor], out: Sequence[torch.Tensor], sc
     torch.sub(scratch, m[3], out=out[1])
 
 
-def _band(images: int, tiles_h: int, tiles_w: int, in_channels: int) -> tuple[int, int]:
+def _band(images: int, tiles_h: int, tiles_w: int, in_channels: int, rows: int = 0) -> tuple[int, int]:
     """``(images, tile_rows)`` per band: whole images of small maps, or rows of tiles of one
-    image, for about 128 GEMM rows (256 for narrow inputs, whose GEMMs are cheaper per tile):
-    measured best among 32-256 rows on a 2-core Xeon at 256-2816 channels."""
-    rows = max(128, 65536 // in_channels)
+    image, for ``rows`` GEMM rows or, by default, about 128 (256 for narrow inputs, whose GEMMs
+    are cheaper per tile): measured best among 32-256 rows on a 2-core Xeon at 256-2816 channels."""
+    rows = rows or max(128, 65536 // in_channels)
     if tiles_h * tiles_w >= rows:
         return 1, max(1, min(tiles_h, rows // tiles_w))
     return max(1, min(images, rows // (tiles_h * tiles_w))), tiles_h
+
+
+def _padded_tiles(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, 2 Th + 2, 2 Tw + 2, C)``: channels-last, zero-padded by one
+    pixel, and to whole 2x2 output tiles (``Th = ceil(H / 2)``) at the bottom and right."""
+    n, channels, height, width = x.shape
+    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    padded = x.new_empty((n, 2 * tiles_h + 2, 2 * tiles_w + 2, channels))
+    padded[:, 0].zero_()
+    padded[:, height + 1:].zero_()
+    padded[:, :, 0].zero_()
+    padded[:, :, width + 1:].zero_()
+    padded[:, 1:height + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
+    return padded
+
+
+def _transform_tiles(
+    src: torch.Tensor, t0: int, tiles_w: int, row_sums: torch.Tensor, tiles: torch.Tensor, order: Sequence[int]
+) -> None:
+    """``B^T d B`` of the tiles of output tile rows ``t0 ...`` of ``src`` (images of
+    :func:`_padded_tiles`), into ``tiles[order[k]]`` for tile position ``k``.
+
+    ``row_sums`` ``(4, b, t, 2 Tw + 2, C)`` is scratch; ``tiles`` is ``(16, b, t, Tw, C)``.
+    """
+    t = tiles.shape[2]
+    # first down the tiles' rows (input rows 2y + k), then across their columns
+    _input_transform([src[:, 2 * t0 + k: 2 * (t0 + t) + k: 2] for k in range(4)], row_sums)
+    for i in range(4):
+        columns = [row_sums[i][:, :, k::2][:, :, :tiles_w] for k in range(4)]
+        _input_transform(columns, [tiles[order[4 * i + j]] for j in range(4)])
 
 
 def winograd_conv3x3(
@@ -123,36 +156,32 @@ def winograd_conv3x3(
     Shapes: ``x`` ``(N, C_in, H, W)`` (any memory format; channels-last reads fastest),
     ``weights`` ``(16, C_in, C_out)`` (any strides) -> ``(N, C_out, H, W)``, channels-last.
     """
-    n, channels, height, width = x.shape
+    return _conv_tiles(_padded_tiles(x), x.shape[2], x.shape[3], weights, bias, flipped)
+
+
+def _conv_tiles(
+    padded: torch.Tensor, height: int, width: int, weights: torch.Tensor, bias: torch.Tensor | None, flipped: bool
+) -> torch.Tensor:
+    """:func:`winograd_conv3x3` of an ``height x width`` input given as its
+    :func:`_padded_tiles`."""
+    n, channels = padded.shape[0], padded.shape[3]
     out_channels = weights.shape[2]
     # the products: tile position k multiplies by weights[order[k]], in slot order[k]
     order = _FLIPPED if flipped else range(16)
     tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
-    # channels-last, zero-padded by one pixel, and to whole tiles at the bottom and right
-    padded = x.new_empty((n, 2 * tiles_h + 2, 2 * tiles_w + 2, channels))
-    padded[:, 0].zero_()
-    padded[:, height + 1:].zero_()
-    padded[:, :, 0].zero_()
-    padded[:, :, width + 1:].zero_()
-    padded[:, 1:height + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
-    out = x.new_empty((n, 2 * tiles_h, 2 * tiles_w, out_channels))
+    out = padded.new_empty((n, 2 * tiles_h, 2 * tiles_w, out_channels))
 
     images, tile_rows = _band(n, tiles_h, tiles_w, channels)
-    row_sums = x.new_empty((4, images, tile_rows, padded.shape[2], channels))
-    tiles = x.new_empty((16, images, tile_rows, tiles_w, channels))
-    half = x.new_empty((8, images, tile_rows, tiles_w, out_channels))
-    scratch = x.new_empty((images, tile_rows, tiles_w, out_channels))
+    row_sums = padded.new_empty((4, images, tile_rows, padded.shape[2], channels))
+    tiles = padded.new_empty((16, images, tile_rows, tiles_w, channels))
+    half = padded.new_empty((8, images, tile_rows, tiles_w, out_channels))
+    scratch = padded.new_empty((images, tile_rows, tiles_w, out_channels))
     for i0 in range(0, n, images):
         b = min(n, i0 + images) - i0
         for t0 in range(0, tiles_h, tile_rows):
             t = min(tiles_h, t0 + tile_rows) - t0
-            src = padded[i0:i0 + b]
-            r, v, h, s = row_sums[:, :b, :t], tiles[:, :b, :t], half[:, :b, :t], scratch[:b, :t]
-            # B^T d B: first down the tiles' rows (input rows 2y + k), then across their columns
-            _input_transform([src[:, 2 * t0 + k: 2 * (t0 + t) + k: 2] for k in range(4)], r)
-            for i in range(4):
-                columns = [r[i][:, :, k::2][:, :, :tiles_w] for k in range(4)]
-                _input_transform(columns, [v[order[4 * i + j]] for j in range(4)])
+            v, h, s = tiles[:, :b, :t], half[:, :b, :t], scratch[:b, :t]
+            _transform_tiles(padded[i0:i0 + b], t0, tiles_w, row_sums[:, :b, :t], v, order)
             m = measured_gemm("batched", v.reshape(16, -1, channels), weights)
             if bias is not None:
                 m[order[_BIAS_PRODUCT]] += bias
@@ -169,35 +198,106 @@ def winograd_conv3x3(
     return out.permute(0, 3, 1, 2)
 
 
+def _gradient_transform(y: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+    """``out[i] = (A y)[i]`` along one axis, ``A = [[1, 0], [1, 1], [1, -1], [0, -1]]``: the
+    adjoint of the output transform, taking a 2x2 block's gradient to the 16 products'."""
+    out[0].copy_(y[0])
+    torch.add(y[0], y[1], out=out[1])
+    torch.sub(y[0], y[1], out=out[2])
+    torch.neg(y[1], out=out[3])
+
+
+def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of ``F.conv2d(x, weight, padding=1)`` for a 3x3 ``weight``:
+    ``(N, C_in, H, W)`` input and ``(N, C_out, H, W)`` output gradient -> ``(C_out, C_in, 3, 3)``.
+
+    The adjoint of :func:`winograd_conv3x3`: for each of the 16 positions the transformed
+    weight's gradient is ``V^T dM``, the transformed tiles ``V`` (``tiles x C_in``, as in
+    forward) by the output gradient taken to the products (``dM = A dY A^T`` of each 2x2
+    block: ``tiles x C_out``), summed over bands of tiles; then ``G^T dU G`` once. 2.25x
+    fewer multiply-adds than the direct weight gradient, as in forward.
+    """
+    return _weight_grad_tiles(_padded_tiles(x), grad_out)
+
+
+def _weight_grad_tiles(padded: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """:func:`winograd_weight_grad` of an input given as its :func:`_padded_tiles`."""
+    n, channels = padded.shape[0], padded.shape[3]
+    out_channels, height, width = grad_out.shape[1:]
+    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    # the gradient, channels-last and zero over the last tiles' extra row or column
+    grads = grad_out.permute(0, 2, 3, 1)
+    if not grads.is_contiguous() or (height % 2, width % 2) != (0, 0):
+        grads = grad_out.new_empty((n, 2 * tiles_h, 2 * tiles_w, out_channels))
+        grads[:, height:].zero_()
+        grads[:, :, width:].zero_()
+        grads[:, :height, :width] = grad_out.permute(0, 2, 3, 1)
+
+    images, tile_rows = _band(n, tiles_h, tiles_w, channels, _WEIGHT_GRAD_BAND_ROWS)
+    row_sums = padded.new_empty((4, images, tile_rows, padded.shape[2], channels))
+    tiles = padded.new_empty((16, images, tile_rows, tiles_w, channels))
+    half = padded.new_empty((4, 2, images, tile_rows, tiles_w, out_channels))
+    products = padded.new_empty((16, images, tile_rows, tiles_w, out_channels))
+    transformed = padded.new_empty((16, out_channels, channels))  # dU, transposed: see the end
+    first = True
+    for i0 in range(0, n, images):
+        b = min(n, i0 + images) - i0
+        for t0 in range(0, tiles_h, tile_rows):
+            t = min(tiles_h, t0 + tile_rows) - t0
+            v, h, dm = tiles[:, :b, :t], half[:, :, :b, :t], products[:, :b, :t]
+            _transform_tiles(padded[i0:i0 + b], t0, tiles_w, row_sums[:, :b, :t], v, range(16))
+            block = grads[i0:i0 + b, 2 * t0: 2 * (t0 + t)].view(b, t, 2, tiles_w, 2, out_channels)
+            # A dY A^T: down each 2x2 block's columns, then across its rows
+            for j in range(2):
+                _gradient_transform([block[:, :, a, :, j] for a in range(2)], h[:, j])
+            for i in range(4):
+                _gradient_transform(h[i], [dm[4 * i + j] for j in range(4)])
+            dm_t, v = dm.reshape(16, -1, out_channels).transpose(1, 2), v.reshape(16, -1, channels)
+            if first:
+                torch.bmm(dm_t, v, out=transformed)
+                first = False
+            else:
+                transformed.baddbmm_(dm_t, v)
+    g = torch.tensor(_WEIGHT_TRANSFORM, dtype=padded.dtype, device=padded.device)
+    # G^T dU G of every kernel: (C_out * C_in, 16) by (16, 9), already the weight's layout
+    kernels = torch.mm(transformed.view(16, -1).t(), torch.kron(g, g))
+    return kernels.view(out_channels, channels, 3, 3)
+
+
 def _wide(in_channels: int, out_channels: int) -> bool:
     """Whether a 3x3 convolution is wide enough for Winograd to pay (module docstring)."""
     return in_channels >= MIN_IN_CHANNELS and out_channels >= MIN_OUT_CHANNELS
 
 
 class _WinogradConvCPU(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, padding=1)``: forward and input gradient by Winograd, the
-    weight gradient by oneDNN. The weight is transformed once a step, in forward."""
+    """``F.conv2d(x, weight, bias, padding=1)`` with forward, input gradient and weight gradient
+    by Winograd. The weight is transformed once a step, in forward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         transformed = winograd_weight(weight)
-        ctx.save_for_backward(x, weight, transformed)
-        return winograd_conv3x3(x, transformed, bias)
+        padded = _padded_tiles(x)  # kept for the weight gradient instead of x, which it holds
+        ctx.save_for_backward(padded, weight, transformed)
+        ctx.size = x.shape[2:]
+        return _conv_tiles(padded, *ctx.size, transformed, bias, False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, transformed = ctx.saved_tensors
+        padded, weight, transformed = ctx.saved_tensors
         out_channels, in_channels = weight.shape[:2]
-        winograd_input_grad = ctx.needs_input_grad[0] and _wide(out_channels, in_channels)
-        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
-            (ctx.needs_input_grad[0] and not winograd_input_grad, ctx.needs_input_grad[1], False),
-        )
-        if winograd_input_grad:
-            # its convolution maps C_out -> C_in with the kernels flipped
-            grad_x = winograd_conv3x3(grad_out, transformed.transpose(1, 2), None, flipped=True)
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if _wide(out_channels, in_channels):
+                # its convolution maps C_out -> C_in with the kernels flipped
+                grad_x = winograd_conv3x3(grad_out, transformed.transpose(1, 2), None, flipped=True)
+            else:
+                size = (padded.shape[0], in_channels, *ctx.size)
+                grad_x = torch.nn.grad.conv2d_input(size, weight, grad_out, padding=1)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _weight_grad_tiles(padded, grad_out)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias
 
 
@@ -208,8 +308,7 @@ class Conv3x3(nn.Conv2d):
     :data:`MIN_OUT_CHANNELS` out); its output is channels-last then.
 
     Inference keeps the transformed weight (16/9 the weight's size) until ``train()``;
-    training transforms it once a step and computes the input gradient by Winograd too, the
-    weight gradient by oneDNN. Autocast, other devices and dtypes, tracing, compiling,
+    training transforms it once a step and computes both gradients by Winograd too. Autocast, other devices and dtypes, tracing, compiling,
     exporting, TorchScript and dispatch modes (e.g. FLOP counters) get ``nn.Conv2d``.
     """
 

@@ -200,10 +200,10 @@ class UPerHead(SegmentationHead):
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
         levels = [outs[0], *(resize(x, size) for x in outs[1:])]
-        # In inference under Winograd the levels come channels-last (its convs' output), the layout
-        # it reads fastest. oneDNN's direct kernel runs fpn_bottleneck faster from NCHW, and so
-        # does oneDNN's weight gradient in training under Winograd (RESULTS.md rows 69, 73, 78).
-        if not torch.is_grad_enabled() and self.fpn_bottleneck.conv.uses_winograd(levels[0]):
+        # Under Winograd the levels come channels-last (its convs' output), the layout it reads
+        # fastest, in forward and in the weight gradient; oneDNN's direct kernel runs
+        # fpn_bottleneck faster from NCHW (RESULTS.md rows 69, 73, 79).
+        if self.fpn_bottleneck.conv.uses_winograd(levels[0]):
             fused = torch.cat(levels, dim=1)
         else:
             fused = nchw_cat(levels)
