@@ -16,6 +16,7 @@ from crossformer.data import DataError
 from crossformer.engine import DistContext
 from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
 from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
+from crossformer.segmentation import inference
 from crossformer.segmentation.inference import InferenceConfig, prepare_image, segment_probs, slide_logits
 from crossformer.segmentation.predict import predict_images
 from crossformer.segmentation.synthetic import make_ade_dataset
@@ -127,7 +128,10 @@ def test_slide_against_direct_windows():
     torch.testing.assert_close(slide_logits(model, small, (24, 24), (16, 16)), model.predict_logits(small, (12, 16)))
 
 
-def test_multi_scale_flip_against_direct_computation():
+@pytest.mark.parametrize("band_rows", [None, 7])
+def test_multi_scale_flip_against_direct_computation(monkeypatch, band_rows):
+    if band_rows:  # the CPU resizes and softmaxes a band of rows at a time: 7 rows of 80 x 3 classes
+        monkeypatch.setattr(inference, "BAND_ELEMENTS", band_rows * 80 * 3)
     model = TinySegmentor(3).eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
@@ -150,6 +154,15 @@ def test_multi_scale_flip_against_direct_computation():
     # a wrong flip-back would mirror half of the passes.
     torch.testing.assert_close(got, segment_probs(model, image, InferenceConfig(scale=(128, 64), ratios=(0.5, 1.0))),
                                atol=1e-5, rtol=1e-5)
+    # slide mode: window logits at the input size, then one resize to the image's
+    slide = InferenceConfig(mode="slide", scale=(128, 64), ratios=(1.0,), flip=True, crop_size=(48, 48), stride=(32, 32))
+    expected = torch.zeros(3, 60, 80)
+    with torch.no_grad():
+        for flip in (False, True):
+            logits = slide_logits(model, inputs[0].flip(-1) if flip else inputs[0], (48, 48), (32, 32))
+            probs = F.interpolate(logits, size=(60, 80), mode="bilinear", align_corners=False).softmax(1)[0]
+            expected += probs.flip(-1) if flip else probs
+    torch.testing.assert_close(segment_probs(model, image, slide), expected / 2, atol=1e-5, rtol=1e-5)
     assert InferenceConfig.build("slide", multi_scale=True, flip=True).ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     with pytest.raises(ValueError, match="inference mode must be one of whole, slide"):
         InferenceConfig(mode="tiles")

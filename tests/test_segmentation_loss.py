@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from crossformer.segmentation import loss as seg_loss
-from crossformer.segmentation.loss import bilinear_matrix, resized_cross_entropy
+from crossformer.segmentation.bands import bilinear_matrix
+from crossformer.segmentation.loss import resized_cross_entropy
 from crossformer.segmentation.segmentor import build_segmentor
 
 IGNORE = 255

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from .bands import BAND_ELEMENTS, bilinear_matrix, row_bands
 from .transforms import MMSEG_MEAN, MMSEG_STD, normalize, rescale_size, resize_image, resize_to_multiple
 
 __all__ = [
@@ -43,10 +44,13 @@ MODES = ("whole", "slide")
 
 
 class Segmentor(Protocol):
-    """What inference needs of a segmentor (see the segmentation models)."""
+    """What inference needs of a segmentor (see the segmentation models): called on images it
+    gives the head's logits, which ``predict_logits`` resizes bilinearly (``align_corners=False``)."""
 
     num_classes: int
     align_corners: bool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def predict_logits(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor: ...
 
@@ -131,6 +135,10 @@ def segment_probs(
     manager factory (e.g. ``Precision.autocast``) around the forward passes."""
     height, width = image.shape[:2]
     flips: Sequence[bool] = (False, True) if config.flip else (False,)
+    # On the CPU the resizes to the input and image sizes, the softmax and the flip back are
+    # done a band of rows at a time: fresh full-size maps of every class cost more there than
+    # the arithmetic (RESULTS.md, row 81).
+    banded = torch.device(device).type == "cpu" and not segmentor.align_corners
     merged = None
     for scale in scale_bounds(config):
         inputs = prepare_image(image, scale, config).to(device)
@@ -139,14 +147,35 @@ def segment_probs(
             with autocast() if autocast is not None else nullcontext():
                 if config.mode == "slide":
                     logits = slide_logits(segmentor, batch, config.crop_size, config.stride)
+                elif banded:
+                    logits = segmentor(batch)  # the head's logits: resized below
                 else:
                     logits = whole_logits(segmentor, batch)
+            if banded:
+                if merged is None:
+                    merged = logits.new_zeros((segmentor.num_classes, height, width), dtype=torch.float32)
+                _add_resized_probs(merged, logits[0].float(), tuple(batch.shape[-2:]), flip)
+                continue
             logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
                                    align_corners=segmentor.align_corners)
             probs = logits.softmax(dim=1)[0]
             probs = probs.flip(-1) if flip else probs
             merged = probs if merged is None else merged.add_(probs)
     return merged / (len(config.ratios) * len(flips))
+
+
+def _add_resized_probs(merged: torch.Tensor, logits: torch.Tensor, input_size: tuple[int, int], flip: bool) -> None:
+    """``merged += softmax(resize(resize(logits, input_size), image size))``, flipped back when
+    ``flip``, a band of rows at a time (:mod:`.bands`): the two bilinear resizes are one product
+    of their matrices. ``merged`` ``(C, H, W)``; ``logits`` ``(C, h, w)`` at the head's stride
+    or (slide mode) at ``input_size``."""
+    classes, height, width = merged.shape
+    rows = bilinear_matrix(height, input_size[0]) @ bilinear_matrix(input_size[0], logits.shape[1])
+    cols = bilinear_matrix(width, input_size[1]) @ bilinear_matrix(input_size[1], logits.shape[2])
+    cols_t = (cols.flip(0) if flip else cols).t().to(logits.device)  # a flipped pass's columns, mirrored
+    step = max(1, BAND_ELEMENTS // (classes * width))
+    for out_rows, in_rows, weights in row_bands(rows.to(logits.device), step):
+        merged[:, out_rows] += (weights @ logits[:, in_rows] @ cols_t).softmax(0)
 
 
 def segment(

@@ -21,39 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resized_cross_entropy", "bilinear_matrix"]
+from .bands import BAND_ELEMENTS, bilinear_matrix, row_bands
 
-# Elements of one band of resized logits: 4 MB (1M float32), so that a band's resize,
-# softmax and gradient stay in cache.
-BAND_ELEMENTS = 1 << 20
-
-
-def bilinear_matrix(out_size: int, in_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(out_size, in_size)``: row ``i`` holds the weights ``F.interpolate(mode="bilinear",
-    align_corners=False)`` gives output position ``i`` along one axis (no antialiasing)."""
-    scale = in_size / out_size
-    source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = (source - low).clamp(max=1).float()
-    matrix = torch.zeros(out_size, in_size)
-    rows = torch.arange(out_size)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix.to(device)
+__all__ = ["resized_cross_entropy"]
 
 
 def _bands(logits: torch.Tensor, height: int, width: int):
-    """Yield ``(row_slice, source_slice, rows_matrix)``: output rows, the input rows they read
-    and their interpolation weights over those input rows."""
+    """:func:`.bands.row_bands` of the resize of ``logits`` ``(B, C, h, w)`` to ``height``
+    rows, in bands of :data:`.bands.BAND_ELEMENTS` resized logits."""
     batch, classes = logits.shape[:2]
     step = max(1, BAND_ELEMENTS // max(1, batch * classes * width))
-    rows = bilinear_matrix(height, logits.shape[2], logits.device)
-    for start in range(0, height, step):
-        band = rows[start:start + step]
-        used = band.abs().sum(0).nonzero()
-        first, last = int(used[0]), int(used[-1]) + 1
-        yield slice(start, start + step), slice(first, last), band[:, first:last]
+    return row_bands(bilinear_matrix(height, logits.shape[2], logits.device), step)
 
 
 def _resized_band(logits: torch.Tensor, in_rows: slice, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
