@@ -54,8 +54,8 @@ _WEIGHT_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0
 _BIAS_PRODUCT = 5
 # Tile positions (4 i + j) with 0 and 3 swapped along each axis: a flipped kernel's transform
 _FLIPPED = tuple(4 * (3 - i if i in (0, 3) else i) + (3 - j if j in (0, 3) else j) for i in range(4) for j in range(4))
-# Tiles per band of the weight gradient, whose products sum over the tiles: fewer, longer
-# bands read and write the (16, C_in, C_out) sum less often.
+# Tiles per band of the weight gradient, whose products add into one (16, C_out, C_in) sum:
+# the best or within 5% of it among 128-2048 at UPerNet's shapes (RESULTS.md, row 80).
 _WEIGHT_GRAD_BAND_ROWS = 256
 # weight -> (fingerprint, its Winograd transform)
 _TRANSFORMED_WEIGHTS = WeakIdKeyDictionary()

@@ -202,7 +202,7 @@ class UPerHead(SegmentationHead):
         levels = [outs[0], *(resize(x, size) for x in outs[1:])]
         # Under Winograd the levels come channels-last (its convs' output), the layout it reads
         # fastest, in forward and in the weight gradient; oneDNN's direct kernel runs
-        # fpn_bottleneck faster from NCHW (RESULTS.md rows 69, 73, 79).
+        # fpn_bottleneck faster from NCHW (RESULTS.md rows 69, 73, 80).
         if self.fpn_bottleneck.conv.uses_winograd(levels[0]):
             fused = torch.cat(levels, dim=1)
         else:
