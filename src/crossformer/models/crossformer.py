@@ -375,14 +375,17 @@ class CrossFormerBlock(nn.Module):
             height, width, self.group_size, self.interval, self.long_distance_groups, self.long_distance
         )
 
+    def _attention_residual(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """``x + drop_path(attn(norm1(x)))`` for ``x`` ``(B, H, W, C)``."""
+        if not torch.jit.is_scripting():  # TorchScript compiles only the map-order path
+            if groups_tile_map(x, layout):
+                # the attention's output added in group order: no copy back to map order
+                in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
+                return self.drop_path(in_map, in_groups).view(x.shape)
+        return self.drop_path(x, self.attn(self.norm1(x), layout))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = self.layout(x.shape[1], x.shape[2])
-        if not torch.jit.is_scripting() and groups_tile_map(x, layout):
-            # the attention's output added in group order: no copy back to map order
-            in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
-            x = self.drop_path(in_map, in_groups).view(x.shape)
-        else:
-            x = self.drop_path(x, self.attn(self.norm1(x), layout))
+        x = self._attention_residual(x, self.layout(x.shape[1], x.shape[2]))
         x = self.drop_path(x, self.mlp(self.norm2(x)))
         if self.ex_conv is not None:
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
