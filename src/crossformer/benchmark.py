@@ -43,6 +43,7 @@ __all__ = [
     "gemm_rates",
     "model_gemm_shapes",
     "peak_report",
+    "SquareGemmSampler",
 ]
 
 # The issue's protocol: inference at batch 32, a training step at batch 16.
@@ -236,10 +237,12 @@ def run_benchmark(
     models: Sequence[str] | Mapping[str, Callable[[], nn.Module]],
     config: BenchConfig,
     log: Callable[[str], None] | None = None,
+    between_rounds: Callable[[], None] | None = None,
 ) -> list[ModelResult]:
     """Measure every model in every mode, interleaving models within each round.
 
-    ``models``: registered names, or names mapped to factories of unplaced models.
+    ``models``: registered names, or names mapped to factories of unplaced models;
+    ``between_rounds`` runs after each round (e.g. :class:`SquareGemmSampler`).
     """
     torch.manual_seed(0)
     if isinstance(models, Mapping):
@@ -264,6 +267,8 @@ def run_benchmark(
         if log:
             log(f"round {r + 1}/{config.rounds}: " + ", ".join(
                 f"{n}/{m} {_rate(v[-1])} img/s" for (n, m), v in times.items()))
+        if between_rounds is not None:
+            between_rounds()
     peaks = {key: peak_memory_mb(step, config.device) if config.memory else None for key, step in steps.items()}
     return [
         ModelResult(
@@ -421,6 +426,28 @@ def gemm_rates(
     return out
 
 
+class SquareGemmSampler:
+    """Times the large square product on every backend once per call, for ``run_benchmark``'s
+    ``between_rounds``: each round's model rate then has a GEMM rate from the same minute.
+    A machine whose speed drifts (a shared or throttled host) moves both together, where a
+    rate measured once, before or after all the rounds, would not."""
+
+    def __init__(self, device: str = "cpu", min_seconds: float = 0.05) -> None:
+        side = PEAK_SQUARE if device == "cpu" else PEAK_SQUARE_CUDA
+        self.flops = 2 * side**3
+        self.device = device
+        self.calls = _gemm_callables(side, side, side, device)
+        self.repeats = {}
+        for name, call in self.calls.items():
+            call()  # warm-up, as gemm_rates
+            self.repeats[name] = max(1, int(min_seconds / max(timed_steps(call, 1, device), 1e-6)))
+        self.samples: list[dict[str, float]] = []  # one {backend: GFLOP/s} per call
+
+    def __call__(self) -> None:
+        self.samples.append({name: self.flops * self.repeats[name] / timed_steps(call, self.repeats[name], self.device) / 1e9
+                             for name, call in self.calls.items()})
+
+
 def model_gemm_shapes(
     model: nn.Module, batch: int, height: int, width: int, chunked: bool = True
 ) -> list[tuple[str, int, int, int, int]]:
@@ -463,12 +490,18 @@ def model_macs(model: nn.Module, height: int, width: int) -> int:
 TRAIN_FLOPS_FACTOR = 3
 
 
-def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int = 3) -> dict:
+def peak_report(
+    model_name: str, config: BenchConfig, summary: dict, rounds: int = 3, square_samples: Sequence[dict] = ()
+) -> dict:
     """GEMM rates of each backend (large square and the model's shapes) on the benchmark's
     device, and the model's GFLOP/s from ``summary`` (see :func:`summarise`) as a fraction
     of the best square rate of its precision (fp32, or bf16 under ``--amp bf16``): model
     FLOP utilisation. Inference counts ``2 * MACs`` per image; a training step
-    ``TRAIN_FLOPS_FACTOR`` times that."""
+    ``TRAIN_FLOPS_FACTOR`` times that.
+
+    With ``square_samples`` (a :class:`SquareGemmSampler`'s, one per benchmark round) the
+    fraction is the median over rounds of each round's model rate against the square rate
+    timed right after it, with its spread (``..._fraction_of_best_spread``)."""
     height, width = config.img_size
     model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes,
                                                  model_kwargs=config.model_kwargs))
@@ -495,12 +528,20 @@ def peak_report(model_name: str, config: BenchConfig, summary: dict, rounds: int
         report.update(linear_gflop_per_batch=sum(shape[-1] for shape in shapes) / 1e9, model_gflop_per_batch=model_gflop,
                       linear_seconds_per_batch=linear_seconds,
                       linear_bound_fraction_of_best=model_gflop / linear_seconds / best[dtype])
+    square_rounds = [max((v for k, v in sample.items() if k.startswith(dtype)), default=0.0) for sample in square_samples]
+    if square_rounds:
+        report["square_gflops_rounds"] = square_rounds
     for mode, prefix, factor in (("infer", "model", 1), ("train", "model_train", TRAIN_FLOPS_FACTOR)):
         measured = summary["models"][model_name].get(mode)
         if measured is not None:
             gflops = 2 * factor * macs * measured["images_per_s"] / 1e9
             report[f"{prefix}_gflops"] = gflops
             report[f"{prefix}_fraction_of_best"] = gflops / best[dtype] if best[dtype] else None
+            if square_rounds and len(square_rounds) == len(measured["images_per_s_rounds"]) and min(square_rounds) > 0:
+                fractions = [2 * factor * macs * rate / 1e9 / square
+                             for rate, square in zip(measured["images_per_s_rounds"], square_rounds)]
+                report[f"{prefix}_fraction_of_best"] = statistics.median(fractions)
+                report[f"{prefix}_fraction_of_best_spread"] = _spread(fractions)
     return report
 
 
@@ -523,8 +564,11 @@ def format_peak(report: dict) -> str:
                          ("model_train", f"training step ({TRAIN_FLOPS_FACTOR} x {per_image:.2f} GFLOP per image)")):
         if f"{prefix}_gflops" in report:
             fraction = report[f"{prefix}_fraction_of_best"]
+            spread = report.get(f"{prefix}_fraction_of_best_spread")
             lines.append(
                 f"model {dtype} {what}: {report[f'{prefix}_gflops']:.1f} GFLOP/s"
                 + (f", {100 * fraction:.0f}% of the best {dtype} GEMM rate" if fraction else "")
+                + (f" (median over rounds of each round against the square product timed after it: "
+                   f"{100 * spread[0]:.0f}-{100 * spread[1]:.0f}%)" if spread else "")
             )
     return "\n".join(lines)

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) 
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--peak", action="store_true",
                         help="also time each GEMM backend (a large square and the model's linear shapes) and "
-                             "report the model's GFLOP/s as a fraction of the best rate (model FLOP utilisation)")
+                             "report the model's GFLOP/s as a fraction of the best rate (model FLOP utilisation), "
+                             "each round against the square product timed right after it")
 
 
 def keeps_freed_memory(args: argparse.Namespace) -> bool:
@@ -119,11 +120,16 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
         require_model(name)
     config = build_config(args, model_kwargs)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    summary = summarise(run_benchmark(names, config, log=log), config, compare=args.compare)
+    sampler = None
+    if args.peak:  # the square GEMM timed after every round, beside the model's rates
+        from crossformer.benchmark import SquareGemmSampler
+
+        sampler = SquareGemmSampler(config.device)
+    summary = summarise(run_benchmark(names, config, log=log, between_rounds=sampler), config, compare=args.compare)
     if args.peak:
         from crossformer.benchmark import peak_report
 
-        summary["peak"] = peak_report(args.model, config, summary)
+        summary["peak"] = peak_report(args.model, config, summary, square_samples=sampler.samples)
     if args.json:
         print(json.dumps(summary))
         return 0
