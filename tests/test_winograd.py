@@ -255,3 +255,32 @@ def test_weight_gradient_sums_every_band(monkeypatch, band_rows, shape) -> None:
     grad_out = torch.randn(shape[0], 4, *shape[2:], dtype=torch.float64)
     expected = torch.nn.grad.conv2d_weight(x, (4, shape[1], 3, 3), grad_out, padding=1)
     torch.testing.assert_close(winograd.winograd_weight_grad(x, grad_out), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_a_list_of_maps_is_the_conv_of_their_concatenation(monkeypatch, wide) -> None:
+    """UPerHead's fpn_bottleneck gets its levels as a list: by Winograd they are copied straight
+    into the padded tiles, else concatenated NCHW; values, every map's gradient and the
+    weight's equal the conv of ``torch.cat``, and forward hooks see the call."""
+    if wide:
+        monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 1)
+        monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
+    head = ConvModule(10, 6, 3)
+    with torch.no_grad():
+        head.bn.weight.uniform_(0.5, 1.5)
+    maps = [torch.randn(2, c, 9, 7).contiguous(memory_format=torch.channels_last) for c in (4, 3)] + [torch.randn(2, 3, 9, 7)]
+    assert head.conv.uses_winograd(maps[0]) == wide
+    calls = []
+    head.conv.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    for mode in ("eval", "train"):
+        getattr(head, mode)()
+        leaves = [m.detach().requires_grad_(mode == "train") for m in maps]
+        got = head.forward_concat(leaves)
+        want = F.relu(head.bn(F.conv2d(torch.cat(leaves, dim=1), head.conv.weight, padding=1)))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if mode == "train":
+            grad = torch.linspace(-1, 1, got.numel()).view(got.shape)
+            inputs = [*leaves, head.conv.weight]
+            for g, w in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+    assert calls == [torch.Size([2, 6, 9, 7])] * 2

@@ -53,6 +53,13 @@ class ConvModule(nn.Sequential):
         ))
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward_concat(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``self(torch.cat(maps, dim=1))``, concatenated as the conv reads fastest (a
+        :class:`Conv3x3` takes the list itself; other kernels NCHW)."""
+        conv = self.conv
+        x = conv(maps) if isinstance(conv, Conv3x3) else conv(nchw_cat(maps))
+        return self.activate(self.bn(x))
+
 
 def fpn_neck(in_channels: Sequence[int], out_channels: int = 256) -> FeaturePyramidNetwork:
     """mmseg's ``FPN`` neck (``num_outs == len(in_channels)``, no extra levels, no norm)."""
@@ -200,14 +207,7 @@ class UPerHead(SegmentationHead):
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
         levels = [outs[0], *(resize(x, size) for x in outs[1:])]
-        # Under Winograd the levels come channels-last (its convs' output), the layout it reads
-        # fastest, in forward and in the weight gradient; oneDNN's direct kernel runs
-        # fpn_bottleneck faster from NCHW (RESULTS.md rows 69, 73, 80).
-        if self.fpn_bottleneck.conv.uses_winograd(levels[0]):
-            fused = torch.cat(levels, dim=1)
-        else:
-            fused = nchw_cat(levels)
-        return self.classify(self.fpn_bottleneck(fused))
+        return self.classify(self.fpn_bottleneck.forward_concat(levels))
 
 
 class FCNHead(SegmentationHead):
