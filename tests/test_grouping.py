@@ -59,6 +59,9 @@ def test_group_order_views_pair_each_pixel_with_its_token(size, group, interval,
     assert torch.equal((in_map + 2 * in_groups).view(x.shape), 3 * x)  # written in map order
 
 
-def test_padded_layouts_keep_the_map_order_path() -> None:
+def test_padded_layouts_and_other_devices_keep_the_map_order_path() -> None:
     layout = group_layout(25, 15, 7, 8, False, "fixed_interval")
     assert not groups_tile_map(torch.zeros(1, 25, 15, 4), layout)
+    unpadded = group_layout(28, 21, 7, 1, False, "fixed_interval")
+    assert groups_tile_map(torch.zeros(1, 28, 21, 4), unpadded)
+    assert not groups_tile_map(torch.zeros(1, 28, 21, 4, device="meta"), unpadded)  # stands for a GPU

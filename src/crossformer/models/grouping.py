@@ -182,10 +182,12 @@ def partition_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
 
 
 def groups_tile_map(x: torch.Tensor, layout: GroupLayout) -> bool:
-    """Whether the eager in-group path applies to ``x`` ``(B, H, W, C)``: the layout pads
-    nothing (so the linear layers see no padded tokens either way) and no tracer or exporter
-    is recording (they take the map-order path, whose shapes need no group-order views)."""
-    if torch.compiler.is_exporting() or is_fx_symbolic_tracing():
+    """Whether the eager in-group path applies to ``x`` ``(B, H, W, C)``: a CPU tensor, the
+    layout pads nothing (so the linear layers see no padded tokens either way) and no tracer
+    or exporter is recording (they take the map-order path, whose shapes need no group-order
+    views). GPUs keep the map-order path: their SDPA kernels were not measured on the strided
+    q, k and v this path hands them."""
+    if torch.compiler.is_exporting() or is_fx_symbolic_tracing() or x.device.type != "cpu":
         return False
     return layout.padded_h == x.shape[1] and layout.padded_w == x.shape[2]
 
