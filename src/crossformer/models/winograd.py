@@ -315,8 +315,9 @@ class Conv3x3(nn.Conv2d):
     :data:`MIN_OUT_CHANNELS` out); its output is channels-last then.
 
     Inference keeps the transformed weight (16/9 the weight's size) until ``train()``;
-    training transforms it once a step and computes both gradients by Winograd too. Autocast, other devices and dtypes, tracing, compiling,
-    exporting, TorchScript and dispatch modes (e.g. FLOP counters) get ``nn.Conv2d``.
+    training transforms it once a step and computes both gradients by Winograd too.
+    Autocast, other devices and dtypes, tracing, compiling, exporting, TorchScript and
+    dispatch modes (e.g. FLOP counters) get ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:

@@ -53,12 +53,13 @@ class ConvModule(nn.Sequential):
         ))
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_concat(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``self(torch.cat(maps, dim=1))``, concatenated as the conv reads fastest (a
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(N, C_in, H, W)`` -> ``(N, C_out, H, W)``; ``x`` may also be a list of maps to
+        concatenate along the channels, which is done as the conv reads fastest (a
         :class:`Conv3x3` takes the list itself; other kernels NCHW)."""
-        conv = self.conv
-        x = conv(maps) if isinstance(conv, Conv3x3) else conv(nchw_cat(maps))
-        return self.activate(self.bn(x))
+        if not isinstance(x, torch.Tensor) and not isinstance(self.conv, Conv3x3):
+            x = nchw_cat(x)
+        return self.activate(self.bn(self.conv(x)))
 
 
 def fpn_neck(in_channels: Sequence[int], out_channels: int = 256) -> FeaturePyramidNetwork:
@@ -207,7 +208,7 @@ class UPerHead(SegmentationHead):
         outs.append(laterals[-1])
         size = outs[0].shape[2:]
         levels = [outs[0], *(resize(x, size) for x in outs[1:])]
-        return self.classify(self.fpn_bottleneck.forward_concat(levels))
+        return self.classify(self.fpn_bottleneck(levels))  # concatenated as its conv reads fastest
 
 
 class FCNHead(SegmentationHead):
