@@ -141,7 +141,7 @@ def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
 @pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_group_order_residual_matches_map_order(monkeypatch, tag: str) -> None:
     """Unpadded layouts add the attention's output in group order (``forward_groups``);
-    padded ones, export and FX take the map-order path. Both compute the same thing."""
+    padded ones, GPUs and graph capture take the map-order path. Both compute the same thing."""
     model = _model(tag)
     x = torch.randn(2, 3, 224, 224)  # v1: no stage pads; pp: its LDA blocks of stages 0-1 pad
     target = torch.tensor([1, 7])

@@ -43,7 +43,7 @@ __all__ = [
     "gemm_rates",
     "model_gemm_shapes",
     "peak_report",
-    "SquareGemmSampler",
+    "GemmSampler",
 ]
 
 # The issue's protocol: inference at batch 32, a training step at batch 16.
@@ -242,7 +242,7 @@ def run_benchmark(
     """Measure every model in every mode, interleaving models within each round.
 
     ``models``: registered names, or names mapped to factories of unplaced models;
-    ``between_rounds`` runs after each round (e.g. :class:`SquareGemmSampler`).
+    ``between_rounds`` runs after each round (e.g. :meth:`GemmSampler.square`).
     """
     torch.manual_seed(0)
     if isinstance(models, Mapping):
@@ -399,53 +399,52 @@ def _gemm_callables(rows: int, inner: int, outer: int, device: str = "cpu") -> d
     return calls
 
 
-def gemm_rates(
-    shapes: Sequence[tuple], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
-) -> list[dict]:
-    """GFLOP/s (2 * M * K * N / s) of each backend at each ``(label, M, K, N, ...)``.
+class GemmSampler:
+    """Times ``(rows, inner) @ (inner, outer)`` on every backend (:func:`_gemm_callables`) once
+    per call, each repeated for about ``min_seconds``, and keeps each call's GFLOP/s (``2 M K
+    N / s``) by backend in ``samples``. Backends alternate within a call, so a slow moment of
+    a shared machine hits all of them.
 
-    Backends alternate within each round (a slow moment of a shared machine hits all of
-    them); a round repeats a product until it has run ``min_seconds``; the figure is the
-    median over rounds.
+    Also ``run_benchmark``'s ``between_rounds`` for ``--peak``: on the large square it gives
+    each round's model rate a GEMM rate from the same minute. A machine whose speed drifts (a
+    shared or throttled host) moves both together, where a rate measured once, before or
+    after all the rounds, would not.
     """
-    out = []
-    for label, rows, inner, outer, *_ in shapes:
-        calls = _gemm_callables(rows, inner, outer, device)
-        repeats = {}
-        for name, call in calls.items():
-            call()  # warm-up: weight reorders, first-touch of the output, kernel selection
-            once = timed_steps(call, 1, device)
-            repeats[name] = max(1, int(min_seconds / max(once, 1e-6)))
-        rates: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                seconds = timed_steps(call, repeats[name], device)
-                rates[name].append(2 * rows * inner * outer * repeats[name] / seconds / 1e9)
-        out.append(dict(shape=label, m=rows, k=inner, n=outer,
-                        gflops={name: statistics.median(v) for name, v in rates.items()}))
-    return out
 
-
-class SquareGemmSampler:
-    """Times the large square product on every backend once per call, for ``run_benchmark``'s
-    ``between_rounds``: each round's model rate then has a GEMM rate from the same minute.
-    A machine whose speed drifts (a shared or throttled host) moves both together, where a
-    rate measured once, before or after all the rounds, would not."""
-
-    def __init__(self, device: str = "cpu", min_seconds: float = 0.05) -> None:
-        side = PEAK_SQUARE if device == "cpu" else PEAK_SQUARE_CUDA
-        self.flops = 2 * side**3
+    def __init__(self, rows: int, inner: int, outer: int, device: str = "cpu", min_seconds: float = 0.05) -> None:
+        self.flops = 2 * rows * inner * outer
         self.device = device
-        self.calls = _gemm_callables(side, side, side, device)
+        self.calls = _gemm_callables(rows, inner, outer, device)
         self.repeats = {}
         for name, call in self.calls.items():
-            call()  # warm-up, as gemm_rates
+            call()  # warm-up: weight reorders, first-touch of the output, kernel selection
             self.repeats[name] = max(1, int(min_seconds / max(timed_steps(call, 1, device), 1e-6)))
         self.samples: list[dict[str, float]] = []  # one {backend: GFLOP/s} per call
+
+    @classmethod
+    def square(cls, device: str = "cpu") -> "GemmSampler":
+        """The large square product that stands for the machine's rate on ``device``."""
+        side = PEAK_SQUARE if device == "cpu" else PEAK_SQUARE_CUDA
+        return cls(side, side, side, device)
 
     def __call__(self) -> None:
         self.samples.append({name: self.flops * self.repeats[name] / timed_steps(call, self.repeats[name], self.device) / 1e9
                              for name, call in self.calls.items()})
+
+
+def gemm_rates(
+    shapes: Sequence[tuple], rounds: int = 3, min_seconds: float = 0.05, device: str = "cpu"
+) -> list[dict]:
+    """GFLOP/s of each backend at each ``(label, M, K, N, ...)``: the median over ``rounds``
+    calls of a :class:`GemmSampler`."""
+    out = []
+    for label, rows, inner, outer, *_ in shapes:
+        sampler = GemmSampler(rows, inner, outer, device, min_seconds)
+        for _ in range(rounds):
+            sampler()
+        out.append(dict(shape=label, m=rows, k=inner, n=outer,
+                        gflops={name: statistics.median(s[name] for s in sampler.samples) for name in sampler.calls}))
+    return out
 
 
 def model_gemm_shapes(
@@ -499,7 +498,7 @@ def peak_report(
     FLOP utilisation. Inference counts ``2 * MACs`` per image; a training step
     ``TRAIN_FLOPS_FACTOR`` times that.
 
-    With ``square_samples`` (a :class:`SquareGemmSampler`'s, one per benchmark round) the
+    With ``square_samples`` (a :meth:`GemmSampler.square`'s, one per benchmark round) the
     fraction is the median over rounds of each round's model rate against the square rate
     timed right after it, with its spread (``..._fraction_of_best_spread``)."""
     height, width = config.img_size

@@ -122,9 +122,9 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     sampler = None
     if args.peak:  # the square GEMM timed after every round, beside the model's rates
-        from crossformer.benchmark import SquareGemmSampler
+        from crossformer.benchmark import GemmSampler
 
-        sampler = SquareGemmSampler(config.device)
+        sampler = GemmSampler.square(config.device)
     summary = summarise(run_benchmark(names, config, log=log, between_rounds=sampler), config, compare=args.compare)
     if args.peak:
         from crossformer.benchmark import peak_report

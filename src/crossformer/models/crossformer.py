@@ -46,8 +46,8 @@ from .layers import (
     ResidualDropPath,
     capturing_graph,
     linear,
+    cached_on_weights,
     release_packed,
-    weights_fingerprint,
 )
 
 __all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
@@ -245,15 +245,9 @@ class GroupAttention(nn.Module):
         return self._position_bias(group_h, group_w)
 
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
-        fingerprint = weights_fingerprint(self.pos.parameters())
-        if fingerprint is None:
-            return self._position_bias(group_h, group_w)
-        hit = self._bias_cache.get((group_h, group_w))
-        if hit is not None and hit[0] == fingerprint:
-            return hit[1]
-        bias = self._position_bias(group_h, group_w)
-        self._bias_cache[(group_h, group_w)] = (fingerprint, bias)
-        return bias
+        return cached_on_weights(
+            self._bias_cache, (group_h, group_w), self.pos.parameters(), lambda: self._position_bias(group_h, group_w)
+        )
 
     def _position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         weight = self.pos.pos_proj.weight

@@ -26,7 +26,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.models import register_notrace_function
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from .layers import capturing_graph
 
 LongDistance = Literal["fixed_interval", "fixed_group"]
 LONG_DISTANCE_CHOICES: tuple[str, ...] = ("fixed_interval", "fixed_group")
@@ -183,11 +184,11 @@ def partition_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
 
 def groups_tile_map(x: torch.Tensor, layout: GroupLayout) -> bool:
     """Whether the eager in-group path applies to ``x`` ``(B, H, W, C)``: a CPU tensor, the
-    layout pads nothing (so the linear layers see no padded tokens either way) and no tracer
-    or exporter is recording (they take the map-order path, whose shapes need no group-order
-    views). GPUs keep the map-order path: their SDPA kernels were not measured on the strided
-    q, k and v this path hands them."""
-    if torch.compiler.is_exporting() or is_fx_symbolic_tracing() or x.device.type != "cpu":
+    layout pads nothing (so the linear layers see no padded tokens either way) and no graph is
+    being recorded (:func:`.layers.capturing_graph`: tracers, ``torch.compile`` and exporters
+    take the map-order path). GPUs keep the map-order path: their SDPA kernels were not
+    measured on the strided q, k and v this path hands them."""
+    if capturing_graph() or x.device.type != "cpu":
         return False
     return layout.padded_h == x.shape[1] and layout.padded_w == x.shape[2]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator, MutableMapping
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "force_gemm_backend",
     "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
-    "onednn_inference_bf16", "weights_fingerprint",
+    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -84,6 +84,22 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple | None:
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
+def cached_on_weights(
+    cache: MutableMapping, key: Hashable, tensors: Iterable[torch.Tensor], compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``compute()``, kept in ``cache[key]`` and computed again only when ``tensors`` change
+    (:func:`weights_fingerprint`); computed afresh on every call for inference tensors."""
+    fingerprint = weights_fingerprint(tensors)
+    if fingerprint is None:
+        return compute()
+    hit = cache.get(key)
+    if hit is not None and hit[0] == fingerprint:
+        return hit[1]
+    value = compute()
+    cache[key] = (fingerprint, value)
+    return value
+
+
 def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``weight`` (cast to ``dtype``) reordered once for oneDNN, again only when it changes.
 
@@ -95,15 +111,7 @@ def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     if _REORDER_LINEAR_WEIGHT is None:
         return weight.to(dtype)
     cache = _PACKED_WEIGHTS if dtype == torch.float32 else _PACKED_BF16_WEIGHTS
-    fingerprint = weights_fingerprint((weight,))
-    if fingerprint is None:
-        return _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT)
-    hit = cache.get(weight)
-    if hit is not None and hit[0] == fingerprint:
-        return hit[1]
-    packed = _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT)
-    cache[weight] = (fingerprint, packed)
-    return packed
+    return cached_on_weights(cache, weight, (weight,), lambda: _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT))
 
 
 def release_packed(*layers: nn.Linear) -> None:

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .layers import capturing_graph, measured_gemm, weights_fingerprint
+from .layers import cached_on_weights, capturing_graph, measured_gemm
 from .layout import nchw_cat
 
 __all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight", "winograd_weight_grad"]
@@ -76,15 +76,7 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _transformed(weight: torch.Tensor) -> torch.Tensor:
     """:func:`winograd_weight`, computed once and again only when the weight changes."""
-    fingerprint = weights_fingerprint((weight,))
-    if fingerprint is None:
-        return winograd_weight(weight)
-    hit = _TRANSFORMED_WEIGHTS.get(weight)
-    if hit is not None and hit[0] == fingerprint:
-        return hit[1]
-    transformed = winograd_weight(weight)
-    _TRANSFORMED_WEIGHTS[weight] = (fingerprint, transformed)
-    return transformed
+    return cached_on_weights(_TRANSFORMED_WEIGHTS, weight, (weight,), lambda: winograd_weight(weight))
 
 
 def _input_transform(d: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
