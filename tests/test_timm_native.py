@@ -15,6 +15,7 @@ import os
 
 import pytest
 import timm
+import timm.optim
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
@@ -166,3 +167,19 @@ def test_pretrained_file_never_unpickles_code(tmp_path) -> None:
     torch.save({"model": crossformer.models.CrossFormer(**REFERENCE_CONFIGS["v1"]).state_dict(), "hook": os.system}, path)
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         _model("v1", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_layer_decay_follows_the_order_layers_run() -> None:
+    """timm's layer-wise lr decay: a stage's merge runs after its blocks, so it shares the
+    last block's lr scale, and scales never fall from the stem to the head."""
+    model = _model("v1", num_classes=7)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    by_name = {name: scale[id(p)] for name, p in model.named_parameters()}
+    for s, stage in enumerate(model.layers):
+        if stage.downsample is not None:
+            last = len(stage.blocks) - 1
+            assert by_name[f"layers.{s}.downsample.norm.weight"] == by_name[f"layers.{s}.blocks.{last}.norm1.weight"]
+    in_run_order = [by_name[name] for name, _ in model.named_parameters()]  # registration = run order
+    assert in_run_order == sorted(in_run_order)
+    assert by_name["head.weight"] == 1.0 and by_name["patch_embed.norm.weight"] < by_name["layers.0.blocks.0.norm1.weight"]

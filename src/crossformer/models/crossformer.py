@@ -26,6 +26,7 @@ from timm.layers import trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 
 from .attention import biased_attention
 from .grouping import (
@@ -574,12 +575,17 @@ class CrossFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in the order they run, for timm's layer-wise lr decay.
+
+        A stage's merge runs after its blocks (not before, as in timm's Swin), so it joins
+        the last block's group: timm's ``MATCH_PREV_GROUP`` suffix, as the final norm does.
+        """
         return dict(
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+)\.downsample", (0,)),
-                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", MATCH_PREV_GROUP),
+                (r"^norm", MATCH_PREV_GROUP),
             ],
         )
 
