@@ -183,3 +183,15 @@ def test_layer_decay_follows_the_order_layers_run() -> None:
     in_run_order = [by_name[name] for name, _ in model.named_parameters()]  # registration = run order
     assert in_run_order == sorted(in_run_order)
     assert by_name["head.weight"] == 1.0 and by_name["patch_embed.norm.weight"] < by_name["layers.0.blocks.0.norm1.weight"]
+
+
+def test_device_and_dtype_arguments(reference_dir) -> None:
+    """timm's factory arguments ``device`` / ``dtype``: placed and cast as timm's own models are."""
+    meta = _model("v1", device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.bfloat16)}
+    double = _pretrained("v1", reference_dir, dtype=torch.float64)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+    image = torch.rand(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(double(image), _pretrained("v1", reference_dir).double()(image), rtol=0, atol=0)
+

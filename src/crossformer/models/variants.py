@@ -10,6 +10,7 @@ another ``num_classes``, as for any timm model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -139,8 +140,10 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     (``pretrained_cfg_overlay=dict(file=PATH)``; official ``.pth``, crossformer training
     checkpoints and ``.safetensors`` all work) or a ``state_dict``. They go through
     :func:`checkpoint_filter_fn` and timm's ``num_classes`` / ``in_chans`` adaptation.
+    ``device`` / ``dtype`` (timm's factory arguments) place and cast the model.
     """
     arch = {**VARIANTS[variant].arch, **kwargs}
+    device, dtype = arch.pop("device", None), arch.pop("dtype", None)
     out_indices = arch.pop("out_indices", (0, 1, 2, 3))
     overlay = dict(arch.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
@@ -153,15 +156,18 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
             )
         pretrained_cfg = _with_file_contents(pretrained_cfg, overlay)
-    model = build_model_with_cfg(
-        CrossFormer,
-        variant,
-        pretrained=pretrained,
-        pretrained_cfg=pretrained_cfg,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **arch,
-    )
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            CrossFormer,
+            variant,
+            pretrained=pretrained,
+            pretrained_cfg=pretrained_cfg,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+            **arch,
+        )
+    if dtype is not None:
+        model.to(dtype=dtype)
     for module in model.modules():  # the config must not keep the weights alive
         cfg = getattr(module, "pretrained_cfg", None)
         if isinstance(cfg, dict):
