@@ -195,3 +195,18 @@ def test_device_and_dtype_arguments(reference_dir) -> None:
     with torch.no_grad():
         torch.testing.assert_close(double(image), _pretrained("v1", reference_dir).double()(image), rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_timm_local_dir_round_trip(tmp_path, safe: bool) -> None:
+    """A folder written by timm's ``save_for_hf`` loads back with ``local-dir:``, as timm's models do."""
+    model = _model("pp", num_classes=7).eval()
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=safe)
+    image = torch.rand(2, 3, 64, 96)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    gray = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=3, in_chans=1).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(image), model(image))
+        torch.testing.assert_close(
+            gray.forward_features(image[:, :1]), model.forward_features(image[:, :1].expand(-1, 3, -1, -1)), rtol=0, atol=1e-5
+        )
+    assert gray.head.out_features == 3

@@ -120,8 +120,8 @@ def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> Pretrain
     the input channels become those of the file, so that timm keeps a fitting classifier
     and adapts the first convolutions from the right channel count.
     """
-    if cfg.state_dict is not None or not cfg.file:
-        return cfg
+    if cfg.state_dict is not None or not cfg.file or cfg.source == "local-dir":
+        return cfg  # a local-dir source (timm's save_for_hf folder) is read by timm itself
     state = extract_state_dict(read_checkpoint(cfg.file))
     described: dict[str, Any] = {"state_dict": state}
     head = state.get("head.weight")
