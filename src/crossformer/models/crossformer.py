@@ -226,9 +226,9 @@ class GroupAttention(nn.Module):
         self._bias_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
 
     def train(self, mode: bool = True) -> "GroupAttention":
+        # either mode drops the caches: eval() is the reset for edits they cannot see (.data)
         self._bias_cache.clear()
-        if mode:
-            release_packed(self.qkv, self.proj)
+        release_packed(self.qkv, self.proj)
         return super().train(mode)
 
     def _can_cache(self) -> bool:
