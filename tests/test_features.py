@@ -40,6 +40,30 @@ def test_features_equal_classifier_stage_outputs() -> None:
         assert torch.allclose(classifier.forward_head(final), classifier(x))
 
 
+@pytest.mark.parametrize("feature_cls", [None, "getter"])
+def test_features_only_gradient_checkpointing(feature_cls: str | None) -> None:
+    """``set_grad_checkpointing`` on the features_only wrapper, as on timm's Swin: same gradients."""
+    settings = dict(features_only=True, out_indices=(1, 3), drop_path_rate=0.0, feature_cls=feature_cls, **TINY)
+    plain = timm.create_model("crossformer_tiny", **settings)
+    checkpointed = timm.create_model("crossformer_tiny", **settings)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 96)
+    grads = []
+    for model in (plain, checkpointed):
+        sum(m.square().mean() for m in model(x)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(layer.grad_checkpointing for layer in checkpointed.model.layers)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict"])
+def test_features_only_wrappers_that_cannot_work_say_so(feature_cls: str) -> None:
+    with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' cannot .* use 'hook' or 'fx'"):
+        timm.create_model("crossformer_tiny", features_only=True, feature_cls=feature_cls, **TINY)
+
+
 def test_segmentation_models_pytorch_unet() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = smp.Unet("tu-crossformer_tiny", encoder_weights=None, classes=3).eval()

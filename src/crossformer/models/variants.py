@@ -22,6 +22,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
 from .crossformer import CrossFormer
+from .dense import CheckpointableFeatures
 from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant"]
@@ -133,6 +134,25 @@ def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> Pretrain
     return dataclasses.replace(cfg, **described)
 
 
+def _feature_class(feature_cls: Any) -> Any:
+    """The ``features_only`` wrapper for timm's ``feature_cls`` argument.
+
+    ``"getter"`` (the default) is :class:`CheckpointableFeatures`; ``"hook"`` and ``"fx"``
+    stay timm's. ``"list"`` / ``"dict"`` run the top-level modules in turn, where a stage's
+    merge is no module of its own, so they cannot give the stage maps: one clear error.
+    """
+    if not isinstance(feature_cls, str):
+        return feature_cls
+    if feature_cls.lower() == "getter":
+        return CheckpointableFeatures
+    if feature_cls.lower() in ("list", "dict"):
+        raise ValueError(
+            f"feature_cls={feature_cls!r} cannot take CrossFormer's stage maps (each stage's merge runs "
+            f"outside it): leave feature_cls out, or use 'hook' or 'fx'"
+        )
+    return feature_cls
+
+
 def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """Build a registered variant with timm's builder; ``kwargs`` override its architecture.
 
@@ -145,6 +165,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     arch = {**VARIANTS[variant].arch, **kwargs}
     device, dtype = arch.pop("device", None), arch.pop("dtype", None)
     out_indices = arch.pop("out_indices", (0, 1, 2, 3))
+    feature_cls = _feature_class(arch.pop("feature_cls", "getter"))
     overlay = dict(arch.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=arch.pop("pretrained_cfg", None), pretrained_cfg_overlay=overlay
@@ -163,7 +184,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
             pretrained=pretrained,
             pretrained_cfg=pretrained_cfg,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+            feature_cfg=dict(feature_cls=feature_cls, out_indices=out_indices),
             **arch,
         )
     if dtype is not None:
