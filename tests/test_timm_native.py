@@ -210,3 +210,15 @@ def test_timm_local_dir_round_trip(tmp_path, safe: bool) -> None:
             gray.forward_features(image[:, :1]), model.forward_features(image[:, :1].expand(-1, 3, -1, -1)), rtol=0, atol=1e-5
         )
     assert gray.head.out_features == 3
+
+
+def test_reset_classifier_keeps_the_model_device_and_dtype() -> None:
+    """A new head is made where the model now is (timm's models do so), not on CPU in float32."""
+    model = _model("v1").double().eval()
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 5)
+    meta = _model("v1", device="meta")
+    meta.reset_classifier(3, "avg")
+    assert meta.head.weight.device.type == "meta"

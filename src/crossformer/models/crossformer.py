@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import get_device_dtype, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
@@ -604,7 +604,9 @@ class CrossFormer(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # on the model's device and dtype (as timm's models do): it may have moved since built
+        placement = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **placement) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
