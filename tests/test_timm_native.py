@@ -87,6 +87,17 @@ def test_torchscript_matches_eager(tag: str) -> None:
             torch.testing.assert_close(loaded(x), logits, rtol=0, atol=1e-5)
 
 
+def test_jit_trace_passes_its_own_check() -> None:
+    """``torch.jit.trace(model, x)`` as users call it (grad mode on): its check traces again
+    under ``no_grad`` and must meet the same graph."""
+    model = _model("pp", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with pytest.warns(torch.jit.TracerWarning):  # sizes become constants: one input size
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_fx_matches_eager(tag: str) -> None:
     """torchvision's extractor with timm's tracer settings, and timm's ``feature_cls='fx'``."""
