@@ -167,6 +167,21 @@ def test_pretrained_adapts_classes_and_channels(tag: str, reference_dir) -> None
             torch.testing.assert_close(got, expected)
 
 
+def test_pretrained_state_dict_in_memory_is_described_as_a_file_is() -> None:
+    """``pretrained_cfg_overlay=dict(state_dict=...)``: its head is kept when the class counts
+    agree (given or not), and its channels are where ``in_chans`` adapts from."""
+    source = _model("v1", num_classes=10).eval()
+    overlay = dict(state_dict=source.state_dict())
+    image = torch.rand(1, 3, 64, 96)
+    for kwargs in ({}, dict(num_classes=10)):
+        model = _model("v1", pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        with torch.no_grad():
+            assert torch.equal(model(image), source(image))  # the trained head, not a fresh one
+    gray = _model("v1", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1, num_classes=3)
+    torch.testing.assert_close(gray.patch_embed.projs[0].weight[:, 0], source.patch_embed.projs[0].weight.sum(1))
+    assert "state_dict" not in gray.pretrained_cfg
+
+
 def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
     overlay = dict(file=str(reference_dir / "pp_cls.pth"))
     with pytest.raises(CheckpointError, match="do not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):

@@ -112,18 +112,24 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})
 
 
-def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
-    """``cfg`` with its ``file`` read safely into ``state_dict``, and described by it.
+def _with_weights(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
+    """``cfg`` with its weights in ``state_dict`` (its ``file`` read safely), and described by them.
 
     timm would read the file with ``torch.load(weights_only=True)``, which refuses the
     official files (their pickled yacs config); :func:`read_checkpoint` reads them without
     unpickling arbitrary objects. Unless the overlay says otherwise, ``num_classes`` and
-    the input channels become those of the file, so that timm keeps a fitting classifier
-    and adapts the first convolutions from the right channel count.
+    the input channels become those of the weights (a file's or an in-memory
+    ``state_dict``'s), so that timm keeps a fitting classifier and adapts the first
+    convolutions from the right channel count.
     """
-    if cfg.state_dict is not None or not cfg.file or cfg.source == "local-dir":
-        return cfg  # a local-dir source (timm's save_for_hf folder) is read by timm itself
-    state = extract_state_dict(read_checkpoint(cfg.file))
+    if cfg.source == "local-dir":
+        return cfg  # timm's save_for_hf folder: timm reads it, and its config describes it
+    if cfg.state_dict is not None:
+        state = extract_state_dict(cfg.state_dict)
+    elif cfg.file:
+        state = extract_state_dict(read_checkpoint(cfg.file))
+    else:
+        return cfg
     described: dict[str, Any] = {"state_dict": state}
     head = state.get("head.weight")
     if "num_classes" not in overlay:
@@ -176,7 +182,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 f"no weights are bundled for {variant}: pass a local checkpoint with "
                 f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
             )
-        pretrained_cfg = _with_file_contents(pretrained_cfg, overlay)
+        pretrained_cfg = _with_weights(pretrained_cfg, overlay)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build_model_with_cfg(
             CrossFormer,
