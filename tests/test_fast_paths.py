@@ -343,3 +343,21 @@ def test_packed_weights_follow_the_weights() -> None:
     assert (changed - expected).abs().max().item() <= 1e-5
     mlp.train()
     assert mlp.fc1.weight not in layers._PACKED_WEIGHTS and mlp.fc2.weight not in layers._PACKED_WEIGHTS
+
+
+def test_eval_drops_caches_an_edit_through_data_bypasses() -> None:
+    """``p.data`` edits keep the version the caches check; ``model.eval()`` makes them seen."""
+    from crossformer.models.winograd import Conv3x3
+
+    model = _model("pp").eval()
+    conv = Conv3x3(384, 256).eval()
+    x, maps = torch.randn(2, 3, 70, 94), torch.randn(1, 384, 6, 5)
+    with torch.no_grad():
+        model(x), conv(maps)  # fill the position-bias, packed-weight and Winograd caches
+        for p in [*model.parameters(), *conv.parameters()]:
+            p.data.mul_(1.5)
+        model.eval(), conv.eval()
+        expected, _ = reference_forward(model.state_dict(), _spec_cfg("pp"), x)
+        plain = torch.nn.functional.conv2d(maps, conv.weight, conv.bias, padding=1)
+        assert (model(x) - expected).abs().max().item() <= TOL
+        assert (conv(maps) - plain).abs().max().item() <= 1e-4

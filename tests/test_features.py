@@ -40,6 +40,45 @@ def test_features_equal_classifier_stage_outputs() -> None:
         assert torch.allclose(classifier.forward_head(final), classifier(x))
 
 
+def test_forward_intermediates_of_early_stages() -> None:
+    """Indices short of the last stage, with and without ``stop_early`` / ``intermediates_only``."""
+    model = timm.create_model("crossformer_tiny", **TINY).eval()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        early = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(early, maps[:2], strict=True))
+        stopped, taken = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert torch.equal(stopped, maps[1].permute(0, 2, 3, 1)) and torch.equal(taken[0], maps[1])
+        ran_on, taken = model.forward_intermediates(x, indices=[1])
+        assert torch.equal(ran_on, final) and torch.equal(taken[0], maps[1])
+
+
+@pytest.mark.parametrize("feature_cls", [None, "getter"])
+def test_features_only_gradient_checkpointing(feature_cls: str | None) -> None:
+    """``set_grad_checkpointing`` on the features_only wrapper, as on timm's Swin: same gradients."""
+    settings = dict(features_only=True, out_indices=(1, 3), drop_path_rate=0.0, feature_cls=feature_cls, **TINY)
+    plain = timm.create_model("crossformer_tiny", **settings)
+    checkpointed = timm.create_model("crossformer_tiny", **settings)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 96)
+    grads = []
+    for model in (plain, checkpointed):
+        sum(m.square().mean() for m in model(x)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(layer.grad_checkpointing for layer in checkpointed.model.layers)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict"])
+def test_features_only_wrappers_that_cannot_work_say_so(feature_cls: str) -> None:
+    with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' cannot .* use 'hook' or 'fx'"):
+        timm.create_model("crossformer_tiny", features_only=True, feature_cls=feature_cls, **TINY)
+
+
 def test_segmentation_models_pytorch_unet() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = smp.Unet("tu-crossformer_tiny", encoder_weights=None, classes=3).eval()

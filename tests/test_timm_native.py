@@ -15,6 +15,7 @@ import os
 
 import pytest
 import timm
+import timm.optim
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
@@ -86,6 +87,17 @@ def test_torchscript_matches_eager(tag: str) -> None:
             torch.testing.assert_close(loaded(x), logits, rtol=0, atol=1e-5)
 
 
+def test_jit_trace_passes_its_own_check() -> None:
+    """``torch.jit.trace(model, x)`` as users call it (grad mode on): its check traces again
+    under ``no_grad`` and must meet the same graph."""
+    model = _model("pp", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with pytest.warns(torch.jit.TracerWarning):  # sizes become constants: one input size
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_fx_matches_eager(tag: str) -> None:
     """torchvision's extractor with timm's tracer settings, and timm's ``feature_cls='fx'``."""
@@ -155,6 +167,21 @@ def test_pretrained_adapts_classes_and_channels(tag: str, reference_dir) -> None
             torch.testing.assert_close(got, expected)
 
 
+def test_pretrained_state_dict_in_memory_is_described_as_a_file_is() -> None:
+    """``pretrained_cfg_overlay=dict(state_dict=...)``: its head is kept when the class counts
+    agree (given or not), and its channels are where ``in_chans`` adapts from."""
+    source = _model("v1", num_classes=10).eval()
+    overlay = dict(state_dict=source.state_dict())
+    image = torch.rand(1, 3, 64, 96)
+    for kwargs in ({}, dict(num_classes=10)):
+        model = _model("v1", pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        with torch.no_grad():
+            assert torch.equal(model(image), source(image))  # the trained head, not a fresh one
+    gray = _model("v1", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1, num_classes=3)
+    torch.testing.assert_close(gray.patch_embed.projs[0].weight[:, 0], source.patch_embed.projs[0].weight.sum(1))
+    assert "state_dict" not in gray.pretrained_cfg
+
+
 def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
     overlay = dict(file=str(reference_dir / "pp_cls.pth"))
     with pytest.raises(CheckpointError, match="do not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):
@@ -166,3 +193,58 @@ def test_pretrained_file_never_unpickles_code(tmp_path) -> None:
     torch.save({"model": crossformer.models.CrossFormer(**REFERENCE_CONFIGS["v1"]).state_dict(), "hook": os.system}, path)
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         _model("v1", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_layer_decay_follows_the_order_layers_run() -> None:
+    """timm's layer-wise lr decay: a stage's merge runs after its blocks, so it shares the
+    last block's lr scale, and scales never fall from the stem to the head."""
+    model = _model("v1", num_classes=7)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    by_name = {name: scale[id(p)] for name, p in model.named_parameters()}
+    for s, stage in enumerate(model.layers):
+        if stage.downsample is not None:
+            last = len(stage.blocks) - 1
+            assert by_name[f"layers.{s}.downsample.norm.weight"] == by_name[f"layers.{s}.blocks.{last}.norm1.weight"]
+    in_run_order = [by_name[name] for name, _ in model.named_parameters()]  # registration = run order
+    assert in_run_order == sorted(in_run_order)
+    assert by_name["head.weight"] == 1.0 and by_name["patch_embed.norm.weight"] < by_name["layers.0.blocks.0.norm1.weight"]
+
+
+def test_device_and_dtype_arguments(reference_dir) -> None:
+    """timm's factory arguments ``device`` / ``dtype``: placed and cast as timm's own models are."""
+    meta = _model("v1", device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.bfloat16)}
+    double = _pretrained("v1", reference_dir, dtype=torch.float64)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+    image = torch.rand(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(double(image), _pretrained("v1", reference_dir).double()(image), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_timm_local_dir_round_trip(tmp_path, safe: bool) -> None:
+    """A folder written by timm's ``save_for_hf`` loads back with ``local-dir:``, as timm's models do."""
+    model = _model("pp", num_classes=7).eval()
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=safe)
+    image = torch.rand(2, 3, 64, 96)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    gray = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=3, in_chans=1).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(image), model(image))
+        torch.testing.assert_close(
+            gray.forward_features(image[:, :1]), model.forward_features(image[:, :1].expand(-1, 3, -1, -1)), rtol=0, atol=1e-5
+        )
+    assert gray.head.out_features == 3
+
+
+def test_reset_classifier_keeps_the_model_device_and_dtype() -> None:
+    """A new head is made where the model now is (timm's models do so), not on CPU in float32."""
+    model = _model("v1").double().eval()
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 5)
+    meta = _model("v1", device="meta")
+    meta.reset_classifier(3, "avg")
+    assert meta.head.weight.device.type == "meta"

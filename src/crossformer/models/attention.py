@@ -130,7 +130,8 @@ def biased_attention(
     if not fused:
         return _explicit(q, k, v, mask, scale, dropout_p)
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
-    if not mask_grad or q.device.type != "cpu":
+    # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
+    if not mask_grad or q.device.type != "cpu" or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not torch.jit.is_scripting():
         if (

@@ -22,10 +22,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import get_device_dtype, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 
 from .attention import biased_attention
 from .grouping import (
@@ -225,9 +226,9 @@ class GroupAttention(nn.Module):
         self._bias_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
 
     def train(self, mode: bool = True) -> "GroupAttention":
+        # either mode drops the caches: eval() is the reset for edits they cannot see (.data)
         self._bias_cache.clear()
-        if mode:
-            release_packed(self.qkv, self.proj)
+        release_packed(self.qkv, self.proj)
         return super().train(mode)
 
     def _can_cache(self) -> bool:
@@ -574,12 +575,17 @@ class CrossFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in the order they run, for timm's layer-wise lr decay.
+
+        A stage's merge runs after its blocks (not before, as in timm's Swin), so it joins
+        the last block's group: timm's ``MATCH_PREV_GROUP`` suffix, as the final norm does.
+        """
         return dict(
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+)\.downsample", (0,)),
-                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", MATCH_PREV_GROUP),
+                (r"^norm", MATCH_PREV_GROUP),
             ],
         )
 
@@ -598,7 +604,9 @@ class CrossFormer(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # on the model's device and dtype (as timm's models do): it may have moved since built
+        placement = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **placement) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
@@ -620,13 +628,15 @@ class CrossFormer(nn.Module):
             intermediates_only: Return only the list of maps.
 
         Returns:
-            The maps, or ``(final (B, h, w, C3) features, maps)``.
+            The maps, or ``(final (B, h, w, C3) features, maps)``; after an early stop the
+            "final" features are the last stage run's map, ``(B, h, w, C)``, without the norm.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        # only the final features need the stages after the last one taken
+        stages = self.layers[: max_index + 1] if stop_early or intermediates_only else self.layers
         last = len(self.layers) - 1
         intermediates = []
         x = self.patch_embed(x)
@@ -635,11 +645,12 @@ class CrossFormer(nn.Module):
             if i in take_indices:
                 feature = self.norm(x) if norm and i == last else x
                 intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            if stage.downsample is not None and not (intermediates_only and i == max_index):
+            if stage.downsample is not None and i < len(stages) - 1:
                 x = stage.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # the final norm is sized for the last stage: an early stop returns its map as it is (as Swin)
+        return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

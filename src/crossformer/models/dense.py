@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import timm
+import torch
 from timm.models._features import FeatureGetterNet
 
-__all__ = ["DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
+__all__ = ["CheckpointableFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
 
 # The authors' detection and segmentation configs use group size 7 and intervals 8, 4, 2, 1
 # in every stage for CrossFormer++ too (not its ImageNet 4,4,14,7 / 4,2,1,1); CrossFormer (v1)
@@ -15,7 +16,16 @@ __all__ = ["DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
 _DENSE_GROUPING = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
 
 
-class DenseBackbone(FeatureGetterNet):
+class CheckpointableFeatures(FeatureGetterNet):
+    """timm's ``FeatureGetterNet`` (the maps of ``model.forward_intermediates``) that passes
+    ``set_grad_checkpointing`` on to the model, as timm's other feature wrappers take it."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+class DenseBackbone(CheckpointableFeatures):
     """A timm ``features_only`` network (the same module tree and state-dict keys:
     ``model.<classifier key>``) that also says what its maps are.
 

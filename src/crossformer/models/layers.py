@@ -75,6 +75,9 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple | None:
     """Changes whenever any of the tensors does: storage address, in-place version, dtype.
 
     Optimizer steps and ``load_state_dict`` bump the version, ``.to()`` moves the storage.
+    In-place edits through ``.data`` do neither (``.data`` has a version of its own): the
+    modules holding such caches drop them in ``train(mode)`` for either mode, so
+    ``model.eval()`` after such an edit makes the next call see it.
     ``None`` when one is an inference tensor (a model built under ``torch.inference_mode()``):
     those keep no version, so a cache could not see them change, and callers cache nothing.
     """
@@ -115,7 +118,7 @@ def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
 
 
 def release_packed(*layers: nn.Linear) -> None:
-    """Drop the packed copies of these layers' weights (when leaving inference)."""
+    """Drop the packed copies of these layers' weights (at any ``train(mode)`` call)."""
     for layer in layers:
         _PACKED_WEIGHTS.pop(layer.weight, None)
         _PACKED_BF16_WEIGHTS.pop(layer.weight, None)
@@ -329,8 +332,7 @@ class GeluMlp(Mlp):
         super().__init__(in_features, hidden_features, act_layer=nn.GELU, drop=drop)
 
     def train(self, mode: bool = True) -> "GeluMlp":
-        if mode:
-            release_packed(self.fc1, self.fc2)
+        release_packed(self.fc1, self.fc2)  # either mode: see GroupAttention.train
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

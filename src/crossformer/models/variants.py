@@ -10,6 +10,7 @@ another ``num_classes``, as for any timm model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
 from .crossformer import CrossFormer
+from .dense import CheckpointableFeatures
 from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant"]
@@ -110,18 +112,24 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})
 
 
-def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
-    """``cfg`` with its ``file`` read safely into ``state_dict``, and described by it.
+def _with_weights(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
+    """``cfg`` with its weights in ``state_dict`` (its ``file`` read safely), and described by them.
 
     timm would read the file with ``torch.load(weights_only=True)``, which refuses the
     official files (their pickled yacs config); :func:`read_checkpoint` reads them without
     unpickling arbitrary objects. Unless the overlay says otherwise, ``num_classes`` and
-    the input channels become those of the file, so that timm keeps a fitting classifier
-    and adapts the first convolutions from the right channel count.
+    the input channels become those of the weights (a file's or an in-memory
+    ``state_dict``'s), so that timm keeps a fitting classifier and adapts the first
+    convolutions from the right channel count.
     """
-    if cfg.state_dict is not None or not cfg.file:
+    if cfg.source == "local-dir":
+        return cfg  # timm's save_for_hf folder: timm reads it, and its config describes it
+    if cfg.state_dict is not None:
+        state = extract_state_dict(cfg.state_dict)
+    elif cfg.file:
+        state = extract_state_dict(read_checkpoint(cfg.file))
+    else:
         return cfg
-    state = extract_state_dict(read_checkpoint(cfg.file))
     described: dict[str, Any] = {"state_dict": state}
     head = state.get("head.weight")
     if "num_classes" not in overlay:
@@ -132,6 +140,25 @@ def _with_file_contents(cfg: PretrainedCfg, overlay: dict[str, Any]) -> Pretrain
     return dataclasses.replace(cfg, **described)
 
 
+def _feature_class(feature_cls: Any) -> Any:
+    """The ``features_only`` wrapper for timm's ``feature_cls`` argument.
+
+    ``"getter"`` (the default) is :class:`CheckpointableFeatures`; ``"hook"`` and ``"fx"``
+    stay timm's. ``"list"`` / ``"dict"`` run the top-level modules in turn, where a stage's
+    merge is no module of its own, so they cannot give the stage maps: one clear error.
+    """
+    if not isinstance(feature_cls, str):
+        return feature_cls
+    if feature_cls.lower() == "getter":
+        return CheckpointableFeatures
+    if feature_cls.lower() in ("list", "dict"):
+        raise ValueError(
+            f"feature_cls={feature_cls!r} cannot take CrossFormer's stage maps (each stage's merge runs "
+            f"outside it): leave feature_cls out, or use 'hook' or 'fx'"
+        )
+    return feature_cls
+
+
 def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """Build a registered variant with timm's builder; ``kwargs`` override its architecture.
 
@@ -139,9 +166,12 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     (``pretrained_cfg_overlay=dict(file=PATH)``; official ``.pth``, crossformer training
     checkpoints and ``.safetensors`` all work) or a ``state_dict``. They go through
     :func:`checkpoint_filter_fn` and timm's ``num_classes`` / ``in_chans`` adaptation.
+    ``device`` / ``dtype`` (timm's factory arguments) place and cast the model.
     """
     arch = {**VARIANTS[variant].arch, **kwargs}
+    device, dtype = arch.pop("device", None), arch.pop("dtype", None)
     out_indices = arch.pop("out_indices", (0, 1, 2, 3))
+    feature_cls = _feature_class(arch.pop("feature_cls", "getter"))
     overlay = dict(arch.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=arch.pop("pretrained_cfg", None), pretrained_cfg_overlay=overlay
@@ -152,16 +182,19 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 f"no weights are bundled for {variant}: pass a local checkpoint with "
                 f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
             )
-        pretrained_cfg = _with_file_contents(pretrained_cfg, overlay)
-    model = build_model_with_cfg(
-        CrossFormer,
-        variant,
-        pretrained=pretrained,
-        pretrained_cfg=pretrained_cfg,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **arch,
-    )
+        pretrained_cfg = _with_weights(pretrained_cfg, overlay)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            CrossFormer,
+            variant,
+            pretrained=pretrained,
+            pretrained_cfg=pretrained_cfg,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls=feature_cls, out_indices=out_indices),
+            **arch,
+        )
+    if dtype is not None:
+        model.to(dtype=dtype)
     for module in model.modules():  # the config must not keep the weights alive
         cfg = getattr(module, "pretrained_cfg", None)
         if isinstance(cfg, dict):

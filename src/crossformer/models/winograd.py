@@ -345,6 +345,6 @@ class Conv3x3(nn.Conv2d):
         return _conv_tiles(_padded_tiles(maps), *maps[0].shape[2:], _transformed(self.weight), self.bias, False)
 
     def train(self, mode: bool = True) -> "Conv3x3":
-        if mode:
-            _TRANSFORMED_WEIGHTS.pop(self.weight, None)
+        # either mode: eval() is the reset for weight edits no fingerprint sees (.data)
+        _TRANSFORMED_WEIGHTS.pop(self.weight, None)
         return super().train(mode)
