@@ -38,6 +38,7 @@ from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
     "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
+    "valid_polygons",
 ]
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
@@ -109,17 +110,21 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def valid_polygons(polygons: list[Any]) -> list[Any]:
+    """The parts of a COCO polygon segmentation with 3 points or more (an even count of
+    coordinates, at least 6), as mmdetection keeps them: pycocotools reads a 4-number part as
+    a box and fails on shorter ones."""
+    return [p for p in polygons if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
+
+
 def checked_segmentation(segmentation: Any, height: int, width: int, where: str) -> Any:
     """``segmentation`` as :func:`decode_segmentation` takes it, or None when it holds no polygon.
 
-    Polygons of fewer than 3 points (or an odd number of coordinates) are left out, as
-    mmdetection does: pycocotools would read a 2-point polygon as a box and fail on shorter
-    ones. An RLE whose ``size`` is not the image's, or a segmentation of another form, is a
+    Polygons of fewer than 3 points are left out (:func:`valid_polygons`). An RLE whose ``size`` is not the image's, or a segmentation of another form, is a
     :class:`DataError` naming ``where`` (the file, annotation and image).
     """
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
-        return polygons or None
+        return valid_polygons(segmentation) or None
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes, list)):
         size = segmentation.get("size")
         if not isinstance(size, (list, tuple)) or [int(v) for v in size] != [height, width]:
