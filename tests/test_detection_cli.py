@@ -129,6 +129,27 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
 
 
+def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tmp_path: Path, capsys) -> None:
+    # An ImageNet checkpoint of the same backbone fills the backbone alone (as load_checkpoint does for
+    # training); evaluate / predict then ran with random heads and reported their detections as results.
+    import timm
+
+    from crossformer.detection.commands import load_detector
+
+    config = resolve_config(str(trained["config"])).config
+    backbone = timm.create_model(config.model.backbone, num_classes=10, **config.model.backbone_kwargs)
+    classifier = tmp_path / "imagenet.pth"
+    torch.save({"model": backbone.state_dict()}, classifier)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (70, 60), 128).save(photo)
+    assert main(["predict", str(photo), "--config", str(trained["config"]), "--checkpoint", str(classifier),
+                 "--output", str(tmp_path / "p"), "model.num_classes=4"]) == 2
+    assert f"{classifier} holds no detection heads (an ImageNet or backbone checkpoint): pass it to " \
+           "`crossformer train --pretrained`" in _error(capsys)
+    assert not (tmp_path / "p").exists()
+    assert load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.num_classes == 4
+
+
 @pytest.mark.slow
 def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--json"]) == 0

@@ -17,7 +17,7 @@ from torch import nn
 from ..models import CheckpointError, load_state
 from ..models.weights import check_keys
 
-__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours"]
+__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
 _OUR_BACKBONE = "backbone.model."
@@ -64,15 +64,22 @@ def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: s
         )
 
 
+def head_keys(checkpoint: Mapping[str, Any], use_ema: bool = False) -> list[str]:
+    """The keys of a checkpoint's detection heads (neck, RPN, R-CNN / RetinaNet heads) in our
+    names; none for an ImageNet classification or backbone-only file."""
+    return [mmdet_to_ours(k) for k, v in _weights(checkpoint, use_ema).items()
+            if isinstance(v, torch.Tensor) and mmdet_to_ours(k).startswith(HEAD_PREFIXES)]
+
+
 def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
     """Fill ``detector`` from a checkpoint dict; raise :class:`CheckpointError` listing
     every key that cannot be placed (or is missing) otherwise."""
     weights = {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema).items() if isinstance(v, torch.Tensor)}
-    head_keys = [k for k in weights if k.startswith(HEAD_PREFIXES)]
-    if not head_keys:  # an ImageNet classification checkpoint: the backbone alone
+    heads_found = head_keys(checkpoint, use_ema)
+    if not heads_found:  # an ImageNet classification checkpoint: the backbone alone
         load_state(detector.backbone, checkpoint, source, use_ema=use_ema)
         return
-    kind = _kind_of(head_keys)
+    kind = _kind_of(heads_found)
     if kind != detector.kind:
         raise CheckpointError(f"{source} holds a {kind} detector, not a {detector.kind}: use a {kind} config")
     _check_classes(detector, checkpoint, source)

@@ -71,10 +71,14 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
     """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
     mode on ``device``; one-line errors for a file that does not fit."""
     from ..models import CheckpointError, load_state, read_checkpoint
+    from .checkpoint import head_keys
     from .task import build_configured_detector
 
     try:
         state = read_checkpoint(checkpoint)
+        if not head_keys(state, use_ema):  # load_state would fill the backbone alone and keep random heads
+            raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
+                                 f"`crossformer train --pretrained`, and a detector checkpoint here")
         num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
         detector = build_configured_detector(config.model, num_classes, pretrained=False)
         load_state(detector, state, str(checkpoint), use_ema=use_ema)
