@@ -17,6 +17,7 @@ from crossformer.detection.task import build_configured_detector
 from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
+from cli_errors import one_error_line
 from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
 
 
@@ -148,6 +149,20 @@ def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tm
            "`crossformer train --pretrained`" in _error(capsys)
     assert not (tmp_path / "p").exists()
     assert load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.num_classes == 4
+
+
+def test_a_checkpoint_of_another_task_than_the_config_is_named_as_such(trained, tmp_path: Path, capsys) -> None:
+    # The task's own loader used to read it and blame missing heads ("a backbone-only file cannot
+    # classify", "holds no decode_head.conv_seg weights").
+    from segmentation_fixtures import write_config
+
+    checkpoint = str(trained["checkpoint"])
+    segmentation = write_config(tmp_path / "seg.yaml")
+    for config, task in (("digits", "classification"), (str(segmentation), "segmentation")):
+        for verb in (["evaluate"], ["predict", str(tmp_path / "x.png")]):
+            line = one_error_line(capsys, [*verb, "--config", config, "--checkpoint", checkpoint])
+            assert line.endswith(f"{checkpoint} holds a detection model, but {config} is a {task} config: pass a {task} "
+                                 "checkpoint, or leave out --config (our checkpoints record the config they were trained with)")
 
 
 @pytest.mark.slow
