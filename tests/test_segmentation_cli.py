@@ -200,3 +200,16 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
                     str(foreign), "another segmentor than the config's upernet crossformer_small")
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "data.root=null"], "no data given: pass --data")
+
+
+def test_evaluate_refuses_a_data_set_of_other_classes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The same count of other classes was scored as if they were the model's.
+    other = tmp_path / "other"
+    shutil.copytree(run["data"], other)
+    class_file = other / "ADEChallengeData2016" / "classes.txt"
+    names = class_file.read_text().split()
+    class_file.write_text("\n".join([*names[:-1], "auto"]) + "\n")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other)],
+                    f"names other classes than {run['checkpoint']} was trained on (class 6: 'auto' vs '{names[-1]}')")
+    class_file.write_text("\n".join(names) + "\n")  # the same names: evaluates
+    assert main(["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other), "--json"]) == 0

@@ -103,6 +103,22 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     return segmentor, checkpoint
 
 
+def _check_classes(checkpoint: dict[str, Any], dataset: Any, path: str) -> None:
+    """Refuse a data set whose classes are others than the ones the checkpoint names (ours
+    and mmseg's name them; mmseg spells ADE20K's "bed " with a space): the same count of
+    other classes would be scored as if they were the model's."""
+    from ..data import DataError
+    from .checkpoint import read_segmentation_meta
+
+    names = read_segmentation_meta(checkpoint)["classes"]
+    if names is None or len(names) != dataset.num_classes:  # unnamed, or another count: evaluate_segmentor says so
+        return
+    if [n.strip() for n in names] != [c.strip() for c in dataset.classes]:
+        differ = next(i for i, (a, b) in enumerate(zip(names, dataset.classes)) if a.strip() != b.strip())
+        raise DataError(f"{dataset.image_dir} names other classes than {path} was trained on (class {differ}: "
+                        f"{dataset.classes[differ]!r} vs {names[differ]!r}); evaluate on the data set the model was trained for")
+
+
 # ---------------------------------------------------------------------------- evaluate
 
 
@@ -123,7 +139,8 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     _set_threads(config)
     ctx = setup_distributed(config.run.device)
     try:
-        segmentor, _ = load_segmentor(config, args.checkpoint, args.ema)
+        segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
+        _check_classes(checkpoint, dataset, args.checkpoint)
         segmentor.to(ctx.device)
         logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
         metrics = evaluate_segmentor(
