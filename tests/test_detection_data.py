@@ -91,6 +91,13 @@ def test_rescale_size_matches_mmcv(size, scale, expected):
     assert rescale_size(*size, scale) == expected
 
 
+def test_a_long_thin_image_resizes_to_a_side_of_one_pixel_not_zero():
+    # mmcv's rounding gives 5000 x 6 at (64, 64) a height of int(6 x 0.0128 + 0.5) = 0, which no resize takes
+    assert rescale_size(5000, 6, (64, 64)) == (64, 1)
+    sample = build_test_transform(64, 64)(_sample(6, 5000, [[0, 0, 4000, 6]]))
+    assert sample.img_shape == (1, 64) and sample.boxes.shape == (1, 4)
+
+
 def _sample(h: int, w: int, boxes: list[list[float]]) -> DetectionSample:
     masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
     for m, (x1, y1, x2, y2) in zip(masks, boxes):
