@@ -151,6 +151,12 @@ def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tm
     assert load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.num_classes == 4
 
 
+def test_ema_of_a_checkpoint_without_it_names_the_file(trained, capsys) -> None:
+    checkpoint = str(trained["checkpoint"])
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", checkpoint, "--ema", "--data", str(trained["coco"])])
+    assert line.endswith(f"{checkpoint} holds no EMA weights (no 'model_ema' entry)")  # was "checkpoint holds ..."
+
+
 def test_a_checkpoint_of_another_task_than_the_config_is_named_as_such(trained, tmp_path: Path, capsys) -> None:
     # The task's own loader used to read it and blame missing heads ("a backbone-only file cannot
     # classify", "holds no decode_head.conv_seg weights").

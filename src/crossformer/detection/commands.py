@@ -76,7 +76,7 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
 
     try:
         state = read_checkpoint(checkpoint)
-        if not head_keys(state, use_ema):  # load_state would fill the backbone alone and keep random heads
+        if not head_keys(state, use_ema, str(checkpoint)):  # load_state would fill the backbone alone and keep random heads
             raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
                                  f"`crossformer train --pretrained`, and a detector checkpoint here")
         num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
