@@ -214,6 +214,18 @@ def test_not_coco_json_errors(tmp_path):
         coco_paths(tmp_path, "val")
 
 
+def test_a_repeated_id_is_one_line(tmp_path):
+    # pycocotools (and the data set) index images, annotations and categories by id: a repeated
+    # one dropped an image, a ground-truth object or a class without a word.
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(1, [10, 10, 5, 5])])
+    with pytest.raises(DataError, match=r"ann\.json: id 1 appears twice in 'annotations'; ids must be unique"):
+        CocoDetection(path, tmp_path / "img")
+    image = {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], images=[image, image])
+    with pytest.raises(DataError, match="id 1 appears twice in 'images'"):
+        CocoDetection(path, tmp_path / "img")
+
+
 def test_unknown_category_and_missing_image_name_the_file(tmp_path):
     path = _write_coco(tmp_path, [_ann(17, [1, 1, 5, 5], category_id=3)])
     with pytest.raises(DataError, match=r"annotation 17 of image a\.jpg has category id 3, which is not in 'categories'"):

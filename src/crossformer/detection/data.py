@@ -107,6 +107,11 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise DataError(f"{path}: an entry of '{kind}' lacks {missing[0]!r} ({str(entry)[:80]}); not COCO format")
+        seen: set[Any] = set()
+        for entry in data[kind]:  # pycocotools indexes each list by id: a repeated id loses an entry silently
+            if entry["id"] in seen:
+                raise DataError(f"{path}: id {entry['id']} appears twice in '{kind}'; ids must be unique")
+            seen.add(entry["id"])
     return data
 
 
