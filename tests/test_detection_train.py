@@ -127,6 +127,18 @@ def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path)
         DetectionTask(config, DistContext())
 
 
+def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # It stopped the run at the end of the first epoch (hours into the authors' recipe).
+    broken = tmp_path / "broken"
+    shutil.copytree(coco, broken)
+    bad = sorted((broken / "val2017").glob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", broken, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"cannot read validation image {bad}: .*--skip-corrupt"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 # resume and processes -----------------------------------------------------------------
 
 _KILLED_RUN = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossformer.data import DataError
 from crossformer.engine import DistContext, load_training_state
 from crossformer.engine.config import build_config
 from crossformer.engine.registry import bundled_configs, resolve_config
@@ -129,6 +131,17 @@ def test_a_batch_too_small_for_batchnorm_is_one_line_or_passed_over(ade: Path, t
     unreadable = samples[1]._replace(image=None, label=None, error="cannot read image x.jpg: broken")
     assert task.batch_counts(collate_segmentation([samples[0], unreadable])) == {"samples": 0.0, "unreadable_images": 1.0}
     assert task.batch_counts(collate_segmentation(samples)) == {"samples": 2.0, "unreadable_images": 0.0}
+
+
+def test_an_unreadable_validation_file_stops_before_training(ade: Path, tmp_path: Path) -> None:
+    # It stopped the run at the first evaluation (16k iterations into the authors' UPerNet recipe).
+    broken = tmp_path / "broken"
+    shutil.copytree(ade, broken)
+    bad = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"cannot read validation file {bad}: .*--skip-corrupt"):
+        train(_config(tmp_path / "run", broken))
+    assert not (tmp_path / "run" / "last.pth").exists()
 
 
 _KILLED_RUN = """

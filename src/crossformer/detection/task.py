@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..data import DataError, ShardedSampler, build_loader, raise_or_count_unreadable
+from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
 from ..engine import DistContext, Task, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
@@ -93,6 +93,15 @@ class DetectionTask(Task):
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
 
     # the Task interface ---------------------------------------------------------------
+
+    def check_data(self) -> None:
+        """The validation images' headers, so that a bad file stops the run now rather than at
+        the first evaluation; with ``skip_corrupt`` they are named (evaluation skips them)."""
+        c = self.config
+        paths = [str(record.path) for record in self.val_set.records]
+        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+                                      self.log):
+            self.log.info(f"skipping unreadable image {failure}")
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..data import DataError, ShardedSampler, build_loader
+from ..data import DataError, ShardedSampler, build_loader, check_readable
 from ..engine import DistContext, Task, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
@@ -133,6 +133,15 @@ class SegmentationTask(Task):
         self.inference = c.test.inference()
 
     # the Task interface ---------------------------------------------------------------
+
+    def check_data(self) -> None:
+        """The validation images' and label maps' headers, so that a bad file stops the run now
+        rather than at the first evaluation; with ``skip_corrupt`` they are named."""
+        c = self.config
+        paths = [path for pair in self.val_set.samples for path in pair]
+        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+                                      self.log, what="validation file"):
+            self.log.info(f"skipping unreadable file {failure}")
 
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
