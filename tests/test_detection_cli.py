@@ -157,6 +157,17 @@ def test_ema_of_a_checkpoint_without_it_names_the_file(trained, capsys) -> None:
     assert line.endswith(f"{checkpoint} holds no EMA weights (no 'model_ema' entry)")  # was "checkpoint holds ..."
 
 
+def test_an_output_path_under_a_file_is_one_line_before_any_work(trained, tmp_path: Path, capsys) -> None:
+    # FileExistsError from mkdir: a traceback, for evaluate only after the whole evaluation
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    checkpoint, photo = str(trained["checkpoint"]), str(trained["coco"] / "val2017")
+    line = one_error_line(capsys, ["predict", photo, "--checkpoint", checkpoint, "--output", str(a_file)])
+    assert line.endswith(f"cannot write {a_file}: {a_file} is a file, not a folder")
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", checkpoint, "--results", str(a_file / "r.json")])
+    assert line.endswith(f"cannot write {a_file / 'r.json'}: {a_file} is a file, not a folder")
+
+
 def test_a_checkpoint_of_another_task_than_the_config_is_named_as_such(trained, tmp_path: Path, capsys) -> None:
     # The task's own loader used to read it and blame missing heads ("a backbone-only file cannot
     # classify", "holds no decode_head.conv_seg weights").

@@ -213,3 +213,15 @@ def test_evaluate_refuses_a_data_set_of_other_classes(run: dict[str, Path], tmp_
                     f"names other classes than {run['checkpoint']} was trained on (class 6: 'auto' vs '{names[-1]}')")
     class_file.write_text("\n".join(names) + "\n")  # the same names: evaluates
     assert main(["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other), "--json"]) == 0
+
+
+def test_an_output_path_under_a_file_is_one_line_before_any_work(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    checkpoint = str(run["checkpoint"])
+    images = str(run["data"] / "ADEChallengeData2016" / "images" / "validation")
+    _one_line_error(capsys, ["predict", images, "--checkpoint", checkpoint, "--output", str(a_file / "out")],
+                    f"cannot write {a_file / 'out'}: {a_file} is a file, not a folder")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint, "--data", str(run["data"]), "--output",
+                             str(a_file / "m.json")], f"cannot write {a_file / 'm.json'}: {a_file} is a file, not a folder")
+    assert not any(tmp_path.glob("*.png"))

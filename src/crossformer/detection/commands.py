@@ -104,12 +104,15 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    from ..atomic import check_output_path
     from ..data import DataError
     from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
     from .evaluate import COCO_METRICS, evaluate_detector
 
+    # checked before the evaluation, which may take hours
+    results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
     ann_file, image_dir = data_paths(config.data, "val")
     dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform())
     ctx = setup_distributed(config.run.device)
@@ -121,7 +124,6 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         if loaded.class_names is not None and list(loaded.class_names) != dataset.class_names:
             raise DataError(f"{ann_file} names other categories than {args.checkpoint} was trained on "
                             f"({', '.join(dataset.class_names[:5])}... vs {', '.join(loaded.class_names[:5])}...)")
-        results = Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json")
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,

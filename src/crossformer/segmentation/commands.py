@@ -132,9 +132,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     from ..engine import RunLogger, resolve_precision
     from ..engine.distributed import setup_distributed, teardown_distributed
+    from ..atomic import check_output_path
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
 
+    if args.output:  # checked before the evaluation, which may take hours
+        check_output_path(args.output)
     _, dataset = build_datasets(config.data, training=False)
     _set_threads(config)
     ctx = setup_distributed(config.run.device)
