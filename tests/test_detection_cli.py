@@ -168,6 +168,26 @@ def test_an_output_path_under_a_file_is_one_line_before_any_work(trained, tmp_pa
     assert line.endswith(f"cannot write {a_file / 'r.json'}: {a_file} is a file, not a folder")
 
 
+def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Path) -> None:
+    # mmdet files name their classes but not their ids: predict wrote 1..80, while 69 of COCO's 80
+    # categories have other ids (stop sign 13, ..., toothbrush 90).
+    from crossformer.detection.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+    from crossformer.detection.commands import load_detector
+
+    config = resolve_config(str(trained["config"])).config
+    detector = build_configured_detector(config.model, 80, pretrained=False)
+    state = {k.replace("backbone.model.", "backbone."): v for k, v in detector.state_dict().items()}
+    mmdet = tmp_path / "mmdet_coco.pth"
+    torch.save({"state_dict": state, "meta": {"CLASSES": COCO_CLASSES, "mmdet_version": "2.26.0"}}, mmdet)
+    loaded = load_detector(config, mmdet, torch.device("cpu"))
+    assert loaded.class_names == list(COCO_CLASSES) and loaded.cat_ids == list(COCO_CATEGORY_IDS)
+    ids = dict(zip(loaded.class_names, loaded.cat_ids))
+    assert (ids["stop sign"], ids["dining table"], ids["toothbrush"]) == (13, 67, 90)
+    # another class list keeps no ids (1..C in predict's records)
+    torch.save({"state_dict": state, "meta": {"CLASSES": [f"c{i}" for i in range(80)]}}, mmdet)
+    assert load_detector(config, mmdet, torch.device("cpu")).cat_ids is None
+
+
 def test_a_checkpoint_of_another_task_than_the_config_is_named_as_such(trained, tmp_path: Path, capsys) -> None:
     # The task's own loader used to read it and blame missing heads ("a backbone-only file cannot
     # classify", "holds no decode_head.conv_seg weights").

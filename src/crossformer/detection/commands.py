@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
+from .classes import known_category_ids
 from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
@@ -57,7 +58,7 @@ def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionCo
         meta = state.get("meta")
         classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
         names = list(classes) if classes else None
-        cat_ids = None
+        cat_ids = known_category_ids(names)  # COCO's ids for COCO's 80 classes (not 1..80)
     count = len(names) if names else model.num_classes
     if count is None:
         raise UserInputError(f"{path} does not record its classes: pass model.num_classes=N")
