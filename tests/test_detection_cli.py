@@ -168,7 +168,7 @@ def test_an_output_path_under_a_file_is_one_line_before_any_work(trained, tmp_pa
     assert line.endswith(f"cannot write {a_file / 'r.json'}: {a_file} is a file, not a folder")
 
 
-def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Path) -> None:
+def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Path, capsys) -> None:
     # mmdet files name their classes but not their ids: predict wrote 1..80, while 69 of COCO's 80
     # categories have other ids (stop sign 13, ..., toothbrush 90).
     from crossformer.detection.classes import COCO_CATEGORY_IDS, COCO_CLASSES
@@ -183,6 +183,10 @@ def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Pat
     assert loaded.class_names == list(COCO_CLASSES) and loaded.cat_ids == list(COCO_CATEGORY_IDS)
     ids = dict(zip(loaded.class_names, loaded.cat_ids))
     assert (ids["stop sign"], ids["dining table"], ids["toothbrush"]) == (13, 67, 90)
+    # without --config: the file records no task, and its heads are not a classifier's
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", str(mmdet), "--data", str(trained["coco"])])
+    assert line.endswith(f"{mmdet} holds a detection model (its heads' weights say so): pass its detection config "
+                         "with --config NAME_OR_FILE")  # was: "fits no registered variant: pass --model NAME"
     # another class list keeps no ids (1..C in predict's records)
     torch.save({"state_dict": state, "meta": {"CLASSES": [f"c{i}" for i in range(80)]}}, mmdet)
     assert load_detector(config, mmdet, torch.device("cpu")).cat_ids is None

@@ -225,3 +225,12 @@ def test_an_output_path_under_a_file_is_one_line_before_any_work(run: dict[str, 
     _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint, "--data", str(run["data"]), "--output",
                              str(a_file / "m.json")], f"cannot write {a_file / 'm.json'}: {a_file} is a file, not a folder")
     assert not any(tmp_path.glob("*.png"))
+
+
+def test_an_mmseg_file_without_config_asks_for_one(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The classification loader said "fits no registered variant: pass --model NAME".
+    state = load_training_state(run["checkpoint"])
+    mmseg = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": {k.replace("backbone.model.", "backbone."): v for k, v in state["model"].items()}}, mmseg)
+    _one_line_error(capsys, ["predict", str(tmp_path), "--checkpoint", str(mmseg)],
+                    f"{mmseg} holds a segmentation model (its heads' weights say so): pass its segmentation config")
