@@ -234,3 +234,18 @@ def test_an_mmseg_file_without_config_asks_for_one(run: dict[str, Path], tmp_pat
     torch.save({"state_dict": {k.replace("backbone.model.", "backbone."): v for k, v in state["model"].items()}}, mmseg)
     _one_line_error(capsys, ["predict", str(tmp_path), "--checkpoint", str(mmseg)],
                     f"{mmseg} holds a segmentation model (its heads' weights say so): pass its segmentation config")
+
+
+def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_command_line_sets_it(
+        run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # was "predicts 7 classes, this model 5: build it with num_classes=7" (the Python API's words)
+    base = ["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(run["data"])]
+    _one_line_error(capsys, [*base, "model.num_classes=5"],
+                    f"{run['checkpoint']} is a segmentor of 7 classes but the config says model.num_classes=5: "
+                    "pass model.num_classes=7 (or null)")
+    backbone = tmp_path / "backbone.pth"  # an ImageNet-style file: the backbone's weights alone
+    state = load_training_state(run["checkpoint"])["model"]
+    torch.save({k[len("backbone.model."):]: v for k, v in state.items() if k.startswith("backbone.model.")}, backbone)
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
+                             str(run["data"]), "model.num_classes=7"],
+                    f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")

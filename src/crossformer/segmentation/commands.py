@@ -83,11 +83,14 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
                 f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
                 "pass the config it was trained with"
             )
-    if num_classes is None:  # an mmseg file or bare weights, and a config without a class count: the file's
-        weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
-        if weight is None:
-            raise UserInputError(f"{path} holds no decode_head.conv_seg weights: not a segmentation checkpoint")
-        num_classes = int(weight.shape[0])
+    weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
+    if weight is None:
+        raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
+                             f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
+    if num_classes is not None and num_classes != weight.shape[0]:  # said as the command line sets it
+        raise UserInputError(f"{path} is a segmentor of {weight.shape[0]} classes but the config says model.num_classes="
+                             f"{num_classes}: pass model.num_classes={weight.shape[0]} (or null)")
+    num_classes = int(weight.shape[0])
     segmentor = build_model(model, num_classes)
     try:
         load_state(segmentor, checkpoint, str(path), use_ema=use_ema)
