@@ -17,6 +17,7 @@ from crossformer.detection.task import build_configured_detector
 from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
+from cli_errors import one_error_line
 from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
 
 
@@ -127,6 +128,82 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
         return [{k: v for k, v in r.items() if k != "image_id"} for r in rows if r["file_name"] == str(photo)]
 
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
+
+
+def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tmp_path: Path, capsys) -> None:
+    # An ImageNet checkpoint of the same backbone fills the backbone alone (as load_checkpoint does for
+    # training); evaluate / predict then ran with random heads and reported their detections as results.
+    import timm
+
+    from crossformer.detection.commands import load_detector
+
+    config = resolve_config(str(trained["config"])).config
+    backbone = timm.create_model(config.model.backbone, num_classes=10, **config.model.backbone_kwargs)
+    classifier = tmp_path / "imagenet.pth"
+    torch.save({"model": backbone.state_dict()}, classifier)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (70, 60), 128).save(photo)
+    assert main(["predict", str(photo), "--config", str(trained["config"]), "--checkpoint", str(classifier),
+                 "--output", str(tmp_path / "p"), "model.num_classes=4"]) == 2
+    assert f"{classifier} holds no detection heads (an ImageNet or backbone checkpoint): pass it to " \
+           "`crossformer train --pretrained`" in _error(capsys)
+    assert not (tmp_path / "p").exists()
+    assert load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.num_classes == 4
+
+
+def test_ema_of_a_checkpoint_without_it_names_the_file(trained, capsys) -> None:
+    checkpoint = str(trained["checkpoint"])
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", checkpoint, "--ema", "--data", str(trained["coco"])])
+    assert line.endswith(f"{checkpoint} holds no EMA weights (no 'model_ema' entry)")  # was "checkpoint holds ..."
+
+
+def test_an_output_path_under_a_file_is_one_line_before_any_work(trained, tmp_path: Path, capsys) -> None:
+    # FileExistsError from mkdir: a traceback, for evaluate only after the whole evaluation
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    checkpoint, photo = str(trained["checkpoint"]), str(trained["coco"] / "val2017")
+    line = one_error_line(capsys, ["predict", photo, "--checkpoint", checkpoint, "--output", str(a_file)])
+    assert line.endswith(f"cannot write {a_file}: {a_file} is a file, not a folder")
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", checkpoint, "--results", str(a_file / "r.json")])
+    assert line.endswith(f"cannot write {a_file / 'r.json'}: {a_file} is a file, not a folder")
+
+
+def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Path, capsys) -> None:
+    # mmdet files name their classes but not their ids: predict wrote 1..80, while 69 of COCO's 80
+    # categories have other ids (stop sign 13, ..., toothbrush 90).
+    from crossformer.detection.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+    from crossformer.detection.commands import load_detector
+
+    config = resolve_config(str(trained["config"])).config
+    detector = build_configured_detector(config.model, 80, pretrained=False)
+    state = {k.replace("backbone.model.", "backbone."): v for k, v in detector.state_dict().items()}
+    mmdet = tmp_path / "mmdet_coco.pth"
+    torch.save({"state_dict": state, "meta": {"CLASSES": COCO_CLASSES, "mmdet_version": "2.26.0"}}, mmdet)
+    loaded = load_detector(config, mmdet, torch.device("cpu"))
+    assert loaded.class_names == list(COCO_CLASSES) and loaded.cat_ids == list(COCO_CATEGORY_IDS)
+    ids = dict(zip(loaded.class_names, loaded.cat_ids))
+    assert (ids["stop sign"], ids["dining table"], ids["toothbrush"]) == (13, 67, 90)
+    # without --config: the file records no task, and its heads are not a classifier's
+    line = one_error_line(capsys, ["evaluate", "--checkpoint", str(mmdet), "--data", str(trained["coco"])])
+    assert line.endswith(f"{mmdet} holds a detection model (its heads' weights say so): pass its detection config "
+                         "with --config NAME_OR_FILE")  # was: "fits no registered variant: pass --model NAME"
+    # another class list keeps no ids (1..C in predict's records)
+    torch.save({"state_dict": state, "meta": {"CLASSES": [f"c{i}" for i in range(80)]}}, mmdet)
+    assert load_detector(config, mmdet, torch.device("cpu")).cat_ids is None
+
+
+def test_a_checkpoint_of_another_task_than_the_config_is_named_as_such(trained, tmp_path: Path, capsys) -> None:
+    # The task's own loader used to read it and blame missing heads ("a backbone-only file cannot
+    # classify", "holds no decode_head.conv_seg weights").
+    from segmentation_fixtures import write_config
+
+    checkpoint = str(trained["checkpoint"])
+    segmentation = write_config(tmp_path / "seg.yaml")
+    for config, task in (("digits", "classification"), (str(segmentation), "segmentation")):
+        for verb in (["evaluate"], ["predict", str(tmp_path / "x.png")]):
+            line = one_error_line(capsys, [*verb, "--config", config, "--checkpoint", checkpoint])
+            assert line.endswith(f"{checkpoint} holds a detection model, but {config} is a {task} config: pass a {task} "
+                                 "checkpoint, or leave out --config (our checkpoints record the config they were trained with)")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from PIL import Image
 from crossformer.classification.evaluate import raise_or_count_unreadable
 from crossformer.data import DataError
 from crossformer.data import read_rgb as read_image
-from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection
+from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection, decode_segmentation
 from crossformer.detection.synthetic import SHAPE_CATEGORIES
 from crossformer.detection.transforms import (
     IMAGENET_MEAN, Normalize, RandomCrop, RandomFlip, Resize, build_test_transform, build_train_transform,
@@ -89,6 +89,13 @@ def test_empty_images_kept_for_evaluation_and_skipped_in_training(coco_root):
 ])
 def test_rescale_size_matches_mmcv(size, scale, expected):
     assert rescale_size(*size, scale) == expected
+
+
+def test_a_long_thin_image_resizes_to_a_side_of_one_pixel_not_zero():
+    # mmcv's rounding gives 5000 x 6 at (64, 64) a height of int(6 x 0.0128 + 0.5) = 0, which no resize takes
+    assert rescale_size(5000, 6, (64, 64)) == (64, 1)
+    sample = build_test_transform(64, 64)(_sample(6, 5000, [[0, 0, 4000, 6]]))
+    assert sample.img_shape == (1, 64) and sample.boxes.shape == (1, 4)
 
 
 def _sample(h: int, w: int, boxes: list[list[float]]) -> DetectionSample:
@@ -207,6 +214,18 @@ def test_not_coco_json_errors(tmp_path):
         coco_paths(tmp_path, "val")
 
 
+def test_a_repeated_id_is_one_line(tmp_path):
+    # pycocotools (and the data set) index images, annotations and categories by id: a repeated
+    # one dropped an image, a ground-truth object or a class without a word.
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(1, [10, 10, 5, 5])])
+    with pytest.raises(DataError, match=r"ann\.json: id 1 appears twice in 'annotations'; ids must be unique"):
+        CocoDetection(path, tmp_path / "img")
+    image = {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], images=[image, image])
+    with pytest.raises(DataError, match="id 1 appears twice in 'images'"):
+        CocoDetection(path, tmp_path / "img")
+
+
 def test_unknown_category_and_missing_image_name_the_file(tmp_path):
     path = _write_coco(tmp_path, [_ann(17, [1, 1, 5, 5], category_id=3)])
     with pytest.raises(DataError, match=r"annotation 17 of image a\.jpg has category id 3, which is not in 'categories'"):
@@ -315,3 +334,34 @@ def test_separate_shapes_never_share_a_pixel(tmp_path):
         masks = [mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], entry["height"], entry["width"]))[..., 0]
                  for a in anns]
         assert sum(m.astype(int) for m in masks).max(initial=0) <= 1
+
+
+def test_polygons_under_three_points_are_left_out_not_read_as_boxes(tmp_path):
+    square = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    path = _write_coco(tmp_path, [_ann(1, [2, 2, 10, 10], segmentation=square + [[20, 20, 30, 25]]),  # + a 2-point part
+                                  _ann(2, [20, 5, 10, 10], segmentation=[[20, 5, 30, 15]]),  # 2 points only
+                                  _ann(3, [5, 5, 10, 10], segmentation=[[5, 5]]),  # 1 point
+                                  _ann(4, [5, 5, 10, 10], segmentation=[])])
+    lines: list[str] = []
+    ds = CocoDetection(path, tmp_path / "img", log=lines.append)
+    sample = ds[0]
+    assert ds.shapeless_masks == 3 and sample.boxes.tolist() == [[2, 2, 12, 12]]
+    assert sample.masks.shape == (1, 30, 40) and int(sample.masks.sum()) == int(decode_segmentation(square, 30, 40).sum())
+    assert sample.masks[0, 20:, 20:].sum() == 0  # the 2-point part is not a box
+    assert lines == ["ann.json: left out 3 objects whose segmentation has no polygon of 3 points or more (as mmdetection)"]
+    # without masks the boxes stay
+    assert len(CocoDetection(path, tmp_path / "img", with_masks=False)[0].boxes) == 4
+
+
+def test_rle_of_another_size_or_an_unknown_segmentation_is_one_line(tmp_path):
+    rle = {"size": [10, 12], "counts": [0, 120]}
+    path = _write_coco(tmp_path, [_ann(7, [0, 0, 10, 10], segmentation=rle)])
+    with pytest.raises(DataError, match=r"annotation 7 of image a\.jpg has an RLE segmentation of size \[10, 12\], "
+                                        r"but the image is 30x40"):
+        CocoDetection(path, tmp_path / "img")
+    path = _write_coco(tmp_path, [_ann(8, [0, 0, 10, 10], segmentation="oops")])
+    with pytest.raises(DataError, match="annotation 8 of image a.jpg has a segmentation that is neither"):
+        CocoDetection(path, tmp_path / "img")
+    rle = {"size": [30, 40], "counts": [0, 40 * 30]}  # uncompressed RLE of the image's size (all ones): fine
+    path = _write_coco(tmp_path, [_ann(9, [0, 0, 10, 10], segmentation=rle)])
+    assert int(CocoDetection(path, tmp_path / "img")[0].masks.sum()) == 40 * 30

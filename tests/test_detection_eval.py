@@ -103,6 +103,29 @@ def test_hand_checked_case(tmp_path):
     assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-6)
 
 
+def test_polygons_under_three_points_in_the_ground_truth_do_not_stop_cocoeval(tmp_path):
+    # G1, G2: squares; G3: a box whose only polygon has one point (pycocotools failed on it with a
+    # TypeError deep in COCOeval). Detections: the three boxes, with the squares' masks and G3's box
+    # as its mask. Boxes all match; G3's mask is empty, so its detection misses in segm.
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 100), (128, 128, 128)).save(tmp_path / "img" / "one.png")
+    boxes = [[10, 10, 20, 20], [60, 60, 20, 20], [40, 40, 15, 15]]
+    segmentations = [[[10, 10, 30, 10, 30, 30, 10, 30]], [[60, 60, 80, 60, 80, 80, 60, 80], [1, 1, 3, 3]], [[45, 45]]]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 4, "bbox": b, "area": b[2] * b[3], "iscrowd": 0, "segmentation": s}
+            for i, (b, s) in enumerate(zip(boxes, segmentations))]
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "one.png", "width": 100, "height": 100}], "annotations": anns,
+        "categories": [{"id": 4, "name": "square"}]}))
+    masks = torch.zeros(3, 100, 100, dtype=torch.bool)
+    for mask, (x, y, w, h) in zip(masks, boxes):
+        mask[y : y + h, x : x + w] = True
+    detector = FixedDetections([[x, y, x + w, y + h] for x, y, w, h in boxes], [0.9, 0.8, 0.7], [0, 0, 0])
+    detector.out["masks"] = masks
+    dataset = CocoDetection(tmp_path / "ann.json", tmp_path / "img", with_masks=False, transform=build_test_transform())
+    m = evaluate_detector(detector, dataset)
+    assert m["bbox_AR_100"] == pytest.approx(1.0) and m["segm_AR_100"] == pytest.approx(2 / 3)
+
+
 def test_detections_to_coco_maps_labels_boxes_and_masks():
     masks = torch.zeros(2, 6, 8, dtype=torch.bool)
     masks[0, 1:3, 2:5] = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 import textwrap
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
 from crossformer.detection.task import DetectionTask, build_configured_detector, train
 from crossformer.engine import DistContext, load_training_state
@@ -110,6 +112,31 @@ def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) ->
         task.check_resume({**extras, "detector": "retinanet"}, "x.pth")
     with pytest.raises(UserInputError, match="has 4 categories but model.num_classes is 80"):
         DetectionTask(replace(config, model=replace(config.model, num_classes=80)), DistContext())
+
+
+def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:
+    # "0 training images (with objects): fewer than one batch of 2 per process; lower --batch-size"
+    # pointed at the batch size, which no value fixes.
+    empty = tmp_path / "empty"
+    shutil.copytree(coco, empty)
+    ann = empty / "annotations" / "instances_train2017.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
+    with pytest.raises(DataError, match=r"instances_train2017\.json has no training images: training keeps the images "
+                                        r"that have annotations and sides of at least 32 px"):
+        DetectionTask(config, DistContext())
+
+
+def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # It stopped the run at the end of the first epoch (hours into the authors' recipe).
+    broken = tmp_path / "broken"
+    shutil.copytree(coco, broken)
+    bad = sorted((broken / "val2017").glob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", broken, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"cannot read validation image {bad}: .*--skip-corrupt"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
 
 
 # resume and processes -----------------------------------------------------------------

@@ -162,7 +162,9 @@ def _disk_full(monkeypatch) -> None:
     def full(path, write):
         return real(path, _write_then_fail(OSError(errno.ENOSPC, "No space left on device")))
 
-    for module in ("crossformer.atomic", "crossformer.export"):  # the second imported it by name
+    # crossformer.export imported it by name: patched first, so that a first import of it here binds the
+    # real function (which the undo then restores) rather than the already patched one, for every later test
+    for module in ("crossformer.export", "crossformer.atomic"):
         monkeypatch.setattr(f"{module}.write_atomic", full)
 
 

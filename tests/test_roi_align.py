@@ -109,3 +109,16 @@ def test_few_rois_stay_on_the_calling_thread(monkeypatch, two_threads):
         out = roi_align(features, boxes, 2, 1.0)
     torch.testing.assert_close(out, torchvision_roi_align(features, boxes, 2, 1.0, 0, aligned=True), rtol=0, atol=0)
     assert callers == [threading.current_thread().name]
+
+
+def test_bf16_autocast_maps_split_over_threads(monkeypatch, two_threads):
+    # The pool's threads do not inherit autocast: the plain kernel got bf16 maps with float32 rois
+    # and failed ("input should have the same type as rois"), e.g. evaluate --amp bf16 on 2 cores.
+    features, boxes = _case(8, 2, 8, 20, 24, 3 * roi_align_module.THREADED_FORWARD_ROIS, 0.5, 30.0)
+    features, boxes = features.detach().float().bfloat16(), boxes.float()
+    callers = _record_kernel_threads(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = roi_align(features, boxes, 7, 0.5)
+        expected = torchvision_roi_align(features, boxes, 7, 0.5, 0, aligned=True)  # its autocast kernel
+    assert len(callers) == 2 and got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

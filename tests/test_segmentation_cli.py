@@ -200,3 +200,52 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
                     str(foreign), "another segmentor than the config's upernet crossformer_small")
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "data.root=null"], "no data given: pass --data")
+
+
+def test_evaluate_refuses_a_data_set_of_other_classes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The same count of other classes was scored as if they were the model's.
+    other = tmp_path / "other"
+    shutil.copytree(run["data"], other)
+    class_file = other / "ADEChallengeData2016" / "classes.txt"
+    names = class_file.read_text().split()
+    class_file.write_text("\n".join([*names[:-1], "auto"]) + "\n")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other)],
+                    f"names other classes than {run['checkpoint']} was trained on (class 6: 'auto' vs '{names[-1]}')")
+    class_file.write_text("\n".join(names) + "\n")  # the same names: evaluates
+    assert main(["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other), "--json"]) == 0
+
+
+def test_an_output_path_under_a_file_is_one_line_before_any_work(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    checkpoint = str(run["checkpoint"])
+    images = str(run["data"] / "ADEChallengeData2016" / "images" / "validation")
+    _one_line_error(capsys, ["predict", images, "--checkpoint", checkpoint, "--output", str(a_file / "out")],
+                    f"cannot write {a_file / 'out'}: {a_file} is a file, not a folder")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint, "--data", str(run["data"]), "--output",
+                             str(a_file / "m.json")], f"cannot write {a_file / 'm.json'}: {a_file} is a file, not a folder")
+    assert not any(tmp_path.glob("*.png"))
+
+
+def test_an_mmseg_file_without_config_asks_for_one(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The classification loader said "fits no registered variant: pass --model NAME".
+    state = load_training_state(run["checkpoint"])
+    mmseg = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": {k.replace("backbone.model.", "backbone."): v for k, v in state["model"].items()}}, mmseg)
+    _one_line_error(capsys, ["predict", str(tmp_path), "--checkpoint", str(mmseg)],
+                    f"{mmseg} holds a segmentation model (its heads' weights say so): pass its segmentation config")
+
+
+def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_command_line_sets_it(
+        run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # was "predicts 7 classes, this model 5: build it with num_classes=7" (the Python API's words)
+    base = ["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(run["data"])]
+    _one_line_error(capsys, [*base, "model.num_classes=5"],
+                    f"{run['checkpoint']} is a segmentor of 7 classes but the config says model.num_classes=5: "
+                    "pass model.num_classes=7 (or null)")
+    backbone = tmp_path / "backbone.pth"  # an ImageNet-style file: the backbone's weights alone
+    state = load_training_state(run["checkpoint"])["model"]
+    torch.save({k[len("backbone.model."):]: v for k, v in state.items() if k.startswith("backbone.model.")}, backbone)
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
+                             str(run["data"]), "model.num_classes=7"],
+                    f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")

@@ -187,6 +187,12 @@ def test_bad_data_one_line_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ann" / "ok.png")
     with pytest.raises(DataError, match=r"ok\.png is a RGB image; label maps must be single-channel"):
         read_label(tmp_path / "ann" / "ok.png")
+    # a two-class mask saved from a bool array is a 1-bit PNG (mode "1"): its values are 0 and 1
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:6] = True
+    Image.fromarray(mask).save(tmp_path / "ann" / "ok.png")
+    assert Image.open(tmp_path / "ann" / "ok.png").mode == "1"
+    assert np.array_equal(read_label(tmp_path / "ann" / "ok.png"), mask.astype(np.int64))
 
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "lonely.jpg")
     with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):

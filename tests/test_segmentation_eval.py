@@ -168,6 +168,16 @@ def test_multi_scale_flip_against_direct_computation(monkeypatch, band_rows):
         InferenceConfig(mode="tiles")
 
 
+def test_a_long_thin_image_keeps_a_side_of_one_pixel_at_every_scale():
+    # 3000x6 at (64, 48) x 0.5: factor min(32/3000, 24/6) = 0.0107, height 6 x 0.0107 + 0.5 -> 0 by mmcv's
+    # rounding, and the resize failed ("output sizes should be greater than 0"). Now 1, then 32 aligned.
+    model = TinySegmentor(3).eval()
+    image = np.full((6, 3000, 3), 120, dtype=np.uint8)
+    config = InferenceConfig(scale=(64, 48), ratios=(0.5, 1.0), flip=True)
+    assert tuple(prepare_image(image, (32, 24), config).shape) == (1, 3, 32, 32)
+    assert segment_probs(model, image, config).shape == (3, 6, 3000)
+
+
 # ---------------------------------------------------------------- evaluation and prediction
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,13 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossformer.data import DataError
 from crossformer.engine import DistContext, load_training_state
 from crossformer.engine.config import build_config
 from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.engine.seeding import seed_everything
 from crossformer.errors import UserInputError
 from crossformer.segmentation.config import SegmentationConfig
-from crossformer.segmentation.task import SegmentationTask, build_model, train
+from crossformer.segmentation.data import collate_segmentation
+from crossformer.segmentation.task import SegmentationTask, build_model, min_train_batch, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
 from segmentation_fixtures import make_tiny_ade, tiny_config
 
@@ -112,6 +115,33 @@ def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and metrics["global_step"] == 1
     expected = {"train/loss", "train/loss_decode", "train/loss_aux"} if kind == "upernet" else {"train/loss"}
     assert expected <= set(metrics)
+
+
+def test_a_batch_too_small_for_batchnorm_is_one_line_or_passed_over(ade: Path, tmp_path: Path) -> None:
+    # UPerNet's pyramid pooling at scale 1 normalises a 1x1 map: one image per batch stopped training
+    # with torch's "Expected more than 1 value per channel"; so did a batch that --skip-corrupt left
+    # with one readable image.
+    assert min_train_batch("upernet", (512, 512)) == 2 and min_train_batch("fpn", (512, 512)) == 1
+    assert min_train_batch("fpn", (32, 32)) == 2
+    with pytest.raises(UserInputError, match=r"--batch-size 1: upernet trains BatchNorm on a 1x1 map .* needs at least 2 "
+                                             r"images per process; use --batch-size 2 or more"):
+        SegmentationTask(_config(tmp_path, ade, **{"run.batch_size": 1}), DistContext())
+    task = SegmentationTask(_config(tmp_path, ade, **{"data.skip_corrupt": True}), DistContext())
+    samples = [task.train_set[0], task.train_set[1]]
+    unreadable = samples[1]._replace(image=None, label=None, error="cannot read image x.jpg: broken")
+    assert task.batch_counts(collate_segmentation([samples[0], unreadable])) == {"samples": 0.0, "unreadable_images": 1.0}
+    assert task.batch_counts(collate_segmentation(samples)) == {"samples": 2.0, "unreadable_images": 0.0}
+
+
+def test_an_unreadable_validation_file_stops_before_training(ade: Path, tmp_path: Path) -> None:
+    # It stopped the run at the first evaluation (16k iterations into the authors' UPerNet recipe).
+    broken = tmp_path / "broken"
+    shutil.copytree(ade, broken)
+    bad = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"cannot read validation file {bad}: .*--skip-corrupt"):
+        train(_config(tmp_path / "run", broken))
+    assert not (tmp_path / "run" / "last.pth").exists()
 
 
 _KILLED_RUN = """

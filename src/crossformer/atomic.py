@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable
 
 from .errors import UserInputError
 
-__all__ = ["OutputError", "check_output_path", "write_atomic"]
+__all__ = ["OutputError", "check_output_path", "check_output_folder", "write_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -73,14 +73,28 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: permission denied in {parent}")
+    _check_folder(path.parent, path)
     return path
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Fail early, with one line, if files cannot be written into ``folder`` (created later if
+    missing): it is a file, a folder on its way is a file, or the nearest existing folder is
+    not writable. Returns it as a ``Path``."""
+    folder = Path(folder)
+    _check_folder(folder, folder)
+    return folder
+
+
+def _check_folder(folder: Path, target: Path) -> None:
+    """Raise :class:`OutputError` about ``target`` if ``folder`` cannot hold new files."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {target}: permission denied in {existing}")
 
 
 def _fail_message(path: Path, reason: str, existed: bool) -> str:

@@ -59,6 +59,17 @@ class LoadedClassifier:
     interpolation: str
 
 
+def _dense_task(state: dict[str, Any]) -> str | None:
+    """"detection" or "segmentation" for a file holding such heads (mmdet / mmseg key names)."""
+    weights = state.get("state_dict", state.get("model", state))
+    keys = list(weights) if isinstance(weights, dict) else []
+    if any(k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in keys):
+        return "detection"
+    if any(k.startswith("decode_head.") for k in keys):
+        return "segmentation"
+    return None
+
+
 def load_classifier(
     checkpoint: str | Path,
     model_name: str | None = None,
@@ -79,6 +90,10 @@ def load_classifier(
     state = read_checkpoint(checkpoint)
     name, recorded = recorded_model(state, model_name)
     if not name:
+        dense = _dense_task(state)
+        if dense is not None:  # the authors' mmdet / mmseg files record no task: only a config says what they hold
+            raise UserInputError(f"{checkpoint} holds a {dense} model (its heads' weights say so): pass its {dense} "
+                                 f"config with --config NAME_OR_FILE")
         raise UserInputError(f"{checkpoint} does not name its model and fits no registered variant: "
                              "pass --model NAME (and --model-arg KEY=VALUE for a non-standard size)")
     try:

@@ -16,7 +16,7 @@ from ..data import (
     build_eval_transform,
     build_loader,
     build_train_transform,
-    find_unreadable,
+    check_readable,
     raise_or_count_unreadable,
 )
 from ..engine import DistContext, Task, move_to_device, resolve_precision
@@ -115,19 +115,9 @@ class ClassificationTask(Task):
     def check_data(self) -> None:
         """Every validation image's header (this rank's share), so that a bad file stops the run
         now rather than after the first epoch; with ``skip_corrupt`` the bad ones are named."""
-        sampler = ShardedSampler(len(self.val_set), self.ctx.rank, self.ctx.world_size, shuffle=False, pad=False)
-        paths = [self.val_set.samples[i][0] for i in sampler]
-        batch = 64
-        large = len(paths) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
-        progress = self.log.progress(-(-len(paths) // batch), "checking val images", every=100) if large else None
-        bad = find_unreadable(paths, self.config.run.num_workers, batch, progress)
-        if progress is not None:
-            progress.close()
-        if bad and not self.config.data.skip_corrupt:
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(f"cannot read validation image {bad[0]}{more}; fix or delete it, or pass --skip-corrupt "
-                            f"to skip such files")
-        for failure in bad:
+        paths = [sample[0] for sample in self.val_set.samples]
+        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, self.config.run.num_workers,
+                                      self.config.data.skip_corrupt, self.log):
             self._skipped(failure)
 
     def _skipped(self, failure: str) -> None:

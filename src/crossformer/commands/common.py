@@ -299,6 +299,17 @@ def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]
     return recorded, f"{checkpoint} (the config it was trained with)"
 
 
+def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None) -> None:
+    """A checkpoint of ours records its task: one of another task than the config's is refused
+    here, before a task's loader reads it as its own (and blames missing heads or classes)."""
+    from ..models import peek_checkpoint
+
+    recorded = peek_checkpoint(checkpoint).get("task") if checkpoint else None
+    if isinstance(recorded, str) and recorded != task:
+        raise UserInputError(f"{checkpoint} holds a {recorded} model, but {config} is a {task} config: pass a {task} "
+                             f"checkpoint, or leave out --config (our checkpoints record the config they were trained with)")
+
+
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine.registry import resolve_config, task_commands
@@ -307,6 +318,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
     resolved = resolve_config(config, command_line_settings(args, overrides), use_default=False, source=source)
+    _check_checkpoint_task(getattr(args, "checkpoint", None), resolved.config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")

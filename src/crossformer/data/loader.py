@@ -10,8 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .folder import UNREADABLE_ERRORS, DataError
+from .sampler import ShardedSampler
 
-__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable"]
+__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
+           "check_readable"]
 
 # (images (B, 3, H, W), targets (B,), unreadable files as "path: reason")
 ImageBatch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -85,6 +87,25 @@ def find_unreadable(
         if progress is not None:
             progress.update()
     return found
+
+
+def check_readable(paths: Sequence[str], rank: int, world_size: int, num_workers: int, skip_corrupt: bool,
+                   log: Any = None, what: str = "validation image") -> list[str]:
+    """A task's data check before training: the headers of process ``rank``'s share of
+    ``paths`` (:func:`find_unreadable`). A bad file is a :class:`DataError` naming it (and how
+    many more) unless ``skip_corrupt``; returns the bad ones as ``"path: reason"``. ``log`` (a
+    :class:`~crossformer.engine.RunLogger`) shows progress on large sets."""
+    mine = [paths[i] for i in ShardedSampler(len(paths), rank, world_size, shuffle=False, pad=False)]
+    batch = 64
+    large = log is not None and len(mine) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
+    progress = log.progress(-(-len(mine) // batch), f"checking {what}s", every=100) if large else None
+    bad = find_unreadable(mine, num_workers, batch, progress)
+    if progress is not None:
+        progress.close()
+    if bad and not skip_corrupt:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"cannot read {what} {bad[0]}{more}; fix or delete it, or pass --skip-corrupt to skip such files")
+    return bad
 
 
 def build_loader(

@@ -1,4 +1,5 @@
-"""Train and evaluation transforms, built by ``timm.data.create_transform``."""
+"""Train and evaluation transforms, built by ``timm.data.create_transform``, and the keep-ratio
+size rule the dense tasks share (:func:`rescale_size`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 
-__all__ = ["build_train_transform", "build_eval_transform"]
+__all__ = ["build_train_transform", "build_eval_transform", "rescale_size"]
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` / ``imrescale`` (keep ratio): the largest ``(new_w, new_h)`` whose
+    longer side is at most ``max(scale)`` and shorter side at most ``min(scale)``, each rounded
+    half up, and at least 1 (mmcv's 0 for a side of a very long, thin image fails every resize)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return max(1, int(width * float(factor) + 0.5)), max(1, int(height * float(factor) + 0.5))
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.Image:

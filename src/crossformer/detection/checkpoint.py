@@ -17,19 +17,19 @@ from torch import nn
 from ..models import CheckpointError, load_state
 from ..models.weights import check_keys
 
-__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours"]
+__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
 _OUR_BACKBONE = "backbone.model."
 
 
-def _weights(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str, Any]:
+def _weights(checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> Mapping[str, Any]:
     """The tensor dict of a checkpoint: ``model`` (ours), ``state_dict`` (mmdet), or itself."""
     if use_ema:
         for key in ("model_ema", "state_dict_ema"):
             if isinstance(checkpoint.get(key), Mapping):
                 return checkpoint[key]
-        raise CheckpointError("checkpoint holds no EMA weights (no 'model_ema' entry)")
+        raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry)")
     for key in ("model", "state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             return checkpoint[key]
@@ -64,15 +64,22 @@ def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: s
         )
 
 
+def head_keys(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint") -> list[str]:
+    """The keys of a checkpoint's detection heads (neck, RPN, R-CNN / RetinaNet heads) in our
+    names; none for an ImageNet classification or backbone-only file."""
+    return [mmdet_to_ours(k) for k, v in _weights(checkpoint, use_ema, source).items()
+            if isinstance(v, torch.Tensor) and mmdet_to_ours(k).startswith(HEAD_PREFIXES)]
+
+
 def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
     """Fill ``detector`` from a checkpoint dict; raise :class:`CheckpointError` listing
     every key that cannot be placed (or is missing) otherwise."""
-    weights = {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema).items() if isinstance(v, torch.Tensor)}
-    head_keys = [k for k in weights if k.startswith(HEAD_PREFIXES)]
-    if not head_keys:  # an ImageNet classification checkpoint: the backbone alone
+    weights = {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema, source).items() if isinstance(v, torch.Tensor)}
+    heads_found = head_keys(checkpoint, use_ema, source)
+    if not heads_found:  # an ImageNet classification checkpoint: the backbone alone
         load_state(detector.backbone, checkpoint, source, use_ema=use_ema)
         return
-    kind = _kind_of(head_keys)
+    kind = _kind_of(heads_found)
     if kind != detector.kind:
         raise CheckpointError(f"{source} holds a {kind} detector, not a {detector.kind}: use a {kind} config")
     _check_classes(detector, checkpoint, source)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
+from .classes import known_category_ids
 from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
@@ -57,7 +58,7 @@ def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionCo
         meta = state.get("meta")
         classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
         names = list(classes) if classes else None
-        cat_ids = None
+        cat_ids = known_category_ids(names)  # COCO's ids for COCO's 80 classes (not 1..80)
     count = len(names) if names else model.num_classes
     if count is None:
         raise UserInputError(f"{path} does not record its classes: pass model.num_classes=N")
@@ -71,10 +72,14 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
     """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
     mode on ``device``; one-line errors for a file that does not fit."""
     from ..models import CheckpointError, load_state, read_checkpoint
+    from .checkpoint import head_keys
     from .task import build_configured_detector
 
     try:
         state = read_checkpoint(checkpoint)
+        if not head_keys(state, use_ema, str(checkpoint)):  # load_state would fill the backbone alone and keep random heads
+            raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
+                                 f"`crossformer train --pretrained`, and a detector checkpoint here")
         num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
         detector = build_configured_detector(config.model, num_classes, pretrained=False)
         load_state(detector, state, str(checkpoint), use_ema=use_ema)
@@ -100,12 +105,15 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    from ..atomic import check_output_path
     from ..data import DataError
     from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
     from .evaluate import COCO_METRICS, evaluate_detector
 
+    # checked before the evaluation, which may take hours
+    results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
     ann_file, image_dir = data_paths(config.data, "val")
     dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform())
     ctx = setup_distributed(config.run.device)
@@ -117,7 +125,6 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         if loaded.class_names is not None and list(loaded.class_names) != dataset.class_names:
             raise DataError(f"{ann_file} names other categories than {args.checkpoint} was trained on "
                             f"({', '.join(dataset.class_names[:5])}... vs {', '.join(loaded.class_names[:5])}...)")
-        results = Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json")
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,

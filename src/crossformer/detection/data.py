@@ -38,6 +38,7 @@ from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
     "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
+    "valid_polygons",
 ]
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
@@ -106,7 +107,37 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise DataError(f"{path}: an entry of '{kind}' lacks {missing[0]!r} ({str(entry)[:80]}); not COCO format")
+        seen: set[Any] = set()
+        for entry in data[kind]:  # pycocotools indexes each list by id: a repeated id loses an entry silently
+            if entry["id"] in seen:
+                raise DataError(f"{path}: id {entry['id']} appears twice in '{kind}'; ids must be unique")
+            seen.add(entry["id"])
     return data
+
+
+def valid_polygons(polygons: list[Any]) -> list[Any]:
+    """The parts of a COCO polygon segmentation with 3 points or more (an even count of
+    coordinates, at least 6), as mmdetection keeps them: pycocotools reads a 4-number part as
+    a box and fails on shorter ones."""
+    return [p for p in polygons if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
+
+
+def checked_segmentation(segmentation: Any, height: int, width: int, where: str) -> Any:
+    """``segmentation`` as :func:`decode_segmentation` takes it, or None when it holds no polygon.
+
+    Polygons of fewer than 3 points are left out (:func:`valid_polygons`). An RLE whose ``size`` is not the image's, or a segmentation of another form, is a
+    :class:`DataError` naming ``where`` (the file, annotation and image).
+    """
+    if isinstance(segmentation, list):
+        return valid_polygons(segmentation) or None
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes, list)):
+        size = segmentation.get("size")
+        if not isinstance(size, (list, tuple)) or [int(v) for v in size] != [height, width]:
+            raise DataError(f"{where} has an RLE segmentation of size {size}, but the image is {height}x{width} "
+                            f"(height x width); fix the annotation's 'size' or the image's height/width")
+        return segmentation
+    raise DataError(f"{where} has a segmentation that is neither a polygon list nor an RLE "
+                    f"({str(segmentation)[:60]}); COCO format expected")
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -163,6 +194,7 @@ class CocoDetection(Dataset):
         self.cat_ids: list[int] = [int(c["id"]) for c in categories]
         self.class_names: list[str] = [str(c["name"]) for c in categories]
         self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids)}
+        self.shapeless_masks = 0  # objects left out for want of a polygon of 3 points (counted by _parse)
         self.records, dropped, clipped = self._parse(data)
         if train:
             self.records = [r for r in self.records if r.has_annotations
@@ -170,6 +202,9 @@ class CocoDetection(Dataset):
         if (dropped or clipped) and log is not None:
             log(f"{self.ann_file.name}: dropped {dropped} boxes with no area or outside their image, "
                 f"clipped {clipped} boxes to their image (as mmdetection)")
+        if self.shapeless_masks and log is not None:
+            log(f"{self.ann_file.name}: left out {self.shapeless_masks} objects whose segmentation has no polygon "
+                f"of 3 points or more (as mmdetection)")
         self.dropped_boxes, self.clipped_boxes = dropped, clipped
 
     @property
@@ -211,14 +246,18 @@ class CocoDetection(Dataset):
                 if (x2 - x1) * (y2 - y1) <= 0 or w < 1 or h < 1 or float(ann.get("area", w * h)) <= 0:
                     dropped += 1
                     continue
+                if self.with_masks:
+                    where = f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']}"
+                    if "segmentation" not in ann:
+                        raise DataError(f"{where} has no 'segmentation'; a mask model needs one per object")
+                    segmentation = checked_segmentation(ann["segmentation"], height, width, where)
+                    if segmentation is None:  # no polygon of 3 points or more: ignored, as mmdetection 3
+                        self.shapeless_masks += 1
+                        continue
+                    segmentations.append(segmentation)
                 clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
                 boxes.append((x1, y1, x2, y2))
                 labels.append(self.cat_id_to_label[int(ann["category_id"])])
-                if self.with_masks:
-                    if "segmentation" not in ann:
-                        raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has no "
-                                        f"'segmentation'; a mask model needs one per object")
-                    segmentations.append(ann["segmentation"])
             records.append(_Record(image_id, path, str(image["file_name"]), height, width,
                                    np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
                                    segmentations, has_annotations=bool(per_image[image_id])))

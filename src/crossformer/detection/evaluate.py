@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ..classification.evaluate import raise_or_count_unreadable
 from ..data import DataError, ShardedSampler
 from ..engine import DistContext, Precision, RunLogger
-from .data import CocoDetection, collate_detection
+from .data import CocoDetection, collate_detection, load_coco_json, valid_polygons
 
 __all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "evaluate_detector"]
 
@@ -88,8 +88,20 @@ def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]], iou_types: Seque
 
 
 def _load_gt(ann_file: Path) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its loading times
-        return COCO(str(ann_file))
+    """The annotation file as COCOeval's ground truth, its polygons of fewer than 3 points left
+    out (pycocotools fails on them, or reads 2 points as a box); an object left with none has
+    an empty mask (its box is still evaluated)."""
+    data = load_coco_json(ann_file)
+    sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in data["images"]}
+    for ann in data["annotations"]:
+        if isinstance(ann.get("segmentation"), list):
+            height, width = sizes[ann["image_id"]]
+            ann["segmentation"] = valid_polygons(ann["segmentation"]) or {"size": [height, width], "counts": [height * width]}
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints what it does
+        coco.createIndex()
+    return coco
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import UNREADABLE_ERRORS, is_image_file
@@ -82,7 +83,7 @@ def predict_detections(
     for path in files:
         if not is_image_file(path):
             raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
-    output_dir = Path(output_dir)
+    output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))

@@ -57,6 +57,10 @@ def _kernel(features: torch.Tensor, rois: torch.Tensor, size: int, scale: float)
 
 def _forward(features: torch.Tensor, rois: torch.Tensor, size: int, scale: float) -> torch.Tensor:
     """``(K, C, size, size)`` from torchvision's kernel, the rois split over torch's CPU threads."""
+    if features.dtype != rois.dtype:
+        # Under autocast (bf16 maps, float32 rois): what torchvision's autocast kernel does, done
+        # here because autocast is per thread and the pool's threads run the plain CPU kernel.
+        return _forward(features.float(), rois.float(), size, scale).to(features.dtype)
     threads = min(torch.get_num_threads(), rois.shape[0] // THREADED_FORWARD_ROIS)
     if threads < 2:
         return _kernel(features, rois, size, scale)

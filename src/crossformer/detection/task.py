@@ -17,12 +17,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..data import DataError, ShardedSampler, build_loader, raise_or_count_unreadable
+from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
 from ..engine import DistContext, Task, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
-from .data import CocoDetection, DetectionBatch, collate_detection
+from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector
 
@@ -78,6 +78,9 @@ class DetectionTask(Task):
         self.class_names = self.train_set.class_names
         num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
         batch = c.run.batch_size
+        if not len(self.train_set):  # no batch size helps: say what training keeps
+            raise DataError(f"{train_ann} has no training images: training keeps the images that have annotations "
+                            f"and sides of at least {MIN_TRAIN_IMAGE_SIZE} px (as mmdetection), and it has none")
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
                             f"batch of {batch} per process; lower --batch-size")
@@ -90,6 +93,15 @@ class DetectionTask(Task):
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
 
     # the Task interface ---------------------------------------------------------------
+
+    def check_data(self) -> None:
+        """The validation images' headers, so that a bad file stops the run now rather than at
+        the first evaluation; with ``skip_corrupt`` they are named (evaluation skips them)."""
+        c = self.config
+        paths = [str(record.path) for record in self.val_set.records]
+        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+                                      self.log):
+            self.log.info(f"skipping unreadable image {failure}")
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)

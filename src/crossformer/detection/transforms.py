@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import rescale_size
 from .data import DetectionSample
 
 __all__ = [
@@ -44,13 +45,6 @@ Transform = Callable[[DetectionSample], DetectionSample]
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high) from torch's RNG (numpy's randint semantics)."""
     return int(torch.randint(low, high, ()).item())
-
-
-def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv ``rescale_size(keep_ratio)``: the largest ``(new_w, new_h)`` whose longer side is at
-    most ``max(scale)`` and shorter side at most ``min(scale)``, each rounded half up."""
-    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
-    return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
 def resize_sample(sample: DetectionSample, size: tuple[int, int]) -> DetectionSample:

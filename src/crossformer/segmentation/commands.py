@@ -83,11 +83,14 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
                 f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
                 "pass the config it was trained with"
             )
-    if num_classes is None:  # an mmseg file or bare weights, and a config without a class count: the file's
-        weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
-        if weight is None:
-            raise UserInputError(f"{path} holds no decode_head.conv_seg weights: not a segmentation checkpoint")
-        num_classes = int(weight.shape[0])
+    weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
+    if weight is None:
+        raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
+                             f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
+    if num_classes is not None and num_classes != weight.shape[0]:  # said as the command line sets it
+        raise UserInputError(f"{path} is a segmentor of {weight.shape[0]} classes but the config says model.num_classes="
+                             f"{num_classes}: pass model.num_classes={weight.shape[0]} (or null)")
+    num_classes = int(weight.shape[0])
     segmentor = build_model(model, num_classes)
     try:
         load_state(segmentor, checkpoint, str(path), use_ema=use_ema)
@@ -103,6 +106,22 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     return segmentor, checkpoint
 
 
+def _check_classes(checkpoint: dict[str, Any], dataset: Any, path: str) -> None:
+    """Refuse a data set whose classes are others than the ones the checkpoint names (ours
+    and mmseg's name them; mmseg spells ADE20K's "bed " with a space): the same count of
+    other classes would be scored as if they were the model's."""
+    from ..data import DataError
+    from .checkpoint import read_segmentation_meta
+
+    names = read_segmentation_meta(checkpoint)["classes"]
+    if names is None or len(names) != dataset.num_classes:  # unnamed, or another count: evaluate_segmentor says so
+        return
+    if [n.strip() for n in names] != [c.strip() for c in dataset.classes]:
+        differ = next(i for i, (a, b) in enumerate(zip(names, dataset.classes)) if a.strip() != b.strip())
+        raise DataError(f"{dataset.image_dir} names other classes than {path} was trained on (class {differ}: "
+                        f"{dataset.classes[differ]!r} vs {names[differ]!r}); evaluate on the data set the model was trained for")
+
+
 # ---------------------------------------------------------------------------- evaluate
 
 
@@ -116,14 +135,18 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     from ..engine import RunLogger, resolve_precision
     from ..engine.distributed import setup_distributed, teardown_distributed
+    from ..atomic import check_output_path
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
 
+    if args.output:  # checked before the evaluation, which may take hours
+        check_output_path(args.output)
     _, dataset = build_datasets(config.data, training=False)
     _set_threads(config)
     ctx = setup_distributed(config.run.device)
     try:
-        segmentor, _ = load_segmentor(config, args.checkpoint, args.ema)
+        segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
+        _check_classes(checkpoint, dataset, args.checkpoint)
         segmentor.to(ctx.device)
         logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
         metrics = evaluate_segmentor(

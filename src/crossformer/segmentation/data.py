@@ -13,7 +13,7 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-or 16-bit); they are never colour-converted. Images honour their EXIF orientation and are
+1-bit or 16-bit); they are never colour-converted. Images honour their EXIF orientation and are
 converted to RGB (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
@@ -49,7 +49,7 @@ ADE_DIRNAME = "ADEChallengeData2016"
 # Our split names -> ADE20K's folder names.
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 CLASS_FILE = "classes.txt"
-LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
+LABEL_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")  # "1": a two-class mask saved from a bool array
 
 
 def read_image(path: str | Path) -> np.ndarray:

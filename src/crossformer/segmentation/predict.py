@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths
 from ..data.draw import Colour, palette as class_palette
 from ..data.folder import is_image_file
@@ -82,7 +83,7 @@ def predict_images(
     for path in files:
         if not is_image_file(path):
             raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
-    output = Path(output_dir)
+    output = check_output_folder(output_dir)  # before any work: a file of that name is one line
     output.mkdir(parents=True, exist_ok=True)
     device = next(segmentor.parameters()).device
     was_training = segmentor.training

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..data import DataError, ShardedSampler, build_loader
+from ..data import DataError, ShardedSampler, build_loader, check_readable
 from ..engine import DistContext, Task, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
@@ -26,6 +26,7 @@ from .transforms import SegTrainTransform
 
 __all__ = [
     "SegmentationTask", "SEGMENTOR_KEYS", "build_datasets", "build_model", "segmentor_settings", "model_extras", "train",
+    "min_train_batch",
     "CONFIG", "TASK",
 ]
 
@@ -56,6 +57,15 @@ def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmen
     return build_segmentor(
         model.kind, model.backbone, classes, model.build_kwargs(), model.pretrained, model.channels, model.aux_channels,
     )
+
+
+def min_train_batch(kind: str, crop_size: tuple[int, int]) -> int:
+    """Images a training micro-batch needs on one process (plain BatchNorm): BatchNorm in
+    training needs more than one value per channel, and UPerNet's pyramid pooling at scale 1
+    (Semantic FPN's head too, on crops under 64 pixels a side: a 1x1 stride-32 map) holds
+    one per image."""
+    one_cell = kind == "upernet" or (crop_size[0] // 32) * (crop_size[1] // 32) <= 1
+    return 2 if one_cell else 1
 
 
 # the settings that decide a segmentor's weights (checked on resume and when loading ours)
@@ -97,6 +107,14 @@ class SegmentationTask(Task):
         if self.val_set.classes != self.train_set.classes:
             raise DataError(f"{self.val_set.image_dir} lists other classes than {self.train_set.image_dir}")
         batch = c.run.batch_size
+        # SyncBN (several GPUs) normalises over every process's images; plain BatchNorm over this one's
+        self.min_batch = 1 if ctx.distributed and ctx.device.type == "cuda" else min_train_batch(c.model.kind, c.pipeline.crop_size)
+        if batch < self.min_batch:
+            raise UserInputError(
+                f"--batch-size {batch}: {c.model.kind} trains BatchNorm on a 1x1 map (pyramid pooling or a small crop's "
+                f"stride-32 map), which needs at least {self.min_batch} images per process; use --batch-size {self.min_batch} "
+                "or more (or run.accum_steps for a larger batch)"
+            )
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(
                 f"{self.train_set.image_dir} has {len(self.train_set)} images: fewer than one batch of {batch} "
@@ -116,9 +134,21 @@ class SegmentationTask(Task):
 
     # the Task interface ---------------------------------------------------------------
 
+    def check_data(self) -> None:
+        """The validation images' and label maps' headers, so that a bad file stops the run now
+        rather than at the first evaluation; with ``skip_corrupt`` they are named."""
+        c = self.config
+        paths = [path for pair in self.val_set.samples for path in pair]
+        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+                                      self.log, what="validation file"):
+            self.log.info(f"skipping unreadable file {failure}")
+
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
-        return {"samples": float(len(batch.images)), "unreadable_images": float(unreadable)}
+        samples = len(batch.images)
+        if samples < self.min_batch:  # skipping left too few images for BatchNorm: the batch is passed over
+            samples = 0
+        return {"samples": float(samples), "unreadable_images": float(unreadable)}
 
     def to_device(self, batch: SegBatch) -> SegBatch:
         device = self.ctx.device

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import rescale_size
 from ..errors import UserInputError
 
 __all__ = [
@@ -57,13 +58,6 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
 
 
 # ---------------------------------------------------------------- resizing
-
-def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """``(new_w, new_h)`` of mmcv's ``imrescale``: the largest size with the same aspect ratio
-    whose long edge fits ``max(scale)`` and short edge fits ``min(scale)``, rounded half up."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(width * float(factor) + 0.5), int(height * float(factor) + 0.5)
-
 
 def sample_train_scale(
     scale: tuple[int, int], ratio_range: tuple[float, float], generator: torch.Generator | None = None
