@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from crossformer.data import ShardedSampler, build_loader
 from crossformer.engine import (
@@ -31,6 +33,7 @@ class FakeSettings:
     noise: float = 0.1  # drawn from the global torch RNG in every training step (exercises RNG resume)
     nan_at_call: int = -1  # the losses() call (0-based) whose loss is NaN
     scores: tuple[float, ...] = ()  # scripted validation scores, one per evaluation (else -MSE)
+    augment: float = 0.0  # noise each training sample draws from random, NumPy and torch (in loader workers)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,22 @@ def _data(count: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class Augmented(Dataset):
+    """``data``'s samples with noise drawn from Python's, NumPy's and torch's generators, as
+    image augmentations draw."""
+
+    def __init__(self, data: TensorDataset, strength: float) -> None:
+        self.data, self.strength = data, strength
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[index]
+        noise = torch.randn(4) + random.gauss(0.0, 1.0) + torch.from_numpy(np.random.randn(4)).float()
+        return x + self.strength * noise, y
+
+
 class FakeTask(Task):
     """y = w.x + b with a dropout layer (draws from the RNG) and noisy targets."""
 
@@ -62,8 +81,11 @@ class FakeTask(Task):
             self.model = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 1), nn.Flatten(0)).to(ctx.device)
         train_set, self.val_set = _data(config.fake.samples, 1), _data(8, 2)
         self.train_sampler = ShardedSampler(len(train_set), ctx.rank, ctx.world_size, shuffle=True, seed=config.run.seed)
-        self.train_loader = build_loader(train_set, config.run.batch_size, self.train_sampler, 0, config.run.seed,
-                                         drop_last=True, collate_fn=default_collate)
+        if config.fake.augment:
+            train_set = Augmented(train_set, config.fake.augment)
+        self.train_loader = build_loader(train_set, config.run.batch_size, self.train_sampler, config.run.num_workers,
+                                         config.run.seed, drop_last=True, collate_fn=default_collate,
+                                         seed_each_sample=True)
         self.calls = 0
         self.evaluations = 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossformer.engine import NonFiniteLossError, cosine_factor, load_training_state, train
+from crossformer.engine import DistContext, NonFiniteLossError, cosine_factor, load_training_state, train
 from engine_fixtures import FakeTask, fake_config, resume_and_compare
 
 TESTS = Path(__file__).resolve().parent
@@ -117,6 +117,36 @@ def test_sigkill_then_resume_equals_an_unkilled_run(mode: str, tmp_path: Path) -
     # the resumed run's records after the checkpoint repeat the unkilled run's exactly
     tail = [r for r in _records(killed) if r["step"] > saved[2]][-len([r for r in _records(clean) if r["step"] > saved[2]]):]
     assert tail == [r for r in _records(clean) if r["step"] > saved[2]]
+
+
+def _epoch_samples(num_workers: int, start: int, epoch: int = 1) -> torch.Tensor:
+    """The augmented training inputs of one epoch of the fake task from sample ``start`` on."""
+    task = FakeTask(fake_config("unused", num_workers=num_workers, **{"fake.augment": 1.0}), DistContext())
+    task.train_sampler.set_epoch(epoch, start=start)
+    return torch.cat([x for x, _ in task.train_loader])
+
+
+def test_a_samples_augmentation_depends_on_its_seed_epoch_and_index_only() -> None:
+    whole = _epoch_samples(num_workers=0, start=0)
+    assert torch.equal(_epoch_samples(num_workers=2, start=0), whole)  # whichever worker draws it
+    assert torch.equal(_epoch_samples(num_workers=2, start=8), whole[8:])  # whatever was drawn before it
+    assert not torch.equal(_epoch_samples(num_workers=0, start=0, epoch=2), whole)  # each epoch draws anew
+    before = torch.get_rng_state()
+    _epoch_samples(num_workers=0, start=0)
+    assert torch.equal(torch.get_rng_state(), before)  # the main process's stream (dropout) is left as it was
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_loader_workers_equals_an_unkilled_run(tmp_path: Path) -> None:
+    # the workers of the resumed epoch start afresh and are dealt its batches anew (batch 2 to worker 0)
+    settings = dict(epochs=2, save_every_steps=4, num_workers=2, model_ema=True, model_ema_decay=0.9, **{"fake.augment": 0.5})
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), settings=settings, kill_at=9)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = load_training_state(killed / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 2, 8)
+    resume_and_compare(killed, clean, **settings)
 
 
 def test_a_task_plugs_in_through_the_registry_and_gets_flags_from_its_config(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -88,7 +88,8 @@ class ClassificationTask(Task):
         val_sampler = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         pin = ctx.device.type == "cuda"
         workers, seed = c.run.num_workers, c.run.seed
-        self.train_loader = build_loader(self.train_set, batch, self.train_sampler, workers, seed, drop_last=True, pin_memory=pin)
+        self.train_loader = build_loader(self.train_set, batch, self.train_sampler, workers, seed, drop_last=True, pin_memory=pin,
+                                         seed_each_sample=True)
         self.val_loader = build_loader(self.val_set, batch, val_sampler, workers, seed, drop_last=False, pin_memory=pin)
 
     def _build_model(self) -> None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..engine.seeding import sample_seed, seeded_rngs
 from .folder import UNREADABLE_ERRORS, DataError
 from .sampler import ShardedSampler
 
@@ -108,6 +109,28 @@ def check_readable(paths: Sequence[str], rank: int, world_size: int, num_workers
     return bad
 
 
+class _SeededSamples(Dataset):
+    """``dataset`` with each sample drawn under generators seeded from the run's ``seed``, the
+    sampler's epoch and the sample's index (:func:`~crossformer.engine.seeding.seeded_rngs`).
+
+    A sample's random augmentation is then the same whichever loader worker draws it and
+    whatever that worker drew before. That is what a run resumed mid-epoch needs: its workers
+    start afresh and are dealt the remaining batches anew, so without this their draws would
+    differ from the uninterrupted run's from the first batch on.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ShardedSampler, seed: int) -> None:
+        self.dataset, self.sampler, self.seed = dataset, sampler, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        # the sampler's epoch as set before this epoch's workers started (they hold a copy)
+        with seeded_rngs(sample_seed(self.seed, self.sampler.epoch, index)):
+            return self.dataset[index]
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -117,15 +140,23 @@ def build_loader(
     drop_last: bool,
     pin_memory: bool = False,
     collate_fn: Callable[[list[Any]], Any] = collate_images,
+    seed_each_sample: bool = False,
 ) -> DataLoader:
     """A loader whose workers are seeded from ``seed`` and that never draws from the global RNG.
 
     ``collate_fn`` makes a batch of the dataset's samples (default: :func:`collate_images`;
-    detection collates lists of images and target dicts).
+    detection collates lists of images and target dicts). ``seed_each_sample`` (training
+    loaders, whose samples draw random augmentations; ``sampler`` a :class:`ShardedSampler`)
+    draws each sample under generators seeded for it (:class:`_SeededSamples`), so that a run
+    resumed mid-epoch augments as the uninterrupted run did, with loader workers too.
 
     The explicit generator matters for exact resume: a loader without one draws its worker
     base seed from the global torch RNG each epoch, which would shift every later random draw.
     """
+    if seed_each_sample:
+        if not isinstance(sampler, ShardedSampler):
+            raise TypeError("seed_each_sample needs a ShardedSampler (its epoch is part of each sample's seed)")
+        dataset = _SeededSamples(dataset, sampler, seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -87,7 +87,7 @@ class DetectionTask(Task):
         self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
         self.train_loader = build_loader(
             self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
-            pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection,
+            pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection, seed_each_sample=True,
         )
         self.model = build_configured_detector(c.model, num_classes).to(ctx.device)
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast

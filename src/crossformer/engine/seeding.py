@@ -2,25 +2,54 @@
 
 Augmentations draw from Python's ``random`` and torch; Mixup/CutMix from NumPy; drop path
 from torch (CPU or CUDA). Restoring all of them, together with the sampler position, makes a
-resumed run draw exactly what the uninterrupted run would have drawn.
+resumed run draw exactly what the uninterrupted run would have drawn. Data loader workers are
+started afresh by a resumed run, so their draws cannot be restored: each training sample is
+drawn under generators seeded for it instead (:func:`sample_seed`, :func:`seeded_rngs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "enable_determinism", "capture_rng_state", "restore_rng_state"]
+__all__ = [
+    "seed_everything", "enable_determinism", "capture_rng_state", "restore_rng_state", "sample_seed", "seeded_rngs",
+]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for drawing sample ``index`` in ``epoch`` of a run seeded ``seed``: well
+    mixed (NumPy's ``SeedSequence``), so that neighbouring samples and epochs draw unrelated streams."""
+    words = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(2)
+    return int(words[0]) << 32 | int(words[1])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Python's ``random``, NumPy's global and torch's CPU generators seeded from ``seed`` inside
+    the block (what augmentations draw from), and put back as they were after it: the caller's
+    own streams (dropout, Mixup) go on as if the block had drawn nothing."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA streams are the caller's
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def enable_determinism() -> None:

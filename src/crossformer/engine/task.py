@@ -7,8 +7,9 @@ mixed precision, the optimizer and schedule, EMA, checkpoints and resume, loggin
 
 Contract for the training loader: it iterates ``train_sampler`` (a
 :class:`~crossformer.data.ShardedSampler`) and has an explicit ``generator`` (built by
-:func:`~crossformer.data.build_loader`); the trainer sets both per epoch, which is what makes
-a resumed run draw exactly the samples and random numbers of an uninterrupted one.
+:func:`~crossformer.data.build_loader`, with ``seed_each_sample=True`` where samples draw
+random augmentations); the trainer sets both per epoch, which is what makes a resumed run draw
+exactly the samples and random numbers of an uninterrupted one, with loader workers too.
 """
 
 from __future__ import annotations

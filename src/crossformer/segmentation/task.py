@@ -123,7 +123,7 @@ class SegmentationTask(Task):
         self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
         self.train_loader = build_loader(
             self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
-            pin_memory=ctx.device.type == "cuda", collate_fn=collate_segmentation,
+            pin_memory=ctx.device.type == "cuda", collate_fn=collate_segmentation, seed_each_sample=True,
         )
         model = build_model(c.model, self.train_set.num_classes)
         if ctx.distributed and ctx.device.type == "cuda":  # the authors' SyncBN: statistics over all GPUs
