@@ -345,6 +345,26 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
     assert not (output / "last.pth").exists()
 
 
+def test_augmentation_settings_are_checked_before_training(data: Path, tmp_path: Path, capsys) -> None:
+    # timm asserted on these inside the first training step (an odd batch under Mixup, an
+    # unknown policy or erasing mode), or took them silently (a flip probability of 2)
+    output = tmp_path / "run"
+    cases = {
+        "run.batch_size must be even with Mixup/CutMix": ("--batch-size", "3", "mixup=0.8"),
+        "augment.auto_augment 'garbage' is not a timm augmentation policy": ("auto_augment=garbage",),
+        "augment.re_mode must be one of pixel, rand, const, got 'foo'": ("re_mode=foo",),
+        "augment.mixup_mode must be one of batch, pair, elem": ("mixup_mode=xyz",),
+        "augment.hflip must be in [0, 1], got 2": ("hflip=2",),
+        "augment.label_smoothing must be in [0, 1), got 1.5": ("label_smoothing=1.5",),
+        "augment.re_count must be at least 1, got 0": ("re_count=0",),
+        "augment.mixup must be at least 0, got -1": ("mixup=-1",),
+        "augment.scale must be [low, high] with 0 < low <= high, got [1.0, 0.1]": ("scale=[1,0.1]",),
+    }
+    for expected, extra in cases.items():
+        assert expected in one_error_line(capsys, _train_argv(data, output, overrides=extra)), extra
+    assert not output.exists() or not (output / "last.pth").exists()
+
+
 # -- 11. visible: skipped files named, progress in log files, notes --------------------------
 
 

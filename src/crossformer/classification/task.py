@@ -34,7 +34,7 @@ def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if config.mixup > 0 or config.cutmix > 0:
+    if config.mixes:
         mixup = Mixup(
             mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
             switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
