@@ -382,6 +382,7 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(folder / "a.png"), str(folder / "b.png")]
     assert f"crossformer predict: skipped: cannot read image {folder / 'c.png'}" in err
+    assert "--skip-corrupt" not in err  # it was given: no advice to pass it
     assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
     assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err
     assert str(folder / "a.png") + " is" not in err

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data import DataError, build_eval_transform, expand_image_paths, open_image
-from ..data.folder import is_image_file
+from ..data.folder import SKIP_HINT, is_image_file
 from ..engine import resolve_device
 from .model import load_classifier
 
@@ -85,7 +85,7 @@ def predict(
             except DataError as err:
                 if not skip_corrupt:
                     raise
-                note(f"skipped: {err}")
+                note(f"skipped: {str(err).removesuffix(SKIP_HINT)}")  # no advice to pass the flag it was given
                 skipped += 1
                 continue
             if image.width < width or image.height < height:

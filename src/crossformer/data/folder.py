@@ -25,6 +25,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# The advice that ends an unreadable image's error; a run that already skips such files drops it.
+SKIP_HINT = "; fix or delete it, or pass --skip-corrupt to skip such files"
 
 
 class DataError(UserInputError):
@@ -79,7 +81,7 @@ def open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt to skip such files") from None
+        raise DataError(f"cannot read image {path}: {err}{SKIP_HINT}") from None
 
 
 def _class_folders(split_dir: Path) -> list[str]:

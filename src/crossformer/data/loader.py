@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .folder import UNREADABLE_ERRORS, DataError
+from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError
 
 __all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable"]
 
@@ -34,7 +34,7 @@ def raise_or_count_unreadable(
     ``on_skip("path: reason")`` is called for each skipped sample (to name it in the log).
     """
     if failures and not skip_corrupt:
-        raise DataError(f"cannot read image {failures[0]}; fix or delete it, or pass --skip-corrupt to skip such files")
+        raise DataError(f"cannot read image {failures[0]}{SKIP_HINT}")
     if on_skip is not None:
         for failure in failures:
             on_skip(failure)
