@@ -54,6 +54,15 @@ def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> Non
     assert "after a 6-update warm-up" in out and "warning" not in out
 
 
+def test_resuming_a_finished_run_says_how_far_it_got(tmp_path: Path, capsys) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=2))
+    capsys.readouterr()
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=1, resume="auto"))
+    assert (metrics["epoch"], metrics["global_step"]) == (2, 12)  # nothing trained
+    # the checkpoint's 2 epochs, not the 1 this run asks for
+    assert "already trained 2 epochs (this run asks for 1)" in capsys.readouterr().out
+
+
 def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
     metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=10, eval_every=4, accum_steps=2))
     # 6 micro-batches per epoch, 2 per update: 3 updates per epoch; 10 updates end in epoch 3 after 2 batches

@@ -386,8 +386,11 @@ class Trainer:
                 self._train_epoch()
         primary = self.task.primary_metric
         if already:
-            self.log.info(f"nothing to do: {self.last_checkpoint} already finished {self.run_config.length} "
-                          f"{self.run_config.unit}s")
+            run = self.run_config
+            reached = self.global_step if run.by_iterations else self.epoch
+            # the checkpoint's own count: a resume may ask for fewer epochs than it trained
+            self.log.info(f"nothing to do: {self.last_checkpoint} already trained {reached} {run.unit}s "
+                          f"(this run asks for {run.length})")
         else:
             counted = "".join(f", {int(v)} {k.replace('_', ' ')}" for k, v in self.count_totals.items())
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
