@@ -109,6 +109,10 @@ def test_flops_command_other_size_and_bad_input(capsys) -> None:
     assert main(["flops", "--model", "crossformer_tiny", "--img-size", "256", "320", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["img_size"] == [256, 320] and result["macs"] > 2_858_292_352
+    assert main(["flops", "--model", "crossformer_tiny", "--img-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(0.231G, official analytic counter)" in lines[2]
+    assert lines[3].endswith("/ 2.9G FLOPs at 224x224")  # beside 0.231G: the paper's size, not this one
     assert main(["flops", "--model", "crossformer_tiny", "--img-size", "16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 32" in err
