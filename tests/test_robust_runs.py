@@ -388,6 +388,14 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     assert str(folder / "a.png") + " is" not in err
 
 
+def test_evaluate_prints_its_size_as_height_x_width(data: Path, trained: Path, capsys) -> None:
+    argv = ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--device", "cpu"]
+    assert main([*argv, "--img-size", "48", "64"]) == 0
+    assert "crossformer_tiny at 48x64: top-1 " in capsys.readouterr().out  # not "at (48, 64)"
+    assert main(argv) == 0
+    assert "crossformer_tiny at 32x32: top-1 " in capsys.readouterr().out
+
+
 def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", {"val": 2})
     bad = data / "val" / "eel" / "bad.png"
