@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from crossformer.engine import (
     DistContext,
+    EngineConfig,
     NonFiniteLossError,
     RunLogger,
     apply_overrides,
@@ -127,6 +128,10 @@ def test_schedule_settings_are_checked() -> None:
         ScheduleConfig(warmup_epochs=1, warmup_iters=5).validate()
     with pytest.raises(UserInputError, match="schedule.milestones must rise"):
         ScheduleConfig(name="step", milestones=(11, 8)).validate()
+    # a floor above the peak made the cosine schedule climb from lr to min_lr, silently
+    with pytest.raises(UserInputError, match=r"schedule.min_lr \(0.01\) must not exceed optimizer.lr \(0.001\)"):
+        apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-2}).validate()
+    apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-3}).validate()
 
 
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
