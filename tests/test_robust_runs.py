@@ -345,6 +345,17 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
     assert not (output / "last.pth").exists()
 
 
+def test_a_run_that_could_read_no_training_image_stops(tmp_path: Path, capsys) -> None:
+    # --skip-corrupt skipped every batch: the run logged "train/loss 0.0000" and finished as if trained
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    for path in (data / "train").rglob("*.png"):
+        path.write_bytes(b"garbage")
+    output = tmp_path / "run"
+    line = one_error_line(capsys, _train_argv(data, output, "--skip-corrupt"))
+    assert "no training sample could be used since the last evaluation (6 unreadable images)" in line
+    assert not (output / "best.pth").exists()
+
+
 def test_augmentation_settings_are_checked_before_training(data: Path, tmp_path: Path, capsys) -> None:
     # timm asserted on these inside the first training step (an odd batch under Mixup, an
     # unknown policy or erasing mode), or took them silently (a flip probability of 2)

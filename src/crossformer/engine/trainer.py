@@ -337,18 +337,23 @@ class Trainer:
 
     def _evaluate_or_save(self) -> tuple[dict[str, float], bool]:
         """:meth:`_report`; if evaluation fails on bad input, the training done is saved first."""
+        train_metrics = self._train_means()
         try:
-            return self._report()
+            return self._report(train_metrics)
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
             self._save({})
             raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.output / LAST}: "
                             f"fix the data and pass --resume auto)") from None
 
-    def _report(self) -> tuple[dict[str, float], bool]:
-        """Train means since the last report and validation metrics, reduced over ranks; logged."""
+    def _train_means(self) -> dict[str, float]:
+        """Train means and counts since the last report, reduced over ranks (the same on every rank)."""
         keys = sorted(set().union(*self.ctx.gather_objects(sorted(self.meters))))
         sums = dict(zip(keys, self.ctx.all_reduce_sum([self.meters.get(k, 0.0) for k in keys])))
-        samples = max(sums.pop("samples", 0.0), 1.0)
+        samples = sums.pop("samples", 0.0)
+        if not samples:  # every batch skipped (--skip-corrupt on unreadable files): no loss to report
+            counted = ", ".join(f"{int(v)} {k.replace('_', ' ')}" for k, v in sums.items() if v and "loss" not in k)
+            raise UserInputError(f"no training sample could be used since the last evaluation"
+                                 f"{f' ({counted})' if counted else ''}: fix or replace the training data")
         metrics = {"train/loss": sums.pop("loss", 0.0) / samples}
         for key, value in sums.items():
             if key.startswith("loss/"):
@@ -357,6 +362,11 @@ class Trainer:
                 metrics[f"train/{key}"] = value
                 self.count_totals[key] = self.count_totals.get(key, 0.0) + value
         self.meters = {}
+        return metrics
+
+    def _report(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+        """``metrics`` (:meth:`_train_means`) and the validation metrics, reduced over ranks; logged."""
+        metrics = dict(metrics)
         metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
         if self.ema is not None:
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
