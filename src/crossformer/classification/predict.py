@@ -89,7 +89,8 @@ def predict(
                 skipped += 1
                 continue
             if image.width < width or image.height < height:
-                note(f"{path} is {image.width}x{image.height}, smaller than the model's {width}x{height} input: "
+                # height x width, as --img-size H W and every other size the commands print
+                note(f"{path} is {image.height}x{image.width}, smaller than the model's {height}x{width} input: "
                      f"upscaled, so its prediction is less reliable")
             chunk.append(path)
             images.append(transform(image))
