@@ -239,7 +239,12 @@ class Trainer:
                     raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
             except UserInputError as err:
                 error = err
-            stop = self._agree(error)
+            try:
+                stop = self._agree(error)
+            except UserInputError as err:  # unreadable training data, raised on every rank
+                if self.global_step and self.batches_done % run.accum_steps == 0:  # keep the updates done
+                    raise self._saved_for_resume(err) from None
+                raise
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -341,9 +346,13 @@ class Trainer:
         try:
             return self._report(train_metrics)
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
-            self._save({})
-            raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.output / LAST}: "
-                            f"fix the data and pass --resume auto)") from None
+            raise self._saved_for_resume(err, "evaluation failed; ") from None
+
+    def _saved_for_resume(self, err: UserInputError, what: str = "") -> UserInputError:
+        """Save the position reached (every rank calls this), and ``err`` saying so."""
+        self._save({})
+        return type(err)(f"{err} ({what}the training so far is saved in {self.output / LAST}: "
+                         f"fix the data and pass --resume auto)")
 
     def _train_means(self) -> dict[str, float]:
         """Train means and counts since the last report, reduced over ranks (the same on every rank)."""
