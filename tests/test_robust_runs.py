@@ -99,6 +99,26 @@ def test_a_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path:
     assert claim_output(tmp_path / "tried", None, overwrite=False) == []
 
 
+def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tmp_path: Path) -> None:
+    # a SIGKILL inside save_atomic left ".last.pth.<pid>.tmp" (a checkpoint's size) in the folder for good
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"whole")
+    (run / "notes.txt").write_text("keep me")
+    stale = [run / ".last.pth.4242.tmp", run / ".best.pth.17.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    with pytest.raises(UserInputError, match="already holds"):
+        claim_output(run, None, overwrite=False)
+    assert all(p.exists() for p in stale)  # refused: nothing touched
+    assert claim_output(run, "auto", overwrite=False) == []
+    assert not any(p.exists() for p in stale)
+    assert (run / "last.pth").read_bytes() == b"whole" and (run / "notes.txt").exists()
+    stale[0].write_bytes(b"half")
+    assert claim_output(run, None, overwrite=True) == ["last.pth"]
+    assert not stale[0].exists() and (run / "notes.txt").exists()
+
+
 # -- 2. the default output folder is what --help says ------------------------------------------
 
 
