@@ -376,7 +376,7 @@ def test_a_run_that_could_read_no_training_image_stops(tmp_path: Path, capsys) -
     assert not (output / "best.pth").exists()
 
 
-def test_augmentation_settings_are_checked_before_training(data: Path, tmp_path: Path, capsys) -> None:
+def test_augmentation_settings_are_checked_before_training(data: Path, trained: Path, tmp_path: Path, capsys) -> None:
     # timm asserted on these inside the first training step (an odd batch under Mixup, an
     # unknown policy or erasing mode), or took them silently (a flip probability of 2)
     output = tmp_path / "run"
@@ -394,6 +394,9 @@ def test_augmentation_settings_are_checked_before_training(data: Path, tmp_path:
     for expected, extra in cases.items():
         assert expected in one_error_line(capsys, _train_argv(data, output, overrides=extra)), extra
     assert not output.exists() or not (output / "last.pth").exists()
+    # inference batches need not be even, whatever the checkpoint was trained with
+    assert main(["predict", str(data / "val"), "--checkpoint", str(trained / "last.pth"), "--batch-size", "3"]) == 0
+    capsys.readouterr()
 
 
 # -- 11. visible: skipped files named, progress in log files, notes --------------------------

@@ -133,15 +133,6 @@ class ClassificationConfig(EngineConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
-    def validate(self) -> ClassificationConfig:
-        super().validate()
-        if self.augment.mixes and self.run.batch_size % 2:
-            raise UserInputError(
-                f"run.batch_size must be even with Mixup/CutMix (each image is mixed with its pair), got "
-                f"{self.run.batch_size}; use an even batch, or augment.mixup=0 augment.cutmix=0"
-            )
-        return self
-
 
 def _in_range(key: str, value: float, low: float, high: float | None, high_open: bool = False) -> None:
     """A one-line error unless ``low <= value <= high`` (``< high`` when ``high_open``; no bound when None)."""

@@ -56,6 +56,11 @@ class ClassificationTask(Task):
         self._named: set[str] = set()  # unreadable files already named in the log
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
+        if config.augment.mixes and config.run.batch_size % 2:  # training only: inference batches may be odd
+            raise UserInputError(
+                f"run.batch_size must be even with Mixup/CutMix (each image is mixed with its pair), got "
+                f"{config.run.batch_size}; use an even batch, or augment.mixup=0 augment.cutmix=0"
+            )
         self._build_data()
         self._build_model()
 
