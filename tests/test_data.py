@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,29 @@ def test_any_common_format_and_grayscale_become_rgb(tmp_path: Path) -> None:
     assert len(dataset) == 5
     shapes = {tuple(dataset[i][0].shape) for i in range(len(dataset))}
     assert shapes == {(3, 32, 32)}
+
+
+def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from crossformer.data import read_rgb
+
+    make_image_folder(tmp_path, {"train": 1})
+    # mid-grey in 16 bits: Pillow's own RGB conversion clipped it to white
+    deep = tmp_path / "train" / "cat" / "deep.png"
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    # a 40x20 photo whose EXIF says "rotate 90 degrees": seen 20 wide, 40 high
+    turned = tmp_path / "train" / "dog" / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(turned, exif=exif)
+    dataset = ImageFolderDataset(tmp_path, "train")
+    images = {Path(path).name: dataset[i][0] for i, (path, _) in enumerate(dataset.samples)}
+    assert np.abs(np.asarray(images["deep.png"]).astype(int) - 128).max() <= 1
+    assert np.asarray(read_rgb(deep)).tolist() == np.asarray(images["deep.png"]).tolist()
+    # training and evaluation see what predict sees (read_rgb), not the unrotated pixels
+    assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from crossformer.engine import (
     DistContext,
+    EngineConfig,
     NonFiniteLossError,
     RunLogger,
     apply_overrides,
@@ -55,9 +56,17 @@ def test_load_training_state_explains_weights_only_files(tmp_path: Path) -> None
     torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "weights.pth")
     with pytest.raises(CheckpointError, match="--pretrained"):
         load_training_state(tmp_path / "weights.pth")
+    # what the file is, as every other command says it: not torch's "(101)" or its zip-reader essay
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="not a crossformer training checkpoint"):
+    with pytest.raises(CheckpointError, match=r"^cannot resume: .*junk.pth is not a PyTorch checkpoint \(it is text"):
         load_training_state(tmp_path / "junk.pth")
+    good = tmp_path / "good.pth"
+    save_atomic({"model": {"w": torch.ones(1)}, "optimizer": {}, "global_step": 1}, good)
+    (tmp_path / "half.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"half.pth is a damaged or truncated PyTorch checkpoint \(the zip"):
+        load_training_state(tmp_path / "half.pth")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_training_state(tmp_path / "missing.pth")
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
@@ -119,6 +128,10 @@ def test_schedule_settings_are_checked() -> None:
         ScheduleConfig(warmup_epochs=1, warmup_iters=5).validate()
     with pytest.raises(UserInputError, match="schedule.milestones must rise"):
         ScheduleConfig(name="step", milestones=(11, 8)).validate()
+    # a floor above the peak made the cosine schedule climb from lr to min_lr, silently
+    with pytest.raises(UserInputError, match=r"schedule.min_lr \(0.01\) must not exceed optimizer.lr \(0.001\)"):
+        apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-2}).validate()
+    apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-3}).validate()
 
 
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:

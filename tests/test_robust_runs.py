@@ -99,6 +99,26 @@ def test_a_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path:
     assert claim_output(tmp_path / "tried", None, overwrite=False) == []
 
 
+def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tmp_path: Path) -> None:
+    # a SIGKILL inside save_atomic left ".last.pth.<pid>.tmp" (a checkpoint's size) in the folder for good
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"whole")
+    (run / "notes.txt").write_text("keep me")
+    stale = [run / ".last.pth.4242.tmp", run / ".best.pth.17.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    with pytest.raises(UserInputError, match="already holds"):
+        claim_output(run, None, overwrite=False)
+    assert all(p.exists() for p in stale)  # refused: nothing touched
+    assert claim_output(run, "auto", overwrite=False) == []
+    assert not any(p.exists() for p in stale)
+    assert (run / "last.pth").read_bytes() == b"whole" and (run / "notes.txt").exists()
+    stale[0].write_bytes(b"half")
+    assert claim_output(run, None, overwrite=True) == ["last.pth"]
+    assert not stale[0].exists() and (run / "notes.txt").exists()
+
+
 # -- 2. the default output folder is what --help says ------------------------------------------
 
 
@@ -345,6 +365,40 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
     assert not (output / "last.pth").exists()
 
 
+def test_a_run_that_could_read_no_training_image_stops(tmp_path: Path, capsys) -> None:
+    # --skip-corrupt skipped every batch: the run logged "train/loss 0.0000" and finished as if trained
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    for path in (data / "train").rglob("*.png"):
+        path.write_bytes(b"garbage")
+    output = tmp_path / "run"
+    line = one_error_line(capsys, _train_argv(data, output, "--skip-corrupt"))
+    assert "no training sample could be used since the last evaluation (6 unreadable images)" in line
+    assert not (output / "best.pth").exists()
+
+
+def test_augmentation_settings_are_checked_before_training(data: Path, trained: Path, tmp_path: Path, capsys) -> None:
+    # timm asserted on these inside the first training step (an odd batch under Mixup, an
+    # unknown policy or erasing mode), or took them silently (a flip probability of 2)
+    output = tmp_path / "run"
+    cases = {
+        "run.batch_size must be even with Mixup/CutMix": ("--batch-size", "3", "mixup=0.8"),
+        "augment.auto_augment 'garbage' is not a timm augmentation policy": ("auto_augment=garbage",),
+        "augment.re_mode must be one of pixel, rand, const, got 'foo'": ("re_mode=foo",),
+        "augment.mixup_mode must be one of batch, pair, elem": ("mixup_mode=xyz",),
+        "augment.hflip must be in [0, 1], got 2": ("hflip=2",),
+        "augment.label_smoothing must be in [0, 1), got 1.5": ("label_smoothing=1.5",),
+        "augment.re_count must be at least 1, got 0": ("re_count=0",),
+        "augment.mixup must be at least 0, got -1": ("mixup=-1",),
+        "augment.scale must be [low, high] with 0 < low <= high, got [1.0, 0.1]": ("scale=[1,0.1]",),
+    }
+    for expected, extra in cases.items():
+        assert expected in one_error_line(capsys, _train_argv(data, output, overrides=extra)), extra
+    assert not output.exists() or not (output / "last.pth").exists()
+    # inference batches need not be even, whatever the checkpoint was trained with
+    assert main(["predict", str(data / "val"), "--checkpoint", str(trained / "last.pth"), "--batch-size", "3"]) == 0
+    capsys.readouterr()
+
+
 # -- 11. visible: skipped files named, progress in log files, notes --------------------------
 
 
@@ -362,9 +416,23 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(folder / "a.png"), str(folder / "b.png")]
     assert f"crossformer predict: skipped: cannot read image {folder / 'c.png'}" in err
+    assert "--skip-corrupt" not in err  # it was given: no advice to pass it
     assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
     assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err
     assert str(folder / "a.png") + " is" not in err
+    # sizes are height x width, as --img-size H W gives them (the note printed width x height)
+    Image.new("RGB", (36, 40), (220, 40, 40)).save(folder / "tall.png")  # 36 wide, 40 high
+    assert main(["predict", str(folder / "tall.png"), "--checkpoint", str(trained / "last.pth"), "--device", "cpu",
+                 "--img-size", "32", "48"]) == 0
+    assert f"{folder / 'tall.png'} is 40x36, smaller than the model's 32x48 input" in capsys.readouterr().err
+
+
+def test_evaluate_prints_its_size_as_height_x_width(data: Path, trained: Path, capsys) -> None:
+    argv = ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--device", "cpu"]
+    assert main([*argv, "--img-size", "48", "64"]) == 0
+    assert "crossformer_tiny at 48x64: top-1 " in capsys.readouterr().out  # not "at (48, 64)"
+    assert main(argv) == 0
+    assert "crossformer_tiny at 32x32: top-1 " in capsys.readouterr().out
 
 
 def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from crossformer.engine import DistContext, NonFiniteLossError, cosine_factor, load_training_state, train
+from crossformer.errors import UserInputError
 from engine_fixtures import FakeTask, fake_config, resume_and_compare
 
 TESTS = Path(__file__).resolve().parent
@@ -52,6 +53,36 @@ def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> Non
     train(FakeTask, fake_config(tmp_path / "long", epochs=2, warmup_iters=6))
     out = capsys.readouterr().out
     assert "after a 6-update warm-up" in out and "warning" not in out
+
+
+def test_resuming_a_finished_run_says_how_far_it_got(tmp_path: Path, capsys) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=2))
+    capsys.readouterr()
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=1, resume="auto"))
+    assert (metrics["epoch"], metrics["global_step"]) == (2, 12)  # nothing trained
+    # the checkpoint's 2 epochs, not the 1 this run asks for
+    assert "already trained 2 epochs (this run asks for 1)" in capsys.readouterr().out
+
+
+class _BadFifthBatch(FakeTask):
+    """The fifth batch of the run holds an unreadable file (as a task's batch_counts reports it)."""
+
+    def batch_counts(self, batch):
+        self.seen = getattr(self, "seen", 0) + 1
+        if self.seen == 5:
+            raise UserInputError("cannot read image bad.png")
+        return super().batch_counts(batch)
+
+
+def test_bad_training_data_mid_epoch_keeps_the_updates_done(tmp_path: Path) -> None:
+    # the run stopped with the error and no checkpoint: the epoch's updates were lost
+    with pytest.raises(UserInputError, match=r"^cannot read image bad.png \(the training so far is saved in .*last.pth: "
+                                             r"fix the data and pass --resume auto\)$"):
+        train(_BadFifthBatch, fake_config(tmp_path / "stopped", epochs=2, model_ema=True))
+    state = load_training_state(tmp_path / "stopped" / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 4, 4)  # before the bad batch
+    # with the data fixed, the resumed run retries that batch and ends where an unstopped one does
+    resume_and_compare(tmp_path / "stopped", tmp_path / "clean", epochs=2, model_ema=True)
 
 
 def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import timm
 import torch
 
 import crossformer
+from crossformer.classification.model import create_classifier
+from crossformer.errors import UserInputError
 from crossformer.models import VARIANTS, analytic_macs, count_params
 
 # Spec section 7, copied by hand: name -> (params, official GMACs at 224).
@@ -109,11 +111,20 @@ def test_flops_command_other_size_and_bad_input(capsys) -> None:
     assert main(["flops", "--model", "crossformer_tiny", "--img-size", "256", "320", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["img_size"] == [256, 320] and result["macs"] > 2_858_292_352
+    assert main(["flops", "--model", "crossformer_tiny", "--img-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(0.231G, official analytic counter)" in lines[2]
+    assert lines[3].endswith("/ 2.9G FLOPs at 224x224")  # beside 0.231G: the paper's size, not this one
     assert main(["flops", "--model", "crossformer_tiny", "--img-size", "16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 32" in err
     assert main(["flops", "--model", "crossformer_nope"]) == 2
     assert re.search(r"unknown model", capsys.readouterr().err)
+    # a near miss names the model meant, in every command (one helper: models.require_known_model)
+    assert main(["flops", "--model", "crossformer-tiny"]) == 2
+    assert "unknown model 'crossformer-tiny'; did you mean crossformer_tiny or" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="did you mean crossformer_pp_small or"):
+        create_classifier("crossformerpp_small", num_classes=3)
 
 
 def test_package_exports() -> None:

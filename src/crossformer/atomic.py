@@ -16,6 +16,7 @@ disk as ``OSError(ENOSPC)`` (``torch.save`` to a path reports only "file write f
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import BinaryIO, Callable
 
 from .errors import UserInputError
 
-__all__ = ["OutputError", "check_output_path", "check_output_folder", "write_atomic"]
+__all__ = ["OutputError", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -102,6 +103,20 @@ def _fail_message(path: Path, reason: str, existed: bool) -> str:
     return f"cannot write {path}: {reason}; {kept}"
 
 
+def _temporary(path: Path, pid: str) -> Path:
+    """The hidden file that :func:`write_atomic` writes before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporaries of ``path`` left by a process killed (SIGKILL, power loss) inside
+    :func:`write_atomic`: never a whole file, and as large as one. Call only where no other
+    process may be writing ``path`` now."""
+    path = Path(path)
+    prefix, suffix = _temporary(path, "\0").name.split("\0")
+    return sorted(path.parent.glob(glob.escape(prefix) + "*" + glob.escape(suffix)))
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Create or replace the file ``path`` with what ``write(file)`` writes, atomically.
 
@@ -122,7 +137,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     path = check_output_path(path)
     existed = path.is_file()
     mode = stat.S_IMODE(path.stat().st_mode) if existed else 0o666 & ~_UMASK
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, str(os.getpid()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:

@@ -264,7 +264,8 @@ def export_onnx(
         A model with an ``output_names`` attribute names its outputs so.
 
     Returns:
-        The input sizes the file is exact for. Outside them every output is NaN.
+        The input sizes the file is exact for. Outside them every output is NaN (or
+        onnxruntime fails to run the graph).
     """
     _require_onnx()
     height, width = int(img_size[0]), int(img_size[-1])
@@ -313,7 +314,7 @@ def export_onnx(
         "crossformer.width_range": valid.width_text,
         "crossformer.long_distance": core.long_distance,
         "crossformer.outputs": ",".join(names),
-        "crossformer.note": "outputs are NaN for input sizes outside the ranges",
+        "crossformer.note": "outputs are NaN (or onnxruntime fails) for input sizes outside the ranges",
         **(metadata or {}),
     }
     for key, value in metadata.items():

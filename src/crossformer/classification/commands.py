@@ -56,7 +56,9 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
         print(json.dumps(metrics))
     else:
         skipped = f", {metrics['skipped']} unreadable skipped" if metrics["skipped"] else ""
-        print(f"{metrics['model']} at {metrics['img_size']}: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
+        size = metrics["img_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        print(f"{metrics['model']} at {height}x{width}: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
               f"loss {metrics['loss']:.4f}  ({metrics['images']} images{skipped})")
     return 0
 

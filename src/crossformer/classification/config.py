@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from ..engine.config import EngineConfig, RunConfig, ScheduleConfig
 from ..errors import UserInputError
@@ -76,7 +76,7 @@ class AugmentConfig:
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm policy (RandAugment); null: none
     color_jitter: float = 0.4  # brightness/contrast/saturation jitter (timm applies it without auto_augment)
     re_prob: float = 0.25  # random erasing probability
-    re_mode: str = "pixel"  # random erasing fill: pixel, rand or const
+    re_mode: Literal["pixel", "rand", "const"] = "pixel"  # random erasing fill
     re_count: int = 1  # random erasing boxes per image
     scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction range
     hflip: float = 0.5  # horizontal flip probability
@@ -84,8 +84,30 @@ class AugmentConfig:
     cutmix: float = 1.0  # CutMix alpha (0: off)
     mixup_prob: float = 1.0  # probability of mixing a batch
     mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
-    mixup_mode: str = "batch"  # mix per batch, pair or elem
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"  # mix per batch, pair or element
     label_smoothing: float = 0.1  # target smoothing (with or without mixing)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches go through timm's Mixup/CutMix (which pairs each image with another)."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    def validate(self) -> None:
+        # timm asserts on some of these deep inside a loader worker, and takes others silently
+        # (a flip probability of 2, a smoothing above 1, an inverted crop scale)
+        for name in ("re_prob", "hflip", "mixup_prob", "mixup_switch_prob"):
+            _in_range(f"augment.{name}", getattr(self, name), 0, 1)
+        _in_range("augment.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        for name in ("color_jitter", "mixup", "cutmix"):
+            _in_range(f"augment.{name}", getattr(self, name), 0, None)
+        _in_range("augment.re_count", self.re_count, 1, None)
+        low, high = self.scale
+        if not 0 < low <= high:
+            raise UserInputError(f"augment.scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        if self.auto_augment:
+            from ..data.transforms import check_auto_augment
+
+            check_auto_augment(self.auto_augment, "augment.auto_augment")
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,15 @@ class ClassificationConfig(EngineConfig):
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+
+def _in_range(key: str, value: float, low: float, high: float | None, high_open: bool = False) -> None:
+    """A one-line error unless ``low <= value <= high`` (``< high`` when ``high_open``; no bound when None)."""
+    if high is None:
+        if value < low:
+            raise UserInputError(f"{key} must be at least {low}, got {value}")
+    elif not low <= value <= high or (high_open and value == high):
+        raise UserInputError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
 TrainConfig = ClassificationConfig  # the name the Python API used before the engine had tasks

@@ -28,9 +28,9 @@ def create_classifier(
     import timm
 
     import crossformer  # noqa: F401  (registers the variants with timm)
+    from ..models import require_known_model
 
-    if name not in timm.list_models():
-        raise UserInputError(f"unknown model {name!r}: use crossformer_tiny ... crossformer_pp_huge or a timm model name")
+    require_known_model(name)
     kwargs = dict(model_kwargs or {})
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data import DataError, build_eval_transform, expand_image_paths, open_image
-from ..data.folder import is_image_file
+from ..data.folder import SKIP_HINT, is_image_file
 from ..engine import resolve_device
 from .model import load_classifier
 
@@ -85,11 +85,12 @@ def predict(
             except DataError as err:
                 if not skip_corrupt:
                     raise
-                note(f"skipped: {err}")
+                note(f"skipped: {str(err).removesuffix(SKIP_HINT)}")  # no advice to pass the flag it was given
                 skipped += 1
                 continue
             if image.width < width or image.height < height:
-                note(f"{path} is {image.width}x{image.height}, smaller than the model's {width}x{height} input: "
+                # height x width, as --img-size H W and every other size the commands print
+                note(f"{path} is {image.height}x{image.width}, smaller than the model's {height}x{width} input: "
                      f"upscaled, so its prediction is less reliable")
             chunk.append(path)
             images.append(transform(image))

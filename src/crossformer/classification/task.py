@@ -34,7 +34,7 @@ def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if config.mixup > 0 or config.cutmix > 0:
+    if config.mixes:
         mixup = Mixup(
             mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
             switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
@@ -56,6 +56,11 @@ class ClassificationTask(Task):
         self._named: set[str] = set()  # unreadable files already named in the log
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
+        if config.augment.mixes and config.run.batch_size % 2:  # training only: inference batches may be odd
+            raise UserInputError(
+                f"run.batch_size must be even with Mixup/CutMix (each image is mixed with its pair), got "
+                f"{config.run.batch_size}; use an even batch, or augment.mixup=0 augment.cutmix=0"
+            )
         self._build_data()
         self._build_model()
 

@@ -40,13 +40,9 @@ def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tu
 
 def require_model(name: str, variants_only: bool = False) -> None:
     """Fail with one line unless ``name`` is a registered variant (or, by default, any timm model)."""
-    import timm
+    from ..models import require_known_model
 
-    from ..models import VARIANTS
-
-    known = VARIANTS if variants_only else timm.list_models()
-    if name not in known:
-        raise UserInputError(f"unknown model {name!r}; try one of {', '.join(VARIANTS)}")
+    require_known_model(name, variants_only)
 
 
 def add_model_arg_argument(parser: argparse.ArgumentParser) -> None:

@@ -172,7 +172,7 @@ def write_traced(args: argparse.Namespace, model, output, name: str, height: int
     valid = exporting.export_onnx(model, output, (height, width), dynamic=dynamic, opset=args.opset, metadata=metadata,
                                   size_range=size_range, batch=batch)
     print(f"wrote {output}")
-    print(f"valid input sizes: {valid} (outputs are NaN outside)")
+    print(f"valid input sizes: {valid} (outside them: NaN outputs, or an onnxruntime error)")
     if args.no_check:
         return 0
     counted = getattr(model, "counted_outputs", None)  # e.g. "detections": variable-length outputs

@@ -57,5 +57,6 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     if args.traced:
         print(f"traced MACs {result['traced_macs']:,} ({result['traced_macs'] / 1e9:.3f}G, executed incl. padding)")
     if "paper_gflops" in result:
-        print(f"paper       {result['paper_params_m']}M params / {result['paper_gflops']}G FLOPs")
+        # the papers' figures are at 224x224, whatever size was counted here
+        print(f"paper       {result['paper_params_m']}M params / {result['paper_gflops']}G FLOPs at 224x224")
     return 0

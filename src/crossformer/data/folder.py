@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -24,6 +25,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# The advice that ends an unreadable image's error; a run that already skips such files drops it.
+SKIP_HINT = "; fix or delete it, or pass --skip-corrupt to skip such files"
 
 
 class DataError(UserInputError):
@@ -58,11 +61,17 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale, palette and
-    alpha images converted. ``FileNotFoundError`` and ``UNREADABLE_ERRORS`` pass through, for
-    callers that name the file in their own message or count it."""
+    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale (8- or
+    16-bit), palette and alpha images converted. ``FileNotFoundError`` and ``UNREADABLE_ERRORS``
+    pass through, for callers that name the file in their own message or count it."""
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I"):
+            # 16-bit (or 32-bit integer) grayscale: Pillow's RGB conversion clips every value
+            # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
+            gray = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+            img = Image.fromarray(gray, "L")
+        return img.convert("RGB")
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -72,7 +81,7 @@ def open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt to skip such files") from None
+        raise DataError(f"cannot read image {path}: {err}{SKIP_HINT}") from None
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -128,8 +137,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, target = self.samples[index]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
+            image = read_rgb(path)  # as evaluate's images are the ones predict sees
         except UNREADABLE_ERRORS as err:
             return None, target, f"{path}: {err}"
         return (self.transform(image) if self.transform else image), target, None

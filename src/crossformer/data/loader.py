@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..engine.seeding import sample_seed, seeded_rngs
-from .folder import UNREADABLE_ERRORS, DataError
+from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError
 from .sampler import ShardedSampler
 
 __all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
@@ -37,7 +37,7 @@ def raise_or_count_unreadable(
     ``on_skip("path: reason")`` is called for each skipped sample (to name it in the log).
     """
     if failures and not skip_corrupt:
-        raise DataError(f"cannot read image {failures[0]}; fix or delete it, or pass --skip-corrupt to skip such files")
+        raise DataError(f"cannot read image {failures[0]}{SKIP_HINT}")
     if on_skip is not None:
         for failure in failures:
             on_skip(failure)
@@ -105,7 +105,7 @@ def check_readable(paths: Sequence[str], rank: int, world_size: int, num_workers
         progress.close()
     if bad and not skip_corrupt:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"cannot read {what} {bad[0]}{more}; fix or delete it, or pass --skip-corrupt to skip such files")
+        raise DataError(f"cannot read {what} {bad[0]}{more}{SKIP_HINT}")
     return bad
 
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 
-__all__ = ["build_train_transform", "build_eval_transform", "rescale_size"]
+from ..errors import UserInputError
+
+__all__ = ["build_train_transform", "build_eval_transform", "check_auto_augment", "rescale_size"]
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -34,6 +36,26 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.I
 for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
         auto_augment.NAME_TO_OP[_name] = _posterize
+
+
+def check_auto_augment(policy: str, key: str = "auto_augment") -> None:
+    """A one-line error naming ``key`` unless timm can build the augmentation ``policy``
+    (built as ``create_transform`` builds it: ``rand-...``, ``augmix-...`` or an AutoAugment
+    name), rather than an AssertionError from inside a loader when training starts."""
+    if policy.startswith("rand"):
+        build = auto_augment.rand_augment_transform
+    elif policy.startswith("augmix"):
+        build = auto_augment.augment_and_mix_transform
+    else:
+        build = auto_augment.auto_augment_transform
+    try:
+        build(policy, {})
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        detail = f" ({err})" if str(err) else ""
+        raise UserInputError(
+            f"{key} {policy!r} is not a timm augmentation policy{detail}; use e.g. rand-m9-mstd0.5-inc1, "
+            f"augmix-m5-w4-d2, original or v0, or null for none"
+        ) from None
 
 
 def build_train_transform(

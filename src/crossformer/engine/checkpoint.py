@@ -28,16 +28,17 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_atomic` (weights-only unpickling)."""
+    """Read a checkpoint written by :func:`save_atomic` (weights-only unpickling), through the
+    one checkpoint reader, which says what a file that is no checkpoint is (text, empty,
+    truncated)."""
+    from ..models.weights import read_checkpoint
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not our training checkpoint"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot resume from {path}: not a crossformer training checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or "optimizer" not in state or "global_step" not in state:
+        state = read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume: {err}") from None
+    if "optimizer" not in state or "global_step" not in state:
         raise CheckpointError(
             f"cannot resume from {path}: it holds weights only; pass it as --pretrained to start from it"
         )

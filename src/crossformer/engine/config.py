@@ -167,6 +167,9 @@ class EngineConfig:
                 section.validate()
         if self.schedule.warmup_epochs and self.run.by_iterations:
             raise UserInputError("schedule.warmup_epochs needs an epoch-based run; use schedule.warmup_iters")
+        if self.schedule.min_lr > self.optimizer.lr:  # the cosine and poly "decays" would climb to it
+            raise UserInputError(f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optimizer.lr "
+                                 f"({self.optimizer.lr}): it is the rate the schedule decays to")
         return self
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..atomic import OutputError
+from ..atomic import OutputError, stale_temporaries
 from ..errors import UserInputError
 from .checkpoint import BEST, LAST
 
@@ -41,14 +41,24 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> lis
         raise OutputError(f"output {folder} is a file, not a folder; pass another --output")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if resume or all(name in LOGS_ONLY for name in entries):
+        _remove_stale_checkpoints(folder)
         return []
     if not overwrite:
         raise UserInputError(
             f"output folder {folder} already holds {_listing(entries)}: pass --resume auto to continue that run, "
             f"--overwrite to replace it, or another --output"
         )
+    _remove_stale_checkpoints(folder)
     removed = [name for name in RUN_FILES if name in entries]
     for name in removed:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return removed
+
+
+def _remove_stale_checkpoints(folder: Path) -> None:
+    """Delete the half-written checkpoints of an earlier run killed while saving (each as large
+    as a checkpoint): the run taking the folder over is its only writer."""
+    for name in (LAST, BEST):
+        for path in stale_temporaries(folder / name):
+            path.unlink(missing_ok=True)

@@ -239,7 +239,12 @@ class Trainer:
                     raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
             except UserInputError as err:
                 error = err
-            stop = self._agree(error)
+            try:
+                stop = self._agree(error)
+            except UserInputError as err:  # unreadable training data, raised on every rank
+                if self.global_step and self.batches_done % run.accum_steps == 0:  # keep the updates done
+                    raise self._saved_for_resume(err) from None
+                raise
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -337,18 +342,27 @@ class Trainer:
 
     def _evaluate_or_save(self) -> tuple[dict[str, float], bool]:
         """:meth:`_report`; if evaluation fails on bad input, the training done is saved first."""
+        train_metrics = self._train_means()
         try:
-            return self._report()
+            return self._report(train_metrics)
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
-            self._save({})
-            raise type(err)(f"{err} (evaluation failed; the training so far is saved in {self.output / LAST}: "
-                            f"fix the data and pass --resume auto)") from None
+            raise self._saved_for_resume(err, "evaluation failed; ") from None
 
-    def _report(self) -> tuple[dict[str, float], bool]:
-        """Train means since the last report and validation metrics, reduced over ranks; logged."""
+    def _saved_for_resume(self, err: UserInputError, what: str = "") -> UserInputError:
+        """Save the position reached (every rank calls this), and ``err`` saying so."""
+        self._save({})
+        return type(err)(f"{err} ({what}the training so far is saved in {self.output / LAST}: "
+                         f"fix the data and pass --resume auto)")
+
+    def _train_means(self) -> dict[str, float]:
+        """Train means and counts since the last report, reduced over ranks (the same on every rank)."""
         keys = sorted(set().union(*self.ctx.gather_objects(sorted(self.meters))))
         sums = dict(zip(keys, self.ctx.all_reduce_sum([self.meters.get(k, 0.0) for k in keys])))
-        samples = max(sums.pop("samples", 0.0), 1.0)
+        samples = sums.pop("samples", 0.0)
+        if not samples:  # every batch skipped (--skip-corrupt on unreadable files): no loss to report
+            counted = ", ".join(f"{int(v)} {k.replace('_', ' ')}" for k, v in sums.items() if v and "loss" not in k)
+            raise UserInputError(f"no training sample could be used since the last evaluation"
+                                 f"{f' ({counted})' if counted else ''}: fix or replace the training data")
         metrics = {"train/loss": sums.pop("loss", 0.0) / samples}
         for key, value in sums.items():
             if key.startswith("loss/"):
@@ -357,6 +371,11 @@ class Trainer:
                 metrics[f"train/{key}"] = value
                 self.count_totals[key] = self.count_totals.get(key, 0.0) + value
         self.meters = {}
+        return metrics
+
+    def _report(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+        """``metrics`` (:meth:`_train_means`) and the validation metrics, reduced over ranks; logged."""
+        metrics = dict(metrics)
         metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
         if self.ema is not None:
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
@@ -386,8 +405,11 @@ class Trainer:
                 self._train_epoch()
         primary = self.task.primary_metric
         if already:
-            self.log.info(f"nothing to do: {self.last_checkpoint} already finished {self.run_config.length} "
-                          f"{self.run_config.unit}s")
+            run = self.run_config
+            reached = self.global_step if run.by_iterations else self.epoch
+            # the checkpoint's own count: a resume may ask for fewer epochs than it trained
+            self.log.info(f"nothing to do: {self.last_checkpoint} already trained {reached} {run.unit}s "
+                          f"(this run asks for {run.length})")
         else:
             counted = "".join(f", {int(v)} {k.replace('_', ' ')}" for k, v in self.count_totals.items())
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "

@@ -3,7 +3,7 @@
 from .crossformer import MIN_INPUT_SIZE, CrossFormer
 from .flops import analytic_macs, count_params, dense_backbone_macs, traced_macs
 from .grouping import GroupLayout, group_layout
-from .variants import VARIANTS, Variant, create_crossformer, identify_variant
+from .variants import VARIANTS, Variant, create_crossformer, identify_variant, require_known_model
 from .weights import (
     DESCRIPTION_KEY,
     CheckpointError,
@@ -25,6 +25,7 @@ __all__ = [
     "Variant",
     "create_crossformer",
     "identify_variant",
+    "require_known_model",
     "GroupLayout",
     "group_layout",
     "CheckpointError",

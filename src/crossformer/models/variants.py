@@ -21,11 +21,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
+from ..errors import UserInputError
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures
 from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
-__all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant"]
+__all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "require_known_model"]
 
 _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval")
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
@@ -248,3 +249,19 @@ def crossformer_pp_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer
 def crossformer_pp_huge(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-H: architecture and published figures in ``VARIANTS['crossformer_pp_huge']``."""
     return create_crossformer("crossformer_pp_huge", pretrained=pretrained, **kwargs)
+
+
+def require_known_model(name: str, variants_only: bool = False) -> None:
+    """A one-line error unless ``name`` is a registered variant (or, by default, any timm
+    model), suggesting the closest known names (``crossformer_tinny``: ``crossformer_tiny``)."""
+    import difflib
+
+    import timm
+
+    known = list(VARIANTS) if variants_only else timm.list_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    others = "" if variants_only else ", or any timm model"
+    raise UserInputError(f"unknown model {name!r}; {hint}the CrossFormers: {', '.join(VARIANTS)}{others}")
