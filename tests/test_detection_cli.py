@@ -4,6 +4,7 @@ one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,21 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
         return [{k: v for k, v in r.items() if k != "image_id"} for r in rows if r["file_name"] == str(photo)]
 
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
+
+
+def test_predict_runs_under_amp_as_evaluate_does(trained, tmp_path: Path, capsys) -> None:
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (90, 70), (120, 60, 30)).save(photo)
+    runs = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / amp
+        assert main(["predict", str(photo), "--checkpoint", str(trained["checkpoint"]), "--amp", amp,
+                     "test.score_threshold=0", "--output", str(out)]) == 0, _error(capsys)
+        runs[amp] = json.loads((out / "detections.json").read_text())
+        assert (out / "photo.png").is_file()
+    assert runs["bf16"] and all(len(r["bbox"]) == 4 and all(map(math.isfinite, r["bbox"])) for r in runs["bf16"])
+    best = {amp: max(rows, key=lambda r: r["score"]) for amp, rows in runs.items()}
+    assert best["bf16"]["score"] == pytest.approx(best["none"]["score"], abs=0.05)  # bf16 rounding, same model
 
 
 def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tmp_path: Path, capsys) -> None:

@@ -156,14 +156,16 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
-    from ..engine import RunLogger, resolve_device
+    from ..engine import RunLogger, resolve_device, resolve_precision
     from .predict import predict_detections
 
-    loaded = load_detector(config, args.checkpoint, resolve_device(config.run.device), args.ema)
+    device = resolve_device(config.run.device)
+    loaded = load_detector(config, args.checkpoint, device, args.ema)
     names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]
     result = predict_detections(
         loaded.detector, args.images, args.output, names, loaded.cat_ids, config.data.test_transform(),
         config.test.score_threshold, config.data.skip_corrupt, RunLogger(None, tensorboard=False),
+        resolve_precision(config.run.amp, device),
     )
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
     print(f"wrote {len(result.images)} image(s) with detections scoring >= {config.test.score_threshold} to "
@@ -321,7 +323,7 @@ def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, 
 
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
-    "predict": VerbHandler(_predict_arguments, _predict, ("model", "data", "test", "run.device")),
+    "predict": VerbHandler(_predict_arguments, _predict, ("model", "data", "test", "run.amp", "run.device")),
     "flops": VerbHandler(_no_arguments, _flops, ()),
     "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
     "export": VerbHandler(_no_arguments, _export, ()),

@@ -3,6 +3,7 @@ and one JSON of every detection in COCO result format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,8 @@ from PIL import Image
 from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
-from ..data.folder import UNREADABLE_ERRORS, is_image_file
-from ..engine import RunLogger
+from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, is_image_file
+from ..engine import Precision, RunLogger
 from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
 from .transforms import build_test_transform
@@ -69,6 +70,7 @@ def predict_detections(
     score_threshold: float = 0.3,
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
+    precision: Precision | None = None,
 ) -> PredictOutput:
     """Run ``detector`` on image files and folders (recursively), one image at a time.
 
@@ -77,7 +79,8 @@ def predict_detections(
     of score >= ``score_threshold``) and ``OUTPUT_DIR/detections.json`` (every detection; image
     ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C).
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
-    counted and skipped.
+    counted and skipped. ``precision`` (``--amp``) runs the detector under its autocast, as
+    evaluation does.
     """
     files = expand_image_paths(paths)
     for path in files:
@@ -99,13 +102,16 @@ def predict_detections(
             image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
             if not skip_corrupt:
-                raise DataError(f"cannot read image {path}: {err}; fix or delete it, or pass --skip-corrupt") from None
+                raise DataError(f"cannot read image {path}: {err}{SKIP_HINT}") from None
             result.skipped.append(f"{path}: {err}")
             if logger is not None:
                 logger.info(f"skipped unreadable image {path}: {err}")
             continue
         batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
-        output = {k: v.cpu() for k, v in detector(batch.images.to(device), batch.metas)[0].items()}
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            raw = detector(batch.images.to(device), batch.metas)[0]
+        # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
+        output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
         records.extend({**r, "file_name": str(path)} for r in detections_to_coco([output], [image_id], cat_ids))
         name = path.stem if path.stem not in used_names else f"{path.stem}_{image_id}"
         used_names.add(name)
