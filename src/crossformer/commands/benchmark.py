@@ -22,7 +22,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .common import add_img_size_argument, add_model_argument, img_size, require_model
+from .common import add_img_size_argument, add_model_argument, img_size
 
 if TYPE_CHECKING:
     from crossformer.benchmark import BenchConfig
@@ -114,10 +114,11 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     """``model_kwargs``: as :func:`build_config`."""
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer.benchmark import format_summary, run_benchmark, summarise
+    from crossformer.models import require_known_model
 
     names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
     for name in names:
-        require_model(name)
+        require_known_model(name)
     config = build_config(args, model_kwargs)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     sampler = None

@@ -38,13 +38,6 @@ def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tu
     return height, width
 
 
-def require_model(name: str, variants_only: bool = False) -> None:
-    """Fail with one line unless ``name`` is a registered variant (or, by default, any timm model)."""
-    from ..models import require_known_model
-
-    require_known_model(name, variants_only)
-
-
 def add_model_arg_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-arg", action="append", default=[], metavar="KEY=VALUE",

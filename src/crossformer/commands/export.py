@@ -17,7 +17,6 @@ from .common import (
     img_size,
     model_args,
     recorded_config,
-    require_model,
     run_task_verb,
 )
 
@@ -80,14 +79,14 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     """Model name, constructor settings and classifier size: the options', else the
     checkpoint's, else (settings) the config's."""
     from crossformer.errors import UserInputError
-    from crossformer.models import extract_state_dict, recorded_model
+    from crossformer.models import extract_state_dict, recorded_model, require_known_model
 
     name, settings = recorded_model(checkpoint or {}, args.model)
     if not name:
         source = (f"{args.checkpoint} does not name its model and fits no registered variant" if checkpoint
                   else "no --checkpoint to read it from")
         raise UserInputError(f"--model is needed: {source} (e.g. --model crossformer_small)")
-    require_model(name, variants_only=True)
+    require_known_model(name, variants_only=True)
     settings = {**config_settings, **settings, **model_args(args)}
     num_classes = args.num_classes
     if num_classes is None and checkpoint is None:

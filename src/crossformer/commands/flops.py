@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .common import add_img_size_argument, add_model_argument, img_size, require_model
+from .common import add_img_size_argument, add_model_argument, img_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,12 +26,12 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     import torch
 
     import crossformer  # noqa: F401  (registers the variants)
-    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
+    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, require_known_model, traced_macs
     from crossformer.errors import UserInputError
 
     settings = dict(model_kwargs or {})
     height, width = img_size(args)
-    require_model(args.model)
+    require_known_model(args.model)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         model = timm.create_model(args.model, num_classes=args.num_classes, **settings)
     if not isinstance(model, CrossFormer):

@@ -375,7 +375,6 @@ class Trainer:
 
     def _report(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
         """``metrics`` (:meth:`_train_means`) and the validation metrics, reduced over ranks; logged."""
-        metrics = dict(metrics)
         metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
         if self.ema is not None:
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
