@@ -64,18 +64,22 @@ def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: s
         )
 
 
+def _our_weights(checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under our key names."""
+    return {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema, source).items() if isinstance(v, torch.Tensor)}
+
+
 def head_keys(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint") -> list[str]:
     """The keys of a checkpoint's detection heads (neck, RPN, R-CNN / RetinaNet heads) in our
     names; none for an ImageNet classification or backbone-only file."""
-    return [mmdet_to_ours(k) for k, v in _weights(checkpoint, use_ema, source).items()
-            if isinstance(v, torch.Tensor) and mmdet_to_ours(k).startswith(HEAD_PREFIXES)]
+    return [k for k in _our_weights(checkpoint, use_ema, source) if k.startswith(HEAD_PREFIXES)]
 
 
 def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
     """Fill ``detector`` from a checkpoint dict; raise :class:`CheckpointError` listing
     every key that cannot be placed (or is missing) otherwise."""
-    weights = {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema, source).items() if isinstance(v, torch.Tensor)}
-    heads_found = head_keys(checkpoint, use_ema, source)
+    weights = _our_weights(checkpoint, use_ema, source)
+    heads_found = [k for k in weights if k.startswith(HEAD_PREFIXES)]
     if not heads_found:  # an ImageNet classification checkpoint: the backbone alone
         load_state(detector.backbone, checkpoint, source, use_ema=use_ema)
         return
