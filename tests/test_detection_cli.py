@@ -131,6 +131,20 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
 
 
+def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:
+    # a detector trained from an ImageNet backbone records that file's path; inference needs none of it
+    state = torch.load(trained["checkpoint"], weights_only=True)
+    state["config"]["model"]["pretrained"] = str(tmp_path / "gone.pth")
+    moved = tmp_path / "moved.pth"
+    torch.save(state, moved)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (80, 64), (90, 140, 200)).save(photo)
+    assert main(["predict", str(photo), "--checkpoint", str(moved), "--output", str(tmp_path / "pred")]) == 0
+    assert main(["evaluate", "--checkpoint", str(moved), "--data", str(trained["coco"]), "--json"]) == 0
+    assert main(["export", "--checkpoint", str(moved), "--format", "safetensors", "-o", str(tmp_path / "w.safetensors")]) == 0
+    capsys.readouterr()
+
+
 def test_predict_runs_under_amp_as_evaluate_does(trained, tmp_path: Path, capsys) -> None:
     photo = tmp_path / "photo.png"
     Image.new("RGB", (90, 70), (120, 60, 30)).save(photo)

@@ -59,8 +59,6 @@ class DetectionModelConfig:
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.pretrained is not None and not Path(self.pretrained).is_file():
-            raise UserInputError(f"model.pretrained: backbone checkpoint not found: {self.pretrained}")
 
     def backbone_settings(self) -> dict[str, Any]:
         """``backbone_kwargs`` with the drop path rate."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, Task, resolve_precision
+from ..engine import DistContext, Task, require_pretrained, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
@@ -65,6 +65,7 @@ class DetectionTask(Task):
     def __init__(self, config: DetectionConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
+        require_pretrained(c.model.pretrained)
         log = print if ctx.is_main else None
         with_masks = c.model.kind != "retinanet"
         train_ann, train_images = data_paths(c.data, "train")

@@ -15,10 +15,21 @@ import torch
 from ..atomic import write_atomic
 from ..errors import CheckpointError
 
-__all__ = ["save_atomic", "load_training_state", "LAST", "BEST"]
+__all__ = ["save_atomic", "load_training_state", "require_pretrained", "LAST", "BEST"]
 
 LAST = "last.pth"
 BEST = "best.pth"
+
+
+def require_pretrained(path: str | None) -> None:
+    """Stop a training run whose ``model.pretrained`` names no file, before it reads any data.
+
+    Training checks this, not the configuration: evaluation, prediction and export take every
+    weight from their checkpoint, whose recorded config may name a backbone file this machine
+    never had.
+    """
+    if path is not None and not Path(path).is_file():
+        raise CheckpointError(f"model.pretrained: backbone checkpoint not found: {path}")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
-from ..engine import DistContext, Task, resolve_precision
+from ..engine import DistContext, Task, require_pretrained, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
@@ -98,6 +98,7 @@ class SegmentationTask(Task):
     def __init__(self, config: SegmentationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
+        require_pretrained(c.model.pretrained)
         self.train_set, self.val_set = build_datasets(c.data, SegTrainTransform(c.pipeline))
         if c.model.num_classes is not None and c.model.num_classes != self.train_set.num_classes:
             raise UserInputError(
