@@ -533,6 +533,22 @@ def test_inference_flags_show_the_defaults_the_verb_uses(capsys) -> None:
     assert "accum_steps" not in text
 
 
+@pytest.mark.parametrize("config,verb,shown,hidden", [
+    ("mask_rcnn_shapes_demo", "evaluate", ("--backbone", "--val-ann", "--min-size", "--eval-batch-size"),
+     ("--pretrained", "--drop-path", "--rpn-samples", "--train-ann", "--recipe", "--crop-size-range", "--score-threshold")),
+    ("mask_rcnn_shapes_demo", "predict", ("--backbone", "--min-size", "--score-threshold"),
+     ("--pretrained", "--rcnn-samples", "--val-ann", "--multiscale-min-sizes", "--eval-batch-size")),
+    ("upernet_demo", "evaluate", ("--kind", "--aux-channels", "--val-labels"), ("--pretrained", "--drop-path")),
+    ("upernet_demo", "predict", ("--kind", "--channels"), ("--pretrained", "--drop-path", "--val-labels")),
+])
+def test_dense_inference_verbs_offer_only_the_settings_they_read(capsys, config, verb, shown, hidden) -> None:
+    """A training-only flag on evaluate or predict would be taken and silently do nothing."""
+    with pytest.raises(SystemExit):
+        main([verb, "--config", config, "--help"])
+    flags = set(capsys.readouterr().out.replace("[", " ").replace("]", " ").split())
+    assert set(shown) <= flags and not set(hidden) & flags, (set(shown) - flags, set(hidden) & flags)
+
+
 @pytest.mark.parametrize("argv,shown,hidden", [
     (["--config", "digits"],
      ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),

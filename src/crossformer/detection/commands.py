@@ -25,8 +25,13 @@ from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
 
-# what inference reads of a detection config
-_INFERENCE_KEYS = ("model", "data", "test", "run.num_workers", "run.amp", "run.device")
+# what inference reads of a detection config (the other model and data settings only train)
+_MODEL_KEYS = ("model.kind", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.channels",
+               "model.fc_channels")
+_TEST_SCALE_KEYS = ("data.max_size", "data.min_size", "data.skip_corrupt")
+_EVALUATE_KEYS = (*_MODEL_KEYS, "data.root", "data.val_ann", "data.val_images", *_TEST_SCALE_KEYS,
+                  "test.eval_batch_size", "run.num_workers", "run.amp", "run.device")
+_PREDICT_KEYS = (*_MODEL_KEYS, *_TEST_SCALE_KEYS, "test.score_threshold", "run.amp", "run.device")
 FLOPS_SIZE = (800, 1280)  # the authors' FLOPs input, (H, W)
 BENCHMARK_SIZE = (800, 1333)  # mmdet's test scale, (H, W)
 TORCHVISION_PEER = "maskrcnn_resnet50_fpn"
@@ -322,8 +327,8 @@ def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, 
 
 
 COMMANDS: dict[str, VerbHandler] = {
-    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _INFERENCE_KEYS),
-    "predict": VerbHandler(_predict_arguments, _predict, ("model", "data", "test", "run.amp", "run.device")),
+    "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _EVALUATE_KEYS),
+    "predict": VerbHandler(_predict_arguments, _predict, _PREDICT_KEYS),
     "flops": VerbHandler(_no_arguments, _flops, ()),
     "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
     "export": VerbHandler(_no_arguments, _export, ()),
