@@ -184,7 +184,7 @@ def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tm
 def test_ema_of_a_checkpoint_without_it_names_the_file(trained, capsys) -> None:
     checkpoint = str(trained["checkpoint"])
     line = one_error_line(capsys, ["evaluate", "--checkpoint", checkpoint, "--ema", "--data", str(trained["coco"])])
-    assert line.endswith(f"{checkpoint} holds no EMA weights (no 'model_ema' entry)")  # was "checkpoint holds ..."
+    assert f"{checkpoint} holds no EMA weights (no 'model_ema' entry" in line  # was "checkpoint holds ..."
 
 
 def test_an_output_path_under_a_file_is_one_line_before_any_work(trained, tmp_path: Path, capsys) -> None:

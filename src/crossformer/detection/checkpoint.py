@@ -15,25 +15,12 @@ import torch
 from torch import nn
 
 from ..models import CheckpointError, load_state
-from ..models.weights import check_keys
+from ..models.weights import check_keys, weights_entry
 
 __all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
 _OUR_BACKBONE = "backbone.model."
-
-
-def _weights(checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> Mapping[str, Any]:
-    """The tensor dict of a checkpoint: ``model`` (ours), ``state_dict`` (mmdet), or itself."""
-    if use_ema:
-        for key in ("model_ema", "state_dict_ema"):
-            if isinstance(checkpoint.get(key), Mapping):
-                return checkpoint[key]
-        raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry)")
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), Mapping):
-            return checkpoint[key]
-    return checkpoint
 
 
 def mmdet_to_ours(key: str) -> str:
@@ -66,7 +53,7 @@ def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: s
 
 def _our_weights(checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under our key names."""
-    return {mmdet_to_ours(k): v for k, v in _weights(checkpoint, use_ema, source).items() if isinstance(v, torch.Tensor)}
+    return {mmdet_to_ours(k): v for k, v in weights_entry(checkpoint, use_ema, source).items() if isinstance(v, torch.Tensor)}
 
 
 def head_keys(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint") -> list[str]:

@@ -32,6 +32,7 @@ __all__ = [
     "load_state",
     "check_keys",
     "extract_state_dict",
+    "weights_entry",
     "load_checkpoint",
     "convert_to_safetensors",
     "save_safetensors",
@@ -322,23 +323,26 @@ def _holds_tensors(value: Any) -> bool:
     return False
 
 
+def weights_entry(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint") -> Mapping[str, Any]:
+    """The mapping of ``checkpoint`` that holds its weights: ``model`` (ours) or ``state_dict``
+    (timm, mmdet, mmseg), with ``use_ema`` ``model_ema`` / ``state_dict_ema``; a bare state
+    dict is its own. ``source`` names the file in errors."""
+    for key in ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    if use_ema:  # only EMA entries will do: the plain weights' accuracy would be reported as the EMA's
+        raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
+                              "drop --ema")
+    return checkpoint
+
+
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint dict, with wrapper prefixes and v1 buffers removed.
 
     Accepts training checkpoints (``model``/``state_dict``/``model_ema`` entries) and bare
     state dicts, with ``module.``/``backbone.`` prefixes as the dense-task releases have.
     """
-    state = checkpoint
-    # With use_ema, only EMA entries will do: falling back to the plain weights would report
-    # their accuracy as the EMA's.
-    for key in ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            state = checkpoint[key]
-            break
-    else:
-        if use_ema:
-            raise CheckpointError("checkpoint holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
-                                  "drop --ema")
+    state = weights_entry(checkpoint, use_ema)
     result: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

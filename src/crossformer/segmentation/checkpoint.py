@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys
+from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, weights_entry
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -51,14 +51,7 @@ def mmseg_to_ours(key: str) -> str:
 
 def segmentor_weights(checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, in our names (mmseg names mapped, DDP prefix removed)."""
-    entries = ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict")
-    state: Mapping[str, Any] | None = next(
-        (checkpoint[k] for k in entries if isinstance(checkpoint.get(k), Mapping)), None
-    )
-    if state is None:
-        if use_ema:
-            raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry)")
-        state = checkpoint
+    state = weights_entry(checkpoint, use_ema, source)
     tensors = {
         key.removeprefix("module."): value
         for key, value in state.items()
