@@ -239,3 +239,35 @@ def test_training_proposal_counts_follow_the_config_or_the_authors():
     assert (chosen.test_proposals.nms_pre, chosen.test_proposals.max_per_img) == (1000, 1000)  # testing as the authors
     with pytest.raises(UserInputError, match="model.rpn_train_proposals must be at least 1"):
         replace(base, rpn_train_proposals=0).validate()
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_init_from_fine_tunes_a_whole_detector_of_other_classes(coco: Path, tmp_path: Path, kind: str) -> None:
+    """mmdet's load_from: every weight of a 7-class detector in mmdet's layout (``state_dict``,
+    ``backbone.`` keys) but the classifiers, which the data's 4 classes need fresh."""
+    config = tiny_config(tmp_path / "c.yaml", kind, coco, tmp_path / "run")
+    torch.manual_seed(1)
+    source = build_configured_detector(replace(config.model, num_classes=7), 7, pretrained=False).state_dict()
+    mmdet_keys = {k.replace("backbone.model.", "backbone.", 1): v for k, v in source.items()}
+    whole = tmp_path / "coco_detector.pth"
+    torch.save({"state_dict": mmdet_keys, "meta": {"CLASSES": [f"c{i}" for i in range(7)]}}, whole)
+
+    task = DetectionTask(replace(config, model=replace(config.model, init_from=str(whole))), DistContext())
+    mine = task.model.state_dict()
+    fresh = {k for k in mine if mine[k].shape != source[k].shape}
+    assert fresh and all(k.rsplit(".", 2)[-2] in ("fc_cls", "fc_reg", "conv_logits", "retina_cls") for k in fresh)
+    assert all(torch.equal(mine[k], source[k]) for k in mine if k not in fresh)
+    assert f"started from {whole} (its classifiers of another class count start afresh: " in task.describe()
+    # the same class count: every weight, nothing afresh
+    same = tmp_path / "same.pth"
+    torch.save({"model": mine}, same)
+    again = DetectionTask(replace(config, model=replace(config.model, init_from=str(same))), DistContext())
+    assert all(torch.equal(v, mine[k]) for k, v in again.model.state_dict().items())
+    assert again.describe().endswith(f"; started from {same}")
+    # an ImageNet backbone belongs in model.pretrained, and the two do not go together
+    backbone = tmp_path / "backbone.pth"
+    torch.save({k[len("backbone.model."):]: v for k, v in source.items() if k.startswith("backbone.model.")}, backbone)
+    with pytest.raises(UserInputError, match="holds no detection heads: give an ImageNet checkpoint as model.pretrained"):
+        DetectionTask(replace(config, model=replace(config.model, init_from=str(backbone))), DistContext())
+    with pytest.raises(UserInputError, match="model.pretrained and model.init_from are both set"):
+        resolve_config(str(tmp_path / "c.yaml"), {"model.init_from": str(same), "model.pretrained": str(backbone)})

@@ -576,11 +576,12 @@ def test_help_with_an_unreadable_config_shows_the_class_defaults(capsys, tmp_pat
     assert "(default 300)" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("config", ["digits", "mask_rcnn_shapes_demo", "upernet_demo"])
-def test_a_missing_pretrained_backbone_stops_training_before_the_data_is_read(config: str, tmp_path: Path,
-                                                                              capsys) -> None:
-    # the data path does not exist either: the backbone file is named first, before any data is read
+@pytest.mark.parametrize("config,setting", [("digits", "pretrained"), ("mask_rcnn_shapes_demo", "pretrained"),
+                                            ("mask_rcnn_shapes_demo", "init_from"), ("upernet_demo", "init_from")])
+def test_a_missing_start_checkpoint_stops_training_before_the_data_is_read(config: str, setting: str, tmp_path: Path,
+                                                                          capsys) -> None:
+    # the data path does not exist either: the weights file is named first, before any data is read
     line = one_error_line(capsys, ["train", "--config", config, "--data", str(tmp_path / "no-data"), "--output",
-                                   str(tmp_path / "run"), f"model.pretrained={tmp_path / 'gone.pth'}"])
-    assert f"model.pretrained: backbone checkpoint not found: {tmp_path / 'gone.pth'}" in line
+                                   str(tmp_path / "run"), f"model.{setting}={tmp_path / 'gone.pth'}"])
+    assert f"model.{setting}: checkpoint not found: {tmp_path / 'gone.pth'}" in line
     assert not (tmp_path / "run" / "last.pth").exists()

@@ -174,7 +174,7 @@ def test_our_checkpoints_round_trip_and_refusals(tmp_path: Path) -> None:
 
     classifier = tmp_path / "imagenet.pth"
     torch.save({"model": CrossFormer(**TINY, num_classes=10).state_dict()}, classifier)
-    with pytest.raises(CheckpointError, match=r"backbone \(ImageNet\) checkpoint .*\(pretrained_backbone\)"):
+    with pytest.raises(CheckpointError, match=r"backbone \(ImageNet\) checkpoint .*\(model\.pretrained, pretrained_backbone\)"):
         crossformer.load_checkpoint(fpn, classifier)
 
 

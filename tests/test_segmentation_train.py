@@ -213,3 +213,25 @@ def test_torchrun_two_processes_over_gloo(ade: Path, tmp_path: Path) -> None:
     assert single["images"] == 2
     assert single["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
     assert single["aAcc"] == pytest.approx(state["metrics"]["val/aAcc"], abs=1e-12)
+
+
+def test_init_from_fine_tunes_a_whole_segmentor_of_other_classes(ade: Path, tmp_path: Path) -> None:
+    """mmseg's load_from: every weight of a 150-class UPerNet in mmseg's layout but the two heads'
+    classifiers, which the data's classes need fresh."""
+    config = _config(tmp_path / "run", ade)
+    torch.manual_seed(1)
+    source = build_model(config.model, 150).state_dict()
+    mmseg_keys = {k.replace("backbone.model.", "backbone.", 1): v for k, v in source.items()}
+    whole = tmp_path / "ade_upernet.pth"
+    torch.save({"state_dict": mmseg_keys}, whole)
+    task = SegmentationTask(_config(tmp_path / "run", ade, **{"model.init_from": str(whole)}), DistContext())
+    mine = task.model.state_dict()
+    fresh = {k for k in mine if mine[k].shape != source[k].shape}
+    assert {k.rsplit(".", 1)[0] for k in fresh} == {"decode_head.conv_seg", "auxiliary_head.conv_seg"}
+    assert all(torch.equal(mine[k], source[k]) for k in mine if k not in fresh)
+    assert "(its classifiers of another class count start afresh: auxiliary_head.conv_seg, decode_head.conv_seg)" in task.describe()
+    # anything else that does not fit is still an error naming it
+    source["decode_head.bottleneck.conv.weight"] = source["decode_head.bottleneck.conv.weight"][:, :-1]
+    torch.save({"model": source}, whole)
+    with pytest.raises(UserInputError, match="wrong shape: decode_head.bottleneck.conv.weight"):
+        SegmentationTask(_config(tmp_path / "run", ade, **{"model.init_from": str(whole)}), DistContext())

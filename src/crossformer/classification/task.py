@@ -19,7 +19,7 @@ from ..data import (
     check_readable,
     raise_or_count_unreadable,
 )
-from ..engine import DistContext, Task, move_to_device, require_pretrained, resolve_precision
+from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import AugmentConfig, ClassificationConfig, default_config
@@ -54,7 +54,7 @@ class ClassificationTask(Task):
     def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         self._named: set[str] = set()  # unreadable files already named in the log
-        require_pretrained(config.model.pretrained)
+        require_model_files(pretrained=config.model.pretrained)
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
         if config.augment.mixes and config.run.batch_size % 2:  # training only: inference batches may be odd

@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from ..models import CheckpointError, load_state
-from ..models.weights import check_keys, weights_entry
+from ..models.weights import check_keys, split_class_layers, weights_entry
 
 __all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
+# the layers whose outputs are per class (R-CNN classifier and class-specific box deltas,
+# mask logits, RetinaNet's classifier): another data set's class count changes only these
+CLASS_LAYERS = ("fc_cls", "fc_reg", "conv_logits", "retina_cls")
 _OUR_BACKBONE = "backbone.model."
 
 
@@ -62,26 +65,42 @@ def head_keys(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str 
     return [k for k in _our_weights(checkpoint, use_ema, source) if k.startswith(HEAD_PREFIXES)]
 
 
-def load_detector_state(detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool) -> None:
+def load_detector_state(
+    detector: nn.Module, checkpoint: Mapping[str, Any], source: str, use_ema: bool, other_classes: bool = False
+) -> list[str]:
     """Fill ``detector`` from a checkpoint dict; raise :class:`CheckpointError` listing
-    every key that cannot be placed (or is missing) otherwise."""
+    every key that cannot be placed (or is missing) otherwise.
+
+    With ``other_classes`` (fine-tuning a whole detector on another data set, as mmdet's
+    ``load_from``) the classifier layers of another class count keep their initialisation and
+    their keys are returned; an ImageNet file is refused then (it belongs in ``pretrained``).
+    """
     weights = _our_weights(checkpoint, use_ema, source)
     heads_found = [k for k in weights if k.startswith(HEAD_PREFIXES)]
     if not heads_found:  # an ImageNet classification checkpoint: the backbone alone
+        if other_classes:
+            raise CheckpointError(f"{source} holds no detection heads: give an ImageNet checkpoint as model.pretrained "
+                                  f"(--pretrained) instead")
         load_state(detector.backbone, checkpoint, source, use_ema=use_ema)
-        return
+        return []
     kind = _kind_of(heads_found)
     if kind != detector.kind:
         raise CheckpointError(f"{source} holds a {kind} detector, not a {detector.kind}: use a {kind} config")
-    _check_classes(detector, checkpoint, source)
+    if not other_classes:
+        _check_classes(detector, checkpoint, source)
 
     expected = detector.state_dict()
     backbone = {k[len(_OUR_BACKBONE):]: v for k, v in weights.items() if k.startswith(_OUR_BACKBONE)}
     heads = {k: v for k, v in weights.items() if not k.startswith(_OUR_BACKBONE)}
     expected_heads = {k: v for k, v in expected.items() if not k.startswith(_OUR_BACKBONE)}
+    fresh: list[str] = []
+    if other_classes:
+        heads, fresh = split_class_layers(heads, expected_heads, CLASS_LAYERS)
+        expected_heads = {k: v for k, v in expected_heads.items() if k not in fresh}
     check_keys(heads, expected_heads, f"{source} does not fit this {detector.kind} (check the backbone variant and num_classes)",
                missing_first=() if backbone else ("backbone.* (all backbone weights)",))
     load_state(detector.backbone, backbone, source)
     with torch.no_grad():
         for key, value in heads.items():
             expected_heads[key].copy_(value.contiguous())
+    return fresh

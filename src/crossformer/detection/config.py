@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
 from ..errors import UserInputError
 from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 
@@ -38,6 +38,8 @@ class DetectionModelConfig:
     num_classes: int | None = 80  # None: the training data's category count
     drop_path: float = 0.2  # the backbone's stochastic depth rate
     pretrained: str | None = None  # an ImageNet checkpoint for the backbone (the authors' or ours)
+    # as mmdet's load_from: the classifier layers start afresh where the data's class count differs
+    init_from: str | None = None  # a whole detector to fine-tune (the authors' mmdet file or ours)
     channels: int = 256  # FPN and head convolutions (the authors' 256)
     fc_channels: int = 1024  # R-CNN box head fully connected layers (the authors' 1024)
     rpn_samples: int = 256  # anchors sampled per image to train the RPN
@@ -56,6 +58,7 @@ class DetectionModelConfig:
             raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
         if not 0 <= self.drop_path < 1:
             raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        check_one_start(self.pretrained, self.init_from)
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")

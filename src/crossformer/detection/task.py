@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, Task, require_pretrained, resolve_precision
+from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
+from .checkpoint import load_detector_state
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector
 
@@ -57,6 +58,11 @@ def resolve_num_classes(model: DetectionModelConfig, data_classes: int, source: 
     return data_classes
 
 
+def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str) -> list[str]:
+    """``model.init_from``: a whole detector, classifiers of another class count left fresh."""
+    return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
+
+
 class DetectionTask(Task):
     """A detector trained on COCO-format data; best checkpoint by box AP."""
 
@@ -65,7 +71,7 @@ class DetectionTask(Task):
     def __init__(self, config: DetectionConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
-        require_pretrained(c.model.pretrained)
+        require_model_files(pretrained=c.model.pretrained, init_from=c.model.init_from)
         log = print if ctx.is_main else None
         with_masks = c.model.kind != "retinanet"
         train_ann, train_images = data_paths(c.data, "train")
@@ -90,7 +96,9 @@ class DetectionTask(Task):
             self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
             pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection, seed_each_sample=True,
         )
-        self.model = build_configured_detector(c.model, num_classes).to(ctx.device)
+        detector = build_configured_detector(c.model, num_classes)
+        self.started_from = c.model.init_from and start_from(detector, c.model.init_from, _fine_tune_load)
+        self.model = detector.to(ctx.device)
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
 
     # the Task interface ---------------------------------------------------------------
@@ -148,7 +156,8 @@ class DetectionTask(Task):
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
         return (f"{m.kind} on {m.backbone}: {params:.2f}M params, {self.model.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+                f"{len(self.train_set)} train / {len(self.val_set)} val images"
+                + (f"; {self.started_from}" if self.started_from else ""))
 
 
 def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:

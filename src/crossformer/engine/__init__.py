@@ -5,7 +5,7 @@ and schedules, mixed precision, seeding, the non-finite-loss guard, and keeping 
 in the process."""
 
 from .amp import AMP_CHOICES, Precision, resolve_precision
-from .checkpoint import BEST, LAST, load_training_state, require_pretrained, save_atomic
+from .checkpoint import BEST, LAST, load_training_state, require_model_files, save_atomic, start_from
 from .config import (
     EngineConfig,
     OptimizerConfig,
@@ -30,7 +30,7 @@ from .trainer import RunInterrupted, Trainer, train
 
 __all__ = [
     "AMP_CHOICES", "Precision", "resolve_precision",
-    "BEST", "LAST", "load_training_state", "require_pretrained", "save_atomic",
+    "BEST", "LAST", "load_training_state", "require_model_files", "save_atomic", "start_from",
     "EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
     "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides",
     "DistContext", "default_workers", "resolve_device", "set_cpu_threads", "setup_distributed", "teardown_distributed",

@@ -8,28 +8,42 @@ finds the weights under ``model`` (and ``model_ema``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import CheckpointError
 
-__all__ = ["save_atomic", "load_training_state", "require_pretrained", "LAST", "BEST"]
+__all__ = ["save_atomic", "load_training_state", "require_model_files", "start_from", "LAST", "BEST"]
 
 LAST = "last.pth"
 BEST = "best.pth"
 
 
-def require_pretrained(path: str | None) -> None:
-    """Stop a training run whose ``model.pretrained`` names no file, before it reads any data.
+def require_model_files(**settings: str | None) -> None:
+    """Stop a training run whose ``model.<setting>`` (``pretrained``, ``init_from``) names no
+    file, before it reads any data.
 
     Training checks this, not the configuration: evaluation, prediction and export take every
-    weight from their checkpoint, whose recorded config may name a backbone file this machine
-    never had.
+    weight from their checkpoint, whose recorded config may name files this machine never had.
     """
-    if path is not None and not Path(path).is_file():
-        raise CheckpointError(f"model.pretrained: backbone checkpoint not found: {path}")
+    for setting, path in settings.items():
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"model.{setting}: checkpoint not found: {path}")
+
+
+def start_from(model: nn.Module, path: str, load: Callable[[nn.Module, Mapping[str, Any], str], list[str]]) -> str:
+    """Fill ``model`` from the whole-model checkpoint ``path`` (``model.init_from``) through the
+    task's ``load(model, checkpoint, source)``, which keeps the classifier layers of another
+    class count as initialised and returns their keys; returns what the run's log says of it."""
+    from ..models.weights import read_checkpoint
+
+    fresh = load(model, read_checkpoint(path), path)
+    layers = sorted({key.rsplit(".", 1)[0] for key in fresh})
+    return f"started from {path}" + (f" (its classifiers of another class count start afresh: {', '.join(layers)})"
+                                     if layers else "")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:

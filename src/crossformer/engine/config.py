@@ -31,7 +31,7 @@ from .distributed import default_workers
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "config_differences", "leaf_keys",
-    "resolve_key", "build_config",
+    "resolve_key", "build_config", "check_one_start",
 ]
 
 C = TypeVar("C")
@@ -171,6 +171,14 @@ class EngineConfig:
             raise UserInputError(f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optimizer.lr "
                                  f"({self.optimizer.lr}): it is the rate the schedule decays to")
         return self
+
+
+def check_one_start(pretrained: str | None, init_from: str | None) -> None:
+    """A dense model starts from an ImageNet backbone (``model.pretrained``) or from a whole
+    model (``model.init_from``), which brings its backbone: not both."""
+    if pretrained is not None and init_from is not None:
+        raise UserInputError("model.pretrained and model.init_from are both set: the whole model (init_from) "
+                             "brings its own backbone; drop model.pretrained")
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:

@@ -16,7 +16,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ __all__ = [
     "peek_checkpoint",
     "load_state",
     "check_keys",
+    "split_class_layers",
     "extract_state_dict",
     "weights_entry",
     "load_checkpoint",
@@ -448,6 +449,23 @@ def check_keys(
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 lines.append(f"  {title}: {shown}")
         raise CheckpointError("\n".join(lines))
+
+
+def split_class_layers(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], layer_names: Collection[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` without the tensors of classifier layers of another class count, and their keys.
+
+    A classifier layer is a module whose own name is in ``layer_names`` (``fc_cls``,
+    ``conv_seg``); its tensors are left out where their shape is not the model's
+    (``expected``), so that fine-tuning on another data set keeps every other weight. Any other
+    difference still fails :func:`check_keys`.
+    """
+    fresh = sorted(
+        key for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape and key.rsplit(".", 2)[-2] in layer_names
+    )
+    return {key: value for key, value in state.items() if key not in fresh}, fresh
 
 
 def load_checkpoint(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, weights_entry
+from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, split_class_layers, weights_entry
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -38,6 +38,7 @@ MMSEG_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"neck.layer_blocks.\1.0."),
 )
 _COMPILED_MAP = tuple((re.compile(pattern), repl) for pattern, repl in MMSEG_KEY_MAP)
+CLASS_LAYERS = ("conv_seg",)  # the decode and auxiliary heads' per-class 1x1 convolutions
 
 
 def mmseg_to_ours(key: str) -> str:
@@ -73,10 +74,16 @@ def checkpoint_kind(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def load_segmentor_state(
-    segmentor: Segmentor, checkpoint: Mapping[str, Any], source: str, use_ema: bool = False
-) -> None:
+    segmentor: Segmentor, checkpoint: Mapping[str, Any], source: str, use_ema: bool = False,
+    other_classes: bool = False,
+) -> list[str]:
     """Load every tensor of ``checkpoint`` into ``segmentor``, or raise :class:`CheckpointError`
-    naming what does not fit (another segmentor kind, class count, or the keys)."""
+    naming what does not fit (another segmentor kind, class count, or the keys).
+
+    With ``other_classes`` (fine-tuning on another data set, as mmseg's ``load_from``) the
+    heads' classifiers (``conv_seg``) of another class count keep their initialisation and
+    their keys are returned.
+    """
     from .segmentor import KIND_NAMES
 
     state = segmentor_weights(checkpoint, source, use_ema)
@@ -85,7 +92,7 @@ def load_segmentor_state(
         if any(key.startswith(("patch_embed.", "layers.", "backbone.model.")) for key in state):
             raise CheckpointError(
                 f"{source} is a backbone (ImageNet) checkpoint without segmentation heads: "
-                f"give it as the backbone's pretrained weights (pretrained_backbone) instead"
+                f"give it as the backbone's pretrained weights (model.pretrained, pretrained_backbone) instead"
             )
         raise CheckpointError(f"{source} is not a segmentation checkpoint (no decode_head weights)")
     if kind != segmentor.kind:
@@ -94,14 +101,19 @@ def load_segmentor_state(
             f"use a {kind}_* config"
         )
     classes = state.get("decode_head.conv_seg.weight")
-    if classes is not None and classes.shape[0] != segmentor.num_classes:
+    if not other_classes and classes is not None and classes.shape[0] != segmentor.num_classes:
         raise CheckpointError(
             f"{source} predicts {classes.shape[0]} classes, this model {segmentor.num_classes}: "
             f"build it with num_classes={classes.shape[0]}"
         )
     expected = segmentor.state_dict()
+    fresh: list[str] = []
+    if other_classes:
+        state, fresh = split_class_layers(state, expected, CLASS_LAYERS)
+        expected = {key: value for key, value in expected.items() if key not in fresh}
     check_keys(state, expected, f"{source} does not fit this segmentor (check the backbone variant and its settings)")
-    segmentor.load_state_dict(state)
+    segmentor.load_state_dict(state, strict=not fresh)
+    return fresh
 
 
 def read_segmentation_meta(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

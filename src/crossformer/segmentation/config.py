@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
 from ..errors import UserInputError
 from .inference import InferenceConfig
 from .transforms import TrainPipelineConfig
@@ -37,12 +37,15 @@ class SegModelConfig:
     channels: int | None = None  # decode-head width (None: the authors' 128 FPN / 512 UPerNet)
     aux_channels: int | None = None  # UPerNet auxiliary-head width (None: the authors' 256)
     pretrained: str | None = None  # an ImageNet checkpoint (official or ours) for the backbone
+    # as mmseg's load_from: the classifiers start afresh where the data's class count differs
+    init_from: str | None = None  # a whole segmentor to fine-tune (the authors' mmseg file or ours)
 
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1, got {self.num_classes}")
         if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        check_one_start(self.pretrained, self.init_from)
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")

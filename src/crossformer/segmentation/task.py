@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
-from ..engine import DistContext, Task, require_pretrained, resolve_precision
+from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
 from .data import SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation
+from .checkpoint import load_segmentor_state
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
 from .transforms import SegTrainTransform
@@ -57,6 +58,11 @@ def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmen
     return build_segmentor(
         model.kind, model.backbone, classes, model.build_kwargs(), model.pretrained, model.channels, model.aux_channels,
     )
+
+
+def _fine_tune_load(segmentor: nn.Module, checkpoint: dict[str, Any], source: str) -> list[str]:
+    """``model.init_from``: a whole segmentor, classifiers of another class count left fresh."""
+    return load_segmentor_state(segmentor, checkpoint, source, other_classes=True)
 
 
 def min_train_batch(kind: str, crop_size: tuple[int, int]) -> int:
@@ -98,7 +104,7 @@ class SegmentationTask(Task):
     def __init__(self, config: SegmentationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
-        require_pretrained(c.model.pretrained)
+        require_model_files(pretrained=c.model.pretrained, init_from=c.model.init_from)
         self.train_set, self.val_set = build_datasets(c.data, SegTrainTransform(c.pipeline))
         if c.model.num_classes is not None and c.model.num_classes != self.train_set.num_classes:
             raise UserInputError(
@@ -127,6 +133,7 @@ class SegmentationTask(Task):
             pin_memory=ctx.device.type == "cuda", collate_fn=collate_segmentation, seed_each_sample=True,
         )
         model = build_model(c.model, self.train_set.num_classes)
+        self.started_from = c.model.init_from and start_from(model, c.model.init_from, _fine_tune_load)
         if ctx.distributed and ctx.device.type == "cuda":  # the authors' SyncBN: statistics over all GPUs
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(ctx.device)
@@ -193,7 +200,8 @@ class SegmentationTask(Task):
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
         return (f"{m.kind} {m.backbone}: {params:.2f}M params, {self.train_set.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+                f"{len(self.train_set)} train / {len(self.val_set)} val images"
+                + (f"; {self.started_from}" if self.started_from else ""))
 
 
 def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
