@@ -252,3 +252,36 @@ def test_cpu_threads_zero_restores_torchs_default():
         assert torch.get_num_threads() == TORCH_DEFAULT_THREADS
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_config_file_may_start_from_another_and_change_what_it_names(tmp_path: Path, capsys) -> None:
+    from crossformer.cli import main
+    from crossformer.engine.registry import resolve_config
+    from cli_errors import one_error_line
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("base: digits\nrun: {epochs: 3}\nmodel: {kwargs: {embed_dim: 16}}\n")
+    mine = tmp_path / "runs" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text("base: ../shared.yaml\noptimizer: {lr: 1.0e-3}\nschedule: {milestones: [2]}\n")
+    config = resolve_config(str(mine)).config
+    digits = resolve_config("digits").config
+    assert config.task == "classification" and config.run.epochs == 3 and config.optimizer.lr == 1e-3
+    # mappings merge key by key at every depth; the rest of the chain stays
+    assert config.model.kwargs == {**digits.model.kwargs, "embed_dim": 16}
+    assert config.run.batch_size == digits.run.batch_size and config.augment == digits.augment
+    # a bundled dense config as the base brings its task
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("base: mask_rcnn_shapes_demo\nrun: {epochs: 1}\n")
+    assert resolve_config(str(dense)).config.task == "detection"
+    # what train --help shows is the merged file
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(mine), "--help"])
+    assert "(default 3)" in " ".join(capsys.readouterr().out.split())
+    # loops and missing bases are one-line errors naming the file
+    shared.write_text("base: runs/mine.yaml\n")
+    assert "leads back to" in one_error_line(capsys, ["train", "--config", str(mine)])
+    shared.write_text("base: nowhere\n")
+    assert "no config file 'nowhere'" in one_error_line(capsys, ["train", "--config", str(mine)])
+    shared.write_text("base: [digits]\n")
+    assert "base must name one config" in one_error_line(capsys, ["train", "--config", str(mine)])

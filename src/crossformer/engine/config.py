@@ -195,8 +195,50 @@ _SECTION_NAMES = {"RunConfig": "run.", "OptimizerConfig": "optimizer.", "Schedul
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file; a one-line error for a missing or malformed file."""
-    path = Path(path)
+    """A config file's settings; a one-line error for a missing or malformed file.
+
+    A file may start from another (``base: NAME_OR_PATH``: a bundled config's name, or a path
+    that is tried relative to the file first) and change what it names: sections merge key by
+    key, mappings within them too (``model.kwargs``), any other value replaces the base's.
+    """
+    return _load_with_bases(Path(path), ())
+
+
+def _load_with_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    """``path``'s settings over those of its ``base`` chain; ``children``: the files that
+    named it (a loop is an error)."""
+    data = _read_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserInputError(f"{path}: base must name one config (a bundled name or a file), got {base!r}")
+    base_path = _find_base(base, path)
+    chain = (*children, path.resolve())
+    if base_path.resolve() in chain:
+        raise UserInputError(f"{path}: base {base!r} leads back to {base_path}: configs cannot start from each other")
+    return _merged(_load_with_bases(base_path, chain), data)
+
+
+def _find_base(name: str, child: Path) -> Path:
+    """A ``base`` named in ``child``: a file beside it, else a path or a bundled config's name."""
+    from .registry import find_config
+
+    beside = child.parent / name
+    return beside if beside.is_file() else find_config(name)
+
+
+def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` over it, mappings merged key by key at every depth."""
+    result = dict(base)
+    for key, value in changes.items():
+        both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
+        result[key] = _merged(result[key], value) if both_mappings else value
+    return result
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping in one file."""
     if not path.is_file():
         raise UserInputError(f"config file not found: {path}")
     try:
