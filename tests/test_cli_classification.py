@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from classification_fixtures import make_image_folder
+from cli_errors import one_torchrun_error_line
 from crossformer.cli import main
 from crossformer.engine import load_training_state
 
@@ -237,6 +238,14 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     # every rank averaged the same weights, so the reduced EMA metrics are rank 0's EMA's
     ema = evaluate(output / "last.pth", data, device="cpu", num_workers=0, use_ema=True)
     assert ema["loss"] == pytest.approx(state["metrics"]["val_ema/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_says_it_runs_in_one_process(data: Path, tmp_path: Path) -> None:
+    # Every process predicted every image: each line printed once per process, and the detection
+    # and segmentation PNGs and JSON written by all of them at once into the same folder.
+    line = one_torchrun_error_line(["predict", str(data / "val"), "--checkpoint", str(tmp_path / "any.pth")])
+    assert "runs in one process" in line and "without torchrun" in line
 
 
 def test_a_flag_wins_over_a_setting_of_the_same_field() -> None:

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads"]
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads",
+           "launched_processes"]
 
 MAX_DEFAULT_WORKERS = 8
 # torch's own intra-op thread count, read before any run of this process changed it.
@@ -27,6 +28,11 @@ def set_cpu_threads(threads: int) -> None:
     """``run.cpu_threads``: ``threads`` intra-op threads, or torch's default for 0 (restored,
     so that a run after one that chose 1 thread, as ``demo --task all`` does, gets all cores)."""
     torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
+
+
+def launched_processes() -> int:
+    """How many processes ``torchrun`` started for this job (its ``WORLD_SIZE``); 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def default_workers() -> int:
@@ -124,7 +130,7 @@ class DistContext:
 
 def setup_distributed(device: str = "auto") -> DistContext:
     """Join the ``torchrun`` process group if there is one; pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
