@@ -212,8 +212,11 @@ class Trainer:
             restore_rng_state(mine["rng"])
             self.meters = dict(mine["meters"])
         else:  # another process count: the data order changes anyway, so restart the epoch
-            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch}")
             self.batches_done, self.meters = 0, {}
+            if not self.run_config.by_iterations:  # the schedule's position: this count's updates to the epoch
+                self.global_step = self.epoch * self.updates_per_epoch
+            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch} "
+                          f"at update {self.global_step} of {self.total_updates}")
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     # the loop -------------------------------------------------------------------------
