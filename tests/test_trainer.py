@@ -121,6 +121,22 @@ def test_resuming_with_another_process_count_follows_the_schedule_from_the_epoch
     assert rates(tmp_path / "run")[-18:] == rates(tmp_path / "clean")
 
 
+def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:
+    # The optimizer's state restored the checkpoint's peak rate and weight decay over this run's:
+    # a changed --lr (which the run logs as a changed setting) or another global batch under
+    # linear scaling (another process count) was ignored.
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=2, save_every_steps=1), on_step_end=_stop_at(4))
+    train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", lr=0.1, weight_decay=0.02))
+    assert "optimizer.lr 0.1 (was 0.05)" in (tmp_path / "log.txt").read_text()
+    resumed = [r for r in _records(tmp_path) if "train/lr" in r and r["step"] > 4]
+    assert [r["step"] for r in resumed] == list(range(5, 13))
+    for r in resumed:
+        assert r["train/lr"] == pytest.approx(0.1 * cosine_factor(r["step"], 12, 2, 0.001, 0.0), rel=1e-12)
+    state = load_training_state(tmp_path / "last.pth")
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.02]
+
+
 def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
     metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=10, eval_every=4, accum_steps=2))
     # 6 micro-batches per epoch, 2 per update: 3 updates per epoch; 10 updates end in epoch 3 after 2 batches
