@@ -213,3 +213,22 @@ def test_torchrun_two_processes_over_gloo(ade: Path, tmp_path: Path) -> None:
     assert single["images"] == 2
     assert single["mIoU"] == pytest.approx(state["metrics"]["val/mIoU"], abs=1e-12)
     assert single["aAcc"] == pytest.approx(state["metrics"]["val/aAcc"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_names_the_unreadable_validation_files_of_every_rank(ade: Path, tmp_path: Path) -> None:
+    # With --skip-corrupt, the check before training named in log.txt only the files of rank 0's
+    # share; the evaluations skip them without naming them.
+    from cli_errors import torchrun
+    from segmentation_fixtures import write_config
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ade, broken)
+    # the check reads image, label map, image, ...: the first label map is rank 1's
+    bad = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
+    bad.write_bytes(b"not a picture")
+    config = write_config(tmp_path / "tiny.yaml", data={"root": str(broken), "skip_corrupt": True},
+                          run={"iterations": 1, "eval_every": 1})
+    proc = torchrun(["train", "--config", str(config), "--output", str(tmp_path / "ddp")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "log.txt").read_text().count(f"skipping unreadable file {bad}: ") == 1
