@@ -242,11 +242,14 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_predict_under_torchrun_says_it_runs_in_one_process(data: Path, tmp_path: Path) -> None:
-    # Every process predicted every image: each line printed once per process, and the detection
-    # and segmentation PNGs and JSON written by all of them at once into the same folder.
-    line = one_torchrun_error_line(["predict", str(data / "val"), "--checkpoint", str(tmp_path / "any.pth")])
-    assert "runs in one process" in line and "without torchrun" in line
+def test_commands_other_than_train_and_evaluate_say_they_run_in_one_process(data: Path, tmp_path: Path) -> None:
+    # Every process did all the work: predict printed every line once per process, and predict's
+    # PNGs and JSON, make-data's set and export's file were written by all of them at once.
+    for argv in (["predict", str(data / "val"), "--checkpoint", str(tmp_path / "any.pth")],
+                 ["make-data", "coco", str(tmp_path / "set"), "--images", "4"]):
+        line = one_torchrun_error_line(argv)
+        assert line.endswith("error: it runs in one process, but torchrun started 2: run it without torchrun"), line
+    assert not (tmp_path / "set").exists()
 
 
 @pytest.mark.slow
