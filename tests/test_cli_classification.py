@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from classification_fixtures import make_image_folder
+from cli_errors import one_torchrun_error_line, torchrun
 from crossformer.cli import main
 from crossformer.engine import load_training_state
 
@@ -237,6 +239,33 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     # every rank averaged the same weights, so the reduced EMA metrics are rank 0's EMA's
     ema = evaluate(output / "last.pth", data, device="cpu", num_workers=0, use_ema=True)
     assert ema["loss"] == pytest.approx(state["metrics"]["val_ema/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_commands_other_than_train_and_evaluate_say_they_run_in_one_process(data: Path, tmp_path: Path) -> None:
+    # Every process did all the work: predict printed every line once per process, and predict's
+    # PNGs and JSON, make-data's set and export's file were written by all of them at once.
+    for argv in (["predict", str(data / "val"), "--checkpoint", str(tmp_path / "any.pth")],
+                 ["make-data", "coco", str(tmp_path / "set"), "--images", "4"]):
+        line = one_torchrun_error_line(argv)
+        assert line.endswith("error: it runs in one process, but torchrun started 2: run it without torchrun"), line
+    assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_names_the_images_every_rank_skipped(data: Path, tmp_path: Path) -> None:
+    # Rank 0 alone named what it skipped: the unreadable images of the other ranks' shares were
+    # counted but never named.
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    bad = broken / "val" / "cat" / "1.png"  # the second image: rank 1's share
+    bad.write_bytes(b"not a picture")
+    proc = torchrun(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data", str(broken),
+                     "--device", "cpu", "--num-workers", "0", "--batch-size", "2", "--skip-corrupt"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"skipping unreadable image {bad}: ") == 1, proc.stderr[-3000:]
+    assert "(8 images, 1 unreadable skipped)" in proc.stdout
 
 
 def test_a_flag_wins_over_a_setting_of_the_same_field() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from crossformer.detection.task import build_configured_detector
 from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
-from cli_errors import one_error_line
+from cli_errors import one_error_line, one_torchrun_error_line
 from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
 
 
@@ -308,6 +309,20 @@ def test_bad_input_gets_one_line_errors(trained, tmp_path: Path, capsys) -> None
     assert "does not fit this mask_rcnn" in _error(capsys)
     assert main([*evaluate[:3], "--checkpoint", str(tmp_path / "nothing.pth"), "--data", str(trained["coco"])]) == 2
     assert "checkpoint not found" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_in_one_ranks_share_stops_torchrun_with_one_line(trained, tmp_path: Path) -> None:
+    # Rank 1 raised alone; rank 0 waited in the gather of results until gloo's connection broke,
+    # and the job ended with rank 0's traceback and no word of the file (rank 1 does not print).
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["coco"], broken)
+    val = CocoDetection(*coco_paths(broken, "val"))
+    bad = val.image_dir / val.records[1].file_name  # the second image: rank 1's share
+    bad.write_bytes(b"not a picture")
+    line = one_torchrun_error_line(["evaluate", "--config", str(trained["config"]), "--checkpoint",
+                                    str(trained["checkpoint"]), "--data", str(broken), "--results", str(tmp_path / "r.json")])
+    assert f"cannot read image {bad}" in line and "--skip-corrupt" in line
 
 
 @pytest.mark.slow

@@ -139,16 +139,21 @@ def test_detections_to_coco_maps_labels_boxes_and_masks():
 
 
 def test_results_are_gathered_over_ranks_and_evaluated_once(coco_root, monkeypatch):
-    # Two "ranks" in one process: rank 1's share is computed first, then handed to rank 0's gather.
+    # Two "ranks" in one process: rank 1's share is computed first, then handed to rank 0's gather
+    # (rank 1's own gather sees its share in rank 0's place too); errors stay with their rank.
     dataset = _val_set(coco_root)
     detector = GroundTruthDetector(coco_root)
     shares = {}
 
     class FakeRank(DistContext):
+        def raise_together(self, error):
+            if error is not None:
+                raise error
+
         def gather_objects(self, obj):
             if self.rank == 1:
                 shares.setdefault("rank1", obj)
-                return [None, obj]
+                return [obj, obj]
             return [obj, shares["rank1"]] if obj is not None and not isinstance(obj, dict) else [obj, None]
 
     assert evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2)) is None  # only rank 0 evaluates

@@ -285,3 +285,24 @@ def test_a_config_file_may_start_from_another_and_change_what_it_names(tmp_path:
     assert "no config file 'nowhere'" in one_error_line(capsys, ["train", "--config", str(mine)])
     shared.write_text("base: [digits]\n")
     assert "base must name one config" in one_error_line(capsys, ["train", "--config", str(mine)])
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun --nproc-per-node 8 on a 4-GPU machine: ranks 4-7 asked for cuda:4-7 and failed deep
+    # inside torch.cuda.set_device with CUDA's "invalid device ordinal" (and rank 0, which prints
+    # the errors, had none to print). Now every rank of the node has the same one-line error.
+    from crossformer.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_device("auto", local_rank=3) == torch.device("cuda:3")
+    assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    for local_rank in (0, 7):
+        with pytest.raises(UserInputError, match=r"^torchrun started 8 processes on this node but 4 GPUs are visible "
+                                                 r"\(0-3\): start at most 4 per node \(torchrun --nproc-per-node\) or "
+                                                 r"use --device cpu$"):
+            resolve_device("cuda", local_rank=local_rank)
+    with pytest.raises(UserInputError, match=r"^--device cuda:4: 4 GPUs are visible \(0-3\)$"):
+        resolve_device("cuda:4")

@@ -246,6 +246,15 @@ def test_under_torchrun_every_rank_stops_with_the_one_line(tmp_path: Path) -> No
     assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_non_finite_loss_is_said_once(tmp_path: Path) -> None:
+    # Every rank printed its own "stopped:" line, rank 0's and rank 1's worded differently.
+    proc = _torchrun_train(tmp_path, "FakeTask", "task: fake\nrun:\n  epochs: 2\nfake:\n  nan_at_call: 3\n")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("crossformer train: stopped:")]
+    assert len(lines) == 1 and "loss became nan at epoch 1 step 3" in lines[0], proc.stdout[-3000:]
+
+
 # -- 4. SIGINT / SIGTERM: a checkpoint, a resume command, then the same result ------------------
 
 

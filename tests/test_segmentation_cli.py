@@ -14,6 +14,7 @@ from PIL import Image
 
 from crossformer.cli import main
 from crossformer.engine import load_training_state
+from cli_errors import one_torchrun_error_line
 from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, write_config
 
 
@@ -200,6 +201,21 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
                     str(foreign), "another segmentor than the config's upernet crossformer_small")
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "data.root=null"], "no data given: pass --data")
+
+
+@pytest.mark.slow
+def test_bad_data_in_one_ranks_share_stops_torchrun_with_one_line(run: dict[str, Path], tmp_path: Path) -> None:
+    # Rank 1 raised alone; rank 0 waited in the reduction of the areas until gloo's connection
+    # broke, and the job ended with rank 0's traceback and no word of the file (rank 1 does not print).
+    broken = tmp_path / "broken"
+    shutil.copytree(run["data"], broken)
+    label = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[1]  # rank 1's
+    values = np.asarray(Image.open(label)).copy()
+    values[0, 0] = 9  # 7 classes
+    Image.fromarray(values).save(label)
+    line = one_torchrun_error_line(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
+                                    "--data", str(broken)])
+    assert f"label map {label} holds value 9" in line
 
 
 def test_evaluate_refuses_a_data_set_of_other_classes(run: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -85,6 +85,58 @@ def test_bad_training_data_mid_epoch_keeps_the_updates_done(tmp_path: Path) -> N
     resume_and_compare(tmp_path / "stopped", tmp_path / "clean", epochs=2, model_ema=True)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def on_step_end(global_step: int) -> None:
+        if global_step == step:
+            raise _Stop
+    return on_step_end
+
+
+def test_resuming_with_another_process_count_follows_the_schedule_from_the_epoch(tmp_path: Path) -> None:
+    # The position in the schedule is the update count, whose meaning depends on the process
+    # count: resumed by one process, the updates of a 2-process run (3 per epoch, not 6) put the
+    # schedule behind, and the run went past its total, its last updates at the cosine's end
+    # (resumed by more processes, the rate fell to the floor half-way through).
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path / "run", epochs=4, save_every_steps=1), on_step_end=_stop_at(4))
+    path = tmp_path / "run" / "last.pth"
+    state = load_training_state(path)
+    # as 2 processes of this batch would have written it after 4 updates: epoch 1, batch 1 of 3
+    state.update(world_size=2, rank_state=state["rank_state"] * 2, epoch=1, batches_done=1, global_step=4)
+    torch.save(state, path)
+    metrics = train(FakeTask, fake_config(tmp_path / "run", epochs=4, resume="auto"))
+    assert metrics["global_step"] == 24  # as a 1-process run of 4 epochs: 6 updates each
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "was written by 2 processes: restarting epoch 1 at update 6 of 24" in log
+    clean = train(FakeTask, fake_config(tmp_path / "clean", epochs=4))
+    assert clean["global_step"] == 24
+
+    def rates(output: Path) -> list[tuple[int, int, float]]:
+        return [(r["epoch"], r["step"], r["train/lr"]) for r in _records(output) if "train/lr" in r and r["epoch"] >= 1]
+
+    assert rates(tmp_path / "run")[-18:] == rates(tmp_path / "clean")
+
+
+def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:
+    # The optimizer's state restored the checkpoint's peak rate and weight decay over this run's:
+    # a changed --lr (which the run logs as a changed setting) or another global batch under
+    # linear scaling (another process count) was ignored.
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=2, save_every_steps=1), on_step_end=_stop_at(4))
+    train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", lr=0.1, weight_decay=0.02))
+    assert "optimizer.lr 0.1 (was 0.05)" in (tmp_path / "log.txt").read_text()
+    resumed = [r for r in _records(tmp_path) if "train/lr" in r and r["step"] > 4]
+    assert [r["step"] for r in resumed] == list(range(5, 13))
+    for r in resumed:
+        assert r["train/lr"] == pytest.approx(0.1 * cosine_factor(r["step"], 12, 2, 0.001, 0.0), rel=1e-12)
+    state = load_training_state(tmp_path / "last.pth")
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.02]
+
+
 def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
     metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=10, eval_every=4, accum_steps=2))
     # 6 micro-batches per epoch, 2 per update: 3 updates per epoch; 10 updates end in epoch 3 after 2 batches

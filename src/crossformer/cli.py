@@ -37,6 +37,8 @@ _CONFIG_DISPATCH = ("benchmark", "flops", "export")
 # commands that run a model over data: with CROSSFORMER_KEEP_FREED_MEMORY=1 their process keeps
 # the memory malloc frees (engine/memory.py)
 _KEEP_FREED_MEMORY = ("train", "evaluate", "predict", "demo")
+# commands that split their work over torchrun's processes; the others run in one
+_MANY_PROCESSES = ("train", "evaluate")
 
 
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -185,6 +187,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         _say(f"crossformer {command}: error: {err}")
         return 2
+    if args.command not in _MANY_PROCESSES:
+        from .engine.distributed import launched_processes
+
+        if launched_processes() > 1:  # each would do all the work, into the same files
+            _say(f"crossformer {args.command}: error: it runs in one process, but torchrun started "
+                 f"{launched_processes()}: run it without torchrun")
+            return 2
     if args.command in _KEEP_FREED_MEMORY:
         from .engine.memory import keep_freed_memory, wanted_by_environment
 

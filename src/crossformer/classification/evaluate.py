@@ -47,17 +47,19 @@ def evaluate_batches(
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) over every rank's batches.
 
     Sums are reduced over ranks, so with an unpadded sampler each image counts exactly once.
-    An unreadable image (unless ``skip_corrupt``; ``on_skip("path: reason")`` names each
-    skipped one) stops every rank with the same error, none left waiting in a reduction.
+    An unreadable image (unless ``skip_corrupt``) stops every rank with the same error, none
+    left waiting in a reduction. ``on_skip("path: reason")`` names each skipped image of every
+    rank's share, after the loop (gathered where it is given: rank 0's; others may pass None).
     """
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = skipped = 0.0
     progress = logger.progress(total, "eval") if logger is not None else None
     error = None
+    skipped_files: list[str] = []
     for images, targets, failures in batches:
         try:
-            skipped += raise_or_count_unreadable(failures, skip_corrupt, on_skip)
+            skipped += raise_or_count_unreadable(failures, skip_corrupt, skipped_files.append)
         except DataError as err:
             error = err
             break
@@ -80,6 +82,11 @@ def evaluate_batches(
     model.train(was_training)
     ctx.raise_together(error)
     loss_sum, correct1, correct5, count, skipped = ctx.all_reduce_sum([loss_sum, correct1, correct5, count, skipped])
+    if skipped:  # the same on every rank, so all join the gather
+        gathered = [failure for share in ctx.gather_objects(skipped_files) for failure in share]
+        if on_skip is not None:
+            for failure in gathered:
+                on_skip(failure)
     if count == 0:
         raise DataError("no readable images to evaluate")
     return {

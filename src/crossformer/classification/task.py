@@ -123,7 +123,7 @@ class ClassificationTask(Task):
         """Every validation image's header (this rank's share), so that a bad file stops the run
         now rather than after the first epoch; with ``skip_corrupt`` the bad ones are named."""
         paths = [sample[0] for sample in self.val_set.samples]
-        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, self.config.run.num_workers,
+        for failure in check_readable(paths, self.ctx, self.config.run.num_workers,
                                       self.config.data.skip_corrupt, self.log):
             self._skipped(failure)
 

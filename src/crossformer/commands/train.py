@@ -50,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from .common import command_line_settings
 
     resolved = resolve_config(args.config, command_line_settings(args, args.overrides))
+    says = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops the same way; rank 0 says it
     try:
         metrics = train(resolved.module.TASK, resolved.config)
     except NonFiniteLossError as err:
-        print(f"crossformer train: stopped: {err}")
+        if says:
+            print(f"crossformer train: stopped: {err}")
         return 1
     except RunInterrupted as err:
-        if os.environ.get("RANK", "0") == "0":
+        if says:
             launcher = "torchrun ... -m " if "RANK" in os.environ else ""
             print(f"crossformer train: {err}\nresume with: {launcher}{resume_command(sys.argv[1:])}", file=sys.stderr)
         return 130

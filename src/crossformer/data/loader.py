@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..engine.distributed import DistContext
 from ..engine.seeding import sample_seed, seeded_rngs
 from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError
 from .sampler import ShardedSampler
@@ -90,23 +91,26 @@ def find_unreadable(
     return found
 
 
-def check_readable(paths: Sequence[str], rank: int, world_size: int, num_workers: int, skip_corrupt: bool,
+def check_readable(paths: Sequence[str], ctx: DistContext, num_workers: int, skip_corrupt: bool,
                    log: Any = None, what: str = "validation image") -> list[str]:
-    """A task's data check before training: the headers of process ``rank``'s share of
-    ``paths`` (:func:`find_unreadable`). A bad file is a :class:`DataError` naming it (and how
-    many more) unless ``skip_corrupt``; returns the bad ones as ``"path: reason"``. ``log`` (a
+    """A task's data check before training: the headers of this process's share of ``paths``
+    (:func:`find_unreadable`; ``ctx`` says which). A bad file is a :class:`DataError` naming it
+    (and how many more) unless ``skip_corrupt``; then returns the bad ones of every process's
+    share as ``"path: reason"``, on every process (each must call this then). ``log`` (a
     :class:`~crossformer.engine.RunLogger`) shows progress on large sets."""
-    mine = [paths[i] for i in ShardedSampler(len(paths), rank, world_size, shuffle=False, pad=False)]
+    mine = [paths[i] for i in ShardedSampler(len(paths), ctx.rank, ctx.world_size, shuffle=False, pad=False)]
     batch = 64
     large = log is not None and len(mine) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
     progress = log.progress(-(-len(mine) // batch), f"checking {what}s", every=100) if large else None
     bad = find_unreadable(mine, num_workers, batch, progress)
     if progress is not None:
         progress.close()
-    if bad and not skip_corrupt:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"cannot read {what} {bad[0]}{more}{SKIP_HINT}")
-    return bad
+    if not skip_corrupt:  # (the same on every process: none is left in the gather below)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(f"cannot read {what} {bad[0]}{more}{SKIP_HINT}")
+        return []
+    return [failure for share in ctx.gather_objects(bad) for failure in share]
 
 
 class _SeededSamples(Dataset):

@@ -122,7 +122,8 @@ def evaluate_detector(
     own masks (``with_masks=False``): COCOeval reads the ground truth from the annotation file.
     Returns the metrics (same dict on every rank) plus ``images`` (evaluated) and ``skipped``
     (unreadable, with ``skip_corrupt``); rank 0 writes ``results_file`` (COCO results JSON).
-    Images skipped as unreadable are left out of the evaluation rather than counted as misses.
+    Images skipped as unreadable are left out of the evaluation rather than counted as misses;
+    otherwise an unreadable image in any rank's share stops every rank with the same error.
     """
     ctx = ctx or DistContext()
     was_training = detector.training
@@ -134,8 +135,13 @@ def evaluate_detector(
     results: list[dict[str, Any]] = []
     evaluated: list[int] = []
     skipped, with_masks = 0, False
+    error = None
     for batch in loader:
-        skipped += raise_or_count_unreadable(batch.failures, skip_corrupt)
+        try:
+            skipped += raise_or_count_unreadable(batch.failures, skip_corrupt)
+        except DataError as err:  # raised on every rank below, so that none waits in the gather
+            error = err
+            break
         if len(batch):
             images = batch.images.to(ctx.device, non_blocking=True)
             with precision.autocast() if precision is not None else contextlib.nullcontext():
@@ -149,13 +155,14 @@ def evaluate_detector(
     if progress is not None:
         progress.close()
     detector.train(was_training)
+    ctx.raise_together(error)
     gathered = ctx.gather_objects((results, evaluated, skipped, with_masks))
+    if not any(part[1] for part in gathered):  # on every rank, as the gather
+        raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
     metrics: dict[str, float] | None = None
     if ctx.is_main:
         results = [r for part in gathered for r in part[0]]
         evaluated = sorted(i for part in gathered for i in part[1])
-        if not evaluated:
-            raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
         if results_file is not None:
             Path(results_file).parent.mkdir(parents=True, exist_ok=True)
             with open(results_file, "w", encoding="utf-8") as f:

@@ -108,7 +108,7 @@ class DetectionTask(Task):
         the first evaluation; with ``skip_corrupt`` they are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
-        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+        for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log):
             self.log.info(f"skipping unreadable image {failure}")
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads"]
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads",
+           "launched_processes"]
 
 MAX_DEFAULT_WORKERS = 8
 # torch's own intra-op thread count, read before any run of this process changed it.
@@ -27,6 +28,11 @@ def set_cpu_threads(threads: int) -> None:
     """``run.cpu_threads``: ``threads`` intra-op threads, or torch's default for 0 (restored,
     so that a run after one that chose 1 thread, as ``demo --task all`` does, gets all cores)."""
     torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
+
+
+def launched_processes() -> int:
+    """How many processes ``torchrun`` started for this job (its ``WORLD_SIZE``); 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def default_workers() -> int:
@@ -50,10 +56,31 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserInputError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+        return _visible_gpu(name, local_rank)
     if name != "cpu":
         raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     return torch.device("cpu")
+
+
+def _visible_gpu(name: str, local_rank: int) -> torch.device:
+    """``cuda:N`` as named, or for ``cuda`` this node's process ``local_rank``'s GPU; a one-line
+    error when no such GPU is visible. More processes on this node than GPUs (torchrun's
+    ``LOCAL_WORLD_SIZE``) is an error on every one of them, so that rank 0 says it."""
+    try:
+        device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+    except RuntimeError:
+        raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+    count = torch.cuda.device_count()
+    visible = f"{count} GPUs are visible (0-{count - 1})"
+    if ":" in name:
+        if device.type != "cuda" or device.index is None or device.index >= count:
+            raise UserInputError(f"--device {name}: {visible}")
+        return device
+    per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1)
+    if per_node > count:
+        raise UserInputError(f"torchrun started {per_node} processes on this node but {visible}: start at most "
+                             f"{count} per node (torchrun --nproc-per-node) or use --device cpu")
+    return device
 
 
 @dataclass
@@ -124,7 +151,7 @@ class DistContext:
 
 def setup_distributed(device: str = "auto") -> DistContext:
     """Join the ``torchrun`` process group if there is one; pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)

@@ -191,7 +191,7 @@ class Trainer:
         changed = config_differences(state.get("config", {}), config_to_dict(self.config), ignore=_RUN_ONLY_SETTINGS)
         try:
             self.task.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer_state(state["optimizer"])
             if self.ema is not None and "model_ema" in state:
                 self.ema.module.load_state_dict(state["model_ema"])
         except (RuntimeError, ValueError, KeyError) as err:
@@ -212,9 +212,20 @@ class Trainer:
             restore_rng_state(mine["rng"])
             self.meters = dict(mine["meters"])
         else:  # another process count: the data order changes anyway, so restart the epoch
-            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch}")
             self.batches_done, self.meters = 0, {}
+            if not self.run_config.by_iterations:  # the schedule's position: this count's updates to the epoch
+                self.global_step = self.epoch * self.updates_per_epoch
+            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch} "
+                          f"at update {self.global_step} of {self.total_updates}")
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
+
+    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """The checkpoint's moments and step counts with this run's settings: its peak rates
+        (scaled to this run's global batch), weight decay, betas and eps, which a resume may change."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, mine in zip(self.optimizer.param_groups, settings):
+            group.update(mine)
 
     # the loop -------------------------------------------------------------------------
 

@@ -133,7 +133,8 @@ def evaluate_segmentor(
     size), each rank taking every ``world_size``-th image; counts summed over ranks.
 
     ``autocast``: e.g. ``Precision.autocast``. ``logger``: progress bar and the names of
-    skipped unreadable images (rank 0 only). The model's train/eval mode is restored.
+    skipped unreadable images (rank 0 only). The model's train/eval mode is restored. Bad data
+    in any rank's share stops every rank with the same error.
     """
     if dataset.transform is not None:
         raise ValueError("evaluate_segmentor needs the dataset without a training transform")
@@ -153,9 +154,14 @@ def evaluate_segmentor(
     was_training = segmentor.training
     segmentor.eval()
     images = skipped = 0
+    error = None
     try:
         for batch in loader:
-            skipped += check_batch(batch, skip_corrupt, log)
+            try:
+                skipped += check_batch(batch, skip_corrupt, log)
+            except DataError as err:  # raised on every rank below, so that none waits in the reduction
+                error = err
+                break
             for image, label in zip(batch.images, batch.labels):
                 pred = segment(segmentor, image.permute(1, 2, 0).numpy(), inference, device, autocast)
                 accumulator.update(pred, label.to(pred.device))
@@ -166,6 +172,7 @@ def evaluate_segmentor(
         if progress is not None:
             progress.close()
         segmentor.train(was_training)
+    ctx.raise_together(error)
     accumulator.all_reduce(ctx)
     images, skipped = (int(v) for v in ctx.all_reduce_sum([images, skipped]))
     if images == 0:

@@ -147,7 +147,7 @@ class SegmentationTask(Task):
         rather than at the first evaluation; with ``skip_corrupt`` they are named."""
         c = self.config
         paths = [path for pair in self.val_set.samples for path in pair]
-        for failure in check_readable(paths, self.ctx.rank, self.ctx.world_size, c.run.num_workers, c.data.skip_corrupt,
+        for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, what="validation file"):
             self.log.info(f"skipping unreadable file {failure}")
 
