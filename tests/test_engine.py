@@ -297,7 +297,13 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resolve_device("auto", local_rank=3) == torch.device("cuda:3")
-    assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda:1")
+    # a fixed GPU for every process of the node: NCCL's "Duplicate GPU detected" at the first reduction
+    with pytest.raises(UserInputError, match=r"^--device cuda:1 would put all 4 processes torchrun started on this "
+                                             r"node on GPU 1: use --device cuda \(each process takes its own GPU\)$"):
+        resolve_device("cuda:1", local_rank=3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     for local_rank in (0, 7):
         with pytest.raises(UserInputError, match=r"^torchrun started 8 processes on this node but 4 GPUs are visible "

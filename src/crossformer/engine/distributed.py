@@ -72,11 +72,14 @@ def _visible_gpu(name: str, local_rank: int) -> torch.device:
         raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
     count = torch.cuda.device_count()
     visible = f"{count} GPUs are visible (0-{count - 1})"
+    per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1)
     if ":" in name:
         if device.type != "cuda" or device.index is None or device.index >= count:
             raise UserInputError(f"--device {name}: {visible}")
+        if per_node > 1:  # NCCL cannot join processes on one GPU
+            raise UserInputError(f"--device {name} would put all {per_node} processes torchrun started on this node "
+                                 f"on GPU {device.index}: use --device cuda (each process takes its own GPU)")
         return device
-    per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1)
     if per_node > count:
         raise UserInputError(f"torchrun started {per_node} processes on this node but {visible}: start at most "
                              f"{count} per node (torchrun --nproc-per-node) or use --device cpu")
