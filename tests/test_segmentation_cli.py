@@ -170,6 +170,16 @@ def test_make_data_writes_the_ade_layout(tmp_path: Path, capsys) -> None:
     assert image.shape[:2] == label.shape and 255 in label and label[label != 255].max() < 7  # unlabelled -> 255
 
 
+def test_make_data_help_gives_the_held_out_share_it_writes(tmp_path: Path, capsys) -> None:
+    """``make-data --help`` said a quarter of the images are held out for every kind; ade holds out a fifth."""
+    with pytest.raises(SystemExit):
+        main(["make-data", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(coco 25%, ade 20%)" in help_text, help_text
+    assert main(["make-data", "ade", str(tmp_path), "--images", "10"]) == 0
+    assert "8 training / 2 validation images" in capsys.readouterr().out
+
+
 def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(run["data"], broken)

@@ -2,7 +2,8 @@
 
 Each kind is one entry of :data:`MAKERS`: ``coco`` (detection: COCO-format JSON and JPEG
 images of shapes with exact masks), ``ade`` (segmentation: the ADE20K layout). A task adds its own kind with one entry: a one-line
-description, a default image count and a function ``(dir, images, seed) -> summary line``.
+description, a default image count, the share of images held out for validation and a function
+``(dir, images, seed, held_out) -> summary line``.
 """
 
 from __future__ import annotations
@@ -17,27 +18,28 @@ from typing import Callable
 class Maker:
     help: str
     default_images: int
-    write: Callable[[Path, int, int], str]  # (dir, images, seed) -> what was written, one line
+    held_out: float  # the share of the images written to the validation split
+    write: Callable[[Path, int, int, float], str]  # (dir, images, seed, held_out) -> what was written, one line
 
 
-def _coco(root: Path, images: int, seed: int) -> str:
+def _coco(root: Path, images: int, seed: int, held_out: float) -> str:
     from crossformer.detection.synthetic import make_coco_dataset
 
-    made = make_coco_dataset(root, images=images, seed=seed)
+    made = make_coco_dataset(root, images=images, seed=seed, val_fraction=held_out)
     return (f"wrote a COCO-format set to {root}: {made.train_images} train / {made.val_images} val images, "
             f"{made.objects} objects, {made.crowds} crowd regions, {made.empty_images} images without objects "
             f"(annotations/instances_{{train,val}}2017.json, train2017/, val2017/)")
 
 
-def _ade(root: Path, images: int, seed: int) -> str:
+def _ade(root: Path, images: int, seed: int, held_out: float) -> str:
     from crossformer.segmentation.demo import write_ade
 
-    return write_ade(root, images, seed)
+    return write_ade(root, images, seed, held_out)
 
 
 MAKERS: dict[str, Maker] = {
-    "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, _coco),
-    "ade": Maker("segmentation: textured scenes of 7 classes with unlabelled pixels, ADE20K layout", 200, _ade),
+    "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, 0.25, _coco),
+    "ade": Maker("segmentation: textured scenes of 7 classes with unlabelled pixels, ADE20K layout", 200, 0.2, _ade),
 }
 
 
@@ -46,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=sorted(MAKERS), metavar="KIND", help=f"what to write ({kinds})")
     parser.add_argument("dir", metavar="DIR", help="the folder to write (created; existing files of the set are replaced)")
     parser.add_argument("--images", type=int, default=None, metavar="N",
-                        help="images in all, a quarter of them held out for validation (default: "
-                        + ", ".join(f"{n} {m.default_images}" for n, m in MAKERS.items()) + ")")
+                        help="images in all (default: " + ", ".join(f"{n} {m.default_images}" for n, m in MAKERS.items())
+                        + "), of which a share is held out for validation ("
+                        + ", ".join(f"{n} {round(m.held_out * 100)}%%" for n, m in MAKERS.items()) + ")")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed writes the same set")
 
 
@@ -61,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if root.exists() and not root.is_dir():
         raise UserInputError(f"{root} exists and is not a folder")
-    print(maker.write(root, images, args.seed))
+    print(maker.write(root, images, args.seed, maker.held_out))
     return 0

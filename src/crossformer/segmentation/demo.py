@@ -18,17 +18,18 @@ DEMO_TARGET_MIOU = 0.5
 DEMO_IMAGES = 200
 
 
-def make_data(root: str | Path, images: int = DEMO_IMAGES, seed: int = 0) -> Path:
+def make_data(root: str | Path, images: int = DEMO_IMAGES, seed: int = 0, val_fraction: float = 0.2) -> Path:
     """Write the synthetic ADE20K-layout set (JPEG images, PNG label maps, 0 = unlabelled,
-    ``classes.txt``; 20% in ``validation``) under ``root``; returns its ADEChallengeData2016 folder."""
+    ``classes.txt``; ``val_fraction`` of the images in ``validation``) under ``root``; returns its
+    ADEChallengeData2016 folder."""
     from .synthetic import make_ade_dataset
 
-    return make_ade_dataset(root, images=images, seed=seed)
+    return make_ade_dataset(root, images=images, seed=seed, val_fraction=val_fraction)
 
 
-def write_ade(root: Path, images: int, seed: int) -> str:
+def write_ade(root: Path, images: int, seed: int, val_fraction: float) -> str:
     """``crossformer make-data ade DIR``: :func:`make_data`, and one line saying what was written."""
-    ade = make_data(root, images, seed)
+    ade = make_data(root, images, seed, val_fraction)
     train = len(list((ade / "images" / "training").glob("*.jpg")))
     val = len(list((ade / "images" / "validation").glob("*.jpg")))
     return (f"wrote an ADE20K-layout set to {ade}: {train} training / {val} validation images, "
