@@ -121,8 +121,9 @@ def evaluate(
     """Evaluate a checkpoint on ``DATA/<split>`` (resize to size/crop_pct, centre crop). Size,
     crop and resize filter: the arguments, else what the checkpoint records (bicubic, 0.875).
 
-    Our checkpoints know their model and classes; the authors' files need ``model`` and
-    take their class order from the sorted folder names (the ImageNet convention).
+    Our checkpoints know their model and classes; the authors' files are taken for the
+    registered variant their weights fit (else they need ``model``) and take their class
+    order from the sorted folder names (the ImageNet convention).
     ``num_workers`` None: the CPUs available. Works under ``torchrun`` too: images are split
     over ranks and the sums reduced.
     """
