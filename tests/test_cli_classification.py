@@ -115,6 +115,17 @@ def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
     assert "config file not found: nope.yaml" in capsys.readouterr().err
 
 
+def test_flops_and_benchmark_take_model_or_config(capsys) -> None:
+    """The README runs both with --config alone; their help marked --model as required and,
+    given neither, they named --model only."""
+    for verb in ("flops", "benchmark"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "[--model NAME]" in capsys.readouterr().out
+        _one_line_error(capsys, [verb], "give --model NAME (crossformer_tiny ... crossformer_pp_huge, or any timm "
+                                        "model) or --config NAME_OR_FILE")
+
+
 def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys) -> None:
     """The digits config's crossformer_tiny has its own widths and depths (model.kwargs)."""
     import timm

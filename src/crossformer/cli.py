@@ -70,10 +70,6 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
             add_config_argument(command)
             command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                                  help="with --config: any setting of the config, e.g. model.backbone=crossformer_base")
-            if any(a == "--config" or a.startswith("--config=") for a in argv):
-                for action in command._actions:  # the config names the model
-                    if "--model" in action.option_strings:
-                        action.required = False
         commands[name] = command
     return parser, commands
 

@@ -22,14 +22,14 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .common import add_img_size_argument, add_model_argument, img_size
+from .common import add_img_size_argument, add_model_argument, img_size, model_name
 
 if TYPE_CHECKING:
     from crossformer.benchmark import BenchConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    add_model_argument(parser, required=model_required)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
     add_img_size_argument(parser)
     parser.add_argument("--compare", metavar="NAME", nargs="?", const="auto", default=None,
                         help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224); "
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     from crossformer.benchmark import format_summary, run_benchmark, summarise
     from crossformer.models import require_known_model
 
-    names = [args.model] + ([args.compare] if args.compare and args.compare != args.model else [])
+    names = [model_name(args)] + ([args.compare] if args.compare and args.compare != args.model else [])
     for name in names:
         require_known_model(name)
     config = build_config(args, model_kwargs)

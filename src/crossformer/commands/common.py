@@ -8,11 +8,21 @@ from typing import Any, Mapping, Sequence
 from ..errors import UserInputError
 
 
-def add_model_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model``: optional to argparse, since ``--config`` (or a checkpoint) may name the model;
+    a command that needs it reads it with :func:`model_name`."""
     parser.add_argument(
-        "--model", required=required, metavar="NAME",
+        "--model", metavar="NAME",
         help="a registered variant (crossformer_tiny ... crossformer_pp_huge) or any timm model",
     )
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """``--model``, which a command given no ``--config`` needs; a one-line error without it."""
+    if not args.model:
+        raise UserInputError("give --model NAME (crossformer_tiny ... crossformer_pp_huge, or any timm model) "
+                             "or --config NAME_OR_FILE")
+    return args.model
 
 
 def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224) -> None:

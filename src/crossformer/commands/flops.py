@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .common import add_img_size_argument, add_model_argument, img_size
+from .common import add_img_size_argument, add_model_argument, img_size, model_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
 
     settings = dict(model_kwargs or {})
     height, width = img_size(args)
-    require_known_model(args.model)
+    require_known_model(model_name(args))
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         model = timm.create_model(args.model, num_classes=args.num_classes, **settings)
     if not isinstance(model, CrossFormer):
