@@ -343,9 +343,10 @@ def test_resume_with_other_settings_names_them(data: Path, trained: Path, tmp_pa
     output.mkdir()
     checkpoint = (trained / "last.pth").read_bytes()
     (output / "last.pth").write_bytes(checkpoint)
-    line = one_error_line(capsys, _train_argv(data, output, "--resume", "auto", overrides=("model.kwargs.embed_dim=32",)))
+    changes = ("model.kwargs.embed_dim=32", "optimizer.lr=1e-3")  # a new rate alone is allowed (docs/classification.md)
+    line = one_error_line(capsys, _train_argv(data, output, "--resume", "auto", overrides=changes))
     assert f"cannot resume from {output / 'last.pth'}: it was trained with other settings (" in line
-    assert "model.kwargs.embed_dim 32 (was 16)" in line and "run.output" not in line
+    assert "model.kwargs.embed_dim 32 (was 16)" in line and "run.output" not in line and "optimizer.lr" not in line
     assert (output / "last.pth").read_bytes() == checkpoint
 
 

@@ -46,6 +46,13 @@ _RUN_ONLY_SETTINGS = ("run.output", "run.resume", "run.overwrite", "run.num_work
                       "run.tensorboard", "run.device", "run.cpu_threads")
 
 
+def _unfitting(changed: list[str]) -> list[str]:
+    """Of the settings a resumed run changed (``config_differences``), those that can make the
+    checkpoint's weights not fit: the ``model`` section's; all of them when it has none (an
+    optimizer setting that regroups the parameters). Run length and rates may change on resume."""
+    return [c for c in changed if c.startswith("model.")] or changed
+
+
 class RunInterrupted(Exception):
     """SIGINT or SIGTERM stopped the run after saving ``checkpoint`` (resume with ``resume=auto``)."""
 
@@ -195,7 +202,7 @@ class Trainer:
             if self.ema is not None and "model_ema" in state:
                 self.ema.module.load_state_dict(state["model_ema"])
         except (RuntimeError, ValueError, KeyError) as err:
-            what = "; ".join(changed) if changed else str(err).strip().splitlines()[-1].strip()
+            what = "; ".join(_unfitting(changed)) if changed else str(err).strip().splitlines()[-1].strip()
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with other settings ({what}); use its settings, "
                 f"or pass another --output (or --overwrite) to start afresh"
