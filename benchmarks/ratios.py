@@ -18,12 +18,12 @@ import sys
 import crossformer  # noqa: F401  (registers the variants)
 from crossformer.benchmark import format_summary, run_benchmark, summarise
 from crossformer.commands.benchmark import add_arguments, build_config
-from crossformer.commands.common import require_model
+from crossformer.models import require_known_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, model_required=False)
+    add_arguments(parser)
     parser.add_argument("--models", nargs="+", default=[], help="the models measured against --compare")
     parser.add_argument("--memory", action="store_false", dest="no_memory", help="also measure peak memory")
     parser.set_defaults(compare="swin_tiny_patch4_window7_224", no_memory=True)
@@ -33,7 +33,7 @@ def main() -> None:
         parser.error("name the models to measure: --models NAME [NAME ...]")
     names = [*models, args.compare]
     for name in names:
-        require_model(name)
+        require_known_model(name)
     config = build_config(args)
     results = run_benchmark(names, config, log=lambda m: print(m, file=sys.stderr, flush=True))
     summary = summarise(results, config, compare=args.compare)
