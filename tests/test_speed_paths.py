@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -372,3 +374,14 @@ def test_nothing_is_timed_under_a_flop_counter(monkeypatch) -> None:
     # forward, input gradient and weight gradient, each counted once: 3 products of 2 * M * K * N
     assert counter.get_total_flops() == 3 * 2 * 3 * 1021 * 40 * 24
     assert not any(key[3:] == ((3 * 1021).bit_length(), 40, 24) for key in gemm_choices())
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_imports(script: str) -> None:
+    """The scripts of benchmarks/ run outside the tests; a helper they import that moved broke
+    ratios.py unnoticed for a session. Importing each (its __main__ part not run) catches that."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    spec = importlib.util.spec_from_file_location(f"benchmark_script_{path.stem}", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
