@@ -595,3 +595,14 @@ def test_a_missing_start_checkpoint_stops_training_before_the_data_is_read(confi
                                    str(tmp_path / "run"), f"model.{setting}={tmp_path / 'gone.pth'}"])
     assert f"model.{setting}: checkpoint not found: {tmp_path / 'gone.pth'}" in line
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("argv", [["flops", "--model", "crossformer_tiny", "--traced", "--img-size", "64"],
+                                  ["train", "--config", "digits", "--help"]])
+def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
+    # `crossformer ... | head -1`: head has gone when the next line is written
+    process = subprocess.Popen([sys.executable, "-m", "crossformer", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == ""

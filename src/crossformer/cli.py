@@ -172,7 +172,11 @@ def _leave_after_rank_0(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _leave_after_rank_0(_main(argv))
+    try:
+        return _leave_after_rank_0(_main(argv))
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted, the work stops
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

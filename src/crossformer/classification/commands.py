@@ -96,16 +96,13 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
                       img_size=given.get("data.img_size"), batch_size=given.get("run.batch_size", 32),
                       use_ema=args.ema, device=config.run.device, model_kwargs=_kwargs(args, config),
                       skip_corrupt=config.data.skip_corrupt, on_note=_note)
-    try:
-        for result in results:
-            if args.json:
-                print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
-            else:
-                shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
-                print(f"{result.path}: {shown}")
-            sys.stdout.flush()
-    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    for result in results:
+        if args.json:
+            print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
+        else:
+            shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
+            print(f"{result.path}: {shown}")
+        sys.stdout.flush()
     return 0
 
 

@@ -206,8 +206,6 @@ def _labels_of(checkpoint: dict[str, Any], num_classes: int) -> tuple[list[str],
 
 
 def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
-    import os
-
     from ..engine import resolve_precision
     from ..engine.distributed import resolve_device
     from .predict import predict_images
@@ -224,15 +222,12 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
         segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
         config.data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
     )
-    try:
-        for result in results:
-            if args.json:
-                print(json.dumps(dataclasses.asdict(result)))
-            else:
-                print(f"{result.path}: {result.overlay}, {result.label_map} ({', '.join(result.classes) or 'no class'})")
-            sys.stdout.flush()
-    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    for result in results:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(result)))
+        else:
+            print(f"{result.path}: {result.overlay}, {result.label_map} ({', '.join(result.classes) or 'no class'})")
+        sys.stdout.flush()
     return 0
 
 
