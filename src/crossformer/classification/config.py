@@ -38,7 +38,7 @@ class ModelConfig:
 class DataConfig:
     shorthand: ClassVar[str] = "root"
 
-    root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); training unset: the built-in digits
+    root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); unset, training takes the built-in digits
     img_size: int | tuple[int, int] = 224  # N (square) or H W
     interpolation: str = "bicubic"  # resize filter: bicubic, bilinear, nearest, box, hamming or lanczos
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
