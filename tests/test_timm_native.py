@@ -248,3 +248,26 @@ def test_reset_classifier_keeps_the_model_device_and_dtype() -> None:
     meta = _model("v1", device="meta")
     meta.reset_classifier(3, "avg")
     assert meta.head.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_torch_func_per_sample_gradients(tag: str) -> None:
+    """``torch.func`` transforms (per-sample gradients: ``vmap`` over ``grad`` of a
+    ``functional_call``), as they run on timm's Swin: equal to one backward per image."""
+    model = _model(tag, num_classes=7, drop_path_rate=0.0).train()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    images, labels = torch.randn(2, 3, 64, 96), torch.tensor([1, 5])
+
+    def loss(weights: dict, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, weights, (image[None],))
+        return torch.nn.functional.cross_entropy(logits, label[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, images, labels)
+    for i in range(len(images)):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), images[i], labels[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(torch.func.vmap(lambda image: model(image[None])[0])(images), model(images))
