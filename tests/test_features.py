@@ -99,3 +99,15 @@ def test_torchvision_feature_pyramid_network() -> None:
     assert [tuple(p.shape) for p in pyramid.values()] == [
         (1, 32, 32, 24), (1, 32, 16, 12), (1, 32, 8, 6), (1, 32, 4, 3)
     ]
+
+
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1,)])
+def test_features_only_torchscript_matches_eager(out_indices: tuple[int, ...]) -> None:
+    """``torch.jit.script`` of the features_only network, as of timm's Swin and ConvNeXt."""
+    model = timm.create_model("crossformer_pp_small", features_only=True, out_indices=out_indices, **TINY).eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        for size in [(64, 96), (70, 45)]:
+            x = torch.randn(1, 3, *size)
+            for got, expected in zip(scripted(x), model(x), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -632,25 +632,27 @@ class CrossFormer(nn.Module):
             "final" features are the last stage run's map, ``(B, h, w, C)``, without the norm.
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_input(x, self.in_chans)
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'")
+        if not torch.jit.is_scripting():  # TorchScript cannot format the message
+            check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        # only the final features need the stages after the last one taken
-        stages = self.layers[: max_index + 1] if stop_early or intermediates_only else self.layers
         last = len(self.layers) - 1
-        intermediates = []
+        # only the final features need the stages after the last one taken
+        last_run = max_index if stop_early or intermediates_only else last
+        intermediates: list[torch.Tensor] = []
         x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feature = self.norm(x) if norm and i == last else x
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            if stage.downsample is not None and i < len(stages) - 1:
-                x = stage.downsample(x)
+        for i, stage in enumerate(self.layers):  # not a slice of them: TorchScript unrolls this loop
+            if i <= last_run:
+                x = stage(x)
+                if i in take_indices:
+                    feature = self.norm(x) if norm and i == last else x
+                    intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+                if stage.downsample is not None and i < last_run:
+                    x = stage.downsample(x)
         if intermediates_only:
             return intermediates
         # the final norm is sized for the last stage: an early stop returns its map as it is (as Swin)
-        return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
+        return self.norm(x) if last_run == last else x, intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
