@@ -271,3 +271,29 @@ def test_torch_func_per_sample_gradients(tag: str) -> None:
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(torch.func.vmap(lambda image: model(image[None])[0])(images), model(images))
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "catavgmax"])
+def test_global_pool_choices_of_timm(pool: str) -> None:
+    """timm's ``global_pool`` choices, as timm's Swin takes them, at creation and in
+    ``reset_classifier``: the head sees the pooled features, whatever their width."""
+    x = torch.randn(2, 3, 64, 96)
+    model = _model("v1", num_classes=7, global_pool=pool).eval()
+    rebuilt = _model("v1", num_classes=7).eval()
+    rebuilt.reset_classifier(3, pool)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        mean, peak = features.mean((1, 2)), features.amax((1, 2))
+        expected = {"max": peak, "avgmax": 0.5 * (mean + peak), "catavgmax": torch.cat([mean, peak], 1)}[pool]
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model.head_hidden_size == model.head.in_features == expected.shape[1]
+        assert model(x).shape == (2, 7) and rebuilt(x).shape == (2, 3)
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-5)
+    assert rebuilt.head_hidden_size == rebuilt.head.in_features == expected.shape[1]
+
+
+def test_unknown_global_pool_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="global_pool must be one of .*'catavgmax'.*got 'median'"):
+        _model("v1", global_pool="median")
+    with pytest.raises(ValueError, match="global_pool must be one of .*got 'median'"):
+        _model("v1").reset_classifier(3, "median")
