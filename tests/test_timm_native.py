@@ -297,3 +297,19 @@ def test_unknown_global_pool_is_one_clear_error() -> None:
         _model("v1", global_pool="median")
     with pytest.raises(ValueError, match="global_pool must be one of .*got 'median'"):
         _model("v1").reset_classifier(3, "median")
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_empty_batch(tag: str) -> None:
+    """A batch of no images (zero crops to classify, an empty shard) gives empty outputs, in
+    inference and in training, at a size that pads groups and one that does not."""
+    model = _model(tag, num_classes=7)
+    features = _model(tag, features_only=True).eval()
+    for size in [(64, 96), (70, 45)]:
+        empty = torch.zeros(0, 3, *size)
+        with torch.no_grad():
+            assert model.eval()(empty).shape == (0, 7)
+            assert [m.shape[:2] for m in features(empty)] == [(0, c) for c in features.feature_info.channels()]
+        logits = model.train()(empty)
+        logits.sum().backward()
+        assert logits.shape == (0, 7) and all(not p.grad.any() for p in model.parameters() if p.grad is not None)

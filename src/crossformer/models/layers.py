@@ -428,6 +428,7 @@ class LargeKernelConv2d(nn.Conv2d):
                 and x.dtype == self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")
                 and not capturing_graph()
+                and x.shape[0] > 0  # pixel_unshuffle leaves an empty batch as it is
             ):
                 return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, self.weight, self.bias)
