@@ -68,6 +68,42 @@ def test_full_checkpoint_into_features_model_and_module_prefix(tmp_path, v1_stat
     assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 64))] == [64, 128]
 
 
+@pytest.mark.parametrize("feature_cls", ["hook", "fx"])
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1,)])
+def test_official_file_into_timm_hook_and_fx_features(reference_dir, v1_state, feature_cls, out_indices) -> None:
+    """timm's other features_only wrappers take the file as the default one does: same maps."""
+    cfg = {k: v for k, v in REFERENCE_CONFIGS["v1"].items() if k != "num_classes"}
+    features = timm.create_model("crossformer_tiny", features_only=True, feature_cls=feature_cls, out_indices=out_indices, **cfg)
+    crossformer.load_checkpoint(features, reference_dir / "v1_cls.pth")
+    classifier = CrossFormer(**REFERENCE_CONFIGS["v1"]).eval()
+    classifier.load_state_dict(v1_state)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = classifier.forward_intermediates(x, indices=list(out_indices), intermediates_only=True, output_fmt="NHWC")
+        for ours, ref in zip(features.eval()(x), expected, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    if max(out_indices) >= 2:  # the pp file holds v1's stages 0 and 1 (no activation cooling there)
+        with pytest.raises(CheckpointError, match="(?s)does not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):
+            crossformer.load_checkpoint(features, reference_dir / "pp_cls.pth")
+
+
+@pytest.mark.parametrize("kept", [[1], [3]])
+def test_official_file_into_pruned_model(reference_dir, v1_state, kept) -> None:
+    """A model cut by timm's ``prune_intermediate_layers`` takes the file as a features model does."""
+    pruned = CrossFormer(**REFERENCE_CONFIGS["v1"])
+    pruned.prune_intermediate_layers(kept, prune_norm=True)
+    crossformer.load_checkpoint(pruned, reference_dir / "v1_cls.pth")
+    classifier = CrossFormer(**REFERENCE_CONFIGS["v1"]).eval()
+    classifier.load_state_dict(v1_state)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = classifier.forward_intermediates(x, indices=kept, intermediates_only=True)
+        assert torch.equal(pruned.eval().forward_intermediates(x, indices=kept, intermediates_only=True)[0], expected[0])
+    if max(kept) >= 2:  # the pp file holds v1's stages 0 and 1 (no activation cooling there)
+        with pytest.raises(CheckpointError, match="(?s)does not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):
+            crossformer.load_checkpoint(pruned, reference_dir / "pp_cls.pth")
+
+
 def test_other_head_size_is_dropped_with_a_warning(reference_dir, v1_state) -> None:
     model = CrossFormer(**{**REFERENCE_CONFIGS["v1"], "num_classes": 7})
     fresh_head = model.head.weight.detach().clone()

@@ -90,6 +90,18 @@ def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> No
         predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
 
 
+def test_predict_takes_one_path_as_well_as_a_list(trained: tuple[Path, dict], data: Path, monkeypatch) -> None:
+    """``predict("cat.jpg", ...)``: one image or folder, as a str or a Path, is that image or
+    folder (not the characters of its name, of which "/" would be the whole file system)."""
+    monkeypatch.chdir(data)
+    checkpoint = trained[0] / "best.pth"
+    listed = predict(["val/cat/0.png", "val/dog"], checkpoint, device="cpu")
+    for one, expected in (("val/cat/0.png", listed[:1]), (Path("val/dog"), listed[1:])):
+        got = predict(one, checkpoint, device="cpu")
+        assert [(r.path, r.labels) for r in got] == [(r.path, r.labels) for r in expected]
+        torch.testing.assert_close([r.scores for r in got], [r.scores for r in expected])  # batched otherwise
+
+
 def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:
     """The authors' releases record no class names; their 1000 outputs are ImageNet-1k's."""
     from crossformer.classification.predict import imagenet_class_names

@@ -9,6 +9,7 @@ import timm
 import torch
 
 import crossformer  # noqa: F401
+from crossformer.models.weights import unwrap_model
 
 TINY = dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4))
 
@@ -55,20 +56,27 @@ def test_forward_intermediates_of_early_stages() -> None:
         assert torch.equal(ran_on, final) and torch.equal(taken[0], maps[1])
 
 
-@pytest.mark.parametrize("feature_cls", [None, "getter"])
+@pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])
 def test_features_only_gradient_checkpointing(feature_cls: str | None) -> None:
-    """``set_grad_checkpointing`` on the features_only wrapper, as on timm's Swin: same gradients."""
+    """``set_grad_checkpointing`` on the features_only wrapper, as on timm's Swin: the blocks
+    run again in backward, with the same gradients."""
     settings = dict(features_only=True, out_indices=(1, 3), drop_path_rate=0.0, feature_cls=feature_cls, **TINY)
     plain = timm.create_model("crossformer_tiny", **settings)
     checkpointed = timm.create_model("crossformer_tiny", **settings)
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 96)
-    grads = []
+    grads, block_runs = [], []
     for model in (plain, checkpointed):
+        runs = []
+        block = unwrap_model(model)[0].layers[1].blocks[0]
+        hook = block.register_forward_pre_hook(lambda *_: runs.append(1))  # a recompute may stop early
         sum(m.square().mean() for m in model(x)).backward()
+        hook.remove()
         grads.append([p.grad for p in model.parameters()])
-    assert all(layer.grad_checkpointing for layer in checkpointed.model.layers)
+        block_runs.append(len(runs))
+    assert block_runs == [1, 2]  # recomputed in backward: checkpointed
+    assert all(layer.grad_checkpointing for layer in unwrap_model(checkpointed)[0].layers)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
@@ -99,3 +107,15 @@ def test_torchvision_feature_pyramid_network() -> None:
     assert [tuple(p.shape) for p in pyramid.values()] == [
         (1, 32, 32, 24), (1, 32, 16, 12), (1, 32, 8, 6), (1, 32, 4, 3)
     ]
+
+
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1,)])
+def test_features_only_torchscript_matches_eager(out_indices: tuple[int, ...]) -> None:
+    """``torch.jit.script`` of the features_only network, as of timm's Swin and ConvNeXt."""
+    model = timm.create_model("crossformer_pp_small", features_only=True, out_indices=out_indices, **TINY).eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        for size in [(64, 96), (70, 45)]:
+            x = torch.randn(1, 3, *size)
+            for got, expected in zip(scripted(x), model(x), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

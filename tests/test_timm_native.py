@@ -248,3 +248,68 @@ def test_reset_classifier_keeps_the_model_device_and_dtype() -> None:
     meta = _model("v1", device="meta")
     meta.reset_classifier(3, "avg")
     assert meta.head.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_torch_func_per_sample_gradients(tag: str) -> None:
+    """``torch.func`` transforms (per-sample gradients: ``vmap`` over ``grad`` of a
+    ``functional_call``), as they run on timm's Swin: equal to one backward per image."""
+    model = _model(tag, num_classes=7, drop_path_rate=0.0).train()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    images, labels = torch.randn(2, 3, 64, 96), torch.tensor([1, 5])
+
+    def loss(weights: dict, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, weights, (image[None],))
+        return torch.nn.functional.cross_entropy(logits, label[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, images, labels)
+    for i in range(len(images)):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), images[i], labels[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(torch.func.vmap(lambda image: model(image[None])[0])(images), model(images))
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "catavgmax"])
+def test_global_pool_choices_of_timm(pool: str) -> None:
+    """timm's ``global_pool`` choices, as timm's Swin takes them, at creation and in
+    ``reset_classifier``: the head sees the pooled features, whatever their width."""
+    x = torch.randn(2, 3, 64, 96)
+    model = _model("v1", num_classes=7, global_pool=pool).eval()
+    rebuilt = _model("v1", num_classes=7).eval()
+    rebuilt.reset_classifier(3, pool)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        mean, peak = features.mean((1, 2)), features.amax((1, 2))
+        expected = {"max": peak, "avgmax": 0.5 * (mean + peak), "catavgmax": torch.cat([mean, peak], 1)}[pool]
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
+        assert model.head_hidden_size == model.head.in_features == expected.shape[1]
+        assert model(x).shape == (2, 7) and rebuilt(x).shape == (2, 3)
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=1e-5)
+    assert rebuilt.head_hidden_size == rebuilt.head.in_features == expected.shape[1]
+
+
+def test_unknown_global_pool_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="global_pool must be one of .*'catavgmax'.*got 'median'"):
+        _model("v1", global_pool="median")
+    with pytest.raises(ValueError, match="global_pool must be one of .*got 'median'"):
+        _model("v1").reset_classifier(3, "median")
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_empty_batch(tag: str) -> None:
+    """A batch of no images (zero crops to classify, an empty shard) gives empty outputs, in
+    inference and in training, at a size that pads groups and one that does not."""
+    model = _model(tag, num_classes=7)
+    features = _model(tag, features_only=True).eval()
+    for size in [(64, 96), (70, 45)]:
+        empty = torch.zeros(0, 3, *size)
+        with torch.no_grad():
+            assert model.eval()(empty).shape == (0, 7)
+            assert [m.shape[:2] for m in features(empty)] == [(0, c) for c in features.feature_info.channels()]
+        logits = model.train()(empty)
+        logits.sum().backward()
+        assert logits.shape == (0, 7) and all(not p.grad.any() for p in model.parameters() if p.grad is not None)

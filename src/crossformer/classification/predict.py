@@ -36,7 +36,7 @@ class Prediction:
 
 @torch.no_grad()
 def predict(
-    paths: Sequence[str | Path],
+    paths: str | Path | Sequence[str | Path],
     checkpoint: str | Path,
     model: str | None = None,
     topk: int = 5,
@@ -50,6 +50,7 @@ def predict(
     on_note: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
     """Classify images with a checkpoint; labels are its class names (or ``class_names``).
+    ``paths``: one image file or folder (searched recursively), or a list of them.
     A file that records none is taken, with 1000 classes, for an ImageNet-1k classifier (the
     authors' releases: :func:`imagenet_class_names`, and ``on_note`` says so); otherwise the
     class index is the label.

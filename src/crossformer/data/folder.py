@@ -143,8 +143,11 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform else image), target, None
 
 
-def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders as the images inside them (recursively, sorted)."""
+def expand_image_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders as the images inside them (recursively, sorted); one path
+    (a str or a Path) is a list of that one, not of the characters of its name."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():

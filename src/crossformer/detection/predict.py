@@ -62,7 +62,7 @@ def render_detections(image: Image.Image, output: dict[str, torch.Tensor], class
 @torch.no_grad()
 def predict_detections(
     detector: nn.Module,
-    paths: Sequence[str | Path],
+    paths: str | Path | Sequence[str | Path],
     output_dir: str | Path,
     class_names: Sequence[str],
     cat_ids: Sequence[int] | None = None,

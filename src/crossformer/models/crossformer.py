@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, get_device_dtype, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
@@ -58,6 +58,8 @@ __all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
 PADDING_SCORE = -1e6
 # Smallest input side: the stage-3 map must keep at least one token.
 MIN_INPUT_SIZE = 32
+# timm's global pooling choices for a channels-last map ("" keeps the map)
+GLOBAL_POOL_CHOICES = ("avg", "max", "avgmax", "catavgmax", "")
 
 
 def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[int, ...]:
@@ -67,6 +69,14 @@ def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[
     if len(value) != num_stages:
         raise ValueError(f"{name} needs one value per stage ({num_stages}), got {value}")
     return value
+
+
+def global_pool_layer(global_pool: str) -> SelectAdaptivePool2d:
+    """timm's pooling over the tokens of a ``(B, h, w, C)`` map: ``(B, C * feat_mult())``,
+    the map itself for ``""``. A one-line ``ValueError`` for a choice it does not know."""
+    if global_pool not in GLOBAL_POOL_CHOICES:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOL_CHOICES}, got {global_pool!r}")
+    return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt="NHWC")
 
 
 def cross_scale_branch_dims(out_dim: int, num_kernels: int) -> list[int]:
@@ -472,7 +482,8 @@ class CrossFormer(nn.Module):
     Args:
         in_chans: Input image channels.
         num_classes: Classifier outputs (0 for no head).
-        global_pool: ``"avg"`` (mean over tokens) or ``""`` (no pooling).
+        global_pool: ``"avg"`` (mean over tokens), timm's ``"max"``, ``"avgmax"``,
+            ``"catavgmax"`` (twice the features), or ``""`` (no pooling).
         embed_dim: Channels of stage 0; stage s has ``embed_dim * 2**s``.
         depths: Blocks per stage.
         num_heads: Attention heads per stage.
@@ -511,8 +522,6 @@ class CrossFormer(nn.Module):
         merge_kernel_sizes: Sequence[int] = (2, 4),
     ) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if long_distance not in LONG_DISTANCE_CHOICES:
             raise ValueError(f"long_distance must be one of {LONG_DISTANCE_CHOICES}, got {long_distance!r}")
         num_stages = len(depths)
@@ -524,9 +533,11 @@ class CrossFormer(nn.Module):
         self.num_classes = num_classes
         self.output_fmt = "NHWC"  # of forward_features (timm reads it)
         self.global_pool = global_pool
+        self.pool = global_pool_layer(global_pool)
         self.long_distance = long_distance
         dims = [embed_dim * 2**s for s in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
+        self.num_features = dims[-1]
+        self.head_hidden_size = self.num_features * self.pool.feat_mult()  # what the head sees
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel_sizes)
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -554,7 +565,7 @@ class CrossFormer(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -601,12 +612,12 @@ class CrossFormer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.pool = global_pool_layer(global_pool)
             self.global_pool = global_pool
+            self.head_hidden_size = self.num_features * self.pool.feat_mult()
         # on the model's device and dtype (as timm's models do): it may have moved since built
         placement = get_device_dtype(self)
-        self.head = nn.Linear(self.num_features, num_classes, **placement) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **placement) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
         self,
@@ -632,25 +643,27 @@ class CrossFormer(nn.Module):
             "final" features are the last stage run's map, ``(B, h, w, C)``, without the norm.
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_input(x, self.in_chans)
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'")
+        if not torch.jit.is_scripting():  # TorchScript cannot format the message
+            check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        # only the final features need the stages after the last one taken
-        stages = self.layers[: max_index + 1] if stop_early or intermediates_only else self.layers
         last = len(self.layers) - 1
-        intermediates = []
+        # only the final features need the stages after the last one taken
+        last_run = max_index if stop_early or intermediates_only else last
+        intermediates: list[torch.Tensor] = []
         x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feature = self.norm(x) if norm and i == last else x
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            if stage.downsample is not None and i < len(stages) - 1:
-                x = stage.downsample(x)
+        for i, stage in enumerate(self.layers):  # not a slice of them: TorchScript unrolls this loop
+            if i <= last_run:
+                x = stage(x)
+                if i in take_indices:
+                    feature = self.norm(x) if norm and i == last else x
+                    intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+                if stage.downsample is not None and i < last_run:
+                    x = stage.downsample(x)
         if intermediates_only:
             return intermediates
         # the final norm is sized for the last stage: an early stop returns its map as it is (as Swin)
-        return self.norm(x) if len(stages) == len(self.layers) else x, intermediates
+        return self.norm(x) if last_run == last else x, intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -678,10 +691,8 @@ class CrossFormer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, h, w, C3)`` -> logits ``(B, num_classes)`` (or pooled features)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
+        """``(B, h, w, C3)`` -> logits ``(B, num_classes)`` (or pooled features ``(B, head_hidden_size)``)."""
+        x = self.head_drop(self.pool(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

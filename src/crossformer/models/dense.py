@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import timm
 import torch
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, FeatureHookNet
 
-__all__ = ["CheckpointableFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
+__all__ = ["CheckpointableFeatures", "CheckpointableHookFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
 
 # The authors' detection and segmentation configs use group size 7 and intervals 8, 4, 2, 1
 # in every stage for CrossFormer++ too (not its ImageNet 4,4,14,7 / 4,2,1,1); CrossFormer (v1)
@@ -23,6 +23,16 @@ class CheckpointableFeatures(FeatureGetterNet):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+
+class CheckpointableHookFeatures(FeatureHookNet):
+    """timm's ``FeatureHookNet`` (hooks on the stage outputs of the whole model, ``body``)
+    that passes ``set_grad_checkpointing`` on to the model. timm's own checkpoints every
+    module of its list but the first and last, of which a model kept whole has none."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self["body"].set_grad_checkpointing(enable)
 
 
 class DenseBackbone(CheckpointableFeatures):

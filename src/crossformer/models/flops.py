@@ -82,7 +82,7 @@ def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> in
 
     total += model.num_features * h0 * w0 // 16
     if isinstance(model.head, nn.Linear):
-        total += model.num_features * model.head.out_features
+        total += model.head.in_features * model.head.out_features
     return int(total)
 
 

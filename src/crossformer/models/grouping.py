@@ -239,7 +239,7 @@ def partition_heads(x: torch.Tensor, layout: GroupLayout, parts: int, num_heads:
     x = x.view(batch, regions_h, gh, step, regions_w, gw, step, parts, num_heads, head_dim)
     # -> (parts, B, ry, rx, iy, ix, heads, gy, gx, d)
     x = x.permute(7, 0, 1, 4, 3, 6, 8, 2, 5, 9)
-    return x.reshape(parts, batch, -1, num_heads, gh * gw, head_dim)
+    return x.reshape(parts, batch, regions_h * regions_w * step * step, num_heads, gh * gw, head_dim)
 
 
 def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -> torch.Tensor:

@@ -58,16 +58,20 @@ _BF16_GEMM = _LINEAR_POINTWISE is not None and torch.ops.mkldnn._is_mkldnn_bf16_
 
 def capturing_graph() -> bool:
     """Whether ``torch.jit.trace``, ``torch.fx`` symbolic tracing, ``torch.compile`` or
-    ``torch.export`` is recording the model.
+    ``torch.export`` is recording the model, or a ``torch.func`` transform (``grad``,
+    ``vmap``, ``jacrev``, ...) is running it.
 
     The eager-only fast paths and caches of this package step aside then: a recorded graph
-    must hold plain, traceable ops and no tensors cached from an earlier call.
+    must hold plain, traceable ops and no tensors cached from an earlier call, and a
+    transform needs ops it knows how to batch and differentiate (not this package's
+    ``autograd.Function``s and oneDNN calls) and must not leave its wrapped tensors in a cache.
     """
     return (
         torch.jit.is_tracing()
         or is_fx_symbolic_tracing()
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
+        or torch._C._are_functorch_transforms_active()
     )
 
 
@@ -424,6 +428,7 @@ class LargeKernelConv2d(nn.Conv2d):
                 and x.dtype == self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")
                 and not capturing_graph()
+                and x.shape[0] > 0  # pixel_unshuffle leaves an empty batch as it is
             ):
                 return _LargeKernelConvCPU.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, self.weight, self.bias)

@@ -23,7 +23,7 @@ from timm.models._pretrained import PretrainedCfg
 
 from ..errors import UserInputError
 from .crossformer import CrossFormer
-from .dense import CheckpointableFeatures
+from .dense import CheckpointableFeatures, CheckpointableHookFeatures
 from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "require_known_model"]
@@ -144,14 +144,17 @@ def _with_weights(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
 def _feature_class(feature_cls: Any) -> Any:
     """The ``features_only`` wrapper for timm's ``feature_cls`` argument.
 
-    ``"getter"`` (the default) is :class:`CheckpointableFeatures`; ``"hook"`` and ``"fx"``
-    stay timm's. ``"list"`` / ``"dict"`` run the top-level modules in turn, where a stage's
-    merge is no module of its own, so they cannot give the stage maps: one clear error.
+    ``"getter"`` (the default) is :class:`CheckpointableFeatures`, ``"hook"`` (any name
+    holding it, as timm reads it) :class:`CheckpointableHookFeatures`; ``"fx"`` stays timm's.
+    ``"list"`` / ``"dict"`` run the top-level modules in turn, where a stage's merge is no
+    module of its own, so they cannot give the stage maps: one clear error.
     """
     if not isinstance(feature_cls, str):
         return feature_cls
     if feature_cls.lower() == "getter":
         return CheckpointableFeatures
+    if "hook" in feature_cls.lower():
+        return CheckpointableHookFeatures
     if feature_cls.lower() in ("list", "dict"):
         raise ValueError(
             f"feature_cls={feature_cls!r} cannot take CrossFormer's stage maps (each stage's merge runs "

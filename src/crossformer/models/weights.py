@@ -20,7 +20,8 @@ from typing import Any, Collection, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, FeatureHookNet
+from timm.models._features_fx import FeatureGraphNet
 
 from ..errors import CheckpointError
 
@@ -402,17 +403,23 @@ def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
     """The network inside compiled / DDP / timm ``features_only`` wrappers, and whether
-    it was wrapped for features (so its head and final norm were pruned)."""
+    it is cut for features (so its head, final norm and later stages may be gone): wrapped
+    by timm's ``"getter"``, ``"hook"`` or ``"fx"`` features class (the graph module, for
+    ``"fx"``), or cut by its own ``prune_intermediate_layers`` (the final norm is gone)."""
     features_only = False
     while True:
         if isinstance(model, FeatureGetterNet):
             model, features_only = model.model, True
+        elif isinstance(model, FeatureHookNet) and "body" in model:  # hooks on the whole model
+            model, features_only = model["body"], True
+        elif isinstance(model, FeatureGraphNet):  # the traced modules keep their names
+            model, features_only = model.graph_module, True
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
         else:
-            return model, features_only
+            return model, features_only or isinstance(getattr(model, "norm", None), nn.Identity)
 
 
 def _is_pruned_away(key: str, model: nn.Module) -> bool:
@@ -422,7 +429,7 @@ def _is_pruned_away(key: str, model: nn.Module) -> bool:
     parts = key.split(".")
     if parts[0] == "layers" and parts[1].isdigit():
         stage = int(parts[1])
-        kept = len(model.layers)
+        kept = len(list(model.layers.children()))  # a traced graph's ``layers`` is a plain Module
         return stage >= kept or (stage == kept - 1 and parts[2] == "downsample")
     return False
 
@@ -477,8 +484,9 @@ def load_checkpoint(
 
     - A head of another size (e.g. 1000 classes into a 10-class model) is skipped with a
       warning and keeps its fresh initialisation.
-    - Keys a ``features_only`` model pruned (head, final norm, unused stages) are ignored,
-      and so is the head for a model built with ``num_classes=0``.
+    - Keys a ``features_only`` model (any of timm's ``"getter"``, ``"hook"``, ``"fx"``
+      classes) or ``prune_intermediate_layers`` pruned (head, final norm, unused stages)
+      are ignored, and so is the head for a model built with ``num_classes=0``.
     - Any other missing or unexpected key, or a shape mismatch, raises
       :class:`CheckpointError` listing them.
     - A model that knows its own checkpoint layouts (the detectors and segmentors, which

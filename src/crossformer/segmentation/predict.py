@@ -62,7 +62,7 @@ def _unique_stem(stem: str, taken: set[str]) -> str:
 @torch.no_grad()
 def predict_images(
     segmentor: torch.nn.Module,
-    paths: Sequence[str | Path],
+    paths: str | Path | Sequence[str | Path],
     output_dir: str | Path,
     class_names: Sequence[str],
     palette: Sequence[Colour] | None = None,
