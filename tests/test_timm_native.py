@@ -313,3 +313,11 @@ def test_empty_batch(tag: str) -> None:
         logits = model.train()(empty)
         logits.sum().backward()
         assert logits.shape == (0, 7) and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("setting", [{"group_size": 0}, {"interval": [2, 2, 0, 1]}, {"num_heads": [1, 0, 4, 8]}])
+def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict) -> None:
+    # group_size 0 divided by zero in the first forward; interval 0 was accepted and grouped nothing
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"^{name} must be at least 1 in every stage, got "):
+        timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)

@@ -63,12 +63,13 @@ GLOBAL_POOL_CHOICES = ("avg", "max", "avgmax", "catavgmax", "")
 
 
 def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * num_stages
-    value = tuple(int(v) for v in value)
-    if len(value) != num_stages:
-        raise ValueError(f"{name} needs one value per stage ({num_stages}), got {value}")
-    return value
+    """``value`` for each stage (one int for all of them); each must be at least 1."""
+    values = (value,) * num_stages if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != num_stages:
+        raise ValueError(f"{name} needs one value per stage ({num_stages}), got {values}")
+    if min(values, default=1) < 1:
+        raise ValueError(f"{name} must be at least 1 in every stage, got {values}")
+    return values
 
 
 def global_pool_layer(global_pool: str) -> SelectAdaptivePool2d:
