@@ -61,8 +61,9 @@ class LoadedClassifier:
 
 def _dense_task(state: dict[str, Any]) -> str | None:
     """"detection" or "segmentation" for a file holding such heads (mmdet / mmseg key names)."""
-    weights = state.get("state_dict", state.get("model", state))
-    keys = list(weights) if isinstance(weights, dict) else []
+    from ..models.weights import weights_entry
+
+    keys = list(weights_entry(state))
     if any(k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in keys):
         return "detection"
     if any(k.startswith("decode_head.") for k in keys):

@@ -95,8 +95,7 @@ def load_detector_state(
     expected_heads = {k: v for k, v in expected.items() if not k.startswith(_OUR_BACKBONE)}
     fresh: list[str] = []
     if other_classes:
-        heads, fresh = split_class_layers(heads, expected_heads, CLASS_LAYERS)
-        expected_heads = {k: v for k, v in expected_heads.items() if k not in fresh}
+        heads, expected_heads, fresh = split_class_layers(heads, expected_heads, CLASS_LAYERS)
     check_keys(heads, expected_heads, f"{source} does not fit this {detector.kind} (check the backbone variant and num_classes)",
                missing_first=() if backbone else ("backbone.* (all backbone weights)",))
     load_state(detector.backbone, backbone, source)

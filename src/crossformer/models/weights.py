@@ -460,19 +460,24 @@ def check_keys(
 
 def split_class_layers(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], layer_names: Collection[str]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``state`` without the tensors of classifier layers of another class count, and their keys.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """``state`` and ``expected`` (the model's) without the tensors of classifier layers of
+    another class count, and those tensors' keys.
 
     A classifier layer is a module whose own name is in ``layer_names`` (``fc_cls``,
-    ``conv_seg``); its tensors are left out where their shape is not the model's
-    (``expected``), so that fine-tuning on another data set keeps every other weight. Any other
-    difference still fails :func:`check_keys`.
+    ``conv_seg``); its tensors are left out where their shape is not the model's, so that
+    fine-tuning on another data set keeps every other weight. Any other difference still fails
+    :func:`check_keys` on what is returned.
     """
     fresh = sorted(
         key for key, value in state.items()
         if key in expected and value.shape != expected[key].shape and key.rsplit(".", 2)[-2] in layer_names
     )
-    return {key: value for key, value in state.items() if key not in fresh}, fresh
+
+    def kept(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in tensors.items() if key not in fresh}
+
+    return kept(state), kept(expected), fresh
 
 
 def load_checkpoint(

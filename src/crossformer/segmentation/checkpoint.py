@@ -109,8 +109,7 @@ def load_segmentor_state(
     expected = segmentor.state_dict()
     fresh: list[str] = []
     if other_classes:
-        state, fresh = split_class_layers(state, expected, CLASS_LAYERS)
-        expected = {key: value for key, value in expected.items() if key not in fresh}
+        state, expected, fresh = split_class_layers(state, expected, CLASS_LAYERS)
     check_keys(state, expected, f"{source} does not fit this segmentor (check the backbone variant and its settings)")
     segmentor.load_state_dict(state, strict=not fresh)
     return fresh
