@@ -279,12 +279,24 @@ def test_evaluate_under_torchrun_names_the_images_every_rank_skipped(data: Path,
     assert "(8 images, 1 unreadable skipped)" in proc.stdout
 
 
-def test_a_flag_wins_over_a_setting_of_the_same_field() -> None:
+def test_flags_and_settings_of_other_fields_combine() -> None:
     from crossformer.cli import parse_command_line
     from crossformer.commands.common import command_line_settings
 
-    args = parse_command_line(["train", "run.epochs=7", "--config", "digits", "--epochs", "2", "optimizer.lr=0.01"])
-    assert command_line_settings(args, args.overrides) == {"run.epochs": 2, "optimizer.lr": 0.01}
+    args = parse_command_line(["train", "run.seed=7", "--config", "digits", "--epochs", "2", "optimizer.lr=0.01"])
+    assert command_line_settings(args, args.overrides) == {"run.seed": 7, "run.epochs": 2, "optimizer.lr": 0.01}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # the flag used to win, and the bad setting was never read
+    (["--epochs", "1", "epochs=abc"], "run.epochs is set twice, by --epochs and by epochs=abc: give it once"),
+    (["run.epochs=7", "--epochs", "2"], "run.epochs is set twice, by --epochs and by run.epochs=7"),
+    (["--model", "crossformer_tiny", "model=crossformer_small"], "model.name is set twice, by --model and by model="),
+    (["--config", "upernet_demo", "--backbone", "crossformer_tiny", "model.backbone=crossformer_small"],
+     "model.backbone is set twice, by --backbone and by model.backbone=crossformer_small"),
+])
+def test_a_field_set_by_a_flag_and_a_setting_is_refused(capsys, argv: list[str], expected: str) -> None:
+    _one_line_error(capsys, ["train", *argv], expected)
 
 
 def test_settings_and_images_may_follow_a_list_of_numbers() -> None:

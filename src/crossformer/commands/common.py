@@ -65,6 +65,7 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- config flags
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
+_CONFIG_CLASS = "config_class"  # where the parsed arguments keep the class those flags came from
 
 
 def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
@@ -158,6 +159,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
         elif base in (int, float):
             kwargs.update(type=base)
         parser.add_argument(flag, **kwargs)
+    parser.set_defaults(**{_CONFIG_CLASS: config_cls})
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,11 +177,30 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_line_settings(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    """``{"section.field": value}`` from the ``KEY=VALUE`` ``overrides`` and the flags given;
-    where both name a field, the flag wins."""
+    """``{"section.field": value}`` from the ``KEY=VALUE`` ``overrides`` and the flags given.
+
+    A field set both ways is refused (one line): which of the two was meant is a guess, and
+    the one not taken would go unchecked."""
     from ..engine.config import parse_overrides
 
-    return {**parse_overrides(overrides), **config_values(args)}
+    flags = config_values(args)
+    config_cls = getattr(args, _CONFIG_CLASS, None)
+    if flags and config_cls is not None:
+        _refuse_set_twice(config_cls, overrides, flags)
+    return {**parse_overrides(overrides), **flags}
+
+
+def _refuse_set_twice(config_cls: type, overrides: list[str], flags: Mapping[str, Any]) -> None:
+    """A one-line error for a ``KEY=VALUE`` in ``overrides`` whose field a flag in ``flags``
+    (``{"section.field": value}``) sets too, bare names and shorthands resolved as the config does."""
+    from ..engine.config import parse_overrides
+    from ..engine.registry import flatten_settings
+
+    spelled = {key: flag for flag, (key, _, _) in config_flags(config_cls).items()}
+    for item in overrides:
+        for key in flatten_settings(config_cls, parse_overrides([item]), "overrides"):
+            if key in flags:
+                raise UserInputError(f"{key} is set twice, by {spelled.get(key, key)} and by {item}: give it once")
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

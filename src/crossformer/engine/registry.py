@@ -35,7 +35,7 @@ from .config import build_config, load_yaml, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
-    "find_config", "resolve_config",
+    "find_config", "resolve_config", "flatten_settings",
 ]
 
 # task name -> module exposing CONFIG, TASK
@@ -129,15 +129,16 @@ def find_config(name_or_path: str) -> Path:
     raise UserInputError(f"no config file {name_or_path!r} and no bundled config of that name; {hint}bundled: {listing}")
 
 
-def _flatten(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Nested or dotted settings as ``section.field[.entry]`` keys (resolving bare names)."""
+def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Nested or dotted settings as ``section.field[.entry]`` keys (resolving bare names and a
+    section's bare value to its shorthand field); ``source`` names them in errors."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if key == "task":
             continue
         hints = typing.get_type_hints(config_cls)
         if key in hints and isinstance(value, dict):
-            flat.update(_flatten(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source))
+            flat.update(flatten_settings(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source))
             continue
         if key in hints:
             shorthand = getattr(hints[key], "shorthand", None)
@@ -164,7 +165,7 @@ def resolve_config(
     overrides = dict(overrides or {})
     module = task_module(task or DEFAULT_TASK)
     if config is None and use_default and hasattr(module, "default_config"):
-        config = module.default_config(_flatten(module.CONFIG, overrides, "overrides"))
+        config = module.default_config(flatten_settings(module.CONFIG, overrides, "overrides"))
     path, values = None, {}
     if config is not None:
         if isinstance(config, Mapping):
@@ -178,6 +179,6 @@ def resolve_config(
         module = task_module(named)
         source = origin
     config_cls = module.CONFIG
-    given = {**_flatten(config_cls, values, str(source)), **_flatten(config_cls, overrides, "overrides")}
+    given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
     return ResolvedConfig(resolved, module, given, path)
