@@ -252,6 +252,28 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert "multiples of 32" in _error(capsys)
 
 
+@pytest.mark.parametrize("verb", ["train", "evaluate", "predict"])
+def test_the_detector_is_kind_as_the_segmentor_is(verb: str) -> None:
+    """Detection's detector flag was --model, where every other command's --model is a
+    classification model's name and segmentation's segmentor flag is --kind."""
+    from crossformer.cli import parse_command_line
+
+    for config, kind in (("mask_rcnn_shapes_demo", "retinanet"), ("upernet_demo", "fpn")):
+        needed = {"train": [], "evaluate": ["--checkpoint", "x.pth"], "predict": ["--checkpoint", "x.pth", "a.jpg"]}[verb]
+        args = parse_command_line([verb, "--config", config, "--kind", kind, "--backbone", "crossformer_base",
+                                   *needed])
+        assert getattr(args, "config:model.kind") == kind
+        assert getattr(args, "config:model.backbone") == "crossformer_base"
+
+
+@pytest.mark.parametrize("config, task", [("mask_rcnn_shapes_demo", "detection"), ("upernet_demo", "segmentation")])
+@pytest.mark.parametrize("verb", ["train", "evaluate"])
+def test_model_in_a_dense_config_says_which_flags_set_its_model(capsys, config: str, task: str, verb: str) -> None:
+    line = one_error_line(capsys, [verb, "--config", config, "--model", "retinanet"])
+    assert line.endswith(f"--model names a classification model; a {task} config's model is set by --kind and "
+                         f"--backbone (see --help)"), line
+
+
 def test_flops_and_benchmark_take_settings_with_their_config(capsys) -> None:
     # a KEY=VALUE setting changes the config named, before or after the flags
     assert main(["flops", "model.backbone=crossformer_tiny", "--config", "retinanet_crossformer_small_1x", "--json"]) == 0

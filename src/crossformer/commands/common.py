@@ -160,6 +160,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
             kwargs.update(type=base)
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(**{_CONFIG_CLASS: config_cls})
+    _explain_model_flag(parser, config_cls, keys)
+
+
+def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None) -> None:
+    """A hidden ``--model`` for a config whose model section has no shorthand (detection,
+    segmentation): a one-line error saying which flags set that model, where argparse would
+    call ``--model`` unknown or an abbreviation of ``--model-ema``."""
+    flags = {key: flag for flag, (key, _, _) in config_flags(config_cls, keys).items()}
+    if "--model" in flags.values() or not any(key.startswith("model.") for key in flags):
+        return
+    named = [flags[key] for key in ("model.kind", "model.backbone") if key in flags]
+    task = getattr(config_cls(), "task", "this")
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            raise UserInputError(f"--model names a classification model; a {task} config's model is set by "
+                                 f"{' and '.join(named) or 'model.KEY=VALUE'} (see --help)")
+
+    parser.add_argument("--model", nargs="?", action=Refuse, help=argparse.SUPPRESS)
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:

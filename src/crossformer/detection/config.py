@@ -30,8 +30,8 @@ class DetectionModelConfig:
     e.g. ``embed_dim`` / ``depths`` / ``num_heads`` for small demo models.
     """
 
-    shorthand: ClassVar[str] = "kind"
-
+    # no shorthand: "--model NAME" is a classification model's name everywhere else, so the
+    # detector is --kind (as segmentation's segmentor) and its backbone --backbone
     kind: DetectorKind = "mask_rcnn"  # the detector
     backbone: str = "crossformer_small"  # a CrossFormer variant
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
