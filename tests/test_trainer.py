@@ -55,6 +55,21 @@ def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> Non
     assert "after a 6-update warm-up" in out and "warning" not in out
 
 
+def test_loader_workers_stop_at_the_cpus_this_process_may_use(tmp_path: Path, capsys) -> None:
+    """run.num_workers 4 on 2 cores: every loader started 4 workers and PyTorch warned of each."""
+    import warnings
+
+    cpus = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(FakeTask, fake_config(tmp_path, epochs=1, num_workers=cpus + 2))
+    assert not [w for w in caught if "worker processes" in str(w.message)], [str(w.message) for w in caught]
+    line = f"run.num_workers {cpus + 2}: this process may use {cpus} CPUs, so its data loaders start {cpus} worker"
+    assert capsys.readouterr().out.count(line) == 1 and (tmp_path / "log.txt").read_text().count(line) == 1
+    train(FakeTask, fake_config(tmp_path / "fits", epochs=1, num_workers=cpus))
+    assert "run.num_workers" not in capsys.readouterr().out
+
+
 def test_resuming_a_finished_run_says_how_far_it_got(tmp_path: Path, capsys) -> None:
     train(FakeTask, fake_config(tmp_path, epochs=2))
     capsys.readouterr()

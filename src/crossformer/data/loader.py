@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.distributed import DistContext
+from ..engine.distributed import DistContext, usable_workers
 from ..engine.seeding import sample_seed, seeded_rngs
 from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError
 from .sampler import ShardedSampler
@@ -78,11 +78,12 @@ def find_unreadable(
 ) -> list[str]:
     """``"path: reason"`` for each of ``paths`` whose image header cannot be read, in order.
 
-    A cheap check (a header, not a decode) run in ``num_workers`` loader processes;
-    ``progress.update()`` (a :class:`~crossformer.engine.Progress`) is called per batch of paths.
+    A cheap check (a header, not a decode) run in ``num_workers`` loader processes (at most
+    one per CPU available); ``progress.update()`` (a :class:`~crossformer.engine.Progress`) is
+    called per batch of paths.
     """
-    loader = DataLoader(_Headers(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list,
-                        worker_init_fn=_ignore_stop_signals)
+    loader = DataLoader(_Headers(paths), batch_size=batch_size, num_workers=usable_workers(num_workers),
+                        collate_fn=list, worker_init_fn=_ignore_stop_signals)
     found: list[str] = []
     for results in loader:
         found.extend(r for r in results if r is not None)
@@ -146,7 +147,11 @@ def build_loader(
     collate_fn: Callable[[list[Any]], Any] = collate_images,
     seed_each_sample: bool = False,
 ) -> DataLoader:
-    """A loader whose workers are seeded from ``seed`` and that never draws from the global RNG.
+    """A loader whose workers are seeded from ``seed`` and that never draws from the global RNG;
+    every task's loaders are built here.
+
+    ``num_workers`` is capped at the CPUs this process may use
+    (:func:`~crossformer.engine.distributed.usable_workers`; the trainer says so in the log).
 
     ``collate_fn`` makes a batch of the dataset's samples (default: :func:`collate_images`;
     detection collates lists of images and target dicts). ``seed_each_sample`` (training
@@ -165,7 +170,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=usable_workers(num_workers),
         collate_fn=collate_fn,
         drop_last=drop_last,
         pin_memory=pin_memory,

@@ -19,10 +19,9 @@ import torch.nn as nn
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch.utils.data import DataLoader
 
 from ..classification.evaluate import raise_or_count_unreadable
-from ..data import DataError, ShardedSampler
+from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, Precision, RunLogger
 from .data import CocoDetection, collate_detection, load_coco_json, valid_polygons
 
@@ -129,8 +128,8 @@ def evaluate_detector(
     was_training = detector.training
     detector.eval()
     sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_detection, pin_memory=ctx.device.type == "cuda")
+    loader = build_loader(dataset, batch_size, sampler, num_workers, seed=0, drop_last=False,
+                          pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection)
     progress = logger.progress(len(loader), "eval") if logger is not None else None
     results: list[dict[str, Any]] = []
     evaluated: list[int] = []

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..errors import UserInputError
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads",
-           "launched_processes"]
+           "launched_processes", "available_cpus", "usable_workers"]
 
 MAX_DEFAULT_WORKERS = 8
 # torch's own intra-op thread count, read before any run of this process changed it.
@@ -35,18 +35,28 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Data-loader processes per training process: this node's CPUs available to us, shared by
     the node's processes (``torchrun`` sets ``LOCAL_WORLD_SIZE``), at most 8 and at least 1.
 
     More workers than CPUs only adds switching (and PyTorch warns about it).
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    per_process = available_cpus() // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(1, min(MAX_DEFAULT_WORKERS, per_process))
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` loader processes (``run.num_workers``), at most one per CPU this process
+    may use: more would only queue for the same cores, and PyTorch warns about each loader."""
+    return min(requested, available_cpus())
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

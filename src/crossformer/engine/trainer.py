@@ -27,7 +27,9 @@ from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic
 from .config import EngineConfig, config_differences, config_to_dict
-from .distributed import DistContext, set_cpu_threads, setup_distributed, teardown_distributed
+from .distributed import (
+    DistContext, available_cpus, set_cpu_threads, setup_distributed, teardown_distributed, usable_workers,
+)
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger
 from .output import claim_output
@@ -74,6 +76,7 @@ class Trainer:
             enable_determinism()
         if ctx.device.type == "cpu":
             set_cpu_threads(run.cpu_threads)
+        self._note_workers()
         seed_everything(run.seed + ctx.rank)  # ranks draw different augmentations
         self.task = task_cls(config, ctx)
         self.task.log = self.log
@@ -98,6 +101,14 @@ class Trainer:
         self.schedule.apply(self.optimizer, self.global_step)
 
     # set-up ---------------------------------------------------------------------------
+
+    def _note_workers(self) -> None:
+        """Say once that ``run.num_workers`` is above the CPUs this process may use: every
+        loader starts that many at most (:func:`~crossformer.data.build_loader`)."""
+        requested = self.run_config.num_workers
+        if usable_workers(requested) < requested:
+            self.log.info(f"run.num_workers {requested}: this process may use {available_cpus()} CPUs, so its data "
+                          f"loaders start {usable_workers(requested)} worker processes each")
 
     def _check_data(self) -> None:
         """The task's data check before any training; every rank stops if any rank's share fails."""

@@ -21,9 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ..data import DataError, ShardedSampler
+from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, RunLogger
 from .data import SegmentationDataset, check_batch, collate_segmentation
 from .inference import InferenceConfig, segment
@@ -147,7 +146,7 @@ def evaluate_segmentor(
     inference = inference or InferenceConfig()
     device = next(segmentor.parameters()).device
     sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
-    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers, collate_fn=collate_segmentation)
+    loader = build_loader(dataset, 1, sampler, num_workers, seed=0, drop_last=False, collate_fn=collate_segmentation)
     accumulator = IoUAccumulator(dataset.num_classes)
     progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
     log = logger.info if logger is not None else None
