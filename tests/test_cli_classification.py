@@ -321,3 +321,17 @@ def test_a_shortened_flag_names_the_whole_one(capsys) -> None:
     _one_line_error(capsys, ["evaluate", "--check=c.pth"], "--check: give the whole flag (--checkpoint)")
     assert main(["flops", "--config", "digits", "--img-size=48", "--json"]) == 0  # whole flags, with "=" too
     assert json.loads(capsys.readouterr().out)["img_size"] == [48, 48]
+
+
+def test_resume_needs_no_pretrained_file(data: Path, tmp_path: Path, capsys) -> None:
+    """Every weight of a resumed run comes from its checkpoint: the file the run started from
+    may be gone (resuming used to stop on it as missing)."""
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "first"), "--epochs", "1"]) == 0
+    pretrained = tmp_path / "pretrained.pth"
+    shutil.move(tmp_path / "first" / "last.pth", pretrained)
+    argv = ["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "run"), "--pretrained", str(pretrained)]
+    assert main([*argv, "--epochs", "1"]) == 0
+    pretrained.unlink()
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "2", "--resume", "auto"]) == 0, capsys.readouterr().err
+    assert load_training_state(tmp_path / "run" / "last.pth")["epoch"] == 2

@@ -271,3 +271,17 @@ def test_init_from_fine_tunes_a_whole_detector_of_other_classes(coco: Path, tmp_
         DetectionTask(replace(config, model=replace(config.model, init_from=str(backbone))), DistContext())
     with pytest.raises(UserInputError, match="model.pretrained and model.init_from are both set"):
         resolve_config(str(tmp_path / "c.yaml"), {"model.init_from": str(same), "model.pretrained": str(backbone)})
+
+
+def test_resume_needs_no_init_from_file(coco: Path, tmp_path: Path, capsys) -> None:
+    """Every weight of a resumed run comes from its checkpoint: the detector file the run
+    started from may be gone (resuming used to stop on it as missing) and is not read."""
+    config = tiny_config(tmp_path / "c.yaml", "retinanet", coco, tmp_path / "run")
+    whole = tmp_path / "detector.pth"
+    torch.save({"model": build_configured_detector(config.model, 4, pretrained=False).state_dict()}, whole)
+    started = replace(config, model=replace(config.model, init_from=str(whole)))
+    train(started)
+    assert f"started from {whole}" in capsys.readouterr().out
+    whole.unlink()
+    resumed = train(replace(started, run=replace(config.run, epochs=2, resume="auto")))
+    assert resumed["epoch"] == 2 and "started from" not in capsys.readouterr().out

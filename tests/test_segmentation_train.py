@@ -254,3 +254,21 @@ def test_torchrun_names_the_unreadable_validation_files_of_every_rank(ade: Path,
     proc = torchrun(["train", "--config", str(config), "--output", str(tmp_path / "ddp")])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "log.txt").read_text().count(f"skipping unreadable file {bad}: ") == 1
+
+
+def test_resume_needs_no_pretrained_file(ade: Path, tmp_path: Path) -> None:
+    """Every weight of a resumed run comes from its checkpoint: the backbone file the run
+    started from may be gone (resuming used to stop on it as missing)."""
+    import timm
+
+    from segmentation_fixtures import TINY_BACKBONE
+
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"model": timm.create_model("crossformer_small", **TINY_BACKBONE).state_dict()}, backbone)
+    settings = {"model.pretrained": str(backbone), "run.eval_every": 1}
+    train(_config(tmp_path / "run", ade, **settings, **{"run.iterations": 1}))
+    backbone.unlink()
+    resumed = train(_config(tmp_path / "run", ade, **settings, **{"run.iterations": 2, "run.resume": "auto"}))
+    assert resumed["global_step"] == 2
+    with pytest.raises(UserInputError, match="model.pretrained: checkpoint not found"):  # a fresh run needs it
+        train(_config(tmp_path / "fresh", ade, **settings, **{"run.iterations": 1, "run.resume": "auto"}))

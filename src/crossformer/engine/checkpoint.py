@@ -7,6 +7,7 @@ finds the weights under ``model`` (and ``model_ema``).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,7 +17,8 @@ from torch import nn
 from ..atomic import write_atomic
 from ..errors import CheckpointError
 
-__all__ = ["save_atomic", "load_training_state", "require_model_files", "start_from", "LAST", "BEST"]
+__all__ = ["save_atomic", "load_training_state", "require_model_files", "without_start_files", "start_from", "LAST",
+           "BEST"]
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -27,11 +29,25 @@ def require_model_files(**settings: str | None) -> None:
     file, before it reads any data.
 
     Training checks this, not the configuration: evaluation, prediction and export take every
-    weight from their checkpoint, whose recorded config may name files this machine never had.
+    weight from their checkpoint, whose recorded config may name files this machine never had
+    (and so does a resumed run: see :func:`without_start_files`).
     """
     for setting, path in settings.items():
         if path is not None and not Path(path).is_file():
             raise CheckpointError(f"model.{setting}: checkpoint not found: {path}")
+
+
+# the model settings that name the weights a run starts from
+START_FILES = ("pretrained", "init_from")
+
+
+def without_start_files(config: Any) -> Any:
+    """``config`` with its ``model.pretrained`` and ``model.init_from`` unset: what a resumed
+    run's task is built from, since every weight comes from the checkpoint, so the files the
+    run started from need not exist any more and are not read (only to be overwritten)."""
+    model = getattr(config, "model", None)
+    unset = {name: None for name in START_FILES if getattr(model, name, None) is not None}
+    return dataclasses.replace(config, model=dataclasses.replace(model, **unset)) if unset else config
 
 
 def start_from(model: nn.Module, path: str, load: Callable[[nn.Module, Mapping[str, Any], str], list[str]]) -> str:

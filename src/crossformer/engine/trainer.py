@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
-from .checkpoint import BEST, LAST, load_training_state, save_atomic
+from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
 from .config import EngineConfig, config_differences, config_to_dict
 from .distributed import (
     DistContext, available_cpus, set_cpu_threads, setup_distributed, teardown_distributed, usable_workers,
@@ -78,7 +78,8 @@ class Trainer:
             set_cpu_threads(run.cpu_threads)
         self._note_workers()
         seed_everything(run.seed + ctx.rank)  # ranks draw different augmentations
-        self.task = task_cls(config, ctx)
+        resume_from = self._resume_source()
+        self.task = task_cls(without_start_files(config) if resume_from else config, ctx)
         self.task.log = self.log
         self._check_data()
         self.batches_per_epoch = len(self.task.train_loader)
@@ -97,7 +98,8 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
-        self._maybe_resume()
+        if resume_from:
+            self._resume(resume_from)
         self.schedule.apply(self.optimizer, self.global_step)
 
     # set-up ---------------------------------------------------------------------------
@@ -194,14 +196,19 @@ class Trainer:
                 save_atomic(state, self.output / BEST)
         self.ctx.barrier()  # nobody runs ahead of a checkpoint that might be resumed
 
-    def _maybe_resume(self) -> None:
+    def _resume_source(self) -> Path | None:
+        """The checkpoint ``run.resume`` continues from; None to start afresh (no resume, or
+        ``auto`` with no ``last.pth`` yet)."""
         resume = self.run_config.resume
         if not resume:
-            return
+            return None
         path = self.output / LAST if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
             self.log.info(f"resume=auto: no {path} yet, starting from scratch")
-            return
+            return None
+        return path
+
+    def _resume(self, path: Path) -> None:
         state = load_training_state(path)
         if state.get("task", self.config.task) != self.config.task:
             raise UserInputError(f"{path} is a {state.get('task')} run, not {self.config.task}")
