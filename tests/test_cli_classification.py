@@ -127,27 +127,53 @@ def test_flops_and_benchmark_take_model_or_config(capsys) -> None:
 
 
 def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys) -> None:
-    """The digits config's crossformer_tiny has its own widths and depths (model.kwargs)."""
+    """The digits config's crossformer_tiny has its own widths and depths (model.kwargs) and the
+    digits' 10 classes (their head had 1000)."""
     import timm
 
     from crossformer.models import count_params
 
     kwargs = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), group_size=(4, 4, 2, 1), interval=(2, 2, 1, 1))
-    configured = count_params(timm.create_model("crossformer_tiny", **kwargs))
+    configured = count_params(timm.create_model("crossformer_tiny", num_classes=10, **kwargs))
     assert main(["flops", "--config", "digits", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["params"] == configured and result["img_size"] == [32, 32]
+    assert result["params"] == configured and result["img_size"] == [32, 32] and result["num_classes"] == 10
     assert "paper_params_m" not in result  # the paper's figures are for the variant as published
     assert main(["flops", "--config", "digits", "model.kwargs.embed_dim=16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] < configured
     assert main(["flops", "--config", "digits", "--model", "crossformer_tiny", "--json"]) == 0  # the flag's model, as registered
-    assert json.loads(capsys.readouterr().out)["params"] == count_params(timm.create_model("crossformer_tiny"))
+    assert json.loads(capsys.readouterr().out)["params"] == count_params(timm.create_model("crossformer_tiny", num_classes=10))
     assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
                  "--no-memory", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"]["crossformer_tiny"]["params"] == configured
     assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
                  "--no-memory"]) == 0  # the summary says which model it timed
     assert "settings    crossformer_tiny: embed_dim=32, depths=[1, 1, 2, 1]," in capsys.readouterr().out
+
+
+def test_model_verbs_size_the_classifier_by_the_configs_data(data: Path, tmp_path: Path, capsys) -> None:
+    """As training does: the data's class count (listed, no image read), else ImageNet's 1000."""
+    from safetensors import safe_open
+
+    said: list[str] = []
+
+    def flops(*argv: str) -> dict:
+        assert main(["flops", "--json", *argv]) == 0
+        captured = capsys.readouterr()
+        said.append(captured.err)
+        return json.loads(captured.out)
+
+    assert flops("--config", "digits")["num_classes"] == 10
+    assert flops("--config", "digits", f"data={data}")["num_classes"] == len(os.listdir(data / "train"))
+    assert flops("--config", "digits", "--num-classes", "7")["num_classes"] == 7  # the flag wins
+    imagenet = flops("--config", "crossformer_small")  # an ImageNet recipe names no data
+    assert imagenet["num_classes"] == 1000 and imagenet["paper_params_m"] == 30.7
+    assert flops("--config", "digits", f"data.root={tmp_path / 'elsewhere'}")["num_classes"] == 1000
+    assert f"no class folders in {tmp_path / 'elsewhere'}/train here" in said[-1] and not any(said[:-1])
+    weights = tmp_path / "digits.safetensors"
+    assert main(["export", "--config", "digits", "--format", "safetensors", "-o", str(weights)]) == 0
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("head.weight").shape[0] == 10
 
 
 def test_export_builds_the_model_as_the_config_configures_it(tmp_path: Path, capsys) -> None:

@@ -121,6 +121,20 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """benchmark and flops keep their own flags; the config supplies what they leave unset."""
 
 
+def _data_classes(verb: str, config: ClassificationConfig, given: dict[str, Any]) -> int | None:
+    """The classifier size training would build for the config: its data's class count
+    (:meth:`DataConfig.known_classes`, no image read), where the config names data (the digits
+    config names the built-in digits); None (ImageNet's 1000) where it names none, as the
+    ImageNet recipes, or its folder is not on this machine (said on stderr)."""
+    if "data.root" not in given:
+        return None
+    count = config.data.known_classes()
+    if count is None:
+        print(f"crossformer {verb}: no class folders in {config.data.root}/train here, so the classifier has 1000 "
+              "classes; pass --num-classes N for another size", file=sys.stderr)
+    return count
+
+
 def _model_command(verb: str):
     """Run ``crossformer <verb>`` (benchmark, flops, export) on the config's model and input
     size (flags still win)."""
@@ -138,6 +152,8 @@ def _model_command(verb: str):
         if not args.img_size_given and "data.img_size" in given:
             size = config.data.img_size
             args.img_size = [size] if isinstance(size, int) else list(size)
+        if args.num_classes is None and not getattr(args, "checkpoint", None):  # a checkpoint's head is its own
+            args.num_classes = _data_classes(verb, config, given)
         return importlib.import_module(f"crossformer.commands.{verb}").run(args, settings)
 
     return run

@@ -48,6 +48,20 @@ class DataConfig:
         size = self.img_size
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
+    def known_classes(self) -> int | None:
+        """The class count training on this data finds, where it is known without opening an
+        image: the built-in digits' 10 with no ``root``, else the class folders of
+        ``root/train``; None when that folder is not on this machine or holds none."""
+        from ..data.digits import DIGITS_CLASSES
+        from ..data.folder import DataError, training_classes
+
+        if self.root is None:
+            return DIGITS_CLASSES
+        try:
+            return len(training_classes(self.root)) or None
+        except DataError:
+            return None
+
     def folder(self) -> Path:
         """``root``, or with none the built-in digits (written on first use, safely by any
         number of processes at once)."""

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import UserInputError
 
+IMAGENET_CLASSES = 1000  # the classifier size of a model-only verb given no class count
+
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """``--model``: optional to argparse, since ``--config`` (or a checkpoint) may name the model;

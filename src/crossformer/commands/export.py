@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .common import (
+    IMAGENET_CLASSES,
     add_model_arg_argument,
     add_model_argument,
     img_size,
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--num-classes", type=int, default=None, metavar="N",
-        help="classifier size (default: the checkpoint's head, else 1000; 0 for pooled features)",
+        help="classifier size (default: the checkpoint's head, else a classification --config's data's class "
+        "count, else 1000; 0 for pooled features)",
     )
     parser.add_argument(
         "--features", action="store_true",
@@ -90,7 +92,7 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     settings = {**config_settings, **settings, **model_args(args)}
     num_classes = args.num_classes
     if num_classes is None and checkpoint is None:
-        num_classes = 1000
+        num_classes = IMAGENET_CLASSES
     elif num_classes is None:
         head = extract_state_dict(checkpoint, use_ema=args.ema).get("head.weight")
         num_classes = 0 if head is None else int(head.shape[0])

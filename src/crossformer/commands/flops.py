@@ -6,13 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from .common import add_img_size_argument, add_model_argument, img_size, model_name
+from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument, img_size, model_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_img_size_argument(parser)
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000)")
+    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
+                        help="classifier size (default: a classification --config's data's class count, else 1000)")
     parser.add_argument(
         "--traced", action="store_true",
         help="also count the MACs that actually execute (padding included) by running the model",
@@ -32,26 +33,28 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     settings = dict(model_kwargs or {})
     height, width = img_size(args)
     require_known_model(model_name(args))
+    num_classes = IMAGENET_CLASSES if args.num_classes is None else args.num_classes
     with torch.device("meta") if not args.traced else torch.device("cpu"):
-        model = timm.create_model(args.model, num_classes=args.num_classes, **settings)
+        model = timm.create_model(args.model, num_classes=num_classes, **settings)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {
         "model": args.model,
         "img_size": [height, width],
+        "num_classes": num_classes,
         "params": count_params(model),
         "macs": analytic_macs(model, height, width),
     }
     if args.traced:
         result["traced_macs"] = traced_macs(model, height, width)
     variant = VARIANTS.get(args.model)
-    if variant is not None and args.num_classes == 1000 and not settings:
+    if variant is not None and num_classes == IMAGENET_CLASSES and not settings:
         result.update(paper_params_m=variant.paper_params_m, paper_gflops=variant.paper_gflops)
     if args.json:
         print(json.dumps(result))
         return 0
     described = "".join(f", {key}={value}" for key, value in settings.items())
-    print(f"model       {args.model}{described} at {height}x{width}")
+    print(f"model       {args.model}{described} at {height}x{width}, {num_classes} classes")
     print(f"params      {result['params']:,} ({result['params'] / 1e6:.1f}M)")
     print(f"MACs        {result['macs']:,} ({result['macs'] / 1e9:.3f}G, official analytic counter)")
     if args.traced:

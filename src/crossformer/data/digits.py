@@ -17,9 +17,10 @@ from PIL import Image
 
 from ..errors import UserInputError
 
-__all__ = ["digits_root", "prepare_digits", "DIGITS_SIZE"]
+__all__ = ["digits_root", "prepare_digits", "DIGITS_SIZE", "DIGITS_CLASSES"]
 
 DIGITS_SIZE = 32
+DIGITS_CLASSES = 10  # the digits 0..9, one class folder each
 # Every 5th image of each class is held out: a fixed, stratified 80/20 split.
 VAL_EVERY = 5
 _DONE = ".complete"
@@ -48,7 +49,7 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
     digits = load_digits()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
-    seen = np.zeros(10, dtype=int)
+    seen = np.zeros(DIGITS_CLASSES, dtype=int)
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         split = "val" if seen[label] % VAL_EVERY == VAL_EVERY - 1 else "train"
         seen[label] += 1

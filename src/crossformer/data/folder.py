@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from ..errors import UserInputError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths"]
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
+           "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
@@ -86,6 +87,12 @@ def open_image(path: str | Path) -> Image.Image:
 
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def training_classes(root: str | Path) -> list[str]:
+    """The classes training on ``root`` numbers (``ROOT/train``'s class folders, sorted), listed
+    without opening an image; a :class:`DataError` when the folder or its ``train/`` is missing."""
+    return _class_folders(find_split(root, "train"))
 
 
 class ImageFolderDataset(Dataset):
