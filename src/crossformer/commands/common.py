@@ -140,7 +140,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
     import typing
     from types import UnionType
 
-    for flag, (key, help_text, hint) in config_flags(config_cls, keys, shown_defaults, shown_config, comments).items():
+    found = config_flags(config_cls, keys, shown_defaults, shown_config, comments)
+    for flag, (key, help_text, hint) in found.items():
         metavar = key.rsplit(".", 1)[1].upper()
         kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
@@ -162,14 +163,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
             kwargs.update(type=base)
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(**{_CONFIG_CLASS: config_cls})
-    _explain_model_flag(parser, config_cls, keys)
+    _explain_model_flag(parser, config_cls, found)
 
 
-def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None) -> None:
+def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type,
+                        found: Mapping[str, tuple[str, str, Any]]) -> None:
     """A hidden ``--model`` for a config whose model section has no shorthand (detection,
-    segmentation): a one-line error saying which flags set that model, where argparse would
-    call ``--model`` unknown or an abbreviation of ``--model-ema``."""
-    flags = {key: flag for flag, (key, _, _) in config_flags(config_cls, keys).items()}
+    segmentation; ``found``: its flags, :func:`config_flags`): a one-line error saying which
+    flags set that model, where argparse would call ``--model`` unknown or an abbreviation of
+    ``--model-ema``."""
+    flags = {key: flag for flag, (key, _, _) in found.items()}
     if "--model" in flags.values() or not any(key.startswith("model.") for key in flags):
         return
     named = [flags[key] for key in ("model.kind", "model.backbone") if key in flags]
@@ -217,10 +220,10 @@ def _refuse_set_twice(config_cls: type, overrides: list[str], flags: Mapping[str
     from ..engine.config import parse_overrides
     from ..engine.registry import flatten_settings
 
-    spelled = {key: flag for flag, (key, _, _) in config_flags(config_cls).items()}
     for item in overrides:
         for key in flatten_settings(config_cls, parse_overrides([item]), "overrides"):
             if key in flags:
+                spelled = {name: flag for flag, (name, _, _) in config_flags(config_cls).items()}
                 raise UserInputError(f"{key} is set twice, by {spelled.get(key, key)} and by {item}: give it once")
 
 
