@@ -321,3 +321,33 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"^{name} must be at least 1 in every stage, got "):
         timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"patch_kernel_sizes": (4, 7)}, r"^patch_kernel_sizes \(4, 7\): kernel 7 does not fit stride 4; "),
+    ({"patch_kernel_sizes": (2, 4, 8)}, r"^patch_kernel_sizes \(2, 4, 8\): kernel 2 does not fit stride 4; "),
+    ({"merge_kernel_sizes": (2, 3, 5)}, r"^merge_kernel_sizes \(2, 3, 5\): kernel 3, 5 does not fit stride 2; "),
+    ({"merge_kernel_sizes": (1, 2)}, r"^merge_kernel_sizes \(1, 2\): kernel 1 does not fit stride 2; "),
+    ({"patch_kernel_sizes": ()}, r"^patch_kernel_sizes needs at least one kernel"),
+    ({"patch_kernel_sizes": (4, 8, 12, 16, 20, 24)}, r"^patch_kernel_sizes .*: 6 kernels leave a branch of the 16 channels empty"),
+])
+def test_cross_scale_kernels_that_give_other_output_sizes_are_refused_at_construction(setting, message) -> None:
+    # kernel 7 at stride 4 padded 1 gave one row fewer than kernel 4: a shape error inside torch.cat
+    # at the first forward; kernels under the stride, negative padding; no kernel, an empty cat
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+
+
+def test_cross_scale_kernels_of_even_difference_from_the_stride_all_give_one_size() -> None:
+    model = timm.create_model(
+        "crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=3,
+        patch_kernel_sizes=(6, 4, 10), merge_kernel_sizes=(2, 6),
+    ).eval()
+    with torch.no_grad():
+        for size in [(64, 64), (67, 93)]:
+            expected = [tuple((side - 4) // 4 + 1 for side in size)]  # the spec's floor((H - s) / s) + 1
+            for _ in range(3):
+                expected.append(tuple((side - 2) // 2 + 1 for side in expected[-1]))
+            maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+            assert [tuple(m.shape[2:]) for m in maps] == expected
+            assert model(torch.randn(1, 3, *size)).shape == (1, 3)
