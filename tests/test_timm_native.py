@@ -87,6 +87,25 @@ def test_torchscript_matches_eager(tag: str) -> None:
             torch.testing.assert_close(loaded(x), logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("global_pool", ["avg", ""])
+def test_a_whole_model_pickled_before_the_pool_layer_unpickles_and_runs(global_pool: str) -> None:
+    # torch.save(model) files from before the pooling became timm's layer hold no ``pool``:
+    # unpickled, their forward failed with "'CrossFormer' object has no attribute 'pool'"
+    model = timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                              num_classes=3, global_pool=global_pool).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    del model.pool  # as the old class built it
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert old.pool.pool_type == global_pool
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), expected, rtol=0, atol=0)
+
+
 def test_jit_trace_passes_its_own_check() -> None:
     """``torch.jit.trace(model, x)`` as users call it (grad mode on): its check traces again
     under ``no_grad`` and must meet the same graph."""

@@ -598,6 +598,13 @@ class CrossFormer(nn.Module):
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Whole models pickled (torch.save(model)) before the pooling became timm's layer
+        # pooled by global_pool alone ("avg" or ""): rebuild the layer it implies.
+        if "pool" not in self._modules:
+            self.pool = global_pool_layer(self.global_pool)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
