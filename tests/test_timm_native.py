@@ -207,6 +207,41 @@ def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
         _model("v1", pretrained=True, pretrained_cfg_overlay=overlay)
 
 
+def _our_checkpoint(path, **arch) -> torch.nn.Module:
+    """A training checkpoint as ``crossformer train`` writes one (its settings recorded), and its model."""
+    model = timm.create_model("crossformer_tiny", num_classes=5, **arch).eval()
+    torch.save({"model": model.state_dict(), "model_name": "crossformer_tiny", "model_kwargs": arch,
+                "class_names": list("abcde"), "img_size": 64, "epoch": 3}, path)
+    return model
+
+
+def test_pretrained_training_checkpoint_builds_the_architecture_it_records(tmp_path) -> None:
+    # the recorded embed_dim / depths were ignored: every weight failed to fit crossformer_tiny's defaults
+    arch = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    trained = _our_checkpoint(tmp_path / "best.pth", **arch)
+    crossformer.convert_to_safetensors(tmp_path / "best.pth", tmp_path / "best.safetensors")
+    image = torch.rand(1, 3, 64, 64)
+    for file in ("best.pth", "best.safetensors"):
+        model = timm.create_model("crossformer_tiny", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / file))).eval()
+        with torch.no_grad():
+            assert torch.equal(model(image), trained(image))
+    # settings given win, as for num_classes: only the stochastic depth differs here
+    model = timm.create_model("crossformer_tiny", pretrained=True, drop_path_rate=0.0, num_classes=2,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "best.pth")))
+    assert model.patch_embed.norm.weight.shape == (16,) and model.num_classes == 2
+
+
+def test_pretrained_training_checkpoint_of_other_settings_names_what_it_holds(tmp_path) -> None:
+    _our_checkpoint(tmp_path / "best.pth", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    overlay = dict(file=str(tmp_path / "best.pth"))
+    settings = r"crossformer_tiny with embed_dim=16, depths=\[1, 1, 1, 1\], num_heads=\[1, 2, 4, 8\]"
+    for name, kwargs in (("crossformer_tiny", dict(embed_dim=32)), ("crossformer_small", {})):
+        with pytest.raises(CheckpointError, match=f"^the weights are {settings}: create crossformer_tiny with "
+                                                  f"those settings \\(pretrained weights do not fit this model"):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
 def test_pretrained_file_never_unpickles_code(tmp_path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"model": crossformer.models.CrossFormer(**REFERENCE_CONFIGS["v1"]).state_dict(), "hook": os.system}, path)
