@@ -46,6 +46,7 @@ from .layers import (
     LargeKernelConv2d,
     ResidualDropPath,
     capturing_graph,
+    conv_input,
     linear,
     cached_on_weights,
     release_packed,
@@ -171,7 +172,7 @@ class PatchMerging(nn.Module):
         self.reductions = CrossScaleConvs(dim, out_dim, kernel_sizes, stride=2, name="merge_kernel_sizes")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reductions(self.norm(x).permute(0, 3, 1, 2))
+        return self.reductions(conv_input(self.norm(x)))
 
 
 def relative_offsets(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
@@ -422,8 +423,12 @@ class CrossFormerBlock(nn.Module):
         x = self._attention_residual(x, self.layout(x.shape[1], x.shape[2]))
         x = self.drop_path(x, self.mlp(self.norm2(x)))
         if self.ex_conv is not None:
-            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            x = self.activation_cooling(x)
         return x
+
+    def activation_cooling(self, x: torch.Tensor) -> torch.Tensor:
+        """The ACL (CrossFormer++): ``(B, H, W, C)`` -> ``ex_ln(ex_conv(x))``, ``(B, H, W, C)``."""
+        return self.ex_ln(self.ex_conv(conv_input(x)).permute(0, 2, 3, 1))
 
 
 class CrossFormerStage(nn.Module):
