@@ -87,6 +87,25 @@ def test_torchscript_matches_eager(tag: str) -> None:
             torch.testing.assert_close(loaded(x), logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("global_pool", ["avg", ""])
+def test_a_whole_model_pickled_before_the_pool_layer_unpickles_and_runs(global_pool: str) -> None:
+    # torch.save(model) files from before the pooling became timm's layer hold no ``pool``:
+    # unpickled, their forward failed with "'CrossFormer' object has no attribute 'pool'"
+    model = timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                              num_classes=3, global_pool=global_pool).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    del model.pool  # as the old class built it
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert old.pool.pool_type == global_pool
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), expected, rtol=0, atol=0)
+
+
 def test_jit_trace_passes_its_own_check() -> None:
     """``torch.jit.trace(model, x)`` as users call it (grad mode on): its check traces again
     under ``no_grad`` and must meet the same graph."""
@@ -186,6 +205,41 @@ def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
     overlay = dict(file=str(reference_dir / "pp_cls.pth"))
     with pytest.raises(CheckpointError, match="do not fit this model.*unexpected: layers.2.blocks.2.ex_conv"):
         _model("v1", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def _our_checkpoint(path, **arch) -> torch.nn.Module:
+    """A training checkpoint as ``crossformer train`` writes one (its settings recorded), and its model."""
+    model = timm.create_model("crossformer_tiny", num_classes=5, **arch).eval()
+    torch.save({"model": model.state_dict(), "model_name": "crossformer_tiny", "model_kwargs": arch,
+                "class_names": list("abcde"), "img_size": 64, "epoch": 3}, path)
+    return model
+
+
+def test_pretrained_training_checkpoint_builds_the_architecture_it_records(tmp_path) -> None:
+    # the recorded embed_dim / depths were ignored: every weight failed to fit crossformer_tiny's defaults
+    arch = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    trained = _our_checkpoint(tmp_path / "best.pth", **arch)
+    crossformer.convert_to_safetensors(tmp_path / "best.pth", tmp_path / "best.safetensors")
+    image = torch.rand(1, 3, 64, 64)
+    for file in ("best.pth", "best.safetensors"):
+        model = timm.create_model("crossformer_tiny", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / file))).eval()
+        with torch.no_grad():
+            assert torch.equal(model(image), trained(image))
+    # settings given win, as for num_classes: only the stochastic depth differs here
+    model = timm.create_model("crossformer_tiny", pretrained=True, drop_path_rate=0.0, num_classes=2,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "best.pth")))
+    assert model.patch_embed.norm.weight.shape == (16,) and model.num_classes == 2
+
+
+def test_pretrained_training_checkpoint_of_other_settings_names_what_it_holds(tmp_path) -> None:
+    _our_checkpoint(tmp_path / "best.pth", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    overlay = dict(file=str(tmp_path / "best.pth"))
+    settings = r"crossformer_tiny with embed_dim=16, depths=\[1, 1, 1, 1\], num_heads=\[1, 2, 4, 8\]"
+    for name, kwargs in (("crossformer_tiny", dict(embed_dim=32)), ("crossformer_small", {})):
+        with pytest.raises(CheckpointError, match=f"^the weights are {settings}: create crossformer_tiny with "
+                                                  f"those settings \\(pretrained weights do not fit this model"):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def test_pretrained_file_never_unpickles_code(tmp_path) -> None:
@@ -321,3 +375,33 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"^{name} must be at least 1 in every stage, got "):
         timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"patch_kernel_sizes": (4, 7)}, r"^patch_kernel_sizes \(4, 7\): kernel 7 does not fit stride 4; "),
+    ({"patch_kernel_sizes": (2, 4, 8)}, r"^patch_kernel_sizes \(2, 4, 8\): kernel 2 does not fit stride 4; "),
+    ({"merge_kernel_sizes": (2, 3, 5)}, r"^merge_kernel_sizes \(2, 3, 5\): kernel 3, 5 does not fit stride 2; "),
+    ({"merge_kernel_sizes": (1, 2)}, r"^merge_kernel_sizes \(1, 2\): kernel 1 does not fit stride 2; "),
+    ({"patch_kernel_sizes": ()}, r"^patch_kernel_sizes needs at least one kernel"),
+    ({"patch_kernel_sizes": (4, 8, 12, 16, 20, 24)}, r"^patch_kernel_sizes .*: 6 kernels leave a branch of the 16 channels empty"),
+])
+def test_cross_scale_kernels_that_give_other_output_sizes_are_refused_at_construction(setting, message) -> None:
+    # kernel 7 at stride 4 padded 1 gave one row fewer than kernel 4: a shape error inside torch.cat
+    # at the first forward; kernels under the stride, negative padding; no kernel, an empty cat
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+
+
+def test_cross_scale_kernels_of_even_difference_from_the_stride_all_give_one_size() -> None:
+    model = timm.create_model(
+        "crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=3,
+        patch_kernel_sizes=(6, 4, 10), merge_kernel_sizes=(2, 6),
+    ).eval()
+    with torch.no_grad():
+        for size in [(64, 64), (67, 93)]:
+            expected = [tuple((side - 4) // 4 + 1 for side in size)]  # the spec's floor((H - s) / s) + 1
+            for _ in range(3):
+                expected.append(tuple((side - 2) // 2 + 1 for side in expected[-1]))
+            maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+            assert [tuple(m.shape[2:]) for m in maps] == expected
+            assert model(torch.randn(1, 3, *size)).shape == (1, 3)

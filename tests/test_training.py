@@ -80,6 +80,35 @@ def test_torch_compile_captures_one_graph_and_matches_eager() -> None:
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_inductor_compiled_training_takes_a_new_input_size() -> None:
+    # Once a second size made the sizes symbolic, Inductor failed on the convolutions' NCHW
+    # views of channels-last maps saved for backward (the merge, activation cooling):
+    # "cannot determine truth value of Relational: 16*((s0//4)) < 16" (see layers.conv_input).
+    # The stem, an activation cooling layer and a merge, without the attention that would
+    # make Inductor's code generation take minutes.
+    from crossformer.models.crossformer import CrossFormerBlock, PatchEmbed, PatchMerging
+
+    torch._dynamo.reset()
+    embed, merge = PatchEmbed(3, 16), PatchMerging(16, 32)
+    block = CrossFormerBlock(16, 1, 7, 1, False, "fixed_interval", activation_cooling=True)
+    parts = torch.nn.ModuleList([embed, block, merge])
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return merge(block.activation_cooling(embed(x)))
+
+    compiled = torch.compile(step, dynamic=True)  # symbolic from the start: one compilation
+    x = torch.randn(2, 3, 72, 88)
+    compiled(x).square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in parts.named_parameters() if p.grad is not None}
+    parts.zero_grad()
+    step(x).square().sum().backward()
+    assert grads.keys() == {name for name, p in parts.named_parameters() if p.grad is not None}
+    for name, p in parts.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_residual_drop_path_equals_timm_drop_path() -> None:
     """Same images dropped (same generator calls), same scaling, same gradients."""
     from timm.layers import DropPath

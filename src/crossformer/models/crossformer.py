@@ -46,6 +46,7 @@ from .layers import (
     LargeKernelConv2d,
     ResidualDropPath,
     capturing_graph,
+    conv_input,
     linear,
     cached_on_weights,
     release_packed,
@@ -90,14 +91,42 @@ def cross_scale_branch_dims(out_dim: int, num_kernels: int) -> list[int]:
     return dims + [out_dim // 2 ** (num_kernels - 1)]
 
 
+def check_cross_scale_kernels(kernel_sizes: Sequence[int], stride: int, out_dim: int, name: str) -> None:
+    """A one-line ``ValueError`` unless every kernel gives the same output size at ``stride``.
+
+    With padding ``(k - s) / 2`` on each side a kernel ``k`` maps ``H`` to
+    ``floor((H - s) / s) + 1`` whatever ``k`` is, but only for ``k >= s`` with ``k - s``
+    even: an odd difference loses a row whenever ``s`` divides ``H`` (the concatenation
+    then fails), and ``k < s`` would need negative padding. Every branch must also get at
+    least one of the ``out_dim`` channels (:func:`cross_scale_branch_dims`).
+    """
+    if not kernel_sizes:
+        raise ValueError(f"{name} needs at least one kernel, got {tuple(kernel_sizes)}")
+    unfit = [k for k in kernel_sizes if k < stride or (k - stride) % 2]
+    if unfit:
+        raise ValueError(
+            f"{name} {tuple(kernel_sizes)}: kernel {', '.join(map(str, unfit))} does not fit stride {stride}; each "
+            f"kernel must be at least {stride} and differ from it by an even number ({stride}, {stride + 2}, {stride + 4}, ...)"
+        )
+    if min(cross_scale_branch_dims(out_dim, len(kernel_sizes))) < 1:
+        raise ValueError(
+            f"{name} {tuple(kernel_sizes)}: {len(kernel_sizes)} kernels leave a branch of the {out_dim} "
+            f"channels empty (the last gets {out_dim} // 2**{len(kernel_sizes) - 1}); use fewer kernels or more channels"
+        )
+
+
 class CrossScaleConvs(nn.ModuleList):
     """Parallel convolutions of one stride, concatenated: NCHW ``(B, in_dim, H, W)`` ->
-    channels-last ``(B, H', W', out_dim)``. Padding ``(k - s) // 2`` gives equal outputs.
+    channels-last ``(B, H', W', out_dim)``. Padding ``(k - s) // 2`` gives equal outputs
+    for the kernels :func:`check_cross_scale_kernels` admits (``name`` is the setting it names).
 
     A ``ModuleList``, so that the kernels keep the official keys (``projs.0``, ...).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int, name: str = "kernel_sizes"
+    ) -> None:
+        check_cross_scale_kernels(kernel_sizes, stride, out_dim, name)
         dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
         super().__init__(
             (LargeKernelConv2d if LargeKernelConv2d.suits(k, stride) else nn.Conv2d)(
@@ -124,7 +153,7 @@ class PatchEmbed(nn.Module):
         stride: int = 4,
     ) -> None:
         super().__init__()
-        self.projs = CrossScaleConvs(in_chans, embed_dim, kernel_sizes, stride)
+        self.projs = CrossScaleConvs(in_chans, embed_dim, kernel_sizes, stride, "patch_kernel_sizes")
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +169,10 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, kernel_sizes: Sequence[int] = (2, 4)) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.reductions = CrossScaleConvs(dim, out_dim, kernel_sizes, stride=2)
+        self.reductions = CrossScaleConvs(dim, out_dim, kernel_sizes, stride=2, name="merge_kernel_sizes")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reductions(self.norm(x).permute(0, 3, 1, 2))
+        return self.reductions(conv_input(self.norm(x)))
 
 
 def relative_offsets(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
@@ -394,8 +423,12 @@ class CrossFormerBlock(nn.Module):
         x = self._attention_residual(x, self.layout(x.shape[1], x.shape[2]))
         x = self.drop_path(x, self.mlp(self.norm2(x)))
         if self.ex_conv is not None:
-            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            x = self.activation_cooling(x)
         return x
+
+    def activation_cooling(self, x: torch.Tensor) -> torch.Tensor:
+        """The ACL (CrossFormer++): ``(B, H, W, C)`` -> ``ex_ln(ex_conv(x))``, ``(B, H, W, C)``."""
+        return self.ex_ln(self.ex_conv(conv_input(x)).permute(0, 2, 3, 1))
 
 
 class CrossFormerStage(nn.Module):
@@ -498,8 +531,9 @@ class CrossFormer(nn.Module):
         proj_drop_rate: Dropout after attention projection and in the MLP.
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, rising linearly over all blocks to this rate.
-        patch_kernel_sizes: Kernels of the cross-scale patch embedding (stride 4).
-        merge_kernel_sizes: Kernels of each cross-scale merge (stride 2).
+        patch_kernel_sizes: Kernels of the cross-scale patch embedding (stride 4): each at
+            least 4, differing from 4 by an even number, so that all give one output size.
+        merge_kernel_sizes: Kernels of each cross-scale merge (stride 2), likewise: 2, 4, 6, ...
     """
 
     def __init__(
@@ -568,6 +602,13 @@ class CrossFormer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Whole models pickled (torch.save(model)) before the pooling became timm's layer
+        # pooled by global_pool alone ("avg" or ""): rebuild the layer it implies.
+        if "pool" not in self._modules:
+            self.pool = global_pool_layer(self.global_pool)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

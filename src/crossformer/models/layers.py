@@ -38,8 +38,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "force_gemm_backend",
-    "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
+    "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
+    "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights",
 ]
 
@@ -73,6 +73,22 @@ def capturing_graph() -> bool:
         or torch.compiler.is_exporting()
         or torch._C._are_functorch_transforms_active()
     )
+
+
+def conv_input(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last map ``(B, H, W, C)`` as a convolution's NCHW input ``(B, C, H, W)``.
+
+    A view of ``x``, except while ``torch.compile`` records a graph that autograd will
+    differentiate: then an NCHW copy. Inductor (torch 2.14) cannot order the strides of a
+    channels-last input saved for a convolution's backward once they are symbolic
+    (``W // 4 * C`` against ``C``, after a second input size): "cannot determine truth value
+    of Relational". The copy is fused into the producer's write.
+    """
+    x = x.permute(0, 3, 1, 2)
+    if not torch.jit.is_scripting():
+        if torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return x.contiguous()
+    return x
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple | None:

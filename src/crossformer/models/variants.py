@@ -5,7 +5,8 @@
 pass an official or converted file with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``; timm's
 builder then adapts the first convolutions to ``in_chans`` and drops a classifier of
-another ``num_classes``, as for any timm model.
+another ``num_classes``, as for any timm model. One of our training checkpoints that names
+the variant also brings the settings it was trained with (``model_kwargs``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from timm.models._pretrained import PretrainedCfg
 from ..errors import UserInputError
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
-from .weights import checkpoint_filter_fn, extract_state_dict, read_checkpoint
+from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint, recorded_model
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "require_known_model"]
 
@@ -113,24 +114,26 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})
 
 
-def _with_weights(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
-    """``cfg`` with its weights in ``state_dict`` (its ``file`` read safely), and described by them.
+def _pretrained_checkpoint(cfg: PretrainedCfg) -> Mapping[str, Any] | None:
+    """The checkpoint ``cfg`` points at: its in-memory ``state_dict``, or its ``file`` read
+    with :func:`read_checkpoint` (timm would read it with ``torch.load(weights_only=True)``,
+    which refuses the official files: their pickled yacs config). None for timm's
+    ``save_for_hf`` folders, which timm reads itself and whose config describes them."""
+    if cfg.source == "local-dir":
+        return None
+    if cfg.state_dict is not None:
+        return cfg.state_dict
+    return read_checkpoint(cfg.file) if cfg.file else None
 
-    timm would read the file with ``torch.load(weights_only=True)``, which refuses the
-    official files (their pickled yacs config); :func:`read_checkpoint` reads them without
-    unpickling arbitrary objects. Unless the overlay says otherwise, ``num_classes`` and
-    the input channels become those of the weights (a file's or an in-memory
-    ``state_dict``'s), so that timm keeps a fitting classifier and adapts the first
+
+def _with_weights(cfg: PretrainedCfg, checkpoint: Mapping[str, Any], overlay: dict[str, Any]) -> PretrainedCfg:
+    """``cfg`` with the weights of ``checkpoint`` in ``state_dict``, and described by them.
+
+    Unless the overlay says otherwise, ``num_classes`` and the input channels become those
+    of the weights, so that timm keeps a fitting classifier and adapts the first
     convolutions from the right channel count.
     """
-    if cfg.source == "local-dir":
-        return cfg  # timm's save_for_hf folder: timm reads it, and its config describes it
-    if cfg.state_dict is not None:
-        state = extract_state_dict(cfg.state_dict)
-    elif cfg.file:
-        state = extract_state_dict(read_checkpoint(cfg.file))
-    else:
-        return cfg
+    state = extract_state_dict(checkpoint)
     described: dict[str, Any] = {"state_dict": state}
     head = state.get("head.weight")
     if "num_classes" not in overlay:
@@ -139,6 +142,20 @@ def _with_weights(cfg: PretrainedCfg, overlay: dict[str, Any]) -> PretrainedCfg:
     if "input_size" not in overlay and first_conv is not None:
         described["input_size"] = (first_conv.shape[1], *cfg.input_size[1:])
     return dataclasses.replace(cfg, **described)
+
+
+def _recorded_model_hint(checkpoint: Mapping[str, Any], variant: str) -> str:
+    """What to build for weights that do not fit ``variant`` as asked: the model and settings
+    the checkpoint records (ours) or the registered variant they fit ("" if neither is known)."""
+    name, settings = recorded_model(checkpoint)
+    if name is None:
+        return ""
+    if settings:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        return f"the weights are {name} with {arguments}: create {name} with those settings"
+    if name == variant:
+        return f"the weights are {name} at its registered settings: leave out the settings that change its shape"
+    return f"the weights are {name}: create that model"
 
 
 def _feature_class(feature_cls: Any) -> Any:
@@ -169,34 +186,49 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     ``pretrained=True`` needs weights in the pretrained config: a local file
     (``pretrained_cfg_overlay=dict(file=PATH)``; official ``.pth``, crossformer training
     checkpoints and ``.safetensors`` all work) or a ``state_dict``. They go through
-    :func:`checkpoint_filter_fn` and timm's ``num_classes`` / ``in_chans`` adaptation.
+    :func:`checkpoint_filter_fn` and timm's ``num_classes`` / ``in_chans`` adaptation. The
+    file's class count and, for one of our checkpoints naming ``variant``, the settings it
+    records (``model_kwargs``) describe the model where ``kwargs`` do not; weights that still
+    do not fit raise :class:`CheckpointError` naming the model they are.
     ``device`` / ``dtype`` (timm's factory arguments) place and cast the model.
     """
-    arch = {**VARIANTS[variant].arch, **kwargs}
-    device, dtype = arch.pop("device", None), arch.pop("dtype", None)
-    out_indices = arch.pop("out_indices", (0, 1, 2, 3))
-    feature_cls = _feature_class(arch.pop("feature_cls", "getter"))
-    overlay = dict(arch.pop("pretrained_cfg_overlay", None) or {})
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    feature_cls = _feature_class(kwargs.pop("feature_cls", "getter"))
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=arch.pop("pretrained_cfg", None), pretrained_cfg_overlay=overlay
+        variant, pretrained_cfg=kwargs.pop("pretrained_cfg", None), pretrained_cfg_overlay=overlay
     )
+    checkpoint, recorded = None, {}
     if pretrained:
         if pretrained_cfg.state_dict is None and not pretrained_cfg.file:
             raise RuntimeError(
                 f"no weights are bundled for {variant}: pass a local checkpoint with "
                 f"pretrained_cfg_overlay=dict(file=PATH) (official .pth files work as they are)"
             )
-        pretrained_cfg = _with_weights(pretrained_cfg, overlay)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = build_model_with_cfg(
-            CrossFormer,
-            variant,
-            pretrained=pretrained,
-            pretrained_cfg=pretrained_cfg,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(feature_cls=feature_cls, out_indices=out_indices),
-            **arch,
-        )
+        checkpoint = _pretrained_checkpoint(pretrained_cfg)
+        if checkpoint is not None:
+            # the settings one of our checkpoints was trained with, if it names this variant:
+            # like its class count, they describe the model where the caller does not
+            recorded = recorded_model(checkpoint, variant)[1]
+            pretrained_cfg = _with_weights(pretrained_cfg, checkpoint, overlay)
+    arch = {**VARIANTS[variant].arch, **recorded, **kwargs}
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = build_model_with_cfg(
+                CrossFormer,
+                variant,
+                pretrained=pretrained,
+                pretrained_cfg=pretrained_cfg,
+                pretrained_filter_fn=checkpoint_filter_fn,
+                feature_cfg=dict(feature_cls=feature_cls, out_indices=out_indices),
+                **arch,
+            )
+    except CheckpointError as err:
+        hint = _recorded_model_hint(checkpoint, variant) if checkpoint is not None else ""
+        if not hint:
+            raise
+        raise CheckpointError(f"{hint} ({err})") from None
     if dtype is not None:
         model.to(dtype=dtype)
     for module in model.modules():  # the config must not keep the weights alive
