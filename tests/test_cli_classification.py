@@ -325,6 +325,22 @@ def test_a_field_set_by_a_flag_and_a_setting_is_refused(capsys, argv: list[str],
     _one_line_error(capsys, ["train", *argv], expected)
 
 
+@pytest.mark.parametrize("argv", [["--model", "crossformer_tiny"], ["--config", "crossformer_small"]])
+def test_train_a_recipe_that_names_no_data_is_refused(capsys, tmp_path: Path, argv: list[str]) -> None:
+    # It trained the ImageNet recipe (300 epochs at 224x224) on the built-in digits.
+    _one_line_error(capsys, ["train", *argv, "--output", str(tmp_path / "run")],
+                    "no data given for crossformer_")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_the_digits_by_name_with_a_recipe(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import crossformer.data.digits
+
+    monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)
+    assert main(["train", *TINY_ARGS, "data.root=null", "--output", str(tmp_path / "t"), "--epochs", "1"]) == 0
+    assert load_training_state(tmp_path / "t" / "last.pth")["config"]["data"]["root"] is None
+
+
 def test_settings_and_images_may_follow_a_list_of_numbers() -> None:
     """argparse alone reads whatever follows ``--img-size H W`` as more sizes."""
     from crossformer.cli import parse_command_line

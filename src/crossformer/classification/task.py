@@ -26,7 +26,19 @@ from .config import AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
 from .model import create_classifier
 
-__all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "default_config"]
+__all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "default_config", "check_train_command"]
+
+
+def check_train_command(config: ClassificationConfig, given: dict[str, Any]) -> None:
+    """Refuse ``crossformer train`` with no data named (``given``: the settings the config file
+    and the command line set). The Python API, and a config that names the built-in digits
+    (``data.root: null``, as ``digits`` does), train on the digits; a recipe that names no data
+    (the ImageNet ones) would otherwise run its 300 epochs at 224x224 on them."""
+    if config.data.root is None and "data.root" not in given:
+        raise UserInputError(
+            f"no data given for {config.model.name}: pass --data PATH (a folder with train/<class>/* and "
+            "val/<class>/*), or data.root=null to train on the built-in digits"
+        )
 
 
 def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:

@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from .common import command_line_settings
 
     resolved = resolve_config(args.config, command_line_settings(args, args.overrides))
+    check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
+    if check is not None:
+        check(resolved.config, resolved.given)
     says = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops the same way; rank 0 says it
     try:
         metrics = train(resolved.module.TASK, resolved.config)

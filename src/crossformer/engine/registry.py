@@ -7,7 +7,10 @@ A task plugs in with one module and one entry in :data:`TASKS`. The module
   whose ``task`` default is the task's name);
 - ``TASK``: its :class:`~crossformer.engine.task.Task` class (``TASK(config, ctx)``);
 - optionally ``default_config(values) -> str | None``: the bundled config to start from when
-  none is named (``values``: the settings given on the command line).
+  none is named (``values``: the settings given on the command line);
+- optionally ``check_train_command(config, given)``: a one-line ``UserInputError`` for a
+  ``crossformer train`` command line whose settings are valid but would not do what was meant
+  (``given``: the settings the file and the command line set).
 
 The verbs beyond ``train`` it supports (``evaluate``, ``predict``, ``benchmark``, ``flops``, ``export``)
 are the ``COMMANDS`` (``{verb: VerbHandler}``) of the ``commands`` module beside it
