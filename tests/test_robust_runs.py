@@ -689,3 +689,26 @@ def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
     process.stdout.close()
     assert process.wait(timeout=120) == 0
     assert process.stderr.read() == ""
+
+
+def _importing_torch(pid: int) -> bool:
+    """Whether process ``pid`` has started loading torch (its library is mapped), or has ended."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the import under way")
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.2, 2.5])
+def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
+    # Ctrl-C while `crossformer` still imported torch and timm printed a KeyboardInterrupt traceback
+    process = subprocess.Popen([sys.executable, "-m", "crossformer", "train", "--help"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _importing_torch(process.pid), 60)
+    time.sleep(delay)  # 0: inside torch's import; later: timm's, the commands' (or --help done: exit 0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, \
+        (process.returncode, err[-3000:])
