@@ -185,6 +185,40 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert ", 1 unreadable images" in done  # the training image, skipped once in its one epoch
 
 
+class _UnreadableOnRank1(FakeTask):
+    """Rank 1 skips an unreadable ``rank1/bad.png`` in its first batch of every epoch (3 a rank)."""
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        return ["image rank1/bad.png: broken data stream"] if self.ctx.rank == 1 and self.calls % 3 == 0 else []
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tmp_path: Path) -> None:
+    # --skip-corrupt: a training file that rank 1 skipped was counted but never named
+    proc = _torchrun_train(tmp_path, "_UnreadableOnRank1", "task: fake\nrun:\n  epochs: 2\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "ddp" / "log.txt").read_text()
+    assert log.count("skipping unreadable image rank1/bad.png: broken data stream") == 1, log  # once a run
+    assert ", 2 unreadable images" in log.splitlines()[-1], log  # skipped in both epochs
+
+
+class _ManyUnreadable(FakeTask):
+    """Every batch skips 3 unreadable files, all different (27 in 3 epochs of 3 batches)."""
+
+    def unreadable(self, batch):
+        return [f"image bad{self.calls}-{i}.png: truncated" for i in range(3)]
+
+
+def test_at_most_20_skipped_training_files_are_named(tmp_path: Path) -> None:
+    train(_ManyUnreadable, fake_config(tmp_path))
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("skipping unreadable image bad") == 20 and "image bad6-2.png" not in log, log
+    assert log.count("more unreadable training files are skipped: counted (train/unreadable_images), not named") == 1
+
+
 class _FailingEvaluation(FakeTask):
     def evaluate(self, model):
         raise UserInputError("cannot read image val/7.png")

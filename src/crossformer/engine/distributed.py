@@ -190,6 +190,10 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_lists(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items``, joined in rank order (e.g. the files each rank skipped)."""
+        return [item for share in self.gather_objects(items) for item in share]
+
     @property
     def _collective_device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo only CPU ones.
