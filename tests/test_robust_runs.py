@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from PIL import Image
@@ -26,6 +28,7 @@ from crossformer.engine import (
     load_training_state,
     train,
 )
+from crossformer.engine.distributed import stop_with_launcher
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
@@ -182,6 +185,40 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert ", 1 unreadable images" in done  # the training image, skipped once in its one epoch
 
 
+class _UnreadableOnRank1(FakeTask):
+    """Rank 1 skips an unreadable ``rank1/bad.png`` in its first batch of every epoch (3 a rank)."""
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        return ["image rank1/bad.png: broken data stream"] if self.ctx.rank == 1 and self.calls % 3 == 0 else []
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tmp_path: Path) -> None:
+    # --skip-corrupt: a training file that rank 1 skipped was counted but never named
+    proc = _torchrun_train(tmp_path, "_UnreadableOnRank1", "task: fake\nrun:\n  epochs: 2\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "ddp" / "log.txt").read_text()
+    assert log.count("skipping unreadable image rank1/bad.png: broken data stream") == 1, log  # once a run
+    assert ", 2 unreadable images" in log.splitlines()[-1], log  # skipped in both epochs
+
+
+class _ManyUnreadable(FakeTask):
+    """Every batch skips 3 unreadable files, all different (27 in 3 epochs of 3 batches)."""
+
+    def unreadable(self, batch):
+        return [f"image bad{self.calls}-{i}.png: truncated" for i in range(3)]
+
+
+def test_at_most_20_skipped_training_files_are_named(tmp_path: Path) -> None:
+    train(_ManyUnreadable, fake_config(tmp_path))
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("skipping unreadable image bad") == 20 and "image bad6-2.png" not in log, log
+    assert log.count("more unreadable training files are skipped: counted (train/unreadable_images), not named") == 1
+
+
 class _FailingEvaluation(FakeTask):
     def evaluate(self, model):
         raise UserInputError("cannot read image val/7.png")
@@ -218,22 +255,28 @@ from crossformer.cli import main
 from crossformer.engine import registry
 test_robust_runs.TASK = test_robust_runs.{task}
 registry.TASKS["fake"] = "test_robust_runs"
-sys.exit(main(["train", "--config", {config!r}, "--output", {output!r}]))
+sys.exit(main(["train", "--config", {config!r}, "--output", {output!r}, *{extra!r}]))
 """
 # This module is the fake task's registry entry in the torchrun tests (TASK: set by the script).
 CONFIG = FakeConfig
 TASK: type[Task] = FakeTask
 
 
-def _torchrun_train(tmp_path: Path, task: str, config: str) -> subprocess.CompletedProcess:
-    """``crossformer train`` of the fake task ``task`` (a class of this module) on 2 processes."""
+def _torchrun_command(tmp_path: Path, task: str, config: str, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``crossformer train EXTRA`` of the fake task ``task``
+    (a class of this module) on 2 processes, into ``tmp_path / "ddp"``."""
     (tmp_path / "fake.yaml").write_text(config)
     script = tmp_path / "run.py"
     script.write_text(_DDP_TRAIN.format(tests=str(TESTS), task=task, config=str(tmp_path / "fake.yaml"),
-                                        output=str(tmp_path / "ddp")))
+                                        output=str(tmp_path / "ddp"), extra=list(extra)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)], env
+
+
+def _torchrun_train(tmp_path: Path, task: str, config: str, *extra: str) -> subprocess.CompletedProcess:
+    """``crossformer train EXTRA`` of the fake task ``task`` (a class of this module) on 2 processes."""
+    command, env = _torchrun_command(tmp_path, task, config, *extra)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -304,6 +347,80 @@ def test_under_torchrun_the_ranks_agree_on_a_stop(tmp_path: Path) -> None:
         proc.stderr[-3000:]
     state = load_training_state(tmp_path / "ddp" / "last.pth")
     assert (state["world_size"], state["epoch"], state["batches_done"], state["global_step"]) == (2, 1, 2, 5)
+
+
+class _SlowTask(FakeTask):
+    """Writes its process id to ``rank<N>.pid`` beside the output folder, then takes 50 ms a step."""
+
+    def __init__(self, config, ctx) -> None:
+        super().__init__(config, ctx)
+        (Path(config.run.output).parent / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+
+    def losses(self, model, batch):
+        time.sleep(0.05)
+        return super().losses(model, batch)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status and "\nState:\tX" not in status
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``condition`` every 0.1 s for up to ``seconds``; whether it came true."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_torchrun_alone_stops_its_workers_with_a_checkpoint(tmp_path: Path) -> None:
+    # `kill -9` of the torchrun launcher left both workers training, holding the folder (and GPUs)
+    command, env = _torchrun_command(tmp_path, "_SlowTask", "task: fake\nrun:\n  epochs: 1000\n")
+    with open(tmp_path / "out.txt", "w") as out:  # not a pipe: the orphans would hold it open
+        launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        trained_an_epoch = (tmp_path / "ddp" / "last.pth").exists
+        assert _wait_for(trained_an_epoch, 120), (tmp_path / "out.txt").read_text()[-3000:]
+        workers = [int((tmp_path / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    try:
+        assert _wait_for(lambda: not any(map(_running, workers)), 20), (tmp_path / "out.txt").read_text()[-3000:]
+    finally:  # no orphans left training when it fails
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)
+    output = (tmp_path / "out.txt").read_text()
+    # (rank 0 names SIGTERM, or "a stop signal on another rank" when rank 1's came first)
+    assert "crossformer train: interrupted by " in output and "resume with --resume auto" in output, output[-3000:]
+    # the run resumes where it stopped and finishes the next epoch
+    epoch = load_training_state(tmp_path / "ddp" / "last.pth")["epoch"]
+    proc = _torchrun_train(tmp_path, "FakeTask", f"task: fake\nrun:\n  epochs: {epoch + 1}\n", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_training_state(tmp_path / "ddp" / "last.pth")["epoch"] == epoch + 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_torchrun_worker_whose_launcher_is_gone_already_stops(tmp_path: Path) -> None:
+    # the launcher died before the worker asked to be signalled: the kernel never would be
+    code = "from crossformer.engine.distributed import stop_with_launcher; stop_with_launcher(parent=-1); print('ran on')"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == -signal.SIGTERM and "ran on" not in proc.stdout, proc.stderr[-3000:]
+
+
+def test_outside_torchrun_nothing_waits_for_the_parent(monkeypatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not stop_with_launcher(parent=-1)  # (a SIGTERM would end the tests here)
 
 
 class _InterruptedTask(FakeTask):
@@ -606,3 +723,26 @@ def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
     process.stdout.close()
     assert process.wait(timeout=120) == 0
     assert process.stderr.read() == ""
+
+
+def _importing_torch(pid: int) -> bool:
+    """Whether process ``pid`` has started loading torch (its library is mapped), or has ended."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the import under way")
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.2, 2.5])
+def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
+    # Ctrl-C while `crossformer` still imported torch and timm printed a KeyboardInterrupt traceback
+    process = subprocess.Popen([sys.executable, "-m", "crossformer", "train", "--help"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _importing_torch(process.pid), 60)
+    time.sleep(delay)  # 0: inside torch's import; later: timm's, the commands' (or --help done: exit 0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, \
+        (process.returncode, err[-3000:])

@@ -6,7 +6,10 @@ Importing this package registers the 8 official variants with timm::
     model = timm.create_model("crossformer_small", num_classes=10)
 """
 
-from .models import (
+from .cli import quiet_start
+
+quiet_start()  # the crossformer command: Ctrl-C while torch and timm load ends it quietly
+from .models import (  # noqa: E402 (after quiet_start)
     VARIANTS,
     CheckpointError,
     CrossFormer,

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from .errors import UserInputError
 
@@ -32,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "make-data": "write a synthetic data set in a standard layout (coco: detection, ade: segmentation)",
 }
 _RANK_0_GRACE_S = 3.0
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 # commands with their own flags that also take --config (the task's handler fills in the rest)
 _CONFIG_DISPATCH = ("benchmark", "flops", "export")
 # commands that run a model over data: with CROSSFORMER_KEEP_FREED_MEMORY=1 their process keeps
@@ -171,6 +175,43 @@ def _leave_after_rank_0(code: int) -> int:
     return code
 
 
+def _started_as_command() -> bool:
+    """Whether this process is the ``crossformer`` command (its console script, or ``python -m
+    crossformer`` while Python imports the package to find ``__main__``), not a program that
+    imports the package."""
+    if sys.argv[:1] == ["-m"]:  # python -m: the module named is still being found
+        given = list(getattr(sys, "orig_argv", ()))
+        named = [after for before, after in zip(given, given[1:]) if before == "-m"]
+        named += [arg[2:] for arg in given if arg.startswith("-m") and len(arg) > 2]
+        return any(name.split(".")[0] == "crossformer" for name in named)
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("crossformer", "crossformer.exe", "crossformer-script.py")
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    """Ctrl-C while the command starts: exit at once, quietly, with status 130. Not through
+    KeyboardInterrupt: raised inside a library's import it can leave that library half set up,
+    and the next import of it fails with an unrelated error (numpy: a RecursionError)."""
+    os._exit(INTERRUPTED)
+
+
+def quiet_start() -> None:
+    """From the package's first import on, for the ``crossformer`` command: Ctrl-C while it
+    starts (importing torch, timm and the commands takes seconds) ends it with status 130 and
+    no traceback; :func:`main` hands Ctrl-C back to Python before the command runs. A program
+    that imports the package, and a process that ignores Ctrl-C (a shell's background job),
+    are left as they are."""
+    if (_started_as_command() and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _end_quiet_start() -> None:
+    """The command's work begins: Ctrl-C raises KeyboardInterrupt again, which the command
+    answers by stopping cleanly (training saves a checkpoint first)."""
+    if signal.getsignal(signal.SIGINT) is _exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _leave_after_rank_0(_main(argv))
@@ -194,6 +235,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             _say(f"crossformer {args.command}: error: it runs in one process, but torchrun started "
                  f"{launched_processes()}: run it without torchrun")
             return 2
+    _end_quiet_start()
     if args.command in _KEEP_FREED_MEMORY:
         from .engine.memory import keep_freed_memory, wanted_by_environment
 
@@ -212,7 +254,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _say(f"crossformer {args.command}: interrupted")
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def evaluate_batches(
     ctx.raise_together(error)
     loss_sum, correct1, correct5, count, skipped = ctx.all_reduce_sum([loss_sum, correct1, correct5, count, skipped])
     if skipped:  # the same on every rank, so all join the gather
-        gathered = [failure for share in ctx.gather_objects(skipped_files) for failure in share]
+        gathered = ctx.gather_lists(skipped_files)
         if on_skip is not None:
             for failure in gathered:
                 on_skip(failure)

@@ -147,8 +147,11 @@ class ClassificationTask(Task):
 
     def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
         images, targets, failures = self._trim(batch)
-        unreadable = raise_or_count_unreadable(failures, self.config.data.skip_corrupt, self._skipped)
+        unreadable = raise_or_count_unreadable(failures, self.config.data.skip_corrupt)
         return {"samples": float(len(targets)), "unreadable_images": float(unreadable)}
+
+    def unreadable(self, batch: ImageBatch) -> list[str]:
+        return [f"image {failure}" for failure in batch[2]]
 
     def to_device(self, batch: ImageBatch) -> ImageBatch:
         return move_to_device(self._trim(batch), self.ctx.device)

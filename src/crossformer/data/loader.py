@@ -111,7 +111,7 @@ def check_readable(paths: Sequence[str], ctx: DistContext, num_workers: int, ski
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise DataError(f"cannot read {what} {bad[0]}{more}{SKIP_HINT}")
         return []
-    return [failure for share in ctx.gather_objects(bad) for failure in share]
+    return ctx.gather_lists(bad)
 
 
 class _SeededSamples(Dataset):

@@ -116,6 +116,9 @@ class DetectionTask(Task):
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)
         return {"samples": float(len(batch)), "unreadable_images": float(unreadable)}
 
+    def unreadable(self, batch: DetectionBatch) -> list[str]:
+        return [f"image {failure}" for failure in batch.failures]
+
     def to_device(self, batch: DetectionBatch) -> DetectionBatch:
         return batch.to(self.ctx.device)
 

@@ -2,12 +2,17 @@
 
 ``torchrun`` exports ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; when they are present we
 join the default process group (NCCL on GPUs, gloo on the CPU). Without them everything
-runs as rank 0 of 1 and the collectives below are no-ops.
+runs as rank 0 of 1 and the collectives below are no-ops. A ``torchrun`` worker stops (as on
+SIGTERM) when its launcher dies, even by SIGKILL (Linux).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +22,15 @@ import torch.distributed as dist
 from ..errors import UserInputError
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads",
-           "launched_processes", "available_cpus", "usable_workers"]
+           "launched_processes", "available_cpus", "usable_workers", "stop_with_launcher"]
 
 MAX_DEFAULT_WORKERS = 8
 # torch's own intra-op thread count, read before any run of this process changed it.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
+# The process that started this one, read at import: torchrun's launcher for its workers.
+PARENT_AT_IMPORT = os.getppid()
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LAUNCHER_DEATH_SIGNAL = signal.SIGHUP  # what the kernel sends a torchrun worker whose launcher died
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -41,6 +50,45 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _stop_once(signum: int, frame: Any) -> None:
+    """The launcher died: SIGTERM to this process, once. The kernel sends the death signal
+    each time the launcher thread this process is attached to exits, and attaches it to another
+    thread of the launcher while one lives (a killed launcher's threads go one by one; a live
+    launcher may end the thread that started it): only a new parent process means the launcher
+    is gone, and a second SIGTERM would end a run before its checkpoint."""
+    if os.getppid() == PARENT_AT_IMPORT:  # a thread of the launcher ended, not the launcher
+        return
+    signal.signal(signum, signal.SIG_IGN)
+    signal.raise_signal(signal.SIGTERM)
+
+
+def stop_with_launcher(parent: int = PARENT_AT_IMPORT) -> bool:
+    """Under ``torchrun`` on Linux, have this process get SIGTERM when its launcher ``parent``
+    dies; whether that was arranged.
+
+    A launcher killed with SIGKILL cannot stop its workers, which would go on training, holding
+    the output folder and the GPUs; SIGTERM makes them stop as on any other SIGTERM (in training:
+    after the current update, with a resumable ``last.pth``). The kernel sends
+    :data:`LAUNCHER_DEATH_SIGNAL` (torchrun's workers have no terminal to hang up), which
+    :func:`_stop_once` turns into one SIGTERM. A launcher that is gone already (this process was
+    handed to another parent) means SIGTERM at once. Elsewhere (no ``torchrun``, not Linux, not
+    the main thread, which alone may set signal handlers) nothing is done.
+    """
+    if (not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ
+            or threading.current_thread() is not threading.main_thread()):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no C library to ask: leave it as it was
+        return False
+    signal.signal(LAUNCHER_DEATH_SIGNAL, _stop_once)
+    if prctl(PR_SET_PDEATHSIG, int(LAUNCHER_DEATH_SIGNAL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # it died before the request, so the kernel will not signal it
+        signal.raise_signal(signal.SIGTERM)
+    return True
 
 
 def default_workers() -> int:
@@ -156,6 +204,10 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_lists(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items``, joined in rank order (e.g. the files each rank skipped)."""
+        return [item for share in self.gather_objects(items) for item in share]
+
     @property
     def _collective_device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo only CPU ones.
@@ -163,7 +215,9 @@ class DistContext:
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
-    """Join the ``torchrun`` process group if there is one; pick this process's device."""
+    """Join the ``torchrun`` process group if there is one (stopping with its launcher:
+    :func:`stop_with_launcher`); pick this process's device."""
+    stop_with_launcher()
     world_size = launched_processes()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -105,6 +105,12 @@ class Task(ABC):
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
         return {"samples": float(len(first))}
 
+    def unreadable(self, batch: Any) -> list[str]:
+        """The files of a training ``batch`` skipped as unreadable (``skip_corrupt``; ``batch_counts``
+        counts them), each as the trainer names it after "skipping unreadable ": ``image PATH:
+        reason``. The trainer gathers every rank's and logs each file once. Default: none."""
+        return []
+
     def describe(self) -> str:
         """One log line about the model and data (parameter count, sizes)."""
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

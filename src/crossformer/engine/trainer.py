@@ -43,6 +43,7 @@ __all__ = ["Trainer", "train", "RunInterrupted", "CHECKPOINT_FORMAT"]
 CHECKPOINT_FORMAT = "crossformer-train-v2"
 StepCallback = Callable[[int], None]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+MAX_NAMED_UNREADABLE = 20  # training files named as skipped in a run; the rest are counted only
 # Settings that say where and how a run goes, not what it trains: they may change on resume unremarked.
 _RUN_ONLY_SETTINGS = ("run.output", "run.resume", "run.overwrite", "run.num_workers", "run.log_every",
                       "run.tensorboard", "run.device", "run.cpu_threads")
@@ -97,6 +98,7 @@ class Trainer:
         self.last_grad_norm = float("nan")
         self.last_checkpoint: str | None = None
         self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
+        self.named_unreadable: set[str] = set()  # training files named as skipped (every rank's)
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
         if resume_from:
             self._resume(resume_from)
@@ -268,19 +270,22 @@ class Trainer:
         total = self.batches_per_epoch
         progress = self.log.progress(total, f"epoch {self.epoch}", self.batches_done, run.log_every)
         for batch in task.train_loader:
-            counts, error = None, None
+            counts, error, unreadable = None, None, []
             try:
                 counts = task.batch_counts(batch)
+                unreadable = task.unreadable(batch)
                 if not counts["samples"] and ctx.distributed:
                     raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
             except UserInputError as err:
                 error = err
             try:
-                stop = self._agree(error)
+                stop, skipped = self._agree(error, len(unreadable))
             except UserInputError as err:  # unreadable training data, raised on every rank
                 if self.global_step and self.batches_done % run.accum_steps == 0:  # keep the updates done
                     raise self._saved_for_resume(err) from None
                 raise
+            if skipped:  # on every rank alike, so all join the gather
+                self._name_unreadable(ctx.gather_lists(unreadable))
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -301,8 +306,9 @@ class Trainer:
                     break
         progress.close()
 
-    def _agree(self, error: UserInputError | None) -> bool:
-        """Raise ``error`` on every rank if any rank has one; whether any rank was asked to stop.
+    def _agree(self, error: UserInputError | None, unreadable: int) -> tuple[bool, bool]:
+        """Raise ``error`` on every rank if any rank has one; whether any rank was asked to stop,
+        and whether any skipped unreadable files in this micro-batch (``unreadable``: this rank's).
 
         One small reduction per micro-batch when distributed (ranks must leave together: one
         alone would leave the others waiting in DDP's gradient reduction); free otherwise.
@@ -311,11 +317,26 @@ class Trainer:
         if not ctx.distributed:
             if error is not None:
                 raise error
-            return self.stop_signal is not None
-        failed, stopping = ctx.all_reduce_sum([float(error is not None), float(self.stop_signal is not None)])
+            return self.stop_signal is not None, unreadable > 0
+        failed, stopping, skipped = ctx.all_reduce_sum(
+            [float(error is not None), float(self.stop_signal is not None), float(unreadable)])
         if failed:
             ctx.raise_together(error)
-        return stopping > 0
+        return stopping > 0, skipped > 0
+
+    def _name_unreadable(self, unreadable: list[str]) -> None:
+        """Log each training file skipped as unreadable (``image PATH: reason``, every rank's)
+        once per run, the first :data:`MAX_NAMED_UNREADABLE` of them: a folder of bad files would
+        flood the log; all are counted (``train/unreadable_images``)."""
+        for item in dict.fromkeys(unreadable):  # in order, once
+            if item in self.named_unreadable or len(self.named_unreadable) > MAX_NAMED_UNREADABLE:
+                continue
+            if len(self.named_unreadable) == MAX_NAMED_UNREADABLE:
+                self.log.info("more unreadable training files are skipped: counted (train/unreadable_images), "
+                              "not named")
+            else:
+                self.log.info(f"skipping unreadable {item}")
+            self.named_unreadable.add(item)
 
     def _stop(self) -> None:
         """After an update, on a stop signal: save the position (mid-epoch) and stop."""

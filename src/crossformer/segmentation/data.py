@@ -42,7 +42,7 @@ from .transforms import IGNORE_INDEX
 __all__ = [
     "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset",
     "find_ade_root", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
-    "collate_segmentation", "check_batch",
+    "collate_segmentation", "check_batch", "skipped_file",
 ]
 
 ADE_DIRNAME = "ADEChallengeData2016"
@@ -257,6 +257,11 @@ def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
     )
 
 
+def skipped_file(failure: str) -> str:
+    """An unreadable file's error without the advice to skip it: ``cannot read image PATH: reason``."""
+    return failure.split("; fix or delete")[0]
+
+
 def check_batch(batch: SegBatch, skip_corrupt: bool, log: Callable[[str], None] | None = None) -> int:
     """Raise the batch's first bad-data error; raise on unreadable files unless ``skip_corrupt``,
     in which case each is named through ``log`` and their number returned."""
@@ -266,5 +271,5 @@ def check_batch(batch: SegBatch, skip_corrupt: bool, log: Callable[[str], None] 
         raise DataError(batch.unreadable[0])
     if log is not None:
         for failure in batch.unreadable:
-            log(f"skipped: {failure.split('; fix or delete')[0]}")
+            log(f"skipped: {skipped_file(failure)}")
     return len(batch.unreadable)

@@ -19,7 +19,7 @@ from ..engine import DistContext, Task, require_model_files, resolve_precision, 
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
-from .data import SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation
+from .data import SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, skipped_file
 from .checkpoint import load_segmentor_state
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
@@ -157,6 +157,9 @@ class SegmentationTask(Task):
         if samples < self.min_batch:  # skipping left too few images for BatchNorm: the batch is passed over
             samples = 0
         return {"samples": float(samples), "unreadable_images": float(unreadable)}
+
+    def unreadable(self, batch: SegBatch) -> list[str]:
+        return [skipped_file(failure).removeprefix("cannot read ") for failure in batch.unreadable]  # image / label map PATH: reason
 
     def to_device(self, batch: SegBatch) -> SegBatch:
         device = self.ctx.device
