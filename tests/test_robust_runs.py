@@ -418,6 +418,26 @@ def test_a_torchrun_worker_whose_launcher_is_gone_already_stops(tmp_path: Path) 
     assert proc.returncode == -signal.SIGTERM and "ran on" not in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_torchrun_worker_runs_on_when_only_the_launcher_thread_that_started_it_ends(tmp_path: Path) -> None:
+    # Linux sends the death signal when the thread that started the worker ends, although the
+    # launcher lives on: that stopped the worker
+    worker = ("import sys, time; from crossformer.engine.distributed import stop_with_launcher; "
+              "print(stop_with_launcher(), flush=True); time.sleep(2); print('ran on')")
+    launcher = (
+        "import subprocess, sys, threading\n"
+        "procs = []\n"
+        "def start():\n"
+        f"    procs.append(subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.PIPE, text=True))\n"
+        "    print(procs[0].stdout.readline().strip(), flush=True)  # armed; then this thread ends\n"
+        "thread = threading.Thread(target=start); thread.start(); thread.join()\n"
+        "print(procs[0].stdout.read().strip()); sys.exit(procs[0].wait())\n"
+    )
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "ran", "on"], (proc.stdout, proc.stderr[-3000:])
+
+
 def test_outside_torchrun_nothing_waits_for_the_parent(monkeypatch) -> None:
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert not stop_with_launcher(parent=-1)  # (a SIGTERM would end the tests here)
