@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from crossformer.detection.data import CocoDetection, coco_paths
 from crossformer.detection.evaluate import detections_to_coco, evaluate_detector, metric_names
 from crossformer.detection.predict import predict_detections
 from crossformer.detection.transforms import build_test_transform
-from crossformer.engine import DistContext
+from crossformer.engine import DistContext, RunLogger
 from detection_fixtures import GroundTruthDetector, make_small_coco
 
 
@@ -50,6 +51,19 @@ def test_box_only_detector_gets_box_metrics_only_and_misses_lower_recall(coco_ro
     metrics = evaluate_detector(GroundTruthDetector(coco_root, with_masks=False, drop_every=2), _val_set(coco_root))
     assert not any(k.startswith("segm_") for k in metrics)
     assert 0.2 < metrics["bbox_AR_100"] < 0.8 and metrics["bbox_mAP"] < 1.0
+
+
+def test_skipped_unreadable_images_are_named_in_the_evaluation_log(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    val = _val_set(root)
+    bad = val.records[1].path
+    bad.write_bytes(b"not an image")
+    logger = RunLogger(tmp_path / "log")
+    metrics = evaluate_detector(GroundTruthDetector(root), val, skip_corrupt=True, logger=logger)
+    assert metrics["skipped"] == 1 and metrics["images"] == len(val) - 1
+    log = (tmp_path / "log" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}: ") == 1, log
 
 
 class FixedDetections(nn.Module):

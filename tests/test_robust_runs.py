@@ -595,6 +595,18 @@ def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys)
     assert "(6 images, 1 unreadable skipped)" in out
 
 
+def test_evaluate_names_the_first_20_skipped_files_and_counts_all(trained: Path, tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", {"val": 2})
+    for i in range(23):
+        (data / "val" / "eel" / f"bad{i:02d}.png").write_bytes(b"garbage")
+    assert main(["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--device", "cpu",
+                 "--num-workers", "0", "--skip-corrupt"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("skipping unreadable image ") == 20 and "bad19.png" in err and "bad20.png" not in err, err
+    assert err.count("more unreadable images are skipped: counted, not named") == 1
+    assert "(6 images, 23 unreadable skipped)" in out
+
+
 def test_progress_lines_come_every_few_seconds_when_not_on_a_terminal(tmp_path: Path, capsys) -> None:
     log = RunLogger(tmp_path)
     progress = Progress(log, total=100, desc="epoch 0", every=50, seconds=0.0)  # a line at every step

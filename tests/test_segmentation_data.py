@@ -209,7 +209,7 @@ def test_unreadable_images_skipped_and_named(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*b\.jpg"):
         check_batch(batch, skip_corrupt=False)
     logged = []
-    assert check_batch(batch, skip_corrupt=True, log=logged.append) == 1
+    assert check_batch(batch, skip_corrupt=True, on_skip=logged.append) == 1
     assert "b.jpg" in logged[0]
     # Out-of-range labels are not skippable.
     Image.fromarray(np.full((8, 8), 9, np.uint8), mode="L").save(tmp_path / "ann" / "a.png")

@@ -23,6 +23,7 @@ from ..engine import (
     DistContext,
     Precision,
     RunLogger,
+    SkippedFiles,
     default_workers,
     resolve_precision,
     setup_distributed,
@@ -98,8 +99,11 @@ def evaluate_batches(
     }
 
 
-def _say_skipped(failure: str) -> None:
-    print(f"skipping unreadable image {failure}", file=sys.stderr)
+def _skipped_on_stderr() -> Callable[[str], None]:
+    """Names skipped images on stderr (stdout holds the result alone), the first few."""
+    named = SkippedFiles(lambda line: print(line, file=sys.stderr),
+                         "more unreadable images are skipped: counted, not named")
+    return lambda failure: named(f"skipping unreadable image {failure}")
 
 
 def evaluate(
@@ -145,7 +149,7 @@ def evaluate(
         # A progress bar on a terminal; no plain progress lines, so stdout holds the result alone.
         bar = RunLogger(None, enabled=ctx.is_main) if sys.stderr.isatty() else None
         metrics = evaluate_batches(loaded.model, loader, ctx, resolve_precision(amp, ctx.device), skip_corrupt,
-                                   bar, total=len(loader), on_skip=_say_skipped if ctx.is_main else None)
+                                   bar, total=len(loader), on_skip=_skipped_on_stderr() if ctx.is_main else None)
         return {"model": loaded.name, "img_size": loaded.img_size, **metrics}
     finally:
         teardown_distributed(ctx)

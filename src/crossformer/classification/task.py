@@ -19,7 +19,7 @@ from ..data import (
     check_readable,
     raise_or_count_unreadable,
 )
-from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
+from ..engine import DistContext, SkippedFiles, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import AugmentConfig, ClassificationConfig, default_config
@@ -65,7 +65,10 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
-        self._named: set[str] = set()  # unreadable files already named in the log
+        # validation images skipped as unreadable, named once a run (evaluation meets them every epoch)
+        # (through the log the trainer sets later)
+        self._skipped = SkippedFiles(lambda line: self.log.info(line),
+                                     "more unreadable validation images are skipped: counted, not named")
         require_model_files(pretrained=config.model.pretrained)
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
@@ -137,13 +140,11 @@ class ClassificationTask(Task):
         paths = [sample[0] for sample in self.val_set.samples]
         for failure in check_readable(paths, self.ctx, self.config.run.num_workers,
                                       self.config.data.skip_corrupt, self.log):
-            self._skipped(failure)
+            self._name_skipped(failure)
 
-    def _skipped(self, failure: str) -> None:
-        """Name each unreadable file in the log once per run (they are counted every time)."""
-        if failure not in self._named:
-            self._named.add(failure)
-            self.log.info(f"skipping unreadable image {failure}")
+    def _name_skipped(self, failure: str) -> None:
+        """``failure``: ``PATH: reason`` of a validation image skipped as unreadable."""
+        self._skipped(f"skipping unreadable image {failure}")
 
     def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
         images, targets, failures = self._trim(batch)
@@ -164,7 +165,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         metrics = evaluate_batches(model, self.val_loader, self.ctx, self.precision, self.config.data.skip_corrupt,
-                                   on_skip=self._skipped)
+                                   on_skip=self._name_skipped)
         return {k: metrics[k] for k in ("loss", "acc1", "acc5")}
 
     def checkpoint_extras(self) -> dict[str, Any]:

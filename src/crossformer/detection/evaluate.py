@@ -22,7 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from ..classification.evaluate import raise_or_count_unreadable
 from ..data import DataError, ShardedSampler, build_loader
-from ..engine import DistContext, Precision, RunLogger
+from ..engine import DistContext, Precision, RunLogger, SkippedFiles
 from .data import CocoDetection, collate_detection, load_coco_json, valid_polygons
 
 __all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "evaluate_detector"]
@@ -133,11 +133,12 @@ def evaluate_detector(
     progress = logger.progress(len(loader), "eval") if logger is not None else None
     results: list[dict[str, Any]] = []
     evaluated: list[int] = []
-    skipped, with_masks = 0, False
+    skipped: list[str] = []  # this rank's unreadable images, as "PATH: reason"
+    with_masks = False
     error = None
     for batch in loader:
         try:
-            skipped += raise_or_count_unreadable(batch.failures, skip_corrupt)
+            raise_or_count_unreadable(batch.failures, skip_corrupt, skipped.append)
         except DataError as err:  # raised on every rank below, so that none waits in the gather
             error = err
             break
@@ -169,5 +170,10 @@ def evaluate_detector(
         iou_types = ["bbox", "segm"] if any(part[3] for part in gathered) else ["bbox"]
         log = logger.info if logger is not None else None
         metrics = coco_evaluate(_load_gt(dataset.ann_file), results, iou_types, evaluated, log)
-        metrics.update(images=len(evaluated), skipped=sum(part[2] for part in gathered))
+        skipped = [failure for part in gathered for failure in part[2]]
+        if logger is not None:
+            name = SkippedFiles(logger.info, "more unreadable images are skipped: counted, not named")
+            for failure in skipped:
+                name(f"skipping unreadable image {failure}")
+        metrics.update(images=len(evaluated), skipped=len(skipped))
     return ctx.gather_objects(metrics)[0]

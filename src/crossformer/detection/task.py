@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
@@ -108,9 +108,10 @@ class DetectionTask(Task):
         the first evaluation; with ``skip_corrupt`` they are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
+        named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log):
-            self.log.info(f"skipping unreadable image {failure}")
+            named(f"skipping unreadable image {failure}")
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)

@@ -21,7 +21,7 @@ from .distributed import DistContext, default_workers, resolve_device, set_cpu_t
 from .output import RUN_FILES, claim_output
 from .guard import NonFiniteLossError, check_finite_loss
 from .memory import keep_freed_memory
-from .logging import Progress, RunLogger
+from .logging import MAX_NAMED_FILES, Progress, RunLogger, SkippedFiles
 from .optim import build_optimizer, param_groups, scale_lr
 from .schedule import LRSchedule, build_schedule, cosine_factor, linear_warmup, poly_factor, step_factor
 from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
@@ -37,7 +37,7 @@ __all__ = [
     "RUN_FILES", "claim_output",
     "NonFiniteLossError", "check_finite_loss",
     "keep_freed_memory",
-    "Progress", "RunLogger",
+    "Progress", "RunLogger", "SkippedFiles", "MAX_NAMED_FILES",
     "build_optimizer", "param_groups", "scale_lr",
     "LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor",
     "capture_rng_state", "enable_determinism", "restore_rng_state", "seed_everything",

@@ -10,9 +10,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["RunLogger", "Progress"]
+__all__ = ["RunLogger", "Progress", "SkippedFiles", "MAX_NAMED_FILES"]
+
+MAX_NAMED_FILES = 20  # files a run names as skipped in each list; the rest are counted only
 
 
 class Progress:
@@ -94,3 +96,24 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class SkippedFiles:
+    """Says each line naming a skipped file once, the first :data:`MAX_NAMED_FILES` of them;
+    past the limit, one ``rest`` line says the others are counted only. A folder of bad files
+    would otherwise flood the log (every skip is counted elsewhere, e.g. in the metrics).
+
+    ``say`` is where the lines go (``RunLogger.info``, stderr); ``None`` names nothing.
+    """
+
+    def __init__(self, say: Callable[[str], None] | None, rest: str, limit: int = MAX_NAMED_FILES) -> None:
+        self.say, self.rest, self.limit = say, rest, limit
+        self.named: set[str] = set()
+
+    def __call__(self, line: str) -> None:
+        """``line``, e.g. ``skipping unreadable image PATH: reason``, unless said or over the limit."""
+        if line in self.named or len(self.named) > self.limit:
+            return
+        self.named.add(line)
+        if self.say is not None:
+            self.say(self.rest if len(self.named) > self.limit else line)

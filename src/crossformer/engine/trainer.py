@@ -31,7 +31,7 @@ from .distributed import (
     DistContext, available_cpus, set_cpu_threads, setup_distributed, teardown_distributed, usable_workers,
 )
 from .guard import NonFiniteLossError, check_finite_loss
-from .logging import RunLogger
+from .logging import RunLogger, SkippedFiles
 from .output import claim_output
 from .optim import build_optimizer, scale_lr
 from .schedule import build_schedule
@@ -43,7 +43,6 @@ __all__ = ["Trainer", "train", "RunInterrupted", "CHECKPOINT_FORMAT"]
 CHECKPOINT_FORMAT = "crossformer-train-v2"
 StepCallback = Callable[[int], None]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-MAX_NAMED_UNREADABLE = 20  # training files named as skipped in a run; the rest are counted only
 # Settings that say where and how a run goes, not what it trains: they may change on resume unremarked.
 _RUN_ONLY_SETTINGS = ("run.output", "run.resume", "run.overwrite", "run.num_workers", "run.log_every",
                       "run.tensorboard", "run.device", "run.cpu_threads")
@@ -98,7 +97,8 @@ class Trainer:
         self.last_grad_norm = float("nan")
         self.last_checkpoint: str | None = None
         self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
-        self.named_unreadable: set[str] = set()  # training files named as skipped (every rank's)
+        self.name_skipped = SkippedFiles(  # training files skipped as unreadable (every rank's), once a run
+            self.log.info, "more unreadable training files are skipped: counted (train/unreadable_images), not named")
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
         if resume_from:
             self._resume(resume_from)
@@ -285,7 +285,8 @@ class Trainer:
                     raise self._saved_for_resume(err) from None
                 raise
             if skipped:  # on every rank alike, so all join the gather
-                self._name_unreadable(ctx.gather_lists(unreadable))
+                for item in ctx.gather_lists(unreadable):
+                    self.name_skipped(f"skipping unreadable {item}")
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -323,20 +324,6 @@ class Trainer:
         if failed:
             ctx.raise_together(error)
         return stopping > 0, skipped > 0
-
-    def _name_unreadable(self, unreadable: list[str]) -> None:
-        """Log each training file skipped as unreadable (``image PATH: reason``, every rank's)
-        once per run, the first :data:`MAX_NAMED_UNREADABLE` of them: a folder of bad files would
-        flood the log; all are counted (``train/unreadable_images``)."""
-        for item in dict.fromkeys(unreadable):  # in order, once
-            if item in self.named_unreadable or len(self.named_unreadable) > MAX_NAMED_UNREADABLE:
-                continue
-            if len(self.named_unreadable) == MAX_NAMED_UNREADABLE:
-                self.log.info("more unreadable training files are skipped: counted (train/unreadable_images), "
-                              "not named")
-            else:
-                self.log.info(f"skipping unreadable {item}")
-            self.named_unreadable.add(item)
 
     def _stop(self) -> None:
         """After an update, on a stop signal: save the position (mid-epoch) and stop."""

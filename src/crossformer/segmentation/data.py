@@ -262,14 +262,15 @@ def skipped_file(failure: str) -> str:
     return failure.split("; fix or delete")[0]
 
 
-def check_batch(batch: SegBatch, skip_corrupt: bool, log: Callable[[str], None] | None = None) -> int:
+def check_batch(batch: SegBatch, skip_corrupt: bool, on_skip: Callable[[str], None] | None = None) -> int:
     """Raise the batch's first bad-data error; raise on unreadable files unless ``skip_corrupt``,
-    in which case each is named through ``log`` and their number returned."""
+    in which case ``on_skip`` is given each (``cannot read image PATH: reason``, no advice) and
+    their number returned."""
     if batch.invalid:
         raise DataError(batch.invalid[0])
     if batch.unreadable and not skip_corrupt:
         raise DataError(batch.unreadable[0])
-    if log is not None:
+    if on_skip is not None:
         for failure in batch.unreadable:
-            log(f"skipped: {skipped_file(failure)}")
+            on_skip(skipped_file(failure))
     return len(batch.unreadable)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data import DataError, ShardedSampler, build_loader
-from ..engine import DistContext, RunLogger
+from ..engine import DistContext, RunLogger, SkippedFiles
 from .data import SegmentationDataset, check_batch, collate_segmentation
 from .inference import InferenceConfig, segment
 from .transforms import IGNORE_INDEX
@@ -132,7 +132,7 @@ def evaluate_segmentor(
     size), each rank taking every ``world_size``-th image; counts summed over ranks.
 
     ``autocast``: e.g. ``Precision.autocast``. ``logger``: progress bar and the names of
-    skipped unreadable images (rank 0 only). The model's train/eval mode is restored. Bad data
+    skipped unreadable files (every rank's, on rank 0). The model's train/eval mode is restored. Bad data
     in any rank's share stops every rank with the same error.
     """
     if dataset.transform is not None:
@@ -149,15 +149,15 @@ def evaluate_segmentor(
     loader = build_loader(dataset, 1, sampler, num_workers, seed=0, drop_last=False, collate_fn=collate_segmentation)
     accumulator = IoUAccumulator(dataset.num_classes)
     progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
-    log = logger.info if logger is not None else None
     was_training = segmentor.training
     segmentor.eval()
     images = skipped = 0
+    skipped_files: list[str] = []  # this rank's, as "cannot read image PATH: reason"
     error = None
     try:
         for batch in loader:
             try:
-                skipped += check_batch(batch, skip_corrupt, log)
+                skipped += check_batch(batch, skip_corrupt, skipped_files.append)
             except DataError as err:  # raised on every rank below, so that none waits in the reduction
                 error = err
                 break
@@ -174,6 +174,11 @@ def evaluate_segmentor(
     ctx.raise_together(error)
     accumulator.all_reduce(ctx)
     images, skipped = (int(v) for v in ctx.all_reduce_sum([images, skipped]))
+    if skipped:  # the same on every rank, so all join the gather
+        name = SkippedFiles(logger.info if logger is not None else None,
+                            "more unreadable files are skipped: counted, not named")
+        for failure in ctx.gather_lists(skipped_files):
+            name(f"skipped: {failure}")
     if images == 0:
         raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
     metrics = accumulator.compute(dataset.classes, images, skipped)

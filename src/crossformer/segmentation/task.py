@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
-from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
@@ -147,9 +147,10 @@ class SegmentationTask(Task):
         rather than at the first evaluation; with ``skip_corrupt`` they are named."""
         c = self.config
         paths = [path for pair in self.val_set.samples for path in pair]
+        named = SkippedFiles(self.log.info, "more unreadable validation files are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, what="validation file"):
-            self.log.info(f"skipping unreadable file {failure}")
+            named(f"skipping unreadable file {failure}")
 
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
