@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from ..errors import UserInputError
@@ -120,7 +122,8 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
     return flags
 
 
-def _field_comments(section_cls: type) -> dict[str, str]:
+@functools.cache  # inspect.getsource parses the class's whole module: once per class, not per field and parse
+def _field_comments(section_cls: type) -> Mapping[str, str]:
     """The comment after each field of a section's source (``name: int = 1  # what it is``)."""
     import inspect
     import re
@@ -130,7 +133,7 @@ def _field_comments(section_cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE)
-    return {name: comment.strip().replace("%", "%%") for name, comment in found}
+    return MappingProxyType({name: comment.strip().replace("%", "%%") for name, comment in found})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys: tuple[str, ...] | None = None,

@@ -612,6 +612,8 @@ class CrossFormer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+            return  # shapes only (identify_variant, flops): nothing to draw, and drawing on meta takes seconds
         if isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
