@@ -696,6 +696,20 @@ def test_dense_inference_verbs_offer_only_the_settings_they_read(capsys, config,
     assert set(shown) <= flags and not set(hidden) & flags, (set(shown) - flags, set(hidden) & flags)
 
 
+@pytest.mark.parametrize("config,kind", [("mask_rcnn_shapes_demo", "detector"), ("upernet_demo", "segmentor")])
+@pytest.mark.parametrize("verb,flag", [("flops", ["--num-classes", "7"]), ("flops", ["--model", "crossformer_base"]),
+                                       ("flops", ["--traced"]), ("benchmark", ["--num-classes", "0"]),
+                                       ("benchmark", ["--model", "crossformer_base"]), ("benchmark", ["--peak"])])
+def test_dense_flops_and_benchmark_refuse_the_classifier_flags_they_do_not_read(capsys, config, kind, verb,
+                                                                                flag) -> None:
+    """They counted or timed the config's model as it is, and printed "150 classes" after
+    --num-classes 7: the flag was taken and silently did nothing."""
+    small = ["--img-size", "64", "--rounds", "1", "--warmup", "0", "--batch-size", "1", "--no-memory"]
+    line = one_error_line(capsys, [verb, "--config", config, *flag, *(small if verb == "benchmark" else [])])
+    assert f"error: {flag[0]} is for classifiers; a {kind}'s config describes it: change the config with KEY=VALUE" \
+        in line, line
+
+
 @pytest.mark.parametrize("argv,shown,hidden", [
     (["--config", "digits"],
      ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),

@@ -64,6 +64,23 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     return parse_overrides(args.model_arg)
 
 
+def refuse_given_flags(args: argparse.Namespace, flags: Sequence[str], reason: str) -> None:
+    """One-line error ``"FLAG REASON"`` for the first of ``flags`` (``--num-classes``, ...)
+    given on the command line: the shared benchmark / flops / export parser takes flags that a
+    dense task's handler does not read, and a flag taken and ignored would change nothing."""
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None and value is not False and value != []:  # given (0 is a value)
+            raise UserInputError(f"{flag} {reason}")
+
+
+def refuse_classifier_flags(args: argparse.Namespace, flags: Sequence[str], kind: str) -> None:
+    """:func:`refuse_given_flags` for dense flops and benchmark: the ``kind`` ("detector",
+    "segmentor") they measure is the config's."""
+    refuse_given_flags(args, flags, f"is for classifiers; a {kind}'s config describes it: change the config with "
+                                    f"KEY=VALUE settings (e.g. model.num_classes=N, model.backbone=NAME)")
+
+
 # ---------------------------------------------------------------------------- config flags
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..commands.common import refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .classes import known_category_ids
@@ -205,6 +206,7 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     from .flops import detector_flops
     from .task import build_configured_detector
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--traced"), "detector")
     height, width = _size(args, FLOPS_SIZE)
     if height % 32 or width % 32:
         raise UserInputError(f"--img-size: detectors count padded inputs; give multiples of 32, got {height}x{width}")
@@ -255,6 +257,8 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     from ..commands.benchmark import keeps_freed_memory
     from .task import build_configured_detector
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--channels-last", "--compile", "--grad-checkpointing",
+                                   "--peak"), "detector")
     if args.mode not in (None, "infer"):
         raise UserInputError("the detection benchmark times inference; training speed is logged by crossformer train")
     if args.compare not in (None, "auto", TORCHVISION_PEER):

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..commands.common import refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .config import SegmentationConfig
@@ -254,6 +255,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     from .flops import segmentor_flops
     from .task import build_model
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--traced"), "segmentor")
     (height, width), = _sizes(args, ((512, 2048),))
     model = dataclasses.replace(config.model, pretrained=None)
     with torch.device("meta"):
@@ -295,6 +297,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
     from ..commands.benchmark import build_config
     from .task import build_model
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--grad-checkpointing", "--peak"), "segmentor")
     if args.mode == "train":
         raise UserInputError("benchmark --config <segmentation>: measures inference; training speed is in `crossformer train`'s log")
     args.mode = "infer"
