@@ -728,6 +728,22 @@ def test_train_help_shows_the_values_of_the_config_it_would_read(capsys, argv, s
     assert not any(part in text for part in hidden), text
 
 
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_dense_inference_help_shows_the_config_the_checkpoint_records(capsys, tmp_path: Path, verb: str) -> None:
+    """Without --config the verb reads the config the checkpoint was trained with: its help
+    showed the task's defaults instead (crossformer_small, 1333 pixels) for a tiny 112-pixel run."""
+    import torch
+
+    checkpoint = tmp_path / "best.pth"
+    torch.save({"task": "detection", "config": {"task": "detection", "model": {"backbone": "crossformer_tiny"},
+                                                "data": {"max_size": 112, "min_size": 112}}}, checkpoint)
+    with pytest.raises(SystemExit):
+        main([verb, "--checkpoint", str(checkpoint), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CrossFormer variant (default crossformer_tiny)" in text and "(default 112)" in text, text
+    assert "(default 1333)" not in text
+
+
 def test_help_with_an_unreadable_config_shows_the_class_defaults(capsys, tmp_path: Path) -> None:
     """A file whose settings do not load still gives help (its error comes when the command runs)."""
     broken = tmp_path / "broken.yaml"

@@ -280,11 +280,12 @@ def config_task(argv: list[str]) -> str:
 
 
 def help_config(argv: list[str], task: str) -> Any | None:
-    """With ``--help``: the settings of the config file the command would read (``--config``,
-    or for ``train`` the task's default one, e.g. the ``--model``'s bundled recipe) over the
-    task's defaults, for the help to show as the flags' defaults. Not validated: a file that
-    needs a flag to be complete still shows. ``None`` without such a file, or when it cannot
-    be read as the task's config (the command itself then says what is wrong)."""
+    """With ``--help``: the settings of the config the command would read (``--config``, for
+    ``train`` the task's default one, e.g. the ``--model``'s bundled recipe, or the one a dense
+    ``--checkpoint`` of ours was trained with) over the task's defaults, for the help to show
+    as the flags' defaults. Not validated: a file that needs a flag to be complete still shows.
+    ``None`` without such a config, or when it cannot be read as the task's config (the command
+    itself then says what is wrong)."""
     if not any(arg in ("-h", "--help") for arg in argv):
         return None
     from ..engine.config import apply_overrides, load_yaml
@@ -295,9 +296,13 @@ def help_config(argv: list[str], task: str) -> Any | None:
     if name is None and argv and argv[0] == "train" and hasattr(module, "default_config"):
         model = _flag_value(argv, "--model")
         name = module.default_config({"model.name": model} if model else {})
-    if name is None:
-        return None
+    checkpoint = _flag_value(argv, "--checkpoint")
     try:
+        if name is None and checkpoint is not None:
+            recorded, source = recorded_config(checkpoint)
+            return None if recorded is None else apply_overrides(module.CONFIG(), recorded, source=source)
+        if name is None:
+            return None
         path = find_config(name)
         return apply_overrides(module.CONFIG(), load_yaml(path), source=str(path))
     except UserInputError:
