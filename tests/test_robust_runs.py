@@ -710,6 +710,19 @@ def test_dense_flops_and_benchmark_refuse_the_classifier_flags_they_do_not_read(
         in line, line
 
 
+@pytest.mark.parametrize("config,shown", [
+    ("mask_rcnn_shapes_demo", "detector    mask_rcnn on crossformer_tiny (depths=[1, 1, 1, 1], embed_dim=32, "
+                              "num_heads=[1, 2, 4, 8]) at 800x1280, 80 classes"),
+    ("upernet_demo", "model       upernet crossformer_small (depths=[1, 1, 2, 1], embed_dim=32, group_size=[4, 4, 4, 2], "
+                     "interval=[4, 2, 1, 1], num_heads=[1, 2, 4, 8]) at 512x2048, 150 classes"),
+])
+def test_dense_flops_names_the_backbone_settings_and_classes_it_counts(capsys, config: str, shown: str) -> None:
+    """A 2.4M-parameter count was printed as "upernet crossformer_small" (62M in the README's
+    table), and the detector's line named no class count, as classification's flops does."""
+    assert main(["flops", "--config", config]) == 0
+    assert shown in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,shown,hidden", [
     (["--config", "digits"],
      ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),

@@ -81,6 +81,13 @@ def refuse_classifier_flags(args: argparse.Namespace, flags: Sequence[str], kind
                                     f"KEY=VALUE settings (e.g. model.num_classes=N, model.backbone=NAME)")
 
 
+def backbone_settings(kwargs: Mapping[str, Any]) -> str:
+    """`` (key=value, ...)``: a dense model's backbone settings, sorted, without the stochastic
+    depth (training only); "" for none."""
+    shown = ", ".join(f"{key}={value}" for key, value in sorted(kwargs.items()) if key != "drop_path_rate")
+    return f" ({shown})" if shown else ""
+
+
 # ---------------------------------------------------------------------------- config flags
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
