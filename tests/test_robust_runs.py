@@ -708,6 +708,33 @@ def test_dense_inference_verbs_offer_only_the_settings_they_read(capsys, config,
     assert set(shown) <= flags and not set(hidden) & flags, (set(shown) - flags, set(hidden) & flags)
 
 
+@pytest.mark.parametrize("config,kind", [("mask_rcnn_shapes_demo", "detector"), ("upernet_demo", "segmentor")])
+@pytest.mark.parametrize("verb,flag", [("flops", ["--num-classes", "7"]), ("flops", ["--model", "crossformer_base"]),
+                                       ("flops", ["--traced"]), ("benchmark", ["--num-classes", "0"]),
+                                       ("benchmark", ["--model", "crossformer_base"]), ("benchmark", ["--peak"])])
+def test_dense_flops_and_benchmark_refuse_the_classifier_flags_they_do_not_read(capsys, config, kind, verb,
+                                                                                flag) -> None:
+    """They counted or timed the config's model as it is, and printed "150 classes" after
+    --num-classes 7: the flag was taken and silently did nothing."""
+    small = ["--img-size", "64", "--rounds", "1", "--warmup", "0", "--batch-size", "1", "--no-memory"]
+    line = one_error_line(capsys, [verb, "--config", config, *flag, *(small if verb == "benchmark" else [])])
+    assert f"error: {flag[0]} is for classifiers; a {kind}'s config describes it: change the config with KEY=VALUE" \
+        in line, line
+
+
+@pytest.mark.parametrize("config,shown", [
+    ("mask_rcnn_shapes_demo", "detector    mask_rcnn on crossformer_tiny (depths=[1, 1, 1, 1], embed_dim=32, "
+                              "num_heads=[1, 2, 4, 8]) at 800x1280, 80 classes"),
+    ("upernet_demo", "model       upernet crossformer_small (depths=[1, 1, 2, 1], embed_dim=32, group_size=[4, 4, 4, 2], "
+                     "interval=[4, 2, 1, 1], num_heads=[1, 2, 4, 8]) at 512x2048, 150 classes"),
+])
+def test_dense_flops_names_the_backbone_settings_and_classes_it_counts(capsys, config: str, shown: str) -> None:
+    """A 2.4M-parameter count was printed as "upernet crossformer_small" (62M in the README's
+    table), and the detector's line named no class count, as classification's flops does."""
+    assert main(["flops", "--config", config]) == 0
+    assert shown in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,shown,hidden", [
     (["--config", "digits"],
      ("(default 15)", "optimizer.lr: peak rate; per lr_batch_reference images when scale_lr (default 0.004)"),
@@ -724,6 +751,22 @@ def test_train_help_shows_the_values_of_the_config_it_would_read(capsys, argv, s
     text = " ".join(capsys.readouterr().out.split())
     assert all(part in text for part in shown), text
     assert not any(part in text for part in hidden), text
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_dense_inference_help_shows_the_config_the_checkpoint_records(capsys, tmp_path: Path, verb: str) -> None:
+    """Without --config the verb reads the config the checkpoint was trained with: its help
+    showed the task's defaults instead (crossformer_small, 1333 pixels) for a tiny 112-pixel run."""
+    import torch
+
+    checkpoint = tmp_path / "best.pth"
+    torch.save({"task": "detection", "config": {"task": "detection", "model": {"backbone": "crossformer_tiny"},
+                                                "data": {"max_size": 112, "min_size": 112}}}, checkpoint)
+    with pytest.raises(SystemExit):
+        main([verb, "--checkpoint", str(checkpoint), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CrossFormer variant (default crossformer_tiny)" in text and "(default 112)" in text, text
+    assert "(default 1333)" not in text
 
 
 def test_help_with_an_unreadable_config_shows_the_class_defaults(capsys, tmp_path: Path) -> None:

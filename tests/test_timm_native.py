@@ -232,6 +232,19 @@ def test_pretrained_training_checkpoint_builds_the_architecture_it_records(tmp_p
     assert model.patch_embed.norm.weight.shape == (16,) and model.num_classes == 2
 
 
+def test_a_model_built_from_a_training_checkpoint_round_trips_through_save_for_hf(tmp_path) -> None:
+    # timm rebuilds a local-dir: folder from the factory's arguments, where the settings read
+    # from the checkpoint were missing: the folder built crossformer_tiny's defaults, which no weight fit
+    trained = _our_checkpoint(tmp_path / "best.pth", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    model = timm.create_model("crossformer_tiny", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "best.pth")))
+    timm.models.save_for_hf(model, tmp_path / "hf")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(image), trained(image))
+
+
 def test_pretrained_training_checkpoint_of_other_settings_names_what_it_holds(tmp_path) -> None:
     _our_checkpoint(tmp_path / "best.pth", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
     overlay = dict(file=str(tmp_path / "best.pth"))

@@ -66,6 +66,30 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     return parse_overrides(args.model_arg)
 
 
+def refuse_given_flags(args: argparse.Namespace, flags: Sequence[str], reason: str) -> None:
+    """One-line error ``"FLAG REASON"`` for the first of ``flags`` (``--num-classes``, ...)
+    given on the command line: the shared benchmark / flops / export parser takes flags that a
+    dense task's handler does not read, and a flag taken and ignored would change nothing."""
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None and value is not False and value != []:  # given (0 is a value)
+            raise UserInputError(f"{flag} {reason}")
+
+
+def refuse_classifier_flags(args: argparse.Namespace, flags: Sequence[str], kind: str) -> None:
+    """:func:`refuse_given_flags` for dense flops and benchmark: the ``kind`` ("detector",
+    "segmentor") they measure is the config's."""
+    refuse_given_flags(args, flags, f"is for classifiers; a {kind}'s config describes it: change the config with "
+                                    f"KEY=VALUE settings (e.g. model.num_classes=N, model.backbone=NAME)")
+
+
+def backbone_settings(kwargs: Mapping[str, Any]) -> str:
+    """`` (key=value, ...)``: a dense model's backbone settings, sorted, without the stochastic
+    depth (training only); "" for none."""
+    shown = ", ".join(f"{key}={value}" for key, value in sorted(kwargs.items()) if key != "drop_path_rate")
+    return f" ({shown})" if shown else ""
+
+
 # ---------------------------------------------------------------------------- config flags
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
@@ -266,11 +290,12 @@ def config_task(argv: list[str]) -> str:
 
 
 def help_config(argv: list[str], task: str) -> Any | None:
-    """With ``--help``: the settings of the config file the command would read (``--config``,
-    or for ``train`` the task's default one, e.g. the ``--model``'s bundled recipe) over the
-    task's defaults, for the help to show as the flags' defaults. Not validated: a file that
-    needs a flag to be complete still shows. ``None`` without such a file, or when it cannot
-    be read as the task's config (the command itself then says what is wrong)."""
+    """With ``--help``: the settings of the config the command would read (``--config``, for
+    ``train`` the task's default one, e.g. the ``--model``'s bundled recipe, or the one a dense
+    ``--checkpoint`` of ours was trained with) over the task's defaults, for the help to show
+    as the flags' defaults. Not validated: a file that needs a flag to be complete still shows.
+    ``None`` without such a config, or when it cannot be read as the task's config (the command
+    itself then says what is wrong)."""
     if not any(arg in ("-h", "--help") for arg in argv):
         return None
     from ..engine.config import apply_overrides, load_yaml
@@ -281,9 +306,13 @@ def help_config(argv: list[str], task: str) -> Any | None:
     if name is None and argv and argv[0] == "train" and hasattr(module, "default_config"):
         model = _flag_value(argv, "--model")
         name = module.default_config({"model.name": model} if model else {})
-    if name is None:
-        return None
+    checkpoint = _flag_value(argv, "--checkpoint")
     try:
+        if name is None and checkpoint is not None:
+            recorded, source = recorded_config(checkpoint)
+            return None if recorded is None else apply_overrides(module.CONFIG(), recorded, source=source)
+        if name is None:
+            return None
         path = find_config(name)
         return apply_overrides(module.CONFIG(), load_yaml(path), source=str(path))
     except UserInputError:

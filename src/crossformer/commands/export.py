@@ -18,6 +18,7 @@ from .common import (
     img_size,
     model_args,
     recorded_config,
+    refuse_given_flags,
     run_task_verb,
 )
 
@@ -117,10 +118,8 @@ def check_dense_options(args: argparse.Namespace, kind: str, authors_format: str
     (ours or the authors' ``authors_format`` file)."""
     from crossformer.errors import UserInputError
 
-    for flag, value in (("--features", args.features), ("--num-classes", args.num_classes is not None),
-                        ("--model", args.model), ("--model-arg", args.model_arg)):
-        if value:
-            raise UserInputError(f"{flag} is for classifiers and backbones; a {kind}'s config describes it")
+    refuse_given_flags(args, ("--features", "--num-classes", "--model", "--model-arg"),
+                       f"is for classifiers and backbones; a {kind}'s config describes it")
     if not args.checkpoint:
         raise UserInputError(f"--checkpoint is needed: the {kind}'s weights (ours or the authors' {authors_format} file)")
 

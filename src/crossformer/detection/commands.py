@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..commands.common import backbone_settings, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .classes import known_category_ids
@@ -205,6 +206,7 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     from .flops import detector_flops
     from .task import build_configured_detector
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--traced"), "detector")
     height, width = _size(args, FLOPS_SIZE)
     if height % 32 or width % 32:
         raise UserInputError(f"--img-size: detectors count padded inputs; give multiples of 32, got {height}x{width}")
@@ -212,11 +214,13 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
         detector = build_configured_detector(config.model, _config_classes(config), pretrained=False)
     counts = detector_flops(detector, height, width)
     result = {"model": f"{config.model.kind}_{config.model.backbone}", "detector": config.model.kind,
-              "backbone": config.model.backbone, "img_size": [height, width], **counts}
+              "backbone": config.model.backbone, "img_size": [height, width], "num_classes": detector.num_classes,
+              **counts}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"detector    {config.model.kind} on {config.model.backbone} at {height}x{width}")
+    print(f"detector    {config.model.kind} on {config.model.backbone}{backbone_settings(config.model.backbone_kwargs)} "
+          f"at {height}x{width}, {detector.num_classes} classes")
     print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M)")
     print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G, the authors' convention)")
     return 0
@@ -255,6 +259,8 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     from ..commands.benchmark import keeps_freed_memory
     from .task import build_configured_detector
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--channels-last", "--compile", "--grad-checkpointing",
+                                   "--peak"), "detector")
     if args.mode not in (None, "infer"):
         raise UserInputError("the detection benchmark times inference; training speed is logged by crossformer train")
     if args.compare not in (None, "auto", TORCHVISION_PEER):

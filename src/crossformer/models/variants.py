@@ -231,6 +231,10 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
         raise CheckpointError(f"{hint} ({err})") from None
     if dtype is not None:
         model.to(dtype=dtype)
+    if recorded:
+        # timm keeps the factory's arguments to rebuild the model (save_for_hf's config); the
+        # file's settings are part of the architecture too (timm adds the caller's over these)
+        model._model_args = dict(recorded)
     for module in model.modules():  # the config must not keep the weights alive
         cfg = getattr(module, "pretrained_cfg", None)
         if isinstance(cfg, dict):

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..commands.common import backbone_settings, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .config import SegmentationConfig
@@ -62,8 +63,7 @@ def _set_threads(config: SegmentationConfig) -> None:
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
-    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(segmentor.get("backbone_kwargs", {}).items()) if k != "drop_path_rate")
-    return f"{segmentor.get('kind')} {segmentor.get('backbone')}" + (f" ({kwargs})" if kwargs else "")
+    return f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
 
 
 def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
@@ -254,6 +254,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     from .flops import segmentor_flops
     from .task import build_model
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--traced"), "segmentor")
     (height, width), = _sizes(args, ((512, 2048),))
     model = dataclasses.replace(config.model, pretrained=None)
     with torch.device("meta"):
@@ -267,7 +268,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model       {model.kind} {model.backbone} at {height}x{width}, {segmentor.num_classes} classes")
+    print(f"model       {_describe(dataclasses.asdict(model))} at {height}x{width}, {segmentor.num_classes} classes")
     print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M, auxiliary head included)")
     print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G: backbone {counts['backbone_macs'] / 1e9:.1f}G "
           f"on the real groups + heads {counts['head_macs'] / 1e9:.1f}G, the authors' convention)")
@@ -295,6 +296,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
     from ..commands.benchmark import build_config
     from .task import build_model
 
+    refuse_classifier_flags(args, ("--model", "--num-classes", "--grad-checkpointing", "--peak"), "segmentor")
     if args.mode == "train":
         raise UserInputError("benchmark --config <segmentation>: measures inference; training speed is in `crossformer train`'s log")
     args.mode = "infer"
