@@ -662,17 +662,37 @@ def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, t
     import crossformer.data.digits
 
     monkeypatch.setattr(crossformer.data.digits, "prepare_digits", lambda: data)  # as the demo's data
-    output = tmp_path / "demo"
-    argv = ["demo", "--output", str(output), "epochs=1", "batch_size=8", "num_workers=0", "tensorboard=false",
-            "model.kwargs.embed_dim=16"]
+    monkeypatch.chdir(tmp_path)
+    output = Path("output/demo")  # the default folder
+    argv = ["demo", "epochs=1", "batch_size=8", "num_workers=0", "tensorboard=false", "model.kwargs.embed_dim=16"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"demo: checkpoints {output / 'last.pth'} and {output / 'best.pth'}; logs {output / 'log.txt'}, " \
            f"{output / 'metrics.jsonl'}" in out
     assert main(argv) == 0  # a demo replaces its own earlier run, and says so
-    assert f"--overwrite: deleted the earlier run's last.pth, best.pth, metrics.jsonl, log.txt in {output}" in \
-        capsys.readouterr().out
+    assert f"demo: deleted the earlier classification demo's last.pth, best.pth, metrics.jsonl, log.txt " \
+           f"in {output}" in capsys.readouterr().out
     assert [r["epoch"] for r in _records(output) if "val/acc1" in r] == [0]
+    (output / "crossformer-demo.txt").unlink()  # as written before demos marked their folders
+    assert main(argv) == 0 and "demo: deleted the earlier classification demo's" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
+def test_a_demo_leaves_a_folder_it_did_not_write_as_it_is(task: str, tmp_path: Path, capsys) -> None:
+    # A demo replaces its output folder: pointed at a training run (or at ., or a home folder),
+    # it deleted the run's checkpoints (detection: the whole folder)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.pth", "best.pth", "log.txt", "notes.md"):
+        (run / name).write_text("mine")
+    err = one_error_line(capsys, ["demo", "--task", task, "--output", str(run)])
+    assert f"output folder {run} already holds best.pth, last.pth, log.txt, notes.md, not an earlier {task} demo's " \
+           "output" in err
+    assert sorted(p.name for p in run.iterdir()) == ["best.pth", "last.pth", "log.txt", "notes.md"]
+    other = tmp_path / "other-demo"  # another task's demo output is not this one's
+    other.mkdir()
+    (other / "crossformer-demo.txt").write_text("a task of another name\n")
+    assert "not an earlier" in one_error_line(capsys, ["demo", "--task", task, "--output", str(other)])
 
 
 def test_inference_flags_show_the_defaults_the_verb_uses(capsys) -> None:

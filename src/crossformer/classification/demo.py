@@ -7,28 +7,30 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ImageFolderDataset
-from ..engine import LAST, RUN_FILES
+from ..engine import LAST, RUN_FILES, claim_demo_output
 from .config import resolve_config
 from .evaluate import evaluate
 from .predict import predict
 from .task import train
 
-__all__ = ["run_demo", "DEMO_TARGET_ACC1"]
+__all__ = ["run_demo", "DEMO_TARGET_ACC1", "DEFAULT_OUTPUT"]
 
 DEMO_TARGET_ACC1 = 97.0
+DEFAULT_OUTPUT = "output/demo"
 
 
-def run_demo(output: str | Path = "output/demo", overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def run_demo(output: str | Path = DEFAULT_OUTPUT, overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Train with the bundled ``digits`` config from scratch in ``output``; print and return
     the held-out top-1 accuracy and the wall time.
 
-    A demo always starts afresh: an earlier run in ``output`` is replaced (the trainer says
-    which files); a folder holding anything else is refused, as for ``crossformer train``.
+    A demo always starts afresh: its own earlier run in ``output`` is replaced (and it says
+    which files); a folder holding anything else is refused (:func:`~crossformer.engine.claim_demo_output`).
     """
     start = time.perf_counter()
     output = Path(output)
-    earlier_run = output.is_dir() and any((output / name).exists() for name in RUN_FILES)
-    config = resolve_config("digits", overrides={"output": str(output), "overwrite": earlier_run, **(overrides or {})})
+    claim_demo_output(output, "classification", RUN_FILES, DEFAULT_OUTPUT)
+    # (overwrite: the folder now holds the demo's mark alone)
+    config = resolve_config("digits", overrides={"output": str(output), "overwrite": True, **(overrides or {})})
     root = config.data.folder()
     print(f"data: scikit-learn digits as 32x32 images in {root}")
     train(config)

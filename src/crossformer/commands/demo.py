@@ -4,7 +4,7 @@
 masks; segmentation: synthetic ADE20K-layout scenes); ``--task all`` runs each in turn and
 prints one summary table. A task adds its demo
 with one entry in :data:`DEMOS`: the module whose ``run_demo(output, overrides)`` returns
-its figures (numbers by name, ``seconds``, optionally ``output``).
+its figures (numbers by name, ``seconds``, optionally ``output``) and whose ``DEFAULT_OUTPUT`` names its folder.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# task -> (module with run_demo, default output folder)
-DEMOS: dict[str, tuple[str, str]] = {
-    "classification": ("crossformer.classification.demo", "output/demo"),
-    "detection": ("crossformer.detection.demo", "output/demo-detection"),
-    "segmentation": ("crossformer.segmentation.demo", "output/demo-segmentation"),
+# task -> the module with run_demo and DEFAULT_OUTPUT
+DEMOS: dict[str, str] = {
+    "classification": "crossformer.classification.demo",
+    "detection": "crossformer.detection.demo",
+    "segmentation": "crossformer.segmentation.demo",
 }
 
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=(*DEMOS, "all"), default="classification",
                         help="which demo (default classification); all: every one in turn, then a summary")
     parser.add_argument("--output", default=None, metavar="DIR",
-                        help="where the run goes (replaced; default output/demo, output/demo-<task>)")
+                        help="where the run goes (an earlier demo's output there is replaced; default output/demo, output/demo-<task>)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change a setting of the demo's config, e.g. epochs=5")
 
 
@@ -46,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--task all runs every demo as it is: no --output or KEY=VALUE settings")
     results = {}
     for task in tasks:
-        module, default_output = DEMOS[task]
-        result = importlib.import_module(module).run_demo(args.output or default_output, parse_overrides(args.overrides))
-        results[task] = {**result, "output": result.get("output", args.output or default_output)}
+        module = importlib.import_module(DEMOS[task])
+        output = args.output or module.DEFAULT_OUTPUT
+        result = module.run_demo(output, parse_overrides(args.overrides))
+        results[task] = {**result, "output": result.get("output", output)}
     if len(tasks) > 1:
         print(_summary(results))
     return 0

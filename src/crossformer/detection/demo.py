@@ -6,23 +6,23 @@ split, and draw the predictions for a few held-out images."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_demo", "DEMO_CONFIG", "DEMO_TARGETS", "DEMO_IMAGES"]
+__all__ = ["run_demo", "DEMO_CONFIG", "DEMO_TARGETS", "DEMO_IMAGES", "DEFAULT_OUTPUT"]
 
 DEMO_CONFIG = "mask_rcnn_shapes_demo"
 DEMO_TARGETS = {"box AP": 0.5, "mask AP": 0.4}  # COCO AP at IoU .50:.95 on the held-out split
 DEMO_IMAGES = 400  # 300 train / 100 held out
 PREDICTED_IMAGES = 6
+DEFAULT_OUTPUT = "output/demo-detection"
 
 
-def run_demo(output: str | Path = "output/demo-detection", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_demo(output: str | Path = DEFAULT_OUTPUT, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train in ``output`` from scratch (the data goes to ``output/data``); print and return the
     held-out box / mask AP, the training time and the wall time."""
-    from ..engine import resolve_device
+    from ..engine import claim_demo_output, resolve_device
     from ..engine.registry import resolve_config
     from .commands import load_detector
     from .config import data_paths
@@ -34,8 +34,7 @@ def run_demo(output: str | Path = "output/demo-detection", overrides: dict[str, 
 
     start = time.perf_counter()
     output = Path(output)
-    if output.exists():
-        shutil.rmtree(output)  # a demo always starts from scratch
+    claim_demo_output(output, "detection", ("data", "train", "predictions"), DEFAULT_OUTPUT)  # from scratch
     data = make_coco_dataset(output / "data", images=DEMO_IMAGES, seed=0)
     print(f"data: {data.train_images} train / {data.val_images} held-out synthetic images ({data.objects} objects, "
           f"{data.crowds} crowd regions, {data.empty_images} empty images) in {data.root}")

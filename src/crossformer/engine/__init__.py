@@ -18,7 +18,7 @@ from .config import (
     parse_overrides,
 )
 from .distributed import DistContext, default_workers, resolve_device, set_cpu_threads, setup_distributed, teardown_distributed
-from .output import RUN_FILES, claim_output
+from .output import RUN_FILES, claim_demo_output, claim_output
 from .guard import NonFiniteLossError, check_finite_loss
 from .memory import keep_freed_memory
 from .logging import MAX_NAMED_FILES, Progress, RunLogger, SkippedFiles
@@ -34,7 +34,7 @@ __all__ = [
     "EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
     "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides",
     "DistContext", "default_workers", "resolve_device", "set_cpu_threads", "setup_distributed", "teardown_distributed",
-    "RUN_FILES", "claim_output",
+    "RUN_FILES", "claim_demo_output", "claim_output",
     "NonFiniteLossError", "check_finite_loss",
     "keep_freed_memory",
     "Progress", "RunLogger", "SkippedFiles", "MAX_NAMED_FILES",

@@ -15,11 +15,12 @@ from ..atomic import OutputError, stale_temporaries
 from ..errors import UserInputError
 from .checkpoint import BEST, LAST
 
-__all__ = ["RUN_FILES", "claim_output"]
+__all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK"]
 
 # What a run writes in its folder (and --overwrite deletes); other files are left alone.
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "log.txt", "tensorboard")
 LOGS_ONLY = ("log.txt", "tensorboard")
+DEMO_MARK = "crossformer-demo.txt"  # a demo's output folder says so, naming the demo's task
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
@@ -62,3 +63,37 @@ def _remove_stale_checkpoints(folder: Path) -> None:
     for name in (LAST, BEST):
         for path in stale_temporaries(folder / name):
             path.unlink(missing_ok=True)
+
+
+def claim_demo_output(output: str | Path, task: str, writes: tuple[str, ...], default: str | Path,
+                      keep: tuple[str, ...] = ()) -> None:
+    """Let the ``task`` demo start afresh in ``output``: delete its earlier output (the entries
+    named in ``writes``, except ``keep``, e.g. data it reuses), say so, and mark the folder.
+
+    A demo replaces only what a demo wrote: the folder must be new or empty, or marked by an
+    earlier ``task`` demo (:data:`DEMO_MARK`), or be the demo's ``default`` folder holding no
+    more than ``writes`` (from before demos marked theirs). Anything else, a training run
+    above all, is refused in one line and left as it is.
+
+    Raises:
+        OutputError: ``output`` is a file.
+        UserInputError: the folder holds something a ``task`` demo did not write.
+    """
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output {folder} is a file, not a folder; pass another --output")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    mark = folder / DEMO_MARK
+    marked = mark.is_file() and mark.read_text(encoding="utf-8").strip() == task
+    earlier_default = folder.resolve() == Path(default).resolve() and set(entries) <= set(writes)
+    if entries and not (marked or earlier_default):
+        raise UserInputError(f"output folder {folder} already holds {_listing(entries)}, not an earlier {task} "
+                             f"demo's output: a demo replaces its folder, so pass a new or empty --output")
+    removed = [name for name in writes if name in entries and name not in keep]
+    for name in removed:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        print(f"demo: deleted the earlier {task} demo's {_listing(removed)} in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.write_text(f"{task}\n", encoding="utf-8")

@@ -4,18 +4,18 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from ..engine import LAST
+from ..engine import LAST, claim_demo_output
 
-__all__ = ["make_data", "write_ade", "run_demo", "DEMO_CONFIG", "DEMO_TARGET_MIOU", "DEMO_IMAGES"]
+__all__ = ["make_data", "write_ade", "run_demo", "DEMO_CONFIG", "DEMO_TARGET_MIOU", "DEMO_IMAGES", "DEFAULT_OUTPUT"]
 
 DEMO_CONFIG = "upernet_demo"
 DEMO_TARGET_MIOU = 0.5
 DEMO_IMAGES = 200
+DEFAULT_OUTPUT = "output/demo-segmentation"
 
 
 def make_data(root: str | Path, images: int = DEMO_IMAGES, seed: int = 0, val_fraction: float = 0.2) -> Path:
@@ -36,7 +36,7 @@ def write_ade(root: Path, images: int, seed: int, val_fraction: float) -> str:
             f"7 classes in classes.txt, label 0 = unlabelled (images/, annotations/)")
 
 
-def run_demo(output: str | Path = "output/demo-segmentation", overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def run_demo(output: str | Path = DEFAULT_OUTPUT, overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Write the synthetic set (once) under ``output/data``, train the bundled ``upernet_demo``
     config from scratch in ``output/train``, evaluate the final weights on the held-out split
     single-scale and multi-scale + flip, and write overlays of a few held-out images to
@@ -50,12 +50,12 @@ def run_demo(output: str | Path = "output/demo-segmentation", overrides: dict[st
 
     start = time.perf_counter()
     output = Path(output)
+    claim_demo_output(output, "segmentation", ("data", "train", "predict"), DEFAULT_OUTPUT, keep=("data",))
     data = output / "data"
     if not (data / "ADEChallengeData2016" / "classes.txt").is_file():
         make_data(data)
     print(f"data: {DEMO_IMAGES} synthetic scenes (7 classes, ADE20K layout) in {data}")
     run_dir = output / "train"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a demo always trains from scratch
     config = resolve_config(
         DEMO_CONFIG, {"data.root": str(data), "run.output": str(run_dir), **(overrides or {})}, task="segmentation"
     ).config
