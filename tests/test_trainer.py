@@ -47,12 +47,12 @@ def test_epoch_mode_evaluates_every_n_epochs_and_follows_the_schedule(tmp_path: 
 def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> None:
     train(FakeTask, fake_config(tmp_path / "short", epochs=1, warmup_iters=6))  # 6 updates in all
     out = capsys.readouterr().out
-    assert "cosine schedule over 6 updates after a 6-update warm-up" in out
+    assert "cosine schedule over 6 updates, the first 6 of them a warm-up" in out
     assert "warning: the warm-up (6 updates) is not shorter than the run (6), so the rate never reaches 0.05" in out
     assert "warning: the warm-up" in (tmp_path / "short" / "log.txt").read_text()
     train(FakeTask, fake_config(tmp_path / "long", epochs=2, warmup_iters=6))
     out = capsys.readouterr().out
-    assert "after a 6-update warm-up" in out and "warning" not in out
+    assert "over 12 updates, the first 6 of them a warm-up" in out and "warning" not in out
 
 
 def test_loader_workers_stop_at_the_cpus_this_process_may_use(tmp_path: Path, capsys) -> None:

@@ -150,7 +150,7 @@ class Trainer:
         self.log.info(
             f"{self.task.describe()}, {ctx.world_size} process(es) on {ctx.device.type}, {self.precision.name}, "
             f"global batch {self.global_batch}, lr {lr:.3g}, {c.schedule.name} schedule over {self.total_updates} updates"
-            + (f" after a {self.schedule.warmup}-update warm-up" if self.schedule.warmup else "")
+            + (f", the first {self.schedule.warmup} of them a warm-up" if self.schedule.warmup else "")
         )
         if self.schedule.warmup >= self.total_updates:
             # e.g. a short trial run of a 300-epoch recipe whose warm-up alone is 20 epochs
