@@ -677,6 +677,20 @@ def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, t
     assert main(argv) == 0 and "demo: deleted the earlier classification demo's" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--bogus"], "crossformer train: error: unrecognized arguments: --bogus (see crossformer train --help)"),
+    (["evaluate", "--amp", "fp8"], "crossformer evaluate: error: argument --amp: invalid choice: 'fp8'"),
+    (["bogus"], "crossformer: error: argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_argparse_errors_are_one_line_pointing_at_help(argv: list[str], message: str, capsys) -> None:
+    # argparse printed its usage block first: 40 lines for train
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert err.rstrip().endswith("--help)")
+
+
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
 def test_a_demo_leaves_a_folder_it_did_not_write_as_it_is(task: str, tmp_path: Path, capsys) -> None:
     # A demo replaces its output folder: pointed at a training run (or at ., or a home folder),

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import UserInputError
 
@@ -45,6 +45,14 @@ _KEEP_FREED_MEMORY = ("train", "evaluate", "predict", "demo")
 _MANY_PROCESSES = ("train", "evaluate")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a bad choice, a missing value) in one line
+    that points at ``--help``, rather than after the whole usage block (tens of lines here)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and each command's own; the task-aware commands get the flags of the task
     ``--config`` in ``argv`` names."""
@@ -55,7 +63,7 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
     shown_config = help_config(argv, task)
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
+    parser = _OneLineErrors(prog="crossformer", description="CrossFormer and CrossFormer++ for PyTorch.")
     parser.add_argument("--version", action="version", version=f"crossformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
