@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from PIL import Image
 
 from classification_fixtures import make_image_folder
@@ -689,6 +690,18 @@ def test_argparse_errors_are_one_line_pointing_at_help(argv: list[str], message:
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert err.rstrip().endswith("--help)")
+
+
+def test_a_config_verb_runs_on_the_configs_cpu_threads(capsys) -> None:
+    # benchmark --config digits timed 2 threads where the config (and its training) uses 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["benchmark", "--config", "digits", "--rounds", "1", "--warmup", "1", "--batch-size", "2",
+                     "--no-memory"]) == 0
+        assert " (1 thread), torch " in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])

@@ -99,14 +99,16 @@ def device_name(device: str) -> str:
     """The processor or accelerator a figure was measured on, in words."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    threads = torch.get_num_threads()
+    threads_used = f"({threads} thread{'s' if threads != 1 else ''})"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                    return f"{line.split(':', 1)[1].strip()} {threads_used}"
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} {threads_used}"
 
 
 def build_model(name: str, config: BenchConfig) -> nn.Module:

@@ -388,6 +388,7 @@ def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
+    from ..engine import set_cpu_threads
     from ..engine.registry import resolve_config, task_commands
 
     config, source = args.config, None
@@ -398,4 +399,5 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+    set_cpu_threads(resolved.config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
     return handler.run(args, resolved.config, resolved.given)

@@ -55,13 +55,6 @@ _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KE
 _PREDICT_KEYS = (*_MODEL_KEYS, "data.skip_corrupt", "test", *_RUN_KEYS)
 
 
-def _set_threads(config: SegmentationConfig) -> None:
-    """``run.cpu_threads`` as in training (one thread is much faster on a busy CPU)."""
-    from ..engine import set_cpu_threads
-
-    set_cpu_threads(config.run.cpu_threads)
-
-
 def _describe(segmentor: dict[str, Any]) -> str:
     return f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
 
@@ -144,7 +137,6 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     if args.output:  # checked before the evaluation, which may take hours
         check_output_path(args.output)
     _, dataset = build_datasets(config.data, training=False)
-    _set_threads(config)
     ctx = setup_distributed(config.run.device)
     try:
         segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
@@ -213,7 +205,6 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     if not 0 <= args.opacity <= 1:
         raise UserInputError(f"--opacity must be in [0, 1], got {args.opacity}")
     device = resolve_device(config.run.device)
-    _set_threads(config)
     segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
     segmentor.to(device)
     names, palette, reduce = _labels_of(checkpoint, segmentor.num_classes)
