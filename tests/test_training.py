@@ -109,6 +109,31 @@ def test_inductor_compiled_training_takes_a_new_input_size() -> None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_inductor_compiled_model_trains_at_two_input_sizes() -> None:
+    # The whole model compiled once with symbolic sizes, one training step at each of two
+    # sizes: the stage maps (16x20, 8x10, 4x5, 2x2 then 24x16, ...) pad to group size 7
+    # and take the small-map rule. Inductor failed on the grouped attention's output saved
+    # for the projection's backward, a view of the padded map ("cannot determine truth
+    # value of Relational", see layers.saved_copy).
+    torch._dynamo.reset()
+    model = timm.create_model("crossformer_tiny", embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                              num_classes=5, drop_path_rate=0.0)
+    compiled = torch.compile(model, dynamic=True)
+    for size in ((64, 80), (96, 64)):
+        x = torch.randn(2, 3, *size)
+        loss = compiled(x).logsumexp(-1).sum()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        expected = model(x).logsumexp(-1).sum()
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        model.zero_grad()
+
+
 def test_residual_drop_path_equals_timm_drop_path() -> None:
     """Same images dropped (same generator calls), same scaling, same gradients."""
     from timm.layers import DropPath

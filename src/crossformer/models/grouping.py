@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from timm.models import register_notrace_function
 
-from .layers import capturing_graph
+from .layers import capturing_graph, saved_copy
 
 LongDistance = Literal["fixed_interval", "fixed_group"]
 LONG_DISTANCE_CHOICES: tuple[str, ...] = ("fixed_interval", "fixed_group")
@@ -260,7 +260,7 @@ def merge_heads(x: torch.Tensor, layout: GroupLayout, height: int, width: int) -
     # (B, ry, rx, iy, ix, heads, gy, gx, d) -> (B, ry, gy, iy, rx, gx, ix, heads, d)
     x = x.permute(0, 1, 6, 3, 2, 7, 4, 5, 8)
     x = x.reshape(batch, layout.padded_h, layout.padded_w, num_heads * head_dim)
-    return x[:, :height, :width]
+    return saved_copy(x[:, :height, :width])  # the projection saves its input
 
 
 def padding_key_mask(

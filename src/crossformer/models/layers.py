@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
+    "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights",
 ]
@@ -75,20 +76,27 @@ def capturing_graph() -> bool:
     )
 
 
-def conv_input(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last map ``(B, H, W, C)`` as a convolution's NCHW input ``(B, C, H, W)``.
+def saved_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a fresh contiguous copy of it while ``torch.compile`` records a graph that
+    autograd will differentiate.
 
-    A view of ``x``, except while ``torch.compile`` records a graph that autograd will
-    differentiate: then an NCHW copy. Inductor (torch 2.14) cannot order the strides of a
-    channels-last input saved for a convolution's backward once they are symbolic
-    (``W // 4 * C`` against ``C``, after a second input size): "cannot determine truth value
-    of Relational". The copy is fused into the producer's write.
+    For views that an op saves for its backward. Inductor (torch 2.14) orders the strides
+    of a saved view without the shape environment, so once sizes are symbolic (a second
+    input size) it fails on strides whose order needs a size to be positive, such as
+    ``W // 4 * C`` against ``C`` or ``(2 * h - 1) // h`` factors of a padded group map:
+    "cannot determine truth value of Relational". A copy is a buffer, not a view, and is
+    fused into its producer's write. Eager mode, tracing and export keep the view.
     """
-    x = x.permute(0, 3, 1, 2)
     if not torch.jit.is_scripting():
         if torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            return x.contiguous()
+            return x.clone(memory_format=torch.contiguous_format)
     return x
+
+
+def conv_input(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last map ``(B, H, W, C)`` as a convolution's NCHW input ``(B, C, H, W)``:
+    a view, or an NCHW copy while compiled training (:func:`saved_copy`)."""
+    return saved_copy(x.permute(0, 3, 1, 2))
 
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple | None:
