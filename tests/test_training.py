@@ -109,7 +109,7 @@ def test_inductor_compiled_training_takes_a_new_input_size() -> None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # Inductor compiles the whole model's forward and backward twice: minutes
 def test_inductor_compiled_model_trains_at_two_input_sizes() -> None:
     # The whole model compiled once with symbolic sizes, one training step at each of two
     # sizes: the stage maps (16x20, 8x10, 4x5, 2x2 then 24x16, ...) pad to group size 7
