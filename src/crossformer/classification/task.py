@@ -65,8 +65,8 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
-        # validation images skipped as unreadable, named once a run (evaluation meets them every epoch)
-        # (through the log the trainer sets later)
+        # validation images skipped as unreadable, named once a run (evaluation meets them every
+        # epoch), through the log the trainer sets after __init__
         self._skipped = SkippedFiles(lambda line: self.log.info(line),
                                      "more unreadable validation images are skipped: counted, not named")
         require_model_files(pretrained=config.model.pretrained)
