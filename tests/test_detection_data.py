@@ -365,3 +365,26 @@ def test_rle_of_another_size_or_an_unknown_segmentation_is_one_line(tmp_path):
     rle = {"size": [30, 40], "counts": [0, 40 * 30]}  # uncompressed RLE of the image's size (all ones): fine
     path = _write_coco(tmp_path, [_ann(9, [0, 0, 10, 10], segmentation=rle)])
     assert int(CocoDetection(path, tmp_path / "img")[0].masks.sum()) == 40 * 30
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("bbox", [1, 2, 3], r"'annotations' \(id 1\) has bbox \[1, 2, 3\]; it must be \[x, y, width, height\], 4 numbers"),
+    ("bbox", ["a", 1, 2, 3], r"has bbox \['a', 1, 2, 3\]; it must be \[x, y, width, height\]"),
+    ("bbox", None, "has bbox None; it must be"),
+    ("image_id", "1", r"has image_id '1'; it must be an integer"),
+    ("width", "abc", r"'images' \(id 1\) has width 'abc'; it must be a whole number of pixels"),
+    ("id", "1", r"'images' \(id 1\) has id '1'; it must be an integer"),
+])
+def test_a_field_of_the_wrong_type_is_one_line(tmp_path, where, value, message):
+    # these were tracebacks while parsing (a bbox of 3 numbers, a width that is not a number), or
+    # a string image id read as a number that COCOeval's results then failed to match (an assertion)
+    annotation, image = _ann(1, [1, 1, 5, 5]), {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}
+    if where == "id":
+        annotation["image_id"] = image["id"] = value
+    else:
+        (annotation if where in annotation else image)[where] = value
+    path = _write_coco(tmp_path, [annotation], images=[image])
+    with pytest.raises(DataError, match=message):
+        CocoDetection(path, tmp_path / "img")
+    image = {"id": 1, "file_name": "a.jpg", "width": 40.0, "height": 30}  # a whole number written as a float is a size
+    assert len(CocoDetection(_write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], images=[image]), tmp_path / "img")) == 1

@@ -24,6 +24,7 @@ the main process decides between an error and a counted skip (``--skip-corrupt``
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,6 +90,34 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return ann_file, image_dir
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_side(value: Any) -> bool:
+    """A positive whole number of pixels (some tools write 640.0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
+
+
+def _is_box(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+# What each required field must hold: ids stay integers, since COCOeval matches results to images
+# by id and a string id read as a number would match nothing.
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (_is_integer, "an integer"),
+    "image_id": (_is_integer, "an integer (an image's id)"),
+    "category_id": (_is_integer, "an integer (a category's id)"),
+    "file_name": (lambda v: isinstance(v, str) and bool(v), "a non-empty path relative to the image folder"),
+    "width": (_is_side, "a whole number of pixels, at least 1"),
+    "height": (_is_side, "a whole number of pixels, at least 1"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "bbox": (_is_box, "[x, y, width, height], 4 numbers"),
+}
+
+
 def load_coco_json(path: str | Path) -> dict[str, Any]:
     """A COCO instances file as a dict, checked for the keys and fields detection needs."""
     path = Path(path)
@@ -107,6 +136,11 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise DataError(f"{path}: an entry of '{kind}' lacks {missing[0]!r} ({str(entry)[:80]}); not COCO format")
+            for key in keys:
+                check, expected = _FIELD_CHECKS[key]
+                if not check(entry[key]):
+                    raise DataError(f"{path}: an entry of '{kind}' (id {str(entry['id'])[:20]}) has {key} "
+                                    f"{repr(entry[key])[:60]}; it must be {expected}")
         seen: set[Any] = set()
         for entry in data[kind]:  # pycocotools indexes each list by id: a repeated id loses an entry silently
             if entry["id"] in seen:
