@@ -140,6 +140,38 @@ def test_polygons_under_three_points_in_the_ground_truth_do_not_stop_cocoeval(tm
     assert m["bbox_AR_100"] == pytest.approx(1.0) and m["segm_AR_100"] == pytest.approx(2 / 3)
 
 
+def test_a_ground_truth_mask_that_cannot_match_is_one_line_not_a_silent_miss(tmp_path):
+    # Evaluation read the file without the checks training makes: an RLE of another size than its
+    # image matched no detection (pycocotools' IoU is -1 there), so mask AP fell without a word,
+    # and an object without a segmentation stopped COCOeval with a traceback.
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 100), (128, 128, 128)).save(tmp_path / "img" / "one.png")
+    square = np.zeros((100, 100), dtype=np.uint8)
+    square[10:30, 10:30] = 1
+    rle = mask_utils.encode(np.asfortranarray(square))
+    annotation = {"id": 5, "image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0,
+                  "segmentation": {"size": [100, 100], "counts": rle["counts"].decode()}}
+
+    def evaluate(annotation: dict, with_masks: bool = True) -> dict[str, float]:
+        (tmp_path / "ann.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "one.png", "width": 100, "height": 100}], "annotations": [annotation],
+            "categories": [{"id": 4, "name": "square"}]}))
+        detector = FixedDetections([[10, 10, 30, 30]], [0.9], [0])
+        if with_masks:
+            detector.out["masks"] = torch.from_numpy(square).bool()[None]
+        dataset = CocoDetection(tmp_path / "ann.json", tmp_path / "img", with_masks=False, transform=build_test_transform())
+        return evaluate_detector(detector, dataset)
+
+    assert evaluate(annotation)["segm_mAP"] == pytest.approx(1.0)
+    with pytest.raises(DataError, match=r"annotation 5 of image one\.png has an RLE segmentation of size \[100, 50\], "
+                                        r"but the image is 100x100"):
+        evaluate({**annotation, "segmentation": {**annotation["segmentation"], "size": [100, 50]}})
+    with pytest.raises(DataError, match=r"annotation 5 of image one\.png has no 'segmentation'; mask training and mask AP"):
+        evaluate({k: v for k, v in annotation.items() if k != "segmentation"})
+    # box AP needs no segmentation
+    assert evaluate({k: v for k, v in annotation.items() if k != "segmentation"}, with_masks=False)["bbox_mAP"] == pytest.approx(1.0)
+
+
 def test_detections_to_coco_maps_labels_boxes_and_masks():
     masks = torch.zeros(2, 6, 8, dtype=torch.bool)
     masks[0, 1:3, 2:5] = True

@@ -139,6 +139,20 @@ def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_pa
     assert not (tmp_path / "run" / "last.pth").exists()
 
 
+def test_a_validation_mask_evaluation_would_refuse_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # Found at the first evaluation, an epoch into the run.
+    broken = tmp_path / "broken"
+    shutil.copytree(coco, broken)
+    ann = broken / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    del data["annotations"][0]["segmentation"]
+    ann.write_text(json.dumps(data))
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", broken, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"annotation {data['annotations'][0]['id']} of image .* has no 'segmentation'"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 # resume and processes -----------------------------------------------------------------
 
 _KILLED_RUN = """

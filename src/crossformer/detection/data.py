@@ -39,7 +39,7 @@ from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
     "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
-    "valid_polygons",
+    "valid_polygons", "annotation_segmentation",
 ]
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
@@ -174,6 +174,14 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
                     f"({str(segmentation)[:60]}); COCO format expected")
 
 
+def annotation_segmentation(annotation: dict[str, Any], height: int, width: int, where: str) -> Any:
+    """``annotation``'s segmentation through :func:`checked_segmentation`; a :class:`DataError`
+    naming ``where`` when it has none (masks are trained and evaluated on every object)."""
+    if "segmentation" not in annotation:
+        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object")
+    return checked_segmentation(annotation["segmentation"], height, width, where)
+
+
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """A polygon list, uncompressed RLE or compressed RLE -> uint8 (height, width) bitmap."""
     if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
@@ -282,9 +290,7 @@ class CocoDetection(Dataset):
                     continue
                 if self.with_masks:
                     where = f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']}"
-                    if "segmentation" not in ann:
-                        raise DataError(f"{where} has no 'segmentation'; a mask model needs one per object")
-                    segmentation = checked_segmentation(ann["segmentation"], height, width, where)
+                    segmentation = annotation_segmentation(ann, height, width, where)
                     if segmentation is None:  # no polygon of 3 points or more: ignored, as mmdetection 3
                         self.shapeless_masks += 1
                         continue

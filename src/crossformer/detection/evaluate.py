@@ -23,9 +23,9 @@ from pycocotools.cocoeval import COCOeval
 from ..classification.evaluate import raise_or_count_unreadable
 from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, Precision, RunLogger, SkippedFiles
-from .data import CocoDetection, collate_detection, load_coco_json, valid_polygons
+from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
 
-__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "evaluate_detector"]
+__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "evaluate_detector"]
 
 # COCOeval.stats in order: AP at IoU .50:.95, .50, .75, by area; AR at 1, 10, 100 detections, by area.
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
@@ -86,16 +86,21 @@ def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]], iou_types: Seque
     return metrics
 
 
-def _load_gt(ann_file: Path) -> COCO:
-    """The annotation file as COCOeval's ground truth, its polygons of fewer than 3 points left
-    out (pycocotools fails on them, or reads 2 points as a box); an object left with none has
-    an empty mask (its box is still evaluated)."""
+def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
+    """The annotation file as COCOeval's ground truth. For mask AP every object's segmentation
+    is checked as training checks it (an RLE of another size than its image would silently
+    match nothing); polygons of fewer than 3 points are left out (pycocotools fails on them,
+    or reads 2 points as a box), and an object left with none has an empty mask (its box is
+    still evaluated)."""
     data = load_coco_json(ann_file)
-    sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in data["images"]}
-    for ann in data["annotations"]:
-        if isinstance(ann.get("segmentation"), list):
-            height, width = sizes[ann["image_id"]]
-            ann["segmentation"] = valid_polygons(ann["segmentation"]) or {"size": [height, width], "counts": [height * width]}
+    if with_masks:
+        images = {image["id"]: image for image in data["images"]}
+        for ann in data["annotations"]:
+            image = images[ann["image_id"]]
+            height, width = int(image["height"]), int(image["width"])
+            where = f"{ann_file}: annotation {ann['id']} of image {image['file_name']}"
+            ann["segmentation"] = (annotation_segmentation(ann, height, width, where)
+                                   or {"size": [height, width], "counts": [height * width]})
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints what it does
@@ -159,6 +164,14 @@ def evaluate_detector(
     gathered = ctx.gather_objects((results, evaluated, skipped, with_masks))
     if not any(part[1] for part in gathered):  # on every rank, as the gather
         raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
+    iou_types = ["bbox", "segm"] if any(part[3] for part in gathered) else ["bbox"]
+    coco_gt, error = None, None
+    if ctx.is_main:
+        try:
+            coco_gt = load_ground_truth(dataset.ann_file, "segm" in iou_types)
+        except DataError as err:  # raised on every rank, so that none waits in the gather below
+            error = err
+    ctx.raise_together(error)
     metrics: dict[str, float] | None = None
     if ctx.is_main:
         results = [r for part in gathered for r in part[0]]
@@ -167,9 +180,8 @@ def evaluate_detector(
             Path(results_file).parent.mkdir(parents=True, exist_ok=True)
             with open(results_file, "w", encoding="utf-8") as f:
                 json.dump(results, f)
-        iou_types = ["bbox", "segm"] if any(part[3] for part in gathered) else ["bbox"]
         log = logger.info if logger is not None else None
-        metrics = coco_evaluate(_load_gt(dataset.ann_file), results, iou_types, evaluated, log)
+        metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, log)
         skipped = [failure for part in gathered for failure in part[2]]
         if logger is not None:
             name = SkippedFiles(logger.info, "more unreadable images are skipped: counted, not named")

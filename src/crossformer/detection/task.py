@@ -25,7 +25,7 @@ from .config import DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .checkpoint import load_detector_state
 from .detectors import Detector, build_detector
-from .evaluate import evaluate_detector
+from .evaluate import evaluate_detector, load_ground_truth
 
 __all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK"]
 
@@ -104,14 +104,16 @@ class DetectionTask(Task):
     # the Task interface ---------------------------------------------------------------
 
     def check_data(self) -> None:
-        """The validation images' headers, so that a bad file stops the run now rather than at
-        the first evaluation; with ``skip_corrupt`` they are named (evaluation skips them)."""
+        """The validation images' headers and (for mask models) the validation objects'
+        segmentations, so that a bad file stops the run now rather than at the first
+        evaluation; with ``skip_corrupt`` unreadable images are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
         named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log):
             named(f"skipping unreadable image {failure}")
+        load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # what evaluation will check
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)
