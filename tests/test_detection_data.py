@@ -226,6 +226,17 @@ def test_a_repeated_id_is_one_line(tmp_path):
         CocoDetection(path, tmp_path / "img")
 
 
+def test_an_image_listed_twice_is_one_line(tmp_path):
+    # Under two ids one file's objects were split between two samples (training taught each copy
+    # that the other's objects are background) or, in evaluation, every detection on the copy
+    # without ground truth counted as a false positive: AP fell without a word.
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+              {"id": 2, "file_name": "a.jpg", "width": 40, "height": 30}]
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5]), {**_ann(2, [10, 10, 5, 5]), "image_id": 2}], images=images)
+    with pytest.raises(DataError, match=r"ann\.json: image a\.jpg is listed twice in 'images' \(ids 1 and 2\)"):
+        CocoDetection(path, tmp_path / "img")
+
+
 def test_unknown_category_and_missing_image_name_the_file(tmp_path):
     path = _write_coco(tmp_path, [_ann(17, [1, 1, 5, 5], category_id=3)])
     with pytest.raises(DataError, match=r"annotation 17 of image a\.jpg has category id 3, which is not in 'categories'"):

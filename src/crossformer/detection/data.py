@@ -146,6 +146,12 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             if entry["id"] in seen:
                 raise DataError(f"{path}: id {entry['id']} appears twice in '{kind}'; ids must be unique")
             seen.add(entry["id"])
+    image_of_file: dict[str, Any] = {}
+    for image in data["images"]:  # two entries of one file split its objects: each copy trains / evaluates on a part
+        first = image_of_file.setdefault(image["file_name"], image["id"])
+        if first != image["id"]:
+            raise DataError(f"{path}: image {image['file_name']} is listed twice in 'images' (ids {first} and "
+                            f"{image['id']}); list each image once, with all its annotations on its one id")
     return data
 
 
