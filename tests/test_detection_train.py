@@ -17,6 +17,8 @@ import torch
 
 from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
+from crossformer.detection.data import CocoDetection
+from crossformer.detection.evaluate import evaluate_detector
 from crossformer.detection.task import DetectionTask, build_configured_detector, train
 from crossformer.engine import DistContext, load_training_state
 from crossformer.engine.registry import bundled_configs, resolve_config
@@ -125,6 +127,21 @@ def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path)
     with pytest.raises(DataError, match=r"instances_train2017\.json has no training images: training keeps the images "
                                         r"that have annotations and sides of at least 32 px"):
         DetectionTask(config, DistContext())
+
+
+def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # It trained an epoch, then stopped with "no readable images to evaluate in .../val2017".
+    empty = tmp_path / "empty"
+    shutil.copytree(coco, empty)
+    ann = empty / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "images": [], "annotations": []}))
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
+    with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: training evaluates on the validation"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
+    dataset = CocoDetection(ann, empty / "val2017", with_masks=False)
+    with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: nothing to evaluate"):
+        evaluate_detector(build_configured_detector(config.model, 4, pretrained=False), dataset)
 
 
 def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_path: Path) -> None:

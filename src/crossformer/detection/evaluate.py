@@ -129,6 +129,8 @@ def evaluate_detector(
     Images skipped as unreadable are left out of the evaluation rather than counted as misses;
     otherwise an unreadable image in any rank's share stops every rank with the same error.
     """
+    if not len(dataset):  # else "no readable images", as if images were there and failed
+        raise DataError(f"{dataset.ann_file} lists no images: nothing to evaluate")
     ctx = ctx or DistContext()
     was_training = detector.training
     detector.eval()

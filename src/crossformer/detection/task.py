@@ -88,6 +88,9 @@ class DetectionTask(Task):
         if not len(self.train_set):  # no batch size helps: say what training keeps
             raise DataError(f"{train_ann} has no training images: training keeps the images that have annotations "
                             f"and sides of at least {MIN_TRAIN_IMAGE_SIZE} px (as mmdetection), and it has none")
+        if not len(self.val_set):  # found at the first evaluation otherwise, an epoch into the run
+            raise DataError(f"{val_ann} lists no images: training evaluates on the validation images after each "
+                            f"epoch (and at the end); give a file with at least one")
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
                             f"batch of {batch} per process; lower --batch-size")
