@@ -356,3 +356,11 @@ def test_imagenet_checkpoint_loads_the_backbone_alone(tmp_path):
     neck_before = detector.neck.state_dict()["lateral_convs.0.conv.weight"].clone()
     crossformer.load_checkpoint(detector, tmp_path / "cls.pth")
     assert torch.equal(detector.neck.state_dict()["lateral_convs.0.conv.weight"], neck_before)
+
+
+def test_a_whole_detector_as_the_pretrained_backbone_points_to_init_from(tmp_path):
+    # Its backbone.model.* keys fit no backbone: the error listed 300 keys as missing and unexpected.
+    torch.save({"model": _tiny("mask_rcnn").state_dict()}, tmp_path / "detector.pth")
+    with pytest.raises(UserInputError, match=r"detector\.pth is a whole detector, not an ImageNet backbone: start every "
+                                             r"weight from it with --init-from"):
+        build_detector("mask_rcnn", num_classes=5, backbone_kwargs=TINY, pretrained_backbone=str(tmp_path / "detector.pth"))

@@ -219,9 +219,14 @@ def build_detector(
         raise UserInputError(f"unknown backbone {backbone!r}: choose one of {', '.join(VARIANTS)}")
     body = build_dense_backbone(backbone, **{**authors_dense_settings(backbone), **(backbone_kwargs or {})})
     if pretrained_backbone is not None:
-        from ..models import load_checkpoint
+        from ..models import load_state, read_checkpoint
+        from .checkpoint import head_keys
 
-        load_checkpoint(body, pretrained_backbone)
+        checkpoint = read_checkpoint(pretrained_backbone)
+        if head_keys(checkpoint, source=str(pretrained_backbone)):  # else its keys fail to fit, listed by the hundred
+            raise UserInputError(f"{pretrained_backbone} is a whole detector, not an ImageNet backbone: start every weight "
+                                 f"from it with --init-from (model.init_from), or give --pretrained an ImageNet checkpoint")
+        load_state(body, checkpoint, str(pretrained_backbone))
     if kind == "retinanet":
         return RetinaNet(body, num_classes, channels)
     return TwoStageDetector(kind, body, num_classes, channels, fc_channels)
