@@ -259,3 +259,16 @@ def test_predict_writes_pngs_and_coco_results(tmp_path):
     street = next(r for r in records if r["file_name"].endswith("street.png"))
     assert street["bbox"] == [75.0, 45.0, 150.0, 90.0]
     assert mask_utils.decode(street["segmentation"]).sum() == 150 * 90
+
+
+def test_predict_gives_each_input_its_own_png(tmp_path):
+    # A second "a" took the name "a_<its input number>", which a file called so had already
+    # taken: a_3.jpg's drawing was overwritten by sub/a.jpg's without a word.
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "a_3.jpg", "sub/a.jpg"):
+        _photo_like(folder / name, 300, 180)
+    out = predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out", ["cat", "dog"],
+                             transform=build_test_transform(256, 160))
+    assert [p.name for p in out.images] == ["a.png", "a_3.png", "a_2.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "a_2.png", "a_3.png"]

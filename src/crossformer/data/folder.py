@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
-           "training_classes"]
+           "unique_stem", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
@@ -167,3 +167,14 @@ def expand_image_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -
         else:
             raise DataError(f"no such image or folder: {path}")
     return found
+
+
+def unique_stem(stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... when taken (two inputs of one name in different
+    folders write separate outputs); the result joins ``taken``."""
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name

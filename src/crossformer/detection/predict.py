@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 from ..atomic import check_output_folder
-from ..data import DataError, expand_image_paths, read_rgb
+from ..data import DataError, expand_image_paths, read_rgb, unique_stem
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, is_image_file
 from ..engine import Precision, RunLogger
@@ -113,9 +113,7 @@ def predict_detections(
         # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
         output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
         records.extend({**r, "file_name": str(path)} for r in detections_to_coco([output], [image_id], cat_ids))
-        name = path.stem if path.stem not in used_names else f"{path.stem}_{image_id}"
-        used_names.add(name)
-        png = output_dir / f"{name}.png"
+        png = output_dir / f"{unique_stem(path.stem, used_names)}.png"
         render_detections(image, output, class_names, score_threshold).save(png)
         result.images.append(png)
         if progress is not None:

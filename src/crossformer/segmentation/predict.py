@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..atomic import check_output_folder
-from ..data import DataError, expand_image_paths
+from ..data import DataError, expand_image_paths, unique_stem
 from ..data.draw import Colour, palette as class_palette
 from ..data.folder import is_image_file
 from .data import read_image
@@ -48,15 +48,6 @@ def write_label_map(label_map: np.ndarray, path: str | Path, reduce_zero_label: 
     if values.max(initial=0) > 255:
         raise DataError(f"cannot write {path}: class values above 255 do not fit an 8-bit label map")
     Image.fromarray(values.astype(np.uint8), mode="L").save(path)
-
-
-def _unique_stem(stem: str, taken: set[str]) -> str:
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}_{n}"
-    taken.add(name)
-    return name
 
 
 @torch.no_grad()
@@ -103,7 +94,7 @@ def predict_images(
                     log(f"skipped unreadable image {path}")
                 continue
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
-            stem = _unique_stem(Path(path).stem, taken)
+            stem = unique_stem(Path(path).stem, taken)
             overlay_path, label_path = output / f"{stem}_overlay.png", output / f"{stem}_labels.png"
             overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
             write_label_map(label_map, label_path, reduce_zero_label)
