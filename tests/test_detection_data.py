@@ -399,3 +399,13 @@ def test_a_field_of_the_wrong_type_is_one_line(tmp_path, where, value, message):
         CocoDetection(path, tmp_path / "img")
     image = {"id": 1, "file_name": "a.jpg", "width": 40.0, "height": 30}  # a whole number written as a float is a size
     assert len(CocoDetection(_write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], images=[image]), tmp_path / "img")) == 1
+
+
+def test_a_polygon_without_its_outer_list_is_one_line_not_a_left_out_object(tmp_path):
+    # [x0, y0, x1, y1, ...] for [[x0, y0, ...]]: the object was dropped and counted as one "with no
+    # polygon of 3 points or more", and evaluation scored it as an empty mask (pycocotools and
+    # mmdetection stop on it with a TypeError).
+    path = _write_coco(tmp_path, [_ann(3, [2, 2, 10, 10], segmentation=[2, 2, 12, 2, 12, 12, 2, 12])])
+    with pytest.raises(DataError, match=r"annotation 3 of image a\.jpg has a polygon segmentation that is not a list "
+                                        r"of polygons \(\[2, 2, 12, 2, 12, 12, 2, 12\]\); COCO format is \[\[x0, y0"):
+        CocoDetection(path, tmp_path / "img")

@@ -165,10 +165,15 @@ def valid_polygons(polygons: list[Any]) -> list[Any]:
 def checked_segmentation(segmentation: Any, height: int, width: int, where: str) -> Any:
     """``segmentation`` as :func:`decode_segmentation` takes it, or None when it holds no polygon.
 
-    Polygons of fewer than 3 points are left out (:func:`valid_polygons`). An RLE whose ``size`` is not the image's, or a segmentation of another form, is a
-    :class:`DataError` naming ``where`` (the file, annotation and image).
+    Polygons of fewer than 3 points are left out (:func:`valid_polygons`). A polygon list whose
+    parts are not lists (a flat ``[x0, y0, ...]``), an RLE whose ``size`` is not the image's, or a
+    segmentation of another form, is a :class:`DataError` naming ``where`` (the file, annotation
+    and image).
     """
     if isinstance(segmentation, list):
+        if not all(isinstance(part, list) for part in segmentation):  # one polygon without the outer list
+            raise DataError(f"{where} has a polygon segmentation that is not a list of polygons "
+                            f"({str(segmentation)[:60]}); COCO format is [[x0, y0, x1, y1, ...], ...]")
         return valid_polygons(segmentation) or None
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes, list)):
         size = segmentation.get("size")
