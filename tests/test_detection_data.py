@@ -385,6 +385,8 @@ def test_rle_of_another_size_or_an_unknown_segmentation_is_one_line(tmp_path):
     ("image_id", "1", r"has image_id '1'; it must be an integer"),
     ("width", "abc", r"'images' \(id 1\) has width 'abc'; it must be a whole number of pixels"),
     ("id", "1", r"'images' \(id 1\) has id '1'; it must be an integer"),
+    ("area", "12", r"'annotations' \(id 1\) has area '12'; it must be a number"),
+    ("iscrowd", 2, r"'annotations' \(id 1\) has iscrowd 2; it must be 0 or 1"),
 ])
 def test_a_field_of_the_wrong_type_is_one_line(tmp_path, where, value, message):
     # these were tracebacks while parsing (a bbox of 3 numbers, a width that is not a number), or

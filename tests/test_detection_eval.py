@@ -172,6 +172,27 @@ def test_a_ground_truth_mask_that_cannot_match_is_one_line_not_a_silent_miss(tmp
     assert evaluate({k: v for k, v in annotation.items() if k != "segmentation"}, with_masks=False)["bbox_mAP"] == pytest.approx(1.0)
 
 
+def test_ground_truth_without_area_or_iscrowd_is_evaluated_as_training_reads_it(tmp_path):
+    # Training read a missing "area" as the box's and a missing "iscrowd" as 0, but COCOeval
+    # needs both: the first evaluation, an epoch into the run, stopped with KeyError: 'area'.
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 100), (128, 128, 128)).save(tmp_path / "img" / "one.png")
+    anns = [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 20, 20], "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]},
+            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [40, 30, 50, 60], "segmentation": [[40, 30, 90, 30, 90, 90, 40, 90]]}]
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "one.png", "width": 100, "height": 100}], "annotations": anns,
+        "categories": [{"id": 4, "name": "square"}]}))
+    detector = FixedDetections([[10, 10, 30, 30], [40, 30, 90, 90]], [0.9, 0.8], [0, 0])
+    detector.out["masks"] = torch.zeros(2, 100, 100, dtype=torch.bool)
+    detector.out["masks"][0, 10:30, 10:30] = detector.out["masks"][1, 30:90, 40:90] = True
+    assert len(CocoDetection(tmp_path / "ann.json", tmp_path / "img")[0].boxes) == 2  # training keeps both
+    dataset = CocoDetection(tmp_path / "ann.json", tmp_path / "img", with_masks=False, transform=build_test_transform())
+    m = evaluate_detector(detector, dataset)
+    # 20x20 is small (< 32^2), 50x60 medium: the box areas size the objects
+    expected = {"bbox_mAP": 1.0, "bbox_mAP_s": 1.0, "bbox_mAP_m": 1.0, "bbox_mAP_l": -1.0, "segm_mAP": 1.0, "segm_mAP_s": 1.0}
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+
+
 def test_detections_to_coco_maps_labels_boxes_and_masks():
     masks = torch.zeros(2, 6, 8, dtype=torch.bool)
     masks[0, 1:3, 2:5] = True

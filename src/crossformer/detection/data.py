@@ -99,9 +99,12 @@ def _is_side(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_box(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    return isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value)
 
 
 # What each required field must hold: ids stay integers, since COCOeval matches results to images
@@ -119,7 +122,8 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
-    """A COCO instances file as a dict, checked for the keys and fields detection needs."""
+    """A COCO instances file as a dict, checked for the keys and fields detection needs; an
+    annotation without ``iscrowd`` is not a crowd, one without ``area`` takes its box's."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
@@ -146,6 +150,13 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
             if entry["id"] in seen:
                 raise DataError(f"{path}: id {entry['id']} appears twice in '{kind}'; ids must be unique")
             seen.add(entry["id"])
+    for ann in data["annotations"]:  # optional in many exports; COCOeval reads both of every object
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))  # the box's, for lack of the mask's
+        for key, check, expected in (("iscrowd", lambda v: v in (0, 1), "0 or 1"), ("area", _is_number, "a number")):
+            if not check(ann[key]):
+                raise DataError(f"{path}: an entry of 'annotations' (id {ann['id']}) has {key} {repr(ann[key])[:60]}; "
+                                f"it must be {expected}")
     image_of_file: dict[str, Any] = {}
     for image in data["images"]:  # two entries of one file split its objects: each copy trains / evaluates on a part
         first = image_of_file.setdefault(image["file_name"], image["id"])
@@ -292,11 +303,11 @@ class CocoDetection(Dataset):
             height, width = int(image["height"]), int(image["width"])
             boxes, labels, segmentations = [], [], []
             for ann in per_image[image_id]:
-                if ann.get("iscrowd", 0) or ann.get("ignore", False):
+                if ann["iscrowd"] or ann.get("ignore", False):
                     continue
                 x, y, w, h = map(float, ann["bbox"])
                 x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
-                if (x2 - x1) * (y2 - y1) <= 0 or w < 1 or h < 1 or float(ann.get("area", w * h)) <= 0:
+                if (x2 - x1) * (y2 - y1) <= 0 or w < 1 or h < 1 or ann["area"] <= 0:
                     dropped += 1
                     continue
                 if self.with_masks:
