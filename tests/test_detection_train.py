@@ -129,6 +129,18 @@ def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path)
         DetectionTask(config, DistContext())
 
 
+def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:
+    # It went to stdout alone (printed while the task was built, before the run log opened).
+    flawed = tmp_path / "flawed"
+    shutil.copytree(coco, flawed)
+    ann = flawed / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"][2] = 0
+    ann.write_text(json.dumps(data))
+    train(tiny_config(tmp_path / "c.yaml", "mask_rcnn", flawed, tmp_path / "run"))
+    assert "instances_train2017.json: dropped 1 boxes with no area" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # It trained an epoch, then stopped with "no readable images to evaluate in .../val2017".
     empty = tmp_path / "empty"
