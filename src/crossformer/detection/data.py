@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -90,35 +91,56 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return ann_file, image_dir
 
 
+# Field checks run once per value of COCO's 860k annotations: exact types (JSON gives int, float,
+# str, list, bool and no subclasses) keep them cheap.
+_NUMBER_TYPES = (int, float)
+
+
 def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int
 
 
 def _is_side(value: Any) -> bool:
     """A positive whole number of pixels (some tools write 640.0)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
+    return type(value) in _NUMBER_TYPES and value >= 1 and float(value).is_integer()
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return type(value) in _NUMBER_TYPES and math.isfinite(value)
 
 
 def _is_box(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value)
+    # unrolled (the check's main cost); the sum is finite only where every coordinate is
+    return (type(value) is list and len(value) == 4 and type(value[0]) in _NUMBER_TYPES and type(value[1]) in _NUMBER_TYPES
+            and type(value[2]) in _NUMBER_TYPES and type(value[3]) in _NUMBER_TYPES
+            and math.isfinite(value[0] + value[1] + value[2] + value[3]))
 
 
-# What each required field must hold: ids stay integers, since COCOeval matches results to images
-# by id and a string id read as a number would match nothing.
+# What each field must hold: ids stay integers, since COCOeval matches results to images by id
+# and a string id read as a number would match nothing.
 _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id": (_is_integer, "an integer"),
     "image_id": (_is_integer, "an integer (an image's id)"),
     "category_id": (_is_integer, "an integer (a category's id)"),
-    "file_name": (lambda v: isinstance(v, str) and bool(v), "a non-empty path relative to the image folder"),
+    "file_name": (lambda v: type(v) is str and bool(v), "a non-empty path relative to the image folder"),
     "width": (_is_side, "a whole number of pixels, at least 1"),
     "height": (_is_side, "a whole number of pixels, at least 1"),
-    "name": (lambda v: isinstance(v, str), "a string"),
+    "name": (lambda v: type(v) is str, "a string"),
     "bbox": (_is_box, "[x, y, width, height], 4 numbers"),
+    "iscrowd": (lambda v: v in (0, 1), "0 or 1"),
+    "area": (_is_number, "a number"),
 }
+
+
+def _check_fields(path: Path, kind: str, entries: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    """A one-line :class:`DataError` naming the first entry whose ``key`` fails its check
+    (KeyError or TypeError where an entry lacks a key or is not a mapping)."""
+    for key in keys:
+        check, expected = _FIELD_CHECKS[key]
+        if not all(map(check, map(itemgetter(key), entries))):
+            entry = next(entry for entry in entries if not check(entry[key]))
+            raise DataError(f"{path}: an entry of '{kind}' (id {str(entry['id'])[:20]}) has {key} "
+                            f"{repr(entry[key])[:60]}; it must be {expected}")
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
@@ -136,27 +158,22 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path} is not a COCO instances file: it needs lists 'images', 'annotations' and 'categories'")
     for kind, keys in (("images", ("id", "file_name", "width", "height")), ("categories", ("id", "name")),
                        ("annotations", ("id", "image_id", "category_id", "bbox"))):
-        for entry in data[kind]:
-            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
-            if missing:
-                raise DataError(f"{path}: an entry of '{kind}' lacks {missing[0]!r} ({str(entry)[:80]}); not COCO format")
-            for key in keys:
-                check, expected = _FIELD_CHECKS[key]
-                if not check(entry[key]):
-                    raise DataError(f"{path}: an entry of '{kind}' (id {str(entry['id'])[:20]}) has {key} "
-                                    f"{repr(entry[key])[:60]}; it must be {expected}")
+        try:
+            _check_fields(path, kind, data[kind], keys)
+        except (KeyError, TypeError):  # an entry without one of the keys, or not a mapping: name it
+            entry, key = next((e, k) for e in data[kind] for k in keys if not isinstance(e, dict) or k not in e)
+            raise DataError(f"{path}: an entry of '{kind}' lacks {key!r} ({str(entry)[:80]}); not COCO format") from None
         seen: set[Any] = set()
         for entry in data[kind]:  # pycocotools indexes each list by id: a repeated id loses an entry silently
             if entry["id"] in seen:
                 raise DataError(f"{path}: id {entry['id']} appears twice in '{kind}'; ids must be unique")
             seen.add(entry["id"])
     for ann in data["annotations"]:  # optional in many exports; COCOeval reads both of every object
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))  # the box's, for lack of the mask's
-        for key, check, expected in (("iscrowd", lambda v: v in (0, 1), "0 or 1"), ("area", _is_number, "a number")):
-            if not check(ann[key]):
-                raise DataError(f"{path}: an entry of 'annotations' (id {ann['id']}) has {key} {repr(ann[key])[:60]}; "
-                                f"it must be {expected}")
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])  # the box's, for lack of the mask's
+    _check_fields(path, "annotations", data["annotations"], ("iscrowd", "area"))
     image_of_file: dict[str, Any] = {}
     for image in data["images"]:  # two entries of one file split its objects: each copy trains / evaluates on a part
         first = image_of_file.setdefault(image["file_name"], image["id"])
