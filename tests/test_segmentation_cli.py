@@ -275,3 +275,19 @@ def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_com
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
                              str(run["data"]), "model.num_classes=7"],
                     f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")
+
+
+def test_evaluate_on_own_folders_needs_only_the_validation_ones(run: dict[str, Path], capsys) -> None:
+    # evaluate took data.val_images / val_labels / classes but refused them without the training folders
+    ade = run["data"] / "ADEChallengeData2016"
+    folders = [f"data.val_images={ade / 'images' / 'validation'}", f"data.val_labels={ade / 'annotations' / 'validation'}",
+               f"data.classes={ade / 'classes.txt'}", "data.reduce_zero_label=true"]
+    base = ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--json"]
+    capsys.readouterr()
+    assert main([*base, "--data", str(run["data"])]) == 0
+    by_root = json.loads(capsys.readouterr().out)
+    assert main([*base, *folders]) == 0
+    by_folders = json.loads(capsys.readouterr().out)
+    assert by_folders["images"] == 2 and by_folders["per_class"] == by_root["per_class"]
+    _one_line_error(capsys, ["train", "--config", str(run["config"]), *folders],
+                    "training on the folder layout needs data.train_images and data.train_labels")

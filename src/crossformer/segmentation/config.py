@@ -90,12 +90,17 @@ class SegDataConfig:
 
     def validate(self) -> None:
         if self.root is not None and any(f is not None for f in self.folders):
-            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
-        if self.root is None and any(f is not None for f in self.folders) and None in self.folders:
-            raise UserInputError(
-                "data: the folder layout needs all of data.train_images, data.train_labels, data.val_images, "
-                "data.val_labels and data.classes"
-            )
+            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both "
+                                 "(data.root=null drops a root the config or checkpoint sets)")
+        # evaluation reads the validation folders alone; training needs its own too (check_training_folders)
+        if self.root is None and any(f is not None for f in self.folders) and None in self.folders[2:]:
+            raise UserInputError("data: the folder layout needs data.val_images, data.val_labels and data.classes")
+
+    def check_training_folders(self) -> None:
+        """Training on the folder layout also needs ``train_images`` and ``train_labels``."""
+        if self.root is None and None in self.folders[:2]:
+            raise UserInputError("data: training on the folder layout needs data.train_images and data.train_labels "
+                                 "too (evaluation needs only the validation folders)")
 
 
 def _validate_pipeline(p: TrainPipelineConfig) -> None:
