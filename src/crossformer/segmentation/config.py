@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
 from ..errors import UserInputError
 from .inference import InferenceConfig
-from .transforms import TrainPipelineConfig
+from .transforms import IGNORE_INDEX, TrainPipelineConfig
 
 __all__ = ["SegModelConfig", "SegDataConfig", "SegTestConfig", "SegmentationConfig"]
 
@@ -114,6 +114,9 @@ def _validate_pipeline(p: TrainPipelineConfig) -> None:
         raise UserInputError(f"pipeline.cat_max_ratio must be in (0, 1], got {p.cat_max_ratio}")
     if not 0 <= p.flip_prob <= 1:
         raise UserInputError(f"pipeline.flip_prob must be in [0, 1], got {p.flip_prob}")
+    if p.ignore_index != IGNORE_INDEX:  # crops were padded with it, but data, loss and metrics ignore 255
+        raise UserInputError(f"pipeline.ignore_index must be {IGNORE_INDEX}, got {p.ignore_index}: label value "
+                             f"{IGNORE_INDEX} is the one ignored everywhere; store ignored pixels as {IGNORE_INDEX}")
 
 
 @dataclass(frozen=True)
