@@ -291,3 +291,17 @@ def test_evaluate_on_own_folders_needs_only_the_validation_ones(run: dict[str, P
     assert by_folders["images"] == 2 and by_folders["per_class"] == by_root["per_class"]
     _one_line_error(capsys, ["train", "--config", str(run["config"]), *folders],
                     "training on the folder layout needs data.train_images and data.train_labels")
+
+
+def test_evaluate_names_the_unreadable_files_it_skips_on_stderr(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # Named only when stderr was a terminal (and then on stdout, amid the JSON): a log file got the count alone.
+    broken = tmp_path / "broken"
+    shutil.copytree(run["data"], broken)
+    label = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
+    label.write_bytes(label.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data", str(broken),
+                 "--skip-corrupt", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] == 1
+    assert f"skipped: cannot read label map {label}" in captured.err

@@ -143,9 +143,11 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         _check_classes(checkpoint, dataset, args.checkpoint)
         segmentor.to(ctx.device)
         logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
+        # skipped files are named on stderr, terminal or not: stdout holds the table or JSON alone
         metrics = evaluate_segmentor(
             segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
             config.data.skip_corrupt, logger if sys.stderr.isatty() else None, config.run.num_workers,
+            (lambda line: print(line, file=sys.stderr)) if ctx.is_main else None,
         )
     finally:
         teardown_distributed(ctx)
