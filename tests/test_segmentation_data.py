@@ -231,3 +231,8 @@ def test_exif_orientation_and_palette_labels(tmp_path):
     image, lab = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)
     assert image.shape == (20, 10, 3) and (lab == 1).all()  # palette indices, not colours
     assert image[:5].mean() > 200 and image[6:].mean() < 50  # the white band is now on top
+    # a label map drawn on the stored pixels: the message says why two files of one size differ
+    Image.fromarray(np.ones((10, 20), np.uint8)).save(tmp_path / "ann" / "r.png")
+    with pytest.raises(DataError, match=r"r\.png is 20x10 but its image .*r\.jpg is 10x20 \(width x height\) as its "
+                                        r"EXIF orientation turns it \(stored 20x10: rotate the label map"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)

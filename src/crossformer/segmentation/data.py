@@ -75,6 +75,16 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
 
 
+def _orientation_note(path: str, image: np.ndarray) -> str:
+    """Where the image's EXIF orientation turned it, what the file stores: a viewer that ignores
+    the tag shows both files at one size, and the mismatch would make no sense."""
+    with Image.open(path) as img:
+        stored = img.size
+    if stored == (image.shape[1], image.shape[0]):
+        return ""
+    return f" as its EXIF orientation turns it (stored {stored[0]}x{stored[1]}: rotate the label map or drop the tag)"
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's ``reduce_zero_label``: 0 -> 255, ``v`` -> ``v - 1``, 255 stays 255."""
     out = label - 1
@@ -178,7 +188,7 @@ class SegmentationDataset(Dataset):
         if raw.shape != image.shape[:2]:
             raise DataError(
                 f"label map {label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
-                f"{image.shape[1]}x{image.shape[0]} (width x height); they must match"
+                f"{image.shape[1]}x{image.shape[0]} (width x height){_orientation_note(image_path, image)}; they must match"
             )
         highest = self.num_classes if self.reduce_zero_label else self.num_classes - 1
         bad = raw[(raw > highest) & (raw != IGNORE_INDEX) | (raw < 0)]
