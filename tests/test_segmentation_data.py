@@ -197,6 +197,11 @@ def test_bad_data_one_line_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "lonely.jpg")
     with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # the other way round it was silently left out: a lost image, or one of an extension not read
+    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "img" / "lonely.jfif")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "lonely.png")
+    with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image: expected .*img/lonely\.jpg \(or"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
 
 
 def test_unreadable_images_skipped_and_named(tmp_path):

@@ -17,7 +17,7 @@ Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` pale
 converted to RGB (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
-its annotation (at construction), a label value out of range, image/label size mismatch, a
+its annotation or an annotation without its image (at construction), a label value out of range, image/label size mismatch, a
 colour label map. Unreadable images and label maps are reported, not raised, by
 ``__getitem__`` (loader workers cannot print one-line errors); :func:`check_batch` raises
 them in the main process or, with ``skip_corrupt``, counts and names them.
@@ -173,6 +173,13 @@ class SegmentationDataset(Dataset):
             if not label.is_file():
                 raise DataError(f"image {image} has no annotation: expected {label}")
             self.samples.append((str(image), str(label)))
+        # an annotation left unpaired means a lost image (or one of an extension we do not read)
+        paired = {label for _, label in self.samples}
+        for label in list_images(self.label_dir):
+            if label.suffix.lower() == ".png" and str(label) not in paired:
+                stem = self.image_dir / label.relative_to(self.label_dir).with_suffix("")
+                raise DataError(f"annotation {label} has no image: expected {stem}.jpg (or .png, .jpeg, ...); "
+                                "add the image or move the annotation away")
 
     @property
     def num_classes(self) -> int:
