@@ -275,6 +275,12 @@ def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_com
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
                              str(run["data"]), "model.num_classes=7"],
                     f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")
+    # an mmdet file was taken for an ImageNet one ("goes to `crossformer train --pretrained`")
+    detector = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": {"backbone.patch_embed.projs.0.weight": torch.zeros(1), "rpn_head.rpn_conv.weight":
+                               torch.zeros(1), "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 4)}}, detector)
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(detector), "--data",
+                             str(run["data"])], f"{detector} holds a detection model (its heads' weights say so), not a segmentor")
 
 
 def test_evaluate_on_own_folders_needs_only_the_validation_ones(run: dict[str, Path], capsys) -> None:
