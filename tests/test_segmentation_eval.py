@@ -14,6 +14,7 @@ from PIL import Image
 
 from crossformer.data import DataError
 from crossformer.engine import DistContext
+from crossformer.errors import UserInputError
 from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
 from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
 from crossformer.segmentation import inference
@@ -126,6 +127,16 @@ def test_slide_against_direct_windows():
     # an image smaller than the window is one pass at its own size
     small = torch.randn(1, 3, 12, 16)
     torch.testing.assert_close(slide_logits(model, small, (24, 24), (16, 16)), model.predict_logits(small, (12, 16)))
+
+
+def test_slide_windows_that_leave_gaps_or_are_too_small_are_refused():
+    # A stride above the window left pixels of no window: 0 / 0, and every pixel came out class 0.
+    with pytest.raises(UserInputError, match=r"slide stride \[40, 32\] \(test.slide_stride\) is larger than the window"):
+        InferenceConfig(mode="slide", crop_size=(32, 32), stride=(40, 32))
+    # A window under the backbone's 32x32 was a ValueError traceback from the backbone.
+    with pytest.raises(UserInputError, match=r"slide windows \(test.slide_crop\) must be at least 32x32"):
+        InferenceConfig(mode="slide", crop_size=(16, 48), stride=(16, 16))
+    assert InferenceConfig(mode="slide", crop_size=(32, 32), stride=(32, 32)).stride == (32, 32)  # edge to edge
 
 
 @pytest.mark.parametrize("band_rows", [None, 7])
