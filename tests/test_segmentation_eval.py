@@ -241,3 +241,17 @@ def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
         expected = np.round(original * 0.5 + water * 0.5)
         assert np.abs(painted[-5:, -5:] - expected[-5:, -5:]).max() <= 1
         assert np.abs(painted[:8, :8] - expected[:8, :8]).max() > 10
+
+
+def test_predicting_again_into_a_folder_inside_the_inputs_reads_no_outputs(synthetic, tmp_path):
+    # The second run segmented the first run's overlays and label maps as photos (and wrote x_overlay_overlay.png).
+    dataset = ade20k_dataset(synthetic, "val")
+    Image.open(dataset.samples[0][0]).save(tmp_path / "photo.png")
+    model, config = ConstantSegmentor(7, target=3), InferenceConfig(scale=(128, 48))
+    for _ in range(2):
+        results, _ = predict_images(model, tmp_path, tmp_path / "out", dataset.classes, inference=config)
+        assert [r.path for r in results] == [str(tmp_path / "photo.png")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_labels.png", "photo_overlay.png"]
+    # the output folder named as the input is read as asked
+    results, _ = predict_images(model, tmp_path / "out", tmp_path / "out", dataset.classes, inference=config)
+    assert len(results) == 2
