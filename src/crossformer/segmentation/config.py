@@ -90,8 +90,8 @@ class SegDataConfig:
 
     def validate(self) -> None:
         if self.root is not None and any(f is not None for f in self.folders):
-            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both "
-                                 "(data.root=null drops a root the config or checkpoint sets)")
+            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both; "
+                                 "set the other to null (data.root=null where the config or checkpoint names a root)")
         # evaluation reads the validation folders alone; training needs its own too (check_training_folders)
         if self.root is None and any(f is not None for f in self.folders) and None in self.folders[2:]:
             raise UserInputError("data: the folder layout needs data.val_images, data.val_labels and data.classes")
