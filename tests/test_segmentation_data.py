@@ -202,6 +202,14 @@ def test_bad_data_one_line_errors(tmp_path):
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "lonely.png")
     with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image: expected .*img/lonely\.jpg \(or"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # two images of one stem were both scored against the one annotation
+    (tmp_path / "img" / "lonely.jfif").unlink()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
+    with pytest.raises(DataError, match=r"images .*ok\.jpg and .*ok\.png share the annotation .*ann/ok\.png"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # and images beside their label maps read each label map as an image too
+    with pytest.raises(DataError, match=r"ann/lonely\.png is read as an image and as its own annotation"):
+        SegmentationDataset(tmp_path / "ann", tmp_path / "ann", names)
 
 
 def test_unreadable_images_skipped_and_named(tmp_path):

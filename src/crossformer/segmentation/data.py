@@ -168,13 +168,20 @@ class SegmentationDataset(Dataset):
         if not images:
             raise DataError(f"no images in {self.image_dir}")
         self.samples: list[tuple[str, str]] = []
+        paired: dict[str, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
             label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
             if not label.is_file():
                 raise DataError(f"image {image} has no annotation: expected {label}")
+            if image.resolve() == label.resolve():
+                raise DataError(f"{image} is read as an image and as its own annotation: keep images and label maps "
+                                "in separate folders")
+            if str(label) in paired:
+                raise DataError(f"images {paired[str(label)]} and {image} share the annotation {label} (one name, two "
+                                "extensions): keep one of them")
+            paired[str(label)] = str(image)
             self.samples.append((str(image), str(label)))
         # an annotation left unpaired means a lost image (or one of an extension we do not read)
-        paired = {label for _, label in self.samples}
         for label in list_images(self.label_dir):
             if label.suffix.lower() == ".png" and str(label) not in paired:
                 stem = self.image_dir / label.relative_to(self.label_dir).with_suffix("")
