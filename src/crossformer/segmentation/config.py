@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
 from ..errors import UserInputError
+from ..models.crossformer import MIN_INPUT_SIZE
 from .inference import InferenceConfig
 from .transforms import IGNORE_INDEX, TrainPipelineConfig
 
@@ -108,6 +109,9 @@ def _validate_pipeline(p: TrainPipelineConfig) -> None:
     _positive_pair("pipeline.scale", p.scale)
     _positive_pair("pipeline.ratio_range", p.ratio_range)
     _positive_pair("pipeline.crop_size", p.crop_size)
+    if min(p.crop_size) < MIN_INPUT_SIZE:  # crops are padded up to it, never beyond: the network input
+        raise UserInputError(f"pipeline.crop_size must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, the backbone's "
+                             f"smallest input; got {list(p.crop_size)}")
     if p.ratio_range[0] > p.ratio_range[1]:
         raise UserInputError(f"pipeline.ratio_range must be [low, high], got {list(p.ratio_range)}")
     if not 0 < p.cat_max_ratio <= 1:
