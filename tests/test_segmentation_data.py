@@ -177,6 +177,8 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"holds value 3, out of range for 3 classes") as err:
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
     assert "ok.png" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).endswith("255 = ignore); if 0 means unlabelled and classes count from 1, pass "
+                                   "data.reduce_zero_label=true")  # value 3 of 3 classes: counted from 1
     # 3 is valid with reduce-zero-label (values 1..3), 255 too
     assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True).load(0)[1].max() == 2
 

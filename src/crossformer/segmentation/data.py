@@ -208,9 +208,12 @@ class SegmentationDataset(Dataset):
         bad = raw[(raw > highest) & (raw != IGNORE_INDEX) | (raw < 0)]
         if bad.size:
             valid = f"0 (unlabelled), 1-{highest}" if self.reduce_zero_label else f"0-{highest}"
+            # one past the last class: most likely classes counted from 1, as ADE20K's
+            hint = ("; if 0 means unlabelled and classes count from 1, pass data.reduce_zero_label=true"
+                    if not self.reduce_zero_label and int(bad.max()) == self.num_classes else "")
             raise DataError(
                 f"label map {label_path} holds value {int(bad.max())}, out of range for {self.num_classes} classes "
-                f"(valid: {valid}, 255 = ignore)"
+                f"(valid: {valid}, 255 = ignore){hint}"
             )
         label = reduce_zero_label(raw) if self.reduce_zero_label else raw
         return image, label.astype(np.uint8)
