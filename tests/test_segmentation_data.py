@@ -11,7 +11,7 @@ from PIL import Image
 
 from crossformer.data import DataError
 from crossformer.segmentation.data import (
-    SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, read_label,
+    SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, load_class_list, read_label,
 )
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
@@ -251,3 +251,10 @@ def test_exif_orientation_and_palette_labels(tmp_path):
     with pytest.raises(DataError, match=r"r\.png is 20x10 but its image .*r\.jpg is 10x20 \(width x height\) as its "
                                         r"EXIF orientation turns it \(stored 20x10: rotate the label map"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)
+
+
+def test_a_class_list_saved_with_a_byte_order_mark_and_crlf(tmp_path):
+    # The mark stayed in the first name ("\ufeffwall"): another class than the checkpoint's "wall".
+    path = tmp_path / "classes.txt"
+    path.write_bytes("wall\r\nbuilding\r\n\r\n".encode("utf-8-sig"))
+    assert load_class_list(path) == ["wall", "building"]

@@ -99,7 +99,8 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         path = Path(classes)
         if not path.is_file():
             raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     else:
         names = [str(c) for c in classes]
     if not names:
