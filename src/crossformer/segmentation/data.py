@@ -17,10 +17,11 @@ Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` pale
 converted to RGB (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
-its annotation or an annotation without its image (at construction), a label value out of range, image/label size mismatch, a
-colour label map. Unreadable images and label maps are reported, not raised, by
-``__getitem__`` (loader workers cannot print one-line errors); :func:`check_batch` raises
-them in the main process or, with ``skip_corrupt``, counts and names them.
+its annotation or an annotation without its image (at construction), a label value out of
+range, image/label size mismatch, a colour label map. Unreadable images and label maps are
+reported, not raised, by ``__getitem__`` (loader workers cannot print one-line errors);
+:func:`check_batch` raises them in the main process or, with ``skip_corrupt``, counts and
+names them.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class SegmentationDataset(Dataset):
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
             if not folder.is_dir():
                 raise DataError(f"{what} folder not found: {folder}")
+        if self.image_dir.resolve() == self.label_dir.resolve():  # each label map would be read as an image too
+            raise DataError(f"images and label maps share the folder {self.image_dir}: keep them in separate folders")
         self.classes = load_class_list(classes)
         if len(self.classes) > IGNORE_INDEX:
             raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
@@ -174,9 +177,6 @@ class SegmentationDataset(Dataset):
             label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
             if not label.is_file():
                 raise DataError(f"image {image} has no annotation: expected {label}")
-            if image.resolve() == label.resolve():
-                raise DataError(f"{image} is read as an image and as its own annotation: keep images and label maps "
-                                "in separate folders")
             if str(label) in paired:
                 raise DataError(f"images {paired[str(label)]} and {image} share the annotation {label} (one name, two "
                                 "extensions): keep one of them")
