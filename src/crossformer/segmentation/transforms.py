@@ -240,8 +240,8 @@ class TrainPipelineConfig:
     photometric: bool = True  # random brightness, contrast, saturation and hue
     mean: tuple[float, float, float] = MMSEG_MEAN  # normalisation, 0-255 RGB
     std: tuple[float, float, float] = MMSEG_STD  # normalisation, 0-255 RGB
-    # Only 255 is valid (validated): kept because every checkpoint's recorded config names it.
-    ignore_index: int = IGNORE_INDEX
+    # only 255 is valid; the setting stays because every checkpoint's recorded config names it
+    ignore_index: int = IGNORE_INDEX  # label value ignored by loss and metrics, and the crops' padding: 255 only
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
