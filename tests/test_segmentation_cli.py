@@ -275,3 +275,39 @@ def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_com
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
                              str(run["data"]), "model.num_classes=7"],
                     f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")
+    # an mmdet file was taken for an ImageNet one ("goes to `crossformer train --pretrained`")
+    detector = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": {"backbone.patch_embed.projs.0.weight": torch.zeros(1), "rpn_head.rpn_conv.weight":
+                               torch.zeros(1), "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 4)}}, detector)
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(detector), "--data",
+                             str(run["data"])], f"{detector} holds a detection model (its heads' weights say so), not a segmentor")
+
+
+def test_evaluate_on_own_folders_needs_only_the_validation_ones(run: dict[str, Path], capsys) -> None:
+    # evaluate took data.val_images / val_labels / classes but refused them without the training folders
+    ade = run["data"] / "ADEChallengeData2016"
+    folders = [f"data.val_images={ade / 'images' / 'validation'}", f"data.val_labels={ade / 'annotations' / 'validation'}",
+               f"data.classes={ade / 'classes.txt'}", "data.reduce_zero_label=true"]
+    base = ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--json"]
+    capsys.readouterr()
+    assert main([*base, "--data", str(run["data"])]) == 0
+    by_root = json.loads(capsys.readouterr().out)
+    assert main([*base, *folders]) == 0
+    by_folders = json.loads(capsys.readouterr().out)
+    assert by_folders["images"] == 2 and by_folders["per_class"] == by_root["per_class"]
+    _one_line_error(capsys, ["train", "--config", str(run["config"]), *folders],
+                    "training on the folder layout needs data.train_images and data.train_labels")
+
+
+def test_evaluate_names_the_unreadable_files_it_skips_on_stderr(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # Named only when stderr was a terminal (and then on stdout, amid the JSON): a log file got the count alone.
+    broken = tmp_path / "broken"
+    shutil.copytree(run["data"], broken)
+    label = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
+    label.write_bytes(label.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data", str(broken),
+                 "--skip-corrupt", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] == 1
+    assert f"skipped: cannot read label map {label}" in captured.err

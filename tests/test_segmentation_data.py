@@ -11,7 +11,7 @@ from PIL import Image
 
 from crossformer.data import DataError
 from crossformer.segmentation.data import (
-    SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, read_label,
+    SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, load_class_list, read_label,
 )
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
@@ -177,6 +177,8 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"holds value 3, out of range for 3 classes") as err:
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
     assert "ok.png" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).endswith("255 = ignore); if 0 means unlabelled and classes count from 1, pass "
+                                   "data.reduce_zero_label=true")  # value 3 of 3 classes: counted from 1
     # 3 is valid with reduce-zero-label (values 1..3), 255 too
     assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True).load(0)[1].max() == 2
 
@@ -197,6 +199,19 @@ def test_bad_data_one_line_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "lonely.jpg")
     with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # the other way round it was silently left out: a lost image, or one of an extension not read
+    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "img" / "lonely.jfif")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "lonely.png")
+    with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image: expected .*img/lonely\.jpg \(or"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # two images of one stem were both scored against the one annotation
+    (tmp_path / "img" / "lonely.jfif").unlink()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
+    with pytest.raises(DataError, match=r"images .*ok\.jpg and .*ok\.png share the annotation .*ann/ok\.png"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # and images beside their label maps read each label map as an image too
+    with pytest.raises(DataError, match=r"images and label maps share the folder .*ann: keep them in separate"):
+        SegmentationDataset(tmp_path / "ann", tmp_path / "ann", names)
 
 
 def test_unreadable_images_skipped_and_named(tmp_path):
@@ -231,3 +246,15 @@ def test_exif_orientation_and_palette_labels(tmp_path):
     image, lab = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)
     assert image.shape == (20, 10, 3) and (lab == 1).all()  # palette indices, not colours
     assert image[:5].mean() > 200 and image[6:].mean() < 50  # the white band is now on top
+    # a label map drawn on the stored pixels: the message says why two files of one size differ
+    Image.fromarray(np.ones((10, 20), np.uint8)).save(tmp_path / "ann" / "r.png")
+    with pytest.raises(DataError, match=r"r\.png is 20x10 but its image .*r\.jpg is 10x20 \(width x height\) as its "
+                                        r"EXIF orientation turns it \(stored 20x10: rotate the label map"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["a", "b"]).load(0)
+
+
+def test_a_class_list_saved_with_a_byte_order_mark_and_crlf(tmp_path):
+    # The mark stayed in the first name ("\ufeffwall"): another class than the checkpoint's "wall".
+    path = tmp_path / "classes.txt"
+    path.write_bytes("wall\r\nbuilding\r\n\r\n".encode("utf-8-sig"))
+    assert load_class_list(path) == ["wall", "building"]

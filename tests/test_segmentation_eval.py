@@ -14,6 +14,7 @@ from PIL import Image
 
 from crossformer.data import DataError
 from crossformer.engine import DistContext
+from crossformer.errors import UserInputError
 from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
 from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
 from crossformer.segmentation import inference
@@ -128,6 +129,16 @@ def test_slide_against_direct_windows():
     torch.testing.assert_close(slide_logits(model, small, (24, 24), (16, 16)), model.predict_logits(small, (12, 16)))
 
 
+def test_slide_windows_that_leave_gaps_or_are_too_small_are_refused():
+    # A stride above the window left pixels of no window: 0 / 0, and every pixel came out class 0.
+    with pytest.raises(UserInputError, match=r"slide stride \[40, 32\] \(test.slide_stride\) is larger than the window"):
+        InferenceConfig(mode="slide", crop_size=(32, 32), stride=(40, 32))
+    # A window under the backbone's 32x32 was a ValueError traceback from the backbone.
+    with pytest.raises(UserInputError, match=r"slide windows \(test.slide_crop\) must be at least 32x32"):
+        InferenceConfig(mode="slide", crop_size=(16, 48), stride=(16, 16))
+    assert InferenceConfig(mode="slide", crop_size=(32, 32), stride=(32, 32)).stride == (32, 32)  # edge to edge
+
+
 @pytest.mark.parametrize("band_rows", [None, 7])
 def test_multi_scale_flip_against_direct_computation(monkeypatch, band_rows):
     if band_rows:  # the CPU resizes and softmaxes a band of rows at a time: 7 rows of 80 x 3 classes
@@ -230,3 +241,17 @@ def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
         expected = np.round(original * 0.5 + water * 0.5)
         assert np.abs(painted[-5:, -5:] - expected[-5:, -5:]).max() <= 1
         assert np.abs(painted[:8, :8] - expected[:8, :8]).max() > 10
+
+
+def test_predicting_again_into_a_folder_inside_the_inputs_reads_no_outputs(synthetic, tmp_path):
+    # The second run segmented the first run's overlays and label maps as photos (and wrote x_overlay_overlay.png).
+    dataset = ade20k_dataset(synthetic, "val")
+    Image.open(dataset.samples[0][0]).save(tmp_path / "photo.png")
+    model, config = ConstantSegmentor(7, target=3), InferenceConfig(scale=(128, 48))
+    for _ in range(2):
+        results, _ = predict_images(model, tmp_path, tmp_path / "out", dataset.classes, inference=config)
+        assert [r.path for r in results] == [str(tmp_path / "photo.png")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_labels.png", "photo_overlay.png"]
+    # the output folder named as the input is read as asked
+    results, _ = predict_images(model, tmp_path / "out", tmp_path / "out", dataset.classes, inference=config)
+    assert len(results) == 2

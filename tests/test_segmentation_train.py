@@ -76,6 +76,12 @@ def test_every_bundled_config_is_a_row_of_the_authors_tables() -> None:
 def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="pipeline.ratio_range must be"):
         resolve_config("upernet_crossformer_small", {"pipeline.ratio_range": [2.0, 0.5]})
+    # a crop under 32x32 was the backbone's ValueError traceback at the first step
+    with pytest.raises(UserInputError, match=r"pipeline.crop_size must be at least 32x32, .* got \[16, 16\]"):
+        resolve_config("upernet_crossformer_small", {"pipeline.crop_size": [16, 16]})
+    # another ignore value padded the crops with a class the loss trained on (data, loss, metrics ignore 255)
+    with pytest.raises(UserInputError, match="pipeline.ignore_index must be 255, got 0"):
+        resolve_config("upernet_crossformer_small", {"pipeline.ignore_index": 0})
     with pytest.raises(UserInputError, match="data.root .* or the image/label folders, not both"):
         resolve_config("upernet_crossformer_small", {"data.root": "x", "data.classes": "y"})
     with pytest.raises(UserInputError, match="model.num_classes is 150 but .* has 7 classes; set model.num_classes=7"):

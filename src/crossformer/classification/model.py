@@ -59,18 +59,6 @@ class LoadedClassifier:
     interpolation: str
 
 
-def _dense_task(state: dict[str, Any]) -> str | None:
-    """"detection" or "segmentation" for a file holding such heads (mmdet / mmseg key names)."""
-    from ..models.weights import weights_entry
-
-    keys = list(weights_entry(state))
-    if any(k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in keys):
-        return "detection"
-    if any(k.startswith("decode_head.") for k in keys):
-        return "segmentation"
-    return None
-
-
 def load_classifier(
     checkpoint: str | Path,
     model_name: str | None = None,
@@ -86,12 +74,12 @@ def load_classifier(
     registered variant their weights fit, else need ``model_name``; the class count is read
     off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
-    from ..models.weights import extract_state_dict, load_state, read_checkpoint, recorded_model
+    from ..models.weights import dense_task, extract_state_dict, load_state, read_checkpoint, recorded_model
 
     state = read_checkpoint(checkpoint)
     name, recorded = recorded_model(state, model_name)
     if not name:
-        dense = _dense_task(state)
+        dense = dense_task(state)
         if dense is not None:  # the authors' mmdet / mmseg files record no task: only a config says what they hold
             raise UserInputError(f"{checkpoint} holds a {dense} model (its heads' weights say so): pass its {dense} "
                                  f"config with --config NAME_OR_FILE")

@@ -150,15 +150,21 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform else image), target, None
 
 
-def expand_image_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def expand_image_paths(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
+) -> list[Path]:
     """Files as given, folders as the images inside them (recursively, sorted); one path
-    (a str or a Path) is a list of that one, not of the characters of its name."""
+    (a str or a Path) is a list of that one, not of the characters of its name. A folder's
+    search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    outputs = Path(output_dir).resolve() if output_dir is not None else None
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             images = list_images(path)
+            if outputs is not None and path.resolve() in outputs.parents:
+                images = [image for image in images if outputs not in image.resolve().parents]
             if not images:
                 raise DataError(f"no images in folder {path}")
             found.extend(images)

@@ -82,7 +82,7 @@ def predict_detections(
     counted and skipped. ``precision`` (``--amp``) runs the detector under its autocast, as
     evaluation does.
     """
-    files = expand_image_paths(paths)
+    files = expand_image_paths(paths, output_dir)
     for path in files:
         if not is_image_file(path):
             raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")

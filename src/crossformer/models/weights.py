@@ -35,6 +35,7 @@ __all__ = [
     "split_class_layers",
     "extract_state_dict",
     "weights_entry",
+    "dense_task",
     "load_checkpoint",
     "convert_to_safetensors",
     "save_safetensors",
@@ -336,6 +337,17 @@ def weights_entry(checkpoint: Mapping[str, Any], use_ema: bool = False, source: 
         raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
                               "drop --ema")
     return checkpoint
+
+
+def dense_task(checkpoint: Mapping[str, Any]) -> str | None:
+    """``"detection"`` or ``"segmentation"`` for a file holding such heads (mmdet / mmseg key
+    names, which ours keep), else None: the authors' files record no task."""
+    keys = list(weights_entry(checkpoint))
+    if any(k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in keys):
+        return "detection"
+    if any(k.startswith("decode_head.") for k in keys):
+        return "segmentation"
+    return None
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:

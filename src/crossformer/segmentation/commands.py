@@ -62,7 +62,7 @@ def _describe(segmentor: dict[str, Any]) -> str:
 def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
     """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
     contents. A checkpoint of another segmentor is a one-line error naming the file."""
-    from ..models.weights import CheckpointError, load_state, read_checkpoint
+    from ..models.weights import CheckpointError, dense_task, load_state, read_checkpoint
     from .checkpoint import segmentor_weights
     from .task import SEGMENTOR_KEYS, build_model, segmentor_settings
 
@@ -79,6 +79,9 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
                 "pass the config it was trained with"
             )
     weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
+    if weight is None and dense_task(checkpoint) == "detection":  # not an ImageNet file, as said below
+        raise UserInputError(f"{path} holds a detection model (its heads' weights say so), not a segmentor: "
+                             "pass a segmentation checkpoint here (or the detection config, for a detection verb)")
     if weight is None:
         raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
                              f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
@@ -143,9 +146,11 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         _check_classes(checkpoint, dataset, args.checkpoint)
         segmentor.to(ctx.device)
         logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
+        # skipped files are named on stderr, terminal or not: stdout holds the table or JSON alone
         metrics = evaluate_segmentor(
             segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
             config.data.skip_corrupt, logger if sys.stderr.isatty() else None, config.run.num_workers,
+            (lambda line: print(line, file=sys.stderr)) if ctx.is_main else None,
         )
     finally:
         teardown_distributed(ctx)

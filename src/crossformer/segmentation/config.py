@@ -14,8 +14,9 @@ from typing import Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
 from ..errors import UserInputError
+from ..models.crossformer import MIN_INPUT_SIZE
 from .inference import InferenceConfig
-from .transforms import TrainPipelineConfig
+from .transforms import IGNORE_INDEX, TrainPipelineConfig
 
 __all__ = ["SegModelConfig", "SegDataConfig", "SegTestConfig", "SegmentationConfig"]
 
@@ -90,12 +91,17 @@ class SegDataConfig:
 
     def validate(self) -> None:
         if self.root is not None and any(f is not None for f in self.folders):
-            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
-        if self.root is None and any(f is not None for f in self.folders) and None in self.folders:
-            raise UserInputError(
-                "data: the folder layout needs all of data.train_images, data.train_labels, data.val_images, "
-                "data.val_labels and data.classes"
-            )
+            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both; "
+                                 "set the other to null (data.root=null where the config or checkpoint names a root)")
+        # evaluation reads the validation folders alone; training needs its own too (check_training_folders)
+        if self.root is None and any(f is not None for f in self.folders) and None in self.folders[2:]:
+            raise UserInputError("data: the folder layout needs data.val_images, data.val_labels and data.classes")
+
+    def check_training_folders(self) -> None:
+        """Training on the folder layout also needs ``train_images`` and ``train_labels``."""
+        if self.root is None and None in self.folders[:2]:
+            raise UserInputError("data: training on the folder layout needs data.train_images and data.train_labels "
+                                 "too (evaluation needs only the validation folders)")
 
 
 def _validate_pipeline(p: TrainPipelineConfig) -> None:
@@ -103,12 +109,18 @@ def _validate_pipeline(p: TrainPipelineConfig) -> None:
     _positive_pair("pipeline.scale", p.scale)
     _positive_pair("pipeline.ratio_range", p.ratio_range)
     _positive_pair("pipeline.crop_size", p.crop_size)
+    if min(p.crop_size) < MIN_INPUT_SIZE:  # crops are padded up to it, never beyond: the network input
+        raise UserInputError(f"pipeline.crop_size must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, the backbone's "
+                             f"smallest input; got {list(p.crop_size)}")
     if p.ratio_range[0] > p.ratio_range[1]:
         raise UserInputError(f"pipeline.ratio_range must be [low, high], got {list(p.ratio_range)}")
     if not 0 < p.cat_max_ratio <= 1:
         raise UserInputError(f"pipeline.cat_max_ratio must be in (0, 1], got {p.cat_max_ratio}")
     if not 0 <= p.flip_prob <= 1:
         raise UserInputError(f"pipeline.flip_prob must be in [0, 1], got {p.flip_prob}")
+    if p.ignore_index != IGNORE_INDEX:  # crops were padded with it, but data, loss and metrics ignore 255
+        raise UserInputError(f"pipeline.ignore_index must be {IGNORE_INDEX}, got {p.ignore_index}: label value "
+                             f"{IGNORE_INDEX} is the one ignored everywhere; store ignored pixels as {IGNORE_INDEX}")
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` pale
 converted to RGB (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
-its annotation (at construction), a label value out of range, image/label size mismatch, a
-colour label map. Unreadable images and label maps are reported, not raised, by
-``__getitem__`` (loader workers cannot print one-line errors); :func:`check_batch` raises
-them in the main process or, with ``skip_corrupt``, counts and names them.
+its annotation or an annotation without its image (at construction), a label value out of
+range, image/label size mismatch, a colour label map. Unreadable images and label maps are
+reported, not raised, by ``__getitem__`` (loader workers cannot print one-line errors);
+:func:`check_batch` raises them in the main process or, with ``skip_corrupt``, counts and
+names them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
 
 
+def _orientation_note(path: str, image: np.ndarray) -> str:
+    """Where the image's EXIF orientation turned it, what the file stores: a viewer that ignores
+    the tag shows both files at one size, and the mismatch would make no sense."""
+    with Image.open(path) as img:
+        stored = img.size
+    if stored == (image.shape[1], image.shape[0]):
+        return ""
+    return f" as its EXIF orientation turns it (stored {stored[0]}x{stored[1]}: rotate the label map or drop the tag)"
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's ``reduce_zero_label``: 0 -> 255, ``v`` -> ``v - 1``, 255 stays 255."""
     out = label - 1
@@ -89,7 +100,8 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         path = Path(classes)
         if not path.is_file():
             raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     else:
         names = [str(c) for c in classes]
     if not names:
@@ -148,6 +160,8 @@ class SegmentationDataset(Dataset):
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
             if not folder.is_dir():
                 raise DataError(f"{what} folder not found: {folder}")
+        if self.image_dir.resolve() == self.label_dir.resolve():  # each label map would be read as an image too
+            raise DataError(f"images and label maps share the folder {self.image_dir}: keep them in separate folders")
         self.classes = load_class_list(classes)
         if len(self.classes) > IGNORE_INDEX:
             raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
@@ -158,11 +172,22 @@ class SegmentationDataset(Dataset):
         if not images:
             raise DataError(f"no images in {self.image_dir}")
         self.samples: list[tuple[str, str]] = []
+        paired: dict[str, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
             label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
             if not label.is_file():
                 raise DataError(f"image {image} has no annotation: expected {label}")
+            if str(label) in paired:
+                raise DataError(f"images {paired[str(label)]} and {image} share the annotation {label} (one name, two "
+                                "extensions): keep one of them")
+            paired[str(label)] = str(image)
             self.samples.append((str(image), str(label)))
+        # an annotation left unpaired means a lost image (or one of an extension we do not read)
+        for label in list_images(self.label_dir):
+            if label.suffix.lower() == ".png" and str(label) not in paired:
+                stem = self.image_dir / label.relative_to(self.label_dir).with_suffix("")
+                raise DataError(f"annotation {label} has no image: expected {stem}.jpg (or .png, .jpeg, ...); "
+                                "add the image or move the annotation away")
 
     @property
     def num_classes(self) -> int:
@@ -178,15 +203,18 @@ class SegmentationDataset(Dataset):
         if raw.shape != image.shape[:2]:
             raise DataError(
                 f"label map {label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
-                f"{image.shape[1]}x{image.shape[0]} (width x height); they must match"
+                f"{image.shape[1]}x{image.shape[0]} (width x height){_orientation_note(image_path, image)}; they must match"
             )
         highest = self.num_classes if self.reduce_zero_label else self.num_classes - 1
         bad = raw[(raw > highest) & (raw != IGNORE_INDEX) | (raw < 0)]
         if bad.size:
             valid = f"0 (unlabelled), 1-{highest}" if self.reduce_zero_label else f"0-{highest}"
+            # one past the last class: most likely classes counted from 1, as ADE20K's
+            hint = ("; if 0 means unlabelled and classes count from 1, pass data.reduce_zero_label=true"
+                    if not self.reduce_zero_label and int(bad.max()) == self.num_classes else "")
             raise DataError(
                 f"label map {label_path} holds value {int(bad.max())}, out of range for {self.num_classes} classes "
-                f"(valid: {valid}, 255 = ignore)"
+                f"(valid: {valid}, 255 = ignore){hint}"
             )
         label = reduce_zero_label(raw) if self.reduce_zero_label else raw
         return image, label.astype(np.uint8)

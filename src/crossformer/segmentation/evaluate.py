@@ -127,13 +127,15 @@ def evaluate_segmentor(
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
     num_workers: int = 0,
+    say_skipped: Callable[[str], None] | None = None,
 ) -> SegMetrics:
     """Evaluate ``segmentor`` on an untransformed ``dataset`` (one image at a time, at its own
     size), each rank taking every ``world_size``-th image; counts summed over ranks.
 
-    ``autocast``: e.g. ``Precision.autocast``. ``logger``: progress bar and the names of
-    skipped unreadable files (every rank's, on rank 0). The model's train/eval mode is restored. Bad data
-    in any rank's share stops every rank with the same error.
+    ``autocast``: e.g. ``Precision.autocast``. ``logger``: the progress bar. ``say_skipped``:
+    where the lines naming skipped unreadable files go (every rank's; pass it on rank 0 alone).
+    The model's train/eval mode is restored. Bad data in any rank's share stops every rank with
+    the same error.
     """
     if dataset.transform is not None:
         raise ValueError("evaluate_segmentor needs the dataset without a training transform")
@@ -175,8 +177,7 @@ def evaluate_segmentor(
     accumulator.all_reduce(ctx)
     images, skipped = (int(v) for v in ctx.all_reduce_sum([images, skipped]))
     if skipped:  # the same on every rank, so all join the gather
-        name = SkippedFiles(logger.info if logger is not None else None,
-                            "more unreadable files are skipped: counted, not named")
+        name = SkippedFiles(say_skipped, "more unreadable files are skipped: counted, not named")
         for failure in ctx.gather_lists(skipped_files):
             name(f"skipped: {failure}")
     if images == 0:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from ..models.crossformer import MIN_INPUT_SIZE
 from .bands import BAND_ELEMENTS, bilinear_matrix, row_bands
 from .transforms import MMSEG_MEAN, MMSEG_STD, normalize, rescale_size, resize_image, resize_to_multiple
 
@@ -77,6 +78,14 @@ class InferenceConfig:
             raise UserInputError(f"test scale ratios must be positive, got {self.ratios}")
         if min(self.crop_size) <= 0 or min(self.stride) <= 0:
             raise UserInputError(f"slide crop size and stride must be positive, got {self.crop_size} / {self.stride}")
+        if self.mode == "slide" and min(self.crop_size) < MIN_INPUT_SIZE:
+            raise UserInputError(f"slide windows (test.slide_crop) must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
+                                 f"the backbone's smallest input; got {list(self.crop_size)}")
+        if self.mode == "slide" and any(s > c for s, c in zip(self.stride, self.crop_size)):
+            # the pixels between windows would be 0 / 0: NaN probabilities, all read as class 0
+            raise UserInputError(f"slide stride {list(self.stride)} (test.slide_stride) is larger than the window "
+                                 f"{list(self.crop_size)}: pixels between windows would get no prediction; use a "
+                                 "stride of at most the window")
 
     @classmethod
     def build(cls, mode: str = "whole", multi_scale: bool = False, flip: bool = False, **overrides: Any) -> "InferenceConfig":

@@ -70,7 +70,7 @@ def predict_images(
         raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
     palette = list(palette) if palette is not None else class_palette(len(class_names))
     inference = inference or InferenceConfig()
-    files = expand_image_paths(paths)
+    files = expand_image_paths(paths, output_dir)
     for path in files:
         if not is_image_file(path):
             raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")

@@ -19,12 +19,12 @@ from ..models.dense import DenseBackbone, authors_dense_settings, build_dense_ba
 from ..models.weights import load_checkpoint
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
 from .loss import resized_cross_entropy
+from .transforms import IGNORE_INDEX
 
 __all__ = ["SEGMENTOR_KINDS", "IGNORE_INDEX", "Segmentor", "FullSizeLogits", "build_segmentor"]
 
 SEGMENTOR_KINDS = ("fpn", "upernet")
 KIND_NAMES = {"fpn": "Semantic FPN", "upernet": "UPerNet"}
-IGNORE_INDEX = 255
 
 class Segmentor(nn.Module):
     """Backbone -> optional neck -> decode head (+ auxiliary head, training only).

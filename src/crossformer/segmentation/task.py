@@ -43,6 +43,8 @@ def build_datasets(
         val = ade20k_dataset(data.root, "validation")
         return (ade20k_dataset(data.root, "training", train_transform) if training else None), val
     classes = Path(data.classes)
+    if training:
+        data.check_training_folders()
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
     if not training:
         return None, val

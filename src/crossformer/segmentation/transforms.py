@@ -228,7 +228,8 @@ def pad_to(
 class TrainPipelineConfig:
     """The authors' ADE20K training pipeline; smaller ``scale``/``crop_size`` for small runs.
 
-    ``scale`` is mmcv's ``(long, short)`` bound; ``crop_size`` is ``(h, w)``.
+    ``scale`` is mmcv's ``(long, short)`` bound; ``crop_size`` is ``(h, w)``. Labels are padded
+    with :data:`IGNORE_INDEX`, the value the data, the loss and the metrics all ignore.
     """
 
     scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the image before the random ratio
@@ -239,7 +240,8 @@ class TrainPipelineConfig:
     photometric: bool = True  # random brightness, contrast, saturation and hue
     mean: tuple[float, float, float] = MMSEG_MEAN  # normalisation, 0-255 RGB
     std: tuple[float, float, float] = MMSEG_STD  # normalisation, 0-255 RGB
-    ignore_index: int = IGNORE_INDEX  # label value that no loss or metric counts
+    # only 255 is valid; the setting stays because every checkpoint's recorded config names it
+    ignore_index: int = IGNORE_INDEX  # label value ignored by loss and metrics, and the crops' padding: 255 only
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
@@ -270,7 +272,7 @@ class SegTrainTransform:
         target = sample_train_scale(cfg.scale, cfg.ratio_range, generator)
         size = rescale_size(image.shape[1], image.shape[0], target)
         image, label = resize_image(image, size), resize_label(label, size)
-        box = random_crop_box(label, cfg.crop_size, cfg.cat_max_ratio, cfg.ignore_index, generator)
+        box = random_crop_box(label, cfg.crop_size, cfg.cat_max_ratio, IGNORE_INDEX, generator)
         y1, y2, x1, x2 = box
         image, label = image[y1:y2, x1:x2], label[y1:y2, x1:x2]
         flip = _uniform(0.0, 1.0, generator) < cfg.flip_prob
@@ -280,5 +282,5 @@ class SegTrainTransform:
             image = photometric_distortion(image, generator=generator)
         tensor = normalize(image, cfg.mean, cfg.std)
         target_label = torch.from_numpy(np.ascontiguousarray(label)).long()
-        tensor, target_label = pad_to(tensor, target_label, cfg.crop_size, cfg.ignore_index)
+        tensor, target_label = pad_to(tensor, target_label, cfg.crop_size, IGNORE_INDEX)
         return tensor, target_label, {"scale": size, "crop": box, "flip": flip}
