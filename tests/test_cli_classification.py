@@ -377,3 +377,23 @@ def test_resume_needs_no_pretrained_file(data: Path, tmp_path: Path, capsys) -> 
     capsys.readouterr()
     assert main([*argv, "--epochs", "2", "--resume", "auto"]) == 0, capsys.readouterr().err
     assert load_training_state(tmp_path / "run" / "last.pth")["epoch"] == 2
+
+
+def test_predict_reads_a_class_names_file_as_segmentation_reads_its_class_list(data: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """--class-names for a file that records none: a byte-order mark and Windows line ends (as
+    Windows editors save) are no part of the names, and a name listed twice is refused."""
+    from crossformer.models import CrossFormer
+
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    torch.save({"model": CrossFormer(**kwargs, num_classes=3).state_dict()}, tmp_path / "bare.pth")
+    names = tmp_path / "names.txt"
+    names.write_bytes("\ufeffwall\r\nbuilding\r\n\r\nsky\r\n".encode("utf-8"))
+    argv = ["predict", str(data / "val" / "eel" / "0.png"), "--checkpoint", str(tmp_path / "bare.pth"), "--device", "cpu",
+            "--img-size", "32", "--model", "crossformer_tiny", "--topk", "3", "--json",
+            *(f"model.kwargs.{k}={v}".replace(" ", "") for k, v in kwargs.items())]
+    assert main([*argv, "--class-names", str(names)]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["labels"]) == ["building", "sky", "wall"]
+    names.write_text("wall\nsky\nwall\n", encoding="utf-8")
+    _one_line_error(capsys, [*argv, "--class-names", str(names)], "class 'wall' is listed twice")

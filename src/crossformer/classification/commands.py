@@ -79,17 +79,11 @@ def _note(message: str) -> None:
 
 
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
-    from pathlib import Path
-
+    from ..data import load_class_list
     from ..errors import UserInputError
     from .predict import predict
 
-    names = None
-    if args.class_names:
-        path = Path(args.class_names)
-        if not path.is_file():
-            raise UserInputError(f"class-names file not found: {path}")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = load_class_list(args.class_names) if args.class_names else None
     if args.topk < 1:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
     results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk, class_names=names,

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
-           "unique_stem", "training_classes"]
+           "unique_stem", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
@@ -184,3 +184,21 @@ def unique_stem(stem: str, taken: set[str]) -> str:
         name = f"{stem}_{n}"
     taken.add(name)
     return name
+
+
+def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
+    """Class names from a list or a text file (one per line, blank lines ignored)."""
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        if not path.is_file():
+            raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
+        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    else:
+        names = [str(c) for c in classes]
+    if not names:
+        raise DataError(f"the class list {classes} is empty")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"class {dup!r} is listed twice in the class list {classes if isinstance(classes, (str, Path)) else ''}".rstrip())
+    return names

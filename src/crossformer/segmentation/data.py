@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, list_images, open_image
+from ..data import DataError, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import palette as class_palette
@@ -92,24 +92,6 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     out[label == 0] = IGNORE_INDEX
     out[label == IGNORE_INDEX] = IGNORE_INDEX
     return out
-
-
-def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
-    """Class names from a list or a text file (one per line, blank lines ignored)."""
-    if isinstance(classes, (str, Path)):
-        path = Path(classes)
-        if not path.is_file():
-            raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
-        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
-        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    else:
-        names = [str(c) for c in classes]
-    if not names:
-        raise DataError(f"the class list {classes} is empty")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise DataError(f"class {dup!r} is listed twice in the class list {classes if isinstance(classes, (str, Path)) else ''}".rstrip())
-    return names
 
 
 class SegSample(NamedTuple):
