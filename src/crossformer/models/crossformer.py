@@ -18,7 +18,7 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 """
 
 import functools
-from typing import Sequence
+from typing import Final, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,9 @@ __all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
 # Added to attention scores of padded keys. Finite, as officially, so that a group made
 # only of padding stays finite (its outputs are cropped away).
 PADDING_SCORE = -1e6
+# The same in float16, whose range ends at 65504 (-1e6 would be -inf, and such a group NaN,
+# which reaches the position-bias gradients): still far below any real score.
+FLOAT16_PADDING_SCORE = -1e4
 # Smallest input side: the stage-3 map must keep at least one token.
 MIN_INPUT_SIZE = 32
 # timm's global pooling choices for a channels-last map ("" keeps the map)
@@ -245,6 +248,8 @@ class GroupAttention(nn.Module):
     """
 
     __jit_ignored_attributes__ = ["_bias_cache"]  # eager-only, and TorchScript cannot type it
+    # a class constant: TorchScript reads no float globals, and models pickled whole before it keep working
+    float16_padding_score: Final[float] = FLOAT16_PADDING_SCORE
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -307,8 +312,10 @@ class GroupAttention(nn.Module):
         bias = self.position_bias(layout.group_h, layout.group_w)
         is_pad = padding_key_mask(height, width, layout, bias.device)
         if is_pad is not None:
+            float16 = bias.dtype == torch.float16 or dtype == torch.float16
+            score = self.float16_padding_score if float16 else self.padding_score
             # (heads, N, N) + (nG, 1, 1, N) -> (nG * heads, N, N)
-            pad_scores = is_pad.to(bias.dtype).mul(self.padding_score)[:, None, None, :]
+            pad_scores = is_pad.to(bias.dtype).mul(score)[:, None, None, :]
             bias = (bias + pad_scores).flatten(0, 1)
         return bias.to(dtype).unsqueeze(0)
 
