@@ -226,6 +226,23 @@ def test_position_bias_cache_lifecycle() -> None:
     assert (edited - expected).abs().max().item() <= TOL
 
 
+def test_position_bias_cache_keeps_autocast_and_float32_apart() -> None:
+    # autocast computes the bias in bf16: once cached, float32 calls used that rounded bias
+    # (1e-4 off in these logits) until the next eval(), and autocast calls float32's
+    model = _model("pp").eval()
+    x = torch.randn(2, 3, 70, 94)
+    with torch.no_grad():
+        expected = model(x)
+        model.eval()  # empties the caches
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = model(x)
+        assert torch.equal(model(x), expected)
+        model.eval()
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x), expected_bf16)
+
+
 def test_no_cache_while_gradients_flow() -> None:
     model = _model("v1").eval()
     model(torch.randn(1, 3, 64, 64)).sum().backward()

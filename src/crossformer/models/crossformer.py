@@ -267,8 +267,8 @@ class GroupAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos = DynamicPositionBias(dim // 16, num_heads)
-        # Eval-time cache: (Gh, Gw) -> (weights fingerprint, (heads, N, N) bias).
-        self._bias_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        # Eval-time cache: (Gh, Gw, autocast dtype or None) -> (weights fingerprint, (heads, N, N) bias).
+        self._bias_cache: dict[tuple[int, int, torch.dtype | None], tuple[tuple, torch.Tensor]] = {}
 
     def train(self, mode: bool = True) -> "GroupAttention":
         # either mode drops the caches: eval() is the reset for edits they cannot see (.data)
@@ -291,8 +291,15 @@ class GroupAttention(nn.Module):
         return self._position_bias(group_h, group_w)
 
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
+        # autocast computes the bias in its own dtype: an entry per precision, so that neither
+        # mode is served the other's
+        device_type = self.pos.pos_proj.weight.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return cached_on_weights(
-            self._bias_cache, (group_h, group_w), self.pos.parameters(), lambda: self._position_bias(group_h, group_w)
+            self._bias_cache,
+            (group_h, group_w, autocast),
+            self.pos.parameters(),
+            lambda: self._position_bias(group_h, group_w),
         )
 
     def _position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
