@@ -45,9 +45,9 @@ from .layers import (
     GeluMlp,
     LargeKernelConv2d,
     ResidualDropPath,
+    call_linear,
     capturing_graph,
     conv_input,
-    linear,
     cached_on_weights,
     release_packed,
 )
@@ -331,7 +331,7 @@ class GroupAttention(nn.Module):
         batch, height, width, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         # (3, B, nG, heads, N, d): q, k, v grouped and split into heads by one copy.
-        qkv = partition_heads(pad_to_layout(linear(x, self.qkv.weight, self.qkv.bias), layout), layout, 3, heads)
+        qkv = partition_heads(pad_to_layout(self._qkv(x), layout), layout, 3, heads)
         num_groups, tokens = qkv.shape[2], qkv.shape[4]
         mask = self.attention_mask(layout, height, width, qkv.dtype)
         # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
@@ -339,7 +339,19 @@ class GroupAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
-        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        return self.proj_drop(self._proj(out))
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.qkv(x)``, on the fast paths where they compute the same (:func:`call_linear`)."""
+        if not torch.jit.is_scripting():
+            return call_linear(self.qkv, x)
+        return self.qkv(x)
+
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.proj(x)``, on the fast paths where they compute the same (:func:`call_linear`)."""
+        if not torch.jit.is_scripting():
+            return call_linear(self.proj, x)
+        return self.proj(x)
 
     def forward_groups(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """:meth:`forward` for a layout that pads nothing, left in group order.
@@ -353,14 +365,14 @@ class GroupAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         tokens = partition_groups(x, layout)  # (B * nG, N, C), one copy
         groups, size, channels = tokens.shape
-        qkv = linear(tokens, self.qkv.weight, self.qkv.bias).view(groups, size, 3, heads, head_dim)
+        qkv = call_linear(self.qkv, tokens).view(groups, size, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nG, heads, N, d) views
         mask = self.attention_mask(layout, x.shape[1], x.shape[2], qkv.dtype)  # (1, heads, N, N)
         dropout_p = self.attn_drop if self.training else 0.0
         out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         # SDPA writes (B * nG, N, heads, d) and returns it transposed: a view back
         out = out.transpose(1, 2).reshape(groups, size, channels)
-        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        return self.proj_drop(call_linear(self.proj, out))
 
 
 # CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
