@@ -294,7 +294,9 @@ class GroupAttention(nn.Module):
         # autocast computes the bias in its own dtype: an entry per precision, so that neither
         # mode is served the other's
         device_type = self.pos.pos_proj.weight.device.type
-        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        autocast = None
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # not "meta"
+            autocast = torch.get_autocast_dtype(device_type)
         return cached_on_weights(
             self._bias_cache,
             (group_h, group_w, autocast),
