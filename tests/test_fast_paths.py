@@ -393,15 +393,21 @@ def test_hooks_on_the_linear_layers_fire(mode: str) -> None:
     x = torch.randn(2, 3, 64, 64)  # every stage has groups that tile the map and padded ones
     with torch.no_grad():
         expected = model(x)
-    calls = []
+    calls, shapes = [], set()
+
+    def hook(layer, args, output, name):
+        calls.append(name)
+        shapes.add((name, args[0].ndim))  # a map (B, H, W, C) in every block, as it is without hooks
+
     blocks = [block for stage in model.layers for block in stage.blocks]
-    handles = [block.get_submodule(name).register_forward_hook(lambda *args, name=name: calls.append(name))
+    handles = [block.get_submodule(name).register_forward_hook(lambda *args, name=name: hook(*args, name))
                for block in blocks for name in _LINEARS]
     with torch.no_grad():
         assert (model(x) - expected).abs().max().item() <= TOL
     for handle in handles:
         handle.remove()
     assert sorted(calls) == sorted(_LINEARS * len(blocks))
+    assert shapes == {(name, 4) for name in _LINEARS}
 
 
 class _LowRankAdapted(torch.nn.Linear):

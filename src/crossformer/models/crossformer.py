@@ -47,6 +47,7 @@ from .layers import (
     ResidualDropPath,
     call_linear,
     capturing_graph,
+    plain_linear,
     conv_input,
     cached_on_weights,
     release_packed,
@@ -441,7 +442,8 @@ class CrossFormerBlock(nn.Module):
     def _attention_residual(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """``x + drop_path(attn(norm1(x)))`` for ``x`` ``(B, H, W, C)``."""
         if not torch.jit.is_scripting():  # TorchScript compiles only the map-order path
-            if groups_tile_map(x, layout):
+            # hooks on the linears see maps, as they do on every other path
+            if groups_tile_map(x, layout) and plain_linear(self.attn.qkv) and plain_linear(self.attn.proj):
                 # the attention's output added in group order: no copy back to map order
                 in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
                 return self.drop_path(in_map, in_groups).view(x.shape)
