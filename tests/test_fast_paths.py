@@ -456,3 +456,14 @@ def test_pruned_linear_layers_train() -> None:
         model(x).sum().backward()
         optimizer.step()
     assert torch.equal(fc1.weight == 0, fc1.weight_mask == 0)
+
+
+def test_an_activation_put_in_place_of_the_exact_gelu_is_what_runs() -> None:
+    from crossformer.models.layers import GeluMlp
+
+    mlp = GeluMlp(32, 128).eval()
+    mlp.act = torch.nn.GELU(approximate="tanh")  # was fused into fc1 as the exact GELU
+    x = torch.randn(3, 5, 7, 32)
+    with torch.no_grad():
+        expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+        assert (mlp(x) - expected).abs().max().item() <= 1e-5

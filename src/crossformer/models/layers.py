@@ -200,9 +200,9 @@ def hooked(module: nn.Module) -> bool:
 
 def plain_linear(layer: nn.Module) -> bool:
     """Whether calling ``layer`` computes ``F.linear(x, layer.weight, layer.bias)`` and nothing
-    else: an ``nn.Linear`` itself (not a layer put in its place, e.g. a LoRA adapter or a
-    quantized layer) that no hook watches. Only such a layer may run on :func:`linear`'s
-    fast paths, which read its weights instead of calling it."""
+    else: an ``nn.Linear`` itself (not a layer put in its place, e.g. a LoRA adapter) that no
+    hook watches. Only such a layer may run on :func:`linear`'s fast paths, which read its
+    weights instead of calling it."""
     return type(layer) is nn.Linear and not hooked(layer)
 
 
@@ -398,11 +398,15 @@ class GeluMlp(Mlp):
         release_packed(self.fc1, self.fc2)  # either mode: see GroupAttention.train
         return super().train(mode)
 
+    def _exact_gelu(self) -> bool:
+        """Whether ``act`` is the exact GELU and no hook watches it (it may then be fused)."""
+        return type(self.act) is nn.GELU and self.act.approximate == "none" and not hooked(self.act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., in_features)``."""
         if not torch.jit.is_scripting():
             # timm's Mlp.forward, with both linears through the fast paths where they may be
-            if plain_linear(self.fc1) and type(self.act) is nn.GELU and not hooked(self.act):
+            if plain_linear(self.fc1) and self._exact_gelu():
                 x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # GELU fused into fc1
             else:
                 x = self.act(self.fc1(x))
