@@ -226,6 +226,23 @@ def test_position_bias_cache_lifecycle() -> None:
     assert (edited - expected).abs().max().item() <= TOL
 
 
+def test_position_bias_cache_keeps_autocast_and_float32_apart() -> None:
+    # autocast computes the bias in bf16: once cached, float32 calls used that rounded bias
+    # (1e-4 off in these logits) until the next eval(), and autocast calls float32's
+    model = _model("pp").eval()
+    x = torch.randn(2, 3, 70, 94)
+    with torch.no_grad():
+        expected = model(x)
+        model.eval()  # empties the caches
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = model(x)
+        assert torch.equal(model(x), expected)
+        model.eval()
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x), expected_bf16)
+
+
 def test_no_cache_while_gradients_flow() -> None:
     model = _model("v1").eval()
     model(torch.randn(1, 3, 64, 64)).sum().backward()
@@ -361,3 +378,92 @@ def test_eval_drops_caches_an_edit_through_data_bypasses() -> None:
         plain = torch.nn.functional.conv2d(maps, conv.weight, conv.bias, padding=1)
         assert (model(x) - expected).abs().max().item() <= TOL
         assert (conv(maps) - plain).abs().max().item() <= 1e-4
+
+
+# Linear layers are modules as in timm's models: hooks on them fire, and a layer put in
+# their place (an adapter, a quantized layer) is what runs. The fast paths read the weights
+# of plain, unhooked nn.Linear layers only.
+
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_hooks_on_the_linear_layers_fire(mode: str) -> None:
+    model = _model("pp").train(mode == "train")
+    x = torch.randn(2, 3, 64, 64)  # every stage has groups that tile the map and padded ones
+    with torch.no_grad():
+        expected = model(x)
+    calls, shapes = [], set()
+
+    def hook(layer, args, output, name):
+        calls.append(name)
+        shapes.add((name, args[0].ndim))  # a map (B, H, W, C) in every block, as it is without hooks
+
+    blocks = [block for stage in model.layers for block in stage.blocks]
+    handles = [block.get_submodule(name).register_forward_hook(lambda *args, name=name: hook(*args, name))
+               for block in blocks for name in _LINEARS]
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max().item() <= TOL
+    for handle in handles:
+        handle.remove()
+    assert sorted(calls) == sorted(_LINEARS * len(blocks))
+    assert shapes == {(name, 4) for name in _LINEARS}
+
+
+class _LowRankAdapted(torch.nn.Linear):
+    """``x W^T + b + x A^T B^T`` (LoRA): what ``W + B A`` computes, as a separate layer."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.down.t() @ self.up.t()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_layer_put_in_place_of_a_linear_is_what_runs(mode: str) -> None:
+    adapted = _model("pp").train(mode == "train")
+    merged = _model("pp").train(mode == "train")
+    merged.load_state_dict(adapted.state_dict())
+    for stage_a, stage_m in zip(adapted.layers, merged.layers):
+        for block_a, block_m in zip(stage_a.blocks, stage_m.blocks):
+            for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                parent, attribute = name.split(".")
+                layer = _LowRankAdapted(block_a.get_submodule(name))
+                setattr(block_a.get_submodule(parent), attribute, layer)
+                with torch.no_grad():
+                    block_m.get_submodule(name).weight.add_(layer.up @ layer.down)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (adapted(x) - merged(x)).abs().max().item() <= TOL
+    adapted(x).sum().backward()
+    assert all(p.grad is not None for n, p in adapted.named_parameters() if n.endswith((".down", ".up")))
+
+
+def test_pruned_linear_layers_train() -> None:
+    from torch.nn.utils import prune
+
+    model = _model("v1").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    fc1 = model.layers[0].blocks[0].mlp.fc1
+    prune.l1_unstructured(fc1, "weight", amount=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):  # the mask's forward pre-hook recomputes the weight at every call
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+    assert torch.equal(fc1.weight == 0, fc1.weight_mask == 0)
+
+
+def test_an_activation_put_in_place_of_the_exact_gelu_is_what_runs() -> None:
+    from crossformer.models.layers import GeluMlp
+
+    mlp = GeluMlp(32, 128).eval()
+    mlp.act = torch.nn.GELU(approximate="tanh")  # was fused into fc1 as the exact GELU
+    x = torch.randn(3, 5, 7, 32)
+    with torch.no_grad():
+        expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+        assert (mlp(x) - expected).abs().max().item() <= 1e-5

@@ -85,6 +85,25 @@ def test_forward_changes_no_state() -> None:
     assert torch.isfinite(out_224).all()
 
 
+@pytest.mark.parametrize("precision", ["half", "autocast"])
+def test_float16_training_keeps_groups_made_only_of_padding_finite(precision: str) -> None:
+    # 68x68: stage 0 is 17x17, padded to 32x32 for its 4x4-group, interval-4 LDA block, so 39 of
+    # its 64 groups hold only padding. A padding score float16 cannot hold (-1e6 is -inf there)
+    # made their softmax NaN, and the NaN reached the position-bias weights' gradients.
+    model = CrossFormer(embed_dim=32, depths=(2, 1, 1, 1), num_heads=(1, 2, 4, 8), group_size=(4, 4, 14, 7),
+                        interval=(4, 2, 1, 1), long_distance="fixed_group", num_classes=3).train()
+    images = torch.randn(2, 3, 68, 68)
+    if precision == "half":
+        model.half()
+        logits = model(images.half())
+    else:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(images)
+    logits.float().square().mean().backward()
+    assert torch.isfinite(logits).all()
+    assert [name for name, p in model.named_parameters() if not torch.isfinite(p.grad).all()] == []
+
+
 @pytest.mark.parametrize("shape, message", [
     ((1, 3, 31, 64), "at least 32x32"),
     ((1, 1, 64, 64), "expects images shaped"),

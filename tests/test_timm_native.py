@@ -207,6 +207,16 @@ def test_pretrained_wrong_variant_is_one_clear_error(reference_dir) -> None:
         _model("v1", pretrained=True, pretrained_cfg_overlay=overlay)
 
 
+def test_pretrained_head_of_the_same_classes_but_another_width_is_one_clear_error(reference_dir) -> None:
+    # timm keeps a classifier of the file's class count: global_pool="catavgmax" doubles its
+    # input, which torch's load_state_dict reported as a multi-line RuntimeError
+    with pytest.raises(CheckpointError, match=r"do not fit this model.*head\.weight: file \(10, 256\) vs model \(10, 512\)"):
+        _pretrained("v1", reference_dir, global_pool="catavgmax")
+    # another class count: timm drops the file's head, whatever its width
+    assert _pretrained("v1", reference_dir, global_pool="catavgmax", num_classes=3).head.weight.shape == (3, 512)
+    _pretrained("v1", reference_dir, global_pool="catavgmax", features_only=True)  # dropped as well: no head needed
+
+
 def _our_checkpoint(path, **arch) -> torch.nn.Module:
     """A training checkpoint as ``crossformer train`` writes one (its settings recorded), and its model."""
     model = timm.create_model("crossformer_tiny", num_classes=5, **arch).eval()

@@ -18,7 +18,7 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 """
 
 import functools
-from typing import Sequence
+from typing import Final, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,10 @@ from .layers import (
     GeluMlp,
     LargeKernelConv2d,
     ResidualDropPath,
+    call_linear,
     capturing_graph,
+    plain_linear,
     conv_input,
-    linear,
     cached_on_weights,
     release_packed,
 )
@@ -57,6 +58,9 @@ __all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
 # Added to attention scores of padded keys. Finite, as officially, so that a group made
 # only of padding stays finite (its outputs are cropped away).
 PADDING_SCORE = -1e6
+# The same in float16, whose range ends at 65504 (-1e6 would be -inf, and such a group NaN,
+# which reaches the position-bias gradients): still far below any real score.
+FLOAT16_PADDING_SCORE = -1e4
 # Smallest input side: the stage-3 map must keep at least one token.
 MIN_INPUT_SIZE = 32
 # timm's global pooling choices for a channels-last map ("" keeps the map)
@@ -245,6 +249,8 @@ class GroupAttention(nn.Module):
     """
 
     __jit_ignored_attributes__ = ["_bias_cache"]  # eager-only, and TorchScript cannot type it
+    # a class constant: TorchScript reads no float globals, and models pickled whole before it keep working
+    float16_padding_score: Final[float] = FLOAT16_PADDING_SCORE
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -262,8 +268,8 @@ class GroupAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos = DynamicPositionBias(dim // 16, num_heads)
-        # Eval-time cache: (Gh, Gw) -> (weights fingerprint, (heads, N, N) bias).
-        self._bias_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        # Eval-time cache: (Gh, Gw, autocast dtype or None) -> (weights fingerprint, (heads, N, N) bias).
+        self._bias_cache: dict[tuple[int, int, torch.dtype | None], tuple[tuple, torch.Tensor]] = {}
 
     def train(self, mode: bool = True) -> "GroupAttention":
         # either mode drops the caches: eval() is the reset for edits they cannot see (.data)
@@ -286,8 +292,17 @@ class GroupAttention(nn.Module):
         return self._position_bias(group_h, group_w)
 
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
+        # autocast computes the bias in its own dtype: an entry per precision, so that neither
+        # mode is served the other's
+        device_type = self.pos.pos_proj.weight.device.type
+        autocast = None
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # not "meta"
+            autocast = torch.get_autocast_dtype(device_type)
         return cached_on_weights(
-            self._bias_cache, (group_h, group_w), self.pos.parameters(), lambda: self._position_bias(group_h, group_w)
+            self._bias_cache,
+            (group_h, group_w, autocast),
+            self.pos.parameters(),
+            lambda: self._position_bias(group_h, group_w),
         )
 
     def _position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
@@ -307,8 +322,10 @@ class GroupAttention(nn.Module):
         bias = self.position_bias(layout.group_h, layout.group_w)
         is_pad = padding_key_mask(height, width, layout, bias.device)
         if is_pad is not None:
+            float16 = bias.dtype == torch.float16 or dtype == torch.float16
+            score = self.float16_padding_score if float16 else self.padding_score
             # (heads, N, N) + (nG, 1, 1, N) -> (nG * heads, N, N)
-            pad_scores = is_pad.to(bias.dtype).mul(self.padding_score)[:, None, None, :]
+            pad_scores = is_pad.to(bias.dtype).mul(score)[:, None, None, :]
             bias = (bias + pad_scores).flatten(0, 1)
         return bias.to(dtype).unsqueeze(0)
 
@@ -317,7 +334,7 @@ class GroupAttention(nn.Module):
         batch, height, width, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         # (3, B, nG, heads, N, d): q, k, v grouped and split into heads by one copy.
-        qkv = partition_heads(pad_to_layout(linear(x, self.qkv.weight, self.qkv.bias), layout), layout, 3, heads)
+        qkv = partition_heads(pad_to_layout(self._qkv(x), layout), layout, 3, heads)
         num_groups, tokens = qkv.shape[2], qkv.shape[4]
         mask = self.attention_mask(layout, height, width, qkv.dtype)
         # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
@@ -325,7 +342,19 @@ class GroupAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
-        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        return self.proj_drop(self._proj(out))
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.qkv(x)``, on the fast paths where they compute the same (:func:`call_linear`)."""
+        if not torch.jit.is_scripting():
+            return call_linear(self.qkv, x)
+        return self.qkv(x)
+
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.proj(x)``, on the fast paths where they compute the same (:func:`call_linear`)."""
+        if not torch.jit.is_scripting():
+            return call_linear(self.proj, x)
+        return self.proj(x)
 
     def forward_groups(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """:meth:`forward` for a layout that pads nothing, left in group order.
@@ -339,14 +368,14 @@ class GroupAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         tokens = partition_groups(x, layout)  # (B * nG, N, C), one copy
         groups, size, channels = tokens.shape
-        qkv = linear(tokens, self.qkv.weight, self.qkv.bias).view(groups, size, 3, heads, head_dim)
+        qkv = call_linear(self.qkv, tokens).view(groups, size, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nG, heads, N, d) views
         mask = self.attention_mask(layout, x.shape[1], x.shape[2], qkv.dtype)  # (1, heads, N, N)
         dropout_p = self.attn_drop if self.training else 0.0
         out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
         # SDPA writes (B * nG, N, heads, d) and returns it transposed: a view back
         out = out.transpose(1, 2).reshape(groups, size, channels)
-        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
+        return self.proj_drop(call_linear(self.proj, out))
 
 
 # CPU inference runs a stage on a few images at a time once its largest temporary (the MLP's
@@ -413,7 +442,8 @@ class CrossFormerBlock(nn.Module):
     def _attention_residual(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """``x + drop_path(attn(norm1(x)))`` for ``x`` ``(B, H, W, C)``."""
         if not torch.jit.is_scripting():  # TorchScript compiles only the map-order path
-            if groups_tile_map(x, layout):
+            # hooks on the linears see maps, as they do on every other path
+            if groups_tile_map(x, layout) and plain_linear(self.attn.qkv) and plain_linear(self.attn.proj):
                 # the attention's output added in group order: no copy back to map order
                 in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
                 return self.drop_path(in_map, in_groups).view(x.shape)

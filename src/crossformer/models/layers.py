@@ -5,7 +5,9 @@
   GELU after it) in one call. At the model's shapes on a 2-core Xeon that was 10-40%
   faster than ``F.linear`` (MKL ``addmm`` first copies the bias into the output), and it
   saves the separate GELU pass. Autograd, autocast, CUDA, tracing, compiling, exporting
-  and TorchScript keep ``F.linear``.
+  and TorchScript keep ``F.linear``. Only plain, unhooked ``nn.Linear`` layers take these
+  paths (:func:`call_linear`); any other is called, so that its hooks fire and a layer put
+  in its place runs.
 - In CPU float32 training, :func:`linear` runs the forward product and both backward
   products (input and weight gradient) each on MKL or oneDNN, whichever was measured
   faster for that shape class in this process (:func:`measured_gemm`).
@@ -30,6 +32,7 @@ from typing import Callable, Hashable, Iterable, Iterator, MutableMapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.modules.module as module_hooks
 from timm.layers import Mlp
 from timm.models import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -41,7 +44,7 @@ __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
-    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights",
+    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -178,6 +181,38 @@ def onednn_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and not capturing_graph()
     )
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones: feature extractors, FLOP
+    counters, pruning, weight norm), the test ``nn.Module.__call__`` makes."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+
+
+def plain_linear(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` computes ``F.linear(x, layer.weight, layer.bias)`` and nothing
+    else: an ``nn.Linear`` itself (not a layer put in its place, e.g. a LoRA adapter) that no
+    hook watches. Only such a layer may run on :func:`linear`'s fast paths, which read its
+    weights instead of calling it."""
+    return type(layer) is nn.Linear and not hooked(layer)
+
+
+def call_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, ``(..., in) -> (..., out)``: by :func:`linear` for a :func:`plain_linear`
+    layer, else by calling it (so that its hooks fire and a replacement runs). Eager only:
+    TorchScript calls the layer."""
+    if plain_linear(layer):
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -363,12 +398,19 @@ class GeluMlp(Mlp):
         release_packed(self.fc1, self.fc2)  # either mode: see GroupAttention.train
         return super().train(mode)
 
+    def _exact_gelu(self) -> bool:
+        """Whether ``act`` is the exact GELU and no hook watches it (it may then be fused)."""
+        return type(self.act) is nn.GELU and self.act.approximate == "none" and not hooked(self.act)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., in_features)``."""
         if not torch.jit.is_scripting():
-            # timm's Mlp.forward, with both linears through :func:`linear` (fast paths)
-            x = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
-            return self.drop2(linear(self.norm(x), self.fc2.weight, self.fc2.bias))
+            # timm's Mlp.forward, with both linears through the fast paths where they may be
+            if plain_linear(self.fc1) and self._exact_gelu():
+                x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # GELU fused into fc1
+            else:
+                x = self.act(self.fc1(x))
+            return self.drop2(call_linear(self.fc2, self.norm(self.drop1(x))))
         # timm's Mlp.forward, spelt out: TorchScript cannot call super()
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(self.norm(x)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -193,6 +194,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     ``device`` / ``dtype`` (timm's factory arguments) place and cast the model.
     """
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    features_only = bool(kwargs.get("features_only"))  # timm's builder takes it from kwargs
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     feature_cls = _feature_class(kwargs.pop("feature_cls", "getter"))
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
@@ -220,7 +222,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 variant,
                 pretrained=pretrained,
                 pretrained_cfg=pretrained_cfg,
-                pretrained_filter_fn=checkpoint_filter_fn,
+                pretrained_filter_fn=functools.partial(checkpoint_filter_fn, features_only=features_only),
                 feature_cfg=dict(feature_cls=feature_cls, out_indices=out_indices),
                 **arch,
             )

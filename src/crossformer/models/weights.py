@@ -376,20 +376,25 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     return result
 
 
-def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    checkpoint: Mapping[str, Any], model: nn.Module, features_only: bool = False
+) -> dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn``: an official or crossformer checkpoint -> ``model``'s keys.
 
     Unwraps training checkpoints (``model``/``state_dict``), strips wrapper prefixes and
     drops the buffers v1 files store but the model recomputes (:func:`extract_state_dict`).
-    Keys that still do not fit raise :class:`CheckpointError`; the first convolutions and
-    the classifier named in ``model.pretrained_cfg`` may differ in shape, timm adapts them
-    (``in_chans``) or drops them (``num_classes``) after this filter.
+    Keys that still do not fit raise :class:`CheckpointError`; the first convolutions
+    named in ``model.pretrained_cfg`` may differ in shape, timm adapts them (``in_chans``)
+    after this filter, and so may its classifier where timm drops it: for another class
+    count, or whatever it is for a model built ``features_only``.
     """
     state = extract_state_dict(checkpoint)
     expected = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    adapted = tuple(f"{name}." for key in ("first_conv", "classifier") for name in _names(cfg.get(key)))
     classifier = tuple(f"{name}." for name in _names(cfg.get("classifier")))
+    kept = not features_only and cfg.get("num_classes") == getattr(model, "num_classes", None)
+    dropped = () if kept else classifier
+    adapted = tuple(f"{name}." for name in _names(cfg.get("first_conv"))) + dropped
     missing = sorted(k for k in set(expected) - set(state) if not k.startswith(classifier))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith(classifier))
     mismatched = [
