@@ -312,3 +312,29 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -
             resolve_device("cuda", local_rank=local_rank)
     with pytest.raises(UserInputError, match=r"^--device cuda:4: 4 GPUs are visible \(0-3\)$"):
         resolve_device("cuda:4")
+
+
+def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: Path) -> None:
+    # --iterations N over digits (epochs: 15) was refused ("set exactly one of run.epochs and
+    # run.iterations") until --epochs 0 was added too; the same for warm-up and dense starts
+    from crossformer.engine.registry import resolve_config
+
+    config = resolve_config("digits", {"iterations": 3, "warmup_iters": 2}).config
+    assert (config.run.epochs, config.run.iterations) == (0, 3)
+    assert (config.schedule.warmup_epochs, config.schedule.warmup_iters) == (0, 2)
+    assert resolve_config("digits", {"iterations": 0}).config.run.epochs == 15  # 0 chooses nothing
+    # a file replaces the task's defaults the same way (segmentation's are 160k iterations)
+    seg = tmp_path / "seg.yaml"
+    seg.write_text("task: segmentation\nrun: {epochs: 2}\nschedule: {warmup_epochs: 1}\n")
+    config = resolve_config(str(seg)).config
+    assert (config.run.epochs, config.run.iterations, config.schedule.warmup_iters) == (2, 0, 0)
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("base: mask_rcnn_shapes_demo\nmodel: {pretrained: backbone.pth}\n")
+    model = resolve_config(str(dense), {"model.init_from": "detector.pth"}).config.model
+    assert (model.pretrained, model.init_from) == (None, "detector.pth")
+    # one layer that sets both is still refused
+    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+        resolve_config("digits", {"epochs": 2, "iterations": 3})
+    seg.write_text("task: segmentation\nrun: {epochs: 2, iterations: 3}\n")
+    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+        resolve_config(str(seg))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
 from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 
@@ -129,6 +129,7 @@ class DetectionTestConfig:
 class DetectionConfig(EngineConfig):
     """Everything a detection run depends on. Batch sizes are per process."""
 
+    alternatives = DENSE_ALTERNATIVES
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, scale_lr=False))

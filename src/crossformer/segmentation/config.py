@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
 from .inference import InferenceConfig
 from .transforms import TrainPipelineConfig
@@ -143,6 +143,7 @@ class SegmentationConfig(EngineConfig):
     """Everything a segmentation run depends on. Batch sizes are per process (the authors:
     2 per GPU on 8 GPUs, 16 images per step)."""
 
+    alternatives = DENSE_ALTERNATIVES
     task: str = "segmentation"
     run: RunConfig = field(
         default_factory=lambda: RunConfig(iterations=160_000, eval_every=16_000, checkpoint_every=16_000, batch_size=2,
