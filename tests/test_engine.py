@@ -338,3 +338,22 @@ def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: 
     seg.write_text("task: segmentation\nrun: {epochs: 2, iterations: 3}\n")
     with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
         resolve_config(str(seg))
+
+
+def test_training_records_every_data_path_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossformer.engine.config import with_absolute_paths
+    from crossformer.engine.registry import task_module
+
+    monkeypatch.chdir(tmp_path)
+    paths = {
+        "classification": {"data.root": "own"},
+        "detection": {"data.root": "coco", "data.train_ann": "a/train.json", "data.train_images": "a/train",
+                      "data.val_ann": "a/val.json", "data.val_images": "~/val"},
+        "segmentation": {"data.train_images": "t", "data.train_labels": "tl", "data.val_images": "v",
+                         "data.val_labels": "vl", "data.classes": "classes.txt"},
+    }
+    for task, values in paths.items():
+        data = with_absolute_paths(apply_overrides(task_module(task).CONFIG(), values)).data
+        for key, value in values.items():
+            assert getattr(data, key.split(".")[1]) == str(Path(value).expanduser().absolute()), (task, key)
+    assert with_absolute_paths(task_module("segmentation").CONFIG()).data.root is None  # unset stays unset

@@ -275,3 +275,24 @@ def test_a_checkpoint_of_another_class_count_or_without_heads_is_said_as_the_com
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(backbone), "--data",
                              str(run["data"]), "model.num_classes=7"],
                     f"{backbone} holds no segmentation heads", "`crossformer train --pretrained`")
+
+
+def test_a_checkpoint_finds_its_data_from_any_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    # trained with --data data from its folder, evaluate run elsewhere said "data folder not
+    # found: data" (the relative path the checkpoint recorded) unless --data was given again
+    make_tiny_ade(tmp_path / "data", images=6)
+    write_config(tmp_path / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "tiny.yaml", "--data", "data", "--output", "run"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    checkpoint = str(tmp_path / "run" / "last.pth")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json"]) == 0
+    assert "mIoU" in json.loads(capsys.readouterr().out)
+    # data moved away: the error says where the path came from and which flag gives another
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint], f"data.root {tmp_path / 'data'} is not on",
+                    f"came from {checkpoint}", "pass --data PATH")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(tmp_path / "moved"), "--json"]) == 0

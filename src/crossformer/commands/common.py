@@ -250,8 +250,13 @@ def _refuse_set_twice(config_cls: type, overrides: list[str], flags: Mapping[str
     for item in overrides:
         for key in flatten_settings(config_cls, parse_overrides([item]), "overrides"):
             if key in flags:
-                spelled = {name: flag for flag, (name, _, _) in config_flags(config_cls).items()}
-                raise UserInputError(f"{key} is set twice, by {spelled.get(key, key)} and by {item}: give it once")
+                raise UserInputError(f"{key} is set twice, by {_flag_names(config_cls).get(key, key)} and by {item}: "
+                                     "give it once")
+
+
+def _flag_names(config_cls: type) -> dict[str, str]:
+    """``{"section.field": "--flag"}`` for the configuration's flags (:func:`config_flags`)."""
+    return {key: flag for flag, (key, _, _) in config_flags(config_cls).items()}
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -386,6 +391,27 @@ def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None
                              f"checkpoint, or leave out --config (our checkpoints record the config they were trained with)")
 
 
+def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Mapping[str, Any], checkpoint: str) -> None:
+    """A one-line error for a file or folder the verb reads (``keys``: its config keys, None:
+    all) that came from ``checkpoint``'s recorded config, not from the command line
+    (``settings``), and is not on this machine: say where it came from and the flag to give."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..engine.registry import flatten_settings
+
+    given = flatten_settings(type(config), settings, "overrides")
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        for name in getattr(section, "path_fields", ()):
+            key, value = f"{f.name}.{name}", getattr(section, name)
+            read = keys is None or key in keys or f.name in keys
+            if read and key not in given and value is not None and not Path(value).exists():
+                flag = _flag_names(type(config)).get(key)
+                raise UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it "
+                                     f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
+
+
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine import set_cpu_threads
@@ -394,10 +420,13 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     config, source = args.config, None
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
-    resolved = resolve_config(config, command_line_settings(args, overrides), use_default=False, source=source)
+    settings = command_line_settings(args, overrides)
+    resolved = resolve_config(config, settings, use_default=False, source=source)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved.config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+    if source is not None:
+        _check_recorded_paths(resolved.config, handler.config_keys, settings, args.checkpoint)
     set_cpu_threads(resolved.config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
     return handler.run(args, resolved.config, resolved.given)

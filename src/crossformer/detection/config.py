@@ -78,6 +78,7 @@ class DetectionDataConfig:
     """
 
     shorthand: ClassVar[str] = "root"
+    path_fields: ClassVar[tuple[str, ...]] = ("root", "train_ann", "train_images", "val_ann", "val_images")  # files and folders read (recorded absolute)
 
     root: str | None = None  # COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/
     train_ann: str | None = None  # a COCO-format annotation file (instead of root's)

@@ -16,6 +16,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .distributed import default_workers
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "config_differences", "leaf_keys",
-    "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
+    "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES", "with_absolute_paths",
 ]
 
 C = TypeVar("C")
@@ -483,6 +484,20 @@ def _clear_alternatives(config: Any, per_section: dict[str, dict[str, Any]]) -> 
             if per_section.get(chosen_section, {}).get(chosen_name) and other_name not in layer_other:
                 unset = {f.name: f.default for f in dataclasses.fields(getattr(config, other_section))}[other_name]
                 per_section.setdefault(other_section, {})[other_name] = unset
+
+
+def with_absolute_paths(config: C) -> C:
+    """``config`` with the files and folders its sections read (each section's ``path_fields``)
+    made absolute from the current directory: a checkpoint records the config, and its
+    ``evaluate`` must find the same data from any directory."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
+        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if v is not None}
+        if absolute:
+            changes[f.name] = dataclasses.replace(section, **absolute)
+    return dataclasses.replace(config, **changes)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

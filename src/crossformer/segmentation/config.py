@@ -70,6 +70,7 @@ class SegDataConfig:
     """
 
     shorthand: ClassVar[str] = "root"
+    path_fields: ClassVar[tuple[str, ...]] = ("root", "train_images", "train_labels", "val_images", "val_labels", "classes")  # files and folders read (recorded absolute)
 
     root: str | None = None  # ADE20K layout: images/{training,validation}, annotations/{training,validation}
     train_images: str | None = None  # folder layout: training images
