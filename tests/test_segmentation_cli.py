@@ -296,3 +296,12 @@ def test_a_checkpoint_finds_its_data_from_any_directory(tmp_path: Path, monkeypa
     _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint], f"data.root {tmp_path / 'data'} is not on",
                     f"came from {checkpoint}", "pass --data PATH")
     assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(tmp_path / "moved"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_model_with_a_dense_checkpoint_says_the_task_came_from_it(run: dict[str, Path], verb: str, capsys) -> None:
+    # said "a segmentation config's model is set by --kind and --backbone", though no config was named
+    checkpoint = str(run["checkpoint"])
+    images = ["a.png"] if verb == "predict" else []
+    _one_line_error(capsys, [verb, "--model", "crossformer_tiny", "--checkpoint", checkpoint, *images],
+                    f"{checkpoint} holds a segmentation model (the task comes from the checkpoint): leave out --model")

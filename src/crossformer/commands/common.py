@@ -196,21 +196,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
 def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type,
                         found: Mapping[str, tuple[str, str, Any]]) -> None:
     """A hidden ``--model`` for a config whose model section has no shorthand (detection,
-    segmentation; ``found``: its flags, :func:`config_flags`): a one-line error saying which
-    flags set that model, where argparse would call ``--model`` unknown or an abbreviation of
-    ``--model-ema``."""
+    segmentation; ``found``: its flags, :func:`config_flags`), where argparse would call
+    ``--model`` unknown or an abbreviation of ``--model-ema``. It keeps what sets the task's
+    model, for :func:`refuse_classification_model` to say before parsing."""
     flags = {key: flag for flag, (key, _, _) in found.items()}
     if "--model" in flags.values() or not any(key.startswith("model.") for key in flags):
         return
     named = [flags[key] for key in ("model.kind", "model.backbone") if key in flags]
-    task = getattr(config_cls(), "task", "this")
+    parser.add_argument("--model", nargs="?", dest=_REFUSED_MODEL, const=" and ".join(named) or "model.KEY=VALUE",
+                        help=argparse.SUPPRESS)
 
-    class Refuse(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None) -> None:
-            raise UserInputError(f"--model names a classification model; a {task} config's model is set by "
-                                 f"{' and '.join(named) or 'model.KEY=VALUE'} (see --help)")
 
-    parser.add_argument("--model", nargs="?", action=Refuse, help=argparse.SUPPRESS)
+_REFUSED_MODEL = "refused_model"  # the hidden --model of a dense command (:func:`_explain_model_flag`)
+
+
+def refuse_classification_model(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A one-line error for ``--model`` in a detection or segmentation command's ``argv``
+    (``parser``: the command's), naming where the task came from (``--config`` or our
+    ``--checkpoint``) and what to do instead."""
+    refused = [action for action in parser._actions if action.dest == _REFUSED_MODEL]
+    if not refused or not any(arg == "--model" or arg.startswith("--model=") for arg in argv):
+        return
+    set_by, task = refused[0].const, parser.get_default(_CONFIG_CLASS)().task
+    config, checkpoint = _flag_value(argv, "--config"), _flag_value(argv, "--checkpoint")
+    if config is None and checkpoint is not None:
+        raise UserInputError(f"--model names a classification model, but {checkpoint} holds a {task} model (the "
+                             f"task comes from the checkpoint): leave out --model (the checkpoint records its "
+                             f"model), or pass a classification checkpoint")
+    raise UserInputError(f"--model names a classification model, but {config} is a {task} config: its model is set "
+                         f"by {set_by} (see --help)")
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
