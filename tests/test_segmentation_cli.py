@@ -305,3 +305,20 @@ def test_model_with_a_dense_checkpoint_says_the_task_came_from_it(run: dict[str,
     images = ["a.png"] if verb == "predict" else []
     _one_line_error(capsys, [verb, "--model", "crossformer_tiny", "--checkpoint", checkpoint, *images],
                     f"{checkpoint} holds a segmentation model (the task comes from the checkpoint): leave out --model")
+
+
+def test_a_whole_model_as_another_start_is_one_line_naming_the_right_option(run: dict[str, Path], tmp_path: Path,
+                                                                            capsys) -> None:
+    # --pretrained given our segmentor (for classification or for segmentation itself) listed
+    # hundreds of missing and unexpected keys; a detection run read its data first
+    segmentor, data = str(run["checkpoint"]), str(run["data"])
+    starts = [
+        (["--config", "digits", "epochs=1", "--pretrained", segmentor],
+         "model.pretrained: ", "is a whole segmentation model, not ImageNet weights: give --pretrained an ImageNet"),
+        (["--config", str(run["config"]), "--data", data, "--pretrained", segmentor],
+         "is a whole segmentation model, not ImageNet weights: start every weight from it with --init-from"),
+        (["--config", "mask_rcnn_shapes_demo", "--data", data, "--init-from", segmentor],
+         "model.init_from: ", "is a whole segmentation model, not a detection one: give --init-from a detection model"),
+    ]
+    for number, (argv, *expected) in enumerate(starts):
+        _one_line_error(capsys, ["train", *argv, "--output", str(tmp_path / str(number))], *expected)
