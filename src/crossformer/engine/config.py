@@ -157,8 +157,8 @@ class EngineConfig:
     sections; ``task`` names the task (its registry key)."""
 
     # pairs of settings that each choose the same thing (a class attribute, not a setting): a
-    # layer (the file, the command line) that sets one and not the other replaces the layers
-    # below's choice, so ``--iterations N`` over a file's epochs needs no ``--epochs 0``
+    # layer (the file, the command line) that sets one and not the other replaces the choice of
+    # the layers below, so ``--iterations N`` over a file's epochs needs no ``--epochs 0``
     alternatives = (
         ("run.epochs", "run.iterations"),
         ("schedule.warmup_epochs", "schedule.warmup_iters"),
