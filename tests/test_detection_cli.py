@@ -270,8 +270,8 @@ def test_the_detector_is_kind_as_the_segmentor_is(verb: str) -> None:
 @pytest.mark.parametrize("verb", ["train", "evaluate"])
 def test_model_in_a_dense_config_says_which_flags_set_its_model(capsys, config: str, task: str, verb: str) -> None:
     line = one_error_line(capsys, [verb, "--config", config, "--model", "retinanet"])
-    assert line.endswith(f"--model names a classification model; a {task} config's model is set by --kind and "
-                         f"--backbone (see --help)"), line
+    assert line.endswith(f"--model names a classification model, but {config} is a {task} config: its model is set "
+                         f"by --kind and --backbone (see --help)"), line
 
 
 def test_flops_and_benchmark_take_settings_with_their_config(capsys) -> None:

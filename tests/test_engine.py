@@ -312,3 +312,48 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -
             resolve_device("cuda", local_rank=local_rank)
     with pytest.raises(UserInputError, match=r"^--device cuda:4: 4 GPUs are visible \(0-3\)$"):
         resolve_device("cuda:4")
+
+
+def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: Path) -> None:
+    # --iterations N over digits (epochs: 15) was refused ("set exactly one of run.epochs and
+    # run.iterations") until --epochs 0 was added too; the same for warm-up and dense starts
+    from crossformer.engine.registry import resolve_config
+
+    config = resolve_config("digits", {"iterations": 3, "warmup_iters": 2}).config
+    assert (config.run.epochs, config.run.iterations) == (0, 3)
+    assert (config.schedule.warmup_epochs, config.schedule.warmup_iters) == (0, 2)
+    assert resolve_config("digits", {"iterations": 0}).config.run.epochs == 15  # 0 chooses nothing
+    # a file replaces the task's defaults the same way (segmentation's are 160k iterations)
+    seg = tmp_path / "seg.yaml"
+    seg.write_text("task: segmentation\nrun: {epochs: 2}\nschedule: {warmup_epochs: 1}\n")
+    config = resolve_config(str(seg)).config
+    assert (config.run.epochs, config.run.iterations, config.schedule.warmup_iters) == (2, 0, 0)
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("base: mask_rcnn_shapes_demo\nmodel: {pretrained: backbone.pth}\n")
+    model = resolve_config(str(dense), {"model.init_from": "detector.pth"}).config.model
+    assert (model.pretrained, model.init_from) == (None, "detector.pth")
+    # one layer that sets both is still refused
+    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+        resolve_config("digits", {"epochs": 2, "iterations": 3})
+    seg.write_text("task: segmentation\nrun: {epochs: 2, iterations: 3}\n")
+    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+        resolve_config(str(seg))
+
+
+def test_training_records_every_data_path_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossformer.engine.config import with_absolute_paths
+    from crossformer.engine.registry import task_module
+
+    monkeypatch.chdir(tmp_path)
+    paths = {
+        "classification": {"data.root": "own"},
+        "detection": {"data.root": "coco", "data.train_ann": "a/train.json", "data.train_images": "a/train",
+                      "data.val_ann": "a/val.json", "data.val_images": "~/val"},
+        "segmentation": {"data.train_images": "t", "data.train_labels": "tl", "data.val_images": "v",
+                         "data.val_labels": "vl", "data.classes": "classes.txt"},
+    }
+    for task, values in paths.items():
+        data = with_absolute_paths(apply_overrides(task_module(task).CONFIG(), values)).data
+        for key, value in values.items():
+            assert getattr(data, key.split(".")[1]) == str(Path(value).expanduser().absolute()), (task, key)
+    assert with_absolute_paths(task_module("segmentation").CONFIG()).data.root is None  # unset stays unset

@@ -311,3 +311,50 @@ def test_evaluate_names_the_unreadable_files_it_skips_on_stderr(run: dict[str, P
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped"] == 1
     assert f"skipped: cannot read label map {label}" in captured.err
+
+
+def test_a_checkpoint_finds_its_data_from_any_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    # trained with --data data from its folder, evaluate run elsewhere said "data folder not
+    # found: data" (the relative path the checkpoint recorded) unless --data was given again
+    make_tiny_ade(tmp_path / "data", images=6)
+    write_config(tmp_path / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "tiny.yaml", "--data", "data", "--output", "run"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    checkpoint = str(tmp_path / "run" / "last.pth")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json"]) == 0
+    assert "mIoU" in json.loads(capsys.readouterr().out)
+    # data moved away: the error says where the path came from and which flag gives another
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", checkpoint], f"data.root {tmp_path / 'data'} is not on",
+                    f"came from {checkpoint}", "pass --data PATH")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(tmp_path / "moved"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_model_with_a_dense_checkpoint_says_the_task_came_from_it(run: dict[str, Path], verb: str, capsys) -> None:
+    # said "a segmentation config's model is set by --kind and --backbone", though no config was named
+    checkpoint = str(run["checkpoint"])
+    images = ["a.png"] if verb == "predict" else []
+    _one_line_error(capsys, [verb, "--model", "crossformer_tiny", "--checkpoint", checkpoint, *images],
+                    f"{checkpoint} holds a segmentation model (the task comes from the checkpoint): leave out --model")
+
+
+def test_a_whole_model_as_another_start_is_one_line_naming_the_right_option(run: dict[str, Path], tmp_path: Path,
+                                                                            capsys) -> None:
+    # --pretrained given our segmentor (for classification or for segmentation itself) listed
+    # hundreds of missing and unexpected keys; a detection run read its data first
+    segmentor, data = str(run["checkpoint"]), str(run["data"])
+    starts = [
+        (["--config", "digits", "epochs=1", "--pretrained", segmentor],
+         "model.pretrained: ", "is a whole segmentation model, not ImageNet weights: give --pretrained an ImageNet"),
+        (["--config", str(run["config"]), "--data", data, "--pretrained", segmentor],
+         "is a whole segmentation model, not ImageNet weights: start every weight from it with --init-from"),
+        (["--config", "mask_rcnn_shapes_demo", "--data", data, "--init-from", segmentor],
+         "model.init_from: ", "is a whole segmentation model, not a detection one: give --init-from a detection model"),
+    ]
+    for number, (argv, *expected) in enumerate(starts):
+        _one_line_error(capsys, ["train", *argv, "--output", str(tmp_path / str(number))], *expected)

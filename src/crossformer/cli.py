@@ -149,12 +149,15 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
 
     Raises :class:`~crossformer.errors.UserInputError` when the ``--config`` named cannot be read.
     """
+    from .commands.common import refuse_classification_model
+
     argv = list(argv)
     parser, commands = build_parsers(argv)
     if not argv or argv[0] not in commands:  # --help, --version, a missing or unknown command: argparse says so
         return parser.parse_args(argv)
     command = commands[argv[0]]
     _refuse_abbreviations(command, argv[1:])
+    refuse_classification_model(command, argv[1:])
     args = command.parse_intermixed_args(_number_lists_last(command, argv[1:]))
     args.command = argv[0]
     return args

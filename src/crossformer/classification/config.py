@@ -37,6 +37,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     shorthand: ClassVar[str] = "root"
+    path_fields: ClassVar[tuple[str, ...]] = ("root",)  # files and folders read (recorded absolute)
 
     root: str | None = None  # ImageNet-layout folder (train/<class>/*, val/<class>/*); unset, training takes the built-in digits
     img_size: int | tuple[int, int] = 224  # N (square) or H W

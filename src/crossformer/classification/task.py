@@ -69,7 +69,7 @@ class ClassificationTask(Task):
         # epoch), through the log the trainer sets after __init__
         self._skipped = SkippedFiles(lambda line: self.log.info(line),
                                      "more unreadable validation images are skipped: counted, not named")
-        require_model_files(pretrained=config.model.pretrained)
+        require_model_files(config.task, pretrained=config.model.pretrained)
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
         if config.augment.mixes and config.run.batch_size % 2:  # training only: inference batches may be odd

@@ -196,21 +196,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
 def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type,
                         found: Mapping[str, tuple[str, str, Any]]) -> None:
     """A hidden ``--model`` for a config whose model section has no shorthand (detection,
-    segmentation; ``found``: its flags, :func:`config_flags`): a one-line error saying which
-    flags set that model, where argparse would call ``--model`` unknown or an abbreviation of
-    ``--model-ema``."""
+    segmentation; ``found``: its flags, :func:`config_flags`), where argparse would call
+    ``--model`` unknown or an abbreviation of ``--model-ema``. It keeps what sets the task's
+    model, for :func:`refuse_classification_model` to say before parsing."""
     flags = {key: flag for flag, (key, _, _) in found.items()}
     if "--model" in flags.values() or not any(key.startswith("model.") for key in flags):
         return
     named = [flags[key] for key in ("model.kind", "model.backbone") if key in flags]
-    task = getattr(config_cls(), "task", "this")
+    parser.add_argument("--model", nargs="?", dest=_REFUSED_MODEL, const=" and ".join(named) or "model.KEY=VALUE",
+                        help=argparse.SUPPRESS)
 
-    class Refuse(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None) -> None:
-            raise UserInputError(f"--model names a classification model; a {task} config's model is set by "
-                                 f"{' and '.join(named) or 'model.KEY=VALUE'} (see --help)")
 
-    parser.add_argument("--model", nargs="?", action=Refuse, help=argparse.SUPPRESS)
+_REFUSED_MODEL = "refused_model"  # the hidden --model of a dense command (:func:`_explain_model_flag`)
+
+
+def refuse_classification_model(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A one-line error for ``--model`` in a detection or segmentation command's ``argv``
+    (``parser``: the command's), naming where the task came from (``--config`` or our
+    ``--checkpoint``) and what to do instead."""
+    refused = [action for action in parser._actions if action.dest == _REFUSED_MODEL]
+    if not refused or not any(arg == "--model" or arg.startswith("--model=") for arg in argv):
+        return
+    set_by, task = refused[0].const, parser.get_default(_CONFIG_CLASS)().task
+    config, checkpoint = _flag_value(argv, "--config"), _flag_value(argv, "--checkpoint")
+    if config is None and checkpoint is not None:
+        raise UserInputError(f"--model names a classification model, but {checkpoint} holds a {task} model (the "
+                             f"task comes from the checkpoint): leave out --model (the checkpoint records its "
+                             f"model), or pass a classification checkpoint")
+    raise UserInputError(f"--model names a classification model, but {config} is a {task} config: its model is set "
+                         f"by {set_by} (see --help)")
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,8 +264,13 @@ def _refuse_set_twice(config_cls: type, overrides: list[str], flags: Mapping[str
     for item in overrides:
         for key in flatten_settings(config_cls, parse_overrides([item]), "overrides"):
             if key in flags:
-                spelled = {name: flag for flag, (name, _, _) in config_flags(config_cls).items()}
-                raise UserInputError(f"{key} is set twice, by {spelled.get(key, key)} and by {item}: give it once")
+                raise UserInputError(f"{key} is set twice, by {_flag_names(config_cls).get(key, key)} and by {item}: "
+                                     "give it once")
+
+
+def _flag_names(config_cls: type) -> dict[str, str]:
+    """``{"section.field": "--flag"}`` for the configuration's flags (:func:`config_flags`)."""
+    return {key: flag for flag, (key, _, _) in config_flags(config_cls).items()}
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -386,6 +405,27 @@ def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None
                              f"checkpoint, or leave out --config (our checkpoints record the config they were trained with)")
 
 
+def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Mapping[str, Any], checkpoint: str) -> None:
+    """A one-line error for a file or folder the verb reads (``keys``: its config keys, None:
+    all) that came from ``checkpoint``'s recorded config, not from the command line
+    (``settings``), and is not on this machine: say where it came from and the flag to give."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..engine.registry import flatten_settings
+
+    given = flatten_settings(type(config), settings, "overrides")
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        for name in getattr(section, "path_fields", ()):
+            key, value = f"{f.name}.{name}", getattr(section, name)
+            read = keys is None or key in keys or f.name in keys
+            if read and key not in given and value is not None and not Path(value).exists():
+                flag = _flag_names(type(config)).get(key)
+                raise UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it "
+                                     f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
+
+
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine import set_cpu_threads
@@ -394,10 +434,13 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     config, source = args.config, None
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
-    resolved = resolve_config(config, command_line_settings(args, overrides), use_default=False, source=source)
+    settings = command_line_settings(args, overrides)
+    resolved = resolve_config(config, settings, use_default=False, source=source)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved.config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
         raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+    if source is not None:
+        _check_recorded_paths(resolved.config, handler.config_keys, settings, args.checkpoint)
     set_cpu_threads(resolved.config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
     return handler.run(args, resolved.config, resolved.given)

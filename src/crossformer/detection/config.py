@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
 from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 
@@ -78,6 +78,7 @@ class DetectionDataConfig:
     """
 
     shorthand: ClassVar[str] = "root"
+    path_fields: ClassVar[tuple[str, ...]] = ("root", "train_ann", "train_images", "val_ann", "val_images")  # files and folders read (recorded absolute)
 
     root: str | None = None  # COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/
     train_ann: str | None = None  # a COCO-format annotation file (instead of root's)
@@ -129,6 +130,7 @@ class DetectionTestConfig:
 class DetectionConfig(EngineConfig):
     """Everything a detection run depends on. Batch sizes are per process."""
 
+    alternatives = DENSE_ALTERNATIVES
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, scale_lr=False))

@@ -71,7 +71,7 @@ class DetectionTask(Task):
     def __init__(self, config: DetectionConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
-        require_model_files(pretrained=c.model.pretrained, init_from=c.model.init_from)
+        require_model_files(c.task, pretrained=c.model.pretrained, init_from=c.model.init_from)
         self.data_report: list[str] = []  # what reading the training file dropped or clipped; check_data logs it
         with_masks = c.model.kind != "retinanet"
         train_ann, train_images = data_paths(c.data, "train")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserInputError
 
 __all__ = ["save_atomic", "load_training_state", "require_model_files", "without_start_files", "start_from", "LAST",
            "BEST"]
@@ -24,9 +24,9 @@ LAST = "last.pth"
 BEST = "best.pth"
 
 
-def require_model_files(**settings: str | None) -> None:
-    """Stop a training run whose ``model.<setting>`` (``pretrained``, ``init_from``) names no
-    file, before it reads any data.
+def require_model_files(task: str, **settings: str | None) -> None:
+    """Stop a ``task`` training run whose ``model.<setting>`` (``pretrained``, ``init_from``)
+    names no file, or a model of ours that the setting cannot start from, before it reads any data.
 
     Training checks this, not the configuration: evaluation, prediction and export take every
     weight from their checkpoint, whose recorded config may name files this machine never had
@@ -35,6 +35,29 @@ def require_model_files(**settings: str | None) -> None:
     for setting, path in settings.items():
         if path is not None and not Path(path).is_file():
             raise CheckpointError(f"model.{setting}: checkpoint not found: {path}")
+        if path is not None:
+            _check_start_task(task, setting, path)
+
+
+def _check_start_task(task: str, setting: str, path: str) -> None:
+    """A one-line error for a whole detector or segmentor of ours (it records its task) as
+    ``model.pretrained``, which takes ImageNet weights and would match none of its keys, or as
+    another task's ``model.init_from``. The authors' mmdet / mmseg files record no task."""
+    from ..models.weights import peek_checkpoint
+
+    recorded = peek_checkpoint(path).get("task")
+    if recorded not in ("detection", "segmentation") or (setting == "init_from" and recorded == task):
+        return
+    if setting == "pretrained" and recorded == task:
+        raise UserInputError(f"model.pretrained: {path} is a whole {recorded} model, not ImageNet weights: start every "
+                             f"weight from it with --init-from (model.init_from), or give --pretrained an ImageNet "
+                             f"checkpoint")
+    if setting == "pretrained":
+        raise UserInputError(f"model.pretrained: {path} is a whole {recorded} model, not ImageNet weights: give "
+                             f"--pretrained an ImageNet checkpoint (a {recorded} config starts from this file with "
+                             f"--init-from)")
+    raise UserInputError(f"model.init_from: {path} is a whole {recorded} model, not a {task} one: give --init-from a "
+                         f"{task} model (a {recorded} config starts from this file with --init-from)")
 
 
 # the model settings that name the weights a run starts from

@@ -16,6 +16,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .distributed import default_workers
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "config_differences", "leaf_keys",
-    "resolve_key", "build_config", "check_one_start",
+    "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES", "with_absolute_paths",
 ]
 
 C = TypeVar("C")
@@ -43,7 +44,8 @@ C = TypeVar("C")
 @dataclass(frozen=True)
 class RunConfig:
     """How long to train and how the loop runs. Lengths count epochs *or* iterations
-    (optimizer updates): set exactly one of ``epochs`` and ``iterations``; ``eval_every`` and
+    (optimizer updates): set exactly one of ``epochs`` and ``iterations`` (see
+    :attr:`EngineConfig.alternatives`); ``eval_every`` and
     ``checkpoint_every`` are in the same unit."""
 
     epochs: int = 0  # passes over the training data (or set iterations)
@@ -154,6 +156,14 @@ class EngineConfig:
     """The engine's sections. A task's configuration subclasses this and adds its own
     sections; ``task`` names the task (its registry key)."""
 
+    # pairs of settings that each choose the same thing (a class attribute, not a setting): a
+    # layer (the file, the command line) that sets one and not the other replaces the choice of
+    # the layers below, so ``--iterations N`` over a file's epochs needs no ``--epochs 0``
+    alternatives = (
+        ("run.epochs", "run.iterations"),
+        ("schedule.warmup_epochs", "schedule.warmup_iters"),
+    )
+
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -171,6 +181,10 @@ class EngineConfig:
             raise UserInputError(f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optimizer.lr "
                                  f"({self.optimizer.lr}): it is the rate the schedule decays to")
         return self
+
+
+# a dense task's alternatives: an ImageNet backbone or a whole model to start from
+DENSE_ALTERNATIVES = (*EngineConfig.alternatives, ("model.pretrained", "model.init_from"))
 
 
 def check_one_start(pretrained: str | None, init_from: str | None) -> None:
@@ -448,11 +462,41 @@ def apply_overrides(config: C, values: Mapping[str, Any], source: str = "config"
             continue
         section, name, rest = resolve_key(type(config), key, source)
         per_section.setdefault(section, {})[".".join(filter(None, (name, rest)))] = value
+    _clear_alternatives(config, per_section)
     changes: dict[str, Any] = {
         name: _coerce(f"{source}: {name}", value, hints[name]) for name, value in top.items()
     }
     for section, section_values in per_section.items():
         changes[section] = _set_fields(getattr(config, section), section_values, f"{section}.", source)
+    return dataclasses.replace(config, **changes)
+
+
+def _clear_alternatives(config: Any, per_section: dict[str, dict[str, Any]]) -> None:
+    """Adds to ``per_section`` (one layer's ``{section: {field: value}}``) the unset value of
+    each of ``config``'s :attr:`~EngineConfig.alternatives` whose partner the layer sets to a
+    value (not 0 or null) while leaving it alone. A layer setting both keeps both (and
+    ``validate`` says so)."""
+    for pair in getattr(type(config), "alternatives", ()):
+        for chosen, other in (pair, pair[::-1]):
+            chosen_section, chosen_name = chosen.split(".")
+            other_section, other_name = other.split(".")
+            layer_other = per_section.get(other_section, {})
+            if per_section.get(chosen_section, {}).get(chosen_name) and other_name not in layer_other:
+                unset = {f.name: f.default for f in dataclasses.fields(getattr(config, other_section))}[other_name]
+                per_section.setdefault(other_section, {})[other_name] = unset
+
+
+def with_absolute_paths(config: C) -> C:
+    """``config`` with the files and folders its sections read (each section's ``path_fields``)
+    made absolute from the current directory: a checkpoint records the config, and its
+    ``evaluate`` must find the same data from any directory."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
+        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if v is not None}
+        if absolute:
+            changes[f.name] = dataclasses.replace(section, **absolute)
     return dataclasses.replace(config, **changes)
 
 

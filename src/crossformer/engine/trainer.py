@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
-from .config import EngineConfig, config_differences, config_to_dict
+from .config import EngineConfig, config_differences, config_to_dict, with_absolute_paths
 from .distributed import (
     DistContext, available_cpus, set_cpu_threads, setup_distributed, teardown_distributed, usable_workers,
 )
@@ -496,6 +496,7 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     SIGINT / SIGTERM save a mid-epoch ``last.pth`` and raise :class:`RunInterrupted`. Errors and
     interrupts are also written to ``log.txt``.
     """
+    config = with_absolute_paths(config)  # what the checkpoints record finds the data from anywhere
     run = config.run
     ctx = setup_distributed(run.device)
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
 from ..models.crossformer import MIN_INPUT_SIZE
 from .inference import InferenceConfig
@@ -71,6 +71,7 @@ class SegDataConfig:
     """
 
     shorthand: ClassVar[str] = "root"
+    path_fields: ClassVar[tuple[str, ...]] = ("root", "train_images", "train_labels", "val_images", "val_labels", "classes")  # files and folders read (recorded absolute)
 
     root: str | None = None  # ADE20K layout: images/{training,validation}, annotations/{training,validation}
     train_images: str | None = None  # folder layout: training images
@@ -155,6 +156,7 @@ class SegmentationConfig(EngineConfig):
     """Everything a segmentation run depends on. Batch sizes are per process (the authors:
     2 per GPU on 8 GPUs, 16 images per step)."""
 
+    alternatives = DENSE_ALTERNATIVES
     task: str = "segmentation"
     run: RunConfig = field(
         default_factory=lambda: RunConfig(iterations=160_000, eval_every=16_000, checkpoint_every=16_000, batch_size=2,

@@ -106,7 +106,7 @@ class SegmentationTask(Task):
     def __init__(self, config: SegmentationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
         c = config
-        require_model_files(pretrained=c.model.pretrained, init_from=c.model.init_from)
+        require_model_files(c.task, pretrained=c.model.pretrained, init_from=c.model.init_from)
         self.train_set, self.val_set = build_datasets(c.data, SegTrainTransform(c.pipeline))
         if c.model.num_classes is not None and c.model.num_classes != self.train_set.num_classes:
             raise UserInputError(
