@@ -15,6 +15,7 @@ from PIL import Image
 from crossformer.cli import main
 from crossformer.engine import load_training_state
 from cli_errors import one_torchrun_error_line
+from detection_train_fixtures import make_tiny_coco
 from segmentation_fixtures import TINY_BACKBONE, make_tiny_ade, write_config
 
 
@@ -358,3 +359,21 @@ def test_a_whole_model_as_another_start_is_one_line_naming_the_right_option(run:
     ]
     for number, (argv, *expected) in enumerate(starts):
         _one_line_error(capsys, ["train", *argv, "--output", str(tmp_path / str(number))], *expected)
+
+
+def test_the_authors_whole_model_as_a_start_is_one_line(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # An mmseg file records no task: as --pretrained it listed every key of the model as missing
+    # or unexpected (hundreds of lines for a full-size model).
+    state = load_training_state(run["checkpoint"])
+    authors = tmp_path / "upernet_authors.pth"
+    torch.save({"state_dict": state["model"], "meta": {}}, authors)
+    data = str(run["data"])
+    expected = f"{authors} holds a whole segmentation model (its heads' weights say so)"
+    for number, argv in enumerate([["--config", "digits", "epochs=1"], ["--config", str(run["config"]), "--data", data]]):
+        _one_line_error(capsys, ["train", *argv, "--pretrained", str(authors), "--output", str(tmp_path / str(number))],
+                        expected, "--init-from")
+    # and as a detector's start, it was taken for an ImageNet file ("give it as model.pretrained")
+    coco = make_tiny_coco(tmp_path / "coco")
+    _one_line_error(capsys, ["train", "--config", "mask_rcnn_shapes_demo", "--data", str(coco), "--init-from", str(authors),
+                             "--output", str(tmp_path / "detection")],
+                    f"{authors} holds a segmentation model (its heads' weights say so), not a detector")

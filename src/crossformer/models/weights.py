@@ -553,7 +553,17 @@ def load_state(
             del state[k]
         expected = {k: v for k, v in expected.items() if k not in head_keys}
 
-    check_keys(state, expected, f"{path} does not fit this model (check the variant and its settings)")
+    try:
+        check_keys(state, expected, f"{path} does not fit this model (check the variant and its settings)")
+    except CheckpointError:
+        dense = dense_task(checkpoint)
+        if dense is None:
+            raise
+        # the authors' mmdet / mmseg files record no task: their heads say what they are, in
+        # one line rather than every key of the model listed as missing
+        raise CheckpointError(f"{path} holds a whole {dense} model (its heads' weights say so), not weights for this "
+                              f"model: a {dense} config starts from it with --init-from (model.init_from); "
+                              f"--pretrained takes ImageNet weights") from None
     target.load_state_dict(state, strict=False)
     return model
 
