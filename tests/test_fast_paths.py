@@ -467,3 +467,21 @@ def test_an_activation_put_in_place_of_the_exact_gelu_is_what_runs() -> None:
     with torch.no_grad():
         expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
         assert (mlp(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_a_dynamically_quantized_model_runs_its_quantized_layers() -> None:
+    # quantize_dynamic swaps every nn.Linear for an int8 layer whose ``weight`` is a method:
+    # the position bias read its device there and failed with AttributeError
+    model = _model("pp").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    int8_layers = [m for m in quantized.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    called = set()
+    for layer in int8_layers:
+        layer.register_forward_hook(lambda layer, args, output: called.add(id(layer)))
+    with torch.no_grad():
+        out = quantized(x)
+    assert len(called) == len(int8_layers) > 0  # each int8 layer ran, none was read as a float weight
+    assert 0 < (out - expected).abs().max().item() <= 0.1 * expected.abs().max().item()

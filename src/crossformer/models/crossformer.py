@@ -238,6 +238,12 @@ class DynamicPositionBias(nn.Module):
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
 
+    @property
+    def reference_weight(self) -> torch.Tensor:
+        """A weight whose device and dtype are the module's: the first norm's, which stays a
+        float tensor where the linears become other kinds of layer (``quantize_dynamic``)."""
+        return self.pos1[0].weight
+
 
 @register_notrace_module  # FX: groups by the map's size and dispatches on device / dtype
 class GroupAttention(nn.Module):
@@ -294,7 +300,7 @@ class GroupAttention(nn.Module):
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         # autocast computes the bias in its own dtype: an entry per precision, so that neither
         # mode is served the other's
-        device_type = self.pos.pos_proj.weight.device.type
+        device_type = self.pos.reference_weight.device.type
         autocast = None
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # not "meta"
             autocast = torch.get_autocast_dtype(device_type)
@@ -306,7 +312,7 @@ class GroupAttention(nn.Module):
         )
 
     def _position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
-        weight = self.pos.pos_proj.weight
+        weight = self.pos.reference_weight
         offsets, index = _offset_tables(group_h, group_w, weight.device)
         # (M, heads) table -> (heads, N * N), gathered straight into the layout used.
         table = self.pos(offsets.to(weight.dtype))
