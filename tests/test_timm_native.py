@@ -407,12 +407,17 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     ({"merge_kernel_sizes": (1, 2)}, r"^merge_kernel_sizes \(1, 2\): kernel 1 does not fit stride 2; "),
     ({"patch_kernel_sizes": ()}, r"^patch_kernel_sizes needs at least one kernel"),
     ({"patch_kernel_sizes": (4, 8, 12, 16, 20, 24)}, r"^patch_kernel_sizes .*: 6 kernels leave a branch of the 16 channels empty"),
+    # 4 kernels split 20 channels as 10 + 5 + 2 + 2: a 19-channel map reached a LayerNorm(20)
+    ({"embed_dim": 20}, r"^patch_kernel_sizes \(4, 8, 16, 32\): 4 kernels split the 20 channels as 10 \+ 5 \+ 2 \+ 2 = 19; "
+                        r"the channels must be a multiple of 8: change embed_dim or use fewer kernels$"),
+    ({"embed_dim": 17, "num_heads": (1, 1, 1, 1), "patch_kernel_sizes": (4,), "merge_kernel_sizes": (2, 4, 6)},
+     r"^merge_kernel_sizes \(2, 4, 6\): 3 kernels split the 34 channels as 17 \+ 8 \+ 8 = 33; "),
 ])
 def test_cross_scale_kernels_that_give_other_output_sizes_are_refused_at_construction(setting, message) -> None:
     # kernel 7 at stride 4 padded 1 gave one row fewer than kernel 4: a shape error inside torch.cat
     # at the first forward; kernels under the stride, negative padding; no kernel, an empty cat
     with pytest.raises(ValueError, match=message):
-        timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+        timm.create_model("crossformer_tiny", **{"embed_dim": 16, "depths": (1, 1, 1, 1), **setting})
 
 
 def test_cross_scale_kernels_of_even_difference_from_the_stride_all_give_one_size() -> None:

@@ -102,7 +102,8 @@ def check_cross_scale_kernels(kernel_sizes: Sequence[int], stride: int, out_dim:
     ``floor((H - s) / s) + 1`` whatever ``k`` is, but only for ``k >= s`` with ``k - s``
     even: an odd difference loses a row whenever ``s`` divides ``H`` (the concatenation
     then fails), and ``k < s`` would need negative padding. Every branch must also get at
-    least one of the ``out_dim`` channels (:func:`cross_scale_branch_dims`).
+    least one of the ``out_dim`` channels (:func:`cross_scale_branch_dims`), and the branches
+    all of them: ``out_dim`` a multiple of ``2**(n-1)`` for ``n`` kernels.
     """
     if not kernel_sizes:
         raise ValueError(f"{name} needs at least one kernel, got {tuple(kernel_sizes)}")
@@ -112,10 +113,17 @@ def check_cross_scale_kernels(kernel_sizes: Sequence[int], stride: int, out_dim:
             f"{name} {tuple(kernel_sizes)}: kernel {', '.join(map(str, unfit))} does not fit stride {stride}; each "
             f"kernel must be at least {stride} and differ from it by an even number ({stride}, {stride + 2}, {stride + 4}, ...)"
         )
-    if min(cross_scale_branch_dims(out_dim, len(kernel_sizes))) < 1:
+    dims = cross_scale_branch_dims(out_dim, len(kernel_sizes))
+    if min(dims) < 1:
         raise ValueError(
             f"{name} {tuple(kernel_sizes)}: {len(kernel_sizes)} kernels leave a branch of the {out_dim} "
             f"channels empty (the last gets {out_dim} // 2**{len(kernel_sizes) - 1}); use fewer kernels or more channels"
+        )
+    if sum(dims) != out_dim:  # the concatenation would be narrower than the norm that follows it
+        raise ValueError(
+            f"{name} {tuple(kernel_sizes)}: {len(kernel_sizes)} kernels split the {out_dim} channels as "
+            f"{' + '.join(map(str, dims))} = {sum(dims)}; the channels must be a multiple of "
+            f"{2 ** (len(kernel_sizes) - 1)}: change embed_dim or use fewer kernels"
         )
 
 
