@@ -401,6 +401,21 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
 
 
 @pytest.mark.parametrize("setting, message", [
+    # built, then failed only in training, deep inside: "bernoulli_ expects p to be in [0, 1], but got p=-0.5"
+    ({"drop_path_rate": 1.5}, r"^drop_path_rate must be in \[0, 1\], got 1.5$"),
+    ({"drop_path_rate": -0.1}, r"^drop_path_rate must be in \[0, 1\], got -0.1$"),
+    # built, then "dropout probability has to be between 0 and 1" at the first training step
+    ({"attn_drop_rate": 2.0}, r"^attn_drop_rate must be in \[0, 1\], got 2.0$"),
+    # an IndexError while building
+    ({"depths": (-1, 1, 1, 1)}, r"^depths must be at least 0 in every stage, got \(-1, 1, 1, 1\)$"),
+    ({"depths": ()}, r"^depths needs at least one stage, got \(\)$"),
+])
+def test_rates_and_depths_out_of_range_are_refused_at_construction(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("crossformer_tiny", **{"embed_dim": 16, "depths": (1, 1, 1, 1), **setting})
+
+
+@pytest.mark.parametrize("setting, message", [
     ({"patch_kernel_sizes": (4, 7)}, r"^patch_kernel_sizes \(4, 7\): kernel 7 does not fit stride 4; "),
     ({"patch_kernel_sizes": (2, 4, 8)}, r"^patch_kernel_sizes \(2, 4, 8\): kernel 2 does not fit stride 4; "),
     ({"merge_kernel_sizes": (2, 3, 5)}, r"^merge_kernel_sizes \(2, 3, 5\): kernel 3, 5 does not fit stride 2; "),

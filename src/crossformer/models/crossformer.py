@@ -603,6 +603,14 @@ class CrossFormer(nn.Module):
         super().__init__()
         if long_distance not in LONG_DISTANCE_CHOICES:
             raise ValueError(f"long_distance must be one of {LONG_DISTANCE_CHOICES}, got {long_distance!r}")
+        if len(depths) == 0:
+            raise ValueError(f"depths needs at least one stage, got {tuple(depths)}")
+        if min(depths) < 0:
+            raise ValueError(f"depths must be at least 0 in every stage, got {tuple(depths)}")
+        for name, rate in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
+                           ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate <= 1.0:  # else an error deep inside the first training step
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
         num_stages = len(depths)
         num_heads = _per_stage(num_heads, num_stages, "num_heads")
         group_size = _per_stage(group_size, num_stages, "group_size")
