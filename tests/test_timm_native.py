@@ -392,6 +392,16 @@ def test_empty_batch(tag: str) -> None:
         assert logits.shape == (0, 7) and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("setting, given", [
+    ({"group_size": 2.5}, "2.5"),  # a TypeError: 'float' object is not iterable
+    ({"interval": [8, 4, 2.5, 1]}, r"\[8, 4, 2.5, 1\]"),  # silently truncated to 2
+])
+def test_a_per_stage_setting_that_is_not_whole_is_refused_at_construction(setting: dict, given: str) -> None:
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"^{name} needs a whole number or one per stage, got {given}$"):
+        timm.create_model("crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), **setting)
+
+
 @pytest.mark.parametrize("setting", [{"group_size": 0}, {"interval": [2, 2, 0, 1]}, {"num_heads": [1, 0, 4, 8]}])
 def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict) -> None:
     # group_size 0 divided by zero in the first forward; interval 0 was accepted and grouped nothing

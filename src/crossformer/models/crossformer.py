@@ -18,6 +18,7 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 """
 
 import functools
+import numbers
 from typing import Final, Sequence
 
 import torch
@@ -68,8 +69,15 @@ GLOBAL_POOL_CHOICES = ("avg", "max", "avgmax", "catavgmax", "")
 
 
 def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[int, ...]:
-    """``value`` for each stage (one int for all of them); each must be at least 1."""
-    values = (value,) * num_stages if isinstance(value, int) else tuple(int(v) for v in value)
+    """``value`` for each stage (one int for all of them); each must be a whole number, at least 1."""
+    given = (value,) * num_stages if isinstance(value, numbers.Number) else value
+    try:
+        values = tuple(int(v) for v in given)
+        whole = all(v == w for v, w in zip(given, values))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:  # int() would truncate 2.5 to 2
+        raise ValueError(f"{name} needs a whole number or one per stage, got {value!r}")
     if len(values) != num_stages:
         raise ValueError(f"{name} needs one value per stage ({num_stages}), got {values}")
     if min(values, default=1) < 1:
