@@ -44,6 +44,23 @@ def test_official_224_maps_need_no_padding_in_v1_settings(semantics: str) -> Non
         assert tuple(layout) == (7, 7, interval, size, size)
 
 
+@pytest.mark.parametrize("semantics", ["fixed_interval", "fixed_group"])
+@pytest.mark.parametrize("input_size", [224, 448, 672])
+def test_a_map_wide_interval_is_the_2021_classifiers_long_distance_grouping(input_size: int, semantics: str) -> None:
+    """README: the authors' 2021 ImageNet classifier spaces its G x G long-distance groups
+    H / G apart (its reshape to (B, G, H/G, G, W/G, C), groups indexed by the last of each
+    pair), which either semantics gives with interval S // 28, S // 56, ... at S x S."""
+    group = 7
+    for stride, interval in ((4, input_size // 28), (8, input_size // 56), (16, input_size // 112)):
+        side = input_size // stride
+        x = torch.randn(2, side, side, 3)
+        layout = group_layout(side, side, group, interval, True, semantics)
+        assert (layout.padded_h, layout.group_h, layout.interval) == (side, group, side // group)
+        authors = (x.reshape(2, group, side // group, group, side // group, 3).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(-1, group * group, 3))
+        assert torch.equal(partition_groups(x, layout), authors)
+
+
 @pytest.mark.parametrize(
     "size, group, interval, lda, semantics",
     [((56, 56), 7, 8, True, "fixed_interval"), ((28, 21), 7, 1, False, "fixed_interval"),
