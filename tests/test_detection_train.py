@@ -17,6 +17,7 @@ import torch
 
 from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
+from crossformer.detection.config import DetectionModelConfig
 from crossformer.detection.data import CocoDetection
 from crossformer.detection.evaluate import evaluate_detector
 from crossformer.detection.task import DetectionTask, build_configured_detector, train
@@ -38,6 +39,9 @@ AUTHORS_ROWS = {
     ("mask_rcnn", "3x"): {"crossformer_small", "crossformer_base", "crossformer_pp_small", "crossformer_pp_base"},
     ("cascade_mask_rcnn", "3x"): {"crossformer_small"},
 }
+# The authors' stochastic depth per detection backbone (their detection/crossformer_factory.py:
+# CrossFormer_S, CrossFormer_S2 = ++S, CrossFormer_B, CrossFormer_B2 = ++B).
+AUTHORS_DROP_PATH = {"crossformer_small": 0.2, "crossformer_pp_small": 0.2, "crossformer_base": 0.3, "crossformer_pp_base": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,8 @@ def test_every_row_of_the_authors_tables_has_a_config_with_its_recipe() -> None:
         assert (c.schedule.warmup_iters, c.schedule.warmup_ratio, c.run.clip_grad) == (500, 0.001, 0.0)
         assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.scale_lr) == (1e-4, 1e-4, False)
         assert (c.run.batch_size, c.run.eval_every, c.run.amp) == (2, 1, "auto")
-        assert (c.model.num_classes, c.model.drop_path, c.data.max_size, c.data.min_size) == (80, 0.2, 1333, 800)
+        assert (c.model.num_classes, c.data.max_size, c.data.min_size) == (80, 1333, 800)
+        assert c.model.drop_path == AUTHORS_DROP_PATH[c.model.backbone]
     assert found == AUTHORS_ROWS
 
 
@@ -80,7 +85,16 @@ def test_a_config_builds_its_detector_with_the_detection_grouping(name: str) -> 
     assert {b.group_size for b in blocks} == {7}
     assert sorted({b.interval for b in blocks}) == [1, 2, 4, 8]  # one interval per stage, CrossFormer++ too
     drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
-    assert max(drop) == pytest.approx(0.2)
+    assert max(drop) == pytest.approx(AUTHORS_DROP_PATH[c.model.backbone])
+
+
+@pytest.mark.parametrize("backbone", sorted(AUTHORS_DROP_PATH))
+def test_without_a_drop_path_setting_the_backbone_keeps_its_variants_rate(backbone: str) -> None:
+    # `--backbone crossformer_base` on the default config: the authors' 0.3, not small's 0.2
+    with torch.device("meta"):
+        detector = build_configured_detector(DetectionModelConfig(backbone=backbone), 80, pretrained=False)
+    drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
+    assert max(drop) == pytest.approx(AUTHORS_DROP_PATH[backbone])
 
 
 # training through the Task ------------------------------------------------------------
