@@ -17,11 +17,12 @@ import torch
 
 from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
-from crossformer.detection.config import DetectionModelConfig
+from crossformer.detection.config import DetectionConfig, DetectionModelConfig
 from crossformer.detection.data import CocoDetection
 from crossformer.detection.evaluate import evaluate_detector
 from crossformer.detection.task import DetectionTask, build_configured_detector, train
 from crossformer.engine import DistContext, load_training_state
+from crossformer.engine.optim import param_groups
 from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.errors import UserInputError
 from detection_train_fixtures import make_tiny_coco, tiny_config, write_tiny_config
@@ -68,6 +69,8 @@ def test_every_row_of_the_authors_tables_has_a_config_with_its_recipe() -> None:
         assert (c.run.epochs, c.schedule.name, c.schedule.milestones, c.schedule.gamma) == (epochs, "step", milestones, 0.1)
         assert (c.schedule.warmup_iters, c.schedule.warmup_ratio, c.run.clip_grad) == (500, 0.001, 0.0)
         assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.scale_lr) == (1e-4, 1e-4, False)
+        # the authors' optimizer has no paramwise_cfg: mmdet decays every parameter
+        assert (c.optimizer.decay_1d, c.optimizer.no_decay_keys) == (True, ())
         assert (c.run.batch_size, c.run.eval_every, c.run.amp) == (2, 1, "auto")
         assert (c.model.num_classes, c.data.max_size, c.data.min_size) == (80, 1333, 800)
         assert c.model.drop_path == AUTHORS_DROP_PATH[c.model.backbone]
@@ -86,6 +89,16 @@ def test_a_config_builds_its_detector_with_the_detection_grouping(name: str) -> 
     assert sorted({b.interval for b in blocks}) == [1, 2, 4, 8]  # one interval per stage, CrossFormer++ too
     drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
     assert max(drop) == pytest.approx(AUTHORS_DROP_PATH[c.model.backbone])
+
+
+def test_the_default_recipe_decays_every_parameter_as_mmdet_without_paramwise_cfg() -> None:
+    # the authors' `optimizer = dict(type='AdamW', lr=0.0001, weight_decay=0.0001)`: norms,
+    # biases and the position-bias MLPs decay too
+    c = DetectionConfig()
+    with torch.device("meta"):
+        detector = build_configured_detector(c.model, 80, pretrained=False)
+    spared, decayed = param_groups(detector, c.optimizer.weight_decay, c.optimizer.no_decay_keys, c.optimizer.decay_1d)
+    assert not spared["params"] and len(decayed["params"]) == len(list(detector.parameters()))
 
 
 @pytest.mark.parametrize("backbone", sorted(AUTHORS_DROP_PATH))

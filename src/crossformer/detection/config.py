@@ -1,7 +1,7 @@
 """The detection configuration: the engine's sections plus model, data and test settings.
 
 Defaults are the authors' COCO 1x recipe as they ran it on mmdetection (8 GPUs x 2 images):
-12 epochs, AdamW lr 1e-4 and weight decay 1e-4 (none on norms and biases), the rate x0.1
+12 epochs, AdamW lr 1e-4 and weight decay 1e-4 on every parameter, the rate x0.1
 after epochs 8 and 11, a linear warm-up over 500 iterations from 0.001, no gradient
 clipping, the variant's drop path (0.2 S / ++S, 0.3 B / ++B), no linear lr scaling,
 evaluation every epoch, best by box AP.
@@ -135,7 +135,7 @@ class DetectionConfig(EngineConfig):
     alternatives = DENSE_ALTERNATIVES
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, scale_lr=False))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, decay_1d=True, scale_lr=False))
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(name="step", milestones=(8, 11), gamma=0.1, warmup_iters=500, warmup_ratio=0.001)
     )
