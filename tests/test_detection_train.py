@@ -134,13 +134,27 @@ def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) ->
     task = DetectionTask(config, DistContext())
     batch = next(iter(task.train_loader))
     assert task.batch_counts(batch) == {"samples": 2.0, "unreadable_images": 0.0}
-    assert len(task.train_loader) == 4  # 9 train images in batches of 2, the last one dropped
+    # 9 train images, each orientation padded to whole batches of 2 (as mmdetection's group sampler)
+    landscape = sum(task.train_set.landscape)
+    assert len(task.train_loader) == -(-landscape // 2) + -(-(9 - landscape) // 2)
     extras = task.checkpoint_extras()
     task.check_resume(extras, "x.pth")
     with pytest.raises(UserInputError, match="is a retinanet on crossformer_tiny, not a mask_rcnn"):
         task.check_resume({**extras, "detector": "retinanet"}, "x.pth")
     with pytest.raises(UserInputError, match="has 4 categories but model.num_classes is 80"):
         DetectionTask(replace(config, model=replace(config.model, num_classes=80)), DistContext())
+
+
+def test_each_training_batch_holds_one_orientation_as_mmdetection(coco: Path, tmp_path: Path) -> None:
+    # a portrait and a landscape image in one batch pad to a square of their longer sides
+    config = tiny_config(tmp_path / "c.yaml", "retinanet", coco, tmp_path / "run")
+    task = DetectionTask(config, DistContext())
+    assert 0 < sum(task.train_set.landscape) < len(task.train_set)  # the fixture has both
+    for epoch in range(3):
+        task.train_sampler.set_epoch(epoch)
+        for batch in task.train_loader:
+            wide = {meta["ori_shape"][1] > meta["ori_shape"][0] for meta in batch.metas}
+            assert len(wide) == 1, [meta["ori_shape"] for meta in batch.metas]
 
 
 def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:
