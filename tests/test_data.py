@@ -137,6 +137,23 @@ def test_sampler_resumes_mid_epoch() -> None:
     assert list(sampler) == full[8:] and len(sampler) == 12
 
 
+def test_grouped_sampler_fills_each_batch_from_one_group_and_covers_every_sample() -> None:
+    groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]  # 5 and 6: each padded to whole batches of 2 on 2 ranks
+    shards = [ShardedSampler(len(groups), rank, 2, seed=7, groups=groups, batch_size=2) for rank in range(2)]
+    for s in shards:
+        s.set_epoch(3)
+    seen = [list(s) for s in shards]
+    assert [len(x) for x in seen] == [len(s) for s in shards] == [8, 8]
+    for order in seen:
+        assert all(groups[a] == groups[b] for a, b in zip(order[::2], order[1::2]))
+    assert set(sum(seen, [])) == set(range(len(groups)))
+    assert sorted(groups[i] for i in sum(seen, [])) == [0] * 8 + [1] * 8  # padded within its group
+    shards[0].set_epoch(3, start=4)  # resuming mid-epoch
+    assert list(shards[0]) == seen[0][4:] and len(shards[0]) == 4
+    shards[0].set_epoch(4)
+    assert list(shards[0]) != seen[0]
+
+
 def test_train_transform_is_random_and_eval_is_not(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -17,10 +17,12 @@ import torch
 
 from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
+from crossformer.detection.config import DetectionConfig, DetectionModelConfig
 from crossformer.detection.data import CocoDetection
 from crossformer.detection.evaluate import evaluate_detector
 from crossformer.detection.task import DetectionTask, build_configured_detector, train
 from crossformer.engine import DistContext, load_training_state
+from crossformer.engine.optim import param_groups
 from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.errors import UserInputError
 from detection_train_fixtures import make_tiny_coco, tiny_config, write_tiny_config
@@ -38,6 +40,9 @@ AUTHORS_ROWS = {
     ("mask_rcnn", "3x"): {"crossformer_small", "crossformer_base", "crossformer_pp_small", "crossformer_pp_base"},
     ("cascade_mask_rcnn", "3x"): {"crossformer_small"},
 }
+# The authors' stochastic depth per detection backbone (their detection/crossformer_factory.py:
+# CrossFormer_S, CrossFormer_S2 = ++S, CrossFormer_B, CrossFormer_B2 = ++B).
+AUTHORS_DROP_PATH = {"crossformer_small": 0.2, "crossformer_pp_small": 0.2, "crossformer_base": 0.3, "crossformer_pp_base": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +69,11 @@ def test_every_row_of_the_authors_tables_has_a_config_with_its_recipe() -> None:
         assert (c.run.epochs, c.schedule.name, c.schedule.milestones, c.schedule.gamma) == (epochs, "step", milestones, 0.1)
         assert (c.schedule.warmup_iters, c.schedule.warmup_ratio, c.run.clip_grad) == (500, 0.001, 0.0)
         assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.scale_lr) == (1e-4, 1e-4, False)
+        # the authors' optimizer has no paramwise_cfg: mmdet decays every parameter
+        assert (c.optimizer.decay_1d, c.optimizer.no_decay_keys) == (True, ())
         assert (c.run.batch_size, c.run.eval_every, c.run.amp) == (2, 1, "auto")
-        assert (c.model.num_classes, c.model.drop_path, c.data.max_size, c.data.min_size) == (80, 0.2, 1333, 800)
+        assert (c.model.num_classes, c.data.max_size, c.data.min_size) == (80, 1333, 800)
+        assert c.model.drop_path == AUTHORS_DROP_PATH[c.model.backbone]
     assert found == AUTHORS_ROWS
 
 
@@ -80,7 +88,26 @@ def test_a_config_builds_its_detector_with_the_detection_grouping(name: str) -> 
     assert {b.group_size for b in blocks} == {7}
     assert sorted({b.interval for b in blocks}) == [1, 2, 4, 8]  # one interval per stage, CrossFormer++ too
     drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
-    assert max(drop) == pytest.approx(0.2)
+    assert max(drop) == pytest.approx(AUTHORS_DROP_PATH[c.model.backbone])
+
+
+def test_the_default_recipe_decays_every_parameter_as_mmdet_without_paramwise_cfg() -> None:
+    # the authors' `optimizer = dict(type='AdamW', lr=0.0001, weight_decay=0.0001)`: norms,
+    # biases and the position-bias MLPs decay too
+    c = DetectionConfig()
+    with torch.device("meta"):
+        detector = build_configured_detector(c.model, 80, pretrained=False)
+    spared, decayed = param_groups(detector, c.optimizer.weight_decay, c.optimizer.no_decay_keys, c.optimizer.decay_1d)
+    assert not spared["params"] and len(decayed["params"]) == len(list(detector.parameters()))
+
+
+@pytest.mark.parametrize("backbone", sorted(AUTHORS_DROP_PATH))
+def test_without_a_drop_path_setting_the_backbone_keeps_its_variants_rate(backbone: str) -> None:
+    # `--backbone crossformer_base` on the default config: the authors' 0.3, not small's 0.2
+    with torch.device("meta"):
+        detector = build_configured_detector(DetectionModelConfig(backbone=backbone), 80, pretrained=False)
+    drop = [m.drop_prob for m in detector.backbone.modules() if hasattr(m, "drop_prob")]
+    assert max(drop) == pytest.approx(AUTHORS_DROP_PATH[backbone])
 
 
 # training through the Task ------------------------------------------------------------
@@ -107,13 +134,27 @@ def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) ->
     task = DetectionTask(config, DistContext())
     batch = next(iter(task.train_loader))
     assert task.batch_counts(batch) == {"samples": 2.0, "unreadable_images": 0.0}
-    assert len(task.train_loader) == 4  # 9 train images in batches of 2, the last one dropped
+    # 9 train images, each orientation padded to whole batches of 2 (as mmdetection's group sampler)
+    landscape = sum(task.train_set.landscape)
+    assert len(task.train_loader) == -(-landscape // 2) + -(-(9 - landscape) // 2)
     extras = task.checkpoint_extras()
     task.check_resume(extras, "x.pth")
     with pytest.raises(UserInputError, match="is a retinanet on crossformer_tiny, not a mask_rcnn"):
         task.check_resume({**extras, "detector": "retinanet"}, "x.pth")
     with pytest.raises(UserInputError, match="has 4 categories but model.num_classes is 80"):
         DetectionTask(replace(config, model=replace(config.model, num_classes=80)), DistContext())
+
+
+def test_each_training_batch_holds_one_orientation_as_mmdetection(coco: Path, tmp_path: Path) -> None:
+    # a portrait and a landscape image in one batch pad to a square of their longer sides
+    config = tiny_config(tmp_path / "c.yaml", "retinanet", coco, tmp_path / "run")
+    task = DetectionTask(config, DistContext())
+    assert 0 < sum(task.train_set.landscape) < len(task.train_set)  # the fixture has both
+    for epoch in range(3):
+        task.train_sampler.set_epoch(epoch)
+        for batch in task.train_loader:
+            wide = {meta["ori_shape"][1] > meta["ori_shape"][0] for meta in batch.metas}
+            assert len(wide) == 1, [meta["ori_shape"] for meta in batch.metas]
 
 
 def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:

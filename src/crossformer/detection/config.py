@@ -1,9 +1,10 @@
 """The detection configuration: the engine's sections plus model, data and test settings.
 
 Defaults are the authors' COCO 1x recipe as they ran it on mmdetection (8 GPUs x 2 images):
-12 epochs, AdamW lr 1e-4 and weight decay 1e-4 (none on norms and biases), the rate x0.1
+12 epochs, AdamW lr 1e-4 and weight decay 1e-4 on every parameter, the rate x0.1
 after epochs 8 and 11, a linear warm-up over 500 iterations from 0.001, no gradient
-clipping, drop path 0.2, no linear lr scaling, evaluation every epoch, best by box AP.
+clipping, the variant's drop path (0.2 S / ++S, 0.3 B / ++B), no linear lr scaling,
+evaluation every epoch, best by box AP.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class DetectionModelConfig:
     backbone: str = "crossformer_small"  # a CrossFormer variant
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = 80  # None: the training data's category count
-    drop_path: float = 0.2  # the backbone's stochastic depth rate
+    drop_path: float | None = None  # the backbone's stochastic depth (None: the variant's, as the authors)
     pretrained: str | None = None  # an ImageNet checkpoint for the backbone (the authors' or ours)
     # as mmdet's load_from: the classifier layers start afresh where the data's class count differs
     init_from: str | None = None  # a whole detector to fine-tune (the authors' mmdet file or ours)
@@ -56,7 +57,7 @@ class DetectionModelConfig:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
-        if not 0 <= self.drop_path < 1:
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
         check_one_start(self.pretrained, self.init_from)
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
@@ -64,8 +65,9 @@ class DetectionModelConfig:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
 
     def backbone_settings(self) -> dict[str, Any]:
-        """``backbone_kwargs`` with the drop path rate."""
-        return {"drop_path_rate": self.drop_path, **self.backbone_kwargs}
+        """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""
+        rate = {} if self.drop_path is None else {"drop_path_rate": self.drop_path}
+        return {**rate, **self.backbone_kwargs}
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class DetectionConfig(EngineConfig):
     alternatives = DENSE_ALTERNATIVES
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, scale_lr=False))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, decay_1d=True, scale_lr=False))
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(name="step", milestones=(8, 11), gamma=0.1, warmup_iters=500, warmup_ratio=0.001)
     )

@@ -296,6 +296,12 @@ class CocoDetection(Dataset):
     def image_ids(self) -> list[int]:
         return [r.image_id for r in self.records]
 
+    @property
+    def landscape(self) -> list[int]:
+        """1 for each image wider than tall, else 0 (from the file's sizes): mmdetection's
+        group flag, which training batches by."""
+        return [int(r.width > r.height) for r in self.records]
+
     def label_to_cat_id(self, labels: Sequence[int] | torch.Tensor) -> list[int]:
         """Contiguous labels 0..C-1 -> the file's category ids."""
         return [self.cat_ids[int(i)] for i in labels]

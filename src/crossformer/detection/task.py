@@ -94,7 +94,9 @@ class DetectionTask(Task):
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
                             f"batch of {batch} per process; lower --batch-size")
-        self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
+        # one orientation per batch, as mmdetection: less padding to the batch's largest sides
+        self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed,
+                                            groups=self.train_set.landscape, batch_size=batch)
         self.train_loader = build_loader(
             self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
             pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection, seed_each_sample=True,

@@ -107,7 +107,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decay rates
     eps: float = 1e-8  # AdamW's denominator term
     no_decay_keys: tuple[str, ...] = ()  # no weight decay on parameters whose name contains one of these
-    decay_1d: bool = False  # decay biases and norms too, unless a key names them (mmseg's recipes)
+    decay_1d: bool = False  # decay biases and norms too, unless a key names them (the mmdet and mmseg recipes)
     scale_lr: bool = True  # linear scaling: lr, min_lr x global batch / lr_batch_reference
     lr_batch_reference: int = 512  # the global batch that lr is given for (with scale_lr)
 

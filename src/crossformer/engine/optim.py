@@ -23,7 +23,7 @@ def param_groups(
     model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str] = (), decay_1d: bool = False
 ) -> list[dict[str, Any]]:
     """Two groups: decayed, and not decayed -- 1-d parameters (norms, biases, scales; unless
-    ``decay_1d``, as mmseg's recipes have it), the model's ``no_weight_decay()`` names, and names
+    ``decay_1d``, as the mmdet and mmseg recipes have it), the model's ``no_weight_decay()`` names, and names
     containing any of ``no_decay_keys`` (mmseg's custom keys such as ``norm``: decay off for
     every norm layer's parameters)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
