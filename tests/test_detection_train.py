@@ -129,6 +129,24 @@ def test_training_each_detector_logs_every_loss_term_and_evaluates(kind: str, co
     assert state["class_names"] == ["circle", "rectangle", "triangle", "star"] and state["num_classes"] == 4
 
 
+def test_on_several_gpus_the_cascade_heads_batchnorm_is_synced(coco: Path, tmp_path: Path, monkeypatch) -> None:
+    """The authors' cascade heads (Swin's) use SyncBN: under DDP on GPUs their BatchNorm layers
+    become SyncBatchNorm, state dict keys unchanged; on one process or the CPU they stay."""
+    config = tiny_config(tmp_path / "c.yaml", "cascade_mask_rcnn", coco, tmp_path / "run")
+    detector = build_configured_detector(config.model, 4)
+    norms = {name for name, m in detector.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    keys = list(detector.state_dict())
+    assert norms and DistContext(world_size=2).sync_batchnorm(detector) is detector  # gloo on CPUs
+    assert DistContext(device=torch.device("cuda")).sync_batchnorm(detector) is detector  # one GPU
+    synced = DistContext(world_size=2, device=torch.device("cuda")).sync_batchnorm(detector)
+    assert {name for name, m in synced.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)} == norms
+    assert list(synced.state_dict()) == keys
+    seen = []
+    monkeypatch.setattr(DistContext, "sync_batchnorm", lambda self, model: seen.append(model) or model)
+    task = DetectionTask(config, DistContext())
+    assert seen == [task.model]
+
+
 def test_the_task_checks_its_data_and_checkpoints(coco: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "run")
     task = DetectionTask(config, DistContext())

@@ -88,6 +88,14 @@ def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:
         SegmentationTask(_config(tmp_path, ade, **{"model.num_classes": 150}), DistContext())
 
 
+def test_the_task_hands_its_segmentor_to_syncbn(ade: Path, tmp_path: Path, monkeypatch) -> None:
+    """UPerNet's heads train with the authors' SyncBN under DDP on GPUs (DistContext.sync_batchnorm)."""
+    seen = []
+    monkeypatch.setattr(DistContext, "sync_batchnorm", lambda self, model: seen.append(model) or model)
+    task = SegmentationTask(_config(tmp_path, ade), DistContext())
+    assert seen == [task.model]
+
+
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
 def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path, tmp_path: Path) -> None:
     task = SegmentationTask(_config(tmp_path, ade, kind), DistContext())

@@ -103,7 +103,7 @@ class DetectionTask(Task):
         )
         detector = build_configured_detector(c.model, num_classes)
         self.started_from = c.model.init_from and start_from(detector, c.model.init_from, _fine_tune_load)
-        self.model = detector.to(ctx.device)
+        self.model = ctx.sync_batchnorm(detector).to(ctx.device)  # the cascade heads' BatchNorm
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
 
     # the Task interface ---------------------------------------------------------------

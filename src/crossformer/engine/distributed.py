@@ -163,6 +163,15 @@ class DistContext:
         """Rank 0 alone writes files and logs."""
         return self.rank == 0
 
+    def sync_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` with its BatchNorm layers computing statistics over every GPU of a
+        multi-GPU job, as the authors' SyncBN heads (UPerNet's, the cascade heads); unchanged
+        on one process or the CPU (torch syncs only accelerator tensors). The state dict keys
+        stay BatchNorm's."""
+        if self.distributed and self.device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -136,9 +136,7 @@ class SegmentationTask(Task):
         )
         model = build_model(c.model, self.train_set.num_classes)
         self.started_from = c.model.init_from and start_from(model, c.model.init_from, _fine_tune_load)
-        if ctx.distributed and ctx.device.type == "cuda":  # the authors' SyncBN: statistics over all GPUs
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(ctx.device)
+        self.model = ctx.sync_batchnorm(model).to(ctx.device)
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
         self.inference = c.test.inference()
 
