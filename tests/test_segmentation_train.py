@@ -88,6 +88,31 @@ def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:
         SegmentationTask(_config(tmp_path, ade, **{"model.num_classes": 150}), DistContext())
 
 
+def test_a_layers_choice_of_data_root_or_folders_replaces_the_layers_below(tmp_path: Path) -> None:
+    # a checkpoint trained on the folder layout, evaluated with --data ADE_ROOT, was refused with
+    # "give either data.root or the image/label folders, not both; set the other to null
+    # (data.root=null ...)": following it undid --data; the five recorded folder settings had to
+    # be nulled one by one. The same for a root recorded (or in a base file) under folders given.
+    folders = {"train_images": "img/train", "train_labels": "lbl/train", "val_images": "img/val",
+               "val_labels": "lbl/val", "classes": "classes.txt"}
+    recorded = {"task": "segmentation", "data": folders}
+    data = resolve_config(recorded, {"data.root": "ade"}, use_default=False, source="ckpt").config.data
+    assert (data.root, data.folders) == ("ade", (None,) * 5)
+    val = {"data.val_images": "v", "data.val_labels": "l", "data.classes": "c"}
+    data = resolve_config({"task": "segmentation", "data": {"root": "ade"}}, val, source="ckpt").config.data
+    assert (data.root, data.folders) == (None, (None, None, "v", "l", "c"))
+    data = resolve_config(recorded, {"data.val_images": "v"}, source="ckpt").config.data  # a folder of the same layout
+    assert data.folders == ("img/train", "lbl/train", "v", "lbl/val", "classes.txt")
+    base = tmp_path / "base.yaml"
+    base.write_text("base: upernet_crossformer_small\ndata: {root: ade}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ndata: {val_images: v, val_labels: l, classes: c}\n")
+    assert resolve_config(str(child)).config.data.root is None
+    # both in one layer is still refused
+    with pytest.raises(UserInputError, match="data.root .* or the image/label folders, not both"):
+        resolve_config(recorded, {"data.root": "ade", "data.val_images": "v"}, source="ckpt")
+
+
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
 def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path, tmp_path: Path) -> None:
     task = SegmentationTask(_config(tmp_path, ade, kind), DistContext())
