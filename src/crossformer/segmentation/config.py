@@ -90,6 +90,20 @@ class SegDataConfig:
     def given(self) -> bool:
         return self.root is not None or any(f is not None for f in self.folders)
 
+    def known_classes(self) -> int | None:
+        """The class count training on this data finds, where it is known without opening an
+        image: the ``classes`` file's, or a ``root``'s (:func:`.data.ade_classes`); None where
+        the config names no data or it is not on this machine."""
+        from ..data import DataError, load_class_list
+        from .data import ade_classes, find_ade_root
+
+        try:
+            if self.root is not None:
+                return len(load_class_list(ade_classes(find_ade_root(self.root))[0]))
+            return None if self.classes is None else len(load_class_list(self.classes))
+        except DataError:
+            return None
+
     def validate(self) -> None:
         if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
             raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")

@@ -42,7 +42,7 @@ from .transforms import IGNORE_INDEX
 
 __all__ = [
     "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset",
-    "find_ade_root", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
+    "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
     "collate_segmentation", "check_batch", "skipped_file",
 ]
 
@@ -231,6 +231,13 @@ def find_ade_root(path: str | Path) -> Path:
     )
 
 
+def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, int, int]] | None]:
+    """``(classes, palette)`` of the ADE20K-layout folder ``ade``: its ``classes.txt`` (palette
+    None: generated), else the 150 ADE20K classes with mmseg's palette."""
+    class_file = ade / CLASS_FILE
+    return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)
+
+
 def ade20k_dataset(root: str | Path, split: str = "training", transform: Transform | None = None) -> SegmentationDataset:
     """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
 
@@ -241,12 +248,7 @@ def ade20k_dataset(root: str | Path, split: str = "training", transform: Transfo
     if split not in ADE_SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
     folder = ADE_SPLITS[split]
-    class_file = ade / CLASS_FILE
-    if class_file.is_file():
-        classes: Sequence[str] | Path = class_file
-        palette = None
-    else:
-        classes, palette = ADE20K_CLASSES, ADE20K_PALETTE
+    classes, palette = ade_classes(ade)
     return SegmentationDataset(
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
         transform=transform, palette=palette,
