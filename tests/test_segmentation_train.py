@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,31 @@ def test_an_unreadable_validation_file_stops_before_training(ade: Path, tmp_path
     with pytest.raises(DataError, match=rf"cannot read validation file {bad}: .*--skip-corrupt"):
         train(_config(tmp_path / "run", broken))
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("value", r"label map .* holds value 200, out of range for 7 classes"),
+    ("size", r"label map .* is 10x8 but its image .* they must match"),
+])
+def test_a_bad_validation_label_map_stops_before_training(ade: Path, tmp_path: Path, problem: str, message: str) -> None:
+    # Only the headers were checked before training: a label value out of range or a label map of
+    # another size than its image stopped the run at the first evaluation, an epoch (or 16k
+    # iterations of the authors' recipe) into it.
+    from PIL import Image
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ade, broken)
+    bad = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[-1]
+    with Image.open(bad) as label:
+        values = np.asarray(label).copy()
+    values[0, 0] = 200
+    Image.fromarray(values if problem == "value" else values[:8, :10]).save(bad)
+    steps: list[int] = []
+    for skip_corrupt in (False, True):  # never skipped: evaluation would stop on it either way
+        with pytest.raises(DataError, match=message):
+            train(_config(tmp_path / f"run{skip_corrupt}", broken, **{"data.skip_corrupt": skip_corrupt}),
+                  on_step_end=steps.append)
+    assert steps == [] and not (tmp_path / "runFalse" / "last.pth").exists()
 
 
 _KILLED_RUN = """

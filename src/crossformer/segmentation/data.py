@@ -41,7 +41,7 @@ from ..data.draw import palette as class_palette
 from .transforms import IGNORE_INDEX
 
 __all__ = [
-    "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset",
+    "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset", "EvaluationStops",
     "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
     "collate_segmentation", "check_batch", "skipped_file",
 ]
@@ -253,6 +253,23 @@ def ade20k_dataset(root: str | Path, split: str = "training", transform: Transfo
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
         transform=transform, palette=palette,
     )
+
+
+class EvaluationStops(Dataset):
+    """What would stop an evaluation at each sample of ``dataset``, read as evaluation reads it:
+    a bad label map (a value out of range, another size than its image) or, unless
+    ``skip_corrupt``, an unreadable file; None for a good sample. Loader workers hand back
+    these lines, not the decoded pixels."""
+
+    def __init__(self, dataset: SegmentationDataset, skip_corrupt: bool) -> None:
+        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str | None:
+        sample = self.dataset[index]
+        return sample.error if sample.fatal or not self.skip_corrupt else None
 
 
 def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
