@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,8 +18,6 @@ def head_classes(verb: str, model_classes: int | None, data_classes: Callable[[]
     """The class count training would build a dense model's heads for: ``model_classes``
     (``model.num_classes``), else the data's as ``data_classes()`` finds it without opening an
     image, else ``assumed`` (``whose``: the data set it is the count of), said on stderr."""
-    import sys
-
     count = model_classes or data_classes()
     if count is None:
         print(f"crossformer {verb}: model.num_classes is null (the data's class count) and the config names no data "

@@ -21,7 +21,7 @@ from torch import nn
 from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
-from .classes import known_category_ids
+from .classes import COCO_CLASSES, known_category_ids
 from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
@@ -200,7 +200,7 @@ def _size(args: argparse.Namespace, default: tuple[int, int]) -> tuple[int, int]
 
 def _config_classes(verb: str, config: DetectionConfig) -> int:
     """The class count training would build the detector for (COCO's 80 where it cannot be known)."""
-    return head_classes(verb, config.model.num_classes, config.data.known_classes, 80, "COCO's")
+    return head_classes(verb, config.model.num_classes, config.data.known_classes, len(COCO_CLASSES), "COCO's")
 
 
 def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:

@@ -32,7 +32,8 @@ from .distributed import default_workers
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
-    "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES", "with_absolute_paths",
+    "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
+    "with_absolute_paths",
 ]
 
 C = TypeVar("C")
