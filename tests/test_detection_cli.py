@@ -412,3 +412,36 @@ def test_export_safetensors_keeps_the_detector_and_its_config(trained, tmp_path:
     a = load_detector(config, trained["checkpoint"], torch.device("cpu")).detector.state_dict()
     b = load_detector(config, weights, torch.device("cpu")).detector.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flops_and_benchmark_of_a_dense_config_count_the_heads_for_the_datas_classes(tmp_path: Path, capsys) -> None:
+    # model.num_classes: null (the data's count) was counted as COCO's 80 / ADE20K's 150 without a
+    # word: the params and MACs of another model than training builds. Now the data's count where
+    # it is known without opening an image, else the assumed one, said on stderr.
+    from detection_fixtures import make_small_coco
+    from segmentation_fixtures import make_tiny_ade
+
+    coco, ade = make_small_coco(tmp_path / "coco", images=2), make_tiny_ade(tmp_path / "ade", images=2)
+    (tmp_path / "classes.txt").write_text("sky\nroad\ncar\n")
+
+    def flops(*argv: str) -> tuple[int, str]:
+        assert main(["flops", "--json", "--img-size", "64", "64", *argv]) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out)["num_classes"], captured.err
+
+    assert flops("--config", "mask_rcnn_shapes_demo", f"data.root={coco}") == (4, "")
+    assert flops("--config", "mask_rcnn_shapes_demo", f"data.train_ann={coco}/annotations/instances_train2017.json",
+                 f"data.train_images={coco}/train2017") == (4, "")
+    assert flops("--config", "upernet_demo", f"data.root={ade}") == (7, "")  # its classes.txt
+    assert flops("--config", "upernet_demo", f"data.classes={tmp_path / 'classes.txt'}", "data.val_images=v",
+                 "data.val_labels=l") == (3, "")
+    assert flops("--config", "upernet_demo", "model.num_classes=5", f"data.root={ade}") == (5, "")  # the setting wins
+    for config, assumed, whose in (("mask_rcnn_shapes_demo", 80, "COCO's"), ("upernet_demo", 150, "ADE20K's")):
+        count, said = flops("--config", config)  # names no data
+        assert count == assumed and said.strip() == (
+            f"crossformer flops: model.num_classes is null (the data's class count) and the config names no data "
+            f"found on this machine, so the heads are counted for {assumed} classes ({whose}); pass model.num_classes=N")
+        assert flops("--config", config, f"data.root={tmp_path / 'elsewhere'}") == (assumed, said)
+    assert main(["benchmark", "--config", "mask_rcnn_shapes_demo", "--img-size", "64", "64", "--rounds", "1",
+                 "--warmup", "0", "--steps", "1", "--no-memory", "--json"]) == 0
+    assert "crossformer benchmark: model.num_classes is null" in capsys.readouterr().err

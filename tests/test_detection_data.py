@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from crossformer.classification.evaluate import raise_or_count_unreadable
 from crossformer.data import DataError
 from crossformer.data import read_rgb as read_image
 from crossformer.detection.data import CocoDetection, DetectionSample, coco_paths, collate_detection, decode_segmentation
+from crossformer.detection.evaluate import load_ground_truth
 from crossformer.detection.synthetic import SHAPE_CATEGORIES
 from crossformer.detection.transforms import (
     IMAGENET_MEAN, Normalize, RandomCrop, RandomFlip, Resize, build_test_transform, build_train_transform,
@@ -295,8 +297,6 @@ def _object_hues(root: Path, split: str = "train") -> list[tuple[int, float]]:
     """(category id, hue of the median colour of its visible pixels) for every non-crowd object."""
     import colorsys
 
-    from pycocotools import mask as mask_utils
-
     data, hues = _json(root, split), []
     for entry in data["images"]:
         pixels = np.asarray(Image.open(root / f"{split}2017" / entry["file_name"]), dtype=np.float64)
@@ -411,3 +411,43 @@ def test_a_polygon_without_its_outer_list_is_one_line_not_a_left_out_object(tmp_
     with pytest.raises(DataError, match=r"annotation 3 of image a\.jpg has a polygon segmentation that is not a list "
                                         r"of polygons \(\[2, 2, 12, 2, 12, 12, 2, 12\]\); COCO format is \[\[x0, y0"):
         CocoDetection(path, tmp_path / "img")
+
+
+_WHOLE_IMAGE_RLE = mask_utils.encode(np.ones((30, 40), dtype=np.uint8, order="F"))["counts"].decode()
+
+
+@pytest.mark.parametrize("segmentation, message", [
+    ([[0, 0, "a", 0, 4, 4]], r"has a polygon holding a value that is not a finite number \(\[0, 0, 'a', 0, 4, 4\]\)"),
+    ([[0, 0, None, 0, 4, 4]], r"has a polygon holding a value that is not a finite number \(\[0, 0, None"),
+    ([[0, 0, float("nan"), 0, 4, 4]], "has a polygon holding a value that is not a finite number"),
+    ({"size": [30, 40], "counts": "!!!!garbage"}, r"has an RLE segmentation whose counts \(!!!!garbage\) are not run "
+                                                   r"lengths \(whole numbers, none negative\) summing to its 30x40 pixels"),
+    ({"size": [30, 40], "counts": _WHOLE_IMAGE_RLE[:-1]}, "has an RLE segmentation whose counts"),  # cut short
+    ({"size": [30, 40], "counts": [-5, 1205]}, r"has an RLE segmentation whose counts \(\[-5, 1205\]\) are not run lengths"),
+    # 10 of its 1200 pixels: the rest of the mask was whatever memory was there
+    ({"size": [30, 40], "counts": [0, 10]}, r"has an RLE segmentation whose counts \(\[0, 10\]\) are not run lengths"),
+    ({"size": [30, 40], "counts": [0, 2000]}, "has an RLE segmentation whose counts"),
+    ({"size": [30, 40], "counts": ["a", 1200]}, "has an RLE segmentation whose counts"),
+    ({"size": ["a", 40], "counts": [0, 1200]}, r"has an RLE segmentation of size \['a', 40\], but the image is 30x40"),
+])
+def test_a_segmentation_pycocotools_cannot_read_is_one_line_in_training_and_evaluation(tmp_path, segmentation, message):
+    # these reached pycocotools: a traceback (ValueError, OverflowError) when a sample or the
+    # ground truth was decoded, or, for counts short of the image or a null/NaN coordinate, a
+    # mask of whatever memory was there, trained on and scored without a word
+    path = _write_coco(tmp_path, [_ann(4, [0, 0, 10, 10], segmentation=segmentation)])
+    where = r"ann\.json: annotation 4 of image a\.jpg "
+    with pytest.raises(DataError, match=where + message):
+        CocoDetection(path, tmp_path / "img")
+    with pytest.raises(DataError, match=where + message):
+        load_ground_truth(path, with_masks=True)
+
+
+def test_a_compressed_rle_as_pycocotools_writes_it_passes_the_check(tmp_path):
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[3:17, 5:31] = 1
+    mask[20, ::3] = 1  # many runs, so most counts are written as differences from the run two before
+    for mask in (mask, np.ones_like(mask)):
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+        path = _write_coco(tmp_path, [_ann(1, [0, 0, 10, 10], segmentation={"size": [30, 40], "counts": counts})])
+        assert (CocoDetection(path, tmp_path / "img")[0].masks[0].numpy() == mask).all()
+        assert load_ground_truth(path, with_masks=True).annToMask(load_ground_truth(path, True).anns[1]).sum() == mask.sum()

@@ -340,6 +340,38 @@ def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: 
         resolve_config(str(seg))
 
 
+def test_a_files_choice_of_an_alternative_replaces_its_bases(tmp_path: Path, capsys) -> None:
+    # a file naming iterations over a base naming epochs was refused as setting both ("set exactly
+    # one of run.epochs and run.iterations"), though the command line could replace the base's choice
+    from crossformer.cli import main
+    from crossformer.engine.registry import resolve_config
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("base: digits\nrun: {epochs: 3}\nschedule: {warmup_epochs: 1}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: shared.yaml\nrun: {iterations: 20}\nschedule: {warmup_iters: 5}\n")
+    config = resolve_config(str(mine)).config
+    assert (config.run.epochs, config.run.iterations) == (0, 20)
+    assert (config.schedule.warmup_epochs, config.schedule.warmup_iters) == (0, 5)
+    with pytest.raises(SystemExit):  # what train --help shows is the child's choice
+        main(["train", "--config", str(mine), "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "or set epochs) (default 20)" in help_text and "or set iterations) (default 0)" in help_text
+    shared.write_text("base: digits\nepochs: 3\n")  # a bare or dotted key is the same setting
+    mine.write_text("base: shared.yaml\nrun.iterations: 20\nwarmup_iters: 2\n")
+    assert resolve_config(str(mine)).config.run.length == 20
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("base: mask_rcnn_shapes_demo\nmodel: {pretrained: backbone.pth}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: dense.yaml\nmodel: {init_from: detector.pth}\n")
+    model = resolve_config(str(child)).config.model
+    assert (model.pretrained, model.init_from) == (None, "detector.pth")
+    # both in one file is still refused
+    mine.write_text("base: shared.yaml\nrun: {epochs: 2, iterations: 3}\n")
+    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+        resolve_config(str(mine))
+
+
 def test_training_records_every_data_path_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from crossformer.engine.config import with_absolute_paths
     from crossformer.engine.registry import task_module

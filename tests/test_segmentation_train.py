@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,31 @@ def test_the_task_hands_its_segmentor_to_syncbn(ade: Path, tmp_path: Path, monke
     assert seen == [task.model]
 
 
+def test_a_layers_choice_of_data_root_or_folders_replaces_the_layers_below(tmp_path: Path) -> None:
+    # a checkpoint trained on the folder layout, evaluated with --data ADE_ROOT, was refused with
+    # "give either data.root or the image/label folders, not both; set the other to null
+    # (data.root=null ...)": following it undid --data; the five recorded folder settings had to
+    # be nulled one by one. The same for a root recorded (or in a base file) under folders given.
+    folders = {"train_images": "img/train", "train_labels": "lbl/train", "val_images": "img/val",
+               "val_labels": "lbl/val", "classes": "classes.txt"}
+    recorded = {"task": "segmentation", "data": folders}
+    data = resolve_config(recorded, {"data.root": "ade"}, use_default=False, source="ckpt").config.data
+    assert (data.root, data.folders) == ("ade", (None,) * 5)
+    val = {"data.val_images": "v", "data.val_labels": "l", "data.classes": "c"}
+    data = resolve_config({"task": "segmentation", "data": {"root": "ade"}}, val, source="ckpt").config.data
+    assert (data.root, data.folders) == (None, (None, None, "v", "l", "c"))
+    data = resolve_config(recorded, {"data.val_images": "v"}, source="ckpt").config.data  # a folder of the same layout
+    assert data.folders == ("img/train", "lbl/train", "v", "lbl/val", "classes.txt")
+    base = tmp_path / "base.yaml"
+    base.write_text("base: upernet_crossformer_small\ndata: {root: ade}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ndata: {val_images: v, val_labels: l, classes: c}\n")
+    assert resolve_config(str(child)).config.data.root is None
+    # both in one layer is still refused
+    with pytest.raises(UserInputError, match="data.root .* or the image/label folders, not both"):
+        resolve_config(recorded, {"data.root": "ade", "data.val_images": "v"}, source="ckpt")
+
+
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
 def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path, tmp_path: Path) -> None:
     task = SegmentationTask(_config(tmp_path, ade, kind), DistContext())
@@ -156,6 +182,31 @@ def test_an_unreadable_validation_file_stops_before_training(ade: Path, tmp_path
     with pytest.raises(DataError, match=rf"cannot read validation file {bad}: .*--skip-corrupt"):
         train(_config(tmp_path / "run", broken))
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("value", r"label map .* holds value 200, out of range for 7 classes"),
+    ("size", r"label map .* is 10x8 but its image .* they must match"),
+])
+def test_a_bad_validation_label_map_stops_before_training(ade: Path, tmp_path: Path, problem: str, message: str) -> None:
+    # Only the headers were checked before training: a label value out of range or a label map of
+    # another size than its image stopped the run at the first evaluation, an epoch (or 16k
+    # iterations of the authors' recipe) into it.
+    from PIL import Image
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ade, broken)
+    bad = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[-1]
+    with Image.open(bad) as label:
+        values = np.asarray(label).copy()
+    values[0, 0] = 200
+    Image.fromarray(values if problem == "value" else values[:8, :10]).save(bad)
+    steps: list[int] = []
+    for skip_corrupt in (False, True):  # never skipped: evaluation would stop on it either way
+        with pytest.raises(DataError, match=message):
+            train(_config(tmp_path / f"run{skip_corrupt}", broken, **{"data.skip_corrupt": skip_corrupt}),
+                  on_step_end=steps.append)
+    assert steps == [] and not (tmp_path / "runFalse" / "last.pth").exists()
 
 
 _KILLED_RUN = """

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import UserInputError
 
 IMAGENET_CLASSES = 1000  # the classifier size of a model-only verb given no class count
+
+
+def head_classes(verb: str, model_classes: int | None, data_classes: Callable[[], int | None], assumed: int,
+                 whose: str) -> int:
+    """The class count training would build a dense model's heads for: ``model_classes``
+    (``model.num_classes``), else the data's as ``data_classes()`` finds it without opening an
+    image, else ``assumed`` (``whose``: the data set it is the count of), said on stderr."""
+    count = model_classes or data_classes()
+    if count is None:
+        print(f"crossformer {verb}: model.num_classes is null (the data's class count) and the config names no data "
+              f"found on this machine, so the heads are counted for {assumed} classes ({whose}); pass model.num_classes=N",
+              file=sys.stderr)
+    return count or assumed
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -317,8 +331,8 @@ def help_config(argv: list[str], task: str) -> Any | None:
     itself then says what is wrong)."""
     if not any(arg in ("-h", "--help") for arg in argv):
         return None
-    from ..engine.config import apply_overrides, load_yaml
-    from ..engine.registry import find_config, task_module
+    from ..engine.config import apply_overrides
+    from ..engine.registry import file_settings, find_config, task_module
 
     module = task_module(task)
     name = _flag_value(argv, "--config")
@@ -333,7 +347,7 @@ def help_config(argv: list[str], task: str) -> Any | None:
         if name is None:
             return None
         path = find_config(name)
-        return apply_overrides(module.CONFIG(), load_yaml(path), source=str(path))
+        return apply_overrides(module.CONFIG(), file_settings(module.CONFIG, path), source=str(path))
     except UserInputError:
         return None
 

@@ -18,10 +18,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..commands.common import backbone_settings, refuse_classifier_flags
+from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
-from .classes import known_category_ids
+from .classes import COCO_CLASSES, known_category_ids
 from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
@@ -198,8 +198,9 @@ def _size(args: argparse.Namespace, default: tuple[int, int]) -> tuple[int, int]
     return height, width
 
 
-def _config_classes(config: DetectionConfig) -> int:
-    return config.model.num_classes or 80
+def _config_classes(verb: str, config: DetectionConfig) -> int:
+    """The class count training would build the detector for (COCO's 80 where it cannot be known)."""
+    return head_classes(verb, config.model.num_classes, config.data.known_classes, len(COCO_CLASSES), "COCO's")
 
 
 def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
@@ -211,7 +212,7 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     if height % 32 or width % 32:
         raise UserInputError(f"--img-size: detectors count padded inputs; give multiples of 32, got {height}x{width}")
     with torch.device("meta"):
-        detector = build_configured_detector(config.model, _config_classes(config), pretrained=False)
+        detector = build_configured_detector(config.model, _config_classes("flops", config), pretrained=False)
     counts = detector_flops(detector, height, width)
     result = {"model": f"{config.model.kind}_{config.model.backbone}", "detector": config.model.kind,
               "backbone": config.model.backbone, "img_size": [height, width], "num_classes": detector.num_classes,
@@ -272,7 +273,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         raise UserInputError("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")
     name = f"{config.model.kind}_{config.model.backbone}"
-    num_classes = _config_classes(config)
+    num_classes = _config_classes("benchmark", config)
     models = {name: lambda: _ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
     if args.compare is not None:
         models[TORCHVISION_PEER] = lambda: _TorchvisionImages(

@@ -104,6 +104,17 @@ class DetectionDataConfig:
         if not self.multiscale_min_sizes or not self.crop_min_sizes:
             raise UserInputError("data.multiscale_min_sizes and data.crop_min_sizes need at least one size")
 
+    def known_classes(self) -> int | None:
+        """The category count of the training annotation file, as training reads it (no image
+        opened); None where the config names none or it is not on this machine."""
+        from ..data import DataError
+        from .data import load_coco_json
+
+        try:
+            return len(load_coco_json(data_paths(self, "train")[0])["categories"])
+        except DataError:
+            return None
+
     def train_transform(self):
         from .transforms import build_train_transform
 

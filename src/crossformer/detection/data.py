@@ -94,6 +94,7 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
 # Field checks run once per value of COCO's 860k annotations: exact types (JSON gives int, float,
 # str, list, bool and no subclasses) keep them cheap.
 _NUMBER_TYPES = (int, float)
+_NUMBER_TYPE_SET = set(_NUMBER_TYPES)  # for set(map(type, values)) <= ..., a check of many values in C
 
 
 def _is_integer(value: Any) -> bool:
@@ -190,24 +191,75 @@ def valid_polygons(polygons: list[Any]) -> list[Any]:
     return [p for p in polygons if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
 
 
+def _is_coordinate_list(part: Any) -> bool:
+    """A list of finite numbers (bools, strings and None are not); the sum is finite only where
+    every value is."""
+    return type(part) is list and set(map(type, part)) <= _NUMBER_TYPE_SET and math.isfinite(sum(part))
+
+
+def _compressed_counts(counts: str | bytes) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE ``counts`` string, or None where it is not one.
+
+    Each run length is written in 5-bit groups, lowest first, as characters ``'0' + group``:
+    bit 0x20 says another group follows, bit 0x10 of the last group is the sign; from the fourth
+    run on, the value written is the difference from the run two before.
+    """
+    if isinstance(counts, str) and not counts.isascii():
+        return None
+    codes = counts.encode() if isinstance(counts, str) else counts
+    runs: list[int] = []
+    value = shift = 0
+    for code in codes:
+        group = code - 48
+        if not 0 <= group < 64:
+            return None
+        value |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:
+            value -= 1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+        value = shift = 0
+    return runs if shift == 0 else None  # a group announcing another at the end is a cut string
+
+
+def _is_run_lengths(runs: Any, pixels: int) -> bool:
+    """Whole numbers, none negative, covering ``pixels`` exactly (pycocotools reads past the mask
+    or leaves it partly unwritten otherwise)."""
+    return (type(runs) is list and set(map(type, runs)) <= {int} and min(runs, default=0) >= 0
+            and sum(runs) == pixels)
+
+
 def checked_segmentation(segmentation: Any, height: int, width: int, where: str) -> Any:
     """``segmentation`` as :func:`decode_segmentation` takes it, or None when it holds no polygon.
 
     Polygons of fewer than 3 points are left out (:func:`valid_polygons`). A polygon list whose
-    parts are not lists (a flat ``[x0, y0, ...]``), an RLE whose ``size`` is not the image's, or a
-    segmentation of another form, is a :class:`DataError` naming ``where`` (the file, annotation
+    parts are not lists of numbers (a flat ``[x0, y0, ...]``, a string or null coordinate), an
+    RLE whose ``size`` is not the image's or whose ``counts`` are not run lengths covering it, or
+    a segmentation of another form, is a :class:`DataError` naming ``where`` (the file, annotation
     and image).
     """
     if isinstance(segmentation, list):
         if not all(isinstance(part, list) for part in segmentation):  # one polygon without the outer list
             raise DataError(f"{where} has a polygon segmentation that is not a list of polygons "
                             f"({str(segmentation)[:60]}); COCO format is [[x0, y0, x1, y1, ...], ...]")
+        if not all(map(_is_coordinate_list, segmentation)):
+            part = next(part for part in segmentation if not _is_coordinate_list(part))
+            raise DataError(f"{where} has a polygon holding a value that is not a finite number "
+                            f"({str(part)[:60]}); polygon coordinates are numbers of pixels")
         return valid_polygons(segmentation) or None
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes, list)):
-        size = segmentation.get("size")
-        if not isinstance(size, (list, tuple)) or [int(v) for v in size] != [height, width]:
-            raise DataError(f"{where} has an RLE segmentation of size {size}, but the image is {height}x{width} "
-                            f"(height x width); fix the annotation's 'size' or the image's height/width")
+        size, counts = segmentation.get("size"), segmentation["counts"]
+        if not (isinstance(size, (list, tuple)) and set(map(type, size)) <= _NUMBER_TYPE_SET
+                and list(size) == [height, width]):
+            raise DataError(f"{where} has an RLE segmentation of size {str(size)[:40]}, but the image is "
+                            f"{height}x{width} (height x width); fix the annotation's 'size' or the image's height/width")
+        runs = counts if isinstance(counts, list) else _compressed_counts(counts)
+        if not _is_run_lengths(runs, height * width):
+            raise DataError(f"{where} has an RLE segmentation whose counts ({str(counts)[:60]}) are not run lengths "
+                            f"(whole numbers, none negative) summing to its {height}x{width} pixels; "
+                            f"re-encode the mask (pycocotools.mask.encode)")
         return segmentation
     raise DataError(f"{where} has a segmentation that is neither a polygon list nor an RLE "
                     f"({str(segmentation)[:60]}); COCO format expected")

@@ -31,8 +31,9 @@ from .distributed import default_workers
 
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
-    "load_yaml", "parse_overrides", "apply_overrides", "config_to_dict", "config_differences", "leaf_keys",
-    "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES", "with_absolute_paths",
+    "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
+    "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
+    "with_absolute_paths",
 ]
 
 C = TypeVar("C")
@@ -214,24 +215,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     A file may start from another (``base: NAME_OR_PATH``: a bundled config's name, or a path
     that is tried relative to the file first) and change what it names: sections merge key by
     key, mappings within them too (``model.kwargs``), any other value replaces the base's.
+    (:func:`~crossformer.engine.registry.file_settings` also lets a file's choice of one of
+    its config's :attr:`~EngineConfig.alternatives` replace its base's choice of the other.)
     """
+    merged: dict[str, Any] = {}
+    for values, _ in load_yaml_layers(path):
+        merged = merged_settings(merged, values)
+    return merged
+
+
+def load_yaml_layers(path: str | Path) -> list[tuple[dict[str, Any], str]]:
+    """The settings of each file of ``path``'s ``base`` chain, base first, with its path."""
     return _load_with_bases(Path(path), ())
 
 
-def _load_with_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
-    """``path``'s settings over those of its ``base`` chain; ``children``: the files that
+def _load_with_bases(path: Path, children: tuple[Path, ...]) -> list[tuple[dict[str, Any], str]]:
+    """``path``'s settings after those of its ``base`` chain; ``children``: the files that
     named it (a loop is an error)."""
     data = _read_mapping(path)
     base = data.pop("base", None)
     if base is None:
-        return data
+        return [(data, str(path))]
     if not isinstance(base, str):
         raise UserInputError(f"{path}: base must name one config (a bundled name or a file), got {base!r}")
     base_path = _find_base(base, path)
     chain = (*children, path.resolve())
     if base_path.resolve() in chain:
         raise UserInputError(f"{path}: base {base!r} leads back to {base_path}: configs cannot start from each other")
-    return _merged(_load_with_bases(base_path, chain), data)
+    return [*_load_with_bases(base_path, chain), (data, str(path))]
 
 
 def _find_base(name: str, child: Path) -> Path:
@@ -242,12 +253,12 @@ def _find_base(name: str, child: Path) -> Path:
     return beside if beside.is_file() else find_config(name)
 
 
-def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+def merged_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``changes`` over it, mappings merged key by key at every depth."""
     result = dict(base)
     for key, value in changes.items():
         both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
-        result[key] = _merged(result[key], value) if both_mappings else value
+        result[key] = merged_settings(result[key], value) if both_mappings else value
     return result
 
 

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import build_config, load_yaml, resolve_key
+from .config import build_config, load_yaml, load_yaml_layers, merged_settings, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
@@ -154,6 +154,38 @@ def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -
     return flat
 
 
+def file_settings(config_cls: type, path: Path) -> dict[str, Any]:
+    """The settings of config file ``path`` over its ``base`` chain's (:func:`load_yaml`), where a
+    file that sets one of ``config_cls``'s :attr:`~.config.EngineConfig.alternatives` (to a value,
+    not 0 or null) and not the other drops its bases' setting of the other: each file is a layer
+    over its base, as the command line is over the file (one file setting both stays an error)."""
+    merged: dict[str, Any] = {}
+    for values, source in load_yaml_layers(path):
+        chosen = flatten_settings(config_cls, values, source)
+        for pair in getattr(config_cls, "alternatives", ()):
+            for setting, other in (pair, pair[::-1]):
+                if chosen.get(setting) and other not in chosen:
+                    merged = _without(config_cls, merged, other, source)
+        merged = merged_settings(merged, values)
+    return merged
+
+
+def _without(config_cls: type, values: Mapping[str, Any], setting: str, source: str) -> dict[str, Any]:
+    """``values`` (a file's settings) without ``setting`` (``section.field``), in whichever form
+    it is written: in its section's mapping, dotted or bare."""
+    def sets(key: str, value: Any) -> bool:
+        return setting in flatten_settings(config_cls, {key: value}, source)
+
+    section = setting.split(".")[0]
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == section and isinstance(value, dict):
+            kept[key] = {sub: v for sub, v in value.items() if not sets(f"{key}.{sub}", v)}
+        elif key == "task" or not sets(key, value):
+            kept[key] = value
+    return kept
+
+
 def resolve_config(
     config: str | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
     task: str | None = None, use_default: bool = True, source: str | None = None,
@@ -181,6 +213,8 @@ def resolve_config(
             raise UserInputError(f"{origin} is a {named} config, not {task}")
         module = task_module(named)
         source = origin
+        if path is not None:
+            values = file_settings(module.CONFIG, path)
     config_cls = module.CONFIG
     given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))

@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import backbone_settings, refuse_classifier_flags
+from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
+from .classes import ADE20K_CLASSES
 from .config import SegmentationConfig
 
 __all__ = ["COMMANDS", "AUTHORS_TABLE", "load_segmentor"]
@@ -189,7 +190,7 @@ def _labels_of(checkpoint: dict[str, Any], num_classes: int) -> tuple[list[str],
     """Class names, palette and reduce-zero-label of a checkpoint (ADE20K's for 150 classes
     without names, numbered classes otherwise)."""
     from .checkpoint import read_segmentation_meta
-    from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+    from .classes import ADE20K_PALETTE
 
     meta = read_segmentation_meta(checkpoint)
     names, palette = meta["classes"], meta["palette"]
@@ -240,8 +241,9 @@ def _sizes(args: argparse.Namespace, default: tuple[tuple[int, int], ...]) -> tu
     return (img_size(args),) if args.img_size_given else default
 
 
-def _model_classes(config: SegmentationConfig) -> int:
-    return config.model.num_classes or 150
+def _model_classes(verb: str, config: SegmentationConfig) -> int:
+    """The class count training would build the segmentor for (ADE20K's 150 where it cannot be known)."""
+    return head_classes(verb, config.model.num_classes, config.data.known_classes, len(ADE20K_CLASSES), "ADE20K's")
 
 
 def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
@@ -254,7 +256,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     (height, width), = _sizes(args, ((512, 2048),))
     model = dataclasses.replace(config.model, pretrained=None)
     with torch.device("meta"):
-        segmentor = build_model(model, _model_classes(config))
+        segmentor = build_model(model, _model_classes("flops", config))
     counts = segmentor_flops(segmentor, height, width)
     result = {"kind": model.kind, "backbone": model.backbone, "img_size": [height, width],
               "num_classes": segmentor.num_classes, **counts}
@@ -297,7 +299,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
         raise UserInputError("benchmark --config <segmentation>: measures inference; training speed is in `crossformer train`'s log")
     args.mode = "infer"
     model = dataclasses.replace(config.model, pretrained=None)
-    classes = _model_classes(config)
+    classes = _model_classes("benchmark", config)
     ours = f"{model.kind}_{model.backbone}"
     encoder = args.compare or PEER_ENCODER
     peer = f"smp_upernet_{encoder}"

@@ -90,10 +90,23 @@ class SegDataConfig:
     def given(self) -> bool:
         return self.root is not None or any(f is not None for f in self.folders)
 
+    def known_classes(self) -> int | None:
+        """The class count training on this data finds, where it is known without opening an
+        image: the ``classes`` file's, or a ``root``'s (:func:`.data.ade_classes`); None where
+        the config names no data or it is not on this machine."""
+        from ..data import DataError, load_class_list
+        from .data import ade_classes, find_ade_root
+
+        try:
+            if self.root is not None:
+                return len(load_class_list(ade_classes(find_ade_root(self.root))[0]))
+            return None if self.classes is None else len(load_class_list(self.classes))
+        except DataError:
+            return None
+
     def validate(self) -> None:
-        if self.root is not None and any(f is not None for f in self.folders):
-            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both; "
-                                 "set the other to null (data.root=null where the config or checkpoint names a root)")
+        if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
+            raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
         # evaluation reads the validation folders alone; training needs its own too (check_training_folders)
         if self.root is None and any(f is not None for f in self.folders) and None in self.folders[2:]:
             raise UserInputError("data: the folder layout needs data.val_images, data.val_labels and data.classes")
@@ -151,12 +164,17 @@ class SegTestConfig:
         )
 
 
+# where the data is: an ADE20K root, or the folder layout's folders and classes file
+DATA_ALTERNATIVES = tuple(("data.root", f"data.{name}")
+                          for name in ("train_images", "train_labels", "val_images", "val_labels", "classes"))
+
+
 @dataclass(frozen=True)
 class SegmentationConfig(EngineConfig):
     """Everything a segmentation run depends on. Batch sizes are per process (the authors:
     2 per GPU on 8 GPUs, 16 images per step)."""
 
-    alternatives = DENSE_ALTERNATIVES
+    alternatives = (*DENSE_ALTERNATIVES, *DATA_ALTERNATIVES)
     task: str = "segmentation"
     run: RunConfig = field(
         default_factory=lambda: RunConfig(iterations=160_000, eval_every=16_000, checkpoint_every=16_000, batch_size=2,

@@ -41,8 +41,8 @@ from ..data.draw import palette as class_palette
 from .transforms import IGNORE_INDEX
 
 __all__ = [
-    "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset",
-    "find_ade_root", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
+    "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset", "EvaluationStops",
+    "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
     "collate_segmentation", "check_batch", "skipped_file",
 ]
 
@@ -231,6 +231,13 @@ def find_ade_root(path: str | Path) -> Path:
     )
 
 
+def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, int, int]] | None]:
+    """``(classes, palette)`` of the ADE20K-layout folder ``ade``: its ``classes.txt`` (palette
+    None: generated), else the 150 ADE20K classes with mmseg's palette."""
+    class_file = ade / CLASS_FILE
+    return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)
+
+
 def ade20k_dataset(root: str | Path, split: str = "training", transform: Transform | None = None) -> SegmentationDataset:
     """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
 
@@ -241,16 +248,28 @@ def ade20k_dataset(root: str | Path, split: str = "training", transform: Transfo
     if split not in ADE_SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
     folder = ADE_SPLITS[split]
-    class_file = ade / CLASS_FILE
-    if class_file.is_file():
-        classes: Sequence[str] | Path = class_file
-        palette = None
-    else:
-        classes, palette = ADE20K_CLASSES, ADE20K_PALETTE
+    classes, palette = ade_classes(ade)
     return SegmentationDataset(
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
         transform=transform, palette=palette,
     )
+
+
+class EvaluationStops(Dataset):
+    """What would stop an evaluation at each sample of ``dataset``, read as evaluation reads it:
+    a bad label map (a value out of range, another size than its image) or, unless
+    ``skip_corrupt``, an unreadable file; None for a good sample. Loader workers hand back
+    these lines, not the decoded pixels."""
+
+    def __init__(self, dataset: SegmentationDataset, skip_corrupt: bool) -> None:
+        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str | None:
+        sample = self.dataset[index]
+        return sample.error if sample.fatal or not self.skip_corrupt else None
 
 
 def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:

@@ -19,7 +19,9 @@ from ..engine import DistContext, SkippedFiles, Task, require_model_files, resol
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
-from .data import SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, skipped_file
+from .data import (
+    EvaluationStops, SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, skipped_file,
+)
 from .checkpoint import load_segmentor_state
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
@@ -143,14 +145,24 @@ class SegmentationTask(Task):
     # the Task interface ---------------------------------------------------------------
 
     def check_data(self) -> None:
-        """The validation images' and label maps' headers, so that a bad file stops the run now
-        rather than at the first evaluation; with ``skip_corrupt`` they are named."""
-        c = self.config
+        """The validation images' and label maps' headers (with ``skip_corrupt`` the unreadable
+        ones are named), then each sample as evaluation reads it (:class:`.data.EvaluationStops`),
+        so that bad data stops the run now rather than at the first evaluation. The second
+        reading costs 1-2 % of an ADE20K epoch's data loading: its 2000 validation pairs at 7-15 ms
+        against 20210 training samples at about 100 ms (one loader worker, the authors' pipeline)."""
+        c, ctx = self.config, self.ctx
         paths = [path for pair in self.val_set.samples for path in pair]
         named = SkippedFiles(self.log.info, "more unreadable validation files are skipped: counted, not named")
-        for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
+        for failure in check_readable(paths, ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, what="validation file"):
             named(f"skipping unreadable file {failure}")
+        mine = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
+        loader = build_loader(EvaluationStops(self.val_set, c.data.skip_corrupt), 16, mine, c.run.num_workers,
+                              c.run.seed, drop_last=False, collate_fn=list)
+        for stops in loader:
+            stop = next((line for line in stops if line is not None), None)
+            if stop is not None:
+                raise DataError(stop)
 
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
