@@ -366,10 +366,23 @@ def test_a_files_choice_of_an_alternative_replaces_its_bases(tmp_path: Path, cap
     child.write_text("base: dense.yaml\nmodel: {init_from: detector.pth}\n")
     model = resolve_config(str(child)).config.model
     assert (model.pretrained, model.init_from) == (None, "detector.pth")
-    # both in one file is still refused
+    # a child's section setting replaces its base's bare or dotted one (it lost to them before:
+    # the merge saw 'run' and 'epochs' as different keys)
+    mine.write_text("base: shared.yaml\nrun: {epochs: 2}\n")
+    assert resolve_config(str(mine)).config.run.epochs == 2
+    shared.write_text("base: digits\nrun.epochs: 3\nmodel: {kwargs: {embed_dim: 16, depths: [1, 1, 1, 1]}}\n")
+    mine.write_text("base: shared.yaml\nepochs: 4\nmodel.kwargs.embed_dim: 32\n")
+    config = resolve_config(str(mine)).config
+    assert config.run.epochs == 4  # mappings still merge entry by entry (digits' other kwargs kept)
+    assert config.model.kwargs["embed_dim"] == 32 and config.model.kwargs["depths"] == [1, 1, 1, 1]
+    # both in one file is still refused, naming the file
     mine.write_text("base: shared.yaml\nrun: {epochs: 2, iterations: 3}\n")
-    with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
+    with pytest.raises(UserInputError, match=f"^{mine}: set exactly one of run.epochs and run.iterations "
+                                             r"\(both given: epochs=2, iterations=3\)$"):
         resolve_config(str(mine))
+    child.write_text("base: dense.yaml\nmodel: {pretrained: a.pth, init_from: b.pth}\n")
+    with pytest.raises(UserInputError, match=f"^{child}: set exactly one of model.pretrained and model.init_from"):
+        resolve_config(str(child))
 
 
 def test_training_records_every_data_path_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,7 @@ __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
-    "with_absolute_paths",
+    "replaced_alternatives", "with_absolute_paths",
 ]
 
 C = TypeVar("C")
@@ -473,7 +473,10 @@ def apply_overrides(config: C, values: Mapping[str, Any], source: str = "config"
             continue
         section, name, rest = resolve_key(type(config), key, source)
         per_section.setdefault(section, {})[".".join(filter(None, (name, rest)))] = value
-    _clear_alternatives(config, per_section)
+    for setting in replaced_alternatives(type(config), per_section, source):  # to its unset value
+        section, name = setting.split(".")
+        unset = {f.name: f.default for f in dataclasses.fields(getattr(config, section))}[name]
+        per_section.setdefault(section, {})[name] = unset
     changes: dict[str, Any] = {
         name: _coerce(f"{source}: {name}", value, hints[name]) for name, value in top.items()
     }
@@ -482,19 +485,24 @@ def apply_overrides(config: C, values: Mapping[str, Any], source: str = "config"
     return dataclasses.replace(config, **changes)
 
 
-def _clear_alternatives(config: Any, per_section: dict[str, dict[str, Any]]) -> None:
-    """Adds to ``per_section`` (one layer's ``{section: {field: value}}``) the unset value of
-    each of ``config``'s :attr:`~EngineConfig.alternatives` whose partner the layer sets to a
-    value (not 0 or null) while leaving it alone. A layer setting both keeps both (and
-    ``validate`` says so)."""
-    for pair in getattr(type(config), "alternatives", ()):
+def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
+    """The ``section.field`` settings of ``config_cls``'s :attr:`~EngineConfig.alternatives`
+    that one layer (``{section: {field: value}}``, from ``source``) replaces in the layers below
+    it: those whose partner it sets to a value (not 0 or null) while leaving them alone. A layer
+    setting both to values is an error naming it."""
+    replaced = []
+    for pair in getattr(config_cls, "alternatives", ()):
         for chosen, other in (pair, pair[::-1]):
             chosen_section, chosen_name = chosen.split(".")
             other_section, other_name = other.split(".")
             layer_other = per_section.get(other_section, {})
-            if per_section.get(chosen_section, {}).get(chosen_name) and other_name not in layer_other:
-                unset = {f.name: f.default for f in dataclasses.fields(getattr(config, other_section))}[other_name]
-                per_section.setdefault(other_section, {})[other_name] = unset
+            value = per_section.get(chosen_section, {}).get(chosen_name)
+            if value and layer_other.get(other_name):
+                raise UserInputError(f"{source}: set exactly one of {chosen} and {other} (both given: "
+                                     f"{chosen_name}={value}, {other_name}={layer_other[other_name]})")
+            if value and other_name not in layer_other:
+                replaced.append(other)
+    return replaced
 
 
 def with_absolute_paths(config: C) -> C:

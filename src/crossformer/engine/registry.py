@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import build_config, load_yaml, load_yaml_layers, merged_settings, resolve_key
+from .config import build_config, load_yaml, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
@@ -155,35 +155,37 @@ def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -
 
 
 def file_settings(config_cls: type, path: Path) -> dict[str, Any]:
-    """The settings of config file ``path`` over its ``base`` chain's (:func:`load_yaml`), where a
-    file that sets one of ``config_cls``'s :attr:`~.config.EngineConfig.alternatives` (to a value,
-    not 0 or null) and not the other drops its bases' setting of the other: each file is a layer
-    over its base, as the command line is over the file (one file setting both stays an error)."""
+    """The settings of config file ``path`` over its ``base`` chain's (:func:`load_yaml`), each
+    file a layer over its base as the command line is over the file: every file's settings are
+    first put in one form (``{section: {field: value}}``, mappings nested), so that a child's
+    ``run: {epochs: 2}`` replaces a base's bare ``epochs: 3``; and a file that sets one of
+    ``config_cls``'s :attr:`~.config.EngineConfig.alternatives` and not the other replaces its
+    bases' choice of the other (:func:`~.config.replaced_alternatives`; one file setting both is an
+    error naming it)."""
     merged: dict[str, Any] = {}
     for values, source in load_yaml_layers(path):
-        chosen = flatten_settings(config_cls, values, source)
-        for pair in getattr(config_cls, "alternatives", ()):
-            for setting, other in (pair, pair[::-1]):
-                if chosen.get(setting) and other not in chosen:
-                    merged = _without(config_cls, merged, other, source)
-        merged = merged_settings(merged, values)
+        layer = _nested_settings(config_cls, values, source)
+        for setting in replaced_alternatives(config_cls, layer, source):
+            section, name = setting.split(".")
+            merged.get(section, {}).pop(name, None)
+        merged = merged_settings(merged, layer)
     return merged
 
 
-def _without(config_cls: type, values: Mapping[str, Any], setting: str, source: str) -> dict[str, Any]:
-    """``values`` (a file's settings) without ``setting`` (``section.field``), in whichever form
-    it is written: in its section's mapping, dotted or bare."""
-    def sets(key: str, value: Any) -> bool:
-        return setting in flatten_settings(config_cls, {key: value}, source)
-
-    section = setting.split(".")[0]
-    kept: dict[str, Any] = {}
-    for key, value in values.items():
-        if key == section and isinstance(value, dict):
-            kept[key] = {sub: v for sub, v in value.items() if not sets(f"{key}.{sub}", v)}
-        elif key == "task" or not sets(key, value):
-            kept[key] = value
-    return kept
+def _nested_settings(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` (nested, dotted or bare) as ``{"task": ..., section: {field: value}}``, a
+    mapping field's entries nested under it."""
+    nested: dict[str, Any] = {"task": values["task"]} if "task" in values else {}
+    for key, value in flatten_settings(config_cls, values, source).items():
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        both_mappings = isinstance(value, dict) and isinstance(node.get(last), dict)
+        node[last] = merged_settings(node[last], value) if both_mappings else value
+    return nested
 
 
 def resolve_config(
