@@ -70,6 +70,18 @@ def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) ->
     assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
 
 
+def test_linked_folders_are_followed_but_a_link_back_up_is_refused(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1})
+    extra = make_image_folder(tmp_path / "elsewhere", {"more": 2}, classes=("cat",)) / "more" / "cat"
+    (tmp_path / "train" / "cat" / "more").symlink_to(extra, target_is_directory=True)
+    assert len(ImageFolderDataset(tmp_path, "train")) == 5  # 3 classes x 1, and the linked folder's 2
+    # a link to a folder above it would list every image again and again, other classes' under this one
+    (tmp_path / "train" / "cat" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(DataError, match=r"cat/loop links to .*train, a folder that holds it") as err:
+        ImageFolderDataset(tmp_path, "train")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "layout, message",
     [

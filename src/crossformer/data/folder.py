@@ -53,12 +53,29 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, hidden entries skipped), in sorted order."""
+    """Image files under ``folder`` (recursively, linked folders followed, hidden entries
+    skipped), in sorted order. A link to a folder that holds it is a :class:`DataError`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        _refuse_link_loops(Path(dirpath), dirnames)
         found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
     return found
+
+
+def _refuse_link_loops(folder: Path, subfolders: list[str]) -> None:
+    """Following a linked subfolder that resolves to ``folder`` or above would list the same
+    images again at every level (os.walk stops only at the system's link limit), those of
+    sibling class folders under this one's label."""
+    here = None
+    for name in subfolders:
+        link = folder / name
+        if not link.is_symlink():
+            continue
+        here = here or folder.resolve()
+        target = link.resolve()
+        if target == here or target in here.parents:
+            raise DataError(f"{link} links to {target}, a folder that holds it (a loop); remove the link")
 
 
 def read_rgb(path: str | Path) -> Image.Image:
