@@ -156,6 +156,9 @@ def _sniff(path: Path) -> tuple[str, str]:
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     if head.startswith(_ZIP_MAGIC):
+        if _is_torchscript(path):  # torch.load's own error on one talks of weights_only
+            return "other", ("a TorchScript module: run it with torch.jit.load, and give commands the training "
+                             "checkpoint or its safetensors export")
         return "zip", "a PyTorch checkpoint"
     if head.startswith(_PICKLE_PROTOCOLS):
         return "pickle", "a PyTorch checkpoint"
@@ -167,6 +170,18 @@ def _sniff(path: Path) -> tuple[str, str]:
     if text is not None:
         return "other", text
     return "other", f"unknown binary data, starting {head[:8].hex(' ')}"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a ``torch.jit.save`` archive (which, unlike ``torch.save``'s,
+    holds a ``constants.pkl``); a damaged zip file is left for the reader to report."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
