@@ -102,6 +102,16 @@ def test_split_without_class_folders(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path, "train")
 
 
+def test_images_beside_the_class_folders_are_refused_not_dropped(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1})
+    (tmp_path / "train" / "notes.txt").write_text("not an image: ignored")
+    assert len(ImageFolderDataset(tmp_path, "train")) == 3
+    (tmp_path / "train" / "cat" / "0.png").rename(tmp_path / "train" / "stray.png")
+    (tmp_path / "train" / "cat" / "1.png").write_bytes((tmp_path / "train" / "dog" / "0.png").read_bytes())
+    with pytest.raises(DataError, match=r"1 image directly in .*train \(stray.png\), outside the class folders"):
+        ImageFolderDataset(tmp_path, "train")
+
+
 def test_val_must_hold_exactly_the_training_classes(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 1})
     make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))

@@ -129,10 +129,16 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         self.split_dir = find_split(root, split)
         found = _class_folders(self.split_dir)
+        loose = sorted(p.name for p in self.split_dir.iterdir() if p.is_file() and is_image_file(p))
         if not found:
-            loose = [p.name for p in self.split_dir.iterdir() if is_image_file(p)][:1]
             hint = f" (found {loose[0]} directly in it: put images in class subfolders)" if loose else ""
             raise DataError(f"{self.split_dir} has no class folders{hint}; expected {self.split_dir}/<class>/<image>")
+        if loose:  # no class to label them with: refused rather than left out unsaid
+            many = len(loose) > 1
+            raise DataError(f"{len(loose)} image{'s' if many else ''} directly in {self.split_dir} "
+                            f"({loose[0]}{', ...' if many else ''}), outside the class folders; move "
+                            f"{'them' if many else 'it'} into {'their' if many else 'its'} class folder or delete "
+                            f"{'them' if many else 'it'}")
         self.classes = list(classes) if classes is not None else found
         if classes is not None:
             missing = [c for c in self.classes if c not in found]
