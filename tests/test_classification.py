@@ -102,6 +102,19 @@ def test_predict_takes_one_path_as_well_as_a_list(trained: tuple[Path, dict], da
         torch.testing.assert_close([r.scores for r in got], [r.scores for r in expected])  # batched otherwise
 
 
+def test_predict_takes_class_names_as_a_file_as_well_as_a_list(trained: tuple[Path, dict], data: Path,
+                                                               tmp_path: Path, monkeypatch) -> None:
+    """``class_names="abc"`` is the file ``abc`` (as --class-names reads it), not the three
+    names "a", "b" and "c" that would label a 3-class model without a word."""
+    monkeypatch.chdir(tmp_path)
+    Path("abc").write_text("wall\nsky\nroad\n", encoding="utf-8")
+    image, checkpoint = data / "val" / "cat" / "0.png", trained[0] / "best.pth"
+    [listed] = predict(image, checkpoint, topk=3, class_names=["wall", "sky", "road"], device="cpu")
+    for names in ("abc", Path("abc")):
+        [result] = predict(image, checkpoint, topk=3, class_names=names, device="cpu")
+        assert result.labels == listed.labels
+
+
 def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:
     """The authors' releases record no class names; their 1000 outputs are ImageNet-1k's."""
     from crossformer.classification.predict import imagenet_class_names
