@@ -96,6 +96,13 @@ def test_missing_or_empty_split_names_the_folder(tmp_path: Path, layout: dict, m
     assert "\n" not in str(err.value) and isinstance(err.value, UserInputError)
 
 
+def test_a_split_given_as_the_data_folder_points_to_its_parent(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1, "val": 1})
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=rf"{split} is itself a split folder: pass its parent, {tmp_path}$"):
+            ImageFolderDataset(tmp_path / split, split)
+
+
 def test_split_without_class_folders(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="no class folders"):

@@ -45,6 +45,10 @@ def find_split(root: str | Path, split: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
+    is_split = any(root.name in aliases for aliases in SPLIT_NAMES.values())
+    if is_split and any((root.parent / name).is_dir() for name in names):  # --data DATA/train for --data DATA
+        raise DataError(f"{root} has no {names[0]}/ folder: {root.name} is itself a split folder: pass its parent, "
+                        f"{root.parent}")
     raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; expected {root}/{names[0]}/<class>/<image>")
 
 
