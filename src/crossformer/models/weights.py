@@ -35,6 +35,7 @@ __all__ = [
     "split_class_layers",
     "extract_state_dict",
     "weights_entry",
+    "EMA_WEIGHTS_KEY",
     "dense_task",
     "load_checkpoint",
     "convert_to_safetensors",
@@ -106,6 +107,9 @@ _SNIFF_BYTES = 4096
 # recorded besides its weights (:func:`checkpoint_description`), so that a weights file names
 # its model, settings, classes and input size as the checkpoint did.
 DESCRIPTION_KEY = "crossformer"
+# The description entry (true) of a file whose one set of weights is a training run's EMA
+# (``crossformer export --ema``): asked for the EMA weights, it gives them.
+EMA_WEIGHTS_KEY = "ema_weights"
 # Checkpoint entries that are weights or training progress, not a description of the model.
 _NOT_DESCRIPTION = frozenset({
     "model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scheduler", "lr_scheduler",
@@ -348,6 +352,8 @@ def weights_entry(checkpoint: Mapping[str, Any], use_ema: bool = False, source: 
     for key in ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             return checkpoint[key]
+    if use_ema and checkpoint.get(EMA_WEIGHTS_KEY) is True and isinstance(checkpoint.get("model"), Mapping):
+        return checkpoint["model"]  # exported with --ema: the average is the file's one set of weights
     if use_ema:  # only EMA entries will do: the plain weights' accuracy would be reported as the EMA's
         raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
                               "drop --ema")
