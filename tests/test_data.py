@@ -40,9 +40,12 @@ def test_any_common_format_and_grayscale_become_rgb(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 1})
     Image.new("L", (40, 40), 7).save(tmp_path / "train" / "cat" / "gray.jpg")
     Image.new("RGBA", (40, 40)).save(tmp_path / "train" / "dog" / "alpha.webp")
+    # JPEGs as browsers save them on Windows: they were left out without a word
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "eel" / "web.jfif", "JPEG")
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "eel" / "old.JPE", "JPEG")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
     dataset = ImageFolderDataset(tmp_path, "train", transform=build_eval_transform(32))
-    assert len(dataset) == 5
+    assert len(dataset) == 7
     shapes = {tuple(dataset[i][0].shape) for i in range(len(dataset))}
     assert shapes == {(3, 32, 32)}
 

@@ -21,7 +21,8 @@ from ..errors import UserInputError
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
            "unique_stem", "load_class_list", "training_classes"]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
