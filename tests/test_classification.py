@@ -73,6 +73,19 @@ def test_evaluate_reproduces_the_training_metrics(trained: tuple[Path, dict], da
     assert ema["loss"] == pytest.approx(metrics["val_ema/loss"], rel=1e-5)
 
 
+def test_evaluate_finds_data_under_the_home_folder_as_training_does(trained: tuple[Path, dict], data: Path,
+                                                                      capsys, monkeypatch) -> None:
+    """``data.root=~/DATA`` (no shell expands a ``~`` there): training's config read it as the home
+    folder, evaluate said "data folder not found: ~/DATA"."""
+    from crossformer.cli import main
+
+    monkeypatch.setenv("HOME", str(data.parent))
+    assert main(["evaluate", "--checkpoint", str(trained[0] / "last.pth"), f"data.root=~/{data.name}", "--device", "cpu",
+                 "--num-workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 9
+    assert evaluate(trained[0] / "last.pth", f"~/{data.name}", device="cpu", num_workers=0)["images"] == 9
+
+
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
     other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
     with pytest.raises(DataError, match="lacks class folder 'eel'"):

@@ -36,8 +36,9 @@ class DataError(UserInputError):
 
 
 def find_split(root: str | Path, split: str) -> Path:
-    """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``)."""
-    root = Path(root)
+    """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``); ``~`` is the home folder, as
+    training's config reads it (no shell expands it in ``data.root=~/...``)."""
+    root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise DataError(f"data {root} is a file, not a folder; give the folder that holds {split}/<class>/<image>")
     if not root.is_dir():
