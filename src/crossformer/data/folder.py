@@ -49,8 +49,8 @@ def find_split(root: str | Path, split: str) -> Path:
             return root / name
     is_split = any(root.name in aliases for aliases in SPLIT_NAMES.values())
     if is_split and any((root.parent / name).is_dir() for name in names):  # --data DATA/train for --data DATA
-        raise DataError(f"{root} has no {names[0]}/ folder: {root.name} is itself a split folder: pass its parent, "
-                        f"{root.parent}")
+        raise DataError(f"{root} is itself a split folder, not the data folder that holds {names[0]}/: pass its "
+                        f"parent, {root.parent}")
     raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; expected {root}/{names[0]}/<class>/<image>")
 
 
@@ -140,11 +140,8 @@ class ImageFolderDataset(Dataset):
             hint = f" (found {loose[0]} directly in it: put images in class subfolders)" if loose else ""
             raise DataError(f"{self.split_dir} has no class folders{hint}; expected {self.split_dir}/<class>/<image>")
         if loose:  # no class to label them with: refused rather than left out unsaid
-            many = len(loose) > 1
-            raise DataError(f"{len(loose)} image{'s' if many else ''} directly in {self.split_dir} "
-                            f"({loose[0]}{', ...' if many else ''}), outside the class folders; move "
-                            f"{'them' if many else 'it'} into {'their' if many else 'its'} class folder or delete "
-                            f"{'them' if many else 'it'}")
+            raise DataError(f"{self.split_dir / loose[0]} lies outside the class folders ({len(loose)} image(s) "
+                            "there); move each into its class folder or delete it")
         self.classes = list(classes) if classes is not None else found
         if classes is not None:
             missing = [c for c in self.classes if c not in found]
