@@ -73,6 +73,19 @@ def test_evaluate_reproduces_the_training_metrics(trained: tuple[Path, dict], da
     assert ema["loss"] == pytest.approx(metrics["val_ema/loss"], rel=1e-5)
 
 
+def test_evaluate_finds_data_under_the_home_folder_as_training_does(trained: tuple[Path, dict], data: Path,
+                                                                      capsys, monkeypatch) -> None:
+    """``data.root=~/DATA`` (no shell expands a ``~`` there): training's config read it as the home
+    folder, evaluate said "data folder not found: ~/DATA"."""
+    from crossformer.cli import main
+
+    monkeypatch.setenv("HOME", str(data.parent))
+    assert main(["evaluate", "--checkpoint", str(trained[0] / "last.pth"), f"data.root=~/{data.name}", "--device", "cpu",
+                 "--num-workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 9
+    assert evaluate(trained[0] / "last.pth", f"~/{data.name}", device="cpu", num_workers=0)["images"] == 9
+
+
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
     other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
     with pytest.raises(DataError, match="lacks class folder 'eel'"):
@@ -100,6 +113,19 @@ def test_predict_takes_one_path_as_well_as_a_list(trained: tuple[Path, dict], da
         got = predict(one, checkpoint, device="cpu")
         assert [(r.path, r.labels) for r in got] == [(r.path, r.labels) for r in expected]
         torch.testing.assert_close([r.scores for r in got], [r.scores for r in expected])  # batched otherwise
+
+
+def test_predict_takes_class_names_as_a_file_as_well_as_a_list(trained: tuple[Path, dict], data: Path,
+                                                               tmp_path: Path, monkeypatch) -> None:
+    """``class_names="abc"`` is the file ``abc`` (as --class-names reads it), not the three
+    names "a", "b" and "c" that would label a 3-class model without a word."""
+    monkeypatch.chdir(tmp_path)
+    Path("abc").write_text("wall\nsky\nroad\n", encoding="utf-8")
+    image, checkpoint = data / "val" / "cat" / "0.png", trained[0] / "best.pth"
+    [listed] = predict(image, checkpoint, topk=3, class_names=["wall", "sky", "road"], device="cpu")
+    for names in ("abc", Path("abc")):
+        [result] = predict(image, checkpoint, topk=3, class_names=names, device="cpu")
+        assert result.labels == listed.labels
 
 
 def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:

@@ -40,9 +40,12 @@ def test_any_common_format_and_grayscale_become_rgb(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 1})
     Image.new("L", (40, 40), 7).save(tmp_path / "train" / "cat" / "gray.jpg")
     Image.new("RGBA", (40, 40)).save(tmp_path / "train" / "dog" / "alpha.webp")
+    # JPEGs as browsers save them on Windows: they were left out without a word
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "eel" / "web.jfif", "JPEG")
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "eel" / "old.JPE", "JPEG")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
     dataset = ImageFolderDataset(tmp_path, "train", transform=build_eval_transform(32))
-    assert len(dataset) == 5
+    assert len(dataset) == 7
     shapes = {tuple(dataset[i][0].shape) for i in range(len(dataset))}
     assert shapes == {(3, 32, 32)}
 
@@ -70,6 +73,18 @@ def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) ->
     assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
 
 
+def test_linked_folders_are_followed_but_a_link_back_up_is_refused(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1})
+    extra = make_image_folder(tmp_path / "elsewhere", {"more": 2}, classes=("cat",)) / "more" / "cat"
+    (tmp_path / "train" / "cat" / "more").symlink_to(extra, target_is_directory=True)
+    assert len(ImageFolderDataset(tmp_path, "train")) == 5  # 3 classes x 1, and the linked folder's 2
+    # a link to a folder above it would list every image again and again, other classes' under this one
+    (tmp_path / "train" / "cat" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(DataError, match=r"cat/loop links to .*train, a folder that holds it") as err:
+        ImageFolderDataset(tmp_path, "train")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "layout, message",
     [
@@ -84,9 +99,26 @@ def test_missing_or_empty_split_names_the_folder(tmp_path: Path, layout: dict, m
     assert "\n" not in str(err.value) and isinstance(err.value, UserInputError)
 
 
+def test_a_split_given_as_the_data_folder_points_to_its_parent(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1, "val": 1})
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=rf"{split} is itself a split folder, not the data folder that holds {split}/: pass its parent, {tmp_path}$"):
+            ImageFolderDataset(tmp_path / split, split)
+
+
 def test_split_without_class_folders(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="no class folders"):
+        ImageFolderDataset(tmp_path, "train")
+
+
+def test_images_beside_the_class_folders_are_refused_not_dropped(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1})
+    (tmp_path / "train" / "notes.txt").write_text("not an image: ignored")
+    assert len(ImageFolderDataset(tmp_path, "train")) == 3
+    (tmp_path / "train" / "cat" / "0.png").rename(tmp_path / "train" / "stray.png")
+    (tmp_path / "train" / "cat" / "1.png").write_bytes((tmp_path / "train" / "dog" / "0.png").read_bytes())
+    with pytest.raises(DataError, match=r"train/stray.png lies outside the class folders \(1 image\(s\) there\)"):
         ImageFolderDataset(tmp_path, "train")
 
 

@@ -25,7 +25,7 @@ from crossformer.export import (
     export_safetensors,
     export_torchscript,
 )
-from crossformer.models import CrossFormer
+from crossformer.models import CheckpointError, CrossFormer
 
 from spec_reference import reference_forward
 
@@ -185,6 +185,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx", "-o", out)
     assert "pip install 'crossformer[export]'" in err
+
+
+def test_cli_safetensors_of_the_ema_weights_says_so(tmp_path, capsys):
+    """Exported with --ema, the file's one set of weights is the average: predict / evaluate
+    --ema take it (they said "trained without --model-ema"), and the file records which it holds."""
+    from classification_fixtures import TINY_MODEL
+    from crossformer.classification.model import load_classifier
+
+    plain, average = (CrossFormer(**TINY_MODEL, num_classes=3).state_dict() for _ in range(2))
+    torch.save({"model": plain, "model_ema": average, "model_name": "crossformer_tiny", "model_kwargs": TINY_MODEL,
+                "class_names": ["a", "b", "c"], "img_size": 32}, tmp_path / "run.pth")
+    for ema in (True, False):
+        out = tmp_path / f"ema{ema}.safetensors"
+        assert main(["export", "--checkpoint", str(tmp_path / "run.pth"), "--format", "safetensors", "-o", str(out),
+                     *(["--ema"] if ema else [])]) == 0
+        assert crossformer.read_checkpoint(out).get("ema_weights", False) is ema
+    expected = load_classifier(tmp_path / "run.pth", use_ema=True).model.state_dict()
+    for use_ema in (True, False):
+        got = load_classifier(tmp_path / "emaTrue.safetensors", use_ema=use_ema).model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        load_classifier(tmp_path / "emaFalse.safetensors", use_ema=True)
 
 
 def test_cli_safetensors(tmp_path, capsys):

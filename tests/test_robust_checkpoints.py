@@ -4,6 +4,7 @@ and what it is instead, from ``read_checkpoint`` and so from every command that 
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,13 @@ def _random_bytes(path: Path) -> Path:
     return path
 
 
+def _torchscript(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)), str(path))
+    return path
+
+
 # file name -> (how to make it, what the message must say)
 BAD_FILES = {
     "notes.pth": (lambda p: p.write_text("hello world\nsecond line\n"), "is not a PyTorch checkpoint (it is text, starting 'hello world')"),
@@ -61,6 +69,8 @@ BAD_FILES = {
         "it is a Git LFS pointer: fetch the real file with git lfs pull",
     ),
     "folder.pth": (lambda p: p.mkdir(), "is a folder, not a checkpoint file"),
+    # crossformer export --format torchscript writes these: torch.load's own error said "weights_only"
+    "traced.pt": (_torchscript, "is not a PyTorch checkpoint (a TorchScript module: run it with torch.jit.load"),
 }
 
 
@@ -114,7 +124,7 @@ def _commands(path: Path, tmp_path: Path, data: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("name", ["notes.pth", "cut.safetensors", "cut.pth"])
+@pytest.mark.parametrize("name", ["notes.pth", "cut.safetensors", "cut.pth", "traced.pt"])
 def test_every_command_gives_one_line(tmp_path, capsys, name):
     data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
     path, expected = _make(tmp_path, name)

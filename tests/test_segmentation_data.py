@@ -200,12 +200,12 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
     # the other way round it was silently left out: a lost image, or one of an extension not read
-    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "img" / "lonely.jfif")
+    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "img" / "lonely.heic")
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "lonely.png")
     with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image: expected .*img/lonely\.jpg \(or"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
     # two images of one stem were both scored against the one annotation
-    (tmp_path / "img" / "lonely.jfif").unlink()
+    (tmp_path / "img" / "lonely.heic").unlink()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
     with pytest.raises(DataError, match=r"images .*ok\.jpg and .*ok\.png share the annotation .*ann/ok\.png"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)

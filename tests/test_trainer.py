@@ -111,6 +111,10 @@ def _stop_at(step: int):
     return on_step_end
 
 
+def _rates_from_epoch_1(output: Path) -> list[tuple[int, int, float]]:
+    return [(r["epoch"], r["step"], r["train/lr"]) for r in _records(output) if "train/lr" in r and r["epoch"] >= 1]
+
+
 def test_resuming_with_another_process_count_follows_the_schedule_from_the_epoch(tmp_path: Path) -> None:
     # The position in the schedule is the update count, whose meaning depends on the process
     # count: resumed by one process, the updates of a 2-process run (3 per epoch, not 6) put the
@@ -130,10 +134,25 @@ def test_resuming_with_another_process_count_follows_the_schedule_from_the_epoch
     clean = train(FakeTask, fake_config(tmp_path / "clean", epochs=4))
     assert clean["global_step"] == 24
 
-    def rates(output: Path) -> list[tuple[int, int, float]]:
-        return [(r["epoch"], r["step"], r["train/lr"]) for r in _records(output) if "train/lr" in r and r["epoch"] >= 1]
+    assert _rates_from_epoch_1(tmp_path / "run")[-18:] == _rates_from_epoch_1(tmp_path / "clean")
 
-    assert rates(tmp_path / "run")[-18:] == rates(tmp_path / "clean")
+
+@pytest.mark.parametrize("saved_batch, stop", [(2, 15), (8, 4)])
+def test_resuming_with_another_batch_size_follows_the_schedule_from_the_epoch(tmp_path: Path, saved_batch: int,
+                                                                              stop: int) -> None:
+    # As with another process count: the checkpoint's batches and updates were counted in its own
+    # batches, so the epoch resumed at the wrong image and the run ended off its schedule's end
+    # (with batch 2 before batch 4: at update 30 of 24; with batch 8 before: at 21 of 24).
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path / "run", epochs=4, batch_size=saved_batch, save_every_steps=1),
+              on_step_end=_stop_at(stop))
+    assert load_training_state(tmp_path / "run" / "last.pth")["epoch"] == 1
+    metrics = train(FakeTask, fake_config(tmp_path / "run", epochs=4, resume="auto"))
+    assert metrics["global_step"] == 24  # as a run of batch 4: 6 updates an epoch
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"was written with batch {saved_batch} (x 1 accumulated) per process: restarting epoch 1 at update 6 of 24" in log
+    train(FakeTask, fake_config(tmp_path / "clean", epochs=4))
+    assert _rates_from_epoch_1(tmp_path / "run")[-18:] == _rates_from_epoch_1(tmp_path / "clean")
 
 
 def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:

@@ -79,17 +79,15 @@ def _note(message: str) -> None:
 
 
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
-    from ..data import load_class_list
     from ..errors import UserInputError
     from .predict import predict
 
-    names = load_class_list(args.class_names) if args.class_names else None
     if args.topk < 1:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
-    results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk, class_names=names,
-                      img_size=given.get("data.img_size"), batch_size=given.get("run.batch_size", 32),
-                      use_ema=args.ema, device=config.run.device, model_kwargs=_kwargs(args, config),
-                      skip_corrupt=config.data.skip_corrupt, on_note=_note)
+    results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
+                      class_names=args.class_names, img_size=given.get("data.img_size"),
+                      batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
+                      model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note)
     for result in results:
         if args.json:
             print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))

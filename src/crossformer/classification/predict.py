@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..data import DataError, build_eval_transform, expand_image_paths, open_image
+from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list, open_image
 from ..data.folder import SKIP_HINT, is_image_file
 from ..engine import resolve_device
 from .model import load_classifier
@@ -40,7 +40,7 @@ def predict(
     checkpoint: str | Path,
     model: str | None = None,
     topk: int = 5,
-    class_names: Sequence[str] | None = None,
+    class_names: str | Path | Sequence[str] | None = None,
     img_size: int | tuple[int, int] | None = None,
     batch_size: int = 32,
     use_ema: bool = False,
@@ -49,7 +49,8 @@ def predict(
     skip_corrupt: bool = False,
     on_note: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
-    """Classify images with a checkpoint; labels are its class names (or ``class_names``).
+    """Classify images with a checkpoint; labels are its class names (or ``class_names``: a
+    list, or a text file of one name per line as :func:`crossformer.data.load_class_list` reads).
     ``paths``: one image file or folder (searched recursively), or a list of them.
     A file that records none is taken, with 1000 classes, for an ImageNet-1k classifier (the
     authors' releases: :func:`imagenet_class_names`, and ``on_note`` says so); otherwise the
@@ -59,8 +60,9 @@ def predict(
     results and ``on_note`` names it. ``on_note`` also hears of images smaller than the
     model's input, which are upscaled (their predictions are less reliable).
     """
+    given_names = load_class_list(class_names) if class_names is not None else None
     loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
-    names = list(class_names) if class_names is not None else loaded.class_names
+    names = given_names if given_names is not None else loaded.class_names
     if names is not None and len(names) != loaded.num_classes:
         raise DataError(f"{len(names)} class names given for a model with {loaded.num_classes} classes")
     note = on_note or (lambda message: None)

@@ -100,12 +100,16 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     return name, settings, num_classes
 
 
-def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool) -> dict:
+def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool,
+                 ema: bool) -> dict:
     """What the safetensors file records about its model: the checkpoint's description, with
-    the model as built (name, settings), and class names only where they still fit the head."""
-    from crossformer.models import checkpoint_description
+    the model as built (name, settings), class names only where they still fit the head, and
+    whether its weights are the training's EMA (``--ema``)."""
+    from crossformer.models import EMA_WEIGHTS_KEY, checkpoint_description
 
     description = {**checkpoint_description(checkpoint or {}), "model_name": name, "model_kwargs": settings}
+    if ema:
+        description[EMA_WEIGHTS_KEY] = True
     names = description.get("class_names")
     if features or (isinstance(names, list) and len(names) != num_classes):
         description.pop("class_names", None)
@@ -236,7 +240,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     model.eval()
 
     if args.format == "safetensors":
-        description = _description(checkpoint, name, settings, num_classes, args.features)
+        description = _description(checkpoint, name, settings, num_classes, args.features, args.ema)
         if checkpoint is not None and not args.features and args.num_classes is None:
             # An unchanged checkpoint is converted as it is; otherwise the model as built.
             path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema), output, description)

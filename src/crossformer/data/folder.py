@@ -21,7 +21,8 @@ from ..errors import UserInputError
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
            "unique_stem", "load_class_list", "training_classes"]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  ".pbm")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
@@ -35,8 +36,9 @@ class DataError(UserInputError):
 
 
 def find_split(root: str | Path, split: str) -> Path:
-    """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``)."""
-    root = Path(root)
+    """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``); ``~`` is the home folder, as
+    training's config reads it (no shell expands it in ``data.root=~/...``)."""
+    root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise DataError(f"data {root} is a file, not a folder; give the folder that holds {split}/<class>/<image>")
     if not root.is_dir():
@@ -45,6 +47,10 @@ def find_split(root: str | Path, split: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
+    is_split = any(root.name in aliases for aliases in SPLIT_NAMES.values())
+    if is_split and any((root.parent / name).is_dir() for name in names):  # --data DATA/train for --data DATA
+        raise DataError(f"{root} is itself a split folder, not the data folder that holds {names[0]}/: pass its "
+                        f"parent, {root.parent}")
     raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; expected {root}/{names[0]}/<class>/<image>")
 
 
@@ -53,12 +59,29 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, hidden entries skipped), in sorted order."""
+    """Image files under ``folder`` (recursively, linked folders followed, hidden entries
+    skipped), in sorted order. A link to a folder that holds it is a :class:`DataError`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        _refuse_link_loops(Path(dirpath), dirnames)
         found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
     return found
+
+
+def _refuse_link_loops(folder: Path, subfolders: list[str]) -> None:
+    """Following a linked subfolder that resolves to ``folder`` or above would list the same
+    images again at every level (os.walk stops only at the system's link limit), those of
+    sibling class folders under this one's label."""
+    here = None
+    for name in subfolders:
+        link = folder / name
+        if not link.is_symlink():
+            continue
+        here = here or folder.resolve()
+        target = link.resolve()
+        if target == here or target in here.parents:
+            raise DataError(f"{link} links to {target}, a folder that holds it (a loop); remove the link")
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -112,10 +135,13 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         self.split_dir = find_split(root, split)
         found = _class_folders(self.split_dir)
+        loose = sorted(p.name for p in self.split_dir.iterdir() if p.is_file() and is_image_file(p))
         if not found:
-            loose = [p.name for p in self.split_dir.iterdir() if is_image_file(p)][:1]
             hint = f" (found {loose[0]} directly in it: put images in class subfolders)" if loose else ""
             raise DataError(f"{self.split_dir} has no class folders{hint}; expected {self.split_dir}/<class>/<image>")
+        if loose:  # no class to label them with: refused rather than left out unsaid
+            raise DataError(f"{self.split_dir / loose[0]} lies outside the class folders ({len(loose)} image(s) "
+                            "there); move each into its class folder or delete it")
         self.classes = list(classes) if classes is not None else found
         if classes is not None:
             missing = [c for c in self.classes if c not in found]

@@ -234,15 +234,22 @@ class Trainer:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
         self.last_checkpoint = str(path)
-        if int(state.get("world_size", 1)) == self.ctx.world_size:
+        same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
+        if same_ranks:
             mine = state["rank_state"][self.ctx.rank]
             restore_rng_state(mine["rng"])
             self.meters = dict(mine["meters"])
-        else:  # another process count: the data order changes anyway, so restart the epoch
+        saved_run, run = state.get("config", {}).get("run", {}), self.run_config
+        saved_batch = (saved_run.get("batch_size", run.batch_size), saved_run.get("accum_steps", run.accum_steps))
+        if not same_ranks or saved_batch != (run.batch_size, run.accum_steps):
+            # the checkpoint counted its batches and updates in another division of the epoch:
+            # restart the epoch, and the schedule at this run's updates to it
             self.batches_done, self.meters = 0, {}
-            if not self.run_config.by_iterations:  # the schedule's position: this count's updates to the epoch
+            if not run.by_iterations:
                 self.global_step = self.epoch * self.updates_per_epoch
-            self.log.info(f"{path} was written by {state.get('world_size')} processes: restarting epoch {self.epoch} "
+            written = (f"by {state.get('world_size')} processes" if not same_ranks else
+                       f"with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process")
+            self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
                           f"at update {self.global_step} of {self.total_updates}")
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 

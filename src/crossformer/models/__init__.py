@@ -6,6 +6,7 @@ from .grouping import GroupLayout, group_layout
 from .variants import VARIANTS, Variant, create_crossformer, identify_variant, require_known_model
 from .weights import (
     DESCRIPTION_KEY,
+    EMA_WEIGHTS_KEY,
     CheckpointError,
     checkpoint_description,
     convert_to_safetensors,
@@ -38,6 +39,7 @@ __all__ = [
     "save_safetensors",
     "checkpoint_description",
     "DESCRIPTION_KEY",
+    "EMA_WEIGHTS_KEY",
     "recorded_model",
     "count_params",
     "analytic_macs",

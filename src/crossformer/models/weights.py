@@ -35,6 +35,7 @@ __all__ = [
     "split_class_layers",
     "extract_state_dict",
     "weights_entry",
+    "EMA_WEIGHTS_KEY",
     "dense_task",
     "load_checkpoint",
     "convert_to_safetensors",
@@ -106,6 +107,9 @@ _SNIFF_BYTES = 4096
 # recorded besides its weights (:func:`checkpoint_description`), so that a weights file names
 # its model, settings, classes and input size as the checkpoint did.
 DESCRIPTION_KEY = "crossformer"
+# The description entry (true) of a file whose one set of weights is a training run's EMA
+# (``crossformer export --ema``): asked for the EMA weights, it gives them.
+EMA_WEIGHTS_KEY = "ema_weights"
 # Checkpoint entries that are weights or training progress, not a description of the model.
 _NOT_DESCRIPTION = frozenset({
     "model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scheduler", "lr_scheduler",
@@ -156,6 +160,9 @@ def _sniff(path: Path) -> tuple[str, str]:
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     if head.startswith(_ZIP_MAGIC):
+        if _is_torchscript(path):  # torch.load's own error on one talks of weights_only
+            return "other", ("a TorchScript module: run it with torch.jit.load, and give commands the training "
+                             "checkpoint or its safetensors export")
         return "zip", "a PyTorch checkpoint"
     if head.startswith(_PICKLE_PROTOCOLS):
         return "pickle", "a PyTorch checkpoint"
@@ -167,6 +174,18 @@ def _sniff(path: Path) -> tuple[str, str]:
     if text is not None:
         return "other", text
     return "other", f"unknown binary data, starting {head[:8].hex(' ')}"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a ``torch.jit.save`` archive (which, unlike ``torch.save``'s,
+    holds a ``constants.pkl``); a damaged zip file is left for the reader to report."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
@@ -333,6 +352,8 @@ def weights_entry(checkpoint: Mapping[str, Any], use_ema: bool = False, source: 
     for key in ("model_ema", "state_dict_ema") if use_ema else ("model", "state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             return checkpoint[key]
+    if use_ema and checkpoint.get(EMA_WEIGHTS_KEY) is True and isinstance(checkpoint.get("model"), Mapping):
+        return checkpoint["model"]  # exported with --ema: the average is the file's one set of weights
     if use_ema:  # only EMA entries will do: the plain weights' accuracy would be reported as the EMA's
         raise CheckpointError(f"{source} holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
                               "drop --ema")
