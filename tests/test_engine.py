@@ -402,3 +402,22 @@ def test_training_records_every_data_path_absolute(tmp_path: Path, monkeypatch: 
         for key, value in values.items():
             assert getattr(data, key.split(".")[1]) == str(Path(value).expanduser().absolute()), (task, key)
     assert with_absolute_paths(task_module("segmentation").CONFIG()).data.root is None  # unset stays unset
+
+
+def test_path_settings_take_a_python_path(tmp_path: Path) -> None:
+    # resolve_config(overrides={"data.root": Path(...)}) was refused ("data.root must be a
+    # string"): a Python caller's os.PathLike goes wherever a path string does
+    from crossformer.engine.registry import resolve_config
+
+    config = resolve_config(overrides={"data.root": tmp_path, "output": tmp_path / "run",
+                                       "model.pretrained": tmp_path / "backbone.pth"}).config
+    assert (config.data.root, config.run.output) == (str(tmp_path), str(tmp_path / "run"))
+    assert config.model.pretrained == str(tmp_path / "backbone.pth")
+    dense = resolve_config(task="detection", overrides={"model.init_from": tmp_path / "detector.pth",
+                                                        "data.train_ann": tmp_path / "train.json"}).config
+    assert (dense.model.init_from, dense.data.train_ann) == (str(tmp_path / "detector.pth"), str(tmp_path / "train.json"))
+    folders = {f"data.{name}": tmp_path / name for name in ("val_images", "val_labels", "classes")}
+    seg = resolve_config(task="segmentation", overrides=folders).config
+    assert seg.data.classes == str(tmp_path / "classes")
+    with pytest.raises(UserInputError, match="data.root must be a string, got 3"):  # other types still refused
+        resolve_config(overrides={"data.root": 3})

@@ -346,6 +346,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise UserInputError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, os.PathLike):  # a Python caller's pathlib.Path, wherever a path string goes
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise UserInputError(f"{key} must be a string, got {value!r}")
         return value
