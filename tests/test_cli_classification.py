@@ -397,3 +397,28 @@ def test_predict_reads_a_class_names_file_as_segmentation_reads_its_class_list(d
     assert sorted(json.loads(capsys.readouterr().out)["labels"]) == ["building", "sky", "wall"]
     names.write_text("wall\nsky\nwall\n", encoding="utf-8")
     _one_line_error(capsys, [*argv, "--class-names", str(names)], "class 'wall' is listed twice")
+
+
+def test_a_pretrained_head_of_another_class_count_is_one_logged_line(data: Path, tmp_path: Path, capsys) -> None:
+    """--pretrained FILE with a classifier of 5 classes on 3 class folders: the note that the head
+    starts afresh was a two-line Python UserWarning on stderr (with a source line) and missing
+    from log.txt; it is one line in the run's log. The Python API still warns."""
+    import warnings
+
+    from crossformer import load_checkpoint
+    from crossformer.models import CrossFormer
+
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    pretrained = tmp_path / "five.pth"
+    torch.save({"model": CrossFormer(**kwargs, num_classes=5).state_dict()}, pretrained)
+    output = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would stop the run here
+        assert main(["train", *TINY_ARGS, "--data", str(data), "--output", str(output), "--epochs", "1",
+                     "--pretrained", str(pretrained)]) == 0
+    captured = capsys.readouterr()
+    note = f"{pretrained}: classifier head (5, 128) does not fit the model's (3, 128); the head keeps its fresh initialisation\n"
+    assert note in captured.out and note in (output / "log.txt").read_text() and "Warning" not in captured.err
+    with pytest.warns(UserWarning, match="the head keeps its fresh initialisation"):
+        load_checkpoint(CrossFormer(**kwargs, num_classes=3), pretrained)

@@ -120,7 +120,7 @@ class ClassificationTask(Task):
         model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs,
                                   img_size=c.data.size_hw)
         if c.model.pretrained:
-            load_checkpoint(model, c.model.pretrained)
+            load_checkpoint(model, c.model.pretrained, note=self.notes.append)
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast

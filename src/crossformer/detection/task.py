@@ -72,12 +72,11 @@ class DetectionTask(Task):
         super().__init__(config, ctx)
         c = config
         require_model_files(c.task, pretrained=c.model.pretrained, init_from=c.model.init_from)
-        self.data_report: list[str] = []  # what reading the training file dropped or clipped; check_data logs it
         with_masks = c.model.kind != "retinanet"
         train_ann, train_images = data_paths(c.data, "train")
         val_ann, val_images = data_paths(c.data, "val")
         self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
-                                       transform=c.data.train_transform(), log=self.data_report.append)
+                                       transform=c.data.train_transform(), log=self.notes.append)
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
         self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform())
         if self.val_set.cat_ids != self.train_set.cat_ids:
@@ -111,11 +110,7 @@ class DetectionTask(Task):
     def check_data(self) -> None:
         """The validation images' headers and (for mask models) the validation objects'
         segmentations, so that a bad file stops the run now rather than at the first
-        evaluation; with ``skip_corrupt`` unreadable images are named (evaluation skips them).
-        First logs what reading the training file dropped or clipped (the run log is not open
-        while the task is built)."""
-        for line in self.data_report:
-            self.log.info(line)
+        evaluation; with ``skip_corrupt`` unreadable images are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
         named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")

@@ -58,6 +58,10 @@ class Task(ABC):
 
     def __init__(self, config: Any, ctx: DistContext) -> None:
         self.config, self.ctx = config, ctx
+        # Lines for the run's log found while the task is built (the log is set after
+        # ``__init__``): what reading the data dropped, a pretrained head left fresh. The
+        # trainer logs them before the data check.
+        self.notes: list[str] = []
 
     @abstractmethod
     def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:

@@ -81,6 +81,8 @@ class Trainer:
         resume_from = self._resume_source()
         self.task = task_cls(without_start_files(config) if resume_from else config, ctx)
         self.task.log = self.log
+        for line in self.task.notes:
+            self.log.info(line)
         self._check_data()
         self.batches_per_epoch = len(self.task.train_loader)
         if self.batches_per_epoch < 1:

@@ -16,7 +16,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -522,11 +522,13 @@ def load_checkpoint(
     model: nn.Module,
     path: str | Path,
     use_ema: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Load official or crossformer weights into a classification or features model.
 
-    - A head of another size (e.g. 1000 classes into a 10-class model) is skipped with a
-      warning and keeps its fresh initialisation.
+    - A head of another size (e.g. 1000 classes into a 10-class model) is skipped and keeps
+      its fresh initialisation, which is told in one line to ``note`` (default: a
+      ``UserWarning``; a training run logs it).
     - Keys a ``features_only`` model (any of timm's ``"getter"``, ``"hook"``, ``"fx"``
       classes) or ``prune_intermediate_layers`` pruned (head, final norm, unused stages)
       are ignored, and so is the head for a model built with ``num_classes=0``.
@@ -536,7 +538,7 @@ def load_checkpoint(
       read mmdet / mmseg files) has a ``load_checkpoint_state(checkpoint, source, use_ema)``
       method; it is handed the file's contents instead.
     """
-    return load_state(model, read_checkpoint(path), str(path), use_ema=use_ema)
+    return load_state(model, read_checkpoint(path), str(path), use_ema=use_ema, note=note)
 
 
 def load_state(
@@ -544,6 +546,7 @@ def load_state(
     checkpoint: Mapping[str, Any],
     source: str = "checkpoint",
     use_ema: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """:func:`load_checkpoint` for a checkpoint already read (``source`` names it in errors)."""
     target, features_only = unwrap_model(model)
@@ -565,11 +568,12 @@ def load_state(
         and state["head.weight"].shape[0] != expected["head.weight"].shape[0]
     )
     if other_classes:
-        warnings.warn(
-            f"{path}: classifier head {tuple(state['head.weight'].shape)} does not fit the model's "
-            f"{tuple(expected['head.weight'].shape)}; the head keeps its fresh initialisation",
-            stacklevel=2,
-        )
+        message = (f"{path}: classifier head {tuple(state['head.weight'].shape)} does not fit the model's "
+                   f"{tuple(expected['head.weight'].shape)}; the head keeps its fresh initialisation")
+        if note is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            note(message)
         for k in head_keys:
             del state[k]
         expected = {k: v for k, v in expected.items() if k not in head_keys}
