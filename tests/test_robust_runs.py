@@ -183,17 +183,32 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert log.count(f"skipping unreadable image {bad}:") == 1
     assert log.count(f"skipping unreadable image {broken / 'train' / 'cat' / 'bad.jpg'}:") == 1
     done = [line for line in log.splitlines() if " done in " in line][0]
-    assert ", 1 unreadable images" in done  # the training image, skipped once in its one epoch
+    assert ", 1 skip of unreadable images (1 file)" in done  # the training image, skipped once in its one epoch
 
 
-class _UnreadableOnRank1(FakeTask):
-    """Rank 1 skips an unreadable ``rank1/bad.png`` in its first batch of every epoch (3 a rank)."""
+class _OneUnreadableFile(FakeTask):
+    """Rank ``rank`` skips an unreadable ``rank<rank>/bad.png`` in its first batch of every epoch
+    (3 batches a rank)."""
+
+    rank = 0
 
     def batch_counts(self, batch):
         return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
 
     def unreadable(self, batch):
-        return ["image rank1/bad.png: broken data stream"] if self.ctx.rank == 1 and self.calls % 3 == 0 else []
+        return [f"image rank{self.rank}/bad.png: broken data stream"] if self.ctx.rank == self.rank and self.calls % 3 == 0 else []
+
+
+class _UnreadableOnRank1(_OneUnreadableFile):
+    rank = 1
+
+
+def test_the_done_line_counts_a_file_skipped_each_epoch_as_skips_of_one_file(tmp_path: Path) -> None:
+    # one unreadable file over 2 epochs read "2 unreadable images"
+    train(_OneUnreadableFile, fake_config(tmp_path, epochs=2, samples=12))  # 3 batches an epoch
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("skipping unreadable image rank0/bad.png") == 1, log
+    assert ", 2 skips of unreadable images (1 file)" in log.splitlines()[-1], log
 
 
 @pytest.mark.slow
@@ -203,7 +218,7 @@ def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert log.count("skipping unreadable image rank1/bad.png: broken data stream") == 1, log  # once a run
-    assert ", 2 unreadable images" in log.splitlines()[-1], log  # skipped in both epochs
+    assert ", 2 skips of unreadable images (1 file)" in log.splitlines()[-1], log  # skipped in both epochs
 
 
 class _ManyUnreadable(FakeTask):

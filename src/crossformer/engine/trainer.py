@@ -101,6 +101,7 @@ class Trainer:
         self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
         self.name_skipped = SkippedFiles(  # training files skipped as unreadable (every rank's), once a run
             self.log.info, "more unreadable training files are skipped: counted (train/unreadable_images), not named")
+        self.skipped_files: set[str] = set()  # each as named (every rank's): a file is skipped again each epoch
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
         if resume_from:
             self._resume(resume_from)
@@ -296,6 +297,7 @@ class Trainer:
             if skipped:  # on every rank alike, so all join the gather
                 for item in ctx.gather_lists(unreadable):
                     self.name_skipped(f"skipping unreadable {item}")
+                    self.skipped_files.add(item)
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
@@ -463,11 +465,20 @@ class Trainer:
             self.log.info(f"nothing to do: {self.last_checkpoint} already trained {reached} {run.unit}s "
                           f"(this run asks for {run.length})")
         else:
-            counted = "".join(f", {int(v)} {k.replace('_', ' ')}" for k, v in self.count_totals.items())
+            counted = "".join(f", {self._run_total(k, v)}" for k, v in self.count_totals.items())
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
                           f"(checkpoints in {self.output})")
         self.log.close()
         return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
+
+    def _run_total(self, key: str, value: float) -> str:
+        """The done line's words for the run's total of the count ``key``: unreadable images are
+        skips (one file, skipped in each of 2 epochs, is 2), with the files they were."""
+        if key != "unreadable_images":
+            return f"{int(value)} {key.replace('_', ' ')}"
+        files = len(self.skipped_files)
+        return (f"{int(value)} skip{'s' * (value != 1)} of unreadable images"
+                + (f" ({files} file{'s' * (files != 1)})" if files else ""))
 
     @contextlib.contextmanager
     def _stop_signals(self):
