@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -281,3 +282,17 @@ def test_evaluate_an_official_checkpoint_with_bicubic_resize_and_centre_crop(tmp
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
     with pytest.raises(Exception, match="--model"):
         evaluate(REFERENCE / "v1_cls.pth", data, device="cpu", num_workers=0)
+
+
+def test_predict_reads_a_named_file_by_its_content(trained: tuple[Path, dict], data: Path, tmp_path: Path) -> None:
+    """A PNG named without an extension (or with an unusual one) was refused ("is not an image
+    file"); a file the user names is read by its content. Folders still list images by extension."""
+    checkpoint = trained[0] / "best.pth"
+    image = data / "val" / "cat" / "0.png"
+    shutil.copy(image, tmp_path / "photo")
+    shutil.copy(image, tmp_path / "photo.dat")
+    got = predict([image, tmp_path / "photo", tmp_path / "photo.dat"], checkpoint, device="cpu")
+    assert [r.labels for r in got[1:]] == [got[0].labels] * 2
+    torch.testing.assert_close([r.scores for r in got[1:]], [got[0].scores] * 2)
+    with pytest.raises(DataError, match="no images in folder"):  # a folder's files go by their extension
+        predict(tmp_path, checkpoint, device="cpu")

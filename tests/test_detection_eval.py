@@ -293,3 +293,12 @@ def test_predict_gives_each_input_its_own_png(tmp_path):
                              transform=build_test_transform(256, 160))
     assert [p.name for p in out.images] == ["a.png", "a_3.png", "a_2.png"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "a_2.png", "a_3.png"]
+
+
+def test_predict_reads_a_named_file_by_its_content(tmp_path):
+    # a PNG named without an extension was refused ("is not an image file")
+    _photo_like(tmp_path / "street.png", 300, 180)
+    shutil.copy(tmp_path / "street.png", tmp_path / "snapshot")
+    out = predict_detections(BoxInTheMiddle(), [tmp_path / "snapshot"], tmp_path / "out", ["cat", "dog"],
+                             transform=build_test_transform(256, 160))
+    assert [p.name for p in out.images] == ["snapshot.png"] and out.detections == 1

@@ -255,3 +255,13 @@ def test_predicting_again_into_a_folder_inside_the_inputs_reads_no_outputs(synth
     # the output folder named as the input is read as asked
     results, _ = predict_images(model, tmp_path / "out", tmp_path / "out", dataset.classes, inference=config)
     assert len(results) == 2
+
+
+def test_predict_reads_a_named_file_by_its_content(synthetic, tmp_path):
+    # a PNG named with an unusual extension was refused ("is not an image file")
+    dataset = ade20k_dataset(synthetic, "val")
+    Image.open(dataset.samples[0][0]).save(tmp_path / "photo.img", format="PNG")
+    results, skipped = predict_images(ConstantSegmentor(7, target=3), tmp_path / "photo.img", tmp_path / "out",
+                                      dataset.classes, inference=InferenceConfig(scale=(128, 48)))
+    assert [r.path for r in results] == [str(tmp_path / "photo.img")] and not skipped
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_labels.png", "photo_overlay.png"]

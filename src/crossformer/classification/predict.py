@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list, open_image
-from ..data.folder import SKIP_HINT, is_image_file
+from ..data.folder import SKIP_HINT
 from ..engine import resolve_device
 from .model import load_classifier
 
@@ -82,8 +82,6 @@ def predict(
         chunk, images = [], []
         for path in files[start : start + batch_size]:
             try:
-                if not is_image_file(path):
-                    raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
                 image = open_image(path)
             except DataError as err:
                 if not skip_corrupt:

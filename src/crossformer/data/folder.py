@@ -179,8 +179,9 @@ class ImageFolderDataset(Dataset):
 def expand_image_paths(
     paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
 ) -> list[Path]:
-    """Files as given, folders as the images inside them (recursively, sorted); one path
-    (a str or a Path) is a list of that one, not of the characters of its name. A folder's
+    """Files as given (read by their content: a file the user names is an image whatever its
+    extension), folders as the images inside them (by extension, recursively, sorted); one
+    path (a str or a Path) is a list of that one, not of the characters of its name. A folder's
     search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

@@ -17,7 +17,7 @@ from PIL import Image
 from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths, read_rgb, unique_stem
 from ..data.draw import draw_boxes, overlay_masks, palette
-from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, is_image_file
+from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS
 from ..engine import Precision, RunLogger
 from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
@@ -83,9 +83,6 @@ def predict_detections(
     evaluation does.
     """
     files = expand_image_paths(paths, output_dir)
-    for path in files:
-        if not is_image_file(path):
-            raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()

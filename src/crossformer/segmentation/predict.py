@@ -26,7 +26,6 @@ from PIL import Image
 from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths, unique_stem
 from ..data.draw import Colour, palette as class_palette
-from ..data.folder import is_image_file
 from .data import read_image
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
@@ -71,9 +70,6 @@ def predict_images(
     palette = list(palette) if palette is not None else class_palette(len(class_names))
     inference = inference or InferenceConfig()
     files = expand_image_paths(paths, output_dir)
-    for path in files:
-        if not is_image_file(path):
-            raise DataError(f"{path} is not an image file (expected one of the usual image extensions)")
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line
     output.mkdir(parents=True, exist_ok=True)
     device = next(segmentor.parameters()).device
