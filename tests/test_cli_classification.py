@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from classification_fixtures import make_image_folder
-from cli_errors import one_torchrun_error_line, torchrun
+from cli_errors import one_error_line, one_torchrun_error_line, torchrun
 from crossformer.cli import main
 from crossformer.engine import load_training_state
 
@@ -422,3 +422,22 @@ def test_a_pretrained_head_of_another_class_count_is_one_logged_line(data: Path,
     assert note in captured.out and note in (output / "log.txt").read_text() and "Warning" not in captured.err
     with pytest.warns(UserWarning, match="the head keeps its fresh initialisation"):
         load_checkpoint(CrossFormer(**kwargs, num_classes=3), pretrained)
+
+
+def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(reference_dir: Path, data: Path,
+                                                                        capsys) -> None:
+    """v1_cls.pth (embed_dim 32, depths 2,2,4,2, num_heads 1,2,4,8) with num_heads left out
+    was a two-line error listing all 20 mis-shaped tensors with no hint."""
+    checkpoint = str(reference_dir / "v1_cls.pth")
+    args = ["--checkpoint", checkpoint, "--model", "crossformer_tiny", "--model-arg", "embed_dim=32",
+            "--model-arg", "depths=[2,2,4,2]", "--device", "cpu"]
+    for argv in (["predict", str(data / "val" / "cat" / "0.png"), *args], ["evaluate", "--data", str(data), *args]):
+        line = one_error_line(capsys, argv)
+        assert f"{checkpoint} does not fit crossformer_tiny with embed_dim=32, depths=[2, 2, 4, 2] (wrong shape: " in line
+        assert "layers.0.blocks.0.attn.pos.pos3.2.weight: file (1, 2) vs model (2, 2)" in line and "(20 in all)" in line
+        assert line.endswith("its weights show other settings: add --model-arg num_heads=[1,2,4,8]"), line
+    # a difference the weights do not spell out as a setting: the general hint
+    line = one_error_line(capsys, ["predict", str(data), *args, "--model-arg", "num_heads=[1,2,4,8]",
+                                   "--model-arg", "merge_kernel_sizes=[2]"])
+    assert "unexpected: layers.0.downsample.reductions.1.bias" in line
+    assert line.endswith("check --model and --model-arg against the settings the file was trained with"), line

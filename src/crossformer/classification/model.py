@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,12 @@ def load_classifier(
     head = weights.get("head.weight")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
-    model = create_classifier(name, num_classes=head.shape[0], model_kwargs={**recorded, **(model_kwargs or {})})
-    load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
+    settings = {**recorded, **(model_kwargs or {})}
+    model = create_classifier(name, num_classes=head.shape[0], model_kwargs=settings)
+    try:
+        load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
+    except CheckpointError:
+        raise CheckpointError(_misfit(checkpoint, name, settings, weights, model.state_dict())) from None
     model.to(device).eval()
     return LoadedClassifier(
         model=model,
@@ -104,6 +109,24 @@ def load_classifier(
         crop_pct=float(state.get("crop_pct", 0.875)),
         interpolation=str(state.get("interpolation", "bicubic")),
     )
+
+
+def _misfit(checkpoint: str | Path, name: str, settings: dict[str, Any], weights: dict[str, torch.Tensor],
+            expected: dict[str, torch.Tensor]) -> str:
+    """One line on why ``weights`` (of ``checkpoint``) do not load into ``name`` built with
+    ``settings`` (state dict ``expected``): the first differences, and the settings the weights
+    show that the model lacks (what ``--model-arg`` would change), where they show any."""
+    from ..models.variants import architecture_of
+    from ..models.weights import key_differences, summarize_differences
+
+    built = f"{name} with {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else name
+    first = "; ".join(summarize_differences(key_differences(weights, expected), shown=2))
+    file_settings, model_settings = architecture_of(weights), architecture_of(expected)
+    differing = [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in file_settings.items()
+                 if k in model_settings and v != model_settings[k]]
+    hint = (f"its weights show other settings: add {' '.join(f'--model-arg {d}' for d in differing)}" if differing
+            else "check --model and --model-arg against the settings the file was trained with")
+    return f"{checkpoint} does not fit {built} ({first}); {hint}"
 
 
 def _size(size: Any) -> int | tuple[int, int]:

@@ -28,7 +28,7 @@ from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
 from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint, recorded_model
 
-__all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "require_known_model"]
+__all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "architecture_of", "require_known_model"]
 
 _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval")
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
@@ -74,20 +74,43 @@ def identify_variant(state: Mapping[str, torch.Tensor]) -> str | None:
     """The registered variant whose weights ``state`` holds (every name and shape but the
     classifier's, which may have any class count), or None. Lets files that do not name
     their model (the authors' releases, bare state dicts) be used without ``--model``."""
-    norm = state.get("patch_embed.norm.weight")
-    if norm is None:
+    found = architecture_of(state)
+    if not found:
         return None
-    depths = tuple(len({key.split(".")[3] for key in state if key.startswith(f"layers.{i}.blocks.")}) for i in range(4))
-    activation_cooling = any(".ex_conv." in key for key in state)
     for name, variant in VARIANTS.items():
         arch = variant.arch
-        if (arch["embed_dim"], tuple(arch["depths"]), arch["use_acl"]) != (norm.shape[0], depths, activation_cooling):
+        if (arch["embed_dim"], list(arch["depths"]), arch["use_acl"]) != (found["embed_dim"], found["depths"], found["use_acl"]):
             continue
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             expected = CrossFormer(**arch, num_classes=0).state_dict()
         given = {key: tuple(value.shape) for key, value in state.items() if not key.startswith("head.")}
         return name if given == {key: tuple(value.shape) for key, value in expected.items()} else None
     return None
+
+
+def architecture_of(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The CrossFormer settings that ``state``'s names and shapes show: ``embed_dim``,
+    ``depths``, ``num_heads`` (each stage's first block's position bias has one output per
+    head), ``mlp_ratio``, ``use_acl``, ``patch_kernel_sizes``; empty for another model's weights."""
+    norm = state.get("patch_embed.norm.weight")
+    if norm is None:
+        return {}
+    stages = 1 + max((int(key.split(".")[1]) for key in state if key.startswith("layers.")), default=-1)
+    kernels = sorted((int(key.split(".")[2]), value.shape[-1]) for key, value in state.items()
+                     if key.startswith("patch_embed.projs.") and key.endswith(".weight"))
+    found: dict[str, Any] = {
+        "embed_dim": norm.shape[0],
+        "depths": [len({key.split(".")[3] for key in state if key.startswith(f"layers.{i}.blocks.")}) for i in range(stages)],
+        "use_acl": any(".ex_conv." in key for key in state),
+        "patch_kernel_sizes": [size for _, size in kernels],
+    }
+    heads = [state.get(f"layers.{i}.blocks.0.attn.pos.pos3.2.weight") for i in range(stages)]
+    if stages and all(h is not None for h in heads):
+        found["num_heads"] = [h.shape[0] for h in heads]
+    fc1 = state.get("layers.0.blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        found["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    return found
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -32,6 +32,8 @@ __all__ = [
     "peek_checkpoint",
     "load_state",
     "check_keys",
+    "key_differences",
+    "summarize_differences",
     "split_class_layers",
     "extract_state_dict",
     "weights_entry",
@@ -480,20 +482,28 @@ def check_keys(
 ) -> None:
     """Raise :class:`CheckpointError` under ``heading`` listing the keys of ``expected`` that
     ``state`` lacks (after ``missing_first``), the keys it has in excess, and those of another shape."""
-    missing = [*missing_first, *sorted(set(expected) - set(state))]
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{heading}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+    differences = key_differences(state, expected)
+    differences["missing"][:0] = missing_first
+    listed = summarize_differences(differences, shown=20)
+    if listed:
+        raise CheckpointError("\n  ".join([f"{heading}:", *listed]))
+
+
+def key_differences(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """What keeps ``state`` from loading into a model whose state dict is ``expected``: its
+    ``missing`` keys, its ``unexpected`` ones and those of the ``wrong shape`` (with both shapes)."""
+    return {
+        "missing": sorted(set(expected) - set(state)),
+        "unexpected": sorted(set(state) - set(expected)),
+        "wrong shape": [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                        for k, v in state.items() if k in expected and v.shape != expected[k].shape],
+    }
+
+
+def summarize_differences(differences: Mapping[str, Sequence[str]], shown: int) -> list[str]:
+    """``kind: the first shown items, ... (N in all)`` for each kind of :func:`key_differences` found."""
+    return [f"{kind}: {', '.join(items[:shown])}" + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+            for kind, items in differences.items() if items]
 
 
 def split_class_layers(
