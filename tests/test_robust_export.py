@@ -131,3 +131,15 @@ def test_a_damaged_description_is_one_line(tmp_path, capsys, trained):
     from crossformer.models import read_checkpoint
 
     assert read_checkpoint(plain).keys() == model.state_dict().keys()
+
+
+def test_ema_of_a_checkpoint_without_ema_weights_names_the_file(tmp_path, capsys, trained):
+    # export --ema said "checkpoint holds no EMA weights", naming no file
+    path, _ = trained
+    for fmt in ("safetensors", "torchscript"):
+        line = one_error_line(capsys, ["export", "--checkpoint", str(path), "--ema", "--format", fmt,
+                                       "-o", str(tmp_path / f"x.{fmt}")])
+        assert line.endswith(f"error: {path} holds no EMA weights (no 'model_ema' entry: trained without --model-ema); "
+                             "drop --ema"), line
+    line = one_error_line(capsys, ["convert", "--ema", str(path), str(tmp_path / "y.safetensors")])
+    assert f"error: {path} holds no EMA weights" in line

@@ -648,7 +648,7 @@ def test_smaller_items(data: Path, trained: Path, tmp_path: Path, capsys, monkey
         capsys, _train_argv(one, tmp_path / "o1"))
     # --ema on a checkpoint without EMA weights
     line = one_error_line(capsys, ["evaluate", "--checkpoint", str(trained / "last.pth"), "--data", str(data), "--ema"])
-    assert f"{trained / 'last.pth'}: checkpoint holds no EMA weights" in line
+    assert f"{trained / 'last.pth'} holds no EMA weights" in line
     # a file as --data
     image = data / "val" / "cat" / "0.png"
     assert f"data {image} is a file, not a folder" in one_error_line(capsys, _train_argv(image, tmp_path / "o2"))

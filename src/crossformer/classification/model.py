@@ -86,10 +86,7 @@ def load_classifier(
                                  f"config with --config NAME_OR_FILE")
         raise UserInputError(f"{checkpoint} does not name its model and fits no registered variant: "
                              "pass --model NAME (and --model-arg KEY=VALUE for a non-standard size)")
-    try:
-        weights = extract_state_dict(state, use_ema=use_ema)
-    except CheckpointError as err:
-        raise CheckpointError(f"{checkpoint}: {err}") from None
+    weights = extract_state_dict(state, use_ema=use_ema, source=str(checkpoint))
     head = weights.get("head.weight")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")

@@ -95,7 +95,7 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     if num_classes is None and checkpoint is None:
         num_classes = IMAGENET_CLASSES
     elif num_classes is None:
-        head = extract_state_dict(checkpoint, use_ema=args.ema).get("head.weight")
+        head = extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint).get("head.weight")
         num_classes = 0 if head is None else int(head.shape[0])
     return name, settings, num_classes
 
@@ -243,7 +243,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         description = _description(checkpoint, name, settings, num_classes, args.features, args.ema)
         if checkpoint is not None and not args.features and args.num_classes is None:
             # An unchanged checkpoint is converted as it is; otherwise the model as built.
-            path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema), output, description)
+            path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint), output,
+                                    description)
         else:
             path = exporting.export_safetensors(model, output, description)
         print(f"wrote {path} (weights, with the model's name and settings; load with crossformer.load_checkpoint, "

@@ -373,13 +373,16 @@ def dense_task(checkpoint: Mapping[str, Any]) -> str | None:
     return None
 
 
-def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+def extract_state_dict(
+    checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint dict, with wrapper prefixes and v1 buffers removed.
 
     Accepts training checkpoints (``model``/``state_dict``/``model_ema`` entries) and bare
     state dicts, with ``module.``/``backbone.`` prefixes as the dense-task releases have.
+    ``source`` names the file in errors.
     """
-    state = weights_entry(checkpoint, use_ema)
+    state = weights_entry(checkpoint, use_ema, source)
     result: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -391,7 +394,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
             continue
         result[key] = value
     if not result:
-        raise CheckpointError("checkpoint holds no tensors")
+        raise CheckpointError(f"{source} holds no tensors")
     # A bare backbone file carries "backbone." on every key; a whole detector or segmentor
     # (backbone. beside neck. and heads) keeps its keys as they are.
     if all(key.startswith(_BACKBONE_PREFIX) for key in result):
@@ -563,7 +566,7 @@ def load_state(
     if hasattr(target, "load_checkpoint_state"):
         target.load_checkpoint_state(checkpoint, source, use_ema)
         return model
-    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    state = extract_state_dict(checkpoint, use_ema=use_ema, source=source)
     path = source
     expected = target.state_dict()
 
@@ -651,7 +654,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, use_ema: bool = Fal
 
     check_output_path(dst)
     checkpoint = read_checkpoint(src)
-    weights = extract_state_dict(checkpoint, use_ema=use_ema)
+    weights = extract_state_dict(checkpoint, use_ema=use_ema, source=str(src))
     return save_safetensors(weights, dst, checkpoint_description(checkpoint))
 
 
