@@ -419,6 +419,10 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     # an IndexError while building
     ({"depths": (-1, 1, 1, 1)}, r"^depths must be at least 0 in every stage, got \(-1, 1, 1, 1\)$"),
     ({"depths": ()}, r"^depths needs at least one stage, got \(\)$"),
+    # --model-arg depths=2,2,4,2 (YAML text, not a list): "'<' not supported between 'str' and 'int'"
+    ({"depths": "2,2,4,2"}, r"^depths needs a list of whole numbers, one per stage \(e.g. \[2, 2, 6, 2\]\), got '2,2,4,2'$"),
+    ({"depths": (1, 1.5, 1, 1)}, r"^depths needs a list of whole numbers, .*got \(1, 1.5, 1, 1\)$"),
+    ({"depths": 4}, r"^depths needs a list of whole numbers, .*got 4$"),
 ])
 def test_rates_and_depths_out_of_range_are_refused_at_construction(setting: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -611,6 +611,9 @@ class CrossFormer(nn.Module):
         super().__init__()
         if long_distance not in LONG_DISTANCE_CHOICES:
             raise ValueError(f"long_distance must be one of {LONG_DISTANCE_CHOICES}, got {long_distance!r}")
+        # --model-arg depths=2,2,4,2 is text: min() below would fail on it with a bare TypeError
+        if isinstance(depths, (str, numbers.Number)) or not all(isinstance(d, numbers.Integral) for d in depths):
+            raise ValueError(f"depths needs a list of whole numbers, one per stage (e.g. [2, 2, 6, 2]), got {depths!r}")
         if len(depths) == 0:
             raise ValueError(f"depths needs at least one stage, got {tuple(depths)}")
         if min(depths) < 0:
