@@ -377,11 +377,12 @@ def test_a_files_choice_of_an_alternative_replaces_its_bases(tmp_path: Path, cap
     assert config.model.kwargs["embed_dim"] == 32 and config.model.kwargs["depths"] == [1, 1, 1, 1]
     # both in one file is still refused, naming the file
     mine.write_text("base: shared.yaml\nrun: {epochs: 2, iterations: 3}\n")
-    with pytest.raises(UserInputError, match=f"^{mine}: set exactly one of run.epochs and run.iterations "
-                                             r"\(both given: epochs=2, iterations=3\)$"):
+    with pytest.raises(UserInputError, match=f"^{mine}: run.epochs and run.iterations are both set "
+                                             r"\(epochs=2, iterations=3\): set exactly one of run.epochs and run.iterations$"):
         resolve_config(str(mine))
     child.write_text("base: dense.yaml\nmodel: {pretrained: a.pth, init_from: b.pth}\n")
-    with pytest.raises(UserInputError, match=f"^{child}: set exactly one of model.pretrained and model.init_from"):
+    with pytest.raises(UserInputError, match=f"^{child}: model.pretrained and model.init_from are both set .*: "
+                                             "the whole model .init_from. brings its own backbone"):
         resolve_config(str(child))
 
 

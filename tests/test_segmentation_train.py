@@ -118,7 +118,7 @@ def test_a_layers_choice_of_data_root_or_folders_replaces_the_layers_below(tmp_p
     child.write_text("base: base.yaml\ndata: {val_images: v, val_labels: l, classes: c}\n")
     assert resolve_config(str(child)).config.data.root is None
     # both in one layer is still refused, naming the layer
-    with pytest.raises(UserInputError, match="^overrides: set exactly one of data.root and data.val_images"):
+    with pytest.raises(UserInputError, match="^overrides: data.root and data.val_images are both set"):
         resolve_config(recorded, {"data.root": "ade", "data.val_images": "v"}, source="ckpt")
 
 

@@ -188,12 +188,18 @@ class EngineConfig:
 DENSE_ALTERNATIVES = (*EngineConfig.alternatives, ("model.pretrained", "model.init_from"))
 
 
+# Why the two of an alternatives pair exclude each other, where more than "set one" helps.
+ALTERNATIVE_REASONS = {
+    ("model.pretrained", "model.init_from"): "the whole model (init_from) brings its own backbone; drop model.pretrained",
+}
+
+
 def check_one_start(pretrained: str | None, init_from: str | None) -> None:
     """A dense model starts from an ImageNet backbone (``model.pretrained``) or from a whole
     model (``model.init_from``), which brings its backbone: not both."""
     if pretrained is not None and init_from is not None:
-        raise UserInputError("model.pretrained and model.init_from are both set: the whole model (init_from) "
-                             "brings its own backbone; drop model.pretrained")
+        pair = ("model.pretrained", "model.init_from")
+        raise UserInputError(f"{pair[0]} and {pair[1]} are both set: {ALTERNATIVE_REASONS[pair]}")
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:
@@ -500,8 +506,9 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
             layer_other = per_section.get(other_section, {})
             value = per_section.get(chosen_section, {}).get(chosen_name)
             if value and layer_other.get(other_name):
-                raise UserInputError(f"{source}: set exactly one of {chosen} and {other} (both given: "
-                                     f"{chosen_name}={value}, {other_name}={layer_other[other_name]})")
+                reason = ALTERNATIVE_REASONS.get(pair, f"set exactly one of {pair[0]} and {pair[1]}")
+                raise UserInputError(f"{source}: {chosen} and {other} are both set ({chosen_name}={value}, "
+                                     f"{other_name}={layer_other[other_name]}): {reason}")
             if value and other_name not in layer_other:
                 replaced.append(other)
     return replaced
