@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserInputError", "CheckpointError"]
+__all__ = ["UserInputError", "CheckpointError", "one_line"]
 
 
 class UserInputError(ValueError):
@@ -11,3 +11,10 @@ class UserInputError(ValueError):
 
 class CheckpointError(UserInputError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def one_line(message: object, limit: int = 600) -> str:
+    """``message`` as one line of at most ``limit`` characters (a multi-line error from a
+    library, e.g. a checkpoint's list of mismatched keys, joined for the CLI's one line)."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

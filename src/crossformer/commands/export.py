@@ -65,11 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _one_line(message: str, limit: int = 400) -> str:
-    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_points(size_range, height: int, width: int) -> list[tuple[int, int]]:
     """The example size and the corners of the valid range (an open end: 1.5x the example)."""
     top_h = size_range.max_height or max(height * 3 // 2, size_range.min_height)
@@ -211,7 +206,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     import crossformer  # noqa: F401  (registers the variants)
     from crossformer import export as exporting
     from crossformer.atomic import check_output_path
-    from crossformer.errors import UserInputError
+    from crossformer.errors import UserInputError, one_line
     from crossformer.models import CheckpointError, extract_state_dict, load_state, read_checkpoint, save_safetensors
 
     if not args.config and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
@@ -234,9 +229,9 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
                 warnings.simplefilter("always")
                 load_state(model, checkpoint, args.checkpoint, use_ema=args.ema)
             for warning in caught:
-                print(f"warning: {_one_line(str(warning.message))}")
+                print(f"warning: {one_line(warning.message, 400)}")
     except CheckpointError as err:
-        raise UserInputError(_one_line(str(err))) from None
+        raise UserInputError(one_line(err, 400)) from None
     model.eval()
 
     if args.format == "safetensors":

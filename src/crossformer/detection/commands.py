@@ -20,7 +20,7 @@ from torch import nn
 
 from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
-from ..errors import UserInputError
+from ..errors import UserInputError, one_line
 from .classes import COCO_CLASSES, known_category_ids
 from .config import DetectionConfig
 
@@ -36,11 +36,6 @@ _PREDICT_KEYS = (*_MODEL_KEYS, *_TEST_SCALE_KEYS, "test.score_threshold", "run.a
 FLOPS_SIZE = (800, 1280)  # the authors' FLOPs input, (H, W)
 BENCHMARK_SIZE = (800, 1333)  # mmdet's test scale, (H, W)
 TORCHVISION_PEER = "maskrcnn_resnet50_fpn"
-
-
-def _one_line(message: str, limit: int = 600) -> str:
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LoadedDetector:
@@ -90,7 +85,7 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
         detector = build_configured_detector(config.model, num_classes, pretrained=False)
         load_state(detector, state, str(checkpoint), use_ema=use_ema)
     except CheckpointError as err:
-        raise UserInputError(_one_line(str(err))) from None
+        raise UserInputError(one_line(err)) from None
     return LoadedDetector(detector.to(device).eval(), names, cat_ids, state)
 
 
