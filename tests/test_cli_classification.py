@@ -424,6 +424,21 @@ def test_a_pretrained_head_of_another_class_count_is_one_logged_line(data: Path,
         load_checkpoint(CrossFormer(**kwargs, num_classes=3), pretrained)
 
 
+def test_a_pretrained_file_that_does_not_fit_names_the_model_kwargs_its_weights_show(
+        reference_dir: Path, data: Path, tmp_path: Path, capsys) -> None:
+    """train --pretrained v1_cls.pth on a model of other depths listed 20 of its 130 unexpected
+    keys over two lines; the weights show which setting differs, as model.kwargs says it."""
+    checkpoint = str(reference_dir / "v1_cls.pth")
+    argv = ["train", "--data", str(data), "--model", "crossformer_tiny", "--pretrained", checkpoint, "--img-size", "32",
+            "--batch-size", "4", "--output", str(tmp_path / "run"), "--device", "cpu", "model.kwargs.embed_dim=32",
+            "model.kwargs.num_heads=[1,2,4,8]"]
+    line = one_error_line(capsys, argv)
+    assert line.startswith(f"crossformer train: error: {checkpoint} does not fit this model (missing: "), line
+    assert "(208 in all); unexpected: " in line and "head." not in line  # the other class count is no misfit
+    assert line.endswith("its weights show other settings: set model.kwargs.depths=[2,2,4,2]"), line
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(reference_dir: Path, data: Path,
                                                                         capsys) -> None:
     """v1_cls.pth (embed_dim 32, depths 2,2,4,2, num_heads 1,2,4,8) with num_heads left out

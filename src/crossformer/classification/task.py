@@ -21,10 +21,10 @@ from ..data import (
 )
 from ..engine import DistContext, SkippedFiles, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
-from ..errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 from .config import AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
-from .model import create_classifier
+from .model import create_classifier, first_differences, settings_shown_by
 
 __all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "default_config", "check_train_command"]
 
@@ -39,6 +39,25 @@ def check_train_command(config: ClassificationConfig, given: dict[str, Any]) -> 
             f"no data given for {config.model.name}: pass --data PATH (a folder with train/<class>/* and "
             "val/<class>/*), or data.root=null to train on the built-in digits"
         )
+
+
+def _pretrained_misfit(error: CheckpointError, path: str, model: nn.Module) -> CheckpointError:
+    """``error`` (``model.pretrained`` at ``path`` did not load into ``model``) as one line
+    naming the ``model.kwargs`` settings the file's weights show, where they show any; else
+    ``error`` itself (a file that cannot be read, or differs otherwise)."""
+    from ..models.weights import extract_state_dict, read_checkpoint
+
+    try:
+        weights = extract_state_dict(read_checkpoint(path))
+    except UserInputError:
+        return error
+    # a head of another class count starts afresh (a note, not a misfit): left out here
+    weights, expected = ({k: v for k, v in d.items() if not k.startswith("head.")} for d in (weights, model.state_dict()))
+    differing = settings_shown_by(weights, expected)
+    if not differing:
+        return error
+    return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "
+                           f"show other settings: set {' '.join(f'model.kwargs.{d}' for d in differing)}")
 
 
 def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
@@ -120,7 +139,10 @@ class ClassificationTask(Task):
         model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs,
                                   img_size=c.data.size_hw)
         if c.model.pretrained:
-            load_checkpoint(model, c.model.pretrained, note=self.notes.append)
+            try:
+                load_checkpoint(model, c.model.pretrained, note=self.notes.append)
+            except CheckpointError as err:
+                raise _pretrained_misfit(err, c.model.pretrained, model) from None
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast
