@@ -331,7 +331,7 @@ def help_config(argv: list[str], task: str) -> Any | None:
     itself then says what is wrong)."""
     if not any(arg in ("-h", "--help") for arg in argv):
         return None
-    from ..engine.config import apply_overrides
+    from ..engine.config import apply_overrides, load_yaml_layers
     from ..engine.registry import file_settings, find_config, task_module
 
     module = task_module(task)
@@ -347,7 +347,7 @@ def help_config(argv: list[str], task: str) -> Any | None:
         if name is None:
             return None
         path = find_config(name)
-        return apply_overrides(module.CONFIG(), file_settings(module.CONFIG, path), source=str(path))
+        return apply_overrides(module.CONFIG(), file_settings(module.CONFIG, load_yaml_layers(path)), source=str(path))
     except UserInputError:
         return None
 

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import build_config, load_yaml, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
+from .config import build_config, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
@@ -154,8 +154,9 @@ def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -
     return flat
 
 
-def file_settings(config_cls: type, path: Path) -> dict[str, Any]:
-    """The settings of config file ``path`` over its ``base`` chain's (:func:`load_yaml`), each
+def file_settings(config_cls: type, layers: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """The settings of a config file over its ``base`` chain's (``layers``, base first, as
+    :func:`~.config.load_yaml_layers` reads them), each
     file a layer over its base as the command line is over the file: every file's settings are
     first put in one form (``{section: {field: value}}``, mappings nested), so that a child's
     ``run: {epochs: 2}`` replaces a base's bare ``epochs: 3``; and a file that sets one of
@@ -163,7 +164,7 @@ def file_settings(config_cls: type, path: Path) -> dict[str, Any]:
     bases' choice of the other (:func:`~.config.replaced_alternatives`; one file setting both is an
     error naming it)."""
     merged: dict[str, Any] = {}
-    for values, source in load_yaml_layers(path):
+    for values, source in layers:
         layer = _nested_settings(config_cls, values, source)
         for setting in replaced_alternatives(config_cls, layer, source):
             section, name = setting.split(".")
@@ -207,16 +208,18 @@ def resolve_config(
     if config is not None:
         if isinstance(config, Mapping):
             values, origin, folder = dict(config), source or "recorded settings", None
+            named = values.get("task")
         else:
             path = find_config(config)
-            values, origin, folder = load_yaml(path), str(path), path.parent.name
-        named = values.get("task") or (folder if folder in TASKS else None) or task or DEFAULT_TASK
+            layers, origin, folder = load_yaml_layers(path), str(path), path.parent.name
+            named = next((layer["task"] for layer, _ in reversed(layers) if "task" in layer), None)  # the child's
+        named = named or (folder if folder in TASKS else None) or task or DEFAULT_TASK
         if task is not None and named != task:
             raise UserInputError(f"{origin} is a {named} config, not {task}")
         module = task_module(named)
         source = origin
         if path is not None:
-            values = file_settings(module.CONFIG, path)
+            values = file_settings(module.CONFIG, layers)
     config_cls = module.CONFIG
     given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
