@@ -340,6 +340,25 @@ def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: 
         resolve_config(str(seg))
 
 
+def test_an_iteration_run_keeps_each_tasks_warm_up(tmp_path: Path) -> None:
+    # --iterations over digits (warmup_epochs: 1) stopped with "schedule.warmup_epochs needs an
+    # epoch-based run": the warm-up in epochs is kept (as many passes' updates), as a detection
+    # recipe's warmup_iters is in its epoch run and a segmentation recipe's in its iteration run
+    from crossformer.engine.registry import resolve_config
+
+    config = resolve_config("digits", {"iterations": 2}).config
+    assert (config.run.epochs, config.run.iterations, config.schedule.warmup_epochs) == (0, 2, 1)
+    config = resolve_config("mask_rcnn_shapes_demo", {"iterations": 2}).config
+    assert (config.run.epochs, config.run.iterations, config.schedule.warmup_iters) == (0, 2, 30)
+    seg = tmp_path / "seg.yaml"  # the task's default run: 160k iterations
+    seg.write_text("base: upernet_demo\nschedule: {warmup_epochs: 2}\n")
+    config = resolve_config(str(seg)).config
+    assert (config.run.iterations, config.schedule.warmup_epochs, config.schedule.warmup_iters) == (300, 2, 0)
+    seg.write_text("task: segmentation\nschedule: {warmup_epochs: 2}\n")
+    config = resolve_config(str(seg)).config
+    assert (config.run.iterations, config.schedule.warmup_epochs, config.schedule.warmup_iters) == (160_000, 2, 0)
+
+
 def test_a_files_choice_of_an_alternative_replaces_its_bases(tmp_path: Path, capsys) -> None:
     # a file naming iterations over a base naming epochs was refused as setting both ("set exactly
     # one of run.epochs and run.iterations"), though the command line could replace the base's choice

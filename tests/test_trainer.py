@@ -55,6 +55,16 @@ def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> Non
     assert "over 12 updates, the first 6 of them a warm-up" in out and "warning" not in out
 
 
+def test_a_warm_up_in_epochs_lasts_as_many_epochs_in_an_iteration_run(tmp_path: Path, capsys) -> None:
+    # iterations over a recipe's warmup_epochs stopped with "schedule.warmup_epochs needs an
+    # epoch-based run"; the warm-up is the updates of that many passes over the training data
+    metrics = train(FakeTask, fake_config(tmp_path, iterations=15, warmup_epochs=2))  # 6 updates per epoch
+    assert metrics["global_step"] == 15
+    assert "cosine schedule over 15 updates, the first 12 of them a warm-up" in capsys.readouterr().out
+    rates = [r["train/lr"] for r in _records(tmp_path) if "train/lr" in r]
+    assert rates[10] == pytest.approx(0.05 * cosine_factor(11, 15, 12, 0.001, 0.0), rel=1e-12)  # still warming up
+
+
 def test_loader_workers_stop_at_the_cpus_this_process_may_use(tmp_path: Path, capsys) -> None:
     """run.num_workers 4 on 2 cores: every loader started 4 workers and PyTorch warned of each."""
     import warnings

@@ -126,7 +126,9 @@ class ScheduleConfig:
       unit), times a linear warm-up factor rising from ``warmup_ratio`` to 1.
     - ``poly``: ``(lr - min_lr) x (1 - t/T)^power + min_lr``, times the same warm-up factor.
 
-    The warm-up lasts ``warmup_epochs`` epochs or ``warmup_iters`` updates (at most one set).
+    The warm-up lasts ``warmup_epochs`` epochs or ``warmup_iters`` updates (at most one set),
+    in a run of either unit: an epoch is the updates of one pass over the training data, so
+    ``--iterations N`` over a recipe's ``warmup_epochs`` keeps its warm-up's length.
     """
 
     shorthand: ClassVar[str] = "name"
@@ -176,8 +178,6 @@ class EngineConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate()
-        if self.schedule.warmup_epochs and self.run.by_iterations:
-            raise UserInputError("schedule.warmup_epochs needs an epoch-based run; use schedule.warmup_iters")
         if self.schedule.min_lr > self.optimizer.lr:  # the cosine and poly "decays" would climb to it
             raise UserInputError(f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optimizer.lr "
                                  f"({self.optimizer.lr}): it is the rate the schedule decays to")

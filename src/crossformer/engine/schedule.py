@@ -79,8 +79,8 @@ class LRSchedule:
 
 def build_schedule(config: ScheduleConfig, lr: float, min_lr: float, total_updates: int, updates_per_epoch: int,
                    by_iterations: bool) -> LRSchedule:
-    """Resolve epochs to updates: warm-up and milestones in epochs count ``updates_per_epoch`` each;
-    in iteration mode milestones are already updates."""
+    """Resolve epochs to updates: a warm-up in epochs counts ``updates_per_epoch`` each in either
+    mode; milestones (in the run's unit) too in epoch mode, and are already updates in iteration mode."""
     warmup = config.warmup_iters or config.warmup_epochs * updates_per_epoch
     unit = 1 if by_iterations else updates_per_epoch
     return LRSchedule(
