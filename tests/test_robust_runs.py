@@ -211,6 +211,37 @@ def test_the_done_line_counts_a_file_skipped_each_epoch_as_skips_of_one_file(tmp
     assert ", 2 skips of unreadable images (1 file)" in log.splitlines()[-1], log
 
 
+class _UnreadableFirstEpochMore(FakeTask):
+    """The first batch of every epoch skips ``bad.png``; epoch 0's also ``gone.png`` (3 batches an epoch)."""
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        if self.calls % 3:
+            return []
+        return ["image bad.png: truncated"] + (["image gone.png: truncated"] if self.train_sampler.epoch == 0 else [])
+
+
+def test_a_resumed_runs_done_line_counts_the_skips_before_the_resume(tmp_path: Path) -> None:
+    # the done line of a resumed run counted only its own session's skips ("1 skip of unreadable
+    # images (1 file)"), and named bad.png again: the counts were not in the checkpoint
+    train(_UnreadableFirstEpochMore, fake_config(tmp_path, epochs=1, samples=12))
+    assert ", 2 skips of unreadable images (2 files)" in (tmp_path / "log.txt").read_text().splitlines()[-1]
+    train(_UnreadableFirstEpochMore, fake_config(tmp_path, epochs=2, samples=12, resume="auto"))
+    log = (tmp_path / "log.txt").read_text()
+    assert ", 3 skips of unreadable images (2 files)" in log.splitlines()[-1], log
+    assert log.count("skipping unreadable image bad.png") == 1, log  # once a run
+    # a checkpoint from before the counts were kept resumes as before: this session's counts
+    older = tmp_path / "older"
+    train(_UnreadableFirstEpochMore, fake_config(older, epochs=1, samples=12))
+    state = load_training_state(older / "last.pth")
+    del state["run_counts"]
+    torch.save(state, older / "last.pth")
+    train(_UnreadableFirstEpochMore, fake_config(older, epochs=2, samples=12, resume="auto"))
+    assert ", 1 skip of unreadable images (1 file)" in (older / "log.txt").read_text().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tmp_path: Path) -> None:
     # --skip-corrupt: a training file that rank 1 skipped was counted but never named

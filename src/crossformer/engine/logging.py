@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 __all__ = ["RunLogger", "Progress", "SkippedFiles", "MAX_NAMED_FILES"]
 
@@ -109,6 +109,13 @@ class SkippedFiles:
     def __init__(self, say: Callable[[str], None] | None, rest: str, limit: int = MAX_NAMED_FILES) -> None:
         self.say, self.rest, self.limit = say, rest, limit
         self.named: set[str] = set()
+
+    def mark_said(self, lines: Iterable[str]) -> None:
+        """Take ``lines`` as said already (by an earlier session of a resumed run), within the limit."""
+        for line in lines:
+            if len(self.named) > self.limit:
+                return
+            self.named.add(line)
 
     def __call__(self, line: str) -> None:
         """``line``, e.g. ``skipping unreadable image PATH: reason``, unless said or over the limit."""

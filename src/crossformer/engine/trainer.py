@@ -185,6 +185,8 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "rank_state": per_rank,
             "config": config_to_dict(self.config),
+            # the done line's run totals, the reports before this one included
+            "run_counts": {"totals": dict(self.count_totals), "unreadable_files": sorted(self.skipped_files)},
             **self.task.checkpoint_extras(),
         }
         if self.ema is not None:
@@ -237,6 +239,7 @@ class Trainer:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
         self.last_checkpoint = str(path)
+        self._restore_run_counts(state.get("run_counts", {}))  # none in a checkpoint from before they were kept
         same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
         if same_ranks:
             mine = state["rank_state"][self.ctx.rank]
@@ -255,6 +258,13 @@ class Trainer:
             self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
                           f"at update {self.global_step} of {self.total_updates}")
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
+
+    def _restore_run_counts(self, saved: dict[str, Any]) -> None:
+        """The earlier sessions' count totals and skipped files (:meth:`_state`'s ``run_counts``):
+        the done line counts the whole run, and a file named before is not named again."""
+        self.count_totals = {key: float(value) for key, value in saved.get("totals", {}).items()}
+        self.skipped_files = set(saved.get("unreadable_files", ()))
+        self.name_skipped.mark_said(f"skipping unreadable {item}" for item in sorted(self.skipped_files))
 
     def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
         """The checkpoint's moments and step counts with this run's settings: its peak rates
