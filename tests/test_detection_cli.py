@@ -414,6 +414,29 @@ def test_export_safetensors_keeps_the_detector_and_its_config(trained, tmp_path:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_flops_counts_a_coco_configs_classes_from_its_validation_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    # model.num_classes: null read the whole training annotation file for its category count
+    # (about 20 s on COCO's 450 MB); training requires both files to list the same categories
+    import crossformer.detection.data as detection_data
+    from detection_fixtures import make_small_coco
+
+    coco = make_small_coco(tmp_path / "coco", images=2)
+    read: list[str] = []
+    load = detection_data.load_coco_json
+    monkeypatch.setattr(detection_data, "load_coco_json", lambda path: read.append(Path(path).name) or load(path))
+
+    def flops(*settings: str) -> int:
+        read.clear()
+        assert main(["flops", "--json", "--img-size", "64", "64", "--config", "mask_rcnn_shapes_demo", *settings]) == 0
+        return json.loads(capsys.readouterr().out)["num_classes"]
+
+    assert (flops(f"data.root={coco}"), read) == (4, ["instances_val2017.json"])
+    train_only = (f"data.train_ann={coco}/annotations/instances_train2017.json", f"data.train_images={coco}/train2017")
+    assert (flops(*train_only), read) == (4, ["instances_train2017.json"])  # no validation file named
+    gone = (f"data.val_ann={tmp_path}/gone.json", f"data.val_images={coco}/val2017")
+    assert (flops(*train_only, *gone), read) == (4, ["gone.json", "instances_train2017.json"])
+
+
 def test_flops_and_benchmark_of_a_dense_config_count_the_heads_for_the_datas_classes(tmp_path: Path, capsys) -> None:
     # model.num_classes: null (the data's count) was counted as COCO's 80 / ADE20K's 150 without a
     # word: the params and MACs of another model than training builds. Now the data's count where
