@@ -232,6 +232,10 @@ def test_a_resumed_runs_done_line_counts_the_skips_before_the_resume(tmp_path: P
     log = (tmp_path / "log.txt").read_text()
     assert ", 3 skips of unreadable images (2 files)" in log.splitlines()[-1], log
     assert log.count("skipping unreadable image bad.png") == 1, log  # once a run
+    # training progress: an exported weights file does not describe its model by them
+    from crossformer.models.weights import checkpoint_description
+    state = load_training_state(tmp_path / "last.pth")
+    assert state["run_counts"]["unreadable_files"] and "run_counts" not in checkpoint_description(state)
     # a checkpoint from before the counts were kept resumes as before: this session's counts
     older = tmp_path / "older"
     train(_UnreadableFirstEpochMore, fake_config(older, epochs=1, samples=12))

@@ -116,7 +116,7 @@ EMA_WEIGHTS_KEY = "ema_weights"
 _NOT_DESCRIPTION = frozenset({
     "model", "model_ema", "state_dict", "state_dict_ema", "optimizer", "scheduler", "lr_scheduler",
     "scaler", "rank_state", "epoch", "batches_done", "global_step", "world_size", "best_metric",
-    "primary_metric", "max_accuracy", "amp", "format",
+    "primary_metric", "max_accuracy", "amp", "format", "run_counts",
 })
 # mmdet / mmseg ``meta`` also carries the whole config text and the training machine's set-up.
 _META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label")
