@@ -34,8 +34,9 @@ def make_tiny_coco(root: Path, images: int = 12) -> Path:
     return root
 
 
-def tiny_settings(kind: str, data: Path, output: Path, **run: Any) -> dict[str, Any]:
-    """A whole detection config (as a YAML mapping) for the tiny model and data."""
+def tiny_settings(kind: str, data: Path, output: Path, schedule: dict[str, Any] | None = None, **run: Any) -> dict[str, Any]:
+    """A whole detection config (as a YAML mapping) for the tiny model and data; ``schedule`` and
+    ``run`` settings are added to the tiny ones."""
     return {
         "task": "detection",
         "model": {"kind": kind, **TINY_MODEL},
@@ -43,7 +44,7 @@ def tiny_settings(kind: str, data: Path, output: Path, **run: Any) -> dict[str, 
         "run": {"epochs": 1, "batch_size": 2, "num_workers": 0, "device": "cpu", "cpu_threads": 1, "amp": "none", "log_every": 1,
                 "tensorboard": False, "output": str(output), **run},
         "optimizer": {"lr": 1e-3},
-        "schedule": {"warmup_iters": 2},
+        "schedule": {"warmup_iters": 2, **(schedule or {})},
         "test": {"eval_batch_size": 2},
     }
 

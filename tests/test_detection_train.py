@@ -116,7 +116,8 @@ def test_without_a_drop_path_setting_the_backbone_keeps_its_variants_rate(backbo
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DETECTOR_KINDS)
 def test_training_each_detector_logs_every_loss_term_and_evaluates(kind: str, coco: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path / "c.yaml", kind, coco, tmp_path / "run", epochs=0, iterations=2, eval_every=2)
+    config = tiny_config(tmp_path / "c.yaml", kind, coco, tmp_path / "run", schedule={"milestones": [1]},
+                         epochs=0, iterations=2, eval_every=2)
     metrics = train(config)
     assert {k[len("train/"):] for k in metrics if k.startswith("train/loss_") or k.startswith("train/s")} == EXPECTED_LOSSES[kind]
     assert metrics["train/loss"] == pytest.approx(sum(metrics[f"train/{k}"] for k in EXPECTED_LOSSES[kind]), rel=1e-5)
@@ -318,7 +319,7 @@ def test_detection_demo_writes_the_default_set_trains_evaluates_and_draws(tmp_pa
     monkeypatch.setattr(demo, "DEMO_IMAGES", 24)  # the demo's recipe on a few images, for 4 updates
     output = tmp_path / "demo"
     assert main(["demo", "--task", "detection", "--output", str(output), "epochs=0", "iterations=4", "eval_every=4",
-                 "tensorboard=false"]) == 0
+                 "checkpoint_every=0", "milestones=[3]", "tensorboard=false"]) == 0
     out = capsys.readouterr().out
     assert "data: 18 train / 6 held-out synthetic images" in out and "crowd regions" in out
     model = torch.load(output / "train" / "last.pth", map_location="cpu", weights_only=False)["config"]["model"]

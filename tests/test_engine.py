@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,7 @@ def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: 
     assert resolve_config("digits", {"iterations": 0}).config.run.epochs == 15  # 0 chooses nothing
     # a file replaces the task's defaults the same way (segmentation's are 160k iterations)
     seg = tmp_path / "seg.yaml"
-    seg.write_text("task: segmentation\nrun: {epochs: 2}\nschedule: {warmup_epochs: 1}\n")
+    seg.write_text("task: segmentation\nrun: {epochs: 2, eval_every: 1, checkpoint_every: 0}\nschedule: {warmup_epochs: 1}\n")
     config = resolve_config(str(seg)).config
     assert (config.run.epochs, config.run.iterations, config.schedule.warmup_iters) == (2, 0, 0)
     dense = tmp_path / "dense.yaml"
@@ -348,7 +349,8 @@ def test_an_iteration_run_keeps_each_tasks_warm_up(tmp_path: Path) -> None:
 
     config = resolve_config("digits", {"iterations": 2}).config
     assert (config.run.epochs, config.run.iterations, config.schedule.warmup_epochs) == (0, 2, 1)
-    config = resolve_config("mask_rcnn_shapes_demo", {"iterations": 2}).config
+    in_updates = {"eval_every": 2, "checkpoint_every": 0, "milestones": [1]}  # the recipe's are in epochs
+    config = resolve_config("mask_rcnn_shapes_demo", {"iterations": 2, **in_updates}).config
     assert (config.run.epochs, config.run.iterations, config.schedule.warmup_iters) == (0, 2, 30)
     seg = tmp_path / "seg.yaml"  # the task's default run: 160k iterations
     seg.write_text("base: upernet_demo\nschedule: {warmup_epochs: 2}\n")
@@ -357,6 +359,42 @@ def test_an_iteration_run_keeps_each_tasks_warm_up(tmp_path: Path) -> None:
     seg.write_text("task: segmentation\nschedule: {warmup_epochs: 2}\n")
     config = resolve_config(str(seg)).config
     assert (config.run.iterations, config.schedule.warmup_epochs, config.schedule.warmup_iters) == (160_000, 2, 0)
+
+
+def test_a_change_of_the_runs_unit_restates_what_counts_in_the_old_one(tmp_path: Path) -> None:
+    # --iterations 1000 over a detection recipe (epochs: 12, milestones: [8, 11], checkpoint_every: 1)
+    # cut the rate at updates 8 and 11 and wrote a checkpoint after every update, without a word;
+    # segmentation's default eval_every: 16000 under a file's epochs: 2 never evaluated
+    from crossformer.engine.registry import resolve_config
+
+    with pytest.raises(UserInputError, match=re.escape(
+            "overrides: run.iterations replaces run.epochs, but run.eval_every=12, run.checkpoint_every=1, "
+            "schedule.milestones=[11] (from mask_rcnn_shapes_demo.yaml) count epochs: set them in iterations too "
+            "(run.eval_every=... run.checkpoint_every=... schedule.milestones=...), or keep run.epochs")):
+        resolve_config("mask_rcnn_shapes_demo", {"iterations": 1000})
+    with pytest.raises(UserInputError, match=re.escape("schedule.milestones=[8, 11] (from the detection defaults) counts")):
+        resolve_config(None, {"iterations": 1000}, task="detection")
+    seg = tmp_path / "seg.yaml"
+    seg.write_text("task: segmentation\nrun: {epochs: 2}\n")
+    with pytest.raises(UserInputError, match=re.escape(
+            f"{seg}: run.epochs replaces run.iterations, but run.eval_every=16000, run.checkpoint_every=16000 "
+            "(from the segmentation defaults) count iterations")):
+        resolve_config(str(seg))
+    # a base file's settings count in its unit too; restating them, or 0 and [], which count nothing, is fine
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: mask_rcnn_shapes_demo\nrun: {iterations: 40, eval_every: 20}\n")
+    with pytest.raises(UserInputError, match=re.escape(
+            f"{mine}: run.iterations replaces run.epochs, but run.checkpoint_every=1, schedule.milestones=[11] (from "
+            "mask_rcnn_shapes_demo.yaml) count epochs")):
+        resolve_config(str(mine))
+    mine.write_text("base: mask_rcnn_shapes_demo\nrun: {iterations: 40, eval_every: 20, checkpoint_every: 0}\n"
+                    "schedule: {name: cosine, milestones: []}\n")
+    run = resolve_config(str(mine)).config.run
+    assert (run.iterations, run.eval_every, run.checkpoint_every) == (40, 20, 0)
+    assert resolve_config(str(mine), {"epochs": 3, "eval_every": 1}).config.run.epochs == 3  # back to epochs, restated
+    # a change within one unit restates nothing; digits sets none of these
+    assert resolve_config("mask_rcnn_shapes_demo", {"epochs": 2}).config.schedule.milestones == (11,)
+    assert resolve_config("digits", {"iterations": 3}).config.run.iterations == 3
 
 
 def test_a_files_choice_of_an_alternative_replaces_its_bases(tmp_path: Path, capsys) -> None:

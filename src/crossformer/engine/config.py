@@ -33,7 +33,7 @@ __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
-    "replaced_alternatives", "with_absolute_paths",
+    "replaced_alternatives", "check_run_unit_kept", "RUN_UNIT_SETTINGS", "with_absolute_paths",
 ]
 
 C = TypeVar("C")
@@ -512,6 +512,60 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
             if value and other_name not in layer_other:
                 replaced.append(other)
     return replaced
+
+
+# settings counted in the run's unit, epochs or iterations (0 and [] count nothing)
+RUN_UNIT_SETTINGS = ("run.eval_every", "run.checkpoint_every", "schedule.milestones")
+
+
+def _run_unit(settings: Mapping[str, Any]) -> str | None:
+    """The unit a layer's flat ``section.field`` settings choose for the run, if they choose one."""
+    if settings.get("run.iterations"):
+        return "iterations"
+    return "epochs" if settings.get("run.epochs") else None
+
+
+def check_run_unit_kept(config_cls: type, layers: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+    """Refuse a layer that changes the run's unit (``--iterations 1000`` over a recipe's
+    ``epochs: 12``) without restating what the settings below it count in the old unit: the
+    recipe's ``milestones: [8, 11]`` would cut the rate at updates 8 and 11, its
+    ``checkpoint_every: 1`` write a checkpoint after every update, and segmentation's default
+    ``eval_every: 16000`` under ``epochs: 2`` never evaluate.
+
+    ``layers``: flat ``section.field`` settings, lowest first, over ``config_cls``'s defaults
+    (a task's own defaults count as a layer where they differ from the engine's)."""
+    defaults, engine = config_cls(), EngineConfig()
+    if not isinstance(defaults, EngineConfig):
+        return
+    unit = defaults.run.unit + "s" if defaults.run.length else None
+    counted: dict[str, tuple[Any, str]] = {}  # setting -> (value, the layer that gave it)
+    for setting in RUN_UNIT_SETTINGS:
+        value = _setting_value(defaults, setting)
+        if value != _setting_value(engine, setting):
+            counted[setting] = (value, f"the {defaults.task} defaults")
+    for settings, source in layers:
+        new_unit = _run_unit(settings)
+        if unit and new_unit and new_unit != unit:
+            stale = {s: counted[s] for s in RUN_UNIT_SETTINGS if s in counted and s not in settings and counted[s][0]}
+            if stale:
+                listed = ", ".join(f"{s}={_shown(value)}" for s, (value, _) in stale.items())
+                origins = "; ".join(dict.fromkeys(origin for _, origin in stale.values()))
+                raise UserInputError(
+                    f"{source}: run.{new_unit} replaces run.{unit}, but {listed} (from {origins}) "
+                    f"count{'s' if len(stale) == 1 else ''} {unit}: set {'it' if len(stale) == 1 else 'them'} in "
+                    f"{new_unit} too ({' '.join(f'{s}=...' for s in stale)}), or keep run.{unit}")
+        unit = new_unit or unit
+        counted.update({s: (settings[s], Path(source).name) for s in RUN_UNIT_SETTINGS if s in settings})
+
+
+def _setting_value(config: Any, setting: str) -> Any:
+    section, name = setting.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a user writes it (a tuple default as a YAML list)."""
+    return str(list(value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def with_absolute_paths(config: C) -> C:

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError
-from .config import build_config, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
+from .config import build_config, check_run_unit_kept, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
@@ -221,6 +221,9 @@ def resolve_config(
         if path is not None:
             values = file_settings(module.CONFIG, layers)
     config_cls = module.CONFIG
+    unit_layers = layers if path is not None else [(values, str(source))]
+    check_run_unit_kept(config_cls, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
+                                     (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
     given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
     return ResolvedConfig(resolved, module, given, path)
