@@ -258,3 +258,19 @@ def test_a_class_list_saved_with_a_byte_order_mark_and_crlf(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_bytes("wall\r\nbuilding\r\n\r\n".encode("utf-8-sig"))
     assert load_class_list(path) == ["wall", "building"]
+
+
+def test_label_maps_of_upper_case_png_and_of_jpeg(tmp_path):
+    # A .PNG label map was "no annotation: expected a.png" beside it (and on a case-sensitive
+    # file system nothing could pair it); a JPEG one was the same line, not naming the file.
+    image, label = np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8)
+    _save_pair(tmp_path, "a", image, label)
+    (tmp_path / "ann" / "a.png").rename(tmp_path / "ann" / "a.PNG")
+    dataset = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    assert dataset.samples == [(str(tmp_path / "img" / "a.jpg"), str(tmp_path / "ann" / "a.PNG"))]
+    assert (dataset.load(0)[1] == 1).all()
+    (tmp_path / "ann" / "a.PNG").unlink()
+    Image.fromarray(label).save(tmp_path / "ann" / "a.jpg")
+    with pytest.raises(DataError, match=r"a\.jpg has no annotation: expected .*ann/a\.png, found a\.jpg; label maps are "
+                                        r"read from PNGs only \(JPEG's compression changes class values"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])

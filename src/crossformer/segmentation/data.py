@@ -26,6 +26,7 @@ names them.
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, list_images, load_class_list, open_image
+from ..data import IMG_EXTENSIONS, DataError, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import palette as class_palette
@@ -50,6 +51,7 @@ ADE_DIRNAME = "ADEChallengeData2016"
 # Our split names -> ADE20K's folder names.
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 CLASS_FILE = "classes.txt"
+JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 LABEL_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")  # "1": a two-class mask saved from a bool array
 
 
@@ -74,6 +76,33 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"label map not found: {path}") from None
     except UNREADABLE_ERRORS as err:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+
+
+def _label_files(label_dir: Path) -> dict[Path, Path]:
+    """The label maps under ``label_dir`` by their path relative to it without the extension:
+    ``.png`` in any case (``.PNG`` as some tools and cameras write it)."""
+    found: dict[Path, Path] = {}
+    for path in list_images(label_dir):
+        if path.suffix.lower() != ".png":
+            continue
+        stem = path.relative_to(label_dir).with_suffix("")
+        if stem in found:  # a.png and a.PNG, both there on a case-sensitive file system
+            raise DataError(f"{found[stem]} and {path} are two annotations of one image: keep one of them")
+        found[stem] = path
+    return found
+
+
+def _missing_annotation(image: Path, expected: Path) -> str:
+    """Why ``image`` has no label map at ``expected`` (its stem, ``.png``), naming a label map
+    of that stem in another format (only PNGs are read)."""
+    others = sorted(p for p in expected.parent.glob(f"{glob.escape(expected.name)}.*")
+                    if p.stem == expected.name and p.suffix.lower() in IMG_EXTENSIONS)
+    if not others:
+        return f"image {image} has no annotation: expected {expected}.png"
+    lossy = others[0].suffix.lower() in JPEG_EXTENSIONS
+    why = " (JPEG's compression changes class values along every border)" if lossy else ""
+    return (f"image {image} has no annotation: expected {expected}.png, found {others[0].name}; label maps are read "
+            f"from PNGs only{why}: save the class indices as PNG")
 
 
 def _orientation_note(path: str, image: np.ndarray) -> str:
@@ -153,23 +182,24 @@ class SegmentationDataset(Dataset):
         images = list_images(self.image_dir)
         if not images:
             raise DataError(f"no images in {self.image_dir}")
+        label_files = _label_files(self.label_dir)
         self.samples: list[tuple[str, str]] = []
-        paired: dict[str, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
+        paired: dict[Path, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
-            label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
-            if not label.is_file():
-                raise DataError(f"image {image} has no annotation: expected {label}")
-            if str(label) in paired:
-                raise DataError(f"images {paired[str(label)]} and {image} share the annotation {label} (one name, two "
+            stem = image.relative_to(self.image_dir).with_suffix("")
+            label = label_files.get(stem)
+            if label is None:
+                raise DataError(_missing_annotation(image, self.label_dir / stem))
+            if label in paired:
+                raise DataError(f"images {paired[label]} and {image} share the annotation {label} (one name, two "
                                 "extensions): keep one of them")
-            paired[str(label)] = str(image)
+            paired[label] = str(image)
             self.samples.append((str(image), str(label)))
         # an annotation left unpaired means a lost image (or one of an extension we do not read)
-        for label in list_images(self.label_dir):
-            if label.suffix.lower() == ".png" and str(label) not in paired:
-                stem = self.image_dir / label.relative_to(self.label_dir).with_suffix("")
-                raise DataError(f"annotation {label} has no image: expected {stem}.jpg (or .png, .jpeg, ...); "
-                                "add the image or move the annotation away")
+        for stem, label in label_files.items():
+            if label not in paired:
+                raise DataError(f"annotation {label} has no image: expected {self.image_dir / stem}.jpg (or .png, "
+                                ".jpeg, ...); add the image or move the annotation away")
 
     @property
     def num_classes(self) -> int:
