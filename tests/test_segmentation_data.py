@@ -274,3 +274,12 @@ def test_label_maps_of_upper_case_png_and_of_jpeg(tmp_path):
     with pytest.raises(DataError, match=r"a\.jpg has no annotation: expected .*ann/a\.png, found a\.jpg; label maps are "
                                         r"read from PNGs only \(JPEG's compression changes class values"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+
+
+def test_a_class_list_of_one_class_is_refused(tmp_path):
+    # One class trained to a loss of 0 and evaluated at 100 mIoU: every pixel's argmax is it.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"the class list names one class \('road'\); .* add 'background' \(label "
+                                        r"value 0\) before 'road' \(value 1\)"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["road"])
+    assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["background", "road"]).num_classes == 2

@@ -176,6 +176,9 @@ class SegmentationDataset(Dataset):
         self.classes = load_class_list(classes)
         if len(self.classes) > IGNORE_INDEX:
             raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
+        if len(self.classes) == 1:  # every pixel's argmax would be it: a loss of 0 and an mIoU of 100 that mean nothing
+            raise DataError(f"the class list names one class ({self.classes[0]!r}); a segmentor chooses a class per pixel, "
+                            f"so list at least two: add 'background' (label value 0) before {self.classes[0]!r} (value 1)")
         self.palette = [tuple(c) for c in palette] if palette is not None else class_palette(len(self.classes))
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
