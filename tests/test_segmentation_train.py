@@ -337,3 +337,23 @@ def test_resume_needs_no_pretrained_file(ade: Path, tmp_path: Path) -> None:
     assert resumed["global_step"] == 2
     with pytest.raises(UserInputError, match="model.pretrained: checkpoint not found"):  # a fresh run needs it
         train(_config(tmp_path / "fresh", ade, **settings, **{"run.iterations": 1, "run.resume": "auto"}))
+
+
+def test_resume_refuses_another_label_convention(ade: Path, tmp_path: Path) -> None:
+    # The same class list read with reduce_zero_label switched resumed silently: each label
+    # value then meant the class before (or after) the one the checkpoint learnt for it.
+    ade = ade / "ADEChallengeData2016"
+    classes = tmp_path / "classes.txt"  # one more class: values 0..7 fit both conventions
+    classes.write_text((ade / "classes.txt").read_text() + "other\n")
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(ade / "annotations/training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": str(classes)}
+
+    def config(**values) -> SegmentationConfig:
+        layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+        return build_config(SegmentationConfig, (layers, "tiny"), (values, "test"))
+
+    train(config())
+    with pytest.raises(UserInputError, match=r"was trained with data.reduce_zero_label=false \(label maps count classes "
+                                             r"from 0\); resume with the same setting"):
+        train(config(**{"data.reduce_zero_label": True, "run.iterations": 2, "run.resume": "auto"}))

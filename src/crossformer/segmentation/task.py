@@ -211,6 +211,11 @@ class SegmentationTask(Task):
                 )
         if list(state.get("meta", {}).get("classes", [])) != mine["meta"]["classes"]:
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.image_dir}; use the same data")
+        # the same classes counted from another value: every label would mean its neighbour's class
+        reduced = state.get("meta", {}).get("reduce_zero_label")
+        if reduced is not None and reduced != mine["meta"]["reduce_zero_label"]:
+            raise UserInputError(f"{path} was trained with data.reduce_zero_label={str(reduced).lower()} (label maps count "
+                                 f"classes from {1 if reduced else 0}); resume with the same setting")
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
