@@ -3,6 +3,7 @@ through the Task (auxiliary loss included), exact resume after SIGKILL, torchrun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -120,6 +121,26 @@ def test_a_layers_choice_of_data_root_or_folders_replaces_the_layers_below(tmp_p
     # both in one layer is still refused, naming the layer
     with pytest.raises(UserInputError, match="^overrides: data.root and data.val_images are both set"):
         resolve_config(recorded, {"data.root": "ade", "data.val_images": "v"}, source="ckpt")
+
+
+def test_a_class_list_given_by_its_names_in_the_config(ade: Path) -> None:
+    # docs/segmentation.md promises "a class list (a text file ... or a list)"; the config
+    # refused the list ("data.classes must be a string, got ['sky', ...]").
+    from crossformer.commands.common import _check_recorded_paths
+    from crossformer.engine.config import with_absolute_paths
+    from crossformer.segmentation.task import build_datasets
+
+    ade = ade / "ADEChallengeData2016"
+    names = (ade / "classes.txt").read_text().split("\n")[:-1]
+    folders = {"val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": names, "reduce_zero_label": True}
+    config = with_absolute_paths(build_config(SegmentationConfig, (tiny_config(data=folders), "tiny")))
+    assert config.data.classes == tuple(names) and config.data.known_classes() == len(names)
+    _check_recorded_paths(config, None, {}, "best.pth")  # the names are no file to look for
+    assert build_datasets(config.data, training=False)[1].classes == names
+    empty = dataclasses.replace(config.data, classes=())
+    with pytest.raises(DataError, match=r"^the class list is empty$"):  # was "the class list () is empty"
+        build_datasets(empty, training=False)
 
 
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])

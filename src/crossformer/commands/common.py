@@ -434,7 +434,7 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
         for name in getattr(section, "path_fields", ()):
             key, value = f"{f.name}.{name}", getattr(section, name)
             read = keys is None or key in keys or f.name in keys
-            if read and key not in given and value is not None and not Path(value).exists():
+            if read and key not in given and isinstance(value, str) and not Path(value).exists():
                 flag = _flag_names(type(config)).get(key)
                 raise UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it "
                                      f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")

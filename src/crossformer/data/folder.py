@@ -223,9 +223,10 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     else:
         names = [str(c) for c in classes]
+    where = f" {classes}" if isinstance(classes, (str, Path)) else ""  # a file is named; a list is its own text
     if not names:
-        raise DataError(f"the class list {classes} is empty")
+        raise DataError(f"the class list{where} is empty")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise DataError(f"class {dup!r} is listed twice in the class list {classes if isinstance(classes, (str, Path)) else ''}".rstrip())
+        raise DataError(f"class {dup!r} is listed twice in the class list{where}")
     return names

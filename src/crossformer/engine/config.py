@@ -522,7 +522,8 @@ def with_absolute_paths(config: C) -> C:
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
-        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if v is not None}
+        # a field that may hold a path or the values themselves (data.classes: a file or the names) keeps the values
+        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if isinstance(v, str)}
         if absolute:
             changes[f.name] = dataclasses.replace(section, **absolute)
     return dataclasses.replace(config, **changes)

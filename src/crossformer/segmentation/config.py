@@ -66,7 +66,7 @@ class SegDataConfig:
     Either ``root`` (the ADE20K layout: ``images/{training,validation}``,
     ``annotations/{training,validation}``; 150 classes or ``classes.txt``; reduce-zero-label),
     or the four folders ``train_images`` / ``train_labels`` / ``val_images`` / ``val_labels``
-    with a ``classes`` file (label values are class indices, 255 = ignore, unless
+    with ``classes`` (a file or the names; label values are class indices, 255 = ignore, unless
     ``reduce_zero_label``). The training transform's settings are the ``pipeline`` section.
     """
 
@@ -78,7 +78,7 @@ class SegDataConfig:
     train_labels: str | None = None  # folder layout: their label maps (same file stems, .png)
     val_images: str | None = None  # folder layout: validation images
     val_labels: str | None = None  # folder layout: their label maps
-    classes: str | None = None  # a text file, one class name per line (folder layout)
+    classes: str | tuple[str, ...] | None = None  # folder layout: a text file, one class name per line, or the names
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 

@@ -8,7 +8,6 @@ single-scale mIoU on the validation split and keeps ``best.pth`` by it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,7 +43,7 @@ def build_datasets(
     if data.root is not None:
         val = ade20k_dataset(data.root, "validation")
         return (ade20k_dataset(data.root, "training", train_transform) if training else None), val
-    classes = Path(data.classes)
+    classes = data.classes
     if training:
         data.check_training_folders()
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
