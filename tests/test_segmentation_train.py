@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.engine.seeding import seed_everything
 from crossformer.errors import UserInputError
 from crossformer.segmentation.config import SegmentationConfig
-from crossformer.segmentation.data import collate_segmentation
+from crossformer.segmentation.data import SegmentationDataset, collate_segmentation
 from crossformer.segmentation.task import SegmentationTask, build_model, min_train_batch, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
 from segmentation_fixtures import make_tiny_ade, tiny_config
@@ -378,3 +379,31 @@ def test_resume_refuses_another_label_convention(ade: Path, tmp_path: Path) -> N
     with pytest.raises(UserInputError, match=r"was trained with data.reduce_zero_label=false \(label maps count classes "
                                              r"from 0\); resume with the same setting"):
         train(config(**{"data.reduce_zero_label": True, "run.iterations": 2, "run.resume": "auto"}))
+
+
+def test_a_class_no_validation_label_holds_is_a_warning(ade: Path, tmp_path: Path) -> None:
+    # Binary masks saved as 0/255 trained silently: 255 is "ignored", so the object class was in
+    # no label, never learnt, and mIoU (its IoU nan, left out) read as good as the background.
+    from PIL import Image
+
+    ade = ade / "ADEChallengeData2016"
+    masks = tmp_path / "masks"
+    for split in ("training", "validation"):
+        (masks / split).mkdir(parents=True)
+        for path in (ade / "annotations" / split).glob("*.png"):
+            with Image.open(path) as label:
+                Image.fromarray(np.where(np.asarray(label) == 1, 255, 0).astype(np.uint8)).save(masks / split / path.name)
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(masks / "training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(masks / "validation"),
+               "classes": ["background", "sky"]}
+    layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+    train(build_config(SegmentationConfig, (layers, "tiny")))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert re.search(rf"warning: no label map in {masks / 'validation'} holds class 'sky' \(value 1\): its IoU reads nan "
+                     r"and mIoU leaves it out; \d+% of the pixels are 255 \(ignored\), the rest one class: store each "
+                     r"object as its class value \(a mask saved as 0/255 stores it as ignored\)\n", log)
+    from crossformer.segmentation.data import absent_classes_note
+
+    # every class in some label map: no line
+    val = SegmentationDataset(ade / "images/validation", masks / "validation", ["background", "sky"])
+    assert absent_classes_note([5, 1] + [0] * 253 + [9], val) is None

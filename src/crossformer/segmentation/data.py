@@ -44,7 +44,7 @@ from .transforms import IGNORE_INDEX
 __all__ = [
     "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset", "EvaluationStops",
     "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
-    "collate_segmentation", "check_batch", "skipped_file",
+    "collate_segmentation", "check_batch", "skipped_file", "absent_classes_note",
 ]
 
 ADE_DIRNAME = "ADEChallengeData2016"
@@ -291,8 +291,9 @@ def ade20k_dataset(root: str | Path, split: str = "training", transform: Transfo
 class EvaluationStops(Dataset):
     """What would stop an evaluation at each sample of ``dataset``, read as evaluation reads it:
     a bad label map (a value out of range, another size than its image) or, unless
-    ``skip_corrupt``, an unreadable file; None for a good sample. Loader workers hand back
-    these lines, not the decoded pixels."""
+    ``skip_corrupt``, an unreadable file; None for a good sample. With it, the sample's label
+    value counts ``(256,)`` (reduced values: classes and 255; zeros where it was not read).
+    Loader workers hand back these, not the decoded pixels."""
 
     def __init__(self, dataset: SegmentationDataset, skip_corrupt: bool) -> None:
         self.dataset, self.skip_corrupt = dataset, skip_corrupt
@@ -300,9 +301,33 @@ class EvaluationStops(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> str | None:
+    def __getitem__(self, index: int) -> tuple[str | None, np.ndarray]:
         sample = self.dataset[index]
-        return sample.error if sample.fatal or not self.skip_corrupt else None
+        stop = sample.error if sample.fatal or not self.skip_corrupt else None
+        if sample.label is None:
+            return stop, np.zeros(IGNORE_INDEX + 1, np.int64)
+        return stop, np.bincount(sample.label.flatten().numpy(), minlength=IGNORE_INDEX + 1)
+
+
+def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -> str | None:
+    """A line naming the classes that no label map of ``dataset`` holds (``counts``: pixels per
+    label value, summed as :class:`EvaluationStops` gives them), or None when every class occurs.
+    Their IoU reads nan and mIoU leaves them out. Where one class alone occurs beside 255, it
+    says so: masks saved as 0/255 store every object as "ignored"."""
+    absent = [c for c in range(dataset.num_classes) if counts[c] == 0]
+    if not absent:
+        return None
+    offset = 1 if dataset.reduce_zero_label else 0  # the value stored in the files
+    named = ", ".join(f"{dataset.classes[c]!r} (value {c + offset})" for c in absent[:3])
+    more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+    one = len(absent) == 1
+    line = (f"no label map in {dataset.label_dir} holds class{'' if one else 'es'} {named}{more}: "
+            f"{'its' if one else 'their'} IoU reads nan and mIoU leaves {'it' if one else 'them'} out")
+    ignored = counts[IGNORE_INDEX] / max(sum(counts), 1)
+    if ignored and dataset.num_classes - len(absent) <= 1:
+        line += (f"; {ignored:.0%} of the pixels are 255 (ignored), the rest one class: store each object as its class "
+                 "value (a mask saved as 0/255 stores it as ignored)")
+    return line
 
 
 def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:

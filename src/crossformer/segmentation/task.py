@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,12 +20,13 @@ from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
 from .data import (
-    EvaluationStops, SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, skipped_file,
+    EvaluationStops, SegBatch, SegmentationDataset, absent_classes_note, ade20k_dataset, check_batch, collate_segmentation,
+    skipped_file,
 )
 from .checkpoint import load_segmentor_state
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
-from .transforms import SegTrainTransform
+from .transforms import IGNORE_INDEX, SegTrainTransform
 
 __all__ = [
     "SegmentationTask", "SEGMENTOR_KEYS", "build_datasets", "build_model", "segmentor_settings", "model_extras", "train",
@@ -158,10 +160,16 @@ class SegmentationTask(Task):
         mine = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         loader = build_loader(EvaluationStops(self.val_set, c.data.skip_corrupt), 16, mine, c.run.num_workers,
                               c.run.seed, drop_last=False, collate_fn=list)
-        for stops in loader:
-            stop = next((line for line in stops if line is not None), None)
+        stop, counts = None, np.zeros(IGNORE_INDEX + 1, np.int64)
+        for samples in loader:
+            stop = next((line for line, _ in samples if line is not None), None)
             if stop is not None:
-                raise DataError(stop)
+                break
+            counts += sum(values for _, values in samples)
+        ctx.raise_together(DataError(stop) if stop is not None else None)  # before the reduction every rank joins
+        note = absent_classes_note(ctx.all_reduce_sum(counts.tolist()), self.val_set)
+        if note is not None:  # a class that no validation label holds is a warning: a small set may lack one
+            self.log.info(f"warning: {note}")
 
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
