@@ -407,3 +407,20 @@ def test_a_class_no_validation_label_holds_is_a_warning(ade: Path, tmp_path: Pat
     # every class in some label map: no line
     val = SegmentationDataset(ade / "images/validation", masks / "validation", ["background", "sky"])
     assert absent_classes_note([5, 1] + [0] * 253 + [9], val) is None
+
+
+def test_resume_on_data_of_another_class_count_names_the_data(ade: Path, tmp_path: Path) -> None:
+    # It said "was trained with model num_classes 7, not 8; resume with the same config", where
+    # the config (model.num_classes: null) was the same and the data had changed.
+    ade = ade / "ADEChallengeData2016"
+    classes = tmp_path / "classes.txt"
+    classes.write_text((ade / "classes.txt").read_text())
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(ade / "annotations/training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": str(classes), "reduce_zero_label": True}
+    layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+    train(build_config(SegmentationConfig, (layers, "tiny")))
+    classes.write_text(classes.read_text() + "other\n")
+    with pytest.raises(UserInputError, match=r"run/last\.pth was trained on 7 classes but the class list of .*training "
+                                             r"has 8; resume with the same data$"):
+        train(build_config(SegmentationConfig, (layers, "tiny"), ({"run.iterations": 2, "run.resume": "auto"}, "test")))

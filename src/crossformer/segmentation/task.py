@@ -211,11 +211,13 @@ class SegmentationTask(Task):
         mine = self.checkpoint_extras()
         theirs = state.get("segmentor", {})
         for key in SEGMENTOR_KEYS:
-            if theirs.get(key) != mine["segmentor"][key]:
-                raise UserInputError(
-                    f"{path} was trained with model {key} {theirs.get(key)!r}, not {mine['segmentor'][key]!r}; "
-                    "resume with the same config"
-                )
+            if theirs.get(key) == mine["segmentor"][key]:
+                continue
+            if key == "num_classes":  # the data's count (__init__ checked the config's against it)
+                raise UserInputError(f"{path} was trained on {theirs.get(key)} classes but the class list of "
+                                     f"{self.train_set.image_dir} has {mine['segmentor'][key]}; resume with the same data")
+            raise UserInputError(f"{path} was trained with model {key} {theirs.get(key)!r}, not "
+                                 f"{mine['segmentor'][key]!r}; resume with the same config")
         if list(state.get("meta", {}).get("classes", [])) != mine["meta"]["classes"]:
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.image_dir}; use the same data")
         # the same classes counted from another value: every label would mean its neighbour's class
