@@ -283,3 +283,12 @@ def test_a_class_list_of_one_class_is_refused(tmp_path):
                                         r"value 0\) before 'road' \(value 1\)"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["road"])
     assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["background", "road"]).num_classes == 2
+
+
+def test_a_folder_of_ones_own_given_as_the_ade20k_root_names_the_folder_settings(tmp_path):
+    # `--data mydata` (images and labels of one's own) said only what ADE20K's layout is.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"is not an ADE20K folder: .*; image and label folders of your own go to "
+                                        r"data.train_images, data.train_labels, data.val_images, data.val_labels, "
+                                        r"with data.classes$"):
+        find_ade_root(tmp_path)

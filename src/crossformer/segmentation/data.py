@@ -260,7 +260,8 @@ def find_ade_root(path: str | Path) -> Path:
         raise DataError(f"data folder not found: {path}")
     raise DataError(
         f"{path} is not an ADE20K folder: expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png "
-        f"(or the same under {path}/{ADE_DIRNAME})"
+        f"(or the same under {path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
+        "data.train_labels, data.val_images, data.val_labels, with data.classes"
     )
 
 
