@@ -186,7 +186,7 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"ok\.png is 8x8 but its image .*ok\.jpg is 9x8"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
 
-    Image.new("RGB", (8, 8)).save(tmp_path / "ann" / "ok.png")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ann" / "ok.png")  # colour-coded
     with pytest.raises(DataError, match=r"ok\.png is a RGB image; label maps must be single-channel"):
         read_label(tmp_path / "ann" / "ok.png")
     # a two-class mask saved from a bool array is a 1-bit PNG (mode "1"): its values are 0 and 1
@@ -292,3 +292,17 @@ def test_a_folder_of_ones_own_given_as_the_ade20k_root_names_the_folder_settings
                                         r"data.train_images, data.train_labels, data.val_images, data.val_labels, "
                                         r"with data.classes$"):
         find_ade_root(tmp_path)
+
+
+def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
+    # A grey map that a tool saved with three equal channels was refused as "a RGB image ... not
+    # colours"; a colour-coded one still is.
+    values = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
+    Image.fromarray(np.repeat(values[..., None], 3, axis=2)).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode == "RGB"
+    assert np.array_equal(read_label(tmp_path / "grey.png"), values.astype(np.int64))
+    colours = np.repeat(values[..., None], 3, axis=2)
+    colours[0, 0] = (1, 0, 0)
+    Image.fromarray(colours).save(tmp_path / "colour.png")
+    with pytest.raises(DataError, match=r"colour\.png is a RGB image; label maps must be single-channel"):
+        read_label(tmp_path / "colour.png")

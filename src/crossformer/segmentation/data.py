@@ -13,7 +13,7 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-1-bit or 16-bit); they are never colour-converted. Images honour their EXIF orientation and are
+1-bit or 16-bit; an RGB file of three equal channels as its grey values); they are never colour-converted. Images honour their EXIF orientation and are
 converted to RGB (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
@@ -60,10 +60,24 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(open_image(path)).copy()
 
 
+def _grey_values(img: Image.Image) -> np.ndarray | None:
+    """An RGB image's values where its three channels are equal at every pixel (a grayscale label
+    map some tools save as RGB: no colour to mistake for a class), else None."""
+    if img.mode != "RGB":
+        return None
+    rgb = np.asarray(img)
+    grey = rgb[..., 0]
+    return grey if (rgb[..., 1] == grey).all() and (rgb[..., 2] == grey).all() else None
+
+
 def read_label(path: str | Path) -> np.ndarray:
-    """A label map's stored values as ``(H, W)`` int64; DataError if unreadable or colour."""
+    """A label map's stored values as ``(H, W)`` int64 (an RGB file of three equal channels: one
+    of them); DataError if unreadable or colour."""
     try:
         with Image.open(path) as img:
+            grey = _grey_values(img)
+            if grey is not None:
+                return grey.astype(np.int64)
             if img.mode not in LABEL_MODES:
                 raise DataError(
                     f"label map {path} is a {img.mode} image; label maps must be single-channel PNGs "
