@@ -13,8 +13,9 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-1-bit or 16-bit; an RGB file of three equal channels as its grey values); they are never colour-converted. Images honour their EXIF orientation and are
-converted to RGB (grayscale, palette, alpha).
+1-bit or 16-bit; an RGB file of three equal channels as its grey values); they are never
+colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
+palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
 its annotation or an annotation without its image (at construction), a label value out of
