@@ -306,3 +306,15 @@ def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
     Image.fromarray(colours).save(tmp_path / "colour.png")
     with pytest.raises(DataError, match=r"colour\.png is a RGB image; label maps must be single-channel"):
         read_label(tmp_path / "colour.png")
+
+
+def test_class_counts_whose_last_value_would_be_the_ignored_255(tmp_path):
+    # With reduce_zero_label, 255 classes were taken: the last one, stored as 255, read as ignored.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 255, np.uint8))
+    names = [f"c{i}" for i in range(255)]
+    assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).num_classes == 255  # values 0..254
+    with pytest.raises(DataError, match=r"^255 classes: label maps, counted from 1 \(reduce_zero_label\), hold at most "
+                                        r"254 classes \(255 = ignore\)$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True)
+    with pytest.raises(DataError, match=r"^256 classes: label maps hold at most 255 classes"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", [*names, "c255"])

@@ -189,8 +189,11 @@ class SegmentationDataset(Dataset):
         if self.image_dir.resolve() == self.label_dir.resolve():  # each label map would be read as an image too
             raise DataError(f"images and label maps share the folder {self.image_dir}: keep them in separate folders")
         self.classes = load_class_list(classes)
-        if len(self.classes) > IGNORE_INDEX:
-            raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
+        # counted from 1 (reduce-zero-label), class 254 would be stored as 255 and read as ignored
+        most = IGNORE_INDEX - 1 if reduce_zero_label else IGNORE_INDEX
+        if len(self.classes) > most:
+            counted = ", counted from 1 (reduce_zero_label)," if reduce_zero_label else ""
+            raise DataError(f"{len(self.classes)} classes: label maps{counted} hold at most {most} classes (255 = ignore)")
         if len(self.classes) == 1:  # every pixel's argmax would be it: a loss of 0 and an mIoU of 100 that mean nothing
             raise DataError(f"the class list names one class ({self.classes[0]!r}); a segmentor chooses a class per pixel, "
                             f"so list at least two: add 'background' (label value 0) before {self.classes[0]!r} (value 1)")
