@@ -318,3 +318,13 @@ def test_class_counts_whose_last_value_would_be_the_ignored_255(tmp_path):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True)
     with pytest.raises(DataError, match=r"^256 classes: label maps hold at most 255 classes"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", [*names, "c255"])
+
+
+def test_a_jpeg_label_map_named_png_is_refused(tmp_path):
+    # A JPEG renamed .png read as its decoded values: classes changed along every border.
+    values = np.zeros((16, 16), np.uint8)
+    values[4:12, 4:12] = 2
+    Image.fromarray(values).save(tmp_path / "a.png", format="JPEG", quality=75)
+    with pytest.raises(DataError, match=r"^label map .*a\.png is a JPEG file \(JPEG's compression changes class values "
+                                        r"along every border\); save the class indices as PNG$"):
+        read_label(tmp_path / "a.png")

@@ -53,6 +53,8 @@ ADE_DIRNAME = "ADEChallengeData2016"
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 CLASS_FILE = "classes.txt"
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
+JPEG_FORMATS = ("JPEG", "MPO")  # what PIL calls a JPEG file, whatever its name
+LOSSY_LABELS = "JPEG's compression changes class values along every border"
 LABEL_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")  # "1": a two-class mask saved from a bool array
 
 
@@ -76,6 +78,8 @@ def read_label(path: str | Path) -> np.ndarray:
     of them); DataError if unreadable or colour."""
     try:
         with Image.open(path) as img:
+            if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
+                raise DataError(f"label map {path} is a JPEG file ({LOSSY_LABELS}); save the class indices as PNG")
             grey = _grey_values(img)
             if grey is not None:
                 return grey.astype(np.int64)
@@ -115,7 +119,7 @@ def _missing_annotation(image: Path, expected: Path) -> str:
     if not others:
         return f"image {image} has no annotation: expected {expected}.png"
     lossy = others[0].suffix.lower() in JPEG_EXTENSIONS
-    why = " (JPEG's compression changes class values along every border)" if lossy else ""
+    why = f" ({LOSSY_LABELS})" if lossy else ""
     return (f"image {image} has no annotation: expected {expected}.png, found {others[0].name}; label maps are read "
             f"from PNGs only{why}: save the class indices as PNG")
 
