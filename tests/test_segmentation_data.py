@@ -328,3 +328,17 @@ def test_a_jpeg_label_map_named_png_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"^label map .*a\.png is a JPEG file \(JPEG's compression changes class values "
                                         r"along every border\); save the class indices as PNG$"):
         read_label(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("labels_under_images", [True, False])
+def test_label_maps_in_a_subfolder_of_the_images_or_the_other_way_round(tmp_path, labels_under_images):
+    # data/a.jpg with data/labels/a.png read each label map as an image too: "image
+    # data/labels/a.png has no annotation: expected data/labels/labels/a.png".
+    # (and images/a.png under labels/ were annotations without an image)
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    (tmp_path / "img" / "a.jpg").rename(tmp_path / "img" / "a.png")
+    outer, inner = (tmp_path / "img", "ann") if labels_under_images else (tmp_path / "ann", "img")
+    (tmp_path / inner).rename(outer / inner)
+    images, labels = (outer, outer / inner) if labels_under_images else (outer / inner, outer)
+    dataset = SegmentationDataset(images, labels, ["x", "y"])
+    assert dataset.samples == [(str(images / "a.png"), str(labels / "a.png"))]

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import IMG_EXTENSIONS, DataError, list_images, load_class_list, open_image
+from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import palette as class_palette
@@ -97,11 +97,12 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
 
 
-def _label_files(label_dir: Path) -> dict[Path, Path]:
-    """The label maps under ``label_dir`` by their path relative to it without the extension:
-    ``.png`` in any case (``.PNG`` as some tools and cameras write it)."""
+def _label_files(label_dir: Path, image_dir: Path) -> dict[Path, Path]:
+    """The label maps under ``label_dir`` (not in ``image_dir``, where that lies inside it) by
+    their path relative to it without the extension: ``.png`` in any case (``.PNG`` as some
+    tools and cameras write it)."""
     found: dict[Path, Path] = {}
-    for path in list_images(label_dir):
+    for path in leave_out_folder(list_images(label_dir), label_dir, image_dir):
         if path.suffix.lower() != ".png":
             continue
         stem = path.relative_to(label_dir).with_suffix("")
@@ -204,10 +205,11 @@ class SegmentationDataset(Dataset):
         self.palette = [tuple(c) for c in palette] if palette is not None else class_palette(len(self.classes))
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
-        images = list_images(self.image_dir)
+        # label maps in a subfolder of the images (or images under the labels) are no images
+        images = leave_out_folder(list_images(self.image_dir), self.image_dir, self.label_dir)
         if not images:
             raise DataError(f"no images in {self.image_dir}")
-        label_files = _label_files(self.label_dir)
+        label_files = _label_files(self.label_dir, self.image_dir)
         self.samples: list[tuple[str, str]] = []
         paired: dict[Path, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
