@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from crossformer.data import DataError
+from crossformer.errors import UserInputError
 from crossformer.segmentation.data import (
     SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, load_class_list, read_label,
 )
@@ -342,3 +343,25 @@ def test_label_maps_in_a_subfolder_of_the_images_or_the_other_way_round(tmp_path
     images, labels = (outer, outer / inner) if labels_under_images else (outer / inner, outer)
     dataset = SegmentationDataset(images, labels, ["x", "y"])
     assert dataset.samples == [(str(images / "a.png"), str(labels / "a.png"))]
+
+
+def test_label_maps_named_with_a_suffix(tmp_path):
+    # a.jpg with a_mask.png (mmseg's seg_map_suffix) could not be paired: "expected a.png".
+    from crossformer.engine.config import build_config
+    from crossformer.segmentation.config import SegmentationConfig
+    from crossformer.segmentation.task import build_datasets
+
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    (tmp_path / "ann" / "a.png").rename(tmp_path / "ann" / "a_mask.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "a1.png")  # another image's: not the hint
+    with pytest.raises(DataError, match=r"a\.jpg has no annotation: expected .*ann/a\.png, found a_mask\.png: where label "
+                                        r"maps are named so, pass data.label_suffix=_mask\.png$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    (tmp_path / "ann" / "a1.png").unlink()
+    data = {"val_images": str(tmp_path / "img"), "val_labels": str(tmp_path / "ann"), "classes": ["x", "y"],
+            "label_suffix": "_mask.png"}
+    config = build_config(SegmentationConfig, ({"data": data}, "test"))
+    val = build_datasets(config.data, training=False)[1]
+    assert val.samples == [(str(tmp_path / "img" / "a.jpg"), str(tmp_path / "ann" / "a_mask.png"))]
+    with pytest.raises(UserInputError, match=r"data.label_suffix must end in .png \(label maps are PNGs\), got '_mask.jpg'"):
+        build_config(SegmentationConfig, ({"data": {**data, "label_suffix": "_mask.jpg"}}, "test"))

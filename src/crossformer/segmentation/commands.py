@@ -50,7 +50,8 @@ BENCH_SIZES = ((512, 512), (512, 2048))
 # what inference reads of a segmentation config (drop_path and pretrained only train)
 _MODEL_KEYS = ("model.kind", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.channels",
                "model.aux_channels")
-_DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label", "data.skip_corrupt")
+_DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label",
+              "data.label_suffix", "data.skip_corrupt")
 _RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
 _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
 _PREDICT_KEYS = (*_MODEL_KEYS, "data.skip_corrupt", "test", *_RUN_KEYS)

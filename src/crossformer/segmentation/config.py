@@ -80,6 +80,7 @@ class SegDataConfig:
     val_labels: str | None = None  # folder layout: their label maps
     classes: str | tuple[str, ...] | None = None  # folder layout: a text file, one class name per line, or the names
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
+    label_suffix: str = ".png"  # folder layout: a label map's name is its image's stem and this (e.g. _mask.png)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 
     @property
@@ -105,6 +106,8 @@ class SegDataConfig:
             return None
 
     def validate(self) -> None:
+        if not self.label_suffix.lower().endswith(".png"):  # label maps are PNGs: lossless, one channel
+            raise UserInputError(f"data.label_suffix must end in .png (label maps are PNGs), got {self.label_suffix!r}")
         if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
             raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
         # evaluation reads the validation folders alone; training needs its own too (check_training_folders)

@@ -52,6 +52,7 @@ ADE_DIRNAME = "ADEChallengeData2016"
 # Our split names -> ADE20K's folder names.
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 CLASS_FILE = "classes.txt"
+LABEL_SUFFIX = ".png"  # a label map's name: its image's stem and this (mmseg's seg_map_suffix)
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 JPEG_FORMATS = ("JPEG", "MPO")  # what PIL calls a JPEG file, whatever its name
 LOSSY_LABELS = "JPEG's compression changes class values along every border"
@@ -97,31 +98,36 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
 
 
-def _label_files(label_dir: Path, image_dir: Path) -> dict[Path, Path]:
+def _label_files(label_dir: Path, image_dir: Path, suffix: str = LABEL_SUFFIX) -> dict[Path, Path]:
     """The label maps under ``label_dir`` (not in ``image_dir``, where that lies inside it) by
-    their path relative to it without the extension: ``.png`` in any case (``.PNG`` as some
-    tools and cameras write it)."""
+    their path relative to it less ``suffix`` (``a_mask.png`` -> ``a`` for ``_mask.png``), the
+    suffix in any case (``.PNG`` as some tools and cameras write it)."""
     found: dict[Path, Path] = {}
     for path in leave_out_folder(list_images(label_dir), label_dir, image_dir):
-        if path.suffix.lower() != ".png":
+        if not path.name.lower().endswith(suffix.lower()) or len(path.name) == len(suffix):
             continue
-        stem = path.relative_to(label_dir).with_suffix("")
+        stem = path.relative_to(label_dir).with_name(path.name[: -len(suffix)])
         if stem in found:  # a.png and a.PNG, both there on a case-sensitive file system
             raise DataError(f"{found[stem]} and {path} are two annotations of one image: keep one of them")
         found[stem] = path
     return found
 
 
-def _missing_annotation(image: Path, expected: Path) -> str:
-    """Why ``image`` has no label map at ``expected`` (its stem, ``.png``), naming a label map
-    of that stem in another format (only PNGs are read)."""
-    others = sorted(p for p in expected.parent.glob(f"{glob.escape(expected.name)}.*")
-                    if p.stem == expected.name and p.suffix.lower() in IMG_EXTENSIONS)
+def _missing_annotation(image: Path, expected: Path, stem: str) -> str:
+    """Why ``image`` has no label map at ``expected`` (``<stem><suffix>``), naming a label map
+    of that name in another format (only PNGs are read), or one of the stem and another suffix."""
+    base = expected.name[: -len(".png")]
+    others = sorted(p for p in expected.parent.glob(f"{glob.escape(base)}.*")
+                    if p.stem == base and p.suffix.lower() in IMG_EXTENSIONS)
     if not others:
-        return f"image {image} has no annotation: expected {expected}.png"
+        # a_mask.png, a-label.png (not a1.png: another image's)
+        named = sorted(p.name for p in expected.parent.glob(f"{glob.escape(stem)}[_-]*.png"))
+        hint = (f", found {named[0]}: where label maps are named so, pass data.label_suffix={named[0][len(stem):]}"
+                if named else "")
+        return f"image {image} has no annotation: expected {expected}{hint}"
     lossy = others[0].suffix.lower() in JPEG_EXTENSIONS
     why = f" ({LOSSY_LABELS})" if lossy else ""
-    return (f"image {image} has no annotation: expected {expected}.png, found {others[0].name}; label maps are read "
+    return (f"image {image} has no annotation: expected {expected}, found {others[0].name}; label maps are read "
             f"from PNGs only{why}: save the class indices as PNG")
 
 
@@ -176,6 +182,8 @@ class SegmentationDataset(Dataset):
     ``transform(image (H, W, 3) uint8, label (H, W) uint8) -> (image, label, meta)`` (e.g.
     :class:`.transforms.SegTrainTransform`); without one an item holds the image as a
     ``(3, H, W)`` uint8 tensor and the label at the image's own size (evaluation resizes).
+    An image's label map is ``<its relative path and stem><label_suffix>`` in ``label_dir``
+    (``a.jpg`` -> ``a.png``, or ``a_mask.png`` with ``label_suffix="_mask.png"``; any case).
     """
 
     def __init__(
@@ -186,6 +194,7 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: bool = False,
         transform: Transform | None = None,
         palette: Sequence[Sequence[int]] | None = None,
+        label_suffix: str = LABEL_SUFFIX,
     ) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
@@ -209,14 +218,14 @@ class SegmentationDataset(Dataset):
         images = leave_out_folder(list_images(self.image_dir), self.image_dir, self.label_dir)
         if not images:
             raise DataError(f"no images in {self.image_dir}")
-        label_files = _label_files(self.label_dir, self.image_dir)
+        label_files = _label_files(self.label_dir, self.image_dir, label_suffix)
         self.samples: list[tuple[str, str]] = []
         paired: dict[Path, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
             stem = image.relative_to(self.image_dir).with_suffix("")
             label = label_files.get(stem)
             if label is None:
-                raise DataError(_missing_annotation(image, self.label_dir / stem))
+                raise DataError(_missing_annotation(image, self.label_dir / stem.parent / (stem.name + label_suffix), stem.name))
             if label in paired:
                 raise DataError(f"images {paired[label]} and {image} share the annotation {label} (one name, two "
                                 "extensions): keep one of them")

@@ -48,10 +48,12 @@ def build_datasets(
     classes = data.classes
     if training:
         data.check_training_folders()
-    val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
+    val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label,
+                              label_suffix=data.label_suffix)
     if not training:
         return None, val
-    return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform), val
+    return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform,
+                               label_suffix=data.label_suffix), val
 
 
 def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
