@@ -365,3 +365,12 @@ def test_label_maps_named_with_a_suffix(tmp_path):
     assert val.samples == [(str(tmp_path / "img" / "a.jpg"), str(tmp_path / "ann" / "a_mask.png"))]
     with pytest.raises(UserInputError, match=r"data.label_suffix must end in .png \(label maps are PNGs\), got '_mask.jpg'"):
         build_config(SegmentationConfig, ({"data": {**data, "label_suffix": "_mask.jpg"}}, "test"))
+
+
+def test_a_palette_of_other_colours_than_one_rgb_per_class_is_one_line(tmp_path):
+    # A short palette or a value of 300 failed deep in the overlay (IndexError, OverflowError).
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"^data.palette holds \[0, 0, 300\]: each colour is \[R, G, B\], three values 0-255$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 300], [1, 1, 1]])
+    with pytest.raises(DataError, match=r"^data.palette has 1 colours for 2 classes"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 0]])

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["Colour", "palette", "text_colour", "blend", "overlay_masks", "draw_boxes", "draw_legend"]
+__all__ = ["Colour", "palette", "class_colours", "text_colour", "blend", "overlay_masks", "draw_boxes", "draw_legend"]
 
 Colour = tuple[int, int, int]
 
@@ -26,6 +26,21 @@ def palette(n: int) -> list[Colour]:
         r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0 if i % 2 == 0 else 0.8)
         colours.append((round(r * 255), round(g * 255), round(b * 255)))
     return colours
+
+
+def class_colours(colours: Sequence[Sequence[int]] | None, classes: int, what: str = "the palette") -> list[Colour]:
+    """``colours`` as ``(R, G, B)`` tuples, one per class and each 0-255, or :func:`palette`'s
+    where None; a :class:`crossformer.data.DataError` (one line naming ``what``) otherwise."""
+    from .folder import DataError
+
+    if colours is None:
+        return palette(classes)
+    if len(colours) != classes:
+        raise DataError(f"{what} has {len(colours)} colours for {classes} classes: give one [R, G, B] per class")
+    bad = next((c for c in colours if len(c) != 3 or not all(0 <= v <= 255 for v in c)), None)
+    if bad is not None:
+        raise DataError(f"{what} holds {list(bad)}: each colour is [R, G, B], three values 0-255")
+    return [tuple(int(v) for v in c) for c in colours]
 
 
 def text_colour(background: Colour) -> Colour:

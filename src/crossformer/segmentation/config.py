@@ -80,6 +80,7 @@ class SegDataConfig:
     val_labels: str | None = None  # folder layout: their label maps
     classes: str | tuple[str, ...] | None = None  # folder layout: a text file, one class name per line, or the names
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
+    palette: tuple[tuple[int, int, int], ...] | None = None  # one [R, G, B] per class for overlays (None: generated)
     label_suffix: str = ".png"  # folder layout: a label map's name is its image's stem and this (e.g. _mask.png)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 

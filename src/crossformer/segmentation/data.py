@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-from ..data.draw import palette as class_palette
+from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
 
 __all__ = [
@@ -211,7 +211,7 @@ class SegmentationDataset(Dataset):
         if len(self.classes) == 1:  # every pixel's argmax would be it: a loss of 0 and an mIoU of 100 that mean nothing
             raise DataError(f"the class list names one class ({self.classes[0]!r}); a segmentor chooses a class per pixel, "
                             f"so list at least two: add 'background' (label value 0) before {self.classes[0]!r} (value 1)")
-        self.palette = [tuple(c) for c in palette] if palette is not None else class_palette(len(self.classes))
+        self.palette = class_colours(palette, len(self.classes), "data.palette")
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
         # label maps in a subfolder of the images (or images under the labels) are no images
@@ -305,20 +305,23 @@ def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, in
     return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)
 
 
-def ade20k_dataset(root: str | Path, split: str = "training", transform: Transform | None = None) -> SegmentationDataset:
+def ade20k_dataset(
+    root: str | Path, split: str = "training", transform: Transform | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+) -> SegmentationDataset:
     """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
 
     Classes: ``classes.txt`` beside ``images/`` if present (palette generated), otherwise the
-    150 ADE20K classes with mmseg's palette.
+    150 ADE20K classes with mmseg's palette; ``palette`` replaces either.
     """
     ade = find_ade_root(root)
     if split not in ADE_SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
     folder = ADE_SPLITS[split]
-    classes, palette = ade_classes(ade)
+    classes, own_palette = ade_classes(ade)
     return SegmentationDataset(
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
-        transform=transform, palette=palette,
+        transform=transform, palette=own_palette if palette is None else palette,
     )
 
 

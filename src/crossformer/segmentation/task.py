@@ -43,17 +43,17 @@ def build_datasets(
     if not data.given:
         raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
     if data.root is not None:
-        val = ade20k_dataset(data.root, "validation")
-        return (ade20k_dataset(data.root, "training", train_transform) if training else None), val
+        val = ade20k_dataset(data.root, "validation", palette=data.palette)
+        return (ade20k_dataset(data.root, "training", train_transform, data.palette) if training else None), val
     classes = data.classes
     if training:
         data.check_training_folders()
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label,
-                              label_suffix=data.label_suffix)
+                              palette=data.palette, label_suffix=data.label_suffix)
     if not training:
         return None, val
     return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform,
-                               label_suffix=data.label_suffix), val
+                               data.palette, data.label_suffix), val
 
 
 def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
