@@ -296,12 +296,20 @@ def test_a_folder_of_ones_own_given_as_the_ade20k_root_names_the_folder_settings
 
 
 def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
-    # A grey map that a tool saved with three equal channels was refused as "a RGB image ... not
+    # A grey map that a tool saved with three equal channels (or grey + opaque alpha) was refused as "a RGB image ... not
     # colours"; a colour-coded one still is.
     values = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
     Image.fromarray(np.repeat(values[..., None], 3, axis=2)).save(tmp_path / "grey.png")
     assert Image.open(tmp_path / "grey.png").mode == "RGB"
     assert np.array_equal(read_label(tmp_path / "grey.png"), values.astype(np.int64))
+    for mode in ("RGBA", "LA"):  # opaque: GIMP's grey + alpha export
+        Image.fromarray(values).convert(mode).save(tmp_path / f"{mode}.png")
+        assert np.array_equal(read_label(tmp_path / f"{mode}.png"), values.astype(np.int64)), mode
+    see_through = Image.fromarray(values).convert("LA")
+    see_through.putalpha(0)
+    see_through.save(tmp_path / "clear.png")
+    with pytest.raises(DataError, match=r"clear\.png is a LA image; label maps must be single-channel"):
+        read_label(tmp_path / "clear.png")
     colours = np.repeat(values[..., None], 3, axis=2)
     colours[0, 0] = (1, 0, 0)
     Image.fromarray(colours).save(tmp_path / "colour.png")

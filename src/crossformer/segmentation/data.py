@@ -13,7 +13,7 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-1-bit or 16-bit; an RGB file of three equal channels as its grey values); they are never
+1-bit or 16-bit; an opaque RGB(A) or LA file of equal channels as its grey values); they are never
 colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
 palette, alpha).
 
@@ -65,13 +65,17 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _grey_values(img: Image.Image) -> np.ndarray | None:
-    """An RGB image's values where its three channels are equal at every pixel (a grayscale label
-    map some tools save as RGB: no colour to mistake for a class), else None."""
-    if img.mode != "RGB":
+    """The grey values of an RGB, RGBA or LA (grey + alpha) image whose colour channels are
+    equal and alpha opaque at every pixel (a grey label map some tools save so: no colour to
+    mistake for a class, no transparency to lose), else None."""
+    if img.mode not in ("RGB", "RGBA", "LA"):
         return None
-    rgb = np.asarray(img)
-    grey = rgb[..., 0]
-    return grey if (rgb[..., 1] == grey).all() and (rgb[..., 2] == grey).all() else None
+    pixels = np.asarray(img)
+    if img.mode != "RGB" and (pixels[..., -1] != 255).any():
+        return None
+    colour = pixels[..., :1] if img.mode == "LA" else pixels[..., :3]
+    grey = pixels[..., 0]
+    return grey if (colour == grey[..., None]).all() else None
 
 
 def read_label(path: str | Path) -> np.ndarray:
