@@ -296,8 +296,8 @@ def test_a_folder_of_ones_own_given_as_the_ade20k_root_names_the_folder_settings
 
 
 def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
-    # A grey map that a tool saved with three equal channels (or grey + opaque alpha) was refused as "a RGB image ... not
-    # colours"; a colour-coded one still is.
+    # A grey map that a tool saved with three equal channels (or grey + opaque alpha) was refused
+    # as "a RGB image ... not colours"; a colour-coded or see-through one still is.
     values = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
     Image.fromarray(np.repeat(values[..., None], 3, axis=2)).save(tmp_path / "grey.png")
     assert Image.open(tmp_path / "grey.png").mode == "RGB"
