@@ -144,6 +144,17 @@ def test_a_class_list_given_by_its_names_in_the_config(ade: Path) -> None:
         build_datasets(empty, training=False)
 
 
+def test_a_wrong_kind_of_list_says_what_its_items_must_be() -> None:
+    # Class names given as numbers (data.classes=[0,1]) said "must be a string or a list of 2 or
+    # null": a list it was, and of any length; the items had to be text.
+    with pytest.raises(UserInputError, match=r"^test: data.classes must be a string or a list of strings or null, "
+                                             r"got \[0, 1\]$"):
+        build_config(SegmentationConfig, ({"data": {"classes": [0, 1]}}, "test"))
+    from crossformer.engine.config import _describe
+
+    assert _describe(tuple[tuple[int, int, int], ...] | str) == "a list of lists of 3 or a string"
+
+
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
 def test_a_training_step_of_each_segmentor_through_the_task(kind: str, ade: Path, tmp_path: Path) -> None:
     task = SegmentationTask(_config(tmp_path, ade, kind), DistContext())
