@@ -159,6 +159,10 @@ def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], 
     assert painted.all()  # this small image's legend is beside it
     _one_line_error(capsys, [*argv, "data.palette=[[1,2,3],[4,5,6]]"], "data.palette has 2 colours for 7 classes: give one "
                     "[R, G, B] per class")
+    # a flag's words cannot spell a list of lists: no --palette (it said "must be a list, got '[1,2,3]'")
+    with pytest.raises(SystemExit):
+        main([*argv, "--palette", "[1,2,3]"])
+    assert "error: unrecognized arguments: --palette" in capsys.readouterr().err
     config = build_config(SegmentationConfig, ({"data": {"root": str(run["data"]), "palette": colours}}, "test"))
     assert build_datasets(config.data, training=False)[1].palette == [tuple(c) for c in colours]
 
