@@ -141,6 +141,32 @@ def test_predict_writes_an_overlay_and_a_label_map(run: dict[str, Path], capsys)
         assert 1 <= labels.min() and labels.max() <= 7
 
 
+def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The overlays' colours could not be chosen: no setting took a palette ("unknown setting
+    # 'data.palette'"), only generated colours (or ADE20K's).
+    from crossformer.engine.config import build_config
+    from crossformer.segmentation.config import SegmentationConfig
+    from crossformer.segmentation.task import build_datasets
+
+    colours = [[40 * i, 255 - 30 * i, 7] for i in range(7)]
+    image = sorted((run["data"] / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[0]
+    argv = ["predict", str(image), "--checkpoint", str(run["checkpoint"]), "--output", str(tmp_path), "--opacity", "1"]
+    assert main([*argv, f"data.palette={json.dumps(colours)}", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    labels = np.asarray(Image.open(line["label_map"])).astype(int) - 1  # ADE20K's convention: class + 1
+    overlay = np.asarray(Image.open(line["overlay"]).convert("RGB"))[: labels.shape[0], : labels.shape[1]]
+    painted = (overlay == np.asarray(colours)[labels]).all(-1)
+    assert painted.all()  # this small image's legend is beside it
+    _one_line_error(capsys, [*argv, "data.palette=[[1,2,3],[4,5,6]]"], "data.palette has 2 colours for 7 classes: give one "
+                    "[R, G, B] per class")
+    # a flag's words cannot spell a list of lists: no --palette (it said "must be a list, got '[1,2,3]'")
+    with pytest.raises(SystemExit):
+        main([*argv, "--palette", "[1,2,3]"])
+    assert "error: unrecognized arguments: --palette" in capsys.readouterr().err
+    config = build_config(SegmentationConfig, ({"data": {"root": str(run["data"]), "palette": colours}}, "test"))
+    assert build_datasets(config.data, training=False)[1].palette == [tuple(c) for c in colours]
+
+
 def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> None:
     capsys.readouterr()
     assert main(["flops", "--config", "upernet_crossformer_small", "--json"]) == 0

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from crossformer.data import DataError
+from crossformer.errors import UserInputError
 from crossformer.segmentation.data import (
     SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, find_ade_root, load_class_list, read_label,
 )
@@ -186,7 +187,7 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"ok\.png is 8x8 but its image .*ok\.jpg is 9x8"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
 
-    Image.new("RGB", (8, 8)).save(tmp_path / "ann" / "ok.png")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ann" / "ok.png")  # colour-coded
     with pytest.raises(DataError, match=r"ok\.png is a RGB image; label maps must be single-channel"):
         read_label(tmp_path / "ann" / "ok.png")
     # a two-class mask saved from a bool array is a 1-bit PNG (mode "1"): its values are 0 and 1
@@ -258,3 +259,126 @@ def test_a_class_list_saved_with_a_byte_order_mark_and_crlf(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_bytes("wall\r\nbuilding\r\n\r\n".encode("utf-8-sig"))
     assert load_class_list(path) == ["wall", "building"]
+
+
+def test_label_maps_of_upper_case_png_and_of_jpeg(tmp_path):
+    # A .PNG label map was "no annotation: expected a.png" beside it (and on a case-sensitive
+    # file system nothing could pair it); a JPEG one was the same line, not naming the file.
+    image, label = np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8)
+    _save_pair(tmp_path, "a", image, label)
+    (tmp_path / "ann" / "a.png").rename(tmp_path / "ann" / "a.PNG")
+    dataset = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    assert dataset.samples == [(str(tmp_path / "img" / "a.jpg"), str(tmp_path / "ann" / "a.PNG"))]
+    assert (dataset.load(0)[1] == 1).all()
+    (tmp_path / "ann" / "a.PNG").unlink()
+    Image.fromarray(label).save(tmp_path / "ann" / "a.jpg")
+    with pytest.raises(DataError, match=r"a\.jpg has no annotation: expected .*ann/a\.png, found a\.jpg; label maps are "
+                                        r"read from PNGs only \(JPEG's compression changes class values"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+
+
+def test_a_class_list_of_one_class_is_refused(tmp_path):
+    # One class trained to a loss of 0 and evaluated at 100 mIoU: every pixel's argmax is it.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"the class list names one class \('road'\); .* add 'background' \(label "
+                                        r"value 0\) before 'road' \(value 1\)"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["road"])
+    assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["background", "road"]).num_classes == 2
+
+
+def test_a_folder_of_ones_own_given_as_the_ade20k_root_names_the_folder_settings(tmp_path):
+    # `--data mydata` (images and labels of one's own) said only what ADE20K's layout is.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"is not an ADE20K folder: .*; image and label folders of your own go to "
+                                        r"data.train_images, data.train_labels, data.val_images, data.val_labels, "
+                                        r"with data.classes$"):
+        find_ade_root(tmp_path)
+
+
+def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
+    # A grey map that a tool saved with three equal channels (or grey + opaque alpha) was refused
+    # as "a RGB image ... not colours"; a colour-coded or see-through one still is.
+    values = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
+    Image.fromarray(np.repeat(values[..., None], 3, axis=2)).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode == "RGB"
+    assert np.array_equal(read_label(tmp_path / "grey.png"), values.astype(np.int64))
+    for mode in ("RGBA", "LA"):  # opaque: GIMP's grey + alpha export
+        Image.fromarray(values).convert(mode).save(tmp_path / f"{mode}.png")
+        assert np.array_equal(read_label(tmp_path / f"{mode}.png"), values.astype(np.int64)), mode
+    see_through = Image.fromarray(values).convert("LA")
+    see_through.putalpha(0)
+    see_through.save(tmp_path / "clear.png")
+    with pytest.raises(DataError, match=r"clear\.png is a LA image; label maps must be single-channel"):
+        read_label(tmp_path / "clear.png")
+    colours = np.repeat(values[..., None], 3, axis=2)
+    colours[0, 0] = (1, 0, 0)
+    Image.fromarray(colours).save(tmp_path / "colour.png")
+    with pytest.raises(DataError, match=r"colour\.png is a RGB image; label maps must be single-channel"):
+        read_label(tmp_path / "colour.png")
+
+
+def test_class_counts_whose_last_value_would_be_the_ignored_255(tmp_path):
+    # With reduce_zero_label, 255 classes were taken: the last one, stored as 255, read as ignored.
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 255, np.uint8))
+    names = [f"c{i}" for i in range(255)]
+    assert SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).num_classes == 255  # values 0..254
+    with pytest.raises(DataError, match=r"^255 classes: label maps, counted from 1 \(reduce_zero_label\), hold at most "
+                                        r"254 classes \(255 = ignore\)$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names, reduce_zero_label=True)
+    with pytest.raises(DataError, match=r"^256 classes: label maps hold at most 255 classes"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", [*names, "c255"])
+
+
+def test_a_jpeg_label_map_named_png_is_refused(tmp_path):
+    # A JPEG renamed .png read as its decoded values: classes changed along every border.
+    values = np.zeros((16, 16), np.uint8)
+    values[4:12, 4:12] = 2
+    Image.fromarray(values).save(tmp_path / "a.png", format="JPEG", quality=75)
+    with pytest.raises(DataError, match=r"^label map .*a\.png is a JPEG file \(JPEG's compression changes class values "
+                                        r"along every border\); save the class indices as PNG$"):
+        read_label(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("labels_under_images", [True, False])
+def test_label_maps_in_a_subfolder_of_the_images_or_the_other_way_round(tmp_path, labels_under_images):
+    # data/a.jpg with data/labels/a.png read each label map as an image too: "image
+    # data/labels/a.png has no annotation: expected data/labels/labels/a.png".
+    # (and images/a.png under labels/ were annotations without an image)
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    (tmp_path / "img" / "a.jpg").rename(tmp_path / "img" / "a.png")
+    outer, inner = (tmp_path / "img", "ann") if labels_under_images else (tmp_path / "ann", "img")
+    (tmp_path / inner).rename(outer / inner)
+    images, labels = (outer, outer / inner) if labels_under_images else (outer / inner, outer)
+    dataset = SegmentationDataset(images, labels, ["x", "y"])
+    assert dataset.samples == [(str(images / "a.png"), str(labels / "a.png"))]
+
+
+def test_label_maps_named_with_a_suffix(tmp_path):
+    # a.jpg with a_mask.png (mmseg's seg_map_suffix) could not be paired: "expected a.png".
+    from crossformer.engine.config import build_config
+    from crossformer.segmentation.config import SegmentationConfig
+    from crossformer.segmentation.task import build_datasets
+
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    (tmp_path / "ann" / "a.png").rename(tmp_path / "ann" / "a_mask.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "a1.png")  # another image's: not the hint
+    with pytest.raises(DataError, match=r"a\.jpg has no annotation: expected .*ann/a\.png, found a_mask\.png: where label "
+                                        r"maps are named so, pass data.label_suffix=_mask\.png$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    (tmp_path / "ann" / "a1.png").unlink()
+    data = {"val_images": str(tmp_path / "img"), "val_labels": str(tmp_path / "ann"), "classes": ["x", "y"],
+            "label_suffix": "_mask.png"}
+    config = build_config(SegmentationConfig, ({"data": data}, "test"))
+    val = build_datasets(config.data, training=False)[1]
+    assert val.samples == [(str(tmp_path / "img" / "a.jpg"), str(tmp_path / "ann" / "a_mask.png"))]
+    with pytest.raises(UserInputError, match=r"data.label_suffix must end in .png \(label maps are PNGs\), got '_mask.jpg'"):
+        build_config(SegmentationConfig, ({"data": {**data, "label_suffix": "_mask.jpg"}}, "test"))
+
+
+def test_a_palette_of_other_colours_than_one_rgb_per_class_is_one_line(tmp_path):
+    # A short palette or a value of 300 failed deep in the overlay (IndexError, OverflowError).
+    _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"^data.palette holds \[0, 0, 300\]: each colour is \[R, G, B\], three values 0-255$"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 300], [1, 1, 1]])
+    with pytest.raises(DataError, match=r"^data.palette has 1 colours for 2 classes"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 0]])

@@ -3,7 +3,9 @@ through the Task (auxiliary loss included), exact resume after SIGKILL, torchrun
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -23,7 +25,7 @@ from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.engine.seeding import seed_everything
 from crossformer.errors import UserInputError
 from crossformer.segmentation.config import SegmentationConfig
-from crossformer.segmentation.data import collate_segmentation
+from crossformer.segmentation.data import SegmentationDataset, collate_segmentation
 from crossformer.segmentation.task import SegmentationTask, build_model, min_train_batch, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
 from segmentation_fixtures import make_tiny_ade, tiny_config
@@ -120,6 +122,37 @@ def test_a_layers_choice_of_data_root_or_folders_replaces_the_layers_below(tmp_p
     # both in one layer is still refused, naming the layer
     with pytest.raises(UserInputError, match="^overrides: data.root and data.val_images are both set"):
         resolve_config(recorded, {"data.root": "ade", "data.val_images": "v"}, source="ckpt")
+
+
+def test_a_class_list_given_by_its_names_in_the_config(ade: Path) -> None:
+    # docs/segmentation.md promises "a class list (a text file ... or a list)"; the config
+    # refused the list ("data.classes must be a string, got ['sky', ...]").
+    from crossformer.commands.common import _check_recorded_paths
+    from crossformer.engine.config import with_absolute_paths
+    from crossformer.segmentation.task import build_datasets
+
+    ade = ade / "ADEChallengeData2016"
+    names = (ade / "classes.txt").read_text().split("\n")[:-1]
+    folders = {"val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": names, "reduce_zero_label": True}
+    config = with_absolute_paths(build_config(SegmentationConfig, (tiny_config(data=folders), "tiny")))
+    assert config.data.classes == tuple(names) and config.data.known_classes() == len(names)
+    _check_recorded_paths(config, None, {}, "best.pth")  # the names are no file to look for
+    assert build_datasets(config.data, training=False)[1].classes == names
+    empty = dataclasses.replace(config.data, classes=())
+    with pytest.raises(DataError, match=r"^the class list is empty$"):  # was "the class list () is empty"
+        build_datasets(empty, training=False)
+
+
+def test_a_wrong_kind_of_list_says_what_its_items_must_be() -> None:
+    # Class names given as numbers (data.classes=[0,1]) said "must be a string or a list of 2 or
+    # null": a list it was, and of any length; the items had to be text.
+    with pytest.raises(UserInputError, match=r"^test: data.classes must be a string or a list of strings or null, "
+                                             r"got \[0, 1\]$"):
+        build_config(SegmentationConfig, ({"data": {"classes": [0, 1]}}, "test"))
+    from crossformer.engine.config import _describe
+
+    assert _describe(tuple[tuple[int, int, int], ...] | str) == "a list of lists of 3 or a string"
 
 
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
@@ -337,3 +370,68 @@ def test_resume_needs_no_pretrained_file(ade: Path, tmp_path: Path) -> None:
     assert resumed["global_step"] == 2
     with pytest.raises(UserInputError, match="model.pretrained: checkpoint not found"):  # a fresh run needs it
         train(_config(tmp_path / "fresh", ade, **settings, **{"run.iterations": 1, "run.resume": "auto"}))
+
+
+def test_resume_refuses_another_label_convention(ade: Path, tmp_path: Path) -> None:
+    # The same class list read with reduce_zero_label switched resumed silently: each label
+    # value then meant the class before (or after) the one the checkpoint learnt for it.
+    ade = ade / "ADEChallengeData2016"
+    classes = tmp_path / "classes.txt"  # one more class: values 0..7 fit both conventions
+    classes.write_text((ade / "classes.txt").read_text() + "other\n")
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(ade / "annotations/training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": str(classes)}
+
+    def config(**values) -> SegmentationConfig:
+        layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+        return build_config(SegmentationConfig, (layers, "tiny"), (values, "test"))
+
+    train(config())
+    with pytest.raises(UserInputError, match=r"was trained with data.reduce_zero_label=false \(label maps count classes "
+                                             r"from 0\); resume with the same setting"):
+        train(config(**{"data.reduce_zero_label": True, "run.iterations": 2, "run.resume": "auto"}))
+
+
+def test_a_class_no_validation_label_holds_is_a_warning(ade: Path, tmp_path: Path) -> None:
+    # Binary masks saved as 0/255 trained silently: 255 is "ignored", so the object class was in
+    # no label, never learnt, and mIoU (its IoU nan, left out) read as good as the background.
+    from PIL import Image
+
+    ade = ade / "ADEChallengeData2016"
+    masks = tmp_path / "masks"
+    for split in ("training", "validation"):
+        (masks / split).mkdir(parents=True)
+        for path in (ade / "annotations" / split).glob("*.png"):
+            with Image.open(path) as label:
+                Image.fromarray(np.where(np.asarray(label) == 1, 255, 0).astype(np.uint8)).save(masks / split / path.name)
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(masks / "training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(masks / "validation"),
+               "classes": ["background", "sky"]}
+    layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+    train(build_config(SegmentationConfig, (layers, "tiny")))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert re.search(rf"warning: no label map in {masks / 'validation'} holds class 'sky' \(value 1\): its IoU reads nan "
+                     r"and mIoU leaves it out; \d+% of the pixels are 255 \(ignored\), the rest one class: store each "
+                     r"object as its class value \(a mask saved as 0/255 stores it as ignored\)\n", log)
+    from crossformer.segmentation.data import absent_classes_note
+
+    # every class in some label map: no line
+    val = SegmentationDataset(ade / "images/validation", masks / "validation", ["background", "sky"])
+    assert absent_classes_note([5, 1] + [0] * 253 + [9], val) is None
+
+
+def test_resume_on_data_of_another_class_count_names_the_data(ade: Path, tmp_path: Path) -> None:
+    # It said "was trained with model num_classes 7, not 8; resume with the same config", where
+    # the config (model.num_classes: null) was the same and the data had changed.
+    ade = ade / "ADEChallengeData2016"
+    classes = tmp_path / "classes.txt"
+    classes.write_text((ade / "classes.txt").read_text())
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(ade / "annotations/training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(ade / "annotations/validation"),
+               "classes": str(classes), "reduce_zero_label": True}
+    layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
+    train(build_config(SegmentationConfig, (layers, "tiny")))
+    classes.write_text(classes.read_text() + "other\n")
+    with pytest.raises(UserInputError, match=r"run/last\.pth was trained on 7 classes but the class list of .*training "
+                                             r"has 8; resume with the same data$"):
+        train(build_config(SegmentationConfig, (layers, "tiny"), ({"run.iterations": 2, "run.resume": "auto"}, "test")))

@@ -117,7 +117,7 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
 
     A field whose name no other section has gets ``--field-name``; others ``--section-field-name``.
     A section's ``shorthand`` field is set by ``--section`` (``--model NAME``, ``--data PATH``).
-    Mapping fields have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
+    Mapping fields and lists of lists have no flag (``KEY=VALUE`` sets them). ``keys`` (sections or
     ``section.field``) limits the flags to those; ``None``: all. ``shown_defaults`` replaces the
     default a flag's help shows (a verb that reads a key's value elsewhere when it is not given);
     ``shown_config`` (a ``config_cls`` instance: the ``--config`` file's settings) supplies the
@@ -140,7 +140,7 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
             continue
         section_cls = hints[section]
         hint = typing.get_type_hints(section_cls)[name]
-        if typing.get_origin(hint) is dict or hint is dict:
+        if typing.get_origin(hint) is dict or hint is dict or _holds_lists(hint):
             continue
         default = getattr(getattr(defaults, section), name)
         if isinstance(default, tuple):
@@ -158,6 +158,16 @@ def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
             shown = f" (default: {shown_defaults[key]})"
         flags[flag] = (key, f"{key}{': ' + comment if comment else ''}{shown}", hint)
     return flags
+
+
+def _holds_lists(hint: Any) -> bool:
+    """Whether a field's values are lists of lists (``data.palette``: one [R, G, B] per class),
+    which a flag's space-separated words cannot spell: ``KEY=[[...], ...]`` sets them."""
+    import typing
+
+    options = typing.get_args(hint) if typing.get_origin(hint) is not tuple else (hint,)
+    return any(typing.get_origin(o) is tuple and any(typing.get_origin(i) is tuple for i in typing.get_args(o))
+               for o in options)
 
 
 @functools.cache  # inspect.getsource parses the class's whole module: once per class, not per field and parse
@@ -434,7 +444,7 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
         for name in getattr(section, "path_fields", ()):
             key, value = f"{f.name}.{name}", getattr(section, name)
             read = keys is None or key in keys or f.name in keys
-            if read and key not in given and value is not None and not Path(value).exists():
+            if read and key not in given and isinstance(value, str) and not Path(value).exists():
                 flag = _flag_names(type(config)).get(key)
                 raise UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it "
                                      f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")

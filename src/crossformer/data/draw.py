@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["Colour", "palette", "text_colour", "blend", "overlay_masks", "draw_boxes", "draw_legend"]
+__all__ = ["Colour", "palette", "class_colours", "text_colour", "blend", "overlay_masks", "draw_boxes", "draw_legend"]
 
 Colour = tuple[int, int, int]
 
@@ -26,6 +26,21 @@ def palette(n: int) -> list[Colour]:
         r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0 if i % 2 == 0 else 0.8)
         colours.append((round(r * 255), round(g * 255), round(b * 255)))
     return colours
+
+
+def class_colours(colours: Sequence[Sequence[int]] | None, classes: int, what: str = "the palette") -> list[Colour]:
+    """``colours`` as ``(R, G, B)`` tuples, one per class and each 0-255, or :func:`palette`'s
+    where None; a :class:`crossformer.data.DataError` (one line naming ``what``) otherwise."""
+    from .folder import DataError
+
+    if colours is None:
+        return palette(classes)
+    if len(colours) != classes:
+        raise DataError(f"{what} has {len(colours)} colours for {classes} classes: give one [R, G, B] per class")
+    bad = next((c for c in colours if len(c) != 3 or not all(0 <= v <= 255 for v in c)), None)
+    if bad is not None:
+        raise DataError(f"{what} holds {list(bad)}: each colour is [R, G, B], three values 0-255")
+    return [tuple(int(v) for v in c) for c in colours]
 
 
 def text_colour(background: Colour) -> Colour:
@@ -82,7 +97,9 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, captions: Sequence[str], c
 
 
 def draw_legend(image: Image.Image, entries: Sequence[tuple[str, Colour]], max_entries: int = 20) -> Image.Image:
-    """A copy of ``image`` with a legend box in the top-left corner: a swatch and name per entry.
+    """A copy of ``image`` with a legend box: a swatch and name per entry, in the top-left corner,
+    or in a panel to the right of the image where the box would not fit in it or would cover
+    more than a quarter of it (small images: the legend would hide the image, and be cut off).
 
     The text size follows the image size (readable on small and large images); entries past
     ``max_entries`` are summarised as "+N more".
@@ -97,14 +114,22 @@ def draw_legend(image: Image.Image, entries: Sequence[tuple[str, Colour]], max_e
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed bitmap font
         font = ImageFont.load_default()
-    draw = ImageDraw.Draw(out, "RGBA")
     labels = [name for name, _ in shown] + ([f"+{hidden} more"] if hidden else [])
     line_h = size + 4
-    width = max(draw.textlength(text, font=font) for text in labels) + line_h + 10
-    draw.rectangle([0, 0, width, line_h * len(labels) + 6], fill=(0, 0, 0, 160))
+    width = round(max(ImageDraw.Draw(out).textlength(text, font=font) for text in labels)) + line_h + 10
+    height = line_h * len(labels) + 6
+    left = 0
+    if width > out.width or height > out.height or width * height > out.width * out.height / 4:
+        left = out.width
+        panel = Image.new("RGB", (out.width + width + 1, max(out.height, height + 1)))
+        panel.paste(out, (0, 0))
+        out = panel
+    draw = ImageDraw.Draw(out, "RGBA")
+    draw.rectangle([left, 0, left + width, height], fill=(0, 0, 0, 160))
     for row, text in enumerate(labels):
         top = 3 + row * line_h
         if row < len(shown):
-            draw.rectangle([4, top + 1, 4 + line_h - 4, top + line_h - 3], fill=shown[row][1], outline=(255, 255, 255))
-        draw.text((line_h + 6, top), text, fill=(255, 255, 255), font=font)
+            draw.rectangle([left + 4, top + 1, left + line_h, top + line_h - 3], fill=shown[row][1],
+                           outline=(255, 255, 255))
+        draw.text((left + line_h + 6, top), text, fill=(255, 255, 255), font=font)
     return out

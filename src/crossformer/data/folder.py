@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
-           "unique_stem", "load_class_list", "training_classes"]
+           "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")
@@ -185,13 +185,12 @@ def expand_image_paths(
     search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    outputs = Path(output_dir).resolve() if output_dir is not None else None
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             images = list_images(path)
-            if outputs is not None and path.resolve() in outputs.parents:
-                images = [image for image in images if outputs not in image.resolve().parents]
+            if output_dir is not None:
+                images = leave_out_folder(images, path, output_dir)
             if not images:
                 raise DataError(f"no images in folder {path}")
             found.extend(images)
@@ -200,6 +199,15 @@ def expand_image_paths(
         else:
             raise DataError(f"no such image or folder: {path}")
     return found
+
+
+def leave_out_folder(files: list[Path], folder: Path, excluded: str | os.PathLike) -> list[Path]:
+    """``files`` (listed under ``folder``) less those under ``excluded`` where that folder lies
+    inside ``folder``: outputs written into an input folder, label maps kept under the images'."""
+    excluded = Path(excluded).resolve()
+    if Path(folder).resolve() not in excluded.parents:
+        return files
+    return [file for file in files if excluded not in file.resolve().parents]
 
 
 def unique_stem(stem: str, taken: set[str]) -> str:
@@ -223,9 +231,10 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     else:
         names = [str(c) for c in classes]
+    where = f" {classes}" if isinstance(classes, (str, Path)) else ""  # a file is named; a list is its own text
     if not names:
-        raise DataError(f"the class list {classes} is empty")
+        raise DataError(f"the class list{where} is empty")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise DataError(f"class {dup!r} is listed twice in the class list {classes if isinstance(classes, (str, Path)) else ''}".rstrip())
+        raise DataError(f"class {dup!r} is listed twice in the class list{where}")
     return names

@@ -372,17 +372,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def _describe(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    parts = []
-    for arg in typing.get_args(hint):
-        if arg is type(None):
-            parts.append("null")
-        elif typing.get_origin(arg) is tuple:
-            parts.append(f"a list of {len(typing.get_args(arg))}")
-        else:
-            parts.append(names.get(arg, getattr(arg, "__name__", str(arg))))
-    return " or ".join(parts)
+    """A union's options in words: ``str | tuple[str, ...] | None`` -> "a string or a list of strings or null"."""
+    return " or ".join(_describe_one(arg) for arg in typing.get_args(hint))
+
+
+def _describe_one(arg: Any) -> str:
+    """One option: "an integer", "a list of 2", "a list of strings", "a list of lists of 3"."""
+    if typing.get_origin(arg) is not tuple:
+        return _NAMES.get(arg, getattr(arg, "__name__", str(arg)))
+    items = typing.get_args(arg)
+    if len(items) != 2 or items[1] is not Ellipsis:
+        return f"a list of {len(items)}"
+    item = items[0]  # any length: say what each item is
+    if typing.get_origin(item) is tuple:
+        return "a list of lists" + _describe_one(item).removeprefix("a list")
+    return f"a list of {_PLURALS.get(item, 'values')}"
 
 
 # ---------------------------------------------------------------------------- keys
@@ -576,7 +585,8 @@ def with_absolute_paths(config: C) -> C:
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
-        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if v is not None}
+        # a field that may hold a path or the values themselves (data.classes: a file or the names) keeps the values
+        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if isinstance(v, str)}
         if absolute:
             changes[f.name] = dataclasses.replace(section, **absolute)
     return dataclasses.replace(config, **changes)

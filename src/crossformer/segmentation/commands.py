@@ -50,10 +50,11 @@ BENCH_SIZES = ((512, 512), (512, 2048))
 # what inference reads of a segmentation config (drop_path and pretrained only train)
 _MODEL_KEYS = ("model.kind", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.channels",
                "model.aux_channels")
-_DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label", "data.skip_corrupt")
+_DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label",
+              "data.label_suffix", "data.skip_corrupt")
 _RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
 _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
-_PREDICT_KEYS = (*_MODEL_KEYS, "data.skip_corrupt", "test", *_RUN_KEYS)
+_PREDICT_KEYS = (*_MODEL_KEYS, "data.palette", "data.skip_corrupt", "test", *_RUN_KEYS)
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
@@ -206,6 +207,7 @@ def _labels_of(checkpoint: dict[str, Any], num_classes: int) -> tuple[list[str],
 def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     from ..engine import resolve_precision
     from ..engine.distributed import resolve_device
+    from ..data.draw import class_colours
     from .predict import predict_images
 
     if not 0 <= args.opacity <= 1:
@@ -214,6 +216,8 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
     segmentor.to(device)
     names, palette, reduce = _labels_of(checkpoint, segmentor.num_classes)
+    if config.data.palette is not None:  # given here, it replaces the checkpoint's colours
+        palette = class_colours(config.data.palette, len(names), "data.palette")
     log = (lambda msg: print(msg, file=sys.stderr))
     results, skipped = predict_images(
         segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,

@@ -66,7 +66,7 @@ class SegDataConfig:
     Either ``root`` (the ADE20K layout: ``images/{training,validation}``,
     ``annotations/{training,validation}``; 150 classes or ``classes.txt``; reduce-zero-label),
     or the four folders ``train_images`` / ``train_labels`` / ``val_images`` / ``val_labels``
-    with a ``classes`` file (label values are class indices, 255 = ignore, unless
+    with ``classes`` (a file or the names; label values are class indices, 255 = ignore, unless
     ``reduce_zero_label``). The training transform's settings are the ``pipeline`` section.
     """
 
@@ -78,8 +78,10 @@ class SegDataConfig:
     train_labels: str | None = None  # folder layout: their label maps (same file stems, .png)
     val_images: str | None = None  # folder layout: validation images
     val_labels: str | None = None  # folder layout: their label maps
-    classes: str | None = None  # a text file, one class name per line (folder layout)
+    classes: str | tuple[str, ...] | None = None  # folder layout: a text file, one class name per line, or the names
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
+    palette: tuple[tuple[int, int, int], ...] | None = None  # one [R, G, B] per class for overlays (None: generated)
+    label_suffix: str = ".png"  # folder layout: a label map's name is its image's stem and this (e.g. _mask.png)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 
     @property
@@ -105,6 +107,8 @@ class SegDataConfig:
             return None
 
     def validate(self) -> None:
+        if not self.label_suffix.lower().endswith(".png"):  # label maps are PNGs: lossless, one channel
+            raise UserInputError(f"data.label_suffix must end in .png (label maps are PNGs), got {self.label_suffix!r}")
         if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
             raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
         # evaluation reads the validation folders alone; training needs its own too (check_training_folders)

@@ -13,8 +13,9 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-1-bit or 16-bit); they are never colour-converted. Images honour their EXIF orientation and are
-converted to RGB (grayscale, palette, alpha).
+1-bit or 16-bit; an opaque RGB(A) or LA file of equal channels as its grey values); they are never
+colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
+palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
 its annotation or an annotation without its image (at construction), a label value out of
@@ -26,6 +27,7 @@ names them.
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -34,22 +36,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, list_images, load_class_list, open_image
+from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-from ..data.draw import palette as class_palette
+from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
 
 __all__ = [
     "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset", "EvaluationStops",
     "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
-    "collate_segmentation", "check_batch", "skipped_file",
+    "collate_segmentation", "check_batch", "skipped_file", "absent_classes_note",
 ]
 
 ADE_DIRNAME = "ADEChallengeData2016"
 # Our split names -> ADE20K's folder names.
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 CLASS_FILE = "classes.txt"
+LABEL_SUFFIX = ".png"  # a label map's name: its image's stem and this (mmseg's seg_map_suffix)
+JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
+JPEG_FORMATS = ("JPEG", "MPO")  # what PIL calls a JPEG file, whatever its name
+LOSSY_LABELS = "JPEG's compression changes class values along every border"
 LABEL_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")  # "1": a two-class mask saved from a bool array
 
 
@@ -58,10 +64,30 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(open_image(path)).copy()
 
 
+def _grey_values(img: Image.Image) -> np.ndarray | None:
+    """The grey values of an RGB, RGBA or LA (grey + alpha) image whose colour channels are
+    equal and alpha opaque at every pixel (a grey label map some tools save so: no colour to
+    mistake for a class, no transparency to lose), else None."""
+    if img.mode not in ("RGB", "RGBA", "LA"):
+        return None
+    pixels = np.asarray(img)
+    if img.mode != "RGB" and (pixels[..., -1] != 255).any():
+        return None
+    colour = pixels[..., :1] if img.mode == "LA" else pixels[..., :3]
+    grey = pixels[..., 0]
+    return grey if (colour == grey[..., None]).all() else None
+
+
 def read_label(path: str | Path) -> np.ndarray:
-    """A label map's stored values as ``(H, W)`` int64; DataError if unreadable or colour."""
+    """A label map's stored values as ``(H, W)`` int64 (an RGB file of three equal channels: one
+    of them); DataError if unreadable or colour."""
     try:
         with Image.open(path) as img:
+            if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
+                raise DataError(f"label map {path} is a JPEG file ({LOSSY_LABELS}); save the class indices as PNG")
+            grey = _grey_values(img)
+            if grey is not None:
+                return grey.astype(np.int64)
             if img.mode not in LABEL_MODES:
                 raise DataError(
                     f"label map {path} is a {img.mode} image; label maps must be single-channel PNGs "
@@ -74,6 +100,39 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"label map not found: {path}") from None
     except UNREADABLE_ERRORS as err:
         raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+
+
+def _label_files(label_dir: Path, image_dir: Path, suffix: str = LABEL_SUFFIX) -> dict[Path, Path]:
+    """The label maps under ``label_dir`` (not in ``image_dir``, where that lies inside it) by
+    their path relative to it less ``suffix`` (``a_mask.png`` -> ``a`` for ``_mask.png``), the
+    suffix in any case (``.PNG`` as some tools and cameras write it)."""
+    found: dict[Path, Path] = {}
+    for path in leave_out_folder(list_images(label_dir), label_dir, image_dir):
+        if not path.name.lower().endswith(suffix.lower()) or len(path.name) == len(suffix):
+            continue
+        stem = path.relative_to(label_dir).with_name(path.name[: -len(suffix)])
+        if stem in found:  # a.png and a.PNG, both there on a case-sensitive file system
+            raise DataError(f"{found[stem]} and {path} are two annotations of one image: keep one of them")
+        found[stem] = path
+    return found
+
+
+def _missing_annotation(image: Path, expected: Path, stem: str) -> str:
+    """Why ``image`` has no label map at ``expected`` (``<stem><suffix>``), naming a label map
+    of that name in another format (only PNGs are read), or one of the stem and another suffix."""
+    base = expected.name[: -len(".png")]
+    others = sorted(p for p in expected.parent.glob(f"{glob.escape(base)}.*")
+                    if p.stem == base and p.suffix.lower() in IMG_EXTENSIONS)
+    if not others:
+        # a_mask.png, a-label.png (not a1.png: another image's)
+        named = sorted(p.name for p in expected.parent.glob(f"{glob.escape(stem)}[_-]*.png"))
+        hint = (f", found {named[0]}: where label maps are named so, pass data.label_suffix={named[0][len(stem):]}"
+                if named else "")
+        return f"image {image} has no annotation: expected {expected}{hint}"
+    lossy = others[0].suffix.lower() in JPEG_EXTENSIONS
+    why = f" ({LOSSY_LABELS})" if lossy else ""
+    return (f"image {image} has no annotation: expected {expected}, found {others[0].name}; label maps are read "
+            f"from PNGs only{why}: save the class indices as PNG")
 
 
 def _orientation_note(path: str, image: np.ndarray) -> str:
@@ -127,6 +186,8 @@ class SegmentationDataset(Dataset):
     ``transform(image (H, W, 3) uint8, label (H, W) uint8) -> (image, label, meta)`` (e.g.
     :class:`.transforms.SegTrainTransform`); without one an item holds the image as a
     ``(3, H, W)`` uint8 tensor and the label at the image's own size (evaluation resizes).
+    An image's label map is ``<its relative path and stem><label_suffix>`` in ``label_dir``
+    (``a.jpg`` -> ``a.png``, or ``a_mask.png`` with ``label_suffix="_mask.png"``; any case).
     """
 
     def __init__(
@@ -137,6 +198,7 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: bool = False,
         transform: Transform | None = None,
         palette: Sequence[Sequence[int]] | None = None,
+        label_suffix: str = LABEL_SUFFIX,
     ) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
@@ -145,31 +207,39 @@ class SegmentationDataset(Dataset):
         if self.image_dir.resolve() == self.label_dir.resolve():  # each label map would be read as an image too
             raise DataError(f"images and label maps share the folder {self.image_dir}: keep them in separate folders")
         self.classes = load_class_list(classes)
-        if len(self.classes) > IGNORE_INDEX:
-            raise DataError(f"{len(self.classes)} classes: label maps hold at most {IGNORE_INDEX} classes (255 = ignore)")
-        self.palette = [tuple(c) for c in palette] if palette is not None else class_palette(len(self.classes))
+        # counted from 1 (reduce-zero-label), class 254 would be stored as 255 and read as ignored
+        most = IGNORE_INDEX - 1 if reduce_zero_label else IGNORE_INDEX
+        if len(self.classes) > most:
+            counted = ", counted from 1 (reduce_zero_label)," if reduce_zero_label else ""
+            raise DataError(f"{len(self.classes)} classes: label maps{counted} hold at most {most} classes (255 = ignore)")
+        if len(self.classes) == 1:  # every pixel's argmax would be it: a loss of 0 and an mIoU of 100 that mean nothing
+            raise DataError(f"the class list names one class ({self.classes[0]!r}); a segmentor chooses a class per pixel, "
+                            f"so list at least two: add 'background' (label value 0) before {self.classes[0]!r} (value 1)")
+        self.palette = class_colours(palette, len(self.classes), "data.palette")
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
-        images = list_images(self.image_dir)
+        # label maps in a subfolder of the images (or images under the labels) are no images
+        images = leave_out_folder(list_images(self.image_dir), self.image_dir, self.label_dir)
         if not images:
             raise DataError(f"no images in {self.image_dir}")
+        label_files = _label_files(self.label_dir, self.image_dir, label_suffix)
         self.samples: list[tuple[str, str]] = []
-        paired: dict[str, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
+        paired: dict[Path, str] = {}  # annotation -> its image: one annotation scored twice skews every metric
         for image in images:
-            label = (self.label_dir / image.relative_to(self.image_dir)).with_suffix(".png")
-            if not label.is_file():
-                raise DataError(f"image {image} has no annotation: expected {label}")
-            if str(label) in paired:
-                raise DataError(f"images {paired[str(label)]} and {image} share the annotation {label} (one name, two "
+            stem = image.relative_to(self.image_dir).with_suffix("")
+            label = label_files.get(stem)
+            if label is None:
+                raise DataError(_missing_annotation(image, self.label_dir / stem.parent / (stem.name + label_suffix), stem.name))
+            if label in paired:
+                raise DataError(f"images {paired[label]} and {image} share the annotation {label} (one name, two "
                                 "extensions): keep one of them")
-            paired[str(label)] = str(image)
+            paired[label] = str(image)
             self.samples.append((str(image), str(label)))
         # an annotation left unpaired means a lost image (or one of an extension we do not read)
-        for label in list_images(self.label_dir):
-            if label.suffix.lower() == ".png" and str(label) not in paired:
-                stem = self.image_dir / label.relative_to(self.label_dir).with_suffix("")
-                raise DataError(f"annotation {label} has no image: expected {stem}.jpg (or .png, .jpeg, ...); "
-                                "add the image or move the annotation away")
+        for stem, label in label_files.items():
+            if label not in paired:
+                raise DataError(f"annotation {label} has no image: expected {self.image_dir / stem}.jpg (or .png, "
+                                ".jpeg, ...); add the image or move the annotation away")
 
     @property
     def num_classes(self) -> int:
@@ -227,7 +297,8 @@ def find_ade_root(path: str | Path) -> Path:
         raise DataError(f"data folder not found: {path}")
     raise DataError(
         f"{path} is not an ADE20K folder: expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png "
-        f"(or the same under {path}/{ADE_DIRNAME})"
+        f"(or the same under {path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
+        "data.train_labels, data.val_images, data.val_labels, with data.classes"
     )
 
 
@@ -238,28 +309,32 @@ def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, in
     return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)
 
 
-def ade20k_dataset(root: str | Path, split: str = "training", transform: Transform | None = None) -> SegmentationDataset:
+def ade20k_dataset(
+    root: str | Path, split: str = "training", transform: Transform | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+) -> SegmentationDataset:
     """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
 
     Classes: ``classes.txt`` beside ``images/`` if present (palette generated), otherwise the
-    150 ADE20K classes with mmseg's palette.
+    150 ADE20K classes with mmseg's palette; ``palette`` replaces either.
     """
     ade = find_ade_root(root)
     if split not in ADE_SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
     folder = ADE_SPLITS[split]
-    classes, palette = ade_classes(ade)
+    classes, own_palette = ade_classes(ade)
     return SegmentationDataset(
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
-        transform=transform, palette=palette,
+        transform=transform, palette=own_palette if palette is None else palette,
     )
 
 
 class EvaluationStops(Dataset):
     """What would stop an evaluation at each sample of ``dataset``, read as evaluation reads it:
     a bad label map (a value out of range, another size than its image) or, unless
-    ``skip_corrupt``, an unreadable file; None for a good sample. Loader workers hand back
-    these lines, not the decoded pixels."""
+    ``skip_corrupt``, an unreadable file; None for a good sample. With it, the sample's label
+    value counts ``(256,)`` (reduced values: classes and 255; zeros where it was not read).
+    Loader workers hand back these, not the decoded pixels."""
 
     def __init__(self, dataset: SegmentationDataset, skip_corrupt: bool) -> None:
         self.dataset, self.skip_corrupt = dataset, skip_corrupt
@@ -267,9 +342,33 @@ class EvaluationStops(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> str | None:
+    def __getitem__(self, index: int) -> tuple[str | None, np.ndarray]:
         sample = self.dataset[index]
-        return sample.error if sample.fatal or not self.skip_corrupt else None
+        stop = sample.error if sample.fatal or not self.skip_corrupt else None
+        if sample.label is None:
+            return stop, np.zeros(IGNORE_INDEX + 1, np.int64)
+        return stop, np.bincount(sample.label.flatten().numpy(), minlength=IGNORE_INDEX + 1)
+
+
+def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -> str | None:
+    """A line naming the classes that no label map of ``dataset`` holds (``counts``: pixels per
+    label value, summed as :class:`EvaluationStops` gives them), or None when every class occurs.
+    Their IoU reads nan and mIoU leaves them out. Where one class alone occurs beside 255, it
+    says so: masks saved as 0/255 store every object as "ignored"."""
+    absent = [c for c in range(dataset.num_classes) if counts[c] == 0]
+    if not absent:
+        return None
+    offset = 1 if dataset.reduce_zero_label else 0  # the value stored in the files
+    named = ", ".join(f"{dataset.classes[c]!r} (value {c + offset})" for c in absent[:3])
+    more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+    one = len(absent) == 1
+    line = (f"no label map in {dataset.label_dir} holds class{'' if one else 'es'} {named}{more}: "
+            f"{'its' if one else 'their'} IoU reads nan and mIoU leaves {'it' if one else 'them'} out")
+    ignored = counts[IGNORE_INDEX] / max(sum(counts), 1)
+    if ignored and dataset.num_classes - len(absent) <= 1:
+        line += (f"; {ignored:.0%} of the pixels are 255 (ignored), the rest one class: store each object as its class "
+                 "value (a mask saved as 0/255 stores it as ignored)")
+    return line
 
 
 def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:

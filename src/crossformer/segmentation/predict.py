@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..atomic import check_output_folder
 from ..data import DataError, expand_image_paths, unique_stem
-from ..data.draw import Colour, palette as class_palette
+from ..data.draw import Colour, class_colours
 from .data import read_image
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
@@ -67,7 +67,7 @@ def predict_images(
     unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError)."""
     if len(class_names) != segmentor.num_classes:
         raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
-    palette = list(palette) if palette is not None else class_palette(len(class_names))
+    palette = class_colours(palette, len(class_names))
     inference = inference or InferenceConfig()
     files = expand_image_paths(paths, output_dir)
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line

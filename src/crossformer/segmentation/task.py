@@ -8,9 +8,9 @@ single-scale mIoU on the validation split and keeps ``best.pth`` by it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,12 +20,13 @@ from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import SegDataConfig, SegmentationConfig, SegModelConfig
 from .data import (
-    EvaluationStops, SegBatch, SegmentationDataset, ade20k_dataset, check_batch, collate_segmentation, skipped_file,
+    EvaluationStops, SegBatch, SegmentationDataset, absent_classes_note, ade20k_dataset, check_batch, collate_segmentation,
+    skipped_file,
 )
 from .checkpoint import load_segmentor_state
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
-from .transforms import SegTrainTransform
+from .transforms import IGNORE_INDEX, SegTrainTransform
 
 __all__ = [
     "SegmentationTask", "SEGMENTOR_KEYS", "build_datasets", "build_model", "segmentor_settings", "model_extras", "train",
@@ -42,15 +43,17 @@ def build_datasets(
     if not data.given:
         raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
     if data.root is not None:
-        val = ade20k_dataset(data.root, "validation")
-        return (ade20k_dataset(data.root, "training", train_transform) if training else None), val
-    classes = Path(data.classes)
+        val = ade20k_dataset(data.root, "validation", palette=data.palette)
+        return (ade20k_dataset(data.root, "training", train_transform, data.palette) if training else None), val
+    classes = data.classes
     if training:
         data.check_training_folders()
-    val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label)
+    val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label,
+                              palette=data.palette, label_suffix=data.label_suffix)
     if not training:
         return None, val
-    return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform), val
+    return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform,
+                               data.palette, data.label_suffix), val
 
 
 def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
@@ -159,10 +162,16 @@ class SegmentationTask(Task):
         mine = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         loader = build_loader(EvaluationStops(self.val_set, c.data.skip_corrupt), 16, mine, c.run.num_workers,
                               c.run.seed, drop_last=False, collate_fn=list)
-        for stops in loader:
-            stop = next((line for line in stops if line is not None), None)
+        stop, counts = None, np.zeros(IGNORE_INDEX + 1, np.int64)
+        for samples in loader:
+            stop = next((line for line, _ in samples if line is not None), None)
             if stop is not None:
-                raise DataError(stop)
+                break
+            counts += sum(values for _, values in samples)
+        ctx.raise_together(DataError(stop) if stop is not None else None)  # before the reduction every rank joins
+        note = absent_classes_note(ctx.all_reduce_sum(counts.tolist()), self.val_set)
+        if note is not None:  # a class that no validation label holds is a warning: a small set may lack one
+            self.log.info(f"warning: {note}")
 
     def batch_counts(self, batch: SegBatch) -> dict[str, float]:
         unreadable = check_batch(batch, self.config.data.skip_corrupt)
@@ -204,13 +213,20 @@ class SegmentationTask(Task):
         mine = self.checkpoint_extras()
         theirs = state.get("segmentor", {})
         for key in SEGMENTOR_KEYS:
-            if theirs.get(key) != mine["segmentor"][key]:
-                raise UserInputError(
-                    f"{path} was trained with model {key} {theirs.get(key)!r}, not {mine['segmentor'][key]!r}; "
-                    "resume with the same config"
-                )
+            if theirs.get(key) == mine["segmentor"][key]:
+                continue
+            if key == "num_classes":  # the data's count (__init__ checked the config's against it)
+                raise UserInputError(f"{path} was trained on {theirs.get(key)} classes but the class list of "
+                                     f"{self.train_set.image_dir} has {mine['segmentor'][key]}; resume with the same data")
+            raise UserInputError(f"{path} was trained with model {key} {theirs.get(key)!r}, not "
+                                 f"{mine['segmentor'][key]!r}; resume with the same config")
         if list(state.get("meta", {}).get("classes", [])) != mine["meta"]["classes"]:
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.image_dir}; use the same data")
+        # the same classes counted from another value: every label would mean its neighbour's class
+        reduced = state.get("meta", {}).get("reduce_zero_label")
+        if reduced is not None and reduced != mine["meta"]["reduce_zero_label"]:
+            raise UserInputError(f"{path} was trained with data.reduce_zero_label={str(reduced).lower()} (label maps count "
+                                 f"classes from {1 if reduced else 0}); resume with the same setting")
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
