@@ -1,0 +1,175 @@
+"""The README and docs/*.md against the code, so that they cannot drift apart unnoticed.
+
+Every ``crossformer ...`` command line in a shell block parses (each ``--flag`` exists for
+its verb and task, every ``--config`` is bundled or a YAML example of the docs) and its
+settings resolve; every YAML example is a valid config; every ``crossformer.x.y`` name in
+backticks exists; the README's size tables are what ``crossformer flops`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crossformer.cli import main, parse_command_line
+from crossformer.commands.common import command_line_settings, split_overrides
+from crossformer.engine.registry import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# ONNX metadata keys that export.md names in backticks: strings in a file, not Python names
+METADATA_KEYS = {"crossformer.height_range", "crossformer.width_range", "crossformer.input", "crossformer.classes",
+                 "crossformer.category_ids"}
+
+
+def fenced_blocks(text: str, languages: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(offset, body)`` of each fenced block in one of ``languages`` ("" for unmarked fences)."""
+    return [(m.start(), m.group(2)) for m in FENCE.finditer(text) if m.group(1) in languages]
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """The arguments after ``crossformer`` (or ``-m crossformer``) of every command in the shell
+    blocks: continuation lines joined, comments dropped, ``[--optional parts]`` kept as given.
+    Lines with ``...`` (an elided command) are left out."""
+    found = []
+    for _, body in fenced_blocks(text, ("bash", "")):
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).replace("[", "").replace("]", "")
+            if not re.match(r"(crossformer|torchrun)\s", line):  # output shown, other tools
+                continue
+            words = shlex.split(line)
+            if "crossformer" not in words or "..." in words:
+                continue
+            found.append(words[words.index("crossformer") + 1:])
+    return found
+
+
+def yaml_examples(text: str) -> dict[str, str]:
+    """The YAML blocks, by the file name the docs give them (``# my_coco.yaml: ...`` on the
+    first line, or ``my_run.yaml`` just before the block), else by their position."""
+    examples = {}
+    for offset, body in fenced_blocks(text, ("yaml",)):
+        named = re.match(r"#\s*(\S+\.yaml)", body) or re.search(r"`(\S+\.yaml)`\W*$", text[max(0, offset - 80):offset])
+        examples[named.group(1) if named else f"example_{offset}.yaml"] = body
+    return examples
+
+
+def _doc_commands() -> list[Any]:
+    return [pytest.param(doc, argv, id=f"{doc.name}:{' '.join(argv)[:60]}")
+            for doc in DOCS for argv in command_lines(doc.read_text())]
+
+
+@pytest.fixture
+def in_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding every YAML example of the docs under its name."""
+    for doc in DOCS:
+        for name, body in yaml_examples(doc.read_text()).items():
+            (tmp_path / name).write_text(body)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_docs_have_commands_and_examples() -> None:
+    """The extraction finds what the docs hold (so the tests below cannot pass on nothing)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(command_lines(readme)) >= 30 and sum(len(command_lines(d.read_text())) for d in DOCS) >= 80
+    assert "my_run.yaml" in yaml_examples(readme) and "my_coco.yaml" in yaml_examples((ROOT / "docs/engine.md").read_text())
+
+
+@pytest.mark.parametrize(("doc", "argv"), _doc_commands())
+def test_documented_command_parses_and_its_settings_resolve(doc: Path, argv: list[str], in_examples: Path) -> None:
+    """An unknown or misspelt flag, a config that is not bundled or a ``KEY=VALUE`` of no such
+    setting fails here; the files and folders named need not exist (nothing is run)."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            args = parse_command_line(argv)
+        except SystemExit as exit_:
+            pytest.fail(f"{doc.name}: crossformer {' '.join(argv)}: exit {exit_.code}: {err.getvalue().strip()}")
+    if not hasattr(args, "config"):
+        return  # convert, demo, make-data: no configuration
+    if args.config is None and args.command != "train":
+        return  # the task and settings come from a checkpoint the docs' example names, not here
+    overrides = args.overrides if hasattr(args, "overrides") else split_overrides(args.inputs)[1]  # predict: among the images
+    resolve_config(args.config, command_line_settings(args, overrides), use_default=args.command == "train")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_documented_yaml_examples_are_valid_configs(doc: Path, in_examples: Path) -> None:
+    for name in yaml_examples(doc.read_text()):
+        resolve_config(str(in_examples / name))
+
+
+def _python_name(name: str) -> Any:
+    """The module attribute a dotted name ``crossformer.a.b`` stands for (AttributeError or ImportError if none)."""
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[split:]:
+            found = getattr(found, part)
+        return found
+    raise ImportError(name)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_documented_python_names_exist(doc: Path) -> None:
+    names = {name for span in re.findall(r"`([^`\n]+)`", doc.read_text())
+             for name in re.findall(r"(?<![\w/.])crossformer(?:\.[A-Za-z_]\w*)+", span)}  # not spec/crossformer.md
+    missing = []
+    for name in sorted(names - METADATA_KEYS):
+        try:
+            _python_name(re.sub(r"\.(py|yaml)$", "", name))
+        except (AttributeError, ImportError):
+            missing.append(name)
+    assert not missing
+
+
+def _flops(argv: list[str]) -> dict[str, Any]:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        assert main(["flops", *argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def _readme_rows(header: str) -> list[list[str]]:
+    """The cells of the README table whose header row starts with ``header``."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index(header):].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in table]
+
+
+def _config_names(cell: str) -> list[str]:
+    """``mask_rcnn_x_{1x,3x}`` -> both names."""
+    braces = re.search(r"\{(.*?)\}", cell)
+    if braces is None:
+        return [cell]
+    return [cell[:braces.start()] + choice + cell[braces.end():] for choice in braces.group(1).split(",")]
+
+
+def test_readme_variant_table_is_what_flops_prints() -> None:
+    rows = _readme_rows("| model | embed |")
+    assert len(rows) == 8
+    for row in rows:
+        counted = _flops(["--model", row[0]])
+        assert (f"{counted['params']:,}", f"{counted['macs'] / 1e9:.3f}") == (row[7], row[8]), row[0]
+
+
+@pytest.mark.parametrize("header", ["| detector (80 classes) |", "| segmentor (150 classes) |"])
+def test_readme_dense_tables_are_what_flops_prints(header: str) -> None:
+    rows = _readme_rows(header)
+    assert len(rows) >= 9
+    for row in rows:
+        ours_params, ours_gmacs = row[2].split(" / ")[0], row[3].split(" / ")[0]
+        for config in _config_names(row[4]):
+            counted = _flops(["--config", config])
+            assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}") == (ours_params, ours_gmacs), config
