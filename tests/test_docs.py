@@ -9,6 +9,7 @@ backticks exists; the README's size tables are what ``crossformer flops`` prints
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from crossformer.cli import main, parse_command_line
+from crossformer.cli import COMMANDS, build_parsers, main, parse_command_line
 from crossformer.commands.common import command_line_settings, split_overrides
 from crossformer.engine.registry import resolve_config
 
@@ -53,6 +54,11 @@ def command_lines(text: str) -> list[list[str]]:
     return found
 
 
+def inline_commands(text: str) -> list[tuple[str, str]]:
+    """``(verb, the rest)`` of each ``crossformer VERB ...`` in backticks (``train|evaluate`` for several)."""
+    return re.findall(r"`crossformer ([a-z|-]+)((?:\s[^`]*)?)`", text)
+
+
 def yaml_examples(text: str) -> dict[str, str]:
     """The YAML blocks, by the file name the docs give them (``# my_coco.yaml: ...`` on the
     first line, or ``my_run.yaml`` just before the block), else by their position."""
@@ -82,6 +88,7 @@ def test_the_docs_have_commands_and_examples() -> None:
     """The extraction finds what the docs hold (so the tests below cannot pass on nothing)."""
     readme = (ROOT / "README.md").read_text()
     assert len(command_lines(readme)) >= 30 and sum(len(command_lines(d.read_text())) for d in DOCS) >= 80
+    assert sum(len(inline_commands(d.read_text())) for d in DOCS) >= 30
     assert "my_run.yaml" in yaml_examples(readme) and "my_coco.yaml" in yaml_examples((ROOT / "docs/engine.md").read_text())
 
 
@@ -106,6 +113,31 @@ def test_documented_command_parses_and_its_settings_resolve(doc: Path, argv: lis
 def test_documented_yaml_examples_are_valid_configs(doc: Path, in_examples: Path) -> None:
     for name in yaml_examples(doc.read_text()):
         resolve_config(str(in_examples / name))
+
+
+@functools.lru_cache(maxsize=None)
+def _verb_flags(verb: str) -> set[str]:
+    """Every flag ``crossformer VERB`` takes, for any task (one bundled config of each)."""
+    flags: set[str] = set()
+    for config in ((), ("--config", "digits"), ("--config", "mask_rcnn_shapes_demo"), ("--config", "upernet_demo")):
+        _, parsers = build_parsers([verb, *config])
+        flags.update(option for action in parsers[verb]._actions for option in action.option_strings)
+    return flags
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_flags_of_inline_commands_exist(doc: Path) -> None:
+    """``crossformer VERB --flag`` in backticks in the text (placeholders such as NAME make
+    these no whole command lines): the verb exists and takes each flag."""
+    spans = inline_commands(doc.read_text())
+    unknown = []
+    for verb, rest in spans:
+        for name in verb.split("|"):
+            flags = _verb_flags(name) if name in COMMANDS else set()
+            unknown += [f"{name} {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in flags]
+            if name not in COMMANDS:
+                unknown.append(name)
+    assert not unknown
 
 
 def _python_name(name: str) -> Any:
