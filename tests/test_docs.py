@@ -157,7 +157,8 @@ def _python_name(name: str) -> Any:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
 def test_documented_python_names_exist(doc: Path) -> None:
     names = {name for span in re.findall(r"`([^`\n]+)`", doc.read_text())
-             for name in re.findall(r"(?<![\w/.])crossformer(?:\.[A-Za-z_]\w*)+", span)}  # not spec/crossformer.md
+             for name in re.findall(r"(?<![\w/.])crossformer(?:\.(?:[A-Za-z_]\w*|\{[\w,]+\}))+", span)}  # not spec/crossformer.md
+    names = {expanded for name in names for expanded in _expand_braces(name)}
     missing = []
     for name in sorted(names - METADATA_KEYS):
         try:
@@ -180,7 +181,7 @@ def _readme_rows(header: str) -> list[list[str]]:
     return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in table]
 
 
-def _config_names(cell: str) -> list[str]:
+def _expand_braces(cell: str) -> list[str]:
     """``mask_rcnn_x_{1x,3x}`` -> both names."""
     braces = re.search(r"\{(.*?)\}", cell)
     if braces is None:
@@ -202,6 +203,6 @@ def test_readme_dense_tables_are_what_flops_prints(header: str) -> None:
     assert len(rows) >= 9
     for row in rows:
         ours_params, ours_gmacs = row[2].split(" / ")[0], row[3].split(" / ")[0]
-        for config in _config_names(row[4]):
+        for config in _expand_braces(row[4]):
             counted = _flops(["--config", config])
             assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}") == (ours_params, ours_gmacs), config
