@@ -168,17 +168,23 @@ def test_documented_python_names_exist(doc: Path) -> None:
     assert not missing
 
 
-def _flops(argv: list[str]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def _flops(*argv: str) -> dict[str, Any]:
+    """What ``crossformer flops ARGV --json`` prints (several tables count the same configs)."""
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
         assert main(["flops", *argv, "--json"]) == 0
     return json.loads(out.getvalue())
 
 
-def _readme_rows(header: str) -> list[list[str]]:
-    """The cells of the README table whose header row starts with ``header``."""
-    text = (ROOT / "README.md").read_text()
+def _table_rows(doc: str, header: str) -> list[list[str]]:
+    """The cells of the table in ``doc`` whose header row starts with ``header``."""
+    text = (ROOT / doc).read_text()
     table = text[text.index(header):].split("\n\n")[0].splitlines()[2:]
     return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in table]
+
+
+def _readme_rows(header: str) -> list[list[str]]:
+    return _table_rows("README.md", header)
 
 
 def _expand_braces(cell: str) -> list[str]:
@@ -193,7 +199,7 @@ def test_readme_variant_table_is_what_flops_prints() -> None:
     rows = _readme_rows("| model | embed |")
     assert len(rows) == 8
     for row in rows:
-        counted = _flops(["--model", row[0]])
+        counted = _flops("--model", row[0])
         assert (f"{counted['params']:,}", f"{counted['macs'] / 1e9:.3f}") == (row[7], row[8]), row[0]
 
 
@@ -204,5 +210,39 @@ def test_readme_dense_tables_are_what_flops_prints(header: str) -> None:
     for row in rows:
         ours_params, ours_gmacs = row[2].split(" / ")[0], row[3].split(" / ")[0]
         for config in _expand_braces(row[4]):
-            counted = _flops(["--config", config])
+            counted = _flops("--config", config)
             assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}") == (ours_params, ours_gmacs), config
+
+
+# the docs' names of the dense models and backbones -> the bundled configs' words
+DENSE_KINDS = {"RetinaNet": "retinanet", "Mask R-CNN": "mask_rcnn", "Cascade Mask R-CNN": "cascade_mask_rcnn",
+               "FPN": "fpn", "UPerNet": "upernet"}
+BACKBONES = {"S": "small", "B": "base", "L": "large"}
+
+
+def _dense_config(kind: str, backbone: str) -> str:
+    """("Mask R-CNN", "CrossFormer++-S") -> "mask_rcnn_crossformer_pp_small_1x" (cascade: its 3x)."""
+    family, size = backbone.split("-")
+    name = f"{DENSE_KINDS[kind]}_crossformer_{'pp_' if family.endswith('++') else ''}{BACKBONES[size]}"
+    if kind in ("RetinaNet", "Mask R-CNN"):
+        return f"{name}_1x"
+    return f"{name}_3x" if kind == "Cascade Mask R-CNN" else name
+
+
+def test_detection_doc_table_is_what_flops_prints() -> None:
+    rows = _table_rows("docs/detection.md", "| Detector | Backbone |")
+    assert len(rows) == 9
+    for row in rows:
+        counted = _flops("--config", _dense_config(row[0], row[1]))
+        assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}G") == (row[2], row[4]), row[:2]
+
+
+def test_segmentation_doc_table_is_what_flops_prints() -> None:
+    rows = _table_rows("docs/segmentation.md", "| model | params (ours) |")
+    assert len(rows) == 10
+    for row in rows:
+        kind, backbone = row[0].split(" ")
+        counted = _flops("--config", _dense_config(kind, backbone))
+        ours = [f"{counted['params']:,}", *(f"{counted[key] / 1e9:.1f}" for key in ("macs", "backbone_macs",
+                                                                                  "backbone_macs_analytic", "head_macs"))]
+        assert ours == [row[1], row[3], row[5], row[6], row[7]], row[0]
