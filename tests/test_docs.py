@@ -3,7 +3,8 @@
 Every ``crossformer ...`` command line in a shell block parses (each ``--flag`` exists for
 its verb and task, every ``--config`` is bundled or a YAML example of the docs) and its
 settings resolve; every YAML example is a valid config; every ``crossformer.x.y`` name in
-backticks exists; the README's size tables are what ``crossformer flops`` prints.
+backticks exists; the size tables (README, detection.md, segmentation.md) are what
+``crossformer flops`` prints.
 """
 
 from __future__ import annotations
