@@ -23,7 +23,7 @@ import pytest
 
 from crossformer.cli import COMMANDS, build_parsers, main, parse_command_line
 from crossformer.commands.common import command_line_settings, split_overrides
-from crossformer.engine.registry import resolve_config
+from crossformer.engine.registry import bundled_configs, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -247,3 +247,13 @@ def test_segmentation_doc_table_is_what_flops_prints() -> None:
         ours = [f"{counted['params']:,}", *(f"{counted[key] / 1e9:.1f}" for key in ("macs", "backbone_macs",
                                                                                   "backbone_macs_analytic", "head_macs"))]
         assert ours == [row[1], row[3], row[5], row[6], row[7]], row[0]
+
+
+def test_dense_config_names_in_the_docs_are_the_bundled_ones() -> None:
+    """Each detection or segmentation config named in backticks is bundled, and each bundled
+    one is named somewhere (``mask_rcnn_crossformer_small_{1x,3x}`` names two)."""
+    pattern = r"`((?:retinanet|mask_rcnn|cascade_mask_rcnn|fpn|upernet)_(?:crossformer_[\w{},]+|shapes_demo|demo))`"
+    named = {name for doc in DOCS for cell in re.findall(pattern, doc.read_text()) for name in _expand_braces(cell)}
+    named = {expanded for name in named for expanded in _expand_braces(name)}  # two brace groups
+    bundled = set(bundled_configs("detection")) | set(bundled_configs("segmentation"))
+    assert sorted(named - bundled) == [] and sorted(bundled - named) == []
