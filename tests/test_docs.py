@@ -1,0 +1,259 @@
+"""The README and docs/*.md against the code, so that they cannot drift apart unnoticed.
+
+Every ``crossformer ...`` command line in a shell block parses (each ``--flag`` exists for
+its verb and task, every ``--config`` is bundled or a YAML example of the docs) and its
+settings resolve; every YAML example is a valid config; every ``crossformer.x.y`` name in
+backticks exists; the size tables (README, detection.md, segmentation.md) are what
+``crossformer flops`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crossformer.cli import COMMANDS, build_parsers, main, parse_command_line
+from crossformer.commands.common import command_line_settings, split_overrides
+from crossformer.engine.registry import bundled_configs, resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# ONNX metadata keys that export.md names in backticks: strings in a file, not Python names
+METADATA_KEYS = {"crossformer.height_range", "crossformer.width_range", "crossformer.input", "crossformer.classes",
+                 "crossformer.category_ids"}
+
+
+def fenced_blocks(text: str, languages: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(offset, body)`` of each fenced block in one of ``languages`` ("" for unmarked fences)."""
+    return [(m.start(), m.group(2)) for m in FENCE.finditer(text) if m.group(1) in languages]
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """The arguments after ``crossformer`` (or ``-m crossformer``) of every command in the shell
+    blocks: continuation lines joined, comments dropped, ``[--optional parts]`` kept as given.
+    Lines with ``...`` (an elided command) are left out."""
+    found = []
+    for _, body in fenced_blocks(text, ("bash", "")):
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).replace("[", "").replace("]", "")
+            if not re.match(r"(crossformer|torchrun)\s", line):  # output shown, other tools
+                continue
+            words = shlex.split(line)
+            if "crossformer" not in words or "..." in words:
+                continue
+            found.append(words[words.index("crossformer") + 1:])
+    return found
+
+
+def inline_commands(text: str) -> list[tuple[str, str]]:
+    """``(verb, the rest)`` of each ``crossformer VERB ...`` in backticks (``train|evaluate`` for several)."""
+    return re.findall(r"`crossformer ([a-z|-]+)((?:\s[^`]*)?)`", text)
+
+
+def yaml_examples(text: str) -> dict[str, str]:
+    """The YAML blocks, by the file name the docs give them (``# my_coco.yaml: ...`` on the
+    first line, or ``my_run.yaml`` just before the block), else by their position."""
+    examples = {}
+    for offset, body in fenced_blocks(text, ("yaml",)):
+        named = re.match(r"#\s*(\S+\.yaml)", body) or re.search(r"`(\S+\.yaml)`\W*$", text[max(0, offset - 80):offset])
+        examples[named.group(1) if named else f"example_{offset}.yaml"] = body
+    return examples
+
+
+def _doc_commands() -> list[Any]:
+    return [pytest.param(doc, argv, id=f"{doc.name}:{' '.join(argv)[:60]}")
+            for doc in DOCS for argv in command_lines(doc.read_text())]
+
+
+@pytest.fixture
+def in_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding every YAML example of the docs under its name."""
+    for doc in DOCS:
+        for name, body in yaml_examples(doc.read_text()).items():
+            (tmp_path / name).write_text(body)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_docs_have_commands_and_examples() -> None:
+    """The extraction finds what the docs hold (so the tests below cannot pass on nothing)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(command_lines(readme)) >= 30 and sum(len(command_lines(d.read_text())) for d in DOCS) >= 80
+    assert sum(len(inline_commands(d.read_text())) for d in DOCS) >= 30
+    assert "my_run.yaml" in yaml_examples(readme) and "my_coco.yaml" in yaml_examples((ROOT / "docs/engine.md").read_text())
+
+
+@pytest.mark.parametrize(("doc", "argv"), _doc_commands())
+def test_documented_command_parses_and_its_settings_resolve(doc: Path, argv: list[str], in_examples: Path) -> None:
+    """An unknown or misspelt flag, a config that is not bundled or a ``KEY=VALUE`` of no such
+    setting fails here; the files and folders named need not exist (nothing is run)."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            args = parse_command_line(argv)
+        except SystemExit as exit_:
+            pytest.fail(f"{doc.name}: crossformer {' '.join(argv)}: exit {exit_.code}: {err.getvalue().strip()}")
+    if not hasattr(args, "config"):
+        return  # convert, demo, make-data: no configuration
+    if args.config is None and args.command != "train":
+        return  # the task and settings come from a checkpoint the docs' example names, not here
+    overrides = args.overrides if hasattr(args, "overrides") else split_overrides(args.inputs)[1]  # predict: among the images
+    resolve_config(args.config, command_line_settings(args, overrides), use_default=args.command == "train")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_documented_yaml_examples_are_valid_configs(doc: Path, in_examples: Path) -> None:
+    for name in yaml_examples(doc.read_text()):
+        resolve_config(str(in_examples / name))
+
+
+@functools.lru_cache(maxsize=None)
+def _verb_flags(verb: str) -> set[str]:
+    """Every flag ``crossformer VERB`` takes, for any task (one bundled config of each)."""
+    flags: set[str] = set()
+    for config in ((), ("--config", "digits"), ("--config", "mask_rcnn_shapes_demo"), ("--config", "upernet_demo")):
+        _, parsers = build_parsers([verb, *config])
+        flags.update(option for action in parsers[verb]._actions for option in action.option_strings)
+    return flags
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_flags_of_inline_commands_exist(doc: Path) -> None:
+    """``crossformer VERB --flag`` in backticks in the text (placeholders such as NAME make
+    these no whole command lines): the verb exists and takes each flag."""
+    spans = inline_commands(doc.read_text())
+    unknown = []
+    for verb, rest in spans:
+        for name in verb.split("|"):
+            flags = _verb_flags(name) if name in COMMANDS else set()
+            unknown += [f"{name} {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in flags]
+            if name not in COMMANDS:
+                unknown.append(name)
+    assert not unknown
+
+
+def _python_name(name: str) -> Any:
+    """The module attribute a dotted name ``crossformer.a.b`` stands for (AttributeError or ImportError if none)."""
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[split:]:
+            found = getattr(found, part)
+        return found
+    raise ImportError(name)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_documented_python_names_exist(doc: Path) -> None:
+    names = {name for span in re.findall(r"`([^`\n]+)`", doc.read_text())
+             for name in re.findall(r"(?<![\w/.])crossformer(?:\.(?:[A-Za-z_]\w*|\{[\w,]+\}))+", span)}  # not spec/crossformer.md
+    names = {expanded for name in names for expanded in _expand_braces(name)}
+    missing = []
+    for name in sorted(names - METADATA_KEYS):
+        try:
+            _python_name(re.sub(r"\.(py|yaml)$", "", name))
+        except (AttributeError, ImportError):
+            missing.append(name)
+    assert not missing
+
+
+@functools.lru_cache(maxsize=None)
+def _flops(*argv: str) -> dict[str, Any]:
+    """What ``crossformer flops ARGV --json`` prints (several tables count the same configs)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        assert main(["flops", *argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def _table_rows(doc: str, header: str) -> list[list[str]]:
+    """The cells of the table in ``doc`` whose header row starts with ``header``."""
+    text = (ROOT / doc).read_text()
+    table = text[text.index(header):].split("\n\n")[0].splitlines()[2:]
+    return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in table]
+
+
+def _readme_rows(header: str) -> list[list[str]]:
+    return _table_rows("README.md", header)
+
+
+def _expand_braces(cell: str) -> list[str]:
+    """``mask_rcnn_x_{1x,3x}`` -> both names."""
+    braces = re.search(r"\{(.*?)\}", cell)
+    if braces is None:
+        return [cell]
+    return [cell[:braces.start()] + choice + cell[braces.end():] for choice in braces.group(1).split(",")]
+
+
+def test_readme_variant_table_is_what_flops_prints() -> None:
+    rows = _readme_rows("| model | embed |")
+    assert len(rows) == 8
+    for row in rows:
+        counted = _flops("--model", row[0])
+        assert (f"{counted['params']:,}", f"{counted['macs'] / 1e9:.3f}") == (row[7], row[8]), row[0]
+
+
+@pytest.mark.parametrize("header", ["| detector (80 classes) |", "| segmentor (150 classes) |"])
+def test_readme_dense_tables_are_what_flops_prints(header: str) -> None:
+    rows = _readme_rows(header)
+    assert len(rows) >= 9
+    for row in rows:
+        ours_params, ours_gmacs = row[2].split(" / ")[0], row[3].split(" / ")[0]
+        for config in _expand_braces(row[4]):
+            counted = _flops("--config", config)
+            assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}") == (ours_params, ours_gmacs), config
+
+
+# the docs' names of the dense models and backbones -> the bundled configs' words
+DENSE_KINDS = {"RetinaNet": "retinanet", "Mask R-CNN": "mask_rcnn", "Cascade Mask R-CNN": "cascade_mask_rcnn",
+               "FPN": "fpn", "UPerNet": "upernet"}
+BACKBONES = {"S": "small", "B": "base", "L": "large"}
+
+
+def _dense_config(kind: str, backbone: str) -> str:
+    """("Mask R-CNN", "CrossFormer++-S") -> "mask_rcnn_crossformer_pp_small_1x" (cascade: its 3x)."""
+    family, size = backbone.split("-")
+    name = f"{DENSE_KINDS[kind]}_crossformer_{'pp_' if family.endswith('++') else ''}{BACKBONES[size]}"
+    if kind in ("RetinaNet", "Mask R-CNN"):
+        return f"{name}_1x"
+    return f"{name}_3x" if kind == "Cascade Mask R-CNN" else name
+
+
+def test_detection_doc_table_is_what_flops_prints() -> None:
+    rows = _table_rows("docs/detection.md", "| Detector | Backbone |")
+    assert len(rows) == 9
+    for row in rows:
+        counted = _flops("--config", _dense_config(row[0], row[1]))
+        assert (f"{counted['params'] / 1e6:.2f}M", f"{counted['macs'] / 1e9:.1f}G") == (row[2], row[4]), row[:2]
+
+
+def test_segmentation_doc_table_is_what_flops_prints() -> None:
+    rows = _table_rows("docs/segmentation.md", "| model | params (ours) |")
+    assert len(rows) == 10
+    for row in rows:
+        kind, backbone = row[0].split(" ")
+        counted = _flops("--config", _dense_config(kind, backbone))
+        ours = [f"{counted['params']:,}", *(f"{counted[key] / 1e9:.1f}" for key in ("macs", "backbone_macs",
+                                                                                  "backbone_macs_analytic", "head_macs"))]
+        assert ours == [row[1], row[3], row[5], row[6], row[7]], row[0]
+
+
+def test_dense_config_names_in_the_docs_are_the_bundled_ones() -> None:
+    """Each detection or segmentation config named in backticks is bundled, and each bundled
+    one is named somewhere (``mask_rcnn_crossformer_small_{1x,3x}`` names two)."""
+    pattern = r"`((?:retinanet|mask_rcnn|cascade_mask_rcnn|fpn|upernet)_(?:crossformer_[\w{},]+|shapes_demo|demo))`"
+    named = {name for doc in DOCS for cell in re.findall(pattern, doc.read_text()) for name in _expand_braces(cell)}
+    named = {expanded for name in named for expanded in _expand_braces(name)}  # two brace groups
+    bundled = set(bundled_configs("detection")) | set(bundled_configs("segmentation"))
+    assert sorted(named - bundled) == [] and sorted(bundled - named) == []
