@@ -188,6 +188,32 @@ def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path)
         DetectionTask(config, DistContext())
 
 
+@pytest.mark.parametrize("flaw", ["empty_segmentation", "no_area", "crowd"])
+def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_path: Path, flaw: str) -> None:
+    # A box-only export's "segmentation": [] trained Mask R-CNN an epoch on background alone
+    # (loss_bbox 0), with one "left out 37 objects" line as the only sign.
+    flawed = tmp_path / "flawed"
+    shutil.copytree(coco, flawed)
+    ann = flawed / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    for annotation in data["annotations"]:
+        if flaw == "empty_segmentation":
+            annotation["segmentation"] = []
+        elif flaw == "no_area":
+            annotation["bbox"][2] = 0
+        else:
+            annotation["iscrowd"] = 1
+    ann.write_text(json.dumps(data))
+    count = sum(not a["iscrowd"] for a in json.loads((coco / ann.relative_to(flawed)).read_text())["annotations"])
+    why = {"empty_segmentation": rf"{count} of its objects have no segmentation polygon of 3 points or more, and a "
+                                 rf"mask_rcnn trains on masks: for box-only data use --kind retinanet",
+           "no_area": rf"{count} of its objects have a box with no area or outside their image",
+           "crowd": r"its objects are all crowd regions \(iscrowd=1\), which are never training targets"}[flaw]
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", flawed, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"instances_train2017\.json has no object to train on: {why}$"):
+        DetectionTask(config, DistContext())
+
+
 def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:
     # It went to stdout alone (printed while the task was built, before the run log opened).
     flawed = tmp_path / "flawed"

@@ -345,6 +345,11 @@ class CocoDetection(Dataset):
         return len(self.cat_ids)
 
     @property
+    def object_count(self) -> int:
+        """The objects the records keep (crowds and dropped boxes left out)."""
+        return sum(len(r.boxes) for r in self.records)
+
+    @property
     def image_ids(self) -> list[int]:
         return [r.image_id for r in self.records]
 

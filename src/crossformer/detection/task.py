@@ -63,6 +63,18 @@ def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str
     return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
 
 
+def _nothing_to_train(dataset: CocoDetection, kind: str) -> str:
+    """Why a training file whose images have annotations gives no object to train on."""
+    reasons = []
+    if dataset.shapeless_masks:  # box-only exports often write "segmentation": []
+        reasons.append(f"{dataset.shapeless_masks} of its objects have no segmentation polygon of 3 points or more, "
+                       f"and a {kind} trains on masks: for box-only data use --kind retinanet")
+    if dataset.dropped_boxes:
+        reasons.append(f"{dataset.dropped_boxes} of its objects have a box with no area or outside their image")
+    why = "; ".join(reasons) or "its objects are all crowd regions (iscrowd=1), which are never training targets"
+    return f"{dataset.ann_file} has no object to train on: {why}"
+
+
 class DetectionTask(Task):
     """A detector trained on COCO-format data; best checkpoint by box AP."""
 
@@ -90,6 +102,8 @@ class DetectionTask(Task):
         if not len(self.val_set):  # found at the first evaluation otherwise, an epoch into the run
             raise DataError(f"{val_ann} lists no images: training evaluates on the validation images after each "
                             f"epoch (and at the end); give a file with at least one")
+        if not self.train_set.object_count:  # else every update trains on background alone
+            raise DataError(_nothing_to_train(self.train_set, c.model.kind))
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
                             f"batch of {batch} per process; lower --batch-size")
