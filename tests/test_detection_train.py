@@ -253,6 +253,26 @@ def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_pa
     assert not (tmp_path / "run" / "last.pth").exists()
 
 
+def test_a_validation_image_of_another_size_than_its_file_says_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # The header check read the image, not its EXIF orientation or the file's width / height:
+    # the run trained an epoch, then its evaluation stopped on "its size ... differs".
+    from PIL import Image
+
+    turned = tmp_path / "turned"
+    shutil.copytree(coco, turned)
+    image_path = sorted((turned / "val2017").glob("*.jpg"))[0]
+    with Image.open(image_path) as image:
+        exif = image.getexif()
+        exif[0x0112] = 6  # shown turned a quarter: the width and height swap
+        image.save(image_path, exif=exif)
+        width, height = image.size
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", turned, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"cannot read validation image {image_path}: its size {height}x{width} \(after "
+                                        rf"EXIF orientation\) differs from the annotation file's {width}x{height}"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
 def test_a_validation_mask_evaluation_would_refuse_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # Found at the first evaluation, an epoch into the run.
     broken = tmp_path / "broken"

@@ -35,7 +35,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from ..data import DataError, read_rgb
+from ..data import DataError, read_rgb, size_difference
 from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
@@ -419,9 +419,9 @@ class CocoDetection(Dataset):
         except (FileNotFoundError, *UNREADABLE_ERRORS) as err:
             sample.failure = f"{record.path}: {err}"
             return sample
-        if (image.height, image.width) != (record.height, record.width):
-            sample.failure = (f"{record.path}: its size {image.width}x{image.height} (after EXIF orientation) differs "
-                              f"from the annotation file's {record.width}x{record.height}")
+        differs = size_difference((image.height, image.width), (record.height, record.width))
+        if differs:
+            sample.failure = f"{record.path}: {differs}"
             return sample
         sample.image = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
         if self.with_masks:

@@ -122,14 +122,16 @@ class DetectionTask(Task):
     # the Task interface ---------------------------------------------------------------
 
     def check_data(self) -> None:
-        """The validation images' headers and (for mask models) the validation objects'
-        segmentations, so that a bad file stops the run now rather than at the first
-        evaluation; with ``skip_corrupt`` unreadable images are named (evaluation skips them)."""
+        """The validation images' headers (each image's size too, as the file gives it) and
+        (for mask models) the validation objects' segmentations, so that a bad file stops the
+        run now rather than at the first evaluation; with ``skip_corrupt`` unreadable images
+        are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
+        sizes = [(record.height, record.width) for record in self.val_set.records]
         named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
-                                      self.log):
+                                      self.log, sizes=sizes):
             named(f"skipping unreadable image {failure}")
         load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # what evaluation will check
 
