@@ -132,6 +132,27 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
 
 
+def test_evaluate_refuses_a_file_mask_ap_cannot_use_before_running_the_images(trained, tmp_path: Path, capsys,
+                                                                              monkeypatch) -> None:
+    # A box-only validation file (no "segmentation") for a Mask R-CNN was refused only after the
+    # detector had run on every image (hours on COCO).
+    import crossformer.detection.evaluate as evaluate
+
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    for annotation in val["annotations"]:
+        del annotation["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(val))
+
+    def run_images(*args, **kwargs):
+        raise AssertionError("the images were run before the annotation file was checked")
+
+    monkeypatch.setattr(evaluate, "build_loader", run_images)
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_ann={boxes_only}",
+                 f"data.val_images={trained['coco'] / 'val2017'}", "--results", str(tmp_path / "r.json")]) == 2
+    assert f"{boxes_only}: annotation {val['annotations'][0]['id']} of image" in _error(capsys)
+
+
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:
     # a detector trained from an ImageNet backbone records that file's path; inference needs none of it
     state = torch.load(trained["checkpoint"], weights_only=True)

@@ -111,7 +111,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
     from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
-    from .evaluate import COCO_METRICS, evaluate_detector
+    from .evaluate import COCO_METRICS, evaluate_detector, load_ground_truth
 
     # checked before the evaluation, which may take hours
     results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
@@ -126,10 +126,14 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         if loaded.class_names is not None and list(loaded.class_names) != dataset.class_names:
             raise DataError(f"{ann_file} names other categories than {args.checkpoint} was trained on "
                             f"({', '.join(dataset.class_names[:5])}... vs {', '.join(loaded.class_names[:5])}...)")
+        # checked before the images are run (mask AP needs every object's segmentation), on every
+        # rank: each stops with the same error rather than wait for rank 0
+        ground_truth = load_ground_truth(ann_file, loaded.detector.has_masks)
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),
+            ground_truth=ground_truth,
         )
     finally:
         teardown_distributed(ctx)

@@ -119,6 +119,7 @@ def evaluate_detector(
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
     precision: Precision | None = None,
+    ground_truth: COCO | None = None,
 ) -> dict[str, float]:
     """Box AP (and mask AP when the detector returns masks) of ``detector`` on ``dataset``.
 
@@ -128,6 +129,9 @@ def evaluate_detector(
     (unreadable, with ``skip_corrupt``); rank 0 writes ``results_file`` (COCO results JSON).
     Images skipped as unreadable are left out of the evaluation rather than counted as misses;
     otherwise an unreadable image in any rank's share stops every rank with the same error.
+    ``ground_truth``: ``dataset``'s annotation file as :func:`load_ground_truth` read it for this
+    detector (read before the images are run, so that a file it refuses stops at once; rank 0
+    uses it); None: read after.
     """
     if not len(dataset):  # else "no readable images", as if images were there and failed
         raise DataError(f"{dataset.ann_file} lists no images: nothing to evaluate")
@@ -170,7 +174,7 @@ def evaluate_detector(
     coco_gt, error = None, None
     if ctx.is_main:
         try:
-            coco_gt = load_ground_truth(dataset.ann_file, "segm" in iou_types)
+            coco_gt = ground_truth or load_ground_truth(dataset.ann_file, "segm" in iou_types)
         except DataError as err:  # raised on every rank, so that none waits in the gather below
             error = err
     ctx.raise_together(error)
