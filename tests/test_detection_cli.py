@@ -153,6 +153,16 @@ def test_evaluate_refuses_a_file_mask_ap_cannot_use_before_running_the_images(tr
     assert f"{boxes_only}: annotation {val['annotations'][0]['id']} of image" in _error(capsys)
 
 
+def test_evaluate_reads_data_paths_under_the_home_folder_as_training_does(trained, tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    # No shell expands ~ in data.val_ann=~/...: training read it as the home folder, evaluate
+    # said "image folder not found: ~/coco/val2017".
+    monkeypatch.setenv("HOME", str(trained["root"]))
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), "--json", "--results", str(tmp_path / "r.json"),
+                 "data.val_ann=~/coco/annotations/instances_val2017.json", "data.val_images=~/coco/val2017/"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+
+
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:
     # a detector trained from an ImageNet backbone records that file's path; inference needs none of it
     state = torch.load(trained["checkpoint"], weights_only=True)

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, TypeVar
 
 import yaml
 
@@ -33,7 +33,7 @@ __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
-    "replaced_alternatives", "with_absolute_paths",
+    "replaced_alternatives", "with_absolute_paths", "with_home_expanded",
 ]
 
 C = TypeVar("C")
@@ -514,18 +514,30 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
     return replaced
 
 
-def with_absolute_paths(config: C) -> C:
-    """``config`` with the files and folders its sections read (each section's ``path_fields``)
-    made absolute from the current directory: a checkpoint records the config, and its
-    ``evaluate`` must find the same data from any directory."""
+def _with_paths(config: C, change: Callable[[str], str]) -> C:
+    """``config`` with ``change`` applied to the files and folders its sections read (each
+    section's ``path_fields``)."""
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
-        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if v is not None}
-        if absolute:
-            changes[f.name] = dataclasses.replace(section, **absolute)
+        changed = {name: change(v) for name, v in values.items() if v is not None}
+        if changed:
+            changes[f.name] = dataclasses.replace(section, **changed)
     return dataclasses.replace(config, **changes)
+
+
+def with_absolute_paths(config: C) -> C:
+    """``config`` with the files and folders its sections read made absolute from the current
+    directory (``~`` the home folder): a checkpoint records the config, and its ``evaluate``
+    must find the same data from any directory."""
+    return _with_paths(config, lambda path: os.path.abspath(os.path.expanduser(path)))
+
+
+def with_home_expanded(config: C) -> C:
+    """``config`` with ``~`` in the files and folders its sections read made the home folder,
+    as training reads them: no shell expands it in ``data.val_ann=~/...``."""
+    return _with_paths(config, os.path.expanduser)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
