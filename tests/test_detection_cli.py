@@ -163,6 +163,24 @@ def test_evaluate_reads_data_paths_under_the_home_folder_as_training_does(traine
     assert json.loads(capsys.readouterr().out)["images"] == 3
 
 
+def test_evaluate_on_other_categories_names_the_first_that_differs(trained, tmp_path: Path, capsys) -> None:
+    # "has 5 categories; ... detects 4 classes" named none of them, and a renamed category past
+    # the fifth showed two equal lists of the first five names.
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    evaluate = ["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_images={trained['coco'] / 'val2017'}"]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({**val, "categories": [*val["categories"], {"id": 50, "name": "hexagon"}]}))
+    assert main([*evaluate, f"data.val_ann={extra}"]) == 2
+    assert _error(capsys).endswith(f"{extra} has 5 categories; {trained['checkpoint']} detects 4 classes (label 4 is "
+                                   f"'hexagon' in the file, none in the checkpoint): evaluate on the categories it was "
+                                   f"trained on")
+    renamed = tmp_path / "renamed.json"
+    categories = [{**c, "name": "étoile ★"} if c["name"] == "star" else c for c in val["categories"]]
+    renamed.write_text(json.dumps({**val, "categories": categories}))
+    assert main([*evaluate, f"data.val_ann={renamed}"]) == 2
+    assert "(label 3 is 'étoile ★' in the file, 'star' in the checkpoint)" in _error(capsys)
+
+
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:
     # a detector trained from an ImageNet backbone records that file's path; inference needs none of it
     state = torch.load(trained["checkpoint"], weights_only=True)

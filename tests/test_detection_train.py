@@ -214,6 +214,21 @@ def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_
         DetectionTask(config, DistContext())
 
 
+def test_splits_of_other_categories_name_the_first_that_differs(coco: Path, tmp_path: Path) -> None:
+    # "list different categories; both splits need the same ones" named none.
+    other = tmp_path / "other"
+    shutil.copytree(coco, other)
+    ann = other / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"] = [{**c, "id": 10} if c["id"] == 9 else c for c in data["categories"]]
+    data["annotations"] = [{**a, "category_id": 10} if a["category_id"] == 9 else a for a in data["annotations"]]
+    ann.write_text(json.dumps(data))
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", other, tmp_path / "run")
+    with pytest.raises(DataError, match=r"list different categories \(label 3 is id 10 'star' in the validation file, "
+                                        r"id 9 'star' in the training file\); both splits need the same ones"):
+        DetectionTask(config, DistContext())
+
+
 def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:
     # It went to stdout alone (printed while the task was built, before the run log opened).
     flawed = tmp_path / "flawed"

@@ -24,6 +24,7 @@ from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .checkpoint import load_detector_state
+from .classes import first_category_difference
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector, load_ground_truth
 
@@ -63,6 +64,11 @@ def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str
     return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
 
 
+def _categories(dataset: CocoDetection) -> list[str]:
+    """The file's categories in label order, as "id N 'name'"."""
+    return [f"id {cat_id} {name!r}" for cat_id, name in zip(dataset.cat_ids, dataset.class_names)]
+
+
 def _nothing_to_train(dataset: CocoDetection, kind: str) -> str:
     """Why a training file whose images have annotations gives no object to train on."""
     reasons = []
@@ -92,7 +98,9 @@ class DetectionTask(Task):
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
         self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform())
         if self.val_set.cat_ids != self.train_set.cat_ids:
-            raise DataError(f"{val_ann} and {train_ann} list different categories; both splits need the same ones")
+            differ = first_category_difference(_categories(self.val_set), _categories(self.train_set),
+                                               "the validation file", "the training file")
+            raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); both splits need the same ones")
         self.class_names = self.train_set.class_names
         num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
         batch = c.run.batch_size
@@ -175,8 +183,11 @@ class DetectionTask(Task):
         if (state.get("detector"), state.get("backbone")) != (m.kind, m.backbone):
             raise UserInputError(f"{path} is a {state.get('detector')} on {state.get('backbone')}, not a {m.kind} on "
                                  f"{m.backbone}; use the config it was trained with")
-        if list(state.get("class_names", [])) != list(self.class_names):
-            raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file}; use the same data")
+        differ = first_category_difference([repr(n) for n in self.class_names], [repr(n) for n in state.get("class_names", [])],
+                                           "the training file", "the checkpoint")
+        if differ is not None:
+            raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file} ({differ}); "
+                                 f"use the same data")
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
