@@ -248,6 +248,28 @@ def test_unknown_category_and_missing_image_name_the_file(tmp_path):
         CocoDetection(path, tmp_path / "img")
 
 
+def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
+    # Only the first missing image was named: a file of 300 missing images took 300 runs to learn
+    # it, the wrong image folder looked like one lost image, and "sub\\a.jpg" (a file written on
+    # Windows) was not found with no word of the backslash.
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "img" / "sub" / "a.jpg")
+    def images(*names: str) -> list[dict]:
+        return [{"id": i, "file_name": name, "width": 40, "height": 30} for i, name in enumerate(names, start=1)]
+
+    path = _write_coco(tmp_path, [], images=images("a.jpg", "gone.jpg", "lost.jpg", "away.jpg"))
+    with pytest.raises(DataError, match=r"image gone\.jpg \(id 2\) of ann\.json not found at .*gone\.jpg "
+                                        r"\(2 more images of it are missing\)$"):
+        CocoDetection(path, tmp_path / "img")
+    with pytest.raises(DataError, match=r"image a\.jpg \(id 1\) of ann\.json not found at .*; none of its 4 images is "
+                                        r"there: give the folder its file names are relative to$"):
+        CocoDetection(path, tmp_path)
+    path = _write_coco(tmp_path, [], images=images("a.jpg", "sub\\a.jpg"))
+    with pytest.raises(DataError, match=r"image sub\\a\.jpg \(id 2\) .* not found at .*; its file names separate "
+                                        r"folders with '\\': COCO files use '/'$"):
+        CocoDetection(path, tmp_path / "img")
+
+
 def test_boxes_without_area_dropped_and_outside_clipped_with_a_count(tmp_path):
     path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8]), _ann(2, [5, 5, 0, 9]), _ann(3, [50, 5, 10, 10]),
                                   _ann(4, [30, 20, 20, 20]), _ann(5, [1, 1, 5, 5], area=0)])

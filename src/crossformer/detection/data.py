@@ -363,6 +363,23 @@ class CocoDetection(Dataset):
         """Contiguous labels 0..C-1 -> the file's category ids."""
         return [self.cat_ids[int(i)] for i in labels]
 
+    def _check_images_exist(self, images: dict[int, dict[str, Any]]) -> None:
+        """A one-line :class:`DataError` naming the first image of the file missing from the
+        image folder, with how many more are (all of them: the folder is likely the wrong one)."""
+        missing = [(i, image) for i, image in images.items() if not (self.image_dir / image["file_name"]).is_file()]
+        if not missing:
+            return
+        image_id, image = missing[0]
+        name = image["file_name"]
+        where = f"image {name} (id {image_id}) of {self.ann_file.name} not found at {self.image_dir / name}"
+        if len(missing) == len(images) > 1:
+            where += f"; none of its {len(images)} images is there: give the folder its file names are relative to"
+        elif len(missing) > 1:
+            where += f" ({len(missing) - 1} more images of it are missing)"
+        if "\\" in name:  # written on Windows: here a backslash is part of the name, not a folder separator
+            where += "; its file names separate folders with '\\': COCO files use '/'"
+        raise DataError(where)
+
     def _parse(self, data: dict[str, Any]) -> tuple[list[_Record], int, int]:
         images = {int(img["id"]): img for img in data["images"]}
         per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
@@ -375,11 +392,10 @@ class CocoDetection(Dataset):
                 raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has category id "
                                 f"{ann['category_id']}, which is not in 'categories' (ids {self.cat_ids})")
             per_image[int(ann["image_id"])].append(ann)
+        self._check_images_exist(images)
         records, dropped, clipped = [], 0, 0
         for image_id, image in images.items():
             path = self.image_dir / image["file_name"]
-            if not path.is_file():
-                raise DataError(f"image {image['file_name']} (id {image_id}) of {self.ann_file.name} not found at {path}")
             height, width = int(image["height"]), int(image["width"])
             boxes, labels, segmentations = [], [], []
             for ann in per_image[image_id]:
