@@ -168,6 +168,10 @@ def test_a_ground_truth_mask_that_cannot_match_is_one_line_not_a_silent_miss(tmp
         evaluate({**annotation, "segmentation": {**annotation["segmentation"], "size": [100, 50]}})
     with pytest.raises(DataError, match=r"annotation 5 of image one\.png has no 'segmentation'; mask training and mask AP"):
         evaluate({k: v for k, v in annotation.items() if k != "segmentation"})
+    # a box-only export's null: "neither a polygon list nor an RLE (None)" said nothing of box-only data
+    with pytest.raises(DataError, match=r"annotation 5 of image one\.png has no 'segmentation'; mask training and mask AP "
+                                        r"need one per object \(for box-only data use a box detector: --kind retinanet\)$"):
+        evaluate({**annotation, "segmentation": None})
     # box AP needs no segmentation
     assert evaluate({k: v for k, v in annotation.items() if k != "segmentation"}, with_masks=False)["bbox_mAP"] == pytest.approx(1.0)
 

@@ -267,9 +267,10 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
 
 def annotation_segmentation(annotation: dict[str, Any], height: int, width: int, where: str) -> Any:
     """``annotation``'s segmentation through :func:`checked_segmentation`; a :class:`DataError`
-    naming ``where`` when it has none (masks are trained and evaluated on every object)."""
-    if "segmentation" not in annotation:
-        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object")
+    naming ``where`` when it has none or null (masks are trained and evaluated on every object)."""
+    if annotation.get("segmentation") is None:  # box-only exports leave it out or write null
+        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object "
+                        f"(for box-only data use a box detector: --kind retinanet)")
     return checked_segmentation(annotation["segmentation"], height, width, where)
 
 
