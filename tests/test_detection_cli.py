@@ -20,7 +20,7 @@ from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
 from cli_errors import one_error_line, one_torchrun_error_line
-from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
+from detection_train_fixtures import agree, make_tiny_coco, resized_images, tiny_settings, write_tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -179,6 +179,30 @@ def test_evaluate_on_other_categories_names_the_first_that_differs(trained, tmp_
     renamed.write_text(json.dumps({**val, "categories": categories}))
     assert main([*evaluate, f"data.val_ann={renamed}"]) == 2
     assert "(label 3 is 'étoile ★' in the file, 'star' in the checkpoint)" in _error(capsys)
+
+
+def test_data_root_on_the_command_line_replaces_a_configs_explicit_files(trained, tmp_path: Path, capsys) -> None:
+    # The file's data.val_ann / data.val_images won over --data ROOT given on top of it (as over a
+    # checkpoint's recorded config trained on explicit files): evaluate ran on the other set.
+    import yaml
+
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**val, "images": val["images"][:1],
+                               "annotations": [a for a in val["annotations"] if a["image_id"] == val["images"][0]["id"]]}))
+    settings = tiny_settings("mask_rcnn", trained["coco"], tmp_path / "run")
+    settings["data"] = {**settings["data"], "root": None, "val_ann": str(one), "val_images": str(trained["coco"] / "val2017")}
+    config = tmp_path / "explicit.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    evaluate = ["evaluate", "--config", str(config), "--checkpoint", str(trained["checkpoint"]), "--json",
+                "--results", str(tmp_path / "r.json")]
+    assert main(evaluate) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+    assert main([*evaluate, "--data", str(trained["coco"])]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    # both in one layer: the explicit file refines the root, as before
+    assert main([*evaluate, "--data", str(trained["coco"]), f"data.val_ann={one}"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
 
 
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:

@@ -164,6 +164,9 @@ class EngineConfig:
         ("run.epochs", "run.iterations"),
         ("schedule.warmup_epochs", "schedule.warmup_iters"),
     )
+    # (setting, the settings it stands for): a layer that sets the first and not one of the others
+    # replaces the layers below's choice of that one (both in one layer: the other refines it)
+    covers: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)
@@ -497,8 +500,10 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
     """The ``section.field`` settings of ``config_cls``'s :attr:`~EngineConfig.alternatives`
     that one layer (``{section: {field: value}}``, from ``source``) replaces in the layers below
     it: those whose partner it sets to a value (not 0 or null) while leaving them alone. A layer
-    setting both to values is an error naming it."""
-    replaced = []
+    setting both to values is an error naming it. So are those of its
+    :attr:`~EngineConfig.covers` whose covering setting it sets while leaving them alone."""
+    replaced = [other for covering, others in getattr(config_cls, "covers", ()) if _layer_value(per_section, covering)
+                for other in others if not _layer_sets(per_section, other)]
     for pair in getattr(config_cls, "alternatives", ()):
         for chosen, other in (pair, pair[::-1]):
             chosen_section, chosen_name = chosen.split(".")
@@ -512,6 +517,16 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
             if value and other_name not in layer_other:
                 replaced.append(other)
     return replaced
+
+
+def _layer_value(per_section: Mapping[str, Mapping[str, Any]], setting: str) -> Any:
+    section, name = setting.split(".")
+    return per_section.get(section, {}).get(name)
+
+
+def _layer_sets(per_section: Mapping[str, Mapping[str, Any]], setting: str) -> bool:
+    section, name = setting.split(".")
+    return name in per_section.get(section, {})
 
 
 def _with_paths(config: C, change: Callable[[str], str]) -> C:
