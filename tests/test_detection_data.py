@@ -212,7 +212,9 @@ def test_not_coco_json_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="not a COCO instances file"):
         CocoDetection(tmp_path / "list.json", tmp_path / "img")
-    with pytest.raises(DataError, match="has no annotations/instances_val2017.json"):
+    # a set of other file names learnt of the COCO layout alone, not of the settings that name its files
+    with pytest.raises(DataError, match=r"has no annotations/instances_val2017\.json; expected the COCO layout .*, or "
+                                        r"name the files: data\.val_ann=FILE data\.val_images=FOLDER$"):
         coco_paths(tmp_path, "val")
 
 

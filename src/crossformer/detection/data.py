@@ -85,7 +85,8 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     image_dir = root / folder
     if not ann_file.is_file():
         raise DataError(f"{root} has no annotations/{ann_file.name}; expected the COCO layout "
-                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders")
+                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders, "
+                        f"or name the files: data.{split}_ann=FILE data.{split}_images=FOLDER")
     if not image_dir.is_dir():
         raise DataError(f"{root} has no {folder}/ image folder beside {ann_file}")
     return ann_file, image_dir
