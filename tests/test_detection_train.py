@@ -256,6 +256,18 @@ def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_
         evaluate_detector(build_configured_detector(config.model, 4, pretrained=False), dataset)
 
 
+def test_a_validation_file_without_objects_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # COCOeval gave -1 for every number at every evaluation, and best.pth was kept by that -1.
+    empty = tmp_path / "empty"
+    shutil.copytree(coco, empty)
+    ann = empty / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
+    with pytest.raises(DataError, match=r"instances_val2017\.json has no object to evaluate on \(crowd regions and boxes "
+                                        r"with no area are not counted\): its AP would be -1 at every evaluation"):
+        DetectionTask(config, DistContext())
+
+
 def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # It stopped the run at the end of the first epoch (hours into the authors' recipe).
     broken = tmp_path / "broken"
