@@ -11,6 +11,7 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -48,6 +49,17 @@ AUTHORS_DROP_PATH = {"crossformer_small": 0.2, "crossformer_pp_small": 0.2, "cro
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
     return make_tiny_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _edited_copy(coco: Path, tmp_path: Path, split: str, edit: Callable[[dict], Any]) -> Path:
+    """A copy of ``coco`` whose ``split`` annotation file ``edit`` changed (in place)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(coco, copy)
+    ann = copy / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    return copy
 
 
 def _records(output: Path) -> list[dict]:
@@ -178,10 +190,7 @@ def test_each_training_batch_holds_one_orientation_as_mmdetection(coco: Path, tm
 def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:
     # "0 training images (with objects): fewer than one batch of 2 per process; lower --batch-size"
     # pointed at the batch size, which no value fixes.
-    empty = tmp_path / "empty"
-    shutil.copytree(coco, empty)
-    ann = empty / "annotations" / "instances_train2017.json"
-    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    empty = _edited_copy(coco, tmp_path, "train", lambda data: data.update(annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
     with pytest.raises(DataError, match=r"instances_train2017\.json has no training images: training keeps the images "
                                         r"that have annotations and sides of at least 32 px"):
@@ -192,19 +201,17 @@ def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path)
 def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_path: Path, flaw: str) -> None:
     # A box-only export's "segmentation": [] trained Mask R-CNN an epoch on background alone
     # (loss_bbox 0), with one "left out 37 objects" line as the only sign.
-    flawed = tmp_path / "flawed"
-    shutil.copytree(coco, flawed)
-    ann = flawed / "annotations" / "instances_train2017.json"
-    data = json.loads(ann.read_text())
-    for annotation in data["annotations"]:
-        if flaw == "empty_segmentation":
-            annotation["segmentation"] = []
-        elif flaw == "no_area":
-            annotation["bbox"][2] = 0
-        else:
-            annotation["iscrowd"] = 1
-    ann.write_text(json.dumps(data))
-    count = sum(not a["iscrowd"] for a in json.loads((coco / ann.relative_to(flawed)).read_text())["annotations"])
+    def spoil(data: dict) -> None:
+        for annotation in data["annotations"]:
+            if flaw == "empty_segmentation":
+                annotation["segmentation"] = []
+            elif flaw == "no_area":
+                annotation["bbox"][2] = 0
+            else:
+                annotation["iscrowd"] = 1
+
+    flawed = _edited_copy(coco, tmp_path, "train", spoil)
+    count = sum(not a["iscrowd"] for a in json.loads((coco / "annotations" / "instances_train2017.json").read_text())["annotations"])
     why = {"empty_segmentation": rf"{count} of its objects have no segmentation polygon of 3 points or more, and a "
                                  rf"mask_rcnn trains on masks: for box-only data use --kind retinanet",
            "no_area": rf"{count} of its objects have a box with no area or outside their image",
@@ -216,13 +223,11 @@ def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_
 
 def test_splits_of_other_categories_name_the_first_that_differs(coco: Path, tmp_path: Path) -> None:
     # "list different categories; both splits need the same ones" named none.
-    other = tmp_path / "other"
-    shutil.copytree(coco, other)
-    ann = other / "annotations" / "instances_val2017.json"
-    data = json.loads(ann.read_text())
-    data["categories"] = [{**c, "id": 10} if c["id"] == 9 else c for c in data["categories"]]
-    data["annotations"] = [{**a, "category_id": 10} if a["category_id"] == 9 else a for a in data["annotations"]]
-    ann.write_text(json.dumps(data))
+    def renumber(data: dict) -> None:
+        data["categories"] = [{**c, "id": 10} if c["id"] == 9 else c for c in data["categories"]]
+        data["annotations"] = [{**a, "category_id": 10} if a["category_id"] == 9 else a for a in data["annotations"]]
+
+    other = _edited_copy(coco, tmp_path, "val", renumber)
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", other, tmp_path / "run")
     with pytest.raises(DataError, match=r"list different categories \(label 3 is id 10 'star' in the validation file, "
                                         r"id 9 'star' in the training file\); both splits need the same ones"):
@@ -243,25 +248,19 @@ def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tm
 
 def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # It trained an epoch, then stopped with "no readable images to evaluate in .../val2017".
-    empty = tmp_path / "empty"
-    shutil.copytree(coco, empty)
-    ann = empty / "annotations" / "instances_val2017.json"
-    ann.write_text(json.dumps({**json.loads(ann.read_text()), "images": [], "annotations": []}))
+    empty = _edited_copy(coco, tmp_path, "val", lambda data: data.update(images=[], annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
     with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: training evaluates on the validation"):
         train(config)
     assert not (tmp_path / "run" / "last.pth").exists()
-    dataset = CocoDetection(ann, empty / "val2017", with_masks=False)
+    dataset = CocoDetection(empty / "annotations" / "instances_val2017.json", empty / "val2017", with_masks=False)
     with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: nothing to evaluate"):
         evaluate_detector(build_configured_detector(config.model, 4, pretrained=False), dataset)
 
 
 def test_a_validation_file_without_objects_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # COCOeval gave -1 for every number at every evaluation, and best.pth was kept by that -1.
-    empty = tmp_path / "empty"
-    shutil.copytree(coco, empty)
-    ann = empty / "annotations" / "instances_val2017.json"
-    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    empty = _edited_copy(coco, tmp_path, "val", lambda data: data.update(annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
     with pytest.raises(DataError, match=r"instances_val2017\.json has no object to evaluate on \(crowd regions and boxes "
                                         r"with no area are not counted\): its AP would be -1 at every evaluation"):
