@@ -187,13 +187,19 @@ def test_each_training_batch_holds_one_orientation_as_mmdetection(coco: Path, tm
             assert len(wide) == 1, [meta["ori_shape"] for meta in batch.metas]
 
 
-def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split, message", [
     # "0 training images (with objects): fewer than one batch of 2 per process; lower --batch-size"
     # pointed at the batch size, which no value fixes.
-    empty = _edited_copy(coco, tmp_path, "train", lambda data: data.update(annotations=[]))
+    ("train", r"instances_train2017\.json has no training images: training keeps the images that have annotations "
+              r"and sides of at least 32 px"),
+    # COCOeval gave -1 for every number at every evaluation, and best.pth was kept by that -1.
+    ("val", r"instances_val2017\.json has no object to evaluate on \(crowd regions and boxes with no area are not "
+            r"counted\): its AP would be -1 at every evaluation"),
+])
+def test_a_split_without_annotations_says_so(coco: Path, tmp_path: Path, split: str, message: str) -> None:
+    empty = _edited_copy(coco, tmp_path, split, lambda data: data.update(annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
-    with pytest.raises(DataError, match=r"instances_train2017\.json has no training images: training keeps the images "
-                                        r"that have annotations and sides of at least 32 px"):
+    with pytest.raises(DataError, match=message):
         DetectionTask(config, DistContext())
 
 
@@ -256,15 +262,6 @@ def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_
     dataset = CocoDetection(empty / "annotations" / "instances_val2017.json", empty / "val2017", with_masks=False)
     with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: nothing to evaluate"):
         evaluate_detector(build_configured_detector(config.model, 4, pretrained=False), dataset)
-
-
-def test_a_validation_file_without_objects_stops_before_training(coco: Path, tmp_path: Path) -> None:
-    # COCOeval gave -1 for every number at every evaluation, and best.pth was kept by that -1.
-    empty = _edited_copy(coco, tmp_path, "val", lambda data: data.update(annotations=[]))
-    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
-    with pytest.raises(DataError, match=r"instances_val2017\.json has no object to evaluate on \(crowd regions and boxes "
-                                        r"with no area are not counted\): its AP would be -1 at every evaluation"):
-        DetectionTask(config, DistContext())
 
 
 def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_path: Path) -> None:
