@@ -95,13 +95,17 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     return (width, height) if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (height, width)
 
 
-def size_difference(size: tuple[int, int], expected: tuple[int, int]) -> str | None:
+def size_difference(size: tuple[int, int], expected: tuple[int, int], stored: tuple[int, int] | None = None) -> str | None:
     """Why an image of ``size`` (height, width, after EXIF orientation) is not the one an
-    annotation file describes as ``expected``; None where they agree."""
+    annotation file describes as ``expected``; None where they agree. ``stored``: its size
+    before the orientation, named where the orientation turned it (a viewer or annotation tool
+    that ignores the tag shows the stored image, so the mismatch would make no sense)."""
     if tuple(size) == tuple(expected):
         return None
+    turned = (f" (stored {stored[1]}x{stored[0]}, turned by its EXIF orientation: if the annotations are of the stored "
+              f"image, drop the tag)" if stored is not None and tuple(stored) != tuple(size) else "")
     return (f"its size {size[1]}x{size[0]} (after EXIF orientation) differs from the annotation file's "
-            f"{expected[1]}x{expected[0]}")
+            f"{expected[1]}x{expected[0]}{turned}")
 
 
 def read_rgb(path: str | Path) -> Image.Image:

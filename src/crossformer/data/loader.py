@@ -66,12 +66,12 @@ class _Headers(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as img:  # reads the header only, not the pixels
-                size = oriented_size(img)
+                size, stored = oriented_size(img), (img.height, img.width)
         except FileNotFoundError:
             return f"{path}: file not found"
         except UNREADABLE_ERRORS as err:
             return f"{path}: {err}"
-        differs = size_difference(size, self.sizes[index]) if self.sizes is not None else None
+        differs = size_difference(size, self.sizes[index], stored) if self.sizes is not None else None
         return f"{path}: {differs}" if differs else None
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import DataError, read_rgb, size_difference
@@ -437,8 +438,10 @@ class CocoDetection(Dataset):
         except (FileNotFoundError, *UNREADABLE_ERRORS) as err:
             sample.failure = f"{record.path}: {err}"
             return sample
-        differs = size_difference((image.height, image.width), (record.height, record.width))
-        if differs:
+        if (image.height, image.width) != (record.height, record.width):
+            with Image.open(record.path) as stored:  # the header again: the size before the EXIF orientation
+                differs = size_difference((image.height, image.width), (record.height, record.width),
+                                          (stored.height, stored.width))
             sample.failure = f"{record.path}: {differs}"
             return sample
         sample.image = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
