@@ -218,6 +218,14 @@ def test_not_coco_json_errors(tmp_path):
         coco_paths(tmp_path, "val")
 
 
+def test_a_byte_order_mark_is_no_part_of_the_json(tmp_path):
+    # A file a Windows tool wrote with one was "not JSON (Unexpected UTF-8 BOM ...)".
+    (tmp_path / "img").mkdir()
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": 3, "name": "caf\u00e9"}]}, ensure_ascii=False).encode())
+    assert CocoDetection(tmp_path / "bom.json", tmp_path / "img").class_names == ["caf\u00e9"]
+
+
 def test_a_repeated_id_is_one_line(tmp_path):
     # pycocotools (and the data set) index images, annotations and categories by id: a repeated
     # one dropped an image, a ground-truth object or a class without a word.

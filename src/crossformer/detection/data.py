@@ -153,7 +153,7 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools) is no part of the JSON
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not JSON ({err}); expected a COCO instances file") from None
