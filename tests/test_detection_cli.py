@@ -121,6 +121,9 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     records = json.loads((out / "detections.json").read_text())
     assert {r["file_name"] for r in records} <= {str(p) for p in [*val.glob("*.jpg"), photo]}
     assert all(len(r["bbox"]) == 4 and "segmentation" in r for r in records)
+    # each record names its class (the ids alone needed the training file to read)
+    names = dict(zip((1, 3, 6, 9), ("circle", "rectangle", "triangle", "star")))
+    assert records and all(r["category_name"] == names[r["category_id"]] for r in records)
     # without --config: the config the checkpoint was trained with, settings still on top
     again = tmp_path / "again"
     assert main(["predict", str(photo), "--checkpoint", str(trained["checkpoint"]), "test.score_threshold=0",

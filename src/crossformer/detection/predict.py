@@ -77,7 +77,8 @@ def predict_detections(
     Images are read with their EXIF orientation and converted to RGB; ``transform`` defaults to
     the test pipeline (shorter side 800, longer <= 1333). Writes ``OUTPUT_DIR/<stem>.png`` (boxes
     of score >= ``score_threshold``) and ``OUTPUT_DIR/detections.json`` (every detection; image
-    ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C).
+    ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C, each
+    record names its class as ``category_name``).
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
     counted and skipped. ``precision`` (``--amp``) runs the detector under its autocast, as
     evaluation does.
@@ -87,6 +88,7 @@ def predict_detections(
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
+    name_of = dict(zip(cat_ids, class_names))  # the records name their class: no annotation file says it here
     device = next(detector.parameters(), torch.empty(0)).device
     was_training = detector.training
     detector.eval()
@@ -109,7 +111,8 @@ def predict_detections(
             raw = detector(batch.images.to(device), batch.metas)[0]
         # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
         output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
-        records.extend({**r, "file_name": str(path)} for r in detections_to_coco([output], [image_id], cat_ids))
+        records.extend({**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
+                       for r in detections_to_coco([output], [image_id], cat_ids))
         png = output_dir / f"{unique_stem(path.stem, used_names)}.png"
         render_detections(image, output, class_names, score_threshold).save(png)
         result.images.append(png)
