@@ -164,6 +164,12 @@ def test_evaluate_reads_data_paths_under_the_home_folder_as_training_does(traine
     assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), "--json", "--results", str(tmp_path / "r.json"),
                  "data.val_ann=~/coco/annotations/instances_val2017.json", "data.val_images=~/coco/val2017/"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 3
+    # the outputs too: "--output=~/p" (no shell expands it after "=") made a folder named "~" here
+    image = next((trained["coco"] / "val2017").glob("*.jpg"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", f"~/coco/val2017/{image.name}", "--checkpoint", str(trained["checkpoint"]),
+                 "--output=~/predicted"]) == 0
+    assert (trained["root"] / "predicted" / "detections.json").is_file() and not Path("~").exists()
 
 
 def test_evaluate_on_other_categories_names_the_first_that_differs(trained, tmp_path: Path, capsys) -> None:

@@ -209,9 +209,9 @@ def expand_image_paths(
     search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    outputs = Path(output_dir).resolve() if output_dir is not None else None
+    outputs = Path(output_dir).expanduser().resolve() if output_dir is not None else None
     found: list[Path] = []
-    for path in map(Path, paths):
+    for path in (Path(p).expanduser() for p in paths):  # "~/x" quoted or after "=": no shell expanded it
         if path.is_dir():
             images = list_images(path)
             if outputs is not None and path.resolve() in outputs.parents:
