@@ -271,9 +271,14 @@ def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
     with pytest.raises(DataError, match=r"image gone\.jpg \(id 2\) of ann\.json not found at .*gone\.jpg "
                                         r"\(2 more images of it are missing\)$"):
         CocoDetection(path, tmp_path / "img")
-    with pytest.raises(DataError, match=r"image a\.jpg \(id 1\) of ann\.json not found at .*; none of its 4 images is "
-                                        r"there: give the folder its file names are relative to$"):
+    with pytest.raises(DataError, match=r"image a\.jpg \(id 1\) of ann\.json not found at .* \(3 more images of it are "
+                                        r"missing\); none of its images is in .*: give the folder its file names are "
+                                        r"relative to$"):
         CocoDetection(path, tmp_path)
+    path = _write_coco(tmp_path, [], images=images("/data/upload/1/a.jpg"))  # as Label Studio exports
+    with pytest.raises(DataError, match=r"not found at /data/upload/1/a\.jpg; its file names are absolute paths, which "
+                                        r"leave out .*img: make them relative to it$"):
+        CocoDetection(path, tmp_path / "img")
     path = _write_coco(tmp_path, [], images=images("a.jpg", "sub\\a.jpg"))
     with pytest.raises(DataError, match=r"image sub\\a\.jpg \(id 2\) .* not found at .*; its file names separate "
                                         r"folders with '\\': COCO files use '/'$"):

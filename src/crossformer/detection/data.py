@@ -375,10 +375,12 @@ class CocoDetection(Dataset):
         image_id, image = missing[0]
         name = image["file_name"]
         where = f"image {name} (id {image_id}) of {self.ann_file.name} not found at {self.image_dir / name}"
-        if len(missing) == len(images) > 1:
-            where += f"; none of its {len(images)} images is there: give the folder its file names are relative to"
-        elif len(missing) > 1:
+        if len(missing) > 1:
             where += f" ({len(missing) - 1} more images of it are missing)"
+        if Path(name).is_absolute():  # e.g. Label Studio's /data/upload/...: the image folder plays no part
+            where += f"; its file names are absolute paths, which leave out {self.image_dir}: make them relative to it"
+        elif len(missing) == len(images) > 1:
+            where += f"; none of its images is in {self.image_dir}: give the folder its file names are relative to"
         if "\\" in name:  # written on Windows: here a backslash is part of the name, not a folder separator
             where += "; its file names separate folders with '\\': COCO files use '/'"
         raise DataError(where)
