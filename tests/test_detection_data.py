@@ -218,6 +218,17 @@ def test_not_coco_json_errors(tmp_path):
         coco_paths(tmp_path, "val")
 
 
+def test_an_annotation_file_without_its_image_folder_names_the_missing_setting():
+    # "no val data given: pass --data COCO_ROOT, or data.val_ann and data.val_images" to a user
+    # who had given data.val_ann.
+    from crossformer.detection.config import DetectionDataConfig, data_paths
+
+    with pytest.raises(DataError, match=r"^data\.val_ann is set but data\.val_images is not: give both"):
+        data_paths(DetectionDataConfig(val_ann="val.json"), "val")
+    with pytest.raises(DataError, match=r"^data\.train_images is set but data\.train_ann is not: give both"):
+        data_paths(DetectionDataConfig(train_images="img"), "train")
+
+
 def test_a_byte_order_mark_is_no_part_of_the_json(tmp_path):
     # A file a Windows tool wrote with one was "not JSON (Unexpected UTF-8 BOM ...)".
     (tmp_path / "img").mkdir()

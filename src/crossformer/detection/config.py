@@ -168,6 +168,10 @@ def data_paths(data: DetectionDataConfig, split: Literal["train", "val"]) -> tup
     if ann is not None and images is not None:
         return Path(ann), Path(images)
     if data.root is None:
+        if (ann is None) != (images is None):  # one of the pair, and no root to take the other from
+            have, lack = ("ann", "images") if ann is not None else ("images", "ann")
+            raise DataError(f"data.{split}_{have} is set but data.{split}_{lack} is not: give both "
+                            f"(or --data COCO_ROOT for the COCO layout)")
         raise DataError(f"no {split} data given: pass --data COCO_ROOT, or data.{split}_ann and data.{split}_images")
     default_ann, default_images = coco_paths(data.root, split)
     return Path(ann or default_ann), Path(images or default_images)
