@@ -279,8 +279,8 @@ def test_predict_writes_pngs_and_coco_results(tmp_path):
     records = json.loads(out.json_path.read_text())
     assert len(records) == out.detections == 2
     for r in records:
-        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation", "file_name"}
-        assert r["category_id"] == 9 and r["score"] == pytest.approx(0.87)
+        assert set(r) == {"image_id", "category_id", "category_name", "bbox", "score", "segmentation", "file_name"}
+        assert (r["category_id"], r["category_name"]) == (9, "dog") and r["score"] == pytest.approx(0.87)
     street = next(r for r in records if r["file_name"].endswith("street.png"))
     assert street["bbox"] == [75.0, 45.0, 150.0, 90.0]
     assert mask_utils.decode(street["segmentation"]).sum() == 150 * 90
