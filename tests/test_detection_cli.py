@@ -188,6 +188,21 @@ def test_evaluate_on_other_categories_names_the_first_that_differs(trained, tmp_
     renamed.write_text(json.dumps({**val, "categories": categories}))
     assert main([*evaluate, f"data.val_ann={renamed}"]) == 2
     assert "(label 3 is 'étoile ★' in the file, 'star' in the checkpoint)" in _error(capsys)
+    # the same categories numbered otherwise (circle 1 <-> star 9): matched by name, the same AP,
+    # each result under the file's own id (it was refused as other categories)
+    swap = {1: 9, 9: 1}
+    renumbered = tmp_path / "renumbered.json"
+    renumbered.write_text(json.dumps({
+        **val, "categories": [{**c, "id": swap.get(c["id"], c["id"])} for c in val["categories"]],
+        "annotations": [{**a, "category_id": swap.get(a["category_id"], a["category_id"])} for a in val["annotations"]]}))
+    runs = {}
+    for name, ann in (("original", trained["coco"] / "annotations" / "instances_val2017.json"), ("renumbered", renumbered)):
+        assert main([*evaluate, f"data.val_ann={ann}", "--json", "--results", str(tmp_path / f"{name}.json")]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+        runs[name]["records"] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["renumbered"]["bbox_mAP"] == runs["original"]["bbox_mAP"]
+    assert [swap.get(r["category_id"], r["category_id"]) for r in runs["renumbered"]["records"]] == \
+        [r["category_id"] for r in runs["original"]["records"]]
 
 
 def test_data_root_on_the_command_line_replaces_a_configs_explicit_files(trained, tmp_path: Path, capsys) -> None:

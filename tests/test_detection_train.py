@@ -227,17 +227,27 @@ def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_
         DetectionTask(config, DistContext())
 
 
-def test_splits_of_other_categories_name_the_first_that_differs(coco: Path, tmp_path: Path) -> None:
-    # "list different categories; both splits need the same ones" named none.
-    def renumber(data: dict) -> None:
-        data["categories"] = [{**c, "id": 10} if c["id"] == 9 else c for c in data["categories"]]
-        data["annotations"] = [{**a, "category_id": 10} if a["category_id"] == 9 else a for a in data["annotations"]]
+def test_splits_numbering_the_categories_otherwise_match_them_by_name(coco: Path, tmp_path: Path) -> None:
+    # A validation file numbering the same categories otherwise (converters number them as they
+    # meet them, split by split) was refused with "list different categories"; other names are
+    # still refused, now naming the first that differs.
+    def renumber(data: dict) -> None:  # circle 1 <-> star 9
+        swap = {1: 9, 9: 1}
+        data["categories"] = [{**c, "id": swap.get(c["id"], c["id"])} for c in data["categories"]]
+        data["annotations"] = [{**a, "category_id": swap.get(a["category_id"], a["category_id"])} for a in data["annotations"]]
 
-    other = _edited_copy(coco, tmp_path, "val", renumber)
-    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", other, tmp_path / "run")
-    with pytest.raises(DataError, match=r"list different categories \(label 3 is id 10 'star' in the validation file, "
-                                        r"id 9 'star' in the training file\); both splits need the same ones"):
-        DetectionTask(config, DistContext())
+    renumbered = _edited_copy(coco, tmp_path / "renumbered", "val", renumber)
+    task = DetectionTask(tiny_config(tmp_path / "c.yaml", "mask_rcnn", renumbered, tmp_path / "run"), DistContext())
+    assert task.val_set.class_names == task.train_set.class_names == ["circle", "rectangle", "triangle", "star"]
+    assert task.val_set.label_to_cat_id([0, 3]) == [9, 1]  # circle and star by their ids in the validation file
+
+    def rename(data: dict) -> None:
+        data["categories"] = [{**c, "name": "étoile"} if c["name"] == "star" else c for c in data["categories"]]
+
+    renamed = _edited_copy(coco, tmp_path / "renamed", "val", rename)
+    with pytest.raises(DataError, match=r"list different categories \(label 3 is 'étoile' in the validation file, "
+                                        r"'star' in the training file\); both splits need the same ones"):
+        DetectionTask(tiny_config(tmp_path / "c.yaml", "mask_rcnn", renamed, tmp_path / "run"), DistContext())
 
 
 def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:

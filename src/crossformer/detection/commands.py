@@ -133,10 +133,12 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
     # checked before the evaluation, which may take hours
     results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
     ann_file, image_dir = data_paths(config.data, "val")
-    dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform())
     ctx = setup_distributed(config.run.device)
     try:
         loaded = load_detector(config, args.checkpoint, ctx.device, args.ema)
+        # labelled by the checkpoint's class names: the file may number the categories otherwise
+        dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform(),
+                                classes=loaded.class_names)
         _check_categories(dataset, loaded, ann_file, args.checkpoint)
         # checked before the images are run (mask AP needs every object's segmentation), on every
         # rank: each stops with the same error rather than wait for rank 0

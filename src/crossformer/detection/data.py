@@ -287,6 +287,15 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return mask_utils.decode([rle])[..., 0]  # a list: pycocotools' single-RLE path warns under numpy 2
 
 
+def _in_class_order(categories: list[dict[str, Any]], classes: Sequence[str] | None) -> list[dict[str, Any]]:
+    """``categories`` in the order of ``classes`` where their names are those names, each once;
+    else as they are (the caller compares the names and says what differs)."""
+    by_name = {str(c["name"]): c for c in categories}
+    if classes is None or len(by_name) != len(categories) or sorted(by_name) != sorted(classes):
+        return categories
+    return [by_name[name] for name in classes]
+
+
 @dataclass
 class _Record:
     """One image's parsed annotations (original pixels)."""
@@ -309,7 +318,10 @@ class CocoDetection(Dataset):
     ``with_masks=False`` skips mask decoding (box-only detectors, evaluation). ``transform``
     maps a :class:`DetectionSample` to a :class:`DetectionSample` (see
     :mod:`crossformer.detection.transforms`). ``log`` receives the one-line report of dropped
-    and clipped boxes.
+    and clipped boxes. Labels number the categories by sorted id, or, given ``classes`` (a
+    model's class names, as mmdetection's ``CLASSES``) that the file's names are an order of,
+    in that order: a file that numbers the same categories otherwise (converters that number
+    them as they meet them, split by split) still labels each object by its name.
     """
 
     def __init__(
@@ -320,13 +332,14 @@ class CocoDetection(Dataset):
         with_masks: bool = True,
         transform: Callable[[DetectionSample], DetectionSample] | None = None,
         log: Callable[[str], None] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         if not self.image_dir.is_dir():
             raise DataError(f"image folder not found: {self.image_dir}")
         data = load_coco_json(self.ann_file)
         self.train, self.with_masks, self.transform = train, with_masks, transform
-        categories = sorted(data["categories"], key=lambda c: c["id"])
+        categories = _in_class_order(sorted(data["categories"], key=lambda c: c["id"]), classes)
         self.cat_ids: list[int] = [int(c["id"]) for c in categories]
         self.class_names: list[str] = [str(c["name"]) for c in categories]
         self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids)}

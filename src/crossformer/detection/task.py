@@ -64,11 +64,6 @@ def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str
     return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
 
 
-def _categories(dataset: CocoDetection) -> list[str]:
-    """The file's categories in label order, as "id N 'name'"."""
-    return [f"id {cat_id} {name!r}" for cat_id, name in zip(dataset.cat_ids, dataset.class_names)]
-
-
 def _nothing_to_train(dataset: CocoDetection, kind: str) -> str:
     """Why a training file whose images have annotations gives no object to train on."""
     reasons = []
@@ -96,10 +91,13 @@ class DetectionTask(Task):
         self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
                                        transform=c.data.train_transform(), log=self.notes.append)
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
-        self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform())
-        if self.val_set.cat_ids != self.train_set.cat_ids:
-            differ = first_category_difference(_categories(self.val_set), _categories(self.train_set),
-                                               "the validation file", "the training file")
+        # labelled by the training file's names: the two files may number the categories differently
+        self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform(),
+                                     classes=self.train_set.class_names)
+        differ = first_category_difference([repr(n) for n in self.val_set.class_names],
+                                           [repr(n) for n in self.train_set.class_names],
+                                           "the validation file", "the training file")
+        if differ is not None:
             raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); both splits need the same ones")
         self.class_names = self.train_set.class_names
         num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
