@@ -229,6 +229,17 @@ def test_data_root_on_the_command_line_replaces_a_configs_explicit_files(trained
     assert json.loads(capsys.readouterr().out)["images"] == 1
 
 
+def test_evaluate_on_a_file_without_objects_says_so(trained, tmp_path: Path, capsys) -> None:
+    # It printed a table of -1 (COCOeval's "nothing to find") for every number, without a word.
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    crowds = tmp_path / "crowds.json"
+    crowds.write_text(json.dumps({**val, "annotations": [{**a, "iscrowd": 1} for a in val["annotations"]]}))
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_ann={crowds}",
+                 f"data.val_images={trained['coco'] / 'val2017'}", "--results", str(tmp_path / "r.json")]) == 2
+    assert _error(capsys).endswith(f"{crowds} has no object to evaluate on (crowd regions and boxes with no area are not "
+                                   f"counted): its AP would be -1; give a file with annotated objects")
+
+
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:
     # a detector trained from an ImageNet backbone records that file's path; inference needs none of it
     state = torch.load(trained["checkpoint"], weights_only=True)

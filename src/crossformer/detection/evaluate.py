@@ -25,7 +25,8 @@ from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, Precision, RunLogger, SkippedFiles
 from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
 
-__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "evaluate_detector"]
+__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "require_objects",
+           "evaluate_detector"]
 
 # COCOeval.stats in order: AP at IoU .50:.95, .50, .75, by area; AR at 1, 10, 100 detections, by area.
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
@@ -108,6 +109,14 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     return coco
 
 
+def require_objects(dataset: CocoDetection) -> None:
+    """A one-line :class:`DataError` for a file with no object to find, where every number
+    COCOeval gives would be -1."""
+    if not dataset.object_count:
+        raise DataError(f"{dataset.ann_file} has no object to evaluate on (crowd regions and boxes with no area are not "
+                        f"counted): its AP would be -1; give a file with annotated objects")
+
+
 @torch.no_grad()
 def evaluate_detector(
     detector: nn.Module,
@@ -135,6 +144,7 @@ def evaluate_detector(
     """
     if not len(dataset):  # else "no readable images", as if images were there and failed
         raise DataError(f"{dataset.ann_file} lists no images: nothing to evaluate")
+    require_objects(dataset)
     ctx = ctx or DistContext()
     was_training = detector.training
     detector.eval()

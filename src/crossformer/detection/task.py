@@ -26,7 +26,7 @@ from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_d
 from .checkpoint import load_detector_state
 from .classes import first_category_difference
 from .detectors import Detector, build_detector
-from .evaluate import evaluate_detector, load_ground_truth
+from .evaluate import evaluate_detector, load_ground_truth, require_objects
 
 __all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK"]
 
@@ -108,9 +108,7 @@ class DetectionTask(Task):
         if not len(self.val_set):  # found at the first evaluation otherwise, an epoch into the run
             raise DataError(f"{val_ann} lists no images: training evaluates on the validation images after each "
                             f"epoch (and at the end); give a file with at least one")
-        if not self.val_set.object_count:  # COCOeval's AP is -1 where nothing is to be found: best.pth by -1
-            raise DataError(f"{val_ann} has no object to evaluate on (crowd regions and boxes with no area are not "
-                            f"counted): its AP would be -1 at every evaluation; give a validation file with annotated objects")
+        require_objects(self.val_set)  # else every evaluation's AP is -1, and best.pth is kept by it
         if not self.train_set.object_count:  # else every update trains on background alone
             raise DataError(_nothing_to_train(self.train_set, c.model.kind))
         if len(self.train_set) // ctx.world_size < batch:
