@@ -299,6 +299,24 @@ def test_predict_gives_each_input_its_own_png(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "a_2.png", "a_3.png"]
 
 
+def test_predict_refuses_to_draw_over_its_input_images(tmp_path):
+    # "predict photos --output photos" replaced photos/street.png with its drawing, without a word.
+    from crossformer.atomic import OutputError
+
+    pixels = _photo_like(tmp_path / "street.png", 300, 180)
+    _photo_like(tmp_path / "other.jpg", 300, 180)
+    for inputs in ([tmp_path], [tmp_path / "other.jpg", tmp_path / "street.png"]):
+        with pytest.raises(OutputError, match=r"street\.png is an input in the output folder .*, where a drawing would "
+                                              r"replace it; give --output another folder$"):
+            predict_detections(BoxInTheMiddle(), inputs, tmp_path, ["cat", "dog"], transform=build_test_transform(256, 160))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "street.png").convert("RGB")), pixels)
+    assert not (tmp_path / "other.png").exists()  # refused before any work
+    # a JPEG alone there is no input a drawing replaces
+    out = predict_detections(BoxInTheMiddle(), [tmp_path / "other.jpg"], tmp_path, ["cat", "dog"],
+                             transform=build_test_transform(256, 160))
+    assert [p.name for p in out.images] == ["other.png"]
+
+
 def test_predict_reads_a_named_file_by_its_content(tmp_path):
     # a PNG named without an extension was refused ("is not an image file")
     _photo_like(tmp_path / "street.png", 300, 180)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..atomic import check_output_folder
+from ..atomic import OutputError, check_output_folder
 from ..data import DataError, expand_image_paths, read_rgb, unique_stem
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS
@@ -59,6 +59,16 @@ def render_detections(image: Image.Image, output: dict[str, torch.Tensor], class
     return draw_boxes(image, output["boxes"][keep].cpu().numpy(), captions, per_object)
 
 
+def _refuse_replacing_inputs(files: Sequence[Path], output_dir: Path) -> None:
+    """A one-line error, before any work, for an input PNG in ``output_dir``: a drawing
+    (``<stem>.png``) would replace it, the user's own image (``predict photos --output photos``)."""
+    folder = output_dir.resolve()
+    clash = next((f for f in files if f.suffix == ".png" and f.resolve().parent == folder), None)
+    if clash is not None:
+        raise OutputError(f"{clash} is an input in the output folder {output_dir}, where a drawing would replace it; "
+                          f"give --output another folder")
+
+
 @torch.no_grad()
 def predict_detections(
     detector: nn.Module,
@@ -85,6 +95,7 @@ def predict_detections(
     """
     files = expand_image_paths(paths, output_dir)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
+    _refuse_replacing_inputs(files, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
