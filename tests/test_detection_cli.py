@@ -20,7 +20,7 @@ from crossformer.engine import load_training_state
 from crossformer.engine.registry import resolve_config
 from crossformer.models import convert_to_safetensors, count_params
 from cli_errors import one_error_line, one_torchrun_error_line
-from detection_train_fixtures import agree, make_tiny_coco, resized_images, write_tiny_config
+from detection_train_fixtures import agree, make_tiny_coco, resized_images, tiny_settings, write_tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +121,9 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     records = json.loads((out / "detections.json").read_text())
     assert {r["file_name"] for r in records} <= {str(p) for p in [*val.glob("*.jpg"), photo]}
     assert all(len(r["bbox"]) == 4 and "segmentation" in r for r in records)
+    # each record names its class (the ids alone needed the training file to read)
+    names = dict(zip((1, 3, 6, 9), ("circle", "rectangle", "triangle", "star")))
+    assert records and all(r["category_name"] == names[r["category_id"]] for r in records)
     # without --config: the config the checkpoint was trained with, settings still on top
     again = tmp_path / "again"
     assert main(["predict", str(photo), "--checkpoint", str(trained["checkpoint"]), "test.score_threshold=0",
@@ -130,6 +133,111 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
         return [{k: v for k, v in r.items() if k != "image_id"} for r in rows if r["file_name"] == str(photo)]
 
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
+
+
+def test_evaluate_refuses_a_file_mask_ap_cannot_use_before_running_the_images(trained, tmp_path: Path, capsys,
+                                                                              monkeypatch) -> None:
+    # A box-only validation file (no "segmentation") for a Mask R-CNN was refused only after the
+    # detector had run on every image (hours on COCO).
+    import crossformer.detection.evaluate as evaluate
+
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    for annotation in val["annotations"]:
+        del annotation["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(val))
+
+    def run_images(*args, **kwargs):
+        raise AssertionError("the images were run before the annotation file was checked")
+
+    monkeypatch.setattr(evaluate, "build_loader", run_images)
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_ann={boxes_only}",
+                 f"data.val_images={trained['coco'] / 'val2017'}", "--results", str(tmp_path / "r.json")]) == 2
+    assert f"{boxes_only}: annotation {val['annotations'][0]['id']} of image" in _error(capsys)
+
+
+def test_evaluate_reads_data_paths_under_the_home_folder_as_training_does(trained, tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    # No shell expands ~ in data.val_ann=~/...: training read it as the home folder, evaluate
+    # said "image folder not found: ~/coco/val2017".
+    monkeypatch.setenv("HOME", str(trained["root"]))
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), "--json", "--results", str(tmp_path / "r.json"),
+                 "data.val_ann=~/coco/annotations/instances_val2017.json", "data.val_images=~/coco/val2017/"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    # the outputs too: "--output=~/p" (no shell expands it after "=") made a folder named "~" here
+    image = next((trained["coco"] / "val2017").glob("*.jpg"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", f"~/coco/val2017/{image.name}", "--checkpoint", str(trained["checkpoint"]),
+                 "--output=~/predicted"]) == 0
+    assert (trained["root"] / "predicted" / "detections.json").is_file() and not Path("~").exists()
+
+
+def test_evaluate_on_other_categories_names_the_first_that_differs(trained, tmp_path: Path, capsys) -> None:
+    # "has 5 categories; ... detects 4 classes" named none of them, and a renamed category past
+    # the fifth showed two equal lists of the first five names.
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    evaluate = ["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_images={trained['coco'] / 'val2017'}"]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({**val, "categories": [*val["categories"], {"id": 50, "name": "hexagon"}]}))
+    assert main([*evaluate, f"data.val_ann={extra}"]) == 2
+    assert _error(capsys).endswith(f"{extra} has 5 categories; {trained['checkpoint']} detects 4 classes (label 4 is "
+                                   f"'hexagon' in the file, none in the checkpoint): evaluate on the categories it was "
+                                   f"trained on")
+    renamed = tmp_path / "renamed.json"
+    categories = [{**c, "name": "étoile ★"} if c["name"] == "star" else c for c in val["categories"]]
+    renamed.write_text(json.dumps({**val, "categories": categories}))
+    assert main([*evaluate, f"data.val_ann={renamed}"]) == 2
+    assert "(label 3 is 'étoile ★' in the file, 'star' in the checkpoint)" in _error(capsys)
+    # the same categories numbered otherwise (circle 1 <-> star 9): matched by name, the same AP,
+    # each result under the file's own id (it was refused as other categories)
+    swap = {1: 9, 9: 1}
+    renumbered = tmp_path / "renumbered.json"
+    renumbered.write_text(json.dumps({
+        **val, "categories": [{**c, "id": swap.get(c["id"], c["id"])} for c in val["categories"]],
+        "annotations": [{**a, "category_id": swap.get(a["category_id"], a["category_id"])} for a in val["annotations"]]}))
+    runs = {}
+    for name, ann in (("original", trained["coco"] / "annotations" / "instances_val2017.json"), ("renumbered", renumbered)):
+        assert main([*evaluate, f"data.val_ann={ann}", "--json", "--results", str(tmp_path / f"{name}.json")]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+        runs[name]["records"] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["renumbered"]["bbox_mAP"] == runs["original"]["bbox_mAP"]
+    assert [swap.get(r["category_id"], r["category_id"]) for r in runs["renumbered"]["records"]] == \
+        [r["category_id"] for r in runs["original"]["records"]]
+
+
+def test_data_root_on_the_command_line_replaces_a_configs_explicit_files(trained, tmp_path: Path, capsys) -> None:
+    # The file's data.val_ann / data.val_images won over --data ROOT given on top of it (as over a
+    # checkpoint's recorded config trained on explicit files): evaluate ran on the other set.
+    import yaml
+
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**val, "images": val["images"][:1],
+                               "annotations": [a for a in val["annotations"] if a["image_id"] == val["images"][0]["id"]]}))
+    settings = tiny_settings("mask_rcnn", trained["coco"], tmp_path / "run")
+    settings["data"] = {**settings["data"], "root": None, "val_ann": str(one), "val_images": str(trained["coco"] / "val2017")}
+    config = tmp_path / "explicit.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    evaluate = ["evaluate", "--config", str(config), "--checkpoint", str(trained["checkpoint"]), "--json",
+                "--results", str(tmp_path / "r.json")]
+    assert main(evaluate) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+    assert main([*evaluate, "--data", str(trained["coco"])]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    # both in one layer: the explicit file refines the root, as before
+    assert main([*evaluate, "--data", str(trained["coco"]), f"data.val_ann={one}"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+
+
+def test_evaluate_on_a_file_without_objects_says_so(trained, tmp_path: Path, capsys) -> None:
+    # It printed a table of -1 (COCOeval's "nothing to find") for every number, without a word.
+    val = json.loads((trained["coco"] / "annotations" / "instances_val2017.json").read_text())
+    crowds = tmp_path / "crowds.json"
+    crowds.write_text(json.dumps({**val, "annotations": [{**a, "iscrowd": 1} for a in val["annotations"]]}))
+    assert main(["evaluate", "--checkpoint", str(trained["checkpoint"]), f"data.val_ann={crowds}",
+                 f"data.val_images={trained['coco'] / 'val2017'}", "--results", str(tmp_path / "r.json")]) == 2
+    assert _error(capsys).endswith(f"{crowds} has no object to evaluate on (crowd regions and boxes with no area are not "
+                                   f"counted): its AP would be -1; give a file with annotated objects")
 
 
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:

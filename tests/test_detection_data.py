@@ -212,8 +212,29 @@ def test_not_coco_json_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="not a COCO instances file"):
         CocoDetection(tmp_path / "list.json", tmp_path / "img")
-    with pytest.raises(DataError, match="has no annotations/instances_val2017.json"):
+    # a set of other file names learnt of the COCO layout alone, not of the settings that name its files
+    with pytest.raises(DataError, match=r"has no annotations/instances_val2017\.json; expected the COCO layout .*, or "
+                                        r"name the files: data\.val_ann=FILE data\.val_images=FOLDER$"):
         coco_paths(tmp_path, "val")
+
+
+def test_an_annotation_file_without_its_image_folder_names_the_missing_setting():
+    # "no val data given: pass --data COCO_ROOT, or data.val_ann and data.val_images" to a user
+    # who had given data.val_ann.
+    from crossformer.detection.config import DetectionDataConfig, data_paths
+
+    with pytest.raises(DataError, match=r"^data\.val_ann is set but data\.val_images is not: give both"):
+        data_paths(DetectionDataConfig(val_ann="val.json"), "val")
+    with pytest.raises(DataError, match=r"^data\.train_images is set but data\.train_ann is not: give both"):
+        data_paths(DetectionDataConfig(train_images="img"), "train")
+
+
+def test_a_byte_order_mark_is_no_part_of_the_json(tmp_path):
+    # A file a Windows tool wrote with one was "not JSON (Unexpected UTF-8 BOM ...)".
+    (tmp_path / "img").mkdir()
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": 3, "name": "caf\u00e9"}]}, ensure_ascii=False).encode())
+    assert CocoDetection(tmp_path / "bom.json", tmp_path / "img").class_names == ["caf\u00e9"]
 
 
 def test_a_repeated_id_is_one_line(tmp_path):
@@ -245,6 +266,33 @@ def test_unknown_category_and_missing_image_name_the_file(tmp_path):
         CocoDetection(path, tmp_path / "img")
     path = _write_coco(tmp_path, [], images=[{"id": 4, "file_name": "gone.jpg", "width": 40, "height": 30}])
     with pytest.raises(DataError, match=r"image gone\.jpg \(id 4\) .* not found"):
+        CocoDetection(path, tmp_path / "img")
+
+
+def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
+    # Only the first missing image was named: a file of 300 missing images took 300 runs to learn
+    # it, the wrong image folder looked like one lost image, and "sub\\a.jpg" (a file written on
+    # Windows) was not found with no word of the backslash.
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "img" / "sub" / "a.jpg")
+    def images(*names: str) -> list[dict]:
+        return [{"id": i, "file_name": name, "width": 40, "height": 30} for i, name in enumerate(names, start=1)]
+
+    path = _write_coco(tmp_path, [], images=images("a.jpg", "gone.jpg", "lost.jpg", "away.jpg"))
+    with pytest.raises(DataError, match=r"image gone\.jpg \(id 2\) of ann\.json not found at .*gone\.jpg "
+                                        r"\(2 more images of it are missing\)$"):
+        CocoDetection(path, tmp_path / "img")
+    with pytest.raises(DataError, match=r"image a\.jpg \(id 1\) of ann\.json not found at .* \(3 more images of it are "
+                                        r"missing\); none of its images is in .*: give the folder its file names are "
+                                        r"relative to$"):
+        CocoDetection(path, tmp_path)
+    path = _write_coco(tmp_path, [], images=images("/data/upload/1/a.jpg"))  # as Label Studio exports
+    with pytest.raises(DataError, match=r"not found at /data/upload/1/a\.jpg; its file names are absolute paths, which "
+                                        r"leave out .*img: make them relative to it$"):
+        CocoDetection(path, tmp_path / "img")
+    path = _write_coco(tmp_path, [], images=images("a.jpg", "sub\\a.jpg"))
+    with pytest.raises(DataError, match=r"image sub\\a\.jpg \(id 2\) .* not found at .*; its file names separate "
+                                        r"folders with '\\': COCO files use '/'$"):
         CocoDetection(path, tmp_path / "img")
 
 
@@ -290,7 +338,10 @@ def test_exif_orientation_grayscale_and_rgba(tmp_path):
     assert CocoDetection(path, tmp_path)[0].image.shape == (3, 40, 20)
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": 40, "height": 20}],
                                 "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
-    assert "differs from the annotation file's 40x20" in CocoDetection(path, tmp_path)[0].failure
+    # with what the file stores, which a tool that ignores the tag shows (and annotates)
+    assert CocoDetection(path, tmp_path)[0].failure.endswith(
+        "differs from the annotation file's 40x20 (stored 40x20, turned by its EXIF orientation: if the annotations "
+        "are of the stored image, drop the tag)")
 
 
 def _object_hues(root: Path, split: str = "train") -> list[tuple[int, float]]:

@@ -168,6 +168,10 @@ def test_a_ground_truth_mask_that_cannot_match_is_one_line_not_a_silent_miss(tmp
         evaluate({**annotation, "segmentation": {**annotation["segmentation"], "size": [100, 50]}})
     with pytest.raises(DataError, match=r"annotation 5 of image one\.png has no 'segmentation'; mask training and mask AP"):
         evaluate({k: v for k, v in annotation.items() if k != "segmentation"})
+    # a box-only export's null: "neither a polygon list nor an RLE (None)" said nothing of box-only data
+    with pytest.raises(DataError, match=r"annotation 5 of image one\.png has no 'segmentation'; mask training and mask AP "
+                                        r"need one per object \(for box-only data use a box detector: --kind retinanet\)$"):
+        evaluate({**annotation, "segmentation": None})
     # box AP needs no segmentation
     assert evaluate({k: v for k, v in annotation.items() if k != "segmentation"}, with_masks=False)["bbox_mAP"] == pytest.approx(1.0)
 
@@ -275,8 +279,8 @@ def test_predict_writes_pngs_and_coco_results(tmp_path):
     records = json.loads(out.json_path.read_text())
     assert len(records) == out.detections == 2
     for r in records:
-        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation", "file_name"}
-        assert r["category_id"] == 9 and r["score"] == pytest.approx(0.87)
+        assert set(r) == {"image_id", "category_id", "category_name", "bbox", "score", "segmentation", "file_name"}
+        assert (r["category_id"], r["category_name"]) == (9, "dog") and r["score"] == pytest.approx(0.87)
     street = next(r for r in records if r["file_name"].endswith("street.png"))
     assert street["bbox"] == [75.0, 45.0, 150.0, 90.0]
     assert mask_utils.decode(street["segmentation"]).sum() == 150 * 90
@@ -293,6 +297,24 @@ def test_predict_gives_each_input_its_own_png(tmp_path):
                              transform=build_test_transform(256, 160))
     assert [p.name for p in out.images] == ["a.png", "a_3.png", "a_2.png"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "a_2.png", "a_3.png"]
+
+
+def test_predict_refuses_to_draw_over_its_input_images(tmp_path):
+    # "predict photos --output photos" replaced photos/street.png with its drawing, without a word.
+    from crossformer.atomic import OutputError
+
+    pixels = _photo_like(tmp_path / "street.png", 300, 180)
+    _photo_like(tmp_path / "other.jpg", 300, 180)
+    for inputs in ([tmp_path], [tmp_path / "other.jpg", tmp_path / "street.png"]):
+        with pytest.raises(OutputError, match=r"street\.png is an input in the output folder .*, where a drawing would "
+                                              r"replace it; give --output another folder$"):
+            predict_detections(BoxInTheMiddle(), inputs, tmp_path, ["cat", "dog"], transform=build_test_transform(256, 160))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "street.png").convert("RGB")), pixels)
+    assert not (tmp_path / "other.png").exists()  # refused before any work
+    # a JPEG alone there is no input a drawing replaces
+    out = predict_detections(BoxInTheMiddle(), [tmp_path / "other.jpg"], tmp_path, ["cat", "dog"],
+                             transform=build_test_transform(256, 160))
+    assert [p.name for p in out.images] == ["other.png"]
 
 
 def test_predict_reads_a_named_file_by_its_content(tmp_path):

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -48,6 +49,17 @@ AUTHORS_DROP_PATH = {"crossformer_small": 0.2, "crossformer_pp_small": 0.2, "cro
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
     return make_tiny_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _edited_copy(coco: Path, tmp_path: Path, split: str, edit: Callable[[dict], Any]) -> Path:
+    """A copy of ``coco`` whose ``split`` annotation file ``edit`` changed (in place)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(coco, copy)
+    ann = copy / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    return copy
 
 
 def _records(output: Path) -> list[dict]:
@@ -176,17 +188,67 @@ def test_each_training_batch_holds_one_orientation_as_mmdetection(coco: Path, tm
             assert len(wide) == 1, [meta["ori_shape"] for meta in batch.metas]
 
 
-def test_a_training_file_without_annotations_says_so(coco: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split, message", [
     # "0 training images (with objects): fewer than one batch of 2 per process; lower --batch-size"
     # pointed at the batch size, which no value fixes.
-    empty = tmp_path / "empty"
-    shutil.copytree(coco, empty)
-    ann = empty / "annotations" / "instances_train2017.json"
-    ann.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    ("train", r"instances_train2017\.json has no training images: training keeps the images that have annotations "
+              r"and sides of at least 32 px"),
+    # COCOeval gave -1 for every number at every evaluation, and best.pth was kept by that -1.
+    ("val", r"instances_val2017\.json has no object to evaluate on \(crowd regions and boxes with no area are not "
+            r"counted\): its AP would be -1"),
+])
+def test_a_split_without_annotations_says_so(coco: Path, tmp_path: Path, split: str, message: str) -> None:
+    empty = _edited_copy(coco, tmp_path, split, lambda data: data.update(annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
-    with pytest.raises(DataError, match=r"instances_train2017\.json has no training images: training keeps the images "
-                                        r"that have annotations and sides of at least 32 px"):
+    with pytest.raises(DataError, match=message):
         DetectionTask(config, DistContext())
+
+
+@pytest.mark.parametrize("flaw", ["empty_segmentation", "no_area", "crowd"])
+def test_a_training_file_whose_objects_are_all_dropped_says_why(coco: Path, tmp_path: Path, flaw: str) -> None:
+    # A box-only export's "segmentation": [] trained Mask R-CNN an epoch on background alone
+    # (loss_bbox 0), with one "left out 37 objects" line as the only sign.
+    def spoil(data: dict) -> None:
+        for annotation in data["annotations"]:
+            if flaw == "empty_segmentation":
+                annotation["segmentation"] = []
+            elif flaw == "no_area":
+                annotation["bbox"][2] = 0
+            else:
+                annotation["iscrowd"] = 1
+
+    flawed = _edited_copy(coco, tmp_path, "train", spoil)
+    count = sum(not a["iscrowd"] for a in json.loads((coco / "annotations" / "instances_train2017.json").read_text())["annotations"])
+    why = {"empty_segmentation": rf"{count} of its objects have no segmentation polygon of 3 points or more, and a "
+                                 rf"mask_rcnn trains on masks: for box-only data use --kind retinanet",
+           "no_area": rf"{count} of its objects have a box with no area or outside their image",
+           "crowd": r"its objects are all crowd regions \(iscrowd=1\), which are never training targets"}[flaw]
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", flawed, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"instances_train2017\.json has no object to train on: {why}$"):
+        DetectionTask(config, DistContext())
+
+
+def test_splits_numbering_the_categories_otherwise_match_them_by_name(coco: Path, tmp_path: Path) -> None:
+    # A validation file numbering the same categories otherwise (converters number them as they
+    # meet them, split by split) was refused with "list different categories"; other names are
+    # still refused, now naming the first that differs.
+    def renumber(data: dict) -> None:  # circle 1 <-> star 9
+        swap = {1: 9, 9: 1}
+        data["categories"] = [{**c, "id": swap.get(c["id"], c["id"])} for c in data["categories"]]
+        data["annotations"] = [{**a, "category_id": swap.get(a["category_id"], a["category_id"])} for a in data["annotations"]]
+
+    renumbered = _edited_copy(coco, tmp_path / "renumbered", "val", renumber)
+    task = DetectionTask(tiny_config(tmp_path / "c.yaml", "mask_rcnn", renumbered, tmp_path / "run"), DistContext())
+    assert task.val_set.class_names == task.train_set.class_names == ["circle", "rectangle", "triangle", "star"]
+    assert task.val_set.label_to_cat_id([0, 3]) == [9, 1]  # circle and star by their ids in the validation file
+
+    def rename(data: dict) -> None:
+        data["categories"] = [{**c, "name": "étoile"} if c["name"] == "star" else c for c in data["categories"]]
+
+    renamed = _edited_copy(coco, tmp_path / "renamed", "val", rename)
+    with pytest.raises(DataError, match=r"list different categories \(label 3 is 'étoile' in the validation file, "
+                                        r"'star' in the training file\); both splits need the same ones"):
+        DetectionTask(tiny_config(tmp_path / "c.yaml", "mask_rcnn", renamed, tmp_path / "run"), DistContext())
 
 
 def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:
@@ -203,15 +265,12 @@ def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tm
 
 def test_a_validation_file_without_images_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # It trained an epoch, then stopped with "no readable images to evaluate in .../val2017".
-    empty = tmp_path / "empty"
-    shutil.copytree(coco, empty)
-    ann = empty / "annotations" / "instances_val2017.json"
-    ann.write_text(json.dumps({**json.loads(ann.read_text()), "images": [], "annotations": []}))
+    empty = _edited_copy(coco, tmp_path, "val", lambda data: data.update(images=[], annotations=[]))
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", empty, tmp_path / "run")
     with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: training evaluates on the validation"):
         train(config)
     assert not (tmp_path / "run" / "last.pth").exists()
-    dataset = CocoDetection(ann, empty / "val2017", with_masks=False)
+    dataset = CocoDetection(empty / "annotations" / "instances_val2017.json", empty / "val2017", with_masks=False)
     with pytest.raises(DataError, match=r"instances_val2017\.json lists no images: nothing to evaluate"):
         evaluate_detector(build_configured_detector(config.model, 4, pretrained=False), dataset)
 
@@ -224,6 +283,27 @@ def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_pa
     bad.write_bytes(b"not a jpeg")
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", broken, tmp_path / "run")
     with pytest.raises(DataError, match=rf"cannot read validation image {bad}: .*--skip-corrupt"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_a_validation_image_of_another_size_than_its_file_says_stops_before_training(coco: Path, tmp_path: Path) -> None:
+    # The header check read the image, not its EXIF orientation or the file's width / height:
+    # the run trained an epoch, then its evaluation stopped on "its size ... differs".
+    from PIL import Image
+
+    turned = tmp_path / "turned"
+    shutil.copytree(coco, turned)
+    image_path = sorted((turned / "val2017").glob("*.jpg"))[0]
+    with Image.open(image_path) as image:
+        exif = image.getexif()
+        exif[0x0112] = 6  # shown turned a quarter: the width and height swap
+        image.save(image_path, exif=exif)
+        width, height = image.size
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", turned, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"cannot read validation image {image_path}: its size {height}x{width} \(after "
+                                        rf"EXIF orientation\) differs from the annotation file's {width}x{height} "
+                                        rf"\(stored {width}x{height}, turned by its EXIF orientation"):
         train(config)
     assert not (tmp_path / "run" / "last.pth").exists()
 

@@ -44,6 +44,14 @@ def test_epoch_mode_evaluates_every_n_epochs_and_follows_the_schedule(tmp_path: 
     assert state["fake_samples"] == 24 and state["config"]["run"]["epochs"] == 4
 
 
+def test_an_output_under_the_home_folder_is_not_a_folder_named_tilde(tmp_path: Path, monkeypatch) -> None:
+    # run.output=~/runs/x (no shell expands it in KEY=VALUE) wrote the run into ./~/runs/x.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train(FakeTask, fake_config("~/runs/x", epochs=1))
+    assert (tmp_path / "home" / "runs" / "x" / "last.pth").is_file() and not (tmp_path / "~").exists()
+
+
 def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> None:
     train(FakeTask, fake_config(tmp_path / "short", epochs=1, warmup_iters=6))  # 6 updates in all
     out = capsys.readouterr().out

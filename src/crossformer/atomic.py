@@ -69,9 +69,10 @@ def check_output_path(path: str | Path) -> Path:
 
     Checks what can be known before writing (call it before a long export): ``path`` is not
     a folder, no folder on its way is a file, and the nearest existing folder is writable.
-    Missing folders are not created here.
+    Missing folders are not created here. A leading ``~`` is the home folder (no shell expands
+    it in ``--output=~/x``).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder; give a file name")
     _check_folder(path.parent, path)
@@ -81,8 +82,8 @@ def check_output_path(path: str | Path) -> Path:
 def check_output_folder(folder: str | Path) -> Path:
     """Fail early, with one line, if files cannot be written into ``folder`` (created later if
     missing): it is a file, a folder on its way is a file, or the nearest existing folder is
-    not writable. Returns it as a ``Path``."""
-    folder = Path(folder)
+    not writable. Returns it as a ``Path``, a leading ``~`` made the home folder."""
+    folder = Path(folder).expanduser()
     _check_folder(folder, folder)
     return folder
 

@@ -453,6 +453,7 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine import set_cpu_threads
+    from ..engine.config import with_home_expanded
     from ..engine.registry import resolve_config, task_commands
 
     config, source = args.config, None
@@ -460,11 +461,12 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
         config, source = recorded_config(args.checkpoint)
     settings = command_line_settings(args, overrides)
     resolved = resolve_config(config, settings, use_default=False, source=source)
-    _check_checkpoint_task(getattr(args, "checkpoint", None), resolved.config.task, args.config)
+    resolved_config = with_home_expanded(resolved.config)
+    _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:
-        raise UserInputError(f"the {resolved.config.task} task has no {verb} command yet")
+        raise UserInputError(f"the {resolved_config.task} task has no {verb} command yet")
     if source is not None:
-        _check_recorded_paths(resolved.config, handler.config_keys, settings, args.checkpoint)
-    set_cpu_threads(resolved.config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
-    return handler.run(args, resolved.config, resolved.given)
+        _check_recorded_paths(resolved_config, handler.config_keys, settings, args.checkpoint)
+    set_cpu_threads(resolved_config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
+    return handler.run(args, resolved_config, resolved.given)

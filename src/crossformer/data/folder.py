@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from ..errors import UserInputError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "expand_image_paths",
-           "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
+           "size_difference", "expand_image_paths", "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")
@@ -27,6 +27,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".ti
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112  # the tag ImageOps.exif_transpose applies
 # The advice that ends an unreadable image's error; a run that already skips such files drops it.
 SKIP_HINT = "; fix or delete it, or pass --skip-corrupt to skip such files"
 
@@ -82,6 +83,28 @@ def _refuse_link_loops(folder: Path, subfolders: list[str]) -> None:
         target = link.resolve()
         if target == here or target in here.parents:
             raise DataError(f"{link} links to {target}, a folder that holds it (a loop); remove the link")
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of an opened image as :func:`read_rgb` returns it, from its header:
+    EXIF orientations 5-8 turn it a quarter."""
+    width, height = img.size
+    # a PNG's eXIf chunk precedes its pixels (PNG spec), but Pillow decodes them all to look further
+    exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+    return (width, height) if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (height, width)
+
+
+def size_difference(size: tuple[int, int], expected: tuple[int, int], stored: tuple[int, int] | None = None) -> str | None:
+    """Why an image of ``size`` (height, width, after EXIF orientation) is not the one an
+    annotation file describes as ``expected``; None where they agree. ``stored``: its size
+    before the orientation, named where the orientation turned it (a viewer or annotation tool
+    that ignores the tag shows the stored image, so the mismatch would make no sense)."""
+    if tuple(size) == tuple(expected):
+        return None
+    turned = (f" (stored {stored[1]}x{stored[0]}, turned by its EXIF orientation: if the annotations are of the stored "
+              f"image, drop the tag)" if stored is not None and tuple(stored) != tuple(size) else "")
+    return (f"its size {size[1]}x{size[0]} (after EXIF orientation) differs from the annotation file's "
+            f"{expected[1]}x{expected[0]}{turned}")
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -186,7 +209,7 @@ def expand_image_paths(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[Path] = []
-    for path in map(Path, paths):
+    for path in (Path(p).expanduser() for p in paths):  # "~/x" quoted or after "=": no shell expanded it
         if path.is_dir():
             images = list_images(path)
             if output_dir is not None:
@@ -204,7 +227,7 @@ def expand_image_paths(
 def leave_out_folder(files: list[Path], folder: Path, excluded: str | os.PathLike) -> list[Path]:
     """``files`` (listed under ``folder``) less those under ``excluded`` where that folder lies
     inside ``folder``: outputs written into an input folder, label maps kept under the images'."""
-    excluded = Path(excluded).resolve()
+    excluded = Path(excluded).expanduser().resolve()
     if Path(folder).resolve() not in excluded.parents:
         return files
     return [file for file in files if excluded not in file.resolve().parents]

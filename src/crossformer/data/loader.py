@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..engine.distributed import DistContext, usable_workers
 from ..engine.seeding import sample_seed, seeded_rngs
-from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError
+from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference
 from .sampler import ShardedSampler
 
 __all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
@@ -53,10 +53,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class _Headers(Dataset):
-    """``None`` for a file whose image header reads, else ``"path: reason"``."""
+    """``None`` for a file whose image header reads (and, where ``sizes`` are given, whose
+    size after EXIF orientation is its ``(height, width)``), else ``"path: reason"``."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = paths
+    def __init__(self, paths: Sequence[str], sizes: Sequence[tuple[int, int]] | None = None) -> None:
+        self.paths, self.sizes = paths, sizes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,24 +66,27 @@ class _Headers(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as img:  # reads the header only, not the pixels
-                img.size
+                size, stored = oriented_size(img), (img.height, img.width)
         except FileNotFoundError:
             return f"{path}: file not found"
         except UNREADABLE_ERRORS as err:
             return f"{path}: {err}"
-        return None
+        differs = size_difference(size, self.sizes[index], stored) if self.sizes is not None else None
+        return f"{path}: {differs}" if differs else None
 
 
 def find_unreadable(
-    paths: Sequence[str], num_workers: int = 0, batch_size: int = 64, progress: Any = None
+    paths: Sequence[str], num_workers: int = 0, batch_size: int = 64, progress: Any = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[str]:
-    """``"path: reason"`` for each of ``paths`` whose image header cannot be read, in order.
+    """``"path: reason"`` for each of ``paths`` whose image header cannot be read (or whose
+    size is not its entry of ``sizes``, ``(height, width)`` as an annotation file gives them), in order.
 
     A cheap check (a header, not a decode) run in ``num_workers`` loader processes (at most
     one per CPU available); ``progress.update()`` (a :class:`~crossformer.engine.Progress`) is
     called per batch of paths.
     """
-    loader = DataLoader(_Headers(paths), batch_size=batch_size, num_workers=usable_workers(num_workers),
+    loader = DataLoader(_Headers(paths, sizes), batch_size=batch_size, num_workers=usable_workers(num_workers),
                         collate_fn=list, worker_init_fn=_ignore_stop_signals)
     found: list[str] = []
     for results in loader:
@@ -93,17 +97,20 @@ def find_unreadable(
 
 
 def check_readable(paths: Sequence[str], ctx: DistContext, num_workers: int, skip_corrupt: bool,
-                   log: Any = None, what: str = "validation image") -> list[str]:
+                   log: Any = None, what: str = "validation image",
+                   sizes: Sequence[tuple[int, int]] | None = None) -> list[str]:
     """A task's data check before training: the headers of this process's share of ``paths``
     (:func:`find_unreadable`; ``ctx`` says which). A bad file is a :class:`DataError` naming it
     (and how many more) unless ``skip_corrupt``; then returns the bad ones of every process's
     share as ``"path: reason"``, on every process (each must call this then). ``log`` (a
-    :class:`~crossformer.engine.RunLogger`) shows progress on large sets."""
-    mine = [paths[i] for i in ShardedSampler(len(paths), ctx.rank, ctx.world_size, shuffle=False, pad=False)]
+    :class:`~crossformer.engine.RunLogger`) shows progress on large sets; ``sizes`` (per path,
+    ``(height, width)``) are checked too where given."""
+    share = list(ShardedSampler(len(paths), ctx.rank, ctx.world_size, shuffle=False, pad=False))
+    mine = [paths[i] for i in share]
     batch = 64
     large = log is not None and len(mine) > 5000  # a progress bar (or a line every 30 s) while checking ImageNet's 50k
     progress = log.progress(-(-len(mine) // batch), f"checking {what}s", every=100) if large else None
-    bad = find_unreadable(mine, num_workers, batch, progress)
+    bad = find_unreadable(mine, num_workers, batch, progress, [sizes[i] for i in share] if sizes is not None else None)
     if progress is not None:
         progress.close()
     if not skip_corrupt:  # (the same on every process: none is left in the gather below)

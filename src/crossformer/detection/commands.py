@@ -21,7 +21,7 @@ from torch import nn
 from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError, one_line
-from .classes import COCO_CLASSES, known_category_ids
+from .classes import COCO_CLASSES, first_category_difference, known_category_ids
 from .config import DetectionConfig
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
@@ -105,31 +105,49 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics")
 
 
+def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, checkpoint: str) -> None:
+    """A one-line error for an annotation file of other categories than the detector's, naming
+    the first that differs (in label order: the file's category ids sorted)."""
+    from ..data import DataError
+
+    differ = None
+    if loaded.class_names is not None:
+        differ = first_category_difference([repr(n) for n in dataset.class_names],
+                                           [repr(n) for n in loaded.class_names], "the file", "the checkpoint")
+    if loaded.detector.num_classes != dataset.num_classes:
+        raise DataError(f"{ann_file} has {dataset.num_classes} categories; {checkpoint} detects "
+                        f"{loaded.detector.num_classes} classes" + (f" ({differ})" if differ else "")
+                        + ": evaluate on the categories it was trained on")
+    if differ is not None:
+        raise DataError(f"{ann_file} names other categories than {checkpoint} was trained on ({differ}): "
+                        f"evaluate on the categories it was trained on")
+
+
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     from ..atomic import check_output_path
-    from ..data import DataError
     from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
-    from .evaluate import COCO_METRICS, evaluate_detector
+    from .evaluate import COCO_METRICS, evaluate_detector, load_ground_truth
 
     # checked before the evaluation, which may take hours
     results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
     ann_file, image_dir = data_paths(config.data, "val")
-    dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform())
     ctx = setup_distributed(config.run.device)
     try:
         loaded = load_detector(config, args.checkpoint, ctx.device, args.ema)
-        if loaded.detector.num_classes != dataset.num_classes:
-            raise DataError(f"{ann_file} has {dataset.num_classes} categories; {args.checkpoint} detects "
-                            f"{loaded.detector.num_classes} classes")
-        if loaded.class_names is not None and list(loaded.class_names) != dataset.class_names:
-            raise DataError(f"{ann_file} names other categories than {args.checkpoint} was trained on "
-                            f"({', '.join(dataset.class_names[:5])}... vs {', '.join(loaded.class_names[:5])}...)")
+        # labelled by the checkpoint's class names: the file may number the categories otherwise
+        dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform(),
+                                classes=loaded.class_names)
+        _check_categories(dataset, loaded, ann_file, args.checkpoint)
+        # checked before the images are run (mask AP needs every object's segmentation), on every
+        # rank: each stops with the same error rather than wait for rank 0
+        ground_truth = load_ground_truth(ann_file, loaded.detector.has_masks)
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),
+            ground_truth=ground_truth,
         )
     finally:
         teardown_distributed(ctx)

@@ -148,6 +148,9 @@ class DetectionConfig(EngineConfig):
     """Everything a detection run depends on. Batch sizes are per process."""
 
     alternatives = DENSE_ALTERNATIVES
+    # --data ROOT over a layer's explicit files (a checkpoint's recorded config, a config file)
+    # means ROOT's files: else evaluate --data ROOT evaluated the recorded files, without a word
+    covers = (("data.root", tuple(f"data.{name}" for name in DetectionDataConfig.path_fields if name != "root")),)
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, decay_1d=True, scale_lr=False))
@@ -169,6 +172,10 @@ def data_paths(data: DetectionDataConfig, split: Literal["train", "val"]) -> tup
     if ann is not None and images is not None:
         return Path(ann), Path(images)
     if data.root is None:
+        if (ann is None) != (images is None):  # one of the pair, and no root to take the other from
+            have, lack = ("ann", "images") if ann is not None else ("images", "ann")
+            raise DataError(f"data.{split}_{have} is set but data.{split}_{lack} is not: give both "
+                            f"(or --data COCO_ROOT for the COCO layout)")
         raise DataError(f"no {split} data given: pass --data COCO_ROOT, or data.{split}_ann and data.{split}_images")
     default_ann, default_images = coco_paths(data.root, split)
     return Path(ann or default_ann), Path(images or default_images)

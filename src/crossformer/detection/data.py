@@ -33,9 +33,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, read_rgb
+from ..data import DataError, read_rgb, size_difference
 from ..data.folder import UNREADABLE_ERRORS
 
 __all__ = [
@@ -85,7 +86,8 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     image_dir = root / folder
     if not ann_file.is_file():
         raise DataError(f"{root} has no annotations/{ann_file.name}; expected the COCO layout "
-                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders")
+                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders, "
+                        f"or name the files: data.{split}_ann=FILE data.{split}_images=FOLDER")
     if not image_dir.is_dir():
         raise DataError(f"{root} has no {folder}/ image folder beside {ann_file}")
     return ann_file, image_dir
@@ -151,7 +153,7 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools) is no part of the JSON
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not JSON ({err}); expected a COCO instances file") from None
@@ -267,9 +269,10 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
 
 def annotation_segmentation(annotation: dict[str, Any], height: int, width: int, where: str) -> Any:
     """``annotation``'s segmentation through :func:`checked_segmentation`; a :class:`DataError`
-    naming ``where`` when it has none (masks are trained and evaluated on every object)."""
-    if "segmentation" not in annotation:
-        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object")
+    naming ``where`` when it has none or null (masks are trained and evaluated on every object)."""
+    if annotation.get("segmentation") is None:  # box-only exports leave it out or write null
+        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object "
+                        f"(for box-only data use a box detector: --kind retinanet)")
     return checked_segmentation(annotation["segmentation"], height, width, where)
 
 
@@ -282,6 +285,15 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     else:
         rle = segmentation
     return mask_utils.decode([rle])[..., 0]  # a list: pycocotools' single-RLE path warns under numpy 2
+
+
+def _in_class_order(categories: list[dict[str, Any]], classes: Sequence[str] | None) -> list[dict[str, Any]]:
+    """``categories`` in the order of ``classes`` where their names are those names, each once;
+    else as they are (the caller compares the names and says what differs)."""
+    by_name = {str(c["name"]): c for c in categories}
+    if classes is None or len(by_name) != len(categories) or sorted(by_name) != sorted(classes):
+        return categories
+    return [by_name[name] for name in classes]
 
 
 @dataclass
@@ -306,7 +318,10 @@ class CocoDetection(Dataset):
     ``with_masks=False`` skips mask decoding (box-only detectors, evaluation). ``transform``
     maps a :class:`DetectionSample` to a :class:`DetectionSample` (see
     :mod:`crossformer.detection.transforms`). ``log`` receives the one-line report of dropped
-    and clipped boxes.
+    and clipped boxes. Labels number the categories by sorted id, or, given ``classes`` (a
+    model's class names, as mmdetection's ``CLASSES``) that the file's names are an order of,
+    in that order: a file that numbers the same categories otherwise (converters that number
+    them as they meet them, split by split) still labels each object by its name.
     """
 
     def __init__(
@@ -317,13 +332,14 @@ class CocoDetection(Dataset):
         with_masks: bool = True,
         transform: Callable[[DetectionSample], DetectionSample] | None = None,
         log: Callable[[str], None] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         if not self.image_dir.is_dir():
             raise DataError(f"image folder not found: {self.image_dir}")
         data = load_coco_json(self.ann_file)
         self.train, self.with_masks, self.transform = train, with_masks, transform
-        categories = sorted(data["categories"], key=lambda c: c["id"])
+        categories = _in_class_order(sorted(data["categories"], key=lambda c: c["id"]), classes)
         self.cat_ids: list[int] = [int(c["id"]) for c in categories]
         self.class_names: list[str] = [str(c["name"]) for c in categories]
         self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids)}
@@ -345,6 +361,11 @@ class CocoDetection(Dataset):
         return len(self.cat_ids)
 
     @property
+    def object_count(self) -> int:
+        """The objects the records keep (crowds and dropped boxes left out)."""
+        return sum(len(r.boxes) for r in self.records)
+
+    @property
     def image_ids(self) -> list[int]:
         return [r.image_id for r in self.records]
 
@@ -358,6 +379,25 @@ class CocoDetection(Dataset):
         """Contiguous labels 0..C-1 -> the file's category ids."""
         return [self.cat_ids[int(i)] for i in labels]
 
+    def _check_images_exist(self, images: dict[int, dict[str, Any]]) -> None:
+        """A one-line :class:`DataError` naming the first image of the file missing from the
+        image folder, with how many more are (all of them: the folder is likely the wrong one)."""
+        missing = [(i, image) for i, image in images.items() if not (self.image_dir / image["file_name"]).is_file()]
+        if not missing:
+            return
+        image_id, image = missing[0]
+        name = image["file_name"]
+        where = f"image {name} (id {image_id}) of {self.ann_file.name} not found at {self.image_dir / name}"
+        if len(missing) > 1:
+            where += f" ({len(missing) - 1} more images of it are missing)"
+        if Path(name).is_absolute():  # e.g. Label Studio's /data/upload/...: the image folder plays no part
+            where += f"; its file names are absolute paths, which leave out {self.image_dir}: make them relative to it"
+        elif len(missing) == len(images) > 1:
+            where += f"; none of its images is in {self.image_dir}: give the folder its file names are relative to"
+        if "\\" in name:  # written on Windows: here a backslash is part of the name, not a folder separator
+            where += "; its file names separate folders with '\\': COCO files use '/'"
+        raise DataError(where)
+
     def _parse(self, data: dict[str, Any]) -> tuple[list[_Record], int, int]:
         images = {int(img["id"]): img for img in data["images"]}
         per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
@@ -370,11 +410,10 @@ class CocoDetection(Dataset):
                 raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has category id "
                                 f"{ann['category_id']}, which is not in 'categories' (ids {self.cat_ids})")
             per_image[int(ann["image_id"])].append(ann)
+        self._check_images_exist(images)
         records, dropped, clipped = [], 0, 0
         for image_id, image in images.items():
             path = self.image_dir / image["file_name"]
-            if not path.is_file():
-                raise DataError(f"image {image['file_name']} (id {image_id}) of {self.ann_file.name} not found at {path}")
             height, width = int(image["height"]), int(image["width"])
             boxes, labels, segmentations = [], [], []
             for ann in per_image[image_id]:
@@ -415,8 +454,10 @@ class CocoDetection(Dataset):
             sample.failure = f"{record.path}: {err}"
             return sample
         if (image.height, image.width) != (record.height, record.width):
-            sample.failure = (f"{record.path}: its size {image.width}x{image.height} (after EXIF orientation) differs "
-                              f"from the annotation file's {record.width}x{record.height}")
+            with Image.open(record.path) as stored:  # the header again: the size before the EXIF orientation
+                differs = size_difference((image.height, image.width), (record.height, record.width),
+                                          (stored.height, stored.width))
+            sample.failure = f"{record.path}: {differs}"
             return sample
         sample.image = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())
         if self.with_masks:

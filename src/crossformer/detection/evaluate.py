@@ -25,7 +25,8 @@ from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, Precision, RunLogger, SkippedFiles
 from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
 
-__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "evaluate_detector"]
+__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "require_objects",
+           "evaluate_detector"]
 
 # COCOeval.stats in order: AP at IoU .50:.95, .50, .75, by area; AR at 1, 10, 100 detections, by area.
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
@@ -108,6 +109,14 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     return coco
 
 
+def require_objects(dataset: CocoDetection) -> None:
+    """A one-line :class:`DataError` for a file with no object to find, where every number
+    COCOeval gives would be -1."""
+    if not dataset.object_count:
+        raise DataError(f"{dataset.ann_file} has no object to evaluate on (crowd regions and boxes with no area are not "
+                        f"counted): its AP would be -1; give a file with annotated objects")
+
+
 @torch.no_grad()
 def evaluate_detector(
     detector: nn.Module,
@@ -119,6 +128,7 @@ def evaluate_detector(
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
     precision: Precision | None = None,
+    ground_truth: COCO | None = None,
 ) -> dict[str, float]:
     """Box AP (and mask AP when the detector returns masks) of ``detector`` on ``dataset``.
 
@@ -128,9 +138,13 @@ def evaluate_detector(
     (unreadable, with ``skip_corrupt``); rank 0 writes ``results_file`` (COCO results JSON).
     Images skipped as unreadable are left out of the evaluation rather than counted as misses;
     otherwise an unreadable image in any rank's share stops every rank with the same error.
+    ``ground_truth``: ``dataset``'s annotation file as :func:`load_ground_truth` read it for this
+    detector (read before the images are run, so that a file it refuses stops at once; rank 0
+    uses it); None: read after.
     """
     if not len(dataset):  # else "no readable images", as if images were there and failed
         raise DataError(f"{dataset.ann_file} lists no images: nothing to evaluate")
+    require_objects(dataset)
     ctx = ctx or DistContext()
     was_training = detector.training
     detector.eval()
@@ -170,7 +184,7 @@ def evaluate_detector(
     coco_gt, error = None, None
     if ctx.is_main:
         try:
-            coco_gt = load_ground_truth(dataset.ann_file, "segm" in iou_types)
+            coco_gt = ground_truth or load_ground_truth(dataset.ann_file, "segm" in iou_types)
         except DataError as err:  # raised on every rank, so that none waits in the gather below
             error = err
     ctx.raise_together(error)

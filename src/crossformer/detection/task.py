@@ -24,8 +24,9 @@ from ..errors import UserInputError
 from .config import DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .checkpoint import load_detector_state
+from .classes import first_category_difference
 from .detectors import Detector, build_detector
-from .evaluate import evaluate_detector, load_ground_truth
+from .evaluate import evaluate_detector, load_ground_truth, require_objects
 
 __all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK"]
 
@@ -63,6 +64,18 @@ def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str
     return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
 
 
+def _nothing_to_train(dataset: CocoDetection, kind: str) -> str:
+    """Why a training file whose images have annotations gives no object to train on."""
+    reasons = []
+    if dataset.shapeless_masks:  # box-only exports often write "segmentation": []
+        reasons.append(f"{dataset.shapeless_masks} of its objects have no segmentation polygon of 3 points or more, "
+                       f"and a {kind} trains on masks: for box-only data use --kind retinanet")
+    if dataset.dropped_boxes:
+        reasons.append(f"{dataset.dropped_boxes} of its objects have a box with no area or outside their image")
+    why = "; ".join(reasons) or "its objects are all crowd regions (iscrowd=1), which are never training targets"
+    return f"{dataset.ann_file} has no object to train on: {why}"
+
+
 class DetectionTask(Task):
     """A detector trained on COCO-format data; best checkpoint by box AP."""
 
@@ -78,9 +91,14 @@ class DetectionTask(Task):
         self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
                                        transform=c.data.train_transform(), log=self.notes.append)
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
-        self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform())
-        if self.val_set.cat_ids != self.train_set.cat_ids:
-            raise DataError(f"{val_ann} and {train_ann} list different categories; both splits need the same ones")
+        # labelled by the training file's names: the two files may number the categories differently
+        self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform(),
+                                     classes=self.train_set.class_names)
+        differ = first_category_difference([repr(n) for n in self.val_set.class_names],
+                                           [repr(n) for n in self.train_set.class_names],
+                                           "the validation file", "the training file")
+        if differ is not None:
+            raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); both splits need the same ones")
         self.class_names = self.train_set.class_names
         num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
         batch = c.run.batch_size
@@ -90,6 +108,9 @@ class DetectionTask(Task):
         if not len(self.val_set):  # found at the first evaluation otherwise, an epoch into the run
             raise DataError(f"{val_ann} lists no images: training evaluates on the validation images after each "
                             f"epoch (and at the end); give a file with at least one")
+        require_objects(self.val_set)  # else every evaluation's AP is -1, and best.pth is kept by it
+        if not self.train_set.object_count:  # else every update trains on background alone
+            raise DataError(_nothing_to_train(self.train_set, c.model.kind))
         if len(self.train_set) // ctx.world_size < batch:
             raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
                             f"batch of {batch} per process; lower --batch-size")
@@ -108,14 +129,16 @@ class DetectionTask(Task):
     # the Task interface ---------------------------------------------------------------
 
     def check_data(self) -> None:
-        """The validation images' headers and (for mask models) the validation objects'
-        segmentations, so that a bad file stops the run now rather than at the first
-        evaluation; with ``skip_corrupt`` unreadable images are named (evaluation skips them)."""
+        """The validation images' headers (each image's size too, as the file gives it) and
+        (for mask models) the validation objects' segmentations, so that a bad file stops the
+        run now rather than at the first evaluation; with ``skip_corrupt`` unreadable images
+        are named (evaluation skips them)."""
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
+        sizes = [(record.height, record.width) for record in self.val_set.records]
         named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
-                                      self.log):
+                                      self.log, sizes=sizes):
             named(f"skipping unreadable image {failure}")
         load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # what evaluation will check
 
@@ -159,8 +182,11 @@ class DetectionTask(Task):
         if (state.get("detector"), state.get("backbone")) != (m.kind, m.backbone):
             raise UserInputError(f"{path} is a {state.get('detector')} on {state.get('backbone')}, not a {m.kind} on "
                                  f"{m.backbone}; use the config it was trained with")
-        if list(state.get("class_names", [])) != list(self.class_names):
-            raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file}; use the same data")
+        differ = first_category_difference([repr(n) for n in self.class_names], [repr(n) for n in state.get("class_names", [])],
+                                           "the training file", "the checkpoint")
+        if differ is not None:
+            raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file} ({differ}); "
+                                 f"use the same data")
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, TypeVar
 
 import yaml
 
@@ -33,7 +33,7 @@ __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
-    "replaced_alternatives", "check_run_unit_kept", "RUN_UNIT_SETTINGS", "with_absolute_paths",
+    "replaced_alternatives", "check_run_unit_kept", "RUN_UNIT_SETTINGS", "with_absolute_paths", "with_home_expanded",
 ]
 
 C = TypeVar("C")
@@ -166,6 +166,9 @@ class EngineConfig:
         ("run.epochs", "run.iterations"),
         ("schedule.warmup_epochs", "schedule.warmup_iters"),
     )
+    # (setting, the settings it stands for): a layer that sets the first and not one of the others
+    # replaces the layers below's choice of that one (both in one layer: the other refines it)
+    covers: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)
@@ -506,8 +509,10 @@ def replaced_alternatives(config_cls: type, per_section: Mapping[str, Mapping[st
     """The ``section.field`` settings of ``config_cls``'s :attr:`~EngineConfig.alternatives`
     that one layer (``{section: {field: value}}``, from ``source``) replaces in the layers below
     it: those whose partner it sets to a value (not 0 or null) while leaving them alone. A layer
-    setting both to values is an error naming it."""
-    replaced = []
+    setting both to values is an error naming it. So are those of its
+    :attr:`~EngineConfig.covers` whose covering setting it sets while leaving them alone."""
+    replaced = [other for covering, others in getattr(config_cls, "covers", ()) if _layer_value(per_section, covering)
+                for other in others if not _layer_sets(per_section, other)]
     for pair in getattr(config_cls, "alternatives", ()):
         for chosen, other in (pair, pair[::-1]):
             chosen_section, chosen_name = chosen.split(".")
@@ -577,19 +582,41 @@ def _shown(value: Any) -> str:
     return str(list(value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def with_absolute_paths(config: C) -> C:
-    """``config`` with the files and folders its sections read (each section's ``path_fields``)
-    made absolute from the current directory: a checkpoint records the config, and its
-    ``evaluate`` must find the same data from any directory."""
+def _layer_value(per_section: Mapping[str, Mapping[str, Any]], setting: str) -> Any:
+    section, name = setting.split(".")
+    return per_section.get(section, {}).get(name)
+
+
+def _layer_sets(per_section: Mapping[str, Mapping[str, Any]], setting: str) -> bool:
+    section, name = setting.split(".")
+    return name in per_section.get(section, {})
+
+
+def _with_paths(config: C, change: Callable[[str], str]) -> C:
+    """``config`` with ``change`` applied to the files and folders its sections read (each
+    section's ``path_fields``)."""
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         values = {name: getattr(section, name) for name in getattr(section, "path_fields", ())}
         # a field that may hold a path or the values themselves (data.classes: a file or the names) keeps the values
-        absolute = {name: os.path.abspath(os.path.expanduser(v)) for name, v in values.items() if isinstance(v, str)}
-        if absolute:
-            changes[f.name] = dataclasses.replace(section, **absolute)
+        changed = {name: change(v) for name, v in values.items() if isinstance(v, str)}
+        if changed:
+            changes[f.name] = dataclasses.replace(section, **changed)
     return dataclasses.replace(config, **changes)
+
+
+def with_absolute_paths(config: C) -> C:
+    """``config`` with the files and folders its sections read made absolute from the current
+    directory (``~`` the home folder): a checkpoint records the config, and its ``evaluate``
+    must find the same data from any directory."""
+    return _with_paths(config, lambda path: os.path.abspath(os.path.expanduser(path)))
+
+
+def with_home_expanded(config: C) -> C:
+    """``config`` with ``~`` in the files and folders its sections read made the home folder,
+    as training reads them: no shell expands it in ``data.val_ann=~/...``."""
+    return _with_paths(config, os.path.expanduser)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -13,7 +13,9 @@ writes ``OUTPUT/last.pth``, ``best.pth``, ``metrics.jsonl``, ``log.txt`` and ``t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -527,6 +529,8 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     interrupts are also written to ``log.txt``.
     """
     config = with_absolute_paths(config)  # what the checkpoints record finds the data from anywhere
+    # run.output=~/x (no shell expands it there) is the home folder's x, not a folder named "~" here
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, output=os.path.expanduser(config.run.output)))
     run = config.run
     ctx = setup_distributed(run.device)
     try:
