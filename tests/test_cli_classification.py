@@ -379,6 +379,26 @@ def test_resume_needs_no_pretrained_file(data: Path, tmp_path: Path, capsys) -> 
     assert load_training_state(tmp_path / "run" / "last.pth")["epoch"] == 2
 
 
+def test_checkpoint_paths_under_the_home_folder(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys) -> None:
+    """No shell expands ~ in --checkpoint=~/..., --pretrained=~/... or model.pretrained=~/...: each
+    was 'checkpoint not found: ~/run/last.pth' while run.output=~/run wrote there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output=~/first", "--epochs", "1"]) == 0
+    assert (tmp_path / "home" / "first" / "last.pth").is_file()
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output=~/second", "--epochs", "1",
+                 "model.pretrained=~/first/last.pth"]) == 0
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output=~/second", "--epochs", "2",
+                 "run.resume=~/second/last.pth"]) == 0
+    assert load_training_state(tmp_path / "home" / "second" / "last.pth")["epoch"] == 2
+    assert main(["evaluate", "--checkpoint=~/second/last.pth", "--data", str(data), "--device", "cpu",
+                 "--num-workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 9
+    assert main(["predict", str(data / "val" / "eel"), "--checkpoint=~/second/last.pth", "--device", "cpu"]) == 0
+    assert not (tmp_path / "~").exists()
+
+
 def test_predict_reads_a_class_names_file_as_segmentation_reads_its_class_list(data: Path, tmp_path: Path,
                                                                                capsys) -> None:
     """--class-names for a file that records none: a byte-order mark and Windows line ends (as

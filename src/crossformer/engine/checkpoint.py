@@ -33,7 +33,7 @@ def require_model_files(task: str, **settings: str | None) -> None:
     (and so does a resumed run: see :func:`without_start_files`).
     """
     for setting, path in settings.items():
-        if path is not None and not Path(path).is_file():
+        if path is not None and not Path(path).expanduser().is_file():  # ~: as read_checkpoint reads it
             raise CheckpointError(f"model.{setting}: checkpoint not found: {path}")
         if path is not None:
             _check_start_task(task, setting, path)

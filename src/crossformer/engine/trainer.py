@@ -211,7 +211,7 @@ class Trainer:
         resume = self.run_config.resume
         if not resume:
             return None
-        path = self.output / LAST if resume == "auto" else Path(resume)
+        path = self.output / LAST if resume == "auto" else Path(resume).expanduser()
         if resume == "auto" and not path.is_file():
             self.log.info(f"resume=auto: no {path} yet, starting from scratch")
             return None

@@ -282,9 +282,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
     The format is told by the file's content, not its name. Anything that is not a readable
     checkpoint (text, an HTML page, an empty, truncated or damaged file, a folder) raises
-    :class:`CheckpointError` naming the file and saying what it is instead.
+    :class:`CheckpointError` naming the file and saying what it is instead. A ``~`` at its start
+    is the home folder (no shell expands it in ``--checkpoint=~/...`` or ``model.pretrained=~/...``).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
@@ -307,8 +308,9 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     A command line asks several times (its task while parsing, its config when it runs): the
     file is read once per version (size and modification time), and each caller gets a copy.
     """
+    path = Path(path).expanduser()  # as read_checkpoint reads it
     try:
-        stat = Path(path).stat()
+        stat = path.stat()
     except OSError:
         return {}
     return copy.deepcopy(_peek(str(path), stat.st_size, stat.st_mtime_ns))
