@@ -53,6 +53,16 @@ def _torchscript(path: Path) -> Path:
     return path
 
 
+def _onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path.write_bytes(helper.make_model(graph, producer_name="pytorch").SerializeToString())
+    return path
+
+
 # file name -> (how to make it, what the message must say)
 BAD_FILES = {
     "notes.pth": (lambda p: p.write_text("hello world\nsecond line\n"), "is not a PyTorch checkpoint (it is text, starting 'hello world')"),
@@ -71,6 +81,8 @@ BAD_FILES = {
     "folder.pth": (lambda p: p.mkdir(), "is a folder, not a checkpoint file"),
     # crossformer export --format torchscript writes these: torch.load's own error said "weights_only"
     "traced.pt": (_torchscript, "is not a PyTorch checkpoint (a TorchScript module: run it with torch.jit.load"),
+    # and --format onnx these: "unknown binary data, starting 08 0e 12 07 ..."
+    "model.onnx": (_onnx, "is not a PyTorch checkpoint (an ONNX model: run it with onnxruntime"),
 }
 
 

@@ -172,10 +172,23 @@ def _sniff(path: Path) -> tuple[str, str]:
         return "safetensors", "a safetensors file"
     if not head:
         return "other", "it is empty: 0 bytes"
+    if _looks_like_onnx(head):  # before text: a small model's first bytes are printable but for the tags
+        return "other", ("an ONNX model: run it with onnxruntime, and give commands the training checkpoint or its "
+                         "safetensors export")
     text = _describe_text(head)
     if text is not None:
         return "other", text
     return "other", f"unknown binary data, starting {head[:8].hex(' ')}"
+
+
+# the protobuf tags of an ONNX ModelProto's fields 2-8 (producer_name ... graph, opset_import)
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """Whether ``head`` starts as an ONNX file does (``crossformer export --format onnx`` writes
+    one): the ``ir_version`` field (tag 0x08, a small version number), then another model field."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 32 and head[2] in _ONNX_NEXT_TAGS
 
 
 def _is_torchscript(path: Path) -> bool:
