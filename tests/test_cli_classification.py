@@ -148,7 +148,13 @@ def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys)
     assert json.loads(capsys.readouterr().out)["models"]["crossformer_tiny"]["params"] == configured
     assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "0",
                  "--no-memory"]) == 0  # the summary says which model it timed
-    assert "settings    crossformer_tiny: embed_dim=32, depths=[1, 1, 2, 1]," in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "settings    crossformer_tiny: embed_dim=32, depths=[1, 1, 2, 1]," in captured.out
+    assert "warmed up" not in captured.out + captured.err  # --warmup 0 ran no step (it said "warmed up" all the same)
+    assert main(["benchmark", "--config", "digits", "--batch-size", "2", "--rounds", "1", "--warmup", "1",
+                 "--no-memory"]) == 0
+    captured = capsys.readouterr()
+    assert "warmed up crossformer_tiny (infer): first step" in captured.out + captured.err
 
 
 def test_model_verbs_size_the_classifier_by_the_configs_data(data: Path, tmp_path: Path, capsys) -> None:

@@ -258,9 +258,8 @@ def run_benchmark(
         first_step[key] = timed_steps(step, 1, config.device) if config.warmup else None
         for _ in range(config.warmup - 1):
             step()
-        if log:
-            said = "" if first_step[key] is None else f": first step {first_step[key]:.1f} s"
-            log(f"warmed up {key[0]} ({key[1]}){said}")
+        if log and first_step[key] is not None:  # --warmup 0: no step ran, nothing warmed up
+            log(f"warmed up {key[0]} ({key[1]}): first step {first_step[key]:.1f} s")
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for r in range(config.rounds):
         for key, step in steps.items():
