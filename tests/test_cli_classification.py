@@ -317,6 +317,15 @@ def test_flags_and_settings_of_other_fields_combine() -> None:
 
     args = parse_command_line(["train", "run.seed=7", "--config", "digits", "--epochs", "2", "optimizer.lr=0.01"])
     assert command_line_settings(args, args.overrides) == {"run.seed": 7, "run.epochs": 2, "optimizer.lr": 0.01}
+    # a field of one value or several takes either after its flag: --img-size N or H W, and
+    # segmentation's --classes a file or the names (--classes road car was "expected KEY=VALUE, got 'car'")
+    for argv, expected in ((["--img-size", "48"], {"data.img_size": 48}),
+                           (["--img-size", "48", "64"], {"data.img_size": [48, 64]}),
+                           (["--config", "upernet_demo", "--classes", "names.txt"], {"data.classes": "names.txt"}),
+                           (["--config", "upernet_demo", "--classes", "road", "car", "iterations=5"],
+                            {"data.classes": ["road", "car"], "iterations": 5})):
+        args = parse_command_line(["train", *argv])
+        assert command_line_settings(args, args.overrides) == expected, argv
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -94,18 +94,24 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _number_lists_last(command: argparse.ArgumentParser, args: list[str]) -> list[str]:
-    """``args`` with every flag that takes several numbers (``--img-size H W``) moved, with its
-    numbers, behind the rest, in order.
+def _is_list_value(token: str, kind: type) -> bool:
+    """Whether ``token`` is one more value of a flag taking several of ``kind``: a number, or a
+    word that is no flag and no ``KEY=VALUE`` setting (``--classes road car``)."""
+    return _is_number(token) if kind in (int, float) else not token.startswith("-") and "=" not in token
+
+
+def _value_lists_last(command: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``args`` with every flag that takes several values (``--img-size H W``, ``--classes a b``)
+    moved, with its values, behind the rest, in order.
 
     argparse gives such a flag every positional-looking token that follows it, so a ``KEY=VALUE``
     setting or an image right after ``--img-size 224`` would be read as one more size. At the end
     nothing follows them; the other arguments keep their order.
     """
-    number_lists = {
-        option
+    value_lists = {
+        option: action.type
         for action in command._actions
-        if action.nargs in ("+", "*") and action.type in (int, float)
+        if action.nargs in ("+", "*") and action.type in (int, float, str)
         for option in action.option_strings
     }
     kept: list[str] = []
@@ -117,11 +123,11 @@ def _number_lists_last(command: argparse.ArgumentParser, args: list[str]) -> lis
         if token == "--":  # everything after it is positional
             kept.extend(args[position - 1:])
             break
-        if token not in number_lists:
+        if token not in value_lists:
             kept.append(token)
             continue
         moved.append(token)
-        while position < len(args) and _is_number(args[position]):
+        while position < len(args) and _is_list_value(args[position], value_lists[token]):
             moved.append(args[position])
             position += 1
     return kept + moved
@@ -158,7 +164,7 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     command = commands[argv[0]]
     _refuse_abbreviations(command, argv[1:])
     refuse_classification_model(command, argv[1:])
-    args = command.parse_intermixed_args(_number_lists_last(command, argv[1:]))
+    args = command.parse_intermixed_args(_value_lists_last(command, argv[1:]))
     args.command = argv[0]
     return args
 

@@ -108,6 +108,7 @@ def backbone_settings(kwargs: Mapping[str, Any]) -> str:
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
 _CONFIG_CLASS = "config_class"  # where the parsed arguments keep the class those flags came from
+_ONE_OR_MANY = "one_or_many"  # the keys whose flag takes one value or several (``N`` or ``H W``; a file or names)
 
 
 def config_flags(config_cls: type, keys: tuple[str, ...] | None = None,
@@ -192,13 +193,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
     from types import UnionType
 
     found = config_flags(config_cls, keys, shown_defaults, shown_config, comments)
+    one_or_many = set()
     for flag, (key, help_text, hint) in found.items():
         metavar = key.rsplit(".", 1)[1].upper()
         kwargs: dict[str, Any] = dict(dest=_CONFIG_DEST + key, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, UnionType) else [hint]
         base = options[0]
-        if len(options) == 2 and int in options and any(typing.get_origin(o) is tuple for o in options):
-            kwargs.update(type=int, nargs="+", metavar="N")
+        scalar = _scalar_or_its_tuple(options)
+        if scalar is not None:  # img_size: N or H W; data.classes: a file or the names
+            kwargs.update(type=scalar, nargs="+", metavar="N" if scalar is int else metavar)
+            one_or_many.add(key)
         elif base is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
             kwargs.pop("metavar")
@@ -213,8 +217,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
         elif base in (int, float):
             kwargs.update(type=base)
         parser.add_argument(flag, **kwargs)
-    parser.set_defaults(**{_CONFIG_CLASS: config_cls})
+    parser.set_defaults(**{_CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
     _explain_model_flag(parser, config_cls, found)
+
+
+def _scalar_or_its_tuple(options: list[Any]) -> type | None:
+    """``X`` where a field's (non-null) types are ``X`` and a tuple of ``X`` (``int | tuple[int, int]``,
+    ``str | tuple[str, ...]``), else None."""
+    import typing
+
+    if len(options) != 2:
+        return None
+    tuples = [o for o in options if typing.get_origin(o) is tuple]
+    scalars = [o for o in options if o in (int, float, str)]
+    if len(tuples) != 1 or len(scalars) != 1:
+        return None
+    items = {a for a in typing.get_args(tuples[0]) if a is not Ellipsis}
+    return scalars[0] if items == {scalars[0]} else None
 
 
 def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type,
@@ -254,11 +273,12 @@ def refuse_classification_model(parser: argparse.ArgumentParser, argv: list[str]
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration settings given as flags: ``{"section.field": value}``."""
     values: dict[str, Any] = {}
+    one_or_many = getattr(args, _ONE_OR_MANY, frozenset())
     for dest, value in vars(args).items():
         if dest.startswith(_CONFIG_DEST):
             key = dest[len(_CONFIG_DEST):]
-            if isinstance(value, list) and key.endswith("img_size"):
-                if len(value) not in (1, 2):
+            if isinstance(value, list) and key in one_or_many:
+                if key.endswith("img_size") and len(value) not in (1, 2):
                     raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, value))}")
                 value = value[0] if len(value) == 1 else value
             values[key] = value
