@@ -21,7 +21,6 @@ from crossformer.detection.export import DetectionGraph  # noqa: E402
 from crossformer.errors import UserInputError  # noqa: E402
 from crossformer.export import SizeRange, export_onnx  # noqa: E402
 from detection_train_fixtures import TINY_MODEL, agree, make_tiny_coco, resized_images  # noqa: E402
-from test_detection_cli import _one_thread  # noqa: E402,F401 (autouse: one thread)
 
 # One backbone block (stride 32, where the example's 8x10 map is padded to the group size): the
 # export's cost grows with every block (the tiny detectors' other three were 30% of these tests'

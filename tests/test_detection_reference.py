@@ -14,7 +14,6 @@ from torchvision.ops import box_iou
 from crossformer.detection import build_detector
 from crossformer.detection.roi_heads import boxes_to_rois
 from crossformer.models import load_state
-from test_detection_models import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 IMG_SHAPE = (256, 320)
 METAS = [dict(img_shape=IMG_SHAPE, ori_shape=IMG_SHAPE, scale_factor=(1.0, 1.0))] * 2
