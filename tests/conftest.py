@@ -40,6 +40,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """The whole run on one intra-op thread. The suite's tensors are tiny: on a quiet 2-core machine
+    a second thread changes little (tests/test_fast_paths.py: 16 s either way; the reference tests,
+    the largest tensors, 1-2 s more on one), but on a busy one its spin-waits made tests many times
+    slower (test_fast_paths.py: 300 s on two threads, 80 s on one). Tests of threaded code set their
+    own count. Torch's default is recorded first, so a run with ``run.cpu_threads: 0`` still gets it."""
+    from crossformer.engine.distributed import TORCH_DEFAULT_THREADS
+
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """Training (``run.cpu_threads``) and some tests set torch's thread count: each test gives it back."""

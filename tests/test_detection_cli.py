@@ -23,14 +23,6 @@ from cli_errors import one_error_line, one_torchrun_error_line
 from detection_train_fixtures import agree, make_tiny_coco, resized_images, tiny_settings, write_tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny Mask R-CNN trained one epoch through ``crossformer train``."""

@@ -20,16 +20,6 @@ from crossformer.detection.rpn import ProposalSettings
 from crossformer.errors import UserInputError
 from crossformer.models import CheckpointError, count_params
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention (20x slower on a busy
-    2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 H, W = 64, 96
 
