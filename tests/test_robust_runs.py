@@ -256,6 +256,33 @@ def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tm
     assert ", 2 skips of unreadable images (1 file)" in log.splitlines()[-1], log  # skipped in both epochs
 
 
+class _UnreadableBatchOnRank1(FakeTask):
+    """Every file of rank 1's second batch of each epoch is unreadable (--skip-corrupt; 3 batches a rank)."""
+
+    seen = 0
+
+    def batch_counts(self, batch):
+        self.seen += 1
+        self.bad = [f"image rank1/all{self.seen}.png: truncated"] if self.ctx.rank == 1 and self.seen % 3 == 2 else []
+        samples = 0.0 if self.bad else super().batch_counts(batch)["samples"]
+        return {"samples": samples, "unreadable_images": float(len(self.bad))}
+
+    def unreadable(self, batch):
+        return self.bad
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_batch_one_rank_could_not_read_at_all_is_passed_over(tmp_path: Path) -> None:
+    # --skip-corrupt: it stopped the run ("a whole batch was unusable ... ranks must stay in step"),
+    # as one process passes it over (segmentation: a batch of 2 with one unreadable image)
+    proc = _torchrun_train(tmp_path, "_UnreadableBatchOnRank1", "task: fake\nrun:\n  epochs: 2\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "ddp" / "log.txt").read_text()
+    assert "skipping unreadable image rank1/all2.png" in log and "rank1/all5.png" in log, log
+    assert ", 2 skips of unreadable images (2 files)" in log.splitlines()[-1], log
+    assert load_training_state(tmp_path / "ddp" / "last.pth")["global_step"] == 6  # every rank made every update
+
+
 class _ManyUnreadable(FakeTask):
     """Every batch skips 3 unreadable files, all different (27 in 3 epochs of 3 batches)."""
 

@@ -296,12 +296,12 @@ class Trainer:
             try:
                 counts = task.batch_counts(batch)
                 unreadable = task.unreadable(batch)
-                if not counts["samples"] and ctx.distributed:
-                    raise UserInputError("a whole batch was unusable (unreadable files?); remove them (ranks must stay in step)")
             except UserInputError as err:
                 error = err
             try:
-                stop, skipped = self._agree(error, len(unreadable))
+                stop, skipped, passed_over = self._agree(error, len(unreadable), counts is not None and not counts["samples"])
+                if passed_over:
+                    counts = self._pass_over(counts)
             except UserInputError as err:  # unreadable training data, raised on every rank
                 if self.global_step and self.batches_done % run.accum_steps == 0:  # keep the updates done
                     raise self._saved_for_resume(err) from None
@@ -330,9 +330,21 @@ class Trainer:
                     break
         progress.close()
 
-    def _agree(self, error: UserInputError | None, unreadable: int) -> tuple[bool, bool]:
+    def _pass_over(self, counts: dict[str, float]) -> dict[str, float]:
+        """``counts`` of a micro-batch that every rank passes over, as some rank has no usable
+        sample in it (unreadable files skipped): the ranks stay in step without it."""
+        run = self.run_config
+        update = (self.batches_done + 1) % run.accum_steps == 0 or self.batches_done + 1 == self.batches_per_epoch
+        if self.ctx.distributed and update and run.accum_steps > 1:
+            # the accumulated gradients are reduced by the update's backward pass, which no rank would run
+            raise UserInputError("a whole batch was unusable (unreadable files?) where the gradients accumulated over "
+                                 "run.accum_steps are reduced; remove those files or set run.accum_steps=1")
+        return {**counts, "samples": 0.0}
+
+    def _agree(self, error: UserInputError | None, unreadable: int, empty: bool = False) -> tuple[bool, bool, bool]:
         """Raise ``error`` on every rank if any rank has one; whether any rank was asked to stop,
-        and whether any skipped unreadable files in this micro-batch (``unreadable``: this rank's).
+        whether any skipped unreadable files in this micro-batch (``unreadable``: this rank's) and
+        whether any rank has no sample to train on in it (``empty``: this rank's).
 
         One small reduction per micro-batch when distributed (ranks must leave together: one
         alone would leave the others waiting in DDP's gradient reduction); free otherwise.
@@ -341,12 +353,12 @@ class Trainer:
         if not ctx.distributed:
             if error is not None:
                 raise error
-            return self.stop_signal is not None, unreadable > 0
-        failed, stopping, skipped = ctx.all_reduce_sum(
-            [float(error is not None), float(self.stop_signal is not None), float(unreadable)])
+            return self.stop_signal is not None, unreadable > 0, empty
+        failed, stopping, skipped, empties = ctx.all_reduce_sum(
+            [float(error is not None), float(self.stop_signal is not None), float(unreadable), float(empty)])
         if failed:
             ctx.raise_together(error)
-        return stopping > 0, skipped > 0
+        return stopping > 0, skipped > 0, empties > 0
 
     def _stop(self) -> None:
         """After an update, on a stop signal: save the position (mid-epoch) and stop."""
