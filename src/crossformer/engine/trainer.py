@@ -255,7 +255,8 @@ class Trainer:
             self.batches_done, self.meters = 0, {}
             if not run.by_iterations:
                 self.global_step = self.epoch * self.updates_per_epoch
-            written = (f"by {state.get('world_size')} processes" if not same_ranks else
+            saved_ranks = int(state.get("world_size", 1))
+            written = (f"by {saved_ranks} process{'es' if saved_ranks > 1 else ''}" if not same_ranks else
                        f"with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process")
             self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
                           f"at update {self.global_step} of {self.total_updates}")
