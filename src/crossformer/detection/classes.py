@@ -34,11 +34,11 @@ def known_category_ids(class_names: Sequence[str] | None) -> list[int] | None:
 
 
 def first_category_difference(found: Sequence[str], expected: Sequence[str], found_in: str, expected_in: str) -> str | None:
-    """Where two category lists in label order (names, or "id 'name'") first differ, as
-    "label 4 is 'star' in the file, 'étoile ★' in the checkpoint" (``found_in``, ``expected_in``;
-    "none" past the end of the shorter); None where they agree."""
+    """Where two category name lists in label order first differ, as "label 4 is 'star' in the
+    file, 'étoile ★' in the checkpoint" (``found_in``, ``expected_in``; "none" past the end of
+    the shorter); None where they agree."""
     for label, (one, other) in enumerate(zip_longest(found, expected)):
         if one != other:
-            return (f"label {label} is {'none' if one is None else one} in {found_in}, "
-                    f"{'none' if other is None else other} in {expected_in}")
+            return (f"label {label} is {'none' if one is None else repr(one)} in {found_in}, "
+                    f"{'none' if other is None else repr(other)} in {expected_in}")
     return None

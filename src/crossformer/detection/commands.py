@@ -112,8 +112,7 @@ def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, chec
 
     differ = None
     if loaded.class_names is not None:
-        differ = first_category_difference([repr(n) for n in dataset.class_names],
-                                           [repr(n) for n in loaded.class_names], "the file", "the checkpoint")
+        differ = first_category_difference(dataset.class_names, list(loaded.class_names), "the file", "the checkpoint")
     if loaded.detector.num_classes != dataset.num_classes:
         raise DataError(f"{ann_file} has {dataset.num_classes} categories; {checkpoint} detects "
                         f"{loaded.detector.num_classes} classes" + (f" ({differ})" if differ else "")

@@ -94,8 +94,7 @@ class DetectionTask(Task):
         # labelled by the training file's names: the two files may number the categories differently
         self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform(),
                                      classes=self.train_set.class_names)
-        differ = first_category_difference([repr(n) for n in self.val_set.class_names],
-                                           [repr(n) for n in self.train_set.class_names],
+        differ = first_category_difference(self.val_set.class_names, self.train_set.class_names,
                                            "the validation file", "the training file")
         if differ is not None:
             raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); both splits need the same ones")
@@ -182,7 +181,7 @@ class DetectionTask(Task):
         if (state.get("detector"), state.get("backbone")) != (m.kind, m.backbone):
             raise UserInputError(f"{path} is a {state.get('detector')} on {state.get('backbone')}, not a {m.kind} on "
                                  f"{m.backbone}; use the config it was trained with")
-        differ = first_category_difference([repr(n) for n in self.class_names], [repr(n) for n in state.get("class_names", [])],
+        differ = first_category_difference(self.class_names, list(state.get("class_names", [])),
                                            "the training file", "the checkpoint")
         if differ is not None:
             raise UserInputError(f"{path} was trained on other categories than {self.train_set.ann_file} ({differ}); "

@@ -314,7 +314,7 @@ class Trainer:
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
-            update = self.batches_done % run.accum_steps == 0 or self.batches_done == total
+            update = self._ends_update(self.batches_done)
             if counts["samples"]:
                 self._forward_backward(batch, counts["samples"], sync=update)
                 progress.update(loss=self.last_loss, lr=self.optimizer.param_groups[0]["lr"])
@@ -331,12 +331,16 @@ class Trainer:
                     break
         progress.close()
 
+    def _ends_update(self, batches_done: int) -> bool:
+        """Whether the micro-batch that brings the epoch to ``batches_done`` ends an update (the
+        last of ``run.accum_steps``, or of the epoch)."""
+        return batches_done % self.run_config.accum_steps == 0 or batches_done == self.batches_per_epoch
+
     def _pass_over(self, counts: dict[str, float]) -> dict[str, float]:
         """``counts`` of a micro-batch that every rank passes over, as some rank has no usable
         sample in it (unreadable files skipped): the ranks stay in step without it."""
         run = self.run_config
-        update = (self.batches_done + 1) % run.accum_steps == 0 or self.batches_done + 1 == self.batches_per_epoch
-        if self.ctx.distributed and update and run.accum_steps > 1:
+        if self.ctx.distributed and self._ends_update(self.batches_done + 1) and run.accum_steps > 1:
             # the accumulated gradients are reduced by the update's backward pass, which no rank would run
             raise UserInputError("a whole batch was unusable (unreadable files?) where the gradients accumulated over "
                                  "run.accum_steps are reduced; remove those files or set run.accum_steps=1")
