@@ -199,6 +199,14 @@ def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
     assert "iteration 8/10" in (tmp_path / "log.txt").read_text()
 
 
+def test_an_iteration_run_that_sets_no_eval_every_evaluates_once_an_epoch(tmp_path: Path) -> None:
+    # `train --config digits --iterations N` evaluated after every update: the default period counted updates
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=14))
+    assert metrics["global_step"] == 14  # 6 updates per epoch
+    assert [r["step"] for r in _records(tmp_path) if "val/score" in r] == [6, 12, 14]
+    assert "iteration 12/14" in (tmp_path / "log.txt").read_text()
+
+
 def test_best_checkpoint_follows_the_primary_metric(tmp_path: Path) -> None:
     metrics = train(FakeTask, fake_config(tmp_path, **{"fake.scores": [0.3, 0.9, 0.5]}))
     assert metrics["best_score"] == 0.9 and metrics["val/best_score"] == 0.9 and metrics["val/score"] == 0.5

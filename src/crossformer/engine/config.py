@@ -47,11 +47,13 @@ class RunConfig:
     """How long to train and how the loop runs. Lengths count epochs *or* iterations
     (optimizer updates): set exactly one of ``epochs`` and ``iterations`` (see
     :attr:`EngineConfig.alternatives`); ``eval_every`` and
-    ``checkpoint_every`` are in the same unit."""
+    ``checkpoint_every`` are in the same unit. ``eval_every: 0`` (the default) evaluates at
+    the end of each pass over the training data in either unit: an iteration run that never
+    chose a period evaluates once an epoch, not after every update."""
 
     epochs: int = 0  # passes over the training data (or set iterations)
     iterations: int = 0  # optimizer updates (or set epochs)
-    eval_every: int = 1  # evaluate (and pick best.pth) every N epochs / iterations, and at the end
+    eval_every: int = 0  # evaluate (and pick best.pth) every N epochs / iterations (0: every epoch), and at the end
     checkpoint_every: int = 0  # also write last.pth every N epochs / iterations (0: at evaluations and the end)
     save_every_steps: int = 0  # also write last.pth every N optimizer updates (0: off)
     batch_size: int = 128  # per process; global batch = batch_size x processes x accum_steps
@@ -90,8 +92,8 @@ class RunConfig:
                 f"run: set exactly one of run.epochs and run.iterations (got epochs={self.epochs}, "
                 f"iterations={self.iterations})"
             )
-        _at_least(self, 1, "eval_every", "batch_size", "accum_steps", "log_every")
-        _at_least(self, 0, "epochs", "iterations", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
+        _at_least(self, 1, "batch_size", "accum_steps", "log_every")
+        _at_least(self, 0, "epochs", "iterations", "eval_every", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
                   "clip_grad")
         if not 0 <= self.model_ema_decay < 1:
             raise UserInputError(f"run.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")

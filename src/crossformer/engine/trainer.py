@@ -411,7 +411,8 @@ class Trainer:
         if run.by_iterations or epoch_ended:
             position = self.global_step if run.by_iterations else self.epoch
             final = position >= run.length
-            evaluate = final or position % run.eval_every == 0
+            # eval_every 0: at each epoch's end, in an iteration run too (not after every update)
+            evaluate = final or (position % run.eval_every == 0 if run.eval_every else epoch_ended)
             if evaluate:
                 metrics, is_best = self._evaluate_or_save()
                 self._save(metrics, best=is_best)
