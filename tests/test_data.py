@@ -141,6 +141,10 @@ def test_unreadable_image_is_reported_not_raised_in_workers(tmp_path: Path) -> N
     images, targets, failures = next(iter(loader))
     assert images.shape == (6, 3, 32, 32) and len(targets) == 6
     assert len(failures) == 1 and str(broken) in failures[0]
+    # one deleted since the folder was listed: the same kind of failure, in as few words
+    gone = tmp_path / "train" / "cat" / "0.png"
+    gone.unlink()
+    assert dataset[dataset.samples.index((str(gone), 0))][2] == f"{gone}: file not found"
 
 
 def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:

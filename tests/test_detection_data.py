@@ -280,12 +280,18 @@ def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
 
     path = _write_coco(tmp_path, [], images=images("a.jpg", "gone.jpg", "lost.jpg", "away.jpg"))
     with pytest.raises(DataError, match=r"image gone\.jpg \(id 2\) of ann\.json not found at .*gone\.jpg "
-                                        r"\(2 more images of it are missing\)$"):
+                                        r"\(2 more images of it are missing\); restore it or drop it from the file, or "
+                                        r"pass --skip-corrupt to skip missing images$"):
         CocoDetection(path, tmp_path / "img")
+    # --skip-corrupt skipped images that did not decode but stopped on those deleted since the file listed them
+    kept = CocoDetection(path, tmp_path / "img", skip_missing=True)
+    assert [sample.failure for sample in kept][1:] == [f"{tmp_path / 'img' / name}: file not found"
+                                                       for name in ("gone.jpg", "lost.jpg", "away.jpg")]
+    assert kept[0].failure is None
     with pytest.raises(DataError, match=r"image a\.jpg \(id 1\) of ann\.json not found at .* \(3 more images of it are "
                                         r"missing\); none of its images is in .*: give the folder its file names are "
                                         r"relative to$"):
-        CocoDetection(path, tmp_path)
+        CocoDetection(path, tmp_path, skip_missing=True)  # the wrong folder: no image to skip to
     path = _write_coco(tmp_path, [], images=images("/data/upload/1/a.jpg"))  # as Label Studio exports
     with pytest.raises(DataError, match=r"not found at /data/upload/1/a\.jpg; its file names are absolute paths, which "
                                         r"leave out .*img: make them relative to it$"):

@@ -287,6 +287,21 @@ def test_an_unreadable_validation_image_stops_before_training(coco: Path, tmp_pa
     assert not (tmp_path / "run" / "last.pth").exists()
 
 
+def test_skip_corrupt_skips_and_counts_an_image_deleted_since_its_file_listed_it(coco: Path, tmp_path: Path) -> None:
+    # --skip-corrupt skipped images that did not decode; one missing stopped the run all the same
+    broken = tmp_path / "broken"
+    shutil.copytree(coco, broken)
+    gone = CocoDetection(broken / "annotations" / "instances_train2017.json", broken / "train2017", train=True).records[0].path
+    gone.unlink()
+    config = tiny_config(tmp_path / "c.yaml", "retinanet", broken, tmp_path / "run")
+    with pytest.raises(DataError, match=rf"not found at {gone}; restore it .*--skip-corrupt"):
+        train(config)
+    train(replace(config, data=replace(config.data, skip_corrupt=True)))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {gone}: file not found") == 1
+    assert ", 1 skip of unreadable images (1 file)" in [line for line in log.splitlines() if " done in " in line][0]
+
+
 def test_a_validation_image_of_another_size_than_its_file_says_stops_before_training(coco: Path, tmp_path: Path) -> None:
     # The header check read the image, not its EXIF orientation or the file's width / height:
     # the run trained an epoch, then its evaluation stopped on "its size ... differs".

@@ -233,6 +233,24 @@ def test_unreadable_images_skipped_and_named(tmp_path):
         check_batch(collate_segmentation([dataset[0]]), skip_corrupt=True)
 
 
+def test_files_deleted_since_the_listing_are_skipped_as_unreadable(tmp_path):
+    # a pair's file deleted since the pairs were listed stopped the run, --skip-corrupt or not,
+    # with "image not found" and no word of the flag
+    for name in ("a", "b"):
+        _save_pair(tmp_path, name, np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))
+    dataset = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"])
+    (tmp_path / "img" / "b.jpg").unlink()
+    (tmp_path / "ann" / "a.png").unlink()
+    batch = collate_segmentation([dataset[0], dataset[1]])
+    assert len(batch.images) == 0 and not batch.invalid
+    with pytest.raises(DataError, match=r"cannot read label map .*a\.png: file not found; .*--skip-corrupt"):
+        check_batch(batch, skip_corrupt=False)
+    logged = []
+    assert check_batch(batch, skip_corrupt=True, on_skip=logged.append) == 2
+    assert logged == [f"cannot read label map {tmp_path / 'ann' / 'a.png'}: file not found",
+                      f"cannot read image {tmp_path / 'img' / 'b.jpg'}: file not found"]
+
+
 def test_exif_orientation_and_palette_labels(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "ann").mkdir()

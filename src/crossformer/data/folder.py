@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
-           "size_difference", "expand_image_paths", "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
+           "size_difference", "unreadable_reason", "expand_image_paths", "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")
@@ -107,6 +107,13 @@ def size_difference(size: tuple[int, int], expected: tuple[int, int], stored: tu
             f"{expected[1]}x{expected[0]}{turned}")
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """Why a listed file could not be read, as an unreadable file's line gives it: "file not
+    found" for one deleted since its listing (skipped with --skip-corrupt as a corrupt one is),
+    else the decoder's error."""
+    return "file not found" if isinstance(err, FileNotFoundError) else str(err)
+
+
 def read_rgb(path: str | Path) -> Image.Image:
     """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale (8- or
     16-bit), palette and alpha images converted. ``FileNotFoundError`` and ``UNREADABLE_ERRORS``
@@ -122,13 +129,12 @@ def read_rgb(path: str | Path) -> Image.Image:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """:func:`read_rgb`, with a one-line DataError for a missing or unreadable file."""
+    """:func:`read_rgb`, with a one-line DataError for a missing or unreadable file (both
+    skippable: a file listed and then deleted is skipped as a corrupt one)."""
     try:
         return read_rgb(path)
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
     except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}{SKIP_HINT}") from None
+        raise DataError(f"cannot read image {path}: {unreadable_reason(err)}{SKIP_HINT}") from None
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -195,7 +201,7 @@ class ImageFolderDataset(Dataset):
         try:
             image = read_rgb(path)  # as evaluate's images are the ones predict sees
         except UNREADABLE_ERRORS as err:
-            return None, target, f"{path}: {err}"
+            return None, target, f"{path}: {unreadable_reason(err)}"
         return (self.transform(image) if self.transform else image), target, None
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..engine.distributed import DistContext, usable_workers
 from ..engine.seeding import sample_seed, seeded_rngs
-from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference
+from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference, unreadable_reason
 from .sampler import ShardedSampler
 
 __all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
@@ -67,10 +67,8 @@ class _Headers(Dataset):
         try:
             with Image.open(path) as img:  # reads the header only, not the pixels
                 size, stored = oriented_size(img), (img.height, img.width)
-        except FileNotFoundError:
-            return f"{path}: file not found"
         except UNREADABLE_ERRORS as err:
-            return f"{path}: {err}"
+            return f"{path}: {unreadable_reason(err)}"
         differs = size_difference(size, self.sizes[index], stored) if self.sizes is not None else None
         return f"{path}: {differs}" if differs else None
 

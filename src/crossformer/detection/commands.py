@@ -137,7 +137,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         loaded = load_detector(config, args.checkpoint, ctx.device, args.ema)
         # labelled by the checkpoint's class names: the file may number the categories otherwise
         dataset = CocoDetection(ann_file, image_dir, with_masks=False, transform=config.data.test_transform(),
-                                classes=loaded.class_names)
+                                classes=loaded.class_names, skip_missing=config.data.skip_corrupt)
         _check_categories(dataset, loaded, ann_file, args.checkpoint)
         # checked before the images are run (mask AP needs every object's segmentation), on every
         # rank: each stops with the same error rather than wait for rank 0

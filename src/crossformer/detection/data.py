@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import DataError, read_rgb, size_difference
-from ..data.folder import UNREADABLE_ERRORS
+from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
 
 __all__ = [
     "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
@@ -321,7 +321,9 @@ class CocoDetection(Dataset):
     and clipped boxes. Labels number the categories by sorted id, or, given ``classes`` (a
     model's class names, as mmdetection's ``CLASSES``) that the file's names are an order of,
     in that order: a file that numbers the same categories otherwise (converters that number
-    them as they meet them, split by split) still labels each object by its name.
+    them as they meet them, split by split) still labels each object by its name. An image of
+    the file missing from ``image_dir`` is an error unless ``skip_missing`` (``--skip-corrupt``)
+    and some of them are there: then each is read as an unreadable image (counted and skipped).
     """
 
     def __init__(
@@ -333,8 +335,10 @@ class CocoDetection(Dataset):
         transform: Callable[[DetectionSample], DetectionSample] | None = None,
         log: Callable[[str], None] | None = None,
         classes: Sequence[str] | None = None,
+        skip_missing: bool = False,
     ) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
+        self.skip_missing = skip_missing
         if not self.image_dir.is_dir():
             raise DataError(f"image folder not found: {self.image_dir}")
         data = load_coco_json(self.ann_file)
@@ -381,9 +385,10 @@ class CocoDetection(Dataset):
 
     def _check_images_exist(self, images: dict[int, dict[str, Any]]) -> None:
         """A one-line :class:`DataError` naming the first image of the file missing from the
-        image folder, with how many more are (all of them: the folder is likely the wrong one)."""
+        image folder, with how many more are (all of them: the folder is likely the wrong one,
+        which ``skip_missing`` does not pass over)."""
         missing = [(i, image) for i, image in images.items() if not (self.image_dir / image["file_name"]).is_file()]
-        if not missing:
+        if not missing or self.skip_missing and len(missing) < len(images):
             return
         image_id, image = missing[0]
         name = image["file_name"]
@@ -396,6 +401,8 @@ class CocoDetection(Dataset):
             where += f"; none of its images is in {self.image_dir}: give the folder its file names are relative to"
         if "\\" in name:  # written on Windows: here a backslash is part of the name, not a folder separator
             where += "; its file names separate folders with '\\': COCO files use '/'"
+        elif len(missing) < len(images) and not Path(name).is_absolute():  # a few deleted: skipping them may help
+            where += "; restore it or drop it from the file, or pass --skip-corrupt to skip missing images"
         raise DataError(where)
 
     def _parse(self, data: dict[str, Any]) -> tuple[list[_Record], int, int]:
@@ -450,8 +457,8 @@ class CocoDetection(Dataset):
         )
         try:
             image = read_rgb(record.path)
-        except (FileNotFoundError, *UNREADABLE_ERRORS) as err:
-            sample.failure = f"{record.path}: {err}"
+        except UNREADABLE_ERRORS as err:  # FileNotFoundError too (an OSError): skipped with --skip-corrupt
+            sample.failure = f"{record.path}: {unreadable_reason(err)}"
             return sample
         if (image.height, image.width) != (record.height, record.width):
             with Image.open(record.path) as stored:  # the header again: the size before the EXIF orientation

@@ -17,7 +17,7 @@ from PIL import Image
 from ..atomic import OutputError, check_output_folder
 from ..data import DataError, expand_image_paths, read_rgb, unique_stem
 from ..data.draw import draw_boxes, overlay_masks, palette
-from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS
+from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
 from ..engine import Precision, RunLogger
 from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
@@ -111,11 +111,12 @@ def predict_detections(
         try:
             image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
+            reason = unreadable_reason(err)
             if not skip_corrupt:
-                raise DataError(f"cannot read image {path}: {err}{SKIP_HINT}") from None
-            result.skipped.append(f"{path}: {err}")
+                raise DataError(f"cannot read image {path}: {reason}{SKIP_HINT}") from None
+            result.skipped.append(f"{path}: {reason}")
             if logger is not None:
-                logger.info(f"skipped unreadable image {path}: {err}")
+                logger.info(f"skipped unreadable image {path}: {reason}")
             continue
         batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
         with precision.autocast() if precision is not None else contextlib.nullcontext():

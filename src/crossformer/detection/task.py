@@ -89,11 +89,12 @@ class DetectionTask(Task):
         train_ann, train_images = data_paths(c.data, "train")
         val_ann, val_images = data_paths(c.data, "val")
         self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
-                                       transform=c.data.train_transform(), log=self.notes.append)
+                                       transform=c.data.train_transform(), log=self.notes.append,
+                                       skip_missing=c.data.skip_corrupt)
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
         # labelled by the training file's names: the two files may number the categories differently
         self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform(),
-                                     classes=self.train_set.class_names)
+                                     classes=self.train_set.class_names, skip_missing=c.data.skip_corrupt)
         differ = first_category_difference(self.val_set.class_names, self.train_set.class_names,
                                            "the validation file", "the training file")
         if differ is not None:

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
-from ..data.folder import UNREADABLE_ERRORS
+from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
@@ -96,10 +96,9 @@ def read_label(path: str | Path) -> np.ndarray:
             return np.asarray(img).astype(np.int64)
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(f"label map not found: {path}") from None
-    except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read label map {path}: {err}; fix or delete it (--skip-corrupt skips such files)") from None
+    except UNREADABLE_ERRORS as err:  # a missing file too: a pair deleted since its listing is skipped alike
+        raise DataError(f"cannot read label map {path}: {unreadable_reason(err)}; fix or delete it "
+                        "(--skip-corrupt skips such files)") from None
 
 
 def _label_files(label_dir: Path, image_dir: Path, suffix: str = LABEL_SUFFIX) -> dict[Path, Path]:
