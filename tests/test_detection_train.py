@@ -247,8 +247,36 @@ def test_splits_numbering_the_categories_otherwise_match_them_by_name(coco: Path
 
     renamed = _edited_copy(coco, tmp_path / "renamed", "val", rename)
     with pytest.raises(DataError, match=r"list different categories \(label 3 is 'étoile' in the validation file, "
-                                        r"'star' in the training file\); both splits need the same ones"):
+                                        r"'star' in the training file\); the validation file needs the training file's categories \(or some of them\)"):
         DetectionTask(tiny_config(tmp_path / "c.yaml", "mask_rcnn", renamed, tmp_path / "run"), DistContext())
+
+
+def test_a_validation_file_of_some_of_the_categories_is_evaluated_over_those(coco: Path, tmp_path: Path, capsys) -> None:
+    # A validation file without a rare class was refused: "list different categories" in training,
+    # "has 3 categories; ... detects 4 classes" in evaluate. It is matched by name and scored over its own.
+    from crossformer.cli import main
+    from crossformer.detection.evaluate import detections_to_coco
+
+    def drop_rectangles(data: dict) -> None:
+        data["categories"] = [c for c in data["categories"] if c["name"] != "rectangle"]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 3]
+
+    fewer = _edited_copy(coco, tmp_path / "fewer", "val", drop_rectangles)
+    config = tiny_config(tmp_path / "c.yaml", "retinanet", fewer, tmp_path / "run")
+    assert config.data.known_classes() == 4  # flops' and benchmark's head count: the training file's, not 3
+    metrics = train(config)
+    assert metrics["val/bbox_mAP"] >= 0
+    note = "instances_val2017.json has no category 'rectangle' of the detector's 4: evaluated over the 3 it has"
+    assert note in (tmp_path / "run" / "log.txt").read_text()
+    assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "run" / "last.pth"),
+                 "--data", str(fewer), "--results", str(tmp_path / "r.json")]) == 0
+    assert note in capsys.readouterr().out
+    names = ["circle", "rectangle", "triangle", "star"]  # the training file's
+    val = CocoDetection(fewer / "annotations" / "instances_val2017.json", fewer / "val2017", classes=names)
+    assert (val.class_names, val.cat_ids, val.absent_classes) == (names, [1, None, 6, 9], ["rectangle"])
+    # a detection of the class the file lacks is no result: nothing of it there to score
+    found = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5]]), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}
+    assert [r["category_id"] for r in detections_to_coco([found], [7], val.cat_ids)] == [6]
 
 
 def test_what_reading_the_training_file_dropped_is_in_the_run_log(coco: Path, tmp_path: Path) -> None:

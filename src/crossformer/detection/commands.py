@@ -119,7 +119,7 @@ def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, chec
                         + ": evaluate on the categories it was trained on")
     if differ is not None:
         raise DataError(f"{ann_file} names other categories than {checkpoint} was trained on ({differ}): "
-                        f"evaluate on the categories it was trained on")
+                        f"evaluate on the categories it was trained on (or some of them)")
 
 
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
@@ -143,6 +143,9 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         # rank: each stops with the same error rather than wait for rank 0
         ground_truth = load_ground_truth(ann_file, loaded.detector.has_masks)
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
+        absent = dataset.absent_note()
+        if absent is not None:
+            logger.info(absent)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),

@@ -106,13 +106,13 @@ class DetectionDataConfig:
 
     def known_classes(self) -> int | None:
         """The category count training builds the heads for (no image opened); None where the
-        config names no annotation file on this machine. Training requires the validation file
-        to list the training file's categories, so that file is read first: it is much smaller
-        (COCO's: 25 MB against 450 MB)."""
+        config names no annotation file on this machine. The training file's, though it is much
+        larger (COCO's: 450 MB against 25 MB): a validation file may list some of its
+        categories; the validation file's where the training file is not here."""
         from ..data import DataError
         from .data import load_coco_json
 
-        for split in ("val", "train"):
+        for split in ("train", "val"):
             try:
                 return len(load_coco_json(data_paths(self, split)[0])["categories"])
             except DataError:

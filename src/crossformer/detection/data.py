@@ -287,13 +287,16 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return mask_utils.decode([rle])[..., 0]  # a list: pycocotools' single-RLE path warns under numpy 2
 
 
-def _in_class_order(categories: list[dict[str, Any]], classes: Sequence[str] | None) -> list[dict[str, Any]]:
-    """``categories`` in the order of ``classes`` where their names are those names, each once;
-    else as they are (the caller compares the names and says what differs)."""
-    by_name = {str(c["name"]): c for c in categories}
-    if classes is None or len(by_name) != len(categories) or sorted(by_name) != sorted(classes):
-        return categories
-    return [by_name[name] for name in classes]
+def _label_categories(categories: list[dict[str, Any]], classes: Sequence[str] | None
+                      ) -> tuple[list[str], list[int | None]]:
+    """``(name, category id)`` per label: ``classes`` in their order where the file's names are
+    those names or some of them, each once (id None for each class the file lacks: a validation
+    file of fewer categories); else ``categories`` as they are (the caller compares the names
+    and says what differs)."""
+    by_name = {str(c["name"]): int(c["id"]) for c in categories}
+    if classes is None or len(by_name) != len(categories) or not set(by_name) <= set(classes):
+        return [str(c["name"]) for c in categories], [int(c["id"]) for c in categories]
+    return list(classes), [by_name.get(name) for name in classes]
 
 
 @dataclass
@@ -321,7 +324,9 @@ class CocoDetection(Dataset):
     and clipped boxes. Labels number the categories by sorted id, or, given ``classes`` (a
     model's class names, as mmdetection's ``CLASSES``) that the file's names are an order of,
     in that order: a file that numbers the same categories otherwise (converters that number
-    them as they meet them, split by split) still labels each object by its name. An image of
+    them as they meet them, split by split) still labels each object by its name, and a file of
+    some of them (a validation file without a rare class) is evaluated over those it has: its
+    ``cat_ids`` hold None for the others (:attr:`absent_classes`). An image of
     the file missing from ``image_dir`` is an error unless ``skip_missing`` (``--skip-corrupt``)
     and some of them are there: then each is read as an unreadable image (counted and skipped).
     """
@@ -343,10 +348,8 @@ class CocoDetection(Dataset):
             raise DataError(f"image folder not found: {self.image_dir}")
         data = load_coco_json(self.ann_file)
         self.train, self.with_masks, self.transform = train, with_masks, transform
-        categories = _in_class_order(sorted(data["categories"], key=lambda c: c["id"]), classes)
-        self.cat_ids: list[int] = [int(c["id"]) for c in categories]
-        self.class_names: list[str] = [str(c["name"]) for c in categories]
-        self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids)}
+        self.class_names, self.cat_ids = _label_categories(sorted(data["categories"], key=lambda c: c["id"]), classes)
+        self.cat_id_to_label = {cat: i for i, cat in enumerate(self.cat_ids) if cat is not None}
         self.shapeless_masks = 0  # objects left out for want of a polygon of 3 points (counted by _parse)
         self.records, dropped, clipped = self._parse(data)
         if train:
@@ -363,6 +366,21 @@ class CocoDetection(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
+
+    @property
+    def absent_classes(self) -> list[str]:
+        """The names of ``classes`` (given to the constructor) that the file has no category of."""
+        return [name for name, cat in zip(self.class_names, self.cat_ids) if cat is None]
+
+    def absent_note(self) -> str | None:
+        """A line saying which classes the file lacks and that evaluation scores the others;
+        None where it has every one."""
+        absent = self.absent_classes
+        if not absent:
+            return None
+        named = ", ".join(map(repr, absent[:3])) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        return (f"{self.ann_file.name} has no category {named} of the detector's {self.num_classes}: evaluated over "
+                f"the {self.num_classes - len(absent)} it has")
 
     @property
     def object_count(self) -> int:
@@ -415,7 +433,7 @@ class CocoDetection(Dataset):
                                 f"which is not in 'images'")
             if int(ann["category_id"]) not in self.cat_id_to_label:
                 raise DataError(f"{self.ann_file}: annotation {ann['id']} of image {image['file_name']} has category id "
-                                f"{ann['category_id']}, which is not in 'categories' (ids {self.cat_ids})")
+                                f"{ann['category_id']}, which is not in 'categories' (ids {sorted(self.cat_id_to_label)})")
             per_image[int(ann["image_id"])].append(ann)
         self._check_images_exist(images)
         records, dropped, clipped = [], 0, 0

@@ -38,9 +38,10 @@ def metric_names(iou_type: str) -> list[str]:
 
 
 def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
-                       cat_ids: Sequence[int]) -> list[dict[str, Any]]:
+                       cat_ids: Sequence[int | None]) -> list[dict[str, Any]]:
     """Detector outputs (per image ``boxes`` (K, 4) xyxy original pixels, ``scores``, ``labels``
-    0..C-1, optional ``masks`` bool (K, H0, W0)) -> COCO result records."""
+    0..C-1, optional ``masks`` bool (K, H0, W0)) -> COCO result records; none for a label whose
+    category id is None (a class the annotation file lacks: nothing of it to score)."""
     records = []
     for output, image_id in zip(outputs, image_ids):
         boxes = output["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
@@ -51,8 +52,11 @@ def detections_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Se
             masks = output["masks"].detach().cpu().numpy().astype(np.uint8)  # (K, H0, W0)
             rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
         for k in range(len(boxes)):
+            cat_id = cat_ids[int(labels[k])]
+            if cat_id is None:
+                continue
             x1, y1, x2, y2 = boxes[k].tolist()
-            record = {"image_id": int(image_id), "category_id": int(cat_ids[int(labels[k])]),
+            record = {"image_id": int(image_id), "category_id": int(cat_id),
                       "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[k])}
             if rles is not None:
                 record["segmentation"] = {"size": list(rles[k]["size"]), "counts": rles[k]["counts"].decode("ascii")}

@@ -98,7 +98,11 @@ class DetectionTask(Task):
         differ = first_category_difference(self.val_set.class_names, self.train_set.class_names,
                                            "the validation file", "the training file")
         if differ is not None:
-            raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); both splits need the same ones")
+            raise DataError(f"{val_ann} and {train_ann} list different categories ({differ}); the validation file "
+                            f"needs the training file's categories (or some of them)")
+        absent = self.val_set.absent_note()
+        if absent is not None:
+            self.notes.append(absent)
         self.class_names = self.train_set.class_names
         num_classes = resolve_num_classes(c.model, self.train_set.num_classes, str(train_ann))
         batch = c.run.batch_size
