@@ -57,6 +57,21 @@ def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys)
         assert other["images"] == 2 and 0 <= other["mIoU"] <= 1 and other["mIoU"] != result["mIoU"]
 
 
+def test_evaluate_warns_of_the_classes_no_label_map_holds_and_marks_them(run: dict[str, Path], capsys) -> None:
+    # Training warned that no validation label map holds 'grass' or 'building'; evaluate printed
+    # their rows (IoU 0.00 where predicted, else nan; Acc nan) without a word.
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data",
+                 str(run["data"])]) == 0
+    out, err = capsys.readouterr()
+    labels = run["data"] / "ADEChallengeData2016" / "annotations" / "validation"
+    assert err.startswith(f"warning: no label map in {labels} holds classes 'grass' (value 2), 'building' (value 5): "
+                          "Acc reads nan, and IoU 0 where the model predicts the class")
+    assert err.strip() in (run["root"] / "run" / "log.txt").read_text()  # training's check said the same
+    assert [row.split()[0] for row in out.splitlines() if row.endswith("  *")] == ["grass", "building"]
+    assert "\n* in no label map: Acc reads nan" in out
+
+
 def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     """Converted, the file keeps the segmentor's settings and classes; bare weights (no
     description, a config without num_classes) take their class count from the decode head."""

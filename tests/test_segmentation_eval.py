@@ -83,6 +83,11 @@ def test_miou_hand_computed():
     as_json = json.loads(json.dumps(m.to_dict()))
     assert as_json["per_class"]["d"] == {"IoU": 0.0, "Acc": None} and as_json["mIoU"] == pytest.approx(m.miou)
     assert "nan" in m.table() and "mIoU 35.42" in m.table()
+    # class d is in no label: its row is marked and the mark explained (a bare 0.00 / nan said nothing)
+    rows = m.table().splitlines()
+    assert [row.split()[0] for row in rows if row.endswith("  *")] == ["d"]
+    assert "* in no label map: Acc reads nan, and IoU 0 where the model predicts the class (counted in mIoU)" in m.table()
+    assert m.label_counts()[:5] == [3, 2, 2, 0, 0] and m.label_counts()[255] == 2  # evaluate's warning's counts
 
 
 def test_miou_with_reduce_zero_label():
@@ -105,6 +110,9 @@ def test_all_reduce_sums_over_ranks():
     before = acc.compute()
     acc.all_reduce(TwoRanks())
     assert torch.equal(acc.areas[3], torch.tensor([4.0, 2.0], dtype=torch.float64))
+    acc.update(torch.tensor([0]), torch.tensor([255]))
+    acc.all_reduce(TwoRanks())
+    assert acc.ignored == 2.0
     assert acc.compute().miou == pytest.approx(before.miou)
 
 

@@ -410,8 +410,8 @@ def test_a_class_no_validation_label_holds_is_a_warning(ade: Path, tmp_path: Pat
     layers = tiny_config(data=folders, run={"output": str(tmp_path / "run"), "iterations": 1, "eval_every": 1})
     train(build_config(SegmentationConfig, (layers, "tiny")))
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert re.search(rf"warning: no label map in {masks / 'validation'} holds class 'sky' \(value 1\): its IoU reads nan "
-                     r"and mIoU leaves it out; \d+% of the pixels are 255 \(ignored\), the rest one class: store each "
+    assert re.search(rf"warning: no label map in {masks / 'validation'} holds class 'sky' \(value 1\): Acc reads nan, and "
+                     r"IoU 0 where the model predicts the class \(counted in mIoU\), else nan \(left out of it\); \d+% of the pixels are 255 \(ignored\), the rest one class: store each "
                      r"object as its class value \(a mask saved as 0/255 stores it as ignored\)\n", log)
     from crossformer.segmentation.data import absent_classes_note
 

@@ -136,6 +136,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     from ..engine import RunLogger, resolve_precision
     from ..engine.distributed import setup_distributed, teardown_distributed
     from ..atomic import check_output_path
+    from .data import absent_classes_note
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
 
@@ -158,6 +159,9 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         teardown_distributed(ctx)
     if not ctx.is_main:  # under torchrun, rank 0 reports the reduced metrics
         return 0
+    absent = absent_classes_note(metrics.label_counts(), dataset)
+    if absent is not None:  # on stderr, as training's data check warns: stdout holds the table or JSON alone
+        print(f"warning: {absent}", file=sys.stderr)
     result = {"checkpoint": str(args.checkpoint), "data": str(dataset.image_dir), **metrics.to_dict()}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

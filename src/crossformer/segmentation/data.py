@@ -45,7 +45,7 @@ from .transforms import IGNORE_INDEX
 __all__ = [
     "ADE_SPLITS", "SegSample", "SegBatch", "SegmentationDataset", "EvaluationStops",
     "find_ade_root", "ade_classes", "ade20k_dataset", "load_class_list", "read_image", "read_label", "reduce_zero_label",
-    "collate_segmentation", "check_batch", "skipped_file", "absent_classes_note",
+    "collate_segmentation", "check_batch", "skipped_file", "absent_classes_note", "ABSENT_SCORES",
 ]
 
 ADE_DIRNAME = "ADEChallengeData2016"
@@ -349,11 +349,17 @@ class EvaluationStops(Dataset):
         return stop, np.bincount(sample.label.flatten().numpy(), minlength=IGNORE_INDEX + 1)
 
 
+# How a class that no label map holds is scored (mmseg's rule): said by the warning and the table.
+ABSENT_SCORES = ("Acc reads nan, and IoU 0 where the model predicts the class (counted in mIoU), "
+                 "else nan (left out of it)")
+
+
 def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -> str | None:
     """A line naming the classes that no label map of ``dataset`` holds (``counts``: pixels per
-    label value, summed as :class:`EvaluationStops` gives them), or None when every class occurs.
-    Their IoU reads nan and mIoU leaves them out. Where one class alone occurs beside 255, it
-    says so: masks saved as 0/255 store every object as "ignored"."""
+    label value, summed as :class:`EvaluationStops` or :meth:`.evaluate.SegMetrics.label_counts`
+    gives them), or None when every class occurs: the warning of training's data check and of
+    ``crossformer evaluate``. Where one class alone occurs beside 255, it says so: masks saved
+    as 0/255 store every object as "ignored"."""
     absent = [c for c in range(dataset.num_classes) if counts[c] == 0]
     if not absent:
         return None
@@ -361,8 +367,7 @@ def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -
     named = ", ".join(f"{dataset.classes[c]!r} (value {c + offset})" for c in absent[:3])
     more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
     one = len(absent) == 1
-    line = (f"no label map in {dataset.label_dir} holds class{'' if one else 'es'} {named}{more}: "
-            f"{'its' if one else 'their'} IoU reads nan and mIoU leaves {'it' if one else 'them'} out")
+    line = f"no label map in {dataset.label_dir} holds class{'' if one else 'es'} {named}{more}: {ABSENT_SCORES}"
     ignored = counts[IGNORE_INDEX] / max(sum(counts), 1)
     if ignored and dataset.num_classes - len(absent) <= 1:
         line += (f"; {ignored:.0%} of the pixels are 255 (ignored), the rest one class: store each object as its class "

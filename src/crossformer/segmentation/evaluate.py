@@ -24,7 +24,7 @@ import torch
 
 from ..data import DataError, ShardedSampler, build_loader
 from ..engine import DistContext, RunLogger, SkippedFiles
-from .data import SegmentationDataset, check_batch, collate_segmentation
+from .data import ABSENT_SCORES, SegmentationDataset, check_batch, collate_segmentation
 from .inference import InferenceConfig, segment
 from .transforms import IGNORE_INDEX
 
@@ -32,17 +32,20 @@ __all__ = ["IoUAccumulator", "SegMetrics", "evaluate_segmentor"]
 
 
 class IoUAccumulator:
-    """Per-class intersection / union / prediction / label pixel counts (float64: exact)."""
+    """Per-class intersection / union / prediction / label pixel counts (float64: exact), and
+    the ignored label pixels (what a class that no label holds may have been stored as)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.areas = torch.zeros(4, num_classes, dtype=torch.float64)  # intersect, union, pred, label
+        self.ignored = 0.0
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """Add one prediction/label pair (same shape, class indices; ``label`` may hold ``ignore_index``)."""
         if pred.shape != label.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
         keep = label != self.ignore_index
+        self.ignored += float(keep.numel() - keep.sum())
         pred, label = pred[keep].long(), label[keep].long()
         n = self.num_classes
         intersect = torch.bincount(pred[pred == label], minlength=n)[:n]
@@ -53,8 +56,9 @@ class IoUAccumulator:
 
     def all_reduce(self, ctx: DistContext) -> None:
         """Sum the counts over ``torchrun`` processes (every rank must call it)."""
-        summed = ctx.all_reduce_sum(self.areas.flatten().tolist())
-        self.areas = torch.tensor(summed, dtype=torch.float64).view(4, self.num_classes)
+        summed = ctx.all_reduce_sum([*self.areas.flatten().tolist(), self.ignored])
+        self.areas = torch.tensor(summed[:-1], dtype=torch.float64).view(4, self.num_classes)
+        self.ignored = summed[-1]
 
     def compute(self, class_names: Sequence[str] | None = None, images: int = 0, skipped: int = 0) -> "SegMetrics":
         intersect, union, _, area_label = self.areas.numpy()
@@ -67,6 +71,7 @@ class IoUAccumulator:
             miou=_nanmean(iou), macc=_nanmean(acc),
             aacc=float(intersect.sum() / total_label) if total_label else math.nan,
             iou=iou.tolist(), acc=acc.tolist(), class_names=names, images=images, skipped=skipped,
+            label_pixels=area_label.tolist(), ignored_pixels=self.ignored,
         )
 
 
@@ -88,6 +93,21 @@ class SegMetrics:
     images: int = 0
     skipped: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    label_pixels: list[float] = field(default_factory=list)  # per class: 0 where no label map holds it
+    ignored_pixels: float = 0.0
+
+    @property
+    def absent(self) -> list[bool]:
+        """Per class: whether no evaluated label map holds it (its Acc is nan; its IoU 0 where
+        the model predicts it, else nan)."""
+        return [pixels == 0 for pixels in self.label_pixels] or [False] * len(self.class_names)
+
+    def label_counts(self) -> list[float]:
+        """Pixels per label value (classes, then 255: ignored), as
+        :func:`~crossformer.segmentation.data.absent_classes_note` takes them."""
+        counts = [*self.label_pixels, *[0.0] * (IGNORE_INDEX + 1 - len(self.label_pixels))]
+        counts[IGNORE_INDEX] = self.ignored_pixels
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (NaN -> None): ``mIoU``, ``mAcc``, ``aAcc``, ``per_class`` {name: {IoU, Acc}}, counts."""
@@ -103,12 +123,15 @@ class SegMetrics:
         }
 
     def table(self) -> str:
-        """A per-class IoU / Acc table in percent (``nan`` for absent classes) and the summary line."""
+        """A per-class IoU / Acc table in percent (``nan`` where undefined; a class that no label
+        map holds marked ``*`` and explained below) and the summary line."""
         width = max(len("Class"), *(len(n) for n in self.class_names))
         lines = [f"{'Class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
-        for name, iou, acc in zip(self.class_names, self.iou, self.acc):
-            lines.append(f"{name:<{width}}  {_pct(iou):>6}  {_pct(acc):>6}")
+        for name, iou, acc, absent in zip(self.class_names, self.iou, self.acc, self.absent):
+            lines.append(f"{name:<{width}}  {_pct(iou):>6}  {_pct(acc):>6}" + ("  *" if absent else ""))
         lines.append("-" * (width + 16))
+        if any(self.absent):
+            lines.append(f"* in no label map: {ABSENT_SCORES}")
         lines.append(f"mIoU {_pct(self.miou)}  mAcc {_pct(self.macc)}  aAcc {_pct(self.aacc)}  ({self.images} images)")
         return "\n".join(lines)
 
