@@ -288,15 +288,21 @@ def test_predict_writes_pngs_and_coco_results(tmp_path):
 
 def test_predict_gives_each_input_its_own_png(tmp_path):
     # A second "a" took the name "a_<its input number>", which a file called so had already
-    # taken: a_3.jpg's drawing was overwritten by sub/a.jpg's without a word.
+    # taken: a_3.jpg's drawing was overwritten by sub/a.jpg's without a word. Then sub/a.jpg
+    # drew a_2.png beside the others: the outputs mirror the input's folders now.
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
-    for name in ("a.jpg", "a_3.jpg", "sub/a.jpg"):
+    for name in ("a.jpg", "a.png", "a_3.jpg", "sub/a.jpg"):
         _photo_like(folder / name, 300, 180)
     out = predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out", ["cat", "dog"],
                              transform=build_test_transform(256, 160))
-    assert [p.name for p in out.images] == ["a.png", "a_3.png", "a_2.png"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "a_2.png", "a_3.png"]
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in out.images] == ["a.png", "a_2.png", "a_3.png", "sub/a.png"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "a.png", "a_2.png", "a_3.png", "sub/a.png"]
+    # a file given by itself writes its drawing at the top
+    out = predict_detections(BoxInTheMiddle(), [folder / "sub" / "a.jpg"], tmp_path / "alone", ["cat", "dog"],
+                             transform=build_test_transform(256, 160))
+    assert out.images == [tmp_path / "alone" / "a.png"]
 
 
 def test_predict_refuses_to_draw_over_its_input_images(tmp_path):
@@ -306,7 +312,7 @@ def test_predict_refuses_to_draw_over_its_input_images(tmp_path):
     pixels = _photo_like(tmp_path / "street.png", 300, 180)
     _photo_like(tmp_path / "other.jpg", 300, 180)
     for inputs in ([tmp_path], [tmp_path / "other.jpg", tmp_path / "street.png"]):
-        with pytest.raises(OutputError, match=r"street\.png is an input in the output folder .*, where a drawing would "
+        with pytest.raises(OutputError, match=r"street\.png is an input in the output folder .*, where an output would "
                                               r"replace it; give --output another folder$"):
             predict_detections(BoxInTheMiddle(), inputs, tmp_path, ["cat", "dog"], transform=build_test_transform(256, 160))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "street.png").convert("RGB")), pixels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,27 @@ def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
         water = np.array(dataset.palette[3])
         expected = np.round(original * 0.5 + water * 0.5)
         assert np.abs(painted - expected).max() <= 1
+
+
+def test_predict_mirrors_the_input_folders_and_replaces_no_input(synthetic, tmp_path):
+    # photos/a/x.jpg and photos/b/x.jpg wrote x_overlay.png and x_2_overlay.png side by side:
+    # which was which took the JSON to tell
+    from crossformer.atomic import OutputError
+
+    dataset = ade20k_dataset(synthetic, "val")
+    for folder in ("a", "b"):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        Image.open(dataset.samples[0][0]).save(tmp_path / "photos" / folder / "x.jpg")
+    model, config = ConstantSegmentor(7, target=3), InferenceConfig(scale=(128, 48))
+    results, _ = predict_images(model, tmp_path / "photos", tmp_path / "out", dataset.classes, inference=config)
+    assert [(Path(r.overlay).relative_to(tmp_path / "out").as_posix(), Path(r.label_map).relative_to(tmp_path / "out").as_posix())
+            for r in results] == [("a/x_overlay.png", "a/x_labels.png"), ("b/x_overlay.png", "b/x_labels.png")]
+    # an input that an output would replace (its overlay named as the output of another input) stops before any work
+    Image.open(dataset.samples[0][0]).save(tmp_path / "photos" / "a" / "x_overlay.png")
+    with pytest.raises(OutputError, match=r"photos/a/x_overlay\.png is an input in the output folder .*photos, where an "
+                                          r"output would replace it; give --output another folder$"):
+        predict_images(model, tmp_path / "photos", tmp_path / "photos", dataset.classes, inference=config)
+    assert not (tmp_path / "photos" / "b" / "x_overlay.png").exists()
 
 
 def test_predicting_again_into_a_folder_inside_the_inputs_reads_no_outputs(synthetic, tmp_path):

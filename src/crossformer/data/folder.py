@@ -16,10 +16,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..atomic import OutputError
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
-           "size_difference", "unreadable_reason", "expand_image_paths", "unique_stem", "leave_out_folder", "load_class_list", "training_classes"]
+           "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_stems", "unique_stem",
+           "leave_out_folder", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")
@@ -212,9 +214,18 @@ def expand_image_paths(
     extension), folders as the images inside them (by extension, recursively, sorted); one
     path (a str or a Path) is a list of that one, not of the characters of its name. A folder's
     search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
+    return [file for file, _ in expand_image_inputs(paths, output_dir)]
+
+
+def expand_image_inputs(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
+) -> list[tuple[Path, Path]]:
+    """:func:`expand_image_paths`' files, each with its path relative to the input that named it:
+    below the folder given (``a/x.jpg`` of ``photos/a/x.jpg`` found in ``photos``), or a file's
+    own name (see :func:`output_stems`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    found: list[Path] = []
+    found: list[tuple[Path, Path]] = []
     for path in (Path(p).expanduser() for p in paths):  # "~/x" quoted or after "=": no shell expanded it
         if path.is_dir():
             images = list_images(path)
@@ -222,12 +233,31 @@ def expand_image_paths(
                 images = leave_out_folder(images, path, output_dir)
             if not images:
                 raise DataError(f"no images in folder {path}")
-            found.extend(images)
+            found.extend((image, image.relative_to(path)) for image in images)
         elif path.is_file():
-            found.append(path)
+            found.append((path, Path(path.name)))
         else:
             raise DataError(f"no such image or folder: {path}")
     return found
+
+
+def output_stems(inputs: Sequence[tuple[Path, Path]], output_dir: Path, endings: Sequence[str]) -> list[Path]:
+    """Where each of ``inputs`` (:func:`expand_image_inputs`) writes its outputs: ``output_dir``
+    and its relative path less the extension, each output that and one of ``endings`` (".png").
+    So the outputs mirror the input folders: ``photos/a/x.jpg`` and ``photos/b/x.jpg`` write
+    ``a/x.png`` and ``b/x.png``, not ``x.png`` and ``x_2.png``. Two inputs of one relative
+    name (``x.jpg`` beside ``x.png``, or an ``x.jpg`` in each of two folders given) take ``x``,
+    ``x_2``, ... (:func:`unique_stem`). An output that would replace an input (``predict photos
+    --output photos``) is a one-line :class:`~crossformer.atomic.OutputError`, before any work."""
+    taken: set[str] = set()
+    stems = [output_dir / unique_stem(relative.with_suffix("").as_posix(), taken) for _, relative in inputs]
+    images = {file.resolve() for file, _ in inputs}
+    for stem in stems:
+        clash = next((out for out in (stem.with_name(stem.name + e) for e in endings) if out.resolve() in images), None)
+        if clash is not None:
+            raise OutputError(f"{clash} is an input in the output folder {output_dir}, where an output would replace "
+                              f"it; give --output another folder")
+    return stems
 
 
 def leave_out_folder(files: list[Path], folder: Path, excluded: str | os.PathLike) -> list[Path]:

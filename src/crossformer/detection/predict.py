@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..atomic import OutputError, check_output_folder
-from ..data import DataError, expand_image_paths, read_rgb, unique_stem
+from ..atomic import check_output_folder
+from ..data import DataError, expand_image_inputs, output_stems, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
 from ..engine import Precision, RunLogger
@@ -59,16 +59,6 @@ def render_detections(image: Image.Image, output: dict[str, torch.Tensor], class
     return draw_boxes(image, output["boxes"][keep].cpu().numpy(), captions, per_object)
 
 
-def _refuse_replacing_inputs(files: Sequence[Path], output_dir: Path) -> None:
-    """A one-line error, before any work, for an input PNG in ``output_dir``: a drawing
-    (``<stem>.png``) would replace it, the user's own image (``predict photos --output photos``)."""
-    folder = output_dir.resolve()
-    clash = next((f for f in files if f.suffix == ".png" and f.resolve().parent == folder), None)
-    if clash is not None:
-        raise OutputError(f"{clash} is an input in the output folder {output_dir}, where a drawing would replace it; "
-                          f"give --output another folder")
-
-
 @torch.no_grad()
 def predict_detections(
     detector: nn.Module,
@@ -86,16 +76,16 @@ def predict_detections(
 
     Images are read with their EXIF orientation and converted to RGB; ``transform`` defaults to
     the test pipeline (shorter side 800, longer <= 1333). Writes ``OUTPUT_DIR/<stem>.png`` (boxes
-    of score >= ``score_threshold``) and ``OUTPUT_DIR/detections.json`` (every detection; image
+    of score >= ``score_threshold``; under the input's subfolders: :func:`~crossformer.data.output_stems`) and ``OUTPUT_DIR/detections.json`` (every detection; image
     ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C, each
     record names its class as ``category_name``).
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
     counted and skipped. ``precision`` (``--amp``) runs the detector under its autocast, as
     evaluation does.
     """
-    files = expand_image_paths(paths, output_dir)
+    inputs = expand_image_inputs(paths, output_dir)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
-    _refuse_replacing_inputs(files, output_dir)
+    stems = output_stems(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
@@ -105,9 +95,8 @@ def predict_detections(
     detector.eval()
     result = PredictOutput(output_dir / "detections.json")
     records: list[dict[str, Any]] = []
-    progress = logger.progress(len(files), "predict") if logger is not None else None
-    used_names: set[str] = set()
-    for image_id, path in enumerate(files, start=1):
+    progress = logger.progress(len(inputs), "predict") if logger is not None else None
+    for image_id, ((path, _), stem) in enumerate(zip(inputs, stems), start=1):
         try:
             image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
@@ -125,7 +114,8 @@ def predict_detections(
         output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
         records.extend({**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
                        for r in detections_to_coco([output], [image_id], cat_ids))
-        png = output_dir / f"{unique_stem(path.stem, used_names)}.png"
+        png = stem.with_name(f"{stem.name}.png")
+        png.parent.mkdir(parents=True, exist_ok=True)
         render_detections(image, output, class_names, score_threshold).save(png)
         result.images.append(png)
         if progress is not None:

@@ -10,7 +10,8 @@ For ``photo.jpg`` the output folder gets:
   (value 0, "unlabelled", never appears) and can be evaluated like a ground-truth map.
 
 Images honour EXIF orientation; grayscale, palette and alpha images are converted to RGB.
-Two inputs with the same name get ``_2``, ``_3``... suffixes.
+The outputs mirror the input folders (``photos/a/x.jpg`` of ``photos``: ``a/x_overlay.png``);
+two inputs of one name there get ``_2``, ``_3``... suffixes (:func:`crossformer.data.output_stems`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import torch
 from PIL import Image
 
 from ..atomic import check_output_folder
-from ..data import DataError, expand_image_paths, unique_stem
+from ..data import DataError, expand_image_inputs, output_stems
 from ..data.draw import Colour, class_colours
 from .data import read_image
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
 
 __all__ = ["SegPrediction", "predict_images", "write_label_map"]
+
+OUTPUT_ENDINGS = ("_overlay.png", "_labels.png")  # each input's overlay and label map
 
 
 @dataclass
@@ -69,17 +72,17 @@ def predict_images(
         raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
     palette = class_colours(palette, len(class_names))
     inference = inference or InferenceConfig()
-    files = expand_image_paths(paths, output_dir)
+    inputs = expand_image_inputs(paths, output_dir)
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line
+    stems = output_stems(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
     output.mkdir(parents=True, exist_ok=True)
     device = next(segmentor.parameters()).device
     was_training = segmentor.training
     segmentor.eval()
     results: list[SegPrediction] = []
     skipped: list[str] = []
-    taken: set[str] = set()
     try:
-        for path in files:
+        for (path, _), stem in zip(inputs, stems):
             try:
                 image = read_image(path)
             except DataError as err:
@@ -90,8 +93,8 @@ def predict_images(
                     log(f"skipped unreadable image {path}")
                 continue
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
-            stem = unique_stem(Path(path).stem, taken)
-            overlay_path, label_path = output / f"{stem}_overlay.png", output / f"{stem}_labels.png"
+            overlay_path, label_path = (stem.with_name(stem.name + ending) for ending in OUTPUT_ENDINGS)
+            overlay_path.parent.mkdir(parents=True, exist_ok=True)
             overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
             write_label_map(label_map, label_path, reduce_zero_label)
             present = [class_names[c] for c in present_classes(label_map, len(class_names))]
