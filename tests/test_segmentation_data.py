@@ -335,6 +335,29 @@ def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
         read_label(tmp_path / "colour.png")
 
 
+def test_a_float_or_32_bit_label_map_of_whole_values_reads_as_them(tmp_path):
+    # A 32-bit float TIFF of class indices (as some tools write label maps) was refused as "a F
+    # image; label maps must be single-channel PNGs ... not colours": it is single-channel.
+    values = np.arange(12).reshape(3, 4) % 3
+    for mode, dtype in (("F", np.float32), ("I", np.int32)):
+        Image.fromarray(values.astype(dtype), mode=mode).save(tmp_path / f"{mode}.tif")
+        assert Image.open(tmp_path / f"{mode}.tif").mode == mode
+        assert np.array_equal(read_label(tmp_path / f"{mode}.tif"), values), mode
+    # values a resize interpolated are no class: one line that says how to write the map
+    Image.fromarray(values.astype(np.float32) / 2, mode="F").save(tmp_path / "halves.tif")
+    with pytest.raises(DataError, match=r"halves\.tif is a 32-bit float image holding 0\.5, not a class index: resize "
+                                        r"label maps with nearest-neighbour and save the class indices as an 8-bit PNG "
+                                        r"\(mode L\)$"):
+        read_label(tmp_path / "halves.tif")
+    # and as a data set's label maps (data.label_suffix=.tif)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "F.tif").rename(tmp_path / "ann" / "a.tif")
+    dataset = SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y", "z"], label_suffix=".tif")
+    assert np.array_equal(dataset.load(0)[1], values)
+
+
 def test_class_counts_whose_last_value_would_be_the_ignored_255(tmp_path):
     # With reduce_zero_label, 255 classes were taken: the last one, stored as 255, read as ignored.
     _save_pair(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 255, np.uint8))

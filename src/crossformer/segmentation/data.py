@@ -13,8 +13,8 @@ Two layouts:
   are, 255 = ignore, no reduction.
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
-1-bit or 16-bit; an opaque RGB(A) or LA file of equal channels as its grey values); they are never
-colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
+1-bit, 16- or 32-bit integer; an opaque RGB(A) or LA file of equal channels as its grey values; a
+32-bit float one, a TIFF, where every value is whole); they are never colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
 palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
@@ -78,9 +78,21 @@ def _grey_values(img: Image.Image) -> np.ndarray | None:
     return grey if (colour == grey[..., None]).all() else None
 
 
+def _whole_values(img: Image.Image, path: str | Path) -> np.ndarray:
+    """A 32-bit float label map (mode F: a TIFF some tools write) as ``(H, W)`` int64 where every
+    value is a whole number, as class indices are; a DataError naming the first that is not
+    (values a resize interpolated between classes)."""
+    values = np.asarray(img, dtype=np.float64)
+    whole = np.isfinite(values) & (values == np.round(values))
+    if not whole.all():
+        raise DataError(f"label map {path} is a 32-bit float image holding {values[~whole].flat[0]:g}, not a class index: "
+                        "resize label maps with nearest-neighbour and save the class indices as an 8-bit PNG (mode L)")
+    return values.astype(np.int64)
+
+
 def read_label(path: str | Path) -> np.ndarray:
     """A label map's stored values as ``(H, W)`` int64 (an RGB file of three equal channels: one
-    of them); DataError if unreadable or colour."""
+    of them; a float one of whole values: those); DataError if unreadable or colour."""
     try:
         with Image.open(path) as img:
             if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
@@ -88,6 +100,8 @@ def read_label(path: str | Path) -> np.ndarray:
             grey = _grey_values(img)
             if grey is not None:
                 return grey.astype(np.int64)
+            if img.mode == "F":
+                return _whole_values(img, path)
             if img.mode not in LABEL_MODES:
                 raise DataError(
                     f"label map {path} is a {img.mode} image; label maps must be single-channel PNGs "
