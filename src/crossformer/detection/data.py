@@ -397,8 +397,8 @@ class CocoDetection(Dataset):
         group flag, which training batches by."""
         return [int(r.width > r.height) for r in self.records]
 
-    def label_to_cat_id(self, labels: Sequence[int] | torch.Tensor) -> list[int]:
-        """Contiguous labels 0..C-1 -> the file's category ids."""
+    def label_to_cat_id(self, labels: Sequence[int] | torch.Tensor) -> list[int | None]:
+        """Contiguous labels 0..C-1 -> the file's category ids (None: a class it lacks)."""
         return [self.cat_ids[int(i)] for i in labels]
 
     def _check_images_exist(self, images: dict[int, dict[str, Any]]) -> None:
