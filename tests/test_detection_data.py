@@ -171,6 +171,7 @@ def test_normalise_and_collate_padding():
     assert a.image.abs().max() < 1e-5
     batch = collate_detection([a, b])
     assert batch.images.shape == (2, 3, 96, 96)  # max(50, 65) -> 96, max(70, 33) -> 96
+    assert collate_detection([_sample(64, 96, [])]).images.shape == (1, 3, 64, 96)  # multiples stay
     assert torch.equal(batch.images[1, :, :65, :33], b.image)
     assert batch.images[1, :, 65:].abs().sum() == 0 and batch.images[1, :, :, 33:].abs().sum() == 0
     assert [m["img_shape"] for m in batch.metas] == [(50, 70), (65, 33)]
