@@ -99,12 +99,23 @@ def test_crop_class_ratio_rule():
     # Ignored pixels do not count as a class: no crop can pass, so exactly 1 + 10 boxes are drawn.
     half = np.full((100, 100), 255, np.uint8)
     half[:, 50:] = 1
+    assert _drawn_eleven_times(half, (20, 20), positions=81)
+    # A crop where one class covers exactly cat_max_ratio does not pass (mmseg: ratio < cat_max_ratio):
+    # the only box (crop = label size) is drawn 1 + 10 times.
+    three_quarters = np.ones((4, 4), np.uint8)
+    three_quarters[0] = 2
+    assert _drawn_eleven_times(three_quarters, (4, 4), positions=1)
+
+
+def _drawn_eleven_times(label: np.ndarray, crop_size: tuple[int, int], positions: int) -> bool:
+    """Whether ``random_crop_box`` (cat_max_ratio 0.75, seed 0) drew its box 1 + 10 times: two draws
+    from ``positions`` offsets each, as a replay of the generator shows."""
     generator = torch.Generator().manual_seed(0)
-    random_crop_box(half, (20, 20), 0.75, generator=generator)
+    random_crop_box(label, crop_size, 0.75, generator=generator)
     replay = torch.Generator().manual_seed(0)
     for _ in range(11 * 2):
-        torch.randint(0, 81, (), generator=replay)
-    assert torch.equal(generator.get_state(), replay.get_state())
+        torch.randint(0, positions, (), generator=replay)
+    return torch.equal(generator.get_state(), replay.get_state())
 
 
 def _colour_coded(height, width):
@@ -168,6 +179,14 @@ def test_photometric_distortion_hsv_and_ranges():
     outs = [photometric_distortion(image, generator=torch.Generator().manual_seed(s)) for s in range(6)]
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, image) for o in outs)
+    # The hue shift wraps modulo 180 (OpenCV's 8-bit hue): pure red (H 0) shifted by -1 is H 179, still
+    # red (B 8 or 9), never a hue past 179 (H 255 would read as cyan). Only the hue step changes values here.
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+    outs = [photometric_distortion(red, brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=1,
+                                   generator=torch.Generator().manual_seed(s)) for s in range(16)]
+    assert all((o[..., 0] == 255).all() and (o[..., 1] == 0).all() and (o[..., 2] <= 9).all() for o in outs)
+    assert any(o[..., 2].any() for o in outs)  # some draws shifted the hue
 
 
 # ---------------------------------------------------------------- bad data
