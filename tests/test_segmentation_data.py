@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from crossformer.segmentation.data import (
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
     MMSEG_MEAN, MMSEG_STD, SegTrainTransform, TrainPipelineConfig, photometric_distortion, random_crop_box,
-    hsv_to_rgb_u8, rescale_size, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
+    hsv_to_rgb_u8, rescale_size, resize_label, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
 )
 
 
@@ -81,6 +82,9 @@ def test_rescale_rounding_hand_computed():
     assert sample_train_scale((2048, 512), (0.5, 2.0), torch.Generator().manual_seed(7)) == (int(2048 * ratio), int(512 * ratio))
     # the authors' AlignResize: the next multiples of 32 (a resize)
     assert resize_to_multiple(np.zeros((512, 683, 3), np.uint8), 32).shape == (512, 704, 3)
+    # label maps: OpenCV's INTER_NEAREST reads source pixel floor(i * in / out)
+    row = np.arange(4, dtype=np.uint8)[None]
+    assert resize_label(row, (3, 1)).tolist() == [[0, 1, 2]] and resize_label(row, (6, 1)).tolist() == [[0, 0, 1, 2, 2, 3]]
 
 
 def test_crop_class_ratio_rule():
@@ -146,6 +150,9 @@ def test_flip_moves_image_and_label_together():
         assert torch.equal(_denormalize(out), torch.from_numpy(expected_img.copy()).permute(2, 0, 1))
         flips.add(meta["flip"])
     assert flips == {True, False}
+    for prob in (0.0, 1.0):  # never / always
+        transform = SegTrainTransform(dataclasses.replace(config, flip_prob=prob))
+        assert {transform(image, label, torch.Generator().manual_seed(s))[2]["flip"] for s in range(4)} == {prob == 1.0}
 
 
 def test_padding_values_and_batch(synthetic):
