@@ -171,6 +171,7 @@ def test_normalise_and_collate_padding():
     assert a.image.abs().max() < 1e-5
     batch = collate_detection([a, b])
     assert batch.images.shape == (2, 3, 96, 96)  # max(50, 65) -> 96, max(70, 33) -> 96
+    assert collate_detection([_sample(64, 96, [])]).images.shape == (1, 3, 64, 96)  # multiples stay
     assert torch.equal(batch.images[1, :, :65, :33], b.image)
     assert batch.images[1, :, 65:].abs().sum() == 0 and batch.images[1, :, :, 33:].abs().sum() == 0
     assert [m["img_shape"] for m in batch.metas] == [(50, 70), (65, 33)]
@@ -304,11 +305,12 @@ def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
 
 def test_boxes_without_area_dropped_and_outside_clipped_with_a_count(tmp_path):
     path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8]), _ann(2, [5, 5, 0, 9]), _ann(3, [50, 5, 10, 10]),
-                                  _ann(4, [30, 20, 20, 20]), _ann(5, [1, 1, 5, 5], area=0)])
+                                  _ann(4, [30, 20, 20, 20]), _ann(5, [1, 1, 5, 5], area=0),
+                                  _ann(6, [20, 2, 0.5, 9])])  # under a pixel wide: mmdet drops w < 1 or h < 1
     lines: list[str] = []
     ds = CocoDetection(path, tmp_path / "img", log=lines.append)
-    assert (ds.dropped_boxes, ds.clipped_boxes) == (3, 1)
-    assert lines == ["ann.json: dropped 3 boxes with no area or outside their image, clipped 1 boxes to their image "
+    assert (ds.dropped_boxes, ds.clipped_boxes) == (4, 1)
+    assert lines == ["ann.json: dropped 4 boxes with no area or outside their image, clipped 1 boxes to their image "
                      "(as mmdetection)"]
     assert ds[0].boxes.tolist() == [[2, 3, 12, 11], [30, 20, 40, 30]]
 

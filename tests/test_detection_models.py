@@ -11,12 +11,16 @@ from torchvision.ops import box_iou
 
 import crossformer
 from crossformer.detection import DETECTOR_KINDS, build_detector, detector_flops
-from crossformer.detection.assign import MaxIoUAssigner
+from crossformer.detection.anchors import AnchorGenerator
+from crossformer.detection.assign import MaxIoUAssigner, sample
 from crossformer.detection.box_coding import WH_RATIO_CLIP, DeltaXYWHCoder
 from crossformer.detection.cascade import STAGE_STDS, regress_by_class
 from crossformer.detection.flops import count_layer_macs
-from crossformer.detection.roi_heads import MaskHead, mask_targets, paste_masks
-from crossformer.detection.rpn import ProposalSettings
+from crossformer.detection.roi_heads import (
+    MaskHead, RoIExtractor, Sampled, boxes_to_rois, mask_loss, mask_targets, paste_masks, rcnn_losses,
+)
+from crossformer.detection.retinanet import RetinaHead, RetinaSettings
+from crossformer.detection.rpn import ProposalSettings, RPNHead, inside_image
 from crossformer.errors import UserInputError
 from crossformer.models import CheckpointError, count_params
 
@@ -132,9 +136,40 @@ def test_assigner_by_hand():
     assert MaxIoUAssigner(0.7, 0.3, 0.3).assign(priors, torch.zeros(0, 4)).tolist() == [-1] * 5
 
 
-def test_rpn_loss_on_a_hand_made_case():
-    detector = _tiny("mask_rcnn")
-    rpn = detector.rpn_head
+def test_assigner_thresholds_are_inclusive_and_every_tied_best_prior_is_matched():
+    """mmdet's boundaries: IoU == pos_iou_thr is positive, IoU == neg_iou_thr is not negative,
+    IoU == min_pos_iou still gets the low-quality match, and every prior tied as a gt's best
+    gets it (``gt_max_assign_all``). The IoUs here (0.5, 0.4) are exact in float32."""
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    priors = torch.tensor([
+        [0.0, 0.0, 10.0, 20.0],    # IoU 0.5
+        [0.0, -10.0, 10.0, 10.0],  # IoU 0.5: tied with the first
+        [0.0, 0.0, 10.0, 25.0],    # IoU 0.4
+    ])
+    assert MaxIoUAssigner(0.5, 0.4, 0.0, match_low_quality=False).assign(priors, gt).tolist() == [0, 0, -2]
+    assert MaxIoUAssigner(0.7, 0.3, 0.5).assign(priors, gt).tolist() == [0, 0, -2]
+
+
+def test_sampled_negatives_come_from_negatives_never_from_ignored_priors():
+    assigned = torch.tensor([0] + [-2] * 10 + [-1, -1])
+    pos, neg = sample(assigned, 8, 0.5)
+    assert pos.tolist() == [0] and sorted(neg.tolist()) == [11, 12]
+
+
+def _target_delta_sum(gt: torch.Tensor, priors: torch.Tensor, term=abs) -> float:
+    """The sum over ``(K, 4)`` priors of ``term`` of each target delta of the ``(1, 4)`` gt box
+    (stds 1): ``dx``, ``dy``, ``log(gw / pw)``, ``log(gh / ph)``, written out by hand."""
+    (gx1, gy1, gx2, gy2), total = gt[0].tolist(), 0.0
+    for x1, y1, x2, y2 in priors.tolist():
+        aw, ah = x2 - x1, y2 - y1
+        total += term((gx1 + gx2 - x1 - x2) / 2 / aw) + term((gy1 + gy2 - y1 - y2) / 2 / ah)
+        total += term(math.log((gx2 - gx1) / aw)) + term(math.log((gy2 - gy1) / ah))
+    return total
+
+
+@pytest.mark.parametrize("bbox_loss", ["l1", "smooth_l1"])
+def test_rpn_loss_on_a_hand_made_case(bbox_loss):
+    rpn = RPNHead(8, bbox_loss=bbox_loss)  # smooth L1 with beta 1/9: the Swin cascade configs' RPN
     levels = [torch.zeros(1, 256, H // s, W // s) for s in (4, 8, 16, 32, 64)]
     anchors = rpn.anchors(levels)
     gt = anchors[0][[500]].clone()  # a gt exactly on one stride-4 anchor
@@ -143,18 +178,81 @@ def test_rpn_loss_on_a_hand_made_case():
     losses = rpn.loss(scores, deltas, anchors, [gt], [(H, W)])
     # All logits 0: BCE is log 2 for each of the 256 sampled anchors. Positives: IoU >= 0.7
     # (the exact anchor among them); with zero predicted deltas the L1 is the sum of their
-    # target deltas |dx| + |dy| + |log(gw/aw)| + |log(gh/ah)|, over 256.
+    # target deltas |dx| + |dy| + |log(gw/aw)| + |log(gh/ah)| (each through smooth L1 for
+    # "smooth_l1"), over 256.
     assert math.isclose(losses["loss_rpn_cls"].item(), math.log(2), rel_tol=1e-6)
     flat = torch.cat(anchors)
     iou = box_iou(gt, flat)[0]
     positives = flat[iou >= 0.7]
     assert 1 <= positives.shape[0] < 128
-    (gx1, gy1, gx2, gy2), total = gt[0].tolist(), 0.0
-    for x1, y1, x2, y2 in positives.tolist():
-        aw, ah = x2 - x1, y2 - y1
-        total += abs((gx1 + gx2 - x1 - x2) / 2 / aw) + abs((gy1 + gy2 - y1 - y2) / 2 / ah)
-        total += abs(math.log((gx2 - gx1) / aw)) + abs(math.log((gy2 - gy1) / ah))
-    assert math.isclose(losses["loss_rpn_bbox"].item(), total / 256, rel_tol=1e-5)
+    beta = 1 / 9
+    term = abs if bbox_loss == "l1" else (lambda d: 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta)
+    assert math.isclose(losses["loss_rpn_bbox"].item(), _target_delta_sum(gt, positives, term) / 256, rel_tol=1e-5)
+
+
+def test_retinanet_loss_on_a_hand_made_case():
+    head = RetinaHead(3, in_channels=8)  # only the anchors and the rules are used
+    levels = [torch.zeros(1, 8, max(H // s, 1), max(W // s, 1)) for s in (8, 16, 32, 64, 128)]
+    anchors = head.anchors(levels)
+    gt = anchors[0][[200]].clone()  # a gt exactly on one stride-8 anchor
+    scores = [torch.zeros(1, 9 * 3, *f.shape[-2:]) for f in levels]
+    deltas = [torch.zeros(1, 36, *f.shape[-2:]) for f in levels]
+    losses = head.loss(scores, deltas, anchors, [{"boxes": gt, "labels": torch.tensor([1])}])
+    # IoU >= 0.5 positive, < 0.4 negative, between ignored (in neither term). All logits 0: the focal
+    # loss is log 2 * (1 - 0.5)^2 times alpha 0.25 for a positive's own class, 0.75 for every other
+    # (anchor, class) pair counted; both sums over the number of positives.
+    flat = torch.cat(anchors)
+    iou = box_iou(gt, flat)[0]
+    positives, negatives = flat[iou >= 0.5], int((iou < 0.4).sum())
+    num_pos = positives.shape[0]
+    assert 1 <= num_pos and int(((iou >= 0.4) & (iou < 0.5)).sum()) > 0  # some ignored
+    pairs_pos, pairs_neg = num_pos, num_pos * 2 + negatives * 3
+    expected = math.log(2) * 0.25 * (0.25 * pairs_pos + 0.75 * pairs_neg) / num_pos
+    assert math.isclose(losses["loss_cls"].item(), expected, rel_tol=1e-5)
+    assert math.isclose(losses["loss_bbox"].item(), _target_delta_sum(gt, positives) / num_pos, rel_tol=1e-5)
+
+
+def test_retinanet_rescales_x_by_the_width_factor_and_y_by_the_height_factor():
+    """mmdet divides RetinaNet's boxes by ``scale_factor = (w_scale, h_scale)`` before its NMS; with
+    no overlap suppressed the result is the resized-image boxes divided, in the same order."""
+    torch.manual_seed(0)
+    head = RetinaHead(3, in_channels=8)  # only the anchors and the rules are used
+    levels = [torch.zeros(1, 8, max(H // s, 1), max(W // s, 1)) for s in (8, 16, 32, 64, 128)]
+    scores = [torch.randn(1, 27, *f.shape[-2:]) for f in levels]
+    deltas = [torch.randn(1, 36, *f.shape[-2:]) * 0.1 for f in levels]
+    settings = RetinaSettings(score_thr=0.5, iou=1.0, max_per_img=1000)
+    args = (scores, deltas, head.anchors(levels), [(H, W)], settings)
+    [resized], [original] = head.predict(*args), head.predict(*args, scale_factors=[(4.0, 2.0)])
+    assert resized["boxes"].shape[0] > 10
+    torch.testing.assert_close(original["boxes"], resized["boxes"] / torch.tensor([4.0, 2.0, 4.0, 2.0]))
+    assert torch.equal(original["labels"], resized["labels"])
+
+
+def test_rpn_proposals_take_the_best_nms_pre_anchors_of_each_level():
+    """Per level the ``nms_pre`` best anchors (by logit), then NMS and the best ``max_per_img`` overall.
+    One square anchor per location: neighbours do not overlap, so the NMS keeps every candidate."""
+    rpn = RPNHead(8, AnchorGenerator((8, 16), (1.0,), (1,)))
+    scores = [torch.arange(16.0).view(1, 1, 4, 4), torch.arange(4.0).view(1, 1, 2, 2) + 0.5]
+    deltas = [torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 2, 2)]
+    anchors = rpn.anchor_generator([(4, 4), (2, 2)], torch.device("cpu"))
+    [(boxes, probs)] = rpn.proposals(scores, deltas, anchors, [(32, 32)], ProposalSettings(nms_pre=3, max_per_img=5))
+    # level 0 logits 15, 14, 13 (anchors 15, 14, 13), level 1 logits 3.5, 2.5, 1.5: the best five of those
+    assert torch.allclose(probs, torch.tensor([15.0, 14.0, 13.0, 3.5, 2.5]).sigmoid())
+    expected = torch.cat([anchors[0][[15, 14, 13]], anchors[1][[3, 2]]]).clamp(0, 32)
+    assert torch.equal(boxes, expected)
+
+
+def test_anchors_inside_the_image_by_the_allowed_border():
+    """mmdet's ``anchor_inside_flags``: x against the width, y against the height."""
+    anchors = torch.tensor([
+        [0.0, 0.0, 30.0, 10.0],   # wider than the image is high: inside a 20 x 40 image
+        [0.0, 0.0, 10.0, 30.0],   # taller than the image: outside
+        [-1.0, 0.0, 5.0, 5.0],    # one pixel past the left edge
+        [0.0, 0.0, 40.0, 20.0],   # the whole image: x2 == w is outside without a border
+    ])
+    assert inside_image(anchors, (20, 40), 0).tolist() == [True, False, False, False]
+    assert inside_image(anchors, (20, 40), 1).tolist() == [True, False, True, True]
+    assert inside_image(anchors, (20, 40), -1).all()
 
 
 def test_mask_head_runs_channels_last_on_cpu_with_nchw_values():
@@ -184,6 +282,50 @@ def test_paste_masks_by_hand():
     gt = expected[None].repeat(2, 1, 1).to(torch.uint8)
     targets = mask_targets(gt, torch.tensor([[3.0, 4.0, 9.0, 6.0], [11.0, 0.0, 14.0, 12.0]]))
     assert targets.shape == (2, 28, 28) and bool(targets[0].all()) and not bool(targets[1].any())
+    # A sample exactly on the mask's edge reads 0.5, which mmdet's binarising (>= 0.5) keeps: the
+    # box's 1-pixel bins sample x = 0.5, 1.5, ...; the mask covers pixels 0..4, so 4.5 is half in.
+    edge = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    edge[:, :, :5] = 1
+    targets = mask_targets(edge, torch.tensor([[0.5, 0.5, 28.5, 28.5]]))
+    assert targets[0].sum(dim=0).tolist() == [28.0] * 5 + [0.0] * 23
+
+
+def test_roi_levels_at_the_boundaries():
+    """mmdet's ``floor(log2(sqrt(wh) / 56 + 1e-6))`` clamped to 0..3: the 1e-6 puts a roi a hair
+    under a boundary (float32 sqrt of 112 x 111.9999) on the coarser level, as mmdet does."""
+    sides = [(0.0, 0.0), (20.0, 20.0), (112.0, 112.0), (112.0, 111.9999), (112.0, 111.999), (224.0, 224.0),
+             (448.0, 448.0), (2000.0, 2000.0)]
+    rois = torch.tensor([[0.0, 0.0, 0.0, w, h] for w, h in sides])
+    assert RoIExtractor(7).levels(rois).tolist() == [0, 0, 1, 1, 0, 2, 3, 3]
+
+
+def test_rcnn_losses_by_hand():
+    """One positive (label 1) and two negatives: cross-entropy over all three; the positive's
+    own class deltas against its target, summed and divided by the three sampled rois."""
+    coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
+    gt = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [70.0, 0.0, 90.0, 10.0]])
+    sampled = Sampled(boxes, torch.tensor([1, 2, 2]), torch.tensor([0]), 1, torch.tensor([False]))
+    rois = boxes_to_rois([boxes])
+    logits = torch.zeros(3, 3)
+    deltas = torch.zeros(3, 8)
+    deltas[:, :4] = 100.0  # class 0's deltas: not the positive's label
+    l1 = rcnn_losses(coder, rois, [sampled], [gt], logits, deltas, decoded_giou=False)
+    assert math.isclose(l1["loss_cls"].item(), math.log(3), rel_tol=1e-6)
+    # targets: dy = (10 - 5) / 10 / 0.1 = 5, dh = log(20 / 10) / 0.2; dx = dw = 0
+    assert math.isclose(l1["loss_bbox"].item(), (5 + math.log(2) / 0.2) / 3, rel_tol=1e-5)
+    # GIoU of the undecoded roi with the gt: IoU 1/2 and the enclosing box is the gt: loss 1/2, times 10
+    giou = rcnn_losses(coder, rois, [sampled], [gt], logits, deltas, decoded_giou=True)
+    assert math.isclose(giou["loss_bbox"].item(), 10 * 0.5 / 3, rel_tol=1e-5)
+
+
+def test_mask_loss_reads_the_channel_of_each_positives_label():
+    sampled = Sampled(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([1]), torch.tensor([0]), 1, torch.tensor([False]))
+    gt_masks = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    gt_masks[0, :4] = 1
+    logits = torch.zeros(1, 3, 28, 28)
+    logits[:, 0] = logits[:, 2] = 5.0  # the other classes' channels would give another loss
+    assert math.isclose(mask_loss(logits, [sampled], [gt_masks]).item(), math.log(2), rel_tol=1e-6)
 
 
 # Cascade stage logic -----------------------------------------------------------------
@@ -229,9 +371,30 @@ def test_cascade_training_drops_gt_positives_before_the_next_stage():
     s = sample_rois(proposals, gt, torch.tensor([2]), head.assigners[0], head.num_classes, 16)
     assert s.num_pos == 2 and s.pos_is_gt.tolist().count(True) == 1 and s.labels.tolist().count(5) == 1
     logits = torch.zeros(3, 6)
-    logits[:, 4] = 1.0  # background rois are refined with their best class (4)
-    refined = head._refine_training(0, [s], logits, torch.zeros(3, 4 * 5), [(H, W)])
-    assert refined[0].shape == (2, 4)  # the gt copy is gone; the proposal and the negative stay
+    logits[:, 4] = 1.0  # background rois are refined with their best class (4), never background (5)
+    logits[:, 5] = 2.0
+    deltas = torch.zeros(3, 4 * 5)
+    deltas[:, 16] = 1.0  # class 4 moves right by 0.1 of the width; class 2 (the positives') stays
+    refined = head._refine_training(0, [s], logits, deltas, [(H, W)])
+    # the gt copy is gone; the proposal stays, the negative moves by 0.1 * 40
+    assert sorted(refined[0].tolist()) == [[4.0, 6.0, 40.0, 51.0], [54.0, 40.0, 94.0, 60.0]]
+
+
+def test_cascade_stage_losses_are_weighted_one_half_and_a_quarter(monkeypatch):
+    """The Swin cascade configs weight the three stages' losses 1, 0.5 and 0.25."""
+    from crossformer.detection import cascade
+
+    monkeypatch.setattr(cascade, "rcnn_losses", lambda *a, **k: {"loss_cls": torch.tensor(1.0), "loss_bbox": torch.tensor(2.0)})
+    monkeypatch.setattr(cascade, "mask_loss", lambda *a: torch.tensor(4.0))
+    head = cascade.CascadeRoIHead(5, channels=8, fc_channels=16)
+    head.num_samples = 12
+    images, _, targets = _batch()
+    features = [torch.randn(2, 8, H // s, W // s) for s in (4, 8, 16, 32)]
+    proposals = [targets[0]["boxes"] + 1, torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
+    losses = head.loss(features, proposals, targets, [(H, W)] * 2)
+    expected = {f"s{i}.{name}": weight * value for i, weight in enumerate((1.0, 0.5, 0.25))
+                for name, value in (("loss_cls", 1.0), ("loss_bbox", 2.0), ("loss_mask", 4.0))}
+    assert {k: v.item() for k, v in losses.items()} == expected
 
 
 # Training and inference ----------------------------------------------------------------

@@ -12,6 +12,9 @@ import torch
 from torchvision.ops import box_iou
 
 from crossformer.detection import build_detector
+from crossformer.detection.assign import MaxIoUAssigner
+from crossformer.detection.cascade import STAGE_LOSS_WEIGHTS
+from crossformer.detection.rpn import ProposalSettings
 from crossformer.detection.roi_heads import boxes_to_rois
 from crossformer.models import load_state
 
@@ -86,7 +89,36 @@ def _check_detections(results, expected, prefix: str, with_masks: bool) -> None:
         rate = _match_rate(ours, expected[f"{prefix}bboxes"][i], expected[f"{prefix}scores"][i],
                            expected[f"{prefix}labels"][i], masks)
         assert rate >= 0.98, f"image {i}: {rate:.3f} of the reference detections matched"
+        # as many as the reference keeps (its max_per_img, 100, here), not more
+        assert ours["boxes"].shape[0] == expected[f"{prefix}bboxes"][i].shape[0]
         assert ours["labels"].dtype == torch.int64
+
+
+def _assigner(cfg: dict) -> MaxIoUAssigner:
+    """An mmdet ``MaxIoUAssigner`` config as ours (``match_low_quality`` defaults to True there)."""
+    return MaxIoUAssigner(cfg["pos_iou_thr"], cfg["neg_iou_thr"], cfg["min_pos_iou"], cfg.get("match_low_quality", True))
+
+
+def test_training_settings_are_the_reference_configs(ref):
+    """What the training step reads from mmdet's ``train_cfg`` (assigners, sample counts, RPN
+    proposals and border) and from the heads' loss settings, as the reference configs hold them."""
+    tiny = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    for kind in ("mask_rcnn", "cascade_mask_rcnn"):
+        detector, cfg = build_detector(kind, backbone_kwargs=tiny, channels=8, fc_channels=8), ref[kind]["cfg"]
+        train, rpn = cfg["train_cfg"], detector.rpn_head
+        assert rpn.assigner == _assigner(train["rpn"]["assigner"]) and rpn.num_samples == train["rpn"]["sampler"]["num"]
+        assert rpn.allowed_border == train["rpn"]["allowed_border"]
+        proposal = train["rpn_proposal"]
+        assert detector.train_proposals == ProposalSettings(proposal["nms_pre"], proposal["max_per_img"],
+                                                            proposal["nms"]["iou_threshold"])
+        assert rpn.bbox_loss == {"L1Loss": "l1", "SmoothL1Loss": "smooth_l1"}[cfg["rpn_head"]["loss_bbox"]["type"]]
+        stages = train["rcnn"] if isinstance(train["rcnn"], list) else [train["rcnn"]]
+        assigners = getattr(detector.roi_head, "assigners", [getattr(detector.roi_head, "assigner", None)])
+        assert assigners == [_assigner(stage["assigner"]) for stage in stages]
+        assert {stage["sampler"]["num"] for stage in stages} == {detector.roi_head.num_samples}
+    assert list(STAGE_LOSS_WEIGHTS) == ref["cascade_mask_rcnn"]["cfg"]["roi_head"]["stage_loss_weights"]
+    retinanet = build_detector("retinanet", backbone_kwargs=tiny, channels=8)
+    assert retinanet.bbox_head.assigner == _assigner(ref["retinanet"]["cfg"]["train_cfg"]["assigner"])
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from crossformer.segmentation.data import (
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
     MMSEG_MEAN, MMSEG_STD, SegTrainTransform, TrainPipelineConfig, photometric_distortion, random_crop_box,
-    hsv_to_rgb_u8, rescale_size, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
+    hsv_to_rgb_u8, rescale_size, resize_label, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
 )
 
 
@@ -81,6 +82,9 @@ def test_rescale_rounding_hand_computed():
     assert sample_train_scale((2048, 512), (0.5, 2.0), torch.Generator().manual_seed(7)) == (int(2048 * ratio), int(512 * ratio))
     # the authors' AlignResize: the next multiples of 32 (a resize)
     assert resize_to_multiple(np.zeros((512, 683, 3), np.uint8), 32).shape == (512, 704, 3)
+    # label maps: OpenCV's INTER_NEAREST reads source pixel floor(i * in / out)
+    row = np.arange(4, dtype=np.uint8)[None]
+    assert resize_label(row, (3, 1)).tolist() == [[0, 1, 2]] and resize_label(row, (6, 1)).tolist() == [[0, 0, 1, 2, 2, 3]]
 
 
 def test_crop_class_ratio_rule():
@@ -99,12 +103,23 @@ def test_crop_class_ratio_rule():
     # Ignored pixels do not count as a class: no crop can pass, so exactly 1 + 10 boxes are drawn.
     half = np.full((100, 100), 255, np.uint8)
     half[:, 50:] = 1
+    assert _drawn_eleven_times(half, (20, 20), positions=81)
+    # A crop where one class covers exactly cat_max_ratio does not pass (mmseg: ratio < cat_max_ratio):
+    # the only box (crop = label size) is drawn 1 + 10 times.
+    three_quarters = np.ones((4, 4), np.uint8)
+    three_quarters[0] = 2
+    assert _drawn_eleven_times(three_quarters, (4, 4), positions=1)
+
+
+def _drawn_eleven_times(label: np.ndarray, crop_size: tuple[int, int], positions: int) -> bool:
+    """Whether ``random_crop_box`` (cat_max_ratio 0.75, seed 0) drew its box 1 + 10 times: two draws
+    from ``positions`` offsets each, as a replay of the generator shows."""
     generator = torch.Generator().manual_seed(0)
-    random_crop_box(half, (20, 20), 0.75, generator=generator)
+    random_crop_box(label, crop_size, 0.75, generator=generator)
     replay = torch.Generator().manual_seed(0)
     for _ in range(11 * 2):
-        torch.randint(0, 81, (), generator=replay)
-    assert torch.equal(generator.get_state(), replay.get_state())
+        torch.randint(0, positions, (), generator=replay)
+    return torch.equal(generator.get_state(), replay.get_state())
 
 
 def _colour_coded(height, width):
@@ -135,6 +150,9 @@ def test_flip_moves_image_and_label_together():
         assert torch.equal(_denormalize(out), torch.from_numpy(expected_img.copy()).permute(2, 0, 1))
         flips.add(meta["flip"])
     assert flips == {True, False}
+    for prob in (0.0, 1.0):  # never / always
+        transform = SegTrainTransform(dataclasses.replace(config, flip_prob=prob))
+        assert {transform(image, label, torch.Generator().manual_seed(s))[2]["flip"] for s in range(4)} == {prob == 1.0}
 
 
 def test_padding_values_and_batch(synthetic):
@@ -168,6 +186,14 @@ def test_photometric_distortion_hsv_and_ranges():
     outs = [photometric_distortion(image, generator=torch.Generator().manual_seed(s)) for s in range(6)]
     assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
     assert any(not np.array_equal(o, image) for o in outs)
+    # The hue shift wraps modulo 180 (OpenCV's 8-bit hue): pure red (H 0) shifted by -1 is H 179, still
+    # red (B 8 or 9), never a hue past 179 (H 255 would read as cyan). Only the hue step changes values here.
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+    outs = [photometric_distortion(red, brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=1,
+                                   generator=torch.Generator().manual_seed(s)) for s in range(16)]
+    assert all((o[..., 0] == 255).all() and (o[..., 1] == 0).all() and (o[..., 2] <= 9).all() for o in outs)
+    assert any(o[..., 2].any() for o in outs)  # some draws shifted the hue
 
 
 # ---------------------------------------------------------------- bad data

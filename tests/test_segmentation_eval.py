@@ -19,7 +19,7 @@ from crossformer.errors import UserInputError
 from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
 from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
 from crossformer.segmentation import inference
-from crossformer.segmentation.inference import InferenceConfig, prepare_image, segment_probs, slide_logits
+from crossformer.segmentation.inference import InferenceConfig, prepare_image, scale_bounds, segment_probs, slide_logits
 from crossformer.segmentation.predict import predict_images
 from crossformer.segmentation.synthetic import make_ade_dataset
 
@@ -184,8 +184,36 @@ def test_multi_scale_flip_against_direct_computation(monkeypatch, band_rows):
             expected += probs.flip(-1) if flip else probs
     torch.testing.assert_close(segment_probs(model, image, slide), expected / 2, atol=1e-5, rtol=1e-5)
     assert InferenceConfig.build("slide", multi_scale=True, flip=True).ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    # each scaled bound is truncated, as mmseg's int(scale * ratio)
+    assert scale_bounds(InferenceConfig(scale=(1000, 333), ratios=(0.75, 1.5))) == [(750, 249), (1500, 499)]
     with pytest.raises(ValueError, match="inference mode must be one of whole, slide"):
         InferenceConfig(mode="tiles")
+
+
+class CornerAlignedSegmentor(TinySegmentor):
+    """A segmentor resizing with ``align_corners=True``: inference takes the full-size path (no bands)."""
+
+    align_corners = True
+
+    def predict_logits(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self(images), size=out_size, mode="bilinear", align_corners=True)
+
+
+def test_the_full_size_path_flips_back_and_averages_softmaxes():
+    """The path GPUs take (and align_corners models on the CPU): logits at the input size, resized to
+    the image, softmaxed, flipped passes flipped back, averaged over passes."""
+    model = CornerAlignedSegmentor(3).eval()
+    image = np.random.default_rng(1).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    config = InferenceConfig(scale=(64, 32), ratios=(0.5, 1.0), flip=True)
+    expected = torch.zeros(3, 30, 44)
+    with torch.no_grad():
+        for bound in ((32, 16), (64, 32)):
+            x = prepare_image(image, bound, config)
+            for flip in (False, True):
+                logits = model.predict_logits(x.flip(-1) if flip else x, x.shape[-2:])
+                probs = F.interpolate(logits, size=(30, 44), mode="bilinear", align_corners=True).softmax(1)[0]
+                expected += probs.flip(-1) if flip else probs
+    torch.testing.assert_close(segment_probs(model, image, config), expected / 4, atol=1e-5, rtol=1e-5)
 
 
 def test_a_long_thin_image_keeps_a_side_of_one_pixel_at_every_scale():

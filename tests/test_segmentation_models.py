@@ -146,6 +146,23 @@ def test_losses_and_training_step(kind: str) -> None:
     assert segmentor.decode_head.conv_seg.weight.grad.abs().sum() > 0
 
 
+def test_upernet_weights_the_auxiliary_head_on_the_stride_16_map_by_0_4() -> None:
+    """The authors' UPerNet configs: an FCN head on the third backbone map, its loss (the decode
+    head's rule) weighted 0.4."""
+    torch.manual_seed(0)
+    segmentor = build_segmentor("upernet", num_classes=4, channels=16, aux_channels=8, backbone_kwargs=TINY).eval()
+    images = torch.randn(1, 3, 64, 64)
+    labels = torch.randint(0, 4, (1, 64, 64))
+    labels[:, :10] = 255
+    with torch.no_grad():
+        losses = segmentor.losses(images, labels)
+        aux = segmentor.auxiliary_head(segmentor.backbone(images)[2])
+    log_probs = F.interpolate(aux, size=(64, 64), mode="bilinear").log_softmax(1)
+    picked = log_probs.gather(1, labels.clamp(max=3)[:, None])[:, 0]
+    expected = -(picked * (labels != 255)).sum().item() / labels.numel()
+    assert losses["loss_aux"].item() == pytest.approx(0.4 * expected, rel=1e-5)
+
+
 def test_our_checkpoints_round_trip_and_refusals(tmp_path: Path) -> None:
     upernet = tiny_segmentor("upernet").eval()
     path = tmp_path / "ours.pth"
