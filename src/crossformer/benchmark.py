@@ -115,7 +115,7 @@ def build_model(name: str, config: BenchConfig) -> nn.Module:
     """A registered model with random weights, placed and configured for the benchmark."""
     import timm
 
-    import crossformer  # noqa: F401  (registers the variants)
+    import crossformer.models  # noqa: F401  (registers the variants)
 
     kwargs = dict(config.model_kwargs.get(name, {}))
     if name not in crossformer.VARIANTS and tuple(config.img_size) != (224, 224):

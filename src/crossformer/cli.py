@@ -192,7 +192,7 @@ def _leave_after_rank_0(code: int) -> int:
     return code
 
 
-def _started_as_command() -> bool:
+def started_as_command() -> bool:
     """Whether this process is the ``crossformer`` command (its console script, or ``python -m
     crossformer`` while Python imports the package to find ``__main__``), not a program that
     imports the package."""
@@ -217,7 +217,7 @@ def quiet_start() -> None:
     no traceback; :func:`main` hands Ctrl-C back to Python before the command runs. A program
     that imports the package, and a process that ignores Ctrl-C (a shell's background job),
     are left as they are."""
-    if (_started_as_command() and threading.current_thread() is threading.main_thread()
+    if (started_as_command() and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _exit_interrupted)
 

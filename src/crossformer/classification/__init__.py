@@ -9,14 +9,13 @@ Example::
     print(predict(["cat.jpg"], "runs/t/best.pth", topk=5))
 """
 
-from .config import ClassificationConfig, TrainConfig, bundled_configs, resolve_config
-from .evaluate import evaluate
-from .model import LoadedClassifier, create_classifier, load_classifier
-from .predict import Prediction, predict
-from .task import ClassificationTask, train
+from ..lazy import export_lazily
 
-__all__ = [
-    "ClassificationConfig", "ClassificationTask", "TrainConfig", "bundled_configs", "resolve_config",
-    "train", "evaluate", "predict", "Prediction",
-    "create_classifier", "load_classifier", "LoadedClassifier",
-]
+# Imported on first use: the command line reads its flags from .config alone, the rest needs torch.
+__all__ = export_lazily(__name__, {
+    ".config": ("ClassificationConfig", "TrainConfig", "bundled_configs", "resolve_config"),
+    ".task": ("ClassificationTask", "train"),
+    ".evaluate": ("evaluate",),
+    ".predict": ("predict", "Prediction"),
+    ".model": ("create_classifier", "load_classifier", "LoadedClassifier"),
+})

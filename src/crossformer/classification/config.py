@@ -12,7 +12,7 @@ from ..errors import UserInputError
 
 __all__ = [
     "ModelConfig", "DataConfig", "AugmentConfig", "TestConfig", "ClassificationConfig", "TrainConfig",
-    "bundled_configs", "default_config", "resolve_config",
+    "bundled_configs", "default_config", "resolve_config", "CONFIG",
 ]
 
 
@@ -159,6 +159,7 @@ def _in_range(key: str, value: float, low: float, high: float | None, high_open:
 
 
 TrainConfig = ClassificationConfig  # the name the Python API used before the engine had tasks
+CONFIG = ClassificationConfig  # the task's configuration class, as the registry names it (CONFIG_MODULES)
 
 
 def bundled_configs() -> dict[str, Path]:

@@ -28,7 +28,7 @@ def create_classifier(
     """
     import timm
 
-    import crossformer  # noqa: F401  (registers the variants with timm)
+    import crossformer.models  # noqa: F401  (registers the variants with timm)
     from ..models import require_known_model
 
     require_known_model(name)

@@ -22,7 +22,7 @@ from ..data import (
 from ..engine import DistContext, SkippedFiles, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
 from ..errors import CheckpointError, UserInputError
-from .config import AugmentConfig, ClassificationConfig, default_config
+from .config import CONFIG, AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
 from .model import create_classifier, first_differences, settings_shown_by
 
@@ -221,5 +221,4 @@ def train(config: ClassificationConfig, on_step_end: Callable[[int], None] | Non
     return train_task(ClassificationTask, config, on_step_end)
 
 
-CONFIG = ClassificationConfig
 TASK = ClassificationTask

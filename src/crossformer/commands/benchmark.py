@@ -113,7 +113,7 @@ def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None =
 
 def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
     """``model_kwargs``: as :func:`build_config`."""
-    import crossformer  # noqa: F401  (registers the variants)
+    import crossformer.models  # noqa: F401  (registers the variants)
     from crossformer.benchmark import format_summary, run_benchmark, summarise
     from crossformer.models import require_known_model
 

@@ -362,9 +362,9 @@ def help_config(argv: list[str], task: str) -> Any | None:
     if not any(arg in ("-h", "--help") for arg in argv):
         return None
     from ..engine.config import apply_overrides, load_yaml_layers
-    from ..engine.registry import file_settings, find_config, task_module
+    from ..engine.registry import config_module, file_settings, find_config
 
-    module = task_module(task)
+    module = config_module(task)
     name = _flag_value(argv, "--config")
     if name is None and argv and argv[0] == "train" and hasattr(module, "default_config"):
         model = _flag_value(argv, "--model")
@@ -407,9 +407,9 @@ _INFERENCE_COMMENTS = {"run.batch_size": "images per forward pass, per process"}
 def add_task_verb(parser: argparse.ArgumentParser, task: str, verb: str, shown_config: Any | None = None) -> None:
     """``--config``, the task's handler flags for ``verb`` and the configuration flags it reads
     (their help showing ``shown_config``'s values, see :func:`help_config`)."""
-    from ..engine.registry import task_commands, task_module
+    from ..engine.registry import config_module, task_commands
 
-    module = task_module(task)
+    module = config_module(task)
     add_config_argument(parser, " (default with our --checkpoint: the task, and for detection and segmentation "
                                 "the config, it was trained with)")
     handler = task_commands(module).get(verb)

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
 
     import timm
 
-    import crossformer  # noqa: F401  (registers the variants)
+    import crossformer.models  # noqa: F401  (registers the variants)
     from crossformer import export as exporting
     from crossformer.atomic import check_output_path
     from crossformer.errors import UserInputError, one_line

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     import timm
     import torch
 
-    import crossformer  # noqa: F401  (registers the variants)
+    import crossformer.models  # noqa: F401  (registers the variants)
     from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, require_known_model, traced_macs
     from crossformer.errors import UserInputError
 

@@ -15,10 +15,10 @@ TASK_AWARE = True
 
 
 def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any | None = None) -> None:
-    from crossformer.engine.registry import task_module
+    from crossformer.engine.registry import config_module
 
     add_config_argument(parser)
-    add_config_arguments(parser, task_module(task).CONFIG, shown_config=shown_config)
+    add_config_arguments(parser, config_module(task).CONFIG, shown_config=shown_config)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="any setting, e.g. optimizer.lr=1e-3 model.kwargs.embed_dim=32 (bare names when unique: epochs=5)")
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.distributed import DistContext, usable_workers
+from ..engine.cpus import usable_workers
+from ..engine.distributed import DistContext
 from ..engine.seeding import sample_seed, seeded_rngs
 from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference, unreadable_reason
 from .sampler import ShardedSampler
@@ -156,7 +157,7 @@ def build_loader(
     every task's loaders are built here.
 
     ``num_workers`` is capped at the CPUs this process may use
-    (:func:`~crossformer.engine.distributed.usable_workers`; the trainer says so in the log).
+    (:func:`~crossformer.engine.cpus.usable_workers`; the trainer says so in the log).
 
     ``collate_fn`` makes a batch of the dataset's samples (default: :func:`collate_images`;
     detection collates lists of images and target dicts). ``seed_each_sample`` (training

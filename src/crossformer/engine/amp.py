@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterable, Literal, get_args
+from typing import Iterable, get_args
 
 import torch
 
 from ..errors import UserInputError
+from .config import AmpMode
 
 __all__ = ["Precision", "resolve_precision", "AmpMode", "AMP_CHOICES"]
 
-AmpMode = Literal["auto", "none", "bf16", "fp16"]
 AMP_CHOICES: tuple[str, ...] = get_args(AmpMode)
 
 

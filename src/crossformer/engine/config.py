@@ -26,17 +26,19 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, TypeVar
 import yaml
 
 from ..errors import UserInputError
-from .amp import AmpMode
-from .distributed import default_workers
+from .cpus import default_workers
 
 __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
     "replaced_alternatives", "check_run_unit_kept", "RUN_UNIT_SETTINGS", "with_absolute_paths", "with_home_expanded",
+    "AmpMode",
 ]
 
 C = TypeVar("C")
+# run.amp (mixed precision, :mod:`.amp`); here, since the configuration is read without torch
+AmpMode = Literal["auto", "none", "bf16", "fp16"]
 
 
 # ---------------------------------------------------------------------------- sections

@@ -21,10 +21,9 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "default_workers", "set_cpu_threads",
-           "launched_processes", "available_cpus", "usable_workers", "stop_with_launcher"]
+__all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
+           "launched_processes", "stop_with_launcher"]
 
-MAX_DEFAULT_WORKERS = 8
 # torch's own intra-op thread count, read before any run of this process changed it.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
 # The process that started this one, read at import: torchrun's launcher for its workers.
@@ -42,14 +41,6 @@ def set_cpu_threads(threads: int) -> None:
 def launched_processes() -> int:
     """How many processes ``torchrun`` started for this job (its ``WORLD_SIZE``); 1 without it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS has one, else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _stop_once(signum: int, frame: Any) -> None:
@@ -89,22 +80,6 @@ def stop_with_launcher(parent: int = PARENT_AT_IMPORT) -> bool:
     if os.getppid() != parent:  # it died before the request, so the kernel will not signal it
         signal.raise_signal(signal.SIGTERM)
     return True
-
-
-def default_workers() -> int:
-    """Data-loader processes per training process: this node's CPUs available to us, shared by
-    the node's processes (``torchrun`` sets ``LOCAL_WORLD_SIZE``), at most 8 and at least 1.
-
-    More workers than CPUs only adds switching (and PyTorch warns about it).
-    """
-    per_process = available_cpus() // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    return max(1, min(MAX_DEFAULT_WORKERS, per_process))
-
-
-def usable_workers(requested: int) -> int:
-    """``requested`` loader processes (``run.num_workers``), at most one per CPU this process
-    may use: more would only queue for the same cores, and PyTorch warns about each loader."""
-    return min(requested, available_cpus())
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

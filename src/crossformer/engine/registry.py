@@ -12,6 +12,9 @@ A task plugs in with one module and one entry in :data:`TASKS`. The module
   ``crossformer train`` command line whose settings are valid but would not do what was meant
   (``given``: the settings the file and the command line set).
 
+``CONFIG`` and ``default_config`` may live in a module that imports less, named in
+:data:`CONFIG_MODULES` (:func:`config_module`): the command line reads its flags from it.
+
 The verbs beyond ``train`` it supports (``evaluate``, ``predict``, ``benchmark``, ``flops``, ``export``)
 are the ``COMMANDS`` (``{verb: VerbHandler}``) of the ``commands`` module beside it
 (``crossformer.<task>.commands``), which :func:`task_commands` imports only when a verb needs
@@ -37,7 +40,8 @@ from ..errors import UserInputError
 from .config import build_config, check_run_unit_kept, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
 
 __all__ = [
-    "TASKS", "DEFAULT_TASK", "VerbHandler", "ResolvedConfig", "task_module", "task_commands", "bundled_configs",
+    "TASKS", "DEFAULT_TASK", "CONFIG_MODULES", "VerbHandler", "ResolvedConfig", "task_module", "config_module",
+    "task_commands", "bundled_configs",
     "find_config", "resolve_config", "flatten_settings",
 ]
 
@@ -48,6 +52,10 @@ TASKS: dict[str, str] = {
     "segmentation": "crossformer.segmentation.task",
 }
 DEFAULT_TASK = "classification"  # configs and commands that name no task
+# task name -> a module with its CONFIG (and default_config, if any) that imports less than the
+# task's module: the command line builds its flags and help from it without the training code
+# (torch: seconds to import). A task not listed: its task module.
+CONFIG_MODULES: dict[str, str] = {"classification": "crossformer.classification.config"}
 
 
 @dataclass(frozen=True)
@@ -79,12 +87,24 @@ class ResolvedConfig:
 
 def task_module(name: str) -> ModuleType:
     """The implementation module of task ``name``; a one-line error for unknown tasks."""
+    return _import_task_part(name, TASKS)
+
+
+def config_module(name: str) -> ModuleType:
+    """The module with task ``name``'s ``CONFIG`` and optional ``default_config``
+    (:data:`CONFIG_MODULES`, else its task module); a one-line error for unknown tasks."""
+    return _import_task_part(name, CONFIG_MODULES if name in CONFIG_MODULES else TASKS)
+
+
+def _import_task_part(name: str, modules: Mapping[str, str]) -> ModuleType:
+    """``modules[name]`` (task name -> module) imported; one-line errors for an unknown task and
+    for one whose package is missing from this installation."""
     if name not in TASKS:
         raise UserInputError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     try:
-        return importlib.import_module(TASKS[name])
+        return importlib.import_module(modules[name])
     except ModuleNotFoundError as err:
-        if err.name and TASKS[name].startswith(err.name):
+        if err.name and modules[name].startswith(err.name):
             raise UserInputError(f"task {name!r} is not available in this installation") from None
         raise
 

@@ -29,9 +29,8 @@ from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
 from .config import EngineConfig, config_differences, config_to_dict, with_absolute_paths
-from .distributed import (
-    DistContext, available_cpus, set_cpu_threads, setup_distributed, teardown_distributed, usable_workers,
-)
+from .cpus import available_cpus, usable_workers
+from .distributed import DistContext, set_cpu_threads, setup_distributed, teardown_distributed
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger, SkippedFiles
 from .output import claim_output

@@ -1,0 +1,104 @@
+"""The command answers --help and usage errors at once: without importing torch, timm or
+torchvision (seconds), and with the same text as the command that has imported them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from crossformer.cli import COMMANDS, main
+
+HEAVY = ("torch", "timm", "torchvision")
+# usage errors: an unknown command, a misspelt flag, a shortened one, a bad choice
+USAGE_ERRORS = [["trian"], ["train", "--epocs", "3"], ["flops", "--modle", "crossformer_tiny"], ["train", "--img", "64"],
+                ["demo", "--task", "detect"]]
+
+
+def _command(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``python -m crossformer ARGV`` as a user runs it, and the modules it imported (Python's
+    ``-X importtime`` lines, on stderr before the command's own)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "crossformer", *argv], capture_output=True,
+                          text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    proc.stderr = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("import time:"))
+    return proc, imported
+
+
+def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` in this process (the package and torch already imported): status, out, err."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([name, "--help"] for name in COMMANDS)],
+                         ids=lambda argv: " ".join(argv))
+def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
+    proc, imported = _command(argv)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert (0, proc.stdout, "") == _in_process(argv, capsys)
+
+
+@pytest.mark.parametrize("argv", USAGE_ERRORS, ids=lambda argv: " ".join(argv))
+def test_a_usage_error_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
+    proc, imported = _command(argv)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and ": error: " in proc.stderr, proc.stderr
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
+    from crossformer.classification.config import ClassificationConfig
+    from crossformer.commands.common import config_flags
+
+    out = " ".join(_command(["--help"])[0].stdout.split())
+    assert all(f"{name} {' '.join(text.split())}" in out for name, text in COMMANDS.items())
+    train = _command(["train", "--help"])[0].stdout
+    assert all(f"{flag} " in train for flag in config_flags(ClassificationConfig)), train
+
+
+def test_the_model_names_help_gives_are_the_registered_variants(capsys) -> None:
+    from crossformer.models import VARIANTS
+
+    names = list(VARIANTS)
+    for verb in ("benchmark", "flops", "export"):
+        out = " ".join(_in_process([verb, "--help"], capsys)[1].split())
+        assert f"({names[0]} ... {names[-1]})" in out
+        assert set(re.findall(r"\bcrossformer_\w+", out)) <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("module", ["crossformer", "crossformer.models"])
+def test_importing_the_package_registers_the_variants_with_timm(module: str) -> None:
+    # a program (not the command): as the README shows, timm knows the variants after the import
+    code = (f"import sys, {module}, timm; print(sorted(timm.list_models('crossformer_*'))); "
+            "print(type(timm.create_model('crossformer_tiny', pretrained=False, num_classes=3)).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from crossformer.models import VARIANTS
+
+    assert proc.stdout.splitlines() == [str(sorted(VARIANTS)), "CrossFormer"]
+
+
+def test_the_package_api_resolves_lazily_to_the_same_objects() -> None:
+    import crossformer
+    import crossformer.classification.evaluate  # noqa: F401 (an import binds a module to its package's name)
+    import crossformer.classification.predict  # noqa: F401
+    from crossformer import engine, errors, models
+    from crossformer.classification import evaluate, predict
+
+    for name in set(crossformer.__all__) - {"CheckpointError", "__version__"}:
+        assert getattr(crossformer, name) is getattr(models, name), name
+    assert crossformer.CheckpointError is errors.CheckpointError is models.CheckpointError
+    # the functions keep their names over the modules that define them, as with eager imports
+    assert callable(evaluate) and callable(predict) and evaluate.__module__ == "crossformer.classification.evaluate"
+    for name in engine.__all__:
+        assert name in dir(engine) and getattr(engine, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        crossformer.nothing
