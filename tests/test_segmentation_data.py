@@ -214,7 +214,7 @@ def test_bad_data_one_line_errors(tmp_path):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
 
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ann" / "ok.png")  # colour-coded
-    with pytest.raises(DataError, match=r"ok\.png is a RGB image; label maps must be single-channel"):
+    with pytest.raises(DataError, match=r"ok\.png holds colours \(mode RGB\): a colour-coded map must be converted"):
         read_label(tmp_path / "ann" / "ok.png")
     # a two-class mask saved from a bool array is a 1-bit PNG (mode "1"): its values are 0 and 1
     mask = np.zeros((8, 8), bool)
@@ -352,13 +352,21 @@ def test_a_grey_label_map_saved_as_rgb_reads_as_its_values(tmp_path):
     see_through = Image.fromarray(values).convert("LA")
     see_through.putalpha(0)
     see_through.save(tmp_path / "clear.png")
-    with pytest.raises(DataError, match=r"clear\.png is a LA image; label maps must be single-channel"):
+    with pytest.raises(DataError, match=r"clear\.png has transparent pixels \(mode LA\)"):
         read_label(tmp_path / "clear.png")
     colours = np.repeat(values[..., None], 3, axis=2)
     colours[0, 0] = (1, 0, 0)
     Image.fromarray(colours).save(tmp_path / "colour.png")
-    with pytest.raises(DataError, match=r"colour\.png is a RGB image; label maps must be single-channel"):
+    with pytest.raises(DataError, match=r"colour\.png holds colours \(mode RGB\)"):
         read_label(tmp_path / "colour.png")
+    # each refusal says what is wrong with the file: not "a LA image ... not colours" for a grey
+    # one with see-through pixels, nor "a CMYK image" for a mode that is no colour-coding
+    Image.fromarray(colours).convert("RGBA").save(tmp_path / "colour_alpha.png")
+    with pytest.raises(DataError, match=r"colour_alpha\.png holds colours \(mode RGBA\)"):
+        read_label(tmp_path / "colour_alpha.png")
+    Image.fromarray(values).convert("CMYK").save(tmp_path / "cmyk.tif")
+    with pytest.raises(DataError, match=r"cmyk\.tif has mode CMYK; label maps must be single-channel PNGs"):
+        read_label(tmp_path / "cmyk.tif")
 
 
 def test_a_float_or_32_bit_label_map_of_whole_values_reads_as_them(tmp_path):

@@ -78,6 +78,17 @@ def _grey_values(img: Image.Image) -> np.ndarray | None:
     return grey if (colour == grey[..., None]).all() else None
 
 
+def _refused_mode(img: Image.Image) -> str:
+    """What makes ``img`` (a mode that :func:`_grey_values` did not read) no label map: its
+    transparency, its colours, or its mode."""
+    bands = img.getbands()
+    if "A" in bands and img.getextrema()[bands.index("A")][0] < 255:
+        return f"has transparent pixels (mode {img.mode}), which a class index cannot hold"
+    if img.mode in ("RGB", "RGBA"):
+        return f"holds colours (mode {img.mode}): a colour-coded map must be converted to class indices first"
+    return f"has mode {img.mode}"
+
+
 def _whole_values(img: Image.Image, path: str | Path) -> np.ndarray:
     """A 32-bit float label map (mode F: a TIFF some tools write) as ``(H, W)`` int64 where every
     value is a whole number, as class indices are; a DataError naming the first that is not
@@ -103,10 +114,8 @@ def read_label(path: str | Path) -> np.ndarray:
             if img.mode == "F":
                 return _whole_values(img, path)
             if img.mode not in LABEL_MODES:
-                raise DataError(
-                    f"label map {path} is a {img.mode} image; label maps must be single-channel PNGs "
-                    "(mode L or P) holding class indices, not colours"
-                )
+                raise DataError(f"label map {path} {_refused_mode(img)}; label maps must be single-channel PNGs "
+                                "(mode L or P) holding class indices")
             return np.asarray(img).astype(np.int64)
     except DataError:
         raise
