@@ -25,6 +25,19 @@ SPEC_TABLE = {
     "crossformer_pp_large": (92_001_904, 16.567),
     "crossformer_pp_huge": (95_962_944, 21.586),
 }
+# Spec section 7 too: name -> (G per stage, I per stage, drop path); the CrossFormer++ rows
+# also have ACL and fixed-group LDA (spec section 5).
+_V1_GROUPS, _PP_GROUPS = ((7, 7, 7, 7), (8, 4, 2, 1)), ((4, 4, 14, 7), (4, 2, 1, 1))
+SPEC_SETTINGS = {
+    "crossformer_tiny": (*_V1_GROUPS, 0.1),
+    "crossformer_small": (*_V1_GROUPS, 0.2),
+    "crossformer_base": (*_V1_GROUPS, 0.3),
+    "crossformer_large": (*_V1_GROUPS, 0.5),
+    "crossformer_pp_small": (*_PP_GROUPS, 0.2),
+    "crossformer_pp_base": (*_PP_GROUPS, 0.3),
+    "crossformer_pp_large": (*_PP_GROUPS, 0.5),
+    "crossformer_pp_huge": (*_PP_GROUPS, 0.5),
+}
 RECOMPUTABLE = (".attn.biases", ".attn.relative_position_index")
 
 
@@ -60,6 +73,14 @@ def test_params_keys_shapes_and_macs(name: str, official: dict) -> None:
     macs = analytic_macs(model, 224, 224)
     assert macs == official[name]["macs_224"]
     assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_groups_intervals_and_drop_path_follow_the_spec_table() -> None:
+    """The settings no parameter count or MAC figure shows: intervals, LDA semantics, drop path."""
+    for name, (groups, intervals, drop_path) in SPEC_SETTINGS.items():
+        arch, pp = VARIANTS[name].arch, name.startswith("crossformer_pp")
+        assert (tuple(arch["group_size"]), tuple(arch["interval"]), arch["drop_path_rate"]) == (groups, intervals, drop_path)
+        assert (arch["long_distance"], arch["use_acl"]) == (("fixed_group", True) if pp else ("fixed_interval", False))
 
 
 def test_pretrained_cfg() -> None:
