@@ -171,6 +171,18 @@ def test_a_variant_is_identified_by_its_weights() -> None:
     assert identify_variant(other) is None  # not a registered size
 
 
+def test_the_settings_that_weights_show() -> None:
+    """``architecture_of`` reads each setting from the weights' names and shapes alone (the
+    hint naming the --model-arg values a file needs)."""
+    from crossformer.models.variants import architecture_of
+
+    settings = dict(embed_dim=16, depths=[1, 2, 4, 1], num_heads=[1, 2, 2, 4], mlp_ratio=2.0, use_acl=True,
+                    patch_kernel_sizes=[4, 8])
+    with torch.device("meta"):
+        state = crossformer.CrossFormer(**settings, num_classes=0).state_dict()
+    assert architecture_of(state) == settings
+
+
 def test_the_official_reference_files_are_no_registered_variant(reference_dir) -> None:
     """The spec's reference files are official-format test models of their own size."""
     from crossformer.models import extract_state_dict, identify_variant, read_checkpoint
