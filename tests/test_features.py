@@ -54,6 +54,10 @@ def test_forward_intermediates_of_early_stages() -> None:
         assert torch.equal(stopped, maps[1].permute(0, 2, 3, 1)) and torch.equal(taken[0], maps[1])
         ran_on, taken = model.forward_intermediates(x, indices=[1])
         assert torch.equal(ran_on, final) and torch.equal(taken[0], maps[1])
+        # norm=True: the final norm on the last stage's map only (it is sized for that stage)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(normed[:3], maps[:3], strict=True))
+        assert torch.equal(normed[3], model.norm(maps[3].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])
