@@ -15,7 +15,7 @@ import torch
 from crossformer.cli import main as cli_main
 from crossformer.models import CrossFormer, group_layout
 from crossformer.models import crossformer as crossformer_module
-from crossformer.models.crossformer import GroupAttention
+from crossformer.models.crossformer import CrossFormerBlock, GroupAttention
 from spec_reference import reference_forward
 
 TOL = 1e-4
@@ -207,6 +207,15 @@ def test_residual_drop_path_is_timms_drop_path_added() -> None:
         torch.manual_seed(1)
         assert torch.allclose(ours, x + DropPath(rate).train()(branch), atol=1e-6)
         assert torch.equal(ResidualDropPath(rate).eval()(x, branch), x + branch)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (10, 17)], ids=["groups-tile-the-map", "padded"])
+def test_stochastic_depth_drops_the_branches_not_the_residual(size: tuple[int, int]) -> None:
+    """A training block that drops every path (rate 1) adds nothing to its input: both
+    residual paths (group order for maps the groups tile, map order for padded ones)."""
+    block = CrossFormerBlock(32, 2, 7, 2, False, "fixed_interval", drop_path=1.0).train()
+    x = torch.randn(2, *size, 32)
+    assert torch.equal(block(x), x)
 
 
 def _bias_cache_sizes(model: CrossFormer) -> list[int]:
