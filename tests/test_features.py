@@ -60,6 +60,16 @@ def test_forward_intermediates_of_early_stages() -> None:
         assert torch.equal(normed[3], model.norm(maps[3].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
+def test_a_pruned_model_keeps_only_what_its_maps_use() -> None:
+    """``prune_intermediate_layers`` drops the later stages, the last kept stage's merge, the
+    norm and the head: every parameter left gets a gradient (as DDP requires)."""
+    model = timm.create_model("crossformer_tiny", **TINY)
+    assert model.prune_intermediate_layers(indices=[0, 1]) == [0, 1]
+    maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], intermediates_only=True)
+    sum(m.square().sum() for m in maps).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])
 def test_features_only_gradient_checkpointing(feature_cls: str | None) -> None:
     """``set_grad_checkpointing`` on the features_only wrapper, as on timm's Swin: the blocks
