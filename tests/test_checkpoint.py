@@ -117,6 +117,11 @@ def test_other_head_size_is_dropped_with_a_warning(reference_dir, v1_state) -> N
         warnings.simplefilter("error")
         crossformer.load_checkpoint(headless, reference_dir / "v1_cls.pth")
 
+    # a head of another width too (pooled otherwise) shows other settings, not another class count
+    wider = CrossFormer(**{**REFERENCE_CONFIGS["v1"], "num_classes": 7, "global_pool": "catavgmax"})
+    with pytest.raises(CheckpointError, match=r"head\.weight: file \(10, 256\) vs model \(7, 512\)"):
+        crossformer.load_checkpoint(wider, reference_dir / "v1_cls.pth")
+
 
 def test_mismatch_lists_missing_and_unexpected_keys(reference_dir) -> None:
     wrong = CrossFormer(**{**REFERENCE_CONFIGS["pp"], "num_classes": 10})  # pp model, v1 file

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from crossformer.cli import main as cli_main
-from crossformer.models import CrossFormer
+from crossformer.models import CrossFormer, group_layout
 from crossformer.models import crossformer as crossformer_module
-from crossformer.models.crossformer import GroupAttention
+from crossformer.models.crossformer import CrossFormerBlock, GroupAttention
 from spec_reference import reference_forward
 
 TOL = 1e-4
@@ -173,6 +173,49 @@ def test_group_order_residual_matches_map_order(monkeypatch, tag: str) -> None:
     assert (grouped[0] - in_map[0]).abs().max().item() <= 1e-5
     assert (grouped[1] - in_map[1]).abs().max().item() <= 1e-5
     assert _max_diff(grouped[2], in_map[2]) <= TOL
+
+
+@pytest.mark.parametrize("path", ["forward", "forward_groups"])
+def test_attention_dropout_applies_in_training_only(path: str) -> None:
+    """``attn_drop`` drops attention weights in training only, on both residual paths (map
+    order and group order): in eval the attention computes what it does without dropout."""
+    attention = GroupAttention(32, 2)
+    layout = group_layout(14, 14, 7, 2, True, "fixed_interval")
+    x = torch.randn(2, 14, 14, 32)
+    run = getattr(attention, path)
+    for training in (False, True):
+        attention.train(training)
+        with torch.no_grad():
+            attention.attn_drop = 0.0
+            expected = run(x, layout)
+            attention.attn_drop = 0.5
+            dropped = run(x, layout)
+        assert ((dropped - expected).abs().max().item() > 1e-3) == training
+
+
+def test_residual_drop_path_is_timms_drop_path_added() -> None:
+    """In training each image's branch is dropped, or kept and scaled by 1 / keep, as timm's
+    ``DropPath`` does with the same random numbers; in eval the branch is added as it is."""
+    from timm.layers import DropPath
+
+    from crossformer.models.layers import ResidualDropPath
+
+    x, branch = torch.randn(64, 3, 5), torch.randn(64, 3, 5)
+    for rate in (0.0, 0.3, 1.0):
+        torch.manual_seed(1)
+        ours = ResidualDropPath(rate).train()(x, branch)
+        torch.manual_seed(1)
+        assert torch.allclose(ours, x + DropPath(rate).train()(branch), atol=1e-6)
+        assert torch.equal(ResidualDropPath(rate).eval()(x, branch), x + branch)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (10, 17)], ids=["groups-tile-the-map", "padded"])
+def test_stochastic_depth_drops_the_branches_not_the_residual(size: tuple[int, int]) -> None:
+    """A training block that drops every path (rate 1) adds nothing to its input: both
+    residual paths (group order for maps the groups tile, map order for padded ones)."""
+    block = CrossFormerBlock(32, 2, 7, 2, False, "fixed_interval", drop_path=1.0).train()
+    x = torch.randn(2, *size, 32)
+    assert torch.equal(block(x), x)
 
 
 def _bias_cache_sizes(model: CrossFormer) -> list[int]:
@@ -387,8 +430,9 @@ def test_eval_drops_caches_an_edit_through_data_bypasses() -> None:
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2")
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_hooks_on_the_linear_layers_fire(mode: str) -> None:
+@pytest.mark.parametrize("mode, hooked", [("eval", _LINEARS), ("train", _LINEARS), ("eval", ("attn.proj",))],
+                         ids=["eval", "train", "eval-proj-only"])
+def test_hooks_on_the_linear_layers_fire(mode: str, hooked: tuple[str, ...]) -> None:
     model = _model("pp").train(mode == "train")
     x = torch.randn(2, 3, 64, 64)  # every stage has groups that tile the map and padded ones
     with torch.no_grad():
@@ -401,13 +445,31 @@ def test_hooks_on_the_linear_layers_fire(mode: str) -> None:
 
     blocks = [block for stage in model.layers for block in stage.blocks]
     handles = [block.get_submodule(name).register_forward_hook(lambda *args, name=name: hook(*args, name))
-               for block in blocks for name in _LINEARS]
+               for block in blocks for name in hooked]
     with torch.no_grad():
         assert (model(x) - expected).abs().max().item() <= TOL
     for handle in handles:
         handle.remove()
-    assert sorted(calls) == sorted(_LINEARS * len(blocks))
-    assert shapes == {(name, 4) for name in _LINEARS}
+    assert sorted(calls) == sorted(hooked * len(blocks))
+    assert shapes == {(name, 4) for name in hooked}
+
+
+@pytest.mark.parametrize("kind", ["forward_pre", "forward"])
+def test_global_hooks_fire_on_the_linear_layers(kind: str) -> None:
+    """A hook registered for every module (``register_module_forward_hook`` or its pre-hook,
+    as FLOP counters and profilers do) fires on each block's linear layers too."""
+    model = _model("pp").eval()
+    linears = {id(block.get_submodule(name)) for stage in model.layers for block in stage.blocks
+               for name in _LINEARS if name != "mlp.act"}
+    called = set()
+    register = getattr(torch.nn.modules.module, f"register_module_{kind}_hook")
+    handle = register(lambda module, *args: called.add(id(module)))
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, 3, 64, 64))
+    finally:
+        handle.remove()
+    assert linears <= called
 
 
 class _LowRankAdapted(torch.nn.Linear):

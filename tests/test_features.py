@@ -54,6 +54,20 @@ def test_forward_intermediates_of_early_stages() -> None:
         assert torch.equal(stopped, maps[1].permute(0, 2, 3, 1)) and torch.equal(taken[0], maps[1])
         ran_on, taken = model.forward_intermediates(x, indices=[1])
         assert torch.equal(ran_on, final) and torch.equal(taken[0], maps[1])
+        # norm=True: the final norm on the last stage's map only (it is sized for that stage)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(normed[:3], maps[:3], strict=True))
+        assert torch.equal(normed[3], model.norm(maps[3].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_a_pruned_model_keeps_only_what_its_maps_use() -> None:
+    """``prune_intermediate_layers`` drops the later stages, the last kept stage's merge, the
+    norm and the head: every parameter left gets a gradient (as DDP requires)."""
+    model = timm.create_model("crossformer_tiny", **TINY)
+    assert model.prune_intermediate_layers(indices=[0, 1]) == [0, 1]
+    maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], intermediates_only=True)
+    sum(m.square().sum() for m in maps).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
 @pytest.mark.parametrize("feature_cls", [None, "getter", "hook"])

@@ -106,6 +106,7 @@ def test_float16_training_keeps_groups_made_only_of_padding_finite(precision: st
 
 @pytest.mark.parametrize("shape, message", [
     ((1, 3, 31, 64), "at least 32x32"),
+    ((1, 3, 64, 31), "at least 32x32"),
     ((1, 1, 64, 64), "expects images shaped"),
     ((3, 64, 64), "expects images shaped"),
 ])

@@ -77,6 +77,9 @@ def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
     monkeypatch.setattr(layers, "_choose_gemm", no_timing)
     x = torch.randn(290, 48, requires_grad=True)  # same rows bucket: no new timing
     linear(x, layer.weight, layer.bias).sum().backward()
+    torch.set_num_threads(2)  # another thread count: each product timed again
+    with pytest.raises(AssertionError, match="timed again"):
+        linear(x, layer.weight, layer.bias)
 
 
 class _Linear(nn.Module):
@@ -130,14 +133,17 @@ def test_measured_path_steps_aside() -> None:
 
 
 @needs_onednn
-def test_double_backward_matches_f_linear() -> None:
-    """create_graph=True records the backward products, so a gradient penalty works."""
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_double_backward_matches_f_linear(backend: str) -> None:
+    """create_graph=True records the backward products, so a gradient penalty works, whichever
+    backend the products were measured fastest on."""
     layer = nn.Linear(8, 4)
     x = torch.randn(3, 8, requires_grad=True)
     results = []
-    for out in (linear(x, layer.weight, layer.bias, gelu=True), F.gelu(layer(x))):
-        (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-        results.append(torch.autograd.grad(grad_x.pow(2).sum(), (x, layer.weight, layer.bias)))
+    with force_gemm_backend(backend):
+        for out in (linear(x, layer.weight, layer.bias, gelu=True), F.gelu(layer(x))):
+            (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+            results.append(torch.autograd.grad(grad_x.pow(2).sum(), (x, layer.weight, layer.bias)))
     for got, want in zip(*results):
         assert (got - want).abs().max().item() <= TOL
 

@@ -454,6 +454,8 @@ def test_cross_scale_kernels_of_even_difference_from_the_stride_all_give_one_siz
         "crossformer_tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=3,
         patch_kernel_sizes=(6, 4, 10), merge_kernel_sizes=(2, 6),
     ).eval()
+    # in any order given, the smallest kernel is projs.0 and takes the most channels (official keys)
+    assert [(conv.kernel_size[0], conv.out_channels) for conv in model.patch_embed.projs] == [(4, 8), (6, 4), (10, 4)]
     with torch.no_grad():
         for size in [(64, 64), (67, 93)]:
             expected = [tuple((side - 4) // 4 + 1 for side in size)]  # the spec's floor((H - s) / s) + 1

@@ -25,6 +25,19 @@ SPEC_TABLE = {
     "crossformer_pp_large": (92_001_904, 16.567),
     "crossformer_pp_huge": (95_962_944, 21.586),
 }
+# Spec section 7 too: name -> (G per stage, I per stage, drop path); the CrossFormer++ rows
+# also have ACL and fixed-group LDA (spec section 5).
+_V1_GROUPS, _PP_GROUPS = ((7, 7, 7, 7), (8, 4, 2, 1)), ((4, 4, 14, 7), (4, 2, 1, 1))
+SPEC_SETTINGS = {
+    "crossformer_tiny": (*_V1_GROUPS, 0.1),
+    "crossformer_small": (*_V1_GROUPS, 0.2),
+    "crossformer_base": (*_V1_GROUPS, 0.3),
+    "crossformer_large": (*_V1_GROUPS, 0.5),
+    "crossformer_pp_small": (*_PP_GROUPS, 0.2),
+    "crossformer_pp_base": (*_PP_GROUPS, 0.3),
+    "crossformer_pp_large": (*_PP_GROUPS, 0.5),
+    "crossformer_pp_huge": (*_PP_GROUPS, 0.5),
+}
 RECOMPUTABLE = (".attn.biases", ".attn.relative_position_index")
 
 
@@ -60,6 +73,14 @@ def test_params_keys_shapes_and_macs(name: str, official: dict) -> None:
     macs = analytic_macs(model, 224, 224)
     assert macs == official[name]["macs_224"]
     assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_groups_intervals_and_drop_path_follow_the_spec_table() -> None:
+    """The settings no parameter count or MAC figure shows: intervals, LDA semantics, drop path."""
+    for name, (groups, intervals, drop_path) in SPEC_SETTINGS.items():
+        arch, pp = VARIANTS[name].arch, name.startswith("crossformer_pp")
+        assert (tuple(arch["group_size"]), tuple(arch["interval"]), arch["drop_path_rate"]) == (groups, intervals, drop_path)
+        assert (arch["long_distance"], arch["use_acl"]) == (("fixed_group", True) if pp else ("fixed_interval", False))
 
 
 def test_pretrained_cfg() -> None:
@@ -148,6 +169,18 @@ def test_a_variant_is_identified_by_its_weights() -> None:
     del state["layers.2.blocks.5.mlp.fc2.bias"]
     assert identify_variant(state) is None  # a weight missing
     assert identify_variant(other) is None  # not a registered size
+
+
+def test_the_settings_that_weights_show() -> None:
+    """``architecture_of`` reads each setting from the weights' names and shapes alone (the
+    hint naming the --model-arg values a file needs)."""
+    from crossformer.models.variants import architecture_of
+
+    settings = dict(embed_dim=16, depths=[1, 2, 4, 1], num_heads=[1, 2, 2, 4], mlp_ratio=2.0, use_acl=True,
+                    patch_kernel_sizes=[4, 8])
+    with torch.device("meta"):
+        state = crossformer.CrossFormer(**settings, num_classes=0).state_dict()
+    assert architecture_of(state) == settings
 
 
 def test_the_official_reference_files_are_no_registered_variant(reference_dir) -> None:
