@@ -17,7 +17,8 @@ from crossformer.classification import evaluate, load_classifier, predict, train
 from crossformer.classification import task as train_module
 from crossformer.data import DataError
 from crossformer.errors import UserInputError
-from crossformer.engine import NonFiniteLossError, load_training_state
+from crossformer.classification.evaluate import evaluate_batches
+from crossformer.engine import DistContext, NonFiniteLossError, load_training_state, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -85,6 +86,18 @@ def test_evaluate_finds_data_under_the_home_folder_as_training_does(trained: tup
                  "--num-workers", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 9
     assert evaluate(trained[0] / "last.pth", f"~/{data.name}", device="cpu", num_workers=0)["images"] == 9
+
+
+def test_evaluate_counts_top1_and_top5_hits_and_leaves_the_model_training() -> None:
+    # the "model" returns its input: logits ranking class 0 first, class 6 last, for every image
+    logits = torch.arange(7, 0, -1, dtype=torch.float32).expand(4, 7)
+    targets = torch.tensor([0, 1, 4, 5])  # ranked 1st, 2nd, 5th and 6th
+    batches = [(logits[:3], targets[:3], []), (logits[3:], targets[3:], [])]
+    model = torch.nn.Identity().train()
+    metrics = evaluate_batches(model, batches, DistContext(), resolve_precision("none", torch.device("cpu")))
+    assert (metrics["acc1"], metrics["acc5"], metrics["images"]) == (25.0, 75.0, 4)
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)))
+    assert model.training  # evaluation during training puts the model back as it was
 
 
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:

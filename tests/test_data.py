@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from crossformer.data import (
     build_eval_transform,
     build_loader,
     build_train_transform,
+    check_readable,
     prepare_digits,
 )
+from crossformer.engine import DistContext
 from crossformer.errors import UserInputError
 
 
@@ -143,6 +146,19 @@ def test_unreadable_image_is_reported_not_raised_in_workers(tmp_path: Path) -> N
     assert len(failures) == 1 and str(broken) in failures[0]
 
 
+def test_the_data_check_names_the_first_unreadable_image_and_counts_the_rest(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"val": 1})
+    bad = [tmp_path / "val" / "cat" / "a.png", tmp_path / "val" / "dog" / "b.png"]
+    for path in bad:
+        path.write_bytes(b"not a png")
+    paths = [str(p) for p in sorted((tmp_path / "val").rglob("*.png"))]
+    first = re.escape(str(bad[0]))
+    with pytest.raises(DataError, match=rf"^cannot read validation image {first}: .* \(and 1 more\); fix or delete it"):
+        check_readable(paths, DistContext(), num_workers=0, skip_corrupt=False)
+    found = check_readable(paths, DistContext(), num_workers=0, skip_corrupt=True)
+    assert [line.split(": ")[0] for line in found] == [str(p) for p in bad]
+
+
 def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
     shards = [ShardedSampler(10, rank, 3, shuffle=True, seed=1) for rank in range(3)]
     for s in shards:
@@ -151,8 +167,9 @@ def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
     assert all(len(x) == 4 == len(s) for x, s in zip(seen, shards))  # padded to 12
     assert set(sum(seen, [])) == set(range(10))
     # unpadded (evaluation): every index exactly once
-    unpadded = [list(ShardedSampler(10, r, 3, shuffle=False, pad=False)) for r in range(3)]
-    assert sorted(sum(unpadded, [])) == list(range(10))
+    unpadded = [ShardedSampler(10, r, 3, shuffle=False, pad=False) for r in range(3)]
+    assert sorted(sum((list(s) for s in unpadded), [])) == list(range(10))
+    assert [len(s) for s in unpadded] == [len(list(s)) for s in unpadded] == [4, 3, 3]
     # a new epoch is a new order, the same epoch is the same order
     again = ShardedSampler(10, 0, 3, shuffle=True, seed=1)
     again.set_epoch(4)

@@ -692,12 +692,15 @@ def test_progress_lines_come_every_few_seconds_when_not_on_a_terminal(tmp_path: 
     progress.update(loss=0.5)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == ["epoch 0 [1/100] loss 1", "epoch 0 [2/100] loss 0.5"]
-    quiet = Progress(log, total=100, desc="epoch 1", every=50, seconds=3600.0)
+    quiet = Progress(log, total=60, desc="epoch 1", every=50, seconds=3600.0)
     for _ in range(49):
         quiet.update(loss=1.0)
     assert capsys.readouterr().out == ""
     quiet.update(loss=1.0)
-    assert capsys.readouterr().out.startswith("epoch 1 [50/100]")
+    assert capsys.readouterr().out.startswith("epoch 1 [50/60]")
+    for _ in range(10):  # and at the end, between the every-50 lines
+        quiet.update(loss=1.0)
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["epoch 1 [60/60] loss 1"]
 
 
 # -- 12. smaller ---------------------------------------------------------------------------------
