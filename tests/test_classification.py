@@ -100,6 +100,12 @@ def test_evaluate_counts_top1_and_top5_hits_and_leaves_the_model_training() -> N
     assert model.training  # evaluation during training puts the model back as it was
 
 
+def test_resuming_on_other_classes_is_refused(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    other = make_image_folder(tmp_path / "data", {"train": 2, "val": 1}, classes=("ant", "bee", "cow"))  # others, as many
+    with pytest.raises(UserInputError, match="last.pth was trained on other classes than .*train; use the same data"):
+        train(tiny_config(other, tmp_path / "run", epochs=3, resume=str(trained[0] / "last.pth")))
+
+
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
     other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
     with pytest.raises(DataError, match="lacks class folder 'eel'"):
@@ -115,6 +121,15 @@ def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> No
     assert loaded.class_names == ["cat", "dog", "eel"] and loaded.img_size == 32
     with pytest.raises(DataError, match="no such image"):
         predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
+
+
+def test_predict_in_batches_smaller_than_the_files_labels_every_file(trained: tuple[Path, dict], data: Path) -> None:
+    files = sorted((data / "val").rglob("*.png"))
+    at_once = predict(files, trained[0] / "best.pth", device="cpu")
+    in_pairs = predict(files, trained[0] / "best.pth", batch_size=2, device="cpu")
+    assert len(at_once) == len(files) == 9
+    assert [(r.path, r.labels) for r in in_pairs] == [(r.path, r.labels) for r in at_once]
+    torch.testing.assert_close([r.scores for r in in_pairs], [r.scores for r in at_once])
 
 
 def test_predict_takes_one_path_as_well_as_a_list(trained: tuple[Path, dict], data: Path, monkeypatch) -> None:
@@ -140,6 +155,7 @@ def test_predict_takes_class_names_as_a_file_as_well_as_a_list(trained: tuple[Pa
     for names in ("abc", Path("abc")):
         [result] = predict(image, checkpoint, topk=3, class_names=names, device="cpu")
         assert result.labels == listed.labels
+    assert sorted(listed.labels) == ["road", "sky", "wall"]  # the names given, not those the checkpoint records
 
 
 def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:

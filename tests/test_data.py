@@ -213,6 +213,25 @@ def test_train_transform_is_random_and_eval_is_not(tmp_path: Path) -> None:
     assert torch.equal(eval_tf(image), eval_tf(image))
 
 
+def test_train_transform_takes_its_flip_crop_and_erasing_settings() -> None:
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def draw(seed: int, **settings) -> torch.Tensor:
+        """The 32x32 training input of ``image``, its random crop over the whole square unless ``scale``."""
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        values = {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, "hflip": 0.0, "scale": (1.0, 1.0),
+                  **settings}
+        return build_train_transform(32, **values)(image)
+
+    whole = draw(0)
+    assert all(torch.equal(draw(seed), whole) for seed in range(1, 8))  # scale (1, 1): the whole square
+    assert not all(torch.equal(draw(seed, scale=(0.1, 0.5)), whole) for seed in range(8))
+    assert torch.equal(draw(0, hflip=1.0), whole.flip(-1))
+    assert all(not torch.equal(draw(seed, re_prob=1.0), whole) for seed in range(8))  # erased every time
+
+
 @pytest.mark.slow
 def test_digits_are_written_once_as_an_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("sklearn")
