@@ -106,6 +106,28 @@ def test_resuming_on_other_classes_is_refused(trained: tuple[Path, dict], tmp_pa
         train(tiny_config(other, tmp_path / "run", epochs=3, resume=str(trained[0] / "last.pth")))
 
 
+def test_training_refuses_validation_without_a_training_class(tmp_path: Path) -> None:
+    # numbered by its own folders, "eel" missing from val would make val's labels mean other classes
+    data = make_image_folder(tmp_path / "data", {"train": 2})
+    make_image_folder(data, {"val": 1}, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="val lacks class folder 'eel'"):
+        train(tiny_config(data, tmp_path / "run"))
+
+
+def test_checkpoints_record_the_evaluation_crop_they_were_trained_with(data: Path) -> None:
+    task = train_module.ClassificationTask(tiny_config(data, "unused", crop_pct=1.0), DistContext())
+    assert task.checkpoint_extras()["crop_pct"] == 1.0  # what evaluate and predict then crop to
+
+
+def test_the_training_order_follows_the_runs_seed(data: Path) -> None:
+    orders = []
+    for seed in (0, 1):
+        sampler = train_module.ClassificationTask(tiny_config(data, "unused", seed=seed), DistContext()).train_sampler
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    assert orders[0] != orders[1]
+
+
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
     other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
     with pytest.raises(DataError, match="lacks class folder 'eel'"):
@@ -200,6 +222,17 @@ def _eval_batch(path: Path, size: int) -> torch.Tensor:
     from crossformer.data import build_eval_transform, open_image
 
     return build_eval_transform(size, 0.875, "bicubic")(open_image(path)).unsqueeze(0)
+
+
+def test_label_smoothing_without_mixing_smooths_the_loss() -> None:
+    from crossformer.classification.config import AugmentConfig
+
+    logits, targets = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+    log_probs = logits.log_softmax(dim=1)
+    for smoothing in (0.1, 0.0):
+        mixup, criterion = train_module._criterion(AugmentConfig(mixup=0.0, cutmix=0.0, label_smoothing=smoothing), 3)
+        expected = (1 - smoothing) * -log_probs[0, 0] + smoothing * -log_probs.mean()
+        assert mixup is None and float(criterion(logits, targets)) == pytest.approx(float(expected))
 
 
 def test_unreadable_training_image_stops_or_is_skipped(tmp_path: Path) -> None:

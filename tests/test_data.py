@@ -27,6 +27,10 @@ from crossformer.errors import UserInputError
 
 def test_classes_come_from_train_and_validation_is_an_alias(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 2, "validation": 1})
+    hidden = tmp_path / "train" / "cat" / ".ipynb_checkpoints"  # hidden folders and files are no images of the class
+    hidden.mkdir()
+    (hidden / "0.png").write_bytes((tmp_path / "train" / "cat" / "0.png").read_bytes())
+    (tmp_path / "train" / "cat" / ".1.png").write_bytes(b"")
     train = ImageFolderDataset(tmp_path, "train")
     val = ImageFolderDataset(tmp_path, "val", classes=train.classes)
     assert train.classes == ["cat", "dog", "eel"]
@@ -74,6 +78,24 @@ def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) ->
     assert np.asarray(read_rgb(deep)).tolist() == np.asarray(images["deep.png"]).tolist()
     # training and evaluation see what predict sees (read_rgb), not the unrotated pixels
     assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
+    ramp = tmp_path / "ramp.png"  # 0..65535 onto 0..255: 257 x k is k exactly
+    Image.fromarray((np.arange(256) * 257).astype(np.uint16).reshape(16, 16)).save(ramp)
+    assert np.asarray(read_rgb(ramp))[..., 0].flatten().tolist() == list(range(256))
+
+
+def test_the_header_size_turns_with_each_exif_orientation_that_turns_the_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from crossformer.data import read_rgb
+    from crossformer.data.folder import oriented_size
+
+    for orientation in range(1, 9):  # 5-8 transpose, turn or transverse it
+        path = tmp_path / f"{orientation}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (40, 20)).save(path, exif=exif)
+        with Image.open(path) as img:
+            assert oriented_size(img) == read_rgb(path).size[::-1], orientation  # (height, width) as it is read
 
 
 def test_linked_folders_are_followed_but_a_link_back_up_is_refused(tmp_path: Path) -> None:
@@ -211,6 +233,13 @@ def test_train_transform_is_random_and_eval_is_not(tmp_path: Path) -> None:
     assert train_tf(image).shape == eval_tf(image).shape == (3, 32, 32)
     assert not torch.equal(train_tf(image), train_tf(image))
     assert torch.equal(eval_tf(image), eval_tf(image))
+    # crop_pct 1: a square image of the size is only normalised (0.875 would cut its margin off)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    square = image.crop((8, 0, 56, 48)).resize((32, 32))
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    torch.testing.assert_close(build_eval_transform(32, crop_pct=1.0)(square), (pixels - mean) / std)
 
 
 def test_train_transform_takes_its_flip_crop_and_erasing_settings() -> None:

@@ -235,11 +235,14 @@ def test_guard_stops_on_non_finite_loss() -> None:
         check_finite_loss(float("inf"), DistContext(), epoch=0, step=1, last_checkpoint=None)
 
 
-def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path) -> None:
+def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> None:
     RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})
     assert not (tmp_path / "other").exists()
     logger = RunLogger(tmp_path / "main")
     logger.info("hello")
+    logger.info("error: a line the caller prints itself", echo=False)
+    assert capsys.readouterr().out == "hello\n"
+    assert "error: a line the caller prints itself" in (tmp_path / "main" / "log.txt").read_text()
     logger.scalars(5, {"val/acc1": 50.0}, epoch=1)
     logger.close()
     assert json.loads((tmp_path / "main" / "metrics.jsonl").read_text()) == {"step": 5, "epoch": 1, "val/acc1": 50.0}

@@ -660,6 +660,17 @@ def test_evaluate_prints_its_size_as_height_x_width(data: Path, trained: Path, c
     assert "crossformer_tiny at 32x32: top-1 " in capsys.readouterr().out
 
 
+def test_evaluate_prints_each_number_under_its_name(tmp_path: Path, capsys, monkeypatch) -> None:
+    import importlib
+
+    metrics = {"model": "m", "img_size": 32, "acc1": 25.0, "acc5": 75.0, "loss": 1.5, "images": 4, "skipped": 1}
+    monkeypatch.setattr(importlib.import_module("crossformer.classification.evaluate"), "evaluate",
+                        lambda *args, **kwargs: metrics)
+    assert main(["evaluate", "--checkpoint", "m.pth", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ("m at 32x32: top-1 25.00%  top-5 75.00%  loss 1.5000  "
+                                       "(4 images, 1 unreadable skipped)\n")
+
+
 def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", {"val": 2})
     bad = data / "val" / "eel" / "bad.png"

@@ -264,6 +264,13 @@ def test_the_weight_average_starts_from_the_weights_of_the_first_update(tmp_path
     assert all(torch.equal(state["model_ema"][k], v) for k, v in state["model"].items())
 
 
+def test_a_tasks_samples_are_by_default_the_length_of_the_batchs_first_item() -> None:
+    # the train means weigh each batch by it: a short last batch (drop_last=False) counts less
+    task = FakeTask(fake_config("unused"), DistContext())
+    x, y = torch.zeros(3, 4), torch.zeros(3)
+    assert task.batch_counts((x, y)) == task.batch_counts([x, y]) == {"samples": 3.0}
+
+
 def test_best_checkpoint_follows_the_primary_metric(tmp_path: Path) -> None:
     metrics = train(FakeTask, fake_config(tmp_path, **{"fake.scores": [0.3, 0.9, 0.5]}))
     assert metrics["best_score"] == 0.9 and metrics["val/best_score"] == 0.9 and metrics["val/score"] == 0.5
