@@ -421,6 +421,7 @@ def test_a_change_of_the_runs_unit_restates_what_counts_in_the_old_one(tmp_path:
                     "schedule: {name: cosine, milestones: []}\n")
     run = resolve_config(str(mine)).config.run
     assert (run.iterations, run.eval_every, run.checkpoint_every) == (40, 20, 0)
+    assert resolve_config(str(mine), {"iterations": 60}).config.run.iterations == 60  # another length, the file's unit
     assert resolve_config(str(mine), {"epochs": 3, "eval_every": 1}).config.run.epochs == 3  # back to epochs, restated
     # a change within one unit restates nothing; digits sets none of these
     assert resolve_config("mask_rcnn_shapes_demo", {"epochs": 2}).config.schedule.milestones == (11,)
