@@ -144,7 +144,7 @@ def test_schedule_settings_are_checked() -> None:
     apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-3}).validate()
 
 
-@pytest.mark.parametrize("setting", ["eval_every", "batch_size", "accum_steps", "log_every"])
+@pytest.mark.parametrize("setting", ["batch_size", "accum_steps", "log_every"])
 def test_run_counts_of_zero_are_refused(setting: str) -> None:
     with pytest.raises(UserInputError, match=rf"^run.{setting} must be at least 1, got 0$"):
         apply_overrides(EngineConfig(), {"epochs": 1, setting: 0}).validate()
