@@ -31,6 +31,7 @@ __all__ = ["FakeConfig", "FakeTask", "fake_config", "resume_and_compare", "CONFI
 class FakeSettings:
     samples: int = 24  # training samples (validation: 8)
     noise: float = 0.1  # drawn from the global torch RNG in every training step (exercises RNG resume)
+    dropout: float = 0.1  # the model's dropout rate (also draws from the global torch RNG)
     nan_at_call: int = -1  # the losses() call (0-based) whose loss is NaN
     scores: tuple[float, ...] = ()  # scripted validation scores, one per evaluation (else -MSE)
     augment: float = 0.0  # noise each training sample draws from random, NumPy and torch (in loader workers)
@@ -78,7 +79,7 @@ class FakeTask(Task):
         super().__init__(config, ctx)
         with torch.random.fork_rng():  # the same initial weights in every run, the global RNG untouched
             torch.manual_seed(0)
-            self.model = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 1), nn.Flatten(0)).to(ctx.device)
+            self.model = nn.Sequential(nn.Dropout(config.fake.dropout), nn.Linear(4, 1), nn.Flatten(0)).to(ctx.device)
         train_set, self.val_set = _data(config.fake.samples, 1), _data(8, 2)
         self.train_sampler = ShardedSampler(len(train_set), ctx.rank, ctx.world_size, shuffle=True, seed=config.run.seed)
         if config.fake.augment:

@@ -17,7 +17,8 @@ from crossformer.classification import evaluate, load_classifier, predict, train
 from crossformer.classification import task as train_module
 from crossformer.data import DataError
 from crossformer.errors import UserInputError
-from crossformer.engine import NonFiniteLossError, load_training_state
+from crossformer.classification.evaluate import evaluate_batches
+from crossformer.engine import DistContext, NonFiniteLossError, load_training_state, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -87,6 +88,46 @@ def test_evaluate_finds_data_under_the_home_folder_as_training_does(trained: tup
     assert evaluate(trained[0] / "last.pth", f"~/{data.name}", device="cpu", num_workers=0)["images"] == 9
 
 
+def test_evaluate_counts_top1_and_top5_hits_and_leaves_the_model_training() -> None:
+    # the "model" returns its input: logits ranking class 0 first, class 6 last, for every image
+    logits = torch.arange(7, 0, -1, dtype=torch.float32).expand(4, 7)
+    targets = torch.tensor([0, 1, 4, 5])  # ranked 1st, 2nd, 5th and 6th
+    batches = [(logits[:3], targets[:3], []), (logits[3:], targets[3:], [])]
+    model = torch.nn.Identity().train()
+    metrics = evaluate_batches(model, batches, DistContext(), resolve_precision("none", torch.device("cpu")))
+    assert (metrics["acc1"], metrics["acc5"], metrics["images"]) == (25.0, 75.0, 4)
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)))
+    assert model.training  # evaluation during training puts the model back as it was
+
+
+def test_resuming_on_other_classes_is_refused(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    other = make_image_folder(tmp_path / "data", {"train": 2, "val": 1}, classes=("ant", "bee", "cow"))  # others, as many
+    with pytest.raises(UserInputError, match="last.pth was trained on other classes than .*train; use the same data"):
+        train(tiny_config(other, tmp_path / "run", epochs=3, resume=str(trained[0] / "last.pth")))
+
+
+def test_training_refuses_validation_without_a_training_class(tmp_path: Path) -> None:
+    # numbered by its own folders, "eel" missing from val would make val's labels mean other classes
+    data = make_image_folder(tmp_path / "data", {"train": 2})
+    make_image_folder(data, {"val": 1}, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="val lacks class folder 'eel'"):
+        train(tiny_config(data, tmp_path / "run"))
+
+
+def test_checkpoints_record_the_evaluation_crop_they_were_trained_with(data: Path) -> None:
+    task = train_module.ClassificationTask(tiny_config(data, "unused", crop_pct=1.0), DistContext())
+    assert task.checkpoint_extras()["crop_pct"] == 1.0  # what evaluate and predict then crop to
+
+
+def test_the_training_order_follows_the_runs_seed(data: Path) -> None:
+    orders = []
+    for seed in (0, 1):
+        sampler = train_module.ClassificationTask(tiny_config(data, "unused", seed=seed), DistContext()).train_sampler
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    assert orders[0] != orders[1]
+
+
 def test_evaluate_refuses_other_classes(trained: tuple[Path, dict], tmp_path: Path) -> None:
     other = make_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog"))
     with pytest.raises(DataError, match="lacks class folder 'eel'"):
@@ -102,6 +143,15 @@ def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> No
     assert loaded.class_names == ["cat", "dog", "eel"] and loaded.img_size == 32
     with pytest.raises(DataError, match="no such image"):
         predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
+
+
+def test_predict_in_batches_smaller_than_the_files_labels_every_file(trained: tuple[Path, dict], data: Path) -> None:
+    files = sorted((data / "val").rglob("*.png"))
+    at_once = predict(files, trained[0] / "best.pth", device="cpu")
+    in_pairs = predict(files, trained[0] / "best.pth", batch_size=2, device="cpu")
+    assert len(at_once) == len(files) == 9
+    assert [(r.path, r.labels) for r in in_pairs] == [(r.path, r.labels) for r in at_once]
+    torch.testing.assert_close([r.scores for r in in_pairs], [r.scores for r in at_once])
 
 
 def test_predict_takes_one_path_as_well_as_a_list(trained: tuple[Path, dict], data: Path, monkeypatch) -> None:
@@ -127,6 +177,7 @@ def test_predict_takes_class_names_as_a_file_as_well_as_a_list(trained: tuple[Pa
     for names in ("abc", Path("abc")):
         [result] = predict(image, checkpoint, topk=3, class_names=names, device="cpu")
         assert result.labels == listed.labels
+    assert sorted(listed.labels) == ["road", "sky", "wall"]  # the names given, not those the checkpoint records
 
 
 def test_files_without_class_names_are_labelled_as_imagenet_at_1000_classes(tmp_path: Path, data: Path) -> None:
@@ -171,6 +222,17 @@ def _eval_batch(path: Path, size: int) -> torch.Tensor:
     from crossformer.data import build_eval_transform, open_image
 
     return build_eval_transform(size, 0.875, "bicubic")(open_image(path)).unsqueeze(0)
+
+
+def test_label_smoothing_without_mixing_smooths_the_loss() -> None:
+    from crossformer.classification.config import AugmentConfig
+
+    logits, targets = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+    log_probs = logits.log_softmax(dim=1)
+    for smoothing in (0.1, 0.0):
+        mixup, criterion = train_module._criterion(AugmentConfig(mixup=0.0, cutmix=0.0, label_smoothing=smoothing), 3)
+        expected = (1 - smoothing) * -log_probs[0, 0] + smoothing * -log_probs.mean()
+        assert mixup is None and float(criterion(logits, targets)) == pytest.approx(float(expected))
 
 
 def test_unreadable_training_image_stops_or_is_skipped(tmp_path: Path) -> None:

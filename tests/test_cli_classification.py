@@ -210,6 +210,8 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
                     "checkpoint not found")
     _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth")],
                     "checkpoint not found")
+    _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth"),
+                             "--topk", "0"], "--topk must be at least 1, got 0")
 
 
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,

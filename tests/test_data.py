@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,19 @@ from crossformer.data import (
     build_eval_transform,
     build_loader,
     build_train_transform,
+    check_readable,
     prepare_digits,
 )
+from crossformer.engine import DistContext
 from crossformer.errors import UserInputError
 
 
 def test_classes_come_from_train_and_validation_is_an_alias(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 2, "validation": 1})
+    hidden = tmp_path / "train" / "cat" / ".ipynb_checkpoints"  # hidden folders and files are no images of the class
+    hidden.mkdir()
+    (hidden / "0.png").write_bytes((tmp_path / "train" / "cat" / "0.png").read_bytes())
+    (tmp_path / "train" / "cat" / ".1.png").write_bytes(b"")
     train = ImageFolderDataset(tmp_path, "train")
     val = ImageFolderDataset(tmp_path, "val", classes=train.classes)
     assert train.classes == ["cat", "dog", "eel"]
@@ -71,6 +78,24 @@ def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) ->
     assert np.asarray(read_rgb(deep)).tolist() == np.asarray(images["deep.png"]).tolist()
     # training and evaluation see what predict sees (read_rgb), not the unrotated pixels
     assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
+    ramp = tmp_path / "ramp.png"  # 0..65535 onto 0..255: 257 x k is k exactly
+    Image.fromarray((np.arange(256) * 257).astype(np.uint16).reshape(16, 16)).save(ramp)
+    assert np.asarray(read_rgb(ramp))[..., 0].flatten().tolist() == list(range(256))
+
+
+def test_the_header_size_turns_with_each_exif_orientation_that_turns_the_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from crossformer.data import read_rgb
+    from crossformer.data.folder import oriented_size
+
+    for orientation in range(1, 9):  # 5-8 transpose, turn or transverse it
+        path = tmp_path / f"{orientation}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (40, 20)).save(path, exif=exif)
+        with Image.open(path) as img:
+            assert oriented_size(img) == read_rgb(path).size[::-1], orientation  # (height, width) as it is read
 
 
 def test_linked_folders_are_followed_but_a_link_back_up_is_refused(tmp_path: Path) -> None:
@@ -147,6 +172,19 @@ def test_unreadable_image_is_reported_not_raised_in_workers(tmp_path: Path) -> N
     assert dataset[dataset.samples.index((str(gone), 0))][2] == f"{gone}: file not found"
 
 
+def test_the_data_check_names_the_first_unreadable_image_and_counts_the_rest(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"val": 1})
+    bad = [tmp_path / "val" / "cat" / "a.png", tmp_path / "val" / "dog" / "b.png"]
+    for path in bad:
+        path.write_bytes(b"not a png")
+    paths = [str(p) for p in sorted((tmp_path / "val").rglob("*.png"))]
+    first = re.escape(str(bad[0]))
+    with pytest.raises(DataError, match=rf"^cannot read validation image {first}: .* \(and 1 more\); fix or delete it"):
+        check_readable(paths, DistContext(), num_workers=0, skip_corrupt=False)
+    found = check_readable(paths, DistContext(), num_workers=0, skip_corrupt=True)
+    assert [line.split(": ")[0] for line in found] == [str(p) for p in bad]
+
+
 def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
     shards = [ShardedSampler(10, rank, 3, shuffle=True, seed=1) for rank in range(3)]
     for s in shards:
@@ -155,8 +193,9 @@ def test_sampler_shards_are_disjoint_and_cover_the_epoch() -> None:
     assert all(len(x) == 4 == len(s) for x, s in zip(seen, shards))  # padded to 12
     assert set(sum(seen, [])) == set(range(10))
     # unpadded (evaluation): every index exactly once
-    unpadded = [list(ShardedSampler(10, r, 3, shuffle=False, pad=False)) for r in range(3)]
-    assert sorted(sum(unpadded, [])) == list(range(10))
+    unpadded = [ShardedSampler(10, r, 3, shuffle=False, pad=False) for r in range(3)]
+    assert sorted(sum((list(s) for s in unpadded), [])) == list(range(10))
+    assert [len(s) for s in unpadded] == [len(list(s)) for s in unpadded] == [4, 3, 3]
     # a new epoch is a new order, the same epoch is the same order
     again = ShardedSampler(10, 0, 3, shuffle=True, seed=1)
     again.set_epoch(4)
@@ -198,6 +237,32 @@ def test_train_transform_is_random_and_eval_is_not(tmp_path: Path) -> None:
     assert train_tf(image).shape == eval_tf(image).shape == (3, 32, 32)
     assert not torch.equal(train_tf(image), train_tf(image))
     assert torch.equal(eval_tf(image), eval_tf(image))
+    # crop_pct 1: a square image of the size is only normalised (0.875 would cut its margin off)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    square = image.crop((8, 0, 56, 48)).resize((32, 32))
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    torch.testing.assert_close(build_eval_transform(32, crop_pct=1.0)(square), (pixels - mean) / std)
+
+
+def test_train_transform_takes_its_flip_crop_and_erasing_settings() -> None:
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def draw(seed: int, **settings) -> torch.Tensor:
+        """The 32x32 training input of ``image``, its random crop over the whole square unless ``scale``."""
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        values = {"auto_augment": None, "color_jitter": 0.0, "re_prob": 0.0, "hflip": 0.0, "scale": (1.0, 1.0),
+                  **settings}
+        return build_train_transform(32, **values)(image)
+
+    whole = draw(0)
+    assert all(torch.equal(draw(seed), whole) for seed in range(1, 8))  # scale (1, 1): the whole square
+    assert not all(torch.equal(draw(seed, scale=(0.1, 0.5)), whole) for seed in range(8))
+    assert torch.equal(draw(0, hflip=1.0), whole.flip(-1))
+    assert all(not torch.equal(draw(seed, re_prob=1.0), whole) for seed in range(8))  # erased every time
 
 
 @pytest.mark.slow

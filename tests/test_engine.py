@@ -57,6 +57,10 @@ def test_load_training_state_explains_weights_only_files(tmp_path: Path) -> None
     torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "weights.pth")
     with pytest.raises(CheckpointError, match="--pretrained"):
         load_training_state(tmp_path / "weights.pth")
+    # the authors' training files hold their optimizer and epoch, but not our update count
+    torch.save({"model": {"w": torch.ones(1)}, "optimizer": {}, "lr_scheduler": {}, "epoch": 299}, tmp_path / "theirs.pth")
+    with pytest.raises(CheckpointError, match="theirs.pth: it holds weights only; pass it as --pretrained"):
+        load_training_state(tmp_path / "theirs.pth")
     # what the file is, as every other command says it: not torch's "(101)" or its zip-reader essay
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match=r"^cannot resume: .*junk.pth is not a PyTorch checkpoint \(it is text"):
@@ -72,11 +76,12 @@ def test_load_training_state_explains_weights_only_files(tmp_path: Path) -> None
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    random.gauss(), np.random.randn()  # each keeps the second normal of its pair for the next draw
     save_atomic({"rng": capture_rng_state()}, tmp_path / "rng.pth")
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    expected = (random.gauss(), np.random.randn(), random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert (random.gauss(), np.random.randn(), random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
 def test_learning_rates_scale_with_the_global_batch() -> None:
@@ -104,6 +109,10 @@ def test_step_schedule_of_the_detection_recipe() -> None:
     optimizer = build_optimizer(nn.Linear(2, 2), lr=2e-4, weight_decay=0.05)
     assert schedule.apply(optimizer, 800) == pytest.approx(2e-5)
     assert all(group["lr"] == pytest.approx(2e-5) for group in optimizer.param_groups)
+    assert schedule.apply(optimizer, 1100) == pytest.approx(2e-6)  # from the peak rate, whatever the rate was
+    # in an iteration run the milestones are updates already
+    by_updates = build_schedule(config, lr=2e-4, min_lr=0.0, total_updates=1200, updates_per_epoch=100, by_iterations=True)
+    assert by_updates.milestones == (8, 11)
 
 
 def test_poly_schedules_of_the_segmentation_recipes() -> None:
@@ -135,6 +144,12 @@ def test_schedule_settings_are_checked() -> None:
     apply_overrides(EngineConfig(), {"epochs": 1, "lr": 1e-3, "min_lr": 1e-3}).validate()
 
 
+@pytest.mark.parametrize("setting", ["batch_size", "accum_steps", "log_every"])
+def test_run_counts_of_zero_are_refused(setting: str) -> None:
+    with pytest.raises(UserInputError, match=rf"^run.{setting} must be at least 1, got 0$"):
+        apply_overrides(EngineConfig(), {"epochs": 1, setting: 0}).validate()
+
+
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(4, 4))
@@ -156,6 +171,11 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert decay == {id(model[0].weight), id(model[2].weight)}
     assert no_decay == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)}
+    # nor on the names a model's no_weight_decay() gives, whatever their shape (a ViT's 3-d pos_embed)
+    model.pos_embed = nn.Parameter(torch.zeros(1, 4, 4))
+    model.no_weight_decay = lambda: {"pos_embed"}
+    spared, decayed = param_groups(model, 0.05)
+    assert any(p is model.pos_embed for p in spared["params"]) and not any(p is model.pos_embed for p in decayed["params"])
 
 
 def test_optimizer_is_fused_adamw_with_the_loops_updates() -> None:
@@ -195,24 +215,34 @@ def test_precision_choices_on_cpu() -> None:
 
 def test_precision_step_clips_and_zeroes() -> None:
     model = nn.Linear(3, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     precision = resolve_precision("none", torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
     precision.backward(model(torch.full((1, 3), 100.0)).sum())
     norm = precision.step(optimizer, model.parameters(), clip_grad=5.0)
-    assert norm > 5.0 and all(p.grad is None for p in model.parameters())
+    assert norm == pytest.approx(float(torch.tensor([100.0, 100.0, 100.0, 1.0]).norm()))  # the norm before clipping
+    assert all(p.grad is None for p in model.parameters())
+    # the step took the gradient clipped to norm 5 (SGD at rate 1: the step is the gradient)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert float(step.norm()) == pytest.approx(5.0, rel=1e-5)
 
 
 def test_guard_stops_on_non_finite_loss() -> None:
     check_finite_loss(1.5, DistContext(), epoch=0, step=3, last_checkpoint=None)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2 step 7.*last good checkpoint is x.pth"):
         check_finite_loss(float("nan"), DistContext(), epoch=2, step=7, last_checkpoint="x.pth")
+    with pytest.raises(NonFiniteLossError, match=r"loss became inf at epoch 0 step 1.*no checkpoint was written yet"):
+        check_finite_loss(float("inf"), DistContext(), epoch=0, step=1, last_checkpoint=None)
 
 
-def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path) -> None:
+def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> None:
     RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})
     assert not (tmp_path / "other").exists()
     logger = RunLogger(tmp_path / "main")
     logger.info("hello")
+    logger.info("error: a line the caller prints itself", echo=False)
+    assert capsys.readouterr().out == "hello\n"
+    assert "error: a line the caller prints itself" in (tmp_path / "main" / "log.txt").read_text()
     logger.scalars(5, {"val/acc1": 50.0}, epoch=1)
     logger.close()
     assert json.loads((tmp_path / "main" / "metrics.jsonl").read_text()) == {"step": 5, "epoch": 1, "val/acc1": 50.0}
@@ -391,6 +421,7 @@ def test_a_change_of_the_runs_unit_restates_what_counts_in_the_old_one(tmp_path:
                     "schedule: {name: cosine, milestones: []}\n")
     run = resolve_config(str(mine)).config.run
     assert (run.iterations, run.eval_every, run.checkpoint_every) == (40, 20, 0)
+    assert resolve_config(str(mine), {"iterations": 60}).config.run.iterations == 60  # another length, the file's unit
     assert resolve_config(str(mine), {"epochs": 3, "eval_every": 1}).config.run.epochs == 3  # back to epochs, restated
     # a change within one unit restates nothing; digits sets none of these
     assert resolve_config("mask_rcnn_shapes_demo", {"epochs": 2}).config.schedule.milestones == (11,)

@@ -660,6 +660,17 @@ def test_evaluate_prints_its_size_as_height_x_width(data: Path, trained: Path, c
     assert "crossformer_tiny at 32x32: top-1 " in capsys.readouterr().out
 
 
+def test_evaluate_prints_each_number_under_its_name(tmp_path: Path, capsys, monkeypatch) -> None:
+    import importlib
+
+    metrics = {"model": "m", "img_size": 32, "acc1": 25.0, "acc5": 75.0, "loss": 1.5, "images": 4, "skipped": 1}
+    monkeypatch.setattr(importlib.import_module("crossformer.classification.evaluate"), "evaluate",
+                        lambda *args, **kwargs: metrics)
+    assert main(["evaluate", "--checkpoint", "m.pth", "--data", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ("m at 32x32: top-1 25.00%  top-5 75.00%  loss 1.5000  "
+                                       "(4 images, 1 unreadable skipped)\n")
+
+
 def test_evaluate_names_each_skipped_file(trained: Path, tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "data", {"val": 2})
     bad = data / "val" / "eel" / "bad.png"
@@ -692,12 +703,15 @@ def test_progress_lines_come_every_few_seconds_when_not_on_a_terminal(tmp_path: 
     progress.update(loss=0.5)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == ["epoch 0 [1/100] loss 1", "epoch 0 [2/100] loss 0.5"]
-    quiet = Progress(log, total=100, desc="epoch 1", every=50, seconds=3600.0)
+    quiet = Progress(log, total=60, desc="epoch 1", every=50, seconds=3600.0)
     for _ in range(49):
         quiet.update(loss=1.0)
     assert capsys.readouterr().out == ""
     quiet.update(loss=1.0)
-    assert capsys.readouterr().out.startswith("epoch 1 [50/100]")
+    assert capsys.readouterr().out.startswith("epoch 1 [50/60]")
+    for _ in range(10):  # and at the end, between the every-50 lines
+        quiet.update(loss=1.0)
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["epoch 1 [60/60] loss 1"]
 
 
 # -- 12. smaller ---------------------------------------------------------------------------------

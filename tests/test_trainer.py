@@ -100,9 +100,11 @@ def test_resuming_a_finished_run_says_how_far_it_got(tmp_path: Path, capsys) -> 
 class _BadFifthBatch(FakeTask):
     """The fifth batch of the run holds an unreadable file (as a task's batch_counts reports it)."""
 
+    bad_batch = 5
+
     def batch_counts(self, batch):
         self.seen = getattr(self, "seen", 0) + 1
-        if self.seen == 5:
+        if self.seen == self.bad_batch:
             raise UserInputError("cannot read image bad.png")
         return super().batch_counts(batch)
 
@@ -116,6 +118,21 @@ def test_bad_training_data_mid_epoch_keeps_the_updates_done(tmp_path: Path) -> N
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 4, 4)  # before the bad batch
     # with the data fixed, the resumed run retries that batch and ends where an unstopped one does
     resume_and_compare(tmp_path / "stopped", tmp_path / "clean", epochs=2, model_ema=True)
+
+
+class _BadSixthBatch(_BadFifthBatch):
+    bad_batch = 6
+
+
+def test_bad_training_data_mid_accumulation_keeps_the_last_whole_update(tmp_path: Path) -> None:
+    # a checkpoint taken there would hold the updates done but not the gradient accumulated since:
+    # the resumed run's next update would be made of half its micro-batches
+    settings = dict(epochs=2, accum_steps=2, save_every_steps=1, model_ema=True)
+    with pytest.raises(UserInputError, match=r"^cannot read image bad.png$"):  # no "saved" note: nothing new was
+        train(_BadSixthBatch, fake_config(tmp_path / "stopped", **settings))
+    state = load_training_state(tmp_path / "stopped" / "last.pth")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 4, 2)  # the last whole update
+    resume_and_compare(tmp_path / "stopped", tmp_path / "clean", **settings)
 
 
 class _Stop(Exception):
@@ -180,7 +197,9 @@ def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:
     with pytest.raises(_Stop):
         train(FakeTask, fake_config(tmp_path, epochs=2, save_every_steps=1), on_step_end=_stop_at(4))
     train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", lr=0.1, weight_decay=0.02))
-    assert "optimizer.lr 0.1 (was 0.05)" in (tmp_path / "log.txt").read_text()
+    # where the run writes and that it resumes are no changed settings
+    assert ("with changed settings: optimizer.lr 0.1 (was 0.05); optimizer.weight_decay 0.02 (was 0.01); "
+            "run.save_every_steps 0 (was 1)\n") in (tmp_path / "log.txt").read_text()
     resumed = [r for r in _records(tmp_path) if "train/lr" in r and r["step"] > 4]
     assert [r["step"] for r in resumed] == list(range(5, 13))
     for r in resumed:
@@ -205,6 +224,59 @@ def test_an_iteration_run_that_sets_no_eval_every_evaluates_once_an_epoch(tmp_pa
     assert metrics["global_step"] == 14  # 6 updates per epoch
     assert [r["step"] for r in _records(tmp_path) if "val/score" in r] == [6, 12, 14]
     assert "iteration 12/14" in (tmp_path / "log.txt").read_text()
+
+
+def test_accumulated_micro_batches_update_as_one_batch_as_large(tmp_path: Path) -> None:
+    # each micro-batch's whole loss was back-propagated: the update's gradient (its logged norm,
+    # what clip_grad cuts) was accum_steps times the batch's (AdamW's steps hide the scale)
+    exact = {"fake.noise": 0.0, "fake.dropout": 0.0}  # no draws, so that both runs see the same numbers
+    whole = train(FakeTask, fake_config(tmp_path / "whole", epochs=1, batch_size=8, **exact))
+    parts = train(FakeTask, fake_config(tmp_path / "parts", epochs=1, batch_size=4, accum_steps=2, **exact))
+    assert whole["global_step"] == parts["global_step"] == 3  # the same 8 samples in each update
+    norms = {run: [r["train/grad_norm"] for r in _records(tmp_path / run) if "train/grad_norm" in r]
+             for run in ("whole", "parts")}
+    assert norms["parts"] == pytest.approx(norms["whole"], rel=1e-5)
+    assert parts["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+    assert parts["val/mse"] == pytest.approx(whole["val/mse"], rel=1e-5)
+
+
+def test_an_epoch_that_does_not_divide_into_updates_ends_with_a_shorter_one(tmp_path: Path, capsys) -> None:
+    # 5 micro-batches an epoch, 2 an update: updates after batches 2, 4 and 5 (the last alone)
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=2, accum_steps=2, **{"fake.samples": 20}))
+    assert (metrics["epoch"], metrics["global_step"]) == (2, 6)
+    assert "cosine schedule over 6 updates" in capsys.readouterr().out  # 3 an epoch, not 2
+    assert [(r["epoch"], r["step"]) for r in _records(tmp_path) if "val/score" in r] == [(0, 3), (1, 6)]
+
+
+def test_checkpoints_and_step_records_come_as_often_as_asked(tmp_path: Path) -> None:
+    with pytest.raises(_Stop):  # 6 updates an epoch; evaluations only at the end
+        train(FakeTask, fake_config(tmp_path, epochs=3, eval_every=3, checkpoint_every=1, log_every=4),
+              on_step_end=_stop_at(7))
+    state = load_training_state(tmp_path / "last.pth")  # run.checkpoint_every=1: after epoch 0, unevaluated
+    assert (state["epoch"], state["batches_done"], state["global_step"], state["metrics"]) == (1, 0, 6, {})
+    assert [r["step"] for r in _records(tmp_path)] == [4]  # run.log_every=4: a record at update 4 of 7
+
+
+def test_a_resumed_run_keeps_the_best_score_of_the_run_before(tmp_path: Path) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=1, **{"fake.scores": [0.9]}))
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", **{"fake.scores": [0.5]}))
+    assert (metrics["val/score"], metrics["best_score"]) == (0.5, 0.9)
+    assert load_training_state(tmp_path / "best.pth")["global_step"] == 6  # not replaced by the worse epoch
+
+
+def test_the_weight_average_starts_from_the_weights_of_the_first_update(tmp_path: Path) -> None:
+    # timm's ModelEmaV3 given the update count: the first update copies the weights (decay 0), so the
+    # average never holds the untrained initial weights
+    train(FakeTask, fake_config(tmp_path, epochs=0, iterations=1, model_ema=True, model_ema_decay=0.9))
+    state = load_training_state(tmp_path / "last.pth")
+    assert all(torch.equal(state["model_ema"][k], v) for k, v in state["model"].items())
+
+
+def test_a_tasks_samples_are_by_default_the_length_of_the_batchs_first_item() -> None:
+    # the train means weigh each batch by it: a short last batch (drop_last=False) counts less
+    task = FakeTask(fake_config("unused"), DistContext())
+    x, y = torch.zeros(3, 4), torch.zeros(3)
+    assert task.batch_counts((x, y)) == task.batch_counts([x, y]) == {"samples": 3.0}
 
 
 def test_best_checkpoint_follows_the_primary_metric(tmp_path: Path) -> None:
@@ -269,11 +341,20 @@ def _epoch_samples(num_workers: int, start: int, epoch: int = 1) -> torch.Tensor
     return torch.cat([x for x, _ in task.train_loader])
 
 
+def _epoch_order(epoch: int) -> list[int]:
+    """The order in which :func:`_epoch_samples` draws the samples of ``epoch``."""
+    task = FakeTask(fake_config("unused"), DistContext())
+    task.train_sampler.set_epoch(epoch)
+    return list(task.train_sampler)
+
+
 def test_a_samples_augmentation_depends_on_its_seed_epoch_and_index_only() -> None:
     whole = _epoch_samples(num_workers=0, start=0)
     assert torch.equal(_epoch_samples(num_workers=2, start=0), whole)  # whichever worker draws it
     assert torch.equal(_epoch_samples(num_workers=2, start=8), whole[8:])  # whatever was drawn before it
-    assert not torch.equal(_epoch_samples(num_workers=0, start=0, epoch=2), whole)  # each epoch draws anew
+    # each epoch draws each sample anew, not only in another order
+    again, orders = _epoch_samples(num_workers=0, start=0, epoch=2), [_epoch_order(epoch) for epoch in (1, 2)]
+    assert all(not torch.equal(whole[orders[0].index(i)], again[orders[1].index(i)]) for i in range(len(whole)))
     before = torch.get_rng_state()
     _epoch_samples(num_workers=0, start=0)
     assert torch.equal(torch.get_rng_state(), before)  # the main process's stream (dropout) is left as it was
