@@ -15,6 +15,11 @@ HEAVY = ("torch", "timm", "torchvision")
 # usage errors: an unknown command, a misspelt flag, a shortened one, a bad choice
 USAGE_ERRORS = [["trian"], ["train", "--epocs", "3"], ["flops", "--modle", "crossformer_tiny"], ["train", "--img", "64"],
                 ["demo", "--task", "detect"]]
+# the dense tasks' flags come from their configs (detection, segmentation): --help and a misspelt flag
+DENSE_CONFIGS = ("mask_rcnn_shapes_demo", "upernet_crossformer_small")
+DENSE_HELP = [[verb, "--config", config, "--help"] for verb in ("train", "evaluate", "predict") for config in DENSE_CONFIGS]
+DENSE_USAGE_ERRORS = [["train", "--config", DENSE_CONFIGS[0], "--epocs", "3"],
+                      ["evaluate", "--config", DENSE_CONFIGS[1], "--chekpoint", "x.pth"]]
 
 
 def _command(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -37,7 +42,7 @@ def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([name, "--help"] for name in COMMANDS)],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([name, "--help"] for name in COMMANDS), *DENSE_HELP],
                          ids=lambda argv: " ".join(argv))
 def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
@@ -46,7 +51,7 @@ def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) ->
     assert (0, proc.stdout, "") == _in_process(argv, capsys)
 
 
-@pytest.mark.parametrize("argv", USAGE_ERRORS, ids=lambda argv: " ".join(argv))
+@pytest.mark.parametrize("argv", [*USAGE_ERRORS, *DENSE_USAGE_ERRORS], ids=lambda argv: " ".join(argv))
 def test_a_usage_error_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and ": error: " in proc.stderr, proc.stderr
@@ -102,3 +107,18 @@ def test_the_package_api_resolves_lazily_to_the_same_objects() -> None:
         assert name in dir(engine) and getattr(engine, name) is not None, name
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         crossformer.nothing
+
+
+def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:
+    from crossformer import detection, segmentation
+    from crossformer.detection import config as detection_config, detectors, flops as detection_flops, transforms
+    from crossformer.segmentation import checkpoint, config as segmentation_config, flops, heads, segmentor
+    from crossformer.segmentation import transforms as segmentation_transforms
+
+    for package, modules in ((detection, (detectors, detection_flops)), (segmentation, (checkpoint, flops, heads, segmentor))):
+        for name in package.__all__:
+            assert name in dir(package) and any(getattr(module, name, None) is getattr(package, name) for module in modules)
+    # the constants the configs need are defined there, without torch, and the pipelines use them
+    assert transforms.DEFAULT_SCALE is detection_config.DEFAULT_SCALE
+    for name in ("IGNORE_INDEX", "MMSEG_MEAN", "MMSEG_STD", "TrainPipelineConfig"):
+        assert getattr(segmentation_transforms, name) is getattr(segmentation_config, name), name

@@ -1,7 +1,11 @@
 """Object detection and instance segmentation: RetinaNet, Mask R-CNN and Cascade Mask R-CNN
 on CrossFormer backbones, faithful to mmdetection (see ``docs/detection.md``)."""
 
-from .detectors import DETECTOR_KINDS, Detector, RetinaNet, TwoStageDetector, build_detector
-from .flops import detector_flops
+from ..lazy import export_lazily
 
-__all__ = ["build_detector", "DETECTOR_KINDS", "detector_flops", "Detector", "TwoStageDetector", "RetinaNet"]
+# Imported on first use: the command line reads a detection config's flags from .config and
+# .commands alone, the detectors need torch and torchvision.
+__all__ = export_lazily(__name__, {
+    ".detectors": ("build_detector", "DETECTOR_KINDS", "Detector", "TwoStageDetector", "RetinaNet"),
+    ".flops": ("detector_flops",),
+})

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError, one_line
 from .classes import COCO_CLASSES, first_category_difference, known_category_ids
 from .config import DetectionConfig
+
+if TYPE_CHECKING:  # the verbs import torch when they run: the command line reads the flags without it
+    import torch
+    from torch import nn
 
 __all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
 
@@ -219,6 +220,8 @@ def _config_classes(verb: str, config: DetectionConfig) -> int:
 
 
 def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
+    import torch
+
     from .flops import detector_flops
     from .task import build_configured_detector
 
@@ -242,37 +245,15 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     return 0
 
 
-class _ImagesOnly(nn.Module):
-    """A detector called as ``model(images)`` on a fixed batch layout (the benchmark's steps)."""
-
-    def __init__(self, detector: nn.Module, height: int, width: int, batch: int) -> None:
-        super().__init__()
-        self.detector = detector
-        self.metas = [{"img_shape": (height, width), "ori_shape": (height, width), "scale_factor": (1.0, 1.0)}] * batch
-
-    def forward(self, images: torch.Tensor) -> Any:
-        pad_h, pad_w = -images.shape[2] % 32, -images.shape[3] % 32  # as the data pipeline pads
-        return self.detector(nn.functional.pad(images, (0, pad_w, 0, pad_h)), self.metas[: images.shape[0]])
-
-
-class _TorchvisionImages(nn.Module):
-    """torchvision's detector (which resizes and pads itself) called as ``model(images)``."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images: torch.Tensor) -> Any:
-        return self.detector(list(images))
-
-
 def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     import sys
 
+    import torch
     import torchvision
 
     from ..benchmark import BenchConfig, format_summary, run_benchmark, summarise
     from ..commands.benchmark import keeps_freed_memory
+    from .bench import ImagesOnly, TorchvisionImages
     from .task import build_configured_detector
 
     refuse_classifier_flags(args, ("--model", "--num-classes", "--channels-last", "--compile", "--grad-checkpointing",
@@ -289,9 +270,9 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         raise UserInputError("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")
     name = f"{config.model.kind}_{config.model.backbone}"
     num_classes = _config_classes("benchmark", config)
-    models = {name: lambda: _ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
+    models = {name: lambda: ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
     if args.compare is not None:
-        models[TORCHVISION_PEER] = lambda: _TorchvisionImages(
+        models[TORCHVISION_PEER] = lambda: TorchvisionImages(
             torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
         )
     bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
@@ -316,6 +297,8 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
 def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     """The detector as ONNX, one image in and its detections out (:class:`.export.DetectionGraph`),
     from an example of the config's test scale unless ``--img-size``; or its weights."""
+    import torch
+
     from ..commands.common import img_size
     from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
     from .export import DetectionGraph

@@ -15,11 +15,19 @@ from typing import Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
-from .transforms import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 
-__all__ = ["DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths"]
+__all__ = [
+    "DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths", "CONFIG",
+    "DEFAULT_SCALE", "MULTISCALE_SHORT", "CROP_SHORT", "CROP_RANGE",
+]
 
 DetectorKind = Literal["retinanet", "mask_rcnn", "cascade_mask_rcnn"]
+# mmdet's COCO scales: (longer side limit, shorter side); the data section's defaults and the
+# pipelines' (:mod:`.transforms`). Here, since the configuration is read without torch.
+DEFAULT_SCALE = (1333, 800)
+MULTISCALE_SHORT = tuple(range(480, 801, 32))  # 480, 512, ..., 800: the 3x recipe
+CROP_SHORT = (400, 500, 600)  # the Swin config's resize before its random crop
+CROP_RANGE = (384, 600)
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,9 @@ class DetectionConfig(EngineConfig):
     model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     test: DetectionTestConfig = field(default_factory=DetectionTestConfig)
+
+
+CONFIG = DetectionConfig  # the task's configuration class, as the registry names it (CONFIG_MODULES)
 
 
 def data_paths(data: DetectionDataConfig, split: Literal["train", "val"]) -> tuple[Path, Path]:

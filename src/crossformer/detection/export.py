@@ -19,8 +19,9 @@ from torch import nn
 from ..errors import UserInputError
 from ..export import SizeRange, dynamic_size_range
 from .detectors import Detector
+from .config import DEFAULT_SCALE
 from .predict import image_sample
-from .transforms import DEFAULT_SCALE, build_test_transform
+from .transforms import build_test_transform
 
 __all__ = ["DetectionGraph", "SIZE_DIVISOR", "graph_input"]
 

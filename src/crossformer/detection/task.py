@@ -21,7 +21,7 @@ from ..data import DataError, ShardedSampler, build_loader, check_readable, rais
 from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
-from .config import DetectionConfig, DetectionModelConfig, data_paths
+from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .checkpoint import load_detector_state
 from .classes import first_category_difference
@@ -206,5 +206,4 @@ def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = N
     return train_task(DetectionTask, config, on_step_end)
 
 
-CONFIG = DetectionConfig
 TASK = DetectionTask

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import rescale_size
+from .config import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 from .data import DetectionSample
 
 __all__ = [
@@ -33,11 +34,6 @@ __all__ = [
 # The authors' img_norm_cfg (RGB, 0..255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-# mmdet's COCO scales: (longer side limit, shorter side).
-DEFAULT_SCALE = (1333, 800)
-MULTISCALE_SHORT = tuple(range(480, 801, 32))  # 480, 512, ..., 800: the 3x recipe
-CROP_SHORT = (400, 500, 600)  # the Swin config's resize before its random crop
-CROP_RANGE = (384, 600)
 
 Transform = Callable[[DetectionSample], DetectionSample]
 

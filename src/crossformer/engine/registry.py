@@ -55,7 +55,11 @@ DEFAULT_TASK = "classification"  # configs and commands that name no task
 # task name -> a module with its CONFIG (and default_config, if any) that imports less than the
 # task's module: the command line builds its flags and help from it without the training code
 # (torch: seconds to import). A task not listed: its task module.
-CONFIG_MODULES: dict[str, str] = {"classification": "crossformer.classification.config"}
+CONFIG_MODULES: dict[str, str] = {
+    "classification": "crossformer.classification.config",
+    "detection": "crossformer.detection.config",
+    "segmentation": "crossformer.segmentation.config",
+}
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,12 @@
 """Semantic segmentation: Semantic FPN and UPerNet with CrossFormer backbones, as the authors ran them."""
 
-from .checkpoint import read_segmentation_meta
-from .flops import segmentor_flops
-from .heads import FCNHead, FPNHead, UPerHead
-from .segmentor import SEGMENTOR_KINDS, FullSizeLogits, Segmentor, build_segmentor
+from ..lazy import export_lazily
 
-__all__ = [
-    "SEGMENTOR_KINDS",
-    "Segmentor",
-    "FullSizeLogits",
-    "build_segmentor",
-    "segmentor_flops",
-    "read_segmentation_meta",
-    "FPNHead",
-    "UPerHead",
-    "FCNHead",
-]
+# Imported on first use: the command line reads a segmentation config's flags from .config and
+# .commands alone, the segmentors need torch.
+__all__ = export_lazily(__name__, {
+    ".segmentor": ("SEGMENTOR_KINDS", "Segmentor", "FullSizeLogits", "build_segmentor"),
+    ".flops": ("segmentor_flops",),
+    ".checkpoint": ("read_segmentation_meta",),
+    ".heads": ("FPNHead", "UPerHead", "FCNHead"),
+})

@@ -10,15 +10,25 @@ name every row of the authors' tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
-from ..models.crossformer import MIN_INPUT_SIZE
-from .inference import InferenceConfig
-from .transforms import IGNORE_INDEX, TrainPipelineConfig
 
-__all__ = ["SegModelConfig", "SegDataConfig", "SegTestConfig", "SegmentationConfig"]
+if TYPE_CHECKING:
+    from .inference import InferenceConfig
+
+__all__ = [
+    "SegModelConfig", "SegDataConfig", "TrainPipelineConfig", "SegTestConfig", "SegmentationConfig", "CONFIG",
+    "IGNORE_INDEX", "MMSEG_MEAN", "MMSEG_STD",
+]
+
+# The label value the data, the loss and the metrics ignore (and crops are padded with).
+# Here, with the pipeline's settings, since the configuration is read without torch.
+IGNORE_INDEX = 255
+# mmseg's ImageNet statistics on 0-255 RGB.
+MMSEG_MEAN = (123.675, 116.28, 103.53)
+MMSEG_STD = (58.395, 57.12, 57.375)
 
 
 def _positive_pair(key: str, value: tuple[int, int] | tuple[float, float]) -> None:
@@ -122,8 +132,39 @@ class SegDataConfig:
                                  "too (evaluation needs only the validation folders)")
 
 
+@dataclass
+class TrainPipelineConfig:
+    """The authors' ADE20K training pipeline; smaller ``scale``/``crop_size`` for small runs.
+
+    ``scale`` is mmcv's ``(long, short)`` bound; ``crop_size`` is ``(h, w)``. Labels are padded
+    with :data:`IGNORE_INDEX`, the value the data, the loss and the metrics all ignore.
+    """
+
+    scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the image before the random ratio
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize: ratio of scale, drawn uniformly
+    crop_size: tuple[int, int] = (512, 512)  # random crop height, width
+    cat_max_ratio: float = 0.75  # redraw crops where one class covers this much (1: never)
+    flip_prob: float = 0.5  # horizontal flip probability
+    photometric: bool = True  # random brightness, contrast, saturation and hue
+    mean: tuple[float, float, float] = MMSEG_MEAN  # normalisation, 0-255 RGB
+    std: tuple[float, float, float] = MMSEG_STD  # normalisation, 0-255 RGB
+    # only 255 is valid; the setting stays because every checkpoint's recorded config names it
+    ignore_index: int = IGNORE_INDEX  # label value ignored by loss and metrics, and the crops' padding: 255 only
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
+        """From a config mapping (lists become tuples); unknown keys are a one-line error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserInputError(f"unknown segmentation pipeline option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def _validate_pipeline(p: TrainPipelineConfig) -> None:
     """The training transform's settings (``pipeline`` section) are possible."""
+    from ..models.crossformer import MIN_INPUT_SIZE  # needs torch: imported when a command runs
+
     _positive_pair("pipeline.scale", p.scale)
     _positive_pair("pipeline.ratio_range", p.ratio_range)
     _positive_pair("pipeline.crop_size", p.crop_size)
@@ -162,6 +203,8 @@ class SegTestConfig:
     def inference(self, multi_scale: bool | None = None, flip: bool | None = None) -> InferenceConfig:
         """The :class:`.inference.InferenceConfig` these settings describe (``multi_scale`` and
         ``flip`` replace the section's when given)."""
+        from .inference import InferenceConfig  # needs torch: imported when a command runs
+
         return InferenceConfig.build(
             self.mode, self.multi_scale if multi_scale is None else multi_scale, self.flip if flip is None else flip,
             scale=tuple(self.scale), crop_size=tuple(self.slide_crop), stride=tuple(self.slide_stride),
@@ -199,3 +242,6 @@ class SegmentationConfig(EngineConfig):
         super().validate()
         _validate_pipeline(self.pipeline)
         return self
+
+
+CONFIG = SegmentationConfig  # the task's configuration class, as the registry names it (CONFIG_MODULES)

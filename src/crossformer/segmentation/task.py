@@ -18,7 +18,7 @@ from ..data import DataError, ShardedSampler, build_loader, check_readable
 from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
-from .config import SegDataConfig, SegmentationConfig, SegModelConfig
+from .config import CONFIG, SegDataConfig, SegmentationConfig, SegModelConfig
 from .data import (
     EvaluationStops, SegBatch, SegmentationDataset, absent_classes_note, ade20k_dataset, check_batch, collate_segmentation,
     skipped_file,
@@ -242,5 +242,4 @@ def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None 
     return train_task(SegmentationTask, config, on_step_end)
 
 
-CONFIG = SegmentationConfig
 TASK = SegmentationTask

@@ -25,7 +25,6 @@ data loader's worker seeding makes runs repeatable and resumable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import rescale_size
-from ..errors import UserInputError
+from .config import IGNORE_INDEX, MMSEG_MEAN, MMSEG_STD, TrainPipelineConfig
 
 __all__ = [
     "IGNORE_INDEX", "MMSEG_MEAN", "MMSEG_STD", "TrainPipelineConfig", "SegTrainTransform",
@@ -41,11 +40,6 @@ __all__ = [
     "random_crop_box", "photometric_distortion", "normalize", "pad_to",
     "rgb_to_hsv_u8", "hsv_to_rgb_u8",
 ]
-
-IGNORE_INDEX = 255
-# mmseg's ImageNet statistics on 0-255 RGB.
-MMSEG_MEAN = (123.675, 116.28, 103.53)
-MMSEG_STD = (58.395, 57.12, 57.375)
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -223,35 +217,6 @@ def pad_to(
 
 
 # ---------------------------------------------------------------- the training pipeline
-
-@dataclass
-class TrainPipelineConfig:
-    """The authors' ADE20K training pipeline; smaller ``scale``/``crop_size`` for small runs.
-
-    ``scale`` is mmcv's ``(long, short)`` bound; ``crop_size`` is ``(h, w)``. Labels are padded
-    with :data:`IGNORE_INDEX`, the value the data, the loss and the metrics all ignore.
-    """
-
-    scale: tuple[int, int] = (2048, 512)  # (long, short) bound of the image before the random ratio
-    ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize: ratio of scale, drawn uniformly
-    crop_size: tuple[int, int] = (512, 512)  # random crop height, width
-    cat_max_ratio: float = 0.75  # redraw crops where one class covers this much (1: never)
-    flip_prob: float = 0.5  # horizontal flip probability
-    photometric: bool = True  # random brightness, contrast, saturation and hue
-    mean: tuple[float, float, float] = MMSEG_MEAN  # normalisation, 0-255 RGB
-    std: tuple[float, float, float] = MMSEG_STD  # normalisation, 0-255 RGB
-    # only 255 is valid; the setting stays because every checkpoint's recorded config names it
-    ignore_index: int = IGNORE_INDEX  # label value ignored by loss and metrics, and the crops' padding: 255 only
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
-        """From a config mapping (lists become tuples); unknown keys are a one-line error."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserInputError(f"unknown segmentation pipeline option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
 
 class SegTrainTransform:
     """RandomResize -> RandomCrop (cat_max_ratio) -> RandomFlip -> PhotoMetricDistortion ->
