@@ -122,3 +122,6 @@ def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:
     assert transforms.DEFAULT_SCALE is detection_config.DEFAULT_SCALE
     for name in ("IGNORE_INDEX", "MMSEG_MEAN", "MMSEG_STD", "TrainPipelineConfig"):
         assert getattr(segmentation_transforms, name) is getattr(segmentation_config, name), name
+    # both dense tasks normalise pixels by one definition of mmcv's img_norm_cfg
+    assert (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    assert transforms.IMAGENET_MEAN is segmentation_config.MMSEG_MEAN and transforms.IMAGENET_STD is segmentation_config.MMSEG_STD

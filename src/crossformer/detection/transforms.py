@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import rescale_size
+from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 from .config import CROP_RANGE, CROP_SHORT, DEFAULT_SCALE, MULTISCALE_SHORT
 from .data import DetectionSample
 
@@ -32,8 +33,7 @@ __all__ = [
 ]
 
 # The authors' img_norm_cfg (RGB, 0..255).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_MEAN_255, IMAGENET_STD_255
 
 Transform = Callable[[DetectionSample], DetectionSample]
 

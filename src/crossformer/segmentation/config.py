@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
 from ..errors import UserInputError
+from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 if TYPE_CHECKING:
     from .inference import InferenceConfig
@@ -26,9 +27,8 @@ __all__ = [
 # The label value the data, the loss and the metrics ignore (and crops are padded with).
 # Here, with the pipeline's settings, since the configuration is read without torch.
 IGNORE_INDEX = 255
-# mmseg's ImageNet statistics on 0-255 RGB.
-MMSEG_MEAN = (123.675, 116.28, 103.53)
-MMSEG_STD = (58.395, 57.12, 57.375)
+# mmseg's ImageNet statistics on 0-255 RGB (the names its pipeline is documented by).
+MMSEG_MEAN, MMSEG_STD = IMAGENET_MEAN_255, IMAGENET_STD_255
 
 
 def _positive_pair(key: str, value: tuple[int, int] | tuple[float, float]) -> None:

@@ -1,0 +1,8 @@
+"""Pixel normalisation of the dense tasks (mmcv's ``img_norm_cfg``): ImageNet's channel mean and
+standard deviation on 0-255 RGB values, as the authors' mmdetection and mmsegmentation configs
+give them. A module of its own, importing nothing, so that the task configs read it without torch."""
+
+__all__ = ["IMAGENET_MEAN_255", "IMAGENET_STD_255"]
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
