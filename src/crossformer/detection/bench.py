@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import SIZE_DIVISOR
+
 __all__ = ["ImagesOnly", "TorchvisionImages"]
 
 
@@ -20,7 +22,7 @@ class ImagesOnly(nn.Module):
         self.metas = [{"img_shape": (height, width), "ori_shape": (height, width), "scale_factor": (1.0, 1.0)}] * batch
 
     def forward(self, images: torch.Tensor) -> Any:
-        pad_h, pad_w = -images.shape[2] % 32, -images.shape[3] % 32  # as the data pipeline pads
+        pad_h, pad_w = -images.shape[2] % SIZE_DIVISOR, -images.shape[3] % SIZE_DIVISOR  # as the data pipeline pads
         return self.detector(nn.functional.pad(images, (0, pad_w, 0, pad_h)), self.metas[: images.shape[0]])
 
 

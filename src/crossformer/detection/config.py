@@ -17,7 +17,7 @@ from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleCo
 from ..errors import UserInputError
 
 __all__ = [
-    "DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths", "CONFIG",
+    "DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths", "CONFIG", "SIZE_DIVISOR",
     "DEFAULT_SCALE", "MULTISCALE_SHORT", "CROP_SHORT", "CROP_RANGE",
 ]
 
@@ -28,6 +28,7 @@ DEFAULT_SCALE = (1333, 800)
 MULTISCALE_SHORT = tuple(range(480, 801, 32))  # 480, 512, ..., 800: the 3x recipe
 CROP_SHORT = (400, 500, 600)  # the Swin config's resize before its random crop
 CROP_RANGE = (384, 600)
+SIZE_DIVISOR = 32  # mmdet pads every batch (and the test image) to a multiple of this
 
 
 @dataclass(frozen=True)

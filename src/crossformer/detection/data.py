@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data import DataError, read_rgb, size_difference
 from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
+from .config import SIZE_DIVISOR
 
 __all__ = [
     "DetectionSample", "DetectionBatch", "CocoDetection", "collate_detection", "coco_paths", "load_coco_json", "decode_segmentation",
@@ -519,7 +520,7 @@ class DetectionBatch:
         return DetectionBatch(self.images.to(device, non_blocking=True), self.metas, targets, self.failures)
 
 
-def collate_detection(samples: Sequence[DetectionSample], size_divisor: int = 32) -> DetectionBatch:
+def collate_detection(samples: Sequence[DetectionSample], size_divisor: int = SIZE_DIVISOR) -> DetectionBatch:
     """Pad the readable samples to the batch's largest image rounded up to ``size_divisor``.
 
     Unreadable samples are listed in ``failures`` instead of raising in a loader worker, so

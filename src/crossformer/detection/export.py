@@ -19,13 +19,12 @@ from torch import nn
 from ..errors import UserInputError
 from ..export import SizeRange, dynamic_size_range
 from .detectors import Detector
-from .config import DEFAULT_SCALE
+from .config import DEFAULT_SCALE, SIZE_DIVISOR
 from .predict import image_sample
 from .transforms import build_test_transform
 
 __all__ = ["DetectionGraph", "SIZE_DIVISOR", "graph_input"]
 
-SIZE_DIVISOR = 32  # mmdet's test pipeline pads every image to a multiple of this
 
 
 def graph_input(image: Image.Image, max_size: int = DEFAULT_SCALE[0], min_size: int = DEFAULT_SCALE[1],
