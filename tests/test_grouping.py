@@ -1,12 +1,15 @@
-"""Spec section 5 rules for choosing groups, checked on the layout itself."""
+"""Spec section 5 rules for choosing groups, checked on the layout itself, and the export
+path's gather-based grouping checked against the eager views."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crossformer.models import GroupLayout, group_layout
+from crossformer.models import CrossFormer, GroupLayout, group_layout
 from crossformer.models.grouping import groups_tile_map, partition_groups, ungrouped_view
+
+from conftest import REFERENCE_CONFIGS
 
 
 @pytest.mark.parametrize(
@@ -82,3 +85,21 @@ def test_padded_layouts_and_other_devices_keep_the_map_order_path() -> None:
     unpadded = group_layout(28, 21, 7, 1, False, "fixed_interval")
     assert groups_tile_map(torch.zeros(1, 28, 21, 4), unpadded)
     assert not groups_tile_map(torch.zeros(1, 28, 21, 4, device="meta"), unpadded)  # stands for a GPU
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
+def test_export_grouping_path_computes_the_eager_outputs(name: str, monkeypatch) -> None:
+    """The gathers, always-built padding mask and crop-by-gather taken while exporting give
+    the eager views' outputs, in eager mode: the ONNX tests check the same only in minutes.
+    93x77 pads the SDA and LDA groups of both semantics, with several CrossFormer++ LDA
+    regions each way, and has small-map stages; 64x64 pads only v1's SDA (the other blocks
+    get an all-False mask); a batch of two checks the batch axis of the gathers."""
+    model = CrossFormer(**REFERENCE_CONFIGS[name]).eval()
+    for height, width in ((93, 77), (64, 64)):
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            eager = model.forward_features(x)
+            with monkeypatch.context() as exporting:
+                exporting.setattr(torch.compiler, "is_exporting", lambda: True)
+                export_path = model.forward_features(x)
+        torch.testing.assert_close(export_path, eager, rtol=0, atol=1e-5)
