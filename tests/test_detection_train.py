@@ -324,10 +324,15 @@ def test_skip_corrupt_skips_and_counts_an_image_deleted_since_its_file_listed_it
     config = tiny_config(tmp_path / "c.yaml", "retinanet", broken, tmp_path / "run")
     with pytest.raises(DataError, match=rf"not found at {gone}; restore it .*--skip-corrupt"):
         train(config)
+    # and an unreadable validation image: named, left out of evaluation, and the done line says so
+    bad = sorted((broken / "val2017").glob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
     train(replace(config, data=replace(config.data, skip_corrupt=True)))
     log = (tmp_path / "run" / "log.txt").read_text()
     assert log.count(f"skipping unreadable image {gone}: file not found") == 1
-    assert ", 1 skip of unreadable images (1 file)" in [line for line in log.splitlines() if " done in " in line][0]
+    assert log.count(f"skipping unreadable image {bad}:") == 1
+    done = [line for line in log.splitlines() if " done in " in line][0]
+    assert ", 1 skip of unreadable images (1 file), 1 unreadable validation file left out of evaluation" in done
 
 
 def test_a_validation_image_of_another_size_than_its_file_says_stops_before_training(coco: Path, tmp_path: Path) -> None:

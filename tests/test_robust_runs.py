@@ -183,7 +183,8 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert log.count(f"skipping unreadable image {bad}:") == 1
     assert log.count(f"skipping unreadable image {broken / 'train' / 'cat' / 'bad.jpg'}:") == 1
     done = [line for line in log.splitlines() if " done in " in line][0]
-    assert ", 1 skip of unreadable images (1 file)" in done  # the training image, skipped once in its one epoch
+    # the training image, skipped once in its one epoch, and the validation image every evaluation lacked
+    assert ", 1 skip of unreadable images (1 file), 1 unreadable validation file left out of evaluation" in done
 
 
 class _OneUnreadableFile(FakeTask):

@@ -215,6 +215,11 @@ def test_an_unreadable_validation_file_stops_before_training(ade: Path, tmp_path
     with pytest.raises(DataError, match=rf"cannot read validation file {bad}: .*--skip-corrupt"):
         train(_config(tmp_path / "run", broken))
     assert not (tmp_path / "run" / "last.pth").exists()
+    # --skip-corrupt: named once, and the done line says evaluation went without it
+    train(_config(tmp_path / "skipped", broken, **{"data.skip_corrupt": True}))
+    log = (tmp_path / "skipped" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable file {bad}: ") == 1
+    assert ", 1 unreadable validation file left out of evaluation" in log.splitlines()[-1], log
 
 
 @pytest.mark.parametrize("problem, message", [

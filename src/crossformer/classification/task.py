@@ -19,7 +19,7 @@ from ..data import (
     check_readable,
     raise_or_count_unreadable,
 )
-from ..engine import DistContext, SkippedFiles, Task, move_to_device, require_model_files, resolve_precision
+from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
 from ..errors import CheckpointError, UserInputError
 from .config import CONFIG, AugmentConfig, ClassificationConfig, default_config
@@ -84,10 +84,6 @@ class ClassificationTask(Task):
 
     def __init__(self, config: ClassificationConfig, ctx: DistContext) -> None:
         super().__init__(config, ctx)
-        # validation images skipped as unreadable, named once a run (evaluation meets them every
-        # epoch), through the log the trainer sets after __init__
-        self._skipped = SkippedFiles(lambda line: self.log.info(line),
-                                     "more unreadable validation images are skipped: counted, not named")
         require_model_files(config.task, pretrained=config.model.pretrained)
         if not config.model.name:
             raise UserInputError("no model given: pass --model NAME (e.g. crossformer_small)")
@@ -166,7 +162,7 @@ class ClassificationTask(Task):
 
     def _name_skipped(self, failure: str) -> None:
         """``failure``: ``PATH: reason`` of a validation image skipped as unreadable."""
-        self._skipped(f"skipping unreadable image {failure}")
+        self.skip_validation_file(f"image {failure}")  # once a run: evaluation meets it every epoch
 
     def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
         images, targets, failures = self._trim(batch)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
@@ -140,10 +140,9 @@ class DetectionTask(Task):
         c = self.config
         paths = [str(record.path) for record in self.val_set.records]
         sizes = [(record.height, record.width) for record in self.val_set.records]
-        named = SkippedFiles(self.log.info, "more unreadable validation images are skipped: counted, not named")
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, sizes=sizes):
-            named(f"skipping unreadable image {failure}")
+            self.skip_validation_file(f"image {failure}")
         load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # what evaluation will check
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .distributed import DistContext
-from .logging import RunLogger
+from .logging import RunLogger, SkippedFiles
 
 __all__ = ["Task", "move_to_device"]
 
@@ -62,6 +62,11 @@ class Task(ABC):
         # ``__init__``): what reading the data dropped, a pretrained head left fresh. The
         # trainer logs them before the data check.
         self.notes: list[str] = []
+        # Validation files skipped as unreadable (``skip_corrupt``), every rank's, as
+        # :meth:`skip_validation_file` names them: the trainer's done line counts them.
+        self.skipped_validation: set[str] = set()
+        self._name_skipped_validation = SkippedFiles(
+            lambda line: self.log.info(line), "more unreadable validation files are skipped: counted, not named")
 
     @abstractmethod
     def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -114,6 +119,13 @@ class Task(ABC):
         counts them), each as the trainer names it after "skipping unreadable ": ``image PATH:
         reason``. The trainer gathers every rank's and logs each file once. Default: none."""
         return []
+
+    def skip_validation_file(self, item: str) -> None:
+        """Name ``item``, a validation file skipped as unreadable (``skip_corrupt``), once a run,
+        and keep it for the done line. ``item`` as :meth:`unreadable`'s: ``image PATH: reason``.
+        Call it with every rank's files (:func:`~crossformer.data.check_readable` returns them)."""
+        self.skipped_validation.add(item)
+        self._name_skipped_validation(f"skipping unreadable {item}")
 
     def describe(self) -> str:
         """One log line about the model and data (parameter count, sizes)."""

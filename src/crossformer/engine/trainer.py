@@ -495,6 +495,9 @@ class Trainer:
                           f"(this run asks for {run.length})")
         else:
             counted = "".join(f", {self._run_total(k, v)}" for k, v in self.count_totals.items())
+            left_out = len(self.task.skipped_validation)
+            if left_out:  # the best score was measured without them
+                counted += f", {left_out} unreadable validation file{'s' * (left_out != 1)} left out of evaluation"
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
                           f"(checkpoints in {self.output})")
         self.log.close()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
-from ..engine import DistContext, SkippedFiles, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import CONFIG, SegDataConfig, SegmentationConfig, SegModelConfig
@@ -155,10 +155,9 @@ class SegmentationTask(Task):
         against 20210 training samples at about 100 ms (one loader worker, the authors' pipeline)."""
         c, ctx = self.config, self.ctx
         paths = [path for pair in self.val_set.samples for path in pair]
-        named = SkippedFiles(self.log.info, "more unreadable validation files are skipped: counted, not named")
         for failure in check_readable(paths, ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, what="validation file"):
-            named(f"skipping unreadable file {failure}")
+            self.skip_validation_file(f"file {failure}")
         mine = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         loader = build_loader(EvaluationStops(self.val_set, c.data.skip_corrupt), 16, mine, c.run.num_workers,
                               c.run.seed, drop_last=False, collate_fn=list)
