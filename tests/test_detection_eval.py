@@ -234,6 +234,13 @@ def test_results_are_gathered_over_ranks_and_evaluated_once(tmp_path, monkeypatc
     assert evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2)) is None  # only rank 0 evaluates
     metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2))
     assert metrics["images"] == len(dataset) and metrics["bbox_mAP"] == pytest.approx(1.0)
+    # rank 0's images all skipped as unreadable: rank 1's masks still make it a mask evaluation
+    for record in dataset.records[::2]:
+        record.path.write_bytes(b"not an image")
+    shares.clear()
+    evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2), skip_corrupt=True)
+    metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2), skip_corrupt=True)
+    assert (metrics["images"], metrics["skipped"]) == (4, 5) and metrics["segm_mAP"] == pytest.approx(1.0)
 
 
 # ---- prediction output ------------------------------------------------------------------------------
