@@ -210,10 +210,13 @@ def test_detections_to_coco_maps_labels_boxes_and_masks():
     assert np.array_equal(mask_utils.decode(records[0]["segmentation"]), masks[0].numpy().astype(np.uint8))
 
 
-def test_results_are_gathered_over_ranks_and_evaluated_once(coco_root, monkeypatch):
+def test_results_are_gathered_over_ranks_and_evaluated_once(tmp_path, monkeypatch):
     # Two "ranks" in one process: rank 1's share is computed first, then handed to rank 0's gather
     # (rank 1's own gather sees its share in rank 0's place too); errors stay with their rank.
+    # 9 images: a share padded to match the other's would evaluate one image twice.
+    coco_root = make_small_coco(tmp_path, images=18)
     dataset = _val_set(coco_root)
+    assert len(dataset) == 9
     detector = GroundTruthDetector(coco_root)
     shares = {}
 
@@ -231,6 +234,13 @@ def test_results_are_gathered_over_ranks_and_evaluated_once(coco_root, monkeypat
     assert evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2)) is None  # only rank 0 evaluates
     metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2))
     assert metrics["images"] == len(dataset) and metrics["bbox_mAP"] == pytest.approx(1.0)
+    # rank 0's images all skipped as unreadable: rank 1's masks still make it a mask evaluation
+    for record in dataset.records[::2]:
+        record.path.write_bytes(b"not an image")
+    shares.clear()
+    evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2), skip_corrupt=True)
+    metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2), skip_corrupt=True)
+    assert (metrics["images"], metrics["skipped"]) == (4, 5) and metrics["segm_mAP"] == pytest.approx(1.0)
 
 
 # ---- prediction output ------------------------------------------------------------------------------

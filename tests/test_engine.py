@@ -235,6 +235,34 @@ def test_guard_stops_on_non_finite_loss() -> None:
         check_finite_loss(float("inf"), DistContext(), epoch=0, step=1, last_checkpoint=None)
 
 
+
+def _collectives_on_this_rank() -> dict:
+    from crossformer.engine.distributed import setup_distributed
+
+    ctx = setup_distributed("cpu")
+    finite = 1.0 if ctx.rank == 0 else float("nan")  # a non-finite loss on rank 1 alone
+    stopped = None
+    try:
+        ctx.raise_together(UserInputError(f"cannot read rank{ctx.rank}.png"))  # both ranks failed
+    except UserInputError as err:
+        stopped = str(err)
+    try:
+        check_finite_loss(finite, ctx, epoch=0, step=1, last_checkpoint=None)
+        guard = "went on"
+    except NonFiniteLossError:
+        guard = "stopped"
+    return {"rank": ctx.rank, "sum": ctx.all_reduce_sum([ctx.rank + 1.0, 2.0]), "all": ctx.all_true(ctx.rank == 0),
+            "both": ctx.all_true(True), "stopped": stopped, "guard": guard, "gathered": ctx.gather_lists([ctx.rank])}
+
+
+@pytest.mark.slow
+def test_the_collectives_agree_on_two_ranks() -> None:
+    from two_ranks import on_two_ranks
+
+    assert on_two_ranks(_collectives_on_this_rank) == [
+        {"rank": rank, "sum": [3.0, 4.0], "all": False, "both": True, "stopped": "cannot read rank0.png",
+         "guard": "stopped", "gathered": [0, 1]} for rank in range(2)]
+
 def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> None:
     RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})
     assert not (tmp_path / "other").exists()

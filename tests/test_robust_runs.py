@@ -284,6 +284,47 @@ def test_under_torchrun_a_batch_one_rank_could_not_read_at_all_is_passed_over(tm
     assert load_training_state(tmp_path / "ddp" / "last.pth")["global_step"] == 6  # every rank made every update
 
 
+
+def _accumulating_over_a_batch_rank1_could_not_read(output: Path) -> str:
+    try:
+        train(_UnreadableBatchOnRank1, fake_config(output, epochs=1, accum_steps=2))
+    except UserInputError as err:
+        return str(err)
+    return "trained"
+
+
+@pytest.mark.slow
+def test_a_batch_one_rank_could_not_read_is_refused_where_accumulated_gradients_are_reduced(tmp_path: Path) -> None:
+    # passed over, the update's micro-batch would run no backward pass, so the gradients of the
+    # micro-batch before it would update each rank's weights unreduced: the ranks drift apart
+    from two_ranks import on_two_ranks
+
+    stops = on_two_ranks(_accumulating_over_a_batch_rank1_could_not_read, tmp_path / "run")
+    assert stops == ["a whole batch was unusable (unreadable files?) where the gradients accumulated over "
+                     "run.accum_steps are reduced; remove those files or set run.accum_steps=1"] * 2
+
+
+class _CountsOfTheirOwn(FakeTask):
+    """Each rank counts something the other does not (a task's counts are its own to name):
+    rank 0 one ``first`` a batch, rank 1 two ``second``."""
+
+    def batch_counts(self, batch):
+        own = {"first": 1.0} if self.ctx.rank == 0 else {"second": 2.0}
+        return {**super().batch_counts(batch), **own}
+
+
+def _train_counting(output: Path) -> dict:
+    return train(_CountsOfTheirOwn, fake_config(output, epochs=1))
+
+
+@pytest.mark.slow
+def test_counts_that_only_some_ranks_make_are_summed_under_their_own_names(tmp_path: Path) -> None:
+    # reduced in the order of each rank's own names, one rank's count was added to another's
+    from two_ranks import on_two_ranks
+
+    for metrics in on_two_ranks(_train_counting, tmp_path / "run"):
+        assert (metrics["train/first"], metrics["train/second"]) == (3.0, 6.0)  # 3 batches a rank
+
 class _ManyUnreadable(FakeTask):
     """Every batch skips 3 unreadable files, all different (27 in 3 epochs of 3 batches)."""
 

@@ -244,6 +244,29 @@ def test_evaluate_constant_model_against_labels(synthetic, mode):
     assert metrics.settings["mode"] == mode
 
 
+
+def _evaluate_on_this_rank(root: Path) -> tuple:
+    from crossformer.engine.distributed import setup_distributed
+
+    dataset = ade20k_dataset(root, "val")
+    metrics = evaluate_segmentor(TinySegmentor(7, seed=1), dataset, InferenceConfig(scale=(128, 48)),
+                                 ctx=setup_distributed("cpu"))
+    return metrics.images, metrics.label_pixels, metrics.ignored_pixels, metrics.iou, metrics.aacc
+
+
+@pytest.mark.slow
+def test_two_processes_count_each_validation_image_once(tmp_path):
+    # 3 images over 2 ranks: a rank's share padded (as for training) counts one image twice
+    make_ade_dataset(tmp_path, images=15, seed=1, size=(48, 64))
+    alone = _evaluate_on_this_rank(tmp_path)
+    assert alone[0] == len(ade20k_dataset(tmp_path, "val")) == 3
+    from two_ranks import on_two_ranks
+
+    for rank in on_two_ranks(_evaluate_on_this_rank, tmp_path):
+        assert rank[:3] == alone[:3]  # images and pixels summed over the ranks, each once
+        np.testing.assert_allclose(rank[3], alone[3], rtol=1e-12)
+        assert rank[4] == pytest.approx(alone[4], rel=1e-12)
+
 def test_evaluate_refuses_wrong_class_count(synthetic):
     with pytest.raises(DataError, match="has 7 classes but the segmentor predicts 3"):
         evaluate_segmentor(TinySegmentor(3), ade20k_dataset(synthetic, "val"))

@@ -425,6 +425,39 @@ def test_a_class_no_validation_label_holds_is_a_warning(ade: Path, tmp_path: Pat
     assert absent_classes_note([5, 1] + [0] * 253 + [9], val) is None
 
 
+
+def _data_check_lines(config: SegmentationConfig) -> list[str]:
+    from crossformer.engine.distributed import setup_distributed
+
+    task = SegmentationTask(config, setup_distributed("cpu"))
+    lines: list[str] = []
+    task.log = type("Lines", (), {"info": staticmethod(lines.append)})()
+    task.check_data()
+    return lines
+
+
+@pytest.mark.slow
+def test_a_class_only_another_ranks_validation_labels_hold_is_no_warning(ade: Path, tmp_path: Path) -> None:
+    # The pixels of each class are summed over the ranks' shares: 'sky' only in rank 1's share
+    # (the second of 2 validation label maps) is in the set.
+    from PIL import Image
+    from two_ranks import on_two_ranks
+
+    ade = ade / "ADEChallengeData2016"
+    masks = tmp_path / "masks"
+    for split in ("training", "validation"):
+        (masks / split).mkdir(parents=True)
+        for i, path in enumerate(sorted((ade / "annotations" / split).glob("*.png"))):
+            with Image.open(path) as label:
+                values = np.asarray(label) == 1 if split == "training" or i == 1 else np.zeros(label.size[::-1], bool)
+            Image.fromarray(values.astype(np.uint8)).save(masks / split / path.name)
+    folders = {"train_images": str(ade / "images/training"), "train_labels": str(masks / "training"),
+               "val_images": str(ade / "images/validation"), "val_labels": str(masks / "validation"),
+               "classes": ["background", "sky"]}
+    config = build_config(SegmentationConfig, (tiny_config(data=folders, run={"output": str(tmp_path / "run")}), "tiny"))
+    assert len(list((masks / "validation").iterdir())) == 2 and _data_check_lines(config) == []
+    assert on_two_ranks(_data_check_lines, config) == [[], []]
+
 def test_resume_on_data_of_another_class_count_names_the_data(ade: Path, tmp_path: Path) -> None:
     # It said "was trained with model num_classes 7, not 8; resume with the same config", where
     # the config (model.num_classes: null) was the same and the data had changed.

@@ -172,6 +172,42 @@ def test_resuming_with_another_process_count_follows_the_schedule_from_the_epoch
     assert _rates_from_epoch_1(tmp_path / "run")[-18:] == _rates_from_epoch_1(tmp_path / "clean")
 
 
+
+def _stopped_then_resumed_and_unstopped(root: Path) -> tuple[dict, dict]:
+    """On each of 2 ranks: a run stopped mid-epoch (update 2 of 3 in epoch 0) and resumed, and the
+    same run unstopped."""
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(root / "run", epochs=2, save_every_steps=1), on_step_end=_stop_at(2))
+    resumed = train(FakeTask, fake_config(root / "run", epochs=2, resume="auto"))
+    return resumed, train(FakeTask, fake_config(root / "clean", epochs=2))
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumed_mid_epoch_equals_an_unstopped_one(tmp_path: Path) -> None:
+    # each rank must take back its own random state and its own place in its shard
+    from two_ranks import on_two_ranks
+
+    for resumed, unstopped in on_two_ranks(_stopped_then_resumed_and_unstopped, tmp_path):
+        assert resumed == unstopped  # every metric, bit for bit
+    a, b = load_training_state(tmp_path / "run" / "last.pth"), load_training_state(tmp_path / "clean" / "last.pth")
+    assert a["world_size"] == 2 and a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert [rank["rng"]["torch"].tolist() for rank in a["rank_state"]] == \
+        [rank["rng"]["torch"].tolist() for rank in b["rank_state"]]
+
+
+def _train_scaling_the_rate(output: Path) -> None:
+    train(FakeTask, fake_config(output, epochs=1, scale_lr=True, lr_batch_reference=16))
+
+
+@pytest.mark.slow
+def test_the_rate_scales_with_the_batch_of_every_process(tmp_path: Path) -> None:
+    from two_ranks import on_two_ranks
+
+    on_two_ranks(_train_scaling_the_rate, tmp_path / "run")
+    # 2 processes x batch 4 = 8, half the reference batch: half the rate (0.05)
+    assert "global batch 8, lr 0.025," in (tmp_path / "run" / "log.txt").read_text()
+
 @pytest.mark.parametrize("saved_batch, stop", [(2, 15), (8, 4)])
 def test_resuming_with_another_batch_size_follows_the_schedule_from_the_epoch(tmp_path: Path, saved_batch: int,
                                                                               stop: int) -> None:

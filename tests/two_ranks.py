@@ -1,0 +1,56 @@
+"""Run a function as ranks 0 and 1 of a gloo process group on the CPU, in two processes that
+torch.multiprocessing spawns: the multi-process code paths in seconds, without torchrun."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+__all__ = ["on_two_ranks"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # as torchrun sets them: crossformer's setup_distributed reads them and joins this group
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        result = fn(*args)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def on_two_ranks(fn: Callable[..., Any], *args: Any, timeout: float = 120) -> list[Any]:
+    """``fn(*args)`` on ranks 0 and 1 of one gloo group; what each returned, in rank order.
+    ``fn`` must be importable by the spawned processes (a module-level function)."""
+    with tempfile.TemporaryDirectory() as out:
+        context = mp.start_processes(_worker, args=(_free_port(), out, fn, args), nprocs=2, join=False,
+                                     start_method="spawn")
+        try:
+            deadline = time.monotonic() + timeout
+            while not context.join(1):  # raises, with the rank's traceback, if one failed
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__} did not finish on two ranks in {timeout:.0f} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return [pickle.loads(Path(out, f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
