@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserInputError", "CheckpointError", "one_line"]
+__all__ = ["UserInputError", "CheckpointError", "one_line", "listing"]
 
 
 class UserInputError(ValueError):
@@ -18,3 +18,10 @@ def one_line(message: object, limit: int = 600) -> str:
     library, e.g. a checkpoint's list of mismatched keys, joined for the CLI's one line)."""
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def listing(names: list[str], limit: int = 4) -> str:
+    """The first ``limit`` of ``names`` joined for a message, and how many more there are:
+    "a, b, c and 5 more"."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

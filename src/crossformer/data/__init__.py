@@ -3,7 +3,7 @@
 from .digits import prepare_digits
 from .folder import (
     IMG_EXTENSIONS, DataError, ImageFolderDataset, expand_image_paths, find_split, list_images, open_image, read_rgb,
-    leave_out_folder, load_class_list, oriented_size, size_difference, unique_stem, expand_image_inputs, output_stems,
+    leave_out_folder, load_class_list, oriented_size, size_difference, unique_stem, expand_image_inputs, output_paths,
 )
 from .loader import ImageBatch, build_loader, check_readable, collate_images, find_unreadable, raise_or_count_unreadable
 from .sampler import ShardedSampler
@@ -12,7 +12,7 @@ from .transforms import build_eval_transform, build_train_transform
 __all__ = [
     "prepare_digits",
     "IMG_EXTENSIONS", "DataError", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
-    "size_difference", "expand_image_paths", "expand_image_inputs", "output_stems", "unique_stem", "leave_out_folder",
+    "size_difference", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem", "leave_out_folder",
     "load_class_list",
     "ImageBatch", "build_loader", "collate_images", "find_unreadable", "raise_or_count_unreadable", "check_readable",
     "ShardedSampler",

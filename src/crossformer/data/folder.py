@@ -20,7 +20,7 @@ from ..atomic import OutputError
 from ..errors import UserInputError
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
-           "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_stems", "unique_stem",
+           "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
            "leave_out_folder", "load_class_list", "training_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -222,7 +222,7 @@ def expand_image_inputs(
 ) -> list[tuple[Path, Path]]:
     """:func:`expand_image_paths`' files, each with its path relative to the input that named it:
     below the folder given (``a/x.jpg`` of ``photos/a/x.jpg`` found in ``photos``), or a file's
-    own name (see :func:`output_stems`)."""
+    own name (see :func:`output_paths`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[tuple[Path, Path]] = []
@@ -241,23 +241,23 @@ def expand_image_inputs(
     return found
 
 
-def output_stems(inputs: Sequence[tuple[Path, Path]], output_dir: Path, endings: Sequence[str]) -> list[Path]:
-    """Where each of ``inputs`` (:func:`expand_image_inputs`) writes its outputs: ``output_dir``
-    and its relative path less the extension, each output that and one of ``endings`` (".png").
-    So the outputs mirror the input folders: ``photos/a/x.jpg`` and ``photos/b/x.jpg`` write
+def output_paths(inputs: Sequence[tuple[Path, Path]], output_dir: Path, endings: Sequence[str]) -> list[list[Path]]:
+    """The files each of ``inputs`` (:func:`expand_image_inputs`) writes, one per ``endings``
+    (".png"): ``output_dir``, its relative path less the extension, and the ending. So the
+    outputs mirror the input folders: ``photos/a/x.jpg`` and ``photos/b/x.jpg`` write
     ``a/x.png`` and ``b/x.png``, not ``x.png`` and ``x_2.png``. Two inputs of one relative
     name (``x.jpg`` beside ``x.png``, or an ``x.jpg`` in each of two folders given) take ``x``,
     ``x_2``, ... (:func:`unique_stem`). An output that would replace an input (``predict photos
     --output photos``) is a one-line :class:`~crossformer.atomic.OutputError`, before any work."""
     taken: set[str] = set()
     stems = [output_dir / unique_stem(relative.with_suffix("").as_posix(), taken) for _, relative in inputs]
+    outputs = [[stem.with_name(stem.name + ending) for ending in endings] for stem in stems]
     images = {file.resolve() for file, _ in inputs}
-    for stem in stems:
-        clash = next((out for out in (stem.with_name(stem.name + e) for e in endings) if out.resolve() in images), None)
-        if clash is not None:
-            raise OutputError(f"{clash} is an input in the output folder {output_dir}, where an output would replace "
-                              f"it; give --output another folder")
-    return stems
+    clash = next((out for paths in outputs for out in paths if out.resolve() in images), None)
+    if clash is not None:
+        raise OutputError(f"{clash} is an input in the output folder {output_dir}, where an output would replace "
+                          f"it; give --output another folder")
+    return outputs
 
 
 def leave_out_folder(files: list[Path], folder: Path, excluded: str | os.PathLike) -> list[Path]:

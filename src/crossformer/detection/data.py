@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data import DataError, read_rgb, size_difference
 from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
+from ..errors import listing
 from .config import SIZE_DIVISOR
 
 __all__ = [
@@ -379,8 +380,7 @@ class CocoDetection(Dataset):
         absent = self.absent_classes
         if not absent:
             return None
-        named = ", ".join(map(repr, absent[:3])) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-        return (f"{self.ann_file.name} has no category {named} of the detector's {self.num_classes}: evaluated over "
+        return (f"{self.ann_file.name} has no category {listing([repr(n) for n in absent], 3)} of the detector's {self.num_classes}: evaluated over "
                 f"the {self.num_classes - len(absent)} it has")
 
     @property

@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 from ..atomic import check_output_folder
-from ..data import DataError, expand_image_inputs, output_stems, read_rgb
+from ..data import DataError, expand_image_inputs, output_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
 from ..engine import Precision, RunLogger
@@ -76,7 +76,7 @@ def predict_detections(
 
     Images are read with their EXIF orientation and converted to RGB; ``transform`` defaults to
     the test pipeline (shorter side 800, longer <= 1333). Writes ``OUTPUT_DIR/<stem>.png`` (boxes
-    of score >= ``score_threshold``; under the input's subfolders: :func:`~crossformer.data.output_stems`) and ``OUTPUT_DIR/detections.json`` (every detection; image
+    of score >= ``score_threshold``; under the input's subfolders: :func:`~crossformer.data.output_paths`) and ``OUTPUT_DIR/detections.json`` (every detection; image
     ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C, each
     record names its class as ``category_name``).
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
@@ -85,7 +85,7 @@ def predict_detections(
     """
     inputs = expand_image_inputs(paths, output_dir)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
-    stems = output_stems(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
+    pngs = output_paths(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
     output_dir.mkdir(parents=True, exist_ok=True)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
@@ -96,7 +96,7 @@ def predict_detections(
     result = PredictOutput(output_dir / "detections.json")
     records: list[dict[str, Any]] = []
     progress = logger.progress(len(inputs), "predict") if logger is not None else None
-    for image_id, ((path, _), stem) in enumerate(zip(inputs, stems), start=1):
+    for image_id, ((path, _), [png]) in enumerate(zip(inputs, pngs), start=1):
         try:
             image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
@@ -114,7 +114,6 @@ def predict_detections(
         output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
         records.extend({**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
                        for r in detections_to_coco([output], [image_id], cat_ids))
-        png = stem.with_name(f"{stem.name}.png")
         png.parent.mkdir(parents=True, exist_ok=True)
         render_detections(image, output, class_names, score_threshold).save(png)
         result.images.append(png)

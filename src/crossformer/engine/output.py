@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import OutputError, stale_temporaries
-from ..errors import UserInputError
+from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
 __all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK"]
@@ -21,11 +21,6 @@ __all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK"]
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "log.txt", "tensorboard")
 LOGS_ONLY = ("log.txt", "tensorboard")
 DEMO_MARK = "crossformer-demo.txt"  # a demo's output folder says so, naming the demo's task
-
-
-def _listing(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> list[str]:
@@ -46,7 +41,7 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> lis
         return []
     if not overwrite:
         raise UserInputError(
-            f"output folder {folder} already holds {_listing(entries)}: pass --resume auto to continue that run, "
+            f"output folder {folder} already holds {listing(entries)}: pass --resume auto to continue that run, "
             f"--overwrite to replace it, or another --output"
         )
     _remove_stale_checkpoints(folder)
@@ -87,13 +82,13 @@ def claim_demo_output(output: str | Path, task: str, writes: tuple[str, ...], de
     marked = mark.is_file() and mark.read_text(encoding="utf-8").strip() == task
     earlier_default = folder.resolve() == Path(default).resolve() and set(entries) <= set(writes)
     if entries and not (marked or earlier_default):
-        raise UserInputError(f"output folder {folder} already holds {_listing(entries)}, not an earlier {task} "
+        raise UserInputError(f"output folder {folder} already holds {listing(entries)}, not an earlier {task} "
                              f"demo's output: a demo replaces its folder, so pass a new or empty --output")
     removed = [name for name in writes if name in entries and name not in keep]
     for name in removed:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if removed:
-        print(f"demo: deleted the earlier {task} demo's {_listing(removed)} in {folder}")
+        print(f"demo: deleted the earlier {task} demo's {listing(removed)} in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     mark.write_text(f"{task}\n", encoding="utf-8")

@@ -151,15 +151,6 @@ class TrainPipelineConfig:
     # only 255 is valid; the setting stays because every checkpoint's recorded config names it
     ignore_index: int = IGNORE_INDEX  # label value ignored by loss and metrics, and the crops' padding: 255 only
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainPipelineConfig":
-        """From a config mapping (lists become tuples); unknown keys are a one-line error."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserInputError(f"unknown segmentation pipeline option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
 
 def _validate_pipeline(p: TrainPipelineConfig) -> None:
     """The training transform's settings (``pipeline`` section) are possible."""

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
+from ..errors import listing
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
@@ -387,10 +388,8 @@ def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -
     if not absent:
         return None
     offset = 1 if dataset.reduce_zero_label else 0  # the value stored in the files
-    named = ", ".join(f"{dataset.classes[c]!r} (value {c + offset})" for c in absent[:3])
-    more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
-    one = len(absent) == 1
-    line = f"no label map in {dataset.label_dir} holds class{'' if one else 'es'} {named}{more}: {ABSENT_SCORES}"
+    named = listing([f"{dataset.classes[c]!r} (value {c + offset})" for c in absent], 3)
+    line = f"no label map in {dataset.label_dir} holds class{'' if len(absent) == 1 else 'es'} {named}: {ABSENT_SCORES}"
     ignored = counts[IGNORE_INDEX] / max(sum(counts), 1)
     if ignored and dataset.num_classes - len(absent) <= 1:
         line += (f"; {ignored:.0%} of the pixels are 255 (ignored), the rest one class: store each object as its class "

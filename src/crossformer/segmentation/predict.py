@@ -11,7 +11,7 @@ For ``photo.jpg`` the output folder gets:
 
 Images honour EXIF orientation; grayscale, palette and alpha images are converted to RGB.
 The outputs mirror the input folders (``photos/a/x.jpg`` of ``photos``: ``a/x_overlay.png``);
-two inputs of one name there get ``_2``, ``_3``... suffixes (:func:`crossformer.data.output_stems`).
+two inputs of one name there get ``_2``, ``_3``... suffixes (:func:`crossformer.data.output_paths`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..atomic import check_output_folder
-from ..data import DataError, expand_image_inputs, output_stems
+from ..data import DataError, expand_image_inputs, output_paths
 from ..data.draw import Colour, class_colours
 from .data import read_image
 from .draw import overlay_segmentation, present_classes
@@ -74,7 +74,7 @@ def predict_images(
     inference = inference or InferenceConfig()
     inputs = expand_image_inputs(paths, output_dir)
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line
-    stems = output_stems(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
+    written = output_paths(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
     output.mkdir(parents=True, exist_ok=True)
     device = next(segmentor.parameters()).device
     was_training = segmentor.training
@@ -82,7 +82,7 @@ def predict_images(
     results: list[SegPrediction] = []
     skipped: list[str] = []
     try:
-        for (path, _), stem in zip(inputs, stems):
+        for (path, _), (overlay_path, label_path) in zip(inputs, written):
             try:
                 image = read_image(path)
             except DataError as err:
@@ -93,7 +93,6 @@ def predict_images(
                     log(f"skipped unreadable image {path}")
                 continue
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
-            overlay_path, label_path = (stem.with_name(stem.name + ending) for ending in OUTPUT_ENDINGS)
             overlay_path.parent.mkdir(parents=True, exist_ok=True)
             overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
             write_label_map(label_map, label_path, reduce_zero_label)
