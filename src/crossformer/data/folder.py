@@ -8,8 +8,10 @@ class. Problems are :class:`DataError` with one line naming the file or folder.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +21,8 @@ from torch.utils.data import Dataset
 from ..atomic import OutputError
 from ..errors import UserInputError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "read_rgb", "oriented_size",
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "opened", "read_rgb",
+           "oriented_size",
            "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
            "leave_out_folder", "load_class_list", "training_classes"]
 
@@ -112,16 +115,43 @@ def size_difference(size: tuple[int, int], expected: tuple[int, int], stored: tu
 def unreadable_reason(err: BaseException) -> str:
     """Why a listed file could not be read, as an unreadable file's line gives it: "file not
     found" for one deleted since its listing (skipped with --skip-corrupt as a corrupt one is),
-    else the decoder's error."""
-    return "file not found" if isinstance(err, FileNotFoundError) else str(err)
+    a decompression bomb's limit, else the decoder's error."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, Image.DecompressionBombError):
+        # Pillow's words call a large photo a "DOS attack" and say nothing of what to do
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return f"more than the {limit:,} pixels Pillow decodes (its guard against decompression bombs): downscale it"
+    return str(err)
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale (8- or
-    16-bit), palette and alpha images converted. ``FileNotFoundError`` and ``UNREADABLE_ERRORS``
-    pass through, for callers that name the file in their own message or count it."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+@contextmanager
+def opened(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open(path)`` (its header read, pixels not yet), as every input image is opened: an
+    empty file says so, a file of no format Pillow knows says that without repeating its name,
+    and Pillow's DecompressionBombWarning (89M-179M pixels: a 108-megapixel phone photo) is not
+    printed, since the user chose the file; above that, Pillow's DecompressionBombError stands."""
+    if os.path.getsize(path) == 0:  # FileNotFoundError for a missing one, as Image.open
+        raise UnidentifiedImageError("the file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError("its content is no image format Pillow reads") from None
+    with img:
+        yield img
+
+
+def read_rgb(path: str | Path, exif_orientation: bool = True) -> Image.Image:
+    """An RGB image as it is meant to be seen: EXIF orientation applied (unless
+    ``exif_orientation`` is False: the stored pixel grid, as classification's training and
+    evaluation read it), grayscale (8- or 16-bit), palette and alpha images converted.
+    ``FileNotFoundError`` and ``UNREADABLE_ERRORS`` pass through, for callers that name the
+    file in their own message or count it."""
+    with opened(path) as img:
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I"):
             # 16-bit (or 32-bit integer) grayscale: Pillow's RGB conversion clips every value
             # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
@@ -152,7 +182,8 @@ def training_classes(root: str | Path) -> list[str]:
 class ImageFolderDataset(Dataset):
     """``(image, class index)`` pairs of one split.
 
-    ``__getitem__`` returns ``(transformed image, target, None)``, or ``(None, target, reason)``
+    Images are read as stored, without their EXIF orientation (as timm and torchvision read
+    them). ``__getitem__`` returns ``(transformed image, target, None)``, or ``(None, target, reason)``
     for an unreadable file, so that the caller (in the main process, not a loader worker)
     decides whether that is an error or a skip; see :func:`crossformer.data.collate_images`.
     """
@@ -201,7 +232,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, target = self.samples[index]
         try:
-            image = read_rgb(path)  # as evaluate's images are the ones predict sees
+            # the stored pixel grid, EXIF orientation not applied: what timm's and torchvision's
+            # ImageFolder read, so that top-1 on ImageNet is the authors' (predict turns photos upright)
+            image = read_rgb(path, exif_orientation=False)
         except UNREADABLE_ERRORS as err:
             return None, target, f"{path}: {unreadable_reason(err)}"
         return (self.transform(image) if self.transform else image), target, None

@@ -6,13 +6,12 @@ import signal
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..engine.cpus import usable_workers
 from ..engine.distributed import DistContext
 from ..engine.seeding import sample_seed, seeded_rngs
-from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference, unreadable_reason
+from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, opened, oriented_size, size_difference, unreadable_reason
 from .sampler import ShardedSampler
 
 __all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
@@ -66,7 +65,7 @@ class _Headers(Dataset):
     def __getitem__(self, index: int) -> str | None:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:  # reads the header only, not the pixels
+            with opened(path) as img:  # reads the header only, not the pixels
                 size, stored = oriented_size(img), (img.height, img.width)
         except UNREADABLE_ERRORS as err:
             return f"{path}: {unreadable_reason(err)}"

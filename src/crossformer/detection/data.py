@@ -33,11 +33,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import DataError, read_rgb, size_difference
-from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
+from ..data.folder import UNREADABLE_ERRORS, opened, unreadable_reason
 from ..errors import listing
 from .config import SIZE_DIVISOR
 
@@ -480,7 +479,7 @@ class CocoDetection(Dataset):
             sample.failure = f"{record.path}: {unreadable_reason(err)}"
             return sample
         if (image.height, image.width) != (record.height, record.width):
-            with Image.open(record.path) as stored:  # the header again: the size before the EXIF orientation
+            with opened(record.path) as stored:  # the header again: the size before the EXIF orientation
                 differs = size_difference((image.height, image.width), (record.height, record.width),
                                           (stored.height, stored.width))
             sample.failure = f"{record.path}: {differs}"

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
-from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
+from ..data.folder import UNREADABLE_ERRORS, opened, unreadable_reason
 from ..errors import listing
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from ..data.draw import class_colours
@@ -161,7 +161,7 @@ def _missing_annotation(image: Path, expected: Path, stem: str) -> str:
 def _orientation_note(path: str, image: np.ndarray) -> str:
     """Where the image's EXIF orientation turned it, what the file stores: a viewer that ignores
     the tag shows both files at one size, and the mismatch would make no sense."""
-    with Image.open(path) as img:
+    with opened(path) as img:
         stored = img.size
     if stored == (image.shape[1], image.shape[0]):
         return ""
