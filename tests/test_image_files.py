@@ -88,3 +88,18 @@ def test_a_large_photo_reads_without_a_warning_and_a_decompression_bomb_is_one_c
     assert err == (f"crossformer predict: error: cannot read image {bomb}: more than the 2,200 pixels Pillow decodes "
                    "(its guard against decompression bombs): downscale it; fix or delete it, or pass --skip-corrupt "
                    "to skip such files\n"), err
+
+
+def test_a_photo_with_corrupt_exif_data_reads_without_a_warning(tmp_path: Path, bare_checkpoint: list[str],
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Camera maker notes Pillow cannot parse: the pixels read, but Pillow printed a Python
+    "UserWarning: Corrupt EXIF data" (with its own source line) per file."""
+    photo = tmp_path / "camera.jpg"
+    cut_ifd = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12"  # 5 entries announced, a part of one there
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(photo, exif=cut_ifd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_rgb(photo).size == (40, 20)
+        assert find_unreadable([str(photo)]) == []
+        assert main(["predict", str(photo), *bare_checkpoint]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(photo)

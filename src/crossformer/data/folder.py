@@ -128,19 +128,21 @@ def unreadable_reason(err: BaseException) -> str:
 @contextmanager
 def opened(path: str | Path) -> Iterator[Image.Image]:
     """``Image.open(path)`` (its header read, pixels not yet), as every input image is opened: an
-    empty file says so, a file of no format Pillow knows says that without repeating its name,
-    and Pillow's DecompressionBombWarning (89M-179M pixels: a 108-megapixel phone photo) is not
-    printed, since the user chose the file; above that, Pillow's DecompressionBombError stands."""
+    empty file says so, a file of no format Pillow knows says that without repeating its name.
+    While it is open, Pillow's DecompressionBombWarning (89M-179M pixels: a 108-megapixel phone
+    photo; above that its DecompressionBombError stands) and its "Corrupt EXIF data" warnings
+    (camera maker notes; the pixels read) are not printed: each was a Python warning, not a line."""
     if os.path.getsize(path) == 0:  # FileNotFoundError for a missing one, as Image.open
         raise UnidentifiedImageError("the file is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message="(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
         try:
             img = Image.open(path)
         except UnidentifiedImageError:
             raise UnidentifiedImageError("its content is no image format Pillow reads") from None
-    with img:
-        yield img
+        with img:
+            yield img
 
 
 def read_rgb(path: str | Path, exif_orientation: bool = True) -> Image.Image:
