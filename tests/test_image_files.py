@@ -103,3 +103,22 @@ def test_a_photo_with_corrupt_exif_data_reads_without_a_warning(tmp_path: Path, 
         assert find_unreadable([str(photo)]) == []
         assert main(["predict", str(photo), *bare_checkpoint]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == str(photo)
+
+
+def test_a_float_tiff_on_0_to_1_is_scaled_not_clipped_to_black(tmp_path: Path, bare_checkpoint: list[str],
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Pillow's RGB conversion of a 32-bit float image clips to 0..255: a 0..1 image (as
+    scikit-image and tifffile save them) read as black, without a word."""
+    unit = tmp_path / "unit.tiff"
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(unit)
+    assert Image.open(unit).mode == "F"
+    assert np.asarray(read_rgb(unit))[..., 1].flatten().tolist() == list(range(256))
+    byte_range = tmp_path / "bytes.tiff"  # 0..255 as floats: kept as they are
+    Image.fromarray(np.arange(256, dtype=np.float32).reshape(16, 16)).save(byte_range)
+    assert np.asarray(read_rgb(byte_range))[..., 2].flatten().tolist() == list(range(256))
+    other = tmp_path / "kelvin.tiff"  # neither range: no guess, one line
+    Image.fromarray(np.full((40, 40), 300.5, np.float32)).save(other)
+    assert main(["predict", str(other), *bare_checkpoint]) == 2
+    assert capsys.readouterr().err == (
+        f"crossformer predict: error: cannot read image {other}: a 32-bit float image with values from 300.5 to 300.5, "
+        "on neither 0..1 nor 0..255: save it as an 8-bit image; fix or delete it, or pass --skip-corrupt to skip such files\n")

@@ -159,7 +159,23 @@ def read_rgb(path: str | Path, exif_orientation: bool = True) -> Image.Image:
             # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
             gray = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
             img = Image.fromarray(gray, "L")
+        elif img.mode == "F":
+            img = Image.fromarray(_float_grey(np.asarray(img, dtype=np.float64)), "L")
         return img.convert("RGB")
+
+
+def _float_grey(values: np.ndarray) -> np.ndarray:
+    """A 32-bit float grayscale image (a TIFF scientific tools write) as 8-bit grey: values on
+    0..1, the usual float convention, scaled by 255 (Pillow's conversion clipped them to a black
+    image), values on 0..255 kept; any other range is a ValueError, an unreadable file, rather
+    than an image clipped to black and white."""
+    if not np.isfinite(values).all():
+        raise ValueError("a 32-bit float image holding NaN or infinite values: save it as an 8-bit image")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise ValueError(f"a 32-bit float image with values from {low:g} to {high:g}, on neither 0..1 nor 0..255: "
+                         "save it as an 8-bit image")
+    return np.round(values * (255.0 if high <= 1.0 else 1.0)).astype(np.uint8)
 
 
 def open_image(path: str | Path) -> Image.Image:
