@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crossformer.data import DataError
 from crossformer.engine import DistContext
@@ -224,6 +225,41 @@ def test_a_long_thin_image_keeps_a_side_of_one_pixel_at_every_scale():
     config = InferenceConfig(scale=(64, 48), ratios=(0.5, 1.0), flip=True)
     assert tuple(prepare_image(image, (32, 24), config).shape) == (1, 3, 32, 32)
     assert segment_probs(model, image, config).shape == (3, 6, 3000)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements any tensor op produced while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.most = max(self.most, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_a_photo_is_labelled_a_band_at_a_time_without_every_class_at_its_size(monkeypatch, mode):
+    """predict on a photo larger than the test scale held (C, H, W) probabilities: 150 classes of a
+    12-megapixel photo are 7.2 GB. The label map is the same; no tensor comes near that size."""
+    monkeypatch.setattr(inference, "BAND_ELEMENTS", 8 * 320 * 20)  # bands of 8 rows, as 1M elements are of a photo
+    model = TinySegmentor(20).eval()
+    image = np.random.default_rng(2).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    config = InferenceConfig(mode=mode, scale=(128, 64), ratios=(0.5, 1.0), flip=True, crop_size=(48, 48),
+                             stride=(32, 32))
+    expected = segment_probs(model, image, config).argmax(dim=0)
+    with _LargestTensor() as largest:
+        labels = inference.segment(model, image, config)
+    assert torch.equal(labels, expected)
+    assert largest.most < 20 * 240 * 320 / 4, largest.most
+    # an image smaller than the test scale: in slide mode its passes' logits hold more values than its
+    # probabilities, which are then added up as segment_probs adds them, to the same labels
+    small = image[:48, :64]
+    assert torch.equal(inference.segment(model, small, config), segment_probs(model, small, config).argmax(dim=0))
 
 
 # ---------------------------------------------------------------- evaluation and prediction

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -131,6 +131,34 @@ def slide_logits(
     return total / count
 
 
+def _passes(
+    segmentor: Segmentor, image: np.ndarray, config: InferenceConfig, device: torch.device | str, autocast: Any, banded: bool,
+) -> Iterator[tuple[torch.Tensor, tuple[int, int], bool]]:
+    """Each test pass (scale x flip) in turn: its logits ``(1, C, h, w)`` float32, its network
+    input size and whether it ran on the flipped image. ``banded``: the head's own logits (slide:
+    at the input size), for :func:`_resized_probs`; else resized to the input size."""
+    flips: Sequence[bool] = (False, True) if config.flip else (False,)
+    for scale in scale_bounds(config):
+        inputs = prepare_image(image, scale, config).to(device)
+        for flip in flips:
+            batch = inputs.flip(-1) if flip else inputs
+            with autocast() if autocast is not None else nullcontext():
+                if config.mode == "slide":
+                    logits = slide_logits(segmentor, batch, config.crop_size, config.stride)
+                elif banded:
+                    logits = segmentor(batch)  # the head's logits: resized by _resized_probs
+                else:
+                    logits = whole_logits(segmentor, batch)
+            yield logits.float(), tuple(batch.shape[-2:]), flip
+
+
+def _is_banded(segmentor: Segmentor, device: torch.device | str) -> bool:
+    """On the CPU the resizes to the input and image sizes, the softmax and the flip back are
+    done a band of rows at a time: fresh full-size maps of every class cost more there than
+    the arithmetic (RESULTS.md, row 81)."""
+    return torch.device(device).type == "cpu" and not segmentor.align_corners
+
+
 @torch.no_grad()
 def segment_probs(
     segmentor: Segmentor,
@@ -143,52 +171,77 @@ def segment_probs(
     scales and flips. ``image``: ``(H, W, 3)`` uint8 RGB; ``autocast``: an optional context
     manager factory (e.g. ``Precision.autocast``) around the forward passes."""
     height, width = image.shape[:2]
-    flips: Sequence[bool] = (False, True) if config.flip else (False,)
-    # On the CPU the resizes to the input and image sizes, the softmax and the flip back are
-    # done a band of rows at a time: fresh full-size maps of every class cost more there than
-    # the arithmetic (RESULTS.md, row 81).
-    banded = torch.device(device).type == "cpu" and not segmentor.align_corners
+    banded = _is_banded(segmentor, device)
     merged = None
-    for scale in scale_bounds(config):
-        inputs = prepare_image(image, scale, config).to(device)
-        for flip in flips:
-            batch = inputs.flip(-1) if flip else inputs
-            with autocast() if autocast is not None else nullcontext():
-                if config.mode == "slide":
-                    logits = slide_logits(segmentor, batch, config.crop_size, config.stride)
-                elif banded:
-                    logits = segmentor(batch)  # the head's logits: resized below
-                else:
-                    logits = whole_logits(segmentor, batch)
-            if banded:
-                if merged is None:
-                    merged = logits.new_zeros((segmentor.num_classes, height, width), dtype=torch.float32)
-                _add_resized_probs(merged, logits[0].float(), tuple(batch.shape[-2:]), flip)
-                continue
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear",
-                                   align_corners=segmentor.align_corners)
-            probs = logits.softmax(dim=1)[0]
-            probs = probs.flip(-1) if flip else probs
-            merged = probs if merged is None else merged.add_(probs)
-    return merged / (len(config.ratios) * len(flips))
+    count = 0
+    for logits, input_size, flip in _passes(segmentor, image, config, device, autocast, banded):
+        count += 1
+        if banded:
+            if merged is None:
+                merged = logits.new_zeros((segmentor.num_classes, height, width))
+            _add_resized_probs(merged, logits[0], input_size, flip)
+            continue
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=segmentor.align_corners)
+        probs = logits.softmax(dim=1)[0]
+        probs = probs.flip(-1) if flip else probs
+        merged = probs if merged is None else merged.add_(probs)
+    return merged / count
 
 
-def _add_resized_probs(merged: torch.Tensor, logits: torch.Tensor, input_size: tuple[int, int], flip: bool) -> None:
-    """``merged += softmax(resize(resize(logits, input_size), image size))``, flipped back when
-    ``flip``, a band of rows at a time (:mod:`.bands`): the two bilinear resizes are one product
-    of their matrices. ``merged`` ``(C, H, W)``; ``logits`` ``(C, h, w)`` at the head's stride
-    or (slide mode) at ``input_size``."""
-    classes, height, width = merged.shape
+def _resized_probs(logits: torch.Tensor, input_size: tuple[int, int], flip: bool, height: int,
+                   width: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``softmax(resize(resize(logits, input_size), (height, width)))``, flipped back when
+    ``flip``, a band of rows at a time (:mod:`.bands`): ``(out_rows, (C, rows, width))``. The two
+    bilinear resizes are one product of their matrices; ``logits`` ``(C, h, w)`` at the head's
+    stride or (slide mode) at ``input_size``. The bands depend only on the classes and image size."""
+    classes = logits.shape[0]
     rows = bilinear_matrix(height, input_size[0]) @ bilinear_matrix(input_size[0], logits.shape[1])
     cols = bilinear_matrix(width, input_size[1]) @ bilinear_matrix(input_size[1], logits.shape[2])
     cols_t = (cols.flip(0) if flip else cols).t().to(logits.device)  # a flipped pass's columns, mirrored
     step = max(1, BAND_ELEMENTS // (classes * width))
     for out_rows, in_rows, weights in row_bands(rows.to(logits.device), step):
-        merged[:, out_rows] += (weights @ logits[:, in_rows] @ cols_t).softmax(0)
+        yield out_rows, (weights @ logits[:, in_rows] @ cols_t).softmax(0)
 
 
+def _add_resized_probs(merged: torch.Tensor, logits: torch.Tensor, input_size: tuple[int, int], flip: bool) -> None:
+    """``merged`` ``(C, H, W)`` += :func:`_resized_probs` of ``logits``."""
+    for out_rows, probs in _resized_probs(logits, input_size, flip, merged.shape[1], merged.shape[2]):
+        merged[:, out_rows] += probs
+
+
+@torch.no_grad()
 def segment(
     segmentor: Segmentor, image: np.ndarray, config: InferenceConfig, device: torch.device | str = "cpu", autocast: Any = None
 ) -> torch.Tensor:
-    """The predicted label map ``(H, W)`` int64 (class indices) of one image."""
-    return segment_probs(segmentor, image, config, device, autocast).argmax(dim=0)
+    """The predicted label map ``(H, W)`` int64 (class indices) of one image: the argmax of
+    :func:`segment_probs`. On the CPU, where the passes' logits hold fewer values than those
+    probabilities (a photo larger than the test scale: 150 classes of a 12-megapixel photo are
+    7.2 GB of them), the probabilities are summed and their argmax taken a band of rows at a
+    time, in the same order and so to the same values, and never held whole."""
+    if not _is_banded(segmentor, device):
+        return segment_probs(segmentor, image, config, device, autocast).argmax(dim=0)
+    height, width = image.shape[:2]
+    full = segmentor.num_classes * height * width
+    passes: list[tuple[torch.Tensor, tuple[int, int], bool]] = []
+    merged, count = None, 0
+    for logits, input_size, flip in _passes(segmentor, image, config, device, autocast, banded=True):
+        count += 1
+        passes.append((logits[0], input_size, flip))
+        if merged is None and sum(kept[0].numel() for kept in passes) > full:  # keeping them costs more
+            merged = logits.new_zeros((segmentor.num_classes, height, width))
+        if merged is not None:  # segment_probs' way from here on
+            for kept in passes:
+                _add_resized_probs(merged, *kept)
+            passes.clear()
+    if merged is not None:
+        return (merged / count).argmax(dim=0)
+    labels = torch.empty(height, width, dtype=torch.int64, device=passes[0][0].device)
+    for bands in zip(*(_resized_probs(*kept, height, width) for kept in passes)):
+        total = bands[0][1]  # p1 + p2 + ...: the sums segment_probs forms (0 + p1 is p1)
+        for _, probs in bands[1:]:
+            total += probs
+        if count > 1:  # as segment_probs divides (by 1 it changes nothing)
+            total /= count
+        # max's indices are argmax's (the first of equal values), 3x faster on a band's outer dimension
+        labels[bands[0][0]] = total.max(dim=0).indices
+    return labels
