@@ -119,6 +119,13 @@ def test_checkpoints_record_the_evaluation_crop_they_were_trained_with(data: Pat
     assert task.checkpoint_extras()["crop_pct"] == 1.0  # what evaluate and predict then crop to
 
 
+def test_the_run_line_says_model_parameters_classes_and_images(data: Path) -> None:
+    task = train_module.ClassificationTask(tiny_config(data, "unused"), DistContext())
+    params = sum(p.numel() for p in task.model.parameters()) / 1e6
+    assert task.describe() == (f"{task.config.model.name}: {params:.2f}M params, {len(task.classes)} classes, "
+                               f"{len(task.train_set)} train / {len(task.val_set)} val images")
+
+
 def test_the_training_order_follows_the_runs_seed(data: Path) -> None:
     orders = []
     for seed in (0, 1):

@@ -494,7 +494,10 @@ def test_init_from_fine_tunes_a_whole_detector_of_other_classes(coco: Path, tmp_
     torch.save({"model": mine}, same)
     again = DetectionTask(replace(config, model=replace(config.model, init_from=str(same))), DistContext())
     assert all(torch.equal(v, mine[k]) for k, v in again.model.state_dict().items())
-    assert again.describe().endswith(f"; started from {same}")
+    m = config.model
+    assert again.describe() == (f"{m.kind} on {m.backbone}: {sum(v.numel() for v in again.model.parameters()) / 1e6:.2f}M "
+                                f"params, 4 classes, {len(again.train_set)} train / {len(again.val_set)} val images; "
+                                f"started from {same}")
     # an ImageNet backbone belongs in model.pretrained, and the two do not go together
     backbone = tmp_path / "backbone.pth"
     torch.save({k[len("backbone.model."):]: v for k, v in source.items() if k.startswith("backbone.model.")}, backbone)

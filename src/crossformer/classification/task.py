@@ -206,9 +206,7 @@ class ClassificationTask(Task):
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.split_dir}; use the same data")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return (f"{self.config.model.name}: {params:.2f}M params, {len(self.classes)} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+        return self.describe_images(self.config.model.name, len(self.classes), len(self.train_set), len(self.val_set))
 
 
 def train(config: ClassificationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:

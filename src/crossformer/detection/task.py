@@ -192,11 +192,9 @@ class DetectionTask(Task):
                                  f"use the same data")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
-        return (f"{m.kind} on {m.backbone}: {params:.2f}M params, {self.model.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images"
-                + (f"; {self.started_from}" if self.started_from else ""))
+        return self.describe_images(f"{m.kind} on {m.backbone}", self.model.num_classes, len(self.train_set),
+                                    len(self.val_set), self.started_from)
 
 
 def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:

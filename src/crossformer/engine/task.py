@@ -129,5 +129,15 @@ class Task(ABC):
 
     def describe(self) -> str:
         """One log line about the model and data (parameter count, sizes)."""
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return f"{type(self).__name__}: {params:.2f}M params, {len(self.train_sampler)} training samples per process"
+        return f"{type(self).__name__}: {self.parameter_count()}, {len(self.train_sampler)} training samples per process"
+
+    def parameter_count(self) -> str:
+        """The model's parameter count for :meth:`describe`: ``"27.76M params"``."""
+        return f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params"
+
+    def describe_images(self, model_name: str, num_classes: int, train_images: int, val_images: int,
+                        started_from: str | None = None) -> str:
+        """:meth:`describe` for a task of image data sets: ``model_name``, the parameter count,
+        the class and image counts, and what the weights started from (``started_from``)."""
+        return (f"{model_name}: {self.parameter_count()}, {num_classes} classes, "
+                f"{train_images} train / {val_images} val images" + (f"; {started_from}" if started_from else ""))

@@ -228,11 +228,9 @@ class SegmentationTask(Task):
                                  f"classes from {1 if reduced else 0}); resume with the same setting")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
-        return (f"{m.kind} {m.backbone}: {params:.2f}M params, {self.train_set.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images"
-                + (f"; {self.started_from}" if self.started_from else ""))
+        return self.describe_images(f"{m.kind} {m.backbone}", self.train_set.num_classes, len(self.train_set),
+                                    len(self.val_set), self.started_from)
 
 
 def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
