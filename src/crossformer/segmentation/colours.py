@@ -7,8 +7,9 @@ classes from 1, ``reduce_zero_label``), each of ``data.ignore_colours`` as 255 (
 of another colour is a one-line error naming the file, the colour and where it first occurs.
 
 The lookup packs each pixel into one 24-bit key and looks up each horizontal run of one colour
-once (label maps are runs of few colours): about 1 ms a 512x512 map on one core, a quarter of
-the PNG's decoding.
+once in a sorted table (label maps are runs of few colours; a 2^24 table would cost 16 MiB per
+loader worker): under 1 ms a 512x512 map on one core, 0.6 ms of it copying the pixels out of
+PIL, against 1.5-2.5 ms to decode the PNG.
 """
 
 from __future__ import annotations
@@ -70,17 +71,12 @@ class LabelColours:
         self.keys = np.append(keys[order], np.uint32(0xFFFFFFFF))
         self.stored = np.append(values[order], IGNORE_INDEX)
 
-    def __len__(self) -> int:
-        return len(self.colours)
-
     def values(self, img: Image.Image, path: str | Path) -> np.ndarray:
         """The ``(H, W)`` int64 values an index map would store for the opaque RGB(A) label map
         ``img`` (read from ``path``); a DataError naming the first pixel of a colour not listed."""
         width, height = img.size
         raw = "RGBA" if img.mode == "RGBA" else "RGBX"  # PIL holds RGB as 4 bytes a pixel: no conversion
         pixels = np.frombuffer(img.tobytes("raw", raw), dtype="<u4") & _RGB
-        if pixels.size == 0:
-            return np.zeros((height, width), np.int64)
         starts = np.concatenate(([0], np.flatnonzero(pixels[1:] != pixels[:-1]) + 1))  # each run of one colour
         colours = pixels[starts]
         found = np.searchsorted(self.keys, colours)
