@@ -75,19 +75,32 @@ def test_colour_coded_label_maps_read_as_the_index_maps_they_encode(tmp_path: Pa
     assert np.array_equal(_dataset(tmp_path / "grey").load(0)[1], [[2, 5, 255]])
 
 
+def _palette_map(root: Path, name: str, indices: np.ndarray, palette: np.ndarray) -> None:
+    """A palette (mode P) label map of ``indices`` coloured by ``palette`` ``(N, 3)``, and its image."""
+    label = Image.fromarray(indices, "L")
+    label.putpalette(np.asarray(palette, np.uint8).tobytes())
+    assert label.mode == "P"
+    label.save(root / "ann" / f"{name}.png")
+    Image.new("RGB", indices.shape[::-1]).save(root / "img" / f"{name}.jpg")
+
+
 def test_index_maps_still_read_as_indices_with_label_colours(tmp_path: Path) -> None:
-    # The rule: RGB and RGBA files are colour-coded; single-channel ones (L, P whatever its
-    # palette shows, 16-bit) hold indices as before, so one data set may mix both.
+    # The rule: RGB and RGBA files are colour-coded; single-channel ones (L, 16-bit) hold indices
+    # as before, so one data set may mix both, and so do palette ones (Pascal VOC's) unless their
+    # palette shows every index they use in a listed colour.
     values = np.array([[0, 1, 2], [6, 255, 3]], np.uint8)
     _save_pair(tmp_path, "a", values)
-    palette = Image.fromarray(values, "L")
-    palette.putpalette(np.tile(np.arange(256, dtype=np.uint8)[:, None], (1, 3)).tobytes())  # grey: no configured colour
-    assert palette.mode == "P"
-    palette.save(tmp_path / "ann" / "p.png")
-    Image.new("RGB", (3, 2)).save(tmp_path / "img" / "p.jpg")
+    _palette_map(tmp_path, "b_grey", values, np.tile(np.arange(256)[:, None], (1, 3)))  # no listed colour
+    voc = np.zeros((256, 3), np.uint8)
+    voc[: len(COLOURS)], voc[255] = COLOURS, (224, 224, 192)  # VOC's border colour: not listed
+    _palette_map(tmp_path, "c_voc", values, voc)
+    # an editor's indexed save: the listed colours under indices of its own (0: class 3, 1: class 0, 2: ignored)
+    _palette_map(tmp_path, "d_editor", np.array([[1, 0, 2], [0, 0, 1]], np.uint8), [COLOURS[3], COLOURS[0], IGNORE[1]])
     dataset = _dataset(tmp_path)
-    for index in range(2):
+    assert [Path(p).stem for p, _ in dataset.samples] == ["a", "b_grey", "c_voc", "d_editor"]
+    for index in range(3):
         assert np.array_equal(dataset.load(index)[1], values), dataset.samples[index]
+    assert dataset.load(3)[1].tolist() == [[0, 3, 255], [3, 3, 0]]
 
 
 def test_an_unlisted_colour_is_one_line_naming_the_file_the_colour_and_its_first_pixel(tmp_path: Path) -> None:

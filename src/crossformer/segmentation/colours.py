@@ -4,7 +4,10 @@ labelling tools and data sets (Cityscapes' ``*_color.png``, CamVid) save them.
 :class:`LabelColours` turns such a map's pixels into the values an index map of the same data
 set would store: class ``k`` (the ``k``-th colour) as ``k`` (``k + 1`` where label maps count
 classes from 1, ``reduce_zero_label``), each of ``data.ignore_colours`` as 255 (ignored). A pixel
-of another colour is a one-line error naming the file, the colour and where it first occurs.
+of another colour is a one-line error naming the file, the colour and where it first occurs. A
+palette PNG (mode P) holds indices, read as they are (Pascal VOC's), unless its palette shows
+every index it uses in a listed colour: then it is a colour-coded map an editor saved indexed
+(its indices in the order the colours were met), read by those colours.
 
 The lookup packs each pixel into one 24-bit key and looks up each horizontal run of one colour
 once in a sorted table (label maps are runs of few colours; a 2^24 table would cost 16 MiB per
@@ -90,3 +93,19 @@ class LabelColours:
                             "unlabelled")
         lengths = np.diff(np.append(starts, pixels.size))
         return np.repeat(self.stored[found], lengths).reshape(height, width)
+
+    def palette_values(self, img: Image.Image) -> np.ndarray | None:
+        """The ``(H, W)`` int64 values of the palette (mode P) label map ``img`` read by its
+        colours where its palette shows every index it uses in a listed colour, else None (its
+        indices are the values)."""
+        palette = np.asarray(img.getpalette() or [], np.uint32).reshape(-1, 3)
+        used = np.flatnonzero(img.histogram())  # PIL counts a P image's indices (bincount: 3x slower)
+        if used[-1] >= len(palette):  # an index the palette does not colour
+            return None
+        keys = _packed(palette[used])
+        found = np.searchsorted(self.keys, keys)
+        if not (self.keys[found] == keys).all():
+            return None
+        table = np.zeros(256, np.uint8)  # values of 8-bit maps: a data set holds at most 255 classes
+        table[used] = self.stored[found]
+        return table.take(np.asarray(img)).astype(np.int64)  # take on uint8: 3x faster than int64 indexing

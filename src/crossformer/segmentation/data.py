@@ -16,8 +16,8 @@ Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` pale
 1-bit, 16- or 32-bit integer; an opaque RGB(A) or LA file of equal channels as its grey values; a
 32-bit float one, a TIFF, where every value is whole); they are never colour-converted. With
 ``label_colours`` (one colour per class, :mod:`.colours`) every RGB(A) label map is colour-coded:
-each pixel's colour gives its class, grey ones too; single-channel maps (``P`` included) and LA
-still read as stored values. Images honour their EXIF orientation and are converted to RGB
+each pixel's colour gives its class, grey ones too; single-channel maps and LA still read as
+stored values, ``P`` ones too unless their palette shows every index used in a listed colour. Images honour their EXIF orientation and are converted to RGB
 (grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
@@ -112,7 +112,8 @@ def read_label(path: str | Path, colours: LabelColours | None = None) -> np.ndar
     """A label map's stored values as ``(H, W)`` int64 (an RGB file of three equal channels: one
     of them; a float one of whole values: those); DataError if unreadable or colour. With
     ``colours``, an RGB(A) file is colour-coded: the values an index map would store for its
-    colours (grey ones too: black and grey are classes' colours in many data sets)."""
+    colours (grey ones too: black and grey are classes' colours in many data sets); so is a
+    palette (P) file whose palette shows every index it uses in a listed colour."""
     try:
         with Image.open(path) as img:
             if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
@@ -121,6 +122,9 @@ def read_label(path: str | Path, colours: LabelColours | None = None) -> np.ndar
                 if img.mode == "RGBA" and img.getextrema()[3][0] < 255:
                     raise DataError(f"label map {path} {_refused_mode(img)}")
                 return colours.values(img, path)
+            coloured = colours.palette_values(img) if colours is not None and img.mode == "P" else None
+            if coloured is not None:  # an editor's indexed save of a colour-coded map
+                return coloured
             grey = _grey_values(img)
             if grey is not None:
                 return grey.astype(np.int64)
