@@ -17,6 +17,7 @@ from crossformer.data import DataError
 from crossformer.engine import load_training_state
 from crossformer.engine.config import build_config
 from crossformer.errors import UserInputError
+from crossformer.segmentation.colours import LabelColours
 from crossformer.segmentation.config import SegmentationConfig
 from crossformer.segmentation.data import SegmentationDataset, absent_classes_note, read_label
 from crossformer.segmentation.predict import write_label_map
@@ -231,6 +232,7 @@ def test_predict_draws_and_saves_the_label_colours(runs: dict, tmp_path: Path, c
     # the label map holds the class indices, shown in the same colours; read back as indices
     assert saved.mode == "P" and (np.asarray(saved.convert("RGB")) == np.asarray(COLOURS)[labels]).all()
     assert np.array_equal(read_label(line["label_map"]), labels)
+    assert np.array_equal(read_label(line["label_map"], LabelColours(COLOURS, IGNORE)), labels)  # by its colours: alike
     # counted from 1 (reduce-zero-label data), class k is written as k + 1 and shown in its colour
     write_label_map(np.array([[0, 1]]), tmp_path / "reduced.png", reduce_zero_label=True, colours=COLOURS)
     reduced = Image.open(tmp_path / "reduced.png")
