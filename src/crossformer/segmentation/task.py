@@ -42,18 +42,19 @@ def build_datasets(
     the training set is None unless ``training``. One-line errors for missing folders."""
     if not data.given:
         raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
+    colours = dict(palette=data.palette, label_colours=data.label_colours, ignore_colours=data.ignore_colours)
     if data.root is not None:
-        val = ade20k_dataset(data.root, "validation", palette=data.palette)
-        return (ade20k_dataset(data.root, "training", train_transform, data.palette) if training else None), val
+        val = ade20k_dataset(data.root, "validation", **colours)
+        return (ade20k_dataset(data.root, "training", train_transform, **colours) if training else None), val
     classes = data.classes
     if training:
         data.check_training_folders()
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label,
-                              palette=data.palette, label_suffix=data.label_suffix)
+                              label_suffix=data.label_suffix, **colours)
     if not training:
         return None, val
     return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform,
-                               data.palette, data.label_suffix), val
+                               label_suffix=data.label_suffix, **colours), val
 
 
 def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
