@@ -247,6 +247,46 @@ def test_a_resumed_runs_done_line_counts_the_skips_before_the_resume(tmp_path: P
     assert ", 1 skip of unreadable images (1 file)" in (older / "log.txt").read_text().splitlines()[-1]
 
 
+class _UnreadableValidationFiles(FakeTask):
+    """Every training batch skips ``bad.png``; the data check skips the validation file
+    ``header.png``, and each evaluation skips it and, while ``body_broken``, ``body.png``
+    (whose header reads: evaluation alone finds it)."""
+
+    body_broken = True
+
+    def check_data(self):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        return ["image bad.png: truncated"]
+
+    def evaluate(self, model):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+        if self.body_broken:
+            self.skip_validation_file("image val/body.png: image file is truncated")
+        return super().evaluate(model)
+
+
+def test_a_resumed_runs_done_line_counts_each_unreadable_validation_file_once(tmp_path: Path, monkeypatch) -> None:
+    # The validation files were not in the checkpoint's run counts: the resumed run's data check
+    # named header.png again, and body.png, skipped by the evaluation before the interrupt and
+    # readable since, was not counted at all.
+    with pytest.raises(RunInterrupted):
+        train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12),  # 3 batches an epoch
+              on_step_end=_interrupt_at(4, signal.SIGINT))  # epoch 1, after epoch 0's evaluation
+    monkeypatch.setattr(_UnreadableValidationFiles, "body_broken", False)  # fixed before the resume
+    train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12, resume="auto"))
+    log = (tmp_path / "log.txt").read_text()
+    for named in ("image bad.png", "image val/header.png", "image val/body.png"):
+        assert log.count(f"skipping unreadable {named}: ") == 1, (named, log)  # once a run
+    # 6 batches each skipped bad.png; the best score was measured without both validation files
+    assert log.splitlines()[-1].endswith(", 6 skips of unreadable images (1 file), 2 unreadable validation files left "
+                                         f"out of evaluation (checkpoints in {tmp_path})"), log
+
+
 @pytest.mark.slow
 def test_under_torchrun_the_unreadable_training_files_of_every_rank_are_named(tmp_path: Path) -> None:
     # --skip-corrupt: a training file that rank 1 skipped was counted but never named
