@@ -21,6 +21,7 @@ from PIL import Image
 from classification_fixtures import make_image_folder
 from cli_errors import one_error_line
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import (
     RunInterrupted,
     Task,
@@ -185,6 +186,20 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     done = [line for line in log.splitlines() if " done in " in line][0]
     # the training image, skipped once in its one epoch, and the validation image every evaluation lacked
     assert ", 1 skip of unreadable images (1 file), 1 unreadable validation file left out of evaluation" in done
+
+
+def test_a_validation_image_that_does_not_decode_is_counted_as_the_data_check_counts_one(tmp_path: Path, capsys) -> None:
+    # as detection's and segmentation's (their tests): the header reads, so evaluation finds it
+    folder = make_image_folder(tmp_path / "data", {"train": 4, "val": 2})
+    bad = folder / "val" / "dog" / "0.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    assert not find_unreadable([str(bad)])
+    line = one_error_line(capsys, _train_argv(folder, tmp_path / "stopped"))
+    assert f"cannot read image {bad}: image file is truncated" in line and "--skip-corrupt" in line
+    assert main(_train_argv(folder, tmp_path / "run", "--skip-corrupt", "--epochs", "2")) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}: image file is truncated") == 1, log  # 2 evaluations, once a run
+    assert ", 1 unreadable validation file left out of evaluation (checkpoints in" in log.splitlines()[-1], log
 
 
 class _OneUnreadableFile(FakeTask):
@@ -412,6 +427,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_robust_runs
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import registry
 test_robust_runs.TASK = test_robust_runs.{task}
 registry.TASKS["fake"] = "test_robust_runs"
