@@ -21,6 +21,7 @@ from PIL import Image
 from classification_fixtures import make_image_folder
 from cli_errors import one_error_line
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import (
     RunInterrupted,
     Task,
@@ -187,6 +188,20 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert ", 1 skip of unreadable images (1 file), 1 unreadable validation file left out of evaluation" in done
 
 
+def test_a_validation_image_that_does_not_decode_is_counted_as_the_data_check_counts_one(tmp_path: Path, capsys) -> None:
+    # as detection's and segmentation's (their tests): the header reads, so evaluation finds it
+    folder = make_image_folder(tmp_path / "data", {"train": 4, "val": 2})
+    bad = folder / "val" / "dog" / "0.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    assert not find_unreadable([str(bad)])
+    line = one_error_line(capsys, _train_argv(folder, tmp_path / "stopped"))
+    assert f"cannot read image {bad}: image file is truncated" in line and "--skip-corrupt" in line
+    assert main(_train_argv(folder, tmp_path / "run", "--skip-corrupt", "--epochs", "2")) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}: image file is truncated") == 1, log  # 2 evaluations, once a run
+    assert ", 1 unreadable validation file left out of evaluation (checkpoints in" in log.splitlines()[-1], log
+
+
 class _OneUnreadableFile(FakeTask):
     """Rank ``rank`` skips an unreadable ``rank<rank>/bad.png`` in its first batch of every epoch
     (3 batches a rank)."""
@@ -245,6 +260,46 @@ def test_a_resumed_runs_done_line_counts_the_skips_before_the_resume(tmp_path: P
     torch.save(state, older / "last.pth")
     train(_UnreadableFirstEpochMore, fake_config(older, epochs=2, samples=12, resume="auto"))
     assert ", 1 skip of unreadable images (1 file)" in (older / "log.txt").read_text().splitlines()[-1]
+
+
+class _UnreadableValidationFiles(FakeTask):
+    """Every training batch skips ``bad.png``; the data check skips the validation file
+    ``header.png``, and each evaluation skips it and, while ``body_broken``, ``body.png``
+    (whose header reads: evaluation alone finds it)."""
+
+    body_broken = True
+
+    def check_data(self):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        return ["image bad.png: truncated"]
+
+    def evaluate(self, model):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+        if self.body_broken:
+            self.skip_validation_file("image val/body.png: image file is truncated")
+        return super().evaluate(model)
+
+
+def test_a_resumed_runs_done_line_counts_each_unreadable_validation_file_once(tmp_path: Path, monkeypatch) -> None:
+    # The validation files were not in the checkpoint's run counts: the resumed run's data check
+    # named header.png again, and body.png, skipped by the evaluation before the interrupt and
+    # readable since, was not counted at all.
+    with pytest.raises(RunInterrupted):
+        train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12),  # 3 batches an epoch
+              on_step_end=_interrupt_at(4, signal.SIGINT))  # epoch 1, after epoch 0's evaluation
+    monkeypatch.setattr(_UnreadableValidationFiles, "body_broken", False)  # fixed before the resume
+    train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12, resume="auto"))
+    log = (tmp_path / "log.txt").read_text()
+    for named in ("image bad.png", "image val/header.png", "image val/body.png"):
+        assert log.count(f"skipping unreadable {named}: ") == 1, (named, log)  # once a run
+    # 6 batches each skipped bad.png; the best score was measured without both validation files
+    assert log.splitlines()[-1].endswith(", 6 skips of unreadable images (1 file), 2 unreadable validation files left "
+                                         f"out of evaluation (checkpoints in {tmp_path})"), log
 
 
 @pytest.mark.slow
@@ -372,6 +427,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_robust_runs
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import registry
 test_robust_runs.TASK = test_robust_runs.{task}
 registry.TASKS["fake"] = "test_robust_runs"

@@ -163,7 +163,8 @@ class DetectionTask(Task):
         c = self.config
         start = time.perf_counter()
         metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.eval_batch_size, c.run.num_workers,
-                                    skip_corrupt=c.data.skip_corrupt, precision=self.precision)
+                                    skip_corrupt=c.data.skip_corrupt, precision=self.precision,
+                                    on_skip=self.skip_validation_file)
         scores = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
         return {**scores, "eval_seconds": time.perf_counter() - start}
 

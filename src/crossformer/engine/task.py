@@ -15,7 +15,7 @@ exactly the samples and random numbers of an uninterrupted one, with loader work
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,13 @@ class Task(ABC):
         Call it with every rank's files (:func:`~crossformer.data.check_readable` returns them)."""
         self.skipped_validation.add(item)
         self._name_skipped_validation(f"skipping unreadable {item}")
+
+    def restore_skipped_validation(self, items: Iterable[str]) -> None:
+        """The validation files that earlier sessions of a resumed run skipped (its checkpoint's
+        ``run_counts``): counted on the done line with this session's, not named again."""
+        items = sorted(items)
+        self.skipped_validation.update(items)
+        self._name_skipped_validation.mark_said(f"skipping unreadable {item}" for item in items)
 
     def describe(self) -> str:
         """One log line about the model and data (parameter count, sizes)."""

@@ -133,7 +133,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
-    from ..engine import RunLogger, resolve_precision
+    from ..engine import RunLogger, resolve_precision, skipped_on_stderr
     from ..engine.distributed import setup_distributed, teardown_distributed
     from ..atomic import check_output_path
     from .data import absent_classes_note
@@ -153,7 +153,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         metrics = evaluate_segmentor(
             segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
             config.data.skip_corrupt, logger if sys.stderr.isatty() else None, config.run.num_workers,
-            (lambda line: print(line, file=sys.stderr)) if ctx.is_main else None,
+            skipped_on_stderr() if ctx.is_main else None,
         )
     finally:
         teardown_distributed(ctx)

@@ -446,6 +446,17 @@ def skipped_file(failure: str) -> str:
     return failure.split("; fix or delete")[0]
 
 
+def validation_file(line: str) -> str:
+    """A skipped file's line (``cannot read image PATH: reason``, as :func:`skipped_file` gives
+    it; or ``label map``) as the log names an unreadable validation file: ``file PATH: reason``,
+    the words of training's data check, which reads headers without telling an image from a
+    label map. Evaluation names it so too, and the run counts it once."""
+    for kind in ("image", "label map"):
+        if line.startswith(f"cannot read {kind} "):
+            return "file " + line[len(f"cannot read {kind} "):]
+    return line
+
+
 def check_batch(batch: SegBatch, skip_corrupt: bool, on_skip: Callable[[str], None] | None = None) -> int:
     """Raise the batch's first bad-data error; raise on unreadable files unless ``skip_corrupt``,
     in which case ``on_skip`` is given each (``cannot read image PATH: reason``, no advice) and

@@ -203,6 +203,7 @@ class SegmentationTask(Task):
                 torch.distributed.broadcast(buffer, src=0)
         return evaluate_segmentor(
             model, self.val_set, self.inference, self.ctx, self.precision.autocast, self.config.data.skip_corrupt,
+            on_skip=self.skip_validation_file,
         )
 
     def checkpoint_extras(self) -> dict[str, Any]:
