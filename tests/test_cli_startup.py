@@ -3,6 +3,7 @@ torchvision (seconds), and with the same text as the command that has imported t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,14 +23,31 @@ DENSE_USAGE_ERRORS = [["train", "--config", DENSE_CONFIGS[0], "--epocs", "3"],
                       ["evaluate", "--config", DENSE_CONFIGS[1], "--chekpoint", "x.pth"]]
 
 
-def _command(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """``python -m crossformer ARGV`` as a user runs it, and the modules it imported (Python's
-    ``-X importtime`` lines, on stderr before the command's own)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "crossformer", *argv], capture_output=True,
-                          text=True, timeout=120)
-    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    proc.stderr = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("import time:"))
-    return proc, imported
+# The command as its console script runs it, then, on its last stderr line, every module it had
+# imported: sys.modules holds them whichever way they came (import, importlib, a library's own
+# loader), where Python's -X importtime log shows only what its import statements timed.
+_MODULES_AT_EXIT = "crossformer-test modules at exit:"
+_RUN_COMMAND = f"""
+import atexit, runpy, sys
+atexit.register(lambda: print({_MODULES_AT_EXIT!r}, *sorted(sys.modules), file=sys.stderr))
+sys.argv[0] = "crossformer"
+runpy.run_module("crossformer", run_name="__main__")
+"""
+
+
+def _command(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``crossformer ARGV`` as a user runs it, and the modules it had imported when it ended."""
+    proc = subprocess.run([sys.executable, "-c", _RUN_COMMAND, *argv], capture_output=True, text=True, timeout=120,
+                          env=env)
+    lines = proc.stderr.splitlines()
+    assert lines and lines[-1].startswith(_MODULES_AT_EXIT), proc.stderr[-2000:]
+    proc.stderr = "".join(line + "\n" for line in lines[:-1])
+    return proc, set(lines[-1].split()[len(_MODULES_AT_EXIT.split()):])
+
+
+def _heavy(imported: set[str]) -> list[str]:
+    """The modules of torch, timm and torchvision among ``imported``."""
+    return sorted(name for name in imported if name.split(".")[0] in HEAVY)
 
 
 def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -47,7 +65,7 @@ def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
-    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not _heavy(imported), _heavy(imported)
     assert (0, proc.stdout, "") == _in_process(argv, capsys)
 
 
@@ -55,7 +73,19 @@ def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) ->
 def test_a_usage_error_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and ": error: " in proc.stderr, proc.stderr
-    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not _heavy(imported), _heavy(imported)
+    assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+def test_a_one_process_command_under_torchrun_is_refused_without_torch(capsys, monkeypatch) -> None:
+    # the refusal reads torchrun's WORLD_SIZE alone: it imported torch with engine.distributed
+    argv, launched = ["flops", "--model", "crossformer_tiny"], {"WORLD_SIZE": "2", "RANK": "0"}
+    proc, imported = _command(argv, env={**os.environ, **launched})
+    assert proc.stderr == ("crossformer flops: error: it runs in one process, but torchrun started 2: run it without "
+                           "torchrun\n") and proc.returncode == 2, proc.stderr[-2000:]
+    assert not _heavy(imported), _heavy(imported)
+    for name, value in launched.items():
+        monkeypatch.setenv(name, value)
     assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
