@@ -4,9 +4,11 @@ torchvision (seconds), and with the same text as the command that has imported t
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,105 @@ def test_a_one_process_command_under_torchrun_is_refused_without_torch(capsys, m
     for name, value in launched.items():
         monkeypatch.setenv(name, value)
     assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> dict[str, Path]:
+    """``{"<task>.pth" / "<task>.safetensors": file}``: a training checkpoint of each task, written
+    by the trainer and re-saved with the task's name and default config, and its weights export."""
+    from crossformer.engine import config_to_dict, load_training_state, save_atomic, train
+    from crossformer.engine.registry import TASKS, config_module
+    from crossformer.models import convert_to_safetensors
+    from engine_fixtures import FakeTask, fake_config
+
+    folder = tmp_path_factory.mktemp("recorded")
+    train(FakeTask, fake_config(folder / "run", epochs=1))
+    state = load_training_state(folder / "run" / "last.pth")
+    files = {}
+    for task in TASKS:
+        files[f"{task}.pth"] = save_atomic({**state, "task": task, "config": config_to_dict(config_module(task).CONFIG())},
+                                           folder / f"{task}.pth")
+        files[f"{task}.safetensors"] = convert_to_safetensors(files[f"{task}.pth"], folder / f"{task}.safetensors")
+    return files
+
+
+@pytest.fixture
+def through_torch(monkeypatch) -> None:
+    """Checkpoints peeked at as before: by torch's weights-only loader, the stand-ins refused."""
+    from crossformer import checkpoint_files
+
+    def refuse(path: str) -> None:
+        raise pickle.UnpicklingError("stand-ins refused by the test")
+
+    monkeypatch.setattr(checkpoint_files, "_unpickle_with_stubs", refuse)
+    checkpoint_files._peek.cache_clear()
+    yield
+    checkpoint_files._peek.cache_clear()
+
+
+def _peeked(path: Path) -> dict:
+    from crossformer.checkpoint_files import _peek, peek_checkpoint
+
+    _peek.cache_clear()
+    return peek_checkpoint(path)
+
+
+def test_a_checkpoint_is_peeked_at_without_torch_as_torch_reads_it(recorded, reference_dir: Path, request) -> None:
+    from crossformer.checkpoint_files import _TensorStub, _unpickle_with_stubs
+
+    files = [*recorded.values(), reference_dir / "pp_cls.pth"]  # the authors' file: a pickled yacs config
+    fast = {path: _peeked(path) for path in files}
+    request.getfixturevalue("through_torch")
+    assert fast == {path: _peeked(path) for path in files}
+    for name, path in recorded.items():
+        assert fast[path]["task"] == name.split(".")[0] and "config" in fast[path] and "model" not in fast[path], name
+    # the trainer's checkpoint is read by the stand-ins, its weights, optimizer and RNG states stand-ins too
+    state = _unpickle_with_stubs(str(recorded["detection.pth"]))
+    assert isinstance(state["model"]["1.weight"], _TensorStub) and isinstance(state["rank_state"][0]["rng"]["torch"],
+                                                                              _TensorStub)
+    assert fast[reference_dir / "pp_cls.pth"] == {}
+
+
+def test_what_the_stand_ins_cannot_stand_for_is_read_by_torch(tmp_path: Path) -> None:
+    import torch
+
+    from crossformer.engine import save_atomic
+
+    # weights-only torch reads a device and a size (the stand-ins do not know them): as before
+    save_atomic({"task": "detection", "device": torch.device("cpu"), "size": torch.Size([2, 3]), "w": torch.ones(2)},
+                tmp_path / "other.pth")
+    assert _peeked(tmp_path / "other.pth") == {"task": "detection", "device": torch.device("cpu"),
+                                               "size": torch.Size([2, 3])}
+
+
+def test_a_pickle_calling_anything_else_is_refused_unrun(tmp_path: Path) -> None:
+    import os
+    import zipfile
+
+    class Runs:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    with zipfile.ZipFile(tmp_path / "bad.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"task": "detection", "x": Runs()}, protocol=2))
+    assert _peeked(tmp_path / "bad.pth") == {} and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_help_for_a_checkpoint_imports_no_torch_and_says_what_torch_said(recorded, verb: str, capsys,
+                                                                         request) -> None:
+    # the task's flags, and for detection and segmentation the recorded config's values as defaults
+    outputs = {}
+    for name, path in recorded.items():
+        argv = [verb, "--checkpoint", str(path), "--help"]
+        proc, imported = _command(argv)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+        assert not _heavy(imported), (name, _heavy(imported))
+        outputs[name] = proc.stdout
+    request.getfixturevalue("through_torch")
+    for name, path in recorded.items():
+        assert (0, outputs[name], "") == _in_process([verb, "--checkpoint", str(path), "--help"], capsys), name
+    assert "--kind" in outputs["detection.pth"] and "--kind" not in outputs["classification.pth"]
 
 
 def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
