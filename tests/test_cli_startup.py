@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crossformer.cli import COMMANDS, main
+from processes import run_process
 
 HEAVY = ("torch", "timm", "torchvision")
 # usage errors: an unknown command, a misspelt flag, a shortened one, a bad choice
@@ -39,8 +40,7 @@ runpy.run_module("crossformer", run_name="__main__")
 
 def _command(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
     """``crossformer ARGV`` as a user runs it, and the modules it had imported when it ended."""
-    proc = subprocess.run([sys.executable, "-c", _RUN_COMMAND, *argv], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = run_process([sys.executable, "-c", _RUN_COMMAND, *argv], timeout=120, env=env)
     lines = proc.stderr.splitlines()
     assert lines and lines[-1].startswith(_MODULES_AT_EXIT), proc.stderr[-2000:]
     proc.stderr = "".join(line + "\n" for line in lines[:-1])
@@ -215,7 +215,7 @@ def test_importing_the_package_registers_the_variants_with_timm(module: str) -> 
     # a program (not the command): as the README shows, timm knows the variants after the import
     code = (f"import sys, {module}, timm; print(sorted(timm.list_models('crossformer_*'))); "
             "print(type(timm.create_model('crossformer_tiny', pretrained=False, num_classes=3)).__name__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from crossformer.models import VARIANTS
 
