@@ -148,6 +148,27 @@ def test_a_checkpoint_is_peeked_at_without_torch_as_torch_reads_it(recorded, ref
     assert fast[reference_dir / "pp_cls.pth"] == {}
 
 
+def test_a_damaged_checkpoint_is_peeked_at_as_torch_peeks_at_it(recorded, tmp_path: Path, request) -> None:
+    import zipfile
+
+    whole = recorded["segmentation.pth"].read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    with zipfile.ZipFile(recorded["segmentation.pth"]) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in entries if name.endswith("/data.pkl"))
+    data_record = next(name for name in entries if "/data/" in name)
+    for name, damage in (("no_record.pth", {data_record: None}), ("bad_pickle.pth", {pickled: b"\x80\x02garbage"}),
+                         ("no_pickle.pth", {pickled: None})):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            for entry, data in {**entries, **damage}.items():
+                if data is not None:
+                    archive.writestr(entry, data)
+    files = sorted(tmp_path.glob("*.pth"))
+    fast = [_peeked(path) for path in files]
+    request.getfixturevalue("through_torch")
+    assert fast == [_peeked(path) for path in files] == [{}] * 4
+
+
 def test_what_the_stand_ins_cannot_stand_for_is_read_by_torch(tmp_path: Path) -> None:
     import torch
 
