@@ -27,8 +27,8 @@ DENSE_USAGE_ERRORS = [["train", "--config", DENSE_CONFIGS[0], "--epocs", "3"],
 
 
 # The command as its console script runs it, then, on its last stderr line, every module it had
-# imported: sys.modules holds them whichever way they came (import, importlib, a library's own
-# loader), where Python's -X importtime log shows only what its import statements timed.
+# imported: sys.modules holds them whichever way they came, where Python's -X importtime log
+# missed a module loaded with importlib.import_module (torch, so loaded on the --help path, passed).
 _MODULES_AT_EXIT = "crossformer-test modules at exit:"
 _RUN_COMMAND = f"""
 import atexit, runpy, sys
