@@ -4,6 +4,8 @@ Official classification files are ``torch.save`` dicts whose ``config`` entry is
 ``yacs.config.CfgNode``; PyTorch's weights-only loader refuses them. We read those with an
 unpickler that admits only what tensors and containers need plus that one class (mapped
 to a plain dict), and refuse any other global by name. Nothing is ever fully unpickled.
+What a file is (told from its first bytes) and its plain entries (:func:`peek_checkpoint`) are
+read without torch, in :mod:`crossformer.checkpoint_files`.
 """
 
 from __future__ import annotations
