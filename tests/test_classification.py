@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ from crossformer.data import DataError
 from crossformer.errors import UserInputError
 from crossformer.classification.evaluate import evaluate_batches
 from crossformer.engine import DistContext, NonFiniteLossError, load_training_state, resolve_precision
+from processes import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -292,7 +292,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unkilled_run(data: Path, tmp_p
     script = textwrap.dedent(_KILLED_RUN).format(
         tests=str(Path(__file__).parent), data=str(data), output=str(killed_dir), settings=settings
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     interrupted = load_training_state(killed_dir / "last.pth")
     assert (interrupted["epoch"], interrupted["batches_done"], interrupted["global_step"]) == (1, 2, 8)

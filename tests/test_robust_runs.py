@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ from crossformer.engine.distributed import stop_with_launcher
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
+from processes import run_process, running, started_process, wait_for
 from test_cli_classification import data  # noqa: F401 (fixture: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
@@ -452,7 +452,7 @@ def _torchrun_command(tmp_path: Path, task: str, config: str, *extra: str) -> tu
 def _torchrun_train(tmp_path: Path, task: str, config: str, *extra: str) -> subprocess.CompletedProcess:
     """``crossformer train EXTRA`` of the fake task ``task`` (a class of this module) on 2 processes."""
     command, env = _torchrun_command(tmp_path, task, config, *extra)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return run_process(command, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -537,44 +537,22 @@ class _SlowTask(FakeTask):
         return super().losses(model, batch)
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return "\nState:\tZ" not in status and "\nState:\tX" not in status
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` every 0.1 s for up to ``seconds``; whether it came true."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_killing_torchrun_alone_stops_its_workers_with_a_checkpoint(tmp_path: Path) -> None:
     # `kill -9` of the torchrun launcher left both workers training, holding the folder (and GPUs)
     command, env = _torchrun_command(tmp_path, "_SlowTask", "task: fake\nrun:\n  epochs: 1000\n")
     with open(tmp_path / "out.txt", "w") as out:  # not a pipe: the orphans would hold it open
-        launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        trained_an_epoch = (tmp_path / "ddp" / "last.pth").exists
-        assert _wait_for(trained_an_epoch, 120), (tmp_path / "out.txt").read_text()[-3000:]
-        workers = [int((tmp_path / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
-    finally:
-        launcher.kill()
-        launcher.wait()
-    try:
-        assert _wait_for(lambda: not any(map(_running, workers)), 20), (tmp_path / "out.txt").read_text()[-3000:]
-    finally:  # no orphans left training when it fails
-        for pid in filter(_running, workers):
-            os.kill(pid, signal.SIGKILL)
+        # (the launcher leads the workers' process group: what is left of it when the test fails is ended)
+        with started_process(command, stdout=out, stderr=subprocess.STDOUT, env=env) as launcher:
+            try:
+                trained_an_epoch = (tmp_path / "ddp" / "last.pth").exists
+                assert wait_for(trained_an_epoch, 120), (tmp_path / "out.txt").read_text()[-3000:]
+                workers = [int((tmp_path / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
+            finally:
+                launcher.kill()
+                launcher.wait()
+            assert wait_for(lambda: not any(map(running, workers)), 20), (tmp_path / "out.txt").read_text()[-3000:]
     output = (tmp_path / "out.txt").read_text()
     # (rank 0 names SIGTERM, or "a stop signal on another rank" when rank 1's came first)
     assert "crossformer train: interrupted by " in output and "resume with --resume auto" in output, output[-3000:]
@@ -590,7 +568,7 @@ def test_a_torchrun_worker_whose_launcher_is_gone_already_stops(tmp_path: Path) 
     # the launcher died before the worker asked to be signalled: the kernel never would be
     code = "from crossformer.engine.distributed import stop_with_launcher; stop_with_launcher(parent=-1); print('ran on')"
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    proc = run_process([sys.executable, "-c", code], timeout=120, env=env)
     assert proc.returncode == -signal.SIGTERM and "ran on" not in proc.stdout, proc.stderr[-3000:]
 
 
@@ -610,7 +588,7 @@ def test_a_torchrun_worker_runs_on_when_only_the_launcher_thread_that_started_it
         "print(procs[0].stdout.read().strip()); sys.exit(procs[0].wait())\n"
     )
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120, env=env)
+    proc = run_process([sys.executable, "-c", launcher], timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.split() == ["True", "ran", "on"], (proc.stdout, proc.stderr[-3000:])
 
 
@@ -1029,11 +1007,11 @@ def test_a_missing_start_checkpoint_stops_training_before_the_data_is_read(confi
                                   ["train", "--config", "digits", "--help"]])
 def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
     # `crossformer ... | head -1`: head has gone when the next line is written
-    process = subprocess.Popen([sys.executable, "-m", "crossformer", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    process.stdout.close()
-    assert process.wait(timeout=120) == 0
-    assert process.stderr.read() == ""
+    with started_process([sys.executable, "-m", "crossformer", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True) as process:
+        process.stdout.close()
+        assert process.wait(timeout=120) == 0
+        assert process.stderr.read() == ""
 
 
 def _importing_torch(pid: int) -> bool:
@@ -1050,11 +1028,11 @@ def _importing_torch(pid: int) -> bool:
 def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
     # Ctrl-C while `crossformer` still imported torch and timm printed a KeyboardInterrupt traceback
     # (a command that needs them: --help no longer imports them)
-    process = subprocess.Popen([sys.executable, "-m", "crossformer", "flops", "--model", "crossformer_tiny"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _importing_torch(process.pid), 60)
-    time.sleep(delay)  # 0: inside torch's import; later: timm's, the model's (or the count done: exit 0)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    with started_process([sys.executable, "-m", "crossformer", "flops", "--model", "crossformer_tiny"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        assert wait_for(lambda: _importing_torch(process.pid), 60)
+        time.sleep(delay)  # 0: inside torch's import; later: timm's, the model's (or the count done: exit 0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
     assert process.returncode in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, \
         (process.returncode, err[-3000:])
