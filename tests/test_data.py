@@ -57,7 +57,7 @@ def test_any_common_format_and_grayscale_become_rgb(tmp_path: Path) -> None:
     assert shapes == {(3, 32, 32)}
 
 
-def test_16_bit_images_are_read_as_they_look_and_exif_rotated_ones_as_timm_reads_them(tmp_path: Path) -> None:
+def test_16_bit_and_exif_rotated_images_are_read_as_they_look(tmp_path: Path) -> None:
     from PIL import Image
 
     from crossformer.data import read_rgb
@@ -76,8 +76,8 @@ def test_16_bit_images_are_read_as_they_look_and_exif_rotated_ones_as_timm_reads
     images = {Path(path).name: dataset[i][0] for i, (path, _) in enumerate(dataset.samples)}
     assert np.abs(np.asarray(images["deep.png"]).astype(int) - 128).max() <= 1
     assert np.asarray(read_rgb(deep)).tolist() == np.asarray(images["deep.png"]).tolist()
-    # training and evaluation read the stored pixels, as timm and torchvision; predict (read_rgb) turns them
-    assert images["turned.jpg"].size == (40, 20) and read_rgb(turned).size == (20, 40)
+    # training and evaluation see what predict sees (read_rgb), not the unrotated pixels
+    assert images["turned.jpg"].size == read_rgb(turned).size == (20, 40)
     ramp = tmp_path / "ramp.png"  # 0..65535 onto 0..255: 257 x k is k exactly
     Image.fromarray((np.arange(256) * 257).astype(np.uint16).reshape(16, 16)).save(ramp)
     assert np.asarray(read_rgb(ramp))[..., 0].flatten().tolist() == list(range(256))

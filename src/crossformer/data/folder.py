@@ -145,15 +145,13 @@ def opened(path: str | Path) -> Iterator[Image.Image]:
             yield img
 
 
-def read_rgb(path: str | Path, exif_orientation: bool = True) -> Image.Image:
-    """An RGB image as it is meant to be seen: EXIF orientation applied (unless
-    ``exif_orientation`` is False: the stored pixel grid, as classification's training and
-    evaluation read it), grayscale (8- or 16-bit), palette and alpha images converted.
+def read_rgb(path: str | Path) -> Image.Image:
+    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale (8- or
+    16-bit), palette and alpha images converted.
     ``FileNotFoundError`` and ``UNREADABLE_ERRORS`` pass through, for callers that name the
     file in their own message or count it."""
     with opened(path) as img:
-        if exif_orientation:
-            img = ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I"):
             # 16-bit (or 32-bit integer) grayscale: Pillow's RGB conversion clips every value
             # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
@@ -200,8 +198,7 @@ def training_classes(root: str | Path) -> list[str]:
 class ImageFolderDataset(Dataset):
     """``(image, class index)`` pairs of one split.
 
-    Images are read as stored, without their EXIF orientation (as timm and torchvision read
-    them). ``__getitem__`` returns ``(transformed image, target, None)``, or ``(None, target, reason)``
+    Images are read upright (EXIF orientation applied), as predict reads them. ``__getitem__`` returns ``(transformed image, target, None)``, or ``(None, target, reason)``
     for an unreadable file, so that the caller (in the main process, not a loader worker)
     decides whether that is an error or a skip; see :func:`crossformer.data.collate_images`.
     """
@@ -250,9 +247,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, target = self.samples[index]
         try:
-            # the stored pixel grid, EXIF orientation not applied: what timm's and torchvision's
-            # ImageFolder read, so that top-1 on ImageNet is the authors' (predict turns photos upright)
-            image = read_rgb(path, exif_orientation=False)
+            # upright, as predict reads it: a model trained on phone photos sees them as predict will
+            # (timm's ImageFolder reads the stored grid: the two differ only for files with an orientation tag)
+            image = read_rgb(path)
         except UNREADABLE_ERRORS as err:
             return None, target, f"{path}: {unreadable_reason(err)}"
         return (self.transform(image) if self.transform else image), target, None
