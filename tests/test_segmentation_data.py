@@ -459,3 +459,11 @@ def test_a_palette_of_other_colours_than_one_rgb_per_class_is_one_line(tmp_path)
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 300], [1, 1, 1]])
     with pytest.raises(DataError, match=r"^data.palette has 1 colours for 2 classes"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", ["x", "y"], palette=[[0, 0, 0]])
+
+
+def test_a_label_map_is_opened_as_every_input_image_is(tmp_path) -> None:
+    """The shared opener's reasons (an empty file says so, rather than Pillow's "cannot identify")."""
+    empty = tmp_path / "a.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"cannot read label map .*a\.png: the file is empty \(0 bytes\); fix or delete it"):
+        read_label(empty)

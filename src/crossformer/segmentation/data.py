@@ -115,7 +115,7 @@ def read_label(path: str | Path, colours: LabelColours | None = None) -> np.ndar
     colours (grey ones too: black and grey are classes' colours in many data sets); so is a
     palette (P) file whose palette shows every index it uses in a listed colour."""
     try:
-        with Image.open(path) as img:
+        with opened(path) as img:  # the reasons and warnings of every input image
             if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
                 raise DataError(f"label map {path} is a JPEG file ({LOSSY_LABELS}); save the class indices as PNG")
             if colours is not None and img.mode in COLOUR_MODES:
