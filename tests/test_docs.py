@@ -11,11 +11,14 @@ relative link, anchor and repository path resolves.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import importlib
+import inspect
 import io
 import json
+import pkgutil
 import re
 import shlex
 from pathlib import Path
@@ -290,9 +293,10 @@ def _settings() -> frozenset[str]:
     return frozenset(key for task in TASKS for key in leaf_keys(config_module(task).CONFIG))
 
 
-def _text_spans(doc: Path) -> list[str]:
-    """What the prose of ``doc`` puts in backticks (fenced blocks left out: checked above)."""
-    return re.findall(r"`([^`\n]+)`", FENCE.sub("", doc.read_text()))
+def _text_spans(doc: Path, multiline: bool = False) -> list[str]:
+    """What the prose of ``doc`` puts in backticks (fenced blocks left out: checked above); with
+    ``multiline``, spans that go on over a line break too."""
+    return re.findall(r"`([^`]+)`" if multiline else r"`([^`\n]+)`", FENCE.sub("", doc.read_text()))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
@@ -389,3 +393,59 @@ def test_links_and_repository_paths_resolve(doc: Path) -> None:
     package = set(re.findall(r"(?<![\w./-])((?:models|data|engine|commands|classification|detection|segmentation)/\w+\.py)", text))
     broken += sorted(path for path in package if not (ROOT / "src/crossformer" / path).exists())
     assert broken == []
+
+
+@functools.lru_cache(maxsize=None)
+def _crossformer_modules() -> tuple[Any, ...]:
+    """Every module of the package (``__main__`` left out: importing it runs the command line)."""
+    import crossformer
+
+    return tuple(importlib.import_module(info.name) for info in pkgutil.walk_packages(crossformer.__path__, "crossformer.")
+                 if not info.name.endswith("__main__"))
+
+
+def _defined(name: str) -> list[Any]:
+    """Each function or class called ``name`` that a module of the package defines (or a dotted ``crossformer.x.name``)."""
+    if "." in name:
+        return [_python_name(name)]
+    found = {id(obj): obj for module in _crossformer_modules() if (obj := getattr(module, name, None)) is not None
+             and callable(obj) and getattr(obj, "__module__", "").startswith("crossformer")}
+    return list(found.values())
+
+
+def _documented_signatures(doc: Path) -> list[tuple[str, list[tuple[str, Any]], bool]]:
+    """``(name, [(parameter, default)], open)`` of each signature the prose writes in backticks,
+    ``[crossformer.x.]name(a, b=1, c=None)`` (at least one default, every default a literal: a call
+    such as ``predict(..., class_names=...)`` is none); ``open``: it ends with ``...`` (the rest left out)."""
+    found = []
+    for span in _text_spans(doc, multiline=True):
+        call = re.fullmatch(r"((?:crossformer\.[\w.]+\.)?[A-Za-z_]\w*)\((.*?)\)(?:\s*->.*)?", " ".join(span.split()))
+        if call is None or "=" not in call.group(2):
+            continue
+        items = _split_top(call.group(2))
+        is_open = items[-1] == "..."
+        parameters = []
+        for item in items[:-1] if is_open else items:
+            name, equals, value = item.partition("=")
+            if not name.isidentifier():
+                break
+            try:
+                parameters.append((name, ast.literal_eval(value) if equals else inspect.Parameter.empty))
+            except (ValueError, SyntaxError):
+                break  # a value such as PATH or callback: a call, not a signature
+        else:
+            found.append((call.group(1), parameters, is_open))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_signatures_the_text_writes_are_the_code_s(doc: Path) -> None:
+    """``evaluate_detector(detector, dataset, ctx=None, ...)`` as the docs write it: the parameters
+    of that function (in order, with those defaults), all of them unless the text ends its list
+    with ``...``, so that a parameter added, renamed or given another default is documented."""
+    wrong = []
+    for name, parameters, is_open in _documented_signatures(doc):
+        actual = [[(p.name, p.default) for p in inspect.signature(obj).parameters.values()] for obj in _defined(name)]
+        if not any(parameters == (params[:len(parameters)] if is_open else params) for params in actual):
+            wrong.append(f"{name}{parameters}: the code has {actual or 'no such function'}")
+    assert wrong == []
