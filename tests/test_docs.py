@@ -449,3 +449,22 @@ def test_signatures_the_text_writes_are_the_code_s(doc: Path) -> None:
         if not any(parameters == (params[:len(parameters)] if is_open else params) for params in actual):
             wrong.append(f"{name}{parameters}: the code has {actual or 'no such function'}")
     assert wrong == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_config_the_docs_name_is_bundled(doc: Path) -> None:
+    """``--config NAME`` anywhere in the text (prose included: ``--config crossformer_tiny``) is a
+    bundled config; files (``my_run.yaml``) and placeholders (``NAME_OR_FILE``) are not names."""
+    named = set(re.findall(r"--config[ =]([a-z][\w-]*)(?![\w./-])", doc.read_text()))
+    assert sorted(named - set(bundled_configs())) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_model_the_docs_name_exists(doc: Path) -> None:
+    """``--model NAME``, ``--compare NAME``, ``--backbone NAME`` and ``model.backbone=NAME`` name
+    models timm has (our variants registered, its own for a peer)."""
+    import timm
+
+    importlib.import_module("crossformer")  # registers the variants with timm
+    named = set(re.findall(r"(?:--model|--compare|--backbone|model\.backbone)[ =]([a-z][\w.-]*\w)", doc.read_text()))
+    assert sorted(name for name in named if not timm.is_model(name)) == []
