@@ -468,3 +468,10 @@ def test_every_model_the_docs_name_exists(doc: Path) -> None:
     importlib.import_module("crossformer")  # registers the variants with timm
     named = set(re.findall(r"(?:--model|--compare|--backbone|model\.backbone)[ =]([a-z][\w.-]*\w)", doc.read_text()))
     assert sorted(name for name in named if not timm.is_model(name)) == []
+
+
+def test_environment_variables_the_docs_name_are_read() -> None:
+    """``CROSSFORMER_CACHE``, ``CROSSFORMER_KEEP_FREED_MEMORY``: each is a string the package's code holds."""
+    named = {name for doc in DOCS for name in re.findall(r"\bCROSSFORMER_[A-Z_]*[A-Z]", doc.read_text())}
+    source = "\n".join(path.read_text() for path in (ROOT / "src/crossformer").rglob("*.py"))
+    assert named and sorted(name for name in named if f'"{name}"' not in source) == []
