@@ -475,3 +475,11 @@ def test_environment_variables_the_docs_name_are_read() -> None:
     named = {name for doc in DOCS for name in re.findall(r"\bCROSSFORMER_[A-Z_]*[A-Z]", doc.read_text())}
     source = "\n".join(path.read_text() for path in (ROOT / "src/crossformer").rglob("*.py"))
     assert named and sorted(name for name in named if f'"{name}"' not in source) == []
+
+
+def test_image_extensions_in_the_data_layout_are_the_ones_read() -> None:
+    """classification.md's "any common format: jpg, jpeg, ..." is the folder reader's list."""
+    from crossformer.data.folder import IMG_EXTENSIONS
+
+    listed = re.search(r"any common format: ([\w, ]+)", (ROOT / "docs/classification.md").read_text()).group(1)
+    assert [f".{ext}" for ext in listed.split(", ")] == list(IMG_EXTENSIONS)
