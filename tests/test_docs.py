@@ -488,3 +488,29 @@ def test_image_extensions_in_the_data_layout_are_the_ones_read() -> None:
 
     listed = re.search(r"any common format: ([\w, ]+)", (ROOT / "docs/classification.md").read_text()).group(1)
     assert [f".{ext}" for ext in listed.split(", ")] == list(IMG_EXTENSIONS)
+
+
+def _help_of(argv: list[str], flag: str) -> str:
+    """The ``--help`` text of ``flag`` in ``crossformer ARGV --help``, on one line."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    entry = re.search(rf"^  {flag} .*?(?=^  -)", out.getvalue(), re.M | re.S)  # up to the next option
+    return " ".join(entry.group().split())
+
+
+def test_flops_and_benchmark_help_give_what_a_config_takes() -> None:
+    """``flops`` and ``benchmark`` ``--help`` give --img-size's default; with a detection or
+    segmentation --config it is not 224 but the sizes those commands use (the docs' figures), and
+    a segmentation --config's benchmark always has a peer, smp's UPerNet on a timm encoder."""
+    from crossformer.detection.commands import BENCHMARK_SIZE
+    from crossformer.segmentation.commands import BENCH_SIZES, PEER_ENCODER
+
+    flops_help = _help_of(["flops"], "--img-size")
+    for config in ("mask_rcnn_crossformer_small_1x", "upernet_crossformer_small"):
+        height, width = _flops("--config", config)["img_size"]
+        assert f"{height}x{width}" in flops_help, config
+    benchmark_help = _help_of(["benchmark"], "--img-size")
+    for height, width in (BENCHMARK_SIZE, *BENCH_SIZES):
+        assert f"{height}x{width}" in benchmark_help
+    compare_help = _help_of(["benchmark"], "--compare")
+    assert "UPerNet" in compare_help and PEER_ENCODER in compare_help

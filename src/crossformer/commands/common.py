@@ -43,10 +43,11 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model
 
 
-def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224) -> None:
+def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224, with_config: str = "") -> None:
+    """``--img-size N`` or ``H W``; ``with_config``: what the help adds about the default a ``--config`` gives."""
     parser.add_argument(
         "--img-size", type=int, nargs="+", default=None if default is None else [default],
-        metavar="N", help=f"input size: N (square) or H W (default {default})",
+        metavar="N", help=f"input size: N (square) or H W (default {default}{with_config})",
     )
 
 
