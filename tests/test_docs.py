@@ -514,3 +514,10 @@ def test_flops_and_benchmark_help_give_what_a_config_takes() -> None:
         assert f"{height}x{width}" in benchmark_help
     compare_help = _help_of(["benchmark"], "--compare")
     assert "UPerNet" in compare_help and PEER_ENCODER in compare_help
+
+
+def test_class_names_help_says_they_replace_the_recorded_ones() -> None:
+    """classification.md: labels are those of ``--class-names FILE`` where given, else the names
+    the checkpoint records; the help said "(for files that record none)", as if ignored otherwise."""
+    text = _help_of(["predict"], "--class-names")
+    assert "replaces" in text and "record none" not in text
