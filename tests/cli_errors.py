@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from crossformer.cli import main
+from processes import run_process
 
 
 def one_error_line(capsys, argv: list[str]) -> str:
@@ -23,10 +24,10 @@ def one_error_line(capsys, argv: list[str]) -> str:
 
 def torchrun(argv: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node PROCESSES -m crossformer ARGV`` on the CPU, one thread each."""
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
          "-m", "crossformer", *argv],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 

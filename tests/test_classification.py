@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ from crossformer.data import DataError
 from crossformer.errors import UserInputError
 from crossformer.classification.evaluate import evaluate_batches
 from crossformer.engine import DistContext, NonFiniteLossError, load_training_state, resolve_precision
+from processes import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -117,6 +117,13 @@ def test_training_refuses_validation_without_a_training_class(tmp_path: Path) ->
 def test_checkpoints_record_the_evaluation_crop_they_were_trained_with(data: Path) -> None:
     task = train_module.ClassificationTask(tiny_config(data, "unused", crop_pct=1.0), DistContext())
     assert task.checkpoint_extras()["crop_pct"] == 1.0  # what evaluate and predict then crop to
+
+
+def test_the_run_line_says_model_parameters_classes_and_images(data: Path) -> None:
+    task = train_module.ClassificationTask(tiny_config(data, "unused"), DistContext())
+    params = sum(p.numel() for p in task.model.parameters()) / 1e6
+    assert task.describe() == (f"{task.config.model.name}: {params:.2f}M params, {len(task.classes)} classes, "
+                               f"{len(task.train_set)} train / {len(task.val_set)} val images")
 
 
 def test_the_training_order_follows_the_runs_seed(data: Path) -> None:
@@ -285,7 +292,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unkilled_run(data: Path, tmp_p
     script = textwrap.dedent(_KILLED_RUN).format(
         tests=str(Path(__file__).parent), data=str(data), output=str(killed_dir), settings=settings
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     interrupted = load_training_state(killed_dir / "last.pth")
     assert (interrupted["epoch"], interrupted["batches_done"], interrupted["global_step"]) == (1, 2, 8)

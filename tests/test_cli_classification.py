@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from classification_fixtures import make_image_folder
 from cli_errors import one_error_line, one_torchrun_error_line, torchrun
 from crossformer.cli import main
 from crossformer.engine import load_training_state
+from processes import run_process
 
 TINY_ARGS = [
     "--model", "crossformer_tiny", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--num-workers", "0",
@@ -264,11 +264,11 @@ def test_torchrun_two_processes_over_gloo(data: Path, tmp_path: Path) -> None:
     output = tmp_path / "ddp"
     # with freed memory kept (opt-in), in the processes torchrun starts
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CROSSFORMER_KEEP_FREED_MEMORY": "1"}
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",
          "train", "--data", str(data), "--output", str(output), "--epochs", "2", *TINY_ARGS,
          "model_ema=true", "model_ema_decay=0.9"],
-        capture_output=True, text=True, timeout=300, env=env,
+        timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs

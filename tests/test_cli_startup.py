@@ -3,13 +3,17 @@ torchvision (seconds), and with the same text as the command that has imported t
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from crossformer.cli import COMMANDS, main
+from processes import run_process
 
 HEAVY = ("torch", "timm", "torchvision")
 # usage errors: an unknown command, a misspelt flag, a shortened one, a bad choice
@@ -22,14 +26,30 @@ DENSE_USAGE_ERRORS = [["train", "--config", DENSE_CONFIGS[0], "--epocs", "3"],
                       ["evaluate", "--config", DENSE_CONFIGS[1], "--chekpoint", "x.pth"]]
 
 
-def _command(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """``python -m crossformer ARGV`` as a user runs it, and the modules it imported (Python's
-    ``-X importtime`` lines, on stderr before the command's own)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "crossformer", *argv], capture_output=True,
-                          text=True, timeout=120)
-    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    proc.stderr = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("import time:"))
-    return proc, imported
+# The command as its console script runs it, then, on its last stderr line, every module it had
+# imported: sys.modules holds them whichever way they came, where Python's -X importtime log
+# missed a module loaded with importlib.import_module (torch, so loaded on the --help path, passed).
+_MODULES_AT_EXIT = "crossformer-test modules at exit:"
+_RUN_COMMAND = f"""
+import atexit, runpy, sys
+atexit.register(lambda: print({_MODULES_AT_EXIT!r}, *sorted(sys.modules), file=sys.stderr))
+sys.argv[0] = "crossformer"
+runpy.run_module("crossformer", run_name="__main__")
+"""
+
+
+def _command(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``crossformer ARGV`` as a user runs it, and the modules it had imported when it ended."""
+    proc = run_process([sys.executable, "-c", _RUN_COMMAND, *argv], timeout=120, env=env)
+    lines = proc.stderr.splitlines()
+    assert lines and lines[-1].startswith(_MODULES_AT_EXIT), proc.stderr[-2000:]
+    proc.stderr = "".join(line + "\n" for line in lines[:-1])
+    return proc, set(lines[-1].split()[len(_MODULES_AT_EXIT.split()):])
+
+
+def _heavy(imported: set[str]) -> list[str]:
+    """The modules of torch, timm and torchvision among ``imported``."""
+    return sorted(name for name in imported if name.split(".")[0] in HEAVY)
 
 
 def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -47,7 +67,7 @@ def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
-    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not _heavy(imported), _heavy(imported)
     assert (0, proc.stdout, "") == _in_process(argv, capsys)
 
 
@@ -55,8 +75,140 @@ def test_help_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) ->
 def test_a_usage_error_imports_no_torch_and_says_what_it_said(argv: list[str], capsys) -> None:
     proc, imported = _command(argv)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and ": error: " in proc.stderr, proc.stderr
-    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not _heavy(imported), _heavy(imported)
     assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+def test_a_one_process_command_under_torchrun_is_refused_without_torch(capsys, monkeypatch) -> None:
+    # the refusal reads torchrun's WORLD_SIZE alone: it imported torch with engine.distributed
+    argv, launched = ["flops", "--model", "crossformer_tiny"], {"WORLD_SIZE": "2", "RANK": "0"}
+    proc, imported = _command(argv, env={**os.environ, **launched})
+    assert proc.stderr == ("crossformer flops: error: it runs in one process, but torchrun started 2: run it without "
+                           "torchrun\n") and proc.returncode == 2, proc.stderr[-2000:]
+    assert not _heavy(imported), _heavy(imported)
+    for name, value in launched.items():
+        monkeypatch.setenv(name, value)
+    assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> dict[str, Path]:
+    """``{"<task>.pth" / "<task>.safetensors": file}``: a training checkpoint of each task, written
+    by the trainer and re-saved with the task's name and default config, and its weights export."""
+    from crossformer.engine import config_to_dict, load_training_state, save_atomic, train
+    from crossformer.engine.registry import TASKS, config_module
+    from crossformer.models import convert_to_safetensors
+    from engine_fixtures import FakeTask, fake_config
+
+    folder = tmp_path_factory.mktemp("recorded")
+    train(FakeTask, fake_config(folder / "run", epochs=1))
+    state = load_training_state(folder / "run" / "last.pth")
+    files = {}
+    for task in TASKS:
+        files[f"{task}.pth"] = save_atomic({**state, "task": task, "config": config_to_dict(config_module(task).CONFIG())},
+                                           folder / f"{task}.pth")
+        files[f"{task}.safetensors"] = convert_to_safetensors(files[f"{task}.pth"], folder / f"{task}.safetensors")
+    return files
+
+
+@pytest.fixture
+def through_torch(monkeypatch) -> None:
+    """Checkpoints peeked at as before: by torch's weights-only loader, the stand-ins refused."""
+    from crossformer import checkpoint_files
+
+    def refuse(path: str) -> None:
+        raise pickle.UnpicklingError("stand-ins refused by the test")
+
+    monkeypatch.setattr(checkpoint_files, "_unpickle_with_stubs", refuse)
+    checkpoint_files._peek.cache_clear()
+    yield
+    checkpoint_files._peek.cache_clear()
+
+
+def _peeked(path: Path) -> dict:
+    from crossformer.checkpoint_files import _peek, peek_checkpoint
+
+    _peek.cache_clear()
+    return peek_checkpoint(path)
+
+
+def test_a_checkpoint_is_peeked_at_without_torch_as_torch_reads_it(recorded, reference_dir: Path, request) -> None:
+    from crossformer.checkpoint_files import _TensorStub, _unpickle_with_stubs
+
+    files = [*recorded.values(), reference_dir / "pp_cls.pth"]  # the authors' file: a pickled yacs config
+    fast = {path: _peeked(path) for path in files}
+    request.getfixturevalue("through_torch")
+    assert fast == {path: _peeked(path) for path in files}
+    for name, path in recorded.items():
+        assert fast[path]["task"] == name.split(".")[0] and "config" in fast[path] and "model" not in fast[path], name
+    # the trainer's checkpoint is read by the stand-ins, its weights, optimizer and RNG states stand-ins too
+    state = _unpickle_with_stubs(str(recorded["detection.pth"]))
+    assert isinstance(state["model"]["1.weight"], _TensorStub) and isinstance(state["rank_state"][0]["rng"]["torch"],
+                                                                              _TensorStub)
+    assert fast[reference_dir / "pp_cls.pth"] == {}
+
+
+def test_a_damaged_checkpoint_is_peeked_at_as_torch_peeks_at_it(recorded, tmp_path: Path, request) -> None:
+    import zipfile
+
+    whole = recorded["segmentation.pth"].read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    with zipfile.ZipFile(recorded["segmentation.pth"]) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in entries if name.endswith("/data.pkl"))
+    data_record = next(name for name in entries if "/data/" in name)
+    for name, damage in (("no_record.pth", {data_record: None}), ("bad_pickle.pth", {pickled: b"\x80\x02garbage"}),
+                         ("no_pickle.pth", {pickled: None})):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            for entry, data in {**entries, **damage}.items():
+                if data is not None:
+                    archive.writestr(entry, data)
+    files = sorted(tmp_path.glob("*.pth"))
+    fast = [_peeked(path) for path in files]
+    request.getfixturevalue("through_torch")
+    assert fast == [_peeked(path) for path in files] == [{}] * 4
+
+
+def test_what_the_stand_ins_cannot_stand_for_is_read_by_torch(tmp_path: Path) -> None:
+    import torch
+
+    from crossformer.engine import save_atomic
+
+    # weights-only torch reads a device and a size (the stand-ins do not know them): as before
+    save_atomic({"task": "detection", "device": torch.device("cpu"), "size": torch.Size([2, 3]), "w": torch.ones(2)},
+                tmp_path / "other.pth")
+    assert _peeked(tmp_path / "other.pth") == {"task": "detection", "device": torch.device("cpu"),
+                                               "size": torch.Size([2, 3])}
+
+
+def test_a_pickle_calling_anything_else_is_refused_unrun(tmp_path: Path) -> None:
+    import os
+    import zipfile
+
+    class Runs:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    with zipfile.ZipFile(tmp_path / "bad.pth", "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"task": "detection", "x": Runs()}, protocol=2))
+    assert _peeked(tmp_path / "bad.pth") == {} and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_help_for_a_checkpoint_imports_no_torch_and_says_what_torch_said(recorded, verb: str, capsys,
+                                                                         request) -> None:
+    # the task's flags, and for detection and segmentation the recorded config's values as defaults
+    outputs = {}
+    for name, path in recorded.items():
+        argv = [verb, "--checkpoint", str(path), "--help"]
+        proc, imported = _command(argv)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+        assert not _heavy(imported), (name, _heavy(imported))
+        outputs[name] = proc.stdout
+    request.getfixturevalue("through_torch")
+    for name, path in recorded.items():
+        assert (0, outputs[name], "") == _in_process([verb, "--checkpoint", str(path), "--help"], capsys), name
+    assert "--kind" in outputs["detection.pth"] and "--kind" not in outputs["classification.pth"]
 
 
 def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
@@ -84,7 +236,7 @@ def test_importing_the_package_registers_the_variants_with_timm(module: str) -> 
     # a program (not the command): as the README shows, timm knows the variants after the import
     code = (f"import sys, {module}, timm; print(sorted(timm.list_models('crossformer_*'))); "
             "print(type(timm.create_model('crossformer_tiny', pretrained=False, num_classes=3)).__name__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from crossformer.models import VARIANTS
 

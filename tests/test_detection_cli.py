@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.detection.data import CocoDetection, coco_paths
 from crossformer.detection.evaluate import COCO_METRICS
 from crossformer.detection.task import build_configured_detector
@@ -230,6 +231,44 @@ def test_evaluate_on_a_file_without_objects_says_so(trained, tmp_path: Path, cap
                  f"data.val_images={trained['coco'] / 'val2017'}", "--results", str(tmp_path / "r.json")]) == 2
     assert _error(capsys).endswith(f"{crowds} has no object to evaluate on (crowd regions and boxes with no area are not "
                                    f"counted): its AP would be -1; give a file with annotated objects")
+
+
+def _cut_validation_image(coco: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of ``coco`` and its first validation image, cut in half: the header reads (training's
+    check of the validation images passes it), the pixels do not."""
+    broken = tmp_path / "cut"
+    shutil.copytree(coco, broken)
+    bad = sorted((broken / "val2017").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    assert not find_unreadable([str(bad)])
+    return broken, bad
+
+
+def test_a_validation_image_that_does_not_decode_is_counted_as_the_data_check_counts_one(trained, tmp_path: Path,
+                                                                                        capsys) -> None:
+    # --skip-corrupt: each evaluation left it out without a word, and the done line did not count it
+    broken, bad = _cut_validation_image(trained["coco"], tmp_path)
+    argv = ["train", "--config", str(trained["config"]), "--data", str(broken), "--epochs", "2"]
+    line = one_error_line(capsys, [*argv, "--output", str(tmp_path / "stopped")])
+    assert f"cannot read image {bad}: image file is truncated" in line and "--skip-corrupt" in line
+    assert main([*argv, "--output", str(tmp_path / "run"), "--skip-corrupt"]) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}: image file is truncated") == 1, log  # 2 evaluations, once a run
+    assert ", 1 unreadable validation file left out of evaluation (checkpoints in" in log.splitlines()[-1], log
+
+
+def test_evaluate_names_an_image_that_does_not_decode_on_stderr(trained, tmp_path: Path, capsys) -> None:
+    # --skip-corrupt --json named it nowhere (its names went to the log lines --json turns off)
+    broken, bad = _cut_validation_image(trained["coco"], tmp_path)
+    argv = ["evaluate", "--config", str(trained["config"]), "--checkpoint", str(trained["checkpoint"]),
+            "--data", str(broken), "--results", str(tmp_path / "r.json")]
+    line = one_error_line(capsys, argv)
+    assert f"cannot read image {bad}: image file is truncated" in line and "--skip-corrupt" in line
+    assert main([*argv, "--skip-corrupt", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] == 1
+    assert captured.err.startswith(f"skipping unreadable image {bad}: image file is truncated"), captured.err
+    assert captured.err.count("\n") == 1, captured.err  # named once, and nothing else said
 
 
 def test_a_checkpoint_whose_pretrained_backbone_file_is_gone_still_serves(trained, tmp_path: Path, capsys) -> None:

@@ -19,7 +19,7 @@ from crossformer.detection.data import CocoDetection, coco_paths
 from crossformer.detection.evaluate import detections_to_coco, evaluate_detector, metric_names
 from crossformer.detection.predict import predict_detections
 from crossformer.detection.transforms import build_test_transform
-from crossformer.engine import DistContext, RunLogger
+from crossformer.engine import DistContext
 from detection_fixtures import GroundTruthDetector, make_small_coco
 
 
@@ -53,18 +53,18 @@ def test_box_only_detector_gets_box_metrics_only_and_misses_lower_recall(coco_ro
     assert 0.2 < metrics["bbox_AR_100"] < 0.8 and metrics["bbox_mAP"] < 1.0
 
 
-def test_skipped_unreadable_images_are_named_in_the_evaluation_log(coco_root, tmp_path):
+def test_skipped_unreadable_images_are_given_to_on_skip(coco_root, tmp_path):
+    # as the training log names them (Task.skip_validation_file takes them), or evaluate on stderr
     root = tmp_path / "coco"
     shutil.copytree(coco_root, root)
     val = _val_set(root)
     bad = val.records[1].path
     bad.write_bytes(b"not an image")
-    logger = RunLogger(tmp_path / "log")
-    metrics = evaluate_detector(GroundTruthDetector(root), val, skip_corrupt=True, logger=logger)
+    named = []
+    metrics = evaluate_detector(GroundTruthDetector(root), val, skip_corrupt=True, on_skip=named.append)
     assert metrics["skipped"] == 1 and metrics["images"] == len(val) - 1
     assert metrics["bbox_mAP"] == pytest.approx(1.0)  # the skipped image's objects are not counted as missed
-    log = (tmp_path / "log" / "log.txt").read_text()
-    assert log.count(f"skipping unreadable image {bad}: ") == 1, log
+    assert len(named) == 1 and named[0].startswith(f"image {bad}: "), named
 
 
 class FixedDetections(nn.Module):
@@ -218,7 +218,7 @@ def test_results_are_gathered_over_ranks_and_evaluated_once(tmp_path, monkeypatc
     dataset = _val_set(coco_root)
     assert len(dataset) == 9
     detector = GroundTruthDetector(coco_root)
-    shares = {}
+    shares = []  # what rank 1 gave each of its gathers, in order
 
     class FakeRank(DistContext):
         def raise_together(self, error):
@@ -227,20 +227,23 @@ def test_results_are_gathered_over_ranks_and_evaluated_once(tmp_path, monkeypatc
 
         def gather_objects(self, obj):
             if self.rank == 1:
-                shares.setdefault("rank1", obj)
+                shares.append(obj)
                 return [obj, obj]
-            return [obj, shares["rank1"]] if obj is not None and not isinstance(obj, dict) else [obj, None]
+            return [obj, shares.pop(0)]
 
     assert evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2)) is None  # only rank 0 evaluates
     metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2))
     assert metrics["images"] == len(dataset) and metrics["bbox_mAP"] == pytest.approx(1.0)
-    # rank 0's images all skipped as unreadable: rank 1's masks still make it a mask evaluation
-    for record in dataset.records[::2]:
+    # rank 0's images all skipped as unreadable: rank 1's masks still make it a mask evaluation;
+    # and one of rank 1's: every rank's skipped images are counted and named (on rank 0 too)
+    for record in [*dataset.records[::2], dataset.records[1]]:
         record.path.write_bytes(b"not an image")
     shares.clear()
     evaluate_detector(detector, dataset, FakeRank(rank=1, world_size=2), skip_corrupt=True)
-    metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2), skip_corrupt=True)
-    assert (metrics["images"], metrics["skipped"]) == (4, 5) and metrics["segm_mAP"] == pytest.approx(1.0)
+    named = []
+    metrics = evaluate_detector(detector, dataset, FakeRank(rank=0, world_size=2), skip_corrupt=True, on_skip=named.append)
+    assert (metrics["images"], metrics["skipped"]) == (3, 6) and metrics["segm_mAP"] == pytest.approx(1.0)
+    assert [item.split(": ")[0] for item in named] == [f"image {r.path}" for r in [*dataset.records[::2], dataset.records[1]]]
 
 
 # ---- prediction output ------------------------------------------------------------------------------

@@ -397,6 +397,48 @@ def test_cascade_stage_losses_are_weighted_one_half_and_a_quarter(monkeypatch):
     assert {k: v.item() for k, v in losses.items()} == expected
 
 
+def _head_losses(cascade: bool, proposals: list[torch.Tensor], targets: list[dict]) -> tuple[nn.Module, list, dict]:
+    """A tiny RoI head (cascade or Mask R-CNN's), its features ``(2, 8, H/s, W/s)`` (requiring
+    grad) and its training losses on them."""
+    from crossformer.detection.cascade import CascadeRoIHead
+    from crossformer.detection.roi_heads import StandardRoIHead
+
+    head = (CascadeRoIHead if cascade else StandardRoIHead)(5, channels=8, fc_channels=16)
+    head.num_samples = 12
+    features = [torch.randn(2, 8, H // s, W // s, requires_grad=True) for s in (4, 8, 16, 32)]
+    extra = ([(H, W)] * 2,) if cascade else ()
+    return head, features, head.loss(features, proposals, targets, *extra)
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "mask_rcnn"])
+@pytest.mark.parametrize("second", ["nothing", "gt_without_proposals"])
+def test_an_image_without_proposals_trains_beside_the_others(cascade: bool, second: str):
+    # The cascade's refinement between stages stopped with "cannot reshape tensor of 0 elements
+    # into shape [0, -1, 4]" for an image with no sampled roi (no gt, no proposal: a crop
+    # without objects whose proposals are gone).
+    _, _, targets = _batch()  # the second image has no gt
+    if second == "gt_without_proposals":
+        targets[1] = targets[0]
+    proposals = [targets[0]["boxes"] + 1, torch.zeros(0, 4)]
+    _, features, losses = _head_losses(cascade, proposals, targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert features[0].grad[0].abs().sum() > 0  # the first image trains
+    assert (features[0].grad[1].abs().sum() > 0) == (second == "gt_without_proposals")  # its gt boxes are rois
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "mask_rcnn"])
+def test_a_batch_without_a_single_roi_gives_zero_losses_connected_to_the_head(cascade: bool):
+    # as mmdetection's losses of an empty roi set: zero, with a gradient (of zeros) for every
+    # parameter of the head, so that DDP finds none unused
+    _, _, targets = _batch()
+    empty = [{key: value[:0] for key, value in targets[1].items()}] * 2
+    head, _, losses = _head_losses(cascade, [torch.zeros(0, 4)] * 2, empty)
+    assert all(v.item() == 0 and v.requires_grad for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
 # Training and inference ----------------------------------------------------------------
 
 EXPECTED_LOSSES = {

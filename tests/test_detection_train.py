@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import shutil
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from crossformer.engine.optim import param_groups
 from crossformer.engine.registry import bundled_configs, resolve_config
 from crossformer.errors import UserInputError
 from detection_train_fixtures import make_tiny_coco, tiny_config, write_tiny_config
+from processes import run_process
 
 TESTS = Path(__file__).resolve().parent
 EXPECTED_LOSSES = {
@@ -395,8 +395,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_unkilled_run(coco: Path, tmp_pa
     killed_config = write_tiny_config(tmp_path / "killed.yaml", "mask_rcnn", coco, tmp_path / "killed", **settings)
     clean_config = write_tiny_config(tmp_path / "clean.yaml", "mask_rcnn", coco, tmp_path / "clean", **settings)
     script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), config=str(killed_config), resume=None, kill_at=5)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-c", script], timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = load_training_state(tmp_path / "killed" / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 3, 3)
@@ -424,8 +424,8 @@ def test_torchrun_two_processes_over_gloo(coco: Path, tmp_path: Path) -> None:
     config = write_tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "ddp", batch_size=1)
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(_DDP_RUN).format(config=str(config)))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     state = load_training_state(tmp_path / "ddp" / "last.pth")
     # 9 training images over 2 ranks (padded to 10) at 1 per batch: 5 updates
@@ -494,7 +494,10 @@ def test_init_from_fine_tunes_a_whole_detector_of_other_classes(coco: Path, tmp_
     torch.save({"model": mine}, same)
     again = DetectionTask(replace(config, model=replace(config.model, init_from=str(same))), DistContext())
     assert all(torch.equal(v, mine[k]) for k, v in again.model.state_dict().items())
-    assert again.describe().endswith(f"; started from {same}")
+    m = config.model
+    assert again.describe() == (f"{m.kind} on {m.backbone}: {sum(v.numel() for v in again.model.parameters()) / 1e6:.2f}M "
+                                f"params, 4 classes, {len(again.train_set)} train / {len(again.val_set)} val images; "
+                                f"started from {same}")
     # an ImageNet backbone belongs in model.pretrained, and the two do not go together
     backbone = tmp_path / "backbone.pth"
     torch.save({k[len("backbone.model."):]: v for k, v in source.items() if k.startswith("backbone.model.")}, backbone)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -10,6 +9,7 @@ import pytest
 
 from crossformer import cli
 from crossformer.engine import memory
+from processes import run_process
 
 # One process measures malloc's default, then keeps freed memory and measures again: the
 # setting is process-wide, so never this one's, and one process spares a second torch import.
@@ -35,8 +35,9 @@ FAULTS = textwrap.dedent("""
 def test_a_freed_tensor_is_reused_without_page_faults() -> None:
     """By default every 64 MB tensor is mapped afresh (16K page faults); once freed memory is
     kept, the second one reuses the first's pages."""
-    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True).stdout
-    default_faults, kept, kept_faults = out.split()
+    proc = run_process([sys.executable, "-c", FAULTS], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default_faults, kept, kept_faults = proc.stdout.split()
     assert int(default_faults) > 8000, default_faults
     assert kept == "True" and int(kept_faults) < 100, kept_faults
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from PIL import Image
 from classification_fixtures import make_image_folder
 from cli_errors import one_error_line
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import (
     RunInterrupted,
     Task,
@@ -33,6 +33,7 @@ from crossformer.engine.distributed import stop_with_launcher
 from crossformer.engine.logging import Progress, RunLogger
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
+from processes import run_process, running, started_process, wait_for
 from test_cli_classification import data  # noqa: F401 (fixture: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
@@ -187,6 +188,20 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     assert ", 1 skip of unreadable images (1 file), 1 unreadable validation file left out of evaluation" in done
 
 
+def test_a_validation_image_that_does_not_decode_is_counted_as_the_data_check_counts_one(tmp_path: Path, capsys) -> None:
+    # as detection's and segmentation's (their tests): the header reads, so evaluation finds it
+    folder = make_image_folder(tmp_path / "data", {"train": 4, "val": 2})
+    bad = folder / "val" / "dog" / "0.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    assert not find_unreadable([str(bad)])
+    line = one_error_line(capsys, _train_argv(folder, tmp_path / "stopped"))
+    assert f"cannot read image {bad}: image file is truncated" in line and "--skip-corrupt" in line
+    assert main(_train_argv(folder, tmp_path / "run", "--skip-corrupt", "--epochs", "2")) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable image {bad}: image file is truncated") == 1, log  # 2 evaluations, once a run
+    assert ", 1 unreadable validation file left out of evaluation (checkpoints in" in log.splitlines()[-1], log
+
+
 class _OneUnreadableFile(FakeTask):
     """Rank ``rank`` skips an unreadable ``rank<rank>/bad.png`` in its first batch of every epoch
     (3 batches a rank)."""
@@ -245,6 +260,46 @@ def test_a_resumed_runs_done_line_counts_the_skips_before_the_resume(tmp_path: P
     torch.save(state, older / "last.pth")
     train(_UnreadableFirstEpochMore, fake_config(older, epochs=2, samples=12, resume="auto"))
     assert ", 1 skip of unreadable images (1 file)" in (older / "log.txt").read_text().splitlines()[-1]
+
+
+class _UnreadableValidationFiles(FakeTask):
+    """Every training batch skips ``bad.png``; the data check skips the validation file
+    ``header.png``, and each evaluation skips it and, while ``body_broken``, ``body.png``
+    (whose header reads: evaluation alone finds it)."""
+
+    body_broken = True
+
+    def check_data(self):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+
+    def batch_counts(self, batch):
+        return {**super().batch_counts(batch), "unreadable_images": float(len(self.unreadable(batch)))}
+
+    def unreadable(self, batch):
+        return ["image bad.png: truncated"]
+
+    def evaluate(self, model):
+        self.skip_validation_file("image val/header.png: cannot identify image file")
+        if self.body_broken:
+            self.skip_validation_file("image val/body.png: image file is truncated")
+        return super().evaluate(model)
+
+
+def test_a_resumed_runs_done_line_counts_each_unreadable_validation_file_once(tmp_path: Path, monkeypatch) -> None:
+    # The validation files were not in the checkpoint's run counts: the resumed run's data check
+    # named header.png again, and body.png, skipped by the evaluation before the interrupt and
+    # readable since, was not counted at all.
+    with pytest.raises(RunInterrupted):
+        train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12),  # 3 batches an epoch
+              on_step_end=_interrupt_at(4, signal.SIGINT))  # epoch 1, after epoch 0's evaluation
+    monkeypatch.setattr(_UnreadableValidationFiles, "body_broken", False)  # fixed before the resume
+    train(_UnreadableValidationFiles, fake_config(tmp_path, epochs=2, samples=12, resume="auto"))
+    log = (tmp_path / "log.txt").read_text()
+    for named in ("image bad.png", "image val/header.png", "image val/body.png"):
+        assert log.count(f"skipping unreadable {named}: ") == 1, (named, log)  # once a run
+    # 6 batches each skipped bad.png; the best score was measured without both validation files
+    assert log.splitlines()[-1].endswith(", 6 skips of unreadable images (1 file), 2 unreadable validation files left "
+                                         f"out of evaluation (checkpoints in {tmp_path})"), log
 
 
 @pytest.mark.slow
@@ -372,6 +427,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_robust_runs
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import registry
 test_robust_runs.TASK = test_robust_runs.{task}
 registry.TASKS["fake"] = "test_robust_runs"
@@ -396,7 +452,7 @@ def _torchrun_command(tmp_path: Path, task: str, config: str, *extra: str) -> tu
 def _torchrun_train(tmp_path: Path, task: str, config: str, *extra: str) -> subprocess.CompletedProcess:
     """``crossformer train EXTRA`` of the fake task ``task`` (a class of this module) on 2 processes."""
     command, env = _torchrun_command(tmp_path, task, config, *extra)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return run_process(command, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -481,44 +537,22 @@ class _SlowTask(FakeTask):
         return super().losses(model, batch)
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return "\nState:\tZ" not in status and "\nState:\tX" not in status
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` every 0.1 s for up to ``seconds``; whether it came true."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_killing_torchrun_alone_stops_its_workers_with_a_checkpoint(tmp_path: Path) -> None:
     # `kill -9` of the torchrun launcher left both workers training, holding the folder (and GPUs)
     command, env = _torchrun_command(tmp_path, "_SlowTask", "task: fake\nrun:\n  epochs: 1000\n")
     with open(tmp_path / "out.txt", "w") as out:  # not a pipe: the orphans would hold it open
-        launcher = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        trained_an_epoch = (tmp_path / "ddp" / "last.pth").exists
-        assert _wait_for(trained_an_epoch, 120), (tmp_path / "out.txt").read_text()[-3000:]
-        workers = [int((tmp_path / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
-    finally:
-        launcher.kill()
-        launcher.wait()
-    try:
-        assert _wait_for(lambda: not any(map(_running, workers)), 20), (tmp_path / "out.txt").read_text()[-3000:]
-    finally:  # no orphans left training when it fails
-        for pid in filter(_running, workers):
-            os.kill(pid, signal.SIGKILL)
+        # (the launcher leads the workers' process group: what is left of it when the test fails is ended)
+        with started_process(command, stdout=out, stderr=subprocess.STDOUT, env=env) as launcher:
+            try:
+                trained_an_epoch = (tmp_path / "ddp" / "last.pth").exists
+                assert wait_for(trained_an_epoch, 120), (tmp_path / "out.txt").read_text()[-3000:]
+                workers = [int((tmp_path / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
+            finally:
+                launcher.kill()
+                launcher.wait()
+            assert wait_for(lambda: not any(map(running, workers)), 20), (tmp_path / "out.txt").read_text()[-3000:]
     output = (tmp_path / "out.txt").read_text()
     # (rank 0 names SIGTERM, or "a stop signal on another rank" when rank 1's came first)
     assert "crossformer train: interrupted by " in output and "resume with --resume auto" in output, output[-3000:]
@@ -534,7 +568,7 @@ def test_a_torchrun_worker_whose_launcher_is_gone_already_stops(tmp_path: Path) 
     # the launcher died before the worker asked to be signalled: the kernel never would be
     code = "from crossformer.engine.distributed import stop_with_launcher; stop_with_launcher(parent=-1); print('ran on')"
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    proc = run_process([sys.executable, "-c", code], timeout=120, env=env)
     assert proc.returncode == -signal.SIGTERM and "ran on" not in proc.stdout, proc.stderr[-3000:]
 
 
@@ -554,7 +588,7 @@ def test_a_torchrun_worker_runs_on_when_only_the_launcher_thread_that_started_it
         "print(procs[0].stdout.read().strip()); sys.exit(procs[0].wait())\n"
     )
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120, env=env)
+    proc = run_process([sys.executable, "-c", launcher], timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.split() == ["True", "ran", "on"], (proc.stdout, proc.stderr[-3000:])
 
 
@@ -973,11 +1007,11 @@ def test_a_missing_start_checkpoint_stops_training_before_the_data_is_read(confi
                                   ["train", "--config", "digits", "--help"]])
 def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
     # `crossformer ... | head -1`: head has gone when the next line is written
-    process = subprocess.Popen([sys.executable, "-m", "crossformer", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    process.stdout.close()
-    assert process.wait(timeout=120) == 0
-    assert process.stderr.read() == ""
+    with started_process([sys.executable, "-m", "crossformer", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True) as process:
+        process.stdout.close()
+        assert process.wait(timeout=120) == 0
+        assert process.stderr.read() == ""
 
 
 def _importing_torch(pid: int) -> bool:
@@ -994,11 +1028,11 @@ def _importing_torch(pid: int) -> bool:
 def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
     # Ctrl-C while `crossformer` still imported torch and timm printed a KeyboardInterrupt traceback
     # (a command that needs them: --help no longer imports them)
-    process = subprocess.Popen([sys.executable, "-m", "crossformer", "flops", "--model", "crossformer_tiny"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _importing_torch(process.pid), 60)
-    time.sleep(delay)  # 0: inside torch's import; later: timm's, the model's (or the count done: exit 0)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    with started_process([sys.executable, "-m", "crossformer", "flops", "--model", "crossformer_tiny"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        assert wait_for(lambda: _importing_torch(process.pid), 60)
+        time.sleep(delay)  # 0: inside torch's import; later: timm's, the model's (or the count done: exit 0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
     assert process.returncode in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, \
         (process.returncode, err[-3000:])

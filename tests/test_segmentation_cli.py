@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from crossformer.cli import main
+from crossformer.data import find_unreadable
 from crossformer.engine import load_training_state
 from cli_errors import one_torchrun_error_line
 from detection_train_fixtures import make_tiny_coco
@@ -343,6 +344,7 @@ def test_evaluate_on_own_folders_needs_only_the_validation_ones(run: dict[str, P
 
 def test_evaluate_names_the_unreadable_files_it_skips_on_stderr(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     # Named only when stderr was a terminal (and then on stdout, amid the JSON): a log file got the count alone.
+    # Then as "skipped: cannot read label map PATH": now as training names a validation file it skips.
     broken = tmp_path / "broken"
     shutil.copytree(run["data"], broken)
     label = sorted((broken / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))[0]
@@ -352,7 +354,33 @@ def test_evaluate_names_the_unreadable_files_it_skips_on_stderr(run: dict[str, P
                  "--skip-corrupt", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped"] == 1
-    assert f"skipped: cannot read label map {label}" in captured.err
+    assert captured.err.startswith(f"skipping unreadable file {label}: "), captured.err
+    assert captured.err.count("skipping unreadable") == 1, captured.err
+
+
+def test_a_validation_image_that_does_not_decode_is_counted_as_the_data_check_counts_one(
+        run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # --skip-corrupt: each evaluation left it out without a word, and the done line did not count it
+    broken = tmp_path / "cut"
+    shutil.copytree(run["data"], broken)
+    bad = sorted((broken / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    assert not find_unreadable([str(bad)])  # the header reads: the data check's first pass finds nothing
+    truncated = f"cannot read image {bad}: image file is truncated"
+    argv = ["train", "--config", str(run["config"]), "--data", str(broken), "run.iterations=4", "run.eval_every=2"]
+    _one_line_error(capsys, [*argv, "--output", str(tmp_path / "stopped")], truncated, "--skip-corrupt")
+    assert main([*argv, "--output", str(tmp_path / "run"), "--skip-corrupt"]) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"skipping unreadable file {bad}: image file is truncated") == 1, log  # 2 evaluations, once a run
+    assert ", 1 unreadable validation file left out of evaluation (checkpoints in" in log.splitlines()[-1], log
+    # evaluate: the same line, or the same name on stderr
+    argv = ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data", str(broken)]
+    _one_line_error(capsys, argv, truncated, "--skip-corrupt")
+    assert main([*argv, "--skip-corrupt", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] == 1
+    assert captured.err.startswith(f"skipping unreadable file {bad}: image file is truncated"), captured.err
+    assert captured.err.count("skipping unreadable") == 1, captured.err
 
 
 def test_a_checkpoint_finds_its_data_from_any_directory(tmp_path: Path, monkeypatch, capsys) -> None:

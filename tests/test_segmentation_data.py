@@ -214,7 +214,9 @@ def test_bad_data_one_line_errors(tmp_path):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names).load(0)
 
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "ann" / "ok.png")  # colour-coded
-    with pytest.raises(DataError, match=r"ok\.png holds colours \(mode RGB\): a colour-coded map must be converted"):
+    with pytest.raises(DataError, match=r"ok\.png holds colours \(mode RGB\): to read colour-coded maps, list each "
+                                        r"class's \[R, G, B\] in data.label_colours \(in class order\), or save class "
+                                        r"indices as a single-channel PNG \(mode L or P\)$"):
         read_label(tmp_path / "ann" / "ok.png")
     # a two-class mask saved from a bool array is a 1-bit PNG (mode "1"): its values are 0 and 1
     mask = np.zeros((8, 8), bool)

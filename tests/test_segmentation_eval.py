@@ -267,6 +267,29 @@ def test_two_processes_count_each_validation_image_once(tmp_path):
         np.testing.assert_allclose(rank[3], alone[3], rtol=1e-12)
         assert rank[4] == pytest.approx(alone[4], rel=1e-12)
 
+def _skipping_on_this_rank(root: Path) -> tuple[int, int, list[str]]:
+    from crossformer.engine.distributed import setup_distributed
+
+    named: list[str] = []
+    metrics = evaluate_segmentor(ConstantSegmentor(7, target=0), ade20k_dataset(root, "val"), InferenceConfig(scale=(128, 48)),
+                                 ctx=setup_distributed("cpu"), skip_corrupt=True, on_skip=named.append)
+    return metrics.images, metrics.skipped, named
+
+
+@pytest.mark.slow
+def test_two_processes_count_and_name_the_files_either_skipped(tmp_path):
+    # each rank's on_skip (training's skip_validation_file) is given every rank's skipped files:
+    # the done line, written by rank 0, counts one that rank 1 skipped
+    make_ade_dataset(tmp_path, images=15, seed=1, size=(48, 64))
+    bad = Path(ade20k_dataset(tmp_path, "val").samples[1][0])  # the second image: rank 1's share
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # its header reads, its pixels do not
+    from two_ranks import on_two_ranks
+
+    for images, skipped, named in on_two_ranks(_skipping_on_this_rank, tmp_path):
+        assert (images, skipped) == (2, 1)
+        assert len(named) == 1 and named[0].startswith(f"file {bad}: image file is truncated"), named
+
+
 def test_evaluate_refuses_wrong_class_count(synthetic):
     with pytest.raises(DataError, match="has 7 classes but the segmentor predicts 3"):
         evaluate_segmentor(TinySegmentor(3), ade20k_dataset(synthetic, "val"))

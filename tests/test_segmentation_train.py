@@ -8,7 +8,6 @@ import json
 import re
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +28,7 @@ from crossformer.segmentation.data import SegmentationDataset, collate_segmentat
 from crossformer.segmentation.task import SegmentationTask, build_model, min_train_batch, train
 from crossformer.segmentation.transforms import TrainPipelineConfig
 from segmentation_fixtures import make_tiny_ade, tiny_config
+from processes import run_process
 
 TESTS = Path(__file__).resolve().parent
 ROWS = {"small": 0.2, "base": 0.3, "large": 0.5, "pp_small": 0.2, "pp_base": 0.3}  # the authors' drop path
@@ -268,7 +268,7 @@ def test_sigkill_then_resume_equals_an_unkilled_run(ade: Path, tmp_path: Path) -
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), root=str(ade),
                                                   settings=settings, kill_at=5)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = load_training_state(killed / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 4, 4)
@@ -297,10 +297,10 @@ def test_torchrun_two_processes_over_gloo(ade: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml", data={"root": str(ade)}, run={"iterations": 3, "eval_every": 3})
     output = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crossformer",
          "train", "--config", str(config), "--output", str(output)],
-        capture_output=True, text=True, timeout=300, env=env,
+        timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from crossformer.engine import DistContext, NonFiniteLossError, cosine_factor, load_training_state, train
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeTask, fake_config, resume_and_compare
+from processes import run_process
 
 TESTS = Path(__file__).resolve().parent
 
@@ -355,7 +355,7 @@ def test_sigkill_then_resume_equals_an_unkilled_run(mode: str, tmp_path: Path) -
         kill_at, saved = 8, (2, 2, 7)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), settings=settings, kill_at=kill_at)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = load_training_state(killed / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == saved
@@ -402,7 +402,7 @@ def test_sigkill_then_resume_with_loader_workers_equals_an_unkilled_run(tmp_path
     settings = dict(epochs=2, save_every_steps=4, num_workers=2, model_ema=True, model_ema_decay=0.9, **{"fake.augment": 0.5})
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     script = textwrap.dedent(_KILLED_RUN).format(tests=str(TESTS), output=str(killed), settings=settings, kill_at=9)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = load_training_state(killed / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 2, 8)
@@ -450,7 +450,7 @@ for task, module in zip(TASKS, modules):
 
 
 def test_a_task_imports_its_verbs_only_when_they_are_asked_for() -> None:
-    proc = subprocess.run([sys.executable, "-c", _VERBS_ON_DEMAND], capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", _VERBS_ON_DEMAND], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -468,8 +468,8 @@ def test_torchrun_two_processes_over_gloo(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(_DDP_RUN).format(tests=str(TESTS), output=str(tmp_path / "ddp")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1  # rank 0 alone logs
     state = load_training_state(tmp_path / "ddp" / "last.pth")

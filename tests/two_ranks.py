@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from processes import end_processes
+
 __all__ = ["on_two_ranks"]
 
 
@@ -23,6 +25,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.setsid()  # the rank and what it starts: one process group, which on_two_ranks ends
     import torch
     import torch.distributed as dist
 
@@ -49,8 +52,9 @@ def on_two_ranks(fn: Callable[..., Any], *args: Any, timeout: float = 120) -> li
             while not context.join(1):  # raises, with the rank's traceback, if one failed
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{fn.__name__} did not finish on two ranks in {timeout:.0f} s")
-        finally:
-            for process in context.processes:
+        finally:  # a rank stuck in a collective ignores SIGTERM: end_processes follows with SIGKILL
+            end_processes(groups=[process.pid for process in context.processes])
+            for process in context.processes:  # one still starting has no group of its own yet
                 if process.is_alive():
                     process.kill()
         return [pickle.loads(Path(out, f"rank{rank}.pkl").read_bytes()) for rank in range(2)]

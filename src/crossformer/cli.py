@@ -187,7 +187,9 @@ def _leave_after_rank_0(code: int) -> int:
     """``code``; under ``torchrun`` a rank other than 0 stopping with an error first gives rank
     0 a moment to print the shared message: torchrun ends every process once one exits with an
     error, and the message must not be lost to that race (rank 0 prints right after the agreement)."""
-    if code and os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .engine.launch import launched_processes
+
+    if code and os.environ.get("RANK", "0") != "0" and launched_processes() > 1:
         time.sleep(_RANK_0_GRACE_S)
     return code
 
@@ -246,7 +248,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         _say(f"crossformer {command}: error: {err}")
         return 2
     if args.command not in _MANY_PROCESSES:
-        from .engine.distributed import launched_processes
+        from .engine.launch import launched_processes
 
         if launched_processes() > 1:  # each would do all the work, into the same files
             _say(f"crossformer {args.command}: error: it runs in one process, but torchrun started "

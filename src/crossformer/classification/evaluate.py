@@ -17,16 +17,17 @@ from ..data import (
     ShardedSampler,
     build_eval_transform,
     build_loader,
+    gather_skipped,
     raise_or_count_unreadable,
 )
 from ..engine import (
     DistContext,
     Precision,
     RunLogger,
-    SkippedFiles,
     default_workers,
     resolve_precision,
     setup_distributed,
+    skipped_on_stderr,
     teardown_distributed,
 )
 from .model import load_classifier
@@ -49,18 +50,19 @@ def evaluate_batches(
 
     Sums are reduced over ranks, so with an unpadded sampler each image counts exactly once.
     An unreadable image (unless ``skip_corrupt``) stops every rank with the same error, none
-    left waiting in a reduction. ``on_skip("path: reason")`` names each skipped image of every
-    rank's share, after the loop (gathered where it is given: rank 0's; others may pass None).
+    left waiting in a reduction. ``on_skip("image PATH: reason")`` is given each skipped image
+    of every rank's share, after the loop (:func:`~crossformer.data.gather_skipped`; a rank
+    that names none may pass None).
     """
     was_training = model.training
     model.eval()
-    loss_sum = correct1 = correct5 = count = skipped = 0.0
+    loss_sum = correct1 = correct5 = count = 0.0
     progress = logger.progress(total, "eval") if logger is not None else None
     error = None
     skipped_files: list[str] = []
     for images, targets, failures in batches:
         try:
-            skipped += raise_or_count_unreadable(failures, skip_corrupt, skipped_files.append)
+            raise_or_count_unreadable(failures, skip_corrupt, skipped_files.append)
         except DataError as err:
             error = err
             break
@@ -82,12 +84,8 @@ def evaluate_batches(
         progress.close()
     model.train(was_training)
     ctx.raise_together(error)
-    loss_sum, correct1, correct5, count, skipped = ctx.all_reduce_sum([loss_sum, correct1, correct5, count, skipped])
-    if skipped:  # the same on every rank, so all join the gather
-        gathered = ctx.gather_lists(skipped_files)
-        if on_skip is not None:
-            for failure in gathered:
-                on_skip(failure)
+    loss_sum, correct1, correct5, count = ctx.all_reduce_sum([loss_sum, correct1, correct5, count])
+    skipped = gather_skipped(ctx, skipped_files, on_skip)
     if count == 0:
         raise DataError("no readable images to evaluate")
     return {
@@ -97,13 +95,6 @@ def evaluate_batches(
         "images": int(count),
         "skipped": int(skipped),
     }
-
-
-def _skipped_on_stderr() -> Callable[[str], None]:
-    """Names skipped images on stderr (stdout holds the result alone), the first few."""
-    named = SkippedFiles(lambda line: print(line, file=sys.stderr),
-                         "more unreadable images are skipped: counted, not named")
-    return lambda failure: named(f"skipping unreadable image {failure}")
 
 
 def evaluate(
@@ -149,7 +140,7 @@ def evaluate(
         # A progress bar on a terminal; no plain progress lines, so stdout holds the result alone.
         bar = RunLogger(None, enabled=ctx.is_main) if sys.stderr.isatty() else None
         metrics = evaluate_batches(loaded.model, loader, ctx, resolve_precision(amp, ctx.device), skip_corrupt,
-                                   bar, total=len(loader), on_skip=_skipped_on_stderr() if ctx.is_main else None)
+                                   bar, total=len(loader), on_skip=skipped_on_stderr("images") if ctx.is_main else None)
         return {"model": loaded.name, "img_size": loaded.img_size, **metrics}
     finally:
         teardown_distributed(ctx)

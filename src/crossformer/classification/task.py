@@ -158,11 +158,7 @@ class ClassificationTask(Task):
         paths = [sample[0] for sample in self.val_set.samples]
         for failure in check_readable(paths, self.ctx, self.config.run.num_workers,
                                       self.config.data.skip_corrupt, self.log):
-            self._name_skipped(failure)
-
-    def _name_skipped(self, failure: str) -> None:
-        """``failure``: ``PATH: reason`` of a validation image skipped as unreadable."""
-        self.skip_validation_file(f"image {failure}")  # once a run: evaluation meets it every epoch
+            self.skip_validation_file(f"image {failure}")  # once a run: evaluation meets it every epoch
 
     def batch_counts(self, batch: ImageBatch) -> dict[str, float]:
         images, targets, failures = self._trim(batch)
@@ -183,7 +179,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         metrics = evaluate_batches(model, self.val_loader, self.ctx, self.precision, self.config.data.skip_corrupt,
-                                   on_skip=self._name_skipped)
+                                   on_skip=self.skip_validation_file)
         return {k: metrics[k] for k in ("loss", "acc1", "acc5")}
 
     def checkpoint_extras(self) -> dict[str, Any]:
@@ -206,9 +202,7 @@ class ClassificationTask(Task):
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.split_dir}; use the same data")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return (f"{self.config.model.name}: {params:.2f}M params, {len(self.classes)} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images")
+        return self.describe_images(self.config.model.name, len(self.classes), len(self.train_set), len(self.val_set))
 
 
 def train(config: ClassificationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:

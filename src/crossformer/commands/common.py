@@ -340,7 +340,7 @@ def config_task(argv: list[str]) -> str:
     if name is None:
         checkpoint = _flag_value(argv, "--checkpoint")
         if checkpoint is not None:
-            from ..models import peek_checkpoint
+            from ..checkpoint_files import peek_checkpoint
 
             task = peek_checkpoint(checkpoint).get("task")
             if task in TASKS:
@@ -426,7 +426,7 @@ def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]
     how errors name it; ``(None, None)`` for other files (a classification checkpoint
     describes its model itself; the authors' files need ``--config``)."""
     from ..engine.registry import DEFAULT_TASK
-    from ..models import peek_checkpoint
+    from ..checkpoint_files import peek_checkpoint
 
     entries = peek_checkpoint(checkpoint)
     task = entries.get("task")
@@ -442,7 +442,7 @@ def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]
 def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None) -> None:
     """A checkpoint of ours records its task: one of another task than the config's is refused
     here, before a task's loader reads it as its own (and blames missing heads or classes)."""
-    from ..models import peek_checkpoint
+    from ..checkpoint_files import peek_checkpoint
 
     recorded = peek_checkpoint(checkpoint).get("task") if checkpoint else None
     if isinstance(recorded, str) and recorded != task:

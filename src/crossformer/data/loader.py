@@ -15,8 +15,8 @@ from ..engine.seeding import sample_seed, seeded_rngs
 from .folder import SKIP_HINT, UNREADABLE_ERRORS, DataError, oriented_size, size_difference, unreadable_reason
 from .sampler import ShardedSampler
 
-__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "find_unreadable",
-           "check_readable"]
+__all__ = ["ImageBatch", "collate_images", "build_loader", "raise_or_count_unreadable", "gather_skipped",
+           "find_unreadable", "check_readable"]
 
 # (images (B, 3, H, W), targets (B,), unreadable files as "path: reason")
 ImageBatch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -34,16 +34,29 @@ def collate_images(samples: Sequence[tuple[torch.Tensor | None, int, str | None]
 def raise_or_count_unreadable(
     failures: list[str], skip_corrupt: bool, on_skip: Callable[[str], None] | None = None
 ) -> int:
-    """The number of unreadable samples in a batch; an error naming the first unless skipping.
+    """The number of unreadable samples in a batch (``failures``: ``path: reason``); an error
+    naming the first unless skipping.
 
-    ``on_skip("path: reason")`` is called for each skipped sample (to name it in the log).
+    ``on_skip("image PATH: reason")`` is called for each skipped sample (as the log names it).
     """
     if failures and not skip_corrupt:
         raise DataError(f"cannot read image {failures[0]}{SKIP_HINT}")
     if on_skip is not None:
         for failure in failures:
-            on_skip(failure)
+            on_skip(f"image {failure}")
     return len(failures)
+
+
+def gather_skipped(ctx: DistContext, mine: list[str], on_skip: Callable[[str], None] | None = None) -> int:
+    """After an evaluation's loop, every rank's files skipped as unreadable (``mine``: this
+    rank's, each as the log names it, ``image PATH: reason``): ``on_skip(item)`` for each, in
+    rank order, and their number. Every rank calls it (a gather) and gets them all, so that a
+    task's :meth:`~crossformer.engine.Task.skip_validation_file` counts the same on each."""
+    everyone = ctx.gather_lists(mine)
+    if on_skip is not None:
+        for item in everyone:
+            on_skip(item)
+    return len(everyone)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -26,6 +26,7 @@ from .roi_heads import (
     RCNNSettings,
     RoIExtractor,
     boxes_to_rois,
+    class_deltas,
     detections_from_scores,
     mask_loss,
     positive_rois,
@@ -45,7 +46,7 @@ def regress_by_class(
     coder: DeltaXYWHCoder, boxes: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, img_shape: tuple[int, int]
 ) -> torch.Tensor:
     """Move each ``(K, 4)`` box by the deltas of its label (``(K, 4C)`` deltas), clipped."""
-    chosen = deltas.reshape(deltas.shape[0], -1, 4)[torch.arange(labels.numel(), device=labels.device), labels]
+    chosen = class_deltas(deltas)[torch.arange(labels.numel(), device=labels.device), labels]
     return coder.decode(boxes, chosen, max_shape=img_shape)
 
 

@@ -125,7 +125,7 @@ def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, chec
 
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     from ..atomic import check_output_path
-    from ..engine import RunLogger, resolve_precision, setup_distributed, teardown_distributed
+    from ..engine import RunLogger, resolve_precision, setup_distributed, skipped_on_stderr, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
     from .evaluate import COCO_METRICS, evaluate_detector, load_ground_truth
@@ -150,7 +150,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),
-            ground_truth=ground_truth,
+            ground_truth=ground_truth, on_skip=skipped_on_stderr("images") if ctx.is_main else None,
         )
     finally:
         teardown_distributed(ctx)

@@ -11,7 +11,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +20,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..classification.evaluate import raise_or_count_unreadable
-from ..data import DataError, ShardedSampler, build_loader
-from ..engine import DistContext, Precision, RunLogger, SkippedFiles
+from ..data import DataError, ShardedSampler, build_loader, gather_skipped, raise_or_count_unreadable
+from ..engine import DistContext, Precision, RunLogger
 from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
 
 __all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "require_objects",
@@ -133,6 +132,7 @@ def evaluate_detector(
     logger: RunLogger | None = None,
     precision: Precision | None = None,
     ground_truth: COCO | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Box AP (and mask AP when the detector returns masks) of ``detector`` on ``dataset``.
 
@@ -142,6 +142,8 @@ def evaluate_detector(
     (unreadable, with ``skip_corrupt``); rank 0 writes ``results_file`` (COCO results JSON).
     Images skipped as unreadable are left out of the evaluation rather than counted as misses;
     otherwise an unreadable image in any rank's share stops every rank with the same error.
+    ``on_skip("image PATH: reason")`` is given each skipped image of every rank's share, after
+    the loop (:func:`~crossformer.data.gather_skipped`; a rank that names none may pass None).
     ``ground_truth``: ``dataset``'s annotation file as :func:`load_ground_truth` read it for this
     detector (read before the images are run, so that a file it refuses stops at once; rank 0
     uses it); None: read after.
@@ -158,7 +160,7 @@ def evaluate_detector(
     progress = logger.progress(len(loader), "eval") if logger is not None else None
     results: list[dict[str, Any]] = []
     evaluated: list[int] = []
-    skipped: list[str] = []  # this rank's unreadable images, as "PATH: reason"
+    skipped: list[str] = []  # this rank's unreadable images, as "image PATH: reason"
     with_masks = False
     error = None
     for batch in loader:
@@ -181,10 +183,11 @@ def evaluate_detector(
         progress.close()
     detector.train(was_training)
     ctx.raise_together(error)
-    gathered = ctx.gather_objects((results, evaluated, skipped, with_masks))
+    skipped_count = gather_skipped(ctx, skipped, on_skip)
+    gathered = ctx.gather_objects((results, evaluated, with_masks))
     if not any(part[1] for part in gathered):  # on every rank, as the gather
         raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
-    iou_types = ["bbox", "segm"] if any(part[3] for part in gathered) else ["bbox"]
+    iou_types = ["bbox", "segm"] if any(part[2] for part in gathered) else ["bbox"]
     coco_gt, error = None, None
     if ctx.is_main:
         try:
@@ -202,10 +205,5 @@ def evaluate_detector(
                 json.dump(results, f)
         log = logger.info if logger is not None else None
         metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, log)
-        skipped = [failure for part in gathered for failure in part[2]]
-        if logger is not None:
-            name = SkippedFiles(logger.info, "more unreadable images are skipped: counted, not named")
-            for failure in skipped:
-                name(f"skipping unreadable image {failure}")
-        metrics.update(images=len(evaluated), skipped=len(skipped))
+        metrics.update(images=len(evaluated), skipped=skipped_count)
     return ctx.gather_objects(metrics)[0]

@@ -33,6 +33,7 @@ __all__ = [
     "StandardRoIHead",
     "RCNNSettings",
     "boxes_to_rois",
+    "class_deltas",
     "detections_from_scores",
     "paste_masks",
     "mask_targets",
@@ -59,6 +60,12 @@ def boxes_to_rois(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(
         [torch.cat([b.new_full((b.shape[0], 1), i), b[:, :4]], dim=1) for i, b in enumerate(boxes)]
     )
+
+
+def class_deltas(deltas: torch.Tensor) -> torch.Tensor:
+    """Class-specific deltas ``(K, 4C)`` -> ``(K, C, 4)``; ``K`` may be 0 (an image, or a whole
+    batch, with no sampled roi), where a reshape to ``(0, -1, 4)`` is ambiguous."""
+    return deltas.unflatten(1, (-1, 4))
 
 
 class RoIExtractor(nn.Module):
@@ -295,7 +302,7 @@ def rcnn_losses(
         targets.append(gt[s.gt_index])
         start += s.boxes.shape[0]
     pos_rows, pos_labels, targets = torch.cat(pos_rows), torch.cat(pos_labels), torch.cat(targets)
-    pred = deltas.reshape(deltas.shape[0], -1, 4)[pos_rows, pos_labels]
+    pred = class_deltas(deltas)[pos_rows, pos_labels]
     priors = rois[pos_rows, 1:]
     if decoded_giou:
         boxes = coder.decode(priors, pred)

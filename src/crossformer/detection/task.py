@@ -163,7 +163,8 @@ class DetectionTask(Task):
         c = self.config
         start = time.perf_counter()
         metrics = evaluate_detector(model, self.val_set, self.ctx, c.test.eval_batch_size, c.run.num_workers,
-                                    skip_corrupt=c.data.skip_corrupt, precision=self.precision)
+                                    skip_corrupt=c.data.skip_corrupt, precision=self.precision,
+                                    on_skip=self.skip_validation_file)
         scores = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
         return {**scores, "eval_seconds": time.perf_counter() - start}
 
@@ -192,11 +193,9 @@ class DetectionTask(Task):
                                  f"use the same data")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
-        return (f"{m.kind} on {m.backbone}: {params:.2f}M params, {self.model.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images"
-                + (f"; {self.started_from}" if self.started_from else ""))
+        return self.describe_images(f"{m.kind} on {m.backbone}", self.model.num_classes, len(self.train_set),
+                                    len(self.val_set), self.started_from)
 
 
 def train(config: DetectionConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:

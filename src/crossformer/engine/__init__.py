@@ -18,7 +18,7 @@ __all__ = export_lazily(__name__, {
     ".output": ("RUN_FILES", "claim_demo_output", "claim_output"),
     ".guard": ("NonFiniteLossError", "check_finite_loss"),
     ".memory": ("keep_freed_memory",),
-    ".logging": ("Progress", "RunLogger", "SkippedFiles", "MAX_NAMED_FILES"),
+    ".logging": ("Progress", "RunLogger", "SkippedFiles", "skipped_on_stderr", "MAX_NAMED_FILES"),
     ".optim": ("build_optimizer", "param_groups", "scale_lr"),
     ".schedule": ("LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor"),
     ".seeding": ("capture_rng_state", "enable_determinism", "restore_rng_state", "seed_everything"),

@@ -43,7 +43,7 @@ def _check_start_task(task: str, setting: str, path: str) -> None:
     """A one-line error for a whole detector or segmentor of ours (it records its task) as
     ``model.pretrained``, which takes ImageNet weights and would match none of its keys, or as
     another task's ``model.init_from``. The authors' mmdet / mmseg files record no task."""
-    from ..models.weights import peek_checkpoint
+    from ..checkpoint_files import peek_checkpoint
 
     recorded = peek_checkpoint(path).get("task")
     if recorded not in ("detection", "segmentation") or (setting == "init_from" and recorded == task):

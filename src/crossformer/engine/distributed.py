@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
+from .launch import launched_processes
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
-           "launched_processes", "stop_with_launcher"]
+           "stop_with_launcher"]
 
 # torch's own intra-op thread count, read before any run of this process changed it.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
@@ -36,11 +37,6 @@ def set_cpu_threads(threads: int) -> None:
     """``run.cpu_threads``: ``threads`` intra-op threads, or torch's default for 0 (restored,
     so that a run after one that chose 1 thread, as ``demo --task all`` does, gets all cores)."""
     torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
-
-
-def launched_processes() -> int:
-    """How many processes ``torchrun`` started for this job (its ``WORLD_SIZE``); 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _stop_once(signum: int, frame: Any) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-__all__ = ["RunLogger", "Progress", "SkippedFiles", "MAX_NAMED_FILES"]
+__all__ = ["RunLogger", "Progress", "SkippedFiles", "skipped_on_stderr", "MAX_NAMED_FILES"]
 
 MAX_NAMED_FILES = 20  # files a run names as skipped in each list; the rest are counted only
 
@@ -124,3 +124,12 @@ class SkippedFiles:
         self.named.add(line)
         if self.say is not None:
             self.say(self.rest if len(self.named) > self.limit else line)
+
+
+def skipped_on_stderr(what: str = "files") -> Callable[[str], None]:
+    """Names each skipped file on stderr, ``skipping unreadable ITEM`` (``ITEM`` as the training
+    log names it: ``image PATH: reason``), the first :data:`MAX_NAMED_FILES`, then one line
+    saying the other ``what`` are counted only: how ``crossformer evaluate`` names the files it
+    skips (its stdout holds the result alone)."""
+    named = SkippedFiles(lambda line: print(line, file=sys.stderr), f"more unreadable {what} are skipped: counted, not named")
+    return lambda item: named(f"skipping unreadable {item}")

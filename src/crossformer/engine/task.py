@@ -15,7 +15,7 @@ exactly the samples and random numbers of an uninterrupted one, with loader work
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.nn as nn
@@ -127,7 +127,24 @@ class Task(ABC):
         self.skipped_validation.add(item)
         self._name_skipped_validation(f"skipping unreadable {item}")
 
+    def restore_skipped_validation(self, items: Iterable[str]) -> None:
+        """The validation files that earlier sessions of a resumed run skipped (its checkpoint's
+        ``run_counts``): counted on the done line with this session's, not named again."""
+        items = sorted(items)
+        self.skipped_validation.update(items)
+        self._name_skipped_validation.mark_said(f"skipping unreadable {item}" for item in items)
+
     def describe(self) -> str:
         """One log line about the model and data (parameter count, sizes)."""
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return f"{type(self).__name__}: {params:.2f}M params, {len(self.train_sampler)} training samples per process"
+        return f"{type(self).__name__}: {self.parameter_count()}, {len(self.train_sampler)} training samples per process"
+
+    def parameter_count(self) -> str:
+        """The model's parameter count for :meth:`describe`: ``"27.76M params"``."""
+        return f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params"
+
+    def describe_images(self, model_name: str, num_classes: int, train_images: int, val_images: int,
+                        started_from: str | None = None) -> str:
+        """:meth:`describe` for a task of image data sets: ``model_name``, the parameter count,
+        the class and image counts, and what the weights started from (``started_from``)."""
+        return (f"{model_name}: {self.parameter_count()}, {num_classes} classes, "
+                f"{train_images} train / {val_images} val images" + (f"; {started_from}" if started_from else ""))

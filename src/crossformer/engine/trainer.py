@@ -84,6 +84,13 @@ class Trainer:
         self.task.log = self.log
         for line in self.task.notes:
             self.log.info(line)
+        self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
+        self.name_skipped = SkippedFiles(  # training files skipped as unreadable (every rank's), once a run
+            self.log.info, "more unreadable training files are skipped: counted (train/unreadable_images), not named")
+        self.skipped_files: set[str] = set()  # each as named (every rank's): a file is skipped again each epoch
+        saved = load_training_state(resume_from) if resume_from else None
+        if saved is not None:  # before the data check, which names the validation files it skips once a run
+            self._restore_run_counts(saved.get("run_counts", {}))  # none in a checkpoint from before they were kept
         self._check_data()
         self.batches_per_epoch = len(self.task.train_loader)
         if self.batches_per_epoch < 1:
@@ -99,13 +106,9 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_grad_norm = float("nan")
         self.last_checkpoint: str | None = None
-        self.count_totals: dict[str, float] = {}  # train/<count> over the whole run (unreadable images...)
-        self.name_skipped = SkippedFiles(  # training files skipped as unreadable (every rank's), once a run
-            self.log.info, "more unreadable training files are skipped: counted (train/unreadable_images), not named")
-        self.skipped_files: set[str] = set()  # each as named (every rank's): a file is skipped again each epoch
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
-        if resume_from:
-            self._resume(resume_from)
+        if saved is not None:
+            self._resume(saved, resume_from)
         self.schedule.apply(self.optimizer, self.global_step)
 
     # set-up ---------------------------------------------------------------------------
@@ -187,7 +190,8 @@ class Trainer:
             "rank_state": per_rank,
             "config": config_to_dict(self.config),
             # the done line's run totals, the reports before this one included
-            "run_counts": {"totals": dict(self.count_totals), "unreadable_files": sorted(self.skipped_files)},
+            "run_counts": {"totals": dict(self.count_totals), "unreadable_files": sorted(self.skipped_files),
+                           "unreadable_validation_files": sorted(self.task.skipped_validation)},
             **self.task.checkpoint_extras(),
         }
         if self.ema is not None:
@@ -216,8 +220,8 @@ class Trainer:
             return None
         return path
 
-    def _resume(self, path: Path) -> None:
-        state = load_training_state(path)
+    def _resume(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from ``state``, the checkpoint read from ``path`` (its run counts are restored already)."""
         if state.get("task", self.config.task) != self.config.task:
             raise UserInputError(f"{path} is a {state.get('task')} run, not {self.config.task}")
         self.task.check_resume(state, str(path))
@@ -240,7 +244,6 @@ class Trainer:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
         self.last_checkpoint = str(path)
-        self._restore_run_counts(state.get("run_counts", {}))  # none in a checkpoint from before they were kept
         same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
         if same_ranks:
             mine = state["rank_state"][self.ctx.rank]
@@ -262,11 +265,13 @@ class Trainer:
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _restore_run_counts(self, saved: dict[str, Any]) -> None:
-        """The earlier sessions' count totals and skipped files (:meth:`_state`'s ``run_counts``):
-        the done line counts the whole run, and a file named before is not named again."""
+        """The earlier sessions' count totals and skipped files, training and validation ones
+        (:meth:`_state`'s ``run_counts``): the done line counts the whole run, and a file named
+        before is not named again."""
         self.count_totals = {key: float(value) for key, value in saved.get("totals", {}).items()}
         self.skipped_files = set(saved.get("unreadable_files", ()))
         self.name_skipped.mark_said(f"skipping unreadable {item}" for item in sorted(self.skipped_files))
+        self.task.restore_skipped_validation(saved.get("unreadable_validation_files", ()))
 
     def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
         """The checkpoint's moments and step counts with this run's settings: its peak rates

@@ -4,12 +4,12 @@ Official classification files are ``torch.save`` dicts whose ``config`` entry is
 ``yacs.config.CfgNode``; PyTorch's weights-only loader refuses them. We read those with an
 unpickler that admits only what tensors and containers need plus that one class (mapped
 to a plain dict), and refuse any other global by name. Nothing is ever fully unpickled.
+What a file is (told from its first bytes) and its plain entries (:func:`peek_checkpoint`) are
+read without torch, in :mod:`crossformer.checkpoint_files`.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import pickle
 import warnings
@@ -23,6 +23,7 @@ import torch.nn as nn
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 from timm.models._features_fx import FeatureGraphNet
 
+from ..checkpoint_files import DESCRIPTION_KEY, decode_description, peek_checkpoint, safetensors_header, sniff
 from ..errors import CheckpointError
 
 __all__ = [
@@ -100,15 +101,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
-_PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
-_SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit
-_SNIFF_BYTES = 4096
-
-# The ``__metadata__`` entry of our safetensors files that holds, as JSON, what the checkpoint
-# recorded besides its weights (:func:`checkpoint_description`), so that a weights file names
-# its model, settings, classes and input size as the checkpoint did.
-DESCRIPTION_KEY = "crossformer"
 # The description entry (true) of a file whose one set of weights is a training run's EMA
 # (``crossformer export --ema``): asked for the EMA weights, it gives them.
 EMA_WEIGHTS_KEY = "ema_weights"
@@ -120,87 +112,6 @@ _NOT_DESCRIPTION = frozenset({
 })
 # mmdet / mmseg ``meta`` also carries the whole config text and the training machine's set-up.
 _META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label")
-
-
-def _safetensors_header(head: bytes) -> int | None:
-    """The header length a safetensors file starting with ``head`` declares (None: not one)."""
-    if len(head) < 9 or head[8:9] != b"{":
-        return None
-    length = int.from_bytes(head[:8], "little")
-    return length if 2 <= length <= _SAFETENSORS_MAX_HEADER else None
-
-
-def _describe_text(head: bytes) -> str | None:
-    """What a file starting with ``head`` is, if it is text (None: binary)."""
-    if b"\0" in head:
-        return None
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 4:  # not just a character cut at the end of the sample
-            return None
-        text = head[: err.start].decode("utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("version https://git-lfs"):
-        return "it is a Git LFS pointer: fetch the real file with git lfs pull"
-    if stripped[:15].lower().startswith(("<!doctype html", "<html")):
-        return "it is an HTML page: a failed download?"
-    first = stripped.splitlines()[0] if stripped else ""
-    first = first if len(first) <= 40 else first[:37] + "..."
-    return f"it is text, starting {first!r}"
-
-
-def _sniff(path: Path) -> tuple[str, str]:
-    """``(kind, description)`` of a file from its first bytes.
-
-    ``kind`` is ``"zip"``, ``"pickle"`` (the two ``torch.save`` formats), ``"safetensors"``,
-    or ``"other"``, whose description says what the file is instead.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_SNIFF_BYTES)
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    if head.startswith(_ZIP_MAGIC):
-        if _is_torchscript(path):  # torch.load's own error on one talks of weights_only
-            return "other", ("a TorchScript module: run it with torch.jit.load, and give commands the training "
-                             "checkpoint or its safetensors export")
-        return "zip", "a PyTorch checkpoint"
-    if head.startswith(_PICKLE_PROTOCOLS):
-        return "pickle", "a PyTorch checkpoint"
-    if _safetensors_header(head) is not None:
-        return "safetensors", "a safetensors file"
-    if not head:
-        return "other", "it is empty: 0 bytes"
-    if _looks_like_onnx(head):  # before text: a small model's first bytes are printable but for the tags
-        return "other", ("an ONNX model: run it with onnxruntime, and give commands the training checkpoint or its "
-                         "safetensors export")
-    text = _describe_text(head)
-    if text is not None:
-        return "other", text
-    return "other", f"unknown binary data, starting {head[:8].hex(' ')}"
-
-
-# the protobuf tags of an ONNX ModelProto's fields 2-8 (producer_name ... graph, opset_import)
-_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
-
-
-def _looks_like_onnx(head: bytes) -> bool:
-    """Whether ``head`` starts as an ONNX file does (``crossformer export --format onnx`` writes
-    one): the ``ir_version`` field (tag 0x08, a small version number), then another model field."""
-    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 32 and head[2] in _ONNX_NEXT_TAGS
-
-
-def _is_torchscript(path: Path) -> bool:
-    """Whether a zip file is a ``torch.jit.save`` archive (which, unlike ``torch.save``'s,
-    holds a ``constants.pkl``); a damaged zip file is left for the reader to report."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
@@ -223,7 +134,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
     size = path.stat().st_size
     with open(path, "rb") as f:
-        length = _safetensors_header(f.read(9)) or 0
+        length = safetensors_header(f.read(9)) or 0
         header = f.read(length - 1)
     if 8 + length > size:
         raise _damaged(path, "a safetensors file", f"the file ends inside its header: {size} bytes")
@@ -246,20 +157,11 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     text = metadata.get(DESCRIPTION_KEY) if isinstance(metadata, dict) else None
     if text is None:  # weights only, as other tools write them
         return tensors
-    description = _decode_description(text)
+    description = decode_description(text)
     if description is None:
         raise _damaged(path, "a safetensors file", f"its {DESCRIPTION_KEY!r} metadata is not a JSON object")
     # Laid out as a training checkpoint: the weights under "model", the description beside them.
     return {**description, "model": tensors}
-
-
-def _decode_description(text: str) -> dict[str, Any] | None:
-    """The description a safetensors file stores under :data:`DESCRIPTION_KEY` (None: not a JSON object)."""
-    try:
-        description = json.loads(text)
-    except (TypeError, ValueError):
-        return None
-    return description if isinstance(description, dict) else None
 
 
 def _read_torch(path: Path, kind: str, description: str) -> Any:
@@ -303,63 +205,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    kind, description = _sniff(path)
+    kind, description = sniff(path)
     if kind == "other":
         raise _not_a_checkpoint(path, description)
     obj = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, kind, description)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights")
     return _plain(obj)
-
-
-def peek_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The plain entries of a checkpoint file (everything but its tensors), read without
-    loading the weights: a ``torch.save`` zip file's structure with its tensors memory-mapped,
-    or a safetensors file's description (:data:`DESCRIPTION_KEY`). ``{}`` for anything else
-    (older formats, the authors' files, unreadable files: :func:`read_checkpoint` says why).
-
-    A command line asks several times (its task while parsing, its config when it runs): the
-    file is read once per version (size and modification time), and each caller gets a copy.
-    """
-    path = Path(path).expanduser()  # as read_checkpoint reads it
-    try:
-        stat = path.stat()
-    except OSError:
-        return {}
-    return copy.deepcopy(_peek(str(path), stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _peek(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
-    """:func:`peek_checkpoint` for one version of a file (``size`` and ``mtime_ns`` key the cache)."""
-    try:
-        if not Path(path).is_file():
-            return {}
-        kind, _ = _sniff(Path(path))
-        if kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                text = (f.metadata() or {}).get(DESCRIPTION_KEY)
-            return (_decode_description(text) or {}) if text else {}
-        if kind != "zip":
-            return {}
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a file that cannot be peeked at is read (and reported) in full later
-        return {}
-    if not isinstance(checkpoint, Mapping):
-        return {}
-    return {key: value for key, value in checkpoint.items() if not _holds_tensors(value)}
-
-
-def _holds_tensors(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, Mapping):
-        return any(_holds_tensors(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(v) for v in value)
-    return False
 
 
 def weights_entry(checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint") -> Mapping[str, Any]:

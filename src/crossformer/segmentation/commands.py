@@ -51,10 +51,10 @@ BENCH_SIZES = ((512, 512), (512, 2048))
 _MODEL_KEYS = ("model.kind", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.channels",
                "model.aux_channels")
 _DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes", "data.reduce_zero_label",
-              "data.label_suffix", "data.skip_corrupt")
+              "data.label_suffix", "data.label_colours", "data.ignore_colours", "data.skip_corrupt")
 _RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
 _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
-_PREDICT_KEYS = (*_MODEL_KEYS, "data.palette", "data.skip_corrupt", "test", *_RUN_KEYS)
+_PREDICT_KEYS = (*_MODEL_KEYS, "data.palette", "data.label_colours", "data.skip_corrupt", "test", *_RUN_KEYS)
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
@@ -133,7 +133,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
-    from ..engine import RunLogger, resolve_precision
+    from ..engine import RunLogger, resolve_precision, skipped_on_stderr
     from ..engine.distributed import setup_distributed, teardown_distributed
     from ..atomic import check_output_path
     from .data import absent_classes_note
@@ -153,7 +153,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         metrics = evaluate_segmentor(
             segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
             config.data.skip_corrupt, logger if sys.stderr.isatty() else None, config.run.num_workers,
-            (lambda line: print(line, file=sys.stderr)) if ctx.is_main else None,
+            skipped_on_stderr() if ctx.is_main else None,
         )
     finally:
         teardown_distributed(ctx)
@@ -220,12 +220,15 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
     segmentor.to(device)
     names, palette, reduce = _labels_of(checkpoint, segmentor.num_classes)
-    if config.data.palette is not None:  # given here, it replaces the checkpoint's colours
-        palette = class_colours(config.data.palette, len(names), "data.palette")
+    data = config.data
+    for key, colours in (("data.palette", data.palette), ("data.label_colours", data.label_colours)):
+        if colours is not None:  # given here (at most one of them), it replaces the checkpoint's colours
+            palette = class_colours(colours, len(names), key)
     log = (lambda msg: print(msg, file=sys.stderr))
     results, skipped = predict_images(
         segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
-        config.data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
+        data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
+        coloured_labels=data.label_colours is not None,
     )
     for result in results:
         if args.json:

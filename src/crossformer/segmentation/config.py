@@ -77,7 +77,8 @@ class SegDataConfig:
     ``annotations/{training,validation}``; 150 classes or ``classes.txt``; reduce-zero-label),
     or the four folders ``train_images`` / ``train_labels`` / ``val_images`` / ``val_labels``
     with ``classes`` (a file or the names; label values are class indices, 255 = ignore, unless
-    ``reduce_zero_label``). The training transform's settings are the ``pipeline`` section.
+    ``reduce_zero_label``). ``label_colours`` reads colour-coded (RGB) label maps in either
+    layout (:mod:`.colours`). The training transform's settings are the ``pipeline`` section.
     """
 
     shorthand: ClassVar[str] = "root"
@@ -91,6 +92,8 @@ class SegDataConfig:
     classes: str | tuple[str, ...] | None = None  # folder layout: a text file, one class name per line, or the names
     reduce_zero_label: bool = False  # folder layout: 0 = unlabelled (as ADE20K)
     palette: tuple[tuple[int, int, int], ...] | None = None  # one [R, G, B] per class for overlays (None: generated)
+    label_colours: tuple[tuple[int, int, int], ...] | None = None  # colour-coded label maps: each class's [R, G, B], in order
+    ignore_colours: tuple[tuple[int, int, int], ...] = ()  # with label_colours: colours read as 255, ignored
     label_suffix: str = ".png"  # folder layout: a label map's name is its image's stem and this (e.g. _mask.png)
     skip_corrupt: bool = False  # count and skip unreadable images instead of stopping
 
@@ -117,6 +120,12 @@ class SegDataConfig:
             return None
 
     def validate(self) -> None:
+        if self.ignore_colours and self.label_colours is None:
+            raise UserInputError("data.ignore_colours goes with data.label_colours (colour-coded label maps): give each "
+                                 "class's [R, G, B] there too, or drop data.ignore_colours")
+        if self.label_colours is not None and self.palette is not None:  # one source of the classes' colours
+            raise UserInputError("data.palette and data.label_colours both give the classes' colours: data.label_colours "
+                                 "colours the overlays too; drop data.palette")
         if not self.label_suffix.lower().endswith(".png"):  # label maps are PNGs: lossless, one channel
             raise UserInputError(f"data.label_suffix must end in .png (label maps are PNGs), got {self.label_suffix!r}")
         if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
@@ -232,6 +241,11 @@ class SegmentationConfig(EngineConfig):
     def validate(self) -> "SegmentationConfig":
         super().validate()
         _validate_pipeline(self.pipeline)
+        data = self.data
+        if data.label_colours is not None:  # checked now, against the class count where it is known
+            from .colours import LabelColours  # numpy and the data package: only where colours are given
+
+            LabelColours(data.label_colours, data.ignore_colours, data.known_classes() or self.model.num_classes)
         return self
 
 

@@ -14,12 +14,16 @@ Two layouts:
 
 Label maps are single-channel PNGs read as stored values (mode ``L``, ``P`` palette indices,
 1-bit, 16- or 32-bit integer; an opaque RGB(A) or LA file of equal channels as its grey values; a
-32-bit float one, a TIFF, where every value is whole); they are never colour-converted. Images honour their EXIF orientation and are converted to RGB (grayscale,
-palette, alpha).
+32-bit float one, a TIFF, where every value is whole); they are never colour-converted. With
+``label_colours`` (one colour per class, :mod:`.colours`) every RGB(A) label map is colour-coded:
+each pixel's colour gives its class, grey ones too; single-channel maps and LA still read as
+stored values, ``P`` ones too unless their palette shows every index used in a listed colour. Images honour their EXIF orientation and are converted to RGB
+(grayscale, palette, alpha).
 
 Bad data is a one-line :class:`crossformer.data.DataError` naming the file: an image without
 its annotation or an annotation without its image (at construction), a label value out of
-range, image/label size mismatch, a colour label map. Unreadable images and label maps are
+range, image/label size mismatch, a colour label map (without ``label_colours``; with them, a
+colour they do not list). Unreadable images and label maps are
 reported, not raised, by ``__getitem__`` (loader workers cannot print one-line errors);
 :func:`check_batch` raises them in the main process or, with ``skip_corrupt``, counts and
 names them.
@@ -40,6 +44,7 @@ from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, loa
 from ..data.folder import UNREADABLE_ERRORS, unreadable_reason
 from ..errors import listing
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+from .colours import COLOUR_MODES, LabelColours, hex_colour
 from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
 
@@ -85,9 +90,10 @@ def _refused_mode(img: Image.Image) -> str:
     bands = img.getbands()
     if "A" in bands and img.getextrema()[bands.index("A")][0] < 255:
         return f"has transparent pixels (mode {img.mode}), which a class index cannot hold"
-    if img.mode in ("RGB", "RGBA"):
-        return f"holds colours (mode {img.mode}): a colour-coded map must be converted to class indices first"
-    return f"has mode {img.mode}"
+    if img.mode in COLOUR_MODES:
+        return (f"holds colours (mode {img.mode}): to read colour-coded maps, list each class's [R, G, B] in "
+                "data.label_colours (in class order), or save class indices as a single-channel PNG (mode L or P)")
+    return f"has mode {img.mode}; label maps must be single-channel PNGs (mode L or P) holding class indices"
 
 
 def _whole_values(img: Image.Image, path: str | Path) -> np.ndarray:
@@ -102,21 +108,30 @@ def _whole_values(img: Image.Image, path: str | Path) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def read_label(path: str | Path) -> np.ndarray:
+def read_label(path: str | Path, colours: LabelColours | None = None) -> np.ndarray:
     """A label map's stored values as ``(H, W)`` int64 (an RGB file of three equal channels: one
-    of them; a float one of whole values: those); DataError if unreadable or colour."""
+    of them; a float one of whole values: those); DataError if unreadable or colour. With
+    ``colours``, an RGB(A) file is colour-coded: the values an index map would store for its
+    colours (grey ones too: black and grey are classes' colours in many data sets); so is a
+    palette (P) file whose palette shows every index it uses in a listed colour."""
     try:
         with Image.open(path) as img:
             if img.format in JPEG_FORMATS:  # a .jpg renamed .png: its values are no longer the classes drawn
                 raise DataError(f"label map {path} is a JPEG file ({LOSSY_LABELS}); save the class indices as PNG")
+            if colours is not None and img.mode in COLOUR_MODES:
+                if img.mode == "RGBA" and img.getextrema()[3][0] < 255:
+                    raise DataError(f"label map {path} {_refused_mode(img)}")
+                return colours.values(img, path)
+            coloured = colours.palette_values(img) if colours is not None and img.mode == "P" else None
+            if coloured is not None:  # an editor's indexed save of a colour-coded map
+                return coloured
             grey = _grey_values(img)
             if grey is not None:
                 return grey.astype(np.int64)
             if img.mode == "F":
                 return _whole_values(img, path)
             if img.mode not in LABEL_MODES:
-                raise DataError(f"label map {path} {_refused_mode(img)}; label maps must be single-channel PNGs "
-                                "(mode L or P) holding class indices")
+                raise DataError(f"label map {path} {_refused_mode(img)}")
             return np.asarray(img).astype(np.int64)
     except DataError:
         raise
@@ -211,6 +226,9 @@ class SegmentationDataset(Dataset):
     ``(3, H, W)`` uint8 tensor and the label at the image's own size (evaluation resizes).
     An image's label map is ``<its relative path and stem><label_suffix>`` in ``label_dir``
     (``a.jpg`` -> ``a.png``, or ``a_mask.png`` with ``label_suffix="_mask.png"``; any case).
+    ``label_colours`` (one ``[R, G, B]`` per class) reads colour-coded label maps, each of
+    ``ignore_colours`` as 255 (:class:`.colours.LabelColours`); they are the overlays' colours
+    too unless ``palette`` gives others.
     """
 
     def __init__(
@@ -222,6 +240,8 @@ class SegmentationDataset(Dataset):
         transform: Transform | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         label_suffix: str = LABEL_SUFFIX,
+        label_colours: Sequence[Sequence[int]] | None = None,
+        ignore_colours: Sequence[Sequence[int]] = (),
     ) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "annotation")):
@@ -238,6 +258,11 @@ class SegmentationDataset(Dataset):
         if len(self.classes) == 1:  # every pixel's argmax would be it: a loss of 0 and an mIoU of 100 that mean nothing
             raise DataError(f"the class list names one class ({self.classes[0]!r}); a segmentor chooses a class per pixel, "
                             f"so list at least two: add 'background' (label value 0) before {self.classes[0]!r} (value 1)")
+        # colour k is class k, stored as k + 1 where label maps count classes from 1
+        self.label_colours = None if label_colours is None else LabelColours(
+            label_colours, ignore_colours, len(self.classes), offset=1 if reduce_zero_label else 0)
+        if palette is None and self.label_colours is not None:  # the classes' colours, drawn as they are read
+            palette = self.label_colours.colours
         self.palette = class_colours(palette, len(self.classes), "data.palette")
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
@@ -274,7 +299,7 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image (H, W, 3) uint8, label (H, W) uint8 reduced)``, checked; DataError otherwise."""
         image_path, label_path = self.samples[index]
-        image, raw = read_image(image_path), read_label(label_path)
+        image, raw = read_image(image_path), read_label(label_path, self.label_colours)
         if raw.shape != image.shape[:2]:
             raise DataError(
                 f"label map {label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
@@ -333,21 +358,24 @@ def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, in
 
 def ade20k_dataset(
     root: str | Path, split: str = "training", transform: Transform | None = None,
-    palette: Sequence[Sequence[int]] | None = None,
+    palette: Sequence[Sequence[int]] | None = None, label_colours: Sequence[Sequence[int]] | None = None,
+    ignore_colours: Sequence[Sequence[int]] = (),
 ) -> SegmentationDataset:
     """An ADE20K-layout split (``training``/``train`` or ``validation``/``val``), reduced labels.
 
     Classes: ``classes.txt`` beside ``images/`` if present (palette generated), otherwise the
-    150 ADE20K classes with mmseg's palette; ``palette`` replaces either.
+    150 ADE20K classes with mmseg's palette; ``palette``, else ``label_colours``, replaces either.
     """
     ade = find_ade_root(root)
     if split not in ADE_SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(ADE_SPLITS)}")
     folder = ADE_SPLITS[split]
     classes, own_palette = ade_classes(ade)
+    if palette is None and label_colours is None:
+        palette = own_palette
     return SegmentationDataset(
         ade / "images" / folder, ade / "annotations" / folder, classes, reduce_zero_label=True,
-        transform=transform, palette=own_palette if palette is None else palette,
+        transform=transform, palette=palette, label_colours=label_colours, ignore_colours=ignore_colours,
     )
 
 
@@ -387,7 +415,9 @@ def absent_classes_note(counts: Sequence[float], dataset: SegmentationDataset) -
     if not absent:
         return None
     offset = 1 if dataset.reduce_zero_label else 0  # the value stored in the files
-    named = listing([f"{dataset.classes[c]!r} (value {c + offset})" for c in absent], 3)
+    colours = dataset.label_colours
+    named = listing([f"{dataset.classes[c]!r} (value {c + offset}"
+                     + (f", colour {hex_colour(colours.colours[c])})" if colours is not None else ")") for c in absent], 3)
     line = f"no label map in {dataset.label_dir} holds class{'' if len(absent) == 1 else 'es'} {named}: {ABSENT_SCORES}"
     ignored = counts[IGNORE_INDEX] / max(sum(counts), 1)
     if ignored and dataset.num_classes - len(absent) <= 1:
@@ -413,6 +443,17 @@ def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
 def skipped_file(failure: str) -> str:
     """An unreadable file's error without the advice to skip it: ``cannot read image PATH: reason``."""
     return failure.split("; fix or delete")[0]
+
+
+def validation_file(line: str) -> str:
+    """A skipped file's line (``cannot read image PATH: reason``, as :func:`skipped_file` gives
+    it; or ``label map``) as the log names an unreadable validation file: ``file PATH: reason``,
+    the words of training's data check, which reads headers without telling an image from a
+    label map. Evaluation names it so too, and the run counts it once."""
+    for kind in ("image", "label map"):
+        if line.startswith(f"cannot read {kind} "):
+            return "file " + line[len(f"cannot read {kind} "):]
+    return line
 
 
 def check_batch(batch: SegBatch, skip_corrupt: bool, on_skip: Callable[[str], None] | None = None) -> int:

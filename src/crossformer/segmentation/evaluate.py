@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..data import DataError, ShardedSampler, build_loader
-from ..engine import DistContext, RunLogger, SkippedFiles
-from .data import ABSENT_SCORES, SegmentationDataset, check_batch, collate_segmentation
+from ..data import DataError, ShardedSampler, build_loader, gather_skipped
+from ..engine import DistContext, RunLogger
+from .data import ABSENT_SCORES, SegmentationDataset, check_batch, collate_segmentation, validation_file
 from .inference import InferenceConfig, segment
 from .transforms import IGNORE_INDEX
 
@@ -150,13 +150,14 @@ def evaluate_segmentor(
     skip_corrupt: bool = False,
     logger: RunLogger | None = None,
     num_workers: int = 0,
-    say_skipped: Callable[[str], None] | None = None,
+    on_skip: Callable[[str], None] | None = None,
 ) -> SegMetrics:
     """Evaluate ``segmentor`` on an untransformed ``dataset`` (one image at a time, at its own
     size), each rank taking every ``world_size``-th image; counts summed over ranks.
 
-    ``autocast``: e.g. ``Precision.autocast``. ``logger``: the progress bar. ``say_skipped``:
-    where the lines naming skipped unreadable files go (every rank's; pass it on rank 0 alone).
+    ``autocast``: e.g. ``Precision.autocast``. ``logger``: the progress bar. ``on_skip("file
+    PATH: reason")`` is given each file skipped as unreadable, of every rank's share, after the
+    loop (:func:`~crossformer.data.gather_skipped`; a rank that names none may pass None).
     The model's train/eval mode is restored. Bad data in any rank's share stops every rank with
     the same error.
     """
@@ -176,13 +177,13 @@ def evaluate_segmentor(
     progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
     was_training = segmentor.training
     segmentor.eval()
-    images = skipped = 0
-    skipped_files: list[str] = []  # this rank's, as "cannot read image PATH: reason"
+    images = 0
+    skipped_files: list[str] = []  # this rank's, as "file PATH: reason"
     error = None
     try:
         for batch in loader:
             try:
-                skipped += check_batch(batch, skip_corrupt, skipped_files.append)
+                check_batch(batch, skip_corrupt, lambda line: skipped_files.append(validation_file(line)))
             except DataError as err:  # raised on every rank below, so that none waits in the reduction
                 error = err
                 break
@@ -198,11 +199,8 @@ def evaluate_segmentor(
         segmentor.train(was_training)
     ctx.raise_together(error)
     accumulator.all_reduce(ctx)
-    images, skipped = (int(v) for v in ctx.all_reduce_sum([images, skipped]))
-    if skipped:  # the same on every rank, so all join the gather
-        name = SkippedFiles(say_skipped, "more unreadable files are skipped: counted, not named")
-        for failure in ctx.gather_lists(skipped_files):
-            name(f"skipped: {failure}")
+    images = int(ctx.all_reduce_sum([images])[0])
+    skipped = gather_skipped(ctx, skipped_files, on_skip)
     if images == 0:
         raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
     metrics = accumulator.compute(dataset.classes, images, skipped)

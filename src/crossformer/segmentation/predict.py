@@ -7,7 +7,9 @@ For ``photo.jpg`` the output folder gets:
 - ``photo_labels.png``: the predicted label map at the image's size, a single-channel 8-bit
   PNG. Its values are the class indices (0..C-1) -- or, for data sets with reduce-zero-label
   (ADE20K), class index + 1, so the file follows the data set's own annotation convention
-  (value 0, "unlabelled", never appears) and can be evaluated like a ground-truth map.
+  (value 0, "unlabelled", never appears) and can be evaluated like a ground-truth map. For data
+  whose label maps are colour-coded (``data.label_colours``) it is a palette PNG of the same
+  values that shows each class in its colour.
 
 Images honour EXIF orientation; grayscale, palette and alpha images are converted to RGB.
 The outputs mirror the input folders (``photos/a/x.jpg`` of ``photos``: ``a/x_overlay.png``);
@@ -44,12 +46,21 @@ class SegPrediction:
     classes: list[str]  # classes present, largest area first
 
 
-def write_label_map(label_map: np.ndarray, path: str | Path, reduce_zero_label: bool = False) -> None:
-    """Save class indices ``(H, W)`` as an 8-bit grayscale PNG (``+1`` when ``reduce_zero_label``)."""
-    values = label_map.astype(np.int64) + (1 if reduce_zero_label else 0)
+def write_label_map(label_map: np.ndarray, path: str | Path, reduce_zero_label: bool = False,
+                    colours: Sequence[Colour] | None = None) -> None:
+    """Save class indices ``(H, W)`` as an 8-bit grayscale PNG (``+1`` when ``reduce_zero_label``),
+    or with ``colours`` (one per class) as a palette PNG of those values showing class ``k`` in
+    ``colours[k]``: still read as the values (mode P), seen in the data set's colours."""
+    offset = 1 if reduce_zero_label else 0
+    values = label_map.astype(np.int64) + offset
     if values.max(initial=0) > 255:
         raise DataError(f"cannot write {path}: class values above 255 do not fit an 8-bit label map")
-    Image.fromarray(values.astype(np.uint8), mode="L").save(path)
+    image = Image.fromarray(values.astype(np.uint8), mode="L")
+    if colours is not None:
+        table = np.zeros((256, 3), np.uint8)  # unused values (0 of reduce-zero-label data) black
+        table[offset: offset + len(colours)] = np.asarray(colours, np.uint8)
+        image.putpalette(table.tobytes())  # mode L -> P, the values kept
+    image.save(path)
 
 
 @torch.no_grad()
@@ -65,9 +76,11 @@ def predict_images(
     opacity: float = 0.5,
     autocast: Callable[[], Any] | None = None,
     log: Callable[[str], None] | None = None,
+    coloured_labels: bool = False,
 ) -> tuple[list[SegPrediction], list[str]]:
     """Segment image files and folders (searched recursively); returns the predictions and the
-    unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError)."""
+    unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError).
+    ``coloured_labels``: label maps as palette PNGs in ``palette`` (colour-coded data's)."""
     if len(class_names) != segmentor.num_classes:
         raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
     palette = class_colours(palette, len(class_names))
@@ -95,7 +108,7 @@ def predict_images(
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
             overlay_path.parent.mkdir(parents=True, exist_ok=True)
             overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
-            write_label_map(label_map, label_path, reduce_zero_label)
+            write_label_map(label_map, label_path, reduce_zero_label, palette if coloured_labels else None)
             present = [class_names[c] for c in present_classes(label_map, len(class_names))]
             results.append(SegPrediction(str(path), str(overlay_path), str(label_path), present))
     finally:

@@ -42,18 +42,19 @@ def build_datasets(
     the training set is None unless ``training``. One-line errors for missing folders."""
     if not data.given:
         raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
+    colours = dict(palette=data.palette, label_colours=data.label_colours, ignore_colours=data.ignore_colours)
     if data.root is not None:
-        val = ade20k_dataset(data.root, "validation", palette=data.palette)
-        return (ade20k_dataset(data.root, "training", train_transform, data.palette) if training else None), val
+        val = ade20k_dataset(data.root, "validation", **colours)
+        return (ade20k_dataset(data.root, "training", train_transform, **colours) if training else None), val
     classes = data.classes
     if training:
         data.check_training_folders()
     val = SegmentationDataset(data.val_images, data.val_labels, classes, data.reduce_zero_label,
-                              palette=data.palette, label_suffix=data.label_suffix)
+                              label_suffix=data.label_suffix, **colours)
     if not training:
         return None, val
     return SegmentationDataset(data.train_images, data.train_labels, classes, data.reduce_zero_label, train_transform,
-                               data.palette, data.label_suffix), val
+                               label_suffix=data.label_suffix, **colours), val
 
 
 def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmentor:
@@ -202,6 +203,7 @@ class SegmentationTask(Task):
                 torch.distributed.broadcast(buffer, src=0)
         return evaluate_segmentor(
             model, self.val_set, self.inference, self.ctx, self.precision.autocast, self.config.data.skip_corrupt,
+            on_skip=self.skip_validation_file,
         )
 
     def checkpoint_extras(self) -> dict[str, Any]:
@@ -228,11 +230,9 @@ class SegmentationTask(Task):
                                  f"classes from {1 if reduced else 0}); resume with the same setting")
 
     def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
         m = self.config.model
-        return (f"{m.kind} {m.backbone}: {params:.2f}M params, {self.train_set.num_classes} classes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val images"
-                + (f"; {self.started_from}" if self.started_from else ""))
+        return self.describe_images(f"{m.kind} {m.backbone}", self.train_set.num_classes, len(self.train_set),
+                                    len(self.val_set), self.started_from)
 
 
 def train(config: SegmentationConfig, on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
