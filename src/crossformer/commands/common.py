@@ -485,14 +485,11 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
         resolved = resolve_config(config, settings, use_default=False, source=source)
     except UserInputError:
         # The task came from the checkpoint: one that is not there (or a folder) is the mistake,
-        # not the settings of its task that the default task lacks; read_checkpoint says which.
-        from pathlib import Path
+        # not the settings of its task that the default task lacks.
+        if args.config is None and getattr(args, "checkpoint", None):
+            from ..checkpoint_files import checkpoint_file
 
-        checkpoint = getattr(args, "checkpoint", None)
-        if args.config is None and checkpoint and not Path(checkpoint).expanduser().is_file():
-            from ..models import read_checkpoint
-
-            read_checkpoint(checkpoint)
+            checkpoint_file(args.checkpoint)
         raise
     resolved_config = with_home_expanded(resolved.config)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
