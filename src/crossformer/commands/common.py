@@ -353,6 +353,21 @@ def config_task(argv: list[str]) -> str:
     return task
 
 
+def missing_task_checkpoint(argv: list[str]) -> str | None:
+    """Why the ``--checkpoint`` that ``argv``'s task (and so its flags) was to come from, no
+    ``--config`` naming one, cannot be read: not there, or a folder; None otherwise."""
+    from ..checkpoint_files import checkpoint_file
+
+    checkpoint = _flag_value(argv, "--checkpoint")
+    if checkpoint is None or _flag_value(argv, "--config") is not None:
+        return None
+    try:
+        checkpoint_file(checkpoint)
+    except UserInputError as err:
+        return str(err)
+    return None
+
+
 def help_config(argv: list[str], task: str) -> Any | None:
     """With ``--help``: the settings of the config the command would read (``--config``, for
     ``train`` the task's default one, e.g. the ``--model``'s bundled recipe, or the one a dense
