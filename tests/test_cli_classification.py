@@ -214,6 +214,16 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
                              "--topk", "0"], "--topk must be at least 1, got 0")
 
 
+def test_a_missing_checkpoint_is_named_before_the_settings_it_would_have_taken(tmp_path: Path, capsys) -> None:
+    """Without --config the task comes from the checkpoint; one that is not there was blamed on
+    the dense settings given beside it ("unknown setting 'data.val_images'; data has: root, ...")."""
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "best.pth"), "data.val_images=img/val",
+                             "data.classes=classes.txt"], f"checkpoint not found: {tmp_path / 'best.pth'}")
+    # and not on its task's flags ("unrecognized arguments: --multi-scale")
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "best.pth"), "--data", str(tmp_path),
+                             "--multi-scale"], f"checkpoint not found: {tmp_path / 'best.pth'}")
+
+
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import crossformer.data.digits

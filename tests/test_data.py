@@ -124,6 +124,23 @@ def test_missing_or_empty_split_names_the_folder(tmp_path: Path, layout: dict, m
     assert "\n" not in str(err.value) and isinstance(err.value, UserInputError)
 
 
+def test_a_data_folder_that_is_not_there_is_named_with_the_layout_it_needs(tmp_path: Path) -> None:
+    """Each task's data root: a path that is not there (a typo, or the docs' /path/imagenet as
+    written) is named with the layout its folder must have, as a folder of the wrong layout is."""
+    from crossformer.data.folder import find_split
+    from crossformer.detection.data import coco_paths
+    from crossformer.segmentation.data import find_ade_root
+
+    missing = tmp_path / "nowhere"
+    for find, layout in ((lambda: find_split(missing, "train"), "train/<class>/"),
+                         (lambda: coco_paths(missing, "train"), "annotations/instances_{train,val}2017.json"),
+                         (lambda: find_ade_root(missing), "images/<split>/")):
+        with pytest.raises(DataError) as err:
+            find()
+        message = str(err.value)
+        assert message.startswith(f"data folder not found: {missing}") and layout in message and "\n" not in message
+
+
 def test_a_split_given_as_the_data_folder_points_to_its_parent(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"train": 1, "val": 1})
     for split in ("train", "val"):

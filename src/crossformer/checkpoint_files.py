@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError
 
-__all__ = ["DESCRIPTION_KEY", "decode_description", "peek_checkpoint", "safetensors_header", "sniff"]
+__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "safetensors_header", "sniff"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
@@ -34,6 +34,17 @@ _SNIFF_BYTES = 4096
 # recorded besides its weights (:func:`crossformer.models.weights.checkpoint_description`), so that a weights file names
 # its model, settings, classes and input size as the checkpoint did.
 DESCRIPTION_KEY = "crossformer"
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a file to read, ``~`` at its start the home folder (no shell expands it in
+    ``--checkpoint=~/...``); a one-line :class:`CheckpointError` where it is a folder or not there."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
 
 
 def safetensors_header(head: bytes) -> int | None:

@@ -49,7 +49,12 @@ class _OneLineErrors(argparse.ArgumentParser):
     """argparse, with its errors (an unknown flag, a bad choice, a missing value) in one line
     that points at ``--help``, rather than after the whole usage block (tens of lines here)."""
 
+    # why the --checkpoint the task (and so the flags) was to come from cannot be read, where it cannot
+    missing_checkpoint: str | None = None
+
     def error(self, message: str) -> NoReturn:
+        if self.missing_checkpoint and message.startswith("unrecognized arguments"):
+            raise UserInputError(f"{self.missing_checkpoint} (so the flags of its task are unknown: {message})")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -155,13 +160,14 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
 
     Raises :class:`~crossformer.errors.UserInputError` when the ``--config`` named cannot be read.
     """
-    from .commands.common import refuse_classification_model
+    from .commands.common import missing_task_checkpoint, refuse_classification_model
 
     argv = list(argv)
     parser, commands = build_parsers(argv)
     if not argv or argv[0] not in commands:  # --help, --version, a missing or unknown command: argparse says so
         return parser.parse_args(argv)
     command = commands[argv[0]]
+    command.missing_checkpoint = missing_task_checkpoint(argv)
     _refuse_abbreviations(command, argv[1:])
     refuse_classification_model(command, argv[1:])
     args = command.parse_intermixed_args(_value_lists_last(command, argv[1:]))

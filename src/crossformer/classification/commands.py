@@ -69,7 +69,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
                              "release (its variant is recognised by its weights)")
     add_model_arg_argument(parser)
     parser.add_argument("--topk", type=int, default=5, metavar="K", help="labels shown per image, best first (default 5)")
-    parser.add_argument("--class-names", metavar="FILE", help="one label per line (for files that record none)")
+    parser.add_argument("--class-names", metavar="FILE",
+                        help="one label per line, in class order (replaces the names the checkpoint records)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
 

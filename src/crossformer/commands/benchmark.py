@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    add_img_size_argument(parser)
+    add_img_size_argument(parser, with_config="; with --config: a classification config's image size, a detector's "
+                                              "800x1333, a segmentor's 512x512 and 512x2048")
     parser.add_argument("--compare", metavar="NAME", nargs="?", const="auto", default=None,
                         help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224); "
-                        "alone with a detection --config: torchvision's maskrcnn_resnet50_fpn")
+                        "alone with a detection --config: torchvision's maskrcnn_resnet50_fpn; a segmentation "
+                        "--config always runs smp's UPerNet beside it, on the timm encoder NAME "
+                        "(default swin_tiny_patch4_window7_224)")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default=None,
                         help="what to time (default: infer, or both with --compare)")
     parser.add_argument("--train", action="store_const", const="train", dest="mode",

@@ -43,10 +43,11 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model
 
 
-def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224) -> None:
+def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224, with_config: str = "") -> None:
+    """``--img-size N`` or ``H W``; ``with_config``: what the help adds about the default a ``--config`` gives."""
     parser.add_argument(
         "--img-size", type=int, nargs="+", default=None if default is None else [default],
-        metavar="N", help=f"input size: N (square) or H W (default {default})",
+        metavar="N", help=f"input size: N (square) or H W (default {default}{with_config})",
     )
 
 
@@ -352,6 +353,21 @@ def config_task(argv: list[str]) -> str:
     return task
 
 
+def missing_task_checkpoint(argv: list[str]) -> str | None:
+    """Why the ``--checkpoint`` that ``argv``'s task (and so its flags) was to come from, no
+    ``--config`` naming one, cannot be read: not there, or a folder; None otherwise."""
+    from ..checkpoint_files import checkpoint_file
+
+    checkpoint = _flag_value(argv, "--checkpoint")
+    if checkpoint is None or _flag_value(argv, "--config") is not None:
+        return None
+    try:
+        checkpoint_file(checkpoint)
+    except UserInputError as err:
+        return str(err)
+    return None
+
+
 def help_config(argv: list[str], task: str) -> Any | None:
     """With ``--help``: the settings of the config the command would read (``--config``, for
     ``train`` the task's default one, e.g. the ``--model``'s bundled recipe, or the one a dense
@@ -480,7 +496,16 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
     settings = command_line_settings(args, overrides)
-    resolved = resolve_config(config, settings, use_default=False, source=source)
+    try:
+        resolved = resolve_config(config, settings, use_default=False, source=source)
+    except UserInputError:
+        # The task came from the checkpoint: one that is not there (or a folder) is the mistake,
+        # not the settings of its task that the default task lacks.
+        if args.config is None and getattr(args, "checkpoint", None):
+            from ..checkpoint_files import checkpoint_file
+
+            checkpoint_file(args.checkpoint)
+        raise
     resolved_config = with_home_expanded(resolved.config)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)

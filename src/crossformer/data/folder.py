@@ -45,10 +45,11 @@ def find_split(root: str | Path, split: str) -> Path:
     """``ROOT/train`` or ``ROOT/val`` (also ``ROOT/validation``); ``~`` is the home folder, as
     training's config reads it (no shell expands it in ``data.root=~/...``)."""
     root = Path(root).expanduser()
+    holds = f"the folder that holds {split}/<class>/<image>"
     if root.exists() and not root.is_dir():
-        raise DataError(f"data {root} is a file, not a folder; give the folder that holds {split}/<class>/<image>")
+        raise DataError(f"data {root} is a file, not a folder; give {holds}")
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data folder not found: {root} (give {holds})")
     names = SPLIT_NAMES.get(split, (split,))
     for name in names:
         if (root / name).is_dir():

@@ -80,15 +80,15 @@ class DetectionSample:
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     """``(annotation file, image folder)`` of ``split`` (train / val) in the COCO layout under ``root``."""
     root = Path(root)
+    expected = ("expected the COCO layout annotations/instances_{train,val}2017.json with train2017/ and val2017/ "
+                f"image folders, or name the files: data.{split}_ann=FILE data.{split}_images=FOLDER")
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data folder not found: {root} ({expected})")
     folder = COCO_SPLITS.get(split, split)
     ann_file = root / "annotations" / f"instances_{folder}.json"
     image_dir = root / folder
     if not ann_file.is_file():
-        raise DataError(f"{root} has no annotations/{ann_file.name}; expected the COCO layout "
-                        f"annotations/instances_{{train,val}}2017.json with train2017/ and val2017/ image folders, "
-                        f"or name the files: data.{split}_ann=FILE data.{split}_images=FOLDER")
+        raise DataError(f"{root} has no annotations/{ann_file.name}; {expected}")
     if not image_dir.is_dir():
         raise DataError(f"{root} has no {folder}/ image folder beside {ann_file}")
     return ann_file, image_dir

@@ -23,7 +23,14 @@ import torch.nn as nn
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 from timm.models._features_fx import FeatureGraphNet
 
-from ..checkpoint_files import DESCRIPTION_KEY, decode_description, peek_checkpoint, safetensors_header, sniff
+from ..checkpoint_files import (
+    DESCRIPTION_KEY,
+    checkpoint_file,
+    decode_description,
+    peek_checkpoint,
+    safetensors_header,
+    sniff,
+)
 from ..errors import CheckpointError
 
 __all__ = [
@@ -200,11 +207,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     :class:`CheckpointError` naming the file and saying what it is instead. A ``~`` at its start
     is the home folder (no shell expands it in ``--checkpoint=~/...`` or ``model.pretrained=~/...``).
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = checkpoint_file(path)
     kind, description = sniff(path)
     if kind == "other":
         raise _not_a_checkpoint(path, description)

@@ -341,13 +341,12 @@ def find_ade_root(path: str | Path) -> Path:
     for candidate in (path, path / ADE_DIRNAME):
         if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
             return candidate
+    expected = (f"expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png (or the same under "
+                f"{path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
+                "data.train_labels, data.val_images, data.val_labels, with data.classes")
     if not path.exists():
-        raise DataError(f"data folder not found: {path}")
-    raise DataError(
-        f"{path} is not an ADE20K folder: expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png "
-        f"(or the same under {path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
-        "data.train_labels, data.val_images, data.val_labels, with data.classes"
-    )
+        raise DataError(f"data folder not found: {path} ({expected})")
+    raise DataError(f"{path} is not an ADE20K folder: {expected}")
 
 
 def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, int, int]] | None]:
