@@ -1034,5 +1034,8 @@ def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
         time.sleep(delay)  # 0: inside torch's import; later: timm's, the model's (or the count done: exit 0)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
-    assert process.returncode in (130, 0) and "Traceback" not in err and len(err.splitlines()) <= 1, \
+    # 130 (stopped), 0 (the count was done), or killed by SIGINT itself: CPython restores the default
+    # handler while the interpreter shuts down (seen with the count done), and exits by SIGINT where a
+    # KeyboardInterrupt once left code it ran nested; a shell reports 130 for each. Quiet in all three.
+    assert process.returncode in (130, 0, -signal.SIGINT) and "Traceback" not in err and len(err.splitlines()) <= 1, \
         (process.returncode, err[-3000:])
