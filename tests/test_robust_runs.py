@@ -24,6 +24,7 @@ from crossformer.data import find_unreadable
 from crossformer.engine import (
     RunInterrupted,
     Task,
+    claim_demo_output,
     claim_output,
     default_workers,
     load_training_state,
@@ -122,6 +123,25 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     stale[0].write_bytes(b"half")
     assert claim_output(run, None, overwrite=True) == ["last.pth"]
     assert not stale[0].exists() and (run / "notes.txt").exists()
+
+
+def test_a_demo_replaces_its_own_output_and_keeps_the_data_it_reuses(tmp_path: Path, capsys) -> None:
+    # the segmentation demo reuses its generated data set; its default folder from before demos
+    # marked theirs is taken over only while it holds nothing but what a demo writes
+    folder = tmp_path / "demo-segmentation"
+    for name in ("data", "train", "predict"):
+        (folder / name).mkdir(parents=True)
+    (folder / "data" / "scene.png").write_bytes(b"reused")
+    (folder / "notes.md").write_text("mine")
+    writes = ("data", "train", "predict")
+    with pytest.raises(UserInputError, match="holds data, notes.md, predict, train, not an earlier segmentation demo"):
+        claim_demo_output(folder, "segmentation", writes, folder, keep=("data",))
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "notes.md", "predict", "train"]
+    (folder / "notes.md").unlink()
+    claim_demo_output(folder, "segmentation", writes, folder, keep=("data",))
+    assert sorted(p.name for p in folder.iterdir()) == ["crossformer-demo.txt", "data"]
+    assert (folder / "data" / "scene.png").read_bytes() == b"reused"
+    assert f"deleted the earlier segmentation demo's train, predict in {folder}" in capsys.readouterr().out
 
 
 # -- 2. the default output folder is what --help says ------------------------------------------

@@ -364,6 +364,79 @@ def test_no_warmup_reports_no_first_step() -> None:
     assert summary["models"]["m"]["infer"]["first_step_s"] is None
 
 
+class _Timed(nn.Module):
+    """Takes ``costs[i]`` seconds of a fake clock at its ``i``-th call: the benchmark's arithmetic
+    without a real timing's noise."""
+
+    def __init__(self, clock: list[float], costs: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+        self.clock, self.costs, self.calls = clock, costs, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.costs[self.calls]
+        self.calls += 1
+        return x
+
+
+def test_rates_are_images_over_seconds_medians_over_rounds_and_ratios_of_ours_to_the_peer(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from crossformer import benchmark
+
+    clock = [0.0]
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # 2 warm-up calls (the first one timed), then 3 rounds of 2 timed steps each
+    ours = _Timed(clock, [10.0, 5.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5])
+    peer = _Timed(clock, [3.0, 3.0] + [2.0] * 6)
+    config = benchmark.BenchConfig(batch_size={"infer": 4}, img_size=(8, 8), rounds=3, warmup=2, steps=2, memory=False)
+    summary = benchmark.summarise(benchmark.run_benchmark({"ours": lambda: ours, "peer": lambda: peer}, config),
+                                  config, compare="peer")
+    assert ours.calls == peer.calls == 8
+    measured = summary["models"]["ours"]["infer"]
+    # 4 images x 2 steps over 2, 4 and 1 seconds
+    assert measured["images_per_s_rounds"] == [4.0, 2.0, 8.0] and measured["images_per_s"] == 4.0
+    assert measured["images_per_s_spread"] == [2.0, 8.0] and measured["first_step_s"] == 10.0
+    assert measured["peak_mem_mb"] is None and summary["models"]["peer"]["infer"]["images_per_s"] == 2.0
+    # each round's ratio (2, 1, 4), then their median: not the ratio of the medians, nor their mean
+    assert (summary["infer_ratio"], summary["infer_ratio_spread"]) == (2.0, [1.0, 4.0])
+    assert "ratio 2.00x [1.00, 4.00]" in benchmark.format_summary(summary)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_memory_is_the_resident_growth_in_mib(monkeypatch) -> None:
+    from crossformer import benchmark
+
+    resident = {"VmRSS": 100 * 1024, "VmHWM": 100 * 1024}  # kB, as /proc/self/status gives them
+    monkeypatch.setattr(benchmark, "_status_kb", lambda key: resident[key])
+    steps = []
+
+    def step() -> None:
+        steps.append(1)
+        resident["VmHWM"] += 3 * 1024 + 512
+
+    assert benchmark.peak_memory_mb(step, "cpu") == 3.5 and steps == [1]
+
+
+def test_the_benchmark_flags_set_the_measurement() -> None:
+    import argparse
+
+    from crossformer.benchmark import BenchConfig
+    from crossformer.commands import benchmark as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    # the defaults: a training step beside inference with --compare, at batch 16 beside 32
+    assert command.build_config(parser.parse_args(["--model", "m", "--compare", "p"])) == BenchConfig(
+        modes=("infer", "train"), batch_size={"infer": 32, "train": 16})
+    given = parser.parse_args(["--model", "m", "--train", "--batch-size", "3", "--img-size", "64", "96", "--amp", "bf16",
+                               "--channels-last", "--grad-checkpointing", "--num-classes", "0", "--rounds", "4",
+                               "--warmup", "0", "--steps", "2", "--no-memory"])
+    assert command.build_config(given) == BenchConfig(
+        modes=("train",), batch_size={"train": 3}, img_size=(64, 96), amp="bf16", channels_last=True,
+        grad_checkpointing=True, num_classes=0, rounds=4, warmup=0, steps=2, memory=False)
+
+
 @needs_onednn
 def test_nothing_is_timed_under_a_flop_counter(monkeypatch) -> None:
     from torch.utils.flop_counter import FlopCounterMode
