@@ -230,6 +230,38 @@ def test_commands_refuse_a_folder_or_a_path_under_a_file(tmp_path, capsys, check
     assert (out / "plain_file").read_bytes() == PREVIOUS
 
 
+class _NoDetections(torch.nn.Module):
+    def forward(self, images, metas):
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in metas]
+
+
+def test_detection_results_on_a_full_disk_keep_the_previous_file(tmp_path, monkeypatch):
+    """predict's detections.json and evaluate's results JSON: a traceback and a cut file, before."""
+    from PIL import Image
+
+    from crossformer.detection.data import CocoDetection, coco_paths
+    from crossformer.detection.evaluate import evaluate_detector
+    from crossformer.detection.predict import predict_detections
+    from detection_fixtures import GroundTruthDetector, make_small_coco
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "photo.png")
+    out = tmp_path / "predicted"
+    out.mkdir()
+    (out / "detections.json").write_bytes(PREVIOUS)
+    root = make_small_coco(tmp_path / "coco", images=4)
+    results = tmp_path / "results.json"
+    results.write_bytes(PREVIOUS)
+    _disk_full(monkeypatch)
+    for target, run in ((out / "detections.json", lambda: predict_detections(_NoDetections(), tmp_path / "photo.png", out, ["a"])),
+                        (results, lambda: evaluate_detector(GroundTruthDetector(root), CocoDetection(*coco_paths(root, "val")),
+                                                            results_file=results))):
+        with pytest.raises(OutputError, match=f"cannot write {target}: no space left on the device; the previous file was kept"):
+            run()
+        assert target.read_bytes() == PREVIOUS
+        assert not atomic.stale_temporaries(target)
+
+
 def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):
     target = tmp_path / "w.safetensors"
     assert main(["convert", str(checkpoint), str(target)]) == 0

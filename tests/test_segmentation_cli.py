@@ -58,6 +58,20 @@ def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys)
         assert other["images"] == 2 and 0 <= other["mIoU"] <= 1 and other["mIoU"] != result["mIoU"]
 
 
+def test_evaluate_output_on_a_full_disk_keeps_the_previous_file(run: dict[str, Path], tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    from test_robust_outputs import PREVIOUS, _disk_full
+
+    target = tmp_path / "eval.json"
+    target.write_bytes(PREVIOUS)
+    _disk_full(monkeypatch)
+    assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data",
+                 str(run["data"]), "--output", str(target)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the warning of the classes no label map holds
+    assert last.endswith(f"cannot write {target}: no space left on the device; the previous file was kept"), last
+    assert target.read_bytes() == PREVIOUS and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
 def test_evaluate_warns_of_the_classes_no_label_map_holds_and_marks_them(run: dict[str, Path], capsys) -> None:
     # Training warned that no validation label map holds 'grass' or 'building'; evaluate printed
     # their rows (IoU 0.00 where predicted, else nan; Acc nan) without a word.
