@@ -418,6 +418,63 @@ def test_peak_memory_is_the_resident_growth_in_mib(monkeypatch) -> None:
     assert benchmark.peak_memory_mb(step, "cpu") == 3.5 and steps == [1]
 
 
+def test_peak_under_bf16_autocast_is_a_share_of_the_best_bf16_rate(monkeypatch) -> None:
+    from crossformer import benchmark
+
+    rates = {"fp32 mkl": 100.0, "bf16 onednn packed": 400.0}
+    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3, device="cpu": [
+        dict(shape=label, m=m, k=k, n=n, gflops=dict(rates)) for label, m, k, n, *_ in shapes])
+    config = benchmark.BenchConfig(batch_size={"infer": 2}, img_size=(64, 64), amp="bf16")
+    summary = {"models": {"crossformer_tiny": {"infer": {"images_per_s": 30.0, "images_per_s_rounds": [20.0, 40.0]}}}}
+    squares = [{"fp32 mkl": 50.0, "bf16 mm (autocast)": 200.0}, {"fp32 mkl": 50.0, "bf16 mm (autocast)": 800.0}]
+    report = benchmark.peak_report("crossformer_tiny", config, summary, square_samples=squares)
+    macs = report["model_macs_per_image"]
+    assert report["model_dtype"] == "bf16" and report["best_square_gflops"] == {"fp32": 100.0, "bf16": 400.0}
+    assert report["model_gflops"] == pytest.approx(2 * macs * 30 / 1e9)
+    assert report["square_gflops_rounds"] == [200.0, 800.0]
+    fractions = [2 * macs * 20 / 1e9 / 200, 2 * macs * 40 / 1e9 / 800]
+    assert report["model_fraction_of_best"] == pytest.approx(sum(fractions) / 2)
+    assert report["linear_seconds_per_batch"] == pytest.approx(report["linear_gflop_per_batch"] / 400)
+
+
+def test_gemm_rates_count_every_repeat_of_the_product(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from crossformer import benchmark
+
+    clock = [0.0]
+
+    def tick() -> float:  # 1/64 s between any two readings (exact in binary), however many products ran
+        clock[0] += 2**-6
+        return clock[0]
+
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=tick))
+    sampler = benchmark.GemmSampler(8, 16, 4, min_seconds=5 * 2**-6)
+    sampler()
+    # a product "takes" 1/64 s, so each backend repeats it 5 times to fill 5/64 s; then 5 products in 1/64 s
+    assert set(sampler.repeats.values()) == {5}
+    assert sampler.samples == [{name: pytest.approx(2 * 8 * 16 * 4 * 5 * 64 / 1e9) for name in sampler.calls}]
+
+
+def test_channels_last_reaches_the_models_input() -> None:
+    from crossformer.benchmark import BenchConfig, make_step
+
+    seen = []
+
+    class Records(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return x
+
+    for channels_last in (True, False):
+        make_step(Records(), "infer", BenchConfig(batch_size={"infer": 2}, img_size=(8, 8), channels_last=channels_last))()
+    assert seen == [True, False]
+
+
 def test_the_benchmark_flags_set_the_measurement() -> None:
     import argparse
 
