@@ -24,6 +24,8 @@ from crossformer.models.layers import (
     measured_gemm_training,
 )
 
+from cli_errors import one_error_line
+
 TOL = 1e-4
 needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None, reason="PyTorch built without oneDNN")
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8), group_size=(7, 7, 7, 7),
@@ -354,6 +356,15 @@ def test_peak_needs_the_cpu_or_cuda(capsys) -> None:
 
     assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
     assert "--peak times the GEMMs of the CPU or a CUDA device, not 'cpu:1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--rounds", "0", "--rounds must be at least 1"),
+                                                  ("--steps", "0", "--steps must be at least 1"),
+                                                  ("--warmup", "-1", "--warmup must be at least 0"),
+                                                  ("--batch-size", "0", "--batch-size must be at least 1")])
+def test_benchmark_counts_below_their_minimum_are_one_line(capsys, flag: str, value: str, message: str) -> None:
+    line = one_error_line(capsys, ["benchmark", "--model", "crossformer_tiny", flag, value])
+    assert line.endswith(message), line
 
 
 def test_no_warmup_reports_no_first_step() -> None:
