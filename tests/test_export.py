@@ -241,6 +241,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "pip install 'crossformer[export]'" in err
 
 
+@pytest.mark.parametrize("flags, message", [(["--format", "onnx", "--opset", "17"], "--opset must be at least 18"),
+                                            (["--format", "torchscript", "--num-classes", "-1"],
+                                             "--num-classes must be 0 or more, got -1")])
+def test_cli_options_no_export_can_use_are_one_line(tmp_path, capsys, flags, message):
+    assert message in _cli_error(capsys, "--model", "crossformer_tiny", *flags, "-o", str(tmp_path / "out"))
+
+
+def test_cli_a_headless_checkpoint_exports_pooled_features(tmp_path, capsys):
+    # a checkpoint without a classifier (num_classes=0) is exported as it is, not with a fresh 1000-class head
+    model = CrossFormer(**dict(V1_TINY, num_classes=0)).eval()
+    torch.save({"model": model.state_dict(), "model_name": "crossformer_tiny",
+                "model_kwargs": {k: v for k, v in V1_TINY.items() if k != "num_classes"}}, tmp_path / "headless.pth")
+    out = tmp_path / "headless.pt"
+    assert main(["export", "--checkpoint", str(tmp_path / "headless.pth"), "--format", "torchscript", "-o", str(out),
+                 "--img-size", "128"]) == 0
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_cli_safetensors_of_the_ema_weights_says_so(tmp_path, capsys):
     """Exported with --ema, the file's one set of weights is the average: predict / evaluate
     --ema take it (they said "trained without --model-ema"), and the file records which it holds."""

@@ -117,6 +117,13 @@ def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tm
         assert len(lines) == 2 and all(line["classes"] and set(line["classes"]) <= names for line in lines), lines
 
 
+def test_export_without_output_names_the_file_after_the_segmentor(run: dict[str, Path], tmp_path: Path, capsys,
+                                                                   monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(run["checkpoint"]), "--format", "safetensors"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["upernet_crossformer_small.safetensors"]
+
+
 def test_export_writes_the_segmentor_for_many_sizes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     """ONNX (symbolic sizes) and TorchScript (one size) from normalised images to full-size
     logits, checked against PyTorch; the config comes from the checkpoint when not given."""
