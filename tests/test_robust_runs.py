@@ -677,6 +677,8 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
                                              "--img-size", "20"],
         "run.batch_size must be at least 1, got 0": ["predict", str(data / "val"), "--checkpoint",
                                                      str(trained / "last.pth"), "--batch-size", "0"],
+        "--topk must be at least 1, got 0": ["predict", str(data / "val"), "--checkpoint", str(trained / "last.pth"),
+                                             "--topk", "0"],
     }
     for expected, argv in cases.items():
         assert expected in one_error_line(capsys, argv), argv
@@ -967,6 +969,20 @@ def test_dense_flops_names_the_backbone_settings_and_classes_it_counts(capsys, c
     table), and the detector's line named no class count, as classification's flops does."""
     assert main(["flops", "--config", config]) == 0
     assert shown in capsys.readouterr().out
+
+
+def test_dense_backbone_settings_leave_out_the_training_only_drop_path() -> None:
+    from crossformer.commands.common import backbone_settings
+
+    assert backbone_settings({"embed_dim": 32, "drop_path_rate": 0.2, "depths": [1, 1]}) == " (depths=[1, 1], embed_dim=32)"
+    assert backbone_settings({"drop_path_rate": 0.2}) == backbone_settings({}) == ""
+
+
+def test_demo_task_all_takes_no_output_or_settings(tmp_path: Path, capsys) -> None:
+    for extra in (["--output", str(tmp_path / "demo")], ["epochs=1"]):
+        line = one_error_line(capsys, ["demo", "--task", "all", *extra])
+        assert line.endswith("--task all runs every demo as it is: no --output or KEY=VALUE settings"), line
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize("argv,shown,hidden", [
