@@ -396,8 +396,9 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert 0.89 * 282e9 <= result["macs"] <= 1.11 * 282e9  # the authors' 282G
     assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "640", "640", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs"] < result["macs"]
-    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "100", "100"]) == 2
-    assert "multiples of 32" in _error(capsys)
+    for size in (["100", "640"], ["640", "100"]):
+        assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", *size]) == 2
+        assert "multiples of 32" in _error(capsys)
 
 
 @pytest.mark.parametrize("verb", ["train", "evaluate", "predict"])

@@ -275,6 +275,19 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
                     str(foreign), "another segmentor than the config's upernet crossformer_small")
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "data.root=null"], "no data given: pass --data")
+    for opacity in ("1.5", "-0.1"):
+        _one_line_error(capsys, ["predict", str(tmp_path), "--config", str(run["config"]), "--checkpoint",
+                                 str(run["checkpoint"]), "--opacity", opacity], f"--opacity must be in [0, 1], got {float(opacity)}")
+
+
+def test_flops_gives_the_authors_figures_only_for_the_row_they_measured(capsys) -> None:
+    def counted(*argv: str) -> dict:
+        assert main(["flops", "--config", "upernet_crossformer_small", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert counted()["authors_gflops"] == 979.5
+    assert "authors_gflops" not in counted("--img-size", "512", "512")  # theirs are at 512x2048
+    assert "authors_params_m" not in counted("model.backbone_kwargs.embed_dim=48")  # another backbone than theirs
 
 
 @pytest.mark.slow
