@@ -343,8 +343,10 @@ def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
         predict_images(model, [inputs], tmp_path / "out", dataset.classes, inference=config)
     logged = []
+    model.train()
     results, skipped = predict_images(model, [inputs], tmp_path / "out", dataset.classes, dataset.palette, config,
                                       reduce_zero_label=True, skip_corrupt=True, log=logged.append)
+    assert model.training  # run in eval mode, then left as it was
     assert [r.path.rsplit("/", 1)[1] for r in results] == ["gray.png", "rgba.png"] and len(skipped) == 1
     assert "broken.jpg" in logged[0]
     for result in results:
