@@ -55,6 +55,15 @@ def test_make_data_writes_a_coco_set_a_user_could_have(tmp_path: Path, capsys) -
     assert "--images must be at least 2" in _error(capsys)
 
 
+
+def test_make_data_writes_the_set_its_seed_names(tmp_path: Path) -> None:
+    def annotations(seed: int, folder: str) -> bytes:
+        assert main(["make-data", "coco", str(tmp_path / folder), "--images", "2", "--seed", str(seed)]) == 0
+        return (tmp_path / folder / "annotations" / "instances_train2017.json").read_bytes()
+
+    assert annotations(3, "a") == annotations(3, "b") != annotations(4, "c")
+
+
 @pytest.mark.slow
 def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: Path, capsys) -> None:
     results = tmp_path / "results.json"
@@ -387,8 +396,9 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert 0.89 * 282e9 <= result["macs"] <= 1.11 * 282e9  # the authors' 282G
     assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "640", "640", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs"] < result["macs"]
-    assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", "100", "100"]) == 2
-    assert "multiples of 32" in _error(capsys)
+    for size in (["100", "640"], ["640", "100"]):
+        assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--img-size", *size]) == 2
+        assert "multiples of 32" in _error(capsys)
 
 
 @pytest.mark.parametrize("verb", ["train", "evaluate", "predict"])

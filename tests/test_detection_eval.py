@@ -303,8 +303,10 @@ def test_predict_writes_pngs_and_coco_results(tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
         predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out0", ["a", "b"])
-    out = predict_detections(BoxInTheMiddle(), [folder], tmp_path / "out", ["cat", "dog"], cat_ids=[5, 9],
-                             transform=build_test_transform(256, 160), skip_corrupt=True)
+    detector = BoxInTheMiddle().train()
+    out = predict_detections(detector, [folder], tmp_path / "out", ["cat", "dog"], cat_ids=[5, 9],
+                             transform=build_test_transform(256, 160), skip_corrupt=True, score_threshold=0.87)  # its score: drawn
+    assert detector.training  # run in eval mode, then left as it was
     assert [p.name for p in out.images] == ["gray.png", "street.png"] and len(out.skipped) == 1
     assert "broken.jpg" in out.skipped[0]
     drawn = np.asarray(Image.open(tmp_path / "out" / "street.png").convert("RGB"))

@@ -134,15 +134,69 @@ def test_onnx_pp_features_match_the_spec_transcription(pp_features_onnx):
 
 
 def test_torchscript_equals_eager_and_refuses_other_sizes(tmp_path):
-    model = CrossFormer(**dict(PP_TINY, depths=(1, 1, 4, 1), num_classes=5)).eval()  # with an ACL
+    model = CrossFormer(**dict(PP_TINY, depths=(1, 1, 4, 1), num_classes=5)).train()  # with an ACL
     path = export_torchscript(model, tmp_path / "pp.pt", (96, 80))
+    assert model.training  # traced in eval mode, then left as it was
+    model.eval()
     loaded = torch.jit.load(str(path))
     for batch in (1, 3):
         x = torch.randn(batch, 3, 96, 80)
         with torch.no_grad():
             assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
-    with pytest.raises(Exception, match="traced for"):
-        loaded(torch.randn(1, 3, 96, 96))
+    for size in [(96, 96), (112, 80)]:
+        with pytest.raises(Exception, match="traced for"):
+            loaded(torch.randn(1, 3, *size))
+
+
+def test_the_size_guard_makes_every_output_nan_outside_the_range():
+    """What the ONNX graph computes, run eagerly: each bound of the range is checked on its own."""
+    from crossformer.export import _SizeGuard
+
+    model = CrossFormer(**V1_TINY).eval()
+    guarded = _SizeGuard(model, SizeRange(128, 255, 128, 255))
+    with torch.no_grad():
+        x = torch.randn(1, 3, 128, 255)
+        assert torch.equal(guarded(x), model(x))
+        for size in [(96, 160), (160, 96), (256, 160), (160, 256)]:
+            assert guarded(torch.randn(1, 3, *size)).isnan().all(), size
+        unbounded = _SizeGuard(model, SizeRange(128, None, 128, None))
+        assert not unbounded(torch.randn(1, 3, 128, 300)).isnan().any()
+
+
+def test_the_onnx_check_covers_the_example_and_the_corners_of_the_range():
+    from crossformer.commands.export import _check_points
+
+    assert _check_points(SizeRange(40, 239, 40, 239), 224, 224) == [(224, 224), (40, 239), (239, 40)]
+    # an open end is checked at 1.5x the example
+    assert _check_points(SizeRange(256, None, 256, None), 512, 640) == [(512, 640), (256, 960), (768, 256)]
+    assert _check_points(SizeRange(64, 64, 64, 64), 64, 64) == [(64, 64)]
+
+
+@pytest.mark.parametrize("error, status", [(5e-5, 0), (2e-4, 1)])
+def test_cli_onnx_passes_its_options_and_fails_when_onnxruntime_disagrees(tmp_path, capsys, monkeypatch, error, status):
+    from crossformer import export as exporting
+
+    exported, compared = {}, {}
+
+    def fake_export(model, path, img_size, **options):
+        exported.update(options, img_size=img_size)
+        return SizeRange(64, 127, 64, 127)
+
+    def fake_compare(model, path, sizes, batch=1, counts=None):
+        compared.update(sizes=sizes, batch=batch)
+        return {tuple(size): error for size in sizes}
+
+    monkeypatch.setattr(exporting, "_require_onnx", lambda: None)
+    monkeypatch.setattr(exporting, "export_onnx", fake_export)
+    monkeypatch.setattr(exporting, "compare_onnx", fake_compare)
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", "crossformer_tiny", "--num-classes", "3", "--format", "onnx", "--img-size", "64",
+                 "--opset", "19", "--static", "-o", str(out)]) == status
+    assert (exported["img_size"], exported["dynamic"], exported["opset"]) == ((64, 64), False, 19)
+    assert compared == {"sizes": [(64, 64), (64, 127), (127, 64)], "batch": 1}
+    printed = capsys.readouterr().out
+    assert f"{error:.1e} at 64x64, {error:.1e} at 64x127, {error:.1e} at 127x64" in printed
+    assert ("error: onnxruntime and PyTorch disagree by more than 1e-4" in printed) == bool(status)
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -185,6 +239,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx", "-o", out)
     assert "pip install 'crossformer[export]'" in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--format", "onnx", "--opset", "17"], "--opset must be at least 18"),
+                                            (["--format", "torchscript", "--num-classes", "-1"],
+                                             "--num-classes must be 0 or more, got -1")])
+def test_cli_options_no_export_can_use_are_one_line(tmp_path, capsys, flags, message):
+    assert message in _cli_error(capsys, "--model", "crossformer_tiny", *flags, "-o", str(tmp_path / "out"))
+
+
+def test_cli_a_headless_checkpoint_exports_pooled_features(tmp_path, capsys):
+    # a checkpoint without a classifier (num_classes=0) is exported as it is, not with a fresh 1000-class head
+    model = CrossFormer(**dict(V1_TINY, num_classes=0)).eval()
+    torch.save({"model": model.state_dict(), "model_name": "crossformer_tiny",
+                "model_kwargs": {k: v for k, v in V1_TINY.items() if k != "num_classes"}}, tmp_path / "headless.pth")
+    out = tmp_path / "headless.pt"
+    assert main(["export", "--checkpoint", str(tmp_path / "headless.pth"), "--format", "torchscript", "-o", str(out),
+                 "--img-size", "128"]) == 0
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(x), model(x), atol=1e-5, rtol=0)
 
 
 def test_cli_safetensors_of_the_ema_weights_says_so(tmp_path, capsys):

@@ -7,12 +7,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from crossformer.cli import main
-from crossformer.models import CrossFormer, analytic_macs, dense_backbone_macs, traced_macs
+from crossformer.models import CrossFormer, analytic_macs, dense_backbone_macs, layers, traced_macs
 from crossformer.models.dense import authors_dense_settings, build_dense_backbone
 from crossformer.models.flops import EXTRA_MAC_FORMULAS
+
+from cli_errors import one_error_line
 
 # The official group sizes and intervals at a small width: at 224 no stage pads.
 V1 = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), group_size=(7, 7, 7, 7),
@@ -60,6 +63,42 @@ def test_the_dense_tasks_backbone_count_is_the_executed_one_within_a_quarter_per
             assert formula < 0.95 * macs
         else:  # CrossFormer++ groups are 7x7: only padding differs
             assert 0.98 * macs < formula < macs
+
+
+def test_counting_leaves_a_training_model_training():
+    model = CrossFormer(**V1, num_classes=10).train()
+    traced_macs(model, 64, 64)
+    assert model.training
+
+
+@pytest.mark.skipif(layers._LINEAR_POINTWISE is None or layers._REORDER_LINEAR_WEIGHT is None,
+                    reason="PyTorch built without oneDNN")
+def test_the_fused_linear_is_counted_as_the_plain_one():
+    # the model steps off its oneDNN linear under a counter, but a product called on it directly
+    # (the benchmark's GEMM timings, a model of the user's) is priced as F.linear is: 2 * M * K * N
+    x, weight = torch.randn(30, 40), torch.randn(24, 40)
+    packed = layers._REORDER_LINEAR_WEIGHT(weight, 30)
+    counts = []
+    for product in (lambda: F.linear(x, weight), lambda: layers._LINEAR_POINTWISE(x, packed, None, "none", [], "none")):
+        counter = FlopCounterMode(display=False, custom_mapping=EXTRA_MAC_FORMULAS)
+        with counter:
+            product()
+        counts.append(counter.get_total_flops())
+    assert counts == [2 * 30 * 40 * 24] * 2
+
+
+def test_a_map_under_the_small_map_rule_is_priced_as_the_group_it_forms():
+    # CrossFormer++ at 224x448: stage 3's 7x14 map has its short side at G = 7, so it forms one
+    # 14x14 group (G' = max(h, w)), as it does with G = 14; the count must not price 7x7 groups
+    def counted(last_group: int) -> int:
+        return analytic_macs(CrossFormer(**dict(PP, group_size=(4, 4, 14, last_group)), num_classes=10), 224, 448)
+
+    assert counted(7) == counted(14) != counted(6)
+
+
+def test_cli_refuses_a_model_the_formula_does_not_describe(capsys):
+    line = one_error_line(capsys, ["flops", "--model", "test_vit"])
+    assert line.endswith("test_vit is not a CrossFormer: the analytic count applies to CrossFormer only"), line
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import crossformer.atomic as atomic
 from crossformer.atomic import OutputError, write_atomic
 from crossformer.cli import main
+from crossformer.errors import listing, one_line
 from crossformer.models import CrossFormer
 
 from cli_errors import one_error_line
@@ -144,6 +145,34 @@ def test_file_modes(tmp_path):
     assert stat.S_IMODE(kept.stat().st_mode) == 0o640
 
 
+def test_the_file_is_on_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    # without fsync a power cut after the rename could leave an empty file where the old one was
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst))[1])
+    write_atomic(tmp_path / "x.bin", lambda f: f.write(b"x"))
+    assert events == ["fsync", "replace"]
+
+
+def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    # no shell expands it in --output=~/x: written under a folder named "~" it would be lost from view
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert write_atomic("~/x.bin", lambda f: f.write(b"x")) == tmp_path / "x.bin"
+    assert atomic.check_output_folder("~/runs") == tmp_path / "runs"
+    _only(tmp_path, "x.bin")
+
+
+def test_library_messages_become_one_line_and_listings_count_the_rest():
+    assert one_line("missing keys:\n  head.weight \n\n  head.bias") == "missing keys: head.weight head.bias"
+    assert one_line("x" * 600) == "x" * 600
+    assert one_line("x" * 601) == "x" * 597 + "..."
+    assert listing(["a", "b", "c", "d"]) == "a, b, c, d"
+    assert listing(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
+    assert listing(["a", "b"], limit=1) == "a and 1 more"
+
+
 # --- through the commands -------------------------------------------------------------
 
 
@@ -199,6 +228,38 @@ def test_commands_refuse_a_folder_or_a_path_under_a_file(tmp_path, capsys, check
         assert f"cannot write {target}" in line and message in line, line
     _only(out, "plain_file")
     assert (out / "plain_file").read_bytes() == PREVIOUS
+
+
+class _NoDetections(torch.nn.Module):
+    def forward(self, images, metas):
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in metas]
+
+
+def test_detection_results_on_a_full_disk_keep_the_previous_file(tmp_path, monkeypatch):
+    """predict's detections.json and evaluate's results JSON: a traceback and a cut file, before."""
+    from PIL import Image
+
+    from crossformer.detection.data import CocoDetection, coco_paths
+    from crossformer.detection.evaluate import evaluate_detector
+    from crossformer.detection.predict import predict_detections
+    from detection_fixtures import GroundTruthDetector, make_small_coco
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "photo.png")
+    out = tmp_path / "predicted"
+    out.mkdir()
+    (out / "detections.json").write_bytes(PREVIOUS)
+    root = make_small_coco(tmp_path / "coco", images=4)
+    results = tmp_path / "results.json"
+    results.write_bytes(PREVIOUS)
+    _disk_full(monkeypatch)
+    for target, run in ((out / "detections.json", lambda: predict_detections(_NoDetections(), tmp_path / "photo.png", out, ["a"])),
+                        (results, lambda: evaluate_detector(GroundTruthDetector(root), CocoDetection(*coco_paths(root, "val")),
+                                                            results_file=results))):
+        with pytest.raises(OutputError, match=f"cannot write {target}: no space left on the device; the previous file was kept"):
+            run()
+        assert target.read_bytes() == PREVIOUS
+        assert not atomic.stale_temporaries(target)
 
 
 def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):

@@ -24,6 +24,7 @@ from crossformer.data import find_unreadable
 from crossformer.engine import (
     RunInterrupted,
     Task,
+    claim_demo_output,
     claim_output,
     default_workers,
     load_training_state,
@@ -122,6 +123,25 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     stale[0].write_bytes(b"half")
     assert claim_output(run, None, overwrite=True) == ["last.pth"]
     assert not stale[0].exists() and (run / "notes.txt").exists()
+
+
+def test_a_demo_replaces_its_own_output_and_keeps_the_data_it_reuses(tmp_path: Path, capsys) -> None:
+    # the segmentation demo reuses its generated data set; its default folder from before demos
+    # marked theirs is taken over only while it holds nothing but what a demo writes
+    folder = tmp_path / "demo-segmentation"
+    for name in ("data", "train", "predict"):
+        (folder / name).mkdir(parents=True)
+    (folder / "data" / "scene.png").write_bytes(b"reused")
+    (folder / "notes.md").write_text("mine")
+    writes = ("data", "train", "predict")
+    with pytest.raises(UserInputError, match="holds data, notes.md, predict, train, not an earlier segmentation demo"):
+        claim_demo_output(folder, "segmentation", writes, folder, keep=("data",))
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "notes.md", "predict", "train"]
+    (folder / "notes.md").unlink()
+    claim_demo_output(folder, "segmentation", writes, folder, keep=("data",))
+    assert sorted(p.name for p in folder.iterdir()) == ["crossformer-demo.txt", "data"]
+    assert (folder / "data" / "scene.png").read_bytes() == b"reused"
+    assert f"deleted the earlier segmentation demo's train, predict in {folder}" in capsys.readouterr().out
 
 
 # -- 2. the default output folder is what --help says ------------------------------------------
@@ -657,6 +677,8 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
                                              "--img-size", "20"],
         "run.batch_size must be at least 1, got 0": ["predict", str(data / "val"), "--checkpoint",
                                                      str(trained / "last.pth"), "--batch-size", "0"],
+        "--topk must be at least 1, got 0": ["predict", str(data / "val"), "--checkpoint", str(trained / "last.pth"),
+                                             "--topk", "0"],
     }
     for expected, argv in cases.items():
         assert expected in one_error_line(capsys, argv), argv
@@ -947,6 +969,20 @@ def test_dense_flops_names_the_backbone_settings_and_classes_it_counts(capsys, c
     table), and the detector's line named no class count, as classification's flops does."""
     assert main(["flops", "--config", config]) == 0
     assert shown in capsys.readouterr().out
+
+
+def test_dense_backbone_settings_leave_out_the_training_only_drop_path() -> None:
+    from crossformer.commands.common import backbone_settings
+
+    assert backbone_settings({"embed_dim": 32, "drop_path_rate": 0.2, "depths": [1, 1]}) == " (depths=[1, 1], embed_dim=32)"
+    assert backbone_settings({"drop_path_rate": 0.2}) == backbone_settings({}) == ""
+
+
+def test_demo_task_all_takes_no_output_or_settings(tmp_path: Path, capsys) -> None:
+    for extra in (["--output", str(tmp_path / "demo")], ["epochs=1"]):
+        line = one_error_line(capsys, ["demo", "--task", "all", *extra])
+        assert line.endswith("--task all runs every demo as it is: no --output or KEY=VALUE settings"), line
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize("argv,shown,hidden", [

@@ -58,6 +58,20 @@ def test_evaluate_prints_the_table_and_writes_json(run: dict[str, Path], capsys)
         assert other["images"] == 2 and 0 <= other["mIoU"] <= 1 and other["mIoU"] != result["mIoU"]
 
 
+def test_evaluate_output_on_a_full_disk_keeps_the_previous_file(run: dict[str, Path], tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    from test_robust_outputs import PREVIOUS, _disk_full
+
+    target = tmp_path / "eval.json"
+    target.write_bytes(PREVIOUS)
+    _disk_full(monkeypatch)
+    assert main(["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]), "--data",
+                 str(run["data"]), "--output", str(target)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the warning of the classes no label map holds
+    assert last.endswith(f"cannot write {target}: no space left on the device; the previous file was kept"), last
+    assert target.read_bytes() == PREVIOUS and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
 def test_evaluate_warns_of_the_classes_no_label_map_holds_and_marks_them(run: dict[str, Path], capsys) -> None:
     # Training warned that no validation label map holds 'grass' or 'building'; evaluate printed
     # their rows (IoU 0.00 where predicted, else nan; Acc nan) without a word.
@@ -101,6 +115,13 @@ def test_safetensors_weights_evaluate_as_the_checkpoint(run: dict[str, Path], tm
                      str(run["config"]), "--checkpoint", str(path), "--output", str(tmp_path / "pred"), "--json"]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert len(lines) == 2 and all(line["classes"] and set(line["classes"]) <= names for line in lines), lines
+
+
+def test_export_without_output_names_the_file_after_the_segmentor(run: dict[str, Path], tmp_path: Path, capsys,
+                                                                   monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(run["checkpoint"]), "--format", "safetensors"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["upernet_crossformer_small.safetensors"]
 
 
 def test_export_writes_the_segmentor_for_many_sizes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -254,6 +275,19 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
                     str(foreign), "another segmentor than the config's upernet crossformer_small")
     _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
                              "data.root=null"], "no data given: pass --data")
+    for opacity in ("1.5", "-0.1"):
+        _one_line_error(capsys, ["predict", str(tmp_path), "--config", str(run["config"]), "--checkpoint",
+                                 str(run["checkpoint"]), "--opacity", opacity], f"--opacity must be in [0, 1], got {float(opacity)}")
+
+
+def test_flops_gives_the_authors_figures_only_for_the_row_they_measured(capsys) -> None:
+    def counted(*argv: str) -> dict:
+        assert main(["flops", "--config", "upernet_crossformer_small", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert counted()["authors_gflops"] == 979.5
+    assert "authors_gflops" not in counted("--img-size", "512", "512")  # theirs are at 512x2048
+    assert "authors_params_m" not in counted("model.backbone_kwargs.embed_dim=48")  # another backbone than theirs
 
 
 @pytest.mark.slow

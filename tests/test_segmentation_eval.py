@@ -21,7 +21,7 @@ from crossformer.segmentation.data import ade20k_dataset, reduce_zero_label
 from crossformer.segmentation.evaluate import IoUAccumulator, evaluate_segmentor
 from crossformer.segmentation import inference
 from crossformer.segmentation.inference import InferenceConfig, prepare_image, scale_bounds, segment_probs, slide_logits
-from crossformer.segmentation.predict import predict_images
+from crossformer.segmentation.predict import predict_images, write_label_map
 from crossformer.segmentation.synthetic import make_ade_dataset
 
 
@@ -343,8 +343,10 @@ def test_predict_writes_overlays_and_label_maps(synthetic, tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
         predict_images(model, [inputs], tmp_path / "out", dataset.classes, inference=config)
     logged = []
+    model.train()
     results, skipped = predict_images(model, [inputs], tmp_path / "out", dataset.classes, dataset.palette, config,
                                       reduce_zero_label=True, skip_corrupt=True, log=logged.append)
+    assert model.training  # run in eval mode, then left as it was
     assert [r.path.rsplit("/", 1)[1] for r in results] == ["gray.png", "rgba.png"] and len(skipped) == 1
     assert "broken.jpg" in logged[0]
     for result in results:
@@ -422,3 +424,12 @@ def test_the_legend_of_a_small_image_goes_beside_it():
     # a large image keeps the legend in its corner, at its own size
     large = np.asarray(overlay_segmentation(np.zeros((480, 640, 3), np.uint8), np.zeros((480, 640), int), names, colours))
     assert large.shape == (480, 640, 3) and large[:5, :5].any()
+
+
+def test_a_label_map_holds_values_up_to_255_and_refuses_more(tmp_path: Path) -> None:
+    # reduce-zero-label stores class c as c + 1: class 254 is 255, class 255 would wrap to 0 ("unlabelled")
+    write_label_map(np.array([[0, 254]]), tmp_path / "top.png", reduce_zero_label=True)
+    assert np.asarray(Image.open(tmp_path / "top.png")).tolist() == [[1, 255]]
+    with pytest.raises(DataError, match="class values above 255 do not fit an 8-bit label map"):
+        write_label_map(np.array([[0, 255]]), tmp_path / "over.png", reduce_zero_label=True)
+    assert not (tmp_path / "over.png").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REFERENCE_CONFIGS
 
@@ -22,7 +23,7 @@ from crossformer.segmentation import (
     read_segmentation_meta,
     segmentor_flops,
 )
-from crossformer.segmentation.flops import head_macs
+from crossformer.segmentation.flops import _count, head_macs
 from crossformer.segmentation.heads import fpn_neck
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
@@ -97,6 +98,15 @@ def test_head_macs_by_hand() -> None:
     expected += unit(256, 2) + unit(128, 4) + unit(128, 8)  # stride 32: three units
     expected += 16 * 16 * (128 * 3 + 3)  # conv_seg
     assert head_macs(segmentor, [(1, c, s, s) for c, s in zip(channels, sizes, strict=True)]) == expected
+
+
+def test_pyramid_pooling_is_counted_by_its_input_as_mmcv_does() -> None:
+    """UPerNet's pooling module (no layer of the FPN head above): mmcv counts one add per input element."""
+    x = torch.zeros(1, 8, 12, 20)
+    for pool in (nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(6)):
+        total = [0]
+        _count(pool, (x,), pool(x), total)
+        assert total == [8 * 12 * 20]
 
 
 @pytest.mark.parametrize("kind", SEGMENTOR_KINDS)

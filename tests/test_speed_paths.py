@@ -24,6 +24,8 @@ from crossformer.models.layers import (
     measured_gemm_training,
 )
 
+from cli_errors import one_error_line
+
 TOL = 1e-4
 needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None, reason="PyTorch built without oneDNN")
 TINY = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8), group_size=(7, 7, 7, 7),
@@ -356,12 +358,151 @@ def test_peak_needs_the_cpu_or_cuda(capsys) -> None:
     assert "--peak times the GEMMs of the CPU or a CUDA device, not 'cpu:1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [("--rounds", "0", "--rounds must be at least 1"),
+                                                  ("--steps", "0", "--steps must be at least 1"),
+                                                  ("--warmup", "-1", "--warmup must be at least 0"),
+                                                  ("--batch-size", "0", "--batch-size must be at least 1")])
+def test_benchmark_counts_below_their_minimum_are_one_line(capsys, flag: str, value: str, message: str) -> None:
+    line = one_error_line(capsys, ["benchmark", "--model", "crossformer_tiny", flag, value])
+    assert line.endswith(message), line
+
+
 def test_no_warmup_reports_no_first_step() -> None:
     from crossformer.benchmark import BenchConfig, run_benchmark, summarise
 
     config = BenchConfig(batch_size={"infer": 1}, img_size=(32, 32), rounds=1, warmup=0, memory=False)
     summary = summarise(run_benchmark({"m": lambda: torch.nn.Conv2d(3, 4, 3)}, config), config)
     assert summary["models"]["m"]["infer"]["first_step_s"] is None
+
+
+class _Timed(nn.Module):
+    """Takes ``costs[i]`` seconds of a fake clock at its ``i``-th call: the benchmark's arithmetic
+    without a real timing's noise."""
+
+    def __init__(self, clock: list[float], costs: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+        self.clock, self.costs, self.calls = clock, costs, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.costs[self.calls]
+        self.calls += 1
+        return x
+
+
+def test_rates_are_images_over_seconds_medians_over_rounds_and_ratios_of_ours_to_the_peer(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from crossformer import benchmark
+
+    clock = [0.0]
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # 2 warm-up calls (the first one timed), then 3 rounds of 2 timed steps each
+    ours = _Timed(clock, [10.0, 5.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5])
+    peer = _Timed(clock, [3.0, 3.0] + [2.0] * 6)
+    config = benchmark.BenchConfig(batch_size={"infer": 4}, img_size=(8, 8), rounds=3, warmup=2, steps=2, memory=False)
+    summary = benchmark.summarise(benchmark.run_benchmark({"ours": lambda: ours, "peer": lambda: peer}, config),
+                                  config, compare="peer")
+    assert ours.calls == peer.calls == 8
+    measured = summary["models"]["ours"]["infer"]
+    # 4 images x 2 steps over 2, 4 and 1 seconds
+    assert measured["images_per_s_rounds"] == [4.0, 2.0, 8.0] and measured["images_per_s"] == 4.0
+    assert measured["images_per_s_spread"] == [2.0, 8.0] and measured["first_step_s"] == 10.0
+    assert measured["peak_mem_mb"] is None and summary["models"]["peer"]["infer"]["images_per_s"] == 2.0
+    # each round's ratio (2, 1, 4), then their median: not the ratio of the medians, nor their mean
+    assert (summary["infer_ratio"], summary["infer_ratio_spread"]) == (2.0, [1.0, 4.0])
+    assert "ratio 2.00x [1.00, 4.00]" in benchmark.format_summary(summary)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_memory_is_the_resident_growth_in_mib(monkeypatch) -> None:
+    from crossformer import benchmark
+
+    resident = {"VmRSS": 100 * 1024, "VmHWM": 100 * 1024}  # kB, as /proc/self/status gives them
+    monkeypatch.setattr(benchmark, "_status_kb", lambda key: resident[key])
+    steps = []
+
+    def step() -> None:
+        steps.append(1)
+        resident["VmHWM"] += 3 * 1024 + 512
+
+    assert benchmark.peak_memory_mb(step, "cpu") == 3.5 and steps == [1]
+
+
+def test_peak_under_bf16_autocast_is_a_share_of_the_best_bf16_rate(monkeypatch) -> None:
+    from crossformer import benchmark
+
+    rates = {"fp32 mkl": 100.0, "bf16 onednn packed": 400.0}
+    monkeypatch.setattr(benchmark, "gemm_rates", lambda shapes, rounds=3, device="cpu": [
+        dict(shape=label, m=m, k=k, n=n, gflops=dict(rates)) for label, m, k, n, *_ in shapes])
+    config = benchmark.BenchConfig(batch_size={"infer": 2}, img_size=(64, 64), amp="bf16")
+    summary = {"models": {"crossformer_tiny": {"infer": {"images_per_s": 30.0, "images_per_s_rounds": [20.0, 40.0]}}}}
+    squares = [{"fp32 mkl": 50.0, "bf16 mm (autocast)": 200.0}, {"fp32 mkl": 50.0, "bf16 mm (autocast)": 800.0}]
+    report = benchmark.peak_report("crossformer_tiny", config, summary, square_samples=squares)
+    macs = report["model_macs_per_image"]
+    assert report["model_dtype"] == "bf16" and report["best_square_gflops"] == {"fp32": 100.0, "bf16": 400.0}
+    assert report["model_gflops"] == pytest.approx(2 * macs * 30 / 1e9)
+    assert report["square_gflops_rounds"] == [200.0, 800.0]
+    fractions = [2 * macs * 20 / 1e9 / 200, 2 * macs * 40 / 1e9 / 800]
+    assert report["model_fraction_of_best"] == pytest.approx(sum(fractions) / 2)
+    assert report["linear_seconds_per_batch"] == pytest.approx(report["linear_gflop_per_batch"] / 400)
+
+
+def test_gemm_rates_count_every_repeat_of_the_product(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from crossformer import benchmark
+
+    clock = [0.0]
+
+    def tick() -> float:  # 1/64 s between any two readings (exact in binary), however many products ran
+        clock[0] += 2**-6
+        return clock[0]
+
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=tick))
+    sampler = benchmark.GemmSampler(8, 16, 4, min_seconds=5 * 2**-6)
+    sampler()
+    # a product "takes" 1/64 s, so each backend repeats it 5 times to fill 5/64 s; then 5 products in 1/64 s
+    assert set(sampler.repeats.values()) == {5}
+    assert sampler.samples == [{name: pytest.approx(2 * 8 * 16 * 4 * 5 * 64 / 1e9) for name in sampler.calls}]
+
+
+def test_channels_last_reaches_the_models_input() -> None:
+    from crossformer.benchmark import BenchConfig, make_step
+
+    seen = []
+
+    class Records(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return x
+
+    for channels_last in (True, False):
+        make_step(Records(), "infer", BenchConfig(batch_size={"infer": 2}, img_size=(8, 8), channels_last=channels_last))()
+    assert seen == [True, False]
+
+
+def test_the_benchmark_flags_set_the_measurement() -> None:
+    import argparse
+
+    from crossformer.benchmark import BenchConfig
+    from crossformer.commands import benchmark as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    # the defaults: a training step beside inference with --compare, at batch 16 beside 32
+    assert command.build_config(parser.parse_args(["--model", "m", "--compare", "p"])) == BenchConfig(
+        modes=("infer", "train"), batch_size={"infer": 32, "train": 16})
+    given = parser.parse_args(["--model", "m", "--train", "--batch-size", "3", "--img-size", "64", "96", "--amp", "bf16",
+                               "--channels-last", "--grad-checkpointing", "--num-classes", "0", "--rounds", "4",
+                               "--warmup", "0", "--steps", "2", "--no-memory"])
+    assert command.build_config(given) == BenchConfig(
+        modes=("train",), batch_size={"train": 3}, img_size=(64, 96), amp="bf16", channels_last=True,
+        grad_checkpointing=True, num_classes=0, rounds=4, warmup=0, steps=2, memory=False)
 
 
 @needs_onednn

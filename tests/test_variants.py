@@ -139,6 +139,8 @@ def test_flops_command_other_size_and_bad_input(capsys) -> None:
     assert main(["flops", "--model", "crossformer_tiny", "--img-size", "16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 32" in err
+    assert main(["flops", "--model", "crossformer_tiny", "--img-size", "64", "64", "64"]) == 2
+    assert "--img-size takes N or H W, got 64 64 64" in capsys.readouterr().err
     assert main(["flops", "--model", "crossformer_nope"]) == 2
     assert re.search(r"unknown model", capsys.readouterr().err)
     # a near miss names the model meant, in every command (one helper: models.require_known_model)

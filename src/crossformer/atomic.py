@@ -1,8 +1,8 @@
 """Writing output files atomically: readers see the previous file or the new one, never half.
 
-Every file the package writes (training checkpoints, exports, converted weights) goes
-through :func:`write_atomic`: the bytes go to a hidden temporary file in the target's
-folder, are flushed to disk, and replace the target with one ``os.replace`` (atomic on
+The files the package writes for keeping (training checkpoints, exports, converted weights,
+results JSON) go through :func:`write_atomic`: the bytes go to a hidden temporary file in the
+target's folder, are flushed to disk, and replace the target with one ``os.replace`` (atomic on
 POSIX and Windows). Whatever fails (a full disk, a permission, an interrupt, the writer
 itself) the temporary file is removed and the previous file stays as it was. Failures
 of the destination itself become a one-line :class:`OutputError` that says so.
@@ -24,7 +24,8 @@ from typing import BinaryIO, Callable
 
 from .errors import UserInputError
 
-__all__ = ["OutputError", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic"]
+__all__ = ["OutputError", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic",
+           "write_text_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -157,3 +158,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
             raise
         raise OutputError(_fail_message(path, _REASONS[cause.errno], existed)) from None
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_atomic` for a UTF-8 text file (a results JSON, say); returns ``path`` as a ``Path``."""
+    return write_atomic(path, lambda file: file.write(text.encode("utf-8")))

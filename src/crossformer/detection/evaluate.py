@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..atomic import write_text_atomic
 from ..data import DataError, ShardedSampler, build_loader, gather_skipped, raise_or_count_unreadable
 from ..engine import DistContext, Precision, RunLogger
 from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
@@ -203,9 +204,7 @@ def evaluate_detector(
         results = [r for part in gathered for r in part[0]]
         evaluated = sorted(i for part in gathered for i in part[1])
         if results_file is not None:
-            Path(results_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(results_file, "w", encoding="utf-8") as f:
-                json.dump(results, f)
+            write_text_atomic(results_file, json.dumps(results))
         log = logger.info if logger is not None else None
         metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, log)
         metrics.update(images=len(evaluated), skipped=skipped_count)

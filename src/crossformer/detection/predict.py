@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..atomic import check_output_folder
+from ..atomic import check_output_folder, write_text_atomic
 from ..data import DataError, expand_image_inputs, output_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
@@ -122,8 +122,7 @@ def predict_detections(
     if progress is not None:
         progress.close()
     detector.train(was_training)
-    with open(result.json_path, "w", encoding="utf-8") as f:
-        json.dump(records, f)
+    write_text_atomic(result.json_path, json.dumps(records))
     result.detections = len(records)
     if result.skipped and logger is not None:
         logger.info(f"skipped {len(result.skipped)} unreadable image(s)")

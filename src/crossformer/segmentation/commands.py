@@ -135,7 +135,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     from ..engine import RunLogger, resolve_precision, skipped_on_stderr
     from ..engine.distributed import setup_distributed, teardown_distributed
-    from ..atomic import check_output_path
+    from ..atomic import check_output_path, write_text_atomic
     from .data import absent_classes_note
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
@@ -164,8 +164,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         print(f"warning: {absent}", file=sys.stderr)
     result = {"checkpoint": str(args.checkpoint), "data": str(dataset.image_dir), **metrics.to_dict()}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(args.output, json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
