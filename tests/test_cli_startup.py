@@ -91,6 +91,38 @@ def test_a_one_process_command_under_torchrun_is_refused_without_torch(capsys, m
     assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def test_torchruns_variables_are_read_with_their_defaults(monkeypatch) -> None:
+    from crossformer.engine import launch
+
+    readers = (launch.launched_processes, launch.launched_node_processes, launch.launched_rank,
+               launch.launched_local_rank)
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert [read() for read in readers] == [1, 1, 0, 0] and not launch.launched_by_torchrun()
+    for name, value in zip(TORCHRUN_VARIABLES, ("8", "4", "5", "1")):
+        monkeypatch.setenv(name, value)
+    assert [read() for read in readers] == [8, 4, 5, 1] and launch.launched_by_torchrun()
+    monkeypatch.setenv("RANK", "0")  # its rank 0 too (the resume hint names torchrun there)
+    assert launch.launched_rank() == 0 and launch.launched_by_torchrun()
+
+
+def test_only_engine_launch_reads_torchruns_variables() -> None:
+    # RANK was read in four modules (LOCAL_WORLD_SIZE in two), each stating its default again
+    import ast
+
+    import crossformer
+
+    package = Path(crossformer.__file__).parent
+    elsewhere = [f"{path.relative_to(package)}:{node.lineno} {node.value}"
+                 for path in sorted(package.rglob("*.py")) if path != package / "engine" / "launch.py"
+                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+                 and node.value in TORCHRUN_VARIABLES]
+    assert not elsewhere, f"read torchrun's variables through crossformer.engine.launch: {elsewhere}"
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> dict[str, Path]:
     """``{"<task>.pth" / "<task>.safetensors": file}``: a training checkpoint of each task, written

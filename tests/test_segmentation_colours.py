@@ -5,6 +5,8 @@ the same colours; the setting checked when the config loads."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +189,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, data in (("indices", indices), ("colours", colours)):
         layers = tiny_config(data=data, run={"output": str(root / name), "iterations": 2, "eval_every": 2})
         out[f"{name}_metrics"] = train(build_config(SegmentationConfig, (layers, "tiny")))
-        out[name] = root / name / "last.pth"
+        out[name], out[f"{name}_data"] = root / name / "last.pth", data
     return out
 
 
@@ -202,6 +204,43 @@ def test_training_on_colour_coded_maps_equals_training_on_the_index_maps(runs: d
         results.append(json.loads(capsys.readouterr().out))
     assert {**results[1], "checkpoint": None} == {**results[0], "checkpoint": None}
     assert results[0]["mIoU"] == runs["indices_metrics"]["val/mIoU"]
+
+
+def _resume(runs: dict, name: str, output: Path, **data) -> dict[str, float]:
+    """Run ``name`` of ``runs`` (copied to ``output``) resumed for one more update, its data settings updated by ``data``."""
+    shutil.copytree(runs[name].parent, output)
+    layers = tiny_config(data={**runs[f"{name}_data"], **data},
+                         run={"output": str(output), "iterations": 3, "eval_every": 3, "resume": "auto"})
+    return train(build_config(SegmentationConfig, (layers, "tiny")))
+
+
+def test_resume_refuses_other_label_colours(runs: dict, tmp_path: Path) -> None:
+    # Other colours for the same classes resumed silently (listed among the changed settings
+    # only): each pixel then trained the class its colour now stands for.
+    swapped = [COLOURS[1], COLOURS[0], *COLOURS[2:]]
+    last = re.escape(str(tmp_path / "swapped" / "last.pth"))
+    with pytest.raises(UserInputError, match=rf"^{last} was trained with class 0 \(\w+\) coloured #804080 in "
+                                             r"data.label_colours, not #f423e8; resume with the same colours$"):
+        _resume(runs, "colours", tmp_path / "swapped", label_colours=swapped)
+    last = re.escape(str(tmp_path / "indices" / "last.pth"))
+    with pytest.raises(UserInputError, match=rf"^{last} was trained on colour-coded label maps \(data.label_colours\); "
+                                             r"resume with its data.label_colours$"):
+        _resume(runs, "colours", tmp_path / "indices", **runs["indices_data"], label_colours=None, ignore_colours=[])
+    # the same colours resume, another ignore colour too (no pixel changes class)
+    assert _resume(runs, "colours", tmp_path / "same", ignore_colours=IGNORE)["global_step"] == 3
+
+
+def test_a_checkpoint_without_recorded_colours_resumes_on_index_maps(runs: dict, tmp_path: Path) -> None:
+    # checkpoints written before data.label_colours was recorded in them
+    shutil.copytree(runs["indices"].parent, tmp_path / "old")
+    state = torch.load(tmp_path / "old" / "last.pth", weights_only=True)
+    del state["meta"]["label_colours"]
+    torch.save(state, tmp_path / "old" / "last.pth")
+    runs = {**runs, "old": tmp_path / "old" / "last.pth", "old_data": runs["indices_data"]}
+    assert _resume(runs, "old", tmp_path / "resumed")["global_step"] == 3
+    with pytest.raises(UserInputError, match=r"was trained on index label maps \(no data.label_colours\); resume "
+                                             r"without data.label_colours$"):  # as one that recorded none
+        _resume(runs, "indices", tmp_path / "coloured", **runs["colours_data"])
 
 
 def test_the_data_check_before_training_names_an_unlisted_colour(runs: dict, tmp_path: Path) -> None:

@@ -185,7 +185,9 @@ def _run_with_config(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _say(message: str) -> None:
     """One line on stderr; under ``torchrun`` from rank 0 only (every rank stops with the same error)."""
-    if os.environ.get("RANK", "0") == "0":
+    from .engine.launch import launched_rank
+
+    if launched_rank() == 0:
         print(message, file=sys.stderr)
 
 
@@ -193,9 +195,9 @@ def _leave_after_rank_0(code: int) -> int:
     """``code``; under ``torchrun`` a rank other than 0 stopping with an error first gives rank
     0 a moment to print the shared message: torchrun ends every process once one exits with an
     error, and the message must not be lost to that race (rank 0 prints right after the agreement)."""
-    from .engine.launch import launched_processes
+    from .engine.launch import launched_processes, launched_rank
 
-    if code and os.environ.get("RANK", "0") != "0" and launched_processes() > 1:
+    if code and launched_rank() != 0 and launched_processes() > 1:
         time.sleep(_RANK_0_GRACE_S)
     return code
 

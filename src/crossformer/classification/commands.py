@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from ..commands.common import add_model_arg_argument, model_args
+from ..engine.launch import launched_rank
 from ..engine.registry import VerbHandler
 from .config import ClassificationConfig
 
@@ -50,7 +50,7 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
         amp=config.run.amp, device=config.run.device, skip_corrupt=config.data.skip_corrupt,
         model_kwargs=_kwargs(args, config),
     )
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports the reduced metrics
+    if launched_rank() != 0:  # under torchrun, rank 0 reports the reduced metrics
         return 0
     if args.json:
         print(json.dumps(metrics))

@@ -41,10 +41,10 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     from crossformer.engine import NonFiniteLossError, RunInterrupted, train
+    from crossformer.engine.launch import launched_by_torchrun, launched_rank
     from crossformer.engine.registry import resolve_config
 
     from .common import command_line_settings
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)
-    says = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops the same way; rank 0 says it
+    says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
     try:
         metrics = train(resolved.module.TASK, resolved.config)
     except NonFiniteLossError as err:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except RunInterrupted as err:
         if says:
-            launcher = "torchrun ... -m " if "RANK" in os.environ else ""
+            launcher = "torchrun ... -m " if launched_by_torchrun() else ""
             print(f"crossformer train: {err}\nresume with: {launcher}{resume_command(sys.argv[1:])}", file=sys.stderr)
         return 130
     return 0 if metrics else 1

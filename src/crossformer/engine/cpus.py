@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from .launch import launched_node_processes
+
 __all__ = ["available_cpus", "default_workers", "usable_workers", "MAX_DEFAULT_WORKERS"]
 
 MAX_DEFAULT_WORKERS = 8
@@ -25,7 +27,7 @@ def default_workers() -> int:
 
     More workers than CPUs only adds switching (and PyTorch warns about it).
     """
-    per_process = available_cpus() // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    per_process = available_cpus() // max(launched_node_processes(), 1)
     return max(1, min(MAX_DEFAULT_WORKERS, per_process))
 
 

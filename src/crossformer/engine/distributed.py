@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from .launch import launched_processes
+from .launch import launched_local_rank, launched_node_processes, launched_processes, launched_rank
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
            "stop_with_launcher"]
@@ -101,7 +101,7 @@ def _visible_gpu(name: str, local_rank: int) -> torch.device:
         raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
     count = torch.cuda.device_count()
     visible = f"{count} GPUs are visible (0-{count - 1})"
-    per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1)
+    per_node = max(launched_node_processes(), local_rank + 1)
     if ":" in name:
         if device.type != "cuda" or device.index is None or device.index >= count:
             raise UserInputError(f"--device {name}: {visible}")
@@ -199,8 +199,7 @@ def setup_distributed(device: str = "auto") -> DistContext:
     :func:`stop_with_launcher`); pick this process's device."""
     stop_with_launcher()
     world_size = launched_processes()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launched_rank(), launched_local_rank()
     resolved = resolve_device(device, local_rank)
     owns_group = world_size > 1 and not dist.is_initialized()
     if owns_group:

@@ -24,6 +24,7 @@ from .data import (
     skipped_file,
 )
 from .checkpoint import load_segmentor_state
+from .colours import hex_colour
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
 from .transforms import IGNORE_INDEX, SegTrainTransform
@@ -93,15 +94,30 @@ def segmentor_settings(model: SegModelConfig, num_classes: int) -> dict[str, Any
 
 
 def model_extras(
-    model: SegModelConfig, classes: list[str], palette: list[tuple[int, ...]], reduce_zero_label: bool
+    model: SegModelConfig, classes: list[str], palette: list[tuple[int, ...]], reduce_zero_label: bool,
+    label_colours: list[tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
     """What our checkpoints carry to rebuild and label the segmentor (plain values): the model
     settings under ``segmentor`` and, as mmseg files do, ``meta`` with the classes and palette
-    (and whether label maps count classes from 1, as ADE20K's)."""
-    return {
-        "segmentor": segmentor_settings(model, len(classes)),
-        "meta": {"classes": list(classes), "palette": [list(c) for c in palette], "reduce_zero_label": reduce_zero_label},
-    }
+    (and how label maps store classes: counted from 1, as ADE20K's; the colour of each where
+    they are colour-coded, ``data.label_colours``, else None)."""
+    meta = {"classes": list(classes), "palette": [list(c) for c in palette], "reduce_zero_label": reduce_zero_label,
+            "label_colours": None if label_colours is None else [list(c) for c in label_colours]}
+    return {"segmentor": segmentor_settings(model, len(classes)), "meta": meta}
+
+
+def _label_colours_refusal(path: str, theirs: list | None, mine: list | None, classes: list[str]) -> str | None:
+    """Why the checkpoint at ``path``, trained with ``data.label_colours`` ``theirs``, cannot
+    resume a run with ``mine`` (either None: index label maps), in one line; None if alike."""
+    if theirs == mine:
+        return None
+    if theirs is None:
+        return f"{path} was trained on index label maps (no data.label_colours); resume without data.label_colours"
+    if mine is None:
+        return f"{path} was trained on colour-coded label maps (data.label_colours); resume with its data.label_colours"
+    k = next((k for k, (a, b) in enumerate(zip(theirs, mine)) if list(a) != list(b)), 0)
+    return (f"{path} was trained with class {k} ({classes[k]}) coloured {hex_colour(theirs[k])} in data.label_colours, "
+            f"not {hex_colour(mine[k])}; resume with the same colours")
 
 
 class SegmentationTask(Task):
@@ -208,7 +224,8 @@ class SegmentationTask(Task):
 
     def checkpoint_extras(self) -> dict[str, Any]:
         t = self.train_set
-        return model_extras(self.config.model, t.classes, t.palette, t.reduce_zero_label)
+        colours = None if t.label_colours is None else t.label_colours.colours
+        return model_extras(self.config.model, t.classes, t.palette, t.reduce_zero_label, colours)
 
     def check_resume(self, state: dict[str, Any], path: str) -> None:
         mine = self.checkpoint_extras()
@@ -223,6 +240,15 @@ class SegmentationTask(Task):
                                  f"{mine['segmentor'][key]!r}; resume with the same config")
         if list(state.get("meta", {}).get("classes", [])) != mine["meta"]["classes"]:
             raise UserInputError(f"{path} was trained on other classes than {self.train_set.image_dir}; use the same data")
+        # the same classes in other colours: pixels of one colour would train another class. Not
+        # data.ignore_colours: a pixel of a colour dropped from them stops the run (or its file is
+        # skipped), one added was in no pixel trained on so far, one moved to a class changes
+        # data.label_colours. A checkpoint written before the colours were recorded is not checked.
+        # Checked before reduce_zero_label: between colour-coded and index maps, that is the change.
+        theirs = state.get("meta", {}).get("label_colours", mine["meta"]["label_colours"])
+        refusal = _label_colours_refusal(path, theirs, mine["meta"]["label_colours"], mine["meta"]["classes"])
+        if refusal is not None:
+            raise UserInputError(refusal)
         # the same classes counted from another value: every label would mean its neighbour's class
         reduced = state.get("meta", {}).get("reduce_zero_label")
         if reduced is not None and reduced != mine["meta"]["reduce_zero_label"]:
