@@ -688,6 +688,32 @@ def test_bad_values_are_one_line(data: Path, trained: Path, tmp_path: Path, caps
     assert not (output / "last.pth").exists()
 
 
+@pytest.mark.parametrize("argv", [["flops", "--config", "retinanet_crossformer_small_1x"],
+                                  ["flops", "--config", "upernet_crossformer_small"],
+                                  ["benchmark", "--config", "mask_rcnn_crossformer_small_1x", "--device", "cpu"],
+                                  ["benchmark", "--config", "fpn_crossformer_small", "--device", "cpu"]],
+                         ids=["flops-detection", "flops-segmentation", "benchmark-detection", "benchmark-segmentation"])
+def test_dense_backbone_settings_it_cannot_take_are_one_line(capsys, argv: list[str]) -> None:
+    # was a traceback ending in the ValueError: every dense command builds through build_task_backbone
+    line = one_error_line(capsys, [*argv, "model.backbone_kwargs.embed_dim=64"])
+    assert "cannot build backbone crossformer_small with " in line and "embed_dim=64" in line, line
+    assert line.endswith(": channels (64) must be divisible by num_heads (3)"), line
+
+
+def test_only_errors_of_the_users_settings_become_one_line() -> None:
+    from crossformer.errors import settings_that_fail
+
+    with pytest.raises(UserInputError, match=r"^cannot build m with depths=\[1\] at 64x32: wrong$"):
+        with settings_that_fail("m", {"depths": [1]}, img_size=(32, 64)):  # (H, W), shown W x H
+            raise ValueError("wrong")
+    with pytest.raises(ValueError, match="^bug$"):  # the registered settings fail: ours to fix, traceback kept
+        with settings_that_fail("m", {}):
+            raise ValueError("bug")
+    with pytest.raises(RuntimeError):  # not what a constructor raises for a setting it cannot take
+        with settings_that_fail("m", {"depths": [1]}):
+            raise RuntimeError("bug")
+
+
 def test_a_run_that_could_read_no_training_image_stops(tmp_path: Path, capsys) -> None:
     # --skip-corrupt skipped every batch: the run logged "train/loss 0.0000" and finished as if trained
     data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["UserInputError", "CheckpointError", "one_line", "listing"]
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+__all__ = ["UserInputError", "CheckpointError", "one_line", "listing", "settings_that_fail"]
 
 
 class UserInputError(ValueError):
@@ -25,3 +28,34 @@ def listing(names: list[str], limit: int = 4) -> str:
     "a, b, c and 5 more"."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# What a model's constructor raises for settings it cannot take: its own checks raise
+# ValueError (channels that do not split over the heads, one value per stage...), Python
+# raises TypeError for an unknown or ill-typed keyword. Other exceptions are bugs.
+SETTING_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError)
+
+
+@contextmanager
+def settings_that_fail(
+    name: str, settings: Mapping[str, Any], img_size: tuple[int, int] | None = None,
+    errors: tuple[type[Exception], ...] = SETTING_ERRORS,
+) -> Iterator[None]:
+    """Building model ``name`` from the user's ``settings`` (and input size ``img_size``,
+    (H, W), where the block also runs it): one of ``errors`` becomes one
+    :class:`UserInputError` line, "cannot build NAME with K=V, ... at WxH: reason".
+
+    Only what the user gave can be at fault: with no settings and no size the model is built
+    as registered, so an error is a bug of ours and keeps its traceback.
+    """
+    try:
+        yield
+    except UserInputError:
+        raise
+    except errors as err:
+        if not settings and img_size is None:
+            raise
+        shown = ", ".join(f"{key}={value}" for key, value in settings.items()) or "its default settings"
+        size = f" at {img_size[1]}x{img_size[0]}" if img_size is not None else ""  # width x height
+        reason = one_line(err, 400) or type(err).__name__
+        raise UserInputError(f"cannot build {name} with {shown}{size}: {reason}") from None

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, UserInputError
+from ..errors import SETTING_ERRORS, CheckpointError, UserInputError, settings_that_fail
 
 __all__ = ["create_classifier", "LoadedClassifier", "load_classifier"]
 
@@ -35,16 +35,12 @@ def create_classifier(
     kwargs = dict(model_kwargs or {})
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "its default settings"
-    try:
+    # The forward pass tells settings that do not fit the size by a shape error (RuntimeError).
+    with settings_that_fail(name, kwargs, img_size, errors=(*SETTING_ERRORS, RuntimeError)):
         if img_size is not None:
             with torch.device("meta"):
                 timm.create_model(name, num_classes=num_classes, **kwargs).eval()(torch.empty(1, 3, *img_size))
         return timm.create_model(name, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        size = f" at {img_size[0]}x{img_size[1]}" if img_size is not None else ""
-        raise UserInputError(f"cannot build {name} with {settings}{size}: {reason}") from None
 
 
 @dataclass

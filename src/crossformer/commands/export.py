@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     import crossformer.models  # noqa: F401  (registers the variants)
     from crossformer import export as exporting
     from crossformer.atomic import check_output_path
-    from crossformer.errors import UserInputError, one_line
+    from crossformer.errors import UserInputError, one_line, settings_that_fail
     from crossformer.models import CheckpointError, extract_state_dict, load_state, read_checkpoint, save_safetensors
 
     if not args.config and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
@@ -220,10 +220,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         if checkpoint and checkpoint.get("model_kwargs") and name == checkpoint.get("model_name"):
             shown = ", ".join(f"{k}={v}" for k, v in settings.items())
             print(f"model {name} with the checkpoint's settings: {shown}")
-        try:
+        with settings_that_fail(name, settings):
             model = timm.create_model(name, num_classes=num_classes, features_only=args.features, **settings)
-        except (TypeError, ValueError) as err:
-            raise UserInputError(f"cannot build {name} with {settings}: {err}") from None
         if checkpoint is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..models import VARIANTS
-from ..models.dense import authors_dense_settings, build_dense_backbone
+from ..models.dense import build_task_backbone
 from ..models.layout import nchw_contiguous
 from .cascade import CascadeRoIHead
 from .config import DetectorKind
@@ -217,7 +217,7 @@ def build_detector(
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
     if backbone not in VARIANTS:
         raise UserInputError(f"unknown backbone {backbone!r}: choose one of {', '.join(VARIANTS)}")
-    body = build_dense_backbone(backbone, **{**authors_dense_settings(backbone), **(backbone_kwargs or {})})
+    body = build_task_backbone(backbone, backbone_kwargs)
     if pretrained_backbone is not None:
         from ..models import load_state, read_checkpoint
         from .checkpoint import head_keys

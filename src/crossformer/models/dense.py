@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import timm
 import torch
 from timm.models._features import FeatureGetterNet, FeatureHookNet
 
-__all__ = ["CheckpointableFeatures", "CheckpointableHookFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings"]
+from ..errors import settings_that_fail
+
+__all__ = ["CheckpointableFeatures", "CheckpointableHookFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings",
+           "build_task_backbone"]
 
 # The authors' detection and segmentation configs use group size 7 and intervals 8, 4, 2, 1
 # in every stage for CrossFormer++ too (not its ImageNet 4,4,14,7 / 4,2,1,1); CrossFormer (v1)
@@ -74,3 +77,13 @@ def build_dense_backbone(name: str, **settings: Any) -> DenseBackbone:
     """The four stage maps of timm model ``name`` built with ``settings`` (e.g. the
     CrossFormer ``group_size``, ``interval``, ``drop_path_rate``; ``out_indices``)."""
     return DenseBackbone(name, **settings)
+
+
+def build_task_backbone(name: str, settings: Mapping[str, Any] | None = None) -> DenseBackbone:
+    """The backbone of a detector or segmentor: :func:`build_dense_backbone` with the
+    authors' grouping (:func:`authors_dense_settings`) under the user's ``settings`` (a
+    config's ``model.backbone_kwargs`` and drop path rate). Settings it cannot take are one
+    :class:`~crossformer.errors.UserInputError` line naming them, for every command that builds one."""
+    given = dict(settings or {})
+    with settings_that_fail(f"backbone {name}", given):
+        return build_dense_backbone(name, **{**authors_dense_settings(name), **given})

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserInputError
-from ..models.dense import DenseBackbone, authors_dense_settings, build_dense_backbone
+from ..models.dense import DenseBackbone, build_task_backbone
 from ..models.weights import load_checkpoint
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
 from .loss import resized_cross_entropy
@@ -159,7 +159,7 @@ def build_segmentor(
         raise UserInputError(f"unknown backbone {backbone!r}: use a timm model name such as crossformer_small")
     if num_classes < 1:
         raise UserInputError(f"num_classes must be at least 1, got {num_classes}")
-    net = build_dense_backbone(backbone, **{**authors_dense_settings(backbone), **(backbone_kwargs or {})})
+    net = build_task_backbone(backbone, backbone_kwargs)
     if len(net.channels) != 4:
         raise UserInputError(f"backbone {backbone!r} must return 4 maps, it returns {len(net.channels)}")
     if pretrained_backbone is not None:
