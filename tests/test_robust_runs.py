@@ -703,8 +703,8 @@ def test_dense_backbone_settings_it_cannot_take_are_one_line(capsys, argv: list[
 def test_only_errors_of_the_users_settings_become_one_line() -> None:
     from crossformer.errors import settings_that_fail
 
-    with pytest.raises(UserInputError, match=r"^cannot build m with depths=\[1\] at 64x32: wrong$"):
-        with settings_that_fail("m", {"depths": [1]}, img_size=(32, 64)):  # (H, W), shown W x H
+    with pytest.raises(UserInputError, match=r"^cannot build m with depths=\[1\] at 32x64: wrong$"):
+        with settings_that_fail("m", {"depths": [1]}, img_size=(32, 64)):  # (H, W), shown HxW as --img-size H W
             raise ValueError("wrong")
     with pytest.raises(ValueError, match="^bug$"):  # the registered settings fail: ours to fix, traceback kept
         with settings_that_fail("m", {}):

@@ -43,7 +43,7 @@ def settings_that_fail(
 ) -> Iterator[None]:
     """Building model ``name`` from the user's ``settings`` (and input size ``img_size``,
     (H, W), where the block also runs it): one of ``errors`` becomes one
-    :class:`UserInputError` line, "cannot build NAME with K=V, ... at WxH: reason".
+    :class:`UserInputError` line, "cannot build NAME with K=V, ... at HxW: reason".
 
     Only what the user gave can be at fault: with no settings and no size the model is built
     as registered, so an error is a bug of ours and keeps its traceback.
@@ -56,6 +56,6 @@ def settings_that_fail(
         if not settings and img_size is None:
             raise
         shown = ", ".join(f"{key}={value}" for key, value in settings.items()) or "its default settings"
-        size = f" at {img_size[1]}x{img_size[0]}" if img_size is not None else ""  # width x height
+        size = f" at {img_size[0]}x{img_size[1]}" if img_size is not None else ""  # HxW, as --img-size H W
         reason = one_line(err, 400) or type(err).__name__
         raise UserInputError(f"cannot build {name} with {shown}{size}: {reason}") from None
