@@ -1076,6 +1076,38 @@ def test_output_into_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
         assert process.stderr.read() == ""
 
 
+_CTRL_C_INSIDE_TORCHS_IMPORT = """
+import sys
+sys.argv = ["crossformer"]  # this process is the command (its Ctrl-C handling is set up)
+from crossformer import cli
+
+class CtrlCInsideTorchsImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            import gets_ctrl_c  # noqa: F401
+        return None
+
+sys.meta_path.insert(0, CtrlCInsideTorchsImport())
+sys.exit(cli.main(["flops", "--model", "crossformer_tiny", "--img-size", "64"]))
+"""
+
+
+def test_ctrl_c_inside_an_import_ends_the_command_before_the_module_unwinds(tmp_path: Path) -> None:
+    # a KeyboardInterrupt raised into a library's import left numpy half set up ("cannot load module
+    # more than once per process" at exit) or reached torch's C++ (abort): 1 run in 20 of the test below
+    (tmp_path / "gets_ctrl_c.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        "    print('the import unwound', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = run_process([sys.executable, "-c", _CTRL_C_INSIDE_TORCHS_IMPORT], timeout=120, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "crossformer flops: interrupted\n")
+
+
 def _importing_torch(pid: int) -> bool:
     """Whether process ``pid`` has started loading torch (its library is mapped), or has ended."""
     try:

@@ -214,29 +214,63 @@ def started_as_command() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("crossformer", "crossformer.exe", "crossformer-script.py")
 
 
-def _exit_interrupted(signum: int, frame: Any) -> None:
-    """Ctrl-C while the command starts: exit at once, quietly, with status 130. Not through
-    KeyboardInterrupt: raised inside a library's import it can leave that library half set up,
-    and the next import of it fails with an unrelated error (numpy: a RecursionError)."""
-    os._exit(INTERRUPTED)
+class _CtrlC:
+    """Ctrl-C in the ``crossformer`` command. Before the command's work begins, and whenever a
+    module is being imported, the process ends at once with status 130 and no traceback: a
+    KeyboardInterrupt raised inside a library's import can leave it half set up (numpy then
+    fails its next import with "cannot load module more than once per process"), or reach C++
+    that cannot pass it on (torch aborts: "terminate called after throwing an instance of
+    'pybind11::error_already_set'"). Otherwise KeyboardInterrupt, which the command answers by
+    stopping cleanly (training saves a checkpoint first)."""
+
+    def __init__(self) -> None:
+        self.process = os.getpid()  # a forked process (a loader worker) keeps Python's usual Ctrl-C
+        self.said: bytes | None = None  # the command's line, once its work began (None: say nothing)
+        self.work_began = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.process or (self.work_began and not _running_an_import(frame)):
+            raise KeyboardInterrupt
+        if self.said:
+            for stream in (sys.stdout, sys.stderr):  # what the command printed so far
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - interrupted inside a write: its lines stay lost
+                    pass
+            os.write(sys.stderr.fileno(), self.said)
+        os._exit(INTERRUPTED)
+
+
+def _running_an_import(frame: Any) -> bool:
+    """Whether the import system is running a module's code (or an extension's set-up) in the
+    call stack that ``frame`` ends."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_call_with_frames_removed" and code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def quiet_start() -> None:
     """From the package's first import on, for the ``crossformer`` command: Ctrl-C while it
-    starts (importing torch, timm and the commands takes seconds) ends it with status 130 and
-    no traceback; :func:`main` hands Ctrl-C back to Python before the command runs. A program
-    that imports the package, and a process that ignores Ctrl-C (a shell's background job),
-    are left as they are."""
+    starts (importing torch, timm and the commands takes seconds), or later inside an import,
+    ends it with status 130 and no traceback (:class:`_CtrlC`). A program that imports the
+    package, and a process that ignores Ctrl-C (a shell's background job), are left as they are."""
     if (started_as_command() and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-        signal.signal(signal.SIGINT, _exit_interrupted)
+        signal.signal(signal.SIGINT, _CtrlC())
 
 
-def _end_quiet_start() -> None:
-    """The command's work begins: Ctrl-C raises KeyboardInterrupt again, which the command
-    answers by stopping cleanly (training saves a checkpoint first)."""
-    if signal.getsignal(signal.SIGINT) is _exit_interrupted:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+def _work_begins(command: str) -> None:
+    """The command's work begins: from now on Ctrl-C outside an import raises KeyboardInterrupt,
+    and one inside an import says that the command was interrupted before it ends the process."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, _CtrlC):
+        from .engine.launch import launched_rank
+
+        handler.said = f"crossformer {command}: interrupted\n".encode() if launched_rank() == 0 else None
+        handler.work_began = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,7 +296,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             _say(f"crossformer {args.command}: error: it runs in one process, but torchrun started "
                  f"{launched_processes()}: run it without torchrun")
             return 2
-    _end_quiet_start()
+    _work_begins(args.command)
     if args.command in _KEEP_FREED_MEMORY:
         from .engine.memory import keep_freed_memory, wanted_by_environment
 
