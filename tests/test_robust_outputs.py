@@ -4,10 +4,12 @@ leaves the previous file as it was and no temporary file, and says so in one lin
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -252,7 +254,7 @@ def test_detection_results_on_a_full_disk_keep_the_previous_file(tmp_path, monke
     root = make_small_coco(tmp_path / "coco", images=4)
     results = tmp_path / "results.json"
     results.write_bytes(PREVIOUS)
-    _disk_full(monkeypatch)
+    _cut_off(monkeypatch, "*.json*")  # the JSON files alone: predict's PNG is written atomically too
     for target, run in ((out / "detections.json", lambda: predict_detections(_NoDetections(), tmp_path / "photo.png", out, ["a"])),
                         (results, lambda: evaluate_detector(GroundTruthDetector(root), CocoDetection(*coco_paths(root, "val")),
                                                             results_file=results))):
@@ -272,3 +274,139 @@ def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):
     _only(tmp_path, "ckpt.pth", "w.safetensors")
     # issue 16 item 12: safetensors' own writer creates 0600 files; ours are like any new file
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~atomic._UMASK
+
+
+
+# ---------------------------------------------------------------- images, data sets and marks, whole or not at all
+
+
+class _CutFile:
+    """A file open for writing whose first write stores half its bytes, then fails as ``error``."""
+
+    def __init__(self, file, error: BaseException) -> None:
+        self._file, self._error = file, error
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        raise self._error
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("fileno")  # Pillow writes JPEGs to a file's descriptor where it has one
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def _cut_off(monkeypatch, name_pattern: str, error: BaseException | None = None) -> None:
+    """Files whose name matches ``name_pattern`` (their temporaries too: ``*x.png*``) are cut off
+    half-way through their first write (a full disk, or ``error``: Ctrl-C), whoever opens them:
+    ``open``, ``Path.write_text`` or Pillow's save to a path."""
+    import builtins
+    import fnmatch
+    import io
+
+    real = builtins.open
+    error = error or OSError(errno.ENOSPC, "No space left on device")
+
+    def cutting_open(file, mode="r", *args, **kwargs):
+        opened = real(file, mode, *args, **kwargs)
+        writing = any(m in mode for m in "wax+")
+        named = isinstance(file, (str, os.PathLike)) and fnmatch.fnmatch(Path(file).name, name_pattern)
+        return _CutFile(opened, error) if writing and named else opened
+
+    monkeypatch.setattr(builtins, "open", cutting_open)
+    monkeypatch.setattr(io, "open", cutting_open)
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder``, hidden temporaries included, relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_save_image_atomic_writes_the_format_its_suffix_names(tmp_path):
+    from PIL import Image
+
+    from crossformer.atomic import save_image_atomic
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    save_image_atomic(Image.fromarray(pixels), tmp_path / "a" / "x.PNG")
+    save_image_atomic(Image.fromarray(pixels), tmp_path / "y.jpg", quality=95)
+    with Image.open(tmp_path / "a" / "x.PNG") as png, Image.open(tmp_path / "y.jpg") as jpeg:
+        assert png.format == "PNG" and np.array_equal(np.asarray(png), pixels) and jpeg.format == "JPEG"
+    with pytest.raises(ValueError, match="no image format"):
+        save_image_atomic(Image.fromarray(pixels), tmp_path / "z.unknown")
+
+
+@pytest.mark.parametrize("task, name", [("segmentation", "photo_overlay.png"), ("segmentation", "photo_labels.png"),
+                                        ("detection", "photo.png")])
+def test_a_prediction_image_cut_off_keeps_the_previous_file(tmp_path, monkeypatch, task, name):
+    """predict's PNGs were saved in place: a full disk left a cut PNG that passed for a prediction."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (40, 90, 200)).save(tmp_path / "photo.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(PREVIOUS)
+    if task == "segmentation":
+        from crossformer.segmentation.inference import InferenceConfig
+        from crossformer.segmentation.predict import predict_images
+        from test_segmentation_eval import ConstantSegmentor
+
+        def run():
+            predict_images(ConstantSegmentor(3, target=1), tmp_path / "photo.jpg", out, ["a", "b", "c"],
+                           inference=InferenceConfig(scale=(64, 48)))
+    else:
+        from crossformer.detection.predict import predict_detections
+
+        def run():
+            predict_detections(_NoDetections(), tmp_path / "photo.jpg", out, ["a"])
+    _cut_off(monkeypatch, f"*{name}*")
+    with pytest.raises(OutputError, match=f"cannot write {out / name}: no space left on the device; the previous"):
+        run()
+    assert (out / name).read_bytes() == PREVIOUS and not atomic.stale_temporaries(out / name)
+
+
+@pytest.mark.parametrize("kind, name", [("coco", "000000000002.jpg"), ("coco", "instances_train2017.json"),
+                                        ("ade", "ADE_train_00000002.png"), ("ade", "classes.txt")])
+def test_make_data_cut_off_leaves_no_cut_file(tmp_path, capsys, monkeypatch, kind, name):
+    """make-data's images, annotation JSON and classes.txt were written in place: a cut JPEG, JSON
+    or class list stayed, and the segmentation demo took a set with a classes.txt for complete."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    _cut_off(monkeypatch, f"*{name}*")
+    line = one_error_line(capsys, ["make-data", kind, str(root), "--images", "4"])
+    assert line.endswith("no space left on the device; nothing was written"), line
+    written = _files(root)
+    assert written and not any(Path(file).name == name or Path(file).name.startswith(".") for file in written), written
+    for file in written:  # every file left is whole
+        if file.endswith(".json"):
+            json.loads((root / file).read_text())
+        else:
+            Image.open(root / file).load()
+
+
+def test_a_demo_mark_cut_off_keeps_the_previous_mark(tmp_path, monkeypatch):
+    """The demo's mark was written in place: Ctrl-C there left a cut mark naming no task, and the
+    next demo refused its own folder."""
+    from crossformer.engine.output import DEMO_MARK, claim_demo_output
+
+    folder = tmp_path / "demo"
+    claim_demo_output(folder, "segmentation", ("train",), tmp_path / "default")
+    (folder / "train").mkdir()
+    with monkeypatch.context() as patch:
+        _cut_off(patch, f"*{DEMO_MARK}*", KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            claim_demo_output(folder, "segmentation", ("train",), tmp_path / "default")
+    assert (folder / DEMO_MARK).read_text() == "segmentation\n"
+    claim_demo_output(folder, "segmentation", ("train",), tmp_path / "default")  # refused, before
+    assert _files(folder) == [DEMO_MARK]

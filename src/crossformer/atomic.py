@@ -11,6 +11,9 @@ The writer is a callback that writes to an open binary file, which ``torch.save`
 ``torch.jit.save``, safetensors (``f.write(safetensors.torch.save(state))``) and ONNX
 (``f.write(proto.SerializeToString())``) all do; Python's file object then reports a full
 disk as ``OSError(ENOSPC)`` (``torch.save`` to a path reports only "file write failed").
+Images (predictions' PNGs, ``make-data``'s JPEGs and label maps) go through
+:func:`save_image_atomic`, text (results JSON, annotation files, marks) through
+:func:`write_text_atomic`: a cut file would otherwise pass for a whole one to a later reader.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import glob
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from .errors import UserInputError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 __all__ = ["OutputError", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic",
-           "write_text_atomic"]
+           "write_text_atomic", "save_image_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -163,3 +169,15 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """:func:`write_atomic` for a UTF-8 text file (a results JSON, say); returns ``path`` as a ``Path``."""
     return write_atomic(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def save_image_atomic(image: Image.Image, path: str | Path, **params: Any) -> Path:
+    """:func:`write_atomic` for a Pillow image, in the format its suffix names (``.png``,
+    ``.jpg``); ``params`` go to ``Image.save`` (``quality=92``). Returns ``path`` as a ``Path``."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)  # a file object carries no name to guess it from
+    if image_format is None:
+        raise ValueError(f"no image format for {path}'s suffix {suffix!r}")
+    return write_atomic(path, lambda file: image.save(file, format=image_format, **params))

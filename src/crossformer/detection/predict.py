@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..atomic import check_output_folder, write_text_atomic
+from ..atomic import check_output_folder, save_image_atomic, write_text_atomic
 from ..data import DataError, expand_image_inputs, output_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
@@ -114,8 +114,7 @@ def predict_detections(
         output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
         records.extend({**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
                        for r in detections_to_coco([output], [image_id], cat_ids))
-        png.parent.mkdir(parents=True, exist_ok=True)
-        render_detections(image, output, class_names, score_threshold).save(png)
+        save_image_atomic(render_detections(image, output, class_names, score_threshold), png)
         result.images.append(png)
         if progress is not None:
             progress.update()

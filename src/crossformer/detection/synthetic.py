@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..atomic import save_image_atomic, write_text_atomic
+
 __all__ = ["SHAPE_CATEGORIES", "SyntheticCoco", "make_coco_dataset"]
 
 SHAPE_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"},
@@ -223,7 +225,7 @@ def make_coco_dataset(
             crowd = crowds and not empty and k % CROWD_EVERY == 3
             pixels, objects = _draw_image(rng, height, width, shapes, crowd, radius, separate, colours)
             file_name = f"{image_id:012d}.jpg"
-            Image.fromarray(pixels).save(root / split / file_name, quality=jpeg_quality)
+            save_image_atomic(Image.fromarray(pixels), root / split / file_name, quality=jpeg_quality)
             entries.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
             counts["empty"] += empty
             for category_id, full, visible, polygon in objects:
@@ -239,6 +241,5 @@ def make_coco_dataset(
         coco = {"info": {"description": "crossformer synthetic shapes", "version": "1.0"}, "licenses": [],
                 "images": entries, "annotations": annotations, "categories": [dict(c, supercategory="shape")
                                                                               for c in SHAPE_CATEGORIES]}
-        with open(root / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
-            json.dump(coco, f)
+        write_text_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(coco))
     return SyntheticCoco(root, images - n_val, n_val, counts["objects"], counts["crowds"], counts["empty"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..atomic import OutputError, stale_temporaries
+from ..atomic import OutputError, stale_temporaries, write_text_atomic
 from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
@@ -91,4 +91,4 @@ def claim_demo_output(output: str | Path, task: str, writes: tuple[str, ...], de
     if removed:
         print(f"demo: deleted the earlier {task} demo's {listing(removed)} in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    mark.write_text(f"{task}\n", encoding="utf-8")
+    write_text_atomic(mark, f"{task}\n")  # a cut mark would name no task: the next demo would refuse the folder

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import check_output_folder
+from ..atomic import check_output_folder, save_image_atomic
 from ..data import DataError, expand_image_inputs, output_paths
 from ..data.draw import Colour, class_colours
 from .data import read_image
@@ -60,7 +60,7 @@ def write_label_map(label_map: np.ndarray, path: str | Path, reduce_zero_label: 
         table = np.zeros((256, 3), np.uint8)  # unused values (0 of reduce-zero-label data) black
         table[offset: offset + len(colours)] = np.asarray(colours, np.uint8)
         image.putpalette(table.tobytes())  # mode L -> P, the values kept
-    image.save(path)
+    save_image_atomic(image, path)  # whole or not at all: a cut label map would pass for a prediction
 
 
 @torch.no_grad()
@@ -106,8 +106,7 @@ def predict_images(
                     log(f"skipped unreadable image {path}")
                 continue
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
-            overlay_path.parent.mkdir(parents=True, exist_ok=True)
-            overlay_segmentation(image, label_map, class_names, palette, opacity).save(overlay_path)
+            save_image_atomic(overlay_segmentation(image, label_map, class_names, palette, opacity), overlay_path)
             write_label_map(label_map, label_path, reduce_zero_label, palette if coloured_labels else None)
             present = [class_names[c] for c in present_classes(label_map, len(class_names))]
             results.append(SegPrediction(str(path), str(overlay_path), str(label_path), present))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import save_image_atomic, write_text_atomic
 from ..data import DataError
 
 __all__ = ["SYNTHETIC_CLASSES", "make_ade_dataset", "render_scene"]
@@ -135,7 +136,8 @@ def make_ade_dataset(
             width = int(size[1] * rng.uniform(0.75, 1.25))
             image, label = render_scene(height, width, rng)
             name = f"{prefix}_{index + 1:08d}"
-            Image.fromarray(image).save(ade / "images" / folder / f"{name}.jpg", quality=92)
-            Image.fromarray(label, mode="L").save(ade / "annotations" / folder / f"{name}.png")
-    (ade / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n", encoding="utf-8")
+            save_image_atomic(Image.fromarray(image), ade / "images" / folder / f"{name}.jpg", quality=92)
+            save_image_atomic(Image.fromarray(label, mode="L"), ade / "annotations" / folder / f"{name}.png")
+    # last and whole: the demo takes the set for complete once this file is there
+    write_text_atomic(ade / "classes.txt", "\n".join(SYNTHETIC_CLASSES) + "\n")
     return ade
