@@ -487,11 +487,15 @@ def test_environment_variables_the_docs_name_are_read() -> None:
 
 
 def test_image_extensions_in_the_data_layout_are_the_ones_read() -> None:
-    """classification.md's "any common format: jpg, jpeg, ..." is the folder reader's list."""
-    from crossformer.data.folder import IMG_EXTENSIONS
+    """classification.md's "any common format: jpg, jpeg, ...; webp, avif where Pillow decodes them"
+    is the folder reader's list."""
+    from crossformer.data.folder import ALWAYS_READ_EXTENSIONS, CODEC_EXTENSIONS
 
-    listed = re.search(r"any common format: ([\w, ]+)", (ROOT / "docs/classification.md").read_text()).group(1)
-    assert [f".{ext}" for ext in listed.split(", ")] == list(IMG_EXTENSIONS)
+    found = re.search(r"any common format: ([\w, ]+); ([\w, ]+) where Pillow decodes them",
+                      (ROOT / "docs/classification.md").read_text())
+    always, with_codec = ([f".{ext}" for ext in group.split(", ")] for group in found.groups())
+    assert always == list(ALWAYS_READ_EXTENSIONS)
+    assert with_codec == [extension for extensions in CODEC_EXTENSIONS.values() for extension in extensions]
 
 
 def _help_of(argv: list[str], flag: str) -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from classification_fixtures import TINY_MODEL, make_image_folder
 from crossformer.cli import main
-from crossformer.data import ImageFolderDataset, read_rgb
+from crossformer.data import DataError, ImageFolderDataset, read_rgb
 from crossformer.data.loader import find_unreadable
 
 EXIF_ORIENTATION = 0x0112
@@ -123,3 +123,111 @@ def test_a_float_tiff_on_0_to_1_is_scaled_not_clipped_to_black(tmp_path: Path, b
     assert capsys.readouterr().err == (
         f"crossformer predict: error: cannot read image {other}: a 32-bit float image with values from 300.5 to 300.5, "
         "on neither 0..1 nor 0..255: save it as an 8-bit image; fix or delete it, or pass --skip-corrupt to skip such files\n")
+
+
+# ---------------------------------------------------------------- formats this build cannot read: named, not left out unsaid
+
+LEFT_OUT_END = "(convert them to JPEG or PNG)"
+
+
+def _photos_with_unread_formats(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``folder`` with images read here (an upper-case extension; an AVIF and a JPEG 2000 where
+    Pillow reads them) and two of formats this build cannot read (a phone's HEIC, a JPEG XL), a
+    text file among them; returns ``(read, left out)``, each sorted as found."""
+    (folder / "sub").mkdir(parents=True)
+    read = [folder / "a.JPG"]
+    for name, readable in (("aa.jp2", features.check_codec("jpg_2000")), ("sub/b.avif", features.check_module("avif"))):
+        if readable:
+            read.append(folder / name)
+    for path in read:
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(path, format="JPEG" if path.suffix == ".JPG" else None)
+    left_out = [folder / "c.heic", folder / "sub" / "d.JXL"]
+    for path in left_out:
+        path.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "notes.txt").write_text("not an image")
+    return read, left_out
+
+
+def test_predict_names_the_files_of_formats_it_cannot_read(tmp_path: Path, bare_checkpoint: list[str],
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A folder's .heic and .jxl files were left out without a word (and .avif ones, which Pillow reads)."""
+    read, left_out = _photos_with_unread_formats(tmp_path / "photos")
+    assert main(["predict", str(tmp_path / "photos"), *bare_checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in captured.out.splitlines()] == [str(p) for p in read]
+    assert captured.err == (f"crossformer predict: left out 2 files this build cannot read: {left_out[0]}, "
+                            f"{left_out[1]} {LEFT_OUT_END}\n"), captured.err
+
+
+def test_predict_on_a_folder_of_only_formats_it_cannot_read_is_one_line(tmp_path: Path, bare_checkpoint: list[str],
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    only = tmp_path / "phone"
+    only.mkdir()
+    (only / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert main(["predict", str(only), *bare_checkpoint]) == 2
+    assert capsys.readouterr().err == (
+        f"crossformer predict: error: no images in folder {only}: it holds only 1 file this build cannot read: "
+        f"{only / 'IMG_0001.HEIC'} {LEFT_OUT_END}\n")
+
+
+def test_detection_and_segmentation_predict_name_them_alike(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The three tasks' predict find a folder's images through one helper, and say the same line."""
+    from crossformer.detection.predict import predict_detections
+    from crossformer.engine import RunLogger
+    from crossformer.segmentation.inference import InferenceConfig
+    from crossformer.segmentation.predict import predict_images
+    from test_robust_outputs import _NoDetections
+    from test_segmentation_eval import ConstantSegmentor
+
+    read, left_out = _photos_with_unread_formats(tmp_path / "photos")
+    line = f"left out 2 files this build cannot read: {left_out[0]}, {left_out[1]} {LEFT_OUT_END}"
+
+    predicted = predict_detections(_NoDetections(), tmp_path / "photos", tmp_path / "det", ["a"],
+                                   logger=RunLogger(None, tensorboard=False))
+    assert len(predicted.images) == len(read) and line in capsys.readouterr().out.splitlines()
+    said: list[str] = []
+    results, _ = predict_images(ConstantSegmentor(3, target=1), tmp_path / "photos", tmp_path / "seg", ["a", "b", "c"],
+                                inference=InferenceConfig(scale=(64, 48)), log=said.append)
+    assert [r.path for r in results] == [str(p) for p in read] and said == [line]
+    for path in read:
+        path.unlink()
+    with pytest.raises(DataError, match=f"^no images in folder {tmp_path / 'photos'}: it holds only 2 files this build"):
+        predict_images(ConstantSegmentor(3, target=1), tmp_path / "photos", tmp_path / "seg", ["a", "b", "c"])
+
+
+def test_training_names_the_files_of_formats_it_cannot_read(tmp_path: Path) -> None:
+    """Training learned without a class folder's .heic photos, unsaid; a class folder of only such
+    photos said "holds no images (.jpg, ...)", which they seemed to be."""
+    from crossformer.classification import task as train_module
+    from crossformer.engine import DistContext
+
+    from classification_fixtures import tiny_config
+
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    heic = data / "train" / "cat" / "IMG_0002.heic"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    task = train_module.ClassificationTask(tiny_config(data, tmp_path / "run"), DistContext())
+    assert task.notes == [f"left out 1 file this build cannot read: {heic} {LEFT_OUT_END}"]
+    only = data / "val" / "cat"
+    for path in only.iterdir():
+        path.unlink()
+    (only / "IMG_0003.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(DataError, match=f"class folder {only} holds no images .*: it holds only 1 file this build cannot "
+                                        f"read: {only / 'IMG_0003.HEIC'} "):
+        ImageFolderDataset(data, "val")
+
+
+def test_segmentation_training_names_them_too(tmp_path: Path) -> None:
+    from crossformer.engine import DistContext
+    from crossformer.engine.config import build_config
+    from crossformer.segmentation.config import SegmentationConfig
+    from crossformer.segmentation.task import SegmentationTask
+
+    from segmentation_fixtures import make_tiny_ade, tiny_config
+
+    root = make_tiny_ade(tmp_path / "data", images=6)
+    heic = root / "ADEChallengeData2016" / "images" / "training" / "IMG_0004.heic"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    layers = tiny_config(data={"root": str(root)}, run={"output": str(tmp_path / "run")})
+    task = SegmentationTask(build_config(SegmentationConfig, (layers, "tiny")), DistContext())
+    assert task.notes == [f"left out 1 file this build cannot read: {heic} {LEFT_OUT_END}"]

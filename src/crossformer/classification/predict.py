@@ -58,7 +58,8 @@ def predict(
 
     An unreadable file is an error naming it; with ``skip_corrupt`` it is left out of the
     results and ``on_note`` names it. ``on_note`` also hears of images smaller than the
-    model's input, which are upscaled (their predictions are less reliable).
+    model's input, which are upscaled (their predictions are less reliable), and of a folder's
+    files of an image format this build cannot read, left out (:func:`crossformer.data.expand_image_paths`).
     """
     given_names = load_class_list(class_names) if class_names is not None else None
     loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
@@ -72,7 +73,7 @@ def predict(
              "(--class-names FILE gives others)")
     names = names or [str(i) for i in range(loaded.num_classes)]
     transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
-    files = expand_image_paths(paths)
+    files = expand_image_paths(paths, on_note=note)
     device_ = next(loaded.model.parameters()).device
     k = max(1, min(topk, loaded.num_classes))
     height, width = (loaded.img_size, loaded.img_size) if isinstance(loaded.img_size, int) else loaded.img_size

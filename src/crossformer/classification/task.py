@@ -19,6 +19,7 @@ from ..data import (
     check_readable,
     raise_or_count_unreadable,
 )
+from ..data.folder import left_out_notes
 from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
 from ..errors import CheckpointError, UserInputError
@@ -111,6 +112,7 @@ class ClassificationTask(Task):
         self.train_set = ImageFolderDataset(root, "train", transform=train_tf)
         self.val_set = ImageFolderDataset(root, "val", classes=self.train_set.classes, transform=eval_tf)
         self.classes = self.train_set.classes
+        self.notes.extend(left_out_notes(self.train_set, self.val_set))
         if len(self.classes) < 2:
             raise DataError(f"{self.train_set.split_dir} has one class folder ({self.classes[0]}); a classifier "
                             f"needs at least two")

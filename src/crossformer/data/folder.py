@@ -10,24 +10,34 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import Dataset
 
 from ..atomic import OutputError
-from ..errors import UserInputError
+from ..errors import UserInputError, listing
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "find_split", "list_images", "open_image", "opened", "read_rgb",
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "ImageListing", "find_split", "find_images", "list_images",
+           "left_out_line", "left_out_notes", "open_image", "opened", "read_rgb",
            "oriented_size",
            "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
            "leave_out_folder", "load_class_list", "training_classes"]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                  ".pbm")
+ALWAYS_READ_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                          ".pbm")
+# Formats Pillow decodes only where it was built with their library (its wheels have them all,
+# AVIF from 11.2), by Pillow's name of its module or codec
+CODEC_EXTENSIONS = {"webp": (".webp",), "avif": (".avif",), "jpg_2000": (".jp2", ".j2k")}
+# Image files that phones, cameras and editors write which Pillow does not read: left out of a
+# folder's images, as a build without a codec leaves out its CODEC_EXTENSIONS, and named (left_out_line)
+UNREAD_EXTENSIONS = (".heic", ".heif", ".hif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
+                     ".svg", ".exr", ".hdr")
+LEFT_OUT_HINT = "convert them to JPEG or PNG"
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
@@ -61,19 +71,82 @@ def find_split(root: str | Path, split: str) -> Path:
     raise DataError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; expected {root}/{names[0]}/<class>/<image>")
 
 
+def _decoded(codec: str) -> bool:
+    """Whether this build's Pillow decodes ``codec``, a module or codec name (one an older Pillow
+    does not know: no; ``features.check`` would warn)."""
+    if codec in features.modules:
+        return bool(features.check_module(codec))
+    return codec in features.codecs and bool(features.check_codec(codec))
+
+
+# The extensions a folder's images are found by: what this build reads
+IMG_EXTENSIONS = ALWAYS_READ_EXTENSIONS + tuple(
+    extension for codec, extensions in CODEC_EXTENSIONS.items() if _decoded(codec) for extension in extensions)
+_LEFT_OUT_EXTENSIONS = tuple(
+    extension for extensions in CODEC_EXTENSIONS.values() for extension in extensions if extension not in IMG_EXTENSIONS
+) + UNREAD_EXTENSIONS
+
+
 def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMG_EXTENSIONS) and not Path(path).name.startswith(".")
 
 
-def list_images(folder: Path) -> list[Path]:
+def is_unread_image_file(path: str | Path) -> bool:
+    """Whether ``path`` is an image by its extension (any case) that this build cannot read."""
+    return str(path).lower().endswith(_LEFT_OUT_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The files :func:`find_images` found, each list in sorted order."""
+
+    images: list[Path]  # the images read (IMG_EXTENSIONS)
+    left_out: list[Path]  # images by their extension that this build cannot read (.heic, ...)
+
+
+def find_images(folder: Path) -> ImageListing:
     """Image files under ``folder`` (recursively, linked folders followed, hidden entries
-    skipped), in sorted order. A link to a folder that holds it is a :class:`DataError`."""
-    found = []
+    skipped) and, in the same walk, those left out as unreadable here. A link to a folder that
+    holds it is a :class:`DataError`."""
+    images, left_out = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         _refuse_link_loops(Path(dirpath), dirnames)
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
+        for name in sorted(filenames):
+            if is_image_file(name):
+                images.append(Path(dirpath) / name)
+            elif is_unread_image_file(name):
+                left_out.append(Path(dirpath) / name)
+    return ImageListing(images, left_out)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """:func:`find_images`' images alone (label maps, say, where no photo is expected)."""
+    return find_images(folder).images
+
+
+def unread_files(left_out: Sequence[str | os.PathLike]) -> str:
+    """The files of :attr:`ImageListing.left_out` for a message: "2 files this build cannot
+    read: a.heic, b.jxl (convert them to JPEG or PNG)"."""
+    count = f"{len(left_out)} file{'s' if len(left_out) != 1 else ''}"
+    return f"{count} this build cannot read: {listing([str(p) for p in left_out])} ({LEFT_OUT_HINT})"
+
+
+def left_out_line(left_out: Sequence[str | os.PathLike]) -> str:
+    """The note of images left out as unreadable here: "left out 2 files this build cannot read: ..."."""
+    return f"left out {unread_files(left_out)}"
+
+
+def left_out_notes(*datasets: Any) -> list[str]:
+    """A :func:`left_out_line` for each data set (its ``left_out`` list of paths) that left files
+    out, for a run's log: training names them rather than learning without them unsaid."""
+    return [left_out_line(dataset.left_out) for dataset in datasets if dataset.left_out]
+
+
+def no_images_error(empty: str, left_out: Sequence[Path]) -> DataError:
+    """``empty`` ("no images in folder X"), and where the folder holds only images this build
+    cannot read, which: the one line for a folder of none read here."""
+    return DataError(empty + (f": it holds only {unread_files(left_out)}" if left_out else ""))
 
 
 def _refuse_link_loops(folder: Path, subfolders: list[str]) -> None:
@@ -231,11 +304,14 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"{self.split_dir / extra[0]} is not a training class; remove it or add it to train/")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
+        self.left_out: list[Path] = []  # images of a format this build cannot read (.heic...): left_out_line names them
         for name in self.classes:
-            images = list_images(self.split_dir / name)
-            if not images:
-                raise DataError(f"class folder {self.split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
-            self.samples.extend((str(p), self.class_to_idx[name]) for p in images)
+            found = find_images(self.split_dir / name)
+            if not found.images:
+                raise no_images_error(f"class folder {self.split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS)})",
+                                      found.left_out)
+            self.samples.extend((str(p), self.class_to_idx[name]) for p in found.images)
+            self.left_out.extend(found.left_out)
         self.transform = transform
 
     @property
@@ -257,17 +333,21 @@ class ImageFolderDataset(Dataset):
 
 
 def expand_image_paths(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
+    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Files as given (read by their content: a file the user names is an image whatever its
     extension), folders as the images inside them (by extension, recursively, sorted); one
     path (a str or a Path) is a list of that one, not of the characters of its name. A folder's
-    search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs."""
-    return [file for file, _ in expand_image_inputs(paths, output_dir)]
+    search leaves out ``output_dir`` where it lies inside: a rerun would read its own outputs.
+    Files of an image format this build cannot read (``.heic``...) are left out of a folder's
+    images and named to ``on_note`` in one line; a folder holding only such files is a DataError."""
+    return [file for file, _ in expand_image_inputs(paths, output_dir, on_note)]
 
 
 def expand_image_inputs(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
+    paths: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[tuple[Path, Path]]:
     """:func:`expand_image_paths`' files, each with its path relative to the input that named it:
     below the folder given (``a/x.jpg`` of ``photos/a/x.jpg`` found in ``photos``), or a file's
@@ -275,19 +355,31 @@ def expand_image_inputs(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[tuple[Path, Path]] = []
+    left_out: list[Path] = []
     for path in (Path(p).expanduser() for p in paths):  # "~/x" quoted or after "=": no shell expanded it
         if path.is_dir():
-            images = list_images(path)
-            if output_dir is not None:
-                images = leave_out_folder(images, path, output_dir)
-            if not images:
-                raise DataError(f"no images in folder {path}")
+            images, unread = _folder_inputs(path, output_dir)
+            left_out.extend(unread)
             found.extend((image, image.relative_to(path)) for image in images)
         elif path.is_file():
             found.append((path, Path(path.name)))
         else:
             raise DataError(f"no such image or folder: {path}")
+    if left_out and on_note is not None:
+        on_note(left_out_line(left_out))
     return found
+
+
+def _folder_inputs(folder: Path, output_dir: str | os.PathLike | None) -> tuple[list[Path], list[Path]]:
+    """The images of an input folder (less ``output_dir``) and the files left out as unreadable
+    here; a DataError where it holds no image read here."""
+    found = find_images(folder)
+    images, left_out = found.images, found.left_out
+    if output_dir is not None:
+        images, left_out = (leave_out_folder(files, folder, output_dir) for files in (images, left_out))
+    if not images:
+        raise no_images_error(f"no images in folder {folder}", left_out)
+    return images, left_out
 
 
 def output_paths(inputs: Sequence[tuple[Path, Path]], output_dir: Path, endings: Sequence[str]) -> list[list[Path]]:

@@ -80,10 +80,11 @@ def predict_detections(
     ids number the inputs from 1 in the order read, category ids are ``cat_ids`` or 1..C, each
     record names its class as ``category_name``).
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
-    counted and skipped. ``precision`` (``--amp``) runs the detector under its autocast, as
+    counted and skipped; a folder's files of an image format this build cannot read (``.heic``...)
+    are left out and named in the log. ``precision`` (``--amp``) runs the detector under its autocast, as
     evaluation does.
     """
-    inputs = expand_image_inputs(paths, output_dir)
+    inputs = expand_image_inputs(paths, output_dir, logger.info if logger is not None else None)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
     pngs = output_paths(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
-from ..data.folder import UNREADABLE_ERRORS, opened, unreadable_reason
+from ..data.folder import UNREADABLE_ERRORS, find_images, no_images_error, opened, unreadable_reason
 from ..errors import listing
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from .colours import COLOUR_MODES, LabelColours, hex_colour
@@ -267,9 +267,11 @@ class SegmentationDataset(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.transform = transform
         # label maps in a subfolder of the images (or images under the labels) are no images
-        images = leave_out_folder(list_images(self.image_dir), self.image_dir, self.label_dir)
+        found = find_images(self.image_dir)
+        images, self.left_out = (leave_out_folder(files, self.image_dir, self.label_dir)
+                                 for files in (found.images, found.left_out))  # .heic...: left_out_line names them
         if not images:
-            raise DataError(f"no images in {self.image_dir}")
+            raise no_images_error(f"no images in {self.image_dir}", self.left_out)
         label_files = _label_files(self.label_dir, self.image_dir, label_suffix)
         self.samples: list[tuple[str, str]] = []
         paired: dict[Path, str] = {}  # annotation -> its image: one annotation scored twice skews every metric

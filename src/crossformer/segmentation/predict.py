@@ -80,12 +80,14 @@ def predict_images(
 ) -> tuple[list[SegPrediction], list[str]]:
     """Segment image files and folders (searched recursively); returns the predictions and the
     unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError).
-    ``coloured_labels``: label maps as palette PNGs in ``palette`` (colour-coded data's)."""
+    ``coloured_labels``: label maps as palette PNGs in ``palette`` (colour-coded data's).
+    ``log`` hears of the skipped files and of a folder's files left out as of a format this
+    build cannot read (``.heic``...)."""
     if len(class_names) != segmentor.num_classes:
         raise DataError(f"{len(class_names)} class names given for a segmentor with {segmentor.num_classes} classes")
     palette = class_colours(palette, len(class_names))
     inference = inference or InferenceConfig()
-    inputs = expand_image_inputs(paths, output_dir)
+    inputs = expand_image_inputs(paths, output_dir, log)
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line
     written = output_paths(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
     output.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
+from ..data.folder import left_out_notes
 from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
@@ -130,6 +131,7 @@ class SegmentationTask(Task):
         c = config
         require_model_files(c.task, pretrained=c.model.pretrained, init_from=c.model.init_from)
         self.train_set, self.val_set = build_datasets(c.data, SegTrainTransform(c.pipeline))
+        self.notes.extend(left_out_notes(self.train_set, self.val_set))
         if c.model.num_classes is not None and c.model.num_classes != self.train_set.num_classes:
             raise UserInputError(
                 f"model.num_classes is {c.model.num_classes} but {self.train_set.image_dir} has "
