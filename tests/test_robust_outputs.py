@@ -395,6 +395,20 @@ def test_make_data_cut_off_leaves_no_cut_file(tmp_path, capsys, monkeypatch, kin
             Image.open(root / file).load()
 
 
+@pytest.mark.parametrize("kind, name, marks", [
+    ("coco", "000000000002.jpg", ["annotations/instances_train2017.json", "annotations/instances_val2017.json"]),
+    ("ade", "ADE_train_00000002.png", ["ADEChallengeData2016/classes.txt"])])
+def test_make_data_cut_off_over_an_earlier_set_leaves_it_incomplete(tmp_path, capsys, monkeypatch, kind, name, marks):
+    """An earlier set's annotation JSON or classes.txt stayed beside a rewrite cut short (another
+    --seed, say): its old annotations then described new images, as a whole set."""
+    root = tmp_path / "data"
+    assert main(["make-data", kind, str(root), "--images", "4"]) == 0
+    assert all((root / mark).is_file() for mark in marks)
+    _cut_off(monkeypatch, f"*{name}*")
+    one_error_line(capsys, ["make-data", kind, str(root), "--images", "4", "--seed", "1"])
+    assert not any((root / mark).exists() for mark in marks)
+
+
 def test_a_demo_mark_cut_off_keeps_the_previous_mark(tmp_path, monkeypatch):
     """The demo's mark was written in place: Ctrl-C there left a cut mark naming no task, and the
     next demo refused its own folder."""

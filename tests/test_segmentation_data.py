@@ -229,9 +229,14 @@ def test_bad_data_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"image .*lonely\.jpg has no annotation: expected .*lonely\.png"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
     # the other way round it was silently left out: a lost image, or one of an extension not read
-    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "img" / "lonely.heic")
+    (tmp_path / "img" / "lonely.jpg").rename(tmp_path / "lonely.jpg")
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "ann" / "lonely.png")
     with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image: expected .*img/lonely\.jpg \(or"):
+        SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
+    # an image of a format this build cannot read is named, not "expected lonely.jpg" beside it
+    (tmp_path / "lonely.jpg").rename(tmp_path / "img" / "lonely.heic")
+    with pytest.raises(DataError, match=r"annotation .*lonely\.png has no image this build can read, only "
+                                        r".*img/lonely\.heic: convert it to JPEG or PNG$"):
         SegmentationDataset(tmp_path / "img", tmp_path / "ann", names)
     # two images of one stem were both scored against the one annotation
     (tmp_path / "img" / "lonely.heic").unlink()

@@ -213,6 +213,8 @@ def make_coco_dataset(
     rng = np.random.default_rng(seed)
     n_val = min(max(1, round(images * val_fraction)), images - 1)
     image_id = ann_id = 0
+    for split in ("train2017", "val2017"):  # an earlier set's JSON would describe a rewrite cut short as whole
+        (root / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
     counts = {"objects": 0, "crowds": 0, "empty": 0}
     for split, n in (("train2017", images - n_val), ("val2017", n_val)):
         (root / split).mkdir(parents=True, exist_ok=True)

@@ -285,11 +285,16 @@ class SegmentationDataset(Dataset):
                                 "extensions): keep one of them")
             paired[label] = str(image)
             self.samples.append((str(image), str(label)))
-        # an annotation left unpaired means a lost image (or one of an extension we do not read)
+        # an annotation left unpaired means a lost image, or one of a format this build cannot read
+        unread = {image.relative_to(self.image_dir).with_suffix(""): image for image in self.left_out}
         for stem, label in label_files.items():
-            if label not in paired:
-                raise DataError(f"annotation {label} has no image: expected {self.image_dir / stem}.jpg (or .png, "
-                                ".jpeg, ...); add the image or move the annotation away")
+            if label in paired:
+                continue
+            if stem in unread:
+                raise DataError(f"annotation {label} has no image this build can read, only {unread[stem]}: "
+                                "convert it to JPEG or PNG")
+            raise DataError(f"annotation {label} has no image: expected {self.image_dir / stem}.jpg (or .png, "
+                            ".jpeg, ...); add the image or move the annotation away")
 
     @property
     def num_classes(self) -> int:

@@ -127,6 +127,7 @@ def make_ade_dataset(
     ade = Path(root) / "ADEChallengeData2016"
     rng = np.random.default_rng(seed)
     val = max(1, round(images * val_fraction))
+    (ade / "classes.txt").unlink(missing_ok=True)  # the mark of a whole set, written last: not over a rewrite cut short
     splits = [("training", "ADE_train", images - val), ("validation", "ADE_val", val)]
     for folder, prefix, count in splits:
         (ade / "images" / folder).mkdir(parents=True, exist_ok=True)
