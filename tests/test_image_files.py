@@ -217,6 +217,20 @@ def test_training_names_the_files_of_formats_it_cannot_read(tmp_path: Path) -> N
         ImageFolderDataset(data, "val")
 
 
+def test_evaluate_names_them_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from crossformer.classification import evaluate
+    from crossformer.models import CrossFormer
+
+    torch.save({"model": CrossFormer(**TINY_MODEL, num_classes=3).state_dict()}, tmp_path / "bare.pth")
+    data = make_image_folder(tmp_path / "data", {"val": 1})
+    heic = data / "val" / "dog" / "IMG_0005.heic"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    metrics = evaluate(tmp_path / "bare.pth", data, model="crossformer_tiny", img_size=32, num_workers=0, device="cpu",
+                       model_kwargs=TINY_MODEL)
+    assert metrics["images"] == 3
+    assert capsys.readouterr().err == f"left out 1 file this build cannot read: {heic} {LEFT_OUT_END}\n"
+
+
 def test_segmentation_training_names_them_too(tmp_path: Path) -> None:
     from crossformer.engine import DistContext
     from crossformer.engine.config import build_config

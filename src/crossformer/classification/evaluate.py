@@ -20,6 +20,7 @@ from ..data import (
     gather_skipped,
     raise_or_count_unreadable,
 )
+from ..data.folder import left_out_line
 from ..engine import (
     DistContext,
     Precision,
@@ -128,6 +129,8 @@ def evaluate(
         transform = build_eval_transform(loaded.img_size, crop_pct or loaded.crop_pct,
                                          interpolation or loaded.interpolation)
         dataset = ImageFolderDataset(data, split, classes=loaded.class_names, transform=transform)
+        if ctx.is_main and dataset.left_out:  # on stderr: stdout holds the result alone
+            print(left_out_line(dataset.left_out), file=sys.stderr)
         if len(dataset.classes) != loaded.num_classes:
             raise DataError(
                 f"{dataset.split_dir} has {len(dataset.classes)} classes but the checkpoint's head has "
