@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from .launch import launched_local_rank, launched_node_processes, launched_processes, launched_rank
+from .launch import (launched_by_torchrun_agent, launched_local_rank, launched_node_processes, launched_processes,
+                     launched_rank)
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
            "stop_with_launcher"]
@@ -63,7 +64,7 @@ def stop_with_launcher(parent: int = PARENT_AT_IMPORT) -> bool:
     handed to another parent) means SIGTERM at once. Elsewhere (no ``torchrun``, not Linux, not
     the main thread, which alone may set signal handlers) nothing is done.
     """
-    if (not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ
+    if (not sys.platform.startswith("linux") or not launched_by_torchrun_agent()
             or threading.current_thread() is not threading.main_thread()):
         return False
     try:
