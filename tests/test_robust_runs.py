@@ -511,6 +511,32 @@ def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_i
     assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
 
 
+class _MetricsFileAFolder(FakeTask):
+    """Rank 0 cannot append to ``metrics.jsonl``: a folder took its name (as a full disk would fail it)."""
+
+    def __init__(self, config: FakeConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        if ctx.is_main:
+            (Path(config.run.output) / "metrics.jsonl").mkdir()
+
+
+def test_a_log_file_that_cannot_be_written_stops_the_run_at_its_checkpoint(tmp_path: Path) -> None:
+    # an IsADirectoryError traceback from the first metrics line, on rank 0 alone
+    with pytest.raises(UserInputError, match=f"^cannot write {tmp_path / 'metrics.jsonl'}: it is a folder$"):
+        train(_MetricsFileAFolder, fake_config(tmp_path, epochs=2))
+    assert load_training_state(tmp_path / "last.pth")["epoch"] == 1  # the epoch trained is kept
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_log_file_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+    proc = _torchrun_train(tmp_path, "_MetricsFileAFolder", "task: fake\nrun:\n  epochs: 1\n")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
+    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder"], \
+        proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_under_torchrun_a_non_finite_loss_is_said_once(tmp_path: Path) -> None:
     # Every rank printed its own "stopped:" line, rank 0's and rank 1's worded differently.

@@ -207,10 +207,12 @@ class Trainer:
         self.ctx.on_main(lambda: self._write_checkpoints(state, best))
 
     def _write_checkpoints(self, state: dict[str, Any], best: bool) -> None:
-        """Rank 0's ``state`` into ``last.pth``, and ``best.pth`` when ``best``."""
+        """Rank 0's ``state`` into ``last.pth``, and ``best.pth`` when ``best``; then a log file
+        it could not write since (a full disk) stops the run, every rank agreeing here."""
         self.last_checkpoint = str(save_atomic(state, self.output / LAST))
         if best:
             save_atomic(state, self.output / BEST)
+        self.log.raise_failure()
 
     def _resume_source(self) -> Path | None:
         """The checkpoint ``run.resume`` continues from; None to start afresh (no resume, or
@@ -510,6 +512,7 @@ class Trainer:
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
                           f"(checkpoints in {self.output})")
         self.log.close()
+        self.ctx.on_main(self.log.raise_failure)  # the lines since the last checkpoint
         return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
 
     def _run_total(self, key: str, value: float) -> str:
