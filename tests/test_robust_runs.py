@@ -527,6 +527,18 @@ def test_a_log_file_that_cannot_be_written_stops_the_run_at_its_checkpoint(tmp_p
     assert load_training_state(tmp_path / "last.pth")["epoch"] == 1  # the epoch trained is kept
 
 
+def test_a_done_line_that_cannot_be_written_is_said_after_the_last_checkpoint(tmp_path: Path) -> None:
+    # written after the last checkpoint, it would be lost without a word
+    def folder_in_the_way(step: int) -> None:  # after the last update's checkpoint (6 updates an epoch)
+        if step == 6:
+            (tmp_path / "log.txt").unlink()
+            (tmp_path / "log.txt").mkdir()
+
+    with pytest.raises(UserInputError, match=f"^cannot write {tmp_path / 'log.txt'}: it is a folder$"):
+        train(FakeTask, fake_config(tmp_path, epochs=1), on_step_end=folder_in_the_way)
+    assert load_training_state(tmp_path / "last.pth")["epoch"] == 1
+
+
 @pytest.mark.slow
 def test_under_torchrun_a_log_file_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
     proc = _torchrun_train(tmp_path, "_MetricsFileAFolder", "task: fake\nrun:\n  epochs: 1\n")
