@@ -392,4 +392,4 @@ def test_digits_rank_0_cannot_write_stop_every_rank_with_its_line(tmp_path):
 
     (tmp_path / "file").write_text("")
     said = f"cannot write {tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, not a folder"
-    assert on_two_ranks(_task_on_the_digits, tmp_path / "file" / "cache", timeout=60) == [said, said]
+    assert on_two_ranks(_task_on_the_digits, tmp_path / "file" / "cache") == [said, said]

@@ -290,7 +290,7 @@ def test_a_results_file_rank_0_cannot_write_stops_every_rank_with_its_line(coco_
     (tmp_path / "file").write_text("")
     results_file = tmp_path / "file" / "results.json"  # rank 0 alone writes it, after the images are run
     said = f"cannot write {results_file}: {tmp_path / 'file'} is a file, not a folder"
-    assert on_two_ranks(_evaluate_into, coco_root, results_file, timeout=60) == [said, said]
+    assert on_two_ranks(_evaluate_into, coco_root, results_file) == [said, said]
 
 
 # ---- prediction output ------------------------------------------------------------------------------

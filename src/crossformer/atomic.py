@@ -24,8 +24,8 @@ from typing import BinaryIO, Callable
 
 from .errors import UserInputError
 
-__all__ = ["OutputError", "output_error", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic",
-           "write_text_atomic"]
+__all__ = ["OutputError", "output_error", "check_output_path", "check_output_folder", "stale_temporaries",
+           "write_atomic", "write_text_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
