@@ -365,3 +365,31 @@ def test_predict_reads_a_named_file_by_its_content(trained: tuple[Path, dict], d
     torch.testing.assert_close([r.scores for r in got[1:]], [got[0].scores] * 2)
     with pytest.raises(DataError, match="no images in folder"):  # a folder's files go by their extension
         predict(tmp_path, checkpoint, device="cpu")
+
+
+def _task_on_the_digits(cache: Path) -> str:
+    """Under :func:`~two_ranks.on_two_ranks`: a classification task on the built-in digits,
+    written into ``cache`` by rank 0, or its one-line error."""
+    import os
+
+    from crossformer.classification import resolve_config
+    from crossformer.engine import setup_distributed
+
+    os.environ["CROSSFORMER_CACHE"] = str(cache)
+    config = resolve_config(model="crossformer_tiny", overrides={"model.kwargs": TINY_MODEL, "img_size": 32,
+                                                                  "num_workers": 0, "device": "cpu"})
+    try:
+        train_module.ClassificationTask(config, setup_distributed("cpu"))
+    except UserInputError as err:
+        return str(err)
+    return "built"
+
+
+@pytest.mark.slow
+def test_digits_rank_0_cannot_write_stop_every_rank_with_its_line(tmp_path):
+    # rank 0 stopped alone (a NotADirectoryError traceback) while rank 1 waited for the digits in a barrier
+    from two_ranks import on_two_ranks
+
+    (tmp_path / "file").write_text("")
+    said = f"cannot write {tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, not a folder"
+    assert on_two_ranks(_task_on_the_digits, tmp_path / "file" / "cache") == [said, said]

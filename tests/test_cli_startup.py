@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crossformer.cli import COMMANDS, main
+from crossformer.errors import UserInputError
 from processes import run_process
 
 HEAVY = ("torch", "timm", "torchvision")
@@ -94,6 +95,18 @@ def test_a_one_process_command_under_torchrun_is_refused_without_torch(capsys, m
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
+@pytest.mark.parametrize("name", TORCHRUN_VARIABLES)
+def test_a_torchrun_number_that_is_no_number_is_one_line_without_torch(name: str, capsys, monkeypatch) -> None:
+    # RANK=abc was int()'s ValueError traceback, from the line that says an error (cli._say) too
+    argv = ["flops", "--model", "crossformer_tiny"]
+    proc, imported = _command(argv, env={**os.environ, name: "abc"})
+    assert proc.stderr == (f"crossformer flops: error: {name}='abc' in the environment is not a whole number: torchrun "
+                           f"sets it to one; unset it or correct it\n") and proc.returncode == 2, proc.stderr[-2000:]
+    assert not _heavy(imported), _heavy(imported)
+    monkeypatch.setenv(name, "abc")
+    assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
 def test_torchruns_variables_are_read_with_their_defaults(monkeypatch) -> None:
     from crossformer.engine import launch
 
@@ -107,6 +120,13 @@ def test_torchruns_variables_are_read_with_their_defaults(monkeypatch) -> None:
     assert [read() for read in readers] == [8, 4, 5, 1] and launch.launched_by_torchrun()
     monkeypatch.setenv("RANK", "0")  # its rank 0 too (the resume hint names torchrun there)
     assert launch.launched_rank() == 0 and launch.launched_by_torchrun()
+    monkeypatch.setenv("LOCAL_RANK", "1.5")  # the Python API's readers say it as the command does
+    with pytest.raises(UserInputError, match=r"^LOCAL_RANK='1.5' in the environment is not a whole number"):
+        launch.launched_local_rank()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not launch.launched_by_torchrun_agent()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun --standalone's
+    assert launch.launched_by_torchrun_agent()
 
 
 def test_only_engine_launch_reads_torchruns_variables() -> None:
@@ -116,10 +136,11 @@ def test_only_engine_launch_reads_torchruns_variables() -> None:
     import crossformer
 
     package = Path(crossformer.__file__).parent
+    read = (*TORCHRUN_VARIABLES, "TORCHELASTIC_RUN_ID")  # its launcher's, read in engine.distributed too
     elsewhere = [f"{path.relative_to(package)}:{node.lineno} {node.value}"
                  for path in sorted(package.rglob("*.py")) if path != package / "engine" / "launch.py"
                  for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
-                 and node.value in TORCHRUN_VARIABLES]
+                 and node.value in read]
     assert not elsewhere, f"read torchrun's variables through crossformer.engine.launch: {elsewhere}"
 
 

@@ -269,6 +269,30 @@ def test_results_are_gathered_over_ranks_and_evaluated_once(tmp_path, monkeypatc
     assert [item.split(": ")[0] for item in named] == [f"image {r.path}" for r in [*dataset.records[::2], dataset.records[1]]]
 
 
+def _evaluate_into(coco_root: Path, results_file: Path) -> str:
+    """Under :func:`~two_ranks.on_two_ranks`: this rank's evaluation writing ``results_file``, or its one-line error."""
+    from crossformer.engine import setup_distributed
+    from crossformer.errors import UserInputError
+
+    try:
+        evaluate_detector(GroundTruthDetector(coco_root), _val_set(coco_root), setup_distributed("cpu"),
+                          results_file=results_file)
+    except UserInputError as err:  # an OutputError here
+        return str(err)
+    return "evaluated"
+
+
+@pytest.mark.slow
+def test_a_results_file_rank_0_cannot_write_stops_every_rank_with_its_line(coco_root, tmp_path):
+    # rank 0 stopped alone while rank 1 waited for the metrics in a gather: until gloo's timeout
+    from two_ranks import on_two_ranks
+
+    (tmp_path / "file").write_text("")
+    results_file = tmp_path / "file" / "results.json"  # rank 0 alone writes it, after the images are run
+    said = f"cannot write {results_file}: {tmp_path / 'file'} is a file, not a folder"
+    assert on_two_ranks(_evaluate_into, coco_root, results_file) == [said, said]
+
+
 # ---- prediction output ------------------------------------------------------------------------------
 
 class BoxInTheMiddle(nn.Module):

@@ -5,6 +5,7 @@ CrossFormer. Bad input: exit 2, one line, nothing overwritten, nothing left behi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -482,6 +483,69 @@ def test_under_torchrun_every_rank_stops_with_the_one_line(tmp_path: Path) -> No
     lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
     assert lines == ["crossformer train: error: cannot read validation image rank1.png"], proc.stderr[-3000:]
     # no rank died inside a collective: no gloo errors, no Python traceback from a worker
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+
+
+def _no_space_left(fd: int) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _DiskFullOnRank0(FakeTask):
+    """Rank 0's disk fills up before its first checkpoint: ``os.fsync`` says so, as on a full
+    disk (the tests run as root: no folder is unwritable). Only in a process of its own (torchrun's)."""
+
+    def __init__(self, config: FakeConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        if ctx.rank == 0:
+            os.fsync = _no_space_left
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+    # rank 0 stopped alone; rank 1 waited for it after the checkpoint (until gloo saw rank 0 gone)
+    proc = _torchrun_train(tmp_path, "_DiskFullOnRank0", "task: fake\nrun:\n  epochs: 1\n")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
+    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'last.pth'}: no space left on the "
+                     f"device; nothing was written"], proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+
+
+class _MetricsFileAFolder(FakeTask):
+    """Rank 0 cannot append to ``metrics.jsonl``: a folder took its name (as a full disk would fail it)."""
+
+    def __init__(self, config: FakeConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        if ctx.is_main:
+            (Path(config.run.output) / "metrics.jsonl").mkdir()
+
+
+def test_a_log_file_that_cannot_be_written_stops_the_run_at_its_checkpoint(tmp_path: Path) -> None:
+    # an IsADirectoryError traceback from the first metrics line, on rank 0 alone
+    with pytest.raises(UserInputError, match=f"^cannot write {tmp_path / 'metrics.jsonl'}: it is a folder$"):
+        train(_MetricsFileAFolder, fake_config(tmp_path, epochs=2))
+    assert load_training_state(tmp_path / "last.pth")["epoch"] == 1  # the epoch trained is kept
+
+
+def test_a_done_line_that_cannot_be_written_is_said_after_the_last_checkpoint(tmp_path: Path) -> None:
+    # written after the last checkpoint, it would be lost without a word
+    def folder_in_the_way(step: int) -> None:  # after the last update's checkpoint (6 updates an epoch)
+        if step == 6:
+            (tmp_path / "log.txt").unlink()
+            (tmp_path / "log.txt").mkdir()
+
+    with pytest.raises(UserInputError, match=f"^cannot write {tmp_path / 'log.txt'}: it is a folder$"):
+        train(FakeTask, fake_config(tmp_path, epochs=1), on_step_end=folder_in_the_way)
+    assert load_training_state(tmp_path / "last.pth")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_log_file_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+    proc = _torchrun_train(tmp_path, "_MetricsFileAFolder", "task: fake\nrun:\n  epochs: 1\n")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
+    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder"], \
+        proc.stderr[-3000:]
     assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
 
 

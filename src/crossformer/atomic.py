@@ -30,8 +30,8 @@ from .errors import UserInputError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["OutputError", "check_output_path", "check_output_folder", "stale_temporaries", "write_atomic",
-           "write_text_atomic", "save_image_atomic"]
+__all__ = ["OutputError", "output_error", "check_output_path", "check_output_folder", "stale_temporaries",
+           "write_atomic", "write_text_atomic", "save_image_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -69,6 +69,13 @@ def _os_error(err: BaseException) -> OSError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def output_error(path: str | Path, err: BaseException) -> OutputError | None:
+    """``cannot write PATH: reason`` when ``err`` is (or was raised from) a failure of the
+    destination (a full disk, a quota, permissions, a folder in the way); None otherwise."""
+    cause = _os_error(err)
+    return None if cause is None else OutputError(f"cannot write {path}: {_REASONS[cause.errno]}")
 
 
 def check_output_path(path: str | Path) -> Path:

@@ -274,6 +274,9 @@ def _work_begins(command: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _launch_variables_read(argv):
+        return 2
     try:
         return _leave_after_rank_0(_main(argv))
     except BrokenPipeError:  # piped into `head`: the reader has what it wanted, the work stops
@@ -281,9 +284,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), "crossformer")
+def _command_name(argv: list[str]) -> str:
+    """The command ``argv`` names (its first word that is no flag), for error lines."""
+    return next((a for a in argv if not a.startswith("-")), "crossformer")
+
+
+def _launch_variables_read(argv: list[str]) -> bool:
+    """Whether torchrun's numbers in the environment read as numbers; if not, says so in one
+    line, from every process: which one is rank 0 is unknown, and every later step asks it."""
+    from .engine.launch import check_launch_variables
+
+    try:
+        check_launch_variables()
+    except UserInputError as err:
+        print(f"crossformer {_command_name(argv)}: error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def _main(argv: list[str]) -> int:
+    command = _command_name(argv)
     try:
         args = parse_command_line(argv)
     except UserInputError as err:

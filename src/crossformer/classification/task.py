@@ -99,9 +99,7 @@ class ClassificationTask(Task):
     def _build_data(self) -> None:
         c, ctx = self.config, self.ctx
         if c.data.root is None:  # the built-in digits: written once, while the other ranks wait
-            if ctx.is_main:
-                c.data.folder()
-            ctx.barrier()
+            ctx.on_main(c.data.folder)
         root = c.data.folder()
         a, size = c.augment, c.data.img_size
         train_tf = build_train_transform(

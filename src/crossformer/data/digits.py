@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import check_output_folder
 from ..errors import UserInputError
 
 __all__ = ["digits_root", "prepare_digits", "DIGITS_SIZE", "DIGITS_CLASSES"]
@@ -35,11 +36,13 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
     """The digits folder (``train/0..9``, ``val/0..9``), written on first use; returns its root.
 
     Writing goes to a temporary folder renamed into place, so concurrent callers (several
-    ranks) and interrupted writes never leave a half-written data set behind.
+    ranks) and interrupted writes never leave a half-written data set behind. A cache folder
+    that cannot be written (a file on its way) is a one-line ``OutputError``.
     """
     root = digits_root(cache_dir)
     if (root / _DONE).is_file():
         return root
+    check_output_folder(root.parent)
     try:
         from sklearn.datasets import load_digits
     except ImportError:

@@ -192,20 +192,14 @@ def evaluate_detector(
     if not any(part[1] for part in gathered):  # on every rank, as the gather
         raise DataError(f"no readable images to evaluate in {dataset.image_dir}")
     iou_types = ["bbox", "segm"] if any(part[2] for part in gathered) else ["bbox"]
-    coco_gt, error = None, None
-    if ctx.is_main:
-        try:
-            coco_gt = ground_truth or load_ground_truth(dataset.ann_file, "segm" in iou_types)
-        except DataError as err:  # raised on every rank, so that none waits in the gather below
-            error = err
-    ctx.raise_together(error)
-    metrics: dict[str, float] | None = None
-    if ctx.is_main:
+
+    def score() -> dict[str, float]:  # rank 0's: its errors (ground truth, results file) stop every rank
+        coco_gt = ground_truth or load_ground_truth(dataset.ann_file, "segm" in iou_types)
         results = [r for part in gathered for r in part[0]]
         evaluated = sorted(i for part in gathered for i in part[1])
         if results_file is not None:
             write_text_atomic(results_file, json.dumps(results))
-        log = logger.info if logger is not None else None
-        metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, log)
-        metrics.update(images=len(evaluated), skipped=skipped_count)
-    return ctx.gather_objects(metrics)[0]
+        metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, logger.info if logger is not None else None)
+        return {**metrics, "images": len(evaluated), "skipped": skipped_count}
+
+    return ctx.gather_objects(ctx.on_main(score))[0]

@@ -14,16 +14,19 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from .launch import launched_local_rank, launched_node_processes, launched_processes, launched_rank
+from .launch import (launched_by_torchrun_agent, launched_local_rank, launched_node_processes, launched_processes,
+                     launched_rank)
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
            "stop_with_launcher"]
+
+T = TypeVar("T")
 
 # torch's own intra-op thread count, read before any run of this process changed it.
 TORCH_DEFAULT_THREADS = torch.get_num_threads()
@@ -63,7 +66,7 @@ def stop_with_launcher(parent: int = PARENT_AT_IMPORT) -> bool:
     handed to another parent) means SIGTERM at once. Elsewhere (no ``torchrun``, not Linux, not
     the main thread, which alone may set signal handlers) nothing is done.
     """
-    if (not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ
+    if (not sys.platform.startswith("linux") or not launched_by_torchrun_agent()
             or threading.current_thread() is not threading.main_thread()):
         return False
     try:
@@ -175,6 +178,23 @@ class DistContext:
         found = [e for e in self.gather_objects(None if error is None else (type(error), str(error))) if e is not None]
         cls, message = found[0]
         raise cls(message)
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on rank 0 alone (a file it writes, a score it computes): what it returned
+        there, None on the other ranks, which wait for it.
+
+        A :class:`UserInputError` it raises (a full disk: ``OutputError``) is raised on every rank
+        (:meth:`raise_together`): rank 0 stopping alone would leave the others waiting in their next
+        collective. The agreement is the one collective, so no rank runs ahead of the work either.
+        """
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except UserInputError as err:
+                error = err
+        self.raise_together(error)
+        return result
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order (picklable objects only)."""

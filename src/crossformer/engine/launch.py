@@ -1,37 +1,66 @@
 """What ``torchrun`` told this process through its environment, read without torch: the command
 line refuses a one-process command that torchrun started many times before it imports torch.
 
-These are the only readers of torchrun's ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``RANK`` and
-``LOCAL_RANK``: one default for each, whichever module asks (a test holds the others to it)."""
+These are the only readers of torchrun's ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK`` and ``TORCHELASTIC_RUN_ID``: one default for each, whichever module asks (a test
+holds the others to it). A number that is no whole number is a one-line
+:class:`~crossformer.errors.UserInputError` naming the variable."""
 
 from __future__ import annotations
 
 import os
 
+from ..errors import UserInputError
+
 __all__ = ["launched_processes", "launched_node_processes", "launched_rank", "launched_local_rank",
-           "launched_by_torchrun"]
+           "launched_by_torchrun", "launched_by_torchrun_agent", "check_launch_variables"]
+
+
+def _whole_number(name: str, default: int) -> int:
+    """The environment variable ``name`` as an int; ``default`` when it is unset."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:  # set by hand or by another launcher: say which, not int()'s traceback
+        raise UserInputError(f"{name}={value!r} in the environment is not a whole number: torchrun sets it to one; "
+                             f"unset it or correct it") from None
 
 
 def launched_processes() -> int:
     """How many processes ``torchrun`` started for this job (its ``WORLD_SIZE``); 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _whole_number("WORLD_SIZE", 1)
 
 
 def launched_node_processes() -> int:
     """How many of them run on this node (``LOCAL_WORLD_SIZE``); 1 without torchrun."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return _whole_number("LOCAL_WORLD_SIZE", 1)
 
 
 def launched_rank() -> int:
     """This process's rank among them (``RANK``); 0 without torchrun."""
-    return int(os.environ.get("RANK", "0"))
+    return _whole_number("RANK", 0)
 
 
 def launched_local_rank() -> int:
     """This process's rank among this node's (``LOCAL_RANK``); 0 without torchrun."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _whole_number("LOCAL_RANK", 0)
 
 
 def launched_by_torchrun() -> bool:
     """Whether ``torchrun`` started this process (it sets ``RANK``), even as its only one."""
     return "RANK" in os.environ
+
+
+def launched_by_torchrun_agent() -> bool:
+    """Whether torchrun's launcher (its elastic agent, which sets ``TORCHELASTIC_RUN_ID``) is
+    this process's parent: processes that set ``RANK`` themselves (spawned ones) have none."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def check_launch_variables() -> None:
+    """Raise :class:`~crossformer.errors.UserInputError` for the first of torchrun's numbers
+    that is no whole number: the command line asks before anything reads one."""
+    for read in (launched_processes, launched_node_processes, launched_rank, launched_local_rank):
+        read()

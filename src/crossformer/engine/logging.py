@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..atomic import OutputError, output_error
+
 __all__ = ["RunLogger", "Progress", "SkippedFiles", "skipped_on_stderr", "MAX_NAMED_FILES"]
 
 MAX_NAMED_FILES = 20  # files a run names as skipped in each list; the rest are counted only
@@ -57,6 +59,7 @@ class RunLogger:
         self.enabled = enabled
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._writer = None
+        self.failure: OutputError | None = None  # the first file it could not write (it writes none after)
         if not enabled or self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,19 +78,37 @@ class RunLogger:
         if echo:
             print(message, flush=True)
         if self.output_dir is not None:
-            with open(self.output_dir / "log.txt", "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self._append("log.txt", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def scalars(self, step: int, values: dict[str, float], **fields: Any) -> None:
         """One ``metrics.jsonl`` record ``{step, **fields, **values}`` and a TensorBoard point each."""
         if not self.enabled or self.output_dir is None:
             return
         record = {"step": step, **fields, **{k: float(v) for k, v in values.items()}}
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append("metrics.jsonl", json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, step)
+
+    def _append(self, name: str, text: str) -> None:
+        """``text`` at the end of ``OUTPUT/name``. A destination that fails (a full disk) is kept
+        as :attr:`failure`, not raised, and no file is written after it: rank 0 alone writes, and
+        stopping alone would leave the other ranks waiting (:meth:`raise_failure` where they agree)."""
+        if self.failure is not None:
+            return
+        path = self.output_dir / name
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as err:
+            self.failure = output_error(path, err)
+            if self.failure is None:
+                raise
+
+    def raise_failure(self) -> None:
+        """Raise :attr:`failure` (an ``OutputError``), the first log file it could not write, if any."""
+        if self.failure is not None:
+            raise self.failure
 
     def progress(self, total: int, desc: str, initial: int = 0, every: int = 50) -> Progress:
         return Progress(self, total, desc, initial, every)

@@ -201,12 +201,18 @@ class Trainer:
         return state
 
     def _save(self, metrics: dict[str, float], best: bool = False) -> None:
+        """``last.pth`` (and ``best.pth``) by rank 0; a write that fails stops every rank with its line."""
         state = self._state(metrics)
-        if state is not None:
-            self.last_checkpoint = str(save_atomic(state, self.output / LAST))
-            if best:
-                save_atomic(state, self.output / BEST)
-        self.ctx.barrier()  # nobody runs ahead of a checkpoint that might be resumed
+        # on_main also keeps everyone from running ahead of a checkpoint that might be resumed
+        self.ctx.on_main(lambda: self._write_checkpoints(state, best))
+
+    def _write_checkpoints(self, state: dict[str, Any], best: bool) -> None:
+        """Rank 0's ``state`` into ``last.pth``, and ``best.pth`` when ``best``; then a log file
+        it could not write since (a full disk) stops the run, every rank agreeing here."""
+        self.last_checkpoint = str(save_atomic(state, self.output / LAST))
+        if best:
+            save_atomic(state, self.output / BEST)
+        self.log.raise_failure()
 
     def _resume_source(self) -> Path | None:
         """The checkpoint ``run.resume`` continues from; None to start afresh (no resume, or
@@ -506,6 +512,7 @@ class Trainer:
             self.log.info(f"done in {time.perf_counter() - start:.1f}s: best {primary} {self.best:.4f}{counted} "
                           f"(checkpoints in {self.output})")
         self.log.close()
+        self.ctx.on_main(self.log.raise_failure)  # the lines since the last checkpoint
         return {**self.last_metrics, f"best_{primary}": self.best, "epoch": self.epoch, "global_step": self.global_step}
 
     def _run_total(self, key: str, value: float) -> str:
@@ -559,13 +566,8 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     run = config.run
     ctx = setup_distributed(run.device)
     try:
-        error, removed = None, []
-        if ctx.is_main:
-            try:
-                removed = claim_output(run.output, run.resume, run.overwrite)
-            except UserInputError as err:
-                error = err
-        ctx.raise_together(error)  # before anyone writes into the folder
+        # before anyone writes into the folder
+        removed = ctx.on_main(lambda: claim_output(run.output, run.resume, run.overwrite)) or []
         log = RunLogger(run.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
         if removed:
             log.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run.output}")
