@@ -193,8 +193,7 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     output = tmp_path / "run"
     line = one_error_line(capsys, _train_argv(broken, output))
     assert f"cannot read validation image {bad}:" in line and "--skip-corrupt" in line
-    assert not (output / "last.pth").exists() and not (output / "metrics.jsonl").exists()
-    assert f"error: cannot read validation image {bad}" in (output / "log.txt").read_text()  # and logged
+    assert not output.exists()  # a start that fails leaves nothing behind, not even its log
 
     # --skip-corrupt: the run goes on, names each file once in the log, counts them in the summary
     (broken / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -412,6 +411,41 @@ def test_at_most_20_skipped_training_files_are_named(tmp_path: Path) -> None:
     log = (tmp_path / "log.txt").read_text()
     assert log.count("skipping unreadable image bad") == 20 and "image bad6-2.png" not in log, log
     assert log.count("more unreadable training files are skipped: counted (train/unreadable_images), not named") == 1
+
+
+class _FailingStart(FakeTask):
+    def __init__(self, config, ctx) -> None:
+        super().__init__(config, ctx)
+        raise UserInputError("cannot read image train/3.png")
+
+
+def test_a_run_that_fails_at_start_takes_back_the_files_it_wrote(tmp_path: Path) -> None:
+    # it left log.txt and tensorboard/ (and the folder, and the parents it made) behind
+    new = tmp_path / "new" / "run"
+    with pytest.raises(UserInputError, match="train/3.png"):
+        train(_FailingStart, fake_config(new, tensorboard=True))
+    assert not (tmp_path / "new").exists()
+    # an existing folder stays, as it was: its earlier attempt's log gets this error too
+    (tmp_path / "tried").mkdir()
+    (tmp_path / "tried" / "log.txt").write_text("an earlier attempt\n")
+    with pytest.raises(UserInputError, match="train/3.png"):
+        train(_FailingStart, fake_config(tmp_path / "tried", tensorboard=True))
+    assert sorted(p.name for p in (tmp_path / "tried").iterdir()) == ["log.txt"]
+    assert "error: cannot read image train/3.png" in (tmp_path / "tried" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("config, setting", [
+    ("digits", "model.kwargs.mlp_ratio=-1"),
+    ("mask_rcnn_shapes_demo", "data.root=missing"),
+    ("upernet_demo", "data.root=missing"),
+    ("upernet_demo", "model.backbone_kwargs.num_heads=0"),
+])
+def test_every_task_s_train_that_fails_at_start_leaves_no_files(config: str, setting: str, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # data.root=missing: a folder that is not there
+    output = tmp_path / "run"
+    one_error_line(capsys, ["train", "--config", config, setting, "--output", str(output), "--device", "cpu"])
+    assert not output.exists()
 
 
 class _FailingEvaluation(FakeTask):
