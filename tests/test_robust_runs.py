@@ -734,6 +734,31 @@ def test_dense_backbone_settings_it_cannot_take_are_one_line(capsys, argv: list[
     assert line.endswith(": channels (64) must be divisible by num_heads (3)"), line
 
 
+@pytest.mark.parametrize("argv, key", [
+    (["flops", "--config", "mask_rcnn_shapes_demo", "model.num_classes=4"], "model.backbone_kwargs"),
+    (["benchmark", "--config", "mask_rcnn_shapes_demo", "--device", "cpu", "model.num_classes=4"], "model.backbone_kwargs"),
+    (["flops", "--config", "upernet_demo", "model.num_classes=7"], "model.backbone_kwargs"),
+    (["benchmark", "--config", "upernet_demo", "--device", "cpu", "model.num_classes=7"], "model.backbone_kwargs"),
+    (["flops", "--config", "digits"], "model.kwargs"),
+    (["benchmark", "--config", "digits", "--device", "cpu"], "model.kwargs"),
+], ids=["flops-detection", "benchmark-detection", "flops-segmentation", "benchmark-segmentation",
+        "flops-classification", "benchmark-classification"])
+@pytest.mark.parametrize("setting, reason", [
+    # torch's "Trying to create tensor with negative dimension -32" traceback
+    ("mlp_ratio=-1", "mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                     "(embed_dim 32 x mlp_ratio >= 1), got -1"),
+    # built, then a ZeroDivisionError in CPU inference (its chunking divides by the MLP's width)
+    ("mlp_ratio=0", "mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                    "(embed_dim 32 x mlp_ratio >= 1), got 0"),
+    # classification's flops and benchmark built the model outside settings_that_fail: a traceback
+    ("num_heads=0", "num_heads must be at least 1 in every stage, got (0, 0, 0, 0)"),
+], ids=["negative-mlp-ratio", "zero-mlp-ratio", "zero-heads"])
+def test_every_task_s_bad_model_numbers_are_one_line(capsys, argv: list[str], key: str, setting: str,
+                                                     reason: str) -> None:
+    line = one_error_line(capsys, [*argv, f"{key}.{setting}"])
+    assert line.startswith(f"crossformer {argv[0]}: error: cannot build ") and line.endswith(f": {reason}"), line
+
+
 def test_only_errors_of_the_users_settings_become_one_line() -> None:
     from crossformer.errors import settings_that_fail
 
