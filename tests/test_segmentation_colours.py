@@ -230,6 +230,16 @@ def test_resume_refuses_other_label_colours(runs: dict, tmp_path: Path) -> None:
     assert _resume(runs, "colours", tmp_path / "same", ignore_colours=IGNORE)["global_step"] == 3
 
 
+def test_the_safetensors_conversion_keeps_the_recorded_label_colours(runs: dict, tmp_path: Path) -> None:
+    # its description kept meta's classes, palette and reduce_zero_label but dropped label_colours
+    from crossformer.models import read_checkpoint
+
+    converted = tmp_path / "colours.safetensors"
+    assert main(["convert", str(runs["colours"]), str(converted)]) == 0
+    meta = read_checkpoint(converted)["meta"]
+    assert meta["label_colours"] == COLOURS and meta == load_training_state(runs["colours"])["meta"]
+
+
 def test_a_checkpoint_without_recorded_colours_resumes_on_index_maps(runs: dict, tmp_path: Path) -> None:
     # checkpoints written before data.label_colours was recorded in them
     shutil.copytree(runs["indices"].parent, tmp_path / "old")
