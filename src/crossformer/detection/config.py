@@ -61,6 +61,7 @@ class DetectionModelConfig:
 
     def validate(self) -> None:
         from ..models import VARIANTS
+        from ..models.dense import check_task_backbone
 
         if self.backbone not in VARIANTS:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
@@ -72,6 +73,8 @@ class DetectionModelConfig:
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.backbone_kwargs:  # the variant as registered builds
+            check_task_backbone(self.backbone, self.backbone_settings())
 
     def backbone_settings(self) -> dict[str, Any]:
         """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""
