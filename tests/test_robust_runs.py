@@ -759,12 +759,13 @@ def test_every_task_s_bad_model_numbers_are_one_line(capsys, argv: list[str], ke
     assert line.startswith(f"crossformer {argv[0]}: error: cannot build ") and line.endswith(f": {reason}"), line
 
 
-@pytest.mark.parametrize("config", ["mask_rcnn_shapes_demo", "upernet_demo"])
-def test_dense_backbone_settings_are_checked_when_the_config_loads(config: str, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("config, key", [("mask_rcnn_shapes_demo", "model.backbone_kwargs"),
+                                         ("upernet_demo", "model.backbone_kwargs"), ("digits", "model.kwargs")])
+def test_model_settings_are_checked_when_the_config_loads(config: str, key: str, tmp_path: Path, capsys) -> None:
     # found only when the task built its model, after it had read the data (COCO's annotations: minutes)
-    line = one_error_line(capsys, ["train", "--config", config, "model.backbone_kwargs.mlp_ratio=-1",
+    line = one_error_line(capsys, ["train", "--config", config, f"{key}.mlp_ratio=-1",
                                    f"data.root={tmp_path / 'missing'}", "--output", str(tmp_path / "run")])
-    assert "cannot build backbone" in line and line.endswith(", got -1"), line
+    assert "cannot build " in line and "embed_dim=32" in line and line.endswith(", got -1"), line
 
 
 def test_only_errors_of_the_users_settings_become_one_line() -> None:

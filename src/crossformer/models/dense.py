@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any, Mapping, Sequence
 
 import timm
@@ -13,7 +11,7 @@ from timm.models._features import FeatureGetterNet, FeatureHookNet
 from ..errors import settings_that_fail
 
 __all__ = ["CheckpointableFeatures", "CheckpointableHookFeatures", "DenseBackbone", "build_dense_backbone", "authors_dense_settings",
-           "build_task_backbone", "check_task_backbone"]
+           "build_task_backbone"]
 
 # The authors' detection and segmentation configs use group size 7 and intervals 8, 4, 2, 1
 # in every stage for CrossFormer++ too (not its ImageNet 4,4,14,7 / 4,2,1,1); CrossFormer (v1)
@@ -90,17 +88,3 @@ def build_task_backbone(name: str, settings: Mapping[str, Any] | None = None) ->
     with settings_that_fail(f"backbone {name}", given):
         return build_dense_backbone(name, **{**authors_dense_settings(name), **given})
 
-
-def check_task_backbone(name: str, settings: Mapping[str, Any]) -> None:
-    """Settings :func:`build_task_backbone` cannot take, as its one line, found by building on
-    the meta device (no memory, no arithmetic): the dense configs check theirs when they load,
-    before a command reads any data or writes any file. Settings that built are not built
-    again (0.05-0.25 s each time a config loads)."""
-    _check_task_backbone(name, json.dumps(dict(settings), sort_keys=True, default=repr))
-
-
-@functools.lru_cache(maxsize=64)
-def _check_task_backbone(name: str, settings_json: str) -> None:
-    """:func:`check_task_backbone` for settings given as JSON (hashable: cached; an error is not)."""
-    with torch.device("meta"):
-        build_task_backbone(name, json.loads(settings_json))
