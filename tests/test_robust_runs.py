@@ -194,8 +194,7 @@ def test_an_unreadable_validation_image_stops_before_training(data: Path, tmp_pa
     output = tmp_path / "run"
     line = one_error_line(capsys, _train_argv(broken, output))
     assert f"cannot read validation image {bad}:" in line and "--skip-corrupt" in line
-    assert not (output / "last.pth").exists() and not (output / "metrics.jsonl").exists()
-    assert f"error: cannot read validation image {bad}" in (output / "log.txt").read_text()  # and logged
+    assert not output.exists()  # a start that fails leaves nothing behind, not even its log
 
     # --skip-corrupt: the run goes on, names each file once in the log, counts them in the summary
     (broken / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -413,6 +412,41 @@ def test_at_most_20_skipped_training_files_are_named(tmp_path: Path) -> None:
     log = (tmp_path / "log.txt").read_text()
     assert log.count("skipping unreadable image bad") == 20 and "image bad6-2.png" not in log, log
     assert log.count("more unreadable training files are skipped: counted (train/unreadable_images), not named") == 1
+
+
+class _FailingStart(FakeTask):
+    def __init__(self, config, ctx) -> None:
+        super().__init__(config, ctx)
+        raise UserInputError("cannot read image train/3.png")
+
+
+def test_a_run_that_fails_at_start_takes_back_the_files_it_wrote(tmp_path: Path) -> None:
+    # it left log.txt and tensorboard/ (and the folder, and the parents it made) behind
+    new = tmp_path / "new" / "run"
+    with pytest.raises(UserInputError, match="train/3.png"):
+        train(_FailingStart, fake_config(new, tensorboard=True))
+    assert not (tmp_path / "new").exists()
+    # an existing folder stays, as it was: its earlier attempt's log gets this error too
+    (tmp_path / "tried").mkdir()
+    (tmp_path / "tried" / "log.txt").write_text("an earlier attempt\n")
+    with pytest.raises(UserInputError, match="train/3.png"):
+        train(_FailingStart, fake_config(tmp_path / "tried", tensorboard=True))
+    assert sorted(p.name for p in (tmp_path / "tried").iterdir()) == ["log.txt"]
+    assert "error: cannot read image train/3.png" in (tmp_path / "tried" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("config, setting", [
+    ("digits", "model.kwargs.mlp_ratio=-1"),
+    ("mask_rcnn_shapes_demo", "data.root=missing"),
+    ("upernet_demo", "data.root=missing"),
+    ("upernet_demo", "model.backbone_kwargs.num_heads=0"),
+])
+def test_every_task_s_train_that_fails_at_start_leaves_no_files(config: str, setting: str, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # data.root=missing: a folder that is not there
+    output = tmp_path / "run"
+    one_error_line(capsys, ["train", "--config", config, setting, "--output", str(output), "--device", "cpu"])
+    assert not output.exists()
 
 
 class _FailingEvaluation(FakeTask):
@@ -762,6 +796,40 @@ def test_dense_backbone_settings_it_cannot_take_are_one_line(capsys, argv: list[
     line = one_error_line(capsys, [*argv, "model.backbone_kwargs.embed_dim=64"])
     assert "cannot build backbone crossformer_small with " in line and "embed_dim=64" in line, line
     assert line.endswith(": channels (64) must be divisible by num_heads (3)"), line
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["flops", "--config", "mask_rcnn_shapes_demo", "model.num_classes=4"], "model.backbone_kwargs"),
+    (["benchmark", "--config", "mask_rcnn_shapes_demo", "--device", "cpu", "model.num_classes=4"], "model.backbone_kwargs"),
+    (["flops", "--config", "upernet_demo", "model.num_classes=7"], "model.backbone_kwargs"),
+    (["benchmark", "--config", "upernet_demo", "--device", "cpu", "model.num_classes=7"], "model.backbone_kwargs"),
+    (["flops", "--config", "digits"], "model.kwargs"),
+    (["benchmark", "--config", "digits", "--device", "cpu"], "model.kwargs"),
+], ids=["flops-detection", "benchmark-detection", "flops-segmentation", "benchmark-segmentation",
+        "flops-classification", "benchmark-classification"])
+@pytest.mark.parametrize("setting, reason", [
+    # torch's "Trying to create tensor with negative dimension -32" traceback
+    ("mlp_ratio=-1", "mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                     "(embed_dim 32 x mlp_ratio >= 1), got -1"),
+    # built, then a ZeroDivisionError in CPU inference (its chunking divides by the MLP's width)
+    ("mlp_ratio=0", "mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                    "(embed_dim 32 x mlp_ratio >= 1), got 0"),
+    # classification's flops and benchmark built the model outside settings_that_fail: a traceback
+    ("num_heads=0", "num_heads must be at least 1 in every stage, got (0, 0, 0, 0)"),
+], ids=["negative-mlp-ratio", "zero-mlp-ratio", "zero-heads"])
+def test_every_task_s_bad_model_numbers_are_one_line(capsys, argv: list[str], key: str, setting: str,
+                                                     reason: str) -> None:
+    line = one_error_line(capsys, [*argv, f"{key}.{setting}"])
+    assert line.startswith(f"crossformer {argv[0]}: error: cannot build ") and line.endswith(f": {reason}"), line
+
+
+@pytest.mark.parametrize("config, key", [("mask_rcnn_shapes_demo", "model.backbone_kwargs"),
+                                         ("upernet_demo", "model.backbone_kwargs"), ("digits", "model.kwargs")])
+def test_model_settings_are_checked_when_the_config_loads(config: str, key: str, tmp_path: Path, capsys) -> None:
+    # found only when the task built its model, after it had read the data (COCO's annotations: minutes)
+    line = one_error_line(capsys, ["train", "--config", config, f"{key}.mlp_ratio=-1",
+                                   f"data.root={tmp_path / 'missing'}", "--output", str(tmp_path / "run")])
+    assert "cannot build " in line and "embed_dim=32" in line and line.endswith(", got -1"), line
 
 
 def test_only_errors_of_the_users_settings_become_one_line() -> None:

@@ -230,6 +230,16 @@ def test_resume_refuses_other_label_colours(runs: dict, tmp_path: Path) -> None:
     assert _resume(runs, "colours", tmp_path / "same", ignore_colours=IGNORE)["global_step"] == 3
 
 
+def test_the_safetensors_conversion_keeps_the_recorded_label_colours(runs: dict, tmp_path: Path) -> None:
+    # its description kept meta's classes, palette and reduce_zero_label but dropped label_colours
+    from crossformer.models import read_checkpoint
+
+    converted = tmp_path / "colours.safetensors"
+    assert main(["convert", str(runs["colours"]), str(converted)]) == 0
+    meta = read_checkpoint(converted)["meta"]
+    assert meta["label_colours"] == COLOURS and meta == load_training_state(runs["colours"])["meta"]
+
+
 def test_a_checkpoint_without_recorded_colours_resumes_on_index_maps(runs: dict, tmp_path: Path) -> None:
     # checkpoints written before data.label_colours was recorded in them
     shutil.copytree(runs["indices"].parent, tmp_path / "old")
@@ -256,7 +266,7 @@ def test_the_data_check_before_training_names_an_unlisted_colour(runs: dict, tmp
     layers = tiny_config(data=data, run={"output": str(tmp_path / "run"), "iterations": 1})
     with pytest.raises(DataError, match=rf"^label map {first} holds colour #010101 \(first at x=2, y=1\)"):
         train(build_config(SegmentationConfig, (layers, "tiny")))
-    assert "loss" not in (tmp_path / "run" / "log.txt").read_text()  # stopped before the first update
+    assert not (tmp_path / "run").exists()  # stopped before the first update, taking back its log
 
 
 def test_predict_draws_and_saves_the_label_colours(runs: dict, tmp_path: Path, capsys) -> None:

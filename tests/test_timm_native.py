@@ -423,6 +423,12 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     ({"depths": "2,2,4,2"}, r"^depths needs a list of whole numbers, one per stage \(e.g. \[2, 2, 6, 2\]\), got '2,2,4,2'$"),
     ({"depths": (1, 1.5, 1, 1)}, r"^depths needs a list of whole numbers, .*got \(1, 1.5, 1, 1\)$"),
     ({"depths": 4}, r"^depths needs a list of whole numbers, .*got 4$"),
+    # torch's "negative dimension" RuntimeError while building; a ZeroDivisionError in CPU inference
+    ({"mlp_ratio": -1}, r"^mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                        r"\(embed_dim 16 x mlp_ratio >= 1\), got -1$"),
+    ({"mlp_ratio": 0.05}, r"^mlp_ratio must be a number above 0 .*, got 0.05$"),  # 16 x 0.05: no hidden channel
+    ({"mlp_ratio": float("nan")}, r"^mlp_ratio must be a number above 0 .*, got nan$"),
+    ({"mlp_ratio": "4"}, r"^mlp_ratio must be a number above 0 .*, got '4'$"),
 ])
 def test_rates_and_depths_out_of_range_are_refused_at_construction(setting: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

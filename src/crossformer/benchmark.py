@@ -113,14 +113,14 @@ def device_name(device: str) -> str:
 
 def build_model(name: str, config: BenchConfig) -> nn.Module:
     """A registered model with random weights, placed and configured for the benchmark."""
-    import timm
-
     import crossformer.models  # noqa: F401  (registers the variants)
+    from .classification.model import create_classifier
 
     kwargs = dict(config.model_kwargs.get(name, {}))
     if name not in crossformer.VARIANTS and tuple(config.img_size) != (224, 224):
         kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (e.g. Swin) need it
-    return _place(timm.create_model(name, num_classes=config.num_classes, **kwargs), config)
+    # settings it cannot take are one line naming them, as in every command that builds one
+    return _place(create_classifier(name, config.num_classes, model_kwargs=kwargs), config)
 
 
 def _place(model: nn.Module, config: BenchConfig) -> nn.Module:

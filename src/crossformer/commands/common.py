@@ -67,6 +67,13 @@ def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tu
     return height, width
 
 
+def given_img_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """``--img-size`` as ``(height, width)`` (checked as :func:`img_size` checks it) where the
+    command line gave it, else None: a dense config's flops and benchmark then take their own
+    sizes, since the flag's default (224) is a classifier's."""
+    return img_size(args) if getattr(args, "img_size_given", False) else None
+
+
 def add_model_arg_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -24,19 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
     """``model_kwargs``: constructor settings of ``--model`` (a classification config's ``model.kwargs``)."""
-    import timm
     import torch
 
-    import crossformer.models  # noqa: F401  (registers the variants)
-    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, require_known_model, traced_macs
+    from crossformer.classification.model import create_classifier
+    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
     from crossformer.errors import UserInputError
 
     settings = dict(model_kwargs or {})
     height, width = img_size(args)
-    require_known_model(model_name(args))
     num_classes = IMAGENET_CLASSES if args.num_classes is None else args.num_classes
     with torch.device("meta") if not args.traced else torch.device("cpu"):
-        model = timm.create_model(args.model, num_classes=num_classes, **settings)
+        # settings it cannot take are one line naming them, as in every command that builds one
+        model = create_classifier(model_name(args), num_classes, model_kwargs=settings)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
+from ..commands.common import backbone_settings, given_img_size, head_classes, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError, one_line
 from .classes import COCO_CLASSES, first_category_difference, known_category_ids
@@ -202,18 +202,6 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """flops and benchmark keep their own flags; the config supplies the detector."""
 
 
-def _size(args: argparse.Namespace, default: tuple[int, int]) -> tuple[int, int]:
-    if not getattr(args, "img_size_given", False):
-        return default
-    size = args.img_size
-    if len(size) not in (1, 2):
-        raise UserInputError(f"--img-size takes N or H W, got {' '.join(map(str, size))}")
-    height, width = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-    if min(height, width) < 32:
-        raise UserInputError(f"--img-size must be at least 32, got {height}x{width}")
-    return height, width
-
-
 def _config_classes(verb: str, config: DetectionConfig) -> int:
     """The class count training would build the detector for (COCO's 80 where it cannot be known)."""
     return head_classes(verb, config.model.num_classes, config.data.known_classes, len(COCO_CLASSES), "COCO's")
@@ -226,7 +214,7 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     from .task import build_configured_detector
 
     refuse_classifier_flags(args, ("--model", "--num-classes", "--traced"), "detector")
-    height, width = _size(args, FLOPS_SIZE)
+    height, width = given_img_size(args) or FLOPS_SIZE
     if height % 32 or width % 32:
         raise UserInputError(f"--img-size: detectors count padded inputs; give multiples of 32, got {height}x{width}")
     with torch.device("meta"):
@@ -264,7 +252,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         raise UserInputError(f"detection compares with torchvision's {TORCHVISION_PEER} only (--compare), got {args.compare!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA device is available")
-    height, width = _size(args, BENCHMARK_SIZE)
+    height, width = given_img_size(args) or BENCHMARK_SIZE
     batch = args.batch_size or 1
     if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         raise UserInputError("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")

@@ -60,7 +60,8 @@ class DetectionModelConfig:
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
-        from ..models import VARIANTS
+        from ..models.dense import build_task_backbone
+        from ..models.variants import VARIANTS, check_builds
 
         if self.backbone not in VARIANTS:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
@@ -72,6 +73,8 @@ class DetectionModelConfig:
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.backbone_kwargs:  # the variant as registered builds
+            check_builds(build_task_backbone, self.backbone, self.backbone_settings())
 
     def backbone_settings(self) -> dict[str, Any]:
         """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""

@@ -2,20 +2,21 @@
 
 A folder that already holds something is used only to continue that run (``resume``) or to
 replace it on request (``overwrite``, which deletes the earlier run's files and says which).
-A folder holding only logs (``log.txt``, ``tensorboard/``: an attempt that stopped before
-training, e.g. on bad input) is reused, its log continued.
+A folder holding only logs (``log.txt``, ``tensorboard/``) is reused, its log continued. A run
+that fails before it trains (bad input) takes back what it wrote (:class:`OutputBefore`).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import OutputError, stale_temporaries, write_text_atomic
 from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
-__all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK"]
+__all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK", "OutputBefore"]
 
 # What a run writes in its folder (and --overwrite deletes); other files are left alone.
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "log.txt", "tensorboard")
@@ -50,6 +51,33 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> lis
         path = folder / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return removed
+
+
+@dataclass(frozen=True)
+class OutputBefore:
+    """What a run's folder lacked before the run started, so that a start that fails (bad
+    data, bad settings) can take back what it wrote: the folder as it was, no new logs."""
+
+    new_folders: tuple[Path, ...]  # the folder and its parents that did not exist yet, deepest first
+    new_files: tuple[Path, ...]  # the run's files (:data:`RUN_FILES`) that were not in it yet
+
+    @classmethod
+    def of(cls, output: str | Path) -> "OutputBefore":
+        """The state of ``output`` now, before anything of the run is written."""
+        folder = Path(output).absolute()
+        new_folders = tuple(path for path in (folder, *folder.parents) if not path.exists())
+        return cls(new_folders, tuple(folder / name for name in RUN_FILES if not (folder / name).exists()))
+
+    def restore(self) -> None:
+        """Delete what the run added since :meth:`of`; folders only while empty (another
+        process may have written into them meanwhile)."""
+        for path in self.new_files:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for folder in self.new_folders:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or gone
+                return
 
 
 def _remove_stale_checkpoints(folder: Path) -> None:

@@ -33,7 +33,7 @@ from .cpus import available_cpus, usable_workers
 from .distributed import DistContext, set_cpu_threads, setup_distributed, teardown_distributed
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger, SkippedFiles
-from .output import claim_output
+from .output import OutputBefore, claim_output
 from .optim import build_optimizer, scale_lr
 from .schedule import build_schedule
 from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
@@ -568,11 +568,14 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     try:
         # before anyone writes into the folder
         removed = ctx.on_main(lambda: claim_output(run.output, run.resume, run.overwrite)) or []
+        before = OutputBefore.of(run.output)  # a start that fails takes back what it wrote
         log = RunLogger(run.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
         if removed:
             log.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run.output}")
+        trainer = None
         try:
-            return Trainer(task_cls, config, ctx, on_step_end, log=log).run()
+            trainer = Trainer(task_cls, config, ctx, on_step_end, log=log)
+            return trainer.run()
         except RunInterrupted:
             raise  # logged already
         except (UserInputError, NonFiniteLossError) as err:
@@ -583,5 +586,7 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
             raise
         finally:
             log.close()
+            if trainer is None and ctx.is_main:
+                before.restore()
     finally:
         teardown_distributed(ctx)

@@ -18,6 +18,7 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 """
 
 import functools
+import math
 import numbers
 from typing import Final, Sequence
 
@@ -83,6 +84,16 @@ def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> tuple[
     if min(values, default=1) < 1:
         raise ValueError(f"{name} must be at least 1 in every stage, got {values}")
     return values
+
+
+def check_mlp_ratio(mlp_ratio: float, embed_dim: int) -> None:
+    """A one-line ``ValueError`` unless ``mlp_ratio`` is a number that gives stage 0's MLP
+    (``int(embed_dim * mlp_ratio)`` wide, the narrowest) at least one hidden channel: a
+    negative width failed inside torch's ``nn.Linear``, a zero width in CPU inference."""
+    width = embed_dim * mlp_ratio if isinstance(mlp_ratio, numbers.Real) and not isinstance(mlp_ratio, bool) else 0
+    if not (math.isfinite(width) and width >= 1):
+        raise ValueError(f"mlp_ratio must be a number above 0 that leaves the MLP at least one hidden channel "
+                         f"(embed_dim {embed_dim} x mlp_ratio >= 1), got {mlp_ratio!r}")
 
 
 def global_pool_layer(global_pool: str) -> SelectAdaptivePool2d:
@@ -637,6 +648,7 @@ class CrossFormer(nn.Module):
         self.num_features = dims[-1]
         self.head_hidden_size = self.num_features * self.pool.feat_mult()  # what the head sees
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_kernel_sizes)
+        check_mlp_ratio(mlp_ratio, embed_dim)  # after the embedding has checked embed_dim
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages = []

@@ -87,3 +87,4 @@ def build_task_backbone(name: str, settings: Mapping[str, Any] | None = None) ->
     given = dict(settings or {})
     with settings_that_fail(f"backbone {name}", given):
         return build_dense_backbone(name, **{**authors_dense_settings(name), **given})
+

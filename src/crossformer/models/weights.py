@@ -117,8 +117,10 @@ _NOT_DESCRIPTION = frozenset({
     "scaler", "rank_state", "epoch", "batches_done", "global_step", "world_size", "best_metric",
     "primary_metric", "max_accuracy", "amp", "format", "run_counts",
 })
-# mmdet / mmseg ``meta`` also carries the whole config text and the training machine's set-up.
-_META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label")
+# The ``meta`` entries that describe the model's classes and how label maps store them (ours
+# add ``label_colours``: a colour-coded map's colour of each class, or None). mmdet / mmseg
+# ``meta`` also carries the whole config text and the training machine's set-up.
+_META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label", "label_colours")
 
 
 def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
@@ -481,7 +483,9 @@ def checkpoint_description(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     entry that is not training progress, e.g. ours: ``task``, ``model_name``, ``model_kwargs``,
     ``class_names``, ``img_size``, ``metrics`` and the training ``config`` (its data paths
     included, as mmdet / mmseg files carry theirs: a detection or segmentation weights file
-    then runs without ``--config``); mmdet / mmseg files: ``meta``'s classes and palette."""
+    then runs without ``--config``); ``meta``'s classes and palette (mmdet / mmseg files and
+    ours) and, of our segmentation checkpoints, how label maps store the classes:
+    ``reduce_zero_label`` and ``label_colours`` (colour-coded maps, ``data.label_colours``)."""
     description: dict[str, Any] = {}
     for key, value in checkpoint.items():
         if key in _NOT_DESCRIPTION:

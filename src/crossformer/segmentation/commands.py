@@ -246,9 +246,10 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sizes(args: argparse.Namespace, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-    from ..commands.common import img_size
+    from ..commands.common import given_img_size
 
-    return (img_size(args),) if args.img_size_given else default
+    size = given_img_size(args)
+    return (size,) if size is not None else default
 
 
 def _model_classes(verb: str, config: SegmentationConfig) -> int:

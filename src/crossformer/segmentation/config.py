@@ -60,6 +60,11 @@ class SegModelConfig:
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.backbone_kwargs:  # the variant as registered builds
+            from ..models.dense import build_task_backbone
+            from ..models.variants import check_builds
+
+            check_builds(build_task_backbone, self.backbone, self.build_kwargs())
 
     def build_kwargs(self) -> dict[str, Any]:
         """The backbone settings handed to :func:`.build_segmentor` (drop path included)."""
