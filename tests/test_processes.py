@@ -1,16 +1,20 @@
-"""The tests' process helper ends all that a test started: out of time, or when the test fails."""
+"""The tests' process helpers: all that a test started is ended (out of time, or when the test
+fails), and two ranks meet whatever else the machine runs meanwhile."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from processes import run_process, running, started_process, wait_for
+from two_ranks import on_two_ranks
 
 # A process that ignores SIGTERM (as a torchrun worker stuck in a gloo collective does) and has
 # started another that does too, in a session of its own (as torchrun starts its workers); each writes its pid to a file of the folder argv[1] once it does.
@@ -54,3 +58,15 @@ def test_a_failing_test_leaves_no_process_behind(tmp_path: Path) -> None:
             pids = _pids(tmp_path)
             raise AssertionError("the test failed")
     assert _ended(pids)
+
+
+def test_two_ranks_meet_though_another_process_takes_a_port_that_was_free(monkeypatch) -> None:
+    # a port found free, then let go, was what rank 0 listened on: another test's torchrun or gloo
+    # connection (xdist runs two test files at once) could take it first. Here one is taken: any
+    # port the harness finds is this listening one.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = taken.getsockname()
+        monkeypatch.setattr(socket.socket, "getsockname", lambda self: address)
+        assert on_two_ranks(dist.get_rank) == [0, 1]

@@ -52,6 +52,16 @@ def test_an_output_under_the_home_folder_is_not_a_folder_named_tilde(tmp_path: P
     assert (tmp_path / "home" / "runs" / "x" / "last.pth").is_file() and not (tmp_path / "~").exists()
 
 
+def test_a_deterministic_run_leaves_the_process_as_it_found_it(tmp_path: Path) -> None:
+    # run.deterministic turned torch's deterministic mode on for good: every test that a test
+    # process ran after such a run (whichever xdist gave it) ran in that mode too
+    during = []
+    train(FakeTask, fake_config(tmp_path, epochs=1, deterministic=True),
+          on_step_end=lambda step: during.append(torch.are_deterministic_algorithms_enabled()))
+    assert during and all(during)
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
 def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> None:
     train(FakeTask, fake_config(tmp_path / "short", epochs=1, warmup_iters=6))  # 6 updates in all
     out = capsys.readouterr().out

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "seed_everything", "enable_determinism", "capture_rng_state", "restore_rng_state", "sample_seed", "seeded_rngs",
+    "seed_everything", "enable_determinism", "deterministic_kernels", "capture_rng_state", "restore_rng_state",
+    "sample_seed", "seeded_rngs",
 ]
 
 
@@ -57,6 +58,26 @@ def enable_determinism() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Inside the block, bitwise-reproducible kernels where ``enabled`` (:func:`enable_determinism`);
+    after it, torch's process-wide switches and ``CUBLAS_WORKSPACE_CONFIG`` as they were: a program
+    (or test process) that trains once deterministically does not run all that follows that way."""
+    if not enabled:
+        yield
+        return
+    algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, workspace = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    enable_determinism()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        torch.backends.cudnn.benchmark = benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .logging import RunLogger, SkippedFiles
 from .output import OutputBefore, claim_output
 from .optim import build_optimizer, scale_lr
 from .schedule import build_schedule
-from .seeding import capture_rng_state, enable_determinism, restore_rng_state, seed_everything
+from .seeding import capture_rng_state, deterministic_kernels, restore_rng_state, seed_everything
 from .task import Task
 
 __all__ = ["Trainer", "train", "RunInterrupted", "CHECKPOINT_FORMAT"]
@@ -73,8 +73,6 @@ class Trainer:
         run = self.run_config = config.run
         self.output = Path(run.output)
         self.log = log or RunLogger(self.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
-        if run.deterministic:
-            enable_determinism()
         if ctx.device.type == "cpu":
             set_cpu_threads(run.cpu_threads)
         self._note_workers()
@@ -574,8 +572,9 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
             log.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run.output}")
         trainer = None
         try:
-            trainer = Trainer(task_cls, config, ctx, on_step_end, log=log)
-            return trainer.run()
+            with deterministic_kernels(run.deterministic):  # run.deterministic: this run's kernels only
+                trainer = Trainer(task_cls, config, ctx, on_step_end, log=log)
+                return trainer.run()
         except RunInterrupted:
             raise  # logged already
         except (UserInputError, NonFiniteLossError) as err:
