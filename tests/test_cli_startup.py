@@ -264,6 +264,38 @@ def test_help_for_a_checkpoint_imports_no_torch_and_says_what_torch_said(recorde
     assert "--kind" in outputs["detection.pth"] and "--kind" not in outputs["classification.pth"]
 
 
+# files that are no checkpoint, told so from the path and first bytes alone: name -> how to make it
+NOT_CHECKPOINTS = {"missing.pth": lambda path: None, "folder.pth": Path.mkdir,
+                   "notes.pth": lambda path: path.write_text("hello\n")}
+# the commands that read a checkpoint, "{}" standing for it (each with what it needs besides)
+READS_A_CHECKPOINT = {
+    "evaluate": ["evaluate", "--checkpoint", "{}"],
+    "predict": ["predict", "a.png", "--checkpoint", "{}"],
+    "convert": ["convert", "{}", "out.safetensors"],
+    "export": ["export", "--format", "safetensors", "--model", "crossformer_tiny", "--checkpoint", "{}"],
+    **{f"{verb} --config {config}": [verb, "--config", config, "--checkpoint", "{}", *(["a.png"] if verb == "predict" else [])]
+       for verb in ("evaluate", "predict") for config in DENSE_CONFIGS},
+    "export --config": ["export", "--config", DENSE_CONFIGS[1], "--format", "safetensors", "--checkpoint", "{}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_a_checkpoint_that_cannot_be_read_is_said_without_torch_as_its_reader_says_it(name: str, tmp_path: Path) -> None:
+    # "checkpoint not found" took the 6 s of importing torch first
+    from crossformer.errors import CheckpointError
+    from crossformer.models import read_checkpoint
+
+    path = tmp_path / name
+    NOT_CHECKPOINTS[name](path)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path)
+    for command, argv in READS_A_CHECKPOINT.items():
+        argv = [arg.format(path) for arg in argv]
+        proc, imported = _command(argv)
+        assert (proc.returncode, proc.stderr) == (2, f"crossformer {argv[0]}: error: {caught.value}\n"), command
+        assert not _heavy(imported), (command, _heavy(imported))
+
+
 def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
     from crossformer.classification.config import ClassificationConfig
     from crossformer.commands.common import config_flags

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError
 
-__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "safetensors_header", "sniff"]
+__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "readable_checkpoint",
+           "safetensors_header", "sniff"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
@@ -45,6 +46,18 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def readable_checkpoint(path: str | Path) -> tuple[Path, str, str]:
+    """``path`` as a checkpoint file to read, its kind and description (:func:`sniff`); a one-line
+    :class:`CheckpointError` where it is not there, a folder, cannot be opened, or is no checkpoint
+    (text, an HTML page, an empty file, an ONNX model ...). Told from its first bytes, without torch."""
+    path = checkpoint_file(path)
+    kind, description = sniff(path)
+    if kind == "other":
+        what = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
+        raise CheckpointError(f"{path} is not {what} ({description})")
+    return path, kind, description
 
 
 def safetensors_header(head: bytes) -> int | None:

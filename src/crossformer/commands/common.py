@@ -496,16 +496,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
     settings = command_line_settings(args, overrides)
-    try:
-        resolved = resolve_config(config, settings, use_default=False, source=source)
-    except UserInputError:
-        # The task came from the checkpoint: one that is not there (or a folder) is the mistake,
-        # not the settings of its task that the default task lacks.
-        if args.config is None and getattr(args, "checkpoint", None):
-            from ..checkpoint_files import checkpoint_file
-
-            checkpoint_file(args.checkpoint)
-        raise
+    resolved = resolve_config(config, settings, use_default=False, source=source)
     resolved_config = with_home_expanded(resolved.config)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
