@@ -296,6 +296,18 @@ def test_a_checkpoint_that_cannot_be_read_is_said_without_torch_as_its_reader_sa
         assert not _heavy(imported), (command, _heavy(imported))
 
 
+@pytest.mark.parametrize("name", ["pp_cls.pth", "v1_cls.pth"])
+def test_help_for_the_authors_checkpoint_imports_no_torch_and_says_what_torch_said(name: str, reference_dir: Path,
+                                                                                   capsys, request) -> None:
+    # their pickled yacs config, which the stand-ins left to torch's weights-only loader, refuses it unread
+    argv = ["predict", "--checkpoint", str(reference_dir / name), "--help"]
+    proc, imported = _command(argv)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert not _heavy(imported), _heavy(imported)
+    request.getfixturevalue("through_torch")
+    assert (0, proc.stdout, "") == _in_process(argv, capsys)
+
+
 def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
     from crossformer.classification.config import ClassificationConfig
     from crossformer.commands.common import config_flags
