@@ -56,7 +56,7 @@ def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tu
 
     ``default`` (N or [H, W], e.g. the size a checkpoint records) applies when the flag is absent.
     """
-    from ..models.crossformer import MIN_INPUT_SIZE
+    from ..pixels import MIN_INPUT_SIZE
 
     size = args.img_size or ([default] if isinstance(default, int) else list(default))
     if len(size) not in (1, 2):
@@ -488,7 +488,6 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
-    from ..engine import set_cpu_threads
     from ..engine.config import with_home_expanded
     from ..engine.registry import resolve_config, task_commands
 
@@ -504,5 +503,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
         raise UserInputError(f"the {resolved_config.task} task has no {verb} command yet")
     if source is not None:
         _check_recorded_paths(resolved_config, handler.config_keys, settings, args.checkpoint)
+    from ..engine import set_cpu_threads  # torch: once the config is known to be right
+
     set_cpu_threads(resolved_config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
     return handler.run(args, resolved_config, resolved.given)
