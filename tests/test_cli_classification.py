@@ -210,7 +210,8 @@ def test_bad_input_is_one_line_exit_2(data: Path, tmp_path: Path, capsys) -> Non
                     "checkpoint not found")
     _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth")],
                     "checkpoint not found")
-    _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "none.pth"),
+    torch.save({}, tmp_path / "some.pth")  # the file is checked first, the flag before it is read
+    _one_line_error(capsys, ["predict", str(tmp_path / "none.png"), "--checkpoint", str(tmp_path / "some.pth"),
                              "--topk", "0"], "--topk must be at least 1, got 0")
 
 

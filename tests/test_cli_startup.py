@@ -264,6 +264,75 @@ def test_help_for_a_checkpoint_imports_no_torch_and_says_what_torch_said(recorde
     assert "--kind" in outputs["detection.pth"] and "--kind" not in outputs["classification.pth"]
 
 
+# files that are no checkpoint, told so from the path and first bytes alone: name -> how to make it
+NOT_CHECKPOINTS = {"missing.pth": lambda path: None, "folder.pth": Path.mkdir,
+                   "notes.pth": lambda path: path.write_text("hello\n")}
+# the commands that read a checkpoint, "{}" standing for it (each with what it needs besides)
+READS_A_CHECKPOINT = {
+    "evaluate": ["evaluate", "--checkpoint", "{}"],
+    "predict": ["predict", "a.png", "--checkpoint", "{}"],
+    "convert": ["convert", "{}", "out.safetensors"],
+    "export": ["export", "--format", "safetensors", "--model", "crossformer_tiny", "--checkpoint", "{}"],
+    **{f"{verb} --config {config}": [verb, "--config", config, "--checkpoint", "{}", *(["a.png"] if verb == "predict" else [])]
+       for verb in ("evaluate", "predict") for config in DENSE_CONFIGS},
+    "export --config": ["export", "--config", DENSE_CONFIGS[1], "--format", "safetensors", "--checkpoint", "{}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_a_checkpoint_that_cannot_be_read_is_said_without_torch_as_its_reader_says_it(name: str, tmp_path: Path) -> None:
+    # "checkpoint not found" took the 6 s of importing torch first
+    from crossformer.errors import CheckpointError
+    from crossformer.models import read_checkpoint
+
+    path = tmp_path / name
+    NOT_CHECKPOINTS[name](path)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path)
+    for command, argv in READS_A_CHECKPOINT.items():
+        argv = [arg.format(path) for arg in argv]
+        proc, imported = _command(argv)
+        assert (proc.returncode, proc.stderr) == (2, f"crossformer {argv[0]}: error: {caught.value}\n"), command
+        assert not _heavy(imported), (command, _heavy(imported))
+
+
+# mistakes in a segmentation config's colour-coded label maps (settings), and what is said of them
+COLOUR_MISTAKES = {
+    "count": (["data.label_colours=[[1,2,3],[4,5,6]]"], "data.label_colours has 2 colours for 150 classes"),
+    "value": (["data.label_colours=[[1,2,3],[1,2,300]]", "data.val_images=a", "data.val_labels=b", "data.classes=[a,b]"],
+              "data.label_colours holds [1, 2, 300]: each colour is [R, G, B], three values 0-255"),
+    "twice": (["data.label_colours=[[1,2,3],[1,2,3]]", "model.num_classes=2"],
+              "data.label_colours gives classes 0 and 1 one colour, #010203"),
+    "ignored": (["data.label_colours=[[1,2,3],[4,5,6]]", "data.ignore_colours=[[4,5,6]]", "model.num_classes=2"],
+                "colour #040506 is listed as class 1's colour in data.label_colours and in data.ignore_colours"),
+    "alone": (["data.ignore_colours=[[1,2,3]]"], "data.ignore_colours goes with data.label_colours"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(COLOUR_MISTAKES))
+def test_a_mistake_in_the_label_colours_is_said_without_torch(mistake: str, capsys) -> None:
+    # the colours were checked with the data package's DataError, which imported torch
+    settings, expected = COLOUR_MISTAKES[mistake]
+    for verb in ("train", "flops"):
+        argv = [verb, "--config", DENSE_CONFIGS[1], *settings]
+        proc, imported = _command(argv)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer {verb}: error: {expected}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), (verb, _heavy(imported))
+        assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+@pytest.mark.parametrize("name", ["pp_cls.pth", "v1_cls.pth"])
+def test_help_for_the_authors_checkpoint_imports_no_torch_and_says_what_torch_said(name: str, reference_dir: Path,
+                                                                                   capsys, request) -> None:
+    # their pickled yacs config, which the stand-ins left to torch's weights-only loader, refuses it unread
+    argv = ["predict", "--checkpoint", str(reference_dir / name), "--help"]
+    proc, imported = _command(argv)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert not _heavy(imported), _heavy(imported)
+    request.getfixturevalue("through_torch")
+    assert (0, proc.stdout, "") == _in_process(argv, capsys)
+
+
 def test_help_lists_every_command_and_train_help_every_flag_of_the_default_task() -> None:
     from crossformer.classification.config import ClassificationConfig
     from crossformer.commands.common import config_flags
@@ -312,6 +381,16 @@ def test_the_package_api_resolves_lazily_to_the_same_objects() -> None:
         assert name in dir(engine) and getattr(engine, name) is not None, name
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         crossformer.nothing
+
+
+def test_the_data_package_resolves_lazily_to_the_same_objects() -> None:
+    from crossformer import data, errors
+    from crossformer.data import class_list, digits, folder, loader, sampler, transforms
+
+    modules = (errors, class_list, digits, folder, loader, sampler, transforms)
+    for name in data.__all__:
+        assert name in dir(data) and any(getattr(module, name, None) is getattr(data, name) for module in modules), name
+    assert data.DataError is errors.DataError is folder.DataError
 
 
 def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:

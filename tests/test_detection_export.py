@@ -72,7 +72,8 @@ def test_the_graph_refuses_batches_and_examples_below_its_range() -> None:
 def test_export_errors_are_one_line(tmp_path: Path, capsys) -> None:
     from cli_errors import one_error_line
 
-    base = ["export", "--config", "mask_rcnn_crossformer_small_1x", "--checkpoint", str(tmp_path / "none.pth")]
+    torch.save({}, tmp_path / "some.pth")  # the file is checked first, the options before it is read
+    base = ["export", "--config", "mask_rcnn_crossformer_small_1x", "--checkpoint", str(tmp_path / "some.pth")]
     assert "a detector exports to ONNX or safetensors" in one_error_line(capsys, [*base, "--format", "torchscript"])
     assert "--features is for classifiers and backbones" in one_error_line(capsys, [*base, "--format", "onnx",
                                                                                    "--features"])

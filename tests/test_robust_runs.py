@@ -922,7 +922,8 @@ def test_evaluate_prints_each_number_under_its_name(tmp_path: Path, capsys, monk
     metrics = {"model": "m", "img_size": 32, "acc1": 25.0, "acc5": 75.0, "loss": 1.5, "images": 4, "skipped": 1}
     monkeypatch.setattr(importlib.import_module("crossformer.classification.evaluate"), "evaluate",
                         lambda *args, **kwargs: metrics)
-    assert main(["evaluate", "--checkpoint", "m.pth", "--data", str(tmp_path)]) == 0
+    torch.save({}, tmp_path / "m.pth")  # the command checks that it is a checkpoint before it evaluates
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "m.pth"), "--data", str(tmp_path)]) == 0
     assert capsys.readouterr().out == ("m at 32x32: top-1 25.00%  top-5 75.00%  loss 1.5000  "
                                        "(4 images, 1 unreadable skipped)\n")
 

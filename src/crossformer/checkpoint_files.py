@@ -6,7 +6,8 @@ A ``torch.save`` zip file holds its structure in a pickle (``<archive>/data.pkl`
 point at the archive's data records by persistent id. :func:`peek_checkpoint` unpickles it with
 stand-ins for the tensors, admitting only what a checkpoint of plain values and tensors needs
 (nothing is imported or called by name); a file with anything else is read by torch's weights-only
-loader instead, as it was before, with the same result.
+loader instead, as it was before, with the same result; one naming what that loader refuses as
+well (the authors' pickled yacs config) has nothing to peek at, which is said without torch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError
 
-__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "safetensors_header", "sniff"]
+__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "readable_checkpoint",
+           "safetensors_header", "sniff"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
@@ -45,6 +47,18 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def readable_checkpoint(path: str | Path) -> tuple[Path, str, str]:
+    """``path`` as a checkpoint file to read, its kind and description (:func:`sniff`); a one-line
+    :class:`CheckpointError` where it is not there, a folder, cannot be opened, or is no checkpoint
+    (text, an HTML page, an empty file, an ONNX model ...). Told from its first bytes, without torch."""
+    path = checkpoint_file(path)
+    kind, description = sniff(path)
+    if kind == "other":
+        what = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
+        raise CheckpointError(f"{path} is not {what} ({description})")
+    return path, kind, description
 
 
 def safetensors_header(head: bytes) -> int | None:
@@ -181,6 +195,8 @@ def _structure(path: str) -> tuple[Any, type]:
     ``torch.Tensor`` (torch's weights-only loader, its tensors memory-mapped)."""
     try:
         return _unpickle_with_stubs(path), _TensorStub
+    except _RefusedByTorch:  # torch would refuse it too: nothing to peek at, and no torch to import
+        raise
     except Exception:  # noqa: BLE001 - not what the stubs stand for, or damaged: torch decides, as before
         import torch
 
@@ -235,6 +251,15 @@ _STUB_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# Globals that torch's weights-only loader refuses as well, which files we are given name: the
+# yacs config of the authors' releases (their classifiers). Torch would leave nothing to peek at.
+_TORCH_REFUSES = frozenset({("yacs.config", "CfgNode")})
+
+
+class _RefusedByTorch(pickle.UnpicklingError):
+    """A pickle naming one of :data:`_TORCH_REFUSES`: refused unread, as torch's weights-only loader refuses it."""
+
+
 class _StubUnpickler(pickle.Unpickler):
     """Reads a ``torch.save`` pickle whose archive's records are ``records``, with stand-ins
     for its tensors; any other global, or a storage the archive does not hold, raises."""
@@ -246,6 +271,8 @@ class _StubUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name.endswith("Storage") and name.isidentifier():
             return _StorageType(name)
+        if (module, name) in _TORCH_REFUSES:
+            raise _RefusedByTorch(f"{module}.{name}: torch's weights-only loader refuses it too")
         try:
             return _STUB_GLOBALS[(module, name)]
         except KeyError:

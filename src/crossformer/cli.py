@@ -273,6 +273,17 @@ def _work_begins(command: str) -> None:
         handler.work_began = True
 
 
+def _refuse_unreadable_checkpoint(args: argparse.Namespace) -> None:
+    """A one-line error for the command's checkpoint (``--checkpoint``, ``convert``'s first
+    argument) that is not there, a folder, cannot be opened or is no checkpoint, said as its
+    reader would say it but before the command's work imports torch (seconds)."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        from .checkpoint_files import readable_checkpoint
+
+        readable_checkpoint(checkpoint)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _launch_variables_read(argv):
@@ -323,6 +334,7 @@ def _main(argv: list[str]) -> int:
         if wanted_by_environment():
             keep_freed_memory()
     try:
+        _refuse_unreadable_checkpoint(args)
         if args.command in _CONFIG_DISPATCH:
             if args.config:
                 return _run_with_config(args, argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-__all__ = ["UserInputError", "CheckpointError", "one_line", "listing", "settings_that_fail"]
+__all__ = ["UserInputError", "CheckpointError", "DataError", "one_line", "listing", "settings_that_fail"]
 
 
 class UserInputError(ValueError):
@@ -14,6 +14,10 @@ class UserInputError(ValueError):
 
 class CheckpointError(UserInputError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class DataError(UserInputError):
+    """A data set that is missing, malformed, or holds an unreadable image."""
 
 
 def one_line(message: object, limit: int = 600) -> str:

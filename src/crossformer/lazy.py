@@ -2,9 +2,9 @@
 
 The ``crossformer`` command reads its arguments (``--help``, a misspelt flag) before it needs
 torch, timm or torchvision, which take seconds to import; packages on its way (``crossformer``,
-``crossformer.engine`` and the tasks' ``crossformer.classification``, ``crossformer.detection``,
-``crossformer.segmentation``) therefore name what they export with :func:`export_lazily`
-instead of importing it.
+``crossformer.engine``, ``crossformer.data`` and the tasks' ``crossformer.classification``,
+``crossformer.detection``, ``crossformer.segmentation``) therefore name what they export with
+:func:`export_lazily` instead of importing it.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class DataConfig:
         return prepare_digits()
 
     def validate(self) -> None:
-        from ..models.crossformer import MIN_INPUT_SIZE
+        from ..pixels import MIN_INPUT_SIZE
 
         if self.interpolation not in INTERPOLATIONS:
             raise UserInputError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, "

@@ -56,7 +56,7 @@ def img_size(args: argparse.Namespace, default: int | Sequence[int] = 224) -> tu
 
     ``default`` (N or [H, W], e.g. the size a checkpoint records) applies when the flag is absent.
     """
-    from ..models.crossformer import MIN_INPUT_SIZE
+    from ..pixels import MIN_INPUT_SIZE
 
     size = args.img_size or ([default] if isinstance(default, int) else list(default))
     if len(size) not in (1, 2):
@@ -495,7 +495,6 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
-    from ..engine import set_cpu_threads
     from ..engine.config import with_home_expanded
     from ..engine.registry import resolve_config, task_commands
 
@@ -503,16 +502,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
     settings = command_line_settings(args, overrides)
-    try:
-        resolved = resolve_config(config, settings, use_default=False, source=source)
-    except UserInputError:
-        # The task came from the checkpoint: one that is not there (or a folder) is the mistake,
-        # not the settings of its task that the default task lacks.
-        if args.config is None and getattr(args, "checkpoint", None):
-            from ..checkpoint_files import checkpoint_file
-
-            checkpoint_file(args.checkpoint)
-        raise
+    resolved = resolve_config(config, settings, use_default=False, source=source)
     resolved_config = with_home_expanded(resolved.config)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
@@ -520,5 +510,7 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
         raise UserInputError(f"the {resolved_config.task} task has no {verb} command yet")
     if source is not None:
         _check_recorded_paths(resolved_config, handler.config_keys, settings, args.checkpoint)
+    from ..engine import set_cpu_threads  # torch: once the config is known to be right
+
     set_cpu_threads(resolved_config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
     return handler.run(args, resolved_config, resolved.given)

@@ -43,7 +43,6 @@ def resume_command(argv: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from crossformer.engine import NonFiniteLossError, RunInterrupted, train
     from crossformer.engine.launch import launched_by_torchrun, launched_rank
     from crossformer.engine.registry import resolve_config
 
@@ -53,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)
+    from crossformer.engine import NonFiniteLossError, RunInterrupted, train  # torch: once the config is known to be right
+
     says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
     try:
         metrics = train(resolved.module.TASK, resolved.config)

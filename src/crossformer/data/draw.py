@@ -31,7 +31,7 @@ def palette(n: int) -> list[Colour]:
 def class_colours(colours: Sequence[Sequence[int]] | None, classes: int, what: str = "the palette") -> list[Colour]:
     """``colours`` as ``(R, G, B)`` tuples, one per class and each 0-255, or :func:`palette`'s
     where None; a :class:`crossformer.data.DataError` (one line naming ``what``) otherwise."""
-    from .folder import DataError
+    from ..errors import DataError
 
     if colours is None:
         return palette(classes)

@@ -20,13 +20,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 from torch.utils.data import Dataset
 
 from ..atomic import OutputError
-from ..errors import UserInputError, listing
+from ..errors import DataError, listing
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "ImageListing", "find_split", "find_images", "list_images",
            "left_out_line", "left_out_notes", "open_image", "opened", "read_rgb",
            "oriented_size",
            "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
-           "leave_out_folder", "load_class_list", "training_classes"]
+           "leave_out_folder", "training_classes"]
 
 ALWAYS_READ_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
                           ".pbm")
@@ -45,10 +45,6 @@ UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, I
 EXIF_ORIENTATION = 0x0112  # the tag ImageOps.exif_transpose applies
 # The advice that ends an unreadable image's error; a run that already skips such files drops it.
 SKIP_HINT = "; fix or delete it, or pass --skip-corrupt to skip such files"
-
-
-class DataError(UserInputError):
-    """A data set that is missing, malformed, or holds an unreadable image."""
 
 
 def find_split(root: str | Path, split: str) -> Path:
@@ -419,22 +415,3 @@ def unique_stem(stem: str, taken: set[str]) -> str:
         name = f"{stem}_{n}"
     taken.add(name)
     return name
-
-
-def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
-    """Class names from a list or a text file (one per line, blank lines ignored)."""
-    if isinstance(classes, (str, Path)):
-        path = Path(classes)
-        if not path.is_file():
-            raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
-        # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
-        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    else:
-        names = [str(c) for c in classes]
-    where = f" {classes}" if isinstance(classes, (str, Path)) else ""  # a file is named; a list is its own text
-    if not names:
-        raise DataError(f"the class list{where} is empty")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise DataError(f"class {dup!r} is listed twice in the class list{where}")
-    return names

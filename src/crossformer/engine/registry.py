@@ -225,7 +225,8 @@ def resolve_config(
     name one (unless ``use_default`` is false: inference verbs take what the checkpoint says).
     """
     overrides = dict(overrides or {})
-    module = task_module(task or DEFAULT_TASK)
+    # the config's module (no torch) until the config is valid: a mistake in it is said at once
+    module = config_module(task or DEFAULT_TASK)
     if config is None and use_default and hasattr(module, "default_config"):
         config = module.default_config(flatten_settings(module.CONFIG, overrides, "overrides"))
     path, values = None, {}
@@ -240,7 +241,7 @@ def resolve_config(
         named = named or (folder if folder in TASKS else None) or task or DEFAULT_TASK
         if task is not None and named != task:
             raise UserInputError(f"{origin} is a {named} config, not {task}")
-        module = task_module(named)
+        module = config_module(named)
         source = origin
         if path is not None:
             values = file_settings(module.CONFIG, layers)
@@ -250,4 +251,4 @@ def resolve_config(
                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
     given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
-    return ResolvedConfig(resolved, module, given, path)
+    return ResolvedConfig(resolved, task_module(resolved.task), given, path)

@@ -30,6 +30,7 @@ from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
+from ..pixels import MIN_INPUT_SIZE
 from .attention import biased_attention
 from .grouping import (
     LONG_DISTANCE_CHOICES,
@@ -63,8 +64,6 @@ PADDING_SCORE = -1e6
 # The same in float16, whose range ends at 65504 (-1e6 would be -inf, and such a group NaN,
 # which reaches the position-bias gradients): still far below any real score.
 FLOAT16_PADDING_SCORE = -1e4
-# Smallest input side: the stage-3 map must keep at least one token.
-MIN_INPUT_SIZE = 32
 # timm's global pooling choices for a channels-last map ("" keeps the map)
 GLOBAL_POOL_CHOICES = ("avg", "max", "avgmax", "catavgmax", "")
 

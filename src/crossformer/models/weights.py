@@ -25,11 +25,10 @@ from timm.models._features_fx import FeatureGraphNet
 
 from ..checkpoint_files import (
     DESCRIPTION_KEY,
-    checkpoint_file,
     decode_description,
     peek_checkpoint,
+    readable_checkpoint,
     safetensors_header,
-    sniff,
 )
 from ..errors import CheckpointError
 
@@ -123,11 +122,6 @@ _NOT_DESCRIPTION = frozenset({
 _META_DESCRIPTION = ("CLASSES", "PALETTE", "dataset_meta", "classes", "palette", "reduce_zero_label", "label_colours")
 
 
-def _not_a_checkpoint(path: Path, description: str) -> CheckpointError:
-    what = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
-    return CheckpointError(f"{path} is not {what} ({description})")
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -209,10 +203,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     :class:`CheckpointError` naming the file and saying what it is instead. A ``~`` at its start
     is the home folder (no shell expands it in ``--checkpoint=~/...`` or ``model.pretrained=~/...``).
     """
-    path = checkpoint_file(path)
-    kind, description = sniff(path)
-    if kind == "other":
-        raise _not_a_checkpoint(path, description)
+    path, kind, description = readable_checkpoint(path)
     obj = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, kind, description)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights")

@@ -1,4 +1,6 @@
-"""The ADE20K (SceneParsing, 150 classes) class names and the colour palette mmsegmentation uses.
+"""The ADE20K (SceneParsing, 150 classes) class names and the colour palette mmsegmentation uses,
+and where an ADE20K folder keeps its own (read without torch: a config's class count is checked
+as the command line reads it).
 
 Facts about the data set, stored as data: index ``i`` here is label value ``i + 1`` in the
 annotation PNGs (value 0 is "unlabelled"; see reduce-zero-label in :mod:`.data`). mmsegmentation
@@ -7,7 +9,15 @@ spells class 7 ``"bed "`` with a trailing space; it is ``"bed"`` here.
 
 from __future__ import annotations
 
-__all__ = ["ADE20K_CLASSES", "ADE20K_PALETTE"]
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DataError
+
+__all__ = ["ADE20K_CLASSES", "ADE20K_PALETTE", "ADE_DIRNAME", "CLASS_FILE", "find_ade_root", "ade_classes"]
+
+ADE_DIRNAME = "ADEChallengeData2016"
+CLASS_FILE = "classes.txt"
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -58,3 +68,25 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
     (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )
+
+
+def find_ade_root(path: str | Path) -> Path:
+    """The ``ADEChallengeData2016`` folder: ``path`` itself or its child of that name
+    (any folder with ``images/`` and ``annotations/`` counts)."""
+    path = Path(path)
+    for candidate in (path, path / ADE_DIRNAME):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    expected = (f"expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png (or the same under "
+                f"{path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
+                "data.train_labels, data.val_images, data.val_labels, with data.classes")
+    if not path.exists():
+        raise DataError(f"data folder not found: {path} ({expected})")
+    raise DataError(f"{path} is not an ADE20K folder: {expected}")
+
+
+def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, int, int]] | None]:
+    """``(classes, palette)`` of the ADE20K-layout folder ``ade``: its ``classes.txt`` (palette
+    None: generated), else the 150 ADE20K classes with mmseg's palette."""
+    class_file = ade / CLASS_FILE
+    return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)

@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..data import DataError
 from ..data.draw import Colour, class_colours
+from ..errors import DataError
 from .config import IGNORE_INDEX
 
 __all__ = ["LabelColours", "hex_colour", "COLOUR_MODES"]

@@ -112,10 +112,10 @@ class SegDataConfig:
 
     def known_classes(self) -> int | None:
         """The class count training on this data finds, where it is known without opening an
-        image: the ``classes`` file's, or a ``root``'s (:func:`.data.ade_classes`); None where
+        image: the ``classes`` file's, or a ``root``'s (:func:`.classes.ade_classes`); None where
         the config names no data or it is not on this machine."""
         from ..data import DataError, load_class_list
-        from .data import ade_classes, find_ade_root
+        from .classes import ade_classes, find_ade_root
 
         try:
             if self.root is not None:
@@ -168,7 +168,7 @@ class TrainPipelineConfig:
 
 def _validate_pipeline(p: TrainPipelineConfig) -> None:
     """The training transform's settings (``pipeline`` section) are possible."""
-    from ..models.crossformer import MIN_INPUT_SIZE  # needs torch: imported when a command runs
+    from ..pixels import MIN_INPUT_SIZE
 
     _positive_pair("pipeline.scale", p.scale)
     _positive_pair("pipeline.ratio_range", p.ratio_range)

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
 from ..data.folder import UNREADABLE_ERRORS, find_images, no_images_error, opened, unreadable_reason
 from ..errors import listing
-from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+from .classes import ade_classes, find_ade_root
 from .colours import COLOUR_MODES, LabelColours, hex_colour
 from ..data.draw import class_colours
 from .transforms import IGNORE_INDEX
@@ -54,10 +54,8 @@ __all__ = [
     "collate_segmentation", "check_batch", "skipped_file", "absent_classes_note", "ABSENT_SCORES",
 ]
 
-ADE_DIRNAME = "ADEChallengeData2016"
 # Our split names -> ADE20K's folder names.
 ADE_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
-CLASS_FILE = "classes.txt"
 LABEL_SUFFIX = ".png"  # a label map's name: its image's stem and this (mmseg's seg_map_suffix)
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 JPEG_FORMATS = ("JPEG", "MPO")  # what PIL calls a JPEG file, whatever its name
@@ -339,28 +337,6 @@ class SegmentationDataset(Dataset):
         tensor, target, drawn = self.transform(image, label)
         meta.update(drawn)
         return SegSample(tensor, target, meta)
-
-
-def find_ade_root(path: str | Path) -> Path:
-    """The ``ADEChallengeData2016`` folder: ``path`` itself or its child of that name
-    (any folder with ``images/`` and ``annotations/`` counts)."""
-    path = Path(path)
-    for candidate in (path, path / ADE_DIRNAME):
-        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
-            return candidate
-    expected = (f"expected {path}/images/<split>/*.jpg and {path}/annotations/<split>/*.png (or the same under "
-                f"{path}/{ADE_DIRNAME}); image and label folders of your own go to data.train_images, "
-                "data.train_labels, data.val_images, data.val_labels, with data.classes")
-    if not path.exists():
-        raise DataError(f"data folder not found: {path} ({expected})")
-    raise DataError(f"{path} is not an ADE20K folder: {expected}")
-
-
-def ade_classes(ade: Path) -> tuple[Sequence[str] | Path, Sequence[tuple[int, int, int]] | None]:
-    """``(classes, palette)`` of the ADE20K-layout folder ``ade``: its ``classes.txt`` (palette
-    None: generated), else the 150 ADE20K classes with mmseg's palette."""
-    class_file = ade / CLASS_FILE
-    return (class_file, None) if class_file.is_file() else (ADE20K_CLASSES, ADE20K_PALETTE)
 
 
 def ade20k_dataset(
