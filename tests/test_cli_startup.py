@@ -321,6 +321,19 @@ def test_a_mistake_in_the_label_colours_is_said_without_torch(mistake: str, caps
         assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
+@pytest.mark.parametrize("config, settings, expected", [
+    ("digits", ["model.kwargs.embed_dim=64", "model.drop_path=2"], "model.drop_path must be in [0, 1), got 2"),
+    (DENSE_CONFIGS[1], ["model.backbone_kwargs.embed_dim=64", "data.ignore_colours=[[1,2,3]]"],
+     "data.ignore_colours goes with data.label_colours"),
+])
+def test_a_config_mistake_beside_model_settings_is_said_before_the_model_is_built(
+        config: str, settings: list[str], expected: str) -> None:
+    # model settings are checked by building the model (torch): that check came first and imported torch
+    proc, imported = _command(["train", "--config", config, *settings])
+    assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer train: error: {expected}"), proc.stderr
+    assert not _heavy(imported), _heavy(imported)
+
+
 @pytest.mark.parametrize("name", ["pp_cls.pth", "v1_cls.pth"])
 def test_help_for_the_authors_checkpoint_imports_no_torch_and_says_what_torch_said(name: str, reference_dir: Path,
                                                                                    capsys, request) -> None:

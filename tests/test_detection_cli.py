@@ -404,9 +404,9 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
 @pytest.mark.parametrize("argv", [["flops"], ["benchmark", "--device", "cpu"]], ids=["flops", "benchmark"])
 def test_flops_and_benchmark_take_the_sizes_as_every_command_does(argv: list[str], monkeypatch, capsys) -> None:
     # their own copy of the size check hard-coded 32; the model's smallest input is what counts
-    import crossformer.models.crossformer as network
+    import crossformer.pixels as pixels
 
-    monkeypatch.setattr(network, "MIN_INPUT_SIZE", 64)
+    monkeypatch.setattr(pixels, "MIN_INPUT_SIZE", 64)
     line = one_error_line(capsys, [*argv, "--config", "mask_rcnn_shapes_demo", "model.num_classes=4", "--img-size", "32"])
     assert line.endswith("error: --img-size must be at least 64, got 32x32"), line
     line = one_error_line(capsys, [*argv, "--config", "mask_rcnn_shapes_demo", "--img-size", "64", "64", "64"])

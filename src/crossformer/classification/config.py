@@ -30,12 +30,17 @@ class ModelConfig:
     pretrained: str | None = None  # weights to start from (a head of another size is re-initialised)
 
     def validate(self) -> None:
-        from ..models.variants import VARIANTS, check_builds
-
         if self.drop_path is not None and not 0 <= self.drop_path < 1:
             raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
-        if self.name in VARIANTS and self.kwargs:  # the variant as registered builds; other models are timm's
-            check_builds(_build_classifier, self.name, self.kwargs)
+
+    def validate_build(self) -> None:
+        """A CrossFormer's settings build (a one-line error where not); the variant as registered
+        does, and other models are timm's."""
+        if self.kwargs:
+            from ..models.variants import VARIANTS, check_builds
+
+            if self.name in VARIANTS:
+                check_builds(_build_classifier, self.name, self.kwargs)
 
 
 def _build_classifier(name: str, settings: dict[str, Any]) -> Any:

@@ -60,8 +60,7 @@ class DetectionModelConfig:
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
-        from ..models.dense import build_task_backbone
-        from ..models.variants import VARIANTS, check_builds
+        from ..models.variants import VARIANTS
 
         if self.backbone not in VARIANTS:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
@@ -73,7 +72,13 @@ class DetectionModelConfig:
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.backbone_kwargs:  # the variant as registered builds
+
+    def validate_build(self) -> None:
+        """The backbone settings build (a one-line error where not); the variant as registered does."""
+        if self.backbone_kwargs:
+            from ..models.dense import build_task_backbone
+            from ..models.variants import check_builds
+
             check_builds(build_task_backbone, self.backbone, self.backbone_settings())
 
     def backbone_settings(self) -> dict[str, Any]:

@@ -180,15 +180,25 @@ class EngineConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def validate(self: C) -> C:
-        """Each section's ``validate()``, then cross-section rules (a task may extend this)."""
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+        """Each section's ``validate()``, the cross-section rules (:meth:`check_rules`), then each
+        section's ``validate_build()``: the model built on the meta device, which imports torch
+        (seconds), so it comes once every quick check has passed."""
+        sections = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        sections = [section for section in sections if dataclasses.is_dataclass(section)]
+        for section in sections:
+            if hasattr(section, "validate"):
                 section.validate()
+        self.check_rules()
+        for section in sections:
+            if hasattr(section, "validate_build"):
+                section.validate_build()
+        return self
+
+    def check_rules(self) -> None:
+        """The rules across sections (a task extends this)."""
         if self.schedule.min_lr > self.optimizer.lr:  # the cosine and poly "decays" would climb to it
             raise UserInputError(f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optimizer.lr "
                                  f"({self.optimizer.lr}): it is the rate the schedule decays to")
-        return self
 
 
 # a dense task's alternatives: an ImageNet backbone or a whole model to start from

@@ -60,7 +60,10 @@ class SegModelConfig:
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.backbone_kwargs:  # the variant as registered builds
+
+    def validate_build(self) -> None:
+        """The backbone settings build (a one-line error where not); the variant as registered does."""
+        if self.backbone_kwargs:
             from ..models.dense import build_task_backbone
             from ..models.variants import check_builds
 
@@ -243,15 +246,14 @@ class SegmentationConfig(EngineConfig):
     pipeline: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)  # the authors' ADE20K pipeline
     test: SegTestConfig = field(default_factory=SegTestConfig)
 
-    def validate(self) -> "SegmentationConfig":
-        super().validate()
+    def check_rules(self) -> None:
+        super().check_rules()
         _validate_pipeline(self.pipeline)
         data = self.data
         if data.label_colours is not None:  # checked now, against the class count where it is known
             from .colours import LabelColours  # numpy and the data package: only where colours are given
 
             LabelColours(data.label_colours, data.ignore_colours, data.known_classes() or self.model.num_classes)
-        return self
 
 
 CONFIG = SegmentationConfig  # the task's configuration class, as the registry names it (CONFIG_MODULES)
