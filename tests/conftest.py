@@ -56,7 +56,8 @@ def _one_intra_op_thread():
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    """Training (``run.cpu_threads``) and some tests set torch's thread count: each test gives it back."""
-    threads = torch.get_num_threads()
+    """Training (``run.cpu_threads``) and some tests set torch's thread count, module fixtures that
+    train too (before any test's own fixtures run): each test starts on the run's one thread."""
+    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
