@@ -29,6 +29,7 @@ from crossformer.engine import (
     ScheduleConfig,
     build_schedule,
     param_groups,
+    require_model_files,
     save_atomic,
     scale_lr,
 )
@@ -151,6 +152,16 @@ def test_schedule_settings_are_checked() -> None:
 def test_run_counts_of_zero_are_refused(setting: str) -> None:
     with pytest.raises(UserInputError, match=rf"^run.{setting} must be at least 1, got 0$"):
         apply_overrides(EngineConfig(), {"epochs": 1, setting: 0}).validate()
+
+
+def test_an_average_that_never_moves_is_refused() -> None:
+    with pytest.raises(UserInputError, match=r"^run.model_ema_decay must be in \[0, 1\), got 1.0$"):
+        apply_overrides(EngineConfig(), {"epochs": 1, "model_ema_decay": 1.0}).validate()
+
+
+def test_a_start_file_must_be_a_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"^model.pretrained: checkpoint not found: "):
+        require_model_files("classification", pretrained=str(tmp_path))
 
 
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:

@@ -428,6 +428,50 @@ def test_a_resumed_epochs_progress_counts_from_the_batch_it_resumed_at(tmp_path:
     assert [line.split(" ")[2] for line in lines] == ["[3/6]", "[4/6]", "[5/6]", "[6/6]"]
 
 
+def test_clip_grad_clips_the_updates(tmp_path: Path) -> None:
+    # the logged norm is the one before clipping whatever run.clip_grad is: compare the weights
+    def weights(clip_grad: float) -> dict[str, torch.Tensor]:
+        train(FakeTask, fake_config(tmp_path / str(clip_grad), epochs=1, clip_grad=clip_grad))
+        return load_training_state(tmp_path / str(clip_grad) / "last.pth")["model"]
+
+    unclipped, above_every_norm, clipped = weights(0.0), weights(1e9), weights(1e-3)
+    assert all(torch.equal(unclipped[k], above_every_norm[k]) for k in unclipped)
+    assert not all(torch.equal(unclipped[k], clipped[k]) for k in unclipped)
+
+
+class _EmptySecondBatch(FakeTask):
+    """The run's second batch has no usable sample (all its files unreadable); keeps the batches trained on."""
+
+    trained: list[int] = []
+
+    def batch_counts(self, batch):
+        self.batches = getattr(self, "batches", 0) + 1
+        return {"samples": 0.0 if self.batches == 2 else float(len(batch[0]))}
+
+    def losses(self, model, batch):
+        self.trained.append(self.batches)
+        return super().losses(model, batch)
+
+
+def test_a_batch_without_a_usable_sample_is_not_trained_on(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_EmptySecondBatch, "trained", [])
+    assert train(_EmptySecondBatch, fake_config(tmp_path, epochs=1))["global_step"] == 6
+    assert _EmptySecondBatch.trained == [1, 3, 4, 5, 6]
+
+
+def test_fewer_training_samples_than_a_batch_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"^fewer than one batch of 4 per process; lower --batch-size$"):
+        train(FakeTask, fake_config(tmp_path, epochs=1, **{"fake.samples": 3}))
+
+
+def test_resuming_another_tasks_checkpoint_is_refused(tmp_path: Path) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=1))
+    state = load_training_state(tmp_path / "last.pth")
+    torch.save({**state, "task": "segmentation"}, tmp_path / "last.pth")
+    with pytest.raises(UserInputError, match=r"last.pth is a segmentation run, not fake$"):
+        train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1 step 7;.*last good checkpoint is .*last.pth"):
         train(FakeTask, fake_config(tmp_path, save_every_steps=3, **{"fake.nan_at_call": 7}))
