@@ -164,6 +164,14 @@ def test_a_start_file_must_be_a_file(tmp_path: Path) -> None:
         require_model_files("classification", pretrained=str(tmp_path))
 
 
+def test_a_whole_model_of_the_task_starts_it_through_init_from_only(tmp_path: Path) -> None:
+    whole = tmp_path / "segmentor.pth"
+    torch.save({"task": "segmentation", "model": {"w": torch.ones(1)}}, whole)
+    require_model_files("segmentation", init_from=str(whole))  # fine-tuning a segmentor of ours
+    with pytest.raises(UserInputError, match=r"^model.pretrained: .*segmentor.pth is a whole segmentation model, not "):
+        require_model_files("segmentation", pretrained=str(whole))
+
+
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(4, 4))
@@ -324,6 +332,10 @@ def test_progress_lines_show_four_figures_and_the_rate_of_this_session(tmp_path:
     progress.update(loss=0.5)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["epoch 1 [5/10] loss 1.235 (1.00 it/s)", "epoch 1 [6/10] loss 0.5 (1.00 it/s)"]
+    quiet = Progress(RunLogger(None), total=100, desc="epoch 2", every=50, seconds=3.0)  # the clock: a second a call
+    for _ in range(4):  # a line once 3 seconds have passed since the last
+        quiet.update(loss=1.0)
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["epoch 2 [3/100] loss 1"]
 
 
 @dataclasses.dataclass(frozen=True)
