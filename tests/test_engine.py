@@ -29,10 +29,13 @@ from crossformer.engine import (
     ScheduleConfig,
     build_schedule,
     param_groups,
+    require_model_files,
     save_atomic,
     scale_lr,
 )
 from crossformer.engine.config import parse_overrides
+from crossformer.engine.logging import Progress, SkippedFiles
+from crossformer.engine.seeding import seed_everything
 from crossformer.errors import UserInputError
 from crossformer.models import CheckpointError
 
@@ -129,6 +132,7 @@ def test_poly_schedules_of_the_segmentation_recipes() -> None:
     assert plain.factor(0) == pytest.approx(1.0)
     assert plain.factor(40_000) == pytest.approx(0.99 * 0.535886731268146 + 0.01)
     assert plain.factor(80_000) == pytest.approx(0.01)
+    assert plain.factor(100_000) == pytest.approx(0.01)  # past the end (a resume of a longer run): the floor
 
 
 def test_schedule_settings_are_checked() -> None:
@@ -148,6 +152,24 @@ def test_schedule_settings_are_checked() -> None:
 def test_run_counts_of_zero_are_refused(setting: str) -> None:
     with pytest.raises(UserInputError, match=rf"^run.{setting} must be at least 1, got 0$"):
         apply_overrides(EngineConfig(), {"epochs": 1, setting: 0}).validate()
+
+
+def test_an_average_that_never_moves_is_refused() -> None:
+    with pytest.raises(UserInputError, match=r"^run.model_ema_decay must be in \[0, 1\), got 1.0$"):
+        apply_overrides(EngineConfig(), {"epochs": 1, "model_ema_decay": 1.0}).validate()
+
+
+def test_a_start_file_must_be_a_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"^model.pretrained: checkpoint not found: "):
+        require_model_files("classification", pretrained=str(tmp_path))
+
+
+def test_a_whole_model_of_the_task_starts_it_through_init_from_only(tmp_path: Path) -> None:
+    whole = tmp_path / "segmentor.pth"
+    torch.save({"task": "segmentation", "model": {"w": torch.ones(1)}}, whole)
+    require_model_files("segmentation", init_from=str(whole))  # fine-tuning a segmentor of ours
+    with pytest.raises(UserInputError, match=r"^model.pretrained: .*segmentor.pth is a whole segmentation model, not "):
+        require_model_files("segmentation", pretrained=str(whole))
 
 
 def test_no_decay_keys_follow_mmsegs_norm_rule() -> None:
@@ -176,6 +198,21 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     model.no_weight_decay = lambda: {"pos_embed"}
     spared, decayed = param_groups(model, 0.05)
     assert any(p is model.pos_embed for p in spared["params"]) and not any(p is model.pos_embed for p in decayed["params"])
+
+
+def test_the_optimizer_takes_the_betas_and_eps_it_is_given() -> None:
+    optimizer = build_optimizer(nn.Linear(2, 2), 1e-3, 0.05, betas=(0.8, 0.95), eps=1e-6)
+    assert all((group["betas"], group["eps"]) == ((0.8, 0.95), 1e-6) for group in optimizer.param_groups)
+
+
+def test_seed_everything_seeds_python_numpy_and_torch() -> None:
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(3)
+    first = draws()
+    seed_everything(3)
+    assert draws() == first
 
 
 def test_optimizer_is_fused_adamw_with_the_loops_updates() -> None:
@@ -276,6 +313,29 @@ def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, c
     assert json.loads((tmp_path / "main" / "metrics.jsonl").read_text()) == {"step": 5, "epoch": 1, "val/acc1": 50.0}
     assert "hello" in (tmp_path / "main" / "log.txt").read_text()
     assert list((tmp_path / "main" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_skipped_files_said_by_an_earlier_session_count_against_the_limit() -> None:
+    # an earlier session named 2 files and said the rest are counted only: nothing is said again
+    said: list[str] = []
+    named = SkippedFiles(said.append, "the rest are counted", limit=2)
+    named.mark_said(["a", "b", "c", "d"])
+    named("e")
+    assert said == []
+
+
+def test_progress_lines_show_four_figures_and_the_rate_of_this_session(tmp_path: Path, capsys, monkeypatch) -> None:
+    clock = iter(range(100))
+    monkeypatch.setattr("crossformer.engine.logging.time.perf_counter", lambda: float(next(clock)))
+    progress = Progress(RunLogger(None), total=10, desc="epoch 1", initial=4, every=1)  # resumed at batch 4
+    progress.update(loss=1.23456)
+    progress.update(loss=0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["epoch 1 [5/10] loss 1.235 (1.00 it/s)", "epoch 1 [6/10] loss 0.5 (1.00 it/s)"]
+    quiet = Progress(RunLogger(None), total=100, desc="epoch 2", every=50, seconds=3.0)  # the clock: a second a call
+    for _ in range(4):  # a line once 3 seconds have passed since the last
+        quiet.update(loss=1.0)
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["epoch 2 [3/100] loss 1"]
 
 
 @dataclasses.dataclass(frozen=True)

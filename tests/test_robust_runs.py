@@ -122,8 +122,9 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     assert not any(p.exists() for p in stale)
     assert (run / "last.pth").read_bytes() == b"whole" and (run / "notes.txt").exists()
     stale[0].write_bytes(b"half")
-    assert claim_output(run, None, overwrite=True) == ["last.pth"]
-    assert not stale[0].exists() and (run / "notes.txt").exists()
+    (run / "tensorboard").mkdir()
+    assert claim_output(run, None, overwrite=True) == ["last.pth", "tensorboard"]
+    assert not stale[0].exists() and not (run / "tensorboard").exists() and (run / "notes.txt").exists()
 
 
 def test_a_demo_replaces_its_own_output_and_keeps_the_data_it_reuses(tmp_path: Path, capsys) -> None:

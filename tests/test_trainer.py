@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -331,6 +332,154 @@ def test_best_checkpoint_follows_the_primary_metric(tmp_path: Path) -> None:
     best, last = load_training_state(tmp_path / "best.pth"), load_training_state(tmp_path / "last.pth")
     assert (best["global_step"], best["best_metric"], best["metrics"]["val/score"]) == (12, 0.9, 0.9)
     assert last["global_step"] == 18 and last["primary_metric"] == "score"
+
+
+def test_a_score_that_only_equals_the_best_keeps_the_earlier_best_checkpoint(tmp_path: Path) -> None:
+    # best.pth is written when the primary metric improves; an equal score is no improvement
+    train(FakeTask, fake_config(tmp_path, epochs=2, **{"fake.scores": [0.9, 0.9]}))
+    assert load_training_state(tmp_path / "best.pth")["global_step"] == 6
+
+
+class _LowerIsBetter(FakeTask):
+    higher_is_better = False
+
+
+def test_best_checkpoint_of_a_metric_where_lower_is_better(tmp_path: Path) -> None:
+    metrics = train(_LowerIsBetter, fake_config(tmp_path, **{"fake.scores": [0.5, 0.3, 0.9]}))
+    assert (metrics["best_score"], metrics["val/best_score"]) == (0.3, 0.3)
+    assert load_training_state(tmp_path / "best.pth")["global_step"] == 12
+
+
+def test_the_log_shows_each_figure_to_four_places(tmp_path: Path) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=2, **{"fake.scores": [0.123456, 0.5]}))
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert " val/score 0.1235 val/best_score 0.1235" in next(line for line in lines if " epoch 0/2: " in line)
+    assert " done in " in lines[-1] and ": best score 0.5000 (checkpoints in " in lines[-1]
+
+
+class _WeightsSeen(FakeTask):
+    """Keeps the weights each training step starts from (those of the updates before it)."""
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def losses(self, model, batch):
+        self.seen.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return super().losses(model, batch)
+
+
+def test_the_weight_average_moves_by_its_decay_from_the_second_update(tmp_path: Path, monkeypatch) -> None:
+    # ModelEmaV3 given the update count: a copy at update 1, then ema = decay x ema + (1 - decay) x weights
+    monkeypatch.setattr(_WeightsSeen, "seen", [])
+    train(_WeightsSeen, fake_config(tmp_path, epochs=0, iterations=2, model_ema=True, model_ema_decay=0.25))
+    after_first, state = _WeightsSeen.seen[1], load_training_state(tmp_path / "last.pth")
+    for key, weights in state["model"].items():
+        torch.testing.assert_close(state["model_ema"][key], 0.25 * after_first[key] + 0.75 * weights)
+        assert not torch.equal(after_first[key], weights)  # the two updates moved the weights
+
+
+def test_a_weight_average_turned_on_at_a_resume_starts_from_the_resumed_weights(tmp_path: Path, monkeypatch) -> None:
+    # the checkpoint has no average: it started from the untrained initial weights, 0.5^6 of them
+    # still in it after the 6 updates of the resumed epoch
+    train(FakeTask, fake_config(tmp_path, epochs=1))
+    monkeypatch.setattr(_WeightsSeen, "seen", [])
+    train(_WeightsSeen, fake_config(tmp_path, epochs=2, resume="auto", model_ema=True, model_ema_decay=0.5))
+    state = load_training_state(tmp_path / "last.pth")
+    average = _WeightsSeen.seen[0]  # the resumed weights
+    for weights in [*_WeightsSeen.seen[1:], state["model"]]:  # after each of the 6 updates
+        average = {k: 0.5 * v + 0.5 * weights[k] for k, v in average.items()}
+    for key, value in average.items():
+        torch.testing.assert_close(state["model_ema"][key], value)
+
+
+def test_the_weight_average_is_evaluated_with_its_own_weights(tmp_path: Path) -> None:
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=1, model_ema=True, model_ema_decay=0.9))
+    state = load_training_state(tmp_path / "last.pth")
+    task = FakeTask(fake_config(tmp_path / "unused"), DistContext())
+    for key, weights in (("val/mse", "model"), ("val_ema/mse", "model_ema")):
+        task.model.load_state_dict(state[weights])
+        assert metrics[key] == pytest.approx(task.evaluate(task.model)["mse"], rel=1e-6)
+    assert metrics["val/mse"] != metrics["val_ema/mse"]
+
+
+def test_the_rate_and_its_floor_scale_with_the_samples_of_an_update(tmp_path: Path, capsys) -> None:
+    # batch 4 x 2 accumulated = 8 samples an update, half the reference 16: half the rate and half the floor
+    train(FakeTask, fake_config(tmp_path, epochs=1, accum_steps=2, scale_lr=True, lr_batch_reference=16, min_lr=0.01))
+    assert "global batch 8, lr 0.025," in capsys.readouterr().out
+    rates = [r["train/lr"] for r in _records(tmp_path) if "train/lr" in r]
+    assert len(rates) == 3 and rates[-1] == pytest.approx(0.005, rel=1e-12)  # the cosine's floor at its end
+
+
+def test_a_stop_signal_at_the_last_update_lets_the_run_finish(tmp_path: Path) -> None:
+    # the run is done and saved: no "interrupted ... resume with --resume auto"
+    def interrupt_at_the_end(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=1), on_step_end=interrupt_at_the_end)
+    assert metrics["global_step"] == 6 and "interrupted" not in (tmp_path / "log.txt").read_text()
+
+
+def test_bad_training_data_before_any_update_saves_nothing(tmp_path: Path) -> None:
+    # no update to keep: a checkpoint of the untrained weights would only be a resume of nothing
+    class BadFirstBatch(_BadFifthBatch):
+        bad_batch = 1
+
+    with pytest.raises(UserInputError, match=r"^cannot read image bad.png$"):
+        train(BadFirstBatch, fake_config(tmp_path, epochs=1))
+    assert not (tmp_path / "last.pth").exists()
+
+
+def test_a_resumed_epochs_progress_counts_from_the_batch_it_resumed_at(tmp_path: Path, capsys) -> None:
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=1, save_every_steps=1), on_step_end=_stop_at(2))
+    capsys.readouterr()
+    train(FakeTask, fake_config(tmp_path, epochs=1, resume="auto"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0 [")]
+    assert [line.split(" ")[2] for line in lines] == ["[3/6]", "[4/6]", "[5/6]", "[6/6]"]
+
+
+def test_clip_grad_clips_the_updates(tmp_path: Path) -> None:
+    # the logged norm is the one before clipping whatever run.clip_grad is: compare the weights
+    def weights(clip_grad: float) -> dict[str, torch.Tensor]:
+        train(FakeTask, fake_config(tmp_path / str(clip_grad), epochs=1, clip_grad=clip_grad))
+        return load_training_state(tmp_path / str(clip_grad) / "last.pth")["model"]
+
+    unclipped, above_every_norm, clipped = weights(0.0), weights(1e9), weights(1e-3)
+    assert all(torch.equal(unclipped[k], above_every_norm[k]) for k in unclipped)
+    assert not all(torch.equal(unclipped[k], clipped[k]) for k in unclipped)
+
+
+class _EmptySecondBatch(FakeTask):
+    """The run's second batch has no usable sample (all its files unreadable); keeps the batches trained on."""
+
+    trained: list[int] = []
+
+    def batch_counts(self, batch):
+        self.batches = getattr(self, "batches", 0) + 1
+        return {"samples": 0.0 if self.batches == 2 else float(len(batch[0]))}
+
+    def losses(self, model, batch):
+        self.trained.append(self.batches)
+        return super().losses(model, batch)
+
+
+def test_a_batch_without_a_usable_sample_is_not_trained_on(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_EmptySecondBatch, "trained", [])
+    assert train(_EmptySecondBatch, fake_config(tmp_path, epochs=1))["global_step"] == 6
+    assert _EmptySecondBatch.trained == [1, 3, 4, 5, 6]
+
+
+def test_fewer_training_samples_than_a_batch_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"^fewer than one batch of 4 per process; lower --batch-size$"):
+        train(FakeTask, fake_config(tmp_path, epochs=1, **{"fake.samples": 3}))
+
+
+def test_resuming_another_tasks_checkpoint_is_refused(tmp_path: Path) -> None:
+    train(FakeTask, fake_config(tmp_path, epochs=1))
+    state = load_training_state(tmp_path / "last.pth")
+    torch.save({**state, "task": "segmentation"}, tmp_path / "last.pth")
+    with pytest.raises(UserInputError, match=r"last.pth is a segmentation run, not fake$"):
+        train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

@@ -233,8 +233,8 @@ class Trainer:
         try:
             self.task.model.load_state_dict(state["model"])
             self._load_optimizer_state(state["optimizer"])
-            if self.ema is not None and "model_ema" in state:
-                self.ema.module.load_state_dict(state["model_ema"])
+            if self.ema is not None:  # turned on at this resume: the average starts from the resumed weights
+                self.ema.module.load_state_dict(state.get("model_ema", state["model"]))
         except (RuntimeError, ValueError, KeyError) as err:
             what = "; ".join(_unfitting(changed)) if changed else str(err).strip().splitlines()[-1].strip()
             raise CheckpointError(
