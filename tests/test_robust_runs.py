@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -556,8 +557,11 @@ class _MetricsFileAFolder(FakeTask):
 
 
 def test_a_log_file_that_cannot_be_written_stops_the_run_at_its_checkpoint(tmp_path: Path) -> None:
-    # an IsADirectoryError traceback from the first metrics line, on rank 0 alone
-    with pytest.raises(UserInputError, match=f"^cannot write {tmp_path / 'metrics.jsonl'}: it is a folder$"):
+    # an IsADirectoryError traceback from the first metrics line, on rank 0 alone; then a line
+    # that said neither that last.pth was just saved nor how to go on from it
+    line = (f"cannot write {tmp_path / 'metrics.jsonl'}: it is a folder (the training so far is saved in "
+            f"{tmp_path / 'last.pth'}: free space or fix that file and pass --resume auto)")
+    with pytest.raises(UserInputError, match=f"^{re.escape(line)}$"):
         train(_MetricsFileAFolder, fake_config(tmp_path, epochs=2))
     assert load_training_state(tmp_path / "last.pth")["epoch"] == 1  # the epoch trained is kept
 
@@ -579,7 +583,9 @@ def test_under_torchrun_a_log_file_rank_0_cannot_write_stops_every_rank_with_its
     proc = _torchrun_train(tmp_path, "_MetricsFileAFolder", "task: fake\nrun:\n  epochs: 1\n")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
-    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder"], \
+    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder (the "
+                     f"training so far is saved in {tmp_path / 'ddp' / 'last.pth'}: free space or fix that file and pass "
+                     f"--resume auto)"], \
         proc.stderr[-3000:]
     assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
 

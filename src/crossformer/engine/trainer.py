@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..atomic import OutputError
 from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
@@ -210,7 +211,10 @@ class Trainer:
         self.last_checkpoint = str(save_atomic(state, self.output / LAST))
         if best:
             save_atomic(state, self.output / BEST)
-        self.log.raise_failure()
+        try:
+            self.log.raise_failure()
+        except OutputError as err:  # the run stops here: say the checkpoint just written and how to go on
+            raise self._saved_note(err, fix="free space or fix that file") from None
 
     def _resume_source(self) -> Path | None:
         """The checkpoint ``run.resume`` continues from; None to start afresh (no resume, or
@@ -444,8 +448,13 @@ class Trainer:
     def _saved_for_resume(self, err: UserInputError, what: str = "") -> UserInputError:
         """Save the position reached (every rank calls this), and ``err`` saying so."""
         self._save({})
+        return self._saved_note(err, what)
+
+    def _saved_note(self, err: UserInputError, what: str = "", fix: str = "fix the data") -> UserInputError:
+        """``err`` (its own type) saying that ``last.pth`` holds the training so far and how to
+        go on from it once ``fix`` is done."""
         return type(err)(f"{err} ({what}the training so far is saved in {self.output / LAST}: "
-                         f"fix the data and pass --resume auto)")
+                         f"{fix} and pass --resume auto)")
 
     def _train_means(self) -> dict[str, float]:
         """Train means and counts since the last report, reduced over ranks (the same on every rank)."""
