@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from classification_fixtures import make_image_folder
+from crossformer.atomic import OutputError
 from crossformer.data import (
     DataError,
     ImageFolderDataset,
@@ -295,6 +297,23 @@ def test_digits_are_written_once_as_an_image_folder(tmp_path: Path, monkeypatch:
     stamp = (root / train.samples[0][0]).stat().st_mtime_ns
     assert prepare_digits() == root
     assert (root / train.samples[0][0]).stat().st_mtime_ns == stamp  # not rewritten
+
+
+def test_digits_on_a_full_disk_are_one_line_and_leave_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an OSError traceback from Pillow's save, and the half-written hidden folder left behind
+    from PIL import Image
+
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("CROSSFORMER_CACHE", str(tmp_path))
+
+    def disk_full(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    line = f"cannot write {tmp_path / 'digits'}: no space left on the device"
+    with pytest.raises(OutputError, match=f"^{re.escape(line)}$"):
+        prepare_digits()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_randaugment_posterize_at_zero_bits_gives_black_not_an_error() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import check_output_folder
+from ..atomic import check_output_folder, output_error
 from ..errors import UserInputError
 
 __all__ = ["digits_root", "prepare_digits", "DIGITS_SIZE", "DIGITS_CLASSES"]
@@ -37,7 +37,7 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
 
     Writing goes to a temporary folder renamed into place, so concurrent callers (several
     ranks) and interrupted writes never leave a half-written data set behind. A cache folder
-    that cannot be written (a file on its way) is a one-line ``OutputError``.
+    that cannot be written (a file on its way, a full disk) is a one-line ``OutputError``.
     """
     root = digits_root(cache_dir)
     if (root / _DONE).is_file():
@@ -52,16 +52,14 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
     digits = load_digits()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
-    seen = np.zeros(DIGITS_CLASSES, dtype=int)
-    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        split = "val" if seen[label] % VAL_EVERY == VAL_EVERY - 1 else "train"
-        seen[label] += 1
-        gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)  # values are 0..16
-        image = Image.fromarray(gray, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).convert("RGB")
-        folder = tmp / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{index:04d}.png")
-    (tmp / _DONE).write_text(f"{len(digits.target)} images\n")
+    try:
+        _write_digits(digits.images, digits.target, tmp)
+    except OSError as err:  # a full disk: no half-written folder left behind, and a line, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = output_error(root, err)
+        if error is None:
+            raise
+        raise error from None
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first (the target exists and is not empty)
@@ -69,3 +67,18 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
         if not (root / _DONE).is_file():
             raise
     return root
+
+
+def _write_digits(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
+    """The digits ``images`` (8x8, values 0..16) as 32x32 PNGs in ``folder/{train,val}/<label>/``,
+    then the mark that says the folder is complete."""
+    seen = np.zeros(DIGITS_CLASSES, dtype=int)
+    for index, (pixels, label) in enumerate(zip(images, labels)):
+        split = "val" if seen[label] % VAL_EVERY == VAL_EVERY - 1 else "train"
+        seen[label] += 1
+        gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(gray, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).convert("RGB")
+        class_folder = folder / split / str(label)
+        class_folder.mkdir(parents=True, exist_ok=True)
+        image.save(class_folder / f"{index:04d}.png")
+    (folder / _DONE).write_text(f"{len(labels)} images\n")
