@@ -159,6 +159,20 @@ def test_predict_names_the_files_of_formats_it_cannot_read(tmp_path: Path, bare_
                             f"{left_out[1]} {LEFT_OUT_END}\n"), captured.err
 
 
+def test_a_named_file_of_a_format_it_cannot_read_says_its_codec_is_missing(tmp_path: Path, bare_checkpoint: list[str],
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """A phone's .heic named on the command line was "its content is no image format Pillow reads"."""
+    for name, suffix in (("IMG_0001.HEIC", ".heic"), ("photo.jxl", ".jxl")):
+        path = tmp_path / name
+        path.write_bytes(b"\x00\x00\x00\x18ftypheic")
+        reason = f"its format ({suffix}) needs a codec this build lacks: convert it to JPEG or PNG"
+        assert main(["predict", str(path), *bare_checkpoint]) == 2
+        err = capsys.readouterr().err
+        assert err == f"crossformer predict: error: cannot read image {path}: {reason}; fix or delete it, or pass " \
+                      "--skip-corrupt to skip such files\n", err
+        assert find_unreadable([str(path)]) == [f"{path}: {reason}"]  # training's check of validation images
+
+
 def test_predict_on_a_folder_of_only_formats_it_cannot_read_is_one_line(tmp_path: Path, bare_checkpoint: list[str],
                                                                        capsys: pytest.CaptureFixture) -> None:
     only = tmp_path / "phone"

@@ -37,7 +37,7 @@ CODEC_EXTENSIONS = {"webp": (".webp",), "avif": (".avif",), "jpg_2000": (".jp2",
 # folder's images, as a build without a codec leaves out its CODEC_EXTENSIONS, and named (left_out_line)
 UNREAD_EXTENSIONS = (".heic", ".heif", ".hif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
                      ".svg", ".exr", ".hdr")
-LEFT_OUT_HINT = "convert them to JPEG or PNG"
+CONVERT_HINT = "convert {} to JPEG or PNG"  # what to do with images this build cannot read ("them", "it")
 # The authors' loader calls the validation split "val"; some ImageNet copies use "validation".
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
 # What PIL raises for a file it cannot decode (truncated, wrong format, decompression bomb).
@@ -125,7 +125,7 @@ def unread_files(left_out: Sequence[str | os.PathLike]) -> str:
     """The files of :attr:`ImageListing.left_out` for a message: "2 files this build cannot
     read: a.heic, b.jxl (convert them to JPEG or PNG)"."""
     count = f"{len(left_out)} file{'s' if len(left_out) != 1 else ''}"
-    return f"{count} this build cannot read: {listing([str(p) for p in left_out])} ({LEFT_OUT_HINT})"
+    return f"{count} this build cannot read: {listing([str(p) for p in left_out])} ({CONVERT_HINT.format('them')})"
 
 
 def left_out_line(left_out: Sequence[str | os.PathLike]) -> str:
@@ -210,9 +210,17 @@ def opened(path: str | Path) -> Iterator[Image.Image]:
         try:
             img = Image.open(path)
         except UnidentifiedImageError:
-            raise UnidentifiedImageError("its content is no image format Pillow reads") from None
+            raise UnidentifiedImageError(_no_format_reason(path)) from None
         with img:
             yield img
+
+
+def _no_format_reason(path: str | Path) -> str:
+    """Why Pillow found no image format in ``path``: its extension names a format this build
+    cannot read (a .heic photo: saying its content is no image would be wrong), or its content."""
+    if is_unread_image_file(path):
+        return f"its format ({Path(path).suffix.lower()}) needs a codec this build lacks: {CONVERT_HINT.format('it')}"
+    return "its content is no image format Pillow reads"
 
 
 def read_rgb(path: str | Path) -> Image.Image:
