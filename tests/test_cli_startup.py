@@ -107,6 +107,33 @@ def test_a_torchrun_number_that_is_no_number_is_one_line_without_torch(name: str
     assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
+@pytest.mark.parametrize("launched, said", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment is below 1: torchrun never sets it so"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' in the environment is below 1: torchrun never sets it so"),
+    ({"RANK": "-1"}, "RANK='-1' in the environment is below 0: torchrun never sets it so"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' in the environment is below 0: torchrun never sets it so"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK='2' in the environment is not below WORLD_SIZE='2': torchrun numbers "
+                                       "its processes from 0"),
+    ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "3"}, "LOCAL_RANK='3' in the environment is not below "
+                                                   "LOCAL_WORLD_SIZE='2': torchrun numbers its processes from 0"),
+], ids=["world_size_0", "local_world_size_0", "negative_rank", "negative_local_rank", "rank_at_count", "local_rank_past_count"])
+def test_a_torchrun_number_torchrun_never_sets_is_one_line_without_torch(
+    launched: dict[str, str], said: str, capsys, monkeypatch,
+) -> None:
+    # WORLD_SIZE=0, a negative rank or one beyond the count were accepted, to fail later (or never)
+    argv = ["flops", "--model", "crossformer_tiny"]
+    unset = {name: "" for name in TORCHRUN_VARIABLES}
+    env = {k: v for k, v in {**os.environ, **unset, **launched}.items() if v != ""}
+    proc, imported = _command(argv, env=env)
+    assert proc.stderr.startswith(f"crossformer flops: error: {said}; unset") and proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), _heavy(imported)
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launched.items():
+        monkeypatch.setenv(name, value)
+    assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
 def test_torchruns_variables_are_read_with_their_defaults(monkeypatch) -> None:
     from crossformer.engine import launch
 

@@ -598,3 +598,35 @@ def test_path_settings_take_a_python_path(tmp_path: Path) -> None:
     assert seg.data.classes == str(tmp_path / "classes")
     with pytest.raises(UserInputError, match="data.root must be a string, got 3"):  # other types still refused
         resolve_config(overrides={"data.root": 3})
+
+
+# stochastic depth: one setting, model.drop_path, in every task ------------------------
+
+_DROP_PATH_SPELLINGS = [("upernet_demo", "model.backbone_kwargs"), ("mask_rcnn_shapes_demo", "model.backbone_kwargs"),
+                        ("digits", "model.kwargs")]
+
+
+@pytest.mark.parametrize("config, kwargs_key", _DROP_PATH_SPELLINGS)
+def test_the_constructors_drop_path_rate_is_refused_naming_model_drop_path(config: str, kwargs_key: str) -> None:
+    # segmentation and classification ignored it beside the configs' drop_path; detection let it win
+    from crossformer.engine.registry import resolve_config
+
+    with pytest.raises(UserInputError, match=rf"{kwargs_key}\.drop_path_rate is set by model\.drop_path: "
+                                             r"use model\.drop_path=0\.3 instead$"):
+        resolve_config(config, {f"{kwargs_key}.drop_path_rate": 0.3})
+    assert resolve_config(config, {"model.drop_path": 0.3}).config.model.drop_path == 0.3
+
+
+@pytest.mark.parametrize("task, kwargs_key", [("detection", "backbone_kwargs"), ("segmentation", "backbone_kwargs")])
+def test_a_checkpoint_recording_the_rate_in_its_kwargs_still_gives_its_config(
+    task: str, kwargs_key: str, tmp_path: Path,
+) -> None:
+    # runs from before the rate had one name: evaluate and predict read their recorded config
+    from crossformer.commands.common import recorded_config
+    from crossformer.engine.registry import resolve_config
+
+    path = tmp_path / "old.pth"
+    torch.save({"task": task, "config": {"model": {kwargs_key: {"embed_dim": 48, "drop_path_rate": 0.3}}}}, path)
+    recorded, source = recorded_config(str(path))
+    model = resolve_config(recorded, task=task, source=source).config.model
+    assert model.drop_path == 0.3 and getattr(model, kwargs_key) == {"embed_dim": 48}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
-from ..engine.config import EngineConfig, RunConfig, ScheduleConfig
+from ..engine.config import EngineConfig, RunConfig, ScheduleConfig, check_drop_path
 from ..errors import UserInputError
 
 __all__ = [
@@ -30,8 +30,7 @@ class ModelConfig:
     pretrained: str | None = None  # weights to start from (a head of another size is re-initialised)
 
     def validate(self) -> None:
-        if self.drop_path is not None and not 0 <= self.drop_path < 1:
-            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        check_drop_path(self.drop_path, self.kwargs, "model.kwargs")
 
     def validate_build(self) -> None:
         """A CrossFormer's settings build (a one-line error where not); the variant as registered

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..engine.config import with_drop_path
 from ..errors import SETTING_ERRORS, CheckpointError, UserInputError, settings_that_fail
 
 __all__ = ["create_classifier", "LoadedClassifier", "load_classifier"]
@@ -32,9 +33,7 @@ def create_classifier(
     from ..models import require_known_model
 
     require_known_model(name)
-    kwargs = dict(model_kwargs or {})
-    if drop_path is not None:
-        kwargs["drop_path_rate"] = drop_path
+    kwargs = with_drop_path(model_kwargs or {}, drop_path)
     # The forward pass tells settings that do not fit the size by a shape error (RuntimeError).
     with settings_that_fail(name, kwargs, img_size, errors=(*SETTING_ERRORS, RuntimeError)):
         if img_size is not None:

@@ -458,7 +458,9 @@ def recorded_config(checkpoint: str) -> tuple[dict[str, Any] | None, str | None]
     if not isinstance(recorded, dict):  # e.g. weights written elsewhere with our description
         raise UserInputError(f"{checkpoint} holds a {task} model but not the config it was trained with: "
                              "pass that config with --config NAME_OR_FILE")
-    return recorded, f"{checkpoint} (the config it was trained with)"
+    from ..engine.config import fold_recorded_drop_path
+
+    return fold_recorded_drop_path(recorded), f"{checkpoint} (the config it was trained with)"
 
 
 def _check_checkpoint_task(checkpoint: str | None, task: str, config: str | None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
 from ..errors import UserInputError
 
 __all__ = [
@@ -66,8 +66,7 @@ class DetectionModelConfig:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
-        if self.drop_path is not None and not 0 <= self.drop_path < 1:
-            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
         check_one_start(self.pretrained, self.init_from)
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -83,8 +82,7 @@ class DetectionModelConfig:
 
     def backbone_settings(self) -> dict[str, Any]:
         """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""
-        rate = {} if self.drop_path is None else {"drop_path_rate": self.drop_path}
-        return {**rate, **self.backbone_kwargs}
+        return with_drop_path(self.backbone_kwargs, self.drop_path)
 
 
 @dataclass(frozen=True)

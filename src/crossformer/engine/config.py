@@ -32,6 +32,7 @@ __all__ = [
     "RunConfig", "OptimizerConfig", "ScheduleConfig", "EngineConfig",
     "load_yaml", "load_yaml_layers", "merged_settings", "parse_overrides", "apply_overrides", "config_to_dict",
     "config_differences", "leaf_keys", "resolve_key", "build_config", "check_one_start", "DENSE_ALTERNATIVES",
+    "check_drop_path", "with_drop_path", "fold_recorded_drop_path",
     "replaced_alternatives", "check_run_unit_kept", "RUN_UNIT_SETTINGS", "with_absolute_paths", "with_home_expanded",
     "AmpMode",
 ]
@@ -217,6 +218,42 @@ def check_one_start(pretrained: str | None, init_from: str | None) -> None:
     if pretrained is not None and init_from is not None:
         pair = ("model.pretrained", "model.init_from")
         raise UserInputError(f"{pair[0]} and {pair[1]} are both set: {ALTERNATIVE_REASONS[pair]}")
+
+
+# the constructors' name of the stochastic depth rate, which configs set as model.drop_path only
+DROP_PATH_RATE = "drop_path_rate"
+# the model section's constructor-settings mappings (classification's, detection's and segmentation's)
+_MODEL_KWARGS_KEYS = ("kwargs", "backbone_kwargs")
+
+
+def check_drop_path(drop_path: float | None, kwargs: Mapping[str, Any], kwargs_key: str) -> None:
+    """``model.drop_path`` is in [0, 1) and the one setting of the rate: the constructor's
+    spelling in ``kwargs`` (``kwargs_key``, e.g. ``model.backbone_kwargs``) is refused, since
+    two names for one rate leave one of them silently unread."""
+    if drop_path is not None and not 0 <= drop_path < 1:
+        raise UserInputError(f"model.drop_path must be in [0, 1), got {drop_path}")
+    if DROP_PATH_RATE in kwargs:
+        raise UserInputError(f"{kwargs_key}.{DROP_PATH_RATE} is set by model.drop_path: "
+                             f"use model.drop_path={kwargs[DROP_PATH_RATE]} instead")
+
+
+def with_drop_path(kwargs: Mapping[str, Any], drop_path: float | None) -> dict[str, Any]:
+    """The constructor settings ``kwargs`` with ``drop_path`` as their rate (None: the variant's)."""
+    return dict(kwargs) if drop_path is None else {**kwargs, DROP_PATH_RATE: drop_path}
+
+
+def fold_recorded_drop_path(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded configuration (:func:`config_to_dict`) with a rate that older
+    runs set in the model's constructor settings moved to ``model.drop_path``, so that it
+    passes :func:`check_drop_path` (``model.drop_path`` kept where both were set)."""
+    model = dict(recorded.get("model") or {})
+    for key in _MODEL_KWARGS_KEYS:
+        kwargs = dict(model.get(key) or {})
+        if DROP_PATH_RATE in kwargs:
+            rate = kwargs.pop(DROP_PATH_RATE)
+            model[key] = kwargs
+            model["drop_path"] = rate if model.get("drop_path") is None else model["drop_path"]
+    return {**recorded, "model": model} if "model" in recorded else dict(recorded)
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:

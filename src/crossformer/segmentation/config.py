@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
 from ..errors import UserInputError
 from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 
@@ -54,8 +54,7 @@ class SegModelConfig:
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1, got {self.num_classes}")
-        if self.drop_path is not None and not 0 <= self.drop_path < 1:
-            raise UserInputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
         check_one_start(self.pretrained, self.init_from)
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -71,10 +70,7 @@ class SegModelConfig:
 
     def build_kwargs(self) -> dict[str, Any]:
         """The backbone settings handed to :func:`.build_segmentor` (drop path included)."""
-        kwargs = dict(self.backbone_kwargs)
-        if self.drop_path is not None:
-            kwargs["drop_path_rate"] = self.drop_path
-        return kwargs
+        return with_drop_path(self.backbone_kwargs, self.drop_path)
 
 
 @dataclass(frozen=True)
