@@ -369,6 +369,30 @@ def test_a_mistake_in_the_label_colours_is_said_without_torch(mistake: str, caps
         assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
+@pytest.mark.parametrize("setting, expected", [
+    ("model.channels=0", "model.channels must be at least 1, got 0"),
+    ("model.backbone=crossformer_tinyy", "model.backbone must be a CrossFormer variant (crossformer_tiny, crossformer_small"),
+])
+def test_a_detection_config_mistake_is_said_without_torch(setting: str, expected: str, capsys) -> None:
+    # the backbone was checked against models.variants.VARIANTS, whose module imports torch and timm
+    for verb in ("train", "flops"):
+        argv = [verb, "--config", DENSE_CONFIGS[0], setting]
+        proc, imported = _command(argv)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer {verb}: error: {expected}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), (verb, _heavy(imported))
+        assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+def test_the_variants_and_a_variants_name_are_known_without_torch() -> None:
+    # models.variants held them, whose module imports torch and timm: a config checking a name imported both
+    code = ("import sys; sys.argv[0] = 'crossformer'; "  # as the command: a program's import registers the variants
+            "from crossformer.variant_table import VARIANTS, require_known_model; "
+            "require_known_model('crossformer_pp_huge'); print(len(VARIANTS), *sorted(sys.modules))")
+    proc = run_process([sys.executable, "-c", code], timeout=60)
+    count, *imported = proc.stdout.split()
+    assert proc.returncode == 0 and count == "8" and not _heavy(set(imported)), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("config, settings, expected", [
     ("digits", ["model.kwargs.embed_dim=64", "model.drop_path=2"], "model.drop_path must be in [0, 1), got 2"),
     (DENSE_CONFIGS[1], ["model.backbone_kwargs.embed_dim=64", "data.ignore_colours=[[1,2,3]]"],
