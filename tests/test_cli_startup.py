@@ -323,6 +323,54 @@ def test_a_checkpoint_that_cannot_be_read_is_said_without_torch_as_its_reader_sa
         assert not _heavy(imported), (command, _heavy(imported))
 
 
+# train's flags and settings that name a checkpoint, "{}" standing for it: what its errors start with, and the command
+TRAINS_FROM_A_CHECKPOINT = {
+    **{f"--config {config} --resume": ("cannot resume", ["train", "--config", config, "--resume", "{}"])
+       for config in ("digits", *DENSE_CONFIGS)},
+    "--model --resume": ("cannot resume", ["train", "--model", "crossformer_tiny", "--resume", "{}"]),
+    "--config digits model.pretrained": ("model.pretrained", ["train", "--config", "digits", "model.pretrained={}"]),
+    "--model --pretrained": ("model.pretrained", ["train", "--model", "crossformer_tiny", "--pretrained", "{}"]),
+    "dense model.init_from": ("model.init_from", ["train", "--config", DENSE_CONFIGS[0], "model.init_from={}"]),
+    "dense --init-from": ("model.init_from", ["train", "--config", DENSE_CONFIGS[1], "--init-from", "{}"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_a_training_checkpoint_that_cannot_be_read_is_said_without_torch_as_training_says_it(name: str,
+                                                                                            tmp_path: Path) -> None:
+    # train imported torch (4-6 s) before "cannot resume: checkpoint not found"
+    from crossformer.engine import load_training_state, require_model_files
+    from crossformer.errors import CheckpointError
+
+    path = tmp_path / name
+    NOT_CHECKPOINTS[name](path)
+    with pytest.raises(CheckpointError) as resuming:
+        load_training_state(path)
+    with pytest.raises(CheckpointError) as starting:
+        require_model_files("classification", pretrained=str(path))
+    said = {"cannot resume": str(resuming.value), "model.pretrained": str(starting.value)}
+    said["model.init_from"] = said["model.pretrained"].replace("model.pretrained", "model.init_from", 1)
+    for command, (what, argv) in TRAINS_FROM_A_CHECKPOINT.items():
+        argv = [arg.format(path) for arg in argv]
+        proc, imported = _command(argv)
+        assert (proc.returncode, proc.stderr) == (2, f"crossformer train: error: {said[what]}\n"), command
+        assert said[what].startswith(f"{what}: ") and not _heavy(imported), (command, _heavy(imported))
+
+
+@pytest.mark.parametrize("resume", ["auto", "last.pth"])
+def test_a_resumed_run_is_not_refused_for_its_start_files(resume: str, tmp_path: Path, monkeypatch) -> None:
+    # a resume takes every weight from its checkpoint: the files the run started from may be gone;
+    # auto resumes only where the output folder holds last.pth, which training decides
+    from crossformer.cli import parse_command_line
+    from crossformer.commands.common import command_line_settings
+    from crossformer.commands.train import refuse_unreadable_start
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "last.pth").write_bytes(b"PK\x03\x04")  # a zip file's start: a checkpoint as far as sniffing goes
+    args = parse_command_line(["train", "--config", "digits", "--resume", resume, "model.pretrained=missing.pth"])
+    refuse_unreadable_start(args, command_line_settings(args, args.overrides))
+
+
 # mistakes in a segmentation config's colour-coded label maps (settings), and what is said of them
 COLOUR_MISTAKES = {
     "count": (["data.label_colours=[[1,2,3],[4,5,6]]"], "data.label_colours has 2 colours for 150 classes"),
@@ -346,6 +394,30 @@ def test_a_mistake_in_the_label_colours_is_said_without_torch(mistake: str, caps
         assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer {verb}: error: {expected}"), proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), (verb, _heavy(imported))
         assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("model.channels=0", "model.channels must be at least 1, got 0"),
+    ("model.backbone=crossformer_tinyy", "model.backbone must be a CrossFormer variant (crossformer_tiny, crossformer_small"),
+])
+def test_a_detection_config_mistake_is_said_without_torch(setting: str, expected: str, capsys) -> None:
+    # the backbone was checked against models.variants.VARIANTS, whose module imports torch and timm
+    for verb in ("train", "flops"):
+        argv = [verb, "--config", DENSE_CONFIGS[0], setting]
+        proc, imported = _command(argv)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer {verb}: error: {expected}"), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), (verb, _heavy(imported))
+        assert (2, "", proc.stderr) == _in_process(argv, capsys)
+
+
+def test_the_variants_and_a_variants_name_are_known_without_torch() -> None:
+    # models.variants held them, whose module imports torch and timm: a config checking a name imported both
+    code = ("import sys; sys.argv[0] = 'crossformer'; "  # as the command: a program's import registers the variants
+            "from crossformer.variant_table import VARIANTS, require_known_model; "
+            "require_known_model('crossformer_pp_huge'); print(len(VARIANTS), *sorted(sys.modules))")
+    proc = run_process([sys.executable, "-c", code], timeout=60)
+    count, *imported = proc.stdout.split()
+    assert proc.returncode == 0 and count == "8" and not _heavy(set(imported)), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("config, settings, expected", [

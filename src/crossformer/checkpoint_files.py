@@ -12,6 +12,7 @@ well (the authors' pickled yacs config) has nothing to peek at, which is said wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -20,12 +21,12 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CheckpointError
 
-__all__ = ["DESCRIPTION_KEY", "checkpoint_file", "decode_description", "peek_checkpoint", "readable_checkpoint",
-           "safetensors_header", "sniff"]
+__all__ = ["DESCRIPTION_KEY", "START_FILES", "checkpoint_file", "decode_description", "errors_said_as",
+           "peek_checkpoint", "readable_checkpoint", "readable_start_file", "safetensors_header", "sniff"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # older torch.save files
@@ -36,6 +37,9 @@ _SNIFF_BYTES = 4096
 # recorded besides its weights (:func:`crossformer.models.weights.checkpoint_description`), so that a weights file names
 # its model, settings, classes and input size as the checkpoint did.
 DESCRIPTION_KEY = "crossformer"
+
+# the model settings that name the weights a training run starts from
+START_FILES = ("pretrained", "init_from")
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -59,6 +63,22 @@ def readable_checkpoint(path: str | Path) -> tuple[Path, str, str]:
         what = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch checkpoint"
         raise CheckpointError(f"{path} is not {what} ({description})")
     return path, kind, description
+
+
+@contextlib.contextmanager
+def errors_said_as(what: str) -> Iterator[None]:
+    """A :class:`CheckpointError` raised inside, said as ``"<what>: <its message>"`` (which file it was)."""
+    try:
+        yield
+    except CheckpointError as err:
+        raise CheckpointError(f"{what}: {err}") from None
+
+
+def readable_start_file(setting: str, path: str | Path) -> Path:
+    """``model.<setting>`` (:data:`START_FILES`) as a checkpoint file to read (:func:`readable_checkpoint`),
+    its one-line error naming the setting."""
+    with errors_said_as(f"model.{setting}"):
+        return readable_checkpoint(path)[0]
 
 
 def safetensors_header(head: bytes) -> int | None:

@@ -115,7 +115,7 @@ def backbone_settings(kwargs: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- config flags
 
 _CONFIG_DEST = "config:"  # argparse destination prefix of flags derived from configuration fields
-_CONFIG_CLASS = "config_class"  # where the parsed arguments keep the class those flags came from
+CONFIG_CLASS = "config_class"  # where the parsed arguments keep the class those flags came from
 _ONE_OR_MANY = "one_or_many"  # the keys whose flag takes one value or several (``N`` or ``H W``; a file or names)
 
 
@@ -225,7 +225,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
         elif base in (int, float):
             kwargs.update(type=base)
         parser.add_argument(flag, **kwargs)
-    parser.set_defaults(**{_CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
+    parser.set_defaults(**{CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
     _explain_model_flag(parser, config_cls, found)
 
 
@@ -268,7 +268,7 @@ def refuse_classification_model(parser: argparse.ArgumentParser, argv: list[str]
     refused = [action for action in parser._actions if action.dest == _REFUSED_MODEL]
     if not refused or not any(arg == "--model" or arg.startswith("--model=") for arg in argv):
         return
-    set_by, task = refused[0].const, parser.get_default(_CONFIG_CLASS)().task
+    set_by, task = refused[0].const, parser.get_default(CONFIG_CLASS)().task
     config, checkpoint = _flag_value(argv, "--config"), _flag_value(argv, "--checkpoint")
     if config is None and checkpoint is not None:
         raise UserInputError(f"--model names a classification model, but {checkpoint} holds a {task} model (the "
@@ -301,7 +301,7 @@ def command_line_settings(args: argparse.Namespace, overrides: list[str]) -> dic
     from ..engine.config import parse_overrides
 
     flags = config_values(args)
-    config_cls = getattr(args, _CONFIG_CLASS, None)
+    config_cls = getattr(args, CONFIG_CLASS, None)
     if flags and config_cls is not None:
         _refuse_set_twice(config_cls, overrides, flags)
     return {**parse_overrides(overrides), **flags}

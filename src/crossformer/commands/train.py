@@ -40,6 +40,28 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["crossformer", *kept, "--resume", "auto"])
 
 
+def refuse_unreadable_start(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """A one-line error for the checkpoint the command line names to resume from (``--resume FILE``)
+    or, starting afresh, to start from (``model.pretrained``, ``model.init_from``) that is not there,
+    a folder or no checkpoint: said as training would say it, before the config's checks and the
+    task import torch (seconds). Files a config file names are checked when the run reads them."""
+    from crossformer.checkpoint_files import START_FILES, errors_said_as, readable_checkpoint, readable_start_file
+    from crossformer.engine.registry import flatten_settings
+
+    from .common import CONFIG_CLASS
+
+    given = flatten_settings(getattr(args, CONFIG_CLASS), settings, "overrides")
+    resume = given.get("run.resume")
+    if resume:  # every weight comes from the checkpoint, so the start files are not read
+        if resume != "auto":  # auto: the output folder's last.pth, where there is one
+            with errors_said_as("cannot resume"):
+                readable_checkpoint(resume)
+        return
+    for setting in START_FILES:
+        if isinstance(given.get(f"model.{setting}"), str):
+            readable_start_file(setting, given[f"model.{setting}"])
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -48,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .common import command_line_settings
 
-    resolved = resolve_config(args.config, command_line_settings(args, args.overrides))
+    settings = command_line_settings(args, args.overrides)
+    refuse_unreadable_start(args, settings)
+    resolved = resolve_config(args.config, settings)
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)

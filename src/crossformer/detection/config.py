@@ -60,7 +60,7 @@ class DetectionModelConfig:
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
-        from ..models.variants import VARIANTS
+        from ..variant_table import VARIANTS
 
         if self.backbone not in VARIANTS:
             raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
+from ..checkpoint_files import START_FILES, errors_said_as, readable_start_file
 from ..errors import CheckpointError, UserInputError
 
 __all__ = ["save_atomic", "load_training_state", "require_model_files", "without_start_files", "start_from", "LAST",
@@ -33,9 +34,8 @@ def require_model_files(task: str, **settings: str | None) -> None:
     (and so does a resumed run: see :func:`without_start_files`).
     """
     for setting, path in settings.items():
-        if path is not None and not Path(path).expanduser().is_file():  # ~: as read_checkpoint reads it
-            raise CheckpointError(f"model.{setting}: checkpoint not found: {path}")
         if path is not None:
+            readable_start_file(setting, path)
             _check_start_task(task, setting, path)
 
 
@@ -58,10 +58,6 @@ def _check_start_task(task: str, setting: str, path: str) -> None:
                              f"--init-from)")
     raise UserInputError(f"model.init_from: {path} is a whole {recorded} model, not a {task} one: give --init-from a "
                          f"{task} model (a {recorded} config starts from this file with --init-from)")
-
-
-# the model settings that name the weights a run starts from
-START_FILES = ("pretrained", "init_from")
 
 
 def without_start_files(config: Any) -> Any:
@@ -98,10 +94,8 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     from ..models.weights import read_checkpoint
 
     path = Path(path)
-    try:
+    with errors_said_as("cannot resume"):
         state = read_checkpoint(path)
-    except CheckpointError as err:
-        raise CheckpointError(f"cannot resume: {err}") from None
     if "optimizer" not in state or "global_step" not in state:
         raise CheckpointError(
             f"cannot resume from {path}: it holds weights only; pass it as --pretrained to start from it"

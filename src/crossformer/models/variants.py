@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -24,53 +23,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
-from ..errors import UserInputError
+from ..variant_table import VARIANTS, Variant, require_known_model
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
 from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint, recorded_model
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "architecture_of", "require_known_model",
            "check_builds"]
-
-_V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval")
-_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One official model: its architecture and the figures published for it."""
-
-    name: str
-    arch: dict[str, Any]
-    params: int  # official parameter count with a 1000-class head
-    official_gmacs: float  # the official analytic counter at 224
-    paper_params_m: float
-    paper_gflops: float
-    paper_top1: float
-
-
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in [
-        Variant("crossformer_tiny", dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16),
-                                         drop_path_rate=0.1, **_V1), 27_776_794, 2.858, 27.8, 2.9, 81.5),
-        Variant("crossformer_small", dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                                          drop_path_rate=0.2, **_V1), 30_657_394, 4.910, 30.7, 4.9, 82.5),
-        Variant("crossformer_base", dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                                         drop_path_rate=0.3, **_V1), 51_971_554, 9.165, 52.0, 9.2, 83.4),
-        Variant("crossformer_large", dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                          drop_path_rate=0.5, **_V1), 91_971_184, 16.116, 92.0, 16.1, 84.0),
-        Variant("crossformer_pp_small", dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16),
-                                             drop_path_rate=0.2, **_PP), 23_325_340, 4.389, 23.3, 4.9, 83.2),
-        Variant("crossformer_pp_base", dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                                            drop_path_rate=0.3, **_PP), 51_994_594, 9.504, 52.0, 9.5, 84.2),
-        Variant("crossformer_pp_large", dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                             drop_path_rate=0.5, **_PP), 92_001_904, 16.567, 92.0, 16.6, 84.7),
-        Variant("crossformer_pp_huge", dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32),
-                                            drop_path_rate=0.5, **_PP), 95_962_944, 21.586, 96.0, 21.8, 84.9),
-    ]
-}
-
 
 def identify_variant(state: Mapping[str, torch.Tensor]) -> str | None:
     """The registered variant whose weights ``state`` holds (every name and shape but the
@@ -315,22 +274,6 @@ def crossformer_pp_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer
 def crossformer_pp_huge(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-H: architecture and published figures in ``VARIANTS['crossformer_pp_huge']``."""
     return create_crossformer("crossformer_pp_huge", pretrained=pretrained, **kwargs)
-
-
-def require_known_model(name: str, variants_only: bool = False) -> None:
-    """A one-line error unless ``name`` is a registered variant (or, by default, any timm
-    model), suggesting the closest known names (``crossformer_tinny``: ``crossformer_tiny``)."""
-    import difflib
-
-    import timm
-
-    known = list(VARIANTS) if variants_only else timm.list_models()
-    if name in known:
-        return
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    others = "" if variants_only else ", or any timm model"
-    raise UserInputError(f"unknown model {name!r}; {hint}the CrossFormers: {', '.join(VARIANTS)}{others}")
 
 
 def check_builds(build: Callable[[str, dict[str, Any]], Any], name: str, settings: Mapping[str, Any]) -> None:
