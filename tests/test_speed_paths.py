@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crossformer.engine.seeding import deterministic_kernels
 from crossformer.models import CrossFormer
 from crossformer.models import layers
 from crossformer.models.layers import (
@@ -82,6 +83,26 @@ def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
     torch.set_num_threads(torch.get_num_threads() + 1)  # another thread count: each product timed again
     with pytest.raises(AssertionError, match="timed again"):
         linear(x, layer.weight, layer.bias)
+
+
+@needs_onednn
+def test_deterministic_runs_time_nothing_and_take_mkl(monkeypatch) -> None:
+    # a --deterministic run killed and resumed must compute as the unkilled one; a timing made
+    # in the resumed process could pick the other backend (under load it picks MKL alone)
+    def no_timing(*args):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    layer = nn.Linear(40, 72)
+    x = torch.randn(200, 40, requires_grad=True)
+    with deterministic_kernels(True):
+        got = linear(x, layer.weight, layer.bias)
+        got.sum().backward()
+    with force_gemm_backend("mkl"):
+        x_mkl = x.detach().clone().requires_grad_()
+        want = linear(x_mkl, layer.weight, layer.bias)
+        want.sum().backward()
+    assert torch.equal(got, want) and torch.equal(x.grad, x_mkl.grad)
 
 
 class _Linear(nn.Module):

@@ -320,6 +320,10 @@ def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
         # A mode sees every op (FLOP counters, profilers, fake tensors): time nothing under it,
         # or the trial products would be counted as the model's.
         return _gemm_mkl(product, a, b, bias)
+    if torch.are_deterministic_algorithms_enabled():
+        # run.deterministic: the same products in every process (a resumed run's too), not what
+        # a timing picks, which a moment of load changes
+        return _gemm_mkl(product, a, b, bias)
     key = _gemm_key(product, a, b)
     backend = _GEMM_CHOICES.get(key)
     if backend is None:
