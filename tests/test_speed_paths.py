@@ -65,6 +65,14 @@ def test_measured_linear_matches_f_linear(backend, shape, out_features, bias, ge
         assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item())
 
 
+def _forbid_gemm_timing(monkeypatch: pytest.MonkeyPatch, message: str) -> None:
+    """From now on a GEMM backend timing raises ``AssertionError(message)``."""
+    def no_timing(*args):
+        raise AssertionError(message)
+
+    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+
+
 @needs_onednn
 def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
     layer = nn.Linear(48, 80)
@@ -74,10 +82,7 @@ def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
     assert products == {"forward", "grad_input", "grad_weight"}
     assert set(gemm_choices().values()) <= set(GEMM_BACKENDS)
 
-    def no_timing(*args):
-        raise AssertionError("timed again")
-
-    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    _forbid_gemm_timing(monkeypatch, "timed again")
     x = torch.randn(290, 48, requires_grad=True)  # same rows bucket: no new timing
     linear(x, layer.weight, layer.bias).sum().backward()
     torch.set_num_threads(torch.get_num_threads() + 1)  # another thread count: each product timed again
@@ -89,10 +94,7 @@ def test_backend_choice_is_measured_once_per_shape_class(monkeypatch) -> None:
 def test_deterministic_runs_time_nothing_and_take_mkl(monkeypatch) -> None:
     # a --deterministic run killed and resumed must compute as the unkilled one; a timing made
     # in the resumed process could pick the other backend (under load it picks MKL alone)
-    def no_timing(*args):
-        raise AssertionError("timed")
-
-    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    _forbid_gemm_timing(monkeypatch, "timed")
     layer = nn.Linear(40, 72)
     x = torch.randn(200, 40, requires_grad=True)
     with deterministic_kernels(True):
@@ -530,10 +532,7 @@ def test_the_benchmark_flags_set_the_measurement() -> None:
 def test_nothing_is_timed_under_a_flop_counter(monkeypatch) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    def no_timing(*args):
-        raise AssertionError("timed under a dispatch mode")
-
-    monkeypatch.setattr(layers, "_choose_gemm", no_timing)
+    _forbid_gemm_timing(monkeypatch, "timed under a dispatch mode")
     layer = nn.Linear(40, 24)
     x = torch.randn(3 * 1021, 40, requires_grad=True)  # a shape class no other test measures
     counter = FlopCounterMode(display=False)
