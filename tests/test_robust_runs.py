@@ -512,14 +512,20 @@ def _torchrun_train(tmp_path: Path, task: str, config: str, *extra: str) -> subp
     return run_process(command, timeout=300, env=env)
 
 
+def _assert_every_rank_stopped_with(proc: subprocess.CompletedProcess, tmp_path: Path, error: str) -> None:
+    """The torchrun run ``proc`` failed with the one line ``crossformer train: error: ERROR``, and
+    no rank died inside a collective: no gloo errors, no Python traceback from a worker."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
+    assert lines == [f"crossformer train: error: {error}"], proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_under_torchrun_every_rank_stops_with_the_one_line(tmp_path: Path) -> None:
     proc = _torchrun_train(tmp_path, "_CheckedTask", "task: fake\nrun:\n  epochs: 1\nfake:\n  samples: 25\n")
-    assert proc.returncode != 0  # 25 samples: rank 1's share fails
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
-    assert lines == ["crossformer train: error: cannot read validation image rank1.png"], proc.stderr[-3000:]
-    # no rank died inside a collective: no gloo errors, no Python traceback from a worker
-    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+    # 25 samples: rank 1's share fails
+    _assert_every_rank_stopped_with(proc, tmp_path, "cannot read validation image rank1.png")
 
 
 def _no_space_left(fd: int) -> None:
@@ -540,11 +546,8 @@ class _DiskFullOnRank0(FakeTask):
 def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
     # rank 0 stopped alone; rank 1 waited for it after the checkpoint (until gloo saw rank 0 gone)
     proc = _torchrun_train(tmp_path, "_DiskFullOnRank0", "task: fake\nrun:\n  epochs: 1\n")
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
-    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'last.pth'}: no space left on the "
-                     f"device; nothing was written"], proc.stderr[-3000:]
-    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+    _assert_every_rank_stopped_with(proc, tmp_path, f"cannot write {tmp_path / 'ddp' / 'last.pth'}: no space left "
+                                                    f"on the device; nothing was written")
 
 
 class _MetricsFileAFolder(FakeTask):
@@ -581,13 +584,9 @@ def test_a_done_line_that_cannot_be_written_is_said_after_the_last_checkpoint(tm
 @pytest.mark.slow
 def test_under_torchrun_a_log_file_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
     proc = _torchrun_train(tmp_path, "_MetricsFileAFolder", "task: fake\nrun:\n  epochs: 1\n")
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("crossformer train: error:")]
-    assert lines == [f"crossformer train: error: cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder (the "
-                     f"training so far is saved in {tmp_path / 'ddp' / 'last.pth'}: free space or fix that file and pass "
-                     f"--resume auto)"], \
-        proc.stderr[-3000:]
-    assert "gloo" not in proc.stderr.lower() and 'File "' + str(tmp_path) not in proc.stderr, proc.stderr[-3000:]
+    _assert_every_rank_stopped_with(
+        proc, tmp_path, f"cannot write {tmp_path / 'ddp' / 'metrics.jsonl'}: it is a folder (the training so far is "
+                        f"saved in {tmp_path / 'ddp' / 'last.pth'}: free space or fix that file and pass --resume auto)")
 
 
 @pytest.mark.slow

@@ -146,10 +146,6 @@ class DistContext:
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few numbers over ranks (float64, so counts stay exact)."""
         if not self.distributed:

@@ -10,8 +10,6 @@ under 1, a negative rank, a rank not below its count), is a one-line
 from __future__ import annotations
 
 import os
-from typing import Callable
-
 from ..errors import UserInputError
 
 __all__ = ["launched_processes", "launched_node_processes", "launched_rank", "launched_local_rank",
@@ -65,10 +63,10 @@ def launched_by_torchrun_agent() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _check_rank_below_count(rank_name: str, rank: Callable[[], int], count_name: str, count: Callable[[], int]) -> None:
-    """A rank (``rank_name``, read by ``rank``) is below its process count (``count_name``), where
-    the environment sets the count: torchrun numbers its processes from 0."""
-    if count_name in os.environ and rank() >= count():
+def _check_rank_below_count(rank_name: str, count_name: str) -> None:
+    """The rank ``rank_name`` is below its process count ``count_name``, where the environment
+    sets the count: torchrun numbers its processes from 0."""
+    if count_name in os.environ and _whole_number(rank_name, 0, least=0) >= _whole_number(count_name, 1, least=1):
         raise UserInputError(f"{rank_name}={os.environ[rank_name]!r} in the environment is not below "
                              f"{count_name}={os.environ[count_name]!r}: torchrun numbers its processes from 0; "
                              f"unset them or correct them")
@@ -80,5 +78,5 @@ def check_launch_variables() -> None:
     reads one."""
     for read in (launched_processes, launched_node_processes, launched_rank, launched_local_rank):
         read()
-    _check_rank_below_count("RANK", launched_rank, "WORLD_SIZE", launched_processes)
-    _check_rank_below_count("LOCAL_RANK", launched_local_rank, "LOCAL_WORLD_SIZE", launched_node_processes)
+    _check_rank_below_count("RANK", "WORLD_SIZE")
+    _check_rank_below_count("LOCAL_RANK", "LOCAL_WORLD_SIZE")
