@@ -344,16 +344,22 @@ def test_benchmark_summary_keeps_three_figures_of_slow_rates() -> None:
     assert [_rate(v) for v in (0.04234, 1.234, 37.21, 1234.56)] == ["0.0423", "1.23", "37.2", "1234.6"]
 
 
-def test_onednn_linear_matches_plain() -> None:
-    from crossformer.models.layers import GeluMlp, linear
+@pytest.mark.parametrize("backend", ("onednn", "mkl", "measured"))
+def test_inference_linear_matches_plain(backend: str) -> None:
+    """CPU inference linears, on either backend or the one measured faster, compute F.linear (and GELU)."""
+    import contextlib
+
+    from crossformer.models.layers import GeluMlp, force_gemm_backend, linear
 
     layer = torch.nn.Linear(32, 96)
     mlp = GeluMlp(32, 128).eval()
     x = torch.randn(2, 9, 11, 32)[:, :7, :5]  # non-contiguous, as after a crop
     plain = torch.nn.functional.gelu(layer(x)).detach()
+    plain_no_gelu = layer(x).detach()
     plain_mlp = mlp(x).detach()
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.nullcontext() if backend == "measured" else force_gemm_backend(backend):
         assert (linear(x, layer.weight, layer.bias, gelu=True) - plain).abs().max().item() <= 1e-5
+        assert (linear(x, layer.weight, None) - (plain_no_gelu - layer.bias)).abs().max().item() <= 1e-5
         assert (mlp(x) - plain_mlp).abs().max().item() <= 1e-5
 
 
@@ -385,7 +391,8 @@ def test_packed_weights_follow_the_weights() -> None:
         pytest.skip("this PyTorch build has no oneDNN weight packing")
     mlp = layers.GeluMlp(32, 128).eval()
     x = torch.randn(3, 5, 7, 32)
-    with torch.inference_mode():
+    onednn = layers.force_gemm_backend("onednn")  # packing is oneDNN's; a timing may pick MKL here
+    with torch.inference_mode(), onednn:
         first = mlp(x)
         packed = layers._PACKED_WEIGHTS[mlp.fc1.weight][1]
         assert torch.equal(mlp(x), first)
@@ -396,7 +403,7 @@ def test_packed_weights_follow_the_weights() -> None:
     # an in-place change (optimizer step, load_state_dict) is seen
     with torch.no_grad():
         mlp.fc1.weight.mul_(2.0)
-    with torch.inference_mode():
+    with torch.inference_mode(), layers.force_gemm_backend("onednn"):
         changed = mlp(x)
         assert layers._PACKED_WEIGHTS[mlp.fc1.weight][1] is not packed
     expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))).detach()

@@ -3,6 +3,11 @@
 - Training linears (:func:`crossformer.models.layers.measured_gemm`): each of the three
   products on MKL or oneDNN, whichever was measured faster, equal to ``F.linear`` and its
   autograd gradients.
+- Inference linears: oneDNN's fused kernel or MKL's, whichever was measured faster, equal to
+  ``F.linear`` (and GELU).
+- The image's layout (:func:`crossformer.models.layers.image_layout`): the patch embedding's
+  convolutions read it NCHW or channels-last, whichever was measured faster, with the same
+  results.
 """
 
 from __future__ import annotations
@@ -139,6 +144,53 @@ def test_backend_rule(monkeypatch, onednn_times, chosen, pairs) -> None:
     assert (out - a @ w.t()).abs().max().item() <= 1e-6
 
 
+@needs_onednn
+@pytest.mark.parametrize("mkl_times, chosen, pairs", [
+    ((1.0, 1.0, 1.0), "mkl", 3),  # faster in every pair
+    ((1.0, 2.5, 1.0), "onednn", 2),  # one pair lost: keep oneDNN's fused kernel, today's path
+    ((1.97, 1.97, 1.97), "onednn", 1),  # within the 5% margin
+])
+def test_inference_backend_rule(monkeypatch, mkl_times, chosen, pairs) -> None:
+    """A CPU inference linear takes MKL (F.linear, GELU after) only when it beats oneDNN's fused
+    kernel (2.0 s here) in every timed pair; the choice is kept for the shape class."""
+    timed = []
+
+    def fake_timing(backend, *args):
+        timed.append(backend)
+        return 2.0 if backend == "onednn" else mkl_times[len(timed) // 2 - 1]
+
+    monkeypatch.setattr(layers, "_timed_inference_linear", fake_timing)
+    monkeypatch.setattr(layers, "_GEMM_CHOICES", {})
+    layer = nn.Linear(24, 40)
+    x = torch.randn(3, 100, 24)
+    with torch.inference_mode():
+        out = linear(x, layer.weight, layer.bias, gelu=True)
+        assert timed == ["onednn", "mkl"] * pairs
+        again = linear(x[:, :90], layer.weight, layer.bias, gelu=True)  # same rows bucket: not timed
+    assert timed == ["onednn", "mkl"] * pairs
+    assert gemm_choices() == {("inference_gelu", torch.float32, torch.get_num_threads(), 300 .bit_length(), 24, 40): chosen}
+    want = F.gelu(layer(x)).detach()
+    assert (out - want).abs().max().item() <= TOL
+    assert (again - want[:, :90]).abs().max().item() <= TOL
+
+
+@needs_onednn
+def test_deterministic_inference_times_nothing_and_takes_onednn(monkeypatch) -> None:
+    def no_timing(*args):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(layers, "_timed_inference_linear", no_timing)
+    monkeypatch.setattr(layers, "_GEMM_CHOICES", {})
+    layer = nn.Linear(40, 72)
+    x = torch.randn(200, 40)
+    with torch.inference_mode():
+        with deterministic_kernels(True):
+            got = linear(x, layer.weight, layer.bias, gelu=True)
+        with force_gemm_backend("onednn"):
+            want = linear(x, layer.weight, layer.bias, gelu=True)
+    assert torch.equal(got, want) and gemm_choices() == {}
+
+
 def test_measured_path_steps_aside() -> None:
     layer = nn.Linear(8, 4)
     x = torch.randn(3, 8)
@@ -193,6 +245,84 @@ def test_model_training_gradients_match_plain_linears(monkeypatch, checkpointing
     for grads in (onednn, measured):
         for name, want in plain.items():
             assert (grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
+
+
+# The image's layout ------------------------------------------------------------------------
+
+
+def _fresh_layout_choices(monkeypatch: pytest.MonkeyPatch, channels_last_wins: bool | None = None) -> list:
+    """An empty choice table; with ``channels_last_wins`` set, a fake timing that says so and
+    records every timed run (``True`` for a channels-last one) in the list returned."""
+    monkeypatch.setattr(layers, "_IMAGE_LAYOUT_CHOICES", {})
+    timed: list[bool] = []
+    if channels_last_wins is not None:
+        def fake_time(convs, x, channels_last: bool) -> float:
+            timed.append(channels_last)
+            return 1.0 if channels_last == channels_last_wins else 2.0
+
+        monkeypatch.setattr(layers, "_convs_time", fake_time)
+    return timed
+
+
+@pytest.mark.parametrize("channels_last_wins", (True, False))
+def test_image_layout_is_measured_once_per_shape_class(monkeypatch, channels_last_wins: bool) -> None:
+    timed = _fresh_layout_choices(monkeypatch, channels_last_wins)
+    convs = nn.ModuleList([nn.Conv2d(3, 4, 4, stride=4), nn.Conv2d(3, 4, 8, stride=4, padding=2)])
+    x = torch.randn(2, 3, 32, 40)
+    got = layers.image_layout(x, convs)
+    # one warm-up each, then pairs: all three if channels-last wins them, else the first settles it
+    assert timed == [False, True] + [False, True] * (3 if channels_last_wins else 1)
+    assert got.is_contiguous(memory_format=torch.channels_last) is channels_last_wins
+    assert torch.equal(got, x) and (got is x) is not channels_last_wins
+    assert list(layers.image_layout_choices().values()) == [channels_last_wins]
+    timed.clear()
+    layers.image_layout(torch.randn(3, 3, 30, 40), convs)  # same batch and pixel buckets
+    assert timed == []
+    layers.image_layout(torch.randn(2, 3, 64, 80), convs)  # four times the pixels: timed again
+    assert len(timed) > 0 and len(layers.image_layout_choices()) == 2
+
+
+def test_image_layout_times_nothing_where_it_steps_aside(monkeypatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    timed = _fresh_layout_choices(monkeypatch, channels_last_wins=True)
+    convs = [nn.Conv2d(3, 4, 4, stride=4)]
+    x = torch.randn(1, 3, 16, 16)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    strided, empty = x[:, :, ::2], x[:0]
+    assert layers.image_layout(x_cl, convs) is x_cl  # already channels-last
+    assert layers.image_layout(strided, convs) is strided  # neither layout: the convolution copies it anyway
+    assert layers.image_layout(empty, convs) is empty
+    with deterministic_kernels(True):  # every process must compute the same
+        assert layers.image_layout(x, convs) is x
+    with FlopCounterMode(display=False):  # a counter would count the trial runs
+        assert layers.image_layout(x, convs) is x
+    traced = torch.jit.trace(lambda image: layers.image_layout(image, convs) * 1, (x,), check_trace=False)
+    assert "contiguous" not in str(traced.graph)  # a recorded graph keeps the image as given
+    assert timed == []
+
+
+@pytest.mark.parametrize("channels_last_wins", (True, False))
+def test_model_computes_the_same_on_either_image_layout(monkeypatch, channels_last_wins: bool) -> None:
+    """Logits and every gradient of a training step agree with the NCHW image's, as the patch
+    embedding's convolutions get the image in the layout measured faster."""
+    model = CrossFormer(**TINY)
+    x = torch.randn(2, 3, 70, 94)
+    _fresh_layout_choices(monkeypatch)
+    with deterministic_kernels(True):  # nothing timed: the NCHW image
+        want_logits = model.eval()(x)
+        want_grads = _model_grads(model.train(), x)
+    timed = _fresh_layout_choices(monkeypatch, channels_last_wins)
+    layouts = []
+    model.patch_embed.projs[0].register_forward_pre_hook(
+        lambda conv, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    got_logits = model.eval()(x)
+    assert timed and layouts == [channels_last_wins]
+    got_grads = _model_grads(model.train(), x)
+    assert (got_logits - want_logits).abs().max().item() <= TOL
+    for name, want in want_grads.items():
+        assert (got_grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
 
 
 # bf16 autocast on the CPU ------------------------------------------------------------------

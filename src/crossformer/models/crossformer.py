@@ -53,6 +53,7 @@ from .layers import (
     plain_linear,
     conv_input,
     cached_on_weights,
+    image_layout,
     release_packed,
 )
 
@@ -187,6 +188,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            x = image_layout(x, self.projs)
         return self.norm(self.projs(x))
 
 

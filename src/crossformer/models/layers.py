@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Hashable, Iterable, Iterator, MutableMapping
+from typing import Callable, Hashable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ __all__ = [
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
+    "alternative_wins", "may_time", "image_layout", "image_layout_choices",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -219,7 +220,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """``F.linear(x, weight, bias)``, then the exact GELU when ``gelu``; ``(..., in) -> (..., out)``."""
     if not torch.jit.is_scripting():
         if onednn_inference(x, weight):
-            return _LINEAR_POINTWISE(x, _packed(weight), bias, "gelu" if gelu else "none", [], "none")
+            return _inference_linear(x, weight, bias, gelu)
         if onednn_inference_bf16(x, weight):
             # what autocast computes (bf16 product, bf16 output), with the cast weight kept packed
             bias16 = None if bias is None else bias.to(torch.bfloat16)
@@ -233,6 +234,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     return F.gelu(x) if gelu else x
 
 
+# Measured choices ---------------------------------------------------------------------------
+# Which of two equal computations runs faster depends on the processor (its vector width,
+# MKL's path on AMD chips) and the shape, so some paths are timed once per process and shape
+# class instead of fixed by a rule measured on one machine.
+
+# The alternative must beat the default (the plain path) by this fraction in every timed pair
+# to be chosen: a noisy timing should never make a machine slower than the plain path.
+_TIMING_MARGIN = 0.05
+_TIMING_PAIRS = 3
+
+
+def alternative_wins(time_default: Callable[[], float], time_alternative: Callable[[], float]) -> bool:
+    """Whether the alternative beat the default by the margin in every one of the timed pairs,
+    each run back to back (default first; each callable runs once and returns its seconds).
+
+    So a moment of load on a shared machine (which slows one call of a pair) cannot pick the
+    alternative by chance. The first pair it loses settles the answer: the pairs left could
+    not change it.
+    """
+    for _ in range(_TIMING_PAIRS):
+        default = time_default()
+        if time_alternative() >= default * (1 - _TIMING_MARGIN):
+            return False
+    return True
+
+
+def may_time() -> bool:
+    """Whether a measured choice may time its candidates now.
+
+    Not under a dispatch mode (FLOP counters, profilers, fake tensors see every op: the trial
+    runs would be counted as the model's), and not in deterministic mode (``run.deterministic``:
+    every process, a resumed run's too, must compute the same products, not what a timing
+    picks, which a moment of load changes). Either way the plain path runs.
+    """
+    return _get_current_dispatch_mode() is None and not torch.are_deterministic_algorithms_enabled()
+
+
 # Training GEMMs ---------------------------------------------------------------------------
 # A linear layer's training step is three products: the forward ``x W^T``, the input
 # gradient ``g W`` and the weight gradient ``g^T x``. PyTorch sends all three to MKL. On
@@ -242,10 +280,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 # process on both, at its first call for each shape class, and runs on the faster one.
 
 GEMM_BACKENDS = ("mkl", "onednn")
-# oneDNN must beat MKL (today's path) by this fraction in every timed pair to be chosen: a
-# noisy timing should never make a machine slower than the plain path.
-_GEMM_MARGIN = 0.05
-_GEMM_TRIALS = 3
 # (product, dtype, threads, rows bucket, inner, outer) -> backend
 _GEMM_CHOICES: dict[tuple, str] = {}
 _FORCED_GEMM: list[str] = []
@@ -289,19 +323,13 @@ def _timed_gemm(backend: str, product: str, a, b, bias) -> float:
 
 
 def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-    """Time both backends on this product: one warm-up call each, then back-to-back pairs.
-
-    oneDNN is chosen only if it wins every pair by the margin, so that a moment of load
-    on a shared machine (which slows one call of a pair) cannot pick it by chance. The
-    first pair it loses settles the choice: the pairs left could not change it.
-    """
+    """Time both backends on this product (one warm-up call each, then :func:`alternative_wins`)."""
     out = _gemm_mkl(product, a, b, bias)
     _gemm_onednn(product, a, b, bias)
-    for _ in range(_GEMM_TRIALS):
-        mkl = _timed_gemm("mkl", product, a, b, bias)
-        if _timed_gemm("onednn", product, a, b, bias) >= mkl * (1 - _GEMM_MARGIN):
-            return out, "mkl"
-    return out, "onednn"
+    onednn = alternative_wins(
+        lambda: _timed_gemm("mkl", product, a, b, bias), lambda: _timed_gemm("onednn", product, a, b, bias)
+    )
+    return out, "onednn" if onednn else "mkl"
 
 
 def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -316,13 +344,7 @@ def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
     """
     if _FORCED_GEMM:
         return _GEMMS[_FORCED_GEMM[-1]](product, a, b, bias)
-    if _get_current_dispatch_mode() is not None:
-        # A mode sees every op (FLOP counters, profilers, fake tensors): time nothing under it,
-        # or the trial products would be counted as the model's.
-        return _gemm_mkl(product, a, b, bias)
-    if torch.are_deterministic_algorithms_enabled():
-        # run.deterministic: the same products in every process (a resumed run's too), not what
-        # a timing picks, which a moment of load changes
+    if not may_time():
         return _gemm_mkl(product, a, b, bias)
     key = _gemm_key(product, a, b)
     backend = _GEMM_CHOICES.get(key)
@@ -332,16 +354,60 @@ def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
     return _GEMMS[backend](product, a, b, bias)
 
 
+def _onednn_inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    return _LINEAR_POINTWISE(x, _packed(weight), bias, "gelu" if gelu else "none", [], "none")
+
+
+def _mkl_inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    out = F.linear(x, weight, bias)
+    return torch.ops.aten.gelu_(out) if gelu else out  # the product is ours: GELU in place
+
+
+_INFERENCE_LINEARS = {"mkl": _mkl_inference_linear, "onednn": _onednn_inference_linear}
+
+
+def _timed_inference_linear(backend: str, x, weight, bias, gelu: bool) -> float:
+    start = time.perf_counter()
+    _INFERENCE_LINEARS[backend](x, weight, bias, gelu)
+    return time.perf_counter() - start
+
+
+def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """A CPU float32 inference linear (then GELU) on the backend measured faster for its shape
+    class: oneDNN's fused kernel on the packed weight (the default: 10-40% faster on a 2-core
+    Xeon) or MKL's ``F.linear`` and an in-place GELU (faster from the second stage on on a 2-core
+    AMD EPYC with AVX2, where oneDNN's fused GELU costs most). Its choices are listed by
+    :func:`gemm_choices` as the products ``"inference"`` and ``"inference_gelu"``."""
+    if _FORCED_GEMM:
+        return _INFERENCE_LINEARS[_FORCED_GEMM[-1]](x, weight, bias, gelu)
+    if not may_time():
+        return _onednn_inference_linear(x, weight, bias, gelu)
+    product = "inference_gelu" if gelu else "inference"
+    key = (product, x.dtype, torch.get_num_threads(), (x.numel() // x.shape[-1]).bit_length(), weight.shape[1], weight.shape[0])
+    backend = _GEMM_CHOICES.get(key)
+    if backend is None:
+        out = _onednn_inference_linear(x, weight, bias, gelu)
+        _mkl_inference_linear(x, weight, bias, gelu)
+        mkl = alternative_wins(
+            lambda: _timed_inference_linear("onednn", x, weight, bias, gelu),
+            lambda: _timed_inference_linear("mkl", x, weight, bias, gelu),
+        )
+        _GEMM_CHOICES[key] = "mkl" if mkl else "onednn"
+        return out
+    return _INFERENCE_LINEARS[backend](x, weight, bias, gelu)
+
+
 def gemm_choices() -> dict[tuple, str]:
     """The backend chosen per shape class so far in this process: ``(product, dtype, threads,
     rows.bit_length(), inner, outer) -> "mkl" | "onednn"`` (``"batched"`` products: the batch
-    size follows ``threads``)."""
+    size follows ``threads``; ``"inference"`` and ``"inference_gelu"``: CPU inference linears)."""
     return dict(_GEMM_CHOICES)
 
 
 @contextlib.contextmanager
 def force_gemm_backend(backend: str) -> Iterator[None]:
-    """Run every :func:`measured_gemm` on ``backend`` (tests and benchmarks), nothing timed."""
+    """Run every :func:`measured_gemm` and CPU inference linear on ``backend`` (tests and
+    benchmarks), nothing timed."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {GEMM_BACKENDS}, got {backend!r}")
     _FORCED_GEMM.append(backend)
@@ -418,6 +484,76 @@ class GeluMlp(Mlp):
         # timm's Mlp.forward, spelt out: TorchScript cannot call super()
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(self.norm(x)))
+
+
+# The image's layout ------------------------------------------------------------------------
+# The cross-scale embedding reads the 3-channel image with four strided kernels. oneDNN's
+# direct convolution of an NCHW image ran at 25 GFLOP/s on a 2-core AMD EPYC (AVX2), 100-128
+# on a channels-last copy; on a 2-core Xeon (AVX-512) only kernel 4 gained. So the layout is
+# measured, as the training GEMMs are.
+
+# (dtype, autocast dtype or None, threads, the convolutions, channels, batch bucket, pixels
+# bucket) -> whether the convolutions read a channels-last copy
+_IMAGE_LAYOUT_CHOICES: dict[tuple, bool] = {}
+
+
+def _measured_layout_applies(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.numel() > 0
+        and x.is_contiguous()
+        and not x.is_contiguous(memory_format=torch.channels_last)
+        and not capturing_graph()
+        and may_time()
+    )
+
+
+def _convs_time(convs: Sequence[nn.Conv2d], x: torch.Tensor, channels_last: bool) -> float:
+    """Seconds for every convolution of ``convs`` on ``x`` (converted first if ``channels_last``),
+    without autograd and without calling the modules (no hook sees a trial run)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for conv in convs:
+            F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return time.perf_counter() - start
+
+
+def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
+    """The image ``x`` ``(B, C, H, W)`` as ``convs`` (which all read it) should get it: as it is,
+    or a channels-last copy where that was measured faster in this process for this shape class
+    (CPU, eager; the first call times both). The values are the same either way; the
+    convolutions' results may differ in the last bits, as any two kernels' do.
+
+    An image already channels-last, and every other case (CUDA, tracing, deterministic mode, a
+    FLOP counter), is returned as it is.
+    """
+    if torch.jit.is_scripting() or not _measured_layout_applies(x):
+        return x
+    key = (
+        x.dtype,
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+        torch.get_num_threads(),
+        tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs),
+        x.shape[1],
+        x.shape[0].bit_length(),
+        (x.shape[2] * x.shape[3]).bit_length(),
+    )
+    channels_last = _IMAGE_LAYOUT_CHOICES.get(key)
+    if channels_last is None:
+        _convs_time(convs, x, False)  # warm-up of each
+        _convs_time(convs, x, True)
+        channels_last = _IMAGE_LAYOUT_CHOICES[key] = alternative_wins(
+            lambda: _convs_time(convs, x, False), lambda: _convs_time(convs, x, True)
+        )
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def image_layout_choices() -> dict[tuple, bool]:
+    """The image layout chosen per shape class so far in this process (True: channels-last)."""
+    return dict(_IMAGE_LAYOUT_CHOICES)
 
 
 def _space_to_depth_weight_grad(
