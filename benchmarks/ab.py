@@ -5,8 +5,8 @@
     python benchmarks/ab.py --rev HEAD --model crossformer_small --img-size 800 1216 --batch-size 2 \
         --detection-grouping                      # the dense size, group size 7, intervals 8, 4, 2, 1
 
-The revision's network modules (``models/crossformer.py`` and the modules it imports) are
-loaded as a separate package; both models get the same state dict. Prints the median per-round
+The revision's network (``models/crossformer.py`` and the modules it imports) is loaded as a
+separate package; both models get the same state dict. Prints the median per-round
 speed ratio (working tree / revision) and its spread, per mode.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -29,17 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_revision(rev: str) -> type:
-    """The ``CrossFormer`` class as it was at ``rev``."""
-    pkg = Path(tempfile.mkdtemp()) / "crossformer_at_rev"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for name in ("crossformer.py", "grouping.py", "layers.py", "attention.py"):
-        shown = subprocess.run(["git", "show", f"{rev}:src/crossformer/models/{name}"], cwd=ROOT,
-                               capture_output=True, text=True, check=False)
-        if shown.returncode == 0:  # modules added later are absent at older revisions
-            (pkg / name).write_text(shown.stdout)
-    sys.path.insert(0, str(pkg.parent))
-    return importlib.import_module("crossformer_at_rev.crossformer").CrossFormer
+    """The ``CrossFormer`` class as it was at ``rev``: the package at ``rev`` loaded as
+    ``crossformer_at_rev``, its two ``__init__`` files emptied so that it registers nothing with
+    timm and imports only what the network's modules import (relatively)."""
+    root = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "src/crossformer"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(root, filter="data")
+    pkg = root / "crossformer_at_rev"
+    (root / "src" / "crossformer").rename(pkg)
+    for init in (pkg / "__init__.py", pkg / "models" / "__init__.py"):
+        init.write_text("")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("crossformer_at_rev.models.crossformer").CrossFormer
 
 
 def main() -> None:

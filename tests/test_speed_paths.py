@@ -682,3 +682,26 @@ def test_every_benchmark_script_imports(script: str) -> None:
     path = Path(__file__).resolve().parents[1] / "benchmarks" / script
     spec = importlib.util.spec_from_file_location(f"benchmark_script_{path.stem}", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_ab_loads_the_network_of_a_revision() -> None:
+    """benchmarks/ab.py's loader broke once the network imported a module outside models/ (it
+    copied four files): it loads the whole package at the revision, and that network computes
+    what the working tree's does."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    spec = importlib.util.spec_from_file_location("benchmark_script_ab_loader", root / "benchmarks" / "ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    old_cls = ab.load_revision("HEAD")
+    assert old_cls.__module__ == "crossformer_at_rev.models.crossformer"
+    new = CrossFormer(**TINY).eval()
+    old = old_cls(**TINY).eval()
+    old.load_state_dict(new.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (old(x) - new(x)).abs().max().item() <= TOL
