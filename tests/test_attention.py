@@ -31,10 +31,13 @@ def _value_and_grads(inputs, grad_out, **kwargs):
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("padded", [False, True], ids=["bias", "bias+padding"])
 @pytest.mark.parametrize("shape", [(5, 4, 49, 8), (3, 2, 16, 32)], ids=["N49", "N16"])
-@pytest.mark.parametrize("rows_per_chunk", [1, 2])
-def test_cpu_training_path_matches_explicit(monkeypatch, shape, padded, contiguous, rows_per_chunk) -> None:
-    # A small chunk size, so that backward runs several chunks (with 2 rows, the last one partial).
-    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", rows_per_chunk * shape[1] * shape[2] ** 2)
+@pytest.mark.parametrize("chunk", [(2, 0), (1, 0), (0, 3), (0, 1)], ids=["2rows", "1row", "3heads", "1head"])
+def test_cpu_training_path_matches_explicit(monkeypatch, shape, padded, contiguous, chunk) -> None:
+    # A small chunk size, so that backward runs several chunks: whole rows (with 2, the last
+    # one partial), or heads of one row when a row is larger than a chunk (950-token groups at
+    # detection size; with 3 of 4 heads, the last chunk partial).
+    rows, heads = chunk
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", (rows * shape[1] + heads) * shape[2] ** 2)
     inputs = _inputs(*shape, padded=padded, contiguous=contiguous)
     grad_out = torch.randn(inputs[0].shape)
     out, grads = _value_and_grads(inputs, grad_out)

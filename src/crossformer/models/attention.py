@@ -28,6 +28,8 @@ and nothing of it reaches the parameters.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -40,6 +42,27 @@ __all__ = ["biased_attention"]
 # to be reused from the heap instead of page-faulted in, large enough to keep the Python
 # loop short (4 chunks per block on crossformer_pp_small's 14x14 stage at batch 16).
 _CHUNK_ELEMENTS = 1 << 20
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``(c, m, N, X)`` -> ``(c * m, N, X)``: a view for the chunks :func:`_chunks` makes."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _chunks(batch: int, groups: int, tokens: int) -> Iterator[tuple[slice, slice]]:
+    """``(rows, heads)`` slices of a ``(batch, groups, N, N)`` score tensor, each about
+    :data:`_CHUNK_ELEMENTS`: several rows with all of ``groups`` while one row fits, else one
+    row a few of ``groups`` at a time (950-token groups at detection size: 3.6 MB per head)."""
+    per_head = tokens * tokens
+    if groups * per_head <= _CHUNK_ELEMENTS:
+        step = _CHUNK_ELEMENTS // (groups * per_head)
+        for start in range(0, batch, step):
+            yield slice(start, min(start + step, batch)), slice(0, groups)
+        return
+    step = max(1, _CHUNK_ELEMENTS // per_head)
+    for row in range(batch):
+        for start in range(0, groups, step):
+            yield slice(row, row + 1), slice(start, min(start + step, groups))
 
 
 class _BiasedAttentionCPU(torch.autograd.Function):
@@ -77,27 +100,22 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         # contiguous, so that the per-chunk views below are written in place
         grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         grad_mask = torch.zeros(mask.shape[1:], dtype=mask.dtype, device=mask.device)
-        step = max(1, _CHUNK_ELEMENTS // (groups * tokens * tokens))
-
-        def flat(t: torch.Tensor) -> torch.Tensor:  # (c, M, N, X) -> (c * M, N, X)
-            return t.reshape(-1, t.shape[-2], t.shape[-1])
-
-        for start in range(0, batch, step):
-            part = slice(start, start + step)
-            qs, ks, vs, dos = flat(q[part]), flat(k[part]), flat(v[part]), flat(grad_out[part])
+        for rows, heads in _chunks(batch, groups, tokens):
+            part = (rows, heads)
+            qs, ks, vs, dos = _flat(q[part]), _flat(k[part]), _flat(v[part]), _flat(grad_out[part])
             # P = exp(q k^T * scale + mask - lse): the forward's probabilities, recomputed
-            probs = flat(mask[0] - lse[part].unsqueeze(-1))
+            probs = _flat(mask[0, heads] - lse[part].unsqueeze(-1))
             probs.baddbmm_(qs, ks.transpose(1, 2), alpha=scale).exp_()
             # dS = P * (dO v^T - D)
             if one_product:
-                grad_scores = torch.bmm(flat(grad_out_delta[part]), flat(v_ones[part]).transpose(1, 2))
+                grad_scores = torch.bmm(_flat(grad_out_delta[part]), _flat(v_ones[part]).transpose(1, 2))
             else:
-                grad_scores = torch.baddbmm(flat(neg_delta[part]), dos, vs.transpose(1, 2))
+                grad_scores = torch.baddbmm(_flat(neg_delta[part]), dos, vs.transpose(1, 2))
             grad_scores.mul_(probs)
-            rows = grad_scores.view(-1, groups, tokens, tokens)
-            grad_mask += rows[0] if rows.shape[0] == 1 else rows.sum(0)  # one image: no reduction pass
-            torch.bmm(probs.transpose(1, 2), dos, out=flat(grad_v[part]))
-            dq, dk = flat(grad_q[part]), flat(grad_k[part])
+            per_row = grad_scores.view(rows.stop - rows.start, heads.stop - heads.start, tokens, tokens)
+            grad_mask[heads] += per_row[0] if per_row.shape[0] == 1 else per_row.sum(0)  # one row: no reduction pass
+            torch.bmm(probs.transpose(1, 2), dos, out=_flat(grad_v[part]))
+            dq, dk = _flat(grad_q[part]), _flat(grad_k[part])
             torch.baddbmm(dq, grad_scores, ks, beta=0, alpha=scale, out=dq)
             torch.baddbmm(dk, grad_scores.transpose(1, 2), qs, beta=0, alpha=scale, out=dk)
         return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
