@@ -146,10 +146,13 @@ def check_cross_scale_kernels(kernel_sizes: Sequence[int], stride: int, out_dim:
         )
 
 
+@register_notrace_module  # FX: the input's layout is chosen by a measurement, in eager mode
 class CrossScaleConvs(nn.ModuleList):
     """Parallel convolutions of one stride, concatenated: NCHW ``(B, in_dim, H, W)`` ->
     channels-last ``(B, H', W', out_dim)``. Padding ``(k - s) // 2`` gives equal outputs
     for the kernels :func:`check_cross_scale_kernels` admits (``name`` is the setting it names).
+    An NCHW input (the image) reaches them as given or as a channels-last copy, whichever they
+    were measured faster on (:func:`~crossformer.models.layers.image_layout`).
 
     A ``ModuleList``, so that the kernels keep the official keys (``projs.0``, ...).
     """
@@ -167,6 +170,8 @@ class CrossScaleConvs(nn.ModuleList):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            x = image_layout(x, self)
         maps: list[torch.Tensor] = []
         for conv in self:
             maps.append(conv(x).permute(0, 2, 3, 1))
@@ -188,8 +193,6 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            x = image_layout(x, self.projs)
         return self.norm(self.projs(x))
 
 

@@ -332,7 +332,9 @@ def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Ten
     onednn = alternative_wins(
         lambda: _timed_gemm("mkl", product, a, b, bias), lambda: _timed_gemm("onednn", product, a, b, bias)
     )
-    return out, "onednn" if onednn else "mkl"
+    if onednn:  # the chosen backend's result, as every later call of this shape class gets
+        return _gemm_onednn(product, a, b, bias), "onednn"
+    return out, "mkl"
 
 
 def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -389,14 +391,15 @@ def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     key = (product, x.dtype, torch.get_num_threads(), (x.numel() // x.shape[-1]).bit_length(), weight.shape[1], weight.shape[0])
     backend = _GEMM_CHOICES.get(key)
     if backend is None:
-        out = _onednn_inference_linear(x, weight, bias, gelu)
+        _onednn_inference_linear(x, weight, bias, gelu)  # a warm-up of each
         _mkl_inference_linear(x, weight, bias, gelu)
         mkl = alternative_wins(
             lambda: _timed_inference_linear("onednn", x, weight, bias, gelu),
             lambda: _timed_inference_linear("mkl", x, weight, bias, gelu),
         )
-        _GEMM_CHOICES[key] = "mkl" if mkl else "onednn"
-        return out
+        backend = _GEMM_CHOICES[key] = "mkl" if mkl else "onednn"
+    # the first call's result too is the chosen backend's: a model gives the same output for
+    # the same input on every call
     return _INFERENCE_LINEARS[backend](x, weight, bias, gelu)
 
 
@@ -502,13 +505,13 @@ _IMAGE_LAYOUT_CHOICES: dict[tuple, bool] = {}
 
 def _measured_layout_applies(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        not capturing_graph()  # first: a symbolic trace's proxy cannot answer the tests below
+        and may_time()
+        and x.device.type == "cpu"
         and x.dim() == 4
         and x.numel() > 0
         and x.is_contiguous()
         and not x.is_contiguous(memory_format=torch.channels_last)
-        and not capturing_graph()
-        and may_time()
     )
 
 
