@@ -124,12 +124,14 @@ def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
         chunked = model(x)
         features = model.forward_intermediates(x, intermediates_only=True)
     assert stage_batches[:3] == [2, 2, 1], stage_batches
-    assert (chunked - whole).abs().max().item() <= 1e-5
+    # equal to float32 rounding: a chunk's linears have fewer rows, a shape class whose
+    # backend (MKL or oneDNN) was measured apart from the whole batch's
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     # the chunks are put back in order: each image's features match it alone
     with torch.inference_mode():
         alone = model.forward_intermediates(x[3:4], intermediates_only=True)
     for got, want in zip(features, alone):
-        assert (got[3:4] - want).abs().max().item() <= 1e-5
+        torch.testing.assert_close(got[3:4], want, rtol=1e-5, atol=1e-5)
     # with gradients (training, export) a stage always sees the whole batch
     stage_batches.clear()
     model(x)
