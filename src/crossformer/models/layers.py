@@ -6,9 +6,9 @@
   faster than ``F.linear`` (MKL ``addmm`` first copies the bias into the output), and it
   saves the separate GELU pass; on a 2-core AMD EPYC with AVX2, MKL and a GELU after it
   were up to 1.5x faster. So each shape class takes the one measured faster in this process.
-  Autograd, autocast, CUDA, tracing, compiling, exporting and TorchScript keep ``F.linear``. Only plain, unhooked ``nn.Linear`` layers take these
-  paths (:func:`call_linear`); any other is called, so that its hooks fire and a layer put
-  in its place runs.
+  Autograd, autocast, CUDA, tracing, compiling, exporting and TorchScript keep ``F.linear``.
+  Only plain, unhooked ``nn.Linear`` layers take these paths (:func:`call_linear`); any
+  other is called, so that its hooks fire and a layer put in its place runs.
 - In CPU float32 training, :func:`linear` runs the forward product and both backward
   products (input and weight gradient) each on MKL or oneDNN, whichever was measured
   faster for that shape class in this process (:func:`measured_gemm`).
