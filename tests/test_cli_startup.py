@@ -116,7 +116,10 @@ def test_a_torchrun_number_that_is_no_number_is_one_line_without_torch(name: str
                                        "its processes from 0"),
     ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "3"}, "LOCAL_RANK='3' in the environment is not below "
                                                    "LOCAL_WORLD_SIZE='2': torchrun numbers its processes from 0"),
-], ids=["world_size_0", "local_world_size_0", "negative_rank", "negative_local_rank", "rank_at_count", "local_rank_past_count"])
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "1"},
+     "LOCAL_WORLD_SIZE='4' in the environment is above WORLD_SIZE='2': a node runs at most all of the job's processes"),
+], ids=["world_size_0", "local_world_size_0", "negative_rank", "negative_local_rank", "rank_at_count", "local_rank_past_count",
+        "node_above_job"])
 def test_a_torchrun_number_torchrun_never_sets_is_one_line_without_torch(
     launched: dict[str, str], said: str, capsys, monkeypatch,
 ) -> None:

@@ -153,3 +153,22 @@ def test_each_kind_through_the_cli(tmp_path, capsys, name):
     line = one_error_line(capsys, ["convert", str(path), str(tmp_path / "w.safetensors")])
     assert str(path) in line and expected in line, line
     assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["broken link", "named pipe"])
+def test_a_link_to_nothing_or_a_pipe_is_said_as_what_it_is(tmp_path, capsys, kind):
+    """Both were "checkpoint not found", though the path was there (a link whose run folder was
+    removed; a named pipe, which reading would block on until something wrote to it)."""
+    import os
+
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    path = tmp_path / "last.pth"
+    if kind == "broken link":
+        path.symlink_to(tmp_path / "removed" / "last.pth")
+        expected = f"{path} is a link to {tmp_path / 'removed' / 'last.pth'}, which is not there"
+    else:
+        os.mkfifo(path)
+        expected = f"{path} is a named pipe, not a checkpoint file"
+    for command, argv in _commands(path, tmp_path, data).items():
+        line = one_error_line(capsys, argv)
+        assert line.startswith(f"crossformer {argv[0]}: error: ") and expected in line, (command, line)

@@ -429,6 +429,9 @@ def test_a_per_stage_setting_under_one_is_refused_at_construction(setting: dict)
     ({"mlp_ratio": 0.05}, r"^mlp_ratio must be a number above 0 .*, got 0.05$"),  # 16 x 0.05: no hidden channel
     ({"mlp_ratio": float("nan")}, r"^mlp_ratio must be a number above 0 .*, got nan$"),
     ({"mlp_ratio": "4"}, r"^mlp_ratio must be a number above 0 .*, got '4'$"),
+    # built, then "Given normalized_shape=[16], expected input with shape [*, 16]" at the first forward
+    ({"in_chans": 0}, r"^in_chans must be a whole number of at least 1 \(3 for RGB images\), got 0$"),
+    ({"in_chans": "3"}, r"^in_chans must be a whole number of at least 1 .*, got '3'$"),
 ])
 def test_rates_and_depths_out_of_range_are_refused_at_construction(setting: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -17,7 +17,9 @@ import copy
 import functools
 import io
 import json
+import os
 import pickle
+import stat
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -44,13 +46,29 @@ START_FILES = ("pretrained", "init_from")
 
 def checkpoint_file(path: str | Path) -> Path:
     """``path`` as a file to read, ``~`` at its start the home folder (no shell expands it in
-    ``--checkpoint=~/...``); a one-line :class:`CheckpointError` where it is a folder or not there."""
+    ``--checkpoint=~/...``); a one-line :class:`CheckpointError` where it is a folder, a link to
+    nothing, a named pipe or device, or not there."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path} is a link to {os.readlink(path)}, which is not there: "
+                              f"give the checkpoint file itself or mend the link")
+    if path.exists() and not path.is_file():  # reading a named pipe would wait for a writer
+        raise CheckpointError(f"{path} is {_special_file_kind(path)}, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def _special_file_kind(path: Path) -> str:
+    """What a path that is neither a file nor a folder is: ``"a named pipe"``, ..."""
+    mode = path.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
 
 
 def readable_checkpoint(path: str | Path) -> tuple[Path, str, str]:

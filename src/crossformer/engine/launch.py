@@ -4,7 +4,8 @@ line refuses a one-process command that torchrun started many times before it im
 These are the only readers of torchrun's ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK`` and ``TORCHELASTIC_RUN_ID``: one default for each, whichever module asks (a test
 holds the others to it). A number that is no whole number, or one torchrun never sets (a count
-under 1, a negative rank, a rank not below its count), is a one-line
+under 1, a negative rank, a rank not below its count, more processes on the node than in the
+job), is a one-line
 :class:`~crossformer.errors.UserInputError` naming the variable."""
 
 from __future__ import annotations
@@ -80,3 +81,7 @@ def check_launch_variables() -> None:
         read()
     _check_rank_below_count("RANK", "WORLD_SIZE")
     _check_rank_below_count("LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    if {"WORLD_SIZE", "LOCAL_WORLD_SIZE"} <= os.environ.keys() and launched_node_processes() > launched_processes():
+        raise UserInputError(f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']!r} in the environment is above "
+                             f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: a node runs at most all of the job's "
+                             f"processes; unset them or correct them")

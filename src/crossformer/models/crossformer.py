@@ -627,6 +627,9 @@ class CrossFormer(nn.Module):
         super().__init__()
         if long_distance not in LONG_DISTANCE_CHOICES:
             raise ValueError(f"long_distance must be one of {LONG_DISTANCE_CHOICES}, got {long_distance!r}")
+        # 0 built a model whose first forward failed inside LayerNorm; text failed inside nn.Conv2d
+        if not isinstance(in_chans, numbers.Integral) or isinstance(in_chans, bool) or in_chans < 1:
+            raise ValueError(f"in_chans must be a whole number of at least 1 (3 for RGB images), got {in_chans!r}")
         # --model-arg depths=2,2,4,2 is text: min() below would fail on it with a bare TypeError
         if isinstance(depths, (str, numbers.Number)) or not all(isinstance(d, numbers.Integral) for d in depths):
             raise ValueError(f"depths needs a list of whole numbers, one per stage (e.g. [2, 2, 6, 2]), got {depths!r}")
