@@ -11,6 +11,7 @@ job), is a one-line
 from __future__ import annotations
 
 import os
+
 from ..errors import UserInputError
 
 __all__ = ["launched_processes", "launched_node_processes", "launched_rank", "launched_local_rank",

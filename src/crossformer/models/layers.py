@@ -160,7 +160,8 @@ def release_packed(*layers: nn.Linear) -> None:
 
 
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` may take the fused oneDNN kernel for this input."""
+    """Whether :func:`linear` takes its CPU float32 inference path for this input (oneDNN's
+    fused kernel, or MKL where that was measured faster: :func:`_inference_linear`)."""
     return (
         _LINEAR_POINTWISE is not None
         and x.device.type == "cpu"
@@ -536,7 +537,7 @@ def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     An image already channels-last, and every other case (CUDA, tracing, deterministic mode, a
     FLOP counter), is returned as it is.
     """
-    if torch.jit.is_scripting() or not _measured_layout_applies(x):
+    if not _measured_layout_applies(x):
         return x
     key = (
         x.dtype,
