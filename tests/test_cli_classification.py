@@ -361,6 +361,13 @@ def test_train_a_recipe_that_names_no_data_is_refused(capsys, tmp_path: Path, ar
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv", [[], ["--data", "/nonexistent/imagenet"]])
+def test_train_a_misspelt_model_is_said_before_the_data(capsys, tmp_path: Path, argv: list[str]) -> None:
+    # "no data given" (or the missing folder) was said first: fixing it only led to this error
+    _one_line_error(capsys, ["train", "--model", "crossformer_tinyy", *argv, "--output", str(tmp_path / "run")],
+                    "unknown model 'crossformer_tinyy'; did you mean crossformer_tiny")
+
+
 def test_train_on_the_digits_by_name_with_a_recipe(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import crossformer.data.digits
 

@@ -399,14 +399,18 @@ def test_a_mistake_in_the_label_colours_is_said_without_torch(mistake: str, caps
         assert (2, "", proc.stderr) == _in_process(argv, capsys)
 
 
-@pytest.mark.parametrize("setting, expected", [
-    ("model.channels=0", "model.channels must be at least 1, got 0"),
-    ("model.backbone=crossformer_tinyy", "model.backbone must be a CrossFormer variant (crossformer_tiny, crossformer_small"),
+@pytest.mark.parametrize("config, setting, expected", [
+    (DENSE_CONFIGS[0], "model.channels=0", "model.channels must be at least 1, got 0"),
+    (DENSE_CONFIGS[0], "model.backbone=crossformer_tinyy",
+     "model.backbone: unknown model 'crossformer_tinyy'; did you mean crossformer_tiny"),
+    # segmentation checked no name: timm's "Unknown model" traceback came from the build check
+    (DENSE_CONFIGS[1], "model.backbone=crossformer_smal",
+     "model.backbone: unknown model 'crossformer_smal'; did you mean crossformer_small"),
 ])
-def test_a_detection_config_mistake_is_said_without_torch(setting: str, expected: str, capsys) -> None:
+def test_a_dense_config_mistake_is_said_without_torch(config: str, setting: str, expected: str, capsys) -> None:
     # the backbone was checked against models.variants.VARIANTS, whose module imports torch and timm
     for verb in ("train", "flops"):
-        argv = [verb, "--config", DENSE_CONFIGS[0], setting]
+        argv = [verb, "--config", config, setting]
         proc, imported = _command(argv)
         assert proc.returncode == 2 and proc.stderr.startswith(f"crossformer {verb}: error: {expected}"), proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and not _heavy(imported), (verb, _heavy(imported))

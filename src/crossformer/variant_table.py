@@ -53,10 +53,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def require_known_model(name: str, variants_only: bool = False) -> None:
+def require_known_model(name: str, variants_only: bool = False, setting: str | None = None) -> None:
     """A one-line error unless ``name`` is a registered variant (or, by default, any timm
-    model), suggesting the closest known names (``crossformer_tinny``: ``crossformer_tiny``).
-    A variant's name is known without timm, which imports torch."""
+    model), suggesting the closest known names (``crossformer_tinny``: ``crossformer_tiny``);
+    ``setting`` (e.g. ``"model.backbone"``) names the config key that gave it. A variant's
+    name is known without timm, which imports torch."""
     if name in VARIANTS:
         return
     import difflib
@@ -71,4 +72,5 @@ def require_known_model(name: str, variants_only: bool = False) -> None:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     others = "" if variants_only else ", or any timm model"
-    raise UserInputError(f"unknown model {name!r}; {hint}the CrossFormers: {', '.join(VARIANTS)}{others}")
+    where = f"{setting}: " if setting else ""
+    raise UserInputError(f"{where}unknown model {name!r}; {hint}the CrossFormers: {', '.join(VARIANTS)}{others}")

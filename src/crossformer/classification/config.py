@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 from ..engine.config import EngineConfig, RunConfig, ScheduleConfig, check_drop_path
 from ..errors import UserInputError
+from ..variant_table import require_known_model
 
 __all__ = [
     "ModelConfig", "DataConfig", "AugmentConfig", "TestConfig", "ClassificationConfig", "TrainConfig",
@@ -30,6 +31,8 @@ class ModelConfig:
     pretrained: str | None = None  # weights to start from (a head of another size is re-initialised)
 
     def validate(self) -> None:
+        if self.name:  # before the data is looked for: a misspelt name is said first
+            require_known_model(self.name)
         check_drop_path(self.drop_path, self.kwargs, "model.kwargs")
 
     def validate_build(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
 from ..errors import UserInputError
+from ..variant_table import require_known_model
 
 __all__ = [
     "DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths", "CONFIG", "SIZE_DIVISOR",
@@ -60,10 +61,7 @@ class DetectionModelConfig:
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
-        from ..variant_table import VARIANTS
-
-        if self.backbone not in VARIANTS:
-            raise UserInputError(f"model.backbone must be a CrossFormer variant ({', '.join(VARIANTS)}), got {self.backbone!r}")
+        require_known_model(self.backbone, variants_only=True, setting="model.backbone")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
         check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")

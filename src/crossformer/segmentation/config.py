@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
 from ..errors import UserInputError
+from ..variant_table import require_known_model
 from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class SegModelConfig:
     init_from: str | None = None  # a whole segmentor to fine-tune (the authors' mmseg file or ours)
 
     def validate(self) -> None:
+        require_known_model(self.backbone, variants_only=True, setting="model.backbone")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserInputError(f"model.num_classes must be at least 1, got {self.num_classes}")
         check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
