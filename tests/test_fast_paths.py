@@ -124,6 +124,12 @@ def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
         chunked = model(x)
         features = model.forward_intermediates(x, intermediates_only=True)
     assert stage_batches[:3] == [2, 2, 1], stage_batches
+    # even chunks: 5 images at 4 at most run as 3 and 2 (they ran as 4 and 1)
+    stage_batches.clear()
+    monkeypatch.setattr(crossformer_module, "INFERENCE_CHUNK_BYTES", 4 * 17 * 23 * 128 * 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), whole, rtol=1e-5, atol=1e-5)
+    assert stage_batches[:2] == [3, 2], stage_batches
     # equal to float32 rounding: a chunk's linears have fewer rows, a shape class whose
     # backend (MKL or oneDNN) was measured apart from the whole batch's
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

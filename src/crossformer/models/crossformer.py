@@ -426,10 +426,14 @@ INFERENCE_CHUNK_BYTES = 16 << 20
 
 def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, element_size: int = 4) -> int:
     """How many of ``batch`` images of a ``height x width`` map a stage runs at once in CPU
-    inference: as many as keep its ``hidden_channels``-wide MLP activations under
-    :data:`INFERENCE_CHUNK_BYTES`."""
+    inference (its largest chunk): as few chunks as keep its ``hidden_channels``-wide MLP
+    activations under :data:`INFERENCE_CHUNK_BYTES`, their sizes as even as can be (32 images
+    at 5 at most: 5, 5, 5, 5, 4, 4, 4, not six 5s and a 2). Even chunks share their linears'
+    shape class (:func:`.layers.gemm_choices`), so one timing serves them all, and no small
+    last chunk runs its products at a small chunk's speed."""
     per_image = height * width * hidden_channels * element_size
-    return max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
+    most = max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
+    return -(-batch // -(-batch // most))  # ceil(batch / the fewest chunks of at most `most`)
 
 
 def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
@@ -560,7 +564,8 @@ class CrossFormerStage(nn.Module):
             if not capturing_graph():  # a recorded graph keeps the batch whole
                 images = _images_per_chunk(x, self.mlp_hidden)
                 if images < x.shape[0] and len(self.blocks):
-                    return self.output(torch.cat([self.blocks(part) for part in x.split(images)]))
+                    parts = x.tensor_split(-(-x.shape[0] // images))  # as even as can be, none above `images`
+                    return self.output(torch.cat([self.blocks(part) for part in parts]))
         return self.output(self.blocks(x))
 
 
