@@ -175,6 +175,28 @@ def test_inference_backend_rule(monkeypatch, mkl_times, chosen, pairs) -> None:
 
 
 @needs_onednn
+def test_inference_backends_are_timed_on_at_most_16k_rows(monkeypatch) -> None:
+    # every row was timed: 8 runs of each of crossformer_small's 122K-row linears at 800x1216
+    timed_rows = []
+
+    def fake_timing(backend, x, *args):
+        timed_rows.append(x.shape[0])
+        return 1.0 if backend == "mkl" else 2.0
+
+    monkeypatch.setattr(layers, "_timed_inference_linear", fake_timing)
+    monkeypatch.setattr(layers, "_GEMM_CHOICES", {})
+    layer = nn.Linear(8, 12)
+    x = torch.randn(2, 10000, 8)
+    with torch.inference_mode():
+        out = linear(x, layer.weight, layer.bias)
+        assert timed_rows == [1 << 14] * 6
+        linear(torch.randn(50000, 8), layer.weight, layer.bias)  # any larger input: the same class
+    assert len(timed_rows) == 6 and list(gemm_choices().items()) == [
+        (("inference", torch.float32, torch.get_num_threads(), 15, 8, 12), "mkl")]
+    assert out.shape == (2, 10000, 12) and (out - layer(x).detach()).abs().max().item() <= TOL
+
+
+@needs_onednn
 def test_deterministic_inference_times_nothing_and_takes_onednn(monkeypatch) -> None:
     def no_timing(*args):
         raise AssertionError("timed")
@@ -280,6 +302,27 @@ def test_image_layout_is_measured_once_per_shape_class(monkeypatch, channels_las
     assert timed == []
     layers.image_layout(torch.randn(2, 3, 64, 80), convs)  # four times the pixels: timed again
     assert len(timed) > 0 and len(layers.image_layout_choices()) == 2
+
+
+def test_image_layout_is_timed_on_a_sample_of_the_batch(monkeypatch) -> None:
+    # the whole batch was timed: 1.4 s of tiny's first call at batch 32 on a 2-core AMD EPYC,
+    # 3.6 s of crossformer_small's at 800x1216
+    _fresh_layout_choices(monkeypatch)
+    timed: list[tuple[int, ...]] = []
+
+    def fake_time(convs, x, channels_last: bool) -> float:
+        timed.append((*x.shape, x.is_contiguous()))
+        return 1.0 if channels_last else 2.0
+
+    monkeypatch.setattr(layers, "_convs_time", fake_time)
+    convs = nn.ModuleList([nn.Conv2d(3, 4, 4, stride=4)])
+    x = torch.randn(32, 3, 300, 40)
+    got = layers.image_layout(x, convs)
+    # 4 images, at most 256 pixels a side, copied as the image is (a crop of it is not contiguous)
+    assert timed == [(4, 3, 256, 40, True)] * 8
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, x)  # the whole batch
+    layers.image_layout(torch.randn(9, 3, 400, 40), convs)  # the same sample's shape: the same class
+    assert len(timed) == 8 and len(layers.image_layout_choices()) == 1
 
 
 def test_image_layout_times_nothing_where_it_steps_aside(monkeypatch) -> None:
