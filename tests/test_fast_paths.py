@@ -108,6 +108,40 @@ def test_training_gradients_match_plain_paths(tag: str, size: tuple[int, int]) -
 
 
 @pytest.mark.parametrize("tag", ["v1", "pp"])
+def test_inference_mlp_row_chunks_equal_the_whole_map(monkeypatch, tag: str) -> None:
+    """Where one image's MLP activations exceed the stage budget (dense sizes), a block's MLP
+    residual runs a few rows at a time; the output is unchanged and hooks still see maps."""
+    model = _model(tag).eval()
+    x = torch.randn(2, 3, 70, 94)
+    with torch.inference_mode():
+        whole = model.forward_intermediates(x, intermediates_only=True)
+    seen: list[tuple[int, ...]] = []
+    forward = crossformer_module.GeluMlp.forward
+    monkeypatch.setattr(crossformer_module.GeluMlp, "forward", lambda self, t: seen.append(tuple(t.shape)) or forward(self, t))
+    # stage 0: 17x23 tokens x 128 hidden x 4 bytes = 200 KB an image, over a 100 KB budget: one
+    # image a time, and its 391 rows 100 at a time (51 KB chunks)
+    monkeypatch.setattr(crossformer_module, "INFERENCE_CHUNK_BYTES", 100_000)
+    monkeypatch.setattr(crossformer_module, "MLP_CHUNK_BYTES", 100 * 128 * 4)
+    with torch.inference_mode():
+        chunked = model.forward_intermediates(x, intermediates_only=True)
+    assert seen[:4] == [(100, 32), (100, 32), (100, 32), (91, 32)], seen[:5]
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a hook on a block's MLP: that block runs it on the map
+    hooked_shapes = []
+    block = model.layers[0].blocks[0]
+    handle = block.mlp.register_forward_hook(lambda m, args, out: hooked_shapes.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    assert hooked_shapes == [(1, 17, 23, 32), (1, 17, 23, 32)]
+    # training (and any pass with gradients) keeps the map whole
+    seen.clear()
+    model(x[:1])
+    assert seen[0] == (1, 17, 23, 32)
+
+
+@pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
     """CPU inference runs stages a few images at a time; each image's output is unchanged."""
     model = _model(tag).eval()

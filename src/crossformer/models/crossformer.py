@@ -50,6 +50,7 @@ from .layers import (
     ResidualDropPath,
     call_linear,
     capturing_graph,
+    hooked,
     plain_linear,
     conv_input,
     cached_on_weights,
@@ -443,6 +444,27 @@ def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
     return images_per_chunk(x.shape[0], x.shape[1], x.shape[2], hidden_channels, x.element_size())
 
 
+# Where one image's MLP activations alone exceed INFERENCE_CHUNK_BYTES (dense sizes: 93 MB at
+# crossformer_small's stage 0 at 800x1216), CPU inference runs a block's MLP residual a few
+# rows at a time, each chunk's hidden activations under this many bytes: 1.03x the dense
+# inference of crossformer_small and crossformer_pp_small on a 2-core AMD EPYC (RESULTS.md
+# row 111; 16 MB chunks gained less for pp_small, and chunking classification's 16 MB stage
+# chunks further cost 10%).
+MLP_CHUNK_BYTES = 8 << 20
+
+
+def mlp_rows_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
+    """The rows (tokens) of ``x`` ``(B, H, W, C)`` a block's MLP residual runs at once in eager
+    CPU inference, or 0: all of them (training, other devices, graphs being recorded, and
+    inputs whose ``hidden_channels``-wide activations fit :data:`INFERENCE_CHUNK_BYTES`)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or capturing_graph():
+        return 0
+    per_row = hidden_channels * x.element_size()
+    if x.numel() // x.shape[-1] * per_row <= INFERENCE_CHUNK_BYTES:
+        return 0
+    return max(1, MLP_CHUNK_BYTES // per_row)
+
+
 class CrossFormerBlock(nn.Module):
     """Pre-norm transformer block on ``(B, H, W, C)``: group attention, MLP, optional ACL."""
 
@@ -491,9 +513,24 @@ class CrossFormerBlock(nn.Module):
                 return self.drop_path(in_map, in_groups).view(x.shape)
         return self.drop_path(x, self.attn(self.norm1(x), layout))
 
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(mlp(norm2(x)))`` for ``x`` ``(B, H, W, C)``."""
+        if not torch.jit.is_scripting():
+            # our own per-token MLP only, and no hook on it or its norm: a hook sees maps, as on every other path
+            chunkable = type(self.mlp) is GeluMlp and not hooked(self.mlp) and not hooked(self.norm2)
+            rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if chunkable else 0
+            if rows:  # the hidden activations of a chunk stay in cache (eval: no drop path)
+                flat = x.reshape(-1, x.shape[-1])
+                out = torch.empty_like(flat)
+                for start in range(0, flat.shape[0], rows):
+                    part = flat[start:start + rows]
+                    torch.add(part, self.mlp(self.norm2(part)), out=out[start:start + rows])
+                return out.view(x.shape)
+        return self.drop_path(x, self.mlp(self.norm2(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._attention_residual(x, self.layout(x.shape[1], x.shape[2]))
-        x = self.drop_path(x, self.mlp(self.norm2(x)))
+        x = self._mlp_residual(x)
         if self.ex_conv is not None:
             x = self.activation_cooling(x)
         return x
