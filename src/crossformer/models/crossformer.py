@@ -434,7 +434,8 @@ def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, 
     last chunk runs its products at a small chunk's speed."""
     per_image = height * width * hidden_channels * element_size
     most = max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
-    return -(-batch // -(-batch // most))  # ceil(batch / the fewest chunks of at most `most`)
+    chunks = max(1, -(-batch // most))  # the fewest of at most `most` images (one for an empty batch)
+    return -(-batch // chunks)
 
 
 def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
@@ -448,7 +449,7 @@ def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
 # crossformer_small's stage 0 at 800x1216), CPU inference runs a block's MLP residual a few
 # rows at a time, each chunk's hidden activations under this many bytes: 1.03x the dense
 # inference of crossformer_small and crossformer_pp_small on a 2-core AMD EPYC (RESULTS.md
-# row 111; 16 MB chunks gained less for pp_small, and chunking classification's 16 MB stage
+# row 113; 16 MB chunks gained less for pp_small, and chunking classification's 16 MB stage
 # chunks further cost 10%).
 MLP_CHUNK_BYTES = 8 << 20
 
