@@ -360,18 +360,32 @@ def test_a_training_checkpoint_that_cannot_be_read_is_said_without_torch_as_trai
         assert said[what].startswith(f"{what}: ") and not _heavy(imported), (command, _heavy(imported))
 
 
+@pytest.mark.parametrize("base, setting, what", [
+    ("digits", "model:\n  pretrained: {}\n", "model.pretrained: checkpoint not found"),
+    ("digits", "run:\n  resume: {}\n", "cannot resume: checkpoint not found"),
+    (DENSE_CONFIGS[1], "model:\n  init_from: {}\n", "model.init_from: checkpoint not found"),
+])
+def test_a_config_files_missing_start_file_is_said_without_torch(base: str, setting: str, what: str,
+                                                                 tmp_path: Path) -> None:
+    # only the command line's were checked early: a config file's was said after its checks had
+    # built the model (digits: model.kwargs), importing torch (5 s)
+    missing = tmp_path / "gone.pth"
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"base: {base}\n" + setting.format(missing))
+    proc, imported = _command(["train", "--config", str(config), "--output", str(tmp_path / "run")])
+    assert (proc.returncode, proc.stderr) == (2, f"crossformer train: error: {what}: {missing}\n"), proc.stderr
+    assert not _heavy(imported), _heavy(imported)
+
+
 @pytest.mark.parametrize("resume", ["auto", "last.pth"])
 def test_a_resumed_run_is_not_refused_for_its_start_files(resume: str, tmp_path: Path, monkeypatch) -> None:
     # a resume takes every weight from its checkpoint: the files the run started from may be gone;
     # auto resumes only where the output folder holds last.pth, which training decides
-    from crossformer.cli import parse_command_line
-    from crossformer.commands.common import command_line_settings
-    from crossformer.commands.train import refuse_unreadable_start
+    from crossformer.commands.train import refuse_unreadable_files
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "last.pth").write_bytes(b"PK\x03\x04")  # a zip file's start: a checkpoint as far as sniffing goes
-    args = parse_command_line(["train", "--config", "digits", "--resume", resume, "model.pretrained=missing.pth"])
-    refuse_unreadable_start(args, command_line_settings(args, args.overrides))
+    refuse_unreadable_files({"run.resume": resume, "model.pretrained": "missing.pth"})
 
 
 # mistakes in a segmentation config's colour-coded label maps (settings), and what is said of them

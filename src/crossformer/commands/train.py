@@ -40,17 +40,14 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["crossformer", *kept, "--resume", "auto"])
 
 
-def refuse_unreadable_start(args: argparse.Namespace, settings: dict[str, Any]) -> None:
-    """A one-line error for the checkpoint the command line names to resume from (``--resume FILE``)
-    or, starting afresh, to start from (``model.pretrained``, ``model.init_from``) that is not there,
-    a folder or no checkpoint: said as training would say it, before the config's checks and the
-    task import torch (seconds). Files a config file names are checked when the run reads them."""
+def refuse_unreadable_files(given: dict[str, Any]) -> None:
+    """A one-line error for the checkpoint the settings (``given``: the config file's and the
+    command line's, as ``section.field`` keys) name to resume from (``run.resume``) or, starting
+    afresh, to start from (``model.pretrained``, ``model.init_from``) that is not there, a folder
+    or no checkpoint: said as training would say it, before the config's checks and the task
+    import torch (seconds)."""
     from crossformer.checkpoint_files import START_FILES, errors_said_as, readable_checkpoint, readable_start_file
-    from crossformer.engine.registry import flatten_settings
 
-    from .common import CONFIG_CLASS
-
-    given = flatten_settings(getattr(args, CONFIG_CLASS), settings, "overrides")
     resume = given.get("run.resume")
     if resume:  # every weight comes from the checkpoint, so the start files are not read
         if resume != "auto":  # auto: the output folder's last.pth, where there is one
@@ -71,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from .common import command_line_settings
 
     settings = command_line_settings(args, args.overrides)
-    refuse_unreadable_start(args, settings)
-    resolved = resolve_config(args.config, settings)
+    # the config file's start files too, before its checks build the model (they were said after torch's import)
+    resolved = resolve_config(args.config, settings, check_given=refuse_unreadable_files)
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)

@@ -216,9 +216,12 @@ def _nested_settings(config_cls: type, values: Mapping[str, Any], source: str) -
 def resolve_config(
     config: str | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
     task: str | None = None, use_default: bool = True, source: str | None = None,
+    check_given: Callable[[dict[str, Any]], None] | None = None,
 ) -> ResolvedConfig:
     """Defaults, then a YAML file (a path or a bundled name) or the settings a checkpoint
     recorded (a mapping, named ``source`` in errors), then ``overrides``; validated.
+    ``check_given`` sees the settings given (file and overrides, as ``section.field`` keys)
+    before validation, which may build the model (torch: seconds).
 
     The task is the file's ``task:`` (or its bundled folder's name), else ``task``, else
     :data:`DEFAULT_TASK`. With no file named, the task's ``default_config(overrides)`` may
@@ -250,5 +253,7 @@ def resolve_config(
     check_run_unit_kept(config_cls, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
     given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
+    if check_given is not None:
+        check_given(given)
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
     return ResolvedConfig(resolved, task_module(resolved.task), given, path)
