@@ -316,6 +316,26 @@ def test_digits_on_a_full_disk_are_one_line_and_leave_no_folder(tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_digits_interrupted_leave_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the images were written left the hidden .digits-* folder behind
+    from PIL import Image
+
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("CROSSFORMER_CACHE", str(tmp_path))
+    saved = []
+
+    def interrupted(image, path, *args, **kwargs) -> None:
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        saved.append(path)
+        Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_digits()
+    assert len(saved) == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_randaugment_posterize_at_zero_bits_gives_black_not_an_error() -> None:
     from PIL import Image
     from timm.data import auto_augment

@@ -60,6 +60,9 @@ def prepare_digits(cache_dir: str | Path | None = None) -> Path:
         if error is None:
             raise
         raise error from None
+    except BaseException:  # Ctrl-C: no half-written folder left behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first (the target exists and is not empty)
