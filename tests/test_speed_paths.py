@@ -145,6 +145,35 @@ def test_backend_rule(monkeypatch, onednn_times, chosen, pairs) -> None:
 
 
 @needs_onednn
+@pytest.mark.parametrize("wins", ["mkl", "onednn"])
+def test_training_products_are_timed_on_at_most_16k_rows(monkeypatch, wins: str) -> None:
+    # every row was timed: crossformer_small's first training step at 800x1216 took 12 s more
+    timed = []
+
+    def fake_timing(backend, product, a, b, bias) -> float:
+        timed.append((product, tuple(a.shape), tuple(b.shape)))
+        return 1.0 if backend == wins else 2.0
+
+    monkeypatch.setattr(layers, "_timed_gemm", fake_timing)
+    monkeypatch.setattr(layers, "_GEMM_CHOICES", {})
+    rows = (1 << 14) + 500
+    layer = nn.Linear(8, 12)
+    x = torch.randn(rows, 8, requires_grad=True)
+    out = linear(x, layer.weight, layer.bias)
+    out.backward(torch.ones_like(out))
+    sample = 1 << 14
+    # each product's pairs on the sample: the weight gradient's sum over rows takes both operands' first rows
+    assert {t for t in timed} == {("forward", (sample, 8), (12, 8)), ("grad_input", (sample, 12), (12, 8)),
+                                  ("grad_weight", (sample, 12), (sample, 8))}
+    assert set(gemm_choices().values()) == ({"onednn"} if wins == "onednn" else {"mkl"})
+    assert {key[3] for key in gemm_choices()} == {sample.bit_length()}
+    # and the products themselves on every row
+    assert (out - layer(x)).abs().max().item() <= TOL
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(rows, 8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(12, 8), rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
 @pytest.mark.parametrize("mkl_times, chosen, pairs", [
     ((1.0, 1.0, 1.0), "mkl", 3),  # faster in every pair
     ((1.0, 2.5, 1.0), "onednn", 2),  # one pair lost: keep oneDNN's fused kernel, today's path

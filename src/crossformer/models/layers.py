@@ -289,6 +289,14 @@ _GEMM_CHOICES: dict[tuple, str] = {}
 _FORCED_GEMM: list[str] = []
 
 
+# A linear layer's products are timed on at most this many of its rows (one shape class for
+# all larger inputs): the two backends' time ratio at 16K rows was within 10% of theirs at 30K
+# and 122K on the AMD EPYC (crossformer_small's stage 0 at 800x1216 has 122K rows), and 8 runs
+# of every product on every row cost crossformer_small's first dense call 4 s in inference
+# and its first training step 12 s.
+_TIMING_ROWS = 1 << 14
+
+
 def _gemm_mkl(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if product == "forward":  # x (M, K), weight (N, K) -> (M, N)
         return F.linear(a, b, bias)
@@ -314,10 +322,20 @@ _GEMMS = {"mkl": _gemm_mkl, "onednn": _gemm_onednn}
 
 
 def _gemm_key(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple:
-    """Shape class of a product: exact inner sizes, rows rounded to a power of two."""
+    """Shape class of a product: exact inner sizes, rows rounded to a power of two (the rows it
+    is timed on: at most :data:`_TIMING_ROWS`)."""
     if product == "batched":
         return (product, a.dtype, torch.get_num_threads(), a.shape[0], a.shape[1].bit_length(), a.shape[2], b.shape[2])
-    return (product, a.dtype, torch.get_num_threads(), a.shape[0].bit_length(), a.shape[1], b.shape[0 if product == "forward" else 1])
+    rows = min(a.shape[0], _TIMING_ROWS)
+    return (product, a.dtype, torch.get_num_threads(), rows.bit_length(), a.shape[1], b.shape[0 if product == "forward" else 1])
+
+
+def _timing_sample(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operands a product is timed on: its first :data:`_TIMING_ROWS` rows (both operands
+    of a weight gradient, whose rows are its sum's terms; all of a batched product)."""
+    if product == "batched" or a.shape[0] <= _TIMING_ROWS:
+        return a, b
+    return a[:_TIMING_ROWS], (b[:_TIMING_ROWS] if product == "grad_weight" else b)
 
 
 def _timed_gemm(backend: str, product: str, a, b, bias) -> float:
@@ -327,15 +345,20 @@ def _timed_gemm(backend: str, product: str, a, b, bias) -> float:
 
 
 def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-    """Time both backends on this product (one warm-up call each, then :func:`alternative_wins`)."""
-    out = _gemm_mkl(product, a, b, bias)
-    _gemm_onednn(product, a, b, bias)
+    """Time both backends on this product's :func:`_timing_sample` (one warm-up call each, then
+    :func:`alternative_wins`); the product on the chosen one, as every later call of this shape
+    class gets it."""
+    sample_a, sample_b = _timing_sample(product, a, b)
+    warm_up = _gemm_mkl(product, sample_a, sample_b, bias)
+    _gemm_onednn(product, sample_a, sample_b, bias)
     onednn = alternative_wins(
-        lambda: _timed_gemm("mkl", product, a, b, bias), lambda: _timed_gemm("onednn", product, a, b, bias)
+        lambda: _timed_gemm("mkl", product, sample_a, sample_b, bias),
+        lambda: _timed_gemm("onednn", product, sample_a, sample_b, bias),
     )
-    if onednn:  # the chosen backend's result, as every later call of this shape class gets
-        return _gemm_onednn(product, a, b, bias), "onednn"
-    return out, "mkl"
+    if not onednn and sample_a is a and sample_b is b:
+        return warm_up, "mkl"  # the whole product already
+    backend = "onednn" if onednn else "mkl"
+    return _GEMMS[backend](product, a, b, bias), backend
 
 
 def measured_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,12 +394,6 @@ def _mkl_inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 _INFERENCE_LINEARS = {"mkl": _mkl_inference_linear, "onednn": _onednn_inference_linear}
 
-# An inference linear's backends are timed on at most this many of its rows (one shape class
-# for all larger inputs): the two backends' time ratio at 16K rows was within 10% of theirs at
-# 30K and 122K on the AMD EPYC (crossformer_small's stage 0 at 800x1216 has 122K rows), and
-# 8 runs of each layer on every row cost crossformer_small's first dense call seconds.
-_INFERENCE_TIMING_ROWS = 1 << 14
-
 
 def _timed_inference_linear(backend: str, x, weight, bias, gelu: bool) -> float:
     start = time.perf_counter()
@@ -395,7 +412,7 @@ def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not may_time():
         return _onednn_inference_linear(x, weight, bias, gelu)
     product = "inference_gelu" if gelu else "inference"
-    timed_rows = min(x.numel() // x.shape[-1], _INFERENCE_TIMING_ROWS)
+    timed_rows = min(x.numel() // x.shape[-1], _TIMING_ROWS)
     key = (product, x.dtype, torch.get_num_threads(), timed_rows.bit_length(), weight.shape[1], weight.shape[0])
     backend = _GEMM_CHOICES.get(key)
     if backend is None:
