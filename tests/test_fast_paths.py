@@ -139,6 +139,15 @@ def test_inference_mlp_row_chunks_equal_the_whole_map(monkeypatch, tag: str) -> 
     seen.clear()
     model(x[:1])
     assert seen[0] == (1, 17, 23, 32)
+    # so does a training-mode pass without gradients whose drop path draws per image
+    seen.clear()
+    dropping = _model(tag).train()
+    for block in dropping.modules():
+        if isinstance(block, CrossFormerBlock):
+            block.drop_path.drop_prob = 0.2  # the first block too (the rate grows from 0 with depth)
+    with torch.no_grad():
+        dropping(x[:1])
+    assert seen[0] == (1, 17, 23, 32), seen[:2]
 
 
 @pytest.mark.parametrize("tag", ["v1", "pp"])

@@ -517,10 +517,16 @@ class CrossFormerBlock(nn.Module):
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(mlp(norm2(x)))`` for ``x`` ``(B, H, W, C)``."""
         if not torch.jit.is_scripting():
-            # our own per-token MLP only, and no hook on it or its norm: a hook sees maps, as on every other path
-            chunkable = type(self.mlp) is GeluMlp and not hooked(self.mlp) and not hooked(self.norm2)
+            # our own per-token MLP only, no hook on it or its norm (a hook sees maps, as on every
+            # other path), and a residual that is a plain add (no drop path drawn per image)
+            chunkable = (
+                type(self.mlp) is GeluMlp
+                and not hooked(self.mlp)
+                and not hooked(self.norm2)
+                and (not self.drop_path.training or self.drop_path.drop_prob == 0.0)
+            )
             rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if chunkable else 0
-            if rows:  # the hidden activations of a chunk stay in cache (eval: no drop path)
+            if rows:  # the hidden activations of a chunk stay in cache
                 flat = x.reshape(-1, x.shape[-1])
                 out = torch.empty_like(flat)
                 for start in range(0, flat.shape[0], rows):

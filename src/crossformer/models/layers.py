@@ -571,19 +571,19 @@ def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     """
     if not _measured_layout_applies(x):
         return x
-    side = _LAYOUT_SAMPLE_SIDE
-    sample = x[:_LAYOUT_SAMPLE_IMAGES, :, :side, :side].contiguous()  # a crop: copied, so as the image is
+    images, height, width = min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
     key = (
         x.dtype,
         torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
         torch.get_num_threads(),
         tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs),
         x.shape[1],
-        sample.shape[0].bit_length(),
-        (sample.shape[2] * sample.shape[3]).bit_length(),
+        images.bit_length(),
+        (height * width).bit_length(),
     )
     channels_last = _IMAGE_LAYOUT_CHOICES.get(key)
     if channels_last is None:
+        sample = x[:images, :, :height, :width].contiguous()  # a crop: copied, so laid out as the image is
         _convs_time(convs, sample, False)  # warm-up of each
         _convs_time(convs, sample, True)
         channels_last = _IMAGE_LAYOUT_CHOICES[key] = alternative_wins(
