@@ -425,24 +425,28 @@ class GroupAttention(nn.Module):
 INFERENCE_CHUNK_BYTES = 16 << 20
 
 
-def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, element_size: int = 4) -> int:
-    """How many of ``batch`` images of a ``height x width`` map a stage runs at once in CPU
-    inference (its largest chunk): as few chunks as keep its ``hidden_channels``-wide MLP
-    activations under :data:`INFERENCE_CHUNK_BYTES`, their sizes as even as can be (32 images
-    at 5 at most: 5, 5, 5, 5, 4, 4, 4, not six 5s and a 2). Even chunks share their linears'
-    shape class (:func:`.layers.gemm_choices`), so one timing serves them all, and no small
-    last chunk runs its products at a small chunk's speed."""
+def inference_chunks(batch: int, height: int, width: int, hidden_channels: int, element_size: int = 4) -> int:
+    """How many chunks a stage splits ``batch`` images of a ``height x width`` map into in CPU
+    inference: the fewest that keep its ``hidden_channels``-wide MLP activations under
+    :data:`INFERENCE_CHUNK_BYTES` (1 for an empty batch). The stage makes their sizes as even as
+    can be (32 images at 5 at most: 5, 5, 5, 5, 4, 4, 4, not six 5s and a 2): even chunks share
+    their linears' shape class (:func:`.layers.gemm_choices`), so one timing serves them all,
+    and no small last chunk runs its products at a small chunk's speed."""
     per_image = height * width * hidden_channels * element_size
     most = max(1, min(batch, INFERENCE_CHUNK_BYTES // per_image))
-    chunks = max(1, -(-batch // most))  # the fewest of at most `most` images (one for an empty batch)
-    return -(-batch // chunks)
+    return max(1, -(-batch // most))
 
 
-def _images_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
-    """How many images of ``x`` ``(B, H, W, C)`` a stage runs at once in eager mode (``B``: all)."""
+def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, element_size: int = 4) -> int:
+    """The images of a stage's largest chunk in CPU inference (:func:`inference_chunks`)."""
+    return -(-batch // inference_chunks(batch, height, width, hidden_channels, element_size))
+
+
+def _inference_chunks(x: torch.Tensor, hidden_channels: int) -> int:
+    """How many chunks a stage runs ``x`` ``(B, H, W, C)`` in, in eager mode (1 but in CPU inference)."""
     if torch.is_grad_enabled() or x.device.type != "cpu":
-        return x.shape[0]
-    return images_per_chunk(x.shape[0], x.shape[1], x.shape[2], hidden_channels, x.element_size())
+        return 1
+    return inference_chunks(x.shape[0], x.shape[1], x.shape[2], hidden_channels, x.element_size())
 
 
 # Where one image's MLP activations alone exceed INFERENCE_CHUNK_BYTES (dense sizes: 93 MB at
@@ -519,14 +523,9 @@ class CrossFormerBlock(nn.Module):
         if not torch.jit.is_scripting():
             # our own per-token MLP only, no hook on it or its norm (a hook sees maps, as on every
             # other path), and a residual that is a plain add (no drop path drawn per image)
-            chunkable = (
-                type(self.mlp) is GeluMlp
-                and not hooked(self.mlp)
-                and not hooked(self.norm2)
-                and (not self.drop_path.training or self.drop_path.drop_prob == 0.0)
-            )
-            rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if chunkable else 0
-            if rows:  # the hidden activations of a chunk stay in cache
+            rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if type(self.mlp) is GeluMlp else 0
+            if rows and self.drop_path.adds_plainly() and not hooked(self.mlp) and not hooked(self.norm2):
+                # the hidden activations of a chunk stay in cache
                 flat = x.reshape(-1, x.shape[-1])
                 out = torch.empty_like(flat)
                 for start in range(0, flat.shape[0], rows):
@@ -606,10 +605,9 @@ class CrossFormerStage(nn.Module):
                     x = grad_checkpoint(block, x)
                 return self.output(x)
             if not capturing_graph():  # a recorded graph keeps the batch whole
-                images = _images_per_chunk(x, self.mlp_hidden)
-                if images < x.shape[0] and len(self.blocks):
-                    parts = x.tensor_split(-(-x.shape[0] // images))  # as even as can be, none above `images`
-                    return self.output(torch.cat([self.blocks(part) for part in parts]))
+                chunks = _inference_chunks(x, self.mlp_hidden)
+                if chunks > 1 and len(self.blocks):  # sizes as even as can be
+                    return self.output(torch.cat([self.blocks(part) for part in x.tensor_split(chunks)]))
         return self.output(self.blocks(x))
 
 

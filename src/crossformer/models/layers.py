@@ -326,8 +326,12 @@ def _gemm_key(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple:
     is timed on: at most :data:`_TIMING_ROWS`)."""
     if product == "batched":
         return (product, a.dtype, torch.get_num_threads(), a.shape[0], a.shape[1].bit_length(), a.shape[2], b.shape[2])
-    rows = min(a.shape[0], _TIMING_ROWS)
-    return (product, a.dtype, torch.get_num_threads(), rows.bit_length(), a.shape[1], b.shape[0 if product == "forward" else 1])
+    return (product, a.dtype, torch.get_num_threads(), _rows_class(a.shape[0]), a.shape[1], b.shape[0 if product == "forward" else 1])
+
+
+def _rows_class(rows: int) -> int:
+    """A linear product's rows in its shape class: the power of two of the rows it is timed on."""
+    return min(rows, _TIMING_ROWS).bit_length()
 
 
 def _timing_sample(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,11 +416,11 @@ def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not may_time():
         return _onednn_inference_linear(x, weight, bias, gelu)
     product = "inference_gelu" if gelu else "inference"
-    timed_rows = min(x.numel() // x.shape[-1], _TIMING_ROWS)
-    key = (product, x.dtype, torch.get_num_threads(), timed_rows.bit_length(), weight.shape[1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    key = (product, x.dtype, torch.get_num_threads(), _rows_class(rows), weight.shape[1], weight.shape[0])
     backend = _GEMM_CHOICES.get(key)
     if backend is None:
-        sample = x.reshape(-1, x.shape[-1])[:timed_rows]
+        sample = x.reshape(rows, x.shape[-1])[:_TIMING_ROWS]
         _onednn_inference_linear(sample, weight, bias, gelu)  # a warm-up of each
         _mkl_inference_linear(sample, weight, bias, gelu)
         mkl = alternative_wins(
@@ -694,9 +698,13 @@ class ResidualDropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
+    def adds_plainly(self) -> bool:
+        """Whether :meth:`forward` is ``x + branch`` (eval, or no drop rate): nothing drawn."""
+        return not self.training or self.drop_prob == 0.0
+
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """``x``, ``branch``: ``(B, ...)`` of one shape -> ``(B, ...)``."""
-        if not self.training or self.drop_prob == 0.0:
+        if self.adds_plainly():
             return x + branch
         keep_prob = 1.0 - self.drop_prob
         keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep_prob)
