@@ -458,6 +458,10 @@ def test_the_command_line_choice_of_an_alternative_replaces_the_files(tmp_path: 
     seg.write_text("task: segmentation\nrun: {epochs: 2, iterations: 3}\n")
     with pytest.raises(UserInputError, match="set exactly one of run.epochs and run.iterations"):
         resolve_config(str(seg))
+    # a negative length was "set exactly one of run.epochs and run.iterations", though one was set
+    for name in ("epochs", "iterations"):
+        with pytest.raises(UserInputError, match=rf"^run\.{name} must be at least 1 \(0: not set\), got -1$"):
+            resolve_config("digits", {name: -1})
 
 
 def test_an_iteration_run_keeps_each_tasks_warm_up(tmp_path: Path) -> None:

@@ -90,13 +90,16 @@ class RunConfig:
         return "iteration" if self.by_iterations else "epoch"
 
     def validate(self) -> None:
+        for name in ("epochs", "iterations"):  # said before the pair: -1 is a wrong length, not a second one
+            if getattr(self, name) < 0:
+                raise UserInputError(f"run.{name} must be at least 1 (0: not set), got {getattr(self, name)}")
         if (self.epochs > 0) == (self.iterations > 0):
             raise UserInputError(
                 f"run: set exactly one of run.epochs and run.iterations (got epochs={self.epochs}, "
                 f"iterations={self.iterations})"
             )
         _at_least(self, 1, "batch_size", "accum_steps", "log_every")
-        _at_least(self, 0, "epochs", "iterations", "eval_every", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
+        _at_least(self, 0, "eval_every", "checkpoint_every", "save_every_steps", "num_workers", "cpu_threads",
                   "clip_grad")
         if not 0 <= self.model_ema_decay < 1:
             raise UserInputError(f"run.model_ema_decay must be in [0, 1), got {self.model_ema_decay}")
