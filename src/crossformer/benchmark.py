@@ -392,7 +392,7 @@ def _gemm_callables(rows: int, inner: int, outer: int, device: str = "cpu") -> d
         return calls
     packed = reorder(weight, rows)
     calls["fp32 onednn packed"] = lambda: lp(a, packed, None, "none", [], "none")
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if layers.cpu_has_bf16_kernels():
         a16, w16 = a.bfloat16(), weight.bfloat16()
         packed16 = reorder(w16, rows)
         calls["bf16 onednn packed"] = lambda: lp(a16, packed16, None, "none", [], "none")

@@ -10,16 +10,18 @@ by default). Heavy imports happen inside ``run`` so that ``crossformer --help`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from .errors import UserInputError
+from .errors import PerformanceWarning, UserInputError
 
 # name -> one-line help
 COMMANDS: dict[str, str] = {
@@ -289,10 +291,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _launch_variables_read(argv):
         return 2
     try:
-        return _leave_after_rank_0(_main(argv))
+        with warnings.catch_warnings():  # restores the default display when main returns (tests call it)
+            warnings.simplefilter("always", PerformanceWarning)  # shown once by _show_warning itself
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning, set())
+            return _leave_after_rank_0(_main(argv))
     except BrokenPipeError:  # piped into `head`: the reader has what it wanted, the work stops
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
+
+
+def _show_warning(otherwise: Any, said: set[str], message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (:class:`.PerformanceWarning`) as one "warning:" line on stderr, once per
+    command (``said``: Python's own once-per-place record is reset whenever a filter changes, as
+    reading an image does), from rank 0 only under torchrun; any other warning by ``otherwise``
+    (Python's display)."""
+    if issubclass(category, PerformanceWarning):
+        if str(message) not in said:
+            said.add(str(message))
+            _say(f"warning: {message}")
+    else:
+        otherwise(message, category, filename, lineno, file, line)
 
 
 def _command_name(argv: list[str]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-__all__ = ["UserInputError", "CheckpointError", "DataError", "one_line", "listing", "settings_that_fail"]
+__all__ = ["UserInputError", "CheckpointError", "DataError", "PerformanceWarning", "one_line", "listing",
+           "settings_that_fail"]
 
 
 class UserInputError(ValueError):
@@ -18,6 +19,11 @@ class CheckpointError(UserInputError):
 
 class DataError(UserInputError):
     """A data set that is missing, malformed, or holds an unreadable image."""
+
+
+class PerformanceWarning(UserWarning):
+    """A setting that works but runs much slower here than the default would (the CLI prints
+    it as one "warning:" line)."""
 
 
 def one_line(message: object, limit: int = 600) -> str:

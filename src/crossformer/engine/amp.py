@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Iterable, get_args
 
 import torch
 
-from ..errors import UserInputError
+from ..errors import PerformanceWarning, UserInputError
 from .config import AmpMode
 
 __all__ = ["Precision", "resolve_precision", "AmpMode", "AMP_CHOICES"]
 
 AMP_CHOICES: tuple[str, ...] = get_args(AmpMode)
+
+EMULATED_BF16 = ("this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 autocast runs emulated here, many "
+                 "times slower than float32 (amp none, the default)")
 
 
 @dataclass
@@ -56,7 +60,10 @@ class Precision:
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; float32 on the CPU."""
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; float32 on the CPU.
+
+    ``bf16`` on a CPU without bf16 instructions warns (:class:`.PerformanceWarning`): it runs,
+    emulated, many times slower than float32."""
     if amp not in AMP_CHOICES:
         raise UserInputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == "auto":
@@ -67,5 +74,10 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16" and device.type != "cuda":
         raise UserInputError("amp=fp16 needs a GPU; on the CPU use amp=bf16 or amp=none")
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if dtype is torch.bfloat16 and device.type == "cpu":
+        from ..models.layers import cpu_has_bf16_kernels
+
+        if not cpu_has_bf16_kernels():
+            warnings.warn(EMULATED_BF16, PerformanceWarning, stacklevel=2)
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
     return Precision(device.type, dtype, scaler)
