@@ -60,7 +60,8 @@ _PACK_ROWS_HINT = 4096
 _PACKED_WEIGHTS = WeakIdKeyDictionary()
 # weight -> (fingerprint, a bfloat16 copy, reordered): CPU inference under bf16 autocast
 _PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
-# oneDNN's bf16 kernels need the CPU's support (avx512_bf16, AMX); elsewhere autocast keeps its path
+
+
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN multiplies bfloat16 on this CPU's own instructions (AVX-512 and its BF16
     extension, AMX). Without them CPU bf16 autocast still computes, but emulated: on a 2-core AVX2
@@ -68,6 +69,7 @@ def cpu_has_bf16_kernels() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+# oneDNN's bf16 kernels need the CPU's support (avx512_bf16, AMX); elsewhere autocast keeps its path
 _BF16_GEMM = _LINEAR_POINTWISE is not None and cpu_has_bf16_kernels()
 
 
