@@ -442,9 +442,16 @@ def images_per_chunk(batch: int, height: int, width: int, hidden_channels: int, 
     return -(-batch // inference_chunks(batch, height, width, hidden_channels, element_size))
 
 
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` runs in CPU inference outside a recorded graph (which keeps its shapes whole):
+    where the chunkings below apply."""
+    # the graph test before the device's: an FX proxy's device is no value to branch on
+    return not torch.is_grad_enabled() and not capturing_graph() and x.device.type == "cpu"
+
+
 def _inference_chunks(x: torch.Tensor, hidden_channels: int) -> int:
-    """How many chunks a stage runs ``x`` ``(B, H, W, C)`` in, in eager mode (1 but in CPU inference)."""
-    if torch.is_grad_enabled() or x.device.type != "cpu":
+    """How many chunks a stage runs ``x`` ``(B, H, W, C)`` in (1 but in :func:`_eager_cpu_inference`)."""
+    if not _eager_cpu_inference(x):
         return 1
     return inference_chunks(x.shape[0], x.shape[1], x.shape[2], hidden_channels, x.element_size())
 
@@ -462,7 +469,7 @@ def mlp_rows_per_chunk(x: torch.Tensor, hidden_channels: int) -> int:
     """The rows (tokens) of ``x`` ``(B, H, W, C)`` a block's MLP residual runs at once in eager
     CPU inference, or 0: all of them (training, other devices, graphs being recorded, and
     inputs whose ``hidden_channels``-wide activations fit :data:`INFERENCE_CHUNK_BYTES`)."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or capturing_graph():
+    if not _eager_cpu_inference(x):
         return 0
     per_row = hidden_channels * x.element_size()
     if x.numel() // x.shape[-1] * per_row <= INFERENCE_CHUNK_BYTES:
@@ -604,10 +611,9 @@ class CrossFormerStage(nn.Module):
                 for block in self.blocks:
                     x = grad_checkpoint(block, x)
                 return self.output(x)
-            if not capturing_graph():  # a recorded graph keeps the batch whole
-                chunks = _inference_chunks(x, self.mlp_hidden)
-                if chunks > 1 and len(self.blocks):  # sizes as even as can be
-                    return self.output(torch.cat([self.blocks(part) for part in x.tensor_split(chunks)]))
+            chunks = _inference_chunks(x, self.mlp_hidden)
+            if chunks > 1 and len(self.blocks):  # sizes as even as can be
+                return self.output(torch.cat([self.blocks(part) for part in x.tensor_split(chunks)]))
         return self.output(self.blocks(x))
 
 
