@@ -2,6 +2,8 @@
 
     python benchmarks/profile_step.py --model crossformer_small --mode train --device cuda --amp bf16 --batch-size 128
     python benchmarks/profile_step.py --model crossformer_tiny --mode infer     # CPU, fp32, batch 32
+    python benchmarks/profile_step.py --model crossformer_small --mode train --img-size 800 1216 \
+        --batch-size 2 --steps 1 --detection-grouping           # the dense size (group 7, intervals 8, 4, 2, 1)
 
 The step is the benchmark's own (``crossformer.benchmark.make_step``: random images, AdamW
 for training), warmed up, then recorded by ``torch.profiler`` over ``--steps`` steps. Prints
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--amp", choices=("bf16",), default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    parser.add_argument("--detection-grouping", action="store_true",
+                        help="the authors' detection grouping: group size 7, intervals 8, 4, 2, 1")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -47,7 +51,8 @@ def main() -> None:
 
     batch = args.batch_size or DEFAULT_BATCH[args.mode]
     config = BenchConfig(modes=(args.mode,), batch_size={args.mode: batch}, img_size=tuple(args.img_size),
-                         device=args.device, amp=args.amp, memory=False)
+                         device=args.device, amp=args.amp, memory=False,
+                         model_kwargs={args.model: dict(group_size=7, interval=(8, 4, 2, 1))} if args.detection_grouping else {})
     torch.manual_seed(0)
     step = make_step(build_model(args.model, config), args.mode, config)
     for _ in range(3):

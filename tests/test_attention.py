@@ -12,15 +12,16 @@ TOL = 1e-5
 
 
 def _inputs(batch: int, groups: int, tokens: int, head_dim: int, padded: bool, contiguous: bool):
+    """[qkv (3, B, M, N, d), mask (1, M, N, N)], leaves that need gradients."""
     gen = torch.Generator().manual_seed(0)
-    if contiguous:
-        q, k, v = (torch.randn(batch, groups, tokens, head_dim, generator=gen) for _ in range(3))
-    else:  # (B, N, M, d) memory seen as (B, M, N, d), as the model's grouping can produce
-        q, k, v = (torch.randn(batch, tokens, groups, head_dim, generator=gen).transpose(1, 2) for _ in range(3))
+    if contiguous:  # as partition_heads groups it
+        qkv = torch.randn(3, batch, groups, tokens, head_dim, generator=gen)
+    else:  # a view of a (B, N, 3, M, d) projection output, as GroupAttention.forward_groups passes it
+        qkv = torch.randn(batch, tokens, 3, groups, head_dim, generator=gen).permute(2, 0, 3, 1, 4)
     mask = torch.randn(1, groups, tokens, tokens, generator=gen) * 0.5
     if padded:  # the last third of the keys are padding in half the groups
         mask[:, : groups // 2, :, -(tokens // 3) :] = -1e6
-    return [t.requires_grad_() for t in (q, k, v, mask)]
+    return [t.requires_grad_() for t in (qkv, mask)]
 
 
 def _value_and_grads(inputs, grad_out, **kwargs):
@@ -30,7 +31,7 @@ def _value_and_grads(inputs, grad_out, **kwargs):
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("padded", [False, True], ids=["bias", "bias+padding"])
-@pytest.mark.parametrize("shape", [(5, 4, 49, 8), (3, 2, 16, 32)], ids=["N49", "N16"])
+@pytest.mark.parametrize("shape", [(5, 4, 49, 8), (3, 2, 16, 32), (4, 1, 25, 8)], ids=["N49", "N16", "M1"])
 @pytest.mark.parametrize("chunk", [(2, 0), (1, 0), (0, 3), (0, 1)], ids=["2rows", "1row", "3heads", "1head"])
 def test_cpu_training_path_matches_explicit(monkeypatch, shape, padded, contiguous, chunk) -> None:
     # A small chunk size, so that backward runs several chunks: whole rows (with 2, the last
@@ -39,12 +40,12 @@ def test_cpu_training_path_matches_explicit(monkeypatch, shape, padded, contiguo
     rows, heads = chunk
     monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", (rows * shape[1] + heads) * shape[2] ** 2)
     inputs = _inputs(*shape, padded=padded, contiguous=contiguous)
-    grad_out = torch.randn(inputs[0].shape)
+    grad_out = torch.randn(inputs[0].shape[1:])
     out, grads = _value_and_grads(inputs, grad_out)
     assert out.grad_fn is not None and "BiasedAttentionCPU" in type(out.grad_fn).__name__
     ref_out, ref_grads = _value_and_grads(inputs, grad_out, fused=False)
     assert (out - ref_out).abs().max().item() <= TOL
-    for name, got, want in zip(("q", "k", "v", "mask"), grads, ref_grads):
+    for name, got, want in zip(("qkv", "mask"), grads, ref_grads):
         assert got.shape == want.shape, name
         assert (got - want).abs().max().item() <= TOL, name
 

@@ -491,7 +491,7 @@ def test_bf16_training_attention_takes_the_fused_path() -> None:
     """bf16 q, k, v and learnt mask (autocast training): the fused CPU function, gradients as float32's."""
     from crossformer.models.attention import biased_attention
 
-    shapes = [(2, 4, 49, 16)] * 3 + [(1, 4, 49, 49)]
+    shapes = [(3, 2, 4, 49, 16), (1, 4, 49, 49)]  # qkv, mask
     leaves16 = [torch.randn(shape).bfloat16().requires_grad_() for shape in shapes]
     leaves32 = [t.detach().float().requires_grad_() for t in leaves16]  # the same values in float32
     out16 = biased_attention(*leaves16, scale=0.25)

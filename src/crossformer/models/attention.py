@@ -1,8 +1,8 @@
 """Attention with an additive float mask (position bias plus padding scores), fast on CPU.
 
-``biased_attention(q, k, v, mask)`` computes ``softmax(q k^T * scale + mask) v`` for
-``q, k, v`` of shape ``(B, M, N, d)`` and a mask ``(1, M, N, N)`` broadcast over ``B``, and
-picks the fastest exact way to do it:
+``biased_attention(qkv, mask)`` computes ``softmax(q k^T * scale + mask) v`` for ``q, k, v``
+of shape ``(B, M, N, d)``, stacked as ``qkv`` ``(3, B, M, N, d)``, and a mask ``(1, M, N, N)``
+broadcast over ``B``, and picks the fastest exact way to do it:
 
 - ``F.scaled_dot_product_attention`` whenever the mask needs no gradient (inference, frozen
   bias), and on every non-CPU device: one fused kernel, no ``N x N`` tensor in memory.
@@ -66,26 +66,33 @@ def _chunks(batch: int, groups: int, tokens: int) -> Iterator[tuple[slice, slice
 
 
 class _BiasedAttentionCPU(torch.autograd.Function):
-    """``softmax(q k^T * scale + mask) v`` with gradients for q, k, v and the mask (CPU).
+    """``softmax(q k^T * scale + mask) v`` with gradients for ``qkv`` and the mask (CPU).
 
-    float32 or bfloat16 inputs (bf16 autocast); backward computes in float32 either way.
+    q, k and v come stacked as ``qkv`` ``(3, B, M, N, d)`` and their gradients are written
+    into one contiguous tensor of that shape, so that autograd need not stack three (for a
+    contiguous ``qkv``, the grouping's output, nothing is copied; for a view of the qkv
+    projection's output, autograd's one copy back into that layout costs less than writing
+    each chunk into its strides). float32 or bfloat16 inputs (bf16 autocast); backward
+    computes in float32 either way.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    def forward(ctx, qkv: torch.Tensor, mask: torch.Tensor, scale: float):
+        q, k, v = qkv.unbind(0)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, attn_mask=mask, scale=scale
         )
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(qkv, mask, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        dtype = q.dtype
-        q, k, v, mask, out, grad_out = (t.float() for t in (q, k, v, mask, out, grad_out))  # no-ops in fp32
+        qkv, mask, out, lse = ctx.saved_tensors
+        dtype = qkv.dtype
+        qkv, mask, out, grad_out = (t.float() for t in (qkv, mask, out, grad_out))  # no-ops in fp32
+        q, k, v = qkv.unbind(0)
         scale = ctx.scale
         grad_out = grad_out.contiguous()
         batch, groups, tokens, head_dim = q.shape
@@ -98,7 +105,8 @@ class _BiasedAttentionCPU(torch.autograd.Function):
             grad_out_delta = torch.cat([grad_out, neg_delta], dim=-1)
             v_ones = torch.cat([v, torch.ones_like(neg_delta)], dim=-1)
         # contiguous, so that the per-chunk views below are written in place
-        grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        grad_q, grad_k, grad_v = grad_qkv.unbind(0)
         grad_mask = torch.zeros(mask.shape[1:], dtype=mask.dtype, device=mask.device)
         for rows, heads in _chunks(batch, groups, tokens):
             part = (rows, heads)
@@ -118,7 +126,7 @@ class _BiasedAttentionCPU(torch.autograd.Function):
             dq, dk = _flat(grad_q[part]), _flat(grad_k[part])
             torch.baddbmm(dq, grad_scores, ks, beta=0, alpha=scale, out=dq)
             torch.baddbmm(dk, grad_scores.transpose(1, 2), qs, beta=0, alpha=scale, out=dk)
-        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
+        return grad_qkv.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
 
 
 def _explicit(
@@ -132,31 +140,32 @@ def _explicit(
 
 
 def biased_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     fused: bool = True,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + mask) v``: ``(B, M, N, d)`` inputs, ``(1, M, N, N)`` mask.
+    """``softmax(q k^T * scale + mask) v`` for q, k, v stacked as ``qkv`` ``(3, B, M, N, d)``
+    (any strides, e.g. a view of the qkv projection's output) and a ``(1, M, N, N)`` mask:
+    ``(B, M, N, d)``.
 
     ``dropout_p`` applies to the attention weights (pass 0 in eval); ``fused=False`` always
     takes the explicit formula (a reference for tests).
     """
+    q, k, v = qkv.unbind(0)
     if not fused:
         return _explicit(q, k, v, mask, scale, dropout_p)
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
     # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
-    if not mask_grad or q.device.type != "cpu" or torch.jit.is_tracing():
+    if not mask_grad or qkv.device.type != "cpu" or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not torch.jit.is_scripting():
         if (
             dropout_p == 0.0
-            and q.dtype == k.dtype == v.dtype == mask.dtype
-            and q.dtype in (torch.float32, torch.bfloat16)
+            and qkv.dtype == mask.dtype
+            and qkv.dtype in (torch.float32, torch.bfloat16)
             and not capturing_graph()
         ):
-            return _BiasedAttentionCPU.apply(q, k, v, mask, scale)
+            return _BiasedAttentionCPU.apply(qkv, mask, scale)
     return _explicit(q, k, v, mask, scale, dropout_p)

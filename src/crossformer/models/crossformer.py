@@ -377,9 +377,9 @@ class GroupAttention(nn.Module):
         num_groups, tokens = qkv.shape[2], qkv.shape[4]
         mask = self.attention_mask(layout, height, width, qkv.dtype)
         # Viewed as (-1, M, N, d) to line up with the (1, M, N, N) mask: M = heads or nG * heads.
-        q, k, v = qkv.reshape(3, -1, mask.shape[1], tokens, head_dim).unbind(0)
+        qkv = qkv.reshape(3, -1, mask.shape[1], tokens, head_dim)
         dropout_p = self.attn_drop if self.training else 0.0
-        out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
+        out = biased_attention(qkv, mask, self.scale, dropout_p, fused=self.fused_attn)
         out = merge_heads(out.view(batch, num_groups, heads, tokens, head_dim), layout, height, width)
         return self.proj_drop(self._proj(out))
 
@@ -408,10 +408,10 @@ class GroupAttention(nn.Module):
         tokens = partition_groups(x, layout)  # (B * nG, N, C), one copy
         groups, size, channels = tokens.shape
         qkv = call_linear(self.qkv, tokens).view(groups, size, 3, heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nG, heads, N, d) views
         mask = self.attention_mask(layout, x.shape[1], x.shape[2], qkv.dtype)  # (1, heads, N, N)
         dropout_p = self.attn_drop if self.training else 0.0
-        out = biased_attention(q, k, v, mask, self.scale, dropout_p, fused=self.fused_attn)
+        # q, k, v as (3, B * nG, heads, N, d) views
+        out = biased_attention(qkv.permute(2, 0, 3, 1, 4), mask, self.scale, dropout_p, fused=self.fused_attn)
         # SDPA writes (B * nG, N, heads, d) and returns it transposed: a view back
         out = out.transpose(1, 2).reshape(groups, size, channels)
         return self.proj_drop(call_linear(self.proj, out))
