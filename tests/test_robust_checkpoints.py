@@ -172,3 +172,36 @@ def test_a_link_to_nothing_or_a_pipe_is_said_as_what_it_is(tmp_path, capsys, kin
     for command, argv in _commands(path, tmp_path, data).items():
         line = one_error_line(capsys, argv)
         assert line.startswith(f"crossformer {argv[0]}: error: ") and expected in line, (command, line)
+
+
+def test_convert_takes_its_output_as_an_argument_an_option_or_beside_the_checkpoint(tmp_path, capsys):
+    """``convert A B`` as cp takes it, ``convert A --output B`` as export and predict take it,
+    and ``convert A.pth`` writes ``A.safetensors`` beside it; the weights are the same each way."""
+    from safetensors.torch import load_file
+
+    from crossformer.cli import main
+
+    model = CrossFormer(**TINY)
+    source = tmp_path / "run" / "tiny.pth"
+    source.parent.mkdir()
+    torch.save({"model": model.state_dict()}, source)
+    written = {
+        "positional": (["convert", str(source), str(tmp_path / "a.safetensors")], tmp_path / "a.safetensors"),
+        "option": (["convert", str(source), "--output", str(tmp_path / "b.safetensors")], tmp_path / "b.safetensors"),
+        "short option": (["convert", "-o", str(tmp_path / "c.safetensors"), str(source)], tmp_path / "c.safetensors"),
+        "beside": (["convert", str(source)], tmp_path / "run" / "tiny.safetensors"),
+    }
+    for way, (argv, path) in written.items():
+        assert main(argv) == 0, way
+        assert capsys.readouterr().out.strip() == f"wrote {path}", way
+        weights = load_file(str(path))
+        assert weights.keys() == model.state_dict().keys(), way
+        assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()), way
+
+    line = one_error_line(capsys, ["convert", str(source), str(tmp_path / "d.safetensors"),
+                                   "--output", str(tmp_path / "e.safetensors")])
+    assert "two outputs given" in line and "give one" in line, line
+    converted = tmp_path / "run" / "tiny.safetensors"
+    line = one_error_line(capsys, ["convert", str(converted)])
+    assert f"{converted} is already a .safetensors file" in line and "--output FILE" in line, line
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
