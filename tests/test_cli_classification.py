@@ -511,3 +511,31 @@ def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(referen
                                    "--model-arg", "merge_kernel_sizes=[2]"])
     assert "unexpected: layers.0.downsample.reductions.1.bias" in line
     assert line.endswith("check --model and --model-arg against the settings the file was trained with"), line
+
+
+def test_predict_says_each_batch_as_it_is_done(data: Path, tmp_path: Path, capsys) -> None:
+    """An unreadable file in a later batch stops the command (without --skip-corrupt): the
+    earlier batches' lines were never printed, since the lines came only once all were done."""
+    from crossformer.classification.predict import predict
+    from crossformer.models import CrossFormer
+
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    torch.save({"model": CrossFormer(**kwargs, num_classes=3).state_dict()}, tmp_path / "bare.pth")
+    folder = tmp_path / "photos"
+    shutil.copytree(data / "val" / "eel", folder)
+    (folder / "zz.png").write_bytes(b"not a picture")
+    argv = ["predict", str(folder), "--checkpoint", str(tmp_path / "bare.pth"), "--device", "cpu", "--img-size", "32",
+            "--model", "crossformer_tiny", "--json", "--batch-size", "2",
+            *(f"model.kwargs.{k}={v}".replace(" ", "") for k, v in kwargs.items())]
+    readable = sorted(str(p) for p in folder.glob("*.png") if p.name != "zz.png")
+    assert len(readable) == 3  # two batches of 2: the unreadable file is in the second
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in captured.out.splitlines()] == readable[:2]
+    assert captured.err.count("\n") == 1 and "zz.png" in captured.err, captured.err
+
+    heard = []
+    results = predict(folder, tmp_path / "bare.pth", model="crossformer_tiny", img_size=32, batch_size=2, device="cpu",
+                      model_kwargs=kwargs, skip_corrupt=True, on_result=heard.append)
+    assert heard == results and [r.path for r in results] == readable

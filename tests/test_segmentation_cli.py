@@ -178,6 +178,34 @@ def test_predict_writes_an_overlay_and_a_label_map(run: dict[str, Path], capsys)
         assert 1 <= labels.min() and labels.max() <= 7
 
 
+def test_predict_says_each_image_as_it_is_written(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # The lines came only once every image was done: a long folder showed nothing meanwhile, and
+    # an unreadable file at the end stopped the command with the earlier images' files written
+    # but never said.
+    folder = tmp_path / "photos"
+    shutil.copytree(run["data"] / "ADEChallengeData2016" / "images" / "validation", folder)
+    (folder / "zz_empty.jpg").write_bytes(b"")
+    output = tmp_path / "pred"
+    argv = ["predict", str(folder), "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
+            "--output", str(output), "--json"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    said = [json.loads(line) for line in captured.out.splitlines()]
+    assert [Path(line["path"]).name for line in said] == sorted(p.name for p in folder.glob("*.jpg") if p.stat().st_size)
+    assert all(Path(line["overlay"]).is_file() and Path(line["label_map"]).is_file() for line in said)
+    assert captured.err.count("\n") == 1 and "zz_empty.jpg: the file is empty" in captured.err, captured.err
+
+    from crossformer.engine.registry import resolve_config
+    from crossformer.segmentation.commands import load_segmentor
+    from crossformer.segmentation.predict import predict_images
+
+    heard = []
+    segmentor, _ = load_segmentor(resolve_config(str(run["config"])).config, run["checkpoint"])
+    results, skipped = predict_images(segmentor, folder, tmp_path / "api", [f"c{i}" for i in range(7)],
+                                      skip_corrupt=True, on_result=heard.append)
+    assert heard == results and len(results) == len(said) and skipped == [str(folder / "zz_empty.jpg")]
+
+
 def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     # The overlays' colours could not be chosen: no setting took a palette ("unknown setting
     # 'data.palette'"), only generated colours (or ADE20K's).

@@ -85,17 +85,19 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
 
     if args.topk < 1:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
-    results = predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
-                      class_names=args.class_names, img_size=given.get("data.img_size"),
-                      batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
-                      model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note)
-    for result in results:
+
+    def say(result) -> None:
         if args.json:
             print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
         else:
             shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
             print(f"{result.path}: {shown}")
         sys.stdout.flush()
+
+    predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
+            class_names=args.class_names, img_size=given.get("data.img_size"),
+            batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
+            model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note, on_result=say)
     return 0
 
 

@@ -48,6 +48,7 @@ def predict(
     model_kwargs: dict[str, Any] | None = None,
     skip_corrupt: bool = False,
     on_note: Callable[[str], None] | None = None,
+    on_result: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
     """Classify images with a checkpoint; labels are its class names (or ``class_names``: a
     list, or a text file of one name per line as :func:`crossformer.data.load_class_list` reads).
@@ -60,6 +61,7 @@ def predict(
     results and ``on_note`` names it. ``on_note`` also hears of images smaller than the
     model's input, which are upscaled (their predictions are less reliable), and of a folder's
     files of an image format this build cannot read, left out (:func:`crossformer.data.expand_image_paths`).
+    ``on_result`` hears of each prediction as its batch is done (the command prints it then).
     """
     given_names = load_class_list(class_names) if class_names is not None else None
     loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
@@ -103,6 +105,8 @@ def predict(
         scores, indices = probs.topk(k, dim=1)
         for path, row_scores, row_indices in zip(chunk, scores.tolist(), indices.tolist()):
             results.append(Prediction(str(path), [names[i] for i in row_indices], row_scores))
+            if on_result is not None:
+                on_result(results[-1])
     if skipped:
         note(f"{skipped} of {len(files)} files skipped as unreadable")
     return results

@@ -224,17 +224,19 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
         if colours is not None:  # given here (at most one of them), it replaces the checkpoint's colours
             palette = class_colours(colours, len(names), key)
     log = (lambda msg: print(msg, file=sys.stderr))
-    results, skipped = predict_images(
-        segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
-        data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
-        coloured_labels=data.label_colours is not None,
-    )
-    for result in results:
+
+    def say(result) -> None:
         if args.json:
             print(json.dumps(dataclasses.asdict(result)))
         else:
             print(f"{result.path}: {result.overlay}, {result.label_map} ({', '.join(result.classes) or 'no class'})")
         sys.stdout.flush()
+
+    predict_images(
+        segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
+        data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
+        coloured_labels=data.label_colours is not None, on_result=say,
+    )
     return 0
 
 

@@ -77,10 +77,13 @@ def predict_images(
     autocast: Callable[[], Any] | None = None,
     log: Callable[[str], None] | None = None,
     coloured_labels: bool = False,
+    on_result: Callable[[SegPrediction], None] | None = None,
 ) -> tuple[list[SegPrediction], list[str]]:
     """Segment image files and folders (searched recursively); returns the predictions and the
     unreadable files skipped (with ``skip_corrupt``; otherwise the first is a DataError).
     ``coloured_labels``: label maps as palette PNGs in ``palette`` (colour-coded data's).
+    ``on_result`` hears of each image's prediction once its files are written (the command
+    prints it then: a long folder shows its progress, and what an error stops leaves said).
     ``log`` hears of the skipped files and of a folder's files left out as of a format this
     build cannot read (``.heic``...)."""
     if len(class_names) != segmentor.num_classes:
@@ -112,6 +115,8 @@ def predict_images(
             write_label_map(label_map, label_path, reduce_zero_label, palette if coloured_labels else None)
             present = [class_names[c] for c in present_classes(label_map, len(class_names))]
             results.append(SegPrediction(str(path), str(overlay_path), str(label_path), present))
+            if on_result is not None:
+                on_result(results[-1])
     finally:
         segmentor.train(was_training)
     return results, skipped
