@@ -110,6 +110,24 @@ def test_custom_sizes_through_timm() -> None:
     assert timm.create_model("crossformer_tiny", pretrained=False).long_distance == "fixed_interval"
 
 
+def test_a_setting_the_model_lacks_names_the_ones_meant() -> None:
+    """A misspelt setting, or a timm habit from fixed-size models (img_size for Swin), was
+    Python's bare "__init__() got an unexpected keyword argument", in the API and the commands."""
+    with pytest.raises(TypeError, match=r"crossformer_tiny takes no setting 'group_sizes' \(did you mean group_size\?\); "
+                                        r"its settings: in_chans, .*, interval, .*, drop_path_rate"):
+        timm.create_model("crossformer_tiny", group_sizes=(7, 7, 7, 7))
+    with pytest.raises(TypeError, match="no setting 'drop_path' \\(did you mean drop_path_rate or drop_rate\\?\\)"):
+        timm.create_model("crossformer_tiny", drop_path=0.2)
+    with pytest.raises(TypeError, match="no setting 'img_size': CrossFormer runs on any input size"):
+        timm.create_model("crossformer_pp_small", img_size=384)
+    with pytest.raises(UserInputError, match="cannot build crossformer_tiny with img_size=64: crossformer_tiny takes no "
+                                             "setting 'img_size': CrossFormer runs on any input size"):
+        create_classifier("crossformer_tiny", 10, model_kwargs={"img_size": 64})
+    # the builder's own arguments still pass (features_only, out_indices)
+    features = timm.create_model("crossformer_tiny", features_only=True, out_indices=(1,))
+    assert [tuple(t.shape) for t in features(torch.randn(1, 3, 64, 64))] == [(1, 128, 8, 8)]
+
+
 def test_acl_placement_follows_spec() -> None:
     model = _meta_model("crossformer_pp_huge")
     for stage, depth in zip(model.layers, (6, 6, 18, 2)):

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
+import inspect
 import json
+import re
 from typing import Any, Callable, Mapping
 
 import torch
@@ -165,6 +168,21 @@ def _feature_class(feature_cls: Any) -> Any:
     return feature_cls
 
 
+# What a timm user may pass for a model of fixed input size (timm's Swin and ViT take it)
+_SIZE_SETTINGS = ("img_size", "input_size", "window_size", "patch_size")
+
+
+def unknown_setting_message(variant: str, name: str) -> str:
+    """Why ``name`` is no setting of ``variant``, with the settings it may have meant."""
+    if name in _SIZE_SETTINGS:
+        return (f"{variant} takes no setting {name!r}: CrossFormer runs on any input size, so the size is "
+                f"the images' (the commands' --img-size / data.img_size); group_size and interval set its grouping")
+    settings = [p for p in inspect.signature(CrossFormer.__init__).parameters if p != "self"]
+    close = difflib.get_close_matches(name, settings, n=2)
+    meant = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{variant} takes no setting {name!r}{meant}; its settings: {', '.join(settings)}"
+
+
 def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """Build a registered variant with timm's builder; ``kwargs`` override its architecture.
 
@@ -215,6 +233,11 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
         if not hint:
             raise
         raise CheckpointError(f"{hint} ({err})") from None
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None or unknown.group(1) not in kwargs:
+            raise
+        raise TypeError(unknown_setting_message(variant, unknown.group(1))) from None
     if dtype is not None:
         model.to(dtype=dtype)
     if recorded:
