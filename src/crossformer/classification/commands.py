@@ -81,12 +81,12 @@ def _note(message: str) -> None:
 
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
     from ..errors import UserInputError
-    from .predict import predict
+    from .predict import Prediction, predict
 
     if args.topk < 1:
         raise UserInputError(f"--topk must be at least 1, got {args.topk}")
 
-    def say(result) -> None:
+    def say(result: Prediction) -> None:
         if args.json:
             print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
         else:

@@ -211,7 +211,7 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     from ..engine import resolve_precision
     from ..engine.distributed import resolve_device
     from ..data.draw import class_colours
-    from .predict import predict_images
+    from .predict import SegPrediction, predict_images
 
     if not 0 <= args.opacity <= 1:
         raise UserInputError(f"--opacity must be in [0, 1], got {args.opacity}")
@@ -225,7 +225,7 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
             palette = class_colours(colours, len(names), key)
     log = (lambda msg: print(msg, file=sys.stderr))
 
-    def say(result) -> None:
+    def say(result: SegPrediction) -> None:
         if args.json:
             print(json.dumps(dataclasses.asdict(result)))
         else:
