@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 __all__ = ["UserInputError", "CheckpointError", "DataError", "PerformanceWarning", "one_line", "listing",
-           "settings_that_fail"]
+           "did_you_mean", "settings_that_fail"]
 
 
 class UserInputError(ValueError):
@@ -38,6 +38,15 @@ def listing(names: list[str], limit: int = 4) -> str:
     "a, b, c and 5 more"."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def did_you_mean(name: str, choices: Iterable[str], limit: int = 3) -> str:
+    """``"did you mean a or b? "`` for the ``choices`` closest to a mistyped ``name`` (at most
+    ``limit``), or ``""`` when none is close: the start of a message's hint."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=limit)
+    return f"did you mean {' or '.join(close)}? " if close else ""
 
 
 # What a model's constructor raises for settings it cannot take: its own checks raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserInputError
+from .errors import UserInputError, did_you_mean
 
 __all__ = ["Variant", "VARIANTS", "require_known_model"]
 
@@ -60,8 +60,6 @@ def require_known_model(name: str, variants_only: bool = False, setting: str | N
     name is known without timm, which imports torch."""
     if name in VARIANTS:
         return
-    import difflib
-
     known = list(VARIANTS)
     if not variants_only:
         import timm
@@ -69,8 +67,7 @@ def require_known_model(name: str, variants_only: bool = False, setting: str | N
         known = list(dict.fromkeys([*VARIANTS, *timm.list_models()]))  # timm lists them once crossformer.models ran
     if name in known:
         return
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    hint = did_you_mean(name, known)
     others = "" if variants_only else ", or any timm model"
     where = f"{setting}: " if setting else ""
     raise UserInputError(f"{where}unknown model {name!r}; {hint}the CrossFormers: {', '.join(VARIANTS)}{others}")

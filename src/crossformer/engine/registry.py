@@ -27,7 +27,6 @@ with ``task:`` (bundled files may leave it to their folder).
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from ..errors import UserInputError
+from ..errors import UserInputError, did_you_mean
 from .config import build_config, check_run_unit_kept, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
 
 __all__ = [
@@ -150,8 +149,7 @@ def find_config(name_or_path: str) -> Path:
         return bundled[name_or_path]
     if path.suffix in (".yaml", ".yml"):
         raise UserInputError(f"config file not found: {path}")
-    close = difflib.get_close_matches(name_or_path, bundled, n=3)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    hint = did_you_mean(name_or_path, bundled)
     listing = "; ".join(f"{', '.join(sorted(bundled_configs(task)))} ({task})" for task in TASKS if bundled_configs(task))
     raise UserInputError(f"no config file {name_or_path!r} and no bundled config of that name; {hint}bundled: {listing}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import inspect
 import json
@@ -26,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
+from ..errors import did_you_mean
 from ..variant_table import VARIANTS, Variant, require_known_model
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
@@ -178,8 +178,8 @@ def unknown_setting_message(variant: str, name: str) -> str:
         return (f"{variant} takes no setting {name!r}: CrossFormer runs on any input size, so the size is "
                 f"the images' (the commands' --img-size / data.img_size); group_size and interval set its grouping")
     settings = [p for p in inspect.signature(CrossFormer.__init__).parameters if p != "self"]
-    close = difflib.get_close_matches(name, settings, n=2)
-    meant = f" (did you mean {' or '.join(close)}?)" if close else ""
+    hint = did_you_mean(name, settings, limit=2)
+    meant = f" ({hint.rstrip()})" if hint else ""
     return f"{variant} takes no setting {name!r}{meant}; its settings: {', '.join(settings)}"
 
 
