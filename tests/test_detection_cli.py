@@ -137,6 +137,43 @@ def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, ca
     assert without_id(json.loads((again / "detections.json").read_text())) == without_id(records)
 
 
+def test_predict_says_each_image_as_it_is_drawn_and_an_error_keeps_their_records(trained, tmp_path: Path,
+                                                                                 capsys) -> None:
+    # Only a progress bar ran while the images were drawn, and an unreadable file that stopped
+    # the command left the earlier images' PNGs written but detections.json never written.
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["coco"] / "val2017", folder)
+    (folder / "zz_empty.jpg").write_bytes(b"")
+    out = tmp_path / "pred"
+    argv = ["predict", str(folder), "--checkpoint", str(trained["checkpoint"]), "test.score_threshold=0.01",
+            "--output", str(out), "--json"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    said = [json.loads(line) for line in captured.out.splitlines()]
+    readable = sorted(p.name for p in folder.glob("*.jpg") if p.stat().st_size)
+    assert [Path(line["path"]).name for line in said] == readable
+    assert captured.err.count("\n") == 1 and "zz_empty.jpg: the file is empty" in captured.err, captured.err
+    records = json.loads((out / "detections.json").read_text())
+    assert sorted(p.name for p in out.glob("*.png")) == [Path(name).stem + ".png" for name in readable]
+    for line in said:
+        assert Path(line["image"]).is_file()
+        mine = [r for r in records if r["file_name"] == line["path"]]
+        assert line["detections"] == len(mine)
+        drawn = sorted((r for r in mine if r["score"] >= 0.01), key=lambda r: -r["score"])
+        assert line["shown"] == [{k: r[k] for k in ("category_id", "category_name", "score", "bbox")} for r in drawn]
+    assert any(line["shown"] for line in said)
+    # a line per image without --json, the summary after them; skipped files on stderr
+    argv = [a for a in argv if a != "--json"] + ["data.skip_corrupt=true"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == len(readable) + 1 and lines[-1].startswith(f"wrote {len(readable)} image(s)")
+    for line, name in zip(lines, readable):
+        assert line.startswith(f"{folder / name}: {out / (Path(name).stem + '.png')} (score >= 0.01, ")
+        assert line.endswith(" in all)")
+    assert "skipped unreadable image" in captured.err
+
+
 def test_evaluate_refuses_a_file_mask_ap_cannot_use_before_running_the_images(trained, tmp_path: Path, capsys,
                                                                               monkeypatch) -> None:
     # A box-only validation file (no "segmentation") for a Mask R-CNN was refused only after the

@@ -11,7 +11,9 @@ torchvision's ``maskrcnn_resnet50_fpn``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -170,28 +172,44 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
 
 # ---------------------------------------------------------------------------- predict
 
+_NAMED_DETECTIONS = 5  # a line per image names its best few; --json gives them all
+
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     _checkpoint_arguments(parser)
     parser.add_argument("--output", default="output/predict", metavar="DIR",
                         help="where the PNGs and detections.json go (default output/predict)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per image (its drawn detections: class, score, COCO box)")
 
 
 def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
-    from ..engine import RunLogger, resolve_device, resolve_precision
-    from .predict import predict_detections
+    from ..engine import resolve_device, resolve_precision
+    from .predict import DetectionPrediction, predict_detections
 
+    def say(result: DetectionPrediction) -> None:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(result)))
+        else:
+            named = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in result.shown[:_NAMED_DETECTIONS])
+            more = ", ..." if len(result.shown) > _NAMED_DETECTIONS else ""
+            drawn = f"{len(result.shown)} drawn: {named}{more}" if result.shown else "none drawn"
+            print(f"{result.path}: {result.image} (score >= {threshold}, {drawn}; {result.detections} in all)")
+        sys.stdout.flush()
+
+    threshold = config.test.score_threshold
     device = resolve_device(config.run.device)
     loaded = load_detector(config, args.checkpoint, device, args.ema)
     names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]
     result = predict_detections(
         loaded.detector, args.images, args.output, names, loaded.cat_ids, config.data.test_transform(),
-        config.test.score_threshold, config.data.skip_corrupt, RunLogger(None, tensorboard=False),
-        resolve_precision(config.run.amp, device),
+        threshold, config.data.skip_corrupt, lambda message: print(message, file=sys.stderr, flush=True),
+        resolve_precision(config.run.amp, device), on_result=say,
     )
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
-    print(f"wrote {len(result.images)} image(s) with detections scoring >= {config.test.score_threshold} to "
-          f"{args.output} and all {result.detections} detections to {result.json_path}{skipped}")
+    print(f"wrote {len(result.images)} image(s) with detections scoring >= {threshold} to "
+          f"{args.output} and all {result.detections} detections to {result.json_path}{skipped}",
+          file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds JSON lines only
     return 0
 
 

@@ -18,12 +18,12 @@ from ..atomic import check_output_folder, save_image_atomic, write_text_atomic
 from ..data import DataError, expand_image_inputs, output_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
-from ..engine import Precision, RunLogger
+from ..engine import Precision
 from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
 from .transforms import build_test_transform
 
-__all__ = ["PredictOutput", "predict_detections", "render_detections", "image_sample"]
+__all__ = ["DetectionPrediction", "PredictOutput", "predict_detections", "render_detections", "image_sample"]
 
 
 def image_sample(image: Image.Image, image_id: int = 0, file_name: str = "") -> DetectionSample:
@@ -33,6 +33,17 @@ def image_sample(image: Image.Image, image_id: int = 0, file_name: str = "") -> 
         boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), masks=None,
         image_id=image_id, file_name=file_name, ori_shape=(image.height, image.width),
     )
+
+
+@dataclass
+class DetectionPrediction:
+    """One image's result, as :func:`predict_detections` tells ``on_result`` once its PNG is written."""
+
+    path: str  # the input image
+    image: str  # the PNG drawn
+    shown: list[dict[str, Any]]  # the detections drawn (score >= the threshold), best first:
+    # category_id, category_name, score, bbox (COCO's x, y, w, h in the input's pixels)
+    detections: int  # all of the image's detections (its records in detections.json)
 
 
 @dataclass
@@ -69,8 +80,9 @@ def predict_detections(
     transform: Callable[[DetectionSample], DetectionSample] | None = None,
     score_threshold: float = 0.3,
     skip_corrupt: bool = False,
-    logger: RunLogger | None = None,
+    log: Callable[[str], None] | None = None,
     precision: Precision | None = None,
+    on_result: Callable[[DetectionPrediction], None] | None = None,
 ) -> PredictOutput:
     """Run ``detector`` on image files and folders (recursively), one image at a time.
 
@@ -82,9 +94,12 @@ def predict_detections(
     Unreadable files are an error naming the file, or with ``skip_corrupt`` named in the log,
     counted and skipped; a folder's files of an image format this build cannot read (``.heic``...)
     are left out and named in the log. ``precision`` (``--amp``) runs the detector under its autocast, as
-    evaluation does.
+    evaluation does. ``on_result`` hears of each image once its PNG is written (the command prints
+    it then: a long folder shows its progress). ``detections.json`` is written however the run
+    ends, with the detections of the images drawn (an unreadable file that stops the run leaves
+    the earlier images' PNGs and records, never PNGs without their records).
     """
-    inputs = expand_image_inputs(paths, output_dir, logger.info if logger is not None else None)
+    inputs = expand_image_inputs(paths, output_dir, log)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
     pngs = output_paths(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,34 +111,36 @@ def predict_detections(
     detector.eval()
     result = PredictOutput(output_dir / "detections.json")
     records: list[dict[str, Any]] = []
-    progress = logger.progress(len(inputs), "predict") if logger is not None else None
-    for image_id, ((path, _), [png]) in enumerate(zip(inputs, pngs), start=1):
-        try:
-            image = read_rgb(path)
-        except UNREADABLE_ERRORS as err:
-            reason = unreadable_reason(err)
-            if not skip_corrupt:
-                raise DataError(f"cannot read image {path}: {reason}{SKIP_HINT}") from None
-            result.skipped.append(f"{path}: {reason}")
-            if logger is not None:
-                logger.info(f"skipped unreadable image {path}: {reason}")
-            continue
-        batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
-        with precision.autocast() if precision is not None else contextlib.nullcontext():
-            raw = detector(batch.images.to(device), batch.metas)[0]
-        # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
-        output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
-        records.extend({**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
-                       for r in detections_to_coco([output], [image_id], cat_ids))
-        save_image_atomic(render_detections(image, output, class_names, score_threshold), png)
-        result.images.append(png)
-        if progress is not None:
-            progress.update()
-    if progress is not None:
-        progress.close()
-    detector.train(was_training)
-    write_text_atomic(result.json_path, json.dumps(records))
+    try:
+        for image_id, ((path, _), [png]) in enumerate(zip(inputs, pngs), start=1):
+            try:
+                image = read_rgb(path)
+            except UNREADABLE_ERRORS as err:
+                reason = unreadable_reason(err)
+                if not skip_corrupt:
+                    raise DataError(f"cannot read image {path}: {reason}{SKIP_HINT}") from None
+                result.skipped.append(f"{path}: {reason}")
+                if log is not None:
+                    log(f"skipped unreadable image {path}: {reason}")
+                continue
+            batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                raw = detector(batch.images.to(device), batch.metas)[0]
+            # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
+            output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
+            found = [{**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
+                     for r in detections_to_coco([output], [image_id], cat_ids)]
+            save_image_atomic(render_detections(image, output, class_names, score_threshold), png)
+            records.extend(found)
+            result.images.append(png)
+            if on_result is not None:
+                shown = sorted((r for r in found if r["score"] >= score_threshold), key=lambda r: -r["score"])
+                on_result(DetectionPrediction(str(path), str(png), [
+                    {k: r[k] for k in ("category_id", "category_name", "score", "bbox")} for r in shown], len(found)))
+    finally:
+        detector.train(was_training)
+        write_text_atomic(result.json_path, json.dumps(records))
     result.detections = len(records)
-    if result.skipped and logger is not None:
-        logger.info(f"skipped {len(result.skipped)} unreadable image(s)")
+    if result.skipped and log is not None:
+        log(f"skipped {len(result.skipped)} unreadable image(s)")
     return result
