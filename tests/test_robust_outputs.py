@@ -264,6 +264,25 @@ def test_detection_results_on_a_full_disk_keep_the_previous_file(tmp_path, monke
         assert not atomic.stale_temporaries(target)
 
 
+def test_no_output_replaces_the_checkpoint_it_is_made_from(tmp_path, capsys, checkpoint):
+    # convert c.pth -o c.pth and export ... -o c.pth wrote the weights over the training
+    # checkpoint (its optimizer, RNG and EMA state gone) and said "wrote c.pth"
+    before = checkpoint.read_bytes()
+    (tmp_path / "link.pth").symlink_to(checkpoint)
+    for argv in (["convert", str(checkpoint), "-o", str(checkpoint)],
+                 ["convert", str(checkpoint), str(tmp_path / "sub" / ".." / "ckpt.pth")],
+                 ["convert", str(tmp_path / "link.pth"), "-o", str(checkpoint)],
+                 ["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "-o", str(checkpoint)],
+                 ["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "-o", str(checkpoint)]):
+        line = one_error_line(capsys, argv)
+        assert f"it is the input {argv[1] if argv[0] == 'convert' else checkpoint}, which it would replace; give " \
+               "another output file" in line, line
+    assert checkpoint.read_bytes() == before
+    (tmp_path / "sub").mkdir()
+    assert main(["convert", str(checkpoint), str(tmp_path / "sub" / ".." / "ckpt.pth")]) == 2  # the same file
+    assert checkpoint.read_bytes() == before
+
+
 def test_convert_writes_the_weights(tmp_path, capsys, checkpoint):
     target = tmp_path / "w.safetensors"
     assert main(["convert", str(checkpoint), str(target)]) == 0

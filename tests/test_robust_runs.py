@@ -34,6 +34,7 @@ from crossformer.engine import (
 )
 from crossformer.engine.distributed import stop_with_launcher
 from crossformer.engine.logging import Progress, RunLogger
+from crossformer.engine.output import EARLIER_RUN
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
 from processes import run_process, running, started_process, wait_for
@@ -91,7 +92,7 @@ def test_a_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path:
     out = capsys.readouterr().out
     assert f"--overwrite: deleted the earlier run's last.pth, best.pth, metrics.jsonl, log.txt in {output}" in out
     assert [r["epoch"] for r in _records(output) if "val/score" in r] == [0, 1]  # the new run's records alone
-    assert "--overwrite: deleted" in (output / "log.txt").read_text().splitlines()[0]
+    assert "--overwrite: deleted the earlier run's" in (output / "log.txt").read_text()  # the new run's log
     assert main([*argv, "--resume", "auto", "--epochs", "3"]) == 0  # continuing is allowed
     assert load_training_state(output / "last.pth")["epoch"] == 3
 
@@ -101,10 +102,11 @@ def test_a_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert "already holds notes.txt" in one_error_line(capsys, [*argv[:3], "--output", str(tmp_path / "mine")])
-    assert claim_output(tmp_path / "mine", None, overwrite=True) == [] and (tmp_path / "mine" / "notes.txt").exists()
+    assert claim_output(tmp_path / "mine", None, overwrite=True).displaced == ()
+    assert (tmp_path / "mine" / "notes.txt").exists()
     (tmp_path / "tried").mkdir()
     (tmp_path / "tried" / "log.txt").write_text("an attempt that stopped on bad input\n")
-    assert claim_output(tmp_path / "tried", None, overwrite=False) == []
+    assert claim_output(tmp_path / "tried", None, overwrite=False).displaced == ()
 
 
 def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tmp_path: Path) -> None:
@@ -119,13 +121,15 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     with pytest.raises(UserInputError, match="already holds"):
         claim_output(run, None, overwrite=False)
     assert all(p.exists() for p in stale)  # refused: nothing touched
-    assert claim_output(run, "auto", overwrite=False) == []
+    assert claim_output(run, "auto", overwrite=False).displaced == ()
     assert not any(p.exists() for p in stale)
     assert (run / "last.pth").read_bytes() == b"whole" and (run / "notes.txt").exists()
     stale[0].write_bytes(b"half")
     (run / "tensorboard").mkdir()
-    assert claim_output(run, None, overwrite=True) == ["last.pth", "tensorboard"]
-    assert not stale[0].exists() and not (run / "tensorboard").exists() and (run / "notes.txt").exists()
+    claim = claim_output(run, None, overwrite=True)
+    assert claim.displaced == ("last.pth", "tensorboard") and not stale[0].exists()
+    claim.replace()
+    assert not (run / "tensorboard").exists() and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
 def test_a_demo_replaces_its_own_output_and_keeps_the_data_it_reuses(tmp_path: Path, capsys) -> None:
@@ -435,6 +439,65 @@ def test_a_run_that_fails_at_start_takes_back_the_files_it_wrote(tmp_path: Path)
         train(_FailingStart, fake_config(tmp_path / "tried", tensorboard=True))
     assert sorted(p.name for p in (tmp_path / "tried").iterdir()) == ["log.txt"]
     assert "error: cannot read image train/3.png" in (tmp_path / "tried" / "log.txt").read_text()
+
+
+def test_overwrite_deletes_the_earlier_run_only_once_the_new_one_has_started(tmp_path: Path, data: Path,
+                                                                            capsys) -> None:
+    # --overwrite deleted the earlier run first: a typo in --data (or a bad image, a bad
+    # setting) then stopped the new run and left the folder empty
+    run = tmp_path / "run"
+    train(FakeTask, fake_config(run, tensorboard=True))
+    earlier = _snapshot(run)
+    with pytest.raises(UserInputError, match="train/3.png"):
+        train(_FailingStart, fake_config(run, tensorboard=True, overwrite=True))
+    assert _snapshot(run) == earlier and not (run / EARLIER_RUN).exists()
+    # through the command line, with a data folder that is not there
+    output = tmp_path / "cli"
+    assert main(_train_argv(data, output)) == 0
+    earlier = _snapshot(output)
+    one_error_line(capsys, _train_argv(tmp_path / "no_such_data", output, "--overwrite"))
+    assert _snapshot(output) == earlier and not (output / EARLIER_RUN).exists()
+    # started: the earlier run is gone, the new one alone is there
+    train(FakeTask, fake_config(run, overwrite=True, epochs=2))
+    assert sorted(p.name for p in run.iterdir()) == ["best.pth", "last.pth", "log.txt", "metrics.jsonl"]
+    assert load_training_state(run / "last.pth")["epoch"] == 2
+    # an --overwrite killed before its run started left the earlier run aside: the next one replaces it
+    (run / EARLIER_RUN).mkdir()
+    (run / EARLIER_RUN / "last.pth").write_bytes(b"older")
+    train(FakeTask, fake_config(run, overwrite=True))
+    assert not (run / EARLIER_RUN).exists()
+
+
+def test_resuming_another_runs_checkpoint_into_a_folder_with_a_run_is_refused(tmp_path: Path) -> None:
+    # --resume Q/last.pth --output P replaced P's last.pth with Q's and appended Q's records to P's
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    train(FakeTask, fake_config(mine, epochs=2))
+    train(FakeTask, fake_config(other))
+    earlier = _snapshot(mine)
+    with pytest.raises(UserInputError) as refused:
+        train(FakeTask, fake_config(mine, resume=str(other / "last.pth"), epochs=2))
+    assert str(refused.value) == (
+        f"output folder {mine} already holds best.pth, last.pth, log.txt, metrics.jsonl, another run than the one "
+        f"--resume {other / 'last.pth'} continues: pass that run's own folder, a new --output, or --overwrite to "
+        f"replace the run in {mine}")
+    assert _snapshot(mine) == earlier
+    # resume auto with the last checkpoint moved away: starting afresh would replace best.pth
+    (mine / "last.pth").rename(tmp_path / "moved.pth")
+    earlier = _snapshot(mine)
+    with pytest.raises(UserInputError, match=f"already holds best.pth, log.txt, metrics.jsonl but no last.pth to "
+                                             f"continue from: pass --resume {re.escape(str(mine / 'best.pth'))}"):
+        train(FakeTask, fake_config(mine, resume="auto"))
+    assert _snapshot(mine) == earlier
+    # what stays allowed: a checkpoint of the folder itself, and auto in a folder of a run that
+    # stopped before its first checkpoint (a preempted job started again by the same command)
+    assert train(FakeTask, fake_config(mine, resume=str(mine / "best.pth"), epochs=3))["epoch"] == 3
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "metrics.jsonl").write_text("")
+    assert train(FakeTask, fake_config(tmp_path / "stopped", resume="auto"))["epoch"] == 3
+    # another run's checkpoint into a new folder continues it there; with --overwrite, into this one
+    assert train(FakeTask, fake_config(tmp_path / "new", resume=str(other / "last.pth"), epochs=4))["epoch"] == 4
+    train(FakeTask, fake_config(mine, resume=str(other / "last.pth"), epochs=4, overwrite=True))
+    assert load_training_state(mine / "last.pth")["epoch"] == 4 and not (mine / EARLIER_RUN).exists()
 
 
 @pytest.mark.parametrize("config, setting", [

@@ -23,7 +23,7 @@ import glob
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Sequence
 
 from .errors import UserInputError
 
@@ -78,19 +78,35 @@ def output_error(path: str | Path, err: BaseException) -> OutputError | None:
     return None if cause is None else OutputError(f"cannot write {path}: {_REASONS[cause.errno]}")
 
 
-def check_output_path(path: str | Path) -> Path:
+def check_output_path(path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
     """Fail early, with one line, if ``path`` cannot become a file; returns it as a ``Path``.
 
     Checks what can be known before writing (call it before a long export): ``path`` is not
-    a folder, no folder on its way is a file, and the nearest existing folder is writable.
-    Missing folders are not created here. A leading ``~`` is the home folder (no shell expands
-    it in ``--output=~/x``).
+    a folder, nor one of ``inputs`` (the files the output is made from, e.g. the checkpoint it
+    converts, which writing would replace), no folder on its way is a file, and the nearest
+    existing folder is writable. Missing folders are not created here. A leading ``~`` is the
+    home folder (no shell expands it in ``--output=~/x``).
     """
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    for source in inputs:
+        if _same_file(path, Path(source).expanduser()):
+            raise OutputError(f"cannot write {path}: it is the input {source}, which it would replace; "
+                              f"give another output file")
     _check_folder(path.parent, path)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: links seen through, and ``..`` taken as written
+    (``new/../x`` is ``x`` once the writer has made ``new``)."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing: no file to replace
+        return False
 
 
 def check_output_folder(folder: str | Path) -> Path:

@@ -128,7 +128,7 @@ def dense_output(args: argparse.Namespace, config: Any) -> tuple[str, Path]:
     from crossformer.atomic import check_output_path
 
     name = f"{config.model.kind}_{config.model.backbone}"
-    return name, check_output_path(args.output or f"{name}{FORMATS[args.format]}")
+    return name, check_output_path(args.output or f"{name}{FORMATS[args.format]}", inputs=(args.checkpoint,))
 
 
 def write_dense_weights(model: Any, checkpoint: Mapping[str, Any], output: Path) -> int:
@@ -216,7 +216,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
         name, settings, num_classes = _model_settings(args, checkpoint, model_kwargs or {})
         height, width = img_size(args, default=(checkpoint or {}).get("img_size", 224))
-        output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}")
+        output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}",
+                                   inputs=[args.checkpoint] if args.checkpoint else [])
         if checkpoint and checkpoint.get("model_kwargs") and name == checkpoint.get("model_name"):
             shown = ", ".join(f"{k}={v}" for k, v in settings.items())
             print(f"model {name} with the checkpoint's settings: {shown}")

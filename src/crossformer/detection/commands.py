@@ -132,9 +132,10 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
     from .data import CocoDetection
     from .evaluate import COCO_METRICS, evaluate_detector, load_ground_truth
 
-    # checked before the evaluation, which may take hours
-    results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"))
     ann_file, image_dir = data_paths(config.data, "val")
+    # checked before the evaluation, which may take hours
+    results = check_output_path(Path(args.results) if args.results else Path(args.checkpoint).with_suffix(".results.json"),
+                                inputs=(args.checkpoint, ann_file))
     ctx = setup_distributed(config.run.device)
     try:
         loaded = load_detector(config, args.checkpoint, ctx.device, args.ema)

@@ -1,7 +1,8 @@
 """The run's output folder: never mix a new run into an earlier one's files.
 
 A folder that already holds something is used only to continue that run (``resume``) or to
-replace it on request (``overwrite``, which deletes the earlier run's files and says which).
+replace it on request (``overwrite``, which deletes the earlier run's files once the new run has
+started, and says which: a start that fails on bad input leaves the earlier run as it was).
 A folder holding only logs (``log.txt``, ``tensorboard/``) is reused, its log continued. A run
 that fails before it trains (bad input) takes back what it wrote (:class:`OutputBefore`).
 """
@@ -16,7 +17,8 @@ from ..atomic import OutputError, stale_temporaries, write_text_atomic
 from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
-__all__ = ["RUN_FILES", "claim_output", "claim_demo_output", "DEMO_MARK", "OutputBefore"]
+__all__ = ["RUN_FILES", "EARLIER_RUN", "OutputClaim", "claim_output", "claim_demo_output", "DEMO_MARK",
+           "OutputBefore"]
 
 # What a run writes in its folder (and --overwrite deletes); other files are left alone.
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "log.txt", "tensorboard")
@@ -24,33 +26,83 @@ LOGS_ONLY = ("log.txt", "tensorboard")
 DEMO_MARK = "crossformer-demo.txt"  # a demo's output folder says so, naming the demo's task
 
 
-def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> list[str]:
-    """Check that a run may write into ``output``; with ``overwrite``, delete an earlier run's files.
+EARLIER_RUN = ".earlier-run"  # --overwrite moves the earlier run's files here until the new run has started
 
-    Returns the names deleted (empty when the folder was new or empty, or when resuming).
+
+@dataclass(frozen=True)
+class OutputClaim:
+    """A run's hold on its folder (:func:`claim_output`). With ``overwrite``, the earlier run's
+    files are moved aside (into :data:`EARLIER_RUN`), not deleted: a start that fails on bad
+    data or settings puts them back (:meth:`give_back`), a start that succeeds deletes them
+    (:meth:`replace`)."""
+
+    folder: Path
+    displaced: tuple[str, ...] = ()  # the earlier run's files, moved aside
+
+    def replace(self) -> None:
+        """The new run has started: delete the earlier run's files."""
+        if self.displaced:
+            shutil.rmtree(self.folder / EARLIER_RUN)
+
+    def give_back(self) -> None:
+        """The new run failed to start: put the earlier run's files back where they were."""
+        aside = self.folder / EARLIER_RUN
+        for name in self.displaced:
+            (aside / name).rename(self.folder / name)
+        if self.displaced:
+            aside.rmdir()
+
+
+def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> OutputClaim:
+    """Check that a run may write into ``output``: a new or empty folder, one holding only logs,
+    the run that ``resume`` continues (``auto``, or a checkpoint inside the folder), or, with
+    ``overwrite``, an earlier run, whose files (:data:`RUN_FILES`) are moved aside.
 
     Raises:
         OutputError: ``output`` is a file.
-        UserInputError: the folder holds something and neither ``resume`` nor ``overwrite`` is set.
+        UserInputError: the folder holds something that is not the run ``resume`` continues,
+            and ``overwrite`` is not set.
     """
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output {folder} is a file, not a folder; pass another --output")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if resume or all(name in LOGS_ONLY for name in entries):
+    if all(name in LOGS_ONLY for name in entries) or (resume and _continues_its_run(folder, resume, entries)):
         _remove_stale_checkpoints(folder)
-        return []
+        return OutputClaim(folder)
     if not overwrite:
-        raise UserInputError(
-            f"output folder {folder} already holds {listing(entries)}: pass --resume auto to continue that run, "
-            f"--overwrite to replace it, or another --output"
-        )
+        raise UserInputError(_refusal(folder, resume, entries))
     _remove_stale_checkpoints(folder)
-    removed = [name for name in RUN_FILES if name in entries]
-    for name in removed:
-        path = folder / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return removed
+    aside = folder / EARLIER_RUN
+    if aside.exists():  # left by an --overwrite killed before its run started: replaced as asked twice
+        shutil.rmtree(aside)
+    displaced = tuple(name for name in RUN_FILES if name in entries)
+    if displaced:
+        aside.mkdir()
+        for name in displaced:
+            (folder / name).rename(aside / name)
+    return OutputClaim(folder, displaced)
+
+
+def _continues_its_run(folder: Path, resume: str, entries: list[str]) -> bool:
+    """Whether ``resume`` continues the run in ``folder``: ``auto`` with the folder's own
+    ``last.pth``, or with no checkpoint there yet (a run stopped before its first, restarted by
+    the same command), or a checkpoint file inside the folder."""
+    if resume == "auto":
+        return LAST in entries or BEST not in entries
+    return Path(resume).expanduser().resolve().parent == folder.resolve()
+
+
+def _refusal(folder: Path, resume: str | None, entries: list[str]) -> str:
+    """Why ``folder`` is refused, and the ways on."""
+    held = f"output folder {folder} already holds {listing(entries)}"
+    if resume == "auto":  # a best.pth without its last.pth: starting afresh would replace it
+        return (f"{held} but no {LAST} to continue from: pass --resume {folder / BEST} to continue from the best "
+                f"checkpoint, --overwrite to replace that run, or another --output")
+    if resume:
+        return (f"{held}, another run than the one --resume {resume} continues: pass that run's own folder, "
+                f"a new --output, or --overwrite to replace the run in {folder}")
+    return f"{held}: pass --resume auto to continue that run, --overwrite to replace it, or another --output"
 
 
 @dataclass(frozen=True)

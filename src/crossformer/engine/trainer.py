@@ -563,7 +563,8 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     validated already (:func:`~crossformer.engine.registry.resolve_config` does it).
 
     ``run.output`` must be new, empty or hold only logs, unless ``run.resume`` continues the run
-    there or ``run.overwrite`` replaces it (:func:`~crossformer.engine.output.claim_output`).
+    there or ``run.overwrite`` replaces it (:func:`~crossformer.engine.output.claim_output`: the
+    earlier run's files are deleted once this run has started, kept if it fails to start).
     SIGINT / SIGTERM save a mid-epoch ``last.pth`` and raise :class:`RunInterrupted`. Errors and
     interrupts are also written to ``log.txt``.
     """
@@ -574,15 +575,16 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
     ctx = setup_distributed(run.device)
     try:
         # before anyone writes into the folder
-        removed = ctx.on_main(lambda: claim_output(run.output, run.resume, run.overwrite)) or []
+        claim = ctx.on_main(lambda: claim_output(run.output, run.resume, run.overwrite))
         before = OutputBefore.of(run.output)  # a start that fails takes back what it wrote
         log = RunLogger(run.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
-        if removed:
-            log.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {run.output}")
         trainer = None
         try:
             with deterministic_kernels(run.deterministic):  # run.deterministic: this run's kernels only
                 trainer = Trainer(task_cls, config, ctx, on_step_end, log=log)
+                if claim is not None and claim.displaced:  # started: data and settings hold
+                    claim.replace()
+                    log.info(f"--overwrite: deleted the earlier run's {', '.join(claim.displaced)} in {run.output}")
                 return trainer.run()
         except RunInterrupted:
             raise  # logged already
@@ -596,5 +598,7 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
             log.close()
             if trainer is None and ctx.is_main:
                 before.restore()
+                if claim is not None:
+                    claim.give_back()
     finally:
         teardown_distributed(ctx)

@@ -517,7 +517,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, use_ema: bool = Fal
     what the checkpoint records about its model (:func:`checkpoint_description`) in its metadata."""
     from ..atomic import check_output_path
 
-    check_output_path(dst)
+    check_output_path(dst, inputs=(src,))
     checkpoint = read_checkpoint(src)
     weights = extract_state_dict(checkpoint, use_ema=use_ema, source=str(src))
     return save_safetensors(weights, dst, checkpoint_description(checkpoint))

@@ -141,7 +141,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     from .task import build_datasets
 
     if args.output:  # checked before the evaluation, which may take hours
-        check_output_path(args.output)
+        check_output_path(args.output, inputs=(args.checkpoint,))
     _, dataset = build_datasets(config.data, training=False)
     ctx = setup_distributed(config.run.device)
     try:
