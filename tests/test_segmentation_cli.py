@@ -148,6 +148,15 @@ def test_export_writes_the_segmentor_for_many_sizes(run: dict[str, Path], tmp_pa
         with torch.no_grad():
             expected = segmentor.eval().predict_logits(images, size)
         assert logits.shape == (3, 7, *size) and np.abs(logits - expected.numpy()).max() < 1e-4
+    # --static: one size, any batch (a size test on the traced maps made torch.export fail)
+    static = tmp_path / "static.onnx"
+    assert main(["export", "--checkpoint", str(run["checkpoint"]), "--format", "onnx", "--static", "--img-size", "64",
+                 "-o", str(static)]) == 0
+    assert "valid input sizes: height 64..64, width 64..64" in capsys.readouterr().out
+    images = torch.randn(5, 3, 64, 64)
+    [logits] = ort.InferenceSession(str(static)).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        assert np.abs(logits - segmentor.predict_logits(images, (64, 64)).numpy()).max() < 1e-4
     # TorchScript, with the config the checkpoint records; a segmentor takes no classifier options
     script = tmp_path / "seg.pt"
     assert main(["export", "--checkpoint", str(run["checkpoint"]), "--format", "torchscript", "--img-size", "48", "64",

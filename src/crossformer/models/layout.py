@@ -52,9 +52,10 @@ def _in_strips(maps: Sequence[torch.Tensor]) -> bool:
     """Whether copying ``maps`` strip by strip pays: large non-NCHW CPU maps of one dtype
     (``torch.cat`` would promote mixed ones), in eager mode."""
     return (
-        any(not m.is_contiguous() and m.numel() >= STRIP_COPY_ELEMENTS for m in maps)
+        # first: a size test on a traced map is a guard on its batch (a static-size export failed)
+        not capturing_graph()
+        and any(not m.is_contiguous() and m.numel() >= STRIP_COPY_ELEMENTS for m in maps)
         and all(m.device.type == "cpu" and m.dtype == maps[0].dtype for m in maps)
-        and not capturing_graph()
     )
 
 
