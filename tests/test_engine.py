@@ -154,6 +154,22 @@ def test_run_counts_of_zero_are_refused(setting: str) -> None:
         apply_overrides(EngineConfig(), {"epochs": 1, setting: 0}).validate()
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    # torch's "Invalid beta parameter" traceback at the optimizer's construction
+    ("betas", [1.5, 0.9], r"^optimizer.betas must each be in \[0, 1\), got \[1.5, 0.9\]$"),
+    ("betas", [0.9, 1.0], r"^optimizer.betas must each be in \[0, 1\), got \[0.9, 1.0\]$"),
+    ("betas", [-0.1, 0.9], r"^optimizer.betas must each be in \[0, 1\)"),
+    # accepted, then a NaN loss whose message advised a lower learning rate
+    ("eps", 0, r"^optimizer.eps must be above 0, got 0"),
+    # accepted: a negative rate after the milestone (gradient ascent), exit 0
+    ("gamma", -1, r"^schedule.gamma must be above 0, got -1"),
+])
+def test_optimizer_and_schedule_values_that_cannot_train_are_refused(setting: str, value, message: str) -> None:
+    with pytest.raises(UserInputError, match=message):
+        apply_overrides(EngineConfig(), {"epochs": 1, setting: value}).validate()
+    apply_overrides(EngineConfig(), {"epochs": 1, "betas": [0.0, 0.99], "eps": 1e-12, "gamma": 2.0}).validate()
+
+
 def test_an_average_that_never_moves_is_refused() -> None:
     with pytest.raises(UserInputError, match=r"^run.model_ema_decay must be in \[0, 1\), got 1.0$"):
         apply_overrides(EngineConfig(), {"epochs": 1, "model_ema_decay": 1.0}).validate()

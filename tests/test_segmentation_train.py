@@ -82,6 +82,9 @@ def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:
     # a crop under 32x32 was the backbone's ValueError traceback at the first step
     with pytest.raises(UserInputError, match=r"pipeline.crop_size must be at least 32x32, .* got \[16, 16\]"):
         resolve_config("upernet_crossformer_small", {"pipeline.crop_size": [16, 16]})
+    # a NaN loss at the first step: the normalisation divides by it
+    with pytest.raises(UserInputError, match=r"pipeline.std must be above 0 in each channel, got \[58.4, 0.0, 57.4\]"):
+        resolve_config("upernet_crossformer_small", {"pipeline.std": [58.4, 0, 57.4]})
     # another ignore value padded the crops with a class the loss trained on (data, loss, metrics ignore 255)
     with pytest.raises(UserInputError, match="pipeline.ignore_index must be 255, got 0"):
         resolve_config("upernet_crossformer_small", {"pipeline.ignore_index": 0})

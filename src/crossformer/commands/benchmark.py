@@ -22,7 +22,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument, img_size, model_name
+from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument, class_count, img_size, model_name
 
 if TYPE_CHECKING:
     from crossformer.benchmark import BenchConfig
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last images and conv weights")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--grad-checkpointing", action="store_true", help="checkpoint blocks in training")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
+    parser.add_argument("--num-classes", type=class_count, default=None, metavar="N",
                         help="classifier size (default: a classification --config's data's class count, else 1000)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds; figures are medians (default 7)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per model per round (default 1)")

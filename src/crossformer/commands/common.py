@@ -43,6 +43,17 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model
 
 
+def class_count(text: str) -> int:
+    """``--num-classes``'s type: a whole number, 0 or more (0: no classifier, pooled features)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224, with_config: str = "") -> None:
     """``--img-size N`` or ``H W``; ``with_config``: what the help adds about the default a ``--config`` gives."""
     parser.add_argument(

@@ -15,6 +15,7 @@ from .common import (
     IMAGENET_CLASSES,
     add_model_arg_argument,
     add_model_argument,
+    class_count,
     img_size,
     model_args,
     recorded_config,
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "crop size; a detector's test scale)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=None, metavar="N",
+        "--num-classes", type=class_count, default=None, metavar="N",
         help="classifier size (default: the checkpoint's head, else a classification --config's data's class "
         "count, else 1000; 0 for pooled features)",
     )
@@ -146,8 +147,6 @@ def check_options(args: argparse.Namespace) -> None:
     from crossformer import export as exporting
     from crossformer.errors import UserInputError
 
-    if args.num_classes is not None and args.num_classes < 0:
-        raise UserInputError(f"--num-classes must be 0 or more, got {args.num_classes}")
     if args.format == "onnx":
         if args.opset is not None and args.opset < MIN_OPSET:
             raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")

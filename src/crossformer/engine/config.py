@@ -121,8 +121,12 @@ class OptimizerConfig:
     lr_batch_reference: int = 512  # the global batch that lr is given for (with scale_lr)
 
     def validate(self) -> None:
-        _at_least(self, 0, "lr", "weight_decay", "eps")
+        _at_least(self, 0, "lr", "weight_decay")
         _at_least(self, 1, "lr_batch_reference")
+        if not self.eps > 0:  # 0 divides by zero where a parameter's gradient is 0: a NaN loss at the next step
+            raise UserInputError(f"optimizer.eps must be above 0, got {self.eps}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise UserInputError(f"optimizer.betas must each be in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class ScheduleConfig:
             raise UserInputError(f"schedule.milestones must rise from 1 or more, got {list(self.milestones)}")
         if self.name == "step" and not self.milestones:
             raise UserInputError("schedule.name=step needs schedule.milestones, e.g. [8, 11]")
+        if not self.gamma > 0:  # a negative rate climbs the loss; 0 stops training at the first milestone
+            raise UserInputError(f"schedule.gamma must be above 0, got {self.gamma}")
 
 
 @dataclass(frozen=True)

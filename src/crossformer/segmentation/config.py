@@ -183,6 +183,8 @@ def _validate_pipeline(p: TrainPipelineConfig) -> None:
         raise UserInputError(f"pipeline.cat_max_ratio must be in (0, 1], got {p.cat_max_ratio}")
     if not 0 <= p.flip_prob <= 1:
         raise UserInputError(f"pipeline.flip_prob must be in [0, 1], got {p.flip_prob}")
+    if not all(s > 0 for s in p.std):  # the normalisation divides by it
+        raise UserInputError(f"pipeline.std must be above 0 in each channel, got {list(p.std)}")
     if p.ignore_index != IGNORE_INDEX:  # crops were padded with it, but data, loss and metrics ignore 255
         raise UserInputError(f"pipeline.ignore_index must be {IGNORE_INDEX}, got {p.ignore_index}: label value "
                              f"{IGNORE_INDEX} is the one ignored everywhere; store ignored pixels as {IGNORE_INDEX}")
