@@ -139,9 +139,10 @@ def _model_command(verb: str):
 
         from ..errors import UserInputError
 
-        settings: dict[str, Any] = {}
-        if not args.model:  # the config's model, as it configures it
-            args.model, settings = config.model.name, dict(config.model.kwargs)
+        # the model train builds from the same flags: --model replaces the config's name, and its
+        # model.kwargs stay (they were dropped: flops measured another model than train trained)
+        args.model = args.model or config.model.name
+        settings = dict(config.model.kwargs)
         if not args.model:
             raise UserInputError(f"{verb}: the config names no model; pass --model NAME")
         if not args.img_size_given and "data.img_size" in given:
