@@ -141,6 +141,8 @@ def test_predict_matches_the_model(trained: tuple[Path, dict], data: Path) -> No
     assert loaded.class_names == ["cat", "dog", "eel"] and loaded.img_size == 32
     with pytest.raises(DataError, match="no such image"):
         predict([data / "missing.png"], trained[0] / "best.pth", device="cpu")
+    with pytest.raises(UserInputError, match="--topk must be at least 1, got 0"):  # it gave one label, quietly
+        predict([data / "val" / "dog"], trained[0] / "best.pth", topk=0, device="cpu")
 
 
 def test_predict_in_batches_smaller_than_the_files_labels_every_file(trained: tuple[Path, dict], data: Path) -> None:

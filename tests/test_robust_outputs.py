@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -122,6 +123,43 @@ def test_bad_destinations_are_one_line(tmp_path):
     assert (tmp_path / "a_file").read_bytes() == PREVIOUS
     _only(tmp_path, "a_folder", "a_file")
     _only(tmp_path / "a_folder")
+
+
+@pytest.mark.parametrize("error, reason", [(errno.EPERM, "permission denied"), (errno.EROFS, "the file system is read-only")])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch, error, reason):
+    # predict --output /sys/foo (root in a container: EPERM) was mkdir's traceback in segmentation
+    # predict; the training log's folder too
+    from PIL import Image
+
+    from crossformer.detection.predict import predict_detections
+    from crossformer.engine.logging import RunLogger
+    from crossformer.segmentation.inference import InferenceConfig
+    from crossformer.segmentation.predict import predict_images
+    from test_segmentation_eval import ConstantSegmentor
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "photo.png")
+    real = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name == "out":
+            raise OSError(error, os.strerror(error), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    out = tmp_path / "out"
+    for run in (lambda: predict_detections(_NoDetections(), tmp_path / "photo.png", out, ["a"]),
+                lambda: predict_images(ConstantSegmentor(3, target=1), tmp_path / "photo.png", out, ["a", "b", "c"],
+                                       inference=InferenceConfig(scale=(64, 48))),
+                lambda: RunLogger(out)):
+        with pytest.raises(OutputError, match=f"^cannot write {re.escape(str(out))}: {reason}$"):
+            run()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_files_is_one_line(tmp_path):
+    # export -o /proc/c.onnx: FileNotFoundError's traceback (ENOENT from creating the file)
+    with pytest.raises(OutputError, match="^cannot write /proc/c.bin: its folder takes no new files; nothing was written$"):
+        write_atomic("/proc/c.bin", lambda f: f.write(b"x"))
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions (root ignores them)")

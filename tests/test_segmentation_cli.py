@@ -303,6 +303,11 @@ def test_bad_input_is_one_line_naming_the_file(run: dict[str, Path], tmp_path: P
     fpn = write_config(tmp_path / "fpn.yaml", "fpn")
     _one_line_error(capsys, ["evaluate", "--config", str(fpn), "--checkpoint", str(run["checkpoint"]), "--data",
                              str(run["data"])], str(run["checkpoint"]), "holds a upernet crossformer_small")
+    # only the head's width differs: the two descriptions read alike, and nothing named it
+    _one_line_error(capsys, ["evaluate", "--config", str(run["config"]), "--checkpoint", str(run["checkpoint"]),
+                             "--data", str(run["data"]), "model.channels=32"],
+                    "with channels=16, aux_channels=8 segmentor but the config describes",
+                    "with channels=32, aux_channels=8: pass the config it was trained with (or model.channels=16)")
     foreign = tmp_path / "foreign.pth"
     state = load_training_state(run["checkpoint"])
     torch.save({"state_dict": {k.replace("backbone.model.", "backbone."): v for k, v in state["model"].items()

@@ -216,6 +216,23 @@ def test_pretrained_backbone_loads_official_classification_weights(reference_dir
     assert backbone and all(torch.equal(v, classifier.state_dict()[k]) for k, v in backbone.items())
 
 
+def test_pretrained_weights_of_other_settings_name_the_backbone_kwargs_to_set(reference_dir: Path) -> None:
+    # segmentation and detection listed the differing keys over three lines (2 KB) with no hint,
+    # where classification said which model.kwargs setting the file's weights show
+    from crossformer.detection import build_detector
+
+    settings = {k: v for k, v in REFERENCE_CONFIGS["v1"].items() if k not in ("num_classes", "depths")}
+    checkpoint = str(reference_dir / "v1_cls.pth")  # depths 2, 2, 4, 2
+    for build in (lambda: build_segmentor("upernet", "crossformer_tiny", 3, backbone_kwargs=settings,
+                                          pretrained_backbone=checkpoint),
+                  lambda: build_detector("retinanet", num_classes=3, backbone_kwargs=settings, pretrained_backbone=checkpoint)):
+        with pytest.raises(CheckpointError) as misfit:
+            build()
+        message = str(misfit.value)
+        assert "\n" not in message and message.startswith(f"{checkpoint} does not fit this model (missing: "), message
+        assert message.endswith("its weights show other settings: set model.backbone_kwargs.depths=[2,2,4,2]"), message
+
+
 def test_meta_of_mmseg_checkpoints() -> None:
     assert read_segmentation_meta({"meta": {"CLASSES": ("wall", "sky"), "PALETTE": [[1, 2, 3], [4, 5, 6]]}}) == dict(
         classes=("wall", "sky"), palette=((1, 2, 3), (4, 5, 6))

@@ -30,8 +30,8 @@ from .errors import UserInputError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["OutputError", "output_error", "check_output_path", "check_output_folder", "stale_temporaries",
-           "write_atomic", "write_text_atomic", "save_image_atomic"]
+__all__ = ["OutputError", "output_error", "check_output_path", "check_output_folder", "make_folder",
+           "stale_temporaries", "write_atomic", "write_text_atomic", "save_image_atomic"]
 
 # errno -> what it means for the file being written
 _REASONS = {
@@ -44,6 +44,7 @@ _REASONS = {
     errno.EISDIR: "it is a folder",
     errno.ENOTDIR: "a folder on its path is a file",
     errno.ENAMETOOLONG: "the name is too long",
+    errno.ENOENT: "its folder takes no new files",  # creating a file in a folder that refuses them (/proc)
 }
 
 
@@ -115,6 +116,17 @@ def check_output_folder(folder: str | Path) -> Path:
     not writable. Returns it as a ``Path``, a leading ``~`` made the home folder."""
     folder = Path(folder).expanduser()
     _check_folder(folder, folder)
+    return folder
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and its parents where missing; a folder that cannot be made (permissions,
+    a read-only file system, a file in the way) is an :class:`OutputError` naming it."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(folder, err) or err from None
     return folder
 
 

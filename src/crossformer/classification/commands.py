@@ -80,11 +80,7 @@ def _note(message: str) -> None:
 
 
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
-    from ..errors import UserInputError
     from .predict import Prediction, predict
-
-    if args.topk < 1:
-        raise UserInputError(f"--topk must be at least 1, got {args.topk}")
 
     def say(result: Prediction) -> None:
         if args.json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,28 +107,13 @@ def _misfit(checkpoint: str | Path, name: str, settings: dict[str, Any], weights
     """One line on why ``weights`` (of ``checkpoint``) do not load into ``name`` built with
     ``settings`` (state dict ``expected``): the first differences, and the settings the weights
     show that the model lacks (what ``--model-arg`` would change), where they show any."""
+    from ..models.weights import first_differences, settings_shown_by
+
     built = f"{name} with {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else name
     differing = settings_shown_by(weights, expected)
     hint = (f"its weights show other settings: add {' '.join(f'--model-arg {d}' for d in differing)}" if differing
             else "check --model and --model-arg against the settings the file was trained with")
     return f"{checkpoint} does not fit {built} ({first_differences(weights, expected)}); {hint}"
-
-
-def first_differences(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
-    """The first two keys of each kind that keep ``weights`` from loading into ``expected``."""
-    from ..models.weights import key_differences, summarize_differences
-
-    return "; ".join(summarize_differences(key_differences(weights, expected), shown=2))
-
-
-def settings_shown_by(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
-    """``KEY=VALUE`` for each architecture setting (embed_dim, depths, num_heads, ...) that the
-    shapes of ``weights`` show and that differs from the model whose state dict is ``expected``."""
-    from ..models.variants import architecture_of
-
-    file_settings, model_settings = architecture_of(weights), architecture_of(expected)
-    return [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in file_settings.items()
-            if k in model_settings and v != model_settings[k]]
 
 
 def _size(size: Any) -> int | tuple[int, int]:

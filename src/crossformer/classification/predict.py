@@ -11,6 +11,7 @@ import torch
 from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list, open_image
 from ..data.folder import SKIP_HINT
 from ..engine import resolve_device
+from ..errors import UserInputError
 from .model import load_classifier
 
 __all__ = ["Prediction", "predict", "imagenet_class_names"]
@@ -63,6 +64,8 @@ def predict(
     files of an image format this build cannot read, left out (:func:`crossformer.data.expand_image_paths`).
     ``on_result`` hears of each prediction as its batch is done (the command prints it then).
     """
+    if topk < 1:  # before the model loads; 0 gave one label, quietly
+        raise UserInputError(f"--topk must be at least 1, got {topk}")
     given_names = load_class_list(class_names) if class_names is not None else None
     loaded = load_classifier(checkpoint, model, img_size, use_ema, resolve_device(device), model_kwargs)
     names = given_names if given_names is not None else loaded.class_names
@@ -77,7 +80,7 @@ def predict(
     transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     files = expand_image_paths(paths, on_note=note)
     device_ = next(loaded.model.parameters()).device
-    k = max(1, min(topk, loaded.num_classes))
+    k = min(topk, loaded.num_classes)
     height, width = (loaded.img_size, loaded.img_size) if isinstance(loaded.img_size, int) else loaded.img_size
     results: list[Prediction] = []
     skipped = 0

@@ -22,10 +22,10 @@ from ..data import (
 from ..data.folder import left_out_notes
 from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
 from ..engine import train as train_task
-from ..errors import CheckpointError, UserInputError
+from ..errors import UserInputError
 from .config import CONFIG, AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
-from .model import create_classifier, first_differences, settings_shown_by
+from .model import create_classifier
 
 __all__ = ["ClassificationTask", "train", "CONFIG", "TASK", "default_config", "check_train_command"]
 
@@ -40,25 +40,6 @@ def check_train_command(config: ClassificationConfig, given: dict[str, Any]) -> 
             f"no data given for {config.model.name}: pass --data PATH (a folder with train/<class>/* and "
             "val/<class>/*), or data.root=null to train on the built-in digits"
         )
-
-
-def _pretrained_misfit(error: CheckpointError, path: str, model: nn.Module) -> CheckpointError:
-    """``error`` (``model.pretrained`` at ``path`` did not load into ``model``) as one line
-    naming the ``model.kwargs`` settings the file's weights show, where they show any; else
-    ``error`` itself (a file that cannot be read, or differs otherwise)."""
-    from ..models.weights import extract_state_dict, read_checkpoint
-
-    try:
-        weights = extract_state_dict(read_checkpoint(path))
-    except UserInputError:
-        return error
-    # a head of another class count starts afresh (a note, not a misfit): left out here
-    weights, expected = ({k: v for k, v in d.items() if not k.startswith("head.")} for d in (weights, model.state_dict()))
-    differing = settings_shown_by(weights, expected)
-    if not differing:
-        return error
-    return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "
-                           f"show other settings: set {' '.join(f'model.kwargs.{d}' for d in differing)}")
 
 
 def _criterion(config: AugmentConfig, num_classes: int) -> tuple[Any, nn.Module]:
@@ -129,16 +110,13 @@ class ClassificationTask(Task):
         self.val_loader = build_loader(self.val_set, batch, val_sampler, workers, seed, drop_last=False, pin_memory=pin)
 
     def _build_model(self) -> None:
-        from ..models.weights import load_checkpoint
+        from ..models.weights import load_pretrained
 
         c = self.config
         model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs,
                                   img_size=c.data.size_hw)
         if c.model.pretrained:
-            try:
-                load_checkpoint(model, c.model.pretrained, note=self.notes.append)
-            except CheckpointError as err:
-                raise _pretrained_misfit(err, c.model.pretrained, model) from None
+            load_pretrained(model, c.model.pretrained, "model.kwargs", note=self.notes.append)
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast

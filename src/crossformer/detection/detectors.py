@@ -219,14 +219,14 @@ def build_detector(
         raise UserInputError(f"unknown backbone {backbone!r}: choose one of {', '.join(VARIANTS)}")
     body = build_task_backbone(backbone, backbone_kwargs)
     if pretrained_backbone is not None:
-        from ..models import load_state, read_checkpoint
+        from ..models.weights import load_pretrained, read_checkpoint
         from .checkpoint import head_keys
 
         checkpoint = read_checkpoint(pretrained_backbone)
         if head_keys(checkpoint, source=str(pretrained_backbone)):  # else its keys fail to fit, listed by the hundred
             raise UserInputError(f"{pretrained_backbone} is a whole detector, not an ImageNet backbone: start every weight "
                                  f"from it with --init-from (model.init_from), or give --pretrained an ImageNet checkpoint")
-        load_state(body, checkpoint, str(pretrained_backbone))
+        load_pretrained(body, pretrained_backbone, "model.backbone_kwargs", checkpoint=checkpoint)
     if kind == "retinanet":
         return RetinaNet(body, num_classes, channels)
     return TwoStageDetector(kind, body, num_classes, channels, fc_channels)

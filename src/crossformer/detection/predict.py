@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..atomic import check_output_folder, save_image_atomic, write_text_atomic
+from ..atomic import check_output_folder, make_folder, save_image_atomic, write_text_atomic
 from ..data import DataError, expand_image_inputs, output_paths, read_rgb
 from ..data.draw import draw_boxes, overlay_masks, palette
 from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
@@ -102,7 +102,7 @@ def predict_detections(
     inputs = expand_image_inputs(paths, output_dir, log)
     output_dir = check_output_folder(output_dir)  # before any work: a file of that name is one line
     pngs = output_paths(inputs, output_dir, [".png"])  # the input's folders mirrored; none replaces an input
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(output_dir)
     transform = transform or build_test_transform()
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
     name_of = dict(zip(cat_ids, class_names))  # the records name their class: no annotation file says it here

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..atomic import OutputError, output_error
+from ..atomic import OutputError, make_folder, output_error
 
 __all__ = ["RunLogger", "Progress", "SkippedFiles", "skipped_on_stderr", "MAX_NAMED_FILES"]
 
@@ -62,7 +62,7 @@ class RunLogger:
         self.failure: OutputError | None = None  # the first file it could not write (it writes none after)
         if not enabled or self.output_dir is None:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.output_dir)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -469,6 +469,55 @@ def load_state(
     return model
 
 
+def first_differences(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """The first two keys of each kind that keep ``weights`` from loading into ``expected``."""
+    return "; ".join(summarize_differences(key_differences(weights, expected), shown=2))
+
+
+def settings_shown_by(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """``KEY=VALUE`` for each architecture setting (embed_dim, depths, num_heads, ...) that the
+    shapes of ``weights`` show and that differs from the model whose state dict is ``expected``."""
+    from .variants import architecture_of
+
+    file_settings, model_settings = architecture_of(weights), architecture_of(expected)
+    return [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in file_settings.items()
+            if k in model_settings and v != model_settings[k]]
+
+
+def load_pretrained(model: nn.Module, path: str | Path, settings_key: str, note: Callable[[str], None] | None = None,
+                    checkpoint: Mapping[str, Any] | None = None) -> None:
+    """:func:`load_state` of the ImageNet weights ``path`` (``--pretrained``; ``checkpoint``: its
+    contents, where read already) into a classifier or a dense task's backbone, whose
+    constructor settings the config holds under ``settings_key`` (``model.kwargs``,
+    ``model.backbone_kwargs``). Weights of other settings are one line naming them (e.g.
+    ``set model.backbone_kwargs.embed_dim=32``), rather than the keys that differ, listed by the dozen."""
+    try:
+        load_state(model, read_checkpoint(path) if checkpoint is None else checkpoint, str(path), note=note)
+    except CheckpointError as err:
+        raise _pretrained_misfit(err, path, model, settings_key) from None
+
+
+def _pretrained_misfit(error: CheckpointError, path: str | Path, model: nn.Module, settings_key: str) -> CheckpointError:
+    """``error`` as one line naming the settings the file's weights show, where they show any;
+    else ``error`` itself (a file that cannot be read, or differs otherwise)."""
+    from ..errors import UserInputError
+
+    try:
+        weights = extract_state_dict(read_checkpoint(path))
+    except UserInputError:
+        return error
+    # a head of another class count starts afresh (a note, not a misfit), and a features
+    # backbone has no head nor final norm: neither is compared
+    kept = (lambda key: not key.startswith(("head.", "norm.")))
+    expected = {k: v for k, v in unwrap_model(model)[0].state_dict().items() if kept(k)}
+    weights = {k: v for k, v in weights.items() if kept(k)}
+    differing = settings_shown_by(weights, expected)
+    if not differing:
+        return error
+    return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "
+                           f"show other settings: set {' '.join(f'{settings_key}.{d}' for d in differing)}")
+
+
 def checkpoint_description(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records about its model besides the weights: every plain (JSON)
     entry that is not training progress, e.g. ours: ``task``, ``model_name``, ``model_kwargs``,

@@ -58,7 +58,10 @@ _PREDICT_KEYS = (*_MODEL_KEYS, "data.palette", "data.label_colours", "data.skip_
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
-    return f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
+    """``upernet crossformer_small (settings) with channels=N``: the head widths where set."""
+    widths = [f"{k}={segmentor[k]}" for k in ("channels", "aux_channels") if segmentor.get(k) is not None]
+    return (f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
+            + (f" with {', '.join(widths)}" if widths else ""))
 
 
 def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
@@ -75,10 +78,13 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
     if isinstance(saved, dict):  # ours: the model settings it was trained with
         num_classes = num_classes or int(saved["num_classes"])
         mine = segmentor_settings(model, num_classes)
-        if any(saved.get(k) != mine[k] for k in SEGMENTOR_KEYS if k != "num_classes"):  # classes: said below
+        differing = [k for k in SEGMENTOR_KEYS if k != "num_classes" and saved.get(k) != mine[k]]  # classes: below
+        if differing:
+            simple = [f"model.{k}={'null' if saved.get(k) is None else saved.get(k)}" for k in differing
+                      if k != "backbone_kwargs"]
             raise UserInputError(
                 f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
-                "pass the config it was trained with"
+                f"pass the config it was trained with" + (f" (or {' '.join(simple)})" if simple else "")
             )
     weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
     if weight is None and dense_task(checkpoint) == "detection":  # not an ImageNet file, as said below

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import check_output_folder, save_image_atomic
+from ..atomic import check_output_folder, make_folder, save_image_atomic
 from ..data import DataError, expand_image_inputs, output_paths
 from ..data.draw import Colour, class_colours
 from .data import read_image
@@ -93,7 +93,7 @@ def predict_images(
     inputs = expand_image_inputs(paths, output_dir, log)
     output = check_output_folder(output_dir)  # before any work: a file of that name is one line
     written = output_paths(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
     device = next(segmentor.parameters()).device
     was_training = segmentor.training
     segmentor.eval()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UserInputError
 from ..models.dense import DenseBackbone, build_task_backbone
-from ..models.weights import load_checkpoint
+from ..models.weights import load_pretrained
 from .heads import FCNHead, FPNHead, UPerHead, fpn_neck, resize, run_fpn_neck
 from .loss import resized_cross_entropy
 from .transforms import IGNORE_INDEX
@@ -163,7 +163,7 @@ def build_segmentor(
     if len(net.channels) != 4:
         raise UserInputError(f"backbone {backbone!r} must return 4 maps, it returns {len(net.channels)}")
     if pretrained_backbone is not None:
-        load_checkpoint(net, pretrained_backbone)
+        load_pretrained(net, pretrained_backbone, "model.backbone_kwargs")
     maps = net.channels
     if kind == "fpn":
         neck = fpn_neck(maps, 256)
