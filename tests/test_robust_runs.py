@@ -1190,7 +1190,8 @@ def test_dense_flops_and_benchmark_refuse_the_classifier_flags_they_do_not_read(
     ("mask_rcnn_shapes_demo", "detector    mask_rcnn on crossformer_tiny (depths=[1, 1, 1, 1], embed_dim=32, "
                               "num_heads=[1, 2, 4, 8]) at 800x1280, 80 classes"),
     ("upernet_demo", "model       upernet crossformer_small (depths=[1, 1, 2, 1], embed_dim=32, group_size=[4, 4, 4, 2], "
-                     "interval=[4, 2, 1, 1], num_heads=[1, 2, 4, 8]) at 512x2048, 150 classes"),
+                     "interval=[4, 2, 1, 1], num_heads=[1, 2, 4, 8]) with channels=64, aux_channels=32 at 512x2048, "
+                     "150 classes"),  # the heads' widths too: the demo's are narrower than the authors
 ])
 def test_dense_flops_names_the_backbone_settings_and_classes_it_counts(capsys, config: str, shown: str) -> None:
     """A 2.4M-parameter count was printed as "upernet crossformer_small" (62M in the README's
