@@ -499,6 +499,25 @@ def test_benchmark_times_the_detector(trained, capsys) -> None:
     assert "maskrcnn_resnet50_fpn only" in _error(capsys)
 
 
+def test_the_torchvision_peer_runs_at_the_benchmark_size(trained, capsys, monkeypatch) -> None:
+    # its transform resized every input to a shorter side of 800: "input 64x96" compared ours at
+    # 64x96 with torchvision at 800x1200
+    from crossformer.detection.bench import TorchvisionImages
+
+    seen = []
+    real = TorchvisionImages.forward
+
+    def recorded(self, images):
+        seen.append(self.detector.transform(list(images))[0].image_sizes)
+        return real(self, images)
+
+    monkeypatch.setattr(TorchvisionImages, "forward", recorded)
+    assert main(["benchmark", "--config", str(trained["config"]), "--img-size", "64", "96", "--rounds", "1",
+                 "--warmup", "0", "--no-memory", "--json", "--compare"]) == 0
+    assert json.loads(capsys.readouterr().out)["compare"] == "maskrcnn_resnet50_fpn"
+    assert seen and all(sizes == [(64, 96)] for sizes in seen)
+
+
 @pytest.mark.slow
 def test_bad_input_gets_one_line_errors(trained, tmp_path: Path, capsys) -> None:
     config, checkpoint = str(trained["config"]), str(trained["checkpoint"])

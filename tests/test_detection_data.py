@@ -306,11 +306,14 @@ def test_missing_images_are_counted_and_a_windows_path_is_named(tmp_path):
 def test_boxes_without_area_dropped_and_outside_clipped_with_a_count(tmp_path):
     path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8]), _ann(2, [5, 5, 0, 9]), _ann(3, [50, 5, 10, 10]),
                                   _ann(4, [30, 20, 20, 20]), _ann(5, [1, 1, 5, 5], area=0),
-                                  _ann(6, [20, 2, 0.5, 9])])  # under a pixel wide: mmdet drops w < 1 or h < 1
+                                  _ann(6, [20, 2, 0.5, 9]),  # under a pixel wide: mmdet drops w < 1 or h < 1
+                                  # outside on both axes (a positive product of two negative sides): they were
+                                  # kept as boxes with x1 > x2, clipped, and trained on
+                                  _ann(7, [500, 500, 10, 10]), _ann(8, [-500, -500, 10, 10])])
     lines: list[str] = []
     ds = CocoDetection(path, tmp_path / "img", log=lines.append)
-    assert (ds.dropped_boxes, ds.clipped_boxes) == (4, 1)
-    assert lines == ["ann.json: dropped 4 boxes with no area or outside their image, clipped 1 boxes to their image "
+    assert (ds.dropped_boxes, ds.clipped_boxes) == (6, 1)
+    assert lines == ["ann.json: dropped 6 boxes with no area or outside their image, clipped 1 boxes to their image "
                      "(as mmdetection)"]
     assert ds[0].boxes.tolist() == [[2, 3, 12, 11], [30, 20, 40, 30]]
 
@@ -487,7 +490,11 @@ _WHOLE_IMAGE_RLE = mask_utils.encode(np.ones((30, 40), dtype=np.uint8, order="F"
     ({"size": [30, 40], "counts": [0, 10]}, r"has an RLE segmentation whose counts \(\[0, 10\]\) are not run lengths"),
     ({"size": [30, 40], "counts": [0, 2000]}, "has an RLE segmentation whose counts"),
     ({"size": [30, 40], "counts": ["a", 1200]}, "has an RLE segmentation whose counts"),
-    ({"size": ["a", 40], "counts": [0, 1200]}, r"has an RLE segmentation of size \['a', 40\], but the image is 30x40"),
+    ({"size": ["a", 40], "counts": [0, 1200]}, r"has an RLE segmentation whose 'size' is \[\"a\", 40\], not \[height, "
+                                               r"width\]; write \[30, 40\], its image's"),
+    # it said "of size 30x40, but the image is 30x40"
+    ({"size": "30x40", "counts": [0, 1200]}, r"has an RLE segmentation whose 'size' is \"30x40\", not \[height, width\]"),
+    ({"size": [30, 40, 3], "counts": [0, 1200]}, r"has an RLE segmentation whose 'size' is \[30, 40, 3\], not \[height, width\]"),
 ])
 def test_a_segmentation_pycocotools_cannot_read_is_one_line_in_training_and_evaluation(tmp_path, segmentation, message):
     # these reached pycocotools: a traceback (ValueError, OverflowError) when a sample or the

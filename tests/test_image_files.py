@@ -258,3 +258,20 @@ def test_segmentation_training_names_them_too(tmp_path: Path) -> None:
     layers = tiny_config(data={"root": str(root)}, run={"output": str(tmp_path / "run")})
     task = SegmentationTask(build_config(SegmentationConfig, (layers, "tiny")), DistContext())
     assert task.notes == [f"left out 1 file this build cannot read: {heic} {LEFT_OUT_END}"]
+
+
+def test_the_detection_graphs_input_sees_the_picture_as_predict_does(tmp_path: Path) -> None:
+    """docs/export.md runs the ONNX detector on ``graph_input(Image.open(path))``, which took
+    the stored grid of a sideways-stored photo (boxes on the sideways image) and clipped a
+    16-bit PNG to near white, where predict reads both upright and scaled."""
+    from crossformer.detection.export import graph_input
+
+    rng = np.random.default_rng(0)
+    _save_turned(tmp_path / "sideways.jpg", rng.integers(0, 255, (40, 70, 3), dtype=np.uint8), 6)
+    Image.fromarray(rng.integers(0, 65535, (40, 70), dtype=np.uint16)).save(tmp_path / "deep.png")
+    for name in ("sideways.jpg", "deep.png"):
+        with Image.open(tmp_path / name) as opened:
+            images, factors = graph_input(opened, max_size=128, min_size=64)
+        expected, expected_factors = graph_input(read_rgb(tmp_path / name), max_size=128, min_size=64)
+        assert torch.equal(images, expected) and factors == expected_factors, name
+    assert images.shape[-2:] == (64, 112) and expected.shape[-2:] == (64, 112)

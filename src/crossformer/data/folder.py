@@ -23,7 +23,7 @@ from ..atomic import OutputError
 from ..errors import DataError, listing
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "ImageListing", "find_split", "find_images", "list_images",
-           "left_out_line", "left_out_notes", "open_image", "opened", "read_rgb",
+           "left_out_line", "left_out_notes", "open_image", "opened", "read_rgb", "upright_rgb",
            "oriented_size",
            "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
            "leave_out_folder", "training_classes"]
@@ -224,20 +224,25 @@ def _no_format_reason(path: str | Path) -> str:
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """An RGB image as it is meant to be seen: EXIF orientation applied, grayscale (8- or
-    16-bit), palette and alpha images converted.
+    """The image file ``path`` as :func:`upright_rgb` makes it.
     ``FileNotFoundError`` and ``UNREADABLE_ERRORS`` pass through, for callers that name the
     file in their own message or count it."""
     with opened(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I"):
-            # 16-bit (or 32-bit integer) grayscale: Pillow's RGB conversion clips every value
-            # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
-            gray = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
-            img = Image.fromarray(gray, "L")
-        elif img.mode == "F":
-            img = Image.fromarray(_float_grey(np.asarray(img, dtype=np.float64)), "L")
-        return img.convert("RGB")
+        return upright_rgb(img)
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """An opened image in RGB as it is meant to be seen: EXIF orientation applied, grayscale
+    (8- or 16-bit, float), palette and alpha images converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):
+        # 16-bit (or 32-bit integer) grayscale: Pillow's RGB conversion clips every value
+        # above 255, so a 16-bit PNG would turn almost white; scale 0..65535 to 0..255
+        gray = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(gray, "L")
+    elif img.mode == "F":
+        img = Image.fromarray(_float_grey(np.asarray(img, dtype=np.float64)), "L")
+    return img.convert("RGB")
 
 
 def _float_grey(values: np.ndarray) -> np.ndarray:

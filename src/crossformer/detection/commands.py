@@ -279,9 +279,10 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     num_classes = _config_classes("benchmark", config)
     models = {name: lambda: ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
     if args.compare is not None:
-        models[TORCHVISION_PEER] = lambda: TorchvisionImages(
-            torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-        )
+        # its transform resizes every input to a shorter side of 800 by default: sized to the
+        # benchmark's images, it runs them as they are (the ratio compared 64x64 with 800x800)
+        models[TORCHVISION_PEER] = lambda: TorchvisionImages(torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, min_size=min(height, width), max_size=max(height, width)).eval())
     bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
                         amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory,
                         keep_freed_memory=keeps_freed_memory(args))

@@ -254,8 +254,10 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
         return valid_polygons(segmentation) or None
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes, list)):
         size, counts = segmentation.get("size"), segmentation["counts"]
-        if not (isinstance(size, (list, tuple)) and set(map(type, size)) <= _NUMBER_TYPE_SET
-                and list(size) == [height, width]):
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and set(map(type, size)) <= _NUMBER_TYPE_SET):
+            raise DataError(f"{where} has an RLE segmentation whose 'size' is {json.dumps(size)[:40]}, not "
+                            f"[height, width]; write [{height}, {width}], its image's")
+        if list(size) != [height, width]:
             raise DataError(f"{where} has an RLE segmentation of size {str(size)[:40]}, but the image is "
                             f"{height}x{width} (height x width); fix the annotation's 'size' or the image's height/width")
         runs = counts if isinstance(counts, list) else _compressed_counts(counts)
@@ -446,7 +448,8 @@ class CocoDetection(Dataset):
                     continue
                 x, y, w, h = map(float, ann["bbox"])
                 x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
-                if (x2 - x1) * (y2 - y1) <= 0 or w < 1 or h < 1 or ann["area"] <= 0:
+                # wholly outside on either side (both sides: a positive product of two negatives)
+                if x2 <= x1 or y2 <= y1 or w < 1 or h < 1 or ann["area"] <= 0:
                     dropped += 1
                     continue
                 if self.with_masks:

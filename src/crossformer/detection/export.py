@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..data.folder import upright_rgb
 from ..errors import UserInputError
 from ..export import SizeRange, dynamic_size_range
 from .detectors import Detector
@@ -29,11 +30,12 @@ __all__ = ["DetectionGraph", "SIZE_DIVISOR", "graph_input"]
 
 def graph_input(image: Image.Image, max_size: int = DEFAULT_SCALE[0], min_size: int = DEFAULT_SCALE[1],
                 ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """An RGB image as the graph (and its ONNX file) takes it: resized as the test pipeline
-    does (longer side at most ``max_size``, shorter ``min_size``: a config's ``data.max_size``
-    and ``data.min_size``) and normalised, ``(1, 3, H, W)``; and the ``(w, h)`` resize factors
-    (divide the boxes by them for the original image's pixels)."""
-    sample = build_test_transform(max_size, min_size)(image_sample(image.convert("RGB")))
+    """An image as the graph (and its ONNX file) takes it: upright and RGB as ``predict`` reads
+    it (:func:`~crossformer.data.folder.upright_rgb`: EXIF orientation, 16-bit grayscale),
+    resized as the test pipeline does (longer side at most ``max_size``, shorter ``min_size``:
+    a config's ``data.max_size`` and ``data.min_size``) and normalised, ``(1, 3, H, W)``; and
+    the ``(w, h)`` resize factors (divide the boxes by them for the upright image's pixels)."""
+    sample = build_test_transform(max_size, min_size)(image_sample(upright_rgb(image)))
     return sample.image[None], tuple(float(f) for f in sample.scale_factor)
 
 

@@ -243,7 +243,7 @@ class Trainer:
             what = "; ".join(_unfitting(changed)) if changed else str(err).strip().splitlines()[-1].strip()
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with other settings ({what}); use its settings, "
-                f"or pass another --output (or --overwrite) to start afresh"
+                f"or start afresh in another --output (or with --overwrite in place of --resume)"
             ) from None
         if changed:
             self.log.info(f"resuming {path} with changed settings: {'; '.join(changed)}")
