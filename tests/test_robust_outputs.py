@@ -448,6 +448,8 @@ def test_make_data_cut_off_leaves_no_cut_file(tmp_path, capsys, monkeypatch, kin
     for file in written:  # every file left is whole
         if file.endswith(".json"):
             json.loads((root / file).read_text())
+        elif file.endswith(".txt"):  # make-data's mark, written first
+            assert (root / file).read_text() == f"{kind}\n"
         else:
             Image.open(root / file).load()
 
@@ -464,6 +466,25 @@ def test_make_data_cut_off_over_an_earlier_set_leaves_it_incomplete(tmp_path, ca
     _cut_off(monkeypatch, f"*{name}*")
     one_error_line(capsys, ["make-data", kind, str(root), "--images", "4", "--seed", "1"])
     assert not any((root / mark).exists() for mark in marks)
+
+
+def test_make_data_replaces_only_a_set_it_wrote(tmp_path, capsys):
+    # make-data coco over one's own COCO folder replaced its annotation JSON and the images of
+    # matching names, leaving the others listed nowhere
+    own = tmp_path / "own"
+    (own / "annotations").mkdir(parents=True)
+    (own / "annotations" / "instances_train2017.json").write_text('{"images": []}')
+    before = _files(own)
+    line = one_error_line(capsys, ["make-data", "coco", str(own), "--images", "4"])
+    assert line.endswith(f"{own} already holds annotations, not what `make-data coco` wrote there: it replaces the "
+                         "files of its set, so pass a new or empty folder"), line
+    assert _files(own) == before and (own / "annotations" / "instances_train2017.json").read_text() == '{"images": []}'
+    # its own set, rewritten with another seed or image count; not as another kind
+    made = tmp_path / "made"
+    assert main(["make-data", "coco", str(made), "--images", "4"]) == 0
+    assert main(["make-data", "coco", str(made), "--images", "6", "--seed", "1"]) == 0
+    assert "4 train / 2 val images" in capsys.readouterr().out.splitlines()[-1]
+    assert "not what `make-data ade` wrote there" in one_error_line(capsys, ["make-data", "ade", str(made)])
 
 
 def test_a_demo_mark_cut_off_keeps_the_previous_mark(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ MAKERS: dict[str, Maker] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = "; ".join(f"{name}: {maker.help}" for name, maker in MAKERS.items())
     parser.add_argument("kind", choices=sorted(MAKERS), metavar="KIND", help=f"what to write ({kinds})")
-    parser.add_argument("dir", metavar="DIR", help="the folder to write (created; existing files of the set are replaced)")
+    parser.add_argument("dir", metavar="DIR", help="the folder to write: new, empty, or holding a set make-data wrote, whose files are replaced")
     parser.add_argument("--images", type=int, default=None, metavar="N",
                         help="images in all (default: " + ", ".join(f"{n} {m.default_images}" for n, m in MAKERS.items())
                         + "), of which a share is held out for validation ("
@@ -54,8 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed writes the same set")
 
 
+MARK = "crossformer-make-data.txt"  # names the kind of set make-data wrote in the folder, which a rerun replaces
+
+
 def run(args: argparse.Namespace) -> int:
-    from crossformer.errors import UserInputError
+    from crossformer.atomic import make_folder, write_text_atomic
+    from crossformer.engine.output import is_marked
+    from crossformer.errors import UserInputError, listing
 
     maker = MAKERS[args.kind]
     images = maker.default_images if args.images is None else args.images
@@ -64,5 +69,11 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if root.exists() and not root.is_dir():
         raise UserInputError(f"{root} exists and is not a folder")
+    entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if entries and not is_marked(root / MARK, args.kind):  # a user's own set: its JSON and images were replaced
+        raise UserInputError(f"{root} already holds {listing(entries)}, not what `make-data {args.kind}` wrote there: "
+                             f"it replaces the files of its set, so pass a new or empty folder")
+    make_folder(root)
+    write_text_atomic(root / MARK, f"{args.kind}\n")  # first: a rewrite cut short may be run again
     print(maker.write(root, images, args.seed, maker.held_out))
     return 0

@@ -18,7 +18,7 @@ from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
 __all__ = ["RUN_FILES", "EARLIER_RUN", "OutputClaim", "claim_output", "claim_demo_output", "DEMO_MARK",
-           "OutputBefore"]
+           "OutputBefore", "is_marked"]
 
 # What a run writes in its folder (and --overwrite deletes); other files are left alone.
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "log.txt", "tensorboard")
@@ -158,8 +158,7 @@ def claim_demo_output(output: str | Path, task: str, writes: tuple[str, ...], de
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output {folder} is a file, not a folder; pass another --output")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    mark = folder / DEMO_MARK
-    marked = mark.is_file() and mark.read_text(encoding="utf-8").strip() == task
+    marked = is_marked(folder / DEMO_MARK, task)
     earlier_default = folder.resolve() == Path(default).resolve() and set(entries) <= set(writes)
     if entries and not (marked or earlier_default):
         raise UserInputError(f"output folder {folder} already holds {listing(entries)}, not an earlier {task} "
@@ -171,4 +170,10 @@ def claim_demo_output(output: str | Path, task: str, writes: tuple[str, ...], de
     if removed:
         print(f"demo: deleted the earlier {task} demo's {listing(removed)} in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(mark, f"{task}\n")  # a cut mark would name no task: the next demo would refuse the folder
+    write_text_atomic(folder / DEMO_MARK, f"{task}\n")  # a cut mark would name no task: the next demo would refuse the folder
+
+
+def is_marked(mark: Path, kind: str) -> bool:
+    """Whether the mark file ``mark`` (a demo's, make-data's) says its folder holds a ``kind``
+    the command wrote, which it may replace."""
+    return mark.is_file() and mark.read_text(encoding="utf-8").strip() == kind
