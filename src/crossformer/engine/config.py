@@ -71,8 +71,8 @@ class RunConfig:
     device: str = "auto"  # auto (a GPU if there is one), cpu, cuda or cuda:N
     cpu_threads: int = 0  # torch threads per process on the CPU (0: torch's default)
     output: str = "output/train"  # the run's folder: last.pth, best.pth, log.txt, metrics.jsonl, tensorboard/
-    resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file
-    overwrite: bool = False  # replace an earlier run in output (its checkpoints and logs are deleted)
+    resume: str | None = None  # "auto" (OUTPUT/last.pth if present) or a file (in OUTPUT, or OUTPUT new or empty)
+    overwrite: bool = False  # replace an earlier run in output (its checkpoints and logs, deleted once this run has started)
     log_every: int = 50  # a train/lr, train/step_loss, train/grad_norm record every N updates
     tensorboard: bool = True  # also write TensorBoard events under output/tensorboard
 
