@@ -485,6 +485,16 @@ def test_make_data_replaces_only_a_set_it_wrote(tmp_path, capsys):
     assert main(["make-data", "coco", str(made), "--images", "6", "--seed", "1"]) == 0
     assert "4 train / 2 val images" in capsys.readouterr().out.splitlines()[-1]
     assert "not what `make-data ade` wrote there" in one_error_line(capsys, ["make-data", "ade", str(made)])
+    # a smaller set replaces the earlier one whole: its other images stayed, and the ADE layout,
+    # listed from the folders, read 8 images of two seeds after --images 4
+    from crossformer.segmentation.data import ade20k_dataset
+
+    scenes = tmp_path / "scenes"
+    assert main(["make-data", "ade", str(scenes), "--images", "10"]) == 0
+    assert main(["make-data", "ade", str(scenes), "--images", "4", "--seed", "1"]) == 0
+    assert "3 training / 1 validation images" in capsys.readouterr().out.splitlines()[-1]
+    assert len(ade20k_dataset(scenes, "training")) == 3 and len(ade20k_dataset(scenes, "validation")) == 1
+    assert sorted(p.name for p in (made / "train2017").iterdir()) == [f"{i:012d}.jpg" for i in range(1, 5)]
 
 
 def test_a_demo_mark_cut_off_keeps_the_previous_mark(tmp_path, monkeypatch):

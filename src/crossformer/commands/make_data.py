@@ -9,6 +9,7 @@ description, a default image count, the share of images held out for validation 
 from __future__ import annotations
 
 import argparse
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ class Maker:
     default_images: int
     held_out: float  # the share of the images written to the validation split
     write: Callable[[Path, int, int, float], str]  # (dir, images, seed, held_out) -> what was written, one line
+    holds: tuple[str, ...]  # the entries of DIR the set is made of, which a rewrite replaces whole
 
 
 def _coco(root: Path, images: int, seed: int, held_out: float) -> str:
@@ -38,8 +40,10 @@ def _ade(root: Path, images: int, seed: int, held_out: float) -> str:
 
 
 MAKERS: dict[str, Maker] = {
-    "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, 0.25, _coco),
-    "ade": Maker("segmentation: textured scenes of 7 classes with unlabelled pixels, ADE20K layout", 200, 0.2, _ade),
+    "coco": Maker("detection: shapes on textured backgrounds with polygon / RLE masks, COCO layout", 200, 0.25, _coco,
+                  ("annotations", "train2017", "val2017")),
+    "ade": Maker("segmentation: textured scenes of 7 classes with unlabelled pixels, ADE20K layout", 200, 0.2, _ade,
+                 ("ADEChallengeData2016",)),
 }
 
 
@@ -75,5 +79,7 @@ def run(args: argparse.Namespace) -> int:
                              f"it replaces the files of its set, so pass a new or empty folder")
     make_folder(root)
     write_text_atomic(root / MARK, f"{args.kind}\n")  # first: a rewrite cut short may be run again
+    for name in maker.holds:  # the earlier set whole: a smaller one left its other images in (ade: read as the set's)
+        shutil.rmtree(root / name, ignore_errors=True)
     print(maker.write(root, images, args.seed, maker.held_out))
     return 0
