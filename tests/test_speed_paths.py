@@ -487,6 +487,61 @@ def test_bf16_training_step_gradients_follow_fp32() -> None:
     assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99
 
 
+@pytest.mark.parametrize(
+    "qkv_shape",
+    [
+        (3, 5, 4, 49, 16),  # several images per chunk, the last chunk shorter
+        (3, 2, 3, 700, 8),  # one image's groups split over chunks (3 x 700^2 > 1M scores)
+    ],
+)
+def test_bf16_inference_attention_in_chunks(qkv_shape, monkeypatch) -> None:
+    """bf16 attention without gradients (autocast inference) on the CPU, where the chunks were
+    timed faster: products and softmax in chunks, not the fused kernel, within bf16's steps of
+    the float32 formula, for a ``qkv`` that is a strided view too (as the qkv projection's
+    output is)."""
+    from crossformer.models import attention
+
+    three, batch, groups, tokens, dim = qkv_shape
+    # (B, groups, N, 3, d) read as (3, B, groups, N, d): q, k, v interleaved, not contiguous
+    qkv = torch.randn(batch, groups, tokens, three, dim).bfloat16().permute(3, 0, 1, 2, 4)
+    mask = (torch.randn(1, groups, tokens, tokens) * 2).bfloat16()
+    seen, real_chunks = [], attention._chunks
+    monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
+    monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: fused() > 0 and chunked() > 0)
+    with torch.no_grad():
+        first = attention.biased_attention(qkv, mask, scale=dim**-0.5)  # timed: the chunks win
+        monkeypatch.setattr(attention, "_chunks", lambda *a: seen.append(a) or real_chunks(*a))
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fused kernel taken"))
+        got = attention.biased_attention(qkv, mask, scale=dim**-0.5)
+    assert attention.attention_choices() == {(torch.bfloat16, torch.get_num_threads(), groups, tokens, dim): True}
+    assert seen == [(batch, groups, tokens)] and torch.equal(first, got)
+    assert got.dtype == torch.bfloat16 and got.shape == qkv.shape[1:]
+    monkeypatch.undo()
+    want = attention.biased_attention(qkv.float(), mask.float(), scale=dim**-0.5, fused=False)
+    assert (got.float() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
+
+
+def test_bf16_inference_attention_keeps_the_fused_kernel(monkeypatch) -> None:
+    """Where the fused kernel was timed faster, where nothing may be timed (deterministic mode),
+    and for float32 or a mask that needs a gradient, bf16 inference attention is SDPA's."""
+    from crossformer.models import attention
+
+    qkv, mask = torch.randn(3, 2, 4, 49, 16).bfloat16(), torch.randn(1, 4, 49, 49).bfloat16()
+    fused = F.scaled_dot_product_attention(*qkv.unbind(0), attn_mask=mask, scale=0.25)
+    monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
+    monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: False)
+    with torch.no_grad():
+        assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)
+        assert list(attention.attention_choices().values()) == [False]
+        monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
+        monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: pytest.fail("timed"))
+        with deterministic_kernels(True):
+            assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)
+        assert torch.equal(attention.biased_attention(qkv.float(), mask.float(), scale=0.25),
+                           F.scaled_dot_product_attention(*qkv.float().unbind(0), attn_mask=mask.float(), scale=0.25))
+    assert attention.attention_choices() == {}
+
+
 def test_bf16_training_attention_takes_the_fused_path() -> None:
     """bf16 q, k, v and learnt mask (autocast training): the fused CPU function, gradients as float32's."""
     from crossformer.models.attention import biased_attention

@@ -6,6 +6,12 @@ broadcast over ``B``, and picks the fastest exact way to do it:
 
 - ``F.scaled_dot_product_attention`` whenever the mask needs no gradient (inference, frozen
   bias), and on every non-CPU device: one fused kernel, no ``N x N`` tensor in memory.
+- CPU bfloat16 inference (autocast): that kernel or :func:`_chunked_cpu_inference`, products
+  and softmax a few images at a time, whichever was measured faster in this process for the
+  shape class (:func:`attention_choices`). PyTorch's fused CPU kernel can run bf16 slower than
+  float32 (a 2-core AMD EPYC with avx512_bf16 and no AMX: 28 against 24 ms at
+  crossformer_tiny's first stage, 28 against 17 at crossformer_pp_small's; the chunks take 21
+  and 13 ms), but a CPU with AMX may well run it faster.
 - CPU training with a learnt mask (the dynamic position bias): :class:`_BiasedAttentionCPU`.
   PyTorch's CPU SDPA falls back to an unfused path when the mask needs a gradient, and the
   explicit autograd graph keeps ``softmax`` outputs of every block alive until backward
@@ -28,15 +34,16 @@ and nothing of it reaches the parameters.
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .layers import capturing_graph
+from .layers import alternative_wins, capturing_graph, may_time
 
-__all__ = ["biased_attention"]
+__all__ = ["biased_attention", "attention_choices"]
 
 # Elements of one backward chunk's (c, M, N, N) tensors: 1M floats = 4 MB, small enough
 # to be reused from the heap instead of page-faulted in, large enough to keep the Python
@@ -129,6 +136,65 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return grad_qkv.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
 
 
+def _chunked_cpu_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` without gradients, :func:`_chunks` at a time, each
+    chunk's ``N x N`` scores kept small enough to stay in the caches: ``(B, M, N, d)``,
+    contiguous. Softmax is taken in the scores' precision (float32 inside) and its output,
+    as in a GPU's fused bf16 kernel, enters the second product in that precision."""
+    q, k, v = qkv.unbind(0)
+    batch, groups, tokens, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for rows, heads in _chunks(batch, groups, tokens):
+        part = (rows, heads)
+        scores = torch.bmm(_flat(q[part]), _flat(k[part]).transpose(1, 2))
+        per_row = scores.view(rows.stop - rows.start, heads.stop - heads.start, tokens, tokens)
+        torch.add(mask[0, heads], per_row, alpha=scale, out=per_row)  # mask + scale * q k^T
+        torch.bmm(torch.softmax(scores, -1), _flat(v[part]), out=_flat(out[part]))
+    return out
+
+
+# (dtype, threads, M, N, d) -> whether the chunks beat the fused kernel
+_CHUNKED_CHOICES: dict[tuple, bool] = {}
+# A choice is timed on the first images of its first call, up to this many scores (8 MB in bf16).
+_TIMING_SCORES = 1 << 22
+
+
+def _fused(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    q, k, v = qkv.unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _seconds(attend, qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> float:
+    start = time.perf_counter()
+    attend(qkv, mask, scale)
+    return time.perf_counter() - start
+
+
+def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_fused` or :func:`_chunked_cpu_inference`, as measured for the shape class at its
+    first call (the fused kernel when nothing may be timed: :func:`.layers.may_time`). The first
+    call's result too is the chosen one's: the same input always gives the same output."""
+    if not may_time():
+        return _fused(qkv, mask, scale)
+    _, batch, groups, tokens, head_dim = qkv.shape
+    key = (qkv.dtype, torch.get_num_threads(), groups, tokens, head_dim)
+    chunked = _CHUNKED_CHOICES.get(key)
+    if chunked is None:
+        sample = qkv[:, : max(1, min(batch, _TIMING_SCORES // (groups * tokens * tokens)))]
+        _fused(sample, mask, scale)  # a warm-up of each
+        _chunked_cpu_inference(sample, mask, scale)
+        chunked = _CHUNKED_CHOICES[key] = alternative_wins(
+            lambda: _seconds(_fused, sample, mask, scale), lambda: _seconds(_chunked_cpu_inference, sample, mask, scale)
+        )
+    return (_chunked_cpu_inference if chunked else _fused)(qkv, mask, scale)
+
+
+def attention_choices() -> dict[tuple, bool]:
+    """Per shape class ``(dtype, threads, M, N, d)`` of CPU bf16 inference attention so far in
+    this process: whether it runs in chunks (True) or on the fused kernel."""
+    return dict(_CHUNKED_CHOICES)
+
+
 def _explicit(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout_p: float
 ) -> torch.Tensor:
@@ -158,7 +224,18 @@ def biased_attention(
         return _explicit(q, k, v, mask, scale, dropout_p)
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
     # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
-    if not mask_grad or qkv.device.type != "cpu" or torch.jit.is_tracing():
+    on_cpu = qkv.device.type == "cpu"
+    if (
+        not mask_grad
+        and on_cpu
+        and qkv.dtype == mask.dtype == torch.bfloat16
+        and dropout_p == 0.0
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+        and not capturing_graph()
+    ):
+        return _cpu_bf16_inference(qkv, mask, scale)
+    if not mask_grad or not on_cpu or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not torch.jit.is_scripting():
         if (
