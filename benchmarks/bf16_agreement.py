@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     loaded = load_classifier(args.checkpoint, None, None, False, torch.device("cpu"), None)
-    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation, loaded.mean, loaded.std)
+    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     dataset = ImageFolderDataset(args.data, args.split, classes=loaded.class_names, transform=transform)
     model = loaded.model.eval()
     same = correct32 = correct16 = 0

@@ -386,3 +386,20 @@ def test_digits_rank_0_cannot_write_stop_every_rank_with_its_line(tmp_path):
     (tmp_path / "file").write_text("")
     said = f"cannot write {tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, not a folder"
     assert on_two_ranks(_task_on_the_digits, tmp_path / "file" / "cache") == [said, said]
+
+
+def test_bf16_agreement_script_reads_a_training_checkpoint(trained: tuple[Path, dict], data: Path, monkeypatch, capsys) -> None:
+    """benchmarks/bf16_agreement.py (issue 15's agreement figure) broke unseen when the loaded
+    classifier lost its mean and std: it runs on a checkpoint of ours and its data."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bf16_agreement_script", ROOT / "benchmarks" / "bf16_agreement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    output, _ = trained
+    monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--checkpoint", str(output / "best.pth"), "--data", str(data)])
+    script.main()
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 9  # 3 held-out images of each of 3 classes
+    assert 0.0 <= result["acc1_fp32"] <= 1.0 and 0.0 <= result["top1_agreement"] <= 1.0
+    assert 0.0 < result["max_logit_diff"] < 1.0  # bf16 changes the logits, slightly
