@@ -539,6 +539,11 @@ def test_bf16_inference_attention_keeps_the_fused_kernel(monkeypatch) -> None:
             assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)
         assert torch.equal(attention.biased_attention(qkv.float(), mask.float(), scale=0.25),
                            F.scaled_dot_product_attention(*qkv.float().unbind(0), attn_mask=mask.float(), scale=0.25))
+    # gradients for q, k, v through a frozen bias (fine-tuning under autocast): autograd's SDPA
+    leaf = qkv.clone().requires_grad_()
+    out = attention.biased_attention(leaf, mask, scale=0.25)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.equal(out.detach(), fused)
     assert attention.attention_choices() == {}
 
 

@@ -223,11 +223,10 @@ def biased_attention(
     if not fused:
         return _explicit(q, k, v, mask, scale, dropout_p)
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
-    # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
     on_cpu = qkv.device.type == "cpu"
     if (
-        not mask_grad
-        and on_cpu
+        on_cpu
+        and not (torch.is_grad_enabled() and (qkv.requires_grad or mask.requires_grad))
         and qkv.dtype == mask.dtype == torch.bfloat16
         and dropout_p == 0.0
         and not torch.jit.is_scripting()
@@ -235,6 +234,7 @@ def biased_attention(
         and not capturing_graph()
     ):
         return _cpu_bf16_inference(qkv, mask, scale)
+    # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
     if not mask_grad or not on_cpu or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not torch.jit.is_scripting():
