@@ -434,6 +434,27 @@ def test_large_kernel_conv_gradients_match_conv2d(kernel: int, size: tuple[int, 
         assert (g - w).abs().max().item() <= 1e-5 * max(1.0, w.abs().max().item())
 
 
+def test_large_kernel_conv_under_bf16_autocast() -> None:
+    """bf16 autocast training takes the space-to-depth weight gradient too (oneDNN's own is as slow
+    in bf16): the output is autocast's conv's, the gradients float32 and within bf16's steps."""
+    from crossformer.models.layers import LargeKernelConv2d
+
+    torch.manual_seed(0)
+    conv = LargeKernelConv2d(3, 8, 16, stride=4, padding=6)
+    x = torch.randn(2, 3, 61, 70, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=4, padding=6)
+    assert "LargeKernelConv" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    assert torch.equal(out, plain)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad_out)
+    want = torch.autograd.grad(plain, (x, conv.weight, conv.bias), grad_out)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        assert (g - w).abs().max().item() <= 2e-2 * w.abs().max().item()
+
+
 def test_packed_weights_follow_the_weights() -> None:
     """Inference reuses oneDNN-packed weights, repacks after any change, frees them in training."""
     from crossformer.models import layers
