@@ -521,6 +521,22 @@ def test_bf16_inference_attention_in_chunks(qkv_shape, monkeypatch) -> None:
     assert (got.float() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
 
 
+def test_bf16_inference_attention_timing_sample_is_bounded(monkeypatch) -> None:
+    """The choice is timed on at most _TIMING_SCORES scores: whole images while one fits, else
+    the first groups of one image with their part of the mask (950-token groups at detection
+    size held 173M scores per image of crossformer_small)."""
+    from crossformer.models import attention
+
+    monkeypatch.setattr(attention, "_TIMING_SCORES", 3 * 49 * 49)
+    qkv, mask = torch.randn(3, 8, 2, 49, 4), torch.randn(1, 2, 49, 49)
+    sample, sample_mask = attention._timing_sample(qkv, mask)
+    assert sample.shape == (3, 1, 2, 49, 4) and sample_mask is mask  # one image of 2 groups
+    qkv, mask = torch.randn(3, 8, 7, 49, 4), torch.randn(1, 7, 49, 49)
+    sample, sample_mask = attention._timing_sample(qkv, mask)
+    assert sample.shape == (3, 1, 3, 49, 4) and torch.equal(sample_mask, mask[:, :3])
+    assert torch.equal(sample, qkv[:, :1, :3])
+
+
 def test_bf16_inference_attention_keeps_the_fused_kernel(monkeypatch) -> None:
     """Where the fused kernel was timed faster, where nothing may be timed (deterministic mode),
     and for float32 or a mask that needs a gradient, bf16 inference attention is SDPA's."""

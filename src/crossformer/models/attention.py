@@ -170,6 +170,17 @@ def _seconds(attend, qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> flo
     return time.perf_counter() - start
 
 
+def _timing_sample(qkv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first images of ``qkv`` and, where one image holds more than :data:`_TIMING_SCORES`
+    scores (950-token groups at detection size), its first groups with their mask's."""
+    _, batch, groups, tokens, _ = qkv.shape
+    per_group = tokens * tokens
+    if groups * per_group <= _TIMING_SCORES:
+        return qkv[:, : min(batch, _TIMING_SCORES // (groups * per_group))], mask
+    kept = max(1, _TIMING_SCORES // per_group)
+    return qkv[:, :1, :kept], mask[:, :kept]
+
+
 def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`_fused` or :func:`_chunked_cpu_inference`, as measured for the shape class at its
     first call (the fused kernel when nothing may be timed: :func:`.layers.may_time`). The first
@@ -180,11 +191,12 @@ def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> 
     key = (qkv.dtype, torch.get_num_threads(), groups, tokens, head_dim)
     chunked = _CHUNKED_CHOICES.get(key)
     if chunked is None:
-        sample = qkv[:, : max(1, min(batch, _TIMING_SCORES // (groups * tokens * tokens)))]
-        _fused(sample, mask, scale)  # a warm-up of each
-        _chunked_cpu_inference(sample, mask, scale)
+        sample, sample_mask = _timing_sample(qkv, mask)
+        _fused(sample, sample_mask, scale)  # a warm-up of each
+        _chunked_cpu_inference(sample, sample_mask, scale)
         chunked = _CHUNKED_CHOICES[key] = alternative_wins(
-            lambda: _seconds(_fused, sample, mask, scale), lambda: _seconds(_chunked_cpu_inference, sample, mask, scale)
+            lambda: _seconds(_fused, sample, sample_mask, scale),
+            lambda: _seconds(_chunked_cpu_inference, sample, sample_mask, scale),
         )
     return (_chunked_cpu_inference if chunked else _fused)(qkv, mask, scale)
 
