@@ -553,6 +553,7 @@ def test_bf16_inference_attention_keeps_the_fused_kernel(monkeypatch) -> None:
         monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: pytest.fail("timed"))
         with deterministic_kernels(True):
             assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)
+        assert attention.biased_attention(qkv[:, :0], mask, scale=0.25).shape == (0, 4, 49, 16)  # an empty batch
         assert torch.equal(attention.biased_attention(qkv.float(), mask.float(), scale=0.25),
                            F.scaled_dot_product_attention(*qkv.float().unbind(0), attn_mask=mask.float(), scale=0.25))
     # gradients for q, k, v through a frozen bias (fine-tuning under autocast): autograd's SDPA

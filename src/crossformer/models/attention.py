@@ -185,7 +185,7 @@ def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> 
     """:func:`_fused` or :func:`_chunked_cpu_inference`, as measured for the shape class at its
     first call (the fused kernel when nothing may be timed: :func:`.layers.may_time`). The first
     call's result too is the chosen one's: the same input always gives the same output."""
-    if not may_time():
+    if not may_time() or qkv.numel() == 0:  # an empty batch would time nothing and decide
         return _fused(qkv, mask, scale)
     _, batch, groups, tokens, head_dim = qkv.shape
     key = (qkv.dtype, torch.get_num_threads(), groups, tokens, head_dim)
