@@ -201,6 +201,19 @@ def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> 
     return (_chunked_cpu_inference if chunked else _fused)(qkv, mask, scale)
 
 
+def _bf16_cpu_inference_applies(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> bool:
+    """Whether :func:`_cpu_bf16_inference` computes this attention: bf16 on the CPU, no dropout,
+    nothing needing a gradient (its products write into their output), eager mode."""
+    return (
+        qkv.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (qkv.requires_grad or mask.requires_grad))
+        and qkv.dtype == mask.dtype == torch.bfloat16
+        and dropout_p == 0.0
+        and not torch.jit.is_tracing()
+        and not capturing_graph()
+    )
+
+
 def attention_choices() -> dict[tuple, bool]:
     """Per shape class ``(dtype, threads, M, N, d)`` of CPU bf16 inference attention so far in
     this process: whether it runs in chunks (True) or on the fused kernel."""
@@ -235,19 +248,11 @@ def biased_attention(
     if not fused:
         return _explicit(q, k, v, mask, scale, dropout_p)
     mask_grad = mask.requires_grad and torch.is_grad_enabled()
-    on_cpu = qkv.device.type == "cpu"
-    if (
-        on_cpu
-        and not (torch.is_grad_enabled() and (qkv.requires_grad or mask.requires_grad))
-        and qkv.dtype == mask.dtype == torch.bfloat16
-        and dropout_p == 0.0
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and not capturing_graph()
-    ):
-        return _cpu_bf16_inference(qkv, mask, scale)
+    if not torch.jit.is_scripting():  # alone in its test: TorchScript then compiles nothing below it
+        if _bf16_cpu_inference_applies(qkv, mask, dropout_p):
+            return _cpu_bf16_inference(qkv, mask, scale)
     # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
-    if not mask_grad or not on_cpu or torch.jit.is_tracing():
+    if not mask_grad or qkv.device.type != "cpu" or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not torch.jit.is_scripting():
         if (
