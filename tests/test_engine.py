@@ -313,7 +313,7 @@ def test_precision_step_clips_and_zeroes() -> None:
 
 
 def test_guard_stops_on_non_finite_loss() -> None:
-    check_finite_loss(1.5, DistContext(), epoch=0, step=3, last_checkpoint=None)
+    assert check_finite_loss(1.5, DistContext(), epoch=0, step=3, last_checkpoint=None) == 1.5
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2 step 7.*last good checkpoint is x.pth"):
         check_finite_loss(float("nan"), DistContext(), epoch=2, step=7, last_checkpoint="x.pth")
     with pytest.raises(NonFiniteLossError, match=r"loss became inf at epoch 0 step 1.*no checkpoint was written yet"):
@@ -331,13 +331,16 @@ def _collectives_on_this_rank() -> dict:
         ctx.raise_together(UserInputError(f"cannot read rank{ctx.rank}.png"))  # both ranks failed
     except UserInputError as err:
         stopped = str(err)
+    # the progress line's loss under torchrun: the ranks' mean (it was each rank's own)
+    mean = check_finite_loss(float(ctx.rank + 1), ctx, epoch=0, step=1, last_checkpoint=None)
     try:
         check_finite_loss(finite, ctx, epoch=0, step=1, last_checkpoint=None)
         guard = "went on"
     except NonFiniteLossError:
         guard = "stopped"
     return {"rank": ctx.rank, "sum": ctx.all_reduce_sum([ctx.rank + 1.0, 2.0]), "all": ctx.all_true(ctx.rank == 0),
-            "both": ctx.all_true(True), "stopped": stopped, "guard": guard, "gathered": ctx.gather_lists([ctx.rank])}
+            "both": ctx.all_true(True), "stopped": stopped, "guard": guard, "gathered": ctx.gather_lists([ctx.rank]),
+            "mean": mean}
 
 
 @pytest.mark.slow
@@ -346,7 +349,7 @@ def test_the_collectives_agree_on_two_ranks() -> None:
 
     assert on_two_ranks(_collectives_on_this_rank) == [
         {"rank": rank, "sum": [3.0, 4.0], "all": False, "both": True, "stopped": "cannot read rank0.png",
-         "guard": "stopped", "gathered": [0, 1]} for rank in range(2)]
+         "guard": "stopped", "gathered": [0, 1], "mean": 1.5} for rank in range(2)]
 
 def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> None:
     RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})

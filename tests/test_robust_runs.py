@@ -121,7 +121,9 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     with pytest.raises(UserInputError, match="already holds"):
         claim_output(run, None, overwrite=False)
     assert all(p.exists() for p in stale)  # refused: nothing touched
-    assert claim_output(run, "auto", overwrite=False).displaced == ()
+    claim = claim_output(run, "auto", overwrite=False)
+    claim.release()  # the run's end
+    assert claim.displaced == ()
     assert not any(p.exists() for p in stale)
     assert (run / "last.pth").read_bytes() == b"whole" and (run / "notes.txt").exists()
     stale[0].write_bytes(b"half")
@@ -129,6 +131,7 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     claim = claim_output(run, None, overwrite=True)
     assert claim.displaced == ("last.pth", "tensorboard") and not stale[0].exists()
     claim.replace()
+    claim.release()
     assert not (run / "tensorboard").exists() and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -1336,3 +1339,46 @@ def test_ctrl_c_while_the_command_starts_ends_quietly(delay: float) -> None:
     # KeyboardInterrupt once left code it ran nested; a shell reports 130 for each. Quiet in all three.
     assert process.returncode in (130, 0, -signal.SIGINT) and "Traceback" not in err and len(err.splitlines()) <= 1, \
         (process.returncode, err[-3000:])
+
+
+def test_a_file_named_tensorboard_in_the_output_is_one_line(tmp_path: Path) -> None:
+    # the folder rule lets a run into a folder holding its logs; a plain file named tensorboard
+    # there ended the run in a FileExistsError traceback from the logger
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tensorboard").write_text("not a folder")
+    with pytest.raises(UserInputError, match=re.escape(f"cannot write {run / 'tensorboard'}: a file of that name is in the way")):
+        train(FakeTask, fake_config(run, epochs=1, tensorboard=True))
+    assert sorted(p.name for p in run.iterdir()) == ["tensorboard"]  # nothing written, nothing taken
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_output_folder_rank_0_cannot_make_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+    # rank 0 alone made the folder: it stopped with the line, rank 1 died in its next collective
+    # with a gloo traceback ("Connection reset by peer"), which torchrun named as the cause
+    (tmp_path / "file").write_text("x")
+    output = tmp_path / "file" / "run"
+    proc = _torchrun_train(tmp_path, "FakeTask", "task: fake\nrun:\n  epochs: 1\n", "--output", str(output))
+    _assert_every_rank_stopped_with(proc, tmp_path, f"cannot write {output}: a folder on its path is a file")
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_goes_on(tmp_path: Path) -> None:
+    # nothing kept two runs apart: a second one with --overwrite moved the running one's files
+    # aside and deleted them, the first crashed on its vanished tensorboard file, and
+    # metrics.jsonl ended with both runs' records
+    run = tmp_path / "run"
+    seen = {}
+
+    def start_second(global_step: int) -> None:
+        if global_step == 1:
+            for overwrite in (True, False):
+                with pytest.raises(UserInputError, match=re.escape(f"output folder {run} is in use by another run "
+                                                                   f"(pid {os.getpid()} on ")):
+                    train(FakeTask, fake_config(run, epochs=1, overwrite=overwrite))
+            seen["files"] = sorted(p.name for p in run.iterdir())
+
+    first = train(FakeTask, fake_config(run, epochs=2), on_step_end=start_second)
+    assert seen["files"] == [".crossformer-lock", "log.txt", "metrics.jsonl"]  # the refusals moved nothing
+    assert first["epoch"] == 2 and not (run / ".crossformer-lock").exists()  # let go at the end
+    again = train(FakeTask, fake_config(run, epochs=3, resume="auto"))  # the folder is free again
+    assert again["epoch"] == 3

@@ -45,6 +45,7 @@ _REASONS = {
     errno.ENOTDIR: "a folder on its path is a file",
     errno.ENAMETOOLONG: "the name is too long",
     errno.ENOENT: "its folder takes no new files",  # creating a file in a folder that refuses them (/proc)
+    errno.EEXIST: "a file of that name is in the way",  # a folder to create where a file is
 }
 
 

@@ -69,7 +69,7 @@ class RunLogger:
             except ImportError:  # tensorboard is an optional extra: crossformer[logging]
                 self.info("tensorboard is not installed: scalars go to metrics.jsonl only")
             else:
-                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+                self._writer = SummaryWriter(str(make_folder(self.output_dir / "tensorboard")))
 
     def info(self, message: str, echo: bool = True) -> None:
         """``message`` on stdout (unless not ``echo``: errors the caller prints itself) and in ``log.txt``."""

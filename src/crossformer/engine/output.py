@@ -9,11 +9,13 @@ that fails before it trains (bad input) takes back what it wrote (:class:`Output
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import OutputError, stale_temporaries, write_text_atomic
+from ..atomic import OutputError, output_error, stale_temporaries, write_text_atomic
 from ..errors import UserInputError, listing
 from .checkpoint import BEST, LAST
 
@@ -27,17 +29,59 @@ DEMO_MARK = "crossformer-demo.txt"  # a demo's output folder says so, naming the
 
 
 EARLIER_RUN = ".earlier-run"  # --overwrite moves the earlier run's files here until the new run has started
+RUN_LOCK = ".crossformer-lock"  # locked by the run writing into the folder, deleted when it ends
 
 
-@dataclass(frozen=True)
+def _lock(folder: Path) -> int | None:
+    """An exclusive lock on ``folder``'s :data:`RUN_LOCK` (its file descriptor): the folder's
+    one writer. Refused in one line while another run holds it; None where the file system
+    has no locks (some network mounts): the run goes on unguarded. A killed run's lock goes
+    with its process."""
+    import fcntl
+
+    path = folder / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise output_error(path, err) or err from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserInputError(f"output folder {folder} is in use by another run ({holder or 'its lock is held'}): "
+                             f"wait for it to end, stop it, or pass another --output") from None
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
+@dataclass
 class OutputClaim:
-    """A run's hold on its folder (:func:`claim_output`). With ``overwrite``, the earlier run's
-    files are moved aside (into :data:`EARLIER_RUN`), not deleted: a start that fails on bad
-    data or settings puts them back (:meth:`give_back`), a start that succeeds deletes them
-    (:meth:`replace`)."""
+    """A run's hold on its folder (:func:`claim_output`): the folder's lock (:data:`RUN_LOCK`),
+    taken at the claim where the folder exists, else by :meth:`lock` once the run has made it,
+    and let go by :meth:`release`. With ``overwrite``, the earlier run's files are moved aside
+    (into :data:`EARLIER_RUN`), not deleted: a start that fails on bad data or settings puts
+    them back (:meth:`give_back`), a start that succeeds deletes them (:meth:`replace`)."""
 
     folder: Path
     displaced: tuple[str, ...] = ()  # the earlier run's files, moved aside
+    lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the folder's lock if the claim could not (the folder was new)."""
+        if self.lock_fd is None and self.folder.is_dir():
+            self.lock_fd = _lock(self.folder)
+
+    def release(self) -> None:
+        """The run has ended: delete the lock file, then let go of the lock."""
+        if self.lock_fd is not None:
+            (self.folder / RUN_LOCK).unlink(missing_ok=True)
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def replace(self) -> None:
         """The new run has started: delete the earlier run's files."""
@@ -66,10 +110,21 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> Out
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output {folder} is a file, not a folder; pass another --output")
-    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    claim = OutputClaim(folder, lock_fd=_lock(folder) if folder.is_dir() else None)  # before anything is moved
+    try:
+        return _claim(claim, resume, overwrite)
+    except BaseException:
+        claim.release()
+        raise
+
+
+def _claim(claim: OutputClaim, resume: str | None, overwrite: bool) -> OutputClaim:
+    """:func:`claim_output` once ``claim`` holds the folder's lock (where it exists)."""
+    folder = claim.folder
+    entries = sorted(p.name for p in folder.iterdir() if p.name != RUN_LOCK) if folder.is_dir() else []
     if all(name in LOGS_ONLY for name in entries) or (resume and _continues_its_run(folder, resume, entries)):
         _remove_stale_checkpoints(folder)
-        return OutputClaim(folder)
+        return claim
     if not overwrite:
         raise UserInputError(_refusal(folder, resume, entries))
     _remove_stale_checkpoints(folder)
@@ -81,7 +136,8 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> Out
         aside.mkdir()
         for name in displaced:
             (folder / name).rename(aside / name)
-    return OutputClaim(folder, displaced)
+    claim.displaced = displaced
+    return claim
 
 
 def _continues_its_run(folder: Path, resume: str, entries: list[str]) -> bool:
@@ -124,7 +180,10 @@ class OutputBefore:
         """Delete what the run added since :meth:`of`; folders only while empty (another
         process may have written into them meanwhile)."""
         for path in self.new_files:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            try:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            except NotADirectoryError:  # the folder was never made: a file is on its path
+                return
         for folder in self.new_folders:
             try:
                 folder.rmdir()

@@ -396,9 +396,9 @@ class Trainer:
                 losses = self.task.losses(self.ddp, batch)
                 loss = sum(losses.values())
             loss_value = float(loss.detach())
-            check_finite_loss(loss_value, ctx, self.epoch, self.global_step, self.last_checkpoint)
+            # the progress line and train/step_loss: every rank's mean, in the guard's one reduction
+            self.last_loss = check_finite_loss(loss_value, ctx, self.epoch, self.global_step, self.last_checkpoint)
             self.precision.backward(loss / self.run_config.accum_steps)
-        self.last_loss = loss_value
         self.meters["loss"] = self.meters.get("loss", 0.0) + loss_value * samples
         if len(losses) > 1:
             for name, value in losses.items():
@@ -412,7 +412,7 @@ class Trainer:
         self.schedule.apply(self.optimizer, self.global_step)
         if self.ema is not None:
             self.ema.update(self.task.model, step=self.global_step)
-        if self.global_step % run.log_every == 0:  # this rank's values: a reduction every step would cost a sync
+        if self.global_step % run.log_every == 0:  # the loss is every rank's mean; lr and grad norm agree anyway
             values = {"train/lr": self.optimizer.param_groups[0]["lr"], "train/step_loss": self.last_loss,
                       "train/grad_norm": self.last_grad_norm}
             self.log.scalars(self.global_step, values, epoch=self.epoch)
@@ -577,9 +577,13 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
         # before anyone writes into the folder
         claim = ctx.on_main(lambda: claim_output(run.output, run.resume, run.overwrite))
         before = OutputBefore.of(run.output)  # a start that fails takes back what it wrote
-        log = RunLogger(run.output, enabled=ctx.is_main, tensorboard=run.tensorboard)
+        log = RunLogger(run.output, enabled=False)  # writes nothing until rank 0 has made the folder
         trainer = None
         try:
+            # one rank 0 cannot make stops every rank with its line, not rank 0 alone
+            log = ctx.on_main(lambda: RunLogger(run.output, tensorboard=run.tensorboard)) or log
+            if claim is not None:
+                claim.lock()  # a folder this run made
             with deterministic_kernels(run.deterministic):  # run.deterministic: this run's kernels only
                 trainer = Trainer(task_cls, config, ctx, on_step_end, log=log)
                 if claim is not None and claim.displaced:  # started: data and settings hold
@@ -596,6 +600,8 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
             raise
         finally:
             log.close()
+            if claim is not None:
+                claim.release()  # first: its file is in a folder a failed start takes back
             if trainer is None and ctx.is_main:
                 before.restore()
                 if claim is not None:
