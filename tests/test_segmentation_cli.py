@@ -522,3 +522,10 @@ def test_the_authors_whole_model_as_a_start_is_one_line(run: dict[str, Path], tm
     _one_line_error(capsys, ["train", "--config", "mask_rcnn_shapes_demo", "--data", str(coco), "--init-from", str(authors),
                              "--output", str(tmp_path / "detection")],
                     f"{authors} holds a segmentation model (its heads' weights say so), not a detector")
+
+
+@pytest.mark.parametrize("mode", ["train", "both"])
+def test_benchmark_of_a_segmentor_refuses_to_time_training(capsys: pytest.CaptureFixture, mode: str) -> None:
+    # --mode both printed inference figures alone, as if that were all it was asked
+    _one_line_error(capsys, ["benchmark", "--config", "upernet_demo", "--mode", mode, "--img-size", "64"],
+                    "measures inference; training speed is in `crossformer train`'s log")

@@ -741,6 +741,9 @@ def test_peak_memory_is_the_resident_growth_in_mib(monkeypatch) -> None:
         resident["VmHWM"] += 3 * 1024 + 512
 
     assert benchmark.peak_memory_mb(step, "cpu") == 3.5 and steps == [1]
+    # a VmHWM the kernel has not updated yet, a page under the VmRSS read after it: "peak +-0 MB"
+    resident.update(VmRSS=100 * 1024 + 4, VmHWM=100 * 1024)
+    assert benchmark.peak_memory_mb(lambda: None, "cpu") == 0.0
 
 
 def test_peak_under_bf16_autocast_is_a_share_of_the_best_bf16_rate(monkeypatch) -> None:

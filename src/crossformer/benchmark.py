@@ -227,7 +227,8 @@ def peak_memory_mb(step: Callable[[], None], device: str) -> float | None:
     peak = _status_kb("VmHWM")
     if base is None or peak is None:
         return None
-    return (peak - base) / 1024
+    # the kernel updates VmHWM lazily: it can read a few pages under the VmRSS read after it
+    return max(peak - base, 0) / 1024
 
 
 def _rate(images_per_s: float) -> str:
