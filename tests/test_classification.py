@@ -403,3 +403,21 @@ def test_bf16_agreement_script_reads_a_training_checkpoint(trained: tuple[Path, 
     assert result["images"] == 9  # 3 held-out images of each of 3 classes
     assert 0.0 <= result["acc1_fp32"] <= 1.0 and 0.0 <= result["top1_agreement"] <= 1.0
     assert 0.0 < result["max_logit_diff"] < 1.0  # bf16 changes the logits, slightly
+
+
+def test_predict_under_bf16_autocast(trained: tuple[Path, dict], data: Path) -> None:
+    """``amp="bf16"`` (``--amp bf16``, ``run.amp=bf16``) runs predict under autocast; before,
+    the command took ``run.amp=bf16`` and predicted in float32."""
+    import warnings
+
+    from crossformer.errors import PerformanceWarning
+
+    output, _ = trained
+    fp32 = predict(data / "val", output / "best.pth", amp="none", topk=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerformanceWarning)  # a CPU without bf16 instructions emulates it
+        bf16 = predict(data / "val", output / "best.pth", amp="bf16", topk=3)
+    assert [r.path for r in bf16] == [r.path for r in fp32] and len(fp32) == 9
+    diffs = [abs(dict(zip(a.labels, a.scores))[label] - score)
+             for a, b in zip(fp32, bf16) for label, score in zip(b.labels, b.scores)]
+    assert 0.0 < max(diffs) < 0.05  # bf16 rounding moves the probabilities, a little

@@ -93,7 +93,8 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
     predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
             class_names=args.class_names, img_size=given.get("data.img_size"),
             batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
-            model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note, on_result=say)
+            model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note, on_result=say,
+            amp=config.run.amp)
     return 0
 
 
@@ -103,7 +104,7 @@ COMMANDS: dict[str, VerbHandler] = {
         "run.batch_size": "64", "data.img_size": _CHECKPOINTS, "test.crop_pct": _CHECKPOINTS,
         "data.interpolation": _CHECKPOINTS}),
     "predict": VerbHandler(_predict_arguments, _predict,
-                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.device"),
+                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.amp", "run.device"),
                            {"run.batch_size": "32", "data.img_size": _CHECKPOINTS}),
 }
 

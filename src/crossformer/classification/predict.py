@@ -10,7 +10,7 @@ import torch
 
 from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list, open_image
 from ..data.folder import SKIP_HINT
-from ..engine import resolve_device
+from ..engine import resolve_device, resolve_precision
 from ..errors import UserInputError
 from .model import load_classifier
 
@@ -50,6 +50,7 @@ def predict(
     skip_corrupt: bool = False,
     on_note: Callable[[str], None] | None = None,
     on_result: Callable[[Prediction], None] | None = None,
+    amp: str = "auto",
 ) -> list[Prediction]:
     """Classify images with a checkpoint; labels are its class names (or ``class_names``: a
     list, or a text file of one name per line as :func:`crossformer.data.load_class_list` reads).
@@ -63,6 +64,7 @@ def predict(
     model's input, which are upscaled (their predictions are less reliable), and of a folder's
     files of an image format this build cannot read, left out (:func:`crossformer.data.expand_image_paths`).
     ``on_result`` hears of each prediction as its batch is done (the command prints it then).
+    ``amp``: as ``run.amp`` (``bf16``: autocast, on the CPU too; ``auto``: float32 on the CPU).
     """
     if topk < 1:  # before the model loads; 0 gave one label, quietly
         raise UserInputError(f"--topk must be at least 1, got {topk}")
@@ -80,6 +82,7 @@ def predict(
     transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
     files = expand_image_paths(paths, on_note=note)
     device_ = next(loaded.model.parameters()).device
+    precision = resolve_precision(amp, device_)
     k = min(topk, loaded.num_classes)
     height, width = (loaded.img_size, loaded.img_size) if isinstance(loaded.img_size, int) else loaded.img_size
     results: list[Prediction] = []
@@ -104,7 +107,9 @@ def predict(
         if not images:
             continue
         batch = torch.stack(images).to(device_)
-        probs = loaded.model(batch).float().softmax(dim=1)
+        with precision.autocast():
+            logits = loaded.model(batch)
+        probs = logits.float().softmax(dim=1)
         scores, indices = probs.topk(k, dim=1)
         for path, row_scores, row_indices in zip(chunk, scores.tolist(), indices.tolist()):
             results.append(Prediction(str(path), [names[i] for i in row_indices], row_scores))
