@@ -421,3 +421,22 @@ def test_predict_under_bf16_autocast(trained: tuple[Path, dict], data: Path) -> 
     diffs = [abs(dict(zip(a.labels, a.scores))[label] - score)
              for a, b in zip(fp32, bf16) for label, score in zip(b.labels, b.scores)]
     assert 0.0 < max(diffs) < 0.05  # bf16 rounding moves the probabilities, a little
+
+
+def test_evaluate_with_run_deterministic_times_no_kernel_choice(trained: tuple[Path, dict], data: Path, capsys,
+                                                               monkeypatch) -> None:
+    """``run.deterministic=true`` was accepted by evaluate and changed nothing: the process timed
+    its kernel choices (a bf16 evaluation's figures moved from one run to the next)."""
+    from crossformer.cli import main
+    from crossformer.models import layers
+
+    output, _ = trained
+    argv = ["evaluate", "--checkpoint", str(output / "best.pth"), "--data", str(data), "--device", "cpu",
+            "--num-workers", "0", "--json"]
+    monkeypatch.setattr(layers, "_GEMM_CHOICES", {})
+    assert main([*argv, "run.deterministic=true"]) == 0
+    assert layers.gemm_choices() == {} and not torch.are_deterministic_algorithms_enabled()  # and put back after
+    deterministic = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    assert layers.gemm_choices()  # the default times them
+    assert json.loads(capsys.readouterr().out)["acc1"] == deterministic["acc1"]

@@ -109,11 +109,19 @@ def refuse_given_flags(args: argparse.Namespace, flags: Sequence[str], reason: s
             raise UserInputError(f"{flag} {reason}")
 
 
+# the classifier flags whose like a dense config holds (its model.num_classes, model.backbone)
+_CONFIG_DESCRIBES = ("--model", "--num-classes")
+
+
 def refuse_classifier_flags(args: argparse.Namespace, flags: Sequence[str], kind: str) -> None:
     """:func:`refuse_given_flags` for dense flops and benchmark: the ``kind`` ("detector",
-    "segmentor") they measure is the config's."""
-    refuse_given_flags(args, flags, f"is for classifiers; a {kind}'s config describes it: change the config with "
-                                    f"KEY=VALUE settings (e.g. model.num_classes=N, model.backbone=NAME)")
+    "segmentor") they measure is the config's; a flag no config setting stands for
+    (``--peak``, ``--grad-checkpointing``, ...) is not offered for it."""
+    refuse_given_flags(args, [f for f in flags if f in _CONFIG_DESCRIBES],
+                       f"is for classifiers; a {kind}'s config describes it: change the config with "
+                       f"KEY=VALUE settings (e.g. model.num_classes=N, model.backbone=NAME)")
+    refuse_given_flags(args, [f for f in flags if f not in _CONFIG_DESCRIBES],
+                       f"is for classifiers; a {kind} is measured without it")
 
 
 def backbone_settings(kwargs: Mapping[str, Any]) -> str:
@@ -526,4 +534,8 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     from ..engine import set_cpu_threads  # torch: once the config is known to be right
 
     set_cpu_threads(resolved_config.run.cpu_threads)  # as in training (one thread is much faster on a busy CPU)
-    return handler.run(args, resolved_config, resolved.given)
+    from ..engine.seeding import deterministic_kernels
+
+    # run.deterministic: the same kernels, nothing timed (a bf16 evaluate's mIoU moved from run to run)
+    with deterministic_kernels(resolved_config.run.deterministic):
+        return handler.run(args, resolved_config, resolved.given)
