@@ -34,9 +34,9 @@ def test_epoch_mode_evaluates_every_n_epochs_and_follows_the_schedule(tmp_path: 
     assert [(r["epoch"], r["step"]) for r in evals] == [(1, 12), (3, 24)]
     steps = [r for r in records if "train/lr" in r]
     assert [r["step"] for r in steps] == list(range(1, 25))
-    # the rate logged after update s is the one update s + 1 uses: peak x factor(s)
+    # the rate logged at update s is the one it used (as the progress line shows it): peak x factor(s - 1)
     for r in steps:
-        assert r["train/lr"] == pytest.approx(0.05 * cosine_factor(r["step"], 24, 2, 0.001, 0.0), rel=1e-12)
+        assert r["train/lr"] == pytest.approx(0.05 * cosine_factor(r["step"] - 1, 24, 2, 0.001, 0.0), rel=1e-12)
     assert all(r["train/grad_norm"] > 0 for r in steps)
     assert evals[-1]["train/loss"] == pytest.approx(evals[-1]["train/mse"] + evals[-1]["train/l1"], rel=1e-6)  # float32 sum
     assert evals[-1]["val/mse"] < evals[0]["val/mse"] < 30  # it learns (the untrained model: about 32)
@@ -81,7 +81,7 @@ def test_a_warm_up_in_epochs_lasts_as_many_epochs_in_an_iteration_run(tmp_path: 
     assert metrics["global_step"] == 15
     assert "cosine schedule over 15 updates, the first 12 of them a warm-up" in capsys.readouterr().out
     rates = [r["train/lr"] for r in _records(tmp_path) if "train/lr" in r]
-    assert rates[10] == pytest.approx(0.05 * cosine_factor(11, 15, 12, 0.001, 0.0), rel=1e-12)  # still warming up
+    assert rates[10] == pytest.approx(0.05 * cosine_factor(10, 15, 12, 0.001, 0.0), rel=1e-12)  # still warming up
 
 
 def test_loader_workers_stop_at_the_cpus_this_process_may_use(tmp_path: Path, capsys) -> None:
@@ -250,7 +250,7 @@ def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:
     resumed = [r for r in _records(tmp_path) if "train/lr" in r and r["step"] > 4]
     assert [r["step"] for r in resumed] == list(range(5, 13))
     for r in resumed:
-        assert r["train/lr"] == pytest.approx(0.1 * cosine_factor(r["step"], 12, 2, 0.001, 0.0), rel=1e-12)
+        assert r["train/lr"] == pytest.approx(0.1 * cosine_factor(r["step"] - 1, 12, 2, 0.001, 0.0), rel=1e-12)
     state = load_training_state(tmp_path / "last.pth")
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.02]
 
@@ -406,7 +406,10 @@ def test_the_rate_and_its_floor_scale_with_the_samples_of_an_update(tmp_path: Pa
     train(FakeTask, fake_config(tmp_path, epochs=1, accum_steps=2, scale_lr=True, lr_batch_reference=16, min_lr=0.01))
     assert "global batch 8, lr 0.025," in capsys.readouterr().out
     rates = [r["train/lr"] for r in _records(tmp_path) if "train/lr" in r]
-    assert len(rates) == 3 and rates[-1] == pytest.approx(0.005, rel=1e-12)  # the cosine's floor at its end
+    assert len(rates) == 3 and rates[0] == pytest.approx(0.025 * 0.001, rel=1e-12)  # the warm-up's start
+    # the cosine's floor at its end: the rate set after the last update
+    state = load_training_state(tmp_path / "last.pth")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.005, rel=1e-12)
 
 
 def test_a_stop_signal_at_the_last_update_lets_the_run_finish(tmp_path: Path) -> None:
@@ -643,3 +646,18 @@ def test_torchrun_two_processes_over_gloo(tmp_path: Path) -> None:
     for key, weights in (("val/mse", "model"), ("val_ema/mse", "model_ema")):
         task.model.load_state_dict(state[weights])
         assert state["metrics"][key] == pytest.approx(task.evaluate(task.model)["mse"], rel=1e-6)
+
+
+def test_the_logged_rate_is_the_one_its_update_used(tmp_path: Path) -> None:
+    # train/lr at step s was the rate set for update s + 1 (one ahead of the progress line; the
+    # last record read min_lr, which no update used)
+    from crossformer.engine.schedule import build_schedule
+
+    config = fake_config(tmp_path / "run", epochs=2)
+    train(FakeTask, config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["train/lr"] for r in records if "train/lr" in r]  # log_every 1: every update's
+    schedule = build_schedule(config.schedule, config.optimizer.lr, config.schedule.min_lr, len(rates),
+                              len(rates) // 2, False)
+    assert rates == pytest.approx([config.optimizer.lr * schedule.factor(t) for t in range(len(rates))])
+    assert rates[0] == pytest.approx(config.optimizer.lr * config.schedule.warmup_ratio)  # the warm-up's start

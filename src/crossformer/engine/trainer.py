@@ -407,13 +407,14 @@ class Trainer:
 
     def _update(self) -> None:
         run = self.run_config
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's, as the progress line shows it
         self.last_grad_norm = self.precision.step(self.optimizer, self.task.model.parameters(), run.clip_grad)
         self.global_step += 1
-        self.schedule.apply(self.optimizer, self.global_step)
+        self.schedule.apply(self.optimizer, self.global_step)  # the next update's
         if self.ema is not None:
             self.ema.update(self.task.model, step=self.global_step)
         if self.global_step % run.log_every == 0:  # the loss is every rank's mean; lr and grad norm agree anyway
-            values = {"train/lr": self.optimizer.param_groups[0]["lr"], "train/step_loss": self.last_loss,
+            values = {"train/lr": lr, "train/step_loss": self.last_loss,
                       "train/grad_norm": self.last_grad_norm}
             self.log.scalars(self.global_step, values, epoch=self.epoch)
 
