@@ -235,6 +235,11 @@ def test_resuming_with_another_batch_size_follows_the_schedule_from_the_epoch(tm
     assert f"was written with batch {saved_batch} (x 1 accumulated) per process: restarting epoch 1 at update 6 of 24" in log
     train(FakeTask, fake_config(tmp_path / "clean", epochs=4))
     assert _rates_from_epoch_1(tmp_path / "run")[-18:] == _rates_from_epoch_1(tmp_path / "clean")
+    # the finished run resumed with another batch and fewer epochs: nothing restarts ("restarting
+    # epoch 4 at update 12 of 6" came before "nothing to do")
+    train(FakeTask, fake_config(tmp_path / "run", epochs=2, batch_size=8, resume="auto"))
+    tail = (tmp_path / "run" / "log.txt").read_text()[len(log):]
+    assert "nothing to do" in tail and "restarting epoch" not in tail
 
 
 def test_a_resumed_run_takes_its_own_rate_and_decay(tmp_path: Path) -> None:

@@ -268,8 +268,9 @@ class Trainer:
             saved_ranks = int(state.get("world_size", 1))
             written = (f"by {saved_ranks} process{'es' if saved_ranks > 1 else ''}" if not same_ranks else
                        f"with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process")
-            self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
-                          f"at update {self.global_step} of {self.total_updates}")
+            if not self.finished:  # else "nothing to do" follows: no epoch restarts
+                self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
+                              f"at update {self.global_step} of {self.total_updates}")
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _restore_run_counts(self, saved: dict[str, Any]) -> None:
