@@ -37,8 +37,10 @@ def _lock(folder: Path) -> int | None:
     one writer. Refused in one line while another run holds it; None where the file system
     has no locks (some network mounts): the run goes on unguarded. A killed run's lock goes
     with its process."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: unguarded
+        return None
     path = folder / RUN_LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
