@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)
-    from crossformer.engine import NonFiniteLossError, RunInterrupted, train  # torch: once the config is known to be right
+    from crossformer.engine import NonFiniteLossError, PeerLostError, RunInterrupted, train  # torch: once the config is right
 
     says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
     try:
@@ -87,4 +87,8 @@ def run(args: argparse.Namespace) -> int:
             launcher = "torchrun ... -m " if launched_by_torchrun() else ""
             print(f"crossformer train: {err}\nresume with: {launcher}{resume_command(sys.argv[1:])}", file=sys.stderr)
         return 130
+    except PeerLostError as err:  # said by every rank left: rank 0 may be the one that ended
+        print(f"crossformer train: stopped on rank {launched_rank()}: {err}\n"
+              f"resume with: torchrun ... -m {resume_command(sys.argv[1:])}", file=sys.stderr)
+        return 1
     return 0 if metrics else 1

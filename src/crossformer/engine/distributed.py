@@ -24,7 +24,7 @@ from .launch import (launched_by_torchrun_agent, launched_local_rank, launched_n
                      launched_rank)
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
-           "stop_with_launcher"]
+           "stop_with_launcher", "PeerLostError", "lost_a_peer"]
 
 T = TypeVar("T")
 
@@ -34,6 +34,20 @@ TORCH_DEFAULT_THREADS = torch.get_num_threads()
 PARENT_AT_IMPORT = os.getppid()
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LAUNCHER_DEATH_SIGNAL = signal.SIGHUP  # what the kernel sends a torchrun worker whose launcher died
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run ended (killed, out of memory) while this one waited for it
+    in a collective: this process stops too, with one line."""
+
+
+# What gloo's and NCCL's errors say when the process on the other end is gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure because another process of the run ended."""
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)
 
 
 def set_cpu_threads(threads: int) -> None:

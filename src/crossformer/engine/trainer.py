@@ -31,7 +31,8 @@ from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
 from .config import EngineConfig, config_differences, config_to_dict, with_absolute_paths
 from .cpus import available_cpus, usable_workers
-from .distributed import DistContext, set_cpu_threads, setup_distributed, teardown_distributed
+from .distributed import (DistContext, PeerLostError, lost_a_peer, set_cpu_threads, setup_distributed,
+                          teardown_distributed)
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger, SkippedFiles
 from .output import OutputBefore, claim_output
@@ -598,6 +599,11 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
             log.info(f"error: {err}", echo=False)  # the caller prints it
             raise
         except BaseException as err:
+            if ctx.distributed and lost_a_peer(err):  # a gloo traceback said it, 34 lines long
+                lost = PeerLostError(f"another process of this run ended (killed? out of memory?) while this one "
+                                     f"waited for it; its output says why; then resume from {run.output}")
+                log.info(f"stopped: {lost}", echo=False)
+                raise lost from None
             log.info(f"stopped by {type(err).__name__}: {err}\n{traceback.format_exc()}".rstrip(), echo=False)
             raise
         finally:
