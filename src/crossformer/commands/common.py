@@ -43,6 +43,12 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model
 
 
+def note_on_stderr(message: str) -> None:
+    """A predict command's note (a file skipped, a format left out): on stderr, so that stdout
+    holds the results alone (``--json``)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def class_count(text: str) -> int:
     """``--num-classes``'s type: a whole number, 0 or more (0: no classifier, pooled features)."""
     try:

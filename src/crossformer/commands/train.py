@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from crossformer.engine import NonFiniteLossError, PeerLostError, RunInterrupted, train  # torch: once the config is right
 
     says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
+    launcher = "torchrun ... -m " if launched_by_torchrun() else ""
+    resume = f"resume with: {launcher}{resume_command(sys.argv[1:])}"
     try:
         metrics = train(resolved.module.TASK, resolved.config)
     except NonFiniteLossError as err:
@@ -84,11 +86,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except RunInterrupted as err:
         if says:
-            launcher = "torchrun ... -m " if launched_by_torchrun() else ""
-            print(f"crossformer train: {err}\nresume with: {launcher}{resume_command(sys.argv[1:])}", file=sys.stderr)
+            print(f"crossformer train: {err}\n{resume}", file=sys.stderr)
         return 130
     except PeerLostError as err:  # said by every rank left: rank 0 may be the one that ended
-        print(f"crossformer train: stopped on rank {launched_rank()}: {err}\n"
-              f"resume with: torchrun ... -m {resume_command(sys.argv[1:])}", file=sys.stderr)
+        print(f"crossformer train: stopped on rank {launched_rank()}: {err}\n{resume}", file=sys.stderr)
         return 1
     return 0 if metrics else 1

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..commands.common import backbone_settings, given_img_size, head_classes, refuse_classifier_flags
+from ..commands.common import (backbone_settings, given_img_size, head_classes, note_on_stderr,
+                               refuse_classifier_flags)
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError, one_line
 from .classes import COCO_CLASSES, first_category_difference, known_category_ids
@@ -204,7 +205,7 @@ def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str,
     names = loaded.class_names or [f"class {i}" for i in range(loaded.detector.num_classes)]
     result = predict_detections(
         loaded.detector, args.images, args.output, names, loaded.cat_ids, config.data.test_transform(),
-        threshold, config.data.skip_corrupt, lambda message: print(message, file=sys.stderr, flush=True),
+        threshold, config.data.skip_corrupt, note_on_stderr,
         resolve_precision(config.run.amp, device), on_result=say,
     )
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""

@@ -34,14 +34,13 @@ and nothing of it reaches the parameters.
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .layers import alternative_wins, capturing_graph, may_time
+from .layers import alternative_wins, capturing_graph, may_time, seconds
 
 __all__ = ["biased_attention", "attention_choices"]
 
@@ -164,12 +163,6 @@ def _fused(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _seconds(attend, qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> float:
-    start = time.perf_counter()
-    attend(qkv, mask, scale)
-    return time.perf_counter() - start
-
-
 def _timing_sample(qkv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first images of ``qkv`` and, where one image holds more than :data:`_TIMING_SCORES`
     scores (950-token groups at detection size), its first groups with their mask's."""
@@ -195,8 +188,8 @@ def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> 
         _fused(sample, sample_mask, scale)  # a warm-up of each
         _chunked_cpu_inference(sample, sample_mask, scale)
         chunked = _CHUNKED_CHOICES[key] = alternative_wins(
-            lambda: _seconds(_fused, sample, sample_mask, scale),
-            lambda: _seconds(_chunked_cpu_inference, sample, sample_mask, scale),
+            lambda: seconds(_fused, sample, sample_mask, scale),
+            lambda: seconds(_chunked_cpu_inference, sample, sample_mask, scale),
         )
     return (_chunked_cpu_inference if chunked else _fused)(qkv, mask, scale)
 

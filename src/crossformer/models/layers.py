@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Hashable, Iterable, Iterator, MutableMapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -282,6 +282,13 @@ def alternative_wins(time_default: Callable[[], float], time_alternative: Callab
     return min(alternative) < min(default) * (1 - _TIMING_MARGIN)
 
 
+def seconds(call: Callable[..., Any], *args: Any) -> float:
+    """The wall time of one ``call(*args)``: a candidate's run in a measured choice."""
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
 def may_time() -> bool:
     """Whether a measured choice may time its candidates now.
 
@@ -361,9 +368,7 @@ def _timing_sample(product: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torc
 
 
 def _timed_gemm(backend: str, product: str, a, b, bias) -> float:
-    start = time.perf_counter()
-    _GEMMS[backend](product, a, b, bias)
-    return time.perf_counter() - start
+    return seconds(_GEMMS[backend], product, a, b, bias)
 
 
 def _choose_gemm(product: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
@@ -418,9 +423,7 @@ _INFERENCE_LINEARS = {"mkl": _mkl_inference_linear, "onednn": _onednn_inference_
 
 
 def _timed_inference_linear(backend: str, x, weight, bias, gelu: bool) -> float:
-    start = time.perf_counter()
-    _INFERENCE_LINEARS[backend](x, weight, bias, gelu)
-    return time.perf_counter() - start
+    return seconds(_INFERENCE_LINEARS[backend], x, weight, bias, gelu)
 
 
 def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:

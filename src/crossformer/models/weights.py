@@ -491,19 +491,22 @@ def load_pretrained(model: nn.Module, path: str | Path, settings_key: str, note:
     constructor settings the config holds under ``settings_key`` (``model.kwargs``,
     ``model.backbone_kwargs``). Weights of other settings are one line naming them (e.g.
     ``set model.backbone_kwargs.embed_dim=32``), rather than the keys that differ, listed by the dozen."""
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     try:
-        load_state(model, read_checkpoint(path) if checkpoint is None else checkpoint, str(path), note=note)
+        load_state(model, checkpoint, str(path), note=note)
     except CheckpointError as err:
-        raise _pretrained_misfit(err, path, model, settings_key) from None
+        raise _pretrained_misfit(err, path, checkpoint, model, settings_key) from None
 
 
-def _pretrained_misfit(error: CheckpointError, path: str | Path, model: nn.Module, settings_key: str) -> CheckpointError:
-    """``error`` as one line naming the settings the file's weights show, where they show any;
-    else ``error`` itself (a file that cannot be read, or differs otherwise)."""
+def _pretrained_misfit(error: CheckpointError, path: str | Path, checkpoint: Mapping[str, Any], model: nn.Module,
+                       settings_key: str) -> CheckpointError:
+    """``error`` as one line naming the settings the weights of ``checkpoint`` (read from
+    ``path``) show, where they show any; else ``error`` itself (weights it cannot find, or
+    that differ otherwise)."""
     from ..errors import UserInputError
 
     try:
-        weights = extract_state_dict(read_checkpoint(path))
+        weights = extract_state_dict(checkpoint)
     except UserInputError:
         return error
     # a head of another class count starts afresh (a note, not a misfit), and a features

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import backbone_settings, head_classes, refuse_classifier_flags
+from ..commands.common import backbone_settings, head_classes, note_on_stderr, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
@@ -229,7 +229,6 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     for key, colours in (("data.palette", data.palette), ("data.label_colours", data.label_colours)):
         if colours is not None:  # given here (at most one of them), it replaces the checkpoint's colours
             palette = class_colours(colours, len(names), key)
-    log = (lambda msg: print(msg, file=sys.stderr))
 
     def say(result: SegPrediction) -> None:
         if args.json:
@@ -240,7 +239,7 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
 
     predict_images(
         segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
-        data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, log,
+        data.skip_corrupt, args.opacity, resolve_precision(config.run.amp, device).autocast, note_on_stderr,
         coloured_labels=data.label_colours is not None, on_result=say,
     )
     return 0
