@@ -8,6 +8,9 @@
 - The image's layout (:func:`crossformer.models.layers.image_layout`): the patch embedding's
   convolutions read it NCHW or channels-last, whichever was measured faster, with the same
   results.
+- The cross-scale convolutions in CPU inference
+  (:func:`crossformer.models.layers.cross_scale_inference`): weights kept cast under autocast,
+  the two largest kernels as one where measured faster, each kernel's maps either way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from crossformer.engine.seeding import deterministic_kernels
 from crossformer.models import CrossFormer
+from crossformer.models.crossformer import CrossScaleConvs
 from crossformer.models import layers
 from crossformer.models.layers import (
     GEMM_BACKENDS,
@@ -408,6 +412,141 @@ def test_model_computes_the_same_on_either_image_layout(monkeypatch, channels_la
         assert (got_grads[name] - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), name
 
 
+# The cross-scale convolutions in CPU inference ---------------------------------------------
+
+
+def _embedding(seed: int = 0) -> CrossScaleConvs:
+    torch.manual_seed(seed)
+    return CrossScaleConvs(3, 32, (4, 8, 16, 32), stride=4)  # 16, 8, 4, 4 channels
+
+
+def _each_kernel(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """What the embedding computes: every kernel called on its own, channels-last, concatenated."""
+    with torch.no_grad():
+        return torch.cat([conv(x).permute(0, 2, 3, 1) for conv in convs], dim=-1)
+
+
+def _fresh_merge_choices(monkeypatch: pytest.MonkeyPatch, merged_wins: bool) -> list:
+    """An empty choice table and a fake timing that says ``merged_wins`` (the image's layout as
+    given); the returned list records each ``F.conv2d`` call's output channels."""
+    import crossformer.models.crossformer as network
+
+    monkeypatch.setattr(network, "image_layout", lambda x, convs: x)
+    monkeypatch.setattr(layers, "_MERGED_KERNEL_CHOICES", {})
+    monkeypatch.setattr(layers, "alternative_wins", lambda apart, together: apart() > 0 and together() > 0 and merged_wins)
+    calls: list[int] = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(layers.F, "conv2d", lambda x, w, *a: calls.append(w.shape[0]) or real_conv2d(x, w, *a))
+    return calls
+
+
+@pytest.mark.parametrize("merged_wins", (True, False))
+def test_cross_scale_inference_matches_each_kernel(monkeypatch, merged_wins: bool) -> None:
+    """In CPU inference the embedding's two largest kernels run as one (the 16x16 centred in
+    zeros inside the 32x32) where that was timed faster, once per shape class, else apart; the
+    maps are each kernel's either way."""
+    convs, x = _embedding(), torch.randn(2, 3, 70, 94)
+    want = _each_kernel(convs, x)
+    calls = _fresh_merge_choices(monkeypatch, merged_wins)
+    with torch.no_grad():
+        got = convs(x)
+        calls.clear()
+        again = convs(x)
+    assert calls == ([16, 8, 8] if merged_wins else [16, 8, 4, 4])  # the merged kernel: 4 + 4 outputs
+    assert list(layers.merged_kernel_choices().values()) == [merged_wins]
+    assert got.shape == want.shape == (2, 17, 23, 32) and torch.equal(got, again)
+    assert (got - want).abs().max().item() <= 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want16 = torch.cat([conv(x).permute(0, 2, 3, 1) for conv in convs], dim=-1)
+        convs(x)  # another class: timed again
+        calls.clear()
+        got16 = convs(x)
+    assert got16.dtype == want16.dtype == torch.bfloat16 and len(calls) == (3 if merged_wins else 4)
+    assert (got16.float() - want16.float()).abs().max().item() <= 2e-2 * want16.float().abs().max().item()
+
+
+def test_cross_scale_inference_keeps_the_cast_weights_until_they_change(monkeypatch) -> None:
+    """Under autocast the kernels' bf16 weights are cast once and kept, the image cast once;
+    an optimizer-like in-place step, a new weight, a new kernel and a ``.data`` edit followed by
+    ``eval()`` are all seen."""
+    convs, x = _embedding(), torch.randn(1, 3, 40, 40)
+    _fresh_merge_choices(monkeypatch, merged_wins=True)
+    casts: list[tuple] = []
+    real_to = torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):
+        if args and args[0] == torch.bfloat16:
+            casts.append(tuple(tensor.shape))
+        return real_to(tensor, *args, **kwargs)
+
+    def check() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = torch.cat([conv(x).permute(0, 2, 3, 1) for conv in convs], dim=-1).float()
+            got = convs(x).float()
+        assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+    check()
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        convs(x)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert casts == [(1, 3, 40, 40)]  # the image once, no weight
+    with torch.no_grad():
+        convs[3].weight.mul_(-2)
+    check()
+    convs[3].weight = nn.Parameter(torch.randn_like(convs[3].weight))
+    check()
+    convs[0] = nn.Conv2d(3, 16, 4, stride=4)
+    check()
+    convs[2].weight.data.mul_(3)  # no version bump: seen after eval()
+    convs.eval()
+    check()
+
+
+def test_cross_scale_inference_steps_aside(monkeypatch) -> None:
+    """Training, deterministic mode, a FLOP counter and a hooked or replaced kernel get each
+    kernel called as it is, and nothing is timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    convs, x = _embedding(), torch.randn(1, 3, 40, 40)
+    calls = _fresh_merge_choices(monkeypatch, merged_wins=True)
+    monkeypatch.setattr(layers, "alternative_wins", lambda *a: pytest.fail("timed"))
+    convs(x)  # gradients needed
+    with torch.no_grad():
+        with deterministic_kernels(True):
+            convs(x)
+        with FlopCounterMode(display=False) as counter:
+            convs(x)
+        assert counter.get_total_flops() == 2 * 40 * 40 // 16 * 3 * (16 * 16 + 8 * 64 + 4 * 256 + 4 * 1024)
+        assert calls == [16, 8, 4, 4] * 3
+        seen = []
+        handle = convs[3].register_forward_hook(lambda *a: seen.append(True))
+        convs(x)
+        assert seen == [True]
+        handle.remove()
+
+        class Scaled(nn.Conv2d):
+            def forward(self, x):
+                return super().forward(x) * 2
+
+        convs[3] = Scaled(3, 4, 32, stride=4, padding=14)
+        convs[3].load_state_dict(_embedding()[3].state_dict())
+        assert torch.equal(convs(x)[..., -4:], 2 * _each_kernel(_embedding(), x)[..., -4:])
+    assert layers.merged_kernel_choices() == {}
+
+
+@pytest.mark.parametrize("merged_wins", (True, False))
+def test_model_inference_is_the_same_with_merged_kernels(monkeypatch, merged_wins: bool) -> None:
+    model, x = CrossFormer(**TINY).eval(), torch.randn(2, 3, 70, 94)
+    with torch.no_grad(), deterministic_kernels(True):
+        want = model(x)
+    _fresh_merge_choices(monkeypatch, merged_wins)
+    with torch.no_grad():
+        got = model(x)
+    assert merged_wins in layers.merged_kernel_choices().values()
+    assert (got - want).abs().max().item() <= TOL
+
+
 # bf16 autocast on the CPU ------------------------------------------------------------------
 
 needs_bf16 = pytest.mark.skipif(not layers._BF16_GEMM, reason="this CPU has no oneDNN bf16 kernels")
@@ -487,6 +626,7 @@ def test_bf16_training_step_gradients_follow_fp32() -> None:
     assert F.cosine_similarity(flat32, flat16, dim=0).item() >= 0.99
 
 
+@pytest.mark.parametrize("float32_softmax", (False, True))
 @pytest.mark.parametrize(
     "qkv_shape",
     [
@@ -494,11 +634,11 @@ def test_bf16_training_step_gradients_follow_fp32() -> None:
         (3, 2, 3, 700, 8),  # one image's groups split over chunks (3 x 700^2 > 1M scores)
     ],
 )
-def test_bf16_inference_attention_in_chunks(qkv_shape, monkeypatch) -> None:
+def test_bf16_inference_attention_in_chunks(qkv_shape, float32_softmax: bool, monkeypatch) -> None:
     """bf16 attention without gradients (autocast inference) on the CPU, where the chunks were
-    timed faster: products and softmax in chunks, not the fused kernel, within bf16's steps of
-    the float32 formula, for a ``qkv`` that is a strided view too (as the qkv projection's
-    output is)."""
+    timed faster (their softmax to bf16, or to float32 and cast, as timed against each other
+    first): products and softmax in chunks, not the fused kernel, within bf16's steps of the
+    float32 formula, for a ``qkv`` that is a strided view too (as the qkv projection's output is)."""
     from crossformer.models import attention
 
     three, batch, groups, tokens, dim = qkv_shape
@@ -506,19 +646,23 @@ def test_bf16_inference_attention_in_chunks(qkv_shape, monkeypatch) -> None:
     qkv = torch.randn(batch, groups, tokens, three, dim).bfloat16().permute(3, 0, 1, 2, 4)
     mask = (torch.randn(1, groups, tokens, tokens) * 2).bfloat16()
     seen, real_chunks = [], attention._chunks
-    monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
-    monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: fused() > 0 and chunked() > 0)
+    monkeypatch.setattr(attention, "_ATTENTION_CHOICES", {})
+    verdicts = iter([float32_softmax, True])  # the two softmaxes, then the chunks against the fused kernel
+    monkeypatch.setattr(attention, "alternative_wins", lambda default, alternative: default() > 0 and alternative() > 0 and next(verdicts))
     with torch.no_grad():
         first = attention.biased_attention(qkv, mask, scale=dim**-0.5)  # timed: the chunks win
         monkeypatch.setattr(attention, "_chunks", lambda *a: seen.append(a) or real_chunks(*a))
         monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fused kernel taken"))
         got = attention.biased_attention(qkv, mask, scale=dim**-0.5)
-    assert attention.attention_choices() == {(torch.bfloat16, torch.get_num_threads(), groups, tokens, dim): True}
-    assert seen == [(batch, groups, tokens)] and torch.equal(first, got)
+        other = attention._chunked_cpu_inference(qkv, mask, dim**-0.5, float32_softmax=not float32_softmax)
+    chosen = attention.CHUNKS_FLOAT32_SOFTMAX if float32_softmax else attention.CHUNKS
+    assert attention.attention_choices() == {(torch.bfloat16, torch.get_num_threads(), groups, tokens, dim): chosen}
+    assert seen[0] == (batch, groups, tokens) and torch.equal(first, got)
     assert got.dtype == torch.bfloat16 and got.shape == qkv.shape[1:]
     monkeypatch.undo()
     want = attention.biased_attention(qkv.float(), mask.float(), scale=dim**-0.5, fused=False)
     assert (got.float() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
+    assert (got.float() - other.float()).abs().max().item() <= 2e-2 * want.abs().max().item()
 
 
 def test_bf16_inference_attention_timing_sample_is_bounded(monkeypatch) -> None:
@@ -544,12 +688,12 @@ def test_bf16_inference_attention_keeps_the_fused_kernel(monkeypatch) -> None:
 
     qkv, mask = torch.randn(3, 2, 4, 49, 16).bfloat16(), torch.randn(1, 4, 49, 49).bfloat16()
     fused = F.scaled_dot_product_attention(*qkv.unbind(0), attn_mask=mask, scale=0.25)
-    monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
-    monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: False)
+    monkeypatch.setattr(attention, "_ATTENTION_CHOICES", {})
+    monkeypatch.setattr(attention, "alternative_wins", lambda default, alternative: False)
     with torch.no_grad():
         assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)
-        assert list(attention.attention_choices().values()) == [False]
-        monkeypatch.setattr(attention, "_CHUNKED_CHOICES", {})
+        assert list(attention.attention_choices().values()) == [attention.FUSED]
+        monkeypatch.setattr(attention, "_ATTENTION_CHOICES", {})
         monkeypatch.setattr(attention, "alternative_wins", lambda fused, chunked: pytest.fail("timed"))
         with deterministic_kernels(True):
             assert torch.equal(attention.biased_attention(qkv, mask, scale=0.25), fused)

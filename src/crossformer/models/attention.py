@@ -7,8 +7,8 @@ broadcast over ``B``, and picks the fastest exact way to do it:
 - ``F.scaled_dot_product_attention`` whenever the mask needs no gradient (inference, frozen
   bias), and on every non-CPU device: one fused kernel, no ``N x N`` tensor in memory.
 - CPU bfloat16 inference (autocast): that kernel or :func:`_chunked_cpu_inference`, products
-  and softmax a few images at a time, whichever was measured faster in this process for the
-  shape class (:func:`attention_choices`). PyTorch's fused CPU kernel can run bf16 slower than
+  and softmax a few images at a time (softmax to bf16, or to float32 and then cast), whichever
+  was measured faster in this process for the shape class (:func:`attention_choices`). PyTorch's fused CPU kernel can run bf16 slower than
   float32 (a 2-core AMD EPYC with avx512_bf16 and no AMX: 28 against 24 ms at
   crossformer_tiny's first stage, 28 against 17 at crossformer_pp_small's; the chunks take 21
   and 13 ms), but a CPU with AMX may well run it faster.
@@ -135,25 +135,44 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return grad_qkv.to(dtype), grad_mask.unsqueeze(0).to(dtype), None
 
 
-def _chunked_cpu_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _chunked_cpu_inference(
+    qkv: torch.Tensor, mask: torch.Tensor, scale: float, float32_softmax: bool = False
+) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` without gradients, :func:`_chunks` at a time, each
     chunk's ``N x N`` scores kept small enough to stay in the caches: ``(B, M, N, d)``,
-    contiguous. Softmax is taken in the scores' precision (float32 inside) and its output,
-    as in a GPU's fused bf16 kernel, enters the second product in that precision."""
+    contiguous. The probabilities, as in a GPU's fused bf16 kernel, enter the second product
+    in the scores' precision, rounded once from float32 (softmax computes in float32 inside).
+
+    ``float32_softmax`` has softmax write float32, then casts it: PyTorch's CPU softmax from
+    bf16 to bf16 takes vectors of 32 and the rest of each row one element at a time (17 of a
+    49-token row, all of a 16-token row), while to float32 it runs whole rows in vectors
+    (RESULTS.md row 135). Both compute in float32; their bf16 probabilities differ by one
+    last bit in a few places (5 in a million of crossformer_tiny's 49-token rows)."""
     q, k, v = qkv.unbind(0)
     batch, groups, tokens, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    probs32 = probs = None  # the first chunk is the largest: its buffers serve every chunk
     for rows, heads in _chunks(batch, groups, tokens):
         part = (rows, heads)
         scores = torch.bmm(_flat(q[part]), _flat(k[part]).transpose(1, 2))
         per_row = scores.view(rows.stop - rows.start, heads.stop - heads.start, tokens, tokens)
         torch.add(mask[0, heads], per_row, alpha=scale, out=per_row)  # mask + scale * q k^T
-        torch.bmm(torch.softmax(scores, -1), _flat(v[part]), out=_flat(out[part]))
+        if probs is None:
+            probs = torch.empty_like(scores)
+            if float32_softmax:
+                probs32 = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        chunk = probs[: scores.shape[0]]
+        if probs32 is not None:
+            chunk.copy_(torch.softmax(scores, -1, dtype=torch.float32, out=probs32[: scores.shape[0]]))
+        else:
+            torch.softmax(scores, -1, out=chunk)
+        torch.bmm(chunk, _flat(v[part]), out=_flat(out[part]))
     return out
 
 
-# (dtype, threads, M, N, d) -> whether the chunks beat the fused kernel
-_CHUNKED_CHOICES: dict[tuple, bool] = {}
+# How CPU bf16 inference attention runs, per shape class (dtype, threads, M, N, d)
+FUSED, CHUNKS, CHUNKS_FLOAT32_SOFTMAX = "fused", "chunks", "chunks, float32 softmax"
+_ATTENTION_CHOICES: dict[tuple, str] = {}
 # A choice is timed on the first images of its first call, up to this many scores (8 MB in bf16).
 _TIMING_SCORES = 1 << 22
 
@@ -174,24 +193,37 @@ def _timing_sample(qkv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return qkv[:, :1, :kept], mask[:, :kept]
 
 
+_ATTENTION_PATHS = {
+    FUSED: lambda qkv, mask, scale: _fused(qkv, mask, scale),
+    CHUNKS: lambda qkv, mask, scale: _chunked_cpu_inference(qkv, mask, scale),
+    CHUNKS_FLOAT32_SOFTMAX: lambda qkv, mask, scale: _chunked_cpu_inference(qkv, mask, scale, float32_softmax=True),
+}
+
+
+def _faster(default: str, alternative: str, qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> str:
+    """Whichever of two :data:`_ATTENTION_PATHS` :func:`.layers.alternative_wins` picks on this input."""
+    first, second = _ATTENTION_PATHS[default], _ATTENTION_PATHS[alternative]
+    first(qkv, mask, scale), second(qkv, mask, scale)  # a warm-up of each
+    wins = alternative_wins(lambda: seconds(first, qkv, mask, scale), lambda: seconds(second, qkv, mask, scale))
+    return alternative if wins else default
+
+
 def _cpu_bf16_inference(qkv: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`_fused` or :func:`_chunked_cpu_inference`, as measured for the shape class at its
-    first call (the fused kernel when nothing may be timed: :func:`.layers.may_time`). The first
-    call's result too is the chosen one's: the same input always gives the same output."""
+    """:func:`_fused` or :func:`_chunked_cpu_inference` (softmax to bf16, or to float32 and
+    cast), as measured for the shape class at its first call: the chunks' two softmaxes against
+    each other, then the faster against the fused kernel (the fused kernel when nothing may be
+    timed: :func:`.layers.may_time`). The first call's result too is the chosen one's: the same
+    input always gives the same output."""
     if not may_time() or qkv.numel() == 0:  # an empty batch would time nothing and decide
         return _fused(qkv, mask, scale)
     _, batch, groups, tokens, head_dim = qkv.shape
     key = (qkv.dtype, torch.get_num_threads(), groups, tokens, head_dim)
-    chunked = _CHUNKED_CHOICES.get(key)
-    if chunked is None:
+    path = _ATTENTION_CHOICES.get(key)
+    if path is None:
         sample, sample_mask = _timing_sample(qkv, mask)
-        _fused(sample, sample_mask, scale)  # a warm-up of each
-        _chunked_cpu_inference(sample, sample_mask, scale)
-        chunked = _CHUNKED_CHOICES[key] = alternative_wins(
-            lambda: seconds(_fused, sample, sample_mask, scale),
-            lambda: seconds(_chunked_cpu_inference, sample, sample_mask, scale),
-        )
-    return (_chunked_cpu_inference if chunked else _fused)(qkv, mask, scale)
+        chunks = _faster(CHUNKS, CHUNKS_FLOAT32_SOFTMAX, sample, sample_mask, scale)
+        path = _ATTENTION_CHOICES[key] = _faster(FUSED, chunks, sample, sample_mask, scale)
+    return _ATTENTION_PATHS[path](qkv, mask, scale)
 
 
 def _bf16_cpu_inference_applies(qkv: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> bool:
@@ -207,10 +239,10 @@ def _bf16_cpu_inference_applies(qkv: torch.Tensor, mask: torch.Tensor, dropout_p
     )
 
 
-def attention_choices() -> dict[tuple, bool]:
+def attention_choices() -> dict[tuple, str]:
     """Per shape class ``(dtype, threads, M, N, d)`` of CPU bf16 inference attention so far in
-    this process: whether it runs in chunks (True) or on the fused kernel."""
-    return dict(_CHUNKED_CHOICES)
+    this process: how it runs (:data:`FUSED`, :data:`CHUNKS` or :data:`CHUNKS_FLOAT32_SOFTMAX`)."""
+    return dict(_ATTENTION_CHOICES)
 
 
 def _explicit(

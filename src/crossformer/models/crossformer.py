@@ -55,6 +55,7 @@ from .layers import (
     conv_input,
     cached_on_weights,
     image_layout,
+    cross_scale_inference,
     release_packed,
 )
 
@@ -155,8 +156,13 @@ class CrossScaleConvs(nn.ModuleList):
     An NCHW input (the image) reaches them as given or as a channels-last copy, whichever they
     were measured faster on (:func:`~crossformer.models.layers.image_layout`).
 
+    CPU inference runs them by :func:`~crossformer.models.layers.cross_scale_inference` (the
+    weights kept cast under autocast, the two largest kernels as one where measured faster).
+
     A ``ModuleList``, so that the kernels keep the official keys (``projs.0``, ...).
     """
+
+    __jit_ignored_attributes__ = ["_inference_weights"]  # eager-only, and TorchScript cannot type it
 
     def __init__(
         self, in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int, name: str = "kernel_sizes"
@@ -169,10 +175,19 @@ class CrossScaleConvs(nn.ModuleList):
             )
             for k, dim in zip(sorted(kernel_sizes), dims)
         )
+        # (which, dtype) -> (weights fingerprint, (weight, bias)) for cross_scale_inference
+        self._inference_weights: dict[tuple, tuple] = {}
+
+    def train(self, mode: bool = True) -> "CrossScaleConvs":
+        self._inference_weights.clear()  # either mode: the reset for edits the cache cannot see (.data)
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             x = image_layout(x, self)
+            inferred = cross_scale_inference(x, list(self), self._inference_weights)
+            if inferred is not None:
+                return torch.cat([m.permute(0, 2, 3, 1) for m in inferred], dim=-1)
         maps: list[torch.Tensor] = []
         for conv in self:
             maps.append(conv(x).permute(0, 2, 3, 1))

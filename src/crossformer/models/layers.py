@@ -14,6 +14,8 @@
   faster for that shape class in this process (:func:`measured_gemm`).
 - :func:`image_layout`: the cross-scale embedding reads the image NCHW or channels-last,
   whichever its convolutions were measured faster on.
+- :func:`cross_scale_inference`: in CPU inference, the cross-scale convolutions with their
+  weights kept cast under autocast, the two largest as one where that was measured faster.
 - :class:`LargeKernelConv2d`: the cross-scale embedding's 16x16 and 32x32 kernels, whose
   CPU weight gradient is computed by space-to-depth.
 - :class:`ResidualDropPath`: residual add and stochastic depth in one pass.
@@ -48,7 +50,7 @@ __all__ = [
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
-    "alternative_wins", "may_time", "image_layout", "image_layout_choices",
+    "alternative_wins", "may_time", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -620,6 +622,146 @@ def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
 def image_layout_choices() -> dict[tuple, bool]:
     """The image layout chosen per shape class so far in this process (True: channels-last)."""
     return dict(_IMAGE_LAYOUT_CHOICES)
+
+
+# Cross-scale convolutions in CPU inference --------------------------------------------------
+# oneDNN's direct convolution of the 3-channel image computes its outputs in blocks of
+# channels (16 on an AVX-512 EPYC: crossformer_tiny's 32x32 kernel took 29 ms at batch 32 in
+# bf16, 40 in float32, with its 8 outputs and with 16 alike), so the embedding's two largest
+# kernels, 8 channels each in crossformer_tiny and ++S, cost the larger one's time when run as
+# one kernel: the smaller zero-padded, centred, to the larger's size. Where that pays depends
+# on the CPU's blocking and the channel counts, so it is timed once per process and shape
+# class. Under autocast, the weights are kept cast (autocast casts them again on every call)
+# and the input is cast once for all kernels instead of once for each.
+
+# (dtype, autocast dtype, threads, kernels, channels-last, images bucket, pixels bucket) -> merged
+_MERGED_KERNEL_CHOICES: dict[tuple, bool] = {}
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """Whether calling ``conv`` computes ``F.conv2d`` with its own weights and nothing else."""
+    return (
+        type(conv) in (nn.Conv2d, LargeKernelConv2d)
+        and not hooked(conv)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def _mergeable(small: nn.Conv2d, large: nn.Conv2d) -> bool:
+    """Whether ``small`` fits centred inside ``large``: one input and stride, square kernels,
+    no dilation or groups, the smaller's padding the larger's less the margin."""
+    margin = large.kernel_size[0] - small.kernel_size[0]
+    return (
+        small.in_channels == large.in_channels
+        and small.stride == large.stride
+        and all(c.kernel_size[0] == c.kernel_size[1] and c.padding[0] == c.padding[1] for c in (small, large))
+        and all(c.dilation == (1, 1) and c.groups == 1 for c in (small, large))
+        and margin > 0
+        and margin % 2 == 0
+        and large.padding[0] - small.padding[0] == margin // 2
+    )
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+
+
+def _merged_weight(small: nn.Conv2d, large: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both kernels as one: weight ``(O_small + O_large, in, K, K)``, ``small``'s outputs first,
+    its kernel centred in zeros; bias ``(O_small + O_large,)``."""
+    margin = (large.kernel_size[0] - small.kernel_size[0]) // 2
+    weight = torch.cat([F.pad(small.weight, (margin,) * 4), large.weight])
+    return weight.to(dtype), torch.cat([_bias(small), _bias(large)]).to(dtype)
+
+
+def _kept_cast(
+    cache: MutableMapping, key: Hashable, convs: Sequence[nn.Conv2d], compute: Callable[[], tuple]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute()`` (a weight and a bias), kept in ``cache`` while the weights of ``convs`` stay
+    as they are (:func:`cached_on_weights`). The entry holds those weights too: a weight put in
+    place of one would otherwise be free to take its address, and a fresh tensor's version
+    matches a fresh tensor's."""
+    sources = tuple(t for c in convs for t in (c.weight, c.bias) if t is not None)
+    return cached_on_weights(cache, key, sources, lambda: (*compute(), sources))[:2]
+
+
+def _merge_pays(x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list, together: tuple, autocast) -> bool:
+    """Whether one convolution with the ``together`` weights was measured faster than the two
+    with the ``apart`` ones, on a sample of ``x`` (the first images, cropped), once per class."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    images, height, width = min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
+    key = (
+        x.dtype,
+        autocast,
+        torch.get_num_threads(),
+        tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in (small, large)),
+        channels_last,
+        images.bit_length(),
+        (height * width).bit_length(),
+    )
+    merged = _MERGED_KERNEL_CHOICES.get(key)
+    if merged is None:
+        sample = x[:images, :, :height, :width].contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+
+        def run_apart() -> None:
+            for (weight, bias), conv in zip(apart, (small, large)):
+                F.conv2d(sample, weight, bias, conv.stride, conv.padding)
+
+        def run_together() -> None:
+            F.conv2d(sample, *together, large.stride, large.padding)
+
+        run_apart(), run_together()  # a warm-up of each
+        merged = _MERGED_KERNEL_CHOICES[key] = alternative_wins(
+            lambda: seconds(run_apart), lambda: seconds(run_together)
+        )
+    return merged
+
+
+def cross_scale_inference(x: torch.Tensor, convs: Sequence[nn.Module], cache: MutableMapping) -> list[torch.Tensor] | None:
+    """Each convolution of ``convs`` on ``x`` ``(B, C, H, W)`` (all of one stride and output
+    size): ``[(B, O_i, H', W')]``, in CPU inference (eager, nothing needing a gradient, timing
+    allowed: not in deterministic mode or under a FLOP counter) for plain, unhooked
+    convolutions; None elsewhere. The two largest run as one where that was measured faster
+    (their outputs then come as one map, ``O_small + O_large`` channels); the values are the
+    same sums in another order, equal but for the last bits. ``cache`` keeps the weights of one
+    module's convolutions (:func:`cached_on_weights`; the owner clears it in ``train(mode)``)."""
+    if (
+        capturing_graph()
+        or not may_time()
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or x.dim() != 4
+        or x.numel() == 0
+        or not convs
+        or not all(_plain_conv(c) for c in convs)
+    ):
+        return None
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if autocast is not None and x.dtype in (torch.float32, autocast):
+        dtype = autocast
+        x = x.to(dtype)  # once, where autocast would cast it for each kernel
+    else:
+        dtype = convs[0].weight.dtype
+    weights = [
+        _kept_cast(cache, (index, dtype), (conv,), lambda conv=conv: (conv.weight.to(dtype), _bias(conv).to(dtype)))
+        for index, conv in enumerate(convs)
+    ]
+    if len(convs) >= 2 and _mergeable(convs[-2], convs[-1]):
+        small, large = convs[-2], convs[-1]
+        together = _kept_cast(cache, ("merged", dtype), (small, large), lambda: _merged_weight(small, large, dtype))
+        if _merge_pays(x, small, large, weights[-2:], together, autocast):
+            maps = [F.conv2d(x, w, b, c.stride, c.padding) for (w, b), c in zip(weights[:-2], convs[:-2])]
+            return maps + [F.conv2d(x, *together, large.stride, large.padding)]
+    return [F.conv2d(x, w, b, c.stride, c.padding) for (w, b), c in zip(weights, convs)]
+
+
+def merged_kernel_choices() -> dict[tuple, bool]:
+    """Per shape class so far in this process: whether the two largest kernels ran as one
+    (:func:`cross_scale_inference`)."""
+    return dict(_MERGED_KERNEL_CHOICES)
 
 
 def _space_to_depth_weight_grad(
