@@ -189,6 +189,38 @@ def test_inference_chunks_equal_whole_batch(monkeypatch, tag: str) -> None:
         h.remove()
 
 
+@pytest.mark.parametrize("row_chunks", (False, True))
+def test_stage_chunks_land_in_one_output(monkeypatch, row_chunks: bool) -> None:
+    """A stage's chunks after the first are written by its last block straight into their rows
+    of the stage's output (no concatenation), with the MLP's row chunks too; each image's output
+    is unchanged. A hook on the last block sees each chunk: it is called, and the parts joined."""
+    model = _model("pp").eval()
+    x = torch.randn(5, 3, 70, 94)
+    with torch.inference_mode():
+        whole = model.forward_intermediates(x, intermediates_only=True)
+    written: list[tuple[int, ...]] = []
+    forward_into = CrossFormerBlock.forward_into
+    monkeypatch.setattr(
+        CrossFormerBlock, "forward_into", lambda self, t, out: written.append(tuple(out.shape)) or forward_into(self, t, out)
+    )
+    monkeypatch.setattr(crossformer_module, "INFERENCE_CHUNK_BYTES", 2 * 17 * 23 * 128 * 4)  # stage 0: 2, 2, 1 images
+    if row_chunks:
+        monkeypatch.setattr(crossformer_module, "MLP_CHUNK_BYTES", 100 * 128 * 4)
+        monkeypatch.setattr(crossformer_module, "mlp_rows_per_chunk", lambda t, hidden: 100)
+    with torch.inference_mode():
+        chunked = model.forward_intermediates(x, intermediates_only=True)
+    assert written[:2] == [(2, 17, 23, 32), (1, 17, 23, 32)], written  # the first chunk is the last block's own
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    written.clear()
+    seen = []
+    handle = model.layers[0].blocks[-1].register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[0], whole[0], rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert seen == [2, 2, 1] and all(shape[1:] != (17, 23, 32) for shape in written)
+
+
 @pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_group_order_residual_matches_map_order(monkeypatch, tag: str) -> None:
     """Unpadded layouts add the attention's output in group order (``forward_groups``);

@@ -20,7 +20,7 @@ keeps :class:`GroupAttention` whole and calls the size-dependent functions
 import functools
 import math
 import numbers
-from typing import Final, Sequence
+from typing import Final, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -540,8 +540,9 @@ class CrossFormerBlock(nn.Module):
                 return self.drop_path(in_map, in_groups).view(x.shape)
         return self.drop_path(x, self.attn(self.norm1(x), layout))
 
-    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + drop_path(mlp(norm2(x)))`` for ``x`` ``(B, H, W, C)``."""
+    def _mlp_residual(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x + drop_path(mlp(norm2(x)))`` for ``x`` ``(B, H, W, C)``; written into ``out``
+        (contiguous, ``x``'s shape) where given, by :meth:`forward_into` only."""
         if not torch.jit.is_scripting():
             # our own per-token MLP only, no hook on it or its norm (a hook sees maps, as on every
             # other path), and a residual that is a plain add (no drop path drawn per image)
@@ -549,11 +550,13 @@ class CrossFormerBlock(nn.Module):
             if rows and self.drop_path.adds_plainly() and not hooked(self.mlp) and not hooked(self.norm2):
                 # the hidden activations of a chunk stay in cache
                 flat = x.reshape(-1, x.shape[-1])
-                out = torch.empty_like(flat)
+                dest = torch.empty_like(flat) if out is None else out.view(flat.shape)
                 for start in range(0, flat.shape[0], rows):
                     part = flat[start:start + rows]
-                    torch.add(part, self.mlp(self.norm2(part)), out=out[start:start + rows])
-                return out.view(x.shape)
+                    torch.add(part, self.mlp(self.norm2(part)), out=dest[start:start + rows])
+                return dest.view(x.shape)
+            if out is not None:
+                return torch.add(x, self.mlp(self.norm2(x)), out=out)
         return self.drop_path(x, self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -562,6 +565,18 @@ class CrossFormerBlock(nn.Module):
         if self.ex_conv is not None:
             x = self.activation_cooling(x)
         return x
+
+    def writes_into(self) -> bool:
+        """Whether :meth:`forward_into` computes what calling the block does: no hook on the block,
+        no activation cooling after the residual, a residual that is a plain add."""
+        return self.ex_conv is None and self.drop_path.adds_plainly() and not hooked(self)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` (where :meth:`writes_into`), the result written into ``out``
+        (contiguous, ``x``'s shape and the result's dtype): a stage's chunks in CPU inference
+        land in one tensor instead of being concatenated."""
+        x = self._attention_residual(x, self.layout(x.shape[1], x.shape[2]))
+        return self._mlp_residual(x, out)
 
     def activation_cooling(self, x: torch.Tensor) -> torch.Tensor:
         """The ACL (CrossFormer++): ``(B, H, W, C)`` -> ``ex_ln(ex_conv(x))``, ``(B, H, W, C)``."""
@@ -628,8 +643,32 @@ class CrossFormerStage(nn.Module):
                 return self.output(x)
             chunks = _inference_chunks(x, self.mlp_hidden)
             if chunks > 1 and len(self.blocks):  # sizes as even as can be
-                return self.output(torch.cat([self.blocks(part) for part in x.tensor_split(chunks)]))
+                return self.output(self._in_chunks(x, chunks))
         return self.output(self.blocks(x))
+
+    def _in_chunks(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
+        """The blocks on ``chunks`` parts of the batch in turn (CPU inference), ``(B, H, W, C)``.
+        The last block writes each part's result into its rows of the output (the first part's,
+        which sets the output's dtype, is copied there): one pass over the stage's output less
+        than concatenating the parts (1% of crossformer_tiny's float32 inference)."""
+        blocks = list(self.blocks)
+        last = blocks[-1]
+        if hooked(self.blocks) or not isinstance(last, CrossFormerBlock) or not last.writes_into():
+            return torch.cat([self.blocks(part) for part in x.tensor_split(chunks)])
+        out: torch.Tensor | None = None
+        start = 0
+        for part in x.tensor_split(chunks):
+            for block in blocks[:-1]:
+                part = block(part)
+            rows = slice(start, start + part.shape[0])
+            start = rows.stop
+            if out is None:
+                first = last(part)
+                out = first.new_empty((x.shape[0], *first.shape[1:]))
+                out[rows] = first
+            else:
+                last.forward_into(part, out[rows])
+        return out
 
 
 @register_notrace_function  # FX: checks the actual input at run time
