@@ -503,6 +503,24 @@ def test_resuming_another_runs_checkpoint_into_a_folder_with_a_run_is_refused(tm
     assert load_training_state(mine / "last.pth")["epoch"] == 4 and not (mine / EARLIER_RUN).exists()
 
 
+def test_resuming_a_folders_run_and_overwriting_it_at_once_is_refused(tmp_path: Path) -> None:
+    # --resume auto --overwrite resumed, silently ignoring --overwrite
+    run = tmp_path / "run"
+    train(FakeTask, fake_config(run, epochs=2))
+    earlier = _snapshot(run)
+    for resume in ("auto", str(run / "last.pth"), str(run / "best.pth")):
+        with pytest.raises(UserInputError) as refused:
+            train(FakeTask, fake_config(run, resume=resume, epochs=3, overwrite=True))
+        assert str(refused.value) == (
+            f"--resume {resume} continues the run in {run} and --overwrite would replace it: pass --resume to "
+            f"continue that run or --overwrite to start afresh, not both")
+        assert _snapshot(run) == earlier
+    # either alone goes on; both where the folder holds no run yet (a job's first start) start it
+    assert train(FakeTask, fake_config(run, resume="auto", epochs=3))["epoch"] == 3
+    assert train(FakeTask, fake_config(run, epochs=1, overwrite=True))["epoch"] == 1
+    assert train(FakeTask, fake_config(tmp_path / "new", resume="auto", epochs=1, overwrite=True))["epoch"] == 1
+
+
 @pytest.mark.parametrize("config, setting", [
     ("digits", "model.kwargs.mlp_ratio=-1"),
     ("mask_rcnn_shapes_demo", "data.root=missing"),

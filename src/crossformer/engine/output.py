@@ -107,7 +107,8 @@ def claim_output(output: str | Path, resume: str | None, overwrite: bool) -> Out
     Raises:
         OutputError: ``output`` is a file.
         UserInputError: the folder holds something that is not the run ``resume`` continues,
-            and ``overwrite`` is not set.
+            and ``overwrite`` is not set; or ``resume`` continues the folder's run and
+            ``overwrite`` would replace it.
     """
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
@@ -124,7 +125,12 @@ def _claim(claim: OutputClaim, resume: str | None, overwrite: bool) -> OutputCla
     """:func:`claim_output` once ``claim`` holds the folder's lock (where it exists)."""
     folder = claim.folder
     entries = sorted(p.name for p in folder.iterdir() if p.name != RUN_LOCK) if folder.is_dir() else []
-    if all(name in LOGS_ONLY for name in entries) or (resume and _continues_its_run(folder, resume, entries)):
+    logs_only = all(name in LOGS_ONLY for name in entries)
+    continues = bool(resume) and _continues_its_run(folder, resume, entries)
+    if continues and overwrite and not logs_only:  # it resumed, silently ignoring --overwrite
+        raise UserInputError(f"--resume {resume} continues the run in {folder} and --overwrite would replace it: "
+                             f"pass --resume to continue that run or --overwrite to start afresh, not both")
+    if logs_only or continues:
         _remove_stale_checkpoints(folder)
         return claim
     if not overwrite:
