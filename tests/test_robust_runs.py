@@ -546,7 +546,28 @@ def test_a_failing_evaluation_keeps_the_epochs_training(tmp_path: Path) -> None:
         train(_FailingEvaluation, fake_config(tmp_path))
     state = load_training_state(tmp_path / "last.pth")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 0, 6)
+    assert "train/loss" in state["pending_evaluation"]  # the train means that evaluation was to report
     assert "error: cannot read image val/7.png" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("epochs", (1, 3))  # the failed evaluation was the run's last, or not
+def test_a_resume_does_the_evaluation_that_failed_first(tmp_path: Path, epochs: int) -> None:
+    """The data fixed, ``--resume auto`` evaluates the epoch whose evaluation failed (its record
+    and best.pth) before it trains on; it went missing from the run."""
+    with pytest.raises(UserInputError, match="evaluation failed"):
+        train(_FailingEvaluation, fake_config(tmp_path, epochs=epochs))
+    failed = load_training_state(tmp_path / "last.pth")
+    assert not (tmp_path / "best.pth").exists()
+    result = train(FakeTask, fake_config(tmp_path, resume="auto", epochs=epochs))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["epoch"] for r in records if "val/mse" in r]
+    assert evaluated == list(range(epochs)), records  # epoch 0's evaluation, then the others
+    first = next(r for r in records if "val/mse" in r)
+    assert first["train/loss"] == failed["pending_evaluation"]["train/loss"]  # the failed epoch's own train mean
+    assert result["epoch"] == epochs and (tmp_path / "best.pth").exists()
+    assert "pending_evaluation" not in load_training_state(tmp_path / "last.pth")
+    log = (tmp_path / "log.txt").read_text()
+    assert "its evaluation failed before" in log and "nothing to do" not in log
 
 
 class _CheckedTask(FakeTask):

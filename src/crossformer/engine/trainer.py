@@ -106,6 +106,9 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_grad_norm = float("nan")
         self.last_checkpoint: str | None = None
+        # the train means of an evaluation that failed (bad validation data), which the
+        # checkpoint keeps and a resume evaluates first: no evaluation goes missing from the run
+        self.pending_evaluation: dict[str, float] | None = None
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM
         if saved is not None:
             self._resume(saved, resume_from)
@@ -198,6 +201,8 @@ class Trainer:
             state["model_ema"] = self.ema.module.state_dict()
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.scaler.state_dict()
+        if self.pending_evaluation is not None:
+            state["pending_evaluation"] = dict(self.pending_evaluation)
         return state
 
     def _save(self, metrics: dict[str, float], best: bool = False) -> None:
@@ -253,6 +258,7 @@ class Trainer:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
         self.last_checkpoint = str(path)
+        self.pending_evaluation = state.get("pending_evaluation")
         same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
         if same_ranks:
             mine = state["rank_state"][self.ctx.rank]
@@ -440,13 +446,18 @@ class Trainer:
         if self.on_step_end is not None:
             self.on_step_end(self.global_step)
 
-    def _evaluate_or_save(self) -> tuple[dict[str, float], bool]:
-        """:meth:`_report`; if evaluation fails on bad input, the training done is saved first."""
-        train_metrics = self._train_means()
+    def _evaluate_or_save(self, train_metrics: dict[str, float] | None = None) -> tuple[dict[str, float], bool]:
+        """:meth:`_report` of ``train_metrics`` (by default :meth:`_train_means`); if evaluation
+        fails on bad input, the training done is saved first, with the evaluation still to do
+        (:attr:`pending_evaluation`), which a resume does before it trains on."""
+        train_metrics = self._train_means() if train_metrics is None else train_metrics
+        self.pending_evaluation = dict(train_metrics)
         try:
-            return self._report(train_metrics)
+            reported = self._report(train_metrics)
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
             raise self._saved_for_resume(err, "evaluation failed; ") from None
+        self.pending_evaluation = None
+        return reported
 
     def _saved_for_resume(self, err: UserInputError, what: str = "") -> UserInputError:
         """Save the position reached (every rank calls this), and ``err`` saying so."""
@@ -503,8 +514,12 @@ class Trainer:
     def run(self) -> dict[str, float]:
         start = time.perf_counter()
         self.last_metrics: dict[str, float] = {}
-        already = self.finished
+        already = self.finished and self.pending_evaluation is None
         with self._stop_signals():
+            if self.pending_evaluation is not None:  # the evaluation that failed before this resume
+                self.log.info(f"evaluating {self.last_checkpoint} first: its evaluation failed before")
+                metrics, is_best = self._evaluate_or_save(self.pending_evaluation)
+                self._save(metrics, best=is_best)
             while not self.finished:
                 self._train_epoch()
         primary = self.task.primary_metric
