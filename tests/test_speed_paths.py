@@ -535,6 +535,18 @@ def test_cross_scale_inference_steps_aside(monkeypatch) -> None:
     assert layers.merged_kernel_choices() == {}
 
 
+def test_cross_scale_inference_keeps_each_kernels_dilation_and_groups(monkeypatch) -> None:
+    """A kernel put in place of one, dilated or grouped, computes as itself (and is not merged)."""
+    convs, x = _embedding(), torch.randn(1, 3, 40, 40)
+    _fresh_merge_choices(monkeypatch, merged_wins=True)
+    convs[0] = nn.Conv2d(3, 15, 3, stride=4, padding=2, dilation=2, groups=3)  # 13 + 15 + 4 + 4 channels
+    convs[2] = nn.Conv2d(3, 6, 16, stride=4, padding=6, groups=3)  # no longer fits in the 32x32 as one
+    with torch.no_grad():
+        got = convs(x)
+    assert (got - _each_kernel(convs, x)).abs().max().item() <= 1e-5
+    assert layers.merged_kernel_choices() == {}
+
+
 @pytest.mark.parametrize("merged_wins", (True, False))
 def test_model_inference_is_the_same_with_merged_kernels(monkeypatch, merged_wins: bool) -> None:
     model, x = CrossFormer(**TINY).eval(), torch.randn(2, 3, 70, 94)

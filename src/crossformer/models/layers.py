@@ -707,11 +707,11 @@ def _merge_pays(x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list
         )
 
         def run_apart() -> None:
-            for (weight, bias), conv in zip(apart, (small, large)):
-                F.conv2d(sample, weight, bias, conv.stride, conv.padding)
+            for weight, conv in zip(apart, (small, large)):
+                _conv(sample, weight, conv)
 
         def run_together() -> None:
-            F.conv2d(sample, *together, large.stride, large.padding)
+            _conv(sample, together, large)
 
         run_apart(), run_together()  # a warm-up of each
         merged = _MERGED_KERNEL_CHOICES[key] = alternative_wins(
@@ -753,9 +753,14 @@ def cross_scale_inference(x: torch.Tensor, convs: Sequence[nn.Module], cache: Mu
         small, large = convs[-2], convs[-1]
         together = _kept_cast(cache, ("merged", dtype), (small, large), lambda: _merged_weight(small, large, dtype))
         if _merge_pays(x, small, large, weights[-2:], together, autocast):
-            maps = [F.conv2d(x, w, b, c.stride, c.padding) for (w, b), c in zip(weights[:-2], convs[:-2])]
-            return maps + [F.conv2d(x, *together, large.stride, large.padding)]
-    return [F.conv2d(x, w, b, c.stride, c.padding) for (w, b), c in zip(weights, convs)]
+            maps = [_conv(x, weight, conv) for weight, conv in zip(weights[:-2], convs[:-2])]
+            return maps + [_conv(x, together, large)]
+    return [_conv(x, weight, conv) for weight, conv in zip(weights, convs)]
+
+
+def _conv(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], conv: nn.Conv2d) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with ``weight`` (a weight and a bias) in place of its own."""
+    return F.conv2d(x, *weight, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def merged_kernel_choices() -> dict[tuple, bool]:
