@@ -219,6 +219,26 @@ def test_stage_chunks_land_in_one_output(monkeypatch, row_chunks: bool) -> None:
         torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[0], whole[0], rtol=1e-5, atol=1e-5)
     handle.remove()
     assert seen == [2, 2, 1] and all(shape[1:] != (17, 23, 32) for shape in written)
+    # a block of another class in its place, or a forward set on the block, runs as called
+    last = model.layers[0].blocks[-1]
+
+    class Halved(CrossFormerBlock):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    last.__class__ = Halved
+    with torch.inference_mode():
+        halved = model.layers[0](model.patch_embed(x))
+    last.__class__ = CrossFormerBlock
+    last.forward = lambda t: CrossFormerBlock.forward(last, t) * 0.5
+    with torch.inference_mode():
+        set_on_block = model.layers[0](model.patch_embed(x))
+    del last.forward
+    monkeypatch.setattr(crossformer_module, "INFERENCE_CHUNK_BYTES", 1 << 30)  # whole batches
+    with torch.inference_mode():
+        want = model.layers[0](model.patch_embed(x)) * 0.5
+    torch.testing.assert_close(halved, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(set_on_block, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tag", ["v1", "pp"])

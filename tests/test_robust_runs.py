@@ -512,13 +512,38 @@ def test_resuming_a_folders_run_and_overwriting_it_at_once_is_refused(tmp_path: 
         with pytest.raises(UserInputError) as refused:
             train(FakeTask, fake_config(run, resume=resume, epochs=3, overwrite=True))
         assert str(refused.value) == (
-            f"--resume {resume} continues the run in {run} and --overwrite would replace it: pass --resume to "
-            f"continue that run or --overwrite to start afresh, not both")
+            f"--resume {resume} continues the run in {run} and --overwrite would replace it (run.resume and "
+            f"run.overwrite, from the command line or the config file): keep one, turning the other off with "
+            f"--no-overwrite or run.resume=null")
         assert _snapshot(run) == earlier
-    # either alone goes on; both where the folder holds no run yet (a job's first start) start it
+    # a link in the folder to a checkpoint elsewhere is the folder's too (--overwrite moved it aside)
+    (run / "linked.pth").symlink_to(run / "last.pth")
+    (tmp_path / "elsewhere.pth").write_bytes((run / "last.pth").read_bytes())
+    (run / "linked.pth").unlink()
+    (run / "linked.pth").symlink_to(tmp_path / "elsewhere.pth")
+    with pytest.raises(UserInputError, match="continues the run in"):
+        train(FakeTask, fake_config(run, resume=str(run / "linked.pth"), epochs=3, overwrite=True))
+    (run / "linked.pth").unlink()
+    # either alone goes on
     assert train(FakeTask, fake_config(run, resume="auto", epochs=3))["epoch"] == 3
     assert train(FakeTask, fake_config(run, epochs=1, overwrite=True))["epoch"] == 1
+    # both where the folder holds no checkpoint to continue (a job's first start, one killed
+    # before its first checkpoint, stray files) replace what is there and start afresh
     assert train(FakeTask, fake_config(tmp_path / "new", resume="auto", epochs=1, overwrite=True))["epoch"] == 1
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "train/step_loss": 1.0}\n')
+    assert train(FakeTask, fake_config(killed, resume="auto", epochs=1, overwrite=True))["epoch"] == 1
+    assert '"train/step_loss": 1.0}' not in (killed / "metrics.jsonl").read_text()  # the dead run's records went
+
+
+def test_the_resume_line_turns_off_an_overwrite_the_config_file_sets() -> None:
+    from crossformer.commands.train import resume_command
+
+    argv = ["train", "--config", "mine.yaml", "--output", "out", "--overwrite", "--epochs", "3"]
+    assert resume_command(argv) == "crossformer train --config mine.yaml --output out --epochs 3 --resume auto"
+    assert resume_command(argv[:5], overwrite_configured=True) == (
+        "crossformer train --config mine.yaml --output out --resume auto --no-overwrite")
 
 
 @pytest.mark.parametrize("config, setting", [
@@ -853,6 +878,16 @@ def test_the_train_command_prints_how_to_resume(tmp_path: Path, monkeypatch, cap
     assert err[0].startswith("crossformer train: interrupted by SIGINT at epoch 1, batch 2, step 8; saved ")
     assert err[1] == f"resume with: crossformer train --config {config} --output {tmp_path / 'run'} --resume auto"
     assert load_training_state(tmp_path / "run" / "last.pth")["global_step"] == 8
+    # overwrite set by the config file: the line turns it off, and runs as printed
+    config.write_text("task: fake\nrun:\n  epochs: 2\n  overwrite: true\n")
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "again")]
+    monkeypatch.setattr(sys, "argv", ["crossformer", *argv])
+    assert main(argv) == 130
+    line = capsys.readouterr().err.splitlines()[1]
+    assert line == f"resume with: crossformer train --config {config} --output {tmp_path / 'again'} --resume auto --no-overwrite"
+    monkeypatch.setattr(_InterruptedTask, "losses", FakeTask.losses)  # not interrupted this time
+    assert main(line.split()[3:]) == 0
+    assert load_training_state(tmp_path / "again" / "last.pth")["epoch"] == 2
 
 
 # -- 6. resuming with other settings names them ----------------------------------------------

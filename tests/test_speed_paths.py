@@ -535,6 +535,35 @@ def test_cross_scale_inference_steps_aside(monkeypatch) -> None:
     assert layers.merged_kernel_choices() == {}
 
 
+@pytest.mark.parametrize("merged_wins", (True, False))
+def test_cross_scale_inference_keeps_only_the_casts_it_uses(monkeypatch, merged_wins: bool) -> None:
+    """The merged weights are kept only where the merge was chosen; casts of earlier weights, of
+    any dtype, go at the first call after the weights change; pickles and copies leave the cache
+    out; a kernel whose instance has a forward of its own is called."""
+    import copy
+    import io
+
+    convs, x = _embedding(), torch.randn(1, 3, 40, 40)
+    _fresh_merge_choices(monkeypatch, merged_wins)
+    with torch.no_grad():
+        convs(x)
+        kept = [key for key in convs._inference_weights if isinstance(key, tuple)]
+        assert (("merged", torch.float32) in kept) is merged_wins and len(kept) == 4 + merged_wins
+        copied = copy.deepcopy(convs)
+        assert copied._inference_weights == {} and torch.equal(copied(x), convs(x))
+        saved = io.BytesIO()
+        torch.save(convs, saved)
+        assert torch.load(io.BytesIO(saved.getvalue()), weights_only=False)._inference_weights == {}
+        convs.load_state_dict(_embedding(1).state_dict(), assign=True)  # new tensors, float32 casts stale
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            convs(x)
+        dtypes = {key[1] for key in convs._inference_weights if isinstance(key, tuple)}
+        assert dtypes == {torch.bfloat16}
+        original = convs[3].forward
+        convs[3].forward = lambda t: original(t) + 1
+        assert torch.equal(convs(x)[..., -4:], _each_kernel(convs, x)[..., -4:])
+
+
 def test_cross_scale_inference_keeps_each_kernels_dilation_and_groups(monkeypatch) -> None:
     """A kernel put in place of one, dilated or grouped, computes as itself (and is not merged)."""
     convs, x = _embedding(), torch.randn(1, 3, 40, 40)

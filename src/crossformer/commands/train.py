@@ -23,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any 
                         help="any setting, e.g. optimizer.lr=1e-3 model.kwargs.embed_dim=32 (bare names when unique: epochs=5)")
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues the run ``argv`` started (its ``--resume``/``--overwrite`` dropped)."""
+def resume_command(argv: list[str], overwrite_configured: bool = False) -> str:
+    """The command line that continues the run ``argv`` started: its ``--resume``/``--overwrite``
+    dropped, ``--resume auto`` added, and ``--no-overwrite`` where the run's config turned
+    overwriting on (``overwrite_configured``: a config file's ``run.overwrite: true`` would
+    otherwise have the resume refused)."""
     import shlex
 
     kept: list[str] = []
@@ -37,7 +40,7 @@ def resume_command(argv: list[str]) -> str:
         elif not arg.startswith(("--resume=", "--overwrite", "--no-overwrite", "resume=", "overwrite=", "run.resume=",
                                  "run.overwrite=")):
             kept.append(arg)
-    return shlex.join(["crossformer", *kept, "--resume", "auto"])
+    return shlex.join(["crossformer", *kept, "--resume", "auto", *(["--no-overwrite"] if overwrite_configured else [])])
 
 
 def refuse_unreadable_files(given: dict[str, Any]) -> None:
@@ -77,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
 
     says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
     launcher = "torchrun ... -m " if launched_by_torchrun() else ""
-    resume = f"resume with: {launcher}{resume_command(sys.argv[1:])}"
+    from crossformer.engine.registry import flatten_settings
+
+    # run.overwrite from the config file, not from the command line (whose flag the line drops)
+    configured = resolved.config.run.overwrite and "run.overwrite" not in flatten_settings(
+        type(resolved.config), settings, "overrides")
+    resume = f"resume with: {launcher}{resume_command(sys.argv[1:], configured)}"
     try:
         metrics = train(resolved.module.TASK, resolved.config)
     except NonFiniteLossError as err:

@@ -126,11 +126,14 @@ def _claim(claim: OutputClaim, resume: str | None, overwrite: bool) -> OutputCla
     folder = claim.folder
     entries = sorted(p.name for p in folder.iterdir() if p.name != RUN_LOCK) if folder.is_dir() else []
     logs_only = all(name in LOGS_ONLY for name in entries)
-    continues = bool(resume) and _continues_its_run(folder, resume, entries)
-    if continues and overwrite and not logs_only:  # it resumed, silently ignoring --overwrite
-        raise UserInputError(f"--resume {resume} continues the run in {folder} and --overwrite would replace it: "
-                             f"pass --resume to continue that run or --overwrite to start afresh, not both")
-    if logs_only or continues:
+    if overwrite and resume and not logs_only and _resumes_from(folder, resume, entries):
+        # it resumed, silently ignoring --overwrite (a folder with no checkpoint to resume from
+        # is overwritten: resume=auto then starts afresh, as a job's first start does)
+        raise UserInputError(
+            f"--resume {resume} continues the run in {folder} and --overwrite would replace it (run.resume and "
+            f"run.overwrite, from the command line or the config file): keep one, turning the other off with "
+            f"--no-overwrite or run.resume=null")
+    if logs_only or (resume and not overwrite and _continues_its_run(folder, resume, entries)):
         _remove_stale_checkpoints(folder)
         return claim
     if not overwrite:
@@ -151,10 +154,19 @@ def _claim(claim: OutputClaim, resume: str | None, overwrite: bool) -> OutputCla
 def _continues_its_run(folder: Path, resume: str, entries: list[str]) -> bool:
     """Whether ``resume`` continues the run in ``folder``: ``auto`` with the folder's own
     ``last.pth``, or with no checkpoint there yet (a run stopped before its first, restarted by
-    the same command), or a checkpoint file inside the folder."""
+    the same command), or a checkpoint file in the folder (:func:`_resumes_from`)."""
     if resume == "auto":
         return LAST in entries or BEST not in entries
-    return Path(resume).expanduser().resolve().parent == folder.resolve()
+    return _resumes_from(folder, resume, entries)
+
+
+def _resumes_from(folder: Path, resume: str, entries: list[str]) -> bool:
+    """Whether ``resume`` loads a checkpoint of ``folder``: ``auto`` with its ``last.pth``, or a
+    file in it, by the path given or by where that path leads (a link in or out of it)."""
+    if resume == "auto":
+        return LAST in entries
+    path, here = Path(resume).expanduser(), folder.resolve()
+    return path.absolute().parent.resolve() == here or path.resolve().parent == here
 
 
 def _refusal(folder: Path, resume: str | None, entries: list[str]) -> str:

@@ -52,6 +52,7 @@ from .layers import (
     capturing_graph,
     hooked,
     plain_linear,
+    unaltered,
     conv_input,
     cached_on_weights,
     image_layout,
@@ -181,6 +182,10 @@ class CrossScaleConvs(nn.ModuleList):
     def train(self, mode: bool = True) -> "CrossScaleConvs":
         self._inference_weights.clear()  # either mode: the reset for edits the cache cannot see (.data)
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # pickles and deep copies (torch.save of the model, copy.deepcopy) leave the cache out
+        return {**super().__getstate__(), "_inference_weights": {}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -330,6 +335,10 @@ class GroupAttention(nn.Module):
         self._bias_cache.clear()
         release_packed(self.qkv, self.proj)
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # pickles and deep copies (torch.save of the model, copy.deepcopy) leave the cache out
+        return {**super().__getstate__(), "_bias_cache": {}}
 
     def _can_cache(self) -> bool:
         return (
@@ -567,9 +576,10 @@ class CrossFormerBlock(nn.Module):
         return x
 
     def writes_into(self) -> bool:
-        """Whether :meth:`forward_into` computes what calling the block does: no hook on the block,
-        no activation cooling after the residual, a residual that is a plain add."""
-        return self.ex_conv is None and self.drop_path.adds_plainly() and not hooked(self)
+        """Whether :meth:`forward_into` computes what calling the block does: this class's own
+        block, unhooked (:func:`~crossformer.models.layers.unaltered`), no activation cooling
+        after the residual, a residual that is a plain add."""
+        return unaltered(self, CrossFormerBlock) and self.ex_conv is None and self.drop_path.adds_plainly()
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` (where :meth:`writes_into`), the result written into ``out``

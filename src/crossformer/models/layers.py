@@ -31,6 +31,7 @@ Measurements: benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Callable, Hashable, Iterable, Iterator, MutableMapping, Sequence
 
@@ -50,7 +51,7 @@ __all__ = [
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
-    "alternative_wins", "may_time", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
+    "alternative_wins", "may_time", "unaltered", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -214,12 +215,19 @@ def hooked(module: nn.Module) -> bool:
     )
 
 
+def unaltered(module: nn.Module, *types: type) -> bool:
+    """Whether ``module`` is an instance of one of ``types`` itself (not of a subclass), with no
+    ``forward`` set on the instance and no hook: calling it runs that class's ``forward`` and
+    nothing else, so a fast path may compute it from its weights instead."""
+    return type(module) in types and "forward" not in vars(module) and not hooked(module)
+
+
 def plain_linear(layer: nn.Module) -> bool:
     """Whether calling ``layer`` computes ``F.linear(x, layer.weight, layer.bias)`` and nothing
     else: an ``nn.Linear`` itself (not a layer put in its place, e.g. a LoRA adapter) that no
-    hook watches. Only such a layer may run on :func:`linear`'s fast paths, which read its
-    weights instead of calling it."""
-    return type(layer) is nn.Linear and not hooked(layer)
+    hook watches (:func:`unaltered`). Only such a layer may run on :func:`linear`'s fast paths,
+    which read its weights instead of calling it."""
+    return unaltered(layer, nn.Linear)
 
 
 def call_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -529,7 +537,7 @@ class GeluMlp(Mlp):
 
     def _exact_gelu(self) -> bool:
         """Whether ``act`` is the exact GELU and no hook watches it (it may then be fused)."""
-        return type(self.act) is nn.GELU and self.act.approximate == "none" and not hooked(self.act)
+        return unaltered(self.act, nn.GELU) and self.act.approximate == "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` -> ``(..., in_features)``."""
@@ -640,12 +648,7 @@ _MERGED_KERNEL_CHOICES: dict[tuple, bool] = {}
 
 def _plain_conv(conv: nn.Module) -> bool:
     """Whether calling ``conv`` computes ``F.conv2d`` with its own weights and nothing else."""
-    return (
-        type(conv) in (nn.Conv2d, LargeKernelConv2d)
-        and not hooked(conv)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
+    return unaltered(conv, nn.Conv2d, LargeKernelConv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _mergeable(small: nn.Conv2d, large: nn.Conv2d) -> bool:
@@ -675,20 +678,41 @@ def _merged_weight(small: nn.Conv2d, large: nn.Conv2d, dtype: torch.dtype) -> tu
     return weight.to(dtype), torch.cat([_bias(small), _bias(large)]).to(dtype)
 
 
-def _kept_cast(
-    cache: MutableMapping, key: Hashable, convs: Sequence[nn.Conv2d], compute: Callable[[], tuple]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compute()`` (a weight and a bias), kept in ``cache`` while the weights of ``convs`` stay
-    as they are (:func:`cached_on_weights`). The entry holds those weights too: a weight put in
-    place of one would otherwise be free to take its address, and a fresh tensor's version
-    matches a fresh tensor's."""
+# keys of a cross_scale_inference cache that are not casts: what they were cast from
+_CAST_FROM, _CAST_FROM_TENSORS = "cast from", "cast from tensors"
+
+
+def _keep_casts_of(cache: MutableMapping, convs: Sequence[nn.Conv2d]) -> bool:
+    """Empty ``cache`` unless it holds casts of the current weights of ``convs``
+    (:func:`weights_fingerprint`): casts of earlier weights, of any dtype, go at the first call
+    after a change. The cache holds those weights too: a weight put in place of one would
+    otherwise be free to take its address, and a fresh tensor's version matches a fresh
+    tensor's. False (nothing may be kept) for inference tensors."""
     sources = tuple(t for c in convs for t in (c.weight, c.bias) if t is not None)
-    return cached_on_weights(cache, key, sources, lambda: (*compute(), sources))[:2]
+    fingerprint = weights_fingerprint(sources)
+    if fingerprint is None or cache.get(_CAST_FROM) != fingerprint:
+        cache.clear()
+        if fingerprint is None:
+            return False
+        cache[_CAST_FROM], cache[_CAST_FROM_TENSORS] = fingerprint, sources
+    return True
 
 
-def _merge_pays(x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list, together: tuple, autocast) -> bool:
-    """Whether one convolution with the ``together`` weights was measured faster than the two
-    with the ``apart`` ones, on a sample of ``x`` (the first images, cropped), once per class."""
+def _kept(cache: MutableMapping | None, key: Hashable, compute: Callable[[], tuple]) -> tuple:
+    """``cache[key]``, computed by ``compute()`` at its first use (every time where ``cache`` is None)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _merge_pays(
+    x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list, together: Callable[[], tuple], autocast
+) -> bool:
+    """Whether one convolution with the weights ``together()`` builds was measured faster than
+    the two with the ``apart`` ones, on a sample of ``x`` (the first images, cropped), once per
+    class: the merged weights are built for the timing only, and kept only where they are used."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     images, height, width = min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
     key = (
@@ -705,13 +729,14 @@ def _merge_pays(x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list
         sample = x[:images, :, :height, :width].contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format
         )
+        merged_weight = together()
 
         def run_apart() -> None:
             for weight, conv in zip(apart, (small, large)):
                 _conv(sample, weight, conv)
 
         def run_together() -> None:
-            _conv(sample, together, large)
+            _conv(sample, merged_weight, large)
 
         run_apart(), run_together()  # a warm-up of each
         merged = _MERGED_KERNEL_CHOICES[key] = alternative_wins(
@@ -727,7 +752,8 @@ def cross_scale_inference(x: torch.Tensor, convs: Sequence[nn.Module], cache: Mu
     convolutions; None elsewhere. The two largest run as one where that was measured faster
     (their outputs then come as one map, ``O_small + O_large`` channels); the values are the
     same sums in another order, equal but for the last bits. ``cache`` keeps the weights of one
-    module's convolutions (:func:`cached_on_weights`; the owner clears it in ``train(mode)``)."""
+    module's convolutions as used, while they stay as they are (:func:`_keep_casts_of`; the
+    owner clears it in ``train(mode)`` and leaves it out of pickles and copies)."""
     if (
         capturing_graph()
         or not may_time()
@@ -745,16 +771,17 @@ def cross_scale_inference(x: torch.Tensor, convs: Sequence[nn.Module], cache: Mu
         x = x.to(dtype)  # once, where autocast would cast it for each kernel
     else:
         dtype = convs[0].weight.dtype
+    kept = cache if _keep_casts_of(cache, convs) else None
     weights = [
-        _kept_cast(cache, (index, dtype), (conv,), lambda conv=conv: (conv.weight.to(dtype), _bias(conv).to(dtype)))
+        _kept(kept, (index, dtype), lambda conv=conv: (conv.weight.to(dtype), _bias(conv).to(dtype)))
         for index, conv in enumerate(convs)
     ]
     if len(convs) >= 2 and _mergeable(convs[-2], convs[-1]):
         small, large = convs[-2], convs[-1]
-        together = _kept_cast(cache, ("merged", dtype), (small, large), lambda: _merged_weight(small, large, dtype))
-        if _merge_pays(x, small, large, weights[-2:], together, autocast):
+        merge = functools.partial(_merged_weight, small, large, dtype)
+        if _merge_pays(x, small, large, weights[-2:], merge, autocast):
             maps = [_conv(x, weight, conv) for weight, conv in zip(weights[:-2], convs[:-2])]
-            return maps + [_conv(x, together, large)]
+            return maps + [_conv(x, _kept(kept, ("merged", dtype), merge), large)]
     return [_conv(x, weight, conv) for weight, conv in zip(weights, convs)]
 
 
