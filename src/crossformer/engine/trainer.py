@@ -202,7 +202,7 @@ class Trainer:
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.scaler.state_dict()
         if self.pending_evaluation is not None:
-            state["pending_evaluation"] = dict(self.pending_evaluation)
+            state["pending_evaluation"] = self.pending_evaluation
         return state
 
     def _save(self, metrics: dict[str, float], best: bool = False) -> None:

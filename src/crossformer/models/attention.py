@@ -34,6 +34,7 @@ and nothing of it reaches the parameters.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -194,9 +195,9 @@ def _timing_sample(qkv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 _ATTENTION_PATHS = {
-    FUSED: lambda qkv, mask, scale: _fused(qkv, mask, scale),
-    CHUNKS: lambda qkv, mask, scale: _chunked_cpu_inference(qkv, mask, scale),
-    CHUNKS_FLOAT32_SOFTMAX: lambda qkv, mask, scale: _chunked_cpu_inference(qkv, mask, scale, float32_softmax=True),
+    FUSED: _fused,
+    CHUNKS: _chunked_cpu_inference,
+    CHUNKS_FLOAT32_SOFTMAX: functools.partial(_chunked_cpu_inference, float32_softmax=True),
 }
 
 

@@ -52,6 +52,7 @@ from .layers import (
     capturing_graph,
     hooked,
     plain_linear,
+    state_without,
     unaltered,
     conv_input,
     cached_on_weights,
@@ -176,7 +177,7 @@ class CrossScaleConvs(nn.ModuleList):
             )
             for k, dim in zip(sorted(kernel_sizes), dims)
         )
-        # (which, dtype) -> (weights fingerprint, (weight, bias)) for cross_scale_inference
+        # cross_scale_inference's casts of the kernels' weights: (kernel index or "merged", dtype) -> (weight, bias)
         self._inference_weights: dict[tuple, tuple] = {}
 
     def train(self, mode: bool = True) -> "CrossScaleConvs":
@@ -184,8 +185,7 @@ class CrossScaleConvs(nn.ModuleList):
         return super().train(mode)
 
     def __getstate__(self) -> dict:
-        # pickles and deep copies (torch.save of the model, copy.deepcopy) leave the cache out
-        return {**super().__getstate__(), "_inference_weights": {}}
+        return state_without(super().__getstate__(), "_inference_weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -337,8 +337,7 @@ class GroupAttention(nn.Module):
         return super().train(mode)
 
     def __getstate__(self) -> dict:
-        # pickles and deep copies (torch.save of the model, copy.deepcopy) leave the cache out
-        return {**super().__getstate__(), "_bias_cache": {}}
+        return state_without(super().__getstate__(), "_bias_cache")
 
     def _can_cache(self) -> bool:
         return (

@@ -51,7 +51,7 @@ __all__ = [
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
-    "alternative_wins", "may_time", "unaltered", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
+    "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -213,6 +213,13 @@ def hooked(module: nn.Module) -> bool:
         or module_hooks._global_backward_hooks
         or module_hooks._global_backward_pre_hooks
     )
+
+
+def state_without(state: dict, *caches: str) -> dict:
+    """A module's pickled ``state`` (its ``__getstate__``: ``torch.save`` of a model,
+    ``copy.deepcopy``) with the attributes ``caches`` empty: eager-mode caches, rebuilt at the
+    next call."""
+    return {**state, **{name: {} for name in caches}}
 
 
 def unaltered(module: nn.Module, *types: type) -> bool:
@@ -595,6 +602,33 @@ def _convs_time(convs: Sequence[nn.Conv2d], x: torch.Tensor, channels_last: bool
     return time.perf_counter() - start
 
 
+def _sample_size(x: torch.Tensor) -> tuple[int, int, int]:
+    """Images, height and width of the sample a choice about convolutions on ``x`` is timed on."""
+    return min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
+
+
+def _convs_class(x: torch.Tensor, convs: Sequence[nn.Conv2d], layout: Hashable) -> tuple:
+    """The shape class of a timed choice about ``convs`` on the image ``x`` (``layout``: what else
+    tells its classes apart): dtypes, threads, kernels, and the sample's images and pixels by
+    powers of two."""
+    images, height, width = _sample_size(x)
+    return (
+        x.dtype,
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+        torch.get_num_threads(),
+        tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs),
+        layout,
+        images.bit_length(),
+        (height * width).bit_length(),
+    )
+
+
+def _image_sample(x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The first images of ``x``, cropped (:func:`_sample_size`): a copy laid out as ``memory_format``."""
+    images, height, width = _sample_size(x)
+    return x[:images, :, :height, :width].contiguous(memory_format=memory_format)
+
+
 def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     """The image ``x`` ``(B, C, H, W)`` as ``convs`` (which all read it) should get it: as it is,
     or a channels-last copy where that was measured faster in this process for this shape class
@@ -606,19 +640,10 @@ def image_layout(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     """
     if not _measured_layout_applies(x):
         return x
-    images, height, width = min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
-    key = (
-        x.dtype,
-        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
-        torch.get_num_threads(),
-        tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs),
-        x.shape[1],
-        images.bit_length(),
-        (height * width).bit_length(),
-    )
+    key = _convs_class(x, convs, x.shape[1])
     channels_last = _IMAGE_LAYOUT_CHOICES.get(key)
     if channels_last is None:
-        sample = x[:images, :, :height, :width].contiguous()  # a crop: copied, so laid out as the image is
+        sample = _image_sample(x)  # a crop: copied, so laid out as the image is
         _convs_time(convs, sample, False)  # warm-up of each
         _convs_time(convs, sample, True)
         channels_last = _IMAGE_LAYOUT_CHOICES[key] = alternative_wins(
@@ -642,7 +667,7 @@ def image_layout_choices() -> dict[tuple, bool]:
 # class. Under autocast, the weights are kept cast (autocast casts them again on every call)
 # and the input is cast once for all kernels instead of once for each.
 
-# (dtype, autocast dtype, threads, kernels, channels-last, images bucket, pixels bucket) -> merged
+# _convs_class (its layout: whether the image is channels-last) -> merged
 _MERGED_KERNEL_CHOICES: dict[tuple, bool] = {}
 
 
@@ -707,28 +732,15 @@ def _kept(cache: MutableMapping | None, key: Hashable, compute: Callable[[], tup
     return cache[key]
 
 
-def _merge_pays(
-    x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list, together: Callable[[], tuple], autocast
-) -> bool:
+def _merge_pays(x: torch.Tensor, small: nn.Conv2d, large: nn.Conv2d, apart: list, together: Callable[[], tuple]) -> bool:
     """Whether one convolution with the weights ``together()`` builds was measured faster than
     the two with the ``apart`` ones, on a sample of ``x`` (the first images, cropped), once per
     class: the merged weights are built for the timing only, and kept only where they are used."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    images, height, width = min(x.shape[0], _LAYOUT_SAMPLE_IMAGES), *(min(n, _LAYOUT_SAMPLE_SIDE) for n in x.shape[2:])
-    key = (
-        x.dtype,
-        autocast,
-        torch.get_num_threads(),
-        tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in (small, large)),
-        channels_last,
-        images.bit_length(),
-        (height * width).bit_length(),
-    )
+    key = _convs_class(x, (small, large), channels_last)
     merged = _MERGED_KERNEL_CHOICES.get(key)
     if merged is None:
-        sample = x[:images, :, :height, :width].contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format
-        )
+        sample = _image_sample(x, torch.channels_last if channels_last else torch.contiguous_format)
         merged_weight = together()
 
         def run_apart() -> None:
@@ -779,7 +791,7 @@ def cross_scale_inference(x: torch.Tensor, convs: Sequence[nn.Module], cache: Mu
     if len(convs) >= 2 and _mergeable(convs[-2], convs[-1]):
         small, large = convs[-2], convs[-1]
         merge = functools.partial(_merged_weight, small, large, dtype)
-        if _merge_pays(x, small, large, weights[-2:], merge, autocast):
+        if _merge_pays(x, small, large, weights[-2:], merge):
             maps = [_conv(x, weight, conv) for weight, conv in zip(weights[:-2], convs[:-2])]
             return maps + [_conv(x, _kept(kept, ("merged", dtype), merge), large)]
     return [_conv(x, weight, conv) for weight, conv in zip(weights, convs)]
