@@ -34,6 +34,7 @@ from crossformer.engine import (
     scale_lr,
 )
 from crossformer.engine.config import parse_overrides
+from crossformer.engine.distributed import align_grad_strides
 from crossformer.engine.logging import Progress, SkippedFiles
 from crossformer.engine.seeding import seed_everything
 from crossformer.errors import UserInputError
@@ -350,6 +351,44 @@ def test_the_collectives_agree_on_two_ranks() -> None:
     assert on_two_ranks(_collectives_on_this_rank) == [
         {"rank": rank, "sum": [3.0, 4.0], "all": False, "both": True, "stopped": "cannot read rank0.png",
          "guard": "stopped", "gathered": [0, 1], "mean": 1.5} for rank in range(2)]
+
+def _ddp_grads_on_this_rank(align: bool) -> dict:
+    """Under :func:`~two_ranks.on_two_ranks`: two DDP backward passes of a 3x3 then 1x1
+    convolution on channels-last input; the warnings raised and the 1x1 kernel's gradient."""
+    import warnings
+
+    torch.set_num_threads(2)  # oneDNN's backward writes the channels-last gradient with 2 threads, not with 1
+    torch.manual_seed(0)  # the same weights on both ranks
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    if align:
+        align_grad_strides(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    images = torch.arange(2 * 4 * 36, dtype=torch.float32).reshape(2, 4, 6, 6).div(100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            ddp(images.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+    kernel = model[1].weight
+    return {"warnings": [str(w.message).splitlines()[0] for w in caught], "grad": kernel.grad.clone(),
+            "strides": (kernel.grad.stride(), kernel.stride())}
+
+
+@pytest.mark.slow
+def test_a_1x1_kernels_gradient_reaches_ddp_with_its_parameters_strides() -> None:
+    from two_ranks import on_two_ranks
+
+    # channels-last input gives the 1x1 kernel's gradient strides (8, 1, 8, 8) against the
+    # parameter's (8, 1, 1, 1): the same memory, which DDP warned of on every rank
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    images = torch.arange(2 * 4 * 36, dtype=torch.float32).reshape(2, 4, 6, 6).div(100)
+    for _ in range(2):
+        model(images).square().sum().backward()
+    for rank in on_two_ranks(_ddp_grads_on_this_rank, True):
+        assert not [w for w in rank["warnings"] if "strides" in w], rank["warnings"]
+        assert rank["strides"] == ((8, 1, 1, 1), (8, 1, 1, 1))
+        torch.testing.assert_close(rank["grad"], model[1].weight.grad, rtol=1e-5, atol=1e-5)
+
 
 def test_logger_writes_jsonl_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> None:
     RunLogger(tmp_path / "other", enabled=False).scalars(1, {"a": 1.0})

@@ -24,7 +24,7 @@ from .launch import (launched_by_torchrun_agent, launched_local_rank, launched_n
                      launched_rank)
 
 __all__ = ["DistContext", "setup_distributed", "teardown_distributed", "resolve_device", "set_cpu_threads",
-           "stop_with_launcher", "PeerLostError", "lost_a_peer"]
+           "stop_with_launcher", "PeerLostError", "lost_a_peer", "align_grad_strides"]
 
 T = TypeVar("T")
 
@@ -222,6 +222,30 @@ class DistContext:
     def _collective_device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo only CPU ones.
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def align_grad_strides(model: torch.nn.Module) -> None:
+    """Have each gradient of ``model``'s parameters with a dimension of size 1 (a 1x1
+    convolution's kernel) carry its parameter's strides, as DDP expects.
+
+    A convolution's backward on channels-last input gives a ``(O, C, 1, 1)`` kernel's gradient
+    the strides ``(C, 1, C, C)`` where the parameter has ``(C, 1, 1, 1)``: the same memory (a
+    size-1 dimension's stride is never stepped), but DDP compares the strides as numbers and
+    warns, once per rank, that the gradient's layout may impair performance. The gradient is
+    re-viewed with the parameter's strides as it is accumulated, before DDP reads it.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dim() > 1 and 1 in param.shape:
+            param.register_post_accumulate_grad_hook(_view_grad_as_param)
+
+
+def _view_grad_as_param(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad is None or grad.stride() == param.stride() or grad.layout != torch.strided:
+        return
+    # only strides of size-1 dimensions differ: the same elements at the same places
+    if all(g == p for g, p, size in zip(grad.stride(), param.stride(), param.shape) if size != 1):
+        param.grad = grad.as_strided(param.shape, param.stride(), grad.storage_offset())
 
 
 def setup_distributed(device: str = "auto") -> DistContext:

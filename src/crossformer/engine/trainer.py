@@ -31,8 +31,8 @@ from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
 from .config import EngineConfig, config_differences, config_to_dict, with_absolute_paths
 from .cpus import available_cpus, usable_workers
-from .distributed import (DistContext, PeerLostError, lost_a_peer, set_cpu_threads, setup_distributed,
-                          teardown_distributed)
+from .distributed import (DistContext, PeerLostError, align_grad_strides, lost_a_peer, set_cpu_threads,
+                          setup_distributed, teardown_distributed)
 from .guard import NonFiniteLossError, check_finite_loss
 from .logging import RunLogger, SkippedFiles
 from .output import OutputBefore, claim_output
@@ -139,6 +139,7 @@ class Trainer:
         c, ctx, model = self.config, self.ctx, self.task.model
         self.ddp: nn.Module = model
         if ctx.distributed:  # DDP also copies rank 0's initial weights to every rank
+            align_grad_strides(model)
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
             )
