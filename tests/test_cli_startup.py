@@ -542,3 +542,41 @@ def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:
     # both dense tasks normalise pixels by one definition of mmcv's img_norm_cfg
     assert (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
     assert transforms.IMAGENET_MEAN is segmentation_config.MMSEG_MEAN and transforms.IMAGENET_STD is segmentation_config.MMSEG_STD
+
+
+@pytest.mark.parametrize("verb, config, setting, key", [
+    ("evaluate", "digits", "optimizer.lr=1e-3", "optimizer.lr"),
+    ("predict", "digits", "epochs=3", "run.epochs"),
+    ("evaluate", "digits", "augment.mixup=0", "augment.mixup"),
+    ("evaluate", DENSE_CONFIGS[0], "rcnn_samples=64", "model.rcnn_samples"),
+    ("predict", DENSE_CONFIGS[0], "data.recipe=3x", "data.recipe"),
+    ("evaluate", DENSE_CONFIGS[1], "pipeline.crop_size=[64,64]", "pipeline.crop_size"),
+    ("predict", DENSE_CONFIGS[1], "schedule.min_lr=0", "schedule.min_lr"),
+])
+def test_a_training_setting_given_to_evaluate_or_predict_is_refused(verb: str, config: str, setting: str, key: str,
+                                                                    reference_dir: Path, tmp_path: Path, capsys) -> None:
+    # taken without a word before, and without effect: a user's optimizer.lr or epochs changed nothing
+    image, checkpoint = tmp_path / "x.png", reference_dir / "v1_cls.pth"
+    argv = [verb, "--config", config, "--checkpoint", str(checkpoint), setting,
+            *([str(image)] if verb == "predict" else [])]
+    code, out, err = _in_process(argv, capsys)
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
+    assert err == f"crossformer {verb}: error: {key} is a training setting, which {verb} does not read: leave it out\n"
+
+
+def test_evaluate_names_the_ema_flag_for_model_ema_and_takes_the_settings_it_reads(reference_dir: Path,
+                                                                                  capsys) -> None:
+    from crossformer.classification.config import ClassificationConfig
+    from crossformer.commands.common import _refuse_training_settings
+    from crossformer.detection.config import DetectionConfig
+    from crossformer.segmentation.config import SegmentationConfig
+
+    argv = ["evaluate", "--config", "digits", "--checkpoint", str(reference_dir / "v1_cls.pth"), "model_ema=true"]
+    code, _, err = _in_process(argv, capsys)
+    assert code == 2 and err.endswith("leave it out (--ema evaluates with a checkpoint's EMA weights)\n"), err
+    # what the inference verbs read passes (the segmentor's input normalisation is in the pipeline section)
+    for config_cls, settings in ((ClassificationConfig, {"test.crop_pct": 0.9, "img_size": 64, "run.seed": 1}),
+                                 (DetectionConfig, {"run.batch_size": 1, "data.val_ann": "a.json", "min_size": 600}),
+                                 (SegmentationConfig, {"pipeline": {"mean": [1, 2, 3], "std": [1, 1, 1]}, "test.flip": True})):
+        for verb in ("evaluate", "predict"):
+            _refuse_training_settings(config_cls, settings, verb)

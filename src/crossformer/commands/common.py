@@ -520,6 +520,21 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
                                      f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
 
 
+# verbs that run a trained model: a training-only setting on their command line is a mistake
+_INFERENCE_VERBS = ("evaluate", "predict")
+
+
+def _refuse_training_settings(config_cls: type, settings: Mapping[str, Any], verb: str) -> None:
+    """A one-line error for a setting in ``settings`` (the command line's) that only training
+    reads (the config's ``training_only``): taken, it would change nothing, without a word."""
+    from ..engine.registry import flatten_settings
+
+    for key in flatten_settings(config_cls, settings, "overrides"):
+        if key in config_cls.training_only or key.split(".")[0] in config_cls.training_only:
+            hint = f" (--ema {verb}s with a checkpoint's EMA weights)" if key == "run.model_ema" else ""
+            raise UserInputError(f"{key} is a training setting, which {verb} does not read: leave it out{hint}")
+
+
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
     """Resolve the configuration (file, flags, ``overrides``) and run the task's ``verb`` handler."""
     from ..engine.config import with_home_expanded
@@ -531,6 +546,8 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     settings = command_line_settings(args, overrides)
     resolved = resolve_config(config, settings, use_default=False, source=source)
     resolved_config = with_home_expanded(resolved.config)
+    if verb in _INFERENCE_VERBS:
+        _refuse_training_settings(type(resolved_config), settings, verb)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)
     if handler is None:

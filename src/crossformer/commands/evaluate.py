@@ -17,7 +17,7 @@ VERB = "evaluate"
 
 def add_arguments(parser: argparse.ArgumentParser, task: str, shown_config: Any | None = None) -> None:
     add_task_verb(parser, task, VERB, shown_config)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting of the config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting of the config but training's (optimizer.*, epochs, ...)")
 
 
 def run(args: argparse.Namespace) -> int:

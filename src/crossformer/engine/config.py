@@ -183,6 +183,13 @@ class EngineConfig:
     # (setting, the settings it stands for): a layer that sets the first and not one of the others
     # replaces the layers below's choice of that one (both in one layer: the other refines it)
     covers: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
+    # the settings (sections or section.field) only training reads: evaluate and predict refuse
+    # them on their command line rather than take them without effect
+    training_only: ClassVar[tuple[str, ...]] = (
+        "optimizer", "schedule", "run.epochs", "run.iterations", "run.eval_every", "run.checkpoint_every",
+        "run.save_every_steps", "run.accum_steps", "run.clip_grad", "run.model_ema", "run.model_ema_decay",
+        "run.output", "run.resume", "run.overwrite", "run.log_every", "run.tensorboard",
+    )
 
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)

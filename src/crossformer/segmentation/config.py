@@ -230,6 +230,12 @@ class SegmentationConfig(EngineConfig):
     2 per GPU on 8 GPUs, 16 images per step)."""
 
     alternatives = (*DENSE_ALTERNATIVES, *DATA_ALTERNATIVES)
+    # the pipeline's normalisation is the network's input contract, read by every verb
+    training_only = (
+        *EngineConfig.training_only, "data.train_images", "data.train_labels", "pipeline.scale",
+        "pipeline.ratio_range", "pipeline.crop_size", "pipeline.cat_max_ratio", "pipeline.flip_prob",
+        "pipeline.photometric",
+    )
     task: str = "segmentation"
     run: RunConfig = field(
         default_factory=lambda: RunConfig(iterations=160_000, eval_every=16_000, checkpoint_every=16_000, batch_size=2,
