@@ -152,6 +152,27 @@ def dynamic_size_range(model: nn.Module, height: int, width: int) -> SizeRange:
     return SizeRange(low, max_h, low, max_w)
 
 
+def _unit_maps_kept(model: nn.Module, valid: SizeRange, height: int, width: int) -> SizeRange:
+    """``valid`` narrowed to the sizes whose map sides at every stage are 1 where the
+    ``height x width`` example's are, and above 1 where they are not. torch.export may
+    specialise a side of 1: CrossFormer's small-map groups (``min(h, w)`` square) made a 64x48
+    example, whose last map is 2x1, a graph for last maps of that shape only; other models
+    (CrossFormer++'s groups, ``max(h, w)``) keep serving the wider range."""
+    core = _crossformer(model)
+    low_h, max_h, low_w, max_w = valid.min_height, valid.max_height, valid.min_width, valid.max_width
+    for s, (map_h, map_w) in enumerate(zip(_stage_sizes(core, height), _stage_sizes(core, width))):
+        above_one = _first_input_where(core, s, lambda n: n > 1)  # the smallest side whose map here is 2 or more
+        if map_h == 1:
+            max_h = above_one - 1 if max_h is None else min(max_h, above_one - 1)
+        else:
+            low_h = max(low_h, above_one)
+        if map_w == 1:
+            max_w = above_one - 1 if max_w is None else min(max_w, above_one - 1)
+        else:
+            low_w = max(low_w, above_one)
+    return SizeRange(low_h, max_h, low_w, max_w)
+
+
 def _check_size(model: nn.Module, height: int, width: int) -> None:
     _crossformer(model)
     if min(height, width) < MIN_INPUT_SIZE:
@@ -283,20 +304,27 @@ def export_onnx(
 
     path = check_output_path(path)  # before the minutes the export takes
     names = _output_names(model, features)
-    guarded = _SizeGuard(model, valid)
     example = _example(model, height, width, batch=batch or 2)  # batch 2: a batch of 1 would be specialised
     dims = {} if batch else {0: Dim("batch", min=1, max=1 << 16)}
-    if dynamic:
-        dims[2] = Dim("height", min=valid.min_height, max=valid.max_height or (1 << 16))
-        dims[3] = Dim("width", min=valid.min_width, max=valid.max_width or (1 << 16))
+    # the widest range first, then (where torch.export found it too wide) the one keeping every
+    # map side of 1 at 1 and every other above 1
+    narrowed = _unit_maps_kept(model, valid, height, width) if dynamic and size_range is None else valid
+    ranges = [valid] if narrowed == valid else [valid, narrowed]
     with _export_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Size-oblivious reasoning: no guards that a symbolic size is (not) 0 or 1.
         with shape_config.patch(backed_size_oblivious=True):
-            try:
-                program = torch.export.export(guarded, (example,), dynamic_shapes={"x": dims})
-            except Exception as err:  # a guard outside the declared range, or an untraceable op
-                raise RuntimeError(f"torch.export failed for {height}x{width} over {valid}: {err}") from err
+            for attempt, valid in enumerate(ranges, 1):
+                guarded = _SizeGuard(model, valid)
+                if dynamic:
+                    dims[2] = Dim("height", min=valid.min_height, max=valid.max_height or (1 << 16))
+                    dims[3] = Dim("width", min=valid.min_width, max=valid.max_width or (1 << 16))
+                try:
+                    program = torch.export.export(guarded, (example,), dynamic_shapes={"x": dims})
+                    break
+                except Exception as err:  # a guard outside the declared range, or an untraceable op
+                    if attempt == len(ranges):
+                        raise RuntimeError(f"torch.export failed for {height}x{width} over {valid}: {err}") from err
             onnx_program = torch.onnx.export(
                 program,
                 (example,),
