@@ -118,12 +118,13 @@ def test_flops_takes_the_model_and_size_from_a_config(capsys) -> None:
 def test_flops_and_benchmark_take_model_or_config(capsys) -> None:
     """The README runs both with --config alone; their help marked --model as required and,
     given neither, they named --model only."""
-    for verb in ("flops", "benchmark"):
+    for verb, others in (("flops", ""), ("benchmark", ", or any timm model")):
         with pytest.raises(SystemExit):
             main([verb, "--help"])
+        # flops counts CrossFormers alone: its help and error offered any timm model, then refused resnet18
         assert "[--model NAME]" in capsys.readouterr().out
-        _one_line_error(capsys, [verb], "give --model NAME (crossformer_tiny ... crossformer_pp_huge, or any timm "
-                                        "model) or --config NAME_OR_FILE")
+        _one_line_error(capsys, [verb], f"give --model NAME (crossformer_tiny ... crossformer_pp_huge{others}) "
+                                        "or --config NAME_OR_FILE")
 
 
 def test_flops_and_benchmark_build_the_model_as_the_config_configures_it(capsys) -> None:
@@ -517,6 +518,59 @@ def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(referen
                                    "--model-arg", "merge_kernel_sizes=[2]"])
     assert "unexpected: layers.0.downsample.reductions.1.bias" in line
     assert line.endswith("check --model and --model-arg against the settings the file was trained with"), line
+
+
+def test_a_file_of_another_variant_or_model_names_it_rather_than_settings(data: Path, tmp_path: Path, capsys) -> None:
+    """crossformer_small's weights under --model crossformer_pp_base were told to add depths and
+    use_acl: so built, the model loaded and evaluated with ++'s group sizes and intervals, which
+    no weight shows. A file of a registered variant names it; one of ours names its model."""
+    import timm
+
+    from crossformer.models import CrossFormer
+
+    with torch.device("meta"):
+        small = timm.create_model("crossformer_small", num_classes=3)
+    variant = tmp_path / "small.pth"
+    torch.save({"model": {k: torch.zeros(v.shape) for k, v in small.state_dict().items()}}, variant)
+    argv = ["evaluate", "--data", str(data), "--checkpoint", str(variant), "--model", "crossformer_pp_base", "--device", "cpu"]
+    line = one_error_line(capsys, argv)
+    assert line.endswith("; its weights are crossformer_small's: pass --model crossformer_small"), line
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    ours = tmp_path / "ours.pth"
+    torch.save({"model_name": "crossformer_tiny", "model_kwargs": kwargs,
+                "model": CrossFormer(**kwargs, num_classes=3).state_dict()}, ours)
+    line = one_error_line(capsys, ["predict", str(data / "val" / "cat" / "0.png"), "--checkpoint", str(ours),
+                                   "--model", "crossformer_small"])
+    assert line.endswith("; the file names its model, crossformer_tiny: leave out --model"), line
+
+
+def test_predict_crops_and_resizes_as_evaluate_does_and_as_asked(data: Path, tmp_path: Path, capsys) -> None:
+    """``test.crop_pct=0.3`` (and data.interpolation) were taken by predict and changed nothing,
+    while evaluate honoured them: predict now takes --crop-pct and --interpolation as evaluate does."""
+    from crossformer.classification.predict import predict
+    from crossformer.data import build_eval_transform, open_image
+    from crossformer.models import CrossFormer
+
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    torch.manual_seed(0)
+    model = CrossFormer(**kwargs, num_classes=3).eval()
+    torch.save({"model_name": "crossformer_tiny", "model_kwargs": kwargs, "img_size": 32, "model": model.state_dict()},
+               tmp_path / "ours.pth")
+    image = data / "val" / "eel" / sorted(p.name for p in (data / "val" / "eel").glob("*.png"))[0]
+    expected = []
+    for crop_pct, interpolation in ((None, None), (0.3, "nearest")):
+        transform = build_eval_transform(32, crop_pct or 0.875, interpolation or "bicubic")
+        with torch.no_grad():
+            expected.append(model(transform(open_image(image)).unsqueeze(0)).softmax(-1)[0].sort(descending=True).values)
+        result = predict(image, tmp_path / "ours.pth", topk=3, crop_pct=crop_pct, interpolation=interpolation,
+                         device="cpu")[0]
+        torch.testing.assert_close(torch.tensor(result.scores), expected[-1], rtol=0, atol=1e-6)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the crop changes what the model sees
+    flags = ["--crop-pct", "0.3", "--interpolation", "nearest"]
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "ours.pth"), "--topk", "3", "--json", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == pytest.approx(result.scores, abs=1e-6)
 
 
 def test_predict_says_each_batch_as_it_is_done(data: Path, tmp_path: Path, capsys) -> None:

@@ -182,6 +182,20 @@ def test_a_start_file_must_be_a_file(tmp_path: Path) -> None:
         require_model_files("classification", pretrained=str(tmp_path))
 
 
+def test_a_run_folder_given_as_a_checkpoint_names_the_file_to_give(tmp_path: Path) -> None:
+    # "output/demo is a folder, not a checkpoint file" said what was wrong, not which file was meant
+    from crossformer.checkpoint_files import checkpoint_file
+
+    for name in ("last.pth", "best.pth", "notes.txt", "a.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path} is a folder, not a checkpoint file: give the file, "
+                                              rf"e.g. {tmp_path / 'best.pth'}$"):
+        checkpoint_file(tmp_path)
+    (tmp_path / "best.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"e.g. .*last.pth$"):
+        checkpoint_file(tmp_path)
+
+
 def test_a_whole_model_of_the_task_starts_it_through_init_from_only(tmp_path: Path) -> None:
     whole = tmp_path / "segmentor.pth"
     torch.save({"task": "segmentation", "model": {"w": torch.ones(1)}}, whole)

@@ -419,6 +419,19 @@ def test_benchmark_command_json(capsys) -> None:
     assert out["infer_ratio"] > 0 and out["train_ratio"] > 0
 
 
+def test_benchmark_gives_the_input_size_only_to_timm_models_built_for_one(capsys) -> None:
+    """``--img-size 32`` gave every model but a CrossFormer ``img_size=``: resnet18 and the other
+    convolutional timm models stopped with "unexpected keyword argument 'img_size'"."""
+    from crossformer.benchmark import BenchConfig, build_model
+
+    config = BenchConfig(img_size=(32, 32), num_classes=10, memory=False)
+    assert build_model("test_resnet", config).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert tuple(build_model("test_vit", config).patch_embed.img_size) == (32, 32)  # built for one size
+    assert cli_main(["benchmark", "--model", "test_resnet", "--img-size", "32", "--batch-size", "2", "--rounds", "1",
+                     "--warmup", "0", "--num-classes", "10", "--no-memory", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["infer_images_per_s"] > 0
+
+
 @pytest.mark.parametrize("tag", ["v1", "pp"])
 def test_model_built_under_inference_mode(tag: str) -> None:
     """Inference tensors keep no version counter: the weight caches step aside for them, and

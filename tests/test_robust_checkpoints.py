@@ -205,3 +205,23 @@ def test_convert_takes_its_output_as_an_argument_an_option_or_beside_the_checkpo
     line = one_error_line(capsys, ["convert", str(converted)])
     assert f"{converted} is already a .safetensors file" in line and "--output FILE" in line, line
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detector(tmp_path: Path) -> None:
+    # the authors' mmseg file under a detection config was "an ImageNet or backbone checkpoint: pass
+    # it to crossformer train --pretrained", and under a classification config "backbone-only"
+    from crossformer.classification.model import load_classifier
+    from crossformer.detection.commands import load_detector
+    from crossformer.engine.registry import resolve_config
+    from crossformer.errors import UserInputError
+
+    backbone = {f"backbone.{k}": v for k, v in CrossFormer(**TINY_MODEL, num_classes=0).state_dict().items()}
+    segmentor = tmp_path / "upernet.pth"
+    torch.save({"state_dict": {**backbone, "decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1)}}, segmentor)
+    config = resolve_config("mask_rcnn_shapes_demo").config
+    with pytest.raises(UserInputError, match=r"upernet.pth holds a segmentation model \(its heads' weights say so\), "
+                                             r"not a detector: pass a detection checkpoint here"):
+        load_detector(config, segmentor, torch.device("cpu"))
+    with pytest.raises(UserInputError, match=r"upernet.pth holds a segmentation model \(its heads' weights say so\), "
+                                             r"not a classifier: pass its segmentation config with --config"):
+        load_classifier(segmentor, "crossformer_tiny", model_kwargs=TINY_MODEL)

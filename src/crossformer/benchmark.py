@@ -117,10 +117,21 @@ def build_model(name: str, config: BenchConfig) -> nn.Module:
     from .classification.model import create_classifier
 
     kwargs = dict(config.model_kwargs.get(name, {}))
-    if name not in crossformer.VARIANTS and tuple(config.img_size) != (224, 224):
-        kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (e.g. Swin) need it
+    if tuple(config.img_size) != (224, 224) and _fixed_input_size(name):
+        kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (Swin, ViT) need it; others take none
     # settings it cannot take are one line naming them, as in every command that builds one
     return _place(create_classifier(name, config.num_classes, model_kwargs=kwargs), config)
+
+
+def _fixed_input_size(name: str) -> bool:
+    """Whether timm's model ``name`` is built for one input size (its ``img_size`` argument)."""
+    from timm.models import get_pretrained_cfg
+
+    from .models import VARIANTS
+
+    # an unknown name has none: create_classifier says so in one line
+    cfg = None if name in VARIANTS else get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
 
 
 def _place(model: nn.Module, config: BenchConfig) -> nn.Module:

@@ -50,7 +50,9 @@ def checkpoint_file(path: str | Path) -> Path:
     nothing, a named pipe or device, or not there."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        inside = _checkpoints_in(path)
+        hint = f": give the file, e.g. {inside[0]}" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if path.is_symlink() and not path.exists():
         raise CheckpointError(f"{path} is a link to {os.readlink(path)}, which is not there: "
                               f"give the checkpoint file itself or mend the link")
@@ -59,6 +61,15 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoint files directly in ``folder``, a run's best.pth and last.pth first."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".safetensors") and p.is_file())
+    except OSError:
+        return []
+    return sorted(files, key=lambda p: (p.name != "best.pth", p.name != "last.pth"))
 
 
 def _special_file_kind(path: Path) -> str:

@@ -91,8 +91,8 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
         sys.stdout.flush()
 
     predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
-            class_names=args.class_names, img_size=given.get("data.img_size"),
-            batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
+            class_names=args.class_names, img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
+            interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
             model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note, on_result=say,
             amp=config.run.amp)
     return 0
@@ -104,8 +104,10 @@ COMMANDS: dict[str, VerbHandler] = {
         "run.batch_size": "64", "data.img_size": _CHECKPOINTS, "test.crop_pct": _CHECKPOINTS,
         "data.interpolation": _CHECKPOINTS}),
     "predict": VerbHandler(_predict_arguments, _predict,
-                           ("model.name", "data.img_size", "data.skip_corrupt", "run.batch_size", "run.amp", "run.device"),
-                           {"run.batch_size": "32", "data.img_size": _CHECKPOINTS}),
+                           ("model.name", "data.img_size", "data.interpolation", "data.skip_corrupt", "test.crop_pct",
+                            "run.batch_size", "run.amp", "run.device"),
+                           {"run.batch_size": "32", "data.img_size": _CHECKPOINTS, "test.crop_pct": _CHECKPOINTS,
+                            "data.interpolation": _CHECKPOINTS}),
 }
 
 

@@ -156,7 +156,7 @@ class TestConfig:
 class ClassificationConfig(EngineConfig):
     """Everything a classification run depends on. Batch sizes are per process."""
 
-    training_only = (*EngineConfig.training_only, "augment")
+    training_only = (*EngineConfig.training_only, "augment", "model.drop_path", "model.pretrained")
     task: str = "classification"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=300, batch_size=128, clip_grad=5.0))
     schedule: ScheduleConfig = field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -82,6 +82,9 @@ def load_classifier(
                              "pass --model NAME (and --model-arg KEY=VALUE for a non-standard size)")
     weights = extract_state_dict(state, use_ema=use_ema, source=str(checkpoint))
     head = weights.get("head.weight")
+    if head is None and dense_task(state) is not None:  # an mmdet / mmseg file's backbone has no classifier either
+        raise UserInputError(f"{checkpoint} holds a {dense_task(state)} model (its heads' weights say so), not a "
+                             f"classifier: pass its {dense_task(state)} config with --config NAME_OR_FILE")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
     settings = {**recorded, **(model_kwargs or {})}
@@ -89,7 +92,7 @@ def load_classifier(
     try:
         load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
     except CheckpointError:
-        raise CheckpointError(_misfit(checkpoint, name, settings, weights, model.state_dict())) from None
+        raise CheckpointError(_misfit(checkpoint, state, name, settings, weights, model.state_dict())) from None
     model.to(device).eval()
     return LoadedClassifier(
         model=model,
@@ -102,17 +105,28 @@ def load_classifier(
     )
 
 
-def _misfit(checkpoint: str | Path, name: str, settings: dict[str, Any], weights: dict[str, torch.Tensor],
-            expected: dict[str, torch.Tensor]) -> str:
-    """One line on why ``weights`` (of ``checkpoint``) do not load into ``name`` built with
-    ``settings`` (state dict ``expected``): the first differences, and the settings the weights
-    show that the model lacks (what ``--model-arg`` would change), where they show any."""
+def _misfit(checkpoint: str | Path, state: Mapping[str, Any], name: str, settings: dict[str, Any],
+            weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """One line on why ``weights`` (of ``checkpoint``, read as ``state``) do not load into
+    ``name`` built with ``settings`` (state dict ``expected``): the first differences, then the
+    model the file names, else the registered variant its weights are, else the settings they
+    show that the model lacks (what ``--model-arg`` would change). Settings alone would not do
+    where the file is a variant or names its model: its group sizes and intervals, which no
+    weight shows, would stay the given model's (the model built would load, and be another)."""
+    from ..models.variants import identify_variant
     from ..models.weights import first_differences, settings_shown_by
 
     built = f"{name} with {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else name
+    recorded, variant = state.get("model_name"), identify_variant(weights)
     differing = settings_shown_by(weights, expected)
-    hint = (f"its weights show other settings: add {' '.join(f'--model-arg {d}' for d in differing)}" if differing
-            else "check --model and --model-arg against the settings the file was trained with")
+    if isinstance(recorded, str) and recorded != name:
+        hint = f"the file names its model, {recorded}: leave out --model"
+    elif variant is not None and variant != name:
+        hint = f"its weights are {variant}'s: pass --model {variant}"
+    elif differing:
+        hint = f"its weights show other settings: add {' '.join(f'--model-arg {d}' for d in differing)}"
+    else:
+        hint = "check --model and --model-arg against the settings the file was trained with"
     return f"{checkpoint} does not fit {built} ({first_differences(weights, expected)}); {hint}"
 
 

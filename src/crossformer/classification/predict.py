@@ -43,6 +43,8 @@ def predict(
     topk: int = 5,
     class_names: str | Path | Sequence[str] | None = None,
     img_size: int | tuple[int, int] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
     batch_size: int = 32,
     use_ema: bool = False,
     device: str = "auto",
@@ -65,6 +67,8 @@ def predict(
     files of an image format this build cannot read, left out (:func:`crossformer.data.expand_image_paths`).
     ``on_result`` hears of each prediction as its batch is done (the command prints it then).
     ``amp``: as ``run.amp`` (``bf16``: autocast, on the CPU too; ``auto``: float32 on the CPU).
+    Images are resized to ``img_size / crop_pct`` and centre-cropped, as :func:`.evaluate.evaluate`
+    does; ``img_size``, ``crop_pct`` and ``interpolation`` default to the checkpoint's.
     """
     if topk < 1:  # before the model loads; 0 gave one label, quietly
         raise UserInputError(f"--topk must be at least 1, got {topk}")
@@ -79,7 +83,7 @@ def predict(
         note(f"{checkpoint} ({loaded.name}) records no class names: labels are ImageNet-1k's "
              "(--class-names FILE gives others)")
     names = names or [str(i) for i in range(loaded.num_classes)]
-    transform = build_eval_transform(loaded.img_size, loaded.crop_pct, loaded.interpolation)
+    transform = build_eval_transform(loaded.img_size, crop_pct or loaded.crop_pct, interpolation or loaded.interpolation)
     files = expand_image_paths(paths, on_note=note)
     device_ = next(loaded.model.parameters()).device
     precision = resolve_precision(amp, device_)

@@ -26,20 +26,21 @@ def head_classes(verb: str, model_classes: int | None, data_classes: Callable[[]
     return count or assumed
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
+def _models_taken(any_timm_model: bool) -> str:
+    return "crossformer_tiny ... crossformer_pp_huge" + (", or any timm model" if any_timm_model else "")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, any_timm_model: bool = True) -> None:
     """``--model``: optional to argparse, since ``--config`` (or a checkpoint) may name the model;
-    a command that needs it reads it with :func:`model_name`."""
-    parser.add_argument(
-        "--model", metavar="NAME",
-        help="a registered variant (crossformer_tiny ... crossformer_pp_huge) or any timm model",
-    )
+    a command that needs it reads it with :func:`model_name`. ``any_timm_model``: the command
+    takes other timm models too (benchmark), not only the CrossFormers (flops, export)."""
+    parser.add_argument("--model", metavar="NAME", help=f"a registered variant ({_models_taken(any_timm_model)})")
 
 
-def model_name(args: argparse.Namespace) -> str:
+def model_name(args: argparse.Namespace, any_timm_model: bool = True) -> str:
     """``--model``, which a command given no ``--config`` needs; a one-line error without it."""
     if not args.model:
-        raise UserInputError("give --model NAME (crossformer_tiny ... crossformer_pp_huge, or any timm model) "
-                             "or --config NAME_OR_FILE")
+        raise UserInputError(f"give --model NAME ({_models_taken(any_timm_model)}) or --config NAME_OR_FILE")
     return args.model
 
 
@@ -520,8 +521,9 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
                                      f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
 
 
-# verbs that run a trained model: a training-only setting on their command line is a mistake
-_INFERENCE_VERBS = ("evaluate", "predict")
+# verbs that run or measure a model, none of them training: a training-only setting on their
+# command line is a mistake (benchmark is not one: it times training steps)
+_MODEL_VERBS = ("evaluate", "predict", "flops", "export")
 
 
 def _refuse_training_settings(config_cls: type, settings: Mapping[str, Any], verb: str) -> None:
@@ -529,10 +531,15 @@ def _refuse_training_settings(config_cls: type, settings: Mapping[str, Any], ver
     reads (the config's ``training_only``): taken, it would change nothing, without a word."""
     from ..engine.registry import flatten_settings
 
-    for key in flatten_settings(config_cls, settings, "overrides"):
-        if key in config_cls.training_only or key.split(".")[0] in config_cls.training_only:
-            hint = f" (--ema {verb}s with a checkpoint's EMA weights)" if key == "run.model_ema" else ""
-            raise UserInputError(f"{key} is a training setting, which {verb} does not read: leave it out{hint}")
+    for item, value in settings.items():
+        try:
+            keys = flatten_settings(config_cls, {item: value}, "overrides")
+        except UserInputError:  # a misspelt key: the config's resolution names it
+            continue
+        for key in keys:
+            if key in config_cls.training_only or key.split(".")[0] in config_cls.training_only:
+                hint = f" (--ema {verb}s with a checkpoint's EMA weights)" if key == "run.model_ema" else ""
+                raise UserInputError(f"{key} is a training setting, which {verb} does not read: leave it out{hint}")
 
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:
@@ -544,9 +551,14 @@ def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> 
     if config is None and getattr(args, "checkpoint", None):
         config, source = recorded_config(args.checkpoint)
     settings = command_line_settings(args, overrides)
+    # before the config is checked where the flags' config class is known: a training setting's
+    # own checks (schedule.name=step needs milestones) asked for more of what was then refused
+    refused_early = verb in _MODEL_VERBS and getattr(args, CONFIG_CLASS, None) is not None
+    if refused_early:
+        _refuse_training_settings(getattr(args, CONFIG_CLASS), settings, verb)
     resolved = resolve_config(config, settings, use_default=False, source=source)
     resolved_config = with_home_expanded(resolved.config)
-    if verb in _INFERENCE_VERBS:
+    if verb in _MODEL_VERBS and not refused_early:  # flops: no config flags
         _refuse_training_settings(type(resolved_config), settings, verb)
     _check_checkpoint_task(getattr(args, "checkpoint", None), resolved_config.task, args.config)
     handler = task_commands(resolved.module).get(verb)

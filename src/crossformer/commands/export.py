@@ -31,7 +31,7 @@ MIN_OPSET = 18
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)  # our training checkpoints name theirs
+    add_model_argument(parser, any_timm_model=False)  # our training checkpoints name theirs
     add_model_arg_argument(parser)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
     parser.add_argument(

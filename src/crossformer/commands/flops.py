@@ -10,7 +10,7 @@ from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
+    add_model_argument(parser, any_timm_model=False)
     add_img_size_argument(parser, with_config="; with --config: a classification config's image size, a detector's "
                                               "800x1280, a segmentor's 512x2048")
     parser.add_argument("--num-classes", type=class_count, default=None, metavar="N",
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     num_classes = IMAGENET_CLASSES if args.num_classes is None else args.num_classes
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         # settings it cannot take are one line naming them, as in every command that builds one
-        model = create_classifier(model_name(args), num_classes, model_kwargs=settings)
+        model = create_classifier(model_name(args, any_timm_model=False), num_classes, model_kwargs=settings)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {

@@ -164,10 +164,11 @@ class DetectionConfig(EngineConfig):
     # --data ROOT over a layer's explicit files (a checkpoint's recorded config, a config file)
     # means ROOT's files: else evaluate --data ROOT evaluated the recorded files, without a word
     covers = (("data.root", tuple(f"data.{name}" for name in DetectionDataConfig.path_fields if name != "root")),)
+    # (not data.train_ann: flops counts the heads for the training file's classes)
     training_only = (
-        *EngineConfig.training_only, "model.rpn_samples", "model.rcnn_samples", "model.rpn_train_pre_nms",
-        "model.rpn_train_proposals", "data.train_ann", "data.train_images", "data.recipe", "data.multiscale_min_sizes",
-        "data.crop_min_sizes", "data.crop_size_range",
+        *EngineConfig.training_only, "model.drop_path", "model.pretrained", "model.init_from", "model.rpn_samples",
+        "model.rcnn_samples", "model.rpn_train_pre_nms", "model.rpn_train_proposals", "data.recipe",
+        "data.multiscale_min_sizes", "data.crop_min_sizes", "data.crop_size_range",
     )
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
