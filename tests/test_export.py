@@ -214,6 +214,32 @@ def test_cli_onnx_passes_its_options_and_fails_when_onnxruntime_disagrees(tmp_pa
     assert ("error: onnxruntime and PyTorch disagree by more than 1e-4" in printed) == bool(status)
 
 
+def test_cli_onnx_of_a_classifier_records_its_classes_and_preprocessing(tmp_path, capsys, monkeypatch):
+    # the segmentor's and detector's files recorded them; a classifier's held its size ranges only
+    import json
+
+    from crossformer import export as exporting
+
+    exported = {}
+    monkeypatch.setattr(exporting, "_require_onnx", lambda: None)
+    monkeypatch.setattr(exporting, "export_onnx", lambda model, path, img_size, **options: exported.update(options)
+                        or SizeRange(32, 63, 32, 63))
+    monkeypatch.setattr(exporting, "compare_onnx", lambda model, path, sizes, batch=1, counts=None: {s: 0.0 for s in sizes})
+    kwargs = dict(V1_TINY, num_classes=3)
+    torch.save({"model_name": "crossformer_tiny", "model_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"},
+                "class_names": ["cat", "dog", "eel"], "img_size": 48, "crop_pct": 0.9, "interpolation": "bilinear",
+                "model": CrossFormer(**kwargs).state_dict()}, tmp_path / "ours.pth")
+    assert main(["export", "--checkpoint", str(tmp_path / "ours.pth"), "--format", "onnx", "-o", str(tmp_path / "c.onnx")]) == 0
+    metadata = exported["metadata"]
+    assert json.loads(metadata["crossformer.classes"]) == ["cat", "dog", "eel"]
+    assert metadata["crossformer.input"].startswith("RGB, resized (bilinear) to img_size / crop_pct and centre-cropped "
+                                                    "to img_size (img_size 48, crop_pct 0.9), then (x / 255 - mean) / std")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "ours.pth"), "--features", "--format", "onnx",
+                 "-o", str(tmp_path / "f.onnx")]) == 0
+    assert exported["metadata"] is None  # features: no classes, and the input is the caller's to prepare
+
+
 def test_safetensors_round_trip(tmp_path):
     model = CrossFormer(**V1_TINY).eval()
     x = torch.randn(1, 3, 100, 70)
@@ -243,12 +269,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "at least 32" in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx",
                                        "--img-size", "16", "-o", out)
     assert "not found" in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "torchscript",
-                                     "--checkpoint", str(tmp_path / "missing.pth"), "-o", out)
+                                     "--checkpoint", str(tmp_path / "missing.pth"), "-o", str(tmp_path / "out.pt"))
     # a checkpoint of another variant
     small = CrossFormer(**V1_TINY)
     torch.save({"model": small.state_dict()}, tmp_path / "small.pth")
     err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "safetensors",
-                     "--checkpoint", str(tmp_path / "small.pth"), "-o", out)
+                     "--checkpoint", str(tmp_path / "small.pth"), "-o", str(tmp_path / "out.safetensors"))
     assert "does not fit" in err
     # onnx / onnxscript missing
     monkeypatch.setitem(sys.modules, "onnxscript", None)
@@ -259,6 +285,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_cli_options_no_export_can_use_are_one_line(tmp_path, capsys):
     assert "--opset must be at least 18" in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx",
                                                        "--opset", "17", "-o", str(tmp_path / "out"))
+    # a TorchScript file named .onnx was written without a word
+    out = tmp_path / "model.onnx"
+    assert (f"-o {out} ends in .onnx, the onnx ending, but --format is torchscript: name it .pt, or pass --format onnx"
+            in _cli_error(capsys, "--model", "crossformer_tiny", "--format", "torchscript", "-o", str(out)))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["export", "flops", "benchmark"])

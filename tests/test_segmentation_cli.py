@@ -208,11 +208,13 @@ def test_predict_says_each_image_as_it_is_written(run: dict[str, Path], tmp_path
     from crossformer.segmentation.commands import load_segmentor
     from crossformer.segmentation.predict import predict_images
 
-    heard = []
+    heard, logged = [], []
     segmentor, _ = load_segmentor(resolve_config(str(run["config"])).config, run["checkpoint"])
     results, skipped = predict_images(segmentor, folder, tmp_path / "api", [f"c{i}" for i in range(7)],
-                                      skip_corrupt=True, on_result=heard.append)
+                                      skip_corrupt=True, on_result=heard.append, log=logged.append)
     assert heard == results and len(results) == len(said) and skipped == [str(folder / "zz_empty.jpg")]
+    # with its reason, as detection's and classification's predict say it (the path alone was said)
+    assert f"skipped unreadable image {folder / 'zz_empty.jpg'}: the file is empty (0 bytes)" in logged, logged
 
 
 def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -147,6 +147,11 @@ def check_options(args: argparse.Namespace) -> None:
     from crossformer import export as exporting
     from crossformer.errors import UserInputError
 
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    named = [name for name, ending in FORMATS.items() if ending == suffix and name != args.format]
+    if named:  # a TorchScript file named .onnx was written without a word, and failed where it was loaded
+        raise UserInputError(f"-o {args.output} ends in {suffix}, the {named[0]} ending, but --format is {args.format}: "
+                             f"name it {FORMATS[args.format]}, or pass --format {named[0]}")
     if args.format == "onnx":
         if args.opset is not None and args.opset < MIN_OPSET:
             raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")
@@ -243,4 +248,23 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         print(f"wrote {path} (weights, with the model's name and settings; load with crossformer.load_checkpoint, "
               "or give it to predict / evaluate as --checkpoint)")
         return 0
-    return write_traced(args, model, output, name, height, width, dynamic=not args.static)
+    metadata = None if args.features or not num_classes else _classifier_metadata(checkpoint or {})
+    return write_traced(args, model, output, name, height, width, dynamic=not args.static, metadata=metadata)
+
+
+def _classifier_metadata(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """What a classifier's ONNX file says of its input and labels (as the dense tasks' files
+    do): the preprocessing ``crossformer predict`` applies, and the class names the checkpoint
+    records, where it records them."""
+    import json
+
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    size = checkpoint.get("img_size", 224)
+    crop_pct, interpolation = checkpoint.get("crop_pct", 0.875), checkpoint.get("interpolation", "bicubic")
+    metadata = {"crossformer.input": f"RGB, resized ({interpolation}) to img_size / crop_pct and centre-cropped to "
+                                     f"img_size (img_size {size}, crop_pct {crop_pct}), then (x / 255 - mean) / std: "
+                                     f"mean {tuple(IMAGENET_DEFAULT_MEAN)}, std {tuple(IMAGENET_DEFAULT_STD)}"}
+    if checkpoint.get("class_names"):
+        metadata["crossformer.classes"] = json.dumps(list(checkpoint["class_names"]))
+    return metadata

@@ -29,7 +29,7 @@ from PIL import Image
 from ..atomic import check_output_folder, make_folder, save_image_atomic
 from ..data import DataError, expand_image_inputs, output_paths
 from ..data.draw import Colour, class_colours
-from .data import read_image
+from .data import read_image, skipped_file
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
 
@@ -107,8 +107,9 @@ def predict_images(
                 if not skip_corrupt or not str(err).startswith("cannot read"):
                     raise
                 skipped.append(str(path))
-                if log is not None:
-                    log(f"skipped unreadable image {path}")
+                if log is not None:  # with the reason, as detection's predict says it
+                    reason = skipped_file(str(err)).removeprefix(f"cannot read image {path}: ")
+                    log(f"skipped unreadable image {path}: {reason}")
                 continue
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
             save_image_atomic(overlay_segmentation(image, label_map, class_names, palette, opacity), overlay_path)
