@@ -217,6 +217,18 @@ def test_predict_says_each_image_as_it_is_written(run: dict[str, Path], tmp_path
     assert f"skipped unreadable image {folder / 'zz_empty.jpg'}: the file is empty (0 bytes)" in logged, logged
 
 
+def test_an_exports_default_example_is_what_predict_feeds_the_network() -> None:
+    # the training crop was the default: the demo's 64x64 gave a graph for 64..79 pixels, NaN at the
+    # 352x256 test scale its predict resizes to
+    from crossformer.engine.registry import resolve_config
+    from crossformer.segmentation.commands import export_example
+
+    assert export_example(resolve_config("upernet_demo").config.test) == (256, 256)
+    assert export_example(resolve_config("upernet_crossformer_small").config.test) == (512, 512)
+    slide = resolve_config("upernet_demo", {"test.mode": "slide", "test.slide_crop": [96, 128]}).config.test
+    assert export_example(slide) == (96, 128)
+
+
 def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     # The overlays' colours could not be chosen: no setting took a palette ("unknown setting
     # 'data.palette'"), only generated colours (or ADE20K's).

@@ -27,7 +27,7 @@ from ..commands.common import backbone_settings, head_classes, note_on_stderr, r
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
-from .config import SegmentationConfig
+from .config import SegmentationConfig, SegTestConfig
 
 __all__ = ["COMMANDS", "AUTHORS_TABLE", "load_segmentor"]
 
@@ -349,9 +349,20 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
 # ---------------------------------------------------------------------------- export
 
 
+def export_example(test: SegTestConfig) -> tuple[int, int]:
+    """An export's default example size, ``(H, W)``: what ``predict`` feeds the network, the
+    sliding window or (``whole``) a square of the test scale's shorter side, which each resized
+    image reaches on its short side. The training crop was the default: the demo's 64x64 gave
+    a graph for 64..79 pixels, NaN at every size predict runs at."""
+    if test.mode == "slide":
+        return tuple(test.slide_crop)
+    short = min(test.scale)
+    return short, short
+
+
 def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     """The segmentor as ONNX (every size the example's graph serves, or with ``--static`` the
-    example's alone: the config's crop size unless ``--img-size``) or TorchScript (that size)
+    example's alone: :func:`export_example` unless ``--img-size``) or TorchScript (that size)
     from normalised images to full-size logits, or its weights."""
     from ..commands.common import img_size
     from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
@@ -363,7 +374,7 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     name, output = dense_output(args, config)
     if args.format == "safetensors":
         return write_dense_weights(segmentor, checkpoint, output)
-    height, width = img_size(args, default=tuple(config.pipeline.crop_size))
+    height, width = img_size(args, default=export_example(config.test))
     names, _, _ = _labels_of(checkpoint, segmentor.num_classes)
     pipeline = config.pipeline
     metadata = {"crossformer.classes": json.dumps(names), "crossformer.input":
