@@ -230,6 +230,10 @@ def test_a_missing_checkpoint_is_named_before_the_settings_it_would_have_taken(t
     # and not on its task's flags ("unrecognized arguments: --multi-scale")
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "best.pth"), "--data", str(tmp_path),
                              "--multi-scale"], f"checkpoint not found: {tmp_path / 'best.pth'}")
+    # nor a TorchScript export's ("unrecognized arguments: --output x": the task was taken for classification)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "seg.pt")
+    _one_line_error(capsys, ["predict", str(tmp_path), "--checkpoint", str(tmp_path / "seg.pt"), "--output", "x"],
+                    f"{tmp_path / 'seg.pt'} is not a PyTorch checkpoint (a TorchScript module: run it with torch.jit.load")
 
 
 def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Path, tmp_path: Path, capsys,

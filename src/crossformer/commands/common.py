@@ -388,14 +388,15 @@ def config_task(argv: list[str]) -> str:
 
 def missing_task_checkpoint(argv: list[str]) -> str | None:
     """Why the ``--checkpoint`` that ``argv``'s task (and so its flags) was to come from, no
-    ``--config`` naming one, cannot be read: not there, or a folder; None otherwise."""
-    from ..checkpoint_files import checkpoint_file
+    ``--config`` naming one, cannot be read: not there, a folder, or no checkpoint (a TorchScript
+    or ONNX export, text ...); None otherwise."""
+    from ..checkpoint_files import readable_checkpoint
 
     checkpoint = _flag_value(argv, "--checkpoint")
     if checkpoint is None or _flag_value(argv, "--config") is not None:
         return None
     try:
-        checkpoint_file(checkpoint)
+        readable_checkpoint(checkpoint)
     except UserInputError as err:
         return str(err)
     return None
