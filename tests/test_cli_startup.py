@@ -544,6 +544,15 @@ def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:
     assert transforms.IMAGENET_MEAN is segmentation_config.MMSEG_MEAN and transforms.IMAGENET_STD is segmentation_config.MMSEG_STD
 
 
+def _weights_file(folder: Path) -> Path:
+    """A checkpoint file the commands can peek at (a setting is refused before it is loaded)."""
+    import torch
+
+    path = folder / "weights.pth"
+    torch.save({"model": {"head.weight": torch.zeros(3, 2)}}, path)
+    return path
+
+
 @pytest.mark.parametrize("verb, config, setting, key", [
     ("evaluate", "digits", "optimizer.lr=1e-3", "optimizer.lr"),
     ("predict", "digits", "epochs=3", "run.epochs"),
@@ -560,9 +569,9 @@ def test_the_dense_packages_resolve_lazily_to_the_same_objects() -> None:
     ("export", DENSE_CONFIGS[1], "optimizer.lr=1", "optimizer.lr"),
 ])
 def test_a_training_setting_given_to_a_verb_that_does_not_train_is_refused(verb: str, config: str, setting: str, key: str,
-                                                                    reference_dir: Path, tmp_path: Path, capsys) -> None:
+                                                                    tmp_path: Path, capsys) -> None:
     # taken without a word before, and without effect: a user's optimizer.lr or epochs changed nothing
-    image, checkpoint = tmp_path / "x.png", reference_dir / "v1_cls.pth"
+    image, checkpoint = tmp_path / "x.png", _weights_file(tmp_path)
     argv = [verb, "--config", config, *(["--checkpoint", str(checkpoint)] if verb != "flops" else []), setting,
             *([str(image)] if verb == "predict" else []), *(["--format", "onnx"] if verb == "export" else [])]
     code, out, err = _in_process(argv, capsys)
@@ -570,14 +579,13 @@ def test_a_training_setting_given_to_a_verb_that_does_not_train_is_refused(verb:
     assert err == f"crossformer {verb}: error: {key} is a training setting, which {verb} does not read: leave it out\n"
 
 
-def test_evaluate_names_the_ema_flag_for_model_ema_and_takes_the_settings_it_reads(reference_dir: Path,
-                                                                                  capsys) -> None:
+def test_evaluate_names_the_ema_flag_for_model_ema_and_takes_the_settings_it_reads(tmp_path: Path, capsys) -> None:
     from crossformer.classification.config import ClassificationConfig
     from crossformer.commands.common import _refuse_training_settings
     from crossformer.detection.config import DetectionConfig
     from crossformer.segmentation.config import SegmentationConfig
 
-    argv = ["evaluate", "--config", "digits", "--checkpoint", str(reference_dir / "v1_cls.pth"), "model_ema=true"]
+    argv = ["evaluate", "--config", "digits", "--checkpoint", str(_weights_file(tmp_path)), "model_ema=true"]
     code, _, err = _in_process(argv, capsys)
     assert code == 2 and err.endswith("leave it out (--ema evaluates with a checkpoint's EMA weights)\n"), err
     # what the inference verbs read passes (the segmentor's input normalisation is in the pipeline section)
