@@ -159,18 +159,15 @@ def _unit_maps_kept(model: nn.Module, valid: SizeRange, height: int, width: int)
     example, whose last map is 2x1, a graph for last maps of that shape only; other models
     (CrossFormer++'s groups, ``max(h, w)``) keep serving the wider range."""
     core = _crossformer(model)
-    low_h, max_h, low_w, max_w = valid.min_height, valid.max_height, valid.min_width, valid.max_width
-    for s, (map_h, map_w) in enumerate(zip(_stage_sizes(core, height), _stage_sizes(core, width))):
+    sides = [[valid.min_height, valid.max_height], [valid.min_width, valid.max_width]]
+    for s, maps in enumerate(zip(_stage_sizes(core, height), _stage_sizes(core, width))):
         above_one = _first_input_where(core, s, lambda n: n > 1)  # the smallest side whose map here is 2 or more
-        if map_h == 1:
-            max_h = above_one - 1 if max_h is None else min(max_h, above_one - 1)
-        else:
-            low_h = max(low_h, above_one)
-        if map_w == 1:
-            max_w = above_one - 1 if max_w is None else min(max_w, above_one - 1)
-        else:
-            low_w = max(low_w, above_one)
-    return SizeRange(low_h, max_h, low_w, max_w)
+        for side, size in zip(sides, maps):
+            if size == 1:
+                side[1] = above_one - 1 if side[1] is None else min(side[1], above_one - 1)
+            else:
+                side[0] = max(side[0], above_one)
+    return SizeRange(*sides[0], *sides[1])
 
 
 def _check_size(model: nn.Module, height: int, width: int) -> None:

@@ -82,9 +82,10 @@ def load_classifier(
                              "pass --model NAME (and --model-arg KEY=VALUE for a non-standard size)")
     weights = extract_state_dict(state, use_ema=use_ema, source=str(checkpoint))
     head = weights.get("head.weight")
-    if head is None and dense_task(state) is not None:  # an mmdet / mmseg file's backbone has no classifier either
-        raise UserInputError(f"{checkpoint} holds a {dense_task(state)} model (its heads' weights say so), not a "
-                             f"classifier: pass its {dense_task(state)} config with --config NAME_OR_FILE")
+    dense = dense_task(state) if head is None else None
+    if dense is not None:  # an mmdet / mmseg file's backbone has no classifier either
+        raise UserInputError(f"{checkpoint} holds a {dense} model (its heads' weights say so), not a classifier: "
+                             f"pass its {dense} config with --config NAME_OR_FILE")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
     settings = {**recorded, **(model_kwargs or {})}

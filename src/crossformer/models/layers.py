@@ -51,7 +51,8 @@ __all__ = [
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
-    "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices", "cross_scale_inference", "merged_kernel_choices",
+    "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices",
+    "cross_scale_inference", "merged_kernel_choices",
 ]
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None

@@ -230,8 +230,8 @@ class SegmentationConfig(EngineConfig):
     2 per GPU on 8 GPUs, 16 images per step)."""
 
     alternatives = (*DENSE_ALTERNATIVES, *DATA_ALTERNATIVES)
-    # not the pipeline's normalisation (every verb's input contract), its crop size (export's
-    # default example) or the training folders (flops counts the heads for their classes)
+    # not the pipeline's normalisation (every verb's input contract) or the training folders
+    # (flops counts the heads for their classes)
     training_only = (
         *EngineConfig.training_only, "model.drop_path", "model.pretrained", "model.init_from", "pipeline.scale",
         "pipeline.ratio_range", "pipeline.cat_max_ratio", "pipeline.flip_prob", "pipeline.photometric",
