@@ -255,6 +255,26 @@ def test_predict_and_training_take_ones_own_class_colours(run: dict[str, Path], 
     assert build_datasets(config.data, training=False)[1].palette == [tuple(c) for c in colours]
 
 
+def test_predict_takes_class_names_from_data_classes(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # data.classes was refused with "the folder layout needs data.val_images, data.val_labels and
+    # data.classes": the names of an mmseg file (it records none) could not be given
+    image = sorted((run["data"] / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[0]
+    argv = ["predict", str(image), "--checkpoint", str(run["checkpoint"]), "--output", str(tmp_path), "--json"]
+    assert main([*argv]) == 0
+    recorded = json.loads(capsys.readouterr().out)["classes"]
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"Class {i}\n" for i in range(7)))
+    assert main([*argv, f"data.classes={names}"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    from crossformer.segmentation.commands import load_segmentor
+    from crossformer.engine.registry import resolve_config
+
+    _, checkpoint = load_segmentor(resolve_config(str(run["config"])).config, run["checkpoint"])
+    order = checkpoint["meta"]["classes"]
+    assert line["classes"] == [f"Class {order.index(name)}" for name in recorded]
+    _one_line_error(capsys, [*argv, "data.classes=[a,b]"], "data.classes names 2 classes but", "predicts 7")
+
+
 def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> None:
     capsys.readouterr()
     assert main(["flops", "--config", "upernet_crossformer_small", "--json"]) == 0

@@ -54,7 +54,8 @@ _DATA_KEYS = ("data.root", "data.val_images", "data.val_labels", "data.classes",
               "data.label_suffix", "data.label_colours", "data.ignore_colours", "data.skip_corrupt")
 _RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
 _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
-_PREDICT_KEYS = (*_MODEL_KEYS, "data.palette", "data.label_colours", "data.skip_corrupt", "test", *_RUN_KEYS)
+_PREDICT_KEYS = (*_MODEL_KEYS, "data.classes", "data.palette", "data.label_colours", "data.skip_corrupt", "test",
+                 *_RUN_KEYS)
 
 
 def _describe(segmentor: dict[str, Any]) -> str:
@@ -213,6 +214,17 @@ def _labels_of(checkpoint: dict[str, Any], num_classes: int) -> tuple[list[str],
     return list(names), palette, reduce
 
 
+def _given_names(classes: str | tuple[str, ...], num_classes: int, checkpoint: str) -> list[str]:
+    """``data.classes``'s names (a file or the names), one for each of the segmentor's classes."""
+    from ..data import load_class_list
+
+    names = load_class_list(classes)
+    if len(names) != num_classes:
+        raise UserInputError(f"data.classes names {len(names)} classes but {checkpoint} predicts {num_classes}: give one "
+                             "name for each, in the order of the model's outputs")
+    return names
+
+
 def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     from ..engine import resolve_precision
     from ..engine.distributed import resolve_device
@@ -226,6 +238,8 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     segmentor.to(device)
     names, palette, reduce = _labels_of(checkpoint, segmentor.num_classes)
     data = config.data
+    if data.classes is not None:  # names for a file that records none, or others for the same classes
+        names = _given_names(data.classes, segmentor.num_classes, args.checkpoint)
     for key, colours in (("data.palette", data.palette), ("data.label_colours", data.label_colours)):
         if colours is not None:  # given here (at most one of them), it replaces the checkpoint's colours
             palette = class_colours(colours, len(names), key)

@@ -109,7 +109,9 @@ class SegDataConfig:
 
     @property
     def given(self) -> bool:
-        return self.root is not None or any(f is not None for f in self.folders)
+        """Whether images are named: ``root`` or a folder (``classes`` alone names only classes,
+        which predict reads)."""
+        return self.root is not None or any(f is not None for f in self.folders[:4])
 
     def known_classes(self) -> int | None:
         """The class count training on this data finds, where it is known without opening an
@@ -137,7 +139,7 @@ class SegDataConfig:
         if self.root is not None and any(f is not None for f in self.folders):  # one layer set both
             raise UserInputError("data: give either data.root (ADE20K layout) or the image/label folders, not both")
         # evaluation reads the validation folders alone; training needs its own too (check_training_folders)
-        if self.root is None and any(f is not None for f in self.folders) and None in self.folders[2:]:
+        if self.root is None and self.given and None in self.folders[2:]:
             raise UserInputError("data: the folder layout needs data.val_images, data.val_labels and data.classes")
 
     def check_training_folders(self) -> None:
