@@ -207,6 +207,24 @@ def test_convert_takes_its_output_as_an_argument_an_option_or_beside_the_checkpo
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
 
 
+def test_convert_warns_of_a_file_without_a_crossformer(tmp_path, capsys):
+    # a file of tensors that is no model (a reference's inputs and logits) was converted without a word
+    from crossformer.cli import main
+
+    for name, weights in (("tensors", {"x": torch.zeros(2, 3), "logits": torch.ones(2)}),
+                          ("classifier", CrossFormer(**TINY).state_dict()),
+                          ("dense", {f"backbone.{k}": v for k, v in CrossFormer(**TINY).state_dict().items()})):
+        torch.save(weights, tmp_path / f"{name}.pt")
+        assert main(["convert", str(tmp_path / f"{name}.pt")]) == 0
+        err = capsys.readouterr().err
+        if name == "tensors":
+            assert err == (f"warning: {tmp_path / 'tensors.pt'} holds no CrossFormer weights (its tensors: x, logits); "
+                           "written as they are\n"), err
+        else:
+            assert err == "", (name, err)
+        assert (tmp_path / f"{name}.safetensors").is_file()
+
+
 def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detector(tmp_path: Path) -> None:
     # the authors' mmseg file under a detection config was "an ImageNet or backbone checkpoint: pass
     # it to crossformer train --pretrained", and under a classification config "backbone-only"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -33,6 +34,7 @@ def output_path(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     from crossformer.models import convert_to_safetensors
 
-    path = convert_to_safetensors(args.checkpoint, output_path(args), use_ema=args.ema)
+    path = convert_to_safetensors(args.checkpoint, output_path(args), use_ema=args.ema,
+                                  note=lambda message: print(f"warning: {message}", file=sys.stderr))
     print(f"wrote {path}")
     return 0

@@ -564,14 +564,21 @@ def save_safetensors(
     return write_atomic(path, lambda file: file.write(save(tensors, metadata=metadata)))
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path, use_ema: bool = False) -> Path:
+def convert_to_safetensors(
+    src: str | Path, dst: str | Path, use_ema: bool = False, note: Callable[[str], None] | None = None
+) -> Path:
     """Write the model weights of any readable checkpoint as a ``.safetensors`` file, with
-    what the checkpoint records about its model (:func:`checkpoint_description`) in its metadata."""
+    what the checkpoint records about its model (:func:`checkpoint_description`) in its metadata.
+    ``note`` hears when the tensors hold no CrossFormer (e.g. a file of test inputs)."""
     from ..atomic import check_output_path
 
     check_output_path(dst, inputs=(src,))
     checkpoint = read_checkpoint(src)
     weights = extract_state_dict(checkpoint, use_ema=use_ema, source=str(src))
+    # every CrossFormer, classifier or dense backbone, starts with its cross-scale patch embedding
+    if note is not None and not any(key.startswith("patch_embed.") or ".patch_embed." in key for key in weights):
+        shown = ", ".join(list(weights)[:3]) + (", ..." if len(weights) > 3 else "")
+        note(f"{src} holds no CrossFormer weights (its tensors: {shown}); written as they are")
     return save_safetensors(weights, dst, checkpoint_description(checkpoint))
 
 
