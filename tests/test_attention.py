@@ -78,10 +78,17 @@ def test_paths_chosen() -> None:
     assert biased_attention(*doubled, scale=scale).dtype == torch.float64
 
 
-def test_double_backward_is_refused() -> None:
-    """Gradients of gradients are not supported by the CPU training path: an error, not a wrong value."""
-    inputs = _inputs(2, 2, 16, 8, padded=False, contiguous=True)
-    out = biased_attention(*inputs, scale=8**-0.5)
-    grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grads[0].sum().backward()
+def test_double_backward_equals_the_explicit_formulas() -> None:
+    """Gradients of gradients (gradient penalties, Hessian-vector products) through the CPU
+    training path: those of the explicit formula (it refused them: "once_differentiable").
+    A mask that needs no gradient goes to torch's SDPA, which has no double backward."""
+    results = []
+    for fused in (True, False):
+        inputs = _inputs(2, 2, 16, 8, padded=True, contiguous=False)
+        out = biased_attention(*inputs, scale=8**-0.5, fused=fused)
+        assert ("BiasedAttentionCPU" in type(out.grad_fn).__name__) == fused
+        grads = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)
+        penalty = grads[0].square().sum()
+        results.append(torch.autograd.grad(penalty, inputs))
+    for fused, explicit in zip(*results):
+        torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)

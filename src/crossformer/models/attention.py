@@ -39,7 +39,6 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .layers import alternative_wins, capturing_graph, may_time, seconds
 
@@ -94,9 +93,10 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out: torch.Tensor):
         qkv, mask, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the explicit formula's gradients, with their graph
+            return (*_gradients_with_graph(qkv, mask, ctx.scale, grad_out, ctx.needs_input_grad[:2]), None)
         dtype = qkv.dtype
         qkv, mask, out, grad_out = (t.float() for t in (qkv, mask, out, grad_out))  # no-ops in fp32
         q, k, v = qkv.unbind(0)
@@ -240,6 +240,18 @@ def _bf16_cpu_inference_applies(qkv: torch.Tensor, mask: torch.Tensor, dropout_p
     )
 
 
+def _gradients_with_graph(
+    qkv: torch.Tensor, mask: torch.Tensor, scale: float, grad_out: torch.Tensor, needed: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`_explicit` for ``qkv`` and ``mask`` where ``needed``, as
+    differentiable tensors (a double backward: gradient penalties, Hessian-vector products)."""
+    q, k, v = qkv.unbind(0)
+    out = _explicit(q, k, v, mask, scale, 0.0)
+    inputs = [t for t, wanted in zip((qkv, mask), needed) if wanted]
+    grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+    return tuple(next(grads) if wanted else None for wanted in needed)
+
+
 def attention_choices() -> dict[tuple, str]:
     """Per shape class ``(dtype, threads, M, N, d)`` of CPU bf16 inference attention so far in
     this process: how it runs (:data:`FUSED`, :data:`CHUNKS` or :data:`CHUNKS_FLOAT32_SOFTMAX`)."""
@@ -277,6 +289,8 @@ def biased_attention(
     if not torch.jit.is_scripting():  # alone in its test: TorchScript then compiles nothing below it
         if _bf16_cpu_inference_applies(qkv, mask, dropout_p):
             return _cpu_bf16_inference(qkv, mask, scale)
+        if torch._C._are_functorch_transforms_active():  # fused SDPA cannot differentiate its mask
+            return _explicit(q, k, v, mask, scale, dropout_p)
     # torch.jit.trace checks its graph by tracing again under no_grad: one path in both modes
     if not mask_grad or qkv.device.type != "cpu" or torch.jit.is_tracing():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

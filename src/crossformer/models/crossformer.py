@@ -51,6 +51,7 @@ from .layers import (
     call_linear,
     capturing_graph,
     hooked,
+    hooked_within,
     plain_linear,
     state_without,
     unaltered,
@@ -344,6 +345,7 @@ class GroupAttention(nn.Module):
             not self.training
             and not torch.is_grad_enabled()
             and not capturing_graph()
+            and not hooked_within(self.pos)  # a hook may change the bias, and may be removed
         )
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
@@ -541,8 +543,10 @@ class CrossFormerBlock(nn.Module):
     def _attention_residual(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """``x + drop_path(attn(norm1(x)))`` for ``x`` ``(B, H, W, C)``."""
         if not torch.jit.is_scripting():  # TorchScript compiles only the map-order path
+            # the attention itself (no hook, subclass or replacement: it is not called here), and
             # hooks on the linears see maps, as they do on every other path
-            if groups_tile_map(x, layout) and plain_linear(self.attn.qkv) and plain_linear(self.attn.proj):
+            if (groups_tile_map(x, layout) and unaltered(self.attn, GroupAttention) and plain_linear(self.attn.qkv)
+                    and plain_linear(self.attn.proj)):
                 # the attention's output added in group order: no copy back to map order
                 in_map, in_groups = ungrouped_view(x, self.attn.forward_groups(self.norm1(x), layout), layout)
                 return self.drop_path(in_map, in_groups).view(x.shape)
@@ -552,10 +556,10 @@ class CrossFormerBlock(nn.Module):
         """``x + drop_path(mlp(norm2(x)))`` for ``x`` ``(B, H, W, C)``; written into ``out``
         (contiguous, ``x``'s shape) where given, by :meth:`forward_into` only."""
         if not torch.jit.is_scripting():
-            # our own per-token MLP only, no hook on it or its norm (a hook sees maps, as on every
+            # our own per-token MLP only, no hook in it or on its norm (a hook sees maps, as on every
             # other path), and a residual that is a plain add (no drop path drawn per image)
             rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if type(self.mlp) is GeluMlp else 0
-            if rows and self.drop_path.adds_plainly() and not hooked(self.mlp) and not hooked(self.norm2):
+            if rows and self.drop_path.adds_plainly() and not hooked_within(self.mlp) and not hooked(self.norm2):
                 # the hidden activations of a chunk stay in cache
                 flat = x.reshape(-1, x.shape[-1])
                 dest = torch.empty_like(flat) if out is None else out.view(flat.shape)
@@ -651,7 +655,8 @@ class CrossFormerStage(nn.Module):
                     x = grad_checkpoint(block, x)
                 return self.output(x)
             chunks = _inference_chunks(x, self.mlp_hidden)
-            if chunks > 1 and len(self.blocks):  # sizes as even as can be
+            # sizes as even as can be; not where a hook would see parts of the batch
+            if chunks > 1 and len(self.blocks) and not hooked_within(self.blocks):
                 return self.output(self._in_chunks(x, chunks))
         return self.output(self.blocks(x))
 
@@ -662,7 +667,7 @@ class CrossFormerStage(nn.Module):
         than concatenating the parts (1% of crossformer_tiny's float32 inference)."""
         blocks = list(self.blocks)
         last = blocks[-1]
-        if hooked(self.blocks) or not isinstance(last, CrossFormerBlock) or not last.writes_into():
+        if not isinstance(last, CrossFormerBlock) or not last.writes_into():
             return torch.cat([self.blocks(part) for part in x.tensor_split(chunks)])
         out: torch.Tensor | None = None
         start = 0

@@ -42,7 +42,6 @@ import torch.nn.modules.module as module_hooks
 from timm.layers import Mlp
 from timm.models import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -50,7 +49,7 @@ __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
-    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "plain_linear", "call_linear",
+    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "hooked_within", "plain_linear", "call_linear",
     "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices",
     "cross_scale_inference", "merged_kernel_choices",
 ]
@@ -80,7 +79,8 @@ _BF16_GEMM = _LINEAR_POINTWISE is not None and cpu_has_bf16_kernels()
 def capturing_graph() -> bool:
     """Whether ``torch.jit.trace``, ``torch.fx`` symbolic tracing, ``torch.compile`` or
     ``torch.export`` is recording the model, or a ``torch.func`` transform (``grad``,
-    ``vmap``, ``jacrev``, ...) is running it.
+    ``vmap``, ``jacrev``, ...) or forward-mode AD (``torch.autograd.forward_ad.dual_level``)
+    is running it.
 
     The eager-only fast paths and caches of this package step aside then: a recorded graph
     must hold plain, traceable ops and no tensors cached from an earlier call, and a
@@ -93,6 +93,7 @@ def capturing_graph() -> bool:
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0  # dual tensors: ops with forward derivatives
     )
 
 
@@ -214,6 +215,13 @@ def hooked(module: nn.Module) -> bool:
         or module_hooks._global_backward_hooks
         or module_hooks._global_backward_pre_hooks
     )
+
+
+def hooked_within(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs a hook anywhere inside it (:func:`hooked` of it or of any
+    submodule): a fast path that splits its input or caches a submodule's result must not then
+    (a hook would see parts, or be skipped)."""
+    return any(hooked(m) for m in module.modules())
 
 
 def state_without(state: dict, *caches: str) -> dict:
@@ -842,10 +850,14 @@ class _LargeKernelConvCPU(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
-    @once_differentiable  # double backward would need a graph of this backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.conv
+        if torch.is_grad_enabled():  # create_graph=True: aten's backward, which autograd differentiates again
+            return (*torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [weight.shape[0]], [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+                list(ctx.needs_input_grad[:3]),
+            ), None, None)
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
