@@ -316,6 +316,75 @@ def test_a_resumed_run_keeps_the_best_score_of_the_run_before(tmp_path: Path) ->
     assert load_training_state(tmp_path / "best.pth")["global_step"] == 6  # not replaced by the worse epoch
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
+    # the records of the updates after the checkpoint (a stop, a kill) were logged again by the
+    # resumed run: metrics.jsonl held step 5 twice; a line cut short by a kill stayed
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path / "run", epochs=2, save_every_steps=4), on_step_end=_stop_at(5))
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "epo')
+    train(FakeTask, fake_config(tmp_path / "run", epochs=2, resume="auto"))
+    train(FakeTask, fake_config(tmp_path / "clean", epochs=2))
+    assert _records(tmp_path / "run") == _records(tmp_path / "clean")
+
+
+def test_resuming_where_the_data_now_ends_earlier_restarts_the_epoch(tmp_path: Path) -> None:
+    # a checkpoint at batch 5 of 6, resumed on data of 4 batches an epoch: the epoch yielded no
+    # batch and never ended, at full CPU, deaf to Ctrl-C
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=2, save_every_steps=5), on_step_end=_stop_at(5))
+
+    def too_long(*_: object) -> None:
+        raise TimeoutError("the resumed run did not end")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(120)
+    try:
+        metrics = train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", **{"fake.samples": 16}))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert (metrics["epoch"], metrics["global_step"]) == (2, 8)  # two epochs of 4 updates
+    log = (tmp_path / "log.txt").read_text()
+    assert ("last.pth stopped at batch 5 of its epoch, which now has 4 (the training data changed): "
+            "restarting epoch 0 at update 0 of 8") in log
+
+
+def test_a_best_checkpoint_that_cannot_be_written_is_written_by_the_resumed_run(tmp_path: Path, monkeypatch) -> None:
+    # last.pth was written first, recording the epoch as the best: resumed, the run never wrote best.pth
+    from crossformer.atomic import OutputError
+    from crossformer.engine import trainer
+
+    save_atomic = trainer.save_atomic
+
+    def full_disk(state, path):
+        if Path(path).name == "best.pth" and state["global_step"] == 12:
+            raise OutputError(f"cannot write {path}: no space left on the device")
+        return save_atomic(state, path)
+
+    monkeypatch.setattr(trainer, "save_atomic", full_disk)
+    scores = {"fake.scores": [0.3, 0.9, 0.5]}
+    with pytest.raises(OutputError):
+        train(FakeTask, fake_config(tmp_path, epochs=3, **scores))
+    assert load_training_state(tmp_path / "last.pth")["global_step"] == 6  # the epoch before
+    monkeypatch.setattr(trainer, "save_atomic", save_atomic)
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=3, resume="auto", **{"fake.scores": [0.9, 0.5]}))
+    assert metrics["best_score"] == 0.9
+    best = load_training_state(tmp_path / "best.pth")
+    assert (best["global_step"], best["best_metric"]) == (12, 0.9)
+
+
+def test_a_folder_where_resume_auto_looks_for_last_pth_is_said_before_training(tmp_path: Path) -> None:
+    # it said "no last.pth yet, starting from scratch", trained, and failed at the first save
+    from crossformer.errors import CheckpointError
+
+    (tmp_path / "last.pth").mkdir()
+    with pytest.raises(CheckpointError, match=r"last.pth is a folder, not a checkpoint file$"):
+        train(FakeTask, fake_config(tmp_path, epochs=1, resume="auto"))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_the_weight_average_starts_from_the_weights_of_the_first_update(tmp_path: Path) -> None:
     # timm's ModelEmaV3 given the update count: the first update copies the weights (decay 0), so the
     # average never holds the untrained initial weights

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..atomic import OutputError, make_folder, output_error
+from ..atomic import OutputError, make_folder, output_error, write_text_atomic
 
 __all__ = ["RunLogger", "Progress", "SkippedFiles", "skipped_on_stderr", "MAX_NAMED_FILES"]
 
@@ -71,6 +71,25 @@ class RunLogger:
             else:
                 self._writer = SummaryWriter(str(make_folder(self.output_dir / "tensorboard")))
 
+    def resume_at(self, step: int) -> None:
+        """Forget the records of the steps after ``step`` (``metrics.jsonl`` and TensorBoard's):
+        a run resumed from a checkpoint at ``step`` writes them again (a stop or a kill after the
+        checkpoint had logged some already), and a line cut short by a kill goes too."""
+        if not self.enabled or self.output_dir is None:
+            return
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= step]
+            if kept != lines:
+                write_text_atomic(path, "".join(kept))
+        if self._writer is not None:  # TensorBoard drops its events from purge_step on
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._writer.log_dir
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir, purge_step=step + 1)
+
     def info(self, message: str, echo: bool = True) -> None:
         """``message`` on stdout (unless not ``echo``: errors the caller prints itself) and in ``log.txt``."""
         if not self.enabled:
@@ -117,6 +136,14 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; infinity for a line that is no whole record."""
+    try:
+        return float(json.loads(line)["step"]) if line.endswith("\n") else float("inf")
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class SkippedFiles:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..atomic import OutputError
+from ..checkpoint_files import checkpoint_file
 from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
 from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
@@ -215,9 +216,9 @@ class Trainer:
     def _write_checkpoints(self, state: dict[str, Any], best: bool) -> None:
         """Rank 0's ``state`` into ``last.pth``, and ``best.pth`` when ``best``; then a log file
         it could not write since (a full disk) stops the run, every rank agreeing here."""
-        self.last_checkpoint = str(save_atomic(state, self.output / LAST))
-        if best:
+        if best:  # first: a last.pth that records this epoch as the best one has its best.pth
             save_atomic(state, self.output / BEST)
+        self.last_checkpoint = str(save_atomic(state, self.output / LAST))
         try:
             self.log.raise_failure()
         except OutputError as err:  # the run stops here: say the checkpoint just written and how to go on
@@ -230,6 +231,8 @@ class Trainer:
         if not resume:
             return None
         path = self.output / LAST if resume == "auto" else Path(resume).expanduser()
+        if resume == "auto" and (path.exists() or path.is_symlink()):
+            checkpoint_file(path)  # a folder or special file there is said now, not at the first save
         if resume == "auto" and not path.is_file():
             self.log.info(f"resume=auto: no {path} yet, starting from scratch")
             return None
@@ -267,18 +270,25 @@ class Trainer:
             self.meters = dict(mine["meters"])
         saved_run, run = state.get("config", {}).get("run", {}), self.run_config
         saved_batch = (saved_run.get("batch_size", run.batch_size), saved_run.get("accum_steps", run.accum_steps))
-        if not same_ranks or saved_batch != (run.batch_size, run.accum_steps):
+        saved_ranks = int(state.get("world_size", 1))
+        written = None
+        if not same_ranks:
+            written = f"was written by {saved_ranks} process{'es' if saved_ranks > 1 else ''}"
+        elif saved_batch != (run.batch_size, run.accum_steps):
+            written = f"was written with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process"
+        elif self.batches_done >= self.batches_per_epoch:  # the epoch would yield no batch: the loop never ended
+            written = (f"stopped at batch {self.batches_done} of its epoch, which now has {self.batches_per_epoch} "
+                       "(the training data changed)")
+        if written is not None:
             # the checkpoint counted its batches and updates in another division of the epoch:
             # restart the epoch, and the schedule at this run's updates to it
             self.batches_done, self.meters = 0, {}
             if not run.by_iterations:
                 self.global_step = self.epoch * self.updates_per_epoch
-            saved_ranks = int(state.get("world_size", 1))
-            written = (f"by {saved_ranks} process{'es' if saved_ranks > 1 else ''}" if not same_ranks else
-                       f"with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process")
             if not self.finished:  # else "nothing to do" follows: no epoch restarts
-                self.log.info(f"{path} was written {written}: restarting epoch {self.epoch} "
+                self.log.info(f"{path} {written}: restarting epoch {self.epoch} "
                               f"at update {self.global_step} of {self.total_updates}")
+        self.log.resume_at(self.global_step)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _restore_run_counts(self, saved: dict[str, Any]) -> None:
