@@ -375,6 +375,16 @@ def test_a_best_checkpoint_that_cannot_be_written_is_written_by_the_resumed_run(
     assert (best["global_step"], best["best_metric"]) == (12, 0.9)
 
 
+def test_a_resume_that_regroups_the_parameters_names_that_setting_alone(tmp_path: Path) -> None:
+    # the refusal listed every changed setting, run.epochs among them, which a resume may change
+    from crossformer.errors import CheckpointError
+
+    train(FakeTask, fake_config(tmp_path, epochs=1))
+    with pytest.raises(CheckpointError) as caught:
+        train(FakeTask, fake_config(tmp_path, epochs=2, resume="auto", **{"optimizer.decay_1d": True}))
+    assert "other settings (optimizer.decay_1d True (was False)); use its settings" in str(caught.value)
+
+
 def test_a_folder_where_resume_auto_looks_for_last_pth_is_said_before_training(tmp_path: Path) -> None:
     # it said "no last.pth yet, starting from scratch", trained, and failed at the first save
     from crossformer.errors import CheckpointError

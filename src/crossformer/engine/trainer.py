@@ -52,11 +52,16 @@ _RUN_ONLY_SETTINGS = ("run.output", "run.resume", "run.overwrite", "run.num_work
                       "run.tensorboard", "run.device", "run.cpu_threads")
 
 
+# the optimizer settings that decide its parameter groups: changed, the saved state does not fit
+_GROUPING_SETTINGS = ("optimizer.no_decay_keys", "optimizer.decay_1d")
+
+
 def _unfitting(changed: list[str]) -> list[str]:
     """Of the settings a resumed run changed (``config_differences``), those that can make the
-    checkpoint's weights not fit: the ``model`` section's; all of them when it has none (an
-    optimizer setting that regroups the parameters). Run length and rates may change on resume."""
-    return [c for c in changed if c.startswith("model.")] or changed
+    checkpoint's weights or optimizer state not fit: the ``model`` section's, else the ones that
+    regroup the parameters, else all of them. Run length and rates may change on resume."""
+    return ([c for c in changed if c.startswith("model.")] or [c for c in changed if c.startswith(_GROUPING_SETTINGS)]
+            or changed)
 
 
 class RunInterrupted(Exception):
