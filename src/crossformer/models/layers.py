@@ -49,7 +49,8 @@ __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
     "saved_copy",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
-    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "hooked_within", "plain_linear", "call_linear",
+    "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "hooked_within", "plain_linear",
+    "call_linear",
     "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices",
     "cross_scale_inference", "merged_kernel_choices",
 ]
