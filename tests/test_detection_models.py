@@ -500,6 +500,31 @@ def test_bad_input_is_one_line_errors():
         detector(images, metas[:1])
 
 
+@pytest.mark.parametrize("kind", ["retinanet", "mask_rcnn"])
+def test_targets_and_metas_the_losses_would_misread_are_one_line(kind: str) -> None:
+    # RetinaNet trained a label -1 as the last class; 5 was an IndexError deep in a head, float
+    # labels torch's "expected target dtype", a missing mask or scale_factor a KeyError
+    detector = _tiny(kind).train()
+    images, metas, targets = _batch()
+
+    def refused(changed_target: dict | None, message: str, changed_metas=metas) -> None:
+        changed = [changed_target, targets[1]] if changed_target is not None else targets
+        with pytest.raises(UserInputError, match=message):
+            detector(images, changed_metas, changed)
+
+    refused({**targets[0], "labels": torch.tensor([1, -1])}, r"^target 0: labels must be in 0\.\.4 .*, got -1$")
+    refused({**targets[0], "labels": torch.tensor([1, 5])}, r"^target 0: labels must be in 0\.\.4 .*, got 5$")
+    refused({**targets[0], "labels": torch.tensor([1.0, 3.0])}, r"labels must be integer class indices .*float32$")
+    refused({**targets[0], "boxes": targets[0]["boxes"][:, :3]}, r"boxes must be \(N, 4\) and labels \(N,\)")
+    refused(None, r"^image meta 1 has no img_shape", [metas[0], {}])
+    if kind == "mask_rcnn":
+        refused({"boxes": targets[0]["boxes"], "labels": targets[0]["labels"]}, r"^target 0 has no masks")
+        refused({**targets[0], "masks": targets[0]["masks"][:1]}, r"^target 0: 1 masks for 2 boxes$")
+    detector.eval()
+    with torch.no_grad(), pytest.raises(UserInputError, match=r"^image meta 0 has no scale_factor"):
+        detector(images, [{"img_shape": (H, W), "ori_shape": (H, W)}, metas[1]])
+
+
 # Checkpoints -------------------------------------------------------------------------
 
 def _mmdet_file(detector, path, classes=80):

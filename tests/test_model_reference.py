@@ -115,3 +115,20 @@ def test_bad_input_is_one_clear_error(shape, message) -> None:
     with pytest.raises(ValueError, match=message) as info:
         model(torch.randn(*shape))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "pil", "uint8"])
+def test_images_that_are_no_float_tensor_are_one_clear_error(kind: str) -> None:
+    # a NumPy array failed 13 frames deep ("'str' object has no attribute 'type'"), a uint8 tensor
+    # in a convolution ("Input type (unsigned char) and bias type (float) should be the same")
+    import numpy as np
+    from PIL import Image
+
+    model = CrossFormer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=3)
+    images = {"numpy": np.zeros((1, 3, 64, 64), np.float32), "pil": Image.new("RGB", (64, 64)),
+              "uint8": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)}[kind]
+    expected = "takes floating-point images, got torch.uint8" if kind == "uint8" else "takes images as a torch.Tensor"
+    for call in (model, model.forward_intermediates):
+        with pytest.raises(TypeError, match=expected) as info:
+            call(images)
+        assert "\n" not in str(info.value)

@@ -243,3 +243,15 @@ def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detecto
     with pytest.raises(UserInputError, match=r"upernet.pth holds a segmentation model \(its heads' weights say so\), "
                                              r"not a classifier: pass its segmentation config with --config"):
         load_classifier(segmentor, "crossformer_tiny", model_kwargs=TINY_MODEL)
+    # and the authors' mmdet file into a segmentor: "a backbone (ImageNet) checkpoint: give it as
+    # pretrained_backbone", which then refused it as a whole detector
+    from crossformer import load_checkpoint
+    from crossformer.errors import CheckpointError
+    from crossformer.segmentation import build_segmentor
+
+    detector = tmp_path / "mask_rcnn.pth"
+    torch.save({"state_dict": {**backbone, "rpn_head.rpn_cls.weight": torch.zeros(3, 8, 1, 1)}}, detector)
+    built = build_segmentor("upernet", "crossformer_tiny", 3, TINY_MODEL, channels=8, aux_channels=8)
+    with pytest.raises(CheckpointError, match=r"^.*mask_rcnn.pth holds a detection model \(its heads' weights say so\), "
+                                              r"not a segmentor: give a segmentation model$"):
+        load_checkpoint(built, detector)

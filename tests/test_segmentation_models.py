@@ -142,6 +142,9 @@ def test_losses_and_training_step(kind: str) -> None:
 
     with pytest.raises(crossformer.errors.UserInputError, match=r"outside 0\.\.3 and 255 \(ignore\), e\.g\. 7"):
         segmentor.losses(images, torch.where(labels == 2, 7, labels))
+    # float labels were truncated (3.7 trained as 3), a float mask in 0..1 as class 0
+    with pytest.raises(crossformer.errors.UserInputError, match=r"labels must be integer class indices .* torch\.float32$"):
+        segmentor.losses(images, labels.float() + 0.7)
 
     segmentor.train()
     losses = segmentor.losses(images, labels)

@@ -46,6 +46,40 @@ def _rescale(result: dict[str, torch.Tensor], meta: Meta) -> dict[str, torch.Ten
     return {**result, "boxes": result["boxes"] / scale}
 
 
+def _check_metas(metas: Sequence[Meta], keys: tuple[str, ...]) -> None:
+    """A one-line error for an image meta without one of ``keys`` (the module docstring's fields)."""
+    for i, meta in enumerate(metas):
+        missing = [key for key in keys if key not in meta]
+        if missing:
+            raise UserInputError(f"image meta {i} has no {', '.join(missing)}: give each image's {', '.join(keys)} "
+                                 f"(img_shape (h, w) after resizing, ori_shape (H0, W0), scale_factor (w/W0, h/H0))")
+
+
+def _check_targets(targets: Sequence[Mapping[str, torch.Tensor]], batch: int, num_classes: int, masks: bool) -> None:
+    """A one-line error for training targets the losses would misread: per image ``boxes``
+    (N, 4), ``labels`` (N,) integers in ``0..num_classes-1`` (a -1 indexed the last class) and,
+    for mask models, ``masks`` (N, H, W)."""
+    if len(targets) != batch:
+        raise UserInputError(f"{len(targets)} targets for a batch of {batch} images")
+    needed = ("boxes", "labels", "masks") if masks else ("boxes", "labels")
+    for i, target in enumerate(targets):
+        missing = [key for key in needed if key not in target]
+        if missing:
+            raise UserInputError(f"target {i} has no {', '.join(missing)}: give {', '.join(needed)} for each image")
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+            raise UserInputError(f"target {i}: boxes must be (N, 4) and labels (N,), got {tuple(boxes.shape)} and "
+                                 f"{tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise UserInputError(f"target {i}: labels must be integer class indices (int64), got {labels.dtype}")
+        outside = (labels < 0) | (labels >= num_classes)
+        if outside.any():
+            raise UserInputError(f"target {i}: labels must be in 0..{num_classes - 1} (the detector's classes), got "
+                                 f"{labels[outside][0].item()}")
+        if masks and len(target["masks"]) != len(boxes):
+            raise UserInputError(f"target {i}: {len(target['masks'])} masks for {len(boxes)} boxes")
+
+
 class Detector(nn.Module):
     """Backbone + FPN; subclasses add the heads."""
 
@@ -75,7 +109,10 @@ class Detector(nn.Module):
         if self.training:
             if targets is None:
                 raise UserInputError(f"{self.kind} in training mode needs targets; call .eval() to predict")
+            _check_metas(metas, ("img_shape",))
+            _check_targets(targets, images.shape[0], self.num_classes, self.has_masks)
             return self.losses(self.extract(images), metas, targets)
+        _check_metas(metas, ("img_shape", "ori_shape", "scale_factor"))
         return self.predict(self.extract(images), metas)
 
     def losses(self, features, metas, targets) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract

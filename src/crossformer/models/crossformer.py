@@ -687,7 +687,18 @@ class CrossFormerStage(nn.Module):
 
 @register_notrace_function  # FX: checks the actual input at run time
 def check_input(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ``ValueError`` that says what to fix unless ``x`` is ``(B, in_chans, >=32, >=32)``."""
+    """Raise a ``ValueError`` (``TypeError`` for what is no floating-point tensor) that says what
+    to fix unless ``x`` is ``(B, in_chans, >=32, >=32)``."""
+    if not isinstance(x, torch.Tensor):  # a NumPy array failed deep inside, on its string device
+        raise TypeError(
+            f"CrossFormer takes images as a torch.Tensor shaped (batch, {in_chans}, height, width), got "
+            f"{type(x).__name__}: convert it first (torch.from_numpy, or torchvision's transforms for an image)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"CrossFormer takes floating-point images, got {x.dtype}: convert them (x.float() / 255, then "
+            f"normalise with the model's mean and std)"
+        )
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f"CrossFormer expects images shaped (batch, {in_chans}, height, width), got {tuple(x.shape)}"

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import _RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, split_class_layers, weights_entry
+from ..models.weights import (_RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, dense_task, split_class_layers,
+                              weights_entry)
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -89,6 +90,9 @@ def load_segmentor_state(
     state = segmentor_weights(checkpoint, source, use_ema)
     kind = checkpoint_kind(state)
     if kind is None:
+        if dense_task(checkpoint) == "detection":  # the authors' mmdet files record no task
+            raise CheckpointError(f"{source} holds a detection model (its heads' weights say so), not a segmentor: "
+                                  f"give a segmentation model")
         if any(key.startswith(("patch_embed.", "layers.", "backbone.model.")) for key in state):
             raise CheckpointError(
                 f"{source} is a backbone (ImageNet) checkpoint without segmentation heads: "

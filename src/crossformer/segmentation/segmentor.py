@@ -96,6 +96,8 @@ class Segmentor(nn.Module):
                 f"labels must be shaped (batch, height, width) with batch {images.shape[0]}, "
                 f"got {tuple(labels.shape)}"
             )
+        if labels.is_floating_point() or labels.dtype == torch.bool:  # float labels were truncated silently
+            raise UserInputError(f"labels must be integer class indices (int64, {IGNORE_INDEX} = ignore), got {labels.dtype}")
         outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))
         if outside.any():  # on GPU this would be a device-side assert, far from the cause
             raise UserInputError(
