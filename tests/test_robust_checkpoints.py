@@ -255,3 +255,20 @@ def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detecto
     with pytest.raises(CheckpointError, match=r"^.*mask_rcnn.pth holds a detection model \(its heads' weights say so\), "
                                               r"not a segmentor: give a segmentation model$"):
         load_checkpoint(built, detector)
+
+
+def test_weights_of_another_model_name_it_in_one_line(tmp_path: Path) -> None:
+    # load_checkpoint listed every missing, unexpected and mis-shaped key (3,000 characters on four
+    # lines) and never said which model the weights are, which timm's pretrained path says
+    from crossformer import load_checkpoint
+
+    path = tmp_path / "run.pth"
+    torch.save({"model": CrossFormer(**TINY).state_dict(), "model_name": "crossformer_tiny", "model_kwargs": TINY}, path)
+    other = CrossFormer(**{**TINY, "embed_dim": 2 * TINY["embed_dim"]})
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(other, path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path} does not fit this model (wrong shape: ")
+    arguments = ", ".join(f"{key}={value!r}" for key, value in TINY.items())
+    assert message.endswith(f"the weights are crossformer_tiny with {arguments}: create crossformer_tiny with those "
+                            "settings"), message

@@ -107,3 +107,25 @@ def test_cli_traced_crossformer_tiny(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["macs"] == 2_858_292_352  # the official counter's 2.9G (spec section 7)
     assert abs(result["traced_macs"] / result["macs"] - 1) < 0.02, result
+
+
+def test_the_dense_counters_refuse_small_images_and_the_other_tasks_model() -> None:
+    # a 16x16 image was a ZeroDivisionError in the grouping, a segmentor given to detector_flops an
+    # AttributeError from inside torchvision
+    from crossformer.detection import build_detector
+    from crossformer.detection.flops import detector_flops
+    from crossformer.segmentation import build_segmentor
+    from crossformer.segmentation.flops import segmentor_flops
+
+    tiny = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    detector = build_detector("retinanet", num_classes=3, backbone_kwargs=tiny)
+    segmentor = build_segmentor("fpn", "crossformer_tiny", 3, tiny, channels=8)
+    for count, model in ((detector_flops, detector), (segmentor_flops, segmentor)):
+        with pytest.raises(ValueError, match=r"^CrossFormer needs images of at least 32x32 pixels, got 16x24"):
+            count(model, 16, 24)
+    with pytest.raises(TypeError, match=r"^detector_flops counts a detector \(build_detector\), got Segmentor$"):
+        detector_flops(segmentor, 64, 64)
+    with pytest.raises(TypeError, match=r"^segmentor_flops counts a segmentor \(build_segmentor\), got RetinaNet$"):
+        segmentor_flops(detector, 64, 64)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        analytic_macs(CrossFormer(**tiny), 224, 31)

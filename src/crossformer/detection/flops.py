@@ -61,6 +61,10 @@ def count_layer_macs(module: nn.Module, *inputs: Any) -> int:
 def detector_flops(detector: nn.Module, height: int = 800, width: int = 1280) -> dict[str, int]:
     """``{"params": ..., "macs": ...}`` of one ``height x width`` image (sides multiples of 32)."""
     from .cascade import CascadeRoIHead
+    from .detectors import Detector
+
+    if not isinstance(detector, Detector):
+        raise TypeError(f"detector_flops counts a detector (build_detector), got {type(detector).__name__}")
 
     params = count_params(detector)
     macs = dense_backbone_macs(detector.backbone, height, width)

@@ -132,7 +132,7 @@ def _with_weights(cfg: PretrainedCfg, checkpoint: Mapping[str, Any], overlay: di
     return dataclasses.replace(cfg, **described)
 
 
-def _recorded_model_hint(checkpoint: Mapping[str, Any], variant: str) -> str:
+def recorded_model_hint(checkpoint: Mapping[str, Any], variant: str) -> str:
     """What to build for weights that do not fit ``variant`` as asked: the model and settings
     the checkpoint records (ours) or the registered variant they fit ("" if neither is known)."""
     name, settings = recorded_model(checkpoint)
@@ -229,7 +229,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 **arch,
             )
     except CheckpointError as err:
-        hint = _recorded_model_hint(checkpoint, variant) if checkpoint is not None else ""
+        hint = recorded_model_hint(checkpoint, variant) if checkpoint is not None else ""
         if not hint:
             raise
         raise CheckpointError(f"{hint} ({err})") from None

@@ -459,6 +459,12 @@ def load_state(
     except CheckpointError:
         dense = dense_task(checkpoint)
         if dense is None:
+            from .variants import recorded_model_hint
+
+            hint = recorded_model_hint(checkpoint, "")  # the model the weights are, where it is known
+            if hint:  # in one line, not every key listed
+                raise CheckpointError(f"{path} does not fit this model ({first_differences(state, expected)}); "
+                                      f"{hint}") from None
             raise
         # the authors' mmdet / mmseg files record no task: their heads say what they are, in
         # one line rather than every key of the model listed as missing

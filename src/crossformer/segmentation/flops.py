@@ -97,6 +97,8 @@ def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) 
     ``params`` counts every parameter (auxiliary head included, as the authors' table);
     ``macs = backbone_macs + head_macs`` in the authors' convention (module docstring).
     """
+    if not isinstance(segmentor, Segmentor):
+        raise TypeError(f"segmentor_flops counts a segmentor (build_segmentor), got {type(segmentor).__name__}")
     backbone = segmentor.backbone.model
     if not isinstance(backbone, CrossFormer):
         raise UserInputError(f"FLOPs are counted for CrossFormer backbones only, not {type(backbone).__name__}")
