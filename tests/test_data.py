@@ -351,3 +351,23 @@ def test_randaugment_posterize_at_zero_bits_gives_black_not_an_error() -> None:
     random.seed(0)
     for _ in range(300):
         assert transform(image).shape == (3, 32, 32)
+
+
+def test_names_beyond_ascii_are_drawn_with_a_font_that_has_their_letters() -> None:
+    # Pillow's default font drew "grün" as "gr□n" in predict's captions and legends
+    from PIL import Image, ImageFont
+
+    from crossformer.data.draw import _unicode_font, draw_boxes, draw_legend, label_font
+
+    font = _unicode_font(11)
+    if font is None:
+        pytest.skip("no TrueType font with glyphs beyond ASCII on this system")
+    assert label_font(["grün box 0.93", "road"]) is font
+    assert label_font(["road way"]).getname() == ImageFont.load_default().getname()  # ASCII: as before
+    missing = np.asarray(font.getmask("\U0010fffd"))  # a code point no font draws: its empty box
+    assert not np.array_equal(np.asarray(font.getmask("ü")), missing)
+    image = Image.new("RGB", (120, 80))
+    drawn = {text: np.asarray(draw_boxes(image, np.array([[10.0, 30.0, 90.0, 70.0]]), [text], [(255, 0, 0)]))
+             for text in ("gr\u00fcn", "gr\U0010fffdn")}
+    assert not np.array_equal(*drawn.values())
+    assert draw_legend(image, [("grün", (255, 0, 0))]).size[0] >= image.size[0]

@@ -7,7 +7,8 @@ legend. Everything takes and returns PIL RGB images; masks are boolean numpy arr
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+import functools
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -70,6 +71,37 @@ def overlay_masks(image: Image.Image, masks: np.ndarray, colours: Sequence[Colou
     return Image.fromarray(pixels)
 
 
+# TrueType fonts with glyphs beyond ASCII, by file name (ImageFont.truetype looks in the system's
+# font folders): Linux's DejaVu and Noto, macOS's and Windows' Arial Unicode and Arial
+UNICODE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arialuni.ttf", "Arial.ttf", "arial.ttf")
+
+
+@functools.lru_cache(maxsize=16)
+def _unicode_font(size: int) -> ImageFont.FreeTypeFont | None:
+    for name in UNICODE_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return None
+
+
+def label_font(texts: Iterable[str], size: int | None = None) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A font for drawing ``texts``: Pillow's default (``size`` where it scales), or, where a
+    text holds characters beyond ASCII (class names such as "grün" or "猫", which the default
+    font draws as empty boxes), the first of :data:`UNICODE_FONTS` this system has."""
+    if not all(text.isascii() for text in texts):
+        font = _unicode_font(size or 11)
+        if font is not None:
+            return font
+    if size is None:
+        return ImageFont.load_default()
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed bitmap font
+        return ImageFont.load_default()
+
+
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: Colour,
              font: ImageFont.ImageFont, image_size: tuple[int, int]) -> None:
     """``text`` on a filled label in ``colour``, above ``xy`` when it fits, else below it."""
@@ -87,7 +119,7 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, captions: Sequence[str], c
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     width = width or max(1, round(min(image.size) / 250))
-    font = ImageFont.load_default()
+    font = label_font(captions)
     for box, caption, colour in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), captions, colours):
         x1, y1, x2, y2 = box.tolist()
         draw.rectangle((x1, y1, max(x2, x1), max(y2, y1)), outline=colour, width=width)
@@ -110,11 +142,8 @@ def draw_legend(image: Image.Image, entries: Sequence[tuple[str, Colour]], max_e
     shown = list(entries[:max_entries])
     hidden = len(entries) - len(shown)
     size = max(10, min(out.size) // 30)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed bitmap font
-        font = ImageFont.load_default()
     labels = [name for name, _ in shown] + ([f"+{hidden} more"] if hidden else [])
+    font = label_font(labels, size)
     line_h = size + 4
     width = round(max(ImageDraw.Draw(out).textlength(text, font=font) for text in labels)) + line_h + 10
     height = line_h * len(labels) + 6
