@@ -567,6 +567,8 @@ def _weights_file(folder: Path) -> Path:
     ("predict", DENSE_CONFIGS[0], "model.pretrained=/nonexistent.pth", "model.pretrained"),
     ("flops", "digits", "epochs=5", "run.epochs"),
     ("export", DENSE_CONFIGS[1], "optimizer.lr=1", "optimizer.lr"),
+    ("export", DENSE_CONFIGS[1], "pipeline.crop_size=[64,64]", "pipeline.crop_size"),
+    ("evaluate", DENSE_CONFIGS[1], "pipeline.crop_size=[64,64]", "pipeline.crop_size"),
 ])
 def test_a_training_setting_given_to_a_verb_that_does_not_train_is_refused(verb: str, config: str, setting: str, key: str,
                                                                     tmp_path: Path, capsys) -> None:

@@ -233,10 +233,12 @@ class SegmentationConfig(EngineConfig):
 
     alternatives = (*DENSE_ALTERNATIVES, *DATA_ALTERNATIVES)
     # not the pipeline's normalisation (every verb's input contract) or the training folders
-    # (flops counts the heads for their classes)
+    # (flops counts the heads for their classes); the crop is training's alone (export's default
+    # example is what predict feeds the network, export_example)
     training_only = (
         *EngineConfig.training_only, "model.drop_path", "model.pretrained", "model.init_from", "pipeline.scale",
-        "pipeline.ratio_range", "pipeline.cat_max_ratio", "pipeline.flip_prob", "pipeline.photometric",
+        "pipeline.ratio_range", "pipeline.crop_size", "pipeline.cat_max_ratio", "pipeline.flip_prob",
+        "pipeline.photometric",
     )
     task: str = "segmentation"
     run: RunConfig = field(
