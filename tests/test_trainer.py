@@ -329,6 +329,26 @@ def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
     assert _records(tmp_path / "run") == _records(tmp_path / "clean")
 
 
+def test_a_resumed_loggers_tensorboard_forgets_the_steps_after_the_checkpoint(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from crossformer.engine import RunLogger
+
+    log = RunLogger(tmp_path)
+    for step in range(1, 6):
+        log.scalars(step, {"train/loss": float(step)})
+    log.close()
+    log = RunLogger(tmp_path)
+    log.resume_at(3)  # the checkpoint's step: 4 and 5 come again
+    for step in (4, 5):
+        log.scalars(step, {"train/loss": 10.0 * step})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [r["train/loss"] for r in _records(tmp_path)] == [1.0, 2.0, 3.0, 40.0, 50.0]
+
+
 def test_resuming_where_the_data_now_ends_earlier_restarts_the_epoch(tmp_path: Path) -> None:
     # a checkpoint at batch 5 of 6, resumed on data of 4 batches an epoch: the epoch yielded no
     # batch and never ended, at full CPU, deaf to Ctrl-C
