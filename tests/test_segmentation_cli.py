@@ -273,6 +273,9 @@ def test_predict_takes_class_names_from_data_classes(run: dict[str, Path], tmp_p
     order = checkpoint["meta"]["classes"]
     assert line["classes"] == [f"Class {order.index(name)}" for name in recorded]
     _one_line_error(capsys, [*argv, "data.classes=[a,b]"], "data.classes names 2 classes but", "predicts 7")
+    # evaluate needs images too: said so, not only "pass --data ADE_ROOT"
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(run["checkpoint"]), f"data.classes={names}", "data.root=null"],
+                    "no data given", "data.classes names the classes only: give data.val_images and data.val_labels")
 
 
 def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> None:

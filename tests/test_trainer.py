@@ -329,6 +329,21 @@ def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
     assert _records(tmp_path / "run") == _records(tmp_path / "clean")
 
 
+def test_a_resume_that_restarts_the_epoch_keeps_the_records_of_the_epochs_done(tmp_path: Path) -> None:
+    # cut at the restarted epoch's renumbered update (12 updates of batch 2 are 6 of batch 4), the
+    # records of epoch 0 went, and a finished run resumed with another batch lost half its history
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=4, batch_size=2, save_every_steps=1), on_step_end=_stop_at(15))
+    done = [r for r in _records(tmp_path) if r["epoch"] == 0]
+    train(FakeTask, fake_config(tmp_path, epochs=4, resume="auto"))  # batch 4: epoch 1 restarts at update 6
+    records = _records(tmp_path)
+    assert [r for r in records if r["epoch"] == 0] == done and done[-1]["step"] == 12 and "val/score" in done[-1]
+    assert [r["step"] for r in records if r["epoch"] == 1] == [7, 8, 9, 10, 11, 12, 12]  # once, counted anew
+    assert [r["epoch"] for r in records if "val/score" in r] == [0, 1, 2, 3]
+    train(FakeTask, fake_config(tmp_path, epochs=2, batch_size=8, resume="auto"))  # nothing to do
+    assert _records(tmp_path) == records
+
+
 def test_a_resumed_loggers_tensorboard_forgets_the_steps_after_the_checkpoint(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -266,6 +266,7 @@ class Trainer:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
+        saved_step = self.global_step
         self.last_checkpoint = str(path)
         self.pending_evaluation = state.get("pending_evaluation")
         same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
@@ -284,6 +285,7 @@ class Trainer:
         elif self.batches_done >= self.batches_per_epoch:  # the epoch would yield no batch: the loop never ended
             written = (f"stopped at batch {self.batches_done} of its epoch, which now has {self.batches_per_epoch} "
                        "(the training data changed)")
+        restarted = None
         if written is not None:
             # the checkpoint counted its batches and updates in another division of the epoch:
             # restart the epoch, and the schedule at this run's updates to it
@@ -291,9 +293,11 @@ class Trainer:
             if not run.by_iterations:
                 self.global_step = self.epoch * self.updates_per_epoch
             if not self.finished:  # else "nothing to do" follows: no epoch restarts
+                restarted = self.epoch
                 self.log.info(f"{path} {written}: restarting epoch {self.epoch} "
                               f"at update {self.global_step} of {self.total_updates}")
-        self.log.resume_at(self.global_step)
+        # the records logged after the checkpoint come again, and a restarted epoch's all
+        self.log.resume_at(saved_step, restarted)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _restore_run_counts(self, saved: dict[str, Any]) -> None:

@@ -43,7 +43,10 @@ def build_datasets(
     """``(training set with train_transform, validation set untransformed)`` of ``data``;
     the training set is None unless ``training``. One-line errors for missing folders."""
     if not data.given:
-        raise UserInputError("no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent)")
+        folders = (" (data.classes names the classes only: give data.val_images and data.val_labels, and for "
+                   "training data.train_images and data.train_labels)") if data.classes is not None else ""
+        raise UserInputError(f"no data given: pass --data ADE_ROOT (the ADEChallengeData2016 folder or its parent), or "
+                             f"the folder layout{folders}")
     colours = dict(palette=data.palette, label_colours=data.label_colours, ignore_colours=data.ignore_colours)
     if data.root is not None:
         val = ade20k_dataset(data.root, "validation", **colours)
