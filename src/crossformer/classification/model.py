@@ -69,7 +69,7 @@ def load_classifier(
     registered variant their weights fit, else need ``model_name``; the class count is read
     off their head; ``model_kwargs`` give the settings of a non-standard size.
     """
-    from ..models.weights import dense_task, extract_state_dict, load_state, read_checkpoint, recorded_model
+    from ..models.weights import another_tasks_model, dense_task, extract_state_dict, load_state, read_checkpoint, recorded_model
 
     state = read_checkpoint(checkpoint)
     name, recorded = recorded_model(state, model_name)
@@ -84,8 +84,8 @@ def load_classifier(
     head = weights.get("head.weight")
     dense = dense_task(state) if head is None else None
     if dense is not None:  # an mmdet / mmseg file's backbone has no classifier either
-        raise UserInputError(f"{checkpoint} holds a {dense} model (its heads' weights say so), not a classifier: "
-                             f"pass its {dense} config with --config NAME_OR_FILE")
+        raise UserInputError(f"{another_tasks_model(checkpoint, dense, 'classification')}: pass its {dense} config "
+                             f"with --config NAME_OR_FILE")
     if head is None:
         raise UserInputError(f"{checkpoint} has no classifier head (a backbone-only file cannot classify)")
     settings = {**recorded, **(model_kwargs or {})}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..models import CheckpointError, load_state
-from ..models.weights import check_keys, dense_task, split_class_layers, weights_entry
+from ..models.weights import another_tasks_model, check_keys, dense_task, split_class_layers, weights_entry
 
 __all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
 
@@ -79,8 +79,8 @@ def load_detector_state(
     heads_found = [k for k in weights if k.startswith(HEAD_PREFIXES)]
     if not heads_found:  # an ImageNet classification checkpoint: the backbone alone
         if dense_task(checkpoint) == "segmentation":  # the authors' mmseg files record no task
-            raise CheckpointError(f"{source} holds a segmentation model (its heads' weights say so), not a detector: "
-                                  f"give a detection model")
+            raise CheckpointError(f"{another_tasks_model(source, 'segmentation', 'detection')}: "
+                                  "give a detection model")
         if other_classes:
             raise CheckpointError(f"{source} holds no detection heads: give an ImageNet checkpoint as model.pretrained "
                                   f"(--pretrained) instead")

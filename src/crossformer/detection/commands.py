@@ -77,15 +77,15 @@ def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch
     """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
     mode on ``device``; one-line errors for a file that does not fit."""
     from ..models import CheckpointError, load_state, read_checkpoint
-    from ..models.weights import dense_task
+    from ..models.weights import another_tasks_model, dense_task
     from .checkpoint import head_keys
     from .task import build_configured_detector
 
     try:
         state = read_checkpoint(checkpoint)
         if dense_task(state) == "segmentation":  # not an ImageNet file, as said below
-            raise UserInputError(f"{checkpoint} holds a segmentation model (its heads' weights say so), not a detector: "
-                                 "pass a detection checkpoint here (or the segmentation config, for a segmentation verb)")
+            raise UserInputError(f"{another_tasks_model(checkpoint, 'segmentation', 'detection')}: pass a detection "
+                                 "checkpoint here (or the segmentation config, for a segmentation verb)")
         if not head_keys(state, use_ema, str(checkpoint)):  # load_state would fill the backbone alone and keep random heads
             raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
                                  f"`crossformer train --pretrained`, and a detector checkpoint here")

@@ -269,24 +269,24 @@ class Trainer:
         saved_step = self.global_step
         self.last_checkpoint = str(path)
         self.pending_evaluation = state.get("pending_evaluation")
-        same_ranks = int(state.get("world_size", 1)) == self.ctx.world_size
+        saved_ranks = int(state.get("world_size", 1))
+        same_ranks = saved_ranks == self.ctx.world_size
         if same_ranks:
             mine = state["rank_state"][self.ctx.rank]
             restore_rng_state(mine["rng"])
             self.meters = dict(mine["meters"])
         saved_run, run = state.get("config", {}).get("run", {}), self.run_config
         saved_batch = (saved_run.get("batch_size", run.batch_size), saved_run.get("accum_steps", run.accum_steps))
-        saved_ranks = int(state.get("world_size", 1))
-        written = None
+        restart_reason = None  # why the checkpoint's place in its epoch does not hold here
         if not same_ranks:
-            written = f"was written by {saved_ranks} process{'es' if saved_ranks > 1 else ''}"
+            restart_reason = f"was written by {saved_ranks} process{'es' if saved_ranks > 1 else ''}"
         elif saved_batch != (run.batch_size, run.accum_steps):
-            written = f"was written with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process"
+            restart_reason = f"was written with batch {saved_batch[0]} (x {saved_batch[1]} accumulated) per process"
         elif self.batches_done >= self.batches_per_epoch:  # the epoch would yield no batch: the loop never ended
-            written = (f"stopped at batch {self.batches_done} of its epoch, which now has {self.batches_per_epoch} "
+            restart_reason = (f"stopped at batch {self.batches_done} of its epoch, which now has {self.batches_per_epoch} "
                        "(the training data changed)")
         restarted = None
-        if written is not None:
+        if restart_reason is not None:
             # the checkpoint counted its batches and updates in another division of the epoch:
             # restart the epoch, and the schedule at this run's updates to it
             self.batches_done, self.meters = 0, {}
@@ -294,7 +294,7 @@ class Trainer:
                 self.global_step = self.epoch * self.updates_per_epoch
             if not self.finished:  # else "nothing to do" follows: no epoch restarts
                 restarted = self.epoch
-                self.log.info(f"{path} {written}: restarting epoch {self.epoch} "
+                self.log.info(f"{path} {restart_reason}: restarting epoch {self.epoch} "
                               f"at update {self.global_step} of {self.total_updates}")
         # the records logged after the checkpoint come again, and a restarted epoch's all
         self.log.resume_at(saved_step, restarted)

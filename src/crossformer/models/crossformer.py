@@ -62,7 +62,7 @@ from .layers import (
     release_packed,
 )
 
-__all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_input"]
+__all__ = ["CrossFormer", "MIN_INPUT_SIZE", "check_image_size", "check_input"]
 
 # Added to attention scores of padded keys. Finite, as officially, so that a group made
 # only of padding stays finite (its outputs are cropped away).
@@ -703,11 +703,14 @@ def check_input(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(
             f"CrossFormer expects images shaped (batch, {in_chans}, height, width), got {tuple(x.shape)}"
         )
-    if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
-            f"got {x.shape[2]}x{x.shape[3]}: resize or pad the input"
-        )
+    check_image_size(x.shape[2], x.shape[3])
+
+
+def check_image_size(height: int, width: int, fix: str = "resize or pad the input") -> None:
+    """Raise a ``ValueError`` ending in ``fix`` for an image under :data:`MIN_INPUT_SIZE` a side."""
+    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+        raise ValueError(f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
+                         f"got {height}x{width}: {fix}")
 
 
 class CrossFormer(nn.Module):

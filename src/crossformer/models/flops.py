@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .crossformer import MIN_INPUT_SIZE, CrossFormer
+from .crossformer import CrossFormer, check_image_size
 from .grouping import group_layout
 from .weights import unwrap_model
 
@@ -41,9 +41,7 @@ def _conv_out(size: int, kernel: int, stride: int) -> int:
 
 def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> int:
     """MACs of one ``height x width`` image by the official analytic formula."""
-    if min(height, width) < MIN_INPUT_SIZE:  # the model refuses such images: no count of them either
-        raise ValueError(f"CrossFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
-                         f"got {height}x{width}: count a larger size")
+    check_image_size(height, width, fix="count a larger size")  # the model refuses such images
     embed = model.patch_embed
     h = _conv_out(height, embed.projs[0].kernel_size[0], embed.projs[0].stride[0])
     w = _conv_out(width, embed.projs[0].kernel_size[0], embed.projs[0].stride[0])

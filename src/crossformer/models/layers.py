@@ -203,26 +203,40 @@ def onednn_inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones: feature extractors, FLOP
-    counters, pruning, weight norm), the test ``nn.Module.__call__`` makes."""
+def _global_hooks() -> bool:
+    """Whether hooks are registered for every module (FLOP counters, profilers)."""
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or module_hooks._global_forward_hooks
+        module_hooks._global_forward_hooks
         or module_hooks._global_forward_pre_hooks
         or module_hooks._global_backward_hooks
         or module_hooks._global_backward_pre_hooks
     )
 
 
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones: feature extractors, FLOP
+    counters, pruning, weight norm), the test ``nn.Module.__call__`` makes."""
+    return _own_hooks(module) or _global_hooks()
+
+
 def hooked_within(module: nn.Module) -> bool:
     """Whether calling ``module`` runs a hook anywhere inside it (:func:`hooked` of it or of any
     submodule): a fast path that splits its input or caches a submodule's result must not then
     (a hook would see parts, or be skipped)."""
-    return any(hooked(m) for m in module.modules())
+    if _global_hooks():
+        return True
+    stack = [module]  # a plain walk: modules() also records each module it saw (1.4x the time)
+    while stack:
+        current = stack.pop()
+        if _own_hooks(current):
+            return True
+        stack.extend(child for child in current._modules.values() if child is not None)
+    return False
 
 
 def state_without(state: dict, *caches: str) -> dict:

@@ -236,6 +236,15 @@ def dense_task(checkpoint: Mapping[str, Any]) -> str | None:
     return None
 
 
+_TASK_MODELS = {"classification": "classifier", "detection": "detector", "segmentation": "segmentor"}
+
+
+def another_tasks_model(source: str | Path, held: str, wanted: str) -> str:
+    """The start of the line that refuses a file of another task's model (:func:`dense_task`
+    ``held``) where a ``wanted`` task's model was asked for; the caller adds what to give instead."""
+    return f"{source} holds a {held} model (its heads' weights say so), not a {_TASK_MODELS[wanted]}"
+
+
 def extract_state_dict(
     checkpoint: Mapping[str, Any], use_ema: bool = False, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import (_RECOMPUTABLE_SUFFIXES, CheckpointError, check_keys, dense_task, split_class_layers,
-                              weights_entry)
+from ..models.weights import (_RECOMPUTABLE_SUFFIXES, CheckpointError, another_tasks_model, check_keys, dense_task,
+                              split_class_layers, weights_entry)
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -91,8 +91,8 @@ def load_segmentor_state(
     kind = checkpoint_kind(state)
     if kind is None:
         if dense_task(checkpoint) == "detection":  # the authors' mmdet files record no task
-            raise CheckpointError(f"{source} holds a detection model (its heads' weights say so), not a segmentor: "
-                                  f"give a segmentation model")
+            raise CheckpointError(f"{another_tasks_model(source, 'detection', 'segmentation')}: "
+                                  "give a segmentation model")
         if any(key.startswith(("patch_embed.", "layers.", "backbone.model.")) for key in state):
             raise CheckpointError(
                 f"{source} is a backbone (ImageNet) checkpoint without segmentation heads: "

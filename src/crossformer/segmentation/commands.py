@@ -68,7 +68,7 @@ def _describe(segmentor: dict[str, Any]) -> str:
 def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
     """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
     contents. A checkpoint of another segmentor is a one-line error naming the file."""
-    from ..models.weights import CheckpointError, dense_task, load_state, read_checkpoint
+    from ..models.weights import CheckpointError, another_tasks_model, dense_task, load_state, read_checkpoint
     from .checkpoint import segmentor_weights
     from .task import SEGMENTOR_KEYS, build_model, segmentor_settings
 
@@ -89,8 +89,8 @@ def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool =
             )
     weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
     if weight is None and dense_task(checkpoint) == "detection":  # not an ImageNet file, as said below
-        raise UserInputError(f"{path} holds a detection model (its heads' weights say so), not a segmentor: "
-                             "pass a segmentation checkpoint here (or the detection config, for a detection verb)")
+        raise UserInputError(f"{another_tasks_model(path, 'detection', 'segmentation')}: pass a segmentation "
+                             "checkpoint here (or the detection config, for a detection verb)")
     if weight is None:
         raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
                              f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
