@@ -708,6 +708,22 @@ def test_path_settings_take_a_python_path(tmp_path: Path) -> None:
         resolve_config(overrides={"data.root": 3})
 
 
+def test_text_read_as_a_number_and_an_entry_below_a_list_are_refused_in_one_line(capsys) -> None:
+    # run.output=2024 said only "must be a string, got 2024" (YAML had read a number), and
+    # model.kwargs.depths.x=1 over a list was a TypeError from dict()
+    from crossformer.cli import main
+
+    argv = ["train", "--epochs", "1", "--data", "/nonexistent"]
+    assert main([*argv, "run.output=2024"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        """crossformer train: error: overrides: run.output must be a string, got 2024: quote text that reads """
+        """as a number or true/false, as in run.output='"2024"'"""]
+    assert main([*argv, "run.output=\"2024\"", "model.kwargs.depths=[1,1,2,1]", "model.kwargs.depths.x=1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "crossformer train: error: overrides: model.kwargs.depths is [1, 1, 2, 1], not a mapping, "
+        "so model.kwargs.depths.x cannot be set"]
+
+
 # stochastic depth: one setting, model.drop_path, in every task ------------------------
 
 _DROP_PATH_SPELLINGS = [("upernet_demo", "model.backbone_kwargs"), ("mask_rcnn_shapes_demo", "model.backbone_kwargs"),

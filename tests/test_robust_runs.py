@@ -135,6 +135,26 @@ def test_resume_and_overwrite_delete_checkpoints_half_written_by_a_killed_run(tm
     assert not (run / "tensorboard").exists() and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
+def test_a_full_disk_at_the_lock_still_locks_the_folder(tmp_path: Path, monkeypatch) -> None:
+    # writing the holder's pid into the lock file raised a bare OSError and left its descriptor open
+    import errno
+
+    from crossformer.engine import output as output_module
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(output_module.os, "write", full)
+    claim = claim_output(run, "auto", overwrite=False)
+    monkeypatch.undo()
+    with pytest.raises(UserInputError, match="is in use by another run"):
+        claim_output(run, "auto", overwrite=False)
+    claim.release()
+    claim_output(run, "auto", overwrite=False).release()
+
+
 def test_a_demo_replaces_its_own_output_and_keeps_the_data_it_reuses(tmp_path: Path, capsys) -> None:
     # the segmentation demo reuses its generated data set; its default folder from before demos
     # marked theirs is taken over only while it holds nothing but what a demo writes

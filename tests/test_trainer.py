@@ -270,6 +270,24 @@ def test_iteration_mode_counts_updates_across_epochs(tmp_path: Path) -> None:
     assert "iteration 8/10" in (tmp_path / "log.txt").read_text()
 
 
+def test_an_iteration_run_resumed_with_another_batch_keeps_the_records_of_its_updates(tmp_path: Path) -> None:
+    # The restarted epoch's records were deleted as in an epoch run, but an iteration run keeps
+    # its update count, so updates 7-9 and the evaluation at 8 were never written again; and an
+    # evaluation after an update that ended an epoch was recorded under the next epoch.
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=0, iterations=12, eval_every=4, save_every_steps=1),
+              on_step_end=_stop_at(9))  # 6 updates per epoch: stopped in epoch 1 after 3 batches
+    before = _records(tmp_path)
+    metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=12, eval_every=4, batch_size=2,
+                                          resume="auto"))
+    assert metrics["global_step"] == 12
+    assert "restarting epoch 1 at update 9 of 12" in (tmp_path / "log.txt").read_text()
+    records = _records(tmp_path)
+    assert records[:len(before)] == before
+    assert [r["step"] for r in records if "train/lr" in r] == list(range(1, 13))
+    assert [(r["step"], r["epoch"]) for r in records if "val/score" in r] == [(4, 0), (8, 1), (12, 1)]
+
+
 def test_an_iteration_run_that_sets_no_eval_every_evaluates_once_an_epoch(tmp_path: Path) -> None:
     # `train --config digits --iterations N` evaluated after every update: the default period counted updates
     metrics = train(FakeTask, fake_config(tmp_path, epochs=0, iterations=14))

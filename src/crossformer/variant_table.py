@@ -11,7 +11,9 @@ from typing import Any
 
 from .errors import UserInputError, did_you_mean
 
-__all__ = ["Variant", "VARIANTS", "require_known_model"]
+__all__ = ["Variant", "VARIANTS", "IMAGENET_CLASSES", "require_known_model"]
+
+IMAGENET_CLASSES = 1000  # the official classifiers' head, and a model-only command's default
 
 _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_distance="fixed_interval")
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from ..commands.common import add_model_arg_argument, model_args
+from ..commands.common import add_model_arg_argument, model_args, note_on_stderr
 from ..engine.launch import launched_rank
 from ..engine.registry import VerbHandler
 from .config import ClassificationConfig
@@ -75,10 +75,6 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
 
 
-def _note(message: str) -> None:
-    print(f"crossformer predict: {message}", file=sys.stderr)
-
-
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
     from .predict import Prediction, predict
 
@@ -93,7 +89,7 @@ def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict
     predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
             class_names=args.class_names, img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
             interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 32), use_ema=args.ema, device=config.run.device,
-            model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=_note, on_result=say,
+            model_kwargs=_kwargs(args, config), skip_corrupt=config.data.skip_corrupt, on_note=note_on_stderr, on_result=say,
             amp=config.run.amp)
     return 0
 

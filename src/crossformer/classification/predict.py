@@ -12,11 +12,10 @@ from ..data import DataError, build_eval_transform, expand_image_paths, load_cla
 from ..data.folder import SKIP_HINT
 from ..engine import resolve_device, resolve_precision
 from ..errors import UserInputError
+from ..variant_table import IMAGENET_CLASSES
 from .model import load_classifier
 
 __all__ = ["Prediction", "predict", "imagenet_class_names"]
-
-IMAGENET_CLASSES = 1000
 
 
 def imagenet_class_names() -> list[str]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
-from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument, class_count, img_size, model_name
+from ..variant_table import IMAGENET_CLASSES
+from .common import add_img_size_argument, add_model_argument, benchmark_log, class_count, img_size, model_name
 
 if TYPE_CHECKING:
     from crossformer.benchmark import BenchConfig
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    add_img_size_argument(parser, with_config="; with --config: a classification config's image size, a detector's "
-                                              "800x1333, a segmentor's 512x512 and 512x2048")
+    add_img_size_argument(parser, 224, "224; with --config: a classification config's image size, a detector's "
+                                       "800x1333, a segmentor's 512x512 and 512x2048")
     parser.add_argument("--compare", metavar="NAME", nargs="?", const="auto", default=None,
                         help="a peer model run in turn with --model every round (e.g. swin_tiny_patch4_window7_224); "
                         "alone with a detection --config: torchvision's maskrcnn_resnet50_fpn; a segmentation "
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     for name in names:
         require_known_model(name)
     config = build_config(args, model_kwargs)
-    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = benchmark_log(args)
     sampler = None
     if args.peak:  # the square GEMM timed after every round, beside the model's rates
         from crossformer.benchmark import GemmSampler

@@ -10,8 +10,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import UserInputError
 
-IMAGENET_CLASSES = 1000  # the classifier size of a model-only verb given no class count
-
 
 def head_classes(verb: str, model_classes: int | None, data_classes: Callable[[], int | None], assumed: int,
                  whose: str) -> int:
@@ -47,7 +45,12 @@ def model_name(args: argparse.Namespace, any_timm_model: bool = True) -> str:
 def note_on_stderr(message: str) -> None:
     """A predict command's note (a file skipped, a format left out): on stderr, so that stdout
     holds the results alone (``--json``)."""
-    print(message, file=sys.stderr, flush=True)
+    print(f"crossformer predict: {message}", file=sys.stderr, flush=True)
+
+
+def benchmark_log(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """Where a benchmark's progress lines go: stderr, or nowhere under ``--json`` (stdout holds the JSON)."""
+    return None if args.json else functools.partial(print, file=sys.stderr, flush=True)
 
 
 def class_count(text: str) -> int:
@@ -61,11 +64,13 @@ def class_count(text: str) -> int:
     return value
 
 
-def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None = 224, with_config: str = "") -> None:
-    """``--img-size N`` or ``H W``; ``with_config``: what the help adds about the default a ``--config`` gives."""
+def add_img_size_argument(parser: argparse.ArgumentParser, default: int | None, default_help: str,
+                          purpose: str = "input size") -> None:
+    """``--img-size N`` or ``H W``, ``default`` where not given (None: the command decides);
+    ``default_help``: what the help says the default is."""
     parser.add_argument(
         "--img-size", type=int, nargs="+", default=None if default is None else [default],
-        metavar="N", help=f"input size: N (square) or H W (default {default}{with_config})",
+        metavar="N", help=f"{purpose}: N (square) or H W (default {default_help})",
     )
 
 

@@ -11,8 +11,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..variant_table import IMAGENET_CLASSES
 from .common import (
-    IMAGENET_CLASSES,
+    add_img_size_argument,
     add_model_arg_argument,
     add_model_argument,
     class_count,
@@ -41,11 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
     parser.add_argument("--output", "-o", metavar="FILE", help="file to write (default: MODEL.onnx / .pt / .safetensors)")
-    parser.add_argument(
-        "--img-size", type=int, nargs="+", metavar="N",
-        help="example size: N (square) or H W (default: the checkpoint's training size, else 224; a segmentor's "
-        "crop size; a detector's test scale)",
-    )
+    add_img_size_argument(parser, None, "the checkpoint's training size, else 224; a segmentor's crop size; a "
+                                        "detector's test scale", purpose="example size")
     parser.add_argument(
         "--num-classes", type=class_count, default=None, metavar="N",
         help="classifier size (default: the checkpoint's head, else a classification --config's data's class "

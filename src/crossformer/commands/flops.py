@@ -6,13 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from .common import IMAGENET_CLASSES, add_img_size_argument, add_model_argument, class_count, img_size, model_name
+from ..variant_table import IMAGENET_CLASSES
+from .common import add_img_size_argument, add_model_argument, class_count, img_size, model_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, any_timm_model=False)
-    add_img_size_argument(parser, with_config="; with --config: a classification config's image size, a detector's "
-                                              "800x1280, a segmentor's 512x2048")
+    add_img_size_argument(parser, 224, "224; with --config: a classification config's image size, a detector's "
+                                       "800x1280, a segmentor's 512x2048")
     parser.add_argument("--num-classes", type=class_count, default=None, metavar="N",
                         help="classifier size (default: a classification --config's data's class count, else 1000)")
     parser.add_argument(

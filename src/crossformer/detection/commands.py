@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..commands.common import (backbone_settings, given_img_size, head_classes, note_on_stderr,
+from ..commands.common import (backbone_settings, benchmark_log, given_img_size, head_classes, note_on_stderr,
                                refuse_classifier_flags)
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError, one_line
@@ -258,8 +258,6 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
 
 
 def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
-    import sys
-
     import torch
     import torchvision
 
@@ -291,7 +289,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
     bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
                         amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory,
                         keep_freed_memory=keeps_freed_memory(args))
-    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = benchmark_log(args)
     peer = TORCHVISION_PEER if args.compare is not None else None
     summary = summarise(run_benchmark(models, bench, log=log), bench, compare=peer)
     if args.json:

@@ -144,6 +144,8 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, size: int, scale: floa
     Args:
         features: ``(N, C, H, W)`` map.
         rois: ``(K, 5)`` rows ``(image index, x1, y1, x2, y2)`` in input pixels.
+        size: output side, in bins.
+        scale: the map's size over the input's (1 / its stride).
     Returns:
         ``(K, C, size, size)``.
     """

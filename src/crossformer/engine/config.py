@@ -371,7 +371,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
                 raise UserInputError(f"{key.strip()}={raw}: not a valid YAML list or mapping ({problem})") from None
             value = raw
-        result[key.strip()] = _number_or_text(value) if isinstance(value, str) else value
+        quoted = raw.strip().startswith(("'", '"'))  # text meant as text: "2024" stays a string
+        result[key.strip()] = _number_or_text(value) if isinstance(value, str) and not quoted else value
     return result
 
 
@@ -424,6 +425,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, os.PathLike):  # a Python caller's pathlib.Path, wherever a path string goes
             value = os.fspath(value)
+        if isinstance(value, (bool, int, float)):  # KEY=VALUE reads 2024, 1e3, yes as YAML would
+            raise UserInputError(f"{key} must be a string, got {value!r}: quote text that reads as a "
+                                 f"number or true/false, as in {key.rpartition(': ')[2]}='\"{value}\"'")
         if not isinstance(value, str):
             raise UserInputError(f"{key} must be a string, got {value!r}")
         return value
@@ -518,15 +522,22 @@ def _set_fields(obj: Any, values: Mapping[str, Any], prefix: str, source: str) -
             current = changes.get(name, getattr(obj, name))
             if not isinstance(current, dict):
                 raise UserInputError(f"{source}: {prefix + name} is not a mapping, so {prefix + key!r} cannot be set")
-            changes[name] = _set_entry(dict(current), entry, value)
+            changes[name] = _set_entry(dict(current), entry, value, f"{source}: {prefix + name}")
         else:
             changes[name] = _coerce(f"{source}: {prefix + name}", value, hints[name])
     return dataclasses.replace(obj, **changes)
 
 
-def _set_entry(mapping: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+def _set_entry(mapping: dict[str, Any], dotted: str, value: Any, owner: str) -> dict[str, Any]:
+    """``mapping`` (the setting ``owner``, e.g. ``"config: model.kwargs"``) with ``dotted`` set."""
     head, _, rest = dotted.partition(".")
-    mapping[head] = _set_entry(dict(mapping.get(head) or {}), rest, value) if rest else value
+    if rest:
+        current = mapping.get(head) or {}
+        if not isinstance(current, dict):
+            raise UserInputError(f"{owner}.{head} is {current!r}, not a mapping, so {owner.rpartition(': ')[2]}.{dotted} "
+                                 f"cannot be set")
+        value = _set_entry(dict(current), rest, value, f"{owner}.{head}")
+    mapping[head] = value
     return mapping
 
 

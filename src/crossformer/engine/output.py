@@ -56,8 +56,11 @@ def _lock(folder: Path) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:  # who holds it, for another run's message; a full disk leaves that out, not the lock
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError:
+        pass
     return fd
 
 

@@ -290,10 +290,10 @@ class Trainer:
             # the checkpoint counted its batches and updates in another division of the epoch:
             # restart the epoch, and the schedule at this run's updates to it
             self.batches_done, self.meters = 0, {}
-            if not run.by_iterations:
+            if not run.by_iterations:  # an iteration run's updates done stay done, and their records
                 self.global_step = self.epoch * self.updates_per_epoch
             if not self.finished:  # else "nothing to do" follows: no epoch restarts
-                restarted = self.epoch
+                restarted = None if run.by_iterations else self.epoch
                 self.log.info(f"{path} {restart_reason}: restarting epoch {self.epoch} "
                               f"at update {self.global_step} of {self.total_updates}")
         # the records logged after the checkpoint come again, and a restarted epoch's all
@@ -524,8 +524,8 @@ class Trainer:
         metrics[f"val/best_{primary}"] = self.best
         run = self.run_config
         done = self.epoch - 1 if not run.by_iterations else self.global_step
-        fields = {"epoch": done} if not run.by_iterations else {"epoch": self.epoch}
-        self.log.scalars(self.global_step, metrics, **fields)
+        # the epoch of the update evaluated after: an update that ended an epoch counted it already
+        self.log.scalars(self.global_step, metrics, epoch=max(self.epoch - (self.batches_done == 0), 0))
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.log.info(f"{run.unit} {done}/{run.length}: {shown}")
         self.last_metrics = metrics

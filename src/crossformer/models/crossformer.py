@@ -320,7 +320,7 @@ class GroupAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         # Fused attention kernels where they are exact and faster (see models/attention.py);
-        # False always takes the explicit softmax (a reference for tests).
+        # False always takes the explicit softmax: the tests' reference, and what export traces.
         self.fused_attn = True
         self.padding_score = PADDING_SCORE  # an attribute: TorchScript reads no float globals
         self.qkv = nn.Linear(dim, dim * 3)
@@ -844,6 +844,8 @@ class CrossFormer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """None: as in the official recipe (whose names match no parameter here), every
+        weight matrix decays; timm's optimizer factory spares the 1-D ones (norms, biases) itself."""
         return set()
 
     @torch.jit.ignore
@@ -864,14 +866,18 @@ class CrossFormer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (training)."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The final linear layer (``nn.Identity`` where ``num_classes`` is 0)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head of ``num_classes`` outputs (0: pooled features); ``global_pool``
+        (``'avg'``, ``''`` for the unpooled ``(B, H, W, C)`` map, ...) where given."""
         self.num_classes = num_classes
         if global_pool is not None:
             self.pool = global_pool_layer(global_pool)

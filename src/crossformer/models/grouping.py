@@ -21,7 +21,7 @@ TorchScript compiles these functions as they are (the export paths are never tak
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,6 @@ from timm.models import register_notrace_function
 
 from .layers import capturing_graph, saved_copy
 
-LongDistance = Literal["fixed_interval", "fixed_group"]
 LONG_DISTANCE_CHOICES: tuple[str, ...] = ("fixed_interval", "fixed_group")
 
 

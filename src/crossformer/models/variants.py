@@ -26,7 +26,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
 from ..errors import did_you_mean
-from ..variant_table import VARIANTS, Variant, require_known_model
+from ..variant_table import IMAGENET_CLASSES, VARIANTS, Variant, require_known_model
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
 from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint, recorded_model
@@ -80,7 +80,7 @@ def architecture_of(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
-        "num_classes": 1000,
+        "num_classes": IMAGENET_CLASSES,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
         "crop_pct": 0.875,

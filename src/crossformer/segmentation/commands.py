@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import backbone_settings, head_classes, note_on_stderr, refuse_classifier_flags
+from ..commands.common import backbone_settings, benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags
 from ..engine.registry import VerbHandler
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
@@ -336,7 +336,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
     encoder = args.compare or PEER_ENCODER
     peer = f"smp_upernet_{encoder}"
     args.compare = None  # summarise() compares by our names below
-    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = benchmark_log(args)
     summaries = []
     for height, width in _sizes(args, BENCH_SIZES):
         args.img_size = [height, width]
