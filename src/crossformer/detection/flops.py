@@ -2,7 +2,7 @@
 
 The authors report mmcv's ``get_model_complexity_info`` on mmdetection's ``forward_dummy``
 at 1280x800 plus what their backbone's own ``flops()`` says mmcv misses (the attention
-products): MACs of every conv (with its bias adds) and linear layer, the R-CNN box heads
+products): MACs of every conv (with its bias adds), linear and norm layer, the R-CNN box heads
 on 1000 proposals and the mask heads on the first 100 of them (every stage of the
 cascade). We count the same: the backbone by :func:`crossformer.models.dense_backbone_macs`
 (the official analytic formula with the attention products priced on the real groups: at
@@ -10,9 +10,9 @@ cascade). We count the same: the backbone by :func:`crossformer.models.dense_bac
 assumes at 224), the neck and heads by hooks on a meta-device copy (no memory, no compute).
 
 CrossFormer-S at 1280x800: RetinaNet 280.2G (authors 282G), Mask R-CNN 299.2G (301G),
-Cascade Mask R-CNN 777.5G (769.7G): all within 1%. mmcv also counts norms, ReLUs,
-pooling and upsampling, which we leave out (< 1%); without the group correction ours
-would be ~28G (10%) lower.
+Cascade Mask R-CNN 777.8G (769.7G): all within 1%. mmcv also counts the ReLUs,
+which mmdet's heads run as modules and ours as functions; we leave them out (< 1%);
+without the group correction ours would be ~28G (10%) lower.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import count_params, dense_backbone_macs
+from ..models import count_params, dense_backbone_macs, layer_macs
 
 __all__ = ["detector_flops", "count_layer_macs", "RCNN_PROPOSALS", "MASK_PROPOSALS"]
 
@@ -32,30 +32,8 @@ MASK_PROPOSALS = 100  # ... of which the mask head sees the first 100
 
 
 def count_layer_macs(module: nn.Module, *inputs: Any) -> int:
-    """MACs of the convs, transposed convs and linears of ``module(*inputs)`` (mmcv's rule:
-    a conv's bias counts one add per output element)."""
-    total = 0
-
-    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(layer, nn.ConvTranspose2d):
-            x = args[0]
-            total += x.numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
-            total += output.numel() if layer.bias is not None else 0
-        elif isinstance(layer, nn.Conv2d):
-            per_out = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-            total += output.numel() * per_out + (output.numel() if layer.bias is not None else 0)
-        elif isinstance(layer, nn.Linear):
-            total += output.numel() * layer.in_features
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+    """MACs of ``module(*inputs)`` by mmcv's rule (:func:`crossformer.models.layer_macs`)."""
+    return layer_macs([module], lambda: module(*inputs))
 
 
 def detector_flops(detector: nn.Module, height: int = 800, width: int = 1280) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The CrossFormer network, its registered variants, weights loading and counting."""
 
 from .crossformer import MIN_INPUT_SIZE, CrossFormer
-from .flops import analytic_macs, count_params, dense_backbone_macs, traced_macs
+from .flops import analytic_macs, count_params, dense_backbone_macs, layer_macs, traced_macs
 from .grouping import GroupLayout, group_layout
 from .variants import VARIANTS, Variant, create_crossformer, identify_variant, require_known_model
 from .weights import (

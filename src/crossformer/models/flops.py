@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from math import prod
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ from .crossformer import CrossFormer, check_image_size
 from .grouping import group_layout
 from .weights import unwrap_model
 
-__all__ = ["count_params", "analytic_macs", "dense_backbone_macs", "traced_macs", "EXTRA_MAC_FORMULAS"]
+__all__ = ["count_params", "analytic_macs", "dense_backbone_macs", "traced_macs", "layer_macs", "EXTRA_MAC_FORMULAS"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -128,6 +128,49 @@ def dense_backbone_macs(backbone: nn.Module, height: int, width: int, real_group
     if isinstance(model.norm, nn.Identity):  # the formula counts a final norm the features model lacks
         macs -= model.num_features * (height // 4) * (width // 4) // 16
     return macs
+
+
+def _mmcv_layer_macs(layer: nn.Module, x: torch.Tensor, output: torch.Tensor) -> int:
+    """One call's MACs by mmcv's rule for its layer kind (0 for a kind it does not count)."""
+    if isinstance(layer, nn.ConvTranspose2d):  # per input pixel: every kernel tap of every output channel
+        macs = x.numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
+        return macs + (output.numel() if layer.bias is not None else 0)
+    if isinstance(layer, nn.Conv2d):  # per output element: k*k*C_in/groups, and one add for a bias
+        per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        return output.numel() * per_output + (output.numel() if layer.bias is not None else 0)
+    if isinstance(layer, nn.Linear):
+        return output.numel() * layer.in_features
+    if isinstance(layer, nn.BatchNorm2d):
+        return x.numel() * (2 if layer.affine else 1)
+    if isinstance(layer, nn.ReLU):
+        return output.numel()
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return x.numel()
+    return 0
+
+
+def layer_macs(modules: Iterable[nn.Module], run: Callable[[], object]) -> int:
+    """MACs of the layers in ``modules`` (and their submodules) over ``run()``, without
+    gradients, as mmcv's ``get_model_complexity_info`` counts them in the authors' dense-task
+    figures: convolutions ``k*k*C_in/groups`` per output element plus one add per element for
+    a bias, transposed convolutions per input element, linears, BatchNorm 2 per element (1
+    without affine), ReLU modules and adaptive average pooling 1 per element. Functional calls
+    (``F.relu``, ``F.interpolate``) are not seen, as mmcv's hooks do not see them. ``run`` may
+    work on meta tensors: only shapes are read."""
+    total = 0
+
+    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += _mmcv_layer_macs(layer, args[0], output)
+
+    handles = [layer.register_forward_hook(hook) for module in modules for layer in module.modules()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def _fused_linear_flops(x_shape: torch.Size, *args: Any, out_shape: torch.Size, **kwargs: Any) -> int:

@@ -22,33 +22,16 @@ The heads run on meta tensors and the backbone is priced by formula, so any size
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
 from ..errors import UserInputError
 from ..models.crossformer import CrossFormer
-from ..models.flops import _conv_out, count_params, dense_backbone_macs
+from ..models.flops import _conv_out, count_params, dense_backbone_macs, layer_macs
 from .segmentor import Segmentor
 
 __all__ = ["segmentor_flops", "head_macs"]
-
-
-def _count(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor, total: list[int]) -> None:
-    if isinstance(module, nn.Conv2d):
-        per_output = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        pixels = output.numel() // module.out_channels
-        total[0] += pixels * per_output * module.out_channels
-        if module.bias is not None:
-            total[0] += output.numel()
-    elif isinstance(module, nn.BatchNorm2d):
-        total[0] += inputs[0].numel() * (2 if module.affine else 1)
-    elif isinstance(module, nn.ReLU):
-        total[0] += output.numel()
-    elif isinstance(module, nn.AdaptiveAvgPool2d):
-        total[0] += inputs[0].numel()
 
 
 class _Decode(nn.Module):
@@ -71,23 +54,14 @@ def head_macs(segmentor: Segmentor, map_shapes: list[tuple[int, ...]]) -> int:
         for part, module in parts.items()
         for name, tensor in (*module.named_parameters(), *module.named_buffers())
     }
-    total = [0]
-    handles = [
-        sub.register_forward_hook(lambda mod, inp, out: _count(mod, inp, out, total))
-        for module in parts.values()
-        for sub in module.modules()
-    ]
+    maps = [torch.empty(shape, device="meta") for shape in map_shapes]
     was_training = segmentor.training
     segmentor.eval()
     try:
-        with torch.no_grad():
-            maps = [torch.empty(shape, device="meta") for shape in map_shapes]
-            functional_call(_Decode(segmentor), meta, (maps,), strict=False, tie_weights=False)
+        return layer_macs(parts.values(),
+                          lambda: functional_call(_Decode(segmentor), meta, (maps,), strict=False, tie_weights=False))
     finally:
         segmentor.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return total[0]
 
 
 def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) -> dict[str, int]:
