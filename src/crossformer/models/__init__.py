@@ -44,5 +44,6 @@ __all__ = [
     "count_params",
     "analytic_macs",
     "dense_backbone_macs",
+    "layer_macs",
     "traced_macs",
 ]
