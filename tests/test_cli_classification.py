@@ -352,6 +352,18 @@ def test_flags_and_settings_of_other_fields_combine() -> None:
         assert command_line_settings(args, args.overrides) == expected, argv
 
 
+def test_a_flag_of_a_setting_that_may_be_null_takes_null() -> None:
+    # --auto-augment null (as its help says: "null: none") was the policy 'null', refused by timm
+    from crossformer.cli import parse_command_line
+    from crossformer.commands.common import command_line_settings
+
+    for word in ("null", "none", "None"):
+        args = parse_command_line(["train", "--auto-augment", word, "--clip-grad", word])
+        assert command_line_settings(args, args.overrides) == {"augment.auto_augment": None, "run.clip_grad": None}
+    args = parse_command_line(["train", "--auto-augment", "augmix-m5-w4-d2", "--clip-grad", "1"])
+    assert command_line_settings(args, args.overrides) == {"augment.auto_augment": "augmix-m5-w4-d2", "run.clip_grad": 1.0}
+
+
 @pytest.mark.parametrize("argv, expected", [
     # the flag used to win, and the bad setting was never read
     (["--epochs", "1", "epochs=abc"], "run.epochs is set twice, by --epochs and by epochs=abc: give it once"),
@@ -503,6 +515,35 @@ def test_a_pretrained_file_that_does_not_fit_names_the_model_kwargs_its_weights_
     assert "(208 in all); unexpected: " in line and "head." not in line  # the other class count is no misfit
     assert line.endswith("its weights show other settings: set model.kwargs.depths=[2,2,4,2]"), line
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_crossformer_pp_weights_for_a_v1_model_name_the_grouping_they_were_trained_with(
+        data: Path, tmp_path: Path, capsys) -> None:
+    """A ++ file (its activation cooling layers show) for a v1 model was told "set use_acl=true":
+    so built, the model loaded the weights and kept v1's group sizes, intervals and long-distance
+    groups, which no weight shows (2.5e-3 off the file's logits on the official ++ reference)."""
+    from crossformer.models import CrossFormer
+    from crossformer.variant_table import family_grouping
+
+    arch = {"embed_dim": 16, "depths": [1, 1, 4, 1], "num_heads": [1, 2, 4, 8]}  # depth 4: one ACL
+    torch.manual_seed(0)
+    source = CrossFormer(**arch, **family_grouping(True), use_acl=True, num_classes=3).eval()
+    pretrained = tmp_path / "pp.pth"
+    torch.save({"model": source.state_dict()}, pretrained)
+    grouping = "group_size=[4,4,14,7] interval=[4,2,1,1] long_distance=fixed_group"
+    line = one_error_line(capsys, ["train", *TINY_ARGS, "model.kwargs.depths=[1,1,4,1]", "--epochs", "1", "--data",
+                                   str(data), "--output", str(tmp_path / "run"), "--pretrained", str(pretrained)])
+    hinted = " ".join(f"model.kwargs.{s}" for s in f"use_acl=true {grouping}".split())
+    assert line.endswith(f"its weights show other settings: set {hinted}"), line
+    line = one_error_line(capsys, ["predict", str(data / "val" / "cat" / "0.png"), "--checkpoint", str(pretrained),
+                                   "--model", "crossformer_tiny", *(f"--model-arg={a}" for a in ("embed_dim=16",
+                                   "depths=[1,1,4,1]", "num_heads=[1,2,4,8]"))])
+    assert line.endswith(f"add {' '.join(f'--model-arg {s}' for s in f'use_acl=true {grouping}'.split())}"), line
+    built = CrossFormer(**arch, use_acl=True, group_size=[4, 4, 14, 7], interval=[4, 2, 1, 1],
+                        long_distance="fixed_group", num_classes=3).eval()
+    built.load_state_dict(source.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    assert torch.equal(built(x), source(x))
 
 
 def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(reference_dir: Path, data: Path,

@@ -520,6 +520,29 @@ def test_large_kernel_conv_under_bf16_autocast() -> None:
         assert (g - w).abs().max().item() <= 2e-2 * w.abs().max().item()
 
 
+@pytest.mark.parametrize("family", [{}, {"use_acl": True, "long_distance": "fixed_group"}])
+def test_backward_inside_the_autocast_block_equals_backward_after_it(family: dict) -> None:
+    # loss.backward() inside `with torch.autocast("cpu", dtype=torch.bfloat16):` (common in user
+    # code; fine for timm's Swin) raised "Input dtypes must be the same" in the attention's backward
+    torch.manual_seed(0)
+    model = CrossFormer(embed_dim=32, depths=(1, 1, 4, 1), num_heads=(1, 2, 4, 8), num_classes=5, **family).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def gradients(inside: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same stochastic depth draws
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().logsumexp(-1).mean()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    after, inside = gradients(False), gradients(True)
+    assert all(inside[name].dtype == torch.float32 and torch.equal(inside[name], after[name]) for name in after)
+
+
 def test_packed_weights_follow_the_weights() -> None:
     """Inference reuses oneDNN-packed weights, repacks after any change, frees them in training."""
     from crossformer.models import layers

@@ -693,10 +693,9 @@ class _DiskFullOnRank0(FakeTask):
 @pytest.mark.slow
 def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_its_line(tmp_path: Path) -> None:
     # rank 0 stopped alone; rank 1 waited for it after the checkpoint (until gloo saw rank 0 gone)
-    # (best.pth first: the run's one evaluation is its best, and last.pth must not record a best
-    # whose file is missing)
+    # (the first write: last.pth before the evaluation)
     proc = _torchrun_train(tmp_path, "_DiskFullOnRank0", "task: fake\nrun:\n  epochs: 1\n")
-    _assert_every_rank_stopped_with(proc, tmp_path, f"cannot write {tmp_path / 'ddp' / 'best.pth'}: no space left "
+    _assert_every_rank_stopped_with(proc, tmp_path, f"cannot write {tmp_path / 'ddp' / 'last.pth'}: no space left "
                                                     f"on the device; nothing was written")
 
 

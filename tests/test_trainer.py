@@ -404,6 +404,32 @@ def test_resuming_where_the_data_now_ends_earlier_restarts_the_epoch(tmp_path: P
             "restarting epoch 0 at update 0 of 8") in log
 
 
+def test_a_kill_during_or_after_an_evaluation_keeps_the_training_before_it(tmp_path: Path, monkeypatch) -> None:
+    # last.pth was written after the evaluation only: a kill during a long one (torchrun and
+    # batch schedulers kill 30 s after their SIGTERM) lost the epoch's training. Killed after
+    # the evaluation was logged, the resumed run's evaluation is its one record.
+    from crossformer.engine import trainer
+
+    save_atomic = trainer.save_atomic
+
+    def killed(state, path):
+        if state["global_step"] == 12 and "pending_evaluation" not in state:
+            raise _Stop  # the checkpoint after the second evaluation
+        return save_atomic(state, path)
+
+    monkeypatch.setattr(trainer, "save_atomic", killed)
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=3))
+    saved = load_training_state(tmp_path / "last.pth")
+    assert (saved["global_step"], "pending_evaluation" in saved) == (12, True)
+    assert [r["step"] for r in _records(tmp_path) if "val/score" in r] == [6, 12]
+    monkeypatch.setattr(trainer, "save_atomic", save_atomic)
+    train(FakeTask, fake_config(tmp_path, epochs=3, resume="auto"))
+    assert "evaluating " in (tmp_path / "log.txt").read_text()
+    assert [r["step"] for r in _records(tmp_path) if "val/score" in r] == [6, 12, 18]
+    assert [r["step"] for r in _records(tmp_path) if "train/lr" in r] == list(range(1, 19))
+
+
 def test_a_best_checkpoint_that_cannot_be_written_is_written_by_the_resumed_run(tmp_path: Path, monkeypatch) -> None:
     # last.pth was written first, recording the epoch as the best: resumed, the run never wrote best.pth
     from crossformer.atomic import OutputError
@@ -420,7 +446,8 @@ def test_a_best_checkpoint_that_cannot_be_written_is_written_by_the_resumed_run(
     scores = {"fake.scores": [0.3, 0.9, 0.5]}
     with pytest.raises(OutputError):
         train(FakeTask, fake_config(tmp_path, epochs=3, **scores))
-    assert load_training_state(tmp_path / "last.pth")["global_step"] == 6  # the epoch before
+    saved = load_training_state(tmp_path / "last.pth")  # before the evaluation, which the resume does again
+    assert (saved["global_step"], saved["pending_evaluation"] is not None) == (12, True)
     monkeypatch.setattr(trainer, "save_atomic", save_atomic)
     metrics = train(FakeTask, fake_config(tmp_path, epochs=3, resume="auto", **{"fake.scores": [0.9, 0.5]}))
     assert metrics["best_score"] == 0.9
@@ -612,6 +639,14 @@ def test_a_batch_without_a_usable_sample_is_not_trained_on(tmp_path: Path, monke
 def test_fewer_training_samples_than_a_batch_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"^fewer than one batch of 4 per process; lower --batch-size$"):
         train(FakeTask, fake_config(tmp_path, epochs=1, **{"fake.samples": 3}))
+    # under torchrun: "DIR has 5 images: fewer than one batch of 3 per process" (5 > 3: the
+    # processes' share was not said, nor that fewer of them would do too)
+    from crossformer.engine import require_one_batch
+
+    with pytest.raises(UserInputError, match=r"^DIR has 5 images over 2 processes, 2 each: fewer than one batch of 3 "
+                                             r"per process; lower --batch-size or run fewer processes$"):
+        require_one_batch(5, 3, 2, "DIR has 5 images")
+    require_one_batch(6, 3, 2, "DIR has 6 images")
 
 
 def test_resuming_another_tasks_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -19,6 +19,13 @@ _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1), use_acl=False, long_d
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_distance="fixed_group")
 
 
+def family_grouping(use_acl: bool) -> dict[str, Any]:
+    """The group sizes, intervals and long-distance groups of the family that has (CrossFormer++)
+    or lacks (v1) the activation cooling layer: what its weights were trained with."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in (_PP if use_acl else _V1).items() if key != "use_acl"}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One official model: its architecture and the figures published for it."""

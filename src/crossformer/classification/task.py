@@ -20,7 +20,7 @@ from ..data import (
     raise_or_count_unreadable,
 )
 from ..data.folder import left_out_notes
-from ..engine import DistContext, Task, move_to_device, require_model_files, resolve_precision
+from ..engine import DistContext, Task, move_to_device, require_model_files, require_one_batch, resolve_precision
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import CONFIG, AugmentConfig, ClassificationConfig, default_config
@@ -96,11 +96,8 @@ class ClassificationTask(Task):
             raise DataError(f"{self.train_set.split_dir} has one class folder ({self.classes[0]}); a classifier "
                             f"needs at least two")
         batch = c.run.batch_size
-        if len(self.train_set) // ctx.world_size < batch:
-            raise DataError(
-                f"{self.train_set.split_dir} has {len(self.train_set)} images: fewer than one batch of "
-                f"{batch} per process; lower --batch-size"
-            )
+        require_one_batch(len(self.train_set), batch, ctx.world_size,
+                          f"{self.train_set.split_dir} has {len(self.train_set)} images")
         self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
         val_sampler = ShardedSampler(len(self.val_set), ctx.rank, ctx.world_size, shuffle=False, pad=False)
         pin = ctx.device.type == "cuda"

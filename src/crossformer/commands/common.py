@@ -253,11 +253,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
             item = args[0] if args else str
             kwargs.update(type=item if item in (int, float) else str,
                           nargs="+" if len(args) != 2 or args[1] is Ellipsis else len(args))
-        elif base in (int, float):
-            kwargs.update(type=base)
+        elif base in (int, float, str):
+            nullable = len(options) == 1 and options != typing.get_args(hint)  # X | None: "null" gives None
+            kwargs.update(type=_or_null(base) if nullable else base)
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(**{CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
     _explain_model_flag(parser, config_cls, found)
+
+
+@functools.cache
+def _or_null(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a setting that may be null: ``null`` or ``none`` (as its help says,
+    and as YAML reads ``KEY=null``) is None, anything else ``kind(text)``."""
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() in ("null", "none", "~") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return convert
 
 
 def _scalar_or_its_tuple(options: list[Any]) -> type | None:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
 
-from ..models.layers import capturing_graph
+from ..models.layers import capturing_graph, without_autocast
 from ..models.layout import nchw_contiguous
 
 __all__ = ["roi_align", "MATMUL_BACKWARD_PIXELS", "THREADED_FORWARD_ROIS"]
@@ -115,6 +115,7 @@ class _RoIAlign(torch.autograd.Function):
         return _forward(features, rois, size, scale)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out: torch.Tensor):
         (rois,) = ctx.saved_tensors
         n, channels, height, width = ctx.shape

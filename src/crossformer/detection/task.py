@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
@@ -115,9 +115,8 @@ class DetectionTask(Task):
         require_objects(self.val_set)  # else every evaluation's AP is -1, and best.pth is kept by it
         if not self.train_set.object_count:  # else every update trains on background alone
             raise DataError(_nothing_to_train(self.train_set, c.model.kind))
-        if len(self.train_set) // ctx.world_size < batch:
-            raise DataError(f"{train_ann} has {len(self.train_set)} training images (with objects): fewer than one "
-                            f"batch of {batch} per process; lower --batch-size")
+        require_one_batch(len(self.train_set), batch, ctx.world_size,
+                          f"{train_ann} has {len(self.train_set)} training images (with objects)")
         # one orientation per batch, as mmdetection: less padding to the batch's largest sides
         self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed,
                                             groups=self.train_set.landscape, batch_size=batch)

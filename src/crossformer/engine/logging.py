@@ -71,18 +71,19 @@ class RunLogger:
             else:
                 self._writer = SummaryWriter(str(make_folder(self.output_dir / "tensorboard")))
 
-    def resume_at(self, step: int, restarted_epoch: int | None = None) -> None:
+    def resume_at(self, step: int, restarted_epoch: int | None = None, redo_evaluation: bool = False) -> None:
         """Forget the records of the steps after ``step`` (``metrics.jsonl`` and TensorBoard's):
         a run resumed from a checkpoint at ``step`` writes them again (a stop or a kill after the
         checkpoint had logged some already), and a line cut short by a kill goes too; with
         ``restarted_epoch``, the ``metrics.jsonl`` records of that epoch and later ones too (it is
-        trained again, its updates counted anew)."""
+        trained again, its updates counted anew); with ``redo_evaluation``, an evaluation's
+        record at ``step`` too (the checkpoint was written before it)."""
         if not self.enabled or self.output_dir is None:
             return
         path = self.output_dir / "metrics.jsonl"
         if path.is_file():
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-            kept = [line for line in lines if _kept(line, step, restarted_epoch)]
+            kept = [line for line in lines if _kept(line, step, restarted_epoch, redo_evaluation)]
             if kept != lines:
                 write_text_atomic(path, "".join(kept))
         if self._writer is not None:  # TensorBoard drops its events from purge_step on
@@ -140,12 +141,15 @@ class RunLogger:
             self._writer = None
 
 
-def _kept(line: str, step: int, restarted_epoch: int | None) -> bool:
+def _kept(line: str, step: int, restarted_epoch: int | None, redo_evaluation: bool = False) -> bool:
     """Whether a ``metrics.jsonl`` line stays at a resume (:meth:`RunLogger.resume_at`): a whole
-    record of a step up to ``step``, of an epoch before ``restarted_epoch`` where given."""
+    record of a step up to ``step``, of an epoch before ``restarted_epoch`` where given, and
+    with ``redo_evaluation`` no evaluation's (``val/`` values) at ``step``."""
     try:
         record = json.loads(line) if line.endswith("\n") else None
         if not isinstance(record, dict) or float(record["step"]) > step:
+            return False
+        if redo_evaluation and float(record["step"]) == step and any(key.startswith("val") for key in record):
             return False
         return restarted_epoch is None or int(record.get("epoch", -1)) < restarted_epoch
     except (ValueError, KeyError, TypeError):

@@ -24,7 +24,20 @@ from torch.utils.data import DataLoader
 from .distributed import DistContext
 from .logging import RunLogger, SkippedFiles
 
-__all__ = ["Task", "move_to_device"]
+__all__ = ["Task", "move_to_device", "require_one_batch"]
+
+
+def require_one_batch(samples: int, batch: int, world_size: int, what: str = "") -> None:
+    """A one-line :class:`~crossformer.errors.DataError` where ``samples`` training samples
+    give a process no whole batch of ``batch`` (``what``: e.g. ``"DIR has 5 images"``)."""
+    if samples // world_size >= batch:
+        return
+    from ..errors import DataError
+
+    each = f" over {world_size} processes, {samples // world_size} each" if world_size > 1 else ""
+    fewer = " or run fewer processes" if world_size > 1 else ""
+    raise DataError(f"{what + each + ': ' if what else ''}fewer than one batch of {batch} per process; "
+                    f"lower --batch-size{fewer}")
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -40,7 +40,7 @@ from .output import OutputBefore, claim_output
 from .optim import build_optimizer, scale_lr
 from .schedule import build_schedule
 from .seeding import capture_rng_state, deterministic_kernels, restore_rng_state, seed_everything
-from .task import Task
+from .task import Task, require_one_batch
 
 __all__ = ["Trainer", "train", "RunInterrupted", "CHECKPOINT_FORMAT"]
 
@@ -99,8 +99,8 @@ class Trainer:
             self._restore_run_counts(saved.get("run_counts", {}))  # none in a checkpoint from before they were kept
         self._check_data()
         self.batches_per_epoch = len(self.task.train_loader)
-        if self.batches_per_epoch < 1:
-            raise UserInputError(f"fewer than one batch of {run.batch_size} per process; lower --batch-size")
+        if self.batches_per_epoch < 1:  # a task without its own check (the tasks name their data)
+            require_one_batch(0, run.batch_size, self.ctx.world_size)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / run.accum_steps)
         self.total_updates = run.iterations or run.epochs * self.updates_per_epoch
         self._build_optimisation()
@@ -296,8 +296,9 @@ class Trainer:
                 restarted = None if run.by_iterations else self.epoch
                 self.log.info(f"{path} {restart_reason}: restarting epoch {self.epoch} "
                               f"at update {self.global_step} of {self.total_updates}")
-        # the records logged after the checkpoint come again, and a restarted epoch's all
-        self.log.resume_at(saved_step, restarted)
+        # the records logged after the checkpoint come again, a restarted epoch's all, and the
+        # evaluation still to do (a kill after it was logged, before the checkpoint after it)
+        self.log.resume_at(saved_step, restarted, redo_evaluation=self.pending_evaluation is not None)
         self.log.info(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}, step {self.global_step}")
 
     def _restore_run_counts(self, saved: dict[str, Any]) -> None:
@@ -467,15 +468,19 @@ class Trainer:
             self.on_step_end(self.global_step)
 
     def _evaluate_or_save(self, train_metrics: dict[str, float] | None = None) -> tuple[dict[str, float], bool]:
-        """:meth:`_report` of ``train_metrics`` (by default :meth:`_train_means`); if evaluation
-        fails on bad input, the training done is saved first, with the evaluation still to do
-        (:attr:`pending_evaluation`), which a resume does before it trains on."""
-        train_metrics = self._train_means() if train_metrics is None else train_metrics
+        """:meth:`_report` of ``train_metrics`` (by default :meth:`_train_means`). The training
+        done is saved first, with the evaluation still to do (:attr:`pending_evaluation`), which a
+        resume does before it trains on: a kill during a long evaluation (torchrun and batch
+        schedulers kill 30 s after their SIGTERM) or bad validation data loses none of it."""
+        if train_metrics is None:  # (else a resume's pending evaluation: its checkpoint holds it)
+            train_metrics = self._train_means()
+            self.pending_evaluation = dict(train_metrics)
+            self._save({})
         self.pending_evaluation = dict(train_metrics)
         try:
             reported = self._report(train_metrics)
         except UserInputError as err:  # raised on every rank when the task's evaluate agrees errors
-            raise self._saved_for_resume(err, "evaluation failed; ") from None
+            raise self._saved_for_resume(err, "evaluation failed; ") from None  # (saved again: --resume PATH)
         self.pending_evaluation = None
         return reported
 

@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .layers import alternative_wins, capturing_graph, may_time, seconds
+from .layers import alternative_wins, capturing_graph, may_time, seconds, without_autocast
 
 __all__ = ["biased_attention", "attention_choices"]
 
@@ -93,6 +93,7 @@ class _BiasedAttentionCPU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out: torch.Tensor):
         qkv, mask, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the explicit formula's gradients, with their graph

@@ -47,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "GEMM_BACKENDS", "GeluMlp", "LargeKernelConv2d", "ResidualDropPath", "capturing_graph", "conv_input",
-    "saved_copy",
+    "saved_copy", "without_autocast",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "hooked_within", "plain_linear",
     "call_linear",
@@ -75,6 +75,20 @@ def cpu_has_bf16_kernels() -> bool:
 
 # oneDNN's bf16 kernels need the CPU's support (avx512_bf16, AMX); elsewhere autocast keeps its path
 _BF16_GEMM = _LINEAR_POINTWISE is not None and cpu_has_bf16_kernels()
+
+
+def without_autocast(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """A custom ``autograd.Function``'s ``backward`` run with autocast off, as it runs when
+    ``loss.backward()`` is called after the ``autocast`` block: called inside it (common in
+    user code, and fine for timm's models), its products were cast to bf16 among float32
+    tensors (a dtype error, or gradients computed in bf16)."""
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
 
 
 def capturing_graph() -> bool:
@@ -540,6 +554,7 @@ class _MeasuredLinear(torch.autograd.Function):
         return measured_gemm("forward", rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out: torch.Tensor):
         rows, weight = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
@@ -865,6 +880,7 @@ class _LargeKernelConvCPU(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.conv

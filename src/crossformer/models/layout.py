@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .layers import capturing_graph
+from .layers import capturing_graph, without_autocast
 
 __all__ = ["nchw_contiguous", "nchw_cat", "STRIP_COPY_ELEMENTS", "STRIP_ELEMENTS"]
 
@@ -44,6 +44,7 @@ class _StripCat(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return grad_out.split(ctx.channels, dim=1)
 

@@ -491,12 +491,18 @@ def first_differences(weights: Mapping[str, torch.Tensor], expected: Mapping[str
 
 def settings_shown_by(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
     """``KEY=VALUE`` for each architecture setting (embed_dim, depths, num_heads, ...) that the
-    shapes of ``weights`` show and that differs from the model whose state dict is ``expected``."""
+    shapes of ``weights`` show and that differs from the model whose state dict is ``expected``.
+    Where that is ``use_acl`` (CrossFormer++ weights for a v1 model, or back), the grouping of
+    the weights' family too (group sizes, intervals, long-distance groups): no weight shows it,
+    and the model built with ``use_acl`` alone would load them and compute another function."""
+    from ..variant_table import family_grouping
     from .variants import architecture_of
 
     file_settings, model_settings = architecture_of(weights), architecture_of(expected)
-    return [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in file_settings.items()
-            if k in model_settings and v != model_settings[k]]
+    differing = {k: v for k, v in file_settings.items() if k in model_settings and v != model_settings[k]}
+    if "use_acl" in differing:
+        differing.update(family_grouping(differing["use_acl"]))
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in differing.items()]
 
 
 def load_pretrained(model: nn.Module, path: str | Path, settings_key: str, note: Callable[[str], None] | None = None,

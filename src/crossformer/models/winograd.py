@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .layers import cached_on_weights, capturing_graph, measured_gemm
+from .layers import cached_on_weights, capturing_graph, measured_gemm, without_autocast
 from .layout import nchw_cat
 
 __all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight", "winograd_weight_grad"]
@@ -281,6 +281,7 @@ class _WinogradConvCPU(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast
     def backward(ctx, grad_out: torch.Tensor):
         padded, weight, transformed = ctx.saved_tensors
         out_channels, in_channels = weight.shape[:2]

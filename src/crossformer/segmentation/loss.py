@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.layers import without_autocast
 from .bands import BAND_ELEMENTS, bilinear_matrix, row_bands
 
 __all__ = ["resized_cross_entropy"]
@@ -54,7 +55,7 @@ class _ResizedCrossEntropy(torch.autograd.Function):
         return total.to(logits.dtype)
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
+    @without_autocast
     def backward(ctx, grad_total: torch.Tensor):
         logits, labels = ctx.saved_tensors
         height, width = labels.shape[1:]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable
 from ..data.folder import left_out_notes
-from ..engine import DistContext, Task, require_model_files, resolve_precision, start_from
+from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, start_from
 from ..engine import train as train_task
 from ..errors import UserInputError
 from .config import CONFIG, SegDataConfig, SegmentationConfig, SegModelConfig
@@ -151,11 +151,8 @@ class SegmentationTask(Task):
                 f"stride-32 map), which needs at least {self.min_batch} images per process; use --batch-size {self.min_batch} "
                 "or more (or run.accum_steps for a larger batch)"
             )
-        if len(self.train_set) // ctx.world_size < batch:
-            raise DataError(
-                f"{self.train_set.image_dir} has {len(self.train_set)} images: fewer than one batch of {batch} "
-                "per process; lower --batch-size"
-            )
+        require_one_batch(len(self.train_set), batch, ctx.world_size,
+                          f"{self.train_set.image_dir} has {len(self.train_set)} images")
         self.train_sampler = ShardedSampler(len(self.train_set), ctx.rank, ctx.world_size, shuffle=True, seed=c.run.seed)
         self.train_loader = build_loader(
             self.train_set, batch, self.train_sampler, c.run.num_workers, c.run.seed, drop_last=True,
