@@ -502,6 +502,23 @@ def test_a_pretrained_head_of_another_class_count_is_one_logged_line(data: Path,
         load_checkpoint(CrossFormer(**kwargs, num_classes=3), pretrained)
 
 
+def test_a_pretrained_head_of_other_classes_as_many_is_said(data: Path, tmp_path: Path, capsys) -> None:
+    # a checkpoint of as many classes, other ones (bird, cat, dog against cat, dog, eel): the
+    # head was kept by position without a word, "bird" now starting "cat"
+    from crossformer.models import CrossFormer
+
+    kwargs = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "group_size": [4, 4, 2, 1],
+              "interval": [2, 2, 1, 1]}
+    pretrained = tmp_path / "birds.pth"
+    torch.save({"model": CrossFormer(**kwargs, num_classes=3).state_dict(), "class_names": ["bird", "cat", "dog"]},
+               pretrained)
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--pretrained", str(pretrained)]) == 0
+    note = (f"{pretrained}: its head, of as many classes, was trained on other ones; each class starts from the row "
+            f"in its place (cat <- bird, dog <- cat, eel <- dog)")
+    assert note in capsys.readouterr().out and note in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_pretrained_file_that_does_not_fit_names_the_model_kwargs_its_weights_show(
         reference_dir: Path, data: Path, tmp_path: Path, capsys) -> None:
     """train --pretrained v1_cls.pth on a model of other depths listed 20 of its 130 unexpected

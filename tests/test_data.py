@@ -112,6 +112,29 @@ def test_linked_folders_are_followed_but_a_link_back_up_is_refused(tmp_path: Pat
     assert "\n" not in str(err.value)
 
 
+def test_a_class_folder_linked_to_a_missing_place_is_named(tmp_path: Path) -> None:
+    # a class kept on an unmounted drive left the labels without a word (3 classes, not 4)
+    make_image_folder(tmp_path, {"train": 1})
+    (tmp_path / "train" / "zebra").symlink_to(tmp_path / "unmounted" / "zebra", target_is_directory=True)
+    line = f"{tmp_path / 'train' / 'zebra'} links to {tmp_path / 'unmounted' / 'zebra'}, which does not exist: "
+    with pytest.raises(DataError, match=f"^{re.escape(line)}mount or restore it, or delete the link$"):
+        ImageFolderDataset(tmp_path, "train")
+
+
+def test_a_class_folder_spelt_in_other_unicode_characters_is_named_as_such(tmp_path: Path) -> None:
+    # "val lacks class folder 'ému'" while a folder looking the same was there (macOS writes NFD)
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "ému")
+    make_image_folder(tmp_path, {"train": 1}, classes=("cat", nfc))
+    make_image_folder(tmp_path, {"val": 1}, classes=("cat", unicodedata.normalize("NFD", nfc)))
+    nfd = unicodedata.normalize("NFD", nfc)
+    line = (f"lacks class folder {nfc!r} (1 of 2 classes missing) ({nfd!r} has it in other Unicode characters: rename "
+            f"it as the training folder spells it)")
+    with pytest.raises(DataError, match=re.escape(line)):
+        ImageFolderDataset(tmp_path, "val", classes=["cat", nfc])
+
+
 @pytest.mark.parametrize(
     "layout, message",
     [

@@ -318,6 +318,22 @@ def test_boxes_without_area_dropped_and_outside_clipped_with_a_count(tmp_path):
     assert ds[0].boxes.tolist() == [[2, 3, 12, 11], [30, 20, 40, 30]]
 
 
+def test_images_training_leaves_out_are_counted(tmp_path):
+    # "8 train / 11 val images", and no word of the three the training set left out
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": w, "height": h}
+              for i, (w, h) in enumerate([(40, 40), (40, 40), (20, 20), (31, 40)], start=1)]
+    (tmp_path / "img").mkdir()
+    for image in images:
+        Image.new("RGB", (image["width"], image["height"])).save(tmp_path / "img" / image["file_name"])
+    annotations = [_ann(1, [2, 3, 10, 8]), {**_ann(2, [2, 3, 5, 5]), "image_id": 3}, {**_ann(3, [2, 3, 5, 5]), "image_id": 4}]
+    path = _write_coco(tmp_path, annotations, images=images)
+    lines: list[str] = []
+    assert len(CocoDetection(path, tmp_path / "img", train=True, log=lines.append)) == 1
+    assert lines == ["ann.json: training leaves out 1 without annotations and 2 under 32 px a side (as mmdetection)"]
+    lines.clear()
+    assert len(CocoDetection(path, tmp_path / "img", log=lines.append)) == 4 and lines == []  # evaluation keeps all
+
+
 def test_unreadable_image_is_a_failure_the_main_process_raises_or_counts(tmp_path):
     path = _write_coco(tmp_path, [_ann(1, [2, 3, 10, 8])])
     (tmp_path / "img" / "a.jpg").write_bytes(b"not an image")

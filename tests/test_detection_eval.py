@@ -47,6 +47,20 @@ def test_ground_truth_detector_scores_ap_one(coco_root, tmp_path):
     gt.loadRes(results)  # a valid COCO results file
 
 
+def test_an_object_of_annotation_id_0_is_found_too(coco_root, tmp_path):
+    # COCOeval takes a matched ground truth id of 0 for "not matched": files numbering their
+    # annotations from 0 (many converters do) lost that object and scored its detection a false positive
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    ann_file = coco_paths(root, "val")[0]
+    data = json.loads(ann_file.read_text())
+    for number, ann in enumerate(data["annotations"]):
+        ann["id"] = number
+    ann_file.write_text(json.dumps(data))
+    metrics = evaluate_detector(GroundTruthDetector(root), _val_set(root), batch_size=2)
+    assert (metrics["bbox_mAP"], metrics["bbox_AR_100"], metrics["segm_mAP"]) == pytest.approx((1.0, 1.0, 1.0))
+
+
 def test_box_only_detector_gets_box_metrics_only_and_misses_lower_recall(coco_root):
     metrics = evaluate_detector(GroundTruthDetector(coco_root, with_masks=False, drop_every=2), _val_set(coco_root))
     assert not any(k.startswith("segm_") for k in metrics)

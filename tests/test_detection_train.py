@@ -268,9 +268,12 @@ def test_a_validation_file_of_some_of_the_categories_is_evaluated_over_those(coc
     assert metrics["val/bbox_mAP"] >= 0
     note = "instances_val2017.json has no category 'rectangle' of the detector's 4: evaluated over the 3 it has"
     assert note in (tmp_path / "run" / "log.txt").read_text()
+    capsys.readouterr()
+    # on stderr, with --json too (it was left out there: stdout held the JSON alone, stderr nothing)
     assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "run" / "last.pth"),
-                 "--data", str(fewer), "--results", str(tmp_path / "r.json")]) == 0
-    assert note in capsys.readouterr().out
+                 "--data", str(fewer), "--results", str(tmp_path / "r.json"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count(f"warning: {note}") == 1 and "bbox_mAP" in json.loads(captured.out)
     names = ["circle", "rectangle", "triangle", "star"]  # the training file's
     val = CocoDetection(fewer / "annotations" / "instances_val2017.json", fewer / "val2017", classes=names)
     assert (val.class_names, val.cat_ids, val.absent_classes) == (names, [1, None, 6, 9], ["rectangle"])
@@ -505,6 +508,28 @@ def test_init_from_fine_tunes_a_whole_detector_of_other_classes(coco: Path, tmp_
         DetectionTask(replace(config, model=replace(config.model, init_from=str(backbone))), DistContext())
     with pytest.raises(UserInputError, match="model.pretrained and model.init_from are both set"):
         resolve_config(str(tmp_path / "c.yaml"), {"model.init_from": str(same), "model.pretrained": str(backbone)})
+
+
+def test_init_from_a_detector_of_the_same_classes_in_another_order_labels_the_data_in_its_order(
+        coco: Path, tmp_path: Path) -> None:
+    # the file's categories were labelled in their own order: a checkpoint naming them in
+    # another started every class from another's classifier rows (mAP 0.08 against 0.39)
+    config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "run")
+    names = ["star", "triangle", "rectangle", "circle"]  # the file's, ids 1, 3, 6, 9, reversed
+    whole = tmp_path / "reversed.pth"
+    torch.save({"state_dict": build_configured_detector(config.model, 4, pretrained=False).state_dict(),
+                "meta": {"CLASSES": names}}, whole)
+    task = DetectionTask(replace(config, model=replace(config.model, init_from=str(whole))), DistContext())
+    assert task.train_set.class_names == task.val_set.class_names == task.class_names == names
+    assert (task.train_set.cat_ids, task.val_set.cat_ids) == ([9, 6, 3, 1], [9, 6, 3, 1])
+    assert (f"{task.train_set.ann_file} numbers the classes of {whole} in another order: labelled in the "
+            f"checkpoint's order (star, triangle, rectangle, circle)") in task.notes
+    # a checkpoint of more classes (the file some of them): the file's own order, the heads afresh
+    torch.save({"state_dict": build_configured_detector(config.model, 5, pretrained=False).state_dict(),
+                "meta": {"CLASSES": [*names, "moon"]}}, whole)
+    task = DetectionTask(replace(config, model=replace(config.model, init_from=str(whole))), DistContext())
+    assert task.train_set.class_names == ["circle", "rectangle", "triangle", "star"]
+    assert not any("another order" in note for note in task.notes)
 
 
 def test_resume_needs_no_init_from_file(coco: Path, tmp_path: Path, capsys) -> None:

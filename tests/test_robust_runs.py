@@ -1195,6 +1195,10 @@ def test_the_demo_says_where_its_logs_are_and_replaces_its_own_run(data: Path, t
     (["train", "--bogus"], "crossformer train: error: unrecognized arguments: --bogus (see crossformer train --help)"),
     (["evaluate", "--amp", "fp8"], "crossformer evaluate: error: argument --amp: invalid choice: 'fp8'"),
     (["bogus"], "crossformer: error: argument COMMAND: invalid choice: 'bogus'"),
+    # a flag of the classifier's, refused for a detection config: the help with the config lists its flags
+    (["evaluate", "--config", "mask_rcnn_shapes_demo", "--checkpoint", "x.pth", "--batch-size", "2"],
+     "crossformer evaluate: error: unrecognized arguments: --batch-size (see crossformer evaluate --config "
+     "mask_rcnn_shapes_demo --help)"),
 ])
 def test_argparse_errors_are_one_line_pointing_at_help(argv: list[str], message: str, capsys) -> None:
     # argparse printed its usage block first: 40 lines for train

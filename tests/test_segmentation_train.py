@@ -343,6 +343,23 @@ def test_init_from_fine_tunes_a_whole_segmentor_of_other_classes(ade: Path, tmp_
         SegmentationTask(_config(tmp_path / "run", ade, **{"model.init_from": str(whole)}), DistContext())
 
 
+def test_init_from_a_segmentor_of_the_same_classes_in_another_order_keeps_each_class_its_row(ade: Path,
+                                                                                             tmp_path: Path) -> None:
+    # the classifier rows were loaded by position: each class started from another's weights
+    config = _config(tmp_path / "run", ade)
+    names = list(SegmentationTask(config, DistContext()).train_set.classes)
+    torch.manual_seed(1)
+    source = build_model(config.model, len(names)).state_dict()
+    whole = tmp_path / "reversed.pth"
+    torch.save({"model": source, "meta": {"classes": names[::-1]}}, whole)
+    task = SegmentationTask(_config(tmp_path / "run", ade, **{"model.init_from": str(whole)}), DistContext())
+    mine = task.model.state_dict()
+    reordered = [k for k in mine if ".conv_seg." in k]
+    assert len(reordered) == 4 and all(torch.equal(mine[k], source[k].flip(0)) for k in reordered)
+    assert all(torch.equal(mine[k], source[k]) for k in mine if k not in reordered)
+    assert f"{whole} names the classes in another order: its classifier rows are put in the data's" in task.notes
+
+
 @pytest.mark.slow
 def test_torchrun_names_the_unreadable_validation_files_of_every_rank(ade: Path, tmp_path: Path) -> None:
     # With --skip-corrupt, the check before training named in log.txt only the files of rank 0's

@@ -53,17 +53,19 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     # why the --checkpoint the task (and so the flags) was to come from cannot be read, where it cannot
     missing_checkpoint: str | None = None
+    # the --config or --checkpoint that chose the flags: the help to see lists those
+    flags_from: str = ""
 
     def error(self, message: str) -> NoReturn:
         if self.missing_checkpoint and message.startswith("unrecognized arguments"):
             raise UserInputError(f"{self.missing_checkpoint} (so the flags of its task are unknown: {message})")
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog}{self.flags_from} --help)\n")
 
 
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and each command's own; the task-aware commands get the flags of the task
     ``--config`` in ``argv`` names."""
-    from .commands.common import add_config_argument, config_task, help_config
+    from .commands.common import add_config_argument, config_task, help_config, task_flags_source
 
     argv = list(argv)
     task = config_task(argv)
@@ -82,6 +84,7 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         command = sub.add_parser(name, help=help_text, description=summary, allow_abbrev=False)
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task, shown_config)
+            command.flags_from = task_flags_source(argv)
         else:
             module.add_arguments(command)
         command.set_defaults(_run=module.run)

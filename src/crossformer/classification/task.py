@@ -107,13 +107,21 @@ class ClassificationTask(Task):
         self.val_loader = build_loader(self.val_set, batch, val_sampler, workers, seed, drop_last=False, pin_memory=pin)
 
     def _build_model(self) -> None:
-        from ..models.weights import load_pretrained
+        from ..errors import listing
+        from ..models.weights import load_pretrained, read_checkpoint
 
         c = self.config
         model = create_classifier(c.model.name, len(self.classes), c.model.drop_path, c.model.kwargs,
                                   img_size=c.data.size_hw)
         if c.model.pretrained:
-            load_pretrained(model, c.model.pretrained, "model.kwargs", note=self.notes.append)
+            checkpoint = read_checkpoint(c.model.pretrained)
+            load_pretrained(model, c.model.pretrained, "model.kwargs", note=self.notes.append, checkpoint=checkpoint)
+            trained = checkpoint.get("class_names")
+            if isinstance(trained, (list, tuple)) and len(trained) == len(self.classes) and list(trained) != list(self.classes):
+                # the head was loaded by position: say whose rows each class starts from
+                pairs = [f"{mine} <- {theirs}" for mine, theirs in zip(self.classes, trained) if mine != theirs]
+                self.notes.append(f"{c.model.pretrained}: its head, of as many classes, was trained on other ones; each "
+                                  f"class starts from the row in its place ({listing(pairs, 3)})")
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast

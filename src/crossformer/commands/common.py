@@ -379,6 +379,18 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def task_flags_source(argv: list[str]) -> str:
+    """`` --config NAME`` or `` --checkpoint FILE`` where ``argv`` gives the one that chooses its
+    task's flags (:func:`config_task`), else ``""``: a help that lists those flags needs it too."""
+    for flag in ("--config", "--checkpoint"):
+        value = _flag_value(argv, flag)
+        if value is not None:
+            import shlex
+
+            return f" {flag} {shlex.quote(value)}"
+    return ""
+
+
 def config_task(argv: list[str]) -> str:
     """The task of the ``--config`` named in ``argv`` (read before the full parser exists,
     since the flags depend on the task), else the task our ``--checkpoint`` records, else

@@ -8,6 +8,7 @@ class. Problems are :class:`DataError` with one line naming the file or folder.
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -269,7 +270,14 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """The class folders' names, sorted; a link whose target is gone (an unmounted drive) is
+    a one-line :class:`DataError`, not a class silently left out of the labels."""
+    entries = [d for d in split_dir.iterdir() if not d.name.startswith(".")]
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            raise DataError(f"{entry} links to {os.readlink(entry)}, which does not exist: mount or restore it, or "
+                            f"delete the link")
+    return sorted(d.name for d in entries if d.is_dir())
 
 
 def training_classes(root: str | Path) -> list[str]:
@@ -306,8 +314,12 @@ class ImageFolderDataset(Dataset):
         if classes is not None:
             missing = [c for c in self.classes if c not in found]
             if missing:
+                # a folder copied from macOS may spell "é" as "e" + accent: alike on screen, another name
+                alike = {unicodedata.normalize("NFC", f): f for f in found}.get(unicodedata.normalize("NFC", missing[0]))
+                how = (f" ({alike!r} has it in other Unicode characters: rename it as the training folder spells it)"
+                       if alike is not None else "")
                 raise DataError(f"{self.split_dir} lacks class folder {missing[0]!r} ({len(missing)} of "
-                                f"{len(self.classes)} classes missing); every split needs the training classes")
+                                f"{len(self.classes)} classes missing){how}; every split needs the training classes")
             extra = [c for c in found if c not in self.classes]
             if extra:
                 raise DataError(f"{self.split_dir / extra[0]} is not a training class; remove it or add it to train/")

@@ -44,6 +44,16 @@ def _kind_of(keys: list[str]) -> str:
     return "unknown"
 
 
+def recorded_class_names(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The class names a detector checkpoint (or its plain entries) records, in label order:
+    ours in ``class_names``, mmdet's in ``meta["CLASSES"]``; None where it records none."""
+    if "class_names" in checkpoint:
+        return [str(name) for name in checkpoint["class_names"]]
+    meta = checkpoint.get("meta")
+    classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    return [str(name) for name in classes] if classes else None
+
+
 def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: str) -> None:
     meta = checkpoint.get("meta")
     classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None

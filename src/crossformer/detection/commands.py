@@ -153,8 +153,8 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         ground_truth = load_ground_truth(ann_file, loaded.detector.has_masks)
         logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
         absent = dataset.absent_note()
-        if absent is not None:
-            logger.info(absent)
+        if absent is not None and ctx.is_main:  # on stderr, as segmentation's: stdout may hold the JSON alone
+            print(f"warning: {absent}", file=sys.stderr, flush=True)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),

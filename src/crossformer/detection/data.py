@@ -356,8 +356,14 @@ class CocoDetection(Dataset):
         self.shapeless_masks = 0  # objects left out for want of a polygon of 3 points (counted by _parse)
         self.records, dropped, clipped = self._parse(data)
         if train:
+            empty = sum(not r.has_annotations for r in self.records)
+            small = sum(r.has_annotations and min(r.height, r.width) < MIN_TRAIN_IMAGE_SIZE for r in self.records)
             self.records = [r for r in self.records if r.has_annotations
                             and min(r.height, r.width) >= MIN_TRAIN_IMAGE_SIZE]
+            if (empty or small) and log is not None:  # else images vanish from the count without a word
+                reasons = [f"{n} {why}" for n, why in ((empty, "without annotations"),
+                                                       (small, f"under {MIN_TRAIN_IMAGE_SIZE} px a side")) if n]
+                log(f"{self.ann_file.name}: training leaves out {' and '.join(reasons)} (as mmdetection)")
         if (dropped or clipped) and log is not None:
             log(f"{self.ann_file.name}: dropped {dropped} boxes with no area or outside their image, "
                 f"clipped {clipped} boxes to their image (as mmdetection)")

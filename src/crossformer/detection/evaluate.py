@@ -99,7 +99,8 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     is checked as training checks it (an RLE of another size than its image would silently
     match nothing); polygons of fewer than 3 points are left out (pycocotools fails on them,
     or reads 2 points as a box), and an object left with none has an empty mask (its box is
-    still evaluated)."""
+    still evaluated). Annotation ids are renumbered from 1: COCOeval takes an object of id 0
+    (converters often number from 0) for "not matched", so it never counted as found."""
     data = load_coco_json(ann_file)
     if with_masks:
         images = {image["id"]: image for image in data["images"]}
@@ -109,6 +110,8 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
             where = f"{ann_file}: annotation {ann['id']} of image {image['file_name']}"
             ann["segmentation"] = (annotation_segmentation(ann, height, width, where)
                                    or {"size": [height, width], "counts": [height * width]})
+    for number, ann in enumerate(data["annotations"], start=1):  # after the messages naming the file's ids
+        ann["id"] = number
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints what it does

@@ -20,10 +20,11 @@ import torch.nn as nn
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
 from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, start_from
 from ..engine import train as train_task
+from ..checkpoint_files import peek_checkpoint
 from ..errors import UserInputError
 from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
-from .checkpoint import load_detector_state
+from .checkpoint import load_detector_state, recorded_class_names
 from .classes import first_category_difference
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector, load_ground_truth, require_objects
@@ -88,9 +89,7 @@ class DetectionTask(Task):
         with_masks = c.model.kind != "retinanet"
         train_ann, train_images = data_paths(c.data, "train")
         val_ann, val_images = data_paths(c.data, "val")
-        self.train_set = CocoDetection(train_ann, train_images, train=True, with_masks=with_masks,
-                                       transform=c.data.train_transform(), log=self.notes.append,
-                                       skip_missing=c.data.skip_corrupt)
+        self.train_set = self._training_set(train_ann, train_images, with_masks)
         # COCOeval reads the ground truth from the file: evaluation needs no decoded masks.
         # labelled by the training file's names: the two files may number the categories differently
         self.val_set = CocoDetection(val_ann, val_images, with_masks=False, transform=c.data.test_transform(),
@@ -128,6 +127,28 @@ class DetectionTask(Task):
         self.started_from = c.model.init_from and start_from(detector, c.model.init_from, _fine_tune_load)
         self.model = ctx.sync_batchnorm(detector).to(ctx.device)  # the cascade heads' BatchNorm
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
+
+    def _training_set(self, train_ann: str, train_images: str, with_masks: bool) -> CocoDetection:
+        """The training file's images, labelled in ``model.init_from``'s class order where the
+        file names the same classes (else in the file's): a checkpoint's classifier rows are
+        its classes', and a file numbering them otherwise would start each class from another's."""
+        c = self.config
+        start = recorded_class_names(peek_checkpoint(c.model.init_from)) if c.model.init_from else None
+
+        def read(classes: list[str] | None) -> CocoDetection:
+            return CocoDetection(train_ann, train_images, train=True, with_masks=with_masks, classes=classes,
+                                 transform=c.data.train_transform(), log=self.notes.append,
+                                 skip_missing=c.data.skip_corrupt)
+
+        said = len(self.notes)
+        dataset = read(start)
+        if start is not None and dataset.absent_classes:  # some of its classes only: the file's own order
+            del self.notes[said:]
+            dataset = read(None)
+        elif dataset.cat_ids != sorted(dataset.cat_ids):
+            self.notes.append(f"{train_ann} numbers the classes of {c.model.init_from} in another order: "
+                              f"labelled in the checkpoint's order ({', '.join(dataset.class_names)})")
+        return dataset
 
     # the Task interface ---------------------------------------------------------------
 

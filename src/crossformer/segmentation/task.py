@@ -8,7 +8,8 @@ single-scale mIoU on the validation split and keeps ``best.pth`` by it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from .data import (
     EvaluationStops, SegBatch, SegmentationDataset, absent_classes_note, ade20k_dataset, check_batch, collate_segmentation,
     skipped_file,
 )
-from .checkpoint import load_segmentor_state
+from .checkpoint import CLASS_LAYERS, load_segmentor_state, read_segmentation_meta
 from .colours import hex_colour
 from .evaluate import SegMetrics, evaluate_segmentor
 from .segmentor import Segmentor, build_segmentor
@@ -73,8 +74,23 @@ def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmen
     )
 
 
-def _fine_tune_load(segmentor: nn.Module, checkpoint: dict[str, Any], source: str) -> list[str]:
-    """``model.init_from``: a whole segmentor, classifiers of another class count left fresh."""
+def _fine_tune_load(segmentor: nn.Module, checkpoint: dict[str, Any], source: str, class_names: Sequence[str] = (),
+                    note: Callable[[str], None] | None = None) -> list[str]:
+    """``model.init_from``: a whole segmentor, classifiers of another class count left fresh;
+    where the checkpoint names the data's ``class_names`` in another order, its classifier rows
+    are put in the data's (a label map's value k is the data's class k)."""
+    recorded = read_segmentation_meta(checkpoint)["classes"]
+    entry = next((key for key in ("model", "state_dict") if isinstance(checkpoint.get(key), dict)), None)
+    if entry and recorded and list(recorded) != list(class_names) and sorted(recorded) == sorted(class_names):
+        row = {name: i for i, name in enumerate(recorded)}
+        order = torch.tensor([row[name] for name in class_names])
+        state = dict(checkpoint[entry])
+        for key, value in state.items():
+            if any(f"{layer}." in key for layer in CLASS_LAYERS) and value.shape[:1] == order.shape:
+                state[key] = value[order]
+        checkpoint = {**checkpoint, entry: state}
+        if note is not None:
+            note(f"{source} names the classes in another order: its classifier rows are put in the data's")
     return load_segmentor_state(segmentor, checkpoint, source, other_classes=True)
 
 
@@ -159,7 +175,8 @@ class SegmentationTask(Task):
             pin_memory=ctx.device.type == "cuda", collate_fn=collate_segmentation, seed_each_sample=True,
         )
         model = build_model(c.model, self.train_set.num_classes)
-        self.started_from = c.model.init_from and start_from(model, c.model.init_from, _fine_tune_load)
+        load = functools.partial(_fine_tune_load, class_names=self.train_set.classes, note=self.notes.append)
+        self.started_from = c.model.init_from and start_from(model, c.model.init_from, load)
         self.model = ctx.sync_batchnorm(model).to(ctx.device)
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
         self.inference = c.test.inference()
