@@ -358,10 +358,15 @@ def test_a_flag_of_a_setting_that_may_be_null_takes_null() -> None:
     from crossformer.commands.common import command_line_settings
 
     for word in ("null", "none", "None"):
-        args = parse_command_line(["train", "--auto-augment", word, "--clip-grad", word])
-        assert command_line_settings(args, args.overrides) == {"augment.auto_augment": None, "run.clip_grad": None}
+        args = parse_command_line(["train", "--auto-augment", word])
+        assert command_line_settings(args, args.overrides) == {"augment.auto_augment": None}
     args = parse_command_line(["train", "--auto-augment", "augmix-m5-w4-d2", "--clip-grad", "1"])
     assert command_line_settings(args, args.overrides) == {"augment.auto_augment": "augmix-m5-w4-d2", "run.clip_grad": 1.0}
+    # a setting that may not be null keeps the word (a first version took "none" as None everywhere)
+    args = parse_command_line(["train", "--device", "none", "--output", "~"])
+    assert command_line_settings(args, args.overrides) == {"run.device": "none", "run.output": "~"}
+    with pytest.raises(SystemExit):
+        parse_command_line(["train", "--batch-size", "none"])  # argparse's "invalid int value"
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -517,6 +522,21 @@ def test_a_pretrained_head_of_other_classes_as_many_is_said(data: Path, tmp_path
     note = (f"{pretrained}: its head, of as many classes, was trained on other ones; each class starts from the row "
             f"in its place (cat <- bird, dog <- cat, eel <- dog)")
     assert note in capsys.readouterr().out and note in (tmp_path / "run" / "log.txt").read_text()
+    # the data's classes in another order: each class its own row (detection and segmentation do so too)
+    from crossformer.classification.task import ClassificationTask
+    from crossformer.cli import parse_command_line
+    from crossformer.commands.common import command_line_settings
+    from crossformer.engine import DistContext
+    from crossformer.engine.registry import resolve_config
+
+    source = CrossFormer(**kwargs, num_classes=3).state_dict()
+    torch.save({"model": source, "class_names": ["eel", "cat", "dog"]}, pretrained)
+    args = parse_command_line(["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "again"),
+                               "--pretrained", str(pretrained)])
+    task = ClassificationTask(resolve_config(None, command_line_settings(args, args.overrides)).config, DistContext())
+    head = task.model.get_classifier()
+    assert torch.equal(head.weight, source["head.weight"][[1, 2, 0]]) and torch.equal(head.bias, source["head.bias"][[1, 2, 0]])
+    assert f"{pretrained} names the classes in another order: its head's rows are put in the data's" in task.notes
 
 
 def test_a_pretrained_file_that_does_not_fit_names_the_model_kwargs_its_weights_show(
@@ -561,6 +581,14 @@ def test_crossformer_pp_weights_for_a_v1_model_name_the_grouping_they_were_train
     built.load_state_dict(source.state_dict())
     x = torch.randn(1, 3, 64, 96)
     assert torch.equal(built(x), source(x))
+    # our checkpoint records its grouping: that one, not the family's
+    kwargs = {**arch, "use_acl": True, "group_size": [4, 4, 2, 1], "interval": [2, 2, 1, 1]}
+    torch.save({"model": CrossFormer(**kwargs, num_classes=3).state_dict(), "model_name": "crossformer_tiny",
+                "model_kwargs": kwargs}, pretrained)
+    line = one_error_line(capsys, ["train", *TINY_ARGS, "model.kwargs.depths=[1,1,4,1]", "--epochs", "1", "--data",
+                                   str(data), "--output", str(tmp_path / "run"), "--pretrained", str(pretrained)])
+    assert line.endswith("set model.kwargs.use_acl=true model.kwargs.group_size=[4,4,2,1] model.kwargs.interval=[2,2,1,1] "
+                         "model.kwargs.long_distance=fixed_interval"), line
 
 
 def test_a_file_that_does_not_fit_the_model_args_is_one_line_with_a_hint(reference_dir: Path, data: Path,

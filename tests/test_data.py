@@ -119,6 +119,10 @@ def test_a_class_folder_linked_to_a_missing_place_is_named(tmp_path: Path) -> No
     line = f"{tmp_path / 'train' / 'zebra'} links to {tmp_path / 'unmounted' / 'zebra'}, which does not exist: "
     with pytest.raises(DataError, match=f"^{re.escape(line)}mount or restore it, or delete the link$"):
         ImageFolderDataset(tmp_path, "train")
+    # a link named as a file is a stray file, passed over as one
+    (tmp_path / "train" / "zebra").unlink()
+    (tmp_path / "train" / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")
+    assert ImageFolderDataset(tmp_path, "train").classes == ["cat", "dog", "eel"]
 
 
 def test_a_class_folder_spelt_in_other_unicode_characters_is_named_as_such(tmp_path: Path) -> None:

@@ -517,13 +517,23 @@ def test_init_from_a_detector_of_the_same_classes_in_another_order_labels_the_da
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", coco, tmp_path / "run")
     names = ["star", "triangle", "rectangle", "circle"]  # the file's, ids 1, 3, 6, 9, reversed
     whole = tmp_path / "reversed.pth"
-    torch.save({"state_dict": build_configured_detector(config.model, 4, pretrained=False).state_dict(),
-                "meta": {"CLASSES": names}}, whole)
-    task = DetectionTask(replace(config, model=replace(config.model, init_from=str(whole))), DistContext())
-    assert task.train_set.class_names == task.val_set.class_names == task.class_names == names
-    assert (task.train_set.cat_ids, task.val_set.cat_ids) == ([9, 6, 3, 1], [9, 6, 3, 1])
-    assert (f"{task.train_set.ann_file} numbers the classes of {whole} in another order: labelled in the "
-            f"checkpoint's order (star, triangle, rectangle, circle)") in task.notes
+    state = {"state_dict": build_configured_detector(config.model, 4, pretrained=False).state_dict(),
+             "meta": {"CLASSES": names}}
+    for legacy in (True, False):  # the authors' files of torch < 1.6 have no structure to peek at
+        torch.save(state, whole, _use_new_zipfile_serialization=not legacy)
+        task = DetectionTask(replace(config, model=replace(config.model, init_from=str(whole))), DistContext())
+        assert task.train_set.class_names == task.val_set.class_names == task.class_names == names
+        assert (task.train_set.cat_ids, task.val_set.cat_ids) == ([9, 6, 3, 1], [9, 6, 3, 1])
+        assert (f"{task.train_set.ann_file} numbers the classes of {whole} in another order: labelled in the "
+                f"checkpoint's order (star, triangle, rectangle, circle)") in task.notes
+    # resumed (without the file it started from): labelled in its checkpoint's order again, not
+    # refused as "trained on other categories"
+    started = replace(config, model=replace(config.model, init_from=str(whole)),
+                      run=replace(config.run, epochs=1))
+    train(started)
+    whole.unlink()
+    assert train(replace(started, run=replace(started.run, epochs=2, resume="auto")))["epoch"] == 2
+    assert load_training_state(tmp_path / "run" / "last.pth")["class_names"] == names
     # a checkpoint of more classes (the file some of them): the file's own order, the heads afresh
     torch.save({"state_dict": build_configured_detector(config.model, 5, pretrained=False).state_dict(),
                 "meta": {"CLASSES": [*names, "moon"]}}, whole)

@@ -714,10 +714,11 @@ def test_text_read_as_a_number_and_an_entry_below_a_list_are_refused_in_one_line
     from crossformer.cli import main
 
     argv = ["train", "--epochs", "1", "--data", "/nonexistent"]
-    assert main([*argv, "run.output=2024"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        """crossformer train: error: overrides: run.output must be a string, got 2024: quote text that reads """
-        """as a number or true/false, as in run.output='"2024"'"""]
+    for value, read in (("2024", "2024"), ("1e3", "1000.0"), ("2024-12-07", "datetime.date(2024, 12, 7)")):
+        assert main([*argv, f"run.output={value}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"""crossformer train: error: overrides: run.output must be a string, got {read}, which YAML read from """
+            """unquoted text: quote it (KEY='"TEXT"' on a command line, KEY: "TEXT" in a file)"""]
     assert main([*argv, "run.output=\"2024\"", "model.kwargs.depths=[1,1,2,1]", "model.kwargs.depths.x=1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "crossformer train: error: overrides: model.kwargs.depths is [1, 1, 2, 1], not a mapping, "

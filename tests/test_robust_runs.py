@@ -610,7 +610,7 @@ def test_a_resume_does_the_evaluation_that_failed_first(tmp_path: Path, epochs: 
     assert result["epoch"] == epochs and (tmp_path / "best.pth").exists()
     assert "pending_evaluation" not in load_training_state(tmp_path / "last.pth")
     log = (tmp_path / "log.txt").read_text()
-    assert "its evaluation failed before" in log and "nothing to do" not in log
+    assert "it was saved before its evaluation, which did not finish" in log and "nothing to do" not in log
 
 
 class _CheckedTask(FakeTask):
@@ -1207,6 +1207,24 @@ def test_argparse_errors_are_one_line_pointing_at_help(argv: list[str], message:
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert err.rstrip().endswith("--help)")
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys) -> None:
+    # flops --traced at 20000 px, benchmark at batch 100000: the allocator's RuntimeError traceback
+    from crossformer import cli
+    from crossformer.commands import flops
+
+    def asks_too_much(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 4800000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(flops, "run", asks_too_much)
+    assert main(["flops", "--model", "crossformer_tiny", "--traced"]) == 1
+    assert capsys.readouterr().err == ("crossformer flops: error: out of memory (4.8 GB asked for): lower --batch-size "
+                                       "or --img-size, or free memory\n")
+    assert cli._memory_asked(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == " (2.1 GB asked for)"
+    assert cli._memory_asked(MemoryError()) == ""
+    assert cli._memory_asked(RuntimeError("shape mismatch")) is None  # other errors go on as they are
 
 
 def test_a_config_verb_runs_on_the_configs_cpu_threads(capsys) -> None:

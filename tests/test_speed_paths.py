@@ -850,11 +850,29 @@ def test_model_gemm_shapes_are_the_calls_cpu_inference_makes() -> None:
     assert [m for _, m, *_ in training] == [32 * (56 // 2**s) ** 2 for s in range(4) for _ in range(4)]
 
 
-def test_peak_needs_the_cpu_or_cuda(capsys) -> None:
-    from crossformer.cli import main as cli_main
+@pytest.mark.parametrize("argv", [["--model", "crossformer_tiny", "--peak"], ["--model", "crossformer_tiny"],
+                                  ["--config", "mask_rcnn_shapes_demo"], ["--config", "upernet_demo"]])
+@pytest.mark.parametrize("device", ["cpu:1", "foo", "mps"])
+def test_a_device_benchmark_cannot_use_is_one_line(capsys, argv: list[str], device: str) -> None:
+    # --device foo or mps was a RuntimeError traceback from model.to() in every task
+    line = one_error_line(capsys, ["benchmark", *argv, "--device", device, "--img-size", "64", "--rounds", "1"])
+    assert line.endswith(f"--device must be auto, cpu or cuda[:N], got {device!r}"), line
 
-    assert cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--device", "cpu:1"]) == 2
-    assert "--peak times the GEMMs of the CPU or a CUDA device, not 'cpu:1'" in capsys.readouterr().err
+
+@pytest.mark.parametrize("argv, message", [
+    # the bare flag named a model 'auto' the user never typed
+    (["--model", "crossformer_tiny", "--compare"], "--compare needs a NAME with --model (e.g. --compare "
+                                                   "swin_tiny_patch4_window7_224); alone it takes torchvision's Mask "
+                                                   "R-CNN for a detection --config"),
+    # segmentation's peer: "Unknown model (auto)", an unknown encoder and 64x100 were tracebacks from timm and smp
+    (["--config", "upernet_demo", "--compare", "nosuch_encoder"], "--compare: unknown model 'nosuch_encoder'"),
+    (["--config", "upernet_demo", "--img-size", "64", "100"], "--img-size 64 100: the segmentation benchmark runs "
+                                                              "smp's UPerNet beside ours, which takes sides that are "
+                                                              "multiples of 32"),
+])
+def test_benchmark_peers_it_cannot_run_are_one_line(capsys, argv: list[str], message: str) -> None:
+    line = one_error_line(capsys, ["benchmark", *argv, "--rounds", "1"])
+    assert message in line, line
 
 
 @pytest.mark.parametrize("flag, value, message", [("--rounds", "0", "--rounds must be at least 1"),
@@ -864,6 +882,34 @@ def test_peak_needs_the_cpu_or_cuda(capsys) -> None:
 def test_benchmark_counts_below_their_minimum_are_one_line(capsys, flag: str, value: str, message: str) -> None:
     line = one_error_line(capsys, ["benchmark", "--model", "crossformer_tiny", flag, value])
     assert line.endswith(message), line
+
+
+def test_each_mode_times_a_model_of_its_own() -> None:
+    # --mode both (and --compare) ran one model in both modes: every timed inference step began by
+    # rebuilding the inference caches the training step had dropped (infer peak +101 MB, train +0 MB)
+    from crossformer.benchmark import BenchConfig, run_benchmark
+
+    built: list[nn.Module] = []
+    switched: list[int] = []
+
+    class Counted(nn.Sequential):
+        def train(self, mode: bool = True):
+            switched.append(id(self))
+            return super().train(mode)
+
+    initial: list[torch.Tensor] = []
+
+    def factory() -> nn.Module:
+        built.append(Counted(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+        initial.append(built[-1][0].weight.detach().clone())
+        return built[-1]
+
+    config = BenchConfig(modes=("infer", "train"), batch_size={"infer": 1, "train": 1}, img_size=(32, 32), rounds=2,
+                         warmup=1, memory=False, num_classes=4)
+    results = run_benchmark({"m": factory}, config)
+    assert len(built) == 2 and torch.equal(initial[0], initial[1])  # the same weights
+    assert results[0].params == sum(p.numel() for p in built[0].parameters())
+    assert all(switched.count(id(m)) <= 1 for m in built)  # each set to its mode once, not every round
 
 
 def test_no_warmup_reports_no_first_step() -> None:

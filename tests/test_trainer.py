@@ -430,6 +430,26 @@ def test_a_kill_during_or_after_an_evaluation_keeps_the_training_before_it(tmp_p
     assert [r["step"] for r in _records(tmp_path) if "train/lr" in r] == list(range(1, 19))
 
 
+def test_an_evaluation_done_again_after_a_restarted_epoch_keeps_its_epoch(tmp_path: Path, monkeypatch) -> None:
+    # killed at the evaluation after update 8 (epoch 1), resumed with another batch (the epoch
+    # restarted at its batch 0): the evaluation was recorded under epoch 0
+    from crossformer.engine import trainer
+
+    save_atomic = trainer.save_atomic
+
+    def killed(state, path):
+        if state["global_step"] == 8 and "pending_evaluation" not in state:
+            raise _Stop
+        return save_atomic(state, path)
+
+    monkeypatch.setattr(trainer, "save_atomic", killed)
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=0, iterations=12, eval_every=4))
+    monkeypatch.setattr(trainer, "save_atomic", save_atomic)
+    train(FakeTask, fake_config(tmp_path, epochs=0, iterations=12, eval_every=4, batch_size=2, resume="auto"))
+    assert [(r["step"], r["epoch"]) for r in _records(tmp_path) if "val/score" in r] == [(4, 0), (8, 1), (12, 1)]
+
+
 def test_a_best_checkpoint_that_cannot_be_written_is_written_by_the_resumed_run(tmp_path: Path, monkeypatch) -> None:
     # last.pth was written first, recording the epoch as the best: resumed, the run never wrote best.pth
     from crossformer.atomic import OutputError

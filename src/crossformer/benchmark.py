@@ -256,15 +256,17 @@ def run_benchmark(
     """Measure every model in every mode, interleaving models within each round.
 
     ``models``: registered names, or names mapped to factories of unplaced models;
-    ``between_rounds`` runs after each round (e.g. :meth:`GemmSampler.square`).
+    ``between_rounds`` runs after each round (e.g. :meth:`GemmSampler.square`). Each mode
+    times a model of its own (the same weights): one model switched between training and
+    inference every round would rebuild its inference caches inside each timed step.
     """
-    torch.manual_seed(0)
-    if isinstance(models, Mapping):
-        models = {name: _place(factory(), config) for name, factory in models.items()}
-    else:
-        models = {name: build_model(name, config) for name in models}
+    def build(name: str) -> nn.Module:
+        torch.manual_seed(0)
+        return _place(models[name](), config) if isinstance(models, Mapping) else build_model(name, config)
+
     names = list(models)
-    steps = {(name, mode): make_step(models[name], mode, config) for name in names for mode in config.modes}
+    built = {(name, mode): build(name) for name in names for mode in config.modes}
+    steps = {key: make_step(model, key[1], config) for key, model in built.items()}
     first_step: dict[tuple[str, str], float | None] = {}
     for key, step in steps.items():
         first_step[key] = timed_steps(step, 1, config.device) if config.warmup else None
@@ -286,7 +288,7 @@ def run_benchmark(
     return [
         ModelResult(
             name=name,
-            params=sum(p.numel() for p in models[name].parameters()),
+            params=sum(p.numel() for p in built[(name, config.modes[0])].parameters()),
             modes={
                 mode: ModeResult(
                     config.batch_size[mode], times[(name, mode)], peaks[(name, mode)], first_step[(name, mode)]

@@ -369,6 +369,30 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say(f"crossformer {args.command}: interrupted")
         return INTERRUPTED
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        asked = _memory_asked(err)
+        if asked is None:
+            raise
+        _say(f"crossformer {args.command}: error: out of memory{asked}: lower --batch-size or --img-size, or free "
+             f"memory")
+        return 1
+
+
+def _memory_asked(err: BaseException) -> str | None:
+    """``" (N GB asked for)"``, ``""`` where the size is not said, for an allocation that failed
+    (CPU allocator, CUDA, Python); None for any other error."""
+    import re
+
+    text = str(err)
+    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    found = re.search(r"(?:tried to )?allocate (\d+(?:\.\d+)?) ?(bytes|[KMG]iB)", text)
+    if found is None:
+        return ""
+    number, unit = float(found.group(1)), found.group(2)
+    size = number / 1e9 if unit == "bytes" else number * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit] / 1e9
+    return f" ({size:.1f} GB asked for)"
 
 
 if __name__ == "__main__":

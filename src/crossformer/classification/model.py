@@ -119,7 +119,7 @@ def _misfit(checkpoint: str | Path, state: Mapping[str, Any], name: str, setting
 
     built = f"{name} with {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else name
     recorded, variant = state.get("model_name"), identify_variant(weights)
-    differing = settings_shown_by(weights, expected)
+    differing = settings_shown_by(weights, expected, state)
     if isinstance(recorded, str) and recorded != name:
         hint = f"the file names its model, {recorded}: leave out --model"
     elif variant is not None and variant != name:

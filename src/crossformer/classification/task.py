@@ -22,7 +22,7 @@ from ..data import (
 from ..data.folder import left_out_notes
 from ..engine import DistContext, Task, move_to_device, require_model_files, require_one_batch, resolve_precision
 from ..engine import train as train_task
-from ..errors import UserInputError
+from ..errors import UserInputError, listing
 from .config import CONFIG, AugmentConfig, ClassificationConfig, default_config
 from .evaluate import evaluate_batches
 from .model import create_classifier
@@ -107,7 +107,6 @@ class ClassificationTask(Task):
         self.val_loader = build_loader(self.val_set, batch, val_sampler, workers, seed, drop_last=False, pin_memory=pin)
 
     def _build_model(self) -> None:
-        from ..errors import listing
         from ..models.weights import load_pretrained, read_checkpoint
 
         c = self.config
@@ -118,13 +117,27 @@ class ClassificationTask(Task):
             load_pretrained(model, c.model.pretrained, "model.kwargs", note=self.notes.append, checkpoint=checkpoint)
             trained = checkpoint.get("class_names")
             if isinstance(trained, (list, tuple)) and len(trained) == len(self.classes) and list(trained) != list(self.classes):
-                # the head was loaded by position: say whose rows each class starts from
-                pairs = [f"{mine} <- {theirs}" for mine, theirs in zip(self.classes, trained) if mine != theirs]
-                self.notes.append(f"{c.model.pretrained}: its head, of as many classes, was trained on other ones; each "
-                                  f"class starts from the row in its place ({listing(pairs, 3)})")
+                self._match_head(model, [str(name) for name in trained])
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast
+
+    def _match_head(self, model: nn.Module, trained: list[str]) -> None:
+        """The pretrained head (loaded by position), trained on the classes ``trained``, as many
+        as the data's: its rows put in the data's order where they are the data's classes in
+        another order, else a note of whose row each class starts from."""
+        pretrained = self.config.model.pretrained
+        if sorted(trained) == sorted(self.classes):
+            order = torch.tensor([trained.index(name) for name in self.classes])
+            head = model.get_classifier()
+            with torch.no_grad():
+                head.weight.copy_(head.weight[order])
+                head.bias.copy_(head.bias[order])
+            self.notes.append(f"{pretrained} names the classes in another order: its head's rows are put in the data's")
+            return
+        pairs = [f"{mine} <- {theirs}" for mine, theirs in zip(self.classes, trained) if mine != theirs]
+        self.notes.append(f"{pretrained}: its head, of as many classes, was trained on other ones; each class starts "
+                          f"from the row in its place ({listing(pairs, 3)})")
 
     # the Task interface ---------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UserInputError
 from ..variant_table import IMAGENET_CLASSES
 from .common import add_img_size_argument, add_model_argument, benchmark_log, class_count, img_size, model_name
 
@@ -76,10 +77,7 @@ def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None =
 
     ``model_kwargs``: constructor settings of ``--model`` (a classification config's ``model.kwargs``).
     """
-    import torch
-
     from crossformer.benchmark import DEFAULT_BATCH, BenchConfig
-    from crossformer.errors import UserInputError
 
     height, width = img_size(args)
     for flag in ("rounds", "steps"):
@@ -89,10 +87,7 @@ def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None =
         raise UserInputError("--warmup must be at least 0")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: no CUDA device is available")
-    if getattr(args, "peak", False) and args.device != "cpu" and not args.device.startswith("cuda"):
-        raise UserInputError(f"--peak times the GEMMs of the CPU or a CUDA device, not {args.device!r}")
+    args.device = benchmark_device(args.device)
     mode = args.mode or ("both" if args.compare else "infer")
     modes = ("infer", "train") if mode == "both" else (mode,)
     return BenchConfig(
@@ -114,12 +109,24 @@ def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None =
     )
 
 
+def benchmark_device(name: str) -> str:
+    """``--device`` checked as training checks it (a one-line error for ``foo``, ``mps`` or a
+    CUDA device that is not there); ``auto`` as the device it picks."""
+    from crossformer.engine.distributed import resolve_device
+
+    device = resolve_device(name)
+    return str(device) if name == "auto" else name
+
+
 def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
     """``model_kwargs``: as :func:`build_config`."""
     import crossformer.models  # noqa: F401  (registers the variants)
     from crossformer.benchmark import format_summary, run_benchmark, summarise
     from crossformer.models import require_known_model
 
+    if args.compare == "auto":  # the bare flag: a detection config's peer alone
+        raise UserInputError("--compare needs a NAME with --model (e.g. --compare swin_tiny_patch4_window7_224); "
+                             "alone it takes torchvision's Mask R-CNN for a detection --config")
     names = [model_name(args)] + ([args.compare] if args.compare and args.compare != args.model else [])
     for name in names:
         require_known_model(name)

@@ -254,7 +254,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
             kwargs.update(type=item if item in (int, float) else str,
                           nargs="+" if len(args) != 2 or args[1] is Ellipsis else len(args))
         elif base in (int, float, str):
-            nullable = len(options) == 1 and options != typing.get_args(hint)  # X | None: "null" gives None
+            nullable = type(None) in typing.get_args(hint)  # X | None: "null" gives None
             kwargs.update(type=_or_null(base) if nullable else base)
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(**{CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
@@ -266,7 +266,7 @@ def _or_null(kind: type) -> Callable[[str], Any]:
     """An argparse type for a setting that may be null: ``null`` or ``none`` (as its help says,
     and as YAML reads ``KEY=null``) is None, anything else ``kind(text)``."""
     def convert(text: str) -> Any:
-        return None if text.strip().lower() in ("null", "none", "~") else kind(text)
+        return None if text.strip().lower() in ("null", "none") else kind(text)
 
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return convert

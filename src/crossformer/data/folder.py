@@ -271,10 +271,11 @@ def open_image(path: str | Path) -> Image.Image:
 
 def _class_folders(split_dir: Path) -> list[str]:
     """The class folders' names, sorted; a link whose target is gone (an unmounted drive) is
-    a one-line :class:`DataError`, not a class silently left out of the labels."""
+    a one-line :class:`DataError`, not a class silently left out of the labels (a link named
+    as a file, ``notes.txt``, is passed over as a stray file is)."""
     entries = [d for d in split_dir.iterdir() if not d.name.startswith(".")]
     for entry in entries:
-        if entry.is_symlink() and not entry.exists():
+        if entry.is_symlink() and not entry.exists() and not entry.suffix[1:].isalnum():
             raise DataError(f"{entry} links to {os.readlink(entry)}, which does not exist: mount or restore it, or "
                             f"delete the link")
     return sorted(d.name for d in entries if d.is_dir())

@@ -258,11 +258,10 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
 
 
 def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
-    import torch
     import torchvision
 
     from ..benchmark import BenchConfig, format_summary, run_benchmark, summarise
-    from ..commands.benchmark import keeps_freed_memory
+    from ..commands.benchmark import benchmark_device, keeps_freed_memory
     from .bench import ImagesOnly, TorchvisionImages
     from .task import build_configured_detector
 
@@ -272,8 +271,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         raise UserInputError("the detection benchmark times inference; training speed is logged by crossformer train")
     if args.compare not in (None, "auto", TORCHVISION_PEER):
         raise UserInputError(f"detection compares with torchvision's {TORCHVISION_PEER} only (--compare), got {args.compare!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: no CUDA device is available")
+    args.device = benchmark_device(args.device)
     height, width = given_img_size(args) or BENCHMARK_SIZE
     batch = args.batch_size or 1
     if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
 from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, start_from
+from ..engine.checkpoint import LAST
 from ..engine import train as train_task
 from ..checkpoint_files import peek_checkpoint
 from ..errors import UserInputError
@@ -63,6 +65,29 @@ def resolve_num_classes(model: DetectionModelConfig, data_classes: int, source: 
 def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str) -> list[str]:
     """``model.init_from``: a whole detector, classifiers of another class count left fresh."""
     return load_detector_state(detector, checkpoint, source, use_ema=False, other_classes=True)
+
+
+def _class_order_source(config: DetectionConfig) -> str | None:
+    """The checkpoint whose class order labels the training file: the one the run resumes
+    (``run.resume``; ``auto``: ``OUTPUT/last.pth`` where there is one), else ``model.init_from``."""
+    resume = config.run.resume
+    if resume:
+        path = Path(config.run.output) / LAST if resume == "auto" else Path(resume).expanduser()
+        if path.is_file():
+            return str(path)
+    return config.model.init_from or None
+
+
+def _recorded_class_names(path: str) -> list[str] | None:
+    """The class names the detector checkpoint ``path`` records, its tensors left unread where
+    the file format allows (the authors' pre-zip files are read whole)."""
+    from ..checkpoint_files import sniff
+    from ..models.weights import read_checkpoint
+
+    plain = peek_checkpoint(path)
+    if not plain and sniff(Path(path).expanduser())[0] == "pickle":  # no structure to peek at
+        plain = read_checkpoint(path)
+    return recorded_class_names(plain)
 
 
 def _nothing_to_train(dataset: CocoDetection, kind: str) -> str:
@@ -129,11 +154,13 @@ class DetectionTask(Task):
         self.precision = resolve_precision(c.run.amp, ctx.device)  # evaluation's autocast
 
     def _training_set(self, train_ann: str, train_images: str, with_masks: bool) -> CocoDetection:
-        """The training file's images, labelled in ``model.init_from``'s class order where the
-        file names the same classes (else in the file's): a checkpoint's classifier rows are
-        its classes', and a file numbering them otherwise would start each class from another's."""
+        """The training file's images, labelled in the class order of the checkpoint the run
+        resumes or starts from (``model.init_from``) where the file names the same classes (else
+        in the file's): a checkpoint's classifier rows are its classes', and a file numbering
+        them otherwise would start each class from another's."""
         c = self.config
-        start = recorded_class_names(peek_checkpoint(c.model.init_from)) if c.model.init_from else None
+        source = _class_order_source(c)
+        start = _recorded_class_names(source) if source is not None else None
 
         def read(classes: list[str] | None) -> CocoDetection:
             return CocoDetection(train_ann, train_images, train=True, with_masks=with_masks, classes=classes,
@@ -146,7 +173,7 @@ class DetectionTask(Task):
             del self.notes[said:]
             dataset = read(None)
         elif dataset.cat_ids != sorted(dataset.cat_ids):
-            self.notes.append(f"{train_ann} numbers the classes of {c.model.init_from} in another order: "
+            self.notes.append(f"{train_ann} numbers the classes of {source} in another order: "
                               f"labelled in the checkpoint's order ({', '.join(dataset.class_names)})")
         return dataset
 

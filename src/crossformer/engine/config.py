@@ -16,6 +16,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -425,9 +426,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, os.PathLike):  # a Python caller's pathlib.Path, wherever a path string goes
             value = os.fspath(value)
-        if isinstance(value, (bool, int, float)):  # KEY=VALUE reads 2024, 1e3, yes as YAML would
-            raise UserInputError(f"{key} must be a string, got {value!r}: quote text that reads as a "
-                                 f"number or true/false, as in {key.rpartition(': ')[2]}='\"{value}\"'")
+        if isinstance(value, (bool, int, float, datetime.date)):  # YAML reads 2024, 1e3, yes, 2024-12-07 so
+            raise UserInputError(f"{key} must be a string, got {value!r}, which YAML read from unquoted text: "
+                                 f"quote it (KEY='\"TEXT\"' on a command line, KEY: \"TEXT\" in a file)")
         if not isinstance(value, str):
             raise UserInputError(f"{key} must be a string, got {value!r}")
         return value

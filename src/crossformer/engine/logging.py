@@ -91,7 +91,8 @@ class RunLogger:
 
             log_dir = self._writer.log_dir
             self._writer.close()
-            self._writer = SummaryWriter(log_dir, purge_step=step + 1)
+            # (an evaluation done again: its step's points too, the update's few among them)
+            self._writer = SummaryWriter(log_dir, purge_step=step if redo_evaluation else step + 1)
 
     def info(self, message: str, echo: bool = True) -> None:
         """``message`` on stdout (unless not ``echo``: errors the caller prints itself) and in ``log.txt``."""

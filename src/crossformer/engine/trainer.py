@@ -107,6 +107,7 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # micro-batches of the current epoch already trained
         self.global_step = 0  # optimizer updates so far
+        self.update_epoch = 0  # the epoch of the last update: an evaluation after it is recorded under it
         self.best = -math.inf if task_cls.higher_is_better else math.inf
         self.meters: dict[str, float] = {}  # this rank's sums since the last report
         self.last_loss = float("nan")
@@ -193,6 +194,7 @@ class Trainer:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "global_step": self.global_step,
+            "update_epoch": self.update_epoch,
             "primary_metric": self.task.primary_metric,
             "best_metric": self.best,
             "metrics": dict(metrics),
@@ -266,6 +268,7 @@ class Trainer:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.global_step, self.best = int(state["global_step"]), float(state["best_metric"])
+        self.update_epoch = int(state.get("update_epoch", max(self.epoch - (self.batches_done == 0), 0)))
         saved_step = self.global_step
         self.last_checkpoint = str(path)
         self.pending_evaluation = state.get("pending_evaluation")
@@ -439,6 +442,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # this update's, as the progress line shows it
         self.last_grad_norm = self.precision.step(self.optimizer, self.task.model.parameters(), run.clip_grad)
         self.global_step += 1
+        self.update_epoch = self.epoch
         self.schedule.apply(self.optimizer, self.global_step)  # the next update's
         if self.ema is not None:
             self.ema.update(self.task.model, step=self.global_step)
@@ -529,8 +533,7 @@ class Trainer:
         metrics[f"val/best_{primary}"] = self.best
         run = self.run_config
         done = self.epoch - 1 if not run.by_iterations else self.global_step
-        # the epoch of the update evaluated after: an update that ended an epoch counted it already
-        self.log.scalars(self.global_step, metrics, epoch=max(self.epoch - (self.batches_done == 0), 0))
+        self.log.scalars(self.global_step, metrics, epoch=self.update_epoch)
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.log.info(f"{run.unit} {done}/{run.length}: {shown}")
         self.last_metrics = metrics
@@ -541,8 +544,9 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         already = self.finished and self.pending_evaluation is None
         with self._stop_signals():
-            if self.pending_evaluation is not None:  # the evaluation that failed before this resume
-                self.log.info(f"evaluating {self.last_checkpoint} first: its evaluation failed before")
+            if self.pending_evaluation is not None:  # the evaluation still to do at this resume
+                self.log.info(f"evaluating {self.last_checkpoint} first: it was saved before its evaluation, which "
+                              "did not finish")
                 metrics, is_best = self._evaluate_or_save(self.pending_evaluation)
                 self._save(metrics, best=is_best)
             while not self.finished:

@@ -489,19 +489,27 @@ def first_differences(weights: Mapping[str, torch.Tensor], expected: Mapping[str
     return "; ".join(summarize_differences(key_differences(weights, expected), shown=2))
 
 
-def settings_shown_by(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+def settings_shown_by(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                      checkpoint: Mapping[str, Any] | None = None) -> list[str]:
     """``KEY=VALUE`` for each architecture setting (embed_dim, depths, num_heads, ...) that the
     shapes of ``weights`` show and that differs from the model whose state dict is ``expected``.
-    Where that is ``use_acl`` (CrossFormer++ weights for a v1 model, or back), the grouping of
-    the weights' family too (group sizes, intervals, long-distance groups): no weight shows it,
-    and the model built with ``use_acl`` alone would load them and compute another function."""
-    from ..variant_table import family_grouping
+    Where that is ``use_acl`` (CrossFormer++ weights for a v1 model, or back), the grouping too
+    (group sizes, intervals, long-distance groups), which no weight shows, and without which the
+    model built would load the weights and compute another function: as the ``checkpoint``
+    records it (ours: ``model_name`` and ``model_kwargs``), else the weights' family's."""
+    from ..variant_table import VARIANTS, family_grouping
     from .variants import architecture_of
 
     file_settings, model_settings = architecture_of(weights), architecture_of(expected)
     differing = {k: v for k, v in file_settings.items() if k in model_settings and v != model_settings[k]}
     if "use_acl" in differing:
-        differing.update(family_grouping(differing["use_acl"]))
+        grouping = family_grouping(differing["use_acl"])
+        kwargs = (checkpoint or {}).get("model_kwargs")
+        if isinstance(kwargs, Mapping):  # the recorded model's own grouping, and what the settings changed
+            variant = VARIANTS.get(str((checkpoint or {}).get("model_name")))
+            recorded = {**(variant.arch if variant is not None else {}), **kwargs}
+            grouping.update({k: recorded[k] for k in grouping if k in recorded})
+        differing.update({k: list(v) if isinstance(v, tuple) else v for k, v in grouping.items()})
     return [f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in differing.items()]
 
 
@@ -535,7 +543,7 @@ def _pretrained_misfit(error: CheckpointError, path: str | Path, checkpoint: Map
     kept = (lambda key: not key.startswith(("head.", "norm.")))
     expected = {k: v for k, v in unwrap_model(model)[0].state_dict().items() if kept(k)}
     weights = {k: v for k, v in weights.items() if kept(k)}
-    differing = settings_shown_by(weights, expected)
+    differing = settings_shown_by(weights, expected, checkpoint)
     if not differing:
         return error
     return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "

@@ -322,23 +322,32 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
             "benchmark --config <segmentation config> runs smp's UPerNet beside ours: pip install segmentation-models-pytorch"
         ) from None
 
-    from ..benchmark import format_summary, run_benchmark, summarise
-    from ..commands.benchmark import build_config
+    from ..benchmark import _fixed_input_size, format_summary, run_benchmark, summarise
+    from ..commands.benchmark import benchmark_device, build_config
+    from ..variant_table import require_known_model
     from .task import build_model
 
     refuse_classifier_flags(args, ("--model", "--num-classes", "--grad-checkpointing", "--peak"), "segmentor")
     if args.mode not in (None, "infer"):  # --mode both was timed as inference alone, silently
         raise UserInputError("benchmark --config <segmentation>: measures inference; training speed is in `crossformer train`'s log")
     args.mode = "infer"
+    args.device = benchmark_device(args.device)
+    encoder = PEER_ENCODER if args.compare in (None, "auto") else args.compare
+    require_known_model(encoder, setting="--compare")
+    sizes = _sizes(args, BENCH_SIZES)
+    for height, width in sizes:
+        if height % 32 or width % 32:  # ours takes any size; smp's UPerNet beside it does not
+            raise UserInputError(f"--img-size {height} {width}: the segmentation benchmark runs smp's UPerNet beside "
+                                 "ours, which takes sides that are multiples of 32")
     model = dataclasses.replace(config.model, pretrained=None)
     classes = _model_classes("benchmark", config)
     ours = f"{model.kind}_{model.backbone}"
-    encoder = args.compare or PEER_ENCODER
     peer = f"smp_upernet_{encoder}"
+    fixed_size = _fixed_input_size(encoder)  # a Swin encoder is built for the size it runs at
     args.compare = None  # summarise() compares by our names below
     log = benchmark_log(args)
     summaries = []
-    for height, width in _sizes(args, BENCH_SIZES):
+    for height, width in sizes:
         args.img_size = [height, width]
         bench = build_config(args)
         bench.num_classes = classes
@@ -347,7 +356,8 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
         factories = {
             ours: lambda: build_model(model, classes).eval(),
             peer: lambda size=(height, width): smp.UPerNet(
-                encoder_name=f"tu-{encoder}", encoder_weights=None, classes=classes, img_size=size
+                encoder_name=f"tu-{encoder}", encoder_weights=None, classes=classes,
+                **({"img_size": size} if fixed_size else {}),
             ).eval(),
         }
         summaries.append(summarise(run_benchmark(factories, bench, log=log), bench, compare=peer))
