@@ -1035,7 +1035,10 @@ def test_augmentation_settings_are_checked_before_training(data: Path, trained: 
         "augment.label_smoothing must be in [0, 1), got 1.5": ("label_smoothing=1.5",),
         "augment.re_count must be at least 1, got 0": ("re_count=0",),
         "augment.mixup must be at least 0, got -1": ("mixup=-1",),
-        "augment.scale must be [low, high] with 0 < low <= high, got [1.0, 0.1]": ("scale=[1,0.1]",),
+        "augment.scale must be [low, high] with 0 < low <= high <= 1 (fractions of the image's area), got [1.0, 0.1]":
+            ("scale=[1,0.1]",),
+        "augment.scale must be [low, high] with 0 < low <= high <= 1 (fractions of the image's area), got [0.08, 1.5]":
+            ("scale=[0.08,1.5]",),
     }
     for expected, extra in cases.items():
         assert expected in one_error_line(capsys, _train_argv(data, output, overrides=extra)), extra

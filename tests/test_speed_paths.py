@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -866,6 +867,10 @@ def test_a_device_benchmark_cannot_use_is_one_line(capsys, argv: list[str], devi
                                                    "R-CNN for a detection --config"),
     # segmentation's peer: "Unknown model (auto)", an unknown encoder and 64x100 were tracebacks from timm and smp
     (["--config", "upernet_demo", "--compare", "nosuch_encoder"], "--compare: unknown model 'nosuch_encoder'"),
+    # the peer was dropped without a word, and no ratio printed
+    (["--model", "crossformer_tiny", "--compare", "crossformer_tiny"], "--compare crossformer_tiny is --model itself: "
+                                                                       "give another model to compare with"),
+
     (["--config", "upernet_demo", "--img-size", "64", "100"], "--img-size 64 100: the segmentation benchmark runs "
                                                               "smp's UPerNet beside ours, which takes sides that are "
                                                               "multiples of 32"),
@@ -873,6 +878,20 @@ def test_a_device_benchmark_cannot_use_is_one_line(capsys, argv: list[str], devi
 def test_benchmark_peers_it_cannot_run_are_one_line(capsys, argv: list[str], message: str) -> None:
     line = one_error_line(capsys, ["benchmark", *argv, "--rounds", "1"])
     assert message in line, line
+
+
+def test_flops_names_the_models_it_counts(capsys) -> None:
+    # flops takes CrossFormers only, yet named "any timm model" among the choices
+    line = one_error_line(capsys, ["flops", "--model", "nosuch"])
+    assert line.endswith(", crossformer_pp_huge"), line
+    assert json.loads(_flops_json(capsys, ["--config", "digits"]))["model_kwargs"]["embed_dim"] == 32
+
+
+def _flops_json(capsys, argv: list[str]) -> str:
+    from crossformer.cli import main as cli_main
+
+    assert cli_main(["flops", *argv, "--json"]) == 0
+    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag, value, message", [("--rounds", "0", "--rounds must be at least 1"),

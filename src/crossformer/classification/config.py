@@ -135,8 +135,9 @@ class AugmentConfig:
             _in_range(f"augment.{name}", getattr(self, name), 0, None)
         _in_range("augment.re_count", self.re_count, 1, None)
         low, high = self.scale
-        if not 0 < low <= high:
-            raise UserInputError(f"augment.scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        if not 0 < low <= high <= 1:  # fractions of the image's area: above 1 the crop falls back to the centre
+            raise UserInputError(f"augment.scale must be [low, high] with 0 < low <= high <= 1 (fractions of the "
+                                 f"image's area), got {list(self.scale)}")
         if self.auto_augment:
             from ..data.transforms import check_auto_augment
 

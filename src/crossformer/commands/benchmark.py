@@ -127,7 +127,9 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     if args.compare == "auto":  # the bare flag: a detection config's peer alone
         raise UserInputError("--compare needs a NAME with --model (e.g. --compare swin_tiny_patch4_window7_224); "
                              "alone it takes torchvision's Mask R-CNN for a detection --config")
-    names = [model_name(args)] + ([args.compare] if args.compare and args.compare != args.model else [])
+    if args.compare is not None and args.compare == args.model:  # the peer was dropped without a word
+        raise UserInputError(f"--compare {args.compare} is --model itself: give another model to compare with")
+    names = [model_name(args)] + ([args.compare] if args.compare else [])
     for name in names:
         require_known_model(name)
     config = build_config(args, model_kwargs)

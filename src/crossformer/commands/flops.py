@@ -25,22 +25,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> int:
     """``model_kwargs``: constructor settings of ``--model`` (a classification config's ``model.kwargs``)."""
+    import timm
     import torch
 
     from crossformer.classification.model import create_classifier
-    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, traced_macs
+    from crossformer.models import VARIANTS, CrossFormer, analytic_macs, count_params, require_known_model, traced_macs
     from crossformer.errors import UserInputError
 
     settings = dict(model_kwargs or {})
     height, width = img_size(args)
     num_classes = IMAGENET_CLASSES if args.num_classes is None else args.num_classes
+    name = model_name(args, any_timm_model=False)
+    if name not in VARIANTS and not timm.is_model(name):  # an unknown name: the ones it takes, CrossFormers
+        require_known_model(name, variants_only=True)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         # settings it cannot take are one line naming them, as in every command that builds one
-        model = create_classifier(model_name(args, any_timm_model=False), num_classes, model_kwargs=settings)
+        model = create_classifier(name, num_classes, model_kwargs=settings)
     if not isinstance(model, CrossFormer):
         raise UserInputError(f"{args.model} is not a CrossFormer: the analytic count applies to CrossFormer only")
     result = {
         "model": args.model,
+        **({"model_kwargs": settings} if settings else {}),  # what the text's model line shows
         "img_size": [height, width],
         "num_classes": num_classes,
         "params": count_params(model),
