@@ -428,6 +428,7 @@ def test_flops_json_counts_the_assembled_detector(capsys) -> None:
     assert main(["flops", "--config", "retinanet_crossformer_small_1x", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["img_size"] == [800, 1280] and result["detector"] == "retinanet"
+    assert result["backbone_kwargs"] == {"group_size": 7, "interval": [8, 4, 2, 1]}  # as the text shows them
     with torch.device("meta"):
         detector = build_configured_detector(resolve_config("retinanet_crossformer_small_1x").config.model, 80, False)
     assert result["params"] == count_params(detector)

@@ -287,6 +287,8 @@ def test_flops_and_benchmark_take_the_config(run: dict[str, Path], capsys) -> No
     assert main(["flops", "--config", str(run["config"]), "--img-size", "64", "96", "--json"]) == 0
     tiny = json.loads(capsys.readouterr().out)
     assert tiny["img_size"] == [64, 96] and "authors_params_m" not in tiny and tiny["macs"] > 0
+    # the settings the text shows, under the keys detection's JSON uses ("kind" alone and no settings before)
+    assert (tiny["model"], tiny["backbone_kwargs"]["embed_dim"]) == (f"{tiny['kind']}_{tiny['backbone']}", 16)
 
     assert main(["benchmark", "--config", str(run["config"]), "--img-size", "64", "64", "--rounds", "1", "--warmup", "0",
                  "--no-memory", "--json"]) == 0

@@ -244,9 +244,10 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
     with torch.device("meta"):
         detector = build_configured_detector(config.model, _config_classes("flops", config), pretrained=False)
     counts = detector_flops(detector, height, width)
+    settings = {"backbone_kwargs": config.model.backbone_kwargs} if config.model.backbone_kwargs else {}
     result = {"model": f"{config.model.kind}_{config.model.backbone}", "detector": config.model.kind,
-              "backbone": config.model.backbone, "img_size": [height, width], "num_classes": detector.num_classes,
-              **counts}
+              "backbone": config.model.backbone, **settings, "img_size": [height, width],
+              "num_classes": detector.num_classes, **counts}
     if args.json:
         print(json.dumps(result))
         return 0

@@ -290,8 +290,10 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     with torch.device("meta"):
         segmentor = build_model(model, _model_classes("flops", config))
     counts = segmentor_flops(segmentor, height, width)
-    result = {"kind": model.kind, "backbone": model.backbone, "img_size": [height, width],
-              "num_classes": segmentor.num_classes, **counts}
+    # the settings the text's model line shows, under detection's keys where they are the same
+    settings = {k: getattr(model, k) for k in ("backbone_kwargs", "channels", "aux_channels") if getattr(model, k)}
+    result = {"model": f"{model.kind}_{model.backbone}", "kind": model.kind, "backbone": model.backbone, **settings,
+              "img_size": [height, width], "num_classes": segmentor.num_classes, **counts}
     authors = AUTHORS_TABLE.get((model.kind, model.backbone)) if _authors_settings(config) else None
     if authors and (height, width) == (512, 2048) and segmentor.num_classes == 150:
         result.update({f"authors_{k}": v for k, v in authors.items()})
