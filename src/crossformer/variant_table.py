@@ -22,8 +22,7 @@ _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True, long_d
 def family_grouping(use_acl: bool) -> dict[str, Any]:
     """The group sizes, intervals and long-distance groups of the family that has (CrossFormer++)
     or lacks (v1) the activation cooling layer: what its weights were trained with."""
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in (_PP if use_acl else _V1).items() if key != "use_acl"}
+    return {key: value for key, value in (_PP if use_acl else _V1).items() if key != "use_acl"}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ Mixup/CutMix, top-1/top-5 accuracy (registry entry ``classification``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -117,18 +117,21 @@ class ClassificationTask(Task):
             load_pretrained(model, c.model.pretrained, "model.kwargs", note=self.notes.append, checkpoint=checkpoint)
             trained = checkpoint.get("class_names")
             if isinstance(trained, (list, tuple)) and len(trained) == len(self.classes) and list(trained) != list(self.classes):
-                self._match_head(model, [str(name) for name in trained])
+                self._match_head(model, trained)
         self.model = model.to(self.ctx.device)
         self.mixup, self.criterion = _criterion(c.augment, len(self.classes))
         self.precision = resolve_precision(c.run.amp, self.ctx.device)  # evaluation's autocast
 
-    def _match_head(self, model: nn.Module, trained: list[str]) -> None:
+    def _match_head(self, model: nn.Module, trained: Sequence[str]) -> None:
         """The pretrained head (loaded by position), trained on the classes ``trained``, as many
         as the data's: its rows put in the data's order where they are the data's classes in
         another order, else a note of whose row each class starts from."""
         pretrained = self.config.model.pretrained
-        if sorted(trained) == sorted(self.classes):
-            order = torch.tensor([trained.index(name) for name in self.classes])
+        from ..models.weights import reordered_classes
+
+        rows = reordered_classes(trained, self.classes)
+        if rows is not None:
+            order = torch.tensor(rows)
             head = model.get_classifier()
             with torch.no_grad():
                 head.weight.copy_(head.weight[order])

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
     height, width = img_size(args)
     num_classes = IMAGENET_CLASSES if args.num_classes is None else args.num_classes
     name = model_name(args, any_timm_model=False)
-    if name not in VARIANTS and not timm.is_model(name):  # an unknown name: the ones it takes, CrossFormers
+    if not timm.is_model(name):  # an unknown name: the ones it takes, CrossFormers (registered with timm)
         require_known_model(name, variants_only=True)
     with torch.device("meta") if not args.traced else torch.device("cpu"):
         # settings it cannot take are one line naming them, as in every command that builds one

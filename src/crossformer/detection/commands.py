@@ -60,9 +60,9 @@ def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionCo
                                  f"a {model.kind} on {model.backbone}: pass the config it was trained with")
         names, cat_ids = list(state["class_names"]), list(state["cat_ids"])
     else:  # the authors' mmdet files name their classes in meta
-        meta = state.get("meta")
-        classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
-        names = list(classes) if classes else None
+        from .checkpoint import recorded_class_names
+
+        names = recorded_class_names(state)
         cat_ids = known_category_ids(names)  # COCO's ids for COCO's 80 classes (not 1..80)
     count = len(names) if names else model.num_classes
     if count is None:

@@ -18,11 +18,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..checkpoint_files import peek_checkpoint, sniff
 from ..data import DataError, ShardedSampler, build_loader, check_readable, raise_or_count_unreadable
-from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, start_from
-from ..engine.checkpoint import LAST
+from ..engine import DistContext, Task, require_model_files, require_one_batch, resolve_precision, resume_path, start_from
 from ..engine import train as train_task
-from ..checkpoint_files import peek_checkpoint
 from ..errors import UserInputError
 from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
@@ -70,9 +69,8 @@ def _fine_tune_load(detector: nn.Module, checkpoint: dict[str, Any], source: str
 def _class_order_source(config: DetectionConfig) -> str | None:
     """The checkpoint whose class order labels the training file: the one the run resumes
     (``run.resume``; ``auto``: ``OUTPUT/last.pth`` where there is one), else ``model.init_from``."""
-    resume = config.run.resume
-    if resume:
-        path = Path(config.run.output) / LAST if resume == "auto" else Path(resume).expanduser()
+    if config.run.resume:
+        path = resume_path(config.run.resume, config.run.output)
         if path.is_file():
             return str(path)
     return config.model.init_from or None
@@ -81,7 +79,6 @@ def _class_order_source(config: DetectionConfig) -> str | None:
 def _recorded_class_names(path: str) -> list[str] | None:
     """The class names the detector checkpoint ``path`` records, its tensors left unread where
     the file format allows (the authors' pre-zip files are read whole)."""
-    from ..checkpoint_files import sniff
     from ..models.weights import read_checkpoint
 
     plain = peek_checkpoint(path)

@@ -10,7 +10,8 @@ from ..lazy import export_lazily
 # arguments with .config and .registry alone.
 __all__ = export_lazily(__name__, {
     ".amp": ("AMP_CHOICES", "Precision", "resolve_precision"),
-    ".checkpoint": ("BEST", "LAST", "load_training_state", "require_model_files", "save_atomic", "start_from"),
+    ".checkpoint": ("BEST", "LAST", "load_training_state", "require_model_files", "resume_path", "save_atomic",
+                    "start_from"),
     ".config": ("EngineConfig", "RunConfig", "OptimizerConfig", "ScheduleConfig",
                 "apply_overrides", "build_config", "config_to_dict", "load_yaml", "parse_overrides"),
     ".distributed": ("DistContext", "PeerLostError", "resolve_device", "set_cpu_threads", "setup_distributed",

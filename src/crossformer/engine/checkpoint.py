@@ -19,10 +19,15 @@ from ..checkpoint_files import START_FILES, errors_said_as, readable_start_file
 from ..errors import CheckpointError, UserInputError
 
 __all__ = ["save_atomic", "load_training_state", "require_model_files", "without_start_files", "start_from", "LAST",
-           "BEST"]
+           "BEST", "resume_path"]
 
 LAST = "last.pth"
 BEST = "best.pth"
+
+
+def resume_path(resume: str, output: str | Path) -> Path:
+    """The checkpoint ``run.resume`` names: ``auto`` is ``OUTPUT/last.pth``, else the file given."""
+    return Path(output) / LAST if resume == "auto" else Path(resume).expanduser()
 
 
 def require_model_files(task: str, **settings: str | None) -> None:

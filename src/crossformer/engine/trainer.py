@@ -29,7 +29,7 @@ from ..atomic import OutputError
 from ..checkpoint_files import checkpoint_file
 from ..errors import CheckpointError, UserInputError
 from .amp import resolve_precision
-from .checkpoint import BEST, LAST, load_training_state, save_atomic, without_start_files
+from .checkpoint import BEST, LAST, load_training_state, resume_path, save_atomic, without_start_files
 from .config import EngineConfig, config_differences, config_to_dict, with_absolute_paths
 from .cpus import available_cpus, usable_workers
 from .distributed import (DistContext, PeerLostError, align_grad_strides, lost_a_peer, set_cpu_threads,
@@ -237,7 +237,7 @@ class Trainer:
         resume = self.run_config.resume
         if not resume:
             return None
-        path = self.output / LAST if resume == "auto" else Path(resume).expanduser()
+        path = resume_path(resume, self.output)
         if resume == "auto" and (path.exists() or path.is_symlink()):
             checkpoint_file(path)  # a folder or special file there is said now, not at the first save
         if resume == "auto" and not path.is_file():

@@ -381,6 +381,16 @@ def summarize_differences(differences: Mapping[str, Sequence[str]], shown: int) 
             for kind, items in differences.items() if items]
 
 
+def reordered_classes(recorded: Sequence[str], wanted: Sequence[str]) -> list[int] | None:
+    """Each of ``wanted``'s classes' row in a classifier trained on ``recorded``, where those are
+    ``wanted`` in another order (fine-tuning keeps each class its own rows); else None."""
+    recorded, wanted = [str(name) for name in recorded], [str(name) for name in wanted]
+    if recorded == wanted or sorted(recorded) != sorted(wanted):
+        return None
+    row = {name: i for i, name in enumerate(recorded)}
+    return [row[name] for name in wanted]
+
+
 def split_class_layers(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], layer_names: Collection[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:

@@ -25,6 +25,7 @@ from .data import (
     EvaluationStops, SegBatch, SegmentationDataset, absent_classes_note, ade20k_dataset, check_batch, collate_segmentation,
     skipped_file,
 )
+from ..models.weights import reordered_classes
 from .checkpoint import CLASS_LAYERS, load_segmentor_state, read_segmentation_meta
 from .colours import hex_colour
 from .evaluate import SegMetrics, evaluate_segmentor
@@ -80,10 +81,10 @@ def _fine_tune_load(segmentor: nn.Module, checkpoint: dict[str, Any], source: st
     where the checkpoint names the data's ``class_names`` in another order, its classifier rows
     are put in the data's (a label map's value k is the data's class k)."""
     recorded = read_segmentation_meta(checkpoint)["classes"]
+    rows = reordered_classes(recorded, class_names) if recorded else None
     entry = next((key for key in ("model", "state_dict") if isinstance(checkpoint.get(key), dict)), None)
-    if entry and recorded and list(recorded) != list(class_names) and sorted(recorded) == sorted(class_names):
-        row = {name: i for i, name in enumerate(recorded)}
-        order = torch.tensor([row[name] for name in class_names])
+    if entry and rows is not None:
+        order = torch.tensor(rows)
         state = dict(checkpoint[entry])
         for key, value in state.items():
             if any(f"{layer}." in key for layer in CLASS_LAYERS) and value.shape[:1] == order.shape:
