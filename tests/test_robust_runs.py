@@ -613,6 +613,25 @@ def test_a_resume_does_the_evaluation_that_failed_first(tmp_path: Path, epochs: 
     assert "it was saved before its evaluation, which did not finish" in log and "nothing to do" not in log
 
 
+def test_a_resumed_evaluation_keeps_the_updates_tensorboard_points(tmp_path: Path) -> None:
+    # TensorBoard's purge at the step of the evaluation done again also dropped the loss and lr
+    # points logged at that step before it (metrics.jsonl kept them)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with pytest.raises(UserInputError, match="evaluation failed"):
+        train(_FailingEvaluation, fake_config(tmp_path, epochs=1, tensorboard=True))
+    train(FakeTask, fake_config(tmp_path, resume="auto", epochs=1, tensorboard=True))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in records)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("train/lr", "val/mse"):
+        steps = [point.step for point in events.Scalars(key)]
+        assert steps.count(last) == 1 and sorted(steps) == steps, (key, steps)
+    assert [p.step for p in events.Scalars("train/lr")] == [r["step"] for r in records if "train/lr" in r]
+
+
 class _CheckedTask(FakeTask):
     """A bad file in the share of rank ``samples % 2`` (rank 0 with the default 24 samples, 1 with 25)."""
 
@@ -1029,6 +1048,9 @@ def test_augmentation_settings_are_checked_before_training(data: Path, trained: 
     cases = {
         "run.batch_size must be even with Mixup/CutMix": ("--batch-size", "3", "mixup=0.8"),
         "augment.auto_augment 'garbage' is not a timm augmentation policy": ("auto_augment=garbage",),
+        # timm skipped a section without a number: magnitude 10 instead of an error
+        "augment.auto_augment 'rand-mX-inc1' is not a timm augmentation policy (section 'mX'": ("auto_augment=rand-mX-inc1",),
+        "augment.auto_augment 'augmix-m5-wide' is not a timm augmentation policy": ("auto_augment=augmix-m5-wide",),
         "augment.re_mode must be one of pixel, rand, const, got 'foo'": ("re_mode=foo",),
         "augment.mixup_mode must be one of batch, pair, elem": ("mixup_mode=xyz",),
         "augment.hflip must be in [0, 1], got 2": ("hflip=2",),

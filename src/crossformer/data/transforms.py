@@ -3,6 +3,7 @@ size rule the dense tasks share (:func:`rescale_size`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -38,6 +39,14 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[_name] = _posterize
 
 
+def _check_sections(policy: str) -> None:
+    """timm skips a ``rand-``/``augmix-`` section without a number (``rand-mX`` ran at the
+    default magnitude): each one needs its letters and a number, or RandAugment's ``t<set>``."""
+    for section in policy.split("-")[1:]:
+        if not (re.fullmatch(r"[a-z]+\d[\d.]*", section) or (policy.startswith("rand") and section.startswith("t"))):
+            raise ValueError(f"section {section!r} is not a letter code followed by a number")
+
+
 def check_auto_augment(policy: str, key: str = "auto_augment") -> None:
     """A one-line error naming ``key`` unless timm can build the augmentation ``policy``
     (built as ``create_transform`` builds it: ``rand-...``, ``augmix-...`` or an AutoAugment
@@ -49,6 +58,8 @@ def check_auto_augment(policy: str, key: str = "auto_augment") -> None:
     else:
         build = auto_augment.auto_augment_transform
     try:
+        if build is not auto_augment.auto_augment_transform:
+            _check_sections(policy)
         build(policy, {})
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         detail = f" ({err})" if str(err) else ""

@@ -81,6 +81,7 @@ class RunLogger:
         if not self.enabled or self.output_dir is None:
             return
         path = self.output_dir / "metrics.jsonl"
+        kept: list[str] = []
         if path.is_file():
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
             kept = [line for line in lines if _kept(line, step, restarted_epoch, redo_evaluation)]
@@ -91,8 +92,14 @@ class RunLogger:
 
             log_dir = self._writer.log_dir
             self._writer.close()
-            # (an evaluation done again: its step's points too, the update's few among them)
+            # an evaluation done again: its step's points too, so the update's own, kept in
+            # metrics.jsonl, are written again
             self._writer = SummaryWriter(log_dir, purge_step=step if redo_evaluation else step + 1)
+            for record in map(json.loads, kept if redo_evaluation else []):
+                if float(record["step"]) == step:
+                    for key, value in record.items():
+                        if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                            self._writer.add_scalar(key, value, step)
 
     def info(self, message: str, echo: bool = True) -> None:
         """``message`` on stdout (unless not ``echo``: errors the caller prints itself) and in ``log.txt``."""
