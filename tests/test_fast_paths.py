@@ -572,6 +572,21 @@ def test_packed_weights_follow_the_weights() -> None:
     assert mlp.fc1.weight not in layers._PACKED_WEIGHTS and mlp.fc2.weight not in layers._PACKED_WEIGHTS
 
 
+def test_caches_after_a_precision_round_trip() -> None:
+    """``.to(bfloat16).to(float32)`` (or ``.half().float()``) puts new storage under the same
+    parameters through ``.data``; where it took the freed address (always, at this size: its
+    own mapping), the packed copy of the old weights was used, 1e-2 off."""
+    from crossformer.models import layers
+
+    layer = torch.nn.Linear(4096, 4096)  # 64 MB: mapped and unmapped on its own by malloc
+    x = torch.randn(8, 4096)
+    with torch.no_grad(), layers.force_gemm_backend("onednn"):
+        layers.linear(x, layer.weight, layer.bias)
+        layer.to(torch.bfloat16).to(torch.float32)
+        torch.testing.assert_close(layers.linear(x, layer.weight, layer.bias),
+                                   torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+
+
 def test_eval_drops_caches_an_edit_through_data_bypasses() -> None:
     """``p.data`` edits keep the version the caches check; ``model.eval()`` makes them seen."""
     from crossformer.models.winograd import Conv3x3
@@ -770,8 +785,24 @@ class _LowRankAdapted(torch.nn.Linear):
         return super().forward(x) + x @ self.down.t() @ self.up.t()
 
 
+class _LowRankWrapper(torch.nn.Module):
+    """The same as a module holding the linear (most LoRA libraries): no ``weight``, no ``out_features``."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.down.t() @ self.up.t()
+
+
+@pytest.mark.parametrize("adapter", [_LowRankAdapted, _LowRankWrapper], ids=["subclass", "wrapper"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_a_layer_put_in_place_of_a_linear_is_what_runs(mode: str) -> None:
+def test_a_layer_put_in_place_of_a_linear_is_what_runs(mode: str, adapter: type) -> None:
+    # a wrapper raised "'_LowRankWrapper' object has no attribute 'weight'" in model.train() and
+    # model.eval(), and "... no attribute 'out_features'" in every forward where it was fc1
     adapted = _model("pp").train(mode == "train")
     merged = _model("pp").train(mode == "train")
     merged.load_state_dict(adapted.state_dict())
@@ -779,10 +810,11 @@ def test_a_layer_put_in_place_of_a_linear_is_what_runs(mode: str) -> None:
         for block_a, block_m in zip(stage_a.blocks, stage_m.blocks):
             for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
                 parent, attribute = name.split(".")
-                layer = _LowRankAdapted(block_a.get_submodule(name))
+                layer = adapter(block_a.get_submodule(name))
                 setattr(block_a.get_submodule(parent), attribute, layer)
                 with torch.no_grad():
                     block_m.get_submodule(name).weight.add_(layer.up @ layer.down)
+    adapted.train(mode != "train").train(mode == "train")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (adapted(x) - merged(x)).abs().max().item() <= TOL

@@ -28,6 +28,18 @@ def test_features_only_strides_and_channels(name: str, size: tuple[int, int]) ->
         h, w = h // 2, w // 2
 
 
+@pytest.mark.parametrize("stages", [3, 5])
+def test_features_only_returns_every_stage_by_default(stages: int) -> None:
+    # out_indices defaulted to (0, 1, 2, 3): a 3-stage model failed ("feature index 3 is out of
+    # range"), a 5-stage one silently lost its stride-64 maps
+    settings = dict(embed_dim=16, depths=(1,) * stages, num_heads=(1, 1, 2, 2, 4)[:stages], group_size=2,
+                    interval=(4, 2, 1, 1, 1)[:stages])
+    model = timm.create_model("crossformer_tiny", features_only=True, **settings).eval()
+    assert model.feature_info.reduction() == [4 * 2**i for i in range(stages)]
+    with torch.no_grad():
+        assert [m.shape[-1] for m in model(torch.randn(1, 3, 128, 128))] == [32 // 2**i for i in range(stages)]
+
+
 def test_features_equal_classifier_stage_outputs() -> None:
     classifier = timm.create_model("crossformer_tiny", **TINY).eval()
     features = timm.create_model("crossformer_tiny", features_only=True, out_indices=(1, 3), **TINY).eval()

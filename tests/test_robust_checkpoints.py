@@ -257,6 +257,28 @@ def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detecto
         load_checkpoint(built, detector)
 
 
+def test_weights_of_other_settings_without_a_record_name_the_settings(tmp_path: Path) -> None:
+    # the authors' files record no model (only their yacs config): load_checkpoint and timm's
+    # pretrained path listed the keys by the hundred, leaving the settings to be worked out
+    import timm
+
+    path = tmp_path / "official.pth"
+    settings = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+    torch.save({"model": CrossFormer(**settings).state_dict()}, path)
+    with pytest.raises(CheckpointError) as caught:
+        crossformer.load_checkpoint(timm.create_model("crossformer_tiny"), path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path} does not fit this model (missing: "), message
+    assert message.endswith("its weights show other settings: build the model with embed_dim=16, "
+                            "depths=[1,1,2,1], num_heads=[1,2,2,4]"), message
+    with pytest.raises(CheckpointError, match=r"^the weights show other settings: create crossformer_tiny with "
+                                              r"embed_dim=16, depths=\[1,1,2,1\], num_heads=\[1,2,2,4\] \("):
+        timm.create_model("crossformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    fitting = timm.create_model("crossformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                **settings)
+    assert fitting.patch_embed.norm.weight.shape == (16,)
+
+
 def test_weights_of_another_model_name_it_in_one_line(tmp_path: Path) -> None:
     # load_checkpoint listed every missing, unexpected and mis-shaped key (3,000 characters on four
     # lines) and never said which model the weights are, which timm's pretrained path says

@@ -558,7 +558,9 @@ class CrossFormerBlock(nn.Module):
         if not torch.jit.is_scripting():
             # our own per-token MLP only, no hook in it or on its norm (a hook sees maps, as on every
             # other path), and a residual that is a plain add (no drop path drawn per image)
-            rows = mlp_rows_per_chunk(x, self.mlp.fc1.out_features) if type(self.mlp) is GeluMlp else 0
+            # (a layer put in fc1's place, e.g. a LoRA adapter, may not say its width: not chunked)
+            hidden = getattr(self.mlp.fc1, "out_features", None) if type(self.mlp) is GeluMlp else None
+            rows = mlp_rows_per_chunk(x, hidden) if isinstance(hidden, int) else 0
             if rows and self.drop_path.adds_plainly() and not hooked_within(self.mlp) and not hooked(self.norm2):
                 # the hidden activations of a chunk stay in cache
                 flat = x.reshape(-1, x.shape[-1])

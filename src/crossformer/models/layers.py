@@ -155,7 +155,14 @@ def cached_on_weights(
     cache: MutableMapping, key: Hashable, tensors: Iterable[torch.Tensor], compute: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     """``compute()``, kept in ``cache[key]`` and computed again only when ``tensors`` change
-    (:func:`weights_fingerprint`); computed afresh on every call for inference tensors."""
+    (:func:`weights_fingerprint`); computed afresh on every call for inference tensors.
+
+    The entry holds the tensors' storage too: ``.half()``, ``.float()`` and ``.to(dtype)`` put
+    new storage under the same parameters through ``.data`` (which keeps the version), and
+    after a round trip (bf16 and back) the new float32 storage could otherwise take the freed
+    address, matching the fingerprint with other values.
+    """
+    tensors = tuple(tensors)
     fingerprint = weights_fingerprint(tensors)
     if fingerprint is None:
         return compute()
@@ -163,7 +170,7 @@ def cached_on_weights(
     if hit is not None and hit[0] == fingerprint:
         return hit[1]
     value = compute()
-    cache[key] = (fingerprint, value)
+    cache[key] = (fingerprint, value, tuple(t.detach() for t in tensors))
     return value
 
 
@@ -181,11 +188,14 @@ def _packed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     return cached_on_weights(cache, weight, (weight,), lambda: _REORDER_LINEAR_WEIGHT(weight.to(dtype), _PACK_ROWS_HINT))
 
 
-def release_packed(*layers: nn.Linear) -> None:
-    """Drop the packed copies of these layers' weights (at any ``train(mode)`` call)."""
+def release_packed(*layers: nn.Module) -> None:
+    """Drop the packed copies of these layers' weights (at any ``train(mode)`` call); a layer
+    put in a linear's place (a LoRA adapter) may have no ``weight`` and was never packed."""
     for layer in layers:
-        _PACKED_WEIGHTS.pop(layer.weight, None)
-        _PACKED_BF16_WEIGHTS.pop(layer.weight, None)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            _PACKED_WEIGHTS.pop(weight, None)
+            _PACKED_BF16_WEIGHTS.pop(weight, None)
 
 
 def onednn_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -29,7 +29,14 @@ from ..errors import did_you_mean
 from ..variant_table import IMAGENET_CLASSES, VARIANTS, Variant, require_known_model
 from .crossformer import CrossFormer
 from .dense import CheckpointableFeatures, CheckpointableHookFeatures
-from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint, recorded_model
+from .weights import (
+    CheckpointError,
+    checkpoint_filter_fn,
+    extract_state_dict,
+    read_checkpoint,
+    recorded_model,
+    settings_of_misfit,
+)
 
 __all__ = ["Variant", "VARIANTS", "create_crossformer", "identify_variant", "architecture_of", "require_known_model",
            "check_builds"]
@@ -146,6 +153,22 @@ def recorded_model_hint(checkpoint: Mapping[str, Any], variant: str) -> str:
     return f"the weights are {name}: create that model"
 
 
+def _misfit_hint(checkpoint: Mapping[str, Any], variant: str, arch: Mapping[str, Any]) -> str:
+    """:func:`recorded_model_hint`, else the settings the weights' shapes show against the model
+    ``arch`` asked for (the authors' files: their yacs config is not read for it); "" if none."""
+    hint = recorded_model_hint(checkpoint, variant)
+    if hint:
+        return hint
+    own = inspect.signature(CrossFormer).parameters  # (timm's builder takes others: cache_dir, ...)
+    try:
+        with torch.device("meta"):
+            expected = CrossFormer(**{k: v for k, v in arch.items() if k in own}).state_dict()
+    except (TypeError, ValueError, RuntimeError):  # settings it refuses: the error says so, no hint
+        return ""
+    differing = settings_of_misfit(checkpoint, expected)
+    return f"the weights show other settings: create {variant} with {', '.join(differing)}" if differing else ""
+
+
 def _feature_class(feature_cls: Any) -> Any:
     """The ``features_only`` wrapper for timm's ``feature_cls`` argument.
 
@@ -197,7 +220,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     """
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     features_only = bool(kwargs.get("features_only"))  # timm's builder takes it from kwargs
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    out_indices = kwargs.pop("out_indices", None)
     feature_cls = _feature_class(kwargs.pop("feature_cls", "getter"))
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = resolve_pretrained_cfg(
@@ -217,6 +240,9 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
             recorded = recorded_model(checkpoint, variant)[1]
             pretrained_cfg = _with_weights(pretrained_cfg, checkpoint, overlay)
     arch = {**VARIANTS[variant].arch, **recorded, **kwargs}
+    if out_indices is None:  # every stage, as timm's hierarchical models (however many stages)
+        depths = arch.get("depths")  # (not a list: the model's own check says so)
+        out_indices = tuple(range(len(depths))) if isinstance(depths, (list, tuple)) else (0, 1, 2, 3)
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = build_model_with_cfg(
@@ -229,7 +255,7 @@ def create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 **arch,
             )
     except CheckpointError as err:
-        hint = recorded_model_hint(checkpoint, variant) if checkpoint is not None else ""
+        hint = _misfit_hint(checkpoint, variant, arch) if checkpoint is not None else ""
         if not hint:
             raise
         raise CheckpointError(f"{hint} ({err})") from None

@@ -481,6 +481,9 @@ def load_state(
             from .variants import recorded_model_hint
 
             hint = recorded_model_hint(checkpoint, "")  # the model the weights are, where it is known
+            if not hint:  # else the settings their shapes show (the authors' files)
+                differing = settings_shown_by(_compared(state), _compared(expected), checkpoint)
+                hint = f"its weights show other settings: build the model with {', '.join(differing)}" if differing else ""
             if hint:  # in one line, not every key listed
                 raise CheckpointError(f"{path} does not fit this model ({first_differences(state, expected)}); "
                                       f"{hint}") from None
@@ -542,22 +545,31 @@ def _pretrained_misfit(error: CheckpointError, path: str | Path, checkpoint: Map
     """``error`` as one line naming the settings the weights of ``checkpoint`` (read from
     ``path``) show, where they show any; else ``error`` itself (weights it cannot find, or
     that differ otherwise)."""
+    expected = unwrap_model(model)[0].state_dict()
+    differing = settings_of_misfit(checkpoint, expected)
+    if not differing:
+        return error
+    weights, expected = _compared(extract_state_dict(checkpoint)), _compared(expected)
+    return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "
+                           f"show other settings: set {' '.join(f'{settings_key}.{d}' for d in differing)}")
+
+
+def _compared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the head and the final norm: a head of another class count starts afresh
+    (a note, not a misfit), and a features backbone has neither."""
+    return {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+
+
+def settings_of_misfit(checkpoint: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """:func:`settings_shown_by` for the weights of ``checkpoint`` against a model's state dict
+    ``expected`` (empty where the weights cannot be found or show no other CrossFormer settings)."""
     from ..errors import UserInputError
 
     try:
         weights = extract_state_dict(checkpoint)
     except UserInputError:
-        return error
-    # a head of another class count starts afresh (a note, not a misfit), and a features
-    # backbone has no head nor final norm: neither is compared
-    kept = (lambda key: not key.startswith(("head.", "norm.")))
-    expected = {k: v for k, v in unwrap_model(model)[0].state_dict().items() if kept(k)}
-    weights = {k: v for k, v in weights.items() if kept(k)}
-    differing = settings_shown_by(weights, expected, checkpoint)
-    if not differing:
-        return error
-    return CheckpointError(f"{path} does not fit this model ({first_differences(weights, expected)}); its weights "
-                           f"show other settings: set {' '.join(f'{settings_key}.{d}' for d in differing)}")
+        return []
+    return settings_shown_by(_compared(weights), _compared(expected), checkpoint)
 
 
 def checkpoint_description(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
