@@ -308,6 +308,15 @@ def test_accumulated_micro_batches_update_as_one_batch_as_large(tmp_path: Path) 
     assert norms["parts"] == pytest.approx(norms["whole"], rel=1e-5)
     assert parts["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
     assert parts["val/mse"] == pytest.approx(whole["val/mse"], rel=1e-5)
+    # an epoch of 1 micro-batch: its update, the epoch's last, is that micro-batch alone, whatever
+    # accum_steps says; its gradient was divided by 2 (timm's train.py divides by the count)
+    alone = {**exact, "fake.samples": 4}
+    for accum_steps in (1, 2):
+        train(FakeTask, fake_config(tmp_path / f"alone{accum_steps}", epochs=1, batch_size=4, accum_steps=accum_steps,
+                                    **alone))
+    one, two = ([r["train/grad_norm"] for r in _records(tmp_path / run) if "train/grad_norm" in r]
+                for run in ("alone1", "alone2"))
+    assert len(one) == 1 and two == pytest.approx(one, rel=1e-6)
 
 
 def test_an_epoch_that_does_not_divide_into_updates_ends_with_a_shorter_one(tmp_path: Path, capsys) -> None:
@@ -351,10 +360,17 @@ def test_a_resume_that_restarts_the_epoch_keeps_the_records_of_the_epochs_done(t
     # cut at the restarted epoch's renumbered update (12 updates of batch 2 are 6 of batch 4), the
     # records of epoch 0 went, and a finished run resumed with another batch lost half its history
     with pytest.raises(_Stop):
-        train(FakeTask, fake_config(tmp_path, epochs=4, batch_size=2, save_every_steps=1), on_step_end=_stop_at(15))
+        train(FakeTask, fake_config(tmp_path, epochs=4, batch_size=2, save_every_steps=1, tensorboard=True),
+              on_step_end=_stop_at(15))
     done = [r for r in _records(tmp_path) if r["epoch"] == 0]
-    train(FakeTask, fake_config(tmp_path, epochs=4, resume="auto"))  # batch 4: epoch 1 restarts at update 6
+    train(FakeTask, fake_config(tmp_path, epochs=4, resume="auto", tensorboard=True))  # epoch 1 restarts at update 6
     records = _records(tmp_path)
+    # TensorBoard forgets the restarted epoch's points as metrics.jsonl does (13-15 of batch 2 stayed)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/lr")] == [r["step"] for r in records if "train/lr" in r]
     assert [r for r in records if r["epoch"] == 0] == done and done[-1]["step"] == 12 and "val/score" in done[-1]
     assert [r["step"] for r in records if r["epoch"] == 1] == [7, 8, 9, 10, 11, 12, 12]  # once, counted anew
     assert [r["epoch"] for r in records if "val/score" in r] == [0, 1, 2, 3]

@@ -82,11 +82,14 @@ class RunLogger:
             return
         path = self.output_dir / "metrics.jsonl"
         kept: list[str] = []
+        purge_step = step if redo_evaluation else step + 1
         if path.is_file():
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
             kept = [line for line in lines if _kept(line, step, restarted_epoch, redo_evaluation)]
             if kept != lines:
                 write_text_atomic(path, "".join(kept))
+            if restarted_epoch is not None:  # TensorBoard's points of the restarted epoch go too
+                purge_step = min([purge_step, *_steps_from_epoch(lines, restarted_epoch)])
         if self._writer is not None:  # TensorBoard drops its events from purge_step on
             from torch.utils.tensorboard import SummaryWriter
 
@@ -94,7 +97,7 @@ class RunLogger:
             self._writer.close()
             # an evaluation done again: its step's points too, so the update's own, kept in
             # metrics.jsonl, are written again
-            self._writer = SummaryWriter(log_dir, purge_step=step if redo_evaluation else step + 1)
+            self._writer = SummaryWriter(log_dir, purge_step=purge_step)
             for record in map(json.loads, kept if redo_evaluation else []):
                 if float(record["step"]) == step:
                     for key, value in record.items():
@@ -162,6 +165,19 @@ def _kept(line: str, step: int, restarted_epoch: int | None, redo_evaluation: bo
         return restarted_epoch is None or int(record.get("epoch", -1)) < restarted_epoch
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def _steps_from_epoch(lines: Iterable[str], epoch: int) -> list[int]:
+    """The steps of the ``metrics.jsonl`` records (``lines``) of ``epoch`` and later ones."""
+    steps = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if int(record.get("epoch", -1)) >= epoch:
+                steps.append(int(record["step"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return steps
 
 
 class SkippedFiles:

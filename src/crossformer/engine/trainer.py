@@ -380,6 +380,15 @@ class Trainer:
         last of ``run.accum_steps``, or of the epoch)."""
         return batches_done % self.run_config.accum_steps == 0 or batches_done == self.batches_per_epoch
 
+    def _micro_batches_in_update(self) -> int:
+        """How many micro-batches the update of the current one (the epoch's ``batches_done``-th)
+        takes: ``run.accum_steps``, fewer in an epoch's last update where its micro-batches do not
+        divide evenly. Each loss is divided by it, so that an update's gradient is its micro-batches'
+        mean (as timm's ``train.py``): a shorter last update's was that much too small."""
+        accum = self.run_config.accum_steps
+        first = (self.batches_done - 1) // accum * accum
+        return min(accum, self.batches_per_epoch - first)
+
     def _pass_over(self, counts: dict[str, float]) -> dict[str, float]:
         """``counts`` of a micro-batch that every rank passes over, as some rank has no usable
         sample in it (unreadable files skipped): the ranks stay in step without it."""
@@ -430,7 +439,7 @@ class Trainer:
             loss_value = float(loss.detach())
             # the progress line and train/step_loss: every rank's mean, in the guard's one reduction
             self.last_loss = check_finite_loss(loss_value, ctx, self.epoch, self.global_step, self.last_checkpoint)
-            self.precision.backward(loss / self.run_config.accum_steps)
+            self.precision.backward(loss / self._micro_batches_in_update())
         self.meters["loss"] = self.meters.get("loss", 0.0) + loss_value * samples
         if len(losses) > 1:
             for name, value in losses.items():
