@@ -49,6 +49,16 @@ def test_train_evaluate_predict_from_the_command_line(data: Path, tmp_path: Path
                  "--num-workers", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 9 and result["acc1"] == pytest.approx(state["metrics"]["val/acc1"])
+    # without --data: the data the run was trained on, recorded in its checkpoint (as the dense tasks)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--checkpoint", str(output / "best.pth"), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    moved = tmp_path / "moved.pth"
+    state["config"]["data"]["root"] = str(tmp_path / "gone")
+    torch.save(state, moved)
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(moved)],
+                    f"data.root {tmp_path / 'gone'} is not on this machine; it came from {moved} (the config it was "
+                    f"trained with): pass --data PATH")
 
     assert main(["predict", str(data / "val" / "eel"), "--checkpoint", str(output / "best.pth"), "--topk", "2",
                  "--device", "cpu"]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..commands.common import add_model_arg_argument, model_args, note_on_stderr
@@ -35,15 +36,35 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _recorded_data_root(checkpoint: str) -> Path | None:
+    """The data folder a classification checkpoint of ours records (``config.data.root``), None
+    where it records none (the built-in digits, other files); one that is gone is an error."""
+    from ..checkpoint_files import peek_checkpoint
+    from ..commands.common import recorded_path_gone
+
+    recorded = peek_checkpoint(checkpoint).get("config")
+    data = recorded.get("data") if isinstance(recorded, dict) else None
+    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(root, str):
+        return None
+    if not Path(root).is_dir():
+        raise recorded_path_gone("data.root", root, checkpoint, "--data")
+    return Path(root)
+
+
 def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
     from ..errors import UserInputError
     from .evaluate import evaluate
 
-    if config.data.root is None and "data.root" not in given:
+    if config.data.root is not None or "data.root" in given or args.config is not None:
+        folder = config.data.folder()  # (--config digits: the built-in digits)
+    else:  # the data the checkpoint was trained on (ours record it, absolute)
+        folder = _recorded_data_root(args.checkpoint)
+    if folder is None:
         raise UserInputError("no data given: pass --data PATH (a folder with val/<class>/*), "
                              "or --config digits for the built-in digits set")
     metrics = evaluate(
-        args.checkpoint, config.data.folder(), model=given.get("model.name"), split=args.split,
+        args.checkpoint, folder, model=given.get("model.name"), split=args.split,
         img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),
         interpolation=given.get("data.interpolation"), batch_size=given.get("run.batch_size", 64),
         num_workers=given.get("run.num_workers"), use_ema=args.ema,

@@ -546,9 +546,14 @@ def _check_recorded_paths(config: Any, keys: Sequence[str] | None, settings: Map
             key, value = f"{f.name}.{name}", getattr(section, name)
             read = keys is None or key in keys or f.name in keys
             if read and key not in given and isinstance(value, str) and not Path(value).exists():
-                flag = _flag_names(type(config)).get(key)
-                raise UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it "
-                                     f"was trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
+                raise recorded_path_gone(key, value, checkpoint, _flag_names(type(config)).get(key))
+
+
+def recorded_path_gone(key: str, value: str, checkpoint: str, flag: str | None) -> UserInputError:
+    """The error for a file or folder (config ``key``, given on the command line by ``flag``)
+    that ``checkpoint``'s recorded config names and that is not on this machine."""
+    return UserInputError(f"{key} {value} is not on this machine; it came from {checkpoint} (the config it was "
+                          f"trained with): pass {f'{flag} PATH' if flag else f'{key}=PATH'}")
 
 
 # verbs that run or measure a model, none of them training: a training-only setting on their
