@@ -132,6 +132,31 @@ def test_hand_checked_case(tmp_path):
     assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-6)
 
 
+def test_no_detections_score_as_cocoeval_scores_none(tmp_path):
+    # with no detection at all every number was 0, where COCOeval gives -1 for a size range with
+    # nothing to find (as soon as there is one detection): the curves jumped between 0 and -1
+    from crossformer.detection.evaluate import coco_evaluate, load_ground_truth
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 100), (128, 128, 128)).save(tmp_path / "img" / "one.png")
+    square = [[10, 10, 40, 10, 40, 40, 10, 40]]
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "one.png", "width": 100, "height": 100}],
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 7, "bbox": [10, 10, 30, 30], "area": 900,
+                         "iscrowd": 0, "segmentation": square}],
+        "categories": [{"id": 7, "name": "square"}]}))
+    dataset = CocoDetection(tmp_path / "ann.json", tmp_path / "img", with_masks=False, transform=build_test_transform())
+    none = evaluate_detector(FixedDetections(torch.zeros(0, 4).tolist(), [], []), dataset)
+    nothing_to_find = {"mAP_m", "mAP_l", "AR_m", "AR_l"}  # the one object is small
+    for iou_type in ("bbox", "segm"):
+        expected = {f"{iou_type}_{k}": -1.0 if k in nothing_to_find else 0.0
+                    for k in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s",
+                              "AR_m", "AR_l")}
+        if iou_type == "bbox":
+            assert {k: none[k] for k in expected} == expected
+        assert coco_evaluate(load_ground_truth(tmp_path / "ann.json", with_masks=True), [], [iou_type]) == expected
+
+
 def test_polygons_under_three_points_in_the_ground_truth_do_not_stop_cocoeval(tmp_path):
     # G1, G2: squares; G3: a box whose only polygon has one point (pycocotools failed on it with a
     # TypeError deep in COCOeval). Detections: the three boxes, with the squares' masks and G3's box

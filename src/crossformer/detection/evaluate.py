@@ -71,17 +71,16 @@ def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]], iou_types: Seque
                   image_ids: Sequence[int] | None = None, log: Any = None) -> dict[str, float]:
     """The 12 COCOeval numbers per IoU type, named by :func:`metric_names`.
 
-    With no detections at all every number is 0 (pycocotools cannot load an empty result list).
+    With no detections at all, what COCOeval gives for none: 0, and -1 where there is nothing
+    to find (a size range without ground truth); pycocotools cannot load an empty result list,
+    so it is given one detection of a category the file does not have, which it leaves out.
     ``log`` (a callable) receives COCOeval's printed summary.
     """
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        if not results:
-            metrics.update({name: 0.0 for name in metric_names(iou_type)})
-            continue
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            coco_dt = coco_gt.loadRes(results)
+            coco_dt = coco_gt.loadRes(results or [_left_out_detection(coco_gt)])
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
@@ -92,6 +91,13 @@ def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]], iou_types: Seque
             log(f"{iou_type}:\n" + "\n".join(line for line in printed.getvalue().splitlines() if "Average" in line))
         metrics.update(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
     return metrics
+
+
+def _left_out_detection(coco_gt: COCO) -> dict[str, Any]:
+    """A detection that COCOeval leaves out (its category is none of the file's, which are the
+    ones it evaluates), on an image of the file as ``loadRes`` requires."""
+    return {"image_id": next(iter(coco_gt.imgs)), "category_id": max(coco_gt.getCatIds(), default=0) + 1,
+            "bbox": [0.0, 0.0, 1.0, 1.0], "score": 0.0}
 
 
 def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
