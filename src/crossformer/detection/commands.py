@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
     from ..engine import RunLogger, resolve_precision, setup_distributed, skipped_on_stderr, teardown_distributed
     from .config import data_paths
     from .data import CocoDetection
-    from .evaluate import COCO_METRICS, evaluate_detector, load_ground_truth
+    from .evaluate import COCO_METRICS, evaluate_detector, holds_masks, load_ground_truth
 
     ann_file, image_dir = data_paths(config.data, "val")
     # checked before the evaluation, which may take hours
@@ -155,6 +155,8 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         absent = dataset.absent_note()
         if absent is not None and ctx.is_main:  # on stderr, as segmentation's: stdout may hold the JSON alone
             print(f"warning: {absent}", file=sys.stderr, flush=True)
+        if loaded.detector.has_masks and not holds_masks(ground_truth) and ctx.is_main:
+            print(f"warning: {ann_file} has no object masks: box AP only", file=sys.stderr, flush=True)
         metrics = evaluate_detector(
             loaded.detector, dataset, ctx, config.test.eval_batch_size, config.run.num_workers, results_file=results,
             skip_corrupt=config.data.skip_corrupt, logger=logger, precision=resolve_precision(config.run.amp, ctx.device),

@@ -270,12 +270,12 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
                     f"({str(segmentation)[:60]}); COCO format expected")
 
 
-def annotation_segmentation(annotation: dict[str, Any], height: int, width: int, where: str) -> Any:
+def annotation_segmentation(annotation: dict[str, Any], height: int, width: int, where: str,
+                            fix: str = "for box-only data use a box detector: --kind retinanet") -> Any:
     """``annotation``'s segmentation through :func:`checked_segmentation`; a :class:`DataError`
-    naming ``where`` when it has none or null (masks are trained and evaluated on every object)."""
+    naming ``where`` and ``fix`` when it has none or null (masks are trained and evaluated on every object)."""
     if annotation.get("segmentation") is None:  # box-only exports leave it out or write null
-        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object "
-                        f"(for box-only data use a box detector: --kind retinanet)")
+        raise DataError(f"{where} has no 'segmentation'; mask training and mask AP need one per object ({fix})")
     return checked_segmentation(annotation["segmentation"], height, width, where)
 
 

@@ -25,8 +25,8 @@ from ..data import DataError, ShardedSampler, build_loader, gather_skipped, rais
 from ..engine import DistContext, Precision, RunLogger
 from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
 
-__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "require_objects",
-           "evaluate_detector"]
+__all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "holds_masks",
+           "require_objects", "evaluate_detector"]
 
 # COCOeval.stats in order: AP at IoU .50:.95, .50, .75, by area; AR at 1, 10, 100 detections, by area.
 COCO_METRICS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
@@ -105,17 +105,20 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     is checked as training checks it (an RLE of another size than its image would silently
     match nothing); polygons of fewer than 3 points are left out (pycocotools fails on them,
     or reads 2 points as a box), and an object left with none has an empty mask (its box is
-    still evaluated). Annotation ids are renumbered from 1: COCOeval takes an object of id 0
-    (converters often number from 0) for "not matched", so it never counted as found."""
+    still evaluated). A file without any segmentation (box-only data) is read for box AP alone
+    (:func:`holds_masks`), as mmdet's ``--eval bbox``. Annotation ids are renumbered from 1: COCOeval
+    takes an object of id 0 (converters often number from 0) for "not matched", so it never
+    counted as found."""
     data = load_coco_json(ann_file)
-    if with_masks:
+    if with_masks and any(ann.get("segmentation") is not None for ann in data["annotations"]):
         images = {image["id"]: image for image in data["images"]}
         for ann in data["annotations"]:
             image = images[ann["image_id"]]
             height, width = int(image["height"]), int(image["width"])
             where = f"{ann_file}: annotation {ann['id']} of image {image['file_name']}"
-            ann["segmentation"] = (annotation_segmentation(ann, height, width, where)
-                                   or {"size": [height, width], "counts": [height * width]})
+            segmentation = annotation_segmentation(ann, height, width, where,
+                                                   fix="give every object one, or none for box AP alone")
+            ann["segmentation"] = segmentation or {"size": [height, width], "counts": [height * width]}
     for number, ann in enumerate(data["annotations"], start=1):  # after the messages naming the file's ids
         ann["id"] = number
     coco = COCO()
@@ -123,6 +126,11 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints what it does
         coco.createIndex()
     return coco
+
+
+def holds_masks(coco_gt: COCO) -> bool:
+    """Whether the ground truth has object masks (mask AP can be computed): box-only files have none."""
+    return any(ann.get("segmentation") is not None for ann in coco_gt.dataset["annotations"])
 
 
 def require_objects(dataset: CocoDetection) -> None:
@@ -204,11 +212,12 @@ def evaluate_detector(
 
     def score() -> dict[str, float]:  # rank 0's: its errors (ground truth, results file) stop every rank
         coco_gt = ground_truth or load_ground_truth(dataset.ann_file, "segm" in iou_types)
+        types = iou_types if holds_masks(coco_gt) else ["bbox"]  # box-only data: box AP alone
         results = [r for part in gathered for r in part[0]]
         evaluated = sorted(i for part in gathered for i in part[1])
         if results_file is not None:
             write_text_atomic(results_file, json.dumps(results))
-        metrics = coco_evaluate(coco_gt, results, iou_types, evaluated, logger.info if logger is not None else None)
+        metrics = coco_evaluate(coco_gt, results, types, evaluated, logger.info if logger is not None else None)
         return {**metrics, "images": len(evaluated), "skipped": skipped_count}
 
     return ctx.gather_objects(ctx.on_main(score))[0]
