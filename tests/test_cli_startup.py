@@ -596,3 +596,11 @@ def test_evaluate_names_the_ema_flag_for_model_ema_and_takes_the_settings_it_rea
                                  (SegmentationConfig, {"pipeline": {"mean": [1, 2, 3], "std": [1, 1, 1]}, "test.flip": True})):
         for verb in ("evaluate", "predict"):
             _refuse_training_settings(config_cls, settings, verb)
+    # predict's drawing threshold, given to evaluate, changed nothing without a word (mmdet's
+    # score_thr is the model's, which evaluation keeps, as it does here)
+    _refuse_training_settings(DetectionConfig, {"test.score_threshold": 0.5}, "predict")
+    argv = ["evaluate", "--config", DENSE_CONFIGS[0], "--checkpoint", str(_weights_file(tmp_path)),
+            "test.score_threshold=0.5"]
+    code, out, err = _in_process(argv, capsys)
+    assert (code, out) == (2, "") and err == ("crossformer evaluate: error: test.score_threshold is a predict setting (what "
+                                              "it draws), which evaluate does not read: leave it out\n"), err

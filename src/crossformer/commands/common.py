@@ -563,7 +563,8 @@ _MODEL_VERBS = ("evaluate", "predict", "flops", "export")
 
 def _refuse_training_settings(config_cls: type, settings: Mapping[str, Any], verb: str) -> None:
     """A one-line error for a setting in ``settings`` (the command line's) that only training
-    reads (the config's ``training_only``): taken, it would change nothing, without a word."""
+    reads (the config's ``training_only``), or only predict (``predict_only``) where ``verb`` is
+    another: taken, it would change nothing, without a word."""
     from ..engine.registry import flatten_settings
 
     for item, value in settings.items():
@@ -575,6 +576,9 @@ def _refuse_training_settings(config_cls: type, settings: Mapping[str, Any], ver
             if key in config_cls.training_only or key.split(".")[0] in config_cls.training_only:
                 hint = f" (--ema {verb}s with a checkpoint's EMA weights)" if key == "run.model_ema" else ""
                 raise UserInputError(f"{key} is a training setting, which {verb} does not read: leave it out{hint}")
+            if key in config_cls.predict_only and verb != "predict":
+                raise UserInputError(f"{key} is a predict setting (what it draws), which {verb} does not read: "
+                                     f"leave it out")
 
 
 def run_task_verb(args: argparse.Namespace, verb: str, overrides: list[str]) -> int:

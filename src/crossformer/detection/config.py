@@ -170,6 +170,8 @@ class DetectionConfig(EngineConfig):
         "model.rcnn_samples", "model.rpn_train_pre_nms", "model.rpn_train_proposals", "data.recipe",
         "data.multiscale_min_sizes", "data.crop_min_sizes", "data.crop_size_range",
     )
+    # (evaluation scores every detection the model keeps, as mmdet's AP does)
+    predict_only = ("test.score_threshold",)
     task: str = "detection"
     run: RunConfig = field(default_factory=lambda: RunConfig(epochs=12, batch_size=2, num_workers=2, output="output/detection"))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=1e-4, decay_1d=True, scale_lr=False))

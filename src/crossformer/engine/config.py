@@ -191,6 +191,8 @@ class EngineConfig:
         "run.save_every_steps", "run.accum_steps", "run.clip_grad", "run.model_ema", "run.model_ema_decay",
         "run.output", "run.resume", "run.overwrite", "run.log_every", "run.tensorboard",
     )
+    # the settings only predict reads (what it draws): evaluate, flops and export refuse them
+    predict_only: ClassVar[tuple[str, ...]] = ()
 
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)
