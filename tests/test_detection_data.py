@@ -369,6 +369,12 @@ def test_exif_orientation_grayscale_and_rgba(tmp_path):
     assert CocoDetection(path, tmp_path)[0].failure.endswith(
         "differs from the annotation file's 40x20 (stored 40x20, turned by its EXIF orientation: if the annotations "
         "are of the stored image, drop the tag)")
+    # an image without the tag: its orientation is not named (it sent users looking for a tag)
+    Image.new("RGB", (24, 40)).save(tmp_path / "plain.png")
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "plain.png", "width": 28, "height": 40}],
+                                "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    assert CocoDetection(path, tmp_path)[0].failure == (f"{tmp_path / 'plain.png'}: its size 24x40 differs from the "
+                                                        f"annotation file's 28x40")
 
 
 def _object_hues(root: Path, split: str = "train") -> list[tuple[int, float]]:
