@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from crossformer.segmentation.data import (
 from crossformer.segmentation.synthetic import SYNTHETIC_CLASSES, make_ade_dataset
 from crossformer.segmentation.transforms import (
     MMSEG_MEAN, MMSEG_STD, SegTrainTransform, TrainPipelineConfig, photometric_distortion, random_crop_box,
-    hsv_to_rgb_u8, rescale_size, resize_label, resize_to_multiple, rgb_to_hsv_u8, sample_train_scale,
+    hsv_to_rgb_u8, normalize, rescale_size, resize_image, resize_label, resize_to_multiple, rgb_to_hsv_u8,
+    sample_train_scale,
 )
 
 
@@ -310,6 +312,11 @@ def test_a_class_list_saved_with_a_byte_order_mark_and_crlf(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_bytes("wall\r\nbuilding\r\n\r\n".encode("utf-8-sig"))
     assert load_class_list(path) == ["wall", "building"]
+    # a blank line among the names was dropped: every class after it took the index before its own
+    path.write_text("wall\n\nbuilding\n")
+    with pytest.raises(DataError, match=rf"^line 2 of the class list {re.escape(str(path))} is blank: a line's place is "
+                                        r"its class's index, so give every class a name \(e.g. 'unused'\) or remove the line$"):
+        load_class_list(path)
 
 
 def test_label_maps_of_upper_case_png_and_of_jpeg(tmp_path):
@@ -472,3 +479,18 @@ def test_a_label_map_is_opened_as_every_input_image_is(tmp_path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=r"cannot read label map .*a\.png: the file is empty \(0 bytes\); fix or delete it"):
         read_label(empty)
+
+
+def test_a_read_only_array_is_taken_without_a_warning() -> None:
+    # np.asarray(PIL image) is read-only: torch.from_numpy warned "The given NumPy array is not
+    # writable" from the Python API's segment / segment_probs
+    import warnings
+
+    image = np.asarray(Image.new("RGB", (12, 8), (10, 20, 30)))
+    assert not image.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resized = resize_image(image, (6, 4))
+        tensor = normalize(image, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert resized.shape == (4, 6, 3) and (resized == (10, 20, 30)).all()
+    assert tensor.shape == (3, 8, 12) and tensor[:, 0, 0].tolist() == [10.0, 20.0, 30.0]

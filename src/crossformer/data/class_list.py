@@ -12,13 +12,23 @@ __all__ = ["load_class_list"]
 
 
 def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
-    """Class names from a list or a text file (one per line, blank lines ignored)."""
+    """Class names from a list or a text file (one per line; blank lines at its end ignored).
+
+    A blank line among the names is an error: a line's place is its class's index, so skipping
+    it would shift every class after it (one left blank for an unused label value)."""
     if isinstance(classes, (str, Path)):
         path = Path(classes)
         if not path.is_file():
             raise DataError(f"class list not found: {path} (expected a text file with one class name per line)")
         # utf-8-sig: a byte-order mark (Windows editors) is no part of the first class's name
-        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        blank = next((number for number, line in enumerate(lines, start=1) if not line), None)
+        if blank is not None and any(lines):
+            raise DataError(f"line {blank} of the class list {path} is blank: a line's place is its class's index, so "
+                            f"give every class a name (e.g. 'unused') or remove the line")
+        names = [line for line in lines if line]
     else:
         names = [str(c) for c in classes]
     where = f" {classes}" if isinstance(classes, (str, Path)) else ""  # a file is named; a list is its own text

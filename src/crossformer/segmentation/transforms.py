@@ -66,7 +66,9 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     width, height = size
     if image.shape[:2] == (height, width):
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().contiguous()
+    # a float copy (the one .float() made): a read-only array (np.asarray of a PIL image) is no
+    # warning from torch.from_numpy
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None].contiguous()
     out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
@@ -200,7 +202,7 @@ def photometric_distortion(
 
 def normalize(image: np.ndarray, mean: tuple[float, ...] = MMSEG_MEAN, std: tuple[float, ...] = MMSEG_STD) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 ``(x - mean) / std`` (0-255 statistics)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # (a copy: see resize_image)
     return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
