@@ -85,6 +85,9 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task, shown_config)
             command.flags_from = task_flags_source(argv)
+            if not command.flags_from:  # the flags shown are the default task's: say whose, and how to see another's
+                command.epilog = (f"The flags above are {task}'s (the default task). Another task's: add its --config "
+                                  f"(e.g. --config upernet_crossformer_small) or a --checkpoint of ours to --help.")
         else:
             module.add_arguments(command)
         command.set_defaults(_run=module.run)
