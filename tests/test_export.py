@@ -276,6 +276,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "safetensors",
                      "--checkpoint", str(tmp_path / "small.pth"), "-o", str(tmp_path / "out.safetensors"))
     assert "does not fit" in err
+    # the settings the weights show, as evaluate and predict name them (cut off after 400 characters of keys before)
+    # (num_heads unseen: stages of no block hold no position bias to show theirs)
+    assert err.endswith("its weights show other settings: add --model-arg embed_dim=16 --model-arg depths=[0,0,2,1]"), err
     # onnx / onnxscript missing
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     err = _cli_error(capsys, "--model", "crossformer_tiny", "--format", "onnx", "-o", out)
@@ -350,3 +353,29 @@ def test_cli_safetensors(tmp_path, capsys):
     written = load_file(str(out))
     assert written.keys() == state.keys()
     assert all(torch.equal(written[k], v) for k, v in state.items())
+
+
+def test_cli_safetensors_of_a_features_backbone_loads_back(tmp_path, capsys):
+    # its keys carried the features wrapper's "model." prefix: load_checkpoint, timm's pretrained
+    # path and export itself refused the file, saying to build what had been built
+    settings = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+    classifier = timm.create_model("crossformer_tiny", num_classes=3, **settings).eval()
+    torch.save({"model": classifier.state_dict(), "model_name": "crossformer_tiny", "model_kwargs": settings},
+               tmp_path / "run.pth")
+    out = tmp_path / "features.safetensors"
+    assert main(["export", "--checkpoint", str(tmp_path / "run.pth"), "--format", "safetensors", "--features",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = classifier.forward_intermediates(x, intermediates_only=True)
+        for features in (crossformer.load_checkpoint(timm.create_model("crossformer_tiny", features_only=True, **settings),
+                                                     out),
+                         timm.create_model("crossformer_tiny", features_only=True, pretrained=True,
+                                           pretrained_cfg_overlay=dict(file=str(out)), **settings)):
+            assert all(torch.equal(a, b) for a, b in zip(features.eval()(x), expected, strict=True))
+    with pytest.raises(CheckpointError, match="the weights are a features backbone of crossformer_tiny: create "
+                                              "crossformer_tiny with features_only=True, embed_dim=16"):
+        crossformer.load_checkpoint(timm.create_model("crossformer_tiny", num_classes=3, **settings), out)
+    assert main(["export", "--checkpoint", str(out), "--format", "torchscript", "--features",
+                 "-o", str(tmp_path / "features.pt")]) == 0

@@ -823,6 +823,12 @@ def test_benchmark_peak_reports_rates_and_the_models_share(monkeypatch, capsys) 
     # the warm-up step's time is reported (with --compile it is the compilation)
     for mode in ("infer", "train"):
         assert out["models"]["crossformer_tiny"][mode]["first_step_s"] > 0
+    # a training run alone: the shapes at its batch (they were batch 32's, the inference default),
+    # and no inference bound
+    cli_main(["benchmark", "--model", "crossformer_tiny", "--peak", "--img-size", "64", "--batch-size", "2",
+              "--mode", "train", "--rounds", "1", "--warmup", "1", "--no-memory", "--json"])
+    peak = json.loads(capsys.readouterr().out)["peak"]
+    assert peak["gemm"][1]["m"] == 512 and "linear_bound_fraction_of_best" not in peak and "model_train_gflops" in peak
 
 
 def _layer_flops(depths, dims, batch, side):

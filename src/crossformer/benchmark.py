@@ -519,10 +519,13 @@ def peak_report(
     height, width = config.img_size
     model = build_model(model_name, BenchConfig(device="meta", num_classes=config.num_classes,
                                                  model_kwargs=config.model_kwargs))
-    batch = config.batch_size.get("infer", DEFAULT_BATCH["infer"])
+    # the shapes at the batch of the inference measured, else of the training step's forward
+    # (a training run alone showed batch 32's: the inference default's)
+    inference = "infer" in config.modes
+    batch = config.batch_size.get("infer" if inference else "train", DEFAULT_BATCH["infer" if inference else "train"])
     side = PEAK_SQUARE if config.device == "cpu" else PEAK_SQUARE_CUDA
     square = ("square", side, side, side)
-    shapes = model_gemm_shapes(model, batch, height, width, chunked=config.device == "cpu")
+    shapes = model_gemm_shapes(model, batch, height, width, chunked=inference and config.device == "cpu")
     rates = gemm_rates([square] + shapes, rounds=rounds, device=config.device)
     report: dict = {"gemm": rates}
 
@@ -534,9 +537,9 @@ def peak_report(
     report["best_square_gflops"] = best
     macs = model_macs(model, height, width)
     report.update(model_macs_per_image=macs, model_dtype=dtype)
-    if shapes and best[dtype]:
+    if shapes and best[dtype] and inference:
         # What the linear layers alone cost at their own shapes' best measured rates: the model's
-        # time can be no shorter, whatever the rest (attention, convolutions, norms) costs.
+        # inference can be no faster, whatever the rest (attention, convolutions, norms) costs.
         linear_seconds = sum(shape[-1] / (best_rate(row, dtype) * 1e9) for shape, row in zip(shapes, rates[1:]))
         model_gflop = 2 * macs * batch / 1e9
         report.update(linear_gflop_per_batch=sum(shape[-1] for shape in shapes) / 1e9, model_gflop_per_batch=model_gflop,

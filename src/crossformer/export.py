@@ -447,9 +447,11 @@ def export_safetensors(
     """Write the weights of a checkpoint file (via :func:`crossformer.convert_to_safetensors`,
     which keeps what the checkpoint says about its model) or of a model's state dict, with
     ``description`` (e.g. ``{"model_name": ..., "model_kwargs": ...}``) in the file's metadata.
-    Read them back with :func:`crossformer.load_checkpoint`."""
-    from .models.weights import convert_to_safetensors, save_safetensors
+    Read them back with :func:`crossformer.load_checkpoint`. A wrapped model (``features_only``,
+    DDP, compiled) is saved as the network inside, under its own key names, which a model built
+    as it was loads (the wrapper's ``model.`` prefix fitted nothing)."""
+    from .models.weights import convert_to_safetensors, save_safetensors, unwrap_model
 
     if not isinstance(source, nn.Module):
         return convert_to_safetensors(source, path)
-    return save_safetensors(source.state_dict(), path, description)
+    return save_safetensors(unwrap_model(source)[0].state_dict(), path, description)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..engine.config import with_drop_path
 from ..errors import SETTING_ERRORS, CheckpointError, UserInputError, settings_that_fail
 
-__all__ = ["create_classifier", "LoadedClassifier", "load_classifier"]
+__all__ = ["create_classifier", "LoadedClassifier", "load_classifier", "misfit_message"]
 
 
 def create_classifier(
@@ -93,7 +93,7 @@ def load_classifier(
     try:
         load_state(model, state, str(checkpoint), use_ema=use_ema)  # the file is read once
     except CheckpointError:
-        raise CheckpointError(_misfit(checkpoint, state, name, settings, weights, model.state_dict())) from None
+        raise CheckpointError(misfit_message(checkpoint, state, name, settings, weights, model.state_dict())) from None
     model.to(device).eval()
     return LoadedClassifier(
         model=model,
@@ -106,10 +106,11 @@ def load_classifier(
     )
 
 
-def _misfit(checkpoint: str | Path, state: Mapping[str, Any], name: str, settings: dict[str, Any],
+def misfit_message(checkpoint: str | Path, state: Mapping[str, Any], name: str, settings: dict[str, Any],
             weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
     """One line on why ``weights`` (of ``checkpoint``, read as ``state``) do not load into
-    ``name`` built with ``settings`` (state dict ``expected``): the first differences, then the
+    ``name`` built with ``settings`` (state dict ``expected``; for the commands that build it
+    from ``--model`` and ``--model-arg``): the first differences, then the
     model the file names, else the registered variant its weights are, else the settings they
     show that the model lacks (what ``--model-arg`` would change). Settings alone would not do
     where the file is a variant or names its model: its group sizes and intervals, which no

@@ -97,8 +97,8 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
 def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool,
                  ema: bool) -> dict:
     """What the safetensors file records about its model: the checkpoint's description, with
-    the model as built (name, settings), class names only where they still fit the head, and
-    whether its weights are the training's EMA (``--ema``)."""
+    the model as built (name, settings), class names only where they still fit the head,
+    whether its weights are the training's EMA (``--ema``) and whether it is a features backbone."""
     from crossformer.models import EMA_WEIGHTS_KEY, checkpoint_description
 
     description = {**checkpoint_description(checkpoint or {}), "model_name": name, "model_kwargs": settings}
@@ -107,6 +107,8 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     names = description.get("class_names")
     if features or (isinstance(names, list) and len(names) != num_classes):
         description.pop("class_names", None)
+    if features:  # a backbone: no head, no final norm
+        description["features_only"] = True
     return description
 
 
@@ -197,6 +199,22 @@ def write_traced(args: argparse.Namespace, model, output, name: str, height: int
     return 0
 
 
+def _misfit(args: argparse.Namespace, checkpoint: Mapping[str, Any], name: str, settings: dict[str, Any],
+            model: Any) -> str:
+    """Why the weights of ``checkpoint`` do not load into ``model`` (``name`` with ``settings``):
+    the first differences and the flags to change, as evaluate and predict say it (the hint
+    went past the 400 characters of a listing of keys)."""
+    from crossformer.classification.model import misfit_message
+    from crossformer.models import extract_state_dict
+    from crossformer.models.weights import unwrap_model
+
+    expected = unwrap_model(model)[0].state_dict()
+    # the head and final norm of a model built without them (features, --num-classes 0) are no difference
+    weights = {k: v for k, v in extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint).items()
+               if not k.startswith(("head.", "norm.")) or f"{k.split('.')[0]}.weight" in expected}
+    return misfit_message(args.checkpoint, checkpoint, name, settings, weights, expected)
+
+
 def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     """Export a classifier or backbone; ``model_kwargs``: constructor settings of ``--model``
     (a classification config's ``model.kwargs``). A detection or segmentation checkpoint
@@ -214,6 +232,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     if not args.config and args.checkpoint and recorded_config(args.checkpoint)[0] is not None:
         return run_task_verb(args, "export", args.overrides)
     check_options(args)
+    model = None
     try:
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
         name, settings, num_classes = _model_settings(args, checkpoint, model_kwargs or {})
@@ -232,7 +251,9 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
             for warning in caught:
                 print(f"warning: {one_line(warning.message, 400)}")
     except CheckpointError as err:
-        raise UserInputError(one_line(err, 400)) from None
+        if model is None or checkpoint is None:
+            raise UserInputError(one_line(err, 400)) from None
+        raise UserInputError(_misfit(args, checkpoint, name, settings, model)) from None
     model.eval()
 
     if args.format == "safetensors":

@@ -145,6 +145,9 @@ def recorded_model_hint(checkpoint: Mapping[str, Any], variant: str) -> str:
     name, settings = recorded_model(checkpoint)
     if name is None:
         return ""
+    if checkpoint.get("features_only"):  # `crossformer export --features`: no head, no final norm
+        arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
+        return f"the weights are a features backbone of {name}: create {name} with features_only=True{arguments}"
     if settings:
         arguments = ", ".join(f"{key}={value!r}" for key, value in settings.items())
         return f"the weights are {name} with {arguments}: create {name} with those settings"

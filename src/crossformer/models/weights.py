@@ -288,6 +288,8 @@ def checkpoint_filter_fn(
     """
     state = extract_state_dict(checkpoint)
     expected = model.state_dict()
+    if features_only:  # a features backbone's file has no final norm, which the features wrapper drops
+        state.update({k: v for k, v in expected.items() if k.startswith("norm.") and k not in state})
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier = tuple(f"{name}." for name in _names(cfg.get("classifier")))
     kept = not features_only and cfg.get("num_classes") == getattr(model, "num_classes", None)
