@@ -909,6 +909,17 @@ def test_benchmark_counts_below_their_minimum_are_one_line(capsys, flag: str, va
     assert line.endswith(message), line
 
 
+def test_benchmark_train_and_another_mode_are_one_line(capsys) -> None:
+    # the last of the two won without a word (--train --mode infer timed inference alone)
+    from crossformer.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["benchmark", "--model", "crossformer_tiny", "--train", "--mode", "infer"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("crossformer benchmark: error: argument --mode: not allowed with "
+                                                   "argument --train") and err.count("\n") == 1, err
+
+
 def test_each_mode_times_a_model_of_its_own() -> None:
     # --mode both (and --compare) ran one model in both modes: every timed inference step began by
     # rebuilding the inference caches the training step had dropped (infer peak +101 MB, train +0 MB)

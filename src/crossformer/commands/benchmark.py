@@ -38,13 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "alone with a detection --config: torchvision's maskrcnn_resnet50_fpn; a segmentation "
                         "--config always runs smp's UPerNet beside it, on the timm encoder NAME "
                         "(default swin_tiny_patch4_window7_224)")
-    parser.add_argument("--mode", choices=("infer", "train", "both"), default=None,
-                        help="what to time (default: infer, or both with --compare)")
-    parser.add_argument("--train", action="store_const", const="train", dest="mode",
-                        help="time an AdamW training step (same as --mode train)")
+    modes = parser.add_mutually_exclusive_group()  # (both given, the last one won without a word)
+    modes.add_argument("--mode", choices=("infer", "train", "both"), default=None,
+                       help="what to time (default: infer, or both with --compare)")
+    modes.add_argument("--train", action="store_const", const="train", dest="mode",
+                       help="time an AdamW training step (same as --mode train)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="batch size (default 32 for inference, 16 for training)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--amp", choices=("bf16",), default=None, help="autocast to bfloat16")
     parser.add_argument("--channels-last", action="store_true", help="channels-last images and conv weights")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
