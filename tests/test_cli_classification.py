@@ -260,6 +260,9 @@ def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Pa
     assert main(["evaluate", "--config", "digits", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == len(list((data / "val").rglob("*.png")))
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "t" / "last.pth")], "or --config digits")
+    # a config that names no data is no data given (not the built-in digits)
+    _one_line_error(capsys, ["evaluate", "--config", "crossformer_tiny", "--checkpoint", str(tmp_path / "t" / "last.pth")],
+                    "or --config digits")
     assert main(["demo", "--output", str(tmp_path / "demo"), "epochs=1", "batch_size=4"]) == 0
     out = capsys.readouterr().out
     assert "evaluate " in out and out.count("predict ") == 1 and "(true cat)" in out  # every 71st of 9 images
@@ -482,7 +485,7 @@ def test_predict_reads_a_class_names_file_as_segmentation_reads_its_class_list(d
               "interval": [2, 2, 1, 1]}
     torch.save({"model": CrossFormer(**kwargs, num_classes=3).state_dict()}, tmp_path / "bare.pth")
     names = tmp_path / "names.txt"
-    names.write_bytes("\ufeffwall\r\nbuilding\r\n\r\nsky\r\n".encode("utf-8"))
+    names.write_bytes("\ufeffwall\r\nbuilding\r\nsky\r\n\r\n".encode("utf-8"))
     argv = ["predict", str(data / "val" / "eel" / "0.png"), "--checkpoint", str(tmp_path / "bare.pth"), "--device", "cpu",
             "--img-size", "32", "--model", "crossformer_tiny", "--topk", "3", "--json",
             *(f"model.kwargs.{k}={v}".replace(" ", "") for k, v in kwargs.items())]

@@ -56,8 +56,8 @@ def _evaluate(args: argparse.Namespace, config: ClassificationConfig, given: dic
     from ..errors import UserInputError
     from .evaluate import evaluate
 
-    if config.data.root is not None or "data.root" in given or args.config is not None:
-        folder = config.data.folder()  # (--config digits: the built-in digits)
+    if config.data.root is not None or "data.root" in given:
+        folder = config.data.folder()  # (--config digits sets root null: the built-in digits)
     else:  # the data the checkpoint was trained on (ours record it, absolute)
         folder = _recorded_data_root(args.checkpoint)
     if folder is None:

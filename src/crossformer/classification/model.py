@@ -107,7 +107,7 @@ def load_classifier(
 
 
 def misfit_message(checkpoint: str | Path, state: Mapping[str, Any], name: str, settings: dict[str, Any],
-            weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+                   weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
     """One line on why ``weights`` (of ``checkpoint``, read as ``state``) do not load into
     ``name`` built with ``settings`` (state dict ``expected``; for the commands that build it
     from ``--model`` and ``--model-arg``): the first differences, then the
@@ -121,7 +121,9 @@ def misfit_message(checkpoint: str | Path, state: Mapping[str, Any], name: str, 
     built = f"{name} with {', '.join(f'{k}={v}' for k, v in settings.items())}" if settings else name
     recorded, variant = state.get("model_name"), identify_variant(weights)
     differing = settings_shown_by(weights, expected, state)
-    if isinstance(recorded, str) and recorded != name:
+    if state.get("features_only"):  # `export --features`: no head, no final norm
+        hint = "it holds a features backbone (no head or final norm): add --features"
+    elif isinstance(recorded, str) and recorded != name:
         hint = f"the file names its model, {recorded}: leave out --model"
     elif variant is not None and variant != name:
         hint = f"its weights are {variant}'s: pass --model {variant}"

@@ -40,8 +40,9 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
 
 
 def _check_sections(policy: str) -> None:
-    """timm skips a ``rand-``/``augmix-`` section without a number (``rand-mX`` ran at the
-    default magnitude): each one needs its letters and a number, or RandAugment's ``t<set>``."""
+    """timm skips a policy's section without a number (``rand-mX`` ran at the default magnitude,
+    ``original-mstdX`` without its noise): each one needs its letters and a number, or
+    RandAugment's ``t<set>``."""
     for section in policy.split("-")[1:]:
         if not (re.fullmatch(r"[a-z]+\d[\d.]*", section) or (policy.startswith("rand") and section.startswith("t"))):
             raise ValueError(f"section {section!r} is not a letter code followed by a number")
@@ -58,8 +59,7 @@ def check_auto_augment(policy: str, key: str = "auto_augment") -> None:
     else:
         build = auto_augment.auto_augment_transform
     try:
-        if build is not auto_augment.auto_augment_transform:
-            _check_sections(policy)
+        _check_sections(policy)
         build(policy, {})
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         detail = f" ({err})" if str(err) else ""

@@ -110,7 +110,7 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
     takes an object of id 0 (converters often number from 0) for "not matched", so it never
     counted as found."""
     data = load_coco_json(ann_file)
-    if with_masks and any(ann.get("segmentation") is not None for ann in data["annotations"]):
+    if with_masks and _segmented(data["annotations"]):
         images = {image["id"]: image for image in data["images"]}
         for ann in data["annotations"]:
             image = images[ann["image_id"]]
@@ -130,7 +130,11 @@ def load_ground_truth(ann_file: Path, with_masks: bool) -> COCO:
 
 def holds_masks(coco_gt: COCO) -> bool:
     """Whether the ground truth has object masks (mask AP can be computed): box-only files have none."""
-    return any(ann.get("segmentation") is not None for ann in coco_gt.dataset["annotations"])
+    return _segmented(coco_gt.dataset["annotations"])
+
+
+def _segmented(annotations: Sequence[dict[str, Any]]) -> bool:
+    return any(ann.get("segmentation") is not None for ann in annotations)
 
 
 def require_objects(dataset: CocoDetection) -> None:

@@ -28,7 +28,7 @@ from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_d
 from .checkpoint import load_detector_state, recorded_class_names
 from .classes import first_category_difference
 from .detectors import Detector, build_detector
-from .evaluate import evaluate_detector, load_ground_truth, require_objects
+from .evaluate import evaluate_detector, holds_masks, load_ground_truth, require_objects
 
 __all__ = ["DetectionTask", "train", "build_configured_detector", "CONFIG", "TASK"]
 
@@ -187,7 +187,9 @@ class DetectionTask(Task):
         for failure in check_readable(paths, self.ctx, c.run.num_workers, c.data.skip_corrupt,
                                       self.log, sizes=sizes):
             self.skip_validation_file(f"image {failure}")
-        load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # what evaluation will check
+        ground_truth = load_ground_truth(self.val_set.ann_file, with_masks=self.model.has_masks)  # as evaluation will
+        if self.model.has_masks and not holds_masks(ground_truth):
+            self.log.info(f"note: {self.val_set.ann_file} has no object masks: evaluation gives box AP only")
 
     def batch_counts(self, batch: DetectionBatch) -> dict[str, float]:
         unreadable = raise_or_count_unreadable(batch.failures, self.config.data.skip_corrupt)

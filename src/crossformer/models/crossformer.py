@@ -46,6 +46,7 @@ from .grouping import (
 )
 from .layers import (
     GeluMlp,
+    InferenceCaches,
     LargeKernelConv2d,
     ResidualDropPath,
     call_linear,
@@ -152,7 +153,7 @@ def check_cross_scale_kernels(kernel_sizes: Sequence[int], stride: int, out_dim:
 
 
 @register_notrace_module  # FX: the input's layout is chosen by a measurement, in eager mode
-class CrossScaleConvs(nn.ModuleList):
+class CrossScaleConvs(InferenceCaches, nn.ModuleList):
     """Parallel convolutions of one stride, concatenated: NCHW ``(B, in_dim, H, W)`` ->
     channels-last ``(B, H', W', out_dim)``. Padding ``(k - s) // 2`` gives equal outputs
     for the kernels :func:`check_cross_scale_kernels` admits (``name`` is the setting it names).
@@ -181,9 +182,8 @@ class CrossScaleConvs(nn.ModuleList):
         # cross_scale_inference's casts of the kernels' weights: (kernel index or "merged", dtype) -> (weight, bias)
         self._inference_weights: dict[tuple, tuple] = {}
 
-    def train(self, mode: bool = True) -> "CrossScaleConvs":
-        self._inference_weights.clear()  # either mode: the reset for edits the cache cannot see (.data)
-        return super().train(mode)
+    def drop_caches(self) -> None:
+        self._inference_weights.clear()
 
     def __getstate__(self) -> dict:
         return state_without(super().__getstate__(), "_inference_weights")
@@ -300,7 +300,7 @@ class DynamicPositionBias(nn.Module):
 
 
 @register_notrace_module  # FX: groups by the map's size and dispatches on device / dtype
-class GroupAttention(nn.Module):
+class GroupAttention(InferenceCaches):
     """Multi-head self-attention inside token groups, with dynamic position bias.
 
     Takes the whole normalised map and does the grouping itself, so that the linear
@@ -328,14 +328,13 @@ class GroupAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos = DynamicPositionBias(dim // 16, num_heads)
-        # Eval-time cache: (Gh, Gw, autocast dtype or None) -> (weights fingerprint, (heads, N, N) bias).
-        self._bias_cache: dict[tuple[int, int, torch.dtype | None], tuple[tuple, torch.Tensor]] = {}
+        # Eval-time cache: (Gh, Gw, autocast dtype or None) -> (weights fingerprint, (heads, N, N) bias,
+        # the weights: cached_on_weights)
+        self._bias_cache: dict[tuple[int, int, torch.dtype | None], tuple[tuple, torch.Tensor, tuple]] = {}
 
-    def train(self, mode: bool = True) -> "GroupAttention":
-        # either mode drops the caches: eval() is the reset for edits they cannot see (.data)
+    def drop_caches(self) -> None:
         self._bias_cache.clear()
         release_packed(self.qkv, self.proj)
-        return super().train(mode)
 
     def __getstate__(self) -> dict:
         return state_without(super().__getstate__(), "_bias_cache")

@@ -72,7 +72,7 @@ def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> in
             )
             total += channels * h * w  # norm1
             total += Fraction(h * w, tokens) * per_group
-            total += 2 * h * w * channels * block.mlp.fc1.out_features  # fc1 + fc2
+            total += 2 * h * w * channels * stage.mlp_hidden  # fc1 + fc2 (whatever layer stands in fc1's place)
             total += channels * h * w  # norm2
         if stage.downsample is not None:
             channels = stage.downsample.norm.normalized_shape[0]

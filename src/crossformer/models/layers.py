@@ -50,6 +50,7 @@ __all__ = [
     "saved_copy", "without_autocast",
     "force_gemm_backend", "gemm_choices", "linear", "measured_gemm", "measured_gemm_training", "onednn_inference",
     "onednn_inference_bf16", "weights_fingerprint", "cached_on_weights", "hooked", "hooked_within", "plain_linear",
+    "InferenceCaches",
     "call_linear",
     "alternative_wins", "may_time", "state_without", "unaltered", "image_layout", "image_layout_choices",
     "cross_scale_inference", "merged_kernel_choices",
@@ -60,9 +61,9 @@ _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", Non
 # Rows the packed layout is tuned for; measured equal from 64 to 16K rows, and any row
 # count gives bit-identical results.
 _PACK_ROWS_HINT = 4096
-# weight -> (fingerprint, the weight reordered into oneDNN's blocked layout)
+# weight -> (fingerprint, the weight reordered into oneDNN's blocked layout, the weight: cached_on_weights)
 _PACKED_WEIGHTS = WeakIdKeyDictionary()
-# weight -> (fingerprint, a bfloat16 copy, reordered): CPU inference under bf16 autocast
+# weight -> (fingerprint, a bfloat16 copy, reordered, the weight): CPU inference under bf16 autocast
 _PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
 
 
@@ -581,15 +582,33 @@ class _MeasuredLinear(torch.autograd.Function):
 
 
 @register_notrace_module  # FX: the fast-path dispatch depends on the input's device and dtype
-class GeluMlp(Mlp):
+class InferenceCaches(nn.Module):
+    """A module keeping inference copies of its weights (packed, cast, transformed; position-bias
+    tables), which :meth:`drop_caches` drops: at every ``train(mode)`` call (either mode: ``eval()``
+    is the reset for ``.data`` edits no fingerprint sees) and whenever ``.to()``, ``.half()``,
+    ``.cuda()`` convert or move its tensors (``Module._apply``), which otherwise kept the old
+    weights' copies (and their storage) alive until the next call."""
+
+    def drop_caches(self) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "InferenceCaches":
+        self.drop_caches()
+        return super().train(mode)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "InferenceCaches":
+        self.drop_caches()
+        return super()._apply(fn, recurse)
+
+
+class GeluMlp(InferenceCaches, Mlp):
     """timm's ``Mlp`` with exact GELU (keys ``fc1``, ``fc2``), both linears through :func:`linear`."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__(in_features, hidden_features, act_layer=nn.GELU, drop=drop)
 
-    def train(self, mode: bool = True) -> "GeluMlp":
-        release_packed(self.fc1, self.fc2)  # either mode: see GroupAttention.train
-        return super().train(mode)
+    def drop_caches(self) -> None:
+        release_packed(self.fc1, self.fc2)
 
     def _exact_gelu(self) -> bool:
         """Whether ``act`` is the exact GELU and no hook watches it (it may then be fused)."""

@@ -484,7 +484,7 @@ def load_state(
 
             hint = recorded_model_hint(checkpoint, "")  # the model the weights are, where it is known
             if not hint:  # else the settings their shapes show (the authors' files)
-                differing = settings_shown_by(_compared(state), _compared(expected), checkpoint)
+                differing = settings_of_misfit(checkpoint, expected)
                 hint = f"its weights show other settings: build the model with {', '.join(differing)}" if differing else ""
             if hint:  # in one line, not every key listed
                 raise CheckpointError(f"{path} does not fit this model ({first_differences(state, expected)}); "

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .layers import cached_on_weights, capturing_graph, measured_gemm, without_autocast
+from .layers import InferenceCaches, cached_on_weights, capturing_graph, measured_gemm, without_autocast
 from .layout import nchw_cat
 
 __all__ = ["Conv3x3", "MIN_IN_CHANNELS", "MIN_OUT_CHANNELS", "winograd_conv3x3", "winograd_weight", "winograd_weight_grad"]
@@ -58,7 +58,7 @@ _FLIPPED = tuple(4 * (3 - i if i in (0, 3) else i) + (3 - j if j in (0, 3) else 
 # Tiles per band of the weight gradient, whose products add into one (16, C_out, C_in) sum:
 # the best or within 5% of it among 128-2048 at UPerNet's shapes (RESULTS.md, row 80).
 _WEIGHT_GRAD_BAND_ROWS = 256
-# weight -> (fingerprint, its Winograd transform)
+# weight -> (fingerprint, its Winograd transform, the weight: cached_on_weights)
 _TRANSFORMED_WEIGHTS = WeakIdKeyDictionary()
 
 
@@ -302,7 +302,7 @@ class _WinogradConvCPU(torch.autograd.Function):
 
 
 @register_notrace_module  # FX: the dispatch reads the input's device and dtype
-class Conv3x3(nn.Conv2d):
+class Conv3x3(InferenceCaches, nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` that runs by Winograd on the CPU
     in float32 when it is wide (at least :data:`MIN_IN_CHANNELS` in and
     :data:`MIN_OUT_CHANNELS` out); its output is channels-last then.
@@ -345,7 +345,5 @@ class Conv3x3(nn.Conv2d):
             return _WinogradConvCPU.apply(self.weight, self.bias, *maps)
         return _conv_tiles(_padded_tiles(maps), *maps[0].shape[2:], _transformed(self.weight), self.bias, False)
 
-    def train(self, mode: bool = True) -> "Conv3x3":
-        # either mode: eval() is the reset for weight edits no fingerprint sees (.data)
+    def drop_caches(self) -> None:
         _TRANSFORMED_WEIGHTS.pop(self.weight, None)
-        return super().train(mode)
