@@ -379,3 +379,5 @@ def test_cli_safetensors_of_a_features_backbone_loads_back(tmp_path, capsys):
         crossformer.load_checkpoint(timm.create_model("crossformer_tiny", num_classes=3, **settings), out)
     assert main(["export", "--checkpoint", str(out), "--format", "torchscript", "--features",
                  "-o", str(tmp_path / "features.pt")]) == 0
+    err = _cli_error(capsys, "--checkpoint", str(out), "--format", "safetensors", "-o", str(tmp_path / "whole.safetensors"))
+    assert err.endswith("it holds a features backbone (no head or final norm): add --features"), err

@@ -1051,6 +1051,7 @@ def test_augmentation_settings_are_checked_before_training(data: Path, trained: 
         # timm skipped a section without a number: magnitude 10 instead of an error
         "augment.auto_augment 'rand-mX-inc1' is not a timm augmentation policy (section 'mX'": ("auto_augment=rand-mX-inc1",),
         "augment.auto_augment 'augmix-m5-wide' is not a timm augmentation policy": ("auto_augment=augmix-m5-wide",),
+        "augment.auto_augment 'original-mstdX' is not a timm augmentation policy": ("auto_augment=original-mstdX",),
         "augment.re_mode must be one of pixel, rand, const, got 'foo'": ("re_mode=foo",),
         "augment.mixup_mode must be one of batch, pair, elem": ("mixup_mode=xyz",),
         "augment.hflip must be in [0, 1], got 2": ("hflip=2",),
