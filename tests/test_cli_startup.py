@@ -607,11 +607,14 @@ def test_evaluate_names_the_ema_flag_for_model_ema_and_takes_the_settings_it_rea
 
 
 @pytest.mark.parametrize("verb", ["evaluate", "predict"])
-def test_a_help_of_the_default_tasks_flags_says_so(verb: str, capsys) -> None:
+def test_a_help_of_the_default_tasks_flags_says_so(verb: str, capsys, tmp_path: Path) -> None:
     # `evaluate --help` listed classification's --split and --crop-pct, which segmentation then
     # refused, without saying whose flags they were or how to see another task's
     line = "The flags above are classification's (the default task)"
     code, out, _ = _in_process([verb, "--help"], capsys)
+    assert code == 0 and line in " ".join(out.split())
+    # a checkpoint that records no task (the authors' files) chooses none either
+    code, out, _ = _in_process([verb, "--checkpoint", str(_weights_file(tmp_path)), "--help"], capsys)
     assert code == 0 and line in " ".join(out.split())
     code, out, _ = _in_process([verb, "--config", DENSE_CONFIGS[1], "--help"], capsys)
     assert code == 0 and "The flags above" not in out and "--slide-stride" in out

@@ -65,7 +65,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and each command's own; the task-aware commands get the flags of the task
     ``--config`` in ``argv`` names."""
-    from .commands.common import add_config_argument, config_task, help_config, task_flags_source
+    from .commands.common import add_config_argument, config_task, default_task_chosen, help_config, task_flags_source
 
     argv = list(argv)
     task = config_task(argv)
@@ -85,7 +85,7 @@ def build_parsers(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, di
         if getattr(module, "TASK_AWARE", False):
             module.add_arguments(command, task, shown_config)
             command.flags_from = task_flags_source(argv)
-            if not command.flags_from:  # the flags shown are the default task's: say whose, and how to see another's
+            if default_task_chosen(argv):  # the flags shown are the default task's: say whose, and how to see another's
                 command.epilog = (f"The flags above are {task}'s (the default task). Another task's: add its --config "
                                   f"(e.g. --config upernet_crossformer_small) or a --checkpoint of ours to --help.")
         else:

@@ -400,19 +400,31 @@ def config_task(argv: list[str]) -> str:
 
     name = _flag_value(argv, "--config")
     if name is None:
-        checkpoint = _flag_value(argv, "--checkpoint")
-        if checkpoint is not None:
-            from ..checkpoint_files import peek_checkpoint
-
-            task = peek_checkpoint(checkpoint).get("task")
-            if task in TASKS:
-                return task
-        return DEFAULT_TASK
+        return _recorded_task(argv) or DEFAULT_TASK
     path = find_config(name)
     task = load_yaml(path).get("task") or (path.parent.name if path.parent.name in TASKS else DEFAULT_TASK)
     if task not in TASKS:
         raise UserInputError(f"{path}: unknown task {task!r}; tasks: {', '.join(TASKS)}")
     return task
+
+
+def _recorded_task(argv: list[str]) -> str | None:
+    """The task the ``--checkpoint`` in ``argv`` records (ours do), if any."""
+    from ..engine.registry import TASKS
+
+    checkpoint = _flag_value(argv, "--checkpoint")
+    if checkpoint is None:
+        return None
+    from ..checkpoint_files import peek_checkpoint
+
+    task = peek_checkpoint(checkpoint).get("task")
+    return task if task in TASKS else None
+
+
+def default_task_chosen(argv: list[str]) -> bool:
+    """Whether ``argv``'s task is the default one for want of a ``--config`` or a checkpoint that
+    records its task (the authors' files record none)."""
+    return _flag_value(argv, "--config") is None and _recorded_task(argv) is None
 
 
 def missing_task_checkpoint(argv: list[str]) -> str | None:
