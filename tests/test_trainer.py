@@ -869,3 +869,64 @@ def test_the_logged_rate_is_the_one_its_update_used(tmp_path: Path) -> None:
                               len(rates) // 2, False)
     assert rates == pytest.approx([config.optimizer.lr * schedule.factor(t) for t in range(len(rates))])
     assert rates[0] == pytest.approx(config.optimizer.lr * config.schedule.warmup_ratio)  # the warm-up's start
+
+
+class _BatchNormTask(FakeTask):
+    """FakeTask with a BatchNorm before its linear layer; each evaluation records, on this rank,
+    the statistics it evaluated with."""
+
+    def __init__(self, config, ctx) -> None:
+        super().__init__(config, ctx)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), *self.model).to(ctx.device)
+        self.seen: list[list[float]] = []
+
+    def evaluate(self, model):
+        self.seen.append(model[0].running_mean.tolist())
+        return super().evaluate(model)
+
+
+def _evaluated_statistics(output: Path) -> list[list[float]]:
+    seen: list[list[float]] = []
+
+    class Recorded(_BatchNormTask):
+        def evaluate(self, model):
+            result = super().evaluate(model)
+            seen[:] = self.seen
+            return result
+
+    train(Recorded, fake_config(output, epochs=2, model_ema=True))
+    return seen
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_the_statistics_the_checkpoint_holds(tmp_path: Path) -> None:
+    # each rank's BatchNorm statistics saw its own last batches: rank 1 scored its share of the
+    # validation set with statistics no checkpoint holds (detection's Cascade heads: the logged
+    # bbox_mAP differed from evaluate's of the saved checkpoint); segmentation alone shared them
+    from two_ranks import on_two_ranks
+
+    ranks = on_two_ranks(_evaluated_statistics, tmp_path / "run")
+    assert len(ranks[0]) == 4 and ranks[0] == ranks[1]  # 2 epochs x (model, EMA)
+    saved = load_training_state(tmp_path / "run" / "last.pth")
+    assert saved["model"]["0.running_mean"].tolist() == ranks[0][-2]
+
+
+def test_resume_auto_before_any_checkpoint_starts_the_records_afresh(tmp_path: Path) -> None:
+    # a run that ended before its first checkpoint (a killed process), then --resume auto: it
+    # started from scratch after the old metrics.jsonl, so steps 1-3 were there twice
+    with pytest.raises(_Stop):
+        train(FakeTask, fake_config(tmp_path, epochs=1), on_step_end=_stop_at(3))
+    assert not (tmp_path / "last.pth").exists() and [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
+    train(FakeTask, fake_config(tmp_path, epochs=1, resume="auto"))
+    steps = [r["step"] for r in _records(tmp_path) if "val/score" not in r]
+    assert steps == list(range(1, 7))
+    # without --resume: the folder holds no checkpoint to continue from, which the refusal says
+    from crossformer.errors import UserInputError
+
+    (tmp_path / "last.pth").unlink()
+    (tmp_path / "best.pth").unlink()
+    with pytest.raises(UserInputError, match=r"already holds log.txt, metrics.jsonl but no checkpoint \(that run ended "
+                                             r"before its first\): pass --overwrite to start it again, or another --output"):
+        train(FakeTask, fake_config(tmp_path, epochs=1))

@@ -160,6 +160,14 @@ class DistContext:
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
+    def share_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank: each rank's saw its own last
+        batches (DDP copies rank 0's only at the next forward), so an evaluation split over ranks
+        would score, on the others' shares, statistics no checkpoint holds."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a few numbers over ranks (float64, so counts stay exact)."""
         if not self.distributed:

@@ -181,6 +181,9 @@ def _refusal(folder: Path, resume: str | None, entries: list[str]) -> str:
     if resume:
         return (f"{held}, another run than the one --resume {resume} continues: pass that run's own folder, "
                 f"a new --output, or --overwrite to replace the run in {folder}")
+    if set(entries) <= set(RUN_FILES) - {LAST, BEST}:  # a run's records alone: nothing to continue from
+        return f"{held} but no checkpoint (that run ended before its first): pass --overwrite to start it again, or " \
+               f"another --output"
     return f"{held}: pass --resume auto to continue that run, --overwrite to replace it, or another --output"
 
 

@@ -242,6 +242,7 @@ class Trainer:
             checkpoint_file(path)  # a folder or special file there is said now, not at the first save
         if resume == "auto" and not path.is_file():
             self.log.info(f"resume=auto: no {path} yet, starting from scratch")
+            self.log.resume_at(0)  # the records of a run that ended before its first checkpoint go (else twice)
             return None
         return path
 
@@ -528,9 +529,12 @@ class Trainer:
         return metrics
 
     def _report(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
-        """``metrics`` (:meth:`_train_means`) and the validation metrics, reduced over ranks; logged."""
+        """``metrics`` (:meth:`_train_means`) and the validation metrics, reduced over ranks; logged.
+        Every rank evaluates rank 0's buffers, which the checkpoint holds (``share_buffers``)."""
+        self.ctx.share_buffers(self.task.model)
         metrics.update({f"val/{k}": v for k, v in self.task.evaluate(self.task.model).items()})
         if self.ema is not None:
+            self.ctx.share_buffers(self.ema.module)
             metrics.update({f"val_ema/{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
         primary = self.task.primary_metric
         if f"val/{primary}" not in metrics:

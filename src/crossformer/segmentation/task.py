@@ -231,12 +231,8 @@ class SegmentationTask(Task):
         return {"mIoU": metrics.miou, "mAcc": metrics.macc, "aAcc": metrics.aacc}
 
     def evaluate_metrics(self, model: nn.Module) -> SegMetrics:
-        """The full metrics (per class too) of ``model`` on the validation split, over all ranks."""
-        if self.ctx.distributed:
-            # Each rank's BatchNorm statistics saw its own last batch (DDP copies rank 0's at the
-            # next forward): evaluate what the checkpoint holds, rank 0's, on every rank.
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        """The full metrics (per class too) of ``model`` on the validation split, over all ranks
+        (the trainer gives every rank rank 0's buffers first: ``DistContext.share_buffers``)."""
         return evaluate_segmentor(
             model, self.val_set, self.inference, self.ctx, self.precision.autocast, self.config.data.skip_corrupt,
             on_skip=self.skip_validation_file,
