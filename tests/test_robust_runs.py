@@ -406,6 +406,8 @@ def test_a_batch_one_rank_could_not_read_is_refused_where_accumulated_gradients_
     stops = on_two_ranks(_accumulating_over_a_batch_rank1_could_not_read, tmp_path / "run")
     assert stops == ["a whole batch was unusable (unreadable files?) where the gradients accumulated over "
                      "run.accum_steps are reduced; remove those files or set run.accum_steps=1"] * 2
+    # the files to remove are named first (they were not: the error came before the names)
+    assert "skipping unreadable image rank1/all2.png" in (tmp_path / "run" / "log.txt").read_text()
 
 
 class _CountsOfTheirOwn(FakeTask):

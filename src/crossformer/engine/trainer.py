@@ -346,16 +346,16 @@ class Trainer:
                 error = err
             try:
                 stop, skipped, passed_over = self._agree(error, len(unreadable), counts is not None and not counts["samples"])
+                if skipped:  # on every rank alike, so all join the gather; named before a pass-over's error
+                    for item in ctx.gather_lists(unreadable):
+                        self.name_skipped(f"skipping unreadable {item}")
+                        self.skipped_files.add(item)
                 if passed_over:
                     counts = self._pass_over(counts)
             except UserInputError as err:  # unreadable training data, raised on every rank
                 if self.global_step and self.batches_done % run.accum_steps == 0:  # keep the updates done
                     raise self._saved_for_resume(err) from None
                 raise
-            if skipped:  # on every rank alike, so all join the gather
-                for item in ctx.gather_lists(unreadable):
-                    self.name_skipped(f"skipping unreadable {item}")
-                    self.skipped_files.add(item)
             for name, value in counts.items():
                 self.meters[name] = self.meters.get(name, 0.0) + value
             self.batches_done += 1
