@@ -256,12 +256,20 @@ def test_no_model_and_no_data_trains_the_digits_config_and_demo_reports(data: Pa
     state = load_training_state(tmp_path / "t" / "last.pth")
     assert state["config"]["model"]["kwargs"]["depths"] == [1, 1, 2, 1] and state["img_size"] == 32
     capsys.readouterr()
-    # evaluate: --config digits names the built-in set, as in training; no config and no --data is an error
+    # evaluate: --config digits names the built-in set, as in training; so does the checkpoint, trained on it
     assert main(["evaluate", "--config", "digits", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["images"] == len(list((data / "val").rglob("*.png")))
-    _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "t" / "last.pth")], "or --config digits")
-    # a config that names no data is no data given (not the built-in digits)
-    _one_line_error(capsys, ["evaluate", "--config", "crossformer_tiny", "--checkpoint", str(tmp_path / "t" / "last.pth")],
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == len(list((data / "val").rglob("*.png")))
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    # a config naming no data: the checkpoint's data (at the config's size, 224)
+    assert main(["evaluate", "--config", "crossformer_tiny", "--checkpoint", str(tmp_path / "t" / "last.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == result["images"]
+    # a file that records no data (the authors'): no data given
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": load_training_state(tmp_path / "t" / "last.pth")["model"]}, bare)
+    _one_line_error(capsys, ["evaluate", "--checkpoint", str(bare), "--model", "crossformer_tiny",
+                             *(f"--model-arg={k}={v}".replace(" ", "") for k, v in state["config"]["model"]["kwargs"].items())],
                     "or --config digits")
     assert main(["demo", "--output", str(tmp_path / "demo"), "epochs=1", "batch_size=4"]) == 0
     out = capsys.readouterr().out

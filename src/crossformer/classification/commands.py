@@ -37,14 +37,19 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recorded_data_root(checkpoint: str) -> Path | None:
-    """The data folder a classification checkpoint of ours records (``config.data.root``), None
-    where it records none (the built-in digits, other files); one that is gone is an error."""
+    """The data folder a classification checkpoint of ours records (``config.data.root``; null:
+    the built-in digits), None for other files; one that is gone is an error."""
     from ..checkpoint_files import peek_checkpoint
     from ..commands.common import recorded_path_gone
+    from .config import DataConfig
 
     recorded = peek_checkpoint(checkpoint).get("config")
     data = recorded.get("data") if isinstance(recorded, dict) else None
-    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or "root" not in data:
+        return None
+    root = data["root"]
+    if root is None:  # trained on the built-in digits
+        return DataConfig().folder()
     if not isinstance(root, str):
         return None
     if not Path(root).is_dir():
