@@ -25,7 +25,7 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         while lines and not lines[-1]:
             lines.pop()
         blank = next((number for number, line in enumerate(lines, start=1) if not line), None)
-        if blank is not None and any(lines):
+        if blank is not None:  # (one among names: the trailing ones are gone)
             raise DataError(f"line {blank} of the class list {path} is blank: a line's place is its class's index, so "
                             f"give every class a name (e.g. 'unused') or remove the line")
         names = [line for line in lines if line]

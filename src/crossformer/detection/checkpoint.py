@@ -49,14 +49,18 @@ def recorded_class_names(checkpoint: Mapping[str, Any]) -> list[str] | None:
     ours in ``class_names``, mmdet's in ``meta["CLASSES"]``; None where it records none."""
     if "class_names" in checkpoint:
         return [str(name) for name in checkpoint["class_names"]]
-    meta = checkpoint.get("meta")
-    classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    classes = _mmdet_classes(checkpoint)
     return [str(name) for name in classes] if classes else None
 
 
-def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: str) -> None:
+def _mmdet_classes(checkpoint: Mapping[str, Any]) -> Any:
+    """``meta["CLASSES"]`` of an mmdet checkpoint, None where it has none."""
     meta = checkpoint.get("meta")
-    classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    return meta.get("CLASSES") if isinstance(meta, Mapping) else None
+
+
+def _check_classes(detector: nn.Module, checkpoint: Mapping[str, Any], source: str) -> None:
+    classes = _mmdet_classes(checkpoint)
     if classes is not None and len(classes) != detector.num_classes:
         raise CheckpointError(
             f"{source} is a detector of {len(classes)} classes; this one has {detector.num_classes}: "

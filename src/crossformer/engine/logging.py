@@ -81,15 +81,19 @@ class RunLogger:
         if not self.enabled or self.output_dir is None:
             return
         path = self.output_dir / "metrics.jsonl"
-        kept: list[str] = []
+        kept: list[dict[str, Any]] = []
         purge_step = step if redo_evaluation else step + 1
         if path.is_file():
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-            kept = [line for line in lines if _kept(line, step, restarted_epoch, redo_evaluation)]
-            if kept != lines:
-                write_text_atomic(path, "".join(kept))
+            records = [_record(line) for line in lines]
+            stays = [_kept(record, step, restarted_epoch, redo_evaluation) for record in records]
+            kept = [record for record, stay in zip(records, stays) if stay]
+            if not all(stays):
+                write_text_atomic(path, "".join(line for line, stay in zip(lines, stays) if stay))
             if restarted_epoch is not None:  # TensorBoard's points of the restarted epoch go too
-                purge_step = min([purge_step, *_steps_from_epoch(lines, restarted_epoch)])
+                restarted = [int(record["step"]) for record in records
+                             if record is not None and int(record.get("epoch", -1)) >= restarted_epoch]
+                purge_step = min([purge_step, *restarted])
         if self._writer is not None:  # TensorBoard drops its events from purge_step on
             from torch.utils.tensorboard import SummaryWriter
 
@@ -98,7 +102,7 @@ class RunLogger:
             # an evaluation done again: its step's points too, so the update's own, kept in
             # metrics.jsonl, are written again
             self._writer = SummaryWriter(log_dir, purge_step=purge_step)
-            for record in map(json.loads, kept if redo_evaluation else []):
+            for record in kept if redo_evaluation else []:
                 if float(record["step"]) == step:
                     for key, value in record.items():
                         if key not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -152,32 +156,29 @@ class RunLogger:
             self._writer = None
 
 
-def _kept(line: str, step: int, restarted_epoch: int | None, redo_evaluation: bool = False) -> bool:
-    """Whether a ``metrics.jsonl`` line stays at a resume (:meth:`RunLogger.resume_at`): a whole
-    record of a step up to ``step``, of an epoch before ``restarted_epoch`` where given, and
-    with ``redo_evaluation`` no evaluation's (``val/`` values) at ``step``."""
+def _record(line: str) -> dict[str, Any] | None:
+    """A ``metrics.jsonl`` line's record: a whole line (a kill may cut the last one short) holding
+    an object with a numeric ``step`` (and ``epoch``, where it has one); else None."""
     try:
         record = json.loads(line) if line.endswith("\n") else None
-        if not isinstance(record, dict) or float(record["step"]) > step:
-            return False
-        if redo_evaluation and float(record["step"]) == step and any(key.startswith("val") for key in record):
-            return False
-        return restarted_epoch is None or int(record.get("epoch", -1)) < restarted_epoch
+        if isinstance(record, dict):
+            float(record["step"]), int(record.get("epoch", -1))
+            return record
     except (ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _kept(record: dict[str, Any] | None, step: int, restarted_epoch: int | None, redo_evaluation: bool = False) -> bool:
+    """Whether a ``metrics.jsonl`` record (:func:`_record`; None: a broken line) stays at a resume
+    (:meth:`RunLogger.resume_at`): a record of a step up to ``step``, of an epoch before
+    ``restarted_epoch`` where given, and with ``redo_evaluation`` no evaluation's (``val/``
+    values) at ``step``."""
+    if record is None or float(record["step"]) > step:
         return False
-
-
-def _steps_from_epoch(lines: Iterable[str], epoch: int) -> list[int]:
-    """The steps of the ``metrics.jsonl`` records (``lines``) of ``epoch`` and later ones."""
-    steps = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            if int(record.get("epoch", -1)) >= epoch:
-                steps.append(int(record["step"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return steps
+    if redo_evaluation and float(record["step"]) == step and any(key.startswith("val") for key in record):
+        return False
+    return restarted_epoch is None or int(record.get("epoch", -1)) < restarted_epoch
 
 
 class SkippedFiles:
