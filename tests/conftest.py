@@ -35,6 +35,14 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny image folder (:func:`classification_fixtures.make_image_folder`), one per test module."""
+    from classification_fixtures import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

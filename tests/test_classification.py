@@ -25,11 +25,6 @@ REFERENCE = ROOT.parent / "shared" / "reference"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One tiny 2-epoch run with the full recipe and EMA; shared by the read-only tests below."""
     output = tmp_path_factory.mktemp("run")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification_fixtures import make_image_folder
 from cli_errors import one_error_line, one_torchrun_error_line, torchrun
 from crossformer.cli import main
 from crossformer.engine import load_training_state
@@ -22,11 +21,6 @@ TINY_ARGS = [
     "model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1,1,1]", "model.kwargs.num_heads=[1,2,4,8]",
     "model.kwargs.group_size=[4,4,2,1]", "model.kwargs.interval=[2,2,1,1]", "warmup_epochs=0", "cpu_threads=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], expected: str) -> None:

@@ -201,7 +201,7 @@ def test_cli_onnx_passes_its_options_and_fails_when_onnxruntime_disagrees(tmp_pa
         compared.update(sizes=sizes, batch=batch)
         return {tuple(size): error for size in sizes}
 
-    monkeypatch.setattr(exporting, "_require_onnx", lambda: None)
+    monkeypatch.setattr(exporting, "require_onnx", lambda: None)
     monkeypatch.setattr(exporting, "export_onnx", fake_export)
     monkeypatch.setattr(exporting, "compare_onnx", fake_compare)
     out = tmp_path / "tiny.onnx"
@@ -221,7 +221,7 @@ def test_cli_onnx_of_a_classifier_records_its_classes_and_preprocessing(tmp_path
     from crossformer import export as exporting
 
     exported = {}
-    monkeypatch.setattr(exporting, "_require_onnx", lambda: None)
+    monkeypatch.setattr(exporting, "require_onnx", lambda: None)
     monkeypatch.setattr(exporting, "export_onnx", lambda model, path, img_size, **options: exported.update(options)
                         or SizeRange(32, 63, 32, 63))
     monkeypatch.setattr(exporting, "compare_onnx", lambda model, path, sizes, batch=1, counts=None: {s: 0.0 for s in sizes})

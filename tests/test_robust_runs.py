@@ -38,7 +38,6 @@ from crossformer.engine.output import EARLIER_RUN
 from crossformer.errors import UserInputError
 from engine_fixtures import FakeConfig, FakeTask, fake_config, resume_and_compare
 from processes import run_process, running, started_process, wait_for
-from test_cli_classification import data  # noqa: F401 (fixture: a tiny image folder)
 
 TESTS = Path(__file__).resolve().parent
 # A CrossFormer that trains an epoch of 24 images in about a second on one CPU thread.
@@ -1089,7 +1088,7 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
                  "--skip-corrupt"]) == 0
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(folder / "a.png"), str(folder / "b.png")]
-    assert f"crossformer predict: skipped: cannot read image {folder / 'c.png'}" in err
+    assert f"crossformer predict: skipped unreadable image {folder / 'c.png'}: " in err  # as detection's and segmentation's
     assert "--skip-corrupt" not in err  # it was given: no advice to pass it
     assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
     assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err

@@ -394,7 +394,8 @@ def test_evaluate_refuses_a_data_set_of_other_classes(run: dict[str, Path], tmp_
     names = class_file.read_text().split()
     class_file.write_text("\n".join([*names[:-1], "auto"]) + "\n")
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other)],
-                    f"names other classes than {run['checkpoint']} was trained on (class 6: 'auto' vs '{names[-1]}')")
+                    f"names other classes than {run['checkpoint']} was trained on (label 6 is 'auto' in the data, "
+                    f"'{names[-1]}' in the checkpoint)")
     class_file.write_text("\n".join(names) + "\n")  # the same names: evaluates
     assert main(["evaluate", "--checkpoint", str(run["checkpoint"]), "--data", str(other), "--json"]) == 0
 

@@ -35,6 +35,7 @@ __all__ = [
     "ModeResult",
     "ModelResult",
     "build_model",
+    "fixed_input_size",
     "make_step",
     "timed_steps",
     "run_benchmark",
@@ -117,13 +118,13 @@ def build_model(name: str, config: BenchConfig) -> nn.Module:
     from .classification.model import create_classifier
 
     kwargs = dict(config.model_kwargs.get(name, {}))
-    if tuple(config.img_size) != (224, 224) and _fixed_input_size(name):
+    if tuple(config.img_size) != (224, 224) and fixed_input_size(name):
         kwargs["img_size"] = tuple(config.img_size)  # fixed-size timm models (Swin, ViT) need it; others take none
     # settings it cannot take are one line naming them, as in every command that builds one
     return _place(create_classifier(name, config.num_classes, model_kwargs=kwargs), config)
 
 
-def _fixed_input_size(name: str) -> bool:
+def fixed_input_size(name: str) -> bool:
     """Whether timm's model ``name`` is built for one input size (its ``img_size`` argument)."""
     from timm.models import get_pretrained_cfg
 

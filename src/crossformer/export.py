@@ -36,6 +36,7 @@ import torch.nn as nn
 from .atomic import check_output_path, write_atomic
 from .errors import UserInputError
 from .models.crossformer import MIN_INPUT_SIZE, CrossFormer
+from .modes import eval_mode
 
 __all__ = [
     "SizeRange",
@@ -45,6 +46,7 @@ __all__ = [
     "export_safetensors",
     "compare_onnx",
     "EXPORT_INSTALL_HINT",
+    "require_onnx",
 ]
 
 EXPORT_INSTALL_HINT = "pip install 'crossformer[export]'"
@@ -93,20 +95,9 @@ def _crossformer(model: nn.Module) -> CrossFormer:
     return inner
 
 
-def _conv_out(size: int, conv: nn.Conv2d) -> int:
-    (k,), (s,), (p,) = conv.kernel_size[:1], conv.stride[:1], conv.padding[:1]
-    return (size + 2 * p - k) // s + 1
-
-
 def _stage_sizes(model: CrossFormer, size: int) -> list[int]:
     """Map height (or width) at each stage for an input side of ``size`` pixels."""
-    sizes = []
-    n = _conv_out(size, model.patch_embed.projs[0])
-    for stage in model.layers:
-        sizes.append(n)
-        if stage.downsample is not None:
-            n = _conv_out(n, stage.downsample.reductions[0])
-    return sizes
+    return [side for side, _ in model.stage_sizes(size, size)]
 
 
 def _first_input_where(model: CrossFormer, stage: int, predicate: Any) -> int:
@@ -190,17 +181,15 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
     The ONNX translation of ``scaled_dot_product_attention`` is limited; the explicit path
     computes the same thing with plain matmul/softmax.
     """
-    was_training = model.training
     fused = {m: m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
-    model.eval()
-    for m in fused:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, value in fused.items():
-            m.fused_attn = value
-        model.train(was_training)
+    with eval_mode(model):
+        for m in fused:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for m, value in fused.items():
+                m.fused_attn = value
 
 
 class _SizeGuard(nn.Module):
@@ -232,7 +221,7 @@ class _SizeGuard(nn.Module):
         return tuple(o + poison if o.is_floating_point() else o for o in out)
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     missing = []
     for module in ("onnx", "onnxscript"):
         try:
@@ -285,7 +274,7 @@ def export_onnx(
         The input sizes the file is exact for. Outside them every output is NaN (or
         onnxruntime fails to run the graph).
     """
-    _require_onnx()
+    require_onnx()
     height, width = int(img_size[0]), int(img_size[-1])
     _check_size(model, height, width)
     features = not isinstance(model, CrossFormer) and hasattr(model, "feature_info")
@@ -379,9 +368,7 @@ def compare_onnx(
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     errors = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for size in sizes:
             height, width = int(size[0]), int(size[-1])
             x = _example(model, height, width, batch).float()
@@ -392,8 +379,6 @@ def compare_onnx(
             if counts is not None:
                 counts[(height, width)] = int(expected[0].shape[0])
             errors[(height, width)] = max(_difference(torch.from_numpy(g), e.cpu()) for g, e in zip(got, expected))
-    finally:
-        model.train(was_training)
     return errors
 
 
@@ -428,17 +413,12 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: Sequence[in
     in_chans = _crossformer(model).in_chans
     path = check_output_path(path)
     example = _example(model, height, width, batch=1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices: asked for
-            traced = torch.jit.trace(model, example, check_trace=False)
-            scripted = torch.jit.script(_FixedSize(traced, in_chans, height, width))
-            return write_atomic(path, lambda file: torch.jit.save(scripted, file))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notices: asked for
+        traced = torch.jit.trace(model, example, check_trace=False)
+        scripted = torch.jit.script(_FixedSize(traced, in_chans, height, width))
+        return write_atomic(path, lambda file: torch.jit.save(scripted, file))
 
 
 def export_safetensors(

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..commands.common import add_model_arg_argument, model_args, note_on_stderr
 from ..engine.launch import launched_rank
-from ..engine.registry import VerbHandler
+from ..engine.registry import VerbHandler, no_arguments
 from .config import ClassificationConfig
 
 __all__ = ["COMMANDS"]
@@ -133,10 +133,6 @@ COMMANDS: dict[str, VerbHandler] = {
 }
 
 
-def _no_arguments(parser: argparse.ArgumentParser) -> None:
-    """benchmark and flops keep their own flags; the config supplies what they leave unset."""
-
-
 def _data_classes(verb: str, config: ClassificationConfig, given: dict[str, Any]) -> int | None:
     """The classifier size training would build for the config: its data's class count
     (:meth:`DataConfig.known_classes`, no image read), where the config names data (the digits
@@ -176,6 +172,6 @@ def _model_command(verb: str):
     return run
 
 
-COMMANDS["benchmark"] = VerbHandler(_no_arguments, _model_command("benchmark"), ())
-COMMANDS["flops"] = VerbHandler(_no_arguments, _model_command("flops"), ())
-COMMANDS["export"] = VerbHandler(_no_arguments, _model_command("export"), ())
+COMMANDS["benchmark"] = VerbHandler(no_arguments, _model_command("benchmark"), ())
+COMMANDS["flops"] = VerbHandler(no_arguments, _model_command("flops"), ())
+COMMANDS["export"] = VerbHandler(no_arguments, _model_command("export"), ())

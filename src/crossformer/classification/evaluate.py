@@ -26,6 +26,7 @@ from ..engine import (
     Precision,
     RunLogger,
     default_workers,
+    evaluation_pass,
     resolve_precision,
     setup_distributed,
     skipped_on_stderr,
@@ -55,37 +56,29 @@ def evaluate_batches(
     of every rank's share, after the loop (:func:`~crossformer.data.gather_skipped`; a rank
     that names none may pass None).
     """
-    was_training = model.training
-    model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
-    progress = logger.progress(total, "eval") if logger is not None else None
-    error = None
+    sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
     skipped_files: list[str] = []
-    for images, targets, failures in batches:
-        try:
-            raise_or_count_unreadable(failures, skip_corrupt, skipped_files.append)
-        except DataError as err:
-            error = err
-            break
+
+    def step(batch: ImageBatch) -> None:
+        images, targets, _ = batch
         if not len(targets):
-            continue
+            return
         images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
         with precision.autocast():
             logits = model(images)
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        sums["loss"] += float(F.cross_entropy(logits, targets, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
         hits = top == targets[:, None]
-        correct1 += float(hits[:, 0].sum())
-        correct5 += float(hits.any(dim=1).sum())
-        count += len(targets)
-        if progress is not None:
-            progress.update()
-    if progress is not None:
-        progress.close()
-    model.train(was_training)
-    ctx.raise_together(error)
-    loss_sum, correct1, correct5, count = ctx.all_reduce_sum([loss_sum, correct1, correct5, count])
+        sums["correct1"] += float(hits[:, 0].sum())
+        sums["correct5"] += float(hits.any(dim=1).sum())
+        sums["count"] += len(targets)
+
+    def check(batch: ImageBatch) -> None:
+        raise_or_count_unreadable(batch[2], skip_corrupt, skipped_files.append)  # batch[2]: the failures
+
+    evaluation_pass(model, batches, ctx, check, step, logger.progress(total, "eval") if logger is not None else None)
+    loss_sum, correct1, correct5, count = ctx.all_reduce_sum(list(sums.values()))
     skipped = gather_skipped(ctx, skipped_files, on_skip)
     if count == 0:
         raise DataError("no readable images to evaluate")

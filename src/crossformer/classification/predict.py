@@ -8,8 +8,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list, open_image
-from ..data.folder import SKIP_HINT
+from ..data import DataError, build_eval_transform, expand_image_paths, load_class_list
+from ..data.folder import read_or_skip
 from ..engine import resolve_device, resolve_precision
 from ..errors import UserInputError
 from ..variant_table import IMAGENET_CLASSES
@@ -93,12 +93,8 @@ def predict(
     for start in range(0, len(files), batch_size):
         chunk, images = [], []
         for path in files[start : start + batch_size]:
-            try:
-                image = open_image(path)
-            except DataError as err:
-                if not skip_corrupt:
-                    raise
-                note(f"skipped: {str(err).removesuffix(SKIP_HINT)}")  # no advice to pass the flag it was given
+            image = read_or_skip(path, skip_corrupt, note)
+            if image is None:
                 skipped += 1
                 continue
             if image.width < width or image.height < height:

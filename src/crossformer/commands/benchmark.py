@@ -73,6 +73,13 @@ def keeps_freed_memory(args: argparse.Namespace) -> bool:
     return args.keep_freed_memory and keep_freed_memory()
 
 
+def ratio_line(summary: dict[str, Any], mode: str, ours: str, peer: str) -> str:
+    """The line that gives a mode's speed ratio (ours / peer), its median and range over the rounds."""
+    lo, hi = summary[f"{mode}_ratio_spread"]
+    return (f"{mode}_ratio  {summary[f'{mode}_ratio']:.2f}x {ours} / {peer} "
+            f"(median of {summary['config']['rounds']} rounds, range {lo:.2f}-{hi:.2f})")
+
+
 def build_config(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) -> "BenchConfig":
     """The measurement these arguments ask for; one-line errors for impossible values.
 
@@ -155,7 +162,5 @@ def run(args: argparse.Namespace, model_kwargs: dict[str, Any] | None = None) ->
         print(format_peak(summary["peak"]))
     for m in config.modes:
         if f"{m}_ratio" in summary:
-            lo, hi = summary[f"{m}_ratio_spread"]
-            print(f"{m}_ratio  {summary[f'{m}_ratio']:.2f}x {args.model} / {args.compare} "
-                  f"(median of {args.rounds} rounds, range {lo:.2f}-{hi:.2f})")
+            print(ratio_line(summary, m, args.model, args.compare))
     return 0

@@ -258,7 +258,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, keys
             kwargs.update(type=_or_null(base) if nullable else base)
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(**{CONFIG_CLASS: config_cls, _ONE_OR_MANY: frozenset(one_or_many)})
-    _explain_model_flag(parser, config_cls, found)
+    _explain_model_flag(parser, found)
 
 
 @functools.cache
@@ -287,8 +287,7 @@ def _scalar_or_its_tuple(options: list[Any]) -> type | None:
     return scalars[0] if items == {scalars[0]} else None
 
 
-def _explain_model_flag(parser: argparse.ArgumentParser, config_cls: type,
-                        found: Mapping[str, tuple[str, str, Any]]) -> None:
+def _explain_model_flag(parser: argparse.ArgumentParser, found: Mapping[str, tuple[str, str, Any]]) -> None:
     """A hidden ``--model`` for a config whose model section has no shorthand (detection,
     segmentation; ``found``: its flags, :func:`config_flags`), where argparse would call
     ``--model`` unknown or an abbreviation of ``--model-ema``. It keeps what sets the task's

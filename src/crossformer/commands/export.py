@@ -155,7 +155,7 @@ def check_options(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         if args.opset is not None and args.opset < MIN_OPSET:
             raise UserInputError(f"--opset must be at least {MIN_OPSET} (LayerNormalization), got {args.opset}")
-        exporting._require_onnx()
+        exporting.require_onnx()
 
 
 def write_traced(args: argparse.Namespace, model, output, name: str, height: int, width: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..cli import INTERRUPTED
 from .common import add_config_argument, add_config_arguments
 
 TASK_AWARE = True
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted as err:
         if says:
             print(f"crossformer train: {err}\n{resume}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except PeerLostError as err:  # said by every rank left: rank 0 may be the one that ended
         print(f"crossformer train: stopped on rank {launched_rank()}: {err}\n{resume}", file=sys.stderr)
         return 1

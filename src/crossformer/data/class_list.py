@@ -3,12 +3,13 @@ checked while the command line reads it (``data.classes``, ``data.label_colours`
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
 
-__all__ = ["load_class_list"]
+__all__ = ["load_class_list", "first_category_difference"]
 
 
 def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
@@ -38,3 +39,14 @@ def load_class_list(classes: str | Path | Sequence[str]) -> list[str]:
         dup = next(n for n in names if names.count(n) > 1)
         raise DataError(f"class {dup!r} is listed twice in the class list{where}")
     return names
+
+
+def first_category_difference(found: Sequence[str], expected: Sequence[str], found_in: str, expected_in: str) -> str | None:
+    """Where two category name lists in label order first differ, as "label 4 is 'star' in the
+    file, 'étoile ★' in the checkpoint" (``found_in``, ``expected_in``; "none" past the end of
+    the shorter); None where they agree."""
+    for label, (one, other) in enumerate(zip_longest(found, expected)):
+        if one != other:
+            return (f"label {label} is {'none' if one is None else repr(one)} in {found_in}, "
+                    f"{'none' if other is None else repr(other)} in {expected_in}")
+    return None

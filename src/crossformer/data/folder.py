@@ -24,7 +24,7 @@ from ..atomic import OutputError
 from ..errors import DataError, listing
 
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderDataset", "ImageListing", "find_split", "find_images", "list_images",
-           "left_out_line", "left_out_notes", "open_image", "opened", "read_rgb", "upright_rgb",
+           "left_out_line", "left_out_notes", "open_image", "read_or_skip", "opened", "read_rgb", "upright_rgb",
            "oriented_size",
            "size_difference", "unreadable_reason", "expand_image_paths", "expand_image_inputs", "output_paths", "unique_stem",
            "leave_out_folder", "training_classes"]
@@ -266,7 +266,26 @@ def open_image(path: str | Path) -> Image.Image:
     try:
         return read_rgb(path)
     except UNREADABLE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {unreadable_reason(err)}{SKIP_HINT}") from None
+        raise _unreadable(path, unreadable_reason(err)) from None
+
+
+def _unreadable(path: str | Path, reason: str) -> DataError:
+    return DataError(f"cannot read image {path}: {reason}{SKIP_HINT}")
+
+
+def read_or_skip(path: str | Path, skip_corrupt: bool, note: Callable[[str], None] | None = None) -> Image.Image | None:
+    """The predict commands' reading of one input: :func:`read_rgb`'s image; an unreadable file
+    is :func:`open_image`'s one-line DataError, or with ``skip_corrupt`` None after
+    ``note("skipped unreadable image PATH: reason")`` (without the advice to pass the flag given)."""
+    try:
+        return read_rgb(path)
+    except UNREADABLE_ERRORS as err:
+        reason = unreadable_reason(err)
+        if not skip_corrupt:
+            raise _unreadable(path, reason) from None
+        if note is not None:
+            note(f"skipped unreadable image {path}: {reason}")
+        return None
 
 
 def _class_folders(split_dir: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""DataLoaders over :class:`ImageFolderDataset`, with unreadable images reported by the main process."""
+"""DataLoaders over the three tasks' datasets (image folders, COCO, label maps), with unreadable
+images reported by the main process."""
 
 from __future__ import annotations
 

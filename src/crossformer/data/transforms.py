@@ -70,7 +70,7 @@ def check_auto_augment(policy: str, key: str = "auto_augment") -> None:
 
 
 def build_train_transform(
-    img_size: int,
+    img_size: int | tuple[int, int],
     auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     color_jitter: float = 0.4,
     re_prob: float = 0.25,
@@ -84,7 +84,7 @@ def build_train_transform(
 ) -> Transform:
     """The authors' recipe: random resized crop, flip, RandAugment, colour jitter, erasing.
 
-    Output: float tensor ``(3, img_size, img_size)``, normalised.
+    ``img_size``: N or ``(H, W)``. Output: float tensor ``(3, H, W)``, normalised.
     """
     return create_transform(
         img_size,
@@ -103,15 +103,16 @@ def build_train_transform(
 
 
 def build_eval_transform(
-    img_size: int,
+    img_size: int | tuple[int, int],
     crop_pct: float = 0.875,
     interpolation: str = "bicubic",
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
 ) -> Transform:
-    """Resize the short side to ``img_size / crop_pct``, centre-crop ``img_size`` (224/256 at 224).
+    """Resize to ``img_size / crop_pct`` (an int: the short side), centre-crop ``img_size``
+    (224/256 at 224).
 
-    Output: float tensor ``(3, img_size, img_size)``, normalised.
+    ``img_size``: N or ``(H, W)``. Output: float tensor ``(3, H, W)``, normalised.
     """
     return create_transform(
         img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=tuple(mean), std=tuple(std)

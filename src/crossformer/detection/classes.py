@@ -4,10 +4,9 @@ and their category ids, which skip 11 numbers of the original 91."""
 
 from __future__ import annotations
 
-from itertools import zip_longest
 from typing import Sequence
 
-__all__ = ["COCO_CLASSES", "COCO_CATEGORY_IDS", "known_category_ids", "first_category_difference"]
+__all__ = ["COCO_CLASSES", "COCO_CATEGORY_IDS", "known_category_ids"]
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -32,13 +31,3 @@ def known_category_ids(class_names: Sequence[str] | None) -> list[int] | None:
         return list(COCO_CATEGORY_IDS)
     return None
 
-
-def first_category_difference(found: Sequence[str], expected: Sequence[str], found_in: str, expected_in: str) -> str | None:
-    """Where two category name lists in label order first differ, as "label 4 is 'star' in the
-    file, 'étoile ★' in the checkpoint" (``found_in``, ``expected_in``; "none" past the end of
-    the shorter); None where they agree."""
-    for label, (one, other) in enumerate(zip_longest(found, expected)):
-        if one != other:
-            return (f"label {label} is {'none' if one is None else repr(one)} in {found_in}, "
-                    f"{'none' if other is None else repr(other)} in {expected_in}")
-    return None

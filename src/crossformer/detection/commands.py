@@ -4,7 +4,7 @@ The config (``--config``) describes the detector; the checkpoint must hold that 
 ours (a training checkpoint, which records its classes) or the authors' mmdetection files
 (``meta.CLASSES``). ``evaluate`` prints COCOeval's 12 box (and 12 mask) numbers and writes
 the results JSON; ``predict`` writes a PNG per image and one JSON; ``flops`` counts the
-assembled detector at 1280x800; ``benchmark`` times inference at 1333x800, optionally beside
+assembled detector at 800x1280 (HxW); ``benchmark`` times inference at 800x1333, optionally beside
 torchvision's ``maskrcnn_resnet50_fpn``.
 """
 
@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..commands.common import (backbone_settings, benchmark_log, given_img_size, head_classes, note_on_stderr,
                                refuse_classifier_flags)
-from ..engine.registry import VerbHandler
+from ..engine.registry import VerbHandler, no_arguments
 from ..errors import UserInputError, one_line
-from .classes import COCO_CLASSES, first_category_difference, known_category_ids
+from ..data.class_list import first_category_difference
+from .classes import COCO_CLASSES, known_category_ids
 from .config import DetectionConfig
 
 if TYPE_CHECKING:  # the verbs import torch when they run: the command line reads the flags without it
@@ -151,7 +152,7 @@ def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str
         # checked before the images are run (mask AP needs every object's segmentation), on every
         # rank: each stops with the same error rather than wait for rank 0
         ground_truth = load_ground_truth(ann_file, loaded.detector.has_masks)
-        logger = RunLogger(None, enabled=ctx.is_main and not args.json, tensorboard=False)
+        logger = RunLogger(None, enabled=ctx.is_main and not args.json)
         absent = dataset.absent_note()
         if absent is not None and ctx.is_main:  # on stderr, as segmentation's: stdout may hold the JSON alone
             print(f"warning: {absent}", file=sys.stderr, flush=True)
@@ -224,10 +225,6 @@ def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str,
 # ---------------------------------------------------------------------------- flops and benchmark
 
 
-def _no_arguments(parser: argparse.ArgumentParser) -> None:
-    """flops and benchmark keep their own flags; the config supplies the detector."""
-
-
 def _config_classes(verb: str, config: DetectionConfig) -> int:
     """The class count training would build the detector for (COCO's 80 where it cannot be known)."""
     return head_classes(verb, config.model.num_classes, config.data.known_classes, len(COCO_CLASSES), "COCO's")
@@ -263,8 +260,8 @@ def _flops(args: argparse.Namespace, config: DetectionConfig, given: dict[str, A
 def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     import torchvision
 
-    from ..benchmark import BenchConfig, format_summary, run_benchmark, summarise
-    from ..commands.benchmark import benchmark_device, keeps_freed_memory
+    from ..benchmark import format_summary, run_benchmark, summarise
+    from ..commands.benchmark import build_config, ratio_line
     from .bench import ImagesOnly, TorchvisionImages
     from .task import build_configured_detector
 
@@ -274,11 +271,10 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         raise UserInputError("the detection benchmark times inference; training speed is logged by crossformer train")
     if args.compare not in (None, "auto", TORCHVISION_PEER):
         raise UserInputError(f"detection compares with torchvision's {TORCHVISION_PEER} only (--compare), got {args.compare!r}")
-    args.device = benchmark_device(args.device)
     height, width = given_img_size(args) or BENCHMARK_SIZE
-    batch = args.batch_size or 1
-    if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserInputError("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")
+    args.img_size, args.mode = [height, width], "infer"
+    bench = build_config(args)
+    batch = bench.batch_size["infer"] = args.batch_size or 1  # a detector's images are 800x1333
     name = f"{config.model.kind}_{config.model.backbone}"
     num_classes = _config_classes("benchmark", config)
     models = {name: lambda: ImagesOnly(build_configured_detector(config.model, num_classes, False), height, width, batch)}
@@ -287,9 +283,6 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         # benchmark's images, it runs them as they are (the ratio compared 64x64 with 800x800)
         models[TORCHVISION_PEER] = lambda: TorchvisionImages(torchvision.models.detection.maskrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, min_size=min(height, width), max_size=max(height, width)).eval())
-    bench = BenchConfig(modes=("infer",), batch_size={"infer": batch}, img_size=(height, width), device=args.device,
-                        amp=args.amp, rounds=args.rounds, warmup=args.warmup, steps=args.steps, memory=not args.no_memory,
-                        keep_freed_memory=keeps_freed_memory(args))
     log = benchmark_log(args)
     peer = TORCHVISION_PEER if args.compare is not None else None
     summary = summarise(run_benchmark(models, bench, log=log), bench, compare=peer)
@@ -298,8 +291,7 @@ def _benchmark(args: argparse.Namespace, config: DetectionConfig, given: dict[st
         return 0
     print(format_summary(summary))
     if peer is not None:
-        lo, hi = summary["infer_ratio_spread"]
-        print(f"infer_ratio  {summary['infer_ratio']:.2f}x {name} / {peer} (median of {args.rounds} rounds, range {lo:.2f}-{hi:.2f})")
+        print(ratio_line(summary, "infer", name, peer))
     return 0
 
 
@@ -346,7 +338,7 @@ def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, 
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _EVALUATE_KEYS),
     "predict": VerbHandler(_predict_arguments, _predict, _PREDICT_KEYS),
-    "flops": VerbHandler(_no_arguments, _flops, ()),
-    "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
-    "export": VerbHandler(_no_arguments, _export, ()),
+    "flops": VerbHandler(no_arguments, _flops, ()),
+    "benchmark": VerbHandler(no_arguments, _benchmark, ()),
+    "export": VerbHandler(no_arguments, _export, ()),
 }

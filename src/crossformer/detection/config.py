@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks
 from ..errors import UserInputError
-from ..variant_table import require_known_model
 
 __all__ = [
     "DetectionModelConfig", "DetectionDataConfig", "DetectionTestConfig", "DetectionConfig", "data_paths", "CONFIG", "SIZE_DIVISOR",
@@ -33,7 +32,7 @@ SIZE_DIVISOR = 32  # mmdet pads every batch (and the test image) to a multiple o
 
 
 @dataclass(frozen=True)
-class DetectionModelConfig:
+class DetectionModelConfig(DenseModelChecks):
     """The detector: its kind, its CrossFormer backbone and the head sizes.
 
     ``backbone_kwargs`` override the backbone's architecture on top of the authors' detection
@@ -61,26 +60,10 @@ class DetectionModelConfig:
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
     def validate(self) -> None:
-        require_known_model(self.backbone, variants_only=True, setting="model.backbone")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
-        check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
-        check_one_start(self.pretrained, self.init_from)
+        self.validate_backbone()
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-
-    def validate_build(self) -> None:
-        """The backbone settings build (a one-line error where not); the variant as registered does."""
-        if self.backbone_kwargs:
-            from ..models.dense import build_task_backbone
-            from ..models.variants import check_builds
-
-            check_builds(build_task_backbone, self.backbone, self.backbone_settings())
-
-    def backbone_settings(self) -> dict[str, Any]:
-        """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""
-        return with_drop_path(self.backbone_kwargs, self.drop_path)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from pycocotools.cocoeval import COCOeval
 
 from ..atomic import write_text_atomic
 from ..data import DataError, ShardedSampler, build_loader, gather_skipped, raise_or_count_unreadable
-from ..engine import DistContext, Precision, RunLogger
-from .data import CocoDetection, annotation_segmentation, collate_detection, load_coco_json
+from ..engine import DistContext, Precision, RunLogger, evaluation_pass
+from .data import CocoDetection, DetectionBatch, annotation_segmentation, collate_detection, load_coco_json
 
 __all__ = ["COCO_METRICS", "metric_names", "detections_to_coco", "coco_evaluate", "load_ground_truth", "holds_masks",
            "require_objects", "evaluate_detector"]
@@ -177,37 +177,30 @@ def evaluate_detector(
         raise DataError(f"{dataset.ann_file} lists no images: nothing to evaluate")
     require_objects(dataset)
     ctx = ctx or DistContext()
-    was_training = detector.training
-    detector.eval()
     sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
     loader = build_loader(dataset, batch_size, sampler, num_workers, seed=0, drop_last=False,
                           pin_memory=ctx.device.type == "cuda", collate_fn=collate_detection)
-    progress = logger.progress(len(loader), "eval") if logger is not None else None
     results: list[dict[str, Any]] = []
     evaluated: list[int] = []
     skipped: list[str] = []  # this rank's unreadable images, as "image PATH: reason"
     with_masks = False
-    error = None
-    for batch in loader:
-        try:
-            raise_or_count_unreadable(batch.failures, skip_corrupt, skipped.append)
-        except DataError as err:  # raised on every rank below, so that none waits in the gather
-            error = err
-            break
-        if len(batch):
-            images = batch.images.to(ctx.device, non_blocking=True)
-            with precision.autocast() if precision is not None else contextlib.nullcontext():
-                outputs = detector(images, batch.metas)
-            image_ids = [m["image_id"] for m in batch.metas]
-            with_masks = with_masks or any("masks" in o for o in outputs)
-            results.extend(detections_to_coco(outputs, image_ids, dataset.cat_ids))
-            evaluated.extend(image_ids)
-        if progress is not None:
-            progress.update()
-    if progress is not None:
-        progress.close()
-    detector.train(was_training)
-    ctx.raise_together(error)
+
+    def step(batch: DetectionBatch) -> None:
+        nonlocal with_masks
+        if not len(batch):
+            return
+        images = batch.images.to(ctx.device, non_blocking=True)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            outputs = detector(images, batch.metas)
+        image_ids = [m["image_id"] for m in batch.metas]
+        with_masks = with_masks or any("masks" in o for o in outputs)
+        results.extend(detections_to_coco(outputs, image_ids, dataset.cat_ids))
+        evaluated.extend(image_ids)
+
+    def check(batch: DetectionBatch) -> None:
+        raise_or_count_unreadable(batch.failures, skip_corrupt, skipped.append)
+
+    evaluation_pass(detector, loader, ctx, check, step, logger.progress(len(loader), "eval") if logger is not None else None)
     skipped_count = gather_skipped(ctx, skipped, on_skip)
     gathered = ctx.gather_objects((results, evaluated, with_masks))
     if not any(part[1] for part in gathered):  # on every rank, as the gather

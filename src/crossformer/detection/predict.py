@@ -15,10 +15,11 @@ import torch.nn as nn
 from PIL import Image
 
 from ..atomic import check_output_folder, make_folder, save_image_atomic, write_text_atomic
-from ..data import DataError, expand_image_inputs, output_paths, read_rgb
+from ..data import expand_image_inputs, output_paths
 from ..data.draw import draw_boxes, overlay_masks, palette
-from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, unreadable_reason
+from ..data.folder import read_or_skip
 from ..engine import Precision
+from ..modes import eval_mode
 from .data import DetectionSample, collate_detection
 from .evaluate import detections_to_coco
 from .transforms import build_test_transform
@@ -53,7 +54,7 @@ class PredictOutput:
     json_path: Path  # every detection, COCO result records plus "file_name"
     images: list[Path] = field(default_factory=list)  # one PNG per readable input
     detections: int = 0  # records in the JSON
-    skipped: list[str] = field(default_factory=list)  # "path: reason" of unreadable inputs
+    skipped: list[str] = field(default_factory=list)  # the unreadable inputs' paths (the log gives the reasons)
 
 
 def render_detections(image: Image.Image, output: dict[str, torch.Tensor], class_names: Sequence[str],
@@ -107,39 +108,31 @@ def predict_detections(
     cat_ids = list(cat_ids) if cat_ids is not None else list(range(1, len(class_names) + 1))
     name_of = dict(zip(cat_ids, class_names))  # the records name their class: no annotation file says it here
     device = next(detector.parameters(), torch.empty(0)).device
-    was_training = detector.training
-    detector.eval()
     result = PredictOutput(output_dir / "detections.json")
     records: list[dict[str, Any]] = []
-    try:
-        for image_id, ((path, _), [png]) in enumerate(zip(inputs, pngs), start=1):
-            try:
-                image = read_rgb(path)
-            except UNREADABLE_ERRORS as err:
-                reason = unreadable_reason(err)
-                if not skip_corrupt:
-                    raise DataError(f"cannot read image {path}: {reason}{SKIP_HINT}") from None
-                result.skipped.append(f"{path}: {reason}")
-                if log is not None:
-                    log(f"skipped unreadable image {path}: {reason}")
-                continue
-            batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
-            with precision.autocast() if precision is not None else contextlib.nullcontext():
-                raw = detector(batch.images.to(device), batch.metas)[0]
-            # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
-            output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
-            found = [{**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
-                     for r in detections_to_coco([output], [image_id], cat_ids)]
-            save_image_atomic(render_detections(image, output, class_names, score_threshold), png)
-            records.extend(found)
-            result.images.append(png)
-            if on_result is not None:
-                shown = sorted((r for r in found if r["score"] >= score_threshold), key=lambda r: -r["score"])
-                on_result(DetectionPrediction(str(path), str(png), [
-                    {k: r[k] for k in ("category_id", "category_name", "score", "bbox")} for r in shown], len(found)))
-    finally:
-        detector.train(was_training)
-        write_text_atomic(result.json_path, json.dumps(records))
+    with eval_mode(detector):
+        try:
+            for image_id, ((path, _), [png]) in enumerate(zip(inputs, pngs), start=1):
+                image = read_or_skip(path, skip_corrupt, log)
+                if image is None:
+                    result.skipped.append(str(path))
+                    continue
+                batch = collate_detection([transform(image_sample(image, image_id, str(path)))])
+                with precision.autocast() if precision is not None else contextlib.nullcontext():
+                    raw = detector(batch.images.to(device), batch.metas)[0]
+                # float32 boxes, scores and masks whatever autocast computed them in (NumPy has no bfloat16)
+                output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in raw.items()}
+                found = [{**r, "category_name": name_of[r["category_id"]], "file_name": str(path)}
+                         for r in detections_to_coco([output], [image_id], cat_ids)]
+                save_image_atomic(render_detections(image, output, class_names, score_threshold), png)
+                records.extend(found)
+                result.images.append(png)
+                if on_result is not None:
+                    shown = sorted((r for r in found if r["score"] >= score_threshold), key=lambda r: -r["score"])
+                    on_result(DetectionPrediction(str(path), str(png), [
+                        {k: r[k] for k in ("category_id", "category_name", "score", "bbox")} for r in shown], len(found)))
+        finally:
+            write_text_atomic(result.json_path, json.dumps(records))
     result.detections = len(records)
     if result.skipped and log is not None:
         log(f"skipped {len(result.skipped)} unreadable image(s)")

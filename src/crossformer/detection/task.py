@@ -26,7 +26,7 @@ from ..errors import UserInputError
 from .config import CONFIG, DetectionConfig, DetectionModelConfig, data_paths
 from .data import MIN_TRAIN_IMAGE_SIZE, CocoDetection, DetectionBatch, collate_detection
 from .checkpoint import load_detector_state, recorded_class_names
-from .classes import first_category_difference
+from ..data.class_list import first_category_difference
 from .detectors import Detector, build_detector
 from .evaluate import evaluate_detector, holds_masks, load_ground_truth, require_objects
 

@@ -17,6 +17,7 @@ __all__ = export_lazily(__name__, {
     ".distributed": ("DistContext", "PeerLostError", "resolve_device", "set_cpu_threads", "setup_distributed",
                      "teardown_distributed"),
     ".cpus": ("default_workers",),
+    ".evaluation": ("evaluation_pass",),
     ".output": ("RUN_FILES", "claim_demo_output", "claim_output"),
     ".guard": ("NonFiniteLossError", "check_finite_loss"),
     ".memory": ("keep_freed_memory",),

@@ -261,6 +261,35 @@ def with_drop_path(kwargs: Mapping[str, Any], drop_path: float | None) -> dict[s
     return dict(kwargs) if drop_path is None else {**kwargs, DROP_PATH_RATE: drop_path}
 
 
+class DenseModelChecks:
+    """What detection's and segmentation's model sections share (a mixin of their dataclasses):
+    a CrossFormer variant as ``backbone`` with ``backbone_kwargs`` over the task's grouping, its
+    ``drop_path`` rate, ``num_classes`` (None: the data's) and one start, ``pretrained`` or
+    ``init_from``."""
+
+    def validate_backbone(self) -> None:
+        """One-line errors for the shared fields (the task's ``validate`` checks its own)."""
+        from ..variant_table import require_known_model
+
+        require_known_model(self.backbone, variants_only=True, setting="model.backbone")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UserInputError(f"model.num_classes must be at least 1 (or null: from the data), got {self.num_classes}")
+        check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
+        check_one_start(self.pretrained, self.init_from)
+
+    def validate_build(self) -> None:
+        """The backbone settings build (a one-line error where not); the variant as registered does."""
+        if self.backbone_kwargs:
+            from ..models.dense import build_task_backbone
+            from ..models.variants import check_builds
+
+            check_builds(build_task_backbone, self.backbone, self.backbone_settings())
+
+    def backbone_settings(self) -> dict[str, Any]:
+        """``backbone_kwargs`` with the drop path rate (if set; else the variant's own)."""
+        return with_drop_path(self.backbone_kwargs, self.drop_path)
+
+
 def fold_recorded_drop_path(recorded: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's recorded configuration (:func:`config_to_dict`) with a rate that older
     runs set in the model's constructor settings moved to ``model.drop_path``, so that it

@@ -61,6 +61,11 @@ CONFIG_MODULES: dict[str, str] = {
 }
 
 
+def no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A verb's ``add_arguments`` where the task adds no flags of its own (flops, benchmark and
+    export keep their shared flags; the config supplies the rest)."""
+
+
 @dataclass(frozen=True)
 class VerbHandler:
     """A task's implementation of one command-line verb.

@@ -188,6 +188,11 @@ class CrossScaleConvs(InferenceCaches, nn.ModuleList):
     def __getstate__(self) -> dict:
         return state_without(super().__getstate__(), "_inference_weights")
 
+    def output_side(self, side: int) -> int:
+        """The output's height (width) for an input ``side`` pixels high (wide): every kernel's."""
+        conv = self[0]
+        return (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             x = image_layout(x, self)
@@ -864,6 +869,17 @@ class CrossFormer(nn.Module):
                 (r"^norm", MATCH_PREV_GROUP),
             ],
         )
+
+    def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """``(h, w)`` of each stage's token map for a ``height x width`` input (strides 4, 8, 16
+        and 32 in the standard variants, rounded down as the convolutions round)."""
+        h, w = self.patch_embed.projs.output_side(height), self.patch_embed.projs.output_side(width)
+        sizes = []
+        for stage in self.layers:
+            sizes.append((h, w))
+            if stage.downsample is not None:
+                h, w = stage.downsample.reductions.output_side(h), stage.downsample.reductions.output_side(w)
+        return sizes
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..modes import eval_mode
 from .crossformer import CrossFormer, check_image_size
 from .grouping import group_layout
 from .weights import unwrap_model
@@ -35,23 +36,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
-
-
 def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> int:
     """MACs of one ``height x width`` image by the official analytic formula."""
     check_image_size(height, width, fix="count a larger size")  # the model refuses such images
     embed = model.patch_embed
-    h = _conv_out(height, embed.projs[0].kernel_size[0], embed.projs[0].stride[0])
-    w = _conv_out(width, embed.projs[0].kernel_size[0], embed.projs[0].stride[0])
-    h0, w0 = h, w
+    sizes = model.stage_sizes(height, width)
+    h, w = h0, w0 = sizes[0]
     total = Fraction(0)
     for conv in embed.projs:
         total += h * w * conv.out_channels * conv.in_channels * conv.kernel_size[0] ** 2
     total += h * w * embed.norm.normalized_shape[0]
 
-    for stage in model.layers:
+    for stage, (h, w) in zip(model.layers, sizes):
         for block in stage.blocks:
             channels = block.norm1.normalized_shape[0]
             heads = block.attn.num_heads
@@ -79,7 +75,6 @@ def analytic_macs(model: CrossFormer, height: int = 224, width: int = 224) -> in
             total += h * w * channels
             for conv in stage.downsample.reductions:
                 total += (h // 2) * (w // 2) * conv.kernel_size[0] ** 2 * conv.out_channels * channels
-            h, w = _conv_out(h, 2, 2), _conv_out(w, 2, 2)
 
     total += model.num_features * h0 * w0 // 16
     if isinstance(model.head, nn.Linear):
@@ -95,17 +90,14 @@ def _real_group_correction(model: CrossFormer, height: int, width: int) -> int:
     tokens (1000 in stage 1 at 1280x800), so ``q k^T`` and ``attn v`` cost ``2 T^2 C`` per
     group on the padded map.
     """
-    h, w = height // 4, width // 4
     correction = 0
-    for stage in model.layers:
+    for stage, (h, w) in zip(model.layers, model.stage_sizes(height, width)):
         for block in stage.blocks:
             channels = block.norm1.normalized_shape[0]
             layout = group_layout(h, w, block.group_size, block.interval, block.long_distance_groups, block.long_distance)
             size = layout.group_h if min(h, w) <= block.group_size else block.group_size
             actual = layout.num_groups * 2 * layout.tokens_per_group**2 * channels
             correction += actual - 2 * h * w * size * size * channels
-        if stage.downsample is not None:
-            h, w = h // 2, w // 2
     return correction
 
 
@@ -206,13 +198,8 @@ def traced_macs(model: nn.Module, height: int = 224, width: int = 224) -> int:
 
     param = next(model.parameters())
     x = torch.zeros(1, getattr(model, "in_chans", 3), height, width, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_MAC_FORMULAS)
-    try:
-        with counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), counter:
+        model(x)
     return counter.get_total_flops() // 2
 

@@ -34,6 +34,7 @@ from ..errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
+    "RECOMPUTABLE_SUFFIXES",
     "checkpoint_filter_fn",
     "read_checkpoint",
     "peek_checkpoint",
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 # Recomputable buffers the CrossFormer (v1) release stores in its state dicts.
-_RECOMPUTABLE_SUFFIXES = (".attn.biases", ".attn.relative_position_index")
+RECOMPUTABLE_SUFFIXES = (".attn.biases", ".attn.relative_position_index")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _BACKBONE_PREFIX = "backbone."
 
@@ -262,7 +263,7 @@ def extract_state_dict(
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        if key.endswith(_RECOMPUTABLE_SUFFIXES):
+        if key.endswith(RECOMPUTABLE_SUFFIXES):
             continue
         result[key] = value
     if not result:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..models.weights import (_RECOMPUTABLE_SUFFIXES, CheckpointError, another_tasks_model, check_keys, dense_task,
+from ..models.weights import (RECOMPUTABLE_SUFFIXES, CheckpointError, another_tasks_model, check_keys, dense_task,
                               split_class_layers, weights_entry)
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def segmentor_weights(checkpoint: Mapping[str, Any], source: str, use_ema: bool)
     tensors = {
         key.removeprefix("module."): value
         for key, value in state.items()
-        if isinstance(value, torch.Tensor) and not key.endswith(_RECOMPUTABLE_SUFFIXES)
+        if isinstance(value, torch.Tensor) and not key.endswith(RECOMPUTABLE_SUFFIXES)
     }
     if not tensors:
         raise CheckpointError(f"{source} holds no tensors")

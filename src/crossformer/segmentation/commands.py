@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands.common import backbone_settings, benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags
-from ..engine.registry import VerbHandler
+from ..engine.registry import VerbHandler, no_arguments
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
 from .config import SegmentationConfig, SegTestConfig
@@ -118,15 +118,17 @@ def _check_classes(checkpoint: dict[str, Any], dataset: Any, path: str) -> None:
     and mmseg's name them; mmseg spells ADE20K's "bed " with a space): the same count of
     other classes would be scored as if they were the model's."""
     from ..data import DataError
+    from ..data.class_list import first_category_difference
     from .checkpoint import read_segmentation_meta
 
     names = read_segmentation_meta(checkpoint)["classes"]
     if names is None or len(names) != dataset.num_classes:  # unnamed, or another count: evaluate_segmentor says so
         return
-    if [n.strip() for n in names] != [c.strip() for c in dataset.classes]:
-        differ = next(i for i, (a, b) in enumerate(zip(names, dataset.classes)) if a.strip() != b.strip())
-        raise DataError(f"{dataset.image_dir} names other classes than {path} was trained on (class {differ}: "
-                        f"{dataset.classes[differ]!r} vs {names[differ]!r}); evaluate on the data set the model was trained for")
+    differ = first_category_difference([c.strip() for c in dataset.classes], [n.strip() for n in names], "the data",
+                                       "the checkpoint")
+    if differ is not None:
+        raise DataError(f"{dataset.image_dir} names other classes than {path} was trained on ({differ}); evaluate on "
+                        "the data set the model was trained for")
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -155,7 +157,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
         segmentor, checkpoint = load_segmentor(config, args.checkpoint, args.ema)
         _check_classes(checkpoint, dataset, args.checkpoint)
         segmentor.to(ctx.device)
-        logger = RunLogger(None, enabled=ctx.is_main, tensorboard=False)
+        logger = RunLogger(None, enabled=ctx.is_main)
         # skipped files are named on stderr, terminal or not: stdout holds the table or JSON alone
         metrics = evaluate_segmentor(
             segmentor, dataset, config.test.inference(), ctx, resolve_precision(config.run.amp, ctx.device).autocast,
@@ -262,10 +264,6 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
 # ---------------------------------------------------------------------------- flops, benchmark
 
 
-def _no_arguments(parser: argparse.ArgumentParser) -> None:
-    """benchmark and flops keep their own flags; the config supplies the model."""
-
-
 def _sizes(args: argparse.Namespace, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
     from ..commands.common import given_img_size
 
@@ -324,8 +322,8 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
             "benchmark --config <segmentation config> runs smp's UPerNet beside ours: pip install segmentation-models-pytorch"
         ) from None
 
-    from ..benchmark import _fixed_input_size, format_summary, run_benchmark, summarise
-    from ..commands.benchmark import benchmark_device, build_config
+    from ..benchmark import fixed_input_size, format_summary, run_benchmark, summarise
+    from ..commands.benchmark import benchmark_device, build_config, ratio_line
     from ..variant_table import require_known_model
     from .task import build_model
 
@@ -345,7 +343,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
     classes = _model_classes("benchmark", config)
     ours = f"{model.kind}_{model.backbone}"
     peer = f"smp_upernet_{encoder}"
-    fixed_size = _fixed_input_size(encoder)  # a Swin encoder is built for the size it runs at
+    fixed_size = fixed_input_size(encoder)  # a Swin encoder is built for the size it runs at
     args.compare = None  # summarise() compares by our names below
     log = benchmark_log(args)
     summaries = []
@@ -368,7 +366,7 @@ def _benchmark(args: argparse.Namespace, config: SegmentationConfig, given: dict
         return 0
     for summary in summaries:
         print(format_summary(summary))
-        print(f"infer_ratio  {summary['infer_ratio']:.2f}x {ours} / {peer}")
+        print(ratio_line(summary, "infer", ours, peer))
     return 0
 
 
@@ -412,7 +410,7 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
 COMMANDS: dict[str, VerbHandler] = {
     "evaluate": VerbHandler(_evaluate_arguments, _evaluate, _EVALUATE_KEYS),
     "predict": VerbHandler(_predict_arguments, _predict, _PREDICT_KEYS),
-    "flops": VerbHandler(_no_arguments, _flops, ()),
-    "benchmark": VerbHandler(_no_arguments, _benchmark, ()),
-    "export": VerbHandler(_no_arguments, _export, ()),
+    "flops": VerbHandler(no_arguments, _flops, ()),
+    "benchmark": VerbHandler(no_arguments, _benchmark, ()),
+    "export": VerbHandler(no_arguments, _export, ()),
 }

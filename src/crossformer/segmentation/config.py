@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, check_one_start, check_drop_path, with_drop_path
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks
 from ..errors import UserInputError
-from ..variant_table import require_known_model
 from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ def _positive_pair(key: str, value: tuple[int, int] | tuple[float, float]) -> No
 
 
 @dataclass(frozen=True)
-class SegModelConfig:
+class SegModelConfig(DenseModelChecks):
     """A segmentor: its kind, its CrossFormer backbone and settings, the class count."""
 
     kind: Literal["fpn", "upernet"] = "upernet"  # Semantic FPN or UPerNet (+ auxiliary FCN head)
@@ -53,26 +52,10 @@ class SegModelConfig:
     init_from: str | None = None  # a whole segmentor to fine-tune (the authors' mmseg file or ours)
 
     def validate(self) -> None:
-        require_known_model(self.backbone, variants_only=True, setting="model.backbone")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise UserInputError(f"model.num_classes must be at least 1, got {self.num_classes}")
-        check_drop_path(self.drop_path, self.backbone_kwargs, "model.backbone_kwargs")
-        check_one_start(self.pretrained, self.init_from)
+        self.validate_backbone()
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-
-    def validate_build(self) -> None:
-        """The backbone settings build (a one-line error where not); the variant as registered does."""
-        if self.backbone_kwargs:
-            from ..models.dense import build_task_backbone
-            from ..models.variants import check_builds
-
-            check_builds(build_task_backbone, self.backbone, self.build_kwargs())
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """The backbone settings handed to :func:`.build_segmentor` (drop path included)."""
-        return with_drop_path(self.backbone_kwargs, self.drop_path)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data import IMG_EXTENSIONS, DataError, leave_out_folder, list_images, load_class_list, open_image
-from ..data.folder import UNREADABLE_ERRORS, find_images, no_images_error, opened, unreadable_reason
+from ..data.folder import SKIP_HINT, UNREADABLE_ERRORS, find_images, no_images_error, opened, unreadable_reason
 from ..errors import listing
 from .classes import ade_classes, find_ade_root
 from .colours import COLOUR_MODES, LabelColours, hex_colour
@@ -134,8 +134,7 @@ def read_label(path: str | Path, colours: LabelColours | None = None) -> np.ndar
     except DataError:
         raise
     except UNREADABLE_ERRORS as err:  # a missing file too: a pair deleted since its listing is skipped alike
-        raise DataError(f"cannot read label map {path}: {unreadable_reason(err)}; fix or delete it "
-                        "(--skip-corrupt skips such files)") from None
+        raise DataError(f"cannot read label map {path}: {unreadable_reason(err)}{SKIP_HINT}") from None
 
 
 def _label_files(label_dir: Path, image_dir: Path, suffix: str = LABEL_SUFFIX) -> dict[Path, Path]:
@@ -425,7 +424,7 @@ def collate_segmentation(samples: Sequence[SegSample]) -> SegBatch:
 
 def skipped_file(failure: str) -> str:
     """An unreadable file's error without the advice to skip it: ``cannot read image PATH: reason``."""
-    return failure.split("; fix or delete")[0]
+    return failure.removesuffix(SKIP_HINT)
 
 
 def validation_file(line: str) -> str:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..data import DataError, ShardedSampler, build_loader, gather_skipped
-from ..engine import DistContext, RunLogger
-from .data import ABSENT_SCORES, SegmentationDataset, check_batch, collate_segmentation, validation_file
+from ..engine import DistContext, RunLogger, evaluation_pass
+from .data import (ABSENT_SCORES, SegBatch, SegmentationDataset, check_batch, collate_segmentation,
+                   validation_file)
 from .inference import InferenceConfig, segment
 from .transforms import IGNORE_INDEX
 
@@ -174,30 +175,21 @@ def evaluate_segmentor(
     sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size, shuffle=False, pad=False)
     loader = build_loader(dataset, 1, sampler, num_workers, seed=0, drop_last=False, collate_fn=collate_segmentation)
     accumulator = IoUAccumulator(dataset.num_classes)
-    progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
-    was_training = segmentor.training
-    segmentor.eval()
     images = 0
     skipped_files: list[str] = []  # this rank's, as "file PATH: reason"
-    error = None
-    try:
-        for batch in loader:
-            try:
-                check_batch(batch, skip_corrupt, lambda line: skipped_files.append(validation_file(line)))
-            except DataError as err:  # raised on every rank below, so that none waits in the reduction
-                error = err
-                break
-            for image, label in zip(batch.images, batch.labels):
-                pred = segment(segmentor, image.permute(1, 2, 0).numpy(), inference, device, autocast)
-                accumulator.update(pred, label.to(pred.device))
-                images += 1
-            if progress is not None:
-                progress.update()
-    finally:
-        if progress is not None:
-            progress.close()
-        segmentor.train(was_training)
-    ctx.raise_together(error)
+
+    def step(batch: SegBatch) -> None:
+        nonlocal images
+        for image, label in zip(batch.images, batch.labels):
+            pred = segment(segmentor, image.permute(1, 2, 0).numpy(), inference, device, autocast)
+            accumulator.update(pred, label.to(pred.device))
+            images += 1
+
+    def check(batch: SegBatch) -> None:
+        check_batch(batch, skip_corrupt, lambda line: skipped_files.append(validation_file(line)))
+
+    progress = logger.progress(len(loader), "eval", every=max(len(loader) // 10, 1)) if logger is not None else None
+    evaluation_pass(segmentor, loader, ctx, check, step, progress)
     accumulator.all_reduce(ctx)
     images = int(ctx.all_reduce_sum([images])[0])
     skipped = gather_skipped(ctx, skipped_files, on_skip)

@@ -28,7 +28,8 @@ from torch.func import functional_call
 
 from ..errors import UserInputError
 from ..models.crossformer import CrossFormer
-from ..models.flops import _conv_out, count_params, dense_backbone_macs, layer_macs
+from ..models.flops import count_params, dense_backbone_macs, layer_macs
+from ..modes import eval_mode
 from .segmentor import Segmentor
 
 __all__ = ["segmentor_flops", "head_macs"]
@@ -55,13 +56,9 @@ def head_macs(segmentor: Segmentor, map_shapes: list[tuple[int, ...]]) -> int:
         for name, tensor in (*module.named_parameters(), *module.named_buffers())
     }
     maps = [torch.empty(shape, device="meta") for shape in map_shapes]
-    was_training = segmentor.training
-    segmentor.eval()
-    try:
+    with eval_mode(segmentor):
         return layer_macs(parts.values(),
                           lambda: functional_call(_Decode(segmentor), meta, (maps,), strict=False, tie_weights=False))
-    finally:
-        segmentor.train(was_training)
 
 
 def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) -> dict[str, int]:
@@ -77,13 +74,8 @@ def segmentor_flops(segmentor: Segmentor, height: int = 512, width: int = 2048) 
     if not isinstance(backbone, CrossFormer):
         raise UserInputError(f"FLOPs are counted for CrossFormer backbones only, not {type(backbone).__name__}")
     backbone_macs = dense_backbone_macs(backbone, height, width)
-    stem = backbone.patch_embed.projs[0]
-    h = _conv_out(height, stem.kernel_size[0], stem.stride[0])
-    w = _conv_out(width, stem.kernel_size[0], stem.stride[0])
-    shapes = []
-    for channels in segmentor.backbone.channels:
-        shapes.append((1, channels, h, w))
-        h, w = _conv_out(h, 2, 2), _conv_out(w, 2, 2)
+    shapes = [(1, channels, h, w) for channels, (h, w) in zip(segmentor.backbone.channels,
+                                                               backbone.stage_sizes(height, width))]
     heads = head_macs(segmentor, shapes)
     return dict(
         params=count_params(segmentor),

@@ -28,8 +28,9 @@ from PIL import Image
 
 from ..atomic import check_output_folder, make_folder, save_image_atomic
 from ..data import DataError, expand_image_inputs, output_paths
+from ..data.folder import read_or_skip
 from ..data.draw import Colour, class_colours
-from .data import read_image, skipped_file
+from ..modes import eval_mode
 from .draw import overlay_segmentation, present_classes
 from .inference import InferenceConfig, segment
 
@@ -95,22 +96,15 @@ def predict_images(
     written = output_paths(inputs, output, OUTPUT_ENDINGS)  # the input's folders mirrored; none replaces an input
     make_folder(output)
     device = next(segmentor.parameters()).device
-    was_training = segmentor.training
-    segmentor.eval()
     results: list[SegPrediction] = []
     skipped: list[str] = []
-    try:
+    with eval_mode(segmentor):
         for (path, _), (overlay_path, label_path) in zip(inputs, written):
-            try:
-                image = read_image(path)
-            except DataError as err:
-                if not skip_corrupt or not str(err).startswith("cannot read"):
-                    raise
+            read = read_or_skip(path, skip_corrupt, log)
+            if read is None:
                 skipped.append(str(path))
-                if log is not None:  # with the reason, as detection's predict says it
-                    reason = skipped_file(str(err)).removeprefix(f"cannot read image {path}: ")
-                    log(f"skipped unreadable image {path}: {reason}")
                 continue
+            image = np.asarray(read).copy()  # (H, W, 3) uint8, as the segmentor's pipeline reads it
             label_map = segment(segmentor, image, inference, device, autocast).cpu().numpy()
             save_image_atomic(overlay_segmentation(image, label_map, class_names, palette, opacity), overlay_path)
             write_label_map(label_map, label_path, reduce_zero_label, palette if coloured_labels else None)
@@ -118,6 +112,4 @@ def predict_images(
             results.append(SegPrediction(str(path), str(overlay_path), str(label_path), present))
             if on_result is not None:
                 on_result(results[-1])
-    finally:
-        segmentor.train(was_training)
     return results, skipped

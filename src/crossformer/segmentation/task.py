@@ -71,7 +71,7 @@ def build_model(model: SegModelConfig, num_classes: int | None = None) -> Segmen
     if classes is None:
         raise UserInputError("model.num_classes is not set and no data set gives it: pass model.num_classes=N")
     return build_segmentor(
-        model.kind, model.backbone, classes, model.build_kwargs(), model.pretrained, model.channels, model.aux_channels,
+        model.kind, model.backbone, classes, model.backbone_settings(), model.pretrained, model.channels, model.aux_channels,
     )
 
 
@@ -110,7 +110,7 @@ SEGMENTOR_KEYS = ("kind", "backbone", "backbone_kwargs", "num_classes", "channel
 
 def segmentor_settings(model: SegModelConfig, num_classes: int) -> dict[str, Any]:
     """The segmentor's settings as plain values (``SEGMENTOR_KEYS``)."""
-    return {"kind": model.kind, "backbone": model.backbone, "backbone_kwargs": model.build_kwargs(),
+    return {"kind": model.kind, "backbone": model.backbone, "backbone_kwargs": model.backbone_settings(),
             "num_classes": num_classes, "channels": model.channels, "aux_channels": model.aux_channels}
 
 
