@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from crossformer.models import VARIANTS
 from crossformer.data import DataError
 from crossformer.detection import DETECTOR_KINDS
 from crossformer.detection.config import DetectionConfig, DetectionModelConfig
@@ -85,8 +86,11 @@ def test_every_row_of_the_authors_tables_has_a_config_with_its_recipe() -> None:
         assert (c.optimizer.decay_1d, c.optimizer.no_decay_keys) == (True, ())
         assert (c.run.batch_size, c.run.eval_every, c.run.amp) == (2, 1, "auto")
         assert (c.model.num_classes, c.data.max_size, c.data.min_size) == (80, 1333, 800)
-        assert c.model.drop_path == AUTHORS_DROP_PATH[c.model.backbone]
+        # the variant's own rate, the authors' for each backbone, so that --backbone takes its own
+        assert c.model.drop_path is None and VARIANTS[c.model.backbone].arch["drop_path_rate"] == AUTHORS_DROP_PATH[c.model.backbone]
     assert found == AUTHORS_ROWS
+    other = resolve_config("mask_rcnn_crossformer_small_1x", {"model.backbone": "crossformer_base"}).config.model
+    assert "drop_path_rate" not in other.backbone_settings()  # not small's 0.2 kept for base (whose is 0.3)
 
 
 @pytest.mark.parametrize("name", ["mask_rcnn_crossformer_pp_base_3x", "cascade_mask_rcnn_crossformer_small_3x"])

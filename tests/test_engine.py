@@ -510,6 +510,82 @@ def test_a_config_file_may_start_from_another_and_change_what_it_names(tmp_path:
     assert "base must name one config" in one_error_line(capsys, ["train", "--config", str(mine)])
 
 
+def test_a_setting_given_twice_or_unreadable_is_refused_not_resolved_silently(tmp_path: Path, capsys) -> None:
+    from cli_errors import one_error_line
+
+    def error(text: bytes | str, *overrides: str) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return one_error_line(capsys, ["train", "--config", str(path), "--epochs", "1", *overrides])
+
+    # PyYAML kept the last of two sections of one name: the first's lr was lost
+    assert error("optimizer: {lr: 1.0e-3}\nrun: {epochs: 2}\noptimizer: {weight_decay: 0.1}\n").endswith(
+        "is not valid YAML: 'optimizer' is given twice in one mapping (line 3): keep one")
+    assert "'epochs' is given twice" in error("run:\n  epochs: 2\n  epochs: 3\n")
+    # one setting under two names in one layer: the file's, the command line's
+    assert error("epochs: 3\nrun: {epochs: 5}\n").endswith("run.epochs is set twice, as epochs and as run.epochs: "
+                                                           "give it once")
+    assert error("task: classification\n", "optimizer.lr=1e-3", "lr=2e-3").endswith(
+        "overrides: optimizer.lr is set twice, as optimizer.lr and as lr: give it once")
+    # NaN passed every range check (torch's traceback, or a "loss became nan" pointing elsewhere)
+    for override, shown in (("optimizer.lr=nan", "nan"), ("run.clip_grad=.inf", "inf"),
+                            ("augment.color_jitter=.nan", "nan")):
+        assert error("task: classification\n", override).endswith(f"{override.split('=')[0]} must be a finite number, "
+                                                                   f"got {shown}")
+    # a Latin-1 file was a UnicodeDecodeError traceback
+    assert error(b"task: clas\xe9sification\n").endswith("is not a UTF-8 text file: a config is YAML text "
+                                                          "(save it as UTF-8)")
+    # YAML's merge keys are no duplicates
+    from crossformer.engine.config import load_yaml
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n")
+    assert load_yaml(path) == {"a": {"b": 1}, "c": {"b": 2}}
+
+
+def test_a_file_of_another_tasks_settings_without_a_task_line_is_told_to_name_it(tmp_path: Path) -> None:
+    # "unknown setting 'model.kind'; model has: name, kwargs..." never said the file was read as classification
+    from crossformer.engine.registry import resolve_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {kind: mask_rcnn, backbone: crossformer_small}\n")
+    with pytest.raises(UserInputError, match=r"unknown setting 'model.kind'; .* \(the file names no task and is read as "
+                                             r"classification; for detection settings add 'task: detection'\)$"):
+        resolve_config(str(path))
+    path.write_text("task: detection\n" + path.read_text())
+    assert resolve_config(str(path)).config.model.kind == "mask_rcnn"
+    path.write_text("model: {kindd: mask_rcnn}\n")  # no task's setting: the error alone
+    with pytest.raises(UserInputError, match=r"unknown setting 'model.kindd'; model has: [a-z_, ]+$"):
+        resolve_config(str(path))
+
+
+@pytest.mark.parametrize("config, override, expected", [
+    ("fpn_crossformer_small", "model.aux_channels=64",
+     "model.aux_channels=64 has no effect with model.kind=fpn: only UPerNet's auxiliary head reads it"),
+    ("retinanet_crossformer_small_1x", "model.fc_channels=16", "model.fc_channels=16 has no effect with "
+     "model.kind=retinanet: only a two-stage detector (mask_rcnn, cascade_mask_rcnn) reads it"),
+    ("retinanet_crossformer_small_1x", "model.rpn_samples=64", "model.rpn_samples=64 has no effect with model.kind=retinanet"),
+    ("digits", "schedule.milestones=[5]", "schedule.milestones=[5] has no effect with schedule.name=cosine: only the "
+     "step schedule reads it; drop it (or set schedule.milestones=[])"),
+    ("mask_rcnn_shapes_demo", "schedule.power=2", "schedule.power=2.0 has no effect with schedule.name=step"),
+    ("digits", "optimizer.lr_batch_reference=16", None),  # digits scales its lr: read
+])
+def test_a_setting_nothing_reads_is_refused(config: str, override: str, expected: str | None) -> None:
+    # Semantic FPN's aux_channels, RetinaNet's R-CNN sizes, a cosine run's milestones: accepted and ignored
+    from crossformer.engine.registry import resolve_config
+
+    overrides = parse_overrides([override])
+    if expected is None:
+        resolve_config(config, overrides)
+        with pytest.raises(UserInputError, match=r"has no effect with optimizer.scale_lr=false: only the linear lr "
+                                                 r"scaling reads it; drop it \(or set optimizer.lr_batch_reference=512\)$"):
+            resolve_config(config, {**overrides, "optimizer.scale_lr": False})
+        return
+    with pytest.raises(UserInputError, match=re.escape(expected)):
+        resolve_config(config, overrides)
+    resolve_config(config)  # the bundled config itself sets nothing unread
+
+
 def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     # torchrun --nproc-per-node 8 on a 4-GPU machine: ranks 4-7 asked for cuda:4-7 and failed deep
     # inside torch.cuda.set_device with CUDA's "invalid device ordinal" (and rank 0, which prints

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossformer.models import VARIANTS
 from crossformer.data import DataError
 from crossformer.engine import DistContext, load_training_state
 from crossformer.engine.config import build_config
@@ -52,7 +53,8 @@ def test_every_bundled_config_is_a_row_of_the_authors_tables() -> None:
         kind, _, variant = name.partition("_crossformer_")
         m, run, opt, sched = config.model, config.run, config.optimizer, config.schedule
         assert isinstance(config, SegmentationConfig) and (m.kind, m.backbone) == (kind, f"crossformer_{variant}")
-        assert m.num_classes == 150 and m.drop_path == ROWS[variant] and m.pretrained is None
+        assert m.num_classes == 150 and m.pretrained is None
+        assert m.drop_path is None and VARIANTS[m.backbone].arch["drop_path_rate"] == ROWS[variant]  # the variant's
         assert (m.channels, m.aux_channels) == (None, None)  # the authors' head widths
         large_fpn = name == "fpn_crossformer_large"  # its own grouping in the authors' config
         assert m.backbone_kwargs == ({"group_size": [14, 14, 7, 7], "interval": [16, 8, 2, 1]} if large_fpn
@@ -73,7 +75,8 @@ def test_every_bundled_config_is_a_row_of_the_authors_tables() -> None:
         assert segmentor.kind == kind and segmentor.num_classes == 150 and segmentor.backbone.name == m.backbone
         assert (list(settings["group_size"]), list(settings["interval"])) == (m.backbone_kwargs["group_size"],
                                                                             m.backbone_kwargs["interval"])
-        assert settings["drop_path_rate"] == ROWS[variant]
+        # the variant's rate reaches the blocks: stochastic depth rises to it in the last block
+        assert segmentor.backbone.model.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(ROWS[variant])
 
 
 def test_config_errors_name_the_key(ade: Path, tmp_path: Path) -> None:

@@ -74,6 +74,16 @@ def test_a_warm_up_as_long_as_the_run_is_reported(tmp_path: Path, capsys) -> Non
     assert "over 12 updates, the first 6 of them a warm-up" in out and "warning" not in out
 
 
+def test_milestones_past_the_runs_end_are_reported(tmp_path: Path, capsys) -> None:
+    # a 2-epoch trial of a step recipe with milestones [2, 8]: the rate never dropped, unsaid
+    train(FakeTask, fake_config(tmp_path / "short", epochs=2, schedule="step", milestones=[1, 2, 8]))
+    out = capsys.readouterr().out
+    assert "warning: schedule.milestones [2, 8] lie at or past the run's end (2 epochs), so the rate is never " \
+           "lowered there" in out
+    train(FakeTask, fake_config(tmp_path / "long", iterations=9, schedule="step", milestones=[4, 8]))
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_a_warm_up_in_epochs_lasts_as_many_epochs_in_an_iteration_run(tmp_path: Path, capsys) -> None:
     # iterations over a recipe's warmup_epochs stopped with "schedule.warmup_epochs needs an
     # epoch-based run"; the warm-up is the updates of that many passes over the training data

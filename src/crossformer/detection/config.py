@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks, refuse_unread
 from ..errors import UserInputError
 
 __all__ = [
@@ -61,6 +61,9 @@ class DetectionModelConfig(DenseModelChecks):
 
     def validate(self) -> None:
         self.validate_backbone()
+        if self.kind == "retinanet":  # one-stage: no RPN, no R-CNN head
+            refuse_unread(self, ("fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"),
+                          "model.kind=retinanet", "a two-stage detector (mask_rcnn, cascade_mask_rcnn)")
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import types
 import typing
@@ -128,6 +129,8 @@ class OptimizerConfig:
             raise UserInputError(f"optimizer.eps must be above 0, got {self.eps}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise UserInputError(f"optimizer.betas must each be in [0, 1), got {list(self.betas)}")
+        if not self.scale_lr:
+            refuse_unread(self, ("lr_batch_reference",), "optimizer.scale_lr=false", "the linear lr scaling")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class ScheduleConfig:
             raise UserInputError("schedule.name=step needs schedule.milestones, e.g. [8, 11]")
         if not self.gamma > 0:  # a negative rate climbs the loss; 0 stops training at the first milestone
             raise UserInputError(f"schedule.gamma must be above 0, got {self.gamma}")
+        for kind, names in (("step", ("milestones", "gamma")), ("poly", ("power",))):
+            if self.name != kind:
+                refuse_unread(self, names, f"schedule.name={self.name}", f"the {kind} schedule")
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,26 @@ def fold_recorded_drop_path(recorded: Mapping[str, Any]) -> dict[str, Any]:
     return {**recorded, "model": model} if "model" in recorded else dict(recorded)
 
 
+def refuse_unread(section: Any, names: Iterable[str], choice: str, read_by: str) -> None:
+    """A one-line error for a setting of ``section`` (a dataclass) set away from its default
+    although nothing reads it under ``choice`` (e.g. "schedule.name=cosine"; ``read_by`` says
+    what would), rather than a run that silently goes without it."""
+    prefix = _SECTION_NAMES.get(type(section).__name__, "model.")
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(section)}
+    for name in names:
+        value = getattr(section, name)
+        if value != defaults[name]:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise UserInputError(f"{prefix}{name}={shown} has no effect with {choice}: only {read_by} reads it; "
+                                 f"drop it (or set {prefix}{name}={_unset(defaults[name])})")
+
+
+def _unset(value: Any) -> str:
+    """A default as a command line would give it back."""
+    return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
+
+
 def _at_least(section: Any, low: float, *names: str) -> None:
     prefix = _SECTION_NAMES.get(type(section).__name__, "")
     for name in names:
@@ -370,12 +396,33 @@ def merged_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict
     return result
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (which PyYAML resolves to
+    the last silently: an earlier ``optimizer:`` section would be lost)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": the keys it brings yield to the mapping's own
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # a list as a key: the safe loader's own error says it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (line {key_node.start_mark.line + 1}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     """The YAML mapping in one file."""
     if not path.is_file():
         raise UserInputError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path} is not a UTF-8 text file: a config is YAML text (save it as UTF-8)") from None
     except yaml.YAMLError as err:
         raise UserInputError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:
@@ -453,6 +500,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             value = _number_or_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserInputError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # every range check below passes NaN; no setting means infinity
+            raise UserInputError(f"{key} must be a finite number, got {value}")
         return float(value)
     if hint is str:
         if isinstance(value, os.PathLike):  # a Python caller's pathlib.Path, wherever a path string goes

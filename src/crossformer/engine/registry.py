@@ -161,23 +161,32 @@ def find_config(name_or_path: str) -> Path:
 
 def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Nested or dotted settings as ``section.field[.entry]`` keys (resolving bare names and a
-    section's bare value to its shorthand field); ``source`` names them in errors."""
+    section's bare value to its shorthand field); ``source`` names them in errors, as it does a
+    setting given twice under two names (``epochs`` and ``run.epochs``), of which one would be
+    silently lost."""
     flat: dict[str, Any] = {}
+    named_as: dict[str, str] = {}  # each flat key: the key of ``values`` that set it
+    hints = typing.get_type_hints(config_cls)
     for key, value in values.items():
         if key == "task":
             continue
-        hints = typing.get_type_hints(config_cls)
         if key in hints and isinstance(value, dict):
-            flat.update(flatten_settings(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source))
-            continue
-        if key in hints:
+            found = flatten_settings(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source)
+        elif key in hints:
             shorthand = getattr(hints[key], "shorthand", None)
             if shorthand is None:
                 raise UserInputError(f"{source}: {key} is a section and takes a mapping, got {value!r}")
-            flat[f"{key}.{shorthand}"] = value
-            continue
-        section, name, rest = resolve_key(config_cls, key, source)
-        flat[".".join(filter(None, (section, name, rest)))] = value
+            found = {f"{key}.{shorthand}": value}
+        else:
+            section, name, rest = resolve_key(config_cls, key, source)
+            found = {".".join(filter(None, (section, name, rest))): value}
+        for setting in found:
+            name = setting if key in hints and isinstance(value, dict) else key  # run.epochs / epochs
+            if setting in named_as:
+                raise UserInputError(f"{source}: {setting} is set twice, as {named_as[setting]} and as {name}: "
+                                     "give it once")
+            named_as[setting] = name
+        flat.update(found)
     return flat
 
 
@@ -216,6 +225,19 @@ def _nested_settings(config_cls: type, values: Mapping[str, Any], source: str) -
     return nested
 
 
+def _task_hint(layers: list[tuple[dict[str, Any], str]], assumed: str) -> str:
+    """Where a file that names no task (read as ``assumed``'s) holds another task's settings:
+    the line to add."""
+    for other in TASKS:
+        if other != assumed:
+            try:
+                file_settings(config_module(other).CONFIG, layers)
+            except UserInputError:
+                continue
+            return f" (the file names no task and is read as {assumed}; for {other} settings add 'task: {other}')"
+    return ""
+
+
 def resolve_config(
     config: str | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
     task: str | None = None, use_default: bool = True, source: str | None = None,
@@ -250,7 +272,11 @@ def resolve_config(
         module = config_module(named)
         source = origin
         if path is not None:
-            values = file_settings(module.CONFIG, layers)
+            try:
+                values = file_settings(module.CONFIG, layers)
+            except UserInputError as err:
+                chosen = task is not None or any("task" in layer for layer, _ in layers) or folder in TASKS
+                raise UserInputError(str(err) if chosen else f"{err}{_task_hint(layers, named)}") from None
     config_cls = module.CONFIG
     unit_layers = layers if path is not None else [(values, str(source))]
     check_run_unit_kept(config_cls, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),

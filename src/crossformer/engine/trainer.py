@@ -177,6 +177,13 @@ class Trainer:
                 f"({self.total_updates}), so the rate never reaches {lr:.3g}; shorten schedule.warmup_epochs "
                 "or schedule.warmup_iters"
             )
+        unreached = [m for m, update in zip(c.schedule.milestones, self.schedule.milestones) if update >= self.total_updates]
+        if c.schedule.name == "step" and unreached:
+            # e.g. a 3-epoch trial of a 12-epoch recipe, whose rate drops after epochs 8 and 11
+            self.log.info(
+                f"warning: schedule.milestones {unreached} lie at or past the run's end ({c.run.length} "
+                f"{c.run.unit}s), so the rate is never lowered there; give milestones within the run"
+            )
 
     # checkpoints ----------------------------------------------------------------------
 
