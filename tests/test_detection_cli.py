@@ -108,6 +108,32 @@ def test_evaluate_prints_box_and_mask_ap_and_writes_results(trained, tmp_path: P
            "--config NAME_OR_FILE" in _error(capsys)
 
 
+def test_evaluate_scores_the_detections_predict_gives(trained, tmp_path: Path, capsys) -> None:
+    # record for record (file, class, box, score), at mmdet's test batch of 1: the demo's config
+    # evaluated 8 at a time, padded to the batch's largest image, and 24 of its 95 held-out
+    # images scored other detections than predict drew (this set's images are of one size)
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--config", str(trained["config"]), "--checkpoint", str(trained["checkpoint"]),
+                 "--data", str(trained["coco"]), "--results", str(results), "test.eval_batch_size=1", "--json"]) == 0
+    capsys.readouterr()
+    files = {i["id"]: i["file_name"] for i in json.loads((trained["coco"] / "annotations" /
+                                                            "instances_val2017.json").read_text())["images"]}
+
+    def by_file(records, name_of) -> dict[str, list]:
+        found: dict[str, list] = {}
+        for r in records:
+            found.setdefault(Path(name_of(r)).name, []).append((r["category_id"], [round(v, 2) for v in r["bbox"]],
+                                                                 round(r["score"], 4)))
+        return {k: sorted(v) for k, v in found.items()}
+
+    val = trained["coco"] / "val2017"
+    assert main(["predict", str(val), "--checkpoint", str(trained["checkpoint"]), "--output", str(tmp_path / "pred"),
+                 "test.score_threshold=0"]) == 0
+    predicted = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    evaluated = by_file(json.loads(results.read_text()), lambda r: files[r["image_id"]])
+    assert evaluated and evaluated == by_file(predicted, lambda r: r["file_name"])
+
+
 def test_predict_writes_a_png_per_image_and_one_json(trained, tmp_path: Path, capsys) -> None:
     val = trained["coco"] / "val2017"
     photo = tmp_path / "gray.png"  # grayscale, another size: converted and resized

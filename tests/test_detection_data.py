@@ -250,6 +250,18 @@ def test_a_repeated_id_is_one_line(tmp_path):
         CocoDetection(path, tmp_path / "img")
 
 
+def test_two_categories_of_one_name_are_one_line(tmp_path):
+    # Trained without a word into a checkpoint of classes ['circle', 'circle', ...], which only
+    # evaluation refused, since classes are matched by name.
+    path = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])])
+    data = json.loads(path.read_text())
+    data["categories"] = [{"id": 5, "name": "thing"}, {"id": 7, "name": "other"}, {"id": 9, "name": "thing"}]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann\.json: categories 5 and 9 are both named 'thing'; give each category "
+                                        r"its own name$"):
+        CocoDetection(path, tmp_path / "img")
+
+
 def test_an_image_listed_twice_is_one_line(tmp_path):
     # Under two ids one file's objects were split between two samples (training taught each copy
     # that the other's objects are background) or, in evaluation, every detection on the copy

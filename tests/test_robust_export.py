@@ -108,11 +108,17 @@ def test_safetensors_carry_the_checkpoints_description(tmp_path, capsys, trained
                  "--model-arg", "embed_dim=16", "--model-arg", "depths=[1,1,1,1]", "-o", str(fresh)]) == 0
     assert recorded_model(read_checkpoint(fresh)) == ("crossformer_tiny", {"embed_dim": 16, "depths": [1, 1, 1, 1]})
     assert load_classifier(fresh).num_classes == 5
-    # a new head: the checkpoint's three class names no longer fit it, and are left out
+    # a new head: the checkpoint's three class names and its scores no longer fit it, and are left out
+    scored = tmp_path / "scored.pth"
+    torch.save({**torch.load(path), "metrics": {"val/acc1": 94.4}}, scored)
     resized = tmp_path / "resized.safetensors"
-    assert main(["export", "--checkpoint", str(path), "--format", "safetensors", "--num-classes", "4", "-o", str(resized)]) == 0
+    assert main(["export", "--checkpoint", str(scored), "--format", "safetensors", "--num-classes", "4", "-o",
+                 str(resized)]) == 0
     again = read_checkpoint(resized)
     assert "class_names" not in again and again["img_size"] == 32 and again["model"]["head.weight"].shape[0] == 4
+    assert "metrics" not in again  # (the file said val/acc1 94.4 of a random head)
+    assert main(["export", "--checkpoint", str(scored), "--format", "safetensors", "-o", str(resized)]) == 0
+    assert read_checkpoint(resized)["metrics"] == {"val/acc1": 94.4}  # the head as trained: its scores
 
 
 def test_a_damaged_description_is_one_line(tmp_path, capsys, trained):

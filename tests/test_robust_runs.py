@@ -928,6 +928,23 @@ def test_the_train_command_prints_how_to_resume(tmp_path: Path, monkeypatch, cap
     assert main(line.split()[3:]) == 0
     assert load_training_state(tmp_path / "again" / "last.pth")["epoch"] == 2
 
+    # Ctrl-C twice: "interrupted" alone, though last.pth held epoch 0 and resumed exactly
+    def twice(self, model, batch):
+        if self.calls == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return FakeTask.losses(self, model, batch)
+
+    monkeypatch.setattr(_InterruptedTask, "losses", twice)
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "twice")]
+    monkeypatch.setattr(sys, "argv", ["crossformer", *argv])
+    assert main(argv) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == (f"crossformer train: interrupted again while stopping; {tmp_path / 'twice' / 'last.pth'} holds the "
+                       f"run up to its last checkpoint")
+    assert err[-1].startswith("resume with: crossformer train --config ")
+    assert load_training_state(tmp_path / "twice" / "last.pth")["epoch"] == 1
+
 
 # -- 6. resuming with other settings names them ----------------------------------------------
 

@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
     parser.add_argument("--output", "-o", metavar="FILE", help="file to write (default: MODEL.onnx / .pt / .safetensors)")
-    add_img_size_argument(parser, None, "the checkpoint's training size, else 224; a segmentor's crop size; a "
-                                        "detector's test scale", purpose="example size")
+    add_img_size_argument(parser, None, "the checkpoint's training size, else 224; a segmentor's sliding "
+                                        "window, or a square of its test scale's shorter side; a detector's test scale", purpose="example size")
     parser.add_argument(
         "--num-classes", type=class_count, default=None, metavar="N",
         help="classifier size (default: the checkpoint's head, else a classification --config's data's class "
@@ -97,7 +97,7 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
 def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool,
                  ema: bool) -> dict:
     """What the safetensors file records about its model: the checkpoint's description, with
-    the model as built (name, settings), class names only where they still fit the head,
+    the model as built (name, settings), class names and scores only where they still fit the head,
     whether its weights are the training's EMA (``--ema``) and whether it is a features backbone."""
     from crossformer.models import EMA_WEIGHTS_KEY, checkpoint_description
 
@@ -105,6 +105,8 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     if ema:
         description[EMA_WEIGHTS_KEY] = True
     names = description.get("class_names")
+    if not features and isinstance(names, list) and len(names) != num_classes:
+        description.pop("metrics", None)  # a fresh head (--num-classes): the checkpoint's scores are not its
     if features or (isinstance(names, list) and len(names) != num_classes):
         description.pop("class_names", None)
     if features:  # a backbone: no head, no final norm

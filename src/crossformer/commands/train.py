@@ -65,6 +65,7 @@ def refuse_unreadable_files(given: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from pathlib import Path
 
     from crossformer.engine.launch import launched_by_torchrun, launched_rank
     from crossformer.engine.registry import resolve_config
@@ -96,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted as err:
         if says:
             print(f"crossformer train: {err}\n{resume}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was under way
+        last = Path(resolved.config.run.output) / "last.pth"
+        if says and last.is_file():  # written atomically: the last checkpoint before the stop, whole
+            print(f"crossformer train: interrupted again while stopping; {last} holds the run up to its last "
+                  f"checkpoint\n{resume}", file=sys.stderr)
+        elif says:
+            print("crossformer train: interrupted again while stopping, before any checkpoint was written",
+                  file=sys.stderr)
         return INTERRUPTED
     except PeerLostError as err:  # said by every rank left: rank 0 may be the one that ended
         print(f"crossformer train: stopped on rank {launched_rank()}: {err}\n{resume}", file=sys.stderr)

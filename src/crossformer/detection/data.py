@@ -178,6 +178,12 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
         if "area" not in ann:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])  # the box's, for lack of the mask's
     _check_fields(path, "annotations", data["annotations"], ("iscrowd", "area"))
+    category_of_name: dict[Any, Any] = {}
+    for category in data["categories"]:  # checkpoints and evaluation match classes by name: two of one name are one
+        first = category_of_name.setdefault(category["name"], category["id"])
+        if first != category["id"]:
+            raise DataError(f"{path}: categories {first} and {category['id']} are both named {category['name']!r}; "
+                            "give each category its own name")
     image_of_file: dict[str, Any] = {}
     for image in data["images"]:  # two entries of one file split its objects: each copy trains / evaluates on a part
         first = image_of_file.setdefault(image["file_name"], image["id"])
