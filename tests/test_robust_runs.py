@@ -1106,6 +1106,13 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     out, err = capsys.readouterr()
     assert [line.split(":")[0] for line in out.splitlines()] == [str(folder / "a.png"), str(folder / "b.png")]
     assert f"crossformer predict: skipped unreadable image {folder / 'c.png'}: " in err  # as detection's and segmentation's
+    # a newline in a name split its result's line in two (all three tasks print through result_printer)
+    named = tmp_path / "odd"
+    named.mkdir()
+    Image.new("RGB", (40, 40), (20, 40, 220)).save(named / "new\nline.png")
+    assert main(["predict", str(named), "--checkpoint", str(trained / "last.pth"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(repr(str(named / "new\nline.png")) + ": ")
     assert "--skip-corrupt" not in err  # it was given: no advice to pass it
     assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
     assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import add_model_arg_argument, model_args, note_on_stderr
+from ..commands.common import add_model_arg_argument, model_args, note_on_stderr, result_printer, shown_path
 from ..engine.launch import launched_rank
 from ..engine.registry import VerbHandler, no_arguments
 from .config import ClassificationConfig
@@ -104,13 +104,11 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace, config: ClassificationConfig, given: dict[str, Any]) -> int:
     from .predict import Prediction, predict
 
-    def say(result: Prediction) -> None:
-        if args.json:
-            print(json.dumps({"path": result.path, "labels": result.labels, "scores": result.scores}))
-        else:
-            shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
-            print(f"{result.path}: {shown}")
-        sys.stdout.flush()
+    def line(result: Prediction) -> str:
+        shown = ", ".join(f"{label} {score:.3f}" for label, score in zip(result.labels, result.scores))
+        return f"{shown_path(result.path)}: {shown}"
+
+    say = result_printer(args.json, lambda r: {"path": r.path, "labels": r.labels, "scores": r.scores}, line)
 
     predict(args.images, args.checkpoint, model=given.get("model.name"), topk=args.topk,
             class_names=args.class_names, img_size=given.get("data.img_size"), crop_pct=given.get("test.crop_pct"),

@@ -42,6 +42,25 @@ def model_name(args: argparse.Namespace, any_timm_model: bool = True) -> str:
     return args.model
 
 
+def result_printer(as_json: bool, record: Callable[[Any], dict[str, Any]],
+                   line: Callable[[Any], str]) -> Callable[[Any], None]:
+    """The predict commands' output: each result as one line on stdout as it comes (flushed, so
+    that a long folder shows its progress), its ``record`` as JSON with ``--json``, else ``line``."""
+    import json
+
+    def say(result: Any) -> None:
+        print(json.dumps(record(result)) if as_json else line(result), flush=True)
+
+    return say
+
+
+def shown_path(path: Any) -> str:
+    """A file name as a line of text shows it: as it is, or quoted with its escapes where it holds
+    a control character (a newline in a name split a result's line in two)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def note_on_stderr(message: str) -> None:
     """A predict command's note (a file skipped, a format left out): on stderr, so that stdout
     holds the results alone (``--json``)."""

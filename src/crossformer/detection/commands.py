@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..commands.common import (backbone_settings, benchmark_log, given_img_size, head_classes, note_on_stderr,
-                               refuse_classifier_flags)
+                               refuse_classifier_flags, result_printer, shown_path)
 from ..engine.registry import VerbHandler, no_arguments
 from ..errors import UserInputError, one_line
 from ..data.class_list import first_category_difference
@@ -196,15 +196,14 @@ def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str,
     from ..engine import resolve_device, resolve_precision
     from .predict import DetectionPrediction, predict_detections
 
-    def say(result: DetectionPrediction) -> None:
-        if args.json:
-            print(json.dumps(dataclasses.asdict(result)))
-        else:
-            named = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in result.shown[:_NAMED_DETECTIONS])
-            more = ", ..." if len(result.shown) > _NAMED_DETECTIONS else ""
-            drawn = f"{len(result.shown)} drawn: {named}{more}" if result.shown else "none drawn"
-            print(f"{result.path}: {result.image} (score >= {threshold}, {drawn}; {result.detections} in all)")
-        sys.stdout.flush()
+    def line(result: DetectionPrediction) -> str:
+        named = ", ".join(f"{d['category_name']} {d['score']:.2f}" for d in result.shown[:_NAMED_DETECTIONS])
+        more = ", ..." if len(result.shown) > _NAMED_DETECTIONS else ""
+        drawn = f"{len(result.shown)} drawn: {named}{more}" if result.shown else "none drawn"
+        return (f"{shown_path(result.path)}: {shown_path(result.image)} (score >= {threshold}, {drawn}; "
+                f"{result.detections} in all)")
+
+    say = result_printer(args.json, dataclasses.asdict, line)
 
     threshold = config.test.score_threshold
     device = resolve_device(config.run.device)

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import backbone_settings, benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags
+from ..commands.common import (backbone_settings, benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags,
+                               result_printer, shown_path)
 from ..engine.registry import VerbHandler, no_arguments
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
@@ -246,12 +247,11 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
         if colours is not None:  # given here (at most one of them), it replaces the checkpoint's colours
             palette = class_colours(colours, len(names), key)
 
-    def say(result: SegPrediction) -> None:
-        if args.json:
-            print(json.dumps(dataclasses.asdict(result)))
-        else:
-            print(f"{result.path}: {result.overlay}, {result.label_map} ({', '.join(result.classes) or 'no class'})")
-        sys.stdout.flush()
+    def line(result: SegPrediction) -> str:
+        return (f"{shown_path(result.path)}: {shown_path(result.overlay)}, {shown_path(result.label_map)} "
+                f"({', '.join(result.classes) or 'no class'})")
+
+    say = result_printer(args.json, dataclasses.asdict, line)
 
     predict_images(
         segmentor, args.images, args.output, names, palette, config.test.inference(), reduce,
