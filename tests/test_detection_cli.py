@@ -391,7 +391,7 @@ def test_a_backbone_checkpoint_is_refused_where_a_detector_is_needed(trained, tm
     # training); evaluate / predict then ran with random heads and reported their detections as results.
     import timm
 
-    from crossformer.detection.commands import load_detector
+    from crossformer.detection.checkpoint import load_detector
 
     config = resolve_config(str(trained["config"])).config
     backbone = timm.create_model(config.model.backbone, num_classes=10, **config.model.backbone_kwargs)
@@ -428,7 +428,7 @@ def test_an_authors_coco_file_predicts_cocos_category_ids(trained, tmp_path: Pat
     # mmdet files name their classes but not their ids: predict wrote 1..80, while 69 of COCO's 80
     # categories have other ids (stop sign 13, ..., toothbrush 90).
     from crossformer.detection.classes import COCO_CATEGORY_IDS, COCO_CLASSES
-    from crossformer.detection.commands import load_detector
+    from crossformer.detection.checkpoint import load_detector
 
     config = resolve_config(str(trained["config"])).config
     detector = build_configured_detector(config.model, 80, pretrained=False)
@@ -625,7 +625,7 @@ def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, ca
                  "-o", str(path)]) == 0  # our checkpoint brings its config; the export checks itself
     out = capsys.readouterr().out
     assert "valid input sizes: height >= 225, width >= 225" in out and "detections compared on random images" in out
-    from crossformer.detection.commands import load_detector
+    from crossformer.detection.checkpoint import load_detector
     from crossformer.engine.registry import resolve_config
     from crossformer.models import peek_checkpoint
 
@@ -659,7 +659,7 @@ def test_exported_mask_rcnn_finds_what_predict_finds(trained, tmp_path: Path, ca
 
 
 def test_export_safetensors_keeps_the_detector_and_its_config(trained, tmp_path: Path) -> None:
-    from crossformer.detection.commands import load_detector
+    from crossformer.detection.checkpoint import load_detector
     from crossformer.models import peek_checkpoint
 
     weights = tmp_path / "tiny.safetensors"

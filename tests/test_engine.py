@@ -486,7 +486,7 @@ def test_a_config_file_may_start_from_another_and_change_what_it_names(tmp_path:
     shared.write_text("base: digits\nrun: {epochs: 3}\nmodel: {kwargs: {embed_dim: 16}}\n")
     mine = tmp_path / "runs" / "mine.yaml"
     mine.parent.mkdir()
-    mine.write_text("base: ../shared.yaml\noptimizer: {lr: 1.0e-3}\nschedule: {milestones: [2]}\n")
+    mine.write_text("base: ../shared.yaml\noptimizer: {lr: 1.0e-3}\nschedule: {min_lr: 1.0e-6}\n")
     config = resolve_config(str(mine)).config
     digits = resolve_config("digits").config
     assert config.task == "classification" and config.run.epochs == 3 and config.optimizer.lr == 1e-3
@@ -581,9 +581,25 @@ def test_a_setting_nothing_reads_is_refused(config: str, override: str, expected
                                                  r"scaling reads it; drop it \(or set optimizer.lr_batch_reference=512\)$"):
             resolve_config(config, {**overrides, "optimizer.scale_lr": False})
         return
-    with pytest.raises(UserInputError, match=re.escape(expected)):
+    with pytest.raises(UserInputError, match=re.escape(f"overrides: {expected}")):
         resolve_config(config, overrides)
     resolve_config(config)  # the bundled config itself sets nothing unread
+
+
+def test_a_choice_above_a_layer_leaves_its_settings_unread_without_a_word(tmp_path: Path) -> None:
+    # --kind retinanet over a Mask R-CNN file's head sizes, --schedule cosine over a step recipe's
+    # milestones: the layer above chose otherwise (the other way round, or in one layer, is refused)
+    from crossformer.engine.registry import resolve_config
+
+    assert resolve_config("mask_rcnn_shapes_demo", {"model.kind": "retinanet"}).config.model.fc_channels == 256
+    assert resolve_config("mask_rcnn_shapes_demo", {"schedule.name": "cosine"}).config.schedule.milestones == (11,)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: mask_rcnn_shapes_demo\nschedule: {name: cosine}\n")
+    assert resolve_config(str(mine)).config.schedule.name == "cosine"
+    mine.write_text("base: mask_rcnn_shapes_demo\nschedule: {name: cosine, milestones: [3]}\n")
+    with pytest.raises(UserInputError, match=r"mine\.yaml: schedule\.milestones=\[3\] has no effect with "
+                                             r"schedule\.name=cosine"):
+        resolve_config(str(mine))
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

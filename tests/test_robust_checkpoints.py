@@ -229,7 +229,7 @@ def test_another_dense_tasks_file_is_named_as_such_by_a_classifier_and_a_detecto
     # the authors' mmseg file under a detection config was "an ImageNet or backbone checkpoint: pass
     # it to crossformer train --pretrained", and under a classification config "backbone-only"
     from crossformer.classification.model import load_classifier
-    from crossformer.detection.commands import load_detector
+    from crossformer.detection.checkpoint import load_detector
     from crossformer.engine.registry import resolve_config
     from crossformer.errors import UserInputError
 

@@ -130,7 +130,7 @@ def test_export_writes_the_segmentor_for_many_sizes(run: dict[str, Path], tmp_pa
     import onnx
     import onnxruntime as ort
 
-    from crossformer.segmentation.commands import load_segmentor
+    from crossformer.segmentation.checkpoint import load_segmentor
     from crossformer.engine.registry import resolve_config
 
     onnx_file = tmp_path / "seg.onnx"
@@ -205,7 +205,7 @@ def test_predict_says_each_image_as_it_is_written(run: dict[str, Path], tmp_path
     assert captured.err.count("\n") == 1 and "zz_empty.jpg: the file is empty" in captured.err, captured.err
 
     from crossformer.engine.registry import resolve_config
-    from crossformer.segmentation.commands import load_segmentor
+    from crossformer.segmentation.checkpoint import load_segmentor
     from crossformer.segmentation.predict import predict_images
 
     heard, logged = [], []
@@ -266,7 +266,7 @@ def test_predict_takes_class_names_from_data_classes(run: dict[str, Path], tmp_p
     names.write_text("".join(f"Class {i}\n" for i in range(7)))
     assert main([*argv, f"data.classes={names}"]) == 0
     line = json.loads(capsys.readouterr().out)
-    from crossformer.segmentation.commands import load_segmentor
+    from crossformer.segmentation.checkpoint import load_segmentor
     from crossformer.engine.registry import resolve_config
 
     _, checkpoint = load_segmentor(resolve_config(str(run["config"])).config, run["checkpoint"])

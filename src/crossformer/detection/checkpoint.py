@@ -9,15 +9,19 @@ knows the official CrossFormer layouts and what a features-only model prunes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..models import CheckpointError, load_state
+from ..errors import UserInputError, one_line
+from ..models import CheckpointError, load_state, read_checkpoint
 from ..models.weights import another_tasks_model, check_keys, dense_task, split_class_layers, weights_entry
+from .classes import known_category_ids
+from .config import DetectionConfig
 
-__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys"]
+__all__ = ["load_detector_state", "HEAD_PREFIXES", "mmdet_to_ours", "head_keys", "load_detector", "LoadedDetector"]
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.", "bbox_head.")
 # the layers whose outputs are per class (R-CNN classifier and class-specific box deltas,
@@ -120,3 +124,53 @@ def load_detector_state(
         for key, value in heads.items():
             expected_heads[key].copy_(value.contiguous())
     return fresh
+
+
+class LoadedDetector:
+    """A detector with its weights, what the checkpoint says about its classes, and the
+    checkpoint as read."""
+
+    def __init__(self, detector: nn.Module, class_names: list[str] | None, cat_ids: list[int] | None,
+                 checkpoint: Mapping[str, Any]) -> None:
+        self.detector, self.class_names, self.cat_ids, self.checkpoint = detector, class_names, cat_ids, checkpoint
+
+
+def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionConfig) -> tuple[int, list[str] | None, list[int] | None]:
+    """``(num_classes, class names, category ids)`` a checkpoint records, checked against the config."""
+    model = config.model
+    if "detector" in state:  # a crossformer training checkpoint
+        if state["detector"] != model.kind or state.get("backbone") != model.backbone:
+            raise UserInputError(f"{path} holds a {state['detector']} on {state.get('backbone')}, but the config describes "
+                                 f"a {model.kind} on {model.backbone}: pass the config it was trained with")
+        names, cat_ids = list(state["class_names"]), list(state["cat_ids"])
+    else:  # the authors' mmdet files name their classes in meta
+        names = recorded_class_names(state)
+        cat_ids = known_category_ids(names)  # COCO's ids for COCO's 80 classes (not 1..80)
+    count = len(names) if names else model.num_classes
+    if count is None:
+        raise UserInputError(f"{path} does not record its classes: pass model.num_classes=N")
+    if model.num_classes is not None and model.num_classes != count:
+        raise UserInputError(f"{path} is a detector of {count} classes but the config says model.num_classes="
+                             f"{model.num_classes}: pass model.num_classes={count} (or the config it was trained with)")
+    return count, names, cat_ids
+
+
+def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch.device, use_ema: bool = False) -> LoadedDetector:
+    """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
+    mode on ``device``; one-line errors for a file that does not fit."""
+    from .task import build_configured_detector  # (which imports this module)
+
+    try:
+        state = read_checkpoint(checkpoint)
+        if dense_task(state) == "segmentation":  # not an ImageNet file, as said below
+            raise UserInputError(f"{another_tasks_model(checkpoint, 'segmentation', 'detection')}: pass a detection "
+                                 "checkpoint here (or the segmentation config, for a segmentation verb)")
+        if not head_keys(state, use_ema, str(checkpoint)):  # load_state would fill the backbone alone and keep random heads
+            raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
+                                 f"`crossformer train --pretrained`, and a detector checkpoint here")
+        num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
+        detector = build_configured_detector(config.model, num_classes, pretrained=False)
+        load_state(detector, state, str(checkpoint), use_ema=use_ema)
+    except CheckpointError as err:
+        raise UserInputError(one_line(err)) from None
+    return LoadedDetector(detector.to(device).eval(), names, cat_ids, state)

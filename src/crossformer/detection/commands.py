@@ -15,21 +15,20 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..commands.common import (backbone_settings, benchmark_log, given_img_size, head_classes, note_on_stderr,
                                refuse_classifier_flags, result_printer, shown_path)
 from ..engine.registry import VerbHandler, no_arguments
-from ..errors import UserInputError, one_line
+from ..errors import UserInputError
 from ..data.class_list import first_category_difference
-from .classes import COCO_CLASSES, known_category_ids
+from .classes import COCO_CLASSES
 from .config import DetectionConfig
 
 if TYPE_CHECKING:  # the verbs import torch when they run: the command line reads the flags without it
-    import torch
-    from torch import nn
+    from .checkpoint import LoadedDetector
 
-__all__ = ["COMMANDS", "load_detector", "LoadedDetector"]
+__all__ = ["COMMANDS"]
 
 # what inference reads of a detection config (the other model and data settings only train)
 _MODEL_KEYS = ("model.kind", "model.backbone", "model.backbone_kwargs", "model.num_classes", "model.channels",
@@ -41,61 +40,6 @@ _PREDICT_KEYS = (*_MODEL_KEYS, *_TEST_SCALE_KEYS, "test.score_threshold", "run.a
 FLOPS_SIZE = (800, 1280)  # the authors' FLOPs input, (H, W)
 BENCHMARK_SIZE = (800, 1333)  # mmdet's test scale, (H, W)
 TORCHVISION_PEER = "maskrcnn_resnet50_fpn"
-
-
-class LoadedDetector:
-    """A detector with its weights, what the checkpoint says about its classes, and the
-    checkpoint as read."""
-
-    def __init__(self, detector: nn.Module, class_names: list[str] | None, cat_ids: list[int] | None,
-                 checkpoint: Mapping[str, Any]) -> None:
-        self.detector, self.class_names, self.cat_ids, self.checkpoint = detector, class_names, cat_ids, checkpoint
-
-
-def _checkpoint_classes(state: Mapping[str, Any], path: str, config: DetectionConfig) -> tuple[int, list[str] | None, list[int] | None]:
-    """``(num_classes, class names, category ids)`` a checkpoint records, checked against the config."""
-    model = config.model
-    if "detector" in state:  # a crossformer training checkpoint
-        if state["detector"] != model.kind or state.get("backbone") != model.backbone:
-            raise UserInputError(f"{path} holds a {state['detector']} on {state.get('backbone')}, but the config describes "
-                                 f"a {model.kind} on {model.backbone}: pass the config it was trained with")
-        names, cat_ids = list(state["class_names"]), list(state["cat_ids"])
-    else:  # the authors' mmdet files name their classes in meta
-        from .checkpoint import recorded_class_names
-
-        names = recorded_class_names(state)
-        cat_ids = known_category_ids(names)  # COCO's ids for COCO's 80 classes (not 1..80)
-    count = len(names) if names else model.num_classes
-    if count is None:
-        raise UserInputError(f"{path} does not record its classes: pass model.num_classes=N")
-    if model.num_classes is not None and model.num_classes != count:
-        raise UserInputError(f"{path} is a detector of {count} classes but the config says model.num_classes="
-                             f"{model.num_classes}: pass model.num_classes={count} (or the config it was trained with)")
-    return count, names, cat_ids
-
-
-def load_detector(config: DetectionConfig, checkpoint: str | Path, device: torch.device, use_ema: bool = False) -> LoadedDetector:
-    """The config's detector with the weights of ``checkpoint`` (ours or the authors'), in eval
-    mode on ``device``; one-line errors for a file that does not fit."""
-    from ..models import CheckpointError, load_state, read_checkpoint
-    from ..models.weights import another_tasks_model, dense_task
-    from .checkpoint import head_keys
-    from .task import build_configured_detector
-
-    try:
-        state = read_checkpoint(checkpoint)
-        if dense_task(state) == "segmentation":  # not an ImageNet file, as said below
-            raise UserInputError(f"{another_tasks_model(checkpoint, 'segmentation', 'detection')}: pass a detection "
-                                 "checkpoint here (or the segmentation config, for a segmentation verb)")
-        if not head_keys(state, use_ema, str(checkpoint)):  # load_state would fill the backbone alone and keep random heads
-            raise UserInputError(f"{checkpoint} holds no detection heads (an ImageNet or backbone checkpoint): pass it to "
-                                 f"`crossformer train --pretrained`, and a detector checkpoint here")
-        num_classes, names, cat_ids = _checkpoint_classes(state, str(checkpoint), config)
-        detector = build_configured_detector(config.model, num_classes, pretrained=False)
-        load_state(detector, state, str(checkpoint), use_ema=use_ema)
-    except CheckpointError as err:
-        raise UserInputError(one_line(err)) from None
-    return LoadedDetector(detector.to(device).eval(), names, cat_ids, state)
 
 
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +58,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics")
 
 
-def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, checkpoint: str) -> None:
+def _check_categories(dataset: Any, loaded: "LoadedDetector", ann_file: Path, checkpoint: str) -> None:
     """A one-line error for an annotation file of other categories than the detector's, naming
     the first that differs (in label order: the file's category ids sorted)."""
     from ..data import DataError
@@ -134,6 +78,7 @@ def _check_categories(dataset: Any, loaded: LoadedDetector, ann_file: Path, chec
 def _evaluate(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     from ..atomic import check_output_path
     from ..engine import RunLogger, resolve_precision, setup_distributed, skipped_on_stderr, teardown_distributed
+    from .checkpoint import load_detector
     from .config import data_paths
     from .data import CocoDetection
     from .evaluate import COCO_METRICS, evaluate_detector, holds_masks, load_ground_truth
@@ -194,6 +139,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _predict(args: argparse.Namespace, config: DetectionConfig, given: dict[str, Any]) -> int:
     from ..engine import resolve_device, resolve_precision
+    from .checkpoint import load_detector
     from .predict import DetectionPrediction, predict_detections
 
     def line(result: DetectionPrediction) -> str:
@@ -304,6 +250,7 @@ def _export(args: argparse.Namespace, config: DetectionConfig, given: dict[str, 
 
     from ..commands.common import img_size
     from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
+    from .checkpoint import load_detector
     from .export import DetectionGraph
     from .transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks, refuse_unread
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks
 from ..errors import UserInputError
 
 __all__ = [
@@ -59,11 +59,15 @@ class DetectionModelConfig(DenseModelChecks):
     rpn_train_pre_nms: int | None = None  # training: best anchors per level entering NMS (null: 2000)
     rpn_train_proposals: int | None = None  # training: proposals kept per image (null: 1000, cascade 2000)
 
+    def unread(self) -> list[tuple[str, str, str]]:
+        """What a one-stage detector leaves unread: the RPN's and R-CNN's sizes (see
+        :func:`~crossformer.engine.config.refuse_unread_settings`)."""
+        two_stage = ("fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals")
+        return [(name, "kind", "a two-stage detector (mask_rcnn, cascade_mask_rcnn)") for name in two_stage
+                if self.kind == "retinanet"]
+
     def validate(self) -> None:
         self.validate_backbone()
-        if self.kind == "retinanet":  # one-stage: no RPN, no R-CNN head
-            refuse_unread(self, ("fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"),
-                          "model.kind=retinanet", "a two-stage detector (mask_rcnn, cascade_mask_rcnn)")
         for name in ("channels", "fc_channels", "rpn_samples", "rcnn_samples", "rpn_train_pre_nms", "rpn_train_proposals"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")

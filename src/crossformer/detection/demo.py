@@ -26,7 +26,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overrides: dict[str, Any] | No
     held-out box / mask AP, the training time and the wall time."""
     from ..engine import claim_demo_output, resolve_device
     from ..engine.registry import resolve_config
-    from .commands import load_detector
+    from .checkpoint import load_detector
     from .config import data_paths
     from .data import CocoDetection
     from .evaluate import COCO_METRICS

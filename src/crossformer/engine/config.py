@@ -129,8 +129,10 @@ class OptimizerConfig:
             raise UserInputError(f"optimizer.eps must be above 0, got {self.eps}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise UserInputError(f"optimizer.betas must each be in [0, 1), got {list(self.betas)}")
-        if not self.scale_lr:
-            refuse_unread(self, ("lr_batch_reference",), "optimizer.scale_lr=false", "the linear lr scaling")
+
+    def unread(self) -> list[tuple[str, str, str]]:
+        """The settings nothing reads under this section's choice (see :func:`refuse_unread_settings`)."""
+        return [] if self.scale_lr else [("lr_batch_reference", "scale_lr", "the linear lr scaling")]
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,12 @@ class ScheduleConfig:
             raise UserInputError("schedule.name=step needs schedule.milestones, e.g. [8, 11]")
         if not self.gamma > 0:  # a negative rate climbs the loss; 0 stops training at the first milestone
             raise UserInputError(f"schedule.gamma must be above 0, got {self.gamma}")
-        for kind, names in (("step", ("milestones", "gamma")), ("poly", ("power",))):
-            if self.name != kind:
-                refuse_unread(self, names, f"schedule.name={self.name}", f"the {kind} schedule")
+
+    def unread(self) -> list[tuple[str, str, str]]:
+        """The settings nothing reads under this schedule (see :func:`refuse_unread_settings`)."""
+        return [(name, "name", f"the {kind} schedule") for kind, names in (("step", ("milestones", "gamma")),
+                                                                         ("poly", ("power",)))
+                if self.name != kind for name in names]
 
 
 @dataclass(frozen=True)
@@ -310,23 +315,38 @@ def fold_recorded_drop_path(recorded: Mapping[str, Any]) -> dict[str, Any]:
     return {**recorded, "model": model} if "model" in recorded else dict(recorded)
 
 
-def refuse_unread(section: Any, names: Iterable[str], choice: str, read_by: str) -> None:
-    """A one-line error for a setting of ``section`` (a dataclass) set away from its default
-    although nothing reads it under ``choice`` (e.g. "schedule.name=cosine"; ``read_by`` says
-    what would), rather than a run that silently goes without it."""
-    prefix = _SECTION_NAMES.get(type(section).__name__, "model.")
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(section)}
-    for name in names:
-        value = getattr(section, name)
-        if value != defaults[name]:
-            shown = list(value) if isinstance(value, tuple) else value
-            raise UserInputError(f"{prefix}{name}={shown} has no effect with {choice}: only {read_by} reads it; "
-                                 f"drop it (or set {prefix}{name}={_unset(defaults[name])})")
+def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+    """Refuse a setting that nothing reads under the configuration's choices (each section's
+    ``unread()``: ``(field, the field that chooses, what would read it)``, e.g. a cosine run's
+    ``schedule.milestones``, Semantic FPN's ``model.aux_channels``) where it is set away from its
+    default in the layer that makes the choice or one above it: a run would go without it, unsaid.
+    Set below the choice (``--kind retinanet`` over a Mask R-CNN file's head sizes), it is left
+    unread: the layer above chose otherwise.
+
+    ``layers``: flat ``section.field`` settings, lowest first, over the defaults."""
+    layers = list(layers)
+
+    def last_layer(setting: str) -> int:  # -1: the defaults
+        return max((i for i, (settings, _) in enumerate(layers) if setting in settings), default=-1)
+
+    for section in (f.name for f in dataclasses.fields(config)):
+        values = getattr(config, section)
+        if not hasattr(values, "unread"):
+            continue
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(values)}
+        for name, chooser, read_by in values.unread():
+            value, layer = getattr(values, name), last_layer(f"{section}.{name}")
+            if value == defaults[name] or layer < last_layer(f"{section}.{chooser}"):
+                continue
+            choice = f"{section}.{chooser}={_unset(getattr(values, chooser)).lower()}"
+            raise UserInputError(f"{layers[layer][1] if layer >= 0 else 'defaults'}: {section}.{name}={_unset(value)} "
+                                 f"has no effect with {choice}: only {read_by} reads it; drop it (or set "
+                                 f"{section}.{name}={_unset(defaults[name])})")
 
 
 def _unset(value: Any) -> str:
-    """A default as a command line would give it back."""
+    """A setting's value as a command line gives it."""
     return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
 
 

@@ -36,7 +36,8 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from ..errors import UserInputError, did_you_mean
-from .config import build_config, check_run_unit_kept, load_yaml_layers, merged_settings, replaced_alternatives, resolve_key
+from .config import (build_config, check_run_unit_kept, load_yaml_layers, merged_settings, refuse_unread_settings,
+                     replaced_alternatives, resolve_key)
 
 __all__ = [
     "TASKS", "DEFAULT_TASK", "CONFIG_MODULES", "VerbHandler", "ResolvedConfig", "task_module", "config_module",
@@ -285,4 +286,6 @@ def resolve_config(
     if check_given is not None:
         check_given(given)
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
+    refuse_unread_settings(resolved, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
+                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
     return ResolvedConfig(resolved, task_module(resolved.task), given, path)

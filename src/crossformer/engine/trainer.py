@@ -305,14 +305,12 @@ class Trainer:
                 self.global_step = self.epoch * self.updates_per_epoch
             if not self.finished:  # else "nothing to do" follows: no epoch restarts
                 restarted = None if run.by_iterations else self.epoch
-                renumbered = self.global_step < saved_step
+                # the epochs done keep their records (their history), though counted in the old
+                # batches their steps may reach past the new count: say that steps come twice
+                renumbered = (f"; its updates are numbered from {self.global_step + 1}, which the epochs done, counted "
+                              "in the old batches, may have logged too" if self.global_step < saved_step else "")
                 self.log.info(f"{path} {restart_reason}: restarting epoch {self.epoch} "
-                              f"at update {self.global_step} of {self.total_updates}"
-                              + (f"; the records logged after update {self.global_step} go, since its updates are "
-                                 "numbered anew" if renumbered else ""))
-                # the earlier epochs' updates, counted in the old batches, numbered past the new count:
-                # their records go, so that no step is logged twice (a curve running backwards)
-                saved_step = min(saved_step, self.global_step)
+                              f"at update {self.global_step} of {self.total_updates}{renumbered}")
         # the records logged after the checkpoint come again, a restarted epoch's all, and the
         # evaluation still to do (a kill after it was logged, before the checkpoint after it)
         self.log.resume_at(saved_step, restarted, redo_evaluation=self.pending_evaluation is not None)

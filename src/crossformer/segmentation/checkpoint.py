@@ -17,20 +17,24 @@ Our own checkpoints (``model`` / ``model_ema`` entries, or bare state dicts such
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from ..errors import UserInputError
 from ..models.weights import (RECOMPUTABLE_SUFFIXES, CheckpointError, another_tasks_model, check_keys, dense_task,
-                              split_class_layers, weights_entry)
+                              load_state, read_checkpoint, split_class_layers, weights_entry)
 
 if TYPE_CHECKING:
+    from .config import SegmentationConfig
     from .segmentor import Segmentor
 
 __all__ = [
     "MMSEG_KEY_MAP", "mmseg_to_ours", "segmentor_weights", "load_segmentor_state", "read_segmentation_meta",
-    "checkpoint_kind",
+    "checkpoint_kind", "describe_segmentor", "load_segmentor",
 ]
 
 MMSEG_KEY_MAP: tuple[tuple[str, str], ...] = (
@@ -136,3 +140,58 @@ def read_segmentation_meta(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         classes=tuple(str(name) for name in classes) if classes is not None else None,
         palette=tuple(tuple(int(v) for v in colour) for colour in palette) if palette is not None else None,
     )
+
+
+def describe_segmentor(segmentor: dict[str, Any]) -> str:
+    """``upernet crossformer_small (settings) with channels=N``: the head widths where set."""
+    from ..commands.common import backbone_settings  # the command line's wording (training imports no verb)
+
+    widths = [f"{k}={segmentor[k]}" for k in ("channels", "aux_channels") if segmentor.get(k) is not None]
+    return (f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
+            + (f" with {', '.join(widths)}" if widths else ""))
+
+
+def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False) -> tuple[Segmentor, dict[str, Any]]:
+    """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
+    contents. A checkpoint of another segmentor is a one-line error naming the file."""
+    from .task import SEGMENTOR_KEYS, build_model, segmentor_settings  # (which imports this module)
+
+    checkpoint = read_checkpoint(path)
+    model = dataclasses.replace(config.model, pretrained=None)  # the checkpoint has every weight
+    num_classes = model.num_classes
+    saved = checkpoint.get("segmentor")
+    if isinstance(saved, dict):  # ours: the model settings it was trained with
+        num_classes = num_classes or int(saved["num_classes"])
+        mine = segmentor_settings(model, num_classes)
+        differing = [k for k in SEGMENTOR_KEYS if k != "num_classes" and saved.get(k) != mine[k]]  # classes: below
+        if differing:
+            simple = [f"model.{k}={'null' if saved.get(k) is None else saved.get(k)}" for k in differing
+                      if k != "backbone_kwargs"]
+            raise UserInputError(
+                f"{path} holds a {describe_segmentor(saved)} segmentor but the config describes {describe_segmentor(mine)}: "
+                f"pass the config it was trained with" + (f" (or {' '.join(simple)})" if simple else "")
+            )
+    weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
+    if weight is None and dense_task(checkpoint) == "detection":  # not an ImageNet file, as said below
+        raise UserInputError(f"{another_tasks_model(path, 'detection', 'segmentation')}: pass a segmentation "
+                             "checkpoint here (or the detection config, for a detection verb)")
+    if weight is None:
+        raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
+                             f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
+    if num_classes is not None and num_classes != weight.shape[0]:  # said as the command line sets it
+        raise UserInputError(f"{path} is a segmentor of {weight.shape[0]} classes but the config says model.num_classes="
+                             f"{num_classes}: pass model.num_classes={weight.shape[0]} (or null)")
+    num_classes = int(weight.shape[0])
+    segmentor = build_model(model, num_classes)
+    try:
+        load_state(segmentor, checkpoint, str(path), use_ema=use_ema)
+    except CheckpointError as err:
+        first, *listing = str(err).splitlines()
+        if not listing:
+            raise
+        # The key listing helps nobody on a command line: say what it means, on one line.
+        raise CheckpointError(
+            f"{first.rstrip(':')} ({len(listing)} kinds of key or shape differences): it holds another "
+            f"segmentor than the config's {model.kind} {model.backbone}; pass the config that matches it"
+        ) from None
+    return segmentor, checkpoint

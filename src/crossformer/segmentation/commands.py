@@ -20,17 +20,16 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..commands.common import (backbone_settings, benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags,
+from ..commands.common import (benchmark_log, head_classes, note_on_stderr, refuse_classifier_flags,
                                result_printer, shown_path)
 from ..engine.registry import VerbHandler, no_arguments
 from ..errors import UserInputError
 from .classes import ADE20K_CLASSES
 from .config import SegmentationConfig, SegTestConfig
 
-__all__ = ["COMMANDS", "AUTHORS_TABLE", "load_segmentor"]
+__all__ = ["COMMANDS", "AUTHORS_TABLE"]
 
 # The authors' ADE20K tables (segmentation/README.md; CrossFormer++ parameter counts from the
 # paper): (kind, backbone) -> params (M), GFLOPs at 512x2048, single-scale and multi-scale mIoU.
@@ -57,61 +56,6 @@ _RUN_KEYS = ("run.amp", "run.device", "run.cpu_threads")
 _EVALUATE_KEYS = (*_MODEL_KEYS, *_DATA_KEYS, "test", "run.num_workers", *_RUN_KEYS)
 _PREDICT_KEYS = (*_MODEL_KEYS, "data.classes", "data.palette", "data.label_colours", "data.skip_corrupt", "test",
                  *_RUN_KEYS)
-
-
-def _describe(segmentor: dict[str, Any]) -> str:
-    """``upernet crossformer_small (settings) with channels=N``: the head widths where set."""
-    widths = [f"{k}={segmentor[k]}" for k in ("channels", "aux_channels") if segmentor.get(k) is not None]
-    return (f"{segmentor.get('kind')} {segmentor.get('backbone')}{backbone_settings(segmentor.get('backbone_kwargs', {}))}"
-            + (f" with {', '.join(widths)}" if widths else ""))
-
-
-def load_segmentor(config: SegmentationConfig, path: str | Path, use_ema: bool = False):
-    """The config's segmentor with the weights of ``path`` (ours or mmseg's), and the file's
-    contents. A checkpoint of another segmentor is a one-line error naming the file."""
-    from ..models.weights import CheckpointError, another_tasks_model, dense_task, load_state, read_checkpoint
-    from .checkpoint import segmentor_weights
-    from .task import SEGMENTOR_KEYS, build_model, segmentor_settings
-
-    checkpoint = read_checkpoint(path)
-    model = dataclasses.replace(config.model, pretrained=None)  # the checkpoint has every weight
-    num_classes = model.num_classes
-    saved = checkpoint.get("segmentor")
-    if isinstance(saved, dict):  # ours: the model settings it was trained with
-        num_classes = num_classes or int(saved["num_classes"])
-        mine = segmentor_settings(model, num_classes)
-        differing = [k for k in SEGMENTOR_KEYS if k != "num_classes" and saved.get(k) != mine[k]]  # classes: below
-        if differing:
-            simple = [f"model.{k}={'null' if saved.get(k) is None else saved.get(k)}" for k in differing
-                      if k != "backbone_kwargs"]
-            raise UserInputError(
-                f"{path} holds a {_describe(saved)} segmentor but the config describes {_describe(mine)}: "
-                f"pass the config it was trained with" + (f" (or {' '.join(simple)})" if simple else "")
-            )
-    weight = segmentor_weights(checkpoint, str(path), use_ema).get("decode_head.conv_seg.weight")
-    if weight is None and dense_task(checkpoint) == "detection":  # not an ImageNet file, as said below
-        raise UserInputError(f"{another_tasks_model(path, 'detection', 'segmentation')}: pass a segmentation "
-                             "checkpoint here (or the detection config, for a detection verb)")
-    if weight is None:
-        raise UserInputError(f"{path} holds no segmentation heads (no decode_head.conv_seg weights): an ImageNet or "
-                             f"backbone checkpoint goes to `crossformer train --pretrained`; pass a segmentation checkpoint here")
-    if num_classes is not None and num_classes != weight.shape[0]:  # said as the command line sets it
-        raise UserInputError(f"{path} is a segmentor of {weight.shape[0]} classes but the config says model.num_classes="
-                             f"{num_classes}: pass model.num_classes={weight.shape[0]} (or null)")
-    num_classes = int(weight.shape[0])
-    segmentor = build_model(model, num_classes)
-    try:
-        load_state(segmentor, checkpoint, str(path), use_ema=use_ema)
-    except CheckpointError as err:
-        first, *listing = str(err).splitlines()
-        if not listing:
-            raise
-        # The key listing helps nobody on a command line: say what it means, on one line.
-        raise CheckpointError(
-            f"{first.rstrip(':')} ({len(listing)} kinds of key or shape differences): it holds another "
-            f"segmentor than the config's {model.kind} {model.backbone}; pass the config that matches it"
-        ) from None
-    return segmentor, checkpoint
 
 
 def _check_classes(checkpoint: dict[str, Any], dataset: Any, path: str) -> None:
@@ -146,6 +90,7 @@ def _evaluate(args: argparse.Namespace, config: SegmentationConfig, given: dict[
     from ..engine import RunLogger, resolve_precision, skipped_on_stderr
     from ..engine.distributed import setup_distributed, teardown_distributed
     from ..atomic import check_output_path, write_text_atomic
+    from .checkpoint import load_segmentor
     from .data import absent_classes_note
     from .evaluate import evaluate_segmentor
     from .task import build_datasets
@@ -232,6 +177,7 @@ def _predict(args: argparse.Namespace, config: SegmentationConfig, given: dict[s
     from ..engine import resolve_precision
     from ..engine.distributed import resolve_device
     from ..data.draw import class_colours
+    from .checkpoint import load_segmentor
     from .predict import SegPrediction, predict_images
 
     if not 0 <= args.opacity <= 1:
@@ -279,6 +225,7 @@ def _model_classes(verb: str, config: SegmentationConfig) -> int:
 def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str, Any]) -> int:
     import torch
 
+    from .checkpoint import describe_segmentor
     from .flops import segmentor_flops
     from .task import build_model
 
@@ -298,7 +245,7 @@ def _flops(args: argparse.Namespace, config: SegmentationConfig, given: dict[str
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model       {_describe(dataclasses.asdict(model))} at {height}x{width}, {segmentor.num_classes} classes")
+    print(f"model       {describe_segmentor(dataclasses.asdict(model))} at {height}x{width}, {segmentor.num_classes} classes")
     print(f"params      {counts['params']:,} ({counts['params'] / 1e6:.1f}M, auxiliary head included)")
     print(f"MACs        {counts['macs']:,} ({counts['macs'] / 1e9:.1f}G: backbone {counts['backbone_macs'] / 1e9:.1f}G "
           f"on the real groups + heads {counts['head_macs'] / 1e9:.1f}G, the authors' convention)")
@@ -390,6 +337,7 @@ def _export(args: argparse.Namespace, config: SegmentationConfig, given: dict[st
     from normalised images to full-size logits, or its weights."""
     from ..commands.common import img_size
     from ..commands.export import check_dense_options, check_options, dense_output, write_dense_weights, write_traced
+    from .checkpoint import load_segmentor
     from .segmentor import FullSizeLogits
 
     check_dense_options(args, "segmentor", "mmseg")

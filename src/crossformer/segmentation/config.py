@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks, refuse_unread
+from ..engine.config import EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig, DENSE_ALTERNATIVES, DenseModelChecks
 from ..errors import UserInputError
 from ..pixels import IMAGENET_MEAN_255, IMAGENET_STD_255
 
@@ -51,10 +51,12 @@ class SegModelConfig(DenseModelChecks):
     # as mmseg's load_from: the classifiers start afresh where the data's class count differs
     init_from: str | None = None  # a whole segmentor to fine-tune (the authors' mmseg file or ours)
 
+    def unread(self) -> list[tuple[str, str, str]]:
+        """What Semantic FPN leaves unread (see :func:`~crossformer.engine.config.refuse_unread_settings`)."""
+        return [("aux_channels", "kind", "UPerNet's auxiliary head")] if self.kind != "upernet" else []
+
     def validate(self) -> None:
         self.validate_backbone()
-        if self.kind != "upernet":
-            refuse_unread(self, ("aux_channels",), f"model.kind={self.kind}", "UPerNet's auxiliary head")
         for name in ("channels", "aux_channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserInputError(f"model.{name} must be at least 1, got {getattr(self, name)}")

@@ -42,7 +42,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overrides: dict[str, Any] | No
     single-scale and multi-scale + flip, and write overlays of a few held-out images to
     ``output/predict``. Prints and returns ``mIoU``, ``mIoU_ms_flip``, ``train_seconds``, ``seconds``."""
     from ..engine.registry import resolve_config
-    from .commands import load_segmentor
+    from .checkpoint import load_segmentor
     from .data import ade20k_dataset
     from .evaluate import evaluate_segmentor
     from .predict import predict_images
