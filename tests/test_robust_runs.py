@@ -1115,13 +1115,14 @@ def test_predict_skips_unreadable_files_when_asked_and_notes_tiny_images(trained
     assert len(out) == 1 and out[0].startswith(repr(str(named / "new\nline.png")) + ": ")
     assert "--skip-corrupt" not in err  # it was given: no advice to pass it
     assert "crossformer predict: 1 of 3 files skipped as unreadable" in err
-    assert f"{folder / 'b.png'} is 10x10, smaller than the model's 32x32 input: upscaled" in err
+    assert f"{folder / 'b.png'} is 10x10 (height x width), a side shorter than the model's 32x32 input: upscaled" in err
     assert str(folder / "a.png") + " is" not in err
     # sizes are height x width, as --img-size H W gives them (the note printed width x height)
     Image.new("RGB", (36, 40), (220, 40, 40)).save(folder / "tall.png")  # 36 wide, 40 high
     assert main(["predict", str(folder / "tall.png"), "--checkpoint", str(trained / "last.pth"), "--device", "cpu",
                  "--img-size", "32", "48"]) == 0
-    assert f"{folder / 'tall.png'} is 40x36, smaller than the model's 32x48 input" in capsys.readouterr().err
+    assert f"{folder / 'tall.png'} is 40x36 (height x width), a side shorter than the model's 32x48 input" in \
+        capsys.readouterr().err
 
 
 def test_evaluate_prints_its_size_as_height_x_width(data: Path, trained: Path, capsys) -> None:

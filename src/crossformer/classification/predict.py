@@ -99,8 +99,8 @@ def predict(
                 continue
             if image.width < width or image.height < height:
                 # height x width, as --img-size H W and every other size the commands print
-                note(f"{path} is {image.height}x{image.width}, smaller than the model's {height}x{width} input: "
-                     f"upscaled, so its prediction is less reliable")
+                note(f"{path} is {image.height}x{image.width} (height x width), a side shorter than the model's "
+                     f"{height}x{width} input: upscaled, so its prediction is less reliable")
             chunk.append(path)
             images.append(transform(image))
         if not images:
