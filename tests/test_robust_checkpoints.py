@@ -41,6 +41,14 @@ def _truncated_safetensors(path: Path) -> Path:
     return _half(path)
 
 
+def _changed_bytes(path: Path) -> Path:
+    torch.save({"model": {"weight": torch.randn(512, 512)}, "epoch": 1}, path)
+    with open(path, "r+b") as file:  # torch.load read the changed weights without a word
+        file.seek(path.stat().st_size // 2)
+        file.write(b"\xff" * 8)
+    return path
+
+
 def _random_bytes(path: Path) -> Path:
     path.write_bytes(b"\x13\x37" + random.Random(0).randbytes(4094))
     return path
@@ -70,6 +78,8 @@ BAD_FILES = {
     "empty.pth": (lambda p: p.write_bytes(b""), "is not a PyTorch checkpoint (it is empty: 0 bytes)"),
     "cut.pth": (_truncated_zip, "is a damaged or truncated PyTorch checkpoint (the zip archive ends early)"),
     "cut_legacy.pth": (_truncated_legacy, "is a damaged or truncated PyTorch checkpoint ("),
+    "changed.pth": (_changed_bytes, "is a damaged or truncated PyTorch checkpoint (its entry changed/data/0 fails its "
+                                    "checksum)"),
     "cut.safetensors": (_truncated_safetensors, "is a damaged or truncated safetensors file (the file ends early"),
     "noise.safetensors": (_random_bytes, "is not a safetensors file (unknown binary data"),
     "notes.safetensors": (lambda p: p.write_text("{not json"), "is not a safetensors file (it is text"),
