@@ -385,7 +385,7 @@ def test_exif_orientation_grayscale_and_rgba(tmp_path):
     Image.new("RGB", (24, 40)).save(tmp_path / "plain.png")
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "plain.png", "width": 28, "height": 40}],
                                 "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
-    assert CocoDetection(path, tmp_path)[0].failure == (f"{tmp_path / 'plain.png'}: its size 24x40 differs from the "
+    assert CocoDetection(path, tmp_path)[0].failure == (f"{tmp_path / 'plain.png'}: its size 24x40 (width x height) differs from the "
                                                         f"annotation file's 28x40")
 
 

@@ -357,7 +357,7 @@ def test_a_validation_image_of_another_size_than_its_file_says_stops_before_trai
         width, height = image.size
     config = tiny_config(tmp_path / "c.yaml", "mask_rcnn", turned, tmp_path / "run")
     with pytest.raises(DataError, match=rf"cannot read validation image {image_path}: its size {height}x{width} "
-                                        rf"differs from the annotation file's {width}x{height} "
+                                        rf"\(width x height\) differs from the annotation file's {width}x{height} "
                                         rf"\(stored {width}x{height}, turned by its EXIF orientation"):
         train(config)
     assert not (tmp_path / "run" / "last.pth").exists()

@@ -180,7 +180,9 @@ def size_difference(size: tuple[int, int], expected: tuple[int, int], stored: tu
     # (the orientation named only where it turned the image: else it sent users looking for a tag)
     turned = (f" (stored {stored[1]}x{stored[0]}, turned by its EXIF orientation: if the annotations are of the stored "
               f"image, drop the tag)" if stored is not None and tuple(stored) != tuple(size) else "")
-    return f"its size {size[1]}x{size[0]} differs from the annotation file's {expected[1]}x{expected[0]}{turned}"
+    # width x height, as the annotation file's fields give it (the predict notes say height x width, as --img-size)
+    return (f"its size {size[1]}x{size[0]} (width x height) differs from the annotation file's "
+            f"{expected[1]}x{expected[0]}{turned}")
 
 
 def unreadable_reason(err: BaseException) -> str:
