@@ -138,6 +138,13 @@ def test_fx_matches_eager(tag: str) -> None:
                 torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_plain_fx_tracing_points_to_the_tracers_that_work() -> None:
+    # "takes images as a torch.Tensor ... got Proxy: convert it first (torch.from_numpy ...)"
+    with pytest.raises(TypeError, match=r"^plain torch.fx.symbolic_trace cannot trace CrossFormer, whose grouping "
+                                        r"depends on the input size: use timm's feature extractor"):
+        torch.fx.symbolic_trace(_model("v1", num_classes=7))
+
+
 def test_fx_backward_reaches_every_parameter() -> None:
     """timm's ``test_model_backward_fx``, with stochastic depth on."""
     model = _model("pp", num_classes=7, drop_path_rate=0.2).train()

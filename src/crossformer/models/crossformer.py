@@ -695,6 +695,12 @@ class CrossFormerStage(nn.Module):
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ``ValueError`` (``TypeError`` for what is no floating-point tensor) that says what
     to fix unless ``x`` is ``(B, in_chans, >=32, >=32)``."""
+    if type(x).__name__ == "Proxy":  # torch.fx.symbolic_trace: the size-dependent grouping needs real sizes
+        raise TypeError(
+            "plain torch.fx.symbolic_trace cannot trace CrossFormer, whose grouping depends on the input size: "
+            "use timm's feature extractor (timm.create_model(..., features_only=True, feature_cls='fx')), "
+            "torchvision's create_feature_extractor with timm's tracer settings, or torch.export"
+        )
     if not isinstance(x, torch.Tensor):  # a NumPy array failed deep inside, on its string device
         raise TypeError(
             f"CrossFormer takes images as a torch.Tensor shaped (batch, {in_chans}, height, width), got "
