@@ -554,6 +554,9 @@ def test_a_file_of_another_tasks_settings_without_a_task_line_is_told_to_name_it
         resolve_config(str(path))
     path.write_text("task: detection\n" + path.read_text())
     assert resolve_config(str(path)).config.model.kind == "mask_rcnn"
+    path.write_text("model: {kind: upernet, backbone: crossformer_small}\n")  # segmentation's keys and values
+    with pytest.raises(UserInputError, match=r"for segmentation settings add 'task: segmentation'\)$"):
+        resolve_config(str(path))
     path.write_text("model: {kindd: mask_rcnn}\n")  # no task's setting: the error alone
     with pytest.raises(UserInputError, match=r"unknown setting 'model.kindd'; model has: [a-z_, ]+$"):
         resolve_config(str(path))
@@ -600,6 +603,13 @@ def test_a_choice_above_a_layer_leaves_its_settings_unread_without_a_word(tmp_pa
     with pytest.raises(UserInputError, match=r"mine\.yaml: schedule\.milestones=\[3\] has no effect with "
                                              r"schedule\.name=cosine"):
         resolve_config(str(mine))
+    # a checkpoint's recorded configuration holds every field in one layer, the choice beside what
+    # it left unread (trained with --kind fpn over upernet_demo): evaluate and predict refused it
+    recorded = {"task": "segmentation", "model": {"kind": "fpn", "aux_channels": 32},
+                "schedule": {"name": "cosine", "power": 1.0}}
+    assert resolve_config(recorded, source="run/last.pth").config.model.aux_channels == 32
+    with pytest.raises(UserInputError, match=r"^overrides: model\.aux_channels=16 has no effect with model\.kind=fpn"):
+        resolve_config(recorded, {"model.aux_channels": 16}, source="run/last.pth")
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

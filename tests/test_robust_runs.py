@@ -945,6 +945,16 @@ def test_the_train_command_prints_how_to_resume(tmp_path: Path, monkeypatch, cap
     assert err[-1].startswith("resume with: crossformer train --config ")
     assert load_training_state(tmp_path / "twice" / "last.pth")["epoch"] == 1
 
+    # one KeyboardInterrupt with no stop under way (Ctrl-C while the run starts): interrupted, no more
+    def at_once(self, model, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_InterruptedTask, "losses", at_once)
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "once")]
+    monkeypatch.setattr(sys, "argv", ["crossformer", *argv])
+    assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "crossformer train: interrupted"
+
 
 # -- 6. resuming with other settings names them ----------------------------------------------
 

@@ -94,6 +94,14 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     return name, settings, num_classes
 
 
+def _head_size(checkpoint: dict | None, ema: bool) -> int | None:
+    """The class count of a checkpoint's trained head (None: no checkpoint, or no head)."""
+    from crossformer.models import extract_state_dict
+
+    head = extract_state_dict(checkpoint, use_ema=ema).get("head.weight") if checkpoint else None
+    return None if head is None else int(head.shape[0])
+
+
 def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool,
                  ema: bool) -> dict:
     """What the safetensors file records about its model: the checkpoint's description, with
@@ -105,7 +113,7 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     if ema:
         description[EMA_WEIGHTS_KEY] = True
     names = description.get("class_names")
-    if not features and isinstance(names, list) and len(names) != num_classes:
+    if not features and num_classes != _head_size(checkpoint, ema):
         description.pop("metrics", None)  # a fresh head (--num-classes): the checkpoint's scores are not its
     if features or (isinstance(names, list) and len(names) != num_classes):
         description.pop("class_names", None)

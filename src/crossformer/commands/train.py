@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     check = getattr(resolved.module, "check_train_command", None)  # the task's own refusals, if any
     if check is not None:
         check(resolved.config, resolved.given)
-    from crossformer.engine import NonFiniteLossError, PeerLostError, RunInterrupted, train  # torch: once the config is right
+    from crossformer.engine import (InterruptedWhileStopping, NonFiniteLossError, PeerLostError,  # torch: once the
+                                    RunInterrupted, train)  # config is right
 
     says = launched_rank() == 0  # under torchrun every rank stops the same way; rank 0 says it
     launcher = "torchrun ... -m " if launched_by_torchrun() else ""
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if says:
             print(f"crossformer train: {err}\n{resume}", file=sys.stderr)
         return INTERRUPTED
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was under way
+    except InterruptedWhileStopping:  # a second Ctrl-C while the first one's stop was under way
         last = Path(resolved.config.run.output) / "last.pth"
         if says and last.is_file():  # written atomically: the last checkpoint before the stop, whole
             print(f"crossformer train: interrupted again while stopping; {last} holds the run up to its last "

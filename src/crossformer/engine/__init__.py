@@ -26,5 +26,5 @@ __all__ = export_lazily(__name__, {
     ".schedule": ("LRSchedule", "build_schedule", "cosine_factor", "linear_warmup", "poly_factor", "step_factor"),
     ".seeding": ("capture_rng_state", "enable_determinism", "restore_rng_state", "seed_everything"),
     ".task": ("Task", "move_to_device", "require_one_batch"),
-    ".trainer": ("RunInterrupted", "Trainer", "train"),
+    ".trainer": ("InterruptedWhileStopping", "RunInterrupted", "Trainer", "train"),
 })

@@ -315,7 +315,7 @@ def fold_recorded_drop_path(recorded: Mapping[str, Any]) -> dict[str, Any]:
     return {**recorded, "model": model} if "model" in recorded else dict(recorded)
 
 
-def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any], str]], first_checked: int = 0) -> None:
     """Refuse a setting that nothing reads under the configuration's choices (each section's
     ``unread()``: ``(field, the field that chooses, what would read it)``, e.g. a cosine run's
     ``schedule.milestones``, Semantic FPN's ``model.aux_channels``) where it is set away from its
@@ -323,7 +323,9 @@ def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any]
     Set below the choice (``--kind retinanet`` over a Mask R-CNN file's head sizes), it is left
     unread: the layer above chose otherwise.
 
-    ``layers``: flat ``section.field`` settings, lowest first, over the defaults."""
+    ``layers``: flat ``section.field`` settings, lowest first, over the defaults; only settings
+    from ``layers[first_checked:]`` are refused (a checkpoint's recorded configuration, one layer
+    holding every field the run was trained with, is read as it was trained)."""
     layers = list(layers)
 
     def last_layer(setting: str) -> int:  # -1: the defaults
@@ -337,7 +339,7 @@ def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any]
                     for f in dataclasses.fields(values)}
         for name, chooser, read_by in values.unread():
             value, layer = getattr(values, name), last_layer(f"{section}.{name}")
-            if value == defaults[name] or layer < last_layer(f"{section}.{chooser}"):
+            if value == defaults[name] or layer < max(last_layer(f"{section}.{chooser}"), first_checked):
                 continue
             choice = f"{section}.{chooser}={_unset(getattr(values, chooser)).lower()}"
             raise UserInputError(f"{layers[layer][1] if layer >= 0 else 'defaults'}: {section}.{name}={_unset(value)} "

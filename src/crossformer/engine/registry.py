@@ -227,12 +227,13 @@ def _nested_settings(config_cls: type, values: Mapping[str, Any], source: str) -
 
 
 def _task_hint(layers: list[tuple[dict[str, Any], str]], assumed: str) -> str:
-    """Where a file that names no task (read as ``assumed``'s) holds another task's settings:
-    the line to add."""
+    """Where a file that names no task (read as ``assumed``'s) holds another task's settings,
+    keys and values: the line to add."""
     for other in TASKS:
         if other != assumed:
+            config_cls = config_module(other).CONFIG
             try:
-                file_settings(config_module(other).CONFIG, layers)
+                build_config(config_cls, (file_settings(config_cls, layers), "file"))
             except UserInputError:
                 continue
             return f" (the file names no task and is read as {assumed}; for {other} settings add 'task: {other}')"
@@ -287,5 +288,6 @@ def resolve_config(
         check_given(given)
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
     refuse_unread_settings(resolved, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
-                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
+                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")],
+                           first_checked=len(unit_layers) if isinstance(config, Mapping) else 0)
     return ResolvedConfig(resolved, task_module(resolved.task), given, path)

@@ -72,6 +72,10 @@ class RunInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
+class InterruptedWhileStopping(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM while the first one's stop (its checkpoint) was under way."""
+
+
 class Trainer:
     """State of one training run on one rank."""
 
@@ -673,6 +677,8 @@ def train(task_cls: type[Task], config: EngineConfig, on_step_end: StepCallback 
                 log.info(f"stopped: {lost}", echo=False)
                 raise lost from None
             log.info(f"stopped by {type(err).__name__}: {err}\n{traceback.format_exc()}".rstrip(), echo=False)
+            if isinstance(err, KeyboardInterrupt) and trainer is not None and trainer.stop_signal is not None:
+                raise InterruptedWhileStopping() from err
             raise
         finally:
             log.close()
