@@ -72,11 +72,12 @@ def _check_points(size_range, height: int, width: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(points))
 
 
-def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_settings: dict) -> tuple[str, dict, int]:
+def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_settings: dict,
+                    trained_classes: int | None) -> tuple[str, dict, int]:
     """Model name, constructor settings and classifier size: the options', else the
     checkpoint's, else (settings) the config's."""
     from crossformer.errors import UserInputError
-    from crossformer.models import extract_state_dict, recorded_model, require_known_model
+    from crossformer.models import recorded_model, require_known_model
 
     name, settings = recorded_model(checkpoint or {}, args.model)
     if not name:
@@ -89,21 +90,20 @@ def _model_settings(args: argparse.Namespace, checkpoint: dict | None, config_se
     if num_classes is None and checkpoint is None:
         num_classes = IMAGENET_CLASSES
     elif num_classes is None:
-        head = extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint).get("head.weight")
-        num_classes = 0 if head is None else int(head.shape[0])
+        num_classes = trained_classes or 0
     return name, settings, num_classes
 
 
-def _head_size(checkpoint: dict | None, ema: bool) -> int | None:
+def _head_size(args: argparse.Namespace, checkpoint: dict | None) -> int | None:
     """The class count of a checkpoint's trained head (None: no checkpoint, or no head)."""
     from crossformer.models import extract_state_dict
 
-    head = extract_state_dict(checkpoint, use_ema=ema).get("head.weight") if checkpoint else None
+    head = extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint).get("head.weight") if checkpoint else None
     return None if head is None else int(head.shape[0])
 
 
 def _description(checkpoint: dict | None, name: str, settings: dict, num_classes: int, features: bool,
-                 ema: bool) -> dict:
+                 ema: bool, trained_classes: int | None) -> dict:
     """What the safetensors file records about its model: the checkpoint's description, with
     the model as built (name, settings), class names and scores only where they still fit the head,
     whether its weights are the training's EMA (``--ema``) and whether it is a features backbone."""
@@ -113,7 +113,7 @@ def _description(checkpoint: dict | None, name: str, settings: dict, num_classes
     if ema:
         description[EMA_WEIGHTS_KEY] = True
     names = description.get("class_names")
-    if not features and num_classes != _head_size(checkpoint, ema):
+    if not features and num_classes != trained_classes:
         description.pop("metrics", None)  # a fresh head (--num-classes): the checkpoint's scores are not its
     if features or (isinstance(names, list) and len(names) != num_classes):
         description.pop("class_names", None)
@@ -245,7 +245,8 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     model = None
     try:
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        name, settings, num_classes = _model_settings(args, checkpoint, model_kwargs or {})
+        trained_classes = _head_size(args, checkpoint)
+        name, settings, num_classes = _model_settings(args, checkpoint, model_kwargs or {}, trained_classes)
         height, width = img_size(args, default=(checkpoint or {}).get("img_size", 224))
         output = check_output_path(args.output or f"{name}{'_features' if args.features else ''}{FORMATS[args.format]}",
                                    inputs=[args.checkpoint] if args.checkpoint else [])
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     model.eval()
 
     if args.format == "safetensors":
-        description = _description(checkpoint, name, settings, num_classes, args.features, args.ema)
+        description = _description(checkpoint, name, settings, num_classes, args.features, args.ema, trained_classes)
         if checkpoint is not None and not args.features and args.num_classes is None:
             # An unchanged checkpoint is converted as it is; otherwise the model as built.
             path = save_safetensors(extract_state_dict(checkpoint, use_ema=args.ema, source=args.checkpoint), output,

@@ -335,21 +335,15 @@ def refuse_unread_settings(config: Any, layers: Iterable[tuple[Mapping[str, Any]
         values = getattr(config, section)
         if not hasattr(values, "unread"):
             continue
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(values)}
+        defaults = type(values)()
         for name, chooser, read_by in values.unread():
-            value, layer = getattr(values, name), last_layer(f"{section}.{name}")
-            if value == defaults[name] or layer < max(last_layer(f"{section}.{chooser}"), first_checked):
+            value, default, layer = getattr(values, name), getattr(defaults, name), last_layer(f"{section}.{name}")
+            if value == default or layer < max(last_layer(f"{section}.{chooser}"), first_checked):
                 continue
-            choice = f"{section}.{chooser}={_unset(getattr(values, chooser)).lower()}"
-            raise UserInputError(f"{layers[layer][1] if layer >= 0 else 'defaults'}: {section}.{name}={_unset(value)} "
+            choice = f"{section}.{chooser}={_shown(getattr(values, chooser)).lower()}"
+            raise UserInputError(f"{layers[layer][1] if layer >= 0 else 'defaults'}: {section}.{name}={_shown(value)} "
                                  f"has no effect with {choice}: only {read_by} reads it; drop it (or set "
-                                 f"{section}.{name}={_unset(defaults[name])})")
-
-
-def _unset(value: Any) -> str:
-    """A setting's value as a command line gives it."""
-    return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
+                                 f"{section}.{name}={_shown(default)})")
 
 
 def _at_least(section: Any, low: float, *names: str) -> None:
@@ -759,7 +753,9 @@ def _setting_value(config: Any, setting: str) -> Any:
 
 
 def _shown(value: Any) -> str:
-    """A setting's value as a user writes it (a tuple default as a YAML list)."""
+    """A setting's value as a user writes it (a tuple default as a YAML list, None as null)."""
+    if value is None:
+        return "null"
     return str(list(value)) if isinstance(value, (tuple, list)) else str(value)
 
 

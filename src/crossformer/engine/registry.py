@@ -171,7 +171,8 @@ def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -
     for key, value in values.items():
         if key == "task":
             continue
-        if key in hints and isinstance(value, dict):
+        nested = key in hints and isinstance(value, dict)
+        if nested:
             found = flatten_settings(config_cls, {f"{key}.{k}": v for k, v in value.items()}, source)
         elif key in hints:
             shorthand = getattr(hints[key], "shorthand", None)
@@ -182,7 +183,7 @@ def flatten_settings(config_cls: type, values: Mapping[str, Any], source: str) -
             section, name, rest = resolve_key(config_cls, key, source)
             found = {".".join(filter(None, (section, name, rest))): value}
         for setting in found:
-            name = setting if key in hints and isinstance(value, dict) else key  # run.epochs / epochs
+            name = setting if nested else key  # run.epochs / epochs
             if setting in named_as:
                 raise UserInputError(f"{source}: {setting} is set twice, as {named_as[setting]} and as {name}: "
                                      "give it once")
@@ -281,13 +282,14 @@ def resolve_config(
                 raise UserInputError(str(err) if chosen else f"{err}{_task_hint(layers, named)}") from None
     config_cls = module.CONFIG
     unit_layers = layers if path is not None else [(values, str(source))]
-    check_run_unit_kept(config_cls, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
-                                     (flatten_settings(config_cls, overrides, "overrides"), "overrides")])
-    given = {**flatten_settings(config_cls, values, str(source)), **flatten_settings(config_cls, overrides, "overrides")}
+    given_over = flatten_settings(config_cls, overrides, "overrides")
+    # each layer's settings, lowest first (the file's base chain, or the recorded ones), then the overrides
+    flat_layers = [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
+                   (given_over, "overrides")]
+    check_run_unit_kept(config_cls, flat_layers)
+    given = {**flatten_settings(config_cls, values, str(source)), **given_over}
     if check_given is not None:
         check_given(given)
     resolved = build_config(config_cls, (values, str(source)), (overrides, "overrides"))
-    refuse_unread_settings(resolved, [*((flatten_settings(config_cls, layer, name), name) for layer, name in unit_layers),
-                                      (flatten_settings(config_cls, overrides, "overrides"), "overrides")],
-                           first_checked=len(unit_layers) if isinstance(config, Mapping) else 0)
+    refuse_unread_settings(resolved, flat_layers, first_checked=len(unit_layers) if isinstance(config, Mapping) else 0)
     return ResolvedConfig(resolved, task_module(resolved.task), given, path)

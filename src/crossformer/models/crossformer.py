@@ -695,13 +695,13 @@ class CrossFormerStage(nn.Module):
 def check_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ``ValueError`` (``TypeError`` for what is no floating-point tensor) that says what
     to fix unless ``x`` is ``(B, in_chans, >=32, >=32)``."""
-    if type(x).__name__ == "Proxy":  # torch.fx.symbolic_trace: the size-dependent grouping needs real sizes
-        raise TypeError(
-            "plain torch.fx.symbolic_trace cannot trace CrossFormer, whose grouping depends on the input size: "
-            "use timm's feature extractor (timm.create_model(..., features_only=True, feature_cls='fx')), "
-            "torchvision's create_feature_extractor with timm's tracer settings, or torch.export"
-        )
     if not isinstance(x, torch.Tensor):  # a NumPy array failed deep inside, on its string device
+        if isinstance(x, torch.fx.Proxy):  # plain symbolic_trace: the size-dependent grouping needs real sizes
+            raise TypeError(
+                "plain torch.fx.symbolic_trace cannot trace CrossFormer, whose grouping depends on the input size: "
+                "use timm's feature extractor (timm.create_model(..., features_only=True, feature_cls='fx')), "
+                "torchvision's create_feature_extractor with timm's tracer settings, or torch.export"
+            )
         raise TypeError(
             f"CrossFormer takes images as a torch.Tensor shaped (batch, {in_chans}, height, width), got "
             f"{type(x).__name__}: convert it first (torch.from_numpy, or torchvision's transforms for an image)"
